@@ -1,0 +1,1 @@
+//! Shared cryptographic building blocks of caas.

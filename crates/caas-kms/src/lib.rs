@@ -1,0 +1,1 @@
+//! The caas key service.

@@ -1,0 +1,1 @@
+//! Key-service storage.

@@ -1,0 +1,2 @@
+//! `caas`: one binary, a subcommand per role.
+fn main() {}
