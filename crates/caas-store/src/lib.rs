@@ -1,1 +1,380 @@
-//! Key-service storage.
+//! Key-service storage: versioned objects and a hash-chained, signed audit log, on embedded
+//! SQLite (default) or PostgreSQL (several key-service nodes sharing one database), behind
+//! one API.
+//!
+//! Every change goes through [`Store::commit`]: a [`Batch`] of object writes (with
+//! optimistic concurrency through `expect_rev`) and audit entries, applied atomically and
+//! durable before the call returns. Concurrent commits are *group-committed*: one writer
+//! (a thread with one SQLite connection, or a task with one PostgreSQL connection) applies
+//! every batch that is waiting in one database transaction, each batch in its own
+//! SAVEPOINT so that a conflict in one batch rolls back only that batch, and answers all
+//! callers after the single durable COMMIT. Reads use separate connections.
+//!
+//! The audit log is one global chain per store (see [`audit`] for the exact record hash);
+//! each record's hash is signed with the [`AuditSigner`] given to [`Store::open`], and
+//! [`Store::audit_verify`] re-checks every hash, link, seq and signature.
+
+mod audit;
+mod error;
+mod postgres;
+mod sqlite;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+#[cfg(test)]
+mod conformance;
+
+pub use audit::{AuditFault, AuditFaultReason, AuditVerifyReport, GENESIS_HASH, chain_hash};
+pub use error::Error;
+
+use std::sync::Arc;
+
+/// Signs audit record hashes (the key service signs with its audit key).
+pub trait AuditSigner: Send + Sync + 'static {
+    /// Signs a record hash.
+    fn sign(&self, hash: &[u8; 32]) -> Vec<u8>;
+}
+
+/// Which database a [`Store`] uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Embedded SQLite file (WAL, synchronous=FULL).
+    Sqlite,
+    /// PostgreSQL server.
+    Postgres,
+}
+
+/// One stored object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Object {
+    /// Object kind ("key", "alias", "grant", ...), chosen by the caller.
+    pub kind: String,
+    /// Owning account.
+    pub account: String,
+    /// Id, unique within (kind, account).
+    pub id: String,
+    /// Revision: 1 on insert, +1 on every update.
+    pub rev: i64,
+    /// Opaque body (the caller's serialisation).
+    pub body: Vec<u8>,
+}
+
+/// One object write inside a [`Batch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// Insert or update. `expect_rev`: `None` = unconditional upsert; `Some(0)` = must not
+    /// exist yet; `Some(n)` = current rev must be n. New rev = old + 1 (1 on insert).
+    Put {
+        /// Object kind.
+        kind: String,
+        /// Owning account.
+        account: String,
+        /// Object id.
+        id: String,
+        /// New body.
+        body: Vec<u8>,
+        /// Optimistic-concurrency expectation.
+        expect_rev: Option<i64>,
+    },
+    /// Delete. `expect_rev`: `None` = delete if present (absent is not an error); `Some(0)` =
+    /// must not exist (a no-op that asserts absence); `Some(n)` = must exist with rev n.
+    Delete {
+        /// Object kind.
+        kind: String,
+        /// Owning account.
+        account: String,
+        /// Object id.
+        id: String,
+        /// Optimistic-concurrency expectation.
+        expect_rev: Option<i64>,
+    },
+}
+
+/// Writes and audit entries committed atomically by [`Store::commit`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// Object writes, applied in order.
+    pub writes: Vec<Write>,
+    /// Audit entries, appended to the chain in order.
+    pub audit: Vec<AuditEntry>,
+}
+
+/// What a successful commit produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitInfo {
+    /// The seq assigned to each audit entry of the batch, in order.
+    pub audit_seqs: Vec<u64>,
+}
+
+/// One audit entry as given by the key service. Never put secrets in any field.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AuditEntry {
+    /// Request time, milliseconds since the Unix epoch.
+    pub time_ms: i64,
+    /// Account the request acted for.
+    pub account: String,
+    /// Principal (access key id) that made the request.
+    pub principal: String,
+    /// Operation name (e.g. "Encrypt").
+    pub operation: String,
+    /// Key the request concerned, if any.
+    pub key_id: Option<String>,
+    /// Outcome ("Success" or an error code).
+    pub result: String,
+    /// Request id returned to the client.
+    pub request_id: String,
+    /// Further non-secret detail as JSON text.
+    pub detail: String,
+}
+
+/// A stored audit record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// Position in the global chain, starting at 1.
+    pub seq: u64,
+    /// The entry.
+    pub entry: AuditEntry,
+    /// Hash of the previous record ([`GENESIS_HASH`] for seq 1).
+    pub prev_hash: [u8; 32],
+    /// [`chain_hash`] of this record.
+    pub hash: [u8; 32],
+    /// The [`AuditSigner`]'s signature over `hash`.
+    pub signature: Vec<u8>,
+}
+
+/// A storage handle; cheap to clone. Dropping the last clone stops the writer.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+enum Inner {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(Box<postgres::PgStore>),
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.backend())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How many audit records `audit_verify` reads per query.
+const VERIFY_PAGE: usize = 2000;
+
+impl Store {
+    /// Opens (and creates if missing) a store. `url`: a filesystem path or `sqlite:PATH` for
+    /// embedded SQLite; `postgres://user@host:port/db` (or `postgresql://`, any libpq-style
+    /// URL that tokio-postgres accepts, no TLS) for PostgreSQL. Creating the schema is
+    /// idempotent and safe when several nodes start at once.
+    pub async fn open(url: &str, signer: Arc<dyn AuditSigner>) -> Result<Store, Error> {
+        let inner = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Inner::Postgres(Box::new(postgres::PgStore::open(url, signer).await?))
+        } else {
+            let path = url
+                .strip_prefix("sqlite:")
+                .map_or(url, |p| p.strip_prefix("//").unwrap_or(p));
+            if path.is_empty() || path == ":memory:" || path.starts_with("file:") {
+                return Err(Error::InvalidUrl(
+                    "expected a file path, sqlite:PATH or postgres://...".into(),
+                ));
+            }
+            Inner::Sqlite(sqlite::SqliteStore::open(std::path::Path::new(path), signer).await?)
+        };
+        Ok(Store {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The database kind behind this store.
+    pub fn backend(&self) -> Backend {
+        match &*self.inner {
+            Inner::Sqlite(_) => Backend::Sqlite,
+            Inner::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// One object, or None.
+    pub async fn get(&self, kind: &str, account: &str, id: &str) -> Result<Option<Object>, Error> {
+        match &*self.inner {
+            Inner::Sqlite(s) => s.get(kind, account, id).await,
+            Inner::Postgres(s) => s.get(kind, account, id).await,
+        }
+    }
+
+    /// All objects of `kind` for `account` (None: every account), ordered by (account, id).
+    pub async fn list(&self, kind: &str, account: Option<&str>) -> Result<Vec<Object>, Error> {
+        match &*self.inner {
+            Inner::Sqlite(s) => s.list(kind, account).await,
+            Inner::Postgres(s) => s.list(kind, account).await,
+        }
+    }
+
+    /// Applies all writes and appends all audit entries atomically; returns only after the
+    /// transaction is durable. If any `expect_rev` fails, nothing of this batch is applied
+    /// and `Error::Conflict` names the first failing write.
+    pub async fn commit(&self, batch: Batch) -> Result<CommitInfo, Error> {
+        validate(&batch)?;
+        if batch.writes.is_empty() && batch.audit.is_empty() {
+            return Ok(CommitInfo {
+                audit_seqs: Vec::new(),
+            });
+        }
+        match &*self.inner {
+            Inner::Sqlite(s) => s.commit(batch).await,
+            Inner::Postgres(s) => s.commit(batch).await,
+        }
+    }
+
+    /// Audit records of one account (None: all), seq > `after_seq`, ascending, at most `limit`.
+    pub async fn audit_list(
+        &self,
+        account: Option<&str>,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, Error> {
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = match &*self.inner {
+            Inner::Sqlite(s) => s.audit_rows(account, after, i64::MAX, limit).await?,
+            Inner::Postgres(s) => s.audit_rows(account, after, i64::MAX, limit).await?,
+        };
+        rows.into_iter()
+            .map(audit::RawAuditRow::into_record)
+            .collect()
+    }
+
+    /// Re-computes the whole chain up to the head at the time of the call: every hash, link,
+    /// seq continuity, the head row, and each signature via `verify(hash, signature)`.
+    pub async fn audit_verify(
+        &self,
+        verify: &dyn Fn(&[u8; 32], &[u8]) -> bool,
+    ) -> Result<AuditVerifyReport, Error> {
+        let head = match &*self.inner {
+            Inner::Sqlite(s) => s.head().await?,
+            Inner::Postgres(s) => s.head().await?,
+        };
+        let upto = i64::try_from(head.seq).unwrap_or(i64::MAX);
+        let mut verifier = audit::ChainVerifier::new();
+        let mut after = 0i64;
+        let report = |v: &audit::ChainVerifier, first_bad| AuditVerifyReport {
+            checked: v.checked(),
+            head_seq: head.seq,
+            first_bad,
+        };
+        loop {
+            let rows = match &*self.inner {
+                Inner::Sqlite(s) => s.audit_rows(None, after, upto, VERIFY_PAGE as i64).await?,
+                Inner::Postgres(s) => s.audit_rows(None, after, upto, VERIFY_PAGE as i64).await?,
+            };
+            for row in &rows {
+                if let Err(fault) = verifier.check(row, verify) {
+                    return Ok(report(&verifier, Some(fault)));
+                }
+                after = row.seq;
+            }
+            if rows.len() < VERIFY_PAGE {
+                break;
+            }
+        }
+        match verifier.finish(&head) {
+            Ok(()) => Ok(report(&verifier, None)),
+            Err(fault) => Ok(report(&verifier, Some(fault))),
+        }
+    }
+}
+
+/// Rejects values that one of the backends cannot store faithfully (PostgreSQL TEXT cannot
+/// hold NUL), so both backends behave the same.
+fn validate(batch: &Batch) -> Result<(), Error> {
+    let check = |what: &str, s: &str| {
+        if s.contains('\0') {
+            Err(Error::InvalidInput(format!(
+                "{what} contains a NUL character"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    for w in &batch.writes {
+        let (Write::Put {
+            kind,
+            account,
+            id,
+            expect_rev,
+            ..
+        }
+        | Write::Delete {
+            kind,
+            account,
+            id,
+            expect_rev,
+        }) = w;
+        check("object kind", kind)?;
+        check("object account", account)?;
+        check("object id", id)?;
+        if expect_rev.is_some_and(|r| r < 0) {
+            return Err(Error::InvalidInput(
+                "expect_rev must not be negative".into(),
+            ));
+        }
+    }
+    for e in &batch.audit {
+        check("audit account", &e.account)?;
+        check("audit principal", &e.principal)?;
+        check("audit operation", &e.operation)?;
+        check("audit key id", e.key_id.as_deref().unwrap_or(""))?;
+        check("audit result", &e.result)?;
+        check("audit request id", &e.request_id)?;
+        check("audit detail", &e.detail)?;
+    }
+    Ok(())
+}
+
+/// A queued commit and where to send its answer.
+pub(crate) struct Job {
+    pub batch: Batch,
+    pub reply: tokio::sync::oneshot::Sender<Result<CommitInfo, Error>>,
+}
+
+/// Most batches applied in one group transaction.
+pub(crate) const MAX_GROUP: usize = 512;
+
+/// Checks an `expect_rev` against the current revision (None: absent).
+pub(crate) fn check_expect(
+    kind: &str,
+    id: &str,
+    current: Option<i64>,
+    expect: Option<i64>,
+) -> Result<(), Error> {
+    let ok = match expect {
+        None => true,
+        Some(0) => current.is_none(),
+        Some(n) => current == Some(n),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Conflict {
+            kind: kind.to_owned(),
+            id: id.to_owned(),
+        })
+    }
+}
+
+/// The revision after `current` (1 on insert).
+pub(crate) fn next_rev(current: Option<i64>) -> Result<i64, Error> {
+    match current {
+        None => Ok(1),
+        Some(r) => r
+            .checked_add(1)
+            .filter(|n| *n > 1)
+            .ok_or_else(|| Error::Corrupt(format!("object revision {r} out of range"))),
+    }
+}
+
+pub(crate) fn seq_to_i64(seq: u64) -> Result<i64, Error> {
+    i64::try_from(seq).map_err(|_| Error::Corrupt("audit seq out of range".into()))
+}

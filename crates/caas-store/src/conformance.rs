@@ -1,0 +1,859 @@
+//! The store conformance suite: one set of generic async test functions, each run against
+//! embedded SQLite and against a private PostgreSQL cluster (`testing::PgCluster`), plus the
+//! SIGKILL durability test on both backends.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a test failure"
+)]
+
+use crate::testing::PgCluster;
+use crate::{
+    AuditEntry, AuditFaultReason, AuditSigner, Backend, Batch, Error, Store, Write, chain_hash,
+};
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use std::io::BufRead;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A real signer: Ed25519 over the record hash.
+pub(crate) struct TestSigner {
+    key: Ed25519KeyPair,
+}
+
+impl TestSigner {
+    pub fn generate() -> (Arc<TestSigner>, Vec<u8>) {
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
+        (Self::from_pkcs8(pkcs8.as_ref()), pkcs8.as_ref().to_vec())
+    }
+
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Arc<TestSigner> {
+        Arc::new(TestSigner {
+            key: Ed25519KeyPair::from_pkcs8(pkcs8).unwrap(),
+        })
+    }
+
+    pub fn verifier(&self) -> impl Fn(&[u8; 32], &[u8]) -> bool + use<> {
+        let public = self.key.public_key().as_ref().to_vec();
+        move |hash: &[u8; 32], sig: &[u8]| {
+            UnparsedPublicKey::new(&ED25519, &public)
+                .verify(hash, sig)
+                .is_ok()
+        }
+    }
+}
+
+impl AuditSigner for TestSigner {
+    fn sign(&self, hash: &[u8; 32]) -> Vec<u8> {
+        self.key.sign(hash).as_ref().to_vec()
+    }
+}
+
+/// A fresh, empty database of one backend.
+pub(crate) trait Harness {
+    fn url(&self) -> String;
+    fn signer(&self) -> Arc<TestSigner>;
+    fn pkcs8(&self) -> Vec<u8>;
+    /// Executes SQL directly on the database (tampering).
+    async fn raw(&self, sql: &str);
+    /// A BLOB/BYTEA literal.
+    fn blob(&self, bytes: &[u8]) -> String;
+
+    async fn open(&self) -> Store {
+        Store::open(&self.url(), self.signer()).await.unwrap()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(crate) struct SqliteHarness {
+    dir: tempfile::TempDir,
+    signer: Arc<TestSigner>,
+    pkcs8: Vec<u8>,
+}
+
+impl SqliteHarness {
+    pub fn new() -> Self {
+        let (signer, pkcs8) = TestSigner::generate();
+        SqliteHarness {
+            dir: tempfile::tempdir().unwrap(),
+            signer,
+            pkcs8,
+        }
+    }
+}
+
+impl Harness for SqliteHarness {
+    fn url(&self) -> String {
+        format!("sqlite:{}", self.dir.path().join("store.db").display())
+    }
+    fn signer(&self) -> Arc<TestSigner> {
+        self.signer.clone()
+    }
+    fn pkcs8(&self) -> Vec<u8> {
+        self.pkcs8.clone()
+    }
+    async fn raw(&self, sql: &str) {
+        let c = rusqlite::Connection::open(self.dir.path().join("store.db")).unwrap();
+        c.busy_timeout(Duration::from_secs(10)).unwrap();
+        c.execute_batch(sql).unwrap();
+    }
+    fn blob(&self, bytes: &[u8]) -> String {
+        format!("X'{}'", hex(bytes))
+    }
+}
+
+pub(crate) struct PgHarness {
+    _cluster: PgCluster,
+    url: String,
+    signer: Arc<TestSigner>,
+    pkcs8: Vec<u8>,
+}
+
+impl PgHarness {
+    pub fn new() -> Self {
+        let cluster = match PgCluster::start() {
+            Ok(c) => c,
+            Err(e) => panic!("cannot start a private PostgreSQL cluster: {e}"),
+        };
+        let url = cluster.create_database("conformance").unwrap();
+        let (signer, pkcs8) = TestSigner::generate();
+        PgHarness {
+            _cluster: cluster,
+            url,
+            signer,
+            pkcs8,
+        }
+    }
+}
+
+impl Harness for PgHarness {
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+    fn signer(&self) -> Arc<TestSigner> {
+        self.signer.clone()
+    }
+    fn pkcs8(&self) -> Vec<u8> {
+        self.pkcs8.clone()
+    }
+    async fn raw(&self, sql: &str) {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let task = tokio::spawn(conn);
+        client.batch_execute(sql).await.unwrap();
+        drop(client);
+        let _ = task.await;
+    }
+    fn blob(&self, bytes: &[u8]) -> String {
+        format!("decode('{}', 'hex')", hex(bytes))
+    }
+}
+
+fn put(kind: &str, account: &str, id: &str, body: &[u8], expect_rev: Option<i64>) -> Write {
+    Write::Put {
+        kind: kind.into(),
+        account: account.into(),
+        id: id.into(),
+        body: body.to_vec(),
+        expect_rev,
+    }
+}
+
+fn del(kind: &str, account: &str, id: &str, expect_rev: Option<i64>) -> Write {
+    Write::Delete {
+        kind: kind.into(),
+        account: account.into(),
+        id: id.into(),
+        expect_rev,
+    }
+}
+
+fn entry(account: &str, op: &str, key_id: Option<&str>, n: usize) -> AuditEntry {
+    AuditEntry {
+        time_ms: 1_750_000_000_000 + n as i64,
+        account: account.into(),
+        principal: format!("AKIA{account}"),
+        operation: op.into(),
+        key_id: key_id.map(Into::into),
+        result: "Success".into(),
+        request_id: format!("req-{n}"),
+        detail: format!("{{\"n\":{n}}}"),
+    }
+}
+
+fn writes(w: Vec<Write>) -> Batch {
+    Batch {
+        writes: w,
+        audit: Vec::new(),
+    }
+}
+
+fn assert_conflict(r: Result<crate::CommitInfo, Error>, kind: &str, id: &str) {
+    match r {
+        Err(Error::Conflict { kind: k, id: i }) => assert_eq!((k.as_str(), i.as_str()), (kind, id)),
+        other => panic!("expected a conflict on {kind} {id}, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The generic suite.
+
+pub(crate) async fn objects_put_get_list_delete(h: &impl Harness) {
+    let s = h.open().await;
+    let all_bytes: Vec<u8> = (0..=255u8).collect();
+    s.commit(writes(vec![
+        put("key", "a", "k2", b"two", None),
+        put("key", "a", "k1", &all_bytes, None),
+        put("key", "b", "k1", b"b1", None),
+        put("alias", "a", "x", b"alias", None),
+        // Byte order, not a locale's collation: "B" < "a" < "é".
+        put("order", "a", "é", b"", None),
+        put("order", "a", "a", b"", None),
+        put("order", "a", "B", b"", None),
+    ]))
+    .await
+    .unwrap();
+    let k1 = s.get("key", "a", "k1").await.unwrap().unwrap();
+    assert_eq!((k1.rev, k1.body.as_slice()), (1, all_bytes.as_slice()));
+    assert_eq!(s.get("key", "c", "k1").await.unwrap(), None);
+    assert_eq!(s.get("alias", "a", "k1").await.unwrap(), None);
+    let ids = |v: Vec<crate::Object>| {
+        v.into_iter()
+            .map(|o| format!("{}/{}/{}", o.kind, o.account, o.id))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(s.list("key", Some("a")).await.unwrap()),
+        ["key/a/k1", "key/a/k2"]
+    );
+    assert_eq!(
+        ids(s.list("key", None).await.unwrap()),
+        ["key/a/k1", "key/a/k2", "key/b/k1"]
+    );
+    assert_eq!(
+        ids(s.list("order", Some("a")).await.unwrap()),
+        ["order/a/B", "order/a/a", "order/a/é"]
+    );
+    assert!(s.list("nothing", None).await.unwrap().is_empty());
+
+    s.commit(writes(vec![put("key", "a", "k1", b"new", None)]))
+        .await
+        .unwrap();
+    let k1 = s.get("key", "a", "k1").await.unwrap().unwrap();
+    assert_eq!((k1.rev, k1.body.as_slice()), (2, &b"new"[..]));
+    s.commit(writes(vec![
+        del("key", "a", "k2", None),
+        del("key", "a", "absent", None),
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(s.get("key", "a", "k2").await.unwrap(), None);
+    assert_eq!(ids(s.list("key", Some("a")).await.unwrap()), ["key/a/k1"]);
+    // Re-insert after delete starts again at rev 1.
+    s.commit(writes(vec![put("key", "a", "k2", b"again", Some(0))]))
+        .await
+        .unwrap();
+    assert_eq!(s.get("key", "a", "k2").await.unwrap().unwrap().rev, 1);
+    // An empty batch is fine and appends nothing.
+    assert!(
+        s.commit(Batch::default())
+            .await
+            .unwrap()
+            .audit_seqs
+            .is_empty()
+    );
+}
+
+pub(crate) async fn expect_rev_conflicts_roll_back_whole_batch(h: &impl Harness) {
+    let s = h.open().await;
+    s.commit(writes(vec![put("key", "a", "k1", b"v1", Some(0))]))
+        .await
+        .unwrap();
+    assert_conflict(
+        s.commit(writes(vec![put("key", "a", "k1", b"x", Some(0))]))
+            .await,
+        "key",
+        "k1",
+    );
+    s.commit(writes(vec![put("key", "a", "k1", b"v2", Some(1))]))
+        .await
+        .unwrap();
+    assert_conflict(
+        s.commit(writes(vec![put("key", "a", "k1", b"x", Some(1))]))
+            .await,
+        "key",
+        "k1",
+    );
+    assert_conflict(
+        s.commit(writes(vec![put("key", "a", "nope", b"x", Some(3))]))
+            .await,
+        "key",
+        "nope",
+    );
+    assert_eq!(s.get("key", "a", "nope").await.unwrap(), None);
+
+    // A batch whose second write conflicts: neither its first write nor its audit entry stays.
+    let before = s.audit_list(None, 0, 1000).await.unwrap().len();
+    let r = s
+        .commit(Batch {
+            writes: vec![
+                put("key", "a", "k3", b"new", Some(0)),
+                del("key", "a", "k1", None),
+                put("alias", "a", "al", b"x", Some(5)),
+            ],
+            audit: vec![entry("a", "CreateKey", Some("k3"), 1)],
+        })
+        .await;
+    assert_conflict(r, "alias", "al");
+    assert_eq!(s.get("key", "a", "k3").await.unwrap(), None);
+    assert_eq!(s.get("key", "a", "k1").await.unwrap().unwrap().body, b"v2");
+    assert_eq!(s.audit_list(None, 0, 1000).await.unwrap().len(), before);
+
+    assert_conflict(
+        s.commit(writes(vec![del("key", "a", "k1", Some(1))])).await,
+        "key",
+        "k1",
+    );
+    assert_conflict(
+        s.commit(writes(vec![del("key", "a", "k1", Some(0))])).await,
+        "key",
+        "k1",
+    );
+    s.commit(writes(vec![del("key", "a", "gone", Some(0))]))
+        .await
+        .unwrap();
+    s.commit(writes(vec![del("key", "a", "k1", Some(2))]))
+        .await
+        .unwrap();
+    assert_eq!(s.get("key", "a", "k1").await.unwrap(), None);
+    assert_conflict(
+        s.commit(writes(vec![del("key", "a", "k1", Some(2))])).await,
+        "key",
+        "k1",
+    );
+
+    // The chain stays valid across rolled-back batches.
+    let v = s.audit_verify(&h.signer().verifier()).await.unwrap();
+    assert!(v.is_ok(), "{v:?}");
+}
+
+pub(crate) async fn invalid_input_is_rejected(h: &impl Harness) {
+    let s = h.open().await;
+    let r = s
+        .commit(writes(vec![put("key", "a", "bad\0id", b"", None)]))
+        .await;
+    assert!(matches!(r, Err(Error::InvalidInput(_))), "{r:?}");
+    let r = s
+        .commit(writes(vec![put("key", "a", "k", b"", Some(-1))]))
+        .await;
+    assert!(matches!(r, Err(Error::InvalidInput(_))), "{r:?}");
+    let mut e = entry("a", "Encrypt", None, 0);
+    e.detail = "\0".into();
+    let r = s
+        .commit(Batch {
+            writes: vec![],
+            audit: vec![e],
+        })
+        .await;
+    assert!(matches!(r, Err(Error::InvalidInput(_))), "{r:?}");
+    assert!(s.audit_list(None, 0, 10).await.unwrap().is_empty());
+}
+
+pub(crate) async fn concurrent_commits_all_succeed_and_chain_holds(h: &impl Harness) {
+    let s = h.open().await;
+    s.commit(writes(vec![put("key", "shared", "contended", b"0", None)]))
+        .await
+        .unwrap();
+    const TASKS: usize = 32;
+    const PER_TASK: usize = 25;
+    let mut handles = Vec::new();
+    for t in 0..TASKS {
+        let s = s.clone();
+        handles.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            let mut contended_wins = 0;
+            for i in 0..PER_TASK {
+                let id = format!("t{t}-{i}");
+                let info = s
+                    .commit(Batch {
+                        writes: vec![put("key", "acct", &id, id.as_bytes(), Some(0))],
+                        audit: vec![entry("acct", "CreateKey", Some(&id), t * 1000 + i)],
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(info.audit_seqs.len(), 1);
+                seqs.extend(info.audit_seqs);
+                if i % 5 == 0 {
+                    // Everybody races for rev 1 -> 2 of one object: exactly one winner per
+                    // revision; losers' batches (and their audit entries) are rolled back
+                    // without disturbing the other batches of the same group.
+                    let r = s
+                        .commit(Batch {
+                            writes: vec![put("key", "shared", "contended", b"x", Some(1))],
+                            audit: vec![entry("shared", "UpdateKey", None, 0)],
+                        })
+                        .await;
+                    match r {
+                        Ok(info) => {
+                            contended_wins += 1;
+                            seqs.extend(info.audit_seqs);
+                        }
+                        Err(Error::Conflict { .. }) => {}
+                        Err(e) => panic!("unexpected error {e}"),
+                    }
+                }
+            }
+            (seqs, contended_wins)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut wins = 0;
+    for h in handles {
+        let (seqs, w) = h.await.unwrap();
+        all.extend(seqs);
+        wins += w;
+    }
+    assert_eq!(wins, 1, "exactly one commit can move rev 1 to 2");
+    all.sort_unstable();
+    let n = TASKS * PER_TASK + 1;
+    assert_eq!(
+        all,
+        (1..=n as u64).collect::<Vec<_>>(),
+        "audit seqs are unique and contiguous"
+    );
+    assert_eq!(
+        s.list("key", Some("acct")).await.unwrap().len(),
+        TASKS * PER_TASK
+    );
+    let v = s.audit_verify(&h.signer().verifier()).await.unwrap();
+    assert!(v.is_ok(), "{v:?}");
+    assert_eq!((v.checked, v.head_seq), (n as u64, n as u64));
+}
+
+pub(crate) async fn audit_append_list_verify(h: &impl Harness) {
+    let s = h.open().await;
+    let mut expected = Vec::new();
+    for n in 0..10 {
+        let acct = if n % 2 == 0 { "alice" } else { "bob" };
+        let key = (n % 3 == 0).then(|| format!("key-{n}"));
+        let e = entry(acct, "Encrypt", key.as_deref(), n);
+        let info = s
+            .commit(Batch {
+                writes: vec![],
+                audit: vec![e.clone()],
+            })
+            .await
+            .unwrap();
+        assert_eq!(info.audit_seqs, vec![n as u64 + 1]);
+        expected.push(e);
+    }
+    // Several entries in one batch get consecutive seqs.
+    let multi = vec![
+        entry("bob", "A", None, 100),
+        entry("alice", "B", Some(""), 101),
+        entry("bob", "C", None, 102),
+    ];
+    let info = s
+        .commit(Batch {
+            writes: vec![],
+            audit: multi.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(info.audit_seqs, vec![11, 12, 13]);
+    expected.extend(multi);
+
+    let all = s.audit_list(None, 0, 1000).await.unwrap();
+    assert_eq!(all.len(), 13);
+    let verify = h.signer().verifier();
+    let mut prev = crate::GENESIS_HASH;
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(r.seq, i as u64 + 1);
+        assert_eq!(r.entry, expected[i]);
+        assert_eq!(r.prev_hash, prev);
+        assert_eq!(r.hash, chain_hash(&prev, r.seq, &r.entry));
+        assert!(verify(&r.hash, &r.signature));
+        prev = r.hash;
+    }
+    let alice = s.audit_list(Some("alice"), 0, 1000).await.unwrap();
+    assert!(alice.iter().all(|r| r.entry.account == "alice"));
+    assert_eq!(
+        alice.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        [1, 3, 5, 7, 9, 12]
+    );
+    let page = s.audit_list(Some("alice"), 3, 2).await.unwrap();
+    assert_eq!(page.iter().map(|r| r.seq).collect::<Vec<_>>(), [5, 7]);
+    assert_eq!(s.audit_list(None, 12, 100).await.unwrap().len(), 1);
+    assert!(s.audit_list(None, 13, 100).await.unwrap().is_empty());
+    assert!(
+        s.audit_list(Some("carol"), 0, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.audit_list(None, u64::MAX, usize::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let v = s.audit_verify(&verify).await.unwrap();
+    assert!(v.is_ok(), "{v:?}");
+    assert_eq!((v.checked, v.head_seq), (13, 13));
+    // A signature check that fails is reported at the first record.
+    let v = s
+        .audit_verify(&|_: &[u8; 32], _: &[u8]| false)
+        .await
+        .unwrap();
+    let bad = v.first_bad.unwrap();
+    assert_eq!((bad.seq, bad.reason), (1, AuditFaultReason::BadSignature));
+    // A signature from another key does not verify either.
+    let (other, _) = TestSigner::generate();
+    let v = s.audit_verify(&other.verifier()).await.unwrap();
+    assert_eq!(v.first_bad.unwrap().reason, AuditFaultReason::BadSignature);
+}
+
+async fn six_records(h: &impl Harness) -> Store {
+    let s = h.open().await;
+    for n in 0..6 {
+        s.commit(Batch {
+            writes: vec![],
+            audit: vec![entry("a", "Sign", Some("k"), n)],
+        })
+        .await
+        .unwrap();
+    }
+    let v = s.audit_verify(&h.signer().verifier()).await.unwrap();
+    assert!(v.is_ok(), "{v:?}");
+    s
+}
+
+async fn first_bad(h: &impl Harness, s: &Store) -> (u64, AuditFaultReason) {
+    let v = s.audit_verify(&h.signer().verifier()).await.unwrap();
+    let bad = v
+        .first_bad
+        .clone()
+        .unwrap_or_else(|| panic!("tampering not detected: {v:?}"));
+    assert_eq!(v.checked, bad.seq - 1, "{v:?}");
+    (bad.seq, bad.reason)
+}
+
+pub(crate) async fn tamper_edited_record_is_detected(h: &impl Harness) {
+    let s = six_records(h).await;
+    h.raw("UPDATE audit_log SET result = 'AccessDenied' WHERE seq = 3")
+        .await;
+    assert_eq!(first_bad(h, &s).await, (3, AuditFaultReason::HashMismatch));
+}
+
+pub(crate) async fn tamper_edited_record_with_recomputed_hash_is_detected(h: &impl Harness) {
+    let s = six_records(h).await;
+    let rec = s.audit_list(None, 3, 1).await.unwrap().remove(0);
+    let mut forged = rec.entry.clone();
+    forged.principal = "someone-else".into();
+    let hash = chain_hash(&rec.prev_hash, rec.seq, &forged);
+    h.raw(&format!(
+        "UPDATE audit_log SET principal = 'someone-else', hash = {} WHERE seq = 4",
+        h.blob(&hash)
+    ))
+    .await;
+    assert_eq!(first_bad(h, &s).await, (4, AuditFaultReason::BadSignature));
+}
+
+pub(crate) async fn tamper_removed_record_is_detected(h: &impl Harness) {
+    let s = six_records(h).await;
+    h.raw("DELETE FROM audit_log WHERE seq = 2").await;
+    assert_eq!(first_bad(h, &s).await, (2, AuditFaultReason::Missing));
+}
+
+pub(crate) async fn tamper_removed_tail_is_detected(h: &impl Harness) {
+    let s = six_records(h).await;
+    h.raw("DELETE FROM audit_log WHERE seq = 6").await;
+    assert_eq!(first_bad(h, &s).await, (6, AuditFaultReason::Missing));
+}
+
+pub(crate) async fn tamper_reordered_records_are_detected(h: &impl Harness) {
+    let s = six_records(h).await;
+    h.raw(
+        "UPDATE audit_log SET seq = -1 WHERE seq = 3; \
+         UPDATE audit_log SET seq = 3 WHERE seq = 4; \
+         UPDATE audit_log SET seq = 4 WHERE seq = -1;",
+    )
+    .await;
+    assert_eq!(first_bad(h, &s).await, (3, AuditFaultReason::HashMismatch));
+}
+
+pub(crate) async fn tamper_malformed_hash_is_reported_not_panicking(h: &impl Harness) {
+    let s = six_records(h).await;
+    h.raw(&format!(
+        "UPDATE audit_log SET hash = {} WHERE seq = 5",
+        h.blob(b"short")
+    ))
+    .await;
+    let (seq, reason) = first_bad(h, &s).await;
+    assert_eq!(seq, 5);
+    assert!(
+        matches!(reason, AuditFaultReason::Malformed(_)),
+        "{reason:?}"
+    );
+    // audit_list reports the bad row as corrupt data instead of panicking.
+    let r = s.audit_list(None, 0, 100).await;
+    assert!(matches!(r, Err(Error::Corrupt(_))), "{r:?}");
+}
+
+pub(crate) async fn reopen_keeps_objects_and_chain(h: &impl Harness) {
+    {
+        let s = h.open().await;
+        s.commit(Batch {
+            writes: vec![put("key", "a", "k1", b"body", None)],
+            audit: vec![entry("a", "CreateKey", Some("k1"), 0)],
+        })
+        .await
+        .unwrap();
+    }
+    let s = h.open().await;
+    assert_eq!(
+        s.get("key", "a", "k1").await.unwrap().unwrap().body,
+        b"body"
+    );
+    let info = s
+        .commit(Batch {
+            writes: vec![put("key", "a", "k1", b"body2", Some(1))],
+            audit: vec![entry("a", "UpdateKey", Some("k1"), 1)],
+        })
+        .await
+        .unwrap();
+    assert_eq!(info.audit_seqs, vec![2]);
+    drop(s);
+    let s = h.open().await;
+    assert_eq!(s.get("key", "a", "k1").await.unwrap().unwrap().rev, 2);
+    let v = s.audit_verify(&h.signer().verifier()).await.unwrap();
+    assert!(v.is_ok() && v.checked == 2, "{v:?}");
+}
+
+pub(crate) async fn two_nodes_append_to_one_chain(h: &impl Harness) {
+    // Two Store handles = two nodes: separate writers, connections and group commits.
+    let (a, b) = tokio::join!(h.open(), h.open());
+    const TASKS: usize = 16;
+    const PER_TASK: usize = 20;
+    let mut handles = Vec::new();
+    for t in 0..TASKS {
+        let s = if t % 2 == 0 { a.clone() } else { b.clone() };
+        handles.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..PER_TASK {
+                let id = format!("n{t}-{i}");
+                let info = s
+                    .commit(Batch {
+                        writes: vec![put("key", "acct", &id, b"v", Some(0))],
+                        audit: vec![entry("acct", "CreateKey", Some(&id), i)],
+                    })
+                    .await
+                    .unwrap();
+                seqs.extend(info.audit_seqs);
+            }
+            seqs
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    all.sort_unstable();
+    let n = (TASKS * PER_TASK) as u64;
+    assert_eq!(all, (1..=n).collect::<Vec<_>>());
+    for s in [&a, &b] {
+        let v = s.audit_verify(&h.signer().verifier()).await.unwrap();
+        assert!(v.is_ok() && v.checked == n, "{v:?}");
+        assert_eq!(
+            s.list("key", Some("acct")).await.unwrap().len(),
+            TASKS * PER_TASK
+        );
+    }
+}
+
+pub(crate) async fn backend_is_reported(h: &impl Harness) {
+    let s = h.open().await;
+    let want = if h.url().starts_with("postgres") {
+        Backend::Postgres
+    } else {
+        Backend::Sqlite
+    };
+    assert_eq!(s.backend(), want);
+}
+
+// ---------------------------------------------------------------------------------------
+// Durability: a child process commits in a loop and prints each acknowledged id; the parent
+// SIGKILLs it, reopens the store, and checks that every acknowledged id and the chain are there.
+
+const CHILD_URL: &str = "CAAS_STORE_DURABILITY_URL";
+const CHILD_KEY_FILE: &str = "CAAS_STORE_DURABILITY_KEY_FILE";
+
+/// The child side; only runs when started by `sigkill_loses_no_acknowledged_commit`.
+pub(crate) async fn durability_child() {
+    let url = std::env::var(CHILD_URL).expect("started by the durability test");
+    let pkcs8 = std::fs::read(std::env::var(CHILD_KEY_FILE).unwrap()).unwrap();
+    let s = Store::open(&url, TestSigner::from_pkcs8(&pkcs8))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0;
+            while Instant::now() < deadline && i < 100_000 {
+                let id = format!("t{t}-{i}");
+                s.commit(Batch {
+                    writes: vec![put("dur", "acct", &id, id.as_bytes(), Some(0))],
+                    audit: vec![entry("acct", "Encrypt", Some(&id), i)],
+                })
+                .await
+                .unwrap();
+                let mut out = std::io::stdout().lock();
+                std::io::Write::write_all(&mut out, format!("ACK {id}\n").as_bytes()).unwrap();
+                std::io::Write::flush(&mut out).unwrap();
+                i += 1;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+pub(crate) async fn sigkill_loses_no_acknowledged_commit(h: &impl Harness) {
+    let key_dir = tempfile::tempdir().unwrap();
+    let key_file = key_dir.path().join("signer.pk8");
+    std::fs::write(&key_file, h.pkcs8()).unwrap();
+    // Create the schema first so the child starts committing at once.
+    drop(h.open().await);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "conformance::durability_child_entry",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_URL, h.url())
+        .env(CHILD_KEY_FILE, &key_file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut r = std::io::BufReader::new(stdout);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match r.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                // Only complete lines count: a torn last line was not fully acknowledged.
+                Ok(_) if line.ends_with(b"\n") => {
+                    let text = String::from_utf8_lossy(&line);
+                    if let Some(id) = text.trim_end().strip_prefix("ACK ")
+                        && tx.send(id.to_owned()).is_err()
+                    {
+                        break;
+                    }
+                }
+                Ok(_) => break,
+            }
+        }
+    });
+    let mut acked = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.len() < 600 && Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(id) => acked.push(id),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                assert!(
+                    child.try_wait().unwrap().is_none(),
+                    "durability child exited early"
+                );
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    assert!(
+        acked.len() >= 600,
+        "child acknowledged only {} commits",
+        acked.len()
+    );
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    reader.join().unwrap();
+    acked.extend(rx.try_iter());
+
+    let s = h.open().await;
+    for id in &acked {
+        let o = s.get("dur", "acct", id).await.unwrap();
+        assert!(
+            o.is_some(),
+            "acknowledged commit {id} is missing after SIGKILL"
+        );
+    }
+    let v = s.audit_verify(&h.signer().verifier()).await.unwrap();
+    assert!(v.is_ok(), "{v:?}");
+    assert!(v.checked >= acked.len() as u64);
+    assert_eq!(
+        v.checked as usize,
+        s.list("dur", Some("acct")).await.unwrap().len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "child process of sigkill_loses_no_acknowledged_commit"]
+async fn durability_child_entry() {
+    durability_child().await;
+}
+
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let h = super::SqliteHarness::new();
+                    super::$name(&h).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let h = super::PgHarness::new();
+                    super::$name(&h).await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    objects_put_get_list_delete,
+    expect_rev_conflicts_roll_back_whole_batch,
+    invalid_input_is_rejected,
+    concurrent_commits_all_succeed_and_chain_holds,
+    audit_append_list_verify,
+    tamper_edited_record_is_detected,
+    tamper_edited_record_with_recomputed_hash_is_detected,
+    tamper_removed_record_is_detected,
+    tamper_removed_tail_is_detected,
+    tamper_reordered_records_are_detected,
+    tamper_malformed_hash_is_reported_not_panicking,
+    reopen_keeps_objects_and_chain,
+    two_nodes_append_to_one_chain,
+    backend_is_reported,
+    sigkill_loses_no_acknowledged_commit,
+);

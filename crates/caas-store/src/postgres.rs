@@ -1,0 +1,538 @@
+//! The PostgreSQL backend for several key-service nodes sharing one database: one writer
+//! task with its own connection (group commit; appends are serialized across nodes by the
+//! locked `audit_head` row, `SELECT ... FOR UPDATE`, in the same transaction as the writes),
+//! and a few shared read connections (tokio-postgres pipelines concurrent queries).
+
+use crate::audit::{Head, RawAuditRow};
+use crate::sqlite::clone_err;
+use crate::{
+    AuditEntry, AuditSigner, Batch, CommitInfo, Error, Job, MAX_GROUP, Object, Write, check_expect,
+    next_rev, seq_to_i64,
+};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Config, NoTls, Row, Statement};
+
+const SCHEMA_VERSION: &str = "1";
+const READERS: usize = 4;
+/// Arbitrary constant key of the advisory lock that serializes schema creation.
+const SCHEMA_LOCK: i64 = 0x6361_6173_5354_4f52; // "caasSTOR"
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS store_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO store_meta (name, value) VALUES ('schema_version', '1') ON CONFLICT (name) DO NOTHING;
+CREATE TABLE IF NOT EXISTS objects (
+    kind TEXT COLLATE "C" NOT NULL, account TEXT COLLATE "C" NOT NULL, id TEXT COLLATE "C" NOT NULL,
+    rev BIGINT NOT NULL, body BYTEA NOT NULL,
+    PRIMARY KEY (kind, account, id));
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq BIGINT PRIMARY KEY, time_ms BIGINT NOT NULL, account TEXT NOT NULL,
+    principal TEXT NOT NULL, operation TEXT NOT NULL, key_id TEXT, result TEXT NOT NULL,
+    request_id TEXT NOT NULL, detail TEXT NOT NULL,
+    prev_hash BYTEA NOT NULL, hash BYTEA NOT NULL, signature BYTEA NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_log_account ON audit_log (account, seq);
+CREATE TABLE IF NOT EXISTS audit_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1), seq BIGINT NOT NULL, hash BYTEA NOT NULL);
+INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, decode(repeat('00', 32), 'hex'))
+    ON CONFLICT (id) DO NOTHING;
+"#;
+
+const AUDIT_COLUMNS: &str = "seq, time_ms, account, principal, operation, key_id, result, \
+     request_id, detail, prev_hash, hash, signature";
+
+fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
+    move |e| Error::postgres(context, e)
+}
+
+fn col<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, i: usize) -> Result<T, Error> {
+    row.try_get(i)
+        .map_err(|e| Error::Corrupt(format!("unexpected column {i}: {e}")))
+}
+
+fn row_to_object(r: &Row) -> Result<Object, Error> {
+    Ok(Object {
+        kind: col(r, 0)?,
+        account: col(r, 1)?,
+        id: col(r, 2)?,
+        rev: col(r, 3)?,
+        body: col(r, 4)?,
+    })
+}
+
+fn row_to_audit(r: &Row) -> Result<RawAuditRow, Error> {
+    Ok(RawAuditRow {
+        seq: col(r, 0)?,
+        entry: AuditEntry {
+            time_ms: col(r, 1)?,
+            account: col(r, 2)?,
+            principal: col(r, 3)?,
+            operation: col(r, 4)?,
+            key_id: col(r, 5)?,
+            result: col(r, 6)?,
+            request_id: col(r, 7)?,
+            detail: col(r, 8)?,
+        },
+        prev_hash: col(r, 9)?,
+        hash: col(r, 10)?,
+        signature: col(r, 11)?,
+    })
+}
+
+fn head_from_row(row: Option<Row>) -> Result<Head, Error> {
+    let row = row.ok_or_else(|| Error::Corrupt("audit head row is missing".into()))?;
+    let seq: i64 = col(&row, 0)?;
+    let hash: Vec<u8> = col(&row, 1)?;
+    Head::from_raw(seq, &hash)
+}
+
+async fn connect(config: &Config) -> Result<Client, Error> {
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(pg("connecting to PostgreSQL"))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "PostgreSQL connection closed with an error");
+        }
+    });
+    Ok(client)
+}
+
+struct Reader {
+    client: Client,
+    get: Statement,
+    list_account: Statement,
+    list_all: Statement,
+    audit_account: Statement,
+    audit_all: Statement,
+    head: Statement,
+}
+
+impl Reader {
+    async fn connect(config: &Config) -> Result<Reader, Error> {
+        let client = connect(config).await?;
+        let p = |sql: String| {
+            let client = &client;
+            async move { client.prepare(&sql).await.map_err(pg("preparing a query")) }
+        };
+        let obj = "SELECT kind, account, id, rev, body FROM objects";
+        Ok(Reader {
+            get: p(format!(
+                "{obj} WHERE kind = $1 AND account = $2 AND id = $3"
+            ))
+            .await?,
+            list_account: p(format!(
+                "{obj} WHERE kind = $1 AND account = $2 ORDER BY account, id"
+            ))
+            .await?,
+            list_all: p(format!("{obj} WHERE kind = $1 ORDER BY account, id")).await?,
+            audit_account: p(format!(
+                "SELECT {AUDIT_COLUMNS} FROM audit_log WHERE account = $1 AND seq > $2 \
+                 AND seq <= $3 ORDER BY seq LIMIT $4"
+            ))
+            .await?,
+            audit_all: p(format!(
+                "SELECT {AUDIT_COLUMNS} FROM audit_log WHERE seq > $1 AND seq <= $2 \
+                 ORDER BY seq LIMIT $3"
+            ))
+            .await?,
+            head: p("SELECT seq, hash FROM audit_head WHERE id = 1".into()).await?,
+            client,
+        })
+    }
+}
+
+struct WriterConn {
+    client: Client,
+    head_lock: Statement,
+    head_update: Statement,
+    select_rev: Statement,
+    insert_object: Statement,
+    update_object: Statement,
+    delete_object: Statement,
+    insert_audit: Statement,
+}
+
+impl WriterConn {
+    async fn connect(config: &Config) -> Result<WriterConn, Error> {
+        Self::prepare(connect(config).await?).await
+    }
+
+    async fn prepare(client: Client) -> Result<WriterConn, Error> {
+        let p = |sql: String| {
+            let client = &client;
+            async move {
+                client
+                    .prepare(&sql)
+                    .await
+                    .map_err(pg("preparing a statement"))
+            }
+        };
+        Ok(WriterConn {
+            head_lock: p("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE".into()).await?,
+            head_update: p("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1".into()).await?,
+            select_rev: p(
+                "SELECT rev FROM objects WHERE kind = $1 AND account = $2 AND id = $3 FOR UPDATE"
+                    .into(),
+            )
+            .await?,
+            insert_object: p(
+                "INSERT INTO objects (kind, account, id, rev, body) VALUES ($1, $2, $3, $4, $5)"
+                    .into(),
+            )
+            .await?,
+            update_object: p(
+                "UPDATE objects SET rev = $4, body = $5 WHERE kind = $1 AND account = $2 AND id = $3"
+                    .into(),
+            )
+            .await?,
+            delete_object: p(
+                "DELETE FROM objects WHERE kind = $1 AND account = $2 AND id = $3".into(),
+            )
+            .await?,
+            insert_audit: p(format!(
+                "INSERT INTO audit_log ({AUDIT_COLUMNS}) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            ))
+            .await?,
+            client,
+        })
+    }
+}
+
+pub(crate) struct PgStore {
+    config: Config,
+    writer: mpsc::UnboundedSender<Job>,
+    readers: Vec<Mutex<Option<Arc<Reader>>>>,
+    next_reader: AtomicUsize,
+}
+
+async fn create_schema(client: &Client) -> Result<(), Error> {
+    let ctx = "creating the schema";
+    client.batch_execute("BEGIN").await.map_err(pg(ctx))?;
+    let run = async {
+        client
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+            .await
+            .map_err(pg(ctx))?;
+        client.batch_execute(SCHEMA).await.map_err(pg(ctx))?;
+        let row = client
+            .query_one(
+                "SELECT value FROM store_meta WHERE name = 'schema_version'",
+                &[],
+            )
+            .await
+            .map_err(pg(ctx))?;
+        let found: String = col(&row, 0)?;
+        if found != SCHEMA_VERSION {
+            return Err(Error::SchemaVersion {
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        client.batch_execute("COMMIT").await.map_err(pg(ctx))
+    };
+    match run.await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+impl PgStore {
+    pub async fn open(url: &str, signer: Arc<dyn AuditSigner>) -> Result<PgStore, Error> {
+        // The parser's message could quote parts of the URL (a password): do not repeat it.
+        let config: Config = url
+            .parse()
+            .map_err(|_| Error::InvalidUrl("cannot parse the PostgreSQL connection URL".into()))?;
+        let client = connect(&config).await?;
+        create_schema(&client).await?;
+        let writer = WriterConn::prepare(client).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer_task(config.clone(), writer, rx, signer));
+        Ok(PgStore {
+            config,
+            writer: tx,
+            readers: (0..READERS).map(|_| Mutex::new(None)).collect(),
+            next_reader: AtomicUsize::new(0),
+        })
+    }
+
+    async fn reader(&self) -> Result<Arc<Reader>, Error> {
+        let i = self.next_reader.fetch_add(1, Ordering::Relaxed) % self.readers.len().max(1);
+        let slot = self.readers.get(i).ok_or(Error::WriterStopped)?;
+        let current = slot.lock().ok().and_then(|g| g.clone());
+        if let Some(r) = current
+            && !r.client.is_closed()
+        {
+            return Ok(r);
+        }
+        let fresh = Arc::new(Reader::connect(&self.config).await?);
+        if let Ok(mut g) = slot.lock() {
+            *g = Some(fresh.clone());
+        }
+        Ok(fresh)
+    }
+
+    pub async fn get(&self, kind: &str, account: &str, id: &str) -> Result<Option<Object>, Error> {
+        let r = self.reader().await?;
+        let row = r
+            .client
+            .query_opt(&r.get, &[&kind, &account, &id])
+            .await
+            .map_err(pg("reading an object"))?;
+        row.as_ref().map(row_to_object).transpose()
+    }
+
+    pub async fn list(&self, kind: &str, account: Option<&str>) -> Result<Vec<Object>, Error> {
+        let r = self.reader().await?;
+        let rows = match account {
+            Some(a) => r.client.query(&r.list_account, &[&kind, &a]).await,
+            None => r.client.query(&r.list_all, &[&kind]).await,
+        }
+        .map_err(pg("listing objects"))?;
+        rows.iter().map(row_to_object).collect()
+    }
+
+    pub async fn head(&self) -> Result<Head, Error> {
+        let r = self.reader().await?;
+        let row = r
+            .client
+            .query_opt(&r.head, &[])
+            .await
+            .map_err(pg("reading the audit head"))?;
+        head_from_row(row)
+    }
+
+    pub async fn audit_rows(
+        &self,
+        account: Option<&str>,
+        after: i64,
+        upto: i64,
+        limit: i64,
+    ) -> Result<Vec<RawAuditRow>, Error> {
+        let r = self.reader().await?;
+        let rows = match account {
+            Some(a) => {
+                r.client
+                    .query(&r.audit_account, &[&a, &after, &upto, &limit])
+                    .await
+            }
+            None => r.client.query(&r.audit_all, &[&after, &upto, &limit]).await,
+        }
+        .map_err(pg("reading audit records"))?;
+        rows.iter().map(row_to_audit).collect()
+    }
+
+    pub async fn commit(&self, batch: Batch) -> Result<CommitInfo, Error> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.writer
+            .send(Job { batch, reply })
+            .map_err(|_| Error::WriterStopped)?;
+        rx.await.map_err(|_| Error::WriterStopped)?
+    }
+}
+
+async fn writer_task(
+    config: Config,
+    conn: WriterConn,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    signer: Arc<dyn AuditSigner>,
+) {
+    let mut conn = Some(conn);
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        if conn.as_ref().is_none_or(|c| c.client.is_closed()) {
+            conn = match WriterConn::connect(&config).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    for job in jobs {
+                        let _ = job.reply.send(Err(clone_err(&e)));
+                    }
+                    continue;
+                }
+            };
+        }
+        let Some(c) = conn.as_ref() else { continue };
+        let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
+        let results = match run_group(c, &batches, &*signer).await {
+            Ok(results) => results,
+            Err(e) => {
+                tracing::warn!(error = %e, batches = jobs.len(), "PostgreSQL group commit failed");
+                let _ = c.client.batch_execute("ROLLBACK").await;
+                batches.iter().map(|_| Err(clone_err(&e))).collect()
+            }
+        };
+        for (job, result) in jobs.into_iter().zip(results) {
+            let _ = job.reply.send(result);
+        }
+    }
+}
+
+async fn run_group(
+    c: &WriterConn,
+    batches: &[&Batch],
+    signer: &dyn AuditSigner,
+) -> Result<Vec<Result<CommitInfo, Error>>, Error> {
+    c.client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(pg("beginning a write transaction"))?;
+    // Serializes every writer of every node on this database for the rest of the transaction.
+    let row = c
+        .client
+        .query_opt(&c.head_lock, &[])
+        .await
+        .map_err(pg("locking the audit head"))?;
+    let start = head_from_row(row)?;
+    let mut head = start;
+    let single = batches.len() == 1;
+    let mut results = Vec::with_capacity(batches.len());
+    for batch in batches {
+        // With a single batch the transaction itself is the batch's unit of rollback.
+        if !single {
+            c.client
+                .batch_execute("SAVEPOINT batch")
+                .await
+                .map_err(pg("creating a savepoint"))?;
+        }
+        let mut tentative = head;
+        match apply(c, batch, &mut tentative, signer).await {
+            Ok(audit_seqs) => {
+                if !single {
+                    c.client
+                        .batch_execute("RELEASE SAVEPOINT batch")
+                        .await
+                        .map_err(pg("releasing a savepoint"))?;
+                }
+                head = tentative;
+                results.push(Ok(CommitInfo { audit_seqs }));
+            }
+            Err(e) => {
+                if single {
+                    c.client
+                        .batch_execute("ROLLBACK")
+                        .await
+                        .map_err(pg("rolling back"))?;
+                    return Ok(vec![Err(e)]);
+                }
+                c.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT batch; RELEASE SAVEPOINT batch")
+                    .await
+                    .map_err(pg("rolling back a savepoint"))?;
+                results.push(Err(e));
+            }
+        }
+    }
+    if head != start {
+        let seq = seq_to_i64(head.seq)?;
+        c.client
+            .execute(&c.head_update, &[&seq, &&head.hash[..]])
+            .await
+            .map_err(pg("moving the audit head"))?;
+    }
+    c.client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(pg("committing"))?;
+    Ok(results)
+}
+
+async fn apply(
+    c: &WriterConn,
+    batch: &Batch,
+    head: &mut Head,
+    signer: &dyn AuditSigner,
+) -> Result<Vec<u64>, Error> {
+    for w in &batch.writes {
+        let (Write::Put {
+            kind,
+            account,
+            id,
+            expect_rev,
+            ..
+        }
+        | Write::Delete {
+            kind,
+            account,
+            id,
+            expect_rev,
+        }) = w;
+        let row = c
+            .client
+            .query_opt(&c.select_rev, &[kind, account, id])
+            .await
+            .map_err(pg("reading an object revision"))?;
+        let current: Option<i64> = row.as_ref().map(|r| col(r, 0)).transpose()?;
+        check_expect(kind, id, current, *expect_rev)?;
+        match w {
+            Write::Put { body, .. } => {
+                let rev = next_rev(current)?;
+                let stmt = if current.is_some() {
+                    &c.update_object
+                } else {
+                    &c.insert_object
+                };
+                c.client
+                    .execute(stmt, &[kind, account, id, &rev, body])
+                    .await
+                    .map_err(|e| {
+                        if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+                            Error::Conflict {
+                                kind: kind.clone(),
+                                id: id.clone(),
+                            }
+                        } else {
+                            Error::postgres("writing an object", e)
+                        }
+                    })?;
+            }
+            Write::Delete { .. } => {
+                if current.is_some() {
+                    c.client
+                        .execute(&c.delete_object, &[kind, account, id])
+                        .await
+                        .map_err(pg("deleting an object"))?;
+                }
+            }
+        }
+    }
+    let mut seqs = Vec::with_capacity(batch.audit.len());
+    for e in &batch.audit {
+        let (seq, prev, hash) = head.advance(e);
+        let signature = signer.sign(&hash);
+        let seq_i = seq_to_i64(seq)?;
+        c.client
+            .execute(
+                &c.insert_audit,
+                &[
+                    &seq_i,
+                    &e.time_ms,
+                    &e.account,
+                    &e.principal,
+                    &e.operation,
+                    &e.key_id,
+                    &e.result,
+                    &e.request_id,
+                    &e.detail,
+                    &&prev[..],
+                    &&hash[..],
+                    &signature,
+                ],
+            )
+            .await
+            .map_err(pg("appending an audit record"))?;
+        seqs.push(seq);
+    }
+    Ok(seqs)
+}

@@ -1,0 +1,476 @@
+//! The embedded SQLite backend: one writer thread owning the only write connection (group
+//! commit, WAL, synchronous=FULL), and a small pool of read connections used through
+//! `spawn_blocking`.
+
+use crate::audit::{Head, RawAuditRow};
+use crate::{
+    AuditEntry, AuditSigner, Batch, CommitInfo, Error, Job, MAX_GROUP, Object, Write, check_expect,
+    next_rev, seq_to_i64,
+};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+const SCHEMA_VERSION: &str = "1";
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_IDLE_READERS: usize = 8;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS store_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT OR IGNORE INTO store_meta (name, value) VALUES ('schema_version', '1');
+CREATE TABLE IF NOT EXISTS objects (
+    kind TEXT NOT NULL, account TEXT NOT NULL, id TEXT NOT NULL,
+    rev INTEGER NOT NULL, body BLOB NOT NULL,
+    PRIMARY KEY (kind, account, id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, account TEXT NOT NULL,
+    principal TEXT NOT NULL, operation TEXT NOT NULL, key_id TEXT, result TEXT NOT NULL,
+    request_id TEXT NOT NULL, detail TEXT NOT NULL,
+    prev_hash BLOB NOT NULL, hash BLOB NOT NULL, signature BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_log_account ON audit_log (account, seq);
+CREATE TABLE IF NOT EXISTS audit_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash BLOB NOT NULL);
+INSERT OR IGNORE INTO audit_head (id, seq, hash) VALUES (1, 0, zeroblob(32));
+";
+
+const AUDIT_COLUMNS: &str = "seq, time_ms, account, principal, operation, key_id, result, \
+     request_id, detail, prev_hash, hash, signature";
+
+pub(crate) struct SqliteStore {
+    path: PathBuf,
+    writer: mpsc::Sender<Job>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Backend {
+            context: "running a blocking SQLite call",
+            message: e.to_string(),
+        })?
+}
+
+fn sq(context: &'static str) -> impl FnOnce(rusqlite::Error) -> Error {
+    move |e| Error::sqlite(context, e)
+}
+
+/// Creates the database file with mode 0600 if it does not exist (it holds wrapped keys;
+/// SQLite gives its -wal and -shm files the same mode).
+fn create_private(path: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(Error::Backend {
+            context: "creating the database file",
+            message: e.to_string(),
+        }),
+    }
+}
+
+fn open_writer(path: &Path) -> Result<Connection, Error> {
+    create_private(path)?;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(sq("opening the database"))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(sq("setting the busy timeout"))?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(sq("enabling WAL"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::Backend {
+            context: "enabling WAL",
+            message: format!("journal_mode is {mode}"),
+        });
+    }
+    conn.execute_batch("PRAGMA synchronous=FULL;")
+        .map_err(sq("setting synchronous=FULL"))?;
+    conn.set_prepared_statement_cache_capacity(32);
+    // BEGIN IMMEDIATE takes the write lock up front, so two processes creating the schema at
+    // once simply take turns (busy timeout).
+    conn.execute_batch("BEGIN IMMEDIATE")
+        .map_err(sq("creating the schema"))?;
+    let created = conn
+        .execute_batch(SCHEMA)
+        .map_err(sq("creating the schema"))
+        .and_then(|()| {
+            conn.query_row(
+                "SELECT value FROM store_meta WHERE name = 'schema_version'",
+                [],
+                |r| r.get::<_, String>(0),
+            )
+            .map_err(sq("reading the schema version"))
+        });
+    match created {
+        Ok(v) if v == SCHEMA_VERSION => {
+            conn.execute_batch("COMMIT")
+                .map_err(sq("creating the schema"))?;
+            Ok(conn)
+        }
+        Ok(found) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(Error::SchemaVersion {
+                found,
+                supported: SCHEMA_VERSION,
+            })
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+fn open_reader(path: &Path) -> Result<Connection, Error> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(sq("opening a read connection"))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(sq("setting the busy timeout"))?;
+    conn.execute_batch("PRAGMA query_only=ON;")
+        .map_err(sq("opening a read connection"))?;
+    Ok(conn)
+}
+
+fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<Object> {
+    Ok(Object {
+        kind: r.get(0)?,
+        account: r.get(1)?,
+        id: r.get(2)?,
+        rev: r.get(3)?,
+        body: r.get(4)?,
+    })
+}
+
+fn row_to_audit(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawAuditRow> {
+    Ok(RawAuditRow {
+        seq: r.get(0)?,
+        entry: AuditEntry {
+            time_ms: r.get(1)?,
+            account: r.get(2)?,
+            principal: r.get(3)?,
+            operation: r.get(4)?,
+            key_id: r.get(5)?,
+            result: r.get(6)?,
+            request_id: r.get(7)?,
+            detail: r.get(8)?,
+        },
+        prev_hash: r.get(9)?,
+        hash: r.get(10)?,
+        signature: r.get(11)?,
+    })
+}
+
+fn read_head(conn: &Connection) -> Result<Head, Error> {
+    let row: Option<(i64, Vec<u8>)> = conn
+        .prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1")
+        .and_then(|mut s| s.query_row([], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .map_err(sq("reading the audit head"))?;
+    let (seq, hash) = row.ok_or_else(|| Error::Corrupt("audit head row is missing".into()))?;
+    Head::from_raw(seq, &hash)
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path, signer: Arc<dyn AuditSigner>) -> Result<SqliteStore, Error> {
+        let owned = path.to_owned();
+        let conn = blocking(move || open_writer(&owned)).await?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("caas-store-writer".into())
+            .spawn(move || writer_loop(conn, rx, signer))
+            .map_err(|e| Error::Backend {
+                context: "starting the writer thread",
+                message: e.to_string(),
+            })?;
+        Ok(SqliteStore {
+            path: path.to_owned(),
+            writer: tx,
+            readers: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        let pool = self.readers.clone();
+        let path = self.path.clone();
+        blocking(move || {
+            let pooled = pool.lock().ok().and_then(|mut v| v.pop());
+            let conn = match pooled {
+                Some(c) => c,
+                None => open_reader(&path)?,
+            };
+            let result = f(&conn);
+            if let Ok(mut v) = pool.lock()
+                && v.len() < MAX_IDLE_READERS
+            {
+                v.push(conn);
+            }
+            result
+        })
+        .await
+    }
+
+    pub async fn get(&self, kind: &str, account: &str, id: &str) -> Result<Option<Object>, Error> {
+        let (kind, account, id) = (kind.to_owned(), account.to_owned(), id.to_owned());
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT kind, account, id, rev, body FROM objects \
+                 WHERE kind = ?1 AND account = ?2 AND id = ?3",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![kind, account, id], row_to_object)
+                    .optional()
+            })
+            .map_err(sq("reading an object"))
+        })
+        .await
+    }
+
+    pub async fn list(&self, kind: &str, account: Option<&str>) -> Result<Vec<Object>, Error> {
+        let (kind, account) = (kind.to_owned(), account.map(str::to_owned));
+        self.read(move |c| {
+            let r = match account {
+                Some(a) => c
+                    .prepare_cached(
+                        "SELECT kind, account, id, rev, body FROM objects \
+                         WHERE kind = ?1 AND account = ?2 ORDER BY account, id",
+                    )
+                    .and_then(|mut s| s.query_map(params![kind, a], row_to_object)?.collect()),
+                None => c
+                    .prepare_cached(
+                        "SELECT kind, account, id, rev, body FROM objects \
+                         WHERE kind = ?1 ORDER BY account, id",
+                    )
+                    .and_then(|mut s| s.query_map(params![kind], row_to_object)?.collect()),
+            };
+            r.map_err(sq("listing objects"))
+        })
+        .await
+    }
+
+    pub async fn head(&self) -> Result<Head, Error> {
+        self.read(read_head).await
+    }
+
+    pub async fn audit_rows(
+        &self,
+        account: Option<&str>,
+        after: i64,
+        upto: i64,
+        limit: i64,
+    ) -> Result<Vec<RawAuditRow>, Error> {
+        let account = account.map(str::to_owned);
+        self.read(move |c| {
+            let r = match account {
+                Some(a) => c
+                    .prepare_cached(&format!(
+                        "SELECT {AUDIT_COLUMNS} FROM audit_log WHERE account = ?1 \
+                         AND seq > ?2 AND seq <= ?3 ORDER BY seq LIMIT ?4"
+                    ))
+                    .and_then(|mut s| {
+                        s.query_map(params![a, after, upto, limit], row_to_audit)?
+                            .collect()
+                    }),
+                None => c
+                    .prepare_cached(&format!(
+                        "SELECT {AUDIT_COLUMNS} FROM audit_log \
+                         WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3"
+                    ))
+                    .and_then(|mut s| {
+                        s.query_map(params![after, upto, limit], row_to_audit)?
+                            .collect()
+                    }),
+            };
+            r.map_err(sq("reading audit records"))
+        })
+        .await
+    }
+
+    pub async fn commit(&self, batch: Batch) -> Result<CommitInfo, Error> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.writer
+            .send(Job { batch, reply })
+            .map_err(|_| Error::WriterStopped)?;
+        rx.await.map_err(|_| Error::WriterStopped)?
+    }
+}
+
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, signer: Arc<dyn AuditSigner>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
+        let results = match run_group(&conn, &batches, &*signer) {
+            Ok(results) => results,
+            Err(e) => {
+                tracing::warn!(error = %e, batches = jobs.len(), "SQLite group commit failed");
+                let _ = conn.execute_batch("ROLLBACK");
+                batches.iter().map(|_| Err(clone_err(&e))).collect()
+            }
+        };
+        for (job, result) in jobs.into_iter().zip(results) {
+            let _ = job.reply.send(result);
+        }
+    }
+}
+
+/// Errors are not Clone (they wrap foreign errors as text, so this is lossless).
+pub(crate) fn clone_err(e: &Error) -> Error {
+    match e {
+        Error::Conflict { kind, id } => Error::Conflict {
+            kind: kind.clone(),
+            id: id.clone(),
+        },
+        Error::Backend { context, message } => Error::Backend {
+            context,
+            message: message.clone(),
+        },
+        Error::Corrupt(m) => Error::Corrupt(m.clone()),
+        Error::SchemaVersion { found, supported } => Error::SchemaVersion {
+            found: found.clone(),
+            supported,
+        },
+        Error::InvalidUrl(m) => Error::InvalidUrl(m.clone()),
+        Error::InvalidInput(m) => Error::InvalidInput(m.clone()),
+        Error::WriterStopped => Error::WriterStopped,
+    }
+}
+
+/// One group transaction. Outer error: the whole group failed (caller rolls back);
+/// inner results: per batch.
+fn run_group(
+    conn: &Connection,
+    batches: &[&Batch],
+    signer: &dyn AuditSigner,
+) -> Result<Vec<Result<CommitInfo, Error>>, Error> {
+    conn.execute_batch("BEGIN IMMEDIATE")
+        .map_err(sq("beginning a write transaction"))?;
+    let start = read_head(conn)?;
+    let mut head = start;
+    let mut results = Vec::with_capacity(batches.len());
+    for batch in batches {
+        conn.execute_batch("SAVEPOINT batch")
+            .map_err(sq("creating a savepoint"))?;
+        let mut tentative = head;
+        match apply(conn, batch, &mut tentative, signer) {
+            Ok(audit_seqs) => {
+                conn.execute_batch("RELEASE batch")
+                    .map_err(sq("releasing a savepoint"))?;
+                head = tentative;
+                results.push(Ok(CommitInfo { audit_seqs }));
+            }
+            Err(e) => {
+                conn.execute_batch("ROLLBACK TO batch; RELEASE batch")
+                    .map_err(sq("rolling back a savepoint"))?;
+                results.push(Err(e));
+            }
+        }
+    }
+    if head != start {
+        let seq = seq_to_i64(head.seq)?;
+        conn.prepare_cached("UPDATE audit_head SET seq = ?1, hash = ?2 WHERE id = 1")
+            .and_then(|mut s| s.execute(params![seq, &head.hash[..]]))
+            .map_err(sq("moving the audit head"))?;
+    }
+    conn.execute_batch("COMMIT").map_err(sq("committing"))?;
+    Ok(results)
+}
+
+fn apply(
+    conn: &Connection,
+    batch: &Batch,
+    head: &mut Head,
+    signer: &dyn AuditSigner,
+) -> Result<Vec<u64>, Error> {
+    for w in &batch.writes {
+        let (Write::Put {
+            kind,
+            account,
+            id,
+            expect_rev,
+            ..
+        }
+        | Write::Delete {
+            kind,
+            account,
+            id,
+            expect_rev,
+        }) = w;
+        let current: Option<i64> = conn
+            .prepare_cached("SELECT rev FROM objects WHERE kind = ?1 AND account = ?2 AND id = ?3")
+            .and_then(|mut s| {
+                s.query_row(params![kind, account, id], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(sq("reading an object revision"))?;
+        check_expect(kind, id, current, *expect_rev)?;
+        match w {
+            Write::Put { body, .. } => {
+                let rev = next_rev(current)?;
+                let sql = if current.is_some() {
+                    "UPDATE objects SET rev = ?4, body = ?5 WHERE kind = ?1 AND account = ?2 AND id = ?3"
+                } else {
+                    "INSERT INTO objects (kind, account, id, rev, body) VALUES (?1, ?2, ?3, ?4, ?5)"
+                };
+                conn.prepare_cached(sql)
+                    .and_then(|mut s| s.execute(params![kind, account, id, rev, body]))
+                    .map_err(sq("writing an object"))?;
+            }
+            Write::Delete { .. } => {
+                if current.is_some() {
+                    conn.prepare_cached(
+                        "DELETE FROM objects WHERE kind = ?1 AND account = ?2 AND id = ?3",
+                    )
+                    .and_then(|mut s| s.execute(params![kind, account, id]))
+                    .map_err(sq("deleting an object"))?;
+                }
+            }
+        }
+    }
+    let mut seqs = Vec::with_capacity(batch.audit.len());
+    for e in &batch.audit {
+        let (seq, prev, hash) = head.advance(e);
+        let signature = signer.sign(&hash);
+        let seq_i = seq_to_i64(seq)?;
+        conn.prepare_cached(&format!(
+            "INSERT INTO audit_log ({AUDIT_COLUMNS}) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+        ))
+        .and_then(|mut s| {
+            s.execute(params![
+                seq_i,
+                e.time_ms,
+                e.account,
+                e.principal,
+                e.operation,
+                e.key_id,
+                e.result,
+                e.request_id,
+                e.detail,
+                &prev[..],
+                &hash[..],
+                signature,
+            ])
+        })
+        .map_err(sq("appending an audit record"))?;
+        seqs.push(seq);
+    }
+    Ok(seqs)
+}
