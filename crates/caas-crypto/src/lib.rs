@@ -1,1 +1,13 @@
 //! Shared cryptographic building blocks of caas.
+//!
+//! Everything here is small on purpose: zeroizing key types ([`SecretKey`],
+//! [`SecretBytes`]), the NIST SP 800-108 HMAC-SHA256 counter-mode KDF ([`kdf`]), and an
+//! AES-256-GCM envelope ([`aead`]) used to wrap keys under keys (EKTs, domain keys, token
+//! objects, volume keys). All primitives come from aws-lc-rs.
+pub mod aead;
+mod error;
+pub mod kdf;
+mod secret;
+
+pub use error::Error;
+pub use secret::{SecretBytes, SecretKey, random_array, random_bytes, random_key};

@@ -1,1 +1,33 @@
-//! The caas key service.
+//! The caas key service: an AWS-KMS-compatible KMS (JSON 1.1 protocol, SigV4) over the key
+//! hierarchy of seed 004 (HBK versions as EKTs under domain keys, domain keys wrapped by the
+//! node key), with a hash-chained, signed audit log of every request.
+//!
+//! Map: [`sigv4`] authentication · [`service`] dispatch, authorization and the one durable
+//! commit per request · `ops/` one file per operation family · [`keyring`] node and domain
+//! keys, EKTs · [`blob`] ciphertext format · [`material`] key specs and primitives ·
+//! [`policy`] key policies · [`server`] HTTP/TLS · [`client`] a SigV4 client for caas's own
+//! tools · [`audit`] audit signing.
+pub mod audit;
+pub mod blob;
+pub mod client;
+pub mod config;
+mod error;
+pub mod keyring;
+pub mod material;
+pub mod model;
+pub mod ops;
+pub mod policy;
+pub mod server;
+pub mod service;
+pub mod sigv4;
+
+pub use error::{KmsError, KmsResult};
+pub use service::{Caller, Kms, KmsParams};
+
+/// Wall-clock Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,113 @@
+//! Key-service configuration: the raw TOML shape (`deny_unknown_fields`) and its validation
+//! into [`ServeParams`]. Precedence: defaults < TOML file < `CAAS_*` environment < flags
+//! (the binary applies the last two). See `config/key-service.example.toml`.
+use crate::service::KmsParams;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// `[server]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// Listen address.
+    pub listen: Option<String>,
+    /// Region.
+    pub region: Option<String>,
+    /// TLS certificate chain (PEM).
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    pub tls_key: Option<PathBuf>,
+}
+
+/// `[storage]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawStorage {
+    /// Database URL.
+    pub database: Option<String>,
+}
+
+/// `[keys]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeys {
+    /// Node key file.
+    pub node_key_file: Option<PathBuf>,
+    /// Create it if missing.
+    pub create_node_key: Option<bool>,
+}
+
+/// `[maintenance]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawMaintenance {
+    /// Seconds between runs of scheduled deletion / rotation.
+    pub interval_secs: Option<u64>,
+}
+
+/// The whole file.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Server.
+    #[serde(default)]
+    pub server: RawServer,
+    /// Storage.
+    #[serde(default)]
+    pub storage: RawStorage,
+    /// Keys.
+    #[serde(default)]
+    pub keys: RawKeys,
+    /// Maintenance.
+    #[serde(default)]
+    pub maintenance: RawMaintenance,
+}
+
+/// Validated parameters of `caas key-service serve`.
+#[derive(Debug, Clone)]
+pub struct ServeParams {
+    /// Service parameters.
+    pub kms: KmsParams,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// TLS files.
+    pub tls: Option<crate::server::TlsFiles>,
+    /// Maintenance interval.
+    pub maintenance_interval: std::time::Duration,
+}
+
+/// Reads a TOML config file.
+pub fn load(path: &Path) -> Result<RawConfig, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+impl RawConfig {
+    /// Validates into parameters.
+    pub fn validate(self) -> Result<ServeParams, String> {
+        let listen = self.server.listen.unwrap_or_else(|| "127.0.0.1:7300".into());
+        let listen: SocketAddr = listen.parse().map_err(|_| format!("server.listen: '{listen}' is not an address:port"))?;
+        let tls = match (self.server.tls_cert, self.server.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::server::TlsFiles { cert, key }),
+            (None, None) => None,
+            _ => return Err("server.tls_cert and server.tls_key must be given together".into()),
+        };
+        let database = self.storage.database.ok_or("storage.database is required")?;
+        let node_key_file = self.keys.node_key_file.ok_or("keys.node_key_file is required")?;
+        let region = self.server.region.unwrap_or_else(|| "us-east-1".into());
+        if region.is_empty() || region.len() > 32 || !region.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(format!("server.region: '{region}' is not a region name"));
+        }
+        let secs = self.maintenance.interval_secs.unwrap_or(60);
+        if secs == 0 {
+            return Err("maintenance.interval_secs must be at least 1".into());
+        }
+        Ok(ServeParams {
+            kms: KmsParams { region, database, node_key_file, create_node_key: self.keys.create_node_key.unwrap_or(false) },
+            listen,
+            tls,
+            maintenance_interval: std::time::Duration::from_secs(secs),
+        })
+    }
+}

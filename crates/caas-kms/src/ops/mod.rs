@@ -1,0 +1,279 @@
+//! The KMS operations, one file per family (keys, aliases, symmetric crypto, asymmetric
+//! and MAC, import, grants), and what they share: parameter access with AWS validation
+//! errors, key resolution by id / ARN / alias, authorization, and key-record updates.
+mod aliases;
+mod asym;
+mod crypto;
+mod grants;
+mod import;
+mod keys;
+
+pub use crypto::canonical_context;
+pub use keys::{maintenance, rotate_domain_key};
+
+use crate::error::{KmsError, KmsResult};
+use crate::model::{AliasRecord, GrantRecord, KeyRecord, kind};
+use crate::policy::{self, Verdict};
+use crate::service::{Ctx, Kms, Out};
+use base64::Engine as _;
+use caas_crypto::SecretBytes;
+use caas_store::Write;
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// Runs the named operation.
+pub async fn dispatch(kms: &Kms, ctx: &mut Ctx, op: &str, req: &Value) -> KmsResult<Out> {
+    let r = Req(req);
+    match op {
+        "CreateKey" => keys::create_key(kms, ctx, r).await,
+        "DescribeKey" => keys::describe_key(kms, ctx, r).await,
+        "ListKeys" => keys::list_keys(kms, ctx, r).await,
+        "EnableKey" => keys::set_enabled(kms, ctx, r, true).await,
+        "DisableKey" => keys::set_enabled(kms, ctx, r, false).await,
+        "UpdateKeyDescription" => keys::update_description(kms, ctx, r).await,
+        "ScheduleKeyDeletion" => keys::schedule_deletion(kms, ctx, r).await,
+        "CancelKeyDeletion" => keys::cancel_deletion(kms, ctx, r).await,
+        "TagResource" => keys::tag_resource(kms, ctx, r).await,
+        "UntagResource" => keys::untag_resource(kms, ctx, r).await,
+        "ListResourceTags" => keys::list_tags(kms, ctx, r).await,
+        "GetKeyPolicy" => keys::get_policy(kms, ctx, r).await,
+        "PutKeyPolicy" => keys::put_policy(kms, ctx, r).await,
+        "ListKeyPolicies" => keys::list_policies(kms, ctx, r).await,
+        "EnableKeyRotation" => keys::set_rotation(kms, ctx, r, true).await,
+        "DisableKeyRotation" => keys::set_rotation(kms, ctx, r, false).await,
+        "GetKeyRotationStatus" => keys::rotation_status(kms, ctx, r).await,
+        "RotateKeyOnDemand" => keys::rotate_on_demand(kms, ctx, r).await,
+        "ListKeyRotations" => keys::list_rotations(kms, ctx, r).await,
+        "CreateAlias" => aliases::create(kms, ctx, r).await,
+        "UpdateAlias" => aliases::update(kms, ctx, r).await,
+        "DeleteAlias" => aliases::delete(kms, ctx, r).await,
+        "ListAliases" => aliases::list(kms, ctx, r).await,
+        "Encrypt" => crypto::encrypt(kms, ctx, r).await,
+        "Decrypt" => crypto::decrypt(kms, ctx, r).await,
+        "ReEncrypt" => crypto::re_encrypt(kms, ctx, r).await,
+        "GenerateDataKey" => crypto::generate_data_key(kms, ctx, r, true).await,
+        "GenerateDataKeyWithoutPlaintext" => crypto::generate_data_key(kms, ctx, r, false).await,
+        "GenerateDataKeyPair" => asym::generate_data_key_pair(kms, ctx, r, true).await,
+        "GenerateDataKeyPairWithoutPlaintext" => asym::generate_data_key_pair(kms, ctx, r, false).await,
+        "GenerateRandom" => crypto::generate_random(kms, ctx, r).await,
+        "Sign" => asym::sign(kms, ctx, r).await,
+        "Verify" => asym::verify(kms, ctx, r).await,
+        "GetPublicKey" => asym::get_public_key(kms, ctx, r).await,
+        "GenerateMac" => asym::generate_mac(kms, ctx, r).await,
+        "VerifyMac" => asym::verify_mac(kms, ctx, r).await,
+        "GetParametersForImport" => import::get_parameters(kms, ctx, r).await,
+        "ImportKeyMaterial" => import::import(kms, ctx, r).await,
+        "DeleteImportedKeyMaterial" => import::delete(kms, ctx, r).await,
+        "CreateGrant" => grants::create(kms, ctx, r).await,
+        "ListGrants" => grants::list(kms, ctx, r).await,
+        "RevokeGrant" => grants::revoke(kms, ctx, r).await,
+        "RetireGrant" => grants::retire(kms, ctx, r).await,
+        "ListRetirableGrants" => grants::list_retirable(kms, ctx, r).await,
+        _ => Err(KmsError::UnknownOperation(format!("Unknown operation '{}'", op.chars().take(64).collect::<String>()))),
+    }
+}
+
+/// Typed access to request parameters, with AWS-style validation errors.
+#[derive(Clone, Copy, Debug)]
+pub struct Req<'a>(pub &'a Value);
+
+impl<'a> Req<'a> {
+    fn get(&self, name: &str) -> Option<&'a Value> {
+        self.0.get(name).filter(|v| !v.is_null())
+    }
+    /// Optional string.
+    pub fn opt_str(&self, name: &str) -> KmsResult<Option<&'a str>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(_) => Err(KmsError::Serialization(format!("'{name}' must be a string"))),
+        }
+    }
+    /// Required string.
+    pub fn str(&self, name: &str) -> KmsResult<&'a str> {
+        self.opt_str(name)?
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| KmsError::Validation(format!("1 validation error detected: Value at '{}' failed to satisfy constraint: Member must not be null", lower_first(name))))
+    }
+    /// Optional integer.
+    pub fn opt_int(&self, name: &str) -> KmsResult<Option<i64>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(v) => v.as_i64().map(Some).ok_or_else(|| KmsError::Serialization(format!("'{name}' must be an integer"))),
+        }
+    }
+    /// Optional bool.
+    pub fn opt_bool(&self, name: &str) -> KmsResult<Option<bool>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(KmsError::Serialization(format!("'{name}' must be a boolean"))),
+        }
+    }
+    /// Optional base64 blob with a maximum decoded length.
+    pub fn opt_blob(&self, name: &str, max: usize) -> KmsResult<Option<Vec<u8>>> {
+        let Some(s) = self.opt_str(name)? else { return Ok(None) };
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(|_| KmsError::Serialization(format!("'{name}' is not valid base64")))?;
+        if bytes.is_empty() || bytes.len() > max {
+            return Err(KmsError::Validation(format!(
+                "1 validation error detected: Value at '{}' failed to satisfy constraint: Member must have length between 1 and {max}",
+                lower_first(name)
+            )));
+        }
+        Ok(Some(bytes))
+    }
+    /// Required base64 blob.
+    pub fn blob(&self, name: &str, max: usize) -> KmsResult<Vec<u8>> {
+        self.opt_blob(name, max)?.ok_or_else(|| KmsError::Validation(format!("1 validation error detected: Value at '{}' failed to satisfy constraint: Member must not be null", lower_first(name))))
+    }
+    /// Optional string → string map (EncryptionContext, constraints).
+    pub fn opt_map(&self, name: &str) -> KmsResult<Option<BTreeMap<String, String>>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Object(m)) => m
+                .iter()
+                .map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())).ok_or_else(|| KmsError::Serialization(format!("'{name}' values must be strings"))))
+                .collect::<KmsResult<BTreeMap<_, _>>>()
+                .map(Some),
+            Some(_) => Err(KmsError::Serialization(format!("'{name}' must be an object"))),
+        }
+    }
+    /// Optional list of strings.
+    pub fn opt_str_list(&self, name: &str) -> KmsResult<Option<Vec<String>>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| KmsError::Serialization(format!("'{name}' must be a list of strings"))))
+                .collect::<KmsResult<Vec<_>>>()
+                .map(Some),
+            Some(_) => Err(KmsError::Serialization(format!("'{name}' must be a list"))),
+        }
+    }
+    /// Raw value.
+    pub fn value(&self, name: &str) -> Option<&'a Value> {
+        self.get(name)
+    }
+}
+
+fn lower_first(s: &str) -> String {
+    let mut c = s.chars();
+    c.next().map(|f| f.to_ascii_lowercase().to_string() + c.as_str()).unwrap_or_default()
+}
+
+/// Base64 for responses.
+pub fn b64(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+/// A key record with the revision it was read at.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The record.
+    pub key: KeyRecord,
+    /// Its store revision.
+    pub rev: i64,
+}
+
+impl Loaded {
+    /// The write that stores an updated record, conditional on the revision read.
+    pub fn put(&self, key: &KeyRecord) -> KmsResult<Write> {
+        Ok(Write::Put {
+            kind: kind::KEY.into(),
+            account: key.account.clone(),
+            id: key.key_id.clone(),
+            body: serde_json::to_vec(key).map_err(|_| KmsError::Internal("encode".into()))?,
+            expect_rev: Some(self.rev),
+        })
+    }
+}
+
+/// Resolves a KeyId parameter (key id, key ARN, alias name or alias ARN) within the caller's account.
+pub async fn resolve(kms: &Kms, ctx: &mut Ctx, key_ref: &str) -> KmsResult<Loaded> {
+    let account = ctx.caller.account.clone();
+    let not_found = || KmsError::NotFound(format!("Invalid keyId {}", key_ref.chars().take(256).collect::<String>()));
+    if key_ref.len() > 2048 {
+        return Err(KmsError::Validation("KeyId must be at most 2048 characters".into()));
+    }
+    let mut id = key_ref.to_string();
+    if let Some(rest) = key_ref.strip_prefix("arn:aws:kms:") {
+        // arn:aws:kms:REGION:ACCOUNT:key/ID or alias/NAME
+        let parts: Vec<&str> = rest.splitn(3, ':').collect();
+        if parts.len() != 3 || parts[1] != account {
+            return Err(not_found());
+        }
+        id = parts[2].strip_prefix("key/").map(str::to_string).unwrap_or_else(|| parts[2].to_string());
+    }
+    if id.starts_with("alias/") {
+        let o = kms.store.get(kind::ALIAS, &account, &id).await.map_err(KmsError::store)?.ok_or_else(|| KmsError::NotFound(format!("Alias {id} is not found.")))?;
+        let a: AliasRecord = serde_json::from_slice(&o.body).map_err(|_| KmsError::Internal("corrupt alias".into()))?;
+        id = a.target_key_id;
+    }
+    let o = kms.store.get(kind::KEY, &account, &id).await.map_err(KmsError::store)?.ok_or_else(not_found)?;
+    let key: KeyRecord = serde_json::from_slice(&o.body).map_err(|_| KmsError::Internal("corrupt key record".into()))?;
+    ctx.key_id = Some(key.key_id.clone());
+    Ok(Loaded { key, rev: o.rev })
+}
+
+/// Checks the key policy (and, failing that, grants) for an action.
+pub async fn authorize(kms: &Kms, ctx: &Ctx, key: &KeyRecord, action: &str, ec: Option<&BTreeMap<String, String>>, grant_tokens: &[String]) -> KmsResult<()> {
+    let req = policy::Request { account: &ctx.caller.account, principal: &ctx.caller.principal, action, encryption_context: ec };
+    match policy::evaluate(&key.policy, &req) {
+        Verdict::Allow => return Ok(()),
+        Verdict::Deny => return Err(denied(ctx, action, key)),
+        Verdict::NoMatch => {}
+    }
+    if grants::allows(kms, ctx, key, action, ec, grant_tokens).await? {
+        return Ok(());
+    }
+    Err(denied(ctx, action, key))
+}
+
+fn denied(ctx: &Ctx, action: &str, key: &KeyRecord) -> KmsError {
+    KmsError::AccessDenied(format!("User: {} is not authorized to perform: kms:{action} on resource: {}", ctx.caller.principal, key.arn()))
+}
+
+/// Requires the key to be usable for cryptographic operations.
+pub fn require_enabled(key: &KeyRecord) -> KmsResult<()> {
+    match key.state.as_str() {
+        "Enabled" => Ok(()),
+        "Disabled" => Err(KmsError::Disabled(format!("{} is disabled.", key.arn()))),
+        other => Err(KmsError::InvalidState(format!("{} is pending {}.", key.arn(), match other {
+            "PendingDeletion" => "deletion",
+            "PendingImport" => "import",
+            _ => "an operation",
+        }))),
+    }
+}
+
+/// Requires a key usage.
+pub fn require_usage(key: &KeyRecord, usage: &str, op: &str) -> KmsResult<()> {
+    if key.key_usage == usage {
+        Ok(())
+    } else {
+        Err(KmsError::InvalidKeyUsage(format!("{} key usage is {} which is not valid for {op}.", key.arn(), key.key_usage)))
+    }
+}
+
+/// Opens the material of a key version.
+pub async fn material(kms: &Kms, key: &KeyRecord, version: Option<u32>) -> KmsResult<(u32, SecretBytes)> {
+    let hbk = match version {
+        Some(v) => key.version(v),
+        None => key.current(),
+    }
+    .ok_or_else(|| KmsError::InvalidState(format!("{} has no key material.", key.arn())))?;
+    let m = kms.keyring.open_ekt(&key.key_id, hbk.version, &hbk.ekt).await?;
+    Ok((hbk.version, m))
+}
+
+/// Grant tokens of a request.
+pub fn grant_tokens(r: Req<'_>) -> KmsResult<Vec<String>> {
+    Ok(r.opt_str_list("GrantTokens")?.unwrap_or_default())
+}
+
+/// Parses a grant record.
+pub fn parse_grant(body: &[u8]) -> KmsResult<GrantRecord> {
+    serde_json::from_slice(body).map_err(|_| KmsError::Internal("corrupt grant".into()))
+}

@@ -1,0 +1,127 @@
+//! HTTP(S) front of the key service: `POST /` with `X-Amz-Target: TrentService.<Op>`,
+//! bodies read up to a limit (larger ones get a ValidationException, never a hang or a
+//! panic), every request authenticated with SigV4 and answered with the AWS error shape on
+//! failure. TLS (rustls) when a certificate is configured. `GET /healthz` for liveness.
+use crate::error::KmsError;
+use crate::service::{Kms, MAX_BODY};
+use crate::sigv4;
+use axum::Router;
+use axum::body::to_bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+fn aws_response(status: u16, body: String, request_id: &str) -> Response {
+    let mut resp = (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-amz-json-1.1"));
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-amzn-requestid", v);
+    }
+    resp
+}
+
+async fn kms_endpoint(State(kms): State<Arc<Kms>>, req: Request) -> Response {
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let (parts, body) = req.into_parts();
+    let target = parts.headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let body = match to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(_) => {
+            let e = KmsError::Validation(format!("Request body is larger than {MAX_BODY} bytes"));
+            kms.audit_rejected(&target, &e, &request_id).await;
+            return aws_response(413, e.body(), &request_id);
+        }
+    };
+    let headers: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str().to_ascii_lowercase(), v.to_string())))
+        .collect();
+    let sreq = sigv4::Request { method: parts.method.as_str(), path: parts.uri.path(), query: parts.uri.query().unwrap_or(""), headers: &headers, body: &body };
+    let caller = match kms.authenticate(&sreq).await {
+        Ok(c) => c,
+        Err(e) => {
+            kms.audit_rejected(&target, &e, &request_id).await;
+            return aws_response(e.status(), e.body(), &request_id);
+        }
+    };
+    let (status, body) = kms.handle(caller, &target, &body, request_id.clone()).await;
+    aws_response(status, body, &request_id)
+}
+
+/// The key service's router.
+pub fn router(kms: Arc<Kms>) -> Router {
+    Router::new()
+        .route("/", post(kms_endpoint))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(kms)
+}
+
+/// TLS material for the listener.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: std::path::PathBuf,
+    /// PEM private key.
+    pub key: std::path::PathBuf,
+}
+
+/// Serves until `shutdown` resolves. Plain HTTP without `tls`.
+pub async fn serve(
+    kms: Arc<Kms>,
+    listener: TcpListener,
+    tls: Option<TlsFiles>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(kms);
+    match tls {
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+        Some(t) => serve_tls(listener, app, &t, shutdown).await,
+    }
+}
+
+fn load_tls(t: &TlsFiles) -> std::io::Result<rustls::ServerConfig> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&t.cert)
+        .map_err(|e| std::io::Error::other(format!("TLS certificate: {e}")))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| std::io::Error::other(format!("TLS certificate: {e}")))?;
+    let key = PrivateKeyDer::from_pem_file(&t.key).map_err(|e| std::io::Error::other(format!("TLS key: {e}")))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| std::io::Error::other(format!("TLS: {e}")))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+async fn serve_tls(
+    listener: TcpListener,
+    app: Router,
+    t: &TlsFiles,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(load_tls(t)?));
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _peer): (_, SocketAddr) = tokio::select! {
+            r = listener.accept() => r?,
+            _ = &mut shutdown => return Ok(()),
+        };
+        let acceptor = acceptor.clone();
+        let svc = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else { return };
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+        });
+    }
+}
