@@ -1,2 +1,70 @@
 //! `caas`: one binary, a subcommand per role.
-fn main() {}
+//!
+//! - `caas dev` / `caas dev stop`: the all-in-one local deployment (`dev.rs`)
+//! - `caas demo`: the tenant story against a dev deployment (`demo.rs`)
+//! - `caas key-service serve`: the key service in production mode (`key_service.rs`)
+//! - `caas admin ...`, `caas audit ...`: operator tools on a key service's store
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod demo;
+mod dev;
+mod key_service;
+
+/// caas — client-controlled Cryptography-as-a-Service.
+#[derive(Debug, Parser)]
+#[command(name = "caas", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the all-in-one local deployment (key service; more roles as they exist).
+    Dev(dev::DevArgs),
+    /// Run the tenant story against the dev deployment in DIR (starting one if needed).
+    Demo(demo::DemoArgs),
+    /// The key service (KMS + audit).
+    #[command(name = "key-service", subcommand)]
+    KeyService(key_service::KeyServiceCmd),
+    /// Operator administration of a key service: accounts, access keys, domain keys.
+    #[command(subcommand)]
+    Admin(key_service::AdminCmd),
+    /// Read and verify the key service's audit log.
+    #[command(subcommand)]
+    Audit(key_service::AuditCmd),
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAAS_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("caas: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Dev(a) => dev::run(a).await,
+            Cmd::Demo(a) => demo::run(a).await,
+            Cmd::KeyService(c) => key_service::run_key_service(c).await,
+            Cmd::Admin(c) => key_service::run_admin(c).await,
+            Cmd::Audit(c) => key_service::run_audit(c).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("caas: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

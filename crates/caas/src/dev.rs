@@ -1,0 +1,225 @@
+//! `caas dev`: the all-in-one local deployment in one data directory.
+//!
+//! Layout of DIR: `node.key` (0600, the node key — outside the database, as the docs say
+//! for dev mode), `kms.sqlite3` (the store), `dev.json` (the dev tenant's account and access
+//! key id), `env` (0600: shell `export` lines for every endpoint and credential, including
+//! the dev tenant's secret access key — dev mode only), `dev.pid`, `dev.log` (detached).
+//! Restarting on the same DIR keeps every key and the same credentials.
+use anyhow::{Context, Result, bail};
+use caas_kms::KmsParams;
+use caas_kms::config::ServeParams;
+use clap::{Args, Subcommand};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Region of the dev deployment.
+pub const DEV_REGION: &str = "us-east-1";
+
+/// `caas dev` arguments.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// `caas dev stop` stops a detached deployment.
+    #[command(subcommand)]
+    pub cmd: Option<DevCmd>,
+    /// Data directory (created if missing).
+    #[arg(long, env = "CAAS_DEV_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Key-service listen address (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:7300")]
+    pub listen: String,
+    /// Start in the background and return once it serves.
+    #[arg(long)]
+    pub detach: bool,
+    /// Seconds between maintenance runs (scheduled deletion, automatic rotation).
+    #[arg(long, default_value_t = 60)]
+    pub maintenance_secs: u64,
+}
+
+/// `caas dev` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DevCmd {
+    /// Stop the detached deployment in DIR.
+    Stop,
+}
+
+/// The default data directory (`./.dev`).
+pub fn default_dir() -> PathBuf {
+    PathBuf::from(".dev")
+}
+
+/// Key-service parameters of a dev data directory.
+pub fn kms_params(dir: &Path) -> KmsParams {
+    KmsParams {
+        region: DEV_REGION.into(),
+        database: format!("sqlite:{}", dir.join("kms.sqlite3").display()),
+        node_key_file: dir.join("node.key"),
+        create_node_key: true,
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct DevState {
+    account: String,
+    access_key_id: String,
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Reads `export NAME='value'` lines of an env file.
+pub fn read_env(path: &Path) -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
+        .collect())
+}
+
+fn shell_quote(v: &str) -> String {
+    format!("'{}'", v.replace('\'', r"'\''"))
+}
+
+/// Runs `caas dev`.
+pub async fn run(args: DevArgs) -> Result<()> {
+    let dir = args.data_dir.clone().unwrap_or_else(default_dir);
+    if let Some(DevCmd::Stop) = args.cmd {
+        return stop(&dir).await;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    if args.detach {
+        return detach(&dir, &args).await;
+    }
+    if let Some(pid) = running_pid(&dir) {
+        bail!("a dev deployment (pid {pid}) is already running in {}", dir.display());
+    }
+    let params = ServeParams {
+        kms: kms_params(&dir),
+        listen: args.listen.parse().with_context(|| format!("--listen {}", args.listen))?,
+        tls: None,
+        maintenance_interval: Duration::from_secs(args.maintenance_secs.max(1)),
+    };
+    std::fs::write(dir.join("dev.pid"), std::process::id().to_string())?;
+    let result = async {
+        let bound = crate::key_service::bind(&params).await?;
+        // First start: the dev tenant and its access key; later starts reuse them.
+        prepare_tenant(&bound.kms, &dir, bound.addr).await?;
+        crate::key_service::serve(params, bound).await
+    }
+    .await;
+    let _ = std::fs::remove_file(dir.join("dev.pid"));
+    result
+}
+
+async fn prepare_tenant(kms: &caas_kms::Kms, dir: &Path, addr: std::net::SocketAddr) -> Result<()> {
+    let state_path = dir.join("dev.json");
+    let env_path = dir.join("env");
+    let old_env = read_env(&env_path).unwrap_or_default();
+    let old_secret = old_env.iter().find(|(k, _)| k == "AWS_SECRET_ACCESS_KEY").map(|(_, v)| v.clone());
+    let (state, secret) = match (std::fs::read(&state_path).ok().and_then(|b| serde_json::from_slice::<DevState>(&b).ok()), old_secret) {
+        (Some(s), Some(secret)) => (s, secret),
+        _ => {
+            let account = kms.create_account("dev-tenant").await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (akid, secret) = kms.create_access_key(&account, "dev").await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let s = DevState { account, access_key_id: akid };
+            write_private(&state_path, &serde_json::to_string_pretty(&s)?)?;
+            (s, String::from_utf8_lossy(secret.expose()).into_owned())
+        }
+    };
+    let endpoint = format!("http://{addr}");
+    let vars: Vec<(&str, String)> = vec![
+        ("AWS_ENDPOINT_URL", endpoint.clone()),
+        ("AWS_ENDPOINT_URL_KMS", endpoint.clone()),
+        ("AWS_ACCESS_KEY_ID", state.access_key_id.clone()),
+        ("AWS_SECRET_ACCESS_KEY", secret),
+        ("AWS_DEFAULT_REGION", DEV_REGION.into()),
+        ("AWS_REGION", DEV_REGION.into()),
+        ("CAAS_DEV_DIR", dir.display().to_string()),
+        ("CAAS_KMS_ENDPOINT", endpoint),
+        ("CAAS_ACCOUNT_ID", state.account.clone()),
+        ("CAAS_AUDIT_PUBLIC_KEY", kms.audit_public_key().iter().map(|b| format!("{b:02x}")).collect()),
+    ];
+    let mut text = String::from("# caas dev deployment — source this file: . ./env\n# Dev mode only: this file holds the dev tenant's secret access key (mode 0600).\n");
+    for (k, v) in &vars {
+        text.push_str(&format!("export {k}={}\n", shell_quote(v)));
+    }
+    write_private(&env_path, &text)?;
+    println!("caas dev: key service on http://{addr}; account {} — `. {}` to use it", state.account, env_path.display());
+    Ok(())
+}
+
+fn running_pid(dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(dir.join("dev.pid")).ok()?.trim().parse().ok()?;
+    // SAFETY-free liveness check through /proc.
+    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+}
+
+async fn health(dir: &Path) -> bool {
+    let Ok(env) = read_env(&dir.join("env")) else { return false };
+    let Some((_, ep)) = env.iter().find(|(k, _)| k == "CAAS_KMS_ENDPOINT") else { return false };
+    let Some(hostport) = ep.strip_prefix("http://") else { return false };
+    tokio::net::TcpStream::connect(hostport).await.is_ok()
+}
+
+/// True when a deployment is serving from DIR.
+pub async fn is_running(dir: &Path) -> bool {
+    running_pid(dir).is_some() && health(dir).await
+}
+
+async fn detach(dir: &Path, args: &DevArgs) -> Result<()> {
+    if is_running(dir).await {
+        println!("caas dev: already running in {}", dir.display());
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(dir.join("dev.pid"));
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("dev.log"))?;
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("dev").arg("--data-dir").arg(dir).arg("--listen").arg(&args.listen).arg("--maintenance-secs").arg(args.maintenance_secs.to_string());
+    cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    // New session: the deployment survives the shell that started it (no SIGHUP).
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.spawn().context("cannot start the dev deployment")?;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        if let Some(status) = child.try_wait()? {
+            bail!("the dev deployment exited ({status}); see {}", dir.join("dev.log").display());
+        }
+        if running_pid(dir).is_some() && health(dir).await {
+            println!("caas dev: running in the background (pid {}); `. {}/env`; stop with `caas dev stop --data-dir {}`", child.id(), dir.display(), dir.display());
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the dev deployment did not come up within 60 s; see {}", dir.join("dev.log").display())
+}
+
+async fn stop(dir: &Path) -> Result<()> {
+    let Some(pid) = running_pid(dir) else {
+        println!("caas dev: nothing running in {}", dir.display());
+        return Ok(());
+    };
+    let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status()?;
+    if !status.success() {
+        bail!("cannot signal pid {pid}");
+    }
+    for _ in 0..100 {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            println!("caas dev: stopped (pid {pid})");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("pid {pid} did not stop within 10 s")
+}

@@ -1,0 +1,142 @@
+//! Test harness shared by the `caas` end-to-end tests: starts real `caas` processes on
+//! port 0 in temporary directories and talks to them with real clients.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn caas_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_caas"))
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+/// The venv's bin dir with the real AWS clients; fails with an install hint when missing.
+pub fn venv_bin() -> PathBuf {
+    let bin = repo_root().join(".venv/bin");
+    assert!(bin.join("aws").exists() && bin.join("python").exists(), "the Python venv with awscli/boto3 is missing: run scripts/install-deps (creates .venv from .ci/requirements.txt)");
+    bin
+}
+
+pub fn read_env(dir: &Path) -> HashMap<String, String> {
+    let text = std::fs::read_to_string(dir.join("env")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
+        .collect()
+}
+
+/// A `caas dev` process in the foreground (killed on drop).
+pub struct Dev {
+    pub dir: PathBuf,
+    pub child: Child,
+    pub env: HashMap<String, String>,
+}
+
+impl Dev {
+    pub fn start(dir: &Path) -> Dev {
+        Self::start_on(dir, "127.0.0.1:0")
+    }
+
+    pub fn start_on(dir: &Path, listen: &str) -> Dev {
+        std::fs::create_dir_all(dir).unwrap();
+        let _ = std::fs::remove_file(dir.join("env"));
+        let log = std::fs::File::create(dir.join("test-dev.log")).unwrap();
+        let child = Command::new(caas_bin())
+            .args(["dev", "--data-dir"])
+            .arg(dir)
+            .args(["--listen", listen, "--maintenance-secs", "1"])
+            .env("CAAS_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn caas dev");
+        let mut dev = Dev { dir: dir.to_path_buf(), child, env: HashMap::new() };
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(60) {
+            let env = read_env(dir);
+            if let Some(ep) = env.get("CAAS_KMS_ENDPOINT") {
+                if std::net::TcpStream::connect(ep.trim_start_matches("http://")).is_ok() {
+                    dev.env = env;
+                    return dev;
+                }
+            }
+            if let Ok(Some(st)) = dev.child.try_wait() {
+                panic!("caas dev exited early ({st}): {}", std::fs::read_to_string(dir.join("test-dev.log")).unwrap_or_default());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("caas dev did not come up: {}", std::fs::read_to_string(dir.join("test-dev.log")).unwrap_or_default());
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.env["CAAS_KMS_ENDPOINT"]
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+    }
+
+    pub fn client(&self) -> caas_kms::client::KmsClient {
+        caas_kms::client::KmsClient::new(
+            self.endpoint(),
+            "us-east-1",
+            &self.env["AWS_ACCESS_KEY_ID"],
+            caas_crypto::SecretBytes::new(self.env["AWS_SECRET_ACCESS_KEY"].clone().into_bytes()),
+            None,
+        )
+        .unwrap()
+    }
+
+    /// Runs `caas <args> --data-dir DIR` and returns stdout.
+    pub fn caas(&self, args: &[&str]) -> String {
+        let out = Command::new(caas_bin()).args(args).arg("--data-dir").arg(&self.dir).output().unwrap();
+        assert!(out.status.success(), "caas {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Raw HTTP POST to the KMS endpoint (for malformed-input tests).
+pub fn raw_post(endpoint: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let hostport = endpoint.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(hostport).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut req = format!("POST / HTTP/1.1\r\nhost: {hostport}\r\ncontent-length: {}\r\nconnection: close\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let _ = s.write_all(req.as_bytes());
+    let _ = s.write_all(body);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
