@@ -1,0 +1,467 @@
+//! `caas volume ...`: create, import, export, serve, check and inspect encrypted volumes.
+//! The lead wires [`VolumeCommand`] into the `caas` binary and calls [`run`].
+use crate::Error;
+use crate::engine::{self, Backend, KeyInput, Volume};
+use crate::server::{self, Listen, Listener, ServerConfig};
+use crate::store::Store;
+use caas_volume::header::{Dbsp, KeySource};
+use caas_volume::{DataKeyProvider, Layout};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// `caas volume` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum VolumeCommand {
+    /// Create an empty encrypted volume.
+    Create(CreateArgs),
+    /// Encrypt an existing raw image into a new volume.
+    Import(ImportArgs),
+    /// Decrypt a volume into a raw image (verifying every block).
+    Export(ExportArgs),
+    /// Serve a volume over NBD (the standalone crypto-domain disk).
+    Serve(ServeArgs),
+    /// Verify every block; exits with an error if any block fails authentication.
+    Check(CheckArgs),
+    /// Print the volume header.
+    Info(InfoArgs),
+}
+
+/// Key source options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KeyArgs {
+    /// File holding the raw 32-byte data key (standalone use). Without it, the data key
+    /// comes from the configured KMS (GenerateDataKey / Decrypt).
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
+}
+
+/// Where the ciphertext lives.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreArgs {
+    /// The volume (ciphertext) file or block device.
+    #[arg(value_name = "FILE", required_unless_present = "upstream")]
+    pub file: Option<PathBuf>,
+    /// Keep the ciphertext on an upstream NBD export instead
+    /// (`nbd+unix:///NAME?socket=PATH` or `nbd://HOST:PORT/NAME`).
+    #[arg(long, value_name = "URI", conflicts_with = "file")]
+    pub upstream: Option<String>,
+}
+
+/// DBSP fields stored opaquely in the header.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DbspArgs {
+    /// DBSP domain id D.
+    #[arg(long, default_value = "")]
+    pub domain_id: String,
+    /// DBSP security profile SP.
+    #[arg(long, default_value = "")]
+    pub security_profile: String,
+    /// DBSP c4 (hex).
+    #[arg(long, default_value = "")]
+    pub c4: String,
+    /// DBSP μ (hex).
+    #[arg(long, default_value = "")]
+    pub mu: String,
+}
+
+/// `caas volume create`.
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// Virtual size (bytes, or with a K/M/G/T suffix); rounded up to 4 KiB.
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    /// Output volume file.
+    #[arg(long, value_name = "FILE", required_unless_present = "upstream")]
+    pub out: Option<PathBuf>,
+    /// Create the volume on an upstream NBD export instead.
+    #[arg(long, value_name = "URI", conflicts_with = "out")]
+    pub upstream: Option<String>,
+    #[command(flatten)]
+    pub key: KeyArgs,
+    #[command(flatten)]
+    pub dbsp: DbspArgs,
+}
+
+/// `caas volume import`.
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// The plaintext raw image.
+    pub raw: PathBuf,
+    /// Output volume file.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub key: KeyArgs,
+    #[command(flatten)]
+    pub dbsp: DbspArgs,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `caas volume export`.
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Output raw image.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub key: KeyArgs,
+}
+
+/// `caas volume serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Listen on this UNIX socket.
+    #[arg(long, value_name = "PATH", required_unless_present = "tcp")]
+    pub socket: Option<PathBuf>,
+    /// Listen on this TCP address.
+    #[arg(long, value_name = "ADDR")]
+    pub tcp: Option<SocketAddr>,
+    /// Export name.
+    #[arg(long, default_value = "caas")]
+    pub export_name: String,
+    /// Serve read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Benchmark baseline only: serve FILE as plain bytes, no encryption or integrity.
+    #[arg(long)]
+    pub plaintext: bool,
+    #[command(flatten)]
+    pub key: KeyArgs,
+}
+
+/// `caas volume check`.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub key: KeyArgs,
+}
+
+/// `caas volume info`.
+#[derive(Debug, clap::Args)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Also verify the key check value and the header tag with this key.
+    #[command(flatten)]
+    pub key: KeyArgs,
+}
+
+/// Parses "4096", "64M", "1G", ...
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix in {s:?}")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} overflows"))
+}
+
+fn key_input(k: &KeyArgs, provider: &Option<Arc<dyn DataKeyProvider>>) -> Result<KeyInput, Error> {
+    if let Some(p) = &k.key_file {
+        return Ok(KeyInput::Raw(Arc::new(caas_volume::keys::read_key_file(
+            p,
+        )?)));
+    }
+    match provider {
+        Some(p) => Ok(KeyInput::Provider(p.clone())),
+        None => Err(Error::Config(
+            "no key source: pass --key-file PATH or configure the KMS".into(),
+        )),
+    }
+}
+
+fn dbsp(a: &DbspArgs) -> Result<Dbsp, Error> {
+    let hex = |s: &str, what: &str| {
+        hex::decode(s).map_err(|_| Error::Config(format!("--{what} must be hex")))
+    };
+    Ok(Dbsp {
+        domain_id: a.domain_id.as_bytes().to_vec(),
+        security_profile: a.security_profile.as_bytes().to_vec(),
+        c4: hex(&a.c4, "c4")?,
+        mu: hex(&a.mu, "mu")?,
+    })
+}
+
+async fn open_store(s: &StoreArgs, writable: bool) -> Result<Store, Error> {
+    match (&s.file, &s.upstream) {
+        (_, Some(uri)) => Store::connect_nbd(uri).await,
+        (Some(f), None) => Store::open_file(f, writable, None),
+        (None, None) => Err(Error::Config("pass a volume FILE or --upstream URI".into())),
+    }
+}
+
+/// Creates a volume file of `size` bytes (rounded up to 4 KiB).
+pub async fn create_file(
+    path: &Path,
+    size: u64,
+    key: &KeyInput,
+    d: Dbsp,
+) -> Result<caas_volume::Header, Error> {
+    if path.exists() {
+        return Err(Error::Config(format!("{} already exists", path.display())));
+    }
+    let size = size.div_ceil(4096) * 4096;
+    let layout = Layout::new(size)?;
+    let store = Store::open_file(path, true, Some(layout.store_len()))?;
+    engine::create(&store, key, size, d).await
+}
+
+/// Runs a `caas volume` subcommand. `provider` is the KMS-backed data-key provider when
+/// the caller has one configured (used when no `--key-file` is given).
+pub async fn run(
+    cmd: VolumeCommand,
+    provider: Option<Arc<dyn DataKeyProvider>>,
+) -> Result<(), Error> {
+    match cmd {
+        VolumeCommand::Create(a) => {
+            let key = key_input(&a.key, &provider)?;
+            let d = dbsp(&a.dbsp)?;
+            let h = match (&a.out, &a.upstream) {
+                (_, Some(uri)) => {
+                    let store = Store::connect_nbd(uri).await?;
+                    engine::create(&store, &key, a.size.div_ceil(4096) * 4096, d).await?
+                }
+                (Some(out), None) => create_file(out, a.size, &key, d).await?,
+                (None, None) => {
+                    return Err(Error::Config("pass --out FILE or --upstream URI".into()));
+                }
+            };
+            println!(
+                "created volume {} ({} bytes)",
+                hex::encode(h.volume_id),
+                h.layout.size
+            );
+            Ok(())
+        }
+        VolumeCommand::Import(a) => import(&a, &key_input(&a.key, &provider)?).await,
+        VolumeCommand::Export(a) => {
+            let key = key_input(&a.key, &provider)?;
+            let (vol, _) = Volume::open(open_store(&a.store, false).await?, &key, false).await?;
+            let mut out = std::fs::File::create(&a.out).map_err(Error::io("create raw image"))?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut off = 0;
+            while off < vol.size() {
+                let n = (vol.size() - off).min(buf.len() as u64) as usize;
+                vol.read(off, &mut buf[..n]).await?;
+                std::io::Write::write_all(&mut out, &buf[..n])
+                    .map_err(Error::io("write raw image"))?;
+                off += n as u64;
+            }
+            out.sync_all().map_err(Error::io("sync raw image"))?;
+            Ok(())
+        }
+        VolumeCommand::Serve(a) => serve_cmd(a, provider).await,
+        VolumeCommand::Check(a) => {
+            let key = key_input(&a.key, &provider)?;
+            let store = open_store(&a.store, false).await?;
+            let (_, state) = engine::inspect(&store).await?;
+            let (vol, _) = Volume::open(store, &key, false).await?;
+            let r = vol.scan(false).await?;
+            println!(
+                "blocks: {}  ok: {}  interrupted writes: {}  bad: {}",
+                r.blocks,
+                r.blocks - r.bad_count,
+                r.torn,
+                r.bad_count
+            );
+            if state.dirty {
+                println!("volume was not closed cleanly; the next writable open runs recovery");
+            }
+            if r.bad_count > 0 {
+                println!(
+                    "bad blocks: {:?}{}",
+                    r.bad,
+                    if r.bad_count > r.bad.len() as u64 {
+                        " ..."
+                    } else {
+                        ""
+                    }
+                );
+                return Err(Error::Config(format!(
+                    "{} block(s) failed authentication",
+                    r.bad_count
+                )));
+            }
+            Ok(())
+        }
+        VolumeCommand::Info(a) => {
+            let store = open_store(&a.store, false).await?;
+            let (h, st) = engine::inspect(&store).await?;
+            println!(
+                "format:            caas volume v1, AES-256-GCM per 4 KiB block, 3-slot metadata"
+            );
+            println!("volume id:         {}", hex::encode(h.volume_id));
+            println!(
+                "size:              {} bytes ({} blocks)",
+                h.layout.size, h.layout.blocks
+            );
+            println!("metadata offset:   {}", h.layout.meta_offset);
+            println!("data offset:       {}", h.layout.data_offset);
+            match &h.key_source {
+                KeySource::External => println!("key source:        external (key file)"),
+                KeySource::Wrapped(b) => println!(
+                    "key source:        KMS data key ({} byte wrapped blob)",
+                    b.len()
+                ),
+            }
+            println!("key check value:   {}", hex::encode(h.kcv));
+            println!(
+                "domain id:         {}",
+                String::from_utf8_lossy(&h.dbsp.domain_id)
+            );
+            println!(
+                "security profile:  {}",
+                String::from_utf8_lossy(&h.dbsp.security_profile)
+            );
+            println!("c4:                {}", hex::encode(&h.dbsp.c4));
+            println!("mu:                {}", hex::encode(&h.dbsp.mu));
+            println!(
+                "state:             {}",
+                if st.dirty {
+                    "open or not closed cleanly"
+                } else {
+                    "clean"
+                }
+            );
+            println!("nonce reserved:    {}", st.nonce_reserved);
+            if a.key.key_file.is_some() || provider.is_some() {
+                let key = key_input(&a.key, &provider)?;
+                Volume::open(store, &key, false).await?;
+                println!("key:               verified (key check value and header tag match)");
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn import(a: &ImportArgs, key: &KeyInput) -> Result<(), Error> {
+    use std::io::Read;
+    let mut raw = std::fs::File::open(&a.raw).map_err(Error::io("open raw image"))?;
+    let len = raw.metadata().map_err(Error::io("stat raw image"))?.len();
+    if len == 0 {
+        return Err(Error::Config("raw image is empty".into()));
+    }
+    create_file(&a.out, len, key, dbsp(&a.dbsp)?).await?;
+    let (vol, _) = Volume::open(Store::open_file(&a.out, true, None)?, key, true).await?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    let mut last_pct = u64::MAX;
+    while off < len {
+        let n = (len - off).min(buf.len() as u64) as usize;
+        raw.read_exact(&mut buf[..n])
+            .map_err(Error::io("read raw image"))?;
+        // A fresh volume already reads as zeroes: skip all-zero chunks.
+        if buf[..n].iter().any(|&b| b != 0) {
+            vol.write(off, &mut buf[..n], false).await?;
+        }
+        off += n as u64;
+        let pct = off * 100 / len;
+        if !a.quiet && pct != last_pct {
+            last_pct = pct;
+            let bar = "#".repeat((pct / 2) as usize);
+            eprint!("\rimporting [{bar:<50}] {pct:3}%");
+        }
+    }
+    buf.fill(0);
+    vol.close().await?;
+    if !a.quiet {
+        eprintln!();
+    }
+    Ok(())
+}
+
+async fn serve_cmd(a: ServeArgs, provider: Option<Arc<dyn DataKeyProvider>>) -> Result<(), Error> {
+    let store = open_store(&a.store, !a.read_only).await?;
+    let (backend, vol) = if a.plaintext {
+        tracing::warn!(
+            "serving PLAINTEXT passthrough: no encryption, no integrity (benchmark baseline)"
+        );
+        (Backend::plain(store).await?, None)
+    } else {
+        let key = key_input(&a.key, &provider)?;
+        let (vol, report) = Volume::open(store, &key, !a.read_only).await?;
+        if let Some(r) = report {
+            eprintln!(
+                "recovered after unclean shutdown: {} interrupted writes repaired, {} bad blocks",
+                r.torn, r.bad_count
+            );
+        }
+        (Backend::Encrypted(vol.clone()), Some(vol))
+    };
+    let (listen, uri) = match (&a.socket, a.tcp) {
+        (Some(p), _) => (
+            Listen::Unix(p.clone()),
+            format!("nbd+unix:///{}?socket={}", a.export_name, p.display()),
+        ),
+        (None, Some(t)) => (Listen::Tcp(t), String::new()),
+        (None, None) => return Err(Error::Config("pass --socket PATH or --tcp ADDR".into())),
+    };
+    let listener = Listener::bind(&listen).await?;
+    let uri = match listener.tcp_addr() {
+        Some(addr) => format!("nbd://{addr}/{}", a.export_name),
+        None => uri,
+    };
+    println!("serving {uri}");
+    let cfg = ServerConfig {
+        export_name: a.export_name.clone(),
+        ..ServerConfig::default()
+    };
+    server::serve(listener, backend, cfg, shutdown_signal()).await?;
+    if let Some(v) = vol {
+        v.close().await?;
+    }
+    if let Some(p) = &a.socket {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert!(parse_size("").is_err());
+    }
+}

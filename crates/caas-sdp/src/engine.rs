@@ -1,0 +1,798 @@
+//! The encrypting block engine: maps virtual-disk reads and writes onto the volume
+//! format's data blocks and metadata slots over a [`Store`], with the crash-consistent
+//! update protocol of `docs/volume-format.md`:
+//!
+//! 1. a write picks, per block, a slot that holds neither the block's current version
+//!    nor its last flushed version ([`caas_volume::entry::choose_target`]);
+//! 2. it seals the block under a fresh nonce (reserved counter ‖ session salt), writes the
+//!    metadata entries first and the ciphertext second, then records the new current slot;
+//! 3. a read tries the slots newest first: after a crash between the two writes the
+//!    previous version still authenticates;
+//! 4. FLUSH syncs the store and only then marks the written slots as committed;
+//! 5. opening a volume whose dirty flag is set runs recovery, which clears slots newer
+//!    than the version actually on disk, so the invariant "newest slot = content" holds.
+use crate::Error;
+use crate::store::Store;
+use caas_crypto::SecretKey;
+use caas_volume::cipher::block_nonce;
+use caas_volume::entry::{Entry, Slot, SlotKind, choose_target};
+use caas_volume::header::{Dbsp, Header, KeySource, STATE_OFFSET, State};
+use caas_volume::{
+    BLOCK_SIZE, DataKeyProvider, ENTRY_SIZE, HEADER_SIZE, Layout, SLOT_SIZE, VolumeCipher,
+};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+const BS: usize = BLOCK_SIZE;
+const BSU: u64 = BLOCK_SIZE as u64;
+/// Lock stripes (block index modulo this).
+const STRIPES: usize = 1024;
+/// Counters reserved per header update.
+const RESERVE_STEP: u64 = 1 << 24;
+/// Blocks per chunk in scans, creation and large zeroing.
+const CHUNK_BLOCKS: u64 = 2048;
+/// Block state bits: known, current slot (bits 0-1), committed slot (bits 2-3).
+const KNOWN: u8 = 0x80;
+
+/// How the data key is obtained.
+#[derive(Clone)]
+pub enum KeyInput {
+    /// A raw key (from a key file).
+    Raw(Arc<SecretKey>),
+    /// A data-key provider (the tenant's KMS).
+    Provider(Arc<dyn DataKeyProvider>),
+}
+
+impl std::fmt::Debug for KeyInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyInput::Raw(_) => f.write_str("KeyInput::Raw([REDACTED])"),
+            KeyInput::Provider(_) => f.write_str("KeyInput::Provider"),
+        }
+    }
+}
+
+/// Result of a recovery or check scan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScanReport {
+    /// Blocks scanned.
+    pub blocks: u64,
+    /// Blocks whose newest slot did not match the stored data but an older one did
+    /// (an interrupted write); recovery clears the stale slots.
+    pub torn: u64,
+    /// Blocks no slot authenticates (tampered or corrupted), by index (first 1000).
+    pub bad: Vec<u64>,
+    /// Total number of bad blocks.
+    pub bad_count: u64,
+}
+
+/// A small pool of IO buffers so the hot path does not allocate per request.
+#[derive(Debug, Default)]
+pub struct BufPool {
+    bufs: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufPool {
+    /// A buffer of exactly `len` bytes (contents unspecified).
+    pub fn get(&self, len: usize) -> Vec<u8> {
+        let mut v = self
+            .bufs
+            .lock()
+            .ok()
+            .and_then(|mut b| b.pop())
+            .unwrap_or_default();
+        v.resize(len, 0);
+        v
+    }
+    /// Returns a buffer to the pool.
+    pub fn put(&self, v: Vec<u8>) {
+        if v.capacity() <= (33 << 20)
+            && let Ok(mut b) = self.bufs.lock()
+            && b.len() < 256
+        {
+            b.push(v);
+        }
+    }
+}
+
+/// An open encrypted volume.
+pub struct Volume {
+    store: Store,
+    cipher: VolumeCipher,
+    header: Header,
+    layout: Layout,
+    writable: bool,
+    salt: u32,
+    counter: AtomicU64,
+    reserved: AtomicU64,
+    reserve_lock: tokio::sync::Mutex<()>,
+    stripes: Box<[tokio::sync::Mutex<()>]>,
+    state: Box<[AtomicU8]>,
+    dirty: Mutex<Vec<(u64, u8)>>,
+    barrier: tokio::sync::RwLock<()>,
+    pool: Arc<BufPool>,
+    zeros: Vec<u8>,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume")
+            .field("store", &self.store.describe())
+            .field("size", &self.layout.size)
+            .field("writable", &self.writable)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn read_header(store: &Store) -> Result<(Header, State), Error> {
+    let mut hb = vec![0u8; HEADER_SIZE];
+    store.read_at(0, &mut hb).await?;
+    Ok(Header::decode(&hb)?)
+}
+
+fn cipher_for(header: &Header, key: &KeyInput) -> Result<VolumeCipher, Error> {
+    let k = match (key, &header.key_source) {
+        (KeyInput::Raw(k), _) => (**k).clone(),
+        (KeyInput::Provider(p), KeySource::Wrapped(blob)) => p.unwrap(blob)?,
+        (KeyInput::Provider(_), KeySource::External) => {
+            return Err(Error::Config(
+                "volume uses an external key: pass --key-file".into(),
+            ));
+        }
+    };
+    let c = VolumeCipher::new(&k, header.volume_id)?;
+    header.verify(&c)?;
+    Ok(c)
+}
+
+/// Reads and parses a volume's header without a key (for `volume info`).
+pub async fn inspect(store: &Store) -> Result<(Header, State), Error> {
+    read_header(store).await
+}
+
+/// Creates a volume of `size` bytes on `store`: header, and one authenticated
+/// "reads as zeroes" slot per block. The header is written last.
+pub async fn create(store: &Store, key: &KeyInput, size: u64, dbsp: Dbsp) -> Result<Header, Error> {
+    let (data_key, source) = match key {
+        KeyInput::Raw(k) => ((**k).clone(), KeySource::External),
+        KeyInput::Provider(p) => {
+            let (k, blob) = p.generate()?;
+            (k, KeySource::Wrapped(blob))
+        }
+    };
+    let volume_id: [u8; 16] =
+        caas_crypto::random_array().map_err(|_| Error::Config("RNG failure".into()))?;
+    let salt = u32::from_be_bytes(
+        caas_crypto::random_array().map_err(|_| Error::Config("RNG failure".into()))?,
+    );
+    let cipher = VolumeCipher::new(&data_key, volume_id)?;
+    let header = Header::new(&cipher, size, source, dbsp)?;
+    let layout = header.layout;
+    if store.byte_len().await? < layout.store_len() {
+        return Err(Error::Config(format!(
+            "ciphertext store holds {} bytes, the volume needs {}",
+            store.byte_len().await?,
+            layout.store_len()
+        )));
+    }
+    let mut counter = 1u64;
+    let mut b0 = 0u64;
+    let mut meta = Vec::new();
+    while b0 < layout.blocks {
+        let n = CHUNK_BLOCKS.min(layout.blocks - b0);
+        meta.clear();
+        meta.resize(n as usize * ENTRY_SIZE, 0);
+        for i in 0..n {
+            let nonce = block_nonce(counter, salt);
+            counter += 1;
+            let slot = Slot {
+                nonce,
+                kind: SlotKind::Zero,
+                tag: cipher.zero_tag(b0 + i, nonce)?,
+            };
+            let at = i as usize * ENTRY_SIZE;
+            meta[at..at + SLOT_SIZE].copy_from_slice(&slot.encode());
+        }
+        store.write_at(layout.entry_offset(b0), &meta).await?;
+        b0 += n;
+    }
+    store.sync().await?;
+    let state = State {
+        dirty: false,
+        nonce_reserved: counter,
+    };
+    store.write_at(0, &header.encode(&state)).await?;
+    store.sync().await?;
+    Ok(header)
+}
+
+impl Volume {
+    /// Opens a volume. A writable open of a volume left dirty by a crash runs recovery
+    /// first (returned as the report).
+    pub async fn open(
+        store: Store,
+        key: &KeyInput,
+        writable: bool,
+    ) -> Result<(Arc<Self>, Option<ScanReport>), Error> {
+        let (header, state) = read_header(&store).await?;
+        let cipher = cipher_for(&header, key)?;
+        let layout = header.layout;
+        if store.byte_len().await? < layout.store_len() {
+            return Err(Error::Config(
+                "ciphertext store is shorter than the volume".into(),
+            ));
+        }
+        let salt = u32::from_be_bytes(
+            caas_crypto::random_array().map_err(|_| Error::Config("RNG failure".into()))?,
+        );
+        let blocks =
+            usize::try_from(layout.blocks).map_err(|_| Error::Config("volume too large".into()))?;
+        let vol = Arc::new(Volume {
+            store,
+            cipher,
+            header,
+            layout,
+            writable,
+            salt,
+            counter: AtomicU64::new(state.nonce_reserved.max(1)),
+            reserved: AtomicU64::new(state.nonce_reserved.max(1)),
+            reserve_lock: tokio::sync::Mutex::new(()),
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            state: (0..blocks).map(|_| AtomicU8::new(0)).collect(),
+            dirty: Mutex::new(Vec::new()),
+            barrier: tokio::sync::RwLock::new(()),
+            pool: Arc::new(BufPool::default()),
+            zeros: vec![0u8; CHUNK_BLOCKS as usize * BS],
+        });
+        let mut report = None;
+        if writable {
+            if state.dirty {
+                tracing::warn!(store = %vol.store.describe(), "volume was not closed cleanly: running recovery");
+                let r = vol.scan(true).await?;
+                tracing::warn!(torn = r.torn, bad = r.bad_count, "recovery finished");
+                report = Some(r);
+            }
+            // Mark dirty and reserve the first counter range before any write.
+            let start = vol.counter.load(Ordering::SeqCst);
+            vol.write_state(State {
+                dirty: true,
+                nonce_reserved: start + RESERVE_STEP,
+            })
+            .await?;
+            vol.reserved.store(start + RESERVE_STEP, Ordering::SeqCst);
+        }
+        Ok((vol, report))
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.layout.size
+    }
+    /// The header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+    /// True if opened for writing.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+    /// The buffer pool shared with the server.
+    pub fn pool(&self) -> &Arc<BufPool> {
+        &self.pool
+    }
+
+    async fn write_state(&self, st: State) -> Result<(), Error> {
+        self.store
+            .write_at(STATE_OFFSET as u64, &st.encode())
+            .await?;
+        self.store.sync().await
+    }
+
+    /// Flushes and marks the volume clean. Further writes are refused.
+    pub async fn close(&self) -> Result<(), Error> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.flush().await?;
+        let _g = self.barrier.write().await;
+        let next = self.counter.load(Ordering::SeqCst);
+        // Reserve past everything handed out so far (counters never go backwards).
+        let reserved = self.reserved.load(Ordering::SeqCst).max(next);
+        self.write_state(State {
+            dirty: false,
+            nonce_reserved: reserved,
+        })
+        .await
+    }
+
+    async fn alloc_counters(&self, n: u64) -> Result<u64, Error> {
+        let first = self.counter.fetch_add(n, Ordering::SeqCst);
+        let end = first
+            .checked_add(n)
+            .ok_or(caas_volume::Error::NonceExhausted)?;
+        if end > self.reserved.load(Ordering::SeqCst) {
+            let _g = self.reserve_lock.lock().await;
+            while end > self.reserved.load(Ordering::SeqCst) {
+                let new = self
+                    .reserved
+                    .load(Ordering::SeqCst)
+                    .checked_add(RESERVE_STEP.max(n))
+                    .ok_or(caas_volume::Error::NonceExhausted)?;
+                self.write_state(State {
+                    dirty: true,
+                    nonce_reserved: new,
+                })
+                .await?;
+                self.reserved.store(new, Ordering::SeqCst);
+            }
+        }
+        Ok(first)
+    }
+
+    async fn lock_range(&self, b0: u64, n: u64) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let mut idx: Vec<usize> = if n >= STRIPES as u64 {
+            (0..STRIPES).collect()
+        } else {
+            (b0..b0 + n)
+                .map(|b| (b % STRIPES as u64) as usize)
+                .collect()
+        };
+        idx.sort_unstable();
+        let mut guards = Vec::with_capacity(idx.len());
+        for i in idx {
+            guards.push(self.stripes[i].lock().await);
+        }
+        guards
+    }
+
+    /// Tries each slot, newest first; returns true if one authenticates `ct` (or says
+    /// "zeroes"), with the plaintext in `out`.
+    fn open_one(&self, index: u64, entry: &[u8], ct: &[u8], out: &mut [u8]) -> Option<usize> {
+        let e = Entry::decode_slice(entry);
+        let (idx, n) = e.candidates();
+        for &k in &idx[..n] {
+            let Some(slot) = e.slots[k] else { continue };
+            match slot.kind {
+                SlotKind::Data => {
+                    if self
+                        .cipher
+                        .open_block(index, slot.nonce, &slot.tag, ct, out)
+                        .is_ok()
+                    {
+                        return Some(k);
+                    }
+                }
+                SlotKind::Zero => {
+                    if self.cipher.verify_zero(index, slot.nonce, &slot.tag) {
+                        out.fill(0);
+                        return Some(k);
+                    }
+                }
+                SlotKind::Empty => {}
+            }
+        }
+        out.fill(0);
+        None
+    }
+
+    fn auth_error(&self, index: u64) -> Error {
+        // The audit record of an integrity failure (no key, no data in it).
+        tracing::error!(
+            target: "caas_sdp::audit",
+            event = "block_auth_failure",
+            block = index,
+            store = %self.store.describe(),
+            "block failed authentication: returning EIO"
+        );
+        Error::BlockAuth {
+            index,
+            offset: index * BSU,
+        }
+    }
+
+    /// Reads whole blocks `b0..b0+n` into `out`. Without `locked`, a block that fails is
+    /// retried under its lock (a concurrent write may have been half-way).
+    async fn read_blocks(&self, b0: u64, out: &mut [u8], locked: bool) -> Result<(), Error> {
+        let n = (out.len() / BS) as u64;
+        let mut meta = self.pool.get(n as usize * ENTRY_SIZE);
+        let mut ct = self.pool.get(out.len());
+        let res = async {
+            self.store
+                .read_at(self.layout.entry_offset(b0), &mut meta)
+                .await?;
+            self.store
+                .read_at(self.layout.block_offset(b0), &mut ct)
+                .await?;
+            for i in 0..n as usize {
+                let index = b0 + i as u64;
+                let r = i * BS..(i + 1) * BS;
+                if self
+                    .open_one(
+                        index,
+                        &meta[i * ENTRY_SIZE..(i + 1) * ENTRY_SIZE],
+                        &ct[r.clone()],
+                        &mut out[r.clone()],
+                    )
+                    .is_some()
+                {
+                    continue;
+                }
+                if locked {
+                    return Err(self.auth_error(index));
+                }
+                let _g = self.stripes[(index % STRIPES as u64) as usize].lock().await;
+                let mut e = [0u8; ENTRY_SIZE];
+                self.store
+                    .read_at(self.layout.entry_offset(index), &mut e)
+                    .await?;
+                self.store
+                    .read_at(self.layout.block_offset(index), &mut ct[r.clone()])
+                    .await?;
+                if self
+                    .open_one(index, &e, &ct[r.clone()], &mut out[r])
+                    .is_none()
+                {
+                    return Err(self.auth_error(index));
+                }
+            }
+            Ok(())
+        }
+        .await;
+        self.pool.put(meta);
+        self.pool.put(ct);
+        res
+    }
+
+    /// Reads `out.len()` bytes at `offset` (any alignment).
+    pub async fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), Error> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let end = offset + out.len() as u64;
+        let b0 = offset / BSU;
+        let b1 = end.div_ceil(BSU);
+        if offset.is_multiple_of(BSU) && end.is_multiple_of(BSU) {
+            return self.read_blocks(b0, out, false).await;
+        }
+        let mut tmp = self.pool.get(((b1 - b0) * BSU) as usize);
+        let r = self.read_blocks(b0, &mut tmp, false).await;
+        if r.is_ok() {
+            let s = (offset - b0 * BSU) as usize;
+            out.copy_from_slice(&tmp[s..s + out.len()]);
+        }
+        self.pool.put(tmp);
+        r
+    }
+
+    /// Seals and writes whole blocks `b0..b0+n` from `data` (encrypted in place), or makes
+    /// them read as zeroes when `data` is `None`. Caller holds the stripe locks and the
+    /// shared barrier.
+    async fn write_blocks_locked(
+        &self,
+        b0: u64,
+        n: u64,
+        mut data: Option<&mut [u8]>,
+    ) -> Result<(), Error> {
+        let mut meta = self.pool.get(n as usize * ENTRY_SIZE);
+        let res = async {
+            self.store
+                .read_at(self.layout.entry_offset(b0), &mut meta)
+                .await?;
+            let first = self.alloc_counters(n).await?;
+            let mut targets = Vec::with_capacity(n as usize);
+            for i in 0..n as usize {
+                let index = b0 + i as u64;
+                let em = &mut meta[i * ENTRY_SIZE..(i + 1) * ENTRY_SIZE];
+                let e = Entry::decode_slice(em);
+                let st = self.state[index as usize].load(Ordering::SeqCst);
+                let (cur, com) = if st & KNOWN != 0 {
+                    (Some((st & 3) as usize), Some(((st >> 2) & 3) as usize))
+                } else {
+                    (e.newest(), e.newest())
+                };
+                let target = choose_target(&e, cur, com);
+                let nonce = block_nonce(first + i as u64, self.salt);
+                let slot = match data.as_deref_mut() {
+                    None => Slot {
+                        nonce,
+                        kind: SlotKind::Zero,
+                        tag: self.cipher.zero_tag(index, nonce)?,
+                    },
+                    Some(buf) => Slot {
+                        nonce,
+                        kind: SlotKind::Data,
+                        tag: self.cipher.seal_block(
+                            index,
+                            nonce,
+                            &mut buf[i * BS..(i + 1) * BS],
+                        )?,
+                    },
+                };
+                em[target * SLOT_SIZE..(target + 1) * SLOT_SIZE].copy_from_slice(&slot.encode());
+                // Reserved bytes are always zero; rewriting them heals a damaged entry.
+                em[caas_volume::SLOTS * SLOT_SIZE..].fill(0);
+                targets.push((target as u8, com.unwrap_or(target) as u8));
+            }
+            // Metadata first, then data (see the module docs).
+            self.store
+                .write_at(self.layout.entry_offset(b0), &meta)
+                .await?;
+            let ciphertext: &[u8] = match data.as_deref() {
+                Some(buf) => buf,
+                None => &self.zeros[..n as usize * BS],
+            };
+            self.store
+                .write_at(self.layout.block_offset(b0), ciphertext)
+                .await?;
+            let mut dirty = self
+                .dirty
+                .lock()
+                .map_err(|_| Error::Config("poisoned".into()))?;
+            for (i, (t, c)) in targets.into_iter().enumerate() {
+                let index = b0 + i as u64;
+                self.state[index as usize].store(KNOWN | t | (c << 2), Ordering::SeqCst);
+                dirty.push((index, t));
+            }
+            Ok(())
+        }
+        .await;
+        self.pool.put(meta);
+        res
+    }
+
+    /// Writes `data` at `offset` (any alignment); `data` is used as scratch (encrypted in
+    /// place when aligned). With `fua`, the write is durable on return.
+    pub async fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), Error> {
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let end = offset + data.len() as u64;
+        let b0 = offset / BSU;
+        let b1 = end.div_ceil(BSU);
+        {
+            let _b = self.barrier.read().await;
+            let _g = self.lock_range(b0, b1 - b0).await;
+            if offset.is_multiple_of(BSU) && end.is_multiple_of(BSU) {
+                self.write_blocks_locked(b0, b1 - b0, Some(data)).await?;
+            } else {
+                let mut tmp = self.pool.get(((b1 - b0) * BSU) as usize);
+                let r = async {
+                    if !offset.is_multiple_of(BSU) {
+                        self.read_blocks(b0, &mut tmp[..BS], true).await?;
+                    }
+                    if !end.is_multiple_of(BSU) && (b1 - 1 != b0 || offset.is_multiple_of(BSU)) {
+                        let at = ((b1 - 1 - b0) * BSU) as usize;
+                        self.read_blocks(b1 - 1, &mut tmp[at..at + BS], true)
+                            .await?;
+                    }
+                    let s = (offset - b0 * BSU) as usize;
+                    tmp[s..s + data.len()].copy_from_slice(data);
+                    self.write_blocks_locked(b0, b1 - b0, Some(&mut tmp)).await
+                }
+                .await;
+                self.pool.put(tmp);
+                r?;
+            }
+        }
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Makes `len` bytes at `offset` read as zeroes (WRITE_ZEROES and TRIM). Whole blocks
+    /// get an authenticated "zeroes" slot and their old ciphertext is overwritten, so an
+    /// older slot can never authenticate it again.
+    pub async fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), Error> {
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        let end = offset + len;
+        let a0 = offset.div_ceil(BSU) * BSU;
+        let a1 = (end / BSU) * BSU;
+        if a0 >= a1 {
+            let mut z = self.pool.get(len as usize);
+            z.fill(0);
+            let r = self.write(offset, &mut z, false).await;
+            self.pool.put(z);
+            r?;
+        } else {
+            if offset < a0 {
+                let mut z = vec![0u8; (a0 - offset) as usize];
+                self.write(offset, &mut z, false).await?;
+            }
+            if a1 < end {
+                let mut z = vec![0u8; (end - a1) as usize];
+                self.write(a1, &mut z, false).await?;
+            }
+            let mut b = a0 / BSU;
+            while b < a1 / BSU {
+                let n = CHUNK_BLOCKS.min(a1 / BSU - b);
+                let _bar = self.barrier.read().await;
+                let _g = self.lock_range(b, n).await;
+                self.write_blocks_locked(b, n, None).await?;
+                b += n;
+            }
+        }
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable, then marks the written slots committed.
+    pub async fn flush(&self) -> Result<(), Error> {
+        if !self.writable {
+            return Ok(());
+        }
+        let _g = self.barrier.write().await;
+        let snapshot = std::mem::take(
+            &mut *self
+                .dirty
+                .lock()
+                .map_err(|_| Error::Config("poisoned".into()))?,
+        );
+        self.store.sync().await?;
+        for (b, slot) in snapshot {
+            let st = self.state[b as usize].load(Ordering::SeqCst);
+            self.state[b as usize].store((st & !0x0c) | (slot << 2), Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// Verifies every block. With `repair` (recovery), clears slots newer than the
+    /// version on disk and syncs.
+    pub async fn scan(&self, repair: bool) -> Result<ScanReport, Error> {
+        let mut rep = ScanReport {
+            blocks: self.layout.blocks,
+            ..ScanReport::default()
+        };
+        let mut b0 = 0;
+        let mut meta = Vec::new();
+        let mut ct = Vec::new();
+        let mut out = vec![0u8; BS];
+        while b0 < self.layout.blocks {
+            let n = CHUNK_BLOCKS.min(self.layout.blocks - b0) as usize;
+            meta.resize(n * ENTRY_SIZE, 0);
+            ct.resize(n * BS, 0);
+            self.store
+                .read_at(self.layout.entry_offset(b0), &mut meta)
+                .await?;
+            self.store
+                .read_at(self.layout.block_offset(b0), &mut ct)
+                .await?;
+            let mut changed = false;
+            for i in 0..n {
+                let index = b0 + i as u64;
+                let em = &mut meta[i * ENTRY_SIZE..(i + 1) * ENTRY_SIZE];
+                match self.open_one(index, em, &ct[i * BS..(i + 1) * BS], &mut out) {
+                    None => {
+                        rep.bad_count += 1;
+                        if rep.bad.len() < 1000 {
+                            rep.bad.push(index);
+                        }
+                    }
+                    Some(k) => {
+                        let e = Entry::decode_slice(em);
+                        if e.newest() != Some(k) {
+                            rep.torn += 1;
+                            let good = e.slots[k].map_or(0, |s| s.counter());
+                            for j in 0..caas_volume::SLOTS {
+                                let newer = e.slots[j].is_none_or(|s| s.counter() > good);
+                                if repair && j != k && newer {
+                                    em[j * SLOT_SIZE..(j + 1) * SLOT_SIZE].fill(0);
+                                    changed = true;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if repair && changed {
+                self.store
+                    .write_at(self.layout.entry_offset(b0), &meta)
+                    .await?;
+            }
+            b0 += n as u64;
+        }
+        out.fill(0);
+        if repair {
+            self.store.sync().await?;
+        }
+        Ok(rep)
+    }
+}
+
+/// What the NBD server serves: an encrypted volume, or (for benchmarks) the raw store.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// The encrypted, integrity-protected volume.
+    Encrypted(Arc<Volume>),
+    /// Plaintext passthrough of a store (no protection; benchmark baseline only).
+    Plain {
+        /// The store.
+        store: Store,
+        /// Its size.
+        size: u64,
+        /// Buffers.
+        pool: Arc<BufPool>,
+        /// Zeroes for WRITE_ZEROES.
+        zeros: Arc<Vec<u8>>,
+    },
+}
+
+impl Backend {
+    /// A plaintext passthrough backend.
+    pub async fn plain(store: Store) -> Result<Self, Error> {
+        let size = store.byte_len().await? / BSU * BSU;
+        Ok(Backend::Plain {
+            store,
+            size,
+            pool: Arc::new(BufPool::default()),
+            zeros: Arc::new(vec![0u8; 1 << 20]),
+        })
+    }
+    /// Export size.
+    pub fn size(&self) -> u64 {
+        match self {
+            Backend::Encrypted(v) => v.size(),
+            Backend::Plain { size, .. } => *size,
+        }
+    }
+    /// Read-only?
+    pub fn read_only(&self) -> bool {
+        match self {
+            Backend::Encrypted(v) => !v.writable(),
+            Backend::Plain { .. } => false,
+        }
+    }
+    /// Buffer pool.
+    pub fn pool(&self) -> &Arc<BufPool> {
+        match self {
+            Backend::Encrypted(v) => v.pool(),
+            Backend::Plain { pool, .. } => pool,
+        }
+    }
+    /// Read.
+    pub async fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), Error> {
+        match self {
+            Backend::Encrypted(v) => v.read(offset, out).await,
+            Backend::Plain { store, .. } => store.read_at(offset, out).await,
+        }
+    }
+    /// Write.
+    pub async fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), Error> {
+        match self {
+            Backend::Encrypted(v) => v.write(offset, data, fua).await,
+            Backend::Plain { store, .. } => {
+                store.write_at(offset, data).await?;
+                if fua { store.sync().await } else { Ok(()) }
+            }
+        }
+    }
+    /// Zero a range.
+    pub async fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), Error> {
+        match self {
+            Backend::Encrypted(v) => v.zero(offset, len, fua).await,
+            Backend::Plain { store, zeros, .. } => {
+                let mut o = offset;
+                while o < offset + len {
+                    let n = (offset + len - o).min(zeros.len() as u64);
+                    store.write_at(o, &zeros[..n as usize]).await?;
+                    o += n;
+                }
+                if fua { store.sync().await } else { Ok(()) }
+            }
+        }
+    }
+    /// Flush.
+    pub async fn flush(&self) -> Result<(), Error> {
+        match self {
+            Backend::Encrypted(v) => v.flush().await,
+            Backend::Plain { store, .. } => store.sync().await,
+        }
+    }
+}

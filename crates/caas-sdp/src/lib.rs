@@ -1,0 +1,21 @@
+//! The Secure Device Proxy (SDP) of the crypto domain: an NBD server that presents an
+//! ordinary disk while everything stored behind it is encrypted and integrity-protected
+//! under a key only the crypto domain holds (SYSTEM.md §4.3; seed 001 §3.1 "Secure Device
+//! Proxy"). The protocol codec is `caas-nbd`, the volume format `caas-volume`; this crate
+//! is the tokio glue: ciphertext stores ([`store`]), the block engine ([`engine`]), the
+//! server ([`server`]), the `caas volume` CLI ([`cli`]) and the `caas dev` hook ([`dev`]).
+//!
+//! Trust boundary: the ciphertext store (a file, or an upstream NBD export on the storage
+//! host) only ever sees ciphertext, metadata and the header; keys live in zeroizing types
+//! in this process and never appear in logs, errors, argv or the environment.
+pub mod cli;
+pub mod dev;
+pub mod engine;
+mod error;
+pub mod server;
+pub mod store;
+
+pub use engine::{Backend, KeyInput, ScanReport, Volume};
+pub use error::Error;
+pub use server::{Listen, Listener, ServerConfig, serve};
+pub use store::Store;

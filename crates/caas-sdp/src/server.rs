@@ -1,0 +1,477 @@
+//! The NBD server: listeners (UNIX socket, TCP), the fixed-newstyle handshake and the
+//! transmission loop. Each connection parses requests sequentially and runs them as
+//! concurrent tasks (bounded per connection), so crypto runs in parallel across requests
+//! and connections, replies go out in completion order, and a client that stops reading
+//! its replies only blocks its own connection.
+use crate::Error;
+use crate::engine::Backend;
+use caas_nbd::handshake::{self as hs, ClientOption, OptionReply};
+use caas_nbd::transmission::{self as tx, Command, ExportLimits, Request, cmdflags};
+use caas_nbd::{opt, rep, tflags};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::sync::{Mutex, Semaphore};
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The export's name (the empty name also selects it).
+    pub export_name: String,
+    /// Human-readable description sent with NBD_INFO_DESCRIPTION.
+    pub description: String,
+    /// Largest READ/WRITE payload.
+    pub max_payload: u32,
+    /// Requests in flight per connection.
+    pub max_in_flight: usize,
+    /// Time allowed for the handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            export_name: "caas".into(),
+            description: "caas encrypted volume".into(),
+            max_payload: 32 << 20,
+            max_in_flight: 64,
+            handshake_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where to listen.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    /// A UNIX socket path (a stale socket file is replaced).
+    Unix(PathBuf),
+    /// A TCP address.
+    Tcp(SocketAddr),
+}
+
+/// A bound listener.
+#[derive(Debug)]
+pub enum Listener {
+    /// UNIX socket.
+    Unix(tokio::net::UnixListener, PathBuf),
+    /// TCP.
+    Tcp(tokio::net::TcpListener),
+}
+
+impl Listener {
+    /// Binds.
+    pub async fn bind(listen: &Listen) -> Result<Self, Error> {
+        match listen {
+            Listen::Unix(p) => {
+                if let Ok(md) = std::fs::symlink_metadata(p) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if md.file_type().is_socket() {
+                        let _ = std::fs::remove_file(p);
+                    }
+                }
+                let l = tokio::net::UnixListener::bind(p).map_err(Error::io("bind NBD socket"))?;
+                Ok(Listener::Unix(l, p.clone()))
+            }
+            Listen::Tcp(a) => Ok(Listener::Tcp(
+                tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(Error::io("bind NBD port"))?,
+            )),
+        }
+    }
+    /// The bound TCP address (for port 0).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(..) => None,
+        }
+    }
+}
+
+/// Serves `backend` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: Listener,
+    backend: Backend,
+    cfg: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let cfg = Arc::new(cfg);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = accept(&listener) => match r {
+                Ok(Conn::Unix(s)) => spawn_conn(s, backend.clone(), cfg.clone()),
+                Ok(Conn::Tcp(s)) => {
+                    let _ = s.set_nodelay(true);
+                    spawn_conn(s, backend.clone(), cfg.clone())
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+enum Conn {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+async fn accept(l: &Listener) -> std::io::Result<Conn> {
+    match l {
+        Listener::Unix(l, _) => Ok(Conn::Unix(l.accept().await?.0)),
+        Listener::Tcp(l) => Ok(Conn::Tcp(l.accept().await?.0)),
+    }
+}
+
+fn spawn_conn<S: AsyncRead + AsyncWrite + Send + 'static>(
+    s: S,
+    backend: Backend,
+    cfg: Arc<ServerConfig>,
+) {
+    tokio::spawn(async move {
+        if let Err(e) = handle_conn(s, backend, cfg).await {
+            tracing::debug!(error = %e, "NBD connection ended with an error");
+        }
+    });
+}
+
+/// Negotiated transmission parameters.
+struct Negotiated {
+    structured: bool,
+}
+
+fn transmission_flags(backend: &Backend, structured: bool) -> u16 {
+    let mut f = tflags::HAS_FLAGS
+        | tflags::SEND_FLUSH
+        | tflags::SEND_FUA
+        | tflags::SEND_TRIM
+        | tflags::SEND_WRITE_ZEROES
+        | tflags::SEND_FAST_ZERO
+        // All connections share one engine and FLUSH syncs the whole store.
+        | tflags::CAN_MULTI_CONN;
+    if structured {
+        f |= tflags::SEND_DF;
+    }
+    if backend.read_only() {
+        f |= tflags::READ_ONLY;
+    }
+    f
+}
+
+async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: &mut R,
+    w: &mut W,
+    backend: &Backend,
+    cfg: &ServerConfig,
+) -> Result<Option<Negotiated>, Error> {
+    w.write_all(&hs::server_greeting())
+        .await
+        .map_err(Error::io("send greeting"))?;
+    let mut cf = [0u8; 4];
+    r.read_exact(&mut cf)
+        .await
+        .map_err(Error::io("read client flags"))?;
+    let no_zeroes = hs::parse_client_flags(cf)?;
+    let mut structured = false;
+    let mut out = Vec::with_capacity(256);
+    loop {
+        let mut hdr = [0u8; hs::OPTION_HEADER_LEN];
+        r.read_exact(&mut hdr)
+            .await
+            .map_err(Error::io("read option"))?;
+        let (option, len) = hs::parse_option_header(&hdr)?;
+        let mut data = vec![0u8; len as usize];
+        r.read_exact(&mut data)
+            .await
+            .map_err(Error::io("read option data"))?;
+        out.clear();
+        let name_ok = |n: &str| n.is_empty() || n == cfg.export_name;
+        let mut go = false;
+        match hs::parse_option(option, &data) {
+            Err(e) => {
+                if option == opt::EXPORT_NAME {
+                    return Err(e.into());
+                }
+                hs::encode_option_reply(
+                    option,
+                    &OptionReply::Error(rep::ERR_INVALID, "malformed option"),
+                    &mut out,
+                );
+            }
+            Ok(ClientOption::ExportName(name)) => {
+                if !name_ok(&name) {
+                    return Err(Error::Config(format!("unknown export {name:?}")));
+                }
+                let flags = transmission_flags(backend, structured);
+                hs::encode_export_name_reply(backend.size(), flags, no_zeroes, &mut out);
+                go = true;
+            }
+            Ok(ClientOption::Abort) => {
+                hs::encode_option_reply(option, &OptionReply::Ack, &mut out);
+                let _ = w.write_all(&out).await;
+                return Ok(None);
+            }
+            Ok(ClientOption::List) => {
+                hs::encode_option_reply(option, &OptionReply::Server(&cfg.export_name), &mut out);
+                hs::encode_option_reply(option, &OptionReply::Ack, &mut out);
+            }
+            Ok(ClientOption::StartTls) => {
+                hs::encode_option_reply(
+                    option,
+                    &OptionReply::Error(rep::ERR_POLICY, "TLS is not configured"),
+                    &mut out,
+                );
+            }
+            Ok(ClientOption::StructuredReply) => {
+                structured = true;
+                hs::encode_option_reply(option, &OptionReply::Ack, &mut out);
+            }
+            Ok(ClientOption::Info(req) | ClientOption::Go(req)) => {
+                if !name_ok(&req.name) {
+                    hs::encode_option_reply(
+                        option,
+                        &OptionReply::Error(rep::ERR_UNKNOWN, "unknown export"),
+                        &mut out,
+                    );
+                } else {
+                    let flags = transmission_flags(backend, structured);
+                    hs::encode_option_reply(
+                        option,
+                        &OptionReply::InfoExport {
+                            size: backend.size(),
+                            flags,
+                        },
+                        &mut out,
+                    );
+                    if req.requests.contains(&caas_nbd::info::NAME) {
+                        hs::encode_option_reply(
+                            option,
+                            &OptionReply::InfoName(&cfg.export_name),
+                            &mut out,
+                        );
+                    }
+                    if req.requests.contains(&caas_nbd::info::DESCRIPTION) {
+                        hs::encode_option_reply(
+                            option,
+                            &OptionReply::InfoDescription(&cfg.description),
+                            &mut out,
+                        );
+                    }
+                    let bs = OptionReply::InfoBlockSize {
+                        min: 1,
+                        preferred: 4096,
+                        max: cfg.max_payload,
+                    };
+                    hs::encode_option_reply(option, &bs, &mut out);
+                    hs::encode_option_reply(option, &OptionReply::Ack, &mut out);
+                    go = option == opt::GO;
+                }
+            }
+            Ok(ClientOption::Unsupported(_)) => {
+                hs::encode_option_reply(
+                    option,
+                    &OptionReply::Error(rep::ERR_UNSUP, "option not supported"),
+                    &mut out,
+                );
+            }
+        }
+        w.write_all(&out)
+            .await
+            .map_err(Error::io("send option reply"))?;
+        if go {
+            return Ok(Some(Negotiated { structured }));
+        }
+    }
+}
+
+/// Room reserved in front of read data for the reply header.
+const HEADROOM: usize = tx::CHUNK_HEADER_LEN + 8;
+/// Largest rejected WRITE payload we read and discard instead of disconnecting.
+const MAX_DRAIN: u32 = 64 << 20;
+
+async fn handle_conn<S: AsyncRead + AsyncWrite + Send + 'static>(
+    stream: S,
+    backend: Backend,
+    cfg: Arc<ServerConfig>,
+) -> Result<(), Error> {
+    let (mut r, mut w) = tokio::io::split(stream);
+    let neg = match tokio::time::timeout(
+        cfg.handshake_timeout,
+        handshake(&mut r, &mut w, &backend, &cfg),
+    )
+    .await
+    {
+        Ok(Ok(Some(n))) => n,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(Error::Config("handshake timed out".into())),
+    };
+    let mut r = tokio::io::BufReader::with_capacity(64 * 1024, r);
+    let w = Arc::new(Mutex::new(w));
+    let lim = ExportLimits {
+        size: backend.size(),
+        min_block: 1,
+        max_payload: cfg.max_payload,
+        read_only: backend.read_only(),
+        structured: neg.structured,
+    };
+    let sem = Arc::new(Semaphore::new(cfg.max_in_flight));
+    let structured = neg.structured;
+    let result = loop {
+        let mut hdr = [0u8; tx::REQUEST_LEN];
+        if let Err(e) = r.read_exact(&mut hdr).await {
+            break if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Ok(())
+            } else {
+                Err(Error::io("read request")(e))
+            };
+        }
+        let req = match Request::parse(&hdr) {
+            Ok(q) => q,
+            Err(e) => break Err(e.into()),
+        };
+        let Ok(permit) = sem.clone().acquire_owned().await else {
+            break Ok(());
+        };
+        if let Err(code) = req.validate(&lim) {
+            let plen = req.payload_len();
+            if plen > 0 {
+                if plen > MAX_DRAIN {
+                    break Err(Error::Config("oversized write payload".into()));
+                }
+                let mut sink = tokio::io::sink();
+                let mut take = (&mut r).take(u64::from(plen));
+                if tokio::io::copy(&mut take, &mut sink).await.is_err() {
+                    break Ok(());
+                }
+            }
+            if send_error(&w, &req, structured, code, "invalid request", None)
+                .await
+                .is_err()
+            {
+                break Ok(());
+            }
+            continue;
+        }
+        if req.command == Command::Disconnect {
+            break Ok(());
+        }
+        let mut payload = Vec::new();
+        if req.command == Command::Write {
+            payload = backend.pool().get(req.length as usize);
+            if let Err(e) = r.read_exact(&mut payload).await {
+                break Err(Error::io("read write payload")(e));
+            }
+        }
+        let (backend, w) = (backend.clone(), w.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = execute(&backend, &w, req, payload, structured).await;
+        });
+    };
+    // Let requests in flight finish (NBD_CMD_DISC semantics), then close.
+    let _ = sem.acquire_many(cfg.max_in_flight as u32).await;
+    let _ = w.lock().await.shutdown().await;
+    result
+}
+
+async fn send_error<W: AsyncWrite + Unpin>(
+    w: &Mutex<W>,
+    req: &Request,
+    structured: bool,
+    code: u32,
+    msg: &str,
+    offset: Option<u64>,
+) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(64);
+    if structured && req.command == Command::Read {
+        // An error offset must lie inside the request.
+        let off = offset.map(|o| o.max(req.offset));
+        tx::error_chunk(req.cookie, code, msg, off, &mut out);
+    } else {
+        out.extend_from_slice(&tx::simple_reply(code, req.cookie));
+    }
+    w.lock().await.write_all(&out).await
+}
+
+async fn execute<W: AsyncWrite>(
+    backend: &Backend,
+    w: &Mutex<WriteHalf<W>>,
+    req: Request,
+    mut payload: Vec<u8>,
+    structured: bool,
+) -> std::io::Result<()> {
+    let fua = req.flags & cmdflags::FUA != 0;
+    let res = match req.command {
+        Command::Read => {
+            let len = req.length as usize;
+            let mut buf = backend.pool().get(HEADROOM + len);
+            let res = backend.read(req.offset, &mut buf[HEADROOM..]).await;
+            let out = match res {
+                Ok(()) => {
+                    let start = if structured {
+                        buf[..HEADROOM].copy_from_slice(&tx::read_data_chunk(
+                            req.cookie, req.offset, req.length,
+                        ));
+                        0
+                    } else {
+                        buf[HEADROOM - tx::SIMPLE_REPLY_LEN..HEADROOM]
+                            .copy_from_slice(&tx::simple_reply(0, req.cookie));
+                        HEADROOM - tx::SIMPLE_REPLY_LEN
+                    };
+                    w.lock().await.write_all(&buf[start..]).await
+                }
+                Err(e) => {
+                    send_error(
+                        w,
+                        &req,
+                        structured,
+                        e.nbd_errno(),
+                        "read failed",
+                        e.offset(),
+                    )
+                    .await
+                }
+            };
+            backend.pool().put(buf);
+            return out;
+        }
+        Command::Write => {
+            let r = backend.write(req.offset, &mut payload, fua).await;
+            backend.pool().put(payload);
+            r
+        }
+        Command::Flush => backend.flush().await,
+        Command::Trim | Command::WriteZeroes => {
+            backend.zero(req.offset, u64::from(req.length), fua).await
+        }
+        // CACHE is not advertised; validate() rejects it. DISC is handled by the loop.
+        Command::Cache | Command::Disconnect | Command::Other(_) => Ok(()),
+    };
+    match res {
+        Ok(()) => {
+            w.lock()
+                .await
+                .write_all(&tx::simple_reply(0, req.cookie))
+                .await
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, command = ?req.command, offset = req.offset, "request failed");
+            send_error(
+                w,
+                &req,
+                structured,
+                e.nbd_errno(),
+                "request failed",
+                e.offset(),
+            )
+            .await
+        }
+    }
+}
