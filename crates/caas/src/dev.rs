@@ -1,8 +1,8 @@
 //! `caas dev`: the all-in-one local deployment in one data directory.
 //!
 //! Layout of DIR: `node.key` (0600, the node key — outside the database, as the docs say
-//! for dev mode), `kms.sqlite3` (the store), `dev.json` (the dev tenant's account and access
-//! key id), `env` (0600: shell `export` lines for every endpoint and credential, including
+//! for dev mode), `kms.sqlite3` (the store), `dev.json` (0600: the dev tenant's account and
+//! access key), `env` (0600: shell `export` lines for every endpoint and credential, including
 //! the dev tenant's secret access key — dev mode only), `dev.pid`, `dev.log` (detached).
 //! Restarting on the same DIR keeps every key and the same credentials.
 use anyhow::{Context, Result, bail};
@@ -62,6 +62,8 @@ pub fn kms_params(dir: &Path) -> KmsParams {
 struct DevState {
     account: String,
     access_key_id: String,
+    /// Dev mode only: the dev tenant's secret, so that restarts keep the same credentials.
+    secret_access_key: String,
 }
 
 fn write_private(path: &Path, contents: &str) -> Result<()> {
@@ -125,18 +127,17 @@ pub async fn run(args: DevArgs) -> Result<()> {
 async fn prepare_tenant(kms: &caas_kms::Kms, dir: &Path, addr: std::net::SocketAddr) -> Result<()> {
     let state_path = dir.join("dev.json");
     let env_path = dir.join("env");
-    let old_env = read_env(&env_path).unwrap_or_default();
-    let old_secret = old_env.iter().find(|(k, _)| k == "AWS_SECRET_ACCESS_KEY").map(|(_, v)| v.clone());
-    let (state, secret) = match (std::fs::read(&state_path).ok().and_then(|b| serde_json::from_slice::<DevState>(&b).ok()), old_secret) {
-        (Some(s), Some(secret)) => (s, secret),
-        _ => {
+    let state = match std::fs::read(&state_path).ok().and_then(|b| serde_json::from_slice::<DevState>(&b).ok()) {
+        Some(s) => s,
+        None => {
             let account = kms.create_account("dev-tenant").await.map_err(|e| anyhow::anyhow!("{e}"))?;
             let (akid, secret) = kms.create_access_key(&account, "dev").await.map_err(|e| anyhow::anyhow!("{e}"))?;
-            let s = DevState { account, access_key_id: akid };
+            let s = DevState { account, access_key_id: akid, secret_access_key: String::from_utf8_lossy(secret.expose()).into_owned() };
             write_private(&state_path, &serde_json::to_string_pretty(&s)?)?;
-            (s, String::from_utf8_lossy(secret.expose()).into_owned())
+            s
         }
     };
+    let secret = state.secret_access_key.clone();
     let endpoint = format!("http://{addr}");
     let vars: Vec<(&str, String)> = vec![
         ("AWS_ENDPOINT_URL", endpoint.clone()),
