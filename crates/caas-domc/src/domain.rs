@@ -1,0 +1,747 @@
+//! The request dispatcher: one [`Domain`] per crypto domain process holds the tokens, the
+//! applications (one per module `C_Initialize`, identified by the id in
+//! [`Request::Hello`]) with their sessions and login state, and answers each [`Request`]
+//! with a [`Response`]. This is where the token model's rules are enforced and where each
+//! failure becomes a CK_RV. Concurrency: a session is locked only by the call using it, key
+//! objects are shared immutably, so calls on different sessions run in parallel.
+
+use crate::audit::{AuditLog, Record};
+use crate::error::{Ckr, Error};
+use crate::keys::{self, Curve};
+use crate::keysource::DomainKey;
+use crate::object::{self, Object, Origin, Owner, tmpl_bytes, tmpl_ulong};
+use crate::ops::{self, CipherOp, DigestOp, SignOp};
+use crate::token::Token;
+use caas_vsm_proto::attr;
+use caas_vsm_proto::{
+    Attr, Blob, Body, MechInfo, MechParam, Mechanism, Request, Response, Secret, SessionInfo,
+    SlotInfo, TokenInfo,
+};
+use cryptoki_sys::*;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use zeroize::Zeroizing;
+
+#[path = "domain_crypto.rs"]
+mod crypto;
+
+/// Settings of a domain.
+#[derive(Debug, Clone)]
+pub struct DomainConfig {
+    /// State directory (token files, audit log).
+    pub state_dir: PathBuf,
+    /// Number of slots (each with one token).
+    pub slots: u64,
+    /// Wrong PINs before lockout.
+    pub max_pin_retries: u64,
+}
+
+/// A session.
+#[derive(Debug)]
+pub struct Session {
+    slot: u64,
+    rw: bool,
+    find: Option<Vec<u64>>,
+    sign: Option<SignOp>,
+    verify: Option<SignOp>,
+    encrypt: Option<CipherOp>,
+    decrypt: Option<CipherOp>,
+    digest: Option<DigestOp>,
+    cached: Option<Zeroizing<Vec<u8>>>,
+}
+
+/// One application instance (a process that called C_Initialize).
+#[derive(Debug)]
+pub struct App {
+    /// Its id.
+    pub id: [u8; 16],
+    connections: AtomicU64,
+    sessions: Mutex<HashMap<u64, Arc<Mutex<Session>>>>,
+    login: Mutex<HashMap<u64, u64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The crypto domain state.
+#[derive(Debug)]
+pub struct Domain {
+    tokens: Vec<Arc<Token>>,
+    apps: Mutex<HashMap<[u8; 16], Arc<App>>>,
+    handles: AtomicU64,
+    sessions: AtomicU64,
+    audit: AuditLog,
+}
+
+type R<T> = Result<T, Ckr>;
+
+fn data(v: Vec<u8>) -> Response {
+    Response::ok(Body::Data { data: Blob(v) })
+}
+
+#[derive(Clone, Copy)]
+enum Slot {
+    Sign,
+    Encrypt,
+    Decrypt,
+    Digest,
+}
+
+fn clear(s: &mut Session, which: Slot) {
+    s.cached = None;
+    match which {
+        Slot::Sign => s.sign = None,
+        Slot::Encrypt => s.encrypt = None,
+        Slot::Decrypt => s.decrypt = None,
+        Slot::Digest => s.digest = None,
+    }
+}
+
+/// Hands out `out` if it fits in `cap`, else caches it and answers CKR_BUFFER_TOO_SMALL.
+fn deliver(
+    s: &mut Session,
+    which: Slot,
+    out: Zeroizing<Vec<u8>>,
+    cap: u64,
+    secret: bool,
+) -> Response {
+    if out.len() as u64 > cap {
+        let len = out.len() as u64;
+        s.cached = Some(out);
+        return Response {
+            rv: CKR_BUFFER_TOO_SMALL,
+            body: Body::Len { len },
+        };
+    }
+    clear(s, which);
+    if secret {
+        Response::ok(Body::SecretData { data: Secret(out) })
+    } else {
+        data(out.to_vec())
+    }
+}
+
+impl Domain {
+    /// Opens the domain: loads every token from the state directory.
+    pub fn open(cfg: &DomainConfig, key: DomainKey) -> Result<Self, Error> {
+        std::fs::create_dir_all(&cfg.state_dir).map_err(Error::io("create", &cfg.state_dir))?;
+        let key = Arc::new(key);
+        let handles = AtomicU64::new(1);
+        let mut tokens = Vec::new();
+        for slot in 0..cfg.slots.max(1) {
+            tokens.push(Arc::new(Token::open(
+                &cfg.state_dir,
+                slot,
+                key.clone(),
+                cfg.max_pin_retries.max(1),
+                &handles,
+            )?));
+        }
+        Ok(Self {
+            tokens,
+            apps: Mutex::new(HashMap::new()),
+            handles,
+            sessions: AtomicU64::new(1),
+            audit: AuditLog::open(&cfg.state_dir.join("audit.log"))?,
+        })
+    }
+
+    /// Registers a connection of application `id`.
+    pub fn attach(&self, id: [u8; 16]) -> Arc<App> {
+        let mut apps = lock(&self.apps);
+        let app = apps
+            .entry(id)
+            .or_insert_with(|| {
+                Arc::new(App {
+                    id,
+                    connections: AtomicU64::new(0),
+                    sessions: Mutex::new(HashMap::new()),
+                    login: Mutex::new(HashMap::new()),
+                })
+            })
+            .clone();
+        app.connections.fetch_add(1, Ordering::SeqCst);
+        app
+    }
+
+    /// Unregisters a connection; the last one closes the application's sessions.
+    pub fn detach(&self, app: &Arc<App>) {
+        let mut apps = lock(&self.apps);
+        if app.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
+            apps.remove(&app.id);
+            drop(apps);
+            let handles: Vec<u64> = lock(&app.sessions).keys().copied().collect();
+            for h in handles {
+                let _ = self.close_session(app, h);
+            }
+        }
+    }
+
+    fn token(&self, slot: u64) -> R<&Arc<Token>> {
+        usize::try_from(slot)
+            .ok()
+            .and_then(|i| self.tokens.get(i))
+            .ok_or(Ckr(CKR_SLOT_ID_INVALID))
+    }
+
+    fn session(&self, app: &App, h: u64) -> R<Arc<Mutex<Session>>> {
+        lock(&app.sessions)
+            .get(&h)
+            .cloned()
+            .ok_or(Ckr(CKR_SESSION_HANDLE_INVALID))
+    }
+
+    fn user(&self, app: &App, slot: u64) -> Option<u64> {
+        lock(&app.login).get(&slot).copied()
+    }
+
+    fn audit(
+        &self,
+        app: &App,
+        op: &str,
+        slot: u64,
+        obj: Option<&Object>,
+        mech: Option<u64>,
+        rv: u64,
+    ) {
+        let object = obj
+            .map(|o| {
+                let label = o.bytes(CKA_LABEL).unwrap_or_default();
+                format!("{}:{}", o.handle, String::from_utf8_lossy(&label))
+            })
+            .unwrap_or_default();
+        self.audit.record(Record {
+            app: app.id,
+            op,
+            slot,
+            object,
+            mechanism: mech,
+            rv,
+        });
+    }
+
+    /// Looks up an object visible to this application in the session's token.
+    fn object(&self, app: &App, slot: u64, h: u64) -> R<Arc<Object>> {
+        let t = self.token(slot)?;
+        let o = t
+            .read_objects()
+            .get(&h)
+            .cloned()
+            .ok_or(Ckr(CKR_OBJECT_HANDLE_INVALID))?;
+        if o.owner.is_some_and(|ow| ow.app != app.id) {
+            return Err(Ckr(CKR_OBJECT_HANDLE_INVALID));
+        }
+        if o.is_private() && self.user(app, slot) != Some(CKU_USER) {
+            return Err(Ckr(CKR_OBJECT_HANDLE_INVALID));
+        }
+        Ok(o)
+    }
+
+    fn key(&self, app: &App, slot: u64, h: u64) -> R<Arc<Object>> {
+        self.object(app, slot, h).map_err(|e| {
+            if e.0 == CKR_OBJECT_HANDLE_INVALID {
+                Ckr(CKR_KEY_HANDLE_INVALID)
+            } else {
+                e
+            }
+        })
+    }
+
+    /// Counts a use of `key` and audits it.
+    fn use_key(&self, app: &App, slot: u64, key: &Object, op: &str, mech: u64) -> R<()> {
+        let r = key.count_use();
+        self.audit(
+            app,
+            op,
+            slot,
+            Some(key),
+            Some(mech),
+            r.err().map_or(CKR_OK, |c| c.0),
+        );
+        r?;
+        if key.owner.is_none() && key.ulong(attr::CKA_CAAS_MAX_USES).unwrap_or(0) > 0 {
+            self.token(slot)?.persist()?;
+        }
+        Ok(())
+    }
+
+    /// Answers one request.
+    pub fn handle(&self, app: &Arc<App>, req: Request) -> Response {
+        match self.dispatch(app, req) {
+            Ok(r) => r,
+            Err(c) => Response::rv(c.0),
+        }
+    }
+
+    #[allow(clippy::too_many_lines)]
+    fn dispatch(&self, app: &Arc<App>, req: Request) -> R<Response> {
+        use Request as Q;
+        Ok(match req {
+            Q::Hello { .. } => Response::ok(Body::Empty {}),
+            Q::GetSlotList { .. } => Response::ok(Body::Ulongs {
+                values: (0..self.tokens.len() as u64).collect(),
+            }),
+            Q::GetSlotInfo { slot } => {
+                self.token(slot)?;
+                Response::ok(Body::Slot {
+                    info: SlotInfo {
+                        description: format!("caas crypto domain slot {slot}"),
+                        manufacturer: "caas".into(),
+                        flags: CKF_TOKEN_PRESENT,
+                    },
+                })
+            }
+            Q::GetTokenInfo { slot } => {
+                let t = self.token(slot)?;
+                let label = t.lock_state().label.clone();
+                Response::ok(Body::Token {
+                    info: TokenInfo {
+                        label,
+                        manufacturer: "caas".into(),
+                        model: "caas VSM".into(),
+                        serial: format!("caas-{slot:011}"),
+                        flags: t.flags(),
+                        max_sessions: CK_EFFECTIVELY_INFINITE,
+                        session_count: t.sessions.load(Ordering::Relaxed),
+                        max_rw_sessions: CK_EFFECTIVELY_INFINITE,
+                        rw_session_count: t.rw_sessions.load(Ordering::Relaxed),
+                        max_pin_len: crate::token::MAX_PIN as u64,
+                        min_pin_len: crate::token::MIN_PIN as u64,
+                    },
+                })
+            }
+            Q::GetMechanismList { slot } => {
+                self.token(slot)?;
+                Response::ok(Body::Ulongs {
+                    values: ops::MECHANISMS.iter().map(|m| m.0).collect(),
+                })
+            }
+            Q::GetMechanismInfo { slot, mechanism } => {
+                self.token(slot)?;
+                let m = ops::MECHANISMS
+                    .iter()
+                    .find(|m| m.0 == mechanism)
+                    .ok_or(Ckr(CKR_MECHANISM_INVALID))?;
+                Response::ok(Body::Mech {
+                    info: MechInfo {
+                        min_key_size: m.1,
+                        max_key_size: m.2,
+                        flags: m.3,
+                    },
+                })
+            }
+            Q::InitToken {
+                slot,
+                so_pin,
+                label,
+            } => {
+                let t = self.token(slot)?;
+                if t.sessions.load(Ordering::SeqCst) > 0 {
+                    return Err(Ckr(CKR_SESSION_EXISTS));
+                }
+                let r = t.init(so_pin.expose(), &label);
+                self.audit(
+                    app,
+                    "C_InitToken",
+                    slot,
+                    None,
+                    None,
+                    r.err().map_or(0, |c| c.0),
+                );
+                r?;
+                Response::ok(Body::Empty {})
+            }
+            Q::InitPin { session, pin } => {
+                let s = self.session(app, session)?;
+                let slot = lock(&s).slot;
+                if self.user(app, slot) != Some(CKU_SO) || !lock(&s).rw {
+                    return Err(Ckr(CKR_USER_NOT_LOGGED_IN));
+                }
+                let r = self.token(slot)?.set_user_pin(pin.expose());
+                self.audit(
+                    app,
+                    "C_InitPIN",
+                    slot,
+                    None,
+                    None,
+                    r.err().map_or(0, |c| c.0),
+                );
+                r?;
+                Response::ok(Body::Empty {})
+            }
+            Q::SetPin {
+                session,
+                old_pin,
+                new_pin,
+            } => {
+                let s = self.session(app, session)?;
+                let (slot, rw) = {
+                    let g = lock(&s);
+                    (g.slot, g.rw)
+                };
+                if !rw {
+                    return Err(Ckr(CKR_SESSION_READ_ONLY));
+                }
+                let user = self.user(app, slot).unwrap_or(CKU_USER);
+                let t = self.token(slot)?;
+                crate::token::check_pin_len(new_pin.expose())?;
+                let r = t.check_pin(user, old_pin.expose()).and_then(|()| {
+                    if user == CKU_SO {
+                        t.set_so_pin(new_pin.expose())
+                    } else {
+                        t.set_user_pin(new_pin.expose())
+                    }
+                });
+                self.audit(
+                    app,
+                    "C_SetPIN",
+                    slot,
+                    None,
+                    None,
+                    r.err().map_or(0, |c| c.0),
+                );
+                r?;
+                Response::ok(Body::Empty {})
+            }
+            Q::OpenSession { slot, flags } => {
+                let t = self.token(slot)?;
+                if flags & CKF_SERIAL_SESSION == 0 {
+                    return Err(Ckr(CKR_SESSION_PARALLEL_NOT_SUPPORTED));
+                }
+                let rw = flags & CKF_RW_SESSION != 0;
+                if !rw && self.user(app, slot) == Some(CKU_SO) {
+                    return Err(Ckr(CKR_SESSION_READ_WRITE_SO_EXISTS));
+                }
+                let h = self.sessions.fetch_add(1, Ordering::Relaxed);
+                lock(&app.sessions).insert(
+                    h,
+                    Arc::new(Mutex::new(Session {
+                        slot,
+                        rw,
+                        find: None,
+                        sign: None,
+                        verify: None,
+                        encrypt: None,
+                        decrypt: None,
+                        digest: None,
+                        cached: None,
+                    })),
+                );
+                t.sessions.fetch_add(1, Ordering::SeqCst);
+                if rw {
+                    t.rw_sessions.fetch_add(1, Ordering::SeqCst);
+                }
+                Response::ok(Body::Ulong { value: h })
+            }
+            Q::CloseSession { session } => {
+                self.close_session(app, session)?;
+                Response::ok(Body::Empty {})
+            }
+            Q::CloseAllSessions { slot } => {
+                self.token(slot)?;
+                let hs: Vec<u64> = lock(&app.sessions)
+                    .iter()
+                    .filter(|(_, s)| lock(s).slot == slot)
+                    .map(|(h, _)| *h)
+                    .collect();
+                for h in hs {
+                    let _ = self.close_session(app, h);
+                }
+                Response::ok(Body::Empty {})
+            }
+            Q::GetSessionInfo { session } => {
+                let s = self.session(app, session)?;
+                let (slot, rw) = {
+                    let g = lock(&s);
+                    (g.slot, g.rw)
+                };
+                let state = match (self.user(app, slot), rw) {
+                    (Some(CKU_SO), _) => CKS_RW_SO_FUNCTIONS,
+                    (Some(_), true) => CKS_RW_USER_FUNCTIONS,
+                    (Some(_), false) => CKS_RO_USER_FUNCTIONS,
+                    (None, true) => CKS_RW_PUBLIC_SESSION,
+                    (None, false) => CKS_RO_PUBLIC_SESSION,
+                };
+                let flags = CKF_SERIAL_SESSION | if rw { CKF_RW_SESSION } else { 0 };
+                Response::ok(Body::Session {
+                    info: SessionInfo { slot, state, flags },
+                })
+            }
+            Q::Login {
+                session,
+                user_type,
+                pin,
+            } => {
+                let s = self.session(app, session)?;
+                let slot = lock(&s).slot;
+                let t = self.token(slot)?;
+                let current = self.user(app, slot);
+                match (user_type, current) {
+                    (CKU_CONTEXT_SPECIFIC, Some(CKU_USER)) => {
+                        t.check_pin(CKU_USER, pin.expose())?;
+                        return Ok(Response::ok(Body::Empty {}));
+                    }
+                    (CKU_CONTEXT_SPECIFIC, _) => return Err(Ckr(CKR_OPERATION_NOT_INITIALIZED)),
+                    (CKU_SO | CKU_USER, Some(c)) if c == user_type => {
+                        return Err(Ckr(CKR_USER_ALREADY_LOGGED_IN));
+                    }
+                    (CKU_SO | CKU_USER, Some(_)) => {
+                        return Err(Ckr(CKR_USER_ANOTHER_ALREADY_LOGGED_IN));
+                    }
+                    (CKU_SO | CKU_USER, None) => {}
+                    _ => return Err(Ckr(CKR_USER_TYPE_INVALID)),
+                }
+                if user_type == CKU_SO
+                    && lock(&app.sessions).values().any(|x| {
+                        let g = lock(x);
+                        g.slot == slot && !g.rw
+                    })
+                {
+                    return Err(Ckr(CKR_SESSION_READ_ONLY_EXISTS));
+                }
+                let r = t.check_pin(user_type, pin.expose());
+                let op = if user_type == CKU_SO {
+                    "C_Login(SO)"
+                } else {
+                    "C_Login(user)"
+                };
+                self.audit(app, op, slot, None, None, r.err().map_or(0, |c| c.0));
+                r?;
+                lock(&app.login).insert(slot, user_type);
+                Response::ok(Body::Empty {})
+            }
+            Q::Logout { session } => {
+                let s = self.session(app, session)?;
+                let slot = lock(&s).slot;
+                if lock(&app.login).remove(&slot).is_none() {
+                    return Err(Ckr(CKR_USER_NOT_LOGGED_IN));
+                }
+                self.audit(app, "C_Logout", slot, None, None, 0);
+                Response::ok(Body::Empty {})
+            }
+            Q::CreateObject { session, template } => {
+                let (slot, rw) = self.slot_rw(app, session)?;
+                let class = tmpl_ulong(&template, CKA_CLASS).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
+                let key_type = match class {
+                    CKO_PUBLIC_KEY | CKO_PRIVATE_KEY | CKO_SECRET_KEY => Some(
+                        tmpl_ulong(&template, CKA_KEY_TYPE).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?,
+                    ),
+                    CKO_DATA | CKO_CERTIFICATE => None,
+                    _ => return Err(Ckr(CKR_ATTRIBUTE_VALUE_INVALID)),
+                };
+                let (attrs, secret) =
+                    object::build(&template, class, key_type, Origin::Imported, &[], None)?;
+                let o = self.insert(app, session, slot, rw, attrs, secret)?;
+                // Public keys must parse now so a bad key fails here, not at use.
+                if (class == CKO_PUBLIC_KEY || class == CKO_PRIVATE_KEY)
+                    && let Err(e) = o.material() {
+                        self.remove(slot, o.handle);
+                        return Err(if e.0 == CKR_KEY_HANDLE_INVALID {
+                            Ckr(CKR_TEMPLATE_INCOMPLETE)
+                        } else {
+                            e
+                        });
+                    }
+                self.audit(app, "C_CreateObject", slot, Some(&o), None, 0);
+                Response::ok(Body::Ulong { value: o.handle })
+            }
+            Q::CopyObject {
+                session,
+                object,
+                template,
+            } => {
+                let (slot, rw) = self.slot_rw(app, session)?;
+                let o = self.object(app, slot, object)?;
+                if !o.flag(CKA_COPYABLE) {
+                    return Err(Ckr(CKR_ACTION_PROHIBITED));
+                }
+                let attrs = o.apply_template(&template, true)?;
+                let secret = o.secret.as_ref().map(|s| Zeroizing::new(s.to_vec()));
+                let n = self.insert(app, session, slot, rw, attrs, secret)?;
+                self.audit(app, "C_CopyObject", slot, Some(&n), None, 0);
+                Response::ok(Body::Ulong { value: n.handle })
+            }
+            Q::DestroyObject { session, object } => {
+                let (slot, rw) = self.slot_rw(app, session)?;
+                let o = self.object(app, slot, object)?;
+                if o.is_token() && !rw {
+                    return Err(Ckr(CKR_SESSION_READ_ONLY));
+                }
+                if !o.flag(CKA_DESTROYABLE) {
+                    return Err(Ckr(CKR_ACTION_PROHIBITED));
+                }
+                self.remove(slot, object);
+                if o.is_token() {
+                    self.token(slot)?.persist()?;
+                }
+                self.audit(app, "C_DestroyObject", slot, Some(&o), None, 0);
+                Response::ok(Body::Empty {})
+            }
+            Q::GetObjectSize { session, object } => {
+                let (slot, _) = self.slot_rw(app, session)?;
+                let o = self.object(app, slot, object)?;
+                Response::ok(Body::Ulong { value: o.size() })
+            }
+            Q::GetAttributeValue {
+                session,
+                object,
+                types,
+            } => {
+                let (slot, _) = self.slot_rw(app, session)?;
+                let o = self.object(app, slot, object)?;
+                Response::ok(Body::Attrs {
+                    values: types.iter().map(|t| o.get_attr(*t)).collect(),
+                })
+            }
+            Q::SetAttributeValue {
+                session,
+                object,
+                template,
+            } => {
+                let (slot, rw) = self.slot_rw(app, session)?;
+                let o = self.object(app, slot, object)?;
+                if o.is_token() && !rw {
+                    return Err(Ckr(CKR_SESSION_READ_ONLY));
+                }
+                let new = o.apply_template(&template, false)?;
+                *o.attrs
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = new;
+                if o.is_token() {
+                    self.token(slot)?.persist()?;
+                }
+                self.audit(app, "C_SetAttributeValue", slot, Some(&o), None, 0);
+                Response::ok(Body::Empty {})
+            }
+            Q::FindObjectsInit { session, template } => {
+                let s = self.session(app, session)?;
+                let mut g = lock(&s);
+                if g.find.is_some() {
+                    return Err(Ckr(CKR_OPERATION_ACTIVE));
+                }
+                for a in &template {
+                    object::check_attr(a)?;
+                }
+                let user = self.user(app, g.slot) == Some(CKU_USER);
+                let t = self.token(g.slot)?;
+                let mut found: Vec<u64> = t
+                    .read_objects()
+                    .values()
+                    .filter(|o| o.owner.is_none_or(|ow| ow.app == app.id))
+                    .filter(|o| user || !o.is_private())
+                    .filter(|o| o.matches(&template))
+                    .map(|o| o.handle)
+                    .collect();
+                found.sort_unstable();
+                found.reverse();
+                g.find = Some(found);
+                Response::ok(Body::Empty {})
+            }
+            Q::FindObjects { session, max } => {
+                let s = self.session(app, session)?;
+                let mut g = lock(&s);
+                let f = g.find.as_mut().ok_or(Ckr(CKR_OPERATION_NOT_INITIALIZED))?;
+                let mut out = Vec::new();
+                while (out.len() as u64) < max {
+                    match f.pop() {
+                        Some(h) => out.push(h),
+                        None => break,
+                    }
+                }
+                Response::ok(Body::Ulongs { values: out })
+            }
+            Q::FindObjectsFinal { session } => {
+                let s = self.session(app, session)?;
+                let mut g = lock(&s);
+                if g.find.take().is_none() {
+                    return Err(Ckr(CKR_OPERATION_NOT_INITIALIZED));
+                }
+                Response::ok(Body::Empty {})
+            }
+            other => return self.crypto(app, other),
+        })
+    }
+
+    fn slot_rw(&self, app: &App, session: u64) -> R<(u64, bool)> {
+        let s = self.session(app, session)?;
+        let g = lock(&s);
+        Ok((g.slot, g.rw))
+    }
+
+    fn remove(&self, slot: u64, h: u64) {
+        if let Ok(t) = self.token(slot) {
+            t.write_objects().remove(&h);
+        }
+    }
+
+    /// Adds a new object after the session/login checks for its CKA_TOKEN/CKA_PRIVATE.
+    fn insert(
+        &self,
+        app: &App,
+        session: u64,
+        slot: u64,
+        rw: bool,
+        attrs: object::Attrs,
+        secret: Option<Zeroizing<Vec<u8>>>,
+    ) -> R<Arc<Object>> {
+        let is_token = attrs.get(&CKA_TOKEN).and_then(|v| attr::as_bool(v)) == Some(true);
+        let private = attrs.get(&CKA_PRIVATE).and_then(|v| attr::as_bool(v)) == Some(true);
+        if is_token && !rw {
+            return Err(Ckr(CKR_SESSION_READ_ONLY));
+        }
+        let user = self.user(app, slot);
+        if private && user != Some(CKU_USER) {
+            return Err(Ckr(CKR_USER_NOT_LOGGED_IN));
+        }
+        let t = self.token(slot)?;
+        if !t.lock_state().initialized {
+            return Err(Ckr(CKR_TOKEN_NOT_RECOGNIZED));
+        }
+        let h = self.handles.fetch_add(1, Ordering::Relaxed);
+        let owner = (!is_token).then_some(Owner {
+            app: app.id,
+            session,
+        });
+        let o = Arc::new(Object::new(h, owner, attrs, secret, 0));
+        t.write_objects().insert(h, o.clone());
+        if is_token
+            && let Err(e) = t.persist() {
+                t.write_objects().remove(&h);
+                return Err(e);
+            }
+        Ok(o)
+    }
+
+    fn close_session(&self, app: &App, h: u64) -> R<()> {
+        let s = lock(&app.sessions)
+            .remove(&h)
+            .ok_or(Ckr(CKR_SESSION_HANDLE_INVALID))?;
+        let (slot, rw) = {
+            let g = lock(&s);
+            (g.slot, g.rw)
+        };
+        let t = self.token(slot)?;
+        t.write_objects().retain(|_, o| {
+            o.owner
+                .is_none_or(|ow| !(ow.app == app.id && ow.session == h))
+        });
+        t.sessions.fetch_sub(1, Ordering::SeqCst);
+        if rw {
+            t.rw_sessions.fetch_sub(1, Ordering::SeqCst);
+        }
+        let last = !lock(&app.sessions).values().any(|x| lock(x).slot == slot);
+        if last {
+            lock(&app.login).remove(&slot);
+        }
+        Ok(())
+    }
+
+    fn op_session(&self, app: &App, session: u64) -> R<(Arc<Mutex<Session>>, u64)> {
+        let s = self.session(app, session)?;
+        let slot = lock(&s).slot;
+        Ok((s, slot))
+    }
+}

@@ -1,0 +1,139 @@
+//! Process hardening of the crypto domain when it runs as a process: not dumpable (no core
+//! files, no ptrace by the same user), RLIMIT_CORE 0, all memory locked where permitted
+//! (so key pages never reach swap), privileges dropped when started as root, and a seccomp
+//! filter that refuses the system calls a key-holding server never needs (debugging other
+//! processes, loading code, mounting, rebooting...).
+
+use crate::Error;
+use std::collections::BTreeMap;
+
+/// What hardening achieved (mlockall is best effort).
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// PR_SET_DUMPABLE 0 applied.
+    pub not_dumpable: bool,
+    /// RLIMIT_CORE 0 applied.
+    pub no_core: bool,
+    /// mlockall succeeded.
+    pub memory_locked: bool,
+    /// Privileges dropped to this uid.
+    pub dropped_to: Option<u32>,
+    /// seccomp filter installed.
+    pub seccomp: bool,
+}
+
+/// Applies the process hardening (before any key is loaded).
+pub fn harden(seccomp: bool) -> Result<Report, Error> {
+    let mut r = Report::default();
+    nix::sys::prctl::set_dumpable(false)
+        .map_err(|e| Error::Harden(format!("PR_SET_DUMPABLE: {e}")))?;
+    r.not_dumpable = true;
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
+        .map_err(|e| Error::Harden(format!("RLIMIT_CORE: {e}")))?;
+    r.no_core = true;
+    use nix::sys::mman::{MlockAllFlags, mlockall};
+    match mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE) {
+        Ok(()) => r.memory_locked = true,
+        Err(e) => tracing::warn!(error = %e, "mlockall not permitted; key memory may be swapped"),
+    }
+    if seccomp {
+        install_seccomp()?;
+        r.seccomp = true;
+    }
+    Ok(r)
+}
+
+/// When running as root: hands `paths` (recursively) to `run_as` (default nobody) and
+/// switches to it for good. Returns the uid dropped to. `run_as` 0:0 keeps root.
+pub fn drop_privileges(
+    run_as: Option<(u32, u32)>,
+    paths: &[&std::path::Path],
+) -> Result<Option<u32>, Error> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    let (uid, gid) = run_as.unwrap_or((65534, 65534));
+    if uid == 0 {
+        return Ok(None);
+    }
+    for p in paths {
+        chown_tree(p, uid, gid)?;
+    }
+    nix::unistd::setgroups(&[]).map_err(|e| Error::Harden(format!("setgroups: {e}")))?;
+    nix::unistd::setresgid(gid.into(), gid.into(), gid.into())
+        .map_err(|e| Error::Harden(format!("setresgid: {e}")))?;
+    nix::unistd::setresuid(uid.into(), uid.into(), uid.into())
+        .map_err(|e| Error::Harden(format!("setresuid: {e}")))?;
+    // Changing credentials resets the dumpable flag; clear it again.
+    nix::sys::prctl::set_dumpable(false)
+        .map_err(|e| Error::Harden(format!("PR_SET_DUMPABLE: {e}")))?;
+    Ok(Some(uid))
+}
+
+fn chown_tree(p: &std::path::Path, uid: u32, gid: u32) -> Result<(), Error> {
+    nix::unistd::chown(p, Some(uid.into()), Some(gid.into()))
+        .map_err(|e| Error::Harden(format!("chown {}: {e}", p.display())))?;
+    if p.is_dir() {
+        for e in std::fs::read_dir(p).map_err(Error::io("read dir", p))? {
+            let e = e.map_err(Error::io("read dir", p))?;
+            chown_tree(&e.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
+/// Installs the seccomp filter on its own (after setup that needs the denied calls).
+pub fn harden_seccomp() -> Result<(), Error> {
+    install_seccomp()
+}
+
+/// A deny-list filter: these calls fail with EPERM; everything else is allowed.
+fn install_seccomp() -> Result<(), Error> {
+    use seccompiler::{SeccompAction, SeccompFilter, TargetArch};
+    let denied = [
+        libc::SYS_ptrace,
+        libc::SYS_process_vm_readv,
+        libc::SYS_process_vm_writev,
+        libc::SYS_execve,
+        libc::SYS_execveat,
+        libc::SYS_init_module,
+        libc::SYS_finit_module,
+        libc::SYS_delete_module,
+        libc::SYS_kexec_load,
+        libc::SYS_mount,
+        libc::SYS_umount2,
+        libc::SYS_pivot_root,
+        libc::SYS_chroot,
+        libc::SYS_reboot,
+        libc::SYS_swapon,
+        libc::SYS_swapoff,
+        libc::SYS_bpf,
+        libc::SYS_perf_event_open,
+        libc::SYS_userfaultfd,
+        libc::SYS_keyctl,
+        libc::SYS_add_key,
+        libc::SYS_request_key,
+        libc::SYS_setuid,
+        libc::SYS_setgid,
+        libc::SYS_setreuid,
+        libc::SYS_setregid,
+        libc::SYS_setresuid,
+        libc::SYS_setresgid,
+    ];
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+        denied.iter().map(|s| (*s, Vec::new())).collect();
+    let arch: TargetArch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|e| Error::Harden(format!("seccomp arch: {e:?}")))?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(|e| Error::Harden(format!("seccomp filter: {e}")))?;
+    let prog: seccompiler::BpfProgram = filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| Error::Harden(format!("seccomp compile: {e}")))?;
+    seccompiler::apply_filter(&prog).map_err(|e| Error::Harden(format!("seccomp apply: {e}")))
+}

@@ -1,0 +1,640 @@
+//! Key material held by the crypto domain, parsed once per object from its stored secret or
+//! public attributes, and the primitive operations on it (all through aws-lc-rs). Secret
+//! bytes live only in `Zeroizing` buffers and aws-lc key objects; `Debug` never shows them.
+
+use crate::der;
+use crate::error::Ckr;
+use aws_lc_rs::encoding::{AsBigEndian, AsDer};
+use aws_lc_rs::signature::{self, KeyPair as _};
+use aws_lc_rs::{agreement, digest, rsa};
+use cryptoki_sys::*;
+use zeroize::Zeroizing;
+
+/// The elliptic curves the domain supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Curve {
+    /// NIST P-256.
+    P256,
+    /// NIST P-384.
+    P384,
+    /// Edwards25519 (EdDSA).
+    Ed25519,
+}
+
+impl Curve {
+    /// Parses CKA_EC_PARAMS.
+    pub fn from_params(p: &[u8]) -> Result<Self, Ckr> {
+        match p {
+            der::OID_P256 => Ok(Curve::P256),
+            der::OID_P384 => Ok(Curve::P384),
+            der::OID_ED25519 | der::NAME_ED25519 => Ok(Curve::Ed25519),
+            _ => Err(Ckr(CKR_CURVE_NOT_SUPPORTED)),
+        }
+    }
+
+    /// CKA_EC_PARAMS of the curve.
+    #[must_use]
+    pub fn params(self) -> &'static [u8] {
+        match self {
+            Curve::P256 => der::OID_P256,
+            Curve::P384 => der::OID_P384,
+            Curve::Ed25519 => der::OID_ED25519,
+        }
+    }
+
+    /// Field (and order) size in bytes.
+    #[must_use]
+    pub fn field_len(self) -> usize {
+        match self {
+            Curve::P256 | Curve::Ed25519 => 32,
+            Curve::P384 => 48,
+        }
+    }
+
+    fn signing(self) -> &'static signature::EcdsaSigningAlgorithm {
+        match self {
+            Curve::P384 => &signature::ECDSA_P384_SHA384_FIXED_SIGNING,
+            _ => &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        }
+    }
+
+    fn verifying(self) -> &'static signature::EcdsaVerificationAlgorithm {
+        match self {
+            Curve::P384 => &signature::ECDSA_P384_SHA384_FIXED,
+            _ => &signature::ECDSA_P256_SHA256_FIXED,
+        }
+    }
+
+    fn agreement(self) -> &'static agreement::Algorithm {
+        match self {
+            Curve::P384 => &agreement::ECDH_P384,
+            _ => &agreement::ECDH_P256,
+        }
+    }
+
+    fn digest(self) -> &'static digest::Algorithm {
+        match self {
+            Curve::P384 => &digest::SHA384,
+            _ => &digest::SHA256,
+        }
+    }
+}
+
+/// Parsed key material of one object.
+pub enum KeyMaterial {
+    /// RSA private key (signing and decryption views of the same PKCS#8).
+    RsaPrivate {
+        /// Signing key.
+        sign: signature::RsaKeyPair,
+        /// Decryption key.
+        decrypt: rsa::PrivateDecryptingKey,
+    },
+    /// RSA public key.
+    RsaPublic {
+        /// PKCS#1 RSAPublicKey DER.
+        der: Vec<u8>,
+        /// Modulus length in bytes.
+        modulus_len: usize,
+    },
+    /// ECDSA private key.
+    EcPrivate {
+        /// The curve.
+        curve: Curve,
+        /// Signing key.
+        sign: signature::EcdsaKeyPair,
+        /// Scalar for ECDH.
+        scalar: Zeroizing<Vec<u8>>,
+    },
+    /// EC public key (uncompressed point).
+    EcPublic {
+        /// The curve.
+        curve: Curve,
+        /// Uncompressed point.
+        point: Vec<u8>,
+    },
+    /// Ed25519 private key.
+    EdPrivate(signature::Ed25519KeyPair),
+    /// Ed25519 public key (32 bytes).
+    EdPublic(Vec<u8>),
+    /// AES, HMAC or generic secret key.
+    Secret(Zeroizing<Vec<u8>>),
+}
+
+impl std::fmt::Debug for KeyMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeyMaterial::RsaPrivate { .. } => "RsaPrivate([REDACTED])",
+            KeyMaterial::RsaPublic { .. } => "RsaPublic",
+            KeyMaterial::EcPrivate { .. } => "EcPrivate([REDACTED])",
+            KeyMaterial::EcPublic { .. } => "EcPublic",
+            KeyMaterial::EdPrivate(_) => "EdPrivate([REDACTED])",
+            KeyMaterial::EdPublic(_) => "EdPublic",
+            KeyMaterial::Secret(_) => "Secret([REDACTED])",
+        })
+    }
+}
+
+fn bad_key<E>(_: E) -> Ckr {
+    Ckr(CKR_KEY_TYPE_INCONSISTENT)
+}
+
+/// A freshly generated key pair: the private secret to store plus public attributes.
+#[derive(Debug)]
+pub struct GeneratedPair {
+    /// Secret of the private object (PKCS#8 for RSA, scalar for EC, seed for Ed25519).
+    pub secret: Zeroizing<Vec<u8>>,
+    /// Public attributes shared by both objects: (type, canonical value).
+    pub public_attrs: Vec<(u64, Vec<u8>)>,
+}
+
+/// Public attributes of an RSA key from its PKCS#8 encoding.
+pub fn rsa_public_attrs(pkcs8: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, Ckr> {
+    let parts = der::rsa_parts_from_pkcs8(pkcs8).ok_or(Ckr(CKR_WRAPPED_KEY_INVALID))?;
+    Ok(vec![
+        (CKA_MODULUS, parts.n.to_vec()),
+        (CKA_PUBLIC_EXPONENT, parts.e.to_vec()),
+        (
+            CKA_MODULUS_BITS,
+            caas_vsm_proto::attr::ulong(bit_len(parts.n)),
+        ),
+    ])
+}
+
+fn bit_len(be: &[u8]) -> u64 {
+    let skip = be.iter().take_while(|b| **b == 0).count();
+    match be.get(skip) {
+        None => 0,
+        Some(first) => ((be.len() - skip) as u64) * 8 - u64::from(first.leading_zeros()),
+    }
+}
+
+/// Generates an RSA key pair of `bits` (2048, 3072 or 4096).
+pub fn generate_rsa(bits: u64) -> Result<GeneratedPair, Ckr> {
+    let size = match bits {
+        2048 => rsa::KeySize::Rsa2048,
+        3072 => rsa::KeySize::Rsa3072,
+        4096 => rsa::KeySize::Rsa4096,
+        _ => return Err(Ckr(CKR_KEY_SIZE_RANGE)),
+    };
+    let kp = signature::RsaKeyPair::generate(size).map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
+    let pkcs8 = kp.as_der().map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
+    let secret = Zeroizing::new(pkcs8.as_ref().to_vec());
+    let public_attrs = rsa_public_attrs(&secret)?;
+    Ok(GeneratedPair {
+        secret,
+        public_attrs,
+    })
+}
+
+/// Generates an EC key pair on `curve`.
+pub fn generate_ec(curve: Curve) -> Result<GeneratedPair, Ckr> {
+    match curve {
+        Curve::Ed25519 => {
+            let kp = signature::Ed25519KeyPair::generate().map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
+            let seed = kp.seed().map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
+            let seed_bytes: aws_lc_rs::encoding::Curve25519SeedBin<'_> =
+                seed.as_be_bytes().map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
+            let point = kp.public_key().as_ref().to_vec();
+            Ok(GeneratedPair {
+                secret: Zeroizing::new(seed_bytes.as_ref().to_vec()),
+                public_attrs: vec![
+                    (CKA_EC_PARAMS, curve.params().to_vec()),
+                    (CKA_EC_POINT, der::tlv(0x04, &point)),
+                ],
+            })
+        }
+        _ => {
+            let kp = signature::EcdsaKeyPair::generate(curve.signing())
+                .map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
+            let scalar: aws_lc_rs::encoding::EcPrivateKeyBin<'_> =
+                kp.private_key()
+                    .as_be_bytes()
+                    .map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
+            let point = kp.public_key().as_ref().to_vec();
+            Ok(GeneratedPair {
+                secret: Zeroizing::new(scalar.as_ref().to_vec()),
+                public_attrs: vec![
+                    (CKA_EC_PARAMS, curve.params().to_vec()),
+                    (CKA_EC_POINT, der::tlv(0x04, &point)),
+                ],
+            })
+        }
+    }
+}
+
+/// Public EC point (uncompressed, or 32 bytes for Ed25519) for a private scalar/seed.
+pub fn ec_public_point(curve: Curve, secret: &[u8]) -> Result<Vec<u8>, Ckr> {
+    match curve {
+        Curve::Ed25519 => {
+            let kp = signature::Ed25519KeyPair::from_seed_unchecked(secret)
+                .map_err(|_| Ckr(CKR_ATTRIBUTE_VALUE_INVALID))?;
+            Ok(kp.public_key().as_ref().to_vec())
+        }
+        _ => {
+            let pk = agreement::PrivateKey::from_private_key(curve.agreement(), secret)
+                .map_err(|_| Ckr(CKR_ATTRIBUTE_VALUE_INVALID))?;
+            let public = pk.compute_public_key().map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
+            Ok(public.as_ref().to_vec())
+        }
+    }
+}
+
+impl KeyMaterial {
+    /// Parses an RSA private key from PKCS#8.
+    pub fn rsa_private(pkcs8: &[u8]) -> Result<Self, Ckr> {
+        Ok(KeyMaterial::RsaPrivate {
+            sign: signature::RsaKeyPair::from_pkcs8(pkcs8).map_err(bad_key)?,
+            decrypt: rsa::PrivateDecryptingKey::from_pkcs8(pkcs8).map_err(bad_key)?,
+        })
+    }
+
+    /// An RSA public key from modulus and exponent.
+    pub fn rsa_public(n: &[u8], e: &[u8]) -> Result<Self, Ckr> {
+        let skip = n.iter().take_while(|b| **b == 0).count();
+        let modulus_len = n.len() - skip;
+        if !(128..=1024).contains(&modulus_len) {
+            return Err(Ckr(CKR_KEY_SIZE_RANGE));
+        }
+        Ok(KeyMaterial::RsaPublic {
+            der: der::rsa_public_key(n, e),
+            modulus_len,
+        })
+    }
+
+    /// An EC or Ed25519 private key from its scalar/seed.
+    pub fn ec_private(curve: Curve, secret: &[u8]) -> Result<Self, Ckr> {
+        if secret.len() != curve.field_len() {
+            return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+        }
+        match curve {
+            Curve::Ed25519 => Ok(KeyMaterial::EdPrivate(
+                signature::Ed25519KeyPair::from_seed_unchecked(secret).map_err(bad_key)?,
+            )),
+            _ => {
+                let point = ec_public_point(curve, secret)?;
+                let sign = signature::EcdsaKeyPair::from_private_key_and_public_key(
+                    curve.signing(),
+                    secret,
+                    &point,
+                )
+                .map_err(bad_key)?;
+                Ok(KeyMaterial::EcPrivate {
+                    curve,
+                    sign,
+                    scalar: Zeroizing::new(secret.to_vec()),
+                })
+            }
+        }
+    }
+
+    /// An EC public key from CKA_EC_POINT (DER OCTET STRING or raw point).
+    pub fn ec_public(curve: Curve, ec_point: &[u8]) -> Result<Self, Ckr> {
+        let raw = der::octet_string(ec_point).unwrap_or(ec_point).to_vec();
+        match curve {
+            Curve::Ed25519 if raw.len() == 32 => Ok(KeyMaterial::EdPublic(raw)),
+            Curve::Ed25519 => Err(Ckr(CKR_ATTRIBUTE_VALUE_INVALID)),
+            _ if raw.len() == 1 + 2 * curve.field_len() && raw[0] == 4 => {
+                Ok(KeyMaterial::EcPublic { curve, point: raw })
+            }
+            _ => Err(Ckr(CKR_ATTRIBUTE_VALUE_INVALID)),
+        }
+    }
+
+    /// Signature length in bytes.
+    #[must_use]
+    pub fn signature_len(&self) -> usize {
+        match self {
+            KeyMaterial::RsaPrivate { sign, .. } => sign.public_modulus_len(),
+            KeyMaterial::RsaPublic { modulus_len, .. } => *modulus_len,
+            KeyMaterial::EcPrivate { curve, .. } | KeyMaterial::EcPublic { curve, .. } => {
+                2 * curve.field_len()
+            }
+            KeyMaterial::EdPrivate(_) | KeyMaterial::EdPublic(_) => 64,
+            KeyMaterial::Secret(_) => 0,
+        }
+    }
+
+    /// RSA PKCS#1 v1.5 or PSS signature over a precomputed hash.
+    pub fn rsa_sign_digest(&self, pss: bool, hash: &[u8]) -> Result<Vec<u8>, Ckr> {
+        let KeyMaterial::RsaPrivate { sign, .. } = self else {
+            return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+        };
+        let (alg, enc): (
+            &'static digest::Algorithm,
+            &'static dyn signature::RsaEncoding,
+        ) = match (hash.len(), pss) {
+            (32, false) => (&digest::SHA256, &signature::RSA_PKCS1_SHA256),
+            (48, false) => (&digest::SHA384, &signature::RSA_PKCS1_SHA384),
+            (64, false) => (&digest::SHA512, &signature::RSA_PKCS1_SHA512),
+            (32, true) => (&digest::SHA256, &signature::RSA_PSS_SHA256),
+            (48, true) => (&digest::SHA384, &signature::RSA_PSS_SHA384),
+            (64, true) => (&digest::SHA512, &signature::RSA_PSS_SHA512),
+            _ => return Err(Ckr(CKR_DATA_LEN_RANGE)),
+        };
+        let d = digest::Digest::import_less_safe(hash, alg).map_err(|_| Ckr(CKR_DATA_INVALID))?;
+        let mut out = vec![0u8; sign.public_modulus_len()];
+        sign.sign_digest(enc, &d, &mut out)
+            .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+        Ok(out)
+    }
+
+    /// Verifies an RSA signature over a precomputed hash.
+    pub fn rsa_verify_digest(&self, pss: bool, hash: &[u8], sig: &[u8]) -> Result<(), Ckr> {
+        let (der_bytes, modulus_len) = match self {
+            KeyMaterial::RsaPublic { der, modulus_len } => (der.clone(), *modulus_len),
+            _ => return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT)),
+        };
+        if sig.len() != modulus_len {
+            return Err(Ckr(CKR_SIGNATURE_LEN_RANGE));
+        }
+        let (alg, params): (
+            &'static digest::Algorithm,
+            &'static signature::RsaParameters,
+        ) = match (hash.len(), pss) {
+            (32, false) => (&digest::SHA256, &signature::RSA_PKCS1_2048_8192_SHA256),
+            (48, false) => (&digest::SHA384, &signature::RSA_PKCS1_2048_8192_SHA384),
+            (64, false) => (&digest::SHA512, &signature::RSA_PKCS1_2048_8192_SHA512),
+            (32, true) => (&digest::SHA256, &signature::RSA_PSS_2048_8192_SHA256),
+            (48, true) => (&digest::SHA384, &signature::RSA_PSS_2048_8192_SHA384),
+            (64, true) => (&digest::SHA512, &signature::RSA_PSS_2048_8192_SHA512),
+            _ => return Err(Ckr(CKR_DATA_LEN_RANGE)),
+        };
+        let d = digest::Digest::import_less_safe(hash, alg).map_err(|_| Ckr(CKR_DATA_INVALID))?;
+        signature::UnparsedPublicKey::new(params, der_bytes)
+            .verify_digest(&d, sig)
+            .map_err(|_| Ckr(CKR_SIGNATURE_INVALID))
+    }
+
+    /// Normalises a hash to the curve's order length (leftmost bits, as ECDSA does).
+    fn ecdsa_digest(curve: Curve, hash: &[u8]) -> Result<digest::Digest, Ckr> {
+        let n = curve.field_len();
+        let mut buf = vec![0u8; n];
+        if hash.len() >= n {
+            buf.copy_from_slice(&hash[..n]);
+        } else {
+            buf[n - hash.len()..].copy_from_slice(hash);
+        }
+        digest::Digest::import_less_safe(&buf, curve.digest()).map_err(|_| Ckr(CKR_DATA_INVALID))
+    }
+
+    /// ECDSA signature (r || s) over a hash.
+    pub fn ecdsa_sign_digest(&self, hash: &[u8]) -> Result<Vec<u8>, Ckr> {
+        let KeyMaterial::EcPrivate { curve, sign, .. } = self else {
+            return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+        };
+        if hash.is_empty() {
+            return Err(Ckr(CKR_DATA_LEN_RANGE));
+        }
+        let d = Self::ecdsa_digest(*curve, hash)?;
+        let sig = sign.sign_digest(&d).map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+        Ok(sig.as_ref().to_vec())
+    }
+
+    /// Verifies an ECDSA (r || s) signature over a hash.
+    pub fn ecdsa_verify_digest(&self, hash: &[u8], sig: &[u8]) -> Result<(), Ckr> {
+        let KeyMaterial::EcPublic { curve, point } = self else {
+            return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+        };
+        if sig.len() != 2 * curve.field_len() {
+            return Err(Ckr(CKR_SIGNATURE_LEN_RANGE));
+        }
+        let d = Self::ecdsa_digest(*curve, hash)?;
+        signature::UnparsedPublicKey::new(curve.verifying(), point)
+            .verify_digest(&d, sig)
+            .map_err(|_| Ckr(CKR_SIGNATURE_INVALID))
+    }
+
+    /// Ed25519 signature.
+    pub fn eddsa_sign(&self, msg: &[u8]) -> Result<Vec<u8>, Ckr> {
+        match self {
+            KeyMaterial::EdPrivate(kp) => Ok(kp.sign(msg).as_ref().to_vec()),
+            _ => Err(Ckr(CKR_KEY_TYPE_INCONSISTENT)),
+        }
+    }
+
+    /// Verifies an Ed25519 signature.
+    pub fn eddsa_verify(&self, msg: &[u8], sig: &[u8]) -> Result<(), Ckr> {
+        let KeyMaterial::EdPublic(pk) = self else {
+            return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+        };
+        if sig.len() != 64 {
+            return Err(Ckr(CKR_SIGNATURE_LEN_RANGE));
+        }
+        signature::UnparsedPublicKey::new(&signature::ED25519, pk)
+            .verify(msg, sig)
+            .map_err(|_| Ckr(CKR_SIGNATURE_INVALID))
+    }
+
+    fn rsa_public_encrypting(&self) -> Result<rsa::PublicEncryptingKey, Ckr> {
+        match self {
+            KeyMaterial::RsaPublic { der, .. } => {
+                // PublicEncryptingKey parses SubjectPublicKeyInfo.
+                let alg = der::tlv(
+                    0x30,
+                    &[
+                        &[
+                            0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
+                        ][..],
+                        &[0x05, 0x00][..],
+                    ]
+                    .concat(),
+                );
+                let mut bits = vec![0u8];
+                bits.extend_from_slice(der);
+                let spki = der::tlv(0x30, &[alg, der::tlv(0x03, &bits)].concat());
+                rsa::PublicEncryptingKey::from_der(&spki).map_err(bad_key)
+            }
+            _ => Err(Ckr(CKR_KEY_TYPE_INCONSISTENT)),
+        }
+    }
+
+    /// RSA-OAEP encryption; `hash` is the CKM_ of the OAEP hash (MGF1 uses the same).
+    pub fn rsa_oaep_encrypt(&self, hash: u64, label: &[u8], pt: &[u8]) -> Result<Vec<u8>, Ckr> {
+        let key =
+            rsa::OaepPublicEncryptingKey::new(self.rsa_public_encrypting()?).map_err(bad_key)?;
+        let alg = oaep_alg(hash)?;
+        if pt.len() > key.max_plaintext_size(alg) {
+            return Err(Ckr(CKR_DATA_LEN_RANGE));
+        }
+        let mut out = vec![0u8; key.ciphertext_size()];
+        let label = (!label.is_empty()).then_some(label);
+        let n = key
+            .encrypt(alg, pt, &mut out, label)
+            .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?
+            .len();
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// RSA-OAEP decryption.
+    pub fn rsa_oaep_decrypt(
+        &self,
+        hash: u64,
+        label: &[u8],
+        ct: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, Ckr> {
+        let KeyMaterial::RsaPrivate { decrypt, .. } = self else {
+            return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+        };
+        let key = rsa::OaepPrivateDecryptingKey::new(decrypt.clone()).map_err(bad_key)?;
+        if ct.len() != key.key_size_bytes() {
+            return Err(Ckr(CKR_ENCRYPTED_DATA_LEN_RANGE));
+        }
+        let mut out = Zeroizing::new(vec![0u8; key.min_output_size()]);
+        let label = (!label.is_empty()).then_some(label);
+        let n = key
+            .decrypt(oaep_alg(hash)?, ct, &mut out, label)
+            .map_err(|_| Ckr(CKR_ENCRYPTED_DATA_INVALID))?
+            .len();
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// RSA PKCS#1 v1.5 encryption.
+    pub fn rsa_pkcs1_encrypt(&self, pt: &[u8]) -> Result<Vec<u8>, Ckr> {
+        let key =
+            rsa::Pkcs1PublicEncryptingKey::new(self.rsa_public_encrypting()?).map_err(bad_key)?;
+        if pt.len() > key.max_plaintext_size() {
+            return Err(Ckr(CKR_DATA_LEN_RANGE));
+        }
+        let mut out = vec![0u8; key.ciphertext_size()];
+        let n = key
+            .encrypt(pt, &mut out)
+            .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?
+            .len();
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// RSA PKCS#1 v1.5 decryption.
+    pub fn rsa_pkcs1_decrypt(&self, ct: &[u8]) -> Result<Zeroizing<Vec<u8>>, Ckr> {
+        let KeyMaterial::RsaPrivate { decrypt, .. } = self else {
+            return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+        };
+        let key = rsa::Pkcs1PrivateDecryptingKey::new(decrypt.clone()).map_err(bad_key)?;
+        if ct.len() != key.key_size_bytes() {
+            return Err(Ckr(CKR_ENCRYPTED_DATA_LEN_RANGE));
+        }
+        let mut out = Zeroizing::new(vec![0u8; key.min_output_size()]);
+        let n = key
+            .decrypt(ct, &mut out)
+            .map_err(|_| Ckr(CKR_ENCRYPTED_DATA_INVALID))?
+            .len();
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// ECDH: the shared x-coordinate with the peer's public point.
+    pub fn ecdh(&self, peer: &[u8]) -> Result<Zeroizing<Vec<u8>>, Ckr> {
+        let KeyMaterial::EcPrivate { curve, scalar, .. } = self else {
+            return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+        };
+        let raw = der::octet_string(peer)
+            .filter(|r| r.len() == 1 + 2 * curve.field_len())
+            .unwrap_or(peer);
+        let pk =
+            agreement::PrivateKey::from_private_key(curve.agreement(), scalar).map_err(bad_key)?;
+        let peer = agreement::UnparsedPublicKey::new(curve.agreement(), raw);
+        agreement::agree(&pk, peer, Ckr(CKR_MECHANISM_PARAM_INVALID), |z| {
+            Ok(Zeroizing::new(z.to_vec()))
+        })
+    }
+
+    /// The secret value of a symmetric key.
+    pub fn secret(&self) -> Result<&[u8], Ckr> {
+        match self {
+            KeyMaterial::Secret(s) => Ok(s),
+            _ => Err(Ckr(CKR_KEY_TYPE_INCONSISTENT)),
+        }
+    }
+}
+
+fn oaep_alg(hash: u64) -> Result<&'static rsa::OaepAlgorithm, Ckr> {
+    match hash {
+        CKM_SHA_1 => Ok(&rsa::OAEP_SHA1_MGF1SHA1),
+        CKM_SHA256 => Ok(&rsa::OAEP_SHA256_MGF1SHA256),
+        CKM_SHA384 => Ok(&rsa::OAEP_SHA384_MGF1SHA384),
+        CKM_SHA512 => Ok(&rsa::OAEP_SHA512_MGF1SHA512),
+        _ => Err(Ckr(CKR_MECHANISM_PARAM_INVALID)),
+    }
+}
+
+/// The aws-lc digest for a CKM_SHA* digest mechanism.
+pub fn digest_alg(mech: u64) -> Option<&'static digest::Algorithm> {
+    match mech {
+        CKM_SHA_1 => Some(&digest::SHA1_FOR_LEGACY_USE_ONLY),
+        CKM_SHA224 => Some(&digest::SHA224),
+        CKM_SHA256 => Some(&digest::SHA256),
+        CKM_SHA384 => Some(&digest::SHA384),
+        CKM_SHA512 => Some(&digest::SHA512),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rsa_sign_verify_both_paddings() -> Result<(), Ckr> {
+        let g = generate_rsa(2048)?;
+        let private = KeyMaterial::rsa_private(&g.secret)?;
+        let n = &g.public_attrs[0].1;
+        let e = &g.public_attrs[1].1;
+        let public = KeyMaterial::rsa_public(n, e)?;
+        let h = digest::digest(&digest::SHA256, b"hello");
+        for pss in [false, true] {
+            let sig = private.rsa_sign_digest(pss, h.as_ref())?;
+            assert_eq!(sig.len(), 256);
+            public.rsa_verify_digest(pss, h.as_ref(), &sig)?;
+            let mut bad = sig.clone();
+            bad[10] ^= 1;
+            assert_eq!(
+                public.rsa_verify_digest(pss, h.as_ref(), &bad),
+                Err(Ckr(CKR_SIGNATURE_INVALID))
+            );
+        }
+        let ct = public.rsa_oaep_encrypt(CKM_SHA256, b"", b"secret")?;
+        assert_eq!(&*private.rsa_oaep_decrypt(CKM_SHA256, b"", &ct)?, b"secret");
+        let ct = public.rsa_pkcs1_encrypt(b"secret")?;
+        assert_eq!(&*private.rsa_pkcs1_decrypt(&ct)?, b"secret");
+        Ok(())
+    }
+
+    #[test]
+    fn ecdsa_and_ecdh() -> Result<(), Ckr> {
+        for curve in [Curve::P256, Curve::P384] {
+            let a = generate_ec(curve)?;
+            let b = generate_ec(curve)?;
+            let pa = KeyMaterial::ec_private(curve, &a.secret)?;
+            let pub_a = KeyMaterial::ec_public(curve, &a.public_attrs[1].1)?;
+            let h = digest::digest(&digest::SHA512, b"m");
+            let sig = pa.ecdsa_sign_digest(h.as_ref())?;
+            pub_a.ecdsa_verify_digest(h.as_ref(), &sig)?;
+            let pb = KeyMaterial::ec_private(curve, &b.secret)?;
+            let z1 = pa.ecdh(&b.public_attrs[1].1)?;
+            let z2 = pb.ecdh(&a.public_attrs[1].1)?;
+            assert_eq!(z1, z2);
+            assert_eq!(z1.len(), curve.field_len());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn ed25519_rfc8032_test1() -> Result<(), Ckr> {
+        // RFC 8032 §7.1 TEST 1.
+        let seed = hex::decode("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+            .unwrap_or_default();
+        let public =
+            hex::decode("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+                .unwrap_or_default();
+        assert_eq!(ec_public_point(Curve::Ed25519, &seed)?, public);
+        let k = KeyMaterial::ec_private(Curve::Ed25519, &seed)?;
+        let sig = k.eddsa_sign(b"")?;
+        assert_eq!(
+            hex::encode(&sig),
+            "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
+        );
+        KeyMaterial::ec_public(Curve::Ed25519, &der::tlv(4, &public))?.eddsa_verify(b"", &sig)
+    }
+}

@@ -1,0 +1,786 @@
+//! Cryptographic operation state of a session (C_*Init / C_*Update / C_*Final) and the
+//! mechanism table the token advertises. Each `*_init` checks the mechanism against the key's
+//! class, type and usage flags; `finish` produces the output. Multi-part symmetric
+//! encryption buffers its input and produces the output at C_*Final.
+
+use crate::error::Ckr;
+use crate::keys::{KeyMaterial, digest_alg};
+use crate::object::Object;
+use aws_lc_rs::cipher::{
+    AES_128, AES_192, AES_256, DecryptionContext, EncryptionContext, PaddedBlockDecryptingKey,
+    PaddedBlockEncryptingKey, UnboundCipherKey,
+};
+use aws_lc_rs::{aead, digest, hmac};
+use caas_vsm_proto::MechParam;
+use cryptoki_sys::*;
+use std::sync::Arc;
+use zeroize::Zeroizing;
+
+/// One advertised mechanism: (type, min key size, max key size, flags).
+pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
+    (CKM_RSA_PKCS_KEY_PAIR_GEN, 2048, 4096, CKF_GENERATE_KEY_PAIR),
+    (
+        CKM_RSA_PKCS,
+        2048,
+        4096,
+        CKF_SIGN | CKF_VERIFY | CKF_ENCRYPT | CKF_DECRYPT | CKF_WRAP | CKF_UNWRAP,
+    ),
+    (CKM_SHA256_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA384_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA512_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
+    (CKM_RSA_PKCS_PSS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA256_RSA_PKCS_PSS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA384_RSA_PKCS_PSS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA512_RSA_PKCS_PSS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
+    (
+        CKM_RSA_PKCS_OAEP,
+        2048,
+        4096,
+        CKF_ENCRYPT | CKF_DECRYPT | CKF_WRAP | CKF_UNWRAP,
+    ),
+    (
+        CKM_EC_KEY_PAIR_GEN,
+        256,
+        384,
+        CKF_GENERATE_KEY_PAIR | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
+    ),
+    (
+        CKM_ECDSA,
+        256,
+        384,
+        CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
+    ),
+    (
+        CKM_ECDSA_SHA1,
+        256,
+        384,
+        CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
+    ),
+    (
+        CKM_ECDSA_SHA224,
+        256,
+        384,
+        CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
+    ),
+    (
+        CKM_ECDSA_SHA256,
+        256,
+        384,
+        CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
+    ),
+    (
+        CKM_ECDSA_SHA384,
+        256,
+        384,
+        CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
+    ),
+    (
+        CKM_ECDSA_SHA512,
+        256,
+        384,
+        CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
+    ),
+    (
+        CKM_ECDH1_DERIVE,
+        256,
+        384,
+        CKF_DERIVE | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
+    ),
+    (CKM_EC_EDWARDS_KEY_PAIR_GEN, 255, 255, CKF_GENERATE_KEY_PAIR),
+    (CKM_EDDSA, 255, 255, CKF_SIGN | CKF_VERIFY),
+    (CKM_AES_KEY_GEN, 16, 32, CKF_GENERATE),
+    (
+        CKM_AES_GCM,
+        16,
+        32,
+        CKF_ENCRYPT | CKF_DECRYPT | CKF_WRAP | CKF_UNWRAP,
+    ),
+    (
+        CKM_AES_CBC_PAD,
+        16,
+        32,
+        CKF_ENCRYPT | CKF_DECRYPT | CKF_WRAP | CKF_UNWRAP,
+    ),
+    (CKM_AES_KEY_WRAP, 16, 32, CKF_WRAP | CKF_UNWRAP),
+    (CKM_AES_KEY_WRAP_PAD, 16, 32, CKF_WRAP | CKF_UNWRAP),
+    (CKM_AES_KEY_WRAP_KWP, 16, 32, CKF_WRAP | CKF_UNWRAP),
+    (CKM_GENERIC_SECRET_KEY_GEN, 1, 512, CKF_GENERATE),
+    (CKM_SHA_1_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA256_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA384_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA512_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA_1, 0, 0, CKF_DIGEST),
+    (CKM_SHA224, 0, 0, CKF_DIGEST),
+    (CKM_SHA256, 0, 0, CKF_DIGEST),
+    (CKM_SHA384, 0, 0, CKF_DIGEST),
+    (CKM_SHA512, 0, 0, CKF_DIGEST),
+];
+
+/// Whether `mech` is advertised with `flag`.
+#[must_use]
+pub fn supports(mech: u64, flag: u64) -> bool {
+    MECHANISMS.iter().any(|m| m.0 == mech && m.3 & flag != 0)
+}
+
+fn check_mech(mech: u64, flag: u64) -> Result<(), Ckr> {
+    if !MECHANISMS.iter().any(|m| m.0 == mech) {
+        return Err(Ckr(CKR_MECHANISM_INVALID));
+    }
+    if !supports(mech, flag) {
+        return Err(Ckr(CKR_MECHANISM_INVALID));
+    }
+    Ok(())
+}
+
+/// Checks that `key` may be used for `usage` (a CKA_* flag) with `mech`, respecting
+/// CKA_ALLOWED_MECHANISMS.
+pub fn check_key(key: &Object, usage: u64, mech: u64) -> Result<(), Ckr> {
+    if !key.flag(usage) {
+        return Err(Ckr(CKR_KEY_FUNCTION_NOT_PERMITTED));
+    }
+    if let Some(allowed) = key.bytes(CKA_ALLOWED_MECHANISMS)
+        && !allowed.is_empty()
+        && !allowed
+            .chunks_exact(8)
+            .any(|c| caas_vsm_proto::attr::as_ulong(c) == Some(mech))
+    {
+        return Err(Ckr(CKR_MECHANISM_INVALID));
+    }
+    Ok(())
+}
+
+fn key_type_must(key: &Object, class: u64, types: &[u64]) -> Result<(), Ckr> {
+    if key.class() != class || !key.key_type().is_some_and(|t| types.contains(&t)) {
+        return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+enum SignKind {
+    RsaPkcsRaw,
+    RsaPssRaw(usize),
+    RsaHash { pss: bool },
+    EcdsaRaw,
+    EcdsaHash,
+    Eddsa,
+}
+
+/// State of a sign or verify operation.
+pub struct SignOp {
+    kind: Option<SignKind>,
+    key: Arc<KeyMaterial>,
+    hasher: Option<digest::Context>,
+    hmac: Option<(hmac::Context, hmac::Key)>,
+    buf: Zeroizing<Vec<u8>>,
+    /// Output length.
+    pub out_len: usize,
+    /// Whether C_SignUpdate was used (single-part calls then fail).
+    pub multi: bool,
+}
+
+impl std::fmt::Debug for SignOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignOp")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+fn hash_for(mech: u64) -> Option<&'static digest::Algorithm> {
+    Some(match mech {
+        CKM_SHA256_RSA_PKCS | CKM_SHA256_RSA_PKCS_PSS | CKM_ECDSA_SHA256 | CKM_SHA256_HMAC => {
+            &digest::SHA256
+        }
+        CKM_SHA384_RSA_PKCS | CKM_SHA384_RSA_PKCS_PSS | CKM_ECDSA_SHA384 | CKM_SHA384_HMAC => {
+            &digest::SHA384
+        }
+        CKM_SHA512_RSA_PKCS | CKM_SHA512_RSA_PKCS_PSS | CKM_ECDSA_SHA512 | CKM_SHA512_HMAC => {
+            &digest::SHA512
+        }
+        CKM_ECDSA_SHA224 => &digest::SHA224,
+        CKM_ECDSA_SHA1 | CKM_SHA_1_HMAC => &digest::SHA1_FOR_LEGACY_USE_ONLY,
+        _ => return None,
+    })
+}
+
+fn pss_check(
+    param: &MechParam,
+    expect_hash: Option<&'static digest::Algorithm>,
+) -> Result<usize, Ckr> {
+    let MechParam::Pss {
+        hash,
+        mgf,
+        salt_len,
+    } = param
+    else {
+        return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
+    };
+    let alg = digest_alg(*hash).ok_or(Ckr(CKR_MECHANISM_PARAM_INVALID))?;
+    let mgf_ok = matches!(
+        (*hash, *mgf),
+        (CKM_SHA256, CKG_MGF1_SHA256)
+            | (CKM_SHA384, CKG_MGF1_SHA384)
+            | (CKM_SHA512, CKG_MGF1_SHA512)
+    );
+    let len = alg.output_len();
+    if !mgf_ok || *salt_len != len as u64 || expect_hash.is_some_and(|e| e != alg) {
+        return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
+    }
+    Ok(len)
+}
+
+impl SignOp {
+    /// C_SignInit / C_VerifyInit. `sign` selects which key usage and class is required.
+    pub fn init(mech: u64, param: &MechParam, key: &Object, sign: bool) -> Result<Self, Ckr> {
+        check_mech(mech, if sign { CKF_SIGN } else { CKF_VERIFY })?;
+        check_key(key, if sign { CKA_SIGN } else { CKA_VERIFY }, mech)?;
+        let asym_class = if sign {
+            CKO_PRIVATE_KEY
+        } else {
+            CKO_PUBLIC_KEY
+        };
+        let hash = hash_for(mech);
+        let mut op = SignOp {
+            kind: None,
+            key: Arc::new(KeyMaterial::Secret(Zeroizing::new(Vec::new()))),
+            hasher: None,
+            hmac: None,
+            buf: Zeroizing::new(Vec::new()),
+            out_len: 0,
+            multi: false,
+        };
+        let kind = match mech {
+            CKM_SHA_1_HMAC | CKM_SHA256_HMAC | CKM_SHA384_HMAC | CKM_SHA512_HMAC => {
+                key_type_must(
+                    key,
+                    CKO_SECRET_KEY,
+                    &[
+                        CKK_GENERIC_SECRET,
+                        CKK_SHA_1_HMAC,
+                        CKK_SHA256_HMAC,
+                        CKK_SHA384_HMAC,
+                        CKK_SHA512_HMAC,
+                    ],
+                )?;
+                let alg = match mech {
+                    CKM_SHA_1_HMAC => hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
+                    CKM_SHA256_HMAC => hmac::HMAC_SHA256,
+                    CKM_SHA384_HMAC => hmac::HMAC_SHA384,
+                    _ => hmac::HMAC_SHA512,
+                };
+                let m = key.material()?;
+                let k = hmac::Key::new(alg, m.secret()?);
+                op.out_len = hash.map_or(32, digest::Algorithm::output_len);
+                op.hmac = Some((hmac::Context::with_key(&k), k));
+                None
+            }
+            CKM_RSA_PKCS => Some(SignKind::RsaPkcsRaw),
+            CKM_RSA_PKCS_PSS => Some(SignKind::RsaPssRaw(pss_check(param, None)?)),
+            CKM_SHA256_RSA_PKCS | CKM_SHA384_RSA_PKCS | CKM_SHA512_RSA_PKCS => {
+                Some(SignKind::RsaHash { pss: false })
+            }
+            CKM_SHA256_RSA_PKCS_PSS | CKM_SHA384_RSA_PKCS_PSS | CKM_SHA512_RSA_PKCS_PSS => {
+                pss_check(param, hash)?;
+                Some(SignKind::RsaHash { pss: true })
+            }
+            CKM_ECDSA => Some(SignKind::EcdsaRaw),
+            CKM_ECDSA_SHA1 | CKM_ECDSA_SHA224 | CKM_ECDSA_SHA256 | CKM_ECDSA_SHA384
+            | CKM_ECDSA_SHA512 => Some(SignKind::EcdsaHash),
+            CKM_EDDSA => {
+                if !matches!(param, MechParam::None {}) {
+                    return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
+                }
+                Some(SignKind::Eddsa)
+            }
+            _ => return Err(Ckr(CKR_MECHANISM_INVALID)),
+        };
+        if let Some(kind) = kind {
+            let types: &[u64] = match kind {
+                SignKind::RsaPkcsRaw | SignKind::RsaPssRaw(_) | SignKind::RsaHash { .. } => {
+                    &[CKK_RSA]
+                }
+                SignKind::EcdsaRaw | SignKind::EcdsaHash => &[CKK_EC],
+                SignKind::Eddsa => &[CKK_EC_EDWARDS],
+            };
+            key_type_must(key, asym_class, types)?;
+            op.key = key.material()?;
+            // Ed25519 keys reach here only with CKK_EC_EDWARDS; an EC key with Ed25519
+            // parameters is refused by the material check below.
+            let ok = matches!(
+                (&*op.key, kind),
+                (
+                    KeyMaterial::EdPrivate(_) | KeyMaterial::EdPublic(_),
+                    SignKind::Eddsa
+                ) | (
+                    KeyMaterial::EcPrivate { .. } | KeyMaterial::EcPublic { .. },
+                    SignKind::EcdsaRaw | SignKind::EcdsaHash
+                ) | (
+                    KeyMaterial::RsaPrivate { .. } | KeyMaterial::RsaPublic { .. },
+                    SignKind::RsaPkcsRaw | SignKind::RsaPssRaw(_) | SignKind::RsaHash { .. }
+                )
+            );
+            if !ok {
+                return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+            }
+            op.out_len = op.key.signature_len();
+            op.hasher = hash.map(digest::Context::new);
+            op.kind = Some(kind);
+        }
+        Ok(op)
+    }
+
+    /// Feeds data.
+    pub fn update(&mut self, data: &[u8]) -> Result<(), Ckr> {
+        if let Some((ctx, _)) = &mut self.hmac {
+            ctx.update(data);
+        } else if let Some(h) = &mut self.hasher {
+            h.update(data);
+        } else {
+            if matches!(
+                self.kind,
+                Some(SignKind::RsaPkcsRaw | SignKind::RsaPssRaw(_))
+            ) && self.buf.len() + data.len() > 1024
+            {
+                return Err(Ckr(CKR_DATA_LEN_RANGE));
+            }
+            self.buf.extend_from_slice(data);
+        }
+        Ok(())
+    }
+
+    fn digest_value(&mut self) -> Zeroizing<Vec<u8>> {
+        match self.hasher.take() {
+            Some(h) => Zeroizing::new(h.finish().as_ref().to_vec()),
+            None => std::mem::take(&mut self.buf),
+        }
+    }
+
+    /// Produces the signature.
+    pub fn sign(&mut self) -> Result<Vec<u8>, Ckr> {
+        if let Some((ctx, _)) = self.hmac.take() {
+            return Ok(ctx.sign().as_ref().to_vec());
+        }
+        let kind = self.kind.ok_or(Ckr(CKR_OPERATION_NOT_INITIALIZED))?;
+        let input = self.digest_value();
+        match kind {
+            SignKind::RsaPkcsRaw => {
+                let (_, hash) =
+                    crate::der::parse_digest_info(&input).ok_or(Ckr(CKR_DATA_INVALID))?;
+                self.key.rsa_sign_digest(false, hash)
+            }
+            SignKind::RsaPssRaw(len) => {
+                if input.len() != len {
+                    return Err(Ckr(CKR_DATA_LEN_RANGE));
+                }
+                self.key.rsa_sign_digest(true, &input)
+            }
+            SignKind::RsaHash { pss } => self.key.rsa_sign_digest(pss, &input),
+            SignKind::EcdsaRaw | SignKind::EcdsaHash => self.key.ecdsa_sign_digest(&input),
+            SignKind::Eddsa => self.key.eddsa_sign(&input),
+        }
+    }
+
+    /// Checks a signature.
+    pub fn verify(&mut self, sig: &[u8]) -> Result<(), Ckr> {
+        if let Some((ctx, key)) = self.hmac.take() {
+            let tag = ctx.sign();
+            if sig.len() != tag.as_ref().len() {
+                return Err(Ckr(CKR_SIGNATURE_LEN_RANGE));
+            }
+            drop(key);
+            return if aws_lc_rs::constant_time::verify_slices_are_equal(tag.as_ref(), sig).is_ok() {
+                Ok(())
+            } else {
+                Err(Ckr(CKR_SIGNATURE_INVALID))
+            };
+        }
+        let kind = self.kind.ok_or(Ckr(CKR_OPERATION_NOT_INITIALIZED))?;
+        let input = self.digest_value();
+        match kind {
+            SignKind::RsaPkcsRaw => {
+                let (_, hash) =
+                    crate::der::parse_digest_info(&input).ok_or(Ckr(CKR_DATA_INVALID))?;
+                self.key.rsa_verify_digest(false, hash, sig)
+            }
+            SignKind::RsaPssRaw(len) => {
+                if input.len() != len {
+                    return Err(Ckr(CKR_DATA_LEN_RANGE));
+                }
+                self.key.rsa_verify_digest(true, &input, sig)
+            }
+            SignKind::RsaHash { pss } => self.key.rsa_verify_digest(pss, &input, sig),
+            SignKind::EcdsaRaw | SignKind::EcdsaHash => self.key.ecdsa_verify_digest(&input, sig),
+            SignKind::Eddsa => self.key.eddsa_verify(&input, sig),
+        }
+    }
+}
+
+enum CipherKind {
+    Gcm {
+        key: aead::LessSafeKey,
+        nonce: [u8; 12],
+        aad: Vec<u8>,
+    },
+    CbcPad {
+        key: Zeroizing<Vec<u8>>,
+        iv: [u8; 16],
+    },
+    RsaOaep {
+        hash: u64,
+        label: Vec<u8>,
+    },
+    RsaPkcs,
+}
+
+/// State of an encrypt or decrypt operation.
+pub struct CipherOp {
+    kind: CipherKind,
+    key: Arc<KeyMaterial>,
+    buf: Zeroizing<Vec<u8>>,
+    encrypt: bool,
+    /// Whether C_*Update was used.
+    pub multi: bool,
+}
+
+impl std::fmt::Debug for CipherOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CipherOp")
+            .field("encrypt", &self.encrypt)
+            .finish_non_exhaustive()
+    }
+}
+
+fn aes_alg(len: usize) -> Result<&'static aws_lc_rs::cipher::Algorithm, Ckr> {
+    match len {
+        16 => Ok(&AES_128),
+        24 => Ok(&AES_192),
+        32 => Ok(&AES_256),
+        _ => Err(Ckr(CKR_KEY_SIZE_RANGE)),
+    }
+}
+
+impl CipherOp {
+    /// C_EncryptInit / C_DecryptInit (also used by wrap/unwrap with `usage` CKA_WRAP/UNWRAP).
+    pub fn init(
+        mech: u64,
+        param: &MechParam,
+        key: &Object,
+        encrypt: bool,
+        usage: u64,
+    ) -> Result<Self, Ckr> {
+        let flag = match usage {
+            CKA_WRAP => CKF_WRAP,
+            CKA_UNWRAP => CKF_UNWRAP,
+            _ if encrypt => CKF_ENCRYPT,
+            _ => CKF_DECRYPT,
+        };
+        check_mech(mech, flag)?;
+        check_key(key, usage, mech)?;
+        let kind = match mech {
+            CKM_AES_GCM => {
+                key_type_must(key, CKO_SECRET_KEY, &[CKK_AES])?;
+                let MechParam::Gcm { iv, aad, tag_bits } = param else {
+                    return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
+                };
+                let nonce: [u8; 12] =
+                    iv.0.as_slice()
+                        .try_into()
+                        .map_err(|_| Ckr(CKR_MECHANISM_PARAM_INVALID))?;
+                if *tag_bits != 128 {
+                    return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
+                }
+                let m = key.material()?;
+                let alg = match m.secret()?.len() {
+                    16 => &aead::AES_128_GCM,
+                    32 => &aead::AES_256_GCM,
+                    _ => return Err(Ckr(CKR_KEY_SIZE_RANGE)),
+                };
+                let k =
+                    aead::UnboundKey::new(alg, m.secret()?).map_err(|_| Ckr(CKR_KEY_SIZE_RANGE))?;
+                CipherKind::Gcm {
+                    key: aead::LessSafeKey::new(k),
+                    nonce,
+                    aad: aad.0.clone(),
+                }
+            }
+            CKM_AES_CBC_PAD => {
+                key_type_must(key, CKO_SECRET_KEY, &[CKK_AES])?;
+                let MechParam::Bytes { data } = param else {
+                    return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
+                };
+                let iv: [u8; 16] = data
+                    .0
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| Ckr(CKR_MECHANISM_PARAM_INVALID))?;
+                let m = key.material()?;
+                aes_alg(m.secret()?.len())?;
+                CipherKind::CbcPad {
+                    key: Zeroizing::new(m.secret()?.to_vec()),
+                    iv,
+                }
+            }
+            CKM_RSA_PKCS_OAEP => {
+                let MechParam::Oaep {
+                    hash,
+                    mgf,
+                    source,
+                    source_data,
+                } = param
+                else {
+                    return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
+                };
+                let mgf_ok = matches!(
+                    (*hash, *mgf),
+                    (CKM_SHA_1, CKG_MGF1_SHA1)
+                        | (CKM_SHA256, CKG_MGF1_SHA256)
+                        | (CKM_SHA384, CKG_MGF1_SHA384)
+                        | (CKM_SHA512, CKG_MGF1_SHA512)
+                );
+                if !mgf_ok || (*source != 0 && *source != CKZ_DATA_SPECIFIED) {
+                    return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
+                }
+                CipherKind::RsaOaep {
+                    hash: *hash,
+                    label: source_data.0.clone(),
+                }
+            }
+            CKM_RSA_PKCS => CipherKind::RsaPkcs,
+            _ => return Err(Ckr(CKR_MECHANISM_INVALID)),
+        };
+        if matches!(kind, CipherKind::RsaOaep { .. } | CipherKind::RsaPkcs) {
+            let class = if encrypt {
+                CKO_PUBLIC_KEY
+            } else {
+                CKO_PRIVATE_KEY
+            };
+            key_type_must(key, class, &[CKK_RSA])?;
+        }
+        Ok(CipherOp {
+            kind,
+            key: key.material()?,
+            buf: Zeroizing::new(Vec::new()),
+            encrypt,
+            multi: false,
+        })
+    }
+
+    /// An upper bound of the output for `input_len` more bytes.
+    #[must_use]
+    pub fn max_out(&self, input_len: usize) -> usize {
+        let total = self.buf.len() + input_len;
+        match (&self.kind, self.encrypt) {
+            (CipherKind::Gcm { .. }, true) => total + 16,
+            (CipherKind::Gcm { .. }, false) => total.saturating_sub(16),
+            (CipherKind::CbcPad { .. }, true) => (total / 16 + 1) * 16,
+            (CipherKind::CbcPad { .. }, false) => total,
+            _ => self.key.signature_len(),
+        }
+    }
+
+    /// Buffers input (multi-part).
+    pub fn update(&mut self, data: &[u8]) -> Result<(), Ckr> {
+        if self.buf.len() + data.len() > caas_vsm_proto::MAX_FRAME {
+            return Err(Ckr(CKR_DATA_LEN_RANGE));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// Runs the operation over all buffered input.
+    pub fn finish(&mut self) -> Result<Zeroizing<Vec<u8>>, Ckr> {
+        let input = std::mem::take(&mut self.buf);
+        let bad_input = if self.encrypt {
+            Ckr(CKR_DATA_LEN_RANGE)
+        } else {
+            Ckr(CKR_ENCRYPTED_DATA_INVALID)
+        };
+        match (&self.kind, self.encrypt) {
+            (CipherKind::Gcm { key, nonce, aad }, true) => {
+                let mut out = Zeroizing::new(input.to_vec());
+                key.seal_in_place_append_tag(
+                    aead::Nonce::assume_unique_for_key(*nonce),
+                    aead::Aad::from(aad.as_slice()),
+                    &mut *out,
+                )
+                .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+                Ok(out)
+            }
+            (CipherKind::Gcm { key, nonce, aad }, false) => {
+                if input.len() < 16 {
+                    return Err(Ckr(CKR_ENCRYPTED_DATA_LEN_RANGE));
+                }
+                let mut out = Zeroizing::new(input.to_vec());
+                let n = key
+                    .open_in_place(
+                        aead::Nonce::assume_unique_for_key(*nonce),
+                        aead::Aad::from(aad.as_slice()),
+                        &mut out,
+                    )
+                    .map_err(|_| Ckr(CKR_ENCRYPTED_DATA_INVALID))?
+                    .len();
+                out.truncate(n);
+                Ok(out)
+            }
+            (CipherKind::CbcPad { key, iv }, true) => {
+                let k = UnboundCipherKey::new(aes_alg(key.len())?, key)
+                    .map_err(|_| Ckr(CKR_KEY_SIZE_RANGE))?;
+                let k =
+                    PaddedBlockEncryptingKey::cbc_pkcs7(k).map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+                let mut out = input.to_vec();
+                k.less_safe_encrypt(&mut out, EncryptionContext::Iv128((*iv).into()))
+                    .map_err(|_| bad_input)?;
+                Ok(Zeroizing::new(out))
+            }
+            (CipherKind::CbcPad { key, iv }, false) => {
+                if input.is_empty() || !input.len().is_multiple_of(16) {
+                    return Err(Ckr(CKR_ENCRYPTED_DATA_LEN_RANGE));
+                }
+                let k = UnboundCipherKey::new(aes_alg(key.len())?, key)
+                    .map_err(|_| Ckr(CKR_KEY_SIZE_RANGE))?;
+                let k =
+                    PaddedBlockDecryptingKey::cbc_pkcs7(k).map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+                let mut out = Zeroizing::new(input.to_vec());
+                let n = k
+                    .decrypt(&mut out, DecryptionContext::Iv128((*iv).into()))
+                    .map_err(|_| bad_input)?
+                    .len();
+                out.truncate(n);
+                Ok(out)
+            }
+            (CipherKind::RsaOaep { hash, label }, true) => Ok(Zeroizing::new(
+                self.key.rsa_oaep_encrypt(*hash, label, &input)?,
+            )),
+            (CipherKind::RsaOaep { hash, label }, false) => {
+                self.key.rsa_oaep_decrypt(*hash, label, &input)
+            }
+            (CipherKind::RsaPkcs, true) => Ok(Zeroizing::new(self.key.rsa_pkcs1_encrypt(&input)?)),
+            (CipherKind::RsaPkcs, false) => self.key.rsa_pkcs1_decrypt(&input),
+        }
+    }
+}
+
+/// AES key wrap (RFC 3394) or key wrap with padding (RFC 5649) of `data` under `kek`.
+pub fn aes_kw(mech: u64, kek: &[u8], data: &[u8], wrap: bool) -> Result<Zeroizing<Vec<u8>>, Ckr> {
+    use aws_lc_rs::key_wrap::{AES_128, AES_256, AesKek, KeyWrap, KeyWrapPadded};
+    let cipher = match kek.len() {
+        16 => &AES_128,
+        32 => &AES_256,
+        _ => return Err(Ckr(CKR_KEY_SIZE_RANGE)),
+    };
+    let k = AesKek::new(cipher, kek).map_err(|_| Ckr(CKR_KEY_SIZE_RANGE))?;
+    let mut out = Zeroizing::new(vec![0u8; data.len() + 16]);
+    let padded = mech != CKM_AES_KEY_WRAP;
+    let n = match (wrap, padded) {
+        (true, false) => {
+            if !data.len().is_multiple_of(8) || data.len() < 16 {
+                return Err(Ckr(CKR_KEY_SIZE_RANGE));
+            }
+            k.wrap(data, &mut out)
+                .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?
+                .len()
+        }
+        (true, true) => k
+            .wrap_with_padding(data, &mut out)
+            .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?
+            .len(),
+        (false, false) => k
+            .unwrap(data, &mut out)
+            .map_err(|_| Ckr(CKR_WRAPPED_KEY_INVALID))?
+            .len(),
+        (false, true) => k
+            .unwrap_with_padding(data, &mut out)
+            .map_err(|_| Ckr(CKR_WRAPPED_KEY_INVALID))?
+            .len(),
+    };
+    out.truncate(n);
+    Ok(out)
+}
+
+/// State of a digest operation.
+pub struct DigestOp {
+    ctx: digest::Context,
+    /// Output length.
+    pub out_len: usize,
+    /// Whether C_DigestUpdate was used.
+    pub multi: bool,
+}
+
+impl std::fmt::Debug for DigestOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DigestOp")
+            .field("out_len", &self.out_len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DigestOp {
+    /// C_DigestInit.
+    pub fn init(mech: u64, param: &MechParam) -> Result<Self, Ckr> {
+        let alg = digest_alg(mech).ok_or(Ckr(CKR_MECHANISM_INVALID))?;
+        if !matches!(param, MechParam::None {}) {
+            return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
+        }
+        Ok(Self {
+            ctx: digest::Context::new(alg),
+            out_len: alg.output_len(),
+            multi: false,
+        })
+    }
+
+    /// Feeds data.
+    pub fn update(&mut self, data: &[u8]) {
+        self.ctx.update(data);
+    }
+
+    /// The digest.
+    #[must_use]
+    pub fn finish(self) -> Vec<u8> {
+        self.ctx.finish().as_ref().to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aes_kwp_rfc5649_vector() -> Result<(), Ckr> {
+        // RFC 5649 §6, 20-octet key data.
+        let kek =
+            hex::decode("5840df6e29b02af1ab493b705bf16ea1ae8338f4dcc176a8").unwrap_or_default();
+        // The vector uses a 192-bit KEK, which the wrap mechanisms here do not offer;
+        // check the 256-bit path round-trips and the 192-bit one is refused.
+        assert_eq!(
+            aes_kw(CKM_AES_KEY_WRAP_PAD, &kek, b"x", true).err(),
+            Some(Ckr(CKR_KEY_SIZE_RANGE))
+        );
+        let kek = [7u8; 32];
+        for len in [1usize, 7, 8, 20, 32] {
+            let data = vec![0x5a; len];
+            let w = aes_kw(CKM_AES_KEY_WRAP_PAD, &kek, &data, true)?;
+            assert_eq!(w.len(), len.div_ceil(8).max(1) * 8 + 8);
+            assert_eq!(&*aes_kw(CKM_AES_KEY_WRAP_PAD, &kek, &w, false)?, &data[..]);
+        }
+        let mut w = aes_kw(CKM_AES_KEY_WRAP, &kek, &[1u8; 32], true)?;
+        w[3] ^= 1;
+        assert_eq!(
+            aes_kw(CKM_AES_KEY_WRAP, &kek, &w, false).err(),
+            Some(Ckr(CKR_WRAPPED_KEY_INVALID))
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn sha256_digest_kat() -> Result<(), Ckr> {
+        // FIPS 180-2 "abc".
+        let mut d = DigestOp::init(CKM_SHA256, &MechParam::None {})?;
+        d.update(b"abc");
+        assert_eq!(
+            hex::encode(d.finish()),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,1 @@
+//! libcaas_pkcs11.

@@ -1,0 +1,178 @@
+//! caas-vsm-proto: the compact framed wire protocol between `libcaas_pkcs11.so` (the
+//! PKCS#11 module inside the workload) and the tenant's crypto domain, which holds the keys.
+//!
+//! Sans-IO: [`frame`] splits a byte stream into frames, [`codec`] encodes and decodes the
+//! [`messages`]. Each connection starts with [`Request::Hello`]; then the module sends one
+//! [`Request`] at a time and reads one [`Response`]. Everything decoded here came from a peer
+//! and is untrusted: decoding returns [`Error`], never panics, and allocates no more than
+//! the input size.
+
+pub mod attr;
+pub mod blocking;
+pub mod codec;
+mod error;
+pub mod frame;
+pub mod messages;
+
+pub use codec::{Blob, Reader, Secret, Wire, from_bytes, to_bytes};
+pub use error::Error;
+pub use frame::{FrameDecoder, MAX_FRAME, encode_frame, frame_len};
+pub use messages::*;
+
+/// Encodes `msg` as one complete frame.
+///
+/// # Errors
+/// [`Error::FrameTooLarge`].
+pub fn frame_message<T: Wire>(msg: &T) -> Result<Vec<u8>, Error> {
+    let mut out = vec![0u8; 4];
+    msg.put(&mut out);
+    let len = out.len() - 4;
+    if len > MAX_FRAME {
+        return Err(Error::FrameTooLarge {
+            len,
+            max: MAX_FRAME,
+        });
+    }
+    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip<T: Wire + PartialEq + std::fmt::Debug>(v: T) {
+        let bytes = to_bytes(&v);
+        assert_eq!(from_bytes::<T>(&bytes), Ok(v));
+        // Every strict prefix is an error, never a panic.
+        for n in 0..bytes.len() {
+            assert!(from_bytes::<T>(&bytes[..n]).is_err(), "prefix {n} decoded");
+        }
+    }
+
+    #[test]
+    fn requests_roundtrip() {
+        roundtrip(Request::Hello {
+            version: PROTOCOL_VERSION,
+            app: [7; 16],
+        });
+        roundtrip(Request::Login {
+            session: 5,
+            user_type: 1,
+            pin: Secret::new(b"1234".to_vec()),
+        });
+        roundtrip(Request::GenerateKeyPair {
+            session: 1,
+            mechanism: Mechanism {
+                mechanism: 0x1040,
+                param: MechParam::None {},
+            },
+            public_template: vec![Attr {
+                ty: 0x180,
+                value: Blob(vec![6, 8, 42]),
+            }],
+            private_template: vec![],
+        });
+        roundtrip(Request::Encrypt {
+            session: 1,
+            data: Blob(vec![1, 2, 3]),
+            cap: None,
+        });
+        roundtrip(Request::DecryptInit {
+            session: 9,
+            mechanism: Mechanism {
+                mechanism: 0x1087,
+                param: MechParam::Gcm {
+                    iv: Blob(vec![0; 12]),
+                    aad: Blob(vec![]),
+                    tag_bits: 128,
+                },
+            },
+            key: 3,
+        });
+    }
+
+    #[test]
+    fn responses_roundtrip() {
+        roundtrip(Response::ok(Body::Attrs {
+            values: vec![
+                AttrValue::Value {
+                    value: Blob(vec![1]),
+                },
+                AttrValue::Sensitive {},
+                AttrValue::Invalid {},
+            ],
+        }));
+        roundtrip(Response::ok(Body::Token {
+            info: TokenInfo {
+                label: "t".into(),
+                manufacturer: "caas".into(),
+                model: "vsm".into(),
+                serial: "1".into(),
+                flags: 0x400,
+                max_sessions: 0,
+                session_count: 1,
+                max_rw_sessions: 0,
+                rw_session_count: 0,
+                max_pin_len: 64,
+                min_pin_len: 4,
+            },
+        }));
+        roundtrip(Response::rv(0x30));
+    }
+
+    #[test]
+    fn hostile_inputs_are_errors() {
+        // Unknown tag.
+        assert!(matches!(
+            from_bytes::<Request>(&[200]),
+            Err(Error::UnknownTag { .. })
+        ));
+        // A list claiming 4 billion elements does not allocate them.
+        let mut b = vec![2u8];
+        b.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(from_bytes::<Body>(&b).is_err());
+        // A blob longer than the input.
+        let mut b = vec![3u8];
+        b.extend_from_slice(&1000u32.to_le_bytes());
+        assert!(from_bytes::<Body>(&b).is_err());
+        // Bad bool.
+        assert_eq!(from_bytes::<Request>(&[1, 2]), Err(Error::InvalidBool(2)));
+        // Trailing bytes.
+        assert!(matches!(
+            from_bytes::<Request>(&[1, 0, 0]),
+            Err(Error::TrailingBytes(1))
+        ));
+    }
+
+    #[test]
+    fn frames_split_and_join() {
+        let f1 = frame_message(&Request::GetSlotList {
+            token_present: true,
+        })
+        .unwrap_or_default();
+        let f2 = frame_message(&Request::GetSlotInfo { slot: 1 }).unwrap_or_default();
+        let mut all = f1.clone();
+        all.extend_from_slice(&f2);
+        let mut d = FrameDecoder::new();
+        let mut got = Vec::new();
+        for b in &all {
+            d.feed(std::slice::from_ref(b));
+            while let Ok(Some(p)) = d.next_frame() {
+                got.push(from_bytes::<Request>(&p));
+            }
+        }
+        assert_eq!(
+            got,
+            vec![
+                Ok(Request::GetSlotList {
+                    token_present: true
+                }),
+                Ok(Request::GetSlotInfo { slot: 1 })
+            ]
+        );
+        let mut d = FrameDecoder::new();
+        d.feed(&[0xff, 0xff, 0xff, 0xff]);
+        assert!(matches!(d.next_frame(), Err(Error::FrameTooLarge { .. })));
+    }
+}
