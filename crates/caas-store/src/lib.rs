@@ -146,6 +146,31 @@ pub struct AuditRecord {
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
+    stats: Arc<Counters>,
+}
+
+/// Group-commit counters of one [`Store`] handle (its own writer only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Database transactions the writer ran.
+    pub transactions: u64,
+    /// Batches (commit calls) those transactions carried; batches / transactions is the
+    /// average group size.
+    pub batches: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    transactions: std::sync::atomic::AtomicU64,
+    batches: std::sync::atomic::AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn record(&self, batches: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.transactions.fetch_add(1, Relaxed);
+        self.batches.fetch_add(batches as u64, Relaxed);
+    }
 }
 
 enum Inner {
@@ -170,8 +195,11 @@ impl Store {
     /// URL that tokio-postgres accepts, no TLS) for PostgreSQL. Creating the schema is
     /// idempotent and safe when several nodes start at once.
     pub async fn open(url: &str, signer: Arc<dyn AuditSigner>) -> Result<Store, Error> {
+        let stats = Arc::new(Counters::default());
         let inner = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Inner::Postgres(Box::new(postgres::PgStore::open(url, signer).await?))
+            Inner::Postgres(Box::new(
+                postgres::PgStore::open(url, signer, stats.clone()).await?,
+            ))
         } else {
             let path = url
                 .strip_prefix("sqlite:")
@@ -181,11 +209,24 @@ impl Store {
                     "expected a file path, sqlite:PATH or postgres://...".into(),
                 ));
             }
-            Inner::Sqlite(sqlite::SqliteStore::open(std::path::Path::new(path), signer).await?)
+            Inner::Sqlite(
+                sqlite::SqliteStore::open(std::path::Path::new(path), signer, stats.clone())
+                    .await?,
+            )
         };
         Ok(Store {
             inner: Arc::new(inner),
+            stats,
         })
+    }
+
+    /// Group-commit counters of this handle's writer.
+    pub fn commit_stats(&self) -> CommitStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        CommitStats {
+            transactions: self.stats.transactions.load(Relaxed),
+            batches: self.stats.batches.load(Relaxed),
+        }
     }
 
     /// The database kind behind this store.

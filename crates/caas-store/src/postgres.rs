@@ -6,8 +6,8 @@
 use crate::audit::{Head, RawAuditRow};
 use crate::sqlite::clone_err;
 use crate::{
-    AuditEntry, AuditSigner, Batch, CommitInfo, Error, Job, MAX_GROUP, Object, Write, check_expect,
-    next_rev, seq_to_i64,
+    AuditEntry, AuditSigner, Batch, CommitInfo, Counters, Error, Job, MAX_GROUP, Object, Write,
+    check_expect, next_rev, seq_to_i64,
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -146,13 +146,11 @@ impl Reader {
 
 struct WriterConn {
     client: Client,
-    head_lock: Statement,
-    head_update: Statement,
+    append_audit: Statement,
     select_rev: Statement,
     insert_object: Statement,
     update_object: Statement,
     delete_object: Statement,
-    insert_audit: Statement,
 }
 
 impl WriterConn {
@@ -171,8 +169,14 @@ impl WriterConn {
             }
         };
         Ok(WriterConn {
-            head_lock: p("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE".into()).await?,
-            head_update: p("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1".into()).await?,
+            append_audit: p(format!(
+                "WITH appended AS (INSERT INTO audit_log ({AUDIT_COLUMNS}) \
+                 SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], \
+                 $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::bytea[], \
+                 $11::bytea[], $12::bytea[])) \
+                 UPDATE audit_head SET seq = $13, hash = $14 WHERE id = 1"
+            ))
+            .await?,
             select_rev: p(
                 "SELECT rev FROM objects WHERE kind = $1 AND account = $2 AND id = $3 FOR UPDATE"
                     .into(),
@@ -191,11 +195,6 @@ impl WriterConn {
             delete_object: p(
                 "DELETE FROM objects WHERE kind = $1 AND account = $2 AND id = $3".into(),
             )
-            .await?,
-            insert_audit: p(format!(
-                "INSERT INTO audit_log ({AUDIT_COLUMNS}) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-            ))
             .await?,
             client,
         })
@@ -244,7 +243,11 @@ async fn create_schema(client: &Client) -> Result<(), Error> {
 }
 
 impl PgStore {
-    pub async fn open(url: &str, signer: Arc<dyn AuditSigner>) -> Result<PgStore, Error> {
+    pub async fn open(
+        url: &str,
+        signer: Arc<dyn AuditSigner>,
+        stats: Arc<Counters>,
+    ) -> Result<PgStore, Error> {
         // The parser's message could quote parts of the URL (a password): do not repeat it.
         let config: Config = url
             .parse()
@@ -253,7 +256,7 @@ impl PgStore {
         create_schema(&client).await?;
         let writer = WriterConn::prepare(client).await?;
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer_task(config.clone(), writer, rx, signer));
+        tokio::spawn(writer_task(config.clone(), writer, rx, signer, stats));
         Ok(PgStore {
             config,
             writer: tx,
@@ -342,6 +345,7 @@ async fn writer_task(
     conn: WriterConn,
     mut rx: mpsc::UnboundedReceiver<Job>,
     signer: Arc<dyn AuditSigner>,
+    stats: Arc<Counters>,
 ) {
     let mut conn = Some(conn);
     while let Some(first) = rx.recv().await {
@@ -365,6 +369,7 @@ async fn writer_task(
         }
         let Some(c) = conn.as_ref() else { continue };
         let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
+        stats.record(batches.len());
         let results = match run_group(c, &batches, &*signer).await {
             Ok(results) => results,
             Err(e) => {
@@ -379,26 +384,113 @@ async fn writer_task(
     }
 }
 
+/// Audit rows of one group, inserted with a single `UNNEST` statement at the end.
+#[derive(Default)]
+struct PendingAudit {
+    seq: Vec<i64>,
+    time_ms: Vec<i64>,
+    account: Vec<String>,
+    principal: Vec<String>,
+    operation: Vec<String>,
+    key_id: Vec<Option<String>>,
+    result: Vec<String>,
+    request_id: Vec<String>,
+    detail: Vec<String>,
+    prev_hash: Vec<Vec<u8>>,
+    hash: Vec<Vec<u8>>,
+    signature: Vec<Vec<u8>>,
+}
+
+impl PendingAudit {
+    /// Chains and signs the batch's entries after `head` (moving it).
+    fn push_batch(
+        &mut self,
+        batch: &Batch,
+        head: &mut Head,
+        signer: &dyn AuditSigner,
+    ) -> Result<Vec<u64>, Error> {
+        let mut seqs = Vec::with_capacity(batch.audit.len());
+        for e in &batch.audit {
+            let (seq, prev, hash) = head.advance(e);
+            self.signature.push(signer.sign(&hash));
+            self.seq.push(seq_to_i64(seq)?);
+            self.time_ms.push(e.time_ms);
+            self.account.push(e.account.clone());
+            self.principal.push(e.principal.clone());
+            self.operation.push(e.operation.clone());
+            self.key_id.push(e.key_id.clone());
+            self.result.push(e.result.clone());
+            self.request_id.push(e.request_id.clone());
+            self.detail.push(e.detail.clone());
+            self.prev_hash.push(prev.to_vec());
+            self.hash.push(hash.to_vec());
+            seqs.push(seq);
+        }
+        Ok(seqs)
+    }
+}
+
+fn parse_hex32(text: &str) -> Option<[u8; 32]> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let nibble = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        let hi = nibble(pair.first().copied()?)?;
+        let lo = nibble(pair.get(1).copied()?)?;
+        *out.get_mut(i)? = (hi << 4) | lo;
+    }
+    Some(out)
+}
+
+/// BEGIN and lock the chain head in one round trip (simple-query protocol: the explicit
+/// BEGIN keeps the transaction open after the query string).
+async fn begin_and_lock_head(client: &Client) -> Result<Head, Error> {
+    let msgs = client
+        .simple_query(
+            "BEGIN; SELECT seq, encode(hash, 'hex') FROM audit_head WHERE id = 1 FOR UPDATE",
+        )
+        .await
+        .map_err(pg("locking the audit head"))?;
+    for m in msgs {
+        if let tokio_postgres::SimpleQueryMessage::Row(row) = m {
+            let seq = row
+                .get(0)
+                .and_then(|t| t.parse::<i64>().ok())
+                .ok_or_else(|| Error::Corrupt("audit head seq is not a number".into()))?;
+            let hash = row
+                .get(1)
+                .and_then(parse_hex32)
+                .ok_or_else(|| Error::Corrupt("audit head hash is not 32 bytes".into()))?;
+            return Head::from_raw(seq, &hash);
+        }
+    }
+    Err(Error::Corrupt("audit head row is missing".into()))
+}
+
+/// One group transaction: BEGIN + head lock (1 round trip); per batch with object writes a
+/// SAVEPOINT (skipped when the group is a single batch), its writes, RELEASE or ROLLBACK TO;
+/// then every audit row of the group and the new head in one statement, and COMMIT.
+/// Batches without object writes cannot conflict and cost no round trip of their own.
 async fn run_group(
     c: &WriterConn,
     batches: &[&Batch],
     signer: &dyn AuditSigner,
 ) -> Result<Vec<Result<CommitInfo, Error>>, Error> {
-    c.client
-        .batch_execute("BEGIN")
-        .await
-        .map_err(pg("beginning a write transaction"))?;
     // Serializes every writer of every node on this database for the rest of the transaction.
-    let row = c
-        .client
-        .query_opt(&c.head_lock, &[])
-        .await
-        .map_err(pg("locking the audit head"))?;
-    let start = head_from_row(row)?;
+    let start = begin_and_lock_head(&c.client).await?;
     let mut head = start;
+    let mut pending = PendingAudit::default();
     let single = batches.len() == 1;
     let mut results = Vec::with_capacity(batches.len());
     for batch in batches {
+        if batch.writes.is_empty() {
+            let seqs = pending.push_batch(batch, &mut head, signer)?;
+            results.push(Ok(CommitInfo { audit_seqs: seqs }));
+            continue;
+        }
         // With a single batch the transaction itself is the batch's unit of rollback.
         if !single {
             c.client
@@ -406,17 +498,16 @@ async fn run_group(
                 .await
                 .map_err(pg("creating a savepoint"))?;
         }
-        let mut tentative = head;
-        match apply(c, batch, &mut tentative, signer).await {
-            Ok(audit_seqs) => {
+        match apply_writes(c, batch).await {
+            Ok(()) => {
                 if !single {
                     c.client
                         .batch_execute("RELEASE SAVEPOINT batch")
                         .await
                         .map_err(pg("releasing a savepoint"))?;
                 }
-                head = tentative;
-                results.push(Ok(CommitInfo { audit_seqs }));
+                let seqs = pending.push_batch(batch, &mut head, signer)?;
+                results.push(Ok(CommitInfo { audit_seqs: seqs }));
             }
             Err(e) => {
                 if single {
@@ -436,10 +527,29 @@ async fn run_group(
     }
     if head != start {
         let seq = seq_to_i64(head.seq)?;
+        let p = &pending;
         c.client
-            .execute(&c.head_update, &[&seq, &&head.hash[..]])
+            .execute(
+                &c.append_audit,
+                &[
+                    &p.seq,
+                    &p.time_ms,
+                    &p.account,
+                    &p.principal,
+                    &p.operation,
+                    &p.key_id,
+                    &p.result,
+                    &p.request_id,
+                    &p.detail,
+                    &p.prev_hash,
+                    &p.hash,
+                    &p.signature,
+                    &seq,
+                    &&head.hash[..],
+                ],
+            )
             .await
-            .map_err(pg("moving the audit head"))?;
+            .map_err(pg("appending audit records"))?;
     }
     c.client
         .batch_execute("COMMIT")
@@ -448,12 +558,7 @@ async fn run_group(
     Ok(results)
 }
 
-async fn apply(
-    c: &WriterConn,
-    batch: &Batch,
-    head: &mut Head,
-    signer: &dyn AuditSigner,
-) -> Result<Vec<u64>, Error> {
+async fn apply_writes(c: &WriterConn, batch: &Batch) -> Result<(), Error> {
     for w in &batch.writes {
         let (Write::Put {
             kind,
@@ -507,32 +612,5 @@ async fn apply(
             }
         }
     }
-    let mut seqs = Vec::with_capacity(batch.audit.len());
-    for e in &batch.audit {
-        let (seq, prev, hash) = head.advance(e);
-        let signature = signer.sign(&hash);
-        let seq_i = seq_to_i64(seq)?;
-        c.client
-            .execute(
-                &c.insert_audit,
-                &[
-                    &seq_i,
-                    &e.time_ms,
-                    &e.account,
-                    &e.principal,
-                    &e.operation,
-                    &e.key_id,
-                    &e.result,
-                    &e.request_id,
-                    &e.detail,
-                    &&prev[..],
-                    &&hash[..],
-                    &signature,
-                ],
-            )
-            .await
-            .map_err(pg("appending an audit record"))?;
-        seqs.push(seq);
-    }
-    Ok(seqs)
+    Ok(())
 }

@@ -4,8 +4,8 @@
 
 use crate::audit::{Head, RawAuditRow};
 use crate::{
-    AuditEntry, AuditSigner, Batch, CommitInfo, Error, Job, MAX_GROUP, Object, Write, check_expect,
-    next_rev, seq_to_i64,
+    AuditEntry, AuditSigner, Batch, CommitInfo, Counters, Error, Job, MAX_GROUP, Object, Write,
+    check_expect, next_rev, seq_to_i64,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::path::{Path, PathBuf};
@@ -181,13 +181,17 @@ fn read_head(conn: &Connection) -> Result<Head, Error> {
 }
 
 impl SqliteStore {
-    pub async fn open(path: &Path, signer: Arc<dyn AuditSigner>) -> Result<SqliteStore, Error> {
+    pub async fn open(
+        path: &Path,
+        signer: Arc<dyn AuditSigner>,
+        stats: Arc<Counters>,
+    ) -> Result<SqliteStore, Error> {
         let owned = path.to_owned();
         let conn = blocking(move || open_writer(&owned)).await?;
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("caas-store-writer".into())
-            .spawn(move || writer_loop(conn, rx, signer))
+            .spawn(move || writer_loop(conn, rx, signer, stats))
             .map_err(|e| Error::Backend {
                 context: "starting the writer thread",
                 message: e.to_string(),
@@ -307,7 +311,12 @@ impl SqliteStore {
     }
 }
 
-fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, signer: Arc<dyn AuditSigner>) {
+fn writer_loop(
+    conn: Connection,
+    rx: mpsc::Receiver<Job>,
+    signer: Arc<dyn AuditSigner>,
+    stats: Arc<Counters>,
+) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
@@ -317,6 +326,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, signer: Arc<dyn AuditS
             }
         }
         let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
+        stats.record(batches.len());
         let results = match run_group(&conn, &batches, &*signer) {
             Ok(results) => results,
             Err(e) => {
@@ -353,6 +363,11 @@ pub(crate) fn clone_err(e: &Error) -> Error {
     }
 }
 
+/// Runs a parameterless statement through the statement cache (no re-parse per batch).
+fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
 /// One group transaction. Outer error: the whole group failed (caller rolls back);
 /// inner results: per batch.
 fn run_group(
@@ -366,18 +381,17 @@ fn run_group(
     let mut head = start;
     let mut results = Vec::with_capacity(batches.len());
     for batch in batches {
-        conn.execute_batch("SAVEPOINT batch")
-            .map_err(sq("creating a savepoint"))?;
+        exec_cached(conn, "SAVEPOINT batch").map_err(sq("creating a savepoint"))?;
         let mut tentative = head;
         match apply(conn, batch, &mut tentative, signer) {
             Ok(audit_seqs) => {
-                conn.execute_batch("RELEASE batch")
-                    .map_err(sq("releasing a savepoint"))?;
+                exec_cached(conn, "RELEASE batch").map_err(sq("releasing a savepoint"))?;
                 head = tentative;
                 results.push(Ok(CommitInfo { audit_seqs }));
             }
             Err(e) => {
-                conn.execute_batch("ROLLBACK TO batch; RELEASE batch")
+                exec_cached(conn, "ROLLBACK TO batch")
+                    .and_then(|()| exec_cached(conn, "RELEASE batch"))
                     .map_err(sq("rolling back a savepoint"))?;
                 results.push(Err(e));
             }
