@@ -1,0 +1,139 @@
+//! A small JSON-over-HTTP client (hyper-util) shared by the verifier (to reach host
+//! agents), the host agent (to enroll) and the CLI (to reach the key service). Error bodies
+//! of caas services (`{"code", "message"}`) become [`Error::Remote`].
+
+use crate::appraisal::Evidence;
+use crate::error::Error;
+use crate::store::HostRecord;
+use crate::verifier::{Challenge, EvidenceSource};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use std::time::Duration;
+
+/// Largest response body accepted.
+const MAX_BODY: usize = 32 << 20;
+
+/// JSON HTTP client.
+#[derive(Debug, Clone)]
+pub struct HttpClient {
+    inner: Client<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+}
+
+impl Default for HttpClient {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(30))
+    }
+}
+
+impl HttpClient {
+    /// A client with a per-request timeout.
+    pub fn new(timeout: Duration) -> Self {
+        let mut c = HttpConnector::new();
+        c.set_nodelay(true);
+        Self {
+            inner: Client::builder(TokioExecutor::new()).build(c),
+            timeout,
+        }
+    }
+
+    /// Sends `method url` with an optional JSON body and decodes the JSON answer.
+    pub async fn request<R: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        url: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Result<R, Error> {
+        let agent_err = |reason: String| Error::Agent {
+            host: url.to_string(),
+            reason,
+        };
+        let mut b = hyper::Request::builder()
+            .method(method)
+            .uri(url)
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| agent_err(format!("request: {e}")))?;
+        let resp = tokio::time::timeout(self.timeout, self.inner.request(req))
+            .await
+            .map_err(|_| agent_err("timed out".into()))?
+            .map_err(|e| agent_err(format!("connect: {e}")))?;
+        let status = resp.status().as_u16();
+        let limited = http_body_util::Limited::new(resp.into_body(), MAX_BODY);
+        let bytes = tokio::time::timeout(self.timeout, limited.collect())
+            .await
+            .map_err(|_| agent_err("timed out reading body".into()))?
+            .map_err(|e| agent_err(format!("body: {e}")))?
+            .to_bytes();
+        if !(200..300).contains(&status) {
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            return Err(Error::Remote {
+                url: url.to_string(),
+                status,
+                code: v
+                    .get("code")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or("http_error")
+                    .to_string(),
+                message: v
+                    .get("message")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or("")
+                    .chars()
+                    .take(500)
+                    .collect(),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| agent_err(format!("invalid JSON answer: {e}")))
+    }
+
+    /// POST JSON.
+    pub async fn post<B: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        url: &str,
+        body: &B,
+    ) -> Result<R, Error> {
+        let b = serde_json::to_vec(body).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        self.request("POST", url, Some(b), &[]).await
+    }
+
+    /// PUT JSON.
+    pub async fn put<B: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        url: &str,
+        body: &B,
+    ) -> Result<R, Error> {
+        let b = serde_json::to_vec(body).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        self.request("PUT", url, Some(b), &[]).await
+    }
+
+    /// GET JSON.
+    pub async fn get<R: serde::de::DeserializeOwned>(&self, url: &str) -> Result<R, Error> {
+        self.request("GET", url, None, &[]).await
+    }
+}
+
+/// Fetches evidence from host agents: `POST {agent_url}/v1/agent/quote` with the challenge.
+#[derive(Debug, Clone, Default)]
+pub struct AgentClient {
+    /// The HTTP client.
+    pub http: HttpClient,
+}
+
+impl EvidenceSource for AgentClient {
+    async fn fetch(&self, host: &HostRecord, challenge: &Challenge) -> Result<Evidence, String> {
+        let url = format!("{}/v1/agent/quote", host.agent_url.trim_end_matches('/'));
+        self.http
+            .post(&url, challenge)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,1 @@
+//! caas-host: the host agent.
