@@ -281,33 +281,53 @@ impl PgStore {
         Ok(fresh)
     }
 
-    pub async fn get(&self, kind: &str, account: &str, id: &str) -> Result<Option<Object>, Error> {
+    /// Runs a read; if it failed because the server closed the connection (restart,
+    /// failover), reconnects and tries once more (reads are idempotent).
+    // The closure takes the reader by `Arc` (not `&Reader` through `AsyncFn`) so that the
+    // returned future is `Send` for axum handlers: a higher-ranked borrow is not.
+    async fn read<T, F, Fut>(&self, context: &'static str, f: F) -> Result<T, Error>
+    where
+        F: Fn(Arc<Reader>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    {
         let r = self.reader().await?;
-        let row = r
-            .client
-            .query_opt(&r.get, &[&kind, &account, &id])
-            .await
-            .map_err(pg("reading an object"))?;
+        match f(r.clone()).await {
+            Ok(v) => Ok(v),
+            Err(_) if r.client.is_closed() => {
+                let r = self.reader().await?;
+                f(r).await.map_err(pg(context))
+            }
+            Err(e) => Err(Error::postgres(context, e)),
+        }
+    }
+
+    pub async fn get(&self, kind: &str, account: &str, id: &str) -> Result<Option<Object>, Error> {
+        let row = self
+            .read("reading an object", |r: Arc<Reader>| async move {
+                r.client.query_opt(&r.get, &[&kind, &account, &id]).await
+            })
+            .await?;
         row.as_ref().map(row_to_object).transpose()
     }
 
     pub async fn list(&self, kind: &str, account: Option<&str>) -> Result<Vec<Object>, Error> {
-        let r = self.reader().await?;
-        let rows = match account {
-            Some(a) => r.client.query(&r.list_account, &[&kind, &a]).await,
-            None => r.client.query(&r.list_all, &[&kind]).await,
-        }
-        .map_err(pg("listing objects"))?;
+        let rows = self
+            .read("listing objects", |r: Arc<Reader>| async move {
+                match account {
+                    Some(a) => r.client.query(&r.list_account, &[&kind, &a]).await,
+                    None => r.client.query(&r.list_all, &[&kind]).await,
+                }
+            })
+            .await?;
         rows.iter().map(row_to_object).collect()
     }
 
     pub async fn head(&self) -> Result<Head, Error> {
-        let r = self.reader().await?;
-        let row = r
-            .client
-            .query_opt(&r.head, &[])
-            .await
-            .map_err(pg("reading the audit head"))?;
+        let row = self
+            .read("reading the audit head", |r: Arc<Reader>| async move {
+                r.client.query_opt(&r.head, &[]).await
+            })
+            .await?;
         head_from_row(row)
     }
 
@@ -318,16 +338,18 @@ impl PgStore {
         upto: i64,
         limit: i64,
     ) -> Result<Vec<RawAuditRow>, Error> {
-        let r = self.reader().await?;
-        let rows = match account {
-            Some(a) => {
-                r.client
-                    .query(&r.audit_account, &[&a, &after, &upto, &limit])
-                    .await
-            }
-            None => r.client.query(&r.audit_all, &[&after, &upto, &limit]).await,
-        }
-        .map_err(pg("reading audit records"))?;
+        let rows = self
+            .read("reading audit records", |r: Arc<Reader>| async move {
+                match account {
+                    Some(a) => {
+                        r.client
+                            .query(&r.audit_account, &[&a, &after, &upto, &limit])
+                            .await
+                    }
+                    None => r.client.query(&r.audit_all, &[&after, &upto, &limit]).await,
+                }
+            })
+            .await?;
         rows.iter().map(row_to_audit).collect()
     }
 
@@ -367,10 +389,35 @@ async fn writer_task(
                 }
             };
         }
-        let Some(c) = conn.as_ref() else { continue };
+        // Nothing has happened yet if BEGIN fails on a connection the server closed
+        // (restart, failover): reconnect and begin once more.
+        let mut begun = match conn.as_ref() {
+            Some(c) => begin_and_lock_head(&c.client).await,
+            None => Err(Error::WriterStopped),
+        };
+        if begun.is_err() && conn.as_ref().is_none_or(|c| c.client.is_closed()) {
+            match WriterConn::connect(&config).await {
+                Ok(c) => {
+                    begun = begin_and_lock_head(&c.client).await;
+                    conn = Some(c);
+                }
+                Err(e) => begun = Err(e),
+            }
+        }
+        let (Some(c), Ok(start)) = (conn.as_ref(), begun.as_ref()) else {
+            let e = begun.err().unwrap_or(Error::WriterStopped);
+            tracing::warn!(error = %e, "PostgreSQL writer cannot begin a transaction");
+            if let Some(c) = conn.as_ref() {
+                let _ = c.client.batch_execute("ROLLBACK").await;
+            }
+            for job in jobs {
+                let _ = job.reply.send(Err(clone_err(&e)));
+            }
+            continue;
+        };
         let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
         stats.record(batches.len());
-        let results = match run_group(c, &batches, &*signer).await {
+        let results = match run_group(c, *start, &batches, &*signer).await {
             Ok(results) => results,
             Err(e) => {
                 tracing::warn!(error = %e, batches = jobs.len(), "PostgreSQL group commit failed");
@@ -445,7 +492,8 @@ fn parse_hex32(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// BEGIN and lock the chain head in one round trip (simple-query protocol: the explicit
+/// BEGIN and lock the chain head in one round trip; the lock serializes every writer of
+/// every node on this database until COMMIT (simple-query protocol: the explicit
 /// BEGIN keeps the transaction open after the query string).
 async fn begin_and_lock_head(client: &Client) -> Result<Head, Error> {
     let msgs = client
@@ -476,11 +524,10 @@ async fn begin_and_lock_head(client: &Client) -> Result<Head, Error> {
 /// Batches without object writes cannot conflict and cost no round trip of their own.
 async fn run_group(
     c: &WriterConn,
+    start: Head,
     batches: &[&Batch],
     signer: &dyn AuditSigner,
 ) -> Result<Vec<Result<CommitInfo, Error>>, Error> {
-    // Serializes every writer of every node on this database for the rest of the transaction.
-    let start = begin_and_lock_head(&c.client).await?;
     let mut head = start;
     let mut pending = PendingAudit::default();
     let single = batches.len() == 1;
