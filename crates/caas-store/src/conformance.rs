@@ -35,7 +35,7 @@ impl TestSigner {
         })
     }
 
-    pub fn verifier(&self) -> impl Fn(&[u8; 32], &[u8]) -> bool + use<> {
+    pub fn verifier(&self) -> impl Fn(&[u8; 32], &[u8]) -> bool + Send + Sync + use<> {
         let public = self.key.public_key().as_ref().to_vec();
         move |hash: &[u8; 32], sig: &[u8]| {
             UnparsedPublicKey::new(&ED25519, &public)
@@ -108,7 +108,7 @@ impl Harness for SqliteHarness {
 }
 
 pub(crate) struct PgHarness {
-    _cluster: PgCluster,
+    cluster: PgCluster,
     url: String,
     signer: Arc<TestSigner>,
     pkcs8: Vec<u8>,
@@ -123,7 +123,7 @@ impl PgHarness {
         let url = cluster.create_database("conformance").unwrap();
         let (signer, pkcs8) = TestSigner::generate();
         PgHarness {
-            _cluster: cluster,
+            cluster,
             url,
             signer,
             pkcs8,
@@ -372,6 +372,22 @@ pub(crate) async fn concurrent_commits_all_succeed_and_chain_holds(h: &impl Harn
         .unwrap();
     const TASKS: usize = 32;
     const PER_TASK: usize = 25;
+    // Verification runs concurrently with the appends and always sees an intact prefix.
+    let verifier = {
+        let (s, verify) = (s.clone(), h.signer().verifier());
+        tokio::spawn(async move {
+            let mut runs = 0;
+            loop {
+                let v = s.audit_verify(&verify).await.unwrap();
+                assert!(v.is_ok(), "{v:?}");
+                runs += 1;
+                if v.head_seq > (TASKS * PER_TASK) as u64 || runs > 1000 {
+                    return runs;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
     let mut handles = Vec::new();
     for t in 0..TASKS {
         let s = s.clone();
@@ -420,6 +436,7 @@ pub(crate) async fn concurrent_commits_all_succeed_and_chain_holds(h: &impl Harn
         wins += w;
     }
     assert_eq!(wins, 1, "exactly one commit can move rev 1 to 2");
+    assert!(verifier.await.unwrap() > 1);
     all.sort_unstable();
     let n = TASKS * PER_TASK + 1;
     assert_eq!(
@@ -688,6 +705,30 @@ pub(crate) async fn backend_is_reported(h: &impl Harness) {
     assert_eq!(s.backend(), want);
 }
 
+/// PostgreSQL only: the writer and the readers survive a server restart (reconnect).
+pub(crate) async fn postgres_restart_is_survived(h: &PgHarness) {
+    let s = h.open().await;
+    let commit = |n: usize| Batch {
+        writes: vec![put("key", "a", &format!("k{n}"), b"v", Some(0))],
+        audit: vec![entry("a", "CreateKey", None, n)],
+    };
+    s.commit(commit(0)).await.unwrap();
+    assert!(s.get("key", "a", "k0").await.unwrap().is_some());
+    tokio::task::block_in_place(|| h.cluster.restart()).unwrap();
+    // Give the client side a moment to notice the closed sockets.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.commit(commit(1)).await.unwrap();
+    assert!(s.get("key", "a", "k1").await.unwrap().is_some());
+    assert_eq!(s.list("key", Some("a")).await.unwrap().len(), 2);
+    let v = s.audit_verify(&h.signer().verifier()).await.unwrap();
+    assert!(v.is_ok() && v.checked == 2, "{v:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_is_survived_test() {
+    postgres_restart_is_survived(&PgHarness::new()).await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Durability: a child process commits in a loop and prints each acknowledged id; the parent
 // SIGKILLs it, reopens the store, and checks that every acknowledged id and the chain are there.
@@ -809,6 +850,22 @@ pub(crate) async fn sigkill_loses_no_acknowledged_commit(h: &impl Harness) {
         v.checked as usize,
         s.list("dur", Some("acct")).await.unwrap().len()
     );
+}
+
+/// Every Store future can be spawned (axum handlers and tokio::spawn need Send).
+#[test]
+fn store_futures_are_send() {
+    fn assert_send<T: Send>(_: &T) {}
+    let check = |s: &Store| {
+        assert_send(&Store::open("x", TestSigner::generate().0));
+        assert_send(&s.get("k", "a", "i"));
+        assert_send(&s.list("k", None));
+        assert_send(&s.commit(Batch::default()));
+        assert_send(&s.audit_list(None, 0, 1));
+        let verify = |_: &[u8; 32], _: &[u8]| true;
+        assert_send(&s.audit_verify(&verify));
+    };
+    let _ = check;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

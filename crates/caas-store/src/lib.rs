@@ -291,7 +291,7 @@ impl Store {
     /// seq continuity, the head row, and each signature via `verify(hash, signature)`.
     pub async fn audit_verify(
         &self,
-        verify: &dyn Fn(&[u8; 32], &[u8]) -> bool,
+        verify: &(dyn Fn(&[u8; 32], &[u8]) -> bool + Sync),
     ) -> Result<AuditVerifyReport, Error> {
         let head = match &*self.inner {
             Inner::Sqlite(s) => s.head().await?,

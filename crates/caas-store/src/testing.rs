@@ -267,6 +267,20 @@ impl PgCluster {
         Ok(check("pg_dump", out)?.stdout)
     }
 
+    /// Restarts the server (`pg_ctl restart -m fast`), dropping every client connection;
+    /// the port and data stay.
+    pub fn restart(&self) -> Result<(), HarnessError> {
+        let out = self
+            .pg_command("pg_ctl")
+            .arg("-D")
+            .arg(self.data_dir())
+            .arg("-l")
+            .arg(self.dir.path().join("server.log"))
+            .args(["-m", "fast", "-w", "-t", "60", "restart"])
+            .output();
+        check("pg_ctl restart", out).map(|_| ())
+    }
+
     /// Stops the server now (`pg_ctl stop -m fast`); also done on drop.
     pub fn stop(&mut self) -> Result<(), HarnessError> {
         if !self.running {
