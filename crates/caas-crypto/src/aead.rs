@@ -10,7 +10,10 @@ use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 pub const OVERHEAD: usize = 12 + 16;
 
 fn key(k: &SecretKey) -> Result<LessSafeKey, Error> {
-    let unbound = UnboundKey::new(&AES_256_GCM, k.expose()).map_err(|_| Error::InvalidLength { what: "AES-256 key", len: 32 })?;
+    let unbound = UnboundKey::new(&AES_256_GCM, k.expose()).map_err(|_| Error::InvalidLength {
+        what: "AES-256 key",
+        len: 32,
+    })?;
     Ok(LessSafeKey::new(unbound))
 }
 
@@ -21,7 +24,11 @@ pub fn seal(k: &SecretKey, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, Erro
     out.extend_from_slice(&nonce);
     out.extend_from_slice(plaintext);
     let tag = key(k)?
-        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut out[12..])
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut out[12..],
+        )
         .map_err(|_| Error::AuthenticationFailed)?;
     out.extend_from_slice(tag.as_ref());
     Ok(out)
@@ -30,7 +37,10 @@ pub fn seal(k: &SecretKey, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, Erro
 /// Opens a [`seal`]ed envelope; fails on any change to it or to `aad`.
 pub fn open(k: &SecretKey, aad: &[u8], sealed: &[u8]) -> Result<SecretBytes, Error> {
     if sealed.len() < OVERHEAD {
-        return Err(Error::InvalidLength { what: "sealed envelope", len: sealed.len() });
+        return Err(Error::InvalidLength {
+            what: "sealed envelope",
+            len: sealed.len(),
+        });
     }
     let (nonce, rest) = sealed.split_at(12);
     let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Error::AuthenticationFailed)?;

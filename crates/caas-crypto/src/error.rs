@@ -5,7 +5,9 @@ use thiserror::Error;
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum Error {
     /// Authenticated decryption failed: wrong key, wrong associated data or tampered bytes.
-    #[error("authentication failed: the ciphertext or its context was altered, or the key is wrong")]
+    #[error(
+        "authentication failed: the ciphertext or its context was altered, or the key is wrong"
+    )]
     AuthenticationFailed,
     /// An input had an unusable length.
     #[error("invalid length for {what}: {len}")]

@@ -29,31 +29,57 @@ impl Conn {
     async fn open(addr: std::net::SocketAddr, akid: &str, secret: &[u8]) -> Conn {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         tcp.set_nodelay(true).unwrap();
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
         tokio::spawn(conn);
-        Conn { sender, host: addr.to_string(), akid: akid.into(), secret: secret.to_vec() }
+        Conn {
+            sender,
+            host: addr.to_string(),
+            akid: akid.into(),
+            secret: secret.to_vec(),
+        }
     }
 
     async fn call(&mut self, op: &str, body: &Value) -> Value {
         let body = body.to_string().into_bytes();
         let headers = vec![
-            ("content-type".to_string(), "application/x-amz-json-1.1".to_string()),
+            (
+                "content-type".to_string(),
+                "application/x-amz-json-1.1".to_string(),
+            ),
             ("host".to_string(), self.host.clone()),
-            ("x-amz-date".to_string(), sigv4::format_amz_date(caas_kms::now_ms() / 1000)),
+            (
+                "x-amz-date".to_string(),
+                sigv4::format_amz_date(caas_kms::now_ms() / 1000),
+            ),
             ("x-amz-target".to_string(), format!("TrentService.{op}")),
         ];
-        let sreq = sigv4::Request { method: "POST", path: "/", query: "", headers: &headers, body: &body };
+        let sreq = sigv4::Request {
+            method: "POST",
+            path: "/",
+            query: "",
+            headers: &headers,
+            body: &body,
+        };
         let auth = sigv4::sign(&sreq, &self.akid, &self.secret, "us-east-1", "kms").unwrap();
         let mut b = hyper::Request::builder().method("POST").uri("/");
         for (n, v) in &headers {
             b = b.header(n, v);
         }
-        let req = b.header("authorization", auth).body(Full::new(Bytes::from(body))).unwrap();
+        let req = b
+            .header("authorization", auth)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
         self.sender.ready().await.unwrap();
         let resp = self.sender.send_request(req).await.unwrap();
         let status = resp.status();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        assert!(status.is_success(), "{op}: {}", String::from_utf8_lossy(&bytes));
+        assert!(
+            status.is_success(),
+            "{op}: {}",
+            String::from_utf8_lossy(&bytes)
+        );
         serde_json::from_slice(&bytes).unwrap()
     }
 }
@@ -64,7 +90,15 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
     v[i].as_secs_f64() * 1e6
 }
 
-async fn run_load(addr: std::net::SocketAddr, akid: &str, secret: &[u8], clients: usize, dur: Duration, op: &'static str, body: Value) -> (f64, f64, f64) {
+async fn run_load(
+    addr: std::net::SocketAddr,
+    akid: &str,
+    secret: &[u8],
+    clients: usize,
+    dur: Duration,
+    op: &'static str,
+    body: Value,
+) -> (f64, f64, f64) {
     let mut tasks = vec![];
     let start = Instant::now();
     for _ in 0..clients {
@@ -101,9 +135,15 @@ fn per_sec(dur: Duration, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let secs: u64 = std::env::var("BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let secs: u64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     let dur = Duration::from_secs(secs);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let tmp = tempfile::tempdir().unwrap();
         let params = KmsParams {
@@ -111,6 +151,7 @@ fn main() {
             database: format!("sqlite:{}", tmp.path().join("kms.sqlite3").display()),
             node_key_file: tmp.path().join("node.key"),
             create_node_key: true,
+            domain_key_rotation: None,
         };
         let kms: Arc<Kms> = Kms::open(&params).await.unwrap();
         let account = kms.create_account("bench").await.unwrap();

@@ -14,14 +14,20 @@ pub struct Ed25519AuditSigner {
 
 impl std::fmt::Debug for Ed25519AuditSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Ed25519AuditSigner(public={})", hex::encode(self.public_key()))
+        write!(
+            f,
+            "Ed25519AuditSigner(public={})",
+            hex::encode(self.public_key())
+        )
     }
 }
 
 impl Ed25519AuditSigner {
     /// Builds the signer from a 32-byte seed (derived from the node key).
     pub fn from_seed(seed: &[u8]) -> Option<Self> {
-        Ed25519KeyPair::from_seed_unchecked(seed).ok().map(|key| Self { key })
+        Ed25519KeyPair::from_seed_unchecked(seed)
+            .ok()
+            .map(|key| Self { key })
     }
     /// The raw 32-byte public key.
     pub fn public_key(&self) -> Vec<u8> {
@@ -37,7 +43,9 @@ impl AuditSigner for Ed25519AuditSigner {
 
 /// Verifies a record signature against a raw Ed25519 public key.
 pub fn verify_signature(public_key: &[u8], hash: &[u8; 32], sig: &[u8]) -> bool {
-    UnparsedPublicKey::new(&ED25519, public_key).verify(hash, sig).is_ok()
+    UnparsedPublicKey::new(&ED25519, public_key)
+        .verify(hash, sig)
+        .is_ok()
 }
 
 /// An audit entry for deployment-level events (domain key creation, scheduled deletions).

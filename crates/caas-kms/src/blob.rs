@@ -57,12 +57,27 @@ pub fn parse(data: &[u8]) -> KmsResult<Blob<'_>> {
     let hbk_version = u32::from_be_bytes([v[0], v[1], v[2], v[3]]);
     let nonce: &[u8; 32] = data[6 + n..38 + n].try_into().map_err(|_| invalid())?;
     let iv: &[u8; 12] = data[38 + n..50 + n].try_into().map_err(|_| invalid())?;
-    Ok(Blob { key_id, hbk_version, nonce, iv, header: &data[..hdr_len], sealed: &data[hdr_len..] })
+    Ok(Blob {
+        key_id,
+        hbk_version,
+        nonce,
+        iv,
+        header: &data[..hdr_len],
+        sealed: &data[hdr_len..],
+    })
 }
 
 /// Writes the header of a new blob.
-pub fn header(key_id: &str, hbk_version: u32, nonce: &[u8; 32], iv: &[u8; 12]) -> KmsResult<Vec<u8>> {
-    let n = u8::try_from(key_id.len()).ok().filter(|n| (1..=64).contains(n)).ok_or_else(|| KmsError::internal_crypto("key id length"))?;
+pub fn header(
+    key_id: &str,
+    hbk_version: u32,
+    nonce: &[u8; 32],
+    iv: &[u8; 12],
+) -> KmsResult<Vec<u8>> {
+    let n = u8::try_from(key_id.len())
+        .ok()
+        .filter(|n| (1..=64).contains(n))
+        .ok_or_else(|| KmsError::internal_crypto("key id length"))?;
     let mut out = Vec::with_capacity(50 + key_id.len() + 64);
     out.push(VERSION);
     out.push(n);
@@ -79,10 +94,18 @@ mod tests {
 
     #[test]
     fn parse_round_trip_and_garbage() -> KmsResult<()> {
-        let mut b = header("1234abcd-12ab-34cd-56ef-1234567890ab", 7, &[1; 32], &[2; 12])?;
+        let mut b = header(
+            "1234abcd-12ab-34cd-56ef-1234567890ab",
+            7,
+            &[1; 32],
+            &[2; 12],
+        )?;
         b.extend_from_slice(&[9; 20]);
         let p = parse(&b)?;
-        assert_eq!((p.key_id, p.hbk_version, p.sealed.len()), ("1234abcd-12ab-34cd-56ef-1234567890ab", 7, 20));
+        assert_eq!(
+            (p.key_id, p.hbk_version, p.sealed.len()),
+            ("1234abcd-12ab-34cd-56ef-1234567890ab", 7, 20)
+        );
         for len in 0..b.len() - 4 {
             let _ = parse(&b[..len]);
         }

@@ -51,14 +51,26 @@ pub struct KmsClient {
 
 impl std::fmt::Debug for KmsClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KmsClient").field("endpoint", &self.endpoint).field("access_key_id", &self.access_key_id).finish_non_exhaustive()
+        f.debug_struct("KmsClient")
+            .field("endpoint", &self.endpoint)
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
     }
 }
 
 impl KmsClient {
     /// A client for `http://host:port` or `https://host:port` (then `ca_pem` is the CA to trust).
-    pub fn new(endpoint: &str, region: &str, access_key_id: &str, secret: SecretBytes, ca_pem: Option<&[u8]>) -> Result<Self, ClientError> {
-        let bad = |r: &str| ClientError::Connect { endpoint: endpoint.into(), reason: r.into() };
+    pub fn new(
+        endpoint: &str,
+        region: &str,
+        access_key_id: &str,
+        secret: SecretBytes,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Self, ClientError> {
+        let bad = |r: &str| ClientError::Connect {
+            endpoint: endpoint.into(),
+            reason: r.into(),
+        };
         let (tls, rest) = if let Some(r) = endpoint.strip_prefix("https://") {
             (true, r)
         } else if let Some(r) = endpoint.strip_prefix("http://") {
@@ -76,55 +88,110 @@ impl KmsClient {
             let mut roots = rustls::RootCertStore::empty();
             let pem = ca_pem.ok_or_else(|| bad("https endpoint needs a CA certificate"))?;
             for c in CertificateDer::pem_slice_iter(pem) {
-                roots.add(c.map_err(|_| bad("bad CA certificate"))?).map_err(|_| bad("bad CA certificate"))?;
+                roots
+                    .add(c.map_err(|_| bad("bad CA certificate"))?)
+                    .map_err(|_| bad("bad CA certificate"))?;
             }
-            let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| bad(&e.to_string()))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+            let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(&e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
             Some(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
         } else {
             None
         };
-        Ok(KmsClient { endpoint: endpoint.into(), host, port, tls, region: region.into(), access_key_id: access_key_id.into(), secret })
+        Ok(KmsClient {
+            endpoint: endpoint.into(),
+            host,
+            port,
+            tls,
+            region: region.into(),
+            access_key_id: access_key_id.into(),
+            secret,
+        })
     }
 
     /// Calls `TrentService.<op>` with a JSON body; returns the JSON reply.
     pub async fn call(&self, op: &str, body: &Value) -> Result<Value, ClientError> {
         let body = body.to_string().into_bytes();
         let amz_date = sigv4::format_amz_date(crate::now_ms() / 1000);
-        let host = if (self.tls.is_some() && self.port == 443) || (self.tls.is_none() && self.port == 80) { self.host.clone() } else { format!("{}:{}", self.host, self.port) };
+        let host = if (self.tls.is_some() && self.port == 443)
+            || (self.tls.is_none() && self.port == 80)
+        {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
         let target = format!("TrentService.{op}");
         let headers = vec![
-            ("content-type".to_string(), "application/x-amz-json-1.1".to_string()),
+            (
+                "content-type".to_string(),
+                "application/x-amz-json-1.1".to_string(),
+            ),
             ("host".to_string(), host.clone()),
             ("x-amz-date".to_string(), amz_date.clone()),
             ("x-amz-target".to_string(), target.clone()),
         ];
-        let sreq = sigv4::Request { method: "POST", path: "/", query: "", headers: &headers, body: &body };
-        let auth = sigv4::sign(&sreq, &self.access_key_id, self.secret.expose(), &self.region, "kms").map_err(|_| ClientError::Malformed("cannot sign".into()))?;
+        let sreq = sigv4::Request {
+            method: "POST",
+            path: "/",
+            query: "",
+            headers: &headers,
+            body: &body,
+        };
+        let auth = sigv4::sign(
+            &sreq,
+            &self.access_key_id,
+            self.secret.expose(),
+            &self.region,
+            "kms",
+        )
+        .map_err(|_| ClientError::Malformed("cannot sign".into()))?;
         let mut builder = hyper::Request::builder().method("POST").uri("/");
         for (n, v) in &headers {
             builder = builder.header(n, v);
         }
-        let req = builder.header("authorization", auth).body(Full::new(Bytes::from(body))).map_err(|e| ClientError::Malformed(e.to_string()))?;
-        let conn_err = |r: String| ClientError::Connect { endpoint: self.endpoint.clone(), reason: r };
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await.map_err(|e| conn_err(e.to_string()))?;
+        let req = builder
+            .header("authorization", auth)
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ClientError::Malformed(e.to_string()))?;
+        let conn_err = |r: String| ClientError::Connect {
+            endpoint: self.endpoint.clone(),
+            reason: r,
+        };
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| conn_err(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         let resp = if let Some(tls) = &self.tls {
-            let name = rustls::pki_types::ServerName::try_from(self.host.clone()).map_err(|e| conn_err(e.to_string()))?;
-            let s = tls.connect(name, tcp).await.map_err(|e| conn_err(e.to_string()))?;
+            let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+                .map_err(|e| conn_err(e.to_string()))?;
+            let s = tls
+                .connect(name, tcp)
+                .await
+                .map_err(|e| conn_err(e.to_string()))?;
             send(TokioIo::new(s), req).await.map_err(conn_err)?
         } else {
             send(TokioIo::new(tcp), req).await.map_err(conn_err)?
         };
         let (status, bytes) = resp;
-        let v: Value = serde_json::from_slice(&bytes).map_err(|_| ClientError::Malformed(format!("HTTP {status}: not JSON")))?;
+        let v: Value = serde_json::from_slice(&bytes)
+            .map_err(|_| ClientError::Malformed(format!("HTTP {status}: not JSON")))?;
         if status != 200 {
             return Err(ClientError::Service {
-                code: v.get("__type").and_then(Value::as_str).unwrap_or("Unknown").to_string(),
-                message: v.get("message").and_then(Value::as_str).unwrap_or("").to_string(),
+                code: v
+                    .get("__type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("Unknown")
+                    .to_string(),
+                message: v
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
                 status,
             });
         }
@@ -132,35 +199,59 @@ impl KmsClient {
     }
 
     /// GenerateDataKey (AES_256) under `key_id`: returns (plaintext, ciphertext blob).
-    pub async fn generate_data_key(&self, key_id: &str, ec: &Value) -> Result<(SecretBytes, Vec<u8>), ClientError> {
+    pub async fn generate_data_key(
+        &self,
+        key_id: &str,
+        ec: &Value,
+    ) -> Result<(SecretBytes, Vec<u8>), ClientError> {
         let v = self.call("GenerateDataKey", &serde_json::json!({ "KeyId": key_id, "KeySpec": "AES_256", "EncryptionContext": ec })).await?;
-        Ok((SecretBytes::new(b64field(&v, "Plaintext")?), b64field(&v, "CiphertextBlob")?))
+        Ok((
+            SecretBytes::new(b64field(&v, "Plaintext")?),
+            b64field(&v, "CiphertextBlob")?,
+        ))
     }
 
     /// Decrypt a blob: returns the plaintext.
     pub async fn decrypt(&self, blob: &[u8], ec: &Value) -> Result<SecretBytes, ClientError> {
         let b = base64::engine::general_purpose::STANDARD.encode(blob);
-        let v = self.call("Decrypt", &serde_json::json!({ "CiphertextBlob": b, "EncryptionContext": ec })).await?;
+        let v = self
+            .call(
+                "Decrypt",
+                &serde_json::json!({ "CiphertextBlob": b, "EncryptionContext": ec }),
+            )
+            .await?;
         Ok(SecretBytes::new(b64field(&v, "Plaintext")?))
     }
 }
 
 /// Decodes a base64 field of a reply.
 pub fn b64field(v: &Value, name: &str) -> Result<Vec<u8>, ClientError> {
-    let s = v.get(name).and_then(Value::as_str).ok_or_else(|| ClientError::Malformed(format!("missing {name}")))?;
-    base64::engine::general_purpose::STANDARD.decode(s).map_err(|_| ClientError::Malformed(format!("{name} is not base64")))
+    let s = v
+        .get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| ClientError::Malformed(format!("missing {name}")))?;
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .map_err(|_| ClientError::Malformed(format!("{name} is not base64")))
 }
 
 async fn send<T>(io: TokioIo<T>, req: hyper::Request<Full<Bytes>>) -> Result<(u16, Bytes), String>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
     Ok((status, body))
 }

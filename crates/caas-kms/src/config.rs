@@ -44,6 +44,8 @@ pub struct RawKeys {
 pub struct RawMaintenance {
     /// Seconds between runs of scheduled deletion / rotation.
     pub interval_secs: Option<u64>,
+    /// Hours between domain-key rotations (seed 004: daily); 0 disables.
+    pub domain_key_rotation_hours: Option<u64>,
 }
 
 /// The whole file.
@@ -79,24 +81,41 @@ pub struct ServeParams {
 
 /// Reads a TOML config file.
 pub fn load(path: &Path) -> Result<RawConfig, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 impl RawConfig {
     /// Validates into parameters.
     pub fn validate(self) -> Result<ServeParams, String> {
-        let listen = self.server.listen.unwrap_or_else(|| "127.0.0.1:7300".into());
-        let listen: SocketAddr = listen.parse().map_err(|_| format!("server.listen: '{listen}' is not an address:port"))?;
+        let listen = self
+            .server
+            .listen
+            .unwrap_or_else(|| "127.0.0.1:7300".into());
+        let listen: SocketAddr = listen
+            .parse()
+            .map_err(|_| format!("server.listen: '{listen}' is not an address:port"))?;
         let tls = match (self.server.tls_cert, self.server.tls_key) {
             (Some(cert), Some(key)) => Some(crate::server::TlsFiles { cert, key }),
             (None, None) => None,
             _ => return Err("server.tls_cert and server.tls_key must be given together".into()),
         };
-        let database = self.storage.database.ok_or("storage.database is required")?;
-        let node_key_file = self.keys.node_key_file.ok_or("keys.node_key_file is required")?;
+        let database = self
+            .storage
+            .database
+            .ok_or("storage.database is required")?;
+        let node_key_file = self
+            .keys
+            .node_key_file
+            .ok_or("keys.node_key_file is required")?;
         let region = self.server.region.unwrap_or_else(|| "us-east-1".into());
-        if region.is_empty() || region.len() > 32 || !region.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        if region.is_empty()
+            || region.len() > 32
+            || !region
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
             return Err(format!("server.region: '{region}' is not a region name"));
         }
         let secs = self.maintenance.interval_secs.unwrap_or(60);
@@ -104,7 +123,17 @@ impl RawConfig {
             return Err("maintenance.interval_secs must be at least 1".into());
         }
         Ok(ServeParams {
-            kms: KmsParams { region, database, node_key_file, create_node_key: self.keys.create_node_key.unwrap_or(false) },
+            kms: KmsParams {
+                region,
+                database,
+                node_key_file,
+                create_node_key: self.keys.create_node_key.unwrap_or(false),
+                domain_key_rotation: match self.maintenance.domain_key_rotation_hours.unwrap_or(24)
+                {
+                    0 => None,
+                    h => Some(std::time::Duration::from_secs(h * 3600)),
+                },
+            },
             listen,
             tls,
             maintenance_interval: std::time::Duration::from_secs(secs),

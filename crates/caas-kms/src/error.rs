@@ -151,7 +151,9 @@ impl KmsError {
     /// Wraps a storage failure without exposing internals to the client.
     pub fn store(e: caas_store::Error) -> Self {
         match e {
-            caas_store::Error::Conflict { .. } => KmsError::Conflict("Concurrent modification; retry the request".into()),
+            caas_store::Error::Conflict { .. } => {
+                KmsError::Conflict("Concurrent modification; retry the request".into())
+            }
             other => {
                 tracing::error!(error = %other, "store failure");
                 KmsError::Internal("Internal storage failure".into())

@@ -35,13 +35,22 @@ impl NodeKey {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let meta = std::fs::metadata(path).map_err(|e| KmsError::Internal(format!("node key file unreadable: {}", e.kind())))?;
+            let meta = std::fs::metadata(path).map_err(|e| {
+                KmsError::Internal(format!("node key file unreadable: {}", e.kind()))
+            })?;
             if meta.permissions().mode() & 0o077 != 0 {
-                return Err(KmsError::Internal("node key file must have mode 0600".into()));
+                return Err(KmsError::Internal(
+                    "node key file must have mode 0600".into(),
+                ));
             }
         }
-        let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| KmsError::Internal(format!("node key file unreadable: {}", e.kind())))?);
-        SecretKey::from_slice(&bytes).map(NodeKey).map_err(|_| KmsError::Internal("node key file must hold exactly 32 bytes".into()))
+        let bytes =
+            zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| {
+                KmsError::Internal(format!("node key file unreadable: {}", e.kind()))
+            })?);
+        SecretKey::from_slice(&bytes)
+            .map(NodeKey)
+            .map_err(|_| KmsError::Internal("node key file must hold exactly 32 bytes".into()))
     }
 
     /// Creates a fresh node key file with mode 0600 (fails if it exists).
@@ -52,14 +61,22 @@ impl NodeKey {
         opts.write(true).create_new(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts.open(path).map_err(|e| KmsError::Internal(format!("cannot create node key file: {}", e.kind())))?;
-        f.write_all(key.expose()).and_then(|_| f.sync_all()).map_err(|e| KmsError::Internal(format!("cannot write node key file: {}", e.kind())))?;
+        let mut f = opts.open(path).map_err(|e| {
+            KmsError::Internal(format!("cannot create node key file: {}", e.kind()))
+        })?;
+        f.write_all(key.expose())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| KmsError::Internal(format!("cannot write node key file: {}", e.kind())))?;
         Ok(NodeKey(key))
     }
 
     /// Loads the key at `path`, creating it first if missing.
     pub fn load_or_create(path: &Path) -> KmsResult<Self> {
-        if path.exists() { Self::load(path) } else { Self::create(path) }
+        if path.exists() {
+            Self::load(path)
+        } else {
+            Self::create(path)
+        }
     }
 
     /// Wraps a node-key-protected record from raw bytes (used by tests and the TPM path).
@@ -94,12 +111,18 @@ pub struct Keyring {
     node: NodeKey,
     store: Store,
     keys: RwLock<BTreeMap<u32, SecretKey>>,
+    created: RwLock<BTreeMap<u32, i64>>,
 }
 
 impl Keyring {
     /// Loads every domain key from the store, creating version 1 on first start.
     pub async fn open(store: Store, node: NodeKey) -> KmsResult<Self> {
-        let kr = Keyring { node, store, keys: RwLock::new(BTreeMap::new()) };
+        let kr = Keyring {
+            node,
+            store,
+            keys: RwLock::new(BTreeMap::new()),
+            created: RwLock::new(BTreeMap::new()),
+        };
         kr.reload().await?;
         if kr.current_version().is_none() {
             match kr.add_version(1).await {
@@ -116,8 +139,13 @@ impl Keyring {
 
     async fn add_version(&self, version: u32) -> KmsResult<()> {
         let dk = caas_crypto::random_key().map_err(|_| KmsError::internal_crypto("rng"))?;
-        let wrapped = aead::seal(&self.node.0, &dk_aad(version), dk.expose()).map_err(|_| KmsError::internal_crypto("wrap domain key"))?;
-        let rec = DomainKeyRecord { version, created_ms: crate::now_ms(), wrapped };
+        let wrapped = aead::seal(&self.node.0, &dk_aad(version), dk.expose())
+            .map_err(|_| KmsError::internal_crypto("wrap domain key"))?;
+        let rec = DomainKeyRecord {
+            version,
+            created_ms: crate::now_ms(),
+            wrapped,
+        };
         let body = serde_json::to_vec(&rec).map_err(|_| KmsError::internal_crypto("encode"))?;
         let batch = Batch {
             writes: vec![Write::Put {
@@ -127,7 +155,10 @@ impl Keyring {
                 body,
                 expect_rev: Some(0),
             }],
-            audit: vec![crate::audit::system_entry("CreateDomainKey", &format!("version {version}"))],
+            audit: vec![crate::audit::system_entry(
+                "CreateDomainKey",
+                &format!("version {version}"),
+            )],
         };
         self.store.commit(batch).await.map_err(KmsError::store)?;
         Ok(())
@@ -135,67 +166,133 @@ impl Keyring {
 
     /// Re-reads the domain keys (after another node rotated them).
     pub async fn reload(&self) -> KmsResult<()> {
-        let objs = self.store.list(DOMAIN_KEY_KIND, Some(SYSTEM_ACCOUNT)).await.map_err(KmsError::store)?;
+        let objs = self
+            .store
+            .list(DOMAIN_KEY_KIND, Some(SYSTEM_ACCOUNT))
+            .await
+            .map_err(KmsError::store)?;
         let mut map = BTreeMap::new();
+        let mut created = BTreeMap::new();
         for o in objs {
-            let rec: DomainKeyRecord = serde_json::from_slice(&o.body).map_err(|_| KmsError::internal_crypto("domain key record"))?;
+            let rec: DomainKeyRecord = serde_json::from_slice(&o.body)
+                .map_err(|_| KmsError::internal_crypto("domain key record"))?;
             let raw = aead::open(&self.node.0, &dk_aad(rec.version), &rec.wrapped).map_err(|_| {
                 KmsError::Internal("a domain key cannot be unwrapped with this node key (wrong node key for this database?)".into())
             })?;
-            map.insert(rec.version, SecretKey::from_slice(raw.expose()).map_err(|_| KmsError::internal_crypto("domain key length"))?);
+            created.insert(rec.version, rec.created_ms);
+            map.insert(
+                rec.version,
+                SecretKey::from_slice(raw.expose())
+                    .map_err(|_| KmsError::internal_crypto("domain key length"))?,
+            );
         }
         if let Ok(mut g) = self.keys.write() {
             *g = map;
         }
+        if let Ok(mut g) = self.created.write() {
+            *g = created;
+        }
         Ok(())
+    }
+
+    /// Creation time of the newest domain key version.
+    pub fn current_created_ms(&self) -> Option<i64> {
+        self.created
+            .read()
+            .ok()
+            .and_then(|g| g.values().next_back().copied())
     }
 
     /// The newest domain key version.
     pub fn current_version(&self) -> Option<u32> {
-        self.keys.read().ok().and_then(|g| g.keys().next_back().copied())
+        self.keys
+            .read()
+            .ok()
+            .and_then(|g| g.keys().next_back().copied())
     }
 
     /// Seals an HBK (or other key material) into an EKT under the current domain key:
     /// `dk_version (u32 BE) ‖ AES-256-GCM(DK, aad = key id ‖ HBK version, material)`.
-    pub fn seal_ekt(&self, key_id: &str, hbk_version: u32, material: &SecretBytes) -> KmsResult<Vec<u8>> {
-        let g = self.keys.read().map_err(|_| KmsError::internal_crypto("keyring lock"))?;
-        let (v, dk) = g.iter().next_back().ok_or_else(|| KmsError::internal_crypto("no domain key"))?;
+    pub fn seal_ekt(
+        &self,
+        key_id: &str,
+        hbk_version: u32,
+        material: &SecretBytes,
+    ) -> KmsResult<Vec<u8>> {
+        let g = self
+            .keys
+            .read()
+            .map_err(|_| KmsError::internal_crypto("keyring lock"))?;
+        let (v, dk) = g
+            .iter()
+            .next_back()
+            .ok_or_else(|| KmsError::internal_crypto("no domain key"))?;
         let mut out = v.to_be_bytes().to_vec();
-        out.extend(aead::seal(dk, &ekt_aad(key_id, hbk_version), material.expose()).map_err(|_| KmsError::internal_crypto("seal ekt"))?);
+        out.extend(
+            aead::seal(dk, &ekt_aad(key_id, hbk_version), material.expose())
+                .map_err(|_| KmsError::internal_crypto("seal ekt"))?,
+        );
         Ok(out)
     }
 
     /// Opens an EKT; reloads domain keys once if it names an unknown version.
-    pub async fn open_ekt(&self, key_id: &str, hbk_version: u32, ekt: &[u8]) -> KmsResult<SecretBytes> {
+    pub async fn open_ekt(
+        &self,
+        key_id: &str,
+        hbk_version: u32,
+        ekt: &[u8],
+    ) -> KmsResult<SecretBytes> {
         match self.open_ekt_cached(key_id, hbk_version, ekt) {
             Err(KmsError::NotFound(_)) => {
                 self.reload().await?;
-                self.open_ekt_cached(key_id, hbk_version, ekt).map_err(|_| KmsError::internal_crypto("ekt under unknown domain key"))
+                self.open_ekt_cached(key_id, hbk_version, ekt)
+                    .map_err(|_| KmsError::internal_crypto("ekt under unknown domain key"))
             }
             other => other,
         }
     }
 
     /// Opens an EKT with the loaded domain keys only (no store access).
-    pub fn open_ekt_cached(&self, key_id: &str, hbk_version: u32, ekt: &[u8]) -> KmsResult<SecretBytes> {
-        let (v, body) = ekt.split_at_checked(4).ok_or_else(|| KmsError::internal_crypto("short ekt"))?;
+    pub fn open_ekt_cached(
+        &self,
+        key_id: &str,
+        hbk_version: u32,
+        ekt: &[u8],
+    ) -> KmsResult<SecretBytes> {
+        let (v, body) = ekt
+            .split_at_checked(4)
+            .ok_or_else(|| KmsError::internal_crypto("short ekt"))?;
         let v = u32::from_be_bytes([v[0], v[1], v[2], v[3]]);
-        let g = self.keys.read().map_err(|_| KmsError::internal_crypto("keyring lock"))?;
-        let dk = g.get(&v).ok_or_else(|| KmsError::NotFound("domain key version".into()))?;
-        aead::open(dk, &ekt_aad(key_id, hbk_version), body).map_err(|_| KmsError::internal_crypto("open ekt"))
+        let g = self
+            .keys
+            .read()
+            .map_err(|_| KmsError::internal_crypto("keyring lock"))?;
+        let dk = g
+            .get(&v)
+            .ok_or_else(|| KmsError::NotFound("domain key version".into()))?;
+        aead::open(dk, &ekt_aad(key_id, hbk_version), body)
+            .map_err(|_| KmsError::internal_crypto("open ekt"))
     }
 
     /// A key for keyed fingerprints (imported material), derived from the first domain key,
     /// which is never retired.
     pub fn fingerprint_key(&self) -> KmsResult<SecretBytes> {
-        let g = self.keys.read().map_err(|_| KmsError::internal_crypto("keyring lock"))?;
-        let (_, dk) = g.iter().next().ok_or_else(|| KmsError::internal_crypto("no domain key"))?;
-        caas_crypto::kdf::derive(dk.expose(), b"caas/kms/import-fingerprint", b"", 32).map_err(|_| KmsError::internal_crypto("kdf"))
+        let g = self
+            .keys
+            .read()
+            .map_err(|_| KmsError::internal_crypto("keyring lock"))?;
+        let (_, dk) = g
+            .iter()
+            .next()
+            .ok_or_else(|| KmsError::internal_crypto("no domain key"))?;
+        caas_crypto::kdf::derive(dk.expose(), b"caas/kms/import-fingerprint", b"", 32)
+            .map_err(|_| KmsError::internal_crypto("kdf"))
     }
 
     /// Domain key version an EKT is sealed under.
     pub fn ekt_version(ekt: &[u8]) -> Option<u32> {
-        ekt.get(..4).map(|v| u32::from_be_bytes([v[0], v[1], v[2], v[3]]))
+        ekt.get(..4)
+            .map(|v| u32::from_be_bytes([v[0], v[1], v[2], v[3]]))
     }
 
     /// Seals service-internal secrets (access-key secrets, the audit key) under the current domain key.
@@ -205,7 +302,8 @@ impl Keyring {
 
     /// Opens what [`Keyring::seal_internal`] sealed.
     pub async fn open_internal(&self, purpose: &str, sealed: &[u8]) -> KmsResult<SecretBytes> {
-        self.open_ekt(&format!("internal:{purpose}"), 0, sealed).await
+        self.open_ekt(&format!("internal:{purpose}"), 0, sealed)
+            .await
     }
 
     /// Creates a new domain key version (seed 004: daily rotation). The caller re-wraps EKTs.
@@ -218,7 +316,12 @@ impl Keyring {
     }
 
     /// Re-wraps an EKT under the current domain key (no-op if it already is).
-    pub async fn rewrap_ekt(&self, key_id: &str, hbk_version: u32, ekt: &[u8]) -> KmsResult<Option<Vec<u8>>> {
+    pub async fn rewrap_ekt(
+        &self,
+        key_id: &str,
+        hbk_version: u32,
+        ekt: &[u8],
+    ) -> KmsResult<Option<Vec<u8>>> {
         if Self::ekt_version(ekt) == self.current_version() {
             return Ok(None);
         }
@@ -230,6 +333,7 @@ impl Keyring {
 impl NodeKey {
     /// Derives a purpose-bound 256-bit secret from the node key.
     pub(crate) fn derive(&self, label: &[u8]) -> KmsResult<SecretBytes> {
-        caas_crypto::kdf::derive(self.0.expose(), label, b"", 32).map_err(|_| KmsError::internal_crypto("kdf"))
+        caas_crypto::kdf::derive(self.0.expose(), label, b"", 32)
+            .map_err(|_| KmsError::internal_crypto("kdf"))
     }
 }

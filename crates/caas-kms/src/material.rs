@@ -6,8 +6,8 @@ use crate::error::{KmsError, KmsResult};
 use aws_lc_rs::digest::{self, Digest};
 use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
 use aws_lc_rs::rsa::{
-    KeySize, OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256, OaepPrivateDecryptingKey, OaepPublicEncryptingKey,
-    PrivateDecryptingKey, PublicEncryptingKey,
+    KeySize, OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256, OaepPrivateDecryptingKey,
+    OaepPublicEncryptingKey, PrivateDecryptingKey, PublicEncryptingKey,
 };
 use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair, RsaKeyPair, UnparsedPublicKey};
 use aws_lc_rs::{hmac, rand};
@@ -86,11 +86,17 @@ impl KeySpec {
     }
     /// Is this an elliptic-curve spec?
     pub fn is_ecc(self) -> bool {
-        matches!(self, KeySpec::EccP256 | KeySpec::EccP384 | KeySpec::EccP521 | KeySpec::EccSecgP256k1)
+        matches!(
+            self,
+            KeySpec::EccP256 | KeySpec::EccP384 | KeySpec::EccP521 | KeySpec::EccSecgP256k1
+        )
     }
     /// Is this an HMAC spec?
     pub fn is_hmac(self) -> bool {
-        matches!(self, KeySpec::Hmac224 | KeySpec::Hmac256 | KeySpec::Hmac384 | KeySpec::Hmac512)
+        matches!(
+            self,
+            KeySpec::Hmac224 | KeySpec::Hmac256 | KeySpec::Hmac384 | KeySpec::Hmac512
+        )
     }
     /// Usages this spec allows.
     pub fn allowed_usages(self) -> &'static [&'static str] {
@@ -159,12 +165,29 @@ impl KeySpec {
             _ => 64,
         }
     }
-    fn ecdsa_alg(self) -> Option<(&'static signature::EcdsaSigningAlgorithm, &'static signature::EcdsaVerificationAlgorithm)> {
+    fn ecdsa_alg(
+        self,
+    ) -> Option<(
+        &'static signature::EcdsaSigningAlgorithm,
+        &'static signature::EcdsaVerificationAlgorithm,
+    )> {
         Some(match self {
-            KeySpec::EccP256 => (&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &signature::ECDSA_P256_SHA256_ASN1),
-            KeySpec::EccP384 => (&signature::ECDSA_P384_SHA384_ASN1_SIGNING, &signature::ECDSA_P384_SHA384_ASN1),
-            KeySpec::EccP521 => (&signature::ECDSA_P521_SHA512_ASN1_SIGNING, &signature::ECDSA_P521_SHA512_ASN1),
-            KeySpec::EccSecgP256k1 => (&signature::ECDSA_P256K1_SHA256_ASN1_SIGNING, &signature::ECDSA_P256K1_SHA256_ASN1),
+            KeySpec::EccP256 => (
+                &signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+                &signature::ECDSA_P256_SHA256_ASN1,
+            ),
+            KeySpec::EccP384 => (
+                &signature::ECDSA_P384_SHA384_ASN1_SIGNING,
+                &signature::ECDSA_P384_SHA384_ASN1,
+            ),
+            KeySpec::EccP521 => (
+                &signature::ECDSA_P521_SHA512_ASN1_SIGNING,
+                &signature::ECDSA_P521_SHA512_ASN1,
+            ),
+            KeySpec::EccSecgP256k1 => (
+                &signature::ECDSA_P256K1_SHA256_ASN1_SIGNING,
+                &signature::ECDSA_P256K1_SHA256_ASN1,
+            ),
             _ => return None,
         })
     }
@@ -174,8 +197,12 @@ impl KeySpec {
 pub fn generate(spec: KeySpec) -> KmsResult<SecretBytes> {
     let fail = || KmsError::internal_crypto("key generation");
     match spec {
-        KeySpec::SymmetricDefault => Ok(SecretBytes::new(caas_crypto::random_bytes(32).map_err(|_| fail())?)),
-        s if s.is_hmac() => Ok(SecretBytes::new(caas_crypto::random_bytes(s.hmac_len()).map_err(|_| fail())?)),
+        KeySpec::SymmetricDefault => Ok(SecretBytes::new(
+            caas_crypto::random_bytes(32).map_err(|_| fail())?,
+        )),
+        s if s.is_hmac() => Ok(SecretBytes::new(
+            caas_crypto::random_bytes(s.hmac_len()).map_err(|_| fail())?,
+        )),
         s if s.is_rsa() => {
             let size = match s {
                 KeySpec::Rsa2048 => KeySize::Rsa2048,
@@ -207,7 +234,10 @@ pub fn public_key_der(spec: KeySpec, private: &SecretBytes) -> KmsResult<Vec<u8>
         let der = kp.public_key().as_der().map_err(|_| fail())?;
         Ok(der.as_ref().to_vec())
     } else {
-        Err(KmsError::UnsupportedOperation(format!("{} keys have no public key", spec.name())))
+        Err(KmsError::UnsupportedOperation(format!(
+            "{} keys have no public key",
+            spec.name()
+        )))
     }
 }
 
@@ -225,18 +255,26 @@ fn digest_alg_for(algorithm: &str) -> Option<&'static digest::Algorithm> {
 
 /// The message digest for Sign/Verify: hashes RAW messages, checks DIGEST lengths.
 pub fn message_digest(algorithm: &str, message: &[u8], message_type: &str) -> KmsResult<Digest> {
-    let alg = digest_alg_for(algorithm).ok_or_else(|| KmsError::Validation(format!("Unsupported SigningAlgorithm {algorithm}")))?;
+    let alg = digest_alg_for(algorithm)
+        .ok_or_else(|| KmsError::Validation(format!("Unsupported SigningAlgorithm {algorithm}")))?;
     match message_type {
         "RAW" => {
             if message.len() > 4096 {
-                return Err(KmsError::Validation("Message must be at most 4096 bytes for MessageType RAW".into()));
+                return Err(KmsError::Validation(
+                    "Message must be at most 4096 bytes for MessageType RAW".into(),
+                ));
             }
             Ok(digest::digest(alg, message))
         }
         "DIGEST" => digest::Digest::import_less_safe(message, alg).map_err(|_| {
-            KmsError::Validation(format!("Digest length {} does not match {algorithm}", message.len()))
+            KmsError::Validation(format!(
+                "Digest length {} does not match {algorithm}",
+                message.len()
+            ))
         }),
-        other => Err(KmsError::Validation(format!("Unsupported MessageType {other}"))),
+        other => Err(KmsError::Validation(format!(
+            "Unsupported MessageType {other}"
+        ))),
     }
 }
 
@@ -268,12 +306,20 @@ fn check_signing_alg(spec: KeySpec, algorithm: &str) -> KmsResult<()> {
     if spec.signing_algorithms().contains(&algorithm) {
         Ok(())
     } else {
-        Err(KmsError::InvalidKeyUsage(format!("SigningAlgorithm {algorithm} is not valid for a {} key", spec.name())))
+        Err(KmsError::InvalidKeyUsage(format!(
+            "SigningAlgorithm {algorithm} is not valid for a {} key",
+            spec.name()
+        )))
     }
 }
 
 /// Signs a digest with a private key.
-pub fn sign(spec: KeySpec, private: &SecretBytes, algorithm: &str, digest: &Digest) -> KmsResult<Vec<u8>> {
+pub fn sign(
+    spec: KeySpec,
+    private: &SecretBytes,
+    algorithm: &str,
+    digest: &Digest,
+) -> KmsResult<Vec<u8>> {
     check_signing_alg(spec, algorithm)?;
     let fail = || KmsError::internal_crypto("sign");
     if spec.is_rsa() {
@@ -291,14 +337,22 @@ pub fn sign(spec: KeySpec, private: &SecretBytes, algorithm: &str, digest: &Dige
 }
 
 /// Verifies a signature over a digest with a public key (DER SPKI).
-pub fn verify(spec: KeySpec, public_der: &[u8], algorithm: &str, digest: &Digest, sig: &[u8]) -> KmsResult<bool> {
+pub fn verify(
+    spec: KeySpec,
+    public_der: &[u8],
+    algorithm: &str,
+    digest: &Digest,
+    sig: &[u8],
+) -> KmsResult<bool> {
     check_signing_alg(spec, algorithm)?;
     let fail = || KmsError::internal_crypto("verify");
     let ok = if spec.is_rsa() {
         let params = rsa_verify_params(algorithm).ok_or_else(fail)?;
         // Parse the SPKI into modulus/exponent form that aws-lc-rs verifies against.
         let pk = aws_lc_rs::rsa::PublicKey::from_der(public_der).map_err(|_| fail())?;
-        UnparsedPublicKey::new(params, pk.as_ref()).verify_digest(digest, sig).is_ok()
+        UnparsedPublicKey::new(params, pk.as_ref())
+            .verify_digest(digest, sig)
+            .is_ok()
     } else {
         let (_, valg) = spec.ecdsa_alg().ok_or_else(fail)?;
         let parsed = signature::ParsedPublicKey::new(valg, public_der).map_err(|_| fail())?;
@@ -311,15 +365,19 @@ fn oaep(algorithm: &str) -> KmsResult<&'static aws_lc_rs::rsa::OaepAlgorithm> {
     match algorithm {
         "RSAES_OAEP_SHA_1" => Ok(&OAEP_SHA1_MGF1SHA1),
         "RSAES_OAEP_SHA_256" => Ok(&OAEP_SHA256_MGF1SHA256),
-        other => Err(KmsError::InvalidKeyUsage(format!("EncryptionAlgorithm {other} is not valid for an RSA key"))),
+        other => Err(KmsError::InvalidKeyUsage(format!(
+            "EncryptionAlgorithm {other} is not valid for an RSA key"
+        ))),
     }
 }
 
 /// RSA-OAEP encryption with a public key (DER SPKI).
 pub fn rsa_encrypt(public_der: &[u8], algorithm: &str, plaintext: &[u8]) -> KmsResult<Vec<u8>> {
     let alg = oaep(algorithm)?;
-    let pk = PublicEncryptingKey::from_der(public_der).map_err(|_| KmsError::internal_crypto("rsa public key"))?;
-    let key = OaepPublicEncryptingKey::new(pk).map_err(|_| KmsError::internal_crypto("rsa public key"))?;
+    let pk = PublicEncryptingKey::from_der(public_der)
+        .map_err(|_| KmsError::internal_crypto("rsa public key"))?;
+    let key = OaepPublicEncryptingKey::new(pk)
+        .map_err(|_| KmsError::internal_crypto("rsa public key"))?;
     if plaintext.len() > key.max_plaintext_size(alg) {
         return Err(KmsError::Validation(format!(
             "Plaintext is too long for {algorithm} with this key (max {} bytes)",
@@ -327,20 +385,33 @@ pub fn rsa_encrypt(public_der: &[u8], algorithm: &str, plaintext: &[u8]) -> KmsR
         )));
     }
     let mut out = vec![0u8; key.ciphertext_size()];
-    let n = key.encrypt(alg, plaintext, &mut out, None).map_err(|_| KmsError::internal_crypto("rsa encrypt"))?.len();
+    let n = key
+        .encrypt(alg, plaintext, &mut out, None)
+        .map_err(|_| KmsError::internal_crypto("rsa encrypt"))?
+        .len();
     out.truncate(n);
     Ok(out)
 }
 
 /// RSA-OAEP decryption with a private key.
-pub fn rsa_decrypt(private: &SecretBytes, algorithm: &str, ciphertext: &[u8]) -> KmsResult<SecretBytes> {
+pub fn rsa_decrypt(
+    private: &SecretBytes,
+    algorithm: &str,
+    ciphertext: &[u8],
+) -> KmsResult<SecretBytes> {
     let alg = oaep(algorithm)?;
-    let sk = PrivateDecryptingKey::from_pkcs8(private.expose()).map_err(|_| KmsError::internal_crypto("rsa private key"))?;
-    let key = OaepPrivateDecryptingKey::new(sk).map_err(|_| KmsError::internal_crypto("rsa private key"))?;
+    let sk = PrivateDecryptingKey::from_pkcs8(private.expose())
+        .map_err(|_| KmsError::internal_crypto("rsa private key"))?;
+    let key = OaepPrivateDecryptingKey::new(sk)
+        .map_err(|_| KmsError::internal_crypto("rsa private key"))?;
     let mut out = vec![0u8; key.min_output_size()];
     let n = match key.decrypt(alg, ciphertext, &mut out, None) {
         Ok(p) => p.len(),
-        Err(_) => return Err(KmsError::InvalidCiphertext("The ciphertext is invalid for this key and algorithm".into())),
+        Err(_) => {
+            return Err(KmsError::InvalidCiphertext(
+                "The ciphertext is invalid for this key and algorithm".into(),
+            ));
+        }
     };
     out.truncate(n);
     Ok(SecretBytes::new(out))
@@ -348,7 +419,10 @@ pub fn rsa_decrypt(private: &SecretBytes, algorithm: &str, ciphertext: &[u8]) ->
 
 fn hmac_alg(spec: KeySpec, algorithm: &str) -> KmsResult<hmac::Algorithm> {
     if !spec.mac_algorithms().contains(&algorithm) {
-        return Err(KmsError::InvalidKeyUsage(format!("MacAlgorithm {algorithm} is not valid for a {} key", spec.name())));
+        return Err(KmsError::InvalidKeyUsage(format!(
+            "MacAlgorithm {algorithm} is not valid for a {} key",
+            spec.name()
+        )));
     }
     Ok(match spec {
         KeySpec::Hmac224 => hmac::HMAC_SHA224,
@@ -359,13 +433,24 @@ fn hmac_alg(spec: KeySpec, algorithm: &str) -> KmsResult<hmac::Algorithm> {
 }
 
 /// HMAC over a message.
-pub fn mac(spec: KeySpec, key: &SecretBytes, algorithm: &str, message: &[u8]) -> KmsResult<Vec<u8>> {
+pub fn mac(
+    spec: KeySpec,
+    key: &SecretBytes,
+    algorithm: &str,
+    message: &[u8],
+) -> KmsResult<Vec<u8>> {
     let k = hmac::Key::new(hmac_alg(spec, algorithm)?, key.expose());
     Ok(hmac::sign(&k, message).as_ref().to_vec())
 }
 
 /// Constant-time HMAC verification.
-pub fn verify_mac(spec: KeySpec, key: &SecretBytes, algorithm: &str, message: &[u8], tag: &[u8]) -> KmsResult<bool> {
+pub fn verify_mac(
+    spec: KeySpec,
+    key: &SecretBytes,
+    algorithm: &str,
+    message: &[u8],
+    tag: &[u8],
+) -> KmsResult<bool> {
     let k = hmac::Key::new(hmac_alg(spec, algorithm)?, key.expose());
     Ok(hmac::verify(&k, message, tag).is_ok())
 }
@@ -383,7 +468,13 @@ mod tests {
 
     #[test]
     fn sign_verify_every_spec() -> KmsResult<()> {
-        for spec in [KeySpec::EccP256, KeySpec::EccP384, KeySpec::EccP521, KeySpec::EccSecgP256k1, KeySpec::Rsa2048] {
+        for spec in [
+            KeySpec::EccP256,
+            KeySpec::EccP384,
+            KeySpec::EccP521,
+            KeySpec::EccSecgP256k1,
+            KeySpec::Rsa2048,
+        ] {
             let sk = generate(spec)?;
             let pk = public_key_der(spec, &sk)?;
             for alg in spec.signing_algorithms() {
@@ -411,7 +502,13 @@ mod tests {
         let hk = generate(KeySpec::Hmac384)?;
         let t = mac(KeySpec::Hmac384, &hk, "HMAC_SHA_384", b"m")?;
         assert!(verify_mac(KeySpec::Hmac384, &hk, "HMAC_SHA_384", b"m", &t)?);
-        assert!(!verify_mac(KeySpec::Hmac384, &hk, "HMAC_SHA_384", b"n", &t)?);
+        assert!(!verify_mac(
+            KeySpec::Hmac384,
+            &hk,
+            "HMAC_SHA_384",
+            b"n",
+            &t
+        )?);
         assert!(mac(KeySpec::Hmac384, &hk, "HMAC_SHA_256", b"m").is_err());
         Ok(())
     }

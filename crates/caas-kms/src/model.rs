@@ -33,7 +33,9 @@ pub mod b64 {
     /// Deserialize.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let s = String::deserialize(d)?;
-        base64::engine::general_purpose::STANDARD.decode(s).map_err(serde::de::Error::custom)
+        base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -51,7 +53,12 @@ pub mod b64opt {
     /// Deserialize.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
         let s: Option<String> = Option::deserialize(d)?;
-        s.map(|s| base64::engine::general_purpose::STANDARD.decode(s).map_err(serde::de::Error::custom)).transpose()
+        s.map(|s| {
+            base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .map_err(serde::de::Error::custom)
+        })
+        .transpose()
     }
 }
 
@@ -140,7 +147,10 @@ pub struct KeyRecord {
 impl KeyRecord {
     /// The key ARN.
     pub fn arn(&self) -> String {
-        format!("arn:aws:kms:{}:{}:key/{}", self.region, self.account, self.key_id)
+        format!(
+            "arn:aws:kms:{}:{}:key/{}",
+            self.region, self.account, self.key_id
+        )
     }
     /// The current HBK version.
     pub fn current(&self) -> Option<&HbkVersion> {

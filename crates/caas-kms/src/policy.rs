@@ -27,7 +27,9 @@ pub fn default_policy(account: &str) -> String {
 
 /// Checks a policy document's shape; returns it unchanged when valid.
 pub fn validate(doc: &str) -> KmsResult<()> {
-    let bad = |m: &str| KmsError::MalformedPolicyDocument(format!("The policy document is malformed: {m}"));
+    let bad = |m: &str| {
+        KmsError::MalformedPolicyDocument(format!("The policy document is malformed: {m}"))
+    };
     if doc.len() > 32 * 1024 {
         return Err(bad("larger than 32 KB"));
     }
@@ -45,7 +47,9 @@ pub fn validate(doc: &str) -> KmsResult<()> {
             return Err(bad("Statement lacks Action"));
         }
         if let Some(c) = s.get("Condition") {
-            let ok = c.as_object().is_some_and(|m| m.keys().all(|k| known_operator(k)));
+            let ok = c
+                .as_object()
+                .is_some_and(|m| m.keys().all(|k| known_operator(k)));
             if !ok {
                 return Err(bad("unsupported Condition operator"));
             }
@@ -55,7 +59,14 @@ pub fn validate(doc: &str) -> KmsResult<()> {
 }
 
 fn known_operator(op: &str) -> bool {
-    matches!(op.trim_end_matches("IfExists"), "StringEquals" | "StringNotEquals" | "StringLike" | "StringNotLike" | "StringEqualsIgnoreCase")
+    matches!(
+        op.trim_end_matches("IfExists"),
+        "StringEquals"
+            | "StringNotEquals"
+            | "StringLike"
+            | "StringNotLike"
+            | "StringEqualsIgnoreCase"
+    )
 }
 
 fn statements(v: &Value) -> Option<Vec<&Value>> {
@@ -106,7 +117,20 @@ fn principal_matches(p: &Value, account: &str, principal: &str) -> bool {
         Value::Object(m) => m.get("AWS").map(strings).unwrap_or_default(),
         _ => vec![],
     };
-    list.iter().any(|a| *a == "*" || *a == principal || *a == format!("arn:aws:iam::{account}:root") || *a == account)
+    // The principal's own account comes from its ARN (`arn:aws:iam::ACCOUNT:...`), falling
+    // back to the caller's account.
+    let principal_account = principal
+        .strip_prefix("arn:aws:iam::")
+        .and_then(|r| r.split(':').next())
+        .unwrap_or(account);
+    list.iter().any(|a| {
+        *a == "*"
+            || *a == principal
+            || a.strip_prefix("arn:aws:iam::")
+                .and_then(|r| r.strip_suffix(":root"))
+                == Some(principal_account)
+            || *a == principal_account
+    })
 }
 
 fn action_matches(s: &Value, action: &str) -> bool {
@@ -136,7 +160,9 @@ pub struct Request<'a> {
 fn condition_value(req: &Request<'_>, key: &str) -> Option<String> {
     let lk = key.to_ascii_lowercase();
     if let Some(ec_key) = key.strip_prefix("kms:EncryptionContext:") {
-        return req.encryption_context.and_then(|ec| ec.get(ec_key).cloned());
+        return req
+            .encryption_context
+            .and_then(|ec| ec.get(ec_key).cloned());
     }
     match lk.as_str() {
         "kms:calleraccount" => Some(req.account.to_string()),
@@ -146,11 +172,15 @@ fn condition_value(req: &Request<'_>, key: &str) -> Option<String> {
 }
 
 fn conditions_hold(s: &Value, req: &Request<'_>) -> bool {
-    let Some(cond) = s.get("Condition").and_then(Value::as_object) else { return true };
+    let Some(cond) = s.get("Condition").and_then(Value::as_object) else {
+        return true;
+    };
     cond.iter().all(|(op, kv)| {
         let if_exists = op.ends_with("IfExists");
         let base = op.trim_end_matches("IfExists");
-        let Some(kv) = kv.as_object() else { return false };
+        let Some(kv) = kv.as_object() else {
+            return false;
+        };
         kv.iter().all(|(k, expected)| {
             let exp = strings(expected);
             match condition_value(req, k) {
@@ -181,11 +211,17 @@ pub enum Verdict {
 
 /// Evaluates a policy for a request.
 pub fn evaluate(doc: &str, req: &Request<'_>) -> Verdict {
-    let Ok(v) = serde_json::from_str::<Value>(doc) else { return Verdict::NoMatch };
-    let Some(stmts) = statements(&v) else { return Verdict::NoMatch };
+    let Ok(v) = serde_json::from_str::<Value>(doc) else {
+        return Verdict::NoMatch;
+    };
+    let Some(stmts) = statements(&v) else {
+        return Verdict::NoMatch;
+    };
     let mut allowed = false;
     for s in stmts {
-        let applies = s.get("Principal").is_some_and(|p| principal_matches(p, req.account, req.principal))
+        let applies = s
+            .get("Principal")
+            .is_some_and(|p| principal_matches(p, req.account, req.principal))
             && action_matches(s, req.action)
             && conditions_hold(s, req);
         if applies {
@@ -196,7 +232,11 @@ pub fn evaluate(doc: &str, req: &Request<'_>) -> Verdict {
             }
         }
     }
-    if allowed { Verdict::Allow } else { Verdict::NoMatch }
+    if allowed {
+        Verdict::Allow
+    } else {
+        Verdict::NoMatch
+    }
 }
 
 #[cfg(test)]
@@ -204,16 +244,36 @@ mod tests {
     use super::*;
 
     fn check(policy: &str, action: &str, ec: &[(&str, &str)], principal: &str, expect: Verdict) {
-        let ec: BTreeMap<String, String> = ec.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
-        let req = Request { account: "111122223333", principal, action, encryption_context: Some(&ec) };
+        let ec: BTreeMap<String, String> = ec
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        let req = Request {
+            account: "111122223333",
+            principal,
+            action,
+            encryption_context: Some(&ec),
+        };
         assert_eq!(evaluate(policy, &req), expect, "{policy} {action}");
     }
 
     #[test]
     fn default_policy_allows_the_account() {
         let p = default_policy("111122223333");
-        check(&p, "Encrypt", &[], "arn:aws:iam::111122223333:user/a", Verdict::Allow);
-        check(&p, "Encrypt", &[], "arn:aws:iam::999999999999:user/a", Verdict::NoMatch);
+        check(
+            &p,
+            "Encrypt",
+            &[],
+            "arn:aws:iam::111122223333:user/a",
+            Verdict::Allow,
+        );
+        check(
+            &p,
+            "Encrypt",
+            &[],
+            "arn:aws:iam::999999999999:user/a",
+            Verdict::NoMatch,
+        );
     }
 
     #[test]
@@ -227,15 +287,26 @@ mod tests {
         check(p, "Encrypt", &[("app", "billing")], u, Verdict::Allow);
         check(p, "Encrypt", &[("app", "hr")], u, Verdict::NoMatch);
         check(p, "Encrypt", &[], u, Verdict::NoMatch);
-        check(p, "Decrypt", &[("app", "billing")], "arn:aws:iam::111122223333:user/intern1", Verdict::Deny);
+        check(
+            p,
+            "Decrypt",
+            &[("app", "billing")],
+            "arn:aws:iam::111122223333:user/intern1",
+            Verdict::Deny,
+        );
         check(p, "Sign", &[("app", "billing")], u, Verdict::NoMatch);
     }
 
     #[test]
     fn malformed_policies_are_rejected() {
-        for bad in ["", "[]", "{}", r#"{"Statement":[{"Effect":"Maybe","Principal":"*","Action":"kms:*"}]}"#,
+        for bad in [
+            "",
+            "[]",
+            "{}",
+            r#"{"Statement":[{"Effect":"Maybe","Principal":"*","Action":"kms:*"}]}"#,
             r#"{"Statement":[{"Effect":"Allow","Action":"kms:*"}]}"#,
-            r#"{"Statement":[{"Effect":"Allow","Principal":"*","Action":"kms:*","Condition":{"NumericLessThan":{}}}]}"#] {
+            r#"{"Statement":[{"Effect":"Allow","Principal":"*","Action":"kms:*","Condition":{"NumericLessThan":{}}}]}"#,
+        ] {
             assert!(validate(bad).is_err(), "{bad}");
         }
     }

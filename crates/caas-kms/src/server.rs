@@ -16,9 +16,16 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 fn aws_response(status: u16, body: String, request_id: &str) -> Response {
-    let mut resp = (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body).into_response();
+    let mut resp = (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        body,
+    )
+        .into_response();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-amz-json-1.1"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-amz-json-1.1"),
+    );
     if let Ok(v) = HeaderValue::from_str(request_id) {
         h.insert("x-amzn-requestid", v);
     }
@@ -28,7 +35,12 @@ fn aws_response(status: u16, body: String, request_id: &str) -> Response {
 async fn kms_endpoint(State(kms): State<Arc<Kms>>, req: Request) -> Response {
     let request_id = uuid::Uuid::new_v4().to_string();
     let (parts, body) = req.into_parts();
-    let target = parts.headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let target = parts
+        .headers
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let body = match to_bytes(body, MAX_BODY).await {
         Ok(b) => b,
         Err(_) => {
@@ -40,9 +52,19 @@ async fn kms_endpoint(State(kms): State<Arc<Kms>>, req: Request) -> Response {
     let headers: Vec<(String, String)> = parts
         .headers
         .iter()
-        .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str().to_ascii_lowercase(), v.to_string())))
+        .filter_map(|(n, v)| {
+            v.to_str()
+                .ok()
+                .map(|v| (n.as_str().to_ascii_lowercase(), v.to_string()))
+        })
         .collect();
-    let sreq = sigv4::Request { method: parts.method.as_str(), path: parts.uri.path(), query: parts.uri.query().unwrap_or(""), headers: &headers, body: &body };
+    let sreq = sigv4::Request {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query().unwrap_or(""),
+        headers: &headers,
+        body: &body,
+    };
     let caller = match kms.authenticate(&sreq).await {
         Ok(c) => c,
         Err(e) => {
@@ -80,7 +102,11 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = router(kms);
     match tls {
-        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
         Some(t) => serve_tls(listener, app, &t, shutdown).await,
     }
 }
@@ -91,13 +117,16 @@ fn load_tls(t: &TlsFiles) -> std::io::Result<rustls::ServerConfig> {
         .map_err(|e| std::io::Error::other(format!("TLS certificate: {e}")))?
         .collect::<Result<_, _>>()
         .map_err(|e| std::io::Error::other(format!("TLS certificate: {e}")))?;
-    let key = PrivateKeyDer::from_pem_file(&t.key).map_err(|e| std::io::Error::other(format!("TLS key: {e}")))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| std::io::Error::other(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| std::io::Error::other(format!("TLS: {e}")))?;
+    let key = PrivateKeyDer::from_pem_file(&t.key)
+        .map_err(|e| std::io::Error::other(format!("TLS key: {e}")))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| std::io::Error::other(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| std::io::Error::other(format!("TLS: {e}")))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
 }
@@ -120,8 +149,12 @@ async fn serve_tls(
         let acceptor = acceptor.clone();
         let svc = TowerToHyperService::new(app.clone());
         tokio::spawn(async move {
-            let Ok(tls) = acceptor.accept(tcp).await else { return };
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
         });
     }
 }

@@ -32,6 +32,8 @@ pub struct KmsParams {
     pub node_key_file: PathBuf,
     /// Create the node key file if missing (dev mode).
     pub create_node_key: bool,
+    /// Domain-key rotation period (seed 004: daily). `None` disables scheduled rotation.
+    pub domain_key_rotation: Option<std::time::Duration>,
 }
 
 /// An authenticated caller.
@@ -79,7 +81,10 @@ pub struct Out {
 impl Out {
     /// A response with no state change.
     pub fn reply(body: Value) -> Self {
-        Out { body, writes: vec![] }
+        Out {
+            body,
+            writes: vec![],
+        }
     }
 }
 
@@ -92,32 +97,43 @@ pub struct Kms {
     /// Region.
     pub region: String,
     audit_public: Vec<u8>,
+    /// Scheduled domain-key rotation period.
+    pub domain_key_rotation: Option<std::time::Duration>,
     clock_offset_ms: AtomicI64,
     creds: RwLock<HashMap<String, Arc<Cred>>>,
 }
 
 impl std::fmt::Debug for Kms {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Kms").field("region", &self.region).finish_non_exhaustive()
+        f.debug_struct("Kms")
+            .field("region", &self.region)
+            .finish_non_exhaustive()
     }
 }
 
 impl Kms {
     /// Opens the store and the key hierarchy.
     pub async fn open(p: &KmsParams) -> KmsResult<Arc<Kms>> {
-        let node = if p.create_node_key { NodeKey::load_or_create(&p.node_key_file)? } else { NodeKey::load(&p.node_key_file)? };
+        let node = if p.create_node_key {
+            NodeKey::load_or_create(&p.node_key_file)?
+        } else {
+            NodeKey::load(&p.node_key_file)?
+        };
         let signer = node.audit_signer()?;
         let audit_public = signer.public_key();
-        let store = Store::open(&p.database, Arc::new(signer)).await.map_err(|e| {
-            tracing::error!(error = %e, "cannot open store");
-            KmsError::Internal(format!("cannot open the database: {e}"))
-        })?;
+        let store = Store::open(&p.database, Arc::new(signer))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot open store");
+                KmsError::Internal(format!("cannot open the database: {e}"))
+            })?;
         let keyring = Keyring::open(store.clone(), node).await?;
         Ok(Arc::new(Kms {
             store,
             keyring,
             region: p.region.clone(),
             audit_public,
+            domain_key_rotation: p.domain_key_rotation,
             clock_offset_ms: AtomicI64::new(0),
             creds: RwLock::new(HashMap::new()),
         }))
@@ -141,15 +157,29 @@ impl Kms {
     /// Creates a tenant account; returns its 12-digit id.
     pub async fn create_account(&self, name: &str) -> KmsResult<String> {
         let digits = crate::material::random(8)?;
-        let n = u64::from_be_bytes(digits.try_into().map_err(|_| KmsError::internal_crypto("rng"))?);
+        let n = u64::from_be_bytes(
+            digits
+                .try_into()
+                .map_err(|_| KmsError::internal_crypto("rng"))?,
+        );
         let account = format!("{:012}", n % 1_000_000_000_000);
-        let rec = AccountRecord { account: account.clone(), name: name.into(), created_ms: self.now_ms() };
+        let rec = AccountRecord {
+            account: account.clone(),
+            name: name.into(),
+            created_ms: self.now_ms(),
+        };
         let body = serde_json::to_vec(&rec).map_err(|_| KmsError::Internal("encode".into()))?;
         let mut entry = crate::audit::system_entry("CreateAccount", name);
         entry.account = account.clone();
         self.store
             .commit(Batch {
-                writes: vec![Write::Put { kind: kind::ACCOUNT.into(), account: SYSTEM_ACCOUNT.into(), id: account.clone(), body, expect_rev: Some(0) }],
+                writes: vec![Write::Put {
+                    kind: kind::ACCOUNT.into(),
+                    account: SYSTEM_ACCOUNT.into(),
+                    id: account.clone(),
+                    body,
+                    expect_rev: Some(0),
+                }],
                 audit: vec![entry],
             })
             .await
@@ -159,22 +189,47 @@ impl Kms {
 
     /// Lists accounts.
     pub async fn list_accounts(&self) -> KmsResult<Vec<AccountRecord>> {
-        let objs = self.store.list(kind::ACCOUNT, Some(SYSTEM_ACCOUNT)).await.map_err(KmsError::store)?;
-        Ok(objs.iter().filter_map(|o| serde_json::from_slice(&o.body).ok()).collect())
+        let objs = self
+            .store
+            .list(kind::ACCOUNT, Some(SYSTEM_ACCOUNT))
+            .await
+            .map_err(KmsError::store)?;
+        Ok(objs
+            .iter()
+            .filter_map(|o| serde_json::from_slice(&o.body).ok())
+            .collect())
     }
 
     /// Issues an access key for a user of an account; returns (id, secret). The secret is
     /// shown once and stored only sealed under the domain key.
-    pub async fn create_access_key(&self, account: &str, user: &str) -> KmsResult<(String, SecretBytes)> {
-        if self.store.get(kind::ACCOUNT, SYSTEM_ACCOUNT, account).await.map_err(KmsError::store)?.is_none() {
-            return Err(KmsError::NotFound(format!("account {account} does not exist")));
+    pub async fn create_access_key(
+        &self,
+        account: &str,
+        user: &str,
+    ) -> KmsResult<(String, SecretBytes)> {
+        if self
+            .store
+            .get(kind::ACCOUNT, SYSTEM_ACCOUNT, account)
+            .await
+            .map_err(KmsError::store)?
+            .is_none()
+        {
+            return Err(KmsError::NotFound(format!(
+                "account {account} does not exist"
+            )));
         }
         let id_raw = crate::material::random(10)?;
         let akid = format!("AKIA{}", base32(&id_raw));
         let secret_raw = crate::material::random(30)?;
         use base64::Engine as _;
-        let secret = SecretBytes::new(base64::engine::general_purpose::STANDARD.encode(&secret_raw).into_bytes());
-        let sealed = self.keyring.seal_internal(&format!("access-key:{akid}"), &secret)?;
+        let secret = SecretBytes::new(
+            base64::engine::general_purpose::STANDARD
+                .encode(&secret_raw)
+                .into_bytes(),
+        );
+        let sealed = self
+            .keyring
+            .seal_internal(&format!("access-key:{akid}"), &secret)?;
         let rec = AccessKeyRecord {
             access_key_id: akid.clone(),
             account: account.into(),
@@ -184,11 +239,18 @@ impl Kms {
             created_ms: self.now_ms(),
         };
         let body = serde_json::to_vec(&rec).map_err(|_| KmsError::Internal("encode".into()))?;
-        let mut entry = crate::audit::system_entry("CreateAccessKey", &format!("{akid} for {}", rec.principal));
+        let mut entry =
+            crate::audit::system_entry("CreateAccessKey", &format!("{akid} for {}", rec.principal));
         entry.account = account.into();
         self.store
             .commit(Batch {
-                writes: vec![Write::Put { kind: kind::ACCESS_KEY.into(), account: SYSTEM_ACCOUNT.into(), id: akid.clone(), body, expect_rev: Some(0) }],
+                writes: vec![Write::Put {
+                    kind: kind::ACCESS_KEY.into(),
+                    account: SYSTEM_ACCOUNT.into(),
+                    id: akid.clone(),
+                    body,
+                    expect_rev: Some(0),
+                }],
                 audit: vec![entry],
             })
             .await
@@ -198,14 +260,36 @@ impl Kms {
 
     /// Enables or disables an access key.
     pub async fn set_access_key_enabled(&self, akid: &str, enabled: bool) -> KmsResult<()> {
-        let o = self.store.get(kind::ACCESS_KEY, SYSTEM_ACCOUNT, akid).await.map_err(KmsError::store)?.ok_or_else(|| KmsError::NotFound("access key".into()))?;
-        let mut rec: AccessKeyRecord = serde_json::from_slice(&o.body).map_err(|_| KmsError::Internal("corrupt record".into()))?;
+        let o = self
+            .store
+            .get(kind::ACCESS_KEY, SYSTEM_ACCOUNT, akid)
+            .await
+            .map_err(KmsError::store)?
+            .ok_or_else(|| KmsError::NotFound("access key".into()))?;
+        let mut rec: AccessKeyRecord = serde_json::from_slice(&o.body)
+            .map_err(|_| KmsError::Internal("corrupt record".into()))?;
         rec.enabled = enabled;
         let body = serde_json::to_vec(&rec).map_err(|_| KmsError::Internal("encode".into()))?;
-        let mut entry = crate::audit::system_entry(if enabled { "EnableAccessKey" } else { "DisableAccessKey" }, akid);
+        let mut entry = crate::audit::system_entry(
+            if enabled {
+                "EnableAccessKey"
+            } else {
+                "DisableAccessKey"
+            },
+            akid,
+        );
         entry.account = rec.account.clone();
         self.store
-            .commit(Batch { writes: vec![Write::Put { kind: kind::ACCESS_KEY.into(), account: SYSTEM_ACCOUNT.into(), id: akid.into(), body, expect_rev: Some(o.rev) }], audit: vec![entry] })
+            .commit(Batch {
+                writes: vec![Write::Put {
+                    kind: kind::ACCESS_KEY.into(),
+                    account: SYSTEM_ACCOUNT.into(),
+                    id: akid.into(),
+                    body,
+                    expect_rev: Some(o.rev),
+                }],
+                audit: vec![entry],
+            })
             .await
             .map_err(KmsError::store)?;
         if let Ok(mut g) = self.creds.write() {
@@ -216,21 +300,47 @@ impl Kms {
 
     /// Lists access keys (ids and principals only).
     pub async fn list_access_keys(&self) -> KmsResult<Vec<AccessKeyRecord>> {
-        let objs = self.store.list(kind::ACCESS_KEY, Some(SYSTEM_ACCOUNT)).await.map_err(KmsError::store)?;
-        Ok(objs.iter().filter_map(|o| serde_json::from_slice(&o.body).ok()).collect())
+        let objs = self
+            .store
+            .list(kind::ACCESS_KEY, Some(SYSTEM_ACCOUNT))
+            .await
+            .map_err(KmsError::store)?;
+        Ok(objs
+            .iter()
+            .filter_map(|o| serde_json::from_slice(&o.body).ok())
+            .collect())
     }
 
     async fn cred(&self, akid: &str) -> KmsResult<Arc<Cred>> {
-        if let Some(c) = self.creds.read().ok().and_then(|g| g.get(akid).cloned()) {
-            if c.loaded.elapsed() < CRED_TTL {
+        if let Some(c) = self.creds.read().ok().and_then(|g| g.get(akid).cloned())
+            && c.loaded.elapsed() < CRED_TTL {
                 return Ok(c);
             }
-        }
-        let unknown = || KmsError::UnrecognizedClient("The security token included in the request is invalid.".into());
-        let o = self.store.get(kind::ACCESS_KEY, SYSTEM_ACCOUNT, akid).await.map_err(KmsError::store)?.ok_or_else(unknown)?;
-        let rec: AccessKeyRecord = serde_json::from_slice(&o.body).map_err(|_| KmsError::Internal("corrupt access key record".into()))?;
-        let secret = self.keyring.open_internal(&format!("access-key:{akid}"), &rec.sealed_secret).await?;
-        let c = Arc::new(Cred { account: rec.account, principal: rec.principal, signing: HashMap::new(), secret, enabled: rec.enabled, loaded: Instant::now() });
+        let unknown = || {
+            KmsError::UnrecognizedClient(
+                "The security token included in the request is invalid.".into(),
+            )
+        };
+        let o = self
+            .store
+            .get(kind::ACCESS_KEY, SYSTEM_ACCOUNT, akid)
+            .await
+            .map_err(KmsError::store)?
+            .ok_or_else(unknown)?;
+        let rec: AccessKeyRecord = serde_json::from_slice(&o.body)
+            .map_err(|_| KmsError::Internal("corrupt access key record".into()))?;
+        let secret = self
+            .keyring
+            .open_internal(&format!("access-key:{akid}"), &rec.sealed_secret)
+            .await?;
+        let c = Arc::new(Cred {
+            account: rec.account,
+            principal: rec.principal,
+            signing: HashMap::new(),
+            secret,
+            enabled: rec.enabled,
+            loaded: Instant::now(),
+        });
         if let Ok(mut g) = self.creds.write() {
             g.insert(akid.to_string(), c.clone());
         }
@@ -244,52 +354,93 @@ impl Kms {
             .iter()
             .find(|(n, _)| n == "authorization")
             .map(|(_, v)| v.as_str())
-            .ok_or_else(|| KmsError::MissingAuthentication("Missing Authentication Token".into()))?;
+            .ok_or_else(|| {
+                KmsError::MissingAuthentication("Missing Authentication Token".into())
+            })?;
         let auth = sigv4::parse_authorization(auth_value).map_err(|e| match e {
             sigv4::AuthError::Missing(m) => KmsError::MissingAuthentication(m),
             _ => KmsError::MissingAuthentication("malformed Authorization header".into()),
         })?;
         let cred = self.cred(&auth.access_key_id).await?;
         if !cred.enabled {
-            return Err(KmsError::UnrecognizedClient("The security token included in the request is invalid.".into()));
+            return Err(KmsError::UnrecognizedClient(
+                "The security token included in the request is invalid.".into(),
+            ));
         }
         let scope = (auth.date.clone(), auth.region.clone());
         let key = match cred.signing.get(&scope) {
             Some(k) => k.clone(),
             None => {
-                let k = sigv4::signing_key(cred.secret.expose(), &auth.date, &auth.region, &auth.service);
+                let k = sigv4::signing_key(
+                    cred.secret.expose(),
+                    &auth.date,
+                    &auth.region,
+                    &auth.service,
+                );
                 // Cache per (date, region): replace the Arc with one that carries the key.
                 if let Ok(mut g) = self.creds.write() {
                     let mut signing = cred.signing.clone();
                     signing.insert(scope, k.clone());
                     g.insert(
                         auth.access_key_id.clone(),
-                        Arc::new(Cred { account: cred.account.clone(), principal: cred.principal.clone(), signing, secret: cred.secret.clone(), enabled: cred.enabled, loaded: cred.loaded }),
+                        Arc::new(Cred {
+                            account: cred.account.clone(),
+                            principal: cred.principal.clone(),
+                            signing,
+                            secret: cred.secret.clone(),
+                            enabled: cred.enabled,
+                            loaded: cred.loaded,
+                        }),
                     );
                 }
                 k
             }
         };
         sigv4::verify(req, &auth, &key, self.now_ms() / 1000).map_err(|e| match e {
-            sigv4::AuthError::Expired => KmsError::RequestExpired("Signature expired: the request time is more than 5 minutes from the server time.".into()),
+            sigv4::AuthError::Expired => KmsError::RequestExpired(
+                "Signature expired: the request time is more than 5 minutes from the server time."
+                    .into(),
+            ),
             sigv4::AuthError::Mismatch => KmsError::SignatureMismatch(
-                "The request signature we calculated does not match the signature you provided.".into(),
+                "The request signature we calculated does not match the signature you provided."
+                    .into(),
             ),
             sigv4::AuthError::Missing(m) => KmsError::MissingAuthentication(m),
         })?;
-        Ok(Caller { account: cred.account.clone(), principal: cred.principal.clone(), access_key_id: auth.access_key_id })
+        Ok(Caller {
+            account: cred.account.clone(),
+            principal: cred.principal.clone(),
+            access_key_id: auth.access_key_id,
+        })
     }
 
     /// Runs one operation for an authenticated caller and commits its writes together with
     /// its audit record. Returns the HTTP status and JSON body.
-    pub async fn handle(&self, caller: Caller, target: &str, body: &[u8], request_id: String) -> (u16, String) {
+    pub async fn handle(
+        &self,
+        caller: Caller,
+        target: &str,
+        body: &[u8],
+        request_id: String,
+    ) -> (u16, String) {
         let op = target.strip_prefix("TrentService.").unwrap_or("");
-        let mut ctx = Ctx { caller, request_id, key_id: None, detail: serde_json::Map::new() };
+        let mut ctx = Ctx {
+            caller,
+            request_id,
+            key_id: None,
+            detail: serde_json::Map::new(),
+        };
         let result = match serde_json::from_slice::<Value>(body) {
             Ok(Value::Object(m)) => ops::dispatch(self, &mut ctx, op, &Value::Object(m)).await,
-            Ok(_) => Err(KmsError::Serialization("Request body must be a JSON object".into())),
-            Err(_) if body.is_empty() => ops::dispatch(self, &mut ctx, op, &Value::Object(Default::default())).await,
-            Err(_) => Err(KmsError::Serialization("Request body is not valid JSON".into())),
+            Ok(_) => Err(KmsError::Serialization(
+                "Request body must be a JSON object".into(),
+            )),
+            Err(_) if body.is_empty() => {
+                ops::dispatch(self, &mut ctx, op, &Value::Object(Default::default())).await
+            }
+            Err(_) => Err(KmsError::Serialization(
+                "Request body is not valid JSON".into(),
+            )),
         };
         let (writes, reply, result_code) = match result {
             Ok(out) => (out.writes, Ok(out.body), "Success".to_string()),
@@ -303,13 +454,23 @@ impl Kms {
             time_ms: self.now_ms(),
             account: ctx.caller.account.clone(),
             principal: ctx.caller.principal.clone(),
-            operation: if op.is_empty() { target.chars().take(64).collect() } else { op.chars().take(64).collect() },
+            operation: if op.is_empty() {
+                target.chars().take(64).collect()
+            } else {
+                op.chars().take(64).collect()
+            },
             key_id: ctx.key_id.clone(),
             result: result_code,
             request_id: ctx.request_id.clone(),
             detail: Value::Object(ctx.detail.clone()).to_string(),
         };
-        let committed = self.store.commit(Batch { writes, audit: vec![entry.clone()] }).await;
+        let committed = self
+            .store
+            .commit(Batch {
+                writes,
+                audit: vec![entry.clone()],
+            })
+            .await;
         let reply = match (reply, committed) {
             (Ok(body), Ok(_)) => Ok(body),
             (Ok(_), Err(e)) => {
@@ -317,7 +478,13 @@ impl Kms {
                 let err = KmsError::store(e);
                 let mut failed = entry;
                 failed.result = err.code().into();
-                let _ = self.store.commit(Batch { writes: vec![], audit: vec![failed] }).await;
+                let _ = self
+                    .store
+                    .commit(Batch {
+                        writes: vec![],
+                        audit: vec![failed],
+                    })
+                    .await;
                 Err(err)
             }
             (Err(e), Ok(_)) => Err(e),
@@ -334,11 +501,20 @@ impl Kms {
 
     /// Records a request that failed before authentication completed.
     pub async fn audit_rejected(&self, target: &str, err: &KmsError, request_id: &str) {
-        let mut entry = crate::audit::system_entry(target.strip_prefix("TrentService.").unwrap_or("unknown"), "request rejected before authentication");
+        let mut entry = crate::audit::system_entry(
+            target.strip_prefix("TrentService.").unwrap_or("unknown"),
+            "request rejected before authentication",
+        );
         entry.principal = "anonymous".into();
         entry.result = err.code().into();
         entry.request_id = request_id.into();
-        let _ = self.store.commit(Batch { writes: vec![], audit: vec![entry] }).await;
+        let _ = self
+            .store
+            .commit(Batch {
+                writes: vec![],
+                audit: vec![entry],
+            })
+            .await;
     }
 }
 
@@ -361,6 +537,7 @@ impl NodeKey {
     /// The audit signing key, derived from the node key.
     pub fn audit_signer(&self) -> KmsResult<Ed25519AuditSigner> {
         let seed = self.derive(b"caas/kms/audit-signing-key")?;
-        Ed25519AuditSigner::from_seed(seed.expose()).ok_or_else(|| KmsError::internal_crypto("audit key"))
+        Ed25519AuditSigner::from_seed(seed.expose())
+            .ok_or_else(|| KmsError::internal_crypto("audit key"))
     }
 }

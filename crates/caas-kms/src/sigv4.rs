@@ -92,7 +92,11 @@ pub fn parse_authorization(value: &str) -> Result<Authorization, AuthError> {
 }
 
 fn header_values<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
-    headers.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_str()).collect()
+    headers
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+        .collect()
 }
 
 fn trim_collapse(v: &str) -> String {
@@ -104,7 +108,9 @@ fn uri_encode(s: &str, keep_slash: bool) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
             b'/' if keep_slash => out.push('/'),
             _ => {
                 let _ = write!(out, "%{b:02X}");
@@ -142,11 +148,18 @@ fn canonical_query(q: &str) -> String {
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (uri_encode(&percent_decode(k), false), uri_encode(&percent_decode(v), false))
+            (
+                uri_encode(&percent_decode(k), false),
+                uri_encode(&percent_decode(v), false),
+            )
         })
         .collect();
     pairs.sort();
-    pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&")
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// Hex SHA-256.
@@ -168,11 +181,20 @@ pub fn canonical_request(req: &Request<'_>, signed_headers: &[String]) -> String
     names.sort();
     names.dedup();
     for name in &names {
-        let vals: Vec<String> = header_values(req.headers, name).into_iter().map(trim_collapse).collect();
+        let vals: Vec<String> = header_values(req.headers, name)
+            .into_iter()
+            .map(trim_collapse)
+            .collect();
         let _ = writeln!(out, "{}:{}", name, vals.join(","));
     }
     out.push('\n');
-    out.push_str(&names.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(";"));
+    out.push_str(
+        &names
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(";"),
+    );
     out.push('\n');
     let payload = header_values(req.headers, "x-amz-content-sha256")
         .first()
@@ -190,14 +212,26 @@ pub fn signing_key(secret: &[u8], date: &str, region: &str, service: &str) -> hm
     k.extend_from_slice(secret);
     let k_date = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &k), date.as_bytes());
     zeroize::Zeroize::zeroize(&mut k);
-    let k_region = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, k_date.as_ref()), region.as_bytes());
-    let k_service = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, k_region.as_ref()), service.as_bytes());
-    let k_signing = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, k_service.as_ref()), b"aws4_request");
+    let k_region = hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, k_date.as_ref()),
+        region.as_bytes(),
+    );
+    let k_service = hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, k_region.as_ref()),
+        service.as_bytes(),
+    );
+    let k_signing = hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, k_service.as_ref()),
+        b"aws4_request",
+    );
     hmac::Key::new(hmac::HMAC_SHA256, k_signing.as_ref())
 }
 
 fn string_to_sign(amz_date: &str, scope: &str, canonical: &str) -> String {
-    format!("AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}", sha256_hex(canonical.as_bytes()))
+    format!(
+        "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
+        sha256_hex(canonical.as_bytes())
+    )
 }
 
 /// Parses `YYYYMMDDTHHMMSSZ` into Unix seconds.
@@ -239,44 +273,71 @@ pub fn format_amz_date(secs: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Verifies a request against `key` (from [`signing_key`] for the credential scope).
 /// `now` is Unix seconds.
-pub fn verify(req: &Request<'_>, auth: &Authorization, key: &hmac::Key, now: i64) -> Result<(), AuthError> {
+pub fn verify(
+    req: &Request<'_>,
+    auth: &Authorization,
+    key: &hmac::Key,
+    now: i64,
+) -> Result<(), AuthError> {
     for required in ["host", "x-amz-date"] {
         if !auth.signed_headers.iter().any(|h| h == required) {
-            return Err(AuthError::Missing(format!("'{required}' must be a signed header")));
+            return Err(AuthError::Missing(format!(
+                "'{required}' must be a signed header"
+            )));
         }
     }
     let amz_date = header_values(req.headers, "x-amz-date")
         .first()
         .copied()
         .ok_or_else(|| AuthError::Missing("missing X-Amz-Date".into()))?;
-    let t = parse_amz_date(amz_date).ok_or_else(|| AuthError::Missing("malformed X-Amz-Date".into()))?;
+    let t = parse_amz_date(amz_date)
+        .ok_or_else(|| AuthError::Missing("malformed X-Amz-Date".into()))?;
     if !amz_date.starts_with(&auth.date) {
-        return Err(AuthError::Missing("credential date does not match X-Amz-Date".into()));
+        return Err(AuthError::Missing(
+            "credential date does not match X-Amz-Date".into(),
+        ));
     }
     if (t - now).abs() > MAX_SKEW_SECS {
         return Err(AuthError::Expired);
     }
-    let scope = format!("{}/{}/{}/aws4_request", auth.date, auth.region, auth.service);
+    let scope = format!(
+        "{}/{}/{}/aws4_request",
+        auth.date, auth.region, auth.service
+    );
     let canonical = canonical_request(req, &auth.signed_headers);
     let sts = string_to_sign(amz_date, &scope, &canonical);
     let expect = hmac::sign(key, sts.as_bytes());
     let given = hex::decode(&auth.signature).map_err(|_| AuthError::Mismatch)?;
-    aws_lc_rs::constant_time::verify_slices_are_equal(expect.as_ref(), &given).map_err(|_| AuthError::Mismatch)
+    aws_lc_rs::constant_time::verify_slices_are_equal(expect.as_ref(), &given)
+        .map_err(|_| AuthError::Mismatch)
 }
 
 /// Signs a request: returns the `Authorization` header value. `req.headers` must already
 /// contain `host` and `x-amz-date`; every header in it is signed.
-pub fn sign(req: &Request<'_>, access_key_id: &str, secret: &[u8], region: &str, service: &str) -> Result<String, AuthError> {
+pub fn sign(
+    req: &Request<'_>,
+    access_key_id: &str,
+    secret: &[u8],
+    region: &str,
+    service: &str,
+) -> Result<String, AuthError> {
     let amz_date = header_values(req.headers, "x-amz-date")
         .first()
         .copied()
         .ok_or_else(|| AuthError::Missing("missing x-amz-date".into()))?;
-    let date = amz_date.get(..8).ok_or_else(|| AuthError::Missing("bad x-amz-date".into()))?;
+    let date = amz_date
+        .get(..8)
+        .ok_or_else(|| AuthError::Missing("bad x-amz-date".into()))?;
     let mut names: Vec<String> = req.headers.iter().map(|(n, _)| n.clone()).collect();
     names.sort();
     names.dedup();
@@ -285,7 +346,10 @@ pub fn sign(req: &Request<'_>, access_key_id: &str, secret: &[u8], region: &str,
     let sts = string_to_sign(amz_date, &scope, &canonical);
     let key = signing_key(secret, date, region, service);
     let sig = hex::encode(hmac::sign(&key, sts.as_bytes()));
-    Ok(format!("AWS4-HMAC-SHA256 Credential={access_key_id}/{scope}, SignedHeaders={}, Signature={sig}", names.join(";")))
+    Ok(format!(
+        "AWS4-HMAC-SHA256 Credential={access_key_id}/{scope}, SignedHeaders={}, Signature={sig}",
+        names.join(";")
+    ))
 }
 
 #[cfg(test)]
@@ -295,14 +359,25 @@ mod tests {
     const SECRET: &[u8] = b"wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
 
     fn hdrs(list: &[(&str, &str)]) -> Vec<(String, String)> {
-        list.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        list.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     /// AWS SigV4 test suite, `get-vanilla` (aws-sig-v4-test-suite).
     #[test]
     fn aws_test_suite_get_vanilla() {
-        let headers = hdrs(&[("host", "example.amazonaws.com"), ("x-amz-date", "20150830T123600Z")]);
-        let req = Request { method: "GET", path: "/", query: "", headers: &headers, body: b"" };
+        let headers = hdrs(&[
+            ("host", "example.amazonaws.com"),
+            ("x-amz-date", "20150830T123600Z"),
+        ]);
+        let req = Request {
+            method: "GET",
+            path: "/",
+            query: "",
+            headers: &headers,
+            body: b"",
+        };
         let auth = sign(&req, "AKIDEXAMPLE", SECRET, "us-east-1", "service").unwrap_or_default();
         assert_eq!(
             auth,
@@ -315,15 +390,30 @@ mod tests {
             let now = parse_amz_date("20150830T123600Z").unwrap_or(0);
             assert_eq!(verify(&req, &p, &key, now), Ok(()));
             assert_eq!(verify(&req, &p, &key, now + 301), Err(AuthError::Expired));
-            let other = hdrs(&[("host", "example.amazonaws.com"), ("x-amz-date", "20150830T123600Z"), ("x-extra", "1")]);
-            let tampered = Request { method: "POST", ..Request { headers: &other, ..req } };
+            let other = hdrs(&[
+                ("host", "example.amazonaws.com"),
+                ("x-amz-date", "20150830T123600Z"),
+                ("x-extra", "1"),
+            ]);
+            let tampered = Request {
+                method: "POST",
+                ..Request {
+                    headers: &other,
+                    ..req
+                }
+            };
             assert_eq!(verify(&tampered, &p, &key, now), Err(AuthError::Mismatch));
         }
     }
 
     #[test]
     fn dates_round_trip() {
-        for s in ["19700101T000000Z", "20150830T123600Z", "20000229T235959Z", "20261123T160432Z"] {
+        for s in [
+            "19700101T000000Z",
+            "20150830T123600Z",
+            "20000229T235959Z",
+            "20261123T160432Z",
+        ] {
             let t = parse_amz_date(s);
             assert!(t.is_some(), "{s}");
             assert_eq!(format_amz_date(t.unwrap_or(0)), s);

@@ -50,7 +50,10 @@ fn b64(b: &[u8]) -> String {
 }
 
 fn s(v: &Value, k: &str) -> Result<String> {
-    v.get(k).and_then(Value::as_str).map(str::to_string).ok_or_else(|| anyhow::anyhow!("reply lacks {k}"))
+    v.get(k)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("reply lacks {k}"))
 }
 
 /// Runs the demo.
@@ -60,20 +63,57 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let dir = dir.canonicalize()?;
     if !crate::dev::is_running(&dir).await {
         println!("starting a dev deployment in {}", dir.display());
-        crate::dev::run(crate::dev::DevArgs { cmd: None, data_dir: Some(dir.clone()), listen: "127.0.0.1:0".into(), detach: true, maintenance_secs: 60 }).await?;
+        crate::dev::run(crate::dev::DevArgs {
+            cmd: None,
+            data_dir: Some(dir.clone()),
+            listen: "127.0.0.1:0".into(),
+            detach: true,
+            maintenance_secs: 60,
+        })
+        .await?;
     }
     let env = crate::dev::read_env(&dir.join("env"))?;
-    let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).ok_or_else(|| anyhow::anyhow!("{k} missing from env"));
-    let client = KmsClient::new(&get("CAAS_KMS_ENDPOINT")?, &get("AWS_DEFAULT_REGION")?, &get("AWS_ACCESS_KEY_ID")?, SecretBytes::new(get("AWS_SECRET_ACCESS_KEY")?.into_bytes()), None)?;
+    let get = |k: &str| {
+        env.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| anyhow::anyhow!("{k} missing from env"))
+    };
+    let client = KmsClient::new(
+        &get("CAAS_KMS_ENDPOINT")?,
+        &get("AWS_DEFAULT_REGION")?,
+        &get("AWS_ACCESS_KEY_ID")?,
+        SecretBytes::new(get("AWS_SECRET_ACCESS_KEY")?.into_bytes()),
+        None,
+    )?;
     let c = &client;
     let total = Instant::now();
     let mut st = Steps { n: 0, failed: 0 };
-    println!("caas demo — tenant story against {}", get("CAAS_KMS_ENDPOINT")?);
+    println!(
+        "caas demo — tenant story against {}",
+        get("CAAS_KMS_ENDPOINT")?
+    );
 
-    let key = st.run("KMS: create a symmetric key", async { Ok(s(&c.call("CreateKey", &json!({ "Description": "caas demo data key" })).await?["KeyMetadata"], "KeyId")?) }).await;
+    let key = st
+        .run("KMS: create a symmetric key", async {
+            s(
+                &c.call("CreateKey", &json!({ "Description": "caas demo data key" }))
+                    .await?["KeyMetadata"],
+                "KeyId",
+            )
+        })
+        .await;
     let alias = format!("alias/demo-{}", std::process::id());
     if let Some(key) = &key {
-        st.run(&format!("KMS: name it {alias}"), async { c.call("CreateAlias", &json!({ "AliasName": alias, "TargetKeyId": key })).await?; Ok(()) }).await;
+        st.run(&format!("KMS: name it {alias}"), async {
+            c.call(
+                "CreateAlias",
+                &json!({ "AliasName": alias, "TargetKeyId": key }),
+            )
+            .await?;
+            Ok(())
+        })
+        .await;
     }
     let ec = json!({ "tenant": "demo", "purpose": "payroll" });
     let ct = st
@@ -92,8 +132,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         })
         .await;
         st.run("KMS: decrypt with another context is refused", async {
-            match c.decrypt(ct, &json!({ "tenant": "demo", "purpose": "other" })).await {
-                Err(ClientError::Service { code, .. }) if code == "InvalidCiphertextException" => Ok(()),
+            match c
+                .decrypt(ct, &json!({ "tenant": "demo", "purpose": "other" }))
+                .await
+            {
+                Err(ClientError::Service { code, .. }) if code == "InvalidCiphertextException" => {
+                    Ok(())
+                }
                 other => bail!("expected InvalidCiphertextException, got {other:?}"),
             }
         })
@@ -109,17 +154,21 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             Ok(())
         })
         .await;
-        st.run("KMS: rotate the key on demand; the old ciphertext still decrypts", async {
-            c.call("RotateKeyOnDemand", &json!({ "KeyId": key })).await?;
-            if let Some(ct) = &ct {
-                c.decrypt(ct, &ec).await?;
-            }
-            let r = c.call("ListKeyRotations", &json!({ "KeyId": key })).await?;
-            if r["Rotations"].as_array().map_or(0, Vec::len) != 1 {
-                bail!("expected one rotation");
-            }
-            Ok(())
-        })
+        st.run(
+            "KMS: rotate the key on demand; the old ciphertext still decrypts",
+            async {
+                c.call("RotateKeyOnDemand", &json!({ "KeyId": key }))
+                    .await?;
+                if let Some(ct) = &ct {
+                    c.decrypt(ct, &ec).await?;
+                }
+                let r = c.call("ListKeyRotations", &json!({ "KeyId": key })).await?;
+                if r["Rotations"].as_array().map_or(0, Vec::len) != 1 {
+                    bail!("expected one rotation");
+                }
+                Ok(())
+            },
+        )
         .await;
     }
     st.run("KMS: ECDSA P-256 signing key: sign and verify", async {
@@ -140,15 +189,29 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         Ok(())
     })
     .await;
-    st.run("Audit: the hash-chained, signed audit log verifies", async {
-        let out = tokio::process::Command::new(std::env::current_exe()?).arg("audit").arg("verify").arg("--data-dir").arg(&dir).output().await?;
-        if !out.status.success() {
-            bail!("{}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
-    })
+    st.run(
+        "Audit: the hash-chained, signed audit log verifies",
+        async {
+            let out = tokio::process::Command::new(std::env::current_exe()?)
+                .arg("audit")
+                .arg("verify")
+                .arg("--data-dir")
+                .arg(&dir)
+                .output()
+                .await?;
+            if !out.status.success() {
+                bail!("{}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        },
+    )
     .await;
-    println!("{} steps, {} failed, {:.1} ms in total", st.n, st.failed, total.elapsed().as_secs_f64() * 1000.0);
+    println!(
+        "{} steps, {} failed, {:.1} ms in total",
+        st.n,
+        st.failed,
+        total.elapsed().as_secs_f64() * 1000.0
+    );
     if st.failed > 0 {
         bail!("{} demo step(s) failed", st.failed);
     }

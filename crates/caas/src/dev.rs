@@ -55,6 +55,7 @@ pub fn kms_params(dir: &Path) -> KmsParams {
         database: format!("sqlite:{}", dir.join("kms.sqlite3").display()),
         node_key_file: dir.join("node.key"),
         create_node_key: true,
+        domain_key_rotation: Some(Duration::from_secs(24 * 3600)),
     }
 }
 
@@ -70,7 +71,12 @@ fn write_private(path: &Path, contents: &str) -> Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
@@ -79,7 +85,8 @@ fn write_private(path: &Path, contents: &str) -> Result<()> {
 
 /// Reads `export NAME='value'` lines of an env file.
 pub fn read_env(path: &Path) -> Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(text
         .lines()
         .filter_map(|l| l.strip_prefix("export "))
@@ -104,11 +111,17 @@ pub async fn run(args: DevArgs) -> Result<()> {
         return detach(&dir, &args).await;
     }
     if let Some(pid) = running_pid(&dir) {
-        bail!("a dev deployment (pid {pid}) is already running in {}", dir.display());
+        bail!(
+            "a dev deployment (pid {pid}) is already running in {}",
+            dir.display()
+        );
     }
     let params = ServeParams {
         kms: kms_params(&dir),
-        listen: args.listen.parse().with_context(|| format!("--listen {}", args.listen))?,
+        listen: args
+            .listen
+            .parse()
+            .with_context(|| format!("--listen {}", args.listen))?,
         tls: None,
         maintenance_interval: Duration::from_secs(args.maintenance_secs.max(1)),
     };
@@ -127,12 +140,25 @@ pub async fn run(args: DevArgs) -> Result<()> {
 async fn prepare_tenant(kms: &caas_kms::Kms, dir: &Path, addr: std::net::SocketAddr) -> Result<()> {
     let state_path = dir.join("dev.json");
     let env_path = dir.join("env");
-    let state = match std::fs::read(&state_path).ok().and_then(|b| serde_json::from_slice::<DevState>(&b).ok()) {
+    let state = match std::fs::read(&state_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<DevState>(&b).ok())
+    {
         Some(s) => s,
         None => {
-            let account = kms.create_account("dev-tenant").await.map_err(|e| anyhow::anyhow!("{e}"))?;
-            let (akid, secret) = kms.create_access_key(&account, "dev").await.map_err(|e| anyhow::anyhow!("{e}"))?;
-            let s = DevState { account, access_key_id: akid, secret_access_key: String::from_utf8_lossy(secret.expose()).into_owned() };
+            let account = kms
+                .create_account("dev-tenant")
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (akid, secret) = kms
+                .create_access_key(&account, "dev")
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let s = DevState {
+                account,
+                access_key_id: akid,
+                secret_access_key: String::from_utf8_lossy(secret.expose()).into_owned(),
+            };
             write_private(&state_path, &serde_json::to_string_pretty(&s)?)?;
             s
         }
@@ -149,27 +175,49 @@ async fn prepare_tenant(kms: &caas_kms::Kms, dir: &Path, addr: std::net::SocketA
         ("CAAS_DEV_DIR", dir.display().to_string()),
         ("CAAS_KMS_ENDPOINT", endpoint),
         ("CAAS_ACCOUNT_ID", state.account.clone()),
-        ("CAAS_AUDIT_PUBLIC_KEY", kms.audit_public_key().iter().map(|b| format!("{b:02x}")).collect()),
+        (
+            "CAAS_AUDIT_PUBLIC_KEY",
+            kms.audit_public_key()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        ),
     ];
-    let mut text = String::from("# caas dev deployment — source this file: . ./env\n# Dev mode only: this file holds the dev tenant's secret access key (mode 0600).\n");
+    let mut text = String::from(
+        "# caas dev deployment — source this file: . ./env\n# Dev mode only: this file holds the dev tenant's secret access key (mode 0600).\n",
+    );
     for (k, v) in &vars {
         text.push_str(&format!("export {k}={}\n", shell_quote(v)));
     }
     write_private(&env_path, &text)?;
-    println!("caas dev: key service on http://{addr}; account {} — `. {}` to use it", state.account, env_path.display());
+    println!(
+        "caas dev: key service on http://{addr}; account {} — `. {}` to use it",
+        state.account,
+        env_path.display()
+    );
     Ok(())
 }
 
 fn running_pid(dir: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(dir.join("dev.pid")).ok()?.trim().parse().ok()?;
+    let pid: i32 = std::fs::read_to_string(dir.join("dev.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     // SAFETY-free liveness check through /proc.
     Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
 }
 
 async fn health(dir: &Path) -> bool {
-    let Ok(env) = read_env(&dir.join("env")) else { return false };
-    let Some((_, ep)) = env.iter().find(|(k, _)| k == "CAAS_KMS_ENDPOINT") else { return false };
-    let Some(hostport) = ep.strip_prefix("http://") else { return false };
+    let Ok(env) = read_env(&dir.join("env")) else {
+        return false;
+    };
+    let Some((_, ep)) = env.iter().find(|(k, _)| k == "CAAS_KMS_ENDPOINT") else {
+        return false;
+    };
+    let Some(hostport) = ep.strip_prefix("http://") else {
+        return false;
+    };
     tokio::net::TcpStream::connect(hostport).await.is_ok()
 }
 
@@ -184,26 +232,48 @@ async fn detach(dir: &Path, args: &DevArgs) -> Result<()> {
         return Ok(());
     }
     let _ = std::fs::remove_file(dir.join("dev.pid"));
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("dev.log"))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("dev.log"))?;
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("dev").arg("--data-dir").arg(dir).arg("--listen").arg(&args.listen).arg("--maintenance-secs").arg(args.maintenance_secs.to_string());
-    cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    cmd.arg("dev")
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--listen")
+        .arg(&args.listen)
+        .arg("--maintenance-secs")
+        .arg(args.maintenance_secs.to_string());
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
     // New session: the deployment survives the shell that started it (no SIGHUP).
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().context("cannot start the dev deployment")?;
     let started = std::time::Instant::now();
     while started.elapsed() < Duration::from_secs(60) {
         if let Some(status) = child.try_wait()? {
-            bail!("the dev deployment exited ({status}); see {}", dir.join("dev.log").display());
+            bail!(
+                "the dev deployment exited ({status}); see {}",
+                dir.join("dev.log").display()
+            );
         }
         if running_pid(dir).is_some() && health(dir).await {
-            println!("caas dev: running in the background (pid {}); `. {}/env`; stop with `caas dev stop --data-dir {}`", child.id(), dir.display(), dir.display());
+            println!(
+                "caas dev: running in the background (pid {}); `. {}/env`; stop with `caas dev stop --data-dir {}`",
+                child.id(),
+                dir.display(),
+                dir.display()
+            );
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    bail!("the dev deployment did not come up within 60 s; see {}", dir.join("dev.log").display())
+    bail!(
+        "the dev deployment did not come up within 60 s; see {}",
+        dir.join("dev.log").display()
+    )
 }
 
 async fn stop(dir: &Path) -> Result<()> {
@@ -211,7 +281,10 @@ async fn stop(dir: &Path) -> Result<()> {
         println!("caas dev: nothing running in {}", dir.display());
         return Ok(());
     };
-    let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status()?;
+    let status = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()?;
     if !status.success() {
         bail!("cannot signal pid {pid}");
     }

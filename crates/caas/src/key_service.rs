@@ -24,7 +24,11 @@ impl StoreArgs {
     /// Resolves to service parameters.
     pub fn params(&self) -> Result<KmsParams> {
         let mut p = if let Some(cfg) = &self.config {
-            config::load(cfg).map_err(anyhow::Error::msg)?.validate().map_err(anyhow::Error::msg)?.kms
+            config::load(cfg)
+                .map_err(anyhow::Error::msg)?
+                .validate()
+                .map_err(anyhow::Error::msg)?
+                .kms
         } else if let Some(dir) = &self.data_dir {
             crate::dev::kms_params(dir)
         } else {
@@ -135,15 +139,27 @@ pub struct Bound {
 
 /// Opens the store and binds the listener.
 pub async fn bind(params: &ServeParams) -> Result<Bound> {
-    let kms = Kms::open(&params.kms).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let listener = tokio::net::TcpListener::bind(params.listen).await.with_context(|| format!("cannot listen on {}", params.listen))?;
+    let kms = Kms::open(&params.kms)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let listener = tokio::net::TcpListener::bind(params.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", params.listen))?;
     let addr = listener.local_addr()?;
-    Ok(Bound { kms, listener, addr })
+    Ok(Bound {
+        kms,
+        listener,
+        addr,
+    })
 }
 
 /// Serves the key service until SIGINT/SIGTERM.
 pub async fn serve(params: ServeParams, bound: Bound) -> Result<()> {
-    let Bound { kms, listener, addr } = bound;
+    let Bound {
+        kms,
+        listener,
+        addr,
+    } = bound;
     let maint = {
         let kms = kms.clone();
         let every = params.maintenance_interval;
@@ -152,7 +168,9 @@ pub async fn serve(params: ServeParams, bound: Bound) -> Result<()> {
             loop {
                 t.tick().await;
                 match caas_kms::ops::maintenance(&kms).await {
-                    Ok((d, r)) if d + r > 0 => tracing::info!(deleted = d, rotated = r, "maintenance"),
+                    Ok((d, r)) if d + r > 0 => {
+                        tracing::info!(deleted = d, rotated = r, "maintenance")
+                    }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "maintenance failed"),
                 }
@@ -182,7 +200,11 @@ pub async fn shutdown_signal() {
 /// Runs `caas key-service ...`.
 pub async fn run_key_service(cmd: KeyServiceCmd) -> Result<()> {
     match cmd {
-        KeyServiceCmd::Serve { config, listen, database } => {
+        KeyServiceCmd::Serve {
+            config,
+            listen,
+            database,
+        } => {
             let mut raw = config::load(&config).map_err(anyhow::Error::msg)?;
             if let Some(l) = listen {
                 raw.server.listen = Some(l);
@@ -199,7 +221,9 @@ pub async fn run_key_service(cmd: KeyServiceCmd) -> Result<()> {
 }
 
 async fn open(store: &StoreArgs) -> Result<Arc<Kms>> {
-    Kms::open(&store.params()?).await.map_err(|e| anyhow::anyhow!("{e}"))
+    Kms::open(&store.params()?)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Runs `caas admin ...`.
@@ -207,33 +231,74 @@ pub async fn run_admin(cmd: AdminCmd) -> Result<()> {
     match cmd {
         AdminCmd::CreateAccount { store, name } => {
             let kms = open(&store).await?;
-            let a = kms.create_account(&name).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let a = kms
+                .create_account(&name)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("{}", serde_json::json!({ "Account": a, "Name": name }));
         }
         AdminCmd::ListAccounts { store } => {
-            for a in open(&store).await?.list_accounts().await.map_err(|e| anyhow::anyhow!("{e}"))? {
-                println!("{}", serde_json::json!({ "Account": a.account, "Name": a.name }));
+            for a in open(&store)
+                .await?
+                .list_accounts()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+            {
+                println!(
+                    "{}",
+                    serde_json::json!({ "Account": a.account, "Name": a.name })
+                );
             }
         }
-        AdminCmd::CreateAccessKey { store, account, user } => {
+        AdminCmd::CreateAccessKey {
+            store,
+            account,
+            user,
+        } => {
             let kms = open(&store).await?;
-            let (id, secret) = kms.create_access_key(&account, &user).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (id, secret) = kms
+                .create_access_key(&account, &user)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             let secret = String::from_utf8_lossy(secret.expose()).into_owned();
-            println!("{}", serde_json::json!({ "AccessKeyId": id, "SecretAccessKey": secret, "Account": account }));
+            println!(
+                "{}",
+                serde_json::json!({ "AccessKeyId": id, "SecretAccessKey": secret, "Account": account })
+            );
         }
         AdminCmd::ListAccessKeys { store } => {
-            for k in open(&store).await?.list_access_keys().await.map_err(|e| anyhow::anyhow!("{e}"))? {
-                println!("{}", serde_json::json!({ "AccessKeyId": k.access_key_id, "Account": k.account, "Principal": k.principal, "Enabled": k.enabled }));
+            for k in open(&store)
+                .await?
+                .list_access_keys()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+            {
+                println!(
+                    "{}",
+                    serde_json::json!({ "AccessKeyId": k.access_key_id, "Account": k.account, "Principal": k.principal, "Enabled": k.enabled })
+                );
             }
         }
-        AdminCmd::DisableAccessKey { store, access_key_id } => {
-            open(&store).await?.set_access_key_enabled(&access_key_id, false).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        AdminCmd::DisableAccessKey {
+            store,
+            access_key_id,
+        } => {
+            open(&store)
+                .await?
+                .set_access_key_enabled(&access_key_id, false)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("disabled {access_key_id}");
         }
         AdminCmd::RotateDomainKey { store } => {
             let kms = open(&store).await?;
-            let (v, n) = caas_kms::ops::rotate_domain_key(&kms).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-            println!("{}", serde_json::json!({ "DomainKeyVersion": v, "RewrappedKeys": n }));
+            let (v, n) = caas_kms::ops::rotate_domain_key(&kms)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!(
+                "{}",
+                serde_json::json!({ "DomainKeyVersion": v, "RewrappedKeys": n })
+            );
         }
     }
     Ok(())
@@ -242,9 +307,18 @@ pub async fn run_admin(cmd: AdminCmd) -> Result<()> {
 /// Runs `caas audit ...`.
 pub async fn run_audit(cmd: AuditCmd) -> Result<()> {
     match cmd {
-        AuditCmd::List { store, account, limit, after } => {
+        AuditCmd::List {
+            store,
+            account,
+            limit,
+            after,
+        } => {
             let kms = open(&store).await?;
-            let recs = kms.store.audit_list(account.as_deref(), after, limit).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let recs = kms
+                .store
+                .audit_list(account.as_deref(), after, limit)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             for r in recs {
                 let e = &r.entry;
                 println!(

@@ -12,8 +12,17 @@ fn check_name(name: &str) -> KmsResult<()> {
         && name.len() > 6
         && name.len() <= 256
         && !name.starts_with("alias/aws/")
-        && name[6..].chars().all(|c| c.is_ascii_alphanumeric() || "/_-".contains(c));
-    if ok { Ok(()) } else { Err(KmsError::InvalidAliasName(format!("Alias name {} is not valid", name.chars().take(256).collect::<String>()))) }
+        && name[6..]
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/_-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(KmsError::InvalidAliasName(format!(
+            "Alias name {} is not valid",
+            name.chars().take(256).collect::<String>()
+        )))
+    }
 }
 
 fn put(ctx: &Ctx, a: &AliasRecord, expect_rev: Option<i64>) -> KmsResult<Write> {
@@ -32,45 +41,86 @@ pub async fn create(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     check_name(name)?;
     let target = resolve(kms, ctx, r.str("TargetKeyId")?).await?;
     authorize(kms, ctx, &target.key, "CreateAlias", None, &[]).await?;
-    if kms.store.get(kind::ALIAS, &ctx.caller.account, name).await.map_err(KmsError::store)?.is_some() {
-        return Err(KmsError::AlreadyExists(format!("An alias with the name {name} already exists")));
+    if kms
+        .store
+        .get(kind::ALIAS, &ctx.caller.account, name)
+        .await
+        .map_err(KmsError::store)?
+        .is_some()
+    {
+        return Err(KmsError::AlreadyExists(format!(
+            "An alias with the name {name} already exists"
+        )));
     }
     let now = kms.now_ms();
-    let a = AliasRecord { name: name.into(), target_key_id: target.key.key_id.clone(), created_ms: now, updated_ms: now };
-    Ok(Out { body: json!({}), writes: vec![put(ctx, &a, Some(0))?] })
+    let a = AliasRecord {
+        name: name.into(),
+        target_key_id: target.key.key_id.clone(),
+        created_ms: now,
+        updated_ms: now,
+    };
+    Ok(Out {
+        body: json!({}),
+        writes: vec![put(ctx, &a, Some(0))?],
+    })
 }
 
 /// UpdateAlias: the new target must have the same key spec and usage.
 pub async fn update(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let name = r.str("AliasName")?;
     check_name(name)?;
-    let o = kms.store.get(kind::ALIAS, &ctx.caller.account, name).await.map_err(KmsError::store)?.ok_or_else(|| KmsError::NotFound(format!("Alias {name} is not found.")))?;
-    let mut a: AliasRecord = serde_json::from_slice(&o.body).map_err(|_| KmsError::Internal("corrupt alias".into()))?;
-    let old = kms.store.get(kind::KEY, &ctx.caller.account, &a.target_key_id).await.map_err(KmsError::store)?;
+    let o = kms
+        .store
+        .get(kind::ALIAS, &ctx.caller.account, name)
+        .await
+        .map_err(KmsError::store)?
+        .ok_or_else(|| KmsError::NotFound(format!("Alias {name} is not found.")))?;
+    let mut a: AliasRecord =
+        serde_json::from_slice(&o.body).map_err(|_| KmsError::Internal("corrupt alias".into()))?;
+    let old = kms
+        .store
+        .get(kind::KEY, &ctx.caller.account, &a.target_key_id)
+        .await
+        .map_err(KmsError::store)?;
     let target = resolve(kms, ctx, r.str("TargetKeyId")?).await?;
     authorize(kms, ctx, &target.key, "UpdateAlias", None, &[]).await?;
-    if let Some(old) = old.and_then(|o| serde_json::from_slice::<KeyRecord>(&o.body).ok()) {
-        if old.key_spec != target.key.key_spec || old.key_usage != target.key.key_usage {
-            return Err(KmsError::Validation("The new target key must have the same key spec and key usage".into()));
+    if let Some(old) = old.and_then(|o| serde_json::from_slice::<KeyRecord>(&o.body).ok())
+        && (old.key_spec != target.key.key_spec || old.key_usage != target.key.key_usage) {
+            return Err(KmsError::Validation(
+                "The new target key must have the same key spec and key usage".into(),
+            ));
         }
-    }
     a.target_key_id = target.key.key_id.clone();
     a.updated_ms = kms.now_ms();
-    Ok(Out { body: json!({}), writes: vec![put(ctx, &a, Some(o.rev))?] })
+    Ok(Out {
+        body: json!({}),
+        writes: vec![put(ctx, &a, Some(o.rev))?],
+    })
 }
 
 /// DeleteAlias.
 pub async fn delete(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let name = r.str("AliasName")?;
     check_name(name)?;
-    let o = kms.store.get(kind::ALIAS, &ctx.caller.account, name).await.map_err(KmsError::store)?.ok_or_else(|| KmsError::NotFound(format!("Alias {name} is not found.")))?;
-    let a: AliasRecord = serde_json::from_slice(&o.body).map_err(|_| KmsError::Internal("corrupt alias".into()))?;
+    let o = kms
+        .store
+        .get(kind::ALIAS, &ctx.caller.account, name)
+        .await
+        .map_err(KmsError::store)?
+        .ok_or_else(|| KmsError::NotFound(format!("Alias {name} is not found.")))?;
+    let a: AliasRecord =
+        serde_json::from_slice(&o.body).map_err(|_| KmsError::Internal("corrupt alias".into()))?;
     if let Ok(target) = resolve(kms, ctx, &a.target_key_id).await {
         authorize(kms, ctx, &target.key, "DeleteAlias", None, &[]).await?;
     }
     Ok(Out {
         body: json!({}),
-        writes: vec![Write::Delete { kind: kind::ALIAS.into(), account: ctx.caller.account.clone(), id: name.into(), expect_rev: Some(o.rev) }],
+        writes: vec![Write::Delete {
+            kind: kind::ALIAS.into(),
+            account: ctx.caller.account.clone(),
+            id: name.into(),
+            expect_rev: Some(o.rev),
+        }],
     })
 }
 
@@ -80,7 +130,11 @@ pub async fn list(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
         Some(k) => Some(resolve(kms, ctx, k).await?.key.key_id),
         None => None,
     };
-    let objs = kms.store.list(kind::ALIAS, Some(&ctx.caller.account)).await.map_err(KmsError::store)?;
+    let objs = kms
+        .store
+        .list(kind::ALIAS, Some(&ctx.caller.account))
+        .await
+        .map_err(KmsError::store)?;
     let region = &kms.region;
     let account = &ctx.caller.account;
     let items: Vec<_> = objs

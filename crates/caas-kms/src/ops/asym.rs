@@ -24,7 +24,9 @@ pub async fn sign(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let (_, sk) = material(kms, &l.key, None).await?;
     let sig = km::sign(spec, &sk, alg, &digest)?;
     ctx.detail.insert("SigningAlgorithm".into(), json!(alg));
-    Ok(Out::reply(json!({ "KeyId": l.key.arn(), "Signature": b64(&sig), "SigningAlgorithm": alg })))
+    Ok(Out::reply(
+        json!({ "KeyId": l.key.arn(), "Signature": b64(&sig), "SigningAlgorithm": alg }),
+    ))
 }
 
 /// Verify.
@@ -39,11 +41,19 @@ pub async fn verify(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     require_usage(&l.key, "SIGN_VERIFY", "Verify")?;
     let spec = spec_of(&l.key)?;
     let digest = km::message_digest(alg, &msg, mtype)?;
-    let pk = l.key.current().and_then(|v| v.public_key.clone()).ok_or_else(|| KmsError::Internal("no public key".into()))?;
+    let pk = l
+        .key
+        .current()
+        .and_then(|v| v.public_key.clone())
+        .ok_or_else(|| KmsError::Internal("no public key".into()))?;
     if !km::verify(spec, &pk, alg, &digest, &sig)? {
-        return Err(KmsError::InvalidSignature("The signature is not valid for this message and key".into()));
+        return Err(KmsError::InvalidSignature(
+            "The signature is not valid for this message and key".into(),
+        ));
     }
-    Ok(Out::reply(json!({ "KeyId": l.key.arn(), "SignatureValid": true, "SigningAlgorithm": alg })))
+    Ok(Out::reply(
+        json!({ "KeyId": l.key.arn(), "SignatureValid": true, "SigningAlgorithm": alg }),
+    ))
 }
 
 /// GetPublicKey.
@@ -53,9 +63,16 @@ pub async fn get_public_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<O
     require_enabled(&l.key)?;
     let spec = spec_of(&l.key)?;
     if !(spec.is_rsa() || spec.is_ecc()) {
-        return Err(KmsError::UnsupportedOperation(format!("{} is not an asymmetric key", l.key.arn())));
+        return Err(KmsError::UnsupportedOperation(format!(
+            "{} is not an asymmetric key",
+            l.key.arn()
+        )));
     }
-    let pk = l.key.current().and_then(|v| v.public_key.clone()).ok_or_else(|| KmsError::InvalidState("no key material".into()))?;
+    let pk = l
+        .key
+        .current()
+        .and_then(|v| v.public_key.clone())
+        .ok_or_else(|| KmsError::InvalidState("no key material".into()))?;
     let mut out = json!({
         "KeyId": l.key.arn(), "PublicKey": b64(&pk), "CustomerMasterKeySpec": l.key.key_spec,
         "KeySpec": l.key.key_spec, "KeyUsage": l.key.key_usage,
@@ -70,17 +87,33 @@ pub async fn get_public_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<O
 
 /// GenerateDataKeyPair / GenerateDataKeyPairWithoutPlaintext: a fresh key pair whose
 /// private key is returned encrypted under a symmetric KMS key.
-pub async fn generate_data_key_pair(kms: &Kms, ctx: &mut Ctx, r: Req<'_>, with_plaintext: bool) -> KmsResult<Out> {
+pub async fn generate_data_key_pair(
+    kms: &Kms,
+    ctx: &mut Ctx,
+    r: Req<'_>,
+    with_plaintext: bool,
+) -> KmsResult<Out> {
     let pair_spec_name = r.str("KeyPairSpec")?;
-    let pair_spec = KeySpec::parse(pair_spec_name).filter(|s| s.is_rsa() || s.is_ecc()).ok_or_else(|| KmsError::Validation(format!("KeyPairSpec {pair_spec_name} is not valid")))?;
+    let pair_spec = KeySpec::parse(pair_spec_name)
+        .filter(|s| s.is_rsa() || s.is_ecc())
+        .ok_or_else(|| {
+            KmsError::Validation(format!("KeyPairSpec {pair_spec_name} is not valid"))
+        })?;
     let ec = r.opt_map("EncryptionContext")?.unwrap_or_default();
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    let action = if with_plaintext { "GenerateDataKeyPair" } else { "GenerateDataKeyPairWithoutPlaintext" };
+    let action = if with_plaintext {
+        "GenerateDataKeyPair"
+    } else {
+        "GenerateDataKeyPairWithoutPlaintext"
+    };
     authorize(kms, ctx, &l.key, action, Some(&ec), &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, "ENCRYPT_DECRYPT", action)?;
     if l.key.key_spec != "SYMMETRIC_DEFAULT" {
-        return Err(KmsError::InvalidKeyUsage(format!("{} is not a symmetric key", l.key.arn())));
+        return Err(KmsError::InvalidKeyUsage(format!(
+            "{} is not a symmetric key",
+            l.key.arn()
+        )));
     }
     let sk = km::generate(pair_spec)?;
     let pk = km::public_key_der(pair_spec, &sk)?;
@@ -103,7 +136,9 @@ pub async fn generate_mac(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out
     require_usage(&l.key, "GENERATE_VERIFY_MAC", "GenerateMac")?;
     let (_, k) = material(kms, &l.key, None).await?;
     let mac = km::mac(spec_of(&l.key)?, &k, alg, &msg)?;
-    Ok(Out::reply(json!({ "Mac": b64(&mac), "MacAlgorithm": alg, "KeyId": l.key.arn() })))
+    Ok(Out::reply(
+        json!({ "Mac": b64(&mac), "MacAlgorithm": alg, "KeyId": l.key.arn() }),
+    ))
 }
 
 /// VerifyMac.
@@ -117,7 +152,11 @@ pub async fn verify_mac(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
     require_usage(&l.key, "GENERATE_VERIFY_MAC", "VerifyMac")?;
     let (_, k) = material(kms, &l.key, None).await?;
     if !km::verify_mac(spec_of(&l.key)?, &k, alg, &msg, &mac)? {
-        return Err(KmsError::InvalidMac("The MAC is not valid for this message and key".into()));
+        return Err(KmsError::InvalidMac(
+            "The MAC is not valid for this message and key".into(),
+        ));
     }
-    Ok(Out::reply(json!({ "KeyId": l.key.arn(), "MacValid": true, "MacAlgorithm": alg })))
+    Ok(Out::reply(
+        json!({ "KeyId": l.key.arn(), "MacValid": true, "MacAlgorithm": alg }),
+    ))
 }

@@ -33,21 +33,35 @@ pub fn canonical_context(ec: &BTreeMap<String, String>) -> Vec<u8> {
 }
 
 fn gcm(key: &[u8]) -> KmsResult<LessSafeKey> {
-    Ok(LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).map_err(|_| KmsError::internal_crypto("aes key"))?))
+    Ok(LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, key).map_err(|_| KmsError::internal_crypto("aes key"))?,
+    ))
 }
 
 /// Encrypts under a symmetric key's current HBK.
-pub fn seal(key_id: &str, hbk_version: u32, hbk: &SecretBytes, ec: &BTreeMap<String, String>, plaintext: &[u8]) -> KmsResult<Vec<u8>> {
-    let nonce: [u8; 32] = caas_crypto::random_array().map_err(|_| KmsError::internal_crypto("rng"))?;
+pub fn seal(
+    key_id: &str,
+    hbk_version: u32,
+    hbk: &SecretBytes,
+    ec: &BTreeMap<String, String>,
+    plaintext: &[u8],
+) -> KmsResult<Vec<u8>> {
+    let nonce: [u8; 32] =
+        caas_crypto::random_array().map_err(|_| KmsError::internal_crypto("rng"))?;
     let iv: [u8; 12] = caas_crypto::random_array().map_err(|_| KmsError::internal_crypto("rng"))?;
-    let dk = kdf::derive(hbk.expose(), KDF_LABEL, &nonce, 32).map_err(|_| KmsError::internal_crypto("kdf"))?;
+    let dk = kdf::derive(hbk.expose(), KDF_LABEL, &nonce, 32)
+        .map_err(|_| KmsError::internal_crypto("kdf"))?;
     let mut out = blob::header(key_id, hbk_version, &nonce, &iv)?;
     let mut aad = out.clone();
     aad.extend_from_slice(&canonical_context(ec));
     let hdr = out.len();
     out.extend_from_slice(plaintext);
     let tag = gcm(dk.expose())?
-        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(iv), Aad::from(&aad), &mut out[hdr..])
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(iv),
+            Aad::from(&aad),
+            &mut out[hdr..],
+        )
         .map_err(|_| KmsError::internal_crypto("seal"))?;
     out.extend_from_slice(tag.as_ref());
     Ok(out)
@@ -58,13 +72,22 @@ fn invalid() -> KmsError {
 }
 
 /// Opens a blob with the named key's HBK version.
-pub fn open(parsed: &blob::Blob<'_>, hbk: &SecretBytes, ec: &BTreeMap<String, String>) -> KmsResult<SecretBytes> {
-    let dk = kdf::derive(hbk.expose(), KDF_LABEL, parsed.nonce, 32).map_err(|_| KmsError::internal_crypto("kdf"))?;
+pub fn open(
+    parsed: &blob::Blob<'_>,
+    hbk: &SecretBytes,
+    ec: &BTreeMap<String, String>,
+) -> KmsResult<SecretBytes> {
+    let dk = kdf::derive(hbk.expose(), KDF_LABEL, parsed.nonce, 32)
+        .map_err(|_| KmsError::internal_crypto("kdf"))?;
     let mut aad = parsed.header.to_vec();
     aad.extend_from_slice(&canonical_context(ec));
     let mut buf = parsed.sealed.to_vec();
     let n = gcm(dk.expose())?
-        .open_in_place(Nonce::assume_unique_for_key(*parsed.iv), Aad::from(&aad), &mut buf)
+        .open_in_place(
+            Nonce::assume_unique_for_key(*parsed.iv),
+            Aad::from(&aad),
+            &mut buf,
+        )
         .map_err(|_| invalid())?
         .len();
     buf.truncate(n);
@@ -88,43 +111,82 @@ pub async fn encrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     require_enabled(&l.key)?;
     require_usage(&l.key, "ENCRYPT_DECRYPT", "Encrypt")?;
     let spec = spec_of(&l.key)?;
-    let alg = r.opt_str("EncryptionAlgorithm")?.unwrap_or("SYMMETRIC_DEFAULT");
+    let alg = r
+        .opt_str("EncryptionAlgorithm")?
+        .unwrap_or("SYMMETRIC_DEFAULT");
     if !spec.encryption_algorithms().contains(&alg) {
-        return Err(KmsError::InvalidKeyUsage(format!("EncryptionAlgorithm {alg} is not valid for {}", l.key.arn())));
+        return Err(KmsError::InvalidKeyUsage(format!(
+            "EncryptionAlgorithm {alg} is not valid for {}",
+            l.key.arn()
+        )));
     }
     let ct = if spec.is_rsa() {
-        let pk = l.key.current().and_then(|v| v.public_key.clone()).ok_or_else(|| KmsError::Internal("no public key".into()))?;
+        let pk = l
+            .key
+            .current()
+            .and_then(|v| v.public_key.clone())
+            .ok_or_else(|| KmsError::Internal("no public key".into()))?;
         km::rsa_encrypt(&pk, alg, plaintext.expose())?
     } else {
         let (v, hbk) = material(kms, &l.key, None).await?;
         seal(&l.key.key_id, v, &hbk, &ec, plaintext.expose())?
     };
-    Ok(Out::reply(json!({ "CiphertextBlob": b64(&ct), "KeyId": l.key.arn(), "EncryptionAlgorithm": alg })))
+    Ok(Out::reply(
+        json!({ "CiphertextBlob": b64(&ct), "KeyId": l.key.arn(), "EncryptionAlgorithm": alg }),
+    ))
 }
 
 /// Decrypts a blob for the caller, checking the named key (if any) and the context.
-async fn decrypt_inner(kms: &Kms, ctx: &mut Ctx, r: Req<'_>, ct_field: &str, key_field: &str, alg_field: &str, action: &str) -> KmsResult<(SecretBytes, String, String)> {
+async fn decrypt_inner(
+    kms: &Kms,
+    ctx: &mut Ctx,
+    r: Req<'_>,
+    ct_field: &str,
+    key_field: &str,
+    alg_field: &str,
+    action: &str,
+) -> KmsResult<(SecretBytes, String, String)> {
     let ct = r.blob(ct_field, MAX_CIPHERTEXT)?;
-    let ec = r.opt_map(if ct_field == "CiphertextBlob" && action == "ReEncryptFrom" { "SourceEncryptionContext" } else { "EncryptionContext" })?.unwrap_or_default();
+    let ec = r
+        .opt_map(
+            if ct_field == "CiphertextBlob" && action == "ReEncryptFrom" {
+                "SourceEncryptionContext"
+            } else {
+                "EncryptionContext"
+            },
+        )?
+        .unwrap_or_default();
     let alg = r.opt_str(alg_field)?.unwrap_or("SYMMETRIC_DEFAULT");
     if alg != "SYMMETRIC_DEFAULT" {
         // Asymmetric: KeyId is required, ciphertext is raw RSA-OAEP.
-        let l = resolve(kms, ctx, r.opt_str(key_field)?.ok_or_else(|| KmsError::Validation("KeyId is required for asymmetric decryption".into()))?).await?;
+        let l = resolve(
+            kms,
+            ctx,
+            r.opt_str(key_field)?.ok_or_else(|| {
+                KmsError::Validation("KeyId is required for asymmetric decryption".into())
+            })?,
+        )
+        .await?;
         authorize(kms, ctx, &l.key, action, Some(&ec), &grant_tokens(r)?).await?;
         require_enabled(&l.key)?;
         require_usage(&l.key, "ENCRYPT_DECRYPT", "Decrypt")?;
         if !spec_of(&l.key)?.is_rsa() {
-            return Err(KmsError::InvalidKeyUsage(format!("EncryptionAlgorithm {alg} is not valid for {}", l.key.arn())));
+            return Err(KmsError::InvalidKeyUsage(format!(
+                "EncryptionAlgorithm {alg} is not valid for {}",
+                l.key.arn()
+            )));
         }
         let (_, sk) = material(kms, &l.key, None).await?;
         let p = km::rsa_decrypt(&sk, alg, &ct)?;
         return Ok((p, l.key.arn(), alg.to_string()));
     }
     let parsed = blob::parse(&ct)?;
-    let l = resolve(kms, ctx, parsed.key_id).await.map_err(|e| match e {
-        KmsError::NotFound(_) => invalid(),
-        other => other,
-    })?;
+    let l = resolve(kms, ctx, parsed.key_id)
+        .await
+        .map_err(|e| match e {
+            KmsError::NotFound(_) => invalid(),
+            other => other,
+        })?;
     if let Some(named) = r.opt_str(key_field)? {
         let want = resolve(kms, ctx, named).await?;
         if want.key.key_id != l.key.key_id {
@@ -137,33 +199,74 @@ async fn decrypt_inner(kms: &Kms, ctx: &mut Ctx, r: Req<'_>, ct_field: &str, key
     if l.key.key_spec != "SYMMETRIC_DEFAULT" {
         return Err(invalid());
     }
-    let (_, hbk) = material(kms, &l.key, Some(parsed.hbk_version)).await.map_err(|_| invalid())?;
+    let (_, hbk) = material(kms, &l.key, Some(parsed.hbk_version))
+        .await
+        .map_err(|_| invalid())?;
     let p = open(&parsed, &hbk, &ec)?;
     Ok((p, l.key.arn(), "SYMMETRIC_DEFAULT".into()))
 }
 
 /// Decrypt.
 pub async fn decrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
-    let (p, arn, alg) = decrypt_inner(kms, ctx, r, "CiphertextBlob", "KeyId", "EncryptionAlgorithm", "Decrypt").await?;
-    Ok(Out::reply(json!({ "Plaintext": b64(p.expose()), "KeyId": arn, "EncryptionAlgorithm": alg })))
+    let (p, arn, alg) = decrypt_inner(
+        kms,
+        ctx,
+        r,
+        "CiphertextBlob",
+        "KeyId",
+        "EncryptionAlgorithm",
+        "Decrypt",
+    )
+    .await?;
+    Ok(Out::reply(
+        json!({ "Plaintext": b64(p.expose()), "KeyId": arn, "EncryptionAlgorithm": alg }),
+    ))
 }
 
 /// ReEncrypt: decrypt under the source key and context, encrypt under the destination.
 pub async fn re_encrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
-    let (p, source_arn, source_alg) = decrypt_inner(kms, ctx, r, "CiphertextBlob", "SourceKeyId", "SourceEncryptionAlgorithm", "ReEncryptFrom").await?;
+    let (p, source_arn, source_alg) = decrypt_inner(
+        kms,
+        ctx,
+        r,
+        "CiphertextBlob",
+        "SourceKeyId",
+        "SourceEncryptionAlgorithm",
+        "ReEncryptFrom",
+    )
+    .await?;
     let source_key = ctx.key_id.clone();
-    let dest_ec = r.opt_map("DestinationEncryptionContext")?.unwrap_or_default();
+    let dest_ec = r
+        .opt_map("DestinationEncryptionContext")?
+        .unwrap_or_default();
     let dest = resolve(kms, ctx, r.str("DestinationKeyId")?).await?;
-    authorize(kms, ctx, &dest.key, "ReEncryptTo", Some(&dest_ec), &grant_tokens(r)?).await?;
+    authorize(
+        kms,
+        ctx,
+        &dest.key,
+        "ReEncryptTo",
+        Some(&dest_ec),
+        &grant_tokens(r)?,
+    )
+    .await?;
     require_enabled(&dest.key)?;
     require_usage(&dest.key, "ENCRYPT_DECRYPT", "ReEncrypt")?;
-    let dalg = r.opt_str("DestinationEncryptionAlgorithm")?.unwrap_or("SYMMETRIC_DEFAULT");
+    let dalg = r
+        .opt_str("DestinationEncryptionAlgorithm")?
+        .unwrap_or("SYMMETRIC_DEFAULT");
     let spec = spec_of(&dest.key)?;
     if !spec.encryption_algorithms().contains(&dalg) {
-        return Err(KmsError::InvalidKeyUsage(format!("EncryptionAlgorithm {dalg} is not valid for {}", dest.key.arn())));
+        return Err(KmsError::InvalidKeyUsage(format!(
+            "EncryptionAlgorithm {dalg} is not valid for {}",
+            dest.key.arn()
+        )));
     }
     let ct = if spec.is_rsa() {
-        let pk = dest.key.current().and_then(|v| v.public_key.clone()).ok_or_else(|| KmsError::Internal("no public key".into()))?;
+        let pk = dest
+            .key
+            .current()
+            .and_then(|v| v.public_key.clone())
+            .ok_or_else(|| KmsError::Internal("no public key".into()))?;
         km::rsa_encrypt(&pk, dalg, p.expose())?
     } else {
         let (v, hbk) = material(kms, &dest.key, None).await?;
@@ -179,24 +282,52 @@ pub async fn re_encrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
 }
 
 /// GenerateDataKey / GenerateDataKeyWithoutPlaintext.
-pub async fn generate_data_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>, with_plaintext: bool) -> KmsResult<Out> {
+pub async fn generate_data_key(
+    kms: &Kms,
+    ctx: &mut Ctx,
+    r: Req<'_>,
+    with_plaintext: bool,
+) -> KmsResult<Out> {
     let len = match (r.opt_str("KeySpec")?, r.opt_int("NumberOfBytes")?) {
-        (Some(_), Some(_)) => return Err(KmsError::Validation("Specify either KeySpec or NumberOfBytes, not both".into())),
+        (Some(_), Some(_)) => {
+            return Err(KmsError::Validation(
+                "Specify either KeySpec or NumberOfBytes, not both".into(),
+            ));
+        }
         (Some("AES_256"), None) => 32,
         (Some("AES_128"), None) => 16,
-        (Some(other), None) => return Err(KmsError::Validation(format!("KeySpec {other} is not valid"))),
+        (Some(other), None) => {
+            return Err(KmsError::Validation(format!(
+                "KeySpec {other} is not valid"
+            )));
+        }
         (None, Some(n)) if (1..=1024).contains(&n) => n as usize,
-        (None, Some(_)) => return Err(KmsError::Validation("NumberOfBytes must be between 1 and 1024".into())),
-        (None, None) => return Err(KmsError::Validation("KeySpec or NumberOfBytes is required".into())),
+        (None, Some(_)) => {
+            return Err(KmsError::Validation(
+                "NumberOfBytes must be between 1 and 1024".into(),
+            ));
+        }
+        (None, None) => {
+            return Err(KmsError::Validation(
+                "KeySpec or NumberOfBytes is required".into(),
+            ));
+        }
     };
     let ec = ec_of(r)?;
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    let action = if with_plaintext { "GenerateDataKey" } else { "GenerateDataKeyWithoutPlaintext" };
+    let action = if with_plaintext {
+        "GenerateDataKey"
+    } else {
+        "GenerateDataKeyWithoutPlaintext"
+    };
     authorize(kms, ctx, &l.key, action, Some(&ec), &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, "ENCRYPT_DECRYPT", action)?;
     if l.key.key_spec != "SYMMETRIC_DEFAULT" {
-        return Err(KmsError::InvalidKeyUsage(format!("{} is not a symmetric key", l.key.arn())));
+        return Err(KmsError::InvalidKeyUsage(format!(
+            "{} is not a symmetric key",
+            l.key.arn()
+        )));
     }
     let dk = SecretBytes::new(km::random(len)?);
     let (v, hbk) = material(kms, &l.key, None).await?;
@@ -210,11 +341,17 @@ pub async fn generate_data_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>, with_plaint
 
 /// GenerateRandom.
 pub async fn generate_random(_kms: &Kms, _ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
-    let n = r.opt_int("NumberOfBytes")?.ok_or_else(|| KmsError::Validation("NumberOfBytes is required".into()))?;
+    let n = r
+        .opt_int("NumberOfBytes")?
+        .ok_or_else(|| KmsError::Validation("NumberOfBytes is required".into()))?;
     if !(1..=1024).contains(&n) {
-        return Err(KmsError::Validation("NumberOfBytes must be between 1 and 1024".into()));
+        return Err(KmsError::Validation(
+            "NumberOfBytes must be between 1 and 1024".into(),
+        ));
     }
-    Ok(Out::reply(json!({ "Plaintext": b64(&km::random(n as usize)?) })))
+    Ok(Out::reply(
+        json!({ "Plaintext": b64(&km::random(n as usize)?) }),
+    ))
 }
 
 #[cfg(test)]

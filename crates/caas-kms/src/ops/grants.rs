@@ -12,13 +12,28 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
 const GRANT_OPERATIONS: &[&str] = &[
-    "Decrypt", "Encrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "ReEncryptFrom", "ReEncryptTo", "Sign", "Verify",
-    "GetPublicKey", "CreateGrant", "RetireGrant", "DescribeKey", "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext",
-    "GenerateMac", "VerifyMac",
+    "Decrypt",
+    "Encrypt",
+    "GenerateDataKey",
+    "GenerateDataKeyWithoutPlaintext",
+    "ReEncryptFrom",
+    "ReEncryptTo",
+    "Sign",
+    "Verify",
+    "GetPublicKey",
+    "CreateGrant",
+    "RetireGrant",
+    "DescribeKey",
+    "GenerateDataKeyPair",
+    "GenerateDataKeyPairWithoutPlaintext",
+    "GenerateMac",
+    "VerifyMac",
 ];
 
 fn token_hash(token: &str) -> Vec<u8> {
-    digest::digest(&digest::SHA256, token.as_bytes()).as_ref().to_vec()
+    digest::digest(&digest::SHA256, token.as_bytes())
+        .as_ref()
+        .to_vec()
 }
 
 fn grant_json(g: &GrantRecord) -> Value {
@@ -46,9 +61,20 @@ fn grant_json(g: &GrantRecord) -> Value {
 }
 
 /// Does any grant (stored, or presented by token) let the caller do `action` on `key`?
-pub async fn allows(kms: &Kms, ctx: &Ctx, key: &KeyRecord, action: &str, ec: Option<&BTreeMap<String, String>>, tokens: &[String]) -> KmsResult<bool> {
+pub async fn allows(
+    kms: &Kms,
+    ctx: &Ctx,
+    key: &KeyRecord,
+    action: &str,
+    ec: Option<&BTreeMap<String, String>>,
+    tokens: &[String],
+) -> KmsResult<bool> {
     let hashes: Vec<Vec<u8>> = tokens.iter().map(|t| token_hash(t)).collect();
-    let grants = kms.store.list(kind::GRANT, Some(&key.account)).await.map_err(KmsError::store)?;
+    let grants = kms
+        .store
+        .list(kind::GRANT, Some(&key.account))
+        .await
+        .map_err(KmsError::store)?;
     let empty = BTreeMap::new();
     let ec = ec.unwrap_or(&empty);
     for o in grants {
@@ -58,19 +84,21 @@ pub async fn allows(kms: &Kms, ctx: &Ctx, key: &KeyRecord, action: &str, ec: Opt
         }
         // Stored grants apply; token-presented grants apply too (eventual consistency in AWS, immediate here).
         let _presented = hashes.contains(&g.token_hash);
-        if !g.operations.iter().any(|op| op == action || (action == "ReEncrypt" && op.starts_with("ReEncrypt"))) {
+        if !g
+            .operations
+            .iter()
+            .any(|op| op == action || (action == "ReEncrypt" && op.starts_with("ReEncrypt")))
+        {
             continue;
         }
-        if let Some(eq) = &g.ec_equals {
-            if eq != ec {
+        if let Some(eq) = &g.ec_equals
+            && eq != ec {
                 continue;
             }
-        }
-        if let Some(sub) = &g.ec_subset {
-            if !sub.iter().all(|(k, v)| ec.get(k) == Some(v)) {
+        if let Some(sub) = &g.ec_subset
+            && !sub.iter().all(|(k, v)| ec.get(k) == Some(v)) {
                 continue;
             }
-        }
         return Ok(true);
     }
     Ok(false)
@@ -79,11 +107,23 @@ pub async fn allows(kms: &Kms, ctx: &Ctx, key: &KeyRecord, action: &str, ec: Opt
 /// CreateGrant.
 pub async fn create(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(kms, ctx, &l.key, "CreateGrant", None, &super::grant_tokens(r)?).await?;
+    authorize(
+        kms,
+        ctx,
+        &l.key,
+        "CreateGrant",
+        None,
+        &super::grant_tokens(r)?,
+    )
+    .await?;
     let grantee = r.str("GranteePrincipal")?;
-    let ops = r.opt_str_list("Operations")?.ok_or_else(|| KmsError::Validation("Operations is required".into()))?;
+    let ops = r
+        .opt_str_list("Operations")?
+        .ok_or_else(|| KmsError::Validation("Operations is required".into()))?;
     if ops.is_empty() || ops.iter().any(|o| !GRANT_OPERATIONS.contains(&o.as_str())) {
-        return Err(KmsError::Validation("Operations contains an invalid grant operation".into()));
+        return Err(KmsError::Validation(
+            "Operations contains an invalid grant operation".into(),
+        ));
     }
     let (mut ec_subset, mut ec_equals) = (None, None);
     if let Some(c) = r.value("Constraints") {
@@ -92,7 +132,11 @@ pub async fn create(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
         ec_equals = c.opt_map("EncryptionContextEquals")?;
     }
     let grant_id = hex::encode(crate::material::random(32)?);
-    let token = format!("{}{}", b64(&crate::material::random(48)?).replace(['+', '/', '='], ""), &grant_id[..8]);
+    let token = format!(
+        "{}{}",
+        b64(&crate::material::random(48)?).replace(['+', '/', '='], ""),
+        &grant_id[..8]
+    );
     let g = GrantRecord {
         grant_id: grant_id.clone(),
         key_id: l.key.key_id.clone(),
@@ -110,7 +154,13 @@ pub async fn create(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let body = serde_json::to_vec(&g).map_err(|_| KmsError::Internal("encode".into()))?;
     Ok(Out {
         body: json!({ "GrantId": grant_id, "GrantToken": token }),
-        writes: vec![Write::Put { kind: kind::GRANT.into(), account: ctx.caller.account.clone(), id: grant_id, body, expect_rev: Some(0) }],
+        writes: vec![Write::Put {
+            kind: kind::GRANT.into(),
+            account: ctx.caller.account.clone(),
+            id: grant_id,
+            body,
+            expect_rev: Some(0),
+        }],
     })
 }
 
@@ -120,11 +170,18 @@ pub async fn list(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     authorize(kms, ctx, &l.key, "ListGrants", None, &[]).await?;
     let want_id = r.opt_str("GrantId")?;
     let want_grantee = r.opt_str("GranteePrincipal")?;
-    let objs = kms.store.list(kind::GRANT, Some(&ctx.caller.account)).await.map_err(KmsError::store)?;
+    let objs = kms
+        .store
+        .list(kind::GRANT, Some(&ctx.caller.account))
+        .await
+        .map_err(KmsError::store)?;
     let mut items = vec![];
     for o in objs {
         let g = parse_grant(&o.body)?;
-        if g.key_id == l.key.key_id && want_id.is_none_or(|w| w == g.grant_id) && want_grantee.is_none_or(|w| w == g.grantee) {
+        if g.key_id == l.key.key_id
+            && want_id.is_none_or(|w| w == g.grant_id)
+            && want_grantee.is_none_or(|w| w == g.grantee)
+        {
             items.push(grant_json(&g));
         }
     }
@@ -134,7 +191,11 @@ pub async fn list(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
 /// ListRetirableGrants for a principal.
 pub async fn list_retirable(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let who = r.str("RetiringPrincipal")?;
-    let objs = kms.store.list(kind::GRANT, Some(&ctx.caller.account)).await.map_err(KmsError::store)?;
+    let objs = kms
+        .store
+        .list(kind::GRANT, Some(&ctx.caller.account))
+        .await
+        .map_err(KmsError::store)?;
     let mut items = vec![];
     for o in objs {
         let g = parse_grant(&o.body)?;
@@ -146,12 +207,22 @@ pub async fn list_retirable(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<O
 }
 
 async fn find(kms: &Kms, ctx: &Ctx, grant_id: &str) -> KmsResult<(GrantRecord, i64)> {
-    let o = kms.store.get(kind::GRANT, &ctx.caller.account, grant_id).await.map_err(KmsError::store)?.ok_or_else(|| KmsError::NotFound("Grant does not exist".into()))?;
+    let o = kms
+        .store
+        .get(kind::GRANT, &ctx.caller.account, grant_id)
+        .await
+        .map_err(KmsError::store)?
+        .ok_or_else(|| KmsError::NotFound("Grant does not exist".into()))?;
     Ok((parse_grant(&o.body)?, o.rev))
 }
 
 fn delete_write(ctx: &Ctx, g: &GrantRecord, rev: i64) -> Write {
-    Write::Delete { kind: kind::GRANT.into(), account: ctx.caller.account.clone(), id: g.grant_id.clone(), expect_rev: Some(rev) }
+    Write::Delete {
+        kind: kind::GRANT.into(),
+        account: ctx.caller.account.clone(),
+        id: g.grant_id.clone(),
+        expect_rev: Some(rev),
+    }
 }
 
 /// RevokeGrant (key administrators).
@@ -159,18 +230,29 @@ pub async fn revoke(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
     authorize(kms, ctx, &l.key, "RevokeGrant", None, &[]).await?;
     let gid = r.str("GrantId")?;
-    let (g, rev) = find(kms, ctx, gid).await.map_err(|_| KmsError::InvalidGrantId("Grant id is not valid".into()))?;
+    let (g, rev) = find(kms, ctx, gid)
+        .await
+        .map_err(|_| KmsError::InvalidGrantId("Grant id is not valid".into()))?;
     if g.key_id != l.key.key_id {
-        return Err(KmsError::InvalidGrantId("Grant id is not valid for this key".into()));
+        return Err(KmsError::InvalidGrantId(
+            "Grant id is not valid for this key".into(),
+        ));
     }
-    Ok(Out { body: json!({}), writes: vec![delete_write(ctx, &g, rev)] })
+    Ok(Out {
+        body: json!({}),
+        writes: vec![delete_write(ctx, &g, rev)],
+    })
 }
 
 /// RetireGrant: by token, or by key id + grant id, by the retiring or grantee principal.
 pub async fn retire(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let (g, rev) = if let Some(token) = r.opt_str("GrantToken")? {
         let h = token_hash(token);
-        let objs = kms.store.list(kind::GRANT, Some(&ctx.caller.account)).await.map_err(KmsError::store)?;
+        let objs = kms
+            .store
+            .list(kind::GRANT, Some(&ctx.caller.account))
+            .await
+            .map_err(KmsError::store)?;
         let mut found = None;
         for o in objs {
             let g = parse_grant(&o.body)?;
@@ -182,17 +264,28 @@ pub async fn retire(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
         found.ok_or_else(|| KmsError::InvalidGrantToken("Grant token is not valid".into()))?
     } else {
         let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-        let (g, rev) = find(kms, ctx, r.str("GrantId")?).await.map_err(|_| KmsError::InvalidGrantId("Grant id is not valid".into()))?;
+        let (g, rev) = find(kms, ctx, r.str("GrantId")?)
+            .await
+            .map_err(|_| KmsError::InvalidGrantId("Grant id is not valid".into()))?;
         if g.key_id != l.key.key_id {
-            return Err(KmsError::InvalidGrantId("Grant id is not valid for this key".into()));
+            return Err(KmsError::InvalidGrantId(
+                "Grant id is not valid for this key".into(),
+            ));
         }
         (g, rev)
     };
     let me = &ctx.caller.principal;
-    let allowed = g.retiring.as_deref() == Some(me.as_str()) || (g.grantee == *me && g.operations.iter().any(|o| o == "RetireGrant")) || g.issuing == *me;
+    let allowed = g.retiring.as_deref() == Some(me.as_str())
+        || (g.grantee == *me && g.operations.iter().any(|o| o == "RetireGrant"))
+        || g.issuing == *me;
     if !allowed {
-        return Err(KmsError::AccessDenied(format!("User: {me} is not allowed to retire this grant")));
+        return Err(KmsError::AccessDenied(format!(
+            "User: {me} is not allowed to retire this grant"
+        )));
     }
     ctx.key_id = Some(g.key_id.clone());
-    Ok(Out { body: json!({}), writes: vec![delete_write(ctx, &g, rev)] })
+    Ok(Out {
+        body: json!({}),
+        writes: vec![delete_write(ctx, &g, rev)],
+    })
 }

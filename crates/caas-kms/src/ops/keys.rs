@@ -5,8 +5,8 @@ use super::{Loaded, Req, authorize, resolve};
 use crate::error::{KmsError, KmsResult};
 use crate::material::{self, KeySpec};
 use crate::model::{HbkVersion, ImportState, KeyRecord, Rotation, kind};
-use crate::service::{Ctx, Kms, Out};
 use crate::policy;
+use crate::service::{Ctx, Kms, Out};
 use caas_store::Write;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -65,12 +65,22 @@ pub fn metadata(k: &KeyRecord) -> Value {
 fn parse_tags(r: Req<'_>) -> KmsResult<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     if let Some(v) = r.value("Tags") {
-        let arr = v.as_array().ok_or_else(|| KmsError::Serialization("'Tags' must be a list".into()))?;
+        let arr = v
+            .as_array()
+            .ok_or_else(|| KmsError::Serialization("'Tags' must be a list".into()))?;
         for t in arr {
-            let k = t.get("TagKey").and_then(Value::as_str).ok_or_else(|| KmsError::Validation("TagKey is required".into()))?;
-            let v = t.get("TagValue").and_then(Value::as_str).ok_or_else(|| KmsError::Validation("TagValue is required".into()))?;
+            let k = t
+                .get("TagKey")
+                .and_then(Value::as_str)
+                .ok_or_else(|| KmsError::Validation("TagKey is required".into()))?;
+            let v = t
+                .get("TagValue")
+                .and_then(Value::as_str)
+                .ok_or_else(|| KmsError::Validation("TagValue is required".into()))?;
             if k.is_empty() || k.len() > 128 || v.len() > 256 {
-                return Err(KmsError::Validation("Tag keys must be 1–128 characters and values at most 256".into()));
+                return Err(KmsError::Validation(
+                    "Tag keys must be 1–128 characters and values at most 256".into(),
+                ));
             }
             out.insert(k.to_string(), v.to_string());
         }
@@ -80,25 +90,44 @@ fn parse_tags(r: Req<'_>) -> KmsResult<BTreeMap<String, String>> {
 
 /// CreateKey.
 pub async fn create_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
-    let spec_name = r.opt_str("KeySpec")?.or(r.opt_str("CustomerMasterKeySpec")?).unwrap_or("SYMMETRIC_DEFAULT");
-    let spec = KeySpec::parse(spec_name).ok_or_else(|| KmsError::Validation(format!("KeySpec {spec_name} is not supported")))?;
+    let spec_name = r
+        .opt_str("KeySpec")?
+        .or(r.opt_str("CustomerMasterKeySpec")?)
+        .unwrap_or("SYMMETRIC_DEFAULT");
+    let spec = KeySpec::parse(spec_name)
+        .ok_or_else(|| KmsError::Validation(format!("KeySpec {spec_name} is not supported")))?;
     let usage = r.opt_str("KeyUsage")?.unwrap_or(spec.default_usage());
     if !spec.allowed_usages().contains(&usage) {
-        return Err(KmsError::Validation(format!("KeyUsage {usage} is not compatible with KeySpec {spec_name}")));
+        return Err(KmsError::Validation(format!(
+            "KeyUsage {usage} is not compatible with KeySpec {spec_name}"
+        )));
     }
     let origin = r.opt_str("Origin")?.unwrap_or("AWS_KMS");
     if !matches!(origin, "AWS_KMS" | "EXTERNAL") {
-        return Err(KmsError::UnsupportedOperation(format!("Origin {origin} is not supported")));
+        return Err(KmsError::UnsupportedOperation(format!(
+            "Origin {origin} is not supported"
+        )));
     }
-    if origin == "EXTERNAL" && spec != KeySpec::SymmetricDefault && !spec.is_hmac() && !spec.is_rsa() && !spec.is_ecc() {
-        return Err(KmsError::UnsupportedOperation("This key spec cannot be imported".into()));
+    if origin == "EXTERNAL"
+        && spec != KeySpec::SymmetricDefault
+        && !spec.is_hmac()
+        && !spec.is_rsa()
+        && !spec.is_ecc()
+    {
+        return Err(KmsError::UnsupportedOperation(
+            "This key spec cannot be imported".into(),
+        ));
     }
     let description = r.opt_str("Description")?.unwrap_or("");
     if description.len() > 8192 {
-        return Err(KmsError::Validation("Description must be at most 8192 characters".into()));
+        return Err(KmsError::Validation(
+            "Description must be at most 8192 characters".into(),
+        ));
     }
     if r.opt_bool("MultiRegion")?.unwrap_or(false) {
-        return Err(KmsError::UnsupportedOperation("Multi-Region keys are not supported".into()));
+        return Err(KmsError::UnsupportedOperation(
+            "Multi-Region keys are not supported".into(),
+        ));
     }
     let policy_doc = match r.opt_str("Policy")? {
         Some(p) => {
@@ -112,8 +141,17 @@ pub async fn create_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
     let mut versions = vec![];
     if origin == "AWS_KMS" {
         let m = material::generate(spec)?;
-        let public_key = if spec.is_rsa() || spec.is_ecc() { Some(material::public_key_der(spec, &m)?) } else { None };
-        versions.push(HbkVersion { version: 1, created_ms: now, ekt: kms.keyring.seal_ekt(&key_id, 1, &m)?, public_key });
+        let public_key = if spec.is_rsa() || spec.is_ecc() {
+            Some(material::public_key_der(spec, &m)?)
+        } else {
+            None
+        };
+        versions.push(HbkVersion {
+            version: 1,
+            created_ms: now,
+            ekt: kms.keyring.seal_ekt(&key_id, 1, &m)?,
+            public_key,
+        });
     }
     let rec = KeyRecord {
         key_id: key_id.clone(),
@@ -121,7 +159,11 @@ pub async fn create_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
         region: kms.region.clone(),
         description: description.to_string(),
         created_ms: now,
-        state: if origin == "EXTERNAL" { "PendingImport".into() } else { "Enabled".into() },
+        state: if origin == "EXTERNAL" {
+            "PendingImport".into()
+        } else {
+            "Enabled".into()
+        },
         key_spec: spec.name().into(),
         key_usage: usage.into(),
         origin: origin.into(),
@@ -141,28 +183,49 @@ pub async fn create_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
     let body = serde_json::to_vec(&rec).map_err(|_| KmsError::Internal("encode".into()))?;
     Ok(Out {
         body: json!({ "KeyMetadata": metadata(&rec) }),
-        writes: vec![Write::Put { kind: kind::KEY.into(), account: rec.account.clone(), id: key_id, body, expect_rev: Some(0) }],
+        writes: vec![Write::Put {
+            kind: kind::KEY.into(),
+            account: rec.account.clone(),
+            id: key_id,
+            body,
+            expect_rev: Some(0),
+        }],
     })
 }
 
 /// DescribeKey.
 pub async fn describe_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(kms, ctx, &l.key, "DescribeKey", None, &super::grant_tokens(r)?).await?;
+    authorize(
+        kms,
+        ctx,
+        &l.key,
+        "DescribeKey",
+        None,
+        &super::grant_tokens(r)?,
+    )
+    .await?;
     Ok(Out::reply(json!({ "KeyMetadata": metadata(&l.key) })))
 }
 
 fn page(r: Req<'_>, items: Vec<Value>, field: &str) -> KmsResult<Value> {
     let limit = r.opt_int("Limit")?.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(KmsError::Validation("Limit must be between 1 and 1000".into()));
+        return Err(KmsError::Validation(
+            "Limit must be between 1 and 1000".into(),
+        ));
     }
     let start: usize = match r.opt_str("Marker")? {
-        Some(m) => m.parse().map_err(|_| KmsError::Validation("Invalid Marker".into()))?,
+        Some(m) => m
+            .parse()
+            .map_err(|_| KmsError::Validation("Invalid Marker".into()))?,
         None => 0,
     };
     let end = (start + limit as usize).min(items.len());
-    let slice = items.get(start.min(items.len())..end).unwrap_or(&[]).to_vec();
+    let slice = items
+        .get(start.min(items.len())..end)
+        .unwrap_or(&[])
+        .to_vec();
     let mut out = json!({ field: slice, "Truncated": end < items.len() });
     if end < items.len() {
         out["NextMarker"] = json!(end.to_string());
@@ -172,7 +235,11 @@ fn page(r: Req<'_>, items: Vec<Value>, field: &str) -> KmsResult<Value> {
 
 /// ListKeys.
 pub async fn list_keys(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
-    let objs = kms.store.list(kind::KEY, Some(&ctx.caller.account)).await.map_err(KmsError::store)?;
+    let objs = kms
+        .store
+        .list(kind::KEY, Some(&ctx.caller.account))
+        .await
+        .map_err(KmsError::store)?;
     let items = objs
         .iter()
         .filter_map(|o| serde_json::from_slice::<KeyRecord>(&o.body).ok())
@@ -192,22 +259,38 @@ pub async fn set_enabled(kms: &Kms, ctx: &mut Ctx, r: Req<'_>, enable: bool) -> 
     let l = load_for(kms, ctx, r, if enable { "EnableKey" } else { "DisableKey" }).await?;
     let mut k = l.key.clone();
     match (k.state.as_str(), enable) {
-        ("Enabled" | "Disabled", _) => k.state = if enable { "Enabled".into() } else { "Disabled".into() },
+        ("Enabled" | "Disabled", _) => {
+            k.state = if enable {
+                "Enabled".into()
+            } else {
+                "Disabled".into()
+            }
+        }
         (s, _) => return Err(KmsError::InvalidState(format!("{} is {s}", k.arn()))),
     }
-    Ok(Out { body: json!({}), writes: vec![l.put(&k)?] })
+    Ok(Out {
+        body: json!({}),
+        writes: vec![l.put(&k)?],
+    })
 }
 
 /// UpdateKeyDescription.
 pub async fn update_description(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = load_for(kms, ctx, r, "UpdateKeyDescription").await?;
-    let d = r.opt_str("Description")?.ok_or_else(|| KmsError::Validation("Description is required".into()))?;
+    let d = r
+        .opt_str("Description")?
+        .ok_or_else(|| KmsError::Validation("Description is required".into()))?;
     if d.len() > 8192 {
-        return Err(KmsError::Validation("Description must be at most 8192 characters".into()));
+        return Err(KmsError::Validation(
+            "Description must be at most 8192 characters".into(),
+        ));
     }
     let mut k = l.key.clone();
     k.description = d.into();
-    Ok(Out { body: json!({}), writes: vec![l.put(&k)?] })
+    Ok(Out {
+        body: json!({}),
+        writes: vec![l.put(&k)?],
+    })
 }
 
 /// ScheduleKeyDeletion (7–30 days, default 30).
@@ -215,11 +298,16 @@ pub async fn schedule_deletion(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResul
     let l = load_for(kms, ctx, r, "ScheduleKeyDeletion").await?;
     let days = r.opt_int("PendingWindowInDays")?.unwrap_or(30);
     if !(7..=30).contains(&days) {
-        return Err(KmsError::Validation("PendingWindowInDays must be between 7 and 30".into()));
+        return Err(KmsError::Validation(
+            "PendingWindowInDays must be between 7 and 30".into(),
+        ));
     }
     let mut k = l.key.clone();
     if k.state == "PendingDeletion" {
-        return Err(KmsError::InvalidState(format!("{} is pending deletion.", k.arn())));
+        return Err(KmsError::InvalidState(format!(
+            "{} is pending deletion.",
+            k.arn()
+        )));
     }
     let when = kms.now_ms() + days * DAY_MS;
     k.state = "PendingDeletion".into();
@@ -236,12 +324,18 @@ pub async fn cancel_deletion(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<
     let l = load_for(kms, ctx, r, "CancelKeyDeletion").await?;
     let mut k = l.key.clone();
     if k.state != "PendingDeletion" {
-        return Err(KmsError::InvalidState(format!("{} is not pending deletion.", k.arn())));
+        return Err(KmsError::InvalidState(format!(
+            "{} is not pending deletion.",
+            k.arn()
+        )));
     }
     k.state = "Disabled".into();
     k.deletion_date_ms = None;
     k.pending_window_days = None;
-    Ok(Out { body: json!({ "KeyId": k.arn() }), writes: vec![l.put(&k)?] })
+    Ok(Out {
+        body: json!({ "KeyId": k.arn() }),
+        writes: vec![l.put(&k)?],
+    })
 }
 
 /// TagResource.
@@ -250,9 +344,14 @@ pub async fn tag_resource(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out
     let mut k = l.key.clone();
     k.tags.extend(parse_tags(r)?);
     if k.tags.len() > 50 {
-        return Err(KmsError::LimitExceeded("A key can have at most 50 tags".into()));
+        return Err(KmsError::LimitExceeded(
+            "A key can have at most 50 tags".into(),
+        ));
     }
-    Ok(Out { body: json!({}), writes: vec![l.put(&k)?] })
+    Ok(Out {
+        body: json!({}),
+        writes: vec![l.put(&k)?],
+    })
 }
 
 /// UntagResource.
@@ -262,20 +361,30 @@ pub async fn untag_resource(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<O
     for t in r.opt_str_list("TagKeys")?.unwrap_or_default() {
         k.tags.remove(&t);
     }
-    Ok(Out { body: json!({}), writes: vec![l.put(&k)?] })
+    Ok(Out {
+        body: json!({}),
+        writes: vec![l.put(&k)?],
+    })
 }
 
 /// ListResourceTags.
 pub async fn list_tags(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = load_for(kms, ctx, r, "ListResourceTags").await?;
-    let items = l.key.tags.iter().map(|(k, v)| json!({ "TagKey": k, "TagValue": v })).collect();
+    let items = l
+        .key
+        .tags
+        .iter()
+        .map(|(k, v)| json!({ "TagKey": k, "TagValue": v }))
+        .collect();
     Ok(Out::reply(page(r, items, "Tags")?))
 }
 
 fn check_policy_name(r: Req<'_>) -> KmsResult<()> {
     match r.opt_str("PolicyName")? {
         None | Some("default") => Ok(()),
-        Some(_) => Err(KmsError::NotFound("Only the policy named 'default' exists".into())),
+        Some(_) => Err(KmsError::NotFound(
+            "Only the policy named 'default' exists".into(),
+        )),
     }
 }
 
@@ -283,7 +392,9 @@ fn check_policy_name(r: Req<'_>) -> KmsResult<()> {
 pub async fn get_policy(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     check_policy_name(r)?;
     let l = load_for(kms, ctx, r, "GetKeyPolicy").await?;
-    Ok(Out::reply(json!({ "Policy": l.key.policy, "PolicyName": "default" })))
+    Ok(Out::reply(
+        json!({ "Policy": l.key.policy, "PolicyName": "default" }),
+    ))
 }
 
 /// PutKeyPolicy.
@@ -294,39 +405,62 @@ pub async fn put_policy(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
     policy::validate(p)?;
     let mut k = l.key.clone();
     k.policy = p.into();
-    Ok(Out { body: json!({}), writes: vec![l.put(&k)?] })
+    Ok(Out {
+        body: json!({}),
+        writes: vec![l.put(&k)?],
+    })
 }
 
 /// ListKeyPolicies.
 pub async fn list_policies(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let _ = load_for(kms, ctx, r, "ListKeyPolicies").await?;
-    Ok(Out::reply(json!({ "PolicyNames": ["default"], "Truncated": false })))
+    Ok(Out::reply(
+        json!({ "PolicyNames": ["default"], "Truncated": false }),
+    ))
 }
 
 fn rotatable(k: &KeyRecord) -> KmsResult<()> {
     if k.key_spec != "SYMMETRIC_DEFAULT" || k.origin != "AWS_KMS" {
-        return Err(KmsError::UnsupportedOperation(format!("{} does not support automatic key rotation.", k.arn())));
+        return Err(KmsError::UnsupportedOperation(format!(
+            "{} does not support automatic key rotation.",
+            k.arn()
+        )));
     }
     super::require_enabled(k)
 }
 
 /// EnableKeyRotation / DisableKeyRotation.
 pub async fn set_rotation(kms: &Kms, ctx: &mut Ctx, r: Req<'_>, enable: bool) -> KmsResult<Out> {
-    let l = load_for(kms, ctx, r, if enable { "EnableKeyRotation" } else { "DisableKeyRotation" }).await?;
+    let l = load_for(
+        kms,
+        ctx,
+        r,
+        if enable {
+            "EnableKeyRotation"
+        } else {
+            "DisableKeyRotation"
+        },
+    )
+    .await?;
     let mut k = l.key.clone();
     rotatable(&k)?;
     k.rotation_enabled = enable;
     if enable {
         let days = r.opt_int("RotationPeriodInDays")?.unwrap_or(365);
         if !(90..=2560).contains(&days) {
-            return Err(KmsError::Validation("RotationPeriodInDays must be between 90 and 2560".into()));
+            return Err(KmsError::Validation(
+                "RotationPeriodInDays must be between 90 and 2560".into(),
+            ));
         }
         k.rotation_period_days = days as u32;
         k.next_rotation_ms = Some(kms.now_ms() + days * DAY_MS);
     } else {
         k.next_rotation_ms = None;
     }
-    Ok(Out { body: json!({}), writes: vec![l.put(&k)?] })
+    Ok(Out {
+        body: json!({}),
+        writes: vec![l.put(&k)?],
+    })
 }
 
 /// GetKeyRotationStatus.
@@ -340,7 +474,12 @@ pub async fn rotation_status(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<
             out["NextRotationDate"] = json!(secs(n));
         }
     }
-    if let Some(last) = k.rotations.iter().rev().find(|r| r.rotation_type == "ON_DEMAND") {
+    if let Some(last) = k
+        .rotations
+        .iter()
+        .rev()
+        .find(|r| r.rotation_type == "ON_DEMAND")
+    {
         out["OnDemandRotationStartDate"] = json!(secs(last.date_ms));
     }
     Ok(Out::reply(out))
@@ -352,8 +491,17 @@ pub fn add_version(kms: &Kms, k: &mut KeyRecord, rotation_type: &str) -> KmsResu
     let next = k.versions.last().map(|v| v.version + 1).unwrap_or(1);
     let m = material::generate(spec)?;
     let now = kms.now_ms();
-    k.versions.push(HbkVersion { version: next, created_ms: now, ekt: kms.keyring.seal_ekt(&k.key_id, next, &m)?, public_key: None });
-    k.rotations.push(Rotation { version: next, date_ms: now, rotation_type: rotation_type.into() });
+    k.versions.push(HbkVersion {
+        version: next,
+        created_ms: now,
+        ekt: kms.keyring.seal_ekt(&k.key_id, next, &m)?,
+        public_key: None,
+    });
+    k.rotations.push(Rotation {
+        version: next,
+        date_ms: now,
+        rotation_type: rotation_type.into(),
+    });
     Ok(next)
 }
 
@@ -362,12 +510,22 @@ pub async fn rotate_on_demand(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult
     let l = load_for(kms, ctx, r, "RotateKeyOnDemand").await?;
     let mut k = l.key.clone();
     rotatable(&k)?;
-    if k.rotations.iter().filter(|r| r.rotation_type == "ON_DEMAND").count() >= 25 {
-        return Err(KmsError::LimitExceeded("At most 25 on-demand rotations per key".into()));
+    if k.rotations
+        .iter()
+        .filter(|r| r.rotation_type == "ON_DEMAND")
+        .count()
+        >= 25
+    {
+        return Err(KmsError::LimitExceeded(
+            "At most 25 on-demand rotations per key".into(),
+        ));
     }
     let v = add_version(kms, &mut k, "ON_DEMAND")?;
     ctx.detail.insert("NewVersion".into(), json!(v));
-    Ok(Out { body: json!({ "KeyId": k.arn() }), writes: vec![l.put(&k)?] })
+    Ok(Out {
+        body: json!({ "KeyId": k.arn() }),
+        writes: vec![l.put(&k)?],
+    })
 }
 
 /// ListKeyRotations.
@@ -386,38 +544,87 @@ pub async fn list_rotations(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<O
 /// automatic rotation is due. Safe to run on every node (optimistic concurrency).
 pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
     let now = kms.now_ms();
+    if let (Some(period), Some(created)) =
+        (kms.domain_key_rotation, kms.keyring.current_created_ms())
+    {
+        kms.keyring.reload().await?;
+        if kms
+            .keyring
+            .current_created_ms()
+            .is_some_and(|c| c.max(created) + period.as_millis() as i64 <= now)
+        {
+            let (v, n) = rotate_domain_key(kms).await?;
+            tracing::info!(version = v, rewrapped = n, "scheduled domain key rotation");
+        }
+    }
     let (mut deleted, mut rotated) = (0, 0);
-    for o in kms.store.list(kind::KEY, None).await.map_err(KmsError::store)? {
-        let Ok(mut k) = serde_json::from_slice::<KeyRecord>(&o.body) else { continue };
-        let l = Loaded { key: k.clone(), rev: o.rev };
+    for o in kms
+        .store
+        .list(kind::KEY, None)
+        .await
+        .map_err(KmsError::store)?
+    {
+        let Ok(mut k) = serde_json::from_slice::<KeyRecord>(&o.body) else {
+            continue;
+        };
+        let l = Loaded {
+            key: k.clone(),
+            rev: o.rev,
+        };
         let mut entry = crate::audit::system_entry("", "");
         entry.account = k.account.clone();
         entry.key_id = Some(k.key_id.clone());
-        let writes = if k.state == "PendingDeletion" && k.deletion_date_ms.is_some_and(|d| d <= now) {
+        let writes = if k.state == "PendingDeletion" && k.deletion_date_ms.is_some_and(|d| d <= now)
+        {
             entry.operation = "DeleteKey".into();
             entry.detail = json!({ "reason": "scheduled deletion due" }).to_string();
             deleted += 1;
-            let mut w = vec![Write::Delete { kind: kind::KEY.into(), account: k.account.clone(), id: k.key_id.clone(), expect_rev: Some(o.rev) }];
+            let mut w = vec![Write::Delete {
+                kind: kind::KEY.into(),
+                account: k.account.clone(),
+                id: k.key_id.clone(),
+                expect_rev: Some(o.rev),
+            }];
             // Aliases pointing at the key go with it.
-            for a in kms.store.list(kind::ALIAS, Some(&k.account)).await.map_err(KmsError::store)? {
-                if let Ok(ar) = serde_json::from_slice::<crate::model::AliasRecord>(&a.body) {
-                    if ar.target_key_id == k.key_id {
-                        w.push(Write::Delete { kind: kind::ALIAS.into(), account: k.account.clone(), id: a.id.clone(), expect_rev: Some(a.rev) });
+            for a in kms
+                .store
+                .list(kind::ALIAS, Some(&k.account))
+                .await
+                .map_err(KmsError::store)?
+            {
+                if let Ok(ar) = serde_json::from_slice::<crate::model::AliasRecord>(&a.body)
+                    && ar.target_key_id == k.key_id {
+                        w.push(Write::Delete {
+                            kind: kind::ALIAS.into(),
+                            account: k.account.clone(),
+                            id: a.id.clone(),
+                            expect_rev: Some(a.rev),
+                        });
                     }
-                }
             }
             w
-        } else if k.state == "Enabled" && k.rotation_enabled && k.next_rotation_ms.is_some_and(|t| t <= now) {
+        } else if k.state == "Enabled"
+            && k.rotation_enabled
+            && k.next_rotation_ms.is_some_and(|t| t <= now)
+        {
             let v = add_version(kms, &mut k, "AUTOMATIC")?;
             k.next_rotation_ms = Some(now + i64::from(k.rotation_period_days) * DAY_MS);
             entry.operation = "RotateKey".into();
-            entry.detail = json!({ "reason": "automatic rotation due", "NewVersion": v }).to_string();
+            entry.detail =
+                json!({ "reason": "automatic rotation due", "NewVersion": v }).to_string();
             rotated += 1;
             vec![l.put(&k)?]
         } else {
             continue;
         };
-        match kms.store.commit(caas_store::Batch { writes, audit: vec![entry] }).await {
+        match kms
+            .store
+            .commit(caas_store::Batch {
+                writes,
+                audit: vec![entry],
+            })
+            .await
+        {
             Ok(_) | Err(caas_store::Error::Conflict { .. }) => {}
             Err(e) => return Err(KmsError::store(e)),
         }
@@ -431,8 +638,15 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
 pub async fn rotate_domain_key(kms: &Kms) -> KmsResult<(u32, usize)> {
     let v = kms.keyring.rotate_domain_key().await?;
     let mut n = 0;
-    for o in kms.store.list(kind::KEY, None).await.map_err(KmsError::store)? {
-        let Ok(mut k) = serde_json::from_slice::<KeyRecord>(&o.body) else { continue };
+    for o in kms
+        .store
+        .list(kind::KEY, None)
+        .await
+        .map_err(KmsError::store)?
+    {
+        let Ok(mut k) = serde_json::from_slice::<KeyRecord>(&o.body) else {
+            continue;
+        };
         let mut changed = false;
         for h in &mut k.versions {
             if let Some(new) = kms.keyring.rewrap_ekt(&k.key_id, h.version, &h.ekt).await? {
@@ -441,21 +655,60 @@ pub async fn rotate_domain_key(kms: &Kms) -> KmsResult<(u32, usize)> {
             }
         }
         if changed {
-            let l = Loaded { key: k.clone(), rev: o.rev };
+            let l = Loaded {
+                key: k.clone(),
+                rev: o.rev,
+            };
             let mut entry = crate::audit::system_entry("RewrapKey", &format!("domain key v{v}"));
             entry.account = k.account.clone();
             entry.key_id = Some(k.key_id.clone());
-            kms.store.commit(caas_store::Batch { writes: vec![l.put(&k)?], audit: vec![entry] }).await.map_err(KmsError::store)?;
+            kms.store
+                .commit(caas_store::Batch {
+                    writes: vec![l.put(&k)?],
+                    audit: vec![entry],
+                })
+                .await
+                .map_err(KmsError::store)?;
             n += 1;
         }
     }
-    for o in kms.store.list(kind::ACCESS_KEY, Some(crate::keyring::SYSTEM_ACCOUNT)).await.map_err(KmsError::store)? {
-        let Ok(mut a) = serde_json::from_slice::<crate::model::AccessKeyRecord>(&o.body) else { continue };
-        if let Some(new) = kms.keyring.rewrap_ekt(&format!("internal:access-key:{}", a.access_key_id), 0, &a.sealed_secret).await? {
+    for o in kms
+        .store
+        .list(kind::ACCESS_KEY, Some(crate::keyring::SYSTEM_ACCOUNT))
+        .await
+        .map_err(KmsError::store)?
+    {
+        let Ok(mut a) = serde_json::from_slice::<crate::model::AccessKeyRecord>(&o.body) else {
+            continue;
+        };
+        if let Some(new) = kms
+            .keyring
+            .rewrap_ekt(
+                &format!("internal:access-key:{}", a.access_key_id),
+                0,
+                &a.sealed_secret,
+            )
+            .await?
+        {
             a.sealed_secret = new;
             let body = serde_json::to_vec(&a).map_err(|_| KmsError::Internal("encode".into()))?;
-            let w = Write::Put { kind: kind::ACCESS_KEY.into(), account: o.account.clone(), id: o.id.clone(), body, expect_rev: Some(o.rev) };
-            kms.store.commit(caas_store::Batch { writes: vec![w], audit: vec![crate::audit::system_entry("RewrapAccessKey", &a.access_key_id)] }).await.map_err(KmsError::store)?;
+            let w = Write::Put {
+                kind: kind::ACCESS_KEY.into(),
+                account: o.account.clone(),
+                id: o.id.clone(),
+                body,
+                expect_rev: Some(o.rev),
+            };
+            kms.store
+                .commit(caas_store::Batch {
+                    writes: vec![w],
+                    audit: vec![crate::audit::system_entry(
+                        "RewrapAccessKey",
+                        &a.access_key_id,
+                    )],
+                })
+                .await
+                .map_err(KmsError::store)?;
             n += 1;
         }
     }

@@ -56,7 +56,9 @@ pub async fn dispatch(kms: &Kms, ctx: &mut Ctx, op: &str, req: &Value) -> KmsRes
         "GenerateDataKey" => crypto::generate_data_key(kms, ctx, r, true).await,
         "GenerateDataKeyWithoutPlaintext" => crypto::generate_data_key(kms, ctx, r, false).await,
         "GenerateDataKeyPair" => asym::generate_data_key_pair(kms, ctx, r, true).await,
-        "GenerateDataKeyPairWithoutPlaintext" => asym::generate_data_key_pair(kms, ctx, r, false).await,
+        "GenerateDataKeyPairWithoutPlaintext" => {
+            asym::generate_data_key_pair(kms, ctx, r, false).await
+        }
         "GenerateRandom" => crypto::generate_random(kms, ctx, r).await,
         "Sign" => asym::sign(kms, ctx, r).await,
         "Verify" => asym::verify(kms, ctx, r).await,
@@ -71,7 +73,10 @@ pub async fn dispatch(kms: &Kms, ctx: &mut Ctx, op: &str, req: &Value) -> KmsRes
         "RevokeGrant" => grants::revoke(kms, ctx, r).await,
         "RetireGrant" => grants::retire(kms, ctx, r).await,
         "ListRetirableGrants" => grants::list_retirable(kms, ctx, r).await,
-        _ => Err(KmsError::UnknownOperation(format!("Unknown operation '{}'", op.chars().take(64).collect::<String>()))),
+        _ => Err(KmsError::UnknownOperation(format!(
+            "Unknown operation '{}'",
+            op.chars().take(64).collect::<String>()
+        ))),
     }
 }
 
@@ -88,7 +93,9 @@ impl<'a> Req<'a> {
         match self.get(name) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.as_str())),
-            Some(_) => Err(KmsError::Serialization(format!("'{name}' must be a string"))),
+            Some(_) => Err(KmsError::Serialization(format!(
+                "'{name}' must be a string"
+            ))),
         }
     }
     /// Required string.
@@ -101,7 +108,10 @@ impl<'a> Req<'a> {
     pub fn opt_int(&self, name: &str) -> KmsResult<Option<i64>> {
         match self.get(name) {
             None => Ok(None),
-            Some(v) => v.as_i64().map(Some).ok_or_else(|| KmsError::Serialization(format!("'{name}' must be an integer"))),
+            Some(v) => v
+                .as_i64()
+                .map(Some)
+                .ok_or_else(|| KmsError::Serialization(format!("'{name}' must be an integer"))),
         }
     }
     /// Optional bool.
@@ -109,12 +119,16 @@ impl<'a> Req<'a> {
         match self.get(name) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(_) => Err(KmsError::Serialization(format!("'{name}' must be a boolean"))),
+            Some(_) => Err(KmsError::Serialization(format!(
+                "'{name}' must be a boolean"
+            ))),
         }
     }
     /// Optional base64 blob with a maximum decoded length.
     pub fn opt_blob(&self, name: &str, max: usize) -> KmsResult<Option<Vec<u8>>> {
-        let Some(s) = self.opt_str(name)? else { return Ok(None) };
+        let Some(s) = self.opt_str(name)? else {
+            return Ok(None);
+        };
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(s)
             .map_err(|_| KmsError::Serialization(format!("'{name}' is not valid base64")))?;
@@ -136,10 +150,18 @@ impl<'a> Req<'a> {
             None => Ok(None),
             Some(Value::Object(m)) => m
                 .iter()
-                .map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())).ok_or_else(|| KmsError::Serialization(format!("'{name}' values must be strings"))))
+                .map(|(k, v)| {
+                    v.as_str()
+                        .map(|s| (k.clone(), s.to_string()))
+                        .ok_or_else(|| {
+                            KmsError::Serialization(format!("'{name}' values must be strings"))
+                        })
+                })
                 .collect::<KmsResult<BTreeMap<_, _>>>()
                 .map(Some),
-            Some(_) => Err(KmsError::Serialization(format!("'{name}' must be an object"))),
+            Some(_) => Err(KmsError::Serialization(format!(
+                "'{name}' must be an object"
+            ))),
         }
     }
     /// Optional list of strings.
@@ -148,7 +170,11 @@ impl<'a> Req<'a> {
             None => Ok(None),
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| KmsError::Serialization(format!("'{name}' must be a list of strings"))))
+                .map(|v| {
+                    v.as_str().map(str::to_string).ok_or_else(|| {
+                        KmsError::Serialization(format!("'{name}' must be a list of strings"))
+                    })
+                })
                 .collect::<KmsResult<Vec<_>>>()
                 .map(Some),
             Some(_) => Err(KmsError::Serialization(format!("'{name}' must be a list"))),
@@ -162,7 +188,9 @@ impl<'a> Req<'a> {
 
 fn lower_first(s: &str) -> String {
     let mut c = s.chars();
-    c.next().map(|f| f.to_ascii_lowercase().to_string() + c.as_str()).unwrap_or_default()
+    c.next()
+        .map(|f| f.to_ascii_lowercase().to_string() + c.as_str())
+        .unwrap_or_default()
 }
 
 /// Base64 for responses.
@@ -195,9 +223,16 @@ impl Loaded {
 /// Resolves a KeyId parameter (key id, key ARN, alias name or alias ARN) within the caller's account.
 pub async fn resolve(kms: &Kms, ctx: &mut Ctx, key_ref: &str) -> KmsResult<Loaded> {
     let account = ctx.caller.account.clone();
-    let not_found = || KmsError::NotFound(format!("Invalid keyId {}", key_ref.chars().take(256).collect::<String>()));
+    let not_found = || {
+        KmsError::NotFound(format!(
+            "Invalid keyId {}",
+            key_ref.chars().take(256).collect::<String>()
+        ))
+    };
     if key_ref.len() > 2048 {
-        return Err(KmsError::Validation("KeyId must be at most 2048 characters".into()));
+        return Err(KmsError::Validation(
+            "KeyId must be at most 2048 characters".into(),
+        ));
     }
     let mut id = key_ref.to_string();
     if let Some(rest) = key_ref.strip_prefix("arn:aws:kms:") {
@@ -206,22 +241,49 @@ pub async fn resolve(kms: &Kms, ctx: &mut Ctx, key_ref: &str) -> KmsResult<Loade
         if parts.len() != 3 || parts[1] != account {
             return Err(not_found());
         }
-        id = parts[2].strip_prefix("key/").map(str::to_string).unwrap_or_else(|| parts[2].to_string());
+        id = parts[2]
+            .strip_prefix("key/")
+            .map(str::to_string)
+            .unwrap_or_else(|| parts[2].to_string());
     }
     if id.starts_with("alias/") {
-        let o = kms.store.get(kind::ALIAS, &account, &id).await.map_err(KmsError::store)?.ok_or_else(|| KmsError::NotFound(format!("Alias {id} is not found.")))?;
-        let a: AliasRecord = serde_json::from_slice(&o.body).map_err(|_| KmsError::Internal("corrupt alias".into()))?;
+        let o = kms
+            .store
+            .get(kind::ALIAS, &account, &id)
+            .await
+            .map_err(KmsError::store)?
+            .ok_or_else(|| KmsError::NotFound(format!("Alias {id} is not found.")))?;
+        let a: AliasRecord = serde_json::from_slice(&o.body)
+            .map_err(|_| KmsError::Internal("corrupt alias".into()))?;
         id = a.target_key_id;
     }
-    let o = kms.store.get(kind::KEY, &account, &id).await.map_err(KmsError::store)?.ok_or_else(not_found)?;
-    let key: KeyRecord = serde_json::from_slice(&o.body).map_err(|_| KmsError::Internal("corrupt key record".into()))?;
+    let o = kms
+        .store
+        .get(kind::KEY, &account, &id)
+        .await
+        .map_err(KmsError::store)?
+        .ok_or_else(not_found)?;
+    let key: KeyRecord = serde_json::from_slice(&o.body)
+        .map_err(|_| KmsError::Internal("corrupt key record".into()))?;
     ctx.key_id = Some(key.key_id.clone());
     Ok(Loaded { key, rev: o.rev })
 }
 
 /// Checks the key policy (and, failing that, grants) for an action.
-pub async fn authorize(kms: &Kms, ctx: &Ctx, key: &KeyRecord, action: &str, ec: Option<&BTreeMap<String, String>>, grant_tokens: &[String]) -> KmsResult<()> {
-    let req = policy::Request { account: &ctx.caller.account, principal: &ctx.caller.principal, action, encryption_context: ec };
+pub async fn authorize(
+    kms: &Kms,
+    ctx: &Ctx,
+    key: &KeyRecord,
+    action: &str,
+    ec: Option<&BTreeMap<String, String>>,
+    grant_tokens: &[String],
+) -> KmsResult<()> {
+    let req = policy::Request {
+        account: &ctx.caller.account,
+        principal: &ctx.caller.principal,
+        action,
+        encryption_context: ec,
+    };
     match policy::evaluate(&key.policy, &req) {
         Verdict::Allow => return Ok(()),
         Verdict::Deny => return Err(denied(ctx, action, key)),
@@ -234,7 +296,11 @@ pub async fn authorize(kms: &Kms, ctx: &Ctx, key: &KeyRecord, action: &str, ec: 
 }
 
 fn denied(ctx: &Ctx, action: &str, key: &KeyRecord) -> KmsError {
-    KmsError::AccessDenied(format!("User: {} is not authorized to perform: kms:{action} on resource: {}", ctx.caller.principal, key.arn()))
+    KmsError::AccessDenied(format!(
+        "User: {} is not authorized to perform: kms:{action} on resource: {}",
+        ctx.caller.principal,
+        key.arn()
+    ))
 }
 
 /// Requires the key to be usable for cryptographic operations.
@@ -242,11 +308,15 @@ pub fn require_enabled(key: &KeyRecord) -> KmsResult<()> {
     match key.state.as_str() {
         "Enabled" => Ok(()),
         "Disabled" => Err(KmsError::Disabled(format!("{} is disabled.", key.arn()))),
-        other => Err(KmsError::InvalidState(format!("{} is pending {}.", key.arn(), match other {
-            "PendingDeletion" => "deletion",
-            "PendingImport" => "import",
-            _ => "an operation",
-        }))),
+        other => Err(KmsError::InvalidState(format!(
+            "{} is pending {}.",
+            key.arn(),
+            match other {
+                "PendingDeletion" => "deletion",
+                "PendingImport" => "import",
+                _ => "an operation",
+            }
+        ))),
     }
 }
 
@@ -255,18 +325,29 @@ pub fn require_usage(key: &KeyRecord, usage: &str, op: &str) -> KmsResult<()> {
     if key.key_usage == usage {
         Ok(())
     } else {
-        Err(KmsError::InvalidKeyUsage(format!("{} key usage is {} which is not valid for {op}.", key.arn(), key.key_usage)))
+        Err(KmsError::InvalidKeyUsage(format!(
+            "{} key usage is {} which is not valid for {op}.",
+            key.arn(),
+            key.key_usage
+        )))
     }
 }
 
 /// Opens the material of a key version.
-pub async fn material(kms: &Kms, key: &KeyRecord, version: Option<u32>) -> KmsResult<(u32, SecretBytes)> {
+pub async fn material(
+    kms: &Kms,
+    key: &KeyRecord,
+    version: Option<u32>,
+) -> KmsResult<(u32, SecretBytes)> {
     let hbk = match version {
         Some(v) => key.version(v),
         None => key.current(),
     }
     .ok_or_else(|| KmsError::InvalidState(format!("{} has no key material.", key.arn())))?;
-    let m = kms.keyring.open_ekt(&key.key_id, hbk.version, &hbk.ekt).await?;
+    let m = kms
+        .keyring
+        .open_ekt(&key.key_id, hbk.version, &hbk.ekt)
+        .await?;
     Ok((hbk.version, m))
 }
 

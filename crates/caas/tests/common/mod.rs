@@ -11,13 +11,19 @@ pub fn caas_bin() -> PathBuf {
 }
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// The venv's bin dir with the real AWS clients; fails with an install hint when missing.
 pub fn venv_bin() -> PathBuf {
     let bin = repo_root().join(".venv/bin");
-    assert!(bin.join("aws").exists() && bin.join("python").exists(), "the Python venv with awscli/boto3 is missing: run scripts/install-deps (creates .venv from .ci/requirements.txt)");
+    assert!(
+        bin.join("aws").exists() && bin.join("python").exists(),
+        "the Python venv with awscli/boto3 is missing: run scripts/install-deps (creates .venv from .ci/requirements.txt)"
+    );
     bin
 }
 
@@ -31,6 +37,7 @@ pub fn read_env(dir: &Path) -> HashMap<String, String> {
 }
 
 /// A `caas dev` process in the foreground (killed on drop).
+#[derive(Debug)]
 pub struct Dev {
     pub dir: PathBuf,
     pub child: Child,
@@ -56,22 +63,31 @@ impl Dev {
             .stderr(log)
             .spawn()
             .expect("spawn caas dev");
-        let mut dev = Dev { dir: dir.to_path_buf(), child, env: HashMap::new() };
+        let mut dev = Dev {
+            dir: dir.to_path_buf(),
+            child,
+            env: HashMap::new(),
+        };
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(60) {
             let env = read_env(dir);
-            if let Some(ep) = env.get("CAAS_KMS_ENDPOINT") {
-                if std::net::TcpStream::connect(ep.trim_start_matches("http://")).is_ok() {
+            if let Some(ep) = env.get("CAAS_KMS_ENDPOINT")
+                && std::net::TcpStream::connect(ep.trim_start_matches("http://")).is_ok() {
                     dev.env = env;
                     return dev;
                 }
-            }
             if let Ok(Some(st)) = dev.child.try_wait() {
-                panic!("caas dev exited early ({st}): {}", std::fs::read_to_string(dir.join("test-dev.log")).unwrap_or_default());
+                panic!(
+                    "caas dev exited early ({st}): {}",
+                    std::fs::read_to_string(dir.join("test-dev.log")).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("caas dev did not come up: {}", std::fs::read_to_string(dir.join("test-dev.log")).unwrap_or_default());
+        panic!(
+            "caas dev did not come up: {}",
+            std::fs::read_to_string(dir.join("test-dev.log")).unwrap_or_default()
+        );
     }
 
     pub fn endpoint(&self) -> &str {
@@ -84,7 +100,10 @@ impl Dev {
     }
 
     pub fn stop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(10) {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -108,8 +127,17 @@ impl Dev {
 
     /// Runs `caas <args> --data-dir DIR` and returns stdout.
     pub fn caas(&self, args: &[&str]) -> String {
-        let out = Command::new(caas_bin()).args(args).arg("--data-dir").arg(&self.dir).output().unwrap();
-        assert!(out.status.success(), "caas {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(caas_bin())
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "caas {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
@@ -126,7 +154,10 @@ pub fn raw_post(endpoint: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, 
     let hostport = endpoint.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(hostport).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut req = format!("POST / HTTP/1.1\r\nhost: {hostport}\r\ncontent-length: {}\r\nconnection: close\r\n", body.len());
+    let mut req = format!(
+        "POST / HTTP/1.1\r\nhost: {hostport}\r\ncontent-length: {}\r\nconnection: close\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -136,7 +167,11 @@ pub fn raw_post(endpoint: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, 
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     (status, body)
 }
