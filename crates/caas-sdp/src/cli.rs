@@ -223,7 +223,7 @@ pub async fn create_file(
     let size = size.div_ceil(4096) * 4096;
     let layout = Layout::new(size)?;
     let store = Store::open_file(path, true, Some(layout.store_len()))?;
-    engine::create(&store, key, size, d).await
+    engine::create(&store, key, size, d, false).await
 }
 
 /// Runs a `caas volume` subcommand. `provider` is the KMS-backed data-key provider when
@@ -239,7 +239,7 @@ pub async fn run(
             let h = match (&a.out, &a.upstream) {
                 (_, Some(uri)) => {
                     let store = Store::connect_nbd(uri).await?;
-                    engine::create(&store, &key, a.size.div_ceil(4096) * 4096, d).await?
+                    engine::create(&store, &key, a.size.div_ceil(4096) * 4096, d, true).await?
                 }
                 (Some(out), None) => create_file(out, a.size, &key, d).await?,
                 (None, None) => {

@@ -111,7 +111,6 @@ pub struct Volume {
     dirty: Mutex<Vec<(u64, u8)>>,
     barrier: tokio::sync::RwLock<()>,
     pool: Arc<BufPool>,
-    zeros: Vec<u8>,
 }
 
 impl std::fmt::Debug for Volume {
@@ -151,8 +150,16 @@ pub async fn inspect(store: &Store) -> Result<(Header, State), Error> {
 }
 
 /// Creates a volume of `size` bytes on `store`: header, and one authenticated
-/// "reads as zeroes" slot per block. The header is written last.
-pub async fn create(store: &Store, key: &KeyInput, size: u64, dbsp: Dbsp) -> Result<Header, Error> {
+/// "reads as zeroes" slot per block. The header is written last. With `zero_data` the data
+/// area is overwritten with zeroes too (a "zeroes" slot requires zero ciphertext); needed
+/// unless the store is a freshly created, sparse file.
+pub async fn create(
+    store: &Store,
+    key: &KeyInput,
+    size: u64,
+    dbsp: Dbsp,
+    zero_data: bool,
+) -> Result<Header, Error> {
     let (data_key, source) = match key {
         KeyInput::Raw(k) => ((**k).clone(), KeySource::External),
         KeyInput::Provider(p) => {
@@ -195,6 +202,17 @@ pub async fn create(store: &Store, key: &KeyInput, size: u64, dbsp: Dbsp) -> Res
         }
         store.write_at(layout.entry_offset(b0), &meta).await?;
         b0 += n;
+    }
+    if zero_data {
+        let zeros = vec![0u8; 1 << 20];
+        let mut off = 0;
+        while off < layout.size {
+            let n = (layout.size - off).min(zeros.len() as u64) as usize;
+            store
+                .write_at(layout.data_offset + off, &zeros[..n])
+                .await?;
+            off += n as u64;
+        }
     }
     store.sync().await?;
     let state = State {
@@ -242,7 +260,6 @@ impl Volume {
             dirty: Mutex::new(Vec::new()),
             barrier: tokio::sync::RwLock::new(()),
             pool: Arc::new(BufPool::default()),
-            zeros: vec![0u8; CHUNK_BLOCKS as usize * BS],
         });
         let mut report = None;
         if writable {
@@ -363,7 +380,11 @@ impl Volume {
                     }
                 }
                 SlotKind::Zero => {
-                    if self.cipher.verify_zero(index, slot.nonce, &slot.tag) {
+                    // Only creation writes "zeroes" slots, over a zero data area; any other
+                    // ciphertext means damage or a later (interrupted) write.
+                    if ct.iter().all(|&b| b == 0)
+                        && self.cipher.verify_zero(index, slot.nonce, &slot.tag)
+                    {
                         out.fill(0);
                         return Some(k);
                     }
@@ -467,12 +488,8 @@ impl Volume {
     /// Seals and writes whole blocks `b0..b0+n` from `data` (encrypted in place), or makes
     /// them read as zeroes when `data` is `None`. Caller holds the stripe locks and the
     /// shared barrier.
-    async fn write_blocks_locked(
-        &self,
-        b0: u64,
-        n: u64,
-        mut data: Option<&mut [u8]>,
-    ) -> Result<(), Error> {
+    async fn write_blocks_locked(&self, b0: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let n = (buf.len() / BS) as u64;
         let mut meta = self.pool.get(n as usize * ENTRY_SIZE);
         let res = async {
             self.store
@@ -492,23 +509,21 @@ impl Volume {
                 };
                 let target = choose_target(&e, cur, com);
                 let nonce = block_nonce(first + i as u64, self.salt);
-                let slot = match data.as_deref_mut() {
-                    None => Slot {
-                        nonce,
-                        kind: SlotKind::Zero,
-                        tag: self.cipher.zero_tag(index, nonce)?,
-                    },
-                    Some(buf) => Slot {
-                        nonce,
-                        kind: SlotKind::Data,
-                        tag: self.cipher.seal_block(
-                            index,
-                            nonce,
-                            &mut buf[i * BS..(i + 1) * BS],
-                        )?,
-                    },
+                let tag = self
+                    .cipher
+                    .seal_block(index, nonce, &mut buf[i * BS..(i + 1) * BS])?;
+                let slot = Slot {
+                    nonce,
+                    kind: SlotKind::Data,
+                    tag,
                 };
                 em[target * SLOT_SIZE..(target + 1) * SLOT_SIZE].copy_from_slice(&slot.encode());
+                // Malformed slots (damage) are reset so the rewritten block is readable.
+                for (j, old) in e.slots.iter().enumerate() {
+                    if old.is_none() && j != target {
+                        em[j * SLOT_SIZE..(j + 1) * SLOT_SIZE].fill(0);
+                    }
+                }
                 // Reserved bytes are always zero; rewriting them heals a damaged entry.
                 em[caas_volume::SLOTS * SLOT_SIZE..].fill(0);
                 targets.push((target as u8, com.unwrap_or(target) as u8));
@@ -517,12 +532,8 @@ impl Volume {
             self.store
                 .write_at(self.layout.entry_offset(b0), &meta)
                 .await?;
-            let ciphertext: &[u8] = match data.as_deref() {
-                Some(buf) => buf,
-                None => &self.zeros[..n as usize * BS],
-            };
             self.store
-                .write_at(self.layout.block_offset(b0), ciphertext)
+                .write_at(self.layout.block_offset(b0), buf)
                 .await?;
             let mut dirty = self
                 .dirty
@@ -556,7 +567,7 @@ impl Volume {
             let _b = self.barrier.read().await;
             let _g = self.lock_range(b0, b1 - b0).await;
             if offset.is_multiple_of(BSU) && end.is_multiple_of(BSU) {
-                self.write_blocks_locked(b0, b1 - b0, Some(data)).await?;
+                self.write_blocks_locked(b0, data).await?;
             } else {
                 let mut tmp = self.pool.get(((b1 - b0) * BSU) as usize);
                 let r = async {
@@ -570,7 +581,7 @@ impl Volume {
                     }
                     let s = (offset - b0 * BSU) as usize;
                     tmp[s..s + data.len()].copy_from_slice(data);
-                    self.write_blocks_locked(b0, b1 - b0, Some(&mut tmp)).await
+                    self.write_blocks_locked(b0, &mut tmp).await
                 }
                 .await;
                 self.pool.put(tmp);
@@ -583,39 +594,23 @@ impl Volume {
         Ok(())
     }
 
-    /// Makes `len` bytes at `offset` read as zeroes (WRITE_ZEROES and TRIM). Whole blocks
-    /// get an authenticated "zeroes" slot and their old ciphertext is overwritten, so an
-    /// older slot can never authenticate it again.
+    /// Makes `len` bytes at `offset` read as zeroes (WRITE_ZEROES and TRIM) by writing
+    /// encrypted zero blocks: a fresh ciphertext, so no older slot (not even the creation
+    /// "zeroes" slot) can authenticate the block again.
     pub async fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), Error> {
         if !self.writable {
             return Err(Error::ReadOnly);
         }
         let end = offset + len;
-        let a0 = offset.div_ceil(BSU) * BSU;
-        let a1 = (end / BSU) * BSU;
-        if a0 >= a1 {
-            let mut z = self.pool.get(len as usize);
+        let mut off = offset;
+        while off < end {
+            let n = (end - off).min(CHUNK_BLOCKS * BSU) as usize;
+            let mut z = self.pool.get(n);
             z.fill(0);
-            let r = self.write(offset, &mut z, false).await;
+            let r = self.write(off, &mut z, false).await;
             self.pool.put(z);
             r?;
-        } else {
-            if offset < a0 {
-                let mut z = vec![0u8; (a0 - offset) as usize];
-                self.write(offset, &mut z, false).await?;
-            }
-            if a1 < end {
-                let mut z = vec![0u8; (end - a1) as usize];
-                self.write(a1, &mut z, false).await?;
-            }
-            let mut b = a0 / BSU;
-            while b < a1 / BSU {
-                let n = CHUNK_BLOCKS.min(a1 / BSU - b);
-                let _bar = self.barrier.read().await;
-                let _g = self.lock_range(b, n).await;
-                self.write_blocks_locked(b, n, None).await?;
-                b += n;
-            }
+            off += n as u64;
         }
         if fua {
             self.flush().await?;

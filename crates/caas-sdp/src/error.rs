@@ -35,6 +35,9 @@ pub enum Error {
     /// Bad configuration or arguments.
     #[error("{0}")]
     Config(String),
+    /// The request needs a feature this server does not offer.
+    #[error("{0} is not supported")]
+    NotSupported(&'static str),
     /// The volume is open read-only.
     #[error("volume is read-only")]
     ReadOnly,
@@ -54,6 +57,7 @@ impl Error {
             Error::Volume(caas_volume::Error::NonceExhausted) => errno::ENOSPC,
             Error::Volume(_) => errno::EIO,
             Error::ReadOnly => errno::EPERM,
+            Error::NotSupported(_) => errno::ENOTSUP,
             Error::Protocol(_) | Error::Config(_) => errno::EINVAL,
         }
     }

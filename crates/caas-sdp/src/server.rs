@@ -152,7 +152,6 @@ fn transmission_flags(backend: &Backend, structured: bool) -> u16 {
         | tflags::SEND_FUA
         | tflags::SEND_TRIM
         | tflags::SEND_WRITE_ZEROES
-        | tflags::SEND_FAST_ZERO
         // All connections share one engine and FLUSH syncs the whole store.
         | tflags::CAN_MULTI_CONN;
     if structured {
@@ -448,10 +447,31 @@ async fn execute<W: AsyncWrite>(
             r
         }
         Command::Flush => backend.flush().await,
+        Command::WriteZeroes if req.flags & cmdflags::FAST_ZERO != 0 => {
+            // Zeroing costs as much as writing here (blocks are sealed), so a fast zero
+            // must fail quickly, as the specification requires.
+            let mut out = Vec::new();
+            if structured {
+                tx::error_chunk(
+                    req.cookie,
+                    caas_nbd::errno::ENOTSUP,
+                    "fast zero not supported",
+                    None,
+                    &mut out,
+                );
+            } else {
+                out.extend_from_slice(&tx::simple_reply(caas_nbd::errno::ENOTSUP, req.cookie));
+            }
+            return w.lock().await.write_all(&out).await;
+        }
+        Command::WriteZeroes if req.flags & cmdflags::FAST_ZERO != 0 => {
+            // Zeroing costs as much as writing here (blocks are sealed), so a fast zero
+            // must fail quickly, as the specification requires.
+            Err(Error::NotSupported("fast zero"))
+        }
         Command::Trim | Command::WriteZeroes => {
             backend.zero(req.offset, u64::from(req.length), fua).await
         }
-        // CACHE is not advertised; validate() rejects it. DISC is handled by the loop.
         Command::Cache | Command::Disconnect | Command::Other(_) => Ok(()),
     };
     match res {

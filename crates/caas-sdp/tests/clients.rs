@@ -204,8 +204,9 @@ fn protocol_errors_map_to_nbd_errnos() {
             0,
             8192,
             vec![],
-            0,
+            errno::ENOTSUP,
         ),
+        (Command::WriteZeroes, cmdflags::NO_HOLE, 0, 8192, vec![], 0),
     ];
     for (cmd, flags, off, len, payload, want) in cases {
         let (e, _) = c.call(cmd, flags, off, len, &payload);

@@ -111,11 +111,12 @@ impl Entry {
         Entry::decode(&raw)
     }
 
-    /// Slot indices of used, well-formed slots, newest (highest counter) first.
+    /// Slot indices of used slots, newest (highest counter) first. An entry with a
+    /// malformed slot or non-zero reserved bytes was damaged and yields no candidate.
     pub fn candidates(&self) -> ([usize; SLOTS], usize) {
         let mut idx = [0usize; SLOTS];
         let mut n = 0;
-        if !self.reserved_ok {
+        if !self.reserved_ok || self.slots.iter().any(Option::is_none) {
             return (idx, 0);
         }
         for (i, s) in self.slots.iter().enumerate() {
@@ -220,7 +221,11 @@ mod tests {
         assert_eq!(e.newest(), Some(1));
         let mut raw = [0u8; ENTRY_SIZE];
         raw[..32].copy_from_slice(&slot(5, SlotKind::Data).encode());
+        assert_eq!(Entry::decode(&raw).candidates().1, 1);
         raw[127] = 1;
+        assert_eq!(Entry::decode(&raw).candidates().1, 0);
+        raw[127] = 0;
+        raw[80] = 1; // a damaged empty slot poisons the entry
         assert_eq!(Entry::decode(&raw).candidates().1, 0);
     }
 
