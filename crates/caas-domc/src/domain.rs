@@ -329,7 +329,8 @@ impl Domain {
                     info: MechInfo {
                         min_key_size: m.1,
                         max_key_size: m.2,
-                        flags: m.3,
+                        // The crypto domain is this token's (virtual) hardware.
+                        flags: m.3 | CKF_HW,
                     },
                 })
             }
@@ -537,14 +538,15 @@ impl Domain {
                 let o = self.insert(app, session, slot, rw, attrs, secret)?;
                 // Public keys must parse now so a bad key fails here, not at use.
                 if (class == CKO_PUBLIC_KEY || class == CKO_PRIVATE_KEY)
-                    && let Err(e) = o.material() {
-                        self.remove(slot, o.handle);
-                        return Err(if e.0 == CKR_KEY_HANDLE_INVALID {
-                            Ckr(CKR_TEMPLATE_INCOMPLETE)
-                        } else {
-                            e
-                        });
-                    }
+                    && let Err(e) = o.material()
+                {
+                    self.remove(slot, o.handle);
+                    return Err(if e.0 == CKR_KEY_HANDLE_INVALID {
+                        Ckr(CKR_TEMPLATE_INCOMPLETE)
+                    } else {
+                        e
+                    });
+                }
                 self.audit(app, "C_CreateObject", slot, Some(&o), None, 0);
                 Response::ok(Body::Ulong { value: o.handle })
             }
@@ -707,11 +709,10 @@ impl Domain {
         });
         let o = Arc::new(Object::new(h, owner, attrs, secret, 0));
         t.write_objects().insert(h, o.clone());
-        if is_token
-            && let Err(e) = t.persist() {
-                t.write_objects().remove(&h);
-                return Err(e);
-            }
+        if is_token && let Err(e) = t.persist() {
+            t.write_objects().remove(&h);
+            return Err(e);
+        }
         Ok(o)
     }
 

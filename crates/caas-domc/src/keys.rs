@@ -80,7 +80,8 @@ impl Curve {
     }
 }
 
-/// Parsed key material of one object.
+/// Parsed key material of one object (one per object, behind an `Arc`: size is no concern).
+#[allow(clippy::large_enum_variant)]
 pub enum KeyMaterial {
     /// RSA private key (signing and decryption views of the same PKCS#8).
     RsaPrivate {
@@ -88,11 +89,19 @@ pub enum KeyMaterial {
         sign: signature::RsaKeyPair,
         /// Decryption key.
         decrypt: rsa::PrivateDecryptingKey,
+        /// PKCS#8, for the raw PKCS#1 v1.5 path.
+        pkcs8: Zeroizing<Vec<u8>>,
+        /// Raw-signing key (built on first CKM_RSA_PKCS over non-DigestInfo data).
+        raw: std::sync::OnceLock<::rsa::PrivateKey>,
     },
     /// RSA public key.
     RsaPublic {
         /// PKCS#1 RSAPublicKey DER.
         der: Vec<u8>,
+        /// Modulus and exponent (big-endian) for raw verification.
+        n: Vec<u8>,
+        /// Public exponent.
+        e: Vec<u8>,
         /// Modulus length in bytes.
         modulus_len: usize,
     },
@@ -245,6 +254,8 @@ impl KeyMaterial {
         Ok(KeyMaterial::RsaPrivate {
             sign: signature::RsaKeyPair::from_pkcs8(pkcs8).map_err(bad_key)?,
             decrypt: rsa::PrivateDecryptingKey::from_pkcs8(pkcs8).map_err(bad_key)?,
+            pkcs8: Zeroizing::new(pkcs8.to_vec()),
+            raw: std::sync::OnceLock::new(),
         })
     }
 
@@ -257,6 +268,8 @@ impl KeyMaterial {
         }
         Ok(KeyMaterial::RsaPublic {
             der: der::rsa_public_key(n, e),
+            n: n.to_vec(),
+            e: e.to_vec(),
             modulus_len,
         })
     }
@@ -341,7 +354,9 @@ impl KeyMaterial {
     /// Verifies an RSA signature over a precomputed hash.
     pub fn rsa_verify_digest(&self, pss: bool, hash: &[u8], sig: &[u8]) -> Result<(), Ckr> {
         let (der_bytes, modulus_len) = match self {
-            KeyMaterial::RsaPublic { der, modulus_len } => (der.clone(), *modulus_len),
+            KeyMaterial::RsaPublic {
+                der, modulus_len, ..
+            } => (der.clone(), *modulus_len),
             _ => return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT)),
         };
         if sig.len() != modulus_len {
@@ -362,6 +377,55 @@ impl KeyMaterial {
         let d = digest::Digest::import_less_safe(hash, alg).map_err(|_| Ckr(CKR_DATA_INVALID))?;
         signature::UnparsedPublicKey::new(params, der_bytes)
             .verify_digest(&d, sig)
+            .map_err(|_| Ckr(CKR_SIGNATURE_INVALID))
+    }
+
+    /// Raw RSA PKCS#1 v1.5 signature (CKM_RSA_PKCS): `data` is padded as is (the caller
+    /// supplies the DigestInfo or, for legacy TLS, MD5||SHA-1). DigestInfos of SHA-256/384/512
+    /// go through aws-lc; anything else through the `rsa` crate with blinding.
+    pub fn rsa_sign_raw(&self, data: &[u8]) -> Result<Vec<u8>, Ckr> {
+        if let Some((_, hash)) = der::parse_digest_info(data) {
+            return self.rsa_sign_digest(false, hash);
+        }
+        let KeyMaterial::RsaPrivate {
+            sign, pkcs8, raw, ..
+        } = self
+        else {
+            return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+        };
+        if data.len() + 11 > sign.public_modulus_len() {
+            return Err(Ckr(CKR_DATA_LEN_RANGE));
+        }
+        let key = match raw.get() {
+            Some(k) => k,
+            None => {
+                let k = raw_rsa_key(pkcs8)?;
+                raw.get_or_init(|| k)
+            }
+        };
+        key.sign(::rsa::Pkcs1v15Sign::new_unprefixed(), data)
+            .map_err(|_| Ckr(CKR_FUNCTION_FAILED))
+    }
+
+    /// Verifies a raw RSA PKCS#1 v1.5 signature.
+    pub fn rsa_verify_raw(&self, data: &[u8], sig: &[u8]) -> Result<(), Ckr> {
+        if let Some((_, hash)) = der::parse_digest_info(data) {
+            return self.rsa_verify_digest(false, hash, sig);
+        }
+        let KeyMaterial::RsaPublic {
+            n, e, modulus_len, ..
+        } = self
+        else {
+            return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+        };
+        if sig.len() != *modulus_len {
+            return Err(Ckr(CKR_SIGNATURE_LEN_RANGE));
+        }
+        let bits = (*modulus_len as u32) * 8;
+        let n = ::rsa::BoxedUint::from_be_slice(n, bits).map_err(bad_key)?;
+        let e = ::rsa::BoxedUint::from_be_slice(e, 64).map_err(bad_key)?;
+        let pk = ::rsa::PublicKey::new(n, e).map_err(bad_key)?;
+        pk.verify(::rsa::Pkcs1v15Sign::new_unprefixed(), data, sig)
             .map_err(|_| Ckr(CKR_SIGNATURE_INVALID))
     }
 
@@ -549,6 +613,19 @@ impl KeyMaterial {
     }
 }
 
+fn raw_rsa_key(pkcs8: &[u8]) -> Result<::rsa::PrivateKey, Ckr> {
+    let p = der::rsa_parts_from_pkcs8(pkcs8).ok_or(Ckr(CKR_KEY_TYPE_INCONSISTENT))?;
+    let bits = (p.n.len() as u32) * 8;
+    let u = |b: &[u8], bits: u32| ::rsa::BoxedUint::from_be_slice(b, bits).map_err(bad_key);
+    ::rsa::PrivateKey::from_components(
+        u(p.n, bits)?,
+        u(p.e, 64)?,
+        u(p.d, bits)?,
+        vec![u(p.p, bits / 2)?, u(p.q, bits / 2)?],
+    )
+    .map_err(bad_key)
+}
+
 fn oaep_alg(hash: u64) -> Result<&'static rsa::OaepAlgorithm, Ckr> {
     match hash {
         CKM_SHA_1 => Ok(&rsa::OAEP_SHA1_MGF1SHA1),
@@ -594,6 +671,12 @@ mod tests {
                 Err(Ckr(CKR_SIGNATURE_INVALID))
             );
         }
+        let raw = private.rsa_sign_raw(b"36 bytes of md5 and sha1 for tls1.0")?;
+        public.rsa_verify_raw(b"36 bytes of md5 and sha1 for tls1.0", &raw)?;
+        assert_eq!(
+            public.rsa_verify_raw(b"other", &raw),
+            Err(Ckr(CKR_SIGNATURE_INVALID))
+        );
         let ct = public.rsa_oaep_encrypt(CKM_SHA256, b"", b"secret")?;
         assert_eq!(&*private.rsa_oaep_decrypt(CKM_SHA256, b"", &ct)?, b"secret");
         let ct = public.rsa_pkcs1_encrypt(b"secret")?;

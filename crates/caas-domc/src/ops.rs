@@ -364,11 +364,7 @@ impl SignOp {
         let kind = self.kind.ok_or(Ckr(CKR_OPERATION_NOT_INITIALIZED))?;
         let input = self.digest_value();
         match kind {
-            SignKind::RsaPkcsRaw => {
-                let (_, hash) =
-                    crate::der::parse_digest_info(&input).ok_or(Ckr(CKR_DATA_INVALID))?;
-                self.key.rsa_sign_digest(false, hash)
-            }
+            SignKind::RsaPkcsRaw => self.key.rsa_sign_raw(&input),
             SignKind::RsaPssRaw(len) => {
                 if input.len() != len {
                     return Err(Ckr(CKR_DATA_LEN_RANGE));
@@ -398,11 +394,7 @@ impl SignOp {
         let kind = self.kind.ok_or(Ckr(CKR_OPERATION_NOT_INITIALIZED))?;
         let input = self.digest_value();
         match kind {
-            SignKind::RsaPkcsRaw => {
-                let (_, hash) =
-                    crate::der::parse_digest_info(&input).ok_or(Ckr(CKR_DATA_INVALID))?;
-                self.key.rsa_verify_digest(false, hash, sig)
-            }
+            SignKind::RsaPkcsRaw => self.key.rsa_verify_raw(&input, sig),
             SignKind::RsaPssRaw(len) => {
                 if input.len() != len {
                     return Err(Ckr(CKR_DATA_LEN_RANGE));

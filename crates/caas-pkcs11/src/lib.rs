@@ -1,1 +1,18 @@
-//! libcaas_pkcs11.
+//! libcaas_pkcs11.so: the PKCS#11 (v2.40, plus `C_GetInterfaceList`/`C_GetInterface` of
+//! 3.0) module a workload loads to use keys that live in its tenant's crypto domain. It
+//! forwards every call over the VSM wire protocol ([`caas_vsm_proto`]) and holds no key
+//! material. Configuration: `CAAS_PKCS11_SOCKET`, or a TOML file named by
+//! `CAAS_PKCS11_CONFIG` (`socket = "/path"`, optional `timeout_secs`).
+//!
+//! All `unsafe` code is confined to the `ffi` module (the C ABI surface); every exported
+//! function catches panics and returns CKR_GENERAL_ERROR instead of unwinding into C.
+
+#![deny(unsafe_code)]
+
+pub mod client;
+mod error;
+#[allow(unsafe_code)]
+mod ffi;
+
+pub use error::Error;
+pub use ffi::C_GetFunctionList;

@@ -1,0 +1,152 @@
+//! The module's side of the connection to the crypto domain: configuration and a pool of
+//! UNIX-socket connections. A call takes an idle connection (or opens one), sends one request,
+//! reads one response and puts the connection back; the pool lock is held only to pop and
+//! push, so calls from many threads run concurrently on separate connections. A transport
+//! failure drops that connection and yields CKR_DEVICE_ERROR (CKR_DEVICE_REMOVED when the
+//! domain cannot be reached at all); nothing here can crash the host process.
+
+use crate::Error;
+use caas_vsm_proto::blocking::{IoError, read_message};
+use caas_vsm_proto::{PROTOCOL_VERSION, Request, Response, frame_message};
+use cryptoki_sys::{CK_RV, CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED, CKR_GENERAL_ERROR};
+use nix::sys::socket::{MsgFlags, send};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Raw config file (`CAAS_PKCS11_CONFIG`, TOML).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// Socket of the crypto domain.
+    socket: PathBuf,
+    /// Seconds to wait for one answer (default 300).
+    timeout_secs: Option<u64>,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Socket of the crypto domain.
+    pub socket: PathBuf,
+    /// Read timeout per call.
+    pub timeout: Duration,
+}
+
+impl Config {
+    /// From the environment: CAAS_PKCS11_SOCKET wins over CAAS_PKCS11_CONFIG.
+    pub fn from_env() -> Result<Self, Error> {
+        if let Some(s) = std::env::var_os("CAAS_PKCS11_SOCKET") {
+            return Ok(Self {
+                socket: PathBuf::from(s),
+                timeout: Duration::from_secs(300),
+            });
+        }
+        let path = std::env::var("CAAS_PKCS11_CONFIG").map_err(|_| Error::NotConfigured)?;
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| Error::Parse {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            socket: raw.socket,
+            timeout: Duration::from_secs(raw.timeout_secs.unwrap_or(300)),
+        })
+    }
+}
+
+/// The connection pool of one C_Initialize.
+#[derive(Debug)]
+pub struct Client {
+    cfg: Config,
+    app: [u8; 16],
+    idle: Mutex<Vec<UnixStream>>,
+}
+
+fn send_all(s: &UnixStream, mut buf: &[u8]) -> Result<(), CK_RV> {
+    while !buf.is_empty() {
+        // MSG_NOSIGNAL: a dead peer must give EPIPE, not kill the host process with SIGPIPE.
+        match send(s.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL) {
+            Ok(0) => return Err(CKR_DEVICE_ERROR),
+            Ok(n) => buf = &buf[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return Err(CKR_DEVICE_ERROR),
+        }
+    }
+    Ok(())
+}
+
+fn exchange(s: &mut UnixStream, req: &Request) -> Result<Response, CK_RV> {
+    let frame = frame_message(req).map_err(|_| cryptoki_sys::CKR_DATA_LEN_RANGE)?;
+    send_all(s, &frame)?;
+    match read_message::<_, Response>(s) {
+        Ok(r) => Ok(r),
+        Err(IoError::Io(_)) => Err(CKR_DEVICE_ERROR),
+        Err(IoError::Protocol(_)) => Err(CKR_DEVICE_ERROR),
+    }
+}
+
+impl Client {
+    /// A pool for `cfg` with a fresh application id.
+    pub fn new(cfg: Config) -> Result<Self, CK_RV> {
+        let mut app = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut app).map_err(|_| CKR_GENERAL_ERROR)?;
+        Ok(Self {
+            cfg,
+            app,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn connect(&self) -> Result<UnixStream, CK_RV> {
+        let mut s = UnixStream::connect(&self.cfg.socket).map_err(|_| CKR_DEVICE_REMOVED)?;
+        s.set_read_timeout(Some(self.cfg.timeout))
+            .map_err(|_| CKR_DEVICE_ERROR)?;
+        let r = exchange(
+            &mut s,
+            &Request::Hello {
+                version: PROTOCOL_VERSION,
+                app: self.app,
+            },
+        )?;
+        if r.rv != 0 {
+            return Err(CKR_DEVICE_ERROR);
+        }
+        Ok(s)
+    }
+
+    /// Opens one connection up front so the domain sees this application.
+    pub fn warm_up(&self) {
+        if let Ok(s) = self.connect() {
+            self.put_back(s);
+        }
+    }
+
+    fn put_back(&self, s: UnixStream) {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(s);
+    }
+
+    /// Sends one request and returns the response.
+    pub fn call(&self, req: &Request) -> Result<Response, CK_RV> {
+        let pooled = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        let mut s = match pooled {
+            Some(s) => s,
+            None => self.connect()?,
+        };
+        let r = exchange(&mut s, req)?;
+        self.put_back(s);
+        Ok(r)
+    }
+}

@@ -1,0 +1,1240 @@
+//! The C ABI: every PKCS#11 entry point, the static function list and the 3.0 interface
+//! list. This is the only file with `unsafe` code: raw pointers from the caller are checked
+//! for NULL and turned into slices/values by the small helpers below, then each call is
+//! forwarded to the crypto domain. Every entry runs inside `catch_unwind`; a panic becomes
+//! CKR_GENERAL_ERROR.
+
+// CK_ULONG is `unsigned long`: u64 here, u32 on other ABIs. The explicit conversions keep
+// the code portable even where they are identities.
+#![allow(clippy::useless_conversion, clippy::unnecessary_cast)]
+
+use crate::client::{Client, Config};
+use caas_vsm_proto::attr::{self, AttrKind};
+use caas_vsm_proto::{
+    Attr, AttrValue, Blob, Body, MechParam, Mechanism, Request, Response, Secret,
+};
+use cryptoki_sys::*;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, RwLock};
+
+type Rv = CK_RV;
+
+/// The client of the current C_Initialize, shared by all threads (read lock only per call).
+static STATE: RwLock<Option<Arc<Client>>> = RwLock::new(None);
+
+const ULONG_SIZE: usize = std::mem::size_of::<CK_ULONG>();
+
+fn client() -> Result<Arc<Client>, Rv> {
+    STATE
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+        .ok_or(CKR_CRYPTOKI_NOT_INITIALIZED)
+}
+
+fn guard(f: impl FnOnce() -> Result<(), Rv>) -> Rv {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => CKR_OK,
+        Ok(Err(rv)) => rv,
+        Err(_) => CKR_GENERAL_ERROR,
+    }
+}
+
+fn call_raw(req: &Request) -> Result<Response, Rv> {
+    client()?.call(req)
+}
+
+fn call(req: &Request) -> Result<Body, Rv> {
+    let r = call_raw(req)?;
+    if r.rv != CKR_OK {
+        return Err(r.rv);
+    }
+    Ok(r.body)
+}
+
+fn ulong(b: Body) -> Result<u64, Rv> {
+    match b {
+        Body::Ulong { value } => Ok(value),
+        _ => Err(CKR_DEVICE_ERROR),
+    }
+}
+
+fn to_ck(v: u64) -> Result<CK_ULONG, Rv> {
+    CK_ULONG::try_from(v).map_err(|_| CKR_DEVICE_ERROR)
+}
+
+/// Borrows `len` bytes at `p` (NULL is allowed only for `len` 0).
+///
+/// # Safety
+/// `p` must be NULL or point to `len` readable bytes that outlive the returned slice.
+unsafe fn bytes<'a>(p: *const u8, len: CK_ULONG) -> Result<&'a [u8], Rv> {
+    let len = usize::try_from(len).map_err(|_| CKR_ARGUMENTS_BAD)?;
+    if p.is_null() {
+        return if len == 0 {
+            Ok(&[])
+        } else {
+            Err(CKR_ARGUMENTS_BAD)
+        };
+    }
+    // SAFETY: non-NULL and, per the caller's contract, valid for `len` bytes.
+    Ok(unsafe { std::slice::from_raw_parts(p, len) })
+}
+
+/// Writes `v` to `p`.
+///
+/// # Safety
+/// `p` must be NULL or valid for writing one `T`.
+unsafe fn put<T>(p: *mut T, v: T) -> Result<(), Rv> {
+    if p.is_null() {
+        return Err(CKR_ARGUMENTS_BAD);
+    }
+    // SAFETY: non-NULL and valid for writes per the caller's contract.
+    unsafe { p.write_unaligned(v) };
+    Ok(())
+}
+
+/// Reads a `T` from `p`.
+///
+/// # Safety
+/// `p` must be NULL or valid for reading one `T`.
+unsafe fn get<T: Copy>(p: *const T) -> Result<T, Rv> {
+    if p.is_null() {
+        return Err(CKR_ARGUMENTS_BAD);
+    }
+    // SAFETY: non-NULL and valid for reads per the caller's contract.
+    Ok(unsafe { p.read_unaligned() })
+}
+
+/// Converts one C attribute value to the canonical wire form.
+fn canonical(ty: u64, v: &[u8]) -> Result<Vec<u8>, Rv> {
+    let read_ulong = |c: &[u8]| -> Result<u64, Rv> {
+        let a: [u8; ULONG_SIZE] = c.try_into().map_err(|_| CKR_ATTRIBUTE_VALUE_INVALID)?;
+        Ok(u64::from(CK_ULONG::from_ne_bytes(a)))
+    };
+    match attr::kind(ty) {
+        AttrKind::Ulong => Ok(attr::ulong(read_ulong(v)?)),
+        AttrKind::Bool if v.len() == 1 => Ok(v.to_vec()),
+        AttrKind::Bool => Err(CKR_ATTRIBUTE_VALUE_INVALID),
+        AttrKind::UlongArray => {
+            if !v.len().is_multiple_of(ULONG_SIZE) {
+                return Err(CKR_ATTRIBUTE_VALUE_INVALID);
+            }
+            let mut out = Vec::with_capacity(v.len() / ULONG_SIZE * 8);
+            for c in v.chunks_exact(ULONG_SIZE) {
+                out.extend_from_slice(&attr::ulong(read_ulong(c)?));
+            }
+            Ok(out)
+        }
+        AttrKind::Bytes => Ok(v.to_vec()),
+    }
+}
+
+/// Converts a canonical value back to the C form.
+fn native(ty: u64, v: &[u8]) -> Vec<u8> {
+    match attr::kind(ty) {
+        AttrKind::Ulong | AttrKind::UlongArray => v
+            .chunks_exact(8)
+            .flat_map(|c| {
+                let x = attr::as_ulong(c).unwrap_or(0);
+                (x as CK_ULONG).to_ne_bytes()
+            })
+            .collect(),
+        _ => v.to_vec(),
+    }
+}
+
+/// Reads a template.
+///
+/// # Safety
+/// `p` must be NULL or point to `n` valid CK_ATTRIBUTEs whose values are readable.
+unsafe fn template(p: *const CK_ATTRIBUTE, n: CK_ULONG) -> Result<Vec<Attr>, Rv> {
+    let n = usize::try_from(n).map_err(|_| CKR_ARGUMENTS_BAD)?;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    if p.is_null() {
+        return Err(CKR_ARGUMENTS_BAD);
+    }
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        // SAFETY: `p` points to `n` attributes per the caller's contract and i < n.
+        let a = unsafe { p.add(i).read_unaligned() };
+        // SAFETY: pValue/ulValueLen describe the attribute's value buffer.
+        let v = unsafe { bytes(a.pValue as *const u8, a.ulValueLen) }
+            .map_err(|_| CKR_ATTRIBUTE_VALUE_INVALID)?;
+        let ty = u64::from(a.type_);
+        out.push(Attr {
+            ty,
+            value: Blob(canonical(ty, v)?),
+        });
+    }
+    Ok(out)
+}
+
+/// Reads a CK_MECHANISM and its parameter.
+///
+/// # Safety
+/// `p` must be NULL or point to a valid CK_MECHANISM whose parameter is readable.
+unsafe fn mechanism(p: *const CK_MECHANISM) -> Result<Mechanism, Rv> {
+    // SAFETY: forwarded contract.
+    let m = unsafe { get(p)? };
+    let mech = u64::from(m.mechanism);
+    let plen = usize::try_from(m.ulParameterLen).map_err(|_| CKR_MECHANISM_PARAM_INVALID)?;
+    let pp = m.pParameter;
+    let param = |size: usize| -> Result<(), Rv> {
+        if pp.is_null() || plen != size {
+            Err(CKR_MECHANISM_PARAM_INVALID)
+        } else {
+            Ok(())
+        }
+    };
+    let param = match mech {
+        CKM_AES_GCM => {
+            param(std::mem::size_of::<CK_GCM_PARAMS>())?;
+            // SAFETY: size checked; the caller passes a CK_GCM_PARAMS.
+            let g = unsafe { (pp as *const CK_GCM_PARAMS).read_unaligned() };
+            // SAFETY: the IV and AAD buffers are described by the params.
+            let (iv, aad) = unsafe { (bytes(g.pIv, g.ulIvLen)?, bytes(g.pAAD, g.ulAADLen)?) };
+            MechParam::Gcm {
+                iv: Blob::from(iv),
+                aad: Blob::from(aad),
+                tag_bits: u64::from(g.ulTagBits),
+            }
+        }
+        CKM_RSA_PKCS_PSS
+        | CKM_SHA256_RSA_PKCS_PSS
+        | CKM_SHA384_RSA_PKCS_PSS
+        | CKM_SHA512_RSA_PKCS_PSS
+        | CKM_SHA1_RSA_PKCS_PSS
+        | CKM_SHA224_RSA_PKCS_PSS => {
+            param(std::mem::size_of::<CK_RSA_PKCS_PSS_PARAMS>())?;
+            // SAFETY: size checked.
+            let s = unsafe { (pp as *const CK_RSA_PKCS_PSS_PARAMS).read_unaligned() };
+            MechParam::Pss {
+                hash: u64::from(s.hashAlg),
+                mgf: u64::from(s.mgf),
+                salt_len: u64::from(s.sLen),
+            }
+        }
+        CKM_RSA_PKCS_OAEP => {
+            param(std::mem::size_of::<CK_RSA_PKCS_OAEP_PARAMS>())?;
+            // SAFETY: size checked.
+            let o = unsafe { (pp as *const CK_RSA_PKCS_OAEP_PARAMS).read_unaligned() };
+            // SAFETY: the source data buffer is described by the params.
+            let src = unsafe { bytes(o.pSourceData as *const u8, o.ulSourceDataLen)? };
+            MechParam::Oaep {
+                hash: u64::from(o.hashAlg),
+                mgf: u64::from(o.mgf),
+                source: u64::from(o.source),
+                source_data: Blob::from(src),
+            }
+        }
+        CKM_ECDH1_DERIVE => {
+            param(std::mem::size_of::<CK_ECDH1_DERIVE_PARAMS>())?;
+            // SAFETY: size checked.
+            let e = unsafe { (pp as *const CK_ECDH1_DERIVE_PARAMS).read_unaligned() };
+            // SAFETY: buffers described by the params.
+            let (sd, pd) = unsafe {
+                (
+                    bytes(e.pSharedData, e.ulSharedDataLen)?,
+                    bytes(e.pPublicData, e.ulPublicDataLen)?,
+                )
+            };
+            MechParam::Ecdh {
+                kdf: u64::from(e.kdf),
+                shared_data: Blob::from(sd),
+                public_data: Blob::from(pd),
+            }
+        }
+        CKM_EDDSA if !pp.is_null() && plen == std::mem::size_of::<CK_EDDSA_PARAMS>() => {
+            // SAFETY: size checked.
+            let e = unsafe { (pp as *const CK_EDDSA_PARAMS).read_unaligned() };
+            // SAFETY: context buffer described by the params.
+            let ctx = unsafe { bytes(e.pContextData, e.ulContextDataLen)? };
+            if e.phFlag == 0 && ctx.is_empty() {
+                MechParam::None {}
+            } else {
+                MechParam::Bytes {
+                    data: Blob::from(ctx),
+                }
+            }
+        }
+        _ => {
+            // SAFETY: the parameter buffer is described by the mechanism.
+            let b = unsafe { bytes(pp as *const u8, m.ulParameterLen)? };
+            if b.is_empty() {
+                MechParam::None {}
+            } else {
+                MechParam::Bytes {
+                    data: Blob::from(b),
+                }
+            }
+        }
+    };
+    Ok(Mechanism {
+        mechanism: mech,
+        param,
+    })
+}
+
+/// Runs a request with an output buffer, implementing the length-query protocol.
+///
+/// # Safety
+/// `out` must be NULL or valid for `*len` bytes; `len` must be valid.
+unsafe fn out_data(
+    make: impl FnOnce(Option<u64>) -> Request,
+    out: *mut u8,
+    len: *mut CK_ULONG,
+) -> Result<(), Rv> {
+    // SAFETY: forwarded contract.
+    let cap = unsafe { get(len)? };
+    let cap = if out.is_null() {
+        None
+    } else {
+        Some(u64::from(cap))
+    };
+    let r = call_raw(&make(cap))?;
+    let write = |data: &[u8]| -> Result<(), Rv> {
+        let n = to_ck(data.len() as u64)?;
+        match cap {
+            None => {
+                // SAFETY: `len` was checked readable/writable above.
+                unsafe { put(len, n) }
+            }
+            Some(c) if (data.len() as u64) > c => {
+                // SAFETY: as above.
+                unsafe { put(len, n)? };
+                Err(CKR_BUFFER_TOO_SMALL)
+            }
+            Some(_) => {
+                // SAFETY: `out` holds at least `cap` >= data.len() bytes.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), out, data.len()) };
+                // SAFETY: as above.
+                unsafe { put(len, n) }
+            }
+        }
+    };
+    match (r.rv, r.body) {
+        (CKR_OK | CKR_BUFFER_TOO_SMALL, Body::Len { len: l }) => {
+            // SAFETY: `len` checked above.
+            unsafe { put(len, to_ck(l)?)? };
+            if r.rv == CKR_OK {
+                Ok(())
+            } else {
+                Err(CKR_BUFFER_TOO_SMALL)
+            }
+        }
+        (CKR_OK, Body::Data { data }) => write(&data.0),
+        (CKR_OK, Body::SecretData { data }) => write(data.expose()),
+        (CKR_OK, _) => Err(CKR_DEVICE_ERROR),
+        (rv, _) => Err(rv),
+    }
+}
+
+/// Writes a list of ulongs with the length-query protocol.
+///
+/// # Safety
+/// `out` NULL or valid for `*count` elements; `count` valid.
+unsafe fn out_ulongs(values: &[u64], out: *mut CK_ULONG, count: *mut CK_ULONG) -> Result<(), Rv> {
+    // SAFETY: forwarded contract.
+    let cap = unsafe { get(count)? };
+    let n = to_ck(values.len() as u64)?;
+    // SAFETY: `count` is valid.
+    unsafe { put(count, n)? };
+    if out.is_null() {
+        return Ok(());
+    }
+    if u64::from(cap) < values.len() as u64 {
+        return Err(CKR_BUFFER_TOO_SMALL);
+    }
+    for (i, v) in values.iter().enumerate() {
+        // SAFETY: i < values.len() <= cap elements.
+        unsafe { out.add(i).write_unaligned(to_ck(*v)?) };
+    }
+    Ok(())
+}
+
+fn pad(dst: &mut [u8], s: &str) {
+    dst.fill(b' ');
+    let n = s.len().min(dst.len());
+    dst[..n].copy_from_slice(&s.as_bytes()[..n]);
+}
+
+fn version(major: u8, minor: u8) -> CK_VERSION {
+    CK_VERSION { major, minor }
+}
+
+macro_rules! export {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        /// # Safety
+        /// Called by PKCS#11 applications with arguments valid per the PKCS#11 specification;
+        /// NULL pointers are detected and reported.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> CK_RV {
+            guard(move || $body)
+        }
+    };
+}
+
+export! {
+    /// C_Initialize: connects the module to its crypto domain.
+    fn C_Initialize(init_args: CK_VOID_PTR) {
+        if !init_args.is_null() {
+            // SAFETY: a non-NULL argument is a CK_C_INITIALIZE_ARGS per the specification.
+            let a = unsafe { get(init_args as *const CK_C_INITIALIZE_ARGS)? };
+            if !a.pReserved.is_null() {
+                return Err(CKR_ARGUMENTS_BAD);
+            }
+            let fns = [a.CreateMutex.is_some(), a.DestroyMutex.is_some(), a.LockMutex.is_some(), a.UnlockMutex.is_some()];
+            if fns.iter().any(|x| *x) && !fns.iter().all(|x| *x) {
+                return Err(CKR_ARGUMENTS_BAD);
+            }
+            if fns[0] && a.flags & CKF_OS_LOCKING_OK == 0 {
+                return Err(CKR_CANT_LOCK);
+            }
+        }
+        let mut st = STATE.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if st.is_some() {
+            return Err(CKR_CRYPTOKI_ALREADY_INITIALIZED);
+        }
+        let cfg = Config::from_env().map_err(|e| {
+            eprintln!("libcaas_pkcs11: {e}");
+            CKR_GENERAL_ERROR
+        })?;
+        let c = Client::new(cfg)?;
+        c.warm_up();
+        *st = Some(Arc::new(c));
+        Ok(())
+    }
+}
+
+export! {
+    /// C_Finalize: drops all connections (the domain closes this application's sessions).
+    fn C_Finalize(reserved: CK_VOID_PTR) {
+        if !reserved.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        STATE
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .map(|_| ())
+            .ok_or(CKR_CRYPTOKI_NOT_INITIALIZED)
+    }
+}
+
+export! {
+    /// C_GetInfo.
+    fn C_GetInfo(info: CK_INFO_PTR) {
+        client()?;
+        let mut i = CK_INFO {
+            cryptokiVersion: version(2, 40),
+            manufacturerID: [0; 32],
+            flags: 0,
+            libraryDescription: [0; 32],
+            libraryVersion: version(0, 1),
+        };
+        pad(&mut i.manufacturerID, "caas");
+        pad(&mut i.libraryDescription, "caas VSM PKCS#11 module");
+        // SAFETY: `info` is NULL or a CK_INFO to fill.
+        unsafe { put(info, i) }
+    }
+}
+
+export! {
+    /// C_GetFunctionList.
+    fn C_GetFunctionList(list: CK_FUNCTION_LIST_PTR_PTR) {
+        // SAFETY: `list` is NULL or a pointer to fill; FUNCTION_LIST is static and never
+        // written through the returned pointer by conforming callers.
+        unsafe { put(list, std::ptr::addr_of!(FUNCTION_LIST) as *mut CK_FUNCTION_LIST) }
+    }
+}
+
+export! {
+    /// C_GetSlotList.
+    fn C_GetSlotList(token_present: CK_BBOOL, list: CK_SLOT_ID_PTR, count: CK_ULONG_PTR) {
+        let Body::Ulongs { values } = call(&Request::GetSlotList { token_present: token_present != 0 })? else {
+            return Err(CKR_DEVICE_ERROR);
+        };
+        // SAFETY: forwarded pointers.
+        unsafe { out_ulongs(&values, list, count) }
+    }
+}
+
+export! {
+    /// C_GetSlotInfo.
+    fn C_GetSlotInfo(slot: CK_SLOT_ID, info: CK_SLOT_INFO_PTR) {
+        if info.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        let Body::Slot { info: s } = call(&Request::GetSlotInfo { slot: u64::from(slot) })? else {
+            return Err(CKR_DEVICE_ERROR);
+        };
+        let mut i = CK_SLOT_INFO {
+            slotDescription: [0; 64],
+            manufacturerID: [0; 32],
+            flags: to_ck(s.flags)?,
+            hardwareVersion: version(0, 1),
+            firmwareVersion: version(0, 1),
+        };
+        pad(&mut i.slotDescription, &s.description);
+        pad(&mut i.manufacturerID, &s.manufacturer);
+        // SAFETY: checked non-NULL.
+        unsafe { put(info, i) }
+    }
+}
+
+export! {
+    /// C_GetTokenInfo.
+    fn C_GetTokenInfo(slot: CK_SLOT_ID, info: CK_TOKEN_INFO_PTR) {
+        if info.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        let Body::Token { info: t } = call(&Request::GetTokenInfo { slot: u64::from(slot) })? else {
+            return Err(CKR_DEVICE_ERROR);
+        };
+        let mut i = CK_TOKEN_INFO {
+            label: [0; 32],
+            manufacturerID: [0; 32],
+            model: [0; 16],
+            serialNumber: [0; 16],
+            flags: to_ck(t.flags)?,
+            ulMaxSessionCount: to_ck(t.max_sessions)?,
+            ulSessionCount: to_ck(t.session_count)?,
+            ulMaxRwSessionCount: to_ck(t.max_rw_sessions)?,
+            ulRwSessionCount: to_ck(t.rw_session_count)?,
+            ulMaxPinLen: to_ck(t.max_pin_len)?,
+            ulMinPinLen: to_ck(t.min_pin_len)?,
+            ulTotalPublicMemory: CK_UNAVAILABLE_INFORMATION,
+            ulFreePublicMemory: CK_UNAVAILABLE_INFORMATION,
+            ulTotalPrivateMemory: CK_UNAVAILABLE_INFORMATION,
+            ulFreePrivateMemory: CK_UNAVAILABLE_INFORMATION,
+            hardwareVersion: version(0, 1),
+            firmwareVersion: version(0, 1),
+            utcTime: [b' '; 16],
+        };
+        pad(&mut i.label, &t.label);
+        pad(&mut i.manufacturerID, &t.manufacturer);
+        pad(&mut i.model, &t.model);
+        pad(&mut i.serialNumber, &t.serial);
+        // SAFETY: checked non-NULL.
+        unsafe { put(info, i) }
+    }
+}
+
+export! {
+    /// C_GetMechanismList.
+    fn C_GetMechanismList(slot: CK_SLOT_ID, list: CK_MECHANISM_TYPE_PTR, count: CK_ULONG_PTR) {
+        let Body::Ulongs { values } = call(&Request::GetMechanismList { slot: u64::from(slot) })? else {
+            return Err(CKR_DEVICE_ERROR);
+        };
+        // SAFETY: forwarded pointers.
+        unsafe { out_ulongs(&values, list, count) }
+    }
+}
+
+export! {
+    /// C_GetMechanismInfo.
+    fn C_GetMechanismInfo(slot: CK_SLOT_ID, mech: CK_MECHANISM_TYPE, info: CK_MECHANISM_INFO_PTR) {
+        if info.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        let Body::Mech { info: m } = call(&Request::GetMechanismInfo { slot: u64::from(slot), mechanism: u64::from(mech) })? else {
+            return Err(CKR_DEVICE_ERROR);
+        };
+        let i = CK_MECHANISM_INFO {
+            ulMinKeySize: to_ck(m.min_key_size)?,
+            ulMaxKeySize: to_ck(m.max_key_size)?,
+            flags: to_ck(m.flags)?,
+        };
+        // SAFETY: checked non-NULL.
+        unsafe { put(info, i) }
+    }
+}
+
+export! {
+    /// C_InitToken.
+    fn C_InitToken(slot: CK_SLOT_ID, pin: CK_UTF8CHAR_PTR, pin_len: CK_ULONG, label: CK_UTF8CHAR_PTR) {
+        // SAFETY: PIN of `pin_len` bytes; the label is 32 bytes per the specification.
+        let (pin, label) = unsafe { (bytes(pin, pin_len)?, bytes(label, 32)?) };
+        if label.is_empty() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        let label = String::from_utf8_lossy(label).trim_end().to_string();
+        call(&Request::InitToken { slot: u64::from(slot), so_pin: Secret::new(pin.to_vec()), label }).map(|_| ())
+    }
+}
+
+export! {
+    /// C_InitPIN.
+    fn C_InitPIN(session: CK_SESSION_HANDLE, pin: CK_UTF8CHAR_PTR, pin_len: CK_ULONG) {
+        // SAFETY: PIN buffer of `pin_len` bytes.
+        let pin = unsafe { bytes(pin, pin_len)? };
+        call(&Request::InitPin { session: u64::from(session), pin: Secret::new(pin.to_vec()) }).map(|_| ())
+    }
+}
+
+export! {
+    /// C_SetPIN.
+    fn C_SetPIN(session: CK_SESSION_HANDLE, old: CK_UTF8CHAR_PTR, old_len: CK_ULONG, new: CK_UTF8CHAR_PTR, new_len: CK_ULONG) {
+        // SAFETY: PIN buffers of the given lengths.
+        let (old, new) = unsafe { (bytes(old, old_len)?, bytes(new, new_len)?) };
+        call(&Request::SetPin {
+            session: u64::from(session),
+            old_pin: Secret::new(old.to_vec()),
+            new_pin: Secret::new(new.to_vec()),
+        })
+        .map(|_| ())
+    }
+}
+
+export! {
+    /// C_OpenSession (notifications are not supported and ignored).
+    fn C_OpenSession(slot: CK_SLOT_ID, flags: CK_FLAGS, _app: CK_VOID_PTR, _notify: CK_NOTIFY, session: CK_SESSION_HANDLE_PTR) {
+        if session.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        let h = ulong(call(&Request::OpenSession { slot: u64::from(slot), flags: u64::from(flags) })?)?;
+        // SAFETY: checked non-NULL.
+        unsafe { put(session, to_ck(h)?) }
+    }
+}
+
+export! {
+    /// C_CloseSession.
+    fn C_CloseSession(session: CK_SESSION_HANDLE) {
+        call(&Request::CloseSession { session: u64::from(session) }).map(|_| ())
+    }
+}
+
+export! {
+    /// C_CloseAllSessions.
+    fn C_CloseAllSessions(slot: CK_SLOT_ID) {
+        call(&Request::CloseAllSessions { slot: u64::from(slot) }).map(|_| ())
+    }
+}
+
+export! {
+    /// C_GetSessionInfo.
+    fn C_GetSessionInfo(session: CK_SESSION_HANDLE, info: CK_SESSION_INFO_PTR) {
+        if info.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        let Body::Session { info: s } = call(&Request::GetSessionInfo { session: u64::from(session) })? else {
+            return Err(CKR_DEVICE_ERROR);
+        };
+        let i = CK_SESSION_INFO {
+            slotID: to_ck(s.slot)?,
+            state: to_ck(s.state)?,
+            flags: to_ck(s.flags)?,
+            ulDeviceError: 0,
+        };
+        // SAFETY: checked non-NULL.
+        unsafe { put(info, i) }
+    }
+}
+
+export! {
+    /// C_GetOperationState: not supported (operation state stays in the crypto domain).
+    fn C_GetOperationState(_session: CK_SESSION_HANDLE, _state: CK_BYTE_PTR, _len: CK_ULONG_PTR) {
+        client()?;
+        Err(CKR_FUNCTION_NOT_SUPPORTED)
+    }
+}
+
+export! {
+    /// C_SetOperationState: not supported.
+    fn C_SetOperationState(_session: CK_SESSION_HANDLE, _state: CK_BYTE_PTR, _len: CK_ULONG, _ek: CK_OBJECT_HANDLE, _ak: CK_OBJECT_HANDLE) {
+        client()?;
+        Err(CKR_FUNCTION_NOT_SUPPORTED)
+    }
+}
+
+export! {
+    /// C_Login.
+    fn C_Login(session: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: CK_UTF8CHAR_PTR, pin_len: CK_ULONG) {
+        // SAFETY: PIN buffer of `pin_len` bytes.
+        let pin = unsafe { bytes(pin, pin_len)? };
+        call(&Request::Login { session: u64::from(session), user_type: u64::from(user), pin: Secret::new(pin.to_vec()) }).map(|_| ())
+    }
+}
+
+export! {
+    /// C_Logout.
+    fn C_Logout(session: CK_SESSION_HANDLE) {
+        call(&Request::Logout { session: u64::from(session) }).map(|_| ())
+    }
+}
+
+export! {
+    /// C_CreateObject.
+    fn C_CreateObject(session: CK_SESSION_HANDLE, tmpl: CK_ATTRIBUTE_PTR, n: CK_ULONG, object: CK_OBJECT_HANDLE_PTR) {
+        if object.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        // SAFETY: template of `n` attributes.
+        let template = unsafe { template(tmpl, n)? };
+        let h = ulong(call(&Request::CreateObject { session: u64::from(session), template })?)?;
+        // SAFETY: checked non-NULL.
+        unsafe { put(object, to_ck(h)?) }
+    }
+}
+
+export! {
+    /// C_CopyObject.
+    fn C_CopyObject(session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE, tmpl: CK_ATTRIBUTE_PTR, n: CK_ULONG, new: CK_OBJECT_HANDLE_PTR) {
+        if new.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        // SAFETY: template of `n` attributes.
+        let template = unsafe { template(tmpl, n)? };
+        let h = ulong(call(&Request::CopyObject { session: u64::from(session), object: u64::from(object), template })?)?;
+        // SAFETY: checked non-NULL.
+        unsafe { put(new, to_ck(h)?) }
+    }
+}
+
+export! {
+    /// C_DestroyObject.
+    fn C_DestroyObject(session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE) {
+        call(&Request::DestroyObject { session: u64::from(session), object: u64::from(object) }).map(|_| ())
+    }
+}
+
+export! {
+    /// C_GetObjectSize.
+    fn C_GetObjectSize(session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE, size: CK_ULONG_PTR) {
+        if size.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        let s = ulong(call(&Request::GetObjectSize { session: u64::from(session), object: u64::from(object) })?)?;
+        // SAFETY: checked non-NULL.
+        unsafe { put(size, to_ck(s)?) }
+    }
+}
+
+export! {
+    /// C_GetAttributeValue, with the per-attribute length/sensitivity rules.
+    fn C_GetAttributeValue(session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE, tmpl: CK_ATTRIBUTE_PTR, n: CK_ULONG) {
+        let count = usize::try_from(n).map_err(|_| CKR_ARGUMENTS_BAD)?;
+        if tmpl.is_null() && count > 0 {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        let mut types = Vec::with_capacity(count);
+        for i in 0..count {
+            // SAFETY: `tmpl` holds `n` attributes.
+            let a = unsafe { tmpl.add(i).read_unaligned() };
+            types.push(u64::from(a.type_));
+        }
+        let Body::Attrs { values } = call(&Request::GetAttributeValue { session: u64::from(session), object: u64::from(object), types: types.clone() })? else {
+            return Err(CKR_DEVICE_ERROR);
+        };
+        if values.len() != count {
+            return Err(CKR_DEVICE_ERROR);
+        }
+        let mut rv = CKR_OK;
+        for (i, v) in values.into_iter().enumerate() {
+            // SAFETY: i < n.
+            let slot = unsafe { tmpl.add(i) };
+            // SAFETY: as above.
+            let mut a = unsafe { slot.read_unaligned() };
+            match v {
+                AttrValue::Value { value } => {
+                    let nv = native(types[i], &value.0);
+                    if a.pValue.is_null() {
+                        a.ulValueLen = to_ck(nv.len() as u64)?;
+                    } else if u64::from(a.ulValueLen) >= nv.len() as u64 {
+                        // SAFETY: the caller's buffer holds ulValueLen >= nv.len() bytes.
+                        unsafe { std::ptr::copy_nonoverlapping(nv.as_ptr(), a.pValue as *mut u8, nv.len()) };
+                        a.ulValueLen = to_ck(nv.len() as u64)?;
+                    } else {
+                        a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
+                        if rv == CKR_OK {
+                            rv = CKR_BUFFER_TOO_SMALL;
+                        }
+                    }
+                }
+                AttrValue::Sensitive {} => {
+                    a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
+                    rv = CKR_ATTRIBUTE_SENSITIVE;
+                }
+                AttrValue::Invalid {} => {
+                    a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
+                    if rv != CKR_ATTRIBUTE_SENSITIVE {
+                        rv = CKR_ATTRIBUTE_TYPE_INVALID;
+                    }
+                }
+            }
+            // SAFETY: writing back the same attribute slot.
+            unsafe { slot.write_unaligned(a) };
+        }
+        if rv == CKR_OK { Ok(()) } else { Err(rv) }
+    }
+}
+
+export! {
+    /// C_SetAttributeValue.
+    fn C_SetAttributeValue(session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE, tmpl: CK_ATTRIBUTE_PTR, n: CK_ULONG) {
+        // SAFETY: template of `n` attributes.
+        let template = unsafe { template(tmpl, n)? };
+        call(&Request::SetAttributeValue { session: u64::from(session), object: u64::from(object), template }).map(|_| ())
+    }
+}
+
+export! {
+    /// C_FindObjectsInit.
+    fn C_FindObjectsInit(session: CK_SESSION_HANDLE, tmpl: CK_ATTRIBUTE_PTR, n: CK_ULONG) {
+        // SAFETY: template of `n` attributes.
+        let template = unsafe { template(tmpl, n)? };
+        call(&Request::FindObjectsInit { session: u64::from(session), template }).map(|_| ())
+    }
+}
+
+export! {
+    /// C_FindObjects.
+    fn C_FindObjects(session: CK_SESSION_HANDLE, objects: CK_OBJECT_HANDLE_PTR, max: CK_ULONG, count: CK_ULONG_PTR) {
+        if count.is_null() || (objects.is_null() && max > 0) {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        let Body::Ulongs { values } = call(&Request::FindObjects { session: u64::from(session), max: u64::from(max) })? else {
+            return Err(CKR_DEVICE_ERROR);
+        };
+        if values.len() as u64 > u64::from(max) {
+            return Err(CKR_DEVICE_ERROR);
+        }
+        for (i, v) in values.iter().enumerate() {
+            // SAFETY: i < values.len() <= max.
+            unsafe { objects.add(i).write_unaligned(to_ck(*v)?) };
+        }
+        // SAFETY: checked non-NULL.
+        unsafe { put(count, to_ck(values.len() as u64)?) }
+    }
+}
+
+export! {
+    /// C_FindObjectsFinal.
+    fn C_FindObjectsFinal(session: CK_SESSION_HANDLE) {
+        call(&Request::FindObjectsFinal { session: u64::from(session) }).map(|_| ())
+    }
+}
+
+macro_rules! init_fn {
+    ($name:ident, $variant:ident) => {
+        export! {
+            /// Operation initialisation.
+            fn $name(session: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, key: CK_OBJECT_HANDLE) {
+                // SAFETY: mechanism pointer from the caller.
+                let mechanism = unsafe { mechanism(mech)? };
+                call(&Request::$variant { session: u64::from(session), mechanism, key: u64::from(key) }).map(|_| ())
+            }
+        }
+    };
+}
+
+init_fn!(C_EncryptInit, EncryptInit);
+init_fn!(C_DecryptInit, DecryptInit);
+init_fn!(C_SignInit, SignInit);
+init_fn!(C_VerifyInit, VerifyInit);
+
+macro_rules! data_fn {
+    ($name:ident, $variant:ident) => {
+        export! {
+            /// Single-part or update call with output.
+            fn $name(session: CK_SESSION_HANDLE, input: CK_BYTE_PTR, input_len: CK_ULONG, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR) {
+                // SAFETY: input buffer of `input_len` bytes.
+                let data = Blob::from(unsafe { bytes(input, input_len)? });
+                let session = u64::from(session);
+                // SAFETY: output buffer and its length from the caller.
+                unsafe { out_data(|cap| Request::$variant { session, data, cap }, out, out_len) }
+            }
+        }
+    };
+}
+
+macro_rules! final_fn {
+    ($name:ident, $variant:ident) => {
+        export! {
+            /// Final call with output.
+            fn $name(session: CK_SESSION_HANDLE, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR) {
+                let session = u64::from(session);
+                // SAFETY: output buffer and its length from the caller.
+                unsafe { out_data(|cap| Request::$variant { session, cap }, out, out_len) }
+            }
+        }
+    };
+}
+
+macro_rules! update_fn {
+    ($name:ident, $variant:ident) => {
+        export! {
+            /// Update call without output.
+            fn $name(session: CK_SESSION_HANDLE, input: CK_BYTE_PTR, input_len: CK_ULONG) {
+                // SAFETY: input buffer of `input_len` bytes.
+                let data = Blob::from(unsafe { bytes(input, input_len)? });
+                call(&Request::$variant { session: u64::from(session), data }).map(|_| ())
+            }
+        }
+    };
+}
+
+data_fn!(C_Encrypt, Encrypt);
+data_fn!(C_EncryptUpdate, EncryptUpdate);
+final_fn!(C_EncryptFinal, EncryptFinal);
+data_fn!(C_Decrypt, Decrypt);
+data_fn!(C_DecryptUpdate, DecryptUpdate);
+final_fn!(C_DecryptFinal, DecryptFinal);
+data_fn!(C_Digest, Digest);
+update_fn!(C_DigestUpdate, DigestUpdate);
+final_fn!(C_DigestFinal, DigestFinal);
+data_fn!(C_Sign, Sign);
+update_fn!(C_SignUpdate, SignUpdate);
+final_fn!(C_SignFinal, SignFinal);
+update_fn!(C_VerifyUpdate, VerifyUpdate);
+
+export! {
+    /// C_DigestInit.
+    fn C_DigestInit(session: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR) {
+        // SAFETY: mechanism pointer from the caller.
+        let mechanism = unsafe { mechanism(mech)? };
+        call(&Request::DigestInit { session: u64::from(session), mechanism }).map(|_| ())
+    }
+}
+
+export! {
+    /// C_DigestKey.
+    fn C_DigestKey(session: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) {
+        call(&Request::DigestKey { session: u64::from(session), key: u64::from(key) }).map(|_| ())
+    }
+}
+
+export! {
+    /// C_Verify.
+    fn C_Verify(session: CK_SESSION_HANDLE, data: CK_BYTE_PTR, data_len: CK_ULONG, sig: CK_BYTE_PTR, sig_len: CK_ULONG) {
+        // SAFETY: buffers of the given lengths.
+        let (data, sig) = unsafe { (bytes(data, data_len)?, bytes(sig, sig_len)?) };
+        call(&Request::Verify { session: u64::from(session), data: Blob::from(data), signature: Blob::from(sig) }).map(|_| ())
+    }
+}
+
+export! {
+    /// C_VerifyFinal.
+    fn C_VerifyFinal(session: CK_SESSION_HANDLE, sig: CK_BYTE_PTR, sig_len: CK_ULONG) {
+        // SAFETY: buffer of the given length.
+        let sig = unsafe { bytes(sig, sig_len)? };
+        call(&Request::VerifyFinal { session: u64::from(session), signature: Blob::from(sig) }).map(|_| ())
+    }
+}
+
+macro_rules! unsupported {
+    ($name:ident($($arg:ident: $ty:ty),*)) => {
+        export! {
+            /// Not supported by this module.
+            fn $name($($arg: $ty),*) {
+                let _ = ($($arg),*);
+                client()?;
+                Err(CKR_FUNCTION_NOT_SUPPORTED)
+            }
+        }
+    };
+}
+
+unsupported!(C_SignRecoverInit(s: CK_SESSION_HANDLE, m: CK_MECHANISM_PTR, k: CK_OBJECT_HANDLE));
+unsupported!(C_SignRecover(s: CK_SESSION_HANDLE, d: CK_BYTE_PTR, dl: CK_ULONG, o: CK_BYTE_PTR, ol: CK_ULONG_PTR));
+unsupported!(C_VerifyRecoverInit(s: CK_SESSION_HANDLE, m: CK_MECHANISM_PTR, k: CK_OBJECT_HANDLE));
+unsupported!(C_VerifyRecover(s: CK_SESSION_HANDLE, d: CK_BYTE_PTR, dl: CK_ULONG, o: CK_BYTE_PTR, ol: CK_ULONG_PTR));
+unsupported!(C_DigestEncryptUpdate(s: CK_SESSION_HANDLE, d: CK_BYTE_PTR, dl: CK_ULONG, o: CK_BYTE_PTR, ol: CK_ULONG_PTR));
+unsupported!(C_DecryptDigestUpdate(s: CK_SESSION_HANDLE, d: CK_BYTE_PTR, dl: CK_ULONG, o: CK_BYTE_PTR, ol: CK_ULONG_PTR));
+unsupported!(C_SignEncryptUpdate(s: CK_SESSION_HANDLE, d: CK_BYTE_PTR, dl: CK_ULONG, o: CK_BYTE_PTR, ol: CK_ULONG_PTR));
+unsupported!(C_DecryptVerifyUpdate(s: CK_SESSION_HANDLE, d: CK_BYTE_PTR, dl: CK_ULONG, o: CK_BYTE_PTR, ol: CK_ULONG_PTR));
+unsupported!(C_WaitForSlotEvent(f: CK_FLAGS, s: CK_SLOT_ID_PTR, r: CK_VOID_PTR));
+
+export! {
+    /// C_GetFunctionStatus (legacy).
+    fn C_GetFunctionStatus(_session: CK_SESSION_HANDLE) {
+        client()?;
+        Err(CKR_FUNCTION_NOT_PARALLEL)
+    }
+}
+
+export! {
+    /// C_CancelFunction (legacy).
+    fn C_CancelFunction(_session: CK_SESSION_HANDLE) {
+        client()?;
+        Err(CKR_FUNCTION_NOT_PARALLEL)
+    }
+}
+
+export! {
+    /// C_GenerateKey.
+    fn C_GenerateKey(session: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, tmpl: CK_ATTRIBUTE_PTR, n: CK_ULONG, key: CK_OBJECT_HANDLE_PTR) {
+        if key.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        // SAFETY: caller's mechanism and template.
+        let (mechanism, template) = unsafe { (mechanism(mech)?, template(tmpl, n)?) };
+        let h = ulong(call(&Request::GenerateKey { session: u64::from(session), mechanism, template })?)?;
+        // SAFETY: checked non-NULL.
+        unsafe { put(key, to_ck(h)?) }
+    }
+}
+
+export! {
+    /// C_GenerateKeyPair.
+    fn C_GenerateKeyPair(
+        session: CK_SESSION_HANDLE,
+        mech: CK_MECHANISM_PTR,
+        pub_tmpl: CK_ATTRIBUTE_PTR,
+        pub_n: CK_ULONG,
+        priv_tmpl: CK_ATTRIBUTE_PTR,
+        priv_n: CK_ULONG,
+        pub_key: CK_OBJECT_HANDLE_PTR,
+        priv_key: CK_OBJECT_HANDLE_PTR,
+    ) {
+        if pub_key.is_null() || priv_key.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        // SAFETY: caller's mechanism and templates.
+        let (mechanism, public_template, private_template) =
+            unsafe { (mechanism(mech)?, template(pub_tmpl, pub_n)?, template(priv_tmpl, priv_n)?) };
+        let Body::KeyPair { public, private } = call(&Request::GenerateKeyPair {
+            session: u64::from(session),
+            mechanism,
+            public_template,
+            private_template,
+        })?
+        else {
+            return Err(CKR_DEVICE_ERROR);
+        };
+        // SAFETY: checked non-NULL.
+        unsafe {
+            put(pub_key, to_ck(public)?)?;
+            put(priv_key, to_ck(private)?)
+        }
+    }
+}
+
+export! {
+    /// C_WrapKey.
+    fn C_WrapKey(session: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, wrapping: CK_OBJECT_HANDLE, key: CK_OBJECT_HANDLE, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR) {
+        // SAFETY: caller's mechanism.
+        let mechanism = unsafe { mechanism(mech)? };
+        let session = u64::from(session);
+        let (wrapping_key, key) = (u64::from(wrapping), u64::from(key));
+        // SAFETY: output buffer and length from the caller.
+        unsafe { out_data(|cap| Request::WrapKey { session, mechanism, wrapping_key, key, cap }, out, out_len) }
+    }
+}
+
+export! {
+    /// C_UnwrapKey.
+    fn C_UnwrapKey(
+        session: CK_SESSION_HANDLE,
+        mech: CK_MECHANISM_PTR,
+        unwrapping: CK_OBJECT_HANDLE,
+        wrapped: CK_BYTE_PTR,
+        wrapped_len: CK_ULONG,
+        tmpl: CK_ATTRIBUTE_PTR,
+        n: CK_ULONG,
+        key: CK_OBJECT_HANDLE_PTR,
+    ) {
+        if key.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        // SAFETY: caller's mechanism, wrapped bytes and template.
+        let (mechanism, wrapped, template) =
+            unsafe { (mechanism(mech)?, bytes(wrapped, wrapped_len)?, template(tmpl, n)?) };
+        let h = ulong(call(&Request::UnwrapKey {
+            session: u64::from(session),
+            mechanism,
+            unwrapping_key: u64::from(unwrapping),
+            wrapped: Blob::from(wrapped),
+            template,
+        })?)?;
+        // SAFETY: checked non-NULL.
+        unsafe { put(key, to_ck(h)?) }
+    }
+}
+
+export! {
+    /// C_DeriveKey.
+    fn C_DeriveKey(session: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, base: CK_OBJECT_HANDLE, tmpl: CK_ATTRIBUTE_PTR, n: CK_ULONG, key: CK_OBJECT_HANDLE_PTR) {
+        if key.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        // SAFETY: caller's mechanism and template.
+        let (mechanism, template) = unsafe { (mechanism(mech)?, template(tmpl, n)?) };
+        let h = ulong(call(&Request::DeriveKey { session: u64::from(session), mechanism, base_key: u64::from(base), template })?)?;
+        // SAFETY: checked non-NULL.
+        unsafe { put(key, to_ck(h)?) }
+    }
+}
+
+export! {
+    /// C_SeedRandom.
+    fn C_SeedRandom(session: CK_SESSION_HANDLE, seed: CK_BYTE_PTR, len: CK_ULONG) {
+        // SAFETY: seed buffer.
+        let seed = unsafe { bytes(seed, len)? };
+        call(&Request::SeedRandom { session: u64::from(session), seed: Blob::from(seed) }).map(|_| ())
+    }
+}
+
+export! {
+    /// C_GenerateRandom.
+    fn C_GenerateRandom(session: CK_SESSION_HANDLE, out: CK_BYTE_PTR, len: CK_ULONG) {
+        // SAFETY: writable buffer of `len` bytes (checked non-NULL below).
+        if out.is_null() && len > 0 {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        let b = call(&Request::GenerateRandom { session: u64::from(session), len: u64::from(len) })?;
+        let Body::SecretData { data } = b else {
+            return Err(CKR_DEVICE_ERROR);
+        };
+        if data.expose().len() as u64 != u64::from(len) {
+            return Err(CKR_DEVICE_ERROR);
+        }
+        if !data.expose().is_empty() {
+            // SAFETY: `out` holds `len` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(data.expose().as_ptr(), out, data.expose().len()) };
+        }
+        Ok(())
+    }
+}
+
+/// The PKCS#11 v2.40 function list: every entry populated.
+static FUNCTION_LIST: CK_FUNCTION_LIST = CK_FUNCTION_LIST {
+    version: CK_VERSION {
+        major: 2,
+        minor: 40,
+    },
+    C_Initialize: Some(C_Initialize),
+    C_Finalize: Some(C_Finalize),
+    C_GetInfo: Some(C_GetInfo),
+    C_GetFunctionList: Some(C_GetFunctionList),
+    C_GetSlotList: Some(C_GetSlotList),
+    C_GetSlotInfo: Some(C_GetSlotInfo),
+    C_GetTokenInfo: Some(C_GetTokenInfo),
+    C_GetMechanismList: Some(C_GetMechanismList),
+    C_GetMechanismInfo: Some(C_GetMechanismInfo),
+    C_InitToken: Some(C_InitToken),
+    C_InitPIN: Some(C_InitPIN),
+    C_SetPIN: Some(C_SetPIN),
+    C_OpenSession: Some(C_OpenSession),
+    C_CloseSession: Some(C_CloseSession),
+    C_CloseAllSessions: Some(C_CloseAllSessions),
+    C_GetSessionInfo: Some(C_GetSessionInfo),
+    C_GetOperationState: Some(C_GetOperationState),
+    C_SetOperationState: Some(C_SetOperationState),
+    C_Login: Some(C_Login),
+    C_Logout: Some(C_Logout),
+    C_CreateObject: Some(C_CreateObject),
+    C_CopyObject: Some(C_CopyObject),
+    C_DestroyObject: Some(C_DestroyObject),
+    C_GetObjectSize: Some(C_GetObjectSize),
+    C_GetAttributeValue: Some(C_GetAttributeValue),
+    C_SetAttributeValue: Some(C_SetAttributeValue),
+    C_FindObjectsInit: Some(C_FindObjectsInit),
+    C_FindObjects: Some(C_FindObjects),
+    C_FindObjectsFinal: Some(C_FindObjectsFinal),
+    C_EncryptInit: Some(C_EncryptInit),
+    C_Encrypt: Some(C_Encrypt),
+    C_EncryptUpdate: Some(C_EncryptUpdate),
+    C_EncryptFinal: Some(C_EncryptFinal),
+    C_DecryptInit: Some(C_DecryptInit),
+    C_Decrypt: Some(C_Decrypt),
+    C_DecryptUpdate: Some(C_DecryptUpdate),
+    C_DecryptFinal: Some(C_DecryptFinal),
+    C_DigestInit: Some(C_DigestInit),
+    C_Digest: Some(C_Digest),
+    C_DigestUpdate: Some(C_DigestUpdate),
+    C_DigestKey: Some(C_DigestKey),
+    C_DigestFinal: Some(C_DigestFinal),
+    C_SignInit: Some(C_SignInit),
+    C_Sign: Some(C_Sign),
+    C_SignUpdate: Some(C_SignUpdate),
+    C_SignFinal: Some(C_SignFinal),
+    C_SignRecoverInit: Some(C_SignRecoverInit),
+    C_SignRecover: Some(C_SignRecover),
+    C_VerifyInit: Some(C_VerifyInit),
+    C_Verify: Some(C_Verify),
+    C_VerifyUpdate: Some(C_VerifyUpdate),
+    C_VerifyFinal: Some(C_VerifyFinal),
+    C_VerifyRecoverInit: Some(C_VerifyRecoverInit),
+    C_VerifyRecover: Some(C_VerifyRecover),
+    C_DigestEncryptUpdate: Some(C_DigestEncryptUpdate),
+    C_DecryptDigestUpdate: Some(C_DecryptDigestUpdate),
+    C_SignEncryptUpdate: Some(C_SignEncryptUpdate),
+    C_DecryptVerifyUpdate: Some(C_DecryptVerifyUpdate),
+    C_GenerateKey: Some(C_GenerateKey),
+    C_GenerateKeyPair: Some(C_GenerateKeyPair),
+    C_WrapKey: Some(C_WrapKey),
+    C_UnwrapKey: Some(C_UnwrapKey),
+    C_DeriveKey: Some(C_DeriveKey),
+    C_SeedRandom: Some(C_SeedRandom),
+    C_GenerateRandom: Some(C_GenerateRandom),
+    C_GetFunctionStatus: Some(C_GetFunctionStatus),
+    C_CancelFunction: Some(C_CancelFunction),
+    C_WaitForSlotEvent: Some(C_WaitForSlotEvent),
+};
+
+/// The one interface this module offers ("PKCS 11", the v2.40 function list).
+struct Interface(CK_INTERFACE);
+
+// SAFETY: the interface only points to static, immutable data (a NUL-terminated name and
+// the static function list); sharing it between threads is sound.
+unsafe impl Sync for Interface {}
+
+static INTERFACE_NAME: &[u8] = b"PKCS 11\0";
+
+static INTERFACE: Interface = Interface(CK_INTERFACE {
+    pInterfaceName: INTERFACE_NAME.as_ptr() as *mut CK_CHAR,
+    pFunctionList: std::ptr::addr_of!(FUNCTION_LIST) as *mut std::ffi::c_void,
+    flags: 0,
+});
+
+export! {
+    /// C_GetInterfaceList (PKCS#11 3.0).
+    fn C_GetInterfaceList(list: *mut CK_INTERFACE, count: CK_ULONG_PTR) {
+        // SAFETY: `count` from the caller.
+        let cap = unsafe { get(count)? };
+        // SAFETY: as above.
+        unsafe { put(count, 1)? };
+        if list.is_null() {
+            return Ok(());
+        }
+        if cap < 1 {
+            return Err(CKR_BUFFER_TOO_SMALL);
+        }
+        let i = CK_INTERFACE { ..INTERFACE.0 };
+        // SAFETY: `list` holds at least one element.
+        unsafe { put(list, i) }
+    }
+}
+
+export! {
+    /// C_GetInterface (PKCS#11 3.0): NULL name means the default ("PKCS 11") interface.
+    fn C_GetInterface(name: *mut CK_UTF8CHAR, ver: *mut CK_VERSION, iface: *mut *mut CK_INTERFACE, flags: CK_FLAGS) {
+        if iface.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        if !name.is_null() {
+            // SAFETY: a non-NULL name is a NUL-terminated string.
+            let n = unsafe { std::ffi::CStr::from_ptr(name as *const std::ffi::c_char) };
+            if n.to_bytes() != b"PKCS 11" {
+                return Err(CKR_ARGUMENTS_BAD);
+            }
+        }
+        if !ver.is_null() {
+            // SAFETY: non-NULL version pointer.
+            let v = unsafe { get(ver)? };
+            if (v.major, v.minor) != (2, 40) {
+                return Err(CKR_ARGUMENTS_BAD);
+            }
+        }
+        if flags & !INTERFACE.0.flags != 0 {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        // SAFETY: `iface` checked non-NULL; the pointee is static.
+        unsafe { put(iface, std::ptr::addr_of!(INTERFACE.0) as *mut CK_INTERFACE) }
+    }
+}
