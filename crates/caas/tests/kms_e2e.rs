@@ -562,3 +562,175 @@ fn two_nodes_on_one_postgresql_database_serve_the_same_keys() {
         let _ = p.wait();
     }
 }
+
+#[test]
+fn production_mode_serves_tls_to_the_aws_cli_and_the_caas_client() {
+    let venv = venv_bin();
+    let tmp = tempfile::tempdir().unwrap();
+    // A CA and a server certificate signed by it (webpki refuses a CA as end entity).
+    let (ca, ca_key, cert, key, csr) = ["ca.pem", "ca.key", "cert.pem", "key.pem", "req.csr"]
+        .map(|n| tmp.path().join(n))
+        .into();
+    let openssl = |args: Vec<std::ffi::OsString>| {
+        let o = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl is needed: apt-get install openssl");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let os = |v: &[&dyn AsRef<std::ffi::OsStr>]| {
+        v.iter()
+            .map(|x| x.as_ref().to_os_string())
+            .collect::<Vec<_>>()
+    };
+    openssl(os(&[
+        &"req",
+        &"-x509",
+        &"-newkey",
+        &"ec",
+        &"-pkeyopt",
+        &"ec_paramgen_curve:P-256",
+        &"-nodes",
+        &"-days",
+        &"1",
+        &"-subj",
+        &"/CN=caas test CA",
+        &"-keyout",
+        &ca_key,
+        &"-out",
+        &ca,
+    ]));
+    openssl(os(&[
+        &"req",
+        &"-newkey",
+        &"ec",
+        &"-pkeyopt",
+        &"ec_paramgen_curve:P-256",
+        &"-nodes",
+        &"-subj",
+        &"/CN=localhost",
+        &"-keyout",
+        &key,
+        &"-out",
+        &csr,
+    ]));
+    let ext = tmp.path().join("ext.cnf");
+    std::fs::write(
+        &ext,
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(os(&[
+        &"x509",
+        &"-req",
+        &"-in",
+        &csr,
+        &"-CA",
+        &ca,
+        &"-CAkey",
+        &ca_key,
+        &"-CAcreateserial",
+        &"-days",
+        &"1",
+        &"-extfile",
+        &ext,
+        &"-out",
+        &cert,
+    ]));
+    let cfg = tmp.path().join("ks.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n[storage]\ndatabase = \"sqlite:{}\"\n[keys]\nnode_key_file = \"{}\"\ncreate_node_key = true\n",
+            cert.display(),
+            key.display(),
+            tmp.path().join("kms.sqlite3").display(),
+            tmp.path().join("node.key").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(caas_bin())
+        .args(["key-service", "serve", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let port = line.trim().rsplit(':').next().unwrap().to_string();
+    let endpoint = format!("https://localhost:{port}");
+    let admin = |args: &[&str]| -> Value {
+        let o = Command::new(caas_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let acct = admin(&["admin", "create-account", "tls-tenant"]);
+    let ak = admin(&[
+        "admin",
+        "create-access-key",
+        "--account",
+        acct["Account"].as_str().unwrap(),
+    ]);
+    let (akid, secret) = (
+        ak["AccessKeyId"].as_str().unwrap(),
+        ak["SecretAccessKey"].as_str().unwrap(),
+    );
+    let c = caas_kms::client::KmsClient::new(
+        &endpoint,
+        "us-east-1",
+        akid,
+        caas_crypto::SecretBytes::new(secret.as_bytes().to_vec()),
+        Some(&std::fs::read(&ca).unwrap()),
+    )
+    .unwrap();
+    let key_id = rt().block_on(async {
+        c.call("CreateKey", &json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    });
+    let out = Command::new(venv.join("aws"))
+        .args([
+            "kms",
+            "describe-key",
+            "--key-id",
+            &key_id,
+            "--endpoint-url",
+            &endpoint,
+            "--ca-bundle",
+        ])
+        .arg(&ca)
+        .env("AWS_ACCESS_KEY_ID", akid)
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&key_id));
+    // Plain HTTP to the TLS port is not served.
+    let plain = caas_kms::client::KmsClient::new(
+        &format!("http://127.0.0.1:{port}"),
+        "us-east-1",
+        akid,
+        caas_crypto::SecretBytes::new(secret.as_bytes().to_vec()),
+        None,
+    )
+    .unwrap();
+    assert!(rt().block_on(plain.call("ListKeys", &json!({}))).is_err());
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -72,10 +72,11 @@ impl Dev {
         while t.elapsed() < Duration::from_secs(60) {
             let env = read_env(dir);
             if let Some(ep) = env.get("CAAS_KMS_ENDPOINT")
-                && std::net::TcpStream::connect(ep.trim_start_matches("http://")).is_ok() {
-                    dev.env = env;
-                    return dev;
-                }
+                && std::net::TcpStream::connect(ep.trim_start_matches("http://")).is_ok()
+            {
+                dev.env = env;
+                return dev;
+            }
             if let Ok(Some(st)) = dev.child.try_wait() {
                 panic!(
                     "caas dev exited early ({st}): {}",
