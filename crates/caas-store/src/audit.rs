@@ -14,7 +14,11 @@ use std::fmt;
 /// `prev_hash` of the first record of a chain.
 pub const GENESIS_HASH: [u8; 32] = [0u8; 32];
 
-/// The canonical hash of the record `seq` whose predecessor hashed to `prev_hash`.
+/// The canonical hash of the record `seq` whose predecessor hashed to `prev_hash`:
+/// `SHA-256(prev_hash ‖ seq as u64 BE ‖ F(time_ms as i64 BE) ‖ F(account) ‖ F(principal) ‖
+/// F(operation) ‖ K(key_id) ‖ F(result) ‖ F(request_id) ‖ F(detail))`, where `F(x)` is the
+/// byte length of `x` as u64 BE followed by `x`, `K(None)` is `u64::MAX` BE alone and
+/// `K(Some(x))` is `F(x)`. The first record's `prev_hash` is [`GENESIS_HASH`].
 pub fn chain_hash(prev_hash: &[u8; 32], seq: u64, entry: &AuditEntry) -> [u8; 32] {
     fn field(ctx: &mut digest::Context, bytes: &[u8]) {
         ctx.update(&(bytes.len() as u64).to_be_bytes());

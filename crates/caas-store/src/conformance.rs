@@ -437,6 +437,12 @@ pub(crate) async fn concurrent_commits_all_succeed_and_chain_holds(h: &impl Harn
     }
     assert_eq!(wins, 1, "exactly one commit can move rev 1 to 2");
     assert!(verifier.await.unwrap() > 1);
+    // Group commit happened: fewer transactions than batches.
+    let st = s.commit_stats();
+    assert!(
+        st.batches > st.transactions,
+        "no batches were grouped: {st:?}"
+    );
     all.sort_unstable();
     let n = TASKS * PER_TASK + 1;
     assert_eq!(

@@ -10,7 +10,7 @@
 //! SAVEPOINT so that a conflict in one batch rolls back only that batch, and answers all
 //! callers after the single durable COMMIT. Reads use separate connections.
 //!
-//! The audit log is one global chain per store (see [`audit`] for the exact record hash);
+//! The audit log is one global chain per store (see [`chain_hash`] for the exact record hash);
 //! each record's hash is signed with the [`AuditSigner`] given to [`Store::open`], and
 //! [`Store::audit_verify`] re-checks every hash, link, seq and signature.
 

@@ -381,6 +381,13 @@ fn run_group(
     let mut head = start;
     let mut results = Vec::with_capacity(batches.len());
     for batch in batches {
+        // A batch without object writes cannot conflict: no savepoint needed (a failure to
+        // append fails the whole group).
+        if batch.writes.is_empty() {
+            let audit_seqs = append_audit(conn, batch, &mut head, signer)?;
+            results.push(Ok(CommitInfo { audit_seqs }));
+            continue;
+        }
         exec_cached(conn, "SAVEPOINT batch").map_err(sq("creating a savepoint"))?;
         let mut tentative = head;
         match apply(conn, batch, &mut tentative, signer) {
@@ -458,6 +465,15 @@ fn apply(
             }
         }
     }
+    append_audit(conn, batch, head, signer)
+}
+
+fn append_audit(
+    conn: &Connection,
+    batch: &Batch,
+    head: &mut Head,
+    signer: &dyn AuditSigner,
+) -> Result<Vec<u64>, Error> {
     let mut seqs = Vec::with_capacity(batch.audit.len());
     for e in &batch.audit {
         let (seq, prev, hash) = head.advance(e);
