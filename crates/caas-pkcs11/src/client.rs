@@ -94,8 +94,14 @@ fn exchange(s: &mut UnixStream, req: &Request) -> Result<Response, CK_RV> {
 impl Client {
     /// A pool for `cfg` with a fresh application id.
     pub fn new(cfg: Config) -> Result<Self, CK_RV> {
+        // The application id only needs to be unique, not secret; the module links no
+        // crypto library, so it comes straight from the kernel.
         let mut app = [0u8; 16];
-        aws_lc_rs::rand::fill(&mut app).map_err(|_| CKR_GENERAL_ERROR)?;
+        std::io::Read::read_exact(
+            &mut std::fs::File::open("/dev/urandom").map_err(|_| CKR_GENERAL_ERROR)?,
+            &mut app,
+        )
+        .map_err(|_| CKR_GENERAL_ERROR)?;
         Ok(Self {
             cfg,
             app,

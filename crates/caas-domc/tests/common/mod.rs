@@ -14,21 +14,30 @@ pub const USER_PIN: &str = "user-1234";
 /// A crypto domain process.
 pub struct Dom {
     pub child: Child,
-    pub dir: tempfile::TempDir,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
     pub socket: PathBuf,
     pub extra: Vec<String>,
 }
 
 impl Dom {
-    /// Starts a fresh domain (uninitialised token).
+    /// Starts a fresh domain (uninitialised token) in a new temp dir.
     pub fn start(extra: &[&str]) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let socket = dir.path().join("domc.sock");
+        let tmp = tempfile::tempdir()?;
+        let mut d = Self::start_in(tmp.path(), extra)?;
+        d._tmp = Some(tmp);
+        Ok(d)
+    }
+
+    /// Starts a domain in `dir` (socket `dir/domc.sock`, state `dir/state`).
+    pub fn start_in(dir: &Path, extra: &[&str]) -> Result<Self> {
+        let socket = dir.join("domc.sock");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let child = spawn(dir.path(), &socket, &extra)?;
+        let child = spawn(dir, &socket, &extra)?;
         Ok(Self {
             child,
-            dir,
+            dir: dir.to_path_buf(),
+            _tmp: None,
             socket,
             extra,
         })
@@ -42,7 +51,7 @@ impl Dom {
     }
 
     pub fn state_dir(&self) -> PathBuf {
-        self.dir.path().join("state")
+        self.dir.join("state")
     }
 
     /// Kills the process (SIGKILL).
@@ -54,7 +63,7 @@ impl Dom {
 
     /// Starts the process again on the same state and socket.
     pub fn restart(&mut self) -> Result<()> {
-        self.child = spawn(self.dir.path(), &self.socket, &self.extra)?;
+        self.child = spawn(&self.dir, &self.socket, &self.extra)?;
         Ok(())
     }
 
@@ -205,4 +214,32 @@ pub fn caas_tool(dom: &Dom) -> Result<Command> {
         .arg("--module")
         .arg(module()?);
     Ok(c)
+}
+
+/// The directory a child test process works in (set by [`run_in_child`]).
+pub fn child_dir() -> Option<PathBuf> {
+    std::env::var_os("CAAS_TEST_CHILD_DIR").map(PathBuf::from)
+}
+
+/// Runs test `name` again in a child copy of this test binary with CAAS_PKCS11_SOCKET set to
+/// `dir/domc.sock` (the module reads its configuration at C_Initialize, and changing the
+/// environment of a running multi-threaded test process is not sound). The child finds
+/// `dir` via [`child_dir`].
+pub fn run_in_child(name: &str) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = Command::new(std::env::current_exe()?)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env("CAAS_TEST_CHILD_DIR", tmp.path())
+        .env("CAAS_PKCS11_SOCKET", tmp.path().join("domc.sock"))
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    if !out.status.success() || !text.contains("1 passed") {
+        bail!("child test {name} failed ({}):\n{text}", out.status);
+    }
+    Ok(())
 }
