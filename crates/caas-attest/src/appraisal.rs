@@ -263,32 +263,36 @@ pub fn appraise(
     }
     // Profile: events.
     for (pcr, reference) in &profile.pcrs {
-        if !reference.events.is_empty() {
-            let mut seen = vec![false; reference.events.len()];
+        if !reference.events.is_empty() || !reference.required.is_empty() {
+            let mut seen = vec![false; reference.required.len()];
             for (i, e) in log.events.iter().enumerate() {
                 if e.pcr != *pcr || e.event_type == EV_NO_ACTION {
                     continue;
                 }
                 let d = e.digest(profile.bank).map(hex::encode).unwrap_or_default();
-                match reference
-                    .events
+                if let Some(k) = reference
+                    .required
                     .iter()
                     .position(|r| r.eq_ignore_ascii_case(&d))
                 {
-                    Some(k) => seen[k] = true,
-                    None => v.reasons.push(Reason::EventNotInProfile {
+                    seen[k] = true;
+                }
+                if !reference.events.is_empty()
+                    && !reference.events.iter().any(|r| r.eq_ignore_ascii_case(&d))
+                {
+                    v.reasons.push(Reason::EventNotInProfile {
                         pcr: *pcr,
                         index: i,
                         event_type: e.event_type,
                         digest: d,
-                    }),
+                    });
                 }
             }
             for (k, s) in seen.iter().enumerate() {
                 if !s {
                     v.reasons.push(Reason::ExpectedEventMissing {
                         pcr: *pcr,
-                        digest: reference.events[k].clone(),
+                        digest: reference.required[k].clone(),
                     });
                 }
             }

@@ -12,9 +12,12 @@ use std::collections::BTreeMap;
 #[serde(deny_unknown_fields)]
 pub struct PcrReference {
     /// Allowed event digests (hex). When non-empty, every event the log records for this
-    /// PCR must have one of these digests, and each of them must appear.
+    /// PCR must have one of these digests.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<String>,
+    /// Required event digests (hex): each must appear in the log for this PCR.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required: Vec<String>,
     /// Allowed final PCR values (hex). When non-empty, the quoted value must be one of them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub values: Vec<String>,
@@ -63,7 +66,7 @@ impl SecurityProfile {
             if *pcr >= 24 {
                 return Err(Error::InvalidRequest(format!("PCR {pcr} out of range")));
             }
-            for d in r.events.iter().chain(&r.values) {
+            for d in r.events.iter().chain(&r.required).chain(&r.values) {
                 let b = hex::decode(d)
                     .map_err(|_| Error::InvalidRequest(format!("PCR {pcr}: '{d}' is not hex")))?;
                 if b.len() != self.bank.digest_len() {
@@ -85,8 +88,8 @@ impl SecurityProfile {
         }
     }
 
-    /// A profile that accepts exactly the events of `log` for `pcrs` (reference
-    /// measurement of a known-good host).
+    /// A profile that accepts exactly the events of `log` for `pcrs` and requires all of
+    /// them (reference measurement of a known-good host).
     pub fn from_event_log(
         name: &str,
         log: &EventLog,
@@ -105,7 +108,8 @@ impl SecurityProfile {
                     .ok_or_else(|| Error::malformed("event log", "missing bank"))?;
                 let h = hex::encode(d);
                 if !r.events.contains(&h) {
-                    r.events.push(h);
+                    r.events.push(h.clone());
+                    r.required.push(h);
                 }
             }
         }
@@ -117,5 +121,24 @@ impl SecurityProfile {
         };
         p.validate()?;
         Ok(p)
+    }
+
+    /// Widens the profile to also accept the known-good host behind `log`: its events are
+    /// added to the allowed ones, and only events common to all merged logs stay required.
+    pub fn merge_event_log(&mut self, log: &EventLog) -> Result<(), Error> {
+        let pcrs: Vec<u32> = self.pcrs.keys().copied().collect();
+        let other = Self::from_event_log(&self.name, log, self.bank, &pcrs)?;
+        for (pcr, r) in self.pcrs.iter_mut() {
+            let Some(o) = other.pcrs.get(pcr) else {
+                continue;
+            };
+            for e in &o.events {
+                if !r.events.contains(e) {
+                    r.events.push(e.clone());
+                }
+            }
+            r.required.retain(|d| o.required.contains(d));
+        }
+        Ok(())
     }
 }

@@ -1,1 +1,12 @@
-//! caas-host: the host agent.
+//! caas-host: the host agent (the only holder of a compute host's TPM), its configuration,
+//! the dev hosts' measured boot step, simulated dev hosts for `caas dev`, and the CLI for
+//! `caas host ...`, `caas attest HOST` and `caas profile ...`.
+
+pub mod agent;
+pub mod boot;
+pub mod cli;
+pub mod config;
+pub mod dev;
+pub mod error;
+
+pub use error::Error;

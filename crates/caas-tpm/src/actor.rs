@@ -7,7 +7,18 @@ use crate::ops::Tpm;
 use std::sync::mpsc;
 use tokio::sync::oneshot;
 
-type Job = Box<dyn FnOnce(&mut Tpm) + Send>;
+type ReplySlot<T> = std::sync::Arc<std::sync::Mutex<Option<oneshot::Sender<Result<T, Error>>>>>;
+
+struct Job {
+    run: Box<dyn FnOnce(&mut Tpm) + Send>,
+    fail: Box<dyn FnOnce(Error) + Send>,
+}
+
+impl Job {
+    fn fail(self, e: Error) {
+        (self.fail)(e)
+    }
+}
 
 /// Async handle to the TPM owner thread.
 #[derive(Debug, Clone)]
@@ -16,8 +27,12 @@ pub struct TpmHandle {
 }
 
 impl TpmHandle {
-    /// Opens the TPM on a new owner thread.
+    /// Opens the TPM on a new owner thread. For `swtpm:` TCTIs the context is opened per
+    /// operation and closed after it, because swtpm serves one connection at a time and
+    /// other tools (tpm2-tools) must be able to reach the same TPM; `device:` contexts
+    /// (kernel resource manager) stay open.
     pub fn open(tcti: &str) -> Result<Self, Error> {
+        let keep_open = !tcti.starts_with("swtpm:");
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), Error>>();
         let tcti = tcti.to_string();
@@ -27,15 +42,32 @@ impl TpmHandle {
                 let mut tpm = match Tpm::open(&tcti) {
                     Ok(t) => {
                         let _ = ready_tx.send(Ok(()));
-                        t
+                        Some(t)
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
+                if !keep_open {
+                    tpm = None;
+                }
                 while let Ok(job) = rx.recv() {
-                    job(&mut tpm);
+                    if tpm.is_none() {
+                        match Tpm::open(&tcti) {
+                            Ok(t) => tpm = Some(t),
+                            Err(e) => {
+                                job.fail(e);
+                                continue;
+                            }
+                        }
+                    }
+                    if let Some(t) = tpm.as_mut() {
+                        (job.run)(t);
+                    }
+                    if !keep_open {
+                        tpm = None;
+                    }
                 }
             })
             .map_err(|e| Error::Unexpected(format!("spawn TPM thread: {e}")))?;
@@ -49,11 +81,18 @@ impl TpmHandle {
         f: impl FnOnce(&mut Tpm) -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {
         let (otx, orx) = oneshot::channel();
-        self.tx
-            .send(Box::new(move |t| {
-                let _ = otx.send(f(t));
-            }))
-            .map_err(|_| Error::OwnerGone)?;
+        let otx = std::sync::Arc::new(std::sync::Mutex::new(Some(otx)));
+        let otx2 = otx.clone();
+        let send = move |tx: &ReplySlot<T>, r| {
+            if let Some(s) = tx.lock().ok().and_then(|mut g| g.take()) {
+                let _ = s.send(r);
+            }
+        };
+        let job = Job {
+            run: Box::new(move |t| send(&otx, f(t))),
+            fail: Box::new(move |e| send(&otx2, Err(e))),
+        };
+        self.tx.send(job).map_err(|_| Error::OwnerGone)?;
         orx.await.map_err(|_| Error::OwnerGone)?
     }
 }

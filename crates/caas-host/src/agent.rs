@@ -1,0 +1,386 @@
+//! The host agent: the only holder of the host's TPM. It keeps an attestation key and a
+//! PCR-bound, AK-certified bind key (on disk only as TPM-wrapped blobs), enrolls with the
+//! key service (EK certificate → MakeCredential/ActivateCredential), and answers
+//! attestation challenges with a quote, the PCR values and the boot event log.
+//!
+//! The management API (for the untrusted cloud management) only reports status and public
+//! material: no operation reveals key material, because the agent holds none outside the TPM.
+//!
+//! ```mermaid
+//! stateDiagram-v2
+//!     [*] --> Keys: load or create AK + bind key (TPM-wrapped blobs)
+//!     Keys --> Enrolling: POST /v1/attest/enroll
+//!     Enrolling --> Enrolling: key service unreachable (retry)
+//!     Enrolling --> Enrolled: ActivateCredential, POST /v1/attest/enroll/finish
+//!     Enrolled --> Enrolled: challenge → quote + event log
+//!     Enrolled --> Enrolling: POST /v1/agent/enroll (re-enroll)
+//! ```
+
+use crate::config::AgentConfig;
+use crate::error::Error;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use caas_attest::client::HttpClient;
+use caas_attest::registrar::{EnrollChallenge, EnrollFinish, EnrollRequest};
+use caas_attest::service::HostView;
+use caas_attest::store::BindKeyRecord;
+use caas_attest::verifier::Challenge;
+use caas_attest::{Evidence, HashAlg};
+use caas_tpm::{KeyBlob, PcrBank, TpmHandle};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::Mutex;
+
+/// Serialised TPM-wrapped key blobs (the only thing the agent stores).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct StoredKeys {
+    #[serde(with = "caas_attest::b64")]
+    ak_public: Vec<u8>,
+    #[serde(with = "caas_attest::b64")]
+    ak_private: Vec<u8>,
+    #[serde(with = "caas_attest::b64")]
+    bind_public: Vec<u8>,
+    #[serde(with = "caas_attest::b64")]
+    bind_private: Vec<u8>,
+    #[serde(with = "caas_attest::b64")]
+    bind_certify_attest: Vec<u8>,
+    #[serde(with = "caas_attest::b64")]
+    bind_certify_signature: Vec<u8>,
+    bind_pcrs: Vec<u32>,
+}
+
+/// What the management API reports.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AgentStatus {
+    /// Host name.
+    pub name: String,
+    /// Whether enrollment completed.
+    pub enrolled: bool,
+    /// AK name (hex).
+    pub ak_name: String,
+    /// Bind-key name (hex).
+    pub bind_key_name: String,
+    /// PCRs the bind key is bound to.
+    pub bind_pcrs: Vec<u32>,
+    /// Key service URL.
+    pub key_service_url: String,
+}
+
+/// The agent.
+#[derive(Debug)]
+pub struct Agent {
+    cfg: AgentConfig,
+    tpm: TpmHandle,
+    keys: StoredKeys,
+    http: HttpClient,
+    enrolled: AtomicBool,
+    advertise_url: Mutex<String>,
+}
+
+fn bank(h: HashAlg) -> Result<PcrBank, Error> {
+    match h {
+        HashAlg::Sha1 => Ok(PcrBank::Sha1),
+        HashAlg::Sha256 => Ok(PcrBank::Sha256),
+        HashAlg::Sha384 => Ok(PcrBank::Sha384),
+        HashAlg::Sha512 => Err(Error::InvalidRequest(
+            "sha512 PCR bank not supported".into(),
+        )),
+    }
+}
+
+impl Agent {
+    /// Opens the TPM and loads (or creates and stores) the AK and bind key.
+    pub async fn new(cfg: AgentConfig) -> Result<Self, Error> {
+        let tpm = TpmHandle::open(&cfg.tcti)?;
+        std::fs::create_dir_all(&cfg.state_dir)
+            .map_err(Error::io(format!("create {}", cfg.state_dir.display())))?;
+        let path = cfg.state_dir.join("tpm-keys.json");
+        let keys = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice::<StoredKeys>(&b)
+                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?,
+            Err(_) => {
+                let alg = cfg.ak_alg;
+                let pcrs = cfg.bind_pcrs.clone();
+                let keys = tpm
+                    .run(move |t| {
+                        let ak = t.create_ak(alg)?;
+                        let bind = t.create_bind_key(PcrBank::Sha256, &pcrs)?;
+                        let cert = t.certify_bind_key(&ak, &bind, b"caas-bind-key")?;
+                        Ok(StoredKeys {
+                            ak_public: ak.public,
+                            ak_private: ak.private,
+                            bind_public: bind.public,
+                            bind_private: bind.private,
+                            bind_certify_attest: cert.attest,
+                            bind_certify_signature: cert.signature,
+                            bind_pcrs: pcrs,
+                        })
+                    })
+                    .await?;
+                let tmp = path.with_extension("tmp");
+                std::fs::write(
+                    &tmp,
+                    serde_json::to_vec_pretty(&keys).map_err(|e| Error::Config(e.to_string()))?,
+                )
+                .map_err(Error::io(format!("write {}", tmp.display())))?;
+                std::fs::rename(&tmp, &path)
+                    .map_err(Error::io(format!("rename {}", path.display())))?;
+                keys
+            }
+        };
+        let adv = cfg
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", cfg.listen));
+        Ok(Self {
+            cfg,
+            tpm,
+            keys,
+            http: HttpClient::default(),
+            enrolled: AtomicBool::new(false),
+            advertise_url: Mutex::new(adv),
+        })
+    }
+
+    fn ak(&self) -> KeyBlob {
+        KeyBlob {
+            public: self.keys.ak_public.clone(),
+            private: self.keys.ak_private.clone(),
+        }
+    }
+
+    /// The TPM owner handle.
+    pub fn tpm(&self) -> &TpmHandle {
+        &self.tpm
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    /// Whether enrollment completed.
+    pub fn is_enrolled(&self) -> bool {
+        self.enrolled.load(Ordering::SeqCst)
+    }
+
+    /// The AK-certified bind key (public material only).
+    pub fn bind_key(&self) -> BindKeyRecord {
+        BindKeyRecord {
+            public: self.keys.bind_public.clone(),
+            certify_attest: self.keys.bind_certify_attest.clone(),
+            certify_signature: self.keys.bind_certify_signature.clone(),
+        }
+    }
+
+    /// Status for the management API.
+    pub fn status(&self) -> AgentStatus {
+        let name = |b: &[u8]| {
+            caas_attest::Public::parse_tpm2b(b)
+                .map(|p| hex::encode(p.name()))
+                .unwrap_or_default()
+        };
+        AgentStatus {
+            name: self.cfg.name.clone(),
+            enrolled: self.is_enrolled(),
+            ak_name: name(&self.keys.ak_public),
+            bind_key_name: name(&self.keys.bind_public),
+            bind_pcrs: self.keys.bind_pcrs.clone(),
+            key_service_url: self.cfg.key_service_url.clone(),
+        }
+    }
+
+    /// Enrolls with the key service (protocol P1, host side).
+    pub async fn enroll(&self) -> Result<HostView, Error> {
+        let (ek_public, ek_cert) = self
+            .tpm
+            .run(|t| Ok((t.ek_public()?, t.ek_certificate()?)))
+            .await?;
+        let req = EnrollRequest {
+            name: self.cfg.name.clone(),
+            agent_url: self.advertise_url.lock().await.clone(),
+            ek_public,
+            ek_cert,
+            ak_public: self.keys.ak_public.clone(),
+        };
+        let ch: EnrollChallenge = self
+            .http
+            .post(
+                &format!("{}/v1/attest/enroll", self.cfg.key_service_url),
+                &req,
+            )
+            .await?;
+        let ak = self.ak();
+        let secret = self
+            .tpm
+            .run(move |t| t.activate_credential(&ak, &ch.credential_blob, &ch.encrypted_secret))
+            .await?;
+        let fin = EnrollFinish {
+            name: self.cfg.name.clone(),
+            enrollment_id: ch.enrollment_id,
+            secret: secret.to_vec(),
+            bind_key: Some(self.bind_key()),
+        };
+        let view: HostView = self
+            .http
+            .post(
+                &format!("{}/v1/attest/enroll/finish", self.cfg.key_service_url),
+                &fin,
+            )
+            .await?;
+        self.enrolled.store(true, Ordering::SeqCst);
+        tracing::info!(host = %self.cfg.name, "enrolled with the key service");
+        Ok(view)
+    }
+
+    /// Answers a challenge: quote over the requested PCRs with the nonce, the PCR values and
+    /// the event log.
+    pub async fn evidence(&self, ch: &Challenge) -> Result<Evidence, Error> {
+        if ch.nonce.is_empty() || ch.nonce.len() > 64 {
+            return Err(Error::InvalidRequest("nonce must be 1..64 bytes".into()));
+        }
+        let b = bank(ch.selection.hash)?;
+        let pcrs = ch.selection.pcrs.clone();
+        if pcrs.is_empty() || pcrs.iter().any(|p| *p >= 24) || pcrs.windows(2).any(|w| w[0] >= w[1])
+        {
+            return Err(Error::InvalidRequest(
+                "PCR selection must be ascending indices < 24".into(),
+            ));
+        }
+        let ak = self.ak();
+        let nonce = ch.nonce.clone();
+        let (q, vals) = self
+            .tpm
+            .run(move |t| {
+                let q = t.quote(&ak, &nonce, b, &pcrs)?;
+                let vals = t.pcr_read(b, &pcrs)?;
+                Ok((q, vals))
+            })
+            .await?;
+        let event_log = tokio::fs::read(&self.cfg.event_log)
+            .await
+            .map_err(Error::io(format!(
+                "read event log {}",
+                self.cfg.event_log.display()
+            )))?;
+        Ok(Evidence {
+            quote: q.attest,
+            signature: q.signature,
+            event_log,
+            pcr_values: vals.iter().map(hex::encode).collect(),
+        })
+    }
+}
+
+struct ApiError(Error);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self.0 {
+            Error::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            Error::Attest(_) => (StatusCode::BAD_GATEWAY, "key_service_error"),
+            Error::Tpm(_) => (StatusCode::SERVICE_UNAVAILABLE, "tpm_error"),
+            Error::Config(_) | Error::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        (
+            status,
+            Json(serde_json::json!({ "code": code, "message": self.0.to_string() })),
+        )
+            .into_response()
+    }
+}
+
+/// The agent's HTTP API: `POST /v1/agent/quote` (attestation), and the management API
+/// `GET /v1/agent/status`, `GET /v1/agent/bind-key`, `POST /v1/agent/enroll`.
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route(
+            "/v1/agent/quote",
+            post(
+                |State(a): State<Arc<Agent>>, Json(ch): Json<Challenge>| async move {
+                    a.evidence(&ch).await.map(Json).map_err(ApiError)
+                },
+            ),
+        )
+        .route(
+            "/v1/agent/status",
+            get(|State(a): State<Arc<Agent>>| async move { Json(a.status()) }),
+        )
+        .route(
+            "/v1/agent/bind-key",
+            get(|State(a): State<Arc<Agent>>| async move { Json(a.bind_key()) }),
+        )
+        .route(
+            "/v1/agent/enroll",
+            post(|State(a): State<Arc<Agent>>| async move {
+                a.enroll().await.map(Json).map_err(ApiError)
+            }),
+        )
+        .with_state(agent)
+}
+
+/// A running agent (API server + enrollment loop).
+#[derive(Debug)]
+pub struct RunningAgent {
+    /// The agent.
+    pub agent: Arc<Agent>,
+    /// Its API base URL.
+    pub url: String,
+    /// Server task.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Binds the API, starts serving, and enrolls (retrying every 2 s until the key service
+/// accepts). Returns once the API is listening.
+pub async fn spawn(cfg: AgentConfig) -> Result<RunningAgent, Error> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(Error::io(format!("bind {}", cfg.listen)))?;
+    let addr = listener.local_addr().map_err(Error::io("local address"))?;
+    let agent = Arc::new(Agent::new(cfg).await?);
+    let url = {
+        let mut adv = agent.advertise_url.lock().await;
+        if agent.cfg.advertise_url.is_none() {
+            *adv = format!("http://{addr}");
+        }
+        adv.clone()
+    };
+    let app = router(agent.clone());
+    let a2 = agent.clone();
+    let task = tokio::spawn(async move {
+        let enroll = tokio::spawn(async move {
+            loop {
+                match a2.enroll().await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "enrollment failed; retrying in 2 s");
+                        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    }
+                }
+            }
+        });
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "host agent API stopped");
+        }
+        enroll.abort();
+    });
+    Ok(RunningAgent { agent, url, task })
+}
+
+/// `caas host serve`: runs the agent until Ctrl-C.
+pub async fn serve(cfg: AgentConfig) -> Result<(), Error> {
+    let running = spawn(cfg).await?;
+    tracing::info!(url = %running.url, "host agent listening");
+    let _ = tokio::signal::ctrl_c().await;
+    drop(running);
+    Ok(())
+}

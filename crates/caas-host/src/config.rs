@@ -1,0 +1,169 @@
+//! Host-agent configuration (TOML, `caas host serve --config FILE`): a raw serde struct
+//! with `deny_unknown_fields`, validated into [`AgentConfig`]. See `agent.example.toml`.
+
+use crate::error::Error;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The file as written.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Host name registered with the key service.
+    pub name: String,
+    /// TCTI string of the host's TPM.
+    #[serde(default = "default_tcti")]
+    pub tcti: String,
+    /// Listen address of the agent API (`127.0.0.1:0` picks a free port).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// URL under which the key service reaches this agent (default: `http://<listen>`).
+    #[serde(default)]
+    pub advertise_url: Option<String>,
+    /// Base URL of the key service.
+    pub key_service_url: String,
+    /// Directory for TPM-wrapped key blobs (nothing else is stored).
+    pub state_dir: PathBuf,
+    /// TCG binary event log of this host's boot.
+    #[serde(default = "default_event_log")]
+    pub event_log: PathBuf,
+    /// AK algorithm: `ecc-p256` (default) or `rsa-2048`.
+    #[serde(default = "default_ak")]
+    pub ak_algorithm: String,
+    /// PCRs (sha256 bank) the bind key is bound to.
+    #[serde(default = "default_bind_pcrs")]
+    pub bind_pcrs: Vec<u32>,
+}
+
+fn default_tcti() -> String {
+    "device:/dev/tpmrm0".into()
+}
+fn default_listen() -> String {
+    "127.0.0.1:7400".into()
+}
+fn default_event_log() -> PathBuf {
+    PathBuf::from("/sys/kernel/security/tpm0/binary_bios_measurements")
+}
+fn default_ak() -> String {
+    "ecc-p256".into()
+}
+fn default_bind_pcrs() -> Vec<u32> {
+    (0..8).collect()
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Host name.
+    pub name: String,
+    /// TCTI.
+    pub tcti: String,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Advertised URL (None: derived from the bound address).
+    pub advertise_url: Option<String>,
+    /// Key service base URL (no trailing slash).
+    pub key_service_url: String,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Event log path.
+    pub event_log: PathBuf,
+    /// AK algorithm.
+    pub ak_alg: caas_tpm::AkAlg,
+    /// Bind-key PCRs.
+    pub bind_pcrs: Vec<u32>,
+}
+
+impl RawConfig {
+    /// Parses TOML.
+    pub fn from_toml(s: &str) -> Result<Self, Error> {
+        toml::from_str(s).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// Validates.
+    pub fn validate(self) -> Result<AgentConfig, Error> {
+        if !caas_attest::registrar::valid_name(&self.name) {
+            return Err(Error::Config("name must match [A-Za-z0-9._-]{1,64}".into()));
+        }
+        caas_tpm::parse_tcti(&self.tcti).map_err(|e| Error::Config(e.to_string()))?;
+        let listen: SocketAddr = self
+            .listen
+            .parse()
+            .map_err(|_| Error::Config(format!("listen '{}' is not HOST:PORT", self.listen)))?;
+        if !self.key_service_url.starts_with("http://")
+            && !self.key_service_url.starts_with("https://")
+        {
+            return Err(Error::Config(
+                "key_service_url must be an http(s) URL".into(),
+            ));
+        }
+        let ak_alg = match self.ak_algorithm.as_str() {
+            "ecc-p256" => caas_tpm::AkAlg::EccP256,
+            "rsa-2048" => caas_tpm::AkAlg::Rsa2048,
+            o => {
+                return Err(Error::Config(format!(
+                    "ak_algorithm '{o}': expected ecc-p256 or rsa-2048"
+                )));
+            }
+        };
+        let mut bind_pcrs = self.bind_pcrs.clone();
+        bind_pcrs.sort_unstable();
+        bind_pcrs.dedup();
+        if bind_pcrs.is_empty() || bind_pcrs.iter().any(|p| *p >= 24) {
+            return Err(Error::Config("bind_pcrs must list PCRs 0..23".into()));
+        }
+        Ok(AgentConfig {
+            name: self.name,
+            tcti: self.tcti,
+            listen,
+            advertise_url: self.advertise_url,
+            key_service_url: self.key_service_url.trim_end_matches('/').to_string(),
+            state_dir: self.state_dir,
+            event_log: self.event_log,
+            ak_alg,
+            bind_pcrs,
+        })
+    }
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &std::path::Path) -> Result<AgentConfig, Error> {
+    let s = std::fs::read_to_string(path).map_err(Error::io(format!("read {}", path.display())))?;
+    RawConfig::from_toml(&s)?.validate()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(toml: &str, expect: Result<(), &str>) {
+        let r = RawConfig::from_toml(toml).and_then(|r| r.validate());
+        match (r, expect) {
+            (Ok(_), Ok(())) => {}
+            (Err(e), Err(want)) => assert!(e.to_string().contains(want), "{e} !~ {want}"),
+            (r, want) => panic!("{r:?} vs {want:?}"),
+        }
+    }
+
+    #[test]
+    fn config_cases() {
+        let base =
+            "name = \"h1\"\nkey_service_url = \"http://127.0.0.1:1\"\nstate_dir = \"/tmp/x\"\n";
+        check(base, Ok(()));
+        check(
+            &format!("{base}tcti = \"swtpm:host=127.0.0.1,port=2321\"\n"),
+            Ok(()),
+        );
+        check(&format!("{base}tcti = \"mssim:\"\n"), Err("TCTI"));
+        check(&format!("{base}bogus = 1\n"), Err("unknown field"));
+        check(
+            &format!("{base}ak_algorithm = \"dsa\"\n"),
+            Err("ak_algorithm"),
+        );
+        check(&format!("{base}bind_pcrs = [30]\n"), Err("bind_pcrs"));
+        check(
+            "name = \"bad name\"\nkey_service_url = \"http://x\"\nstate_dir = \"/x\"\n",
+            Err("name"),
+        );
+    }
+}
