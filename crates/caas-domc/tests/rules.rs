@@ -197,7 +197,7 @@ fn token_rules_hold() -> Result<()> {
         }
     }
     ensure!(
-        rejected > 0 && ok_count >= 10 && ok_count < 40,
+        rejected > 0 && (10..40).contains(&ok_count),
         "rate limit: {ok_count} ok, {rejected} rejected"
     );
 

@@ -1,0 +1,37 @@
+//! Bad input through the C API: builds `capi.c` (a plain C PKCS#11 application using the
+//! p11-kit header) and runs it against libcaas_pkcs11.so and a live crypto domain.
+
+mod common;
+
+use anyhow::{Result, ensure};
+use common::*;
+use std::process::Command;
+
+#[test]
+fn c_api_rejects_bad_input_with_the_specified_return_values() -> Result<()> {
+    require("cc", "build-essential")?;
+    require_file("/usr/include/p11-kit-1/p11-kit/pkcs11.h", "libp11-kit-dev")?;
+    let dom = Dom::start_initialised("capi", &[])?;
+    let work = tempfile::tempdir()?;
+    let exe = work.path().join("capi");
+    ok(Command::new("cc")
+        .args(["-Wall", "-O1", "-I/usr/include/p11-kit-1", "-o"])
+        .arg(&exe)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/capi.c"))
+        .arg("-ldl"))?;
+    let out = run(Command::new(&exe)
+        .arg(module()?)
+        .arg(USER_PIN)
+        .env("CAAS_PKCS11_SOCKET", &dom.socket))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    ensure!(
+        out.status.success() && text.contains("all C-API checks passed"),
+        "C-API checks failed:\n{text}"
+    );
+    Ok(())
+}
