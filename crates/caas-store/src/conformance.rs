@@ -272,6 +272,7 @@ pub(crate) async fn objects_put_get_list_delete(h: &impl Harness) {
 
 pub(crate) async fn expect_rev_conflicts_roll_back_whole_batch(h: &impl Harness) {
     let s = h.open().await;
+    assert_eq!(s.audit_head().await.unwrap(), (0, crate::GENESIS_HASH));
     s.commit(writes(vec![put("key", "a", "k1", b"v1", Some(0))]))
         .await
         .unwrap();
@@ -530,6 +531,7 @@ pub(crate) async fn audit_append_list_verify(h: &impl Harness) {
     let v = s.audit_verify(&verify).await.unwrap();
     assert!(v.is_ok(), "{v:?}");
     assert_eq!((v.checked, v.head_seq), (13, 13));
+    assert_eq!(s.audit_head().await.unwrap(), (13, all[12].hash));
     // A signature check that fails is reported at the first record.
     let v = s
         .audit_verify(&|_: &[u8; 32], _: &[u8]| false)

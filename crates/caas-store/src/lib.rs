@@ -287,6 +287,17 @@ impl Store {
             .collect()
     }
 
+    /// The chain head: seq and hash of the last audit record ((0, [`GENESIS_HASH`]) when
+    /// empty). Publishing it elsewhere lets a later `audit_verify` detect a removed tail even
+    /// by someone who rewrites the head row too.
+    pub async fn audit_head(&self) -> Result<(u64, [u8; 32]), Error> {
+        let head = match &*self.inner {
+            Inner::Sqlite(s) => s.head().await?,
+            Inner::Postgres(s) => s.head().await?,
+        };
+        Ok((head.seq, head.hash))
+    }
+
     /// Re-computes the whole chain up to the head at the time of the call: every hash, link,
     /// seq continuity, the head row, and each signature via `verify(hash, signature)`.
     pub async fn audit_verify(

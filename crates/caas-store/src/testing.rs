@@ -53,7 +53,10 @@ pub fn pg_bin_dir() -> Result<PathBuf, HarnessError> {
         if dir.join("initdb").exists() {
             return Ok(dir);
         }
-        return Err(herr(format!("CAAS_PG_BIN={} has no initdb", dir.display())));
+        return Err(herr(format!(
+            "CAAS_PG_BIN={} has no initdb: apt-get install postgresql-15 and unset CAAS_PG_BIN",
+            dir.display()
+        )));
     }
     let preferred = Path::new("/usr/lib/postgresql/15/bin");
     if preferred.join("initdb").exists() {
