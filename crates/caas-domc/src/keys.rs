@@ -407,6 +407,72 @@ impl KeyMaterial {
             .map_err(|_| Ckr(CKR_FUNCTION_FAILED))
     }
 
+    /// Raw RSA private-key operation (CKM_RSA_X_509): the caller padded the block (OpenSSL
+    /// does so for RSA-PSS in TLS 1.3 through the pkcs11 engine). Blinded, and checked by
+    /// re-encryption against fault attacks.
+    pub fn rsa_sign_x509(&self, data: &[u8]) -> Result<Vec<u8>, Ckr> {
+        let KeyMaterial::RsaPrivate {
+            sign, pkcs8, raw, ..
+        } = self
+        else {
+            return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+        };
+        let k = sign.public_modulus_len();
+        if data.len() > k {
+            return Err(Ckr(CKR_DATA_LEN_RANGE));
+        }
+        let key = match raw.get() {
+            Some(key) => key,
+            None => {
+                let key = raw_rsa_key(pkcs8)?;
+                raw.get_or_init(|| key)
+            }
+        };
+        let mut block = Zeroizing::new(vec![0u8; k]);
+        block[k - data.len()..].copy_from_slice(data);
+        let bits = ::rsa::traits::PublicKeyParts::n_bits_precision(key);
+        let c = ::rsa::BoxedUint::from_be_slice(&block, bits).map_err(|_| Ckr(CKR_DATA_INVALID))?;
+        let m = ::rsa::hazmat::rsa_decrypt_and_check(key, Some(&mut AwsLcRng), &c)
+            .map_err(|_| Ckr(CKR_DATA_INVALID))?;
+        let be = m.to_be_bytes();
+        let skip = be.len().saturating_sub(k);
+        let mut out = vec![0u8; k - (be.len() - skip)];
+        out.extend_from_slice(&be[skip..]);
+        Ok(out)
+    }
+
+    /// Raw RSA public-key check (CKM_RSA_X_509 verify): sig^e mod n must equal the block.
+    pub fn rsa_verify_x509(&self, data: &[u8], sig: &[u8]) -> Result<(), Ckr> {
+        let KeyMaterial::RsaPublic {
+            n, e, modulus_len, ..
+        } = self
+        else {
+            return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+        };
+        let k = *modulus_len;
+        if sig.len() != k {
+            return Err(Ckr(CKR_SIGNATURE_LEN_RANGE));
+        }
+        if data.len() > k {
+            return Err(Ckr(CKR_DATA_LEN_RANGE));
+        }
+        let bits = (k as u32) * 8;
+        let nn = ::rsa::BoxedUint::from_be_slice(n, bits).map_err(bad_key)?;
+        let ee = ::rsa::BoxedUint::from_be_slice(e, 64).map_err(bad_key)?;
+        let pk = ::rsa::PublicKey::new(nn, ee).map_err(bad_key)?;
+        let c =
+            ::rsa::BoxedUint::from_be_slice(sig, bits).map_err(|_| Ckr(CKR_SIGNATURE_INVALID))?;
+        let m = ::rsa::hazmat::rsa_encrypt(&pk, &c).map_err(|_| Ckr(CKR_SIGNATURE_INVALID))?;
+        let be = m.to_be_bytes();
+        let mut block = vec![0u8; k];
+        block[k - data.len()..].copy_from_slice(data);
+        if be.len() >= k && be[be.len() - k..] == block[..] {
+            Ok(())
+        } else {
+            Err(Ckr(CKR_SIGNATURE_INVALID))
+        }
+    }
+
     /// Verifies a raw RSA PKCS#1 v1.5 signature.
     pub fn rsa_verify_raw(&self, data: &[u8], sig: &[u8]) -> Result<(), Ckr> {
         if let Some((_, hash)) = der::parse_digest_info(data) {
@@ -613,6 +679,40 @@ impl KeyMaterial {
     }
 }
 
+/// aws-lc's RNG for the blinding of the `rsa` crate.
+struct AwsLcRng;
+
+/// The RNG failed.
+#[derive(Debug)]
+struct RngFailed;
+
+impl std::fmt::Display for RngFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("random number generator failed")
+    }
+}
+
+impl std::error::Error for RngFailed {}
+
+impl ::rsa::rand_core::TryRng for AwsLcRng {
+    type Error = RngFailed;
+    fn try_next_u32(&mut self) -> Result<u32, RngFailed> {
+        let mut b = [0u8; 4];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn try_next_u64(&mut self) -> Result<u64, RngFailed> {
+        let mut b = [0u8; 8];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), RngFailed> {
+        aws_lc_rs::rand::fill(dst).map_err(|_| RngFailed)
+    }
+}
+
+impl ::rsa::rand_core::TryCryptoRng for AwsLcRng {}
+
 fn raw_rsa_key(pkcs8: &[u8]) -> Result<::rsa::PrivateKey, Ckr> {
     let p = der::rsa_parts_from_pkcs8(pkcs8).ok_or(Ckr(CKR_KEY_TYPE_INCONSISTENT))?;
     let bits = (p.n.len() as u32) * 8;
@@ -671,6 +771,21 @@ mod tests {
                 Err(Ckr(CKR_SIGNATURE_INVALID))
             );
         }
+        // CKM_RSA_X_509 of an EMSA-PKCS1-v1_5 block equals the PKCS#1 v1.5 signature.
+        let mut block = vec![0xffu8; 256];
+        block[0] = 0;
+        block[1] = 1;
+        let digest_info = [crate::der::DIGEST_INFO_PREFIXES[0].0, h.as_ref()].concat();
+        block[256 - digest_info.len() - 1] = 0;
+        block[256 - digest_info.len()..].copy_from_slice(&digest_info);
+        let x509 = private.rsa_sign_x509(&block)?;
+        assert_eq!(x509, private.rsa_sign_digest(false, h.as_ref())?);
+        public.rsa_verify_x509(&block, &x509)?;
+        block[100] ^= 1;
+        assert_eq!(
+            public.rsa_verify_x509(&block, &x509),
+            Err(Ckr(CKR_SIGNATURE_INVALID))
+        );
         let raw = private.rsa_sign_raw(b"36 bytes of md5 and sha1 for tls1.0")?;
         public.rsa_verify_raw(b"36 bytes of md5 and sha1 for tls1.0", &raw)?;
         assert_eq!(

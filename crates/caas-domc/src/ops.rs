@@ -25,6 +25,8 @@ pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
         4096,
         CKF_SIGN | CKF_VERIFY | CKF_ENCRYPT | CKF_DECRYPT | CKF_WRAP | CKF_UNWRAP,
     ),
+    // Raw RSA (the caller pads); no encrypt/decrypt (unpadded RSA encryption is unsafe).
+    (CKM_RSA_X_509, 2048, 4096, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA256_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA384_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA512_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
@@ -159,6 +161,7 @@ fn key_type_must(key: &Object, class: u64, types: &[u64]) -> Result<(), Ckr> {
 #[derive(Debug, Clone, Copy)]
 enum SignKind {
     RsaPkcsRaw,
+    RsaX509,
     RsaPssRaw(usize),
     RsaHash { pss: bool },
     EcdsaRaw,
@@ -276,6 +279,7 @@ impl SignOp {
                 None
             }
             CKM_RSA_PKCS => Some(SignKind::RsaPkcsRaw),
+            CKM_RSA_X_509 => Some(SignKind::RsaX509),
             CKM_RSA_PKCS_PSS => Some(SignKind::RsaPssRaw(pss_check(param, None)?)),
             CKM_SHA256_RSA_PKCS | CKM_SHA384_RSA_PKCS | CKM_SHA512_RSA_PKCS => {
                 Some(SignKind::RsaHash { pss: false })
@@ -297,9 +301,10 @@ impl SignOp {
         };
         if let Some(kind) = kind {
             let types: &[u64] = match kind {
-                SignKind::RsaPkcsRaw | SignKind::RsaPssRaw(_) | SignKind::RsaHash { .. } => {
-                    &[CKK_RSA]
-                }
+                SignKind::RsaPkcsRaw
+                | SignKind::RsaX509
+                | SignKind::RsaPssRaw(_)
+                | SignKind::RsaHash { .. } => &[CKK_RSA],
                 SignKind::EcdsaRaw | SignKind::EcdsaHash => &[CKK_EC],
                 SignKind::Eddsa => &[CKK_EC_EDWARDS],
             };
@@ -317,7 +322,10 @@ impl SignOp {
                     SignKind::EcdsaRaw | SignKind::EcdsaHash
                 ) | (
                     KeyMaterial::RsaPrivate { .. } | KeyMaterial::RsaPublic { .. },
-                    SignKind::RsaPkcsRaw | SignKind::RsaPssRaw(_) | SignKind::RsaHash { .. }
+                    SignKind::RsaPkcsRaw
+                        | SignKind::RsaX509
+                        | SignKind::RsaPssRaw(_)
+                        | SignKind::RsaHash { .. }
                 )
             );
             if !ok {
@@ -339,7 +347,7 @@ impl SignOp {
         } else {
             if matches!(
                 self.kind,
-                Some(SignKind::RsaPkcsRaw | SignKind::RsaPssRaw(_))
+                Some(SignKind::RsaPkcsRaw | SignKind::RsaX509 | SignKind::RsaPssRaw(_))
             ) && self.buf.len() + data.len() > 1024
             {
                 return Err(Ckr(CKR_DATA_LEN_RANGE));
@@ -365,6 +373,7 @@ impl SignOp {
         let input = self.digest_value();
         match kind {
             SignKind::RsaPkcsRaw => self.key.rsa_sign_raw(&input),
+            SignKind::RsaX509 => self.key.rsa_sign_x509(&input),
             SignKind::RsaPssRaw(len) => {
                 if input.len() != len {
                     return Err(Ckr(CKR_DATA_LEN_RANGE));
@@ -395,6 +404,7 @@ impl SignOp {
         let input = self.digest_value();
         match kind {
             SignKind::RsaPkcsRaw => self.key.rsa_verify_raw(&input, sig),
+            SignKind::RsaX509 => self.key.rsa_verify_x509(&input, sig),
             SignKind::RsaPssRaw(len) => {
                 if input.len() != len {
                     return Err(Ckr(CKR_DATA_LEN_RANGE));
