@@ -112,6 +112,7 @@ pub fn check_bind_key(ak: &Public, bind: &BindKeyRecord) -> Result<Public, Error
     if !public.has(need)
         || public.has(attr::SIGN_ENCRYPT)
         || public.has(attr::RESTRICTED)
+        || public.has(attr::USER_WITH_AUTH)
         || public.auth_policy.is_empty()
     {
         return Err(fail(

@@ -98,39 +98,21 @@ impl Agent {
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(Error::io(format!("create {}", cfg.state_dir.display())))?;
         let path = cfg.state_dir.join("tpm-keys.json");
-        let keys = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice::<StoredKeys>(&b)
-                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?,
-            Err(_) => {
-                let alg = cfg.ak_alg;
-                let pcrs = cfg.bind_pcrs.clone();
-                let keys = tpm
-                    .run(move |t| {
-                        let ak = t.create_ak(alg)?;
-                        let bind = t.create_bind_key(PcrBank::Sha256, &pcrs)?;
-                        let cert = t.certify_bind_key(&ak, &bind, b"caas-bind-key")?;
-                        Ok(StoredKeys {
-                            ak_public: ak.public,
-                            ak_private: ak.private,
-                            bind_public: bind.public,
-                            bind_private: bind.private,
-                            bind_certify_attest: cert.attest,
-                            bind_certify_signature: cert.signature,
-                            bind_pcrs: pcrs,
-                        })
-                    })
-                    .await?;
-                let tmp = path.with_extension("tmp");
-                std::fs::write(
-                    &tmp,
-                    serde_json::to_vec_pretty(&keys).map_err(|e| Error::Config(e.to_string()))?,
-                )
-                .map_err(Error::io(format!("write {}", tmp.display())))?;
-                std::fs::rename(&tmp, &path)
-                    .map_err(Error::io(format!("rename {}", path.display())))?;
-                keys
-            }
+        let stored = match std::fs::read(&path) {
+            Ok(b) => Some(
+                serde_json::from_slice::<StoredKeys>(&b)
+                    .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?,
+            ),
+            Err(_) => None,
         };
+        let keys = Self::check_or_create_keys(&tpm, &cfg, stored).await?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(&keys).map_err(|e| Error::Config(e.to_string()))?,
+        )
+        .map_err(Error::io(format!("write {}", tmp.display())))?;
+        std::fs::rename(&tmp, &path).map_err(Error::io(format!("rename {}", path.display())))?;
         let adv = cfg
             .advertise_url
             .clone()
@@ -143,6 +125,60 @@ impl Agent {
             enrolled: AtomicBool::new(false),
             advertise_url: Mutex::new(adv),
         })
+    }
+
+    /// Reuses stored blobs when the TPM still accepts them: the AK must load and quote, and
+    /// the bind key's policy must match the current PCR state (a changed boot makes it
+    /// unusable, so a new one is made and certified). Otherwise creates fresh keys.
+    async fn check_or_create_keys(
+        tpm: &TpmHandle,
+        cfg: &AgentConfig,
+        stored: Option<StoredKeys>,
+    ) -> Result<StoredKeys, Error> {
+        let alg = cfg.ak_alg;
+        let pcrs = cfg.bind_pcrs.clone();
+        tpm.run(move |t| {
+            let ak_ok = |k: &StoredKeys, t: &mut caas_tpm::Tpm| {
+                let ak = KeyBlob {
+                    public: k.ak_public.clone(),
+                    private: k.ak_private.clone(),
+                };
+                t.quote(&ak, b"probe", PcrBank::Sha256, &[0]).map(|_| ak)
+            };
+            let (ak, reuse) = match stored.as_ref().map(|k| (k, ak_ok(k, t))) {
+                Some((k, Ok(ak))) => (ak, Some(k.clone())),
+                Some((_, Err(e))) => {
+                    tracing::warn!(error = %e, "stored AK unusable; creating new keys");
+                    (t.create_ak(alg)?, None)
+                }
+                None => (t.create_ak(alg)?, None),
+            };
+            let policy = t.pcr_policy_digest(PcrBank::Sha256, &pcrs, None)?;
+            if let Some(k) = reuse {
+                let bind_policy = caas_attest::Public::parse_tpm2b(&k.bind_public)
+                    .map(|p| p.auth_policy)
+                    .unwrap_or_default();
+                if bind_policy == policy && k.bind_pcrs == pcrs {
+                    return Ok(k);
+                }
+                tracing::info!(
+                    "PCR state differs from the bind key's policy; creating a new bind key"
+                );
+            }
+            let bind = t.create_bind_key(PcrBank::Sha256, &pcrs)?;
+            let cert = t.certify_bind_key(&ak, &bind, b"caas-bind-key")?;
+            Ok(StoredKeys {
+                ak_public: ak.public,
+                ak_private: ak.private,
+                bind_public: bind.public,
+                bind_private: bind.private,
+                bind_certify_attest: cert.attest,
+                bind_certify_signature: cert.signature,
+                bind_pcrs: pcrs,
+            })
+        })
+        .await
+        .map_err(Error::from)
     }
 
     fn ak(&self) -> KeyBlob {

@@ -92,7 +92,10 @@ impl DevHosts {
             let name = format!("host-{i}");
             let hdir = dir.join(&name);
             let state = hdir.join("tpm");
-            ca.provision(&state)?;
+            // Reuse a provisioned TPM (same EK, same stored AK) when restarting on a DIR.
+            if !state.join("tpm2-00.permall").exists() {
+                ca.provision(&state)?;
+            }
             let swtpm = Swtpm::start(&state)?;
             let config_path = hdir.join("agent.toml");
             let event_log_path = hdir.join("eventlog.bin");
