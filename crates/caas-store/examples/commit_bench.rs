@@ -1,7 +1,8 @@
 //! Group-commit benchmark: single-audit-entry commits per second (and p50/p99 latency) from
 //! 1, 16 and 64 concurrent committers, each durable before it returns, printed beside a
-//! naive peer measured in the same run: one SQLite transaction per commit on a shared
-//! connection (same WAL + synchronous=FULL settings, same hashing and ECDSA P-256 signing).
+//! naive peer measured in the same run: one transaction per commit, with the same hashing and
+//! ECDSA P-256 signing — on SQLite a shared connection (same WAL + synchronous=FULL
+//! settings), on PostgreSQL one connection per committer locking the same kind of head row.
 //!
 //! ```text
 //! cargo run --release -p caas-store --example commit_bench                 # SQLite in a temp dir
@@ -137,6 +138,75 @@ fn naive_commit(conn: &Mutex<rusqlite::Connection>, signer: &EcdsaSigner, n: u64
     c.execute_batch("COMMIT").unwrap();
 }
 
+async fn pg_naive_setup(url: &str) {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c.batch_execute(
+        "CREATE TABLE IF NOT EXISTS naive_audit (seq BIGINT PRIMARY KEY, entry TEXT NOT NULL, \
+         prev_hash BYTEA NOT NULL, hash BYTEA NOT NULL, signature BYTEA NOT NULL); \
+         CREATE TABLE IF NOT EXISTS naive_head (id INT PRIMARY KEY, seq BIGINT, hash BYTEA); \
+         INSERT INTO naive_head VALUES (1, 0, decode(repeat('00', 32), 'hex')) ON CONFLICT DO NOTHING;",
+    )
+    .await
+    .unwrap();
+}
+
+async fn pg_naive_commit(c: &tokio_postgres::Client, signer: &EcdsaSigner, n: u64) {
+    c.batch_execute("BEGIN").await.unwrap();
+    let row = c
+        .query_one(
+            "SELECT seq, hash FROM naive_head WHERE id = 1 FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+    let seq: i64 = row.get(0);
+    let prev: Vec<u8> = row.get(1);
+    let prev: [u8; 32] = prev.try_into().unwrap();
+    let e = entry(n);
+    let hash = caas_store::chain_hash(&prev, seq as u64 + 1, &e);
+    let sig = signer.sign(&hash);
+    c.execute(
+        "INSERT INTO naive_audit VALUES ($1, $2, $3, $4, $5)",
+        &[&(seq + 1), &e.request_id, &&prev[..], &&hash[..], &sig],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "UPDATE naive_head SET seq = $1, hash = $2 WHERE id = 1",
+        &[&(seq + 1), &&hash[..]],
+    )
+    .await
+    .unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+}
+
+/// One connection per committer, created up front.
+async fn pg_naive_run(url: &str, concurrency: usize, secs: f64) -> f64 {
+    let mut clients = Vec::new();
+    for _ in 0..concurrency {
+        let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        clients.push(Arc::new(c));
+    }
+    let sig = signer();
+    let clients = Arc::new(clients);
+    // Committer t's calls carry n = t << 32 | i: committer t uses connection t.
+    run(concurrency, secs, move |n| {
+        let (clients, sig) = (clients.clone(), sig.clone());
+        async move {
+            let i = (n >> 32) as usize % clients.len();
+            pg_naive_commit(&clients[i], &sig, n).await;
+        }
+    })
+    .await
+    .per_sec
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -174,6 +244,9 @@ async fn main() {
     }
     let url = url.unwrap_or_else(|| format!("sqlite:{}", dir.path().join("bench.db").display()));
     let store = Store::open(&url, signer()).await.unwrap();
+    if store.backend() == caas_store::Backend::Postgres {
+        pg_naive_setup(&url).await;
+    }
     let naive = (store.backend() == caas_store::Backend::Sqlite)
         .then(|| (naive_peer(&dir.path().join("naive.db")), signer()));
     println!(
@@ -215,6 +288,9 @@ async fn main() {
                 })
                 .await;
                 Some(p.per_sec)
+            }
+            None if store.backend() == caas_store::Backend::Postgres => {
+                Some(pg_naive_run(&url, concurrency, secs).await)
             }
             None => None,
         };

@@ -864,6 +864,8 @@ pub(crate) async fn sigkill_loses_no_acknowledged_commit(h: &impl Harness) {
 #[test]
 fn store_futures_are_send() {
     fn assert_send<T: Send>(_: &T) {}
+    fn assert_shareable<T: Send + Sync + Clone + 'static>() {}
+    assert_shareable::<Store>();
     let check = |s: &Store| {
         assert_send(&Store::open("x", TestSigner::generate().0));
         assert_send(&s.get("k", "a", "i"));
