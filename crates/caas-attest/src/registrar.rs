@@ -166,29 +166,46 @@ impl Registrar {
         let mut idb = [0u8; 16];
         rand::fill(&mut idb).map_err(|_| Error::Crypto("random"))?;
         let enrollment_id = hex::encode(idb);
-        let existing = get_host(store, &req.name).await?;
-        let profile = existing
-            .as_ref()
-            .and_then(|h| h.profile.clone())
-            .or_else(|| self.default_profile.clone());
-        let rec = HostRecord {
-            name: req.name.clone(),
+        let pending = PendingEnrollment {
+            id: enrollment_id.clone(),
+            secret_sha256: hex::encode(digest::digest(&digest::SHA256, secret.as_ref())),
+            expires_ms: now_ms + self.enrollment_ttl_ms,
             agent_url: req.agent_url.clone(),
-            state: HostState::Pending,
-            trusted: false,
-            profile,
             ek_public: req.ek_public.clone(),
             ek_cert: req.ek_cert.clone(),
             ak_public: req.ak_public.clone(),
-            ak_name: hex::encode(ak.name()),
-            bind_key: None,
-            pending: Some(PendingEnrollment {
-                id: enrollment_id.clone(),
-                secret_sha256: hex::encode(digest::digest(&digest::SHA256, secret.as_ref())),
-                expires_ms: now_ms + self.enrollment_ttl_ms,
-            }),
-            last_verdict: None,
-            enrolled_ms: 0,
+        };
+        // An enrolled host keeps its record (and trust) until the new enrollment completes;
+        // its name stays bound to its EK: another TPM cannot take it over.
+        let rec = match get_host(store, &req.name).await? {
+            Some(mut h) if h.state == HostState::Enrolled => {
+                if h.ek_public != req.ek_public {
+                    let msg = "the host name is enrolled with another TPM (EK)";
+                    store
+                        .audit(audit_fail("host_name_taken", msg.into()))
+                        .await?;
+                    return Err(fail("host_name_taken", msg));
+                }
+                h.pending = Some(pending);
+                h
+            }
+            existing => HostRecord {
+                name: req.name.clone(),
+                agent_url: req.agent_url.clone(),
+                state: HostState::Pending,
+                trusted: false,
+                profile: existing
+                    .and_then(|h| h.profile)
+                    .or_else(|| self.default_profile.clone()),
+                ek_public: req.ek_public.clone(),
+                ek_cert: req.ek_cert.clone(),
+                ak_public: req.ak_public.clone(),
+                ak_name: hex::encode(ak.name()),
+                bind_key: None,
+                pending: Some(pending),
+                last_verdict: None,
+                enrolled_ms: 0,
+            },
         };
         put_host(store, &rec, None).await?;
         Ok(EnrollChallenge {
@@ -279,7 +296,7 @@ impl Registrar {
             put_host(store, &host, Some(audit(code, msg.into()))).await?;
             return Err(fail(code, msg));
         }
-        let ak = Public::parse_tpm2b(&host.ak_public)?;
+        let ak = Public::parse_tpm2b(&p.ak_public)?;
         if let Some(b) = &req.bind_key
             && let Err(e) = check_bind_key(&ak, b)
         {
@@ -288,6 +305,11 @@ impl Registrar {
             return Err(e);
         }
         host.bind_key = req.bind_key.clone();
+        host.agent_url = p.agent_url.clone();
+        host.ek_public = p.ek_public.clone();
+        host.ek_cert = p.ek_cert.clone();
+        host.ak_public = p.ak_public.clone();
+        host.ak_name = hex::encode(ak.name());
         host.pending = None;
         host.state = HostState::Enrolled;
         host.trusted = false;

@@ -152,6 +152,17 @@ pub struct PendingEnrollment {
     pub secret_sha256: String,
     /// Expiry, Unix ms.
     pub expires_ms: u64,
+    /// The enrollment's agent URL, applied on success.
+    pub agent_url: String,
+    /// The enrollment's EK TPM2B_PUBLIC, applied on success.
+    #[serde(with = "crate::b64")]
+    pub ek_public: Vec<u8>,
+    /// The enrollment's EK certificate, applied on success.
+    #[serde(with = "crate::b64")]
+    pub ek_cert: Vec<u8>,
+    /// The AK being certified, applied on success.
+    #[serde(with = "crate::b64")]
+    pub ak_public: Vec<u8>,
 }
 
 /// What the key service knows about a compute host.

@@ -504,3 +504,77 @@ async fn tpm2_tools_cross_check() {
         .unwrap();
     assert!(!bad.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolled_name_cannot_be_taken_by_another_tpm_and_agent_restart_reuses_keys() {
+    let mut e = env(2, 30_000, None, None).await;
+    e.hosts.start_agents(AGENT_TIMEOUT).await.unwrap();
+    let http = HttpClient::default();
+    // Host 2's (genuine) TPM tries to enroll under host 1's name.
+    let a2 = e.hosts.hosts[1].agent.as_ref().unwrap().agent.clone();
+    let (ek2, cert2) = a2
+        .tpm()
+        .run(|t| Ok((t.ek_public()?, t.ek_certificate()?)))
+        .await
+        .unwrap();
+    let k2: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(e.hosts.hosts[1].dir.join("agent-state/tpm-keys.json")).unwrap(),
+    )
+    .unwrap();
+    let req = EnrollRequest {
+        name: "host-1".into(),
+        agent_url: "http://127.0.0.1:1".into(),
+        ek_public: ek2,
+        ek_cert: cert2,
+        ak_public: caas_attest::b64::decode(k2["ak_public"].as_str().unwrap()).unwrap(),
+    };
+    match http
+        .post::<_, EnrollChallenge>(&format!("{}/v1/attest/enroll", e.ks.url), &req)
+        .await
+    {
+        Err(caas_attest::Error::Remote { code, .. }) => assert_eq!(code, "host_name_taken"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        attest(&http, &e.ks.url, "host-1").await.trusted,
+        "host 1 is unaffected"
+    );
+
+    // The management API shows status and public material only.
+    let url = e.hosts.hosts[0].agent.as_ref().unwrap().url.clone();
+    let status: serde_json::Value = http.get(&format!("{url}/v1/agent/status")).await.unwrap();
+    assert_eq!(status["enrolled"], true);
+    let text = status.to_string();
+    let k1: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(e.hosts.hosts[0].dir.join("agent-state/tpm-keys.json")).unwrap(),
+    )
+    .unwrap();
+    for private in ["ak_private", "bind_private"] {
+        assert!(!text.contains(k1[private].as_str().unwrap()));
+    }
+    let bind: serde_json::Value = http.get(&format!("{url}/v1/agent/bind-key")).await.unwrap();
+    assert!(
+        !bind
+            .to_string()
+            .contains(k1["bind_private"].as_str().unwrap())
+    );
+    // Only TPM-wrapped blobs are on disk.
+    let files: Vec<_> = std::fs::read_dir(e.hosts.hosts[0].dir.join("agent-state"))
+        .unwrap()
+        .map(|f| f.unwrap().file_name())
+        .collect();
+    assert_eq!(files, ["tpm-keys.json"]);
+
+    // Restart host 1's agent: same AK, re-enrolls, still trusted.
+    let before = status["ak_name"].as_str().unwrap().to_string();
+    drop(e.hosts.hosts[0].agent.take());
+    let cfg = caas_host::config::load(&e.hosts.hosts[0].config_path).unwrap();
+    let running = caas_host::agent::spawn(cfg).await.unwrap();
+    let t = Instant::now();
+    while !running.agent.is_enrolled() {
+        assert!(t.elapsed() < AGENT_TIMEOUT, "re-enrollment did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(running.agent.status().ak_name, before);
+    assert!(attest(&http, &e.ks.url, "host-1").await.trusted);
+}
