@@ -66,6 +66,17 @@ pub struct Quote {
 #[derive(Debug)]
 pub struct Tpm {
     ctx: Context,
+    /// The most recently used AK stays loaded while this context lives (one object slot):
+    /// its TPM2B_PUBLIC and handle. Flushed on drop.
+    ak_cache: Option<(Vec<u8>, KeyHandle)>,
+}
+
+impl Drop for Tpm {
+    fn drop(&mut self) {
+        if let Some((_, h)) = self.ak_cache.take() {
+            self.flush(h);
+        }
+    }
 }
 
 fn tpm2b(b: &[u8]) -> Result<Vec<u8>, Error> {
@@ -113,7 +124,10 @@ impl Tpm {
     pub fn open(tcti: &str) -> Result<Self, Error> {
         let conf = parse_tcti(tcti)?;
         let ctx = Context::new(conf).op("open context")?;
-        Ok(Self { ctx })
+        Ok(Self {
+            ctx,
+            ak_cache: None,
+        })
     }
 
     fn flush(&mut self, h: impl Into<ObjectHandle>) {
@@ -219,17 +233,35 @@ impl Tpm {
         ak::load_ak(&mut self.ctx, ek, None, private, public).op("load AK")
     }
 
+    /// The loaded AK for `blob` (cached; loading needs the EK only briefly).
+    fn ak_handle(&mut self, blob: &KeyBlob) -> Result<KeyHandle, Error> {
+        if let Some((public, h)) = &self.ak_cache
+            && *public == blob.public
+        {
+            return Ok(*h);
+        }
+        if let Some((_, h)) = self.ak_cache.take() {
+            self.flush(h);
+        }
+        let h = self.with_ek(|t, ek| t.load_ak(ek, blob))?;
+        self.ak_cache = Some((blob.public.clone(), h));
+        Ok(h)
+    }
+
     fn with_ak<T>(
         &mut self,
         blob: &KeyBlob,
-        f: impl FnOnce(&mut Self, KeyHandle, KeyHandle) -> Result<T, Error>,
+        f: impl FnOnce(&mut Self, KeyHandle) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        self.with_ek(|t, ek| {
-            let akh = t.load_ak(ek, blob)?;
-            let r = f(t, ek, akh);
-            t.flush(akh);
-            r
-        })
+        let akh = self.ak_handle(blob)?;
+        let r = f(self, akh);
+        if r.is_err() {
+            // Do not trust a cached handle after a failure (e.g. the TPM was reset).
+            if let Some((_, h)) = self.ak_cache.take() {
+                self.flush(h);
+            }
+        }
+        r
     }
 
     /// Reads PCR values of `bank` (in the order of `pcrs`, which must be ascending).
@@ -285,7 +317,7 @@ impl Tpm {
     ) -> Result<Quote, Error> {
         let sel = selection(bank, pcrs)?;
         let data = Data::try_from(nonce.to_vec()).op("qualifying data")?;
-        self.with_ak(ak_blob, |t, _, akh| {
+        self.with_ak(ak_blob, |t, akh| {
             let (attest, sig) = t
                 .ctx
                 .execute_with_nullauth_session(|c| c.quote(akh, data, SignatureScheme::Null, sel))
@@ -306,44 +338,46 @@ impl Tpm {
     ) -> Result<Zeroizing<Vec<u8>>, Error> {
         let id = IdObject::try_from(credential_blob.to_vec()).op("credential blob")?;
         let secret = EncryptedSecret::try_from(encrypted_secret.to_vec()).op("encrypted secret")?;
-        self.with_ak(ak_blob, |t, ek, akh| {
-            let session = t
-                .ctx
-                .start_auth_session(
-                    None,
-                    None,
-                    None,
-                    SessionType::Policy,
-                    SymmetricDefinition::AES_128_CFB,
-                    HashingAlgorithm::Sha256,
-                )
-                .op("start EK policy session")?
-                .ok_or_else(|| Error::Unexpected("no session".into()))?;
-            let r = (|| {
-                let ps = PolicySession::try_from(session).op("policy session")?;
-                t.ctx
-                    .execute_with_nullauth_session(|c| {
-                        c.policy_secret(
-                            ps,
-                            tss_esapi::handles::AuthHandle::Endorsement,
-                            Default::default(),
-                            Default::default(),
-                            Default::default(),
-                            None,
-                        )
-                    })
-                    .op("PolicySecret(endorsement)")?;
-                t.ctx
-                    .set_sessions((Some(AuthSession::Password), Some(session), None));
-                let out = t
+        self.with_ak(ak_blob, |t, akh| {
+            t.with_ek(|t, ek| {
+                let session = t
                     .ctx
-                    .activate_credential(akh, ek, id, secret)
-                    .op("activate credential");
-                t.ctx.clear_sessions();
-                Ok(Zeroizing::new(out?.value().to_vec()))
-            })();
-            t.flush_session(session);
-            r
+                    .start_auth_session(
+                        None,
+                        None,
+                        None,
+                        SessionType::Policy,
+                        SymmetricDefinition::AES_128_CFB,
+                        HashingAlgorithm::Sha256,
+                    )
+                    .op("start EK policy session")?
+                    .ok_or_else(|| Error::Unexpected("no session".into()))?;
+                let r = (|| {
+                    let ps = PolicySession::try_from(session).op("policy session")?;
+                    t.ctx
+                        .execute_with_nullauth_session(|c| {
+                            c.policy_secret(
+                                ps,
+                                tss_esapi::handles::AuthHandle::Endorsement,
+                                Default::default(),
+                                Default::default(),
+                                Default::default(),
+                                None,
+                            )
+                        })
+                        .op("PolicySecret(endorsement)")?;
+                    t.ctx
+                        .set_sessions((Some(AuthSession::Password), Some(session), None));
+                    let out = t
+                        .ctx
+                        .activate_credential(akh, ek, id, secret)
+                        .op("activate credential");
+                    t.ctx.clear_sessions();
+                    Ok(Zeroizing::new(out?.value().to_vec()))
+                })();
+                t.flush_session(session);
+                r
+            })
         })
     }
 
@@ -535,7 +569,7 @@ impl Tpm {
         qualifying_data: &[u8],
     ) -> Result<Quote, Error> {
         let data = Data::try_from(qualifying_data.to_vec()).op("qualifying data")?;
-        self.with_ak(ak_blob, |t, _, akh| {
+        self.with_ak(ak_blob, |t, akh| {
             t.with_srk(|t, srk| {
                 let bh = t.load_under_srk(srk, bind)?;
                 let r = t
