@@ -92,7 +92,7 @@ pub enum KeyMaterial {
         /// PKCS#8, for the raw PKCS#1 v1.5 path.
         pkcs8: Zeroizing<Vec<u8>>,
         /// Raw-signing key (built on first CKM_RSA_PKCS over non-DigestInfo data).
-        raw: std::sync::OnceLock<::rsa::PrivateKey>,
+        raw: std::sync::OnceLock<openssl::rsa::Rsa<openssl::pkey::Private>>,
     },
     /// RSA public key.
     RsaPublic {
@@ -403,8 +403,12 @@ impl KeyMaterial {
                 raw.get_or_init(|| k)
             }
         };
-        key.sign(::rsa::Pkcs1v15Sign::new_unprefixed(), data)
-            .map_err(|_| Ckr(CKR_FUNCTION_FAILED))
+        let mut out = vec![0u8; sign.public_modulus_len()];
+        let n = key
+            .private_encrypt(data, &mut out, openssl::rsa::Padding::PKCS1)
+            .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+        out.truncate(n);
+        Ok(out)
     }
 
     /// Raw RSA private-key operation (CKM_RSA_X_509): the caller padded the block (OpenSSL
@@ -430,14 +434,9 @@ impl KeyMaterial {
         };
         let mut block = Zeroizing::new(vec![0u8; k]);
         block[k - data.len()..].copy_from_slice(data);
-        let bits = ::rsa::traits::PublicKeyParts::n_bits_precision(key);
-        let c = ::rsa::BoxedUint::from_be_slice(&block, bits).map_err(|_| Ckr(CKR_DATA_INVALID))?;
-        let m = ::rsa::hazmat::rsa_decrypt_and_check(key, Some(&mut AwsLcRng), &c)
+        let mut out = vec![0u8; k];
+        key.private_encrypt(&block, &mut out, openssl::rsa::Padding::NONE)
             .map_err(|_| Ckr(CKR_DATA_INVALID))?;
-        let be = m.to_be_bytes();
-        let skip = be.len().saturating_sub(k);
-        let mut out = vec![0u8; k - (be.len() - skip)];
-        out.extend_from_slice(&be[skip..]);
         Ok(out)
     }
 
@@ -456,17 +455,13 @@ impl KeyMaterial {
         if data.len() > k {
             return Err(Ckr(CKR_DATA_LEN_RANGE));
         }
-        let bits = (k as u32) * 8;
-        let nn = ::rsa::BoxedUint::from_be_slice(n, bits).map_err(bad_key)?;
-        let ee = ::rsa::BoxedUint::from_be_slice(e, 64).map_err(bad_key)?;
-        let pk = ::rsa::PublicKey::new(nn, ee).map_err(bad_key)?;
-        let c =
-            ::rsa::BoxedUint::from_be_slice(sig, bits).map_err(|_| Ckr(CKR_SIGNATURE_INVALID))?;
-        let m = ::rsa::hazmat::rsa_encrypt(&pk, &c).map_err(|_| Ckr(CKR_SIGNATURE_INVALID))?;
-        let be = m.to_be_bytes();
+        let pk = ossl_public(n, e)?;
+        let mut out = Zeroizing::new(vec![0u8; k]);
+        pk.public_decrypt(sig, &mut out, openssl::rsa::Padding::NONE)
+            .map_err(|_| Ckr(CKR_SIGNATURE_INVALID))?;
         let mut block = vec![0u8; k];
         block[k - data.len()..].copy_from_slice(data);
-        if be.len() >= k && be[be.len() - k..] == block[..] {
+        if *out == block {
             Ok(())
         } else {
             Err(Ckr(CKR_SIGNATURE_INVALID))
@@ -487,12 +482,16 @@ impl KeyMaterial {
         if sig.len() != *modulus_len {
             return Err(Ckr(CKR_SIGNATURE_LEN_RANGE));
         }
-        let bits = (*modulus_len as u32) * 8;
-        let n = ::rsa::BoxedUint::from_be_slice(n, bits).map_err(bad_key)?;
-        let e = ::rsa::BoxedUint::from_be_slice(e, 64).map_err(bad_key)?;
-        let pk = ::rsa::PublicKey::new(n, e).map_err(bad_key)?;
-        pk.verify(::rsa::Pkcs1v15Sign::new_unprefixed(), data, sig)
-            .map_err(|_| Ckr(CKR_SIGNATURE_INVALID))
+        let pk = ossl_public(n, e)?;
+        let mut out = vec![0u8; *modulus_len];
+        let len = pk
+            .public_decrypt(sig, &mut out, openssl::rsa::Padding::PKCS1)
+            .map_err(|_| Ckr(CKR_SIGNATURE_INVALID))?;
+        if out[..len] == *data {
+            Ok(())
+        } else {
+            Err(Ckr(CKR_SIGNATURE_INVALID))
+        }
     }
 
     /// Normalises a hash to the curve's order length (leftmost bits, as ECDSA does).
@@ -679,51 +678,17 @@ impl KeyMaterial {
     }
 }
 
-/// aws-lc's RNG for the blinding of the `rsa` crate.
-struct AwsLcRng;
-
-/// The RNG failed.
-#[derive(Debug)]
-struct RngFailed;
-
-impl std::fmt::Display for RngFailed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("random number generator failed")
-    }
+/// The private key as an OpenSSL RSA object (blinding on by default), for raw operations.
+fn raw_rsa_key(pkcs8: &[u8]) -> Result<openssl::rsa::Rsa<openssl::pkey::Private>, Ckr> {
+    openssl::pkey::PKey::private_key_from_pkcs8(pkcs8)
+        .and_then(|k| k.rsa())
+        .map_err(bad_key)
 }
 
-impl std::error::Error for RngFailed {}
-
-impl ::rsa::rand_core::TryRng for AwsLcRng {
-    type Error = RngFailed;
-    fn try_next_u32(&mut self) -> Result<u32, RngFailed> {
-        let mut b = [0u8; 4];
-        self.try_fill_bytes(&mut b)?;
-        Ok(u32::from_le_bytes(b))
-    }
-    fn try_next_u64(&mut self) -> Result<u64, RngFailed> {
-        let mut b = [0u8; 8];
-        self.try_fill_bytes(&mut b)?;
-        Ok(u64::from_le_bytes(b))
-    }
-    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), RngFailed> {
-        aws_lc_rs::rand::fill(dst).map_err(|_| RngFailed)
-    }
-}
-
-impl ::rsa::rand_core::TryCryptoRng for AwsLcRng {}
-
-fn raw_rsa_key(pkcs8: &[u8]) -> Result<::rsa::PrivateKey, Ckr> {
-    let p = der::rsa_parts_from_pkcs8(pkcs8).ok_or(Ckr(CKR_KEY_TYPE_INCONSISTENT))?;
-    let bits = (p.n.len() as u32) * 8;
-    let u = |b: &[u8], bits: u32| ::rsa::BoxedUint::from_be_slice(b, bits).map_err(bad_key);
-    ::rsa::PrivateKey::from_components(
-        u(p.n, bits)?,
-        u(p.e, 64)?,
-        u(p.d, bits)?,
-        vec![u(p.p, bits / 2)?, u(p.q, bits / 2)?],
-    )
-    .map_err(bad_key)
+fn ossl_public(n: &[u8], e: &[u8]) -> Result<openssl::rsa::Rsa<openssl::pkey::Public>, Ckr> {
+    let n = openssl::bn::BigNum::from_slice(n).map_err(bad_key)?;
+    let e = openssl::bn::BigNum::from_slice(e).map_err(bad_key)?;
+    openssl::rsa::Rsa::from_public_components(n, e).map_err(bad_key)
 }
 
 fn oaep_alg(hash: u64) -> Result<&'static rsa::OaepAlgorithm, Ckr> {
@@ -834,5 +799,29 @@ mod tests {
             "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
         );
         KeyMaterial::ec_public(Curve::Ed25519, &der::tlv(4, &public))?.eddsa_verify(b"", &sig)
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    #[test]
+    #[ignore = "timing probe; run with --release -- --ignored --nocapture"]
+    fn raw_rsa_speed() -> Result<(), Ckr> {
+        let g = generate_rsa(2048)?;
+        let k = KeyMaterial::rsa_private(&g.secret)?;
+        let t = std::time::Instant::now();
+        for _ in 0..200 {
+            k.rsa_sign_raw(&[5u8; 35])?;
+        }
+        println!("openssl raw: {:?}/sig", t.elapsed() / 200);
+        let h = digest::digest(&digest::SHA256, b"x");
+        let t = std::time::Instant::now();
+        for _ in 0..200 {
+            k.rsa_sign_digest(false, h.as_ref())?;
+        }
+        println!("aws-lc: {:?}/sig", t.elapsed() / 200);
+        Ok(())
     }
 }
