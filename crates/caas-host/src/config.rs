@@ -161,6 +161,7 @@ mod tests {
             Err("ak_algorithm"),
         );
         check(&format!("{base}bind_pcrs = [30]\n"), Err("bind_pcrs"));
+        check(include_str!("../agent.example.toml"), Ok(()));
         check(
             "name = \"bad name\"\nkey_service_url = \"http://x\"\nstate_dir = \"/x\"\n",
             Err("name"),

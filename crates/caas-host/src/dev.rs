@@ -137,6 +137,23 @@ impl DevHosts {
         self.ca.ca_cert_files()
     }
 
+    /// The registrar configuration of a dev key service: trusts this CA, gives newly
+    /// enrolled hosts `default_profile`.
+    pub fn registrar(
+        &self,
+        default_profile: &str,
+    ) -> Result<caas_attest::registrar::Registrar, Error> {
+        let mut ca = caas_attest::ekcert::EkCaStore::new();
+        for f in self.ca_cert_files() {
+            ca.add(&std::fs::read(&f).map_err(Error::io(format!("read {}", f.display())))?)?;
+        }
+        Ok(caas_attest::registrar::Registrar {
+            ca,
+            enrollment_ttl_ms: 60_000,
+            default_profile: Some(default_profile.to_string()),
+        })
+    }
+
     /// A profile that accepts every dev host's boot (PCRs 0–7, sha256).
     pub fn profile(&self, name: &str) -> Result<SecurityProfile, Error> {
         let mut profile: Option<SecurityProfile> = None;
