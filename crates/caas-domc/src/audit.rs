@@ -56,7 +56,12 @@ struct Tail {
     seq: u64,
     prev: String,
     out: std::io::BufWriter<std::fs::File>,
+    last_flush: std::time::Instant,
 }
+
+/// Routine successful key uses are flushed at most this late (by the next record or the
+/// flusher thread); failures and administrative events are flushed immediately.
+const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The append side of the log.
 #[derive(Debug)]
@@ -103,9 +108,36 @@ impl AuditLog {
             tail: Mutex::new(Tail {
                 seq,
                 prev,
-                out: std::io::BufWriter::new(f),
+                out: std::io::BufWriter::with_capacity(256 * 1024, f),
+                last_flush: std::time::Instant::now(),
             }),
         })
+    }
+
+    /// Flushes buffered records.
+    pub fn flush(&self) {
+        let mut t = self
+            .tail
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if t.out.flush().is_err() {
+            tracing::error!("audit log flush failed");
+        }
+        t.last_flush = std::time::Instant::now();
+    }
+
+    /// Starts a thread that flushes buffered records every [`FLUSH_INTERVAL`].
+    pub fn start_flusher(self: &std::sync::Arc<Self>) {
+        let weak = std::sync::Arc::downgrade(self);
+        let _ = std::thread::Builder::new()
+            .name("audit-flush".into())
+            .spawn(move || {
+                while let Some(log) = weak.upgrade() {
+                    log.flush();
+                    drop(log);
+                    std::thread::sleep(FLUSH_INTERVAL);
+                }
+            });
     }
 
     /// Path of the log.

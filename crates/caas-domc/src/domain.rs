@@ -73,7 +73,7 @@ pub struct Domain {
     apps: Mutex<HashMap<[u8; 16], Arc<App>>>,
     handles: AtomicU64,
     sessions: AtomicU64,
-    audit: AuditLog,
+    audit: Arc<AuditLog>,
 }
 
 type R<T> = Result<T, Ckr>;
@@ -145,7 +145,11 @@ impl Domain {
             apps: Mutex::new(HashMap::new()),
             handles,
             sessions: AtomicU64::new(1),
-            audit: AuditLog::open(&cfg.state_dir.join("audit.log"))?,
+            audit: {
+                let log = Arc::new(AuditLog::open(&cfg.state_dir.join("audit.log"))?);
+                log.start_flusher();
+                log
+            },
         })
     }
 

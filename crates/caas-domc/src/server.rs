@@ -45,7 +45,12 @@ pub fn serve(domain: Arc<Domain>, listener: UnixListener) -> Result<(), Error> {
 
 /// Serves one connection until it closes.
 pub fn serve_conn(domain: &Domain, mut stream: UnixStream) {
-    let app = match read_message::<_, Request>(&mut stream) {
+    // Buffered reads: one syscall usually brings a whole frame (header and body).
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = std::io::BufReader::with_capacity(64 * 1024, read_half);
+    let app = match read_message::<_, Request>(&mut reader) {
         Ok(Request::Hello { version, app }) if version == PROTOCOL_VERSION => app,
         Ok(_) | Err(_) => {
             let _ = write_message(&mut stream, &Response::rv(CKR_GENERAL_ERROR));
@@ -55,7 +60,7 @@ pub fn serve_conn(domain: &Domain, mut stream: UnixStream) {
     let app = domain.attach(app);
     if write_message(&mut stream, &Response::ok(caas_vsm_proto::Body::Empty {})).is_ok() {
         loop {
-            let req: Request = match read_message(&mut stream) {
+            let req: Request = match read_message(&mut reader) {
                 Ok(r) => r,
                 Err(IoError::Io(_)) => break,
                 Err(IoError::Protocol(e)) => {

@@ -60,12 +60,19 @@ impl Config {
     }
 }
 
+/// One pooled connection: the stream (for writes) and a buffered reader over a clone of it.
+#[derive(Debug)]
+struct Conn {
+    stream: UnixStream,
+    reader: std::io::BufReader<UnixStream>,
+}
+
 /// The connection pool of one C_Initialize.
 #[derive(Debug)]
 pub struct Client {
     cfg: Config,
     app: [u8; 16],
-    idle: Mutex<Vec<UnixStream>>,
+    idle: Mutex<Vec<Conn>>,
 }
 
 fn send_all(s: &UnixStream, mut buf: &[u8]) -> Result<(), CK_RV> {
@@ -81,10 +88,10 @@ fn send_all(s: &UnixStream, mut buf: &[u8]) -> Result<(), CK_RV> {
     Ok(())
 }
 
-fn exchange(s: &mut UnixStream, req: &Request) -> Result<Response, CK_RV> {
+fn exchange(c: &mut Conn, req: &Request) -> Result<Response, CK_RV> {
     let frame = frame_message(req).map_err(|_| cryptoki_sys::CKR_DATA_LEN_RANGE)?;
-    send_all(s, &frame)?;
-    match read_message::<_, Response>(s) {
+    send_all(&c.stream, &frame)?;
+    match read_message::<_, Response>(&mut c.reader) {
         Ok(r) => Ok(r),
         Err(IoError::Io(_)) => Err(CKR_DEVICE_ERROR),
         Err(IoError::Protocol(_)) => Err(CKR_DEVICE_ERROR),
@@ -109,10 +116,15 @@ impl Client {
         })
     }
 
-    fn connect(&self) -> Result<UnixStream, CK_RV> {
-        let mut s = UnixStream::connect(&self.cfg.socket).map_err(|_| CKR_DEVICE_REMOVED)?;
+    fn connect(&self) -> Result<Conn, CK_RV> {
+        let s = UnixStream::connect(&self.cfg.socket).map_err(|_| CKR_DEVICE_REMOVED)?;
         s.set_read_timeout(Some(self.cfg.timeout))
             .map_err(|_| CKR_DEVICE_ERROR)?;
+        let reader = std::io::BufReader::with_capacity(
+            64 * 1024,
+            s.try_clone().map_err(|_| CKR_DEVICE_ERROR)?,
+        );
+        let mut s = Conn { stream: s, reader };
         let r = exchange(
             &mut s,
             &Request::Hello {
@@ -133,7 +145,7 @@ impl Client {
         }
     }
 
-    fn put_back(&self, s: UnixStream) {
+    fn put_back(&self, s: Conn) {
         self.idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# VSM signing benchmark after seed 001 §5: OpenDNSSEC's ods-hsmspeed (RSA-1024/2048,
+# 1 and 8 threads, 10,000 signatures) and a multi-threaded cryptoki bench (ECDSA P-256,
+# Ed25519) against (a) libcaas_pkcs11.so talking to a crypto domain over its UNIX socket and
+# (b) SoftHSM2 in-process, in the same run. Prints sig/s and the ratio caas/SoftHSM2.
+#
+# Needs: softhsm2, libldns3 (apt); ods-hsmspeed comes from the libhsm-bin .deb, unpacked
+# without installing OpenDNSSEC's daemons (apt-get download + dpkg -x).
+# Usage: crates/caas-domc/bench/vsm-bench.sh [SIGNATURES] [SECONDS]
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+SIGS=${1:-10000}
+SECS=${2:-5}
+command -v softhsm2-util >/dev/null || { echo "install softhsm2" >&2; exit 1; }
+cargo build --release -q -p caas-domc -p caas-pkcs11 --example p11bench
+T=target/release
+TOOLS=target/bench-tools
+if [ ! -x "$TOOLS/usr/bin/ods-hsmspeed" ]; then
+  mkdir -p "$TOOLS"
+  (cd "$TOOLS" && apt-get download libhsm-bin >/dev/null 2>&1 && dpkg -x libhsm-bin_*.deb .)
+fi
+HSMSPEED="$TOOLS/usr/bin/ods-hsmspeed"
+ldd "$HSMSPEED" | grep -q "not found" && { echo "ods-hsmspeed needs libldns3: apt-get install libldns3" >&2; exit 1; }
+
+W=$(mktemp -d)
+DOMC_PID=
+cleanup() { [ -n "$DOMC_PID" ] && kill "$DOMC_PID" 2>/dev/null; rm -rf "$W"; }
+trap cleanup EXIT
+PIN=1234
+"$T/caas-domc" domc serve --state-dir "$W/domc" --socket "$W/domc.sock" --create-key --run-as 0:0 2>/dev/null &
+DOMC_PID=$!
+for _ in $(seq 100); do [ -S "$W/domc.sock" ] && break; sleep 0.05; done
+export CAAS_PKCS11_SOCKET="$W/domc.sock"
+CAAS="$PWD/$T/libcaas_pkcs11.so"
+pkcs11-tool --module "$CAAS" --init-token --label bench --so-pin 12345678 >/dev/null 2>&1
+pkcs11-tool --module "$CAAS" --init-pin --login --so-pin 12345678 --pin $PIN >/dev/null 2>&1
+mkdir -p "$W/soft/tokens"
+printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' "$W/soft/tokens" > "$W/soft/softhsm2.conf"
+export SOFTHSM2_CONF="$W/soft/softhsm2.conf"
+SOFT=/usr/lib/softhsm/libsofthsm2.so
+softhsm2-util --init-token --free --label bench --so-pin 12345678 --pin $PIN >/dev/null
+
+conf() { # NAME MODULE
+  cat <<XML
+<?xml version="1.0" encoding="UTF-8"?>
+<Configuration>
+  <RepositoryList><Repository name="$1"><Module>$2</Module><TokenLabel>bench</TokenLabel><PIN>$PIN</PIN></Repository></RepositoryList>
+  <Common><Logging><Syslog><Facility>local0</Facility></Syslog></Logging><PolicyFile>/dev/null</PolicyFile><ZoneListFile>/dev/null</ZoneListFile></Common>
+  <Enforcer><Datastore><SQLite>$W/kasp.db</SQLite></Datastore></Enforcer>
+  <Signer><WorkingDirectory>$W</WorkingDirectory></Signer>
+</Configuration>
+XML
+}
+conf caas "$CAAS" > "$W/caas.xml"
+conf softhsm "$SOFT" > "$W/soft.xml"
+
+hsmspeed() { # REPO CONF BITS THREADS -> sig/s or "refused"
+  local out
+  out=$("$HSMSPEED" -c "$2" -r "$1" -s "$3" -t "$4" -i $((SIGS / $4)) 2>&1 | tail -1)
+  if [[ "$out" =~ ([0-9.]+)\ sig/s ]]; then echo "${BASH_REMATCH[1]}"; else echo "refused"; fi
+}
+ratio() { if [[ "$1" == refused || "$2" == refused ]]; then echo "-"; else echo "scale=2; $1 / $2" | bc; fi; }
+
+echo "# $(date -u +%FT%TZ) $(nproc) CPUs, load: $(cut -d' ' -f1-3 /proc/loadavg)"
+printf '%-30s %12s %12s %8s\n' benchmark caas softhsm2 ratio
+for bits in 1024 2048; do
+  for t in 1 8; do
+    c=$(hsmspeed caas "$W/caas.xml" $bits $t)
+    s=$(hsmspeed softhsm "$W/soft.xml" $bits $t)
+    printf '%-30s %12s %12s %8s\n' "ods-hsmspeed RSA-$bits ${t}t" "$c" "$s" "$(ratio "$c" "$s")"
+  done
+done
+for m in ecdsa-p256 ed25519; do
+  for t in 1 8; do
+    c=$("$T/examples/p11bench" "$CAAS" bench $PIN $m $t "$SECS" | awk '{print $3}')
+    s=$("$T/examples/p11bench" "$SOFT" bench $PIN $m $t "$SECS" | awk '{print $3}')
+    printf '%-30s %12s %12s %8s\n' "cryptoki $m ${t}t" "$c" "$s" "$(ratio "$c" "$s")"
+  done
+done
+echo "(RSA-1024 is refused by caas by policy: keys below 2048 bits are not generated.)"
