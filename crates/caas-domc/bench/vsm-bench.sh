@@ -12,9 +12,10 @@ cd "$(dirname "$0")/../../.."
 SIGS=${1:-10000}
 SECS=${2:-5}
 command -v softhsm2-util >/dev/null || { echo "install softhsm2" >&2; exit 1; }
-cargo build --release -q -p caas-domc -p caas-pkcs11 --example p11bench
-T=target/release
-TOOLS=target/bench-tools
+# Binaries: $CARGO_TARGET_DIR (default target)/release; SKIP_BUILD=1 uses them as they are.
+T=${CARGO_TARGET_DIR:-target}/release
+[ "${SKIP_BUILD:-}" = 1 ] || cargo build --release -q -p caas-domc -p caas-pkcs11 --example p11bench
+TOOLS=${CARGO_TARGET_DIR:-target}/bench-tools
 if [ ! -x "$TOOLS/usr/bin/ods-hsmspeed" ]; then
   mkdir -p "$TOOLS"
   (cd "$TOOLS" && apt-get download libhsm-bin >/dev/null 2>&1 && dpkg -x libhsm-bin_*.deb .)
@@ -31,7 +32,7 @@ PIN=1234
 DOMC_PID=$!
 for _ in $(seq 100); do [ -S "$W/domc.sock" ] && break; sleep 0.05; done
 export CAAS_PKCS11_SOCKET="$W/domc.sock"
-CAAS="$PWD/$T/libcaas_pkcs11.so"
+CAAS="$(realpath "$T/libcaas_pkcs11.so")"
 pkcs11-tool --module "$CAAS" --init-token --label bench --so-pin 12345678 >/dev/null 2>&1
 pkcs11-tool --module "$CAAS" --init-pin --login --so-pin 12345678 --pin $PIN >/dev/null 2>&1
 mkdir -p "$W/soft/tokens"

@@ -100,6 +100,13 @@ pub fn start(dir: &Path, exe: &Path) -> Result<DevDomain, Error> {
     let state = dir.join("domc");
     std::fs::create_dir_all(&state).map_err(Error::io("create", &state))?;
     let socket = dir.join("domc.sock");
+    // Dev mode runs the domain as the invoking user (a root `caas dev` would otherwise hand
+    // the state to nobody inside a directory nobody cannot reach).
+    let ids = format!(
+        "{}:{}",
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw()
+    );
     let child = Command::new(exe)
         .args([
             "domc",
@@ -107,8 +114,10 @@ pub fn start(dir: &Path, exe: &Path) -> Result<DevDomain, Error> {
             "--create-key",
             "--socket-mode",
             "600",
-            "--state-dir",
+            "--run-as",
+            &ids,
         ])
+        .arg("--state-dir")
         .arg(&state)
         .arg("--socket")
         .arg(&socket)

@@ -59,6 +59,18 @@ pub fn drop_privileges(
     for p in paths {
         chown_tree(p, uid, gid)?;
     }
+    // mlockall(MCL_FUTURE) stays in force after the switch; without a lifted limit every
+    // later allocation (thread stacks, buffers) of the unprivileged process would fail.
+    // Where the limit cannot be lifted (no CAP_SYS_RESOURCE, e.g. in containers), keep the
+    // pages locked now but stop locking future mappings.
+    use nix::sys::mman::{MlockAllFlags, mlockall, munlockall};
+    use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit, setrlimit};
+    let _ = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY);
+    if getrlimit(Resource::RLIMIT_MEMLOCK).map(|(soft, _)| soft) != Ok(RLIM_INFINITY) {
+        tracing::warn!("RLIMIT_MEMLOCK cannot be lifted: locking current memory only");
+        let _ = munlockall();
+        let _ = mlockall(MlockAllFlags::MCL_CURRENT);
+    }
     nix::unistd::setgroups(&[]).map_err(|e| Error::Harden(format!("setgroups: {e}")))?;
     nix::unistd::setresgid(gid.into(), gid.into(), gid.into())
         .map_err(|e| Error::Harden(format!("setresgid: {e}")))?;
