@@ -68,7 +68,9 @@ pub fn serve_conn(domain: &Domain, mut stream: UnixStream) {
                     break;
                 }
             };
+            tracing::trace!(?req, "request");
             let resp = domain.handle(&app, req);
+            tracing::trace!(rv = resp.rv, "response");
             if write_message(&mut stream, &resp).is_err() {
                 break;
             }
