@@ -126,7 +126,7 @@ impl AuditLog {
         t.last_flush = std::time::Instant::now();
     }
 
-    /// Starts a thread that flushes buffered records every [`FLUSH_INTERVAL`].
+    /// Starts a thread that flushes buffered records every 100 ms.
     pub fn start_flusher(self: &std::sync::Arc<Self>) {
         let weak = std::sync::Arc::downgrade(self);
         let _ = std::thread::Builder::new()

@@ -23,6 +23,34 @@ fn pkcs11_tool_token_lifecycle_keys_and_mechanisms() -> Result<()> {
     let t = || caas_tool(&dom);
 
     has(&ok(t()?.arg("-I"))?, "caas VSM PKCS#11 module")?;
+    // The same through a config file named by CAAS_PKCS11_CONFIG.
+    std::fs::write(
+        w("p11.toml"),
+        format!(
+            "socket = {:?}\ntimeout_secs = 30\n",
+            dom.socket.display().to_string()
+        ),
+    )?;
+    has(
+        &ok(Command::new("pkcs11-tool")
+            .env_remove("CAAS_PKCS11_SOCKET")
+            .env("CAAS_PKCS11_CONFIG", w("p11.toml"))
+            .arg("--module")
+            .arg(module()?)
+            .arg("-L"))?,
+        "caas crypto domain slot 0",
+    )?;
+    // Without any configuration C_Initialize fails cleanly (no crash).
+    let unconfigured = run(Command::new("pkcs11-tool")
+        .env_remove("CAAS_PKCS11_SOCKET")
+        .env_remove("CAAS_PKCS11_CONFIG")
+        .arg("--module")
+        .arg(module()?)
+        .arg("-L"))?;
+    ensure!(
+        unconfigured.status.code() == Some(1),
+        "unconfigured module: {unconfigured:?}"
+    );
     has(&ok(t()?.arg("-L"))?, "uninitialized")?;
     ok(t()?.args(["--init-token", "--label", "e2e", "--so-pin", SO_PIN]))?;
     ok(t()?.args(["--init-pin", "--login", "--so-pin", SO_PIN, "--pin", "1111"]))?;

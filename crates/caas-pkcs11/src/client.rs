@@ -19,7 +19,7 @@ use std::time::Duration;
 /// Raw config file (`CAAS_PKCS11_CONFIG`, TOML).
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawConfig {
+pub(crate) struct RawConfig {
     /// Socket of the crypto domain.
     socket: PathBuf,
     /// Seconds to wait for one answer (default 300).
@@ -73,6 +73,7 @@ pub struct Client {
     cfg: Config,
     app: [u8; 16],
     idle: Mutex<Vec<Conn>>,
+    pid: u32,
 }
 
 fn send_all(s: &UnixStream, mut buf: &[u8]) -> Result<(), CK_RV> {
@@ -113,6 +114,7 @@ impl Client {
             cfg,
             app,
             idle: Mutex::new(Vec::new()),
+            pid: std::process::id(),
         })
     }
 
@@ -152,8 +154,18 @@ impl Client {
             .push(s);
     }
 
+    /// Whether this pool was created by the current process (a forked child must call
+    /// C_Initialize itself and never share the parent's connections).
+    #[must_use]
+    pub fn owned_by_this_process(&self) -> bool {
+        self.pid == std::process::id()
+    }
+
     /// Sends one request and returns the response.
     pub fn call(&self, req: &Request) -> Result<Response, CK_RV> {
+        if !self.owned_by_this_process() {
+            return Err(cryptoki_sys::CKR_CRYPTOKI_NOT_INITIALIZED);
+        }
         let pooled = self
             .idle
             .lock()
@@ -166,5 +178,18 @@ impl Client {
         let r = exchange(&mut s, req)?;
         self.put_back(s);
         Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_unknown_keys_are_refused() {
+        let raw: Result<RawConfig, _> = toml::from_str(include_str!("../caas-pkcs11.toml.example"));
+        assert!(raw.is_ok(), "{raw:?}");
+        let bad: Result<RawConfig, _> = toml::from_str("socket = \"/x\"\nsokcet = 1\n");
+        assert!(bad.is_err());
     }
 }

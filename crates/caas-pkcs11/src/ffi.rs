@@ -29,6 +29,7 @@ fn client() -> Result<Arc<Client>, Rv> {
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone()
+        .filter(|c| c.owned_by_this_process())
         .ok_or(CKR_CRYPTOKI_NOT_INITIALIZED)
 }
 
@@ -395,7 +396,8 @@ export! {
             }
         }
         let mut st = STATE.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if st.is_some() {
+        // A forked child inherits the parent's state but must initialise its own.
+        if st.as_ref().is_some_and(|c| c.owned_by_this_process()) {
             return Err(CKR_CRYPTOKI_ALREADY_INITIALIZED);
         }
         let cfg = Config::from_env().map_err(|e| {
