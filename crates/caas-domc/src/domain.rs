@@ -524,6 +524,10 @@ impl Domain {
                 if lock(&app.login).remove(&slot).is_none() {
                     return Err(Ckr(CKR_USER_NOT_LOGGED_IN));
                 }
+                // PKCS#11: logging out destroys the application's private session objects.
+                self.token(slot)?
+                    .write_objects()
+                    .retain(|_, o| !(o.owner.is_some_and(|ow| ow.app == app.id) && o.is_private()));
                 self.audit(app, "C_Logout", slot, None, None, 0);
                 Response::ok(Body::Empty {})
             }

@@ -221,6 +221,18 @@ fn token_rules_hold() -> Result<()> {
         Ok(())
     })?;
 
+    // Logging out destroys private session objects: the handle is dead after re-login.
+    let ephemeral = aes_key(&s, &[Attribute::Private(true)])?;
+    s.logout()?;
+    s.login(UserType::User, Some(&AuthPin::new(USER_PIN.into())))?;
+    let e = s
+        .get_attribute_info(ephemeral, &[AttributeType::Label])
+        .err();
+    ensure!(
+        e.as_ref().and_then(rv) == Some(RvError::ObjectHandleInvalid),
+        "private session object survived logout: {e:?}"
+    );
+
     // Wrong PINs lock the user PIN after the retry limit (3 here), also for the right PIN.
     s.logout()?;
     for i in 0..3 {
