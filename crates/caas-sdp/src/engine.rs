@@ -66,31 +66,54 @@ pub struct ScanReport {
     pub bad_count: u64,
 }
 
-/// A small pool of IO buffers so the hot path does not allocate per request.
+/// A small pool of IO buffers so the hot path does not allocate (or zero-fill) per
+/// request. Buffers keep their full length; a [`PoolBuf`] exposes the requested prefix.
 #[derive(Debug, Default)]
 pub struct BufPool {
     bufs: Mutex<Vec<Vec<u8>>>,
 }
 
+/// A buffer from a [`BufPool`]: derefs to exactly the requested number of bytes.
+#[derive(Debug)]
+pub struct PoolBuf {
+    v: Vec<u8>,
+    len: usize,
+}
+
+impl std::ops::Deref for PoolBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.v[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for PoolBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.v[..self.len]
+    }
+}
+
 impl BufPool {
-    /// A buffer of exactly `len` bytes (contents unspecified).
-    pub fn get(&self, len: usize) -> Vec<u8> {
-        let mut v = self
-            .bufs
-            .lock()
-            .ok()
-            .and_then(|mut b| b.pop())
-            .unwrap_or_default();
-        v.resize(len, 0);
-        v
+    /// A buffer of `len` bytes (contents unspecified: callers overwrite it fully).
+    pub fn get(&self, len: usize) -> PoolBuf {
+        let found = self.bufs.lock().ok().and_then(|mut b| {
+            let i = b
+                .iter()
+                .rposition(|v| v.len() >= len && v.len() <= len.saturating_mul(4).max(64 << 10))?;
+            Some(b.swap_remove(i))
+        });
+        PoolBuf {
+            v: found.unwrap_or_else(|| vec![0u8; len]),
+            len,
+        }
     }
     /// Returns a buffer to the pool.
-    pub fn put(&self, v: Vec<u8>) {
-        if v.capacity() <= (33 << 20)
-            && let Ok(mut b) = self.bufs.lock()
-            && b.len() < 256
+    pub fn put(&self, b: PoolBuf) {
+        if b.v.len() <= (33 << 20)
+            && let Ok(mut bufs) = self.bufs.lock()
+            && bufs.len() < 256
         {
-            b.push(v);
+            bufs.push(b.v);
         }
     }
 }

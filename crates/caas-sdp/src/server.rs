@@ -5,6 +5,7 @@
 //! its replies only blocks its own connection.
 use crate::Error;
 use crate::engine::Backend;
+use crate::engine::PoolBuf;
 use caas_nbd::handshake::{self as hs, ClientOption, OptionReply};
 use caas_nbd::transmission::{self as tx, Command, ExportLimits, Request, cmdflags};
 use caas_nbd::{opt, rep, tflags};
@@ -12,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Mutex, Semaphore};
 
 /// Server settings.
@@ -103,10 +104,14 @@ pub async fn serve(
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
             r = accept(&listener) => match r {
-                Ok(Conn::Unix(s)) => spawn_conn(s, backend.clone(), cfg.clone()),
+                Ok(Conn::Unix(s)) => {
+                    let (r, w) = s.into_split();
+                    spawn_conn(r, w, backend.clone(), cfg.clone())
+                }
                 Ok(Conn::Tcp(s)) => {
                     let _ = s.set_nodelay(true);
-                    spawn_conn(s, backend.clone(), cfg.clone())
+                    let (r, w) = s.into_split();
+                    spawn_conn(r, w, backend.clone(), cfg.clone())
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -129,13 +134,14 @@ async fn accept(l: &Listener) -> std::io::Result<Conn> {
     }
 }
 
-fn spawn_conn<S: AsyncRead + AsyncWrite + Send + 'static>(
-    s: S,
-    backend: Backend,
-    cfg: Arc<ServerConfig>,
-) {
+/// Spawns a connection handler over the two (owned, lock-free) halves of a stream.
+pub fn spawn_conn<R, W>(r: R, w: W, backend: Backend, cfg: Arc<ServerConfig>)
+where
+    R: AsyncRead + Send + Unpin + 'static,
+    W: AsyncWrite + Send + Unpin + 'static,
+{
     tokio::spawn(async move {
-        if let Err(e) = handle_conn(s, backend, cfg).await {
+        if let Err(e) = handle_conn(r, w, backend, cfg).await {
             tracing::debug!(error = %e, "NBD connection ended with an error");
         }
     });
@@ -294,12 +300,16 @@ const HEADROOM: usize = tx::CHUNK_HEADER_LEN + 8;
 /// Largest rejected WRITE payload we read and discard instead of disconnecting.
 const MAX_DRAIN: u32 = 64 << 20;
 
-async fn handle_conn<S: AsyncRead + AsyncWrite + Send + 'static>(
-    stream: S,
+async fn handle_conn<R, W>(
+    mut r: R,
+    mut w: W,
     backend: Backend,
     cfg: Arc<ServerConfig>,
-) -> Result<(), Error> {
-    let (mut r, mut w) = tokio::io::split(stream);
+) -> Result<(), Error>
+where
+    R: AsyncRead + Send + Unpin + 'static,
+    W: AsyncWrite + Send + Unpin + 'static,
+{
     let neg = match tokio::time::timeout(
         cfg.handshake_timeout,
         handshake(&mut r, &mut w, &backend, &cfg),
@@ -361,10 +371,10 @@ async fn handle_conn<S: AsyncRead + AsyncWrite + Send + 'static>(
         if req.command == Command::Disconnect {
             break Ok(());
         }
-        let mut payload = Vec::new();
+        let mut payload = None;
         if req.command == Command::Write {
-            payload = backend.pool().get(req.length as usize);
-            if let Err(e) = r.read_exact(&mut payload).await {
+            let payload = payload.insert(backend.pool().get(req.length as usize));
+            if let Err(e) = r.read_exact(payload).await {
                 break Err(Error::io("read write payload")(e));
             }
         }
@@ -399,11 +409,11 @@ async fn send_error<W: AsyncWrite + Unpin>(
     w.lock().await.write_all(&out).await
 }
 
-async fn execute<W: AsyncWrite>(
+async fn execute<W: AsyncWrite + Unpin>(
     backend: &Backend,
-    w: &Mutex<WriteHalf<W>>,
+    w: &Mutex<W>,
     req: Request,
-    mut payload: Vec<u8>,
+    payload: Option<PoolBuf>,
     structured: bool,
 ) -> std::io::Result<()> {
     let fua = req.flags & cmdflags::FUA != 0;
@@ -441,11 +451,14 @@ async fn execute<W: AsyncWrite>(
             backend.pool().put(buf);
             return out;
         }
-        Command::Write => {
-            let r = backend.write(req.offset, &mut payload, fua).await;
-            backend.pool().put(payload);
-            r
-        }
+        Command::Write => match payload {
+            Some(mut p) => {
+                let r = backend.write(req.offset, &mut p, fua).await;
+                backend.pool().put(p);
+                r
+            }
+            None => Ok(()),
+        },
         Command::Flush => backend.flush().await,
         Command::WriteZeroes if req.flags & cmdflags::FAST_ZERO != 0 => {
             // Zeroing costs as much as writing here (blocks are sealed), so a fast zero

@@ -116,7 +116,11 @@ async fn flipping_any_byte_of_a_block_or_its_metadata_fails_exactly_that_block()
                 .filter(|o| o / SLOT_SIZE as u64 >= 3 || !superseded(o / SLOT_SIZE as u64))
                 .map(|o| entry + o),
         );
-        assert!(positions.len() >= 68 + 64, "block {block}: only {} positions", positions.len());
+        assert!(
+            positions.len() >= 68 + 64,
+            "block {block}: only {} positions",
+            positions.len()
+        );
         for pos in positions {
             flip(&path, pos);
             let bad = failing_blocks(&path, &expect).await;
