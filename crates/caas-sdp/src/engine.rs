@@ -31,6 +31,9 @@ const STRIPES: usize = 1024;
 const RESERVE_STEP: u64 = 1 << 24;
 /// Blocks per chunk in scans, creation and large zeroing.
 const CHUNK_BLOCKS: u64 = 2048;
+/// Learn all blocks' slot state at open when the metadata area is at most this big
+/// (2 GiB of metadata = a 64 GiB volume); larger volumes learn it block by block.
+const EAGER_STATE_MAX_META: u64 = 2 << 30;
 /// Block state bits: known, current slot (bits 0-1), committed slot (bits 2-3).
 const KNOWN: u8 = 0x80;
 
@@ -300,6 +303,9 @@ impl Volume {
             })
             .await?;
             vol.reserved.store(start + RESERVE_STEP, Ordering::SeqCst);
+            if layout.blocks * ENTRY_SIZE as u64 <= EAGER_STATE_MAX_META {
+                vol.load_slot_state().await?;
+            }
         }
         Ok((vol, report))
     }
@@ -511,8 +517,66 @@ impl Volume {
     /// Seals and writes whole blocks `b0..b0+n` from `data` (encrypted in place), or makes
     /// them read as zeroes when `data` is `None`. Caller holds the stripe locks and the
     /// shared barrier.
+    /// Learns every block's current slot from the metadata area (one sequential read), so
+    /// single-block writes need not read their entry first.
+    async fn load_slot_state(&self) -> Result<(), Error> {
+        let mut meta = Vec::new();
+        let mut b0 = 0;
+        while b0 < self.layout.blocks {
+            let n = (CHUNK_BLOCKS * 8).min(self.layout.blocks - b0) as usize;
+            meta.resize(n * ENTRY_SIZE, 0);
+            self.store
+                .read_at(self.layout.entry_offset(b0), &mut meta)
+                .await?;
+            for i in 0..n {
+                let e = Entry::decode_slice(&meta[i * ENTRY_SIZE..(i + 1) * ENTRY_SIZE]);
+                if let Some(k) = e.newest() {
+                    let k = k as u8;
+                    self.state[b0 as usize + i].store(KNOWN | k | (k << 2), Ordering::SeqCst);
+                }
+            }
+            b0 += n as u64;
+        }
+        Ok(())
+    }
+
+    /// The fast path of a single-block write whose slot state is known: seal, write the
+    /// target slot (32 bytes) and then the block, without reading the entry.
+    async fn write_one_known(&self, index: u64, st: u8, buf: &mut [u8]) -> Result<(), Error> {
+        let (cur, com) = ((st & 3) as usize, ((st >> 2) & 3) as usize);
+        let target = (0..caas_volume::SLOTS)
+            .find(|&t| t != cur && t != com)
+            .unwrap_or(0);
+        let first = self.alloc_counters(1).await?;
+        let nonce = block_nonce(first, self.salt);
+        let tag = self.cipher.seal_block(index, nonce, buf)?;
+        let slot = Slot {
+            nonce,
+            kind: SlotKind::Data,
+            tag,
+        };
+        let at = self.layout.entry_offset(index) + (target * SLOT_SIZE) as u64;
+        self.store.write_at(at, &slot.encode()).await?;
+        self.store
+            .write_at(self.layout.block_offset(index), buf)
+            .await?;
+        self.state[index as usize]
+            .store(KNOWN | target as u8 | ((com as u8) << 2), Ordering::SeqCst);
+        self.dirty
+            .lock()
+            .map_err(|_| Error::Config("poisoned".into()))?
+            .push((index, target as u8));
+        Ok(())
+    }
+
     async fn write_blocks_locked(&self, b0: u64, buf: &mut [u8]) -> Result<(), Error> {
         let n = (buf.len() / BS) as u64;
+        if n == 1 {
+            let st = self.state[b0 as usize].load(Ordering::SeqCst);
+            if st & KNOWN != 0 {
+                return self.write_one_known(b0, st, buf).await;
+            }
+        }
         let mut meta = self.pool.get(n as usize * ENTRY_SIZE);
         let res = async {
             self.store
