@@ -153,11 +153,25 @@ pub struct AssignProfile {
     pub profile: String,
 }
 
-/// The registrar/verifier router (see the module doc for the routes).
+/// The whole registrar/verifier API: [`host_router`] merged with [`admin_router`].
 pub fn router<S: AttestStore, E: EvidenceSource>(state: Arc<AttestState<S, E>>) -> Router {
+    host_router(state.clone()).merge(admin_router(state))
+}
+
+/// Routes for host agents (enrollment). Not behind operator authentication: the
+/// Privacy-CA protocol (EK certificate + credential activation) is the authentication.
+pub fn host_router<S: AttestStore, E: EvidenceSource>(state: Arc<AttestState<S, E>>) -> Router {
     Router::new()
         .route("/v1/attest/enroll", post(enroll_start::<S, E>))
         .route("/v1/attest/enroll/finish", post(enroll_finish::<S, E>))
+        .layer(DefaultBodyLimit::max(1 << 20))
+        .with_state(state)
+}
+
+/// Operator routes (hosts, attestations, profiles): mount behind the key service's
+/// authentication, which may insert a [`Principal`] extension for the audit trail.
+pub fn admin_router<S: AttestStore, E: EvidenceSource>(state: Arc<AttestState<S, E>>) -> Router {
+    Router::new()
         .route("/v1/attest/hosts", get(hosts_list::<S, E>))
         .route("/v1/attest/hosts/{name}", get(host_get::<S, E>))
         .route("/v1/attest/hosts/{name}/attest", post(host_attest::<S, E>))
@@ -170,7 +184,7 @@ pub fn router<S: AttestStore, E: EvidenceSource>(state: Arc<AttestState<S, E>>) 
             "/v1/attest/profiles/{name}",
             get(profile_get::<S, E>).put(profile_update::<S, E>),
         )
-        .layer(DefaultBodyLimit::max(32 << 20))
+        .layer(DefaultBodyLimit::max(1 << 20))
         .with_state(state)
 }
 
