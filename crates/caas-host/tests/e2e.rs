@@ -485,7 +485,7 @@ async fn tpm2_tools_cross_check() {
     );
     assert!(out.status.success());
     // And tpm2_checkquote rejects it for another nonce.
-    let bad = std::process::Command::new("tpm2_checkquote")
+    let bad = caas_tpm::swtpm::command_without_inherited_fds("tpm2_checkquote")
         .args([
             "-u",
             "caas-ak.pem",

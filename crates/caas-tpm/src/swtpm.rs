@@ -9,6 +9,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A `Command` for `program` that starts with no inherited file descriptors beyond
+/// stdin/stdout/stderr. libtss2 opens its TPM sockets without close-on-exec, so a child
+/// (swtpm, tpm2-tools) spawned while a TPM connection is open would keep that connection
+/// alive; swtpm serves one connection at a time and would then block everyone else.
+pub fn command_without_inherited_fds(program: &str) -> Command {
+    let mut c = Command::new("bash");
+    c.arg("-c")
+        .arg(r#"for p in /proc/$$/fd/*; do n=${p##*/}; if [ "$n" -gt 2 ]; then eval "exec $n>&-"; fi; done 2>/dev/null; exec "$0" "$@""#)
+        .arg(program);
+    c
+}
+
 fn tool_err(tool: &str, e: impl std::fmt::Display) -> Error {
     Error::Unexpected(format!(
         "{tool}: {e} (install the Debian packages swtpm and swtpm-tools)"
@@ -76,7 +88,7 @@ impl LocalCa {
     pub fn provision(&self, state_dir: &Path) -> Result<(), Error> {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| Error::Unexpected(format!("create {}: {e}", state_dir.display())))?;
-        let out = Command::new("swtpm_setup")
+        let out = command_without_inherited_fds("swtpm_setup")
             .arg("--tpm2")
             .arg("--tpmstate")
             .arg(state_dir)
@@ -137,7 +149,7 @@ impl Swtpm {
         let mut last = String::new();
         for _ in 0..5 {
             let (port, ctrl_port) = free_port_pair()?;
-            let mut child = Command::new("swtpm")
+            let mut child = command_without_inherited_fds("swtpm")
                 .args(["socket", "--tpm2", "--tpmstate"])
                 .arg(format!("dir={}", state_dir.display()))
                 .args([

@@ -87,7 +87,7 @@ pub async fn env(
 
 /// Runs a tpm2-tools command against `tcti`; panics with an install hint if missing.
 pub fn tpm2(tcti: &str, tool: &str, args: &[&str], cwd: &std::path::Path) -> std::process::Output {
-    let out = std::process::Command::new(tool)
+    let out = caas_tpm::swtpm::command_without_inherited_fds(tool)
         .args(args)
         .env("TPM2TOOLS_TCTI", tcti)
         .env("TSS2_LOG", "all+none")
