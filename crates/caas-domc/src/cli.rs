@@ -23,8 +23,21 @@ pub struct ServeArgs {
     #[arg(long, env = "CAAS_DOMC_STATE_DIR")]
     pub state_dir: PathBuf,
     /// UNIX socket to serve on.
-    #[arg(long, env = "CAAS_DOMC_SOCKET")]
-    pub socket: PathBuf,
+    #[arg(long, env = "CAAS_DOMC_SOCKET", required_unless_present = "tcp")]
+    pub socket: Option<PathBuf>,
+    /// Also (or only) serve TLS on this TCP address (HOST:PORT), e.g. when the crypto domain
+    /// runs as its own VM; needs --tls-cert and --tls-key.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tcp: Option<String>,
+    /// TLS server certificate chain (PEM).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS server private key (PEM).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates issued by this CA (PEM): mutual TLS.
+    #[arg(long)]
+    pub tls_client_ca: Option<PathBuf>,
     /// Read the 32-byte domain key from this inherited file descriptor instead of
     /// STATE_DIR/domain.key.
     #[arg(long)]
@@ -98,17 +111,56 @@ fn serve(a: ServeArgs) -> Result<(), Error> {
         max_pin_retries: a.max_pin_retries,
     };
     let domain = Arc::new(Domain::open(&cfg, key)?);
-    let listener = crate::server::bind(&a.socket, a.socket_mode)?;
-    report.dropped_to =
-        crate::harden::drop_privileges(a.run_as, &[a.state_dir.as_path(), a.socket.as_path()])?;
+    let listener = match &a.socket {
+        Some(p) => Some(crate::server::bind(p, a.socket_mode)?),
+        None => None,
+    };
+    let tls = match (&a.tcp, &a.tls_cert, &a.tls_key) {
+        (Some(addr), Some(cert), Some(key)) => {
+            let cfg = crate::server::tls_config(cert, key, a.tls_client_ca.as_deref())?;
+            let l = std::net::TcpListener::bind(addr)
+                .map_err(|e| Error::Config(format!("binding {addr}: {e}")))?;
+            Some((l, cfg))
+        }
+        _ => None,
+    };
+    let mut owned: Vec<&std::path::Path> = vec![a.state_dir.as_path()];
+    if let Some(p) = &a.socket {
+        owned.push(p);
+    }
+    report.dropped_to = crate::harden::drop_privileges(a.run_as, &owned)?;
     if !a.no_seccomp {
         crate::harden::harden_seccomp()?;
     }
-    tracing::info!(socket = %a.socket.display(), ?report, seccomp = !a.no_seccomp, "crypto domain serving");
+    tracing::info!(?report, seccomp = !a.no_seccomp, "crypto domain serving");
     eprintln!(
-        "caas domc: serving {} (state {})",
-        a.socket.display(),
+        "caas domc: serving {}{} (state {})",
+        a.socket
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        a.tcp
+            .as_ref()
+            .map(|t| format!(" tls://{t}"))
+            .unwrap_or_default(),
         a.state_dir.display()
     );
-    crate::server::serve(domain, listener)
+    match (listener, tls) {
+        (Some(l), Some((t, cfg))) => {
+            let d = domain.clone();
+            std::thread::Builder::new()
+                .name("vsm-tls-accept".into())
+                .spawn(move || crate::server::serve_tls(d, t, cfg))
+                .map_err(|e| Error::Config(format!("TLS thread: {e}")))?;
+            crate::server::serve(domain, l)
+        }
+        (Some(l), None) => crate::server::serve(domain, l),
+        (None, Some((t, cfg))) => {
+            crate::server::serve_tls(domain, t, cfg);
+            Ok(())
+        }
+        (None, None) => Err(Error::Config(
+            "nothing to serve: give --socket or --tcp".into(),
+        )),
+    }
 }

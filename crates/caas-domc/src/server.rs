@@ -1,13 +1,16 @@
-//! The VSM server: accepts connections on a UNIX socket and serves each on its own thread
-//! (crypto is CPU-bound and blocking; one thread per pooled module connection lets calls on
-//! different connections run in parallel). Each connection starts with `Hello`; a malformed
-//! frame closes that connection only.
+//! The VSM server: accepts connections on a UNIX socket or on TCP with TLS (for a crypto
+//! domain running as its own micro-VM) and serves each on its own thread (crypto is
+//! CPU-bound and blocking; one thread per pooled module connection lets calls on different
+//! connections run in parallel). Each connection starts with `Hello`; a malformed frame
+//! closes that connection only.
 
 use crate::domain::Domain;
 use crate::error::Error;
 use caas_vsm_proto::blocking::{IoError, read_message, write_message};
 use caas_vsm_proto::{PROTOCOL_VERSION, Request, Response};
 use cryptoki_sys::CKR_GENERAL_ERROR;
+use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -43,24 +46,116 @@ pub fn serve(domain: Arc<Domain>, listener: UnixListener) -> Result<(), Error> {
     Ok(())
 }
 
-/// Serves one connection until it closes.
-pub fn serve_conn(domain: &Domain, mut stream: UnixStream) {
-    // Buffered reads: one syscall usually brings a whole frame (header and body).
+/// A UNIX stream with buffered reads: one syscall usually brings a whole frame.
+struct Buffered {
+    reader: std::io::BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Read for Buffered {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.reader.read(buf)
+    }
+}
+
+impl Write for Buffered {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.writer.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.writer.flush()
+    }
+}
+
+/// Serves one UNIX-socket connection until it closes.
+pub fn serve_conn(domain: &Domain, stream: UnixStream) {
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
-    let mut reader = std::io::BufReader::with_capacity(64 * 1024, read_half);
-    let app = match read_message::<_, Request>(&mut reader) {
+    let mut s = Buffered {
+        reader: std::io::BufReader::with_capacity(64 * 1024, read_half),
+        writer: stream,
+    };
+    serve_stream(domain, &mut s);
+}
+
+/// Builds the TLS server configuration: certificate chain and key (PEM), and optionally the
+/// CA that client certificates must chain to (mutual TLS).
+pub fn tls_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let pem = |what: &str, e: rustls::pki_types::pem::Error| Error::Config(format!("{what}: {e}"));
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| pem("TLS certificate", e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem("TLS certificate", e))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem("TLS key", e))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).map_err(|e| pem("client CA", e))? {
+                roots
+                    .add(c.map_err(|e| pem("client CA", e))?)
+                    .map_err(|e| Error::Config(format!("client CA: {e}")))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| Error::Config(format!("client CA: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let cfg = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| Error::Config(format!("TLS certificate/key: {e}")))?;
+    Ok(Arc::new(cfg))
+}
+
+/// Serves TLS connections on a TCP listener forever.
+pub fn serve_tls(domain: Arc<Domain>, listener: TcpListener, cfg: Arc<rustls::ServerConfig>) {
+    for conn in listener.incoming() {
+        let Ok(tcp) = conn else { continue };
+        let _ = tcp.set_nodelay(true);
+        let (d, cfg) = (domain.clone(), cfg.clone());
+        let spawned = std::thread::Builder::new()
+            .name("vsm-tls".into())
+            .spawn(move || {
+                let Ok(tls) = rustls::ServerConnection::new(cfg) else {
+                    return;
+                };
+                let mut s = rustls::StreamOwned::new(tls, tcp);
+                serve_stream(&d, &mut s);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start connection thread");
+        }
+    }
+}
+
+/// Serves one established stream (any transport) until it closes.
+fn serve_stream<S: Read + Write>(domain: &Domain, stream: &mut S) {
+    let app = match read_message::<_, Request>(stream) {
         Ok(Request::Hello { version, app }) if version == PROTOCOL_VERSION => app,
         Ok(_) | Err(_) => {
-            let _ = write_message(&mut stream, &Response::rv(CKR_GENERAL_ERROR));
+            let _ = write_message(stream, &Response::rv(CKR_GENERAL_ERROR));
             return;
         }
     };
     let app = domain.attach(app);
-    if write_message(&mut stream, &Response::ok(caas_vsm_proto::Body::Empty {})).is_ok() {
+    if write_message(stream, &Response::ok(caas_vsm_proto::Body::Empty {})).is_ok() {
         loop {
-            let req: Request = match read_message(&mut reader) {
+            let req: Request = match read_message(stream) {
                 Ok(r) => r,
                 Err(IoError::Io(_)) => break,
                 Err(IoError::Protocol(e)) => {
@@ -71,7 +166,7 @@ pub fn serve_conn(domain: &Domain, mut stream: UnixStream) {
             tracing::trace!(?req, "request");
             let resp = domain.handle(&app, req);
             tracing::trace!(rv = resp.rv, "response");
-            if write_message(&mut stream, &resp).is_err() {
+            if write_message(stream, &resp).is_err() {
                 break;
             }
         }

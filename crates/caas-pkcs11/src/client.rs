@@ -13,24 +13,50 @@ use nix::sys::socket::{MsgFlags, send};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Raw config file (`CAAS_PKCS11_CONFIG`, TOML).
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawConfig {
-    /// Socket of the crypto domain.
-    socket: PathBuf,
+    /// UNIX socket of the crypto domain.
+    socket: Option<PathBuf>,
+    /// TCP address (HOST:PORT) of a crypto domain serving TLS.
+    tcp: Option<String>,
+    /// CA certificate(s) (PEM) the domain's TLS certificate must chain to.
+    tls_ca: Option<PathBuf>,
+    /// Name to verify in the domain's certificate (default: the host part of `tcp`).
+    tls_server_name: Option<String>,
+    /// Client certificate chain (PEM) for mutual TLS.
+    tls_client_cert: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS.
+    tls_client_key: Option<PathBuf>,
     /// Seconds to wait for one answer (default 300).
     timeout_secs: Option<u64>,
+}
+
+/// How to reach the crypto domain.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// A UNIX socket.
+    Unix(PathBuf),
+    /// TCP with TLS.
+    Tls {
+        /// HOST:PORT.
+        addr: String,
+        /// Name checked against the server certificate.
+        server_name: rustls::pki_types::ServerName<'static>,
+        /// Client configuration (roots, optional client certificate).
+        config: Arc<rustls::ClientConfig>,
+    },
 }
 
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Socket of the crypto domain.
-    pub socket: PathBuf,
+    /// Where the crypto domain is.
+    pub transport: Transport,
     /// Read timeout per call.
     pub timeout: Duration,
 }
@@ -40,7 +66,7 @@ impl Config {
     pub fn from_env() -> Result<Self, Error> {
         if let Some(s) = std::env::var_os("CAAS_PKCS11_SOCKET") {
             return Ok(Self {
-                socket: PathBuf::from(s),
+                transport: Transport::Unix(PathBuf::from(s)),
                 timeout: Duration::from_secs(300),
             });
         }
@@ -53,18 +79,116 @@ impl Config {
             path: path.clone(),
             reason: e.to_string(),
         })?;
+        Self::from_raw(raw, &path)
+    }
+
+    pub(crate) fn from_raw(raw: RawConfig, path: &str) -> Result<Self, Error> {
+        let bad = |reason: String| Error::Parse {
+            path: path.to_string(),
+            reason,
+        };
+        let transport = match (raw.socket, raw.tcp) {
+            (Some(s), None) => Transport::Unix(s),
+            (None, Some(addr)) => {
+                let ca = raw
+                    .tls_ca
+                    .ok_or_else(|| bad("`tcp` needs `tls_ca`".into()))?;
+                let name = match raw.tls_server_name {
+                    Some(n) => n,
+                    None => addr
+                        .rsplit_once(':')
+                        .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
+                        .ok_or_else(|| bad("`tcp` must be HOST:PORT".into()))?,
+                };
+                let server_name = rustls::pki_types::ServerName::try_from(name)
+                    .map_err(|e| bad(format!("tls_server_name: {e}")))?;
+                let config = tls_client_config(&ca, raw.tls_client_cert.zip(raw.tls_client_key))
+                    .map_err(bad)?;
+                Transport::Tls {
+                    addr,
+                    server_name,
+                    config,
+                }
+            }
+            _ => return Err(bad("give exactly one of `socket` and `tcp`".into())),
+        };
         Ok(Self {
-            socket: raw.socket,
+            transport,
             timeout: Duration::from_secs(raw.timeout_secs.unwrap_or(300)),
         })
     }
 }
 
-/// One pooled connection: the stream (for writes) and a buffered reader over a clone of it.
+fn tls_client_config(
+    ca: &std::path::Path,
+    client: Option<(PathBuf, PathBuf)>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| format!("tls_ca: {e}"))? {
+        roots
+            .add(c.map_err(|e| format!("tls_ca: {e}"))?)
+            .map_err(|e| format!("tls_ca: {e}"))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots);
+    let cfg = match client {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(&cert)
+                .map_err(|e| format!("tls_client_cert: {e}"))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("tls_client_cert: {e}"))?;
+            let key =
+                PrivateKeyDer::from_pem_file(&key).map_err(|e| format!("tls_client_key: {e}"))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate: {e}"))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(cfg))
+}
+
+/// A TCP stream whose writes never raise SIGPIPE in the host process.
 #[derive(Debug)]
-struct Conn {
-    stream: UnixStream,
-    reader: std::io::BufReader<UnixStream>,
+struct NoSigPipe(std::net::TcpStream);
+
+impl std::io::Read for NoSigPipe {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl std::io::Write for NoSigPipe {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        loop {
+            match send(self.0.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL) {
+                Ok(n) => return Ok(n),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(std::io::Error::from(e)),
+            }
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One pooled connection.
+#[derive(Debug)]
+enum Conn {
+    /// UNIX socket: the stream (for writes) and a buffered reader over a clone of it.
+    Unix {
+        stream: UnixStream,
+        reader: std::io::BufReader<UnixStream>,
+    },
+    /// TLS over TCP.
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, NoSigPipe>>),
 }
 
 /// The connection pool of one C_Initialize.
@@ -91,8 +215,18 @@ fn send_all(s: &UnixStream, mut buf: &[u8]) -> Result<(), CK_RV> {
 
 fn exchange(c: &mut Conn, req: &Request) -> Result<Response, CK_RV> {
     let frame = frame_message(req).map_err(|_| cryptoki_sys::CKR_DATA_LEN_RANGE)?;
-    send_all(&c.stream, &frame)?;
-    match read_message::<_, Response>(&mut c.reader) {
+    let read = match c {
+        Conn::Unix { stream, reader } => {
+            send_all(stream, &frame)?;
+            read_message::<_, Response>(reader)
+        }
+        Conn::Tls(s) => {
+            std::io::Write::write_all(s.as_mut(), &frame).map_err(|_| CKR_DEVICE_ERROR)?;
+            std::io::Write::flush(s.as_mut()).map_err(|_| CKR_DEVICE_ERROR)?;
+            read_message::<_, Response>(s.as_mut())
+        }
+    };
+    match read {
         Ok(r) => Ok(r),
         Err(IoError::Io(_)) => Err(CKR_DEVICE_ERROR),
         Err(IoError::Protocol(_)) => Err(CKR_DEVICE_ERROR),
@@ -119,14 +253,31 @@ impl Client {
     }
 
     fn connect(&self) -> Result<Conn, CK_RV> {
-        let s = UnixStream::connect(&self.cfg.socket).map_err(|_| CKR_DEVICE_REMOVED)?;
-        s.set_read_timeout(Some(self.cfg.timeout))
-            .map_err(|_| CKR_DEVICE_ERROR)?;
-        let reader = std::io::BufReader::with_capacity(
-            64 * 1024,
-            s.try_clone().map_err(|_| CKR_DEVICE_ERROR)?,
-        );
-        let mut s = Conn { stream: s, reader };
+        let mut s = match &self.cfg.transport {
+            Transport::Unix(path) => {
+                let s = UnixStream::connect(path).map_err(|_| CKR_DEVICE_REMOVED)?;
+                s.set_read_timeout(Some(self.cfg.timeout))
+                    .map_err(|_| CKR_DEVICE_ERROR)?;
+                let reader = std::io::BufReader::with_capacity(
+                    64 * 1024,
+                    s.try_clone().map_err(|_| CKR_DEVICE_ERROR)?,
+                );
+                Conn::Unix { stream: s, reader }
+            }
+            Transport::Tls {
+                addr,
+                server_name,
+                config,
+            } => {
+                let tcp = std::net::TcpStream::connect(addr).map_err(|_| CKR_DEVICE_REMOVED)?;
+                tcp.set_read_timeout(Some(self.cfg.timeout))
+                    .map_err(|_| CKR_DEVICE_ERROR)?;
+                let _ = tcp.set_nodelay(true);
+                let tls = rustls::ClientConnection::new(config.clone(), server_name.clone())
+                    .map_err(|_| CKR_DEVICE_ERROR)?;
+                Conn::Tls(Box::new(rustls::StreamOwned::new(tls, NoSigPipe(tcp))))
+            }
+        };
         let r = exchange(
             &mut s,
             &Request::Hello {
@@ -189,6 +340,13 @@ mod tests {
     fn example_config_parses_and_unknown_keys_are_refused() {
         let raw: Result<RawConfig, _> = toml::from_str(include_str!("../caas-pkcs11.toml.example"));
         assert!(raw.is_ok(), "{raw:?}");
+        if let Ok(raw) = raw {
+            assert!(Config::from_raw(raw, "example").is_ok());
+        }
+        let both: Result<RawConfig, _> = toml::from_str("socket = \"/x\"\ntcp = \"h:1\"\n");
+        assert!(both.is_ok_and(|r| Config::from_raw(r, "t").is_err()));
+        let no_ca: Result<RawConfig, _> = toml::from_str("tcp = \"h:1\"\n");
+        assert!(no_ca.is_ok_and(|r| Config::from_raw(r, "t").is_err()));
         let bad: Result<RawConfig, _> = toml::from_str("socket = \"/x\"\nsokcet = 1\n");
         assert!(bad.is_err());
     }
