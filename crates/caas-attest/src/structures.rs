@@ -606,7 +606,7 @@ impl Public {
     }
 }
 
-/// Digest over PCR values as TPM2_Quote computes it: H(pcr[s0] || pcr[s1] || ...).
+/// Digest over PCR values as TPM2_Quote computes it: `H(pcr[s0] || pcr[s1] || ...)`.
 pub fn pcr_digest(hash: HashAlg, values: &[&[u8]]) -> Vec<u8> {
     hash.hash_parts(values)
 }
