@@ -125,7 +125,7 @@ fn fio_nbd_engine_writes_and_verifies() {
         "s",
         &[vol.to_str().unwrap(), "--key-file", key.to_str().unwrap()],
     );
-    let out = run(Proc::new("fio").args([
+    let out = run(Proc::new("fio").current_dir(dir.path()).args([
         "--name=verify",
         "--ioengine=nbd",
         &format!("--uri={}", srv.uri()),
@@ -142,7 +142,7 @@ fn fio_nbd_engine_writes_and_verifies() {
     assert!(json.contains("\"error\" : 0"), "{out}");
     assert!(!out.contains("verify: bad"), "{out}");
     // Random reads with 16 jobs over 4 connections.
-    let out = run(Proc::new("fio").args([
+    let out = run(Proc::new("fio").current_dir(dir.path()).args([
         "--name=rr",
         "--ioengine=nbd",
         &format!("--uri={}", srv.uri()),
