@@ -417,6 +417,7 @@ async fn execute<W: AsyncWrite + Unpin>(
     structured: bool,
 ) -> std::io::Result<()> {
     let fua = req.flags & cmdflags::FUA != 0;
+    tracing::trace!(command = ?req.command, flags = req.flags, offset = req.offset, length = req.length, "request");
     let res = match req.command {
         Command::Read => {
             let len = req.length as usize;
