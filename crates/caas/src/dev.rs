@@ -126,20 +126,91 @@ pub async fn run(args: DevArgs) -> Result<()> {
         maintenance_interval: Duration::from_secs(args.maintenance_secs.max(1)),
     };
     std::fs::write(dir.join("dev.pid"), std::process::id().to_string())?;
+    let _ = std::fs::remove_file(dir.join("env"));
     let result = async {
         let bound = crate::key_service::bind(&params).await?;
         // First start: the dev tenant and its access key; later starts reuse them.
-        prepare_tenant(&bound.kms, &dir, bound.addr).await?;
-        crate::key_service::serve(params, bound).await
+        let mut vars = prepare_tenant(&bound.kms, &dir, bound.addr).await?;
+        let server = tokio::spawn(crate::key_service::serve(params, bound));
+        let roles = start_roles(&dir, &vars).await;
+        let (domain, volume) = match roles {
+            Ok(r) => r,
+            Err(e) => {
+                server.abort();
+                return Err(e);
+            }
+        };
+        vars.extend(domain.env());
+        vars.extend(
+            volume
+                .env_lines()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v)),
+        );
+        write_env(&dir, &vars)?;
+        println!("caas dev: ready — `. {}/env`", dir.display());
+        let served = server.await;
+        let mut domain = domain;
+        domain.stop();
+        let _ = volume.stop().await;
+        served.map_err(|e| anyhow::anyhow!("key service task: {e}"))?
     }
     .await;
     let _ = std::fs::remove_file(dir.join("dev.pid"));
     result
 }
 
-async fn prepare_tenant(kms: &caas_kms::Kms, dir: &Path, addr: std::net::SocketAddr) -> Result<()> {
+/// Starts the dev tenant's crypto domain (VSM) and demo encrypted volume (SDP). The volume's
+/// data key comes from the dev key service (GenerateDataKey under `alias/caas-dev-volume`).
+async fn start_roles(
+    dir: &Path,
+    vars: &[(String, String)],
+) -> Result<(caas_domc::dev::DevDomain, caas_sdp::dev::DevVolume)> {
+    let exe = std::env::current_exe()?;
+    let d = dir.to_path_buf();
+    let domain = tokio::task::spawn_blocking(move || caas_domc::dev::start(&d, &exe))
+        .await?
+        .map_err(|e| anyhow::anyhow!("dev crypto domain: {e}"))?;
+    let get = |k: &str| {
+        vars.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let client = caas_kms::client::KmsClient::new(
+        &get("CAAS_KMS_ENDPOINT"),
+        DEV_REGION,
+        &get("AWS_ACCESS_KEY_ID"),
+        caas_crypto::SecretBytes::new(get("AWS_SECRET_ACCESS_KEY").into_bytes()),
+        None,
+    )?;
+    const ALIAS: &str = "alias/caas-dev-volume";
+    if client
+        .call("DescribeKey", &serde_json::json!({ "KeyId": ALIAS }))
+        .await
+        .is_err()
+    {
+        let k = client
+            .call(
+                "CreateKey",
+                &serde_json::json!({ "Description": "caas dev: demo volume data keys" }),
+            )
+            .await?;
+        client.call("CreateAlias", &serde_json::json!({ "AliasName": ALIAS, "TargetKeyId": k["KeyMetadata"]["KeyId"] })).await?;
+    }
+    let provider = crate::roles::KmsDataKeys::new(client, ALIAS);
+    let volume = caas_sdp::dev::start_dev(dir, Some(std::sync::Arc::new(provider)))
+        .await
+        .map_err(|e| anyhow::anyhow!("dev volume: {e}"))?;
+    Ok((domain, volume))
+}
+
+async fn prepare_tenant(
+    kms: &caas_kms::Kms,
+    dir: &Path,
+    addr: std::net::SocketAddr,
+) -> Result<Vec<(String, String)>> {
     let state_path = dir.join("dev.json");
-    let env_path = dir.join("env");
     let state = match std::fs::read(&state_path)
         .ok()
         .and_then(|b| serde_json::from_slice::<DevState>(&b).ok())
@@ -183,19 +254,22 @@ async fn prepare_tenant(kms: &caas_kms::Kms, dir: &Path, addr: std::net::SocketA
                 .collect(),
         ),
     ];
-    let mut text = String::from(
-        "# caas dev deployment — source this file: . ./env\n# Dev mode only: this file holds the dev tenant's secret access key (mode 0600).\n",
+    println!(
+        "caas dev: key service on http://{addr}; account {}",
+        state.account
     );
-    for (k, v) in &vars {
+    Ok(vars.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+}
+
+/// Writes `DIR/env` (mode 0600) once every role is up: its presence means "ready".
+fn write_env(dir: &Path, vars: &[(String, String)]) -> Result<()> {
+    let mut text = String::from(
+        "# caas dev deployment — source this file: . ./env\n# Dev mode only: this file holds the dev tenant's secret access key and token PINs (mode 0600).\n",
+    );
+    for (k, v) in vars {
         text.push_str(&format!("export {k}={}\n", shell_quote(v)));
     }
-    write_private(&env_path, &text)?;
-    println!(
-        "caas dev: key service on http://{addr}; account {} — `. {}` to use it",
-        state.account,
-        env_path.display()
-    );
-    Ok(())
+    write_private(&dir.join("env"), &text)
 }
 
 fn running_pid(dir: &Path) -> Option<i32> {

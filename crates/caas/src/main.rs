@@ -10,6 +10,7 @@ use std::process::ExitCode;
 mod demo;
 mod dev;
 mod key_service;
+mod roles;
 
 /// caas — client-controlled Cryptography-as-a-Service.
 #[derive(Debug, Parser)]
@@ -34,6 +35,19 @@ enum Cmd {
     /// Read and verify the key service's audit log.
     #[command(subcommand)]
     Audit(key_service::AuditCmd),
+    /// Encrypted volumes of the Secure Device Proxy: create, import, export, serve, check, info.
+    Volume(roles::VolumeArgs),
+    /// The crypto domain (Virtual Security Module behind the PKCS#11 module).
+    #[command(subcommand)]
+    Domc(caas_domc::cli::DomcCommand),
+    /// Compute hosts: the host agent and the key service's view of enrolled hosts.
+    #[command(subcommand)]
+    Host(caas_host::cli::HostCommand),
+    /// Attest a host now; prints the verdict as JSON, exits non-zero when not trusted.
+    Attest(caas_host::cli::AttestArgs),
+    /// Security profiles (reference values for attestation).
+    #[command(subcommand)]
+    Profile(caas_host::cli::ProfileCommand),
 }
 
 fn init_tracing() {
@@ -58,13 +72,31 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The crypto domain is a synchronous, hardened process of its own: no async runtime.
+    let cmd = match cli.cmd {
+        Cmd::Domc(c) => {
+            return match caas_domc::cli::run(c) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("caas domc: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        other => other,
+    };
     let result = rt.block_on(async move {
-        match cli.cmd {
+        match cmd {
             Cmd::Dev(a) => dev::run(a).await,
             Cmd::Demo(a) => demo::run(a).await,
             Cmd::KeyService(c) => key_service::run_key_service(c).await,
             Cmd::Admin(c) => key_service::run_admin(c).await,
             Cmd::Audit(c) => key_service::run_audit(c).await,
+            Cmd::Volume(a) => roles::run_volume(a).await,
+            Cmd::Host(c) => roles::exit_code(caas_host::cli::run_host(c).await),
+            Cmd::Attest(a) => roles::exit_code(caas_host::cli::run_attest(a).await),
+            Cmd::Profile(c) => roles::exit_code(caas_host::cli::run_profile(c).await),
+            Cmd::Domc(_) => Ok(()),
         }
     });
     match result {

@@ -1,0 +1,134 @@
+//! Wiring of the other roles' commands into the binary: `caas volume` (with a KMS-backed
+//! data-key provider), and the exit-code convention of `caas host/attest/profile`.
+use anyhow::{Result, bail};
+use caas_crypto::{SecretBytes, SecretKey};
+use caas_kms::client::KmsClient;
+use caas_volume::DataKeyProvider;
+use clap::Args;
+use serde_json::json;
+use std::sync::Arc;
+
+/// `caas volume [--kms-key-id KEY] <command>`.
+#[derive(Debug, Args)]
+pub struct VolumeArgs {
+    /// KMS key (id, ARN or alias) whose data keys protect volumes created without
+    /// `--key-file`. The KMS endpoint and credentials come from the standard AWS variables
+    /// (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`),
+    /// as `. DIR/env` of `caas dev` sets them.
+    #[arg(long, env = "CAAS_VOLUME_KMS_KEY", global = true)]
+    pub kms_key_id: Option<String>,
+    #[command(subcommand)]
+    pub cmd: caas_sdp::cli::VolumeCommand,
+}
+
+/// Encryption context bound to every volume data key.
+const VOLUME_CONTEXT: &str = "caas:volume";
+
+/// Data keys from the KMS: GenerateDataKey to create, Decrypt to open. The provider trait
+/// is synchronous; calls run on the current multi-threaded runtime via `block_in_place`.
+pub struct KmsDataKeys {
+    client: KmsClient,
+    key_id: String,
+}
+
+impl std::fmt::Debug for KmsDataKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KmsDataKeys")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KmsDataKeys {
+    /// A provider over an existing client.
+    pub fn new(client: KmsClient, key_id: &str) -> Self {
+        KmsDataKeys {
+            client,
+            key_id: key_id.to_string(),
+        }
+    }
+
+    /// From the standard AWS environment variables, when all are set.
+    pub fn from_env(key_id: &str) -> Result<Self> {
+        let var = |k: &str| {
+            std::env::var(k).map_err(|_| {
+                anyhow::anyhow!(
+                    "{k} is not set (source the env file of `caas dev`, or pass --key-file)"
+                )
+            })
+        };
+        let endpoint =
+            std::env::var("AWS_ENDPOINT_URL_KMS").or_else(|_| var("AWS_ENDPOINT_URL"))?;
+        let region = std::env::var("AWS_DEFAULT_REGION").or_else(|_| var("AWS_REGION"))?;
+        let secret = SecretBytes::new(var("AWS_SECRET_ACCESS_KEY")?.into_bytes());
+        let ca = std::env::var("AWS_CA_BUNDLE")
+            .ok()
+            .map(std::fs::read)
+            .transpose()?;
+        let client = KmsClient::new(
+            &endpoint,
+            &region,
+            &var("AWS_ACCESS_KEY_ID")?,
+            secret,
+            ca.as_deref(),
+        )?;
+        Ok(KmsDataKeys {
+            client,
+            key_id: key_id.to_string(),
+        })
+    }
+
+    fn block<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, caas_kms::client::ClientError>>,
+    ) -> Result<T, caas_volume::Error> {
+        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+            .map_err(|e| caas_volume::Error::KeyProvider(format!("KMS: {e}")))
+    }
+}
+
+impl DataKeyProvider for KmsDataKeys {
+    fn generate(&self) -> Result<(SecretKey, Vec<u8>), caas_volume::Error> {
+        let (plain, blob) = self.block(
+            self.client
+                .generate_data_key(&self.key_id, &json!({ VOLUME_CONTEXT: "data-key" })),
+        )?;
+        let key = SecretKey::from_slice(plain.expose()).map_err(|_| {
+            caas_volume::Error::KeyProvider("KMS returned a data key of the wrong size".into())
+        })?;
+        Ok((key, blob))
+    }
+
+    fn unwrap(&self, blob: &[u8]) -> Result<SecretKey, caas_volume::Error> {
+        let plain = self.block(
+            self.client
+                .decrypt(blob, &json!({ VOLUME_CONTEXT: "data-key" })),
+        )?;
+        SecretKey::from_slice(plain.expose()).map_err(|_| {
+            caas_volume::Error::KeyProvider("KMS returned a data key of the wrong size".into())
+        })
+    }
+}
+
+/// Runs `caas volume ...`.
+pub async fn run_volume(a: VolumeArgs) -> Result<()> {
+    let provider: Option<Arc<dyn DataKeyProvider>> = match &a.kms_key_id {
+        Some(k) => Some(Arc::new(KmsDataKeys::from_env(k)?)),
+        None => match KmsDataKeys::from_env("") {
+            // Opening a KMS-wrapped volume needs no key id: the blob names its key.
+            Ok(p) => Some(Arc::new(p)),
+            Err(_) => None,
+        },
+    };
+    caas_sdp::cli::run(a.cmd, provider)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Maps the `i32` exit convention of the host commands.
+pub fn exit_code(r: anyhow::Result<i32>) -> Result<()> {
+    match r? {
+        0 => Ok(()),
+        code => bail!("exit status {code}"),
+    }
+}
