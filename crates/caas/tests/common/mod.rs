@@ -145,7 +145,10 @@ impl Dev {
 
 impl Drop for Dev {
     fn drop(&mut self) {
-        self.kill9();
+        // SIGTERM first, so that `caas dev` stops its crypto domain and volume server too.
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
     }
 }
 

@@ -1,0 +1,106 @@
+//! The main job of the README: `caas demo` against a detached `caas dev`, every step passing,
+//! then `caas dev stop`; and the `DIR/env` contract.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod common;
+use common::*;
+use std::process::Command;
+
+#[test]
+fn demo_runs_every_step_against_a_detached_dev_deployment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let out = Command::new(caas_bin())
+        .args(["demo", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stop = Command::new(caas_bin())
+        .args(["dev", "stop", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "caas demo failed");
+    assert!(stdout.contains(" 0 failed"), "{stdout}");
+    for step in [
+        "KMS: encrypt",
+        "SDP: write 1 MiB",
+        "VSM: generate",
+        "Audit:",
+    ] {
+        assert!(stdout.contains(step), "missing step {step}");
+    }
+    assert!(stop.status.success());
+    let env = read_env(&dir);
+    for var in [
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+        "CAAS_KMS_ENDPOINT",
+        "CAAS_PKCS11_MODULE",
+        "CAAS_PKCS11_SOCKET",
+        "CAAS_PKCS11_TOKEN_LABEL",
+        "CAAS_PKCS11_USER_PIN",
+        "CAAS_PKCS11_SO_PIN",
+        "CAAS_NBD_URI",
+        "CAAS_NBD_SOCKET",
+        "CAAS_VOLUME_FILE",
+    ] {
+        assert!(
+            env.get(var).is_some_and(|v| !v.is_empty()),
+            "{var} missing from DIR/env"
+        );
+    }
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(dir.join("env"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o077,
+        0,
+        "env must be private"
+    );
+    assert_eq!(
+        std::fs::metadata(dir.join("node.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o077,
+        0,
+        "node key must be private"
+    );
+}
+
+#[test]
+fn aws_cli_just_works_after_sourcing_the_env_file() {
+    let venv = venv_bin();
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Dev::start(tmp.path());
+    let script = format!(
+        ". {}/env && aws kms create-key --description from-env >/dev/null && aws kms list-keys",
+        tmp.path().display()
+    );
+    let out = Command::new("bash")
+        .args(["-c", &script])
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                venv.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("KeyArn"));
+    drop(dev);
+}
