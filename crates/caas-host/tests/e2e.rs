@@ -375,7 +375,7 @@ async fn continuous_attestation_flips_host_within_one_interval() {
     let took = at - changed;
     // One interval plus the attestation itself (tens of ms on swtpm).
     assert!(
-        took <= interval + Duration::from_millis(500),
+        took <= interval + Duration::from_millis(750),
         "flipped after {took:?}"
     );
     assert!(
