@@ -159,7 +159,7 @@ fn main() {
         let secret = secret.expose().to_vec();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(caas_kms::server::serve(kms.clone(), listener, None, std::future::pending()));
+        tokio::spawn(caas_kms::server::serve(kms.clone(), listener, None, None, std::future::pending()));
         let mut c = Conn::open(addr, &akid, &secret).await;
         let key = c.call("CreateKey", &json!({})).await["KeyMetadata"]["KeyId"].as_str().unwrap().to_string();
         let pt = base64::engine::general_purpose::STANDARD.encode([7u8; 256]);

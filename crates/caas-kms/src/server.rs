@@ -94,13 +94,18 @@ pub struct TlsFiles {
 }
 
 /// Serves until `shutdown` resolves. Plain HTTP without `tls`.
+/// `extra` routes (the attestation registrar/verifier) are served beside the KMS API.
 pub async fn serve(
     kms: Arc<Kms>,
     listener: TcpListener,
     tls: Option<TlsFiles>,
+    extra: Option<Router>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(kms);
+    let app = match extra {
+        Some(r) => router(kms).merge(r),
+        None => router(kms),
+    };
     match tls {
         None => {
             axum::serve(listener, app)

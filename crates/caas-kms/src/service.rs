@@ -313,9 +313,10 @@ impl Kms {
 
     async fn cred(&self, akid: &str) -> KmsResult<Arc<Cred>> {
         if let Some(c) = self.creds.read().ok().and_then(|g| g.get(akid).cloned())
-            && c.loaded.elapsed() < CRED_TTL {
-                return Ok(c);
-            }
+            && c.loaded.elapsed() < CRED_TTL
+        {
+            return Ok(c);
+        }
         let unknown = || {
             KmsError::UnrecognizedClient(
                 "The security token included in the request is invalid.".into(),

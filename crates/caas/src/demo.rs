@@ -15,6 +15,9 @@ pub struct DemoArgs {
     /// Data directory of the dev deployment.
     #[arg(long, env = "CAAS_DEV_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Simulated compute hosts when the demo has to start the deployment itself.
+    #[arg(long, default_value_t = 2)]
+    pub hosts: usize,
 }
 
 struct Steps {
@@ -69,6 +72,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             listen: "127.0.0.1:0".into(),
             detach: true,
             maintenance_secs: 60,
+            hosts: args.hosts,
+            attest_secs: 10,
         })
         .await?;
     }
@@ -190,6 +195,48 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     })
     .await;
     let exe = std::env::current_exe()?;
+    let hosts: Vec<String> = get("CAAS_HOSTS")
+        .map(|h| {
+            h.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    if hosts.is_empty() {
+        println!(
+            "[--] skip               attestation: this deployment has no hosts (caas dev --hosts N)"
+        );
+    } else {
+        st.run(&format!("Attestation: {} hosts enrolled (EK certificate checked, AK certified by MakeCredential/ActivateCredential)", hosts.len()), async {
+            let out = tokio::process::Command::new(&exe).args(["host", "list"]).envs(env.iter().cloned()).output().await?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            if !out.status.success() || !hosts.iter().all(|h| text.contains(h.as_str())) {
+                bail!("host list: {text} {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        })
+        .await;
+        for h in &hosts {
+            st.run(
+                &format!(
+                    "Attestation: attest {h} now (fresh nonce, quote, event-log replay, profile)"
+                ),
+                async {
+                    let out = tokio::process::Command::new(&exe)
+                        .args(["attest", h])
+                        .envs(env.iter().cloned())
+                        .output()
+                        .await?;
+                    if !out.status.success() {
+                        bail!("not trusted: {}", String::from_utf8_lossy(&out.stdout));
+                    }
+                    Ok(())
+                },
+            )
+            .await;
+        }
+    }
     st.run(
         "SDP: create a volume whose data key comes from the KMS (caas volume create)",
         async {

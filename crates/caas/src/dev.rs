@@ -34,6 +34,13 @@ pub struct DevArgs {
     /// Seconds between maintenance runs (scheduled deletion, automatic rotation).
     #[arg(long, default_value_t = 60)]
     pub maintenance_secs: u64,
+    /// Simulated compute hosts to start (each with its own swtpm, measured boot and host
+    /// agent), enrolled and continuously attested by the dev key service.
+    #[arg(long, default_value_t = 0)]
+    pub hosts: usize,
+    /// Seconds between continuous attestations of the dev hosts.
+    #[arg(long, default_value_t = 10)]
+    pub attest_secs: u64,
 }
 
 /// `caas dev` subcommands.
@@ -131,7 +138,27 @@ pub async fn run(args: DevArgs) -> Result<()> {
         let bound = crate::key_service::bind(&params).await?;
         // First start: the dev tenant and its access key; later starts reuse them.
         let mut vars = prepare_tenant(&bound.kms, &dir, bound.addr).await?;
-        let server = tokio::spawn(crate::key_service::serve(params, bound));
+        let mut attestation = match args.hosts {
+            0 => None,
+            n => Some(
+                crate::attest::DevAttestation::prepare(
+                    &dir,
+                    n,
+                    bound.kms.store.clone(),
+                    &format!("http://{}", bound.addr),
+                )
+                .await?,
+            ),
+        };
+        let extra = attestation.as_ref().map(|a| a.router.clone());
+        let server = tokio::spawn(crate::key_service::serve(params, bound, extra));
+        if let Some(a) = attestation.as_mut() {
+            if let Err(e) = a.start(Duration::from_secs(args.attest_secs.max(1))).await {
+                server.abort();
+                return Err(e);
+            }
+            vars.extend(a.env());
+        }
         let roles = start_roles(&dir, &vars).await;
         let (domain, volume) = match roles {
             Ok(r) => r,
@@ -153,6 +180,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         let mut domain = domain;
         domain.stop();
         let _ = volume.stop().await;
+        drop(attestation);
         served.map_err(|e| anyhow::anyhow!("key service task: {e}"))?
     }
     .await;
@@ -318,7 +346,11 @@ async fn detach(dir: &Path, args: &DevArgs) -> Result<()> {
         .arg("--listen")
         .arg(&args.listen)
         .arg("--maintenance-secs")
-        .arg(args.maintenance_secs.to_string());
+        .arg(args.maintenance_secs.to_string())
+        .arg("--hosts")
+        .arg(args.hosts.to_string())
+        .arg("--attest-secs")
+        .arg(args.attest_secs.to_string());
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);

@@ -154,7 +154,7 @@ pub async fn bind(params: &ServeParams) -> Result<Bound> {
 }
 
 /// Serves the key service until SIGINT/SIGTERM.
-pub async fn serve(params: ServeParams, bound: Bound) -> Result<()> {
+pub async fn serve(params: ServeParams, bound: Bound, extra: Option<axum::Router>) -> Result<()> {
     let Bound {
         kms,
         listener,
@@ -178,7 +178,7 @@ pub async fn serve(params: ServeParams, bound: Bound) -> Result<()> {
         })
     };
     tracing::info!(%addr, tls = params.tls.is_some(), "key service listening");
-    caas_kms::server::serve(kms, listener, params.tls, shutdown_signal()).await?;
+    caas_kms::server::serve(kms, listener, params.tls, extra, shutdown_signal()).await?;
     maint.abort();
     tracing::info!("key service stopped");
     Ok(())
@@ -215,7 +215,7 @@ pub async fn run_key_service(cmd: KeyServiceCmd) -> Result<()> {
             let params = raw.validate().map_err(anyhow::Error::msg)?;
             let bound = bind(&params).await?;
             println!("listening on {}", bound.addr);
-            serve(params, bound).await
+            serve(params, bound, None).await
         }
     }
 }

@@ -7,6 +7,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod attest;
 mod demo;
 mod dev;
 mod key_service;

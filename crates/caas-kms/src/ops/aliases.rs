@@ -85,11 +85,12 @@ pub async fn update(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let target = resolve(kms, ctx, r.str("TargetKeyId")?).await?;
     authorize(kms, ctx, &target.key, "UpdateAlias", None, &[]).await?;
     if let Some(old) = old.and_then(|o| serde_json::from_slice::<KeyRecord>(&o.body).ok())
-        && (old.key_spec != target.key.key_spec || old.key_usage != target.key.key_usage) {
-            return Err(KmsError::Validation(
-                "The new target key must have the same key spec and key usage".into(),
-            ));
-        }
+        && (old.key_spec != target.key.key_spec || old.key_usage != target.key.key_usage)
+    {
+        return Err(KmsError::Validation(
+            "The new target key must have the same key spec and key usage".into(),
+        ));
+    }
     a.target_key_id = target.key.key_id.clone();
     a.updated_ms = kms.now_ms();
     Ok(Out {

@@ -92,13 +92,15 @@ pub async fn allows(
             continue;
         }
         if let Some(eq) = &g.ec_equals
-            && eq != ec {
-                continue;
-            }
+            && eq != ec
+        {
+            continue;
+        }
         if let Some(sub) = &g.ec_subset
-            && !sub.iter().all(|(k, v)| ec.get(k) == Some(v)) {
-                continue;
-            }
+            && !sub.iter().all(|(k, v)| ec.get(k) == Some(v))
+        {
+            continue;
+        }
         return Ok(true);
     }
     Ok(false)

@@ -164,11 +164,12 @@ pub async fn import(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let fp = fingerprint(kms, &l.key.key_id, &m)?;
     let mut k = l.key.clone();
     if let Some(prev) = &k.import.fingerprint
-        && *prev != fp {
-            return Err(KmsError::IncorrectKeyMaterial(
-                "The key material does not match the key's previously imported material".into(),
-            ));
-        }
+        && *prev != fp
+    {
+        return Err(KmsError::IncorrectKeyMaterial(
+            "The key material does not match the key's previously imported material".into(),
+        ));
+    }
     let model = r
         .opt_str("ExpirationModel")?
         .unwrap_or("KEY_MATERIAL_EXPIRES");

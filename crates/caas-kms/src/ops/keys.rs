@@ -593,14 +593,15 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
                 .map_err(KmsError::store)?
             {
                 if let Ok(ar) = serde_json::from_slice::<crate::model::AliasRecord>(&a.body)
-                    && ar.target_key_id == k.key_id {
-                        w.push(Write::Delete {
-                            kind: kind::ALIAS.into(),
-                            account: k.account.clone(),
-                            id: a.id.clone(),
-                            expect_rev: Some(a.rev),
-                        });
-                    }
+                    && ar.target_key_id == k.key_id
+                {
+                    w.push(Write::Delete {
+                        kind: kind::ALIAS.into(),
+                        account: k.account.clone(),
+                        id: a.id.clone(),
+                        expect_rev: Some(a.rev),
+                    });
+                }
             }
             w
         } else if k.state == "Enabled"
