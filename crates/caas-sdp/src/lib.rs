@@ -15,6 +15,8 @@ mod error;
 pub mod server;
 pub mod store;
 
+/// The KMS hook: implement this to supply data keys (re-exported from `caas-volume`).
+pub use caas_volume::DataKeyProvider;
 pub use engine::{Backend, KeyInput, ScanReport, Volume};
 pub use error::Error;
 pub use server::{Listen, Listener, ServerConfig, serve};
