@@ -8,8 +8,8 @@
 # sequential read and write MB/s (nbdcopy, 1 GiB) and random 4 KiB read/write IOPS (fio
 # nbd engine, iodepth 32), then prints the ratios a/b, a/c and b/d.
 #
-# Usage: bench/sdp-bench.sh            (builds caas-volume with the release profile)
-#        CAAS_VOLUME=path/to/caas-volume SIZE_MB=1024 FIO_SECONDS=15 REPEAT=3 bench/sdp-bench.sh
+# Usage: bench/sdp-bench.sh            (builds caas-sdp, i.e. `caas volume`, with the release profile)
+#        CAAS_VOLUME=path/to/caas-sdp SIZE_MB=1024 FIO_SECONDS=15 REPEAT=3 bench/sdp-bench.sh
 # Each figure is the best of REPEAT runs (the machine is shared; the best run is the one
 # least disturbed by other load).
 # Needs: nbdkit, nbdcopy (libnbd-bin), fio, qemu-img (qemu-utils), python3.
@@ -22,8 +22,8 @@ for t in nbdkit nbdcopy fio qemu-img python3; do
   command -v "$t" >/dev/null || { echo "missing $t: apt-get install nbdkit libnbd-bin fio qemu-utils python3" >&2; exit 1; }
 done
 if [[ -z "${CAAS_VOLUME:-}" ]]; then
-  cargo build --release -q -p caas-sdp --bin caas-volume
-  CAAS_VOLUME=target/release/caas-volume
+  cargo build --release -q -p caas-sdp --bin caas-sdp
+  CAAS_VOLUME=target/release/caas-sdp
 fi
 W=$(mktemp -d /dev/shm/caas-bench.XXXXXX)
 PIDS=()

@@ -1,5 +1,5 @@
 //! Shared helpers of the SDP integration tests: locating required third-party tools
-//! (failing with an install hint when missing), starting the `caas-volume` server as a
+//! (failing with an install hint when missing), starting the `caas-sdp` server as a
 //! child process, and a minimal raw NBD client for protocol-level checks.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 use caas_nbd::handshake as hs;
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Proc, Stdio};
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_caas-volume");
+pub const BIN: &str = env!("CARGO_BIN_EXE_caas-sdp");
 
 /// Asserts that `tool` is on PATH; panics with what to install otherwise.
 pub fn require(tool: &str, package: &str) {
@@ -64,7 +64,7 @@ pub fn random_file(path: &Path, len: usize) -> Vec<u8> {
     data
 }
 
-/// A `caas-volume serve` child process.
+/// A `caas-sdp serve` child process.
 pub struct Server {
     pub child: Child,
     pub socket: PathBuf,
@@ -72,7 +72,7 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `caas-volume serve ARGS --socket SOCK` and waits for the socket.
+    /// Starts `caas-sdp serve ARGS --socket SOCK` and waits for the socket.
     pub fn start(dir: &Path, name: &str, args: &[&str]) -> Server {
         let socket = dir.join(format!("{name}.sock"));
         let _ = std::fs::remove_file(&socket);

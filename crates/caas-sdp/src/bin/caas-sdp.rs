@@ -1,4 +1,4 @@
-//! `caas-volume`: the `caas volume` subcommands as a standalone binary, used by the
+//! `caas-sdp`: the `caas volume` subcommands as a standalone binary, used by the
 //! integration tests (which must start and SIGKILL a real server process) and by
 //! `bench/sdp-bench.sh`. It has no KMS: keys come from `--key-file`.
 use clap::Parser;
