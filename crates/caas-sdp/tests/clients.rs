@@ -260,3 +260,44 @@ fn a_client_that_never_reads_replies_does_not_stall_others() {
     drop(bad);
     srv.stop();
 }
+
+#[test]
+fn tcp_listener_serves_qemu_io() {
+    require("qemu-io", "qemu-utils");
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let vol = dir.path().join("vol.caasvol");
+    create_volume(&vol, &key, "4M");
+    let mut child = Proc::new(BIN)
+        .args([
+            "serve",
+            vol.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+            "--tcp",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let uri = line.trim().strip_prefix("serving ").unwrap().to_string();
+    assert!(uri.starts_with("nbd://127.0.0.1:"), "{uri}");
+    let out = run(Proc::new("qemu-io").args([
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        "write -P 0x5 4096 8192",
+        "-c",
+        "read -P 0x5 4096 8192",
+    ]));
+    assert!(!out.contains("failed"), "{out}");
+    run(Proc::new("kill").arg("-TERM").arg(child.id().to_string()));
+    assert!(child.wait().unwrap().success());
+}
