@@ -95,9 +95,22 @@ impl Dev {
         &self.env["CAAS_KMS_ENDPOINT"]
     }
 
+    /// SIGKILL, as a crash would; then also kills what the dead `caas dev` leaves behind
+    /// (its crypto domain, swtpms), which a crash orphans.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.kill_orphans();
+    }
+
+    /// Kills every process whose command line names this deployment's directory.
+    pub fn kill_orphans(&self) {
+        let _ = Command::new("pkill")
+            .arg("-KILL")
+            .arg("-f")
+            .arg(self.dir.to_string_lossy().as_ref())
+            .status();
+        std::thread::sleep(Duration::from_millis(100));
     }
 
     pub fn stop(&mut self) {
@@ -149,6 +162,7 @@ impl Drop for Dev {
         if let Ok(None) = self.child.try_wait() {
             self.stop();
         }
+        self.kill_orphans();
     }
 }
 
