@@ -257,6 +257,8 @@ def grants_allow_a_second_principal():
     expect_error("AccessDeniedException", other.decrypt, CiphertextBlob=ct, EncryptionContext={"team": "a"})
     g = kms.create_grant(KeyId=k, GranteePrincipal=f"arn:aws:iam::{account}:user/second", Operations=["Decrypt"],
                          Constraints={"EncryptionContextSubset": {"team": "a"}})
+    expect_error("InvalidGrantTokenException", other.decrypt, CiphertextBlob=ct, EncryptionContext={"team": "a"},
+                 GrantTokens=["not-a-grant-token"])
     r = other.decrypt(CiphertextBlob=ct, EncryptionContext={"team": "a"}, GrantTokens=[g["GrantToken"]])
     assert r["Plaintext"] == b"granted"
     expect_error("AccessDeniedException", other.encrypt, KeyId=k, Plaintext=b"no")

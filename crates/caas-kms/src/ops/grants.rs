@@ -69,12 +69,24 @@ pub async fn allows(
     ec: Option<&BTreeMap<String, String>>,
     tokens: &[String],
 ) -> KmsResult<bool> {
-    let hashes: Vec<Vec<u8>> = tokens.iter().map(|t| token_hash(t)).collect();
     let grants = kms
         .store
         .list(kind::GRANT, Some(&key.account))
         .await
         .map_err(KmsError::store)?;
+    // Presented grant tokens must name existing grants of this account.
+    for t in tokens {
+        let h = token_hash(t);
+        let mut known = false;
+        for o in &grants {
+            known |= parse_grant(&o.body)?.token_hash == h;
+        }
+        if !known {
+            return Err(KmsError::InvalidGrantToken(
+                "A grant token is not valid".into(),
+            ));
+        }
+    }
     let empty = BTreeMap::new();
     let ec = ec.unwrap_or(&empty);
     for o in grants {
@@ -82,8 +94,8 @@ pub async fn allows(
         if g.key_id != key.key_id || g.grantee != ctx.caller.principal {
             continue;
         }
-        // Stored grants apply; token-presented grants apply too (eventual consistency in AWS, immediate here).
-        let _presented = hashes.contains(&g.token_hash);
+        // A grant is effective as soon as it is stored (AWS: eventually consistent, grant
+        // tokens bridge the gap; here the store is read on every request).
         if !g
             .operations
             .iter()

@@ -194,11 +194,9 @@ pub async fn import(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     } else {
         None
     };
-    let version = if k.versions.is_empty() {
-        1
-    } else {
-        k.versions.len() as u32 + 1
-    };
+    // Imported keys never rotate and re-imports must bring the same material, so the
+    // material is always HBK version 1: ciphertexts from before a delete/re-import decrypt.
+    let version = 1;
     k.versions = vec![HbkVersion {
         version,
         created_ms: kms.now_ms(),
