@@ -133,7 +133,6 @@ impl KmsError {
         match self {
             KmsError::Internal(_) => 500,
             KmsError::Conflict(_) => 409,
-            KmsError::AccessDenied(_) | KmsError::MissingAuthentication(_) => 400,
             _ => 400,
         }
     }

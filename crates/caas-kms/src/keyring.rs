@@ -78,11 +78,6 @@ impl NodeKey {
             Self::create(path)
         }
     }
-
-    /// Wraps a node-key-protected record from raw bytes (used by tests and the TPM path).
-    pub fn from_key(key: SecretKey) -> Self {
-        NodeKey(key)
-    }
 }
 
 #[derive(Serialize, Deserialize)]

@@ -445,11 +445,10 @@ impl Kms {
         };
         let (writes, reply, result_code) = match result {
             Ok(out) => (out.writes, Ok(out.body), "Success".to_string()),
-            Err(e) => (vec![], Err(e), String::new()),
-        };
-        let result_code = match &reply {
-            Ok(_) => result_code,
-            Err(e) => e.code().to_string(),
+            Err(e) => {
+                let code = e.code().to_string();
+                (vec![], Err(e), code)
+            }
         };
         let entry = AuditEntry {
             time_ms: self.now_ms(),

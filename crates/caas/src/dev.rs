@@ -306,7 +306,7 @@ fn running_pid(dir: &Path) -> Option<i32> {
         .trim()
         .parse()
         .ok()?;
-    // SAFETY-free liveness check through /proc.
+    // Liveness via /proc (a stale pid file from a crash is ignored).
     Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
 }
 

@@ -137,25 +137,42 @@ pub async fn encrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
 }
 
 /// Decrypts a blob for the caller, checking the named key (if any) and the context.
+/// The request fields and policy action of the decrypting half of Decrypt / ReEncrypt.
+#[derive(Clone, Copy)]
+struct DecryptSide {
+    key_field: &'static str,
+    alg_field: &'static str,
+    ec_field: &'static str,
+    action: &'static str,
+}
+
+const DECRYPT: DecryptSide = DecryptSide {
+    key_field: "KeyId",
+    alg_field: "EncryptionAlgorithm",
+    ec_field: "EncryptionContext",
+    action: "Decrypt",
+};
+const RE_ENCRYPT_FROM: DecryptSide = DecryptSide {
+    key_field: "SourceKeyId",
+    alg_field: "SourceEncryptionAlgorithm",
+    ec_field: "SourceEncryptionContext",
+    action: "ReEncryptFrom",
+};
+
 async fn decrypt_inner(
     kms: &Kms,
     ctx: &mut Ctx,
     r: Req<'_>,
-    ct_field: &str,
-    key_field: &str,
-    alg_field: &str,
-    action: &str,
+    side: &DecryptSide,
 ) -> KmsResult<(SecretBytes, String, String)> {
-    let ct = r.blob(ct_field, MAX_CIPHERTEXT)?;
-    let ec = r
-        .opt_map(
-            if ct_field == "CiphertextBlob" && action == "ReEncryptFrom" {
-                "SourceEncryptionContext"
-            } else {
-                "EncryptionContext"
-            },
-        )?
-        .unwrap_or_default();
+    let DecryptSide {
+        key_field,
+        alg_field,
+        ec_field,
+        action,
+    } = *side;
+    let ct = r.blob("CiphertextBlob", MAX_CIPHERTEXT)?;
+    let ec = r.opt_map(ec_field)?.unwrap_or_default();
     let alg = r.opt_str(alg_field)?.unwrap_or("SYMMETRIC_DEFAULT");
     if alg != "SYMMETRIC_DEFAULT" {
         // Asymmetric: KeyId is required, ciphertext is raw RSA-OAEP.
@@ -208,16 +225,7 @@ async fn decrypt_inner(
 
 /// Decrypt.
 pub async fn decrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
-    let (p, arn, alg) = decrypt_inner(
-        kms,
-        ctx,
-        r,
-        "CiphertextBlob",
-        "KeyId",
-        "EncryptionAlgorithm",
-        "Decrypt",
-    )
-    .await?;
+    let (p, arn, alg) = decrypt_inner(kms, ctx, r, &DECRYPT).await?;
     Ok(Out::reply(
         json!({ "Plaintext": b64(p.expose()), "KeyId": arn, "EncryptionAlgorithm": alg }),
     ))
@@ -225,16 +233,7 @@ pub async fn decrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
 
 /// ReEncrypt: decrypt under the source key and context, encrypt under the destination.
 pub async fn re_encrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
-    let (p, source_arn, source_alg) = decrypt_inner(
-        kms,
-        ctx,
-        r,
-        "CiphertextBlob",
-        "SourceKeyId",
-        "SourceEncryptionAlgorithm",
-        "ReEncryptFrom",
-    )
-    .await?;
+    let (p, source_arn, source_alg) = decrypt_inner(kms, ctx, r, &RE_ENCRYPT_FROM).await?;
     let source_key = ctx.key_id.clone();
     let dest_ec = r
         .opt_map("DestinationEncryptionContext")?
