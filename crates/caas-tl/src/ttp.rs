@@ -1,0 +1,629 @@
+//! The trusted third party (TTP) of TL and DBSP, run inside the key service:
+//! `AttestVerify` + `AttestToken` (seed 003 §4.3, Definition 6) and `DomKeyGen` (§4.4), the
+//! ACL of which domain manager may give which workload which domain, and the TL sessions
+//! (DK_i per host and workload). Records live in the key service's store through
+//! [`AttestStore`] (so they share its durability and audit chain); every request, accepted
+//! or refused, leaves an audit record.
+use crate::crypto::{
+    TtpKeys, TtpPublic, ak_nonce, ct_eq, hmac, lp, policy_pcr_digest, random32, seal_to_bind_key,
+    sha256,
+};
+use crate::error::{Error, Result};
+use crate::wire::{
+    self, AkSigned, AttestRequest, Attestation, DomKeyInner, DomKeyRequest, DomKeyResponse,
+    LaunchRequest, M1, M2, Meta, Revoke, Signed, check_fresh, check_name, label,
+};
+use caas_attest::store::{AttestStore, AuditRecord, HostState, get_host, get_profile};
+use caas_attest::structures::Public;
+use caas_attest::{SecurityProfile, Verdict, appraise, b64};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use zeroize::Zeroizing;
+
+/// Store kinds.
+pub const KIND_ACL: &str = "tl_acl";
+/// Domain ownership records.
+pub const KIND_DOMAIN: &str = "tl_domain";
+/// TL sessions.
+pub const KIND_SESSION: &str = "tl_session";
+/// Used nonces.
+pub const KIND_NONCE: &str = "tl_nonce";
+
+/// One ACL entry: the domains a domain manager (identified by H2 = SHA-256(pk_DM)) may give
+/// its workloads.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AclEntry {
+    /// H2 of the DM (hex).
+    pub dm: String,
+    /// Free text.
+    #[serde(default)]
+    pub label: String,
+    /// Domains.
+    pub domains: Vec<String>,
+}
+
+/// A TL session: what the TTP remembers about a launched workload.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Session {
+    /// Host.
+    pub host: String,
+    /// id_vm.
+    pub vm_id: String,
+    /// H2 of the launching DM.
+    pub h2: String,
+    /// SP.
+    pub sp: String,
+    /// D_vm.
+    pub domains: Vec<String>,
+    /// DK_i wrapped under a key derived from K_TTP.
+    #[serde(with = "b64")]
+    pub dk_wrapped: Vec<u8>,
+    /// The bind key c2 was sealed to (c3 goes to the same key).
+    #[serde(with = "b64")]
+    pub bind_public: Vec<u8>,
+    /// Unix ms.
+    pub created_ms: u64,
+}
+
+/// The TTP.
+pub struct Ttp<S> {
+    store: Arc<S>,
+    keys: TtpKeys,
+    nonce_lock: tokio_free_mutex::Mutex,
+}
+
+/// A tiny async-agnostic mutex for the replay check (held across one get+put).
+mod tokio_free_mutex {
+    /// Serialises replay checks on one node (the store has no compare-and-set here).
+    #[derive(Debug, Default)]
+    pub struct Mutex(std::sync::Mutex<std::collections::HashSet<String>>);
+    impl Mutex {
+        /// Marks `id` in flight; false if it already is.
+        pub fn begin(&self, id: &str) -> bool {
+            self.0
+                .lock()
+                .map(|mut s| s.insert(id.to_string()))
+                .unwrap_or(false)
+        }
+        /// Clears `id`.
+        pub fn end(&self, id: &str) {
+            if let Ok(mut s) = self.0.lock() {
+                s.remove(id);
+            }
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for Ttp<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ttp").finish_non_exhaustive()
+    }
+}
+
+fn session_id(host: &str, vm_id: &str) -> String {
+    format!("{host}/{vm_id}")
+}
+
+fn hexs(b: &[u8]) -> String {
+    hex::encode(b)
+}
+
+impl<S: AttestStore> Ttp<S> {
+    /// A TTP over `store` with `keys`.
+    pub fn new(store: Arc<S>, keys: TtpKeys) -> Self {
+        Self {
+            store,
+            keys,
+            nonce_lock: Default::default(),
+        }
+    }
+
+    /// pk_TTP.
+    pub fn public(&self) -> Result<TtpPublic> {
+        self.keys.public()
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: &'static str,
+        id: &str,
+    ) -> Result<Option<T>> {
+        match self.store.get(kind, id).await? {
+            Some(b) => Ok(Some(
+                serde_json::from_slice(&b).map_err(|e| Error::Storage(format!("{kind}: {e}")))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    async fn put<T: serde::Serialize>(
+        &self,
+        kind: &'static str,
+        id: &str,
+        v: &T,
+        audit: Option<AuditRecord>,
+    ) -> Result<()> {
+        Ok(self.store.put(kind, id, wire::to_bytes(v), audit).await?)
+    }
+
+    async fn audit(&self, principal: &str, operation: &str, subject: &str, r: &Result<String>) {
+        let (result, detail) = match r {
+            Ok(d) => ("ok".to_string(), d.clone()),
+            Err(e) => (e.code().to_string(), e.to_string()),
+        };
+        let rec = AuditRecord {
+            time_ms: caas_attest::now_ms(),
+            principal: principal.into(),
+            operation: operation.into(),
+            subject: subject.into(),
+            result,
+            detail,
+        };
+        if let Err(e) = self.store.audit(rec).await {
+            tracing::error!(error = %e, "TL audit record could not be written");
+        }
+    }
+
+    /// Records the ACL of a domain manager: `pk_dm` may give its workloads `domains`. A
+    /// domain belongs to the first DM that registers it; registering another DM's domain is
+    /// refused (`domain_owned`).
+    pub async fn set_acl(
+        &self,
+        pk_dm: &[u8],
+        label_text: &str,
+        domains: &[String],
+        principal: &str,
+    ) -> Result<AclEntry> {
+        if pk_dm.len() != 32 {
+            return Err(Error::malformed(
+                "pk_DM",
+                "Ed25519 public keys are 32 bytes",
+            ));
+        }
+        let h2 = hexs(&sha256(pk_dm));
+        let set: BTreeSet<String> = domains.iter().cloned().collect();
+        for d in &set {
+            check_name("domain", d)?;
+            if let Some(owner) = self.get::<String>(KIND_DOMAIN, d).await?
+                && owner != h2
+            {
+                let e = Error::rejected(
+                    "domain_owned",
+                    format!("domain {d} belongs to another domain manager"),
+                );
+                self.audit(principal, "TlSetAcl", &h2, &Err(clone_err(&e)))
+                    .await;
+                return Err(e);
+            }
+        }
+        for d in &set {
+            self.put(KIND_DOMAIN, d, &h2, None).await?;
+        }
+        let entry = AclEntry {
+            dm: h2.clone(),
+            label: label_text.chars().take(128).collect(),
+            domains: set.into_iter().collect(),
+        };
+        let audit = AuditRecord {
+            time_ms: caas_attest::now_ms(),
+            principal: principal.into(),
+            operation: "TlSetAcl".into(),
+            subject: h2.clone(),
+            result: "ok".into(),
+            detail: entry.domains.join(","),
+        };
+        self.put(KIND_ACL, &h2, &entry, Some(audit)).await?;
+        Ok(entry)
+    }
+
+    /// The ACL entry of a DM (by H2 hex).
+    pub async fn acl(&self, h2: &str) -> Result<Option<AclEntry>> {
+        self.get(KIND_ACL, h2).await
+    }
+
+    /// Consumes a nonce: refused if seen before (durably recorded first).
+    async fn consume_nonce(&self, scope: &str, r: &[u8]) -> Result<()> {
+        if r.len() != 32 {
+            return Err(Error::malformed("r", "nonces are 32 bytes"));
+        }
+        let id = format!("{scope}-{}", hexs(r));
+        if !self.nonce_lock.begin(&id) {
+            return Err(Error::rejected(
+                "nonce_replayed",
+                "this message was already seen",
+            ));
+        }
+        let res = async {
+            if self.store.get(KIND_NONCE, &id).await?.is_some() {
+                return Err(Error::rejected(
+                    "nonce_replayed",
+                    "this message was already seen",
+                ));
+            }
+            self.put(KIND_NONCE, &id, &caas_attest::now_ms(), None)
+                .await
+        }
+        .await;
+        self.nonce_lock.end(&id);
+        res
+    }
+
+    /// Host, its AK and its profile, checking enrollment.
+    async fn host_context(
+        &self,
+        host: &str,
+    ) -> Result<(caas_attest::store::HostRecord, Public, SecurityProfile)> {
+        check_name("host", host)?;
+        let h = get_host(&*self.store, host).await?.ok_or_else(|| {
+            Error::rejected("host_unknown", format!("host {host} is not enrolled"))
+        })?;
+        if h.state != HostState::Enrolled {
+            return Err(Error::rejected(
+                "host_unknown",
+                format!("host {host} is not enrolled"),
+            ));
+        }
+        let ak = Public::parse_tpm2b(&h.ak_public)?;
+        let pname = h
+            .profile
+            .clone()
+            .ok_or_else(|| Error::rejected("sp_mismatch", "host has no security profile"))?;
+        let profile = get_profile(&*self.store, &pname)
+            .await?
+            .ok_or_else(|| Error::rejected("sp_mismatch", "host's security profile is unknown"))?;
+        Ok((h, ak, profile))
+    }
+
+    fn appraise_fresh(
+        &self,
+        ak: &Public,
+        label_text: &str,
+        req: &AkSigned,
+        profile: &SecurityProfile,
+        now_ms: u64,
+    ) -> Result<Verdict> {
+        let nonce = ak_nonce(label_text, &req.body);
+        let v = appraise(ak, &nonce, &req.evidence, profile, now_ms);
+        if !v.trusted {
+            return Err(Error::rejected(
+                "attestation_failed",
+                format!(
+                    "host state does not match security profile {}: {}",
+                    profile.name,
+                    caas_attest::verifier::reason_codes(&v)
+                ),
+            ));
+        }
+        Ok(v)
+    }
+
+    /// TL.AttestRequest → TL.Attestation (AttestVerify, then AttestToken).
+    pub async fn attest(&self, req: &AkSigned, now_ms: u64) -> Result<Signed> {
+        let body: Result<AttestRequest> = wire::parse("attest request", &req.body);
+        let (host, subject) = match &body {
+            Ok(b) => (b.host.clone(), b.host.clone()),
+            Err(_) => ("?".into(), "?".into()),
+        };
+        let mut vm = String::new();
+        let r = match body {
+            Ok(b) => self.attest_inner(&b, req, now_ms, &mut vm).await,
+            Err(e) => Err(e),
+        };
+        let summary = r.as_ref().map(|_| format!("vm {vm}")).map_err(clone_err);
+        self.audit(&host, "TlAttest", &format!("{subject}/{vm}"), &summary)
+            .await;
+        r
+    }
+
+    async fn attest_inner(
+        &self,
+        b: &AttestRequest,
+        req: &AkSigned,
+        now_ms: u64,
+        vm: &mut String,
+    ) -> Result<Signed> {
+        check_fresh(b.t_ms, now_ms)?;
+        // σ_DM over TL.Request, by the key whose hash the DM put in m1 (checked below).
+        let claimed: LaunchRequest = b.launch.peek(label::LAUNCH_REQUEST)?;
+        let launch: LaunchRequest = b.launch.open(&claimed.pk_dm, label::LAUNCH_REQUEST)?;
+        check_fresh(launch.t_ms, now_ms)?;
+        let (host, ak, profile) = self.host_context(&b.host).await?;
+        // σ_AIK over the request and a fresh attestation of CH_i against SP_i.
+        let verdict = self.appraise_fresh(&ak, label::ATTEST_REQUEST, req, &profile, now_ms)?;
+        if launch.sp != profile.name {
+            return Err(Error::rejected(
+                "sp_mismatch",
+                format!(
+                    "host {} is appraised under {}, the DM requires {}",
+                    host.name, profile.name, launch.sp
+                ),
+            ));
+        }
+        // pk_TPM: certified by the AK (σ_TCI) and bound to the PCR state just attested.
+        let bind = caas_attest::registrar::check_bind_key(&ak, &b.bind)?;
+        let sel = profile.selection();
+        let mut values = Vec::new();
+        for p in &sel.pcrs {
+            let v = verdict
+                .pcrs
+                .get(p)
+                .and_then(|h| hex::decode(h).ok())
+                .ok_or_else(|| {
+                    Error::rejected("bind_key_not_bound", "attested PCR values are incomplete")
+                })?;
+            values.push(v);
+        }
+        if !ct_eq(&bind.auth_policy, &policy_pcr_digest(&sel, &values)) {
+            return Err(Error::rejected(
+                "bind_key_not_bound",
+                "the bind key is not bound to the attested PCR state",
+            ));
+        }
+        // Freshness of r (durable: replays are refused after restarts too).
+        self.consume_nonce("tl", &launch.r).await?;
+        // Dec_skTTP(c1) = m1.
+        let m1_bytes = self.keys.open(label::M1.as_bytes(), &launch.c1)?;
+        let m1: M1 = wire::parse("m1", m1_bytes.expose())?;
+        check_name("vm_id", &m1.vm_id)?;
+        *vm = m1.vm_id.clone();
+        if m1.tau.len() != 32 {
+            return Err(Error::malformed("m1", "τ must be 32 bytes"));
+        }
+        if m1.h2 != hexs(&sha256(&launch.pk_dm)) {
+            return Err(Error::rejected(
+                "h2_mismatch",
+                "m1 names another domain manager's key",
+            ));
+        }
+        if m1.sp != launch.sp {
+            return Err(Error::rejected(
+                "sp_mismatch",
+                "m1 and the request name different profiles",
+            ));
+        }
+        self.check_acl(&m1.h2, &m1.domains).await?;
+        // AttestToken: DK_i, m2 sealed to pk_TPM.
+        let dk = Zeroizing::new(random32()?);
+        let m2 = M2 {
+            tau: m1.tau.clone(),
+            h1: m1.h1.clone(),
+            h2: m1.h2.clone(),
+            dk: dk.to_vec(),
+            vm_id: m1.vm_id.clone(),
+        };
+        let m2_bytes = Zeroizing::new(wire::to_bytes(&m2));
+        drop(m2);
+        let c2 = seal_to_bind_key(
+            &b.bind.public,
+            &wire::m2_aad(&host.name, &launch.r),
+            &m2_bytes,
+        )?;
+        let sid = session_id(&host.name, &m1.vm_id);
+        let session = Session {
+            host: host.name.clone(),
+            vm_id: m1.vm_id.clone(),
+            h2: m1.h2.clone(),
+            sp: m1.sp.clone(),
+            domains: m1.domains.clone(),
+            dk_wrapped: caas_crypto::aead::seal(
+                &self.keys.derived("tl dk wrap")?,
+                sid.as_bytes(),
+                &dk[..],
+            )?,
+            bind_public: b.bind.public.clone(),
+            created_ms: now_ms,
+        };
+        self.put(KIND_SESSION, &sid, &session, None).await?;
+        let att = Attestation {
+            host: host.name.clone(),
+            r: launch.r.clone(),
+            c2,
+        };
+        let body = wire::to_bytes(&att);
+        Ok(Signed {
+            sig: self.keys.sign(label::ATTESTATION, &body),
+            body,
+        })
+    }
+
+    async fn check_acl(&self, h2: &str, domains: &[String]) -> Result<()> {
+        let acl = self.acl(h2).await?;
+        for d in domains {
+            check_name("domain", d)?;
+            if !acl
+                .as_ref()
+                .is_some_and(|a| a.domains.iter().any(|x| x == d))
+            {
+                return Err(Error::rejected(
+                    "acl_denied",
+                    format!("the domain manager may not give access to domain {d}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// DBSP.DomKeyReq → DBSP.DomKeyGen response.
+    pub async fn domkey(&self, req: &AkSigned, now_ms: u64) -> Result<Signed> {
+        let body: Result<DomKeyRequest> = wire::parse("domkey request", &req.body);
+        let (host, subject) = match &body {
+            Ok(b) => (b.host.clone(), format!("{}/{}/{}", b.host, b.vm_id, b.sr)),
+            Err(_) => ("?".into(), "?".into()),
+        };
+        let mut dom = String::new();
+        let r = match body {
+            Ok(b) => self.domkey_inner(&b, req, now_ms, &mut dom).await,
+            Err(e) => Err(e),
+        };
+        let summary = r
+            .as_ref()
+            .map(|_| format!("domain {dom}"))
+            .map_err(clone_err);
+        self.audit(&host, "DbspDomKey", &subject, &summary).await;
+        r
+    }
+
+    async fn domkey_inner(
+        &self,
+        b: &DomKeyRequest,
+        req: &AkSigned,
+        now_ms: u64,
+        dom: &mut String,
+    ) -> Result<Signed> {
+        check_name("vm_id", &b.vm_id)?;
+        check_name("sr", &b.sr)?;
+        check_fresh(b.t_ms, now_ms)?;
+        let (host, ak, profile) = self.host_context(&b.host).await?;
+        if !host.trusted {
+            return Err(Error::rejected(
+                "host_untrusted",
+                format!("host {} failed its latest attestation", host.name),
+            ));
+        }
+        self.appraise_fresh(&ak, label::DOMKEY_REQUEST, req, &profile, now_ms)?;
+        self.consume_nonce("dbsp", &b.r).await?;
+        let sid = session_id(&host.name, &b.vm_id);
+        let session: Session = self.get(KIND_SESSION, &sid).await?.ok_or_else(|| {
+            Error::rejected(
+                "no_session",
+                format!("no trusted launch of {} on {}", b.vm_id, host.name),
+            )
+        })?;
+        if session.h2 != b.h2 {
+            return Err(Error::rejected(
+                "h2_mismatch",
+                "the request names another domain manager",
+            ));
+        }
+        let dk = caas_crypto::aead::open(
+            &self.keys.derived("tl dk wrap")?,
+            sid.as_bytes(),
+            &session.dk_wrapped,
+        )?;
+        let dk = caas_crypto::SecretKey::from_slice(dk.expose())
+            .map_err(|_| Error::Storage("DK".into()))?;
+        let inner_bytes = caas_crypto::aead::open(&dk, &b.inner_aad(), &b.enc).map_err(|_| {
+            Error::rejected(
+                "dk_invalid",
+                "the request is not protected with this workload's DK",
+            )
+        })?;
+        let inner: DomKeyInner = wire::parse("domkey inner", inner_bytes.expose())?;
+        let Meta { domain, sp } = inner.meta.clone();
+        check_name("domain", &domain)?;
+        *dom = domain.clone();
+        if sp != session.sp || sp != profile.name {
+            return Err(Error::rejected(
+                "sp_mismatch",
+                format!(
+                    "domain access requires {sp}; the host is appraised under {}",
+                    profile.name
+                ),
+            ));
+        }
+        if !session.domains.iter().any(|d| d == &domain) {
+            return Err(Error::rejected(
+                "acl_denied",
+                format!(
+                    "workload {} was not launched with access to domain {domain}",
+                    b.vm_id
+                ),
+            ));
+        }
+        self.check_acl(&session.h2, std::slice::from_ref(&domain))
+            .await?;
+        let k_enc = self.keys.derived("dbsp c4")?;
+        let k_mac = self.keys.derived("dbsp mac")?;
+        let c4_aad = lp(&[label::C4.as_bytes(), domain.as_bytes()]);
+        let (n, c4, mu) = match (&inner.c4, &inner.mu) {
+            (Some(c4), Some(mu)) => {
+                let plain = caas_crypto::aead::open(&k_enc, &c4_aad, c4).map_err(|_| {
+                    Error::rejected("c4_invalid", "c4 was altered or belongs to another domain")
+                })?;
+                let parts = crate::crypto::split_lp(plain.expose(), 2)
+                    .ok_or_else(|| Error::rejected("c4_invalid", "c4 has a bad encoding"))?;
+                let (n, sp_c4) = (parts[0].to_vec(), parts[1].to_vec());
+                let expect = hmac(k_mac.expose(), &lp(&[domain.as_bytes(), &n, &sp_c4]));
+                if !ct_eq(&expect, mu) {
+                    return Err(Error::rejected("mu_invalid", "μ does not verify"));
+                }
+                if sp_c4 != sp.as_bytes() {
+                    return Err(Error::rejected(
+                        "sp_mismatch",
+                        "the domain's volume was created for another security profile",
+                    ));
+                }
+                (n, c4.clone(), mu.clone())
+            }
+            (None, None) => {
+                let n = random32()?.to_vec();
+                let c4 = caas_crypto::aead::seal(&k_enc, &c4_aad, &lp(&[&n, sp.as_bytes()]))?;
+                let mu =
+                    hmac(k_mac.expose(), &lp(&[domain.as_bytes(), &n, sp.as_bytes()])).to_vec();
+                (n, c4, mu)
+            }
+            _ => return Err(Error::malformed("domkey inner", "c4 and μ come together")),
+        };
+        let k_prf = self.keys.derived("dbsp prf")?;
+        let k = Zeroizing::new(hmac(
+            k_prf.expose(),
+            &lp(&[b"K", domain.as_bytes(), sp.as_bytes(), &n]),
+        ));
+        let ik = Zeroizing::new(hmac(k_prf.expose(), &lp(&[b"IK", domain.as_bytes(), &n])));
+        let mut keys = Zeroizing::new(Vec::with_capacity(64));
+        keys.extend_from_slice(&k[..]);
+        keys.extend_from_slice(&ik[..]);
+        let c3 = seal_to_bind_key(
+            &session.bind_public,
+            &DomKeyResponse::c3_aad(&host.name, &b.vm_id, &b.sr, &b.r),
+            &keys,
+        )?;
+        let resp = DomKeyResponse {
+            host: host.name.clone(),
+            vm_id: b.vm_id.clone(),
+            sr: b.sr.clone(),
+            r: b.r.clone(),
+            meta: inner.meta,
+            c3,
+            c4,
+            mu,
+        };
+        let body = wire::to_bytes(&resp);
+        Ok(Signed {
+            sig: self.keys.sign(label::DOMKEY_RESPONSE, &body),
+            body,
+        })
+    }
+
+    /// A signed notice telling `host` to drop its crypto domains' keys.
+    pub fn revoke_notice(&self, host: &str, reason: &str, now_ms: u64) -> Signed {
+        let body = wire::to_bytes(&Revoke {
+            host: host.into(),
+            t_ms: now_ms,
+            reason: reason.into(),
+        });
+        Signed {
+            sig: self.keys.sign(label::REVOKE, &body),
+            body,
+        }
+    }
+}
+
+fn clone_err(e: &Error) -> Error {
+    match e {
+        Error::Rejected { code, detail } => Error::Rejected {
+            code,
+            detail: detail.clone(),
+        },
+        Error::Malformed { what, detail } => Error::Malformed {
+            what,
+            detail: detail.clone(),
+        },
+        Error::NotFound { kind, id } => Error::NotFound {
+            kind,
+            id: id.clone(),
+        },
+        Error::Crypto(s) => Error::Crypto(s),
+        Error::Storage(s) => Error::Storage(s.clone()),
+    }
+}

@@ -1,0 +1,370 @@
+//! The messages of TL (seed 003 §4.3, Fig. 2) and DBSP (§4.4, Fig. 3), as JSON with
+//! base64 byte fields. Signed messages carry the exact body bytes next to the signature
+//! ([`Signed`], [`AkSigned`]): the signature is checked on those bytes before they are
+//! parsed, so there is no canonicalisation to get wrong.
+//!
+//! Names follow the seed: `tau` (τ), `h1` (hash of the workload image), `h2` (hash of
+//! pk_DM), `sp` (security profile), `r` (the DM's nonce), `dk` (the TL domain key DK_i
+//! between SC and TTP — unrelated to the KMS domain keys), `c1`…`c4`, `mu` (μ).
+use crate::error::{Error, Result};
+use caas_attest::Evidence;
+use caas_attest::b64;
+use serde::de::DeserializeOwned;
+
+/// Signature labels (domain separation), one per message type.
+pub mod label {
+    /// TL.Request, signed by the DM.
+    pub const LAUNCH_REQUEST: &str = "caas-tl launch-request v1";
+    /// TL.AttestRequest, signed by the AK (quote over its digest).
+    pub const ATTEST_REQUEST: &str = "caas-tl attest-request v1";
+    /// TL.Attestation, signed by the TTP.
+    pub const ATTESTATION: &str = "caas-tl attestation v1";
+    /// DBSP.DomKeyReq, signed by the AK.
+    pub const DOMKEY_REQUEST: &str = "caas-tl domkey-request v1";
+    /// DBSP.DomKeyGen response, signed by the TTP.
+    pub const DOMKEY_RESPONSE: &str = "caas-tl domkey-response v1";
+    /// Revocation notice (host untrusted), signed by the TTP.
+    pub const REVOKE: &str = "caas-tl revoke v1";
+    /// AAD of c1 (m1 encrypted to pk_TTP).
+    pub const M1: &str = "caas-tl m1 v1";
+    /// AAD prefix of c2 (m2 sealed to the bind key).
+    pub const M2: &str = "caas-tl m2 v1";
+    /// AAD prefix of the DomKeyReq payload under DK_i.
+    pub const DOMKEY_INNER: &str = "caas-tl domkey-inner v1";
+    /// AAD prefix of c3.
+    pub const C3: &str = "caas-tl c3 v1";
+    /// AAD prefix of c4.
+    pub const C4: &str = "caas-tl c4 v1";
+    /// AAD of a crypto-domain configuration sealed to a host's bind key (seed 001 Alg. 1).
+    pub const DOMC_CONFIG: &str = "caas-tl domc-config v1";
+}
+
+/// Maximum size of any protocol body (bytes).
+pub const MAX_BODY: usize = 256 * 1024;
+/// Freshness window for timestamps (ms): messages older or further in the future are refused.
+pub const FRESHNESS_MS: u64 = 5 * 60 * 1000;
+
+/// Parses JSON from untrusted bytes.
+pub fn parse<T: DeserializeOwned>(what: &'static str, b: &[u8]) -> Result<T> {
+    if b.len() > MAX_BODY {
+        return Err(Error::malformed(what, "too large"));
+    }
+    serde_json::from_slice(b).map_err(|e| Error::malformed(what, e))
+}
+
+/// Serialises to JSON.
+pub fn to_bytes<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// A body signed with Ed25519 (by the DM or the TTP).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Signed {
+    /// The exact signed JSON bytes.
+    #[serde(with = "b64")]
+    pub body: Vec<u8>,
+    /// Ed25519 signature over `lp(label, body)`.
+    #[serde(with = "b64")]
+    pub sig: Vec<u8>,
+}
+
+impl Signed {
+    /// Signs `value` with `kp`.
+    pub fn sign<T: serde::Serialize>(
+        kp: &aws_lc_rs::signature::Ed25519KeyPair,
+        label: &str,
+        value: &T,
+    ) -> Self {
+        let body = to_bytes(value);
+        let sig = crate::crypto::ed25519_sign(kp, label, &body);
+        Self { body, sig }
+    }
+
+    /// Verifies with `pk`, then parses.
+    pub fn open<T: DeserializeOwned>(&self, pk: &[u8], label: &'static str) -> Result<T> {
+        crate::crypto::ed25519_verify(pk, label, &self.body, &self.sig)?;
+        parse(label, &self.body)
+    }
+
+    /// Parses without verifying (only to find out who claims to have signed).
+    pub fn peek<T: DeserializeOwned>(&self, label: &'static str) -> Result<T> {
+        parse(label, &self.body)
+    }
+}
+
+/// A body signed by a host's AK: a TPM quote whose qualifying data is
+/// [`crate::crypto::ak_nonce`]`(label, body)` — one TPM operation is both `σ_AIK` over the
+/// message and a fresh attestation (with the event log) of the host's state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AkSigned {
+    /// The exact signed JSON bytes.
+    #[serde(with = "b64")]
+    pub body: Vec<u8>,
+    /// Quote, signature, event log, PCR values.
+    pub evidence: Evidence,
+}
+
+/// m1 = τ‖H1‖H2‖SP‖id_vm‖D_vm (TL.Token), encrypted to pk_TTP as c1.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct M1 {
+    /// τ, 32 random bytes.
+    #[serde(with = "b64")]
+    pub tau: Vec<u8>,
+    /// H1: SHA-256 of the workload image (hex).
+    pub h1: String,
+    /// H2: SHA-256 of pk_DM (hex).
+    pub h2: String,
+    /// SP: the security profile required.
+    pub sp: String,
+    /// id_vm.
+    pub vm_id: String,
+    /// D_vm: the storage domains the workload may access.
+    pub domains: Vec<String>,
+}
+
+impl std::fmt::Debug for M1 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("M1")
+            .field("tau", &"[REDACTED]")
+            .field("h1", &self.h1)
+            .field("h2", &self.h2)
+            .field("sp", &self.sp)
+            .field("vm_id", &self.vm_id)
+            .field("domains", &self.domains)
+            .finish()
+    }
+}
+
+/// TL.Request ⟨c1, SP, pk_DM, r⟩, signed by sk_DM (σ_DM).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LaunchRequest {
+    /// c1 = Enc_pkTTP(m1).
+    #[serde(with = "b64")]
+    pub c1: Vec<u8>,
+    /// SP.
+    pub sp: String,
+    /// pk_DM (Ed25519, 32 bytes).
+    #[serde(with = "b64")]
+    pub pk_dm: Vec<u8>,
+    /// r: 32-byte nonce.
+    #[serde(with = "b64")]
+    pub r: Vec<u8>,
+    /// Creation time (Unix ms), for the freshness window.
+    pub t_ms: u64,
+}
+
+/// What the (untrusted) scheduler hands a host agent to launch a workload.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LaunchCall {
+    /// The DM's signed TL.Request, forwarded unchanged.
+    pub request: Signed,
+    /// id_vm as the scheduler claims it.
+    pub vm_id: String,
+    /// Image id in the cloud storage.
+    pub image_id: String,
+    /// Workload driver: `process` (default) or `qemu`.
+    #[serde(default)]
+    pub driver: Option<String>,
+}
+
+/// TL.AttestRequest body ⟨c1, r, AttestData⟩ (σ_AIK: the quote over its digest).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AttestRequest {
+    /// Host name (as enrolled).
+    pub host: String,
+    /// The DM's signed TL.Request (carries c1, SP, pk_DM, r and σ_DM).
+    pub launch: Signed,
+    /// pk_TPM: the bind key (TPM2B_PUBLIC), with TPM2_Certify by the AK (TPM_CERTIFY_INFO and σ_TCI).
+    pub bind: caas_attest::store::BindKeyRecord,
+    /// SC's time (Unix ms).
+    pub t_ms: u64,
+}
+
+/// m2 = τ‖H1‖H2‖DK_i‖id_vm, sealed to the host's bind key as c2.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct M2 {
+    /// τ.
+    #[serde(with = "b64")]
+    pub tau: Vec<u8>,
+    /// H1 (hex).
+    pub h1: String,
+    /// H2 (hex).
+    pub h2: String,
+    /// DK_i: the SC↔TTP key for this workload's DBSP requests.
+    #[serde(with = "b64")]
+    pub dk: Vec<u8>,
+    /// id_vm.
+    pub vm_id: String,
+}
+
+impl std::fmt::Debug for M2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("M2")
+            .field("h1", &self.h1)
+            .field("h2", &self.h2)
+            .field("vm_id", &self.vm_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// TL.Attestation ⟨c2, r⟩, signed by sk_TTP.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Attestation {
+    /// Host it is for.
+    pub host: String,
+    /// r of the request.
+    #[serde(with = "b64")]
+    pub r: Vec<u8>,
+    /// c2 = AttestToken(b, m2, AttestData).
+    #[serde(with = "b64")]
+    pub c2: Vec<u8>,
+}
+
+/// meta = {D, SP}: the domain and the security profile required to access it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Meta {
+    /// Domain identifier D.
+    pub domain: String,
+    /// SP.
+    pub sp: String,
+}
+
+/// The part of DBSP.DomKeyReq protected with DK_i.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DomKeyInner {
+    /// meta.
+    pub meta: Meta,
+    /// c4 from the domain header when re-creating keys.
+    #[serde(default, with = "opt_b64", skip_serializing_if = "Option::is_none")]
+    pub c4: Option<Vec<u8>>,
+    /// μ from the domain header when re-creating keys.
+    #[serde(default, with = "opt_b64", skip_serializing_if = "Option::is_none")]
+    pub mu: Option<Vec<u8>>,
+}
+
+/// DBSP.DomKeyReq body (σ_AIK: the quote over its digest).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DomKeyRequest {
+    /// Host name.
+    pub host: String,
+    /// The workload (TL session) asking.
+    pub vm_id: String,
+    /// Target storage resource SR.
+    pub sr: String,
+    /// H2 of the DM that launched the workload (hex).
+    pub h2: String,
+    /// Fresh nonce.
+    #[serde(with = "b64")]
+    pub r: Vec<u8>,
+    /// SC's time (Unix ms).
+    pub t_ms: u64,
+    /// [`DomKeyInner`] under DK_i (AES-256-GCM, AAD [`DomKeyRequest::inner_aad`]).
+    #[serde(with = "b64")]
+    pub enc: Vec<u8>,
+}
+
+impl DomKeyRequest {
+    /// AAD of `enc`: binds host, workload, SR and nonce.
+    pub fn inner_aad(&self) -> Vec<u8> {
+        crate::crypto::lp(&[
+            label::DOMKEY_INNER.as_bytes(),
+            self.host.as_bytes(),
+            self.vm_id.as_bytes(),
+            self.sr.as_bytes(),
+            &self.r,
+        ])
+    }
+}
+
+/// DBSP.DomKeyGen response ⟨c3, c4, μ, meta, r⟩, signed by sk_TTP.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DomKeyResponse {
+    /// Host.
+    pub host: String,
+    /// Workload.
+    pub vm_id: String,
+    /// SR.
+    pub sr: String,
+    /// r of the request.
+    #[serde(with = "b64")]
+    pub r: Vec<u8>,
+    /// meta.
+    pub meta: Meta,
+    /// c3 = Enc_pkTPM(K‖IK).
+    #[serde(with = "b64")]
+    pub c3: Vec<u8>,
+    /// c4 = Enc(K_TTP, n‖SP).
+    #[serde(with = "b64")]
+    pub c4: Vec<u8>,
+    /// μ = MAC(K_TTP, D‖n‖SP).
+    #[serde(with = "b64")]
+    pub mu: Vec<u8>,
+}
+
+impl DomKeyResponse {
+    /// AAD of c3.
+    pub fn c3_aad(host: &str, vm_id: &str, sr: &str, r: &[u8]) -> Vec<u8> {
+        crate::crypto::lp(&[
+            label::C3.as_bytes(),
+            host.as_bytes(),
+            vm_id.as_bytes(),
+            sr.as_bytes(),
+            r,
+        ])
+    }
+}
+
+/// The TTP tells a host to drop the keys of its crypto domains (it is no longer trusted).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Revoke {
+    /// Host.
+    pub host: String,
+    /// Time (Unix ms).
+    pub t_ms: u64,
+    /// Why (verdict reason codes).
+    pub reason: String,
+}
+
+/// AAD of c2.
+pub fn m2_aad(host: &str, r: &[u8]) -> Vec<u8> {
+    crate::crypto::lp(&[label::M2.as_bytes(), host.as_bytes(), r])
+}
+
+/// Checks a timestamp against `now_ms` and the freshness window.
+pub fn check_fresh(t_ms: u64, now_ms: u64) -> Result<()> {
+    if t_ms.abs_diff(now_ms) > FRESHNESS_MS {
+        return Err(Error::rejected(
+            "stale_message",
+            "timestamp outside the 5-minute freshness window",
+        ));
+    }
+    Ok(())
+}
+
+/// Serde helper for optional base64 fields.
+pub mod opt_b64 {
+    /// Serialises.
+    pub fn serialize<S: serde::Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_some(&caas_attest::b64::encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+    /// Deserialises.
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<u8>>, D::Error> {
+        let v: Option<String> = serde::Deserialize::deserialize(d)?;
+        v.map(|s| caas_attest::b64::decode(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// Checks a name-like field (`[A-Za-z0-9._-]{1,64}`).
+pub fn check_name(what: &'static str, v: &str) -> Result<()> {
+    if caas_attest::registrar::valid_name(v) {
+        Ok(())
+    } else {
+        Err(Error::malformed(what, "must match [A-Za-z0-9._-]{1,64}"))
+    }
+}
