@@ -1,7 +1,12 @@
 //! caas-workload: workloads started by the host agent after trusted launch (seed 003 §4.3).
 //!
 //! - [`psk`]: the TLS 1.3 external-PSK channel keyed by the launch token τ.
+//! - [`spec`]: the workload spec, the injected secrets (τ, pk_DM) and the ready file.
+//! - [`vsm`]: signing inside the tenant's crypto domain from the workload.
 mod error;
 pub mod psk;
+pub mod spec;
+pub mod vsm;
 
 pub use error::{Error, Result};
+pub use spec::{InjectedSecrets, ReadyInfo, VsmSpec, WorkloadSpec};

@@ -1,0 +1,264 @@
+//! What a launched workload is given: its [`WorkloadSpec`] (JSON, from the driver), the
+//! injected secrets (τ and pk_DM, written by the host agent after the trusted-launch checks,
+//! seed 003 §4.3), and the `ready` file through which it reports where it listens.
+use crate::error::{Error, Result};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use caas_crypto::SecretBytes;
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
+
+/// Length of the launch token τ (bytes).
+pub const TAU_LEN: usize = 32;
+/// Length of a raw Ed25519 public key (bytes).
+pub const PK_DM_LEN: usize = 32;
+/// Largest accepted inject file (bytes).
+const MAX_INJECT_FILE: u64 = 4096;
+/// Largest accepted spec or ready file (bytes).
+const MAX_SPEC_FILE: u64 = 1 << 20;
+
+/// How the driver describes a workload to start (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    /// The workload's identifier (`id_vm` of the seed); also the PSK identity.
+    pub vm_id: String,
+    /// Where the PSK channel listens (`127.0.0.1:0` picks a free port; the bound address
+    /// is reported in `ready_file`).
+    pub listen: SocketAddr,
+    /// Where the workload writes its [`ReadyInfo`] (JSON) once it serves.
+    pub ready_file: PathBuf,
+    /// The injected-secrets file ([`InjectedSecrets`]); read once at start, then deleted.
+    pub inject_file: PathBuf,
+    /// The boot disk, `nbd+unix:///EXPORT?socket=PATH` (or `nbd://HOST:PORT/EXPORT`).
+    pub disk: String,
+    /// The tenant's crypto domain (VSM), if the workload gets one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsm: Option<VsmSpec>,
+    /// Extra NBD volumes (e.g. DBSP-protected volumes served by the Secure Device Proxy).
+    /// The workload uses the **last 4 KiB block** of each as its marker block.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
+}
+
+/// How the workload reaches its crypto domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsmSpec {
+    /// The crypto domain's VSM socket.
+    pub socket: PathBuf,
+    /// A file holding the token's user PIN (first line; read once at start).
+    pub user_pin_file: PathBuf,
+    /// Slot of the token (default 0).
+    #[serde(default)]
+    pub slot: u64,
+}
+
+impl WorkloadSpec {
+    /// Reads and checks a spec file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = read_bounded(path, MAX_SPEC_FILE, "read workload spec")?;
+        let spec: Self = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Config(format!("workload spec {}: {e}", path.display())))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Writes the spec as JSON (mode 0600).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self)
+            .map_err(|e| Error::Config(format!("encode workload spec: {e}")))?;
+        write_private(path, &json, false)
+    }
+
+    /// Checks the fields that would otherwise fail late.
+    pub fn validate(&self) -> Result<()> {
+        if self.vm_id.is_empty()
+            || self.vm_id.len() > crate::psk::MAX_IDENTITY_LEN
+            || !self
+                .vm_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        {
+            return Err(Error::Config(format!(
+                "vm_id must be 1..={} characters of [A-Za-z0-9-_.:]",
+                crate::psk::MAX_IDENTITY_LEN
+            )));
+        }
+        for uri in std::iter::once(&self.disk).chain(&self.volumes) {
+            if !(uri.starts_with("nbd+unix://") || uri.starts_with("nbd://")) {
+                return Err(Error::Config(format!(
+                    "{uri:?} is not an NBD URI (nbd+unix:///EXPORT?socket=PATH or nbd://HOST:PORT/EXPORT)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the host agent injects into a launched workload: τ and pk_DM (seed 003 §4.3, after
+/// the H1/H2 checks). On disk: JSON `{"tau": b64, "pk_dm": b64}`, mode 0600.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InjectedSecrets {
+    /// The launch token τ (32 bytes): the PSK of the channel to the DM.
+    pub tau: SecretBytes,
+    /// The DM's raw Ed25519 public key.
+    pub pk_dm: [u8; PK_DM_LEN],
+}
+
+#[derive(Serialize)]
+struct InjectOut<'a> {
+    tau: &'a str,
+    pk_dm: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InjectIn<'a> {
+    #[serde(borrow)]
+    tau: &'a str,
+    pk_dm: String,
+}
+
+impl InjectedSecrets {
+    /// Writes the inject file: created new (fails if it exists), mode 0600.
+    pub fn write_to(&self, path: &Path) -> Result<()> {
+        let tau = Zeroizing::new(B64.encode(self.tau.expose()));
+        let json = Zeroizing::new(
+            serde_json::to_vec(&InjectOut {
+                tau: &tau,
+                pk_dm: B64.encode(self.pk_dm),
+            })
+            .map_err(|e| Error::Inject(format!("encode: {e}")))?,
+        );
+        write_private(path, &json, true)
+    }
+
+    /// Parses the JSON form. Errors never quote the input.
+    pub fn parse(json: &[u8]) -> Result<Self> {
+        // Base64 strings need no JSON escapes, so `tau` is borrowed from the (zeroizing)
+        // input buffer and never copied into an unzeroized string.
+        let f: InjectIn<'_> = serde_json::from_slice(json).map_err(|e| {
+            Error::Inject(format!(
+                "not the expected JSON object (line {}, column {}: {:?})",
+                e.line(),
+                e.column(),
+                e.classify()
+            ))
+        })?;
+        let tau = SecretBytes::new(
+            B64.decode(f.tau)
+                .map_err(|_| Error::Inject("tau is not base64".into()))?,
+        );
+        if tau.len() != TAU_LEN {
+            return Err(Error::Inject(format!(
+                "tau must be {TAU_LEN} bytes, got {}",
+                tau.len()
+            )));
+        }
+        let pk = B64
+            .decode(&f.pk_dm)
+            .map_err(|_| Error::Inject("pk_dm is not base64".into()))?;
+        let pk_dm: [u8; PK_DM_LEN] = pk.as_slice().try_into().map_err(|_| {
+            Error::Inject(format!("pk_dm must be {PK_DM_LEN} bytes, got {}", pk.len()))
+        })?;
+        Ok(Self { tau, pk_dm })
+    }
+
+    /// Reads the inject file once and deletes it. Refuses a file that group or others may
+    /// read (the host agent writes it 0600). The file is removed even when its content is
+    /// rejected, so a bad injection leaves nothing behind.
+    pub fn take_from(path: &Path) -> Result<Self> {
+        let meta = std::fs::symlink_metadata(path).map_err(Error::io("stat inject file"))?;
+        if !meta.is_file() {
+            return Err(Error::Inject("not a regular file".into()));
+        }
+        let parsed = if meta.mode() & 0o077 != 0 {
+            Err(Error::Inject(format!(
+                "mode {:o} lets group or others read it (must be 0600)",
+                meta.mode() & 0o777
+            )))
+        } else {
+            read_bounded(path, MAX_INJECT_FILE, "read inject file").and_then(|b| Self::parse(&b))
+        };
+        std::fs::remove_file(path).map_err(Error::io("delete inject file"))?;
+        parsed
+    }
+}
+
+/// What a serving workload writes to its `ready_file`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadyInfo {
+    /// The workload's identifier.
+    pub vm_id: String,
+    /// The bound address of the PSK channel.
+    pub addr: SocketAddr,
+    /// The workload's process id.
+    pub pid: u32,
+    /// SHA-256 of the boot disk (hex).
+    pub disk_sha256: String,
+}
+
+impl ReadyInfo {
+    /// Writes the file atomically (temporary file, then rename).
+    pub fn write_to(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_vec(self)
+            .map_err(|e| Error::Config(format!("encode ready info: {e}")))?;
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        write_private(&tmp, &json, true)?;
+        std::fs::rename(&tmp, path).map_err(Error::io("publish ready file"))
+    }
+
+    /// Reads the file: `Ok(None)` while it does not exist yet.
+    pub fn read_from(path: &Path) -> Result<Option<Self>> {
+        match read_bounded(path, MAX_SPEC_FILE, "read ready file") {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| Error::Config(format!("ready file {}: {e}", path.display()))),
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Reads at most `max` bytes into a zeroizing buffer (larger files are refused).
+pub(crate) fn read_bounded(
+    path: &Path,
+    max: u64,
+    context: &'static str,
+) -> Result<Zeroizing<Vec<u8>>> {
+    let f = std::fs::File::open(path).map_err(Error::io(context))?;
+    let mut buf = Zeroizing::new(Vec::with_capacity(1024));
+    f.take(max + 1)
+        .read_to_end(&mut buf)
+        .map_err(Error::io(context))?;
+    if buf.len() as u64 > max {
+        return Err(Error::Config(format!(
+            "{} is larger than {max} bytes",
+            path.display()
+        )));
+    }
+    Ok(buf)
+}
+
+fn write_private(path: &Path, data: &[u8], create_new: bool) -> Result<()> {
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).mode(0o600);
+    if create_new {
+        o.create_new(true);
+    } else {
+        o.create(true).truncate(true);
+    }
+    let mut f = o.open(path).map_err(Error::io("create file"))?;
+    f.write_all(data).map_err(Error::io("write file"))?;
+    f.sync_all().map_err(Error::io("sync file"))
+}

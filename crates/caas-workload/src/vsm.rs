@@ -1,0 +1,179 @@
+//! Signing inside the tenant's crypto domain (VSM) from the workload: log in with the user
+//! PIN, generate an ECDSA P-256 key pair as session objects (they live as long as the
+//! workload's VSM session and never leave the crypto domain), and sign with
+//! `CKM_ECDSA_SHA256`. The DM verifies with the returned public point
+//! ([`verify_vsm_signature`]).
+use crate::error::{Error, Result};
+use caas_crypto::SecretBytes;
+use caas_domc::client::Client;
+use caas_domc::{Ckr, Error as DomcError};
+use caas_vsm_proto::{Attr, AttrValue, Blob, Body, MechParam, Mechanism, Request, Secret, attr};
+use cryptoki_sys::{
+    CKA_EC_PARAMS, CKA_EC_POINT, CKA_LABEL, CKA_SIGN, CKA_VERIFY, CKF_RW_SESSION,
+    CKF_SERIAL_SESSION, CKM_EC_KEY_PAIR_GEN, CKM_ECDSA_SHA256, CKR_DEVICE_ERROR, CKU_USER,
+};
+use std::path::{Path, PathBuf};
+
+/// Mechanism name reported with the signature.
+pub const VSM_MECHANISM: &str = "CKM_ECDSA_SHA256";
+/// Label of the workload's key pair in the token.
+const KEY_LABEL: &[u8] = b"caas-workload";
+/// Largest signature we accept back (P-256 raw r‖s is 64 bytes).
+const SIG_CAP: u64 = 256;
+
+fn unexpected() -> Error {
+    Error::Vsm(DomcError::Token(Ckr(CKR_DEVICE_ERROR)))
+}
+
+/// A logged-in session in the crypto domain with the workload's signing key.
+#[derive(Debug)]
+pub struct VsmSigner {
+    socket: PathBuf,
+    slot: u64,
+    pin: SecretBytes,
+    conn: Option<Conn>,
+}
+
+#[derive(Debug)]
+struct Conn {
+    client: Client,
+    session: u64,
+    private: u64,
+    /// Uncompressed SEC1 point (0x04 ‖ X ‖ Y).
+    public_point: Vec<u8>,
+}
+
+impl VsmSigner {
+    /// Connects, logs in and generates the key pair. `pin` is the token's user PIN.
+    pub fn connect(socket: &Path, slot: u64, pin: SecretBytes) -> Result<Self> {
+        let mut s = Self {
+            socket: socket.to_path_buf(),
+            slot,
+            pin,
+            conn: None,
+        };
+        s.conn = Some(s.open()?);
+        Ok(s)
+    }
+
+    /// Reads the user PIN from the first line of `pin_file`, then [`VsmSigner::connect`].
+    pub fn from_pin_file(socket: &Path, slot: u64, pin_file: &Path) -> Result<Self> {
+        let raw = crate::spec::read_bounded(pin_file, 4096, "read user PIN file")?;
+        let end = raw
+            .iter()
+            .position(|&b| b == b'\n' || b == b'\r')
+            .unwrap_or(raw.len());
+        if end == 0 {
+            return Err(Error::Config("the user PIN file is empty".into()));
+        }
+        Self::connect(socket, slot, SecretBytes::from_slice(&raw[..end]))
+    }
+
+    fn open(&self) -> Result<Conn> {
+        let mut client = Client::connect(&self.socket)?;
+        let session = match client.call(Request::OpenSession {
+            slot: self.slot,
+            flags: CKF_SERIAL_SESSION | CKF_RW_SESSION,
+        })? {
+            Body::Ulong { value } => value,
+            _ => return Err(unexpected()),
+        };
+        client.call(Request::Login {
+            session,
+            user_type: CKU_USER,
+            pin: Secret::new(self.pin.expose().to_vec()),
+        })?;
+        let a = |ty, v: Vec<u8>| Attr { ty, value: Blob(v) };
+        let (public, private) = match client.call(Request::GenerateKeyPair {
+            session,
+            mechanism: Mechanism {
+                mechanism: CKM_EC_KEY_PAIR_GEN,
+                param: MechParam::None {},
+            },
+            public_template: vec![
+                a(CKA_EC_PARAMS, caas_domc::der::OID_P256.to_vec()),
+                a(CKA_LABEL, KEY_LABEL.to_vec()),
+                a(CKA_VERIFY, attr::boolean(true)),
+            ],
+            private_template: vec![
+                a(CKA_LABEL, KEY_LABEL.to_vec()),
+                a(CKA_SIGN, attr::boolean(true)),
+            ],
+        })? {
+            Body::KeyPair { public, private } => (public, private),
+            _ => return Err(unexpected()),
+        };
+        let point = match client.call(Request::GetAttributeValue {
+            session,
+            object: public,
+            types: vec![CKA_EC_POINT],
+        })? {
+            Body::Attrs { values } => match values.into_iter().next() {
+                Some(AttrValue::Value { value }) => value.0,
+                _ => return Err(unexpected()),
+            },
+            _ => return Err(unexpected()),
+        };
+        // CKA_EC_POINT is a DER OCTET STRING around the SEC1 point.
+        let public_point = caas_domc::der::octet_string(&point)
+            .unwrap_or(&point)
+            .to_vec();
+        Ok(Conn {
+            client,
+            session,
+            private,
+            public_point,
+        })
+    }
+
+    fn sign_once(conn: &mut Conn, msg: &[u8]) -> Result<Vec<u8>> {
+        conn.client.call(Request::SignInit {
+            session: conn.session,
+            mechanism: Mechanism {
+                mechanism: CKM_ECDSA_SHA256,
+                param: MechParam::None {},
+            },
+            key: conn.private,
+        })?;
+        match conn.client.call(Request::Sign {
+            session: conn.session,
+            data: Blob(msg.to_vec()),
+            cap: Some(SIG_CAP),
+        })? {
+            Body::Data { data } => Ok(data.0),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Signs `msg` in the crypto domain; returns (signature r‖s, public point). After a
+    /// failure (e.g. the crypto domain restarted) it reconnects once with a fresh key pair.
+    pub fn sign(&mut self, msg: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
+        if let Some(conn) = self.conn.as_mut()
+            && let Ok(sig) = Self::sign_once(conn, msg)
+        {
+            return Ok((sig, conn.public_point.clone()));
+        }
+        self.conn = None;
+        let mut conn = self.open()?;
+        let sig = Self::sign_once(&mut conn, msg)?;
+        let point = conn.public_point.clone();
+        self.conn = Some(conn);
+        Ok((sig, point))
+    }
+
+    /// The current public point (uncompressed SEC1), if connected.
+    #[must_use]
+    pub fn public_point(&self) -> Option<&[u8]> {
+        self.conn.as_ref().map(|c| c.public_point.as_slice())
+    }
+}
+
+/// Verifies a `CKM_ECDSA_SHA256` signature (raw r‖s) by the P-256 `public_point`.
+pub fn verify_vsm_signature(public_point: &[u8], msg: &[u8], sig: &[u8]) -> Result<()> {
+    aws_lc_rs::signature::UnparsedPublicKey::new(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED,
+        public_point,
+    )
+    .verify(msg, sig)
+    .map_err(|_| Error::VsmSignatureInvalid)
+}
