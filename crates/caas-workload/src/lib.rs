@@ -3,10 +3,20 @@
 //! - [`psk`]: the TLS 1.3 external-PSK channel keyed by the launch token τ.
 //! - [`spec`]: the workload spec, the injected secrets (τ, pk_DM) and the ready file.
 //! - [`vsm`]: signing inside the tenant's crypto domain from the workload.
+//! - [`proto`]: the challenge protocol and the DM side ([`challenge`]).
+//! - [`workload`]: the process workload ([`run`]).
+//! - [`driver`]: the driver abstraction ([`driver::ProcessDriver`], [`driver::QemuDriver`]).
+//! - [`cli`]: `caas workload run --spec FILE`.
+pub mod cli;
+pub mod driver;
 mod error;
+pub mod proto;
 pub mod psk;
 pub mod spec;
 pub mod vsm;
+pub mod workload;
 
 pub use error::{Error, Result};
 pub use spec::{InjectedSecrets, ReadyInfo, VsmSpec, WorkloadSpec};
+pub use proto::{WorkloadReport, challenge};
+pub use workload::{Workload, run};

@@ -1,0 +1,352 @@
+//! The process workload: the "VM" of the tests and of `caas demo`. At start it takes the
+//! injected secrets (τ, pk_DM; the file is deleted), logs in to its crypto domain if it
+//! has one, reads its whole boot disk through NBD and hashes it, then serves the PSK
+//! channel (identity = vm_id, PSK = τ) and answers DM challenges ([`crate::proto`]).
+use crate::error::{Error, Result};
+use crate::proto::{
+    self, ChallengeRequest, ERR_BAD_REQUEST, ERR_DM_SIGNATURE, ERR_REPLAY, ErrorAnswer,
+    MAX_REQUEST_LINE, NONCE_LEN, VolumeCheck, VsmSignature, WorkloadReport,
+};
+use crate::psk;
+use crate::spec::{InjectedSecrets, ReadyInfo, WorkloadSpec};
+use crate::vsm::{VSM_MECHANISM, VsmSigner};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use caas_sdp::store::Store;
+use openssl::ssl::SslAcceptor;
+use std::collections::{HashSet, VecDeque};
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Read size when hashing the disk.
+const HASH_CHUNK: usize = 1 << 20;
+/// Size of the marker block written to extra volumes (the last block of each).
+pub const MARKER_BLOCK: u64 = 4096;
+/// Prefix of the marker block.
+const MARKER_MAGIC: &[u8] = b"caas-workload marker v1\0";
+/// Concurrent connections served; more are closed at once.
+const MAX_CONNECTIONS: usize = 8;
+/// Read/write timeout of a connection (handshake included).
+const CONN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many answered nonces are remembered for replay detection.
+const NONCE_MEMORY: usize = 4096;
+
+/// Runs the workload until it is killed: [`Workload::start`], then [`Workload::serve`].
+pub fn run(spec: &WorkloadSpec) -> Result<()> {
+    Workload::start(spec)?.serve()
+}
+
+/// A started workload: secrets taken, disk hashed, listener bound, ready file written.
+#[derive(Debug)]
+pub struct Workload {
+    listener: TcpListener,
+    ready: ReadyInfo,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    vm_id: String,
+    pk_dm: [u8; 32],
+    acceptor: SslAcceptor,
+    disk_sha256: [u8; 32],
+    disk_size: u64,
+    vsm: Option<Mutex<VsmSigner>>,
+    volumes: Vec<String>,
+    rt: tokio::runtime::Runtime,
+    seen: Mutex<(HashSet<[u8; NONCE_LEN]>, VecDeque<[u8; NONCE_LEN]>)>,
+    active: AtomicUsize,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("vm_id", &self.vm_id)
+            .field("disk_size", &self.disk_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Workload {
+    /// Takes the injected secrets (deleting the file), connects to the crypto domain if
+    /// configured, hashes the disk, binds the listener and writes the ready file.
+    pub fn start(spec: &WorkloadSpec) -> Result<Self> {
+        spec.validate()?;
+        let _ = std::fs::remove_file(&spec.ready_file);
+        // First thing: the secrets should spend as little time on disk as possible.
+        let InjectedSecrets { tau, pk_dm } = InjectedSecrets::take_from(&spec.inject_file)?;
+        let acceptor = psk::server_acceptor(&spec.vm_id, &tau)?;
+        drop(tau);
+        let vsm = match &spec.vsm {
+            Some(v) => Some(Mutex::new(VsmSigner::from_pin_file(
+                &v.socket,
+                v.slot,
+                &v.user_pin_file,
+            )?)),
+            None => None,
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(Error::io("start the IO runtime"))?;
+        let (disk_sha256, disk_size) = rt.block_on(hash_disk(&spec.disk))?;
+        tracing::info!(
+            vm_id = %spec.vm_id,
+            disk_size,
+            disk_sha256 = %hex::encode(disk_sha256),
+            "workload read its disk"
+        );
+        let listener = TcpListener::bind(spec.listen).map_err(Error::io("bind listener"))?;
+        let addr = listener.local_addr().map_err(Error::io("local address"))?;
+        let ready = ReadyInfo {
+            vm_id: spec.vm_id.clone(),
+            addr,
+            pid: std::process::id(),
+            disk_sha256: hex::encode(disk_sha256),
+        };
+        ready.write_to(&spec.ready_file)?;
+        tracing::info!(vm_id = %spec.vm_id, %addr, "workload serving the PSK channel");
+        Ok(Self {
+            listener,
+            ready,
+            shared: Arc::new(Shared {
+                vm_id: spec.vm_id.clone(),
+                pk_dm,
+                acceptor,
+                disk_sha256,
+                disk_size,
+                vsm,
+                volumes: spec.volumes.clone(),
+                rt,
+                seen: Mutex::new((HashSet::new(), VecDeque::new())),
+                active: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// The bound address of the PSK channel.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.ready.addr
+    }
+
+    /// What was written to the ready file.
+    #[must_use]
+    pub fn ready_info(&self) -> &ReadyInfo {
+        &self.ready
+    }
+
+    /// Serves connections until the process is killed (one thread per connection, at
+    /// most 8 at a time).
+    pub fn serve(self) -> Result<()> {
+        for conn in self.listener.incoming() {
+            let tcp = match conn {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            if self.shared.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                self.shared.active.fetch_sub(1, Ordering::SeqCst);
+                tracing::warn!("too many connections; closing one");
+                continue;
+            }
+            let shared = self.shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name("workload-conn".into())
+                .spawn(move || {
+                    let peer = tcp.peer_addr().ok();
+                    if let Err(e) = handle(&shared, tcp) {
+                        tracing::warn!(?peer, error = %e, "connection failed");
+                    }
+                    shared.active.fetch_sub(1, Ordering::SeqCst);
+                });
+            if let Err(e) = spawned {
+                self.shared.active.fetch_sub(1, Ordering::SeqCst);
+                tracing::warn!(error = %e, "cannot spawn a connection thread");
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn hash_disk(uri: &str) -> Result<([u8; 32], u64)> {
+    let store = Store::connect_nbd(uri).await?;
+    let size = store.byte_len().await?;
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut buf = vec![0u8; HASH_CHUNK];
+    let mut off = 0u64;
+    while off < size {
+        let n = usize::try_from((size - off).min(HASH_CHUNK as u64)).unwrap_or(HASH_CHUNK);
+        let chunk = &mut buf[..n];
+        store.read_at(off, chunk).await?;
+        ctx.update(chunk);
+        off += n as u64;
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    Ok((out, size))
+}
+
+fn send_line<W: Write>(w: &mut W, value: &impl serde::Serialize) -> Result<()> {
+    let mut line = serde_json::to_vec(value).map_err(|e| Error::Protocol(e.to_string()))?;
+    line.push(b'\n');
+    w.write_all(&line).map_err(Error::io("send answer"))?;
+    w.flush().map_err(Error::io("send answer"))
+}
+
+fn refuse<W: Write>(w: &mut W, code: &str) -> Result<()> {
+    send_line(
+        w,
+        &ErrorAnswer {
+            error: code.to_string(),
+        },
+    )
+}
+
+fn handle(shared: &Shared, tcp: TcpStream) -> Result<()> {
+    tcp.set_read_timeout(Some(CONN_TIMEOUT))
+        .map_err(Error::io("set timeout"))?;
+    tcp.set_write_timeout(Some(CONN_TIMEOUT))
+        .map_err(Error::io("set timeout"))?;
+    let _ = tcp.set_nodelay(true);
+    let mut tls = psk::accept(&shared.acceptor, tcp)?;
+    let line = match proto::read_line_bounded(&mut BufReader::new(&mut tls), MAX_REQUEST_LINE) {
+        Ok(l) => l,
+        Err(e @ Error::Protocol(_)) => {
+            refuse(&mut tls, ERR_BAD_REQUEST)?;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
+    let parsed = serde_json::from_slice::<ChallengeRequest>(&line)
+        .map_err(|e| Error::Protocol(format!("bad request: {e}")))
+        .and_then(|r| {
+            Ok((
+                proto::b64_array::<NONCE_LEN>(&r.nonce, "nonce")?,
+                proto::b64_array::<64>(&r.sig, "sig")?,
+            ))
+        });
+    let (nonce, sig) = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            refuse(&mut tls, ERR_BAD_REQUEST)?;
+            return Err(e);
+        }
+    };
+    // "vm verifies the authenticity of DM" (seed 003 §4.3).
+    let msg = proto::challenge_message(&shared.vm_id, &nonce);
+    if aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ED25519, shared.pk_dm)
+        .verify(&msg, &sig)
+        .is_err()
+    {
+        refuse(&mut tls, ERR_DM_SIGNATURE)?;
+        let _ = tls.shutdown();
+        return Err(Error::DmSignatureInvalid);
+    }
+    if !remember_nonce(shared, nonce) {
+        refuse(&mut tls, ERR_REPLAY)?;
+        return Err(Error::Protocol("replayed nonce".into()));
+    }
+    let report = report(shared, &nonce)?;
+    send_line(&mut tls, &report)?;
+    let _ = tls.shutdown();
+    tracing::info!(vm_id = %shared.vm_id, "answered a verified DM challenge");
+    Ok(())
+}
+
+/// Records `nonce`; false if it was already answered.
+fn remember_nonce(shared: &Shared, nonce: [u8; NONCE_LEN]) -> bool {
+    let Ok(mut seen) = shared.seen.lock() else {
+        return false;
+    };
+    let (set, order) = &mut *seen;
+    if !set.insert(nonce) {
+        return false;
+    }
+    order.push_back(nonce);
+    if order.len() > NONCE_MEMORY
+        && let Some(old) = order.pop_front()
+    {
+        set.remove(&old);
+    }
+    true
+}
+
+fn report(shared: &Shared, nonce: &[u8; NONCE_LEN]) -> Result<WorkloadReport> {
+    let vsm = match &shared.vsm {
+        Some(signer) => {
+            let msg = proto::vsm_message(&shared.vm_id, nonce, &shared.disk_sha256);
+            let mut signer = signer
+                .lock()
+                .map_err(|_| Error::Config("VSM signer poisoned".into()))?;
+            let (sig, point) = signer.sign(&msg)?;
+            Some(VsmSignature {
+                mechanism: VSM_MECHANISM.into(),
+                public_point: B64.encode(point),
+                signature: B64.encode(sig),
+            })
+        }
+        None => None,
+    };
+    let volumes = shared
+        .volumes
+        .iter()
+        .map(|uri| {
+            let result = shared.rt.block_on(check_volume(uri, nonce));
+            if let Err(step) = &result {
+                tracing::warn!(uri, step, "volume marker check failed");
+            }
+            VolumeCheck {
+                uri: uri.clone(),
+                ok: result.is_ok(),
+                error: result.err().map(str::to_string),
+            }
+        })
+        .collect();
+    Ok(WorkloadReport {
+        vm_id: shared.vm_id.clone(),
+        nonce: B64.encode(nonce),
+        disk_sha256: hex::encode(shared.disk_sha256),
+        disk_size: shared.disk_size,
+        vsm,
+        volumes,
+    })
+}
+
+/// Writes a fresh marker into the last 4 KiB block of the volume, flushes, and reads it
+/// back. The error is the failing step (details go to the log only).
+async fn check_volume(uri: &str, nonce: &[u8; NONCE_LEN]) -> Result<(), &'static str> {
+    let log = |step: &'static str| {
+        move |e: caas_sdp::Error| {
+            tracing::debug!(uri, step, error = %e, "volume step failed");
+            step
+        }
+    };
+    let store = Store::connect_nbd(uri).await.map_err(log("connect"))?;
+    let size = store.byte_len().await.map_err(log("size"))?;
+    if size < MARKER_BLOCK {
+        return Err("size");
+    }
+    let offset = (size / MARKER_BLOCK - 1) * MARKER_BLOCK;
+    let mut marker = vec![0u8; MARKER_BLOCK as usize];
+    aws_lc_rs::rand::fill(&mut marker).map_err(|_| "random")?;
+    marker[..MARKER_MAGIC.len()].copy_from_slice(MARKER_MAGIC);
+    marker[MARKER_MAGIC.len()..MARKER_MAGIC.len() + NONCE_LEN].copy_from_slice(nonce);
+    store
+        .write_at(offset, &marker)
+        .await
+        .map_err(log("write"))?;
+    store.sync().await.map_err(log("flush"))?;
+    let mut back = vec![0u8; marker.len()];
+    store.read_at(offset, &mut back).await.map_err(log("read"))?;
+    if back != marker {
+        return Err("mismatch");
+    }
+    Ok(())
+}
