@@ -36,20 +36,20 @@ use tokio::sync::Mutex;
 
 /// Serialised TPM-wrapped key blobs (the only thing the agent stores).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct StoredKeys {
+pub(crate) struct StoredKeys {
     #[serde(with = "caas_attest::b64")]
     ak_public: Vec<u8>,
     #[serde(with = "caas_attest::b64")]
     ak_private: Vec<u8>,
     #[serde(with = "caas_attest::b64")]
-    bind_public: Vec<u8>,
+    pub(crate) bind_public: Vec<u8>,
     #[serde(with = "caas_attest::b64")]
-    bind_private: Vec<u8>,
+    pub(crate) bind_private: Vec<u8>,
     #[serde(with = "caas_attest::b64")]
     bind_certify_attest: Vec<u8>,
     #[serde(with = "caas_attest::b64")]
     bind_certify_signature: Vec<u8>,
-    bind_pcrs: Vec<u32>,
+    pub(crate) bind_pcrs: Vec<u32>,
 }
 
 /// What the management API reports.
@@ -72,10 +72,11 @@ pub struct AgentStatus {
 /// The agent.
 #[derive(Debug)]
 pub struct Agent {
-    cfg: AgentConfig,
-    tpm: TpmHandle,
-    keys: StoredKeys,
-    http: HttpClient,
+    pub(crate) cfg: AgentConfig,
+    pub(crate) tpm: TpmHandle,
+    pub(crate) keys: StoredKeys,
+    pub(crate) http: HttpClient,
+    pub(crate) tl: crate::tl::TlHost,
     enrolled: AtomicBool,
     advertise_url: Mutex<String>,
 }
@@ -117,10 +118,12 @@ impl Agent {
             .advertise_url
             .clone()
             .unwrap_or_else(|| format!("http://{}", cfg.listen));
+        let tl = crate::tl::TlHost::new(&cfg)?;
         Ok(Self {
             cfg,
             tpm,
             keys,
+            tl,
             http: HttpClient::default(),
             enrolled: AtomicBool::new(false),
             advertise_url: Mutex::new(adv),
@@ -315,24 +318,109 @@ struct ApiError(Error);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, code) = match &self.0 {
-            Error::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-            Error::Attest(_) => (StatusCode::BAD_GATEWAY, "key_service_error"),
-            Error::Tpm(_) => (StatusCode::SERVICE_UNAVAILABLE, "tpm_error"),
-            Error::Config(_) | Error::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        let code = crate::tl::error_code(&self.0).to_string();
+        let status = match &self.0 {
+            Error::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Error::Tl(caas_tl::Error::Malformed { .. }) => StatusCode::BAD_REQUEST,
+            Error::Tl(caas_tl::Error::Rejected { .. }) => StatusCode::FORBIDDEN,
+            Error::Attest(caas_attest::Error::Remote { status, .. }) if *status == 403 => {
+                StatusCode::FORBIDDEN
+            }
+            Error::Attest(_) => StatusCode::BAD_GATEWAY,
+            Error::Tpm(t) if t.is_policy_failure() => StatusCode::FORBIDDEN,
+            Error::Tpm(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let message = match &self.0 {
+            Error::Config(_) | Error::Io { .. } => "internal error".to_string(),
+            e => e.to_string(),
         };
         (
             status,
-            Json(serde_json::json!({ "code": code, "message": self.0.to_string() })),
+            Json(serde_json::json!({ "code": code, "message": message })),
         )
             .into_response()
     }
 }
 
-/// The agent's HTTP API: `POST /v1/agent/quote` (attestation), and the management API
-/// `GET /v1/agent/status`, `GET /v1/agent/bind-key`, `POST /v1/agent/enroll`.
+/// Body of `POST /v1/agent/dev/measure`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DevMeasure {
+    /// PCR index.
+    pub pcr: u32,
+    /// Measured data (its SHA-256 is extended).
+    pub data: String,
+}
+
+/// The agent's HTTP API: `POST /v1/agent/quote` (attestation); the management API
+/// `GET /v1/agent/status`, `GET /v1/agent/bind-key`, `POST /v1/agent/enroll`,
+/// `GET|POST /v1/agent/workloads` (list, trusted launch), `POST
+/// /v1/agent/workloads/{vm}/stop`, `POST /v1/agent/workloads/{vm}/volumes` (DBSP attach),
+/// `GET /v1/agent/audit`; `POST /v1/agent/revoke` (TTP-signed); dev hosts only `POST
+/// /v1/agent/dev/measure`. No route returns key material.
 pub fn router(agent: Arc<Agent>) -> Router {
+    use crate::tl::AttachRequest;
+    use axum::extract::Path;
+    use caas_tl::wire::{LaunchCall, Signed};
     Router::new()
+        .route(
+            "/v1/agent/workloads",
+            post(
+                |State(a): State<Arc<Agent>>, Json(c): Json<LaunchCall>| async move {
+                    a.launch(&c).await.map(Json).map_err(ApiError)
+                },
+            )
+            .get(|State(a): State<Arc<Agent>>| async move { Json(a.workloads().await) }),
+        )
+        .route(
+            "/v1/agent/workloads/{vm}/stop",
+            post(
+                |State(a): State<Arc<Agent>>, Path(vm): Path<String>| async move {
+                    a.stop_workload(&vm)
+                        .await
+                        .map(|()| Json(serde_json::json!({ "stopped": vm })))
+                        .map_err(ApiError)
+                },
+            ),
+        )
+        .route(
+            "/v1/agent/workloads/{vm}/volumes",
+            post(
+                |State(a): State<Arc<Agent>>,
+                 Path(vm): Path<String>,
+                 Json(r): Json<AttachRequest>| async move {
+                    a.attach_volume(&vm, &r).await.map(Json).map_err(ApiError)
+                },
+            ),
+        )
+        .route(
+            "/v1/agent/revoke",
+            post(
+                |State(a): State<Arc<Agent>>, Json(n): Json<Signed>| async move {
+                    a.revoke(&n)
+                        .await
+                        .map(|n| Json(serde_json::json!({ "stopped": n })))
+                        .map_err(ApiError)
+                },
+            ),
+        )
+        .route(
+            "/v1/agent/dev/measure",
+            post(
+                |State(a): State<Arc<Agent>>, Json(m): Json<DevMeasure>| async move {
+                    a.dev_measure(m.pcr, m.data.as_bytes())
+                        .await
+                        .map(|()| Json(serde_json::json!({ "extended": m.pcr })))
+                        .map_err(ApiError)
+                },
+            ),
+        )
+        .route(
+            "/v1/agent/audit",
+            get(|State(a): State<Arc<Agent>>| async move {
+                a.audit_log().map(Json).map_err(ApiError)
+            }),
+        )
         .route(
             "/v1/agent/quote",
             post(

@@ -33,6 +33,18 @@ pub struct RawConfig {
     /// PCRs (sha256 bank) the bind key is bound to.
     #[serde(default = "default_bind_pcrs")]
     pub bind_pcrs: Vec<u32>,
+    /// The cloud storage the workloads' encrypted images and domain volumes live in
+    /// (untrusted: it only ever holds ciphertext). Default: `<state_dir>/storage`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_dir: Option<PathBuf>,
+    /// The TTP's public keys (`SIGN.ENCRYPT`, base64). Without it the agent fetches them from
+    /// the key service once and pins them in `state_dir` (trust on first use).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttp_public_key: Option<String>,
+    /// Dev/test hosts only: allow `POST /v1/agent/dev/measure` (extend a PCR with a runtime
+    /// measurement, standing for a host whose state changes after enrollment).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dev_measure: bool,
 }
 
 fn default_tcti() -> String {
@@ -72,6 +84,12 @@ pub struct AgentConfig {
     pub ak_alg: caas_tpm::AkAlg,
     /// Bind-key PCRs.
     pub bind_pcrs: Vec<u32>,
+    /// Cloud storage directory.
+    pub storage_dir: PathBuf,
+    /// Pinned TTP public keys, if configured.
+    pub ttp_public_key: Option<caas_tl::TtpPublic>,
+    /// Whether the dev measurement route is enabled.
+    pub dev_measure: bool,
 }
 
 impl RawConfig {
@@ -112,7 +130,20 @@ impl RawConfig {
         if bind_pcrs.is_empty() || bind_pcrs.iter().any(|p| *p >= 24) {
             return Err(Error::Config("bind_pcrs must list PCRs 0..23".into()));
         }
+        let ttp_public_key = self
+            .ttp_public_key
+            .as_deref()
+            .map(caas_tl::TtpPublic::from_text)
+            .transpose()
+            .map_err(|e| Error::Config(format!("ttp_public_key: {e}")))?;
+        let storage_dir = self
+            .storage_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("storage"));
         Ok(AgentConfig {
+            storage_dir,
+            ttp_public_key,
+            dev_measure: self.dev_measure,
             name: self.name,
             tcti: self.tcti,
             listen,

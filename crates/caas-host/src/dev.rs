@@ -47,6 +47,8 @@ pub struct DevHosts {
     pub ca: LocalCa,
     /// The hosts.
     pub hosts: Vec<DevHost>,
+    /// The cloud storage the hosts share (encrypted images, DBSP volumes).
+    pub storage: PathBuf,
 }
 
 /// The PCRs dev profiles cover.
@@ -109,6 +111,9 @@ impl DevHosts {
                 event_log: event_log_path.clone(),
                 ak_algorithm: "ecc-p256".into(),
                 bind_pcrs: DEV_PCRS.to_vec(),
+                storage_dir: Some(dir.join("storage")),
+                ttp_public_key: None,
+                dev_measure: true,
             };
             let toml = toml::to_string(&raw).map_err(|e| Error::Config(e.to_string()))?;
             std::fs::write(&config_path, toml)
@@ -129,7 +134,14 @@ impl DevHosts {
                 agent: None,
             });
         }
-        Ok(Self { ca, hosts })
+        let storage = dir.join("storage");
+        std::fs::create_dir_all(&storage).map_err(Error::io(format!("create {}", storage.display())))?;
+        Ok(Self { ca, hosts, storage })
+    }
+
+    /// The shared cloud storage directory.
+    pub fn storage_dir(&self) -> &Path {
+        &self.storage
     }
 
     /// CA certificate files the registrar must trust.

@@ -21,6 +21,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A TL/DBSP protocol check failed.
+    #[error(transparent)]
+    Tl(#[from] caas_tl::Error),
+    /// A crypto domain or workload could not be started or reached.
+    #[error("crypto domain: {0}")]
+    Domain(String),
     /// Invalid request to the agent API.
     #[error("invalid request: {0}")]
     InvalidRequest(String),

@@ -8,5 +8,6 @@ pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod error;
+pub mod tl;
 
 pub use error::Error;

@@ -354,7 +354,8 @@ pub async fn run(
     }
 }
 
-async fn import(a: &ImportArgs, key: &KeyInput) -> Result<(), Error> {
+/// Encrypts the raw image `a.raw` into a new volume `a.out` under `key` (seed 001 Algorithm 1 line 6).
+pub async fn import(a: &ImportArgs, key: &KeyInput) -> Result<(), Error> {
     use std::io::Read;
     let mut raw = std::fs::File::open(&a.raw).map_err(Error::io("open raw image"))?;
     let len = raw.metadata().map_err(Error::io("stat raw image"))?.len();

@@ -165,6 +165,25 @@ pub struct LaunchCall {
     /// Workload driver: `process` (default) or `qemu`.
     #[serde(default)]
     pub driver: Option<String>,
+    /// DBSP volumes to attach before the workload starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeRequest>,
+}
+
+/// A DBSP storage resource to attach to a workload.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VolumeRequest {
+    /// Domain D.
+    pub domain: String,
+    /// Storage resource SR (the volume's name in the domain).
+    pub sr: String,
+    /// Size of a new volume (bytes); ignored when it exists.
+    #[serde(default = "default_volume_size")]
+    pub size: u64,
+}
+
+fn default_volume_size() -> u64 {
+    64 << 20
 }
 
 /// TL.AttestRequest body ⟨c1, r, AttestData⟩ (σ_AIK: the quote over its digest).

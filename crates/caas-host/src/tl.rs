@@ -1,0 +1,1002 @@
+//! The secure component (SC) of trusted launch and DBSP on the host (seed 003 §4.3, §4.4)
+//! and the launch of encrypted workloads (seed 001 §3.4, Fig. 5).
+//!
+//! Launch, step by step ([`Agent::launch`]):
+//! 1. TL.Request from the (untrusted) scheduler: σ_DM and freshness of r (host replay cache).
+//! 2. TL.AttestRequest to the TTP: the request, the AK-certified bind key, and a quote whose
+//!    qualifying data is the digest of the request body (σ_AIK) with the event log (IML).
+//! 3. TL.Attestation: σ_TTP and r checked, c2 opened with the TPM bind key — only possible
+//!    while the PCRs are in the state the bind key is bound to.
+//! 4. id_vm, H1 (hash of the image in storage) and H2 (hash of the supplied pk_DM) checked.
+//! 5. The crypto-domain configuration (sealed to this host's bind key by the tenant, seed 001
+//!    Algorithm 1) opened with the TPM — again only in the trusted PCR state.
+//! 6. The crypto domain started: a Secure Device Proxy process serving the image under k
+//!    (the key goes over a pipe, never in arguments, environment or files) and a VSM process
+//!    with the tenant's token; then the workload with τ and pk_DM injected.
+//!
+//! The management API can launch, stop, list and attach; no route returns key material, a
+//! plaintext configuration or crypto-domain memory, and every call is recorded in the
+//! agent's hash-chained audit log.
+use crate::agent::Agent;
+use crate::config::AgentConfig;
+use crate::error::Error;
+use caas_attest::structures::PcrSelection;
+use caas_attest::verifier::Challenge;
+use caas_attest::HashAlg;
+use caas_crypto::SecretKey;
+use caas_tl::crypto::{ak_nonce, split_bind_sealed};
+use caas_tl::wire::{self, AkSigned, AttestRequest, LaunchCall, Meta, Signed, label};
+use caas_tl::{TtpPublic, sc};
+use caas_tpm::{KeyBlob, PcrBank};
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+use zeroize::Zeroizing;
+
+/// Size limit of a sealed crypto-domain configuration.
+const MAX_CONFIG: u64 = 64 * 1024;
+
+/// Per-host TL state.
+#[derive(Debug)]
+pub struct TlHost {
+    ttp: std::sync::RwLock<Option<TtpPublic>>,
+    replay: sc::ReplayCache,
+    workloads: tokio::sync::Mutex<HashMap<String, Workload>>,
+    audit: std::sync::Mutex<AuditLog>,
+    storage: PathBuf,
+    run_dir: PathBuf,
+    ttp_pin_file: PathBuf,
+}
+
+/// A running crypto-domain or workload process.
+#[derive(Debug)]
+struct Proc {
+    what: &'static str,
+    child: ProcChild,
+}
+
+#[derive(Debug)]
+enum ProcChild {
+    Plain(Child),
+    Workload(caas_workload::driver::WorkloadHandle),
+}
+
+impl Proc {
+    fn plain(what: &'static str, child: Child) -> Self {
+        Self {
+            what,
+            child: ProcChild::Plain(child),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        match &self.child {
+            ProcChild::Plain(c) => c.id(),
+            ProcChild::Workload(h) => h.pid(),
+        }
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        match &mut self.child {
+            ProcChild::Plain(c) => c.try_wait().ok().flatten().map(|s| s.to_string()),
+            ProcChild::Workload(h) => h.try_wait().ok().flatten().map(|s| s.to_string()),
+        }
+    }
+
+    fn stop(&mut self) {
+        match &mut self.child {
+            ProcChild::Plain(c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            ProcChild::Workload(h) => {
+                let _ = h.stop();
+            }
+        }
+    }
+}
+
+/// A launched workload and its crypto domain.
+struct Workload {
+    vm_id: String,
+    image_id: String,
+    h2: String,
+    sp: String,
+    /// DK_i (TL session key with the TTP).
+    dk: Zeroizing<Vec<u8>>,
+    endpoint: Option<String>,
+    disk_uri: String,
+    vsm_socket: PathBuf,
+    procs: Vec<Proc>,
+    volumes: Vec<AttachedVolume>,
+    started_ms: u64,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workload")
+            .field("vm_id", &self.vm_id)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct AttachedVolume {
+    domain: String,
+    sr: String,
+    uri: String,
+    proc: Proc,
+}
+
+impl Workload {
+    fn stop(&mut self) {
+        for v in &mut self.volumes {
+            v.proc.stop();
+        }
+        self.volumes.clear();
+        // Workload first, then its crypto domain.
+        for p in self.procs.iter_mut().rev() {
+            p.stop();
+        }
+        self.procs.clear();
+        zeroize::Zeroize::zeroize(&mut *self.dk);
+    }
+
+    fn view(&self) -> WorkloadView {
+        WorkloadView {
+            vm_id: self.vm_id.clone(),
+            image_id: self.image_id.clone(),
+            sp: self.sp.clone(),
+            endpoint: self.endpoint.clone(),
+            disk_uri: self.disk_uri.clone(),
+            vsm_socket: self.vsm_socket.display().to_string(),
+            processes: self
+                .procs
+                .iter()
+                .map(|p| format!("{}:{}", p.what, p.pid()))
+                .collect(),
+            volumes: self
+                .volumes
+                .iter()
+                .map(|v| VolumeView {
+                    domain: v.domain.clone(),
+                    sr: v.sr.clone(),
+                    uri: v.uri.clone(),
+                })
+                .collect(),
+            started_ms: self.started_ms,
+        }
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A workload as the management API shows it (no key material).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct WorkloadView {
+    /// id_vm.
+    pub vm_id: String,
+    /// Image.
+    pub image_id: String,
+    /// Security profile.
+    pub sp: String,
+    /// The workload's PSK-TLS endpoint (for the DM).
+    pub endpoint: Option<String>,
+    /// NBD URI of the decrypted image disk (served by the crypto domain to the workload).
+    pub disk_uri: String,
+    /// VSM socket.
+    pub vsm_socket: String,
+    /// `role:pid` of each process.
+    pub processes: Vec<String>,
+    /// Attached DBSP volumes.
+    pub volumes: Vec<VolumeView>,
+    /// Start time (Unix ms).
+    pub started_ms: u64,
+}
+
+/// An attached DBSP volume.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VolumeView {
+    /// Domain.
+    pub domain: String,
+    /// Storage resource.
+    pub sr: String,
+    /// NBD URI the workload uses.
+    pub uri: String,
+}
+
+/// Result of a launch.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LaunchResult {
+    /// Host.
+    pub host: String,
+    /// The workload.
+    pub workload: WorkloadView,
+    /// Phase timings (name, milliseconds).
+    pub timings: Vec<(String, f64)>,
+}
+
+/// `POST /v1/agent/workloads/{vm}/volumes`.
+pub type AttachRequest = caas_tl::wire::VolumeRequest;
+
+/// Result of an attach.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AttachResult {
+    /// The volume.
+    pub volume: VolumeView,
+    /// Whether the volume was created now.
+    pub created: bool,
+    /// Phase timings (name, milliseconds), after seed 003 Table 1.
+    pub timings: Vec<(String, f64)>,
+}
+
+/// One record of the agent's audit log.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AuditEntry {
+    /// Sequence number.
+    pub seq: u64,
+    /// Unix ms.
+    pub time_ms: u64,
+    /// Operation.
+    pub op: String,
+    /// Subject (workload, domain, ...).
+    pub subject: String,
+    /// `ok` or an error code.
+    pub result: String,
+    /// Hash of the previous entry (hex).
+    pub prev: String,
+    /// SHA-256 of this entry without `hash` (hex).
+    pub hash: String,
+}
+
+/// The agent's append-only, hash-chained audit log (JSON lines, fsync'd per entry).
+#[derive(Debug)]
+struct AuditLog {
+    path: PathBuf,
+    seq: u64,
+    prev: String,
+}
+
+impl AuditLog {
+    fn open(path: PathBuf) -> Self {
+        let (mut seq, mut prev) = (0, String::new());
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Some(e) = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<AuditEntry>(l).ok())
+                .last()
+            {
+                seq = e.seq;
+                prev = e.hash;
+            }
+        }
+        Self { path, seq, prev }
+    }
+
+    fn append(&mut self, op: &str, subject: &str, result: &str) {
+        let mut e = AuditEntry {
+            seq: self.seq + 1,
+            time_ms: caas_attest::now_ms(),
+            op: op.into(),
+            subject: subject.chars().take(256).collect(),
+            result: result.into(),
+            prev: self.prev.clone(),
+            hash: String::new(),
+        };
+        e.hash = hex::encode(caas_tl::crypto::sha256(&wire::to_bytes(&e)));
+        let line = format!("{}\n", String::from_utf8_lossy(&wire::to_bytes(&e)));
+        let r = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .and_then(|mut f| {
+                f.write_all(line.as_bytes())?;
+                f.sync_data()
+            });
+        match r {
+            Ok(()) => {
+                self.seq = e.seq;
+                self.prev = e.hash;
+            }
+            Err(err) => tracing::error!(error = %err, "agent audit log write failed"),
+        }
+    }
+}
+
+/// Verifies an audit log's chain; returns its entries.
+pub fn verify_audit_log(text: &str) -> Result<Vec<AuditEntry>, String> {
+    let mut prev = String::new();
+    let mut out = Vec::new();
+    for (i, l) in text.lines().enumerate() {
+        let e: AuditEntry = serde_json::from_str(l).map_err(|e| format!("line {}: {e}", i + 1))?;
+        let mut c = e.clone();
+        c.hash = String::new();
+        if e.prev != prev || e.hash != hex::encode(caas_tl::crypto::sha256(&wire::to_bytes(&c))) {
+            return Err(format!("line {}: chain broken", i + 1));
+        }
+        prev = e.hash.clone();
+        out.push(e);
+    }
+    Ok(out)
+}
+
+fn ms(t: Instant) -> f64 {
+    (t.elapsed().as_secs_f64() * 1e6).round() / 1e3
+}
+
+impl TlHost {
+    /// State for `cfg`.
+    pub fn new(cfg: &AgentConfig) -> Result<Self, Error> {
+        let run_dir = cfg.state_dir.join("run");
+        std::fs::create_dir_all(&run_dir).map_err(Error::io(format!("create {}", run_dir.display())))?;
+        let ttp_pin_file = cfg.state_dir.join("ttp.pub");
+        let pinned = match &cfg.ttp_public_key {
+            Some(p) => Some(p.clone()),
+            None => std::fs::read_to_string(&ttp_pin_file)
+                .ok()
+                .and_then(|s| TtpPublic::from_text(&s).ok()),
+        };
+        Ok(Self {
+            ttp: std::sync::RwLock::new(pinned),
+            replay: sc::ReplayCache::default(),
+            workloads: tokio::sync::Mutex::new(HashMap::new()),
+            audit: std::sync::Mutex::new(AuditLog::open(cfg.state_dir.join("audit.jsonl"))),
+            storage: cfg.storage_dir.clone(),
+            run_dir,
+            ttp_pin_file,
+        })
+    }
+
+    fn audit(&self, op: &str, subject: &str, r: &Result<impl Sized, Error>) {
+        let result = match r {
+            Ok(_) => "ok".to_string(),
+            Err(e) => error_code(e).to_string(),
+        };
+        if let Ok(mut a) = self.audit.lock() {
+            a.append(op, subject, &result);
+        }
+    }
+
+    /// Path of an image's files in the cloud storage.
+    pub fn image_dir(storage: &Path, image_id: &str) -> PathBuf {
+        storage.join("images").join(image_id)
+    }
+
+    /// Path of a DBSP volume in the cloud storage.
+    pub fn volume_path(storage: &Path, domain: &str, sr: &str) -> PathBuf {
+        storage.join("domains").join(domain).join(format!("{sr}.caasvol"))
+    }
+}
+
+impl Drop for TlHost {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.workloads.try_lock() {
+            w.clear();
+        }
+    }
+}
+
+/// The stable code of an agent error (for the API and the audit log).
+pub fn error_code(e: &Error) -> &str {
+    match e {
+        Error::Tl(t) => t.code(),
+        Error::Attest(caas_attest::Error::Remote { code, .. }) => code,
+        Error::Attest(_) => "key_service_error",
+        Error::Tpm(t) if t.is_policy_failure() => "pcr_state_changed",
+        Error::Tpm(_) => "tpm_error",
+        Error::InvalidRequest(_) => "invalid_request",
+        Error::Domain(_) => "crypto_domain_error",
+        Error::Config(_) | Error::Io { .. } => "internal",
+    }
+}
+
+fn sha256_file(path: &Path) -> Result<[u8; 32], Error> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path).map_err(Error::io(format!("open {}", path.display())))?;
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(Error::io(format!("read {}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    Ok(out)
+}
+
+/// The `caas` executable the crypto domains and workloads are started from.
+fn caas_exe() -> Result<String, Error> {
+    let exe = std::env::var_os("CAAS_EXE")
+        .map(PathBuf::from)
+        .map_or_else(std::env::current_exe, Ok)
+        .map_err(Error::io("current executable"))?;
+    Ok(exe.display().to_string())
+}
+
+async fn wait_for_socket(path: &Path, proc: &mut Proc, timeout: Duration) -> Result<(), Error> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Ok(());
+        }
+        if let Some(st) = proc.exited() {
+            return Err(Error::Domain(format!("{} exited ({st})", proc.what)));
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Domain(format!("{} did not come up", proc.what)));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts a Secure Device Proxy process serving `volume` on `socket`; the key goes over
+/// its stdin pipe.
+async fn spawn_sdp(volume: &Path, socket: &Path, key: &SecretKey) -> Result<Proc, Error> {
+    let _ = std::fs::remove_file(socket);
+    let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&caas_exe()?);
+    cmd.arg("volume")
+        .arg("serve")
+        .arg(volume)
+        .arg("--socket")
+        .arg(socket)
+        .arg("--key-file")
+        .arg("/dev/stdin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
+    let mut child = cmd.spawn().map_err(Error::io("start the Secure Device Proxy"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(key.expose())
+            .map_err(Error::io("hand the key to the Secure Device Proxy"))?;
+    }
+    let mut p = Proc::plain("sdp", child);
+    if let Err(e) = wait_for_socket(socket, &mut p, Duration::from_secs(20)).await {
+        p.stop();
+        return Err(e);
+    }
+    Ok(p)
+}
+
+/// Starts the tenant's VSM crypto domain and initialises its token from the configuration.
+async fn spawn_vsm(dir: &Path, socket: &Path, cfg: &caas_tl::dm::DomcConfig) -> Result<Proc, Error> {
+    let state = dir.join("domc");
+    std::fs::create_dir_all(&state).map_err(Error::io("create crypto-domain state"))?;
+    let _ = std::fs::remove_file(socket);
+    let (uid, gid) = process_ids();
+    let ids = format!("{uid}:{gid}");
+    let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&caas_exe()?);
+    cmd.args(["domc", "serve", "--create-key", "--socket-mode", "600", "--run-as", &ids])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--socket")
+        .arg(socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let child = cmd.spawn().map_err(Error::io("start the VSM crypto domain"))?;
+    let mut p = Proc::plain("vsm", child);
+    if let Err(e) = wait_for_socket(socket, &mut p, Duration::from_secs(20)).await {
+        p.stop();
+        return Err(e);
+    }
+    let (sock, label_text, so, user) = (
+        socket.to_path_buf(),
+        cfg.token_label.clone(),
+        Zeroizing::new(cfg.so_pin.clone()),
+        Zeroizing::new(cfg.user_pin.clone()),
+    );
+    let r = tokio::task::spawn_blocking(move || {
+        caas_domc::dev::init_token(&sock, 0, &label_text, &so, &user)
+    })
+    .await
+    .map_err(|e| Error::Domain(format!("token init task: {e}")))?;
+    if let Err(e) = r {
+        p.stop();
+        return Err(Error::Domain(format!("token initialisation failed: {e}")));
+    }
+    Ok(p)
+}
+
+/// Effective uid/gid (the crypto domain runs as the agent's user in dev; a root agent
+/// would pass a dedicated account).
+fn process_ids() -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self").map_or((0, 0), |m| (m.uid(), m.gid()))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(Error::io(format!("create {}", path.display())))?;
+    f.write_all(bytes).map_err(Error::io(format!("write {}", path.display())))?;
+    f.sync_all().map_err(Error::io(format!("sync {}", path.display())))
+}
+
+/// Writes the workload's spec, injected secrets and PIN file, starts it through its driver
+/// and waits for its ready file; returns the process and its PSK-channel address.
+#[allow(clippy::too_many_arguments)]
+async fn start_workload(
+    vm_id: &str,
+    dir: &Path,
+    disk: &str,
+    vsm_socket: &Path,
+    volumes: Vec<String>,
+    driver: &str,
+    injected: &caas_workload::InjectedSecrets,
+    user_pin: &str,
+) -> Result<(Proc, String), Error> {
+    let wl = |e: caas_workload::Error| Error::Domain(format!("workload: {e}"));
+    let inject = dir.join("inject.json");
+    injected.write_to(&inject).map_err(wl)?;
+    let pin_file = dir.join("user.pin");
+    write_private(&pin_file, user_pin.as_bytes())?;
+    let ready = dir.join("ready");
+    let spec = caas_workload::WorkloadSpec {
+        vm_id: vm_id.to_string(),
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        ready_file: ready.clone(),
+        inject_file: inject,
+        disk: disk.to_string(),
+        vsm: Some(caas_workload::VsmSpec {
+            socket: vsm_socket.to_path_buf(),
+            user_pin_file: pin_file,
+            slot: 0,
+        }),
+        volumes,
+    };
+    use caas_workload::driver::{Driver, ProcessDriver, QemuDriver};
+    let driver: Box<dyn Driver> = match driver {
+        "qemu" => Box::new(QemuDriver::new(dir.to_path_buf())),
+        _ => Box::new(ProcessDriver::new(PathBuf::from(caas_exe()?), dir.to_path_buf())),
+    };
+    let program = driver.program().map_err(wl)?;
+    let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&program.display().to_string());
+    cmd.stdout(Stdio::null());
+    let mut handle = driver.start(&spec, cmd).map_err(wl)?;
+    let (handle, addr) = tokio::task::spawn_blocking(move || {
+        let r = handle.wait_ready(Duration::from_secs(60));
+        (handle, r)
+    })
+    .await
+    .map_err(|e| Error::Domain(format!("workload task: {e}")))?;
+    let mut p = Proc {
+        what: "workload",
+        child: ProcChild::Workload(handle),
+    };
+    match addr {
+        Ok(a) => Ok((p, a.to_string())),
+        Err(e) => {
+            p.stop();
+            Err(wl(e))
+        }
+    }
+}
+
+impl Agent {
+    fn bind_blob(&self) -> KeyBlob {
+        KeyBlob {
+            public: self.keys.bind_public.clone(),
+            private: self.keys.bind_private.clone(),
+        }
+    }
+
+    /// TPM2_RSA_Decrypt with the bind key under its PCR policy.
+    async fn bind_decrypt(&self, ct: &[u8]) -> Result<Zeroizing<Vec<u8>>, Error> {
+        let bind = self.bind_blob();
+        let pcrs = self.keys.bind_pcrs.clone();
+        let ct = ct.to_vec();
+        Ok(self
+            .tpm
+            .run(move |t| t.bind_decrypt(&bind, PcrBank::Sha256, &pcrs, &ct))
+            .await?)
+    }
+
+    /// σ_AIK over `body`: a quote of the bind PCRs with qualifying data `ak_nonce(label, body)`.
+    async fn ak_sign(&self, label_text: &str, body: Vec<u8>) -> Result<AkSigned, Error> {
+        let ch = Challenge {
+            nonce: ak_nonce(label_text, &body).to_vec(),
+            selection: PcrSelection::new(HashAlg::Sha256, &self.keys.bind_pcrs)?,
+        };
+        let evidence = self.evidence(&ch).await?;
+        Ok(AkSigned { body, evidence })
+    }
+
+    /// pk_TTP: configured, pinned, or fetched once from the key service and pinned.
+    async fn ttp(&self) -> Result<TtpPublic, Error> {
+        if let Ok(g) = self.tl.ttp.read()
+            && let Some(p) = g.as_ref()
+        {
+            return Ok(p.clone());
+        }
+        let p: TtpPublic = self
+            .http
+            .get(&format!("{}/v1/tl/ttp", self.cfg.key_service_url))
+            .await?;
+        write_private(&self.tl.ttp_pin_file, p.to_text().as_bytes())?;
+        if let Ok(mut g) = self.tl.ttp.write() {
+            *g = Some(p.clone());
+        }
+        Ok(p)
+    }
+
+    /// Trusted launch of a workload (module doc, steps 1–6).
+    pub async fn launch(&self, call: &LaunchCall) -> Result<LaunchResult, Error> {
+        let r = self.launch_inner(call).await;
+        self.tl.audit("LaunchWorkload", &format!("{}/{}", call.vm_id, call.image_id), &r);
+        if let Err(e) = &r {
+            tracing::warn!(vm = %call.vm_id, code = error_code(e), error = %e, "launch refused");
+        }
+        r
+    }
+
+    async fn launch_inner(&self, call: &LaunchCall) -> Result<LaunchResult, Error> {
+        let mut timings = Vec::new();
+        let t = Instant::now();
+        let now = caas_attest::now_ms();
+        let req = sc::verify_launch(call, now)?;
+        if self.tl.workloads.lock().await.contains_key(&call.vm_id) {
+            return Err(Error::InvalidRequest(format!("workload {} is already running", call.vm_id)));
+        }
+        let driver = call.driver.as_deref().unwrap_or("process");
+        if driver != "process" && driver != "qemu" {
+            return Err(Error::InvalidRequest(format!("unknown driver {driver}")));
+        }
+        self.tl.replay.check(&req.r, now)?;
+        let ttp = self.ttp().await?;
+        timings.push(("verify request".to_string(), ms(t)));
+        // TL.AttestRequest.
+        let t = Instant::now();
+        let body = wire::to_bytes(&AttestRequest {
+            host: self.cfg.name.clone(),
+            launch: call.request.clone(),
+            bind: self.bind_key(),
+            t_ms: now,
+        });
+        let signed = self.ak_sign(label::ATTEST_REQUEST, body).await?;
+        timings.push(("quote (σ_AIK)".to_string(), ms(t)));
+        let t = Instant::now();
+        let resp: Signed = self
+            .http
+            .post(&format!("{}/v1/tl/attest", self.cfg.key_service_url), &signed)
+            .await?;
+        timings.push(("TTP attestation".to_string(), ms(t)));
+        // TL.Attestation.
+        let t = Instant::now();
+        let att = sc::check_attestation(&resp, &ttp, &self.cfg.name, &req.r)?;
+        let (rsa, _) = split_bind_sealed(&att.c2)?;
+        let key = self.bind_decrypt(rsa).await?;
+        let m2 = sc::open_m2(&key, &att)?;
+        drop(key);
+        timings.push(("unseal c2 (TPM)".to_string(), ms(t)));
+        let t = Instant::now();
+        let img_dir = TlHost::image_dir(&self.tl.storage, &call.image_id);
+        let image = img_dir.join("image.caasvol");
+        let ip = image.clone();
+        let h1 = tokio::task::spawn_blocking(move || sha256_file(&ip))
+            .await
+            .map_err(|e| Error::Domain(format!("hash task: {e}")))??;
+        sc::check_m2(&m2, &call.vm_id, &h1, &req.pk_dm)?;
+        timings.push(("check id, H1, H2".to_string(), ms(t)));
+        // The crypto-domain configuration, sealed to this host's bind key.
+        let t = Instant::now();
+        let cfg_path = img_dir.join(format!("domc-{}.sealed", self.cfg.name));
+        let meta = std::fs::metadata(&cfg_path).map_err(|_| {
+            Error::Tl(caas_tl::Error::rejected(
+                "config_missing",
+                format!("image {} has no crypto-domain configuration for this host", call.image_id),
+            ))
+        })?;
+        if meta.len() > MAX_CONFIG {
+            return Err(Error::Tl(caas_tl::Error::malformed("domc config", "too large")));
+        }
+        let sealed = std::fs::read(&cfg_path).map_err(Error::io("read the sealed configuration"))?;
+        let (rsa, _) = split_bind_sealed(&sealed)
+            .map_err(|_| caas_tl::Error::rejected("config_tampered", "the crypto-domain configuration was altered"))?;
+        let key = self.bind_decrypt(rsa).await.map_err(|e| match e {
+            Error::Tpm(ref t) if !t.is_policy_failure() => Error::Tl(caas_tl::Error::rejected(
+                "config_tampered",
+                "the crypto-domain configuration was altered",
+            )),
+            e => e,
+        })?;
+        let cfg = caas_tl::dm::open_domc_config(&key, &self.cfg.name, &call.image_id, &sealed)?;
+        drop(key);
+        timings.push(("open crypto-domain config (TPM)".to_string(), ms(t)));
+        // Crypto domain and workload.
+        let t = Instant::now();
+        let dir = self.tl.run_dir.join(&call.vm_id);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(Error::io("create the workload directory"))?;
+        let disk_sock = dir.join("disk.sock");
+        let vsm_sock = dir.join("vsm.sock");
+        let mut w = Workload {
+            vm_id: call.vm_id.clone(),
+            image_id: call.image_id.clone(),
+            h2: m2.h2.clone(),
+            sp: req.sp.clone(),
+            dk: Zeroizing::new(m2.dk.clone()),
+            endpoint: None,
+            disk_uri: format!("nbd+unix:///caas?socket={}", disk_sock.display()),
+            vsm_socket: vsm_sock.clone(),
+            procs: Vec::new(),
+            volumes: Vec::new(),
+            started_ms: now,
+            dir: dir.clone(),
+        };
+        w.procs.push(spawn_sdp(&image, &disk_sock, &cfg.key()?).await?);
+        w.procs.push(spawn_vsm(&dir, &vsm_sock, &cfg).await?);
+        timings.push(("start crypto domain".to_string(), ms(t)));
+        let vm_id = call.vm_id.clone();
+        self.tl.workloads.lock().await.insert(vm_id.clone(), w);
+        let rest = self.launch_rest(call, &m2.tau, &req.pk_dm, driver, &cfg.user_pin, &mut timings).await;
+        drop(m2);
+        let mut g = self.tl.workloads.lock().await;
+        match rest {
+            Ok(()) => {
+                let view = g
+                    .get(&vm_id)
+                    .map(Workload::view)
+                    .ok_or_else(|| Error::Domain("workload vanished".into()))?;
+                Ok(LaunchResult {
+                    host: self.cfg.name.clone(),
+                    workload: view,
+                    timings,
+                })
+            }
+            Err(e) => {
+                if let Some(mut w) = g.remove(&vm_id) {
+                    w.stop();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// After the crypto domain runs: DBSP volumes, then the workload with τ and pk_DM.
+    async fn launch_rest(
+        &self,
+        call: &LaunchCall,
+        tau: &[u8],
+        pk_dm: &[u8],
+        driver: &str,
+        user_pin: &str,
+        timings: &mut Vec<(String, f64)>,
+    ) -> Result<(), Error> {
+        let mut uris = Vec::new();
+        for v in &call.volumes {
+            let r = self.attach_volume(&call.vm_id, v).await?;
+            for (k, t) in r.timings {
+                timings.push((format!("DBSP {}: {k}", v.sr), t));
+            }
+            uris.push(r.volume.uri);
+        }
+        let t = Instant::now();
+        let pk: [u8; 32] = pk_dm
+            .try_into()
+            .map_err(|_| Error::InvalidRequest("pk_DM must be 32 bytes".into()))?;
+        let injected = caas_workload::InjectedSecrets {
+            tau: caas_crypto::SecretBytes::from_slice(tau),
+            pk_dm: pk,
+        };
+        let (dir, disk, vsm_socket) = {
+            let g = self.tl.workloads.lock().await;
+            let w = g
+                .get(&call.vm_id)
+                .ok_or_else(|| Error::Domain("workload vanished".into()))?;
+            (w.dir.clone(), w.disk_uri.clone(), w.vsm_socket.clone())
+        };
+        let (proc, endpoint) = start_workload(&call.vm_id, &dir, &disk, &vsm_socket, uris, driver, &injected, user_pin).await?;
+        drop(injected);
+        let mut g = self.tl.workloads.lock().await;
+        let w = g
+            .get_mut(&call.vm_id)
+            .ok_or_else(|| Error::Domain("workload vanished".into()))?;
+        w.procs.push(proc);
+        w.endpoint = Some(endpoint);
+        timings.push(("start workload".to_string(), ms(t)));
+        Ok(())
+    }
+
+    /// Management: the running workloads (no key material).
+    pub async fn workloads(&self) -> Vec<WorkloadView> {
+        let r: Vec<WorkloadView> = self.tl.workloads.lock().await.values().map(Workload::view).collect();
+        self.tl.audit("ListWorkloads", "-", &Ok::<(), Error>(()));
+        r
+    }
+
+    /// Management: stops a workload and its crypto domain (keys are dropped with it).
+    pub async fn stop_workload(&self, vm_id: &str) -> Result<(), Error> {
+        let r = match self.tl.workloads.lock().await.remove(vm_id) {
+            Some(mut w) => {
+                w.stop();
+                let _ = std::fs::remove_dir_all(&w.dir);
+                Ok(())
+            }
+            None => Err(Error::InvalidRequest(format!("no workload {vm_id}"))),
+        };
+        self.tl.audit("StopWorkload", vm_id, &r);
+        r
+    }
+
+    /// DBSP: attaches the storage resource `sr` of domain `D` to a workload: DomKeyReq to the
+    /// TTP (with c4, μ from the domain header when the volume exists), c3 unsealed by the TPM,
+    /// the volume created or opened with the keys and served to the workload.
+    pub async fn attach_volume(&self, vm_id: &str, a: &AttachRequest) -> Result<AttachResult, Error> {
+        let r = self.attach_inner(vm_id, a).await;
+        self.tl.audit("AttachVolume", &format!("{vm_id}/{}/{}", a.domain, a.sr), &r);
+        r
+    }
+
+    async fn attach_inner(&self, vm_id: &str, a: &AttachRequest) -> Result<AttachResult, Error> {
+        let mut timings = Vec::new();
+        let t = Instant::now();
+        wire::check_name("domain", &a.domain)?;
+        wire::check_name("sr", &a.sr)?;
+        if a.size == 0 || a.size > (1 << 40) {
+            return Err(Error::InvalidRequest("size must be 1 B..1 TiB".into()));
+        }
+        let ttp = self.ttp().await?;
+        let (h2, sp, dk, sock_dir) = {
+            let g = self.tl.workloads.lock().await;
+            let w = g
+                .get(vm_id)
+                .ok_or_else(|| Error::InvalidRequest(format!("no workload {vm_id}")))?;
+            if w.volumes.iter().any(|v| v.domain == a.domain && v.sr == a.sr) {
+                return Err(Error::InvalidRequest("volume already attached".into()));
+            }
+            (w.h2.clone(), w.sp.clone(), w.dk.clone(), w.dir.clone())
+        };
+        let path = TlHost::volume_path(&self.tl.storage, &a.domain, &a.sr);
+        let existing = if path.exists() {
+            let store = caas_sdp::store::Store::open_file(&path, false, None)
+                .map_err(|e| Error::Domain(format!("open volume: {e}")))?;
+            let (h, _) = caas_sdp::engine::inspect(&store)
+                .await
+                .map_err(|e| Error::Tl(caas_tl::Error::rejected("header_invalid", e.to_string())))?;
+            if h.dbsp.domain_id != a.domain.as_bytes() {
+                return Err(Error::Tl(caas_tl::Error::rejected(
+                    "header_invalid",
+                    "the volume's domain header names another domain",
+                )));
+            }
+            Some((h.dbsp.c4.clone(), h.dbsp.mu.clone()))
+        } else {
+            None
+        };
+        let now = caas_attest::now_ms();
+        let req = sc::domkey_request(
+            &self.cfg.name,
+            vm_id,
+            &a.sr,
+            &h2,
+            &dk,
+            Meta {
+                domain: a.domain.clone(),
+                sp: sp.clone(),
+            },
+            existing.clone(),
+            now,
+        )?;
+        let signed = self.ak_sign(label::DOMKEY_REQUEST, wire::to_bytes(&req)).await?;
+        timings.push(("handle request (incl. quote)".to_string(), ms(t)));
+        let t = Instant::now();
+        let resp: Signed = self
+            .http
+            .post(&format!("{}/v1/tl/domkey", self.cfg.key_service_url), &signed)
+            .await?;
+        timings.push(("key from TTP".to_string(), ms(t)));
+        let t = Instant::now();
+        let d = sc::check_domkey_response(&resp, &ttp, &req)?;
+        let (rsa, _) = split_bind_sealed(&d.c3)?;
+        let key = self.bind_decrypt(rsa).await?;
+        let (k, ik) = sc::open_c3(&key, &d)?;
+        drop(key);
+        let vk = sc::volume_key(&k, &ik, &a.domain, &a.sr)?;
+        timings.push(("TPM unseal c3".to_string(), ms(t)));
+        let t = Instant::now();
+        let created = existing.is_none();
+        if created {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(Error::io("create the domain directory"))?;
+            }
+            let dbsp = caas_volume::header::Dbsp {
+                domain_id: a.domain.as_bytes().to_vec(),
+                security_profile: sp.as_bytes().to_vec(),
+                c4: d.c4.clone(),
+                mu: d.mu.clone(),
+            };
+            let key_in = caas_sdp::engine::KeyInput::Raw(std::sync::Arc::new(vk.clone()));
+            caas_sdp::cli::create_file(&path, a.size, &key_in, dbsp)
+                .await
+                .map_err(|e| Error::Domain(format!("create volume: {e}")))?;
+        }
+        let sock = sock_dir.join(format!("vol-{}-{}.sock", a.domain, a.sr));
+        let proc = spawn_sdp(&path, &sock, &vk).await?;
+        timings.push(("open volume".to_string(), ms(t)));
+        let uri = format!("nbd+unix:///caas?socket={}", sock.display());
+        let view = VolumeView {
+            domain: a.domain.clone(),
+            sr: a.sr.clone(),
+            uri: uri.clone(),
+        };
+        let mut g = self.tl.workloads.lock().await;
+        match g.get_mut(vm_id) {
+            Some(w) => w.volumes.push(AttachedVolume {
+                domain: a.domain.clone(),
+                sr: a.sr.clone(),
+                uri,
+                proc,
+            }),
+            None => {
+                let mut proc = proc;
+                proc.stop();
+                return Err(Error::InvalidRequest(format!("workload {vm_id} stopped")));
+            }
+        }
+        Ok(AttachResult {
+            volume: view,
+            created,
+            timings,
+        })
+    }
+
+    /// The TTP's notice that this host is no longer trusted: every crypto domain is stopped
+    /// (its keys die with it) and every DK dropped.
+    pub async fn revoke(&self, notice: &Signed) -> Result<usize, Error> {
+        let r = async {
+            let ttp = self.ttp().await?;
+            sc::check_revoke(notice, &ttp, &self.cfg.name, caas_attest::now_ms())?;
+            let mut g = self.tl.workloads.lock().await;
+            let n = g.len();
+            for (_, mut w) in g.drain() {
+                w.stop();
+            }
+            tracing::warn!(stopped = n, "TTP revoked this host: crypto domains stopped, keys dropped");
+            Ok(n)
+        }
+        .await;
+        self.tl.audit("Revoke", &self.cfg.name, &r);
+        r
+    }
+
+    /// Dev/test hosts: extends `pcr` with SHA-256(`data`) (a runtime measurement).
+    pub async fn dev_measure(&self, pcr: u32, data: &[u8]) -> Result<(), Error> {
+        let r = async {
+            if !self.cfg.dev_measure {
+                return Err(Error::InvalidRequest("dev measurements are disabled".into()));
+            }
+            if pcr >= 24 {
+                return Err(Error::InvalidRequest("pcr must be < 24".into()));
+            }
+            let digest = caas_tl::crypto::sha256(data).to_vec();
+            self.tpm
+                .run(move |t| t.pcr_extend(PcrBank::Sha256, pcr, &digest))
+                .await?;
+            Ok(())
+        }
+        .await;
+        self.tl.audit("DevMeasure", &pcr.to_string(), &r);
+        r
+    }
+
+    /// The agent's audit log, verified.
+    pub fn audit_log(&self) -> Result<Vec<AuditEntry>, Error> {
+        let path = self.cfg.state_dir.join("audit.jsonl");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        verify_audit_log(&text).map_err(Error::Config)
+    }
+}
