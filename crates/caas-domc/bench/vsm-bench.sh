@@ -14,7 +14,7 @@ SECS=${2:-5}
 command -v softhsm2-util >/dev/null || { echo "install softhsm2" >&2; exit 1; }
 # Binaries: $CARGO_TARGET_DIR (default target)/release; SKIP_BUILD=1 uses them as they are.
 T=${CARGO_TARGET_DIR:-target}/release
-[ "${SKIP_BUILD:-}" = 1 ] || cargo build --release -q -p caas-domc -p caas-pkcs11 --example p11bench
+[ "${SKIP_BUILD:-}" = 1 ] || cargo build --release -q -p caas-domc -p caas-pkcs11 --lib --bins --example p11bench
 TOOLS=${CARGO_TARGET_DIR:-target}/bench-tools
 if [ ! -x "$TOOLS/usr/bin/ods-hsmspeed" ]; then
   mkdir -p "$TOOLS"

@@ -143,6 +143,52 @@ impl Domain {
                 };
                 data_resp(op.finish())
             }
+            Q::SignOnce {
+                session,
+                mechanism,
+                key,
+                data,
+            } => {
+                let (_, slot) = self.op_session(app, session)?;
+                let k = self.key(app, slot, key)?;
+                let mut op = SignOp::init(mechanism.mechanism, &mechanism.param, &k, true)?;
+                self.use_key(app, slot, &k, "C_Sign", mechanism.mechanism)?;
+                op.update(&data.0)?;
+                data_resp(op.sign()?)
+            }
+            Q::VerifyOnce {
+                session,
+                mechanism,
+                key,
+                data,
+                signature,
+            } => {
+                let (_, slot) = self.op_session(app, session)?;
+                let k = self.key(app, slot, key)?;
+                let mut op = SignOp::init(mechanism.mechanism, &mechanism.param, &k, false)?;
+                self.use_key(app, slot, &k, "C_Verify", mechanism.mechanism)?;
+                op.update(&data.0)?;
+                op.verify(&signature.0)?;
+                Response::ok(Body::Empty {})
+            }
+            Q::EncryptOnce {
+                session,
+                mechanism,
+                key,
+                data,
+            } => {
+                let out = self.cipher_once(app, session, &mechanism, key, &data.0, true)?;
+                data_resp(out.to_vec())
+            }
+            Q::DecryptOnce {
+                session,
+                mechanism,
+                key,
+                data,
+            } => {
+                let out = self.cipher_once(app, session, &mechanism, key, &data.0, false)?;
+                Response::ok(Body::SecretData { data: Secret(out) })
+            }
             Q::SignInit {
                 session,
                 mechanism,
@@ -704,6 +750,27 @@ impl Domain {
         }
         g.cached = None;
         Ok(Response::ok(Body::Empty {}))
+    }
+
+    /// C_EncryptInit/C_DecryptInit + C_Encrypt/C_Decrypt in one call, leaving no state in
+    /// the session.
+    fn cipher_once(
+        &self,
+        app: &App,
+        session: u64,
+        m: &Mechanism,
+        key: u64,
+        data: &[u8],
+        encrypt: bool,
+    ) -> R<Zeroizing<Vec<u8>>> {
+        let (_, slot) = self.op_session(app, session)?;
+        let k = self.key(app, slot, key)?;
+        let usage = if encrypt { CKA_ENCRYPT } else { CKA_DECRYPT };
+        let mut op = CipherOp::init(m.mechanism, &m.param, &k, encrypt, usage)?;
+        let name = if encrypt { "C_Encrypt" } else { "C_Decrypt" };
+        self.use_key(app, slot, &k, name, m.mechanism)?;
+        op.update(data)?;
+        op.finish()
     }
 
     fn cipher_single(

@@ -7,7 +7,7 @@
 use crate::domain::Domain;
 use crate::error::Error;
 use caas_vsm_proto::blocking::{IoError, read_message, write_message};
-use caas_vsm_proto::{PROTOCOL_VERSION, Request, Response};
+use caas_vsm_proto::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Request, Response};
 use cryptoki_sys::CKR_GENERAL_ERROR;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -146,7 +146,11 @@ pub fn serve_tls(domain: Arc<Domain>, listener: TcpListener, cfg: Arc<rustls::Se
 /// Serves one established stream (any transport) until it closes.
 fn serve_stream<S: Read + Write>(domain: &Domain, stream: &mut S) {
     let app = match read_message::<_, Request>(stream) {
-        Ok(Request::Hello { version, app }) if version == PROTOCOL_VERSION => app,
+        Ok(Request::Hello { version, app })
+            if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) =>
+        {
+            app
+        }
         Ok(_) | Err(_) => {
             let _ = write_message(stream, &Response::rv(CKR_GENERAL_ERROR));
             return;

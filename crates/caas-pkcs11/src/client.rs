@@ -13,6 +13,8 @@ use nix::sys::socket::{MsgFlags, send};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use crate::ops::Ops;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -198,6 +200,10 @@ pub struct Client {
     app: [u8; 16],
     idle: Mutex<Vec<Conn>>,
     pid: u32,
+    /// The domain refused protocol v2: speak v1 (no fused single-part operations).
+    v1_only: AtomicBool,
+    /// Per-session operation state for the single-round-trip operations.
+    pub(crate) ops: Ops,
 }
 
 fn send_all(s: &UnixStream, mut buf: &[u8]) -> Result<(), CK_RV> {
@@ -249,10 +255,33 @@ impl Client {
             app,
             idle: Mutex::new(Vec::new()),
             pid: std::process::id(),
+            v1_only: AtomicBool::new(false),
+            ops: Ops::default(),
         })
     }
 
+    /// Whether the domain serves the fused single-part requests (protocol v2).
+    #[must_use]
+    pub fn fused(&self) -> bool {
+        !self.v1_only.load(Ordering::Relaxed)
+    }
+
     fn connect(&self) -> Result<Conn, CK_RV> {
+        if !self.fused() {
+            return self.connect_with(1)?.map_err(|()| CKR_DEVICE_ERROR);
+        }
+        match self.connect_with(PROTOCOL_VERSION)? {
+            Ok(c) => Ok(c),
+            // An older crypto domain refuses the version: fall back to v1 for good.
+            Err(()) => {
+                self.v1_only.store(true, Ordering::Relaxed);
+                self.connect_with(1)?.map_err(|()| CKR_DEVICE_ERROR)
+            }
+        }
+    }
+
+    /// Connects and says hello; `Ok(Err(()))` when the domain refuses the hello.
+    fn connect_with(&self, version: u32) -> Result<Result<Conn, ()>, CK_RV> {
         let mut s = match &self.cfg.transport {
             Transport::Unix(path) => {
                 let s = UnixStream::connect(path).map_err(|_| CKR_DEVICE_REMOVED)?;
@@ -281,14 +310,14 @@ impl Client {
         let r = exchange(
             &mut s,
             &Request::Hello {
-                version: PROTOCOL_VERSION,
+                version,
                 app: self.app,
             },
         )?;
         if r.rv != 0 {
-            return Err(CKR_DEVICE_ERROR);
+            return Ok(Err(()));
         }
-        Ok(s)
+        Ok(Ok(s))
     }
 
     /// Opens one connection up front so the domain sees this application.
@@ -322,13 +351,25 @@ impl Client {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .pop();
-        let mut s = match pooled {
-            Some(s) => s,
-            None => self.connect()?,
-        };
-        let r = exchange(&mut s, req)?;
-        self.put_back(s);
-        Ok(r)
+        let r = match pooled {
+            Some(s) => Ok(s),
+            None => self.connect(),
+        }
+        .and_then(|mut s| {
+            let r = exchange(&mut s, req)?;
+            self.put_back(s);
+            Ok(r)
+        });
+        if let Err(CKR_DEVICE_ERROR | CKR_DEVICE_REMOVED) = r {
+            // The domain may have restarted: nothing validated before can be trusted.
+            self.ops.invalidate();
+        }
+        r
+    }
+
+    /// [`Client::call`] as the (CK_RV, body) pair the operation layer works with.
+    pub(crate) fn rv_body(&self, req: &Request) -> Result<(CK_RV, caas_vsm_proto::Body), CK_RV> {
+        self.call(req).map(|r| (r.rv, r.body))
     }
 }
 

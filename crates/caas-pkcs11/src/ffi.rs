@@ -9,6 +9,7 @@
 #![allow(clippy::useless_conversion, clippy::unnecessary_cast)]
 
 use crate::client::{Client, Config};
+use crate::ops::{Delivery, Kind, Phase};
 use caas_vsm_proto::attr::{self, AttrKind};
 use caas_vsm_proto::{
     Attr, AttrValue, Blob, Body, MechParam, Mechanism, Request, Response, Secret,
@@ -38,6 +39,13 @@ fn guard(f: impl FnOnce() -> Result<(), Rv>) -> Rv {
         Ok(Ok(())) => CKR_OK,
         Ok(Err(rv)) => rv,
         Err(_) => CKR_GENERAL_ERROR,
+    }
+}
+
+/// Forgets every validated operation (after anything that may change a key's usability).
+fn invalidate() {
+    if let Ok(c) = client() {
+        c.ops.invalidate();
     }
 }
 
@@ -564,7 +572,9 @@ export! {
             return Err(CKR_ARGUMENTS_BAD);
         }
         let label = String::from_utf8_lossy(label).trim_end().to_string();
-        call(&Request::InitToken { slot: u64::from(slot), so_pin: Secret::new(pin.to_vec()), label }).map(|_| ())
+        let r = call(&Request::InitToken { slot: u64::from(slot), so_pin: Secret::new(pin.to_vec()), label }).map(|_| ());
+        invalidate();
+        r
     }
 }
 
@@ -597,7 +607,9 @@ export! {
         if session.is_null() {
             return Err(CKR_ARGUMENTS_BAD);
         }
+        let c = client()?;
         let h = ulong(call(&Request::OpenSession { slot: u64::from(slot), flags: u64::from(flags) })?)?;
+        c.ops.opened(h, u64::from(slot));
         // SAFETY: checked non-NULL.
         unsafe { put(session, to_ck(h)?) }
     }
@@ -606,14 +618,20 @@ export! {
 export! {
     /// C_CloseSession.
     fn C_CloseSession(session: CK_SESSION_HANDLE) {
-        call(&Request::CloseSession { session: u64::from(session) }).map(|_| ())
+        let c = client()?;
+        let r = call(&Request::CloseSession { session: u64::from(session) }).map(|_| ());
+        c.ops.closed(u64::from(session));
+        r
     }
 }
 
 export! {
     /// C_CloseAllSessions.
     fn C_CloseAllSessions(slot: CK_SLOT_ID) {
-        call(&Request::CloseAllSessions { slot: u64::from(slot) }).map(|_| ())
+        let c = client()?;
+        let r = call(&Request::CloseAllSessions { slot: u64::from(slot) }).map(|_| ());
+        c.ops.closed_slot(u64::from(slot));
+        r
     }
 }
 
@@ -658,14 +676,18 @@ export! {
     fn C_Login(session: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: CK_UTF8CHAR_PTR, pin_len: CK_ULONG) {
         // SAFETY: PIN buffer of `pin_len` bytes.
         let pin = unsafe { bytes(pin, pin_len)? };
-        call(&Request::Login { session: u64::from(session), user_type: u64::from(user), pin: Secret::new(pin.to_vec()) }).map(|_| ())
+        let r = call(&Request::Login { session: u64::from(session), user_type: u64::from(user), pin: Secret::new(pin.to_vec()) }).map(|_| ());
+        invalidate();
+        r
     }
 }
 
 export! {
     /// C_Logout.
     fn C_Logout(session: CK_SESSION_HANDLE) {
-        call(&Request::Logout { session: u64::from(session) }).map(|_| ())
+        let r = call(&Request::Logout { session: u64::from(session) }).map(|_| ());
+        invalidate();
+        r
     }
 }
 
@@ -700,7 +722,9 @@ export! {
 export! {
     /// C_DestroyObject.
     fn C_DestroyObject(session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE) {
-        call(&Request::DestroyObject { session: u64::from(session), object: u64::from(object) }).map(|_| ())
+        let r = call(&Request::DestroyObject { session: u64::from(session), object: u64::from(object) }).map(|_| ());
+        invalidate();
+        r
     }
 }
 
@@ -780,7 +804,9 @@ export! {
     fn C_SetAttributeValue(session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE, tmpl: CK_ATTRIBUTE_PTR, n: CK_ULONG) {
         // SAFETY: template of `n` attributes.
         let template = unsafe { template(tmpl, n)? };
-        call(&Request::SetAttributeValue { session: u64::from(session), object: u64::from(object), template }).map(|_| ())
+        let r = call(&Request::SetAttributeValue { session: u64::from(session), object: u64::from(object), template }).map(|_| ());
+        invalidate();
+        r
     }
 }
 
@@ -821,78 +847,194 @@ export! {
     }
 }
 
+fn rv_of(r: &Result<(), Rv>) -> Rv {
+    match r {
+        Ok(()) => CKR_OK,
+        Err(rv) => *rv,
+    }
+}
+
 macro_rules! init_fn {
-    ($name:ident, $variant:ident) => {
+    ($name:ident, $kind:ident) => {
         export! {
-            /// Operation initialisation.
+            /// Operation initialisation: validated by the domain the first time, then
+            /// recorded locally (see the `ops` module).
             fn $name(session: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, key: CK_OBJECT_HANDLE) {
+                let c = client()?;
                 // SAFETY: mechanism pointer from the caller.
                 let mechanism = unsafe { mechanism(mech)? };
-                call(&Request::$variant { session: u64::from(session), mechanism, key: u64::from(key) }).map(|_| ())
+                c.ops.init(&|r| c.rv_body(r), c.fused(), Kind::$kind, u64::from(session), mechanism, u64::from(key))
             }
         }
     };
 }
 
-init_fn!(C_EncryptInit, EncryptInit);
-init_fn!(C_DecryptInit, DecryptInit);
-init_fn!(C_SignInit, SignInit);
-init_fn!(C_VerifyInit, VerifyInit);
+init_fn!(C_EncryptInit, Encrypt);
+init_fn!(C_DecryptInit, Decrypt);
+init_fn!(C_SignInit, Sign);
+init_fn!(C_VerifyInit, Verify);
+
+/// C_Sign/C_Encrypt/C_Decrypt: one fused round trip for a locally recorded operation,
+/// otherwise forwarded to the operation the domain holds.
+///
+/// # Safety
+/// `input` valid for `input_len` bytes; `out` NULL or valid for `*out_len` bytes; `out_len`
+/// valid.
+unsafe fn single_part(
+    kind: Kind,
+    session: CK_SESSION_HANDLE,
+    input: *const u8,
+    input_len: CK_ULONG,
+    out: *mut u8,
+    out_len: *mut CK_ULONG,
+) -> Result<(), Rv> {
+    let c = client()?;
+    // SAFETY: input buffer of `input_len` bytes.
+    let data = unsafe { bytes(input, input_len)? };
+    // SAFETY: `out_len` from the caller (NULL is reported).
+    let cap = unsafe { get(out_len)? };
+    let cap = if out.is_null() {
+        None
+    } else {
+        Some(u64::from(cap))
+    };
+    let session = u64::from(session);
+    match c.ops.single(&|r| c.rv_body(r), kind, session, data, cap)? {
+        Some(Delivery::Len(n)) => {
+            // SAFETY: `out_len` checked above.
+            unsafe { put(out_len, to_ck(n as u64)?) }
+        }
+        Some(Delivery::TooSmall(n)) => {
+            // SAFETY: `out_len` checked above.
+            unsafe { put(out_len, to_ck(n as u64)?)? };
+            Err(CKR_BUFFER_TOO_SMALL)
+        }
+        Some(Delivery::Data(d)) => {
+            // SAFETY: `out` is non-NULL (cap is Some) and holds `cap` >= d.len() bytes.
+            unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), out, d.len()) };
+            // SAFETY: `out_len` checked above.
+            unsafe { put(out_len, to_ck(d.len() as u64)?) }
+        }
+        None => {
+            let data = Blob::from(data);
+            let make = |cap| match kind {
+                Kind::Sign => Request::Sign { session, data, cap },
+                Kind::Encrypt => Request::Encrypt { session, data, cap },
+                Kind::Decrypt | Kind::Verify => Request::Decrypt { session, data, cap },
+            };
+            // SAFETY: forwarded contract.
+            let r = unsafe { out_data(make, out, out_len) };
+            c.ops.forwarded(kind, session, Phase::Output { length_query: out.is_null() }, rv_of(&r));
+            r
+        }
+    }
+}
+
+macro_rules! single_fn {
+    ($name:ident, $kind:ident) => {
+        export! {
+            /// Single-part call with output.
+            fn $name(session: CK_SESSION_HANDLE, input: CK_BYTE_PTR, input_len: CK_ULONG, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR) {
+                // SAFETY: the caller's buffers, forwarded.
+                unsafe { single_part(Kind::$kind, session, input, input_len, out, out_len) }
+            }
+        }
+    };
+}
 
 macro_rules! data_fn {
-    ($name:ident, $variant:ident) => {
+    ($name:ident, $variant:ident, $kind:ident) => {
         export! {
-            /// Single-part or update call with output.
+            /// Update call with output.
             fn $name(session: CK_SESSION_HANDLE, input: CK_BYTE_PTR, input_len: CK_ULONG, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR) {
+                let c = client()?;
                 // SAFETY: input buffer of `input_len` bytes.
                 let data = Blob::from(unsafe { bytes(input, input_len)? });
                 let session = u64::from(session);
+                c.ops.to_domain(&|r| c.rv_body(r), Kind::$kind, session)?;
                 // SAFETY: output buffer and its length from the caller.
-                unsafe { out_data(|cap| Request::$variant { session, data, cap }, out, out_len) }
+                let r = unsafe { out_data(|cap| Request::$variant { session, data, cap }, out, out_len) };
+                c.ops.forwarded(Kind::$kind, session, Phase::Update, rv_of(&r));
+                r
             }
         }
     };
 }
 
 macro_rules! final_fn {
-    ($name:ident, $variant:ident) => {
+    ($name:ident, $variant:ident, $kind:ident) => {
         export! {
             /// Final call with output.
             fn $name(session: CK_SESSION_HANDLE, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR) {
+                let c = client()?;
                 let session = u64::from(session);
+                c.ops.to_domain(&|r| c.rv_body(r), Kind::$kind, session)?;
                 // SAFETY: output buffer and its length from the caller.
-                unsafe { out_data(|cap| Request::$variant { session, cap }, out, out_len) }
+                let r = unsafe { out_data(|cap| Request::$variant { session, cap }, out, out_len) };
+                c.ops.forwarded(Kind::$kind, session, Phase::Output { length_query: out.is_null() }, rv_of(&r));
+                r
             }
         }
     };
 }
 
 macro_rules! update_fn {
-    ($name:ident, $variant:ident) => {
+    ($name:ident, $variant:ident, $kind:ident) => {
         export! {
             /// Update call without output.
             fn $name(session: CK_SESSION_HANDLE, input: CK_BYTE_PTR, input_len: CK_ULONG) {
+                let c = client()?;
                 // SAFETY: input buffer of `input_len` bytes.
                 let data = Blob::from(unsafe { bytes(input, input_len)? });
-                call(&Request::$variant { session: u64::from(session), data }).map(|_| ())
+                let session = u64::from(session);
+                c.ops.to_domain(&|r| c.rv_body(r), Kind::$kind, session)?;
+                let r = call(&Request::$variant { session, data }).map(|_| ());
+                c.ops.forwarded(Kind::$kind, session, Phase::Update, rv_of(&r));
+                r
             }
         }
     };
 }
 
-data_fn!(C_Encrypt, Encrypt);
-data_fn!(C_EncryptUpdate, EncryptUpdate);
-final_fn!(C_EncryptFinal, EncryptFinal);
-data_fn!(C_Decrypt, Decrypt);
-data_fn!(C_DecryptUpdate, DecryptUpdate);
-final_fn!(C_DecryptFinal, DecryptFinal);
-data_fn!(C_Digest, Digest);
-update_fn!(C_DigestUpdate, DigestUpdate);
-final_fn!(C_DigestFinal, DigestFinal);
-data_fn!(C_Sign, Sign);
-update_fn!(C_SignUpdate, SignUpdate);
-final_fn!(C_SignFinal, SignFinal);
-update_fn!(C_VerifyUpdate, VerifyUpdate);
+single_fn!(C_Encrypt, Encrypt);
+data_fn!(C_EncryptUpdate, EncryptUpdate, Encrypt);
+final_fn!(C_EncryptFinal, EncryptFinal, Encrypt);
+single_fn!(C_Decrypt, Decrypt);
+data_fn!(C_DecryptUpdate, DecryptUpdate, Decrypt);
+final_fn!(C_DecryptFinal, DecryptFinal, Decrypt);
+single_fn!(C_Sign, Sign);
+update_fn!(C_SignUpdate, SignUpdate, Sign);
+final_fn!(C_SignFinal, SignFinal, Sign);
+update_fn!(C_VerifyUpdate, VerifyUpdate, Verify);
+
+export! {
+    /// C_Digest.
+    fn C_Digest(session: CK_SESSION_HANDLE, input: CK_BYTE_PTR, input_len: CK_ULONG, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR) {
+        // SAFETY: input buffer of `input_len` bytes.
+        let data = Blob::from(unsafe { bytes(input, input_len)? });
+        let session = u64::from(session);
+        // SAFETY: output buffer and its length from the caller.
+        unsafe { out_data(|cap| Request::Digest { session, data, cap }, out, out_len) }
+    }
+}
+
+export! {
+    /// C_DigestUpdate.
+    fn C_DigestUpdate(session: CK_SESSION_HANDLE, input: CK_BYTE_PTR, input_len: CK_ULONG) {
+        // SAFETY: input buffer of `input_len` bytes.
+        let data = Blob::from(unsafe { bytes(input, input_len)? });
+        call(&Request::DigestUpdate { session: u64::from(session), data }).map(|_| ())
+    }
+}
+
+export! {
+    /// C_DigestFinal.
+    fn C_DigestFinal(session: CK_SESSION_HANDLE, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR) {
+        let session = u64::from(session);
+        // SAFETY: output buffer and its length from the caller.
+        unsafe { out_data(|cap| Request::DigestFinal { session, cap }, out, out_len) }
+    }
+}
 
 export! {
     /// C_DigestInit.
@@ -911,20 +1053,32 @@ export! {
 }
 
 export! {
-    /// C_Verify.
+    /// C_Verify: one fused round trip for a locally recorded operation.
     fn C_Verify(session: CK_SESSION_HANDLE, data: CK_BYTE_PTR, data_len: CK_ULONG, sig: CK_BYTE_PTR, sig_len: CK_ULONG) {
+        let c = client()?;
         // SAFETY: buffers of the given lengths.
         let (data, sig) = unsafe { (bytes(data, data_len)?, bytes(sig, sig_len)?) };
-        call(&Request::Verify { session: u64::from(session), data: Blob::from(data), signature: Blob::from(sig) }).map(|_| ())
+        let session = u64::from(session);
+        if c.ops.verify(&|r| c.rv_body(r), session, data, sig)?.is_some() {
+            return Ok(());
+        }
+        let r = call(&Request::Verify { session, data: Blob::from(data), signature: Blob::from(sig) }).map(|_| ());
+        c.ops.forwarded(Kind::Verify, session, Phase::Verify, rv_of(&r));
+        r
     }
 }
 
 export! {
     /// C_VerifyFinal.
     fn C_VerifyFinal(session: CK_SESSION_HANDLE, sig: CK_BYTE_PTR, sig_len: CK_ULONG) {
+        let c = client()?;
         // SAFETY: buffer of the given length.
         let sig = unsafe { bytes(sig, sig_len)? };
-        call(&Request::VerifyFinal { session: u64::from(session), signature: Blob::from(sig) }).map(|_| ())
+        let session = u64::from(session);
+        c.ops.to_domain(&|r| c.rv_body(r), Kind::Verify, session)?;
+        let r = call(&Request::VerifyFinal { session, signature: Blob::from(sig) }).map(|_| ());
+        c.ops.forwarded(Kind::Verify, session, Phase::Verify, rv_of(&r));
+        r
     }
 }
 

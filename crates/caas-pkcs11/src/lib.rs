@@ -11,6 +11,7 @@
 
 pub mod client;
 mod error;
+mod ops;
 #[allow(unsafe_code)]
 mod ffi;
 

@@ -78,6 +78,47 @@ mod tests {
             data: Blob(vec![1, 2, 3]),
             cap: None,
         });
+        roundtrip(Request::SignOnce {
+            session: 4,
+            mechanism: Mechanism {
+                mechanism: 0x1041,
+                param: MechParam::None {},
+            },
+            key: 7,
+            data: Blob(vec![0x5a; 32]),
+        });
+        roundtrip(Request::VerifyOnce {
+            session: 4,
+            mechanism: Mechanism {
+                mechanism: 0x1057,
+                param: MechParam::None {},
+            },
+            key: 8,
+            data: Blob(vec![1]),
+            signature: Blob(vec![2; 64]),
+        });
+        roundtrip(Request::EncryptOnce {
+            session: 4,
+            mechanism: Mechanism {
+                mechanism: 0x1087,
+                param: MechParam::Gcm {
+                    iv: Blob(vec![0; 12]),
+                    aad: Blob(vec![]),
+                    tag_bits: 128,
+                },
+            },
+            key: 9,
+            data: Blob(vec![3; 10]),
+        });
+        roundtrip(Request::DecryptOnce {
+            session: 4,
+            mechanism: Mechanism {
+                mechanism: 0x9,
+                param: MechParam::None {},
+            },
+            key: 9,
+            data: Blob(vec![3; 256]),
+        });
         roundtrip(Request::DecryptInit {
             session: 9,
             mechanism: Mechanism {
@@ -178,6 +219,15 @@ mod tests {
                     value: Blob(vec![6, 8]),
                 }],
                 private_template: vec![],
+            }),
+            to_bytes(&Request::SignOnce {
+                session: 3,
+                mechanism: Mechanism {
+                    mechanism: 0x1041,
+                    param: MechParam::None {},
+                },
+                key: 5,
+                data: Blob(vec![9; 32]),
             }),
             to_bytes(&Response::ok(Body::Attrs {
                 values: vec![AttrValue::Sensitive {}, AttrValue::Invalid {}],

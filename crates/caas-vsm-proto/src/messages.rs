@@ -6,8 +6,13 @@
 use crate::codec::{Blob, Secret};
 use crate::{wire_enum, wire_struct};
 
-/// Protocol version sent in [`Request::Hello`].
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Protocol version sent in [`Request::Hello`]. Version 2 added the single-round-trip
+/// operations ([`Request::SignOnce`], [`Request::VerifyOnce`], [`Request::EncryptOnce`],
+/// [`Request::DecryptOnce`]); a version-2 crypto domain still serves version-1 modules.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Oldest module protocol version a crypto domain accepts.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
 wire_struct! {
     /// One attribute of a template, value in canonical form.
@@ -247,6 +252,17 @@ wire_enum! {
         SeedRandom = 50 { session: u64, seed: Blob },
         /// C_GenerateRandom.
         GenerateRandom = 51 { session: u64, len: u64 },
+        /// C_SignInit + C_Sign in one round trip (v2): the module recorded the C_SignInit
+        /// locally. The domain runs every C_SignInit check, counts and audits the key use,
+        /// signs and answers the whole signature ([`Body::Data`]); the module implements the
+        /// length-query protocol with it. No operation state is kept in the session.
+        SignOnce = 52 { session: u64, mechanism: Mechanism, key: u64, data: Blob },
+        /// C_VerifyInit + C_Verify in one round trip (v2).
+        VerifyOnce = 53 { session: u64, mechanism: Mechanism, key: u64, data: Blob, signature: Blob },
+        /// C_EncryptInit + C_Encrypt in one round trip (v2); answers [`Body::Data`].
+        EncryptOnce = 54 { session: u64, mechanism: Mechanism, key: u64, data: Blob },
+        /// C_DecryptInit + C_Decrypt in one round trip (v2); answers [`Body::SecretData`].
+        DecryptOnce = 55 { session: u64, mechanism: Mechanism, key: u64, data: Blob },
     }
 }
 
