@@ -106,6 +106,8 @@ pub struct DevAttestation {
     pub router: axum::Router,
     /// The simulated hosts (dropping them stops their swtpms and agents).
     pub hosts: caas_host::dev::DevHosts,
+    /// The TTP and scheduler.
+    pub tl: Arc<crate::tl::TlService>,
     state: Arc<AttestState<KmsAttestStore, caas_attest::client::AgentClient>>,
     continuous: Option<tokio::task::JoinHandle<()>>,
 }
@@ -124,7 +126,13 @@ pub const DEV_PROFILE: &str = "dev";
 impl DevAttestation {
     /// Sets up `n` dev hosts (swtpm, measured boot) and the registrar/verifier that trusts
     /// their EK CA, with the `dev` profile matching their boot.
-    pub async fn prepare(dir: &Path, n: usize, store: Store, endpoint: &str) -> Result<Self> {
+    pub async fn prepare(
+        dir: &Path,
+        n: usize,
+        store: Store,
+        endpoint: &str,
+        ttp_keys: caas_tl::TtpKeys,
+    ) -> Result<Self> {
         let hosts = caas_host::dev::DevHosts::prepare(&dir.join("hosts"), n, endpoint, None)
             .await
             .map_err(|e| anyhow::anyhow!("dev hosts: {e}"))?;
@@ -135,11 +143,18 @@ impl DevAttestation {
         caas_attest::store::put_profile(&*astore, &profile, "caas:dev", "CreateProfile")
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let hook: caas_attest::service::TrustHook = Arc::new(|ev: &TrustEvent| {
+        let tl = Arc::new(crate::tl::TlService::new(astore.clone(), ttp_keys));
+        let tl_hook = tl.clone();
+        let hook: caas_attest::service::TrustHook = Arc::new(move |ev: &TrustEvent| {
             if ev.trusted {
                 tracing::info!(host = %ev.host, "host trusted");
             } else {
-                tracing::warn!(host = %ev.host, reasons = %caas_attest::verifier::reason_codes(&ev.verdict), "host no longer trusted");
+                let reasons = caas_attest::verifier::reason_codes(&ev.verdict);
+                tracing::warn!(host = %ev.host, %reasons, "host no longer trusted: revoking its crypto domains' keys");
+                // Attestation-gated release: the TTP already refuses this host's DBSP
+                // requests (it is untrusted); its running crypto domains drop their keys.
+                let (svc, host) = (tl_hook.clone(), ev.host.clone());
+                tokio::spawn(async move { svc.revoke(&host, &reasons).await });
             }
         });
         let state = Arc::new(AttestState {
@@ -151,8 +166,9 @@ impl DevAttestation {
             on_trust_change: Some(hook),
         });
         // Dev mode: the admin routes are served unauthenticated on the loopback listener.
-        let router = caas_attest::service::router(state.clone());
+        let router = caas_attest::service::router(state.clone()).merge(crate::tl::router(tl.clone()));
         Ok(DevAttestation {
+            tl,
             router,
             hosts,
             state,
@@ -182,14 +198,23 @@ impl DevAttestation {
         Ok(())
     }
 
-    /// `DIR/env` variables of the hosts.
+    /// `DIR/env` variables of the hosts, the TTP's public key and the cloud storage.
     pub fn env(&self) -> Vec<(String, String)> {
-        self.hosts
+        let mut v: Vec<(String, String)> = self
+            .hosts
             .env_lines(DEV_PROFILE)
             .lines()
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+            .collect();
+        if let Ok(p) = self.tl.public() {
+            v.push(("CAAS_TTP_PUBLIC_KEY".into(), p.to_text()));
+        }
+        v.push((
+            "CAAS_STORAGE_DIR".into(),
+            self.hosts.storage_dir().display().to_string(),
+        ));
+        v
     }
 }
 

@@ -146,6 +146,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
                     n,
                     bound.kms.store.clone(),
                     &format!("http://{}", bound.addr),
+                    crate::tl::load_or_create_keys(&bound.kms).await?,
                 )
                 .await?,
             ),

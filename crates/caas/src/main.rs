@@ -4,6 +4,9 @@
 //! - `caas demo`: the tenant story against a dev deployment (`demo.rs`)
 //! - `caas key-service serve`: the key service in production mode (`key_service.rs`)
 //! - `caas admin ...`, `caas audit ...`: operator tools on a key service's store
+//! - `caas tenant ...`: the domain manager (TL, DBSP, encrypted provisioning; `tenant.rs`),
+//!   with the key service's TTP and scheduler side in `tl.rs`
+//! - `caas workload run`: the process workload started by a host agent
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -12,6 +15,8 @@ mod demo;
 mod dev;
 mod key_service;
 mod roles;
+mod tenant;
+mod tl;
 
 /// caas — client-controlled Cryptography-as-a-Service.
 #[derive(Debug, Parser)]
@@ -49,6 +54,10 @@ enum Cmd {
     /// Security profiles (reference values for attestation).
     #[command(subcommand)]
     Profile(caas_host::cli::ProfileCommand),
+    /// The tenant (domain manager): keys, ACL, encrypted provisioning, trusted launch.
+    Tenant(tenant::TenantArgs),
+    /// A launched workload (the process driver's entry point).
+    Workload(caas_workload::cli::WorkloadArgs),
 }
 
 fn init_tracing() {
@@ -84,6 +93,17 @@ fn main() -> ExitCode {
                 }
             };
         }
+        // The process workload runs its own small runtime (it stands for a VM).
+        Cmd::Workload(w) => {
+            return match caas_workload::cli::run_cli(w) {
+                Ok(0) => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("caas workload: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         other => other,
     };
     let result = rt.block_on(async move {
@@ -97,7 +117,8 @@ fn main() -> ExitCode {
             Cmd::Host(c) => roles::exit_code(caas_host::cli::run_host(c).await),
             Cmd::Attest(a) => roles::exit_code(caas_host::cli::run_attest(a).await),
             Cmd::Profile(c) => roles::exit_code(caas_host::cli::run_profile(c).await),
-            Cmd::Domc(_) => Ok(()),
+            Cmd::Tenant(a) => tenant::run(a).await,
+            Cmd::Domc(_) | Cmd::Workload(_) => Ok(()),
         }
     });
     match result {

@@ -1,0 +1,410 @@
+//! `caas tenant ...`: the domain manager's (tenant's) tools.
+//!
+//! - `init`: TL.Setup — the DM's Ed25519 key pair (`DIR/dm.pk8`, 0600).
+//! - `acl`: registers the domains the DM's workloads may be given (the TTP's ACL).
+//! - `provision`: seed 001 Algorithm 1 — validate each host's certified bind key, generate
+//!   k, build the crypto-domain configuration with k injected, encrypt the image under k in
+//!   the volume format, seal the configuration to each validated bind key, upload both to
+//!   the cloud storage and register them under an ID (the tenant keeps H1).
+//! - `launch`: TL.Token + the signed TL.Request, handed to the scheduler (with the DBSP
+//!   volumes to attach before the workload starts).
+//! - `connect`: the final step of TL — the TLS 1.3 PSK channel keyed by τ with the workload.
+//!
+//! Tenant state (`--dir`, default `$CAAS_DEV_DIR/tenant`): `dm.pk8`, `images/ID.json` (H1
+//! and the token PINs), `vms/VM.json` (τ, host, endpoint) — all mode 0600.
+use anyhow::{Context, Result, bail};
+use caas_crypto::SecretBytes;
+use caas_tl::dm::{DomainManager, DomcConfig, HostBindInfo};
+use caas_tl::wire::{LaunchCall, VolumeRequest};
+use caas_tl::TtpPublic;
+use clap::{Args, Subcommand};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// `caas tenant` arguments.
+#[derive(Debug, Args)]
+pub struct TenantArgs {
+    /// Tenant state directory (default `$CAAS_DEV_DIR/tenant`).
+    #[arg(long, global = true)]
+    pub dir: Option<PathBuf>,
+    /// Key service (TTP) URL.
+    #[arg(long, env = "CAAS_KMS_ENDPOINT", global = true)]
+    pub endpoint: Option<String>,
+    /// The TTP's public key (`SIGN.ENCRYPT`), as pinned by the tenant.
+    #[arg(long, env = "CAAS_TTP_PUBLIC_KEY", global = true)]
+    pub ttp: Option<String>,
+    /// Subcommand.
+    #[command(subcommand)]
+    pub cmd: TenantCmd,
+}
+
+/// `caas tenant` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TenantCmd {
+    /// Create the domain manager's key pair (kept if it exists).
+    Init,
+    /// Register the domains this DM may give its workloads (the TTP's ACL).
+    Acl {
+        /// Comma-separated domain names.
+        #[arg(long, value_delimiter = ',')]
+        domains: Vec<String>,
+    },
+    /// Encrypt and upload an image and its crypto-domain configuration (seed 001 Alg. 1).
+    Provision {
+        /// Plaintext raw image.
+        #[arg(long)]
+        image: PathBuf,
+        /// Image ID to register.
+        #[arg(long)]
+        id: String,
+        /// Hosts to seal the configuration to (comma-separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        hosts: Vec<String>,
+        /// The cloud storage directory.
+        #[arg(long, env = "CAAS_STORAGE_DIR")]
+        storage: PathBuf,
+        /// VSM token label.
+        #[arg(long, default_value = "caas-workload")]
+        token_label: String,
+    },
+    /// Launch a workload with trusted launch.
+    Launch {
+        /// Image ID.
+        #[arg(long)]
+        id: String,
+        /// Workload id (id_vm).
+        #[arg(long)]
+        vm: String,
+        /// Security profile required.
+        #[arg(long, env = "CAAS_PROFILE", default_value = "dev")]
+        sp: String,
+        /// Domains the workload may access (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        domains: Vec<String>,
+        /// DBSP volumes to attach at launch, `DOMAIN/SR` (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        volumes: Vec<String>,
+        /// Placement hint for the scheduler.
+        #[arg(long)]
+        host: Option<String>,
+        /// Workload driver.
+        #[arg(long, default_value = "process")]
+        driver: String,
+    },
+    /// Authenticate the workload over TLS 1.3 with τ as the PSK and print its report.
+    Connect {
+        /// Workload id.
+        #[arg(long)]
+        vm: String,
+    },
+}
+
+/// What the tenant keeps per image.
+#[derive(Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// Image id.
+    pub id: String,
+    /// H1: SHA-256 of the encrypted image as uploaded (hex).
+    pub h1: String,
+    /// VSM token label.
+    pub token_label: String,
+    /// VSM user PIN (tenant secret).
+    pub user_pin: String,
+}
+
+/// What the tenant keeps per launched workload.
+#[derive(Serialize, Deserialize)]
+pub struct VmRecord {
+    /// id_vm.
+    pub vm: String,
+    /// τ (base64).
+    pub tau: String,
+    /// Host it runs on.
+    pub host: String,
+    /// PSK-channel endpoint.
+    pub endpoint: String,
+}
+
+fn tenant_dir(a: &TenantArgs) -> Result<PathBuf> {
+    match &a.dir {
+        Some(d) => Ok(d.clone()),
+        None => match std::env::var_os("CAAS_DEV_DIR") {
+            Some(d) => Ok(PathBuf::from(d).join("tenant")),
+            None => bail!("--dir or CAAS_DEV_DIR is required"),
+        },
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Loads (or, with `create`, creates) the DM key pair.
+pub fn load_dm(dir: &Path, create: bool) -> Result<DomainManager> {
+    let path = dir.join("dm.pk8");
+    if !path.exists() {
+        if !create {
+            bail!("no domain manager key in {}: run `caas tenant init`", dir.display());
+        }
+        let doc = caas_tl::crypto::ed25519_generate()?;
+        write_private(&path, doc.expose())?;
+    }
+    let doc = SecretBytes::new(std::fs::read(&path)?);
+    Ok(DomainManager::from_pkcs8(doc.expose())?)
+}
+
+fn endpoint(a: &TenantArgs) -> Result<String> {
+    a.endpoint
+        .clone()
+        .map(|e| e.trim_end_matches('/').to_string())
+        .context("--endpoint or CAAS_KMS_ENDPOINT is required")
+}
+
+fn ttp(a: &TenantArgs) -> Result<TtpPublic> {
+    Ok(TtpPublic::from_text(
+        a.ttp.as_deref().context("--ttp or CAAS_TTP_PUBLIC_KEY is required (the TTP key the tenant pinned)")?,
+    )?)
+}
+
+fn http() -> caas_attest::client::HttpClient {
+    caas_attest::client::HttpClient::new(std::time::Duration::from_secs(180))
+}
+
+fn step(t: Instant, what: &str) {
+    println!("  {:>9.1} ms  {what}", t.elapsed().as_secs_f64() * 1e3);
+}
+
+/// Runs `caas tenant`.
+pub async fn run(a: TenantArgs) -> Result<()> {
+    let dir = tenant_dir(&a)?;
+    match &a.cmd {
+        TenantCmd::Init => {
+            let dm = load_dm(&dir, true)?;
+            println!("pk_DM {}", caas_attest::b64::encode(&dm.public()));
+            println!("H2    {}", dm.h2());
+        }
+        TenantCmd::Acl { domains } => {
+            let dm = load_dm(&dir, false)?;
+            let body = serde_json::json!({
+                "pk_dm": caas_attest::b64::encode(&dm.public()),
+                "label": "caas tenant",
+                "domains": domains,
+            });
+            let v: serde_json::Value = http()
+                .put(&format!("{}/v1/tl/acl", endpoint(&a)?), &body)
+                .await?;
+            println!("{v}");
+        }
+        TenantCmd::Provision {
+            image,
+            id,
+            hosts,
+            storage,
+            token_label,
+        } => provision(&a, &dir, image, id, hosts, storage, token_label).await?,
+        TenantCmd::Launch {
+            id,
+            vm,
+            sp,
+            domains,
+            volumes,
+            host,
+            driver,
+        } => {
+            let r = launch(&a, &dir, id, vm, sp, domains, volumes, host.clone(), driver).await?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        }
+        TenantCmd::Connect { vm } => {
+            let r = connect(&dir, vm).await?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        }
+    }
+    Ok(())
+}
+
+/// Seed 001 Algorithm 1 (see the module doc).
+#[allow(clippy::too_many_arguments)]
+pub async fn provision(
+    a: &TenantArgs,
+    dir: &Path,
+    image: &Path,
+    id: &str,
+    hosts: &[String],
+    storage: &Path,
+    token_label: &str,
+) -> Result<()> {
+    caas_tl::wire::check_name("image id", id)?;
+    let ep = endpoint(a)?;
+    let client = http();
+    // Lines 1–2: get (cert, pk_TPM) from each node and validate it.
+    let t = Instant::now();
+    let mut binds = Vec::new();
+    for h in hosts {
+        let info: HostBindInfo = client
+            .get(&format!("{ep}/v1/tl/hosts/{h}/bind-info"))
+            .await
+            .with_context(|| format!("bind key of host {h}"))?;
+        if &info.host != h {
+            bail!("the key service answered for host {} instead of {h}", info.host);
+        }
+        let public = caas_tl::dm::validate_bind_key(&info)
+            .with_context(|| format!("host {h}: certified bind key does not validate"))?;
+        binds.push((h.clone(), public));
+    }
+    step(t, &format!("validated the certified bind keys of {}", hosts.join(", ")));
+    // Lines 3–5: k, the crypto-domain configuration with k injected.
+    let t = Instant::now();
+    let k = caas_crypto::random_key()?;
+    let pin = |n: usize| -> Result<String> {
+        Ok(caas_crypto::random_bytes(n)?
+            .iter()
+            .map(|b| char::from(b'a' + b % 26))
+            .collect())
+    };
+    let cfg = DomcConfig {
+        image_id: id.to_string(),
+        image_key: k.expose().to_vec(),
+        token_label: token_label.to_string(),
+        user_pin: pin(16)?,
+        so_pin: pin(16)?,
+    };
+    // Line 6: enc_u = Encrypt(domUimage, k), in the volume format.
+    let img_dir = storage.join("images").join(id);
+    std::fs::create_dir_all(&img_dir)?;
+    let out = img_dir.join("image.caasvol");
+    let _ = std::fs::remove_file(&out);
+    let args = caas_sdp::cli::ImportArgs {
+        raw: image.to_path_buf(),
+        out: out.clone(),
+        key: caas_sdp::cli::KeyArgs { key_file: None },
+        dbsp: caas_sdp::cli::DbspArgs::default(),
+        quiet: true,
+    };
+    caas_sdp::cli::import(
+        &args,
+        &caas_sdp::engine::KeyInput::Raw(std::sync::Arc::new(k)),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("encrypting the image: {e}"))?;
+    let o = out.clone();
+    let h1 = tokio::task::spawn_blocking(move || -> Result<String> {
+        let bytes = std::fs::read(&o)?;
+        Ok(hex::encode(caas_tl::crypto::sha256(&bytes)))
+    })
+    .await??;
+    step(t, "generated k, encrypted the image under k (AES-256-GCM volume)");
+    // Line 7: enc_c = Encrypt(domCimage, pk_TPM), per host.
+    let t = Instant::now();
+    for (h, public) in &binds {
+        let sealed = caas_tl::dm::seal_domc_config(public, h, &cfg)?;
+        std::fs::write(img_dir.join(format!("domc-{h}.sealed")), sealed)?;
+    }
+    step(t, "sealed the crypto-domain configuration (k, token PINs) to each bind key");
+    // Line 8: register under ID (the tenant keeps H1 and the PINs; storage only ciphertext).
+    let rec = ImageRecord {
+        id: id.to_string(),
+        h1: h1.clone(),
+        token_label: token_label.to_string(),
+        user_pin: cfg.user_pin.clone(),
+    };
+    write_private(&dir.join("images").join(format!("{id}.json")), &serde_json::to_vec_pretty(&rec)?)?;
+    std::fs::write(
+        img_dir.join("manifest.json"),
+        serde_json::to_vec_pretty(&serde_json::json!({ "id": id, "hosts": hosts }))?,
+    )?;
+    println!("image {id} registered: H1 {h1}");
+    Ok(())
+}
+
+/// TL.Token and TL.Request, handed to the scheduler; returns the scheduler's answer.
+#[allow(clippy::too_many_arguments)]
+pub async fn launch(
+    a: &TenantArgs,
+    dir: &Path,
+    id: &str,
+    vm: &str,
+    sp: &str,
+    domains: &[String],
+    volumes: &[String],
+    host: Option<String>,
+    driver: &str,
+) -> Result<serde_json::Value> {
+    let dm = load_dm(dir, false)?;
+    let rec: ImageRecord = serde_json::from_slice(
+        &std::fs::read(dir.join("images").join(format!("{id}.json")))
+            .with_context(|| format!("image {id} was not provisioned by this tenant"))?,
+    )?;
+    let mut h1 = [0u8; 32];
+    hex::decode_to_slice(&rec.h1, &mut h1)?;
+    let t = Instant::now();
+    let token = dm.token(&ttp(a)?, &h1, sp, vm, domains, caas_attest::now_ms())?;
+    step(t, "TL.Token: τ, H1, H2 → c1 = Enc_pkTTP(m1); TL.Request signed (σ_DM)");
+    let vols = volumes
+        .iter()
+        .map(|v| {
+            let (d, s) = v.split_once('/').context("volumes are DOMAIN/SR")?;
+            Ok(VolumeRequest {
+                domain: d.into(),
+                sr: s.into(),
+                size: 64 << 20,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let body = crate::tl::ScheduleRequest {
+        call: LaunchCall {
+            request: token.request.clone(),
+            vm_id: vm.into(),
+            image_id: id.into(),
+            driver: Some(driver.into()),
+            volumes: vols,
+        },
+        host,
+    };
+    let t = Instant::now();
+    let r: serde_json::Value = http()
+        .post(&format!("{}/v1/sched/launch", endpoint(a)?), &body)
+        .await?;
+    step(t, "scheduler → host: TL.AttestRequest, TL.Attestation, checks, crypto domain, workload");
+    let host = r["host"].as_str().unwrap_or_default().to_string();
+    let ep = r["workload"]["endpoint"].as_str().unwrap_or_default().to_string();
+    let vr = VmRecord {
+        vm: vm.into(),
+        tau: caas_attest::b64::encode(token.tau.expose()),
+        host,
+        endpoint: ep,
+    };
+    write_private(&dir.join("vms").join(format!("{vm}.json")), &serde_json::to_vec_pretty(&vr)?)?;
+    Ok(r)
+}
+
+/// The last TL step: TLS 1.3 with τ as external PSK, the DM's signed challenge, the report.
+pub async fn connect(dir: &Path, vm: &str) -> Result<caas_workload::WorkloadReport> {
+    let dm = load_dm(dir, false)?;
+    let rec: VmRecord = serde_json::from_slice(
+        &std::fs::read(dir.join("vms").join(format!("{vm}.json")))
+            .with_context(|| format!("workload {vm} was not launched by this tenant"))?,
+    )?;
+    let tau = SecretBytes::new(caas_attest::b64::decode(&rec.tau)?);
+    let addr: std::net::SocketAddr = rec.endpoint.parse().context("workload endpoint")?;
+    let vm = vm.to_string();
+    let r = tokio::task::spawn_blocking(move || caas_workload::challenge(addr, &vm, &tau, dm.key_pair()))
+        .await??;
+    Ok(r)
+}
