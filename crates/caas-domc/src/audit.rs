@@ -63,6 +63,24 @@ struct Tail {
 /// flusher thread); failures and administrative events are flushed immediately.
 const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// Successful key uses (the hot path: a signature, a decryption...) are "routine": their
+/// records are buffered and reach the file within [`FLUSH_INTERVAL`]; everything else (any
+/// failure, logins, object and token changes) is written through at once, together with
+/// whatever routine records precede it.
+fn is_routine(op: &str) -> bool {
+    matches!(
+        op,
+        "C_Sign"
+            | "C_SignInit"
+            | "C_Verify"
+            | "C_VerifyInit"
+            | "C_Encrypt"
+            | "C_EncryptInit"
+            | "C_Decrypt"
+            | "C_DecryptInit"
+    )
+}
+
 /// The append side of the log.
 #[derive(Debug)]
 pub struct AuditLog {
@@ -168,13 +186,24 @@ impl AuditLog {
             hash: String::new(),
         };
         e.hash = e.compute_hash();
-        let Ok(line) = serde_json::to_string(&e) else {
+        let Ok(mut line) = serde_json::to_string(&e) else {
             return;
         };
-        if writeln!(t.out, "{line}")
-            .and_then(|()| t.out.flush())
-            .is_err()
-        {
+        line.push('\n');
+        // One write_all per line: the buffer is only ever flushed at line boundaries, so a
+        // reader (or a crash) never sees half an entry.
+        let flush_now = r.rv != 0
+            || !is_routine(r.op)
+            || t.last_flush.elapsed() >= FLUSH_INTERVAL;
+        let written = t.out.write_all(line.as_bytes()).and_then(|()| {
+            if flush_now {
+                t.last_flush = std::time::Instant::now();
+                t.out.flush()
+            } else {
+                Ok(())
+            }
+        });
+        if written.is_err() {
             tracing::error!("audit log write failed");
             return;
         }
@@ -244,6 +273,29 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(verify(&p)?.len(), 4);
+        // Routine successful uses may wait for the flusher; a failure writes through with
+        // everything before it, always as whole lines.
+        let log = AuditLog::open(&p)?;
+        log.record(Record {
+            app: [1; 16],
+            op: "C_Sign",
+            ..Default::default()
+        });
+        log.record(Record {
+            app: [1; 16],
+            op: "C_Sign",
+            rv: 0x200,
+            ..Default::default()
+        });
+        assert_eq!(verify(&p)?.len(), 6);
+        log.record(Record {
+            app: [1; 16],
+            op: "C_Verify",
+            ..Default::default()
+        });
+        log.flush();
+        assert_eq!(verify(&p)?.len(), 7);
+        drop(log);
         let text = std::fs::read_to_string(&p)?;
         std::fs::write(&p, text.replacen("C_Sign", "C_Verify", 1))?;
         assert!(matches!(verify(&p), Err(Error::AuditChain { seq: 2, .. })));
