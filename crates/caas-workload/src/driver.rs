@@ -70,7 +70,11 @@ impl WorkloadHandle {
                 self.cleanup_files();
                 return Ok(addr);
             }
-            if let Some(st) = self.child.try_wait().map_err(Error::io("wait for workload"))? {
+            if let Some(st) = self
+                .child
+                .try_wait()
+                .map_err(Error::io("wait for workload"))?
+            {
                 self.stopped = true;
                 self.cleanup_files();
                 return Err(Error::Driver(format!(
@@ -111,7 +115,9 @@ impl WorkloadHandle {
 
     /// The exit status, if the workload has exited.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
-        self.child.try_wait().map_err(Error::io("wait for workload"))
+        self.child
+            .try_wait()
+            .map_err(Error::io("wait for workload"))
     }
 
     /// Stops the workload (SIGKILL) and reaps it. Idempotent.

@@ -17,6 +17,6 @@ pub mod vsm;
 pub mod workload;
 
 pub use error::{Error, Result};
-pub use spec::{InjectedSecrets, ReadyInfo, VsmSpec, WorkloadSpec};
 pub use proto::{WorkloadReport, challenge};
+pub use spec::{InjectedSecrets, ReadyInfo, VsmSpec, WorkloadSpec};
 pub use workload::{Workload, run};

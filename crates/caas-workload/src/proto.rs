@@ -181,7 +181,9 @@ pub fn challenge_with_nonce(
 
 fn parse_answer(answer: &[u8]) -> Result<WorkloadReport> {
     if answer.is_empty() {
-        return Err(Error::Protocol("the workload closed without answering".into()));
+        return Err(Error::Protocol(
+            "the workload closed without answering".into(),
+        ));
     }
     if let Ok(e) = serde_json::from_slice::<ErrorAnswer>(answer) {
         return Err(match e.error.as_str() {

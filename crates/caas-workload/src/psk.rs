@@ -124,7 +124,11 @@ fn require_psk<S>(s: &SslStream<S>) -> Result<()> {
 
 /// Connects as the TLS 1.3 PSK client over an established TCP stream. Fails when the
 /// server does not know `identity` or holds another PSK.
-pub fn connect(stream: TcpStream, identity: &str, psk: &SecretBytes) -> Result<SslStream<TcpStream>> {
+pub fn connect(
+    stream: TcpStream,
+    identity: &str,
+    psk: &SecretBytes,
+) -> Result<SslStream<TcpStream>> {
     connect_stream(stream, identity, psk)
 }
 

@@ -344,7 +344,10 @@ async fn check_volume(uri: &str, nonce: &[u8; NONCE_LEN]) -> Result<(), &'static
         .map_err(log("write"))?;
     store.sync().await.map_err(log("flush"))?;
     let mut back = vec![0u8; marker.len()];
-    store.read_at(offset, &mut back).await.map_err(log("read"))?;
+    store
+        .read_at(offset, &mut back)
+        .await
+        .map_err(log("read"))?;
     if back != marker {
         return Err("mismatch");
     }

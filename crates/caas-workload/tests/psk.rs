@@ -24,9 +24,7 @@ fn rust_server(
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
     let h = std::thread::spawn(move || {
-        let (tcp, _) = l
-            .accept()
-            .map_err(caas_workload::Error::io("accept"))?;
+        let (tcp, _) = l.accept().map_err(caas_workload::Error::io("accept"))?;
         tcp.set_read_timeout(Some(TIMEOUT))
             .map_err(caas_workload::Error::io("timeout"))?;
         let mut s = psk::accept(&acceptor, tcp)?;
@@ -73,9 +71,15 @@ fn rust_round_trip() -> Result<()> {
 fn wrong_psk_fails_on_both_sides() -> Result<()> {
     let (addr, h) = rust_server("vm-1", &key(1))?;
     let c = rust_client(addr, "vm-1", &key(2));
-    assert!(matches!(c, Err(caas_workload::Error::Handshake(_))), "{c:?}");
+    assert!(
+        matches!(c, Err(caas_workload::Error::Handshake(_))),
+        "{c:?}"
+    );
     let s = join(h)?;
-    assert!(matches!(s, Err(caas_workload::Error::Handshake(_))), "{s:?}");
+    assert!(
+        matches!(s, Err(caas_workload::Error::Handshake(_))),
+        "{s:?}"
+    );
     Ok(())
 }
 
@@ -83,9 +87,15 @@ fn wrong_psk_fails_on_both_sides() -> Result<()> {
 fn wrong_identity_fails_on_both_sides() -> Result<()> {
     let (addr, h) = rust_server("vm-1", &key(1))?;
     let c = rust_client(addr, "vm-2", &key(1));
-    assert!(matches!(c, Err(caas_workload::Error::Handshake(_))), "{c:?}");
+    assert!(
+        matches!(c, Err(caas_workload::Error::Handshake(_))),
+        "{c:?}"
+    );
     let s = join(h)?;
-    assert!(matches!(s, Err(caas_workload::Error::Handshake(_))), "{s:?}");
+    assert!(
+        matches!(s, Err(caas_workload::Error::Handshake(_))),
+        "{s:?}"
+    );
     Ok(())
 }
 
@@ -100,7 +110,9 @@ fn errors_and_debug_never_show_the_psk() -> Result<()> {
     }
     // Bad parameters are refused without echoing the key.
     let short = psk::server_acceptor("vm-1", &SecretBytes::new(b"canary".to_vec()));
-    let Err(e) = short else { bail!("a 6-byte PSK was accepted") };
+    let Err(e) = short else {
+        bail!("a 6-byte PSK was accepted")
+    };
     assert!(!format!("{e:?} {e}").contains("canary"));
     assert!(psk::server_acceptor("", &key(1)).is_err());
     assert!(psk::server_acceptor("a\0b", &key(1)).is_err());
@@ -113,7 +125,15 @@ fn client_rejects_a_certificate_server() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (cert, keyf) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
     let st = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
         .args(["-subj", "/CN=impostor", "-days", "1", "-keyout"])
         .arg(&keyf)
         .arg("-out")
@@ -131,7 +151,10 @@ fn client_rejects_a_certificate_server() -> Result<()> {
     let tcp = TcpStream::connect(server.addr)?;
     tcp.set_read_timeout(Some(TIMEOUT))?;
     let r = psk::connect(tcp, "vm-1", &key(1));
-    assert!(matches!(r, Err(caas_workload::Error::Handshake(_))), "{r:?}");
+    assert!(
+        matches!(r, Err(caas_workload::Error::Handshake(_))),
+        "{r:?}"
+    );
     server.stop();
     Ok(())
 }
@@ -145,7 +168,15 @@ struct SServer {
 impl SServer {
     fn start(extra: &[&std::ffi::OsStr]) -> Result<Self> {
         let mut child = Command::new("openssl")
-            .args(["s_server", "-accept", "127.0.0.1:0", "-tls1_3", "-naccept", "1", "-rev"])
+            .args([
+                "s_server",
+                "-accept",
+                "127.0.0.1:0",
+                "-tls1_3",
+                "-naccept",
+                "1",
+                "-rev",
+            ])
             .args(["-ciphersuites", psk::CIPHERSUITE])
             .args(extra)
             .stdin(Stdio::null())
@@ -212,7 +243,10 @@ fn rust_client_with_wrong_psk_or_identity_fails_against_s_server() -> Result<()>
         let tcp = TcpStream::connect(server.addr)?;
         tcp.set_read_timeout(Some(TIMEOUT))?;
         let r = psk::connect(tcp, id, &k);
-        assert!(matches!(r, Err(caas_workload::Error::Handshake(_))), "{id}: {r:?}");
+        assert!(
+            matches!(r, Err(caas_workload::Error::Handshake(_))),
+            "{id}: {r:?}"
+        );
         server.stop();
     }
     Ok(())
@@ -222,7 +256,14 @@ fn rust_client_with_wrong_psk_or_identity_fails_against_s_server() -> Result<()>
 /// server closes the connection.
 fn s_client(addr: SocketAddr, identity: &str, k: &SecretBytes, input: &[u8]) -> Result<String> {
     let mut child = Command::new("openssl")
-        .args(["s_client", "-connect", &addr.to_string(), "-tls1_3", "-quiet", "-ign_eof"])
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-tls1_3",
+            "-quiet",
+            "-ign_eof",
+        ])
         .args(["-ciphersuites", psk::CIPHERSUITE])
         .args(["-psk", &hex::encode(k.expose()), "-psk_identity", identity])
         .stdin(Stdio::piped())
@@ -266,7 +307,10 @@ fn openssl_s_client_with_wrong_psk_or_identity_is_rejected() -> Result<()> {
         let (addr, h) = rust_server("vm-9", &key(9))?;
         let out = s_client(addr, id, &k, b"hi\n")?;
         let s = join(h)?;
-        assert!(matches!(s, Err(caas_workload::Error::Handshake(_))), "{id}: {s:?}");
+        assert!(
+            matches!(s, Err(caas_workload::Error::Handshake(_))),
+            "{id}: {s:?}"
+        );
         assert!(!out.contains("pong"), "{out}");
     }
     Ok(())
