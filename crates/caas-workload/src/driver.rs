@@ -407,3 +407,133 @@ impl Driver for QemuDriver {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::VsmSpec;
+
+    fn spec() -> WorkloadSpec {
+        WorkloadSpec {
+            vm_id: "vm-42".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ready_file: "/run/caas/vm-42.ready".into(),
+            inject_file: "/run/caas/vm,42.inject".into(),
+            disk: "nbd+unix:///disk?socket=/run/caas/sdp,1.sock".into(),
+            vsm: None,
+            volumes: vec!["nbd+unix:///vol?socket=/run/caas/vol.sock".into()],
+        }
+    }
+
+    fn strings(args: &[OsString]) -> Vec<String> {
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// True when `flag` is immediately followed by `value`.
+    fn has(args: &[String], flag: &str, value: &str) -> bool {
+        args.windows(2).any(|w| w[0] == flag && w[1] == value)
+    }
+
+    #[test]
+    fn qemu_command_line() -> Result<()> {
+        let d = QemuDriver::new("/var/lib/caas/vms".into());
+        let a = strings(&d.args(&spec(), 40123)?);
+        assert!(has(&a, "-accel", "tcg"));
+        assert!(has(&a, "-m", "256"));
+        assert!(a.iter().any(|x| x == "-nographic"));
+        assert!(has(&a, "-monitor", "none"));
+        assert!(has(&a, "-name", "guest=vm-42"));
+        assert!(has(
+            &a,
+            "-serial",
+            "file:/var/lib/caas/vms/vm-42.serial.log"
+        ));
+        // The boot disk first, then the volumes; commas in paths are doubled.
+        let drives: Vec<&String> = a
+            .windows(2)
+            .filter(|w| w[0] == "-drive")
+            .map(|w| &w[1])
+            .collect();
+        assert_eq!(
+            drives,
+            [
+                "file=nbd+unix:///disk?socket=/run/caas/sdp,,1.sock,format=raw,if=virtio",
+                "file=nbd+unix:///vol?socket=/run/caas/vol.sock,format=raw,if=virtio",
+            ]
+        );
+        assert!(has(
+            &a,
+            "-fw_cfg",
+            "name=opt/caas/inject,file=/run/caas/vm,,42.inject"
+        ));
+        assert!(has(&a, "-fw_cfg", "name=opt/caas/vm-id,string=vm-42"));
+        assert!(has(
+            &a,
+            "-netdev",
+            "user,id=net0,hostfwd=tcp:127.0.0.1:40123-:7000"
+        ));
+        assert!(has(&a, "-device", "virtio-net-pci,netdev=net0"));
+        assert!(!a.iter().any(|x| x.contains("vsm")));
+        Ok(())
+    }
+
+    #[test]
+    fn qemu_command_line_with_vsm() -> Result<()> {
+        let mut s = spec();
+        s.vsm = Some(VsmSpec {
+            socket: "/run/caas/domc.sock".into(),
+            user_pin_file: "/run/caas/pin".into(),
+            slot: 0,
+        });
+        s.volumes.clear();
+        let a = strings(&QemuDriver::new("/tmp".into()).args(&s, 1)?);
+        assert!(has(
+            &a,
+            "-chardev",
+            "socket,id=vsm0,path=/run/caas/domc.sock"
+        ));
+        assert!(has(
+            &a,
+            "-device",
+            "virtserialport,chardev=vsm0,name=org.caas.vsm"
+        ));
+        assert!(has(
+            &a,
+            "-fw_cfg",
+            "name=opt/caas/vsm-pin,file=/run/caas/pin"
+        ));
+        assert_eq!(a.iter().filter(|x| *x == "-drive").count(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn qemu_rejects_a_bad_spec() {
+        let mut s = spec();
+        s.vm_id = "vm,42".into();
+        assert!(QemuDriver::new("/tmp".into()).args(&s, 1).is_err());
+        let mut s = spec();
+        s.disk = "/dev/sda".into();
+        assert!(QemuDriver::new("/tmp".into()).args(&s, 1).is_err());
+    }
+
+    #[test]
+    fn missing_qemu_is_a_clear_error() {
+        let mut d = QemuDriver::new("/tmp".into());
+        d.binary = "qemu-system-x86_64-not-installed".into();
+        let e = d.program();
+        assert!(
+            matches!(&e, Err(Error::Driver(m)) if m.contains("not installed") && m.contains("qemu-system-x86")),
+            "{e:?}"
+        );
+        let e = d.start(&spec(), Command::new("true"));
+        assert!(matches!(&e, Err(Error::Driver(m)) if m.contains("not installed")));
+    }
+
+    #[test]
+    fn process_driver_needs_its_program() {
+        let d = ProcessDriver::new("/nonexistent/caas".into(), "/tmp".into());
+        assert!(matches!(d.program(), Err(Error::Driver(_))));
+    }
+}

@@ -238,3 +238,49 @@ pub fn public_key_bytes(sk_dm: &Ed25519KeyPair) -> [u8; 32] {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_lines() -> Result<()> {
+        let mut r = std::io::Cursor::new(b"abc\ndef".to_vec());
+        assert_eq!(read_line_bounded(&mut r, 8)?, b"abc");
+        assert_eq!(read_line_bounded(&mut r, 8)?, b"def");
+        assert_eq!(read_line_bounded(&mut r, 8)?, b"");
+        let mut r = std::io::Cursor::new(vec![b'x'; 100]);
+        assert!(matches!(
+            read_line_bounded(&mut r, 64),
+            Err(Error::Protocol(_))
+        ));
+        // Exactly at the bound, with its newline.
+        let mut r = std::io::Cursor::new([vec![b'y'; 64], vec![b'\n']].concat());
+        assert_eq!(read_line_bounded(&mut r, 64)?.len(), 64);
+        Ok(())
+    }
+
+    #[test]
+    fn signed_messages_are_domain_separated() {
+        let n = [1u8; NONCE_LEN];
+        let c = challenge_message("vm-1", &n);
+        assert!(c.starts_with(CHALLENGE_CONTEXT) && c.ends_with(&n));
+        let v = vsm_message("vm-1", &n, &[2u8; 32]);
+        assert!(v.starts_with(VSM_CONTEXT) && v.ends_with(b"vm-1"));
+        assert_ne!(challenge_message("vm-1", &n), challenge_message("vm-2", &n));
+    }
+
+    #[test]
+    fn error_answers_map_to_errors() {
+        assert!(matches!(
+            parse_answer(br#"{"error":"dm_signature_invalid"}"#),
+            Err(Error::DmSignatureInvalid)
+        ));
+        assert!(matches!(
+            parse_answer(br#"{"error":"x"}"#),
+            Err(Error::Remote(_))
+        ));
+        assert!(matches!(parse_answer(b""), Err(Error::Protocol(_))));
+        assert!(matches!(parse_answer(b"[]"), Err(Error::Protocol(_))));
+    }
+}

@@ -262,3 +262,36 @@ fn write_private(path: &Path, data: &[u8], create_new: bool) -> Result<()> {
     f.write_all(data).map_err(Error::io("write file"))?;
     f.sync_all().map_err(Error::io("sync file"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_json_round_trip_and_defaults() -> Result<()> {
+        let json = r#"{"vm_id":"vm-1","listen":"127.0.0.1:0","ready_file":"/r",
+            "inject_file":"/i","disk":"nbd+unix:///d?socket=/s"}"#;
+        let s: WorkloadSpec =
+            serde_json::from_str(json).map_err(|e| Error::Config(e.to_string()))?;
+        s.validate()?;
+        assert!(s.vsm.is_none() && s.volumes.is_empty());
+        let back: WorkloadSpec = serde_json::from_slice(
+            &serde_json::to_vec(&s).map_err(|e| Error::Config(e.to_string()))?,
+        )
+        .map_err(|e| Error::Config(e.to_string()))?;
+        assert_eq!(back, s);
+        // Unknown fields are refused (a typo must not silently drop a volume).
+        let typo = json.replace("\"disk\"", "\"volume\":[],\"disk\"");
+        assert!(serde_json::from_str::<WorkloadSpec>(&typo).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn injected_secrets_debug_hides_tau() {
+        let s = InjectedSecrets {
+            tau: SecretBytes::new(vec![0x41; 32]),
+            pk_dm: [0; 32],
+        };
+        assert!(!format!("{s:?}").contains("65"));
+    }
+}

@@ -47,6 +47,9 @@ pub struct Workload {
     shared: Arc<Shared>,
 }
 
+/// Answered nonces: a set for lookup, a queue for eviction (oldest first).
+type SeenNonces = (HashSet<[u8; NONCE_LEN]>, VecDeque<[u8; NONCE_LEN]>);
+
 struct Shared {
     vm_id: String,
     pk_dm: [u8; 32],
@@ -56,7 +59,7 @@ struct Shared {
     vsm: Option<Mutex<VsmSigner>>,
     volumes: Vec<String>,
     rt: tokio::runtime::Runtime,
-    seen: Mutex<(HashSet<[u8; NONCE_LEN]>, VecDeque<[u8; NONCE_LEN]>)>,
+    seen: Mutex<SeenNonces>,
     active: AtomicUsize,
 }
 
