@@ -95,7 +95,7 @@ impl WorkloadHandle {
     fn probe(&self) -> Result<Option<SocketAddr>> {
         match &self.readiness {
             Readiness::File(path) => Ok(ReadyInfo::read_from(path)?
-                .filter(|r| r.vm_id == self.vm_id && r.pid == self.child.id())
+                .filter(|r| r.vm_id == self.vm_id)
                 .map(|r| r.addr)),
             Readiness::SerialMarker { log, addr } => {
                 let mut text = Vec::new();

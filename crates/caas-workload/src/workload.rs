@@ -58,7 +58,7 @@ struct Shared {
     disk_size: u64,
     vsm: Option<Mutex<VsmSigner>>,
     volumes: Vec<String>,
-    rt: tokio::runtime::Runtime,
+    rt: IoRuntime,
     seen: Mutex<SeenNonces>,
     active: AtomicUsize,
 }
@@ -90,12 +90,8 @@ impl Workload {
             )?)),
             None => None,
         };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .map_err(Error::io("start the IO runtime"))?;
-        let (disk_sha256, disk_size) = rt.block_on(hash_disk(&spec.disk))?;
+        let rt = IoRuntime::new()?;
+        let (disk_sha256, disk_size) = rt.block_on(hash_disk(&spec.disk))??;
         tracing::info!(
             vm_id = %spec.vm_id,
             disk_size,
@@ -175,6 +171,45 @@ impl Workload {
             }
         }
         Ok(())
+    }
+}
+
+/// A small tokio runtime for the NBD client, usable from any thread: futures run on a
+/// scoped helper thread, so calling in from an async context (the `caas` binary's runtime,
+/// `spawn_blocking`, `#[tokio::test]`) cannot hit tokio's nested-runtime panic, and it is
+/// shut down without blocking when dropped.
+#[derive(Debug)]
+struct IoRuntime(Option<tokio::runtime::Runtime>);
+
+impl IoRuntime {
+    fn new() -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(Error::io("start the IO runtime"))?;
+        Ok(Self(Some(rt)))
+    }
+
+    fn block_on<F>(&self, f: F) -> Result<F::Output>
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        let rt = self
+            .0
+            .as_ref()
+            .ok_or_else(|| Error::Config("IO runtime stopped".into()))?;
+        std::thread::scope(|s| s.spawn(|| rt.block_on(f)).join())
+            .map_err(|_| Error::Config("IO thread panicked".into()))
+    }
+}
+
+impl Drop for IoRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
@@ -301,7 +336,10 @@ fn report(shared: &Shared, nonce: &[u8; NONCE_LEN]) -> Result<WorkloadReport> {
         .volumes
         .iter()
         .map(|uri| {
-            let result = shared.rt.block_on(check_volume(uri, nonce));
+            let result = shared
+                .rt
+                .block_on(check_volume(uri, nonce))
+                .unwrap_or(Err("internal"));
             if let Err(step) = &result {
                 tracing::warn!(uri, step, "volume marker check failed");
             }

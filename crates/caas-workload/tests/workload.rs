@@ -279,3 +279,32 @@ fn process_driver_runs_the_workload_binary() -> Result<()> {
     );
     Ok(())
 }
+
+/// The `caas` binary and the lead's tests may call in from an async context: no
+/// nested-runtime panic, also when start fails after its IO runtime exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_starts_from_an_async_context() -> Result<()> {
+    let f = Fixture::new(Options {
+        disk_len: 12345,
+        volumes: 1,
+        ..Options::default()
+    })?;
+    let w = caas_workload::Workload::start(&f.spec)?;
+    let addr = w.addr();
+    std::thread::spawn(move || w.serve());
+    let (id, tau, sk) = (f.spec.vm_id.clone(), f.tau.clone(), common::dm_key()?);
+    let e = tokio::task::spawn_blocking(move || challenge(addr, &id, &tau, &sk)).await?;
+    assert!(matches!(e, Err(Error::DmSignatureInvalid)), "{e:?}");
+
+    // The disk is unreachable: start fails (its runtime is dropped here, in async code).
+    let mut spec = f.spec.clone();
+    spec.disk = format!(
+        "nbd+unix:///disk?socket={}",
+        f.dir.path().join("none.sock").display()
+    );
+    f.inject()?;
+    let e = caas_workload::Workload::start(&spec);
+    assert!(matches!(e, Err(Error::Disk(_))), "{e:?}");
+    assert!(!spec.inject_file.exists());
+    Ok(())
+}
