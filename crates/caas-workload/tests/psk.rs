@@ -261,7 +261,6 @@ fn s_client(addr: SocketAddr, identity: &str, k: &SecretBytes, input: &[u8]) -> 
             "-connect",
             &addr.to_string(),
             "-tls1_3",
-            "-quiet",
             "-ign_eof",
         ])
         .args(["-ciphersuites", psk::CIPHERSUITE])
@@ -298,6 +297,13 @@ fn openssl_s_client_with_rust_server() -> Result<()> {
     let out = s_client(addr, "vm-9", &key(9), b"hi\n")?;
     assert_eq!(join(h)??, "hi");
     assert!(out.contains("pong:hi"), "{out}");
+    // The external PSK was used ("Reused"), with an ephemeral X25519 exchange on top
+    // (psk_dhe_ke: forward secrecy).
+    assert!(
+        out.contains("Reused, TLSv1.3, Cipher is TLS_AES_128_GCM_SHA256"),
+        "{out}"
+    );
+    assert!(out.contains("Server Temp Key: X25519"), "{out}");
     Ok(())
 }
 
