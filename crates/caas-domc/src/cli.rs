@@ -60,6 +60,12 @@ pub struct ServeArgs {
     /// Do not install the seccomp filter.
     #[arg(long)]
     pub no_seccomp: bool,
+    /// Allow 1024-bit RSA keys (generation, import and PKCS#1 v1.5 signing). Off by default:
+    /// they are below the 2048-bit policy and exist only for comparisons with legacy setups
+    /// (the seed's ods-hsmspeed RSA-1024 benchmark). Without it such keys are refused with
+    /// CKR_KEY_SIZE_RANGE.
+    #[arg(long)]
+    pub allow_legacy_rsa_1024: bool,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -110,7 +116,7 @@ fn serve(a: ServeArgs) -> Result<(), Error> {
         slots: a.slots,
         max_pin_retries: a.max_pin_retries,
     };
-    let domain = Arc::new(Domain::open(&cfg, key)?);
+    let domain = Arc::new(Domain::open(&cfg, key)?.allow_legacy_rsa_1024(a.allow_legacy_rsa_1024));
     let listener = match &a.socket {
         Some(p) => Some(crate::server::bind(p, a.socket_mode)?),
         None => None,

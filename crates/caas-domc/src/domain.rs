@@ -74,6 +74,8 @@ pub struct Domain {
     handles: AtomicU64,
     sessions: AtomicU64,
     audit: Arc<AuditLog>,
+    /// `--allow-legacy-rsa-1024`: 1024-bit RSA keys may be generated, imported and used.
+    legacy_rsa_1024: bool,
 }
 
 type R<T> = Result<T, Ckr>;
@@ -150,7 +152,26 @@ impl Domain {
                 log.start_flusher();
                 log
             },
+            legacy_rsa_1024: false,
         })
+    }
+
+    /// Allows 1024-bit RSA keys (off by default: only for comparisons with legacy setups
+    /// such as the seed's ods-hsmspeed RSA-1024 figures). Without it, generating, importing
+    /// or using such a key fails with CKR_KEY_SIZE_RANGE.
+    #[must_use]
+    pub fn allow_legacy_rsa_1024(mut self, allow: bool) -> Self {
+        self.legacy_rsa_1024 = allow;
+        self
+    }
+
+    /// CKR_KEY_SIZE_RANGE for an RSA key below 2048 bits unless legacy keys are allowed.
+    pub(crate) fn check_rsa_size(&self, m: &keys::KeyMaterial) -> R<()> {
+        let bits = m.rsa_bits();
+        if bits != 0 && bits < keys::RSA_MIN_BITS && !self.legacy_rsa_1024 {
+            return Err(Ckr(CKR_KEY_SIZE_RANGE));
+        }
+        Ok(())
     }
 
     /// Registers a connection of application `id`.
@@ -245,13 +266,19 @@ impl Domain {
     }
 
     fn key(&self, app: &App, slot: u64, h: u64) -> R<Arc<Object>> {
-        self.object(app, slot, h).map_err(|e| {
+        let k = self.object(app, slot, h).map_err(|e| {
             if e.0 == CKR_OBJECT_HANDLE_INVALID {
                 Ckr(CKR_KEY_HANDLE_INVALID)
             } else {
                 e
             }
-        })
+        })?;
+        if k.key_type() == Some(CKK_RSA)
+            && let Ok(m) = k.material()
+        {
+            self.check_rsa_size(&m)?;
+        }
+        Ok(k)
     }
 
     /// Counts a use of `key` and audits it.
@@ -329,9 +356,18 @@ impl Domain {
                     .iter()
                     .find(|m| m.0 == mechanism)
                     .ok_or(Ckr(CKR_MECHANISM_INVALID))?;
+                let legacy_rsa = self.legacy_rsa_1024
+                    && matches!(
+                        mechanism,
+                        CKM_RSA_PKCS_KEY_PAIR_GEN
+                            | CKM_RSA_PKCS
+                            | CKM_SHA256_RSA_PKCS
+                            | CKM_SHA384_RSA_PKCS
+                            | CKM_SHA512_RSA_PKCS
+                    );
                 Response::ok(Body::Mech {
                     info: MechInfo {
-                        min_key_size: m.1,
+                        min_key_size: if legacy_rsa { 1024 } else { m.1 },
                         max_key_size: m.2,
                         // The crypto domain is this token's (virtual) hardware.
                         flags: m.3 | CKF_HW,
@@ -546,13 +582,14 @@ impl Domain {
                 let o = self.insert(app, session, slot, rw, attrs, secret)?;
                 // Public keys must parse now so a bad key fails here, not at use.
                 if (class == CKO_PUBLIC_KEY || class == CKO_PRIVATE_KEY)
-                    && let Err(e) = o.material()
+                    && let Err(e) = o.material().and_then(|m| self.check_rsa_size(&m))
                 {
                     self.remove(slot, o.handle);
-                    return Err(if e.0 == CKR_KEY_HANDLE_INVALID {
-                        Ckr(CKR_TEMPLATE_INCOMPLETE)
-                    } else {
-                        e
+                    return Err(match e.0 {
+                        CKR_KEY_HANDLE_INVALID => Ckr(CKR_TEMPLATE_INCOMPLETE),
+                        // A legacy-size RSA modulus without --allow-legacy-rsa-1024.
+                        CKR_KEY_SIZE_RANGE => Ckr(CKR_ATTRIBUTE_VALUE_INVALID),
+                        _ => e,
                     });
                 }
                 self.audit(app, "C_CreateObject", slot, Some(&o), None, 0);

@@ -395,7 +395,7 @@ impl Domain {
                                 return Err(Ckr(CKR_TEMPLATE_INCONSISTENT));
                             }
                         }
-                        (CKK_RSA, keys::generate_rsa(bits)?)
+                        (CKK_RSA, keys::generate_rsa(bits, self.legacy_rsa_1024)?)
                     }
                     CKM_EC_KEY_PAIR_GEN | CKM_EC_EDWARDS_KEY_PAIR_GEN => {
                         let p = tmpl_bytes(&public_template, CKA_EC_PARAMS)
@@ -562,7 +562,9 @@ impl Domain {
                         )
                     }
                     (CKO_PRIVATE_KEY, CKK_RSA) => {
-                        keys::KeyMaterial::rsa_private(&plain)
+                        let m = keys::KeyMaterial::rsa_private(&plain)
+                            .map_err(|_| Ckr(CKR_WRAPPED_KEY_INVALID))?;
+                        self.check_rsa_size(&m)
                             .map_err(|_| Ckr(CKR_WRAPPED_KEY_INVALID))?;
                         (keys::rsa_public_attrs(&plain)?, plain)
                     }

@@ -94,6 +94,15 @@ pub enum KeyMaterial {
         /// Raw-signing key (built on first CKM_RSA_PKCS over non-DigestInfo data).
         raw: std::sync::OnceLock<openssl::rsa::Rsa<openssl::pkey::Private>>,
     },
+    /// A 1024-bit RSA private key (legacy; used only when the crypto domain runs with
+    /// `--allow-legacy-rsa-1024`, for PKCS#1 v1.5 signatures). aws-lc-rs refuses keys below
+    /// 2048 bits, so these go through OpenSSL, which clears the key's bignums when freed.
+    RsaLegacyPrivate {
+        /// The key.
+        key: openssl::rsa::Rsa<openssl::pkey::Private>,
+        /// Its PKCS#8 encoding.
+        pkcs8: Zeroizing<Vec<u8>>,
+    },
     /// RSA public key.
     RsaPublic {
         /// PKCS#1 RSAPublicKey DER.
@@ -133,6 +142,7 @@ impl std::fmt::Debug for KeyMaterial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             KeyMaterial::RsaPrivate { .. } => "RsaPrivate([REDACTED])",
+            KeyMaterial::RsaLegacyPrivate { .. } => "RsaLegacyPrivate([REDACTED])",
             KeyMaterial::RsaPublic { .. } => "RsaPublic",
             KeyMaterial::EcPrivate { .. } => "EcPrivate([REDACTED])",
             KeyMaterial::EcPublic { .. } => "EcPublic",
@@ -177,17 +187,37 @@ fn bit_len(be: &[u8]) -> u64 {
     }
 }
 
-/// Generates an RSA key pair of `bits` (2048, 3072 or 4096).
-pub fn generate_rsa(bits: u64) -> Result<GeneratedPair, Ckr> {
+/// Bits below which an RSA key is "legacy" (only 1024 is accepted, and only by a domain
+/// started with `--allow-legacy-rsa-1024`).
+pub const RSA_MIN_BITS: u64 = 2048;
+
+/// Generates an RSA key pair of `bits` (2048, 3072 or 4096; 1024 too when `legacy_1024`).
+pub fn generate_rsa(bits: u64, legacy_1024: bool) -> Result<GeneratedPair, Ckr> {
     let size = match bits {
         2048 => rsa::KeySize::Rsa2048,
         3072 => rsa::KeySize::Rsa3072,
         4096 => rsa::KeySize::Rsa4096,
+        1024 if legacy_1024 => return generate_rsa_1024(),
         _ => return Err(Ckr(CKR_KEY_SIZE_RANGE)),
     };
     let kp = signature::RsaKeyPair::generate(size).map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
     let pkcs8 = kp.as_der().map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
     let secret = Zeroizing::new(pkcs8.as_ref().to_vec());
+    let public_attrs = rsa_public_attrs(&secret)?;
+    Ok(GeneratedPair {
+        secret,
+        public_attrs,
+    })
+}
+
+fn generate_rsa_1024() -> Result<GeneratedPair, Ckr> {
+    let e = openssl::bn::BigNum::from_u32(65537).map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
+    let key = openssl::rsa::Rsa::generate_with_e(1024, &e).map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
+    let pkey = openssl::pkey::PKey::from_rsa(key).map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
+    let secret = Zeroizing::new(
+        pkey.private_key_to_pkcs8()
+            .map_err(|_| Ckr(CKR_DEVICE_ERROR))?,
+    );
     let public_attrs = rsa_public_attrs(&secret)?;
     Ok(GeneratedPair {
         secret,
@@ -249,8 +279,15 @@ pub fn ec_public_point(curve: Curve, secret: &[u8]) -> Result<Vec<u8>, Ckr> {
 }
 
 impl KeyMaterial {
-    /// Parses an RSA private key from PKCS#8.
+    /// Parses an RSA private key from PKCS#8. A 1024-bit key parses as
+    /// [`KeyMaterial::RsaLegacyPrivate`]; whether it may be used is the domain's policy.
     pub fn rsa_private(pkcs8: &[u8]) -> Result<Self, Ckr> {
+        if der::rsa_parts_from_pkcs8(pkcs8).is_some_and(|p| bit_len(p.n) == 1024) {
+            return Ok(KeyMaterial::RsaLegacyPrivate {
+                key: raw_rsa_key(pkcs8)?,
+                pkcs8: Zeroizing::new(pkcs8.to_vec()),
+            });
+        }
         Ok(KeyMaterial::RsaPrivate {
             sign: signature::RsaKeyPair::from_pkcs8(pkcs8).map_err(bad_key)?,
             decrypt: rsa::PrivateDecryptingKey::from_pkcs8(pkcs8).map_err(bad_key)?,
@@ -318,6 +355,7 @@ impl KeyMaterial {
     pub fn signature_len(&self) -> usize {
         match self {
             KeyMaterial::RsaPrivate { sign, .. } => sign.public_modulus_len(),
+            KeyMaterial::RsaLegacyPrivate { key, .. } => key.size() as usize,
             KeyMaterial::RsaPublic { modulus_len, .. } => *modulus_len,
             KeyMaterial::EcPrivate { curve, .. } | KeyMaterial::EcPublic { curve, .. } => {
                 2 * curve.field_len()
@@ -327,8 +365,48 @@ impl KeyMaterial {
         }
     }
 
+    /// RSA bits of an RSA key (0 for other keys).
+    #[must_use]
+    pub fn rsa_bits(&self) -> u64 {
+        match self {
+            KeyMaterial::RsaPrivate { .. }
+            | KeyMaterial::RsaLegacyPrivate { .. }
+            | KeyMaterial::RsaPublic { .. } => self.signature_len() as u64 * 8,
+            _ => 0,
+        }
+    }
+
+    /// PKCS#1 v1.5 signature with a legacy key: `block` is the DigestInfo (or raw data).
+    fn legacy_sign_pkcs1(
+        key: &openssl::rsa::Rsa<openssl::pkey::Private>,
+        block: &[u8],
+    ) -> Result<Vec<u8>, Ckr> {
+        let k = key.size() as usize;
+        if block.len() + 11 > k {
+            return Err(Ckr(CKR_DATA_LEN_RANGE));
+        }
+        let mut out = vec![0u8; k];
+        let n = key
+            .private_encrypt(block, &mut out, openssl::rsa::Padding::PKCS1)
+            .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+        out.truncate(n);
+        Ok(out)
+    }
+
     /// RSA PKCS#1 v1.5 or PSS signature over a precomputed hash.
     pub fn rsa_sign_digest(&self, pss: bool, hash: &[u8]) -> Result<Vec<u8>, Ckr> {
+        if let KeyMaterial::RsaLegacyPrivate { key, .. } = self {
+            // Legacy keys sign PKCS#1 v1.5 only (what DNSSEC-era signers such as
+            // ods-hsmspeed use); PSS is offered from 2048 bits.
+            if pss {
+                return Err(Ckr(CKR_KEY_SIZE_RANGE));
+            }
+            let (prefix, _) = der::DIGEST_INFO_PREFIXES
+                .iter()
+                .find(|(_, len)| *len == hash.len())
+                .ok_or(Ckr(CKR_DATA_LEN_RANGE))?;
+            return Self::legacy_sign_pkcs1(key, &[*prefix, hash].concat());
+        }
         let KeyMaterial::RsaPrivate { sign, .. } = self else {
             return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
         };
@@ -362,6 +440,29 @@ impl KeyMaterial {
         if sig.len() != modulus_len {
             return Err(Ckr(CKR_SIGNATURE_LEN_RANGE));
         }
+        if (modulus_len as u64) * 8 < RSA_MIN_BITS {
+            // A legacy key (the domain's policy let it through): PKCS#1 v1.5 via OpenSSL.
+            let KeyMaterial::RsaPublic { n, e, .. } = self else {
+                return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+            };
+            if pss {
+                return Err(Ckr(CKR_KEY_SIZE_RANGE));
+            }
+            let (prefix, _) = der::DIGEST_INFO_PREFIXES
+                .iter()
+                .find(|(_, len)| *len == hash.len())
+                .ok_or(Ckr(CKR_DATA_LEN_RANGE))?;
+            let pk = ossl_public(n, e)?;
+            let mut out = vec![0u8; modulus_len];
+            let len = pk
+                .public_decrypt(sig, &mut out, openssl::rsa::Padding::PKCS1)
+                .map_err(|_| Ckr(CKR_SIGNATURE_INVALID))?;
+            return if out[..len] == [*prefix, hash].concat() {
+                Ok(())
+            } else {
+                Err(Ckr(CKR_SIGNATURE_INVALID))
+            };
+        }
         let (alg, params): (
             &'static digest::Algorithm,
             &'static signature::RsaParameters,
@@ -384,6 +485,9 @@ impl KeyMaterial {
     /// supplies the DigestInfo or, for legacy TLS, MD5||SHA-1). DigestInfos of SHA-256/384/512
     /// go through aws-lc; anything else through the `rsa` crate with blinding.
     pub fn rsa_sign_raw(&self, data: &[u8]) -> Result<Vec<u8>, Ckr> {
+        if let KeyMaterial::RsaLegacyPrivate { key, .. } = self {
+            return Self::legacy_sign_pkcs1(key, data);
+        }
         if let Some((_, hash)) = der::parse_digest_info(data) {
             return self.rsa_sign_digest(false, hash);
         }
@@ -719,7 +823,7 @@ mod tests {
 
     #[test]
     fn rsa_sign_verify_both_paddings() -> Result<(), Ckr> {
-        let g = generate_rsa(2048)?;
+        let g = generate_rsa(2048, false)?;
         let private = KeyMaterial::rsa_private(&g.secret)?;
         let n = &g.public_attrs[0].1;
         let e = &g.public_attrs[1].1;
@@ -809,7 +913,7 @@ mod speed {
     #[test]
     #[ignore = "timing probe; run with --release -- --ignored --nocapture"]
     fn raw_rsa_speed() -> Result<(), Ckr> {
-        let g = generate_rsa(2048)?;
+        let g = generate_rsa(2048, false)?;
         let k = KeyMaterial::rsa_private(&g.secret)?;
         let t = std::time::Instant::now();
         for _ in 0..200 {

@@ -321,7 +321,9 @@ impl SignOp {
                     KeyMaterial::EcPrivate { .. } | KeyMaterial::EcPublic { .. },
                     SignKind::EcdsaRaw | SignKind::EcdsaHash
                 ) | (
-                    KeyMaterial::RsaPrivate { .. } | KeyMaterial::RsaPublic { .. },
+                    KeyMaterial::RsaPrivate { .. }
+                        | KeyMaterial::RsaLegacyPrivate { .. }
+                        | KeyMaterial::RsaPublic { .. },
                     SignKind::RsaPkcsRaw
                         | SignKind::RsaX509
                         | SignKind::RsaPssRaw(_)
