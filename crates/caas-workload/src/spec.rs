@@ -128,13 +128,16 @@ impl InjectedSecrets {
     /// Writes the inject file: created new (fails if it exists), mode 0600.
     pub fn write_to(&self, path: &Path) -> Result<()> {
         let tau = Zeroizing::new(B64.encode(self.tau.expose()));
-        let json = Zeroizing::new(
-            serde_json::to_vec(&InjectOut {
+        // Pre-sized so that no reallocation leaves a copy of τ behind.
+        let mut json = Zeroizing::new(Vec::with_capacity(1024));
+        serde_json::to_writer(
+            &mut *json,
+            &InjectOut {
                 tau: &tau,
                 pk_dm: B64.encode(self.pk_dm),
-            })
-            .map_err(|e| Error::Inject(format!("encode: {e}")))?,
-        );
+            },
+        )
+        .map_err(|e| Error::Inject(format!("encode: {e}")))?;
         write_private(path, &json, true)
     }
 
@@ -237,7 +240,9 @@ pub(crate) fn read_bounded(
     context: &'static str,
 ) -> Result<Zeroizing<Vec<u8>>> {
     let f = std::fs::File::open(path).map_err(Error::io(context))?;
-    let mut buf = Zeroizing::new(Vec::with_capacity(1024));
+    // Sized for small (secret) files up front, so no reallocation leaves copies behind.
+    let cap = usize::try_from(max.saturating_add(1).min(8192)).unwrap_or(8192);
+    let mut buf = Zeroizing::new(Vec::with_capacity(cap));
     f.take(max + 1)
         .read_to_end(&mut buf)
         .map_err(Error::io(context))?;
