@@ -135,7 +135,8 @@ impl DevHosts {
             });
         }
         let storage = dir.join("storage");
-        std::fs::create_dir_all(&storage).map_err(Error::io(format!("create {}", storage.display())))?;
+        std::fs::create_dir_all(&storage)
+            .map_err(Error::io(format!("create {}", storage.display())))?;
         Ok(Self { ca, hosts, storage })
     }
 

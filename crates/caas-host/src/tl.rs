@@ -20,9 +20,9 @@
 use crate::agent::Agent;
 use crate::config::AgentConfig;
 use crate::error::Error;
+use caas_attest::HashAlg;
 use caas_attest::structures::PcrSelection;
 use caas_attest::verifier::Challenge;
-use caas_attest::HashAlg;
 use caas_crypto::SecretKey;
 use caas_tl::crypto::{ak_nonce, split_bind_sealed};
 use caas_tl::wire::{self, AkSigned, AttestRequest, LaunchCall, Meta, Signed, label};
@@ -335,7 +335,8 @@ impl TlHost {
     /// State for `cfg`.
     pub fn new(cfg: &AgentConfig) -> Result<Self, Error> {
         let run_dir = cfg.state_dir.join("run");
-        std::fs::create_dir_all(&run_dir).map_err(Error::io(format!("create {}", run_dir.display())))?;
+        std::fs::create_dir_all(&run_dir)
+            .map_err(Error::io(format!("create {}", run_dir.display())))?;
         let ttp_pin_file = cfg.state_dir.join("ttp.pub");
         let pinned = match &cfg.ttp_public_key {
             Some(p) => Some(p.clone()),
@@ -371,7 +372,10 @@ impl TlHost {
 
     /// Path of a DBSP volume in the cloud storage.
     pub fn volume_path(storage: &Path, domain: &str, sr: &str) -> PathBuf {
-        storage.join("domains").join(domain).join(format!("{sr}.caasvol"))
+        storage
+            .join("domains")
+            .join(domain)
+            .join(format!("{sr}.caasvol"))
     }
 }
 
@@ -403,7 +407,9 @@ fn sha256_file(path: &Path) -> Result<[u8; 32], Error> {
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(Error::io(format!("read {}", path.display())))?;
+        let n = f
+            .read(&mut buf)
+            .map_err(Error::io(format!("read {}", path.display())))?;
         if n == 0 {
             break;
         }
@@ -441,7 +447,12 @@ async fn wait_for_socket(path: &Path, proc: &mut Proc, timeout: Duration) -> Res
 
 /// Starts a Secure Device Proxy process serving `volume` on `socket`; the key goes over
 /// its stdin pipe.
-async fn spawn_sdp(volume: &Path, socket: &Path, key: &SecretKey) -> Result<Proc, Error> {
+async fn spawn_sdp(
+    volume: &Path,
+    socket: &Path,
+    key: &SecretKey,
+    read_only: bool,
+) -> Result<Proc, Error> {
     let _ = std::fs::remove_file(socket);
     let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&caas_exe()?);
     cmd.arg("volume")
@@ -451,9 +462,12 @@ async fn spawn_sdp(volume: &Path, socket: &Path, key: &SecretKey) -> Result<Proc
         .arg(socket)
         .arg("--key-file")
         .arg("/dev/stdin")
+        .args(read_only.then_some("--read-only"))
         .stdin(Stdio::piped())
         .stdout(Stdio::null());
-    let mut child = cmd.spawn().map_err(Error::io("start the Secure Device Proxy"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(Error::io("start the Secure Device Proxy"))?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(key.expose())
@@ -468,21 +482,35 @@ async fn spawn_sdp(volume: &Path, socket: &Path, key: &SecretKey) -> Result<Proc
 }
 
 /// Starts the tenant's VSM crypto domain and initialises its token from the configuration.
-async fn spawn_vsm(dir: &Path, socket: &Path, cfg: &caas_tl::dm::DomcConfig) -> Result<Proc, Error> {
+async fn spawn_vsm(
+    dir: &Path,
+    socket: &Path,
+    cfg: &caas_tl::dm::DomcConfig,
+) -> Result<Proc, Error> {
     let state = dir.join("domc");
     std::fs::create_dir_all(&state).map_err(Error::io("create crypto-domain state"))?;
     let _ = std::fs::remove_file(socket);
     let (uid, gid) = process_ids();
     let ids = format!("{uid}:{gid}");
     let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&caas_exe()?);
-    cmd.args(["domc", "serve", "--create-key", "--socket-mode", "600", "--run-as", &ids])
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--socket")
-        .arg(socket)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    let child = cmd.spawn().map_err(Error::io("start the VSM crypto domain"))?;
+    cmd.args([
+        "domc",
+        "serve",
+        "--create-key",
+        "--socket-mode",
+        "600",
+        "--run-as",
+        &ids,
+    ])
+    .arg("--state-dir")
+    .arg(&state)
+    .arg("--socket")
+    .arg(socket)
+    .stdin(Stdio::null())
+    .stdout(Stdio::null());
+    let child = cmd
+        .spawn()
+        .map_err(Error::io("start the VSM crypto domain"))?;
     let mut p = Proc::plain("vsm", child);
     if let Err(e) = wait_for_socket(socket, &mut p, Duration::from_secs(20)).await {
         p.stop();
@@ -522,8 +550,10 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
         .mode(0o600)
         .open(path)
         .map_err(Error::io(format!("create {}", path.display())))?;
-    f.write_all(bytes).map_err(Error::io(format!("write {}", path.display())))?;
-    f.sync_all().map_err(Error::io(format!("sync {}", path.display())))
+    f.write_all(bytes)
+        .map_err(Error::io(format!("write {}", path.display())))?;
+    f.sync_all()
+        .map_err(Error::io(format!("sync {}", path.display())))
 }
 
 /// Writes the workload's spec, injected secrets and PIN file, starts it through its driver
@@ -561,7 +591,10 @@ async fn start_workload(
     use caas_workload::driver::{Driver, ProcessDriver, QemuDriver};
     let driver: Box<dyn Driver> = match driver {
         "qemu" => Box::new(QemuDriver::new(dir.to_path_buf())),
-        _ => Box::new(ProcessDriver::new(PathBuf::from(caas_exe()?), dir.to_path_buf())),
+        _ => Box::new(ProcessDriver::new(
+            PathBuf::from(caas_exe()?),
+            dir.to_path_buf(),
+        )),
     };
     let program = driver.program().map_err(wl)?;
     let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&program.display().to_string());
@@ -577,6 +610,8 @@ async fn start_workload(
         what: "workload",
         child: ProcChild::Workload(handle),
     };
+    // The workload has read its PIN and τ: neither stays on the host's disk.
+    let _ = std::fs::remove_file(dir.join("user.pin"));
     match addr {
         Ok(a) => Ok((p, a.to_string())),
         Err(e) => {
@@ -636,7 +671,11 @@ impl Agent {
     /// Trusted launch of a workload (module doc, steps 1–6).
     pub async fn launch(&self, call: &LaunchCall) -> Result<LaunchResult, Error> {
         let r = self.launch_inner(call).await;
-        self.tl.audit("LaunchWorkload", &format!("{}/{}", call.vm_id, call.image_id), &r);
+        self.tl.audit(
+            "LaunchWorkload",
+            &format!("{}/{}", call.vm_id, call.image_id),
+            &r,
+        );
         if let Err(e) = &r {
             tracing::warn!(vm = %call.vm_id, code = error_code(e), error = %e, "launch refused");
         }
@@ -649,7 +688,10 @@ impl Agent {
         let now = caas_attest::now_ms();
         let req = sc::verify_launch(call, now)?;
         if self.tl.workloads.lock().await.contains_key(&call.vm_id) {
-            return Err(Error::InvalidRequest(format!("workload {} is already running", call.vm_id)));
+            return Err(Error::InvalidRequest(format!(
+                "workload {} is already running",
+                call.vm_id
+            )));
         }
         let driver = call.driver.as_deref().unwrap_or("process");
         if driver != "process" && driver != "qemu" {
@@ -671,7 +713,10 @@ impl Agent {
         let t = Instant::now();
         let resp: Signed = self
             .http
-            .post(&format!("{}/v1/tl/attest", self.cfg.key_service_url), &signed)
+            .post(
+                &format!("{}/v1/tl/attest", self.cfg.key_service_url),
+                &signed,
+            )
             .await?;
         timings.push(("TTP attestation".to_string(), ms(t)));
         // TL.Attestation.
@@ -697,15 +742,26 @@ impl Agent {
         let meta = std::fs::metadata(&cfg_path).map_err(|_| {
             Error::Tl(caas_tl::Error::rejected(
                 "config_missing",
-                format!("image {} has no crypto-domain configuration for this host", call.image_id),
+                format!(
+                    "image {} has no crypto-domain configuration for this host",
+                    call.image_id
+                ),
             ))
         })?;
         if meta.len() > MAX_CONFIG {
-            return Err(Error::Tl(caas_tl::Error::malformed("domc config", "too large")));
+            return Err(Error::Tl(caas_tl::Error::malformed(
+                "domc config",
+                "too large",
+            )));
         }
-        let sealed = std::fs::read(&cfg_path).map_err(Error::io("read the sealed configuration"))?;
-        let (rsa, _) = split_bind_sealed(&sealed)
-            .map_err(|_| caas_tl::Error::rejected("config_tampered", "the crypto-domain configuration was altered"))?;
+        let sealed =
+            std::fs::read(&cfg_path).map_err(Error::io("read the sealed configuration"))?;
+        let (rsa, _) = split_bind_sealed(&sealed).map_err(|_| {
+            caas_tl::Error::rejected(
+                "config_tampered",
+                "the crypto-domain configuration was altered",
+            )
+        })?;
         let key = self.bind_decrypt(rsa).await.map_err(|e| match e {
             Error::Tpm(ref t) if !t.is_policy_failure() => Error::Tl(caas_tl::Error::rejected(
                 "config_tampered",
@@ -737,12 +793,24 @@ impl Agent {
             started_ms: now,
             dir: dir.clone(),
         };
-        w.procs.push(spawn_sdp(&image, &disk_sock, &cfg.key()?).await?);
+        // The registered image is the workload's read-only boot disk (it stays byte-identical,
+        // so H1 keeps matching for later launches; tenant data lives on DBSP volumes).
+        w.procs
+            .push(spawn_sdp(&image, &disk_sock, &cfg.key()?, true).await?);
         w.procs.push(spawn_vsm(&dir, &vsm_sock, &cfg).await?);
         timings.push(("start crypto domain".to_string(), ms(t)));
         let vm_id = call.vm_id.clone();
         self.tl.workloads.lock().await.insert(vm_id.clone(), w);
-        let rest = self.launch_rest(call, &m2.tau, &req.pk_dm, driver, &cfg.user_pin, &mut timings).await;
+        let rest = self
+            .launch_rest(
+                call,
+                &m2.tau,
+                &req.pk_dm,
+                driver,
+                &cfg.user_pin,
+                &mut timings,
+            )
+            .await;
         drop(m2);
         let mut g = self.tl.workloads.lock().await;
         match rest {
@@ -799,7 +867,17 @@ impl Agent {
                 .ok_or_else(|| Error::Domain("workload vanished".into()))?;
             (w.dir.clone(), w.disk_uri.clone(), w.vsm_socket.clone())
         };
-        let (proc, endpoint) = start_workload(&call.vm_id, &dir, &disk, &vsm_socket, uris, driver, &injected, user_pin).await?;
+        let (proc, endpoint) = start_workload(
+            &call.vm_id,
+            &dir,
+            &disk,
+            &vsm_socket,
+            uris,
+            driver,
+            &injected,
+            user_pin,
+        )
+        .await?;
         drop(injected);
         let mut g = self.tl.workloads.lock().await;
         let w = g
@@ -813,7 +891,14 @@ impl Agent {
 
     /// Management: the running workloads (no key material).
     pub async fn workloads(&self) -> Vec<WorkloadView> {
-        let r: Vec<WorkloadView> = self.tl.workloads.lock().await.values().map(Workload::view).collect();
+        let r: Vec<WorkloadView> = self
+            .tl
+            .workloads
+            .lock()
+            .await
+            .values()
+            .map(Workload::view)
+            .collect();
         self.tl.audit("ListWorkloads", "-", &Ok::<(), Error>(()));
         r
     }
@@ -835,9 +920,17 @@ impl Agent {
     /// DBSP: attaches the storage resource `sr` of domain `D` to a workload: DomKeyReq to the
     /// TTP (with c4, μ from the domain header when the volume exists), c3 unsealed by the TPM,
     /// the volume created or opened with the keys and served to the workload.
-    pub async fn attach_volume(&self, vm_id: &str, a: &AttachRequest) -> Result<AttachResult, Error> {
+    pub async fn attach_volume(
+        &self,
+        vm_id: &str,
+        a: &AttachRequest,
+    ) -> Result<AttachResult, Error> {
         let r = self.attach_inner(vm_id, a).await;
-        self.tl.audit("AttachVolume", &format!("{vm_id}/{}/{}", a.domain, a.sr), &r);
+        self.tl.audit(
+            "AttachVolume",
+            &format!("{vm_id}/{}/{}", a.domain, a.sr),
+            &r,
+        );
         r
     }
 
@@ -855,7 +948,10 @@ impl Agent {
             let w = g
                 .get(vm_id)
                 .ok_or_else(|| Error::InvalidRequest(format!("no workload {vm_id}")))?;
-            if w.volumes.iter().any(|v| v.domain == a.domain && v.sr == a.sr) {
+            if w.volumes
+                .iter()
+                .any(|v| v.domain == a.domain && v.sr == a.sr)
+            {
                 return Err(Error::InvalidRequest("volume already attached".into()));
             }
             (w.h2.clone(), w.sp.clone(), w.dk.clone(), w.dir.clone())
@@ -864,9 +960,9 @@ impl Agent {
         let existing = if path.exists() {
             let store = caas_sdp::store::Store::open_file(&path, false, None)
                 .map_err(|e| Error::Domain(format!("open volume: {e}")))?;
-            let (h, _) = caas_sdp::engine::inspect(&store)
-                .await
-                .map_err(|e| Error::Tl(caas_tl::Error::rejected("header_invalid", e.to_string())))?;
+            let (h, _) = caas_sdp::engine::inspect(&store).await.map_err(|e| {
+                Error::Tl(caas_tl::Error::rejected("header_invalid", e.to_string()))
+            })?;
             if h.dbsp.domain_id != a.domain.as_bytes() {
                 return Err(Error::Tl(caas_tl::Error::rejected(
                     "header_invalid",
@@ -891,12 +987,17 @@ impl Agent {
             existing.clone(),
             now,
         )?;
-        let signed = self.ak_sign(label::DOMKEY_REQUEST, wire::to_bytes(&req)).await?;
+        let signed = self
+            .ak_sign(label::DOMKEY_REQUEST, wire::to_bytes(&req))
+            .await?;
         timings.push(("handle request (incl. quote)".to_string(), ms(t)));
         let t = Instant::now();
         let resp: Signed = self
             .http
-            .post(&format!("{}/v1/tl/domkey", self.cfg.key_service_url), &signed)
+            .post(
+                &format!("{}/v1/tl/domkey", self.cfg.key_service_url),
+                &signed,
+            )
             .await?;
         timings.push(("key from TTP".to_string(), ms(t)));
         let t = Instant::now();
@@ -911,7 +1012,8 @@ impl Agent {
         let created = existing.is_none();
         if created {
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(Error::io("create the domain directory"))?;
+                std::fs::create_dir_all(parent)
+                    .map_err(Error::io("create the domain directory"))?;
             }
             let dbsp = caas_volume::header::Dbsp {
                 domain_id: a.domain.as_bytes().to_vec(),
@@ -925,7 +1027,7 @@ impl Agent {
                 .map_err(|e| Error::Domain(format!("create volume: {e}")))?;
         }
         let sock = sock_dir.join(format!("vol-{}-{}.sock", a.domain, a.sr));
-        let proc = spawn_sdp(&path, &sock, &vk).await?;
+        let proc = spawn_sdp(&path, &sock, &vk, false).await?;
         timings.push(("open volume".to_string(), ms(t)));
         let uri = format!("nbd+unix:///caas?socket={}", sock.display());
         let view = VolumeView {
@@ -965,7 +1067,10 @@ impl Agent {
             for (_, mut w) in g.drain() {
                 w.stop();
             }
-            tracing::warn!(stopped = n, "TTP revoked this host: crypto domains stopped, keys dropped");
+            tracing::warn!(
+                stopped = n,
+                "TTP revoked this host: crypto domains stopped, keys dropped"
+            );
             Ok(n)
         }
         .await;
@@ -977,7 +1082,9 @@ impl Agent {
     pub async fn dev_measure(&self, pcr: u32, data: &[u8]) -> Result<(), Error> {
         let r = async {
             if !self.cfg.dev_measure {
-                return Err(Error::InvalidRequest("dev measurements are disabled".into()));
+                return Err(Error::InvalidRequest(
+                    "dev measurements are disabled".into(),
+                ));
             }
             if pcr >= 24 {
                 return Err(Error::InvalidRequest("pcr must be < 24".into()));

@@ -173,6 +173,14 @@ impl Swtpm {
                     break;
                 }
                 if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    // Another process may have taken the port between our probe and the
+                    // bind (parallel deployments): then this swtpm exits at once, and the
+                    // listener that answered is someone else's. Make sure ours is alive.
+                    std::thread::sleep(Duration::from_millis(100));
+                    if let Ok(Some(status)) = child.try_wait() {
+                        last = format!("swtpm exited with {status} (port taken)");
+                        break;
+                    }
                     return Ok(Self {
                         child,
                         port,

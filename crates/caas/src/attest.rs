@@ -166,7 +166,8 @@ impl DevAttestation {
             on_trust_change: Some(hook),
         });
         // Dev mode: the admin routes are served unauthenticated on the loopback listener.
-        let router = caas_attest::service::router(state.clone()).merge(crate::tl::router(tl.clone()));
+        let router =
+            caas_attest::service::router(state.clone()).merge(crate::tl::router(tl.clone()));
         Ok(DevAttestation {
             tl,
             router,

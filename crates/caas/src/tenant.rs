@@ -14,9 +14,9 @@
 //! and the token PINs), `vms/VM.json` (τ, host, endpoint) — all mode 0600.
 use anyhow::{Context, Result, bail};
 use caas_crypto::SecretBytes;
+use caas_tl::TtpPublic;
 use caas_tl::dm::{DomainManager, DomcConfig, HostBindInfo};
 use caas_tl::wire::{LaunchCall, VolumeRequest};
-use caas_tl::TtpPublic;
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -161,7 +161,10 @@ pub fn load_dm(dir: &Path, create: bool) -> Result<DomainManager> {
     let path = dir.join("dm.pk8");
     if !path.exists() {
         if !create {
-            bail!("no domain manager key in {}: run `caas tenant init`", dir.display());
+            bail!(
+                "no domain manager key in {}: run `caas tenant init`",
+                dir.display()
+            );
         }
         let doc = caas_tl::crypto::ed25519_generate()?;
         write_private(&path, doc.expose())?;
@@ -178,9 +181,9 @@ fn endpoint(a: &TenantArgs) -> Result<String> {
 }
 
 fn ttp(a: &TenantArgs) -> Result<TtpPublic> {
-    Ok(TtpPublic::from_text(
-        a.ttp.as_deref().context("--ttp or CAAS_TTP_PUBLIC_KEY is required (the TTP key the tenant pinned)")?,
-    )?)
+    Ok(TtpPublic::from_text(a.ttp.as_deref().context(
+        "--ttp or CAAS_TTP_PUBLIC_KEY is required (the TTP key the tenant pinned)",
+    )?)?)
 }
 
 fn http() -> caas_attest::client::HttpClient {
@@ -262,13 +265,19 @@ pub async fn provision(
             .await
             .with_context(|| format!("bind key of host {h}"))?;
         if &info.host != h {
-            bail!("the key service answered for host {} instead of {h}", info.host);
+            bail!(
+                "the key service answered for host {} instead of {h}",
+                info.host
+            );
         }
         let public = caas_tl::dm::validate_bind_key(&info)
             .with_context(|| format!("host {h}: certified bind key does not validate"))?;
         binds.push((h.clone(), public));
     }
-    step(t, &format!("validated the certified bind keys of {}", hosts.join(", ")));
+    step(
+        t,
+        &format!("validated the certified bind keys of {}", hosts.join(", ")),
+    );
     // Lines 3–5: k, the crypto-domain configuration with k injected.
     let t = Instant::now();
     let k = caas_crypto::random_key()?;
@@ -309,14 +318,20 @@ pub async fn provision(
         Ok(hex::encode(caas_tl::crypto::sha256(&bytes)))
     })
     .await??;
-    step(t, "generated k, encrypted the image under k (AES-256-GCM volume)");
+    step(
+        t,
+        "generated k, encrypted the image under k (AES-256-GCM volume)",
+    );
     // Line 7: enc_c = Encrypt(domCimage, pk_TPM), per host.
     let t = Instant::now();
     for (h, public) in &binds {
         let sealed = caas_tl::dm::seal_domc_config(public, h, &cfg)?;
         std::fs::write(img_dir.join(format!("domc-{h}.sealed")), sealed)?;
     }
-    step(t, "sealed the crypto-domain configuration (k, token PINs) to each bind key");
+    step(
+        t,
+        "sealed the crypto-domain configuration (k, token PINs) to each bind key",
+    );
     // Line 8: register under ID (the tenant keeps H1 and the PINs; storage only ciphertext).
     let rec = ImageRecord {
         id: id.to_string(),
@@ -324,7 +339,10 @@ pub async fn provision(
         token_label: token_label.to_string(),
         user_pin: cfg.user_pin.clone(),
     };
-    write_private(&dir.join("images").join(format!("{id}.json")), &serde_json::to_vec_pretty(&rec)?)?;
+    write_private(
+        &dir.join("images").join(format!("{id}.json")),
+        &serde_json::to_vec_pretty(&rec)?,
+    )?;
     std::fs::write(
         img_dir.join("manifest.json"),
         serde_json::to_vec_pretty(&serde_json::json!({ "id": id, "hosts": hosts }))?,
@@ -355,7 +373,10 @@ pub async fn launch(
     hex::decode_to_slice(&rec.h1, &mut h1)?;
     let t = Instant::now();
     let token = dm.token(&ttp(a)?, &h1, sp, vm, domains, caas_attest::now_ms())?;
-    step(t, "TL.Token: τ, H1, H2 → c1 = Enc_pkTTP(m1); TL.Request signed (σ_DM)");
+    step(
+        t,
+        "TL.Token: τ, H1, H2 → c1 = Enc_pkTTP(m1); TL.Request signed (σ_DM)",
+    );
     let vols = volumes
         .iter()
         .map(|v| {
@@ -381,16 +402,25 @@ pub async fn launch(
     let r: serde_json::Value = http()
         .post(&format!("{}/v1/sched/launch", endpoint(a)?), &body)
         .await?;
-    step(t, "scheduler → host: TL.AttestRequest, TL.Attestation, checks, crypto domain, workload");
+    step(
+        t,
+        "scheduler → host: TL.AttestRequest, TL.Attestation, checks, crypto domain, workload",
+    );
     let host = r["host"].as_str().unwrap_or_default().to_string();
-    let ep = r["workload"]["endpoint"].as_str().unwrap_or_default().to_string();
+    let ep = r["workload"]["endpoint"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let vr = VmRecord {
         vm: vm.into(),
         tau: caas_attest::b64::encode(token.tau.expose()),
         host,
         endpoint: ep,
     };
-    write_private(&dir.join("vms").join(format!("{vm}.json")), &serde_json::to_vec_pretty(&vr)?)?;
+    write_private(
+        &dir.join("vms").join(format!("{vm}.json")),
+        &serde_json::to_vec_pretty(&vr)?,
+    )?;
     Ok(r)
 }
 
@@ -404,7 +434,9 @@ pub async fn connect(dir: &Path, vm: &str) -> Result<caas_workload::WorkloadRepo
     let tau = SecretBytes::new(caas_attest::b64::decode(&rec.tau)?);
     let addr: std::net::SocketAddr = rec.endpoint.parse().context("workload endpoint")?;
     let vm = vm.to_string();
-    let r = tokio::task::spawn_blocking(move || caas_workload::challenge(addr, &vm, &tau, dm.key_pair()))
-        .await??;
+    let r = tokio::task::spawn_blocking(move || {
+        caas_workload::challenge(addr, &vm, &tau, dm.key_pair())
+    })
+    .await??;
     Ok(r)
 }

@@ -149,7 +149,10 @@ impl TlService {
     async fn bind_info(&self, name: &str) -> Result<HostBindInfo, caas_tl::Error> {
         let h = get_host(&*self.store, name)
             .await?
-            .ok_or_else(|| caas_tl::Error::NotFound { kind: "host", id: name.into() })?;
+            .ok_or_else(|| caas_tl::Error::NotFound {
+                kind: "host",
+                id: name.into(),
+            })?;
         let bind = h.bind_key.clone().ok_or_else(|| {
             caas_tl::Error::rejected("bind_key_missing", "the host presented no bind key")
         })?;
@@ -218,7 +221,9 @@ impl TlService {
         let url = format!("{}/v1/agent/revoke", h.agent_url.trim_end_matches('/'));
         match self.http.post::<_, serde_json::Value>(&url, &notice).await {
             Ok(v) => tracing::warn!(%host, answer = %v, "revocation delivered"),
-            Err(e) => tracing::warn!(%host, error = %e, "revocation not delivered (the host stays cut off at the TTP)"),
+            Err(e) => {
+                tracing::warn!(%host, error = %e, "revocation not delivered (the host stays cut off at the TTP)")
+            }
         }
     }
 }
@@ -226,13 +231,35 @@ impl TlService {
 /// Maps a remote error code to a static code (known codes keep their name).
 fn leak_code(code: &str) -> &'static str {
     const KNOWN: &[&str] = &[
-        "h1_mismatch", "h2_mismatch", "vm_id_mismatch", "nonce_replayed", "acl_denied",
-        "sp_mismatch", "attestation_failed", "bind_key_not_bound", "bad_signature",
-        "stale_message", "pcr_state_changed", "config_tampered", "config_missing",
-        "decryption_failed", "malformed", "invalid_request", "host_unknown", "no_session",
-        "c4_invalid", "mu_invalid", "host_untrusted", "dk_invalid", "crypto_domain_error",
+        "h1_mismatch",
+        "h2_mismatch",
+        "vm_id_mismatch",
+        "nonce_replayed",
+        "acl_denied",
+        "sp_mismatch",
+        "attestation_failed",
+        "bind_key_not_bound",
+        "bad_signature",
+        "stale_message",
+        "pcr_state_changed",
+        "config_tampered",
+        "config_missing",
+        "decryption_failed",
+        "malformed",
+        "invalid_request",
+        "host_unknown",
+        "no_session",
+        "c4_invalid",
+        "mu_invalid",
+        "host_untrusted",
+        "dk_invalid",
+        "crypto_domain_error",
     ];
-    KNOWN.iter().find(|k| **k == code).copied().unwrap_or("host_error")
+    KNOWN
+        .iter()
+        .find(|k| **k == code)
+        .copied()
+        .unwrap_or("host_error")
 }
 
 type R<T> = Result<Json<T>, ApiError>;

@@ -50,6 +50,11 @@ impl Dev {
     }
 
     pub fn start_on(dir: &Path, listen: &str) -> Dev {
+        Self::start_with(dir, listen, &[])
+    }
+
+    /// `caas dev` with extra arguments (e.g. `--hosts 2`).
+    pub fn start_with(dir: &Path, listen: &str, extra: &[&str]) -> Dev {
         std::fs::create_dir_all(dir).unwrap();
         let _ = std::fs::remove_file(dir.join("env"));
         let log = std::fs::File::create(dir.join("test-dev.log")).unwrap();
@@ -57,6 +62,7 @@ impl Dev {
             .args(["dev", "--data-dir"])
             .arg(dir)
             .args(["--listen", listen, "--maintenance-secs", "1"])
+            .args(extra)
             .env("CAAS_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -69,7 +75,7 @@ impl Dev {
             env: HashMap::new(),
         };
         let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(60) {
+        while t.elapsed() < Duration::from_secs(180) {
             let env = read_env(dir);
             if let Some(ep) = env.get("CAAS_KMS_ENDPOINT")
                 && std::net::TcpStream::connect(ep.trim_start_matches("http://")).is_ok()

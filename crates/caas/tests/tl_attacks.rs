@@ -1,0 +1,851 @@
+//! Trusted launch (TL), DBSP and encrypted provisioning against a real `caas dev --hosts 2`
+//! (swtpm TPMs, host agents, crypto-domain processes, process workloads): the tenant story
+//! end to end, one test per attack of seed 003 §3.3/§5, the tampering and replay cases, the
+//! host that changes state (attestation-gated release), and a compromised management API.
+//! Attackers act as the seed's ADV does: they control the scheduler, the network to the
+//! hosts' management APIs and the cloud storage, but not the TPMs or the TTP.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod common;
+use caas_attest::client::HttpClient;
+use caas_tl::TtpPublic;
+use caas_tl::dm::DomainManager;
+use caas_tl::wire::{LaunchCall, VolumeRequest};
+use common::*;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+struct Cloud {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    dev: Dev,
+    rt: tokio::runtime::Runtime,
+}
+
+type Reply = Result<Value, (u16, String)>;
+
+impl Cloud {
+    fn start() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        // Continuous attestation is slow here so that tests trigger it explicitly.
+        let dev = Dev::start_with(
+            &root.join("dev"),
+            "127.0.0.1:0",
+            &["--hosts", "2", "--attest-secs", "3600"],
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        Cloud {
+            _tmp: tmp,
+            root,
+            dev,
+            rt,
+        }
+    }
+
+    fn env(&self, k: &str) -> String {
+        self.dev
+            .env
+            .get(k)
+            .cloned()
+            .unwrap_or_else(|| panic!("{k} missing from DIR/env"))
+    }
+
+    fn storage(&self) -> PathBuf {
+        PathBuf::from(self.env("CAAS_STORAGE_DIR"))
+    }
+
+    fn tdir(&self, tenant: &str) -> PathBuf {
+        self.root.join(tenant)
+    }
+
+    /// `caas tenant --dir ROOT/<tenant> ARGS` with the dev env.
+    fn tenant(&self, tenant: &str, args: &[&str]) -> (bool, String) {
+        let out = Command::new(caas_bin())
+            .arg("tenant")
+            .arg("--dir")
+            .arg(self.tdir(tenant))
+            .args(args)
+            .envs(&self.dev.env)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    fn tenant_ok(&self, tenant: &str, args: &[&str]) -> String {
+        let (ok, text) = self.tenant(tenant, args);
+        assert!(ok, "caas tenant {args:?} failed:\n{text}");
+        text
+    }
+
+    /// A tenant with a key, an ACL and a provisioned image `id` sealed to both hosts.
+    fn tenant_with_image(&self, tenant: &str, domains: &str, id: &str) {
+        self.tenant_ok(tenant, &["init"]);
+        self.tenant_ok(tenant, &["acl", "--domains", domains]);
+        let raw = self.root.join(format!("{tenant}-{id}.raw"));
+        let data: Vec<u8> = (0..(2 << 20))
+            .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        std::fs::write(&raw, &data).unwrap();
+        self.tenant_ok(
+            tenant,
+            &[
+                "provision",
+                "--image",
+                raw.to_str().unwrap(),
+                "--id",
+                id,
+                "--hosts",
+                "host-1,host-2",
+            ],
+        );
+    }
+
+    fn call(&self, method: &str, url: &str, body: Option<&Value>) -> Reply {
+        let http = HttpClient::new(std::time::Duration::from_secs(120));
+        let b = body.map(|b| serde_json::to_vec(b).unwrap());
+        self.rt
+            .block_on(http.request::<Value>(method, url, b, &[]))
+            .map_err(|e| match e {
+                caas_attest::Error::Remote { status, code, .. } => (status, code),
+                other => (0, other.to_string()),
+            })
+    }
+
+    fn agent(&self, host: &str) -> String {
+        self.env(&format!(
+            "CAAS_HOST_{}_URL",
+            host.to_uppercase().replace('-', "_")
+        ))
+    }
+
+    fn ks(&self) -> String {
+        self.env("CAAS_KMS_ENDPOINT")
+    }
+
+    /// A signed TL.Request built the way the tenant CLI builds it (for attackers that
+    /// replay or redirect it).
+    fn launch_call(
+        &self,
+        tenant: &str,
+        id: &str,
+        vm: &str,
+        sp: &str,
+        domains: &[&str],
+    ) -> (LaunchCall, Vec<u8>) {
+        let dm = dm(&self.tdir(tenant));
+        let rec: Value = serde_json::from_slice(
+            &std::fs::read(self.tdir(tenant).join("images").join(format!("{id}.json"))).unwrap(),
+        )
+        .unwrap();
+        let mut h1 = [0u8; 32];
+        hex::decode_to_slice(rec["h1"].as_str().unwrap(), &mut h1).unwrap();
+        let ttp = TtpPublic::from_text(&self.env("CAAS_TTP_PUBLIC_KEY")).unwrap();
+        let domains: Vec<String> = domains.iter().map(|s| s.to_string()).collect();
+        let t = dm
+            .token(&ttp, &h1, sp, vm, &domains, caas_attest::now_ms())
+            .unwrap();
+        (
+            LaunchCall {
+                request: t.request,
+                vm_id: vm.into(),
+                image_id: id.into(),
+                driver: None,
+                volumes: vec![],
+            },
+            t.tau.expose().to_vec(),
+        )
+    }
+
+    fn launch_at(&self, host: &str, call: &LaunchCall) -> Reply {
+        self.call(
+            "POST",
+            &format!("{}/v1/agent/workloads", self.agent(host)),
+            Some(&serde_json::to_value(call).unwrap()),
+        )
+    }
+
+    fn workloads(&self, host: &str) -> Vec<Value> {
+        self.call(
+            "GET",
+            &format!("{}/v1/agent/workloads", self.agent(host)),
+            None,
+        )
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+    }
+
+    /// The key service's audit records (JSON lines).
+    fn audit(&self) -> String {
+        self.dev.caas(&["audit", "list", "--limit", "100000"])
+    }
+
+    /// A second security profile "other" accepting the same boot, assigned to `host`:
+    /// the host is then in CH_SPj with SPj ≠ "dev".
+    fn move_to_other_profile(&self, host: &str) {
+        let mut p = self
+            .call(
+                "GET",
+                &format!("{}/v1/attest/profiles/dev", self.ks()),
+                None,
+            )
+            .unwrap();
+        p["name"] = json!("other");
+        self.call(
+            "POST",
+            &format!("{}/v1/attest/profiles", self.ks()),
+            Some(&p),
+        )
+        .unwrap();
+        self.call(
+            "PUT",
+            &format!("{}/v1/attest/hosts/{host}/profile", self.ks()),
+            Some(&json!({ "profile": "other" })),
+        )
+        .unwrap();
+        let v = self
+            .call(
+                "POST",
+                &format!("{}/v1/attest/hosts/{host}/attest", self.ks()),
+                None,
+            )
+            .unwrap();
+        assert_eq!(v["trusted"], json!(true), "{host} trusted under other: {v}");
+    }
+}
+
+fn dm(tdir: &Path) -> DomainManager {
+    DomainManager::from_pkcs8(&std::fs::read(tdir.join("dm.pk8")).unwrap()).unwrap()
+}
+
+fn assert_refused(r: &Reply, code: &str, what: &str) {
+    match r {
+        Err((403, c)) if c == code => {}
+        other => panic!("{what}: expected 403 {code}, got {other:?}"),
+    }
+}
+
+fn audit_has(audit: &str, op: &str, result: &str) -> bool {
+    audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .any(|v| v["Operation"] == json!(op) && v["Result"] == json!(result))
+}
+
+#[test]
+fn trusted_launch_end_to_end_with_dbsp_psk_channel_and_vsm() {
+    let c = Cloud::start();
+    c.tenant_with_image("alice", "finance,hr", "web");
+    let out = c.tenant_ok(
+        "alice",
+        &[
+            "launch",
+            "--id",
+            "web",
+            "--vm",
+            "vm1",
+            "--domains",
+            "finance",
+            "--volumes",
+            "finance/db",
+        ],
+    );
+    assert!(out.contains("\"vm_id\": \"vm1\""), "{out}");
+    let rep = c.tenant_ok("alice", &["connect", "--vm", "vm1"]);
+    let v: Value = serde_json::from_str(&rep[rep.find('{').unwrap()..]).unwrap();
+    // The workload read the image the tenant encrypted: its plaintext hash.
+    let raw = std::fs::read(c.root.join("alice-web.raw")).unwrap();
+    assert_eq!(
+        v["disk_sha256"],
+        json!(hex::encode(caas_tl::crypto::sha256(&raw)))
+    );
+    assert_eq!(v["vsm"]["mechanism"], json!("CKM_ECDSA_SHA256"), "{v}");
+    assert_eq!(v["volumes"][0]["ok"], json!(true), "{v}");
+    // Storage holds only ciphertext: no 16-byte run of the image in the encrypted copy.
+    let enc = std::fs::read(c.storage().join("images/web/image.caasvol")).unwrap();
+    for chunk in raw.chunks(4096).take(64) {
+        assert!(
+            !enc.windows(16).any(|w| w == &chunk[..16]),
+            "plaintext in storage"
+        );
+    }
+    // The DBSP volume's header carries the domain, SP, c4 and μ.
+    let vol = std::fs::read(c.storage().join("domains/finance/db.caasvol")).unwrap();
+    assert_eq!(&vol[1120..1127], b"finance");
+    // Re-attach after a stop: the keys are re-created from c4 and μ (same data).
+    c.call(
+        "POST",
+        &format!(
+            "{}/v1/agent/workloads/vm1/stop",
+            c.agent(&v_host(&c, "vm1"))
+        ),
+        None,
+    )
+    .unwrap();
+    c.tenant_ok(
+        "alice",
+        &[
+            "launch",
+            "--id",
+            "web",
+            "--vm",
+            "vm1b",
+            "--domains",
+            "finance",
+            "--volumes",
+            "finance/db",
+        ],
+    );
+    let rep = c.tenant_ok("alice", &["connect", "--vm", "vm1b"]);
+    assert!(rep.contains("\"ok\": true"), "{rep}");
+    let audit = c.audit();
+    assert!(
+        audit_has(&audit, "TlAttest", "Success"),
+        "TTP audit: {audit}"
+    );
+    assert!(audit_has(&audit, "DbspDomKey", "Success"));
+}
+
+fn v_host(c: &Cloud, vm: &str) -> String {
+    let rec: Value = serde_json::from_slice(
+        &std::fs::read(c.tdir("alice").join("vms").join(format!("{vm}.json"))).unwrap(),
+    )
+    .unwrap();
+    rec["host"].as_str().unwrap().to_string()
+}
+
+/// Definition 1: the scheduler launches another image than the DM's. The SC's H1 check
+/// refuses it; and a VM the attacker launched itself cannot answer the DM's PSK channel.
+#[test]
+fn vm_substitution_is_rejected() {
+    let c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "web");
+    c.tenant_with_image("mallory", "mal", "evil");
+    let (mut call, _) = c.launch_call("alice", "web", "vm1", "dev", &[]);
+    call.image_id = "evil".into();
+    assert_refused(
+        &c.launch_at("host-1", &call),
+        "h1_mismatch",
+        "substituted image",
+    );
+    assert!(c.workloads("host-1").is_empty());
+    // The attacker's own VM, presented to the DM as vm1: the PSK handshake fails (τ' ≠ τ).
+    c.tenant_ok(
+        "mallory",
+        &["launch", "--id", "evil", "--vm", "vm1", "--host", "host-2"],
+    );
+    c.tenant_ok(
+        "alice",
+        &["launch", "--id", "web", "--vm", "vm1", "--host", "host-1"],
+    );
+    let mal: Value =
+        serde_json::from_slice(&std::fs::read(c.tdir("mallory").join("vms/vm1.json")).unwrap())
+            .unwrap();
+    let p = c.tdir("alice").join("vms/vm1.json");
+    let mut rec: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    rec["endpoint"] = mal["endpoint"].clone();
+    std::fs::write(&p, serde_json::to_vec(&rec).unwrap()).unwrap();
+    let (ok, text) = c.tenant("alice", &["connect", "--vm", "vm1"]);
+    assert!(!ok, "the DM accepted a substituted VM: {text}");
+    assert!(audit_has(&c.audit(), "TlAttest", "Success"));
+}
+
+/// Definition 2: the VM is sent to a host whose security profile is not SP_i.
+#[test]
+fn ch_substitution_is_rejected() {
+    let c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "web");
+    c.move_to_other_profile("host-2");
+    let (call, _) = c.launch_call("alice", "web", "vm1", "dev", &[]);
+    assert_refused(
+        &c.launch_at("host-2", &call),
+        "sp_mismatch",
+        "host in another profile",
+    );
+    assert!(c.workloads("host-2").is_empty());
+    // The honest scheduler does not place it there either.
+    let (ok, text) = c.tenant(
+        "alice",
+        &["launch", "--id", "web", "--vm", "vm2", "--host", "host-2"],
+    );
+    assert!(!ok && text.contains("no_host"), "{text}");
+    assert!(audit_has(&c.audit(), "TlAttest", "sp_mismatch"));
+}
+
+/// Definition 3: a substituted image on a substituted host.
+#[test]
+fn combined_substitution_is_rejected() {
+    let c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "web");
+    c.tenant_with_image("mallory", "mal", "evil");
+    c.move_to_other_profile("host-2");
+    let (mut call, _) = c.launch_call("alice", "web", "vm1", "dev", &[]);
+    call.image_id = "evil".into();
+    let r = c.launch_at("host-2", &call);
+    assert!(
+        matches!(&r, Err((403, code)) if code == "sp_mismatch" || code == "h1_mismatch"),
+        "{r:?}"
+    );
+    assert!(c.workloads("host-2").is_empty());
+}
+
+/// Definition 4: the DM's workload, launched on a host of another profile, must not reach
+/// the domain's data: the volume's c4 names SP_i, the host is in SP_j.
+#[test]
+fn storage_ch_substitution_is_rejected() {
+    let c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "web");
+    c.tenant_ok(
+        "alice",
+        &[
+            "launch",
+            "--id",
+            "web",
+            "--vm",
+            "vm1",
+            "--host",
+            "host-1",
+            "--domains",
+            "finance",
+            "--volumes",
+            "finance/db",
+        ],
+    );
+    c.move_to_other_profile("host-2");
+    // The same DM's workload, accepted under SP "other" on host-2, asks for finance/db.
+    let (mut call, _) = c.launch_call("alice", "web", "vm2", "other", &["finance"]);
+    call.volumes = vec![VolumeRequest {
+        domain: "finance".into(),
+        sr: "db".into(),
+        size: 1 << 20,
+    }];
+    assert_refused(
+        &c.launch_at("host-2", &call),
+        "sp_mismatch",
+        "storage CH substitution",
+    );
+    assert!(
+        c.workloads("host-2").is_empty(),
+        "no crypto domain may stay up"
+    );
+    assert!(audit_has(&c.audit(), "DbspDomKey", "sp_mismatch"));
+}
+
+/// Definition 5: a workload of another DM gets access to a domain it does not own.
+#[test]
+fn domain_violation_is_rejected() {
+    let c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "web");
+    c.tenant_with_image("mallory", "mal", "evil");
+    // mallory cannot claim alice's domain in the ACL...
+    let (ok, text) = c.tenant("mallory", &["acl", "--domains", "finance"]);
+    assert!(!ok && text.contains("domain_owned"), "{text}");
+    // ...nor launch a workload with it.
+    let (ok, text) = c.tenant(
+        "mallory",
+        &[
+            "launch",
+            "--id",
+            "evil",
+            "--vm",
+            "m1",
+            "--domains",
+            "finance",
+            "--volumes",
+            "finance/db",
+        ],
+    );
+    assert!(!ok && text.contains("acl_denied"), "{text}");
+    // A workload launched without the domain cannot attach it later.
+    c.tenant_ok(
+        "alice",
+        &["launch", "--id", "web", "--vm", "a1", "--host", "host-1"],
+    );
+    let r = c.call(
+        "POST",
+        &format!("{}/v1/agent/workloads/a1/volumes", c.agent("host-1")),
+        Some(&json!({ "domain": "finance", "sr": "db" })),
+    );
+    assert_refused(&r, "acl_denied", "domain not in D_vm");
+    let audit = c.audit();
+    assert!(audit_has(&audit, "TlAttest", "acl_denied"), "{audit}");
+    assert!(audit_has(&audit, "DbspDomKey", "acl_denied"));
+}
+
+#[test]
+fn replayed_tl_and_dbsp_messages_are_rejected() {
+    let c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "web");
+    let (call, _) = c.launch_call("alice", "web", "vm1", "dev", &[]);
+    c.launch_at("host-1", &call).unwrap();
+    // The same TL.Request again: refused by the host, and by the TTP on another host.
+    let mut again = call.clone();
+    again.vm_id = "vm1".into();
+    c.call(
+        "POST",
+        &format!("{}/v1/agent/workloads/vm1/stop", c.agent("host-1")),
+        None,
+    )
+    .unwrap();
+    assert_refused(
+        &c.launch_at("host-1", &again),
+        "nonce_replayed",
+        "replay at the host",
+    );
+    assert_refused(
+        &c.launch_at("host-2", &again),
+        "nonce_replayed",
+        "replay at the TTP",
+    );
+    // A DBSP request replayed at the TTP: the attacker records a DomKeyReq (here: built with
+    // the host's own quote over its digest) and sends it twice.
+    let body = serde_json::to_vec(&json!({
+        "host": "host-1", "vm_id": "vm1", "sr": "db", "h2": dm(&c.tdir("alice")).h2(),
+        "r": caas_attest::b64::encode(&[7u8; 32]), "t_ms": caas_attest::now_ms(),
+        "enc": caas_attest::b64::encode(&[0u8; 64]),
+    }))
+    .unwrap();
+    let nonce = caas_tl::crypto::ak_nonce(caas_tl::wire::label::DOMKEY_REQUEST, &body);
+    let ev = c
+        .call(
+            "POST",
+            &format!("{}/v1/agent/quote", c.agent("host-1")),
+            Some(&json!({ "nonce": caas_attest::b64::encode(&nonce), "selection": { "hash": "sha256", "pcrs": [0,1,2,3,4,5,6,7] } })),
+        )
+        .unwrap();
+    let req = json!({ "body": caas_attest::b64::encode(&body), "evidence": ev });
+    let first = c.call("POST", &format!("{}/v1/tl/domkey", c.ks()), Some(&req));
+    assert!(
+        matches!(&first, Err((403, code)) if code != "nonce_replayed"),
+        "{first:?}"
+    );
+    assert_refused(
+        &c.call("POST", &format!("{}/v1/tl/domkey", c.ks()), Some(&req)),
+        "nonce_replayed",
+        "DBSP replay",
+    );
+    let audit = c.audit();
+    assert!(audit_has(&audit, "TlAttest", "nonce_replayed"));
+    assert!(audit_has(&audit, "DbspDomKey", "nonce_replayed"));
+}
+
+#[test]
+fn tampered_image_configuration_and_swapped_pk_dm_are_rejected() {
+    let c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "web");
+    let img = c.storage().join("images/web/image.caasvol");
+    let cfg = c.storage().join("images/web/domc-host-1.sealed");
+    let orig_img = std::fs::read(&img).unwrap();
+    let orig_cfg = std::fs::read(&cfg).unwrap();
+    // A tampered encrypted image in storage: H1 ≠ H1'.
+    let mut t = orig_img.clone();
+    let n = t.len() - 100;
+    t[n] ^= 1;
+    std::fs::write(&img, &t).unwrap();
+    let (call, _) = c.launch_call("alice", "web", "vm1", "dev", &[]);
+    assert_refused(
+        &c.launch_at("host-1", &call),
+        "h1_mismatch",
+        "tampered image",
+    );
+    std::fs::write(&img, &orig_img).unwrap();
+    // A tampered configuration: only its holder (the TPM bind key) could make a valid one.
+    for at in [10usize, orig_cfg.len() - 5] {
+        let mut t = orig_cfg.clone();
+        t[at] ^= 0x40;
+        std::fs::write(&cfg, &t).unwrap();
+        let (call, _) = c.launch_call("alice", "web", "vm1", "dev", &[]);
+        assert_refused(
+            &c.launch_at("host-1", &call),
+            "config_tampered",
+            "tampered configuration",
+        );
+    }
+    std::fs::write(&cfg, &orig_cfg).unwrap();
+    // The cloud provider swaps pk_DM: it must re-sign the request with its own key, so
+    // H2 = hash(pk_DM) in m1 no longer matches (TTP) — or σ_DM fails if it only swaps the key.
+    let (call, _) = c.launch_call("alice", "web", "vm2", "dev", &[]);
+    let mut lr: Value = serde_json::from_slice(&call.request.body).unwrap();
+    let mallory_doc = caas_tl::crypto::ed25519_generate().unwrap();
+    let mallory = DomainManager::from_pkcs8(mallory_doc.expose()).unwrap();
+    lr["pk_dm"] = json!(caas_attest::b64::encode(&mallory.public()));
+    let swapped_only = LaunchCall {
+        request: caas_tl::wire::Signed {
+            body: serde_json::to_vec(&lr).unwrap(),
+            sig: call.request.sig.clone(),
+        },
+        ..call.clone()
+    };
+    assert_refused(
+        &c.launch_at("host-1", &swapped_only),
+        "bad_signature",
+        "swapped pk_DM, old signature",
+    );
+    let resigned = LaunchCall {
+        request: caas_tl::wire::Signed::sign(
+            mallory.key_pair(),
+            caas_tl::wire::label::LAUNCH_REQUEST,
+            &lr,
+        ),
+        ..call
+    };
+    assert_refused(
+        &c.launch_at("host-1", &resigned),
+        "h2_mismatch",
+        "swapped pk_DM, re-signed",
+    );
+    // A good launch still works afterwards.
+    let (call, _) = c.launch_call("alice", "web", "vm3", "dev", &[]);
+    c.launch_at("host-1", &call).unwrap();
+    let audit = c.audit();
+    assert!(audit_has(&audit, "TlAttest", "h2_mismatch"), "{audit}");
+    let agent_audit = c
+        .call(
+            "GET",
+            &format!("{}/v1/agent/audit", c.agent("host-1")),
+            None,
+        )
+        .unwrap();
+    let text = agent_audit.to_string();
+    for code in [
+        "h1_mismatch",
+        "config_tampered",
+        "bad_signature",
+        "h2_mismatch",
+    ] {
+        assert!(text.contains(code), "agent audit lacks {code}: {text}");
+    }
+}
+
+#[test]
+fn tampered_c4_or_mu_is_rejected() {
+    let c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "web");
+    c.tenant_ok(
+        "alice",
+        &[
+            "launch",
+            "--id",
+            "web",
+            "--vm",
+            "vm1",
+            "--host",
+            "host-1",
+            "--domains",
+            "finance",
+            "--volumes",
+            "finance/db",
+        ],
+    );
+    c.call(
+        "POST",
+        &format!("{}/v1/agent/workloads/vm1/stop", c.agent("host-1")),
+        None,
+    )
+    .unwrap();
+    let vol = c.storage().join("domains/finance/db.caasvol");
+    let orig = std::fs::read(&vol).unwrap();
+    for (off, code) in [(1504 + 20, "c4_invalid"), (2528 + 3, "mu_invalid")] {
+        let mut t = orig.clone();
+        t[off] ^= 1;
+        std::fs::write(&vol, &t).unwrap();
+        let (mut call, _) = c.launch_call("alice", "web", "vm2", "dev", &["finance"]);
+        call.volumes = vec![VolumeRequest {
+            domain: "finance".into(),
+            sr: "db".into(),
+            size: 1 << 20,
+        }];
+        assert_refused(
+            &c.launch_at("host-1", &call),
+            code,
+            "tampered domain header",
+        );
+    }
+    std::fs::write(&vol, &orig).unwrap();
+    let (mut call, _) = c.launch_call("alice", "web", "vm3", "dev", &["finance"]);
+    call.volumes = vec![VolumeRequest {
+        domain: "finance".into(),
+        sr: "db".into(),
+        size: 1 << 20,
+    }];
+    c.launch_at("host-1", &call).unwrap();
+    let audit = c.audit();
+    assert!(
+        audit_has(&audit, "DbspDomKey", "c4_invalid")
+            && audit_has(&audit, "DbspDomKey", "mu_invalid")
+    );
+}
+
+/// A host whose PCRs change after enrollment: no launch, no DBSP key, and its running crypto
+/// domains drop their keys once continuous attestation notices (attestation-gated release).
+#[test]
+fn host_that_changed_state_is_rejected_and_loses_its_keys() {
+    let c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "web");
+    c.tenant_ok(
+        "alice",
+        &[
+            "launch",
+            "--id",
+            "web",
+            "--vm",
+            "vm1",
+            "--host",
+            "host-1",
+            "--domains",
+            "finance",
+            "--volumes",
+            "finance/db",
+        ],
+    );
+    assert_eq!(c.workloads("host-1").len(), 1);
+    c.call(
+        "POST",
+        &format!("{}/v1/agent/dev/measure", c.agent("host-1")),
+        Some(&json!({ "pcr": 7, "data": "an unexpected kernel module" })),
+    )
+    .unwrap();
+    let (call, _) = c.launch_call("alice", "web", "vm2", "dev", &[]);
+    assert_refused(
+        &c.launch_at("host-1", &call),
+        "attestation_failed",
+        "changed host",
+    );
+    // Continuous attestation marks it untrusted → the TTP revokes → crypto domains stop.
+    let v = c
+        .call(
+            "POST",
+            &format!("{}/v1/attest/hosts/host-1/attest", c.ks()),
+            None,
+        )
+        .unwrap();
+    assert_eq!(v["trusted"], json!(false));
+    let t = std::time::Instant::now();
+    while !c.workloads("host-1").is_empty() && t.elapsed().as_secs() < 20 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        c.workloads("host-1").is_empty(),
+        "crypto domains still running after revocation"
+    );
+    let (ok, _) = c.tenant("alice", &["connect", "--vm", "vm1"]);
+    assert!(!ok, "the workload must be gone");
+    assert!(audit_has(&c.audit(), "TlAttest", "attestation_failed"));
+}
+
+/// The management API driven as an attacker would: every route, odd paths, and the audit
+/// trail. No answer carries τ, the token PIN, a key or a plaintext configuration.
+#[test]
+fn compromised_management_gets_no_key_material() {
+    let c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "web");
+    c.tenant_ok(
+        "alice",
+        &[
+            "launch",
+            "--id",
+            "web",
+            "--vm",
+            "vm1",
+            "--host",
+            "host-1",
+            "--domains",
+            "finance",
+            "--volumes",
+            "finance/db",
+        ],
+    );
+    let vm: Value =
+        serde_json::from_slice(&std::fs::read(c.tdir("alice").join("vms/vm1.json")).unwrap())
+            .unwrap();
+    let tau_b64 = vm["tau"].as_str().unwrap().to_string();
+    let tau = caas_attest::b64::decode(&tau_b64).unwrap();
+    let img: Value =
+        serde_json::from_slice(&std::fs::read(c.tdir("alice").join("images/web.json")).unwrap())
+            .unwrap();
+    let pin = img["user_pin"].as_str().unwrap().to_string();
+    let a = c.agent("host-1");
+    let mut answers = String::new();
+    for (m, path, body) in [
+        ("GET", "/v1/agent/status", None),
+        ("GET", "/v1/agent/bind-key", None),
+        ("GET", "/v1/agent/workloads", None),
+        ("GET", "/v1/agent/audit", None),
+        ("GET", "/v1/agent/workloads/vm1", None),
+        ("GET", "/v1/agent/keys", None),
+        ("GET", "/v1/agent/workloads/vm1/memory", None),
+        (
+            "POST",
+            "/v1/agent/workloads/vm1/volumes",
+            Some(json!({ "domain": "finance", "sr": "db" })),
+        ),
+        (
+            "POST",
+            "/v1/agent/workloads/vm1/volumes",
+            Some(json!({ "domain": "finance", "sr": "../../x" })),
+        ),
+        (
+            "POST",
+            "/v1/agent/revoke",
+            Some(json!({ "body": "e30=", "sig": "AAAA" })),
+        ),
+        (
+            "POST",
+            "/v1/agent/workloads",
+            Some(
+                json!({ "request": { "body": "e30=", "sig": "" }, "vm_id": "x", "image_id": "web" }),
+            ),
+        ),
+    ] {
+        let r = c.call(m, &format!("{a}{path}"), body.as_ref());
+        answers.push_str(&format!("{m} {path} → {r:?}\n"));
+    }
+    for secret in [tau_b64.as_str(), &hex::encode(&tau), &pin] {
+        assert!(
+            !answers.contains(secret),
+            "management API leaked a secret:\n{answers}"
+        );
+    }
+    // Nothing on the host's disk holds τ or the PIN in the clear either.
+    let host_dir = c.dev.dir.join("hosts/host-1");
+    let mut stack = vec![host_dir, c.storage()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(b) = std::fs::read(&p) {
+                for secret in [&tau[..], pin.as_bytes(), tau_b64.as_bytes()] {
+                    assert!(
+                        !b.windows(secret.len()).any(|w| w == secret),
+                        "{} holds a secret",
+                        p.display()
+                    );
+                }
+            }
+        }
+    }
+    // Every management call is in the agent's hash-chained audit log.
+    let log = c.call("GET", &format!("{a}/v1/agent/audit"), None).unwrap();
+    let ops: Vec<&str> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["op"].as_str())
+        .collect();
+    for op in ["LaunchWorkload", "ListWorkloads", "AttachVolume", "Revoke"] {
+        assert!(ops.contains(&op), "{op} not audited: {ops:?}");
+    }
+    // The workload still works: management calls did not disturb it.
+    c.tenant_ok("alice", &["connect", "--vm", "vm1"]);
+}
