@@ -59,6 +59,132 @@ fn s(v: &Value, k: &str) -> Result<String> {
         .ok_or_else(|| anyhow::anyhow!("reply lacks {k}"))
 }
 
+/// The tenant story of trusted launch, DBSP and encrypted provisioning (seed 003 §4.3–4.4,
+/// seed 001 Algorithm 1, §3.4) on the dev hosts.
+async fn tenant_story(
+    st: &mut Steps,
+    dir: &std::path::Path,
+    get: &impl Fn(&str) -> Result<String>,
+) {
+    use crate::tenant::{TenantArgs, TenantCmd};
+    let Ok(storage) = get("CAAS_STORAGE_DIR") else {
+        return;
+    };
+    let ta = TenantArgs {
+        dir: Some(dir.join("tenant")),
+        endpoint: get("CAAS_KMS_ENDPOINT").ok(),
+        ttp: get("CAAS_TTP_PUBLIC_KEY").ok(),
+        cmd: TenantCmd::Init,
+    };
+    let tdir = dir.join("tenant");
+    let run_id = std::process::id();
+    let (image_id, vm1, vm2) = (
+        format!("demo-img-{run_id}"),
+        format!("demo-vm-{run_id}"),
+        format!("demo-vm-{run_id}-b"),
+    );
+    let raw = dir.join("demo-image.raw");
+    let image: Vec<u8> = (0..(4u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let image_sha = hex::encode(caas_tl::crypto::sha256(&image));
+    let ok = st
+        .run("TL: domain manager key pair (TL.Setup) and the TTP's ACL for domain demo-data", async {
+            let dm = crate::tenant::load_dm(&tdir, true)?;
+            let body = json!({ "pk_dm": b64(&dm.public()), "label": "caas demo", "domains": ["demo-data"] });
+            caas_attest::client::HttpClient::default()
+                .put::<_, Value>(&format!("{}/v1/tl/acl", get("CAAS_KMS_ENDPOINT")?), &body)
+                .await?;
+            Ok(())
+        })
+        .await;
+    if ok.is_none() {
+        return;
+    }
+    let hosts = get("CAAS_HOSTS").unwrap_or_default();
+    let hosts: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(str::to_string)
+        .collect();
+    let ok = st
+        .run(
+            "Provisioning (seed 001 Alg. 1): validate the hosts' certified bind keys, encrypt a 4 MiB image under k, seal the crypto-domain configuration to each host",
+            async {
+                tokio::fs::write(&raw, &image).await?;
+                crate::tenant::provision(
+                    &ta,
+                    &tdir,
+                    &raw,
+                    &image_id,
+                    &hosts,
+                    std::path::Path::new(&storage),
+                    "caas-demo",
+                )
+                .await
+            },
+        )
+        .await;
+    if ok.is_none() {
+        return;
+    }
+    let vols = ["demo-data/db".to_string()];
+    let doms = ["demo-data".to_string()];
+    let launched = st
+        .run(
+            "TL: trusted launch through the scheduler (attested host, sealed token, H1/H2 checks, crypto domain, DBSP volume demo-data/db, workload)",
+            async {
+                let r = crate::tenant::launch(&ta, &tdir, &image_id, &vm1, "dev", &doms, &vols, None, "process").await?;
+                let host = s(&r, "host")?;
+                let phases: Vec<String> = r["timings"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|p| Some(format!("{} {:.1} ms", p[0].as_str()?, p[1].as_f64()?)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                println!("       on {host}: {}", phases.join("; "));
+                Ok(host)
+            },
+        )
+        .await;
+    let Some(host) = launched else {
+        return;
+    };
+    let check = |vm: String| {
+        let tdir = tdir.clone();
+        let image_sha = image_sha.clone();
+        async move {
+            let r = crate::tenant::connect(&tdir, &vm).await?;
+            if r.disk_sha256 != image_sha {
+                bail!("the workload's disk is not the tenant's image");
+            }
+            if r.vsm.is_none() || !r.volumes.iter().all(|v| v.ok) || r.volumes.is_empty() {
+                bail!("VSM signature or DBSP volume check missing: {r:?}");
+            }
+            Ok(())
+        }
+    };
+    st.run(
+        "TL: the workload proves τ over TLS 1.3-PSK, verifies pk_DM's signature, reads the image, signs in its VSM, writes its DBSP volume",
+        check(vm1.clone()),
+    )
+    .await;
+    st.run(
+        "DBSP: stop the workload and relaunch: the domain key is re-created from c4 and μ in the domain header",
+        async {
+            let key = format!("CAAS_HOST_{}_URL", host.to_uppercase().replace(['-', '.'], "_"));
+            caas_attest::client::HttpClient::default()
+                .post::<_, Value>(&format!("{}/v1/agent/workloads/{vm1}/stop", get(&key)?), &json!({}))
+                .await?;
+            crate::tenant::launch(&ta, &tdir, &image_id, &vm2, "dev", &doms, &vols, None, "process").await?;
+            check(vm2.clone()).await
+        },
+    )
+    .await;
+}
+
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> Result<()> {
     let dir = args.data_dir.unwrap_or_else(crate::dev::default_dir);
@@ -335,6 +461,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         },
     )
     .await;
+    if get("CAAS_TTP_PUBLIC_KEY").is_ok() {
+        tenant_story(&mut st, &dir, &get).await;
+    }
     st.run(
         "Audit: the hash-chained, signed audit log verifies",
         async {
