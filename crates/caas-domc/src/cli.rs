@@ -10,7 +10,8 @@ use std::sync::Arc;
 /// `caas domc` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum DomcCommand {
-    /// Run a crypto domain serving the Virtual Security Module (PKCS#11) on a UNIX socket.
+    /// Run a crypto domain serving the Virtual Security Module (PKCS#11) on a UNIX socket,
+    /// vsock and/or TCP+TLS.
     Serve(ServeArgs),
     /// Verify the hash chain of a crypto domain's audit log and print its entries as JSON lines.
     Audit(AuditArgs),
@@ -23,8 +24,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CAAS_DOMC_STATE_DIR")]
     pub state_dir: PathBuf,
     /// UNIX socket to serve on.
-    #[arg(long, env = "CAAS_DOMC_SOCKET", required_unless_present = "tcp")]
+    #[arg(long, env = "CAAS_DOMC_SOCKET", required_unless_present_any = ["tcp", "vsock"])]
     pub socket: Option<PathBuf>,
+    /// Also (or only) serve on this vsock port (any CID), for workloads in VMs on this host
+    /// or a crypto domain in its own micro-VM; modules connect to `vsock:CID:PORT`.
+    #[arg(long)]
+    pub vsock: Option<u32>,
     /// Also (or only) serve TLS on this TCP address (HOST:PORT), e.g. when the crypto domain
     /// runs as its own VM; needs --tls-cert and --tls-key.
     #[arg(long, requires_all = ["tls_cert", "tls_key"])]
@@ -130,6 +135,11 @@ fn serve(a: ServeArgs) -> Result<(), Error> {
         }
         _ => None,
     };
+    let vsock = a
+        .vsock
+        .map(crate::vsock::VsockListener::bind)
+        .transpose()?;
+    let vsock_port = vsock.as_ref().and_then(|l| l.port().ok());
     let mut owned: Vec<&std::path::Path> = vec![a.state_dir.as_path()];
     if let Some(p) = &a.socket {
         owned.push(p);
@@ -140,7 +150,7 @@ fn serve(a: ServeArgs) -> Result<(), Error> {
     }
     tracing::info!(?report, seccomp = !a.no_seccomp, "crypto domain serving");
     eprintln!(
-        "caas domc: serving {}{} (state {})",
+        "caas domc: serving {}{}{} (state {}){}",
         a.socket
             .as_ref()
             .map(|p| p.display().to_string())
@@ -149,24 +159,45 @@ fn serve(a: ServeArgs) -> Result<(), Error> {
             .as_ref()
             .map(|t| format!(" tls://{t}"))
             .unwrap_or_default(),
-        a.state_dir.display()
+        vsock_port
+            .map(|p| format!(" vsock:*:{p}"))
+            .unwrap_or_default(),
+        a.state_dir.display(),
+        if a.allow_legacy_rsa_1024 {
+            "; legacy RSA-1024 keys allowed"
+        } else {
+            ""
+        }
     );
-    match (listener, tls) {
-        (Some(l), Some((t, cfg))) => {
-            let d = domain.clone();
-            std::thread::Builder::new()
-                .name("vsm-tls-accept".into())
-                .spawn(move || crate::server::serve_tls(d, t, cfg))
-                .map_err(|e| Error::Config(format!("TLS thread: {e}")))?;
-            crate::server::serve(domain, l)
-        }
-        (Some(l), None) => crate::server::serve(domain, l),
-        (None, Some((t, cfg))) => {
-            crate::server::serve_tls(domain, t, cfg);
-            Ok(())
-        }
-        (None, None) => Err(Error::Config(
-            "nothing to serve: give --socket or --tcp".into(),
-        )),
+    // Every listener but the last runs on its own accept thread.
+    let mut servers: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
+    if let Some((t, cfg)) = tls {
+        let d = domain.clone();
+        servers.push(Box::new(move || crate::server::serve_tls(d, t, cfg)));
     }
+    if let Some(v) = vsock {
+        let d = domain.clone();
+        servers.push(Box::new(move || crate::server::serve_vsock(d, v)));
+    }
+    if let Some(l) = listener {
+        let d = domain.clone();
+        servers.push(Box::new(move || {
+            if let Err(e) = crate::server::serve(d, l) {
+                tracing::error!(error = %e, "UNIX socket server stopped");
+            }
+        }));
+    }
+    let Some(last) = servers.pop() else {
+        return Err(Error::Config(
+            "nothing to serve: give --socket, --vsock or --tcp".into(),
+        ));
+    };
+    for s in servers {
+        std::thread::Builder::new()
+            .name("vsm-accept".into())
+            .spawn(s)
+            .map_err(|e| Error::Config(format!("accept thread: {e}")))?;
+    }
+    last();
+    Ok(())
 }

@@ -2,7 +2,7 @@
 //! Module mode. It owns the keys: a PKCS#11 token model ([`token`], [`object`]), the
 //! mechanisms ([`keys`], [`ops`]), token objects persisted encrypted under the domain key
 //! ([`keysource`], [`token`]), per-key usage limits, a hash-chained audit log ([`audit`]),
-//! the request dispatcher ([`domain`]), the UNIX-socket server ([`server`]), process
+//! the request dispatcher ([`domain`]), the server ([`server`]: UNIX socket, TCP+TLS, vsock ([`vsock`])), process
 //! hardening ([`harden`]), the `caas domc` CLI ([`cli`]) and the `caas dev` hook ([`dev`]).
 
 pub mod audit;
@@ -19,5 +19,6 @@ pub mod object;
 pub mod ops;
 pub mod server;
 pub mod token;
+pub mod vsock;
 
 pub use error::{Ckr, Error};

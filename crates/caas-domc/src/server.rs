@@ -1,5 +1,5 @@
-//! The VSM server: accepts connections on a UNIX socket or on TCP with TLS (for a crypto
-//! domain running as its own micro-VM) and serves each on its own thread (crypto is
+//! The VSM server: accepts connections on a UNIX socket, on vsock, or on TCP with TLS (for a
+//! crypto domain running as its own micro-VM) and serves each on its own thread (crypto is
 //! CPU-bound and blocking; one thread per pooled module connection lets calls on different
 //! connections run in parallel). Each connection starts with `Hello`; a malformed frame
 //! closes that connection only.
@@ -46,19 +46,19 @@ pub fn serve(domain: Arc<Domain>, listener: UnixListener) -> Result<(), Error> {
     Ok(())
 }
 
-/// A UNIX stream with buffered reads: one syscall usually brings a whole frame.
-struct Buffered {
-    reader: std::io::BufReader<UnixStream>,
-    writer: UnixStream,
+/// A stream with buffered reads: one syscall usually brings a whole frame.
+struct Buffered<S> {
+    reader: std::io::BufReader<S>,
+    writer: S,
 }
 
-impl Read for Buffered {
+impl<S: Read> Read for Buffered<S> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.reader.read(buf)
     }
 }
 
-impl Write for Buffered {
+impl<S: Write> Write for Buffered<S> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.writer.write(buf)
     }
@@ -77,6 +77,37 @@ pub fn serve_conn(domain: &Domain, stream: UnixStream) {
         writer: stream,
     };
     serve_stream(domain, &mut s);
+}
+
+/// Serves vsock connections forever.
+pub fn serve_vsock(domain: Arc<Domain>, listener: crate::vsock::VsockListener) {
+    loop {
+        let stream = match listener.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "vsock accept failed");
+                // Do not spin on a persistent failure (e.g. out of descriptors).
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            }
+        };
+        let d = domain.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vsm-vsock".into())
+            .spawn(move || {
+                let Ok(read_half) = stream.try_clone() else {
+                    return;
+                };
+                let mut s = Buffered {
+                    reader: std::io::BufReader::with_capacity(64 * 1024, read_half),
+                    writer: stream,
+                };
+                serve_stream(&d, &mut s);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start connection thread");
+        }
+    }
 }
 
 /// Builds the TLS server configuration: certificate chain and key (PEM), and optionally the

@@ -1,5 +1,5 @@
 //! The module's side of the connection to the crypto domain: configuration and a pool of
-//! UNIX-socket connections. A call takes an idle connection (or opens one), sends one request,
+//! connections (UNIX socket, vsock, or TCP with TLS). A call takes an idle connection (or opens one), sends one request,
 //! reads one response and puts the connection back; the pool lock is held only to pop and
 //! push, so calls from many threads run concurrently on separate connections. A transport
 //! failure drops that connection and yields CKR_DEVICE_ERROR (CKR_DEVICE_REMOVED when the
@@ -24,6 +24,8 @@ use std::time::Duration;
 pub(crate) struct RawConfig {
     /// UNIX socket of the crypto domain.
     socket: Option<PathBuf>,
+    /// vsock address of the crypto domain, "CID:PORT".
+    vsock: Option<String>,
     /// TCP address (HOST:PORT) of a crypto domain serving TLS.
     tcp: Option<String>,
     /// CA certificate(s) (PEM) the domain's TLS certificate must chain to.
@@ -43,6 +45,13 @@ pub(crate) struct RawConfig {
 pub enum Transport {
     /// A UNIX socket.
     Unix(PathBuf),
+    /// vsock (AF_VSOCK): a crypto domain on the VM's host or in another VM.
+    Vsock {
+        /// Context id of the domain's VM (2 = the host).
+        cid: u32,
+        /// Port.
+        port: u32,
+    },
     /// TCP with TLS.
     Tls {
         /// HOST:PORT.
@@ -64,11 +73,19 @@ pub struct Config {
 }
 
 impl Config {
-    /// From the environment: CAAS_PKCS11_SOCKET wins over CAAS_PKCS11_CONFIG.
+    /// From the environment: CAAS_PKCS11_SOCKET (a UNIX socket path, or `vsock:CID:PORT`)
+    /// wins over CAAS_PKCS11_CONFIG.
     pub fn from_env() -> Result<Self, Error> {
         if let Some(s) = std::env::var_os("CAAS_PKCS11_SOCKET") {
+            let transport = match s.to_str().and_then(|t| t.strip_prefix("vsock:")) {
+                Some(addr) => parse_vsock(addr).map_err(|reason| Error::Parse {
+                    path: "CAAS_PKCS11_SOCKET".into(),
+                    reason,
+                })?,
+                None => Transport::Unix(PathBuf::from(s)),
+            };
             return Ok(Self {
-                transport: Transport::Unix(PathBuf::from(s)),
+                transport,
                 timeout: Duration::from_secs(300),
             });
         }
@@ -89,9 +106,10 @@ impl Config {
             path: path.to_string(),
             reason,
         };
-        let transport = match (raw.socket, raw.tcp) {
-            (Some(s), None) => Transport::Unix(s),
-            (None, Some(addr)) => {
+        let transport = match (raw.socket, raw.tcp, raw.vsock) {
+            (Some(s), None, None) => Transport::Unix(s),
+            (None, None, Some(v)) => parse_vsock(&v).map_err(bad)?,
+            (None, Some(addr), None) => {
                 let ca = raw
                     .tls_ca
                     .ok_or_else(|| bad("`tcp` needs `tls_ca`".into()))?;
@@ -112,12 +130,70 @@ impl Config {
                     config,
                 }
             }
-            _ => return Err(bad("give exactly one of `socket` and `tcp`".into())),
+            _ => return Err(bad("give exactly one of `socket`, `vsock` and `tcp`".into())),
         };
         Ok(Self {
             transport,
             timeout: Duration::from_secs(raw.timeout_secs.unwrap_or(300)),
         })
+    }
+}
+
+/// Parses "CID:PORT" (decimal u32s).
+fn parse_vsock(addr: &str) -> Result<Transport, String> {
+    let bad = || format!("bad vsock address {addr:?}: expected vsock:CID:PORT (decimal numbers)");
+    let (cid, port) = addr.split_once(':').ok_or_else(bad)?;
+    Ok(Transport::Vsock {
+        cid: cid.parse().map_err(|_| bad())?,
+        port: port.parse().map_err(|_| bad())?,
+    })
+}
+
+/// A connected vsock stream (safe wrappers of nix; writes never raise SIGPIPE).
+#[derive(Debug)]
+struct Vsock(std::os::fd::OwnedFd);
+
+impl Vsock {
+    fn connect(cid: u32, port: u32, timeout: Duration) -> Result<Self, CK_RV> {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, VsockAddr, connect, socket};
+        let fd = socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|_| CKR_DEVICE_REMOVED)?;
+        // Linux gives up an unanswered vsock connect after 2 s (ETIMEDOUT).
+        loop {
+            match connect(fd.as_raw_fd(), &VsockAddr::new(cid, port)) {
+                Ok(()) => break,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => return Err(CKR_DEVICE_REMOVED),
+            }
+        }
+        let tv = nix::sys::time::TimeVal::new(
+            i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+            0,
+        );
+        nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
+            .map_err(|_| CKR_DEVICE_ERROR)?;
+        Ok(Self(fd))
+    }
+
+    fn try_clone(&self) -> Result<Self, CK_RV> {
+        Ok(Self(self.0.try_clone().map_err(|_| CKR_DEVICE_ERROR)?))
+    }
+}
+
+impl std::io::Read for Vsock {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match nix::sys::socket::recv(self.0.as_raw_fd(), buf, MsgFlags::empty()) {
+                Ok(n) => return Ok(n),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 
@@ -189,6 +265,11 @@ enum Conn {
         stream: UnixStream,
         reader: std::io::BufReader<UnixStream>,
     },
+    /// vsock: the stream (for writes) and a buffered reader over a duplicate of it.
+    Vsock {
+        stream: Vsock,
+        reader: std::io::BufReader<Vsock>,
+    },
     /// TLS over TCP.
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, NoSigPipe>>),
 }
@@ -206,7 +287,7 @@ pub struct Client {
     pub(crate) ops: Ops,
 }
 
-fn send_all(s: &UnixStream, mut buf: &[u8]) -> Result<(), CK_RV> {
+fn send_all(s: &impl AsRawFd, mut buf: &[u8]) -> Result<(), CK_RV> {
     while !buf.is_empty() {
         // MSG_NOSIGNAL: a dead peer must give EPIPE, not kill the host process with SIGPIPE.
         match send(s.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL) {
@@ -224,6 +305,10 @@ fn exchange(c: &mut Conn, req: &Request) -> Result<Response, CK_RV> {
     let read = match c {
         Conn::Unix { stream, reader } => {
             send_all(stream, &frame)?;
+            read_message::<_, Response>(reader)
+        }
+        Conn::Vsock { stream, reader } => {
+            send_all(&stream.0, &frame)?;
             read_message::<_, Response>(reader)
         }
         Conn::Tls(s) => {
@@ -292,6 +377,11 @@ impl Client {
                     s.try_clone().map_err(|_| CKR_DEVICE_ERROR)?,
                 );
                 Conn::Unix { stream: s, reader }
+            }
+            Transport::Vsock { cid, port } => {
+                let s = Vsock::connect(*cid, *port, self.cfg.timeout)?;
+                let reader = std::io::BufReader::with_capacity(64 * 1024, s.try_clone()?);
+                Conn::Vsock { stream: s, reader }
             }
             Transport::Tls {
                 addr,
@@ -388,6 +478,15 @@ mod tests {
         assert!(both.is_ok_and(|r| Config::from_raw(r, "t").is_err()));
         let no_ca: Result<RawConfig, _> = toml::from_str("tcp = \"h:1\"\n");
         assert!(no_ca.is_ok_and(|r| Config::from_raw(r, "t").is_err()));
+        let v: Result<RawConfig, _> = toml::from_str("vsock = \"2:5000\"\n");
+        assert!(v.is_ok_and(|r| matches!(
+            Config::from_raw(r, "t").map(|c| c.transport),
+            Ok(Transport::Vsock { cid: 2, port: 5000 })
+        )));
+        for bad in ["vsock = \"2\"\n", "vsock = \"x:1\"\n", "vsock = \"2:1\"\nsocket = \"/x\"\n"] {
+            let r: Result<RawConfig, _> = toml::from_str(bad);
+            assert!(r.is_ok_and(|r| Config::from_raw(r, "t").is_err()), "{bad}");
+        }
         let bad: Result<RawConfig, _> = toml::from_str("socket = \"/x\"\nsokcet = 1\n");
         assert!(bad.is_err());
     }

@@ -1,8 +1,10 @@
 //! libcaas_pkcs11.so: the PKCS#11 (v2.40, plus `C_GetInterfaceList`/`C_GetInterface` of
 //! 3.0) module a workload loads to use keys that live in its tenant's crypto domain. It
 //! forwards every call over the VSM wire protocol ([`caas_vsm_proto`]) and holds no key
-//! material. Configuration: `CAAS_PKCS11_SOCKET`, or a TOML file named by
-//! `CAAS_PKCS11_CONFIG` (`socket = "/path"`, optional `timeout_secs`).
+//! material. Configuration: `CAAS_PKCS11_SOCKET` (a UNIX socket path or `vsock:CID:PORT`),
+//! or a TOML file named by `CAAS_PKCS11_CONFIG` (`socket`, `vsock` or `tcp` + TLS settings,
+//! optional `timeout_secs`; see `caas-pkcs11.toml.example`). Single-part operations cost one
+//! round trip to the crypto domain (see `ops`).
 //!
 //! All `unsafe` code is confined to the `ffi` module (the C ABI surface); every exported
 //! function catches panics and returns CKR_GENERAL_ERROR instead of unwinding into C.
