@@ -192,9 +192,7 @@ impl AuditLog {
         line.push('\n');
         // One write_all per line: the buffer is only ever flushed at line boundaries, so a
         // reader (or a crash) never sees half an entry.
-        let flush_now = r.rv != 0
-            || !is_routine(r.op)
-            || t.last_flush.elapsed() >= FLUSH_INTERVAL;
+        let flush_now = r.rv != 0 || !is_routine(r.op) || t.last_flush.elapsed() >= FLUSH_INTERVAL;
         let written = t.out.write_all(line.as_bytes()).and_then(|()| {
             if flush_now {
                 t.last_flush = std::time::Instant::now();

@@ -135,10 +135,7 @@ fn serve(a: ServeArgs) -> Result<(), Error> {
         }
         _ => None,
     };
-    let vsock = a
-        .vsock
-        .map(crate::vsock::VsockListener::bind)
-        .transpose()?;
+    let vsock = a.vsock.map(crate::vsock::VsockListener::bind).transpose()?;
     let vsock_port = vsock.as_ref().and_then(|l| l.port().ok());
     let mut owned: Vec<&std::path::Path> = vec![a.state_dir.as_path()];
     if let Some(p) = &a.socket {

@@ -31,7 +31,8 @@ impl VsockListener {
     /// # Errors
     /// [`Error::Config`] naming the port and the OS error (no vsock support, port in use).
     pub fn bind(port: u32) -> Result<Self, Error> {
-        let err = |what: &str, e: nix::Error| Error::Config(format!("vsock port {port}: {what}: {e}"));
+        let err =
+            |what: &str, e: nix::Error| Error::Config(format!("vsock port {port}: {what}: {e}"));
         let fd = socket(
             AddressFamily::Vsock,
             SockType::Stream,

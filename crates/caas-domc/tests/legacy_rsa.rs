@@ -120,7 +120,9 @@ fn rsa_1024_is_refused_by_default_and_works_with_the_legacy_flag() -> Result<()>
             mgf: cryptoki::mechanism::rsa::PkcsMgfType::MGF1_SHA256,
             s_len: 32.into(),
         };
-        let e = s.sign(&Mechanism::Sha256RsaPkcsPss(pss), private, msg).err();
+        let e = s
+            .sign(&Mechanism::Sha256RsaPkcsPss(pss), private, msg)
+            .err();
         ensure!(
             e.as_ref().and_then(rv) == Some(RvError::KeySizeRange),
             "PSS with a legacy key: {e:?}"

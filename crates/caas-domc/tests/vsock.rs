@@ -60,7 +60,12 @@ fn domain_binds_its_vsock_listener_beside_the_unix_socket() -> Result<()> {
 #[test]
 fn a_bad_vsock_address_is_a_clear_initialize_error() -> Result<()> {
     require("pkcs11-tool", "opensc")?;
-    for bad in ["vsock:", "vsock:3", "vsock:three:5000", "vsock:3:99999999999"] {
+    for bad in [
+        "vsock:",
+        "vsock:3",
+        "vsock:three:5000",
+        "vsock:3:99999999999",
+    ] {
         let out = run(Command::new("pkcs11-tool")
             .env("CAAS_PKCS11_SOCKET", bad)
             .arg("--module")

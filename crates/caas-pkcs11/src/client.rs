@@ -6,6 +6,7 @@
 //! domain cannot be reached at all); nothing here can crash the host process.
 
 use crate::Error;
+use crate::ops::Ops;
 use caas_vsm_proto::blocking::{IoError, read_message};
 use caas_vsm_proto::{PROTOCOL_VERSION, Request, Response, frame_message};
 use cryptoki_sys::{CK_RV, CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED, CKR_GENERAL_ERROR};
@@ -13,7 +14,6 @@ use nix::sys::socket::{MsgFlags, send};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use crate::ops::Ops;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -171,10 +171,8 @@ impl Vsock {
                 Err(_) => return Err(CKR_DEVICE_REMOVED),
             }
         }
-        let tv = nix::sys::time::TimeVal::new(
-            i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
-            0,
-        );
+        let tv =
+            nix::sys::time::TimeVal::new(i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX), 0);
         nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
             .map_err(|_| CKR_DEVICE_ERROR)?;
         Ok(Self(fd))
@@ -483,7 +481,11 @@ mod tests {
             Config::from_raw(r, "t").map(|c| c.transport),
             Ok(Transport::Vsock { cid: 2, port: 5000 })
         )));
-        for bad in ["vsock = \"2\"\n", "vsock = \"x:1\"\n", "vsock = \"2:1\"\nsocket = \"/x\"\n"] {
+        for bad in [
+            "vsock = \"2\"\n",
+            "vsock = \"x:1\"\n",
+            "vsock = \"2:1\"\nsocket = \"/x\"\n",
+        ] {
             let r: Result<RawConfig, _> = toml::from_str(bad);
             assert!(r.is_ok_and(|r| Config::from_raw(r, "t").is_err()), "{bad}");
         }

@@ -924,7 +924,14 @@ unsafe fn single_part(
             };
             // SAFETY: forwarded contract.
             let r = unsafe { out_data(make, out, out_len) };
-            c.ops.forwarded(kind, session, Phase::Output { length_query: out.is_null() }, rv_of(&r));
+            c.ops.forwarded(
+                kind,
+                session,
+                Phase::Output {
+                    length_query: out.is_null(),
+                },
+                rv_of(&r),
+            );
             r
         }
     }

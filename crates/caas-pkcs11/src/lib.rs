@@ -13,9 +13,9 @@
 
 pub mod client;
 mod error;
-mod ops;
 #[allow(unsafe_code)]
 mod ffi;
+mod ops;
 
 pub use error::Error;
 pub use ffi::C_GetFunctionList;

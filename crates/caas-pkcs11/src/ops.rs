@@ -39,9 +39,7 @@
 //! does not).
 
 use caas_vsm_proto::{Blob, Body, Mechanism, Request};
-use cryptoki_sys::{
-    CK_RV, CKR_BUFFER_TOO_SMALL, CKR_DEVICE_ERROR, CKR_OK, CKR_OPERATION_ACTIVE,
-};
+use cryptoki_sys::{CK_RV, CKR_BUFFER_TOO_SMALL, CKR_DEVICE_ERROR, CKR_OK, CKR_OPERATION_ACTIVE};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use zeroize::Zeroizing;
@@ -247,8 +245,7 @@ impl Ops {
                 }
                 if fused
                     && !s.remote[k]
-                    && s
-                        .validated
+                    && s.validated
                         .iter()
                         .any(|(vk, vh, vm)| *vk == kind && *vh == key && *vm == mechanism)
                 {
@@ -303,10 +300,11 @@ impl Ops {
             let Some(p) = s.local[k].as_mut() else {
                 return Ok(None);
             };
-            if let Some(c) = p.cached.take() {
-                if c.input.as_slice() == data {
-                    return Ok(Some(Self::deliver(s, k, c, cap)));
-                }
+            // The second call of the length-query protocol (same input): no round trip.
+            if let Some(c) = p.cached.take()
+                && c.input.as_slice() == data
+            {
+                return Ok(Some(Self::deliver(s, k, c, cap)));
             }
             (p.mechanism.clone(), p.key)
         };
@@ -391,7 +389,12 @@ impl Ops {
 
     /// Before C_*Update/C_*Final: a recorded operation is started in the domain (the real
     /// C_*Init), since multi-part state lives there. An error here ends the operation.
-    pub(crate) fn to_domain(&self, call: Exchange<'_>, kind: Kind, session: u64) -> Result<(), CK_RV> {
+    pub(crate) fn to_domain(
+        &self,
+        call: Exchange<'_>,
+        kind: Kind,
+        session: u64,
+    ) -> Result<(), CK_RV> {
         let k = kind as usize;
         let pending = {
             let mut g = self.lock();
@@ -483,10 +486,23 @@ mod tests {
         ops.opened(1, 0);
         // First init: to the domain; the domain holds the operation.
         assert_eq!(ops.init(&call, true, Kind::Sign, 1, mech(), 5), Ok(()));
-        assert!(matches!(ops.single(&call, Kind::Sign, 1, b"x", None), Ok(None)));
+        assert!(matches!(
+            ops.single(&call, Kind::Sign, 1, b"x", None),
+            Ok(None)
+        ));
         ops.forwarded(Kind::Sign, 1, Phase::Output { length_query: true }, CKR_OK);
-        assert!(matches!(ops.single(&call, Kind::Sign, 1, b"x", Some(64)), Ok(None)));
-        ops.forwarded(Kind::Sign, 1, Phase::Output { length_query: false }, CKR_OK);
+        assert!(matches!(
+            ops.single(&call, Kind::Sign, 1, b"x", Some(64)),
+            Ok(None)
+        ));
+        ops.forwarded(
+            Kind::Sign,
+            1,
+            Phase::Output {
+                length_query: false,
+            },
+            CKR_OK,
+        );
         f.seen.borrow_mut().clear();
         // Second time: init is local, the length query makes the one round trip, the real
         // call is answered from the kept output.
@@ -526,13 +542,27 @@ mod tests {
         let call = |r: &Request| f.call(r);
         ops.opened(1, 0);
         assert_eq!(ops.init(&call, true, Kind::Sign, 1, mech(), 5), Ok(()));
-        ops.forwarded(Kind::Sign, 1, Phase::Output { length_query: false }, CKR_OK);
+        ops.forwarded(
+            Kind::Sign,
+            1,
+            Phase::Output {
+                length_query: false,
+            },
+            CKR_OK,
+        );
         // Destroying an object (or logging out...) forgets the validation.
         ops.invalidate();
         f.seen.borrow_mut().clear();
         assert_eq!(ops.init(&call, true, Kind::Sign, 1, mech(), 5), Ok(()));
         assert_eq!(*f.seen.borrow(), vec!["SignInit"]);
-        ops.forwarded(Kind::Sign, 1, Phase::Output { length_query: false }, CKR_OK);
+        ops.forwarded(
+            Kind::Sign,
+            1,
+            Phase::Output {
+                length_query: false,
+            },
+            CKR_OK,
+        );
         // A failing fused call reports the domain's code and ends the operation.
         assert_eq!(ops.init(&call, true, Kind::Sign, 1, mech(), 5), Ok(()));
         *f.rv.borrow_mut() = cryptoki_sys::CKR_FUNCTION_REJECTED;
@@ -540,7 +570,10 @@ mod tests {
             ops.single(&call, Kind::Sign, 1, b"x", Some(64)),
             Err(cryptoki_sys::CKR_FUNCTION_REJECTED)
         ));
-        assert!(matches!(ops.single(&call, Kind::Sign, 1, b"x", Some(64)), Ok(None)));
+        assert!(matches!(
+            ops.single(&call, Kind::Sign, 1, b"x", Some(64)),
+            Ok(None)
+        ));
         // A rejected init is not remembered.
         ops.closed(1);
         ops.opened(1, 0);
@@ -553,7 +586,14 @@ mod tests {
         assert_eq!(ops.init(&call, true, Kind::Sign, 1, mech(), 5), Ok(()));
         assert_eq!(*f.seen.borrow(), vec!["SignInit", "SignInit"]);
         // Verify on a recorded operation is one fused call.
-        ops.forwarded(Kind::Sign, 1, Phase::Output { length_query: false }, CKR_OK);
+        ops.forwarded(
+            Kind::Sign,
+            1,
+            Phase::Output {
+                length_query: false,
+            },
+            CKR_OK,
+        );
         assert_eq!(ops.init(&call, true, Kind::Verify, 1, mech(), 6), Ok(()));
         ops.forwarded(Kind::Verify, 1, Phase::Verify, CKR_OK);
         assert_eq!(ops.init(&call, true, Kind::Verify, 1, mech(), 6), Ok(()));
