@@ -267,15 +267,14 @@ struct AuditLog {
 impl AuditLog {
     fn open(path: PathBuf) -> Self {
         let (mut seq, mut prev) = (0, String::new());
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            if let Some(e) = text
+        if let Ok(text) = std::fs::read_to_string(&path)
+            && let Some(e) = text
                 .lines()
-                .filter_map(|l| serde_json::from_str::<AuditEntry>(l).ok())
-                .last()
-            {
-                seq = e.seq;
-                prev = e.hash;
-            }
+                .rev()
+                .find_map(|l| serde_json::from_str::<AuditEntry>(l).ok())
+        {
+            seq = e.seq;
+            prev = e.hash;
         }
         Self { path, seq, prev }
     }
@@ -445,14 +444,13 @@ async fn wait_for_socket(path: &Path, proc: &mut Proc, timeout: Duration) -> Res
     }
 }
 
-/// Starts a Secure Device Proxy process serving `volume` on `socket`; the key goes over
-/// its stdin pipe.
-async fn spawn_sdp(
+/// Starts a Secure Device Proxy process for `volume` on `socket`; it waits for its key on
+/// the returned stdin pipe (never in arguments, environment or files).
+fn spawn_sdp_unkeyed(
     volume: &Path,
     socket: &Path,
-    key: &SecretKey,
     read_only: bool,
-) -> Result<Proc, Error> {
+) -> Result<(Proc, std::process::ChildStdin), Error> {
     let _ = std::fs::remove_file(socket);
     let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&caas_exe()?);
     cmd.arg("volume")
@@ -465,73 +463,147 @@ async fn spawn_sdp(
         .args(read_only.then_some("--read-only"))
         .stdin(Stdio::piped())
         .stdout(Stdio::null());
-    let mut child = cmd
-        .spawn()
-        .map_err(Error::io("start the Secure Device Proxy"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(key.expose())
-            .map_err(Error::io("hand the key to the Secure Device Proxy"))?;
-    }
-    let mut p = Proc::plain("sdp", child);
-    if let Err(e) = wait_for_socket(socket, &mut p, Duration::from_secs(20)).await {
-        p.stop();
-        return Err(e);
-    }
-    Ok(p)
+    let mut child = cmd.spawn().map_err(Error::io("start the Secure Device Proxy"))?;
+    let stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| Error::Domain("no stdin pipe to the Secure Device Proxy".into()))?;
+    Ok((Proc::plain("sdp", child), stdin))
 }
 
-/// Starts the tenant's VSM crypto domain and initialises its token from the configuration.
-async fn spawn_vsm(
-    dir: &Path,
+/// Hands the key to a waiting Secure Device Proxy and waits until it serves.
+async fn key_sdp(
+    mut proc: Proc,
+    mut stdin: std::process::ChildStdin,
+    key: &SecretKey,
     socket: &Path,
-    cfg: &caas_tl::dm::DomcConfig,
 ) -> Result<Proc, Error> {
-    let state = dir.join("domc");
-    std::fs::create_dir_all(&state).map_err(Error::io("create crypto-domain state"))?;
-    let _ = std::fs::remove_file(socket);
-    let (uid, gid) = process_ids();
-    let ids = format!("{uid}:{gid}");
-    let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&caas_exe()?);
-    cmd.args([
-        "domc",
-        "serve",
-        "--create-key",
-        "--socket-mode",
-        "600",
-        "--run-as",
-        &ids,
-    ])
-    .arg("--state-dir")
-    .arg(&state)
-    .arg("--socket")
-    .arg(socket)
-    .stdin(Stdio::null())
-    .stdout(Stdio::null());
-    let child = cmd
-        .spawn()
-        .map_err(Error::io("start the VSM crypto domain"))?;
-    let mut p = Proc::plain("vsm", child);
-    if let Err(e) = wait_for_socket(socket, &mut p, Duration::from_secs(20)).await {
-        p.stop();
+    let r = stdin
+        .write_all(key.expose())
+        .map_err(Error::io("hand the key to the Secure Device Proxy"));
+    drop(stdin);
+    if let Err(e) = r {
+        proc.stop();
         return Err(e);
     }
+    if let Err(e) = wait_for_socket(socket, &mut proc, Duration::from_secs(20)).await {
+        proc.stop();
+        return Err(e);
+    }
+    Ok(proc)
+}
+
+/// Starts a Secure Device Proxy serving `volume` on `socket` with `key`.
+async fn spawn_sdp(volume: &Path, socket: &Path, key: &SecretKey, read_only: bool) -> Result<Proc, Error> {
+    let (proc, stdin) = spawn_sdp_unkeyed(volume, socket, read_only)?;
+    key_sdp(proc, stdin, key, socket).await
+}
+
+/// The crypto domain's processes, started but not yet keyed.
+struct Prestart {
+    sdp: Proc,
+    sdp_stdin: std::process::ChildStdin,
+    disk_sock: PathBuf,
+    vsm: Proc,
+    vsm_sock: PathBuf,
+}
+
+impl Prestart {
+    fn abort(&mut self) {
+        self.sdp.stop();
+        self.vsm.stop();
+    }
+}
+
+/// Starts the tenant's crypto domain without keys: the image's Secure Device Proxy (waiting
+/// for k) and the VSM process (its token not yet initialised).
+async fn prestart(dir: &Path, image: &Path, read_only: bool) -> Result<Prestart, Error> {
+    let disk_sock = dir.join("disk.sock");
+    let vsm_sock = dir.join("vsm.sock");
+    let (mut sdp, sdp_stdin) = spawn_sdp_unkeyed(image, &disk_sock, read_only)?;
+    let state = dir.join("domc");
+    let vsm = (|| {
+        std::fs::create_dir_all(&state).map_err(Error::io("create crypto-domain state"))?;
+        let _ = std::fs::remove_file(&vsm_sock);
+        let (uid, gid) = process_ids();
+        let ids = format!("{uid}:{gid}");
+        let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&caas_exe()?);
+        cmd.args(["domc", "serve", "--create-key", "--socket-mode", "600", "--run-as", &ids])
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--socket")
+            .arg(&vsm_sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        let child = cmd.spawn().map_err(Error::io("start the VSM crypto domain"))?;
+        Ok::<_, Error>(Proc::plain("vsm", child))
+    })();
+    let mut vsm = match vsm {
+        Ok(v) => v,
+        Err(e) => {
+            sdp.stop();
+            return Err(e);
+        }
+    };
+    if let Err(e) = wait_for_socket(&vsm_sock, &mut vsm, Duration::from_secs(20)).await {
+        sdp.stop();
+        vsm.stop();
+        return Err(e);
+    }
+    Ok(Prestart {
+        sdp,
+        sdp_stdin,
+        disk_sock,
+        vsm,
+        vsm_sock,
+    })
+}
+
+/// Keys a prestarted crypto domain from the opened configuration: k to the Secure Device
+/// Proxy, the token's label and PINs to the VSM.
+async fn finish_domain(pre: Prestart, cfg: &caas_tl::dm::DomcConfig) -> Result<Vec<Proc>, Error> {
+    let Prestart {
+        sdp,
+        sdp_stdin,
+        disk_sock,
+        mut vsm,
+        vsm_sock,
+    } = pre;
+    let key = match cfg.key() {
+        Ok(k) => k,
+        Err(e) => {
+            let (mut a, mut b) = (sdp, vsm);
+            a.stop();
+            b.stop();
+            return Err(e.into());
+        }
+    };
     let (sock, label_text, so, user) = (
-        socket.to_path_buf(),
+        vsm_sock.clone(),
         cfg.token_label.clone(),
         Zeroizing::new(cfg.so_pin.clone()),
         Zeroizing::new(cfg.user_pin.clone()),
     );
-    let r = tokio::task::spawn_blocking(move || {
+    let token = tokio::task::spawn_blocking(move || {
         caas_domc::dev::init_token(&sock, 0, &label_text, &so, &user)
-    })
-    .await
-    .map_err(|e| Error::Domain(format!("token init task: {e}")))?;
-    if let Err(e) = r {
-        p.stop();
-        return Err(Error::Domain(format!("token initialisation failed: {e}")));
+    });
+    let sdp = key_sdp(sdp, sdp_stdin, &key, &disk_sock).await;
+    let token = token
+        .await
+        .map_err(|e| Error::Domain(format!("token init task: {e}")))
+        .and_then(|r| r.map_err(|e| Error::Domain(format!("token initialisation failed: {e}"))));
+    match (sdp, token) {
+        (Ok(sdp), Ok(())) => Ok(vec![sdp, vsm]),
+        (Ok(mut sdp), Err(e)) => {
+            sdp.stop();
+            vsm.stop();
+            Err(e)
+        }
+        (Err(e), _) => {
+            vsm.stop();
+            Err(e)
+        }
     }
-    Ok(p)
 }
 
 /// Effective uid/gid (the crypto domain runs as the agent's user in dev; a root agent
@@ -687,6 +759,65 @@ impl Agent {
         let t = Instant::now();
         let now = caas_attest::now_ms();
         let req = sc::verify_launch(call, now)?;
+        let driver = self.check_new_workload(call).await?;
+        self.tl.replay.check(&req.r, now)?;
+        timings.push(("verify request".to_string(), ms(t)));
+        // The TL protocol runs while the crypto-domain processes start (they get no key
+        // until the protocol has succeeded, and are killed if it fails).
+        let image = TlHost::image_dir(&self.tl.storage, &call.image_id).join("image.caasvol");
+        let dir = self.fresh_dir(&call.vm_id)?;
+        let t = Instant::now();
+        let (tl, pre) = tokio::join!(
+            self.tl_protocol(call, &req, &image),
+            async {
+                let r = prestart(&dir, &image, true).await;
+                (r, ms(t))
+            }
+        );
+        let (pre, pre_ms) = pre;
+        let ((m2, cfg, tl_timings), pre) = match (tl, pre) {
+            (Ok(x), Ok(p)) => (x, p),
+            (Err(e), Ok(mut p)) => {
+                p.abort();
+                return Err(e);
+            }
+            (_, Err(e)) => return Err(e),
+        };
+        timings.push((
+            "crypto-domain processes started (in parallel with TL)".to_string(),
+            pre_ms,
+        ));
+        timings.extend(tl_timings);
+        let t = Instant::now();
+        let procs = finish_domain(pre, &cfg).await?;
+        timings.push(("crypto domain keyed (k, token)".to_string(), ms(t)));
+        self.run_workload(call, &req.sp, &m2.h2, &m2.dk, &m2.tau, &req.pk_dm, driver, &cfg, dir, procs, now, timings)
+            .await
+    }
+
+    /// Benchmark baseline: the same launch without TL — the crypto domain started with a
+    /// configuration the caller supplies, then the workload. Not reachable over the API.
+    pub async fn launch_baseline(
+        &self,
+        call: &LaunchCall,
+        cfg: &caas_tl::dm::DomcConfig,
+        tau: &[u8],
+        pk_dm: &[u8],
+    ) -> Result<LaunchResult, Error> {
+        let now = caas_attest::now_ms();
+        let driver = self.check_new_workload(call).await?;
+        let image = TlHost::image_dir(&self.tl.storage, &call.image_id).join("image.caasvol");
+        let dir = self.fresh_dir(&call.vm_id)?;
+        let t = Instant::now();
+        let pre = prestart(&dir, &image, true).await?;
+        let procs = finish_domain(pre, cfg).await?;
+        let timings = vec![("crypto domain".to_string(), ms(t))];
+        let dk = vec![0u8; 32];
+        self.run_workload(call, "baseline", "", &dk, tau, pk_dm, driver, cfg, dir, procs, now, timings)
+            .await
+    }
+
+    async fn check_new_workload<'a>(&self, call: &'a LaunchCall) -> Result<&'a str, Error> {
         if self.tl.workloads.lock().await.contains_key(&call.vm_id) {
             return Err(Error::InvalidRequest(format!(
                 "workload {} is already running",
@@ -697,29 +828,41 @@ impl Agent {
         if driver != "process" && driver != "qemu" {
             return Err(Error::InvalidRequest(format!("unknown driver {driver}")));
         }
-        self.tl.replay.check(&req.r, now)?;
+        Ok(driver)
+    }
+
+    fn fresh_dir(&self, vm_id: &str) -> Result<PathBuf, Error> {
+        wire::check_name("vm_id", vm_id)?;
+        let dir = self.tl.run_dir.join(vm_id);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(Error::io("create the workload directory"))?;
+        Ok(dir)
+    }
+
+    /// TL.AttestRequest → TL.Attestation → checks of m2 → the crypto-domain configuration.
+    async fn tl_protocol(
+        &self,
+        call: &LaunchCall,
+        req: &caas_tl::wire::LaunchRequest,
+        image: &Path,
+    ) -> Result<(caas_tl::wire::M2, caas_tl::dm::DomcConfig, Vec<(String, f64)>), Error> {
+        let mut timings = Vec::new();
         let ttp = self.ttp().await?;
-        timings.push(("verify request".to_string(), ms(t)));
-        // TL.AttestRequest.
         let t = Instant::now();
         let body = wire::to_bytes(&AttestRequest {
             host: self.cfg.name.clone(),
             launch: call.request.clone(),
             bind: self.bind_key(),
-            t_ms: now,
+            t_ms: caas_attest::now_ms(),
         });
         let signed = self.ak_sign(label::ATTEST_REQUEST, body).await?;
         timings.push(("quote (σ_AIK)".to_string(), ms(t)));
         let t = Instant::now();
         let resp: Signed = self
             .http
-            .post(
-                &format!("{}/v1/tl/attest", self.cfg.key_service_url),
-                &signed,
-            )
+            .post(&format!("{}/v1/tl/attest", self.cfg.key_service_url), &signed)
             .await?;
         timings.push(("TTP attestation".to_string(), ms(t)));
-        // TL.Attestation.
         let t = Instant::now();
         let att = sc::check_attestation(&resp, &ttp, &self.cfg.name, &req.r)?;
         let (rsa, _) = split_bind_sealed(&att.c2)?;
@@ -728,90 +871,83 @@ impl Agent {
         drop(key);
         timings.push(("unseal c2 (TPM)".to_string(), ms(t)));
         let t = Instant::now();
-        let img_dir = TlHost::image_dir(&self.tl.storage, &call.image_id);
-        let image = img_dir.join("image.caasvol");
-        let ip = image.clone();
+        let ip = image.to_path_buf();
         let h1 = tokio::task::spawn_blocking(move || sha256_file(&ip))
             .await
             .map_err(|e| Error::Domain(format!("hash task: {e}")))??;
         sc::check_m2(&m2, &call.vm_id, &h1, &req.pk_dm)?;
         timings.push(("check id, H1, H2".to_string(), ms(t)));
-        // The crypto-domain configuration, sealed to this host's bind key.
         let t = Instant::now();
-        let cfg_path = img_dir.join(format!("domc-{}.sealed", self.cfg.name));
+        let cfg = self.open_config(&call.image_id).await?;
+        timings.push(("open crypto-domain config (TPM)".to_string(), ms(t)));
+        Ok((m2, cfg, timings))
+    }
+
+    /// The crypto-domain configuration sealed to this host's bind key (seed 001 Alg. 1).
+    async fn open_config(&self, image_id: &str) -> Result<caas_tl::dm::DomcConfig, Error> {
+        let cfg_path = TlHost::image_dir(&self.tl.storage, image_id)
+            .join(format!("domc-{}.sealed", self.cfg.name));
         let meta = std::fs::metadata(&cfg_path).map_err(|_| {
             Error::Tl(caas_tl::Error::rejected(
                 "config_missing",
-                format!(
-                    "image {} has no crypto-domain configuration for this host",
-                    call.image_id
-                ),
+                format!("image {image_id} has no crypto-domain configuration for this host"),
             ))
         })?;
         if meta.len() > MAX_CONFIG {
-            return Err(Error::Tl(caas_tl::Error::malformed(
-                "domc config",
-                "too large",
-            )));
+            return Err(Error::Tl(caas_tl::Error::malformed("domc config", "too large")));
         }
-        let sealed =
-            std::fs::read(&cfg_path).map_err(Error::io("read the sealed configuration"))?;
-        let (rsa, _) = split_bind_sealed(&sealed).map_err(|_| {
-            caas_tl::Error::rejected(
+        let sealed = std::fs::read(&cfg_path).map_err(Error::io("read the sealed configuration"))?;
+        let tampered = || {
+            Error::Tl(caas_tl::Error::rejected(
                 "config_tampered",
                 "the crypto-domain configuration was altered",
-            )
-        })?;
+            ))
+        };
+        let (rsa, _) = split_bind_sealed(&sealed).map_err(|_| tampered())?;
         let key = self.bind_decrypt(rsa).await.map_err(|e| match e {
-            Error::Tpm(ref t) if !t.is_policy_failure() => Error::Tl(caas_tl::Error::rejected(
-                "config_tampered",
-                "the crypto-domain configuration was altered",
-            )),
+            Error::Tpm(ref t) if !t.is_policy_failure() => tampered(),
             e => e,
         })?;
-        let cfg = caas_tl::dm::open_domc_config(&key, &self.cfg.name, &call.image_id, &sealed)?;
-        drop(key);
-        timings.push(("open crypto-domain config (TPM)".to_string(), ms(t)));
-        // Crypto domain and workload.
-        let t = Instant::now();
-        let dir = self.tl.run_dir.join(&call.vm_id);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(Error::io("create the workload directory"))?;
-        let disk_sock = dir.join("disk.sock");
-        let vsm_sock = dir.join("vsm.sock");
-        let mut w = Workload {
+        Ok(caas_tl::dm::open_domc_config(&key, &self.cfg.name, image_id, &sealed)?)
+    }
+
+    /// Registers the workload (with its keyed crypto domain), attaches its DBSP volumes and
+    /// starts it with τ and pk_DM injected.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_workload(
+        &self,
+        call: &LaunchCall,
+        sp: &str,
+        h2: &str,
+        dk: &[u8],
+        tau: &[u8],
+        pk_dm: &[u8],
+        driver: &str,
+        cfg: &caas_tl::dm::DomcConfig,
+        dir: PathBuf,
+        procs: Vec<Proc>,
+        now: u64,
+        mut timings: Vec<(String, f64)>,
+    ) -> Result<LaunchResult, Error> {
+        let w = Workload {
             vm_id: call.vm_id.clone(),
             image_id: call.image_id.clone(),
-            h2: m2.h2.clone(),
-            sp: req.sp.clone(),
-            dk: Zeroizing::new(m2.dk.clone()),
+            h2: h2.to_string(),
+            sp: sp.to_string(),
+            dk: Zeroizing::new(dk.to_vec()),
             endpoint: None,
-            disk_uri: format!("nbd+unix:///caas?socket={}", disk_sock.display()),
-            vsm_socket: vsm_sock.clone(),
-            procs: Vec::new(),
+            disk_uri: format!("nbd+unix:///caas?socket={}", dir.join("disk.sock").display()),
+            vsm_socket: dir.join("vsm.sock"),
+            procs,
             volumes: Vec::new(),
             started_ms: now,
-            dir: dir.clone(),
+            dir,
         };
-        // The registered image is the workload's read-only boot disk (it stays byte-identical,
-        // so H1 keeps matching for later launches; tenant data lives on DBSP volumes).
-        w.procs
-            .push(spawn_sdp(&image, &disk_sock, &cfg.key()?, true).await?);
-        w.procs.push(spawn_vsm(&dir, &vsm_sock, &cfg).await?);
-        timings.push(("start crypto domain".to_string(), ms(t)));
         let vm_id = call.vm_id.clone();
         self.tl.workloads.lock().await.insert(vm_id.clone(), w);
         let rest = self
-            .launch_rest(
-                call,
-                &m2.tau,
-                &req.pk_dm,
-                driver,
-                &cfg.user_pin,
-                &mut timings,
-            )
+            .launch_rest(call, tau, pk_dm, driver, &cfg.user_pin, &mut timings)
             .await;
-        drop(m2);
         let mut g = self.tl.workloads.lock().await;
         match rest {
             Ok(()) => {
