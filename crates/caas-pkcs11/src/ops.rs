@@ -34,6 +34,8 @@
 //! CKR_KEY_HANDLE_INVALID) comes from `C_Sign` and terminates the operation. That is the same
 //! race as the key being destroyed between `C_SignInit` and `C_Sign` on any token; PKCS#11
 //! v2.40 leaves the outcome of an operation whose key another session destroys undefined.
+//! Such a failure also drops the validation, so the next `C_*Init` asks the domain again and
+//! reports the error itself.
 //! The per-key misuse limits are counted when the key is used: on the fast path that is at
 //! `C_Sign`, whose v2.40 return values include CKR_FUNCTION_REJECTED (the `C_SignInit` list
 //! does not).
@@ -133,6 +135,32 @@ struct SessionOps {
     /// module then takes the classic path so that the domain decides.
     remote: [bool; 4],
     validated: Vec<(Kind, u64, Mechanism)>,
+}
+
+impl SessionOps {
+    /// After a fused call failed with `rv`: when the failure is one C_*Init would have
+    /// reported (the key was destroyed or changed by another application, the domain
+    /// restarted...), the validation is dropped so that the next C_*Init asks the domain
+    /// and reports it there. Data-dependent failures (a bad signature...) keep it.
+    fn forget_if_stale(&mut self, kind: Kind, key: u64, rv: CK_RV) {
+        use cryptoki_sys::*;
+        if matches!(
+            rv,
+            CKR_KEY_HANDLE_INVALID
+                | CKR_KEY_FUNCTION_NOT_PERMITTED
+                | CKR_KEY_TYPE_INCONSISTENT
+                | CKR_KEY_SIZE_RANGE
+                | CKR_USER_NOT_LOGGED_IN
+                | CKR_SESSION_HANDLE_INVALID
+                | CKR_MECHANISM_INVALID
+                | CKR_MECHANISM_PARAM_INVALID
+                | CKR_DEVICE_ERROR
+                | CKR_DEVICE_REMOVED
+        ) {
+            self.validated
+                .retain(|(vk, vh, _)| !(*vk == kind && *vh == key));
+        }
+    }
 }
 
 #[derive(Default)]
@@ -315,15 +343,17 @@ impl Ops {
             Ok((CKR_OK, Body::Data { data: out })) => Zeroizing::new(out.0),
             Ok((CKR_OK, Body::SecretData { data: out })) => Zeroizing::new(out.expose().to_vec()),
             other => {
+                let rv = match other {
+                    Ok((CKR_OK, _)) => CKR_DEVICE_ERROR,
+                    Ok((rv, _)) | Err(rv) => rv,
+                };
                 // Any failure ends the operation (PKCS#11: only CKR_BUFFER_TOO_SMALL and a
                 // successful length query keep it).
                 if let Some(s) = s {
                     s.local[k] = None;
+                    s.forget_if_stale(kind, key, rv);
                 }
-                return Err(match other {
-                    Ok((CKR_OK, _)) => CKR_DEVICE_ERROR,
-                    Ok((rv, _)) | Err(rv) => rv,
-                });
+                return Err(rv);
             }
         };
         let c = Cached {
@@ -377,14 +407,22 @@ impl Ops {
             };
             (p.mechanism, p.key)
         };
-        let (rv, _) = call(&Request::VerifyOnce {
+        let rv = match call(&Request::VerifyOnce {
             session,
             mechanism,
             key,
             data: Blob::from(data),
             signature: Blob::from(signature),
-        })?;
-        if rv == CKR_OK { Ok(Some(())) } else { Err(rv) }
+        }) {
+            Ok((rv, _)) | Err(rv) => rv,
+        };
+        if rv == CKR_OK {
+            return Ok(Some(()));
+        }
+        if let Some(s) = self.lock().sessions.get_mut(&session) {
+            s.forget_if_stale(Kind::Verify, key, rv);
+        }
+        Err(rv)
     }
 
     /// Before C_*Update/C_*Final: a recorded operation is started in the domain (the real
