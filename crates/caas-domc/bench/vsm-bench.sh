@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 SIGS=${1:-10000}
 SECS=${2:-5}
+REPS=${REPS:-3} # cryptoki runs per configuration (median reported)
 command -v softhsm2-util >/dev/null || { echo "install softhsm2" >&2; exit 1; }
 # Binaries: $CARGO_TARGET_DIR (default target)/release; SKIP_BUILD=1 uses them as they are.
 T=${CARGO_TARGET_DIR:-target}/release
@@ -73,11 +74,17 @@ for bits in 1024 2048; do
     printf '%-30s %12s %12s %8s\n' "ods-hsmspeed RSA-$bits ${t}t" "$c" "$s" "$(ratio "$c" "$s")"
   done
 done
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 for m in ecdsa-p256 ed25519; do
   for t in 1 8; do
-    c=$("$T/examples/p11bench" "$CAAS" bench $PIN $m $t "$SECS" | awk '{print $3}')
-    s=$("$T/examples/p11bench" "$SOFT" bench $PIN $m $t "$SECS" | awk '{print $3}')
-    printf '%-30s %12s %12s %8s\n' "cryptoki $m ${t}t" "$c" "$s" "$(ratio "$c" "$s")"
+    # REPS interleaved runs of each (other load on the machine hits both alike); medians.
+    cs=() ss=()
+    for _ in $(seq "$REPS"); do
+      cs+=("$("$T/examples/p11bench" "$CAAS" bench $PIN $m $t "$SECS" | awk '{print $3}')")
+      ss+=("$("$T/examples/p11bench" "$SOFT" bench $PIN $m $t "$SECS" | awk '{print $3}')")
+    done
+    c=$(median "${cs[@]}") s=$(median "${ss[@]}")
+    printf '%-30s %12s %12s %8s   (caas %s; softhsm2 %s)\n' "cryptoki $m ${t}t" "$c" "$s" "$(ratio "$c" "$s")" "${cs[*]}" "${ss[*]}"
   done
 done
 echo "(RSA-1024: the benchmark domain runs with --allow-legacy-rsa-1024; by default caas refuses keys below 2048 bits.)"
