@@ -100,7 +100,7 @@ impl Kind {
                 key,
                 data,
             },
-            // Verify has its own entry ([`Ops::verify`]); never reached with Verify.
+            // Verify has its own entry ([`Ops::verify`]); [`Ops::single`] refuses it.
             Self::Decrypt | Self::Verify => Request::DecryptOnce {
                 session,
                 mechanism,
@@ -319,6 +319,9 @@ impl Ops {
         data: &[u8],
         cap: Option<u64>,
     ) -> Result<Option<Delivery>, CK_RV> {
+        if kind == Kind::Verify {
+            return Err(cryptoki_sys::CKR_GENERAL_ERROR);
+        }
         let k = kind as usize;
         let (mechanism, key) = {
             let mut g = self.lock();
