@@ -184,6 +184,10 @@ impl Agent {
         .map_err(Error::from)
     }
 
+    pub(crate) fn ak_blob(&self) -> KeyBlob {
+        self.ak()
+    }
+
     fn ak(&self) -> KeyBlob {
         KeyBlob {
             public: self.keys.ak_public.clone(),

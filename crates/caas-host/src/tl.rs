@@ -20,9 +20,6 @@
 use crate::agent::Agent;
 use crate::config::AgentConfig;
 use crate::error::Error;
-use caas_attest::HashAlg;
-use caas_attest::structures::PcrSelection;
-use caas_attest::verifier::Challenge;
 use caas_crypto::SecretKey;
 use caas_tl::crypto::{ak_nonce, split_bind_sealed};
 use caas_tl::wire::{self, AkSigned, AttestRequest, LaunchCall, Meta, Signed, label};
@@ -463,7 +460,9 @@ fn spawn_sdp_unkeyed(
         .args(read_only.then_some("--read-only"))
         .stdin(Stdio::piped())
         .stdout(Stdio::null());
-    let mut child = cmd.spawn().map_err(Error::io("start the Secure Device Proxy"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(Error::io("start the Secure Device Proxy"))?;
     let stdin = child
         .stdin
         .take()
@@ -494,7 +493,12 @@ async fn key_sdp(
 }
 
 /// Starts a Secure Device Proxy serving `volume` on `socket` with `key`.
-async fn spawn_sdp(volume: &Path, socket: &Path, key: &SecretKey, read_only: bool) -> Result<Proc, Error> {
+async fn spawn_sdp(
+    volume: &Path,
+    socket: &Path,
+    key: &SecretKey,
+    read_only: bool,
+) -> Result<Proc, Error> {
     let (proc, stdin) = spawn_sdp_unkeyed(volume, socket, read_only)?;
     key_sdp(proc, stdin, key, socket).await
 }
@@ -528,14 +532,24 @@ async fn prestart(dir: &Path, image: &Path, read_only: bool) -> Result<Prestart,
         let (uid, gid) = process_ids();
         let ids = format!("{uid}:{gid}");
         let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&caas_exe()?);
-        cmd.args(["domc", "serve", "--create-key", "--socket-mode", "600", "--run-as", &ids])
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--socket")
-            .arg(&vsm_sock)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        let child = cmd.spawn().map_err(Error::io("start the VSM crypto domain"))?;
+        cmd.args([
+            "domc",
+            "serve",
+            "--create-key",
+            "--socket-mode",
+            "600",
+            "--run-as",
+            &ids,
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--socket")
+        .arg(&vsm_sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+        let child = cmd
+            .spawn()
+            .map_err(Error::io("start the VSM crypto domain"))?;
         Ok::<_, Error>(Proc::plain("vsm", child))
     })();
     let mut vsm = match vsm {
@@ -714,12 +728,27 @@ impl Agent {
 
     /// σ_AIK over `body`: a quote of the bind PCRs with qualifying data `ak_nonce(label, body)`.
     async fn ak_sign(&self, label_text: &str, body: Vec<u8>) -> Result<AkSigned, Error> {
-        let ch = Challenge {
-            nonce: ak_nonce(label_text, &body).to_vec(),
-            selection: PcrSelection::new(HashAlg::Sha256, &self.keys.bind_pcrs)?,
-        };
-        let evidence = self.evidence(&ch).await?;
-        Ok(AkSigned { body, evidence })
+        let nonce = ak_nonce(label_text, &body).to_vec();
+        let ak = self.ak_blob();
+        let pcrs = self.keys.bind_pcrs.clone();
+        // One TPM command: the quote (the PCR values are bound by its digest and replayed
+        // from the event log by the TTP, so they are not read separately).
+        let (q, log) = tokio::join!(
+            self.tpm
+                .run(move |t| t.quote(&ak, &nonce, PcrBank::Sha256, &pcrs)),
+            tokio::fs::read(&self.cfg.event_log)
+        );
+        let q = q?;
+        let event_log = log.map_err(Error::io("read the event log"))?;
+        Ok(AkSigned {
+            body,
+            evidence: caas_attest::Evidence {
+                quote: q.attest,
+                signature: q.signature,
+                event_log,
+                pcr_values: Vec::new(),
+            },
+        })
     }
 
     /// pk_TTP: configured, pinned, or fetched once from the key service and pinned.
@@ -767,13 +796,10 @@ impl Agent {
         let image = TlHost::image_dir(&self.tl.storage, &call.image_id).join("image.caasvol");
         let dir = self.fresh_dir(&call.vm_id)?;
         let t = Instant::now();
-        let (tl, pre) = tokio::join!(
-            self.tl_protocol(call, &req, &image),
-            async {
-                let r = prestart(&dir, &image, true).await;
-                (r, ms(t))
-            }
-        );
+        let (tl, pre) = tokio::join!(self.tl_protocol(call, &req, &image), async {
+            let r = prestart(&dir, &image, true).await;
+            (r, ms(t))
+        });
         let (pre, pre_ms) = pre;
         let ((m2, cfg, tl_timings), pre) = match (tl, pre) {
             (Ok(x), Ok(p)) => (x, p),
@@ -791,8 +817,11 @@ impl Agent {
         let t = Instant::now();
         let procs = finish_domain(pre, &cfg).await?;
         timings.push(("crypto domain keyed (k, token)".to_string(), ms(t)));
-        self.run_workload(call, &req.sp, &m2.h2, &m2.dk, &m2.tau, &req.pk_dm, driver, &cfg, dir, procs, now, timings)
-            .await
+        self.run_workload(
+            call, &req.sp, &m2.h2, &m2.dk, &m2.tau, &req.pk_dm, driver, &cfg, dir, procs, now,
+            timings,
+        )
+        .await
     }
 
     /// Benchmark baseline: the same launch without TL — the crypto domain started with a
@@ -813,8 +842,10 @@ impl Agent {
         let procs = finish_domain(pre, cfg).await?;
         let timings = vec![("crypto domain".to_string(), ms(t))];
         let dk = vec![0u8; 32];
-        self.run_workload(call, "baseline", "", &dk, tau, pk_dm, driver, cfg, dir, procs, now, timings)
-            .await
+        self.run_workload(
+            call, "baseline", "", &dk, tau, pk_dm, driver, cfg, dir, procs, now, timings,
+        )
+        .await
     }
 
     async fn check_new_workload<'a>(&self, call: &'a LaunchCall) -> Result<&'a str, Error> {
@@ -845,7 +876,14 @@ impl Agent {
         call: &LaunchCall,
         req: &caas_tl::wire::LaunchRequest,
         image: &Path,
-    ) -> Result<(caas_tl::wire::M2, caas_tl::dm::DomcConfig, Vec<(String, f64)>), Error> {
+    ) -> Result<
+        (
+            caas_tl::wire::M2,
+            caas_tl::dm::DomcConfig,
+            Vec<(String, f64)>,
+        ),
+        Error,
+    > {
         let mut timings = Vec::new();
         let ttp = self.ttp().await?;
         let t = Instant::now();
@@ -857,12 +895,25 @@ impl Agent {
         });
         let signed = self.ak_sign(label::ATTEST_REQUEST, body).await?;
         timings.push(("quote (σ_AIK)".to_string(), ms(t)));
+        // The TTP's round trip, hashing the image (H1') and opening the configuration with
+        // the TPM run concurrently; the results are used in the protocol's order.
         let t = Instant::now();
-        let resp: Signed = self
-            .http
-            .post(&format!("{}/v1/tl/attest", self.cfg.key_service_url), &signed)
-            .await?;
-        timings.push(("TTP attestation".to_string(), ms(t)));
+        let ip = image.to_path_buf();
+        let url = format!("{}/v1/tl/attest", self.cfg.key_service_url);
+        let (resp, h1, cfg) = tokio::join!(
+            self.http.post::<_, Signed>(&url, &signed),
+            async {
+                tokio::task::spawn_blocking(move || sha256_file(&ip))
+                    .await
+                    .map_err(|e| Error::Domain(format!("hash task: {e}")))?
+            },
+            self.open_config(&call.image_id)
+        );
+        timings.push((
+            "TTP attestation ∥ H1' ∥ open crypto-domain config (TPM)".to_string(),
+            ms(t),
+        ));
+        let resp = resp?;
         let t = Instant::now();
         let att = sc::check_attestation(&resp, &ttp, &self.cfg.name, &req.r)?;
         let (rsa, _) = split_bind_sealed(&att.c2)?;
@@ -870,16 +921,8 @@ impl Agent {
         let m2 = sc::open_m2(&key, &att)?;
         drop(key);
         timings.push(("unseal c2 (TPM)".to_string(), ms(t)));
-        let t = Instant::now();
-        let ip = image.to_path_buf();
-        let h1 = tokio::task::spawn_blocking(move || sha256_file(&ip))
-            .await
-            .map_err(|e| Error::Domain(format!("hash task: {e}")))??;
-        sc::check_m2(&m2, &call.vm_id, &h1, &req.pk_dm)?;
-        timings.push(("check id, H1, H2".to_string(), ms(t)));
-        let t = Instant::now();
-        let cfg = self.open_config(&call.image_id).await?;
-        timings.push(("open crypto-domain config (TPM)".to_string(), ms(t)));
+        sc::check_m2(&m2, &call.vm_id, &h1?, &req.pk_dm)?;
+        let cfg = cfg?;
         Ok((m2, cfg, timings))
     }
 
@@ -894,9 +937,13 @@ impl Agent {
             ))
         })?;
         if meta.len() > MAX_CONFIG {
-            return Err(Error::Tl(caas_tl::Error::malformed("domc config", "too large")));
+            return Err(Error::Tl(caas_tl::Error::malformed(
+                "domc config",
+                "too large",
+            )));
         }
-        let sealed = std::fs::read(&cfg_path).map_err(Error::io("read the sealed configuration"))?;
+        let sealed =
+            std::fs::read(&cfg_path).map_err(Error::io("read the sealed configuration"))?;
         let tampered = || {
             Error::Tl(caas_tl::Error::rejected(
                 "config_tampered",
@@ -908,7 +955,12 @@ impl Agent {
             Error::Tpm(ref t) if !t.is_policy_failure() => tampered(),
             e => e,
         })?;
-        Ok(caas_tl::dm::open_domc_config(&key, &self.cfg.name, image_id, &sealed)?)
+        Ok(caas_tl::dm::open_domc_config(
+            &key,
+            &self.cfg.name,
+            image_id,
+            &sealed,
+        )?)
     }
 
     /// Registers the workload (with its keyed crypto domain), attaches its DBSP volumes and
@@ -936,7 +988,10 @@ impl Agent {
             sp: sp.to_string(),
             dk: Zeroizing::new(dk.to_vec()),
             endpoint: None,
-            disk_uri: format!("nbd+unix:///caas?socket={}", dir.join("disk.sock").display()),
+            disk_uri: format!(
+                "nbd+unix:///caas?socket={}",
+                dir.join("disk.sock").display()
+            ),
             vsm_socket: dir.join("vsm.sock"),
             procs,
             volumes: Vec::new(),
@@ -1072,7 +1127,6 @@ impl Agent {
 
     async fn attach_inner(&self, vm_id: &str, a: &AttachRequest) -> Result<AttachResult, Error> {
         let mut timings = Vec::new();
-        let t = Instant::now();
         wire::check_name("domain", &a.domain)?;
         wire::check_name("sr", &a.sr)?;
         if a.size == 0 || a.size > (1 << 40) {
@@ -1109,61 +1163,55 @@ impl Agent {
         } else {
             None
         };
-        let now = caas_attest::now_ms();
-        let req = sc::domkey_request(
-            &self.cfg.name,
-            vm_id,
-            &a.sr,
-            &h2,
-            &dk,
-            Meta {
-                domain: a.domain.clone(),
-                sp: sp.clone(),
-            },
-            existing.clone(),
-            now,
-        )?;
-        let signed = self
-            .ak_sign(label::DOMKEY_REQUEST, wire::to_bytes(&req))
-            .await?;
-        timings.push(("handle request (incl. quote)".to_string(), ms(t)));
-        let t = Instant::now();
-        let resp: Signed = self
-            .http
-            .post(
-                &format!("{}/v1/tl/domkey", self.cfg.key_service_url),
-                &signed,
+        // An existing volume's proxy starts while its key is fetched (it waits for it).
+        let sock = sock_dir.join(format!("vol-{}-{}.sock", a.domain, a.sr));
+        let mut pre = match existing {
+            Some(_) => Some(spawn_sdp_unkeyed(&path, &sock, false)?),
+            None => None,
+        };
+        let r = self
+            .domkey_exchange(
+                vm_id,
+                a,
+                &h2,
+                &sp,
+                &dk,
+                existing.clone(),
+                &ttp,
+                &mut timings,
             )
-            .await?;
-        timings.push(("key from TTP".to_string(), ms(t)));
-        let t = Instant::now();
-        let d = sc::check_domkey_response(&resp, &ttp, &req)?;
-        let (rsa, _) = split_bind_sealed(&d.c3)?;
-        let key = self.bind_decrypt(rsa).await?;
-        let (k, ik) = sc::open_c3(&key, &d)?;
-        drop(key);
-        let vk = sc::volume_key(&k, &ik, &a.domain, &a.sr)?;
-        timings.push(("TPM unseal c3".to_string(), ms(t)));
+            .await;
+        let (d, vk) = match r {
+            Ok(x) => x,
+            Err(e) => {
+                if let Some((mut p, _)) = pre.take() {
+                    p.stop();
+                }
+                return Err(e);
+            }
+        };
         let t = Instant::now();
         let created = existing.is_none();
-        if created {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(Error::io("create the domain directory"))?;
+        let proc = match pre.take() {
+            Some((p, stdin)) => key_sdp(p, stdin, &vk, &sock).await?,
+            None => {
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(Error::io("create the domain directory"))?;
+                }
+                let dbsp = caas_volume::header::Dbsp {
+                    domain_id: a.domain.as_bytes().to_vec(),
+                    security_profile: sp.as_bytes().to_vec(),
+                    c4: d.c4.clone(),
+                    mu: d.mu.clone(),
+                };
+                let key_in = caas_sdp::engine::KeyInput::Raw(std::sync::Arc::new(vk.clone()));
+                caas_sdp::cli::create_file(&path, a.size, &key_in, dbsp)
+                    .await
+                    .map_err(|e| Error::Domain(format!("create volume: {e}")))?;
+                spawn_sdp(&path, &sock, &vk, false).await?
             }
-            let dbsp = caas_volume::header::Dbsp {
-                domain_id: a.domain.as_bytes().to_vec(),
-                security_profile: sp.as_bytes().to_vec(),
-                c4: d.c4.clone(),
-                mu: d.mu.clone(),
-            };
-            let key_in = caas_sdp::engine::KeyInput::Raw(std::sync::Arc::new(vk.clone()));
-            caas_sdp::cli::create_file(&path, a.size, &key_in, dbsp)
-                .await
-                .map_err(|e| Error::Domain(format!("create volume: {e}")))?;
-        }
-        let sock = sock_dir.join(format!("vol-{}-{}.sock", a.domain, a.sr));
-        let proc = spawn_sdp(&path, &sock, &vk, false).await?;
+        };
         timings.push(("open volume".to_string(), ms(t)));
         let uri = format!("nbd+unix:///caas?socket={}", sock.display());
         let view = VolumeView {
@@ -1190,6 +1238,59 @@ impl Agent {
             created,
             timings,
         })
+    }
+
+    /// DBSP.DomKeyReq (AK-signed) → DomKeyGen response → c3 unsealed by the TPM → the
+    /// volume key.
+    #[allow(clippy::too_many_arguments)]
+    async fn domkey_exchange(
+        &self,
+        vm_id: &str,
+        a: &AttachRequest,
+        h2: &str,
+        sp: &str,
+        dk: &[u8],
+        existing: Option<(Vec<u8>, Vec<u8>)>,
+        ttp: &TtpPublic,
+        timings: &mut Vec<(String, f64)>,
+    ) -> Result<(caas_tl::wire::DomKeyResponse, SecretKey), Error> {
+        let t = Instant::now();
+        let now = caas_attest::now_ms();
+        let req = sc::domkey_request(
+            &self.cfg.name,
+            vm_id,
+            &a.sr,
+            h2,
+            dk,
+            Meta {
+                domain: a.domain.clone(),
+                sp: sp.to_string(),
+            },
+            existing,
+            now,
+        )?;
+        let signed = self
+            .ak_sign(label::DOMKEY_REQUEST, wire::to_bytes(&req))
+            .await?;
+        timings.push(("handle request (incl. quote)".to_string(), ms(t)));
+        let t = Instant::now();
+        let resp: Signed = self
+            .http
+            .post(
+                &format!("{}/v1/tl/domkey", self.cfg.key_service_url),
+                &signed,
+            )
+            .await?;
+        timings.push(("key from TTP".to_string(), ms(t)));
+        let t = Instant::now();
+        let d = sc::check_domkey_response(&resp, ttp, &req)?;
+        let (rsa, _) = split_bind_sealed(&d.c3)?;
+        let key = self.bind_decrypt(rsa).await?;
+        let (k, ik) = sc::open_c3(&key, &d)?;
+        drop(key);
+        let vk = sc::volume_key(&k, &ik, &a.domain, &a.sr)?;
+        timings.push(("TPM unseal c3".to_string(), ms(t)));
+        Ok((d, vk))
     }
 
     /// The TTP's notice that this host is no longer trusted: every crypto domain is stopped

@@ -392,6 +392,10 @@ pub async fn import(a: &ImportArgs, key: &KeyInput) -> Result<(), Error> {
 }
 
 async fn serve_cmd(a: ServeArgs, provider: Option<Arc<dyn DataKeyProvider>>) -> Result<(), Error> {
+    // aws-lc seeds its RNG with jitter entropy on first use (~60 ms on these machines): do
+    // it now, before possibly waiting for the key on a pipe (the host agent starts the
+    // proxy while it is still fetching the key).
+    let _ = caas_crypto::random_bytes(1);
     let store = open_store(&a.store, !a.read_only).await?;
     let (backend, vol) = if a.plaintext {
         tracing::warn!(

@@ -15,6 +15,8 @@ pub mod crypto;
 pub mod dm;
 pub mod error;
 pub mod sc;
+#[cfg(feature = "service")]
+pub mod service;
 pub mod ttp;
 pub mod wire;
 

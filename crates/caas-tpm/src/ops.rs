@@ -31,6 +31,9 @@ use tss_esapi::traits::Marshall;
 use zeroize::Zeroizing;
 
 const EK_PERSISTENT_RSA: u32 = 0x8101_0001;
+/// Where caas keeps its storage root key (owner hierarchy, persistent): creating the ECC
+/// primary costs a TPM2_CreatePrimary per operation otherwise.
+const SRK_PERSISTENT: u32 = 0x8100_0100;
 
 /// Attestation-key algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -69,6 +72,8 @@ pub struct Tpm {
     /// The most recently used AK stays loaded while this context lives (one object slot):
     /// its TPM2B_PUBLIC and handle. Flushed on drop.
     ak_cache: Option<(Vec<u8>, KeyHandle)>,
+    /// The persistent SRK's ESYS handle, once found or made persistent (no TPM slot).
+    srk_persistent: Option<KeyHandle>,
 }
 
 impl Drop for Tpm {
@@ -101,6 +106,29 @@ fn public_from_tpm2b(b: &[u8]) -> Result<Public, Error> {
     Public::unmarshall(&b[2..]).op("unmarshal public")
 }
 
+/// Whether `p` is an object of template `t` (everything but the unique field).
+fn same_template(p: &Public, t: &Public) -> bool {
+    match (p, t) {
+        (
+            Public::Ecc {
+                object_attributes: a1,
+                name_hashing_algorithm: n1,
+                auth_policy: ap1,
+                parameters: p1,
+                ..
+            },
+            Public::Ecc {
+                object_attributes: a2,
+                name_hashing_algorithm: n2,
+                auth_policy: ap2,
+                parameters: p2,
+                ..
+            },
+        ) => a1 == a2 && n1 == n2 && ap1 == ap2 && p1 == p2,
+        _ => false,
+    }
+}
+
 fn pcr_slot(i: u32) -> Result<PcrSlot, Error> {
     if i >= 24 {
         return Err(Error::InvalidArgument(format!("PCR {i} out of range")));
@@ -127,6 +155,7 @@ impl Tpm {
         Ok(Self {
             ctx,
             ak_cache: None,
+            srk_persistent: None,
         })
     }
 
@@ -381,7 +410,58 @@ impl Tpm {
         })
     }
 
-    fn srk(&mut self) -> Result<KeyHandle, Error> {
+    /// The SRK: the persistent one at [`SRK_PERSISTENT`] when present and of our template,
+    /// else a transient primary (made persistent when the owner hierarchy allows it).
+    /// Returns the handle and whether it is transient (must be flushed).
+    fn srk(&mut self) -> Result<(KeyHandle, bool), Error> {
+        if let Some(h) = self.srk_persistent {
+            return Ok((h, false));
+        }
+        let persistent = PersistentTpmHandle::new(SRK_PERSISTENT).op("SRK handle")?;
+        if let Ok(h) = self
+            .ctx
+            .execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::Persistent(persistent)))
+        {
+            let kh = KeyHandle::from(h);
+            let ours = self
+                .ctx
+                .execute_without_session(|c| c.read_public(kh))
+                .ok()
+                .zip(self.srk_template().ok())
+                .is_some_and(|((p, _, _), t)| same_template(&p, &t));
+            if ours {
+                self.srk_persistent = Some(kh);
+                return Ok((kh, false));
+            }
+            let mut oh: ObjectHandle = h;
+            let _ = self.ctx.tr_close(&mut oh);
+            return Ok((self.srk_transient()?, true));
+        }
+        let h = self.srk_transient()?;
+        let made = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.evict_control(
+                    tss_esapi::interface_types::resource_handles::Provision::Owner,
+                    h.into(),
+                    tss_esapi::interface_types::dynamic_handles::Persistent::Persistent(persistent),
+                )
+            });
+        match made {
+            Ok(ph) => {
+                self.flush(h);
+                let kh = KeyHandle::from(ph);
+                self.srk_persistent = Some(kh);
+                Ok((kh, false))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot persist the SRK; using a transient one");
+                Ok((h, true))
+            }
+        }
+    }
+
+    fn srk_template(&self) -> Result<Public, Error> {
         let attrs = ObjectAttributesBuilder::new()
             .with_fixed_tpm(true)
             .with_fixed_parent(true)
@@ -392,7 +472,7 @@ impl Tpm {
             .with_decrypt(true)
             .build()
             .op("SRK attributes")?;
-        let public = PublicBuilder::new()
+        PublicBuilder::new()
             .with_public_algorithm(PublicAlgorithm::Ecc)
             .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
             .with_object_attributes(attrs)
@@ -406,7 +486,11 @@ impl Tpm {
             )
             .with_ecc_unique_identifier(EccPoint::default())
             .build()
-            .op("SRK template")?;
+            .op("SRK template")
+    }
+
+    fn srk_transient(&mut self) -> Result<KeyHandle, Error> {
+        let public = self.srk_template()?;
         Ok(self
             .ctx
             .execute_with_nullauth_session(|c| {
@@ -420,9 +504,17 @@ impl Tpm {
         &mut self,
         f: impl FnOnce(&mut Self, KeyHandle) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        let srk = self.srk()?;
+        let (srk, transient) = self.srk()?;
         let r = f(self, srk);
-        self.flush(srk);
+        if transient {
+            self.flush(srk);
+        } else if r.is_err() {
+            // Look the persistent SRK up again next time (the TPM may have been reset).
+            if let Some(h) = self.srk_persistent.take() {
+                let mut oh: ObjectHandle = h.into();
+                let _ = self.ctx.tr_close(&mut oh);
+            }
+        }
         r
     }
 

@@ -1,0 +1,293 @@
+//! The TTP and scheduler HTTP routes (feature `service`): the key service mounts
+//! [`router`]; a benchmark or test can mount it over any [`AttestStore`].
+//!
+//! Routes (JSON): `GET /v1/tl/ttp` (pk_TTP), `POST /v1/tl/attest` (TL.AttestRequest →
+//! TL.Attestation), `POST /v1/tl/domkey` (DBSP.DomKeyReq → DomKeyGen), `PUT /v1/tl/acl`
+//! (operator: which domains a DM may give), `GET /v1/tl/hosts/{name}/bind-info` (a host's
+//! certified bind key and trusted PCR values, seed 001 Algorithm 1 line 1), and the
+//! scheduler `POST /v1/sched/launch` (places a TL.Request on a trusted host of its SP).
+use crate::dm::HostBindInfo;
+use crate::ttp::Ttp;
+use crate::wire::{AkSigned, LaunchCall, LaunchRequest, Signed, label};
+use crate::{TtpKeys, TtpPublic};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use caas_attest::store::{AttestStore, HostState, get_host, list_hosts};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// TTP + scheduler state.
+pub struct TlService<S> {
+    /// The TTP.
+    pub ttp: Ttp<S>,
+    store: Arc<S>,
+    http: caas_attest::client::HttpClient,
+    next: AtomicUsize,
+}
+
+impl<S> std::fmt::Debug for TlService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlService").finish_non_exhaustive()
+    }
+}
+
+struct ApiError(crate::Error);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self.0 {
+            crate::Error::Malformed { .. } => StatusCode::BAD_REQUEST,
+            crate::Error::Rejected { .. } => StatusCode::FORBIDDEN,
+            crate::Error::NotFound { .. } => StatusCode::NOT_FOUND,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let message = match &self.0 {
+            crate::Error::Crypto(_) | crate::Error::Storage(_) => "internal error".to_string(),
+            e => e.to_string(),
+        };
+        (
+            status,
+            Json(serde_json::json!({ "code": self.0.code(), "message": message })),
+        )
+            .into_response()
+    }
+}
+
+impl From<crate::Error> for ApiError {
+    fn from(e: crate::Error) -> Self {
+        Self(e)
+    }
+}
+
+/// `PUT /v1/tl/acl`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AclRequest {
+    /// pk_DM (base64, Ed25519).
+    #[serde(with = "caas_attest::b64")]
+    pub pk_dm: Vec<u8>,
+    /// Free text.
+    #[serde(default)]
+    pub label: String,
+    /// Domains.
+    pub domains: Vec<String>,
+}
+
+/// `POST /v1/sched/launch`: a launch call plus an optional placement hint.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ScheduleRequest {
+    /// What the agent receives.
+    #[serde(flatten)]
+    pub call: LaunchCall,
+    /// Place on this host (otherwise: any trusted host of the request's SP).
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+impl<S: AttestStore> TlService<S> {
+    /// The service over the key service's store.
+    pub fn new(store: Arc<S>, keys: TtpKeys) -> Self {
+        Self {
+            ttp: Ttp::new(store.clone(), keys),
+            store,
+            http: caas_attest::client::HttpClient::new(std::time::Duration::from_secs(120)),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// pk_TTP.
+    pub fn public(&self) -> crate::Result<TtpPublic> {
+        self.ttp.public()
+    }
+
+    async fn bind_info(&self, name: &str) -> Result<HostBindInfo, crate::Error> {
+        let h = get_host(&*self.store, name)
+            .await?
+            .ok_or_else(|| crate::Error::NotFound {
+                kind: "host",
+                id: name.into(),
+            })?;
+        let bind = h.bind_key.clone().ok_or_else(|| {
+            crate::Error::rejected("bind_key_missing", "the host presented no bind key")
+        })?;
+        let verdict = h
+            .last_verdict
+            .clone()
+            .filter(|v| v.trusted && h.trusted)
+            .ok_or_else(|| crate::Error::rejected("host_untrusted", "the host is not trusted"))?;
+        let profile = h
+            .profile
+            .clone()
+            .ok_or_else(|| crate::Error::rejected("sp_mismatch", "the host has no profile"))?;
+        let p = caas_attest::store::get_profile(&*self.store, &profile)
+            .await?
+            .ok_or_else(|| crate::Error::rejected("sp_mismatch", "unknown profile"))?;
+        Ok(HostBindInfo {
+            host: h.name,
+            profile,
+            ak_public: h.ak_public,
+            bind,
+            selection: p.selection(),
+            pcrs: verdict.pcrs,
+        })
+    }
+
+    /// The scheduler: untrusted placement. Picks an enrolled, trusted host whose profile is
+    /// the request's SP (round robin) and forwards the call to its agent.
+    async fn schedule(&self, req: &ScheduleRequest) -> Result<serde_json::Value, crate::Error> {
+        let lr: LaunchRequest = req.call.request.peek(label::LAUNCH_REQUEST)?;
+        let hosts: Vec<_> = list_hosts(&*self.store)
+            .await?
+            .into_iter()
+            .filter(|h| {
+                h.state == HostState::Enrolled
+                    && h.trusted
+                    && h.profile.as_deref() == Some(lr.sp.as_str())
+                    && req.host.as_ref().is_none_or(|n| n == &h.name)
+            })
+            .collect();
+        if hosts.is_empty() {
+            return Err(crate::Error::rejected(
+                "no_host",
+                format!("no trusted host with security profile {}", lr.sp),
+            ));
+        }
+        let h = &hosts[self.next.fetch_add(1, Ordering::Relaxed) % hosts.len()];
+        let url = format!("{}/v1/agent/workloads", h.agent_url.trim_end_matches('/'));
+        self.http
+            .post::<_, serde_json::Value>(&url, &req.call)
+            .await
+            .map_err(|e| match e {
+                caas_attest::Error::Remote { code, message, .. } => crate::Error::Rejected {
+                    code: leak_code(&code),
+                    detail: format!("host {}: {message}", h.name),
+                },
+                other => crate::Error::rejected("host_unreachable", other.to_string()),
+            })
+    }
+
+    /// Tells `host`'s agent to drop its crypto domains' keys (it is no longer trusted).
+    pub async fn revoke(&self, host: &str, reason: &str) {
+        let Ok(Some(h)) = get_host(&*self.store, host).await else {
+            return;
+        };
+        let notice = self.ttp.revoke_notice(host, reason, caas_attest::now_ms());
+        let url = format!("{}/v1/agent/revoke", h.agent_url.trim_end_matches('/'));
+        match self.http.post::<_, serde_json::Value>(&url, &notice).await {
+            Ok(v) => tracing::warn!(%host, answer = %v, "revocation delivered"),
+            Err(e) => {
+                tracing::warn!(%host, error = %e, "revocation not delivered (the host stays cut off at the TTP)")
+            }
+        }
+    }
+}
+
+/// Maps a remote error code to a static code (known codes keep their name).
+fn leak_code(code: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "h1_mismatch",
+        "h2_mismatch",
+        "vm_id_mismatch",
+        "nonce_replayed",
+        "acl_denied",
+        "sp_mismatch",
+        "attestation_failed",
+        "bind_key_not_bound",
+        "bad_signature",
+        "stale_message",
+        "pcr_state_changed",
+        "config_tampered",
+        "config_missing",
+        "decryption_failed",
+        "malformed",
+        "invalid_request",
+        "host_unknown",
+        "no_session",
+        "c4_invalid",
+        "mu_invalid",
+        "host_untrusted",
+        "dk_invalid",
+        "crypto_domain_error",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == code)
+        .copied()
+        .unwrap_or("host_error")
+}
+
+type R<T> = Result<Json<T>, ApiError>;
+
+/// The TTP and scheduler routes.
+pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
+    Router::new()
+        .route(
+            "/v1/tl/ttp",
+            get(|State(s): State<Arc<TlService<S>>>| async move {
+                s.ttp.public().map(Json).map_err(ApiError)
+            }),
+        )
+        .route(
+            "/v1/tl/attest",
+            post(
+                |State(s): State<Arc<TlService<S>>>, Json(r): Json<AkSigned>| async move {
+                    let r: R<Signed> = s
+                        .ttp
+                        .attest(&r, caas_attest::now_ms())
+                        .await
+                        .map(Json)
+                        .map_err(ApiError);
+                    r
+                },
+            ),
+        )
+        .route(
+            "/v1/tl/domkey",
+            post(
+                |State(s): State<Arc<TlService<S>>>, Json(r): Json<AkSigned>| async move {
+                    let r: R<Signed> = s
+                        .ttp
+                        .domkey(&r, caas_attest::now_ms())
+                        .await
+                        .map(Json)
+                        .map_err(ApiError);
+                    r
+                },
+            ),
+        )
+        .route(
+            "/v1/tl/acl",
+            put(
+                |State(s): State<Arc<TlService<S>>>, Json(r): Json<AclRequest>| async move {
+                    let r: R<crate::ttp::AclEntry> = s
+                        .ttp
+                        .set_acl(&r.pk_dm, &r.label, &r.domains, "operator")
+                        .await
+                        .map(Json)
+                        .map_err(ApiError);
+                    r
+                },
+            ),
+        )
+        .route(
+            "/v1/tl/hosts/{name}/bind-info",
+            get(
+                |State(s): State<Arc<TlService<S>>>, Path(name): Path<String>| async move {
+                    let r: R<HostBindInfo> = s.bind_info(&name).await.map(Json).map_err(ApiError);
+                    r
+                },
+            ),
+        )
+        .route(
+            "/v1/sched/launch",
+            post(
+                |State(s): State<Arc<TlService<S>>>, Json(r): Json<ScheduleRequest>| async move {
+                    let r: R<serde_json::Value> = s.schedule(&r).await.map(Json).map_err(ApiError);
+                    r
+                },
+            ),
+        )
+        .with_state(svc)
+}
