@@ -171,8 +171,10 @@ impl Vsock {
                 Err(_) => return Err(CKR_DEVICE_REMOVED),
             }
         }
-        let tv =
-            nix::sys::time::TimeVal::new(i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX), 0);
+        let tv = nix::sys::time::TimeVal::new(
+            i64::try_from(timeout.as_secs().min(86_400)).unwrap_or(0),
+            0,
+        );
         nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
             .map_err(|_| CKR_DEVICE_ERROR)?;
         Ok(Self(fd))
