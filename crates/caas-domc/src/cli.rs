@@ -27,7 +27,9 @@ pub struct ServeArgs {
     #[arg(long, env = "CAAS_DOMC_SOCKET", required_unless_present_any = ["tcp", "vsock"])]
     pub socket: Option<PathBuf>,
     /// Also (or only) serve on this vsock port (any CID), for workloads in VMs on this host
-    /// or a crypto domain in its own micro-VM; modules connect to `vsock:CID:PORT`.
+    /// or a crypto domain in its own micro-VM; modules connect to `vsock:CID:PORT`. Binding
+    /// needs only AF_VSOCK; connections need a vsock transport (a hypervisor, or the
+    /// vsock_loopback module for CID 1): without one they time out after 2 s.
     #[arg(long)]
     pub vsock: Option<u32>,
     /// Also (or only) serve TLS on this TCP address (HOST:PORT), e.g. when the crypto domain
