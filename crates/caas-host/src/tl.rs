@@ -82,9 +82,24 @@ impl Proc {
         }
     }
 
+    /// SIGTERM (a Secure Device Proxy then flushes and marks its volume clean), SIGKILL
+    /// after 2 s.
     fn stop(&mut self) {
         match &mut self.child {
             ProcChild::Plain(c) => {
+                if let Ok(pid) = i32::try_from(c.id()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
+                    let deadline = Instant::now() + Duration::from_secs(2);
+                    while Instant::now() < deadline {
+                        if let Ok(Some(_)) = c.try_wait() {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
                 let _ = c.kill();
                 let _ = c.wait();
             }
@@ -130,11 +145,15 @@ struct AttachedVolume {
 
 impl Workload {
     fn stop(&mut self) {
+        // The workload first (it closes its NBD connections), then its volumes' proxies,
+        // then the crypto domain.
+        for p in self.procs.iter_mut().filter(|p| p.what == "workload") {
+            p.stop();
+        }
         for v in &mut self.volumes {
             v.proc.stop();
         }
         self.volumes.clear();
-        // Workload first, then its crypto domain.
         for p in self.procs.iter_mut().rev() {
             p.stop();
         }

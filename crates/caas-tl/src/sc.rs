@@ -231,3 +231,83 @@ impl Drop for Injected {
         zeroize::Zeroize::zeroize(&mut self.tau);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m2(vm: &str, image: &[u8; 32], pk: &[u8]) -> M2 {
+        M2 {
+            tau: vec![1; 32],
+            h1: hex::encode(image),
+            h2: hex::encode(sha256(pk)),
+            dk: vec![2; 32],
+            vm_id: vm.into(),
+        }
+    }
+
+    #[test]
+    fn m2_checks_name_the_failing_element() {
+        let (img, pk) = ([7u8; 32], [9u8; 32]);
+        let m = m2("vm1", &img, &pk);
+        assert!(check_m2(&m, "vm1", &img, &pk).is_ok());
+        let code = |r: Result<()>| r.err().map(|e| e.code()).unwrap_or("ok");
+        assert_eq!(code(check_m2(&m, "vm2", &img, &pk)), "vm_id_mismatch");
+        assert_eq!(code(check_m2(&m, "vm1", &[8u8; 32], &pk)), "h1_mismatch");
+        assert_eq!(code(check_m2(&m, "vm1", &img, &[0u8; 32])), "h2_mismatch");
+    }
+
+    #[test]
+    fn replay_cache_refuses_a_nonce_twice_within_the_window() {
+        let c = ReplayCache::default();
+        assert!(c.check(b"r1", 1_000).is_ok());
+        assert_eq!(
+            c.check(b"r1", 2_000).err().map(|e| e.code()),
+            Some("nonce_replayed")
+        );
+        assert!(c.check(b"r2", 2_000).is_ok());
+    }
+
+    #[test]
+    fn launch_requests_are_verified_and_fresh() {
+        let doc = crate::crypto::ed25519_generate().expect("key");
+        let dm = crate::dm::DomainManager::from_pkcs8(doc.expose()).expect("dm");
+        let keys = crate::TtpKeys::generate().expect("ttp");
+        let now = 10_000_000;
+        let t = dm
+            .token(
+                &keys.public().expect("pk"),
+                &[1; 32],
+                "dev",
+                "vm1",
+                &[],
+                now,
+            )
+            .expect("token");
+        let call = LaunchCall {
+            request: t.request.clone(),
+            vm_id: "vm1".into(),
+            image_id: "img".into(),
+            driver: None,
+            volumes: vec![],
+        };
+        assert!(verify_launch(&call, now).is_ok());
+        let stale = verify_launch(&call, now + wire::FRESHNESS_MS + 1);
+        assert_eq!(stale.err().map(|e| e.code()), Some("stale_message"));
+        let mut forged = call.clone();
+        forged.request.body[5] ^= 1;
+        assert!(verify_launch(&forged, now).is_err());
+        let mut bad_name = call;
+        bad_name.vm_id = "../etc".into();
+        assert_eq!(
+            verify_launch(&bad_name, now).err().map(|e| e.code()),
+            Some("malformed")
+        );
+        // The TTP (and only it) opens c1 and finds τ, H2 = hash(pk_DM).
+        let lr: LaunchRequest = t.request.peek(label::LAUNCH_REQUEST).expect("peek");
+        let m1 = keys.open(label::M1.as_bytes(), &lr.c1).expect("open c1");
+        let m1: wire::M1 = wire::parse("m1", m1.expose()).expect("m1");
+        assert_eq!(m1.tau, t.tau.expose());
+        assert_eq!(m1.h2, dm.h2());
+    }
+}

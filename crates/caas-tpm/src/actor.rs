@@ -20,6 +20,42 @@ impl Job {
     }
 }
 
+/// How long an idle swtpm connection stays open.
+pub const SWTPM_IDLE_CLOSE: std::time::Duration = std::time::Duration::from_millis(250);
+
+fn open_fds() -> std::collections::BTreeSet<i32> {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Opens the TPM and marks the descriptors libtss2 opened close-on-exec.
+fn open_cloexec(tcti: &str) -> Result<Tpm, Error> {
+    let before = open_fds();
+    let t = Tpm::open(tcti)?;
+    for fd in open_fds().difference(&before) {
+        set_cloexec(*fd);
+    }
+    Ok(t)
+}
+
+#[allow(unsafe_code)]
+fn set_cloexec(fd: i32) {
+    // SAFETY: the borrow lives only for this one fcntl call. The descriptor was opened by
+    // libtss2 just now and is held by the live context; if another thread opened and
+    // closed a descriptor with this number meanwhile, fcntl fails with EBADF or marks an
+    // unrelated descriptor close-on-exec — both harmless here (nothing relies on
+    // descriptor inheritance).
+    let bfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let _ = nix::fcntl::fcntl(
+        bfd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
+}
+
 /// Async handle to the TPM owner thread.
 #[derive(Debug, Clone)]
 pub struct TpmHandle {
@@ -27,10 +63,12 @@ pub struct TpmHandle {
 }
 
 impl TpmHandle {
-    /// Opens the TPM on a new owner thread. For `swtpm:` TCTIs the context is opened per
-    /// operation and closed after it, because swtpm serves one connection at a time and
-    /// other tools (tpm2-tools) must be able to reach the same TPM; `device:` contexts
-    /// (kernel resource manager) stay open.
+    /// Opens the TPM on a new owner thread. For `swtpm:` TCTIs the context is closed after
+    /// [`SWTPM_IDLE_CLOSE`] without work, because swtpm serves one connection at a time and
+    /// other tools (tpm2-tools) must be able to reach the same TPM; within a burst of
+    /// operations (a launch) it stays open, so the loaded AK and the persistent SRK's handle
+    /// are reused. `device:` contexts (kernel resource manager) stay open. The TPM sockets
+    /// libtss2 opens are marked close-on-exec, so no child process inherits them.
     pub fn open(tcti: &str) -> Result<Self, Error> {
         let keep_open = !tcti.starts_with("swtpm:");
         let (tx, rx) = mpsc::channel::<Job>();
@@ -39,7 +77,7 @@ impl TpmHandle {
         std::thread::Builder::new()
             .name("caas-tpm".into())
             .spawn(move || {
-                let mut tpm = match Tpm::open(&tcti) {
+                let mut tpm = match open_cloexec(&tcti) {
                     Ok(t) => {
                         let _ = ready_tx.send(Ok(()));
                         Some(t)
@@ -52,9 +90,24 @@ impl TpmHandle {
                 if !keep_open {
                     tpm = None;
                 }
-                while let Ok(job) = rx.recv() {
+                loop {
+                    let job = if keep_open || tpm.is_none() {
+                        match rx.recv() {
+                            Ok(j) => j,
+                            Err(_) => break,
+                        }
+                    } else {
+                        match rx.recv_timeout(SWTPM_IDLE_CLOSE) {
+                            Ok(j) => j,
+                            Err(mpsc::RecvTimeoutError::Timeout) => {
+                                tpm = None;
+                                continue;
+                            }
+                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                        }
+                    };
                     if tpm.is_none() {
-                        match Tpm::open(&tcti) {
+                        match open_cloexec(&tcti) {
                             Ok(t) => tpm = Some(t),
                             Err(e) => {
                                 job.fail(e);
@@ -64,9 +117,6 @@ impl TpmHandle {
                     }
                     if let Some(t) = tpm.as_mut() {
                         (job.run)(t);
-                    }
-                    if !keep_open {
-                        tpm = None;
                     }
                 }
             })

@@ -267,7 +267,16 @@ impl Tpm {
         if let Some((public, h)) = &self.ak_cache
             && *public == blob.public
         {
-            return Ok(*h);
+            // Another client of the same TPM (tpm2-tools without a resource manager) may
+            // have flushed every transient object since: check that the handle still names
+            // a loaded object (TPM2_ReadPublic, about a millisecond).
+            let h = *h;
+            if self.ctx.execute_without_session(|c| c.read_public(h)).is_ok() {
+                return Ok(h);
+            }
+            self.ak_cache = None;
+            let mut oh: ObjectHandle = h.into();
+            let _ = self.ctx.tr_close(&mut oh);
         }
         if let Some((_, h)) = self.ak_cache.take() {
             self.flush(h);
