@@ -85,9 +85,22 @@ fn open_writer(path: &Path) -> Result<Connection, Error> {
     let conn = Connection::open_with_flags(path, flags).map_err(sq("opening the database"))?;
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(sq("setting the busy timeout"))?;
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-        .map_err(sq("enabling WAL"))?;
+    // Switching to WAL takes an exclusive lock; SQLite may answer SQLITE_BUSY without
+    // calling the busy handler when another connection (another node, or a second store
+    // in this process) holds a lock at that moment, so retry for up to the busy timeout.
+    let started = std::time::Instant::now();
+    let mode: String = loop {
+        match conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)) {
+            Ok(m) => break m,
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && started.elapsed() < BUSY_TIMEOUT =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => return Err(sq("enabling WAL")(e)),
+        }
+    };
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(Error::Backend {
             context: "enabling WAL",
