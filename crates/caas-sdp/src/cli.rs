@@ -132,6 +132,16 @@ pub struct ServeArgs {
     /// Benchmark baseline only: serve FILE as plain bytes, no encryption or integrity.
     #[arg(long)]
     pub plaintext: bool,
+    /// Offer TLS 1.3 (NBD_OPT_STARTTLS) with this PEM certificate chain (needs --tls-key).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert (read from this file only).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Refuse clients that do not upgrade to TLS (NBD_REP_ERR_TLS_REQD); without it TLS
+    /// is optional.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_required: bool,
     #[command(flatten)]
     pub key: KeyArgs,
 }
@@ -396,6 +406,13 @@ async fn serve_cmd(a: ServeArgs, provider: Option<Arc<dyn DataKeyProvider>>) -> 
     // it now, before possibly waiting for the key on a pipe (the host agent starts the
     // proxy while it is still fetching the key).
     let _ = caas_crypto::random_bytes(1);
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(c), Some(k)) => Some(server::TlsSettings::from_pem_files(c, k, a.tls_required)?),
+        (None, None) => None,
+        _ => {
+            return Err(Error::Config("--tls-cert and --tls-key go together".into()));
+        }
+    };
     let store = open_store(&a.store, !a.read_only).await?;
     let (backend, vol) = if a.plaintext {
         tracing::warn!(
@@ -426,9 +443,16 @@ async fn serve_cmd(a: ServeArgs, provider: Option<Arc<dyn DataKeyProvider>>) -> 
         Some(addr) => format!("nbd://{addr}/{}", a.export_name),
         None => uri,
     };
+    let uri = match &tls {
+        Some(_) => uri
+            .replacen("nbd+unix://", "nbds+unix://", 1)
+            .replacen("nbd://", "nbds://", 1),
+        None => uri,
+    };
     println!("serving {uri}");
     let cfg = ServerConfig {
         export_name: a.export_name.clone(),
+        tls,
         ..ServerConfig::default()
     };
     server::serve(listener, backend, cfg, shutdown_signal()).await?;

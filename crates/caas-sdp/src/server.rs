@@ -3,6 +3,11 @@
 //! concurrent tasks (bounded per connection), so crypto runs in parallel across requests
 //! and connections, replies go out in completion order, and a client that stops reading
 //! its replies only blocks its own connection.
+//!
+//! TLS is optional (NBD_OPT_STARTTLS): the option haggling starts in the clear, the client
+//! asks for STARTTLS, both sides run a TLS 1.3 handshake (rustls, aws-lc-rs) over the same
+//! connection and option haggling continues encrypted. With `required`, every option
+//! except STARTTLS and ABORT is refused with NBD_REP_ERR_TLS_REQD before TLS.
 use crate::Error;
 use crate::engine::Backend;
 use crate::engine::PoolBuf;
@@ -10,7 +15,7 @@ use caas_nbd::handshake::{self as hs, ClientOption, OptionReply};
 use caas_nbd::transmission::{self as tx, Command, ExportLimits, Request, cmdflags};
 use caas_nbd::{opt, rep, tflags};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -27,8 +32,69 @@ pub struct ServerConfig {
     pub max_payload: u32,
     /// Requests in flight per connection.
     pub max_in_flight: usize,
-    /// Time allowed for the handshake.
+    /// Time allowed for the handshake (option haggling and the TLS handshake).
     pub handshake_timeout: Duration,
+    /// TLS (NBD_OPT_STARTTLS); `None` refuses STARTTLS with NBD_REP_ERR_POLICY.
+    pub tls: Option<TlsSettings>,
+}
+
+/// TLS settings of the server.
+#[derive(Clone)]
+pub struct TlsSettings {
+    /// The TLS 1.3 acceptor.
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// Refuse every option except STARTTLS and ABORT before TLS (NBD_REP_ERR_TLS_REQD).
+    pub required: bool,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("required", &self.required)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsSettings {
+    /// Loads a PEM certificate chain and a PEM private key (PKCS#8, PKCS#1 or SEC1) from
+    /// files and builds a TLS 1.3-only server configuration. Error messages name the file
+    /// but never include key material.
+    pub fn from_pem_files(cert: &Path, key: &Path, required: bool) -> Result<Self, Error> {
+        use rustls::pki_types::pem::{self, PemObject};
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let pem_err = |what: &str, path: &Path, e: pem::Error| {
+            let why = match e {
+                pem::Error::Io(e) => e.to_string(),
+                pem::Error::NoItemsFound => "no PEM item of the expected type".to_string(),
+                // Other PEM errors may quote file contents: do not repeat them.
+                _ => "malformed PEM".to_string(),
+            };
+            Error::Config(format!("TLS {what} {}: {why}", path.display()))
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| pem_err("certificate", cert, e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| pem_err("certificate", cert, e))?;
+        if certs.is_empty() {
+            return Err(Error::Config(format!(
+                "TLS certificate {}: no certificate found",
+                cert.display()
+            )));
+        }
+        let key_der =
+            PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err("private key", key, e))?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| Error::Config(format!("TLS: {e}")))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key_der)
+            .map_err(|e| Error::Config(format!("TLS certificate/key: {e}")))?;
+        Ok(Self {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+            required,
+        })
+    }
 }
 
 impl Default for ServerConfig {
@@ -39,6 +105,7 @@ impl Default for ServerConfig {
             max_payload: 32 << 20,
             max_in_flight: 64,
             handshake_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -152,6 +219,27 @@ struct Negotiated {
     structured: bool,
 }
 
+/// How an option-haggling phase ended.
+enum Haggled {
+    /// NBD_OPT_GO or NBD_OPT_EXPORT_NAME: transmission follows.
+    Go(Negotiated),
+    /// NBD_OPT_ABORT: close.
+    Abort,
+    /// NBD_OPT_STARTTLS was acknowledged: the TLS handshake follows.
+    StartTls,
+}
+
+/// Where TLS stands on a connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TlsState {
+    /// No TLS configured.
+    Off,
+    /// Configured, not (yet) negotiated.
+    Offered { required: bool },
+    /// The connection runs over TLS.
+    Active,
+}
+
 fn transmission_flags(backend: &Backend, structured: bool) -> u16 {
     let mut f = tflags::HAS_FLAGS
         | tflags::SEND_FLUSH
@@ -169,12 +257,10 @@ fn transmission_flags(backend: &Backend, structured: bool) -> u16 {
     f
 }
 
-async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+async fn greet<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     r: &mut R,
     w: &mut W,
-    backend: &Backend,
-    cfg: &ServerConfig,
-) -> Result<Option<Negotiated>, Error> {
+) -> Result<bool, Error> {
     w.write_all(&hs::server_greeting())
         .await
         .map_err(Error::io("send greeting"))?;
@@ -182,7 +268,19 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     r.read_exact(&mut cf)
         .await
         .map_err(Error::io("read client flags"))?;
-    let no_zeroes = hs::parse_client_flags(cf)?;
+    Ok(hs::parse_client_flags(cf)?)
+}
+
+/// One option-haggling phase (before TLS, or after it: options negotiated before
+/// STARTTLS are forgotten).
+async fn haggle<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: &mut R,
+    w: &mut W,
+    backend: &Backend,
+    cfg: &ServerConfig,
+    no_zeroes: bool,
+    tls: TlsState,
+) -> Result<Haggled, Error> {
     let mut structured = false;
     let mut out = Vec::with_capacity(256);
     loop {
@@ -198,7 +296,27 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         out.clear();
         let name_ok = |n: &str| n.is_empty() || n == cfg.export_name;
         let mut go = false;
-        match hs::parse_option(option, &data) {
+        let parsed = hs::parse_option(option, &data);
+        if tls == (TlsState::Offered { required: true })
+            && !matches!(parsed, Ok(ClientOption::StartTls | ClientOption::Abort))
+        {
+            if option == opt::EXPORT_NAME {
+                // No error reply exists for EXPORT_NAME: the specification says to close.
+                return Err(Error::Config(
+                    "NBD_OPT_EXPORT_NAME before required TLS".into(),
+                ));
+            }
+            hs::encode_option_reply(
+                option,
+                &OptionReply::Error(rep::ERR_TLS_REQD, "TLS is required: use NBD_OPT_STARTTLS"),
+                &mut out,
+            );
+            w.write_all(&out)
+                .await
+                .map_err(Error::io("send option reply"))?;
+            continue;
+        }
+        match parsed {
             Err(e) => {
                 if option == opt::EXPORT_NAME {
                     return Err(e.into());
@@ -220,19 +338,32 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             Ok(ClientOption::Abort) => {
                 hs::encode_option_reply(option, &OptionReply::Ack, &mut out);
                 let _ = w.write_all(&out).await;
-                return Ok(None);
+                return Ok(Haggled::Abort);
             }
             Ok(ClientOption::List) => {
                 hs::encode_option_reply(option, &OptionReply::Server(&cfg.export_name), &mut out);
                 hs::encode_option_reply(option, &OptionReply::Ack, &mut out);
             }
-            Ok(ClientOption::StartTls) => {
-                hs::encode_option_reply(
+            Ok(ClientOption::StartTls) => match tls {
+                TlsState::Off => hs::encode_option_reply(
                     option,
                     &OptionReply::Error(rep::ERR_POLICY, "TLS is not configured"),
                     &mut out,
-                );
-            }
+                ),
+                TlsState::Active => hs::encode_option_reply(
+                    option,
+                    &OptionReply::Error(rep::ERR_INVALID, "TLS is already active"),
+                    &mut out,
+                ),
+                TlsState::Offered { .. } => {
+                    hs::encode_option_reply(option, &OptionReply::Ack, &mut out);
+                    w.write_all(&out)
+                        .await
+                        .map_err(Error::io("send option reply"))?;
+                    w.flush().await.map_err(Error::io("send option reply"))?;
+                    return Ok(Haggled::StartTls);
+                }
+            },
             Ok(ClientOption::StructuredReply) => {
                 structured = true;
                 hs::encode_option_reply(option, &OptionReply::Ack, &mut out);
@@ -290,7 +421,7 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             .await
             .map_err(Error::io("send option reply"))?;
         if go {
-            return Ok(Some(Negotiated { structured }));
+            return Ok(Haggled::Go(Negotiated { structured }));
         }
     }
 }
@@ -310,17 +441,66 @@ where
     R: AsyncRead + Send + Unpin + 'static,
     W: AsyncWrite + Send + Unpin + 'static,
 {
-    let neg = match tokio::time::timeout(
-        cfg.handshake_timeout,
-        handshake(&mut r, &mut w, &backend, &cfg),
-    )
-    .await
-    {
-        Ok(Ok(Some(n))) => n,
-        Ok(Ok(None)) => return Ok(()),
-        Ok(Err(e)) => return Err(e),
-        Err(_) => return Err(Error::Config("handshake timed out".into())),
+    let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
+    let timed_out = |_| Error::Config("handshake timed out".into());
+    let tls = match &cfg.tls {
+        None => TlsState::Off,
+        Some(t) => TlsState::Offered {
+            required: t.required,
+        },
     };
+    let phase1 = async {
+        let no_zeroes = greet(&mut r, &mut w).await?;
+        let h = haggle(&mut r, &mut w, &backend, &cfg, no_zeroes, tls).await?;
+        Ok::<_, Error>((no_zeroes, h))
+    };
+    let (no_zeroes, h) = tokio::time::timeout_at(deadline, phase1)
+        .await
+        .map_err(timed_out)??;
+    match h {
+        Haggled::Abort => Ok(()),
+        Haggled::Go(neg) => transmit(r, w, backend, cfg, neg).await,
+        Haggled::StartTls => {
+            let Some(t) = &cfg.tls else {
+                return Err(Error::Config("STARTTLS without TLS settings".into()));
+            };
+            let acceptor = t.acceptor.clone();
+            let tls_stream =
+                tokio::time::timeout_at(deadline, acceptor.accept(tokio::io::join(r, w)))
+                    .await
+                    .map_err(timed_out)?
+                    .map_err(Error::io("TLS handshake"))?;
+            let (mut r, mut w) = tokio::io::split(tls_stream);
+            let h = tokio::time::timeout_at(
+                deadline,
+                haggle(&mut r, &mut w, &backend, &cfg, no_zeroes, TlsState::Active),
+            )
+            .await
+            .map_err(timed_out)??;
+            match h {
+                Haggled::Go(neg) => transmit(r, w, backend, cfg, neg).await,
+                Haggled::Abort => {
+                    let _ = w.shutdown().await;
+                    Ok(())
+                }
+                Haggled::StartTls => Err(Error::Config("STARTTLS twice".into())),
+            }
+        }
+    }
+}
+
+/// The transmission phase.
+async fn transmit<R, W>(
+    r: R,
+    w: W,
+    backend: Backend,
+    cfg: Arc<ServerConfig>,
+    neg: Negotiated,
+) -> Result<(), Error>
+where
+    R: AsyncRead + Send + Unpin + 'static,
+    W: AsyncWrite + Send + Unpin + 'static,
+{
     let mut r = tokio::io::BufReader::with_capacity(64 * 1024, r);
     let w = Arc::new(Mutex::new(w));
     let lim = ExportLimits {
