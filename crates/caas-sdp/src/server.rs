@@ -89,7 +89,13 @@ impl TlsSettings {
             .map_err(|e| Error::Config(format!("TLS: {e}")))?
             .with_no_client_auth()
             .with_single_cert(certs, key_der)
-            .map_err(|e| Error::Config(format!("TLS certificate/key: {e}")))?;
+            .map_err(|e| {
+                Error::Config(format!(
+                    "TLS certificate {} / private key {}: {e}",
+                    cert.display(),
+                    key.display()
+                ))
+            })?;
         Ok(Self {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
             required,
@@ -338,6 +344,7 @@ async fn haggle<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             Ok(ClientOption::Abort) => {
                 hs::encode_option_reply(option, &OptionReply::Ack, &mut out);
                 let _ = w.write_all(&out).await;
+                let _ = w.flush().await;
                 return Ok(Haggled::Abort);
             }
             Ok(ClientOption::List) => {
@@ -420,6 +427,7 @@ async fn haggle<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         w.write_all(&out)
             .await
             .map_err(Error::io("send option reply"))?;
+        w.flush().await.map_err(Error::io("send option reply"))?;
         if go {
             return Ok(Haggled::Go(Negotiated { structured }));
         }
@@ -586,7 +594,14 @@ async fn send_error<W: AsyncWrite + Unpin>(
     } else {
         out.extend_from_slice(&tx::simple_reply(code, req.cookie));
     }
-    w.lock().await.write_all(&out).await
+    send_locked(w, &out).await
+}
+
+/// Writes one reply and flushes it (a TLS stream buffers ciphertext until flushed).
+async fn send_locked<W: AsyncWrite + Unpin>(w: &Mutex<W>, data: &[u8]) -> std::io::Result<()> {
+    let mut g = w.lock().await;
+    g.write_all(data).await?;
+    g.flush().await
 }
 
 async fn execute<W: AsyncWrite + Unpin>(
@@ -615,7 +630,7 @@ async fn execute<W: AsyncWrite + Unpin>(
                             .copy_from_slice(&tx::simple_reply(0, req.cookie));
                         HEADROOM - tx::SIMPLE_REPLY_LEN
                     };
-                    w.lock().await.write_all(&buf[start..]).await
+                    send_locked(w, &buf[start..]).await
                 }
                 Err(e) => {
                     send_error(
@@ -656,7 +671,7 @@ async fn execute<W: AsyncWrite + Unpin>(
             } else {
                 out.extend_from_slice(&tx::simple_reply(caas_nbd::errno::ENOTSUP, req.cookie));
             }
-            return w.lock().await.write_all(&out).await;
+            return send_locked(w, &out).await;
         }
         Command::WriteZeroes if req.flags & cmdflags::FAST_ZERO != 0 => {
             // Zeroing costs as much as writing here (blocks are sealed), so a fast zero
@@ -669,12 +684,7 @@ async fn execute<W: AsyncWrite + Unpin>(
         Command::Cache | Command::Disconnect | Command::Other(_) => Ok(()),
     };
     match res {
-        Ok(()) => {
-            w.lock()
-                .await
-                .write_all(&tx::simple_reply(0, req.cookie))
-                .await
-        }
+        Ok(()) => send_locked(w, &tx::simple_reply(0, req.cookie)).await,
         Err(e) => {
             tracing::warn!(error = %e, command = ?req.command, offset = req.offset, "request failed");
             send_error(

@@ -1,0 +1,310 @@
+//! TLS (NBD_OPT_STARTTLS) against real clients: nbdcopy/nbdinfo (libnbd) and qemu-img
+//! with x509 credentials. Certificates are made with the `openssl` command line: a CA and
+//! a server certificate for "localhost", plus an unrelated CA for the wrong-CA case.
+//!
+//! Note: libnbd 1.14 (Debian 12) does not verify the server certificate against
+//! `tls-certificates=DIR` for `nbds+unix://` URIs in our runs (a wrong CA directory still
+//! connects), so the wrong-CA check uses qemu-img, which verifies the chain and the
+//! hostname (`tls-hostname=localhost`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod common;
+use caas_nbd::handshake as hs;
+use caas_nbd::{opt, rep};
+use common::*;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command as Proc;
+use std::time::Duration;
+
+struct Certs {
+    /// DIR with ca-cert.pem of the CA that signed the server certificate.
+    ca_dir: PathBuf,
+    /// DIR with ca-cert.pem of an unrelated CA.
+    wrong_ca_dir: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    run(Proc::new("openssl").current_dir(dir).args(args));
+}
+
+fn make_certs(dir: &Path) -> Certs {
+    require("openssl", "openssl");
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let ca_dir = dir.join("ca");
+    let wrong_ca_dir = dir.join("wrong-ca");
+    std::fs::create_dir_all(&ca_dir).unwrap();
+    std::fs::create_dir_all(&wrong_ca_dir).unwrap();
+    for (d, cn) in [(&ca_dir, "caas-test-ca"), (&wrong_ca_dir, "someone-else")] {
+        let mut a = vec!["req", "-x509"];
+        a.extend_from_slice(&ec);
+        let subj = format!("/CN={cn}");
+        let ca = d.join("ca-cert.pem");
+        let cakey = d.join("ca-key.pem");
+        a.extend_from_slice(&[
+            "-keyout",
+            cakey.to_str().unwrap(),
+            "-out",
+            ca.to_str().unwrap(),
+            "-days",
+            "2",
+            "-subj",
+            &subj,
+        ]);
+        openssl(dir, &a);
+    }
+    let mut a = vec!["req"];
+    a.extend_from_slice(&ec);
+    a.extend_from_slice(&[
+        "-keyout",
+        "server-key.pem",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    openssl(dir, &a);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let ca = ca_dir.join("ca-cert.pem");
+    let cakey = ca_dir.join("ca-key.pem");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            ca.to_str().unwrap(),
+            "-CAkey",
+            cakey.to_str().unwrap(),
+            "-CAcreateserial",
+            "-out",
+            "server-cert.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    Certs {
+        ca_dir,
+        wrong_ca_dir,
+        cert: dir.join("server-cert.pem"),
+        key: dir.join("server-key.pem"),
+    }
+}
+
+fn tls_uri(srv: &Server, ca_dir: &Path) -> String {
+    format!(
+        "nbds+unix:///caas?socket={}&tls-certificates={}",
+        srv.socket.display(),
+        ca_dir.display()
+    )
+}
+
+/// qemu-img info over TLS with x509 credentials from `ca_dir` (verifies chain + hostname).
+fn qemu_info(srv: &Server, ca_dir: &Path) -> std::process::Output {
+    Proc::new("qemu-img")
+        .arg("info")
+        .arg("--object")
+        .arg(format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
+            ca_dir.display()
+        ))
+        .arg("--image-opts")
+        .arg(format!(
+            "driver=nbd,server.type=unix,server.path={},export=caas,tls-creds=tls0,tls-hostname=localhost",
+            srv.socket.display()
+        ))
+        .output()
+        .unwrap()
+}
+
+fn start(dir: &Path, name: &str, certs: &Certs, required: bool) -> (Server, PathBuf) {
+    let key = key_file(dir);
+    let vol = dir.join(format!("{name}.caasvol"));
+    create_volume(&vol, &key, "16M");
+    let mut args = vec![
+        vol.to_str().unwrap().to_string(),
+        "--key-file".into(),
+        key.to_str().unwrap().into(),
+        "--tls-cert".into(),
+        certs.cert.to_str().unwrap().into(),
+        "--tls-key".into(),
+        certs.key.to_str().unwrap().into(),
+    ];
+    if required {
+        args.push("--tls-required".into());
+    }
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    (Server::start(dir, name, &a), vol)
+}
+
+/// nbdcopy a random image into the export over TLS and back out; the bytes match.
+fn roundtrip(dir: &Path, uri: &str) {
+    let raw = dir.join("image.raw");
+    let data = random_file(&raw, 4 << 20);
+    run(Proc::new("nbdcopy").arg(&raw).arg(uri));
+    let back = dir.join("back.raw");
+    run(Proc::new("nbdcopy").arg(uri).arg(&back));
+    let got = std::fs::read(&back).unwrap();
+    assert_eq!(got.len(), 16 << 20);
+    assert!(
+        got[..data.len()] == data[..],
+        "data differs after TLS round trip"
+    );
+    assert!(got[data.len()..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn optional_tls_roundtrip_with_nbdcopy_and_qemu() {
+    require("nbdcopy", "libnbd-bin");
+    require("nbdinfo", "libnbd-bin");
+    require("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let (srv, _vol) = start(dir.path(), "opt", &certs, false);
+    let uri = tls_uri(&srv, &certs.ca_dir);
+    let info = run(Proc::new("nbdinfo").arg(&uri));
+    assert!(info.contains("with TLS"), "{info}");
+    roundtrip(dir.path(), &uri);
+    // TLS is optional: a plaintext client sees the same export.
+    let info = run(Proc::new("nbdinfo").arg(srv.uri()));
+    assert!(info.contains("without TLS"), "{info}");
+    // qemu (GnuTLS, verifying the CA and the hostname) connects too.
+    let out = qemu_info(&srv, &certs.ca_dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("16777216"),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    srv.stop();
+}
+
+#[test]
+fn required_tls_refuses_plaintext_and_wrong_ca() {
+    require("nbdcopy", "libnbd-bin");
+    require("nbdinfo", "libnbd-bin");
+    require("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let (srv, _vol) = start(dir.path(), "req", &certs, true);
+
+    // A plaintext client is refused cleanly.
+    let out = Proc::new("nbdinfo").arg(srv.uri()).output().unwrap();
+    assert!(!out.status.success(), "plaintext client was served");
+
+    // At the protocol level: every option but STARTTLS/ABORT gets NBD_REP_ERR_TLS_REQD.
+    let mut s = UnixStream::connect(&srv.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut g = [0u8; hs::GREETING_LEN];
+    s.read_exact(&mut g).unwrap();
+    hs::parse_server_greeting(&g).unwrap();
+    s.write_all(&hs::client_flags()).unwrap();
+    let reply = |s: &mut UnixStream, option: u32, data: &[u8]| {
+        let mut out = Vec::new();
+        hs::encode_option(option, data, &mut out);
+        s.write_all(&out).unwrap();
+        let mut h = [0u8; hs::OPTION_REPLY_HEADER_LEN];
+        s.read_exact(&mut h).unwrap();
+        let (o, typ, len) = hs::parse_option_reply_header(&h).unwrap();
+        let mut d = vec![0u8; len as usize];
+        s.read_exact(&mut d).unwrap();
+        assert_eq!(o, option);
+        typ
+    };
+    let go = hs::encode_go_payload("", &[]);
+    assert_eq!(reply(&mut s, opt::GO, &go), rep::ERR_TLS_REQD);
+    assert_eq!(reply(&mut s, opt::INFO, &go), rep::ERR_TLS_REQD);
+    assert_eq!(reply(&mut s, opt::LIST, &[]), rep::ERR_TLS_REQD);
+    assert_eq!(reply(&mut s, opt::STRUCTURED_REPLY, &[]), rep::ERR_TLS_REQD);
+    assert_eq!(reply(&mut s, opt::ABORT, &[]), rep::ACK);
+    drop(s);
+
+    // A client trusting another CA fails the TLS handshake.
+    let out = qemu_info(&srv, &certs.wrong_ca_dir);
+    assert!(!out.status.success(), "wrong CA accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("issuer") || err.contains("certificate"),
+        "{err}"
+    );
+    // The right CA works, and the data round trip through TLS matches.
+    let out = qemu_info(&srv, &certs.ca_dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    roundtrip(dir.path(), &tls_uri(&srv, &certs.ca_dir));
+    srv.stop();
+}
+
+#[test]
+fn bad_tls_files_are_clear_errors_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let key = key_file(dir.path());
+    let vol = dir.path().join("v.caasvol");
+    create_volume(&vol, &key, "1M");
+    let bad_key = dir.path().join("bad-key.pem");
+    std::fs::write(
+        &bad_key,
+        "-----BEGIN PRIVATE KEY-----\nSECRETSECRET!!\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let serve = |cert: &Path, tls_key: &Path| {
+        Proc::new(BIN)
+            .arg("serve")
+            .arg(&vol)
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--socket")
+            .arg(dir.path().join("x.sock"))
+            .arg("--tls-cert")
+            .arg(cert)
+            .arg("--tls-key")
+            .arg(tls_key)
+            .output()
+            .unwrap()
+    };
+    for (cert, k, want) in [
+        (&certs.cert, &bad_key, "bad-key.pem"),
+        (&certs.cert, &certs.cert, "server-cert.pem"),
+        (&certs.cert, &dir.path().join("missing.pem"), "missing.pem"),
+        (&certs.key, &certs.key, "server-key.pem"),
+    ] {
+        let out = serve(cert, k);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "served with {cert:?} {k:?}");
+        assert!(err.contains(want), "{err}");
+        assert!(!err.contains("SECRET"), "{err}");
+        assert!(!err.contains("BEGIN"), "{err}");
+    }
+    // --tls-key without --tls-cert is a usage error.
+    let out = Proc::new(BIN)
+        .arg("serve")
+        .arg(&vol)
+        .arg("--socket")
+        .arg(dir.path().join("y.sock"))
+        .arg("--tls-key")
+        .arg(&certs.key)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
