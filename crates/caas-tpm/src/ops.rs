@@ -271,7 +271,11 @@ impl Tpm {
             // have flushed every transient object since: check that the handle still names
             // a loaded object (TPM2_ReadPublic, about a millisecond).
             let h = *h;
-            if self.ctx.execute_without_session(|c| c.read_public(h)).is_ok() {
+            if self
+                .ctx
+                .execute_without_session(|c| c.read_public(h))
+                .is_ok()
+            {
                 return Ok(h);
             }
             self.ak_cache = None;
