@@ -216,6 +216,19 @@ pub struct M2 {
     pub vm_id: String,
 }
 
+impl Drop for M2 {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.tau);
+        zeroize::Zeroize::zeroize(&mut self.dk);
+    }
+}
+
+impl Drop for M1 {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.tau);
+    }
+}
+
 impl std::fmt::Debug for M2 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("M2")
