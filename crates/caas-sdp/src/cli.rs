@@ -118,11 +118,16 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub store: StoreArgs,
     /// Listen on this UNIX socket.
-    #[arg(long, value_name = "PATH", required_unless_present = "tcp")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["tcp", "vsock"])]
     pub socket: Option<PathBuf>,
     /// Listen on this TCP address.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", conflicts_with = "socket")]
     pub tcp: Option<SocketAddr>,
+    /// Listen on this AF_VSOCK port (any CID), for clients in VMs on this host or for a
+    /// proxy running in a micro-VM. A host without a vsock transport (no VM, no
+    /// vsock_loopback) can bind the port but nothing can connect to it.
+    #[arg(long, value_name = "PORT", conflicts_with_all = ["socket", "tcp"])]
+    pub vsock: Option<u32>,
     /// Export name.
     #[arg(long, default_value = "caas")]
     pub export_name: String,
@@ -430,13 +435,21 @@ async fn serve_cmd(a: ServeArgs, provider: Option<Arc<dyn DataKeyProvider>>) -> 
         }
         (Backend::Encrypted(vol.clone()), Some(vol))
     };
-    let (listen, uri) = match (&a.socket, a.tcp) {
-        (Some(p), _) => (
+    let (listen, uri) = match (&a.socket, a.tcp, a.vsock) {
+        (Some(p), _, _) => (
             Listen::Unix(p.clone()),
             format!("nbd+unix:///{}?socket={}", a.export_name, p.display()),
         ),
-        (None, Some(t)) => (Listen::Tcp(t), String::new()),
-        (None, None) => return Err(Error::Config("pass --socket PATH or --tcp ADDR".into())),
+        (None, Some(t), _) => (Listen::Tcp(t), String::new()),
+        (None, None, Some(port)) => (
+            Listen::Vsock(port),
+            format!("nbd+vsock://CID:{port}/{}", a.export_name),
+        ),
+        (None, None, None) => {
+            return Err(Error::Config(
+                "pass --socket PATH, --tcp ADDR or --vsock PORT".into(),
+            ));
+        }
     };
     let listener = Listener::bind(&listen).await?;
     let uri = match listener.tcp_addr() {
@@ -446,6 +459,7 @@ async fn serve_cmd(a: ServeArgs, provider: Option<Arc<dyn DataKeyProvider>>) -> 
     let uri = match &tls {
         Some(_) => uri
             .replacen("nbd+unix://", "nbds+unix://", 1)
+            .replacen("nbd+vsock://", "nbds+vsock://", 1)
             .replacen("nbd://", "nbds://", 1),
         None => uri,
     };

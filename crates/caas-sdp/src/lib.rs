@@ -14,6 +14,7 @@ pub mod engine;
 mod error;
 pub mod server;
 pub mod store;
+pub mod vsock;
 
 /// The KMS hook: implement this to supply data keys (re-exported from `caas-volume`).
 pub use caas_volume::DataKeyProvider;

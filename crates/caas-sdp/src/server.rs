@@ -1,4 +1,4 @@
-//! The NBD server: listeners (UNIX socket, TCP), the fixed-newstyle handshake and the
+//! The NBD server: listeners (UNIX socket, TCP, vsock), the fixed-newstyle handshake and the
 //! transmission loop. Each connection parses requests sequentially and runs them as
 //! concurrent tasks (bounded per connection), so crypto runs in parallel across requests
 //! and connections, replies go out in completion order, and a client that stops reading
@@ -123,6 +123,8 @@ pub enum Listen {
     Unix(PathBuf),
     /// A TCP address.
     Tcp(SocketAddr),
+    /// An AF_VSOCK port on VMADDR_CID_ANY.
+    Vsock(u32),
 }
 
 /// A bound listener.
@@ -132,6 +134,8 @@ pub enum Listener {
     Unix(tokio::net::UnixListener, PathBuf),
     /// TCP.
     Tcp(tokio::net::TcpListener),
+    /// vsock.
+    Vsock(crate::vsock::VsockListener),
 }
 
 impl Listener {
@@ -153,13 +157,14 @@ impl Listener {
                     .await
                     .map_err(Error::io("bind NBD port"))?,
             )),
+            Listen::Vsock(port) => Ok(Listener::Vsock(crate::vsock::VsockListener::bind(*port)?)),
         }
     }
     /// The bound TCP address (for port 0).
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         match self {
             Listener::Tcp(l) => l.local_addr().ok(),
-            Listener::Unix(..) => None,
+            Listener::Unix(..) | Listener::Vsock(_) => None,
         }
     }
 }
@@ -181,6 +186,9 @@ pub async fn serve(
                     let (r, w) = s.into_split();
                     spawn_conn(r, w, backend.clone(), cfg.clone())
                 }
+                Ok(Conn::Vsock(s)) => {
+                    spawn_conn(s.clone(), s, backend.clone(), cfg.clone())
+                }
                 Ok(Conn::Tcp(s)) => {
                     let _ = s.set_nodelay(true);
                     let (r, w) = s.into_split();
@@ -198,12 +206,14 @@ pub async fn serve(
 enum Conn {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream),
+    Vsock(crate::vsock::VsockStream),
 }
 
 async fn accept(l: &Listener) -> std::io::Result<Conn> {
     match l {
         Listener::Unix(l, _) => Ok(Conn::Unix(l.accept().await?.0)),
         Listener::Tcp(l) => Ok(Conn::Tcp(l.accept().await?.0)),
+        Listener::Vsock(l) => Ok(Conn::Vsock(l.accept().await?)),
     }
 }
 
