@@ -5,6 +5,11 @@
 //! is the tokio glue: ciphertext stores ([`store`]), the block engine ([`engine`]), the
 //! server ([`server`]), the `caas volume` CLI ([`cli`]) and the `caas dev` hook ([`dev`]).
 //!
+//! Transports: UNIX socket, TCP, or AF_VSOCK ([`vsock`]; on a host without a vsock
+//! transport the port binds but nobody can connect). Optional TLS 1.3 via NBD_OPT_STARTTLS
+//! (`--tls-cert/--tls-key [--tls-required]`, rustls with aws-lc-rs; server authentication
+//! only, no client certificates yet); the certificate and key come from files only.
+//!
 //! Trust boundary: the ciphertext store (a file, or an upstream NBD export on the storage
 //! host) only ever sees ciphertext, metadata and the header; keys live in zeroizing types
 //! in this process and never appear in logs, errors, argv or the environment.

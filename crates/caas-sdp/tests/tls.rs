@@ -308,3 +308,95 @@ fn bad_tls_files_are_clear_errors_without_secrets() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// A raw rustls client: STARTTLS, then a second STARTTLS is refused with ERR_INVALID,
+/// then GO and a READ over TLS. Also: EXPORT_NAME before required TLS closes the
+/// connection (the option has no error reply).
+#[test]
+fn raw_starttls_client_and_export_name_before_tls() {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let (srv, _vol) = start(dir.path(), "raw", &certs, true);
+
+    // EXPORT_NAME in the clear: the server closes.
+    let mut s = UnixStream::connect(&srv.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut g = [0u8; hs::GREETING_LEN];
+    s.read_exact(&mut g).unwrap();
+    let mut out = hs::client_flags().to_vec();
+    hs::encode_option(opt::EXPORT_NAME, b"caas", &mut out);
+    s.write_all(&out).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "server answered EXPORT_NAME before TLS");
+
+    // STARTTLS.
+    let mut s = UnixStream::connect(&srv.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.read_exact(&mut g).unwrap();
+    let mut out = hs::client_flags().to_vec();
+    hs::encode_option(opt::STARTTLS, &[], &mut out);
+    s.write_all(&out).unwrap();
+    let read_reply = |s: &mut dyn Read| {
+        let mut h = [0u8; hs::OPTION_REPLY_HEADER_LEN];
+        s.read_exact(&mut h).unwrap();
+        let (o, typ, len) = hs::parse_option_reply_header(&h).unwrap();
+        let mut d = vec![0u8; len as usize];
+        s.read_exact(&mut d).unwrap();
+        (o, typ, d)
+    };
+    assert_eq!(read_reply(&mut s).1, rep::ACK);
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(certs.ca_dir.join("ca-cert.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap())
+            .unwrap();
+    let mut t = rustls::StreamOwned::new(conn, s);
+    let mut out = Vec::new();
+    hs::encode_option(opt::STARTTLS, &[], &mut out);
+    t.write_all(&out).unwrap();
+    let (o, typ, _) = read_reply(&mut t);
+    assert_eq!((o, typ), (opt::STARTTLS, rep::ERR_INVALID));
+    assert_eq!(
+        t.conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    let mut out = Vec::new();
+    hs::encode_option(opt::GO, &hs::encode_go_payload("caas", &[]), &mut out);
+    t.write_all(&out).unwrap();
+    loop {
+        let (_, typ, _) = read_reply(&mut t);
+        if typ == rep::ACK {
+            break;
+        }
+        assert_eq!(typ, rep::INFO);
+    }
+    let req = caas_nbd::transmission::Request {
+        flags: 0,
+        command: caas_nbd::transmission::Command::Read,
+        cookie: 7,
+        offset: 4096,
+        length: 8192,
+    };
+    t.write_all(&req.encode()).unwrap();
+    let mut h = [0u8; caas_nbd::transmission::SIMPLE_REPLY_LEN];
+    t.read_exact(&mut h).unwrap();
+    let r = caas_nbd::transmission::Reply::parse_simple(&h).unwrap();
+    assert_eq!((r.cookie, r.error), (7, 0));
+    let mut data = vec![1u8; 8192];
+    t.read_exact(&mut data).unwrap();
+    assert!(data.iter().all(|&b| b == 0), "fresh volume reads zeros");
+    drop(t);
+    srv.stop();
+}
