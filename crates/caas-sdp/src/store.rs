@@ -32,6 +32,23 @@ impl Store {
             .truncate(false)
             .open(path)
             .map_err(Error::io("open ciphertext file"))?;
+        // One writer at a time: two proxies writing one volume (two hosts attaching the
+        // same DBSP volume, or a second `caas volume serve`) would reuse nonces and corrupt
+        // it. Writers take an exclusive lock, readers a shared one; it lives as long as the
+        // file is open.
+        let locked = if writable {
+            file.try_lock()
+        } else {
+            file.try_lock_shared()
+        };
+        if let Err(e) = locked {
+            return Err(match e {
+                std::fs::TryLockError::WouldBlock => {
+                    Error::Config(format!("{} is in use by another proxy", path.display()))
+                }
+                std::fs::TryLockError::Error(e) => Error::io("lock ciphertext file")(e),
+            });
+        }
         if let Some(len) = create_len {
             file.set_len(len)
                 .map_err(Error::io("size ciphertext file"))?;

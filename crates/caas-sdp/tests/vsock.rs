@@ -13,17 +13,20 @@ fn vsock_listener_binds_and_bad_ports_are_clear_errors() {
     let key = key_file(dir.path());
     let vol = dir.path().join("v.caasvol");
     create_volume(&vol, &key, "1M");
+    let vol2 = dir.path().join("v2.caasvol");
+    create_volume(&vol2, &key, "1M");
     let port = (20_000 + std::process::id() % 30_000).to_string();
-    let serve = |port: &str| {
+    let serve_vol = |vol: &std::path::Path, port: &str| {
         let mut c = Proc::new(BIN);
         c.arg("serve")
-            .arg(&vol)
+            .arg(vol)
             .arg("--key-file")
             .arg(&key)
             .args(["--vsock", port])
             .env("CAAS_LOG", "warn");
         c
     };
+    let serve = |port: &str| serve_vol(&vol, port);
     let mut child = serve(&port)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -41,8 +44,12 @@ fn vsock_listener_binds_and_bad_ports_are_clear_errors() {
         return;
     }
     assert_eq!(line.trim(), format!("serving nbd+vsock://CID:{port}/caas"));
+    // The same volume twice: refused (one writer per volume).
+    let out = serve("1").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
     // The same port twice: a clear error naming the port.
-    let out = serve(&port).output().unwrap();
+    let out = serve_vol(&vol2, &port).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

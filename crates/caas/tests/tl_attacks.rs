@@ -421,6 +421,14 @@ fn storage_ch_substitution_is_rejected() {
             "finance/db",
         ],
     );
+    // (The volume is released first: while vm1's proxy has it open, a second proxy is
+    // refused before any key is asked for — one writer per volume.)
+    c.call(
+        "POST",
+        &format!("{}/v1/agent/workloads/vm1/stop", c.agent("host-1")),
+        None,
+    )
+    .unwrap();
     c.move_to_other_profile("host-2");
     // The same DM's workload, accepted under SP "other" on host-2, asks for finance/db.
     let (mut call, _) = c.launch_call("alice", "web", "vm2", "other", &["finance"]);
