@@ -9,7 +9,7 @@ use crate::wire::{
     self, Attestation, DomKeyInner, DomKeyRequest, DomKeyResponse, LaunchCall, LaunchRequest, M2,
     Meta, Revoke, Signed, check_fresh, check_name, label,
 };
-use caas_crypto::{SecretBytes, SecretKey};
+use caas_crypto::SecretKey;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -202,37 +202,8 @@ pub fn check_revoke(notice: &Signed, ttp: &TtpPublic, host: &str, now_ms: u64) -
     Ok(r)
 }
 
-/// What the SC injects into the workload: τ and pk_DM (seed 003 §4.3, last step).
-#[derive(serde::Serialize, serde::Deserialize)]
-pub struct Injected {
-    /// τ.
-    #[serde(with = "caas_attest::b64")]
-    pub tau: Vec<u8>,
-    /// pk_DM.
-    #[serde(with = "caas_attest::b64")]
-    pub pk_dm: Vec<u8>,
-}
-
-impl std::fmt::Debug for Injected {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Injected([REDACTED])")
-    }
-}
-
-impl Injected {
-    /// JSON in a zeroizing buffer.
-    pub fn to_secret_json(&self) -> SecretBytes {
-        SecretBytes::new(wire::to_bytes(self))
-    }
-}
-
-impl Drop for Injected {
-    fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.tau);
-    }
-}
-
 #[cfg(test)]
+#[allow(clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -69,27 +69,26 @@ pub struct Session {
 pub struct Ttp<S> {
     store: Arc<S>,
     keys: TtpKeys,
-    nonce_lock: tokio_free_mutex::Mutex,
+    nonce_lock: InFlight,
 }
 
-/// A tiny async-agnostic mutex for the replay check (held across one get+put).
-mod tokio_free_mutex {
-    /// Serialises replay checks on one node (the store has no compare-and-set here).
-    #[derive(Debug, Default)]
-    pub struct Mutex(std::sync::Mutex<std::collections::HashSet<String>>);
-    impl Mutex {
-        /// Marks `id` in flight; false if it already is.
-        pub fn begin(&self, id: &str) -> bool {
-            self.0
-                .lock()
-                .map(|mut s| s.insert(id.to_string()))
-                .unwrap_or(false)
-        }
-        /// Clears `id`.
-        pub fn end(&self, id: &str) {
-            if let Ok(mut s) = self.0.lock() {
-                s.remove(id);
-            }
+/// Nonces whose replay check (a store get, then a put) is in progress on this node: a
+/// concurrent second use of the same nonce is refused instead of racing the store.
+#[derive(Debug, Default)]
+struct InFlight(std::sync::Mutex<std::collections::HashSet<String>>);
+
+impl InFlight {
+    /// Marks `id` in flight; false if it already is.
+    fn begin(&self, id: &str) -> bool {
+        self.0
+            .lock()
+            .map(|mut s| s.insert(id.to_string()))
+            .unwrap_or(false)
+    }
+    /// Clears `id`.
+    fn end(&self, id: &str) {
+        if let Ok(mut s) = self.0.lock() {
+            s.remove(id);
         }
     }
 }

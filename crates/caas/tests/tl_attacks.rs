@@ -165,6 +165,36 @@ impl Cloud {
         )
     }
 
+    /// `caas tenant launch` of image "web" as `vm` on `host` with finance/db attached.
+    fn launch_with_db(&self, tenant: &str, vm: &str, host: &str) {
+        self.tenant_ok(
+            tenant,
+            &[
+                "launch",
+                "--id",
+                "web",
+                "--vm",
+                vm,
+                "--host",
+                host,
+                "--domains",
+                "finance",
+                "--volumes",
+                "finance/db",
+            ],
+        );
+    }
+
+    /// Management API: stop `vm` on `host`.
+    fn stop(&self, host: &str, vm: &str) {
+        self.call(
+            "POST",
+            &format!("{}/v1/agent/workloads/{vm}/stop", self.agent(host)),
+            None,
+        )
+        .unwrap();
+    }
+
     fn launch_at(&self, host: &str, call: &LaunchCall) -> Reply {
         self.call(
             "POST",
@@ -222,6 +252,15 @@ impl Cloud {
             .unwrap();
         assert_eq!(v["trusted"], json!(true), "{host} trusted under other: {v}");
     }
+}
+
+/// The DBSP volume finance/db (1 MiB when created).
+fn finance_db() -> Vec<VolumeRequest> {
+    vec![VolumeRequest {
+        domain: "finance".into(),
+        sr: "db".into(),
+        size: 1 << 20,
+    }]
 }
 
 fn dm(tdir: &Path) -> DomainManager {
@@ -405,38 +444,14 @@ fn combined_substitution_is_rejected() {
 fn storage_ch_substitution_is_rejected() {
     let c = Cloud::start();
     c.tenant_with_image("alice", "finance", "web");
-    c.tenant_ok(
-        "alice",
-        &[
-            "launch",
-            "--id",
-            "web",
-            "--vm",
-            "vm1",
-            "--host",
-            "host-1",
-            "--domains",
-            "finance",
-            "--volumes",
-            "finance/db",
-        ],
-    );
+    c.launch_with_db("alice", "vm1", "host-1");
     // (The volume is released first: while vm1's proxy has it open, a second proxy is
     // refused before any key is asked for — one writer per volume.)
-    c.call(
-        "POST",
-        &format!("{}/v1/agent/workloads/vm1/stop", c.agent("host-1")),
-        None,
-    )
-    .unwrap();
+    c.stop("host-1", "vm1");
     c.move_to_other_profile("host-2");
     // The same DM's workload, accepted under SP "other" on host-2, asks for finance/db.
     let (mut call, _) = c.launch_call("alice", "web", "vm2", "other", &["finance"]);
-    call.volumes = vec![VolumeRequest {
-        domain: "finance".into(),
-        sr: "db".into(),
-        size: 1 << 20,
-    }];
+    call.volumes = finance_db();
     assert_refused(
         &c.launch_at("host-2", &call),
         "sp_mismatch",
@@ -497,21 +512,14 @@ fn replayed_tl_and_dbsp_messages_are_rejected() {
     let (call, _) = c.launch_call("alice", "web", "vm1", "dev", &[]);
     c.launch_at("host-1", &call).unwrap();
     // The same TL.Request again: refused by the host, and by the TTP on another host.
-    let mut again = call.clone();
-    again.vm_id = "vm1".into();
-    c.call(
-        "POST",
-        &format!("{}/v1/agent/workloads/vm1/stop", c.agent("host-1")),
-        None,
-    )
-    .unwrap();
+    c.stop("host-1", "vm1");
     assert_refused(
-        &c.launch_at("host-1", &again),
+        &c.launch_at("host-1", &call),
         "nonce_replayed",
         "replay at the host",
     );
     assert_refused(
-        &c.launch_at("host-2", &again),
+        &c.launch_at("host-2", &call),
         "nonce_replayed",
         "replay at the TTP",
     );
@@ -639,28 +647,8 @@ fn tampered_image_configuration_and_swapped_pk_dm_are_rejected() {
 fn tampered_c4_or_mu_is_rejected() {
     let c = Cloud::start();
     c.tenant_with_image("alice", "finance", "web");
-    c.tenant_ok(
-        "alice",
-        &[
-            "launch",
-            "--id",
-            "web",
-            "--vm",
-            "vm1",
-            "--host",
-            "host-1",
-            "--domains",
-            "finance",
-            "--volumes",
-            "finance/db",
-        ],
-    );
-    c.call(
-        "POST",
-        &format!("{}/v1/agent/workloads/vm1/stop", c.agent("host-1")),
-        None,
-    )
-    .unwrap();
+    c.launch_with_db("alice", "vm1", "host-1");
+    c.stop("host-1", "vm1");
     let vol = c.storage().join("domains/finance/db.caasvol");
     let orig = std::fs::read(&vol).unwrap();
     for (off, code) in [(1504 + 20, "c4_invalid"), (2528 + 3, "mu_invalid")] {
@@ -668,11 +656,7 @@ fn tampered_c4_or_mu_is_rejected() {
         t[off] ^= 1;
         std::fs::write(&vol, &t).unwrap();
         let (mut call, _) = c.launch_call("alice", "web", "vm2", "dev", &["finance"]);
-        call.volumes = vec![VolumeRequest {
-            domain: "finance".into(),
-            sr: "db".into(),
-            size: 1 << 20,
-        }];
+        call.volumes = finance_db();
         assert_refused(
             &c.launch_at("host-1", &call),
             code,
@@ -681,11 +665,7 @@ fn tampered_c4_or_mu_is_rejected() {
     }
     std::fs::write(&vol, &orig).unwrap();
     let (mut call, _) = c.launch_call("alice", "web", "vm3", "dev", &["finance"]);
-    call.volumes = vec![VolumeRequest {
-        domain: "finance".into(),
-        sr: "db".into(),
-        size: 1 << 20,
-    }];
+    call.volumes = finance_db();
     c.launch_at("host-1", &call).unwrap();
     let audit = c.audit();
     assert!(
@@ -700,22 +680,7 @@ fn tampered_c4_or_mu_is_rejected() {
 fn host_that_changed_state_is_rejected_and_loses_its_keys() {
     let c = Cloud::start();
     c.tenant_with_image("alice", "finance", "web");
-    c.tenant_ok(
-        "alice",
-        &[
-            "launch",
-            "--id",
-            "web",
-            "--vm",
-            "vm1",
-            "--host",
-            "host-1",
-            "--domains",
-            "finance",
-            "--volumes",
-            "finance/db",
-        ],
-    );
+    c.launch_with_db("alice", "vm1", "host-1");
     assert_eq!(c.workloads("host-1").len(), 1);
     c.call(
         "POST",
@@ -757,22 +722,7 @@ fn host_that_changed_state_is_rejected_and_loses_its_keys() {
 fn compromised_management_gets_no_key_material() {
     let c = Cloud::start();
     c.tenant_with_image("alice", "finance", "web");
-    c.tenant_ok(
-        "alice",
-        &[
-            "launch",
-            "--id",
-            "web",
-            "--vm",
-            "vm1",
-            "--host",
-            "host-1",
-            "--domains",
-            "finance",
-            "--volumes",
-            "finance/db",
-        ],
-    );
+    c.launch_with_db("alice", "vm1", "host-1");
     let vm: Value =
         serde_json::from_slice(&std::fs::read(c.tdir("alice").join("vms/vm1.json")).unwrap())
             .unwrap();
