@@ -365,7 +365,18 @@ impl Domain {
                     Origin::Generated(mechanism.mechanism),
                     &[(CKA_VALUE_LEN, attr::ulong(len as u64))],
                     Some(v),
-                )?;
+                    self.role(app, slot),
+                )
+                .map_err(|e| {
+                    self.refuse(
+                        app,
+                        "C_GenerateKey",
+                        slot,
+                        None,
+                        Some(mechanism.mechanism),
+                        e,
+                    )
+                })?;
                 let o = self.insert(app, session, slot, rw, attrs, secret)?;
                 self.audit(
                     app,
@@ -433,7 +444,18 @@ impl Domain {
                     origin,
                     &pair.public_attrs,
                     None,
-                )?;
+                    self.role(app, slot),
+                )
+                .map_err(|e| {
+                    self.refuse(
+                        app,
+                        "C_GenerateKeyPair",
+                        slot,
+                        None,
+                        Some(mechanism.mechanism),
+                        e,
+                    )
+                })?;
                 let priv_extra: Vec<(u64, Vec<u8>)> = pair
                     .public_attrs
                     .iter()
@@ -447,7 +469,18 @@ impl Domain {
                     origin,
                     &priv_extra,
                     Some(pair.secret),
-                )?;
+                    self.role(app, slot),
+                )
+                .map_err(|e| {
+                    self.refuse(
+                        app,
+                        "C_GenerateKeyPair",
+                        slot,
+                        None,
+                        Some(mechanism.mechanism),
+                        e,
+                    )
+                })?;
                 let public = self.insert(app, session, slot, rw, pa, None)?;
                 let private = match self.insert(app, session, slot, rw, sa, ss) {
                     Ok(p) => p,
@@ -494,6 +527,16 @@ impl Domain {
                         CKR_KEY_UNEXTRACTABLE,
                     );
                     return Err(Ckr(CKR_KEY_UNEXTRACTABLE));
+                }
+                if let Err(e) = self.wrap_policy(slot, mechanism.mechanism, &wk, &k) {
+                    return Err(self.refuse(
+                        app,
+                        "C_WrapKey",
+                        slot,
+                        Some(&k),
+                        Some(mechanism.mechanism),
+                        e,
+                    ));
                 }
                 let plain = match k.class() {
                     CKO_SECRET_KEY | CKO_PRIVATE_KEY => {
@@ -545,6 +588,21 @@ impl Domain {
                     .map_err(|_| Ckr(CKR_UNWRAPPING_KEY_HANDLE_INVALID))?;
                 let class = tmpl_ulong(&template, CKA_CLASS).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
                 let kt = tmpl_ulong(&template, CKA_KEY_TYPE).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
+                // The unwrap rules (`policy`): no padding oracle, never a weaker key.
+                let refuse = |e| {
+                    self.refuse(
+                        app,
+                        "C_UnwrapKey",
+                        slot,
+                        Some(&uk),
+                        Some(mechanism.mechanism),
+                        e,
+                    )
+                };
+                if mechanism.mechanism == CKM_AES_CBC_PAD {
+                    return Err(refuse(Ckr(CKR_MECHANISM_INVALID)));
+                }
+                let forced = policy::unwrap_forced(&template, &uk).map_err(refuse)?;
                 let plain = self.wrap_bytes(&mechanism, &uk, &wrapped.0, false)?;
                 self.use_key(app, slot, &uk, "C_UnwrapKey", mechanism.mechanism)?;
                 let (extra, secret) = match (class, kt) {
@@ -573,9 +631,18 @@ impl Domain {
                 let t: Vec<Attr> = template
                     .into_iter()
                     .filter(|a| a.ty != CKA_VALUE_LEN)
+                    .chain(forced)
                     .collect();
-                let (attrs, secret) =
-                    object::build(&t, class, Some(kt), Origin::Imported, &extra, Some(secret))?;
+                let (attrs, secret) = object::build(
+                    &t,
+                    class,
+                    Some(kt),
+                    Origin::Imported,
+                    &extra,
+                    Some(secret),
+                    self.role(app, slot),
+                )
+                .map_err(refuse)?;
                 let o = self.insert(app, session, slot, rw, attrs, secret)?;
                 self.audit(
                     app,
@@ -635,7 +702,18 @@ impl Domain {
                     Origin::Generated(CKM_ECDH1_DERIVE),
                     &[(CKA_VALUE_LEN, attr::ulong(len as u64))],
                     Some(Zeroizing::new(z[..len].to_vec())),
-                )?;
+                    self.role(app, slot),
+                )
+                .map_err(|e| {
+                    self.refuse(
+                        app,
+                        "C_DeriveKey",
+                        slot,
+                        Some(&k),
+                        Some(CKM_ECDH1_DERIVE),
+                        e,
+                    )
+                })?;
                 // Derived keys inherit the base key's sensitivity history.
                 attrs.insert(CKA_LOCAL, attr::boolean(false));
                 if !k.flag(CKA_ALWAYS_SENSITIVE) {
@@ -673,6 +751,61 @@ impl Domain {
             }
             _ => return Err(Ckr(CKR_FUNCTION_NOT_SUPPORTED)),
         })
+    }
+
+    /// The wrap rules of `policy`: may `wk` wrap `k` with `mech`? CKR_KEY_NOT_WRAPPABLE if not.
+    fn wrap_policy(&self, slot: u64, mech: u64, wk: &Object, k: &Object) -> R<()> {
+        let no = Err(Ckr(CKR_KEY_NOT_WRAPPABLE));
+        if k.flag(CKA_WRAP_WITH_TRUSTED) && !wk.flag(CKA_TRUSTED) {
+            return no;
+        }
+        if policy::has_limit(k) {
+            return no;
+        }
+        if !k.flag(CKA_SENSITIVE) {
+            return Ok(());
+        }
+        if !policy::wraps_sensitive(mech) {
+            return no;
+        }
+        let t = self.token(slot)?;
+        let objects = t.read_objects();
+        match wk.class() {
+            CKO_SECRET_KEY => {
+                if !policy::secret_wrapping_key_is_safe(wk) {
+                    return no;
+                }
+                let value = wk.secret.as_deref().ok_or(Ckr(CKR_KEY_NOT_WRAPPABLE))?;
+                // The key itself and every copy of its value: none may decrypt, nor unwrap
+                // with CBC-PAD (refused anyway, kept as a second line).
+                let twin_opens = objects.values().any(|o| {
+                    o.class() == CKO_SECRET_KEY
+                        && o.secret.as_deref().is_some_and(|v| {
+                            aws_lc_rs::constant_time::verify_slices_are_equal(v, value).is_ok()
+                        })
+                        && policy::opens_wraps(o, CKM_AES_CBC_PAD)
+                });
+                if twin_opens {
+                    return no;
+                }
+            }
+            CKO_PUBLIC_KEY => {
+                if !wk.flag(CKA_TRUSTED) {
+                    return no;
+                }
+                let modulus = wk.bytes(CKA_MODULUS).ok_or(Ckr(CKR_KEY_NOT_WRAPPABLE))?;
+                let twin_opens = objects.values().any(|o| {
+                    o.class() == CKO_PRIVATE_KEY
+                        && o.bytes(CKA_MODULUS).as_deref() == Some(&modulus[..])
+                        && policy::opens_wraps(o, CKM_RSA_PKCS)
+                });
+                if twin_opens {
+                    return no;
+                }
+            }
+            _ => return no,
+        }
+        Ok(())
     }
 
     fn wrap_bytes(

@@ -17,6 +17,7 @@ pub mod keys;
 pub mod keysource;
 pub mod object;
 pub mod ops;
+pub mod policy;
 pub mod server;
 pub mod token;
 pub mod vsock;

@@ -1,0 +1,244 @@
+//! The VSM policy a workload cannot bypass. The workload holds the user PIN, so anything a
+//! PKCS#11 user can do, a compromised workload can do; these rules hold against it (issue 12,
+//! Build item 4). [`object`](crate::object) applies the attribute rules at creation and on
+//! change, the dispatcher ([`domain`](crate::domain)) the wrap/unwrap rules; every refusal is
+//! audited (write-through, like every failure).
+//!
+//! **Usage limits** (`CKA_CAAS_MAX_USES`, `CKA_CAAS_RATE_PER_SEC`) are set by the creation
+//! template (the policy of whoever creates the key: it can only restrict the new key) and
+//! afterwards only by the SO (`CKR_ATTRIBUTE_READ_ONLY` for anyone else, also in a
+//! `C_CopyObject` template). Since the SO cannot reach private objects (PKCS#11 §4.4), a
+//! private key's limits are fixed for its lifetime. A key with a limit cannot be copied
+//! (`CKR_ACTION_PROHIBITED`: a copy would start a fresh counter and bucket) nor wrapped
+//! (`CKR_KEY_NOT_WRAPPABLE`: an unwrapped copy would carry no limit).
+//!
+//! **Usage roles.** A wrapping key that can also decrypt reveals every key it wraps
+//! (wrap, then `C_Decrypt`; for AES-CBC even a padding oracle suffices). So:
+//! - defaults: a key whose template asks for `CKA_WRAP`/`CKA_UNWRAP` gets
+//!   `CKA_ENCRYPT`/`CKA_DECRYPT` false by default, and any other key gets
+//!   `CKA_WRAP`/`CKA_UNWRAP` false by default (SoftHSM2 defaults all four to true);
+//! - after creation `CKA_ENCRYPT`, `CKA_DECRYPT`, `CKA_WRAP` and `CKA_UNWRAP` can only be
+//!   cleared, by `C_SetAttributeValue` or in a `C_CopyObject` template (a change that
+//!   would combine wrap and data roles is `CKR_TEMPLATE_INCONSISTENT`, any other switch-on
+//!   `CKR_ATTRIBUTE_READ_ONLY`): a copy cannot become the decrypting twin of a wrap key;
+//! - a template that asks for both roles explicitly is still accepted (python-pkcs11 asks
+//!   for ENCRYPT+DECRYPT+WRAP+UNWRAP by default, PKCS#11 calls such a key valid), but such a
+//!   key never wraps a sensitive key (below).
+//!
+//! **Wrapping a sensitive key** (`CKA_SENSITIVE` true; non-sensitive extractable keys can be
+//! read anyway) is allowed only when nobody but the token can open the result:
+//! - the mechanism authenticates and has no caller-chosen nonce: AES key wrap (RFC 3394,
+//!   RFC 5649) or RSA-OAEP; AES-GCM (a repeated caller IV turns two wraps into a key
+//!   stream), AES-CBC-PAD and RSA PKCS#1 v1.5 (padding oracles) give `CKR_KEY_NOT_WRAPPABLE`;
+//! - a secret wrapping key is `CKA_TRUSTED`, or was generated in this token and never left
+//!   it (`CKA_LOCAL`, `CKA_ALWAYS_SENSITIVE`, `CKA_NEVER_EXTRACTABLE`): an imported or
+//!   ECDH-derived key's value is known outside;
+//! - a public wrapping key is `CKA_TRUSTED` (an imported public key's private half may be
+//!   the attacker's);
+//! - no object in the token with the wrapping key's value (a secret key and its copies) or
+//!   its RSA modulus (the private half) can decrypt, nor unwrap with PKCS#1 v1.5.
+//!
+//! **Unwrapping** never yields a key less protected than the wrapped one. Standard wrap
+//! formats carry no attributes, so the token assumes the strongest: an unwrapped key is
+//! always `CKA_SENSITIVE` (a template asking otherwise is `CKR_TEMPLATE_INCONSISTENT`; a
+//! caller who wants a readable key with a known value uses `C_CreateObject`), it is
+//! `CKA_WRAP_WITH_TRUSTED` when the unwrapping key is trusted, and it is never `CKA_LOCAL`,
+//! `CKA_ALWAYS_SENSITIVE` or `CKA_NEVER_EXTRACTABLE`. `CKA_EXTRACTABLE` stays as asked: the
+//! wrapped key was extractable, or it could not have been wrapped. AES-CBC-PAD is refused
+//! as an unwrap mechanism (`CKR_MECHANISM_INVALID`): its padding check is a decryption
+//! oracle that also opens AES key wrap blobs under the same key.
+//!
+//! **Trust.** `CKA_TRUSTED` can be set to true only by the SO (`CKR_ATTRIBUTE_READ_ONLY`
+//! otherwise, as SoftHSM2); a key with `CKA_WRAP_WITH_TRUSTED` is wrapped only by a trusted
+//! key (`CKR_KEY_NOT_WRAPPABLE`), and `CKA_WRAP_WITH_TRUSTED` only goes from false to true.
+//!
+//! Left as in every PKCS#11 token: `CKM_RSA_PKCS` unwrap with a private key is a
+//! Bleichenbacher oracle for ciphertexts to that key, which is why such a key's public half
+//! never wraps a sensitive key.
+
+use crate::error::Ckr;
+use crate::object::{Attrs, Object};
+use caas_vsm_proto::Attr;
+use caas_vsm_proto::attr::{self, CKA_CAAS_MAX_USES, CKA_CAAS_RATE_PER_SEC};
+use cryptoki_sys::*;
+
+/// Who asks for an object change (from the application's login state on the slot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Not logged in.
+    Public,
+    /// The normal user (what a workload is).
+    User,
+    /// The security officer.
+    So,
+}
+
+impl Role {
+    /// The role of a login state (`CKU_*` or none).
+    #[must_use]
+    pub fn of(login: Option<u64>) -> Self {
+        match login {
+            Some(CKU_SO) => Role::So,
+            Some(CKU_USER) => Role::User,
+            _ => Role::Public,
+        }
+    }
+}
+
+/// The usage-limit attributes.
+#[must_use]
+pub fn is_limit(ty: u64) -> bool {
+    matches!(ty, CKA_CAAS_MAX_USES | CKA_CAAS_RATE_PER_SEC)
+}
+
+/// The usage flags that decide a key's role; after creation they can only be cleared.
+pub const ROLE_FLAGS: [u64; 4] = [CKA_ENCRYPT, CKA_DECRYPT, CKA_WRAP, CKA_UNWRAP];
+
+fn flag(m: &Attrs, ty: u64) -> bool {
+    m.get(&ty).and_then(|v| attr::as_bool(v)) == Some(true)
+}
+
+/// Whether a key with these attributes has both the wrap role and the data role.
+#[must_use]
+pub fn dual_role(m: &Attrs) -> bool {
+    (flag(m, CKA_WRAP) || flag(m, CKA_UNWRAP)) && (flag(m, CKA_ENCRYPT) || flag(m, CKA_DECRYPT))
+}
+
+/// Fills the usage flags a creation template left open: wrap role or data role, not both.
+pub fn usage_defaults(m: &mut Attrs, class: u64, template: &[Attr]) {
+    let asked = |ty| {
+        template
+            .iter()
+            .rev()
+            .find(|a| a.ty == ty)
+            .and_then(|a| attr::as_bool(&a.value.0))
+            == Some(true)
+    };
+    let (wrap_role, data_role): (&[u64], &[u64]) = match class {
+        CKO_SECRET_KEY => (&[CKA_WRAP, CKA_UNWRAP], &[CKA_ENCRYPT, CKA_DECRYPT]),
+        CKO_PUBLIC_KEY => (&[CKA_WRAP], &[CKA_ENCRYPT]),
+        CKO_PRIVATE_KEY => (&[CKA_UNWRAP], &[CKA_DECRYPT]),
+        _ => return,
+    };
+    let wrap = wrap_role.iter().any(|t| asked(*t));
+    for t in wrap_role {
+        m.entry(*t).or_insert_with(|| attr::boolean(wrap));
+    }
+    for t in data_role {
+        m.entry(*t).or_insert_with(|| attr::boolean(!wrap));
+    }
+}
+
+/// Checks that a change from `before` to `after` switches no role flag on: a change that
+/// would combine the wrap and data roles is CKR_TEMPLATE_INCONSISTENT, any other
+/// switch-on CKR_ATTRIBUTE_READ_ONLY.
+pub fn check_role_change(before: &Attrs, after: &Attrs) -> Result<(), Ckr> {
+    let on = ROLE_FLAGS
+        .iter()
+        .any(|t| !flag(before, *t) && flag(after, *t));
+    if !on {
+        Ok(())
+    } else if dual_role(after) {
+        Err(Ckr(CKR_TEMPLATE_INCONSISTENT))
+    } else {
+        Err(Ckr(CKR_ATTRIBUTE_READ_ONLY))
+    }
+}
+
+/// Whether a key carries a usage limit.
+#[must_use]
+pub fn has_limit(o: &Object) -> bool {
+    o.ulong(CKA_CAAS_MAX_USES).unwrap_or(0) > 0 || o.ulong(CKA_CAAS_RATE_PER_SEC).unwrap_or(0) > 0
+}
+
+/// Mechanisms that may wrap a sensitive key: authenticated, no caller-chosen nonce.
+#[must_use]
+pub fn wraps_sensitive(mech: u64) -> bool {
+    matches!(
+        mech,
+        CKM_AES_KEY_WRAP | CKM_AES_KEY_WRAP_PAD | CKM_AES_KEY_WRAP_KWP | CKM_RSA_PKCS_OAEP
+    )
+}
+
+/// Whether a secret wrapping key's value never left the token (or the SO vouches for it).
+#[must_use]
+pub fn secret_wrapping_key_is_safe(wk: &Object) -> bool {
+    wk.flag(CKA_TRUSTED)
+        || (wk.flag(CKA_LOCAL) && wk.flag(CKA_ALWAYS_SENSITIVE) && wk.flag(CKA_NEVER_EXTRACTABLE))
+}
+
+/// Whether `o` can turn wrapped bytes back into plaintext for its holder: CKA_DECRYPT, or
+/// CKA_UNWRAP with a mechanism whose failures are an oracle (`oracle_mech`).
+#[must_use]
+pub fn opens_wraps(o: &Object, oracle_mech: u64) -> bool {
+    if o.flag(CKA_DECRYPT) {
+        return true;
+    }
+    if !o.flag(CKA_UNWRAP) {
+        return false;
+    }
+    let allowed = o.bytes(CKA_ALLOWED_MECHANISMS).unwrap_or_default();
+    allowed.is_empty()
+        || allowed
+            .chunks_exact(8)
+            .any(|c| attr::as_ulong(c) == Some(oracle_mech))
+}
+
+/// Checks the template of `C_UnwrapKey` against the unwrap rules and returns the attributes
+/// the token forces on the new key.
+pub fn unwrap_forced(template: &[Attr], unwrapping_key: &Object) -> Result<Vec<Attr>, Ckr> {
+    let asked_false = |ty| {
+        template
+            .iter()
+            .any(|a| a.ty == ty && attr::as_bool(&a.value.0) == Some(false))
+    };
+    if asked_false(CKA_SENSITIVE) {
+        return Err(Ckr(CKR_TEMPLATE_INCONSISTENT));
+    }
+    let mut forced = vec![Attr {
+        ty: CKA_SENSITIVE,
+        value: caas_vsm_proto::Blob(attr::boolean(true)),
+    }];
+    if unwrapping_key.flag(CKA_TRUSTED) {
+        if asked_false(CKA_WRAP_WITH_TRUSTED) {
+            return Err(Ckr(CKR_TEMPLATE_INCONSISTENT));
+        }
+        forced.push(Attr {
+            ty: CKA_WRAP_WITH_TRUSTED,
+            value: caas_vsm_proto::Blob(attr::boolean(true)),
+        });
+    }
+    Ok(forced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caas_vsm_proto::Blob;
+
+    fn t(ty: u64, v: bool) -> Attr {
+        Attr {
+            ty,
+            value: Blob(attr::boolean(v)),
+        }
+    }
+
+    #[test]
+    fn defaults_give_one_role() {
+        let mut m = Attrs::new();
+        usage_defaults(&mut m, CKO_SECRET_KEY, &[]);
+        assert!(flag(&m, CKA_ENCRYPT) && flag(&m, CKA_DECRYPT));
+        assert!(!flag(&m, CKA_WRAP) && !flag(&m, CKA_UNWRAP));
+        let mut m = Attrs::new();
+        let tmpl = [t(CKA_WRAP, true)];
+        for a in &tmpl {
+            m.insert(a.ty, a.value.0.clone());
+        }
+        usage_defaults(&mut m, CKO_SECRET_KEY, &tmpl);
+        assert!(flag(&m, CKA_WRAP) && flag(&m, CKA_UNWRAP));
+        assert!(!flag(&m, CKA_ENCRYPT) && !flag(&m, CKA_DECRYPT));
+        let mut m = Attrs::new();
+        usage_defaults(&mut m, CKO_PRIVATE_KEY, &[]);
+        assert!(flag(&m, CKA_DECRYPT) && !flag(&m, CKA_UNWRAP));
+    }
+}
