@@ -528,7 +528,9 @@ impl Domain {
                     );
                     return Err(Ckr(CKR_KEY_UNEXTRACTABLE));
                 }
-                if let Err(e) = self.wrap_policy(slot, mechanism.mechanism, &wk, &k) {
+                let policy = ops::check_key(&wk, CKA_WRAP, mechanism.mechanism)
+                    .and_then(|()| self.wrap_policy(slot, mechanism.mechanism, &wk, &k));
+                if let Err(e) = policy {
                     return Err(self.refuse(
                         app,
                         "C_WrapKey",
@@ -776,14 +778,13 @@ impl Domain {
                     return no;
                 }
                 let value = wk.secret.as_deref().ok_or(Ckr(CKR_KEY_NOT_WRAPPABLE))?;
-                // The key itself and every copy of its value: none may decrypt, nor unwrap
-                // with CBC-PAD (refused anyway, kept as a second line).
+                // The key itself and every copy of its value: none may decrypt.
                 let twin_opens = objects.values().any(|o| {
                     o.class() == CKO_SECRET_KEY
                         && o.secret.as_deref().is_some_and(|v| {
                             aws_lc_rs::constant_time::verify_slices_are_equal(v, value).is_ok()
                         })
-                        && policy::opens_wraps(o, CKM_AES_CBC_PAD)
+                        && policy::opens_wraps(o, None)
                 });
                 if twin_opens {
                     return no;
@@ -797,7 +798,7 @@ impl Domain {
                 let twin_opens = objects.values().any(|o| {
                     o.class() == CKO_PRIVATE_KEY
                         && o.bytes(CKA_MODULUS).as_deref() == Some(&modulus[..])
-                        && policy::opens_wraps(o, CKM_RSA_PKCS)
+                        && policy::opens_wraps(o, Some(CKM_RSA_PKCS))
                 });
                 if twin_opens {
                     return no;

@@ -168,12 +168,16 @@ pub fn secret_wrapping_key_is_safe(wk: &Object) -> bool {
 }
 
 /// Whether `o` can turn wrapped bytes back into plaintext for its holder: CKA_DECRYPT, or
-/// CKA_UNWRAP with a mechanism whose failures are an oracle (`oracle_mech`).
+/// CKA_UNWRAP with a mechanism whose failures are a decryption oracle (`oracle_mech`, for
+/// RSA keys CKM_RSA_PKCS; AES-CBC-PAD unwrap is refused outright).
 #[must_use]
-pub fn opens_wraps(o: &Object, oracle_mech: u64) -> bool {
+pub fn opens_wraps(o: &Object, oracle_mech: Option<u64>) -> bool {
     if o.flag(CKA_DECRYPT) {
         return true;
     }
+    let Some(oracle) = oracle_mech else {
+        return false;
+    };
     if !o.flag(CKA_UNWRAP) {
         return false;
     }
@@ -181,7 +185,7 @@ pub fn opens_wraps(o: &Object, oracle_mech: u64) -> bool {
     allowed.is_empty()
         || allowed
             .chunks_exact(8)
-            .any(|c| attr::as_ulong(c) == Some(oracle_mech))
+            .any(|c| attr::as_ulong(c) == Some(oracle))
 }
 
 /// Checks the template of `C_UnwrapKey` against the unwrap rules and returns the attributes
