@@ -608,7 +608,7 @@ impl Object {
                 CKA_MODIFIABLE | CKA_COPYABLE | CKA_DESTROYABLE if new_b != Some(false) => {
                     return Err(Ckr(CKR_ATTRIBUTE_READ_ONLY));
                 }
-                CKA_TRUSTED if new_b == Some(true) && role != Role::So => {
+                CKA_TRUSTED if role != Role::So => {
                     return Err(Ckr(CKR_ATTRIBUTE_READ_ONLY));
                 }
                 // Only false -> true (PKCS#11 3.x §4.9 / SoftHSM2).

@@ -39,18 +39,23 @@
 //!   its RSA modulus (the private half) can decrypt, nor unwrap with PKCS#1 v1.5.
 //!
 //! **Unwrapping** never yields a key less protected than the wrapped one. Standard wrap
-//! formats carry no attributes, so the token assumes the strongest: an unwrapped key is
-//! always `CKA_SENSITIVE` (a template asking otherwise is `CKR_TEMPLATE_INCONSISTENT`; a
-//! caller who wants a readable key with a known value uses `C_CreateObject`), it is
-//! `CKA_WRAP_WITH_TRUSTED` when the unwrapping key is trusted, and it is never `CKA_LOCAL`,
-//! `CKA_ALWAYS_SENSITIVE` or `CKA_NEVER_EXTRACTABLE`. `CKA_EXTRACTABLE` stays as asked: the
+//! formats carry no attributes, so when the unwrapping key could have wrapped a sensitive
+//! key (it is trusted, its value never left the token, or it is a private key) the token
+//! assumes the strongest: the unwrapped key is `CKA_SENSITIVE` (a template asking otherwise
+//! is `CKR_TEMPLATE_INCONSISTENT`; a caller who wants a readable key with a known value
+//! uses `C_CreateObject`), and `CKA_WRAP_WITH_TRUSTED` when the unwrapping key is trusted.
+//! Under any other key only readable keys were ever wrapped, and the template is honoured
+//! (pkcs11-tool unwraps with `CKA_SENSITIVE` false). Unwrapped keys are never `CKA_LOCAL`,
+//! `CKA_ALWAYS_SENSITIVE` or `CKA_NEVER_EXTRACTABLE`; `CKA_EXTRACTABLE` stays as asked: the
 //! wrapped key was extractable, or it could not have been wrapped. AES-CBC-PAD is refused
 //! as an unwrap mechanism (`CKR_MECHANISM_INVALID`): its padding check is a decryption
 //! oracle that also opens AES key wrap blobs under the same key.
 //!
-//! **Trust.** `CKA_TRUSTED` can be set to true only by the SO (`CKR_ATTRIBUTE_READ_ONLY`
-//! otherwise, as SoftHSM2); a key with `CKA_WRAP_WITH_TRUSTED` is wrapped only by a trusted
-//! key (`CKR_KEY_NOT_WRAPPABLE`), and `CKA_WRAP_WITH_TRUSTED` only goes from false to true.
+//! **Trust.** `CKA_TRUSTED` is the SO's: only the SO sets it, either way
+//! (`CKR_ATTRIBUTE_READ_ONLY` otherwise; SoftHSM2 lets anyone clear it, but a user who
+//! could clear it would lift the unwrap rule above); a copy keeps it. A key with
+//! `CKA_WRAP_WITH_TRUSTED` is wrapped only by a trusted key (`CKR_KEY_NOT_WRAPPABLE`), and
+//! `CKA_WRAP_WITH_TRUSTED` only goes from false to true.
 //!
 //! Left as in every PKCS#11 token: `CKM_RSA_PKCS` unwrap with a private key is a
 //! Bleichenbacher oracle for ciphertexts to that key, which is why such a key's public half
@@ -188,6 +193,16 @@ pub fn opens_wraps(o: &Object, oracle_mech: Option<u64>) -> bool {
             .any(|c| attr::as_ulong(c) == Some(oracle))
 }
 
+/// Whether a blob under `unwrapping_key` may hold a sensitive key: the key could have
+/// wrapped one (it is trusted, or its value never left the token), or it is a private key
+/// (whose public half may be trusted; the token does not track which public key objects
+/// once were). Only the token-set CKA_LOCAL/CKA_ALWAYS_SENSITIVE/CKA_NEVER_EXTRACTABLE and
+/// the SO-only CKA_TRUSTED decide, so the user cannot flip the answer.
+#[must_use]
+pub fn may_hold_sensitive(unwrapping_key: &Object) -> bool {
+    unwrapping_key.class() == CKO_PRIVATE_KEY || secret_wrapping_key_is_safe(unwrapping_key)
+}
+
 /// Checks the template of `C_UnwrapKey` against the unwrap rules and returns the attributes
 /// the token forces on the new key.
 pub fn unwrap_forced(template: &[Attr], unwrapping_key: &Object) -> Result<Vec<Attr>, Ckr> {
@@ -196,6 +211,10 @@ pub fn unwrap_forced(template: &[Attr], unwrapping_key: &Object) -> Result<Vec<A
             .iter()
             .any(|a| a.ty == ty && attr::as_bool(&a.value.0) == Some(false))
     };
+    if !may_hold_sensitive(unwrapping_key) {
+        // Only keys whose values were readable anyway were wrapped under it.
+        return Ok(Vec::new());
+    }
     if asked_false(CKA_SENSITIVE) {
         return Err(Ckr(CKR_TEMPLATE_INCONSISTENT));
     }

@@ -478,6 +478,15 @@ fn wrap_then_decrypt_does_not_reveal_a_sensitive_key() -> Result<()> {
         &[Attribute::Sensitive(false), Attribute::Extractable(true)],
     )?;
     s.wrap_key(&kwp, dual, movable)?;
+    // ... and under a key that never wrapped a sensitive key (its value is known outside),
+    // an unwrap may ask for a readable key, as pkcs11-tool does.
+    let b = s.wrap_key(&kwp, imported, movable)?;
+    s.unwrap_key(
+        &kwp,
+        imported,
+        &b,
+        &unwrap_template(&[Attribute::Sensitive(false), Attribute::Extractable(true)]),
+    )?;
 
     audited(&dom, "C_WrapKey", cryptoki_sys::CKR_KEY_NOT_WRAPPABLE)?;
     audited(&dom, "C_UnwrapKey", cryptoki_sys::CKR_TEMPLATE_INCONSISTENT)?;
@@ -574,6 +583,17 @@ fn untrusted_user_cannot_wrap_with_trusted_only_key() -> Result<()> {
         bool_attr(&s, so_kek, AttributeType::Trusted)?,
         "SO key not trusted"
     );
+    // Trust is the SO's both ways: the user can neither clear it nor copy it away.
+    refused(
+        "user clears CKA_TRUSTED",
+        s.update_attributes(so_kek, &[Attribute::Trusted(false)]),
+        RvError::AttributeReadOnly,
+    )?;
+    refused(
+        "user copies without CKA_TRUSTED",
+        s.copy_object(so_kek, &[Attribute::Trusted(false)]),
+        RvError::AttributeReadOnly,
+    )?;
     let blob = s.wrap_key(&kwp, so_kek, k)?;
     // What comes back under a trusted key keeps CKA_WRAP_WITH_TRUSTED.
     refused(
