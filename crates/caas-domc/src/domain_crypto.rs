@@ -778,13 +778,14 @@ impl Domain {
                     return no;
                 }
                 let value = wk.secret.as_deref().ok_or(Ckr(CKR_KEY_NOT_WRAPPABLE))?;
-                // The key itself and every copy of its value: none may decrypt.
+                // The key itself and every copy of its value: none may let the user read
+                // a wrap.
                 let twin_opens = objects.values().any(|o| {
                     o.class() == CKO_SECRET_KEY
                         && o.secret.as_deref().is_some_and(|v| {
                             aws_lc_rs::constant_time::verify_slices_are_equal(v, value).is_ok()
                         })
-                        && policy::opens_wraps(o, None)
+                        && policy::opens_wraps(o)
                 });
                 if twin_opens {
                     return no;
@@ -798,7 +799,7 @@ impl Domain {
                 let twin_opens = objects.values().any(|o| {
                     o.class() == CKO_PRIVATE_KEY
                         && o.bytes(CKA_MODULUS).as_deref() == Some(&modulus[..])
-                        && policy::opens_wraps(o, Some(CKM_RSA_PKCS))
+                        && policy::opens_wraps(o)
                 });
                 if twin_opens {
                     return no;

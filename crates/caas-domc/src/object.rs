@@ -787,6 +787,32 @@ mod tests {
             w.apply_template(&[t(CKA_UNWRAP, attr::boolean(false))], false, Role::User)
                 .is_ok()
         );
+        // Other usage flags and the mechanism list only narrow too.
+        let o = aes(&[
+            t(CKA_SIGN, attr::boolean(false)),
+            t(CKA_ALLOWED_MECHANISMS, attr::ulong(CKM_AES_GCM)),
+        ])?;
+        assert_eq!(
+            o.apply_template(&[t(CKA_SIGN, attr::boolean(true))], false, Role::So)
+                .map(|_| ()),
+            ro
+        );
+        for widen in [
+            Vec::new(),
+            [attr::ulong(CKM_AES_GCM), attr::ulong(CKM_AES_CBC_PAD)].concat(),
+        ] {
+            assert_eq!(
+                o.apply_template(&[t(CKA_ALLOWED_MECHANISMS, widen)], true, Role::User)
+                    .map(|_| ()),
+                ro
+            );
+        }
+        let narrowed = aes(&[])?.apply_template(
+            &[t(CKA_ALLOWED_MECHANISMS, attr::ulong(CKM_AES_GCM))],
+            false,
+            Role::User,
+        );
+        assert!(narrowed.is_ok());
         Ok(())
     }
 

@@ -17,10 +17,12 @@
 //! - defaults: a key whose template asks for `CKA_WRAP`/`CKA_UNWRAP` gets
 //!   `CKA_ENCRYPT`/`CKA_DECRYPT` false by default, and any other key gets
 //!   `CKA_WRAP`/`CKA_UNWRAP` false by default (SoftHSM2 defaults all four to true);
-//! - after creation `CKA_ENCRYPT`, `CKA_DECRYPT`, `CKA_WRAP` and `CKA_UNWRAP` can only be
-//!   cleared, by `C_SetAttributeValue` or in a `C_CopyObject` template (a change that
-//!   would combine wrap and data roles is `CKR_TEMPLATE_INCONSISTENT`, any other switch-on
-//!   `CKR_ATTRIBUTE_READ_ONLY`): a copy cannot become the decrypting twin of a wrap key;
+//! - after creation usage flags (`CKA_ENCRYPT`, `CKA_DECRYPT`, `CKA_WRAP`, `CKA_UNWRAP`,
+//!   `CKA_SIGN`, ...) can only be cleared and `CKA_ALLOWED_MECHANISMS` only narrowed, by
+//!   `C_SetAttributeValue` or in a `C_CopyObject` template (a change that would combine
+//!   wrap and data roles is `CKR_TEMPLATE_INCONSISTENT`, any other widening
+//!   `CKR_ATTRIBUTE_READ_ONLY`): a copy cannot become the decrypting twin of a wrap key,
+//!   and what made a wrapping key safe when it wrapped stays true;
 //! - a template that asks for both roles explicitly is still accepted (python-pkcs11 asks
 //!   for ENCRYPT+DECRYPT+WRAP+UNWRAP by default, PKCS#11 calls such a key valid), but such a
 //!   key never wraps a sensitive key (below).
@@ -30,20 +32,23 @@
 //! - the mechanism authenticates and has no caller-chosen nonce: AES key wrap (RFC 3394,
 //!   RFC 5649) or RSA-OAEP; AES-GCM (a repeated caller IV turns two wraps into a key
 //!   stream), AES-CBC-PAD and RSA PKCS#1 v1.5 (padding oracles) give `CKR_KEY_NOT_WRAPPABLE`;
-//! - a secret wrapping key is `CKA_TRUSTED`, or was generated in this token and never left
-//!   it (`CKA_LOCAL`, `CKA_ALWAYS_SENSITIVE`, `CKA_NEVER_EXTRACTABLE`): an imported or
-//!   ECDH-derived key's value is known outside;
+//! - a secret wrapping key was generated in this token and never left it (`CKA_LOCAL`,
+//!   `CKA_ALWAYS_SENSITIVE`, `CKA_NEVER_EXTRACTABLE`: an imported or ECDH-derived key's
+//!   value is known outside), or is `CKA_TRUSTED` and not extractable;
 //! - a public wrapping key is `CKA_TRUSTED` (an imported public key's private half may be
 //!   the attacker's);
-//! - no object in the token with the wrapping key's value (a secret key and its copies) or
-//!   its RSA modulus (the private half) can decrypt, nor unwrap with PKCS#1 v1.5.
+//! - no object in the token holding the wrapping key's value (the key and its copies or
+//!   unwrapped twins) or its RSA modulus (the private half) lets the user read a wrap: none
+//!   has `CKA_DECRYPT`, a secret one none unwraps without the rule below, a private one
+//!   none unwraps with PKCS#1 v1.5 or signs with raw RSA (`CKM_RSA_X_509`).
 //!
 //! **Unwrapping** never yields a key less protected than the wrapped one. Standard wrap
 //! formats carry no attributes, so when the unwrapping key could have wrapped a sensitive
 //! key (it is trusted, its value never left the token, or it is a private key) the token
 //! assumes the strongest: the unwrapped key is `CKA_SENSITIVE` (a template asking otherwise
 //! is `CKR_TEMPLATE_INCONSISTENT`; a caller who wants a readable key with a known value
-//! uses `C_CreateObject`), and `CKA_WRAP_WITH_TRUSTED` when the unwrapping key is trusted.
+//! uses `C_CreateObject`), and `CKA_WRAP_WITH_TRUSTED` when the unwrapping key is trusted
+//! or a private key.
 //! Under any other key only readable keys were ever wrapped, and the template is honoured
 //! (pkcs11-tool unwraps with `CKA_SENSITIVE` false). Unwrapped keys are never `CKA_LOCAL`,
 //! `CKA_ALWAYS_SENSITIVE` or `CKA_NEVER_EXTRACTABLE`; `CKA_EXTRACTABLE` stays as asked: the
@@ -96,8 +101,22 @@ pub fn is_limit(ty: u64) -> bool {
     matches!(ty, CKA_CAAS_MAX_USES | CKA_CAAS_RATE_PER_SEC)
 }
 
-/// The usage flags that decide a key's role; after creation they can only be cleared.
+/// The usage flags that decide a key's role (wrap or data).
 pub const ROLE_FLAGS: [u64; 4] = [CKA_ENCRYPT, CKA_DECRYPT, CKA_WRAP, CKA_UNWRAP];
+
+/// Every usage flag; after creation they can only be cleared (a raw RSA signature is a
+/// decryption, so even CKA_SIGN switched on later could open an RSA-OAEP wrap).
+pub const USAGE_FLAGS: [u64; 9] = [
+    CKA_ENCRYPT,
+    CKA_DECRYPT,
+    CKA_WRAP,
+    CKA_UNWRAP,
+    CKA_SIGN,
+    CKA_SIGN_RECOVER,
+    CKA_VERIFY,
+    CKA_VERIFY_RECOVER,
+    CKA_DERIVE,
+];
 
 fn flag(m: &Attrs, ty: u64) -> bool {
     m.get(&ty).and_then(|v| attr::as_bool(v)) == Some(true)
@@ -134,20 +153,34 @@ pub fn usage_defaults(m: &mut Attrs, class: u64, template: &[Attr]) {
     }
 }
 
-/// Checks that a change from `before` to `after` switches no role flag on: a change that
-/// would combine the wrap and data roles is CKR_TEMPLATE_INCONSISTENT, any other
-/// switch-on CKR_ATTRIBUTE_READ_ONLY.
+/// Checks that a change from `before` to `after` switches no usage flag on and does not
+/// widen CKA_ALLOWED_MECHANISMS: a change that would combine the wrap and data roles is
+/// CKR_TEMPLATE_INCONSISTENT, any other widening CKR_ATTRIBUTE_READ_ONLY.
 pub fn check_role_change(before: &Attrs, after: &Attrs) -> Result<(), Ckr> {
-    let on = ROLE_FLAGS
+    let on = USAGE_FLAGS
         .iter()
         .any(|t| !flag(before, *t) && flag(after, *t));
-    if !on {
-        Ok(())
-    } else if dual_role(after) {
-        Err(Ckr(CKR_TEMPLATE_INCONSISTENT))
-    } else {
-        Err(Ckr(CKR_ATTRIBUTE_READ_ONLY))
+    if on && dual_role(after) && !dual_role(before) {
+        return Err(Ckr(CKR_TEMPLATE_INCONSISTENT));
     }
+    if on || widens_mechanisms(before, after) {
+        return Err(Ckr(CKR_ATTRIBUTE_READ_ONLY));
+    }
+    Ok(())
+}
+
+/// Whether CKA_ALLOWED_MECHANISMS grows (empty means every mechanism).
+fn widens_mechanisms(before: &Attrs, after: &Attrs) -> bool {
+    let list = |m: &Attrs| -> Vec<u64> {
+        m.get(&CKA_ALLOWED_MECHANISMS)
+            .map(|v| v.chunks_exact(8).filter_map(attr::as_ulong).collect())
+            .unwrap_or_default()
+    };
+    let (old, new) = (list(before), list(after));
+    if old.is_empty() {
+        return false;
+    }
+    new.is_empty() || new.iter().any(|m| !old.contains(m))
 }
 
 /// Whether a key carries a usage limit.
@@ -165,42 +198,58 @@ pub fn wraps_sensitive(mech: u64) -> bool {
     )
 }
 
-/// Whether a secret wrapping key's value never left the token (or the SO vouches for it).
+/// Whether a secret key's value never left the token: generated here, always sensitive and
+/// never extractable (copies keep these token-set flags).
 #[must_use]
-pub fn secret_wrapping_key_is_safe(wk: &Object) -> bool {
-    wk.flag(CKA_TRUSTED)
-        || (wk.flag(CKA_LOCAL) && wk.flag(CKA_ALWAYS_SENSITIVE) && wk.flag(CKA_NEVER_EXTRACTABLE))
+pub fn inside_only(k: &Object) -> bool {
+    k.flag(CKA_LOCAL) && k.flag(CKA_ALWAYS_SENSITIVE) && k.flag(CKA_NEVER_EXTRACTABLE)
 }
 
-/// Whether `o` can turn wrapped bytes back into plaintext for its holder: CKA_DECRYPT, or
-/// CKA_UNWRAP with a mechanism whose failures are a decryption oracle (`oracle_mech`, for
-/// RSA keys CKM_RSA_PKCS; AES-CBC-PAD unwrap is refused outright).
+/// Whether a secret key may wrap a sensitive key: its value never left the token, or the SO
+/// trusts it and it cannot be extracted now (so no new copy of its value can appear).
 #[must_use]
-pub fn opens_wraps(o: &Object, oracle_mech: Option<u64>) -> bool {
-    if o.flag(CKA_DECRYPT) {
-        return true;
-    }
-    let Some(oracle) = oracle_mech else {
-        return false;
-    };
-    if !o.flag(CKA_UNWRAP) {
-        return false;
-    }
+pub fn secret_wrapping_key_is_safe(wk: &Object) -> bool {
+    inside_only(wk) || (wk.flag(CKA_TRUSTED) && !wk.flag(CKA_EXTRACTABLE))
+}
+
+fn allows(o: &Object, mech: u64) -> bool {
     let allowed = o.bytes(CKA_ALLOWED_MECHANISMS).unwrap_or_default();
     allowed.is_empty()
         || allowed
             .chunks_exact(8)
-            .any(|c| attr::as_ulong(c) == Some(oracle))
+            .any(|c| attr::as_ulong(c) == Some(mech))
 }
 
-/// Whether a blob under `unwrapping_key` may hold a sensitive key: the key could have
-/// wrapped one (it is trusted, or its value never left the token), or it is a private key
-/// (whose public half may be trusted; the token does not track which public key objects
-/// once were). Only the token-set CKA_LOCAL/CKA_ALWAYS_SENSITIVE/CKA_NEVER_EXTRACTABLE and
-/// the SO-only CKA_TRUSTED decide, so the user cannot flip the answer.
+/// Whether `o`, an object holding a wrapping key's value (a secret key or a copy of it, or
+/// the private half of an RSA wrapping key), lets its holder read what that key wraps:
+/// CKA_DECRYPT; for a secret key, CKA_UNWRAP without the forced unwrap rule (it would
+/// unwrap as readable); for an RSA private key, CKM_RSA_PKCS unwrap (a Bleichenbacher
+/// oracle) or CKM_RSA_X_509 signing (a raw private-key operation).
+#[must_use]
+pub fn opens_wraps(o: &Object) -> bool {
+    if o.flag(CKA_DECRYPT) {
+        return true;
+    }
+    match o.class() {
+        CKO_SECRET_KEY => o.flag(CKA_UNWRAP) && !may_hold_sensitive(o),
+        CKO_PRIVATE_KEY => {
+            (o.flag(CKA_UNWRAP) && allows(o, CKM_RSA_PKCS))
+                || (o.flag(CKA_SIGN) && allows(o, CKM_RSA_X_509))
+        }
+        _ => false,
+    }
+}
+
+/// Whether a blob under `unwrapping_key` may hold a sensitive key: the key is trusted, its
+/// value never left the token, or it is a private key (whose public half may be trusted;
+/// the token does not track which public key objects once were). Only the token-set
+/// CKA_LOCAL/CKA_ALWAYS_SENSITIVE/CKA_NEVER_EXTRACTABLE and the SO-only CKA_TRUSTED decide,
+/// so the user cannot flip the answer.
 #[must_use]
 pub fn may_hold_sensitive(unwrapping_key: &Object) -> bool {
-    unwrapping_key.class() == CKO_PRIVATE_KEY || secret_wrapping_key_is_safe(unwrapping_key)
+    unwrapping_key.class() == CKO_PRIVATE_KEY
+        || inside_only(unwrapping_key)
+        || unwrapping_key.flag(CKA_TRUSTED)
 }
 
 /// Checks the template of `C_UnwrapKey` against the unwrap rules and returns the attributes
@@ -222,7 +271,9 @@ pub fn unwrap_forced(template: &[Attr], unwrapping_key: &Object) -> Result<Vec<A
         ty: CKA_SENSITIVE,
         value: caas_vsm_proto::Blob(attr::boolean(true)),
     }];
-    if unwrapping_key.flag(CKA_TRUSTED) {
+    // A trusted key (or a private key, whose public half may be trusted) may have wrapped
+    // a key that only trusted keys may wrap.
+    if unwrapping_key.flag(CKA_TRUSTED) || unwrapping_key.class() == CKO_PRIVATE_KEY {
         if asked_false(CKA_WRAP_WITH_TRUSTED) {
             return Err(Ckr(CKR_TEMPLATE_INCONSISTENT));
         }

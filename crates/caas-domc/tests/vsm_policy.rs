@@ -560,9 +560,51 @@ fn untrusted_user_cannot_wrap_with_trusted_only_key() -> Result<()> {
         RvError::KeyNotWrappable,
     )?;
 
-    // The SO makes a trusted wrapping key (a non-private token object, which the user sees).
+    // Two RSA pairs whose public halves the SO will trust: one made with the defaults (its
+    // private half signs with raw RSA, a decryption), one made for wrapping only.
+    let oaep = Mechanism::RsaPkcsOaep(PkcsOaepParams::new(
+        MechanismType::SHA256,
+        PkcsMgfType::MGF1_SHA256,
+        PkcsOaepSource::empty(),
+    ));
+    let rsa_pair = |label: &str, private: &[Attribute]| -> Result<ObjectHandle> {
+        let mut priv_t = vec![Attribute::Token(true)];
+        priv_t.extend_from_slice(private);
+        let (public, _) = s.generate_key_pair(
+            &Mechanism::RsaPkcsKeyPairGen,
+            &[
+                Attribute::Token(true),
+                Attribute::ModulusBits(2048.into()),
+                Attribute::Wrap(true),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ],
+            &priv_t,
+        )?;
+        Ok(public)
+    };
+    let default_pub = rsa_pair("rsa-default", &[Attribute::Unwrap(true)])?;
+    let wrap_pub = rsa_pair(
+        "rsa-wrap",
+        &[
+            Attribute::Unwrap(true),
+            Attribute::Sign(false),
+            Attribute::Label(b"rsa-wrap".to_vec()),
+            Attribute::AllowedMechanisms(vec![MechanismType::RSA_PKCS_OAEP]),
+        ],
+    )?;
+    refused(
+        "OAEP wrap under an untrusted public key",
+        s.wrap_key(&oaep, wrap_pub, k),
+        RvError::KeyNotWrappable,
+    )?;
+
+    // The SO makes a trusted wrapping key (a non-private token object, which the user sees)
+    // and trusts the two public keys.
     s.logout()?;
     login(&s, UserType::So)?;
+    for public in [default_pub, wrap_pub] {
+        s.update_attributes(public, &[Attribute::Trusted(true)])?;
+    }
     s.generate_key(
         &Mechanism::AesKeyGen,
         &[
@@ -623,6 +665,37 @@ fn untrusted_user_cannot_wrap_with_trusted_only_key() -> Result<()> {
         s.wrap_key(&kwp, w, back),
         RvError::KeyNotWrappable,
     )?;
+    // RSA-OAEP under a trusted public key: only when its private half cannot decrypt.
+    refused(
+        "OAEP wrap under a trusted key whose private half signs raw",
+        s.wrap_key(&oaep, default_pub, k),
+        RvError::KeyNotWrappable,
+    )?;
+    let blob = s.wrap_key(&oaep, wrap_pub, k)?;
+    let rsa_private = s.find_objects(&[
+        Attribute::Label(b"rsa-wrap".to_vec()),
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+    ])?;
+    ensure!(
+        rsa_private.len() == 1,
+        "rsa-wrap private key: {rsa_private:?}"
+    );
+    refused(
+        "give the private half CKA_SIGN",
+        s.update_attributes(rsa_private[0], &[Attribute::Sign(true)]),
+        RvError::AttributeReadOnly,
+    )?;
+    refused(
+        "widen its mechanisms",
+        s.update_attributes(rsa_private[0], &[Attribute::AllowedMechanisms(vec![])]),
+        RvError::AttributeReadOnly,
+    )?;
+    let back = s.unwrap_key(&oaep, rsa_private[0], &blob, &unwrap_template(&[]))?;
+    ensure!(
+        bool_attr(&s, back, AttributeType::Sensitive)?
+            && bool_attr(&s, back, AttributeType::WrapWithTrusted)?,
+        "OAEP-unwrapped key is weaker than the original"
+    );
     // The user cannot turn the trusted key into a decrypting one.
     refused(
         "give the trusted key CKA_DECRYPT",
