@@ -3,6 +3,7 @@
 //! checks the key's usage flags, counts a use against the tenant's limits and is audited.
 
 use super::*;
+use crate::wrap;
 
 fn secret_len(t: &[Attr]) -> R<usize> {
     let n = tmpl_ulong(t, CKA_VALUE_LEN).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
@@ -554,7 +555,12 @@ impl Domain {
                     }
                     _ => return Err(Ckr(CKR_KEY_NOT_WRAPPABLE)),
                 };
-                let out = self.wrap_bytes(&mechanism, &wk, &plain, true)?;
+                let out = if mechanism.mechanism == wrap::CKM_CAAS_AES_KEY_WRAP_ATTRS {
+                    let kek = self.caas_wrap_key(&mechanism, &wk, true)?;
+                    Zeroizing::new(wrap::seal(kek.secret()?, &k, &plain)?)
+                } else {
+                    self.wrap_bytes(&mechanism, &wk, &plain, true)?
+                };
                 self.use_key(app, slot, &wk, "C_WrapKey", mechanism.mechanism)?;
                 self.audit(
                     app,
@@ -588,8 +594,6 @@ impl Domain {
                 let uk = self
                     .object(app, slot, unwrapping_key)
                     .map_err(|_| Ckr(CKR_UNWRAPPING_KEY_HANDLE_INVALID))?;
-                let class = tmpl_ulong(&template, CKA_CLASS).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
-                let kt = tmpl_ulong(&template, CKA_KEY_TYPE).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
                 // The unwrap rules (`policy`): no padding oracle, never a weaker key.
                 let refuse = |e| {
                     self.refuse(
@@ -601,11 +605,22 @@ impl Domain {
                         e,
                     )
                 };
-                if mechanism.mechanism == CKM_AES_CBC_PAD {
-                    return Err(refuse(Ckr(CKR_MECHANISM_INVALID)));
-                }
-                let forced = policy::unwrap_forced(&template, &uk).map_err(refuse)?;
-                let plain = self.wrap_bytes(&mechanism, &uk, &wrapped.0, false)?;
+                let (template, plain) = if mechanism.mechanism == wrap::CKM_CAAS_AES_KEY_WRAP_ATTRS
+                {
+                    // The blob's own attributes are the floor.
+                    let kek = self.caas_wrap_key(&mechanism, &uk, false)?;
+                    let (bound, plain) = wrap::open(kek.secret()?, &wrapped.0).map_err(refuse)?;
+                    (wrap::merge(&bound, template).map_err(refuse)?, plain)
+                } else {
+                    if mechanism.mechanism == CKM_AES_CBC_PAD {
+                        return Err(refuse(Ckr(CKR_MECHANISM_INVALID)));
+                    }
+                    let forced = policy::unwrap_forced(&template, &uk).map_err(refuse)?;
+                    let plain = self.wrap_bytes(&mechanism, &uk, &wrapped.0, false)?;
+                    (template.into_iter().chain(forced).collect(), plain)
+                };
+                let class = tmpl_ulong(&template, CKA_CLASS).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
+                let kt = tmpl_ulong(&template, CKA_KEY_TYPE).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
                 self.use_key(app, slot, &uk, "C_UnwrapKey", mechanism.mechanism)?;
                 let (extra, secret) = match (class, kt) {
                     (CKO_SECRET_KEY, _) => {
@@ -633,7 +648,6 @@ impl Domain {
                 let t: Vec<Attr> = template
                     .into_iter()
                     .filter(|a| a.ty != CKA_VALUE_LEN)
-                    .chain(forced)
                     .collect();
                 let (attrs, secret) = object::build(
                     &t,
@@ -808,6 +822,22 @@ impl Domain {
             _ => return no,
         }
         Ok(())
+    }
+
+    /// The AES wrapping key of a `CKM_CAAS_AES_KEY_WRAP_ATTRS` call, after the usage check.
+    fn caas_wrap_key(&self, m: &Mechanism, key: &Object, wrap: bool) -> R<Arc<keys::KeyMaterial>> {
+        ops::check_key(key, if wrap { CKA_WRAP } else { CKA_UNWRAP }, m.mechanism)?;
+        if key.class() != CKO_SECRET_KEY || key.key_type() != Some(CKK_AES) {
+            return Err(Ckr(if wrap {
+                CKR_WRAPPING_KEY_TYPE_INCONSISTENT
+            } else {
+                CKR_UNWRAPPING_KEY_TYPE_INCONSISTENT
+            }));
+        }
+        if !matches!(m.param, MechParam::None {}) {
+            return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
+        }
+        key.material()
     }
 
     fn wrap_bytes(

@@ -2,7 +2,8 @@
 //! Module mode. It owns the keys: a PKCS#11 token model ([`token`], [`object`]), the
 //! mechanisms ([`keys`], [`ops`]), token objects persisted encrypted under the domain key
 //! ([`keysource`], [`token`]), per-key usage limits and the policy a workload holding the
-//! user PIN cannot bypass ([`policy`]), a hash-chained audit log ([`audit`]),
+//! user PIN cannot bypass ([`policy`]) with its attribute-binding wrap format ([`wrap`]), a
+//! hash-chained audit log ([`audit`]),
 //! the request dispatcher ([`domain`]), the server ([`server`]: UNIX socket, TCP+TLS, vsock ([`vsock`])), process
 //! hardening ([`harden`]), the `caas domc` CLI ([`cli`]) and the `caas dev` hook ([`dev`]).
 
@@ -22,5 +23,6 @@ pub mod policy;
 pub mod server;
 pub mod token;
 pub mod vsock;
+pub mod wrap;
 
 pub use error::{Ckr, Error};

@@ -30,7 +30,7 @@
 //! **Wrapping a sensitive key** (`CKA_SENSITIVE` true; non-sensitive extractable keys can be
 //! read anyway) is allowed only when nobody but the token can open the result:
 //! - the mechanism authenticates and has no caller-chosen nonce: AES key wrap (RFC 3394,
-//!   RFC 5649) or RSA-OAEP; AES-GCM (a repeated caller IV turns two wraps into a key
+//!   RFC 5649), RSA-OAEP or `CKM_CAAS_AES_KEY_WRAP_ATTRS`; AES-GCM (a repeated caller IV turns two wraps into a key
 //!   stream), AES-CBC-PAD and RSA PKCS#1 v1.5 (padding oracles) give `CKR_KEY_NOT_WRAPPABLE`;
 //! - a secret wrapping key was generated in this token and never left it (`CKA_LOCAL`,
 //!   `CKA_ALWAYS_SENSITIVE`, `CKA_NEVER_EXTRACTABLE`: an imported or ECDH-derived key's
@@ -42,8 +42,11 @@
 //!   has `CKA_DECRYPT`, a secret one none unwraps without the rule below, a private one
 //!   none unwraps with PKCS#1 v1.5 or signs with raw RSA (`CKM_RSA_X_509`).
 //!
-//! **Unwrapping** never yields a key less protected than the wrapped one. Standard wrap
-//! formats carry no attributes, so when the unwrapping key could have wrapped a sensitive
+//! **Unwrapping** never yields a key less protected than the wrapped one. The domain's own
+//! format, `CKM_CAAS_AES_KEY_WRAP_ATTRS` ([`wrap`](crate::wrap)), carries the wrapped key's
+//! class, type, CKA_SENSITIVE, CKA_EXTRACTABLE, CKA_WRAP_WITH_TRUSTED, usage flags and
+//! mechanism list authenticated, and an unwrap template may only strengthen them. Standard
+//! wrap formats carry no attributes, so when the unwrapping key could have wrapped a sensitive
 //! key (it is trusted, its value never left the token, or it is a private key) the token
 //! assumes the strongest: the unwrapped key is `CKA_SENSITIVE` (a template asking otherwise
 //! is `CKR_TEMPLATE_INCONSISTENT`; a caller who wants a readable key with a known value
@@ -62,7 +65,13 @@
 //! `CKA_WRAP_WITH_TRUSTED` is wrapped only by a trusted key (`CKR_KEY_NOT_WRAPPABLE`), and
 //! `CKA_WRAP_WITH_TRUSTED` only goes from false to true.
 //!
-//! Left as in every PKCS#11 token: `CKM_RSA_PKCS` unwrap with a private key is a
+//! Left open: with a standard mechanism (AES-KW/KWP, RSA-OAEP) the unwrapped key's usage
+//! flags, key type and mechanism list are whatever the unwrap template asks (only its
+//! sensitivity and CKA_WRAP_WITH_TRUSTED are forced), so an encrypt-only sensitive key
+//! wrapped that way can come back able to decrypt; `CKM_CAAS_AES_KEY_WRAP_ATTRS` closes
+//! this, and refusing the standard mechanisms for sensitive keys under untrusted keys (or
+//! CKA_UNWRAP_TEMPLATE, which needs attribute arrays in the protocol) would close it for
+//! everyone. As in every PKCS#11 token, `CKM_RSA_PKCS` unwrap with a private key is a
 //! Bleichenbacher oracle for ciphertexts to that key, which is why such a key's public half
 //! never wraps a sensitive key.
 
@@ -194,7 +203,11 @@ pub fn has_limit(o: &Object) -> bool {
 pub fn wraps_sensitive(mech: u64) -> bool {
     matches!(
         mech,
-        CKM_AES_KEY_WRAP | CKM_AES_KEY_WRAP_PAD | CKM_AES_KEY_WRAP_KWP | CKM_RSA_PKCS_OAEP
+        CKM_AES_KEY_WRAP
+            | CKM_AES_KEY_WRAP_PAD
+            | CKM_AES_KEY_WRAP_KWP
+            | CKM_RSA_PKCS_OAEP
+            | crate::wrap::CKM_CAAS_AES_KEY_WRAP_ATTRS
     )
 }
 

@@ -11,6 +11,7 @@ use cryptoki::context::{CInitializeArgs, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource};
+use cryptoki::mechanism::vendor_defined::VendorDefinedMechanism;
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{
     Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass, ObjectHandle,
@@ -409,6 +410,43 @@ fn wrap_then_decrypt_does_not_reveal_a_sensitive_key() -> Result<()> {
     )?;
     ensure!(ct == ct2, "unwrapped key differs");
 
+    // The domain's own format binds the wrapped key's attributes: an encrypt-only key
+    // comes back encrypt-only and sensitive, whatever the unwrap template asks.
+    let caas_wrap = Mechanism::VendorDefined(VendorDefinedMechanism::new::<()>(
+        MechanismType::new_vendor_defined(caas_domc::wrap::CKM_CAAS_AES_KEY_WRAP_ATTRS)?,
+        None,
+    ));
+    let encrypt_only = crown_jewel(&s, &[Attribute::Encrypt(true), Attribute::Decrypt(false)])?;
+    let bound = s.wrap_key(&caas_wrap, w, encrypt_only)?;
+    for (what, weaker) in [
+        ("CKA_DECRYPT", Attribute::Decrypt(true)),
+        ("CKA_SENSITIVE false", Attribute::Sensitive(false)),
+        (
+            "another key type",
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+        ),
+    ] {
+        refused(
+            &format!("unwrap a bound blob with {what}"),
+            s.unwrap_key(&caas_wrap, w, &bound, &[weaker]),
+            RvError::TemplateInconsistent,
+        )?;
+    }
+    let back = s.unwrap_key(&caas_wrap, w, &bound, &[Attribute::Label(b"back".to_vec())])?;
+    ensure!(
+        bool_attr(&s, back, AttributeType::Sensitive)?
+            && bool_attr(&s, back, AttributeType::Encrypt)?
+            && !bool_attr(&s, back, AttributeType::Decrypt)?,
+        "bound attributes not restored"
+    );
+    let mut tampered = bound.clone();
+    tampered[20] ^= 1;
+    refused(
+        "unwrap a tampered bound blob",
+        s.unwrap_key(&caas_wrap, w, &tampered, &[]),
+        RvError::WrappedKeyInvalid,
+    )?;
+
     // Mechanisms with a caller-chosen nonce or a padding oracle do not wrap sensitive keys,
     // and CBC-PAD does not unwrap at all.
     let mut iv = [1u8; 12];
@@ -491,6 +529,7 @@ fn wrap_then_decrypt_does_not_reveal_a_sensitive_key() -> Result<()> {
     audited(&dom, "C_WrapKey", cryptoki_sys::CKR_KEY_NOT_WRAPPABLE)?;
     audited(&dom, "C_UnwrapKey", cryptoki_sys::CKR_TEMPLATE_INCONSISTENT)?;
     audited(&dom, "C_UnwrapKey", cryptoki_sys::CKR_MECHANISM_INVALID)?;
+    audited(&dom, "C_UnwrapKey", cryptoki_sys::CKR_WRAPPED_KEY_INVALID)?;
     audited(
         &dom,
         "C_SetAttributeValue",
