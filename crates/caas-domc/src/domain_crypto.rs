@@ -784,6 +784,10 @@ impl Domain {
         if !policy::wraps_sensitive(mech) {
             return no;
         }
+        // A standard format carries no attributes: only under a key the SO trusts.
+        if mech != wrap::CKM_CAAS_AES_KEY_WRAP_ATTRS && !wk.flag(CKA_TRUSTED) {
+            return no;
+        }
         let t = self.token(slot)?;
         let objects = t.read_objects();
         match wk.class() {

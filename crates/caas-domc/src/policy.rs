@@ -29,9 +29,13 @@
 //!
 //! **Wrapping a sensitive key** (`CKA_SENSITIVE` true; non-sensitive extractable keys can be
 //! read anyway) is allowed only when nobody but the token can open the result:
-//! - the mechanism authenticates and has no caller-chosen nonce: AES key wrap (RFC 3394,
-//!   RFC 5649), RSA-OAEP or `CKM_CAAS_AES_KEY_WRAP_ATTRS`; AES-GCM (a repeated caller IV turns two wraps into a key
-//!   stream), AES-CBC-PAD and RSA PKCS#1 v1.5 (padding oracles) give `CKR_KEY_NOT_WRAPPABLE`;
+//! - the mechanism authenticates and has no caller-chosen nonce: the domain's own
+//!   `CKM_CAAS_AES_KEY_WRAP_ATTRS`, or AES key wrap (RFC 3394, RFC 5649) or RSA-OAEP;
+//!   AES-GCM (a repeated caller IV turns two wraps into a key stream), AES-CBC-PAD and RSA
+//!   PKCS#1 v1.5 (padding oracles) give `CKR_KEY_NOT_WRAPPABLE`;
+//! - a standard format (AES key wrap, RSA-OAEP) carries no attributes, so it is used only
+//!   under a `CKA_TRUSTED` wrapping key (the SO's export and import channel); under any
+//!   other key only `CKM_CAAS_AES_KEY_WRAP_ATTRS`, which binds the attributes;
 //! - a secret wrapping key was generated in this token and never left it (`CKA_LOCAL`,
 //!   `CKA_ALWAYS_SENSITIVE`, `CKA_NEVER_EXTRACTABLE`: an imported or ECDH-derived key's
 //!   value is known outside), or is `CKA_TRUSTED` and not extractable;
@@ -65,13 +69,12 @@
 //! `CKA_WRAP_WITH_TRUSTED` is wrapped only by a trusted key (`CKR_KEY_NOT_WRAPPABLE`), and
 //! `CKA_WRAP_WITH_TRUSTED` only goes from false to true.
 //!
-//! Left open: with a standard mechanism (AES-KW/KWP, RSA-OAEP) the unwrapped key's usage
-//! flags, key type and mechanism list are whatever the unwrap template asks (only its
-//! sensitivity and CKA_WRAP_WITH_TRUSTED are forced), so an encrypt-only sensitive key
-//! wrapped that way can come back able to decrypt; `CKM_CAAS_AES_KEY_WRAP_ATTRS` closes
-//! this, and refusing the standard mechanisms for sensitive keys under untrusted keys (or
-//! CKA_UNWRAP_TEMPLATE, which needs attribute arrays in the protocol) would close it for
-//! everyone. As in every PKCS#11 token, `CKM_RSA_PKCS` unwrap with a private key is a
+//! Left open, on the SO's channel only: a sensitive key wrapped with a standard mechanism
+//! under a trusted key and unwrapped in this token gets the usage flags, key type and
+//! mechanism list the unwrap template asks (its sensitivity and CKA_WRAP_WITH_TRUSTED are
+//! forced), e.g. an encrypt-only key can come back able to decrypt. CKA_UNWRAP_TEMPLATE on
+//! the trusted key would close it; it needs attribute arrays in the protocol. As in every
+//! PKCS#11 token, `CKM_RSA_PKCS` unwrap with a private key is a
 //! Bleichenbacher oracle for ciphertexts to that key, which is why such a key's public half
 //! never wraps a sensitive key.
 

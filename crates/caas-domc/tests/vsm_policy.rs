@@ -134,6 +134,14 @@ fn audited(dom: &Dom, op: &str, rv: u64) -> Result<()> {
     Ok(())
 }
 
+/// The domain's attribute-binding wrap mechanism.
+fn caas_wrap() -> Result<Mechanism<'static>> {
+    Ok(Mechanism::VendorDefined(VendorDefinedMechanism::new::<()>(
+        MechanismType::new_vendor_defined(caas_domc::wrap::CKM_CAAS_AES_KEY_WRAP_ATTRS)?,
+        None,
+    )))
+}
+
 fn unwrap_template(extra: &[Attribute]) -> Vec<Attribute> {
     let mut t = vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
@@ -292,6 +300,7 @@ fn wrap_then_decrypt_does_not_reveal_a_sensitive_key() -> Result<()> {
     let target = crown_jewel(&s, &[Attribute::Encrypt(true)])?;
     let kwp = Mechanism::AesKeyWrapPad;
     let cbc = Mechanism::AesCbcPad([0u8; 16]);
+    let caas_wrap = caas_wrap()?;
 
     // A key made with the default template has the data role only.
     let data = aes(&s, &[])?;
@@ -334,8 +343,15 @@ fn wrap_then_decrypt_does_not_reveal_a_sensitive_key() -> Result<()> {
         ),
         RvError::AttributeReadOnly,
     )?;
-    // Wrap (allowed: generated here, never left), then decrypt the blob: refused.
-    let blob = s.wrap_key(&kwp, w, target)?;
+    // A standard format carries no attributes: under an untrusted key a sensitive key is
+    // wrapped only in the domain's own format (allowed here: the key was generated here and
+    // never left). Then decrypting the blob is refused.
+    refused(
+        "standard wrap under an untrusted key",
+        s.wrap_key(&kwp, w, target),
+        RvError::KeyNotWrappable,
+    )?;
+    let blob = s.wrap_key(&caas_wrap, w, target)?;
     refused(
         "decrypt the blob",
         s.decrypt(&cbc, w, &blob),
@@ -372,7 +388,7 @@ fn wrap_then_decrypt_does_not_reveal_a_sensitive_key() -> Result<()> {
     refused(
         "unwrap as non-sensitive",
         s.unwrap_key(
-            &kwp,
+            &caas_wrap,
             w,
             &blob,
             &unwrap_template(&[Attribute::Sensitive(false), Attribute::Extractable(true)]),
@@ -380,7 +396,7 @@ fn wrap_then_decrypt_does_not_reveal_a_sensitive_key() -> Result<()> {
         RvError::TemplateInconsistent,
     )?;
     let u = s.unwrap_key(
-        &kwp,
+        &caas_wrap,
         w,
         &blob,
         &unwrap_template(&[Attribute::Encrypt(true)]),
@@ -412,10 +428,6 @@ fn wrap_then_decrypt_does_not_reveal_a_sensitive_key() -> Result<()> {
 
     // The domain's own format binds the wrapped key's attributes: an encrypt-only key
     // comes back encrypt-only and sensitive, whatever the unwrap template asks.
-    let caas_wrap = Mechanism::VendorDefined(VendorDefinedMechanism::new::<()>(
-        MechanismType::new_vendor_defined(caas_domc::wrap::CKM_CAAS_AES_KEY_WRAP_ATTRS)?,
-        None,
-    ));
     let encrypt_only = crown_jewel(&s, &[Attribute::Encrypt(true), Attribute::Decrypt(false)])?;
     let bound = s.wrap_key(&caas_wrap, w, encrypt_only)?;
     for (what, weaker) in [
@@ -676,7 +688,18 @@ fn untrusted_user_cannot_wrap_with_trusted_only_key() -> Result<()> {
         RvError::AttributeReadOnly,
     )?;
     let blob = s.wrap_key(&kwp, so_kek, k)?;
-    // What comes back under a trusted key keeps CKA_WRAP_WITH_TRUSTED.
+    // What comes back under a trusted key with a standard mechanism is sensitive and keeps
+    // CKA_WRAP_WITH_TRUSTED.
+    refused(
+        "unwrap as non-sensitive under a trusted key",
+        s.unwrap_key(
+            &kwp,
+            so_kek,
+            &blob,
+            &unwrap_template(&[Attribute::Sensitive(false), Attribute::Extractable(true)]),
+        ),
+        RvError::TemplateInconsistent,
+    )?;
     refused(
         "unwrap without CKA_WRAP_WITH_TRUSTED",
         s.unwrap_key(
