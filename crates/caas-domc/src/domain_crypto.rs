@@ -608,7 +608,7 @@ impl Domain {
                 let (template, plain) = if mechanism.mechanism == wrap::CKM_CAAS_AES_KEY_WRAP_ATTRS
                 {
                     // The blob's own attributes are the floor.
-                    let kek = self.caas_wrap_key(&mechanism, &uk, false)?;
+                    let kek = self.caas_wrap_key(&mechanism, &uk, false).map_err(refuse)?;
                     let (bound, plain) = wrap::open(kek.secret()?, &wrapped.0).map_err(refuse)?;
                     (wrap::merge(&bound, template).map_err(refuse)?, plain)
                 } else {
@@ -616,7 +616,9 @@ impl Domain {
                         return Err(refuse(Ckr(CKR_MECHANISM_INVALID)));
                     }
                     let forced = policy::unwrap_forced(&template, &uk).map_err(refuse)?;
-                    let plain = self.wrap_bytes(&mechanism, &uk, &wrapped.0, false)?;
+                    let plain = self
+                        .wrap_bytes(&mechanism, &uk, &wrapped.0, false)
+                        .map_err(refuse)?;
                     (template.into_iter().chain(forced).collect(), plain)
                 };
                 let class = tmpl_ulong(&template, CKA_CLASS).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;

@@ -579,7 +579,8 @@ impl Object {
 
     /// Checks a C_SetAttributeValue/C_CopyObject template against the change rules and
     /// returns the new attribute map. `copy` allows CKA_TOKEN/CKA_PRIVATE changes; `role` is
-    /// who asks (usage limits and CKA_TRUSTED=true are the SO's, see [`policy`]).
+    /// who asks (usage limits and CKA_TRUSTED are the SO's; usage flags only clear; see
+    /// [`policy`]).
     pub fn apply_template(&self, template: &[Attr], copy: bool, role: Role) -> Result<Attrs, Ckr> {
         let mut m = self.snapshot();
         let class = self.class();
@@ -611,7 +612,7 @@ impl Object {
                 CKA_TRUSTED if role != Role::So => {
                     return Err(Ckr(CKR_ATTRIBUTE_READ_ONLY));
                 }
-                // Only false -> true (PKCS#11 3.x §4.9 / SoftHSM2).
+                // PKCS#11: changes once only, from CK_FALSE to CK_TRUE (as SoftHSM2).
                 CKA_WRAP_WITH_TRUSTED if new_b != Some(true) => {
                     return Err(Ckr(CKR_ATTRIBUTE_READ_ONLY));
                 }
