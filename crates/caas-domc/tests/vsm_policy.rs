@@ -156,7 +156,7 @@ fn user_cannot_raise_or_reset_key_limits() -> Result<()> {
     let Some(dir) = child_dir() else {
         return run_in_child("user_cannot_raise_or_reset_key_limits");
     };
-    let dom = Dom::start_in(&dir, &[])?;
+    let mut dom = Dom::start_in(&dir, &[])?;
     caas_domc::dev::init_token(&dom.socket, 0, "limits", SO_PIN, USER_PIN)?;
     let p = context()?;
     let s = user_session(&p)?;
@@ -210,6 +210,24 @@ fn user_cannot_raise_or_reset_key_limits() -> Result<()> {
         vendor_ulong(&s, limited, CKA_CAAS_MAX_USES)? == 3,
         "limit changed"
     );
+    // Nor does a restart of the crypto domain reset the counter (it is persisted with the
+    // token object before each use is answered).
+    dom.kill()?;
+    // (The module notices the dead domain at its next call and reconnects after that.)
+    ensure!(sign().is_err(), "signed with the domain down");
+    dom.restart()?;
+    let s = user_session(&p)?;
+    let limited = s.find_objects(&[
+        Attribute::Label(b"limited".to_vec()),
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+    ])?;
+    ensure!(limited.len() == 1, "limited key after restart: {limited:?}");
+    let limited = limited[0];
+    refused(
+        "use after a restart",
+        s.sign(&Mechanism::EcdsaSha256, limited, b"m"),
+        RvError::FunctionRejected,
+    )?;
 
     // A rate-limited key: the same, and a limited key does not leave the token wrapped
     // (the unwrapped copy would carry no limit).
