@@ -8,13 +8,14 @@
 //! wrapping key's AES value (info `caas-domc wrap v1`), so the format shares no key with
 //! AES key wrap or `C_Encrypt` under the same key; the nonce is the token's own random (no
 //! caller-chosen nonce). The header is the wrapped key's class, key type, CKA_SENSITIVE,
-//! CKA_EXTRACTABLE, CKA_WRAP_WITH_TRUSTED, usage flags and CKA_ALLOWED_MECHANISMS, as
-//! `type (u64 LE) || length (u32 LE) || value` entries.
+//! CKA_EXTRACTABLE, CKA_WRAP_WITH_TRUSTED, usage flags, CKA_ALLOWED_MECHANISMS and
+//! CKA_COPYABLE/CKA_MODIFIABLE/CKA_DESTROYABLE, as `type (u64 LE) || length (u32 LE) ||
+//! value` entries.
 //!
 //! At unwrap the header is the floor: the template may only strengthen it (CKA_SENSITIVE and
-//! CKA_WRAP_WITH_TRUSTED only to true, CKA_EXTRACTABLE only to false, usage flags only
-//! cleared, the mechanism list only narrowed; class and key type as wrapped), anything else
-//! is `CKR_TEMPLATE_INCONSISTENT`. Non-protective attributes (label, id, CKA_TOKEN, ...)
+//! CKA_WRAP_WITH_TRUSTED only to true, CKA_EXTRACTABLE, usage flags and CKA_COPYABLE/
+//! CKA_MODIFIABLE/CKA_DESTROYABLE only to false, the mechanism list only narrowed; class
+//! and key type as wrapped), anything else is `CKR_TEMPLATE_INCONSISTENT`. Non-protective attributes (label, id, CKA_TOKEN, ...)
 //! come from the template as usual.
 
 use crate::error::Ckr;
@@ -43,6 +44,10 @@ fn bound_types() -> impl Iterator<Item = u64> {
         CKA_EXTRACTABLE,
         CKA_WRAP_WITH_TRUSTED,
         CKA_ALLOWED_MECHANISMS,
+        // An unwrap is a copy: it must not shed CKA_COPYABLE (nor the other two) false.
+        CKA_COPYABLE,
+        CKA_MODIFIABLE,
+        CKA_DESTROYABLE,
     ]
     .into_iter()
     .chain(USAGE_FLAGS)
@@ -164,7 +169,8 @@ pub fn merge(bound: &Attrs, template: Vec<Attr>) -> Result<Vec<Attr>, Ckr> {
                 let (old, new) = (list(b), list(v));
                 old.is_empty() || (!new.is_empty() && new.iter().all(|m| old.contains(m)))
             }
-            _ => !is_true(v) || is_true(b), // usage flags: only cleared
+            // Usage flags, CKA_COPYABLE/CKA_MODIFIABLE/CKA_DESTROYABLE: only cleared.
+            _ => !is_true(v) || is_true(b),
         };
         if !ok {
             return no;
@@ -197,6 +203,7 @@ mod tests {
                 t(CKA_EXTRACTABLE, true),
                 t(CKA_ENCRYPT, true),
                 t(CKA_DECRYPT, false),
+                t(CKA_COPYABLE, false),
             ],
             CKO_SECRET_KEY,
             Some(CKK_AES),
@@ -238,6 +245,7 @@ mod tests {
         for weaker in [
             set(CKA_SENSITIVE, false),
             set(CKA_DECRYPT, true),
+            set(CKA_COPYABLE, true),
             Attr {
                 ty: CKA_KEY_TYPE,
                 value: Blob(attr::ulong(CKK_GENERIC_SECRET)),
