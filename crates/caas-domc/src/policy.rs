@@ -7,8 +7,8 @@
 //! **Usage limits** (`CKA_CAAS_MAX_USES`, `CKA_CAAS_RATE_PER_SEC`) are set by the creation
 //! template (the policy of whoever creates the key: it can only restrict the new key) and
 //! afterwards only by the SO (`CKR_ATTRIBUTE_READ_ONLY` for anyone else, also in a
-//! `C_CopyObject` template). Since the SO cannot reach private objects (PKCS#11 §4.4), a
-//! private key's limits are fixed for its lifetime. A key with a limit cannot be copied
+//! `C_CopyObject` template). Since the SO cannot reach private objects (in PKCS#11 they are
+//! the normal user's alone), a private key's limits are fixed for its lifetime. A key with a limit cannot be copied
 //! (`CKR_ACTION_PROHIBITED`: a copy would start a fresh counter and bucket) nor wrapped
 //! (`CKR_KEY_NOT_WRAPPABLE`: an unwrapped copy would carry no limit).
 //!
@@ -48,15 +48,16 @@
 //!
 //! **Unwrapping** never yields a key less protected than the wrapped one. The domain's own
 //! format, `CKM_CAAS_AES_KEY_WRAP_ATTRS` ([`wrap`](crate::wrap)), carries the wrapped key's
-//! class, type, CKA_SENSITIVE, CKA_EXTRACTABLE, CKA_WRAP_WITH_TRUSTED, usage flags and
-//! mechanism list authenticated, and an unwrap template may only strengthen them. Standard
-//! wrap formats carry no attributes, so when the unwrapping key could have wrapped a sensitive
-//! key (it is trusted, its value never left the token, or it is a private key) the token
-//! assumes the strongest: the unwrapped key is `CKA_SENSITIVE` (a template asking otherwise
-//! is `CKR_TEMPLATE_INCONSISTENT`; a caller who wants a readable key with a known value
-//! uses `C_CreateObject`), and `CKA_WRAP_WITH_TRUSTED` when the unwrapping key is trusted
-//! or a private key.
-//! Under any other key only readable keys were ever wrapped, and the template is honoured
+//! class, type, CKA_SENSITIVE, CKA_EXTRACTABLE, CKA_WRAP_WITH_TRUSTED, usage flags,
+//! mechanism list and CKA_COPYABLE/CKA_MODIFIABLE/CKA_DESTROYABLE authenticated, and an
+//! unwrap template may only strengthen them. Standard wrap formats carry no attributes, so
+//! when the unwrapping key could have wrapped a sensitive key (it is trusted, its value
+//! never left the token, or it is a private key) the token assumes the strongest: the
+//! unwrapped key is `CKA_SENSITIVE` (a template asking otherwise is
+//! `CKR_TEMPLATE_INCONSISTENT`; a caller who wants a readable key with a known value uses
+//! `C_CreateObject`), and `CKA_WRAP_WITH_TRUSTED` when the unwrapping key is trusted or a
+//! private key. Under any other key only readable keys were ever wrapped, and the template
+//! is honoured
 //! (pkcs11-tool unwraps with `CKA_SENSITIVE` false). Unwrapped keys are never `CKA_LOCAL`,
 //! `CKA_ALWAYS_SENSITIVE` or `CKA_NEVER_EXTRACTABLE`; `CKA_EXTRACTABLE` stays as asked: the
 //! wrapped key was extractable, or it could not have been wrapped. AES-CBC-PAD is refused
@@ -74,9 +75,9 @@
 //! mechanism list the unwrap template asks (its sensitivity and CKA_WRAP_WITH_TRUSTED are
 //! forced), e.g. an encrypt-only key can come back able to decrypt. CKA_UNWRAP_TEMPLATE on
 //! the trusted key would close it; it needs attribute arrays in the protocol. As in every
-//! PKCS#11 token, `CKM_RSA_PKCS` unwrap with a private key is a
-//! Bleichenbacher oracle for ciphertexts to that key, which is why such a key's public half
-//! never wraps a sensitive key.
+//! PKCS#11 token, `CKM_RSA_PKCS` unwrap with a private key is a Bleichenbacher oracle for
+//! ciphertexts to that key, which is why such a key's public half never wraps a sensitive
+//! key.
 
 use crate::error::Ckr;
 use crate::object::{Attrs, Object};
