@@ -36,6 +36,6 @@ fuzz_target!(|data: &[u8]| {
     if data.len() >= 32 {
         let att = caas_tl::wire::Attestation { host: "h".into(), r: vec![0; 32], c2: data[32..].to_vec() };
         let _ = caas_tl::sc::open_m2(&data[..32], &att);
-        let _ = caas_tl::dm::open_domc_config(&data[..32], "h", "img", &data[32..]);
+        let _ = caas_tl::dm::open_domc_config(&data[..32], "h", "img", &"0".repeat(64), &data[32..]);
     }
 });
