@@ -1038,19 +1038,18 @@ fn live_ttp_session_is_not_overwritten() {
 fn replayed_revocation_is_refused() {
     let mut c = Cloud::start();
     c.tenant_with_image("alice", "finance", "web");
-    // host-1 fails a profile that expects another PCR 0 → untrusted → the TTP revokes.
-    let mut p = c
+    // The dev profile briefly expects another PCR 0: host-1 turns untrusted → the TTP
+    // revokes; with the profile restored it is trusted again.
+    let dev = c
         .call("GET", &format!("{}/v1/attest/profiles/dev", c.ks()), None)
         .unwrap();
-    p["name"] = json!("strict");
-    p["pcrs"]["0"]["values"] = json!(["ff".repeat(32)]);
-    c.call("POST", &format!("{}/v1/attest/profiles", c.ks()), Some(&p))
-        .unwrap();
-    let set_profile = |c: &Cloud, name: &str| {
+    let mut strict = dev.clone();
+    strict["pcrs"]["0"]["values"] = json!(["ff".repeat(32)]);
+    let set_profile = |c: &Cloud, p: &Value| {
         c.call(
             "PUT",
-            &format!("{}/v1/attest/hosts/host-1/profile", c.ks()),
-            Some(&json!({ "profile": name })),
+            &format!("{}/v1/attest/profiles/dev", c.ks()),
+            Some(p),
         )
         .unwrap();
         c.call(
@@ -1060,18 +1059,24 @@ fn replayed_revocation_is_refused() {
         )
         .unwrap()
     };
-    assert_eq!(set_profile(&c, "strict")["trusted"], json!(false));
+    assert_eq!(set_profile(&c, &strict)["trusted"], json!(false));
     let state = c.dev.dir.join("hosts/host-1/agent-state/revocation.json");
     let t = std::time::Instant::now();
     while !state.exists() && t.elapsed().as_secs() < 30 {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    assert!(
+        state.exists(),
+        "no revocation applied: agent audit {}\n{}",
+        c.agent_audit("host-1"),
+        std::fs::read_to_string(c.dev.dir.join("test-dev.log")).unwrap_or_default()
+    );
     let kept: Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
     let notice = kept["notice"].clone();
     assert!(kept["seq"].as_u64().unwrap() > 0, "{kept}");
     assert!(c.agent_audit_has("host-1", "Revoke", "ok"));
     // Trusted again; alice's workload runs.
-    assert_eq!(set_profile(&c, "dev")["trusted"], json!(true));
+    assert_eq!(set_profile(&c, &dev)["trusted"], json!(true));
     c.tenant_ok(
         "alice",
         &["launch", "--id", "web", "--vm", "vm1", "--host", "host-1"],
