@@ -415,18 +415,27 @@ fn v_host(c: &Cloud, vm: &str) -> String {
 }
 
 /// Definition 1: the scheduler launches another image than the DM's. The SC's H1 check
-/// refuses it; and a VM the attacker launched itself cannot answer the DM's PSK channel.
+/// refuses another image of the same DM, the owner check an image of another DM; and a VM
+/// the attacker launched itself cannot answer the DM's PSK channel.
 #[test]
 fn vm_substitution_is_rejected() {
     let c = Cloud::start();
     c.tenant_with_image("alice", "finance", "web");
+    c.tenant_with_image("alice", "finance", "web2");
     c.tenant_with_image("mallory", "mal", "evil");
     let (mut call, _) = c.launch_call("alice", "web", "vm1", "dev", &[]);
-    call.image_id = "evil".into();
+    call.image_id = "web2".into();
     assert_refused(
         &c.launch_at("host-1", &call),
         "h1_mismatch",
         "substituted image",
+    );
+    let (mut call, _) = c.launch_call("alice", "web", "vm1", "dev", &[]);
+    call.image_id = "evil".into();
+    assert_refused(
+        &c.launch_at("host-1", &call),
+        "owner_mismatch",
+        "another DM's image",
     );
     assert!(c.workloads("host-1").is_empty());
     // The attacker's own VM, presented to the DM as vm1: the PSK handshake fails (τ' ≠ τ).
@@ -483,7 +492,7 @@ fn combined_substitution_is_rejected() {
     call.image_id = "evil".into();
     let r = c.launch_at("host-2", &call);
     assert!(
-        matches!(&r, Err((403, code)) if code == "sp_mismatch" || code == "h1_mismatch"),
+        matches!(&r, Err((403, code)) if ["sp_mismatch", "h1_mismatch", "owner_mismatch"].contains(&code.as_str())),
         "{r:?}"
     );
     assert!(c.workloads("host-2").is_empty());
@@ -611,6 +620,7 @@ fn replayed_tl_and_dbsp_messages_are_rejected() {
 fn tampered_image_configuration_and_swapped_pk_dm_are_rejected() {
     let c = Cloud::start();
     c.tenant_with_image("alice", "finance", "web");
+    c.tenant_with_image("mallory", "mal", "evil");
     let img = c.storage().join("images/web/image.caasvol");
     let cfg = c.storage().join("images/web/domc-host-1.sealed");
     let orig_img = std::fs::read(&img).unwrap();
@@ -628,7 +638,8 @@ fn tampered_image_configuration_and_swapped_pk_dm_are_rejected() {
     );
     std::fs::write(&img, &orig_img).unwrap();
     // A tampered configuration: only its holder (the TPM bind key) could make a valid one.
-    for at in [10usize, orig_cfg.len() - 5] {
+    // (Envelope label, the RSA part for the TPM, the AES-GCM body.)
+    for at in [10usize, 150, orig_cfg.len() - 5] {
         let mut t = orig_cfg.clone();
         t[at] ^= 0x40;
         std::fs::write(&cfg, &t).unwrap();
@@ -640,12 +651,12 @@ fn tampered_image_configuration_and_swapped_pk_dm_are_rejected() {
         );
     }
     std::fs::write(&cfg, &orig_cfg).unwrap();
-    // The cloud provider swaps pk_DM: it must re-sign the request with its own key, so
-    // H2 = hash(pk_DM) in m1 no longer matches (TTP) — or σ_DM fails if it only swaps the key.
+    // The cloud provider swaps pk_DM: σ_DM fails if it only swaps the key; re-signed with its
+    // own key, alice's configuration does not open for it (SC), and for an image of its own
+    // H2 = hash(pk_DM) in m1 no longer matches (TTP).
     let (call, _) = c.launch_call("alice", "web", "vm2", "dev", &[]);
     let mut lr: Value = serde_json::from_slice(&call.request.body).unwrap();
-    let mallory_doc = caas_tl::crypto::ed25519_generate().unwrap();
-    let mallory = DomainManager::from_pkcs8(mallory_doc.expose()).unwrap();
+    let mallory = dm(&c.tdir("mallory"));
     lr["pk_dm"] = json!(caas_attest::b64::encode(&mallory.public()));
     let swapped_only = LaunchCall {
         request: caas_tl::wire::Signed {
@@ -669,8 +680,25 @@ fn tampered_image_configuration_and_swapped_pk_dm_are_rejected() {
     };
     assert_refused(
         &c.launch_at("host-1", &resigned),
-        "h2_mismatch",
+        "owner_mismatch",
         "swapped pk_DM, re-signed",
+    );
+    let (call, _) = c.launch_call("alice", "web", "vm4", "dev", &[]);
+    let mut lr: Value = serde_json::from_slice(&call.request.body).unwrap();
+    lr["pk_dm"] = json!(caas_attest::b64::encode(&mallory.public()));
+    let own_image = LaunchCall {
+        request: caas_tl::wire::Signed::sign(
+            mallory.key_pair(),
+            caas_tl::wire::label::LAUNCH_REQUEST,
+            &lr,
+        ),
+        image_id: "evil".into(),
+        ..call
+    };
+    assert_refused(
+        &c.launch_at("host-1", &own_image),
+        "h2_mismatch",
+        "swapped pk_DM, re-signed, own image",
     );
     // A good launch still works afterwards.
     let (call, _) = c.launch_call("alice", "web", "vm3", "dev", &[]);
@@ -689,6 +717,7 @@ fn tampered_image_configuration_and_swapped_pk_dm_are_rejected() {
         "h1_mismatch",
         "config_tampered",
         "bad_signature",
+        "owner_mismatch",
         "h2_mismatch",
     ] {
         assert!(text.contains(code), "agent audit lacks {code}: {text}");
