@@ -898,8 +898,8 @@ impl Agent {
         let procs = finish_domain(pre, &cfg).await?;
         timings.push(("crypto domain keyed (k, token)".to_string(), ms(t)));
         self.run_workload(
-            call, &req.sp, &m2.h2, &req.r, &m2.dk, &m2.tau, &req.pk_dm, driver, &cfg, dir,
-            procs, now, timings,
+            call, &req.sp, &m2.h2, &req.r, &m2.dk, &m2.tau, &req.pk_dm, driver, &cfg, dir, procs,
+            now, timings,
         )
         .await
     }
@@ -1030,9 +1030,9 @@ impl Agent {
         std::fs::read(&cfg_path).map_err(Error::io("read the sealed configuration"))
     }
 
-    /// Opens the crypto-domain configuration sealed to this host's bind key (seed 001 Alg.
-    /// 1) for a launch by `pk_dm`: only its owner's launch opens it (the owner's H2 is in
-    /// its AAD and plaintext).
+    /// Opens the crypto-domain configuration sealed to this host's bind key (seed 001,
+    /// Algorithm 1) for a launch by `pk_dm`: only its owner's launch opens it (the owner's
+    /// H2 is in its AAD and plaintext).
     async fn open_config(
         &self,
         image_id: &str,

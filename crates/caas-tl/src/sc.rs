@@ -114,11 +114,7 @@ pub fn check_m2(m2: &M2, vm_id: &str, image_sha256: &[u8; 32], pk_dm: &[u8]) -> 
 /// vouched for in m2 (`owner_mismatch` otherwise — another DM, or the scheduler with a DM
 /// key of its own, launching someone else's image) and it was made for the encrypted image
 /// being launched (`config_tampered` — a stale configuration of an older upload).
-pub fn check_config(
-    cfg: &crate::dm::DomcConfig,
-    m2: &M2,
-    image_sha256: &[u8; 32],
-) -> Result<()> {
+pub fn check_config(cfg: &crate::dm::DomcConfig, m2: &M2, image_sha256: &[u8; 32]) -> Result<()> {
     if !ct_eq(cfg.owner_h2.as_bytes(), m2.h2.as_bytes()) {
         return Err(Error::rejected(
             "owner_mismatch",
@@ -291,7 +287,11 @@ mod tests {
         let code = |r: Result<()>| r.err().map(|e| e.code()).unwrap_or("ok");
         // The owner's launch: m2 (from the TTP) names the owner.
         assert_eq!(
-            code(check_config(&cfg(&owner, &img), &m2("vm1", &img, &pk), &img)),
+            code(check_config(
+                &cfg(&owner, &img),
+                &m2("vm1", &img, &pk),
+                &img
+            )),
             "ok"
         );
         // Another DM's launch of the same image: its m2 carries its own H2.

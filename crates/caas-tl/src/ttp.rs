@@ -629,7 +629,10 @@ impl<S: AttestStore> Ttp<S> {
             operation: "TlRevoke".into(),
             subject: host.into(),
             result: "ok".into(),
-            detail: format!("seq {seq}: {}", reason.chars().take(200).collect::<String>()),
+            detail: format!(
+                "seq {seq}: {}",
+                reason.chars().take(200).collect::<String>()
+            ),
         };
         self.put(KIND_REVOKE_SEQ, host, &seq, Some(audit)).await?;
         let body = wire::to_bytes(&Revoke {

@@ -255,8 +255,8 @@ impl Cloud {
     /// What anyone with read access to the cloud storage knows of an image: H1, the hash of
     /// its encrypted copy.
     fn stored_h1(&self, id: &str) -> [u8; 32] {
-        let enc = std::fs::read(self.storage().join("images").join(id).join("image.caasvol"))
-            .unwrap();
+        let enc =
+            std::fs::read(self.storage().join("images").join(id).join("image.caasvol")).unwrap();
         caas_tl::crypto::sha256(&enc)
     }
 
@@ -889,7 +889,6 @@ fn compromised_management_gets_no_key_material() {
     c.tenant_ok("alice", &["connect", "--vm", "vm1"]);
 }
 
-
 /// Issue 12: a second domain manager, knowing only what storage shows (the encrypted image,
 /// hence H1), registers the victim's image id in its own tenant state and launches it. The
 /// crypto-domain configuration that holds k is sealed for its owner's H2: the host refuses
@@ -937,7 +936,15 @@ fn another_dm_cannot_launch_my_image() {
     // The owner still launches it, and reads the plaintext.
     c.tenant_ok(
         "alice",
-        &["launch", "--id", "secret-img", "--vm", "mine", "--host", "host-1"],
+        &[
+            "launch",
+            "--id",
+            "secret-img",
+            "--vm",
+            "mine",
+            "--host",
+            "host-1",
+        ],
     );
     let rep = c.tenant_ok("alice", &["connect", "--vm", "mine"]);
     assert!(rep.contains(&victim), "{rep}");
@@ -1012,7 +1019,15 @@ fn live_ttp_session_is_not_overwritten() {
     c.tenant_ok(
         "alice",
         &[
-            "launch", "--id", "web", "--vm", "vm1", "--host", "host-1", "--domains", "finance",
+            "launch",
+            "--id",
+            "web",
+            "--vm",
+            "vm1",
+            "--host",
+            "host-1",
+            "--domains",
+            "finance",
         ],
     );
     let doc = caas_tl::crypto::ed25519_generate().unwrap();
@@ -1022,7 +1037,11 @@ fn live_ttp_session_is_not_overwritten() {
         .token(&ttp, &[0u8; 32], "dev", "vm1", &[], caas_attest::now_ms())
         .unwrap();
     let bind = c
-        .call("GET", &format!("{}/v1/agent/bind-key", c.agent("host-1")), None)
+        .call(
+            "GET",
+            &format!("{}/v1/agent/bind-key", c.agent("host-1")),
+            None,
+        )
         .unwrap();
     let body = serde_json::to_vec(&json!({
         "host": "host-1",
@@ -1121,11 +1140,17 @@ fn replayed_revocation_is_refused() {
     assert_refused(&replay(&c), "revoke_replayed", "replayed revocation");
     assert_eq!(c.workloads("host-1").len(), 1, "the replay stopped vm1");
     c.tenant_ok("alice", &["connect", "--vm", "vm1"]);
-    assert_eq!(c.agent_audit_count("host-1", "Revoke", "revoke_replayed"), 1);
+    assert_eq!(
+        c.agent_audit_count("host-1", "Revoke", "revoke_replayed"),
+        1
+    );
     // After an agent restart (state kept), the replay is still refused.
     c.restart();
     assert_refused(&replay(&c), "revoke_replayed", "replay after restart");
-    assert_eq!(c.agent_audit_count("host-1", "Revoke", "revoke_replayed"), 2);
+    assert_eq!(
+        c.agent_audit_count("host-1", "Revoke", "revoke_replayed"),
+        2
+    );
     assert!(
         audit_has(&c.audit(), "TlRevoke", "Success"),
         "TTP audit of the notice"
