@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = caas_tl::crypto::split_lp(data, 2);
     let _ = caas_tl::crypto::split_bind_sealed(data);
+    let _ = caas_tl::dm::SealedDomc::parse(data);
     let _ = k.open(wire::label::M1.as_bytes(), data);
     let _ = caas_tl::crypto::TtpKeys::from_secret_bytes(data);
     let _ = caas_tl::TtpPublic::from_text(&String::from_utf8_lossy(data));
