@@ -306,16 +306,26 @@ impl<S: AttestStore> Ttp<S> {
     /// TL.AttestRequest → TL.Attestation (AttestVerify, then AttestToken).
     pub async fn attest(&self, req: &AkSigned, now_ms: u64) -> Result<Signed> {
         let body: Result<AttestRequest> = wire::parse("attest request", &req.body);
-        let (host, subject) = match &body {
-            Ok(b) => (b.host.clone(), b.host.clone()),
-            Err(_) => ("?".into(), "?".into()),
+        let (host, subject, launch_r) = match &body {
+            Ok(b) => (
+                b.host.clone(),
+                b.host.clone(),
+                b.launch
+                    .peek::<LaunchRequest>(label::LAUNCH_REQUEST)
+                    .map(|l| hexs(&l.r))
+                    .unwrap_or_default(),
+            ),
+            Err(_) => ("?".into(), "?".into(), String::new()),
         };
         let mut vm = String::new();
         let r = match body {
             Ok(b) => self.attest_inner(&b, req, now_ms, &mut vm).await,
             Err(e) => Err(e),
         };
-        let summary = r.as_ref().map(|_| format!("vm {vm}")).map_err(clone_err);
+        let summary = r
+            .as_ref()
+            .map(|_| format!("vm {vm}, session launch r {launch_r}"))
+            .map_err(clone_err);
         self.audit(&host, "TlAttest", &format!("{subject}/{vm}"), &summary)
             .await;
         r

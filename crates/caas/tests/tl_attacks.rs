@@ -1075,6 +1075,21 @@ fn live_ttp_session_is_not_overwritten() {
     let audit = c.audit();
     assert!(audit_has(&audit, "DbspDomKey", "Success"), "{audit}");
     assert!(c.agent_audit_has("host-1", "AttachVolume", "ok"));
+    // Both launches are in the TTP's audit, each with its own session.
+    let sessions: Vec<String> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| {
+            v["Operation"] == json!("TlAttest")
+                && v["Result"] == json!("Success")
+                && v["KeyId"] == json!("host-1/vm1")
+        })
+        .map(|v| v.to_string())
+        .collect();
+    if second.is_ok() {
+        assert_eq!(sessions.len(), 2, "{sessions:?}");
+        assert!(sessions[1].contains(&hex::encode(&token.r)), "{sessions:?}");
+    }
 }
 
 /// Issue 12: a TTP-signed revocation used to be accepted again for its whole freshness
