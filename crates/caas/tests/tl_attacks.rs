@@ -933,6 +933,34 @@ fn another_dm_cannot_launch_my_image() {
             c.agent_audit(host)
         );
     }
+    // The attacker also controls storage: it rewrites the owner the envelope names in the
+    // clear to its own H2. The owner is in the AAD too: the configuration no longer opens.
+    let cfg = c.storage().join("images/secret-img/domc-host-1.sealed");
+    let orig = std::fs::read(&cfg).unwrap();
+    let mut relabelled = orig.clone();
+    let at = 4 + caas_tl::wire::label::DOMC_CONFIG.len() + 4;
+    assert_eq!(
+        &relabelled[at..at + 64],
+        dm(&c.tdir("alice")).h2().as_bytes()
+    );
+    relabelled[at..at + 64].copy_from_slice(dm(&c.tdir("mallory")).h2().as_bytes());
+    std::fs::write(&cfg, &relabelled).unwrap();
+    let (ok, text) = c.tenant(
+        "mallory",
+        &[
+            "launch",
+            "--id",
+            "secret-img",
+            "--vm",
+            "relabel",
+            "--host",
+            "host-1",
+        ],
+    );
+    assert!(!ok && text.contains("config_tampered"), "{text}");
+    assert!(c.workloads("host-1").is_empty());
+    assert!(c.agent_audit_has("host-1", "LaunchWorkload", "config_tampered"));
+    std::fs::write(&cfg, &orig).unwrap();
     // The owner still launches it, and reads the plaintext.
     c.tenant_ok(
         "alice",
