@@ -14,6 +14,8 @@ use caas_store::Write;
 use serde_json::json;
 
 const TOKEN_TTL_MS: i64 = 24 * 3600 * 1000;
+/// `seal_internal` purpose of import wrapping keys (owner: account, key id, token id).
+const IMPORT_PURPOSE: &str = "import-wrapping-key";
 
 /// GetParametersForImport.
 pub async fn get_parameters(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
@@ -58,9 +60,11 @@ pub async fn get_parameters(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<O
         token_id: token_id.clone(),
         key_id: l.key.key_id.clone(),
         wrapping_algorithm: alg.into(),
-        wrapping_key_ekt: kms
-            .keyring
-            .seal_ekt(&format!("import:{token_id}"), 0, &sk)?,
+        wrapping_key_ekt: kms.keyring.seal_internal(
+            IMPORT_PURPOSE,
+            &[&ctx.caller.account, &l.key.key_id, &token_id],
+            &sk,
+        )?,
         valid_to_ms: valid_to,
     };
     let body = serde_json::to_vec(&rec).map_err(|_| KmsError::Internal("encode".into()))?;
@@ -140,8 +144,10 @@ pub async fn import(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
         .await
         .map_err(KmsError::store)?
         .ok_or_else(|| KmsError::InvalidImportToken("The import token is invalid".into()))?;
-    let rec: ImportRecord = serde_json::from_slice(&o.body)
-        .map_err(|_| KmsError::Internal("corrupt import record".into()))?;
+    let rec: ImportRecord = serde_json::from_slice::<ImportRecord>(&o.body)
+        .ok()
+        .filter(|r| r.token_id == o.id)
+        .ok_or_else(|| KmsError::mismatch(&o.kind, &o.account, &o.id))?;
     if rec.key_id != l.key.key_id {
         return Err(KmsError::InvalidImportToken(
             "The import token is not for this key".into(),
@@ -154,7 +160,11 @@ pub async fn import(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     }
     let sk = kms
         .keyring
-        .open_ekt(&format!("import:{token_id}"), 0, &rec.wrapping_key_ekt)
+        .open_internal(
+            IMPORT_PURPOSE,
+            &[&ctx.caller.account, &rec.key_id, &token_id],
+            &rec.wrapping_key_ekt,
+        )
         .await?;
     let m = unwrap_material(&rec.wrapping_algorithm, &sk, &wrapped)?;
     let spec =
@@ -200,7 +210,7 @@ pub async fn import(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     k.versions = vec![HbkVersion {
         version,
         created_ms: kms.now_ms(),
-        ekt: kms.keyring.seal_ekt(&k.key_id, version, &m)?,
+        ekt: kms.keyring.seal_ekt(&k.account, &k.key_id, version, &m)?,
         public_key,
     }];
     k.import.fingerprint = Some(fp);

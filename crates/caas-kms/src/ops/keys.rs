@@ -149,7 +149,7 @@ pub async fn create_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
         versions.push(HbkVersion {
             version: 1,
             created_ms: now,
-            ekt: kms.keyring.seal_ekt(&key_id, 1, &m)?,
+            ekt: kms.keyring.seal_ekt(&ctx.caller.account, &key_id, 1, &m)?,
             public_key,
         });
     }
@@ -240,11 +240,11 @@ pub async fn list_keys(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
         .list(kind::KEY, Some(&ctx.caller.account))
         .await
         .map_err(KmsError::store)?;
+    // A row that fails its integrity check refuses the whole list (the store audits it).
     let items = objs
         .iter()
-        .filter_map(|o| serde_json::from_slice::<KeyRecord>(&o.body).ok())
-        .map(|k| json!({ "KeyId": k.key_id, "KeyArn": k.arn() }))
-        .collect();
+        .map(|o| super::parse_key(o).map(|k| json!({ "KeyId": k.key_id, "KeyArn": k.arn() })))
+        .collect::<KmsResult<Vec<_>>>()?;
     Ok(Out::reply(page(r, items, "Keys")?))
 }
 
@@ -494,7 +494,7 @@ pub fn add_version(kms: &Kms, k: &mut KeyRecord, rotation_type: &str) -> KmsResu
     k.versions.push(HbkVersion {
         version: next,
         created_ms: now,
-        ekt: kms.keyring.seal_ekt(&k.key_id, next, &m)?,
+        ekt: kms.keyring.seal_ekt(&k.account, &k.key_id, next, &m)?,
         public_key: None,
     });
     k.rotations.push(Rotation {
@@ -558,13 +558,15 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
         }
     }
     let (mut deleted, mut rotated) = (0, 0);
-    for o in kms
+    // Rows failing their integrity check are skipped (the store audited them); the healthy
+    // keys of every account are still maintained.
+    let (keys, _bad) = kms
         .store
-        .list(kind::KEY, None)
+        .list_healthy(kind::KEY, None)
         .await
-        .map_err(KmsError::store)?
-    {
-        let Ok(mut k) = serde_json::from_slice::<KeyRecord>(&o.body) else {
+        .map_err(KmsError::store)?;
+    for o in keys {
+        let Ok(mut k) = super::parse_key(&o) else {
             continue;
         };
         let l = Loaded {
@@ -588,11 +590,12 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
             // Aliases pointing at the key go with it.
             for a in kms
                 .store
-                .list(kind::ALIAS, Some(&k.account))
+                .list_healthy(kind::ALIAS, Some(&k.account))
                 .await
                 .map_err(KmsError::store)?
+                .0
             {
-                if let Ok(ar) = serde_json::from_slice::<crate::model::AliasRecord>(&a.body)
+                if let Ok(ar) = super::parse_alias(&a)
                     && ar.target_key_id == k.key_id
                 {
                     w.push(Write::Delete {
@@ -639,18 +642,25 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
 pub async fn rotate_domain_key(kms: &Kms) -> KmsResult<(u32, usize)> {
     let v = kms.keyring.rotate_domain_key().await?;
     let mut n = 0;
-    for o in kms
+    // Every re-wrapped row is written anew, so the store re-authenticates it (fresh MAC at
+    // the new revision). Rows failing their integrity check are skipped (and audited by the
+    // store): they are not trusted, so nothing is re-sealed from them.
+    let (keys, _bad) = kms
         .store
-        .list(kind::KEY, None)
+        .list_healthy(kind::KEY, None)
         .await
-        .map_err(KmsError::store)?
-    {
-        let Ok(mut k) = serde_json::from_slice::<KeyRecord>(&o.body) else {
+        .map_err(KmsError::store)?;
+    for o in keys {
+        let Ok(mut k) = super::parse_key(&o) else {
             continue;
         };
         let mut changed = false;
         for h in &mut k.versions {
-            if let Some(new) = kms.keyring.rewrap_ekt(&k.key_id, h.version, &h.ekt).await? {
+            if let Some(new) = kms
+                .keyring
+                .rewrap_ekt(&k.account, &k.key_id, h.version, &h.ekt)
+                .await?
+            {
                 h.ekt = new;
                 changed = true;
             }
@@ -673,20 +683,20 @@ pub async fn rotate_domain_key(kms: &Kms) -> KmsResult<(u32, usize)> {
             n += 1;
         }
     }
-    for o in kms
+    let (access_keys, _bad) = kms
         .store
-        .list(kind::ACCESS_KEY, Some(crate::keyring::SYSTEM_ACCOUNT))
+        .list_healthy(kind::ACCESS_KEY, Some(crate::keyring::SYSTEM_ACCOUNT))
         .await
-        .map_err(KmsError::store)?
-    {
-        let Ok(mut a) = serde_json::from_slice::<crate::model::AccessKeyRecord>(&o.body) else {
+        .map_err(KmsError::store)?;
+    for o in access_keys {
+        let Ok(mut a) = crate::service::access_key_record(&o) else {
             continue;
         };
         if let Some(new) = kms
             .keyring
-            .rewrap_ekt(
-                &format!("internal:access-key:{}", a.access_key_id),
-                0,
+            .rewrap_internal(
+                crate::service::ACCESS_KEY_PURPOSE,
+                &[&a.access_key_id, &a.account, &a.principal],
                 &a.sealed_secret,
             )
             .await?

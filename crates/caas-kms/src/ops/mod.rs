@@ -253,9 +253,7 @@ pub async fn resolve(kms: &Kms, ctx: &mut Ctx, key_ref: &str) -> KmsResult<Loade
             .await
             .map_err(KmsError::store)?
             .ok_or_else(|| KmsError::NotFound(format!("Alias {id} is not found.")))?;
-        let a: AliasRecord = serde_json::from_slice(&o.body)
-            .map_err(|_| KmsError::Internal("corrupt alias".into()))?;
-        id = a.target_key_id;
+        id = parse_alias(&o)?.target_key_id;
     }
     let o = kms
         .store
@@ -263,8 +261,7 @@ pub async fn resolve(kms: &Kms, ctx: &mut Ctx, key_ref: &str) -> KmsResult<Loade
         .await
         .map_err(KmsError::store)?
         .ok_or_else(not_found)?;
-    let key: KeyRecord = serde_json::from_slice(&o.body)
-        .map_err(|_| KmsError::Internal("corrupt key record".into()))?;
+    let key = parse_key(&o)?;
     ctx.key_id = Some(key.key_id.clone());
     Ok(Loaded { key, rev: o.rev })
 }
@@ -346,7 +343,7 @@ pub async fn material(
     .ok_or_else(|| KmsError::InvalidState(format!("{} has no key material.", key.arn())))?;
     let m = kms
         .keyring
-        .open_ekt(&key.key_id, hbk.version, &hbk.ekt)
+        .open_ekt(&key.account, &key.key_id, hbk.version, &hbk.ekt)
         .await?;
     Ok((hbk.version, m))
 }
@@ -356,7 +353,27 @@ pub fn grant_tokens(r: Req<'_>) -> KmsResult<Vec<String>> {
     Ok(r.opt_str_list("GrantTokens")?.unwrap_or_default())
 }
 
-/// Parses a grant record.
-pub fn parse_grant(body: &[u8]) -> KmsResult<GrantRecord> {
-    serde_json::from_slice(body).map_err(|_| KmsError::Internal("corrupt grant".into()))
+/// Parses a key row (already MAC-checked by the store); the record must name the row's
+/// account and id.
+pub fn parse_key(o: &caas_store::Object) -> KmsResult<KeyRecord> {
+    serde_json::from_slice::<KeyRecord>(&o.body)
+        .ok()
+        .filter(|k| k.key_id == o.id && k.account == o.account)
+        .ok_or_else(|| KmsError::mismatch(&o.kind, &o.account, &o.id))
+}
+
+/// Parses an alias row; the record must name the row's id.
+pub fn parse_alias(o: &caas_store::Object) -> KmsResult<AliasRecord> {
+    serde_json::from_slice::<AliasRecord>(&o.body)
+        .ok()
+        .filter(|a| a.name == o.id)
+        .ok_or_else(|| KmsError::mismatch(&o.kind, &o.account, &o.id))
+}
+
+/// Parses a grant row; the record must name the row's id.
+pub fn parse_grant(o: &caas_store::Object) -> KmsResult<GrantRecord> {
+    serde_json::from_slice::<GrantRecord>(&o.body)
+        .ok()
+        .filter(|g| g.grant_id == o.id)
+        .ok_or_else(|| KmsError::mismatch(&o.kind, &o.account, &o.id))
 }
