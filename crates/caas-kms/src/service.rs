@@ -128,7 +128,18 @@ impl Kms {
                 tracing::error!(error = %e, "cannot open store");
                 KmsError::Internal(format!("cannot open the database: {e}"))
             })?;
-        let keyring = Keyring::open(store.clone(), node).await?;
+        let keyring = Keyring::open(store.clone(), node)
+            .await
+            .map_err(|e| match e {
+                // At start-up the operator needs the row (the store has audited it).
+                KmsError::Integrity(r) => KmsError::Internal(format!(
+                    "refusing to start: the stored {} record {} of account {} failed its \
+                     integrity check (changed outside the key service, or a different node key); \
+                     see `caas audit list`",
+                    r.kind, r.id, r.account
+                )),
+                other => other,
+            })?;
         Ok(Arc::new(Kms {
             store,
             keyring,

@@ -5,7 +5,7 @@
 use super::{Req, authorize, b64, resolve};
 use crate::error::{KmsError, KmsResult};
 use crate::material::{self as km, KeySpec};
-use crate::model::{HbkVersion, ImportRecord, kind};
+use crate::model::{HbkVersion, ImportRecord, KeyState, Origin, kind};
 use crate::service::{Ctx, Kms, Out};
 use aws_lc_rs::hmac;
 use aws_lc_rs::key_wrap::{AES_256, AesKek, KeyWrapPadded};
@@ -21,13 +21,13 @@ const IMPORT_PURPOSE: &str = "import-wrapping-key";
 pub async fn get_parameters(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
     authorize(kms, ctx, &l.key, "GetParametersForImport", None, &[]).await?;
-    if l.key.origin != "EXTERNAL" {
+    if l.key.origin != Origin::External {
         return Err(KmsError::UnsupportedOperation(format!(
             "{} does not have origin EXTERNAL",
             l.key.arn()
         )));
     }
-    if l.key.state == "PendingDeletion" {
+    if l.key.state == KeyState::PendingDeletion {
         return Err(KmsError::InvalidState(format!(
             "{} is pending deletion.",
             l.key.arn()
@@ -130,7 +130,7 @@ pub async fn import(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let wrapped = r.blob("EncryptedKeyMaterial", 8192)?;
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
     authorize(kms, ctx, &l.key, "ImportKeyMaterial", None, &[]).await?;
-    if l.key.origin != "EXTERNAL" {
+    if l.key.origin != Origin::External {
         return Err(KmsError::UnsupportedOperation(format!(
             "{} does not have origin EXTERNAL",
             l.key.arn()
@@ -167,8 +167,7 @@ pub async fn import(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
         )
         .await?;
     let m = unwrap_material(&rec.wrapping_algorithm, &sk, &wrapped)?;
-    let spec =
-        KeySpec::parse(&l.key.key_spec).ok_or_else(|| KmsError::Internal("bad spec".into()))?;
+    let spec = l.key.key_spec;
     check_material(spec, &m)?;
     // Re-imports must bring the same material (AWS rule); compare keyed fingerprints.
     let fp = fingerprint(kms, &l.key.key_id, &m)?;
@@ -216,8 +215,8 @@ pub async fn import(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     k.import.fingerprint = Some(fp);
     k.import.expiration_model = Some(model.into());
     k.import.valid_to_ms = valid_to;
-    if k.state == "PendingImport" {
-        k.state = "Enabled".into();
+    if k.state == KeyState::PendingImport {
+        k.state = KeyState::Enabled;
     }
     Ok(Out {
         body: json!({ "KeyId": k.arn() }),
@@ -249,21 +248,21 @@ fn fingerprint(kms: &Kms, key_id: &str, m: &SecretBytes) -> KmsResult<Vec<u8>> {
 pub async fn delete(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
     authorize(kms, ctx, &l.key, "DeleteImportedKeyMaterial", None, &[]).await?;
-    if l.key.origin != "EXTERNAL" {
+    if l.key.origin != Origin::External {
         return Err(KmsError::UnsupportedOperation(format!(
             "{} does not have origin EXTERNAL",
             l.key.arn()
         )));
     }
     let mut k = l.key.clone();
-    if k.state == "PendingDeletion" {
+    if k.state == KeyState::PendingDeletion {
         return Err(KmsError::InvalidState(format!(
             "{} is pending deletion.",
             k.arn()
         )));
     }
     k.versions.clear();
-    k.state = "PendingImport".into();
+    k.state = KeyState::PendingImport;
     k.import.valid_to_ms = None;
     k.import.expiration_model = None;
     Ok(Out {

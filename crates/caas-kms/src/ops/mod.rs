@@ -14,7 +14,7 @@ pub use crypto::seal as seal_for_bench;
 pub use keys::{maintenance, rotate_domain_key};
 
 use crate::error::{KmsError, KmsResult};
-use crate::model::{AliasRecord, GrantRecord, KeyRecord, kind};
+use crate::model::{AliasRecord, GrantRecord, KeyRecord, KeyState, KeyUsage, kind};
 use crate::policy::{self, Verdict};
 use crate::service::{Ctx, Kms, Out};
 use base64::Engine as _;
@@ -302,23 +302,22 @@ fn denied(ctx: &Ctx, action: &str, key: &KeyRecord) -> KmsError {
 
 /// Requires the key to be usable for cryptographic operations.
 pub fn require_enabled(key: &KeyRecord) -> KmsResult<()> {
-    match key.state.as_str() {
-        "Enabled" => Ok(()),
-        "Disabled" => Err(KmsError::Disabled(format!("{} is disabled.", key.arn()))),
-        other => Err(KmsError::InvalidState(format!(
-            "{} is pending {}.",
-            key.arn(),
-            match other {
-                "PendingDeletion" => "deletion",
-                "PendingImport" => "import",
-                _ => "an operation",
-            }
+    match key.state {
+        KeyState::Enabled => Ok(()),
+        KeyState::Disabled => Err(KmsError::Disabled(format!("{} is disabled.", key.arn()))),
+        KeyState::PendingDeletion => Err(KmsError::InvalidState(format!(
+            "{} is pending deletion.",
+            key.arn()
+        ))),
+        KeyState::PendingImport => Err(KmsError::InvalidState(format!(
+            "{} is pending import.",
+            key.arn()
         ))),
     }
 }
 
 /// Requires a key usage.
-pub fn require_usage(key: &KeyRecord, usage: &str, op: &str) -> KmsResult<()> {
+pub fn require_usage(key: &KeyRecord, usage: KeyUsage, op: &str) -> KmsResult<()> {
     if key.key_usage == usage {
         Ok(())
     } else {
