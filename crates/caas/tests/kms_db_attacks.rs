@@ -33,7 +33,8 @@ enum Db {
 
 /// One key-service node and the database it uses, with the administrator's tools.
 struct Node {
-    tmp: tempfile::TempDir,
+    /// Holds the config and node key until the node is dropped.
+    _tmp: tempfile::TempDir,
     db: Db,
     cfg: PathBuf,
     child: Child,
@@ -91,7 +92,7 @@ impl Node {
             .unwrap_or_else(|| panic!("key service did not start: {line}"))
             .to_string();
         Node {
-            tmp,
+            _tmp: tmp,
             db,
             cfg,
             child,
@@ -99,8 +100,8 @@ impl Node {
         }
     }
 
-    /// `caas <args> --config CFG`, stdout as JSON lines.
-    fn caas(&self, args: &[&str]) -> Vec<Value> {
+    /// `caas <args> --config CFG`, which must succeed; its stdout.
+    fn caas_ok(&self, args: &[&str]) -> String {
         let out = Command::new(caas_bin())
             .args(args)
             .arg("--config")
@@ -112,7 +113,12 @@ impl Node {
             "caas {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8_lossy(&out.stdout)
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `caas <args> --config CFG`, stdout as JSON lines.
+    fn caas(&self, args: &[&str]) -> Vec<Value> {
+        self.caas_ok(args)
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
@@ -255,11 +261,10 @@ fn assert_audited(node: &Node, kind: &str, account: &str, id: &str, operation: &
         "no audit record of the refused {operation} naming {kind} {account}/{id}"
     );
     // The audit chain itself is intact.
-    node.caas(&["audit", "verify"]);
+    node.caas_ok(&["audit", "verify"]);
 }
 
 struct Victim {
-    account: String,
     client: KmsClient,
     key: String,
     ciphertext: String,
@@ -267,7 +272,7 @@ struct Victim {
 
 const SECRET: &[u8] = b"victim plaintext";
 
-async fn victim_with_ciphertext(client: KmsClient, account: String) -> Victim {
+async fn victim_with_ciphertext(client: KmsClient) -> Victim {
     let key = client.call("CreateKey", &json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
         .as_str()
         .unwrap()
@@ -280,7 +285,6 @@ async fn victim_with_ciphertext(client: KmsClient, account: String) -> Victim {
         .unwrap()
         .to_string();
     Victim {
-        account,
         client,
         key,
         ciphertext,
@@ -306,7 +310,7 @@ fn repointed_access_key(node: &Node) {
     let (_, victim_client) = node.user(&victim_account, "alice");
     let attacker_account = node.tenant("attacker");
     let (attacker_akid, attacker) = node.user(&attacker_account, "mallory");
-    let v = rt.block_on(victim_with_ciphertext(victim_client, victim_account.clone()));
+    let v = rt.block_on(victim_with_ciphertext(victim_client));
     // The DBA re-points their own access key (whose secret they know) at the victim.
     node.edit_body(
         "access_key",
@@ -358,7 +362,7 @@ fn copied_key_record(node: &Node) {
     let (_, victim_client) = node.user(&victim_account, "alice");
     let attacker_account = node.tenant("attacker");
     let (_, attacker) = node.user(&attacker_account, "mallory");
-    let v = rt.block_on(victim_with_ciphertext(victim_client, victim_account.clone()));
+    let v = rt.block_on(victim_with_ciphertext(victim_client));
     // Copy the row as it is, then make its content claim the attacker's account (the
     // record's account field and the default policy's root principal).
     node.copy_row("key", &victim_account, &v.key, &attacker_account);
@@ -410,7 +414,7 @@ fn edited_key_state(node: &Node) {
     let account = node.tenant("victim");
     let (_, client) = node.user(&account, "alice");
     let (v, disabled_key, disabled_ct) = rt.block_on(async {
-        let v = victim_with_ciphertext(client, account.clone()).await;
+        let v = victim_with_ciphertext(client).await;
         let k = v.client.call("CreateKey", &json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
             .as_str()
             .unwrap()
@@ -527,7 +531,7 @@ fn edited_key_policy(node: &Node) {
         );
         assert_refused(admin.call("GetKeyPolicy", &json!({ "KeyId": key })).await);
         // Another key of the account is untouched.
-        let v = victim_with_ciphertext(admin.clone(), account.clone()).await;
+        let v = victim_with_ciphertext(admin.clone()).await;
         victim_still_decrypts(&v).await;
     });
     assert_audited(node, "key", &account, &key, "Decrypt");
