@@ -93,7 +93,9 @@ pub enum KmsError {
     /// A stored record the request needed failed its integrity check (it was changed
     /// outside the key service) and was not used (HTTP 500, `KMSInternalException`). The
     /// message says so without naming the row; the audit record names it.
-    #[error("A stored record needed by this request failed its integrity check and was not used; the request was refused")]
+    #[error(
+        "A stored record needed by this request failed its integrity check and was not used; the request was refused"
+    )]
     Integrity(caas_store::RowRef),
 }
 

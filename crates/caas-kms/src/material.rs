@@ -3,6 +3,7 @@
 //! this module only as [`SecretBytes`] (PKCS#8 DER for asymmetric keys, raw bytes for
 //! symmetric and HMAC keys).
 use crate::error::{KmsError, KmsResult};
+use crate::model::KeyUsage;
 use aws_lc_rs::digest::{self, Digest};
 use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
 use aws_lc_rs::rsa::{
@@ -11,7 +12,6 @@ use aws_lc_rs::rsa::{
 };
 use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair, RsaKeyPair, UnparsedPublicKey};
 use aws_lc_rs::{hmac, rand};
-use crate::model::KeyUsage;
 use caas_crypto::SecretBytes;
 
 /// A KMS `KeySpec` (serialized as its wire name).

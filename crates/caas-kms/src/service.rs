@@ -135,7 +135,7 @@ impl Kms {
                 KmsError::Integrity(r) => KmsError::Internal(format!(
                     "refusing to start: the stored {} record {} of account {} failed its \
                      integrity check (changed outside the key service, or a different node key); \
-                     see `caas audit list`",
+                     the database's audit log records it (IntegrityCheck)",
                     r.kind, r.id, r.account
                 )),
                 other => other,

@@ -397,7 +397,10 @@ async fn sealed_values_are_bound_to_their_owner() {
     let ekt = kms.keyring.seal_ekt("111111111111", "k1", 1, &m).unwrap();
     let kr = &kms.keyring;
     assert_eq!(
-        kr.open_ekt("111111111111", "k1", 1, &ekt).await.unwrap().expose(),
+        kr.open_ekt("111111111111", "k1", 1, &ekt)
+            .await
+            .unwrap()
+            .expose(),
         m.expose()
     );
     assert!(kr.open_ekt("222222222222", "k1", 1, &ekt).await.is_err());
@@ -411,21 +414,38 @@ async fn sealed_values_are_bound_to_their_owner() {
         ["AKIA2", "111111111111", "arn:u/a"],
         ["AKIA1", "111111111111", "arn:u/b"],
     ] {
-        assert!(kr.open_internal("access-key", &owner, &sealed).await.is_err());
+        assert!(
+            kr.open_internal("access-key", &owner, &sealed)
+                .await
+                .is_err()
+        );
     }
     assert!(
-        kr.open_internal("tl-ttp-keys", &["AKIA1", "111111111111", "arn:u/a"], &sealed)
+        kr.open_internal(
+            "tl-ttp-keys",
+            &["AKIA1", "111111111111", "arn:u/a"],
+            &sealed
+        )
+        .await
+        .is_err()
+    );
+    // An EKT is not an internal secret and vice versa.
+    assert!(
+        kr.open_internal("access-key", &["111111111111", "k1"], &ekt)
             .await
             .is_err()
     );
-    // An EKT is not an internal secret and vice versa.
-    assert!(kr.open_internal("access-key", &["111111111111", "k1"], &ekt).await.is_err());
     // Access keys survive a domain-key rotation (re-wrapped under the same owner).
     let account = kms.create_account("t").await.unwrap();
     let (akid, secret) = kms.create_access_key(&account, "u").await.unwrap();
     let (_, n) = caas_kms::ops::rotate_domain_key(&kms).await.unwrap();
     assert!(n >= 1);
-    let o = kms.store.get("access_key", "-", &akid).await.unwrap().unwrap();
+    let o = kms
+        .store
+        .get("access_key", "-", &akid)
+        .await
+        .unwrap()
+        .unwrap();
     let rec: caas_kms::model::AccessKeyRecord = serde_json::from_slice(&o.body).unwrap();
     assert_eq!(
         caas_kms::keyring::Keyring::ekt_version(&rec.sealed_secret),

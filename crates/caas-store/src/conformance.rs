@@ -896,17 +896,35 @@ async fn integrity_audits(s: &Store) -> Vec<(String, Option<String>, String)> {
 async fn seeded(h: &impl Harness) -> Store {
     let s = h.open().await;
     s.commit(writes(vec![
-        put("key", "victim", "k1", br#"{"state":"Enabled","policy":"victim"}"#, Some(0)),
+        put(
+            "key",
+            "victim",
+            "k1",
+            br#"{"state":"Enabled","policy":"victim"}"#,
+            Some(0),
+        ),
         put("key", "victim", "k2", b"second victim key", Some(0)),
         put("key", "attacker", "a1", b"attacker key", Some(0)),
-        put("access_key", "-", "AKIAATTACKER", br#"{"account":"attacker"}"#, Some(0)),
+        put(
+            "access_key",
+            "-",
+            "AKIAATTACKER",
+            br#"{"account":"attacker"}"#,
+            Some(0),
+        ),
     ]))
     .await
     .unwrap();
     // A second revision, so that there is an old version to speak of.
-    s.commit(writes(vec![put("key", "victim", "k1", br#"{"state":"Disabled","policy":"victim"}"#, Some(1))]))
-        .await
-        .unwrap();
+    s.commit(writes(vec![put(
+        "key",
+        "victim",
+        "k1",
+        br#"{"state":"Disabled","policy":"victim"}"#,
+        Some(1),
+    )]))
+    .await
+    .unwrap();
     s
 }
 
@@ -934,13 +952,24 @@ pub(crate) async fn integrity_edited_body_is_refused(h: &impl Harness) {
     assert_eq!(audits[0].1.as_deref(), Some("k1"));
     assert!(audits[0].2.contains("\"kind\":\"key\""), "{}", audits[0].2);
     // The chain with the integrity records still verifies.
-    assert!(s.audit_verify(&h.signer().verifier()).await.unwrap().is_ok());
+    assert!(
+        s.audit_verify(&h.signer().verifier())
+            .await
+            .unwrap()
+            .is_ok()
+    );
     // Healthy rows still read; a legitimate rewrite heals the row.
-    assert_eq!(s.get("key", "victim", "k2").await.unwrap().unwrap().body, b"second victim key");
+    assert_eq!(
+        s.get("key", "victim", "k2").await.unwrap().unwrap().body,
+        b"second victim key"
+    );
     s.commit(writes(vec![put("key", "victim", "k1", b"rewritten", None)]))
         .await
         .unwrap();
-    assert_eq!(s.get("key", "victim", "k1").await.unwrap().unwrap().body, b"rewritten");
+    assert_eq!(
+        s.get("key", "victim", "k1").await.unwrap().unwrap().body,
+        b"rewritten"
+    );
 }
 
 pub(crate) async fn integrity_edited_rev_or_mac_is_refused(h: &impl Harness) {
@@ -966,8 +995,18 @@ pub(crate) async fn integrity_copied_row_is_refused(h: &impl Harness) {
          WHERE kind = 'key' AND account = 'victim' AND id = 'k2'",
     )
     .await;
-    assert_integrity(s.get("key", "attacker", "k2").await, "key", "attacker", "k2");
-    assert_integrity(s.list("key", Some("attacker")).await, "key", "attacker", "k2");
+    assert_integrity(
+        s.get("key", "attacker", "k2").await,
+        "key",
+        "attacker",
+        "k2",
+    );
+    assert_integrity(
+        s.list("key", Some("attacker")).await,
+        "key",
+        "attacker",
+        "k2",
+    );
     // ... and under another id / another kind of the victim's own.
     h.raw(
         "INSERT INTO objects (kind, account, id, rev, body, mac) \
@@ -982,7 +1021,12 @@ pub(crate) async fn integrity_copied_row_is_refused(h: &impl Harness) {
          WHERE kind = 'key' AND account = 'victim' AND id = 'k2'",
     )
     .await;
-    assert_integrity(s.get("alias", "victim", "k2").await, "alias", "victim", "k2");
+    assert_integrity(
+        s.get("alias", "victim", "k2").await,
+        "alias",
+        "victim",
+        "k2",
+    );
     // The original still reads.
     assert!(s.get("key", "victim", "k2").await.unwrap().is_some());
 }
@@ -1008,7 +1052,12 @@ pub(crate) async fn integrity_repointed_row_is_refused(h: &impl Harness) {
         h.blob(br#"{"account":"victim"}"#)
     ))
     .await;
-    assert_integrity(s.get("access_key", "-", "AKIAATTACKER").await, "access_key", "-", "AKIAATTACKER");
+    assert_integrity(
+        s.get("access_key", "-", "AKIAATTACKER").await,
+        "access_key",
+        "-",
+        "AKIAATTACKER",
+    );
     // Moving the row itself to another account (the column) is refused too.
     h.raw("UPDATE objects SET account = 'victim' WHERE kind = 'key' AND account = 'attacker' AND id = 'a1'")
         .await;
@@ -1027,15 +1076,26 @@ pub(crate) async fn integrity_needs_the_record_key(h: &impl Harness) {
     drop(s);
     // A store opened with another record key (another deployment, or a forger) refuses
     // every row: the MAC is keyed, not a checksum.
-    let other = Store::open(&h.url(), h.signer(), Arc::new(HmacRecordKey::new(&[1u8; 32])))
-        .await
-        .unwrap();
+    let other = Store::open(
+        &h.url(),
+        h.signer(),
+        Arc::new(HmacRecordKey::new(&[1u8; 32])),
+    )
+    .await
+    .unwrap();
     assert!(matches!(
         other.get("key", "attacker", "a1").await,
         Err(Error::Integrity { .. })
     ));
     // The right key reads it.
-    assert!(h.open().await.get("key", "attacker", "a1").await.unwrap().is_some());
+    assert!(
+        h.open()
+            .await
+            .get("key", "attacker", "a1")
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
 
 /// What remains (documented): an older version of the same row, with its old MAC, is

@@ -28,7 +28,9 @@ pub enum Error {
     /// A stored object row failed its integrity check (its MAC does not cover its kind,
     /// account, id, revision and body): it was edited, copied, swapped or re-pointed outside
     /// the key service. The row is never returned. Names the row, never its content.
-    #[error("integrity check failed for stored {kind} record {id} of account {account}: the row was changed outside the key service")]
+    #[error(
+        "integrity check failed for stored {kind} record {id} of account {account}: the row was changed outside the key service"
+    )]
     Integrity {
         /// Object kind of the refused row.
         kind: String,

@@ -55,7 +55,8 @@ pub fn record_mac_input(kind: &str, account: &str, id: &str, rev: i64, body: &[u
         out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
         out.extend_from_slice(bytes);
     }
-    let mut m = Vec::with_capacity(DOMAIN.len() + 40 + kind.len() + account.len() + id.len() + body.len());
+    let mut m =
+        Vec::with_capacity(DOMAIN.len() + 40 + kind.len() + account.len() + id.len() + body.len());
     m.extend_from_slice(DOMAIN);
     field(&mut m, kind.as_bytes());
     field(&mut m, account.as_bytes());
@@ -93,7 +94,9 @@ impl RawObject {
             return false;
         };
         let o = &self.obj;
-        let want = auth.tag(&record_mac_input(&o.kind, &o.account, &o.id, o.rev, &o.body));
+        let want = auth.tag(&record_mac_input(
+            &o.kind, &o.account, &o.id, o.rev, &o.body,
+        ));
         aws_lc_rs::constant_time::verify_slices_are_equal(&want, mac).is_ok()
     }
 }

@@ -199,7 +199,11 @@ impl Node {
                 "WITH u AS (UPDATE objects SET body = {body} WHERE kind = '{kind}' AND account = '{account}' AND id = '{id}' AND position('{from}' in convert_from(body, 'UTF8')) > 0 RETURNING 1) SELECT count(*) FROM u"
             )),
         };
-        assert_eq!(changed.trim(), "1", "the edit of {kind} {account}/{id} did not apply");
+        assert_eq!(
+            changed.trim(),
+            "1",
+            "the edit of {kind} {account}/{id} did not apply"
+        );
     }
 
     /// Copies a row (with its MAC) to another account, as a DBA would.
@@ -278,7 +282,10 @@ async fn victim_with_ciphertext(client: KmsClient) -> Victim {
         .unwrap()
         .to_string();
     let ciphertext = client
-        .call("Encrypt", &json!({ "KeyId": key, "Plaintext": b64(SECRET) }))
+        .call(
+            "Encrypt",
+            &json!({ "KeyId": key, "Plaintext": b64(SECRET) }),
+        )
         .await
         .unwrap()["CiphertextBlob"]
         .as_str()
@@ -388,7 +395,10 @@ fn copied_key_record(node: &Node) {
         );
         assert_refused(
             attacker
-                .call("Encrypt", &json!({ "KeyId": v.key, "Plaintext": b64(b"x") }))
+                .call(
+                    "Encrypt",
+                    &json!({ "KeyId": v.key, "Plaintext": b64(b"x") }),
+                )
                 .await,
         );
         victim_still_decrypts(&v).await;
@@ -496,7 +506,10 @@ async fn admin_and_intern(node: &Node) -> (String, KmsClient, KmsClient, String,
         .unwrap()
         .to_string();
     let ct = admin
-        .call("Encrypt", &json!({ "KeyId": key, "Plaintext": b64(SECRET) }))
+        .call(
+            "Encrypt",
+            &json!({ "KeyId": key, "Plaintext": b64(SECRET) }),
+        )
         .await
         .unwrap()["CiphertextBlob"]
         .as_str()
@@ -590,4 +603,74 @@ fn edited_grant(node: &Node) {
 #[test]
 fn dba_edited_grant_is_refused() {
     edited_grant(&Node::sqlite());
+}
+
+// ---------------------------------------------------------------------------------------
+// `caas dev` start-up over a database whose domain-key row was edited.
+
+#[test]
+fn dba_edited_domain_key_row_stops_caas_dev_start_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // The dev deployment's database (node key, domain key, an account) as a first start makes it.
+    let out = Command::new(caas_bin())
+        .args(["admin", "create-account", "dev-tenant", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let db = dir.join("kms.sqlite3");
+    let sqlite = |sql: &str| {
+        let out = Command::new("sqlite3")
+            .args(["-bail", "-cmd", ".timeout 10000"])
+            .arg(&db)
+            .arg(sql)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run sqlite3 ({e}): apt-get install sqlite3"));
+        assert!(
+            out.status.success(),
+            "sqlite3: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The DBA moves the domain key's creation time (a harmless-looking edit).
+    let changed = sqlite(
+        "UPDATE objects SET body = CAST(replace(CAST(body AS TEXT), '\"created_ms\":', '\"created_ms\":1') AS BLOB) \
+         WHERE kind = 'domain_key'; SELECT changes();",
+    );
+    assert_eq!(changed.trim(), "1");
+    // (`timeout`: should it start anyway, the test fails instead of hanging.)
+    let out = Command::new("timeout")
+        .arg("120")
+        .arg(caas_bin())
+        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "caas dev started over a tampered database"
+    );
+    assert!(
+        stderr.contains("refusing to start")
+            && stderr.contains("domain_key record 0000000001")
+            && stderr.contains("integrity check"),
+        "{stderr}"
+    );
+    // The refusal is in the audit log (read with the administrator's own tool).
+    let audit = sqlite(
+        "SELECT operation || ' ' || result || ' ' || key_id FROM audit_log WHERE operation = 'IntegrityCheck'",
+    );
+    assert_eq!(
+        audit.trim(),
+        "IntegrityCheck IntegrityFailure 0000000001",
+        "{audit}"
+    );
 }

@@ -4,7 +4,9 @@
 use super::{Loaded, Req, authorize, resolve};
 use crate::error::{KmsError, KmsResult};
 use crate::material::{self, KeySpec};
-use crate::model::{HbkVersion, ImportState, KeyRecord, KeyState, KeyUsage, Origin, Rotation, kind};
+use crate::model::{
+    HbkVersion, ImportState, KeyRecord, KeyState, KeyUsage, Origin, Rotation, kind,
+};
 use crate::policy;
 use crate::service::{Ctx, Kms, Out};
 use caas_store::Write;
@@ -95,9 +97,8 @@ pub async fn create_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
         .ok_or_else(|| KmsError::Validation(format!("KeySpec {spec_name} is not supported")))?;
     let usage = match r.opt_str("KeyUsage")? {
         None => spec.default_usage(),
-        Some(u) => KeyUsage::parse(u).ok_or_else(|| {
-            KmsError::Validation(format!("KeyUsage {u} is not valid"))
-        })?,
+        Some(u) => KeyUsage::parse(u)
+            .ok_or_else(|| KmsError::Validation(format!("KeyUsage {u} is not valid")))?,
     };
     if !spec.allowed_usages().contains(&usage) {
         return Err(KmsError::Validation(format!(
@@ -578,7 +579,8 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
         let mut entry = crate::audit::system_entry("", "");
         entry.account = k.account.clone();
         entry.key_id = Some(k.key_id.clone());
-        let writes = if k.state == KeyState::PendingDeletion && k.deletion_date_ms.is_some_and(|d| d <= now)
+        let writes = if k.state == KeyState::PendingDeletion
+            && k.deletion_date_ms.is_some_and(|d| d <= now)
         {
             entry.operation = "DeleteKey".into();
             entry.detail = json!({ "reason": "scheduled deletion due" }).to_string();
