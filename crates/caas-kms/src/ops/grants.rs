@@ -79,7 +79,7 @@ pub async fn allows(
         let h = token_hash(t);
         let mut known = false;
         for o in &grants {
-            known |= parse_grant(&o)?.token_hash == h;
+            known |= parse_grant(o)?.token_hash == h;
         }
         if !known {
             return Err(KmsError::InvalidGrantToken(
