@@ -606,6 +606,52 @@ fn dba_edited_grant_is_refused() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Re-pointing an alias to another key of the account (one the DBA prefers).
+
+#[test]
+fn dba_repointed_alias_is_refused() {
+    let node = Node::sqlite();
+    let rt = rt();
+    let account = node.tenant("victim");
+    let (_, client) = node.user(&account, "alice");
+    let (v, other) = rt.block_on(async {
+        let v = victim_with_ciphertext(client).await;
+        v.client
+            .call(
+                "CreateAlias",
+                &json!({ "AliasName": "alias/app", "TargetKeyId": v.key }),
+            )
+            .await
+            .unwrap();
+        let other = v.client.call("CreateKey", &json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        (v, other)
+    });
+    node.edit_body(
+        "alias",
+        &account,
+        "alias/app",
+        &format!("\"target_key_id\":\"{}\"", v.key),
+        &format!("\"target_key_id\":\"{other}\""),
+    );
+    rt.block_on(async {
+        assert_refused(
+            v.client
+                .call(
+                    "Encrypt",
+                    &json!({ "KeyId": "alias/app", "Plaintext": b64(b"x") }),
+                )
+                .await,
+        );
+        assert_refused(v.client.call("ListAliases", &json!({})).await);
+        victim_still_decrypts(&v).await;
+    });
+    assert_audited(&node, "alias", &account, "alias/app", "Encrypt");
+}
+
+// ---------------------------------------------------------------------------------------
 // `caas dev` start-up over a database whose domain-key row was edited.
 
 #[test]
