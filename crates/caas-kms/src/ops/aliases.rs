@@ -110,8 +110,12 @@ pub async fn delete(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
         .map_err(KmsError::store)?
         .ok_or_else(|| KmsError::NotFound(format!("Alias {name} is not found.")))?;
     let a = super::parse_alias(&o)?;
-    if let Ok(target) = resolve(kms, ctx, &a.target_key_id).await {
-        authorize(kms, ctx, &target.key, "DeleteAlias", None, &[]).await?;
+    // An alias whose key is gone may be deleted; any other failure to read the target (an
+    // integrity failure above all) must not skip the authorization.
+    match resolve(kms, ctx, &a.target_key_id).await {
+        Ok(target) => authorize(kms, ctx, &target.key, "DeleteAlias", None, &[]).await?,
+        Err(KmsError::NotFound(_)) => {}
+        Err(e) => return Err(e),
     }
     Ok(Out {
         body: json!({}),

@@ -244,9 +244,11 @@ pub async fn revoke(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
     authorize(kms, ctx, &l.key, "RevokeGrant", None, &[]).await?;
     let gid = r.str("GrantId")?;
-    let (g, rev) = find(kms, ctx, gid)
-        .await
-        .map_err(|_| KmsError::InvalidGrantId("Grant id is not valid".into()))?;
+    let (g, rev) = find(kms, ctx, gid).await.map_err(|e| match e {
+        KmsError::NotFound(_) => KmsError::InvalidGrantId("Grant id is not valid".into()),
+        // An integrity failure stays one (audited as such), not "invalid id".
+        other => other,
+    })?;
     if g.key_id != l.key.key_id {
         return Err(KmsError::InvalidGrantId(
             "Grant id is not valid for this key".into(),
@@ -280,7 +282,11 @@ pub async fn retire(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
         let l = resolve(kms, ctx, r.str("KeyId")?).await?;
         let (g, rev) = find(kms, ctx, r.str("GrantId")?)
             .await
-            .map_err(|_| KmsError::InvalidGrantId("Grant id is not valid".into()))?;
+            .map_err(|e| match e {
+                KmsError::NotFound(_) => KmsError::InvalidGrantId("Grant id is not valid".into()),
+                // An integrity failure stays one (audited as such), not "invalid id".
+                other => other,
+            })?;
         if g.key_id != l.key.key_id {
             return Err(KmsError::InvalidGrantId(
                 "Grant id is not valid for this key".into(),
