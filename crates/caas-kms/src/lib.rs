@@ -7,6 +7,14 @@
 //! keys, EKTs · [`blob`] ciphertext format · [`material`] key specs and primitives ·
 //! [`policy`] key policies · [`server`] HTTP/TLS · [`client`] a SigV4 client for caas's own
 //! tools · [`audit`] audit signing.
+//!
+//! The database is not trusted for integrity: the store MACs every row under a key derived
+//! from the node key ([`keyring::NodeKey::record_authenticator`]) and refuses rows that fail
+//! (see `caas_store`); the service answers such a refusal with `KMSInternalException`
+//! ([`KmsError::Integrity`]), names the row in the request's audit record
+//! (`Detail.IntegrityFailure`) and never uses it. Records parsed from rows must also name the
+//! row they are in (`ops::parse_key` and friends). Sealed values bind their owner in the AAD
+//! ([`keyring`]).
 pub mod audit;
 pub mod blob;
 pub mod client;
