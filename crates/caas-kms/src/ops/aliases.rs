@@ -40,7 +40,7 @@ pub async fn create(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let name = r.str("AliasName")?;
     check_name(name)?;
     let target = resolve(kms, ctx, r.str("TargetKeyId")?).await?;
-    authorize(kms, ctx, &target.key, "CreateAlias", None, &[]).await?;
+    authorize(kms, ctx, &target, "CreateAlias", None, &[]).await?;
     if kms
         .store
         .get(kind::ALIAS, &ctx.caller.account, name)
@@ -83,7 +83,7 @@ pub async fn update(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
         .await
         .map_err(KmsError::store)?;
     let target = resolve(kms, ctx, r.str("TargetKeyId")?).await?;
-    authorize(kms, ctx, &target.key, "UpdateAlias", None, &[]).await?;
+    authorize(kms, ctx, &target, "UpdateAlias", None, &[]).await?;
     if let Some(old) = old.and_then(|o| serde_json::from_slice::<KeyRecord>(&o.body).ok())
         && (old.key_spec != target.key.key_spec || old.key_usage != target.key.key_usage)
     {
@@ -112,7 +112,7 @@ pub async fn delete(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let a: AliasRecord =
         serde_json::from_slice(&o.body).map_err(|_| KmsError::Internal("corrupt alias".into()))?;
     if let Ok(target) = resolve(kms, ctx, &a.target_key_id).await {
-        authorize(kms, ctx, &target.key, "DeleteAlias", None, &[]).await?;
+        authorize(kms, ctx, &target, "DeleteAlias", None, &[]).await?;
     }
     Ok(Out {
         body: json!({}),

@@ -107,7 +107,7 @@ pub async fn encrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let plaintext = SecretBytes::new(r.blob("Plaintext", MAX_PLAINTEXT)?);
     let ec = ec_of(r)?;
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(kms, ctx, &l.key, "Encrypt", Some(&ec), &grant_tokens(r)?).await?;
+    authorize(kms, ctx, &l, "Encrypt", Some(&ec), &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, "ENCRYPT_DECRYPT", "Encrypt")?;
     let spec = spec_of(&l.key)?;
@@ -184,7 +184,7 @@ async fn decrypt_inner(
             })?,
         )
         .await?;
-        authorize(kms, ctx, &l.key, action, Some(&ec), &grant_tokens(r)?).await?;
+        authorize(kms, ctx, &l, action, Some(&ec), &grant_tokens(r)?).await?;
         require_enabled(&l.key)?;
         require_usage(&l.key, "ENCRYPT_DECRYPT", "Decrypt")?;
         if !spec_of(&l.key)?.is_rsa() {
@@ -211,7 +211,7 @@ async fn decrypt_inner(
         }
         ctx.key_id = Some(l.key.key_id.clone());
     }
-    authorize(kms, ctx, &l.key, action, Some(&ec), &grant_tokens(r)?).await?;
+    authorize(kms, ctx, &l, action, Some(&ec), &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     if l.key.key_spec != "SYMMETRIC_DEFAULT" {
         return Err(invalid());
@@ -242,7 +242,7 @@ pub async fn re_encrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
     authorize(
         kms,
         ctx,
-        &dest.key,
+        &dest,
         "ReEncryptTo",
         Some(&dest_ec),
         &grant_tokens(r)?,
@@ -319,7 +319,7 @@ pub async fn generate_data_key(
     } else {
         "GenerateDataKeyWithoutPlaintext"
     };
-    authorize(kms, ctx, &l.key, action, Some(&ec), &grant_tokens(r)?).await?;
+    authorize(kms, ctx, &l, action, Some(&ec), &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, "ENCRYPT_DECRYPT", action)?;
     if l.key.key_spec != "SYMMETRIC_DEFAULT" {

@@ -121,15 +121,7 @@ pub async fn allows(
 /// CreateGrant.
 pub async fn create(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(
-        kms,
-        ctx,
-        &l.key,
-        "CreateGrant",
-        None,
-        &super::grant_tokens(r)?,
-    )
-    .await?;
+    authorize(kms, ctx, &l, "CreateGrant", None, &super::grant_tokens(r)?).await?;
     let grantee = r.str("GranteePrincipal")?;
     let ops = r
         .opt_str_list("Operations")?
@@ -181,7 +173,7 @@ pub async fn create(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
 /// ListGrants for a key.
 pub async fn list(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(kms, ctx, &l.key, "ListGrants", None, &[]).await?;
+    authorize(kms, ctx, &l, "ListGrants", None, &[]).await?;
     let want_id = r.opt_str("GrantId")?;
     let want_grantee = r.opt_str("GranteePrincipal")?;
     let objs = kms
@@ -242,7 +234,7 @@ fn delete_write(ctx: &Ctx, g: &GrantRecord, rev: i64) -> Write {
 /// RevokeGrant (key administrators).
 pub async fn revoke(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(kms, ctx, &l.key, "RevokeGrant", None, &[]).await?;
+    authorize(kms, ctx, &l, "RevokeGrant", None, &[]).await?;
     let gid = r.str("GrantId")?;
     let (g, rev) = find(kms, ctx, gid)
         .await

@@ -18,7 +18,7 @@ const TOKEN_TTL_MS: i64 = 24 * 3600 * 1000;
 /// GetParametersForImport.
 pub async fn get_parameters(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(kms, ctx, &l.key, "GetParametersForImport", None, &[]).await?;
+    authorize(kms, ctx, &l, "GetParametersForImport", None, &[]).await?;
     if l.key.origin != "EXTERNAL" {
         return Err(KmsError::UnsupportedOperation(format!(
             "{} does not have origin EXTERNAL",
@@ -125,7 +125,7 @@ pub async fn import(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let token_raw = r.blob("ImportToken", 4096)?;
     let wrapped = r.blob("EncryptedKeyMaterial", 8192)?;
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(kms, ctx, &l.key, "ImportKeyMaterial", None, &[]).await?;
+    authorize(kms, ctx, &l, "ImportKeyMaterial", None, &[]).await?;
     if l.key.origin != "EXTERNAL" {
         return Err(KmsError::UnsupportedOperation(format!(
             "{} does not have origin EXTERNAL",
@@ -238,7 +238,7 @@ fn fingerprint(kms: &Kms, key_id: &str, m: &SecretBytes) -> KmsResult<Vec<u8>> {
 /// DeleteImportedKeyMaterial.
 pub async fn delete(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(kms, ctx, &l.key, "DeleteImportedKeyMaterial", None, &[]).await?;
+    authorize(kms, ctx, &l, "DeleteImportedKeyMaterial", None, &[]).await?;
     if l.key.origin != "EXTERNAL" {
         return Err(KmsError::UnsupportedOperation(format!(
             "{} does not have origin EXTERNAL",

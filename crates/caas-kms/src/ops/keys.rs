@@ -196,15 +196,7 @@ pub async fn create_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
 /// DescribeKey.
 pub async fn describe_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(
-        kms,
-        ctx,
-        &l.key,
-        "DescribeKey",
-        None,
-        &super::grant_tokens(r)?,
-    )
-    .await?;
+    authorize(kms, ctx, &l, "DescribeKey", None, &super::grant_tokens(r)?).await?;
     Ok(Out::reply(json!({ "KeyMetadata": metadata(&l.key) })))
 }
 
@@ -250,7 +242,7 @@ pub async fn list_keys(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
 
 async fn load_for(kms: &Kms, ctx: &mut Ctx, r: Req<'_>, action: &str) -> KmsResult<Loaded> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(kms, ctx, &l.key, action, None, &[]).await?;
+    authorize(kms, ctx, &l, action, None, &[]).await?;
     Ok(l)
 }
 
@@ -570,6 +562,7 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
         let l = Loaded {
             key: k.clone(),
             rev: o.rev,
+            alias: None,
         };
         let mut entry = crate::audit::system_entry("", "");
         entry.account = k.account.clone();
@@ -659,6 +652,7 @@ pub async fn rotate_domain_key(kms: &Kms) -> KmsResult<(u32, usize)> {
             let l = Loaded {
                 key: k.clone(),
                 rev: o.rev,
+                alias: None,
             };
             let mut entry = crate::audit::system_entry("RewrapKey", &format!("domain key v{v}"));
             entry.account = k.account.clone();
