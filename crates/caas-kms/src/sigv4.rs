@@ -255,7 +255,9 @@ pub fn canonical_request(req: &Request<'_>, signed_headers: &[String]) -> String
     let mut out = String::with_capacity(256 + req.headers.len() * 32);
     out.push_str(req.method);
     out.push('\n');
-    out.push_str(&uri_encode(&percent_decode(path), true));
+    // The path as received (already percent-encoded on the wire), encoded once more: the
+    // canonical URI of every AWS SDK for services other than S3 ("double encoding").
+    out.push_str(&uri_encode(path, true));
     out.push('\n');
     out.push_str(&canonical_query(req.query));
     out.push('\n');
