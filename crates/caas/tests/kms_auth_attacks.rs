@@ -775,6 +775,20 @@ no_decrypt_grants = with_statement({"Effect": "Deny", "Principal": "*", "Action"
 k3 = admin.create_key(Policy=no_decrypt_grants)["KeyMetadata"]["KeyId"]
 out["grant_decrypt"] = call(admin, "create_grant", KeyId=k3, GranteePrincipal=B, Operations=["Encrypt", "Decrypt"])
 out["grant_encrypt"] = call(admin, "create_grant", KeyId=k3, GranteePrincipal=B, Operations=["Encrypt"])
+# kms:RequestAlias and kms:ResourceAliases come from the request and the key's aliases.
+by_alias = json.dumps({"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Principal": {"AWS": DEV}, "NotAction": ["kms:Encrypt", "kms:GenerateDataKey"], "Resource": "*"},
+    {"Effect": "Allow", "Principal": {"AWS": DEV}, "Action": "kms:Encrypt", "Resource": "*",
+     "Condition": {"StringEquals": {"kms:RequestAlias": "alias/app"}}},
+    {"Effect": "Allow", "Principal": {"AWS": DEV}, "Action": "kms:GenerateDataKey", "Resource": "*",
+     "Condition": {"ForAnyValue:StringLike": {"kms:ResourceAliases": "alias/fin-*"}}}]})
+k4 = admin.create_key(Policy=by_alias)["KeyMetadata"]["KeyId"]
+admin.create_alias(AliasName="alias/app", TargetKeyId=k4)
+out["encrypt_by_alias"] = call(admin, "encrypt", KeyId="alias/app", Plaintext=b"x")
+out["encrypt_by_id"] = call(admin, "encrypt", KeyId=k4, Plaintext=b"x")
+out["gdk_without_fin_alias"] = call(admin, "generate_data_key", KeyId=k4, KeySpec="AES_256")
+admin.create_alias(AliasName="alias/fin-eu", TargetKeyId=k4)
+out["gdk_with_fin_alias"] = call(admin, "generate_data_key", KeyId=k4, KeySpec="AES_256")
 "#,
     );
     for name in [
@@ -823,6 +837,32 @@ out["grant_encrypt"] = call(admin, "create_grant", KeyId=k3, GranteePrincipal=B,
         json!(true),
         "{}",
         out["grant_encrypt"]
+    );
+    assert_eq!(
+        out["encrypt_by_alias"]["ok"],
+        json!(true),
+        "{}",
+        out["encrypt_by_alias"]
+    );
+    assert_denied(
+        &dev,
+        &out["encrypt_by_id"],
+        "AccessDeniedException",
+        "Encrypt",
+        "RequestAlias",
+    );
+    assert_denied(
+        &dev,
+        &out["gdk_without_fin_alias"],
+        "AccessDeniedException",
+        "GenerateDataKey",
+        "ResourceAliases",
+    );
+    assert_eq!(
+        out["gdk_with_fin_alias"]["ok"],
+        json!(true),
+        "{}",
+        out["gdk_with_fin_alias"]
     );
 }
 

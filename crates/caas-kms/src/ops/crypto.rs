@@ -198,7 +198,7 @@ async fn decrypt_inner(
         return Ok((p, l.key.arn(), alg.to_string()));
     }
     let parsed = blob::parse(&ct)?;
-    let l = resolve(kms, ctx, parsed.key_id)
+    let mut l = resolve(kms, ctx, parsed.key_id)
         .await
         .map_err(|e| match e {
             KmsError::NotFound(_) => invalid(),
@@ -210,6 +210,8 @@ async fn decrypt_inner(
             return Err(KmsError::IncorrectKey("The key ID in the request does not identify a KMS key that can perform this operation.".into()));
         }
         ctx.key_id = Some(l.key.key_id.clone());
+        // kms:RequestAlias is the alias the request named the key by.
+        l.alias = want.alias;
     }
     authorize(kms, ctx, &l, action, Some(&ec), &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
