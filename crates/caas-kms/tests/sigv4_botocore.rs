@@ -34,6 +34,10 @@ struct Signed {
     body: Vec<u8>,
     secret: String,
     region: String,
+    /// The signer's access key id: the only one the "service" knows.
+    akid: String,
+    /// Server time: the signing time.
+    now: i64,
 }
 
 fn load(n: usize, seed: u64) -> Vec<Signed> {
@@ -52,7 +56,21 @@ fn load(n: usize, seed: u64) -> Vec<Signed> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|r| Signed {
+        .map(|r| {
+            let header = |name: &str| {
+                r["headers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|h| h[0] == name)
+                    .map(|h| h[1].as_str().unwrap().to_string())
+                    .unwrap()
+            };
+            (r, header("authorization"), header("x-amz-date"))
+        })
+        .map(|(r, authz, date)| Signed {
+            akid: sigv4::parse_authorization(&authz).unwrap().access_key_id,
+            now: sigv4::parse_amz_date(&date).unwrap(),
             method: r["method"].as_str().unwrap().into(),
             path: r["path"].as_str().unwrap().into(),
             query: r["query"].as_str().unwrap().into(),
@@ -85,8 +103,6 @@ fn service_verdict(
     query: &str,
     headers: &[(String, String)],
     body: &[u8],
-    known_akid: &str,
-    now: i64,
 ) -> Result<(), String> {
     let req = Request {
         method,
@@ -102,10 +118,10 @@ fn service_verdict(
         region: &s.region,
         service: "kms",
         signed: sigv4::KMS_SIGNED_HEADERS,
-        now,
+        now: s.now,
     };
     sigv4::check_request(&req, &auth, &expect).map_err(|e| format!("{e:?}"))?;
-    if auth.access_key_id != known_akid {
+    if auth.access_key_id != s.akid {
         return Err("unknown access key".into());
     }
     let key = sigv4::signing_key(s.secret.as_bytes(), &auth.date, &auth.region, &auth.service);
@@ -161,20 +177,9 @@ fn botocore_signed_requests_verify_and_every_one_char_change_is_refused() {
     assert_eq!(reqs.len(), n);
     let (mut accepted, mut refused) = (0usize, 0usize);
     for (i, s) in reqs.iter().enumerate() {
-        let get = |name: &str| {
-            s.headers
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.clone())
-                .unwrap()
-        };
-        let now = sigv4::parse_amz_date(&get("x-amz-date")).unwrap();
-        let akid = sigv4::parse_authorization(&get("authorization"))
-            .unwrap()
-            .access_key_id;
         let verdict =
             |method: &str, path: &str, query: &str, headers: &[(String, String)], body: &[u8]| {
-                service_verdict(s, method, path, query, headers, body, &akid, now)
+                service_verdict(s, method, path, query, headers, body)
             };
         let ok = verdict(&s.method, &s.path, &s.query, &s.headers, &s.body);
         assert_eq!(
