@@ -479,6 +479,24 @@ pub fn validate(doc: &str) -> KmsResult<()> {
 
 /// `*`/`?` glob match; `ignore_case` for action names only.
 pub fn glob(pattern: &str, s: &str, ignore_case: bool) -> bool {
+    // The common shapes without allocating: "*", a literal, "prefix*".
+    if pattern == "*" {
+        return true;
+    }
+    let eq_str = |a: &str, b: &str| {
+        if ignore_case {
+            a.eq_ignore_ascii_case(b) || a.to_lowercase() == b.to_lowercase()
+        } else {
+            a == b
+        }
+    };
+    match pattern.find(['*', '?']) {
+        None => return eq_str(pattern, s),
+        Some(i) if i + 1 == pattern.len() && pattern.ends_with('*') => {
+            return s.get(..i).is_some_and(|head| eq_str(&pattern[..i], head));
+        }
+        _ => {}
+    }
     let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), s.chars().collect());
     let eq = |a: char, b: char| {
         if ignore_case {
@@ -891,9 +909,20 @@ pub fn evaluate(doc: &str, ctx: &Context) -> Verdict {
     }
 }
 
-/// Does the document use `key` in a condition (so that a costly value is worth computing)?
+/// Does the document mention `key` (ASCII case-insensitively), so that a costly condition
+/// value is worth computing?
 pub fn mentions(doc: &str, key: &str) -> bool {
-    doc.to_ascii_lowercase().contains(&key.to_ascii_lowercase())
+    let k = key.as_bytes();
+    !k.is_empty()
+        && doc
+            .as_bytes()
+            .windows(k.len())
+            .any(|w| w.eq_ignore_ascii_case(k))
+}
+
+/// Could the document have conditions at all? (If not, condition keys need not be built.)
+pub fn has_conditions(doc: &str) -> bool {
+    mentions(doc, "\"Condition\"")
 }
 
 #[cfg(test)]
@@ -1545,6 +1574,16 @@ mod tests {
         assert!(glob("A?c", "abc", true));
         assert!(glob("*", "", false));
         assert!(!glob("a*", "", false));
+        assert!(glob("kms:Encrypt", "KMS:encrypt", true));
+        assert!(!glob("kms:Encrypt", "kms:encrypt", false));
+        assert!(glob("KMS:*", "kms:Decrypt", true));
+        assert!(!glob("KMS:*", "kms:Decrypt", false));
+        assert!(!glob("abc*", "ab", false));
+        assert!(glob("a*c*", "abxcy", false));
+        assert!(glob("é*", "éa", false));
+        assert!(has_conditions(r#"{"Statement":[{"Condition":{}}]}"#));
+        assert!(!has_conditions(&default_policy(ACCOUNT)));
+        assert!(mentions("..KMS:RESOURCEALIASES..", "kms:ResourceAliases"));
         assert_eq!(parse_date_ms("1970-01-01"), Some(0));
         assert_eq!(parse_date_ms("1970-01-01T00:01:00Z"), Some(60_000));
         assert_eq!(parse_date_ms("1970-01-01T01:00:00+01:00"), Some(0));

@@ -316,6 +316,10 @@ pub async fn policy_verdict(
         action,
         &key.arn(),
     );
+    if !policy::has_conditions(&key.policy) {
+        // No condition can read a key: skip building them.
+        return Ok(policy::evaluate(&key.policy, &c));
+    }
     if let Some(ec) = ec {
         c.encryption_context(ec);
     }
