@@ -1,6 +1,6 @@
 //! Fuzzes the key service's parsers at its trust boundary: the SigV4 `Authorization`
-//! header and `X-Amz-Date`, the canonical request over arbitrary headers, ciphertext blobs,
-//! and key policy documents (validation and evaluation).
+//! header and `X-Amz-Date`, the canonical request and the KMS request checks over arbitrary
+//! headers, ciphertext blobs, and key policy documents (validation and evaluation).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -17,6 +17,15 @@ fuzz_target!(|data: &[u8]| {
     let names: Vec<String> = headers.iter().map(|(n, _)| n.clone()).collect();
     let req = caas_kms::sigv4::Request { method: "POST", path: &text, query: &text, headers: &headers, body: data };
     let _ = caas_kms::sigv4::canonical_request(&req, &names);
+    if let Some(auth) = headers
+        .iter()
+        .find(|(n, _)| n == "authorization")
+        .and_then(|(_, v)| caas_kms::sigv4::parse_authorization(v).ok())
+    {
+        let expect = caas_kms::sigv4::Expect { region: "us-east-1", service: "kms", signed: caas_kms::sigv4::KMS_SIGNED_HEADERS, now: 1_764_936_000 };
+        let key = caas_kms::sigv4::signing_key(b"secret", &auth.date, &auth.region, &auth.service);
+        let _ = caas_kms::sigv4::verify(&req, &auth, &key, &expect);
+    }
     // Request bodies: JSON and the typed parameter accessors every operation uses.
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
         let r = caas_kms::ops::Req(&v);
@@ -26,8 +35,10 @@ fuzz_target!(|data: &[u8]| {
         let _ = r.opt_int("NumberOfBytes");
         let _ = r.str("KeyId");
     }
-    if caas_kms::policy::validate(&text).is_ok() {
-        let req = caas_kms::policy::Request { account: "111122223333", principal: "arn:aws:iam::111122223333:user/f", action: "Encrypt", encryption_context: None };
-        let _ = caas_kms::policy::evaluate(&text, &req);
-    }
+    // Validation, and evaluation of any document (stored ones may predate validation).
+    let _ = caas_kms::policy::validate(&text);
+    let mut ctx = caas_kms::policy::Context::new("111122223333", "arn:aws:iam::111122223333:user/f", "Encrypt", "arn:aws:kms:us-east-1:111122223333:key/k");
+    let ec: std::collections::BTreeMap<String, String> = headers.iter().cloned().collect();
+    ctx.encryption_context(&ec).time(1_764_936_000_000);
+    let _ = caas_kms::policy::evaluate(&text, &ctx);
 });

@@ -69,15 +69,20 @@ pub enum KmsError {
     /// SigV4 authentication failed: unknown access key (HTTP 400, `UnrecognizedClientException`).
     #[error("{0}")]
     UnrecognizedClient(String),
-    /// SigV4 authentication failed: bad signature (HTTP 400, `InvalidSignatureException`).
+    /// SigV4 authentication failed: bad signature, or a request that contradicts its
+    /// signature's scope or payload hash (HTTP 400, `InvalidSignatureException`).
     #[error("{0}")]
     SignatureMismatch(String),
     /// Request timestamp outside the 5-minute window (HTTP 400, `InvalidSignatureException`).
     #[error("{0}")]
     RequestExpired(String),
-    /// Missing or malformed authentication (HTTP 400, `MissingAuthenticationTokenException`).
+    /// No authentication at all (HTTP 400, `MissingAuthenticationTokenException`).
     #[error("{0}")]
     MissingAuthentication(String),
+    /// Malformed `Authorization` header, or a required header not signed (HTTP 400,
+    /// `IncompleteSignatureException`).
+    #[error("{0}")]
+    IncompleteSignature(String),
     /// Unknown `X-Amz-Target` operation (HTTP 400, `UnknownOperationException`).
     #[error("{0}")]
     UnknownOperation(String),
@@ -128,6 +133,7 @@ impl KmsError {
             SignatureMismatch(_) => "InvalidSignatureException",
             RequestExpired(_) => "InvalidSignatureException",
             MissingAuthentication(_) => "MissingAuthenticationTokenException",
+            IncompleteSignature(_) => "IncompleteSignatureException",
             UnknownOperation(_) => "UnknownOperationException",
             Conflict(_) => "ConflictException",
             LimitExceeded(_) => "LimitExceededException",

@@ -35,12 +35,24 @@ fn aws_response(status: u16, body: String, request_id: &str) -> Response {
 async fn kms_endpoint(State(kms): State<Arc<Kms>>, req: Request) -> Response {
     let request_id = uuid::Uuid::new_v4().to_string();
     let (parts, body) = req.into_parts();
-    let target = parts
+    // Header values as text; bytes that are not UTF-8 become U+FFFD, so such a header
+    // can never match what a client signed (and unsigned headers are ignored anyway).
+    let headers: Vec<(String, String)> = parts
         .headers
-        .get("x-amz-target")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_ascii_lowercase(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    // The operation is the X-Amz-Target that authentication checks: signed and sent once.
+    let target = headers
+        .iter()
+        .find(|(n, _)| n == "x-amz-target")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
     let body = match to_bytes(body, MAX_BODY).await {
         Ok(b) => b,
         Err(_) => {
@@ -49,15 +61,6 @@ async fn kms_endpoint(State(kms): State<Arc<Kms>>, req: Request) -> Response {
             return aws_response(413, e.body(), &request_id);
         }
     };
-    let headers: Vec<(String, String)> = parts
-        .headers
-        .iter()
-        .filter_map(|(n, v)| {
-            v.to_str()
-                .ok()
-                .map(|v| (n.as_str().to_ascii_lowercase(), v.to_string()))
-        })
-        .collect();
     let sreq = sigv4::Request {
         method: parts.method.as_str(),
         path: parts.uri.path(),

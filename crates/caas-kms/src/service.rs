@@ -47,10 +47,19 @@ pub struct Caller {
     pub access_key_id: String,
 }
 
+/// What a derived SigV4 signing key depends on besides the secret: (date, region, service).
+/// The secret's identity is the [`Cred`] the cache lives in (one access key, one loaded
+/// secret; a reload after [`CRED_TTL`] starts an empty cache).
+type SigningScope = (String, String, String);
+
+/// At most this many signing keys are cached per access key (a day boundary needs two).
+const MAX_SIGNING_KEYS: usize = 4;
+
 struct Cred {
     account: String,
     principal: String,
-    signing: HashMap<(String, String), aws_lc_rs::hmac::Key>,
+    /// Signing keys of scopes that have verified a request; filled only after success.
+    signing: HashMap<SigningScope, aws_lc_rs::hmac::Key>,
     secret: SecretBytes,
     enabled: bool,
     loaded: Instant,
@@ -367,7 +376,10 @@ impl Kms {
         Ok(c)
     }
 
-    /// Authenticates a SigV4-signed request.
+    /// Authenticates a SigV4-signed request (see [`sigv4`] for the rules): the scope,
+    /// signed headers, time and payload hash are checked before the credential is looked
+    /// up; the signing key is taken from the cache or derived, and cached only once a
+    /// signature verified under it.
     pub async fn authenticate(&self, req: &sigv4::Request<'_>) -> KmsResult<Caller> {
         let auth_value = req
             .headers
@@ -377,61 +389,85 @@ impl Kms {
             .ok_or_else(|| {
                 KmsError::MissingAuthentication("Missing Authentication Token".into())
             })?;
-        let auth = sigv4::parse_authorization(auth_value).map_err(|e| match e {
-            sigv4::AuthError::Missing(m) => KmsError::MissingAuthentication(m),
-            _ => KmsError::MissingAuthentication("malformed Authorization header".into()),
-        })?;
+        if req
+            .headers
+            .iter()
+            .filter(|(n, _)| n == "authorization")
+            .count()
+            > 1
+        {
+            return Err(KmsError::IncompleteSignature(
+                "Only one Authorization header may be sent.".into(),
+            ));
+        }
+        let auth = sigv4::parse_authorization(auth_value).map_err(auth_error)?;
+        let expect = sigv4::Expect {
+            region: &self.region,
+            service: "kms",
+            signed: sigv4::KMS_SIGNED_HEADERS,
+            now: self.now_ms() / 1000,
+        };
+        sigv4::check_request(req, &auth, &expect).map_err(auth_error)?;
         let cred = self.cred(&auth.access_key_id).await?;
         if !cred.enabled {
             return Err(KmsError::UnrecognizedClient(
                 "The security token included in the request is invalid.".into(),
             ));
         }
-        let scope = (auth.date.clone(), auth.region.clone());
-        let key = match cred.signing.get(&scope) {
-            Some(k) => k.clone(),
-            None => {
-                let k = sigv4::signing_key(
-                    cred.secret.expose(),
-                    &auth.date,
-                    &auth.region,
-                    &auth.service,
-                );
-                // Cache per (date, region): replace the Arc with one that carries the key.
-                if let Ok(mut g) = self.creds.write() {
-                    let mut signing = cred.signing.clone();
-                    signing.insert(scope, k.clone());
-                    g.insert(
-                        auth.access_key_id.clone(),
-                        Arc::new(Cred {
-                            account: cred.account.clone(),
-                            principal: cred.principal.clone(),
-                            signing,
-                            secret: cred.secret.clone(),
-                            enabled: cred.enabled,
-                            loaded: cred.loaded,
-                        }),
-                    );
-                }
-                k
-            }
-        };
-        sigv4::verify(req, &auth, &key, self.now_ms() / 1000).map_err(|e| match e {
-            sigv4::AuthError::Expired => KmsError::RequestExpired(
-                "Signature expired: the request time is more than 5 minutes from the server time."
-                    .into(),
-            ),
-            sigv4::AuthError::Mismatch => KmsError::SignatureMismatch(
-                "The request signature we calculated does not match the signature you provided."
-                    .into(),
-            ),
-            sigv4::AuthError::Missing(m) => KmsError::MissingAuthentication(m),
-        })?;
+        let scope: SigningScope = (auth.date.clone(), auth.region.clone(), auth.service.clone());
+        let cached = cred.signing.get(&scope).cloned();
+        let key = cached.clone().unwrap_or_else(|| {
+            sigv4::signing_key(
+                cred.secret.expose(),
+                &auth.date,
+                &auth.region,
+                &auth.service,
+            )
+        });
+        sigv4::verify_signature(req, &auth, &key).map_err(auth_error)?;
+        if cached.is_none() {
+            self.cache_signing_key(&auth.access_key_id, &cred, scope, key);
+        }
         Ok(Caller {
             account: cred.account.clone(),
             principal: cred.principal.clone(),
             access_key_id: auth.access_key_id,
         })
+    }
+
+    /// Remembers a signing key that has just verified a signature, in a copy of `cred`
+    /// that replaces it only if the cache still holds that same `cred` (a concurrent
+    /// disable or reload wins).
+    fn cache_signing_key(
+        &self,
+        akid: &str,
+        cred: &Arc<Cred>,
+        scope: SigningScope,
+        key: aws_lc_rs::hmac::Key,
+    ) {
+        let Ok(mut g) = self.creds.write() else {
+            return;
+        };
+        if !g.get(akid).is_some_and(|c| Arc::ptr_eq(c, cred)) {
+            return;
+        }
+        let mut signing = if cred.signing.len() >= MAX_SIGNING_KEYS {
+            HashMap::new()
+        } else {
+            cred.signing.clone()
+        };
+        signing.insert(scope, key);
+        g.insert(
+            akid.to_string(),
+            Arc::new(Cred {
+                account: cred.account.clone(),
+                principal: cred.principal.clone(),
+                signing,
+                secret: cred.secret.clone(),
+                enabled: cred.enabled,
+                loaded: cred.loaded,
+            }),
+        );
     }
 
     /// Runs one operation for an authenticated caller and commits its writes together with
@@ -556,6 +592,22 @@ pub(crate) fn access_key_record(o: &caas_store::Object) -> KmsResult<AccessKeyRe
         .ok()
         .filter(|r| r.access_key_id == o.id)
         .ok_or_else(|| KmsError::mismatch(&o.kind, &o.account, &o.id))
+}
+
+/// The AWS error for a SigV4 failure.
+fn auth_error(e: sigv4::AuthError) -> KmsError {
+    match e {
+        sigv4::AuthError::Missing(m) => KmsError::MissingAuthentication(m),
+        sigv4::AuthError::Incomplete(m) => KmsError::IncompleteSignature(m),
+        sigv4::AuthError::Invalid(m) => KmsError::SignatureMismatch(m),
+        sigv4::AuthError::Expired => KmsError::RequestExpired(
+            "Signature expired: the request time is more than 5 minutes from the server time."
+                .into(),
+        ),
+        sigv4::AuthError::Mismatch => KmsError::SignatureMismatch(
+            "The request signature we calculated does not match the signature you provided.".into(),
+        ),
+    }
 }
 
 fn base32(bytes: &[u8]) -> String {

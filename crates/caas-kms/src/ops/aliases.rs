@@ -40,7 +40,7 @@ pub async fn create(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let name = r.str("AliasName")?;
     check_name(name)?;
     let target = resolve(kms, ctx, r.str("TargetKeyId")?).await?;
-    authorize(kms, ctx, &target.key, "CreateAlias", None, &[]).await?;
+    authorize(kms, ctx, &target, "CreateAlias", None, &[]).await?;
     if kms
         .store
         .get(kind::ALIAS, &ctx.caller.account, name)
@@ -82,7 +82,7 @@ pub async fn update(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
         .await
         .map_err(KmsError::store)?;
     let target = resolve(kms, ctx, r.str("TargetKeyId")?).await?;
-    authorize(kms, ctx, &target.key, "UpdateAlias", None, &[]).await?;
+    authorize(kms, ctx, &target, "UpdateAlias", None, &[]).await?;
     let old: Option<KeyRecord> = old.as_ref().map(super::parse_key).transpose()?;
     if let Some(old) = old
         && (old.key_spec != target.key.key_spec || old.key_usage != target.key.key_usage)
@@ -113,7 +113,7 @@ pub async fn delete(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     // An alias whose key is gone may be deleted; any other failure to read the target (an
     // integrity failure above all) must not skip the authorization.
     match resolve(kms, ctx, &a.target_key_id).await {
-        Ok(target) => authorize(kms, ctx, &target.key, "DeleteAlias", None, &[]).await?,
+        Ok(target) => authorize(kms, ctx, &target, "DeleteAlias", None, &[]).await?,
         Err(KmsError::NotFound(_)) => {}
         Err(e) => return Err(e),
     }

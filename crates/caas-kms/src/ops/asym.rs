@@ -17,7 +17,7 @@ pub async fn sign(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let alg = r.str("SigningAlgorithm")?;
     let mtype = r.opt_str("MessageType")?.unwrap_or("RAW");
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(kms, ctx, &l.key, "Sign", None, &grant_tokens(r)?).await?;
+    authorize(kms, ctx, &l, "Sign", None, &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, KeyUsage::SignVerify, "Sign")?;
     let spec = spec_of(&l.key)?;
@@ -37,7 +37,7 @@ pub async fn verify(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let alg = r.str("SigningAlgorithm")?;
     let mtype = r.opt_str("MessageType")?.unwrap_or("RAW");
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(kms, ctx, &l.key, "Verify", None, &grant_tokens(r)?).await?;
+    authorize(kms, ctx, &l, "Verify", None, &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, KeyUsage::SignVerify, "Verify")?;
     let spec = spec_of(&l.key)?;
@@ -60,7 +60,7 @@ pub async fn verify(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
 /// GetPublicKey.
 pub async fn get_public_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(kms, ctx, &l.key, "GetPublicKey", None, &grant_tokens(r)?).await?;
+    authorize(kms, ctx, &l, "GetPublicKey", None, &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     let spec = spec_of(&l.key)?;
     if !(spec.is_rsa() || spec.is_ecc()) {
@@ -107,7 +107,7 @@ pub async fn generate_data_key_pair(
     } else {
         "GenerateDataKeyPairWithoutPlaintext"
     };
-    authorize(kms, ctx, &l.key, action, Some(&ec), &grant_tokens(r)?).await?;
+    authorize(kms, ctx, &l, action, Some(&ec), &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, KeyUsage::EncryptDecrypt, action)?;
     if l.key.key_spec != KeySpec::SymmetricDefault {
@@ -132,7 +132,7 @@ pub async fn generate_mac(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out
     let msg = r.blob("Message", 4096)?;
     let alg = r.str("MacAlgorithm")?;
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(kms, ctx, &l.key, "GenerateMac", None, &grant_tokens(r)?).await?;
+    authorize(kms, ctx, &l, "GenerateMac", None, &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, KeyUsage::GenerateVerifyMac, "GenerateMac")?;
     let (_, k) = material(kms, &l.key, None).await?;
@@ -148,7 +148,7 @@ pub async fn verify_mac(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
     let mac = r.blob("Mac", 64)?;
     let alg = r.str("MacAlgorithm")?;
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(kms, ctx, &l.key, "VerifyMac", None, &grant_tokens(r)?).await?;
+    authorize(kms, ctx, &l, "VerifyMac", None, &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, KeyUsage::GenerateVerifyMac, "VerifyMac")?;
     let (_, k) = material(kms, &l.key, None).await?;

@@ -108,7 +108,7 @@ pub async fn encrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let plaintext = SecretBytes::new(r.blob("Plaintext", MAX_PLAINTEXT)?);
     let ec = ec_of(r)?;
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(kms, ctx, &l.key, "Encrypt", Some(&ec), &grant_tokens(r)?).await?;
+    authorize(kms, ctx, &l, "Encrypt", Some(&ec), &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, KeyUsage::EncryptDecrypt, "Encrypt")?;
     let spec = spec_of(&l.key)?;
@@ -185,7 +185,7 @@ async fn decrypt_inner(
             })?,
         )
         .await?;
-        authorize(kms, ctx, &l.key, action, Some(&ec), &grant_tokens(r)?).await?;
+        authorize(kms, ctx, &l, action, Some(&ec), &grant_tokens(r)?).await?;
         require_enabled(&l.key)?;
         require_usage(&l.key, KeyUsage::EncryptDecrypt, "Decrypt")?;
         if !spec_of(&l.key)?.is_rsa() {
@@ -199,7 +199,7 @@ async fn decrypt_inner(
         return Ok((p, l.key.arn(), alg.to_string()));
     }
     let parsed = blob::parse(&ct)?;
-    let l = resolve(kms, ctx, parsed.key_id)
+    let mut l = resolve(kms, ctx, parsed.key_id)
         .await
         .map_err(|e| match e {
             KmsError::NotFound(_) => invalid(),
@@ -211,8 +211,10 @@ async fn decrypt_inner(
             return Err(KmsError::IncorrectKey("The key ID in the request does not identify a KMS key that can perform this operation.".into()));
         }
         ctx.key_id = Some(l.key.key_id.clone());
+        // kms:RequestAlias is the alias the request named the key by.
+        l.alias = want.alias;
     }
-    authorize(kms, ctx, &l.key, action, Some(&ec), &grant_tokens(r)?).await?;
+    authorize(kms, ctx, &l, action, Some(&ec), &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     if l.key.key_spec != KeySpec::SymmetricDefault {
         return Err(invalid());
@@ -243,7 +245,7 @@ pub async fn re_encrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
     authorize(
         kms,
         ctx,
-        &dest.key,
+        &dest,
         "ReEncryptTo",
         Some(&dest_ec),
         &grant_tokens(r)?,
@@ -320,7 +322,7 @@ pub async fn generate_data_key(
     } else {
         "GenerateDataKeyWithoutPlaintext"
     };
-    authorize(kms, ctx, &l.key, action, Some(&ec), &grant_tokens(r)?).await?;
+    authorize(kms, ctx, &l, action, Some(&ec), &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, KeyUsage::EncryptDecrypt, action)?;
     if l.key.key_spec != KeySpec::SymmetricDefault {

@@ -20,7 +20,7 @@ const IMPORT_PURPOSE: &str = "import-wrapping-key";
 /// GetParametersForImport.
 pub async fn get_parameters(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(kms, ctx, &l.key, "GetParametersForImport", None, &[]).await?;
+    authorize(kms, ctx, &l, "GetParametersForImport", None, &[]).await?;
     if l.key.origin != Origin::External {
         return Err(KmsError::UnsupportedOperation(format!(
             "{} does not have origin EXTERNAL",
@@ -129,7 +129,7 @@ pub async fn import(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let token_raw = r.blob("ImportToken", 4096)?;
     let wrapped = r.blob("EncryptedKeyMaterial", 8192)?;
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(kms, ctx, &l.key, "ImportKeyMaterial", None, &[]).await?;
+    authorize(kms, ctx, &l, "ImportKeyMaterial", None, &[]).await?;
     if l.key.origin != Origin::External {
         return Err(KmsError::UnsupportedOperation(format!(
             "{} does not have origin EXTERNAL",
@@ -247,7 +247,7 @@ fn fingerprint(kms: &Kms, key_id: &str, m: &SecretBytes) -> KmsResult<Vec<u8>> {
 /// DeleteImportedKeyMaterial.
 pub async fn delete(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(kms, ctx, &l.key, "DeleteImportedKeyMaterial", None, &[]).await?;
+    authorize(kms, ctx, &l, "DeleteImportedKeyMaterial", None, &[]).await?;
     if l.key.origin != Origin::External {
         return Err(KmsError::UnsupportedOperation(format!(
             "{} does not have origin EXTERNAL",

@@ -199,15 +199,7 @@ pub async fn create_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
 /// DescribeKey.
 pub async fn describe_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(
-        kms,
-        ctx,
-        &l.key,
-        "DescribeKey",
-        None,
-        &super::grant_tokens(r)?,
-    )
-    .await?;
+    authorize(kms, ctx, &l, "DescribeKey", None, &super::grant_tokens(r)?).await?;
     Ok(Out::reply(json!({ "KeyMetadata": metadata(&l.key) })))
 }
 
@@ -224,7 +216,10 @@ fn page(r: Req<'_>, items: Vec<Value>, field: &str) -> KmsResult<Value> {
             .map_err(|_| KmsError::Validation("Invalid Marker".into()))?,
         None => 0,
     };
-    let end = (start + limit as usize).min(items.len());
+    // `Marker` is the caller's: saturate rather than overflow (a panic in debug builds).
+    let end = start
+        .saturating_add(usize::try_from(limit).unwrap_or(0))
+        .min(items.len());
     let slice = items
         .get(start.min(items.len())..end)
         .unwrap_or(&[])
@@ -253,7 +248,7 @@ pub async fn list_keys(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
 
 async fn load_for(kms: &Kms, ctx: &mut Ctx, r: Req<'_>, action: &str) -> KmsResult<Loaded> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(kms, ctx, &l.key, action, None, &[]).await?;
+    authorize(kms, ctx, &l, action, None, &[]).await?;
     Ok(l)
 }
 
@@ -575,6 +570,7 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
         let l = Loaded {
             key: k.clone(),
             rev: o.rev,
+            alias: None,
         };
         let mut entry = crate::audit::system_entry("", "");
         entry.account = k.account.clone();
@@ -673,6 +669,7 @@ pub async fn rotate_domain_key(kms: &Kms) -> KmsResult<(u32, usize)> {
             let l = Loaded {
                 key: k.clone(),
                 rev: o.rev,
+                alias: None,
             };
             let mut entry = crate::audit::system_entry("RewrapKey", &format!("domain key v{v}"));
             entry.account = k.account.clone();
@@ -728,4 +725,26 @@ pub async fn rotate_domain_key(kms: &Kms) -> KmsResult<(u32, usize)> {
         }
     }
     Ok((v, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_marker_does_not_overflow_in_page() {
+        let items: Vec<Value> = (0..3).map(|i| json!(i)).collect();
+        for marker in [usize::MAX.to_string(), (usize::MAX - 5).to_string()] {
+            let req = json!({ "Marker": marker, "Limit": 1000 });
+            let out = page(Req(&req), items.clone(), "Keys");
+            assert!(out.is_ok());
+            let out = out.unwrap_or_default();
+            assert_eq!(out["Keys"], json!([]));
+            assert_eq!(out["Truncated"], json!(false));
+        }
+        let req = json!({ "Marker": "1", "Limit": 1 });
+        let out = page(Req(&req), items, "Keys").unwrap_or_default();
+        assert_eq!(out["Keys"], json!([1]));
+        assert_eq!(out["NextMarker"], json!("2"));
+    }
 }

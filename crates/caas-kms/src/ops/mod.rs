@@ -205,6 +205,8 @@ pub struct Loaded {
     pub key: KeyRecord,
     /// Its store revision.
     pub rev: i64,
+    /// The alias name the request named the key by (`kms:RequestAlias`), if any.
+    pub alias: Option<String>,
 }
 
 impl Loaded {
@@ -235,6 +237,7 @@ pub async fn resolve(kms: &Kms, ctx: &mut Ctx, key_ref: &str) -> KmsResult<Loade
         ));
     }
     let mut id = key_ref.to_string();
+    let mut alias = None;
     if let Some(rest) = key_ref.strip_prefix("arn:aws:kms:") {
         // arn:aws:kms:REGION:ACCOUNT:key/ID or alias/NAME
         let parts: Vec<&str> = rest.splitn(3, ':').collect();
@@ -253,6 +256,7 @@ pub async fn resolve(kms: &Kms, ctx: &mut Ctx, key_ref: &str) -> KmsResult<Loade
             .await
             .map_err(KmsError::store)?
             .ok_or_else(|| KmsError::NotFound(format!("Alias {id} is not found.")))?;
+        alias = Some(id);
         id = parse_alias(&o)?.target_key_id;
     }
     let o = kms
@@ -263,36 +267,108 @@ pub async fn resolve(kms: &Kms, ctx: &mut Ctx, key_ref: &str) -> KmsResult<Loade
         .ok_or_else(not_found)?;
     let key = parse_key(&o)?;
     ctx.key_id = Some(key.key_id.clone());
-    Ok(Loaded { key, rev: o.rev })
+    Ok(Loaded {
+        key,
+        rev: o.rev,
+        alias,
+    })
 }
 
 /// Checks the key policy (and, failing that, grants) for an action.
 pub async fn authorize(
     kms: &Kms,
     ctx: &Ctx,
-    key: &KeyRecord,
+    l: &Loaded,
     action: &str,
     ec: Option<&BTreeMap<String, String>>,
     grant_tokens: &[String],
 ) -> KmsResult<()> {
-    let req = policy::Request {
-        account: &ctx.caller.account,
-        principal: &ctx.caller.principal,
-        action,
-        encryption_context: ec,
-    };
-    match policy::evaluate(&key.policy, &req) {
+    match policy_verdict(kms, ctx, l, action, ec, &[]).await? {
         Verdict::Allow => return Ok(()),
-        Verdict::Deny => return Err(denied(ctx, action, key)),
+        Verdict::Deny => return Err(denied(ctx, action, &l.key)),
         Verdict::NoMatch => {}
     }
-    if grants::allows(kms, ctx, key, action, ec, grant_tokens).await? {
+    if grants::allows(kms, ctx, &l.key, action, ec, grant_tokens).await? {
         return Ok(());
     }
-    Err(denied(ctx, action, key))
+    Err(denied(ctx, action, &l.key))
 }
 
-fn denied(ctx: &Ctx, action: &str, key: &KeyRecord) -> KmsError {
+/// Evaluates the key's policy for `action` with every condition key the engine supports
+/// that applies: the caller's, the key's (spec, usage, origin, tags, aliases), the
+/// request's alias and encryption context, and `extra` (operation parameters such as
+/// CreateGrant's `kms:GrantOperations`).
+pub async fn policy_verdict(
+    kms: &Kms,
+    ctx: &Ctx,
+    l: &Loaded,
+    action: &str,
+    ec: Option<&BTreeMap<String, String>>,
+    extra: &[(&str, Vec<String>)],
+) -> KmsResult<Verdict> {
+    let key = &l.key;
+    let mut c = policy::Context::new(
+        &ctx.caller.account,
+        &ctx.caller.principal,
+        action,
+        &key.arn(),
+    );
+    if !policy::has_conditions(&key.policy) {
+        // No condition can read a key: skip building them.
+        return Ok(policy::evaluate(&key.policy, &c));
+    }
+    if let Some(ec) = ec {
+        c.encryption_context(ec);
+    }
+    c.time(kms.now_ms())
+        .set("aws:RequestedRegion", &kms.region)
+        .set("aws:ResourceAccount", &key.account)
+        .set("kms:KeySpec", key.key_spec.as_str())
+        .set("kms:CustomerMasterKeySpec", key.key_spec.as_str())
+        .set("kms:KeyUsage", key.key_usage.as_str())
+        .set("kms:CustomerMasterKeyUsage", key.key_usage.as_str())
+        .set("kms:KeyOrigin", key.origin.as_str());
+    for (k, v) in &key.tags {
+        c.set(&format!("aws:ResourceTag/{k}"), v);
+    }
+    if let Some(a) = &l.alias {
+        c.set("kms:RequestAlias", a);
+    }
+    if policy::mentions(&key.policy, "kms:ResourceAliases") {
+        let aliases = aliases_of(kms, key).await?;
+        if !aliases.is_empty() {
+            c.set_all("kms:ResourceAliases", &aliases);
+        }
+    }
+    if matches!(action, "CreateGrant" | "ListGrants" | "RevokeGrant") {
+        // No AWS service calls caas on a principal's behalf.
+        c.set("kms:GrantIsForAWSResource", "false");
+    }
+    for (k, v) in extra {
+        c.set_all(k, v);
+    }
+    Ok(policy::evaluate(&key.policy, &c))
+}
+
+/// The alias names that point at `key`.
+async fn aliases_of(kms: &Kms, key: &KeyRecord) -> KmsResult<Vec<String>> {
+    let objs = kms
+        .store
+        .list(kind::ALIAS, Some(&key.account))
+        .await
+        .map_err(KmsError::store)?;
+    let mut out = vec![];
+    for o in objs {
+        let a: AliasRecord = serde_json::from_slice(&o.body)
+            .map_err(|_| KmsError::Internal("corrupt alias".into()))?;
+        if a.target_key_id == key.key_id {
+            out.push(a.name);
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) fn denied(ctx: &Ctx, action: &str, key: &KeyRecord) -> KmsError {
     KmsError::AccessDenied(format!(
         "User: {} is not authorized to perform: kms:{action} on resource: {}",
         ctx.caller.principal,
