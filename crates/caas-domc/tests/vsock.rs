@@ -25,7 +25,10 @@ fn domain_binds_its_vsock_listener_beside_the_unix_socket() -> Result<()> {
         return Ok(());
     }
     let port = test_port();
-    let dom = Dom::start_initialised("vsock", &["--vsock", &port.to_string()])?;
+    let dom = Dom::start_initialised(
+        "vsock",
+        &["--vsock", &port.to_string(), "--vsock-peer-cid", "1"],
+    )?;
     // The domain holds the port: a second listener cannot bind it.
     let e = caas_domc::vsock::VsockListener::bind(port)
         .err()

@@ -4,6 +4,12 @@
 //! and connections, replies go out in completion order, and a client that stops reading
 //! its replies only blocks its own connection.
 //!
+//! Who may connect is checked on accept, before the greeting ([`PeerPolicy`]): a UNIX-socket
+//! peer's kernel credentials (SO_PEERCRED) must name the proxy's own uid (the workload's
+//! identity when the host agent launched it) or an allowed uid; a vsock peer must have the
+//! workload VM's CID. A refused connection is closed at once, logged with the reason and
+//! counted.
+//!
 //! TLS is optional (NBD_OPT_STARTTLS): the option haggling starts in the clear, the client
 //! asks for STARTTLS, both sides run a TLS 1.3 handshake (rustls, aws-lc-rs) over the same
 //! connection and option haggling continues encrypted. With `required`, every option
@@ -36,6 +42,52 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// TLS (NBD_OPT_STARTTLS); `None` refuses STARTTLS with NBD_REP_ERR_POLICY.
     pub tls: Option<TlsSettings>,
+    /// Who may connect.
+    pub peers: PeerPolicy,
+}
+
+/// Who may connect to the proxy.
+#[derive(Debug, Clone)]
+pub struct PeerPolicy {
+    /// UNIX-socket peers allowed besides the proxy's own effective uid (SO_PEERCRED).
+    pub uids: Vec<u32>,
+    /// The only vsock peer served (the workload VM's CID); `None` refuses every vsock peer.
+    pub vsock_cid: Option<u32>,
+}
+
+impl Default for PeerPolicy {
+    /// The proxy's own uid and root (which can ptrace anything anyway); no vsock peer.
+    fn default() -> Self {
+        Self {
+            uids: vec![0],
+            vsock_cid: None,
+        }
+    }
+}
+
+impl PeerPolicy {
+    /// Whether a UNIX-socket peer with `uid` may connect (own effective uid or listed).
+    #[must_use]
+    pub fn allows_uid(&self, uid: u32) -> bool {
+        uid == nix::unistd::geteuid().as_raw() || self.uids.contains(&uid)
+    }
+
+    /// Why a peer is refused, or `None` when it may connect.
+    fn refusal(&self, conn: &Conn) -> Option<String> {
+        match conn {
+            Conn::Unix(s) => match s.peer_cred() {
+                Ok(c) if self.allows_uid(c.uid()) => None,
+                Ok(c) => Some(format!("unix peer uid {} not allowed", c.uid())),
+                Err(e) => Some(format!("unix peer without credentials ({e})")),
+            },
+            Conn::Vsock(_, cid) => match self.vsock_cid {
+                Some(allowed) if allowed == *cid => None,
+                Some(allowed) => Some(format!("vsock peer CID {cid} is not {allowed}")),
+                None => Some(format!("vsock peer CID {cid}: no vsock peer configured")),
+            },
+            Conn::Tcp(_) => None,
+        }
+    }
 }
 
 /// TLS settings of the server.
@@ -112,6 +164,7 @@ impl Default for ServerConfig {
             max_in_flight: 64,
             handshake_timeout: Duration::from_secs(30),
             tls: None,
+            peers: PeerPolicy::default(),
         }
     }
 }
@@ -178,18 +231,24 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let cfg = Arc::new(cfg);
     tokio::pin!(shutdown);
+    let mut refused: u64 = 0;
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            r = accept(&listener) => match r {
-                Ok(Conn::Unix(s)) => {
+            r = accept(&listener) => match r.map(|c| (cfg.peers.refusal(&c), c)) {
+                Ok((Some(why), conn)) => {
+                    refused += 1;
+                    tracing::warn!(reason = %why, refused, "NBD connection refused");
+                    drop(conn);
+                }
+                Ok((None, Conn::Unix(s))) => {
                     let (r, w) = s.into_split();
                     spawn_conn(r, w, backend.clone(), cfg.clone())
                 }
-                Ok(Conn::Vsock(s)) => {
+                Ok((None, Conn::Vsock(s, _))) => {
                     spawn_conn(s.clone(), s, backend.clone(), cfg.clone())
                 }
-                Ok(Conn::Tcp(s)) => {
+                Ok((None, Conn::Tcp(s))) => {
                     let _ = s.set_nodelay(true);
                     let (r, w) = s.into_split();
                     spawn_conn(r, w, backend.clone(), cfg.clone())
@@ -206,14 +265,17 @@ pub async fn serve(
 enum Conn {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream),
-    Vsock(crate::vsock::VsockStream),
+    Vsock(crate::vsock::VsockStream, u32),
 }
 
 async fn accept(l: &Listener) -> std::io::Result<Conn> {
     match l {
         Listener::Unix(l, _) => Ok(Conn::Unix(l.accept().await?.0)),
         Listener::Tcp(l) => Ok(Conn::Tcp(l.accept().await?.0)),
-        Listener::Vsock(l) => Ok(Conn::Vsock(l.accept().await?)),
+        Listener::Vsock(l) => {
+            let (s, cid) = l.accept().await?;
+            Ok(Conn::Vsock(s, cid))
+        }
     }
 }
 

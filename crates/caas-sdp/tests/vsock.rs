@@ -22,7 +22,7 @@ fn vsock_listener_binds_and_bad_ports_are_clear_errors() {
             .arg(vol)
             .arg("--key-file")
             .arg(&key)
-            .args(["--vsock", port])
+            .args(["--vsock", port, "--vsock-peer-cid", "3"])
             .env("CAAS_LOG", "warn");
         c
     };
