@@ -12,7 +12,7 @@ use std::sync::Arc;
 pub enum DomcCommand {
     /// Run a crypto domain serving the Virtual Security Module (PKCS#11) on a UNIX socket,
     /// vsock and/or TCP+TLS.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Verify the hash chain of a crypto domain's audit log and print its entries as JSON lines.
     Audit(AuditArgs),
 }
@@ -113,7 +113,7 @@ pub struct AuditArgs {
 /// Runs a `caas domc` subcommand (blocking; `serve` runs until killed).
 pub fn run(cmd: DomcCommand) -> Result<(), Error> {
     match cmd {
-        DomcCommand::Serve(a) => serve(a),
+        DomcCommand::Serve(a) => serve(*a),
         DomcCommand::Audit(a) => {
             let entries = crate::audit::verify(&a.state_dir.join("audit.log"))?;
             for e in &entries {

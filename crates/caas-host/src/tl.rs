@@ -12,7 +12,10 @@
 //!    Algorithm 1) opened with the TPM — again only in the trusted PCR state.
 //! 6. The crypto domain started: a Secure Device Proxy process serving the image under k
 //!    (the key goes over a pipe, never in arguments, environment or files) and a VSM process
-//!    with the tenant's token; then the workload with τ and pk_DM injected.
+//!    with the tenant's token (its domain key generated in its own memory); then the
+//!    workload with τ and pk_DM injected (a 0600 file of the workload's identity, deleted
+//!    once read). All of them run under the workload's own identity
+//!    ([`crate::identity`]) in a 0700 run directory, and serve only it and the agent.
 //!
 //! The management API can launch, stop, list and attach; no route returns key material, a
 //! plaintext configuration or crypto-domain memory, and every call is recorded in the

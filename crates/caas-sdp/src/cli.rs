@@ -190,6 +190,9 @@ fn parse_ids(s: &str) -> Result<(u32, u32), String> {
     ))
 }
 
+/// Switches the process to UID:GID for good.
+pub type DropTo = fn(u32, u32) -> Result<(), String>;
+
 /// Process hardening of `caas volume serve`, supplied by the binary so that there is one
 /// implementation (`caas_domc::harden`): the proxy holds a volume key.
 #[derive(Debug, Clone, Copy, Default)]
@@ -198,7 +201,7 @@ pub struct Hardening {
     /// same user), RLIMIT_CORE 0, memory locked where permitted.
     pub harden: Option<fn() -> Result<(), String>>,
     /// Switches to UID:GID for good (`--run-as`).
-    pub drop_to: Option<fn(u32, u32) -> Result<(), String>>,
+    pub drop_to: Option<DropTo>,
 }
 
 /// Parses "4096", "64M", "1G", ...
