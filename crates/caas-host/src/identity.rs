@@ -236,6 +236,34 @@ mod tests {
         assert_eq!(unreachable_ancestor(&inner), None);
     }
 
+    /// Production refuses a launch whose identity could not reach its run directory; dev
+    /// falls back to the agent's identity.
+    #[test]
+    fn required_isolation_refuses_an_unreachable_run_dir() {
+        let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o700))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let run = t.path().join("run");
+        std::fs::create_dir(&run).unwrap_or_else(|e| panic!("{e}"));
+        let range = IdRange {
+            first: 290_100,
+            last: 290_199,
+        };
+        let strict = Identities::new(range, Isolation::Required, run.clone());
+        match strict.allocate() {
+            Err(Error::Isolation(m)) => assert!(
+                m.contains("own identity")
+                    && (m.contains("not run as root") || m.contains("traversable")),
+                "{m}"
+            ),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let dev = Identities::new(range, Isolation::BestEffort, run);
+        let id = dev.allocate().unwrap_or_else(|e| panic!("{e}"));
+        assert!(!id.own);
+        assert_eq!((id.uid, id.gid), agent_ids());
+    }
+
     #[test]
     fn identities_are_distinct_and_returned() {
         let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
