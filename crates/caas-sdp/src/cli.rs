@@ -155,6 +155,10 @@ pub struct ServeArgs {
     /// The PEM private key of --tls-cert (read from this file only).
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: clients must present a certificate issued by this CA (PEM); others fail
+    /// the handshake. Implies --tls-required.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Refuse clients that do not upgrade to TLS (NBD_REP_ERR_TLS_REQD); without it TLS
     /// is optional.
     #[arg(long, requires = "tls_cert")]
@@ -468,7 +472,14 @@ async fn serve_cmd(
     // proxy while it is still fetching the key).
     let _ = caas_crypto::random_bytes(1);
     let tls = match (&a.tls_cert, &a.tls_key) {
-        (Some(c), Some(k)) => Some(server::TlsSettings::from_pem_files(c, k, a.tls_required)?),
+        (Some(c), Some(k)) => Some(server::TlsSettings::from_pem_files_with_client_ca(
+            c,
+            k,
+            a.tls_client_ca.as_deref(),
+            // A client certificate is only asked for inside TLS: with mutual TLS, TLS is
+            // required, or a client could skip authentication by staying in the clear.
+            a.tls_required || a.tls_client_ca.is_some(),
+        )?),
         (None, None) => None,
         _ => {
             return Err(Error::Config("--tls-cert and --tls-key go together".into()));

@@ -10,7 +10,8 @@
 //! workload VM's CID. A refused connection is closed at once, logged with the reason and
 //! counted.
 //!
-//! TLS is optional (NBD_OPT_STARTTLS): the option haggling starts in the clear, the client
+//! TLS is optional (NBD_OPT_STARTTLS), with client certificates required when a client CA
+//! is given (`--tls-client-ca`, mutual TLS): the option haggling starts in the clear, the client
 //! asks for STARTTLS, both sides run a TLS 1.3 handshake (rustls, aws-lc-rs) over the same
 //! connection and option haggling continues encrypted. With `required`, every option
 //! except STARTTLS and ABORT is refused with NBD_REP_ERR_TLS_REQD before TLS.
@@ -112,6 +113,18 @@ impl TlsSettings {
     /// files and builds a TLS 1.3-only server configuration. Error messages name the file
     /// but never include key material.
     pub fn from_pem_files(cert: &Path, key: &Path, required: bool) -> Result<Self, Error> {
+        Self::from_pem_files_with_client_ca(cert, key, None, required)
+    }
+
+    /// [`TlsSettings::from_pem_files`]; with `client_ca` (PEM), mutual TLS: a client must
+    /// present a certificate chaining to that CA or its handshake fails (for a launched
+    /// workload: a CA of its launch, so no other workload's client is served).
+    pub fn from_pem_files_with_client_ca(
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+        required: bool,
+    ) -> Result<Self, Error> {
         use rustls::pki_types::pem::{self, PemObject};
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let pem_err = |what: &str, path: &Path, e: pem::Error| {
@@ -136,18 +149,38 @@ impl TlsSettings {
         let key_der =
             PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err("private key", key, e))?;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| Error::Config(format!("TLS: {e}")))?
-            .with_no_client_auth()
-            .with_single_cert(certs, key_der)
-            .map_err(|e| {
-                Error::Config(format!(
-                    "TLS certificate {} / private key {}: {e}",
-                    cert.display(),
-                    key.display()
-                ))
-            })?;
+            .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in
+                    CertificateDer::pem_file_iter(ca).map_err(|e| pem_err("client CA", ca, e))?
+                {
+                    roots
+                        .add(c.map_err(|e| pem_err("client CA", ca, e))?)
+                        .map_err(|e| {
+                            Error::Config(format!("TLS client CA {}: {e}", ca.display()))
+                        })?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| Error::Config(format!("TLS client CA {}: {e}", ca.display())))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let cfg = builder.with_single_cert(certs, key_der).map_err(|e| {
+            Error::Config(format!(
+                "TLS certificate {} / private key {}: {e}",
+                cert.display(),
+                key.display()
+            ))
+        })?;
         Ok(Self {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
             required,
