@@ -67,6 +67,10 @@ pub struct AgentStatus {
     pub bind_pcrs: Vec<u32>,
     /// Key service URL.
     pub key_service_url: String,
+    /// Whether the agent process is dumpable (core files, ptrace and /proc/PID/mem by its
+    /// user): false once hardened at start, since it unseals launch secrets.
+    #[serde(default)]
+    pub dumpable: bool,
 }
 
 /// The agent.
@@ -236,6 +240,7 @@ impl Agent {
             bind_key_name: name(&self.keys.bind_public),
             bind_pcrs: self.keys.bind_pcrs.clone(),
             key_service_url: self.cfg.key_service_url.clone(),
+            dumpable: nix::sys::prctl::get_dumpable().unwrap_or(true),
         }
     }
 

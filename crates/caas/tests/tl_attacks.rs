@@ -1140,9 +1140,10 @@ fn no_plaintext_key_on_host_disk_after_launch_and_after_agent_kill() {
 
 /// Every process that holds a key — the image's and the DBSP volume's Secure Device
 /// Proxies, the VSM crypto domain, and the host agent — has RLIMIT_CORE 0 and is not
-/// dumpable: a process of the same identity without CAP_SYS_PTRACE cannot read its
-/// /proc/PID/environ (while it can read a dumpable process's of that identity); the
-/// crypto-domain processes have their memory locked.
+/// dumpable: a process of the crypto domain's identity without CAP_SYS_PTRACE cannot read
+/// its /proc/PID/environ (while it can read a dumpable process's of that identity); the
+/// agent, root with every capability and so unobservable that way, reports
+/// PR_GET_DUMPABLE in its status. The crypto-domain processes have their memory locked.
 #[test]
 fn key_holding_processes_cannot_dump_core() {
     assert!(
@@ -1232,7 +1233,14 @@ fn key_holding_processes_cannot_dump_core() {
         assert!(locked > 0, "{what}: no locked memory");
     }
     // The host agent runs as root with every capability: no capability-less observer can
-    // read it whether it is dumpable or not, so only its core limit is observable here
-    // (PR_SET_DUMPABLE 0 is set by the same call, `caas_domc::harden::no_core_dumps`).
+    // read it whether it is dumpable or not, so it reports PR_GET_DUMPABLE itself.
     assert_eq!(core_limit(agent), "0 0", "host agent: core limit");
+    let st = c
+        .call(
+            "GET",
+            &format!("{}/v1/agent/status", c.agent("host-1")),
+            None,
+        )
+        .unwrap();
+    assert_eq!(st["dumpable"], json!(false), "host agent: {st}");
 }
