@@ -83,3 +83,28 @@ fn a_bad_vsock_address_is_a_clear_initialize_error() -> Result<()> {
     }
     Ok(())
 }
+
+/// A vsock listener serves only the workload VM's CID: `--vsock` without
+/// `--vsock-peer-cid` (which would serve any CID) is refused before anything starts.
+#[test]
+fn vsock_listener_needs_the_peer_cid() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = Command::new(env!("CARGO_BIN_EXE_caas-domc"))
+        .args([
+            "domc",
+            "serve",
+            "--ephemeral-key",
+            "--vsock",
+            "5000",
+            "--state-dir",
+        ])
+        .arg(dir.path())
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("--vsock-peer-cid"),
+        "{:?} {err}",
+        out.status
+    );
+    Ok(())
+}
