@@ -3,7 +3,7 @@
 
 use crate::domain::{Domain, DomainConfig};
 use crate::error::Error;
-use crate::keysource::{DomainKeySource, InheritedFd, KeyFile};
+use crate::keysource::{DomainKeySource, Ephemeral, InheritedFd, KeyFile};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use std::sync::Arc;
 pub enum DomcCommand {
     /// Run a crypto domain serving the Virtual Security Module (PKCS#11) on a UNIX socket,
     /// vsock and/or TCP+TLS.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Verify the hash chain of a crypto domain's audit log and print its entries as JSON lines.
     Audit(AuditArgs),
 }
@@ -26,15 +26,25 @@ pub struct ServeArgs {
     /// UNIX socket to serve on.
     #[arg(long, env = "CAAS_DOMC_SOCKET", required_unless_present_any = ["tcp", "vsock"])]
     pub socket: Option<PathBuf>,
-    /// Also (or only) serve on this vsock port (any CID), for workloads in VMs on this host
-    /// or a crypto domain in its own micro-VM; modules connect to `vsock:CID:PORT`. Binding
-    /// needs only AF_VSOCK; connections need a vsock transport (a hypervisor, or the
-    /// vsock_loopback module for CID 1): without one they time out after 2 s.
-    #[arg(long)]
+    /// Also (or only) serve on this vsock port, for workloads in VMs on this host or a
+    /// crypto domain in its own micro-VM; modules connect to `vsock:CID:PORT`. Only the peer
+    /// named by --vsock-peer-cid is served. Binding needs only AF_VSOCK; connections need a
+    /// vsock transport (a hypervisor, or the vsock_loopback module for CID 1): without one
+    /// they time out after 2 s.
+    #[arg(long, requires = "vsock_peer_cid")]
     pub vsock: Option<u32>,
+    /// The only vsock peer served: the workload VM's CID (others are refused and audited).
+    #[arg(long)]
+    pub vsock_peer_cid: Option<u32>,
+    /// UNIX-socket peers allowed besides the domain's own uid (checked with SO_PEERCRED on
+    /// every connection; refusals are audited). Repeatable; default 0 (root, which can
+    /// ptrace anything anyway). The host agent passes its own uid.
+    #[arg(long = "peer-uid", default_values_t = [0u32])]
+    pub peer_uids: Vec<u32>,
     /// Also (or only) serve TLS on this TCP address (HOST:PORT), e.g. when the crypto domain
-    /// runs as its own VM; needs --tls-cert and --tls-key.
-    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    /// runs as its own VM; needs --tls-cert, --tls-key and --tls-client-ca: clients must
+    /// authenticate (mutual TLS).
+    #[arg(long, requires_all = ["tls_cert", "tls_key", "tls_client_ca"])]
     pub tcp: Option<String>,
     /// TLS server certificate chain (PEM).
     #[arg(long)]
@@ -50,8 +60,13 @@ pub struct ServeArgs {
     #[arg(long)]
     pub key_fd: Option<i32>,
     /// Create STATE_DIR/domain.key (mode 0600) with a random key if it does not exist.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "key_fd")]
     pub create_key: bool,
+    /// Generate the domain key in memory and never store it: token objects do not survive
+    /// the process (launched workloads: the token is re-initialised at every launch, and no
+    /// domain key lies on the host's disk).
+    #[arg(long, conflicts_with_all = ["key_fd", "create_key"])]
+    pub ephemeral_key: bool,
     /// Number of slots (one token each).
     #[arg(long, default_value_t = 1)]
     pub slots: u64,
@@ -98,7 +113,7 @@ pub struct AuditArgs {
 /// Runs a `caas domc` subcommand (blocking; `serve` runs until killed).
 pub fn run(cmd: DomcCommand) -> Result<(), Error> {
     match cmd {
-        DomcCommand::Serve(a) => serve(a),
+        DomcCommand::Serve(a) => serve(*a),
         DomcCommand::Audit(a) => {
             let entries = crate::audit::verify(&a.state_dir.join("audit.log"))?;
             for e in &entries {
@@ -116,6 +131,7 @@ fn serve(a: ServeArgs) -> Result<(), Error> {
     std::fs::create_dir_all(&a.state_dir).map_err(Error::io("create", &a.state_dir))?;
     let key = match a.key_fd {
         Some(fd) => InheritedFd(fd).load()?,
+        None if a.ephemeral_key => Ephemeral.load()?,
         None => KeyFile::in_state_dir(&a.state_dir, a.create_key).load()?,
     };
     let cfg = DomainConfig {
@@ -130,15 +146,26 @@ fn serve(a: ServeArgs) -> Result<(), Error> {
     };
     let tls = match (&a.tcp, &a.tls_cert, &a.tls_key) {
         (Some(addr), Some(cert), Some(key)) => {
-            let cfg = crate::server::tls_config(cert, key, a.tls_client_ca.as_deref())?;
+            let ca = a.tls_client_ca.as_deref().ok_or_else(|| {
+                Error::Config("--tcp needs --tls-client-ca (clients must authenticate)".into())
+            })?;
+            let cfg = crate::server::tls_config(cert, key, Some(ca))?;
             let l = std::net::TcpListener::bind(addr)
                 .map_err(|e| Error::Config(format!("binding {addr}: {e}")))?;
             Some((l, cfg))
         }
         _ => None,
     };
-    let vsock = a.vsock.map(crate::vsock::VsockListener::bind).transpose()?;
-    let vsock_port = vsock.as_ref().and_then(|l| l.port().ok());
+    let vsock = match (a.vsock, a.vsock_peer_cid) {
+        (Some(port), Some(cid)) => Some((crate::vsock::VsockListener::bind(port)?, cid)),
+        (Some(_), None) => {
+            return Err(Error::Config(
+                "--vsock needs --vsock-peer-cid (the workload VM's CID)".into(),
+            ));
+        }
+        (None, _) => None,
+    };
+    let vsock_port = vsock.as_ref().and_then(|(l, _)| l.port().ok());
     let mut owned: Vec<&std::path::Path> = vec![a.state_dir.as_path()];
     if let Some(p) = &a.socket {
         owned.push(p);
@@ -159,7 +186,7 @@ fn serve(a: ServeArgs) -> Result<(), Error> {
             .map(|t| format!(" tls://{t}"))
             .unwrap_or_default(),
         vsock_port
-            .map(|p| format!(" vsock:*:{p}"))
+            .map(|p| format!(" vsock:{}:{p}", a.vsock_peer_cid.unwrap_or_default()))
             .unwrap_or_default(),
         a.state_dir.display(),
         if a.allow_legacy_rsa_1024 {
@@ -174,14 +201,17 @@ fn serve(a: ServeArgs) -> Result<(), Error> {
         let d = domain.clone();
         servers.push(Box::new(move || crate::server::serve_tls(d, t, cfg)));
     }
-    if let Some(v) = vsock {
+    if let Some((v, cid)) = vsock {
         let d = domain.clone();
-        servers.push(Box::new(move || crate::server::serve_vsock(d, v)));
+        servers.push(Box::new(move || crate::server::serve_vsock(d, v, cid)));
     }
     if let Some(l) = listener {
         let d = domain.clone();
+        let policy = crate::server::PeerPolicy {
+            uids: a.peer_uids.clone(),
+        };
         servers.push(Box::new(move || {
-            if let Err(e) = crate::server::serve(d, l) {
+            if let Err(e) = crate::server::serve(d, l, policy) {
                 tracing::error!(error = %e, "UNIX socket server stopped");
             }
         }));

@@ -75,6 +75,8 @@ pub struct Domain {
     handles: AtomicU64,
     sessions: AtomicU64,
     audit: Arc<AuditLog>,
+    /// Connections refused by the peer policy.
+    refused: AtomicU64,
     /// `--allow-legacy-rsa-1024`: 1024-bit RSA keys may be generated, imported and used.
     legacy_rsa_1024: bool,
 }
@@ -153,6 +155,7 @@ impl Domain {
                 log.start_flusher();
                 log
             },
+            refused: AtomicU64::new(0),
             legacy_rsa_1024: false,
         })
     }
@@ -266,6 +269,28 @@ impl Domain {
     /// Who the application is on `slot` (decides which attributes it may set).
     fn role(&self, app: &App, slot: u64) -> Role {
         Role::of(self.user(app, slot))
+    }
+
+    /// A connection refused before its first frame (a peer-credential or CID mismatch):
+    /// counted, logged, and written through to the audit log as `Connect` with
+    /// CKR_FUNCTION_REJECTED and the reason (`transport`, `why`: no secret in either).
+    pub fn refuse_peer(&self, transport: &str, why: &str) {
+        let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!(transport, reason = why, refused = n, "connection refused");
+        self.audit.record(Record {
+            app: [0; 16],
+            op: "Connect",
+            slot: 0,
+            object: format!("{transport}: {why}"),
+            mechanism: None,
+            rv: cryptoki_sys::CKR_FUNCTION_REJECTED,
+        });
+    }
+
+    /// Connections refused so far ([`Domain::refuse_peer`]).
+    #[must_use]
+    pub fn refused_connections(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// Looks up an object visible to this application in the session's token.

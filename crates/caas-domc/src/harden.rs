@@ -22,14 +22,22 @@ pub struct Report {
     pub seccomp: bool,
 }
 
+/// No core file and no ptrace or `/proc/PID/mem` access by processes of the same user:
+/// PR_SET_DUMPABLE 0 and RLIMIT_CORE 0. Every process that holds a key applies it before the
+/// key arrives: the crypto domain and the Secure Device Proxy (through [`harden`]) and the
+/// host agent (at start, it unseals launch secrets).
+pub fn no_core_dumps() -> Result<(), Error> {
+    nix::sys::prctl::set_dumpable(false)
+        .map_err(|e| Error::Harden(format!("PR_SET_DUMPABLE: {e}")))?;
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
+        .map_err(|e| Error::Harden(format!("RLIMIT_CORE: {e}")))
+}
+
 /// Applies the process hardening (before any key is loaded).
 pub fn harden(seccomp: bool) -> Result<Report, Error> {
     let mut r = Report::default();
-    nix::sys::prctl::set_dumpable(false)
-        .map_err(|e| Error::Harden(format!("PR_SET_DUMPABLE: {e}")))?;
+    no_core_dumps()?;
     r.not_dumpable = true;
-    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
-        .map_err(|e| Error::Harden(format!("RLIMIT_CORE: {e}")))?;
     r.no_core = true;
     use nix::sys::mman::{MlockAllFlags, mlockall};
     match mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE) {

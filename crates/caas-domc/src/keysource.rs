@@ -1,6 +1,9 @@
 //! Where the crypto domain's 32-byte key (which seals token objects at rest) comes from,
-//! behind [`DomainKeySource`]: a 0600 key file in the state directory, or an inherited file
-//! descriptor. Never argv or environment. (Issue 6 adds a TPM-sealed source.)
+//! behind [`DomainKeySource`]: a 0600 key file in the state directory (standalone domains),
+//! an inherited file descriptor, or [`Ephemeral`]: a fresh key that exists only in the
+//! domain's (locked, non-dumpable) memory — what the host agent uses for a launched
+//! workload's domain, whose token is re-initialised from the sealed configuration at every
+//! launch, so no domain key ever lies on the host's disk. Never argv or environment.
 
 use crate::Error;
 use std::io::Read;
@@ -106,6 +109,19 @@ impl DomainKeySource for KeyFile {
     }
 }
 
+/// A fresh random key generated in memory and never written anywhere: token objects sealed
+/// under it are unreadable once the process ends.
+#[derive(Debug, Clone, Copy)]
+pub struct Ephemeral;
+
+impl DomainKeySource for Ephemeral {
+    fn load(&self) -> Result<DomainKey, Error> {
+        let mut key = DomainKey::new([0u8; 32]);
+        aws_lc_rs::rand::fill(&mut key.0[..]).map_err(|_| Error::DomainKey("rng".into()))?;
+        Ok(key)
+    }
+}
+
 /// A key passed by the parent on an inherited file descriptor (read once, then closed).
 #[derive(Debug, Clone, Copy)]
 pub struct InheritedFd(pub i32);
@@ -126,6 +142,19 @@ impl DomainKeySource for InheritedFd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ephemeral_keys_are_fresh_and_never_written() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(Error::io("tempdir", "/tmp"))?;
+        let (a, b) = (Ephemeral.load()?, Ephemeral.load()?);
+        assert_ne!(a.expose(), b.expose());
+        assert_ne!(a.expose(), &[0u8; 32]);
+        let files = std::fs::read_dir(dir.path())
+            .map_err(Error::io("read dir", dir.path()))?
+            .count();
+        assert_eq!(files, 0);
+        Ok(())
+    }
 
     #[test]
     fn key_file_created_0600_and_reloaded() -> Result<(), Error> {

@@ -3,6 +3,12 @@
 //! CPU-bound and blocking; one thread per pooled module connection lets calls on different
 //! connections run in parallel). Each connection starts with `Hello`; a malformed frame
 //! closes that connection only.
+//!
+//! Who may connect is checked before a single byte is read ([`PeerPolicy`]): on the UNIX
+//! socket the kernel's peer credentials (SO_PEERCRED) must name the domain's own uid (the
+//! workload's identity when the host agent launched it) or an allowed uid (the agent's);
+//! on vsock the peer's CID must be the workload VM's; TCP requires a client certificate
+//! (mutual TLS). Every refusal is written to the audit log ([`Domain::refuse_peer`]).
 
 use crate::domain::Domain;
 use crate::error::Error;
@@ -27,11 +33,46 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, Error> {
     Ok(l)
 }
 
-/// Serves connections forever.
-pub fn serve(domain: Arc<Domain>, listener: UnixListener) -> Result<(), Error> {
+/// Who may connect to the domain.
+#[derive(Debug, Clone, Default)]
+pub struct PeerPolicy {
+    /// UNIX-socket peers allowed besides the domain's own effective uid (SO_PEERCRED).
+    pub uids: Vec<u32>,
+}
+
+impl PeerPolicy {
+    /// Whether a UNIX-socket peer with `uid` may connect (own effective uid or listed).
+    #[must_use]
+    pub fn allows_uid(&self, uid: u32) -> bool {
+        uid == nix::unistd::geteuid().as_raw() || self.uids.contains(&uid)
+    }
+}
+
+/// The uid of a UNIX-socket peer, as the kernel recorded it at connect time.
+///
+/// # Errors
+/// The OS error of getsockopt(SO_PEERCRED).
+pub fn peer_uid(stream: &UnixStream) -> std::io::Result<u32> {
+    let c = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)?;
+    Ok(c.uid())
+}
+
+/// Serves connections forever, each only if `policy` allows its peer.
+pub fn serve(domain: Arc<Domain>, listener: UnixListener, policy: PeerPolicy) -> Result<(), Error> {
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
+                match peer_uid(&stream) {
+                    Ok(uid) if policy.allows_uid(uid) => {}
+                    Ok(uid) => {
+                        domain.refuse_peer("unix", &format!("uid {uid} not allowed"));
+                        continue;
+                    }
+                    Err(e) => {
+                        domain.refuse_peer("unix", &format!("no peer credentials ({e})"));
+                        continue;
+                    }
+                }
                 let d = domain.clone();
                 let spawned = std::thread::Builder::new()
                     .name("vsm-conn".into())
@@ -79,11 +120,16 @@ pub fn serve_conn(domain: &Domain, stream: UnixStream) {
     serve_stream(domain, &mut s);
 }
 
-/// Serves vsock connections forever.
-pub fn serve_vsock(domain: Arc<Domain>, listener: crate::vsock::VsockListener) {
+/// Serves vsock connections forever; only the peer with CID `peer_cid` (the workload's VM)
+/// is served.
+pub fn serve_vsock(domain: Arc<Domain>, listener: crate::vsock::VsockListener, peer_cid: u32) {
     loop {
         let stream = match listener.accept() {
-            Ok(s) => s,
+            Ok((s, cid)) if cid == peer_cid => s,
+            Ok((_, cid)) => {
+                domain.refuse_peer("vsock", &format!("CID {cid} is not {peer_cid}"));
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "vsock accept failed");
                 // Do not spin on a persistent failure (e.g. out of descriptors).

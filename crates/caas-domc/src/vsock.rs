@@ -2,7 +2,7 @@
 //! workload VM reaching the crypto domain on its host, without a network stack. The domain
 //! listens on `VMADDR_CID_ANY:PORT` (`caas domc serve --vsock PORT`); the PKCS#11 module
 //! connects to `vsock:CID:PORT`. The stream carries exactly the same frames as the UNIX
-//! socket. Note: a host without a vsock transport driver (no VM around, no `vsock_loopback`)
+//! socket; the server serves only the peer CID it was told (`--vsock-peer-cid`). Note: a host without a vsock transport driver (no VM around, no `vsock_loopback`)
 //! can still bind and listen, but connections to it time out.
 
 use crate::error::Error;
@@ -54,14 +54,18 @@ impl VsockListener {
         Ok(a.port())
     }
 
-    /// Waits for the next connection.
+    /// Waits for the next connection; returns it with the peer's CID.
     ///
     /// # Errors
-    /// The OS error of accept.
-    pub fn accept(&self) -> std::io::Result<VsockStream> {
+    /// The OS error of accept or getpeername.
+    pub fn accept(&self) -> std::io::Result<(VsockStream, u32)> {
         loop {
             match accept4(self.0.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
-                Ok(fd) => return Ok(VsockStream(owned(fd))),
+                Ok(fd) => {
+                    let s = VsockStream(owned(fd));
+                    let peer: VsockAddr = nix::sys::socket::getpeername(s.0.as_raw_fd())?;
+                    return Ok((s, peer.cid()));
+                }
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(e.into()),
             }

@@ -226,3 +226,22 @@ fn module_reaches_the_domain_over_mutual_tls() -> Result<()> {
     }
     Ok(())
 }
+
+/// The VSM's TCP+TLS listener authenticates its clients: `--tcp` without
+/// `--tls-client-ca` (server-only TLS) is refused before anything starts.
+#[test]
+fn tcp_listener_needs_client_authentication() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_caas-domc"))
+        .args(["domc", "serve", "--ephemeral-key", "--tcp", "127.0.0.1:0"])
+        .args(["--tls-cert", "c.pem", "--tls-key", "k.pem", "--state-dir"])
+        .arg(dir.path())
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("--tls-client-ca"),
+        "{:?} {err}",
+        out.status
+    );
+    Ok(())
+}

@@ -25,7 +25,10 @@ fn domain_binds_its_vsock_listener_beside_the_unix_socket() -> Result<()> {
         return Ok(());
     }
     let port = test_port();
-    let dom = Dom::start_initialised("vsock", &["--vsock", &port.to_string()])?;
+    let dom = Dom::start_initialised(
+        "vsock",
+        &["--vsock", &port.to_string(), "--vsock-peer-cid", "1"],
+    )?;
     // The domain holds the port: a second listener cannot bind it.
     let e = caas_domc::vsock::VsockListener::bind(port)
         .err()
@@ -78,5 +81,30 @@ fn a_bad_vsock_address_is_a_clear_initialize_error() -> Result<()> {
             "{bad}: {err}"
         );
     }
+    Ok(())
+}
+
+/// A vsock listener serves only the workload VM's CID: `--vsock` without
+/// `--vsock-peer-cid` (which would serve any CID) is refused before anything starts.
+#[test]
+fn vsock_listener_needs_the_peer_cid() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = Command::new(env!("CARGO_BIN_EXE_caas-domc"))
+        .args([
+            "domc",
+            "serve",
+            "--ephemeral-key",
+            "--vsock",
+            "5000",
+            "--state-dir",
+        ])
+        .arg(dir.path())
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("--vsock-peer-cid"),
+        "{:?} {err}",
+        out.status
+    );
     Ok(())
 }

@@ -67,6 +67,10 @@ pub struct AgentStatus {
     pub bind_pcrs: Vec<u32>,
     /// Key service URL.
     pub key_service_url: String,
+    /// Whether the agent process is dumpable (core files, ptrace and /proc/PID/mem by its
+    /// user): false once hardened at start, since it unseals launch secrets.
+    #[serde(default)]
+    pub dumpable: bool,
 }
 
 /// The agent.
@@ -95,6 +99,9 @@ fn bank(h: HashAlg) -> Result<PcrBank, Error> {
 impl Agent {
     /// Opens the TPM and loads (or creates and stores) the AK and bind key.
     pub async fn new(cfg: AgentConfig) -> Result<Self, Error> {
+        // The agent unseals launch secrets (k, DK_i, τ, token PINs): no core file, no ptrace
+        // or /proc/PID/mem by processes of its user (the crypto domain's implementation).
+        caas_domc::harden::no_core_dumps().map_err(|e| Error::Config(format!("hardening: {e}")))?;
         let tpm = TpmHandle::open(&cfg.tcti)?;
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(Error::io(format!("create {}", cfg.state_dir.display())))?;
@@ -233,6 +240,7 @@ impl Agent {
             bind_key_name: name(&self.keys.bind_public),
             bind_pcrs: self.keys.bind_pcrs.clone(),
             key_service_url: self.cfg.key_service_url.clone(),
+            dumpable: nix::sys::prctl::get_dumpable().unwrap_or(true),
         }
     }
 
@@ -332,11 +340,15 @@ impl IntoResponse for ApiError {
             }
             Error::Attest(_) => StatusCode::BAD_GATEWAY,
             Error::Tpm(t) if t.is_policy_failure() => StatusCode::FORBIDDEN,
-            Error::Tpm(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Tpm(_) | Error::Isolation(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let message = match &self.0 {
             Error::Config(_) | Error::Io { .. } => "internal error".to_string(),
+            Error::Isolation(_) => {
+                "a workload cannot get an identity of its own on this host (see the agent log)"
+                    .to_string()
+            }
             e => e.to_string(),
         };
         (

@@ -35,6 +35,9 @@ pub enum HostCommand {
         /// Agent config file (TOML).
         #[arg(long, env = "CAAS_HOST_CONFIG")]
         config: PathBuf,
+        /// Workload identities FIRST-LAST (overrides the config's `workload_ids`).
+        #[arg(long, value_name = "FIRST-LAST")]
+        workload_ids: Option<String>,
     },
     /// List hosts known to the key service: state, profile, trust and last verdict.
     List(KeyServiceArgs),
@@ -124,8 +127,14 @@ fn read_profile(file: &PathBuf) -> anyhow::Result<SecurityProfile> {
 pub async fn run_host(cmd: HostCommand) -> anyhow::Result<i32> {
     let http = HttpClient::default();
     match cmd {
-        HostCommand::Serve { config } => {
-            let cfg = crate::config::load(&config)?;
+        HostCommand::Serve {
+            config,
+            workload_ids,
+        } => {
+            let mut cfg = crate::config::load(&config)?;
+            if let Some(ids) = workload_ids {
+                cfg.workload_ids = ids.parse()?;
+            }
             crate::agent::serve(cfg).await?;
         }
         HostCommand::List(ks) => {

@@ -41,10 +41,69 @@ pub struct RawConfig {
     /// the key service once and pins them in `state_dir` (trust on first use).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttp_public_key: Option<String>,
+    /// Where each workload gets its run directory (sockets, its crypto domain's state);
+    /// every ancestor must be traversable (o+x) by the workload identities. Default:
+    /// `<state_dir>/run`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_dir: Option<PathBuf>,
+    /// Identities of launched workloads, `FIRST-LAST`: when the agent runs as root, each
+    /// workload's crypto-domain processes and the workload itself run under a uid (= gid)
+    /// of its own from this range, in a 0700 run directory owned by it.
+    #[serde(default = "default_workload_ids")]
+    pub workload_ids: String,
+    /// `required` (default, production): a launch is refused unless the workload gets its
+    /// own identity. `best-effort` (dev): without root (or with an unreachable run
+    /// directory) workloads share the agent's identity, with a printed warning.
+    #[serde(default)]
+    pub isolation: Isolation,
     /// Dev/test hosts only: allow `POST /v1/agent/dev/measure` (extend a PCR with a runtime
     /// measurement, standing for a host whose state changes after enrollment).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dev_measure: bool,
+}
+
+/// Whether a launch needs its own workload identity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Isolation {
+    /// Refuse a launch that cannot get its own uid (production).
+    #[default]
+    Required,
+    /// Fall back to the agent's identity with a warning (dev).
+    BestEffort,
+}
+
+/// A range of uids (used as gids too) for workload identities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdRange {
+    /// First id.
+    pub first: u32,
+    /// Last id (inclusive).
+    pub last: u32,
+}
+
+impl std::str::FromStr for IdRange {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let bad = || {
+            Error::Config(format!(
+                "workload_ids '{s}': expected FIRST-LAST, 1000 ≤ FIRST ≤ LAST < 2^31"
+            ))
+        };
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let (first, last): (u32, u32) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
+        if first < 1000 || first > last || last >= 1 << 31 {
+            return Err(bad());
+        }
+        Ok(Self { first, last })
+    }
+}
+
+fn default_workload_ids() -> String {
+    "200000-299999".into()
 }
 
 fn default_tcti() -> String {
@@ -90,6 +149,12 @@ pub struct AgentConfig {
     pub ttp_public_key: Option<caas_tl::TtpPublic>,
     /// Whether the dev measurement route is enabled.
     pub dev_measure: bool,
+    /// Parent of the workloads' run directories.
+    pub run_dir: PathBuf,
+    /// Workload identities.
+    pub workload_ids: IdRange,
+    /// Whether a launch needs its own identity.
+    pub isolation: Isolation,
 }
 
 impl RawConfig {
@@ -140,7 +205,15 @@ impl RawConfig {
             .storage_dir
             .clone()
             .unwrap_or_else(|| self.state_dir.join("storage"));
+        let workload_ids: IdRange = self.workload_ids.parse()?;
+        let run_dir = self
+            .run_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("run"));
         Ok(AgentConfig {
+            run_dir,
+            workload_ids,
+            isolation: self.isolation,
             storage_dir,
             ttp_public_key,
             dev_measure: self.dev_measure,
@@ -192,6 +265,15 @@ mod tests {
             Err("ak_algorithm"),
         );
         check(&format!("{base}bind_pcrs = [30]\n"), Err("bind_pcrs"));
+        check(&format!("{base}workload_ids = \"5000-6000\"\n"), Ok(()));
+        for bad in ["6000-5000", "10-20", "x-y", "5000"] {
+            check(
+                &format!("{base}workload_ids = \"{bad}\"\n"),
+                Err("workload_ids"),
+            );
+        }
+        check(&format!("{base}isolation = \"best-effort\"\n"), Ok(()));
+        check(&format!("{base}isolation = \"none\"\n"), Err("isolation"));
         check(include_str!("../agent.example.toml"), Ok(()));
         check(
             "name = \"bad name\"\nkey_service_url = \"http://x\"\nstate_dir = \"/x\"\n",

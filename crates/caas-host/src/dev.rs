@@ -114,6 +114,11 @@ impl DevHosts {
                 storage_dir: Some(dir.join("storage")),
                 ttp_public_key: None,
                 dev_measure: true,
+                run_dir: None,
+                workload_ids: "200000-299999".into(),
+                // As root, dev hosts isolate workloads as production does; otherwise they
+                // fall back to the agent's identity with a warning.
+                isolation: crate::config::Isolation::BestEffort,
             };
             let toml = toml::to_string(&raw).map_err(|e| Error::Config(e.to_string()))?;
             std::fs::write(&config_path, toml)

@@ -27,6 +27,10 @@ pub enum Error {
     /// A crypto domain or workload could not be started or reached.
     #[error("crypto domain: {0}")]
     Domain(String),
+    /// A workload cannot get an identity of its own (isolation required, or the range is
+    /// exhausted).
+    #[error("workload isolation: {0}")]
+    Isolation(String),
     /// Invalid request to the agent API.
     #[error("invalid request: {0}")]
     InvalidRequest(String),

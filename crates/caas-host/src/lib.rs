@@ -1,5 +1,5 @@
 //! caas-host: the host agent (the only holder of a compute host's TPM), its configuration,
-//! the dev hosts' measured boot step, simulated dev hosts for `caas dev`, and the CLI for
+//! the dev hosts' measured boot step, workload identities, simulated dev hosts for `caas dev`, and the CLI for
 //! `caas host ...`, `caas attest HOST` and `caas profile ...`.
 
 pub mod agent;
@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod error;
+pub mod identity;
 pub mod tl;
 
 pub use error::Error;

@@ -14,7 +14,10 @@
 //!    owner's H2 in its AAD; its owner must be m2's H2 and its H1 the image's.
 //! 6. The crypto domain started: a Secure Device Proxy process serving the image under k
 //!    (the key goes over a pipe, never in arguments, environment or files) and a VSM process
-//!    with the tenant's token; then the workload with τ and pk_DM injected.
+//!    with the tenant's token (its domain key generated in its own memory); then the
+//!    workload with τ and pk_DM injected (a 0600 file of the workload's identity, deleted
+//!    once read). All of them run under the workload's own identity
+//!    ([`crate::identity`]) in a 0700 run directory, and serve only it and the agent.
 //!
 //! The management API can launch, stop, list and attach; no route returns key material, a
 //! plaintext configuration or crypto-domain memory, and every call is recorded in the
@@ -23,6 +26,7 @@
 use crate::agent::Agent;
 use crate::config::AgentConfig;
 use crate::error::Error;
+use crate::identity::{Identities, Identity, RunAs, agent_ids};
 use caas_crypto::SecretKey;
 use caas_tl::crypto::{ak_nonce, split_bind_sealed};
 use caas_tl::wire::{self, AkSigned, AttestRequest, LaunchCall, Meta, Signed, label};
@@ -48,6 +52,7 @@ pub struct TlHost {
     storage: PathBuf,
     run_dir: PathBuf,
     ttp_pin_file: PathBuf,
+    ids: Identities,
     /// The last revocation accepted (its sequence number), kept in `revocation.json`.
     revocation: std::sync::Mutex<RevocationState>,
 }
@@ -180,6 +185,9 @@ struct Workload {
     volumes: Vec<AttachedVolume>,
     started_ms: u64,
     dir: PathBuf,
+    /// The identity its crypto domain and the workload run under (returned when dropped,
+    /// after the processes are stopped).
+    identity: Identity,
 }
 
 impl std::fmt::Debug for Workload {
@@ -404,9 +412,15 @@ fn ms(t: Instant) -> f64 {
 impl TlHost {
     /// State for `cfg`.
     pub fn new(cfg: &AgentConfig) -> Result<Self, Error> {
-        let run_dir = cfg.state_dir.join("run");
+        let run_dir = cfg.run_dir.clone();
         std::fs::create_dir_all(&run_dir)
             .map_err(Error::io(format!("create {}", run_dir.display())))?;
+        // Workload identities traverse it to their own 0700 directories; nobody lists it.
+        if nix::unistd::geteuid().is_root() {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o711))
+                .map_err(Error::io(format!("chmod {}", run_dir.display())))?;
+        }
         let ttp_pin_file = cfg.state_dir.join("ttp.pub");
         let pinned = match &cfg.ttp_public_key {
             Some(p) => Some(p.clone()),
@@ -420,6 +434,7 @@ impl TlHost {
             workloads: tokio::sync::Mutex::new(HashMap::new()),
             audit: std::sync::Mutex::new(AuditLog::open(cfg.state_dir.join("audit.jsonl"))),
             storage: cfg.storage_dir.clone(),
+            ids: Identities::new(cfg.workload_ids, cfg.isolation, run_dir.clone()),
             run_dir,
             ttp_pin_file,
             revocation: std::sync::Mutex::new(RevocationState::load(&cfg.state_dir)),
@@ -468,6 +483,7 @@ pub fn error_code(e: &Error) -> &str {
         Error::Tpm(_) => "tpm_error",
         Error::InvalidRequest(_) => "invalid_request",
         Error::Domain(_) => "crypto_domain_error",
+        Error::Isolation(_) => "isolation_unavailable",
         Error::Config(_) | Error::Io { .. } => "internal",
     }
 }
@@ -517,11 +533,13 @@ async fn wait_for_socket(path: &Path, proc: &mut Proc, timeout: Duration) -> Res
 }
 
 /// Starts a Secure Device Proxy process for `volume` on `socket`; it waits for its key on
-/// the returned stdin pipe (never in arguments, environment or files).
+/// the returned stdin pipe (never in arguments, environment or files), then switches to
+/// the workload's identity `id` and serves only it and the agent.
 fn spawn_sdp_unkeyed(
     volume: &Path,
     socket: &Path,
     read_only: bool,
+    id: RunAs,
 ) -> Result<(Proc, std::process::ChildStdin), Error> {
     let _ = std::fs::remove_file(socket);
     let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&caas_exe()?);
@@ -532,9 +550,13 @@ fn spawn_sdp_unkeyed(
         .arg(socket)
         .arg("--key-file")
         .arg("/dev/stdin")
-        .args(read_only.then_some("--read-only"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null());
+        .arg("--peer-uid")
+        .arg(agent_ids().0.to_string())
+        .args(read_only.then_some("--read-only"));
+    if id.own {
+        cmd.arg("--run-as").arg(format!("{}:{}", id.uid, id.gid));
+    }
+    cmd.stdin(Stdio::piped()).stdout(Stdio::null());
     let mut child = cmd
         .spawn()
         .map_err(Error::io("start the Secure Device Proxy"))?;
@@ -573,8 +595,9 @@ async fn spawn_sdp(
     socket: &Path,
     key: &SecretKey,
     read_only: bool,
+    id: RunAs,
 ) -> Result<Proc, Error> {
-    let (proc, stdin) = spawn_sdp_unkeyed(volume, socket, read_only)?;
+    let (proc, stdin) = spawn_sdp_unkeyed(volume, socket, read_only, id)?;
     key_sdp(proc, stdin, key, socket).await
 }
 
@@ -595,26 +618,29 @@ impl Prestart {
 }
 
 /// Starts the tenant's crypto domain without keys: the image's Secure Device Proxy (waiting
-/// for k) and the VSM process (its token not yet initialised).
-async fn prestart(dir: &Path, image: &Path, read_only: bool) -> Result<Prestart, Error> {
+/// for k) and the VSM process (its token not yet initialised; its domain key is generated
+/// in its own memory and never stored), both under the workload's identity `id`.
+async fn prestart(dir: &Path, image: &Path, read_only: bool, id: RunAs) -> Result<Prestart, Error> {
     let disk_sock = dir.join("disk.sock");
     let vsm_sock = dir.join("vsm.sock");
-    let (mut sdp, sdp_stdin) = spawn_sdp_unkeyed(image, &disk_sock, read_only)?;
+    let (mut sdp, sdp_stdin) = spawn_sdp_unkeyed(image, &disk_sock, read_only, id)?;
     let state = dir.join("domc");
     let vsm = (|| {
         std::fs::create_dir_all(&state).map_err(Error::io("create crypto-domain state"))?;
         let _ = std::fs::remove_file(&vsm_sock);
-        let (uid, gid) = process_ids();
-        let ids = format!("{uid}:{gid}");
+        let ids = format!("{}:{}", id.uid, id.gid);
+        let agent_uid = agent_ids().0.to_string();
         let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&caas_exe()?);
         cmd.args([
             "domc",
             "serve",
-            "--create-key",
+            "--ephemeral-key",
             "--socket-mode",
             "600",
             "--run-as",
             &ids,
+            "--peer-uid",
+            &agent_uid,
         ])
         .arg("--state-dir")
         .arg(&state)
@@ -695,26 +721,34 @@ async fn finish_domain(pre: Prestart, cfg: &caas_tl::dm::DomcConfig) -> Result<V
     }
 }
 
-/// Effective uid/gid (the crypto domain runs as the agent's user in dev; a root agent
-/// would pass a dedicated account).
-fn process_ids() -> (u32, u32) {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata("/proc/self").map_or((0, 0), |m| (m.uid(), m.gid()))
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+/// Writes a 0600 file; with `owner`, a new file (a planted symlink cannot redirect it)
+/// handed to that identity through the descriptor before any byte is written.
+fn write_private_owned(path: &Path, bytes: &[u8], owner: Option<RunAs>) -> Result<(), Error> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).mode(0o600);
+    match owner {
+        Some(_) => {
+            let _ = std::fs::remove_file(path);
+            o.create_new(true)
+        }
+        None => o.create(true).truncate(true),
+    };
+    let mut f = o
         .open(path)
         .map_err(Error::io(format!("create {}", path.display())))?;
+    if let Some(id) = owner {
+        std::os::unix::fs::fchown(&f, Some(id.uid), Some(id.gid))
+            .map_err(Error::io(format!("chown {}", path.display())))?;
+    }
     f.write_all(bytes)
         .map_err(Error::io(format!("write {}", path.display())))?;
     f.sync_all()
         .map_err(Error::io(format!("sync {}", path.display())))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    write_private_owned(path, bytes, None)
 }
 
 /// Writes the workload's spec, injected secrets and PIN file, starts it through its driver
@@ -729,12 +763,17 @@ async fn start_workload(
     driver: &str,
     injected: &caas_workload::InjectedSecrets,
     user_pin: &str,
+    id: RunAs,
 ) -> Result<(Proc, String), Error> {
     let wl = |e: caas_workload::Error| Error::Domain(format!("workload: {e}"));
+    // τ, pk_DM and the PIN: 0600 files of the workload's identity only, which it deletes
+    // once read (the agent removes what is left once the workload is ready).
+    let owner = id.own.then_some((id.uid, id.gid));
     let inject = dir.join("inject.json");
-    injected.write_to(&inject).map_err(wl)?;
+    let _ = std::fs::remove_file(&inject);
+    injected.write_to_owned(&inject, owner).map_err(wl)?;
     let pin_file = dir.join("user.pin");
-    write_private(&pin_file, user_pin.as_bytes())?;
+    write_private_owned(&pin_file, user_pin.as_bytes(), id.own.then_some(id))?;
     let ready = dir.join("ready");
     let spec = caas_workload::WorkloadSpec {
         vm_id: vm_id.to_string(),
@@ -752,14 +791,21 @@ async fn start_workload(
     use caas_workload::driver::{Driver, ProcessDriver, QemuDriver};
     let driver: Box<dyn Driver> = match driver {
         "qemu" => Box::new(QemuDriver::new(dir.to_path_buf())),
-        _ => Box::new(ProcessDriver::new(
-            PathBuf::from(caas_exe()?),
-            dir.to_path_buf(),
-        )),
+        _ => {
+            let d = ProcessDriver::new(PathBuf::from(caas_exe()?), dir.to_path_buf());
+            Box::new(match owner {
+                Some((uid, gid)) => d.owned_by(uid, gid),
+                None => d,
+            })
+        }
     };
     let program = driver.program().map_err(wl)?;
     let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&program.display().to_string());
     cmd.stdout(Stdio::null());
+    if let Some((uid, gid)) = owner {
+        use std::os::unix::process::CommandExt as _;
+        cmd.uid(uid).gid(gid);
+    }
     let mut handle = driver.start(&spec, cmd).map_err(wl)?;
     let (handle, addr) = tokio::task::spawn_blocking(move || {
         let r = handle.wait_ready(Duration::from_secs(60));
@@ -773,6 +819,7 @@ async fn start_workload(
     };
     // The workload has read its PIN and τ: neither stays on the host's disk.
     let _ = std::fs::remove_file(dir.join("user.pin"));
+    let _ = std::fs::remove_file(dir.join("inject.json"));
     match addr {
         Ok(a) => Ok((p, a.to_string())),
         Err(e) => {
@@ -874,10 +921,11 @@ impl Agent {
         // The TL protocol runs while the crypto-domain processes start (they get no key
         // until the protocol has succeeded, and are killed if it fails).
         let image = TlHost::image_dir(&self.tl.storage, &call.image_id).join("image.caasvol");
-        let dir = self.fresh_dir(&call.vm_id)?;
+        let id = self.tl.ids.allocate()?;
+        let dir = self.fresh_dir(&call.vm_id, id.run_as())?;
         let t = Instant::now();
         let (tl, pre) = tokio::join!(self.tl_protocol(call, &req, &image, &sealed_cfg), async {
-            let r = prestart(&dir, &image, true).await;
+            let r = prestart(&dir, &image, true, id.run_as()).await;
             (r, ms(t))
         });
         let (pre, pre_ms) = pre;
@@ -899,7 +947,7 @@ impl Agent {
         timings.push(("crypto domain keyed (k, token)".to_string(), ms(t)));
         self.run_workload(
             call, &req.sp, &m2.h2, &req.r, &m2.dk, &m2.tau, &req.pk_dm, driver, &cfg, dir, procs,
-            now, timings,
+            now, timings, id,
         )
         .await
     }
@@ -916,14 +964,15 @@ impl Agent {
         let now = caas_attest::now_ms();
         let driver = self.check_new_workload(call).await?;
         let image = TlHost::image_dir(&self.tl.storage, &call.image_id).join("image.caasvol");
-        let dir = self.fresh_dir(&call.vm_id)?;
+        let id = self.tl.ids.allocate()?;
+        let dir = self.fresh_dir(&call.vm_id, id.run_as())?;
         let t = Instant::now();
-        let pre = prestart(&dir, &image, true).await?;
+        let pre = prestart(&dir, &image, true, id.run_as()).await?;
         let procs = finish_domain(pre, cfg).await?;
         let timings = vec![("crypto domain".to_string(), ms(t))];
         let dk = vec![0u8; 32];
         self.run_workload(
-            call, "baseline", "", &dk, &dk, tau, pk_dm, driver, cfg, dir, procs, now, timings,
+            call, "baseline", "", &dk, &dk, tau, pk_dm, driver, cfg, dir, procs, now, timings, id,
         )
         .await
     }
@@ -942,11 +991,11 @@ impl Agent {
         Ok(driver)
     }
 
-    fn fresh_dir(&self, vm_id: &str) -> Result<PathBuf, Error> {
+    /// The workload's run directory, created afresh: mode 0700, owned by its identity.
+    fn fresh_dir(&self, vm_id: &str, id: RunAs) -> Result<PathBuf, Error> {
         wire::check_name("vm_id", vm_id)?;
         let dir = self.tl.run_dir.join(vm_id);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(Error::io("create the workload directory"))?;
+        crate::identity::fresh_dir(&dir, id)?;
         Ok(dir)
     }
 
@@ -1080,6 +1129,7 @@ impl Agent {
         procs: Vec<Proc>,
         now: u64,
         mut timings: Vec<(String, f64)>,
+        identity: Identity,
     ) -> Result<LaunchResult, Error> {
         let w = Workload {
             vm_id: call.vm_id.clone(),
@@ -1098,6 +1148,7 @@ impl Agent {
             volumes: Vec::new(),
             started_ms: now,
             dir,
+            identity,
         };
         let vm_id = call.vm_id.clone();
         self.tl.workloads.lock().await.insert(vm_id.clone(), w);
@@ -1152,12 +1203,17 @@ impl Agent {
             tau: caas_crypto::SecretBytes::from_slice(tau),
             pk_dm: pk,
         };
-        let (dir, disk, vsm_socket) = {
+        let (dir, disk, vsm_socket, id) = {
             let g = self.tl.workloads.lock().await;
             let w = g
                 .get(&call.vm_id)
                 .ok_or_else(|| Error::Domain("workload vanished".into()))?;
-            (w.dir.clone(), w.disk_uri.clone(), w.vsm_socket.clone())
+            (
+                w.dir.clone(),
+                w.disk_uri.clone(),
+                w.vsm_socket.clone(),
+                w.identity.run_as(),
+            )
         };
         let (proc, endpoint) = start_workload(
             &call.vm_id,
@@ -1168,6 +1224,7 @@ impl Agent {
             driver,
             &injected,
             user_pin,
+            id,
         )
         .await?;
         drop(injected);
@@ -1234,7 +1291,7 @@ impl Agent {
             return Err(Error::InvalidRequest("size must be 1 B..1 TiB".into()));
         }
         let ttp = self.ttp().await?;
-        let (h2, launch_r, sp, dk, sock_dir) = {
+        let (h2, launch_r, sp, dk, sock_dir, id) = {
             let g = self.tl.workloads.lock().await;
             let w = g
                 .get(vm_id)
@@ -1251,6 +1308,7 @@ impl Agent {
                 w.sp.clone(),
                 w.dk.clone(),
                 w.dir.clone(),
+                w.identity.run_as(),
             )
         };
         let path = TlHost::volume_path(&self.tl.storage, &a.domain, &a.sr);
@@ -1273,7 +1331,7 @@ impl Agent {
         // An existing volume's proxy starts while its key is fetched (it waits for it).
         let sock = sock_dir.join(format!("vol-{}-{}.sock", a.domain, a.sr));
         let mut pre = match existing {
-            Some(_) => Some(spawn_sdp_unkeyed(&path, &sock, false)?),
+            Some(_) => Some(spawn_sdp_unkeyed(&path, &sock, false, id)?),
             None => None,
         };
         let r = self
@@ -1317,7 +1375,7 @@ impl Agent {
                 caas_sdp::cli::create_file(&path, a.size, &key_in, dbsp)
                     .await
                     .map_err(|e| Error::Domain(format!("create volume: {e}")))?;
-                spawn_sdp(&path, &sock, &vk, false).await?
+                spawn_sdp(&path, &sock, &vk, false, id).await?
             }
         };
         timings.push(("open volume".to_string(), ms(t)));

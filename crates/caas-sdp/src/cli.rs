@@ -123,11 +123,23 @@ pub struct ServeArgs {
     /// Listen on this TCP address.
     #[arg(long, value_name = "ADDR", conflicts_with = "socket")]
     pub tcp: Option<SocketAddr>,
-    /// Listen on this AF_VSOCK port (any CID), for clients in VMs on this host or for a
-    /// proxy running in a micro-VM. A host without a vsock transport (no VM, no
-    /// vsock_loopback) can bind the port but nothing can connect to it.
-    #[arg(long, value_name = "PORT", conflicts_with_all = ["socket", "tcp"])]
+    /// Listen on this AF_VSOCK port, for a client in a VM on this host or for a proxy
+    /// running in a micro-VM; only --vsock-peer-cid is served. A host without a vsock
+    /// transport (no VM, no vsock_loopback) can bind the port but nothing can connect to it.
+    #[arg(long, value_name = "PORT", conflicts_with_all = ["socket", "tcp"], requires = "vsock_peer_cid")]
     pub vsock: Option<u32>,
+    /// The only vsock peer served: the workload VM's CID (others are refused and logged).
+    #[arg(long, value_name = "CID")]
+    pub vsock_peer_cid: Option<u32>,
+    /// UNIX-socket peers allowed besides the proxy's own uid (SO_PEERCRED, checked on every
+    /// connection; refusals are logged and counted). Repeatable; default 0 (root).
+    #[arg(long = "peer-uid", value_name = "UID", default_values_t = [0u32])]
+    pub peer_uids: Vec<u32>,
+    /// When started as root: switch to UID:GID for good once the volume is open and the key
+    /// read (the host agent runs each workload's proxies under the workload's identity);
+    /// the UNIX socket is then created by that identity.
+    #[arg(long, value_name = "UID:GID", value_parser = parse_ids)]
+    pub run_as: Option<(u32, u32)>,
     /// Export name.
     #[arg(long, default_value = "caas")]
     pub export_name: String,
@@ -143,6 +155,10 @@ pub struct ServeArgs {
     /// The PEM private key of --tls-cert (read from this file only).
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: clients must present a certificate issued by this CA (PEM); others fail
+    /// the handshake. Implies --tls-required.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Refuse clients that do not upgrade to TLS (NBD_REP_ERR_TLS_REQD); without it TLS
     /// is optional.
     #[arg(long, requires = "tls_cert")]
@@ -168,6 +184,28 @@ pub struct InfoArgs {
     /// Also verify the key check value and the header tag with this key.
     #[command(flatten)]
     pub key: KeyArgs,
+}
+
+fn parse_ids(s: &str) -> Result<(u32, u32), String> {
+    let (u, g) = s.split_once(':').ok_or("expected UID:GID")?;
+    Ok((
+        u.parse().map_err(|e| format!("uid: {e}"))?,
+        g.parse().map_err(|e| format!("gid: {e}"))?,
+    ))
+}
+
+/// Switches the process to UID:GID for good.
+pub type DropTo = fn(u32, u32) -> Result<(), String>;
+
+/// Process hardening of `caas volume serve`, supplied by the binary so that there is one
+/// implementation (`caas_domc::harden`): the proxy holds a volume key.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Hardening {
+    /// Applied first, before the key is read: not dumpable (no core file, no ptrace by the
+    /// same user), RLIMIT_CORE 0, memory locked where permitted.
+    pub harden: Option<fn() -> Result<(), String>>,
+    /// Switches to UID:GID for good (`--run-as`).
+    pub drop_to: Option<DropTo>,
 }
 
 /// Parses "4096", "64M", "1G", ...
@@ -247,6 +285,15 @@ pub async fn run(
     cmd: VolumeCommand,
     provider: Option<Arc<dyn DataKeyProvider>>,
 ) -> Result<(), Error> {
+    run_hardened(cmd, provider, Hardening::default()).await
+}
+
+/// [`run`], with `serve` hardened by `hardening`.
+pub async fn run_hardened(
+    cmd: VolumeCommand,
+    provider: Option<Arc<dyn DataKeyProvider>>,
+    hardening: Hardening,
+) -> Result<(), Error> {
     match cmd {
         VolumeCommand::Create(a) => {
             let key = key_input(&a.key, &provider)?;
@@ -285,7 +332,7 @@ pub async fn run(
             out.sync_all().map_err(Error::io("sync raw image"))?;
             Ok(())
         }
-        VolumeCommand::Serve(a) => serve_cmd(a, provider).await,
+        VolumeCommand::Serve(a) => serve_cmd(a, provider, hardening).await,
         VolumeCommand::Check(a) => {
             let key = key_input(&a.key, &provider)?;
             let store = open_store(&a.store, false).await?;
@@ -406,34 +453,65 @@ pub async fn import(a: &ImportArgs, key: &KeyInput) -> Result<(), Error> {
     Ok(())
 }
 
-async fn serve_cmd(a: ServeArgs, provider: Option<Arc<dyn DataKeyProvider>>) -> Result<(), Error> {
+async fn serve_cmd(
+    a: ServeArgs,
+    provider: Option<Arc<dyn DataKeyProvider>>,
+    hardening: Hardening,
+) -> Result<(), Error> {
+    // Hardened before anything secret is read.
+    if let Some(h) = hardening.harden {
+        h().map_err(|e| Error::Config(format!("hardening: {e}")))?;
+    }
+    if a.run_as.is_some() && hardening.drop_to.is_none() {
+        return Err(Error::Config(
+            "--run-as is not supported by this binary (use caas volume serve)".into(),
+        ));
+    }
     // aws-lc seeds its RNG with jitter entropy on first use (~60 ms on these machines): do
     // it now, before possibly waiting for the key on a pipe (the host agent starts the
     // proxy while it is still fetching the key).
     let _ = caas_crypto::random_bytes(1);
     let tls = match (&a.tls_cert, &a.tls_key) {
-        (Some(c), Some(k)) => Some(server::TlsSettings::from_pem_files(c, k, a.tls_required)?),
+        (Some(c), Some(k)) => Some(server::TlsSettings::from_pem_files_with_client_ca(
+            c,
+            k,
+            a.tls_client_ca.as_deref(),
+            // A client certificate is only asked for inside TLS: with mutual TLS, TLS is
+            // required, or a client could skip authentication by staying in the clear.
+            a.tls_required || a.tls_client_ca.is_some(),
+        )?),
         (None, None) => None,
         _ => {
             return Err(Error::Config("--tls-cert and --tls-key go together".into()));
         }
     };
+    // The store and the key (a pipe from the host agent) are opened with the privileges
+    // the proxy was started with, then it switches to its workload's identity for good.
     let store = open_store(&a.store, !a.read_only).await?;
-    let (backend, vol) = if a.plaintext {
-        tracing::warn!(
-            "serving PLAINTEXT passthrough: no encryption, no integrity (benchmark baseline)"
-        );
-        (Backend::plain(store).await?, None)
-    } else {
-        let key = key_input(&a.key, &provider)?;
-        let (vol, report) = Volume::open(store, &key, !a.read_only).await?;
-        if let Some(r) = report {
-            eprintln!(
-                "recovered after unclean shutdown: {} interrupted writes repaired, {} bad blocks",
-                r.torn, r.bad_count
+    let key = match a.plaintext {
+        true => None,
+        false => Some(key_input(&a.key, &provider)?),
+    };
+    if let (Some((uid, gid)), Some(drop_to)) = (a.run_as, hardening.drop_to) {
+        drop_to(uid, gid).map_err(|e| Error::Config(format!("--run-as {uid}:{gid}: {e}")))?;
+    }
+    let (backend, vol) = match key {
+        None => {
+            tracing::warn!(
+                "serving PLAINTEXT passthrough: no encryption, no integrity (benchmark baseline)"
             );
+            (Backend::plain(store).await?, None)
         }
-        (Backend::Encrypted(vol.clone()), Some(vol))
+        Some(key) => {
+            let (vol, report) = Volume::open(store, &key, !a.read_only).await?;
+            if let Some(r) = report {
+                eprintln!(
+                    "recovered after unclean shutdown: {} interrupted writes repaired, {} bad blocks",
+                    r.torn, r.bad_count
+                );
+            }
+            (Backend::Encrypted(vol.clone()), Some(vol))
+        }
     };
     let (listen, uri) = match (&a.socket, a.tcp, a.vsock) {
         (Some(p), _, _) => (
@@ -467,6 +545,10 @@ async fn serve_cmd(a: ServeArgs, provider: Option<Arc<dyn DataKeyProvider>>) -> 
     let cfg = ServerConfig {
         export_name: a.export_name.clone(),
         tls,
+        peers: server::PeerPolicy {
+            uids: a.peer_uids.clone(),
+            vsock_cid: a.vsock_peer_cid,
+        },
         ..ServerConfig::default()
     };
     server::serve(listener, backend, cfg, shutdown_signal()).await?;

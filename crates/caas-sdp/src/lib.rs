@@ -7,8 +7,14 @@
 //!
 //! Transports: UNIX socket, TCP, or AF_VSOCK ([`vsock`]; on a host without a vsock
 //! transport the port binds but nobody can connect). Optional TLS 1.3 via NBD_OPT_STARTTLS
-//! (`--tls-cert/--tls-key [--tls-required]`, rustls with aws-lc-rs; server authentication
-//! only, no client certificates yet); the certificate and key come from files only.
+//! (`--tls-cert/--tls-key [--tls-required]`, rustls with aws-lc-rs), with mutual TLS when
+//! `--tls-client-ca` is given; the certificate and key come from files only.
+//!
+//! Peers: a UNIX-socket client must be the proxy's own uid or a `--peer-uid` (SO_PEERCRED),
+//! a vsock client the `--vsock-peer-cid`; refusals are logged with the reason and counted.
+//! `caas volume serve` is hardened by the binary before the key arrives (not dumpable,
+//! RLIMIT_CORE 0, memory locked: [`cli::Hardening`]) and, with `--run-as`, switches to the
+//! workload's identity once the store is open and the key read.
 //!
 //! Trust boundary: the ciphertext store (a file, or an upstream NBD export on the storage
 //! host) only ever sees ciphertext, metadata and the header; keys live in zeroizing types

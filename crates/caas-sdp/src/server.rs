@@ -4,7 +4,14 @@
 //! and connections, replies go out in completion order, and a client that stops reading
 //! its replies only blocks its own connection.
 //!
-//! TLS is optional (NBD_OPT_STARTTLS): the option haggling starts in the clear, the client
+//! Who may connect is checked on accept, before the greeting ([`PeerPolicy`]): a UNIX-socket
+//! peer's kernel credentials (SO_PEERCRED) must name the proxy's own uid (the workload's
+//! identity when the host agent launched it) or an allowed uid; a vsock peer must have the
+//! workload VM's CID. A refused connection is closed at once, logged with the reason and
+//! counted.
+//!
+//! TLS is optional (NBD_OPT_STARTTLS), with client certificates required when a client CA
+//! is given (`--tls-client-ca`, mutual TLS): the option haggling starts in the clear, the client
 //! asks for STARTTLS, both sides run a TLS 1.3 handshake (rustls, aws-lc-rs) over the same
 //! connection and option haggling continues encrypted. With `required`, every option
 //! except STARTTLS and ABORT is refused with NBD_REP_ERR_TLS_REQD before TLS.
@@ -36,6 +43,52 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// TLS (NBD_OPT_STARTTLS); `None` refuses STARTTLS with NBD_REP_ERR_POLICY.
     pub tls: Option<TlsSettings>,
+    /// Who may connect.
+    pub peers: PeerPolicy,
+}
+
+/// Who may connect to the proxy.
+#[derive(Debug, Clone)]
+pub struct PeerPolicy {
+    /// UNIX-socket peers allowed besides the proxy's own effective uid (SO_PEERCRED).
+    pub uids: Vec<u32>,
+    /// The only vsock peer served (the workload VM's CID); `None` refuses every vsock peer.
+    pub vsock_cid: Option<u32>,
+}
+
+impl Default for PeerPolicy {
+    /// The proxy's own uid and root (which can ptrace anything anyway); no vsock peer.
+    fn default() -> Self {
+        Self {
+            uids: vec![0],
+            vsock_cid: None,
+        }
+    }
+}
+
+impl PeerPolicy {
+    /// Whether a UNIX-socket peer with `uid` may connect (own effective uid or listed).
+    #[must_use]
+    pub fn allows_uid(&self, uid: u32) -> bool {
+        uid == nix::unistd::geteuid().as_raw() || self.uids.contains(&uid)
+    }
+
+    /// Why a peer is refused, or `None` when it may connect.
+    fn refusal(&self, conn: &Conn) -> Option<String> {
+        match conn {
+            Conn::Unix(s) => match s.peer_cred() {
+                Ok(c) if self.allows_uid(c.uid()) => None,
+                Ok(c) => Some(format!("unix peer uid {} not allowed", c.uid())),
+                Err(e) => Some(format!("unix peer without credentials ({e})")),
+            },
+            Conn::Vsock(_, cid) => match self.vsock_cid {
+                Some(allowed) if allowed == *cid => None,
+                Some(allowed) => Some(format!("vsock peer CID {cid} is not {allowed}")),
+                None => Some(format!("vsock peer CID {cid}: no vsock peer configured")),
+            },
+            Conn::Tcp(_) => None,
+        }
+    }
 }
 
 /// TLS settings of the server.
@@ -60,6 +113,18 @@ impl TlsSettings {
     /// files and builds a TLS 1.3-only server configuration. Error messages name the file
     /// but never include key material.
     pub fn from_pem_files(cert: &Path, key: &Path, required: bool) -> Result<Self, Error> {
+        Self::from_pem_files_with_client_ca(cert, key, None, required)
+    }
+
+    /// [`TlsSettings::from_pem_files`]; with `client_ca` (PEM), mutual TLS: a client must
+    /// present a certificate chaining to that CA or its handshake fails (for a launched
+    /// workload: a CA of its launch, so no other workload's client is served).
+    pub fn from_pem_files_with_client_ca(
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+        required: bool,
+    ) -> Result<Self, Error> {
         use rustls::pki_types::pem::{self, PemObject};
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let pem_err = |what: &str, path: &Path, e: pem::Error| {
@@ -84,18 +149,38 @@ impl TlsSettings {
         let key_der =
             PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err("private key", key, e))?;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| Error::Config(format!("TLS: {e}")))?
-            .with_no_client_auth()
-            .with_single_cert(certs, key_der)
-            .map_err(|e| {
-                Error::Config(format!(
-                    "TLS certificate {} / private key {}: {e}",
-                    cert.display(),
-                    key.display()
-                ))
-            })?;
+            .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in
+                    CertificateDer::pem_file_iter(ca).map_err(|e| pem_err("client CA", ca, e))?
+                {
+                    roots
+                        .add(c.map_err(|e| pem_err("client CA", ca, e))?)
+                        .map_err(|e| {
+                            Error::Config(format!("TLS client CA {}: {e}", ca.display()))
+                        })?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| Error::Config(format!("TLS client CA {}: {e}", ca.display())))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let cfg = builder.with_single_cert(certs, key_der).map_err(|e| {
+            Error::Config(format!(
+                "TLS certificate {} / private key {}: {e}",
+                cert.display(),
+                key.display()
+            ))
+        })?;
         Ok(Self {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
             required,
@@ -112,6 +197,7 @@ impl Default for ServerConfig {
             max_in_flight: 64,
             handshake_timeout: Duration::from_secs(30),
             tls: None,
+            peers: PeerPolicy::default(),
         }
     }
 }
@@ -178,18 +264,24 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let cfg = Arc::new(cfg);
     tokio::pin!(shutdown);
+    let mut refused: u64 = 0;
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            r = accept(&listener) => match r {
-                Ok(Conn::Unix(s)) => {
+            r = accept(&listener) => match r.map(|c| (cfg.peers.refusal(&c), c)) {
+                Ok((Some(why), conn)) => {
+                    refused += 1;
+                    tracing::warn!(reason = %why, refused, "NBD connection refused");
+                    drop(conn);
+                }
+                Ok((None, Conn::Unix(s))) => {
                     let (r, w) = s.into_split();
                     spawn_conn(r, w, backend.clone(), cfg.clone())
                 }
-                Ok(Conn::Vsock(s)) => {
+                Ok((None, Conn::Vsock(s, _))) => {
                     spawn_conn(s.clone(), s, backend.clone(), cfg.clone())
                 }
-                Ok(Conn::Tcp(s)) => {
+                Ok((None, Conn::Tcp(s))) => {
                     let _ = s.set_nodelay(true);
                     let (r, w) = s.into_split();
                     spawn_conn(r, w, backend.clone(), cfg.clone())
@@ -206,14 +298,17 @@ pub async fn serve(
 enum Conn {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream),
-    Vsock(crate::vsock::VsockStream),
+    Vsock(crate::vsock::VsockStream, u32),
 }
 
 async fn accept(l: &Listener) -> std::io::Result<Conn> {
     match l {
         Listener::Unix(l, _) => Ok(Conn::Unix(l.accept().await?.0)),
         Listener::Tcp(l) => Ok(Conn::Tcp(l.accept().await?.0)),
-        Listener::Vsock(l) => Ok(Conn::Vsock(l.accept().await?)),
+        Listener::Vsock(l) => {
+            let (s, cid) = l.accept().await?;
+            Ok(Conn::Vsock(s, cid))
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The vsock (AF_VSOCK) listener: `caas volume serve FILE --vsock PORT` listens on
 //! `VMADDR_CID_ANY:PORT`, so a VM reaches the proxy on its host (or the proxy runs in a
-//! micro-VM) without a network stack. Same approach as the crypto domain's listener
+//! micro-VM) without a network stack; the server serves only the workload VM's CID
+//! (`--vsock-peer-cid`). Same approach as the crypto domain's listener
 //! (`caas-domc`, nix sockets), but non-blocking and driven by tokio's reactor through
 //! [`AsyncFd`]. Note: a host without a vsock transport (no VM, no `vsock_loopback`) can
 //! still bind and listen, but nothing can connect to it.
@@ -54,8 +55,8 @@ impl VsockListener {
         Ok(a.port())
     }
 
-    /// Waits for the next connection.
-    pub async fn accept(&self) -> io::Result<VsockStream> {
+    /// Waits for the next connection; returns it with the peer's CID.
+    pub async fn accept(&self) -> io::Result<(VsockStream, u32)> {
         let fd = self
             .0
             .async_io(Interest::READABLE, |fd| {
@@ -66,8 +67,10 @@ impl VsockListener {
                 .map_err(io::Error::from)
             })
             .await?;
-        let fd = register(owned(fd), Interest::READABLE | Interest::WRITABLE)?;
-        Ok(VsockStream(Arc::new(fd)))
+        let fd = owned(fd);
+        let peer: VsockAddr = nix::sys::socket::getpeername(fd.as_raw_fd())?;
+        let fd = register(fd, Interest::READABLE | Interest::WRITABLE)?;
+        Ok((VsockStream(Arc::new(fd)), peer.cid()))
     }
 }
 

@@ -400,3 +400,108 @@ fn raw_starttls_client_and_export_name_before_tls() {
     drop(t);
     srv.stop();
 }
+
+/// A client certificate for `cn` issued by the CA in `ca_dir`, in a qemu x509 credentials
+/// directory `out` (with the server's CA to verify the server).
+fn client_creds(dir: &Path, certs: &Certs, ca_dir: &Path, cn: &str, out: &Path) {
+    std::fs::create_dir_all(out).unwrap();
+    std::fs::copy(certs.ca_dir.join("ca-cert.pem"), out.join("ca-cert.pem")).unwrap();
+    let key = out.join("client-key.pem");
+    let csr = dir.join(format!("{cn}.csr"));
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            csr.to_str().unwrap(),
+            "-subj",
+            &format!("/CN={cn}"),
+        ],
+    );
+    let ext = dir.join("client-ext.cnf");
+    std::fs::write(
+        &ext,
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            csr.to_str().unwrap(),
+            "-CA",
+            ca_dir.join("ca-cert.pem").to_str().unwrap(),
+            "-CAkey",
+            ca_dir.join("ca-key.pem").to_str().unwrap(),
+            "-CAcreateserial",
+            "-out",
+            out.join("client-cert.pem").to_str().unwrap(),
+            "-days",
+            "2",
+            "-extfile",
+            ext.to_str().unwrap(),
+        ],
+    );
+}
+
+/// Mutual TLS (`--tls-client-ca`): a network client without a certificate of the launch's
+/// CA — none at all, or one from another CA — fails the handshake; plaintext is refused
+/// (a client CA implies required TLS); the launch's client is served.
+#[test]
+fn nbd_tls_requires_a_client_certificate_when_a_client_ca_is_given() {
+    require("qemu-img", "qemu-utils");
+    require("nbdinfo", "libnbd-bin");
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let key = key_file(dir.path());
+    let vol = dir.path().join("mtls.caasvol");
+    create_volume(&vol, &key, "16M");
+    let client_ca = certs.ca_dir.join("ca-cert.pem");
+    let srv = Server::start(
+        dir.path(),
+        "mtls",
+        &[
+            vol.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+            "--tls-cert",
+            certs.cert.to_str().unwrap(),
+            "--tls-key",
+            certs.key.to_str().unwrap(),
+            "--tls-client-ca",
+            client_ca.to_str().unwrap(),
+        ],
+    );
+    let launch = dir.path().join("creds-launch");
+    client_creds(dir.path(), &certs, &certs.ca_dir, "workload", &launch);
+    let other = dir.path().join("creds-other");
+    client_creds(dir.path(), &certs, &certs.wrong_ca_dir, "co-tenant", &other);
+    // No client certificate, and a certificate of another CA: refused.
+    for (what, creds) in [
+        ("no client certificate", &certs.ca_dir),
+        ("another CA", &other),
+    ] {
+        let out = qemu_info(&srv, creds);
+        assert!(!out.status.success(), "{what}: served");
+    }
+    // Plaintext: refused (mutual TLS implies required TLS).
+    let out = Proc::new("nbdinfo").arg(srv.uri()).output().unwrap();
+    assert!(!out.status.success(), "plaintext client was served");
+    // The launch's client is served.
+    let out = qemu_info(&srv, &launch);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    srv.stop();
+}

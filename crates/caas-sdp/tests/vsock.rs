@@ -22,7 +22,7 @@ fn vsock_listener_binds_and_bad_ports_are_clear_errors() {
             .arg(vol)
             .arg("--key-file")
             .arg(&key)
-            .args(["--vsock", port])
+            .args(["--vsock", port, "--vsock-peer-cid", "3"])
             .env("CAAS_LOG", "warn");
         c
     };
@@ -73,4 +73,28 @@ fn vsock_listener_binds_and_bad_ports_are_clear_errors() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+}
+
+/// A vsock listener serves only the workload VM's CID: `--vsock` without
+/// `--vsock-peer-cid` (which would serve any CID) is refused before anything starts.
+#[test]
+fn vsock_listener_needs_the_peer_cid() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let vol = dir.path().join("v.caasvol");
+    create_volume(&vol, &key, "1M");
+    let out = Proc::new(BIN)
+        .arg("serve")
+        .arg(&vol)
+        .arg("--key-file")
+        .arg(&key)
+        .args(["--vsock", "5000"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--vsock-peer-cid"),
+        "{:?} {err}",
+        out.status
+    );
 }

@@ -13,10 +13,13 @@ use std::time::{Duration, Instant};
 /// stdin/stdout/stderr. libtss2 opens its TPM sockets without close-on-exec, so a child
 /// (swtpm, tpm2-tools) spawned while a TPM connection is open would keep that connection
 /// alive; swtpm serves one connection at a time and would then block everyone else.
+/// (No redirection around the loop: bash saves the redirected stderr on a high descriptor,
+/// the loop closed that copy, and the child then ran with stderr on /dev/null — crypto
+/// domains' warnings, refusals included, were lost.)
 pub fn command_without_inherited_fds(program: &str) -> Command {
     let mut c = Command::new("bash");
     c.arg("-c")
-        .arg(r#"for p in /proc/$$/fd/*; do n=${p##*/}; if [ "$n" -gt 2 ]; then eval "exec $n>&-"; fi; done 2>/dev/null; exec "$0" "$@""#)
+        .arg(r#"for p in /proc/$$/fd/*; do n=${p##*/}; if [ "$n" -gt 2 ] && [ -e "$p" ]; then eval "exec $n>&-"; fi; done; exec "$0" "$@""#)
         .arg(program);
     c
 }

@@ -157,6 +157,7 @@ fn per_vm(dir: &Path, vm_id: &str, suffix: &str) -> PathBuf {
 pub struct ProcessDriver {
     program: PathBuf,
     dir: PathBuf,
+    owner: Option<(u32, u32)>,
 }
 
 impl ProcessDriver {
@@ -164,7 +165,19 @@ impl ProcessDriver {
     /// spec files are written into `dir`.
     #[must_use]
     pub fn new(program: PathBuf, dir: PathBuf) -> Self {
-        Self { program, dir }
+        Self {
+            program,
+            dir,
+            owner: None,
+        }
+    }
+
+    /// The spec file is given to UID:GID, the identity the caller starts the workload
+    /// under (with `CommandExt::uid`/`gid` on the prepared command).
+    #[must_use]
+    pub fn owned_by(mut self, uid: u32, gid: u32) -> Self {
+        self.owner = Some((uid, gid));
+        self
     }
 
     /// Uses the running executable as the `caas` program.
@@ -193,7 +206,7 @@ impl Driver for ProcessDriver {
         spec.validate()?;
         std::fs::create_dir_all(&self.dir).map_err(Error::io("create driver directory"))?;
         let spec_path = per_vm(&self.dir, &spec.vm_id, "workload.json");
-        spec.save(&spec_path)?;
+        spec.save_owned(&spec_path, self.owner)?;
         let _ = std::fs::remove_file(&spec.ready_file);
         let child = cmd
             .arg("workload")

@@ -70,9 +70,21 @@ impl WorkloadSpec {
 
     /// Writes the spec as JSON (mode 0600).
     pub fn save(&self, path: &Path) -> Result<()> {
+        self.save_owned(path, None)
+    }
+
+    /// Writes the spec as JSON, mode 0600, as a new file owned by `owner` (UID, GID) when
+    /// given: the workload's identity must read it.
+    pub fn save_owned(&self, path: &Path, owner: Option<(u32, u32)>) -> Result<()> {
         let json = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::Config(format!("encode workload spec: {e}")))?;
-        write_private(path, &json, false)
+        match owner {
+            None => write_private(path, &json, false, None),
+            Some(_) => {
+                let _ = std::fs::remove_file(path);
+                write_private(path, &json, true, owner)
+            }
+        }
     }
 
     /// Checks the fields that would otherwise fail late.
@@ -101,7 +113,8 @@ impl WorkloadSpec {
 }
 
 /// What the host agent injects into a launched workload: τ and pk_DM (seed 003 §4.3, after
-/// the H1/H2 checks). On disk: JSON `{"tau": b64, "pk_dm": b64}`, mode 0600.
+/// the H1/H2 checks). On disk: JSON `{"tau": b64, "pk_dm": b64}`, mode 0600, owned by the
+/// workload's identity, deleted by the workload once read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InjectedSecrets {
     /// The launch token τ (32 bytes): the PSK of the channel to the DM.
@@ -127,6 +140,12 @@ struct InjectIn<'a> {
 impl InjectedSecrets {
     /// Writes the inject file: created new (fails if it exists), mode 0600.
     pub fn write_to(&self, path: &Path) -> Result<()> {
+        self.write_to_owned(path, None)
+    }
+
+    /// [`InjectedSecrets::write_to`], the file owned by `owner` (UID, GID) when given: the
+    /// workload's identity, the only one that may read it.
+    pub fn write_to_owned(&self, path: &Path, owner: Option<(u32, u32)>) -> Result<()> {
         let tau = Zeroizing::new(B64.encode(self.tau.expose()));
         // Pre-sized so that no reallocation leaves a copy of τ behind.
         let mut json = Zeroizing::new(Vec::with_capacity(1024));
@@ -138,7 +157,7 @@ impl InjectedSecrets {
             },
         )
         .map_err(|e| Error::Inject(format!("encode: {e}")))?;
-        write_private(path, &json, true)
+        write_private(path, &json, true, owner)
     }
 
     /// Parses the JSON form. Errors never quote the input.
@@ -173,17 +192,24 @@ impl InjectedSecrets {
     }
 
     /// Reads the inject file once and deletes it. Refuses a file that group or others may
-    /// read (the host agent writes it 0600). The file is removed even when its content is
+    /// read (the host agent writes it 0600) or that another identity owns (the host agent
+    /// gives it to the workload's identity). The file is removed even when its content is
     /// rejected, so a bad injection leaves nothing behind.
     pub fn take_from(path: &Path) -> Result<Self> {
         let meta = std::fs::symlink_metadata(path).map_err(Error::io("stat inject file"))?;
         if !meta.is_file() {
             return Err(Error::Inject("not a regular file".into()));
         }
+        let me = nix::unistd::geteuid().as_raw();
         let parsed = if meta.mode() & 0o077 != 0 {
             Err(Error::Inject(format!(
                 "mode {:o} lets group or others read it (must be 0600)",
                 meta.mode() & 0o777
+            )))
+        } else if meta.uid() != me {
+            Err(Error::Inject(format!(
+                "owned by uid {}, not by this workload's identity (uid {me})",
+                meta.uid()
             )))
         } else {
             read_bounded(path, MAX_INJECT_FILE, "read inject file").and_then(|b| Self::parse(&b))
@@ -215,7 +241,7 @@ impl ReadyInfo {
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
         let _ = std::fs::remove_file(&tmp);
-        write_private(&tmp, &json, true)?;
+        write_private(&tmp, &json, true, None)?;
         std::fs::rename(&tmp, path).map_err(Error::io("publish ready file"))
     }
 
@@ -255,7 +281,15 @@ pub(crate) fn read_bounded(
     Ok(buf)
 }
 
-fn write_private(path: &Path, data: &[u8], create_new: bool) -> Result<()> {
+/// Writes a 0600 file; with `owner`, it is handed to that UID:GID (through the open
+/// descriptor, before any byte is written) — `create_new` then keeps a planted symlink from
+/// redirecting the write.
+pub(crate) fn write_private(
+    path: &Path,
+    data: &[u8],
+    create_new: bool,
+    owner: Option<(u32, u32)>,
+) -> Result<()> {
     let mut o = std::fs::OpenOptions::new();
     o.write(true).mode(0o600);
     if create_new {
@@ -264,6 +298,9 @@ fn write_private(path: &Path, data: &[u8], create_new: bool) -> Result<()> {
         o.create(true).truncate(true);
     }
     let mut f = o.open(path).map_err(Error::io("create file"))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(Error::io("chown file"))?;
+    }
     f.write_all(data).map_err(Error::io("write file"))?;
     f.sync_all().map_err(Error::io("sync file"))
 }

@@ -212,6 +212,24 @@ fn inject_file_is_checked_and_always_deleted() -> Result<()> {
     ));
     assert!(!p.exists());
 
+    // Another identity's file (planted by a co-tenant, or meant for another workload):
+    // refused and deleted. The agent writes it for the workload's identity.
+    good.write_to_owned(&p, Some((65_534, 65_534)))?;
+    let md = std::fs::metadata(&p)?;
+    assert_eq!(
+        (
+            std::os::unix::fs::MetadataExt::uid(&md),
+            md.permissions().mode() & 0o777
+        ),
+        (65_534, 0o600),
+        "inject file given to the workload's identity (this test needs root)"
+    );
+    match InjectedSecrets::take_from(&p) {
+        Err(Error::Inject(m)) => assert!(m.contains("owned by uid 65534"), "{m}"),
+        other => bail!("another identity's inject file: {other:?}"),
+    }
+    assert!(!p.exists());
+
     // Wrong sizes and garbage: refused without quoting the content, deleted.
     for body in [
         format!(

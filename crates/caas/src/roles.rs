@@ -120,7 +120,21 @@ pub async fn run_volume(a: VolumeArgs) -> Result<()> {
             Err(_) => None,
         },
     };
-    caas_sdp::cli::run(a.cmd, provider)
+    // The Secure Device Proxy holds a volume key: the crypto domain's hardening (one
+    // implementation) applies to `caas volume serve`.
+    let hardening = caas_sdp::cli::Hardening {
+        harden: Some(|| {
+            caas_domc::harden::harden(false)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }),
+        drop_to: Some(|uid, gid| {
+            caas_domc::harden::drop_privileges(Some((uid, gid)), &[])
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }),
+    };
+    caas_sdp::cli::run_hardened(a.cmd, provider, hardening)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))
 }

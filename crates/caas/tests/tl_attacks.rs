@@ -27,6 +27,10 @@ type Reply = Result<Value, (u16, String)>;
 impl Cloud {
     fn start() -> Self {
         let tmp = tempfile::tempdir().unwrap();
+        // Workload identities traverse (never list) the test directory to reach their own
+        // 0700 run directories, as they traverse /run on a real host.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         let root = tmp.path().to_path_buf();
         // Continuous attestation is slow here so that tests trigger it explicitly.
         let dev = Dev::start_with(
@@ -1198,4 +1202,437 @@ fn replayed_revocation_is_refused() {
         audit_has(&c.audit(), "TlRevoke", "Success"),
         "TTP audit of the notice"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Issue 12: one crypto domain, one identity; no key on the host's disk or in a core file.
+// ---------------------------------------------------------------------------------------
+
+/// `role -> pid` of a workload's processes, from the management API.
+fn procs(c: &Cloud, host: &str, vm: &str) -> Vec<(String, u32)> {
+    let w = c.workloads(host);
+    let w = w
+        .iter()
+        .find(|w| w["vm_id"] == json!(vm))
+        .unwrap_or_else(|| panic!("{vm} not running on {host}"));
+    w["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let (role, pid) = p.as_str().unwrap().split_once(':').unwrap();
+            (role.to_string(), pid.parse().unwrap())
+        })
+        .collect()
+}
+
+fn pid_of(c: &Cloud, host: &str, vm: &str, role: &str) -> u32 {
+    procs(c, host, vm)
+        .into_iter()
+        .find(|(r, _)| r == role)
+        .unwrap_or_else(|| panic!("no {role} process for {vm}"))
+        .1
+}
+
+/// Every live process whose command line names `needle` (the DBSP volume proxies are not
+/// listed by the management API).
+fn pids_with(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle.as_bytes()))
+        })
+        .collect()
+}
+
+/// (uid, gid) of a process (real ids from /proc/PID/status).
+fn ids_of(pid: u32) -> (u32, u32) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u32 {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    (field("Uid:"), field("Gid:"))
+}
+
+fn run_dir(c: &Cloud, host: &str, vm: &str) -> PathBuf {
+    c.dev
+        .dir
+        .join("hosts")
+        .join(host)
+        .join("agent-state/run")
+        .join(vm)
+}
+
+/// Connects to a UNIX socket as `uid:gid` (no capabilities) and reports what happened:
+/// `connect-error N`, `closed` (accepted, then closed before any answer: a refused peer)
+/// or `data` (the server answered: NBD greets at once; the VSM answers any frame).
+fn probe(uid: u32, gid: u32, socket: &Path, vsm: bool) -> String {
+    let script = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print("connect-error", e.errno); sys.exit(0)
+try:
+    if sys.argv[2] == "vsm":
+        s.sendall(b"\x00\x00\x00\x04abcd")
+    d = s.recv(64)
+except OSError as e:
+    print("closed" if e.errno in (104, 32) else "recv-error %d" % e.errno); sys.exit(0)
+print("data" if d else "closed")
+"#;
+    use std::os::unix::process::CommandExt;
+    let out = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .arg(socket)
+        .arg(if vsm { "vsm" } else { "nbd" })
+        .uid(uid)
+        .gid(gid)
+        .current_dir("/")
+        .output()
+        .expect("/usr/bin/python3 is needed (apt-get install python3)");
+    assert!(
+        out.status.success(),
+        "probe: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Co-tenants on one host: alice's and bob's workloads get different identities; bob's
+/// workload identity (and any other uid) reaches none of alice's crypto-domain sockets —
+/// neither by path (0700 run directory) nor through a hard link to the socket (the
+/// servers check SO_PEERCRED) — and every refusal is audited by alice's crypto domain and
+/// logged by her proxies.
+#[test]
+fn co_tenant_cannot_reach_another_crypto_domain() {
+    assert!(
+        ids_of(std::process::id()).0 == 0,
+        "this test needs root (workload identities are separate uids)"
+    );
+    let c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "web");
+    c.tenant_with_image("bob", "hr", "app");
+    c.launch_with_db("alice", "vm-a", "host-1");
+    c.tenant_ok(
+        "bob",
+        &["launch", "--id", "app", "--vm", "vm-b", "--host", "host-1"],
+    );
+    let (ua, ga) = ids_of(pid_of(&c, "host-1", "vm-a", "workload"));
+    let (ub, gb) = ids_of(pid_of(&c, "host-1", "vm-b", "workload"));
+    assert!(
+        (200_000..300_000).contains(&ua),
+        "alice's workload uid {ua}"
+    );
+    assert!((200_000..300_000).contains(&ub), "bob's workload uid {ub}");
+    assert_ne!(ua, ub, "two tenants' workloads share a uid");
+    // alice's crypto domain runs under her workload's identity, not root, not bob's.
+    for role in ["sdp", "vsm"] {
+        let pid = pid_of(&c, "host-1", "vm-a", role);
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let uids = st.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert!(
+            uids.split_whitespace().skip(1).all(|u| u == ua.to_string()),
+            "{role}: {uids}"
+        );
+    }
+    let dir = run_dir(&c, "host-1", "vm-a");
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(&dir).unwrap();
+    assert_eq!((md.uid(), md.mode() & 0o777), (ua, 0o700), "run directory");
+    let sockets = [
+        ("disk", dir.join("disk.sock"), false),
+        ("volume", dir.join("vol-finance-db.sock"), false),
+        ("vsm", dir.join("vsm.sock"), true),
+    ];
+    // Hard links in a directory everyone may traverse: only the peer check stands between
+    // a co-tenant and the servers there.
+    let open = c.root.join("links");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for (name, sock, vsm) in &sockets {
+        let link = open.join(format!("{name}.sock"));
+        std::fs::hard_link(sock, &link).unwrap();
+        std::fs::set_permissions(&link, std::fs::Permissions::from_mode(0o777)).unwrap();
+        // The owner's workload identity is served (the probe works)...
+        assert_eq!(
+            probe(ua, ga, &link, *vsm),
+            "data",
+            "{name}: alice's own workload"
+        );
+        // ...bob's workload identity and an unrelated uid are not, by path or by link.
+        for (who, uid, gid) in [
+            ("bob's workload", ub, gb),
+            ("another uid", 299_999, 299_999),
+        ] {
+            let by_path = probe(uid, gid, sock, *vsm);
+            assert_eq!(by_path, "connect-error 13", "{name} by path as {who}");
+            let by_link = probe(uid, gid, &link, *vsm);
+            assert_eq!(by_link, "closed", "{name} through a hard link as {who}");
+        }
+    }
+    // The refusals are in alice's crypto-domain audit log (hash chain intact)...
+    let out = Command::new(caas_bin())
+        .args(["domc", "audit", "--state-dir"])
+        .arg(dir.join("domc"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let audit = String::from_utf8_lossy(&out.stdout);
+    for uid in [ub, 299_999] {
+        assert!(
+            audit.lines().any(|l| l.contains("\"op\":\"Connect\"")
+                && l.contains(&format!("uid {uid} not allowed"))
+                && l.contains("\"rv\":\"0x200\"")),
+            "no audited refusal of uid {uid}:\n{audit}"
+        );
+    }
+    // ...and her proxies logged and counted theirs.
+    let raw = std::fs::read_to_string(c.dev.dir.join("test-dev.log")).unwrap();
+    // Without the terminal colour codes.
+    let mut log = String::new();
+    let mut it = raw.chars();
+    while let Some(ch) = it.next() {
+        if ch == '\x1b' {
+            for c in it.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            log.push(ch);
+        }
+    }
+    let refusals: Vec<&str> = log.lines().filter(|l| l.contains("refused")).collect();
+    for uid in [ub, 299_999] {
+        let n = log
+            .lines()
+            .filter(|l| {
+                l.contains("NBD connection refused")
+                    && l.contains(&format!("unix peer uid {uid} not allowed"))
+            })
+            .count();
+        assert!(
+            n >= 2,
+            "proxies logged {n} refusals of uid {uid}: {refusals:#?}\n{}",
+            &log[log.len().saturating_sub(3000)..]
+        );
+    }
+    assert!(
+        refusals.iter().any(|l| l.contains("refused=2")),
+        "refusals are counted: {refusals:#?}"
+    );
+    // alice's workload still works.
+    let rep = c.tenant_ok("alice", &["connect", "--vm", "vm-a"]);
+    assert!(rep.contains("\"ok\": true"), "{rep}");
+}
+
+/// After a launch, and after the agent is SIGKILLed, nothing on the host's disk holds a
+/// key: no `*.key` file, no file of exactly 32 bytes (the size of every key the crypto
+/// domain holds: the VSM domain key, k, the DBSP volume keys), and no copy of τ or the
+/// token PIN; the workload's injection file is gone.
+#[test]
+fn no_plaintext_key_on_host_disk_after_launch_and_after_agent_kill() {
+    let mut c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "web");
+    c.launch_with_db("alice", "vm1", "host-1");
+    let vm: Value =
+        serde_json::from_slice(&std::fs::read(c.tdir("alice").join("vms/vm1.json")).unwrap())
+            .unwrap();
+    let tau_b64 = vm["tau"].as_str().unwrap().to_string();
+    let tau = caas_attest::b64::decode(&tau_b64).unwrap();
+    let img: Value =
+        serde_json::from_slice(&std::fs::read(c.tdir("alice").join("images/web.json")).unwrap())
+            .unwrap();
+    let pin = img["user_pin"].as_str().unwrap().to_string();
+    let host_dir = c.dev.dir.join("hosts/host-1");
+    let run = run_dir(&c, "host-1", "vm1");
+    let scan = |when: &str| {
+        let mut files = 0;
+        let mut stack = vec![host_dir.clone()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                let md = std::fs::symlink_metadata(&p).unwrap();
+                if md.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                if !md.is_file() {
+                    continue;
+                }
+                files += 1;
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                assert!(!name.ends_with(".key"), "{when}: key file {}", p.display());
+                assert!(
+                    name != "inject.json" && name != "user.pin",
+                    "{when}: {} was left behind",
+                    p.display()
+                );
+                assert_ne!(
+                    md.len(),
+                    32,
+                    "{when}: {} has the size of a key",
+                    p.display()
+                );
+                let b = std::fs::read(&p).unwrap();
+                for secret in [&tau[..], pin.as_bytes(), tau_b64.as_bytes()] {
+                    assert!(
+                        !b.windows(secret.len()).any(|w| w == secret),
+                        "{when}: {} holds a secret",
+                        p.display()
+                    );
+                }
+            }
+        }
+        // The scan saw the crypto domain's state (token files, audit log) and the TPM blobs.
+        assert!(
+            run.join("domc/audit.log").exists(),
+            "{when}: no crypto-domain state"
+        );
+        assert!(files > 5, "{when}: only {files} files scanned");
+    };
+    scan("after launch");
+    let keep: Vec<u32> = procs(&c, "host-1", "vm1")
+        .into_iter()
+        .map(|p| p.1)
+        .collect();
+    let keep: Vec<u32> = keep
+        .into_iter()
+        .chain(pids_with(&run.display().to_string()))
+        .collect();
+    // The host agent (in-process in `caas dev`) dies as a crash would; its crypto domain
+    // processes are orphaned but still hold their keys in memory only.
+    let _ = c.dev.child.kill();
+    let _ = c.dev.child.wait();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    scan("after the agent was killed");
+    for pid in keep {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+}
+
+/// Every process that holds a key — the image's and the DBSP volume's Secure Device
+/// Proxies, the VSM crypto domain, and the host agent — has RLIMIT_CORE 0 and is not
+/// dumpable: a process of the crypto domain's identity without CAP_SYS_PTRACE cannot read
+/// its /proc/PID/environ (while it can read a dumpable process's of that identity); the
+/// agent, root with every capability and so unobservable that way, reports
+/// PR_GET_DUMPABLE in its status. The crypto-domain processes have their memory locked.
+#[test]
+fn key_holding_processes_cannot_dump_core() {
+    assert!(
+        ids_of(std::process::id()).0 == 0,
+        "this test needs root (workload identities are separate uids)"
+    );
+    let c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "web");
+    c.launch_with_db("alice", "vm1", "host-1");
+    let run = run_dir(&c, "host-1", "vm1");
+    let proxies = pids_with("volume\0serve");
+    let proxies: Vec<u32> = proxies
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+                let s = run.display().to_string();
+                c.windows(s.len()).any(|w| w == s.as_bytes())
+            })
+        })
+        .collect();
+    assert_eq!(
+        proxies.len(),
+        2,
+        "image and finance/db proxies: {proxies:?}"
+    );
+    let vsm = pid_of(&c, "host-1", "vm1", "vsm");
+    let workload = pid_of(&c, "host-1", "vm1", "workload");
+    let agent = c.dev.child.id();
+    // Reads /proc/PID/environ as uid:gid with no capabilities at all.
+    let peek = |pid: u32, uid: u32, gid: u32| -> bool {
+        let out = Command::new("setpriv")
+            .args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={gid}"),
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+                "cat",
+            ])
+            .arg(format!("/proc/{pid}/environ"))
+            .output()
+            .expect("setpriv is needed (util-linux)");
+        out.status.success()
+    };
+    let core_limit = |pid: u32| -> String {
+        let l = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        l.lines()
+            .find(|l| l.starts_with("Max core file size"))
+            .unwrap()
+            .split_whitespace()
+            .skip(4)
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let (wu, wg) = ids_of(workload);
+    // The probe works: a dumpable process of the same identity is readable.
+    assert!(
+        peek(workload, wu, wg),
+        "probe cannot read the (dumpable) workload"
+    );
+    let mut holders: Vec<(String, u32)> = proxies
+        .iter()
+        .map(|p| ("volume serve".to_string(), *p))
+        .collect();
+    holders.push(("VSM crypto domain".into(), vsm));
+    for (what, pid) in &holders {
+        let (u, g) = ids_of(*pid);
+        assert_eq!(
+            (u, g),
+            (wu, wg),
+            "{what} runs under the workload's identity"
+        );
+        assert!(
+            !peek(*pid, u, g),
+            "{what} ({pid}) is dumpable/ptraceable by its uid"
+        );
+        assert_eq!(core_limit(*pid), "0 0", "{what}: core limit");
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let locked: u64 = st
+            .lines()
+            .find(|l| l.starts_with("VmLck:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(locked > 0, "{what}: no locked memory");
+    }
+    // The host agent runs as root with every capability: no capability-less observer can
+    // read it whether it is dumpable or not, so it reports PR_GET_DUMPABLE itself.
+    assert_eq!(core_limit(agent), "0 0", "host agent: core limit");
+    let st = c
+        .call(
+            "GET",
+            &format!("{}/v1/agent/status", c.agent("host-1")),
+            None,
+        )
+        .unwrap();
+    assert_eq!(st["dumpable"], json!(false), "host agent: {st}");
 }

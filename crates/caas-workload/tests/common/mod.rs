@@ -70,7 +70,9 @@ pub fn crypto_domain(dir: &Path) -> Result<PathBuf> {
     let domain = Arc::new(caas_domc::domain::Domain::open(&cfg, key)?);
     let socket = dir.join("domc.sock");
     let listener = caas_domc::server::bind(&socket, 0o600)?;
-    std::thread::spawn(move || caas_domc::server::serve(domain, listener));
+    std::thread::spawn(move || {
+        caas_domc::server::serve(domain, listener, caas_domc::server::PeerPolicy::default())
+    });
     caas_domc::dev::wait_for_socket(&socket, Duration::from_secs(10))?;
     caas_domc::dev::init_token(&socket, 0, "workload-test", SO_PIN, USER_PIN)?;
     Ok(socket)

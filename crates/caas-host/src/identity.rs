@@ -1,0 +1,293 @@
+//! Workload identities: one crypto domain, one identity. When the host agent runs as root,
+//! each launched workload's crypto-domain processes (its Secure Device Proxies and VSM) and
+//! the workload itself run under a uid (= gid) of their own, drawn at random from the
+//! configured range and not used by any running process, in a 0700 run directory owned by
+//! that uid. Their UNIX sockets accept only that uid and the agent's (SO_PEERCRED), so a
+//! co-tenant can neither reach the directory nor, through another path to the socket,
+//! connect. With `isolation = "required"` (production) a launch that cannot get its own
+//! identity is refused; `best-effort` (dev) falls back to the agent's identity with a
+//! printed warning.
+
+use crate::config::{IdRange, Isolation};
+use crate::error::Error;
+use std::collections::HashSet;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Hands out workload identities.
+#[derive(Debug)]
+pub struct Identities {
+    range: IdRange,
+    isolation: Isolation,
+    run_dir: PathBuf,
+    taken: Arc<Mutex<HashSet<u32>>>,
+}
+
+/// The identity a workload and its crypto domain run under. Dropping it returns the uid.
+#[derive(Debug)]
+pub struct Identity {
+    /// uid.
+    pub uid: u32,
+    /// gid.
+    pub gid: u32,
+    /// Whether this is an identity of the workload's own (false: the agent's, dev fallback).
+    pub own: bool,
+    taken: Option<Arc<Mutex<HashSet<u32>>>>,
+}
+
+/// What a spawned process needs of an [`Identity`].
+#[derive(Debug, Clone, Copy)]
+pub struct RunAs {
+    /// uid.
+    pub uid: u32,
+    /// gid.
+    pub gid: u32,
+    /// An identity of the workload's own (false: the agent's).
+    pub own: bool,
+}
+
+impl Identity {
+    /// The copyable part.
+    #[must_use]
+    pub fn run_as(&self) -> RunAs {
+        RunAs {
+            uid: self.uid,
+            gid: self.gid,
+            own: self.own,
+        }
+    }
+}
+
+impl Drop for Identity {
+    fn drop(&mut self) {
+        if let Some(t) = &self.taken
+            && let Ok(mut t) = t.lock()
+        {
+            t.remove(&self.uid);
+        }
+    }
+}
+
+/// The agent's own effective uid and gid.
+#[must_use]
+pub fn agent_ids() -> (u32, u32) {
+    (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    )
+}
+
+impl Identities {
+    /// Identities from `range` for run directories under `run_dir`.
+    #[must_use]
+    pub fn new(range: IdRange, isolation: Isolation, run_dir: PathBuf) -> Self {
+        Self {
+            range,
+            isolation,
+            run_dir,
+            taken: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+
+    /// Why workloads cannot get identities of their own here, if they cannot.
+    fn unavailable(&self) -> Option<String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Some("the host agent does not run as root".into());
+        }
+        unreachable_ancestor(&self.run_dir).map(|p| {
+            format!(
+                "{} is not traversable by other users (needs o+x), so a workload identity \
+                 could not reach its sockets under {}",
+                p.display(),
+                self.run_dir.display()
+            )
+        })
+    }
+
+    /// A fresh identity for a launch (module doc).
+    ///
+    /// # Errors
+    /// [`Error::Isolation`] when isolation is required and unavailable, or the range is
+    /// exhausted.
+    pub fn allocate(&self) -> Result<Identity, Error> {
+        if let Some(why) = self.unavailable() {
+            return match self.isolation {
+                Isolation::Required => Err(Error::Isolation(format!(
+                    "a workload must run under its own identity: {why}"
+                ))),
+                Isolation::BestEffort => {
+                    eprintln!(
+                        "caas host: WARNING: workload and crypto domain share the agent's \
+                         identity (dev fallback): {why}"
+                    );
+                    tracing::warn!(reason = %why, "workload isolation unavailable (dev fallback)");
+                    let (uid, gid) = agent_ids();
+                    Ok(Identity {
+                        uid,
+                        gid,
+                        own: false,
+                        taken: None,
+                    })
+                }
+            };
+        }
+        let span = u64::from(self.range.last - self.range.first) + 1;
+        let mut taken = self
+            .taken
+            .lock()
+            .map_err(|_| Error::Isolation("identity table poisoned".into()))?;
+        for _ in 0..256 {
+            let r = caas_crypto::random_bytes(8)
+                .map_err(|_| Error::Isolation("no randomness".into()))?;
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&r);
+            let off = u32::try_from(u64::from_le_bytes(b) % span).unwrap_or(0);
+            let uid = self.range.first + off;
+            if taken.contains(&uid) || uid_in_use(uid) {
+                continue;
+            }
+            taken.insert(uid);
+            return Ok(Identity {
+                uid,
+                gid: uid,
+                own: true,
+                taken: Some(self.taken.clone()),
+            });
+        }
+        Err(Error::Isolation(format!(
+            "no free workload identity in {}-{}",
+            self.range.first, self.range.last
+        )))
+    }
+}
+
+/// The first directory on the way to `dir` (inclusive) that other users cannot traverse.
+fn unreachable_ancestor(dir: &Path) -> Option<PathBuf> {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    dir.ancestors()
+        .find(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.permissions().mode() & 0o001 == 0)
+                .unwrap_or(true)
+        })
+        .map(Path::to_path_buf)
+}
+
+/// Whether any running process has `uid` as its real, effective, saved or filesystem uid
+/// (a stopped workload's or an earlier agent's orphan must not share a new workload's uid).
+fn uid_in_use(uid: u32) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    let want = uid.to_string();
+    procs.flatten().any(|e| {
+        let name = e.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            return false;
+        }
+        std::fs::read_to_string(e.path().join("status")).is_ok_and(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .is_some_and(|l| l.split_whitespace().skip(1).any(|u| u == want))
+        })
+    })
+}
+
+/// Creates `dir` afresh for `id`: owned by it, mode 0700.
+///
+/// # Errors
+/// [`Error::Io`] naming the step.
+pub fn fresh_dir(dir: &Path, id: RunAs) -> Result<(), Error> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).map_err(Error::io("create the workload directory"))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(Error::io("chmod the workload directory"))?;
+    if id.own {
+        std::os::unix::fs::chown(dir, Some(id.uid), Some(id.gid))
+            .map_err(Error::io("chown the workload directory"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreachable_ancestor_names_the_closed_directory() {
+        let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let inner = t.path().join("a/b");
+        std::fs::create_dir_all(&inner).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o700))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let closed = unreachable_ancestor(&inner);
+        assert_eq!(
+            closed.as_deref(),
+            std::fs::canonicalize(t.path()).ok().as_deref()
+        );
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o711))
+            .unwrap_or_else(|e| panic!("{e}"));
+        for p in [t.path().join("a"), inner.clone()] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o711))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        // Every ancestor of a tempdir (/, /tmp) is traversable.
+        assert_eq!(unreachable_ancestor(&inner), None);
+    }
+
+    /// Production refuses a launch whose identity could not reach its run directory; dev
+    /// falls back to the agent's identity.
+    #[test]
+    fn required_isolation_refuses_an_unreachable_run_dir() {
+        let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o700))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let run = t.path().join("run");
+        std::fs::create_dir(&run).unwrap_or_else(|e| panic!("{e}"));
+        let range = IdRange {
+            first: 290_100,
+            last: 290_199,
+        };
+        let strict = Identities::new(range, Isolation::Required, run.clone());
+        match strict.allocate() {
+            Err(Error::Isolation(m)) => assert!(
+                m.contains("own identity")
+                    && (m.contains("not run as root") || m.contains("traversable")),
+                "{m}"
+            ),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let dev = Identities::new(range, Isolation::BestEffort, run);
+        let id = dev.allocate().unwrap_or_else(|e| panic!("{e}"));
+        assert!(!id.own);
+        assert_eq!((id.uid, id.gid), agent_ids());
+    }
+
+    #[test]
+    fn identities_are_distinct_and_returned() {
+        let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o711))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let ids = Identities::new(
+            IdRange {
+                first: 290_000,
+                last: 290_001,
+            },
+            Isolation::Required,
+            t.path().to_path_buf(),
+        );
+        if !nix::unistd::geteuid().is_root() {
+            assert!(matches!(ids.allocate(), Err(Error::Isolation(_))));
+            return;
+        }
+        let a = ids.allocate().unwrap_or_else(|e| panic!("{e}"));
+        let b = ids.allocate().unwrap_or_else(|e| panic!("{e}"));
+        assert!(a.own && b.own && a.uid != b.uid);
+        assert!(matches!(ids.allocate(), Err(Error::Isolation(_))));
+        let freed = a.uid;
+        drop(a);
+        let c = ids.allocate().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.uid, freed);
+    }
+}
