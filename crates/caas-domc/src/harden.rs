@@ -25,11 +25,9 @@ pub struct Report {
 /// Applies the process hardening (before any key is loaded).
 pub fn harden(seccomp: bool) -> Result<Report, Error> {
     let mut r = Report::default();
-    nix::sys::prctl::set_dumpable(false)
-        .map_err(|e| Error::Harden(format!("PR_SET_DUMPABLE: {e}")))?;
+    // The same routine as the key service's (caas-crypto), so both stay alike.
+    caas_crypto::hardening::forbid_core_dumps().map_err(|e| Error::Harden(e.to_string()))?;
     r.not_dumpable = true;
-    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
-        .map_err(|e| Error::Harden(format!("RLIMIT_CORE: {e}")))?;
     r.no_core = true;
     use nix::sys::mman::{MlockAllFlags, mlockall};
     match mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE) {
@@ -77,8 +75,7 @@ pub fn drop_privileges(
     nix::unistd::setresuid(uid.into(), uid.into(), uid.into())
         .map_err(|e| Error::Harden(format!("setresuid: {e}")))?;
     // Changing credentials resets the dumpable flag; clear it again.
-    nix::sys::prctl::set_dumpable(false)
-        .map_err(|e| Error::Harden(format!("PR_SET_DUMPABLE: {e}")))?;
+    caas_crypto::hardening::set_not_dumpable().map_err(|e| Error::Harden(e.to_string()))?;
     Ok(Some(uid))
 }
 
