@@ -1,7 +1,8 @@
 //! `caas dev`: the all-in-one local deployment in one data directory.
 //!
 //! Layout of DIR: `node.key` (0600, the node key — outside the database, as the docs say
-//! for dev mode), `kms.sqlite3` (the store), `dev.json` (0600: the dev tenant's account and
+//! for dev mode), `node.key.audit-checkpoint` (the signed audit-head checkpoint, see
+//! `caas_kms::checkpoint`), `kms.sqlite3` (the store), `dev.json` (0600: the dev tenant's account and
 //! access key), `env` (0600: shell `export` lines for every endpoint and credential, including
 //! the dev tenant's secret access key — dev mode only), `dev.pid`, `dev.log` (detached).
 //! Restarting on the same DIR keeps every key and the same credentials.

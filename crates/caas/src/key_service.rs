@@ -1,4 +1,11 @@
 //! `caas key-service serve`, `caas admin ...` and `caas audit ...`.
+//!
+//! The serving process is hardened first ([`harden`]: non-dumpable, no core files) and
+//! refuses to start on an audit chain behind its node's checkpoint unless
+//! `--accept-audit-rollback` (audited; see `caas_kms::checkpoint`). `caas audit list`,
+//! `verify` (human summary or `--json`, non-zero exit on any failure, chain and checkpoint)
+//! and `export` (CloudTrail-style JSON lines) only read: they neither check nor move the
+//! checkpoint.
 use anyhow::{Context, Result, bail};
 use caas_kms::checkpoint::{self, Freshness, OnRollback};
 use caas_kms::config::{self, ServeParams};
