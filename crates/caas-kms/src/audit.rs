@@ -114,7 +114,14 @@ fn scrub(v: &Value) -> Value {
 pub fn iso8601(time_ms: i64) -> String {
     let s = crate::sigv4::format_amz_date(time_ms.div_euclid(1000));
     // format_amz_date gives YYYYMMDDTHHMMSSZ.
-    match (s.get(0..4), s.get(4..6), s.get(6..8), s.get(9..11), s.get(11..13), s.get(13..15)) {
+    match (
+        s.get(0..4),
+        s.get(4..6),
+        s.get(6..8),
+        s.get(9..11),
+        s.get(11..13),
+        s.get(13..15),
+    ) {
         (Some(y), Some(mo), Some(d), Some(h), Some(mi), Some(se)) => {
             format!("{y}-{mo}-{d}T{h}:{mi}:{se}Z")
         }
@@ -279,16 +286,25 @@ mod tests {
         assert_eq!(ev["caas"]["seq"], 42);
         assert_eq!(ev["caas"]["hash"], hex::encode([2u8; 32]));
         // Stable and distinct event ids.
-        assert_eq!(ev["eventID"], cloudtrail_event(&rec, "eu-west-1")["eventID"]);
+        assert_eq!(
+            ev["eventID"],
+            cloudtrail_event(&rec, "eu-west-1")["eventID"]
+        );
         let mut other = rec.clone();
         other.seq = 43;
-        assert_ne!(ev["eventID"], cloudtrail_event(&other, "eu-west-1")["eventID"]);
+        assert_ne!(
+            ev["eventID"],
+            cloudtrail_event(&other, "eu-west-1")["eventID"]
+        );
         assert!(uuid::Uuid::parse_str(ev["eventID"].as_str().unwrap()).is_ok());
         assert!(!ev.to_string().contains(canary), "{ev}");
         // Success: no errorCode.
         let ok = cloudtrail_event(&record(json!({}), "Success"), "us-east-1");
         assert!(ok.get("errorCode").is_none());
-        assert_eq!(ok["requestParameters"]["KeyId"], "1234abcd-12ab-34cd-56ef-1234567890ab");
+        assert_eq!(
+            ok["requestParameters"]["KeyId"],
+            "1234abcd-12ab-34cd-56ef-1234567890ab"
+        );
     }
 
     #[test]

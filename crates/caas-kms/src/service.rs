@@ -125,10 +125,7 @@ impl Kms {
     /// this node's checkpoint and keep the checkpoint from now on (what to do when it is
     /// stale), or `None` for read-only inspection (`caas audit ...`), which neither checks
     /// nor moves the checkpoint.
-    pub async fn open_with(
-        p: &KmsParams,
-        freshness: Option<OnRollback>,
-    ) -> KmsResult<Arc<Kms>> {
+    pub async fn open_with(p: &KmsParams, freshness: Option<OnRollback>) -> KmsResult<Arc<Kms>> {
         let node = if p.create_node_key {
             NodeKey::load_or_create(&p.node_key_file)?
         } else {

@@ -736,7 +736,12 @@ pub(crate) async fn anchor_observes_heads_and_follows_other_writers(h: &impl Har
     one(&other, 9).await.unwrap();
     one(&s, 10).await.unwrap();
     assert_eq!(heads.0.lock().unwrap().last().unwrap().0, 10);
-    assert!(s.audit_verify(&h.signer().verifier()).await.unwrap().is_ok());
+    assert!(
+        s.audit_verify(&h.signer().verifier())
+            .await
+            .unwrap()
+            .is_ok()
+    );
 }
 
 pub(crate) async fn anchor_refuses_a_cut_tail(h: &impl Harness) {
@@ -752,7 +757,12 @@ pub(crate) async fn anchor_refuses_a_cut_tail(h: &impl Harness) {
     ))
     .await;
     // The forged chain verifies on its own — only the anchor tells.
-    assert!(s.audit_verify(&h.signer().verifier()).await.unwrap().is_ok());
+    assert!(
+        s.audit_verify(&h.signer().verifier())
+            .await
+            .unwrap()
+            .is_ok()
+    );
     let r = one(&s, 7).await;
     assert!(
         matches!(&r, Err(Error::Corrupt(m)) if m.contains("behind")),

@@ -221,7 +221,8 @@ pub async fn serve(params: ServeParams, bound: Bound, extra: Option<axum::Router
         })
     };
     tracing::info!(%addr, tls = params.tls.is_some(), "key service listening");
-    let served = caas_kms::server::serve(kms.clone(), listener, params.tls, extra, shutdown_signal()).await;
+    let served =
+        caas_kms::server::serve(kms.clone(), listener, params.tls, extra, shutdown_signal()).await;
     maint.abort();
     kms.sync_audit_checkpoint();
     served?;
@@ -393,8 +394,7 @@ pub async fn run_audit(cmd: AuditCmd) -> Result<()> {
         } => {
             let params = store.params()?;
             let kms = inspect(&params).await?;
-            let cp_path =
-                checkpoint.unwrap_or_else(|| checkpoint::path_for(&params.node_key_file));
+            let cp_path = checkpoint.unwrap_or_else(|| checkpoint::path_for(&params.node_key_file));
             let pk = kms.audit_public_key().to_vec();
             // Checkpoint first: a node committing meanwhile only moves the head forward.
             let fresh = checkpoint::check(&kms.store, &cp_path, &pk)
@@ -517,7 +517,10 @@ fn verify_text(
     ));
     match &report.first_bad {
         None => s.push_str("chain: ok (hashes, links, sequence, signatures, head row)\n"),
-        Some(f) => s.push_str(&format!("chain: FAILED at record {}: {}\n", f.seq, f.reason)),
+        Some(f) => s.push_str(&format!(
+            "chain: FAILED at record {}: {}\n",
+            f.seq, f.reason
+        )),
     }
     match fresh {
         Freshness::NoCheckpoint { .. } => s.push_str(&format!(
@@ -532,6 +535,10 @@ fn verify_text(
         )),
         Freshness::Stale(r) => s.push_str(&format!("checkpoint: FAILED: {r}\n")),
     }
-    s.push_str(if ok { "result: OK\n" } else { "result: FAILED\n" });
+    s.push_str(if ok {
+        "result: OK\n"
+    } else {
+        "result: FAILED\n"
+    });
     s
 }

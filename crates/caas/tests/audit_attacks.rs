@@ -132,14 +132,20 @@ fn assert_detected(dir: &Path, problem: &str) {
     let (ok, v) = verify_json(dir);
     assert!(!ok, "verify accepted a rolled-back chain: {v}");
     assert_eq!(v["ok"], json!(false));
-    assert_eq!(v["first_bad"], Value::Null, "the forged chain is consistent: {v}");
+    assert_eq!(
+        v["first_bad"],
+        Value::Null,
+        "the forged chain is consistent: {v}"
+    );
     assert_eq!(v["checkpoint"]["status"], "stale", "{v}");
     let p = v["checkpoint"]["problem"].as_str().unwrap();
     assert!(p.contains(problem), "{p}");
     let (ok, text, _) = verify(dir, false);
     assert!(!ok);
     assert!(
-        text.contains("checkpoint: FAILED") && text.contains(problem) && text.contains("result: FAILED"),
+        text.contains("checkpoint: FAILED")
+            && text.contains(problem)
+            && text.contains("result: FAILED"),
         "{text}"
     );
 }
@@ -252,7 +258,10 @@ fn operator_override_is_audited() {
     );
     let accepted_hash = sqlite3(
         dir,
-        &format!("SELECT lower(hex(hash)) FROM audit_log WHERE seq = {}", head - 2),
+        &format!(
+            "SELECT lower(hex(hash)) FROM audit_log WHERE seq = {}",
+            head - 2
+        ),
     );
     dev_refuses(dir);
     // The operator accepts the database as it is.
@@ -272,7 +281,10 @@ fn operator_override_is_audited() {
     assert_eq!(d["checkpoint"]["hash"], json!(old_hash), "{d}");
     assert_eq!(d["accepted_head"]["seq"], json!(head - 2), "{d}");
     assert_eq!(d["accepted_head"]["hash"], json!(accepted_hash), "{d}");
-    assert!(d["reason"].as_str().unwrap().contains("tail was cut"), "{d}");
+    assert!(
+        d["reason"].as_str().unwrap().contains("tail was cut"),
+        "{d}"
+    );
     assert_eq!(accepted[0]["Seq"], json!(head - 1));
     // The keys survived; serving goes on and the chain is fresh again.
     let c = dev.client();
@@ -321,12 +333,18 @@ fn audit_export_is_cloudtrail_shaped_and_holds_no_secret() {
             .unwrap()
             .to_string();
         let ct = c
-            .call("Encrypt", &json!({ "KeyId": key, "Plaintext": b64(canary) }))
+            .call(
+                "Encrypt",
+                &json!({ "KeyId": key, "Plaintext": b64(canary) }),
+            )
             .await
             .unwrap();
-        c.call("Decrypt", &json!({ "CiphertextBlob": ct["CiphertextBlob"] }))
-            .await
-            .unwrap();
+        c.call(
+            "Decrypt",
+            &json!({ "CiphertextBlob": ct["CiphertextBlob"] }),
+        )
+        .await
+        .unwrap();
         // A failure, for errorCode.
         assert!(
             c.call("Decrypt", &json!({ "CiphertextBlob": b64(b"garbage") }))
@@ -378,7 +396,10 @@ fn audit_export_is_cloudtrail_shaped_and_holds_no_secret() {
         t.len() == 20 && t.ends_with('Z') && &t[4..5] == "-" && &t[10..11] == "T",
         "{t}"
     );
-    assert_eq!(enc["userIdentity"]["accountId"], json!(dev.env["CAAS_ACCOUNT_ID"]));
+    assert_eq!(
+        enc["userIdentity"]["accountId"],
+        json!(dev.env["CAAS_ACCOUNT_ID"])
+    );
     assert_eq!(
         enc["userIdentity"]["accessKeyId"],
         json!(dev.env["AWS_ACCESS_KEY_ID"])
@@ -398,8 +419,10 @@ fn audit_export_is_cloudtrail_shaped_and_holds_no_secret() {
         .expect("a failed Decrypt");
     assert!(failed["errorCode"].as_str().unwrap().ends_with("Exception"));
     // Event ids are unique and stable across exports; --since-seq skips.
-    let ids: std::collections::HashSet<&str> =
-        events.iter().map(|e| e["eventID"].as_str().unwrap()).collect();
+    let ids: std::collections::HashSet<&str> = events
+        .iter()
+        .map(|e| e["eventID"].as_str().unwrap())
+        .collect();
     assert_eq!(ids.len(), events.len());
     let again = dev.caas(&["audit", "export"]);
     assert!(again.starts_with(out.lines().next().unwrap()));
@@ -421,12 +444,7 @@ fn key_service_process_cannot_dump_core() {
         if root {
             std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
             let mut c = Command::new("setpriv");
-            c.args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "--",
-            ]);
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
             c.arg(cmd.get_program()).args(cmd.get_args());
             c
         } else {
@@ -500,8 +518,11 @@ fn key_service_process_cannot_dump_core() {
     .spawn()
     .unwrap();
     let t = Instant::now();
-    while read_env(&devdir).get("CAAS_KMS_ENDPOINT").is_none() {
-        assert!(t.elapsed() < Duration::from_secs(120), "caas dev did not start");
+    while !read_env(&devdir).contains_key("CAAS_KMS_ENDPOINT") {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "caas dev did not start"
+        );
         assert!(dev.try_wait().unwrap().is_none(), "caas dev exited");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -522,7 +543,9 @@ fn proc_owner(pid: u32) -> u32 {
     use std::os::unix::fs::MetadataExt;
     // The kernel hands a non-dumpable process's /proc/PID/* entries (not the directory)
     // to root: environ, mem, fd...
-    std::fs::metadata(format!("/proc/{pid}/environ")).unwrap().uid()
+    std::fs::metadata(format!("/proc/{pid}/environ"))
+        .unwrap()
+        .uid()
 }
 
 fn assert_hardened(pid: u32, what: &str) {
@@ -641,7 +664,9 @@ fn dba_cut_audit_tail_is_detected_on_postgres() {
     let tmp = tempfile::tempdir().unwrap();
     // Two nodes, each with its own directory (its own copy of the shared node key, its own
     // checkpoint), on one database.
-    let cfgs: Vec<PathBuf> = (0..2).map(|n| pg_node_config(tmp.path(), &url, n)).collect();
+    let cfgs: Vec<PathBuf> = (0..2)
+        .map(|n| pg_node_config(tmp.path(), &url, n))
+        .collect();
     for n in 0..2 {
         std::fs::create_dir(tmp.path().join(format!("node{n}"))).unwrap();
     }
@@ -659,8 +684,11 @@ fn dba_cut_audit_tail_is_detected_on_postgres() {
         }
     }
     let mut nodes: Vec<PgNode> = cfgs.iter().map(|c| serve(c).unwrap()).collect();
-    let acct: Value =
-        serde_json::from_str(&caas_ok(&["admin", "create-account", "pg-tenant"], &cfgs[0])).unwrap();
+    let acct: Value = serde_json::from_str(&caas_ok(
+        &["admin", "create-account", "pg-tenant"],
+        &cfgs[0],
+    ))
+    .unwrap();
     let ak: Value = serde_json::from_str(&caas_ok(
         &[
             "admin",
@@ -706,7 +734,11 @@ fn dba_cut_audit_tail_is_detected_on_postgres() {
     };
     for cfg in &cfgs {
         let out = verify_cfg(cfg);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
     // The DBA cuts the last four records (node 1's) and rewrites the head row, with psql.
     let head: u64 = pg
@@ -738,13 +770,22 @@ fn dba_cut_audit_tail_is_detected_on_postgres() {
     // Node 0's checkpoint is older than the cut: its own check passes (seq ≤ head and the
     // record at its seq has its hash) — each node vouches for what it saw.
     let out = verify_cfg(&cfgs[0]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // Node 1 is brought back by the operator, audited.
     let mut cmd = Command::new(caas_bin());
-    cmd.args(["key-service", "serve", "--accept-audit-rollback", "--config"])
-        .arg(&cfgs[1])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    cmd.args([
+        "key-service",
+        "serve",
+        "--accept-audit-rollback",
+        "--config",
+    ])
+    .arg(&cfgs[1])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
     let mut child = cmd.spawn().unwrap();
     let mut line = String::new();
     std::io::BufRead::read_line(
