@@ -30,12 +30,13 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = caas_tl::crypto::split_lp(data, 2);
     let _ = caas_tl::crypto::split_bind_sealed(data);
+    let _ = caas_tl::dm::SealedDomc::parse(data);
     let _ = k.open(wire::label::M1.as_bytes(), data);
     let _ = caas_tl::crypto::TtpKeys::from_secret_bytes(data);
     let _ = caas_tl::TtpPublic::from_text(&String::from_utf8_lossy(data));
     if data.len() >= 32 {
         let att = caas_tl::wire::Attestation { host: "h".into(), r: vec![0; 32], c2: data[32..].to_vec() };
         let _ = caas_tl::sc::open_m2(&data[..32], &att);
-        let _ = caas_tl::dm::open_domc_config(&data[..32], "h", "img", &data[32..]);
+        let _ = caas_tl::dm::open_domc_config(&data[..32], "h", "img", &"0".repeat(64), &data[32..]);
     }
 });

@@ -11,6 +11,7 @@ use crate::keys::{self, Curve};
 use crate::keysource::DomainKey;
 use crate::object::{self, Object, Origin, Owner, tmpl_bytes, tmpl_ulong};
 use crate::ops::{self, CipherOp, DigestOp, SignOp};
+use crate::policy::{self, Role};
 use crate::token::Token;
 use caas_vsm_proto::attr;
 use caas_vsm_proto::{
@@ -246,6 +247,25 @@ impl Domain {
             mechanism: mech,
             rv,
         });
+    }
+
+    /// Audits a refused request (failures are written through at once) and returns its error.
+    fn refuse(
+        &self,
+        app: &App,
+        op: &str,
+        slot: u64,
+        obj: Option<&Object>,
+        mech: Option<u64>,
+        e: Ckr,
+    ) -> Ckr {
+        self.audit(app, op, slot, obj, mech, e.0);
+        e
+    }
+
+    /// Who the application is on `slot` (decides which attributes it may set).
+    fn role(&self, app: &App, slot: u64) -> Role {
+        Role::of(self.user(app, slot))
     }
 
     /// Looks up an object visible to this application in the session's token.
@@ -577,8 +597,16 @@ impl Domain {
                     CKO_DATA | CKO_CERTIFICATE => None,
                     _ => return Err(Ckr(CKR_ATTRIBUTE_VALUE_INVALID)),
                 };
-                let (attrs, secret) =
-                    object::build(&template, class, key_type, Origin::Imported, &[], None)?;
+                let (attrs, secret) = object::build(
+                    &template,
+                    class,
+                    key_type,
+                    Origin::Imported,
+                    &[],
+                    None,
+                    self.role(app, slot),
+                )
+                .map_err(|e| self.refuse(app, "C_CreateObject", slot, None, None, e))?;
                 let o = self.insert(app, session, slot, rw, attrs, secret)?;
                 // Public keys must parse now so a bad key fails here, not at use.
                 if (class == CKO_PUBLIC_KEY || class == CKO_PRIVATE_KEY)
@@ -605,7 +633,14 @@ impl Domain {
                 if !o.flag(CKA_COPYABLE) {
                     return Err(Ckr(CKR_ACTION_PROHIBITED));
                 }
-                let attrs = o.apply_template(&template, true)?;
+                // A copy would start a fresh use counter and rate bucket (see `policy`).
+                if policy::has_limit(&o) {
+                    let e = Ckr(CKR_ACTION_PROHIBITED);
+                    return Err(self.refuse(app, "C_CopyObject", slot, Some(&o), None, e));
+                }
+                let attrs = o
+                    .apply_template(&template, true, self.role(app, slot))
+                    .map_err(|e| self.refuse(app, "C_CopyObject", slot, Some(&o), None, e))?;
                 let secret = o.secret.as_ref().map(|s| Zeroizing::new(s.to_vec()));
                 let n = self.insert(app, session, slot, rw, attrs, secret)?;
                 self.audit(app, "C_CopyObject", slot, Some(&n), None, 0);
@@ -653,7 +688,11 @@ impl Domain {
                 if o.is_token() && !rw {
                     return Err(Ckr(CKR_SESSION_READ_ONLY));
                 }
-                let new = o.apply_template(&template, false)?;
+                let new = o
+                    .apply_template(&template, false, self.role(app, slot))
+                    .map_err(|e| {
+                        self.refuse(app, "C_SetAttributeValue", slot, Some(&o), None, e)
+                    })?;
                 *o.attrs
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = new;

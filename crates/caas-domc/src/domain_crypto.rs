@@ -3,6 +3,7 @@
 //! checks the key's usage flags, counts a use against the tenant's limits and is audited.
 
 use super::*;
+use crate::wrap;
 
 fn secret_len(t: &[Attr]) -> R<usize> {
     let n = tmpl_ulong(t, CKA_VALUE_LEN).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
@@ -365,7 +366,18 @@ impl Domain {
                     Origin::Generated(mechanism.mechanism),
                     &[(CKA_VALUE_LEN, attr::ulong(len as u64))],
                     Some(v),
-                )?;
+                    self.role(app, slot),
+                )
+                .map_err(|e| {
+                    self.refuse(
+                        app,
+                        "C_GenerateKey",
+                        slot,
+                        None,
+                        Some(mechanism.mechanism),
+                        e,
+                    )
+                })?;
                 let o = self.insert(app, session, slot, rw, attrs, secret)?;
                 self.audit(
                     app,
@@ -433,7 +445,18 @@ impl Domain {
                     origin,
                     &pair.public_attrs,
                     None,
-                )?;
+                    self.role(app, slot),
+                )
+                .map_err(|e| {
+                    self.refuse(
+                        app,
+                        "C_GenerateKeyPair",
+                        slot,
+                        None,
+                        Some(mechanism.mechanism),
+                        e,
+                    )
+                })?;
                 let priv_extra: Vec<(u64, Vec<u8>)> = pair
                     .public_attrs
                     .iter()
@@ -447,7 +470,18 @@ impl Domain {
                     origin,
                     &priv_extra,
                     Some(pair.secret),
-                )?;
+                    self.role(app, slot),
+                )
+                .map_err(|e| {
+                    self.refuse(
+                        app,
+                        "C_GenerateKeyPair",
+                        slot,
+                        None,
+                        Some(mechanism.mechanism),
+                        e,
+                    )
+                })?;
                 let public = self.insert(app, session, slot, rw, pa, None)?;
                 let private = match self.insert(app, session, slot, rw, sa, ss) {
                     Ok(p) => p,
@@ -495,6 +529,18 @@ impl Domain {
                     );
                     return Err(Ckr(CKR_KEY_UNEXTRACTABLE));
                 }
+                let policy = ops::check_key(&wk, CKA_WRAP, mechanism.mechanism)
+                    .and_then(|()| self.wrap_policy(slot, mechanism.mechanism, &wk, &k));
+                if let Err(e) = policy {
+                    return Err(self.refuse(
+                        app,
+                        "C_WrapKey",
+                        slot,
+                        Some(&k),
+                        Some(mechanism.mechanism),
+                        e,
+                    ));
+                }
                 let plain = match k.class() {
                     CKO_SECRET_KEY | CKO_PRIVATE_KEY => {
                         if k.class() == CKO_PRIVATE_KEY && k.key_type() != Some(CKK_RSA) {
@@ -509,7 +555,12 @@ impl Domain {
                     }
                     _ => return Err(Ckr(CKR_KEY_NOT_WRAPPABLE)),
                 };
-                let out = self.wrap_bytes(&mechanism, &wk, &plain, true)?;
+                let out = if mechanism.mechanism == wrap::CKM_CAAS_AES_KEY_WRAP_ATTRS {
+                    let kek = self.caas_wrap_key(&mechanism, &wk, true)?;
+                    Zeroizing::new(wrap::seal(kek.secret()?, &k, &plain)?)
+                } else {
+                    self.wrap_bytes(&mechanism, &wk, &plain, true)?
+                };
                 self.use_key(app, slot, &wk, "C_WrapKey", mechanism.mechanism)?;
                 self.audit(
                     app,
@@ -543,9 +594,35 @@ impl Domain {
                 let uk = self
                     .object(app, slot, unwrapping_key)
                     .map_err(|_| Ckr(CKR_UNWRAPPING_KEY_HANDLE_INVALID))?;
+                // The unwrap rules (`policy`): no padding oracle, never a weaker key.
+                let refuse = |e| {
+                    self.refuse(
+                        app,
+                        "C_UnwrapKey",
+                        slot,
+                        Some(&uk),
+                        Some(mechanism.mechanism),
+                        e,
+                    )
+                };
+                let (template, plain) = if mechanism.mechanism == wrap::CKM_CAAS_AES_KEY_WRAP_ATTRS
+                {
+                    // The blob's own attributes are the floor.
+                    let kek = self.caas_wrap_key(&mechanism, &uk, false).map_err(refuse)?;
+                    let (bound, plain) = wrap::open(kek.secret()?, &wrapped.0).map_err(refuse)?;
+                    (wrap::merge(&bound, template).map_err(refuse)?, plain)
+                } else {
+                    if mechanism.mechanism == CKM_AES_CBC_PAD {
+                        return Err(refuse(Ckr(CKR_MECHANISM_INVALID)));
+                    }
+                    let forced = policy::unwrap_forced(&template, &uk).map_err(refuse)?;
+                    let plain = self
+                        .wrap_bytes(&mechanism, &uk, &wrapped.0, false)
+                        .map_err(refuse)?;
+                    (template.into_iter().chain(forced).collect(), plain)
+                };
                 let class = tmpl_ulong(&template, CKA_CLASS).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
                 let kt = tmpl_ulong(&template, CKA_KEY_TYPE).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
-                let plain = self.wrap_bytes(&mechanism, &uk, &wrapped.0, false)?;
                 self.use_key(app, slot, &uk, "C_UnwrapKey", mechanism.mechanism)?;
                 let (extra, secret) = match (class, kt) {
                     (CKO_SECRET_KEY, _) => {
@@ -574,8 +651,16 @@ impl Domain {
                     .into_iter()
                     .filter(|a| a.ty != CKA_VALUE_LEN)
                     .collect();
-                let (attrs, secret) =
-                    object::build(&t, class, Some(kt), Origin::Imported, &extra, Some(secret))?;
+                let (attrs, secret) = object::build(
+                    &t,
+                    class,
+                    Some(kt),
+                    Origin::Imported,
+                    &extra,
+                    Some(secret),
+                    self.role(app, slot),
+                )
+                .map_err(refuse)?;
                 let o = self.insert(app, session, slot, rw, attrs, secret)?;
                 self.audit(
                     app,
@@ -635,7 +720,18 @@ impl Domain {
                     Origin::Generated(CKM_ECDH1_DERIVE),
                     &[(CKA_VALUE_LEN, attr::ulong(len as u64))],
                     Some(Zeroizing::new(z[..len].to_vec())),
-                )?;
+                    self.role(app, slot),
+                )
+                .map_err(|e| {
+                    self.refuse(
+                        app,
+                        "C_DeriveKey",
+                        slot,
+                        Some(&k),
+                        Some(CKM_ECDH1_DERIVE),
+                        e,
+                    )
+                })?;
                 // Derived keys inherit the base key's sensitivity history.
                 attrs.insert(CKA_LOCAL, attr::boolean(false));
                 if !k.flag(CKA_ALWAYS_SENSITIVE) {
@@ -673,6 +769,81 @@ impl Domain {
             }
             _ => return Err(Ckr(CKR_FUNCTION_NOT_SUPPORTED)),
         })
+    }
+
+    /// The wrap rules of `policy`: may `wk` wrap `k` with `mech`? CKR_KEY_NOT_WRAPPABLE if not.
+    fn wrap_policy(&self, slot: u64, mech: u64, wk: &Object, k: &Object) -> R<()> {
+        let no = Err(Ckr(CKR_KEY_NOT_WRAPPABLE));
+        if k.flag(CKA_WRAP_WITH_TRUSTED) && !wk.flag(CKA_TRUSTED) {
+            return no;
+        }
+        if policy::has_limit(k) {
+            return no;
+        }
+        if !k.flag(CKA_SENSITIVE) {
+            return Ok(());
+        }
+        if !policy::wraps_sensitive(mech) {
+            return no;
+        }
+        // A standard format carries no attributes: only under a key the SO trusts.
+        if mech != wrap::CKM_CAAS_AES_KEY_WRAP_ATTRS && !wk.flag(CKA_TRUSTED) {
+            return no;
+        }
+        let t = self.token(slot)?;
+        let objects = t.read_objects();
+        match wk.class() {
+            CKO_SECRET_KEY => {
+                if !policy::secret_wrapping_key_is_safe(wk) {
+                    return no;
+                }
+                let value = wk.secret.as_deref().ok_or(Ckr(CKR_KEY_NOT_WRAPPABLE))?;
+                // The key itself and every copy of its value: none may let the user read
+                // a wrap.
+                let twin_opens = objects.values().any(|o| {
+                    o.class() == CKO_SECRET_KEY
+                        && o.secret.as_deref().is_some_and(|v| {
+                            aws_lc_rs::constant_time::verify_slices_are_equal(v, value).is_ok()
+                        })
+                        && policy::opens_wraps(o)
+                });
+                if twin_opens {
+                    return no;
+                }
+            }
+            CKO_PUBLIC_KEY => {
+                if !wk.flag(CKA_TRUSTED) {
+                    return no;
+                }
+                let modulus = wk.bytes(CKA_MODULUS).ok_or(Ckr(CKR_KEY_NOT_WRAPPABLE))?;
+                let twin_opens = objects.values().any(|o| {
+                    o.class() == CKO_PRIVATE_KEY
+                        && o.bytes(CKA_MODULUS).as_deref() == Some(&modulus[..])
+                        && policy::opens_wraps(o)
+                });
+                if twin_opens {
+                    return no;
+                }
+            }
+            _ => return no,
+        }
+        Ok(())
+    }
+
+    /// The AES wrapping key of a `CKM_CAAS_AES_KEY_WRAP_ATTRS` call, after the usage check.
+    fn caas_wrap_key(&self, m: &Mechanism, key: &Object, wrap: bool) -> R<Arc<keys::KeyMaterial>> {
+        ops::check_key(key, if wrap { CKA_WRAP } else { CKA_UNWRAP }, m.mechanism)?;
+        if key.class() != CKO_SECRET_KEY || key.key_type() != Some(CKK_AES) {
+            return Err(Ckr(if wrap {
+                CKR_WRAPPING_KEY_TYPE_INCONSISTENT
+            } else {
+                CKR_UNWRAPPING_KEY_TYPE_INCONSISTENT
+            }));
+        }
+        if !matches!(m.param, MechParam::None {}) {
+            return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
+        }
+        key.material()
     }
 
     fn wrap_bytes(

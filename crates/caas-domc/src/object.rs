@@ -2,11 +2,13 @@
 //! be given at creation, which may change later (CKA_SENSITIVE only to true,
 //! CKA_EXTRACTABLE only to false, CKA_MODIFIABLE respected), which are never revealed
 //! (secret key values, private key components unless extractable and not sensitive), and
-//! the per-key usage counter with the tenant's total and rate limits.
+//! the per-key usage counter with the tenant's total and rate limits. The rules a workload
+//! holding the user PIN must not bypass (limits, usage roles, trust) are in [`policy`].
 
 use crate::der;
 use crate::error::Ckr;
 use crate::keys::{Curve, KeyMaterial};
+use crate::policy::{self, Role};
 use caas_vsm_proto::attr::{
     self, AttrKind, CKA_CAAS_BASE, CKA_CAAS_MAX_USES, CKA_CAAS_RATE_PER_SEC, CKA_CAAS_USAGE_COUNT,
 };
@@ -198,7 +200,8 @@ fn defaults(class: u64, key_type: Option<u64>) -> Attrs {
     match class {
         CKO_PUBLIC_KEY => {
             m.insert(CKA_SUBJECT, Vec::new());
-            for t in [CKA_ENCRYPT, CKA_VERIFY, CKA_VERIFY_RECOVER, CKA_WRAP] {
+            // CKA_ENCRYPT/CKA_WRAP: policy::usage_defaults.
+            for t in [CKA_VERIFY, CKA_VERIFY_RECOVER] {
                 m.insert(t, b(true));
             }
             m.insert(CKA_TRUSTED, b(false));
@@ -206,18 +209,13 @@ fn defaults(class: u64, key_type: Option<u64>) -> Attrs {
         CKO_PRIVATE_KEY | CKO_SECRET_KEY => {
             if class == CKO_PRIVATE_KEY {
                 m.insert(CKA_SUBJECT, Vec::new());
-                for t in [CKA_DECRYPT, CKA_SIGN, CKA_SIGN_RECOVER, CKA_UNWRAP] {
+                // CKA_DECRYPT/CKA_UNWRAP: policy::usage_defaults.
+                for t in [CKA_SIGN, CKA_SIGN_RECOVER] {
                     m.insert(t, b(true));
                 }
             } else {
-                for t in [
-                    CKA_ENCRYPT,
-                    CKA_DECRYPT,
-                    CKA_SIGN,
-                    CKA_VERIFY,
-                    CKA_WRAP,
-                    CKA_UNWRAP,
-                ] {
+                // CKA_ENCRYPT/CKA_DECRYPT/CKA_WRAP/CKA_UNWRAP: policy::usage_defaults.
+                for t in [CKA_SIGN, CKA_VERIFY] {
                     m.insert(t, b(true));
                 }
                 m.insert(CKA_TRUSTED, b(false));
@@ -264,6 +262,8 @@ pub type Built = (Attrs, Option<Zeroizing<Vec<u8>>>);
 
 /// Builds attributes and secret for a new object from a template. `extra` are attributes
 /// the token computed (public values); `secret` is material generated or unwrapped.
+/// `role` is who creates it: only the SO may create a CKA_TRUSTED object. Usage limits may
+/// be given by any creator (they only restrict the new key); see [`policy`].
 pub fn build(
     template: &[Attr],
     class: u64,
@@ -271,11 +271,15 @@ pub fn build(
     origin: Origin,
     extra: &[(u64, Vec<u8>)],
     mut secret: Option<Zeroizing<Vec<u8>>>,
+    role: Role,
 ) -> Result<Built, Ckr> {
     let mut m = defaults(class, key_type);
     for a in template {
         check_attr(a)?;
         if token_set_only(a.ty) {
+            return Err(Ckr(CKR_ATTRIBUTE_READ_ONLY));
+        }
+        if a.ty == CKA_TRUSTED && attr::as_bool(&a.value.0) == Some(true) && role != Role::So {
             return Err(Ckr(CKR_ATTRIBUTE_READ_ONLY));
         }
         if a.ty == CKA_CLASS && attr::as_ulong(&a.value.0) != Some(class) {
@@ -299,6 +303,9 @@ pub fn build(
             return Err(Ckr(CKR_TEMPLATE_INCONSISTENT));
         }
         m.insert(a.ty, a.value.0.clone());
+    }
+    if key_type.is_some() {
+        policy::usage_defaults(&mut m, class, template);
     }
     for (t, v) in extra {
         m.insert(*t, v.clone());
@@ -571,8 +578,10 @@ impl Object {
     }
 
     /// Checks a C_SetAttributeValue/C_CopyObject template against the change rules and
-    /// returns the new attribute map. `copy` allows CKA_TOKEN/CKA_PRIVATE changes.
-    pub fn apply_template(&self, template: &[Attr], copy: bool) -> Result<Attrs, Ckr> {
+    /// returns the new attribute map. `copy` allows CKA_TOKEN/CKA_PRIVATE changes; `role` is
+    /// who asks (usage limits and CKA_TRUSTED are the SO's; usage flags only clear; see
+    /// [`policy`]).
+    pub fn apply_template(&self, template: &[Attr], copy: bool, role: Role) -> Result<Attrs, Ckr> {
         let mut m = self.snapshot();
         let class = self.class();
         if !copy && !self.flag(CKA_MODIFIABLE) && !template.is_empty() {
@@ -600,9 +609,22 @@ impl Object {
                 CKA_MODIFIABLE | CKA_COPYABLE | CKA_DESTROYABLE if new_b != Some(false) => {
                     return Err(Ckr(CKR_ATTRIBUTE_READ_ONLY));
                 }
+                CKA_TRUSTED if role != Role::So => {
+                    return Err(Ckr(CKR_ATTRIBUTE_READ_ONLY));
+                }
+                // PKCS#11: changes once only, from CK_FALSE to CK_TRUE (as SoftHSM2).
+                CKA_WRAP_WITH_TRUSTED if new_b != Some(true) => {
+                    return Err(Ckr(CKR_ATTRIBUTE_READ_ONLY));
+                }
+                ty if policy::is_limit(ty) && role != Role::So => {
+                    return Err(Ckr(CKR_ATTRIBUTE_READ_ONLY));
+                }
                 _ => {}
             }
             m.insert(a.ty, a.value.0.clone());
+        }
+        if self.key_type().is_some() {
+            policy::check_role_change(&self.read(), &m)?;
         }
         Ok(m)
     }
@@ -659,6 +681,7 @@ mod tests {
             Origin::Generated(CKM_AES_KEY_GEN),
             &[(CKA_VALUE_LEN, attr::ulong(32))],
             Some(Zeroizing::new(vec![9u8; 32])),
+            Role::User,
         )?;
         Ok(Object::new(1, None, a, s, 0))
     }
@@ -684,18 +707,22 @@ mod tests {
     #[test]
     fn one_way_attribute_changes() -> Result<(), Ckr> {
         let o = aes(&[t(CKA_SENSITIVE, attr::boolean(false))])?;
-        o.apply_template(&[t(CKA_SENSITIVE, attr::boolean(true))], false)?;
+        o.apply_template(&[t(CKA_SENSITIVE, attr::boolean(true))], false, Role::User)?;
         let o = aes(&[])?;
         assert_eq!(
-            o.apply_template(&[t(CKA_SENSITIVE, attr::boolean(false))], false),
+            o.apply_template(&[t(CKA_SENSITIVE, attr::boolean(false))], false, Role::User),
             Err(Ckr(CKR_ATTRIBUTE_READ_ONLY))
         );
         assert_eq!(
-            o.apply_template(&[t(CKA_EXTRACTABLE, attr::boolean(true))], false),
+            o.apply_template(
+                &[t(CKA_EXTRACTABLE, attr::boolean(true))],
+                false,
+                Role::User
+            ),
             Err(Ckr(CKR_ATTRIBUTE_READ_ONLY))
         );
         assert_eq!(
-            o.apply_template(&[t(CKA_CLASS, attr::ulong(CKO_DATA))], false),
+            o.apply_template(&[t(CKA_CLASS, attr::ulong(CKO_DATA))], false, Role::User),
             Err(Ckr(CKR_ATTRIBUTE_READ_ONLY))
         );
         assert_eq!(
@@ -706,6 +733,87 @@ mod tests {
             aes(&[t(CKA_TOKEN, vec![1, 2])]).err(),
             Some(Ckr(CKR_ATTRIBUTE_VALUE_INVALID))
         );
+        Ok(())
+    }
+
+    #[test]
+    fn limits_trust_and_roles_are_not_the_users() -> Result<(), Ckr> {
+        let ro = Err(Ckr(CKR_ATTRIBUTE_READ_ONLY));
+        let o = aes(&[t(CKA_CAAS_MAX_USES, attr::ulong(3))])?;
+        for copy in [false, true] {
+            for ty in [CKA_CAAS_MAX_USES, CKA_CAAS_RATE_PER_SEC] {
+                let tmpl = [t(ty, attr::ulong(1_000))];
+                assert_eq!(o.apply_template(&tmpl, copy, Role::User).map(|_| ()), ro);
+                assert_eq!(o.apply_template(&tmpl, copy, Role::Public).map(|_| ()), ro);
+                assert!(o.apply_template(&tmpl, copy, Role::So).is_ok());
+            }
+        }
+        let trusted = [t(CKA_TRUSTED, attr::boolean(true))];
+        assert_eq!(
+            o.apply_template(&trusted, false, Role::User).map(|_| ()),
+            ro
+        );
+        assert!(o.apply_template(&trusted, false, Role::So).is_ok());
+        assert_eq!(aes(&trusted).err(), Some(Ckr(CKR_ATTRIBUTE_READ_ONLY)));
+        // CKA_WRAP_WITH_TRUSTED only false -> true.
+        let o = aes(&[t(CKA_WRAP_WITH_TRUSTED, attr::boolean(true))])?;
+        let off = [t(CKA_WRAP_WITH_TRUSTED, attr::boolean(false))];
+        assert_eq!(o.apply_template(&off, false, Role::So).map(|_| ()), ro);
+        assert_eq!(o.apply_template(&off, true, Role::User).map(|_| ()), ro);
+        // Defaults give the data role; the wrap role cannot be switched on, by set or copy.
+        let o = aes(&[])?;
+        assert!(o.flag(CKA_ENCRYPT) && o.flag(CKA_DECRYPT) && !o.flag(CKA_WRAP));
+        let wrap = [t(CKA_WRAP, attr::boolean(true))];
+        for copy in [false, true] {
+            assert_eq!(
+                o.apply_template(&wrap, copy, Role::So).map(|_| ()),
+                Err(Ckr(CKR_TEMPLATE_INCONSISTENT))
+            );
+        }
+        // A wrap key cannot get (nor its copy) the data role back; it may drop a flag.
+        let w = aes(&wrap)?;
+        assert!(w.flag(CKA_WRAP) && w.flag(CKA_UNWRAP) && !w.flag(CKA_DECRYPT));
+        let twin = [
+            t(CKA_WRAP, attr::boolean(false)),
+            t(CKA_UNWRAP, attr::boolean(false)),
+            t(CKA_DECRYPT, attr::boolean(true)),
+        ];
+        assert_eq!(w.apply_template(&twin, true, Role::User).map(|_| ()), ro);
+        assert_eq!(
+            w.apply_template(&[t(CKA_DECRYPT, attr::boolean(true))], false, Role::User)
+                .map(|_| ()),
+            Err(Ckr(CKR_TEMPLATE_INCONSISTENT))
+        );
+        assert!(
+            w.apply_template(&[t(CKA_UNWRAP, attr::boolean(false))], false, Role::User)
+                .is_ok()
+        );
+        // Other usage flags and the mechanism list only narrow too.
+        let o = aes(&[
+            t(CKA_SIGN, attr::boolean(false)),
+            t(CKA_ALLOWED_MECHANISMS, attr::ulong(CKM_AES_GCM)),
+        ])?;
+        assert_eq!(
+            o.apply_template(&[t(CKA_SIGN, attr::boolean(true))], false, Role::So)
+                .map(|_| ()),
+            ro
+        );
+        for widen in [
+            Vec::new(),
+            [attr::ulong(CKM_AES_GCM), attr::ulong(CKM_AES_CBC_PAD)].concat(),
+        ] {
+            assert_eq!(
+                o.apply_template(&[t(CKA_ALLOWED_MECHANISMS, widen)], true, Role::User)
+                    .map(|_| ()),
+                ro
+            );
+        }
+        let narrowed = aes(&[])?.apply_template(
+            &[t(CKA_ALLOWED_MECHANISMS, attr::ulong(CKM_AES_GCM))],
+            false,
+            Role::User,
+        );
+        assert!(narrowed.is_ok());
         Ok(())
     }
 

@@ -106,6 +106,13 @@ pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
     (CKM_AES_KEY_WRAP, 16, 32, CKF_WRAP | CKF_UNWRAP),
     (CKM_AES_KEY_WRAP_PAD, 16, 32, CKF_WRAP | CKF_UNWRAP),
     (CKM_AES_KEY_WRAP_KWP, 16, 32, CKF_WRAP | CKF_UNWRAP),
+    // The domain's own format, binding the wrapped key's attributes (`crate::wrap`).
+    (
+        crate::wrap::CKM_CAAS_AES_KEY_WRAP_ATTRS,
+        16,
+        32,
+        CKF_WRAP | CKF_UNWRAP,
+    ),
     (CKM_GENERIC_SECRET_KEY_GEN, 1, 512, CKF_GENERATE),
     (CKM_SHA_1_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA256_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),

@@ -142,6 +142,8 @@ async fn run() {
     let h1 = caas_tl::crypto::sha256(&std::fs::read(&image).unwrap());
     let cfg = || DomcConfig {
         image_id: "img".into(),
+        owner_h2: dm.h2(),
+        image_h1: hex::encode(h1),
         image_key: k.expose().to_vec(),
         token_label: "bench".into(),
         user_pin: "bench-user-pin".into(),

@@ -2,21 +2,24 @@
 //! and the launch of encrypted workloads (seed 001 §3.4, Fig. 5).
 //!
 //! Launch, step by step ([`Agent::launch`]):
-//! 1. TL.Request from the (untrusted) scheduler: σ_DM and freshness of r (host replay cache).
+//! 1. TL.Request from the (untrusted) scheduler: σ_DM and freshness of r (host replay cache);
+//!    the image's sealed configuration must name the signing DM as its owner (H2).
 //! 2. TL.AttestRequest to the TTP: the request, the AK-certified bind key, and a quote whose
 //!    qualifying data is the digest of the request body (σ_AIK) with the event log (IML).
 //! 3. TL.Attestation: σ_TTP and r checked, c2 opened with the TPM bind key — only possible
 //!    while the PCRs are in the state the bind key is bound to.
 //! 4. id_vm, H1 (hash of the image in storage) and H2 (hash of the supplied pk_DM) checked.
 //! 5. The crypto-domain configuration (sealed to this host's bind key by the tenant, seed 001
-//!    Algorithm 1) opened with the TPM — again only in the trusted PCR state.
+//!    Algorithm 1) opened with the TPM — again only in the trusted PCR state — with the
+//!    owner's H2 in its AAD; its owner must be m2's H2 and its H1 the image's.
 //! 6. The crypto domain started: a Secure Device Proxy process serving the image under k
 //!    (the key goes over a pipe, never in arguments, environment or files) and a VSM process
 //!    with the tenant's token; then the workload with τ and pk_DM injected.
 //!
 //! The management API can launch, stop, list and attach; no route returns key material, a
 //! plaintext configuration or crypto-domain memory, and every call is recorded in the
-//! agent's hash-chained audit log.
+//! agent's hash-chained audit log. TTP revocations are applied once: their sequence number
+//! is recorded in `revocation.json` before the crypto domains are stopped.
 use crate::agent::Agent;
 use crate::config::AgentConfig;
 use crate::error::Error;
@@ -45,6 +48,56 @@ pub struct TlHost {
     storage: PathBuf,
     run_dir: PathBuf,
     ttp_pin_file: PathBuf,
+    /// The last revocation accepted (its sequence number), kept in `revocation.json`.
+    revocation: std::sync::Mutex<RevocationState>,
+}
+
+/// What the agent keeps of the last TTP revocation it applied (`STATE/revocation.json`,
+/// written atomically and fsync'd before the revocation is acted on): a notice whose
+/// sequence number is not above `seq` is a replay and is refused, after restarts too.
+/// The notice is public (TTP-signed host name, time, reason) and is kept so an operator can
+/// see why the host's workloads were stopped.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct RevocationState {
+    seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    notice: Option<Signed>,
+}
+
+impl RevocationState {
+    fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("revocation.json")
+    }
+
+    /// Loads the state. A file that is unreadable or does not parse sets the floor to the
+    /// current time instead: every notice issued before this start is then refused as a
+    /// replay, and the TTP's next notice (its `seq` is at least its issue time) is accepted.
+    fn load(state_dir: &Path) -> Self {
+        let path = Self::path(state_dir);
+        let floor = || {
+            tracing::warn!(path = %path.display(), "revocation state unreadable: refusing every earlier notice");
+            Self {
+                seq: caas_attest::now_ms(),
+                notice: None,
+            }
+        };
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|_| floor()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::default(),
+            Err(_) => floor(),
+        }
+    }
+
+    fn store(&self, state_dir: &Path) -> Result<(), Error> {
+        let path = Self::path(state_dir);
+        let tmp = path.with_extension("tmp");
+        write_private(&tmp, &wire::to_bytes(self))?;
+        std::fs::rename(&tmp, &path).map_err(Error::io(format!("rename {}", path.display())))?;
+        if let Ok(d) = std::fs::File::open(state_dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
 }
 
 /// A running crypto-domain or workload process.
@@ -115,6 +168,8 @@ struct Workload {
     vm_id: String,
     image_id: String,
     h2: String,
+    /// r of the TL.Request that launched it (names the TTP's session).
+    launch_r: Vec<u8>,
     sp: String,
     /// DK_i (TL session key with the TTP).
     dk: Zeroizing<Vec<u8>>,
@@ -367,6 +422,7 @@ impl TlHost {
             storage: cfg.storage_dir.clone(),
             run_dir,
             ttp_pin_file,
+            revocation: std::sync::Mutex::new(RevocationState::load(&cfg.state_dir)),
         })
     }
 
@@ -809,13 +865,18 @@ impl Agent {
         let req = sc::verify_launch(call, now)?;
         let driver = self.check_new_workload(call).await?;
         self.tl.replay.check(&req.r, now)?;
+        // The image's crypto-domain configuration names its owner: another DM's launch is
+        // refused here, before any TPM or TTP work (and again on m2 once it is opened).
+        let sealed_cfg = self.read_config(&call.image_id)?;
+        let h2 = hex::encode(caas_tl::crypto::sha256(&req.pk_dm));
+        caas_tl::dm::SealedDomc::parse(&sealed_cfg)?.check_owner(&h2)?;
         timings.push(("verify request".to_string(), ms(t)));
         // The TL protocol runs while the crypto-domain processes start (they get no key
         // until the protocol has succeeded, and are killed if it fails).
         let image = TlHost::image_dir(&self.tl.storage, &call.image_id).join("image.caasvol");
         let dir = self.fresh_dir(&call.vm_id)?;
         let t = Instant::now();
-        let (tl, pre) = tokio::join!(self.tl_protocol(call, &req, &image), async {
+        let (tl, pre) = tokio::join!(self.tl_protocol(call, &req, &image, &sealed_cfg), async {
             let r = prestart(&dir, &image, true).await;
             (r, ms(t))
         });
@@ -837,8 +898,8 @@ impl Agent {
         let procs = finish_domain(pre, &cfg).await?;
         timings.push(("crypto domain keyed (k, token)".to_string(), ms(t)));
         self.run_workload(
-            call, &req.sp, &m2.h2, &m2.dk, &m2.tau, &req.pk_dm, driver, &cfg, dir, procs, now,
-            timings,
+            call, &req.sp, &m2.h2, &req.r, &m2.dk, &m2.tau, &req.pk_dm, driver, &cfg, dir, procs,
+            now, timings,
         )
         .await
     }
@@ -862,7 +923,7 @@ impl Agent {
         let timings = vec![("crypto domain".to_string(), ms(t))];
         let dk = vec![0u8; 32];
         self.run_workload(
-            call, "baseline", "", &dk, tau, pk_dm, driver, cfg, dir, procs, now, timings,
+            call, "baseline", "", &dk, &dk, tau, pk_dm, driver, cfg, dir, procs, now, timings,
         )
         .await
     }
@@ -895,6 +956,7 @@ impl Agent {
         call: &LaunchCall,
         req: &caas_tl::wire::LaunchRequest,
         image: &Path,
+        sealed_cfg: &[u8],
     ) -> Result<
         (
             caas_tl::wire::M2,
@@ -926,7 +988,7 @@ impl Agent {
                     .await
                     .map_err(|e| Error::Domain(format!("hash task: {e}")))?
             },
-            self.open_config(&call.image_id)
+            self.open_config(&call.image_id, &req.pk_dm, sealed_cfg)
         );
         timings.push((
             "TTP attestation ∥ H1' ∥ open crypto-domain config (TPM)".to_string(),
@@ -940,13 +1002,17 @@ impl Agent {
         let m2 = sc::open_m2(&key, &att)?;
         drop(key);
         timings.push(("unseal c2 (TPM)".to_string(), ms(t)));
-        sc::check_m2(&m2, &call.vm_id, &h1?, &req.pk_dm)?;
+        let h1 = h1?;
+        sc::check_m2(&m2, &call.vm_id, &h1, &req.pk_dm)?;
         let cfg = cfg?;
+        // Seed 001's configuration, bound to the owner the TTP vouched for in m2 and to the
+        // encrypted image whose hash was just checked against H1.
+        sc::check_config(&cfg, &m2, &h1)?;
         Ok((m2, cfg, timings))
     }
 
-    /// The crypto-domain configuration sealed to this host's bind key (seed 001 Alg. 1).
-    async fn open_config(&self, image_id: &str) -> Result<caas_tl::dm::DomcConfig, Error> {
+    /// The sealed crypto-domain configuration of `image_id` for this host, as stored.
+    fn read_config(&self, image_id: &str) -> Result<Vec<u8>, Error> {
         let cfg_path = TlHost::image_dir(&self.tl.storage, image_id)
             .join(format!("domc-{}.sealed", self.cfg.name));
         let meta = std::fs::metadata(&cfg_path).map_err(|_| {
@@ -961,15 +1027,28 @@ impl Agent {
                 "too large",
             )));
         }
-        let sealed =
-            std::fs::read(&cfg_path).map_err(Error::io("read the sealed configuration"))?;
+        std::fs::read(&cfg_path).map_err(Error::io("read the sealed configuration"))
+    }
+
+    /// Opens the crypto-domain configuration sealed to this host's bind key (seed 001,
+    /// Algorithm 1) for a launch by `pk_dm`: only its owner's launch opens it (the owner's
+    /// H2 is in its AAD and plaintext).
+    async fn open_config(
+        &self,
+        image_id: &str,
+        pk_dm: &[u8],
+        sealed: &[u8],
+    ) -> Result<caas_tl::dm::DomcConfig, Error> {
+        let h2 = hex::encode(caas_tl::crypto::sha256(pk_dm));
+        let env = caas_tl::dm::SealedDomc::parse(sealed)?;
+        env.check_owner(&h2)?;
         let tampered = || {
             Error::Tl(caas_tl::Error::rejected(
                 "config_tampered",
                 "the crypto-domain configuration was altered",
             ))
         };
-        let (rsa, _) = split_bind_sealed(&sealed).map_err(|_| tampered())?;
+        let rsa = env.rsa().map_err(|_| tampered())?;
         let key = self.bind_decrypt(rsa).await.map_err(|e| match e {
             Error::Tpm(ref t) if !t.is_policy_failure() => tampered(),
             e => e,
@@ -978,7 +1057,8 @@ impl Agent {
             &key,
             &self.cfg.name,
             image_id,
-            &sealed,
+            &h2,
+            sealed,
         )?)
     }
 
@@ -990,6 +1070,7 @@ impl Agent {
         call: &LaunchCall,
         sp: &str,
         h2: &str,
+        launch_r: &[u8],
         dk: &[u8],
         tau: &[u8],
         pk_dm: &[u8],
@@ -1004,6 +1085,7 @@ impl Agent {
             vm_id: call.vm_id.clone(),
             image_id: call.image_id.clone(),
             h2: h2.to_string(),
+            launch_r: launch_r.to_vec(),
             sp: sp.to_string(),
             dk: Zeroizing::new(dk.to_vec()),
             endpoint: None,
@@ -1152,7 +1234,7 @@ impl Agent {
             return Err(Error::InvalidRequest("size must be 1 B..1 TiB".into()));
         }
         let ttp = self.ttp().await?;
-        let (h2, sp, dk, sock_dir) = {
+        let (h2, launch_r, sp, dk, sock_dir) = {
             let g = self.tl.workloads.lock().await;
             let w = g
                 .get(vm_id)
@@ -1163,7 +1245,13 @@ impl Agent {
             {
                 return Err(Error::InvalidRequest("volume already attached".into()));
             }
-            (w.h2.clone(), w.sp.clone(), w.dk.clone(), w.dir.clone())
+            (
+                w.h2.clone(),
+                w.launch_r.clone(),
+                w.sp.clone(),
+                w.dk.clone(),
+                w.dir.clone(),
+            )
         };
         let path = TlHost::volume_path(&self.tl.storage, &a.domain, &a.sr);
         let existing = if path.exists() {
@@ -1191,6 +1279,7 @@ impl Agent {
         let r = self
             .domkey_exchange(
                 vm_id,
+                &launch_r,
                 a,
                 &h2,
                 &sp,
@@ -1265,6 +1354,7 @@ impl Agent {
     async fn domkey_exchange(
         &self,
         vm_id: &str,
+        launch_r: &[u8],
         a: &AttachRequest,
         h2: &str,
         sp: &str,
@@ -1278,6 +1368,7 @@ impl Agent {
         let req = sc::domkey_request(
             &self.cfg.name,
             vm_id,
+            launch_r,
             &a.sr,
             h2,
             dk,
@@ -1313,11 +1404,36 @@ impl Agent {
     }
 
     /// The TTP's notice that this host is no longer trusted: every crypto domain is stopped
-    /// (its keys die with it) and every DK dropped.
+    /// (its keys die with it) and every DK dropped. A notice is applied once: its sequence
+    /// number must be above the last accepted one, which is recorded durably first
+    /// (`revoke_replayed` otherwise, also after an agent restart).
     pub async fn revoke(&self, notice: &Signed) -> Result<usize, Error> {
         let r = async {
             let ttp = self.ttp().await?;
-            sc::check_revoke(notice, &ttp, &self.cfg.name, caas_attest::now_ms())?;
+            {
+                let mut st = self
+                    .tl
+                    .revocation
+                    .lock()
+                    .map_err(|_| Error::Domain("revocation state poisoned".into()))?;
+                let n = sc::check_revoke(
+                    notice,
+                    &ttp,
+                    &self.cfg.name,
+                    st.seq,
+                    caas_attest::now_ms(),
+                )?;
+                let next = RevocationState {
+                    seq: n.seq,
+                    notice: Some(notice.clone()),
+                };
+                // The notice is authentic and fresh: it is applied even if it cannot be
+                // recorded (stopping the crypto domains is always safe).
+                if let Err(e) = next.store(&self.cfg.state_dir) {
+                    tracing::error!(error = %e, "revocation state not recorded: a replay after a restart would not be recognised");
+                }
+                *st = next;
+            }
             let mut g = self.tl.workloads.lock().await;
             let n = g.len();
             for (_, mut w) in g.drain() {

@@ -194,6 +194,9 @@ pub fn cloudtrail_event(rec: &AuditRecord, region: &str) -> Value {
         }
         None => json!([]),
     };
+    let read_only = ["Describe", "List", "Get"]
+        .iter()
+        .any(|p| e.operation.starts_with(p));
     let mut ev = json!({
         "eventVersion": "1.08",
         "userIdentity": user_identity,
@@ -205,7 +208,7 @@ pub fn cloudtrail_event(rec: &AuditRecord, region: &str) -> Value {
         "responseElements": Value::Null,
         "requestID": e.request_id,
         "eventID": event_id(rec.seq, &rec.hash),
-        "readOnly": false,
+        "readOnly": read_only,
         "resources": resources,
         "eventType": if system { "AwsServiceEvent" } else { "AwsApiCall" },
         "managementEvent": true,

@@ -90,6 +90,13 @@ pub enum KmsError {
     /// Internal failure (HTTP 500, `KMSInternalException`); details are logged, not returned.
     #[error("{0}")]
     Internal(String),
+    /// A stored record the request needed failed its integrity check (it was changed
+    /// outside the key service) and was not used (HTTP 500, `KMSInternalException`). The
+    /// message says so without naming the row; the audit record names it.
+    #[error(
+        "A stored record needed by this request failed its integrity check and was not used; the request was refused"
+    )]
+    Integrity(caas_store::RowRef),
 }
 
 impl KmsError {
@@ -124,14 +131,14 @@ impl KmsError {
             UnknownOperation(_) => "UnknownOperationException",
             Conflict(_) => "ConflictException",
             LimitExceeded(_) => "LimitExceededException",
-            Internal(_) => "KMSInternalException",
+            Internal(_) | Integrity(_) => "KMSInternalException",
         }
     }
 
     /// The HTTP status AWS uses for this error.
     pub fn status(&self) -> u16 {
         match self {
-            KmsError::Internal(_) => 500,
+            KmsError::Internal(_) | KmsError::Integrity(_) => 500,
             KmsError::Conflict(_) => 409,
             _ => 400,
         }
@@ -153,11 +160,35 @@ impl KmsError {
             caas_store::Error::Conflict { .. } => {
                 KmsError::Conflict("Concurrent modification; retry the request".into())
             }
+            caas_store::Error::Integrity { kind, account, id } => {
+                KmsError::Integrity(caas_store::RowRef { kind, account, id })
+            }
             other => {
                 tracing::error!(error = %other, "store failure");
                 KmsError::Internal("Internal storage failure".into())
             }
         }
+    }
+
+    /// The audit detail naming the row of an integrity failure (`None` for other errors).
+    pub fn integrity_detail(&self) -> Option<serde_json::Value> {
+        match self {
+            KmsError::Integrity(r) => Some(serde_json::json!({
+                "kind": r.kind, "account": r.account, "id": r.id,
+            })),
+            _ => None,
+        }
+    }
+
+    /// A record whose content contradicts the row it is stored in (the store's MAC held, so
+    /// only a bug could cause it): refused like a failed integrity check.
+    pub fn mismatch(kind: &str, account: &str, id: &str) -> Self {
+        tracing::error!(kind, account, id, "stored record does not match its row");
+        KmsError::Integrity(caas_store::RowRef {
+            kind: kind.into(),
+            account: account.into(),
+            id: id.into(),
+        })
     }
 
     /// Wraps a crypto failure of the service's own key hierarchy.

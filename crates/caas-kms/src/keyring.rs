@@ -12,6 +12,15 @@
 //! operator. Domain keys are rotated with [`Keyring::rotate_domain_key`], which re-wraps
 //! every EKT under the new version; old versions stay loaded so that nothing is lost if a
 //! re-wrap is interrupted.
+//!
+//! Every sealed value names its owner in its AAD, so that a database administrator cannot
+//! move it to another owner (copy a victim's key record into their own account, re-point an
+//! access key): an EKT's AAD is ([`ekt_aad`]) the account, the key id and the HBK version;
+//! a service-internal secret's ([`Keyring::seal_internal`]) is its purpose and its owner's
+//! names (an access key: access key id, account and principal). The rows holding them are
+//! also MAC'd by the store (`caas_store::RecordAuthenticator`), so an edit is refused before
+//! any unwrap is tried; the AADs keep the key hierarchy itself from being re-pointed should
+//! the record MAC ever be bypassed.
 use crate::error::{KmsError, KmsResult};
 use caas_crypto::{SecretBytes, SecretKey, aead};
 use caas_store::{Batch, Store, Write};
@@ -92,11 +101,29 @@ fn dk_aad(version: u32) -> Vec<u8> {
     format!("caas/kms/domain-key/v{version}").into_bytes()
 }
 
-fn ekt_aad(key_id: &str, hbk_version: u32) -> Vec<u8> {
-    let mut a = b"caas/kms/ekt\0".to_vec();
-    a.extend_from_slice(key_id.as_bytes());
-    a.push(0);
+fn field(a: &mut Vec<u8>, bytes: &[u8]) {
+    a.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+    a.extend_from_slice(bytes);
+}
+
+/// AAD of an EKT: `"caas/kms/ekt/v2" ‖ F(account) ‖ F(key id) ‖ HBK version (u32 BE)`,
+/// `F(x)` = length as u64 BE ‖ x.
+pub fn ekt_aad(account: &str, key_id: &str, hbk_version: u32) -> Vec<u8> {
+    let mut a = b"caas/kms/ekt/v2".to_vec();
+    field(&mut a, account.as_bytes());
+    field(&mut a, key_id.as_bytes());
     a.extend_from_slice(&hbk_version.to_be_bytes());
+    a
+}
+
+/// AAD of a service-internal secret: `"caas/kms/internal/v2" ‖ F(purpose) ‖ F(owner…)`.
+fn internal_aad(purpose: &str, owner: &[&str]) -> Vec<u8> {
+    let mut a = b"caas/kms/internal/v2".to_vec();
+    field(&mut a, purpose.as_bytes());
+    a.extend_from_slice(&(owner.len() as u64).to_be_bytes());
+    for o in owner {
+        field(&mut a, o.as_bytes());
+    }
     a
 }
 
@@ -207,13 +234,18 @@ impl Keyring {
     }
 
     /// Seals an HBK (or other key material) into an EKT under the current domain key:
-    /// `dk_version (u32 BE) ‖ AES-256-GCM(DK, aad = key id ‖ HBK version, material)`.
+    /// `dk_version (u32 BE) ‖ AES-256-GCM(DK, aad = ekt_aad(account, key id, HBK version), material)`.
     pub fn seal_ekt(
         &self,
+        account: &str,
         key_id: &str,
         hbk_version: u32,
         material: &SecretBytes,
     ) -> KmsResult<Vec<u8>> {
+        self.seal_aad(&ekt_aad(account, key_id, hbk_version), material)
+    }
+
+    fn seal_aad(&self, aad: &[u8], material: &SecretBytes) -> KmsResult<Vec<u8>> {
         let g = self
             .keys
             .read()
@@ -224,7 +256,7 @@ impl Keyring {
             .ok_or_else(|| KmsError::internal_crypto("no domain key"))?;
         let mut out = v.to_be_bytes().to_vec();
         out.extend(
-            aead::seal(dk, &ekt_aad(key_id, hbk_version), material.expose())
+            aead::seal(dk, aad, material.expose())
                 .map_err(|_| KmsError::internal_crypto("seal ekt"))?,
         );
         Ok(out)
@@ -233,14 +265,20 @@ impl Keyring {
     /// Opens an EKT; reloads domain keys once if it names an unknown version.
     pub async fn open_ekt(
         &self,
+        account: &str,
         key_id: &str,
         hbk_version: u32,
         ekt: &[u8],
     ) -> KmsResult<SecretBytes> {
-        match self.open_ekt_cached(key_id, hbk_version, ekt) {
+        self.open_aad(&ekt_aad(account, key_id, hbk_version), ekt)
+            .await
+    }
+
+    async fn open_aad(&self, aad: &[u8], ekt: &[u8]) -> KmsResult<SecretBytes> {
+        match self.open_aad_cached(aad, ekt) {
             Err(KmsError::NotFound(_)) => {
                 self.reload().await?;
-                self.open_ekt_cached(key_id, hbk_version, ekt)
+                self.open_aad_cached(aad, ekt)
                     .map_err(|_| KmsError::internal_crypto("ekt under unknown domain key"))
             }
             other => other,
@@ -250,10 +288,15 @@ impl Keyring {
     /// Opens an EKT with the loaded domain keys only (no store access).
     pub fn open_ekt_cached(
         &self,
+        account: &str,
         key_id: &str,
         hbk_version: u32,
         ekt: &[u8],
     ) -> KmsResult<SecretBytes> {
+        self.open_aad_cached(&ekt_aad(account, key_id, hbk_version), ekt)
+    }
+
+    fn open_aad_cached(&self, aad: &[u8], ekt: &[u8]) -> KmsResult<SecretBytes> {
         let (v, body) = ekt
             .split_at_checked(4)
             .ok_or_else(|| KmsError::internal_crypto("short ekt"))?;
@@ -265,8 +308,7 @@ impl Keyring {
         let dk = g
             .get(&v)
             .ok_or_else(|| KmsError::NotFound("domain key version".into()))?;
-        aead::open(dk, &ekt_aad(key_id, hbk_version), body)
-            .map_err(|_| KmsError::internal_crypto("open ekt"))
+        aead::open(dk, aad, body).map_err(|_| KmsError::internal_crypto("open ekt"))
     }
 
     /// A key for keyed fingerprints (imported material), derived from the first domain key,
@@ -290,15 +332,41 @@ impl Keyring {
             .map(|v| u32::from_be_bytes([v[0], v[1], v[2], v[3]]))
     }
 
-    /// Seals service-internal secrets (access-key secrets, the audit key) under the current domain key.
-    pub fn seal_internal(&self, purpose: &str, secret: &SecretBytes) -> KmsResult<Vec<u8>> {
-        self.seal_ekt(&format!("internal:{purpose}"), 0, secret)
+    /// Seals a service-internal secret under the current domain key, bound to its purpose
+    /// and its owner: e.g. `("access-key", [akid, account, principal])`,
+    /// `("import-wrapping-key", [account, key id, token id])`, `("tl-ttp-keys", ["-", "current"])`.
+    /// Opening it under any other purpose or owner fails.
+    pub fn seal_internal(
+        &self,
+        purpose: &str,
+        owner: &[&str],
+        secret: &SecretBytes,
+    ) -> KmsResult<Vec<u8>> {
+        self.seal_aad(&internal_aad(purpose, owner), secret)
     }
 
-    /// Opens what [`Keyring::seal_internal`] sealed.
-    pub async fn open_internal(&self, purpose: &str, sealed: &[u8]) -> KmsResult<SecretBytes> {
-        self.open_ekt(&format!("internal:{purpose}"), 0, sealed)
-            .await
+    /// Opens what [`Keyring::seal_internal`] sealed for the same purpose and owner.
+    pub async fn open_internal(
+        &self,
+        purpose: &str,
+        owner: &[&str],
+        sealed: &[u8],
+    ) -> KmsResult<SecretBytes> {
+        self.open_aad(&internal_aad(purpose, owner), sealed).await
+    }
+
+    /// Re-wraps a service-internal secret under the current domain key (None: it already is).
+    pub async fn rewrap_internal(
+        &self,
+        purpose: &str,
+        owner: &[&str],
+        sealed: &[u8],
+    ) -> KmsResult<Option<Vec<u8>>> {
+        if Self::ekt_version(sealed) == self.current_version() {
+            return Ok(None);
+        }
+        let m = self.open_internal(purpose, owner, sealed).await?;
+        self.seal_internal(purpose, owner, &m).map(Some)
     }
 
     /// Creates a new domain key version (seed 004: daily rotation). The caller re-wraps EKTs.
@@ -313,6 +381,7 @@ impl Keyring {
     /// Re-wraps an EKT under the current domain key (no-op if it already is).
     pub async fn rewrap_ekt(
         &self,
+        account: &str,
         key_id: &str,
         hbk_version: u32,
         ekt: &[u8],
@@ -320,8 +389,8 @@ impl Keyring {
         if Self::ekt_version(ekt) == self.current_version() {
             return Ok(None);
         }
-        let m = self.open_ekt(key_id, hbk_version, ekt).await?;
-        self.seal_ekt(key_id, hbk_version, &m).map(Some)
+        let m = self.open_ekt(account, key_id, hbk_version, ekt).await?;
+        self.seal_ekt(account, key_id, hbk_version, &m).map(Some)
     }
 }
 

@@ -8,6 +8,14 @@
 //! [`policy`] key policies · [`server`] HTTP/TLS · [`client`] a SigV4 client for caas's own
 //! tools · [`audit`] audit signing and CloudTrail-style export · [`checkpoint`] audit
 //! freshness anchored outside the database.
+//!
+//! The database is not trusted for integrity: the store MACs every row under a key derived
+//! from the node key ([`keyring::NodeKey::record_authenticator`]) and refuses rows that fail
+//! (see `caas_store`); the service answers such a refusal with `KMSInternalException`
+//! ([`KmsError::Integrity`]), names the row in the request's audit record
+//! (`Detail.IntegrityFailure`) and never uses it. Records parsed from rows must also name the
+//! row they are in (`ops::parse_key` and friends). Sealed values bind their owner in the AAD
+//! ([`keyring`]).
 pub mod audit;
 pub mod blob;
 pub mod checkpoint;

@@ -3,6 +3,7 @@
 //! this module only as [`SecretBytes`] (PKCS#8 DER for asymmetric keys, raw bytes for
 //! symmetric and HMAC keys).
 use crate::error::{KmsError, KmsResult};
+use crate::model::KeyUsage;
 use aws_lc_rs::digest::{self, Digest};
 use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
 use aws_lc_rs::rsa::{
@@ -13,8 +14,8 @@ use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair, RsaKeyPair, UnparsedPubl
 use aws_lc_rs::{hmac, rand};
 use caas_crypto::SecretBytes;
 
-/// A KMS `KeySpec`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A KMS `KeySpec` (serialized as its wire name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KeySpec {
     /// AES-256-GCM envelope key.
     SymmetricDefault,
@@ -40,6 +41,25 @@ pub enum KeySpec {
     EccP521,
     /// secp256k1.
     EccSecgP256k1,
+}
+
+impl serde::Serialize for KeySpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for KeySpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        KeySpec::parse(&s).ok_or_else(|| serde::de::Error::custom("unknown key spec"))
+    }
+}
+
+impl std::fmt::Display for KeySpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl KeySpec {
@@ -80,6 +100,10 @@ impl KeySpec {
             EccSecgP256k1 => "ECC_SECG_P256K1",
         }
     }
+    /// The wire name (same as [`KeySpec::name`]).
+    pub fn as_str(self) -> &'static str {
+        self.name()
+    }
     /// Is this an RSA spec?
     pub fn is_rsa(self) -> bool {
         matches!(self, KeySpec::Rsa2048 | KeySpec::Rsa3072 | KeySpec::Rsa4096)
@@ -99,25 +123,25 @@ impl KeySpec {
         )
     }
     /// Usages this spec allows.
-    pub fn allowed_usages(self) -> &'static [&'static str] {
+    pub fn allowed_usages(self) -> &'static [KeyUsage] {
         if self == KeySpec::SymmetricDefault {
-            &["ENCRYPT_DECRYPT"]
+            &[KeyUsage::EncryptDecrypt]
         } else if self.is_hmac() {
-            &["GENERATE_VERIFY_MAC"]
+            &[KeyUsage::GenerateVerifyMac]
         } else if self.is_rsa() {
-            &["ENCRYPT_DECRYPT", "SIGN_VERIFY"]
+            &[KeyUsage::EncryptDecrypt, KeyUsage::SignVerify]
         } else {
-            &["SIGN_VERIFY"]
+            &[KeyUsage::SignVerify]
         }
     }
     /// Default usage for CreateKey without KeyUsage.
-    pub fn default_usage(self) -> &'static str {
+    pub fn default_usage(self) -> KeyUsage {
         if self.is_hmac() {
-            "GENERATE_VERIFY_MAC"
+            KeyUsage::GenerateVerifyMac
         } else if self == KeySpec::SymmetricDefault {
-            "ENCRYPT_DECRYPT"
+            KeyUsage::EncryptDecrypt
         } else {
-            "SIGN_VERIFY"
+            KeyUsage::SignVerify
         }
     }
     /// Signing algorithms (SIGN_VERIFY usage).

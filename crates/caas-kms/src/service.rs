@@ -133,7 +133,8 @@ impl Kms {
         };
         let signer = Arc::new(node.audit_signer()?);
         let audit_public = signer.public_key();
-        let store = Store::open(&p.database, signer.clone())
+        let records = node.record_authenticator()?;
+        let store = Store::open(&p.database, signer.clone(), Arc::new(records))
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "cannot open store");
@@ -153,7 +154,18 @@ impl Kms {
             ),
             None => None,
         };
-        let keyring = Keyring::open(store.clone(), node).await?;
+        let keyring = Keyring::open(store.clone(), node)
+            .await
+            .map_err(|e| match e {
+                // At start-up the operator needs the row (the store has audited it).
+                KmsError::Integrity(r) => KmsError::Internal(format!(
+                    "refusing to start: the stored {} record {} of account {} failed its \
+                     integrity check (changed outside the key service, or a different node key); \
+                     the database's audit log records it (IntegrityCheck)",
+                    r.kind, r.id, r.account
+                )),
+                other => other,
+            })?;
         Ok(Arc::new(Kms {
             store,
             keyring,
@@ -224,17 +236,21 @@ impl Kms {
         Ok(account)
     }
 
-    /// Lists accounts.
+    /// Lists accounts. A record that fails its integrity check refuses the whole list.
     pub async fn list_accounts(&self) -> KmsResult<Vec<AccountRecord>> {
         let objs = self
             .store
             .list(kind::ACCOUNT, Some(SYSTEM_ACCOUNT))
             .await
             .map_err(KmsError::store)?;
-        Ok(objs
-            .iter()
-            .filter_map(|o| serde_json::from_slice(&o.body).ok())
-            .collect())
+        objs.iter()
+            .map(|o| {
+                serde_json::from_slice::<AccountRecord>(&o.body)
+                    .ok()
+                    .filter(|r| r.account == o.id)
+                    .ok_or_else(|| KmsError::mismatch(&o.kind, &o.account, &o.id))
+            })
+            .collect()
     }
 
     /// Issues an access key for a user of an account; returns (id, secret). The secret is
@@ -264,13 +280,16 @@ impl Kms {
                 .encode(&secret_raw)
                 .into_bytes(),
         );
-        let sealed = self
-            .keyring
-            .seal_internal(&format!("access-key:{akid}"), &secret)?;
+        let principal = format!("arn:aws:iam::{account}:user/{user}");
+        let sealed = self.keyring.seal_internal(
+            ACCESS_KEY_PURPOSE,
+            &[&akid, account, &principal],
+            &secret,
+        )?;
         let rec = AccessKeyRecord {
             access_key_id: akid.clone(),
             account: account.into(),
-            principal: format!("arn:aws:iam::{account}:user/{user}"),
+            principal,
             sealed_secret: sealed,
             enabled: true,
             created_ms: self.now_ms(),
@@ -303,8 +322,7 @@ impl Kms {
             .await
             .map_err(KmsError::store)?
             .ok_or_else(|| KmsError::NotFound("access key".into()))?;
-        let mut rec: AccessKeyRecord = serde_json::from_slice(&o.body)
-            .map_err(|_| KmsError::Internal("corrupt record".into()))?;
+        let mut rec = access_key_record(&o)?;
         rec.enabled = enabled;
         let body = serde_json::to_vec(&rec).map_err(|_| KmsError::Internal("encode".into()))?;
         let mut entry = crate::audit::system_entry(
@@ -335,17 +353,15 @@ impl Kms {
         Ok(())
     }
 
-    /// Lists access keys (ids and principals only).
+    /// Lists access keys (ids and principals only). A record that fails its integrity
+    /// check refuses the whole list.
     pub async fn list_access_keys(&self) -> KmsResult<Vec<AccessKeyRecord>> {
         let objs = self
             .store
             .list(kind::ACCESS_KEY, Some(SYSTEM_ACCOUNT))
             .await
             .map_err(KmsError::store)?;
-        Ok(objs
-            .iter()
-            .filter_map(|o| serde_json::from_slice(&o.body).ok())
-            .collect())
+        objs.iter().map(access_key_record).collect()
     }
 
     async fn cred(&self, akid: &str) -> KmsResult<Arc<Cred>> {
@@ -365,11 +381,14 @@ impl Kms {
             .await
             .map_err(KmsError::store)?
             .ok_or_else(unknown)?;
-        let rec: AccessKeyRecord = serde_json::from_slice(&o.body)
-            .map_err(|_| KmsError::Internal("corrupt access key record".into()))?;
+        let rec = access_key_record(&o)?;
         let secret = self
             .keyring
-            .open_internal(&format!("access-key:{akid}"), &rec.sealed_secret)
+            .open_internal(
+                ACCESS_KEY_PURPOSE,
+                &[&rec.access_key_id, &rec.account, &rec.principal],
+                &rec.sealed_secret,
+            )
             .await?;
         let c = Arc::new(Cred {
             account: rec.account,
@@ -484,6 +503,9 @@ impl Kms {
             Ok(out) => (out.writes, Ok(out.body), "Success".to_string()),
             Err(e) => {
                 let code = e.code().to_string();
+                if let Some(d) = e.integrity_detail() {
+                    ctx.detail.insert("IntegrityFailure".into(), d);
+                }
                 (vec![], Err(e), code)
             }
         };
@@ -552,6 +574,13 @@ impl Kms {
         );
         entry.principal = "anonymous".into();
         entry.result = err.code().into();
+        if let Some(d) = err.integrity_detail() {
+            entry.detail = serde_json::json!({
+                "detail": "request rejected before authentication",
+                "IntegrityFailure": d,
+            })
+            .to_string();
+        }
         entry.request_id = request_id.into();
         let _ = self
             .store
@@ -561,6 +590,17 @@ impl Kms {
             })
             .await;
     }
+}
+
+/// `seal_internal` purpose of access-key secrets (owner: access key id, account, principal).
+pub const ACCESS_KEY_PURPOSE: &str = "access-key";
+
+/// Parses an access-key row; its body must name the row's id.
+pub(crate) fn access_key_record(o: &caas_store::Object) -> KmsResult<AccessKeyRecord> {
+    serde_json::from_slice::<AccessKeyRecord>(&o.body)
+        .ok()
+        .filter(|r| r.access_key_id == o.id)
+        .ok_or_else(|| KmsError::mismatch(&o.kind, &o.account, &o.id))
 }
 
 fn base32(bytes: &[u8]) -> String {
@@ -579,6 +619,16 @@ fn base32(bytes: &[u8]) -> String {
 }
 
 impl NodeKey {
+    /// The key that authenticates every object row in the store (HMAC-SHA256, see
+    /// `caas_store::RecordAuthenticator`), derived from the node key so the database never
+    /// holds it. Nodes sharing a database share it by sharing the node key. When KMS
+    /// domains exist (issue 15) it moves to the domain: derived from the domain key and
+    /// rotated with it.
+    pub fn record_authenticator(&self) -> KmsResult<caas_store::HmacRecordKey> {
+        let k = self.derive(b"caas/kms/record-mac-key")?;
+        Ok(caas_store::HmacRecordKey::new(k.expose()))
+    }
+
     /// The audit signing key, derived from the node key.
     pub fn audit_signer(&self) -> KmsResult<Ed25519AuditSigner> {
         let seed = self.derive(b"caas/kms/audit-signing-key")?;

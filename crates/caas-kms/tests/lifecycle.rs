@@ -385,3 +385,79 @@ fn trace_logs_never_contain_plaintext_or_keys() {
         assert!(!log.contains(needle), "secret found in trace log");
     }
 }
+
+/// EKTs and service-internal secrets name their owner in the AAD: moved to another account,
+/// key, purpose or principal they do not open (even if a row MAC were bypassed); domain-key
+/// rotation re-wraps access-key secrets bound to the same owner.
+#[tokio::test]
+async fn sealed_values_are_bound_to_their_owner() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kms = open(tmp.path()).await;
+    let m = caas_crypto::SecretBytes::new(vec![9; 32]);
+    let ekt = kms.keyring.seal_ekt("111111111111", "k1", 1, &m).unwrap();
+    let kr = &kms.keyring;
+    assert_eq!(
+        kr.open_ekt("111111111111", "k1", 1, &ekt)
+            .await
+            .unwrap()
+            .expose(),
+        m.expose()
+    );
+    assert!(kr.open_ekt("222222222222", "k1", 1, &ekt).await.is_err());
+    assert!(kr.open_ekt("111111111111", "k2", 1, &ekt).await.is_err());
+    assert!(kr.open_ekt("111111111111", "k1", 2, &ekt).await.is_err());
+    let sealed = kr
+        .seal_internal("access-key", &["AKIA1", "111111111111", "arn:u/a"], &m)
+        .unwrap();
+    for owner in [
+        ["AKIA1", "222222222222", "arn:u/a"],
+        ["AKIA2", "111111111111", "arn:u/a"],
+        ["AKIA1", "111111111111", "arn:u/b"],
+    ] {
+        assert!(
+            kr.open_internal("access-key", &owner, &sealed)
+                .await
+                .is_err()
+        );
+    }
+    assert!(
+        kr.open_internal(
+            "tl-ttp-keys",
+            &["AKIA1", "111111111111", "arn:u/a"],
+            &sealed
+        )
+        .await
+        .is_err()
+    );
+    // An EKT is not an internal secret and vice versa.
+    assert!(
+        kr.open_internal("access-key", &["111111111111", "k1"], &ekt)
+            .await
+            .is_err()
+    );
+    // Access keys survive a domain-key rotation (re-wrapped under the same owner).
+    let account = kms.create_account("t").await.unwrap();
+    let (akid, secret) = kms.create_access_key(&account, "u").await.unwrap();
+    let (_, n) = caas_kms::ops::rotate_domain_key(&kms).await.unwrap();
+    assert!(n >= 1);
+    let o = kms
+        .store
+        .get("access_key", "-", &akid)
+        .await
+        .unwrap()
+        .unwrap();
+    let rec: caas_kms::model::AccessKeyRecord = serde_json::from_slice(&o.body).unwrap();
+    assert_eq!(
+        caas_kms::keyring::Keyring::ekt_version(&rec.sealed_secret),
+        kms.keyring.current_version()
+    );
+    let opened = kr
+        .open_internal(
+            caas_kms::service::ACCESS_KEY_PURPOSE,
+            &[&akid, &account, &rec.principal],
+            &rec.sealed_secret,
+        )
+        .await
+        .unwrap();
+    assert_eq!(opened.expose(), secret.expose());
+}

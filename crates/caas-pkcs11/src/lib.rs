@@ -4,7 +4,10 @@
 //! material. Configuration: `CAAS_PKCS11_SOCKET` (a UNIX socket path or `vsock:CID:PORT`),
 //! or a TOML file named by `CAAS_PKCS11_CONFIG` (`socket`, `vsock` or `tcp` + TLS settings,
 //! optional `timeout_secs`; see `caas-pkcs11.toml.example`). Single-part operations cost one
-//! round trip to the crypto domain (see `ops`).
+//! round trip to the crypto domain (see `ops`). The key policy (usage limits, usage roles,
+//! wrap/unwrap rules, `CKA_TRUSTED`) is enforced in the crypto domain (`caas_domc::policy`)
+//! and nothing in the module can relax it; vendor mechanisms without a parameter, such as
+//! the domain's `CKM_CAAS_AES_KEY_WRAP_ATTRS`, pass through unchanged.
 //!
 //! All `unsafe` code is confined to the `ffi` module (the C ABI surface); every exported
 //! function catches panics and returns CKR_GENERAL_ERROR instead of unwinding into C.

@@ -243,7 +243,8 @@ async fn main() {
         panic!("--pg needs --features testing");
     }
     let url = url.unwrap_or_else(|| format!("sqlite:{}", dir.path().join("bench.db").display()));
-    let store = Store::open(&url, signer()).await.unwrap();
+    let records = std::sync::Arc::new(caas_store::HmacRecordKey::new(&[7u8; 32]));
+    let store = Store::open(&url, signer(), records).await.unwrap();
     if store.backend() == caas_store::Backend::Postgres {
         pg_naive_setup(&url).await;
     }

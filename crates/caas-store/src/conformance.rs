@@ -10,7 +10,8 @@
 
 use crate::testing::PgCluster;
 use crate::{
-    AuditEntry, AuditFaultReason, AuditSigner, Backend, Batch, Error, Store, Write, chain_hash,
+    AuditEntry, AuditFaultReason, AuditSigner, Backend, Batch, Error, HmacRecordKey, Store, Write,
+    chain_hash,
 };
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
@@ -62,8 +63,15 @@ pub(crate) trait Harness {
     fn blob(&self, bytes: &[u8]) -> String;
 
     async fn open(&self) -> Store {
-        Store::open(&self.url(), self.signer()).await.unwrap()
+        Store::open(&self.url(), self.signer(), record_key())
+            .await
+            .unwrap()
     }
+}
+
+/// The record authenticator of the tests (a fixed key, like a node key read from a file).
+pub(crate) fn record_key() -> Arc<HmacRecordKey> {
+    Arc::new(HmacRecordKey::new(b"conformance record key, 32 bytes"))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -849,7 +857,7 @@ const CHILD_KEY_FILE: &str = "CAAS_STORE_DURABILITY_KEY_FILE";
 pub(crate) async fn durability_child() {
     let url = std::env::var(CHILD_URL).expect("started by the durability test");
     let pkcs8 = std::fs::read(std::env::var(CHILD_KEY_FILE).unwrap()).unwrap();
-    let s = Store::open(&url, TestSigner::from_pkcs8(&pkcs8))
+    let s = Store::open(&url, TestSigner::from_pkcs8(&pkcs8), record_key())
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -961,6 +969,259 @@ pub(crate) async fn sigkill_loses_no_acknowledged_commit(h: &impl Harness) {
     );
 }
 
+// ---------------------------------------------------------------------------------------
+// Object-row integrity: the database administrator edits rows directly.
+
+fn assert_integrity<T: std::fmt::Debug>(r: Result<T, Error>, kind: &str, account: &str, id: &str) {
+    match r {
+        Err(Error::Integrity {
+            kind: k,
+            account: a,
+            id: i,
+        }) => assert_eq!((k.as_str(), a.as_str(), i.as_str()), (kind, account, id)),
+        other => panic!("expected an integrity failure on {kind} {account}/{id}, got {other:?}"),
+    }
+}
+
+/// The integrity audit records the store appended, as (account, key_id, detail).
+async fn integrity_audits(s: &Store) -> Vec<(String, Option<String>, String)> {
+    s.audit_list(None, 0, 100_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.entry.operation == "IntegrityCheck" && r.entry.result == "IntegrityFailure")
+        .map(|r| (r.entry.account, r.entry.key_id, r.entry.detail))
+        .collect()
+}
+
+async fn seeded(h: &impl Harness) -> Store {
+    let s = h.open().await;
+    s.commit(writes(vec![
+        put(
+            "key",
+            "victim",
+            "k1",
+            br#"{"state":"Enabled","policy":"victim"}"#,
+            Some(0),
+        ),
+        put("key", "victim", "k2", b"second victim key", Some(0)),
+        put("key", "attacker", "a1", b"attacker key", Some(0)),
+        put(
+            "access_key",
+            "-",
+            "AKIAATTACKER",
+            br#"{"account":"attacker"}"#,
+            Some(0),
+        ),
+    ]))
+    .await
+    .unwrap();
+    // A second revision, so that there is an old version to speak of.
+    s.commit(writes(vec![put(
+        "key",
+        "victim",
+        "k1",
+        br#"{"state":"Disabled","policy":"victim"}"#,
+        Some(1),
+    )]))
+    .await
+    .unwrap();
+    s
+}
+
+pub(crate) async fn integrity_edited_body_is_refused(h: &impl Harness) {
+    let s = seeded(h).await;
+    h.raw(&format!(
+        "UPDATE objects SET body = {} WHERE kind = 'key' AND account = 'victim' AND id = 'k1'",
+        h.blob(br#"{"state":"Enabled","policy":"victim"}"#)
+    ))
+    .await;
+    assert_integrity(s.get("key", "victim", "k1").await, "key", "victim", "k1");
+    // The whole list is refused, not silently shortened.
+    assert_integrity(s.list("key", Some("victim")).await, "key", "victim", "k1");
+    assert_integrity(s.list("key", None).await, "key", "victim", "k1");
+    // Background jobs get the healthy rows and the place of the bad one.
+    let (good, bad) = s.list_healthy("key", None).await.unwrap();
+    let ids: Vec<_> = good.iter().map(|o| o.id.as_str()).collect();
+    assert_eq!(ids, ["a1", "k2"]);
+    assert_eq!(bad.len(), 1);
+    assert_eq!((bad[0].kind.as_str(), bad[0].id.as_str()), ("key", "k1"));
+    // Audited once per distinct bad row version, naming the row.
+    let audits = integrity_audits(&s).await;
+    assert_eq!(audits.len(), 1, "{audits:?}");
+    assert_eq!(audits[0].0, "victim");
+    assert_eq!(audits[0].1.as_deref(), Some("k1"));
+    assert!(audits[0].2.contains("\"kind\":\"key\""), "{}", audits[0].2);
+    // The chain with the integrity records still verifies.
+    assert!(
+        s.audit_verify(&h.signer().verifier())
+            .await
+            .unwrap()
+            .is_ok()
+    );
+    // Healthy rows still read; a legitimate rewrite heals the row.
+    assert_eq!(
+        s.get("key", "victim", "k2").await.unwrap().unwrap().body,
+        b"second victim key"
+    );
+    s.commit(writes(vec![put("key", "victim", "k1", b"rewritten", None)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.get("key", "victim", "k1").await.unwrap().unwrap().body,
+        b"rewritten"
+    );
+}
+
+pub(crate) async fn integrity_edited_rev_or_mac_is_refused(h: &impl Harness) {
+    let s = seeded(h).await;
+    h.raw("UPDATE objects SET rev = 7 WHERE kind = 'key' AND account = 'victim' AND id = 'k1'")
+        .await;
+    assert_integrity(s.get("key", "victim", "k1").await, "key", "victim", "k1");
+    h.raw(&format!(
+        "UPDATE objects SET mac = {} WHERE kind = 'key' AND account = 'victim' AND id = 'k2'",
+        h.blob(&[0u8; 32])
+    ))
+    .await;
+    assert_integrity(s.get("key", "victim", "k2").await, "key", "victim", "k2");
+    assert_eq!(integrity_audits(&s).await.len(), 2);
+}
+
+pub(crate) async fn integrity_copied_row_is_refused(h: &impl Harness) {
+    let s = seeded(h).await;
+    // Copy the victim's key row (with its valid MAC) into the attacker's account.
+    h.raw(
+        "INSERT INTO objects (kind, account, id, rev, body, mac) \
+         SELECT kind, 'attacker', id, rev, body, mac FROM objects \
+         WHERE kind = 'key' AND account = 'victim' AND id = 'k2'",
+    )
+    .await;
+    assert_integrity(
+        s.get("key", "attacker", "k2").await,
+        "key",
+        "attacker",
+        "k2",
+    );
+    assert_integrity(
+        s.list("key", Some("attacker")).await,
+        "key",
+        "attacker",
+        "k2",
+    );
+    // ... and under another id / another kind of the victim's own.
+    h.raw(
+        "INSERT INTO objects (kind, account, id, rev, body, mac) \
+         SELECT kind, account, 'k9', rev, body, mac FROM objects \
+         WHERE kind = 'key' AND account = 'victim' AND id = 'k2'",
+    )
+    .await;
+    assert_integrity(s.get("key", "victim", "k9").await, "key", "victim", "k9");
+    h.raw(
+        "INSERT INTO objects (kind, account, id, rev, body, mac) \
+         SELECT 'alias', account, id, rev, body, mac FROM objects \
+         WHERE kind = 'key' AND account = 'victim' AND id = 'k2'",
+    )
+    .await;
+    assert_integrity(
+        s.get("alias", "victim", "k2").await,
+        "alias",
+        "victim",
+        "k2",
+    );
+    // The original still reads.
+    assert!(s.get("key", "victim", "k2").await.unwrap().is_some());
+}
+
+pub(crate) async fn integrity_swapped_rows_are_refused(h: &impl Harness) {
+    let s = seeded(h).await;
+    // Swap the bodies and MACs of two rows of the same account.
+    h.raw(
+        "UPDATE objects SET body = (SELECT body FROM objects WHERE kind = 'key' AND account = 'victim' AND id = 'k2'), \
+                            mac = (SELECT mac FROM objects WHERE kind = 'key' AND account = 'victim' AND id = 'k2') \
+         WHERE kind = 'key' AND account = 'victim' AND id = 'k1'",
+    )
+    .await;
+    assert_integrity(s.get("key", "victim", "k1").await, "key", "victim", "k1");
+    assert!(s.get("key", "victim", "k2").await.unwrap().is_some());
+}
+
+pub(crate) async fn integrity_repointed_row_is_refused(h: &impl Harness) {
+    let s = seeded(h).await;
+    // Re-point the attacker's access key to the victim's account (the body names it).
+    h.raw(&format!(
+        "UPDATE objects SET body = {} WHERE kind = 'access_key' AND account = '-' AND id = 'AKIAATTACKER'",
+        h.blob(br#"{"account":"victim"}"#)
+    ))
+    .await;
+    assert_integrity(
+        s.get("access_key", "-", "AKIAATTACKER").await,
+        "access_key",
+        "-",
+        "AKIAATTACKER",
+    );
+    // Moving the row itself to another account (the column) is refused too.
+    h.raw("UPDATE objects SET account = 'victim' WHERE kind = 'key' AND account = 'attacker' AND id = 'a1'")
+        .await;
+    assert_integrity(s.get("key", "victim", "a1").await, "key", "victim", "a1");
+    // A row with its MAC removed (NULL is impossible by schema; an empty one) is refused.
+    h.raw(&format!(
+        "UPDATE objects SET mac = {} WHERE kind = 'key' AND account = 'victim' AND id = 'k2'",
+        h.blob(&[])
+    ))
+    .await;
+    assert_integrity(s.get("key", "victim", "k2").await, "key", "victim", "k2");
+}
+
+pub(crate) async fn integrity_needs_the_record_key(h: &impl Harness) {
+    let s = seeded(h).await;
+    drop(s);
+    // A store opened with another record key (another deployment, or a forger) refuses
+    // every row: the MAC is keyed, not a checksum.
+    let other = Store::open(
+        &h.url(),
+        h.signer(),
+        Arc::new(HmacRecordKey::new(&[1u8; 32])),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        other.get("key", "attacker", "a1").await,
+        Err(Error::Integrity { .. })
+    ));
+    // The right key reads it.
+    assert!(
+        h.open()
+            .await
+            .get("key", "attacker", "a1")
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+/// What remains (documented): an older version of the same row, with its old MAC, is
+/// accepted when put back. This test pins that behaviour so the documentation stays true.
+pub(crate) async fn integrity_old_version_of_same_row_is_not_detected(h: &impl Harness) {
+    let s = h.open().await;
+    s.commit(writes(vec![put("key", "v", "k", b"rev1", Some(0))]))
+        .await
+        .unwrap();
+    // The administrator keeps a copy of the row at rev 1 ...
+    h.raw("CREATE TABLE objects_backup AS SELECT * FROM objects WHERE kind = 'key' AND id = 'k'")
+        .await;
+    s.commit(writes(vec![put("key", "v", "k", b"rev2", Some(1))]))
+        .await
+        .unwrap();
+    // ... and puts it back later: the MAC is valid for (key, v, k, rev 1, "rev1").
+    h.raw(
+        "DELETE FROM objects WHERE kind = 'key' AND id = 'k'; \
+         INSERT INTO objects SELECT * FROM objects_backup",
+    )
+    .await;
+    let o = s.get("key", "v", "k").await.unwrap().unwrap();
+    assert_eq!((o.rev, o.body.as_slice()), (1, &b"rev1"[..]));
+}
+
 /// Every Store future can be spawned (axum handlers and tokio::spawn need Send).
 #[test]
 fn store_futures_are_send() {
@@ -968,7 +1229,7 @@ fn store_futures_are_send() {
     fn assert_shareable<T: Send + Sync + Clone + 'static>() {}
     assert_shareable::<Store>();
     let check = |s: &Store| {
-        assert_send(&Store::open("x", TestSigner::generate().0));
+        assert_send(&Store::open("x", TestSigner::generate().0, record_key()));
         assert_send(&s.get("k", "a", "i"));
         assert_send(&s.list("k", None));
         assert_send(&s.commit(Batch::default()));
@@ -1027,4 +1288,11 @@ suite!(
     anchor_observes_heads_and_follows_other_writers,
     anchor_refuses_a_cut_tail,
     anchor_refuses_a_rewritten_chain,
+    integrity_edited_body_is_refused,
+    integrity_edited_rev_or_mac_is_refused,
+    integrity_copied_row_is_refused,
+    integrity_swapped_rows_are_refused,
+    integrity_repointed_row_is_refused,
+    integrity_needs_the_record_key,
+    integrity_old_version_of_same_row_is_not_detected,
 );

@@ -25,6 +25,20 @@ pub enum Error {
     /// foreign schema).
     #[error("corrupt storage data: {0}")]
     Corrupt(String),
+    /// A stored object row failed its integrity check (its MAC does not cover its kind,
+    /// account, id, revision and body): it was edited, copied, swapped or re-pointed outside
+    /// the key service. The row is never returned. Names the row, never its content.
+    #[error(
+        "integrity check failed for stored {kind} record {id} of account {account}: the row was changed outside the key service"
+    )]
+    Integrity {
+        /// Object kind of the refused row.
+        kind: String,
+        /// Account of the refused row.
+        account: String,
+        /// Id of the refused row.
+        id: String,
+    },
     /// The database was created by an incompatible version of caas.
     #[error("unsupported storage schema version {found} (this build supports {supported})")]
     SchemaVersion {

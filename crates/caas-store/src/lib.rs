@@ -14,6 +14,21 @@
 //! each record's hash is signed with the [`AuditSigner`] given to [`Store::open`], and
 //! [`Store::audit_verify`] re-checks every hash, link, seq and signature.
 //!
+//! The database is not trusted for integrity. Every object row carries a MAC (column `mac`)
+//! under the [`RecordAuthenticator`] given to [`Store::open`], covering the row's kind,
+//! account, id, revision and body ([`record_mac_input`]). The writer computes it when it
+//! assigns the revision, inside the transaction (so upserts are covered too); every read
+//! ([`Store::get`], [`Store::list`], [`Store::list_healthy`]) re-computes it and never
+//! returns a row whose MAC does not match: `get` and `list` answer [`Error::Integrity`]
+//! naming the row (a list with one bad row is refused as a whole, not silently shortened),
+//! and the store appends an audit record (operation `IntegrityCheck`, result
+//! `IntegrityFailure`, principal `caas-store`) naming each refused row — once per distinct
+//! bad row version per process, so a corrupt row read on every request does not flood the
+//! chain (the key service's own per-request record names the row too). An edited, swapped,
+//! copied (to another account or id) or re-pointed row is refused; a deleted row, or an
+//! older version of a row put back with its old MAC, is not detected here (see
+//! ARCHITECTURE.md, Trust boundaries).
+//!
 //! Freshness: the database alone cannot prove that its tail was not cut or the whole file
 //! restored from an old backup. [`Store::anchor_audit`] gives the writer a chain head known
 //! from outside the database (the key service's signed checkpoint) and a [`HeadObserver`]
@@ -23,6 +38,7 @@
 mod audit;
 mod error;
 mod postgres;
+mod record;
 mod sqlite;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -32,8 +48,10 @@ mod conformance;
 
 pub use audit::{AuditFault, AuditFaultReason, AuditVerifyReport, GENESIS_HASH, chain_hash};
 pub use error::Error;
+pub use record::{HmacRecordKey, RecordAuthenticator, RowRef, record_mac_input};
 
-use std::sync::Arc;
+use record::RawObject;
+use std::sync::{Arc, Mutex};
 
 /// Signs audit record hashes (the key service signs with its audit key).
 pub trait AuditSigner: Send + Sync + 'static {
@@ -160,6 +178,9 @@ pub struct AuditRecord {
 pub struct Store {
     inner: Arc<Inner>,
     stats: Arc<Counters>,
+    auth: Arc<dyn RecordAuthenticator>,
+    /// Fingerprints of bad row versions already audited by this process.
+    reported: Arc<Mutex<std::collections::HashSet<[u8; 32]>>>,
 }
 
 /// Group-commit counters of one [`Store`] handle (its own writer only).
@@ -294,18 +315,28 @@ impl std::fmt::Debug for Store {
 }
 
 /// How many audit records `audit_verify` reads per query.
+const MAX_REPORTED: usize = 10_000;
+/// Longest kind/account/id text copied into an integrity audit record.
+const MAX_NAME: usize = 256;
+
+/// How many audit records `audit_verify` reads per query.
 const VERIFY_PAGE: usize = 2000;
 
 impl Store {
     /// Opens (and creates if missing) a store. `url`: a filesystem path or `sqlite:PATH` for
     /// embedded SQLite; `postgres://user@host:port/db` (or `postgresql://`, any libpq-style
     /// URL that tokio-postgres accepts, no TLS) for PostgreSQL. Creating the schema is
-    /// idempotent and safe when several nodes start at once.
-    pub async fn open(url: &str, signer: Arc<dyn AuditSigner>) -> Result<Store, Error> {
+    /// idempotent and safe when several nodes start at once. `records` authenticates every
+    /// object row written and read (see the crate documentation).
+    pub async fn open(
+        url: &str,
+        signer: Arc<dyn AuditSigner>,
+        records: Arc<dyn RecordAuthenticator>,
+    ) -> Result<Store, Error> {
         let stats = Arc::new(Counters::default());
         let inner = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Inner::Postgres(Box::new(
-                postgres::PgStore::open(url, signer, stats.clone()).await?,
+                postgres::PgStore::open(url, signer, records.clone(), stats.clone()).await?,
             ))
         } else {
             let path = url
@@ -317,13 +348,20 @@ impl Store {
                 ));
             }
             Inner::Sqlite(
-                sqlite::SqliteStore::open(std::path::Path::new(path), signer, stats.clone())
-                    .await?,
+                sqlite::SqliteStore::open(
+                    std::path::Path::new(path),
+                    signer,
+                    records.clone(),
+                    stats.clone(),
+                )
+                .await?,
             )
         };
         Ok(Store {
             inner: Arc::new(inner),
             stats,
+            auth: records,
+            reported: Arc::new(Mutex::new(std::collections::HashSet::new())),
         })
     }
 
@@ -344,20 +382,134 @@ impl Store {
         }
     }
 
-    /// One object, or None.
+    /// One object, or None. A row whose MAC does not match is refused with
+    /// [`Error::Integrity`] (and audited), never returned.
     pub async fn get(&self, kind: &str, account: &str, id: &str) -> Result<Option<Object>, Error> {
-        match &*self.inner {
-            Inner::Sqlite(s) => s.get(kind, account, id).await,
-            Inner::Postgres(s) => s.get(kind, account, id).await,
+        let raw = match &*self.inner {
+            Inner::Sqlite(s) => s.get(kind, account, id).await?,
+            Inner::Postgres(s) => s.get(kind, account, id).await?,
+        };
+        let Some(raw) = raw else {
+            return Ok(None);
+        };
+        if raw.verify(&*self.auth) {
+            return Ok(Some(raw.obj));
         }
+        let bad = self.refuse(&[raw]).await;
+        Err(integrity(bad))
     }
 
     /// All objects of `kind` for `account` (None: every account), ordered by (account, id).
+    /// If any row fails its integrity check the whole list is refused with
+    /// [`Error::Integrity`] naming the first bad row (every bad row is audited): a caller
+    /// never sees a list silently shortened by tampering.
     pub async fn list(&self, kind: &str, account: Option<&str>) -> Result<Vec<Object>, Error> {
-        match &*self.inner {
-            Inner::Sqlite(s) => s.list(kind, account).await,
-            Inner::Postgres(s) => s.list(kind, account).await,
+        let (good, bad) = self.list_healthy(kind, account).await?;
+        match bad.into_iter().next() {
+            None => Ok(good),
+            Some(first) => Err(integrity(first)),
         }
+    }
+
+    /// Like [`Store::list`], but returns the rows that verify together with the places of
+    /// those that do not (already audited), for background jobs that must go on over the
+    /// healthy rows (scheduled deletion, rotation, re-wrapping). Never returns a bad row.
+    pub async fn list_healthy(
+        &self,
+        kind: &str,
+        account: Option<&str>,
+    ) -> Result<(Vec<Object>, Vec<RowRef>), Error> {
+        let rows = match &*self.inner {
+            Inner::Sqlite(s) => s.list(kind, account).await?,
+            Inner::Postgres(s) => s.list(kind, account).await?,
+        };
+        let (mut good, mut bad) = (Vec::with_capacity(rows.len()), Vec::new());
+        for r in rows {
+            if r.verify(&*self.auth) {
+                good.push(r.obj);
+            } else {
+                bad.push(r);
+            }
+        }
+        let refs = if bad.is_empty() {
+            Vec::new()
+        } else {
+            self.refuse_all(&bad).await
+        };
+        Ok((good, refs))
+    }
+
+    async fn refuse(&self, bad: &[RawObject]) -> RowRef {
+        let mut refs = self.refuse_all(bad).await;
+        refs.swap_remove(0)
+    }
+
+    /// Audits refused rows (each distinct bad row version once per process) and names them.
+    async fn refuse_all(&self, bad: &[RawObject]) -> Vec<RowRef> {
+        let clip = |s: &str| -> String {
+            s.chars()
+                .take(MAX_NAME)
+                .map(|c| if c == '\0' { '\u{fffd}' } else { c })
+                .collect()
+        };
+        let mut refs = Vec::with_capacity(bad.len());
+        let mut audit = Vec::new();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        for r in bad {
+            let o = &r.obj;
+            let row = RowRef {
+                kind: clip(&o.kind),
+                account: clip(&o.account),
+                id: clip(&o.id),
+            };
+            let fp = {
+                let mut m = record_mac_input(&o.kind, &o.account, &o.id, o.rev, &o.body);
+                m.extend_from_slice(r.mac.as_deref().unwrap_or(b"<null>"));
+                let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &m);
+                let mut fp = [0u8; 32];
+                fp.copy_from_slice(d.as_ref());
+                fp
+            };
+            let fresh = self.reported.lock().map_or(true, |mut set| {
+                if set.len() >= MAX_REPORTED {
+                    set.clear();
+                }
+                set.insert(fp)
+            });
+            tracing::error!(kind = %row.kind, account = %row.account, id = %row.id, rev = o.rev,
+                "stored record failed its integrity check; refused");
+            if fresh {
+                audit.push(AuditEntry {
+                    time_ms: now,
+                    account: row.account.clone(),
+                    principal: "caas-store".into(),
+                    operation: "IntegrityCheck".into(),
+                    key_id: Some(row.id.clone()),
+                    result: "IntegrityFailure".into(),
+                    request_id: String::new(),
+                    detail: serde_json::json!({
+                        "kind": row.kind, "account": row.account, "id": row.id, "rev": o.rev,
+                        "reason": if r.mac.is_some() { "MAC mismatch" } else { "MAC missing" },
+                    })
+                    .to_string(),
+                });
+            }
+            refs.push(row);
+        }
+        if !audit.is_empty()
+            && let Err(e) = self
+                .commit(Batch {
+                    writes: Vec::new(),
+                    audit,
+                })
+                .await
+        {
+            tracing::error!(error = %e, "cannot audit an integrity failure");
+        }
+        refs
     }
 
     /// Applies all writes and appends all audit entries atomically; returns only after the
@@ -457,6 +609,14 @@ impl Store {
             Ok(()) => Ok(report(&verifier, None)),
             Err(fault) => Ok(report(&verifier, Some(fault))),
         }
+    }
+}
+
+fn integrity(r: RowRef) -> Error {
+    Error::Integrity {
+        kind: r.kind,
+        account: r.account,
+        id: r.id,
     }
 }
 

@@ -4,10 +4,11 @@
 //! and a few shared read connections (tokio-postgres pipelines concurrent queries).
 
 use crate::audit::{Head, RawAuditRow};
+use crate::record::{RawObject, tag_row};
 use crate::sqlite::clone_err;
 use crate::{
-    AuditEntry, AuditSigner, Batch, CommitInfo, Counters, Error, Job, MAX_GROUP, Object, Write,
-    check_expect, next_rev, seq_to_i64,
+    AuditEntry, AuditSigner, Batch, CommitInfo, Counters, Error, Job, MAX_GROUP, Object,
+    RecordAuthenticator, Write, check_expect, next_rev, seq_to_i64,
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,17 +16,18 @@ use tokio::sync::mpsc;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
-const SCHEMA_VERSION: &str = "1";
+/// Version 2: object rows carry a MAC (`mac`). Version-1 databases are refused.
+const SCHEMA_VERSION: &str = "2";
 const READERS: usize = 4;
 /// Arbitrary constant key of the advisory lock that serializes schema creation.
 const SCHEMA_LOCK: i64 = 0x6361_6173_5354_4f52; // "caasSTOR"
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS store_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-INSERT INTO store_meta (name, value) VALUES ('schema_version', '1') ON CONFLICT (name) DO NOTHING;
+INSERT INTO store_meta (name, value) VALUES ('schema_version', '2') ON CONFLICT (name) DO NOTHING;
 CREATE TABLE IF NOT EXISTS objects (
     kind TEXT COLLATE "C" NOT NULL, account TEXT COLLATE "C" NOT NULL, id TEXT COLLATE "C" NOT NULL,
-    rev BIGINT NOT NULL, body BYTEA NOT NULL,
+    rev BIGINT NOT NULL, body BYTEA NOT NULL, mac BYTEA NOT NULL,
     PRIMARY KEY (kind, account, id));
 CREATE TABLE IF NOT EXISTS audit_log (
     seq BIGINT PRIMARY KEY, time_ms BIGINT NOT NULL, account TEXT NOT NULL,
@@ -51,13 +53,16 @@ fn col<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, i: usize) -> Res
         .map_err(|e| Error::Corrupt(format!("unexpected column {i}: {e}")))
 }
 
-fn row_to_object(r: &Row) -> Result<Object, Error> {
-    Ok(Object {
-        kind: col(r, 0)?,
-        account: col(r, 1)?,
-        id: col(r, 2)?,
-        rev: col(r, 3)?,
-        body: col(r, 4)?,
+fn row_to_object(r: &Row) -> Result<RawObject, Error> {
+    Ok(RawObject {
+        obj: Object {
+            kind: col(r, 0)?,
+            account: col(r, 1)?,
+            id: col(r, 2)?,
+            rev: col(r, 3)?,
+            body: col(r, 4)?,
+        },
+        mac: col(r, 5)?,
     })
 }
 
@@ -117,7 +122,7 @@ impl Reader {
             let client = &client;
             async move { client.prepare(&sql).await.map_err(pg("preparing a query")) }
         };
-        let obj = "SELECT kind, account, id, rev, body FROM objects";
+        let obj = "SELECT kind, account, id, rev, body, mac FROM objects";
         Ok(Reader {
             get: p(format!(
                 "{obj} WHERE kind = $1 AND account = $2 AND id = $3"
@@ -184,12 +189,12 @@ impl WriterConn {
             )
             .await?,
             insert_object: p(
-                "INSERT INTO objects (kind, account, id, rev, body) VALUES ($1, $2, $3, $4, $5)"
+                "INSERT INTO objects (kind, account, id, rev, body, mac) VALUES ($1, $2, $3, $4, $5, $6)"
                     .into(),
             )
             .await?,
             update_object: p(
-                "UPDATE objects SET rev = $4, body = $5 WHERE kind = $1 AND account = $2 AND id = $3"
+                "UPDATE objects SET rev = $4, body = $5, mac = $6 WHERE kind = $1 AND account = $2 AND id = $3"
                     .into(),
             )
             .await?,
@@ -248,6 +253,7 @@ impl PgStore {
     pub async fn open(
         url: &str,
         signer: Arc<dyn AuditSigner>,
+        records: Arc<dyn RecordAuthenticator>,
         stats: Arc<Counters>,
     ) -> Result<PgStore, Error> {
         // The parser's message could quote parts of the URL (a password): do not repeat it.
@@ -258,7 +264,14 @@ impl PgStore {
         create_schema(&client).await?;
         let writer = WriterConn::prepare(client).await?;
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer_task(config.clone(), writer, rx, signer, stats));
+        tokio::spawn(writer_task(
+            config.clone(),
+            writer,
+            rx,
+            signer,
+            records,
+            stats,
+        ));
         Ok(PgStore {
             config,
             writer: tx,
@@ -303,7 +316,12 @@ impl PgStore {
         }
     }
 
-    pub async fn get(&self, kind: &str, account: &str, id: &str) -> Result<Option<Object>, Error> {
+    pub async fn get(
+        &self,
+        kind: &str,
+        account: &str,
+        id: &str,
+    ) -> Result<Option<RawObject>, Error> {
         let row = self
             .read("reading an object", |r: Arc<Reader>| async move {
                 r.client.query_opt(&r.get, &[&kind, &account, &id]).await
@@ -312,7 +330,7 @@ impl PgStore {
         row.as_ref().map(row_to_object).transpose()
     }
 
-    pub async fn list(&self, kind: &str, account: Option<&str>) -> Result<Vec<Object>, Error> {
+    pub async fn list(&self, kind: &str, account: Option<&str>) -> Result<Vec<RawObject>, Error> {
         let rows = self
             .read("listing objects", |r: Arc<Reader>| async move {
                 match account {
@@ -369,6 +387,7 @@ async fn writer_task(
     conn: WriterConn,
     mut rx: mpsc::UnboundedReceiver<Job>,
     signer: Arc<dyn AuditSigner>,
+    records: Arc<dyn RecordAuthenticator>,
     stats: Arc<Counters>,
 ) {
     let mut conn = Some(conn);
@@ -419,7 +438,7 @@ async fn writer_task(
         };
         let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
         stats.record(batches.len());
-        let results = match run_group(c, *start, &batches, &*signer, &stats).await {
+        let results = match run_group(c, *start, &batches, &*signer, &*records, &stats).await {
             Ok(results) => results,
             Err(e) => {
                 tracing::warn!(error = %e, batches = jobs.len(), "PostgreSQL group commit failed");
@@ -529,6 +548,7 @@ async fn run_group(
     start: Head,
     batches: &[&Batch],
     signer: &dyn AuditSigner,
+    records: &dyn RecordAuthenticator,
     stats: &Counters,
 ) -> Result<Vec<Result<CommitInfo, Error>>, Error> {
     if let Some(probe) = stats.anchor_check(&start)? {
@@ -558,7 +578,7 @@ async fn run_group(
                 .await
                 .map_err(pg("creating a savepoint"))?;
         }
-        match apply_writes(c, batch).await {
+        match apply_writes(c, batch, records).await {
             Ok(()) => {
                 if !single {
                     c.client
@@ -621,7 +641,11 @@ async fn run_group(
     Ok(results)
 }
 
-async fn apply_writes(c: &WriterConn, batch: &Batch) -> Result<(), Error> {
+async fn apply_writes(
+    c: &WriterConn,
+    batch: &Batch,
+    records: &dyn RecordAuthenticator,
+) -> Result<(), Error> {
     for w in &batch.writes {
         let (Write::Put {
             kind,
@@ -646,13 +670,14 @@ async fn apply_writes(c: &WriterConn, batch: &Batch) -> Result<(), Error> {
         match w {
             Write::Put { body, .. } => {
                 let rev = next_rev(current)?;
+                let mac = tag_row(records, kind, account, id, rev, body);
                 let stmt = if current.is_some() {
                     &c.update_object
                 } else {
                     &c.insert_object
                 };
                 c.client
-                    .execute(stmt, &[kind, account, id, &rev, body])
+                    .execute(stmt, &[kind, account, id, &rev, body, &mac])
                     .await
                     .map_err(|e| {
                         if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {

@@ -3,25 +3,27 @@
 //! `spawn_blocking`.
 
 use crate::audit::{Head, RawAuditRow};
+use crate::record::{RawObject, tag_row};
 use crate::{
-    AuditEntry, AuditSigner, Batch, CommitInfo, Counters, Error, Job, MAX_GROUP, Object, Write,
-    check_expect, next_rev, seq_to_i64,
+    AuditEntry, AuditSigner, Batch, CommitInfo, Counters, Error, Job, MAX_GROUP, Object,
+    RecordAuthenticator, Write, check_expect, next_rev, seq_to_i64,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-const SCHEMA_VERSION: &str = "1";
+/// Version 2: object rows carry a MAC (`mac`). Version-1 databases are refused.
+const SCHEMA_VERSION: &str = "2";
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_IDLE_READERS: usize = 8;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS store_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-INSERT OR IGNORE INTO store_meta (name, value) VALUES ('schema_version', '1');
+INSERT OR IGNORE INTO store_meta (name, value) VALUES ('schema_version', '2');
 CREATE TABLE IF NOT EXISTS objects (
     kind TEXT NOT NULL, account TEXT NOT NULL, id TEXT NOT NULL,
-    rev INTEGER NOT NULL, body BLOB NOT NULL,
+    rev INTEGER NOT NULL, body BLOB NOT NULL, mac BLOB NOT NULL,
     PRIMARY KEY (kind, account, id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS audit_log (
     seq INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, account TEXT NOT NULL,
@@ -155,13 +157,20 @@ fn open_reader(path: &Path) -> Result<Connection, Error> {
     Ok(conn)
 }
 
-fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<Object> {
-    Ok(Object {
-        kind: r.get(0)?,
-        account: r.get(1)?,
-        id: r.get(2)?,
-        rev: r.get(3)?,
-        body: r.get(4)?,
+fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawObject> {
+    Ok(RawObject {
+        obj: Object {
+            kind: r.get(0)?,
+            account: r.get(1)?,
+            id: r.get(2)?,
+            rev: r.get(3)?,
+            body: r.get(4)?,
+        },
+        // A MAC of another SQLite type (text, integer) or NULL is no MAC.
+        mac: match r.get_ref(5)? {
+            rusqlite::types::ValueRef::Blob(b) => Some(b.to_vec()),
+            _ => None,
+        },
     })
 }
 
@@ -197,6 +206,7 @@ impl SqliteStore {
     pub async fn open(
         path: &Path,
         signer: Arc<dyn AuditSigner>,
+        records: Arc<dyn RecordAuthenticator>,
         stats: Arc<Counters>,
     ) -> Result<SqliteStore, Error> {
         let owned = path.to_owned();
@@ -204,7 +214,7 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("caas-store-writer".into())
-            .spawn(move || writer_loop(conn, rx, signer, stats))
+            .spawn(move || writer_loop(conn, rx, signer, records, stats))
             .map_err(|e| Error::Backend {
                 context: "starting the writer thread",
                 message: e.to_string(),
@@ -239,11 +249,16 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn get(&self, kind: &str, account: &str, id: &str) -> Result<Option<Object>, Error> {
+    pub async fn get(
+        &self,
+        kind: &str,
+        account: &str,
+        id: &str,
+    ) -> Result<Option<RawObject>, Error> {
         let (kind, account, id) = (kind.to_owned(), account.to_owned(), id.to_owned());
         self.read(move |c| {
             c.prepare_cached(
-                "SELECT kind, account, id, rev, body FROM objects \
+                "SELECT kind, account, id, rev, body, mac FROM objects \
                  WHERE kind = ?1 AND account = ?2 AND id = ?3",
             )
             .and_then(|mut s| {
@@ -255,19 +270,19 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn list(&self, kind: &str, account: Option<&str>) -> Result<Vec<Object>, Error> {
+    pub async fn list(&self, kind: &str, account: Option<&str>) -> Result<Vec<RawObject>, Error> {
         let (kind, account) = (kind.to_owned(), account.map(str::to_owned));
         self.read(move |c| {
             let r = match account {
                 Some(a) => c
                     .prepare_cached(
-                        "SELECT kind, account, id, rev, body FROM objects \
+                        "SELECT kind, account, id, rev, body, mac FROM objects \
                          WHERE kind = ?1 AND account = ?2 ORDER BY account, id",
                     )
                     .and_then(|mut s| s.query_map(params![kind, a], row_to_object)?.collect()),
                 None => c
                     .prepare_cached(
-                        "SELECT kind, account, id, rev, body FROM objects \
+                        "SELECT kind, account, id, rev, body, mac FROM objects \
                          WHERE kind = ?1 ORDER BY account, id",
                     )
                     .and_then(|mut s| s.query_map(params![kind], row_to_object)?.collect()),
@@ -328,6 +343,7 @@ fn writer_loop(
     conn: Connection,
     rx: mpsc::Receiver<Job>,
     signer: Arc<dyn AuditSigner>,
+    records: Arc<dyn RecordAuthenticator>,
     stats: Arc<Counters>,
 ) {
     while let Ok(first) = rx.recv() {
@@ -340,7 +356,7 @@ fn writer_loop(
         }
         let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
         stats.record(batches.len());
-        let results = match run_group(&conn, &batches, &*signer, &stats) {
+        let results = match run_group(&conn, &batches, &*signer, &*records, &stats) {
             Ok(results) => results,
             Err(e) => {
                 tracing::warn!(error = %e, batches = jobs.len(), "SQLite group commit failed");
@@ -366,6 +382,11 @@ pub(crate) fn clone_err(e: &Error) -> Error {
             message: message.clone(),
         },
         Error::Corrupt(m) => Error::Corrupt(m.clone()),
+        Error::Integrity { kind, account, id } => Error::Integrity {
+            kind: kind.clone(),
+            account: account.clone(),
+            id: id.clone(),
+        },
         Error::SchemaVersion { found, supported } => Error::SchemaVersion {
             found: found.clone(),
             supported,
@@ -387,6 +408,7 @@ fn run_group(
     conn: &Connection,
     batches: &[&Batch],
     signer: &dyn AuditSigner,
+    records: &dyn RecordAuthenticator,
     stats: &Counters,
 ) -> Result<Vec<Result<CommitInfo, Error>>, Error> {
     conn.execute_batch("BEGIN IMMEDIATE")
@@ -416,7 +438,7 @@ fn run_group(
         }
         exec_cached(conn, "SAVEPOINT batch").map_err(sq("creating a savepoint"))?;
         let mut tentative = head;
-        match apply(conn, batch, &mut tentative, signer) {
+        match apply(conn, batch, &mut tentative, signer, records) {
             Ok(audit_seqs) => {
                 exec_cached(conn, "RELEASE batch").map_err(sq("releasing a savepoint"))?;
                 head = tentative;
@@ -448,6 +470,7 @@ fn apply(
     batch: &Batch,
     head: &mut Head,
     signer: &dyn AuditSigner,
+    records: &dyn RecordAuthenticator,
 ) -> Result<Vec<u64>, Error> {
     for w in &batch.writes {
         let (Write::Put {
@@ -474,13 +497,14 @@ fn apply(
         match w {
             Write::Put { body, .. } => {
                 let rev = next_rev(current)?;
+                let mac = tag_row(records, kind, account, id, rev, body);
                 let sql = if current.is_some() {
-                    "UPDATE objects SET rev = ?4, body = ?5 WHERE kind = ?1 AND account = ?2 AND id = ?3"
+                    "UPDATE objects SET rev = ?4, body = ?5, mac = ?6 WHERE kind = ?1 AND account = ?2 AND id = ?3"
                 } else {
-                    "INSERT INTO objects (kind, account, id, rev, body) VALUES (?1, ?2, ?3, ?4, ?5)"
+                    "INSERT INTO objects (kind, account, id, rev, body, mac) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
                 };
                 conn.prepare_cached(sql)
-                    .and_then(|mut s| s.execute(params![kind, account, id, rev, body]))
+                    .and_then(|mut s| s.execute(params![kind, account, id, rev, body, mac]))
                     .map_err(sq("writing an object"))?;
             }
             Write::Delete { .. } => {

@@ -110,12 +110,37 @@ pub fn check_m2(m2: &M2, vm_id: &str, image_sha256: &[u8; 32], pk_dm: &[u8]) -> 
     Ok(())
 }
 
+/// The crypto-domain configuration belongs to the launch: its owner is the DM the TTP
+/// vouched for in m2 (`owner_mismatch` otherwise — another DM, or the scheduler with a DM
+/// key of its own, launching someone else's image) and it was made for the encrypted image
+/// being launched (`config_tampered` — a stale configuration of an older upload).
+pub fn check_config(cfg: &crate::dm::DomcConfig, m2: &M2, image_sha256: &[u8; 32]) -> Result<()> {
+    if !ct_eq(cfg.owner_h2.as_bytes(), m2.h2.as_bytes()) {
+        return Err(Error::rejected(
+            "owner_mismatch",
+            "the image belongs to another domain manager",
+        ));
+    }
+    if !ct_eq(
+        cfg.image_h1.as_bytes(),
+        hex::encode(image_sha256).as_bytes(),
+    ) {
+        return Err(Error::rejected(
+            "config_tampered",
+            "the crypto-domain configuration was made for another upload of the image",
+        ));
+    }
+    Ok(())
+}
+
 /// Builds a DBSP.DomKeyReq body (to be AK-signed by a quote over its digest). `header` is
-/// (c4, μ) from an existing domain header.
+/// (c4, μ) from an existing domain header; `launch_r` is the r of the workload's TL.Request
+/// (it names the TTP's session).
 #[allow(clippy::too_many_arguments)]
 pub fn domkey_request(
     host: &str,
     vm_id: &str,
+    launch_r: &[u8],
     sr: &str,
     h2: &str,
     dk: &[u8],
@@ -135,6 +160,7 @@ pub fn domkey_request(
         vm_id: vm_id.into(),
         sr: sr.into(),
         h2: h2.into(),
+        launch_r: launch_r.to_vec(),
         r: random32()?.to_vec(),
         t_ms: now_ms,
         enc: Vec::new(),
@@ -189,13 +215,27 @@ pub fn volume_key(k: &SecretKey, ik: &SecretKey, domain: &str, sr: &str) -> Resu
     )?)
 }
 
-/// Verifies a revocation notice from the TTP.
-pub fn check_revoke(notice: &Signed, ttp: &TtpPublic, host: &str, now_ms: u64) -> Result<Revoke> {
+/// Verifies a revocation notice from the TTP: σ_TTP, the host, a sequence number above
+/// `last_seq` (the highest this host accepted; `revoke_replayed` otherwise) and freshness.
+/// The caller records the accepted `seq` durably before acting on the notice.
+pub fn check_revoke(
+    notice: &Signed,
+    ttp: &TtpPublic,
+    host: &str,
+    last_seq: u64,
+    now_ms: u64,
+) -> Result<Revoke> {
     let r: Revoke = notice.open(&ttp.sign, label::REVOKE)?;
     if r.host != host {
         return Err(Error::rejected(
             "wrong_host",
             "the notice is for another host",
+        ));
+    }
+    if r.seq <= last_seq {
+        return Err(Error::rejected(
+            "revoke_replayed",
+            "this revocation (or a later one) was already applied",
         ));
     }
     check_fresh(r.t_ms, now_ms)?;
@@ -226,6 +266,148 @@ mod tests {
         assert_eq!(code(check_m2(&m, "vm2", &img, &pk)), "vm_id_mismatch");
         assert_eq!(code(check_m2(&m, "vm1", &[8u8; 32], &pk)), "h1_mismatch");
         assert_eq!(code(check_m2(&m, "vm1", &img, &[0u8; 32])), "h2_mismatch");
+    }
+
+    fn cfg(owner: &str, h1: &[u8; 32]) -> crate::dm::DomcConfig {
+        crate::dm::DomcConfig {
+            image_id: "img".into(),
+            owner_h2: owner.into(),
+            image_h1: hex::encode(h1),
+            image_key: vec![3; 32],
+            token_label: "t".into(),
+            user_pin: "u".into(),
+            so_pin: "s".into(),
+        }
+    }
+
+    #[test]
+    fn configuration_opens_only_for_its_owner_and_its_upload() {
+        let (img, pk, other_pk) = ([7u8; 32], [9u8; 32], [10u8; 32]);
+        let owner = hex::encode(sha256(&pk));
+        let code = |r: Result<()>| r.err().map(|e| e.code()).unwrap_or("ok");
+        // The owner's launch: m2 (from the TTP) names the owner.
+        assert_eq!(
+            code(check_config(
+                &cfg(&owner, &img),
+                &m2("vm1", &img, &pk),
+                &img
+            )),
+            "ok"
+        );
+        // Another DM's launch of the same image: its m2 carries its own H2.
+        assert_eq!(
+            code(check_config(
+                &cfg(&owner, &img),
+                &m2("vm1", &img, &other_pk),
+                &img
+            )),
+            "owner_mismatch"
+        );
+        // A stale configuration of an older upload of the image.
+        assert_eq!(
+            code(check_config(
+                &cfg(&owner, &[1u8; 32]),
+                &m2("vm1", &img, &pk),
+                &img
+            )),
+            "config_tampered"
+        );
+    }
+
+    #[test]
+    fn sealed_configuration_names_its_owner_in_clear_aad_and_plaintext() {
+        let key = [5u8; 32];
+        let (pk, other_pk) = ([9u8; 32], [10u8; 32]);
+        let owner = hex::encode(sha256(&pk));
+        let other = hex::encode(sha256(&other_pk));
+        // The envelope as `seal_domc_config` builds it, with a known AES key standing in
+        // for the RSA part the TPM would open.
+        let seal = |clear_owner: &str, aad_owner: &str, inner_owner: &str| {
+            let c = cfg(inner_owner, &[7u8; 32]);
+            let k = SecretKey::from_slice(&key).expect("key");
+            let body = caas_crypto::aead::seal(
+                &k,
+                &crate::dm::domc_config_aad("h", "img", aad_owner),
+                &wire::to_bytes(&c),
+            )
+            .expect("seal");
+            lp(&[
+                label::DOMC_CONFIG.as_bytes(),
+                clear_owner.as_bytes(),
+                &lp(&[b"rsa", &body]),
+            ])
+        };
+        let open = |sealed: &[u8], h2: &str| {
+            crate::dm::open_domc_config(&key, "h", "img", h2, sealed)
+                .err()
+                .map(|e| e.code())
+                .unwrap_or("ok")
+        };
+        let good = seal(&owner, &owner, &owner);
+        assert_eq!(open(&good, &owner), "ok");
+        assert_eq!(
+            crate::dm::SealedDomc::parse(&good).expect("parse").owner_h2,
+            owner
+        );
+        // Another DM: refused by name before any decryption.
+        assert_eq!(open(&good, &other), "owner_mismatch");
+        // Storage rewrites the clear owner: the AAD no longer matches.
+        let relabelled = {
+            let mut b = good.clone();
+            let at = 4 + label::DOMC_CONFIG.len() + 4;
+            b[at..at + 64].copy_from_slice(other.as_bytes());
+            b
+        };
+        assert_eq!(open(&relabelled, &other), "config_tampered");
+        // A configuration whose plaintext names another owner than its AAD.
+        assert_eq!(
+            open(&seal(&owner, &owner, &other), &owner),
+            "config_tampered"
+        );
+        // v1 configurations (no envelope) are refused, not misread.
+        assert_eq!(open(&lp(&[b"rsa", b"body"]), &owner), "config_tampered");
+    }
+
+    #[tokio::test]
+    async fn revocations_carry_increasing_sequence_numbers_and_replays_are_refused() {
+        let store = std::sync::Arc::new(caas_attest::store::MemoryStore::new());
+        let keys = crate::TtpKeys::generate().expect("ttp");
+        let ttp = crate::ttp::Ttp::new(store.clone(), keys);
+        let pk = ttp.public().expect("pk");
+        let now = 1_000_000;
+        let first = ttp.revoke_notice("host-1", "pcr 7", now).await.expect("n1");
+        let r1 = check_revoke(&first, &pk, "host-1", 0, now).expect("accepted");
+        // The same notice again: refused whatever the freshness window says.
+        assert_eq!(
+            check_revoke(&first, &pk, "host-1", r1.seq, now)
+                .err()
+                .map(|e| e.code()),
+            Some("revoke_replayed")
+        );
+        // A later notice at the same millisecond still gets a higher number.
+        let second = ttp.revoke_notice("host-1", "pcr 7", now).await.expect("n2");
+        let r2 = check_revoke(&second, &pk, "host-1", r1.seq, now).expect("accepted");
+        assert!(r2.seq > r1.seq);
+        assert_eq!(
+            check_revoke(&first, &pk, "host-1", r2.seq, now)
+                .err()
+                .map(|e| e.code()),
+            Some("revoke_replayed")
+        );
+        assert_eq!(
+            check_revoke(&second, &pk, "host-2", 0, now)
+                .err()
+                .map(|e| e.code()),
+            Some("wrong_host")
+        );
+        // Every notice is in the TTP's audit trail with its number.
+        let audit = store.audit_trail();
+        let revokes: Vec<_> = audit
+            .iter()
+            .filter(|a| a.operation == "TlRevoke" && a.subject == "host-1")
+            .collect();
+        assert_eq!(revokes.len(), 2);
+        assert!(revokes[1].detail.contains(&r2.seq.to_string()));
     }
 
     #[test]

@@ -173,7 +173,17 @@ impl<S: AttestStore> TlService<S> {
         let Ok(Some(h)) = get_host(&*self.store, host).await else {
             return;
         };
-        let notice = self.ttp.revoke_notice(host, reason, caas_attest::now_ms());
+        let notice = match self
+            .ttp
+            .revoke_notice(host, reason, caas_attest::now_ms())
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(%host, error = %e, "revocation notice not issued (the host stays cut off at the TTP)");
+                return;
+            }
+        };
         let url = format!("{}/v1/agent/revoke", h.agent_url.trim_end_matches('/'));
         match self.http.post::<_, serde_json::Value>(&url, &notice).await {
             Ok(v) => tracing::warn!(%host, answer = %v, "revocation delivered"),
@@ -210,6 +220,8 @@ fn leak_code(code: &str) -> &'static str {
         "host_untrusted",
         "dk_invalid",
         "crypto_domain_error",
+        "owner_mismatch",
+        "session_exists",
     ];
     KNOWN
         .iter()

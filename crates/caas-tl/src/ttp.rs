@@ -1,9 +1,9 @@
 //! The trusted third party (TTP) of TL and DBSP, run inside the key service:
 //! `AttestVerify` + `AttestToken` (seed 003 §4.3, Definition 6) and `DomKeyGen` (§4.4), the
-//! ACL of which domain manager may give which workload which domain, and the TL sessions
-//! (DK_i per host and workload). Records live in the key service's store through
-//! [`AttestStore`] (so they share its durability and audit chain); every request, accepted
-//! or refused, leaves an audit record.
+//! ACL of which domain manager may give which workload which domain, the TL sessions (DK_i
+//! per host, workload and launch) and the revocation sequence numbers. Records live in the
+//! key service's store through [`AttestStore`] (so they share its durability and audit
+//! chain); every request, accepted or refused, leaves an audit record.
 use crate::crypto::{
     TtpKeys, TtpPublic, ak_nonce, ct_eq, hmac, lp, policy_pcr_digest, random32, seal_to_bind_key,
     sha256,
@@ -28,6 +28,8 @@ pub const KIND_DOMAIN: &str = "tl_domain";
 pub const KIND_SESSION: &str = "tl_session";
 /// Used nonces.
 pub const KIND_NONCE: &str = "tl_nonce";
+/// The last revocation sequence number issued per host.
+pub const KIND_REVOKE_SEQ: &str = "tl_revoke_seq";
 
 /// One ACL entry: the domains a domain manager (identified by H2 = SHA-256(pk_DM)) may give
 /// its workloads.
@@ -42,13 +44,18 @@ pub struct AclEntry {
     pub domains: Vec<String>,
 }
 
-/// A TL session: what the TTP remembers about a launched workload.
+/// A TL session: what the TTP remembers about a launched workload. Sessions are keyed by
+/// (host, id_vm, r of the TL.Request): r is consumed once, so a later launch of the same
+/// id_vm on the same host — by the same DM, another DM or the scheduler — gets a session of
+/// its own and can never replace a live one (its DK_i, H2 or D_vm).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Session {
     /// Host.
     pub host: String,
     /// id_vm.
     pub vm_id: String,
+    /// r of the launching TL.Request (hex).
+    pub launch_r: String,
     /// H2 of the launching DM.
     pub h2: String,
     /// SP.
@@ -99,8 +106,8 @@ impl<S> std::fmt::Debug for Ttp<S> {
     }
 }
 
-fn session_id(host: &str, vm_id: &str) -> String {
-    format!("{host}/{vm_id}")
+fn session_id(host: &str, vm_id: &str, launch_r: &[u8]) -> String {
+    format!("{host}/{vm_id}/{}", hex::encode(launch_r))
 }
 
 fn hexs(b: &[u8]) -> String {
@@ -299,16 +306,26 @@ impl<S: AttestStore> Ttp<S> {
     /// TL.AttestRequest → TL.Attestation (AttestVerify, then AttestToken).
     pub async fn attest(&self, req: &AkSigned, now_ms: u64) -> Result<Signed> {
         let body: Result<AttestRequest> = wire::parse("attest request", &req.body);
-        let (host, subject) = match &body {
-            Ok(b) => (b.host.clone(), b.host.clone()),
-            Err(_) => ("?".into(), "?".into()),
+        let (host, subject, launch_r) = match &body {
+            Ok(b) => (
+                b.host.clone(),
+                b.host.clone(),
+                b.launch
+                    .peek::<LaunchRequest>(label::LAUNCH_REQUEST)
+                    .map(|l| hexs(&l.r))
+                    .unwrap_or_default(),
+            ),
+            Err(_) => ("?".into(), "?".into(), String::new()),
         };
         let mut vm = String::new();
         let r = match body {
             Ok(b) => self.attest_inner(&b, req, now_ms, &mut vm).await,
             Err(e) => Err(e),
         };
-        let summary = r.as_ref().map(|_| format!("vm {vm}")).map_err(clone_err);
+        let summary = r
+            .as_ref()
+            .map(|_| format!("vm {vm}, session launch r {launch_r}"))
+            .map_err(clone_err);
         self.audit(&host, "TlAttest", &format!("{subject}/{vm}"), &summary)
             .await;
         r
@@ -397,10 +414,19 @@ impl<S: AttestStore> Ttp<S> {
             &wire::m2_aad(&host.name, &launch.r),
             &m2_bytes,
         )?;
-        let sid = session_id(&host.name, &m1.vm_id);
+        let sid = session_id(&host.name, &m1.vm_id, &launch.r);
+        if self.store.get(KIND_SESSION, &sid).await?.is_some() {
+            // Unreachable while r is consumed above; kept so that no code path can clobber
+            // a live session.
+            return Err(Error::rejected(
+                "session_exists",
+                "a TL session for this launch already exists",
+            ));
+        }
         let session = Session {
             host: host.name.clone(),
             vm_id: m1.vm_id.clone(),
+            launch_r: hexs(&launch.r),
             h2: m1.h2.clone(),
             sp: m1.sp.clone(),
             domains: m1.domains.clone(),
@@ -481,7 +507,10 @@ impl<S: AttestStore> Ttp<S> {
         }
         self.appraise_fresh(&ak, label::DOMKEY_REQUEST, req, &profile, now_ms)?;
         self.consume_nonce("dbsp", &b.r).await?;
-        let sid = session_id(&host.name, &b.vm_id);
+        if b.launch_r.len() != 32 {
+            return Err(Error::malformed("launch_r", "nonces are 32 bytes"));
+        }
+        let sid = session_id(&host.name, &b.vm_id, &b.launch_r);
         let session: Session = self.get(KIND_SESSION, &sid).await?.ok_or_else(|| {
             Error::rejected(
                 "no_session",
@@ -594,17 +623,38 @@ impl<S: AttestStore> Ttp<S> {
         })
     }
 
-    /// A signed notice telling `host` to drop its crypto domains' keys.
-    pub fn revoke_notice(&self, host: &str, reason: &str, now_ms: u64) -> Signed {
+    /// A signed notice telling `host` to drop its crypto domains' keys. Its sequence
+    /// number is `max(last + 1, now_ms)` per host, recorded (with a `TlRevoke` audit
+    /// record) before the notice is returned: strictly increasing even if the record were
+    /// lost, as long as the clock does not go back. Two concurrent revocations of one host
+    /// may get the same number; the host applies the first and refuses the second as a
+    /// replay, which has the same effect.
+    pub async fn revoke_notice(&self, host: &str, reason: &str, now_ms: u64) -> Result<Signed> {
+        check_name("host", host)?;
+        let last: u64 = self.get(KIND_REVOKE_SEQ, host).await?.unwrap_or(0);
+        let seq = last.saturating_add(1).max(now_ms);
+        let audit = AuditRecord {
+            time_ms: caas_attest::now_ms(),
+            principal: "ttp".into(),
+            operation: "TlRevoke".into(),
+            subject: host.into(),
+            result: "ok".into(),
+            detail: format!(
+                "seq {seq}: {}",
+                reason.chars().take(200).collect::<String>()
+            ),
+        };
+        self.put(KIND_REVOKE_SEQ, host, &seq, Some(audit)).await?;
         let body = wire::to_bytes(&Revoke {
             host: host.into(),
+            seq,
             t_ms: now_ms,
             reason: reason.into(),
         });
-        Signed {
+        Ok(Signed {
             sig: self.keys.sign(label::REVOKE, &body),
             body,
-        }
+        })
     }
 }
 

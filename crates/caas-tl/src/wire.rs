@@ -35,8 +35,9 @@ pub mod label {
     pub const C3: &str = "caas-tl c3 v1";
     /// AAD prefix of c4.
     pub const C4: &str = "caas-tl c4 v1";
-    /// AAD of a crypto-domain configuration sealed to a host's bind key (seed 001 Alg. 1).
-    pub const DOMC_CONFIG: &str = "caas-tl domc-config v1";
+    /// AAD label (and envelope tag) of a crypto-domain configuration sealed to a host's
+    /// bind key (seed 001 Alg. 1). v2: bound to its owner's H2 and the image's H1.
+    pub const DOMC_CONFIG: &str = "caas-tl domc-config v2";
 }
 
 /// Maximum size of any protocol body (bytes).
@@ -285,6 +286,10 @@ pub struct DomKeyRequest {
     pub sr: String,
     /// H2 of the DM that launched the workload (hex).
     pub h2: String,
+    /// r of the TL.Request that launched the workload: with host and id_vm it names the
+    /// TTP's session, so a later launch of the same id_vm cannot take this one's place.
+    #[serde(with = "b64")]
+    pub launch_r: Vec<u8>,
     /// Fresh nonce.
     #[serde(with = "b64")]
     pub r: Vec<u8>,
@@ -296,12 +301,13 @@ pub struct DomKeyRequest {
 }
 
 impl DomKeyRequest {
-    /// AAD of `enc`: binds host, workload, SR and nonce.
+    /// AAD of `enc`: binds host, workload, its launch, SR and nonce.
     pub fn inner_aad(&self) -> Vec<u8> {
         crate::crypto::lp(&[
             label::DOMKEY_INNER.as_bytes(),
             self.host.as_bytes(),
             self.vm_id.as_bytes(),
+            &self.launch_r,
             self.sr.as_bytes(),
             &self.r,
         ])
@@ -351,6 +357,10 @@ impl DomKeyResponse {
 pub struct Revoke {
     /// Host.
     pub host: String,
+    /// Sequence number, strictly increasing per host (the TTP issues
+    /// `max(last + 1, now_ms)`): the agent durably refuses a notice whose `seq` is not
+    /// above the last one it accepted, so a recorded notice cannot be replayed.
+    pub seq: u64,
     /// Time (Unix ms).
     pub t_ms: u64,
     /// Why (verdict reason codes).

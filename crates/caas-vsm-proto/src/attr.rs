@@ -20,9 +20,11 @@ pub enum AttrKind {
 pub const CKA_CAAS_BASE: u64 = 0x8000_0000 | 0x0CAA_0000;
 /// Read-only: how many times the key has been used (CK_ULONG).
 pub const CKA_CAAS_USAGE_COUNT: u64 = CKA_CAAS_BASE + 1;
-/// Tenant limit: total uses allowed over the key's lifetime, 0 = unlimited (CK_ULONG).
+/// Tenant limit: total uses allowed over the key's lifetime, 0 = unlimited (CK_ULONG). Set
+/// by the creation template; afterwards only the SO changes it (see `caas_domc::policy`).
 pub const CKA_CAAS_MAX_USES: u64 = CKA_CAAS_BASE + 2;
-/// Tenant limit: uses allowed per second (token bucket, burst = rate), 0 = unlimited.
+/// Tenant limit: uses allowed per second (token bucket, burst = rate), 0 = unlimited. Set
+/// like [`CKA_CAAS_MAX_USES`].
 pub const CKA_CAAS_RATE_PER_SEC: u64 = CKA_CAAS_BASE + 3;
 
 /// The kind of attribute `ty`.

@@ -4,8 +4,9 @@
 //! - `acl`: registers the domains the DM's workloads may be given (the TTP's ACL).
 //! - `provision`: seed 001 Algorithm 1 — validate each host's certified bind key, generate
 //!   k, build the crypto-domain configuration with k injected, encrypt the image under k in
-//!   the volume format, seal the configuration to each validated bind key, upload both to
-//!   the cloud storage and register them under an ID (the tenant keeps H1).
+//!   the volume format, seal the configuration (bound to this DM's H2 and the image's H1)
+//!   to each validated bind key, upload both to the cloud storage and register them under
+//!   an ID (the tenant keeps H1). Only this DM's launches open the configuration.
 //! - `launch`: TL.Token + the signed TL.Request, handed to the scheduler (with the DBSP
 //!   volumes to attach before the workload starts).
 //! - `connect`: the final step of TL — the TLS 1.3 PSK channel keyed by τ with the workload.
@@ -254,6 +255,8 @@ pub async fn provision(
     token_label: &str,
 ) -> Result<()> {
     caas_tl::wire::check_name("image id", id)?;
+    // The configuration is sealed for this DM: only its launches open it.
+    let dm = load_dm(dir, false)?;
     let ep = endpoint(a)?;
     let client = http();
     // Lines 1–2: get (cert, pk_TPM) from each node and validate it.
@@ -287,8 +290,10 @@ pub async fn provision(
             .map(|b| char::from(b'a' + b % 26))
             .collect())
     };
-    let cfg = DomcConfig {
+    let mut cfg = DomcConfig {
         image_id: id.to_string(),
+        owner_h2: dm.h2(),
+        image_h1: String::new(),
         image_key: k.expose().to_vec(),
         token_label: token_label.to_string(),
         user_pin: pin(16)?,
@@ -318,6 +323,7 @@ pub async fn provision(
         Ok(hex::encode(caas_tl::crypto::sha256(&bytes)))
     })
     .await??;
+    cfg.image_h1 = h1.clone();
     step(
         t,
         "generated k, encrypted the image under k (AES-256-GCM volume)",
@@ -330,7 +336,7 @@ pub async fn provision(
     }
     step(
         t,
-        "sealed the crypto-domain configuration (k, token PINs) to each bind key",
+        "sealed the crypto-domain configuration (k, token PINs, owner H2, H1) to each bind key",
     );
     // Line 8: register under ID (the tenant keeps H1 and the PINs; storage only ciphertext).
     let rec = ImageRecord {

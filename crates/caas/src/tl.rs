@@ -15,6 +15,8 @@ pub use caas_tl::service::{ScheduleRequest, router};
 
 const KIND_TTP_KEYS: &str = "tl_ttp_keys";
 const PURPOSE: &str = "tl-ttp-keys";
+/// The sealed keys are bound to the one row that holds them (kind, account, id).
+const OWNER: &[&str] = &[KIND_TTP_KEYS, "-", "current"];
 
 /// Loads the TTP keys from the store (sealed under the domain key), creating them on first use.
 pub async fn load_or_create_keys(kms: &caas_kms::Kms) -> Result<TtpKeys> {
@@ -23,7 +25,7 @@ pub async fn load_or_create_keys(kms: &caas_kms::Kms) -> Result<TtpKeys> {
         let keys = TtpKeys::generate()?;
         let sealed = kms
             .keyring
-            .seal_internal(PURPOSE, &keys.to_secret_bytes())
+            .seal_internal(PURPOSE, OWNER, &keys.to_secret_bytes())
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         // Must not exist yet: if another node raced us, its keys win and are read below.
         let _ = store
@@ -45,7 +47,7 @@ pub async fn load_or_create_keys(kms: &caas_kms::Kms) -> Result<TtpKeys> {
         .ok_or_else(|| anyhow::anyhow!("TTP keys missing after creation"))?;
     let secret: SecretBytes = kms
         .keyring
-        .open_internal(PURPOSE, &obj.body)
+        .open_internal(PURPOSE, OWNER, &obj.body)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(TtpKeys::from_secret_bytes(secret.expose())?)

@@ -215,6 +215,57 @@ impl Cloud {
         .clone()
     }
 
+    /// Restarts `caas dev` on the same directory (TPM state, key service store and agent
+    /// state are kept; ports change).
+    fn restart(&mut self) {
+        self.dev.stop();
+        self.dev.kill_orphans();
+        let new = Dev::start_with(
+            &self.root.join("dev"),
+            "127.0.0.1:0",
+            &["--hosts", "2", "--attest-secs", "3600"],
+        );
+        // The old handle's Drop would `pkill -f` the (shared) directory: the new deployment.
+        std::mem::forget(std::mem::replace(&mut self.dev, new));
+    }
+
+    /// The host agent's audit log (its management audit, hash-chained) as text.
+    fn agent_audit(&self, host: &str) -> String {
+        self.call("GET", &format!("{}/v1/agent/audit", self.agent(host)), None)
+            .unwrap()
+            .to_string()
+    }
+
+    /// How many records of `host`'s agent audit have `op` with result `result`.
+    fn agent_audit_count(&self, host: &str, op: &str, result: &str) -> usize {
+        let log = self
+            .call("GET", &format!("{}/v1/agent/audit", self.agent(host)), None)
+            .unwrap();
+        log.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["op"] == json!(op) && e["result"] == json!(result))
+            .count()
+    }
+
+    fn agent_audit_has(&self, host: &str, op: &str, result: &str) -> bool {
+        self.agent_audit_count(host, op, result) > 0
+    }
+
+    /// What anyone with read access to the cloud storage knows of an image: H1, the hash of
+    /// its encrypted copy.
+    fn stored_h1(&self, id: &str) -> [u8; 32] {
+        let enc =
+            std::fs::read(self.storage().join("images").join(id).join("image.caasvol")).unwrap();
+        caas_tl::crypto::sha256(&enc)
+    }
+
+    /// The SHA-256 of a tenant's plaintext image (`tenant_with_image`).
+    fn plain_sha256(&self, tenant: &str, id: &str) -> String {
+        let raw = std::fs::read(self.root.join(format!("{tenant}-{id}.raw"))).unwrap();
+        hex::encode(caas_tl::crypto::sha256(&raw))
+    }
+
     /// The key service's audit records (JSON lines).
     fn audit(&self) -> String {
         self.dev.caas(&["audit", "list", "--limit", "100000"])
@@ -364,18 +415,27 @@ fn v_host(c: &Cloud, vm: &str) -> String {
 }
 
 /// Definition 1: the scheduler launches another image than the DM's. The SC's H1 check
-/// refuses it; and a VM the attacker launched itself cannot answer the DM's PSK channel.
+/// refuses another image of the same DM, the owner check an image of another DM; and a VM
+/// the attacker launched itself cannot answer the DM's PSK channel.
 #[test]
 fn vm_substitution_is_rejected() {
     let c = Cloud::start();
     c.tenant_with_image("alice", "finance", "web");
+    c.tenant_with_image("alice", "finance", "web2");
     c.tenant_with_image("mallory", "mal", "evil");
     let (mut call, _) = c.launch_call("alice", "web", "vm1", "dev", &[]);
-    call.image_id = "evil".into();
+    call.image_id = "web2".into();
     assert_refused(
         &c.launch_at("host-1", &call),
         "h1_mismatch",
         "substituted image",
+    );
+    let (mut call, _) = c.launch_call("alice", "web", "vm1", "dev", &[]);
+    call.image_id = "evil".into();
+    assert_refused(
+        &c.launch_at("host-1", &call),
+        "owner_mismatch",
+        "another DM's image",
     );
     assert!(c.workloads("host-1").is_empty());
     // The attacker's own VM, presented to the DM as vm1: the PSK handshake fails (τ' ≠ τ).
@@ -432,7 +492,7 @@ fn combined_substitution_is_rejected() {
     call.image_id = "evil".into();
     let r = c.launch_at("host-2", &call);
     assert!(
-        matches!(&r, Err((403, code)) if code == "sp_mismatch" || code == "h1_mismatch"),
+        matches!(&r, Err((403, code)) if ["sp_mismatch", "h1_mismatch", "owner_mismatch"].contains(&code.as_str())),
         "{r:?}"
     );
     assert!(c.workloads("host-2").is_empty());
@@ -527,6 +587,7 @@ fn replayed_tl_and_dbsp_messages_are_rejected() {
     // the host's own quote over its digest) and sends it twice.
     let body = serde_json::to_vec(&json!({
         "host": "host-1", "vm_id": "vm1", "sr": "db", "h2": dm(&c.tdir("alice")).h2(),
+        "launch_r": caas_attest::b64::encode(&[8u8; 32]),
         "r": caas_attest::b64::encode(&[7u8; 32]), "t_ms": caas_attest::now_ms(),
         "enc": caas_attest::b64::encode(&[0u8; 64]),
     }))
@@ -559,6 +620,7 @@ fn replayed_tl_and_dbsp_messages_are_rejected() {
 fn tampered_image_configuration_and_swapped_pk_dm_are_rejected() {
     let c = Cloud::start();
     c.tenant_with_image("alice", "finance", "web");
+    c.tenant_with_image("mallory", "mal", "evil");
     let img = c.storage().join("images/web/image.caasvol");
     let cfg = c.storage().join("images/web/domc-host-1.sealed");
     let orig_img = std::fs::read(&img).unwrap();
@@ -576,7 +638,8 @@ fn tampered_image_configuration_and_swapped_pk_dm_are_rejected() {
     );
     std::fs::write(&img, &orig_img).unwrap();
     // A tampered configuration: only its holder (the TPM bind key) could make a valid one.
-    for at in [10usize, orig_cfg.len() - 5] {
+    // (Envelope label, the RSA part for the TPM, the AES-GCM body.)
+    for at in [10usize, 150, orig_cfg.len() - 5] {
         let mut t = orig_cfg.clone();
         t[at] ^= 0x40;
         std::fs::write(&cfg, &t).unwrap();
@@ -588,12 +651,12 @@ fn tampered_image_configuration_and_swapped_pk_dm_are_rejected() {
         );
     }
     std::fs::write(&cfg, &orig_cfg).unwrap();
-    // The cloud provider swaps pk_DM: it must re-sign the request with its own key, so
-    // H2 = hash(pk_DM) in m1 no longer matches (TTP) — or σ_DM fails if it only swaps the key.
+    // The cloud provider swaps pk_DM: σ_DM fails if it only swaps the key; re-signed with its
+    // own key, alice's configuration does not open for it (SC), and for an image of its own
+    // H2 = hash(pk_DM) in m1 no longer matches (TTP).
     let (call, _) = c.launch_call("alice", "web", "vm2", "dev", &[]);
     let mut lr: Value = serde_json::from_slice(&call.request.body).unwrap();
-    let mallory_doc = caas_tl::crypto::ed25519_generate().unwrap();
-    let mallory = DomainManager::from_pkcs8(mallory_doc.expose()).unwrap();
+    let mallory = dm(&c.tdir("mallory"));
     lr["pk_dm"] = json!(caas_attest::b64::encode(&mallory.public()));
     let swapped_only = LaunchCall {
         request: caas_tl::wire::Signed {
@@ -617,8 +680,25 @@ fn tampered_image_configuration_and_swapped_pk_dm_are_rejected() {
     };
     assert_refused(
         &c.launch_at("host-1", &resigned),
-        "h2_mismatch",
+        "owner_mismatch",
         "swapped pk_DM, re-signed",
+    );
+    let (call, _) = c.launch_call("alice", "web", "vm4", "dev", &[]);
+    let mut lr: Value = serde_json::from_slice(&call.request.body).unwrap();
+    lr["pk_dm"] = json!(caas_attest::b64::encode(&mallory.public()));
+    let own_image = LaunchCall {
+        request: caas_tl::wire::Signed::sign(
+            mallory.key_pair(),
+            caas_tl::wire::label::LAUNCH_REQUEST,
+            &lr,
+        ),
+        image_id: "evil".into(),
+        ..call
+    };
+    assert_refused(
+        &c.launch_at("host-1", &own_image),
+        "h2_mismatch",
+        "swapped pk_DM, re-signed, own image",
     );
     // A good launch still works afterwards.
     let (call, _) = c.launch_call("alice", "web", "vm3", "dev", &[]);
@@ -637,6 +717,7 @@ fn tampered_image_configuration_and_swapped_pk_dm_are_rejected() {
         "h1_mismatch",
         "config_tampered",
         "bad_signature",
+        "owner_mismatch",
         "h2_mismatch",
     ] {
         assert!(text.contains(code), "agent audit lacks {code}: {text}");
@@ -806,4 +887,315 @@ fn compromised_management_gets_no_key_material() {
     }
     // The workload still works: management calls did not disturb it.
     c.tenant_ok("alice", &["connect", "--vm", "vm1"]);
+}
+
+/// Issue 12: a second domain manager, knowing only what storage shows (the encrypted image,
+/// hence H1), registers the victim's image id in its own tenant state and launches it. The
+/// crypto-domain configuration that holds k is sealed for its owner's H2: the host refuses
+/// the launch before any key is released, and audits the refusal.
+#[test]
+fn another_dm_cannot_launch_my_image() {
+    let c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "secret-img");
+    c.tenant_ok("mallory", &["init"]);
+    let rec = json!({
+        "id": "secret-img",
+        "h1": hex::encode(c.stored_h1("secret-img")),
+        "token_label": "caas-workload",
+        "user_pin": "guessed",
+    });
+    let images = c.tdir("mallory").join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::write(
+        images.join("secret-img.json"),
+        serde_json::to_vec(&rec).unwrap(),
+    )
+    .unwrap();
+    let victim = c.plain_sha256("alice", "secret-img");
+    for host in ["host-1", "host-2"] {
+        let vm = format!("stolen-{host}");
+        let (ok, text) = c.tenant(
+            "mallory",
+            &["launch", "--id", "secret-img", "--vm", &vm, "--host", host],
+        );
+        if ok {
+            let (_, rep) = c.tenant("mallory", &["connect", "--vm", &vm]);
+            panic!(
+                "another DM launched secret-img on {host} (its workload reads the victim's plaintext: {}):\n{rep}",
+                rep.contains(&victim)
+            );
+        }
+        assert!(text.contains("owner_mismatch"), "{host}: {text}");
+        assert!(c.workloads(host).is_empty(), "{host}: nothing may run");
+        assert!(
+            c.agent_audit_has(host, "LaunchWorkload", "owner_mismatch"),
+            "{host}: {}",
+            c.agent_audit(host)
+        );
+    }
+    // The attacker also controls storage: it rewrites the owner the envelope names in the
+    // clear to its own H2. The owner is in the AAD too: the configuration no longer opens.
+    let cfg = c.storage().join("images/secret-img/domc-host-1.sealed");
+    let orig = std::fs::read(&cfg).unwrap();
+    let mut relabelled = orig.clone();
+    let at = 4 + caas_tl::wire::label::DOMC_CONFIG.len() + 4;
+    assert_eq!(
+        &relabelled[at..at + 64],
+        dm(&c.tdir("alice")).h2().as_bytes()
+    );
+    relabelled[at..at + 64].copy_from_slice(dm(&c.tdir("mallory")).h2().as_bytes());
+    std::fs::write(&cfg, &relabelled).unwrap();
+    let (ok, text) = c.tenant(
+        "mallory",
+        &[
+            "launch",
+            "--id",
+            "secret-img",
+            "--vm",
+            "relabel",
+            "--host",
+            "host-1",
+        ],
+    );
+    assert!(!ok && text.contains("config_tampered"), "{text}");
+    assert!(c.workloads("host-1").is_empty());
+    assert!(c.agent_audit_has("host-1", "LaunchWorkload", "config_tampered"));
+    std::fs::write(&cfg, &orig).unwrap();
+    // The owner still launches it, and reads the plaintext.
+    c.tenant_ok(
+        "alice",
+        &[
+            "launch",
+            "--id",
+            "secret-img",
+            "--vm",
+            "mine",
+            "--host",
+            "host-1",
+        ],
+    );
+    let rep = c.tenant_ok("alice", &["connect", "--vm", "mine"]);
+    assert!(rep.contains(&victim), "{rep}");
+}
+
+/// Issue 12: the untrusted scheduler plays a domain manager of its own (its own key, a
+/// TL.Request the TTP accepts for it) and places the victim's image, through its own route
+/// and directly at a host agent. Refused with `owner_mismatch`, audited by the agent.
+#[test]
+fn scheduler_cannot_launch_my_image() {
+    let c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "secret-img");
+    let doc = caas_tl::crypto::ed25519_generate().unwrap();
+    let sched = DomainManager::from_pkcs8(doc.expose()).unwrap();
+    let ttp = TtpPublic::from_text(&c.env("CAAS_TTP_PUBLIC_KEY")).unwrap();
+    let h1 = c.stored_h1("secret-img");
+    let victim = c.plain_sha256("alice", "secret-img");
+    let call = |vm: &str| {
+        let t = sched
+            .token(&ttp, &h1, "dev", vm, &[], caas_attest::now_ms())
+            .unwrap();
+        (
+            LaunchCall {
+                request: t.request,
+                vm_id: vm.into(),
+                image_id: "secret-img".into(),
+                driver: None,
+                volumes: vec![],
+            },
+            t.tau,
+        )
+    };
+    let steal = |r: Reply, vm: &str, tau: &caas_crypto::SecretBytes| {
+        if let Ok(v) = &r {
+            let addr = v["workload"]["endpoint"].as_str().unwrap().parse().unwrap();
+            let rep = caas_workload::challenge(addr, vm, tau, sched.key_pair()).unwrap();
+            panic!(
+                "the scheduler launched secret-img (disk = victim's plaintext: {}): {v}",
+                rep.disk_sha256 == victim
+            );
+        }
+        assert_refused(&r, "owner_mismatch", vm);
+    };
+    // Through the scheduler's own route, placed on host-1.
+    let (via_sched, tau) = call("sched-1");
+    let mut body = serde_json::to_value(&via_sched).unwrap();
+    body["host"] = json!("host-1");
+    let r = c.call("POST", &format!("{}/v1/sched/launch", c.ks()), Some(&body));
+    steal(r, "sched-1", &tau);
+    // Straight at host-2's agent.
+    let (direct, tau) = call("sched-2");
+    steal(c.launch_at("host-2", &direct), "sched-2", &tau);
+    for host in ["host-1", "host-2"] {
+        assert!(c.workloads(host).is_empty(), "{host}");
+        assert!(
+            c.agent_audit_has(host, "LaunchWorkload", "owner_mismatch"),
+            "{host}: {}",
+            c.agent_audit(host)
+        );
+    }
+}
+
+/// Issue 12: the TTP keyed its sessions by (host, id_vm), so a second AttestToken for the
+/// same pair replaced a live workload's DK_i, H2 and D_vm. The attacker (the scheduler, or
+/// anyone on the management network: the agent quotes any nonce) has host-1 sign a
+/// TL.AttestRequest for its own DM naming the victim's running id_vm and sends it to the
+/// TTP. The victim's workload keeps its session: it still attaches its domain's volume.
+#[test]
+fn live_ttp_session_is_not_overwritten() {
+    let c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "web");
+    c.tenant_ok(
+        "alice",
+        &[
+            "launch",
+            "--id",
+            "web",
+            "--vm",
+            "vm1",
+            "--host",
+            "host-1",
+            "--domains",
+            "finance",
+        ],
+    );
+    let doc = caas_tl::crypto::ed25519_generate().unwrap();
+    let mallory = DomainManager::from_pkcs8(doc.expose()).unwrap();
+    let ttp = TtpPublic::from_text(&c.env("CAAS_TTP_PUBLIC_KEY")).unwrap();
+    let token = mallory
+        .token(&ttp, &[0u8; 32], "dev", "vm1", &[], caas_attest::now_ms())
+        .unwrap();
+    let bind = c
+        .call(
+            "GET",
+            &format!("{}/v1/agent/bind-key", c.agent("host-1")),
+            None,
+        )
+        .unwrap();
+    let body = serde_json::to_vec(&json!({
+        "host": "host-1",
+        "launch": token.request,
+        "bind": bind,
+        "t_ms": caas_attest::now_ms(),
+    }))
+    .unwrap();
+    let nonce = caas_tl::crypto::ak_nonce(caas_tl::wire::label::ATTEST_REQUEST, &body);
+    let ev = c
+        .call(
+            "POST",
+            &format!("{}/v1/agent/quote", c.agent("host-1")),
+            Some(&json!({ "nonce": caas_attest::b64::encode(&nonce), "selection": { "hash": "sha256", "pcrs": [0,1,2,3,4,5,6,7] } })),
+        )
+        .unwrap();
+    let req = json!({ "body": caas_attest::b64::encode(&body), "evidence": ev });
+    // The TTP may accept it (it is a valid launch of mallory's) — it gets its own session.
+    let second = c.call("POST", &format!("{}/v1/tl/attest", c.ks()), Some(&req));
+    assert!(
+        matches!(&second, Ok(_) | Err((403, _))),
+        "second AttestToken: {second:?}"
+    );
+    // alice's running vm1 still holds its session: its DBSP request is answered.
+    let r = c.call(
+        "POST",
+        &format!("{}/v1/agent/workloads/vm1/volumes", c.agent("host-1")),
+        Some(&json!({ "domain": "finance", "sr": "db", "size": 1 << 20 })),
+    );
+    assert!(r.is_ok(), "the live session was overwritten: {r:?}");
+    let audit = c.audit();
+    assert!(audit_has(&audit, "DbspDomKey", "Success"), "{audit}");
+    assert!(c.agent_audit_has("host-1", "AttachVolume", "ok"));
+    // Both launches are in the TTP's audit, each with its own session.
+    let sessions: Vec<String> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| {
+            v["Operation"] == json!("TlAttest")
+                && v["Result"] == json!("Success")
+                && v["KeyId"] == json!("host-1/vm1")
+        })
+        .map(|v| v.to_string())
+        .collect();
+    if second.is_ok() {
+        assert_eq!(sessions.len(), 2, "{sessions:?}");
+        assert!(sessions[1].contains(&hex::encode(&token.r)), "{sessions:?}");
+    }
+}
+
+/// Issue 12: a TTP-signed revocation used to be accepted again for its whole freshness
+/// window. The notice is public (the agent keeps the last one it applied, and anyone on the
+/// management network sees it go by); replaying it after the host is trusted again would
+/// stop every crypto domain on it. Revocations carry a sequence number; the agent refuses
+/// one not above the last it applied, durably, and audits the refusal.
+#[test]
+fn replayed_revocation_is_refused() {
+    let mut c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "web");
+    // The dev profile briefly expects another PCR 0: host-1 turns untrusted → the TTP
+    // revokes; with the profile restored it is trusted again.
+    let dev = c
+        .call("GET", &format!("{}/v1/attest/profiles/dev", c.ks()), None)
+        .unwrap();
+    let mut strict = dev.clone();
+    strict["pcrs"]["0"]["values"] = json!(["ff".repeat(32)]);
+    let set_profile = |c: &Cloud, p: &Value| {
+        c.call(
+            "PUT",
+            &format!("{}/v1/attest/profiles/dev", c.ks()),
+            Some(p),
+        )
+        .unwrap();
+        c.call(
+            "POST",
+            &format!("{}/v1/attest/hosts/host-1/attest", c.ks()),
+            None,
+        )
+        .unwrap()
+    };
+    assert_eq!(set_profile(&c, &strict)["trusted"], json!(false));
+    let state = c.dev.dir.join("hosts/host-1/agent-state/revocation.json");
+    let t = std::time::Instant::now();
+    while !state.exists() && t.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        state.exists(),
+        "no revocation applied: agent audit {}\n{}",
+        c.agent_audit("host-1"),
+        std::fs::read_to_string(c.dev.dir.join("test-dev.log")).unwrap_or_default()
+    );
+    let kept: Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    let notice = kept["notice"].clone();
+    assert!(kept["seq"].as_u64().unwrap() > 0, "{kept}");
+    assert!(c.agent_audit_has("host-1", "Revoke", "ok"));
+    // Trusted again; alice's workload runs.
+    assert_eq!(set_profile(&c, &dev)["trusted"], json!(true));
+    c.tenant_ok(
+        "alice",
+        &["launch", "--id", "web", "--vm", "vm1", "--host", "host-1"],
+    );
+    assert_eq!(c.workloads("host-1").len(), 1);
+    let replay = |c: &Cloud| {
+        c.call(
+            "POST",
+            &format!("{}/v1/agent/revoke", c.agent("host-1")),
+            Some(&notice),
+        )
+    };
+    assert_refused(&replay(&c), "revoke_replayed", "replayed revocation");
+    assert_eq!(c.workloads("host-1").len(), 1, "the replay stopped vm1");
+    c.tenant_ok("alice", &["connect", "--vm", "vm1"]);
+    assert_eq!(
+        c.agent_audit_count("host-1", "Revoke", "revoke_replayed"),
+        1
+    );
+    // After an agent restart (state kept), the replay is still refused.
+    c.restart();
+    assert_refused(&replay(&c), "revoke_replayed", "replay after restart");
+    assert_eq!(
+        c.agent_audit_count("host-1", "Revoke", "revoke_replayed"),
+        2
+    );
+    assert!(
+        audit_has(&c.audit(), "TlRevoke", "Success"),
+        "TTP audit of the notice"
+    );
 }

@@ -75,8 +75,7 @@ pub async fn update(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
         .await
         .map_err(KmsError::store)?
         .ok_or_else(|| KmsError::NotFound(format!("Alias {name} is not found.")))?;
-    let mut a: AliasRecord =
-        serde_json::from_slice(&o.body).map_err(|_| KmsError::Internal("corrupt alias".into()))?;
+    let mut a = super::parse_alias(&o)?;
     let old = kms
         .store
         .get(kind::KEY, &ctx.caller.account, &a.target_key_id)
@@ -84,7 +83,8 @@ pub async fn update(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
         .map_err(KmsError::store)?;
     let target = resolve(kms, ctx, r.str("TargetKeyId")?).await?;
     authorize(kms, ctx, &target.key, "UpdateAlias", None, &[]).await?;
-    if let Some(old) = old.and_then(|o| serde_json::from_slice::<KeyRecord>(&o.body).ok())
+    let old: Option<KeyRecord> = old.as_ref().map(super::parse_key).transpose()?;
+    if let Some(old) = old
         && (old.key_spec != target.key.key_spec || old.key_usage != target.key.key_usage)
     {
         return Err(KmsError::Validation(
@@ -109,10 +109,13 @@ pub async fn delete(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
         .await
         .map_err(KmsError::store)?
         .ok_or_else(|| KmsError::NotFound(format!("Alias {name} is not found.")))?;
-    let a: AliasRecord =
-        serde_json::from_slice(&o.body).map_err(|_| KmsError::Internal("corrupt alias".into()))?;
-    if let Ok(target) = resolve(kms, ctx, &a.target_key_id).await {
-        authorize(kms, ctx, &target.key, "DeleteAlias", None, &[]).await?;
+    let a = super::parse_alias(&o)?;
+    // An alias whose key is gone may be deleted; any other failure to read the target (an
+    // integrity failure above all) must not skip the authorization.
+    match resolve(kms, ctx, &a.target_key_id).await {
+        Ok(target) => authorize(kms, ctx, &target.key, "DeleteAlias", None, &[]).await?,
+        Err(KmsError::NotFound(_)) => {}
+        Err(e) => return Err(e),
     }
     Ok(Out {
         body: json!({}),
@@ -138,9 +141,12 @@ pub async fn list(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
         .map_err(KmsError::store)?;
     let region = &kms.region;
     let account = &ctx.caller.account;
-    let items: Vec<_> = objs
+    let aliases = objs
         .iter()
-        .filter_map(|o| serde_json::from_slice::<AliasRecord>(&o.body).ok())
+        .map(super::parse_alias)
+        .collect::<KmsResult<Vec<AliasRecord>>>()?;
+    let items: Vec<_> = aliases
+        .iter()
         .filter(|a| key_filter.as_ref().is_none_or(|k| *k == a.target_key_id))
         .map(|a| {
             json!({

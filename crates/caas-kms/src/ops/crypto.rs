@@ -8,6 +8,7 @@ use super::{Req, authorize, b64, grant_tokens, material, require_enabled, requir
 use crate::blob;
 use crate::error::{KmsError, KmsResult};
 use crate::material::{self as km, KeySpec};
+use crate::model::KeyUsage;
 use crate::service::{Ctx, Kms, Out};
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use caas_crypto::{SecretBytes, kdf};
@@ -99,7 +100,7 @@ fn ec_of(r: Req<'_>) -> KmsResult<BTreeMap<String, String>> {
 }
 
 fn spec_of(k: &crate::model::KeyRecord) -> KmsResult<KeySpec> {
-    KeySpec::parse(&k.key_spec).ok_or_else(|| KmsError::Internal("bad key spec".into()))
+    Ok(k.key_spec)
 }
 
 /// Encrypt.
@@ -109,7 +110,7 @@ pub async fn encrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
     authorize(kms, ctx, &l.key, "Encrypt", Some(&ec), &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
-    require_usage(&l.key, "ENCRYPT_DECRYPT", "Encrypt")?;
+    require_usage(&l.key, KeyUsage::EncryptDecrypt, "Encrypt")?;
     let spec = spec_of(&l.key)?;
     let alg = r
         .opt_str("EncryptionAlgorithm")?
@@ -186,7 +187,7 @@ async fn decrypt_inner(
         .await?;
         authorize(kms, ctx, &l.key, action, Some(&ec), &grant_tokens(r)?).await?;
         require_enabled(&l.key)?;
-        require_usage(&l.key, "ENCRYPT_DECRYPT", "Decrypt")?;
+        require_usage(&l.key, KeyUsage::EncryptDecrypt, "Decrypt")?;
         if !spec_of(&l.key)?.is_rsa() {
             return Err(KmsError::InvalidKeyUsage(format!(
                 "EncryptionAlgorithm {alg} is not valid for {}",
@@ -213,7 +214,7 @@ async fn decrypt_inner(
     }
     authorize(kms, ctx, &l.key, action, Some(&ec), &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
-    if l.key.key_spec != "SYMMETRIC_DEFAULT" {
+    if l.key.key_spec != KeySpec::SymmetricDefault {
         return Err(invalid());
     }
     let (_, hbk) = material(kms, &l.key, Some(parsed.hbk_version))
@@ -249,7 +250,7 @@ pub async fn re_encrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
     )
     .await?;
     require_enabled(&dest.key)?;
-    require_usage(&dest.key, "ENCRYPT_DECRYPT", "ReEncrypt")?;
+    require_usage(&dest.key, KeyUsage::EncryptDecrypt, "ReEncrypt")?;
     let dalg = r
         .opt_str("DestinationEncryptionAlgorithm")?
         .unwrap_or("SYMMETRIC_DEFAULT");
@@ -321,8 +322,8 @@ pub async fn generate_data_key(
     };
     authorize(kms, ctx, &l.key, action, Some(&ec), &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
-    require_usage(&l.key, "ENCRYPT_DECRYPT", action)?;
-    if l.key.key_spec != "SYMMETRIC_DEFAULT" {
+    require_usage(&l.key, KeyUsage::EncryptDecrypt, action)?;
+    if l.key.key_spec != KeySpec::SymmetricDefault {
         return Err(KmsError::InvalidKeyUsage(format!(
             "{} is not a symmetric key",
             l.key.arn()

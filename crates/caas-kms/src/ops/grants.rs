@@ -79,7 +79,7 @@ pub async fn allows(
         let h = token_hash(t);
         let mut known = false;
         for o in &grants {
-            known |= parse_grant(&o.body)?.token_hash == h;
+            known |= parse_grant(o)?.token_hash == h;
         }
         if !known {
             return Err(KmsError::InvalidGrantToken(
@@ -90,7 +90,7 @@ pub async fn allows(
     let empty = BTreeMap::new();
     let ec = ec.unwrap_or(&empty);
     for o in grants {
-        let g = parse_grant(&o.body)?;
+        let g = parse_grant(&o)?;
         if g.key_id != key.key_id || g.grantee != ctx.caller.principal {
             continue;
         }
@@ -191,7 +191,7 @@ pub async fn list(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
         .map_err(KmsError::store)?;
     let mut items = vec![];
     for o in objs {
-        let g = parse_grant(&o.body)?;
+        let g = parse_grant(&o)?;
         if g.key_id == l.key.key_id
             && want_id.is_none_or(|w| w == g.grant_id)
             && want_grantee.is_none_or(|w| w == g.grantee)
@@ -212,7 +212,7 @@ pub async fn list_retirable(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<O
         .map_err(KmsError::store)?;
     let mut items = vec![];
     for o in objs {
-        let g = parse_grant(&o.body)?;
+        let g = parse_grant(&o)?;
         if g.retiring.as_deref() == Some(who) {
             items.push(grant_json(&g));
         }
@@ -227,7 +227,7 @@ async fn find(kms: &Kms, ctx: &Ctx, grant_id: &str) -> KmsResult<(GrantRecord, i
         .await
         .map_err(KmsError::store)?
         .ok_or_else(|| KmsError::NotFound("Grant does not exist".into()))?;
-    Ok((parse_grant(&o.body)?, o.rev))
+    Ok((parse_grant(&o)?, o.rev))
 }
 
 fn delete_write(ctx: &Ctx, g: &GrantRecord, rev: i64) -> Write {
@@ -244,9 +244,11 @@ pub async fn revoke(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
     authorize(kms, ctx, &l.key, "RevokeGrant", None, &[]).await?;
     let gid = r.str("GrantId")?;
-    let (g, rev) = find(kms, ctx, gid)
-        .await
-        .map_err(|_| KmsError::InvalidGrantId("Grant id is not valid".into()))?;
+    let (g, rev) = find(kms, ctx, gid).await.map_err(|e| match e {
+        KmsError::NotFound(_) => KmsError::InvalidGrantId("Grant id is not valid".into()),
+        // An integrity failure stays one (audited as such), not "invalid id".
+        other => other,
+    })?;
     if g.key_id != l.key.key_id {
         return Err(KmsError::InvalidGrantId(
             "Grant id is not valid for this key".into(),
@@ -269,7 +271,7 @@ pub async fn retire(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
             .map_err(KmsError::store)?;
         let mut found = None;
         for o in objs {
-            let g = parse_grant(&o.body)?;
+            let g = parse_grant(&o)?;
             if g.token_hash == h {
                 found = Some((g, o.rev));
                 break;
@@ -280,7 +282,11 @@ pub async fn retire(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
         let l = resolve(kms, ctx, r.str("KeyId")?).await?;
         let (g, rev) = find(kms, ctx, r.str("GrantId")?)
             .await
-            .map_err(|_| KmsError::InvalidGrantId("Grant id is not valid".into()))?;
+            .map_err(|e| match e {
+                KmsError::NotFound(_) => KmsError::InvalidGrantId("Grant id is not valid".into()),
+                // An integrity failure stays one (audited as such), not "invalid id".
+                other => other,
+            })?;
         if g.key_id != l.key.key_id {
             return Err(KmsError::InvalidGrantId(
                 "Grant id is not valid for this key".into(),

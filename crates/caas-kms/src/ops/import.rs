@@ -5,7 +5,7 @@
 use super::{Req, authorize, b64, resolve};
 use crate::error::{KmsError, KmsResult};
 use crate::material::{self as km, KeySpec};
-use crate::model::{HbkVersion, ImportRecord, kind};
+use crate::model::{HbkVersion, ImportRecord, KeyState, Origin, kind};
 use crate::service::{Ctx, Kms, Out};
 use aws_lc_rs::hmac;
 use aws_lc_rs::key_wrap::{AES_256, AesKek, KeyWrapPadded};
@@ -14,18 +14,20 @@ use caas_store::Write;
 use serde_json::json;
 
 const TOKEN_TTL_MS: i64 = 24 * 3600 * 1000;
+/// `seal_internal` purpose of import wrapping keys (owner: account, key id, token id).
+const IMPORT_PURPOSE: &str = "import-wrapping-key";
 
 /// GetParametersForImport.
 pub async fn get_parameters(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
     authorize(kms, ctx, &l.key, "GetParametersForImport", None, &[]).await?;
-    if l.key.origin != "EXTERNAL" {
+    if l.key.origin != Origin::External {
         return Err(KmsError::UnsupportedOperation(format!(
             "{} does not have origin EXTERNAL",
             l.key.arn()
         )));
     }
-    if l.key.state == "PendingDeletion" {
+    if l.key.state == KeyState::PendingDeletion {
         return Err(KmsError::InvalidState(format!(
             "{} is pending deletion.",
             l.key.arn()
@@ -58,9 +60,11 @@ pub async fn get_parameters(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<O
         token_id: token_id.clone(),
         key_id: l.key.key_id.clone(),
         wrapping_algorithm: alg.into(),
-        wrapping_key_ekt: kms
-            .keyring
-            .seal_ekt(&format!("import:{token_id}"), 0, &sk)?,
+        wrapping_key_ekt: kms.keyring.seal_internal(
+            IMPORT_PURPOSE,
+            &[&ctx.caller.account, &l.key.key_id, &token_id],
+            &sk,
+        )?,
         valid_to_ms: valid_to,
     };
     let body = serde_json::to_vec(&rec).map_err(|_| KmsError::Internal("encode".into()))?;
@@ -126,7 +130,7 @@ pub async fn import(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let wrapped = r.blob("EncryptedKeyMaterial", 8192)?;
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
     authorize(kms, ctx, &l.key, "ImportKeyMaterial", None, &[]).await?;
-    if l.key.origin != "EXTERNAL" {
+    if l.key.origin != Origin::External {
         return Err(KmsError::UnsupportedOperation(format!(
             "{} does not have origin EXTERNAL",
             l.key.arn()
@@ -140,8 +144,10 @@ pub async fn import(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
         .await
         .map_err(KmsError::store)?
         .ok_or_else(|| KmsError::InvalidImportToken("The import token is invalid".into()))?;
-    let rec: ImportRecord = serde_json::from_slice(&o.body)
-        .map_err(|_| KmsError::Internal("corrupt import record".into()))?;
+    let rec: ImportRecord = serde_json::from_slice::<ImportRecord>(&o.body)
+        .ok()
+        .filter(|r| r.token_id == o.id)
+        .ok_or_else(|| KmsError::mismatch(&o.kind, &o.account, &o.id))?;
     if rec.key_id != l.key.key_id {
         return Err(KmsError::InvalidImportToken(
             "The import token is not for this key".into(),
@@ -154,11 +160,14 @@ pub async fn import(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     }
     let sk = kms
         .keyring
-        .open_ekt(&format!("import:{token_id}"), 0, &rec.wrapping_key_ekt)
+        .open_internal(
+            IMPORT_PURPOSE,
+            &[&ctx.caller.account, &rec.key_id, &token_id],
+            &rec.wrapping_key_ekt,
+        )
         .await?;
     let m = unwrap_material(&rec.wrapping_algorithm, &sk, &wrapped)?;
-    let spec =
-        KeySpec::parse(&l.key.key_spec).ok_or_else(|| KmsError::Internal("bad spec".into()))?;
+    let spec = l.key.key_spec;
     check_material(spec, &m)?;
     // Re-imports must bring the same material (AWS rule); compare keyed fingerprints.
     let fp = fingerprint(kms, &l.key.key_id, &m)?;
@@ -200,14 +209,14 @@ pub async fn import(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     k.versions = vec![HbkVersion {
         version,
         created_ms: kms.now_ms(),
-        ekt: kms.keyring.seal_ekt(&k.key_id, version, &m)?,
+        ekt: kms.keyring.seal_ekt(&k.account, &k.key_id, version, &m)?,
         public_key,
     }];
     k.import.fingerprint = Some(fp);
     k.import.expiration_model = Some(model.into());
     k.import.valid_to_ms = valid_to;
-    if k.state == "PendingImport" {
-        k.state = "Enabled".into();
+    if k.state == KeyState::PendingImport {
+        k.state = KeyState::Enabled;
     }
     Ok(Out {
         body: json!({ "KeyId": k.arn() }),
@@ -239,21 +248,21 @@ fn fingerprint(kms: &Kms, key_id: &str, m: &SecretBytes) -> KmsResult<Vec<u8>> {
 pub async fn delete(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
     authorize(kms, ctx, &l.key, "DeleteImportedKeyMaterial", None, &[]).await?;
-    if l.key.origin != "EXTERNAL" {
+    if l.key.origin != Origin::External {
         return Err(KmsError::UnsupportedOperation(format!(
             "{} does not have origin EXTERNAL",
             l.key.arn()
         )));
     }
     let mut k = l.key.clone();
-    if k.state == "PendingDeletion" {
+    if k.state == KeyState::PendingDeletion {
         return Err(KmsError::InvalidState(format!(
             "{} is pending deletion.",
             k.arn()
         )));
     }
     k.versions.clear();
-    k.state = "PendingImport".into();
+    k.state = KeyState::PendingImport;
     k.import.valid_to_ms = None;
     k.import.expiration_model = None;
     Ok(Out {

@@ -4,7 +4,9 @@
 use super::{Loaded, Req, authorize, resolve};
 use crate::error::{KmsError, KmsResult};
 use crate::material::{self, KeySpec};
-use crate::model::{HbkVersion, ImportState, KeyRecord, Rotation, kind};
+use crate::model::{
+    HbkVersion, ImportState, KeyRecord, KeyState, KeyUsage, Origin, Rotation, kind,
+};
 use crate::policy;
 use crate::service::{Ctx, Kms, Out};
 use caas_store::Write;
@@ -19,13 +21,13 @@ fn secs(ms: i64) -> f64 {
 
 /// The `KeyMetadata` structure.
 pub fn metadata(k: &KeyRecord) -> Value {
-    let spec = KeySpec::parse(&k.key_spec);
+    let spec = k.key_spec;
     let mut m = json!({
         "AWSAccountId": k.account,
         "KeyId": k.key_id,
         "Arn": k.arn(),
         "CreationDate": secs(k.created_ms),
-        "Enabled": k.state == "Enabled",
+        "Enabled": k.state == KeyState::Enabled,
         "Description": k.description,
         "KeyUsage": k.key_usage,
         "KeyState": k.state,
@@ -35,19 +37,16 @@ pub fn metadata(k: &KeyRecord) -> Value {
         "KeySpec": k.key_spec,
         "MultiRegion": false,
     });
-    if let Some(spec) = spec {
-        match k.key_usage.as_str() {
-            "ENCRYPT_DECRYPT" => m["EncryptionAlgorithms"] = json!(spec.encryption_algorithms()),
-            "SIGN_VERIFY" => m["SigningAlgorithms"] = json!(spec.signing_algorithms()),
-            "GENERATE_VERIFY_MAC" => m["MacAlgorithms"] = json!(spec.mac_algorithms()),
-            _ => {}
-        }
+    match k.key_usage {
+        KeyUsage::EncryptDecrypt => m["EncryptionAlgorithms"] = json!(spec.encryption_algorithms()),
+        KeyUsage::SignVerify => m["SigningAlgorithms"] = json!(spec.signing_algorithms()),
+        KeyUsage::GenerateVerifyMac => m["MacAlgorithms"] = json!(spec.mac_algorithms()),
     }
     if let Some(d) = k.deletion_date_ms {
         m["DeletionDate"] = json!(secs(d));
         m["PendingDeletionWindowInDays"] = json!(k.pending_window_days);
     }
-    if k.origin == "EXTERNAL" {
+    if k.origin == Origin::External {
         if let Some(em) = &k.import.expiration_model {
             m["ExpirationModel"] = json!(em);
         }
@@ -96,19 +95,23 @@ pub async fn create_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
         .unwrap_or("SYMMETRIC_DEFAULT");
     let spec = KeySpec::parse(spec_name)
         .ok_or_else(|| KmsError::Validation(format!("KeySpec {spec_name} is not supported")))?;
-    let usage = r.opt_str("KeyUsage")?.unwrap_or(spec.default_usage());
+    let usage = match r.opt_str("KeyUsage")? {
+        None => spec.default_usage(),
+        Some(u) => KeyUsage::parse(u)
+            .ok_or_else(|| KmsError::Validation(format!("KeyUsage {u} is not valid")))?,
+    };
     if !spec.allowed_usages().contains(&usage) {
         return Err(KmsError::Validation(format!(
             "KeyUsage {usage} is not compatible with KeySpec {spec_name}"
         )));
     }
-    let origin = r.opt_str("Origin")?.unwrap_or("AWS_KMS");
-    if !matches!(origin, "AWS_KMS" | "EXTERNAL") {
-        return Err(KmsError::UnsupportedOperation(format!(
-            "Origin {origin} is not supported"
-        )));
-    }
-    if origin == "EXTERNAL"
+    let origin = match r.opt_str("Origin")? {
+        None => Origin::AwsKms,
+        Some(o) => Origin::parse(o).ok_or_else(|| {
+            KmsError::UnsupportedOperation(format!("Origin {o} is not supported"))
+        })?,
+    };
+    if origin == Origin::External
         && spec != KeySpec::SymmetricDefault
         && !spec.is_hmac()
         && !spec.is_rsa()
@@ -139,7 +142,7 @@ pub async fn create_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
     let key_id = uuid::Uuid::new_v4().to_string();
     let now = kms.now_ms();
     let mut versions = vec![];
-    if origin == "AWS_KMS" {
+    if origin == Origin::AwsKms {
         let m = material::generate(spec)?;
         let public_key = if spec.is_rsa() || spec.is_ecc() {
             Some(material::public_key_der(spec, &m)?)
@@ -149,7 +152,7 @@ pub async fn create_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
         versions.push(HbkVersion {
             version: 1,
             created_ms: now,
-            ekt: kms.keyring.seal_ekt(&key_id, 1, &m)?,
+            ekt: kms.keyring.seal_ekt(&ctx.caller.account, &key_id, 1, &m)?,
             public_key,
         });
     }
@@ -159,14 +162,14 @@ pub async fn create_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
         region: kms.region.clone(),
         description: description.to_string(),
         created_ms: now,
-        state: if origin == "EXTERNAL" {
-            "PendingImport".into()
+        state: if origin == Origin::External {
+            KeyState::PendingImport
         } else {
-            "Enabled".into()
+            KeyState::Enabled
         },
-        key_spec: spec.name().into(),
-        key_usage: usage.into(),
-        origin: origin.into(),
+        key_spec: spec,
+        key_usage: usage,
+        origin,
         deletion_date_ms: None,
         pending_window_days: None,
         rotation_enabled: false,
@@ -240,11 +243,11 @@ pub async fn list_keys(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
         .list(kind::KEY, Some(&ctx.caller.account))
         .await
         .map_err(KmsError::store)?;
+    // A row that fails its integrity check refuses the whole list (the store audits it).
     let items = objs
         .iter()
-        .filter_map(|o| serde_json::from_slice::<KeyRecord>(&o.body).ok())
-        .map(|k| json!({ "KeyId": k.key_id, "KeyArn": k.arn() }))
-        .collect();
+        .map(|o| super::parse_key(o).map(|k| json!({ "KeyId": k.key_id, "KeyArn": k.arn() })))
+        .collect::<KmsResult<Vec<_>>>()?;
     Ok(Out::reply(page(r, items, "Keys")?))
 }
 
@@ -258,15 +261,15 @@ async fn load_for(kms: &Kms, ctx: &mut Ctx, r: Req<'_>, action: &str) -> KmsResu
 pub async fn set_enabled(kms: &Kms, ctx: &mut Ctx, r: Req<'_>, enable: bool) -> KmsResult<Out> {
     let l = load_for(kms, ctx, r, if enable { "EnableKey" } else { "DisableKey" }).await?;
     let mut k = l.key.clone();
-    match (k.state.as_str(), enable) {
-        ("Enabled" | "Disabled", _) => {
+    match k.state {
+        KeyState::Enabled | KeyState::Disabled => {
             k.state = if enable {
-                "Enabled".into()
+                KeyState::Enabled
             } else {
-                "Disabled".into()
+                KeyState::Disabled
             }
         }
-        (s, _) => return Err(KmsError::InvalidState(format!("{} is {s}", k.arn()))),
+        s => return Err(KmsError::InvalidState(format!("{} is {s}", k.arn()))),
     }
     Ok(Out {
         body: json!({}),
@@ -303,14 +306,14 @@ pub async fn schedule_deletion(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResul
         ));
     }
     let mut k = l.key.clone();
-    if k.state == "PendingDeletion" {
+    if k.state == KeyState::PendingDeletion {
         return Err(KmsError::InvalidState(format!(
             "{} is pending deletion.",
             k.arn()
         )));
     }
     let when = kms.now_ms() + days * DAY_MS;
-    k.state = "PendingDeletion".into();
+    k.state = KeyState::PendingDeletion;
     k.deletion_date_ms = Some(when);
     k.pending_window_days = Some(days as u32);
     Ok(Out {
@@ -323,13 +326,13 @@ pub async fn schedule_deletion(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResul
 pub async fn cancel_deletion(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let l = load_for(kms, ctx, r, "CancelKeyDeletion").await?;
     let mut k = l.key.clone();
-    if k.state != "PendingDeletion" {
+    if k.state != KeyState::PendingDeletion {
         return Err(KmsError::InvalidState(format!(
             "{} is not pending deletion.",
             k.arn()
         )));
     }
-    k.state = "Disabled".into();
+    k.state = KeyState::Disabled;
     k.deletion_date_ms = None;
     k.pending_window_days = None;
     Ok(Out {
@@ -420,7 +423,7 @@ pub async fn list_policies(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Ou
 }
 
 fn rotatable(k: &KeyRecord) -> KmsResult<()> {
-    if k.key_spec != "SYMMETRIC_DEFAULT" || k.origin != "AWS_KMS" {
+    if k.key_spec != KeySpec::SymmetricDefault || k.origin != Origin::AwsKms {
         return Err(KmsError::UnsupportedOperation(format!(
             "{} does not support automatic key rotation.",
             k.arn()
@@ -487,14 +490,14 @@ pub async fn rotation_status(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<
 
 /// Adds a new HBK version to a key (rotation).
 pub fn add_version(kms: &Kms, k: &mut KeyRecord, rotation_type: &str) -> KmsResult<u32> {
-    let spec = KeySpec::parse(&k.key_spec).ok_or_else(|| KmsError::Internal("bad spec".into()))?;
+    let spec = k.key_spec;
     let next = k.versions.last().map(|v| v.version + 1).unwrap_or(1);
     let m = material::generate(spec)?;
     let now = kms.now_ms();
     k.versions.push(HbkVersion {
         version: next,
         created_ms: now,
-        ekt: kms.keyring.seal_ekt(&k.key_id, next, &m)?,
+        ekt: kms.keyring.seal_ekt(&k.account, &k.key_id, next, &m)?,
         public_key: None,
     });
     k.rotations.push(Rotation {
@@ -558,13 +561,15 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
         }
     }
     let (mut deleted, mut rotated) = (0, 0);
-    for o in kms
+    // Rows failing their integrity check are skipped (the store audited them); the healthy
+    // keys of every account are still maintained.
+    let (keys, _bad) = kms
         .store
-        .list(kind::KEY, None)
+        .list_healthy(kind::KEY, None)
         .await
-        .map_err(KmsError::store)?
-    {
-        let Ok(mut k) = serde_json::from_slice::<KeyRecord>(&o.body) else {
+        .map_err(KmsError::store)?;
+    for o in keys {
+        let Ok(mut k) = super::parse_key(&o) else {
             continue;
         };
         let l = Loaded {
@@ -574,7 +579,8 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
         let mut entry = crate::audit::system_entry("", "");
         entry.account = k.account.clone();
         entry.key_id = Some(k.key_id.clone());
-        let writes = if k.state == "PendingDeletion" && k.deletion_date_ms.is_some_and(|d| d <= now)
+        let writes = if k.state == KeyState::PendingDeletion
+            && k.deletion_date_ms.is_some_and(|d| d <= now)
         {
             entry.operation = "DeleteKey".into();
             entry.detail = json!({ "reason": "scheduled deletion due" }).to_string();
@@ -588,11 +594,12 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
             // Aliases pointing at the key go with it.
             for a in kms
                 .store
-                .list(kind::ALIAS, Some(&k.account))
+                .list_healthy(kind::ALIAS, Some(&k.account))
                 .await
                 .map_err(KmsError::store)?
+                .0
             {
-                if let Ok(ar) = serde_json::from_slice::<crate::model::AliasRecord>(&a.body)
+                if let Ok(ar) = super::parse_alias(&a)
                     && ar.target_key_id == k.key_id
                 {
                     w.push(Write::Delete {
@@ -604,7 +611,7 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
                 }
             }
             w
-        } else if k.state == "Enabled"
+        } else if k.state == KeyState::Enabled
             && k.rotation_enabled
             && k.next_rotation_ms.is_some_and(|t| t <= now)
         {
@@ -639,18 +646,25 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
 pub async fn rotate_domain_key(kms: &Kms) -> KmsResult<(u32, usize)> {
     let v = kms.keyring.rotate_domain_key().await?;
     let mut n = 0;
-    for o in kms
+    // Every re-wrapped row is written anew, so the store re-authenticates it (fresh MAC at
+    // the new revision). Rows failing their integrity check are skipped (and audited by the
+    // store): they are not trusted, so nothing is re-sealed from them.
+    let (keys, _bad) = kms
         .store
-        .list(kind::KEY, None)
+        .list_healthy(kind::KEY, None)
         .await
-        .map_err(KmsError::store)?
-    {
-        let Ok(mut k) = serde_json::from_slice::<KeyRecord>(&o.body) else {
+        .map_err(KmsError::store)?;
+    for o in keys {
+        let Ok(mut k) = super::parse_key(&o) else {
             continue;
         };
         let mut changed = false;
         for h in &mut k.versions {
-            if let Some(new) = kms.keyring.rewrap_ekt(&k.key_id, h.version, &h.ekt).await? {
+            if let Some(new) = kms
+                .keyring
+                .rewrap_ekt(&k.account, &k.key_id, h.version, &h.ekt)
+                .await?
+            {
                 h.ekt = new;
                 changed = true;
             }
@@ -673,20 +687,20 @@ pub async fn rotate_domain_key(kms: &Kms) -> KmsResult<(u32, usize)> {
             n += 1;
         }
     }
-    for o in kms
+    let (access_keys, _bad) = kms
         .store
-        .list(kind::ACCESS_KEY, Some(crate::keyring::SYSTEM_ACCOUNT))
+        .list_healthy(kind::ACCESS_KEY, Some(crate::keyring::SYSTEM_ACCOUNT))
         .await
-        .map_err(KmsError::store)?
-    {
-        let Ok(mut a) = serde_json::from_slice::<crate::model::AccessKeyRecord>(&o.body) else {
+        .map_err(KmsError::store)?;
+    for o in access_keys {
+        let Ok(mut a) = crate::service::access_key_record(&o) else {
             continue;
         };
         if let Some(new) = kms
             .keyring
-            .rewrap_ekt(
-                &format!("internal:access-key:{}", a.access_key_id),
-                0,
+            .rewrap_internal(
+                crate::service::ACCESS_KEY_PURPOSE,
+                &[&a.access_key_id, &a.account, &a.principal],
                 &a.sealed_secret,
             )
             .await?

@@ -14,7 +14,7 @@ pub use crypto::seal as seal_for_bench;
 pub use keys::{maintenance, rotate_domain_key};
 
 use crate::error::{KmsError, KmsResult};
-use crate::model::{AliasRecord, GrantRecord, KeyRecord, kind};
+use crate::model::{AliasRecord, GrantRecord, KeyRecord, KeyState, KeyUsage, kind};
 use crate::policy::{self, Verdict};
 use crate::service::{Ctx, Kms, Out};
 use base64::Engine as _;
@@ -253,9 +253,7 @@ pub async fn resolve(kms: &Kms, ctx: &mut Ctx, key_ref: &str) -> KmsResult<Loade
             .await
             .map_err(KmsError::store)?
             .ok_or_else(|| KmsError::NotFound(format!("Alias {id} is not found.")))?;
-        let a: AliasRecord = serde_json::from_slice(&o.body)
-            .map_err(|_| KmsError::Internal("corrupt alias".into()))?;
-        id = a.target_key_id;
+        id = parse_alias(&o)?.target_key_id;
     }
     let o = kms
         .store
@@ -263,8 +261,7 @@ pub async fn resolve(kms: &Kms, ctx: &mut Ctx, key_ref: &str) -> KmsResult<Loade
         .await
         .map_err(KmsError::store)?
         .ok_or_else(not_found)?;
-    let key: KeyRecord = serde_json::from_slice(&o.body)
-        .map_err(|_| KmsError::Internal("corrupt key record".into()))?;
+    let key = parse_key(&o)?;
     ctx.key_id = Some(key.key_id.clone());
     Ok(Loaded { key, rev: o.rev })
 }
@@ -305,23 +302,22 @@ fn denied(ctx: &Ctx, action: &str, key: &KeyRecord) -> KmsError {
 
 /// Requires the key to be usable for cryptographic operations.
 pub fn require_enabled(key: &KeyRecord) -> KmsResult<()> {
-    match key.state.as_str() {
-        "Enabled" => Ok(()),
-        "Disabled" => Err(KmsError::Disabled(format!("{} is disabled.", key.arn()))),
-        other => Err(KmsError::InvalidState(format!(
-            "{} is pending {}.",
-            key.arn(),
-            match other {
-                "PendingDeletion" => "deletion",
-                "PendingImport" => "import",
-                _ => "an operation",
-            }
+    match key.state {
+        KeyState::Enabled => Ok(()),
+        KeyState::Disabled => Err(KmsError::Disabled(format!("{} is disabled.", key.arn()))),
+        KeyState::PendingDeletion => Err(KmsError::InvalidState(format!(
+            "{} is pending deletion.",
+            key.arn()
+        ))),
+        KeyState::PendingImport => Err(KmsError::InvalidState(format!(
+            "{} is pending import.",
+            key.arn()
         ))),
     }
 }
 
 /// Requires a key usage.
-pub fn require_usage(key: &KeyRecord, usage: &str, op: &str) -> KmsResult<()> {
+pub fn require_usage(key: &KeyRecord, usage: KeyUsage, op: &str) -> KmsResult<()> {
     if key.key_usage == usage {
         Ok(())
     } else {
@@ -346,7 +342,7 @@ pub async fn material(
     .ok_or_else(|| KmsError::InvalidState(format!("{} has no key material.", key.arn())))?;
     let m = kms
         .keyring
-        .open_ekt(&key.key_id, hbk.version, &hbk.ekt)
+        .open_ekt(&key.account, &key.key_id, hbk.version, &hbk.ekt)
         .await?;
     Ok((hbk.version, m))
 }
@@ -356,7 +352,27 @@ pub fn grant_tokens(r: Req<'_>) -> KmsResult<Vec<String>> {
     Ok(r.opt_str_list("GrantTokens")?.unwrap_or_default())
 }
 
-/// Parses a grant record.
-pub fn parse_grant(body: &[u8]) -> KmsResult<GrantRecord> {
-    serde_json::from_slice(body).map_err(|_| KmsError::Internal("corrupt grant".into()))
+/// Parses a key row (already MAC-checked by the store); the record must name the row's
+/// account and id.
+pub fn parse_key(o: &caas_store::Object) -> KmsResult<KeyRecord> {
+    serde_json::from_slice::<KeyRecord>(&o.body)
+        .ok()
+        .filter(|k| k.key_id == o.id && k.account == o.account)
+        .ok_or_else(|| KmsError::mismatch(&o.kind, &o.account, &o.id))
+}
+
+/// Parses an alias row; the record must name the row's id.
+pub fn parse_alias(o: &caas_store::Object) -> KmsResult<AliasRecord> {
+    serde_json::from_slice::<AliasRecord>(&o.body)
+        .ok()
+        .filter(|a| a.name == o.id)
+        .ok_or_else(|| KmsError::mismatch(&o.kind, &o.account, &o.id))
+}
+
+/// Parses a grant row; the record must name the row's id.
+pub fn parse_grant(o: &caas_store::Object) -> KmsResult<GrantRecord> {
+    serde_json::from_slice::<GrantRecord>(&o.body)
+        .ok()
+        .filter(|g| g.grant_id == o.id)
+        .ok_or_else(|| KmsError::mismatch(&o.kind, &o.account, &o.id))
 }
