@@ -3,9 +3,11 @@
 //! Everything here is small on purpose: zeroizing key types ([`SecretKey`],
 //! [`SecretBytes`]), the NIST SP 800-108 HMAC-SHA256 counter-mode KDF ([`kdf`]), and an
 //! AES-256-GCM envelope ([`aead`]) used to wrap keys under keys (EKTs, domain keys, token
-//! objects, volume keys). All primitives come from aws-lc-rs.
+//! objects, volume keys). All primitives come from aws-lc-rs. [`hardening`] holds the one
+//! process-hygiene routine (non-dumpable, no core files) of every key-holding process.
 pub mod aead;
 mod error;
+pub mod hardening;
 pub mod kdf;
 mod secret;
 

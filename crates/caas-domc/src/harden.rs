@@ -26,11 +26,9 @@ pub struct Report {
 /// PR_SET_DUMPABLE 0 and RLIMIT_CORE 0. Every process that holds a key applies it before the
 /// key arrives: the crypto domain and the Secure Device Proxy (through [`harden`]) and the
 /// host agent (at start, it unseals launch secrets).
+/// The one implementation is the key service's (`caas_crypto::hardening`).
 pub fn no_core_dumps() -> Result<(), Error> {
-    nix::sys::prctl::set_dumpable(false)
-        .map_err(|e| Error::Harden(format!("PR_SET_DUMPABLE: {e}")))?;
-    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
-        .map_err(|e| Error::Harden(format!("RLIMIT_CORE: {e}")))
+    caas_crypto::hardening::forbid_core_dumps().map_err(|e| Error::Harden(e.to_string()))
 }
 
 /// Applies the process hardening (before any key is loaded).
@@ -85,8 +83,7 @@ pub fn drop_privileges(
     nix::unistd::setresuid(uid.into(), uid.into(), uid.into())
         .map_err(|e| Error::Harden(format!("setresuid: {e}")))?;
     // Changing credentials resets the dumpable flag; clear it again.
-    nix::sys::prctl::set_dumpable(false)
-        .map_err(|e| Error::Harden(format!("PR_SET_DUMPABLE: {e}")))?;
+    caas_crypto::hardening::set_not_dumpable().map_err(|e| Error::Harden(e.to_string()))?;
     Ok(Some(uid))
 }
 

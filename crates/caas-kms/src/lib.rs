@@ -6,7 +6,8 @@
 //! commit per request · `ops/` one file per operation family · [`keyring`] node and domain
 //! keys, EKTs · [`blob`] ciphertext format · [`material`] key specs and primitives ·
 //! [`policy`] key policies · [`server`] HTTP/TLS · [`client`] a SigV4 client for caas's own
-//! tools · [`audit`] audit signing.
+//! tools · [`audit`] audit signing and CloudTrail-style export · [`checkpoint`] audit
+//! freshness anchored outside the database.
 //!
 //! The database is not trusted for integrity: the store MACs every row under a key derived
 //! from the node key ([`keyring::NodeKey::record_authenticator`]) and refuses rows that fail
@@ -17,6 +18,7 @@
 //! ([`keyring`]).
 pub mod audit;
 pub mod blob;
+pub mod checkpoint;
 pub mod client;
 pub mod config;
 mod error;

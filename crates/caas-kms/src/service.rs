@@ -3,6 +3,7 @@
 //! grants), and the single commit per request that makes the state change and its audit
 //! record durable together before anything is answered.
 use crate::audit::Ed25519AuditSigner;
+use crate::checkpoint::OnRollback;
 use crate::error::{KmsError, KmsResult};
 use crate::keyring::{Keyring, NodeKey, SYSTEM_ACCOUNT};
 use crate::model::{AccessKeyRecord, AccountRecord, kind};
@@ -108,6 +109,8 @@ pub struct Kms {
     audit_public: Vec<u8>,
     /// Scheduled domain-key rotation period.
     pub domain_key_rotation: Option<std::time::Duration>,
+    /// The node's audit checkpoint (None for read-only inspection).
+    checkpoint: Option<Arc<crate::checkpoint::CheckpointWriter>>,
     clock_offset_ms: AtomicI64,
     creds: RwLock<HashMap<String, Arc<Cred>>>,
 }
@@ -121,22 +124,45 @@ impl std::fmt::Debug for Kms {
 }
 
 impl Kms {
-    /// Opens the store and the key hierarchy.
+    /// Opens the store and the key hierarchy; refuses a database whose audit chain is
+    /// behind this node's checkpoint (see [`crate::checkpoint`]).
     pub async fn open(p: &KmsParams) -> KmsResult<Arc<Kms>> {
+        Self::open_with(p, Some(OnRollback::Refuse)).await
+    }
+
+    /// Opens the store and the key hierarchy. `freshness`: check the audit chain against
+    /// this node's checkpoint and keep the checkpoint from now on (what to do when it is
+    /// stale), or `None` for read-only inspection (`caas audit ...`), which neither checks
+    /// nor moves the checkpoint.
+    pub async fn open_with(p: &KmsParams, freshness: Option<OnRollback>) -> KmsResult<Arc<Kms>> {
         let node = if p.create_node_key {
             NodeKey::load_or_create(&p.node_key_file)?
         } else {
             NodeKey::load(&p.node_key_file)?
         };
-        let signer = node.audit_signer()?;
+        let signer = Arc::new(node.audit_signer()?);
         let audit_public = signer.public_key();
         let records = node.record_authenticator()?;
-        let store = Store::open(&p.database, Arc::new(signer), Arc::new(records))
+        let store = Store::open(&p.database, signer.clone(), Arc::new(records))
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "cannot open store");
                 KmsError::Internal(format!("cannot open the database: {e}"))
             })?;
+        // Before anything of this process is appended to the chain.
+        let checkpoint = match freshness {
+            Some(on_rollback) => Some(
+                crate::checkpoint::attach(
+                    &store,
+                    crate::checkpoint::path_for(&p.node_key_file),
+                    signer,
+                    on_rollback,
+                )
+                .await?
+                .0,
+            ),
+            None => None,
+        };
         let keyring = Keyring::open(store.clone(), node)
             .await
             .map_err(|e| match e {
@@ -155,6 +181,7 @@ impl Kms {
             region: p.region.clone(),
             audit_public,
             domain_key_rotation: p.domain_key_rotation,
+            checkpoint,
             clock_offset_ms: AtomicI64::new(0),
             creds: RwLock::new(HashMap::new()),
         }))
@@ -163,6 +190,16 @@ impl Kms {
     /// The audit public key (raw Ed25519).
     pub fn audit_public_key(&self) -> &[u8] {
         &self.audit_public
+    }
+
+    /// Makes the audit checkpoint durable now (at shutdown; otherwise it is synced every
+    /// [`crate::checkpoint::SYNC_INTERVAL`]).
+    pub fn sync_audit_checkpoint(&self) {
+        if let Some(c) = &self.checkpoint
+            && let Err(e) = c.sync()
+        {
+            tracing::warn!(error = %e, "cannot sync the audit checkpoint");
+        }
     }
 
     /// Service clock in Unix milliseconds (tests may shift it with [`Kms::advance_clock`]).
@@ -520,7 +557,15 @@ impl Kms {
             key_id: ctx.key_id.clone(),
             result: result_code,
             request_id: ctx.request_id.clone(),
-            detail: Value::Object(ctx.detail.clone()).to_string(),
+            detail: {
+                // Which access key signed (CloudTrail's userIdentity.accessKeyId).
+                let mut d = ctx.detail.clone();
+                d.insert(
+                    crate::audit::ACCESS_KEY_FIELD.into(),
+                    Value::String(ctx.caller.access_key_id.clone()),
+                );
+                Value::Object(d).to_string()
+            },
         };
         let committed = self
             .store

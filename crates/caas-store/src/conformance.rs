@@ -711,6 +711,107 @@ pub(crate) async fn two_nodes_append_to_one_chain(h: &impl Harness) {
     }
 }
 
+/// Records every head the writer reports.
+#[derive(Default)]
+struct Heads(std::sync::Mutex<Vec<(u64, [u8; 32])>>);
+
+impl crate::HeadObserver for Heads {
+    fn committed(&self, seq: u64, hash: &[u8; 32]) {
+        self.0.lock().unwrap().push((seq, *hash));
+    }
+}
+
+async fn one(s: &Store, n: usize) -> Result<crate::CommitInfo, Error> {
+    s.commit(Batch {
+        writes: vec![],
+        audit: vec![entry("a", "Sign", Some("k"), n)],
+    })
+    .await
+}
+
+pub(crate) async fn anchor_observes_heads_and_follows_other_writers(h: &impl Harness) {
+    let s = six_records(h).await;
+    let (seq, hash) = s.audit_head().await.unwrap();
+    let heads = Arc::new(Heads::default());
+    s.anchor_audit(seq, hash, heads.clone());
+    one(&s, 7).await.unwrap();
+    let after = s.audit_head().await.unwrap();
+    assert_eq!(after.0, 7);
+    assert_eq!(heads.0.lock().unwrap().last().copied(), Some(after));
+    // Another node (store handle) appends: the anchored record is still in the chain.
+    let other = h.open().await;
+    one(&other, 8).await.unwrap();
+    one(&other, 9).await.unwrap();
+    one(&s, 10).await.unwrap();
+    assert_eq!(heads.0.lock().unwrap().last().unwrap().0, 10);
+    assert!(
+        s.audit_verify(&h.signer().verifier())
+            .await
+            .unwrap()
+            .is_ok()
+    );
+}
+
+pub(crate) async fn anchor_refuses_a_cut_tail(h: &impl Harness) {
+    let s = six_records(h).await;
+    let (seq, hash) = s.audit_head().await.unwrap();
+    let heads = Arc::new(Heads::default());
+    s.anchor_audit(seq, hash, heads.clone());
+    // The DBA deletes the last two records and points the head row at record 4.
+    let rec4 = s.audit_list(None, 3, 1).await.unwrap().remove(0);
+    h.raw(&format!(
+        "DELETE FROM audit_log WHERE seq > 4; UPDATE audit_head SET seq = 4, hash = {} WHERE id = 1",
+        h.blob(&rec4.hash)
+    ))
+    .await;
+    // The forged chain verifies on its own — only the anchor tells.
+    assert!(
+        s.audit_verify(&h.signer().verifier())
+            .await
+            .unwrap()
+            .is_ok()
+    );
+    let r = one(&s, 7).await;
+    assert!(
+        matches!(&r, Err(Error::Corrupt(m)) if m.contains("behind")),
+        "{r:?}"
+    );
+    assert_eq!(s.audit_head().await.unwrap().0, 4, "nothing appended");
+    assert!(heads.0.lock().unwrap().is_empty());
+}
+
+pub(crate) async fn anchor_refuses_a_rewritten_chain(h: &impl Harness) {
+    let s = six_records(h).await;
+    let rec3 = s.audit_list(None, 2, 1).await.unwrap().remove(0);
+    s.anchor_audit(3, rec3.hash, Arc::new(Heads::default()));
+    // The anchored record was replaced (a restored backup with other history).
+    h.raw(&format!(
+        "UPDATE audit_log SET hash = {} WHERE seq = 3",
+        h.blob(&[7u8; 32])
+    ))
+    .await;
+    let r = one(&s, 7).await;
+    assert!(
+        matches!(&r, Err(Error::Corrupt(m)) if m.contains("audit record 3")),
+        "{r:?}"
+    );
+    // The anchored record removed altogether.
+    h.raw("DELETE FROM audit_log WHERE seq = 3").await;
+    let r = one(&s, 8).await;
+    assert!(
+        matches!(&r, Err(Error::Corrupt(m)) if m.contains("missing")),
+        "{r:?}"
+    );
+    // Same seq as the head but another hash.
+    let (seq, _) = s.audit_head().await.unwrap();
+    s.anchor_audit(seq, [9u8; 32], Arc::new(Heads::default()));
+    let r = one(&s, 9).await;
+    assert!(
+        matches!(&r, Err(Error::Corrupt(m)) if m.contains("another hash")),
+        "{r:?}"
+    );
+}
+
 pub(crate) async fn backend_is_reported(h: &impl Harness) {
     let s = h.open().await;
     let want = if h.url().starts_with("postgres") {
@@ -1184,6 +1285,9 @@ suite!(
     two_nodes_append_to_one_chain,
     backend_is_reported,
     sigkill_loses_no_acknowledged_commit,
+    anchor_observes_heads_and_follows_other_writers,
+    anchor_refuses_a_cut_tail,
+    anchor_refuses_a_rewritten_chain,
     integrity_edited_body_is_refused,
     integrity_edited_rev_or_mac_is_refused,
     integrity_copied_row_is_refused,

@@ -28,6 +28,12 @@
 //! copied (to another account or id) or re-pointed row is refused; a deleted row, or an
 //! older version of a row put back with its old MAC, is not detected here (see
 //! ARCHITECTURE.md, Trust boundaries).
+//!
+//! Freshness: the database alone cannot prove that its tail was not cut or the whole file
+//! restored from an old backup. [`Store::anchor_audit`] gives the writer a chain head known
+//! from outside the database (the key service's signed checkpoint) and a [`HeadObserver`]
+//! told every new head after its durable commit; from then on the writer refuses to append
+//! (`Error::Corrupt`) after a head that is behind the anchor or does not contain it.
 
 mod audit;
 mod error;
@@ -51,6 +57,13 @@ use std::sync::{Arc, Mutex};
 pub trait AuditSigner: Send + Sync + 'static {
     /// Signs a record hash.
     fn sign(&self, hash: &[u8; 32]) -> Vec<u8>;
+}
+
+/// Told the new chain head after every durable group commit that moved it, before the
+/// callers of that group are answered (called on the writer; keep it short).
+pub trait HeadObserver: Send + Sync + 'static {
+    /// The chain now ends at record `seq` with hash `hash`.
+    fn committed(&self, seq: u64, hash: &[u8; 32]);
 }
 
 /// Which database a [`Store`] uses.
@@ -180,10 +193,53 @@ pub struct CommitStats {
     pub batches: u64,
 }
 
+/// State shared by a [`Store`] handle and its writer: group-commit counters and the audit
+/// anchor.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     transactions: std::sync::atomic::AtomicU64,
     batches: std::sync::atomic::AtomicU64,
+    anchor: std::sync::Mutex<Option<Anchor>>,
+}
+
+/// The last chain head this store's writer knows to be genuine, and whom to tell of new ones.
+struct Anchor {
+    head: audit::Head,
+    observer: Arc<dyn HeadObserver>,
+}
+
+impl std::fmt::Debug for Anchor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Anchor")
+            .field("seq", &self.head.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the writer must still check before appending after `start` (see
+/// [`Counters::anchor_check`]): the record at `seq` must have `hash`.
+pub(crate) struct AnchorProbe {
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+impl AnchorProbe {
+    /// Compares the stored hash of the probed record (None: no such record).
+    pub fn confirm(&self, stored: Option<&[u8]>) -> Result<(), Error> {
+        match stored {
+            Some(h) if h == self.hash => Ok(()),
+            Some(_) => Err(Error::Corrupt(format!(
+                "audit record {} no longer has the hash this node anchored: the database was \
+                 restored or rewritten; refusing to append",
+                self.seq
+            ))),
+            None => Err(Error::Corrupt(format!(
+                "audit record {} that this node anchored is missing: the chain's tail was cut; \
+                 refusing to append",
+                self.seq
+            ))),
+        }
+    }
 }
 
 impl Counters {
@@ -191,6 +247,57 @@ impl Counters {
         use std::sync::atomic::Ordering::Relaxed;
         self.transactions.fetch_add(1, Relaxed);
         self.batches.fetch_add(batches as u64, Relaxed);
+    }
+
+    /// Before a group transaction appends after `start` (the head read under the write
+    /// lock): refuses a head behind the anchor or beside it, and names the record to probe
+    /// when other writers moved the head since (None: nothing to probe).
+    pub(crate) fn anchor_check(&self, start: &audit::Head) -> Result<Option<AnchorProbe>, Error> {
+        let guard = self.anchor.lock().map_err(|_| Error::WriterStopped)?;
+        let Some(anchor) = guard.as_ref() else {
+            return Ok(None);
+        };
+        let a = anchor.head;
+        if start.seq < a.seq {
+            return Err(Error::Corrupt(format!(
+                "audit chain head {} is behind this node's anchored head {}: the tail was cut \
+                 or the database rolled back; refusing to append",
+                start.seq, a.seq
+            )));
+        }
+        if start.seq == a.seq {
+            return if start.hash == a.hash {
+                Ok(None)
+            } else {
+                Err(Error::Corrupt(format!(
+                    "audit chain head {} has another hash than this node anchored: the database \
+                     was restored or rewritten; refusing to append",
+                    a.seq
+                )))
+            };
+        }
+        if a.seq == 0 {
+            return Ok(None);
+        }
+        Ok(Some(AnchorProbe {
+            seq: a.seq,
+            hash: a.hash,
+        }))
+    }
+
+    /// After a durable commit that moved the chain to `head`: moves the anchor and tells
+    /// the observer.
+    pub(crate) fn anchor_advance(&self, head: &audit::Head) {
+        let observer = match self.anchor.lock() {
+            Ok(mut g) => g.as_mut().map(|a| {
+                a.head = *head;
+                a.observer.clone()
+            }),
+            Err(_) => None,
+        };
+        if let Some(o) = observer {
+            o.committed(head.seq, &head.hash);
+        }
     }
 }
 
@@ -448,6 +555,21 @@ impl Store {
             Inner::Postgres(s) => s.head().await?,
         };
         Ok((head.seq, head.hash))
+    }
+
+    /// Anchors this store's writer at the chain head `(seq, hash)`, known to be genuine from
+    /// outside the database (the caller checked it against its own signed checkpoint), and
+    /// registers `observer`, told every later head after its durable commit. From then on
+    /// a group commit that finds the head behind the anchor, or a chain that no longer holds
+    /// the anchored record, fails with `Error::Corrupt` instead of appending (a database
+    /// rolled back or restored under a running node is not silently continued).
+    pub fn anchor_audit(&self, seq: u64, hash: [u8; 32], observer: Arc<dyn HeadObserver>) {
+        if let Ok(mut g) = self.stats.anchor.lock() {
+            *g = Some(Anchor {
+                head: audit::Head { seq, hash },
+                observer,
+            });
+        }
     }
 
     /// Re-computes the whole chain up to the head at the time of the call: every hash, link,

@@ -156,6 +156,7 @@ struct WriterConn {
     insert_object: Statement,
     update_object: Statement,
     delete_object: Statement,
+    anchored_hash: Statement,
 }
 
 impl WriterConn {
@@ -201,6 +202,7 @@ impl WriterConn {
                 "DELETE FROM objects WHERE kind = $1 AND account = $2 AND id = $3".into(),
             )
             .await?,
+            anchored_hash: p("SELECT hash FROM audit_log WHERE seq = $1".into()).await?,
             client,
         })
     }
@@ -436,7 +438,7 @@ async fn writer_task(
         };
         let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
         stats.record(batches.len());
-        let results = match run_group(c, *start, &batches, &*signer, &*records).await {
+        let results = match run_group(c, *start, &batches, &*signer, &*records, &stats).await {
             Ok(results) => results,
             Err(e) => {
                 tracing::warn!(error = %e, batches = jobs.len(), "PostgreSQL group commit failed");
@@ -547,7 +549,18 @@ async fn run_group(
     batches: &[&Batch],
     signer: &dyn AuditSigner,
     records: &dyn RecordAuthenticator,
+    stats: &Counters,
 ) -> Result<Vec<Result<CommitInfo, Error>>, Error> {
+    if let Some(probe) = stats.anchor_check(&start)? {
+        let seq = seq_to_i64(probe.seq)?;
+        let row = c
+            .client
+            .query_opt(&c.anchored_hash, &[&seq])
+            .await
+            .map_err(pg("reading the anchored audit record"))?;
+        let stored: Option<Vec<u8>> = row.as_ref().map(|r| col(r, 0)).transpose()?;
+        probe.confirm(stored.as_deref())?;
+    }
     let mut head = start;
     let mut pending = PendingAudit::default();
     let single = batches.len() == 1;
@@ -622,6 +635,9 @@ async fn run_group(
         .batch_execute("COMMIT")
         .await
         .map_err(pg("committing"))?;
+    if head != start {
+        stats.anchor_advance(&head);
+    }
     Ok(results)
 }
 

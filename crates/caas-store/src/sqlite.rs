@@ -356,7 +356,7 @@ fn writer_loop(
         }
         let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
         stats.record(batches.len());
-        let results = match run_group(&conn, &batches, &*signer, &*records) {
+        let results = match run_group(&conn, &batches, &*signer, &*records, &stats) {
             Ok(results) => results,
             Err(e) => {
                 tracing::warn!(error = %e, batches = jobs.len(), "SQLite group commit failed");
@@ -409,10 +409,23 @@ fn run_group(
     batches: &[&Batch],
     signer: &dyn AuditSigner,
     records: &dyn RecordAuthenticator,
+    stats: &Counters,
 ) -> Result<Vec<Result<CommitInfo, Error>>, Error> {
     conn.execute_batch("BEGIN IMMEDIATE")
         .map_err(sq("beginning a write transaction"))?;
     let start = read_head(conn)?;
+    if let Some(probe) = stats.anchor_check(&start)? {
+        let stored: Option<Vec<u8>> = conn
+            .prepare_cached("SELECT hash FROM audit_log WHERE seq = ?1")
+            .and_then(|mut s| {
+                s.query_row(params![seq_to_i64(probe.seq).unwrap_or(i64::MAX)], |r| {
+                    r.get(0)
+                })
+                .optional()
+            })
+            .map_err(sq("reading the anchored audit record"))?;
+        probe.confirm(stored.as_deref())?;
+    }
     let mut head = start;
     let mut results = Vec::with_capacity(batches.len());
     for batch in batches {
@@ -446,6 +459,9 @@ fn run_group(
             .map_err(sq("moving the audit head"))?;
     }
     conn.execute_batch("COMMIT").map_err(sq("committing"))?;
+    if head != start {
+        stats.anchor_advance(&head);
+    }
     Ok(results)
 }
 

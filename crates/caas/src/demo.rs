@@ -200,6 +200,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             maintenance_secs: 60,
             hosts: args.hosts,
             attest_secs: 10,
+            accept_audit_rollback: false,
         })
         .await?;
     }

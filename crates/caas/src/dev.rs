@@ -1,7 +1,8 @@
 //! `caas dev`: the all-in-one local deployment in one data directory.
 //!
 //! Layout of DIR: `node.key` (0600, the node key — outside the database, as the docs say
-//! for dev mode), `kms.sqlite3` (the store), `dev.json` (0600: the dev tenant's account and
+//! for dev mode), `node.key.audit-checkpoint` (the signed audit-head checkpoint, see
+//! `caas_kms::checkpoint`), `kms.sqlite3` (the store), `dev.json` (0600: the dev tenant's account and
 //! access key), `env` (0600: shell `export` lines for every endpoint and credential, including
 //! the dev tenant's secret access key — dev mode only), `dev.pid`, `dev.log` (detached).
 //! Restarting on the same DIR keeps every key and the same credentials.
@@ -41,6 +42,10 @@ pub struct DevArgs {
     /// Seconds between continuous attestations of the dev hosts.
     #[arg(long, default_value_t = 10)]
     pub attest_secs: u64,
+    /// Start even though the audit chain is behind this node's checkpoint (a deliberate
+    /// database restore); the acceptance is itself audited.
+    #[arg(long)]
+    pub accept_audit_rollback: bool,
 }
 
 /// `caas dev` subcommands.
@@ -132,10 +137,12 @@ pub async fn run(args: DevArgs) -> Result<()> {
         tls: None,
         maintenance_interval: Duration::from_secs(args.maintenance_secs.max(1)),
     };
+    // The key service holds keys in this process: no core dumps, no ptrace (before any key).
+    crate::key_service::harden()?;
     std::fs::write(dir.join("dev.pid"), std::process::id().to_string())?;
     let _ = std::fs::remove_file(dir.join("env"));
     let result = async {
-        let bound = crate::key_service::bind(&params).await?;
+        let bound = crate::key_service::bind(&params, args.accept_audit_rollback).await?;
         // First start: the dev tenant and its access key; later starts reuse them.
         let mut vars = prepare_tenant(&bound.kms, &dir, bound.addr).await?;
         let mut attestation = match args.hosts {
@@ -352,6 +359,9 @@ async fn detach(dir: &Path, args: &DevArgs) -> Result<()> {
         .arg(args.hosts.to_string())
         .arg("--attest-secs")
         .arg(args.attest_secs.to_string());
+    if args.accept_audit_rollback {
+        cmd.arg("--accept-audit-rollback");
+    }
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);

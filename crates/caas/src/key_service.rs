@@ -1,5 +1,13 @@
 //! `caas key-service serve`, `caas admin ...` and `caas audit ...`.
+//!
+//! The serving process is hardened first ([`harden`]: non-dumpable, no core files) and
+//! refuses to start on an audit chain behind its node's checkpoint unless
+//! `--accept-audit-rollback` (audited; see `caas_kms::checkpoint`). `caas audit list`,
+//! `verify` (human summary or `--json`, non-zero exit on any failure, chain and checkpoint)
+//! and `export` (CloudTrail-style JSON lines) only read: they neither check nor move the
+//! checkpoint.
 use anyhow::{Context, Result, bail};
+use caas_kms::checkpoint::{self, Freshness, OnRollback};
 use caas_kms::config::{self, ServeParams};
 use caas_kms::{Kms, KmsParams};
 use clap::{Args, Subcommand};
@@ -55,6 +63,10 @@ pub enum KeyServiceCmd {
         /// Database URL (overrides the config).
         #[arg(long, env = "CAAS_DATABASE")]
         database: Option<String>,
+        /// Start even though the audit chain is behind this node's checkpoint (a deliberate
+        /// database restore); the acceptance is itself audited.
+        #[arg(long)]
+        accept_audit_rollback: bool,
     },
 }
 
@@ -120,11 +132,36 @@ pub enum AuditCmd {
         #[arg(long, default_value_t = 0)]
         after: u64,
     },
-    /// Verify the whole chain: hashes, links, sequence and signatures.
+    /// Verify the whole chain (hashes, links, sequence, signatures) and its freshness
+    /// against the node's signed checkpoint; exits non-zero on any failure.
     Verify {
         #[command(flatten)]
         store: StoreArgs,
+        /// The node's audit checkpoint (default: beside the node key file).
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
+    /// Write audit records as CloudTrail-style JSON lines (for a SIEM).
+    Export {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Only this account.
+        #[arg(long)]
+        account: Option<String>,
+        /// Records after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        since_seq: u64,
+    },
+}
+
+/// Process hygiene of the key service: not dumpable (no core file, no ptrace by the same
+/// user), RLIMIT_CORE 0 — the same routine as the crypto domain's.
+pub fn harden() -> Result<()> {
+    caas_crypto::hardening::forbid_core_dumps()
+        .map_err(|e| anyhow::anyhow!("cannot harden the key-service process: {e}"))
 }
 
 /// A key service that is bound but not yet serving.
@@ -137,9 +174,15 @@ pub struct Bound {
     pub addr: std::net::SocketAddr,
 }
 
-/// Opens the store and binds the listener.
-pub async fn bind(params: &ServeParams) -> Result<Bound> {
-    let kms = Kms::open(&params.kms)
+/// Opens the store (checking the audit chain against this node's checkpoint; see
+/// `caas_kms::checkpoint`) and binds the listener.
+pub async fn bind(params: &ServeParams, accept_audit_rollback: bool) -> Result<Bound> {
+    let on_rollback = if accept_audit_rollback {
+        OnRollback::Accept
+    } else {
+        OnRollback::Refuse
+    };
+    let kms = Kms::open_with(&params.kms, Some(on_rollback))
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let listener = tokio::net::TcpListener::bind(params.listen)
@@ -178,8 +221,11 @@ pub async fn serve(params: ServeParams, bound: Bound, extra: Option<axum::Router
         })
     };
     tracing::info!(%addr, tls = params.tls.is_some(), "key service listening");
-    caas_kms::server::serve(kms, listener, params.tls, extra, shutdown_signal()).await?;
+    let served =
+        caas_kms::server::serve(kms.clone(), listener, params.tls, extra, shutdown_signal()).await;
     maint.abort();
+    kms.sync_audit_checkpoint();
+    served?;
     tracing::info!("key service stopped");
     Ok(())
 }
@@ -204,7 +250,9 @@ pub async fn run_key_service(cmd: KeyServiceCmd) -> Result<()> {
             config,
             listen,
             database,
+            accept_audit_rollback,
         } => {
+            harden()?;
             let mut raw = config::load(&config).map_err(anyhow::Error::msg)?;
             if let Some(l) = listen {
                 raw.server.listen = Some(l);
@@ -213,7 +261,7 @@ pub async fn run_key_service(cmd: KeyServiceCmd) -> Result<()> {
                 raw.storage.database = Some(d);
             }
             let params = raw.validate().map_err(anyhow::Error::msg)?;
-            let bound = bind(&params).await?;
+            let bound = bind(&params, accept_audit_rollback).await?;
             println!("listening on {}", bound.addr);
             serve(params, bound, None).await
         }
@@ -222,6 +270,13 @@ pub async fn run_key_service(cmd: KeyServiceCmd) -> Result<()> {
 
 async fn open(store: &StoreArgs) -> Result<Arc<Kms>> {
     Kms::open(&store.params()?)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Read-only: neither checks nor moves the node's audit checkpoint.
+async fn inspect(params: &caas_kms::KmsParams) -> Result<Arc<Kms>> {
+    Kms::open_with(params, None)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
@@ -313,7 +368,7 @@ pub async fn run_audit(cmd: AuditCmd) -> Result<()> {
             limit,
             after,
         } => {
-            let kms = open(&store).await?;
+            let kms = inspect(&store.params()?).await?;
             let recs = kms
                 .store
                 .audit_list(account.as_deref(), after, limit)
@@ -332,18 +387,70 @@ pub async fn run_audit(cmd: AuditCmd) -> Result<()> {
                 );
             }
         }
-        AuditCmd::Verify { store } => {
-            let kms = open(&store).await?;
+        AuditCmd::Verify {
+            store,
+            checkpoint,
+            json,
+        } => {
+            let params = store.params()?;
+            let kms = inspect(&params).await?;
+            let cp_path = checkpoint.unwrap_or_else(|| checkpoint::path_for(&params.node_key_file));
             let pk = kms.audit_public_key().to_vec();
+            // Checkpoint first: a node committing meanwhile only moves the head forward.
+            let fresh = checkpoint::check(&kms.store, &cp_path, &pk)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             let report = kms
                 .store
                 .audit_verify(&|h, s| caas_kms::audit::verify_signature(&pk, h, s))
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            println!("{report:?}");
-            if !report.is_ok() {
-                bail!("audit chain verification FAILED");
+            let (head_seq, head_hash) = kms
+                .store
+                .audit_head()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let ok = report.is_ok() && fresh.is_ok();
+            if json {
+                println!(
+                    "{}",
+                    verify_json(&report, &fresh, &cp_path, head_seq, &head_hash, ok)
+                );
+            } else {
+                print!(
+                    "{}",
+                    verify_text(&report, &fresh, &cp_path, head_seq, &head_hash, ok)
+                );
             }
+            if !ok {
+                bail!("audit verification FAILED");
+            }
+        }
+        AuditCmd::Export {
+            store,
+            account,
+            since_seq,
+        } => {
+            use std::io::Write as _;
+            let kms = inspect(&store.params()?).await?;
+            let mut after = since_seq;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            loop {
+                let recs = kms
+                    .store
+                    .audit_list(account.as_deref(), after, 1000)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                for r in &recs {
+                    writeln!(out, "{}", caas_kms::audit::cloudtrail_event(r, &kms.region))?;
+                    after = r.seq;
+                }
+                if recs.len() < 1000 {
+                    break;
+                }
+            }
+            out.flush()?;
         }
     }
     Ok(())
@@ -351,4 +458,87 @@ pub async fn run_audit(cmd: AuditCmd) -> Result<()> {
 
 fn hex_str(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn freshness_json(fresh: &Freshness) -> serde_json::Value {
+    use serde_json::json;
+    match fresh {
+        Freshness::NoCheckpoint { .. } => json!({ "status": "none" }),
+        Freshness::Fresh { checkpoint, .. } => json!({
+            "status": "ok", "seq": checkpoint.seq, "hash": hex_str(&checkpoint.hash),
+            "time": caas_kms::audit::iso8601(checkpoint.time_ms),
+        }),
+        Freshness::Stale(r) => json!({
+            "status": "stale",
+            "seq": r.checkpoint.map(|c| c.seq),
+            "hash": r.checkpoint.map(|c| hex_str(&c.hash)),
+            "problem": r.to_string(),
+        }),
+    }
+}
+
+fn verify_json(
+    report: &caas_store::AuditVerifyReport,
+    fresh: &Freshness,
+    cp_path: &std::path::Path,
+    head_seq: u64,
+    head_hash: &[u8; 32],
+    ok: bool,
+) -> serde_json::Value {
+    let mut cp = freshness_json(fresh);
+    if let Some(m) = cp.as_object_mut() {
+        m.insert("file".into(), cp_path.display().to_string().into());
+    }
+    serde_json::json!({
+        "ok": ok,
+        "records_checked": report.checked,
+        "head": { "seq": head_seq, "hash": hex_str(head_hash) },
+        "checkpoint": cp,
+        "first_bad": report.first_bad.as_ref().map(|f| serde_json::json!({
+            "seq": f.seq, "reason": f.reason.to_string(),
+        })),
+    })
+}
+
+fn verify_text(
+    report: &caas_store::AuditVerifyReport,
+    fresh: &Freshness,
+    cp_path: &std::path::Path,
+    head_seq: u64,
+    head_hash: &[u8; 32],
+    ok: bool,
+) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "audit chain: {} record(s) checked, head {} ({})\n",
+        report.checked,
+        head_seq,
+        hex_str(head_hash)
+    ));
+    match &report.first_bad {
+        None => s.push_str("chain: ok (hashes, links, sequence, signatures, head row)\n"),
+        Some(f) => s.push_str(&format!(
+            "chain: FAILED at record {}: {}\n",
+            f.seq, f.reason
+        )),
+    }
+    match fresh {
+        Freshness::NoCheckpoint { .. } => s.push_str(&format!(
+            "checkpoint: none at {} (freshness not checked)\n",
+            cp_path.display()
+        )),
+        Freshness::Fresh { checkpoint, .. } => s.push_str(&format!(
+            "checkpoint: ok, record {} ({}) of {} is in the chain\n",
+            checkpoint.seq,
+            hex_str(&checkpoint.hash),
+            caas_kms::audit::iso8601(checkpoint.time_ms)
+        )),
+        Freshness::Stale(r) => s.push_str(&format!("checkpoint: FAILED: {r}\n")),
+    }
+    s.push_str(if ok {
+        "result: OK\n"
+    } else {
+        "result: FAILED\n"
+    });
+    s
 }
