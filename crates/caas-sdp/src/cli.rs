@@ -153,7 +153,8 @@ pub struct ServeArgs {
     pub tls_required: bool,
     /// Refuse to serve a volume whose epoch (the number of writable opens, from its
     /// authenticated state sector) is below N: the anchor against whole-volume rollback,
-    /// recorded by the caller from a previous run's "epoch N" log line.
+    /// recorded by the caller from a previous run's audit record
+    /// (`target=caas_sdp::audit event=volume_open epoch=N`, at log level info).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub min_epoch: u32,
     #[command(flatten)]
@@ -574,10 +575,6 @@ async fn serve_cmd(a: ServeArgs, provider: Option<Arc<dyn DataKeyProvider>>) -> 
         None => uri,
     };
     println!("serving {uri}");
-    if let Some(v) = &vol {
-        // The epoch an external anchor records (and passes back as --min-epoch).
-        println!("volume epoch {}", v.epoch());
-    }
     let cfg = ServerConfig {
         export_name: a.export_name.clone(),
         tls,

@@ -120,8 +120,10 @@ async fn flipping_any_byte_of_a_block_or_its_metadata_fails_exactly_that_block()
                 .filter(|o| o / SLOT_SIZE as u64 >= 3 || !superseded(o / SLOT_SIZE as u64))
                 .map(|o| entry + o),
         );
+        // 68 ciphertext positions, and at least the current 40-byte slot and the 8
+        // reserved bytes of the entry (block 5 has two superseded slots).
         assert!(
-            positions.len() >= 68 + 64,
+            positions.len() >= 68 + 48,
             "block {block}: only {} positions",
             positions.len()
         );
