@@ -27,7 +27,8 @@ pub enum VolumeCommand {
     /// Print the volume header.
     Info(InfoArgs),
     /// Re-encrypt a format v1 volume as format v2 (same key and header fields). Without
-    /// --out, the file is replaced atomically once the new volume is complete.
+    /// --out, the file is replaced atomically once the new volume is complete. (`serve`
+    /// does this by itself before serving a v1 volume file for writing.)
     Upgrade(UpgradeArgs),
 }
 
@@ -462,17 +463,32 @@ pub async fn import(a: &ImportArgs, key: &KeyInput) -> Result<(), Error> {
 /// under the writer lock throughout, so no proxy serves it meanwhile.
 pub async fn upgrade_file(a: &UpgradeArgs, key: &KeyInput) -> Result<(), Error> {
     let src = Store::open_file(&a.file, true, None)?;
+    let (path, new) = upgrade_locked(src, &a.file, a.out.as_deref(), key).await?;
+    println!(
+        "upgraded volume to format v2: {} (volume id {})",
+        path.display(),
+        hex::encode(new.volume_id)
+    );
+    Ok(())
+}
+
+/// [`upgrade_file`] with the source already open under the writer lock.
+async fn upgrade_locked(
+    src: Store,
+    file: &Path,
+    out: Option<&Path>,
+    key: &KeyInput,
+) -> Result<(PathBuf, caas_volume::Header), Error> {
     let (h, _) = engine::inspect(&src).await?;
-    let (out, replace) = match &a.out {
-        Some(o) => (o.clone(), false),
+    let (out, replace) = match out {
+        Some(o) => (o.to_path_buf(), false),
         None => {
-            let mut name = a
-                .file
+            let mut name = file
                 .file_name()
                 .ok_or_else(|| Error::Config("FILE has no file name".into()))?
                 .to_os_string();
             name.push(".upgrade-tmp");
-            (a.file.with_file_name(name), true)
+            (file.with_file_name(name), true)
         }
     };
     if out.exists() {
@@ -489,20 +505,15 @@ pub async fn upgrade_file(a: &UpgradeArgs, key: &KeyInput) -> Result<(), Error> 
     };
     drop(dst);
     if replace {
-        std::fs::rename(&out, &a.file).map_err(Error::io("replace the volume file"))?;
-        if let Some(dir) = a.file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::rename(&out, file).map_err(Error::io("replace the volume file"))?;
+        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::File::open(dir)
                 .and_then(|d| d.sync_all())
                 .map_err(Error::io("sync the volume directory"))?;
         }
     }
     drop(src);
-    println!(
-        "upgraded volume to format v2: {} (volume id {})",
-        if replace { &a.file } else { &out }.display(),
-        hex::encode(new.volume_id)
-    );
-    Ok(())
+    Ok((if replace { file.to_path_buf() } else { out }, new))
 }
 
 async fn serve_cmd(a: ServeArgs, provider: Option<Arc<dyn DataKeyProvider>>) -> Result<(), Error> {
@@ -517,7 +528,7 @@ async fn serve_cmd(a: ServeArgs, provider: Option<Arc<dyn DataKeyProvider>>) -> 
             return Err(Error::Config("--tls-cert and --tls-key go together".into()));
         }
     };
-    let store = open_store(&a.store, !a.read_only).await?;
+    let mut store = open_store(&a.store, !a.read_only).await?;
     let (backend, vol) = if a.plaintext {
         tracing::warn!(
             "serving PLAINTEXT passthrough: no encryption, no integrity (benchmark baseline)"
@@ -525,6 +536,16 @@ async fn serve_cmd(a: ServeArgs, provider: Option<Arc<dyn DataKeyProvider>>) -> 
         (Backend::plain(store).await?, None)
     } else {
         let key = key_input(&a.key, &provider)?;
+        // Automatic upgrade for writers: a format v1 volume file is re-encrypted as v2
+        // (into a temporary file that then replaces it) before it is served for writing.
+        if !a.read_only && engine::inspect(&store).await?.0.version == caas_volume::Version::V1 {
+            let Some(file) = &a.store.file else {
+                return Err(caas_volume::Error::V1ReadOnly.into());
+            };
+            eprintln!("upgrading format v1 volume {} to v2", file.display());
+            upgrade_locked(store, file, None, &key).await?;
+            store = open_store(&a.store, true).await?;
+        }
         let opts = OpenOptions {
             writable: !a.read_only,
             min_epoch: a.min_epoch,

@@ -28,8 +28,7 @@ use caas_crypto::SecretKey;
 use caas_volume::entry::{Entry, Slot, SlotKind, choose_target};
 use caas_volume::header::{Dbsp, Header, KeySource, STATE_OFFSET, State};
 use caas_volume::{
-    BLOCK_SIZE, DataKeyProvider, ENTRY_SIZE, HEADER_SIZE, Layout, Session, Version,
-    VolumeCipher,
+    BLOCK_SIZE, DataKeyProvider, ENTRY_SIZE, HEADER_SIZE, Layout, Session, Version, VolumeCipher,
 };
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -526,7 +525,11 @@ impl Volume {
     /// Reads the whole metadata area once. With `learn`, records every block's newest slot
     /// as current and committed. Returns the used slots whose epoch is later than `epoch`
     /// (block, slot, epoch; at most [`MAX_ROLLBACK_EVIDENCE`]).
-    async fn metadata_pass(&self, learn: bool, epoch: u32) -> Result<Vec<(u64, usize, u32)>, Error> {
+    async fn metadata_pass(
+        &self,
+        learn: bool,
+        epoch: u32,
+    ) -> Result<Vec<(u64, usize, u32)>, Error> {
         let mut later = Vec::new();
         let mut meta = Vec::new();
         let mut b0 = 0;
@@ -537,7 +540,8 @@ impl Volume {
                 .read_at(self.layout.entry_offset(b0), &mut meta)
                 .await?;
             for i in 0..n {
-                let e = Entry::decode_slice(&meta[i * ENTRY_SIZE..(i + 1) * ENTRY_SIZE], self.version);
+                let e =
+                    Entry::decode_slice(&meta[i * ENTRY_SIZE..(i + 1) * ENTRY_SIZE], self.version);
                 if learn && let Some(k) = e.newest() {
                     let k = k as u8;
                     self.state[b0 as usize + i].store(KNOWN | k | (k << 2), Ordering::SeqCst);

@@ -147,7 +147,11 @@ fn two_volumes_under_one_key_never_reuse_a_nonce() {
     files.push(("a after session 3", 'a', std::fs::read(&a).unwrap()));
     std::fs::write(&a, &snapshot).unwrap();
     write_session(d, &a, &key, &raws[3]);
-    files.push(("a after rollback and session 3'", 'a', std::fs::read(&a).unwrap()));
+    files.push((
+        "a after rollback and session 3'",
+        'a',
+        std::fs::read(&a).unwrap(),
+    ));
 
     // (key, nonce) -> (file, tag, where). A slot that persists into a later snapshot of
     // the same file (same key, nonce and tag) is one use; anything else is a repeat.
@@ -169,7 +173,11 @@ fn two_volumes_under_one_key_never_reuse_a_nonce() {
             }
         }
     }
-    assert!(seen.len() >= 5 * 64, "too few nonce uses collected: {}", seen.len());
+    assert!(
+        seen.len() >= 5 * 64,
+        "too few nonce uses collected: {}",
+        seen.len()
+    );
     // The same plaintext went into both volumes: their ciphertexts must still differ.
     let mut prefixes: HashMap<[u8; 16], String> = HashMap::new();
     for (name, letter, f) in &files {
@@ -277,7 +285,13 @@ async fn rolled_back_state_sector_is_detected() {
             }
         );
     }
-    serve_is_refused(&vol, &key, &[], "state sector rolled back", Some("state_rollback"));
+    serve_is_refused(
+        &vol,
+        &key,
+        &[],
+        "state sector rolled back",
+        Some("state_rollback"),
+    );
     serve_is_refused(
         &vol,
         &key,
@@ -292,7 +306,10 @@ async fn rolled_back_state_sector_is_detected() {
         .arg(&key)
         .output()
         .unwrap();
-    assert!(!check.status.success(), "check accepted a rolled-back state sector");
+    assert!(
+        !check.status.success(),
+        "check accepted a rolled-back state sector"
+    );
 
     // 2. An edited state sector (epoch raised, MAC kept; or a flipped MAC bit): refused.
     for at in [15usize, 500] {
@@ -303,7 +320,13 @@ async fn rolled_back_state_sector_is_detected() {
             open_err(&vol, &key, true, 0).await,
             caas_volume::Error::StateTampered
         );
-        serve_is_refused(&vol, &key, &[], "state sector authentication failed", Some("state_tampered"));
+        serve_is_refused(
+            &vol,
+            &key,
+            &[],
+            "state sector authentication failed",
+            Some("state_tampered"),
+        );
     }
     // 3. A state sector from another volume under the same key: refused.
     let other = d.join("o.caasvol");
@@ -328,7 +351,10 @@ async fn rolled_back_state_sector_is_detected() {
         .arg(&key)
         .arg("--out")
         .arg(&out));
-    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&raws[1]).unwrap());
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&raws[1]).unwrap()
+    );
 
     // 4. A whole-volume rollback to a consistent snapshot cannot be told from the volume
     // alone; with the epoch the caller anchored elsewhere (3, the last session's) it is.
@@ -352,7 +378,13 @@ async fn rolled_back_state_sector_is_detected() {
     let s = Server::start(
         d,
         "again",
-        &[vol.to_str().unwrap(), "--key-file", key.to_str().unwrap(), "--min-epoch", "2"],
+        &[
+            vol.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+            "--min-epoch",
+            "2",
+        ],
     );
     s.stop();
 }
@@ -372,8 +404,8 @@ fn v1_fixture_content() -> Vec<u8> {
         .collect()
 }
 
-#[test]
-fn v1_volume_upgrades_to_v2() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_volume_upgrades_to_v2() {
     require("nbdcopy", "libnbd-bin");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -402,11 +434,56 @@ fn v1_volume_upgrades_to_v2() {
             .arg("--key-file")
             .arg(&key))
     };
-    // v1 stays readable (read-only) and is never written as v1.
+    // v1 stays readable (export, read-only serve) and is never written as v1.
     assert!(info(&vol).contains("caas volume v1"), "{}", info(&vol));
     assert_eq!(export(&vol), expect);
-    serve_is_refused(&vol, &key, &[], "format v1 volume", None);
-    assert_eq!(std::fs::read(&vol).unwrap(), std::fs::read(&fixture).unwrap());
+    let s = Server::start(
+        d,
+        "ro",
+        &[
+            vol.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+            "--read-only",
+        ],
+    );
+    let got = d.join("got.raw");
+    run(Proc::new("nbdcopy").arg(s.uri()).arg(&got));
+    s.stop();
+    assert_eq!(std::fs::read(&got).unwrap(), expect);
+    {
+        use caas_sdp::engine::{KeyInput, Volume};
+        let k = KeyInput::Raw(std::sync::Arc::new(
+            caas_volume::keys::read_key_file(&key).unwrap(),
+        ));
+        let store = caas_sdp::Store::open_file(&vol, true, None).unwrap();
+        let r = Volume::open(store, &k, true).await;
+        assert!(
+            matches!(
+                r,
+                Err(caas_sdp::Error::Volume(caas_volume::Error::V1ReadOnly))
+            ),
+            "{r:?}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(&vol).unwrap(),
+        std::fs::read(&fixture).unwrap()
+    );
+
+    // Automatic upgrade: serving a v1 volume file for writing upgrades it first.
+    let auto = d.join("auto.caasvol");
+    std::fs::copy(&fixture, &auto).unwrap();
+    let s = Server::start(
+        d,
+        "auto",
+        &[auto.to_str().unwrap(), "--key-file", key.to_str().unwrap()],
+    );
+    run(Proc::new("nbdcopy").arg(s.uri()).arg(&got));
+    assert_eq!(std::fs::read(&got).unwrap(), expect);
+    s.stop();
+    assert_eq!(std::fs::read(&auto).unwrap()[9], 2, "not upgraded");
+    assert_eq!(export(&auto), expect);
 
     // A damaged v1 volume does not upgrade, and the original stays as it was.
     let damaged = d.join("damaged.caasvol");
@@ -434,7 +511,10 @@ fn v1_volume_upgrades_to_v2() {
         .arg(&copy)
         .arg("--key-file")
         .arg(&key));
-    assert_eq!(std::fs::read(&vol).unwrap(), std::fs::read(&fixture).unwrap());
+    assert_eq!(
+        std::fs::read(&vol).unwrap(),
+        std::fs::read(&fixture).unwrap()
+    );
     assert_eq!(export(&copy), expect);
     let up = run(Proc::new(BIN)
         .arg("upgrade")
@@ -446,11 +526,22 @@ fn v1_volume_upgrades_to_v2() {
     assert_eq!(u16::from_be_bytes([v2[8], v2[9]]), 2);
     assert_eq!(v2.len(), bytes.len(), "same layout and size");
     let i = info(&vol);
-    assert!(i.contains("caas volume v2") && i.contains("state sector MAC"), "{i}");
+    assert!(
+        i.contains("caas volume v2") && i.contains("state sector MAC"),
+        "{i}"
+    );
     assert_eq!(export(&vol), expect);
-    run(Proc::new(BIN).arg("check").arg(&vol).arg("--key-file").arg(&key));
+    run(Proc::new(BIN)
+        .arg("check")
+        .arg(&vol)
+        .arg("--key-file")
+        .arg(&key));
     // Only v2 uses remain: no fixed-nonce GMAC under the data key, no v1 slot.
-    assert!(aead_uses(&v2).iter().all(|((k, _), _)| *k != KeyName::DataKey));
+    assert!(
+        aead_uses(&v2)
+            .iter()
+            .all(|((k, _), _)| *k != KeyName::DataKey)
+    );
     // A second upgrade is refused; the upgraded volume is writable.
     let again = Proc::new(BIN)
         .arg("upgrade")

@@ -90,7 +90,9 @@ fn current_slot(path: &Path, layout: &Layout, block: u64) -> usize {
     let f = std::fs::File::open(path).unwrap();
     let mut e = [0u8; ENTRY_SIZE];
     f.read_exact_at(&mut e, layout.entry_offset(block)).unwrap();
-    caas_volume::Entry::decode(&e, Version::V2).newest().unwrap()
+    caas_volume::Entry::decode(&e, Version::V2)
+        .newest()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -312,7 +312,12 @@ impl VolumeCipher {
 
     /// Decrypts block `index` in place if `slot` authenticates it. On failure `buf` holds
     /// unspecified bytes (never returned to anyone): re-read the ciphertext to retry.
-    pub fn open_block_in_place(&self, index: u64, slot: &Slot, buf: &mut [u8]) -> Result<(), Error> {
+    pub fn open_block_in_place(
+        &self,
+        index: u64,
+        slot: &Slot,
+        buf: &mut [u8],
+    ) -> Result<(), Error> {
         if slot.kind != SlotKind::Data {
             return Err(Error::BlockAuth { index });
         }
@@ -516,7 +521,10 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         c.seal_block(&b, 0, 1, &mut y)
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_ne!(x, y, "same epoch, block, counter and plaintext: other keystream");
+        assert_ne!(
+            x, y,
+            "same epoch, block, counter and plaintext: other keystream"
+        );
     }
 
     #[test]

@@ -110,9 +110,7 @@ impl Slot {
         };
         match kind {
             SlotKind::Empty if slot != Slot::EMPTY => None,
-            SlotKind::Data | SlotKind::Zero
-                if counter == 0 || (v == Version::V2 && epoch == 0) =>
-            {
+            SlotKind::Data | SlotKind::Zero if counter == 0 || (v == Version::V2 && epoch == 0) => {
                 None
             }
             _ => Some(slot),

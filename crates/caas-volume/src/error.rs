@@ -63,7 +63,9 @@ pub enum Error {
     },
     /// The volume's epoch is behind the one the caller knows it reached (an external
     /// anchor): the whole volume was rolled back to an older snapshot.
-    #[error("volume epoch {epoch} is behind the expected epoch {expected}: the volume was rolled back")]
+    #[error(
+        "volume epoch {epoch} is behind the expected epoch {expected}: the volume was rolled back"
+    )]
     EpochBehind {
         /// Epoch in the state sector.
         epoch: u32,

@@ -448,10 +448,7 @@ mod tests {
         assert_eq!(h2.verify(&cipher(1)), Ok(()));
         assert_eq!(h2.verify_state(&cipher(1), &st2), Ok(()));
         assert_eq!(h2.verify(&cipher(2)), Err(Error::WrongKey));
-        assert_eq!(
-            h2.verify_state(&cipher(2), &st2),
-            Err(Error::StateTampered)
-        );
+        assert_eq!(h2.verify_state(&cipher(2), &st2), Err(Error::StateTampered));
     }
 
     #[test]
@@ -470,9 +467,7 @@ mod tests {
     fn every_state_byte_is_authenticated_or_rejected() {
         let h = sample();
         let c = cipher(1);
-        let st = h
-            .seal_state(&c, false, 5)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let st = h.seal_state(&c, false, 5).unwrap_or_else(|e| panic!("{e}"));
         let b = h.encode(&st);
         for i in STATE_OFFSET..HEADER_SIZE {
             let mut t = b.clone();
@@ -507,7 +502,10 @@ mod tests {
         assert_eq!(Header::decode(&b2).err(), Some(Error::BadMagic));
         let mut b3 = b.clone();
         b3[9] = 3;
-        assert_eq!(Header::decode(&b3).err(), Some(Error::UnsupportedVersion(3)));
+        assert_eq!(
+            Header::decode(&b3).err(),
+            Some(Error::UnsupportedVersion(3))
+        );
     }
 
     #[test]
