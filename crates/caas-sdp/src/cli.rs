@@ -492,9 +492,17 @@ async fn upgrade_locked(
         }
     };
     if out.exists() {
-        return Err(Error::Config(format!("{} already exists", out.display())));
+        if !replace {
+            return Err(Error::Config(format!("{} already exists", out.display())));
+        }
+        // Left by an interrupted upgrade of this file (we hold its writer lock): restart.
+        std::fs::remove_file(&out).map_err(Error::io("remove an interrupted upgrade"))?;
     }
     let dst = Store::open_file(&out, true, Some(h.layout.store_len()))?;
+    if let Ok(m) = std::fs::metadata(file) {
+        std::fs::set_permissions(&out, m.permissions())
+            .map_err(Error::io("copy the volume file's permissions"))?;
+    }
     let r = engine::upgrade(src.clone(), &dst, key, false).await;
     let new = match r {
         Ok(n) => n,

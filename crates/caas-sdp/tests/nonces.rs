@@ -516,12 +516,15 @@ async fn v1_volume_upgrades_to_v2() {
         std::fs::read(&fixture).unwrap()
     );
     assert_eq!(export(&copy), expect);
+    // A temporary file left by an interrupted upgrade does not block the next one.
+    std::fs::write(d.join("v1.caasvol.upgrade-tmp"), b"partial").unwrap();
     let up = run(Proc::new(BIN)
         .arg("upgrade")
         .arg(&vol)
         .arg("--key-file")
         .arg(&key));
     assert!(up.contains("upgraded volume to format v2"), "{up}");
+    assert!(!d.join("v1.caasvol.upgrade-tmp").exists());
     let v2 = std::fs::read(&vol).unwrap();
     assert_eq!(u16::from_be_bytes([v2[8], v2[9]]), 2);
     assert_eq!(v2.len(), bytes.len(), "same layout and size");

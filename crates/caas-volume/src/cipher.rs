@@ -25,7 +25,7 @@ use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use aws_lc_rs::hmac;
 use caas_crypto::SecretKey;
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 /// Domain separation for v1 block associated data.
 const BLOCK_AAD_V1: &[u8; 8] = b"CAASBLK1";
@@ -88,6 +88,8 @@ pub struct VolumeCipher {
     v1_key: Option<LessSafeKey>,
     header_mac: Option<hmac::Key>,
     state_mac: Option<hmac::Key>,
+    /// The first session key derived (a writer's own session): looked up without a lock.
+    primary: OnceLock<(SessionId, Arc<LessSafeKey>)>,
     sessions: RwLock<HashMap<SessionId, Arc<LessSafeKey>>>,
 }
 
@@ -118,6 +120,7 @@ impl VolumeCipher {
             v1_key: None,
             header_mac: None,
             state_mac: None,
+            primary: OnceLock::new(),
             sessions: RwLock::new(HashMap::new()),
         };
         let hk = c.derive(LABEL_HEADER, &[])?;
@@ -137,6 +140,7 @@ impl VolumeCipher {
             v1_key: Some(gcm_key(key.expose())?),
             header_mac: None,
             state_mac: None,
+            primary: OnceLock::new(),
             sessions: RwLock::new(HashMap::new()),
         })
     }
@@ -182,6 +186,7 @@ impl VolumeCipher {
         }
         let k = self.derive(LABEL_BLOCK, &Self::session_context(id))?;
         let key = Arc::new(gcm_key(k.expose())?);
+        let _ = self.primary.set((*id, key.clone()));
         if let Ok(mut m) = self.sessions.write()
             && m.len() < MAX_CACHED_SESSIONS
         {
@@ -212,6 +217,11 @@ impl VolumeCipher {
         match self.version {
             Version::V1 => self.v1_key.as_ref().map(f).ok_or(Error::Crypto),
             Version::V2 => {
+                if let Some((id, k)) = self.primary.get()
+                    && *id == slot.session
+                {
+                    return Ok(f(k));
+                }
                 if let Ok(m) = self.sessions.read()
                     && let Some(k) = m.get(&slot.session)
                 {
