@@ -155,7 +155,8 @@ fn two_volumes_under_one_key_never_reuse_a_nonce() {
 
     // (key, nonce) -> (file, tag, where). A slot that persists into a later snapshot of
     // the same file (same key, nonce and tag) is one use; anything else is a repeat.
-    let mut seen: HashMap<(KeyName, [u8; 12]), (char, Vec<u8>, String)> = HashMap::new();
+    type Use = (KeyName, [u8; 12]);
+    let mut seen: HashMap<Use, (char, Vec<u8>, String)> = HashMap::new();
     for (name, letter, f) in &files {
         for (u, what) in aead_uses(f) {
             let tag = slot_tag(f, &what);
