@@ -27,8 +27,11 @@
 # a/b: seqwrite 0.72 vs 0.72, seqread 0.98 vs 0.76, randread 0.95 vs 0.86, randwrite 0.87
 # vs 0.89. Run-to-run swings of one binary (±30 %) exceed every difference; the data path
 # does the same work per block in both (v2 drops v1's state-sector write every 2^24
-# counters), and `cargo run --release -p caas-volume --example gcm_speed` shows the same
-# seal/open throughput for both.
+# counters). In-process, without NBD (`cargo run --release -p caas-sdp --example
+# engine_speed`, 256 KiB requests, 256 MiB volume in /dev/shm, load ~3), four runs each,
+# alternating: write MB/s v1 2733 2542 2921 2189 (mean 2596) v2 2864 2805 2732 2985 (mean
+# 2847); read MB/s v1 3087 3224 3237 2612 (mean 3040) v2 3224 3073 3071 3473 (mean 3210):
+# no regression.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MB=${SIZE_MB:-1024}
