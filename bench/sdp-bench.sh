@@ -13,6 +13,25 @@
 # Each figure is the best of REPEAT runs (the machine is shared; the best run is the one
 # least disturbed by other load).
 # Needs: nbdkit, nbdcopy (libnbd-bin), fio, qemu-img (qemu-utils), python3.
+#
+# Volume format v2 (issue 12: per-session keys, authenticated state sector), before/after,
+# same machine (2 CPUs shared with other builds, load 8-18), run back to back, v1 binary
+# (main 437258f) and v2 binary alternating, each with
+#   CAAS_VOLUME=<binary> SIZE_MB=1024 FIO_SECONDS=10 REPEAT=2 bench/sdp-bench.sh
+# column a (caas encrypted), four runs each:
+#   seqwrite MB/s  v1 562 511 517 603 (mean 548)  v2 516 498 440 516 (mean 493)
+#   seqread  MB/s  v1 567 928 978 826 (mean 825)  v2 601 676 800 1098 (mean 794)
+#   randread IOPS  v1 71649 63071 73306 52455 (mean 65120)  v2 70747 70889 68073 55417 (mean 66282)
+#   randwrite IOPS v1 65327 66349 64765 45393 (mean 60459)  v2 68098 60998 67422 59065 (mean 63896)
+# Normalised by column b of the same run (plaintext passthrough, same server code), mean
+# a/b: seqwrite 0.72 vs 0.72, seqread 0.98 vs 0.76, randread 0.95 vs 0.86, randwrite 0.87
+# vs 0.89. Run-to-run swings of one binary (±30 %) exceed every difference; the data path
+# does the same work per block in both (v2 drops v1's state-sector write every 2^24
+# counters). In-process, without NBD (`cargo run --release -p caas-sdp --example
+# engine_speed`, 256 KiB requests, 256 MiB volume in /dev/shm, load ~3), four runs each,
+# alternating: write MB/s v1 2733 2542 2921 2189 (mean 2596) v2 2864 2805 2732 2985 (mean
+# 2847); read MB/s v1 3087 3224 3237 2612 (mean 3040) v2 3224 3073 3071 3473 (mean 3210):
+# no regression.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MB=${SIZE_MB:-1024}

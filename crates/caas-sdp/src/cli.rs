@@ -1,7 +1,8 @@
-//! `caas volume ...`: create, import, export, serve, check and inspect encrypted volumes.
+//! `caas volume ...`: create, import, export, serve, check, inspect and upgrade encrypted
+//! volumes.
 //! The lead wires [`VolumeCommand`] into the `caas` binary and calls [`run`].
 use crate::Error;
-use crate::engine::{self, Backend, KeyInput, Volume};
+use crate::engine::{self, Backend, KeyInput, OpenOptions, Volume};
 use crate::server::{self, Listen, Listener, ServerConfig};
 use crate::store::Store;
 use caas_volume::header::{Dbsp, KeySource};
@@ -25,6 +26,10 @@ pub enum VolumeCommand {
     Check(CheckArgs),
     /// Print the volume header.
     Info(InfoArgs),
+    /// Re-encrypt a format v1 volume as format v2 (same key and header fields). Without
+    /// --out, the file is replaced atomically once the new volume is complete. (`serve`
+    /// does this by itself before serving a v1 volume file for writing.)
+    Upgrade(UpgradeArgs),
 }
 
 /// Key source options.
@@ -163,6 +168,24 @@ pub struct ServeArgs {
     /// is optional.
     #[arg(long, requires = "tls_cert")]
     pub tls_required: bool,
+    /// Refuse to serve a volume whose epoch (the number of writable opens, from its
+    /// authenticated state sector) is below N: the anchor against whole-volume rollback,
+    /// recorded by the caller from a previous run's audit record
+    /// (`target=caas_sdp::audit event=volume_open epoch=N`, at log level info).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub min_epoch: u32,
+    #[command(flatten)]
+    pub key: KeyArgs,
+}
+
+/// `caas volume upgrade`.
+#[derive(Debug, clap::Args)]
+pub struct UpgradeArgs {
+    /// The format v1 volume file.
+    pub file: PathBuf,
+    /// Write the v2 volume here and keep FILE (default: replace FILE).
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
     #[command(flatten)]
     pub key: KeyArgs,
 }
@@ -366,13 +389,22 @@ pub async fn run_hardened(
             }
             Ok(())
         }
+        VolumeCommand::Upgrade(a) => upgrade_file(&a, &key_input(&a.key, &provider)?).await,
         VolumeCommand::Info(a) => {
             let store = open_store(&a.store, false).await?;
             let (h, st) = engine::inspect(&store).await?;
             println!(
-                "format:            caas volume v1, AES-256-GCM per 4 KiB block, 3-slot metadata"
+                "format:            caas volume v{}, AES-256-GCM per 4 KiB block, 3-slot metadata{}",
+                h.version.number(),
+                match h.version {
+                    caas_volume::Version::V1 => " (read-only: run `caas volume upgrade`)",
+                    caas_volume::Version::V2 => ", per-session keys",
+                }
             );
             println!("volume id:         {}", hex::encode(h.volume_id));
+            if h.version == caas_volume::Version::V2 {
+                println!("volume salt:       {}", hex::encode(h.salt));
+            }
             println!(
                 "size:              {} bytes ({} blocks)",
                 h.layout.size, h.layout.blocks
@@ -405,11 +437,31 @@ pub async fn run_hardened(
                     "clean"
                 }
             );
-            println!("nonce reserved:    {}", st.nonce_reserved);
+            match h.version {
+                caas_volume::Version::V1 => {
+                    println!("nonce reserved:    {}", st.nonce_reserved)
+                }
+                caas_volume::Version::V2 => println!(
+                    "epoch:             {} (state sector MAC {})",
+                    st.epoch,
+                    if a.key.key_file.is_some() || provider.is_some() {
+                        "checked below"
+                    } else {
+                        "not checked without the key"
+                    }
+                ),
+            }
             if a.key.key_file.is_some() || provider.is_some() {
                 let key = key_input(&a.key, &provider)?;
                 Volume::open(store, &key, false).await?;
-                println!("key:               verified (key check value and header tag match)");
+                println!(
+                    "key:               verified (key check value, header tag{} match)",
+                    if h.version == caas_volume::Version::V2 {
+                        ", state sector MAC"
+                    } else {
+                        ""
+                    }
+                );
             }
             Ok(())
         }
@@ -453,6 +505,72 @@ pub async fn import(a: &ImportArgs, key: &KeyInput) -> Result<(), Error> {
     Ok(())
 }
 
+/// `caas volume upgrade`: re-encrypts a v1 volume file as v2, into `--out` or (default)
+/// into a temporary file next to it that then atomically replaces it. The source is held
+/// under the writer lock throughout, so no proxy serves it meanwhile.
+pub async fn upgrade_file(a: &UpgradeArgs, key: &KeyInput) -> Result<(), Error> {
+    let src = Store::open_file(&a.file, true, None)?;
+    let (path, new) = upgrade_locked(src, &a.file, a.out.as_deref(), key).await?;
+    println!(
+        "upgraded volume to format v2: {} (volume id {})",
+        path.display(),
+        hex::encode(new.volume_id)
+    );
+    Ok(())
+}
+
+/// [`upgrade_file`] with the source already open under the writer lock.
+async fn upgrade_locked(
+    src: Store,
+    file: &Path,
+    out: Option<&Path>,
+    key: &KeyInput,
+) -> Result<(PathBuf, caas_volume::Header), Error> {
+    let (h, _) = engine::inspect(&src).await?;
+    let (out, replace) = match out {
+        Some(o) => (o.to_path_buf(), false),
+        None => {
+            let mut name = file
+                .file_name()
+                .ok_or_else(|| Error::Config("FILE has no file name".into()))?
+                .to_os_string();
+            name.push(".upgrade-tmp");
+            (file.with_file_name(name), true)
+        }
+    };
+    if out.exists() {
+        if !replace {
+            return Err(Error::Config(format!("{} already exists", out.display())));
+        }
+        // Left by an interrupted upgrade of this file (we hold its writer lock): restart.
+        std::fs::remove_file(&out).map_err(Error::io("remove an interrupted upgrade"))?;
+    }
+    let dst = Store::open_file(&out, true, Some(h.layout.store_len()))?;
+    if let Ok(m) = std::fs::metadata(file) {
+        std::fs::set_permissions(&out, m.permissions())
+            .map_err(Error::io("copy the volume file's permissions"))?;
+    }
+    let r = engine::upgrade(src.clone(), &dst, key, false).await;
+    let new = match r {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_file(&out);
+            return Err(e);
+        }
+    };
+    drop(dst);
+    if replace {
+        std::fs::rename(&out, file).map_err(Error::io("replace the volume file"))?;
+        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(Error::io("sync the volume directory"))?;
+        }
+    }
+    drop(src);
+    Ok((if replace { file.to_path_buf() } else { out }, new))
+}
+
 async fn serve_cmd(
     a: ServeArgs,
     provider: Option<Arc<dyn DataKeyProvider>>,
@@ -487,11 +605,25 @@ async fn serve_cmd(
     };
     // The store and the key (a pipe from the host agent) are opened with the privileges
     // the proxy was started with, then it switches to its workload's identity for good.
-    let store = open_store(&a.store, !a.read_only).await?;
+    let mut store = open_store(&a.store, !a.read_only).await?;
     let key = match a.plaintext {
         true => None,
         false => Some(key_input(&a.key, &provider)?),
     };
+    // Automatic upgrade for writers: a format v1 volume file is re-encrypted as v2 (into a
+    // temporary file that then replaces it) before it is served for writing — still with
+    // the privileges the volume file needs.
+    if let Some(key) = &key
+        && !a.read_only
+        && engine::inspect(&store).await?.0.version == caas_volume::Version::V1
+    {
+        let Some(file) = &a.store.file else {
+            return Err(caas_volume::Error::V1ReadOnly.into());
+        };
+        eprintln!("upgrading format v1 volume {} to v2", file.display());
+        upgrade_locked(store, file, None, key).await?;
+        store = open_store(&a.store, true).await?;
+    }
     if let (Some((uid, gid)), Some(drop_to)) = (a.run_as, hardening.drop_to) {
         drop_to(uid, gid).map_err(|e| Error::Config(format!("--run-as {uid}:{gid}: {e}")))?;
     }
@@ -503,7 +635,19 @@ async fn serve_cmd(
             (Backend::plain(store).await?, None)
         }
         Some(key) => {
-            let (vol, report) = Volume::open(store, &key, !a.read_only).await?;
+            let opts = OpenOptions {
+                writable: !a.read_only,
+                min_epoch: a.min_epoch,
+            };
+            let (vol, report) = Volume::open_with(store, &key, opts).await?;
+            tracing::info!(
+                target: "caas_sdp::audit",
+                event = "volume_open",
+                epoch = vol.epoch(),
+                writable = !a.read_only,
+                "volume opened at epoch {}",
+                vol.epoch()
+            );
             if let Some(r) = report {
                 eprintln!(
                     "recovered after unclean shutdown: {} interrupted writes repaired, {} bad blocks",

@@ -4,21 +4,31 @@
 //!
 //! 1. a write picks, per block, a slot that holds neither the block's current version
 //!    nor its last flushed version ([`caas_volume::entry::choose_target`]);
-//! 2. it seals the block under a fresh nonce (reserved counter ‖ session salt), writes the
-//!    metadata entries first and the ciphertext second, then records the new current slot;
+//! 2. it seals the block under the session's key with a fresh nonce (epoch ‖ session
+//!    counter), writes the metadata entries first and the ciphertext second, then records
+//!    the new current slot;
 //! 3. a read tries the slots newest first: after a crash between the two writes the
 //!    previous version still authenticates;
 //! 4. FLUSH syncs the store and only then marks the written slots as committed;
 //! 5. opening a volume whose dirty flag is set runs recovery, which clears slots newer
 //!    than the version actually on disk, so the invariant "newest slot = content" holds.
+//!
+//! Sessions and rollback (format v2): every open checks the state sector's MAC, refuses a
+//! state epoch below the caller's anchor (`OpenOptions::min_epoch`), and reads the whole
+//! metadata area once: an authenticated slot written in an epoch later than the state
+//! sector's proves that storage restored an old state sector (mix-and-match rollback) and
+//! the open is refused with an audit record. A writable open then starts a new session:
+//! epoch + 1 is written (authenticated, synced) before any block, and the session's key is
+//! derived from the epoch and a fresh random session salt, so even a whole-volume rollback
+//! (undetectable without an external anchor) never makes a (key, nonce) pair recur.
+//! Format v1 volumes open read-only.
 use crate::Error;
 use crate::store::Store;
 use caas_crypto::SecretKey;
-use caas_volume::cipher::block_nonce;
 use caas_volume::entry::{Entry, Slot, SlotKind, choose_target};
 use caas_volume::header::{Dbsp, Header, KeySource, STATE_OFFSET, State};
 use caas_volume::{
-    BLOCK_SIZE, DataKeyProvider, ENTRY_SIZE, HEADER_SIZE, Layout, SLOT_SIZE, VolumeCipher,
+    BLOCK_SIZE, DataKeyProvider, ENTRY_SIZE, HEADER_SIZE, Layout, Session, Version, VolumeCipher,
 };
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,8 +37,9 @@ const BS: usize = BLOCK_SIZE;
 const BSU: u64 = BLOCK_SIZE as u64;
 /// Lock stripes (block index modulo this).
 const STRIPES: usize = 1024;
-/// Counters reserved per header update.
-const RESERVE_STEP: u64 = 1 << 24;
+/// Slots with an epoch later than the state sector's that are checked for authenticity
+/// at open (evidence of a rolled-back state sector).
+const MAX_ROLLBACK_EVIDENCE: usize = 1024;
 /// Blocks per chunk in scans, creation and large zeroing.
 const CHUNK_BLOCKS: u64 = 2048;
 /// Learn all blocks' slot state at open when the metadata area is at most this big
@@ -53,6 +64,16 @@ impl std::fmt::Debug for KeyInput {
             KeyInput::Provider(_) => f.write_str("KeyInput::Provider"),
         }
     }
+}
+
+/// How to open a volume.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Open for writing (starts a new session: the epoch is incremented).
+    pub writable: bool,
+    /// Refuse a volume whose state-sector epoch is below this (an epoch the caller
+    /// recorded elsewhere — the anchor against whole-volume rollback). 0: no anchor.
+    pub min_epoch: u32,
 }
 
 /// Result of a recovery or check scan.
@@ -128,10 +149,14 @@ pub struct Volume {
     header: Header,
     layout: Layout,
     writable: bool,
-    salt: u32,
+    version: Version,
+    /// The writing session (writable v2 opens only).
+    session: Option<Session>,
+    /// The session's epoch (writable) or the state sector's (read-only).
+    epoch: u32,
+    /// Next counter of the session (counters restart at 1 in every session: the session
+    /// key is new).
     counter: AtomicU64,
-    reserved: AtomicU64,
-    reserve_lock: tokio::sync::Mutex<()>,
     stripes: Box<[tokio::sync::Mutex<()>]>,
     state: Box<[AtomicU8]>,
     dirty: Mutex<Vec<(u64, u8)>>,
@@ -145,6 +170,8 @@ impl std::fmt::Debug for Volume {
             .field("store", &self.store.describe())
             .field("size", &self.layout.size)
             .field("writable", &self.writable)
+            .field("version", &self.version)
+            .field("epoch", &self.epoch)
             .finish_non_exhaustive()
     }
 }
@@ -155,19 +182,38 @@ async fn read_header(store: &Store) -> Result<(Header, State), Error> {
     Ok(Header::decode(&hb)?)
 }
 
+fn data_key(header: &Header, key: &KeyInput) -> Result<SecretKey, Error> {
+    match (key, &header.key_source) {
+        (KeyInput::Raw(k), _) => Ok((**k).clone()),
+        (KeyInput::Provider(p), KeySource::Wrapped(blob)) => Ok(p.unwrap(blob)?),
+        (KeyInput::Provider(_), KeySource::External) => Err(Error::Config(
+            "volume uses an external key: pass --key-file".into(),
+        )),
+    }
+}
+
 fn cipher_for(header: &Header, key: &KeyInput) -> Result<VolumeCipher, Error> {
-    let k = match (key, &header.key_source) {
-        (KeyInput::Raw(k), _) => (**k).clone(),
-        (KeyInput::Provider(p), KeySource::Wrapped(blob)) => p.unwrap(blob)?,
-        (KeyInput::Provider(_), KeySource::External) => {
-            return Err(Error::Config(
-                "volume uses an external key: pass --key-file".into(),
-            ));
-        }
-    };
-    let c = VolumeCipher::new(&k, header.volume_id)?;
+    let c = header.cipher(&data_key(header, key)?)?;
     header.verify(&c)?;
     Ok(c)
+}
+
+/// The audit record of a refused open (state sector edited or rolled back, volume behind
+/// its anchor). No key, no data in it.
+fn audit_refused(store: &Store, e: caas_volume::Error) -> Error {
+    let event = match e {
+        caas_volume::Error::StateTampered => "state_tampered",
+        caas_volume::Error::StateRollback { .. } => "state_rollback",
+        caas_volume::Error::EpochBehind { .. } => "volume_rollback",
+        _ => "open_refused",
+    };
+    tracing::error!(
+        target: "caas_sdp::audit",
+        event,
+        store = %store.describe(),
+        "volume refused: {e}"
+    );
+    Error::Volume(e)
 }
 
 /// Reads and parses a volume's header without a key (for `volume info`).
@@ -193,12 +239,22 @@ pub async fn create(
             (k, KeySource::Wrapped(blob))
         }
     };
-    let volume_id: [u8; 16] =
-        caas_crypto::random_array().map_err(|_| Error::Config("RNG failure".into()))?;
-    let salt = u32::from_be_bytes(
-        caas_crypto::random_array().map_err(|_| Error::Config("RNG failure".into()))?,
-    );
-    let cipher = VolumeCipher::new(&data_key, volume_id)?;
+    create_with_key(store, &data_key, source, size, dbsp, zero_data).await
+}
+
+/// [`create`] with a given data key and key source (`upgrade` keeps both).
+pub async fn create_with_key(
+    store: &Store,
+    data_key: &SecretKey,
+    source: KeySource,
+    size: u64,
+    dbsp: Dbsp,
+    zero_data: bool,
+) -> Result<Header, Error> {
+    let rng = |_| Error::Config("RNG failure".into());
+    let volume_id: [u8; 16] = caas_crypto::random_array().map_err(rng)?;
+    let salt: [u8; 32] = caas_crypto::random_array().map_err(rng)?;
+    let cipher = VolumeCipher::new_v2(data_key, volume_id, salt)?;
     let header = Header::new(&cipher, size, source, dbsp)?;
     let layout = header.layout;
     if store.byte_len().await? < layout.store_len() {
@@ -208,6 +264,9 @@ pub async fn create(
             layout.store_len()
         )));
     }
+    // Creation is the volume's first session (epoch 1).
+    let session = cipher.new_session(1)?;
+    let v = Version::V2;
     let mut counter = 1u64;
     let mut b0 = 0u64;
     let mut meta = Vec::new();
@@ -216,15 +275,10 @@ pub async fn create(
         meta.clear();
         meta.resize(n as usize * ENTRY_SIZE, 0);
         for i in 0..n {
-            let nonce = block_nonce(counter, salt);
+            let slot = cipher.zero_slot(&session, b0 + i, counter)?;
             counter += 1;
-            let slot = Slot {
-                nonce,
-                kind: SlotKind::Zero,
-                tag: cipher.zero_tag(b0 + i, nonce)?,
-            };
             let at = i as usize * ENTRY_SIZE;
-            meta[at..at + SLOT_SIZE].copy_from_slice(&slot.encode());
+            slot.encode_into(v, &mut meta[at..at + v.slot_size()]);
         }
         store.write_at(layout.entry_offset(b0), &meta).await?;
         b0 += n;
@@ -241,13 +295,60 @@ pub async fn create(
         }
     }
     store.sync().await?;
-    let state = State {
-        dirty: false,
-        nonce_reserved: counter,
-    };
+    let state = header.seal_state(&cipher, false, 1)?;
     store.write_at(0, &header.encode(&state)).await?;
     store.sync().await?;
     Ok(header)
+}
+
+/// Re-encrypts the format v1 volume on `src` as a new format v2 volume on `dst` (same data
+/// key, key source and DBSP fields; a fresh volume id and salt). Every block is
+/// authenticated on the way: a block that fails aborts the upgrade.
+pub async fn upgrade(
+    src: Store,
+    dst: &Store,
+    key: &KeyInput,
+    zero_data: bool,
+) -> Result<Header, Error> {
+    let (h, _) = read_header(&src).await?;
+    if h.version != Version::V1 {
+        return Err(Error::Config(format!(
+            "{} is already format v{}",
+            src.describe(),
+            h.version.number()
+        )));
+    }
+    let k = data_key(&h, key)?;
+    let (old, _) = Volume::open(src, key, false).await?;
+    let new = create_with_key(
+        dst,
+        &k,
+        h.key_source.clone(),
+        h.layout.size,
+        h.dbsp.clone(),
+        zero_data,
+    )
+    .await?;
+    let (w, _) = Volume::open(dst.clone(), &KeyInput::Raw(Arc::new(k)), true).await?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    let r = async {
+        while off < h.layout.size {
+            let n = (h.layout.size - off).min(buf.len() as u64) as usize;
+            old.read(off, &mut buf[..n]).await?;
+            // A fresh volume already reads as zeroes.
+            if buf[..n].iter().any(|&b| b != 0) {
+                w.write(off, &mut buf[..n], false).await?;
+            }
+            off += n as u64;
+        }
+        Ok::<(), Error>(())
+    }
+    .await;
+    buf.fill(0);
+    r?;
+    w.close().await?;
+    Ok(new)
 }
 
 impl Volume {
@@ -258,35 +359,89 @@ impl Volume {
         key: &KeyInput,
         writable: bool,
     ) -> Result<(Arc<Self>, Option<ScanReport>), Error> {
+        let opts = OpenOptions {
+            writable,
+            min_epoch: 0,
+        };
+        Self::open_with(store, key, opts).await
+    }
+
+    /// Opens a volume with [`OpenOptions`]: verifies the key, the header and the state
+    /// sector, refuses a rolled-back state sector or a volume behind `min_epoch` (with an
+    /// audit record), and for writing runs recovery if needed and starts a new session.
+    pub async fn open_with(
+        store: Store,
+        key: &KeyInput,
+        opts: OpenOptions,
+    ) -> Result<(Arc<Self>, Option<ScanReport>), Error> {
+        let writable = opts.writable;
         let (header, state) = read_header(&store).await?;
         let cipher = cipher_for(&header, key)?;
+        if let Err(e) = header.verify_state(&cipher, &state) {
+            return Err(audit_refused(&store, e));
+        }
+        let version = header.version;
+        if version == Version::V1 && writable {
+            return Err(caas_volume::Error::V1ReadOnly.into());
+        }
+        if state.epoch < opts.min_epoch {
+            return Err(audit_refused(
+                &store,
+                caas_volume::Error::EpochBehind {
+                    epoch: state.epoch,
+                    expected: opts.min_epoch,
+                },
+            ));
+        }
         let layout = header.layout;
         if store.byte_len().await? < layout.store_len() {
             return Err(Error::Config(
                 "ciphertext store is shorter than the volume".into(),
             ));
         }
-        let salt = u32::from_be_bytes(
-            caas_crypto::random_array().map_err(|_| Error::Config("RNG failure".into()))?,
-        );
         let blocks =
             usize::try_from(layout.blocks).map_err(|_| Error::Config("volume too large".into()))?;
+        // The session is created now but used only once its epoch is in the state sector.
+        let (session, epoch) = if writable {
+            let epoch = state
+                .epoch
+                .checked_add(1)
+                .ok_or(caas_volume::Error::EpochExhausted)?;
+            (Some(cipher.new_session(epoch)?), epoch)
+        } else {
+            (None, state.epoch)
+        };
         let vol = Arc::new(Volume {
             store,
             cipher,
             header,
             layout,
             writable,
-            salt,
-            counter: AtomicU64::new(state.nonce_reserved.max(1)),
-            reserved: AtomicU64::new(state.nonce_reserved.max(1)),
-            reserve_lock: tokio::sync::Mutex::new(()),
+            version,
+            session,
+            epoch,
+            counter: AtomicU64::new(1),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             state: (0..blocks).map(|_| AtomicU8::new(0)).collect(),
             dirty: Mutex::new(Vec::new()),
             barrier: tokio::sync::RwLock::new(()),
             pool: Arc::new(BufPool::default()),
         });
+        // One pass over the metadata: the latest epoch any slot claims, and (for writers of
+        // volumes up to 64 GiB) every block's current slot.
+        let learn = writable && layout.blocks * ENTRY_SIZE as u64 <= EAGER_STATE_MAX_META;
+        let later = vol.metadata_pass(learn, state.epoch).await?;
+        if version == Version::V2
+            && let Some(seen) = vol.rollback_evidence(&later).await?
+        {
+            return Err(audit_refused(
+                &vol.store,
+                caas_volume::Error::StateRollback {
+                    recorded: state.epoch,
+                    seen,
+                },
+            ));
+        }
         let mut report = None;
         if writable {
             if state.dirty {
@@ -294,18 +449,17 @@ impl Volume {
                 let r = vol.scan(true).await?;
                 tracing::warn!(torn = r.torn, bad = r.bad_count, "recovery finished");
                 report = Some(r);
+                if learn {
+                    // Recovery may have cleared slots: learn the current ones again.
+                    for s in vol.state.iter() {
+                        s.store(0, Ordering::SeqCst);
+                    }
+                    vol.metadata_pass(true, u32::MAX).await?;
+                }
             }
-            // Mark dirty and reserve the first counter range before any write.
-            let start = vol.counter.load(Ordering::SeqCst);
-            vol.write_state(State {
-                dirty: true,
-                nonce_reserved: start + RESERVE_STEP,
-            })
-            .await?;
-            vol.reserved.store(start + RESERVE_STEP, Ordering::SeqCst);
-            if layout.blocks * ENTRY_SIZE as u64 <= EAGER_STATE_MAX_META {
-                vol.load_slot_state().await?;
-            }
+            // The new epoch is durable (dirty, authenticated) before any block is written.
+            vol.write_state(true).await?;
+            tracing::info!(store = %vol.store.describe(), epoch, "volume opened for writing");
         }
         Ok((vol, report))
     }
@@ -327,9 +481,21 @@ impl Volume {
         &self.pool
     }
 
-    async fn write_state(&self, st: State) -> Result<(), Error> {
+    /// The epoch of this open: the new session's (writable) or the state sector's.
+    /// A caller that anchors the volume externally records it and passes it back as
+    /// [`OpenOptions::min_epoch`] next time.
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+    /// The format version.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    async fn write_state(&self, dirty: bool) -> Result<(), Error> {
+        let st: State = self.header.seal_state(&self.cipher, dirty, self.epoch)?;
         self.store
-            .write_at(STATE_OFFSET as u64, &st.encode())
+            .write_at(STATE_OFFSET as u64, &st.encode(self.version))
             .await?;
         self.store.sync().await
     }
@@ -341,38 +507,111 @@ impl Volume {
         }
         self.flush().await?;
         let _g = self.barrier.write().await;
-        let next = self.counter.load(Ordering::SeqCst);
-        // Reserve past everything handed out so far (counters never go backwards).
-        let reserved = self.reserved.load(Ordering::SeqCst).max(next);
-        self.write_state(State {
-            dirty: false,
-            nonce_reserved: reserved,
-        })
-        .await
+        self.write_state(false).await
     }
 
-    async fn alloc_counters(&self, n: u64) -> Result<u64, Error> {
+    /// `n` fresh counters of the session (no IO: the session key is new, so counters
+    /// restart at 1 and need no persistent reservation).
+    fn alloc_counters(&self, n: u64) -> Result<(&Session, u64), Error> {
+        let session = self.session.as_ref().ok_or(Error::ReadOnly)?;
         let first = self.counter.fetch_add(n, Ordering::SeqCst);
-        let end = first
+        first
             .checked_add(n)
+            .filter(|&end| end < u64::MAX / 2)
             .ok_or(caas_volume::Error::NonceExhausted)?;
-        if end > self.reserved.load(Ordering::SeqCst) {
-            let _g = self.reserve_lock.lock().await;
-            while end > self.reserved.load(Ordering::SeqCst) {
-                let new = self
-                    .reserved
-                    .load(Ordering::SeqCst)
-                    .checked_add(RESERVE_STEP.max(n))
-                    .ok_or(caas_volume::Error::NonceExhausted)?;
-                self.write_state(State {
-                    dirty: true,
-                    nonce_reserved: new,
-                })
+        Ok((session, first))
+    }
+
+    /// Reads the whole metadata area once. With `learn`, records every block's newest slot
+    /// as current and committed. Returns the used slots whose epoch is later than `epoch`
+    /// (block, slot, epoch; at most [`MAX_ROLLBACK_EVIDENCE`]).
+    async fn metadata_pass(
+        &self,
+        learn: bool,
+        epoch: u32,
+    ) -> Result<Vec<(u64, usize, u32)>, Error> {
+        let mut later = Vec::new();
+        let mut meta = Vec::new();
+        let mut b0 = 0;
+        while b0 < self.layout.blocks {
+            let n = (CHUNK_BLOCKS * 8).min(self.layout.blocks - b0) as usize;
+            meta.resize(n * ENTRY_SIZE, 0);
+            self.store
+                .read_at(self.layout.entry_offset(b0), &mut meta)
                 .await?;
-                self.reserved.store(new, Ordering::SeqCst);
+            for i in 0..n {
+                let e =
+                    Entry::decode_slice(&meta[i * ENTRY_SIZE..(i + 1) * ENTRY_SIZE], self.version);
+                if learn && let Some(k) = e.newest() {
+                    let k = k as u8;
+                    self.state[b0 as usize + i].store(KNOWN | k | (k << 2), Ordering::SeqCst);
+                }
+                for (k, s) in e.slots.iter().enumerate() {
+                    if let Some(s) = s
+                        && s.kind != SlotKind::Empty
+                        && s.session.epoch > epoch
+                        && later.len() < MAX_ROLLBACK_EVIDENCE
+                    {
+                        later.push((b0 + i as u64, k, s.session.epoch));
+                    }
+                }
+            }
+            b0 += n as u64;
+        }
+        Ok(later)
+    }
+
+    /// Of the slots claiming a later epoch than the state sector, the latest epoch of one
+    /// that authenticates its block — proof that the state sector was rolled back. Slots
+    /// that do not authenticate are damage (storage can always destroy data), not proof.
+    async fn rollback_evidence(&self, later: &[(u64, usize, u32)]) -> Result<Option<u32>, Error> {
+        let mut seen = None;
+        let mut e = [0u8; ENTRY_SIZE];
+        let mut ct = vec![0u8; BS];
+        let mut out = vec![0u8; BS];
+        for &(index, k, epoch) in later {
+            if seen.is_some_and(|s| s >= epoch) {
+                continue;
+            }
+            self.store
+                .read_at(self.layout.entry_offset(index), &mut e)
+                .await?;
+            self.store
+                .read_at(self.layout.block_offset(index), &mut ct)
+                .await?;
+            let entry = Entry::decode(&e, self.version);
+            if let Some(slot) = entry.slots[k]
+                && slot.session.epoch == epoch
+                && self.slot_opens(index, &slot, &ct, &mut out)
+            {
+                seen = Some(epoch);
             }
         }
-        Ok(first)
+        out.fill(0);
+        if seen.is_none() && !later.is_empty() {
+            tracing::warn!(
+                store = %self.store.describe(),
+                slots = later.len(),
+                "slots claim a later epoch than the state sector but do not authenticate (damage)"
+            );
+        }
+        Ok(seen)
+    }
+
+    /// True if `slot` authenticates `ct` as block `index` (plaintext in `out`).
+    fn slot_opens(&self, index: u64, slot: &Slot, ct: &[u8], out: &mut [u8]) -> bool {
+        match slot.kind {
+            SlotKind::Data => self.cipher.open_block(index, slot, ct, out).is_ok(),
+            SlotKind::Zero => {
+                if ct.iter().all(|&b| b == 0) && self.cipher.verify_zero(index, slot) {
+                    out.fill(0);
+                    true
+                } else {
+                    false
+                }
+            }
+            SlotKind::Empty => false,
+        }
     }
 
     async fn lock_range(&self, b0: u64, n: u64) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
@@ -394,31 +633,14 @@ impl Volume {
     /// Tries each slot, newest first; returns true if one authenticates `ct` (or says
     /// "zeroes"), with the plaintext in `out`.
     fn open_one(&self, index: u64, entry: &[u8], ct: &[u8], out: &mut [u8]) -> Option<usize> {
-        let e = Entry::decode_slice(entry);
+        let e = Entry::decode_slice(entry, self.version);
         let (idx, n) = e.candidates();
         for &k in &idx[..n] {
             let Some(slot) = e.slots[k] else { continue };
-            match slot.kind {
-                SlotKind::Data => {
-                    if self
-                        .cipher
-                        .open_block(index, slot.nonce, &slot.tag, ct, out)
-                        .is_ok()
-                    {
-                        return Some(k);
-                    }
-                }
-                SlotKind::Zero => {
-                    // Only creation writes "zeroes" slots, over a zero data area; any other
-                    // ciphertext means damage or a later (interrupted) write.
-                    if ct.iter().all(|&b| b == 0)
-                        && self.cipher.verify_zero(index, slot.nonce, &slot.tag)
-                    {
-                        out.fill(0);
-                        return Some(k);
-                    }
-                }
-                SlotKind::Empty => {}
+            // Only creation writes "zeroes" slots, over a zero data area; any other
+            // ciphertext means damage or a later (interrupted) write.
+            if self.slot_opens(index, &slot, ct, out) {
+                return Some(k);
             }
         }
         out.fill(0);
@@ -492,18 +714,13 @@ impl Volume {
     /// Fast path of a read: authenticates `buf` (the stored ciphertext) against the newest
     /// slot only, decrypting in place. On `false`, `buf` holds unspecified bytes.
     fn open_newest_in_place(&self, index: u64, entry: &[u8], buf: &mut [u8]) -> bool {
-        let e = Entry::decode_slice(entry);
+        let e = Entry::decode_slice(entry, self.version);
         let Some(slot) = e.newest().and_then(|k| e.slots[k]) else {
             return false;
         };
         match slot.kind {
-            SlotKind::Data => self
-                .cipher
-                .open_block_in_place(index, slot.nonce, &slot.tag, buf)
-                .is_ok(),
-            SlotKind::Zero => {
-                buf.iter().all(|&b| b == 0) && self.cipher.verify_zero(index, slot.nonce, &slot.tag)
-            }
+            SlotKind::Data => self.cipher.open_block_in_place(index, &slot, buf).is_ok(),
+            SlotKind::Zero => buf.iter().all(|&b| b == 0) && self.cipher.verify_zero(index, &slot),
             SlotKind::Empty => false,
         }
     }
@@ -529,32 +746,6 @@ impl Volume {
         r
     }
 
-    /// Seals and writes whole blocks `b0..b0+n` from `data` (encrypted in place), or makes
-    /// them read as zeroes when `data` is `None`. Caller holds the stripe locks and the
-    /// shared barrier.
-    /// Learns every block's current slot from the metadata area (one sequential read), so
-    /// single-block writes need not read their entry first.
-    async fn load_slot_state(&self) -> Result<(), Error> {
-        let mut meta = Vec::new();
-        let mut b0 = 0;
-        while b0 < self.layout.blocks {
-            let n = (CHUNK_BLOCKS * 8).min(self.layout.blocks - b0) as usize;
-            meta.resize(n * ENTRY_SIZE, 0);
-            self.store
-                .read_at(self.layout.entry_offset(b0), &mut meta)
-                .await?;
-            for i in 0..n {
-                let e = Entry::decode_slice(&meta[i * ENTRY_SIZE..(i + 1) * ENTRY_SIZE]);
-                if let Some(k) = e.newest() {
-                    let k = k as u8;
-                    self.state[b0 as usize + i].store(KNOWN | k | (k << 2), Ordering::SeqCst);
-                }
-            }
-            b0 += n as u64;
-        }
-        Ok(())
-    }
-
     /// The fast path of a single-block write whose slot state is known: seal, write the
     /// target slot (32 bytes) and then the block, without reading the entry.
     async fn write_one_known(&self, index: u64, st: u8, buf: &mut [u8]) -> Result<(), Error> {
@@ -562,16 +753,14 @@ impl Volume {
         let target = (0..caas_volume::SLOTS)
             .find(|&t| t != cur && t != com)
             .unwrap_or(0);
-        let first = self.alloc_counters(1).await?;
-        let nonce = block_nonce(first, self.salt);
-        let tag = self.cipher.seal_block(index, nonce, buf)?;
-        let slot = Slot {
-            nonce,
-            kind: SlotKind::Data,
-            tag,
-        };
-        let at = self.layout.entry_offset(index) + (target * SLOT_SIZE) as u64;
-        self.store.write_at(at, &slot.encode()).await?;
+        let (session, counter) = self.alloc_counters(1)?;
+        let slot = self.cipher.seal_block(session, index, counter, buf)?;
+        let v = self.version;
+        let mut raw = [0u8; 64];
+        let raw = &mut raw[..v.slot_size()];
+        slot.encode_into(v, raw);
+        let at = self.layout.entry_offset(index) + v.slot_offset(target) as u64;
+        self.store.write_at(at, raw).await?;
         self.store
             .write_at(self.layout.block_offset(index), buf)
             .await?;
@@ -597,12 +786,14 @@ impl Volume {
             self.store
                 .read_at(self.layout.entry_offset(b0), &mut meta)
                 .await?;
-            let first = self.alloc_counters(n).await?;
+            let (session, first) = self.alloc_counters(n)?;
+            let v = self.version;
+            let ss = v.slot_size();
             let mut targets = Vec::with_capacity(n as usize);
             for i in 0..n as usize {
                 let index = b0 + i as u64;
                 let em = &mut meta[i * ENTRY_SIZE..(i + 1) * ENTRY_SIZE];
-                let e = Entry::decode_slice(em);
+                let e = Entry::decode_slice(em, v);
                 let st = self.state[index as usize].load(Ordering::SeqCst);
                 let (cur, com) = if st & KNOWN != 0 {
                     (Some((st & 3) as usize), Some(((st >> 2) & 3) as usize))
@@ -610,24 +801,21 @@ impl Volume {
                     (e.newest(), e.newest())
                 };
                 let target = choose_target(&e, cur, com);
-                let nonce = block_nonce(first + i as u64, self.salt);
-                let tag = self
-                    .cipher
-                    .seal_block(index, nonce, &mut buf[i * BS..(i + 1) * BS])?;
-                let slot = Slot {
-                    nonce,
-                    kind: SlotKind::Data,
-                    tag,
-                };
-                em[target * SLOT_SIZE..(target + 1) * SLOT_SIZE].copy_from_slice(&slot.encode());
+                let slot = self.cipher.seal_block(
+                    session,
+                    index,
+                    first + i as u64,
+                    &mut buf[i * BS..(i + 1) * BS],
+                )?;
+                slot.encode_into(v, &mut em[target * ss..(target + 1) * ss]);
                 // Malformed slots (damage) are reset so the rewritten block is readable.
                 for (j, old) in e.slots.iter().enumerate() {
                     if old.is_none() && j != target {
-                        em[j * SLOT_SIZE..(j + 1) * SLOT_SIZE].fill(0);
+                        em[j * ss..(j + 1) * ss].fill(0);
                     }
                 }
                 // Reserved bytes are always zero; rewriting them heals a damaged entry.
-                em[caas_volume::SLOTS * SLOT_SIZE..].fill(0);
+                em[caas_volume::SLOTS * ss..].fill(0);
                 targets.push((target as u8, com.unwrap_or(target) as u8));
             }
             // Metadata first, then data (see the module docs).
@@ -773,14 +961,16 @@ impl Volume {
                         }
                     }
                     Some(k) => {
-                        let e = Entry::decode_slice(em);
+                        let v = self.version;
+                        let ss = v.slot_size();
+                        let e = Entry::decode_slice(em, v);
                         if e.newest() != Some(k) {
                             rep.torn += 1;
-                            let good = e.slots[k].map_or(0, |s| s.counter());
+                            let good = e.slots[k].map_or((0, 0), |s| s.order());
                             for j in 0..caas_volume::SLOTS {
-                                let newer = e.slots[j].is_none_or(|s| s.counter() > good);
+                                let newer = e.slots[j].is_none_or(|s| s.order() > good);
                                 if repair && j != k && newer {
-                                    em[j * SLOT_SIZE..(j + 1) * SLOT_SIZE].fill(0);
+                                    em[j * ss..(j + 1) * ss].fill(0);
                                     changed = true;
                                 }
                             }

@@ -16,6 +16,11 @@
 //! RLIMIT_CORE 0, memory locked: [`cli::Hardening`]) and, with `--run-as`, switches to the
 //! workload's identity once the store is open and the key read.
 //!
+//! Volumes are format v2 (`docs/volume-format.md`): per-session keys, an authenticated
+//! state sector whose rollback is refused at open ([`engine::OpenOptions::min_epoch`] is the
+//! external anchor against whole-volume rollback); v1 volumes are read, and upgraded by
+//! `caas volume upgrade` or a writable `serve`.
+//!
 //! Trust boundary: the ciphertext store (a file, or an upstream NBD export on the storage
 //! host) only ever sees ciphertext, metadata and the header; keys live in zeroizing types
 //! in this process and never appear in logs, errors, argv or the environment.
@@ -29,7 +34,7 @@ pub mod vsock;
 
 /// The KMS hook: implement this to supply data keys (re-exported from `caas-volume`).
 pub use caas_volume::DataKeyProvider;
-pub use engine::{Backend, KeyInput, ScanReport, Volume};
+pub use engine::{Backend, KeyInput, OpenOptions, ScanReport, Volume};
 pub use error::Error;
 pub use server::{Listen, Listener, ServerConfig, serve};
 pub use store::Store;

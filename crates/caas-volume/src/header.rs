@@ -1,24 +1,27 @@
 //! The 4 KiB volume header: an immutable part (magic, version, suite, volume id, size,
-//! layout, key source and wrapped key, DBSP fields, key check value) authenticated by a
-//! header tag, and a mutable 512-byte state sector (dirty flag, nonce reservation) that
-//! is rewritten in place. Parsing is strict: every length is bounded, every padding byte
+//! layout, key source and wrapped key, DBSP fields, key check value; in v2 the 256-bit
+//! volume salt) authenticated by a header tag, and a mutable 512-byte state sector (dirty
+//! flag; v2: the epoch and a MAC; v1: the nonce reservation, unauthenticated) that is
+//! rewritten in place. Parsing is strict: every length is bounded, every padding byte
 //! must be zero, and the layout fields must match the size.
 use crate::cipher::VolumeCipher;
 use crate::layout::Layout;
-use crate::{BLOCK_SIZE, ENTRY_SIZE, Error, HEADER_SIZE};
+use crate::{BLOCK_SIZE, ENTRY_SIZE, Error, HEADER_SIZE, Version};
 
 /// Magic at offset 0.
 pub const MAGIC: &[u8; 8] = b"CAASVOL\0";
 /// Magic of the state sector.
 pub const STATE_MAGIC: &[u8; 8] = b"CAASSTAT";
-/// Format version.
-pub const VERSION: u16 = 1;
+/// Format version written by this crate.
+pub const VERSION: u16 = 2;
 /// Cipher suite 1: AES-256-GCM per 4 KiB block, 3-slot metadata entries of 128 bytes.
 pub const SUITE_AES256GCM_4K: u16 = 1;
 /// Offset of the state sector.
 pub const STATE_OFFSET: usize = 3584;
 /// Length of the state sector.
 pub const STATE_LEN: usize = 512;
+/// Bytes of the state sector covered by its MAC (v2); the MAC follows.
+pub const STATE_BODY_LEN: usize = 480;
 /// Bytes of the header covered by the header tag.
 pub const TAGGED_LEN: usize = 3568;
 
@@ -38,7 +41,9 @@ const OFF_DOMAIN_ID: usize = OFF_WRAPPED + MAX_WRAPPED; // 1120
 const OFF_SP: usize = OFF_DOMAIN_ID + MAX_DOMAIN_ID; // 1248
 const OFF_C4: usize = OFF_SP + MAX_SECURITY_PROFILE; // 1504
 const OFF_MU: usize = OFF_C4 + MAX_C4; // 2528
-const OFF_RESERVED: usize = OFF_MU + MAX_MU; // 2656
+/// Offset of the v2 volume salt (reserved and zero in v1).
+pub const OFF_SALT: usize = OFF_MU + MAX_MU; // 2656
+const OFF_RESERVED_V2: usize = OFF_SALT + 32; // 2688
 
 /// Where the data key comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,8 +71,12 @@ pub struct Dbsp {
 /// The immutable header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
-    /// Random volume id (bound into every block's associated data).
+    /// Format version.
+    pub version: Version,
+    /// Random volume id (bound into every block's associated data and every derivation).
     pub volume_id: [u8; 16],
+    /// v2: random 256-bit salt every key of the volume is derived with (zero in v1).
+    pub salt: [u8; 32],
     /// Layout derived from the size.
     pub layout: Layout,
     /// Key source.
@@ -76,7 +85,7 @@ pub struct Header {
     pub dbsp: Dbsp,
     /// Key check value.
     pub kcv: [u8; 16],
-    /// GMAC over the first [`TAGGED_LEN`] bytes.
+    /// Tag over the first [`TAGGED_LEN`] bytes.
     pub tag: [u8; 16],
 }
 
@@ -86,35 +95,59 @@ pub struct State {
     /// Set while the volume is open for writing; a set flag at open means a crash and
     /// triggers recovery.
     pub dirty: bool,
-    /// Every write counter below this value may have been used; a new session starts here
-    /// and reserves a range above it before using any counter.
+    /// v2: the epoch of the latest writable session (every writable open increments it
+    /// before writing anything; `create` is epoch 1). 0 in v1.
+    pub epoch: u32,
+    /// v1 only: every write counter below this value may have been used.
     pub nonce_reserved: u64,
+    /// v2: HMAC over the header tag and the state sector's first 480 bytes.
+    pub mac: [u8; 32],
 }
 
 impl State {
-    /// Encodes the 512-byte state sector.
-    pub fn encode(&self) -> [u8; STATE_LEN] {
+    /// Encodes the 512-byte state sector of a volume of version `v`.
+    pub fn encode(&self, v: Version) -> [u8; STATE_LEN] {
         let mut b = [0u8; STATE_LEN];
         b[..8].copy_from_slice(STATE_MAGIC);
         b[8..12].copy_from_slice(&u32::from(self.dirty).to_be_bytes());
-        b[16..24].copy_from_slice(&self.nonce_reserved.to_be_bytes());
+        match v {
+            Version::V1 => b[16..24].copy_from_slice(&self.nonce_reserved.to_be_bytes()),
+            Version::V2 => {
+                b[12..16].copy_from_slice(&self.epoch.to_be_bytes());
+                b[STATE_BODY_LEN..].copy_from_slice(&self.mac);
+            }
+        }
         b
     }
 
-    fn decode(b: &[u8]) -> Result<Self, Error> {
+    fn decode(b: &[u8], v: Version) -> Result<Self, Error> {
         if b.len() != STATE_LEN || &b[..8] != STATE_MAGIC {
             return Err(Error::InvalidHeader("bad state sector magic"));
         }
-        let flags = u32::from_be_bytes([b[8], b[9], b[10], b[11]]);
-        if flags > 1 || b[12..16] != [0; 4] || b[24..].iter().any(|&x| x != 0) {
+        let flags = be32(b, 8);
+        if flags > 1 {
             return Err(Error::InvalidHeader("unknown state flags"));
         }
-        let mut n = [0u8; 8];
-        n.copy_from_slice(&b[16..24]);
-        Ok(Self {
+        let mut st = State {
             dirty: flags == 1,
-            nonce_reserved: u64::from_be_bytes(n),
-        })
+            ..State::default()
+        };
+        match v {
+            Version::V1 => {
+                if b[12..16] != [0; 4] || b[24..].iter().any(|&x| x != 0) {
+                    return Err(Error::InvalidHeader("unknown state flags"));
+                }
+                st.nonce_reserved = be64(b, 16);
+            }
+            Version::V2 => {
+                if b[16..STATE_BODY_LEN].iter().any(|&x| x != 0) {
+                    return Err(Error::InvalidHeader("non-zero reserved state bytes"));
+                }
+                st.epoch = be32(b, 12);
+                st.mac.copy_from_slice(&b[STATE_BODY_LEN..]);
+            }
+        }
+        Ok(st)
     }
 }
 
@@ -142,13 +175,16 @@ fn be64(b: &[u8], off: usize) -> u64 {
 }
 
 impl Header {
-    /// Builds and tags a new header.
+    /// Builds and tags a new (version 2) header for the cipher's volume id and salt.
     pub fn new(
         cipher: &VolumeCipher,
         size: u64,
         key_source: KeySource,
         dbsp: Dbsp,
     ) -> Result<Self, Error> {
+        if cipher.version() != Version::V2 {
+            return Err(Error::V1ReadOnly);
+        }
         let layout = Layout::new(size)?;
         if let KeySource::Wrapped(w) = &key_source {
             check_len("wrapped key", w, MAX_WRAPPED)?;
@@ -162,7 +198,9 @@ impl Header {
         check_len("c4", &dbsp.c4, MAX_C4)?;
         check_len("mu", &dbsp.mu, MAX_MU)?;
         let mut h = Header {
+            version: Version::V2,
             volume_id: cipher.volume_id(),
+            salt: cipher.salt(),
             layout,
             key_source,
             dbsp,
@@ -177,7 +215,7 @@ impl Header {
     fn encode_immutable(&self) -> Vec<u8> {
         let mut b = vec![0u8; STATE_OFFSET];
         b[..8].copy_from_slice(MAGIC);
-        b[8..10].copy_from_slice(&VERSION.to_be_bytes());
+        b[8..10].copy_from_slice(&self.version.number().to_be_bytes());
         b[10..12].copy_from_slice(&SUITE_AES256GCM_4K.to_be_bytes());
         b[12..16].copy_from_slice(&(BLOCK_SIZE as u32).to_be_bytes());
         b[16..32].copy_from_slice(&self.volume_id);
@@ -203,6 +241,9 @@ impl Header {
         b[OFF_SP..OFF_SP + d.security_profile.len()].copy_from_slice(&d.security_profile);
         b[OFF_C4..OFF_C4 + d.c4.len()].copy_from_slice(&d.c4);
         b[OFF_MU..OFF_MU + d.mu.len()].copy_from_slice(&d.mu);
+        if self.version == Version::V2 {
+            b[OFF_SALT..OFF_RESERVED_V2].copy_from_slice(&self.salt);
+        }
         b[TAGGED_LEN..STATE_OFFSET].copy_from_slice(&self.tag);
         b
     }
@@ -210,11 +251,12 @@ impl Header {
     /// Encodes the full 4 KiB header with `state`.
     pub fn encode(&self, state: &State) -> Vec<u8> {
         let mut b = self.encode_immutable();
-        b.extend_from_slice(&state.encode());
+        b.extend_from_slice(&state.encode(self.version));
         b
     }
 
-    /// Parses a header (structure only: call [`Header::verify`] with the key next).
+    /// Parses a header of version 1 or 2 (structure only: call [`Header::verify`] and
+    /// [`Header::verify_state`] with the key next).
     pub fn decode(b: &[u8]) -> Result<(Self, State), Error> {
         if b.len() < HEADER_SIZE {
             return Err(Error::InvalidHeader("shorter than 4096 bytes"));
@@ -222,10 +264,11 @@ impl Header {
         if &b[..8] != MAGIC {
             return Err(Error::BadMagic);
         }
-        let version = be16(b, 8);
-        if version != VERSION {
-            return Err(Error::UnsupportedVersion(version));
-        }
+        let version = match be16(b, 8) {
+            1 => Version::V1,
+            2 => Version::V2,
+            v => return Err(Error::UnsupportedVersion(v)),
+        };
         let suite = be16(b, 10);
         if suite != SUITE_AES256GCM_4K {
             return Err(Error::UnsupportedSuite(suite));
@@ -272,19 +315,29 @@ impl Header {
             c4: field(92, OFF_C4, MAX_C4, "c4")?,
             mu: field(94, OFF_MU, MAX_MU, "mu")?,
         };
+        let mut salt = [0u8; 32];
+        let reserved_from = match version {
+            Version::V1 => OFF_SALT,
+            Version::V2 => {
+                salt.copy_from_slice(&b[OFF_SALT..OFF_RESERVED_V2]);
+                OFF_RESERVED_V2
+            }
+        };
         if b[OFF_WRAPPED + wrapped_len..OFF_DOMAIN_ID]
             .iter()
             .any(|&x| x != 0)
-            || b[OFF_RESERVED..TAGGED_LEN].iter().any(|&x| x != 0)
+            || b[reserved_from..TAGGED_LEN].iter().any(|&x| x != 0)
         {
             return Err(Error::InvalidHeader("non-zero padding"));
         }
         let mut tag = [0u8; 16];
         tag.copy_from_slice(&b[TAGGED_LEN..STATE_OFFSET]);
-        let state = State::decode(&b[STATE_OFFSET..HEADER_SIZE])?;
+        let state = State::decode(&b[STATE_OFFSET..HEADER_SIZE], version)?;
         Ok((
             Header {
+                version,
                 volume_id,
+                salt,
                 layout,
                 key_source,
                 dbsp,
@@ -295,17 +348,68 @@ impl Header {
         ))
     }
 
+    /// The cipher of this volume under the data key `key` (not yet verified: see
+    /// [`Header::verify`]).
+    pub fn cipher(&self, key: &caas_crypto::SecretKey) -> Result<VolumeCipher, Error> {
+        match self.version {
+            Version::V1 => VolumeCipher::new_v1(key, self.volume_id),
+            Version::V2 => VolumeCipher::new_v2(key, self.volume_id, self.salt),
+        }
+    }
+
     /// Checks the key (key check value) and then the header tag.
     pub fn verify(&self, cipher: &VolumeCipher) -> Result<(), Error> {
-        if cipher.volume_id() != self.volume_id || cipher.kcv()? != self.kcv {
+        if cipher.version() != self.version
+            || cipher.volume_id() != self.volume_id
+            || cipher.salt() != self.salt
+            || cipher.kcv()? != self.kcv
+        {
             return Err(Error::WrongKey);
         }
         let bytes = self.encode_immutable();
-        if cipher.header_tag(&bytes[..TAGGED_LEN])? != self.tag {
+        let tag = cipher.header_tag(&bytes[..TAGGED_LEN])?;
+        if !constant_time_eq(&tag, &self.tag) {
             return Err(Error::HeaderTampered);
         }
         Ok(())
     }
+
+    /// A v2 state sector with its MAC (binding it to this header).
+    pub fn seal_state(
+        &self,
+        cipher: &VolumeCipher,
+        dirty: bool,
+        epoch: u32,
+    ) -> Result<State, Error> {
+        if self.version != Version::V2 {
+            return Err(Error::V1ReadOnly);
+        }
+        let mut st = State {
+            dirty,
+            epoch,
+            ..State::default()
+        };
+        let body = st.encode(Version::V2);
+        st.mac = cipher.state_mac(&self.tag, &body[..STATE_BODY_LEN])?;
+        Ok(st)
+    }
+
+    /// Verifies a v2 state sector's MAC ([`Error::StateTampered`] when it was edited or
+    /// comes from another volume). A v1 state sector is not authenticated (nothing to
+    /// check; v1 volumes are only read).
+    pub fn verify_state(&self, cipher: &VolumeCipher, st: &State) -> Result<(), Error> {
+        match self.version {
+            Version::V1 => Ok(()),
+            Version::V2 => {
+                let body = st.encode(Version::V2);
+                cipher.verify_state_mac(&self.tag, &body[..STATE_BODY_LEN], &st.mac)
+            }
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
@@ -314,7 +418,7 @@ mod tests {
     use caas_crypto::SecretKey;
 
     fn cipher(k: u8) -> VolumeCipher {
-        VolumeCipher::new(&SecretKey::from_bytes([k; 32]), [1u8; 16])
+        VolumeCipher::new_v2(&SecretKey::from_bytes([k; 32]), [1u8; 16], [2u8; 32])
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -332,17 +436,19 @@ mod tests {
     #[test]
     fn roundtrip_and_verify() {
         let h = sample();
-        let st = State {
-            dirty: true,
-            nonce_reserved: 77,
-        };
+        let st = h
+            .seal_state(&cipher(1), true, 77)
+            .unwrap_or_else(|e| panic!("{e}"));
         let b = h.encode(&st);
         assert_eq!(b.len(), HEADER_SIZE);
-        assert_eq!(&b[..16], b"CAASVOL\0\x00\x01\x00\x01\x00\x00\x10\x00");
+        assert_eq!(&b[..16], b"CAASVOL\0\x00\x02\x00\x01\x00\x00\x10\x00");
+        assert_eq!(&b[OFF_SALT..OFF_SALT + 32], &[2u8; 32]);
         let (h2, st2) = Header::decode(&b).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((&h2, st2), (&h, st));
         assert_eq!(h2.verify(&cipher(1)), Ok(()));
+        assert_eq!(h2.verify_state(&cipher(1), &st2), Ok(()));
         assert_eq!(h2.verify(&cipher(2)), Err(Error::WrongKey));
+        assert_eq!(h2.verify_state(&cipher(2), &st2), Err(Error::StateTampered));
     }
 
     #[test]
@@ -358,16 +464,48 @@ mod tests {
     }
 
     #[test]
+    fn every_state_byte_is_authenticated_or_rejected() {
+        let h = sample();
+        let c = cipher(1);
+        let st = h.seal_state(&c, false, 5).unwrap_or_else(|e| panic!("{e}"));
+        let b = h.encode(&st);
+        for i in STATE_OFFSET..HEADER_SIZE {
+            let mut t = b.clone();
+            t[i] ^= 0x01;
+            let ok = Header::decode(&t).and_then(|(h, st)| h.verify_state(&c, &st));
+            assert!(ok.is_err(), "flip at state byte {i} went unnoticed");
+        }
+        // A state sector of another volume under the same key does not verify here.
+        let other = VolumeCipher::new_v2(&SecretKey::from_bytes([1; 32]), [1u8; 16], [3u8; 32])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let h_other = Header::new(&other, 1 << 20, KeySource::External, Dbsp::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let st_other = h_other
+            .seal_state(&other, false, 5)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(h.verify_state(&c, &st_other), Err(Error::StateTampered));
+    }
+
+    #[test]
     fn state_sector_is_strict() {
         let h = sample();
         let mut b = h.encode(&State::default());
         b[STATE_OFFSET + 11] = 2;
+        assert!(Header::decode(&b).is_err());
+        let mut b = h.encode(&State::default());
+        b[STATE_OFFSET + 100] = 1;
         assert!(Header::decode(&b).is_err());
         let b = h.encode(&State::default());
         assert!(Header::decode(&b[..4095]).is_err());
         let mut b2 = b.clone();
         b2[0] = b'X';
         assert_eq!(Header::decode(&b2).err(), Some(Error::BadMagic));
+        let mut b3 = b.clone();
+        b3[9] = 3;
+        assert_eq!(
+            Header::decode(&b3).err(),
+            Some(Error::UnsupportedVersion(3))
+        );
     }
 
     #[test]
