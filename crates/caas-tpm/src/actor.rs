@@ -64,7 +64,7 @@ pub struct TpmHandle {
 
 impl TpmHandle {
     /// Opens the TPM on a new owner thread. For `swtpm:` TCTIs the context is closed after
-    /// [`SWTPM_IDLE_CLOSE`] without work, because swtpm serves one connection at a time and
+    /// an idle period (`SWTPM_IDLE_CLOSE`), because swtpm serves one connection at a time and
     /// other tools (tpm2-tools) must be able to reach the same TPM; within a burst of
     /// operations (a launch) it stays open, so the loaded AK and the persistent SRK's handle
     /// are reused. `device:` contexts (kernel resource manager) stay open. The TPM sockets
