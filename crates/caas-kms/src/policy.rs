@@ -718,19 +718,8 @@ impl Context {
 
     /// Sets the time keys (`aws:CurrentTime`, `aws:EpochTime`).
     pub fn time(&mut self, now_ms: i64) -> &mut Self {
-        let secs = now_ms.div_euclid(1000);
-        let d = crate::sigv4::format_amz_date(secs);
-        let iso = format!(
-            "{}-{}-{}T{}:{}:{}Z",
-            &d[0..4],
-            &d[4..6],
-            &d[6..8],
-            &d[9..11],
-            &d[11..13],
-            &d[13..15]
-        );
-        self.set("aws:CurrentTime", &iso);
-        self.set("aws:EpochTime", &secs.to_string())
+        self.set("aws:CurrentTime", &crate::audit::iso8601(now_ms));
+        self.set("aws:EpochTime", &now_ms.div_euclid(1000).to_string())
     }
 
     fn get(&self, key: &str) -> Option<&[String]> {
@@ -909,15 +898,18 @@ pub fn evaluate(doc: &str, ctx: &Context) -> Verdict {
     }
 }
 
-/// Does the document mention `key` (ASCII case-insensitively), so that a costly condition
-/// value is worth computing?
+/// Could the document mention `key` (ASCII case-insensitively), so that a costly condition
+/// value is worth computing? A text search of the stored document: a document with any JSON
+/// escape (`\u0069`, `\/`…) may spell the key in a way the search cannot see, so it
+/// answers yes — a wrong "no" would leave a Deny's condition key unset (fail-open).
 pub fn mentions(doc: &str, key: &str) -> bool {
     let k = key.as_bytes();
-    !k.is_empty()
-        && doc
-            .as_bytes()
-            .windows(k.len())
-            .any(|w| w.eq_ignore_ascii_case(k))
+    doc.contains('\\')
+        || (!k.is_empty()
+            && doc
+                .as_bytes()
+                .windows(k.len())
+                .any(|w| w.eq_ignore_ascii_case(k)))
 }
 
 /// Could the document have conditions at all? (If not, condition keys need not be built.)
@@ -1171,6 +1163,21 @@ mod tests {
         ] {
             assert!(validate(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A key administrator's policy whose Deny is spelled with JSON escapes
+    /// (`"Cond\u0069tion"`, `kms:Resource\u0041liases`) is the same policy once parsed: the
+    /// text shortcuts that skip building condition keys must not read it as having none.
+    #[test]
+    fn escaped_condition_keys_are_not_skipped() {
+        let doc = r#"{"Statement":[{"Effect":"Deny","Principal":{"AWS":"*"},"Action":"kms:*","Resource":"*","Cond\u0069tion":{"StringEquals":{"kms:Resource\u0041liases":"alias/x"}}}]}"#;
+        assert!(
+            validate(doc).is_ok(),
+            "the escaped policy is a valid policy"
+        );
+        assert!(has_conditions(doc));
+        assert!(mentions(doc, "kms:ResourceAliases"));
+        assert!(!mentions(r#"{"Statement":[]}"#, "kms:ResourceAliases"));
     }
 
     #[test]

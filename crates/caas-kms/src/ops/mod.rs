@@ -359,8 +359,7 @@ async fn aliases_of(kms: &Kms, key: &KeyRecord) -> KmsResult<Vec<String>> {
         .map_err(KmsError::store)?;
     let mut out = vec![];
     for o in objs {
-        let a: AliasRecord = serde_json::from_slice(&o.body)
-            .map_err(|_| KmsError::Internal("corrupt alias".into()))?;
+        let a = parse_alias(&o)?;
         if a.target_key_id == key.key_id {
             out.push(a.name);
         }
