@@ -391,6 +391,14 @@ fn wrap_then_decrypt_does_not_reveal_a_sensitive_key() -> Result<()> {
         s.wrap_key(&kwp, dual, target),
         RvError::KeyNotWrappable,
     )?;
+    // The same through the domain's own format, which a trusted key is not needed for:
+    // refused by the wrapping-key checks themselves (a decrypting twin, a key that left
+    // the token), not by the standard-format rule above.
+    refused(
+        "wrap under a dual key (CKM_CAAS_AES_KEY_WRAP_ATTRS)",
+        s.wrap_key(&caas_wrap, dual, target),
+        RvError::KeyNotWrappable,
+    )?;
     // ... nor does a wrap-only copy of it (the original still decrypts).
     let wrap_only_copy = s.copy_object(
         dual,
@@ -399,6 +407,14 @@ fn wrap_then_decrypt_does_not_reveal_a_sensitive_key() -> Result<()> {
     refused(
         "wrap under a copy of a dual key",
         s.wrap_key(&kwp, wrap_only_copy, target),
+        RvError::KeyNotWrappable,
+    )?;
+    // The same through the domain's own format, which a trusted key is not needed for:
+    // refused by the wrapping-key checks themselves (a decrypting twin, a key that left
+    // the token), not by the standard-format rule above.
+    refused(
+        "wrap under a copy of a dual key (CKM_CAAS_AES_KEY_WRAP_ATTRS)",
+        s.wrap_key(&caas_wrap, wrap_only_copy, target),
         RvError::KeyNotWrappable,
     )?;
 
@@ -510,6 +526,14 @@ fn wrap_then_decrypt_does_not_reveal_a_sensitive_key() -> Result<()> {
     refused(
         "wrap under an imported key",
         s.wrap_key(&kwp, imported, target),
+        RvError::KeyNotWrappable,
+    )?;
+    // The same through the domain's own format, which a trusted key is not needed for:
+    // refused by the wrapping-key checks themselves (a decrypting twin, a key that left
+    // the token), not by the standard-format rule above.
+    refused(
+        "wrap under an imported key (CKM_CAAS_AES_KEY_WRAP_ATTRS)",
+        s.wrap_key(&caas_wrap, imported, target),
         RvError::KeyNotWrappable,
     )?;
     let (rsa_pub, _) = s.generate_key_pair(
