@@ -972,7 +972,20 @@ impl Agent {
         let timings = vec![("crypto domain".to_string(), ms(t))];
         let dk = vec![0u8; 32];
         self.run_workload(
-            call, "baseline", "", &dk, &dk, tau, pk_dm, driver, cfg, dir, procs, now, timings, id,
+            call,
+            "baseline",
+            "",
+            &[],
+            &dk,
+            tau,
+            pk_dm,
+            driver,
+            cfg,
+            dir,
+            procs,
+            now,
+            timings,
+            id,
         )
         .await
     }

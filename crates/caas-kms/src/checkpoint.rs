@@ -17,8 +17,8 @@
 //! - **While serving**: the store's writer is anchored at the checked head
 //!   ([`caas_store::Store::anchor_audit`]) and refuses to append after a head behind it or
 //!   beside it (a database rolled back under a running node); after every durable group
-//!   commit it hands the new head to [`CheckpointWriter`], which rewrites the file before the
-//!   group's callers are answered.
+//!   commit it hands the new head to [`CheckpointWriter`], whose own thread signs and writes
+//!   it (see "File and durability policy" below).
 //! - **`caas audit verify`** runs the same comparison ([`check`]) and fails on a stale head.
 //!
 //! File and durability policy: the file holds two 512-byte slots, each one signed checkpoint

@@ -427,10 +427,17 @@ impl Volume {
             barrier: tokio::sync::RwLock::new(()),
             pool: Arc::new(BufPool::default()),
         });
-        // One pass over the metadata: the latest epoch any slot claims, and (for writers of
-        // volumes up to 64 GiB) every block's current slot.
+        // One pass over the metadata: the latest epoch any slot claims (v2: rollback
+        // evidence), and (for writers of volumes up to 64 GiB) every block's current slot.
+        // A v1 volume has no epochs: it is read only when there is state to learn. The v2
+        // pass costs a read of the whole metadata area (3 % of the volume) at each open —
+        // the price of detecting a rolled-back state sector.
         let learn = writable && layout.blocks * ENTRY_SIZE as u64 <= EAGER_STATE_MAX_META;
-        let later = vol.metadata_pass(learn, state.epoch).await?;
+        let later = if learn || version == Version::V2 {
+            vol.metadata_pass(learn, state.epoch).await?
+        } else {
+            Vec::new()
+        };
         if version == Version::V2
             && let Some(seen) = vol.rollback_evidence(&later).await?
         {

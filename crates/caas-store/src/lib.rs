@@ -314,7 +314,7 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// How many audit records `audit_verify` reads per query.
+/// Most distinct bad-row fingerprints remembered (audited once each) before the set is cleared.
 const MAX_REPORTED: usize = 10_000;
 /// Longest kind/account/id text copied into an integrity audit record.
 const MAX_NAME: usize = 256;
@@ -479,8 +479,15 @@ impl Store {
                 }
                 set.insert(fp)
             });
-            tracing::error!(kind = %row.kind, account = %row.account, id = %row.id, rev = o.rev,
-                "stored record failed its integrity check; refused");
+            // Once per bad row version at error level (a corrupt row read on every request
+            // must not flood the log); the names come from the database: logged escaped.
+            if fresh {
+                tracing::error!(kind = ?row.kind, account = ?row.account, id = ?row.id, rev = o.rev,
+                    "stored record failed its integrity check; refused");
+            } else {
+                tracing::debug!(kind = ?row.kind, account = ?row.account, id = ?row.id, rev = o.rev,
+                    "stored record failed its integrity check again; refused");
+            }
             if fresh {
                 audit.push(AuditEntry {
                     time_ms: now,

@@ -42,7 +42,7 @@ const LABEL_KCV: &[u8] = b"caas-volume-v2 key check value";
 const LABEL_HEADER: &[u8] = b"caas-volume-v2 header mac";
 const LABEL_STATE: &[u8] = b"caas-volume-v2 state mac";
 const LABEL_BLOCK: &[u8] = b"caas-volume-v2 block key";
-/// Session keys kept for reading (each is re-derivable; past this many, derive per use).
+/// Session keys kept for reading (each is re-derivable; past this many the cache restarts).
 const MAX_CACHED_SESSIONS: usize = 4096;
 
 /// Identifies the session that wrote a slot: its key is derived from it.
@@ -187,9 +187,11 @@ impl VolumeCipher {
         let k = self.derive(LABEL_BLOCK, &Self::session_context(id))?;
         let key = Arc::new(gcm_key(k.expose())?);
         let _ = self.primary.set((*id, key.clone()));
-        if let Ok(mut m) = self.sessions.write()
-            && m.len() < MAX_CACHED_SESSIONS
-        {
+        if let Ok(mut m) = self.sessions.write() {
+            // Full: start over rather than derive per block from then on.
+            if m.len() >= MAX_CACHED_SESSIONS {
+                m.clear();
+            }
             m.insert(*id, key.clone());
         }
         Ok(key)
