@@ -179,6 +179,27 @@ fn two_volumes_under_one_key_never_reuse_a_nonce() {
         "too few nonce uses collected: {}",
         seen.len()
     );
+    // The check above names session keys by their derivation inputs as stored; this one
+    // does not trust the naming. Had session 3' reused session 3's key and nonces (e.g. a
+    // derivation without the session salt), ct3 ⊕ ct3' would equal raw3 ⊕ raw3' block by block.
+    let (raw3, raw3b) = (
+        std::fs::read(&raws[2]).unwrap(),
+        std::fs::read(&raws[3]).unwrap(),
+    );
+    let (ct3, ct3b) = (
+        ciphertext_prefixes(&files[3].2),
+        ciphertext_prefixes(&files[4].2),
+    );
+    let mut reused = 0;
+    for (i, (x, y)) in ct3.iter().zip(&ct3b).enumerate() {
+        let at = i * 4096;
+        let keystream_shared = (0..16).all(|j| x[j] ^ y[j] == raw3[at + j] ^ raw3b[at + j]);
+        reused += usize::from(keystream_shared);
+    }
+    assert_eq!(
+        reused, 0,
+        "session 3' reused session 3's keystream in {reused} blocks"
+    );
     // The same plaintext went into both volumes: their ciphertexts must still differ.
     let mut prefixes: HashMap<[u8; 16], String> = HashMap::new();
     for (name, letter, f) in &files {
