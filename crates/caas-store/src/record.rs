@@ -2,8 +2,8 @@
 //! assigns the row's revision and checked on every read, so that the database (and whoever
 //! administers it) cannot edit, swap, copy or re-point a row without the reader noticing.
 //!
-//! The MAC is `RecordAuthenticator::tag(record_mac_input(kind, account, id, rev, body))`,
-//! where [`record_mac_input`] is the unambiguous encoding
+//! The MAC is the authenticator's tag over [`record_mac_input`]`(kind, account, id, rev, body)`,
+//! the unambiguous encoding
 //! `"caas/store/object/v1" ‖ F(kind) ‖ F(account) ‖ F(id) ‖ rev as i64 BE ‖ F(body)` and
 //! `F(x)` is the byte length of `x` as u64 BE followed by `x`. The key service supplies the
 //! authenticator (HMAC-SHA256 under a key the database never sees, [`HmacRecordKey`]).
@@ -18,8 +18,9 @@ use aws_lc_rs::hmac;
 /// Computes the MAC of object rows (the key service derives its key; the database never
 /// holds it).
 pub trait RecordAuthenticator: Send + Sync + 'static {
-    /// The 32-byte tag of a canonical row encoding ([`record_mac_input`]).
-    fn tag(&self, message: &[u8]) -> [u8; 32];
+    /// The 32-byte tag of the concatenation of `parts` (the pieces of a canonical row
+    /// encoding, [`record_mac_input`], given one by one so that no row body is copied).
+    fn tag(&self, parts: &[&[u8]]) -> [u8; 32];
 }
 
 /// HMAC-SHA256 record authenticator.
@@ -39,8 +40,12 @@ impl std::fmt::Debug for HmacRecordKey {
 }
 
 impl RecordAuthenticator for HmacRecordKey {
-    fn tag(&self, message: &[u8]) -> [u8; 32] {
-        let t = hmac::sign(&self.0, message);
+    fn tag(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let mut ctx = hmac::Context::with_key(&self.0);
+        for p in parts {
+            ctx.update(p);
+        }
+        let t = ctx.sign();
         let mut out = [0u8; 32];
         out.copy_from_slice(t.as_ref());
         out
@@ -66,6 +71,36 @@ pub fn record_mac_input(kind: &str, account: &str, id: &str, rev: i64, body: &[u
     m
 }
 
+/// The row's tag: [`record_mac_input`]'s encoding, streamed into the authenticator.
+fn row_tag(
+    auth: &dyn RecordAuthenticator,
+    kind: &str,
+    account: &str,
+    id: &str,
+    rev: i64,
+    body: &[u8],
+) -> [u8; 32] {
+    let len = |b: &[u8]| (b.len() as u64).to_be_bytes();
+    let (k, a, i, b) = (
+        len(kind.as_bytes()),
+        len(account.as_bytes()),
+        len(id.as_bytes()),
+        len(body),
+    );
+    auth.tag(&[
+        DOMAIN,
+        &k,
+        kind.as_bytes(),
+        &a,
+        account.as_bytes(),
+        &i,
+        id.as_bytes(),
+        &rev.to_be_bytes(),
+        &b,
+        body,
+    ])
+}
+
 /// The tag the writer stores with a row.
 pub(crate) fn tag_row(
     auth: &dyn RecordAuthenticator,
@@ -75,8 +110,7 @@ pub(crate) fn tag_row(
     rev: i64,
     body: &[u8],
 ) -> Vec<u8> {
-    auth.tag(&record_mac_input(kind, account, id, rev, body))
-        .to_vec()
+    row_tag(auth, kind, account, id, rev, body).to_vec()
 }
 
 /// An object row as read, before its MAC is checked.
@@ -94,9 +128,7 @@ impl RawObject {
             return false;
         };
         let o = &self.obj;
-        let want = auth.tag(&record_mac_input(
-            &o.kind, &o.account, &o.id, o.rev, &o.body,
-        ));
+        let want = row_tag(auth, &o.kind, &o.account, &o.id, o.rev, &o.body);
         aws_lc_rs::constant_time::verify_slices_are_equal(&want, mac).is_ok()
     }
 }
@@ -110,4 +142,24 @@ pub struct RowRef {
     pub account: String,
     /// Object id.
     pub id: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The streamed tag is the tag of [`record_mac_input`]'s bytes (one encoding, two forms).
+    #[test]
+    fn streamed_tag_equals_tag_of_the_canonical_encoding() {
+        let k = HmacRecordKey::new(&[7u8; 32]);
+        let whole = record_mac_input("key", "111122223333", "k1", 3, b"{\"a\":1}");
+        assert_eq!(
+            row_tag(&k, "key", "111122223333", "k1", 3, b"{\"a\":1}"),
+            k.tag(&[&whole])
+        );
+        assert_ne!(
+            row_tag(&k, "key", "111122223333", "k1", 4, b"{\"a\":1}"),
+            k.tag(&[&whole])
+        );
+    }
 }
