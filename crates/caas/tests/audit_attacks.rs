@@ -28,17 +28,9 @@ fn b64(b: &[u8]) -> String {
 
 /// The DBA's tool: runs `sql` with the `sqlite3` CLI on the dev database.
 fn sqlite3(dir: &Path, sql: &str) -> String {
-    let out = Command::new("sqlite3")
-        .arg(dir.join("kms.sqlite3"))
-        .arg(sql)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run sqlite3 ({e}): install the `sqlite3` package"));
-    assert!(
-        out.status.success(),
-        "sqlite3 {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    common::sqlite3(&dir.join("kms.sqlite3"), sql)
+        .trim()
+        .to_string()
 }
 
 /// A few acknowledged requests: a key and some encryptions of it (returns the ciphertexts).
@@ -658,21 +650,6 @@ impl Drop for PgNode {
             let _ = c.wait();
         }
     }
-}
-
-fn caas_ok(args: &[&str], cfg: &Path) -> String {
-    let out = Command::new(caas_bin())
-        .args(args)
-        .arg("--config")
-        .arg(cfg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "caas {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

@@ -102,18 +102,7 @@ impl Node {
 
     /// `caas <args> --config CFG`, which must succeed; its stdout.
     fn caas_ok(&self, args: &[&str]) -> String {
-        let out = Command::new(caas_bin())
-            .args(args)
-            .arg("--config")
-            .arg(&self.cfg)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "caas {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        caas_ok(args, &self.cfg)
     }
 
     /// `caas <args> --config CFG`, stdout as JSON lines.
@@ -159,22 +148,7 @@ impl Node {
     /// The administrator's SQL, with the real CLI of the backend.
     fn sql(&self, sql: &str) -> String {
         match &self.db {
-            Db::Sqlite(path) => {
-                let out = Command::new("sqlite3")
-                    .args(["-bail", "-cmd", ".timeout 10000"])
-                    .arg(path)
-                    .arg(sql)
-                    .output()
-                    .unwrap_or_else(|e| {
-                        panic!("cannot run sqlite3 ({e}): apt-get install sqlite3")
-                    });
-                assert!(
-                    out.status.success(),
-                    "sqlite3: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                String::from_utf8_lossy(&out.stdout).into_owned()
-            }
+            Db::Sqlite(path) => sqlite3(path, sql),
             Db::Postgres(pg) => pg.psql("caas", sql).unwrap_or_else(|e| panic!("{}", e.0)),
         }
     }
@@ -670,20 +644,7 @@ fn dba_edited_domain_key_row_stops_caas_dev_start_up() {
         String::from_utf8_lossy(&out.stderr)
     );
     let db = dir.join("kms.sqlite3");
-    let sqlite = |sql: &str| {
-        let out = Command::new("sqlite3")
-            .args(["-bail", "-cmd", ".timeout 10000"])
-            .arg(&db)
-            .arg(sql)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run sqlite3 ({e}): apt-get install sqlite3"));
-        assert!(
-            out.status.success(),
-            "sqlite3: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let sqlite = |sql: &str| sqlite3(&db, sql);
     // The DBA moves the domain key's creation time (a harmless-looking edit).
     let changed = sqlite(
         "UPDATE objects SET body = CAST(replace(CAST(body AS TEXT), '\"created_ms\":', '\"created_ms\":1') AS BLOB) \

@@ -172,6 +172,40 @@ impl Drop for Dev {
     }
 }
 
+/// `caas <args> --config CFG` (an operator command against a key-service config), which
+/// must succeed; returns its stdout.
+pub fn caas_ok(args: &[&str], cfg: &Path) -> String {
+    let out = Command::new(caas_bin())
+        .args(args)
+        .arg("--config")
+        .arg(cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "caas {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The database administrator's tool: runs `sql` against the SQLite file `db` with the
+/// real `sqlite3` CLI (stops at the first error, waits for locks); returns its output.
+pub fn sqlite3(db: &Path, sql: &str) -> String {
+    let out = Command::new("sqlite3")
+        .args(["-bail", "-cmd", ".timeout 10000"])
+        .arg(db)
+        .arg(sql)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run sqlite3 ({e}): apt-get install sqlite3"));
+    assert!(
+        out.status.success(),
+        "sqlite3 {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Raw HTTP POST to the KMS endpoint (for malformed-input tests).
 pub fn raw_post(endpoint: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
     use std::io::{Read, Write};
