@@ -3,11 +3,12 @@
 //! key less protected than the wrapped one (standard formats carry no attributes; see
 //! [`policy`](crate::policy) for what the token does with those).
 //!
-//! Blob: `"CAW1" || nonce (12) || header length (u32 LE) || header || AES-256-GCM(key bytes)
-//! || tag`, AAD = everything before the ciphertext. The GCM key is HKDF-SHA256 of the
-//! wrapping key's AES value (info `caas-domc wrap v1`), so the format shares no key with
-//! AES key wrap or `C_Encrypt` under the same key; the nonce is the token's own random (no
-//! caller-chosen nonce). The header is the wrapped key's class, key type, CKA_SENSITIVE,
+//! Blob: `"CAW1" || header length (u32 LE) || header || envelope`, where the envelope is
+//! `caas_crypto::aead::seal` (random nonce || AES-256-GCM(key bytes) || tag) with everything
+//! before it as AAD. The GCM key is derived from the wrapping key's AES value with the
+//! SP 800-108 KDF (`caas_crypto::kdf`, label `caas-domc wrap v1`), so the format shares no
+//! key with AES key wrap or `C_Encrypt` under the same key; the nonce is the token's own
+//! random (no caller-chosen nonce). The header is the wrapped key's class, key type, CKA_SENSITIVE,
 //! CKA_EXTRACTABLE, CKA_WRAP_WITH_TRUSTED, usage flags, CKA_ALLOWED_MECHANISMS and
 //! CKA_COPYABLE/CKA_MODIFIABLE/CKA_DESTROYABLE, as `type (u64 LE) || length (u32 LE) ||
 //! value` entries.
@@ -21,7 +22,7 @@
 use crate::error::Ckr;
 use crate::object::{Attrs, Object};
 use crate::policy::USAGE_FLAGS;
-use aws_lc_rs::{aead, hkdf};
+use caas_crypto::{SecretKey, aead, kdf};
 use caas_vsm_proto::attr;
 use caas_vsm_proto::{Attr, Blob};
 use cryptoki_sys::*;
@@ -32,8 +33,6 @@ pub const CKM_CAAS_AES_KEY_WRAP_ATTRS: u64 = CKM_VENDOR_DEFINED | 0x0CAA_0001;
 
 const MAGIC: &[u8; 4] = b"CAW1";
 const INFO: &[u8] = b"caas-domc wrap v1";
-const NONCE: usize = 12;
-const TAG: usize = 16;
 
 /// The attributes bound into a blob.
 fn bound_types() -> impl Iterator<Item = u64> {
@@ -53,16 +52,11 @@ fn bound_types() -> impl Iterator<Item = u64> {
     .chain(USAGE_FLAGS)
 }
 
-fn gcm_key(kek: &[u8]) -> Result<aead::LessSafeKey, Ckr> {
+fn gcm_key(kek: &[u8]) -> Result<SecretKey, Ckr> {
     if !matches!(kek.len(), 16 | 24 | 32) {
         return Err(Ckr(CKR_WRAPPING_KEY_SIZE_RANGE));
     }
-    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[]).extract(kek);
-    let info = [INFO];
-    let okm = prk
-        .expand(&info, &aead::AES_256_GCM)
-        .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
-    Ok(aead::LessSafeKey::new(aead::UnboundKey::from(okm)))
+    kdf::derive_key(kek, INFO, b"").map_err(|_| Ckr(CKR_FUNCTION_FAILED))
 }
 
 /// Wraps `plain` (the key bytes of `k`) under the AES value `kek`, binding `k`'s attributes.
@@ -78,24 +72,13 @@ pub fn seal(kek: &[u8], k: &Object, plain: &[u8]) -> Result<Vec<u8>, Ckr> {
         header.extend_from_slice(&len.to_le_bytes());
         header.extend_from_slice(v);
     }
-    let mut nonce = [0u8; NONCE];
-    aws_lc_rs::rand::fill(&mut nonce).map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
     let hlen = u32::try_from(header.len()).map_err(|_| Ckr(CKR_KEY_NOT_WRAPPABLE))?;
-    let mut out = Vec::with_capacity(4 + NONCE + 4 + header.len() + plain.len() + TAG);
+    let mut out = Vec::with_capacity(8 + header.len() + plain.len() + aead::OVERHEAD);
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&nonce);
     out.extend_from_slice(&hlen.to_le_bytes());
     out.extend_from_slice(&header);
-    let aad_len = out.len();
-    let mut ct = Zeroizing::new(plain.to_vec());
-    gcm_key(kek)?
-        .seal_in_place_append_tag(
-            aead::Nonce::assume_unique_for_key(nonce),
-            aead::Aad::from(&out[..aad_len]),
-            &mut *ct,
-        )
-        .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
-    out.extend_from_slice(&ct);
+    let envelope = aead::seal(&gcm_key(kek)?, &out, plain).map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+    out.extend_from_slice(&envelope);
     Ok(out)
 }
 
@@ -104,24 +87,15 @@ pub fn seal(kek: &[u8], k: &Object, plain: &[u8]) -> Result<Vec<u8>, Ckr> {
 pub fn open(kek: &[u8], blob: &[u8]) -> Result<(Attrs, Zeroizing<Vec<u8>>), Ckr> {
     let bad = Ckr(CKR_WRAPPED_KEY_INVALID);
     let rest = blob.strip_prefix(MAGIC.as_slice()).ok_or(bad)?;
-    let (nonce, rest) = rest.split_first_chunk::<NONCE>().ok_or(bad)?;
     let (hlen, rest) = rest.split_first_chunk::<4>().ok_or(bad)?;
     let hlen = usize::try_from(u32::from_le_bytes(*hlen)).map_err(|_| bad)?;
-    if rest.len() < hlen + TAG {
+    if rest.len() < hlen {
         return Err(bad);
     }
-    let (header, ct) = rest.split_at(hlen);
-    let aad_len = blob.len() - ct.len();
-    let mut plain = Zeroizing::new(ct.to_vec());
-    let n = gcm_key(kek)?
-        .open_in_place(
-            aead::Nonce::assume_unique_for_key(*nonce),
-            aead::Aad::from(&blob[..aad_len]),
-            &mut plain,
-        )
-        .map_err(|_| bad)?
-        .len();
-    plain.truncate(n);
+    let (header, envelope) = rest.split_at(hlen);
+    let aad = &blob[..blob.len() - envelope.len()];
+    let plain = aead::open(&gcm_key(kek)?, aad, envelope).map_err(|_| bad)?;
+    let plain = Zeroizing::new(plain.expose().to_vec());
     let mut attrs = Attrs::new();
     let mut h = header;
     while !h.is_empty() {
