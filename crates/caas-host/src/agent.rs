@@ -114,13 +114,12 @@ impl Agent {
             Err(_) => None,
         };
         let keys = Self::check_or_create_keys(&tpm, &cfg, stored).await?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec_pretty(&keys).map_err(|e| Error::Config(e.to_string()))?,
+        caas_crypto::fs::write_secret(
+            &path,
+            &serde_json::to_vec_pretty(&keys).map_err(|e| Error::Config(e.to_string()))?,
+            None,
         )
-        .map_err(Error::io(format!("write {}", tmp.display())))?;
-        std::fs::rename(&tmp, &path).map_err(Error::io(format!("rename {}", path.display())))?;
+        .map_err(Error::io(format!("write {}", path.display())))?;
         let adv = cfg
             .advertise_url
             .clone()

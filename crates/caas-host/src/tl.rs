@@ -95,13 +95,7 @@ impl RevocationState {
 
     fn store(&self, state_dir: &Path) -> Result<(), Error> {
         let path = Self::path(state_dir);
-        let tmp = path.with_extension("tmp");
-        write_private(&tmp, &wire::to_bytes(self))?;
-        std::fs::rename(&tmp, &path).map_err(Error::io(format!("rename {}", path.display())))?;
-        if let Ok(d) = std::fs::File::open(state_dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        write_private(&path, &wire::to_bytes(self))
     }
 }
 
@@ -721,34 +715,10 @@ async fn finish_domain(pre: Prestart, cfg: &caas_tl::dm::DomcConfig) -> Result<V
     }
 }
 
-/// Writes a 0600 file; with `owner`, a new file (a planted symlink cannot redirect it)
-/// handed to that identity through the descriptor before any byte is written.
-fn write_private_owned(path: &Path, bytes: &[u8], owner: Option<RunAs>) -> Result<(), Error> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).mode(0o600);
-    match owner {
-        Some(_) => {
-            let _ = std::fs::remove_file(path);
-            o.create_new(true)
-        }
-        None => o.create(true).truncate(true),
-    };
-    let mut f = o
-        .open(path)
-        .map_err(Error::io(format!("create {}", path.display())))?;
-    if let Some(id) = owner {
-        std::os::unix::fs::fchown(&f, Some(id.uid), Some(id.gid))
-            .map_err(Error::io(format!("chown {}", path.display())))?;
-    }
-    f.write_all(bytes)
-        .map_err(Error::io(format!("write {}", path.display())))?;
-    f.sync_all()
-        .map_err(Error::io(format!("sync {}", path.display())))
-}
-
+/// A 0600 file of the agent (atomic; the one writer, `caas_crypto::fs`).
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    write_private_owned(path, bytes, None)
+    caas_crypto::fs::write_secret(path, bytes, None)
+        .map_err(Error::io(format!("write {}", path.display())))
 }
 
 /// Writes the workload's spec, injected secrets and PIN file, starts it through its driver
@@ -773,7 +743,8 @@ async fn start_workload(
     let _ = std::fs::remove_file(&inject);
     injected.write_to_owned(&inject, owner).map_err(wl)?;
     let pin_file = dir.join("user.pin");
-    write_private_owned(&pin_file, user_pin.as_bytes(), id.own.then_some(id))?;
+    caas_crypto::fs::write_secret(&pin_file, user_pin.as_bytes(), owner.map(Into::into))
+        .map_err(Error::io(format!("write {}", pin_file.display())))?;
     let ready = dir.join("ready");
     let spec = caas_workload::WorkloadSpec {
         vm_id: vm_id.to_string(),
