@@ -6,8 +6,10 @@
 //! objects, volume keys). All primitives come from aws-lc-rs. [`hardening`] holds the one
 //! process-hygiene routine (non-dumpable, no core files) of every key-holding process;
 //! [`fs`] the one writer of secret files (atomic, 0600, owner set before content, never
-//! through a symbolic link).
+//! through a symbolic link); [`chain`] the one hash-chained, authenticated log construction
+//! (record hash, tags, verifier) of the key service's, crypto domain's and agent's logs.
 pub mod aead;
+pub mod chain;
 mod error;
 pub mod fs;
 pub mod hardening;
