@@ -334,7 +334,7 @@ pub fn hex32(h: &[u8; 32]) -> String {
 /// for anything else.
 #[must_use]
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -347,10 +347,7 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
-    fn chain(
-        n: usize,
-        key: &HmacChainKey,
-    ) -> (Vec<(u64, [u8; 32], [u8; 32], Vec<u8>, Vec<u8>)>, Head) {
+    fn chain(n: usize, key: &HmacChainKey) -> (Vec<Rec>, Head) {
         let mut head = Head::GENESIS;
         let recs = (0..n)
             .map(|i| {
