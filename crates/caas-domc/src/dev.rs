@@ -151,8 +151,13 @@ pub fn start(dir: &Path, exe: &Path) -> Result<DevDomain, Error> {
         dev.stop();
         return Err(e);
     }
-    std::fs::write(&pins, format!("{}\n{}\n", dev.so_pin, dev.user_pin))
-        .map_err(Error::io("write", &pins))?;
+    // The dev token's PINs: a secret file like any other (0600, atomic).
+    caas_crypto::fs::write_secret(
+        &pins,
+        format!("{}\n{}\n", dev.so_pin, dev.user_pin).as_bytes(),
+        None,
+    )
+    .map_err(Error::io("write", &pins))?;
     Ok(dev)
 }
 
