@@ -42,6 +42,18 @@ use zeroize::Zeroizing;
 /// Size limit of a sealed crypto-domain configuration.
 const MAX_CONFIG: u64 = 64 * 1024;
 
+tokio::task_local! {
+    /// The caller of the management call being served (`name[roles]@addr` from its
+    /// certificate), set by the agent's authorization layer; in-process calls have none.
+    pub(crate) static CALLER: String;
+}
+
+fn caller() -> String {
+    CALLER
+        .try_with(|c| c.clone())
+        .unwrap_or_else(|_| "local".to_string())
+}
+
 /// Per-host TL state.
 #[derive(Debug)]
 pub struct TlHost {
@@ -51,7 +63,6 @@ pub struct TlHost {
     audit: std::sync::Mutex<AuditLog>,
     storage: PathBuf,
     run_dir: PathBuf,
-    ttp_pin_file: PathBuf,
     ids: Identities,
     /// The last revocation accepted (its sequence number), kept in `revocation.json`.
     revocation: std::sync::Mutex<RevocationState>,
@@ -329,6 +340,10 @@ pub struct AuditEntry {
     pub subject: String,
     /// `ok` or an error code.
     pub result: String,
+    /// Who called: `name[roles]@addr` from the client certificate, `anonymous@addr`,
+    /// `unverified@addr` (TLS refused), or `local` (in-process). Absent in older records.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub caller: String,
     /// Hash of the previous entry (hex).
     pub prev: String,
     /// SHA-256 of this entry without `hash` (hex).
@@ -358,13 +373,14 @@ impl AuditLog {
         Self { path, seq, prev }
     }
 
-    fn append(&mut self, op: &str, subject: &str, result: &str) {
+    fn append(&mut self, op: &str, subject: &str, result: &str, caller: &str) {
         let mut e = AuditEntry {
             seq: self.seq + 1,
             time_ms: caas_attest::now_ms(),
             op: op.into(),
             subject: subject.chars().take(256).collect(),
             result: result.into(),
+            caller: caller.chars().take(256).collect(),
             prev: self.prev.clone(),
             hash: String::new(),
         };
@@ -421,22 +437,16 @@ impl TlHost {
             std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o711))
                 .map_err(Error::io(format!("chmod {}", run_dir.display())))?;
         }
-        let ttp_pin_file = cfg.state_dir.join("ttp.pub");
-        let pinned = match &cfg.ttp_public_key {
-            Some(p) => Some(p.clone()),
-            None => std::fs::read_to_string(&ttp_pin_file)
-                .ok()
-                .and_then(|s| TtpPublic::from_text(&s).ok()),
-        };
+        // pk_TTP: configured, or fetched over the authenticated channel (see `Agent::ttp`);
+        // never read back from a file an earlier, unauthenticated fetch could have written.
         Ok(Self {
-            ttp: std::sync::RwLock::new(pinned),
+            ttp: std::sync::RwLock::new(cfg.ttp_public_key.clone()),
             replay: sc::ReplayCache::default(),
             workloads: tokio::sync::Mutex::new(HashMap::new()),
             audit: std::sync::Mutex::new(AuditLog::open(cfg.state_dir.join("audit.jsonl"))),
             storage: cfg.storage_dir.clone(),
             ids: Identities::new(cfg.workload_ids, cfg.isolation, run_dir.clone()),
             run_dir,
-            ttp_pin_file,
             revocation: std::sync::Mutex::new(RevocationState::load(&cfg.state_dir)),
         })
     }
@@ -447,7 +457,15 @@ impl TlHost {
             Err(e) => error_code(e).to_string(),
         };
         if let Ok(mut a) = self.audit.lock() {
-            a.append(op, subject, &result);
+            a.append(op, subject, &result, &caller());
+        }
+    }
+
+    /// Records a refused call (authentication or authorization) with its caller.
+    pub(crate) fn audit_refusal(&self, op: &str, subject: &str, caller: &str, code: &str) {
+        tracing::warn!(%op, %subject, %caller, %code, "agent API call refused");
+        if let Ok(mut a) = self.audit.lock() {
+            a.append(op, subject, code, caller);
         }
     }
 
@@ -873,18 +891,27 @@ impl Agent {
         })
     }
 
-    /// pk_TTP: configured, pinned, or fetched once from the key service and pinned.
+    /// pk_TTP: configured (`ttp_public_key`), or fetched from the key service over HTTPS
+    /// (the deployment CA pinned, the `key-service` role required) and kept in memory.
+    /// Never trust on first use: over plain HTTP whoever answers could pose as the TTP, so
+    /// without a configured key the agent refuses (`ttp_key_unauthenticated`).
     async fn ttp(&self) -> Result<TtpPublic, Error> {
         if let Ok(g) = self.tl.ttp.read()
             && let Some(p) = g.as_ref()
         {
             return Ok(p.clone());
         }
+        if !self.http.is_tls() {
+            return Err(Error::Tl(caas_tl::Error::rejected(
+                "ttp_key_unauthenticated",
+                "no ttp_public_key configured and the key service is not reached over \
+                 authenticated TLS: the TTP's key is never taken on first use",
+            )));
+        }
         let p: TtpPublic = self
             .http
             .get(&format!("{}/v1/tl/ttp", self.cfg.key_service_url))
             .await?;
-        write_private(&self.tl.ttp_pin_file, p.to_text().as_bytes())?;
         if let Ok(mut g) = self.tl.ttp.write() {
             *g = Some(p.clone());
         }

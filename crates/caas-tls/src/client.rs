@@ -9,6 +9,10 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// The connector [`ClientTls::connector`] returns.
+pub type HttpsConnector =
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
 /// What a client pins and presents.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientTls {
@@ -35,9 +39,9 @@ impl ServerCertVerifier for RoleVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let ok = self
-            .inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        let ok =
+            self.inner
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
         match PeerIdentity::from_der(end_entity) {
             Ok(id) if id.has(self.role) => Ok(ok),
             _ => Err(rustls::Error::InvalidCertificate(
@@ -89,24 +93,19 @@ impl ClientTls {
                     role,
                 })),
         };
-        let mut cfg = match &self.identity {
+        // No ALPN here: the hyper-rustls connector sets it (and refuses a preset one).
+        let cfg = match &self.identity {
             None => builder.with_no_client_auth(),
             Some(f) => builder
                 .with_client_auth_cert(crate::read_certs(&f.cert)?, crate::read_key(&f.key)?)
                 .map_err(|e| Error::Config(format!("{}: {e}", f.cert.display())))?,
         };
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(cfg)
     }
 
     /// A hyper-util connector for `https://` URLs with this configuration (`http://` URLs
     /// are refused by the connector: a client that pins a CA never talks in the clear).
-    pub fn connector(
-        &self,
-    ) -> Result<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Error,
-    > {
+    pub fn connector(&self) -> Result<HttpsConnector, Error> {
         let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
         http.set_nodelay(true);
         http.enforce_http(false);

@@ -132,9 +132,8 @@ impl DevCa {
         let mut p = CertificateParams::new(hosts.iter().map(|s| s.to_string()).collect::<Vec<_>>())
             .map_err(gen_err)?;
         for r in roles {
-            p.subject_alt_names.push(SanType::URI(
-                r.uri().try_into().map_err(gen_err)?,
-            ));
+            p.subject_alt_names
+                .push(SanType::URI(r.uri().try_into().map_err(gen_err)?));
         }
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, name);
