@@ -104,7 +104,8 @@ impl AgentArgs {
 /// `caas host ...`
 #[derive(Debug, Subcommand)]
 pub enum HostCommand {
-    /// Run the host agent (owns this host's TPM).
+    /// Run the host agent (owns this host's TPM; HTTPS API, every route but /healthz needs
+    /// a client certificate from the deployment CA with a role the route allows).
     Serve {
         /// Agent config file (TOML).
         #[arg(long, env = "CAAS_HOST_CONFIG")]

@@ -255,6 +255,19 @@ impl RawConfig {
                 "key_service_url must be an http(s) URL".into(),
             ));
         }
+        if let Some(u) = &self.advertise_url
+            && !u.starts_with("https://")
+        {
+            return Err(Error::Config(format!(
+                "advertise_url '{u}': the agent API is served over HTTPS only"
+            )));
+        }
+        if self.advertise_url.is_none() && listen.ip().is_unspecified() {
+            return Err(Error::Config(format!(
+                "listen {listen} is a wildcard address: set advertise_url to the https:// URL \
+                 (a name or address in the agent's certificate) the key service should use"
+            )));
+        }
         if self.mode == Mode::Production {
             if !self.tcti.starts_with("device:") {
                 return Err(Error::Config(format!(
@@ -411,6 +424,14 @@ mod tests {
                 "name = \"h1\"\nkey_service_url = \"http://ks:7300\"\nstate_dir = \"/x\"\n{tls}"
             ),
             Err("https"),
+        );
+        check(
+            &format!("{prod}advertise_url = \"http://h1:7400\"\n{tls}"),
+            Err("HTTPS only"),
+        );
+        check(
+            &format!("{prod}listen = \"0.0.0.0:7400\"\n{tls}"),
+            Err("advertise_url"),
         );
     }
 
