@@ -66,6 +66,50 @@ pub struct TlHost {
     ids: Identities,
     /// The last revocation accepted (its sequence number), kept in `revocation.json`.
     revocation: std::sync::Mutex<RevocationState>,
+    /// Bounds the audit records of refused calls (each is fsync'd).
+    refusals: std::sync::Mutex<RefusalBudget>,
+}
+
+/// At most [`RefusalBudget::PER_SECOND`] refusal records a second: beyond that, refused
+/// calls are counted and one `RefusalsSuppressed` record with the count is written when the
+/// next second opens, so an unauthenticated flood cannot grow the log (and its fsyncs)
+/// without bound nor go unrecorded.
+#[derive(Debug)]
+struct RefusalBudget {
+    window: Instant,
+    used: u32,
+    suppressed: u64,
+}
+
+impl RefusalBudget {
+    const PER_SECOND: u32 = 50;
+
+    fn new() -> Self {
+        Self {
+            window: Instant::now(),
+            used: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether this refusal is recorded; `Some(n)` first when `n` were suppressed before.
+    fn admit(&mut self, now: Instant) -> (bool, Option<u64>) {
+        let mut flushed = None;
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
+            self.window = now;
+            self.used = 0;
+            if self.suppressed > 0 {
+                flushed = Some(std::mem::take(&mut self.suppressed));
+            }
+        }
+        if self.used < Self::PER_SECOND {
+            self.used += 1;
+            (true, flushed)
+        } else {
+            self.suppressed += 1;
+            (false, flushed)
+        }
+    }
 }
 
 /// What the agent keeps of the last TTP revocation it applied (`STATE/revocation.json`,
@@ -448,6 +492,7 @@ impl TlHost {
             ids: Identities::new(cfg.workload_ids, cfg.isolation, run_dir.clone()),
             run_dir,
             revocation: std::sync::Mutex::new(RevocationState::load(&cfg.state_dir)),
+            refusals: std::sync::Mutex::new(RefusalBudget::new()),
         })
     }
 
@@ -463,9 +508,18 @@ impl TlHost {
 
     /// Records a refused call (authentication or authorization) with its caller.
     pub(crate) fn audit_refusal(&self, op: &str, subject: &str, caller: &str, code: &str) {
-        tracing::warn!(%op, %subject, %caller, %code, "agent API call refused");
+        let (record, flushed) = match self.refusals.lock() {
+            Ok(mut b) => b.admit(Instant::now()),
+            Err(_) => (true, None),
+        };
         if let Ok(mut a) = self.audit.lock() {
-            a.append(op, subject, code, caller);
+            if let Some(n) = flushed {
+                a.append("RefusalsSuppressed", &n.to_string(), "rate_limited", "-");
+            }
+            if record {
+                tracing::warn!(%op, %subject, %caller, %code, "agent API call refused");
+                a.append(op, subject, code, caller);
+            }
         }
     }
 
@@ -1575,5 +1629,23 @@ impl Agent {
         let path = self.cfg.state_dir.join("audit.jsonl");
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         verify_audit_log(&text).map_err(Error::Config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_records_are_bounded_and_the_rest_counted() {
+        let mut b = RefusalBudget::new();
+        let t0 = b.window;
+        let admitted = (0..200).filter(|_| b.admit(t0).0).count();
+        assert_eq!(admitted, RefusalBudget::PER_SECOND as usize);
+        // The next second: recorded again, with the count of the suppressed ones.
+        let (ok, flushed) = b.admit(t0 + Duration::from_millis(1001));
+        assert!(ok);
+        assert_eq!(flushed, Some(150));
+        assert_eq!(b.admit(t0 + Duration::from_millis(1002)).1, None);
     }
 }
