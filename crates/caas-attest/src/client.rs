@@ -1,6 +1,10 @@
-//! A small JSON-over-HTTP client (hyper-util) shared by the verifier (to reach host
-//! agents), the host agent (to enroll) and the CLI (to reach the key service). Error bodies
-//! of caas services (`{"code", "message"}`) become [`Error::Remote`].
+//! A small JSON-over-HTTP(S) client (hyper-util) shared by the verifier (to reach host
+//! agents), the TTP and scheduler, the host agent (to enroll) and the CLI (to reach the key
+//! service). Error bodies of caas services (`{"code", "message"}`) become [`Error::Remote`].
+//!
+//! [`HttpClient::with_tls`] pins the deployment CA (`caas_tls::client::ClientTls`), presents
+//! a client certificate and refuses `http://` URLs; [`HttpClient::new`] is plain HTTP (the
+//! loopback key service of `caas dev`, public reads).
 
 use crate::appraisal::Evidence;
 use crate::error::Error;
@@ -16,10 +20,18 @@ use std::time::Duration;
 /// Largest response body accepted.
 const MAX_BODY: usize = 32 << 20;
 
+use caas_tls::client::HttpsConnector;
+
+#[derive(Debug, Clone)]
+enum Inner {
+    Plain(Client<HttpConnector, Full<Bytes>>),
+    Tls(Client<HttpsConnector, Full<Bytes>>),
+}
+
 /// JSON HTTP client.
 #[derive(Debug, Clone)]
 pub struct HttpClient {
-    inner: Client<HttpConnector, Full<Bytes>>,
+    inner: Inner,
     timeout: Duration,
 }
 
@@ -35,9 +47,26 @@ impl HttpClient {
         let mut c = HttpConnector::new();
         c.set_nodelay(true);
         Self {
-            inner: Client::builder(TokioExecutor::new()).build(c),
+            inner: Inner::Plain(Client::builder(TokioExecutor::new()).build(c)),
             timeout,
         }
+    }
+
+    /// An HTTPS-only client: the server must chain to `tls.ca` (and carry
+    /// `tls.server_role`), and the client presents `tls.identity`.
+    pub fn with_tls(timeout: Duration, tls: &caas_tls::client::ClientTls) -> Result<Self, Error> {
+        let conn = tls
+            .connector()
+            .map_err(|e| Error::InvalidRequest(format!("TLS client: {e}")))?;
+        Ok(Self {
+            inner: Inner::Tls(Client::builder(TokioExecutor::new()).build(conn)),
+            timeout,
+        })
+    }
+
+    /// Whether this client speaks TLS only.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.inner, Inner::Tls(_))
     }
 
     /// Sends `method url` with an optional JSON body and decodes the JSON answer.
@@ -62,10 +91,13 @@ impl HttpClient {
         let req = b
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| agent_err(format!("request: {e}")))?;
-        let resp = tokio::time::timeout(self.timeout, self.inner.request(req))
-            .await
+        let sent = match &self.inner {
+            Inner::Plain(c) => tokio::time::timeout(self.timeout, c.request(req)).await,
+            Inner::Tls(c) => tokio::time::timeout(self.timeout, c.request(req)).await,
+        };
+        let resp = sent
             .map_err(|_| agent_err("timed out".into()))?
-            .map_err(|e| agent_err(format!("connect: {e}")))?;
+            .map_err(|e| agent_err(format!("connect: {}", error_chain(&e))))?;
         let status = resp.status().as_u16();
         let limited = http_body_util::Limited::new(resp.into_body(), MAX_BODY);
         let bytes = tokio::time::timeout(self.timeout, limited.collect())
@@ -121,11 +153,46 @@ impl HttpClient {
     }
 }
 
+/// `e` and its sources (a TLS refusal is only visible in the sources).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// Fetches evidence from host agents: `POST {agent_url}/v1/agent/quote` with the challenge.
+/// Host agents answer only the key service's certificate: build it with
+/// [`AgentClient::with_tls`] (the default is plain HTTP and is refused by every agent).
 #[derive(Debug, Clone, Default)]
 pub struct AgentClient {
     /// The HTTP client.
     pub http: HttpClient,
+}
+
+impl AgentClient {
+    /// The key service's client to host agents: the deployment CA pinned, agents must hold
+    /// the `host` role, the key service presents `identity` (its `key-service` certificate).
+    pub fn with_tls(
+        timeout: Duration,
+        ca: &std::path::Path,
+        identity: caas_tls::pki::CertFiles,
+    ) -> Result<Self, Error> {
+        Ok(Self {
+            http: HttpClient::with_tls(
+                timeout,
+                &caas_tls::client::ClientTls {
+                    ca: ca.to_path_buf(),
+                    identity: Some(identity),
+                    server_role: Some(caas_tls::Role::Host),
+                },
+            )?,
+        })
+    }
 }
 
 impl EvidenceSource for AgentClient {

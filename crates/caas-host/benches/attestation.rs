@@ -12,7 +12,6 @@
 //!    ActivateCredential.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use caas_attest::client::AgentClient;
 use caas_attest::ekcert::EkCaStore;
 use caas_attest::registrar::Registrar;
 use caas_attest::service::AttestState;
@@ -86,7 +85,7 @@ async fn run() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     eprintln!("preparing {n_hosts} swtpm dev hosts ...");
-    let mut hosts = DevHosts::prepare(dir.path(), n_hosts, &url, None)
+    let mut hosts = DevHosts::prepare(dir.path(), n_hosts, &url, Default::default())
         .await
         .unwrap();
     let mut ca = EkCaStore::new();
@@ -105,7 +104,7 @@ async fn run() {
             default_profile: Some("dev".into()),
         },
         verifier: Verifier::new(store.clone(), 3_600_000),
-        source: AgentClient::default(),
+        source: hosts.agent_client().unwrap(),
         on_trust_change: None,
     });
     let app = caas_attest::service::router(state.clone());
@@ -134,8 +133,8 @@ async fn run() {
     let mut set = tokio::task::JoinSet::new();
     for rec in recs.clone() {
         let v = verifier.clone();
+        let src = hosts.agent_client().unwrap();
         set.spawn(async move {
-            let src = AgentClient::default();
             let mut out = Vec::new();
             for _ in 0..per_host {
                 let ch = v.challenge(&rec.name, now_ms()).await.unwrap();

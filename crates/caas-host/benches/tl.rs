@@ -13,7 +13,7 @@
 //!    2.7 s in total with a TPM 1.2.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use caas_attest::client::{AgentClient, HttpClient};
+use caas_attest::client::HttpClient;
 use caas_attest::ekcert::EkCaStore;
 use caas_attest::registrar::Registrar;
 use caas_attest::service::AttestState;
@@ -74,7 +74,12 @@ async fn run() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     eprintln!("preparing a swtpm dev host ...");
-    let mut hosts = DevHosts::prepare(dir.path(), 1, &url, None).await.unwrap();
+    let ttp_keys = TtpKeys::generate().unwrap();
+    let opts = caas_host::dev::DevOptions {
+        ttp_public_key: Some(ttp_keys.public().unwrap()),
+        ..Default::default()
+    };
+    let mut hosts = DevHosts::prepare(dir.path(), 1, &url, opts).await.unwrap();
     let mut ca = EkCaStore::new();
     for f in hosts.ca_cert_files() {
         ca.add(&std::fs::read(f).unwrap()).unwrap();
@@ -95,10 +100,10 @@ async fn run() {
             default_profile: Some("dev".into()),
         },
         verifier: Verifier::new(store.clone(), 3_600_000),
-        source: AgentClient::default(),
+        source: hosts.agent_client().unwrap(),
         on_trust_change: None,
     });
-    let tl = Arc::new(TlService::new(store.clone(), TtpKeys::generate().unwrap()));
+    let tl = Arc::new(TlService::new(store.clone(), ttp_keys));
     let ttp = tl.public().unwrap();
     let app =
         caas_attest::service::router(state.clone()).merge(caas_tl::service::router(tl.clone()));

@@ -3,8 +3,13 @@
 //! key service (EK certificate → MakeCredential/ActivateCredential), and answers
 //! attestation challenges with a quote, the PCR values and the boot event log.
 //!
-//! The management API (for the untrusted cloud management) only reports status and public
-//! material: no operation reveals key material, because the agent holds none outside the TPM.
+//! The API is served over TLS only ([`caas_tls::server`]) and every route but `/healthz`
+//! needs a client certificate from the deployment CA whose role the route allows: the one
+//! table is [`ROUTES`] (key service: quote, launch, attach, revoke; operators: list, stop,
+//! status, audit, re-enroll). Refusals and management calls are audited with the caller's
+//! certificate identity. The management API (for the untrusted cloud management) only
+//! reports status and public material: no operation reveals key material, because the agent
+//! holds none outside the TPM.
 //!
 //! ```mermaid
 //! stateDiagram-v2
@@ -19,8 +24,9 @@
 use crate::config::AgentConfig;
 use crate::error::Error;
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use caas_attest::client::HttpClient;
 use caas_attest::registrar::{EnrollChallenge, EnrollFinish, EnrollRequest};
@@ -28,6 +34,7 @@ use caas_attest::service::HostView;
 use caas_attest::store::BindKeyRecord;
 use caas_attest::verifier::Challenge;
 use caas_attest::{Evidence, HashAlg};
+use caas_tls::Role;
 use caas_tpm::{KeyBlob, PcrBank, TpmHandle};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -122,14 +129,15 @@ impl Agent {
         let adv = cfg
             .advertise_url
             .clone()
-            .unwrap_or_else(|| format!("http://{}", cfg.listen));
+            .unwrap_or_else(|| format!("https://{}", cfg.listen));
         let tl = crate::tl::TlHost::new(&cfg)?;
+        let http = cfg.key_service_client(std::time::Duration::from_secs(30))?;
         Ok(Self {
             cfg,
             tpm,
             keys,
             tl,
-            http: HttpClient::default(),
+            http,
             enrolled: AtomicBool::new(false),
             advertise_url: Mutex::new(adv),
         })
@@ -365,98 +373,287 @@ pub struct DevMeasure {
     pub data: String,
 }
 
-/// The agent's HTTP API: `POST /v1/agent/quote` (attestation); the management API
-/// `GET /v1/agent/status`, `GET /v1/agent/bind-key`, `POST /v1/agent/enroll`,
-/// `GET|POST /v1/agent/workloads` (list, trusted launch), `POST
-/// /v1/agent/workloads/{vm}/stop`, `POST /v1/agent/workloads/{vm}/volumes` (DBSP attach),
-/// `GET /v1/agent/audit`; `POST /v1/agent/revoke` (TTP-signed); dev hosts only `POST
-/// /v1/agent/dev/measure`. No route returns key material.
-pub fn router(agent: Arc<Agent>) -> Router {
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone (liveness only).
+    Public,
+    /// A client certificate from the deployment CA with one of these roles.
+    Roles(&'static [Role]),
+}
+
+/// The operation behind a route (its handler, and its name in the audit log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `GET /healthz`.
+    Health,
+    /// Attestation: quote + PCRs + event log for a verifier's challenge.
+    Quote,
+    /// The AK-certified bind key (public).
+    GetBindKey,
+    /// Agent status.
+    GetStatus,
+    /// Re-enroll with the key service.
+    Enroll,
+    /// List workloads.
+    ListWorkloads,
+    /// Trusted launch (the scheduler forwards a DM's TL.Request).
+    LaunchWorkload,
+    /// Stop a workload and its crypto domain.
+    StopWorkload,
+    /// DBSP: attach a domain volume.
+    AttachVolume,
+    /// TTP revocation (TTP-signed notice as well).
+    Revoke,
+    /// The agent's audit log.
+    GetAudit,
+    /// Dev hosts only: extend a PCR.
+    DevMeasure,
+}
+
+impl Op {
+    /// Name in the audit log.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Health => "Health",
+            Op::Quote => "Quote",
+            Op::GetBindKey => "GetBindKey",
+            Op::GetStatus => "GetStatus",
+            Op::Enroll => "Enroll",
+            Op::ListWorkloads => "ListWorkloads",
+            Op::LaunchWorkload => "LaunchWorkload",
+            Op::StopWorkload => "StopWorkload",
+            Op::AttachVolume => "AttachVolume",
+            Op::Revoke => "Revoke",
+            Op::GetAudit => "GetAudit",
+            Op::DevMeasure => "DevMeasure",
+        }
+    }
+}
+
+/// One route of the agent API.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteSpec {
+    /// HTTP method.
+    pub method: &'static str,
+    /// Path (axum syntax).
+    pub path: &'static str,
+    /// Operation.
+    pub op: Op,
+    /// Who may call it.
+    pub access: Access,
+    /// Routed only on dev hosts with `dev_measure` (production refuses it at load).
+    pub dev_only: bool,
+}
+
+const KS: &[Role] = &[Role::KeyService];
+const OPS: &[Role] = &[Role::Operator];
+const KS_OPS: &[Role] = &[Role::KeyService, Role::Operator];
+
+const fn r(method: &'static str, path: &'static str, op: Op, access: Access) -> RouteSpec {
+    RouteSpec {
+        method,
+        path,
+        op,
+        access,
+        dev_only: false,
+    }
+}
+
+/// THE table of the agent API: [`router`] is built from it (a route that is not here does
+/// not exist), and the authorization layer reads it. Roles come from the caller's client
+/// certificate (SAN URI `caas:role:<role>`), which must chain to the deployment CA.
+pub const ROUTES: &[RouteSpec] = &[
+    r("GET", "/healthz", Op::Health, Access::Public),
+    r("POST", "/v1/agent/quote", Op::Quote, Access::Roles(KS)),
+    r(
+        "GET",
+        "/v1/agent/bind-key",
+        Op::GetBindKey,
+        Access::Roles(KS_OPS),
+    ),
+    r(
+        "GET",
+        "/v1/agent/status",
+        Op::GetStatus,
+        Access::Roles(KS_OPS),
+    ),
+    r("POST", "/v1/agent/enroll", Op::Enroll, Access::Roles(OPS)),
+    r(
+        "GET",
+        "/v1/agent/workloads",
+        Op::ListWorkloads,
+        Access::Roles(OPS),
+    ),
+    r(
+        "POST",
+        "/v1/agent/workloads",
+        Op::LaunchWorkload,
+        Access::Roles(KS),
+    ),
+    r(
+        "POST",
+        "/v1/agent/workloads/{vm}/stop",
+        Op::StopWorkload,
+        Access::Roles(OPS),
+    ),
+    r(
+        "POST",
+        "/v1/agent/workloads/{vm}/volumes",
+        Op::AttachVolume,
+        Access::Roles(KS),
+    ),
+    r("POST", "/v1/agent/revoke", Op::Revoke, Access::Roles(KS)),
+    r("GET", "/v1/agent/audit", Op::GetAudit, Access::Roles(OPS)),
+    RouteSpec {
+        method: "POST",
+        path: "/v1/agent/dev/measure",
+        op: Op::DevMeasure,
+        access: Access::Roles(OPS),
+        dev_only: true,
+    },
+];
+
+/// The routes this agent serves (the dev-only one only with `dev_measure`).
+pub fn routes(cfg: &AgentConfig) -> impl Iterator<Item = &'static RouteSpec> + '_ {
+    ROUTES.iter().filter(|r| !r.dev_only || cfg.dev_measure)
+}
+
+fn handler(op: Op) -> MethodRouter<Arc<Agent>> {
     use crate::tl::AttachRequest;
     use axum::extract::Path;
     use caas_tl::wire::{LaunchCall, Signed};
-    Router::new()
-        .route(
-            "/v1/agent/workloads",
-            post(
-                |State(a): State<Arc<Agent>>, Json(c): Json<LaunchCall>| async move {
-                    a.launch(&c).await.map(Json).map_err(ApiError)
-                },
+    match op {
+        Op::Health => get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
+        Op::Quote => post(
+            |State(a): State<Arc<Agent>>, Json(ch): Json<Challenge>| async move {
+                a.evidence(&ch).await.map(Json).map_err(ApiError)
+            },
+        ),
+        Op::GetBindKey => get(|State(a): State<Arc<Agent>>| async move { Json(a.bind_key()) }),
+        Op::GetStatus => get(|State(a): State<Arc<Agent>>| async move { Json(a.status()) }),
+        Op::Enroll => post(|State(a): State<Arc<Agent>>| async move {
+            a.enroll().await.map(Json).map_err(ApiError)
+        }),
+        Op::ListWorkloads => {
+            get(|State(a): State<Arc<Agent>>| async move { Json(a.workloads().await) })
+        }
+        Op::LaunchWorkload => post(
+            |State(a): State<Arc<Agent>>, Json(c): Json<LaunchCall>| async move {
+                a.launch(&c).await.map(Json).map_err(ApiError)
+            },
+        ),
+        Op::StopWorkload => post(
+            |State(a): State<Arc<Agent>>, Path(vm): Path<String>| async move {
+                a.stop_workload(&vm)
+                    .await
+                    .map(|()| Json(serde_json::json!({ "stopped": vm })))
+                    .map_err(ApiError)
+            },
+        ),
+        Op::AttachVolume => post(
+            |State(a): State<Arc<Agent>>, Path(vm): Path<String>, Json(r): Json<AttachRequest>| async move {
+                a.attach_volume(&vm, &r).await.map(Json).map_err(ApiError)
+            },
+        ),
+        Op::Revoke => post(
+            |State(a): State<Arc<Agent>>, Json(n): Json<Signed>| async move {
+                a.revoke(&n)
+                    .await
+                    .map(|n| Json(serde_json::json!({ "stopped": n })))
+                    .map_err(ApiError)
+            },
+        ),
+        Op::GetAudit => {
+            get(
+                |State(a): State<Arc<Agent>>| async move { a.audit_log().map(Json).map_err(ApiError) },
             )
-            .get(|State(a): State<Arc<Agent>>| async move { Json(a.workloads().await) }),
-        )
-        .route(
-            "/v1/agent/workloads/{vm}/stop",
-            post(
-                |State(a): State<Arc<Agent>>, Path(vm): Path<String>| async move {
-                    a.stop_workload(&vm)
-                        .await
-                        .map(|()| Json(serde_json::json!({ "stopped": vm })))
-                        .map_err(ApiError)
-                },
-            ),
-        )
-        .route(
-            "/v1/agent/workloads/{vm}/volumes",
-            post(
-                |State(a): State<Arc<Agent>>,
-                 Path(vm): Path<String>,
-                 Json(r): Json<AttachRequest>| async move {
-                    a.attach_volume(&vm, &r).await.map(Json).map_err(ApiError)
-                },
-            ),
-        )
-        .route(
-            "/v1/agent/revoke",
-            post(
-                |State(a): State<Arc<Agent>>, Json(n): Json<Signed>| async move {
-                    a.revoke(&n)
-                        .await
-                        .map(|n| Json(serde_json::json!({ "stopped": n })))
-                        .map_err(ApiError)
-                },
-            ),
-        )
-        .route(
-            "/v1/agent/dev/measure",
-            post(
-                |State(a): State<Arc<Agent>>, Json(m): Json<DevMeasure>| async move {
-                    a.dev_measure(m.pcr, m.data.as_bytes())
-                        .await
-                        .map(|()| Json(serde_json::json!({ "extended": m.pcr })))
-                        .map_err(ApiError)
-                },
-            ),
-        )
-        .route(
-            "/v1/agent/audit",
-            get(|State(a): State<Arc<Agent>>| async move {
-                a.audit_log().map(Json).map_err(ApiError)
-            }),
-        )
-        .route(
-            "/v1/agent/quote",
-            post(
-                |State(a): State<Arc<Agent>>, Json(ch): Json<Challenge>| async move {
-                    a.evidence(&ch).await.map(Json).map_err(ApiError)
-                },
-            ),
-        )
-        .route(
-            "/v1/agent/status",
-            get(|State(a): State<Arc<Agent>>| async move { Json(a.status()) }),
-        )
-        .route(
-            "/v1/agent/bind-key",
-            get(|State(a): State<Arc<Agent>>| async move { Json(a.bind_key()) }),
-        )
-        .route(
-            "/v1/agent/enroll",
-            post(|State(a): State<Arc<Agent>>| async move {
-                a.enroll().await.map(Json).map_err(ApiError)
-            }),
-        )
-        .with_state(agent)
+        }
+        Op::DevMeasure => post(
+            |State(a): State<Arc<Agent>>, Json(m): Json<DevMeasure>| async move {
+                a.dev_measure(m.pcr, m.data.as_bytes())
+                    .await
+                    .map(|()| Json(serde_json::json!({ "extended": m.pcr })))
+                    .map_err(ApiError)
+            },
+        ),
+    }
+}
+
+fn refusal(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(serde_json::json!({ "code": code, "message": message })),
+    )
+        .into_response()
+}
+
+/// The authorization layer: runs before any extractor (so before the body is read or
+/// parsed). The route's entry in [`ROUTES`] decides; a request without a verified client
+/// certificate, or with one lacking the route's role, is refused (401 `unauthenticated`,
+/// 403 `forbidden`) and the refusal is audited with the caller. Allowed management calls
+/// run with the caller recorded for their own audit records.
+async fn authorize(
+    State(a): State<Arc<Agent>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let method = match req.method().as_str() {
+        "HEAD" => "GET",
+        m => m,
+    };
+    let peer = req.extensions().get::<caas_tls::server::Peer>().cloned();
+    let caller = peer
+        .as_ref()
+        .map_or_else(|| "anonymous@local".to_string(), |p| p.to_string());
+    let Some(spec) = ROUTES.iter().find(|r| r.path == path && r.method == method) else {
+        a.tl.audit_refusal("Unrouted", req.uri().path(), &caller, "forbidden");
+        return refusal(StatusCode::FORBIDDEN, "forbidden", "no such operation");
+    };
+    let roles = match spec.access {
+        Access::Public => return next.run(req).await,
+        Access::Roles(roles) => roles,
+    };
+    let subject = req.uri().path().to_string();
+    match peer.as_ref().and_then(|p| p.identity.as_ref()) {
+        None => {
+            a.tl.audit_refusal(spec.op.name(), &subject, &caller, "unauthenticated");
+            refusal(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "a client certificate from the deployment CA is required",
+            )
+        }
+        Some(id) if !roles.iter().any(|r| id.has(*r)) => {
+            a.tl.audit_refusal(spec.op.name(), &subject, &caller, "forbidden");
+            refusal(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the caller's role may not call this operation",
+            )
+        }
+        Some(_) => crate::tl::CALLER.scope(caller, next.run(req)).await,
+    }
+}
+
+/// The agent's HTTP API, built from [`ROUTES`] (see there for each route's roles); every
+/// route but `/healthz` goes through the authorization layer. `POST /v1/agent/revoke` is
+/// TTP-signed as well. No route returns key material.
+pub fn router(agent: Arc<Agent>) -> Router {
+    let mut app: Router<Arc<Agent>> = Router::new();
+    for spec in routes(&agent.cfg) {
+        app = app.route(spec.path, handler(spec.op));
+    }
+    app.route_layer(axum::middleware::from_fn_with_state(
+        agent.clone(),
+        authorize,
+    ))
+    .with_state(agent)
 }
 
 /// A running agent (API server + enrollment loop).
@@ -487,11 +684,24 @@ pub async fn spawn(cfg: AgentConfig) -> Result<RunningAgent, Error> {
     let url = {
         let mut adv = agent.advertise_url.lock().await;
         if agent.cfg.advertise_url.is_none() {
-            *adv = format!("http://{addr}");
+            *adv = format!("https://{addr}");
         }
         adv.clone()
     };
     let app = router(agent.clone());
+    let tls = caas_tls::server::server_config(&agent.cfg.tls)
+        .map_err(|e| Error::Config(format!("agent TLS: {e}")))?;
+    // A handshake refused on its certificate (another CA, expired, ...) is audited too.
+    let a3 = agent.clone();
+    let on_refused: caas_tls::server::OnRefused = Arc::new(move |addr, reason| {
+        tracing::warn!(%addr, %reason, "TLS client refused");
+        a3.tl.audit_refusal(
+            "TlsHandshake",
+            &reason,
+            &format!("unverified@{addr}"),
+            "bad_certificate",
+        );
+    });
     let a2 = agent.clone();
     let task = tokio::spawn(async move {
         let enroll = tokio::spawn(async move {
@@ -505,7 +715,10 @@ pub async fn spawn(cfg: AgentConfig) -> Result<RunningAgent, Error> {
                 }
             }
         });
-        if let Err(e) = axum::serve(listener, app).await {
+        if let Err(e) =
+            caas_tls::server::serve(listener, app, tls, Some(on_refused), std::future::pending())
+                .await
+        {
             tracing::error!(error = %e, "host agent API stopped");
         }
         enroll.abort();

@@ -21,8 +21,8 @@
 //! `audit.jsonl.broken-<unix ms>` and the new log starts with an `AuditLogBroken` record
 //! naming the fault, so the agent keeps serving and the break is itself audited.
 //!
-//! Format: the record body is the JSON of `seq`, `time_ms`, `op`, `subject`, `result` (in
-//! that order); `prev`, `hash` and `tag` are hex.
+//! Format: the record body is the JSON of `seq`, `time_ms`, `op`, `subject`, `result`,
+//! `caller` (in that order); `prev`, `hash` and `tag` are hex.
 
 use caas_crypto::chain::{self, ChainVerifier, HmacChainKey, LogDomain, RecordSigner as _};
 use std::io::Write as _;
@@ -42,6 +42,10 @@ pub struct AuditEntry {
     pub subject: String,
     /// `ok` or an error code.
     pub result: String,
+    /// Who called: `name[roles]@addr` from the client certificate, `anonymous@addr`,
+    /// `unverified@addr` (TLS refused), or `local` (in-process).
+    #[serde(default)]
+    pub caller: String,
     /// Hash of the previous entry (hex; zeros for the first).
     pub prev: String,
     /// The record hash (`caas_crypto::chain::record_hash`) of this entry's body (hex).
@@ -58,6 +62,7 @@ struct Body<'a> {
     op: &'a str,
     subject: &'a str,
     result: &'a str,
+    caller: &'a str,
 }
 
 impl AuditEntry {
@@ -68,6 +73,7 @@ impl AuditEntry {
             op: &self.op,
             subject: &self.subject,
             result: &self.result,
+            caller: &self.caller,
         })
         .unwrap_or_default()
     }
@@ -154,7 +160,7 @@ impl AuditLog {
                         .file_name()
                         .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
                 );
-                log.append("AuditLogBroken", &subject, "chain_broken");
+                log.append("AuditLogBroken", &subject, "chain_broken", "local");
             }
         }
         log
@@ -174,13 +180,14 @@ impl AuditLog {
     }
 
     /// Appends a record (errors are logged: the call it records has already happened).
-    pub fn append(&mut self, op: &str, subject: &str, result: &str) {
+    pub fn append(&mut self, op: &str, subject: &str, result: &str, caller: &str) {
         let mut e = AuditEntry {
             seq: self.head.seq + 1,
             time_ms: caas_attest::now_ms(),
             op: op.into(),
             subject: subject.chars().take(256).collect(),
             result: result.into(),
+            caller: caller.chars().take(256).collect(),
             prev: String::new(),
             hash: String::new(),
             tag: String::new(),
@@ -249,7 +256,7 @@ mod tests {
         let path = dir.join("audit.jsonl");
         let mut log = AuditLog::open(path.clone(), load_or_create_key(dir).unwrap());
         for i in 0..n {
-            log.append("StopWorkload", &format!("vm-{i}"), "ok");
+            log.append("StopWorkload", &format!("vm-{i}"), "ok", "local");
         }
         (path, key)
     }
@@ -259,7 +266,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (path, key) = log_with(d.path(), 3);
         let mut again = AuditLog::open(path.clone(), load_or_create_key(d.path()).unwrap());
-        again.append("ListWorkloads", "-", "ok");
+        again.append("ListWorkloads", "-", "ok", "local");
         let entries = verify_audit_log(&std::fs::read_to_string(&path).unwrap(), &key).unwrap();
         assert_eq!(entries.len(), 4);
         assert_eq!(entries[3].seq, 4);
@@ -296,7 +303,7 @@ mod tests {
         // The agent, restarted on the edited file, moves it aside and audits the break.
         std::fs::write(&path, &forged).unwrap();
         let mut log = AuditLog::open(path.clone(), load_or_create_key(d.path()).unwrap());
-        log.append("ListWorkloads", "-", "ok");
+        log.append("ListWorkloads", "-", "ok", "local");
         let now = verify_audit_log(&std::fs::read_to_string(&path).unwrap(), &key).unwrap();
         assert_eq!(now[0].op, "AuditLogBroken");
         assert!(now[0].subject.contains("record 2"), "{}", now[0].subject);

@@ -2,6 +2,11 @@
 //! `caas attest HOST` and `caas profile create|list|show|update|from-log`. The binary
 //! crate wires these clap types in and calls the `run_*` functions; each returns the
 //! process exit code. Key-service calls go to `--endpoint` (`CAAS_KMS_ENDPOINT`).
+//!
+//! The operator's calls to a host agent (`caas host workloads|stop|status|audit --agent
+//! URL`) go over HTTPS with the deployment CA pinned and the operator's client certificate
+//! ([`OperatorArgs`]: `CAAS_PKI_CA`, `CAAS_OPERATOR_CERT`, `CAAS_OPERATOR_KEY`, which `caas
+//! dev` writes to `DIR/env`).
 
 use caas_attest::client::HttpClient;
 use caas_attest::service::{AssignProfile, HostView};
@@ -27,10 +32,80 @@ impl KeyServiceArgs {
     }
 }
 
+/// `DIR/env` variable: the deployment CA certificate.
+pub const ENV_PKI_CA: &str = "CAAS_PKI_CA";
+/// `DIR/env` variable: the operator's client certificate for host agents.
+pub const ENV_OPERATOR_CERT: &str = "CAAS_OPERATOR_CERT";
+/// `DIR/env` variable: its key.
+pub const ENV_OPERATOR_KEY: &str = "CAAS_OPERATOR_KEY";
+
+/// An operator's credentials for the host agents' management API.
+#[derive(Debug, Clone, Args)]
+pub struct OperatorArgs {
+    /// The deployment CA (PEM) the agent's certificate must chain to.
+    #[arg(long = "pki-ca", env = ENV_PKI_CA)]
+    pub ca: PathBuf,
+    /// The operator's client certificate (PEM, role operator).
+    #[arg(long = "operator-cert", env = ENV_OPERATOR_CERT)]
+    pub cert: PathBuf,
+    /// Its key (PEM).
+    #[arg(long = "operator-key", env = ENV_OPERATOR_KEY)]
+    pub key: PathBuf,
+}
+
+impl OperatorArgs {
+    /// From `CAAS_PKI_CA`, `CAAS_OPERATOR_CERT`, `CAAS_OPERATOR_KEY`.
+    pub fn from_env() -> anyhow::Result<Self> {
+        let var = |k: &str| {
+            std::env::var_os(k)
+                .map(PathBuf::from)
+                .ok_or_else(|| anyhow::anyhow!("{k} is not set (source the deployment's env)"))
+        };
+        Ok(Self {
+            ca: var(ENV_PKI_CA)?,
+            cert: var(ENV_OPERATOR_CERT)?,
+            key: var(ENV_OPERATOR_KEY)?,
+        })
+    }
+
+    /// An HTTPS client that presents the operator's certificate and talks only to agents
+    /// (role `host`) whose certificates chain to the CA.
+    pub fn client(&self) -> anyhow::Result<HttpClient> {
+        Ok(HttpClient::with_tls(
+            std::time::Duration::from_secs(120),
+            &caas_tls::client::ClientTls {
+                ca: self.ca.clone(),
+                identity: Some(caas_tls::pki::CertFiles {
+                    cert: self.cert.clone(),
+                    key: self.key.clone(),
+                }),
+                server_role: Some(caas_tls::Role::Host),
+            },
+        )?)
+    }
+}
+
+/// Where a host agent is, and the operator's credentials.
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    /// The agent's base URL (https://...).
+    #[arg(long)]
+    pub agent: String,
+    #[command(flatten)]
+    pub operator: OperatorArgs,
+}
+
+impl AgentArgs {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.agent.trim_end_matches('/'))
+    }
+}
+
 /// `caas host ...`
 #[derive(Debug, Subcommand)]
 pub enum HostCommand {
-    /// Run the host agent (owns this host's TPM).
+    /// Run the host agent (owns this host's TPM; HTTPS API, every route but /healthz needs
+    /// a client certificate from the deployment CA with a role the route allows).
     Serve {
         /// Agent config file (TOML).
         #[arg(long, env = "CAAS_HOST_CONFIG")]
@@ -48,6 +123,19 @@ pub enum HostCommand {
         #[command(flatten)]
         ks: KeyServiceArgs,
     },
+    /// List a host agent's workloads (operator certificate).
+    Workloads(AgentArgs),
+    /// Stop a workload and its crypto domain on a host agent (operator certificate).
+    Stop {
+        /// id_vm.
+        vm: String,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// A host agent's status (operator certificate).
+    Status(AgentArgs),
+    /// A host agent's hash-chained audit log, verified (operator certificate).
+    Audit(AgentArgs),
     /// Assign a security profile to a host (it is untrusted until its next attestation).
     SetProfile {
         /// Host name.
@@ -136,6 +224,33 @@ pub async fn run_host(cmd: HostCommand) -> anyhow::Result<i32> {
                 cfg.workload_ids = ids.parse()?;
             }
             crate::agent::serve(cfg).await?;
+        }
+        HostCommand::Workloads(a) => {
+            let v: serde_json::Value = a
+                .operator
+                .client()?
+                .get(&a.url("/v1/agent/workloads"))
+                .await?;
+            print_json(&v)?;
+        }
+        HostCommand::Stop { vm, agent } => {
+            let v: serde_json::Value = agent
+                .operator
+                .client()?
+                .post(
+                    &agent.url(&format!("/v1/agent/workloads/{vm}/stop")),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            print_json(&v)?;
+        }
+        HostCommand::Status(a) => {
+            let v: serde_json::Value = a.operator.client()?.get(&a.url("/v1/agent/status")).await?;
+            print_json(&v)?;
+        }
+        HostCommand::Audit(a) => {
+            let v: serde_json::Value = a.operator.client()?.get(&a.url("/v1/agent/audit")).await?;
+            print_json(&v)?;
         }
         HostCommand::List(ks) => {
             let hosts: Vec<HostView> = http.get(&ks.url("/v1/attest/hosts")).await?;

@@ -1,5 +1,13 @@
 //! Host-agent configuration (TOML, `caas host serve --config FILE`): a raw serde struct
-//! with `deny_unknown_fields`, validated into [`AgentConfig`]. See `agent.example.toml`.
+//! with `deny_unknown_fields`, validated into [`AgentConfig`]. See
+//! `config/host-agent.example.toml` (every field, commented).
+//!
+//! Two modes. `production` (the default): the TPM is a device TCTI, the key service is
+//! reached over HTTPS (its certificate must chain to the deployment CA and carry the
+//! `key-service` role), and the dev-only PCR-extend route cannot be enabled — each refused
+//! here, at load. `dev` (`caas dev`, tests): a swtpm TCTI and a plain-HTTP loopback key
+//! service are allowed, and so is `dev_measure`. In both modes the agent's API is served
+//! over TLS only, with client certificates from the deployment CA (`[tls]`, required).
 
 use crate::error::Error;
 use std::net::SocketAddr;
@@ -37,8 +45,10 @@ pub struct RawConfig {
     /// (untrusted: it only ever holds ciphertext). Default: `<state_dir>/storage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_dir: Option<PathBuf>,
-    /// The TTP's public keys (`SIGN.ENCRYPT`, base64). Without it the agent fetches them from
-    /// the key service once and pins them in `state_dir` (trust on first use).
+    /// The TTP's public keys (`SIGN.ENCRYPT`, base64). Without it the agent fetches them
+    /// from the key service over HTTPS (the deployment CA pinned, `key-service` role
+    /// required) and keeps them in memory only; over plain HTTP it refuses (never trust on
+    /// first use).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttp_public_key: Option<String>,
     /// Where each workload gets its run directory (sockets, its crypto domain's state);
@@ -60,6 +70,36 @@ pub struct RawConfig {
     /// measurement, standing for a host whose state changes after enrollment).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dev_measure: bool,
+    /// `production` (default) or `dev` (module doc).
+    #[serde(default)]
+    pub mode: Mode,
+    /// The agent API's TLS (required).
+    pub tls: RawTls,
+}
+
+/// `[tls]`: the deployment PKI as this agent uses it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// The deployment CA certificate (PEM): every caller's client certificate must chain to
+    /// it, and so must the key service's server certificate.
+    pub ca: PathBuf,
+    /// This agent's certificate (PEM, role `host`), served on its API and presented to
+    /// the key service.
+    pub cert: PathBuf,
+    /// Its private key (PEM, keep it 0600).
+    pub key: PathBuf,
+}
+
+/// Production or dev.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Device TPM, HTTPS key service, no dev routes.
+    #[default]
+    Production,
+    /// swtpm and a loopback HTTP key service allowed; `dev_measure` allowed.
+    Dev,
 }
 
 /// Whether a launch needs its own workload identity.
@@ -155,6 +195,41 @@ pub struct AgentConfig {
     pub workload_ids: IdRange,
     /// Whether a launch needs its own identity.
     pub isolation: Isolation,
+    /// Production or dev.
+    pub mode: Mode,
+    /// The agent's TLS files (server certificate, client CA).
+    pub tls: caas_tls::server::ServerTls,
+}
+
+impl AgentConfig {
+    /// The client the agent reaches the key service with: over HTTPS, the deployment CA
+    /// pinned, the `key-service` role required and the agent's own certificate presented;
+    /// plain HTTP only for a dev agent's `http://` key service.
+    pub fn key_service_client(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Result<caas_attest::client::HttpClient, Error> {
+        if self.key_service_url.starts_with("https://") {
+            let ca = self
+                .tls
+                .client_ca
+                .clone()
+                .ok_or_else(|| Error::Config("tls.ca is required".into()))?;
+            Ok(caas_attest::client::HttpClient::with_tls(
+                timeout,
+                &caas_tls::client::ClientTls {
+                    ca,
+                    identity: Some(caas_tls::pki::CertFiles {
+                        cert: self.tls.cert.clone(),
+                        key: self.tls.key.clone(),
+                    }),
+                    server_role: Some(caas_tls::Role::KeyService),
+                },
+            )?)
+        } else {
+            Ok(caas_attest::client::HttpClient::new(timeout))
+        }
+    }
 }
 
 impl RawConfig {
@@ -178,6 +253,40 @@ impl RawConfig {
         {
             return Err(Error::Config(
                 "key_service_url must be an http(s) URL".into(),
+            ));
+        }
+        if let Some(u) = &self.advertise_url
+            && !u.starts_with("https://")
+        {
+            return Err(Error::Config(format!(
+                "advertise_url '{u}': the agent API is served over HTTPS only"
+            )));
+        }
+        if self.advertise_url.is_none() && listen.ip().is_unspecified() {
+            return Err(Error::Config(format!(
+                "listen {listen} is a wildcard address: set advertise_url to the https:// URL \
+                 (a name or address in the agent's certificate) the key service should use"
+            )));
+        }
+        if self.mode == Mode::Production {
+            if !self.tcti.starts_with("device:") {
+                return Err(Error::Config(format!(
+                    "tcti '{}': production mode needs the host's TPM (device:/dev/tpmrm0); \
+                     a software TPM is for mode = \"dev\" only",
+                    self.tcti
+                )));
+            }
+            if !self.key_service_url.starts_with("https://") {
+                return Err(Error::Config(
+                    "key_service_url must be https:// in production mode".into(),
+                ));
+            }
+        }
+        if self.dev_measure && (self.mode != Mode::Dev || self.tcti.starts_with("device:")) {
+            return Err(Error::Config(
+                "dev_measure (POST /v1/agent/dev/measure, extend a PCR) is for dev hosts on a \
+                 software TPM only: it cannot be enabled in production mode or with a device TPM"
+                    .into(),
             ));
         }
         let ak_alg = match self.ak_algorithm.as_str() {
@@ -210,7 +319,14 @@ impl RawConfig {
             .run_dir
             .clone()
             .unwrap_or_else(|| self.state_dir.join("run"));
+        let tls = caas_tls::server::ServerTls {
+            cert: self.tls.cert,
+            key: self.tls.key,
+            client_ca: Some(self.tls.ca),
+        };
         Ok(AgentConfig {
+            mode: self.mode,
+            tls,
             run_dir,
             workload_ids,
             isolation: self.isolation,
@@ -251,8 +367,9 @@ mod tests {
 
     #[test]
     fn config_cases() {
-        let base =
-            "name = \"h1\"\nkey_service_url = \"http://127.0.0.1:1\"\nstate_dir = \"/tmp/x\"\n";
+        let tls = "[tls]\nca = \"/p/ca.pem\"\ncert = \"/p/h.pem\"\nkey = \"/p/h.key\"\n";
+        let base = "name = \"h1\"\nmode = \"dev\"\nkey_service_url = \"http://127.0.0.1:1\"\nstate_dir = \"/tmp/x\"\n";
+        let check = |head: &str, expect: Result<(), &str>| check(&format!("{head}{tls}"), expect);
         check(base, Ok(()));
         check(
             &format!("{base}tcti = \"swtpm:host=127.0.0.1,port=2321\"\n"),
@@ -274,10 +391,77 @@ mod tests {
         }
         check(&format!("{base}isolation = \"best-effort\"\n"), Ok(()));
         check(&format!("{base}isolation = \"none\"\n"), Err("isolation"));
-        check(include_str!("../agent.example.toml"), Ok(()));
         check(
             "name = \"bad name\"\nkey_service_url = \"http://x\"\nstate_dir = \"/x\"\n",
             Err("name"),
+        );
+    }
+
+    #[test]
+    fn production_mode_refuses_dev_settings() {
+        let tls = "[tls]\nca = \"/p/ca.pem\"\ncert = \"/p/h.pem\"\nkey = \"/p/h.key\"\n";
+        let prod = "name = \"h1\"\nkey_service_url = \"https://ks:7300\"\nstate_dir = \"/x\"\n";
+        check(&format!("{prod}{tls}"), Ok(()));
+        // The example is a production config and loads as is.
+        check(
+            include_str!("../../../config/host-agent.example.toml"),
+            Ok(()),
+        );
+        let cfg = RawConfig::from_toml(include_str!("../../../config/host-agent.example.toml"))
+            .and_then(RawConfig::validate)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.mode, Mode::Production);
+        assert!(!cfg.dev_measure);
+        assert_eq!(cfg.tcti, "device:/dev/tpmrm0");
+        // No TLS: refused (the API is never served in the clear).
+        check(prod, Err("missing field `tls`"));
+        check(
+            &format!("{prod}tcti = \"swtpm:host=127.0.0.1,port=2321\"\n{tls}"),
+            Err("production mode needs the host's TPM"),
+        );
+        check(
+            &format!(
+                "name = \"h1\"\nkey_service_url = \"http://ks:7300\"\nstate_dir = \"/x\"\n{tls}"
+            ),
+            Err("https"),
+        );
+        check(
+            &format!("{prod}advertise_url = \"http://h1:7400\"\n{tls}"),
+            Err("HTTPS only"),
+        );
+        check(
+            &format!("{prod}listen = \"0.0.0.0:7400\"\n{tls}"),
+            Err("advertise_url"),
+        );
+    }
+
+    /// The PCR-extend route stands for "the host's state changed": on a real host it would
+    /// let the management network make the TPM's PCRs say anything afterwards. It is refused
+    /// at load in production mode and with a device TPM even in dev mode.
+    #[test]
+    fn dev_pcr_extend_route_cannot_be_enabled_outside_dev() {
+        let tls = "[tls]\nca = \"/p/ca.pem\"\ncert = \"/p/h.pem\"\nkey = \"/p/h.key\"\n";
+        let prod = "name = \"h1\"\nkey_service_url = \"https://ks:7300\"\nstate_dir = \"/x\"\n";
+        check(
+            &format!("{prod}dev_measure = true\n{tls}"),
+            Err("dev_measure"),
+        );
+        check(
+            &format!("{prod}mode = \"production\"\ndev_measure = true\n{tls}"),
+            Err("dev_measure"),
+        );
+        // Dev mode on the host's real TPM: still refused.
+        check(
+            &format!(
+                "{prod}mode = \"dev\"\ntcti = \"device:/dev/tpmrm0\"\ndev_measure = true\n{tls}"
+            ),
+            Err("dev_measure"),
+        );
+        check(
+            &format!(
+                "{prod}mode = \"dev\"\ntcti = \"swtpm:host=127.0.0.1,port=2321\"\ndev_measure = true\n{tls}"
+            ),
+            Ok(()),
         );
     }
 }

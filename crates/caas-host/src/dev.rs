@@ -5,16 +5,28 @@
 //! is listening: [`DevHosts::start_agents`] starts one in-process host agent per host, each
 //! of which enrolls. [`DevHosts::profile`] is the security profile matching the dev hosts;
 //! [`DevHosts::env_lines`] the `DIR/env` lines.
+//!
+//! Dev hosts run the production code paths: each agent serves its API over TLS with a
+//! certificate (role `host`) from the deployment CA in [`DevOptions::pki_dir`] (a
+//! [`caas_tls::pki::DevCa`]), and answers only callers with certificates from it
+//! ([`DevHosts::client`], [`DevHosts::agent_client`]). The TTP's public key, when given, is
+//! configured in each agent (never fetched on first use).
 
 use crate::agent::{RunningAgent, spawn};
 use crate::boot::{dev_components, measured_boot, write_dev_boot_files};
 use crate::config::RawConfig;
 use crate::error::Error;
 use caas_attest::{EventLog, HashAlg, SecurityProfile};
+use caas_tls::Role;
+use caas_tls::pki::DevCa;
 use caas_tpm::Tpm;
 use caas_tpm::swtpm::{LocalCa, Swtpm};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+fn tls_err(e: caas_tls::Error) -> Error {
+    Error::Config(format!("dev PKI: {e}"))
+}
 
 /// One simulated host.
 #[derive(Debug)]
@@ -40,6 +52,17 @@ impl DevHost {
     }
 }
 
+/// Options of [`DevHosts::prepare`].
+#[derive(Debug, Clone, Default)]
+pub struct DevOptions {
+    /// Measured as the host-agent binary (default: the running executable).
+    pub agent_binary: Option<PathBuf>,
+    /// The deployment CA's directory (created if missing; default `<dir>/pki`).
+    pub pki_dir: Option<PathBuf>,
+    /// pk_TTP, configured in every agent (`ttp_public_key`).
+    pub ttp_public_key: Option<caas_tl::TtpPublic>,
+}
+
 /// A set of simulated hosts.
 #[derive(Debug)]
 pub struct DevHosts {
@@ -49,6 +72,8 @@ pub struct DevHosts {
     pub hosts: Vec<DevHost>,
     /// The cloud storage the hosts share (encrypted images, DBSP volumes).
     pub storage: PathBuf,
+    /// The deployment CA's directory.
+    pub pki_dir: PathBuf,
 }
 
 /// The PCRs dev profiles cover.
@@ -58,17 +83,16 @@ impl DevHosts {
     /// Phase 1 (blocking work runs on the blocking pool): CA, swtpms, measured boots.
     /// `key_service_url` goes into the agents' configs (it may be a placeholder that is
     /// overridden in `start_agents`, but the config file is measured, so pass the real
-    /// one when known). `agent_binary` is measured as the host-agent binary (default: the
-    /// running executable).
+    /// one when known). See [`DevOptions`] for the rest.
     pub async fn prepare(
         dir: &Path,
         n: usize,
         key_service_url: &str,
-        agent_binary: Option<PathBuf>,
+        opts: DevOptions,
     ) -> Result<Self, Error> {
         let dir = dir.to_path_buf();
         let ks = key_service_url.to_string();
-        tokio::task::spawn_blocking(move || Self::prepare_blocking(&dir, n, &ks, agent_binary))
+        tokio::task::spawn_blocking(move || Self::prepare_blocking(&dir, n, &ks, opts))
             .await
             .map_err(|e| Error::Config(format!("prepare task: {e}")))?
     }
@@ -77,11 +101,14 @@ impl DevHosts {
         dir: &Path,
         n: usize,
         key_service_url: &str,
-        agent_binary: Option<PathBuf>,
+        opts: DevOptions,
     ) -> Result<Self, Error> {
         if n == 0 || n > 64 {
             return Err(Error::Config("number of dev hosts must be 1..64".into()));
         }
+        let pki_dir = opts.pki_dir.clone().unwrap_or_else(|| dir.join("pki"));
+        let pki = DevCa::load_or_create(&pki_dir).map_err(tls_err)?;
+        let agent_binary = opts.agent_binary;
         let ca = LocalCa::create(&dir.join("tpm-ca"))?;
         let boot_dir = dir.join("boot");
         write_dev_boot_files(&boot_dir)?;
@@ -101,6 +128,10 @@ impl DevHosts {
             let swtpm = Swtpm::start(&state)?;
             let config_path = hdir.join("agent.toml");
             let event_log_path = hdir.join("eventlog.bin");
+            // The agent's server certificate (role host), re-issued at every start.
+            let tls = pki
+                .issue(&name, &[Role::Host], &["127.0.0.1", "localhost", &name])
+                .map_err(tls_err)?;
             let raw = RawConfig {
                 name: name.clone(),
                 tcti: swtpm.tcti(),
@@ -112,8 +143,14 @@ impl DevHosts {
                 ak_algorithm: "ecc-p256".into(),
                 bind_pcrs: DEV_PCRS.to_vec(),
                 storage_dir: Some(dir.join("storage")),
-                ttp_public_key: None,
+                ttp_public_key: opts.ttp_public_key.as_ref().map(|p| p.to_text()),
                 dev_measure: true,
+                mode: crate::config::Mode::Dev,
+                tls: crate::config::RawTls {
+                    ca: pki.ca_file(),
+                    cert: tls.cert,
+                    key: tls.key,
+                },
                 run_dir: None,
                 workload_ids: "200000-299999".into(),
                 // As root, dev hosts isolate workloads as production does; otherwise they
@@ -142,7 +179,44 @@ impl DevHosts {
         let storage = dir.join("storage");
         std::fs::create_dir_all(&storage)
             .map_err(Error::io(format!("create {}", storage.display())))?;
-        Ok(Self { ca, hosts, storage })
+        Ok(Self {
+            ca,
+            hosts,
+            storage,
+            pki_dir,
+        })
+    }
+
+    /// The deployment CA certificate (every agent's callers and the agents themselves chain
+    /// to it).
+    pub fn pki_ca_file(&self) -> PathBuf {
+        self.pki_dir.join("ca.pem")
+    }
+
+    /// Issues a client certificate `name` with `role` from the dev CA.
+    pub fn issue(&self, name: &str, role: Role) -> Result<caas_tls::pki::CertFiles, Error> {
+        DevCa::load_or_create(&self.pki_dir)
+            .and_then(|ca| ca.issue(name, &[role], &[]))
+            .map_err(tls_err)
+    }
+
+    /// An HTTPS client to the agents holding a `role` certificate (named after the role).
+    pub fn client(&self, role: Role) -> Result<caas_attest::client::HttpClient, Error> {
+        Ok(caas_attest::client::HttpClient::with_tls(
+            Duration::from_secs(120),
+            &caas_tls::client::ClientTls {
+                ca: self.pki_ca_file(),
+                identity: Some(self.issue(role.name(), role)?),
+                server_role: Some(Role::Host),
+            },
+        )?)
+    }
+
+    /// The key service's evidence source for these hosts (role `key-service`).
+    pub fn agent_client(&self) -> Result<caas_attest::client::AgentClient, Error> {
+        Ok(caas_attest::client::AgentClient {
+            http: self.client(Role::KeyService)?,
+        })
     }
 
     /// The shared cloud storage directory.

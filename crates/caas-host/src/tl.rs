@@ -42,6 +42,18 @@ use zeroize::Zeroizing;
 /// Size limit of a sealed crypto-domain configuration.
 const MAX_CONFIG: u64 = 64 * 1024;
 
+tokio::task_local! {
+    /// The caller of the management call being served (`name[roles]@addr` from its
+    /// certificate), set by the agent's authorization layer; in-process calls have none.
+    pub(crate) static CALLER: String;
+}
+
+fn caller() -> String {
+    CALLER
+        .try_with(|c| c.clone())
+        .unwrap_or_else(|_| "local".to_string())
+}
+
 /// Per-host TL state.
 #[derive(Debug)]
 pub struct TlHost {
@@ -51,10 +63,53 @@ pub struct TlHost {
     audit: std::sync::Mutex<AuditLog>,
     storage: PathBuf,
     run_dir: PathBuf,
-    ttp_pin_file: PathBuf,
     ids: Identities,
     /// The last revocation accepted (its sequence number), kept in `revocation.json`.
     revocation: std::sync::Mutex<RevocationState>,
+    /// Bounds the audit records of refused calls (each is fsync'd).
+    refusals: std::sync::Mutex<RefusalBudget>,
+}
+
+/// At most [`RefusalBudget::PER_SECOND`] refusal records a second: beyond that, refused
+/// calls are counted and one `RefusalsSuppressed` record with the count is written when the
+/// next second opens, so an unauthenticated flood cannot grow the log (and its fsyncs)
+/// without bound nor go unrecorded.
+#[derive(Debug)]
+struct RefusalBudget {
+    window: Instant,
+    used: u32,
+    suppressed: u64,
+}
+
+impl RefusalBudget {
+    const PER_SECOND: u32 = 50;
+
+    fn new() -> Self {
+        Self {
+            window: Instant::now(),
+            used: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether this refusal is recorded; `Some(n)` first when `n` were suppressed before.
+    fn admit(&mut self, now: Instant) -> (bool, Option<u64>) {
+        let mut flushed = None;
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
+            self.window = now;
+            self.used = 0;
+            if self.suppressed > 0 {
+                flushed = Some(std::mem::take(&mut self.suppressed));
+            }
+        }
+        if self.used < Self::PER_SECOND {
+            self.used += 1;
+            (true, flushed)
+        } else {
+            self.suppressed += 1;
+            (false, flushed)
+        }
+    }
 }
 
 /// What the agent keeps of the last TTP revocation it applied (`STATE/revocation.json`,
@@ -329,15 +384,10 @@ impl TlHost {
             std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o711))
                 .map_err(Error::io(format!("chmod {}", run_dir.display())))?;
         }
-        let ttp_pin_file = cfg.state_dir.join("ttp.pub");
-        let pinned = match &cfg.ttp_public_key {
-            Some(p) => Some(p.clone()),
-            None => std::fs::read_to_string(&ttp_pin_file)
-                .ok()
-                .and_then(|s| TtpPublic::from_text(&s).ok()),
-        };
+        // pk_TTP: configured, or fetched over the authenticated channel (see `Agent::ttp`);
+        // never read back from a file an earlier, unauthenticated fetch could have written.
         Ok(Self {
-            ttp: std::sync::RwLock::new(pinned),
+            ttp: std::sync::RwLock::new(cfg.ttp_public_key.clone()),
             replay: sc::ReplayCache::default(),
             workloads: tokio::sync::Mutex::new(HashMap::new()),
             audit: std::sync::Mutex::new(AuditLog::open(
@@ -347,8 +397,8 @@ impl TlHost {
             storage: cfg.storage_dir.clone(),
             ids: Identities::new(cfg.workload_ids, cfg.isolation, run_dir.clone()),
             run_dir,
-            ttp_pin_file,
             revocation: std::sync::Mutex::new(RevocationState::load(&cfg.state_dir)),
+            refusals: std::sync::Mutex::new(RefusalBudget::new()),
         })
     }
 
@@ -358,7 +408,24 @@ impl TlHost {
             Err(e) => error_code(e).to_string(),
         };
         if let Ok(mut a) = self.audit.lock() {
-            a.append(op, subject, &result);
+            a.append(op, subject, &result, &caller());
+        }
+    }
+
+    /// Records a refused call (authentication or authorization) with its caller.
+    pub(crate) fn audit_refusal(&self, op: &str, subject: &str, caller: &str, code: &str) {
+        let (record, flushed) = match self.refusals.lock() {
+            Ok(mut b) => b.admit(Instant::now()),
+            Err(_) => (true, None),
+        };
+        if let Ok(mut a) = self.audit.lock() {
+            if let Some(n) = flushed {
+                a.append("RefusalsSuppressed", &n.to_string(), "rate_limited", "-");
+            }
+            if record {
+                tracing::warn!(%op, %subject, %caller, %code, "agent API call refused");
+                a.append(op, subject, code, caller);
+            }
         }
     }
 
@@ -761,18 +828,27 @@ impl Agent {
         })
     }
 
-    /// pk_TTP: configured, pinned, or fetched once from the key service and pinned.
+    /// pk_TTP: configured (`ttp_public_key`), or fetched from the key service over HTTPS
+    /// (the deployment CA pinned, the `key-service` role required) and kept in memory.
+    /// Never trust on first use: over plain HTTP whoever answers could pose as the TTP, so
+    /// without a configured key the agent refuses (`ttp_key_unauthenticated`).
     async fn ttp(&self) -> Result<TtpPublic, Error> {
         if let Ok(g) = self.tl.ttp.read()
             && let Some(p) = g.as_ref()
         {
             return Ok(p.clone());
         }
+        if !self.http.is_tls() {
+            return Err(Error::Tl(caas_tl::Error::rejected(
+                "ttp_key_unauthenticated",
+                "no ttp_public_key configured and the key service is not reached over \
+                 authenticated TLS: the TTP's key is never taken on first use",
+            )));
+        }
         let p: TtpPublic = self
             .http
             .get(&format!("{}/v1/tl/ttp", self.cfg.key_service_url))
             .await?;
-        write_private(&self.tl.ttp_pin_file, p.to_text().as_bytes())?;
         if let Ok(mut g) = self.tl.ttp.write() {
             *g = Some(p.clone());
         }
@@ -1437,5 +1513,23 @@ impl Agent {
             Ok(a) => a.entries().map_err(Error::Config),
             Err(_) => Err(Error::Config("audit log lock poisoned".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_records_are_bounded_and_the_rest_counted() {
+        let mut b = RefusalBudget::new();
+        let t0 = b.window;
+        let admitted = (0..200).filter(|_| b.admit(t0).0).count();
+        assert_eq!(admitted, RefusalBudget::PER_SECOND as usize);
+        // The next second: recorded again, with the count of the suppressed ones.
+        let (ok, flushed) = b.admit(t0 + Duration::from_millis(1001));
+        assert!(ok);
+        assert_eq!(flushed, Some(150));
+        assert_eq!(b.admit(t0 + Duration::from_millis(1002)).1, None);
     }
 }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use caas_attest::client::{AgentClient, HttpClient};
+use caas_attest::client::HttpClient;
 use caas_attest::eventlog::EV_IPL;
 use caas_attest::registrar::{EnrollChallenge, EnrollFinish, EnrollRequest};
 use caas_attest::service::HostView;
@@ -81,7 +81,7 @@ async fn tampered_logs_nonces_and_selections_fail_with_specific_reasons() {
     let host = &e.hosts.hosts[0];
     let rec = get_host(&*e.ks.store, "host-1").await.unwrap().unwrap();
     let verifier = &e.ks.state.verifier;
-    let agent = AgentClient::default();
+    let agent = e.hosts.agent_client().unwrap();
     let log_path = host.event_log_path.clone();
     let original = std::fs::read(&log_path).unwrap();
 
@@ -318,7 +318,13 @@ async fn enrollment_rejects_bad_ek_and_ak_and_another_tpms_quote() {
         .challenge("host-1", caas_attest::now_ms())
         .await
         .unwrap();
-    let ev = AgentClient::default().fetch(&rec2, &ch).await.unwrap();
+    let ev = e
+        .hosts
+        .agent_client()
+        .unwrap()
+        .fetch(&rec2, &ch)
+        .await
+        .unwrap();
     let (v, _) = verifier
         .verify("host-1", &ch.nonce, &ev, caas_attest::now_ms())
         .await
@@ -457,7 +463,13 @@ async fn tpm2_tools_cross_check() {
         nonce: b"caas-nonce-42".to_vec(),
         selection: profile.selection(),
     };
-    let ev = AgentClient::default().fetch(&rec, &ch).await.unwrap();
+    let ev = e
+        .hosts
+        .agent_client()
+        .unwrap()
+        .fetch(&rec, &ch)
+        .await
+        .unwrap();
     std::fs::write(dir.join("caas.msg"), &ev.quote).unwrap();
     std::fs::write(dir.join("caas.sig"), &ev.signature).unwrap();
     let akp = Public::parse_tpm2b(&rec.ak_public).unwrap();
@@ -542,7 +554,8 @@ async fn enrolled_name_cannot_be_taken_by_another_tpm_and_agent_restart_reuses_k
 
     // The management API shows status and public material only.
     let url = e.hosts.hosts[0].agent.as_ref().unwrap().url.clone();
-    let status: serde_json::Value = http.get(&format!("{url}/v1/agent/status")).await.unwrap();
+    let ops = e.hosts.client(caas_tls::Role::Operator).unwrap();
+    let status: serde_json::Value = ops.get(&format!("{url}/v1/agent/status")).await.unwrap();
     assert_eq!(status["enrolled"], true);
     let text = status.to_string();
     let k1: serde_json::Value = serde_json::from_slice(
@@ -552,20 +565,20 @@ async fn enrolled_name_cannot_be_taken_by_another_tpm_and_agent_restart_reuses_k
     for private in ["ak_private", "bind_private"] {
         assert!(!text.contains(k1[private].as_str().unwrap()));
     }
-    let bind: serde_json::Value = http.get(&format!("{url}/v1/agent/bind-key")).await.unwrap();
+    let bind: serde_json::Value = ops.get(&format!("{url}/v1/agent/bind-key")).await.unwrap();
     assert!(
         !bind
             .to_string()
             .contains(k1["bind_private"].as_str().unwrap())
     );
     // Only TPM-wrapped blobs are on disk, next to the agent's audit log and its MAC key
-    // (integrity of the log only, see caas_host::audit), its pinned pk_TTP and the (empty)
-    // directory of running workloads.
+    // (integrity of the log only, see caas_host::audit) and the (empty) directory of
+    // running workloads (pk_TTP is never pinned from a fetch).
     let mut files: Vec<String> = std::fs::read_dir(e.hosts.hosts[0].dir.join("agent-state"))
         .unwrap()
         .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    files.retain(|f| !matches!(f.as_str(), "audit.jsonl" | "audit.key" | "ttp.pub" | "run"));
+    files.retain(|f| !matches!(f.as_str(), "audit.jsonl" | "audit.key" | "run"));
     assert_eq!(files, ["tpm-keys.json"]);
 
     // Restart host 1's agent: same AK, re-enrolls, still trusted.

@@ -11,7 +11,6 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
@@ -119,50 +118,19 @@ pub async fn serve(
     }
 }
 
-fn load_tls(t: &TlsFiles) -> std::io::Result<rustls::ServerConfig> {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&t.cert)
-        .map_err(|e| std::io::Error::other(format!("TLS certificate: {e}")))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| std::io::Error::other(format!("TLS certificate: {e}")))?;
-    let key = PrivateKeyDer::from_pem_file(&t.key)
-        .map_err(|e| std::io::Error::other(format!("TLS key: {e}")))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| std::io::Error::other(e.to_string()))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| std::io::Error::other(format!("TLS: {e}")))?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(cfg)
-}
-
 async fn serve_tls(
     listener: TcpListener,
     app: Router,
     t: &TlsFiles,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::TokioIo;
-    use hyper_util::service::TowerToHyperService;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(load_tls(t)?));
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, _peer): (_, SocketAddr) = tokio::select! {
-            r = listener.accept() => r?,
-            _ = &mut shutdown => return Ok(()),
-        };
-        let acceptor = acceptor.clone();
-        let svc = TowerToHyperService::new(app.clone());
-        tokio::spawn(async move {
-            let Ok(tls) = acceptor.accept(tcp).await else {
-                return;
-            };
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), svc)
-                .await;
-        });
-    }
+    // The one TLS accept loop (shared with the host agents): no client certificates here,
+    // tenants and operators authenticate with SigV4.
+    let cfg = caas_tls::server::server_config(&caas_tls::server::ServerTls {
+        cert: t.cert.clone(),
+        key: t.key.clone(),
+        client_ca: None,
+    })
+    .map_err(|e| std::io::Error::other(e.to_string()))?;
+    caas_tls::server::serve(listener, app, cfg, None, shutdown).await
 }

@@ -91,6 +91,13 @@ impl<S: AttestStore> TlService<S> {
         }
     }
 
+    /// The client the scheduler and the TTP reach host agents with: agents answer only
+    /// the key service's certificate (`caas_attest::client::HttpClient::with_tls`).
+    pub fn with_agent_client(mut self, http: caas_attest::client::HttpClient) -> Self {
+        self.http = http;
+        self
+    }
+
     /// pk_TTP.
     pub fn public(&self) -> crate::Result<TtpPublic> {
         self.ttp.public()

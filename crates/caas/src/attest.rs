@@ -108,6 +108,8 @@ pub struct DevAttestation {
     pub hosts: caas_host::dev::DevHosts,
     /// The TTP and scheduler.
     pub tl: Arc<crate::tl::TlService>,
+    /// The dev operator's client certificate (for the agents' management API).
+    operator: caas_tls::pki::CertFiles,
     state: Arc<AttestState<KmsAttestStore, caas_attest::client::AgentClient>>,
     continuous: Option<tokio::task::JoinHandle<()>>,
 }
@@ -133,9 +135,23 @@ impl DevAttestation {
         endpoint: &str,
         ttp_keys: caas_tl::TtpKeys,
     ) -> Result<Self> {
-        let hosts = caas_host::dev::DevHosts::prepare(&dir.join("hosts"), n, endpoint, None)
+        // The deployment CA in DIR/pki: the agents' server certificates, the key service's
+        // client certificate to them and the operator's (DIR/env). pk_TTP is configured in
+        // each agent, never fetched on first use.
+        let opts = caas_host::dev::DevOptions {
+            pki_dir: Some(dir.join("pki")),
+            ttp_public_key: Some(ttp_keys.public()?),
+            ..Default::default()
+        };
+        let hosts = caas_host::dev::DevHosts::prepare(&dir.join("hosts"), n, endpoint, opts)
             .await
             .map_err(|e| anyhow::anyhow!("dev hosts: {e}"))?;
+        let agents = hosts
+            .client(caas_tls::Role::KeyService)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let operator = hosts
+            .issue("operator", caas_tls::Role::Operator)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let astore = Arc::new(KmsAttestStore(store));
         let profile = hosts
             .profile(DEV_PROFILE)
@@ -143,7 +159,9 @@ impl DevAttestation {
         caas_attest::store::put_profile(&*astore, &profile, "caas:dev", "CreateProfile")
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let tl = Arc::new(crate::tl::TlService::new(astore.clone(), ttp_keys));
+        let tl = Arc::new(
+            crate::tl::TlService::new(astore.clone(), ttp_keys).with_agent_client(agents.clone()),
+        );
         let tl_hook = tl.clone();
         let hook: caas_attest::service::TrustHook = Arc::new(move |ev: &TrustEvent| {
             if ev.trusted {
@@ -162,13 +180,14 @@ impl DevAttestation {
                 .registrar(DEV_PROFILE)
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
             verifier: caas_attest::verifier::Verifier::new(astore, 60_000),
-            source: caas_attest::client::AgentClient::default(),
+            source: caas_attest::client::AgentClient { http: agents },
             on_trust_change: Some(hook),
         });
         // Dev mode: the admin routes are served unauthenticated on the loopback listener.
         let router =
             caas_attest::service::router(state.clone()).merge(crate::tl::router(tl.clone()));
         Ok(DevAttestation {
+            operator,
             tl,
             router,
             hosts,
@@ -199,7 +218,8 @@ impl DevAttestation {
         Ok(())
     }
 
-    /// `DIR/env` variables of the hosts, the TTP's public key and the cloud storage.
+    /// `DIR/env` variables of the hosts, the TTP's public key, the cloud storage, the
+    /// deployment CA and the operator's certificate for the agents' management API.
     pub fn env(&self) -> Vec<(String, String)> {
         let mut v: Vec<(String, String)> = self
             .hosts
@@ -214,6 +234,19 @@ impl DevAttestation {
         v.push((
             "CAAS_STORAGE_DIR".into(),
             self.hosts.storage_dir().display().to_string(),
+        ));
+        let path = |p: &Path| p.display().to_string();
+        v.push((
+            caas_host::cli::ENV_PKI_CA.into(),
+            path(&self.hosts.pki_ca_file()),
+        ));
+        v.push((
+            caas_host::cli::ENV_OPERATOR_CERT.into(),
+            path(&self.operator.cert),
+        ));
+        v.push((
+            caas_host::cli::ENV_OPERATOR_KEY.into(),
+            path(&self.operator.key),
         ));
         v
     }

@@ -175,7 +175,12 @@ async fn tenant_story(
         "DBSP: stop the workload and relaunch: the domain key is re-created from c4 and μ in the domain header",
         async {
             let key = format!("CAAS_HOST_{}_URL", host.to_uppercase().replace(['-', '.'], "_"));
-            caas_attest::client::HttpClient::default()
+            caas_host::cli::OperatorArgs {
+                ca: get(caas_host::cli::ENV_PKI_CA)?.into(),
+                cert: get(caas_host::cli::ENV_OPERATOR_CERT)?.into(),
+                key: get(caas_host::cli::ENV_OPERATOR_KEY)?.into(),
+            }
+            .client()?
                 .post::<_, Value>(&format!("{}/v1/agent/workloads/{vm1}/stop", get(&key)?), &json!({}))
                 .await?;
             crate::tenant::launch(&ta, &tdir, &image_id, &vm2, "dev", &doms, &vols, None, "process").await?;

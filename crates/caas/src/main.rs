@@ -7,6 +7,7 @@
 //! - `caas tenant ...`: the domain manager (TL, DBSP, encrypted provisioning; `tenant.rs`),
 //!   with the key service's TTP and scheduler side in `tl.rs`
 //! - `caas workload run`: the process workload started by a host agent
+//! - `caas pki init|issue`: a deployment CA and its role certificates (`pki.rs`)
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -14,6 +15,7 @@ mod attest;
 mod demo;
 mod dev;
 mod key_service;
+mod pki;
 mod roles;
 mod tenant;
 mod tl;
@@ -58,6 +60,9 @@ enum Cmd {
     Tenant(tenant::TenantArgs),
     /// A launched workload (the process driver's entry point).
     Workload(caas_workload::cli::WorkloadArgs),
+    /// A deployment CA and the role certificates of its endpoints (TLS between them).
+    #[command(subcommand)]
+    Pki(pki::PkiCmd),
 }
 
 fn init_tracing() {
@@ -118,6 +123,7 @@ fn main() -> ExitCode {
             Cmd::Attest(a) => roles::exit_code(caas_host::cli::run_attest(a).await),
             Cmd::Profile(c) => roles::exit_code(caas_host::cli::run_profile(c).await),
             Cmd::Tenant(a) => tenant::run(a).await,
+            Cmd::Pki(c) => pki::run(c),
             Cmd::Domc(_) | Cmd::Workload(_) => Ok(()),
         }
     });

@@ -16,6 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 struct Cloud {
+    /// The cloud management's client to host agents. These attackers *are* the compromised
+    /// scheduler and management: they hold a certificate of the dev deployment CA with the
+    /// key-service and operator roles (tests/host_auth_attacks.rs covers callers without).
+    mgmt: HttpClient,
     _tmp: tempfile::TempDir,
     root: PathBuf,
     dev: Dev,
@@ -42,7 +46,20 @@ impl Cloud {
             .enable_all()
             .build()
             .unwrap();
+        let pki = caas_tls::pki::DevCa::load_or_create(&root.join("dev/pki")).unwrap();
+        let mgmt = tls_client(
+            &pki.ca_file(),
+            Some(
+                pki.issue(
+                    "cloud-management",
+                    &[caas_tls::Role::KeyService, caas_tls::Role::Operator],
+                    &[],
+                )
+                .unwrap(),
+            ),
+        );
         Cloud {
+            mgmt,
             _tmp: tmp,
             root,
             dev,
@@ -113,15 +130,15 @@ impl Cloud {
         );
     }
 
+    /// Agents (https) with the management's certificate; the key service in the clear.
     fn call(&self, method: &str, url: &str, body: Option<&Value>) -> Reply {
-        let http = HttpClient::new(std::time::Duration::from_secs(120));
-        let b = body.map(|b| serde_json::to_vec(b).unwrap());
-        self.rt
-            .block_on(http.request::<Value>(method, url, b, &[]))
-            .map_err(|e| match e {
-                caas_attest::Error::Remote { status, code, .. } => (status, code),
-                other => (0, other.to_string()),
-            })
+        let plain = HttpClient::new(std::time::Duration::from_secs(120));
+        let http = if url.starts_with("https://") {
+            &self.mgmt
+        } else {
+            &plain
+        };
+        http_call(&self.rt, http, method, url, body)
     }
 
     fn agent(&self, host: &str) -> String {

@@ -45,7 +45,9 @@ pub async fn env(
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let hosts = DevHosts::prepare(dir.path(), n, &url, None).await.unwrap();
+    let hosts = DevHosts::prepare(dir.path(), n, &url, Default::default())
+        .await
+        .unwrap();
     let mut ca = EkCaStore::new();
     for f in other_ca.unwrap_or_else(|| hosts.ca_cert_files()) {
         ca.add(&std::fs::read(f).unwrap()).unwrap();
@@ -66,7 +68,7 @@ pub async fn env(
             default_profile: Some("dev".into()),
         },
         verifier: Verifier::new(store.clone(), nonce_ttl_ms),
-        source: AgentClient::default(),
+        source: hosts.agent_client().unwrap(),
         on_trust_change: hook,
     });
     let app = router(state.clone());

@@ -233,3 +233,37 @@ pub fn raw_post(endpoint: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, 
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     (status, body)
 }
+
+/// An HTTPS client to host agents: the deployment CA `ca` pinned, presenting `identity`
+/// (None: no client certificate).
+pub fn tls_client(
+    ca: &Path,
+    identity: Option<caas_tls::pki::CertFiles>,
+) -> caas_attest::client::HttpClient {
+    caas_attest::client::HttpClient::with_tls(
+        Duration::from_secs(120),
+        &caas_tls::client::ClientTls {
+            ca: ca.to_path_buf(),
+            identity,
+            server_role: None,
+        },
+    )
+    .unwrap()
+}
+
+/// `method url` with a JSON body; `Err((status, code))`, status 0 when no HTTP answer came
+/// (e.g. the TLS handshake was refused; code is then the client's error text).
+pub fn http_call(
+    rt: &tokio::runtime::Runtime,
+    http: &caas_attest::client::HttpClient,
+    method: &str,
+    url: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<serde_json::Value, (u16, String)> {
+    let b = body.map(|b| serde_json::to_vec(b).unwrap());
+    rt.block_on(http.request::<serde_json::Value>(method, url, b, &[]))
+        .map_err(|e| match e {
+            caas_attest::Error::Remote { status, code, .. } => (status, code),
+            other => (0, other.to_string()),
+        })
+}

@@ -1,0 +1,198 @@
+//! The deployment CA. In production the operator provides its certificate (every caas TLS
+//! endpoint pins it) and issues each endpoint's certificate with the holder's role; `caas
+//! pki` and `caas dev` use [`DevCa`], a CA generated here (ECDSA P-256, rcgen) whose key is
+//! a 0600 file beside its certificate.
+//!
+//! Files in the CA directory: `ca.pem`, `ca.key` (0600), and per issued certificate
+//! `<name>.pem` and `<name>.key` (0600).
+
+use crate::{Error, Role};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use std::path::{Path, PathBuf};
+
+/// Common name of a dev CA.
+const CA_NAME: &str = "caas deployment CA";
+
+/// A certificate and its key, as PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// The certificate (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM, 0600).
+    pub key: PathBuf,
+}
+
+/// A CA that lives in a directory (dev deployments, tests, `caas pki`).
+pub struct DevCa {
+    dir: PathBuf,
+    key: KeyPair,
+}
+
+impl std::fmt::Debug for DevCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevCa")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn gen_err(e: impl std::fmt::Display) -> Error {
+    Error::Generate(e.to_string())
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::File {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// Writes `contents` to `path` atomically with `mode`.
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    f.write_all(contents).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+fn ca_params() -> Result<CertificateParams, Error> {
+    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, CA_NAME);
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(p)
+}
+
+impl DevCa {
+    /// Loads the CA in `dir`, or creates it (directory 0700, key 0600).
+    pub fn load_or_create(dir: &Path) -> Result<Self, Error> {
+        let key_path = dir.join("ca.key");
+        let cert_path = dir.join("ca.pem");
+        if key_path.exists() && cert_path.exists() {
+            let pem = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+            let key = KeyPair::from_pem(&pem).map_err(gen_err)?;
+            return Ok(Self {
+                dir: dir.to_path_buf(),
+                key,
+            });
+        }
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err(dir))?;
+        }
+        let key = KeyPair::generate().map_err(gen_err)?;
+        let cert = ca_params()?.self_signed(&key).map_err(gen_err)?;
+        write_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+        write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            key,
+        })
+    }
+
+    /// The CA directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The CA certificate every endpoint pins.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Issues (or re-issues) `<name>.pem` / `<name>.key` for `name` with `roles`; `hosts`
+    /// are the DNS names and IP addresses a server certificate is valid for.
+    pub fn issue(&self, name: &str, roles: &[Role], hosts: &[&str]) -> Result<CertFiles, Error> {
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(Error::Generate(format!(
+                "certificate name '{name}' must match [A-Za-z0-9._-]{{1,64}}"
+            )));
+        }
+        let mut p = CertificateParams::new(hosts.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .map_err(gen_err)?;
+        for r in roles {
+            p.subject_alt_names
+                .push(SanType::URI(r.uri().try_into().map_err(gen_err)?));
+        }
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate().map_err(gen_err)?;
+        let issuer = Issuer::new(ca_params()?, &self.key);
+        let cert = p.signed_by(&key, &issuer).map_err(gen_err)?;
+        let files = CertFiles {
+            cert: self.dir.join(format!("{name}.pem")),
+            key: self.dir.join(format!("{name}.key")),
+        };
+        write_file(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
+        write_file(&files.cert, cert.pem().as_bytes(), 0o644)?;
+        Ok(files)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn issued_certificates_carry_name_and_roles_and_chain_to_the_ca() {
+        let d = tempfile::tempdir().unwrap();
+        let ca = DevCa::load_or_create(&d.path().join("pki")).unwrap();
+        let f = ca
+            .issue("ops-1", &[Role::Operator], &["127.0.0.1", "localhost"])
+            .unwrap();
+        let der = crate::read_certs(&f.cert).unwrap();
+        let id = crate::PeerIdentity::from_der(&der[0]).unwrap();
+        assert_eq!(id.name, "ops-1");
+        assert_eq!(id.roles, vec![Role::Operator]);
+        // Reloaded from its files, the CA issues certificates that still chain to ca.pem.
+        let again = DevCa::load_or_create(&d.path().join("pki")).unwrap();
+        let f2 = again.issue("ks", &[Role::KeyService], &[]).unwrap();
+        let roots = crate::read_roots(&again.ca_file()).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            crate::provider(),
+        )
+        .build()
+        .unwrap();
+        for c in [&f.cert, &f2.cert] {
+            let der = crate::read_certs(c).unwrap();
+            verifier
+                .verify_client_cert(&der[0], &[], rustls::pki_types::UnixTime::now())
+                .unwrap();
+        }
+        assert!(ca.issue("bad name", &[], &[]).is_err());
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&f.key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+}

@@ -1,0 +1,157 @@
+//! The one TLS accept loop of caas's HTTP servers (the key service, host agents).
+//!
+//! [`server_config`] builds a rustls server configuration from PEM files; with a client CA,
+//! a client certificate is *requested* and, when sent, must chain to that CA (the
+//! handshake fails otherwise). Connections without one are accepted so that public routes
+//! (`/healthz`) stay reachable: authorization is the router's job, per route, from the
+//! [`Peer`] that [`serve`] puts into every request's extensions.
+
+use crate::{Error, PeerIdentity};
+use axum::Router;
+use hyper_util::rt::TokioIo;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// The server's TLS files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    /// PEM certificate chain.
+    pub cert: std::path::PathBuf,
+    /// PEM private key.
+    pub key: std::path::PathBuf,
+    /// CA that client certificates must chain to (None: no client certificates).
+    pub client_ca: Option<std::path::PathBuf>,
+}
+
+/// Who is on the other end of a connection (in every request's extensions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Remote address.
+    pub addr: SocketAddr,
+    /// The client certificate's identity, when one was presented and chained to the CA.
+    pub identity: Option<PeerIdentity>,
+}
+
+impl std::fmt::Display for Peer {
+    /// `name[roles]@addr`, or `anonymous@addr`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.identity {
+            Some(i) => write!(f, "{i}@{}", self.addr),
+            None => write!(f, "anonymous@{}", self.addr),
+        }
+    }
+}
+
+/// Told about every connection whose TLS handshake failed because of its certificate
+/// (e.g. one from another CA): remote address and reason.
+pub type OnRefused = Arc<dyn Fn(SocketAddr, String) + Send + Sync>;
+
+/// Longest time a client may take to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The rustls server configuration for `tls` (TLS 1.2/1.3, aws-lc-rs, HTTP/1.1).
+pub fn server_config(tls: &ServerTls) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let certs = crate::read_certs(&tls.cert)?;
+    let key = crate::read_key(&tls.key)?;
+    let builder = rustls::ServerConfig::builder_with_provider(crate::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let builder = match &tls.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let roots = crate::read_roots(ca)?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                crate::provider(),
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| Error::Config(format!("client CA {}: {e}", ca.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| Error::Config(format!("{}: {e}", tls.cert.display())))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Whether a handshake error is about the peer's certificate (worth an audit record),
+/// rather than a client that does not speak TLS or went away.
+fn certificate_error(e: &std::io::Error) -> Option<String> {
+    let inner = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    match inner {
+        rustls::Error::InvalidCertificate(_)
+        | rustls::Error::NoCertificatesPresented
+        | rustls::Error::InvalidCertRevocationList(_) => Some(inner.to_string()),
+        _ => None,
+    }
+}
+
+/// Serves `app` over TLS on `listener` until `shutdown` resolves. Each request carries the
+/// connection's [`Peer`]; handshakes that fail on the client's certificate are reported to
+/// `on_refused`.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    cfg: Arc<rustls::ServerConfig>,
+    on_refused: Option<OnRefused>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, addr): (_, SocketAddr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                // Out of descriptors and the like: keep serving the others.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return Ok(()),
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let on_refused = on_refused.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    if let (Some(reason), Some(f)) = (certificate_error(&e), on_refused) {
+                        f(addr, reason);
+                    }
+                    return;
+                }
+                Err(_) => return,
+            };
+            // The chain was verified by the handshake; only its end entity is read.
+            let identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| PeerIdentity::from_der(c).ok());
+            let peer = Peer { addr, identity };
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(peer.clone());
+                    let mut app = app.clone();
+                    async move {
+                        tower_service::Service::call(&mut app, req.map(axum::body::Body::new)).await
+                    }
+                },
+            );
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
+        });
+    }
+}
