@@ -1,6 +1,8 @@
 //! A small JSON-over-HTTP client (hyper-util) shared by the verifier (to reach host
 //! agents), the host agent (to enroll) and the CLI (to reach the key service). Error bodies
-//! of caas services (`{"code", "message"}`) become [`Error::Remote`].
+//! of caas services (`{"code", "message"}`) become [`Error::Remote`]. Calls to the key
+//! service's authenticated routes carry a [`RequestSigner`] (caas's one SigV4 signer,
+//! `caas_kms::client::Signer`, plugged in by the binary).
 
 use crate::appraisal::Evidence;
 use crate::error::Error;
@@ -16,11 +18,26 @@ use std::time::Duration;
 /// Largest response body accepted.
 const MAX_BODY: usize = 32 << 20;
 
+/// Signs a request before it is sent (SigV4 to the key service).
+pub trait RequestSigner: Send + Sync + std::fmt::Debug {
+    /// `headers` hold `host`, `content-type` and any extra header; the signer adds its own
+    /// (date, authorization) to them. Every header in `headers` is sent.
+    fn sign(
+        &self,
+        method: &str,
+        path: &str,
+        query: &str,
+        headers: &mut Vec<(String, String)>,
+        body: &[u8],
+    ) -> Result<(), String>;
+}
+
 /// JSON HTTP client.
 #[derive(Debug, Clone)]
 pub struct HttpClient {
     inner: Client<HttpConnector, Full<Bytes>>,
     timeout: Duration,
+    signer: Option<std::sync::Arc<dyn RequestSigner>>,
 }
 
 impl Default for HttpClient {
@@ -37,7 +54,15 @@ impl HttpClient {
         Self {
             inner: Client::builder(TokioExecutor::new()).build(c),
             timeout,
+            signer: None,
         }
+    }
+
+    /// The same client, signing every request with `signer`.
+    #[must_use]
+    pub fn with_signer(mut self, signer: std::sync::Arc<dyn RequestSigner>) -> Self {
+        self.signer = Some(signer);
+        self
     }
 
     /// Sends `method url` with an optional JSON body and decodes the JSON answer.
@@ -52,15 +77,36 @@ impl HttpClient {
             host: url.to_string(),
             reason,
         };
-        let mut b = hyper::Request::builder()
-            .method(method)
-            .uri(url)
-            .header("content-type", "application/json");
+        let body = body.unwrap_or_default();
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| agent_err(format!("bad URL: {e}")))?;
+        let mut all: Vec<(String, String)> = vec![("content-type".into(), "application/json".into())];
         for (k, v) in headers {
-            b = b.header(*k, *v);
+            all.push((k.to_ascii_lowercase(), (*v).to_string()));
+        }
+        if let Some(signer) = &self.signer {
+            let host = uri
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .ok_or_else(|| agent_err("URL without host".into()))?;
+            all.push(("host".into(), host));
+            signer
+                .sign(
+                    method,
+                    uri.path(),
+                    uri.query().unwrap_or(""),
+                    &mut all,
+                    &body,
+                )
+                .map_err(|e| agent_err(format!("signing: {e}")))?;
+        }
+        let mut b = hyper::Request::builder().method(method).uri(uri);
+        for (k, v) in &all {
+            b = b.header(k.as_str(), v.as_str());
         }
         let req = b
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(Full::new(Bytes::from(body)))
             .map_err(|e| agent_err(format!("request: {e}")))?;
         let resp = tokio::time::timeout(self.timeout, self.inner.request(req))
             .await

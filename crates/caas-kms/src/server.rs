@@ -109,6 +109,17 @@ pub async fn serve(
         Some(r) => router(kms).merge(r),
         None => router(kms),
     };
+    serve_router(app, listener, tls, shutdown).await
+}
+
+/// Serves `app` (a router that includes [`router`]) until `shutdown` resolves; plain HTTP
+/// without `tls`.
+pub async fn serve_router(
+    app: Router,
+    listener: TcpListener,
+    tls: Option<TlsFiles>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     match tls {
         None => {
             axum::serve(listener, app)

@@ -10,13 +10,12 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
-mod attest;
 mod demo;
 mod dev;
+mod dev_hosts;
 mod key_service;
 mod roles;
 mod tenant;
-mod tl;
 
 /// caas — client-controlled Cryptography-as-a-Service.
 #[derive(Debug, Parser)]
@@ -114,9 +113,12 @@ fn main() -> ExitCode {
             Cmd::Admin(c) => key_service::run_admin(c).await,
             Cmd::Audit(c) => key_service::run_audit(c).await,
             Cmd::Volume(a) => roles::run_volume(a).await,
-            Cmd::Host(c) => roles::exit_code(caas_host::cli::run_host(c).await),
-            Cmd::Attest(a) => roles::exit_code(caas_host::cli::run_attest(a).await),
-            Cmd::Profile(c) => roles::exit_code(caas_host::cli::run_profile(c).await),
+            Cmd::Host(c) => roles::exit_code(caas_host::cli::run_host(c, operator_client).await),
+            Cmd::Attest(a) => roles::exit_code(match operator_client() {
+                Ok(http) => caas_host::cli::run_attest(a, http).await,
+                Err(e) => Err(e),
+            }),
+            Cmd::Profile(c) => roles::exit_code(caas_host::cli::run_profile(c, operator_client).await),
             Cmd::Tenant(a) => tenant::run(a).await,
             Cmd::Domc(_) | Cmd::Workload(_) => Ok(()),
         }
@@ -128,4 +130,9 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The operator's signed client of the key service (`caas host`, `caas attest`, `caas profile`).
+fn operator_client() -> anyhow::Result<caas_attest::client::HttpClient> {
+    key_service::client::operator(std::time::Duration::from_secs(30))
 }
