@@ -67,8 +67,20 @@ fn request(
     body: &[u8],
     sign: Option<(&Creds, &str)>,
 ) -> (u16, Value) {
+    request_to(dev.endpoint(), method, path, headers, body, sign)
+}
+
+/// [`request`] to any plain-HTTP endpoint.
+fn request_to(
+    endpoint: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    sign: Option<(&Creds, &str)>,
+) -> (u16, Value) {
     use std::io::{Read, Write};
-    let hostport = dev.endpoint().trim_start_matches("http://").to_string();
+    let hostport = endpoint.trim_start_matches("http://").to_string();
     let mut hs: Vec<(String, String)> = vec![("host".into(), hostport.clone())];
     hs.extend(headers.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     if let Some((c, service)) = sign {
@@ -495,4 +507,134 @@ fn replayed_acl_update_is_refused() {
     let records = audit(&dev);
     assert!(audited(&records, "TlSetAcl", "nonce_replayed", None), "replay not audited");
     assert!(audited(&records, "TlSetAcl", "stale_message", None), "stale change not audited");
+}
+
+/// `caas key-service serve --config` (production mode) serves every role from its config,
+/// and an operator can do only what its permissions name.
+#[test]
+fn production_key_service_serves_every_role_and_checks_operator_permissions() {
+    let help = std::process::Command::new(common::caas_bin())
+        .args(["key-service", "serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).to_string();
+    for role in ["KMS", "registrar", "verifier", "TTP", "scheduler"] {
+        assert!(help.contains(role), "--help names the {role}: {help}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let profile = json!({
+        "name": "prod", "bank": "sha256", "pcrs": { "0": { "values": ["11".repeat(32)] } },
+    });
+    std::fs::write(tmp.path().join("prod.json"), profile.to_string()).unwrap();
+    let cfg = tmp.path().join("ks.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndatabase = \"sqlite:{}\"\n[keys]\nnode_key_file = \"{}\"\ncreate_node_key = true\n\
+             [attestation]\nek_ca_files = []\nprofiles = [\"prod.json\"]\ninterval_secs = 30\n\
+             [ttp]\nrevoke_untrusted_hosts = true\n[scheduler]\nagent_timeout_secs = 60\n",
+            tmp.path().join("kms.sqlite3").display(),
+            tmp.path().join("node.key").display()
+        ),
+    )
+    .unwrap();
+    let admin = |args: &[&str]| -> Value {
+        let o = std::process::Command::new(common::caas_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let creds = |v: &Value| {
+        Creds(
+            v["AccessKeyId"].as_str().unwrap().into(),
+            v["SecretAccessKey"].as_str().unwrap().into(),
+        )
+    };
+    // The first operators, created offline against the store (bootstrap).
+    let reader = creds(&admin(&[
+        "admin",
+        "create-operator",
+        "reader",
+        "--permissions",
+        "hosts:read,profiles:read",
+    ]));
+    let boss = creds(&admin(&["admin", "create-operator", "boss", "--permissions", "all"]));
+    let mut child = std::process::Command::new(common::caas_bin())
+        .args(["key-service", "serve", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let _child = Kill(child);
+    let port = line.trim().rsplit(':').next().unwrap().to_string();
+    let ep = format!("http://127.0.0.1:{port}");
+    let json_call = |method: &str, path: &str, body: &Value, who: Option<&Creds>| {
+        let b = body.to_string();
+        request_to(
+            &ep,
+            method,
+            path,
+            &[("content-type", "application/json")],
+            b.as_bytes(),
+            who.map(|c| (c, "caas")),
+        )
+    };
+    assert_eq!(json_call("GET", "/healthz", &json!({}), None).0, 200);
+    let ttp = json_call("GET", "/v1/tl/ttp", &json!({}), None);
+    assert_eq!(ttp.0, 200, "the TTP is served: {ttp:?}");
+    let r = json_call("PUT", "/v1/attest/hosts/host-1/profile", &json!({"profile": "prod"}), None);
+    refused(&r, 401, "missing_authentication", "production: unauthenticated profile change");
+    // The configured profile exists; the reader may read it but not change it.
+    let got = json_call("GET", "/v1/attest/profiles/prod", &json!({}), Some(&reader));
+    assert_eq!(got.0, 200, "{got:?}");
+    let mut changed = got.1.clone();
+    changed["description"] = json!("changed");
+    let r = json_call("PUT", "/v1/attest/profiles/prod", &changed, Some(&reader));
+    refused(&r, 403, "access_denied", "an operator without profiles:write");
+    let r = json_call("PUT", "/v1/attest/hosts/host-1/profile", &json!({"profile": "prod"}), Some(&reader));
+    refused(&r, 403, "access_denied", "an operator without hosts:admit");
+    let r = json_call("PUT", "/v1/attest/profiles/prod", &changed, Some(&boss));
+    assert_eq!(r.0, 200, "an operator with profiles:write: {r:?}");
+    // An operator's key is no KMS credential.
+    let r = request_to(
+        &ep,
+        "POST",
+        "/",
+        &[
+            ("content-type", "application/x-amz-json-1.1"),
+            ("x-amz-target", "TrentService.CreateKey"),
+        ],
+        b"{}",
+        Some((&boss, "kms")),
+    );
+    assert!(r.0 == 400 && r.1["__type"] == json!("AccessDeniedException"), "{r:?}");
+    let out = std::process::Command::new(common::caas_bin())
+        .args(["audit", "list", "--limit", "100000", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let records: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(audited(&records, "HTTP PUT /v1/attest/profiles/{name}", "access_denied", Some("arn:caas:iam::operator:operator/reader")));
+    assert!(audited(&records, "HTTP PUT /v1/attest/hosts/{name}/profile", "missing_authentication", Some("anonymous")));
+    assert!(audited(&records, "CreateOperator", "Success", None));
 }
