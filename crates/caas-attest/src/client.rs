@@ -81,7 +81,8 @@ impl HttpClient {
         let uri: hyper::Uri = url
             .parse()
             .map_err(|e| agent_err(format!("bad URL: {e}")))?;
-        let mut all: Vec<(String, String)> = vec![("content-type".into(), "application/json".into())];
+        let mut all: Vec<(String, String)> =
+            vec![("content-type".into(), "application/json".into())];
         for (k, v) in headers {
             all.push((k.to_ascii_lowercase(), (*v).to_string()));
         }

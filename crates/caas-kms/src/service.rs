@@ -310,11 +310,11 @@ impl Kms {
     ) -> KmsResult<(String, SecretBytes)> {
         if operator.is_none()
             && self
-            .store
-            .get(kind::ACCOUNT, SYSTEM_ACCOUNT, account)
-            .await
-            .map_err(KmsError::store)?
-            .is_none()
+                .store
+                .get(kind::ACCOUNT, SYSTEM_ACCOUNT, account)
+                .await
+                .map_err(KmsError::store)?
+                .is_none()
         {
             return Err(KmsError::NotFound(format!(
                 "account {account} does not exist"

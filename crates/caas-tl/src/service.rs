@@ -6,6 +6,12 @@
 //! (which domains a DM may give: a [`crate::wire::AclUpdate`] signed by that DM), `GET /v1/tl/hosts/{name}/bind-info` (a host's
 //! certified bind key and trusted PCR values, seed 001 Algorithm 1 line 1), and the
 //! scheduler `POST /v1/sched/launch` (places a TL.Request on a trusted host of its SP).
+//!
+//! Authentication is the key service's (`caas/src/key_service/auth.rs`): pk_TTP is public;
+//! `attest` and `domkey` carry the host's AK signature (its identity); the ACL change is
+//! signed by the DM it is about ([`crate::ttp::Ttp::update_acl`]) and sent by a
+//! SigV4-authenticated caller, whose principal the handler audits; bind info and the
+//! scheduler need SigV4 (tenants or operators).
 use crate::dm::HostBindInfo;
 use crate::ttp::Ttp;
 use crate::wire::{AkSigned, LaunchCall, LaunchRequest, Signed, label};

@@ -194,7 +194,10 @@ impl<S: AttestStore> Ttp<S> {
         }
         .await;
         match r {
-            Ok(u) => self.set_acl(&u.pk_dm, &u.label, &u.domains, principal).await,
+            Ok(u) => {
+                self.set_acl(&u.pk_dm, &u.label, &u.domains, principal)
+                    .await
+            }
             Err(e) => {
                 self.audit(principal, "TlSetAcl", &subject, &Err(clone_err(&e)))
                     .await;

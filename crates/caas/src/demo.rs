@@ -91,19 +91,23 @@ async fn tenant_story(
         .collect();
     let image_sha = hex::encode(caas_tl::crypto::sha256(&image));
     let ok = st
-        .run("TL: domain manager key pair (TL.Setup) and the TTP's ACL for domain demo-data", async {
-            let dm = crate::tenant::load_dm(&tdir, true)?;
-            let body = dm.acl_update("caas demo", &["demo-data".into()], caas_attest::now_ms())?;
-            crate::key_service::client::signed(
-                &get("AWS_DEFAULT_REGION")?,
-                &get("AWS_ACCESS_KEY_ID")?,
-                SecretBytes::new(get("AWS_SECRET_ACCESS_KEY")?.into_bytes()),
-                std::time::Duration::from_secs(30),
-            )
-            .put::<_, Value>(&format!("{}/v1/tl/acl", get("CAAS_KMS_ENDPOINT")?), &body)
-            .await?;
-            Ok(())
-        })
+        .run(
+            "TL: domain manager key pair (TL.Setup) and the TTP's ACL for domain demo-data",
+            async {
+                let dm = crate::tenant::load_dm(&tdir, true)?;
+                let body =
+                    dm.acl_update("caas demo", &["demo-data".into()], caas_attest::now_ms())?;
+                crate::key_service::client::signed(
+                    &get("AWS_DEFAULT_REGION")?,
+                    &get("AWS_ACCESS_KEY_ID")?,
+                    SecretBytes::new(get("AWS_SECRET_ACCESS_KEY")?.into_bytes()),
+                    std::time::Duration::from_secs(30),
+                )
+                .put::<_, Value>(&format!("{}/v1/tl/acl", get("CAAS_KMS_ENDPOINT")?), &body)
+                .await?;
+                Ok(())
+            },
+        )
         .await;
     if ok.is_none() {
         return;

@@ -187,10 +187,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         let roles =
             crate::key_service::Roles::open(bound.kms.clone(), &params.attestation, &params.tl)
                 .await?;
-        vars.push((
-            "CAAS_TTP_PUBLIC_KEY".into(),
-            roles.tl.public()?.to_text(),
-        ));
+        vars.push(("CAAS_TTP_PUBLIC_KEY".into(), roles.tl.public()?.to_text()));
         let server = tokio::spawn(crate::key_service::serve(params, bound, roles.clone()));
         if let Some(h) = hosts.as_mut() {
             if let Err(e) = crate::dev_hosts::start(h, &roles).await {

@@ -27,9 +27,14 @@ pub async fn prepare(
     let profile = hosts
         .profile(DEV_PROFILE)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    caas_attest::store::put_profile(&KmsAttestStore(store), &profile, "caas:dev", "CreateProfile")
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    caas_attest::store::put_profile(
+        &KmsAttestStore(store),
+        &profile,
+        "caas:dev",
+        "CreateProfile",
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     let params = AttestationParams {
         ek_ca_files: hosts.ca_cert_files(),
         profiles: vec![],

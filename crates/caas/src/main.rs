@@ -118,7 +118,9 @@ fn main() -> ExitCode {
                 Ok(http) => caas_host::cli::run_attest(a, http).await,
                 Err(e) => Err(e),
             }),
-            Cmd::Profile(c) => roles::exit_code(caas_host::cli::run_profile(c, operator_client).await),
+            Cmd::Profile(c) => {
+                roles::exit_code(caas_host::cli::run_profile(c, operator_client).await)
+            }
             Cmd::Tenant(a) => tenant::run(a).await,
             Cmd::Domc(_) | Cmd::Workload(_) => Ok(()),
         }

@@ -40,7 +40,12 @@ pub struct TenantArgs {
     #[arg(long, env = "AWS_ACCESS_KEY_ID", global = true, hide_env_values = true)]
     pub access_key_id: Option<String>,
     /// The tenant's secret access key.
-    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "AWS_SECRET_ACCESS_KEY",
+        global = true,
+        hide_env_values = true
+    )]
     pub secret_access_key: Option<String>,
     /// Subcommand.
     #[command(subcommand)]

@@ -27,16 +27,36 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("POST", "/v1/attest/enroll/finish", "host-protocol"),
     ("GET", "/v1/attest/hosts", "operator:hosts:read"),
     ("GET", "/v1/attest/hosts/{name}", "operator:hosts:read"),
-    ("POST", "/v1/attest/hosts/{name}/attest", "operator:hosts:attest"),
-    ("PUT", "/v1/attest/hosts/{name}/profile", "operator:hosts:admit"),
+    (
+        "POST",
+        "/v1/attest/hosts/{name}/attest",
+        "operator:hosts:attest",
+    ),
+    (
+        "PUT",
+        "/v1/attest/hosts/{name}/profile",
+        "operator:hosts:admit",
+    ),
     ("GET", "/v1/attest/profiles", "operator:profiles:read"),
     ("POST", "/v1/attest/profiles", "operator:profiles:write"),
-    ("GET", "/v1/attest/profiles/{name}", "operator:profiles:read"),
-    ("PUT", "/v1/attest/profiles/{name}", "operator:profiles:write"),
+    (
+        "GET",
+        "/v1/attest/profiles/{name}",
+        "operator:profiles:read",
+    ),
+    (
+        "PUT",
+        "/v1/attest/profiles/{name}",
+        "operator:profiles:write",
+    ),
     ("POST", "/v1/tl/attest", "host-protocol"),
     ("POST", "/v1/tl/domkey", "host-protocol"),
     ("PUT", "/v1/tl/acl", "tenant|operator:acl:admin"),
-    ("GET", "/v1/tl/hosts/{name}/bind-info", "tenant|operator:hosts:read"),
+    (
+        "GET",
+        "/v1/tl/hosts/{name}/bind-info",
+        "tenant|operator:hosts:read",
+    ),
     ("POST", "/v1/sched/launch", "tenant|operator:schedule"),
 ];
 
@@ -234,7 +254,7 @@ fn every_route_refuses_callers_without_valid_credentials() {
                 // an empty message.
                 let r = call(&dev, method, &p, &json!({}), None);
                 assert!(
-                    (400..500).contains(&r.0) && r.0 != 401 && r.0 != 403,
+                    (400..500).contains(&r.0) && ![401, 403, 404, 405].contains(&r.0),
                     "{what}: the handler refuses an empty message: {r:?}"
                 );
             }
@@ -264,7 +284,10 @@ fn every_route_refuses_callers_without_valid_credentials() {
                 refused(&r, 401, "invalid_signature", &format!("{what} forged"));
                 // A signature by the right key over another body does not carry over.
                 let mut hs = vec![
-                    ("host".to_string(), dev.endpoint().trim_start_matches("http://").to_string()),
+                    (
+                        "host".to_string(),
+                        dev.endpoint().trim_start_matches("http://").to_string(),
+                    ),
                     ("content-type".to_string(), "application/json".to_string()),
                 ];
                 let signer = caas_kms::client::Signer::new(
@@ -274,7 +297,12 @@ fn every_route_refuses_callers_without_valid_credentials() {
                     SecretBytes::new(operator.1.clone().into_bytes()),
                 );
                 let auth = signer.sign(method, &p, "", &mut hs, b"{}").unwrap();
-                let date = hs.iter().find(|(k, _)| k == "x-amz-date").unwrap().1.clone();
+                let date = hs
+                    .iter()
+                    .find(|(k, _)| k == "x-amz-date")
+                    .unwrap()
+                    .1
+                    .clone();
                 let r = request(
                     &dev,
                     method,
@@ -287,7 +315,12 @@ fn every_route_refuses_callers_without_valid_credentials() {
                     br#"{"profile":"attacker"}"#,
                     None,
                 );
-                refused(&r, 401, "invalid_signature", &format!("{what} body swapped"));
+                refused(
+                    &r,
+                    401,
+                    "invalid_signature",
+                    &format!("{what} body swapped"),
+                );
                 // The operator's key scoped to `kms` is not a key-service signature.
                 let b = b"{}";
                 let r = request(
@@ -302,7 +335,12 @@ fn every_route_refuses_callers_without_valid_credentials() {
                 let by_tenant = call(&dev, method, &p, &json!({}), Some(&tenant));
                 let by_operator = call(&dev, method, &p, &json!({}), Some(&operator));
                 if signed.starts_with("operator:") {
-                    refused(&by_tenant, 403, "access_denied", &format!("{what} by a tenant"));
+                    refused(
+                        &by_tenant,
+                        403,
+                        "access_denied",
+                        &format!("{what} by a tenant"),
+                    );
                 } else {
                     assert!(
                         by_tenant.0 != 401 && by_tenant.1["code"] != json!("access_denied"),
@@ -324,8 +362,18 @@ fn every_route_refuses_callers_without_valid_credentials() {
         match *access {
             "public" | "host-protocol" => {}
             "kms-tenant" => {
-                assert!(audited(&records, "ListKeys", "MissingAuthenticationTokenException", Some("anonymous")));
-                assert!(audited(&records, "ListKeys", "InvalidSignatureException", None));
+                assert!(audited(
+                    &records,
+                    "ListKeys",
+                    "MissingAuthenticationTokenException",
+                    Some("anonymous")
+                ));
+                assert!(audited(
+                    &records,
+                    "ListKeys",
+                    "InvalidSignatureException",
+                    None
+                ));
                 assert!(audited(&records, "ListKeys", "AccessDeniedException", None));
             }
             signed => {
@@ -358,12 +406,20 @@ fn unauthenticated_profile_change_is_refused() {
         "name": "prod", "bank": "sha256", "pcrs": { "0": { "values": ["00".repeat(32)] } },
     });
     let created = call(&dev, "POST", "/v1/attest/profiles", &profile, Some(&op));
-    assert_eq!(created.0, 201, "the operator creates a profile: {created:?}");
+    assert_eq!(
+        created.0, 201,
+        "the operator creates a profile: {created:?}"
+    );
     // The attacker on the network: change the profile, re-point a host, admit a host.
     let mut evil = created.1.clone();
     evil["description"] = json!("attacker");
     let r = call(&dev, "PUT", "/v1/attest/profiles/prod", &evil, None);
-    refused(&r, 401, "missing_authentication", "unauthenticated profile update");
+    refused(
+        &r,
+        401,
+        "missing_authentication",
+        "unauthenticated profile update",
+    );
     let r = call(
         &dev,
         "PUT",
@@ -371,20 +427,62 @@ fn unauthenticated_profile_change_is_refused() {
         &json!({ "profile": "prod" }),
         None,
     );
-    refused(&r, 401, "missing_authentication", "unauthenticated host profile change");
-    let r = call(&dev, "POST", "/v1/attest/profiles", &json!({"name": "evil"}), None);
-    refused(&r, 401, "missing_authentication", "unauthenticated profile creation");
+    refused(
+        &r,
+        401,
+        "missing_authentication",
+        "unauthenticated host profile change",
+    );
+    let r = call(
+        &dev,
+        "POST",
+        "/v1/attest/profiles",
+        &json!({"name": "evil"}),
+        None,
+    );
+    refused(
+        &r,
+        401,
+        "missing_authentication",
+        "unauthenticated profile creation",
+    );
     // Nothing changed.
-    let now = call(&dev, "GET", "/v1/attest/profiles/prod", &json!({}), Some(&op));
+    let now = call(
+        &dev,
+        "GET",
+        "/v1/attest/profiles/prod",
+        &json!({}),
+        Some(&op),
+    );
     assert_eq!(now.0, 200);
     assert_eq!(now.1, created.1, "the profile is unchanged");
     let records = audit(&dev);
-    assert!(audited(&records, "HTTP PUT /v1/attest/profiles/{name}", "missing_authentication", Some("anonymous")));
-    assert!(audited(&records, "HTTP PUT /v1/attest/hosts/{name}/profile", "missing_authentication", Some("anonymous")));
-    assert!(audited(&records, "HTTP POST /v1/attest/profiles", "missing_authentication", Some("anonymous")));
+    assert!(audited(
+        &records,
+        "HTTP PUT /v1/attest/profiles/{name}",
+        "missing_authentication",
+        Some("anonymous")
+    ));
+    assert!(audited(
+        &records,
+        "HTTP PUT /v1/attest/hosts/{name}/profile",
+        "missing_authentication",
+        Some("anonymous")
+    ));
+    assert!(audited(
+        &records,
+        "HTTP POST /v1/attest/profiles",
+        "missing_authentication",
+        Some("anonymous")
+    ));
     // The operator's own change is audited under its principal.
-    assert!(records.iter().any(|r| r["Operation"] == json!("CreateProfile")
-        && r["Principal"].as_str().unwrap_or("").ends_with("operator/dev-operator")));
+    assert!(records.iter().any(|r| {
+        r["Operation"] == json!("CreateProfile")
+            && r["Principal"]
+                .as_str()
+                .unwrap_or("")
+                .ends_with("operator/dev-operator")
+    }));
 }
 
 #[test]
@@ -393,8 +491,16 @@ fn tenant_cannot_call_operator_routes() {
     let t = tenant(&dev);
     let principal = tenant_principal(&dev);
     for (method, path, body) in [
-        ("POST", "/v1/attest/profiles", json!({"name": "mine", "bank": "sha256", "pcrs": {}})),
-        ("PUT", "/v1/attest/hosts/host-1/profile", json!({"profile": "mine"})),
+        (
+            "POST",
+            "/v1/attest/profiles",
+            json!({"name": "mine", "bank": "sha256", "pcrs": {}}),
+        ),
+        (
+            "PUT",
+            "/v1/attest/hosts/host-1/profile",
+            json!({"profile": "mine"}),
+        ),
         ("POST", "/v1/attest/hosts/host-1/attest", json!({})),
         ("GET", "/v1/attest/hosts", json!({})),
     ] {
@@ -408,7 +514,10 @@ fn tenant_cannot_call_operator_routes() {
     let key_id = key.1["KeyMetadata"]["KeyId"].as_str().unwrap().to_string();
     for (o, body) in [
         ("CreateKey", json!({})),
-        ("DescribeKey", json!({ "KeyId": format!("arn:aws:kms:us-east-1:{}:key/{key_id}", dev.env["CAAS_ACCOUNT_ID"]) })),
+        (
+            "DescribeKey",
+            json!({ "KeyId": format!("arn:aws:kms:us-east-1:{}:key/{key_id}", dev.env["CAAS_ACCOUNT_ID"]) }),
+        ),
         ("Encrypt", json!({ "KeyId": key_id, "Plaintext": "AAAA" })),
     ] {
         let r = kms(&dev, o, &body, Some(&op));
@@ -418,10 +527,30 @@ fn tenant_cannot_call_operator_routes() {
         );
     }
     let records = audit(&dev);
-    assert!(audited(&records, "HTTP POST /v1/attest/profiles", "access_denied", Some(&principal)));
-    assert!(audited(&records, "HTTP PUT /v1/attest/hosts/{name}/profile", "access_denied", Some(&principal)));
-    assert!(audited(&records, "HTTP POST /v1/attest/hosts/{name}/attest", "access_denied", Some(&principal)));
-    assert!(audited(&records, "CreateKey", "AccessDeniedException", None));
+    assert!(audited(
+        &records,
+        "HTTP POST /v1/attest/profiles",
+        "access_denied",
+        Some(&principal)
+    ));
+    assert!(audited(
+        &records,
+        "HTTP PUT /v1/attest/hosts/{name}/profile",
+        "access_denied",
+        Some(&principal)
+    ));
+    assert!(audited(
+        &records,
+        "HTTP POST /v1/attest/hosts/{name}/attest",
+        "access_denied",
+        Some(&principal)
+    ));
+    assert!(audited(
+        &records,
+        "CreateKey",
+        "AccessDeniedException",
+        None
+    ));
     assert!(audited(&records, "Encrypt", "AccessDeniedException", None));
 }
 
@@ -454,23 +583,53 @@ fn forged_acl_update_is_refused() {
     refused(&r, 403, "bad_signature", "ACL change for another DM's key");
     // Unsigned by SigV4 it does not even reach the TTP.
     let r = call(&dev, "PUT", "/v1/tl/acl", &body, None);
-    refused(&r, 401, "missing_authentication", "unauthenticated ACL change");
+    refused(
+        &r,
+        401,
+        "missing_authentication",
+        "unauthenticated ACL change",
+    );
     // The domain was not taken: the victim registers it with its own signature.
     let own = victim
         .acl_update("victim", &["victim-data".into()], caas_attest::now_ms())
         .unwrap();
-    let r = call(&dev, "PUT", "/v1/tl/acl", &serde_json::to_value(&own).unwrap(), Some(&attacker_creds));
+    let r = call(
+        &dev,
+        "PUT",
+        "/v1/tl/acl",
+        &serde_json::to_value(&own).unwrap(),
+        Some(&attacker_creds),
+    );
     assert_eq!(r.0, 200, "the DM's own signed change: {r:?}");
     assert_eq!(r.1["dm"], json!(victim.h2()));
     // And the attacker cannot take it over with its own key either.
     let grab = attacker
         .acl_update("grab", &["victim-data".into()], caas_attest::now_ms())
         .unwrap();
-    let r = call(&dev, "PUT", "/v1/tl/acl", &serde_json::to_value(&grab).unwrap(), Some(&attacker_creds));
+    let r = call(
+        &dev,
+        "PUT",
+        "/v1/tl/acl",
+        &serde_json::to_value(&grab).unwrap(),
+        Some(&attacker_creds),
+    );
     refused(&r, 403, "domain_owned", "another DM's domain");
     let records = audit(&dev);
-    assert!(audited(&records, "TlSetAcl", "bad_signature", Some(&tenant_principal(&dev))), "forged ACL change not audited");
-    assert!(audited(&records, "HTTP PUT /v1/tl/acl", "missing_authentication", Some("anonymous")));
+    assert!(
+        audited(
+            &records,
+            "TlSetAcl",
+            "bad_signature",
+            Some(&tenant_principal(&dev))
+        ),
+        "forged ACL change not audited"
+    );
+    assert!(audited(
+        &records,
+        "HTTP PUT /v1/tl/acl",
+        "missing_authentication",
+        Some("anonymous")
+    ));
 }
 
 #[test]
@@ -488,7 +647,13 @@ fn replayed_acl_update_is_refused() {
     let second = dm
         .acl_update("dm", &["d2".into()], caas_attest::now_ms())
         .unwrap();
-    let r = call(&dev, "PUT", "/v1/tl/acl", &serde_json::to_value(&second).unwrap(), Some(&creds));
+    let r = call(
+        &dev,
+        "PUT",
+        "/v1/tl/acl",
+        &serde_json::to_value(&second).unwrap(),
+        Some(&creds),
+    );
     assert_eq!(r.0, 200, "{r:?}");
     let r = call(&dev, "PUT", "/v1/tl/acl", &body, Some(&creds));
     refused(&r, 403, "nonce_replayed", "replayed ACL change");
@@ -496,17 +661,34 @@ fn replayed_acl_update_is_refused() {
     let old = dm
         .acl_update("dm", &["d1".into()], caas_attest::now_ms() - 10 * 60 * 1000)
         .unwrap();
-    let r = call(&dev, "PUT", "/v1/tl/acl", &serde_json::to_value(&old).unwrap(), Some(&creds));
+    let r = call(
+        &dev,
+        "PUT",
+        "/v1/tl/acl",
+        &serde_json::to_value(&old).unwrap(),
+        Some(&creds),
+    );
     refused(&r, 403, "stale_message", "stale ACL change");
     // After a restart too (the nonce is recorded in the store).
     let mut dev = dev;
     dev.stop();
     let dev = Dev::start(&dev.dir.clone());
     let r = call(&dev, "PUT", "/v1/tl/acl", &body, Some(&creds));
-    refused(&r, 403, "nonce_replayed", "replayed ACL change after a restart");
+    refused(
+        &r,
+        403,
+        "nonce_replayed",
+        "replayed ACL change after a restart",
+    );
     let records = audit(&dev);
-    assert!(audited(&records, "TlSetAcl", "nonce_replayed", None), "replay not audited");
-    assert!(audited(&records, "TlSetAcl", "stale_message", None), "stale change not audited");
+    assert!(
+        audited(&records, "TlSetAcl", "nonce_replayed", None),
+        "replay not audited"
+    );
+    assert!(
+        audited(&records, "TlSetAcl", "stale_message", None),
+        "stale change not audited"
+    );
 }
 
 /// `caas key-service serve --config` (production mode) serves every role from its config,
@@ -562,7 +744,13 @@ fn production_key_service_serves_every_role_and_checks_operator_permissions() {
         "--permissions",
         "hosts:read,profiles:read",
     ]));
-    let boss = creds(&admin(&["admin", "create-operator", "boss", "--permissions", "all"]));
+    let boss = creds(&admin(&[
+        "admin",
+        "create-operator",
+        "boss",
+        "--permissions",
+        "all",
+    ]));
     let mut child = std::process::Command::new(common::caas_bin())
         .args(["key-service", "serve", "--config"])
         .arg(&cfg)
@@ -599,16 +787,36 @@ fn production_key_service_serves_every_role_and_checks_operator_permissions() {
     assert_eq!(json_call("GET", "/healthz", &json!({}), None).0, 200);
     let ttp = json_call("GET", "/v1/tl/ttp", &json!({}), None);
     assert_eq!(ttp.0, 200, "the TTP is served: {ttp:?}");
-    let r = json_call("PUT", "/v1/attest/hosts/host-1/profile", &json!({"profile": "prod"}), None);
-    refused(&r, 401, "missing_authentication", "production: unauthenticated profile change");
+    let r = json_call(
+        "PUT",
+        "/v1/attest/hosts/host-1/profile",
+        &json!({"profile": "prod"}),
+        None,
+    );
+    refused(
+        &r,
+        401,
+        "missing_authentication",
+        "production: unauthenticated profile change",
+    );
     // The configured profile exists; the reader may read it but not change it.
     let got = json_call("GET", "/v1/attest/profiles/prod", &json!({}), Some(&reader));
     assert_eq!(got.0, 200, "{got:?}");
     let mut changed = got.1.clone();
     changed["description"] = json!("changed");
     let r = json_call("PUT", "/v1/attest/profiles/prod", &changed, Some(&reader));
-    refused(&r, 403, "access_denied", "an operator without profiles:write");
-    let r = json_call("PUT", "/v1/attest/hosts/host-1/profile", &json!({"profile": "prod"}), Some(&reader));
+    refused(
+        &r,
+        403,
+        "access_denied",
+        "an operator without profiles:write",
+    );
+    let r = json_call(
+        "PUT",
+        "/v1/attest/hosts/host-1/profile",
+        &json!({"profile": "prod"}),
+        Some(&reader),
+    );
     refused(&r, 403, "access_denied", "an operator without hosts:admit");
     let r = json_call("PUT", "/v1/attest/profiles/prod", &changed, Some(&boss));
     assert_eq!(r.0, 200, "an operator with profiles:write: {r:?}");
@@ -624,7 +832,10 @@ fn production_key_service_serves_every_role_and_checks_operator_permissions() {
         b"{}",
         Some((&boss, "kms")),
     );
-    assert!(r.0 == 400 && r.1["__type"] == json!("AccessDeniedException"), "{r:?}");
+    assert!(
+        r.0 == 400 && r.1["__type"] == json!("AccessDeniedException"),
+        "{r:?}"
+    );
     let out = std::process::Command::new(common::caas_bin())
         .args(["audit", "list", "--limit", "100000", "--config"])
         .arg(&cfg)
@@ -634,7 +845,17 @@ fn production_key_service_serves_every_role_and_checks_operator_permissions() {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    assert!(audited(&records, "HTTP PUT /v1/attest/profiles/{name}", "access_denied", Some("arn:caas:iam::operator:operator/reader")));
-    assert!(audited(&records, "HTTP PUT /v1/attest/hosts/{name}/profile", "missing_authentication", Some("anonymous")));
+    assert!(audited(
+        &records,
+        "HTTP PUT /v1/attest/profiles/{name}",
+        "access_denied",
+        Some("arn:caas:iam::operator:operator/reader")
+    ));
+    assert!(audited(
+        &records,
+        "HTTP PUT /v1/attest/hosts/{name}/profile",
+        "missing_authentication",
+        Some("anonymous")
+    ));
     assert!(audited(&records, "CreateOperator", "Success", None));
 }

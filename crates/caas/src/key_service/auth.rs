@@ -23,13 +23,13 @@
 //! (`route_not_classified`): a new route cannot be served unauthenticated by accident.
 //! Every refusal is answered `{"code", "message"}` (401 unauthenticated, 403 not allowed)
 //! and audited in the key service's chain (operation `HTTP <METHOD> <route>`).
-use caas_kms::operator::{CallerKind, Permission};
-use caas_kms::{Caller, Kms, KmsError};
 use axum::body::{Body, to_bytes};
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use caas_kms::operator::{CallerKind, Permission};
+use caas_kms::{Caller, Kms, KmsError};
 use std::sync::Arc;
 
 /// Largest body of a signed key-service route (profiles and launch calls are small).
@@ -94,21 +94,61 @@ pub const ROUTES: &[Route] = &[
     r("POST", "/v1/attest/enroll", Access::HostProtocol),
     r("POST", "/v1/attest/enroll/finish", Access::HostProtocol),
     // Verifier and profiles: operators.
-    r("GET", "/v1/attest/hosts", Access::Operator(Permission::HostsRead)),
-    r("GET", "/v1/attest/hosts/{name}", Access::Operator(Permission::HostsRead)),
-    r("POST", "/v1/attest/hosts/{name}/attest", Access::Operator(Permission::HostsAttest)),
-    r("PUT", "/v1/attest/hosts/{name}/profile", Access::Operator(Permission::HostsAdmit)),
-    r("GET", "/v1/attest/profiles", Access::Operator(Permission::ProfilesRead)),
-    r("POST", "/v1/attest/profiles", Access::Operator(Permission::ProfilesWrite)),
-    r("GET", "/v1/attest/profiles/{name}", Access::Operator(Permission::ProfilesRead)),
-    r("PUT", "/v1/attest/profiles/{name}", Access::Operator(Permission::ProfilesWrite)),
+    r(
+        "GET",
+        "/v1/attest/hosts",
+        Access::Operator(Permission::HostsRead),
+    ),
+    r(
+        "GET",
+        "/v1/attest/hosts/{name}",
+        Access::Operator(Permission::HostsRead),
+    ),
+    r(
+        "POST",
+        "/v1/attest/hosts/{name}/attest",
+        Access::Operator(Permission::HostsAttest),
+    ),
+    r(
+        "PUT",
+        "/v1/attest/hosts/{name}/profile",
+        Access::Operator(Permission::HostsAdmit),
+    ),
+    r(
+        "GET",
+        "/v1/attest/profiles",
+        Access::Operator(Permission::ProfilesRead),
+    ),
+    r(
+        "POST",
+        "/v1/attest/profiles",
+        Access::Operator(Permission::ProfilesWrite),
+    ),
+    r(
+        "GET",
+        "/v1/attest/profiles/{name}",
+        Access::Operator(Permission::ProfilesRead),
+    ),
+    r(
+        "PUT",
+        "/v1/attest/profiles/{name}",
+        Access::Operator(Permission::ProfilesWrite),
+    ),
     // TTP: AK-signed host messages; the DM-signed ACL change; a host's bind info.
     r("POST", "/v1/tl/attest", Access::HostProtocol),
     r("POST", "/v1/tl/domkey", Access::HostProtocol),
     r("PUT", "/v1/tl/acl", Access::TenantOr(Permission::AclAdmin)),
-    r("GET", "/v1/tl/hosts/{name}/bind-info", Access::TenantOr(Permission::HostsRead)),
+    r(
+        "GET",
+        "/v1/tl/hosts/{name}/bind-info",
+        Access::TenantOr(Permission::HostsRead),
+    ),
     // Scheduler.
-    r("POST", "/v1/sched/launch", Access::TenantOr(Permission::Schedule)),
+    r(
+        "POST",
+        "/v1/sched/launch",
+        Access::TenantOr(Permission::Schedule),
+    ),
 ];
 
 /// The route `method path-pattern`, if listed.
@@ -185,7 +225,10 @@ fn allowed(access: Access, kind: &CallerKind) -> bool {
 pub async fn authenticate(State(kms): State<Arc<Kms>>, req: Request, next: Next) -> Response {
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
-    let Some(pattern) = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string())
+    let Some(pattern) = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
     else {
         // No route matched: the router answers 404 without running any handler.
         return next.run(req).await;
@@ -259,8 +302,52 @@ pub async fn authenticate(State(kms): State<Arc<Kms>>, req: Request, next: Next)
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    /// A route served by the router but missing from [`ROUTES`] is refused to everyone,
+    /// audited: adding a route without deciding who may call it cannot expose it.
+    #[tokio::test]
+    async fn an_unlisted_route_is_refused_to_everyone() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let kms = Kms::open(&caas_kms::KmsParams {
+            region: "us-east-1".into(),
+            database: format!("sqlite:{}", dir.path().join("db").display()),
+            node_key_file: dir.path().join("node.key"),
+            create_node_key: true,
+            domain_key_rotation: None,
+        })
+        .await
+        .unwrap();
+        let app = axum::Router::new()
+            .route("/v1/new", axum::routing::get(|| async { "reached" }))
+            .layer(axum::middleware::from_fn_with_state(
+                kms.clone(),
+                authenticate,
+            ));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await });
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /v1/new HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+        assert!(
+            out.contains("route_not_classified") && !out.contains("reached"),
+            "{out}"
+        );
+        let audit = kms.store.audit_list(None, 0, 1000).await.unwrap();
+        assert!(
+            audit.iter().any(|r| r.entry.operation == "HTTP GET /v1/new"
+                && r.entry.result == "route_not_classified"),
+            "the refusal is audited"
+        );
+    }
 
     #[test]
     fn every_route_is_listed_once() {
@@ -293,7 +380,10 @@ mod tests {
         assert!(!allowed(admit, &CallerKind::Tenant));
         assert!(!allowed(admit, &op));
         assert!(allowed(Access::Operator(Permission::HostsRead), &op));
-        assert!(allowed(Access::TenantOr(Permission::Schedule), &CallerKind::Tenant));
+        assert!(allowed(
+            Access::TenantOr(Permission::Schedule),
+            &CallerKind::Tenant
+        ));
         assert!(!allowed(Access::TenantOr(Permission::Schedule), &op));
     }
 }

@@ -170,3 +170,31 @@ impl RawFile {
         })
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_is_valid_and_names_every_section() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/key-service.example.toml");
+        let p = load(&path).unwrap().validate().unwrap();
+        assert_eq!(p.attestation.interval, Duration::from_secs(60));
+        assert!(
+            p.attestation.default_profile.is_none(),
+            "operators admit hosts by default"
+        );
+        assert!(p.tl.revoke_untrusted_hosts);
+        assert_eq!(p.tl.agent_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let raw: Result<RawFile, _> = toml::from_str("[attestation]\nek_ca = []\n");
+        assert!(raw.is_err());
+        let raw: Result<RawFile, _> = toml::from_str("[ttp]\nopen = true\n");
+        assert!(raw.is_err());
+    }
+}

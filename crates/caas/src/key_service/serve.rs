@@ -77,9 +77,7 @@ impl Roles {
         let astore = Arc::new(KmsAttestStore(kms.store.clone()));
         let registrar = super::attest::open(astore.clone(), a, "caas:config").await?;
         let keys = super::tl::load_or_create_keys(&kms).await?;
-        let tl = Arc::new(
-            TlService::new(astore.clone(), keys).with_agent_timeout(t.agent_timeout),
-        );
+        let tl = Arc::new(TlService::new(astore.clone(), keys).with_agent_timeout(t.agent_timeout));
         let revoke = t.revoke_untrusted_hosts;
         let tl_hook = tl.clone();
         let hook: caas_attest::service::TrustHook = Arc::new(move |ev: &TrustEvent| {
@@ -124,7 +122,9 @@ impl Roles {
             .route(
                 "/v1/audit/public-key",
                 axum::routing::get(move || async move {
-                    axum::Json(serde_json::json!({ "algorithm": "Ed25519", "public_key": audit_pk }))
+                    axum::Json(
+                        serde_json::json!({ "algorithm": "Ed25519", "public_key": audit_pk }),
+                    )
                 }),
             )
     }
@@ -166,13 +166,9 @@ pub async fn serve(params: KeyServiceParams, bound: Bound, roles: Arc<Roles>) ->
     let continuous =
         caas_attest::service::spawn_continuous(roles.attest.clone(), roles.attestation.interval);
     tracing::info!(%addr, tls = params.serve.tls.is_some(), "key service listening");
-    let served = caas_kms::server::serve_router(
-        roles.app(),
-        listener,
-        params.serve.tls,
-        shutdown_signal(),
-    )
-    .await;
+    let served =
+        caas_kms::server::serve_router(roles.app(), listener, params.serve.tls, shutdown_signal())
+            .await;
     maint.abort();
     continuous.abort();
     kms.sync_audit_checkpoint();
