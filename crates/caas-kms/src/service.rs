@@ -490,13 +490,51 @@ impl Kms {
         let caller = self
             .authenticate_scope(req, "kms", sigv4::KMS_SIGNED_HEADERS)
             .await?;
-        if caller.kind != crate::operator::CallerKind::Tenant {
-            return Err(KmsError::AccessDenied(format!(
+        match Self::refuse_operator(&caller) {
+            Some(e) => Err(e),
+            None => Ok(caller),
+        }
+    }
+
+    /// The KMS API's refusal of an operator (`AccessDeniedException`); `None` for tenants.
+    pub fn refuse_operator(caller: &Caller) -> Option<KmsError> {
+        (caller.kind != crate::operator::CallerKind::Tenant).then(|| {
+            KmsError::AccessDenied(format!(
                 "{} is an operator: operators cannot call KMS operations",
                 caller.principal
-            )));
-        }
-        Ok(caller)
+            ))
+        })
+    }
+
+    /// Records a request of an authenticated caller refused before its operation ran (an
+    /// operator calling the KMS API), naming the caller and its access key.
+    pub async fn audit_refused_caller(
+        &self,
+        caller: &Caller,
+        target: &str,
+        err: &KmsError,
+        request_id: &str,
+    ) {
+        let mut entry = crate::audit::system_entry(
+            target.strip_prefix("TrentService.").unwrap_or("unknown"),
+            "",
+        );
+        entry.account = caller.account.clone();
+        entry.principal = caller.principal.clone();
+        entry.result = err.code().into();
+        entry.request_id = request_id.into();
+        entry.detail = serde_json::json!({
+            "detail": "authenticated caller refused before the operation",
+            crate::audit::ACCESS_KEY_FIELD: caller.access_key_id,
+        })
+        .to_string();
+        let _ = self
+            .store
+            .commit(Batch {
+                writes: vec![],
+                audit: vec![entry],
+            })
+            .await;
     }
 
     /// Authenticates a SigV4-signed request scoped to `service` (the key service's other

@@ -374,7 +374,12 @@ fn every_route_refuses_callers_without_valid_credentials() {
                     "InvalidSignatureException",
                     None
                 ));
-                assert!(audited(&records, "ListKeys", "AccessDeniedException", None));
+                assert!(audited(
+                    &records,
+                    "ListKeys",
+                    "AccessDeniedException",
+                    Some("arn:caas:iam::operator:operator/dev-operator")
+                ));
             }
             signed => {
                 assert!(
@@ -545,13 +550,20 @@ fn tenant_cannot_call_operator_routes() {
         "access_denied",
         Some(&principal)
     ));
+    // Audited under the operator's own name.
+    let op_principal = "arn:caas:iam::operator:operator/dev-operator";
     assert!(audited(
         &records,
         "CreateKey",
         "AccessDeniedException",
-        None
+        Some(op_principal)
     ));
-    assert!(audited(&records, "Encrypt", "AccessDeniedException", None));
+    assert!(audited(
+        &records,
+        "Encrypt",
+        "AccessDeniedException",
+        Some(op_principal)
+    ));
 }
 
 fn new_dm() -> DomainManager {
