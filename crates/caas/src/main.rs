@@ -2,10 +2,15 @@
 //!
 //! - `caas dev` / `caas dev stop`: the all-in-one local deployment (`dev.rs`)
 //! - `caas demo`: the tenant story against a dev deployment (`demo.rs`)
-//! - `caas key-service serve`: the key service in production mode (`key_service.rs`)
+//! - `caas key-service serve|routes`: the key service in production mode, every role
+//!   (KMS, registrar/verifier, TTP, scheduler) behind one authentication layer
+//!   (`key_service/`, the same `serve()` as `caas dev`)
 //! - `caas admin ...`, `caas audit ...`: operator tools on a key service's store
+//!   (`caas admin create-operator`: operator principals)
 //! - `caas tenant ...`: the domain manager (TL, DBSP, encrypted provisioning; `tenant.rs`),
-//!   with the key service's TTP and scheduler side in `tl.rs`
+//!   with the key service's TTP and scheduler side in `key_service/tl.rs`
+//! - `caas host|attest|profile ...`: operator commands, signed with
+//!   `CAAS_OPERATOR_ACCESS_KEY_ID`/`CAAS_OPERATOR_SECRET_ACCESS_KEY`
 //! - `caas workload run`: the process workload started by a host agent
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -27,14 +32,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Run the all-in-one local deployment (key service; more roles as they exist).
+    /// Run the all-in-one local deployment (key service with every role, dev hosts, crypto
+    /// domain, volume).
     Dev(dev::DevArgs),
     /// Run the tenant story against the dev deployment in DIR (starting one if needed).
     Demo(demo::DemoArgs),
-    /// The key service (KMS + audit).
+    /// The key service: KMS, registrar and verifier, TTP, scheduler.
     #[command(name = "key-service", subcommand)]
     KeyService(key_service::KeyServiceCmd),
-    /// Operator administration of a key service: accounts, access keys, domain keys.
+    /// Operator administration of a key service: accounts, access keys, operators, domain keys.
     #[command(subcommand)]
     Admin(key_service::AdminCmd),
     /// Read and verify the key service's audit log.
