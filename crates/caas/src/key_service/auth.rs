@@ -21,13 +21,13 @@
 //!
 //! A route the router serves but this table does not list is refused to everyone
 //! (`route_not_classified`): a new route cannot be served unauthenticated by accident.
-//! Every refusal is answered `{"code", "message"}` (401 unauthenticated, 403 not allowed)
-//! and audited in the key service's chain (operation `HTTP <METHOD> <route>`).
+//! Every refusal is caas's one internal error answer (`caas_attest::http_error`:
+//! `{"code", "message"}`, 401 unauthenticated, 403 not allowed) and audited in the key service's chain (operation `HTTP <METHOD> <route>`).
 use axum::body::{Body, to_bytes};
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use caas_attest::http_error::{ErrorKind, HttpError};
 use caas_kms::operator::{CallerKind, Permission};
 use caas_kms::{Caller, Kms, KmsError};
 use std::sync::Arc;
@@ -158,24 +158,23 @@ pub fn find(method: &str, pattern: &str) -> Option<&'static Route> {
         .find(|r| r.method == method && r.path == pattern)
 }
 
-fn refusal(status: StatusCode, code: &str, message: &str) -> Response {
-    (
-        status,
-        axum::Json(serde_json::json!({ "code": code, "message": message })),
-    )
-        .into_response()
+/// The answer to a refused request: caas's one internal HTTP error answer.
+fn refusal(kind: ErrorKind, code: &str, message: &str) -> Response {
+    HttpError::new(kind, code, message).into_response()
 }
 
-/// (HTTP status, code) of an authentication failure.
-fn auth_failure(e: &KmsError) -> (StatusCode, &'static str) {
+/// (kind, code) of an authentication failure.
+fn auth_failure(e: &KmsError) -> (ErrorKind, &'static str) {
     match e {
-        KmsError::MissingAuthentication(_) => (StatusCode::UNAUTHORIZED, "missing_authentication"),
-        KmsError::IncompleteSignature(_) => (StatusCode::UNAUTHORIZED, "incomplete_signature"),
-        KmsError::SignatureMismatch(_) => (StatusCode::UNAUTHORIZED, "invalid_signature"),
-        KmsError::RequestExpired(_) => (StatusCode::UNAUTHORIZED, "request_expired"),
-        KmsError::UnrecognizedClient(_) => (StatusCode::UNAUTHORIZED, "unrecognized_client"),
-        KmsError::AccessDenied(_) => (StatusCode::FORBIDDEN, "access_denied"),
-        _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        KmsError::MissingAuthentication(_) => {
+            (ErrorKind::Unauthenticated, "missing_authentication")
+        }
+        KmsError::IncompleteSignature(_) => (ErrorKind::Unauthenticated, "incomplete_signature"),
+        KmsError::SignatureMismatch(_) => (ErrorKind::Unauthenticated, "invalid_signature"),
+        KmsError::RequestExpired(_) => (ErrorKind::Unauthenticated, "request_expired"),
+        KmsError::UnrecognizedClient(_) => (ErrorKind::Unauthenticated, "unrecognized_client"),
+        KmsError::AccessDenied(_) => (ErrorKind::Forbidden, "access_denied"),
+        _ => (ErrorKind::Internal, "internal"),
     }
 }
 
@@ -237,7 +236,7 @@ pub async fn authenticate(State(kms): State<Arc<Kms>>, req: Request, next: Next)
     let Some(route) = find(&method, &pattern) else {
         let msg = "this route is not in the key service's route table";
         audit_refusal(&kms, &label, &path, None, "route_not_classified", msg).await;
-        return refusal(StatusCode::FORBIDDEN, "route_not_classified", msg);
+        return refusal(ErrorKind::Forbidden, "route_not_classified", msg);
     };
     if matches!(
         route.access,
@@ -251,7 +250,7 @@ pub async fn authenticate(State(kms): State<Arc<Kms>>, req: Request, next: Next)
         Err(_) => {
             let msg = format!("request body is larger than {MAX_BODY} bytes");
             audit_refusal(&kms, &label, &path, None, "body_too_large", &msg).await;
-            return refusal(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", &msg);
+            return refusal(ErrorKind::BadRequest, "body_too_large", &msg);
         }
     };
     let headers: Vec<(String, String)> = parts
@@ -277,13 +276,13 @@ pub async fn authenticate(State(kms): State<Arc<Kms>>, req: Request, next: Next)
     {
         Ok(c) => c,
         Err(e) => {
-            let (status, code) = auth_failure(&e);
-            let msg = match status {
-                StatusCode::INTERNAL_SERVER_ERROR => "internal error".to_string(),
+            let (kind, code) = auth_failure(&e);
+            let msg = match kind {
+                ErrorKind::Internal => "internal error".to_string(),
                 _ => e.to_string(),
             };
             audit_refusal(&kms, &label, &path, None, code, &msg).await;
-            return refusal(status, code, &msg);
+            return refusal(kind, code, &msg);
         }
     };
     if !allowed(route.access, &caller.kind) {
@@ -293,7 +292,7 @@ pub async fn authenticate(State(kms): State<Arc<Kms>>, req: Request, next: Next)
             route.access.describe()
         );
         audit_refusal(&kms, &label, &path, Some(&caller), "access_denied", &msg).await;
-        return refusal(StatusCode::FORBIDDEN, "access_denied", &msg);
+        return refusal(ErrorKind::Forbidden, "access_denied", &msg);
     }
     parts
         .extensions
