@@ -4,7 +4,9 @@
 //!
 //! [`HttpClient::with_tls`] pins the deployment CA (`caas_tls::client::ClientTls`), presents
 //! a client certificate and refuses `http://` URLs; [`HttpClient::new`] is plain HTTP (the
-//! loopback key service of `caas dev`, public reads).
+//! loopback key service of `caas dev`, public reads). Calls to the key service's
+//! authenticated routes carry a [`RequestSigner`] (caas's one SigV4 signer,
+//! `caas_kms::client::Signer`, plugged in by the binary).
 
 use crate::appraisal::Evidence;
 use crate::error::Error;
@@ -28,11 +30,26 @@ enum Inner {
     Tls(Client<HttpsConnector, Full<Bytes>>),
 }
 
+/// Signs a request before it is sent (SigV4 to the key service).
+pub trait RequestSigner: Send + Sync + std::fmt::Debug {
+    /// `headers` hold `host`, `content-type` and any extra header; the signer adds its own
+    /// (date, authorization) to them. Every header in `headers` is sent.
+    fn sign(
+        &self,
+        method: &str,
+        path: &str,
+        query: &str,
+        headers: &mut Vec<(String, String)>,
+        body: &[u8],
+    ) -> Result<(), String>;
+}
+
 /// JSON HTTP client.
 #[derive(Debug, Clone)]
 pub struct HttpClient {
     inner: Inner,
     timeout: Duration,
+    signer: Option<std::sync::Arc<dyn RequestSigner>>,
 }
 
 impl Default for HttpClient {
@@ -49,6 +66,7 @@ impl HttpClient {
         Self {
             inner: Inner::Plain(Client::builder(TokioExecutor::new()).build(c)),
             timeout,
+            signer: None,
         }
     }
 
@@ -61,12 +79,20 @@ impl HttpClient {
         Ok(Self {
             inner: Inner::Tls(Client::builder(TokioExecutor::new()).build(conn)),
             timeout,
+            signer: None,
         })
     }
 
     /// Whether this client speaks TLS only.
     pub fn is_tls(&self) -> bool {
         matches!(self.inner, Inner::Tls(_))
+    }
+
+    /// The same client, signing every request with `signer`.
+    #[must_use]
+    pub fn with_signer(mut self, signer: std::sync::Arc<dyn RequestSigner>) -> Self {
+        self.signer = Some(signer);
+        self
     }
 
     /// Sends `method url` with an optional JSON body and decodes the JSON answer.
@@ -81,15 +107,37 @@ impl HttpClient {
             host: url.to_string(),
             reason,
         };
-        let mut b = hyper::Request::builder()
-            .method(method)
-            .uri(url)
-            .header("content-type", "application/json");
+        let body = body.unwrap_or_default();
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| agent_err(format!("bad URL: {e}")))?;
+        let mut all: Vec<(String, String)> =
+            vec![("content-type".into(), "application/json".into())];
         for (k, v) in headers {
-            b = b.header(*k, *v);
+            all.push((k.to_ascii_lowercase(), (*v).to_string()));
+        }
+        if let Some(signer) = &self.signer {
+            let host = uri
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .ok_or_else(|| agent_err("URL without host".into()))?;
+            all.push(("host".into(), host));
+            signer
+                .sign(
+                    method,
+                    uri.path(),
+                    uri.query().unwrap_or(""),
+                    &mut all,
+                    &body,
+                )
+                .map_err(|e| agent_err(format!("signing: {e}")))?;
+        }
+        let mut b = hyper::Request::builder().method(method).uri(uri);
+        for (k, v) in &all {
+            b = b.header(k.as_str(), v.as_str());
         }
         let req = b
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(Full::new(Bytes::from(body)))
             .map_err(|e| agent_err(format!("request: {e}")))?;
         let sent = match &self.inner {
             Inner::Plain(c) => tokio::time::timeout(self.timeout, c.request(req)).await,

@@ -1,8 +1,8 @@
 //! HTTP endpoints of the registrar and verifier (JSON over HTTP, axum) and the
 //! continuous-attestation task. The key service mounts [`router`] and authenticates the
-//! administrative routes itself (it may put a [`Principal`] extension on the request for
-//! the audit trail); the enrollment routes are for host agents and are protected by the
-//! Privacy-CA protocol itself.
+//! administrative routes itself before any handler runs (operators with SigV4; it puts a
+//! [`Principal`] extension on the request for the audit trail); the enrollment routes are
+//! for host agents and are protected by the Privacy-CA protocol itself.
 //!
 //! Routes (all under `/v1/attest`):
 //! `POST /enroll`, `POST /enroll/finish` (host agents);

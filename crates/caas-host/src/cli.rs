@@ -1,7 +1,9 @@
 //! The attestation part of the `caas` CLI: `caas host serve|list|show|set-profile`,
 //! `caas attest HOST` and `caas profile create|list|show|update|from-log`. The binary
 //! crate wires these clap types in and calls the `run_*` functions; each returns the
-//! process exit code. Key-service calls go to `--endpoint` (`CAAS_KMS_ENDPOINT`).
+//! process exit code. Key-service calls go to `--endpoint` (`CAAS_KMS_ENDPOINT`) with the
+//! client the binary passes in: it signs them with an operator's access key (the key
+//! service refuses unauthenticated operator calls).
 //!
 //! The operator's calls to a host agent (`caas host workloads|stop|status|audit --agent
 //! URL`) go over HTTPS with the deployment CA pinned and the operator's client certificate
@@ -212,19 +214,24 @@ fn read_profile(file: &PathBuf) -> anyhow::Result<SecurityProfile> {
 }
 
 /// Runs `caas host ...`.
-pub async fn run_host(cmd: HostCommand) -> anyhow::Result<i32> {
-    let http = HttpClient::default();
-    match cmd {
-        HostCommand::Serve {
-            config,
-            workload_ids,
-        } => {
-            let mut cfg = crate::config::load(&config)?;
-            if let Some(ids) = workload_ids {
-                cfg.workload_ids = ids.parse()?;
-            }
-            crate::agent::serve(cfg).await?;
+pub async fn run_host(
+    cmd: HostCommand,
+    operator: impl FnOnce() -> anyhow::Result<HttpClient>,
+) -> anyhow::Result<i32> {
+    if let HostCommand::Serve {
+        config,
+        workload_ids,
+    } = cmd
+    {
+        let mut cfg = crate::config::load(&config)?;
+        if let Some(ids) = workload_ids {
+            cfg.workload_ids = ids.parse()?;
         }
+        crate::agent::serve(cfg).await?;
+        return Ok(0);
+    }
+    // Calls to a host agent: the operator's client certificate, no key-service credentials.
+    let cmd = match cmd {
         HostCommand::Workloads(a) => {
             let v: serde_json::Value = a
                 .operator
@@ -232,6 +239,7 @@ pub async fn run_host(cmd: HostCommand) -> anyhow::Result<i32> {
                 .get(&a.url("/v1/agent/workloads"))
                 .await?;
             print_json(&v)?;
+            return Ok(0);
         }
         HostCommand::Stop { vm, agent } => {
             let v: serde_json::Value = agent
@@ -243,15 +251,27 @@ pub async fn run_host(cmd: HostCommand) -> anyhow::Result<i32> {
                 )
                 .await?;
             print_json(&v)?;
+            return Ok(0);
         }
         HostCommand::Status(a) => {
             let v: serde_json::Value = a.operator.client()?.get(&a.url("/v1/agent/status")).await?;
             print_json(&v)?;
+            return Ok(0);
         }
         HostCommand::Audit(a) => {
             let v: serde_json::Value = a.operator.client()?.get(&a.url("/v1/agent/audit")).await?;
             print_json(&v)?;
+            return Ok(0);
         }
+        other => other,
+    };
+    let http = operator()?;
+    match cmd {
+        HostCommand::Serve { .. }
+        | HostCommand::Workloads(_)
+        | HostCommand::Stop { .. }
+        | HostCommand::Status(_)
+        | HostCommand::Audit(_) => {}
         HostCommand::List(ks) => {
             let hosts: Vec<HostView> = http.get(&ks.url("/v1/attest/hosts")).await?;
             println!(
@@ -299,8 +319,7 @@ pub async fn run_host(cmd: HostCommand) -> anyhow::Result<i32> {
 }
 
 /// Runs `caas attest HOST`: prints the verdict; exit code 0 when trusted, 1 when not.
-pub async fn run_attest(args: AttestArgs) -> anyhow::Result<i32> {
-    let http = HttpClient::default();
+pub async fn run_attest(args: AttestArgs, http: HttpClient) -> anyhow::Result<i32> {
     let v: Verdict = http
         .post(
             &args
@@ -314,8 +333,23 @@ pub async fn run_attest(args: AttestArgs) -> anyhow::Result<i32> {
 }
 
 /// Runs `caas profile ...`.
-pub async fn run_profile(cmd: ProfileCommand) -> anyhow::Result<i32> {
-    let http = HttpClient::default();
+pub async fn run_profile(
+    cmd: ProfileCommand,
+    operator: impl FnOnce() -> anyhow::Result<HttpClient>,
+) -> anyhow::Result<i32> {
+    if let ProfileCommand::FromLog { name, log, pcrs } = &cmd {
+        let bytes =
+            std::fs::read(log).map_err(|e| anyhow::anyhow!("read {}: {e}", log.display()))?;
+        let p = SecurityProfile::from_event_log(
+            name,
+            &EventLog::parse(&bytes)?,
+            HashAlg::Sha256,
+            pcrs,
+        )?;
+        print_json(&p)?;
+        return Ok(0);
+    }
+    let http = operator()?;
     match cmd {
         ProfileCommand::Create { file, ks } => {
             let p = read_profile(&file)?;
@@ -346,17 +380,7 @@ pub async fn run_profile(cmd: ProfileCommand) -> anyhow::Result<i32> {
                 .await?;
             print_json(&updated)?;
         }
-        ProfileCommand::FromLog { name, log, pcrs } => {
-            let bytes =
-                std::fs::read(&log).map_err(|e| anyhow::anyhow!("read {}: {e}", log.display()))?;
-            let p = SecurityProfile::from_event_log(
-                &name,
-                &EventLog::parse(&bytes)?,
-                HashAlg::Sha256,
-                &pcrs,
-            )?;
-            print_json(&p)?;
-        }
+        ProfileCommand::FromLog { .. } => {}
     }
     Ok(0)
 }

@@ -2,6 +2,10 @@
 //! AWS KMS JSON protocol with SigV4, over HTTP or HTTPS (rustls, system-independent: the
 //! caller passes the CA certificate to trust). Not a replacement for the AWS SDKs, which
 //! tenants use directly.
+//!
+//! [`Signer`] is caas's one SigV4 request signer: the KMS client uses it, and so does every
+//! caas tool calling the key service's other routes (attestation, TTP, scheduler; scope
+//! service [`crate::operator::SERVICE`]) through its HTTP client.
 use crate::sigv4;
 use base64::Engine as _;
 use caas_crypto::SecretBytes;
@@ -37,6 +41,75 @@ pub enum ClientError {
     Malformed(String),
 }
 
+/// SigV4 credentials of one access key for one credential-scope service: signs requests.
+#[derive(Clone)]
+pub struct Signer {
+    region: String,
+    service: String,
+    access_key_id: String,
+    secret: SecretBytes,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("access_key_id", &self.access_key_id)
+            .field("region", &self.region)
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// Credentials scoped to `region` and `service` (`kms`, or [`crate::operator::SERVICE`]).
+    pub fn new(region: &str, service: &str, access_key_id: &str, secret: SecretBytes) -> Self {
+        Self {
+            region: region.into(),
+            service: service.into(),
+            access_key_id: access_key_id.into(),
+            secret,
+        }
+    }
+
+    /// The access key id.
+    pub fn access_key_id(&self) -> &str {
+        &self.access_key_id
+    }
+
+    /// Signs a request: adds `x-amz-date` (now) to `headers` (which must hold `host`, and
+    /// everything else to sign: every header given is signed), then returns the
+    /// `Authorization` value over method, path, query, those headers and `body`.
+    pub fn sign(
+        &self,
+        method: &str,
+        path: &str,
+        query: &str,
+        headers: &mut Vec<(String, String)>,
+        body: &[u8],
+    ) -> Result<String, ClientError> {
+        headers.retain(|(n, _)| n != "x-amz-date" && n != "authorization");
+        headers.push((
+            "x-amz-date".into(),
+            sigv4::format_amz_date(crate::now_ms() / 1000),
+        ));
+        let sreq = sigv4::Request {
+            method,
+            path,
+            query,
+            headers,
+            body,
+        };
+        sigv4::sign(
+            &sreq,
+            &self.access_key_id,
+            self.secret.expose(),
+            &self.region,
+            &self.service,
+        )
+        .map_err(|_| ClientError::Malformed("cannot sign".into()))
+    }
+}
+
 /// Credentials and endpoint.
 #[derive(Clone)]
 pub struct KmsClient {
@@ -44,16 +117,14 @@ pub struct KmsClient {
     host: String,
     port: u16,
     tls: Option<tokio_rustls::TlsConnector>,
-    region: String,
-    access_key_id: String,
-    secret: SecretBytes,
+    signer: Signer,
 }
 
 impl std::fmt::Debug for KmsClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KmsClient")
             .field("endpoint", &self.endpoint)
-            .field("access_key_id", &self.access_key_id)
+            .field("access_key_id", &self.signer.access_key_id)
             .finish_non_exhaustive()
     }
 }
@@ -108,16 +179,13 @@ impl KmsClient {
             host,
             port,
             tls,
-            region: region.into(),
-            access_key_id: access_key_id.into(),
-            secret,
+            signer: Signer::new(region, "kms", access_key_id, secret),
         })
     }
 
     /// Calls `TrentService.<op>` with a JSON body; returns the JSON reply.
     pub async fn call(&self, op: &str, body: &Value) -> Result<Value, ClientError> {
         let body = body.to_string().into_bytes();
-        let amz_date = sigv4::format_amz_date(crate::now_ms() / 1000);
         let host = if (self.tls.is_some() && self.port == 443)
             || (self.tls.is_none() && self.port == 80)
         {
@@ -126,30 +194,15 @@ impl KmsClient {
             format!("{}:{}", self.host, self.port)
         };
         let target = format!("TrentService.{op}");
-        let headers = vec![
+        let mut headers = vec![
             (
                 "content-type".to_string(),
                 "application/x-amz-json-1.1".to_string(),
             ),
             ("host".to_string(), host.clone()),
-            ("x-amz-date".to_string(), amz_date.clone()),
             ("x-amz-target".to_string(), target.clone()),
         ];
-        let sreq = sigv4::Request {
-            method: "POST",
-            path: "/",
-            query: "",
-            headers: &headers,
-            body: &body,
-        };
-        let auth = sigv4::sign(
-            &sreq,
-            &self.access_key_id,
-            self.secret.expose(),
-            &self.region,
-            "kms",
-        )
-        .map_err(|_| ClientError::Malformed("cannot sign".into()))?;
+        let auth = self.signer.sign("POST", "/", "", &mut headers, &body)?;
         let mut builder = hyper::Request::builder().method("POST").uri("/");
         for (n, v) in &headers {
             builder = builder.header(n, v);

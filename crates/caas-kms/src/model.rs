@@ -284,6 +284,10 @@ pub struct AccessKeyRecord {
     pub enabled: bool,
     /// Created.
     pub created_ms: i64,
+    /// Set for an operator's access key (account [`crate::operator::OPERATOR_ACCOUNT`]):
+    /// its permissions. Absent for tenants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<std::collections::BTreeSet<crate::operator::Permission>>,
 }
 
 /// An account (tenant).

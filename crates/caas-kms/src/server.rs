@@ -1,7 +1,8 @@
 //! HTTP(S) front of the key service: `POST /` with `X-Amz-Target: TrentService.<Op>`,
 //! bodies read up to a limit (larger ones get a ValidationException, never a hang or a
 //! panic), every request authenticated with SigV4 and answered with the AWS error shape on
-//! failure. TLS (rustls) when a certificate is configured. `GET /healthz` for liveness.
+//! failure; only tenants (an operator's key is refused, see [`crate::operator`]). TLS
+//! (rustls) when a certificate is configured. `GET /healthz` for liveness.
 use crate::error::KmsError;
 use crate::service::{Kms, MAX_BODY};
 use crate::sigv4;
@@ -67,13 +68,23 @@ async fn kms_endpoint(State(kms): State<Arc<Kms>>, req: Request) -> Response {
         headers: &headers,
         body: &body,
     };
-    let caller = match kms.authenticate(&sreq).await {
+    let caller = match kms
+        .authenticate_scope(&sreq, "kms", sigv4::KMS_SIGNED_HEADERS)
+        .await
+    {
         Ok(c) => c,
         Err(e) => {
             kms.audit_rejected(&target, &e, &request_id).await;
             return aws_response(e.status(), e.body(), &request_id);
         }
     };
+    // Only tenants call the KMS API: an operator's valid signature is refused, audited
+    // under the operator's name.
+    if let Some(e) = Kms::refuse_operator(&caller) {
+        kms.audit_refused_caller(&caller, &target, &e, &request_id)
+            .await;
+        return aws_response(e.status(), e.body(), &request_id);
+    }
     let (status, body) = kms.handle(caller, &target, &body, request_id.clone()).await;
     aws_response(status, body, &request_id)
 }
@@ -108,6 +119,17 @@ pub async fn serve(
         Some(r) => router(kms).merge(r),
         None => router(kms),
     };
+    serve_router(app, listener, tls, shutdown).await
+}
+
+/// Serves `app` (a router that includes [`router`]) until `shutdown` resolves; plain HTTP
+/// without `tls`.
+pub async fn serve_router(
+    app: Router,
+    listener: TcpListener,
+    tls: Option<TlsFiles>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     match tls {
         None => {
             axum::serve(listener, app)

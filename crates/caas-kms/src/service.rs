@@ -46,6 +46,8 @@ pub struct Caller {
     pub principal: String,
     /// Access key used.
     pub access_key_id: String,
+    /// Tenant or operator (with its permissions).
+    pub kind: crate::operator::CallerKind,
 }
 
 /// What a derived SigV4 signing key depends on besides the secret: (date, region, service).
@@ -59,6 +61,7 @@ const MAX_SIGNING_KEYS: usize = 4;
 struct Cred {
     account: String,
     principal: String,
+    kind: crate::operator::CallerKind,
     /// Signing keys of scopes that have verified a request; filled only after success.
     signing: HashMap<SigningScope, aws_lc_rs::hmac::Key>,
     secret: SecretBytes,
@@ -272,12 +275,49 @@ impl Kms {
         account: &str,
         user: &str,
     ) -> KmsResult<(String, SecretBytes)> {
-        if self
-            .store
-            .get(kind::ACCOUNT, SYSTEM_ACCOUNT, account)
+        self.issue_access_key(account, user, None).await
+    }
+
+    /// Creates an operator principal `name` with `permissions` and issues its access key;
+    /// returns (id, secret). Operators live in [`crate::operator::OPERATOR_ACCOUNT`]: they
+    /// can call the key service's operator routes their permissions name, never the KMS API.
+    pub async fn create_operator(
+        &self,
+        name: &str,
+        permissions: std::collections::BTreeSet<crate::operator::Permission>,
+    ) -> KmsResult<(String, SecretBytes)> {
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+        {
+            return Err(KmsError::Validation(
+                "operator names are 1-64 characters of [A-Za-z0-9-_.@]".into(),
+            ));
+        }
+        if permissions.is_empty() {
+            return Err(KmsError::Validation(
+                "an operator needs at least one permission".into(),
+            ));
+        }
+        self.issue_access_key(crate::operator::OPERATOR_ACCOUNT, name, Some(permissions))
             .await
-            .map_err(KmsError::store)?
-            .is_none()
+    }
+
+    async fn issue_access_key(
+        &self,
+        account: &str,
+        user: &str,
+        operator: Option<std::collections::BTreeSet<crate::operator::Permission>>,
+    ) -> KmsResult<(String, SecretBytes)> {
+        if operator.is_none()
+            && self
+                .store
+                .get(kind::ACCOUNT, SYSTEM_ACCOUNT, account)
+                .await
+                .map_err(KmsError::store)?
+                .is_none()
         {
             return Err(KmsError::NotFound(format!(
                 "account {account} does not exist"
@@ -292,7 +332,10 @@ impl Kms {
                 .encode(&secret_raw)
                 .into_bytes(),
         );
-        let principal = format!("arn:aws:iam::{account}:user/{user}");
+        let principal = match &operator {
+            None => format!("arn:aws:iam::{account}:user/{user}"),
+            Some(_) => format!("arn:caas:iam::{account}:operator/{user}"),
+        };
         let sealed = self.keyring.seal_internal(
             ACCESS_KEY_PURPOSE,
             &[&akid, account, &principal],
@@ -305,10 +348,23 @@ impl Kms {
             sealed_secret: sealed,
             enabled: true,
             created_ms: self.now_ms(),
+            operator: operator.clone(),
         };
         let body = serde_json::to_vec(&rec).map_err(|_| KmsError::Internal("encode".into()))?;
-        let mut entry =
-            crate::audit::system_entry("CreateAccessKey", &format!("{akid} for {}", rec.principal));
+        let mut entry = match &operator {
+            None => crate::audit::system_entry(
+                "CreateAccessKey",
+                &format!("{akid} for {}", rec.principal),
+            ),
+            Some(ps) => crate::audit::system_entry(
+                "CreateOperator",
+                &format!(
+                    "{akid} for {} with {}",
+                    rec.principal,
+                    ps.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(",")
+                ),
+            ),
+        };
         entry.account = account.into();
         self.store
             .commit(Batch {
@@ -402,9 +458,20 @@ impl Kms {
                 &rec.sealed_secret,
             )
             .await?;
+        // An operator's key is valid only in the operator account, a tenant's only outside it.
+        let kind = match rec.operator {
+            Some(ps) if rec.account == crate::operator::OPERATOR_ACCOUNT => {
+                crate::operator::CallerKind::Operator(ps)
+            }
+            None if rec.account != crate::operator::OPERATOR_ACCOUNT => {
+                crate::operator::CallerKind::Tenant
+            }
+            _ => return Err(KmsError::mismatch(&o.kind, &o.account, &o.id)),
+        };
         let c = Arc::new(Cred {
             account: rec.account,
             principal: rec.principal,
+            kind,
             signing: HashMap::new(),
             secret,
             enabled: rec.enabled,
@@ -420,7 +487,69 @@ impl Kms {
     /// signed headers, time and payload hash are checked before the credential is looked
     /// up; the signing key is taken from the cache or derived, and cached only once a
     /// signature verified under it.
+    /// Only tenants may call the KMS API: an operator's valid signature is refused here
+    /// (`AccessDeniedException`).
     pub async fn authenticate(&self, req: &sigv4::Request<'_>) -> KmsResult<Caller> {
+        let caller = self
+            .authenticate_scope(req, "kms", sigv4::KMS_SIGNED_HEADERS)
+            .await?;
+        match Self::refuse_operator(&caller) {
+            Some(e) => Err(e),
+            None => Ok(caller),
+        }
+    }
+
+    /// The KMS API's refusal of an operator (`AccessDeniedException`); `None` for tenants.
+    pub fn refuse_operator(caller: &Caller) -> Option<KmsError> {
+        (caller.kind != crate::operator::CallerKind::Tenant).then(|| {
+            KmsError::AccessDenied(format!(
+                "{} is an operator: operators cannot call KMS operations",
+                caller.principal
+            ))
+        })
+    }
+
+    /// Records a request of an authenticated caller refused before its operation ran (an
+    /// operator calling the KMS API), naming the caller and its access key.
+    pub async fn audit_refused_caller(
+        &self,
+        caller: &Caller,
+        target: &str,
+        err: &KmsError,
+        request_id: &str,
+    ) {
+        let mut entry = crate::audit::system_entry(
+            target.strip_prefix("TrentService.").unwrap_or("unknown"),
+            "",
+        );
+        entry.account = caller.account.clone();
+        entry.principal = caller.principal.clone();
+        entry.result = err.code().into();
+        entry.request_id = request_id.into();
+        entry.detail = serde_json::json!({
+            "detail": "authenticated caller refused before the operation",
+            crate::audit::ACCESS_KEY_FIELD: caller.access_key_id,
+        })
+        .to_string();
+        let _ = self
+            .store
+            .commit(Batch {
+                writes: vec![],
+                audit: vec![entry],
+            })
+            .await;
+    }
+
+    /// Authenticates a SigV4-signed request scoped to `service` (the key service's other
+    /// routes use [`crate::operator::SERVICE`]), requiring `signed` to be signed besides
+    /// `host` and `x-amz-date`. Same rules and credential cache as [`Kms::authenticate`];
+    /// the caller may be a tenant or an operator (see [`Caller::kind`]).
+    pub async fn authenticate_scope(
+        &self,
+        req: &sigv4::Request<'_>,
+        service: &str,
+        signed: &[&str],
+    ) -> KmsResult<Caller> {
         let auth_value = req
             .headers
             .iter()
@@ -443,8 +572,8 @@ impl Kms {
         let auth = sigv4::parse_authorization(auth_value).map_err(auth_error)?;
         let expect = sigv4::Expect {
             region: &self.region,
-            service: "kms",
-            signed: sigv4::KMS_SIGNED_HEADERS,
+            service,
+            signed,
             now: self.now_ms() / 1000,
         };
         sigv4::check_request(req, &auth, &expect).map_err(auth_error)?;
@@ -472,6 +601,7 @@ impl Kms {
             account: cred.account.clone(),
             principal: cred.principal.clone(),
             access_key_id: auth.access_key_id,
+            kind: cred.kind.clone(),
         })
     }
 
@@ -502,6 +632,7 @@ impl Kms {
             Arc::new(Cred {
                 account: cred.account.clone(),
                 principal: cred.principal.clone(),
+                kind: cred.kind.clone(),
                 signing,
                 secret: cred.secret.clone(),
                 enabled: cred.enabled,

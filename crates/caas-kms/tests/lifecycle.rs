@@ -31,6 +31,7 @@ async fn tenant(kms: &Kms, name: &str) -> Caller {
         principal: format!("arn:aws:iam::{account}:user/{name}"),
         account,
         access_key_id: "AKIATEST".into(),
+        kind: caas_kms::operator::CallerKind::Tenant,
     }
 }
 

@@ -66,6 +66,27 @@ impl DomainManager {
         hex::encode(sha256(&self.public()))
     }
 
+    /// A signed ACL change (fresh nonce, `now_ms`): `PUT /v1/tl/acl` with this as the body.
+    pub fn acl_update(
+        &self,
+        label_text: &str,
+        domains: &[String],
+        now_ms: u64,
+    ) -> Result<crate::wire::Signed> {
+        let update = crate::wire::AclUpdate {
+            pk_dm: self.public(),
+            label: label_text.into(),
+            domains: domains.to_vec(),
+            nonce: caas_crypto::random_bytes(32)?,
+            time_ms: now_ms,
+        };
+        Ok(crate::wire::Signed::sign(
+            &self.kp,
+            crate::wire::label::ACL_UPDATE,
+            &update,
+        ))
+    }
+
     /// TL.Token plus the signed TL.Request ⟨c1, SP, pk_DM, r⟩.
     pub fn token(
         &self,

@@ -3,9 +3,15 @@
 //!
 //! Routes (JSON): `GET /v1/tl/ttp` (pk_TTP), `POST /v1/tl/attest` (TL.AttestRequest →
 //! TL.Attestation), `POST /v1/tl/domkey` (DBSP.DomKeyReq → DomKeyGen), `PUT /v1/tl/acl`
-//! (operator: which domains a DM may give), `GET /v1/tl/hosts/{name}/bind-info` (a host's
+//! (which domains a DM may give: a [`crate::wire::AclUpdate`] signed by that DM), `GET /v1/tl/hosts/{name}/bind-info` (a host's
 //! certified bind key and trusted PCR values, seed 001 Algorithm 1 line 1), and the
 //! scheduler `POST /v1/sched/launch` (places a TL.Request on a trusted host of its SP).
+//!
+//! Authentication is the key service's (`caas/src/key_service/auth.rs`): pk_TTP is public;
+//! `attest` and `domkey` carry the host's AK signature (its identity); the ACL change is
+//! signed by the DM it is about ([`crate::ttp::Ttp::update_acl`]) and sent by a
+//! SigV4-authenticated caller, whose principal the handler audits; bind info and the
+//! scheduler need SigV4 (tenants or operators).
 use crate::dm::HostBindInfo;
 use crate::ttp::Ttp;
 use crate::wire::{AkSigned, LaunchCall, LaunchRequest, Signed, label};
@@ -13,7 +19,7 @@ use crate::{TtpKeys, TtpPublic};
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use caas_attest::store::{AttestStore, HostState, get_host, list_hosts};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -56,19 +62,6 @@ impl From<crate::Error> for ApiError {
     }
 }
 
-/// `PUT /v1/tl/acl`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct AclRequest {
-    /// pk_DM (base64, Ed25519).
-    #[serde(with = "caas_attest::b64")]
-    pub pk_dm: Vec<u8>,
-    /// Free text.
-    #[serde(default)]
-    pub label: String,
-    /// Domains.
-    pub domains: Vec<String>,
-}
-
 /// `POST /v1/sched/launch`: a launch call plus an optional placement hint.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ScheduleRequest {
@@ -101,6 +94,13 @@ impl<S: AttestStore> TlService<S> {
     /// pk_TTP.
     pub fn public(&self) -> crate::Result<TtpPublic> {
         self.ttp.public()
+    }
+
+    /// The same service, waiting at most `timeout` for a host agent's answer.
+    #[must_use]
+    pub fn with_agent_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.http = caas_attest::client::HttpClient::new(timeout);
+        self
     }
 
     async fn bind_info(&self, name: &str) -> Result<HostBindInfo, crate::Error> {
@@ -273,10 +273,13 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
         .route(
             "/v1/tl/acl",
             put(
-                |State(s): State<Arc<TlService<S>>>, Json(r): Json<AclRequest>| async move {
+                |State(s): State<Arc<TlService<S>>>,
+                 p: Option<Extension<caas_attest::service::Principal>>,
+                 Json(r): Json<Signed>| async move {
+                    let who = p.map_or_else(|| "anonymous".to_string(), |Extension(p)| p.0);
                     let r: R<crate::ttp::AclEntry> = s
                         .ttp
-                        .set_acl(&r.pk_dm, &r.label, &r.domains, "operator")
+                        .update_acl(&r, &who, caas_attest::now_ms())
                         .await
                         .map(Json)
                         .map_err(ApiError);

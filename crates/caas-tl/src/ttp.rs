@@ -170,9 +170,46 @@ impl<S: AttestStore> Ttp<S> {
         }
     }
 
+    /// An ACL change signed by the DM it is about ([`crate::wire::AclUpdate`]): the
+    /// signature must verify under the `pk_dm` it names (`bad_signature`), be fresh
+    /// (`stale_message`), and its nonce unused (`nonce_replayed`, recorded durably before the
+    /// change). Every refusal is audited (`TlSetAcl`, with `principal`, the authenticated
+    /// HTTP caller).
+    pub async fn update_acl(
+        &self,
+        signed: &crate::wire::Signed,
+        principal: &str,
+        now_ms: u64,
+    ) -> Result<AclEntry> {
+        let claimed = signed.peek::<crate::wire::AclUpdate>(crate::wire::label::ACL_UPDATE);
+        let subject = claimed
+            .as_ref()
+            .map_or_else(|_| "-".to_string(), |u| hexs(&sha256(&u.pk_dm)));
+        let r = async {
+            let u: crate::wire::AclUpdate =
+                signed.open(&claimed?.pk_dm, crate::wire::label::ACL_UPDATE)?;
+            crate::wire::check_fresh(u.time_ms, now_ms)?;
+            self.consume_nonce("acl", &u.nonce).await?;
+            Ok(u)
+        }
+        .await;
+        match r {
+            Ok(u) => {
+                self.set_acl(&u.pk_dm, &u.label, &u.domains, principal)
+                    .await
+            }
+            Err(e) => {
+                self.audit(principal, "TlSetAcl", &subject, &Err(clone_err(&e)))
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
     /// Records the ACL of a domain manager: `pk_dm` may give its workloads `domains`. A
     /// domain belongs to the first DM that registers it; registering another DM's domain is
-    /// refused (`domain_owned`).
+    /// refused (`domain_owned`). Callers outside the TTP use [`Ttp::update_acl`] (the
+    /// change signed by the DM); this is for in-process set-ups (benchmarks).
     pub async fn set_acl(
         &self,
         pk_dm: &[u8],

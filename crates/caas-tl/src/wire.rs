@@ -25,6 +25,8 @@ pub mod label {
     pub const DOMKEY_RESPONSE: &str = "caas-tl domkey-response v1";
     /// Revocation notice (host untrusted), signed by the TTP.
     pub const REVOKE: &str = "caas-tl revoke v1";
+    /// An ACL change for a DM, signed by that DM (the TTP authenticates the DM, §4.4).
+    pub const ACL_UPDATE: &str = "caas-tl acl-update v1";
     /// AAD of c1 (m1 encrypted to pk_TTP).
     pub const M1: &str = "caas-tl m1 v1";
     /// AAD prefix of c2 (m2 sealed to the bind key).
@@ -103,6 +105,26 @@ pub struct AkSigned {
     pub body: Vec<u8>,
     /// Quote, signature, event log, PCR values.
     pub evidence: Evidence,
+}
+
+/// An ACL change: the domains `pk_dm`'s workloads may be given. Signed by sk_DM ([`Signed`],
+/// label [`label::ACL_UPDATE`]); `nonce` is consumed by the TTP (a replay is refused) and
+/// `time_ms` must be within [`FRESHNESS_MS`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AclUpdate {
+    /// pk_DM (Ed25519, 32 bytes).
+    #[serde(with = "b64")]
+    pub pk_dm: Vec<u8>,
+    /// Free text.
+    #[serde(default)]
+    pub label: String,
+    /// Domains.
+    pub domains: Vec<String>,
+    /// 32 random bytes, single use.
+    #[serde(with = "b64")]
+    pub nonce: Vec<u8>,
+    /// Unix ms when the DM signed it.
+    pub time_ms: u64,
 }
 
 /// m1 = τ‖H1‖H2‖SP‖id_vm‖D_vm (TL.Token), encrypted to pk_TTP as c1.

@@ -74,6 +74,8 @@ async fn tenant_story(
         dir: Some(dir.join("tenant")),
         endpoint: get("CAAS_KMS_ENDPOINT").ok(),
         ttp: get("CAAS_TTP_PUBLIC_KEY").ok(),
+        access_key_id: get("AWS_ACCESS_KEY_ID").ok(),
+        secret_access_key: get("AWS_SECRET_ACCESS_KEY").ok(),
         cmd: TenantCmd::Init,
     };
     let tdir = dir.join("tenant");
@@ -89,14 +91,23 @@ async fn tenant_story(
         .collect();
     let image_sha = hex::encode(caas_tl::crypto::sha256(&image));
     let ok = st
-        .run("TL: domain manager key pair (TL.Setup) and the TTP's ACL for domain demo-data", async {
-            let dm = crate::tenant::load_dm(&tdir, true)?;
-            let body = json!({ "pk_dm": b64(&dm.public()), "label": "caas demo", "domains": ["demo-data"] });
-            caas_attest::client::HttpClient::default()
+        .run(
+            "TL: domain manager key pair (TL.Setup) and the TTP's ACL for domain demo-data",
+            async {
+                let dm = crate::tenant::load_dm(&tdir, true)?;
+                let body =
+                    dm.acl_update("caas demo", &["demo-data".into()], caas_attest::now_ms())?;
+                crate::key_service::client::signed(
+                    &get("AWS_DEFAULT_REGION")?,
+                    &get("AWS_ACCESS_KEY_ID")?,
+                    SecretBytes::new(get("AWS_SECRET_ACCESS_KEY")?.into_bytes()),
+                    std::time::Duration::from_secs(30),
+                )
                 .put::<_, Value>(&format!("{}/v1/tl/acl", get("CAAS_KMS_ENDPOINT")?), &body)
                 .await?;
-            Ok(())
-        })
+                Ok(())
+            },
+        )
         .await;
     if ok.is_none() {
         return;

@@ -1,9 +1,11 @@
-//! `caas dev`: the all-in-one local deployment in one data directory.
+//! `caas dev`: the all-in-one local deployment in one data directory. The key service is
+//! the production one (`crate::key_service::serve`, every role, every route authenticated);
+//! dev only creates the first tenant and the first operator and writes their credentials.
 //!
 //! Layout of DIR: `node.key` (0600, the node key — outside the database, as the docs say
 //! for dev mode), `node.key.audit-checkpoint` (the signed audit-head checkpoint, see
 //! `caas_kms::checkpoint`), `kms.sqlite3` (the store), `dev.json` (0600: the dev tenant's account and
-//! access key), `env` (0600: shell `export` lines for every endpoint and credential, including
+//! access key, the dev operator's access key), `env` (0600: shell `export` lines for every endpoint and credential, including
 //! the dev tenant's secret access key — dev mode only), `dev.pid`, `dev.log` (detached).
 //! Restarting on the same DIR keeps every key and the same credentials.
 use anyhow::{Context, Result, bail};
@@ -77,6 +79,16 @@ struct DevState {
     access_key_id: String,
     /// Dev mode only: the dev tenant's secret, so that restarts keep the same credentials.
     secret_access_key: String,
+    /// The dev operator (every permission); absent in data dirs of older versions.
+    #[serde(default)]
+    operator: Option<DevOperator>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct DevOperator {
+    access_key_id: String,
+    /// Dev mode only, like the tenant's.
+    secret_access_key: String,
 }
 
 /// Reads `export NAME='value'` lines of an env file.
@@ -112,7 +124,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             dir.display()
         );
     }
-    let params = ServeParams {
+    let serve_params = ServeParams {
         kms: kms_params(&dir),
         listen: args
             .listen
@@ -126,30 +138,48 @@ pub async fn run(args: DevArgs) -> Result<()> {
     std::fs::write(dir.join("dev.pid"), std::process::id().to_string())?;
     let _ = std::fs::remove_file(dir.join("env"));
     let result = async {
-        let bound = crate::key_service::bind(&params, args.accept_audit_rollback).await?;
-        // First start: the dev tenant and its access key; later starts reuse them.
+        let bound = crate::key_service::bind(&serve_params, args.accept_audit_rollback).await?;
+        // First start: the dev tenant and operator and their access keys; later starts
+        // reuse them.
         let mut vars = prepare_tenant(&bound.kms, &dir, bound.addr).await?;
-        let mut attestation = match args.hosts {
-            0 => None,
-            n => Some(
-                crate::attest::DevAttestation::prepare(
+        let interval = Duration::from_secs(args.attest_secs.max(1));
+        let (mut hosts, attestation, agents) = match args.hosts {
+            0 => (
+                None,
+                crate::key_service::attest::AttestationParams {
+                    interval,
+                    ..Default::default()
+                },
+                None,
+            ),
+            n => {
+                let (h, p, a) = crate::dev_hosts::prepare(
                     &dir,
                     n,
-                    bound.kms.store.clone(),
+                    &bound.kms,
                     &format!("http://{}", bound.addr),
-                    crate::tl::load_or_create_keys(&bound.kms).await?,
+                    interval,
                 )
-                .await?,
-            ),
+                .await?;
+                (Some(h), p, Some(a))
+            }
         };
-        let extra = attestation.as_ref().map(|a| a.router.clone());
-        let server = tokio::spawn(crate::key_service::serve(params, bound, extra));
-        if let Some(a) = attestation.as_mut() {
-            if let Err(e) = a.start(Duration::from_secs(args.attest_secs.max(1))).await {
+        let params = crate::key_service::config::KeyServiceParams {
+            serve: serve_params,
+            attestation,
+            tl: Default::default(),
+        };
+        let roles =
+            crate::key_service::Roles::open(bound.kms.clone(), &params.attestation, &params.tl, agents)
+                .await?;
+        vars.push(("CAAS_TTP_PUBLIC_KEY".into(), roles.tl.public()?.to_text()));
+        let server = tokio::spawn(crate::key_service::serve(params, bound, roles.clone()));
+        if let Some(h) = hosts.as_mut() {
+            if let Err(e) = crate::dev_hosts::start(h, &roles).await {
                 server.abort();
                 return Err(e);
             }
-            vars.extend(a.env());
+            vars.extend(crate::dev_hosts::env(h)?);
         }
         let roles = start_roles(&dir, &vars).await;
         let (domain, volume) = match roles {
@@ -172,7 +202,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         let mut domain = domain;
         domain.stop();
         let _ = volume.stop().await;
-        drop(attestation);
+        drop(hosts);
         served.map_err(|e| anyhow::anyhow!("key service task: {e}"))?
     }
     .await;
@@ -235,7 +265,16 @@ async fn prepare_tenant(
         .ok()
         .and_then(|b| serde_json::from_slice::<DevState>(&b).ok())
     {
-        Some(s) => s,
+        Some(s) if s.operator.is_some() => s,
+        Some(mut s) => {
+            s.operator = Some(create_operator(kms).await?);
+            caas_crypto::fs::write_secret(
+                &state_path,
+                serde_json::to_string_pretty(&s)?.as_bytes(),
+                None,
+            )?;
+            s
+        }
         None => {
             let account = kms
                 .create_account("dev-tenant")
@@ -249,6 +288,7 @@ async fn prepare_tenant(
                 account,
                 access_key_id: akid,
                 secret_access_key: String::from_utf8_lossy(secret.expose()).into_owned(),
+                operator: Some(create_operator(kms).await?),
             };
             caas_crypto::fs::write_secret(
                 &state_path,
@@ -260,6 +300,11 @@ async fn prepare_tenant(
     };
     let secret = state.secret_access_key.clone();
     let endpoint = format!("http://{addr}");
+    let (op_id, op_secret) = state
+        .operator
+        .as_ref()
+        .map(|o| (o.access_key_id.clone(), o.secret_access_key.clone()))
+        .unwrap_or_default();
     let vars: Vec<(&str, String)> = vec![
         ("AWS_ENDPOINT_URL", endpoint.clone()),
         ("AWS_ENDPOINT_URL_KMS", endpoint.clone()),
@@ -270,6 +315,9 @@ async fn prepare_tenant(
         ("CAAS_DEV_DIR", dir.display().to_string()),
         ("CAAS_KMS_ENDPOINT", endpoint),
         ("CAAS_ACCOUNT_ID", state.account.clone()),
+        // The first operator (every permission): `caas attest`, `caas profile`, `caas host`.
+        ("CAAS_OPERATOR_ACCESS_KEY_ID", op_id),
+        ("CAAS_OPERATOR_SECRET_ACCESS_KEY", op_secret),
         (
             "CAAS_AUDIT_PUBLIC_KEY",
             kms.audit_public_key()
@@ -285,10 +333,25 @@ async fn prepare_tenant(
     Ok(vars.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
 }
 
+/// The dev operator: every permission.
+async fn create_operator(kms: &caas_kms::Kms) -> Result<DevOperator> {
+    let (id, secret) = kms
+        .create_operator(
+            "dev-operator",
+            caas_kms::operator::Permission::ALL.into_iter().collect(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(DevOperator {
+        access_key_id: id,
+        secret_access_key: String::from_utf8_lossy(secret.expose()).into_owned(),
+    })
+}
+
 /// Writes `DIR/env` (mode 0600) once every role is up: its presence means "ready".
 fn write_env(dir: &Path, vars: &[(String, String)]) -> Result<()> {
     let mut text = String::from(
-        "# caas dev deployment — source this file: . ./env\n# Dev mode only: this file holds the dev tenant's secret access key and token PINs (mode 0600).\n",
+        "# caas dev deployment — source this file: . ./env\n# Dev mode only: this file holds the dev tenant's and the dev operator's secret access keys and token PINs (mode 0600).\n",
     );
     for (k, v) in vars {
         text.push_str(&format!("export {k}={}\n", shell_quote(v)));

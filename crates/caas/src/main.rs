@@ -2,23 +2,27 @@
 //!
 //! - `caas dev` / `caas dev stop`: the all-in-one local deployment (`dev.rs`)
 //! - `caas demo`: the tenant story against a dev deployment (`demo.rs`)
-//! - `caas key-service serve`: the key service in production mode (`key_service.rs`)
+//! - `caas key-service serve|routes`: the key service in production mode, every role
+//!   (KMS, registrar/verifier, TTP, scheduler) behind one authentication layer
+//!   (`key_service/`, the same `serve()` as `caas dev`)
 //! - `caas admin ...`, `caas audit ...`: operator tools on a key service's store
+//!   (`caas admin create-operator`: operator principals)
 //! - `caas tenant ...`: the domain manager (TL, DBSP, encrypted provisioning; `tenant.rs`),
-//!   with the key service's TTP and scheduler side in `tl.rs`
+//!   with the key service's TTP and scheduler side in `key_service/tl.rs`
+//! - `caas host|attest|profile ...`: operator commands, signed with
+//!   `CAAS_OPERATOR_ACCESS_KEY_ID`/`CAAS_OPERATOR_SECRET_ACCESS_KEY`
 //! - `caas workload run`: the process workload started by a host agent
 //! - `caas pki init|issue`: a deployment CA and its role certificates (`pki.rs`)
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
-mod attest;
 mod demo;
 mod dev;
+mod dev_hosts;
 mod key_service;
 mod pki;
 mod roles;
 mod tenant;
-mod tl;
 
 /// caas — client-controlled Cryptography-as-a-Service.
 #[derive(Debug, Parser)]
@@ -30,14 +34,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Run the all-in-one local deployment (key service; more roles as they exist).
+    /// Run the all-in-one local deployment (key service with every role, dev hosts, crypto
+    /// domain, volume).
     Dev(dev::DevArgs),
     /// Run the tenant story against the dev deployment in DIR (starting one if needed).
     Demo(demo::DemoArgs),
-    /// The key service (KMS + audit).
+    /// The key service: KMS, registrar and verifier, TTP, scheduler.
     #[command(name = "key-service", subcommand)]
     KeyService(key_service::KeyServiceCmd),
-    /// Operator administration of a key service: accounts, access keys, domain keys.
+    /// Operator administration of a key service: accounts, access keys, operators, domain keys.
     #[command(subcommand)]
     Admin(key_service::AdminCmd),
     /// Read and verify the key service's audit log.
@@ -119,9 +124,14 @@ fn main() -> ExitCode {
             Cmd::Admin(c) => key_service::run_admin(c).await,
             Cmd::Audit(c) => key_service::run_audit(c).await,
             Cmd::Volume(a) => roles::run_volume(a).await,
-            Cmd::Host(c) => roles::exit_code(caas_host::cli::run_host(c).await),
-            Cmd::Attest(a) => roles::exit_code(caas_host::cli::run_attest(a).await),
-            Cmd::Profile(c) => roles::exit_code(caas_host::cli::run_profile(c).await),
+            Cmd::Host(c) => roles::exit_code(caas_host::cli::run_host(c, operator_client).await),
+            Cmd::Attest(a) => roles::exit_code(match operator_client() {
+                Ok(http) => caas_host::cli::run_attest(a, http).await,
+                Err(e) => Err(e),
+            }),
+            Cmd::Profile(c) => {
+                roles::exit_code(caas_host::cli::run_profile(c, operator_client).await)
+            }
             Cmd::Tenant(a) => tenant::run(a).await,
             Cmd::Pki(c) => pki::run(c),
             Cmd::Domc(_) | Cmd::Workload(_) => Ok(()),
@@ -134,4 +144,9 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The operator's signed client of the key service (`caas host`, `caas attest`, `caas profile`).
+fn operator_client() -> anyhow::Result<caas_attest::client::HttpClient> {
+    key_service::client::operator(std::time::Duration::from_secs(30))
 }

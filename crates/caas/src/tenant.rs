@@ -35,6 +35,18 @@ pub struct TenantArgs {
     /// The TTP's public key (`SIGN.ENCRYPT`), as pinned by the tenant.
     #[arg(long, env = "CAAS_TTP_PUBLIC_KEY", global = true)]
     pub ttp: Option<String>,
+    /// The tenant's access key id (the key service's ACL, bind-info and scheduler routes
+    /// are SigV4-signed, like the KMS API).
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", global = true, hide_env_values = true)]
+    pub access_key_id: Option<String>,
+    /// The tenant's secret access key.
+    #[arg(
+        long,
+        env = "AWS_SECRET_ACCESS_KEY",
+        global = true,
+        hide_env_values = true
+    )]
+    pub secret_access_key: Option<String>,
     /// Subcommand.
     #[command(subcommand)]
     pub cmd: TenantCmd,
@@ -175,8 +187,22 @@ fn ttp(a: &TenantArgs) -> Result<TtpPublic> {
     )?)?)
 }
 
-fn http() -> caas_attest::client::HttpClient {
-    caas_attest::client::HttpClient::new(std::time::Duration::from_secs(180))
+/// The tenant's signed client of the key service.
+fn http(a: &TenantArgs) -> Result<caas_attest::client::HttpClient> {
+    let id = a
+        .access_key_id
+        .as_deref()
+        .context("--access-key-id or AWS_ACCESS_KEY_ID is required (the tenant's access key)")?;
+    let secret = a
+        .secret_access_key
+        .as_deref()
+        .context("--secret-access-key or AWS_SECRET_ACCESS_KEY is required")?;
+    Ok(crate::key_service::client::signed(
+        &crate::key_service::client::region(),
+        id,
+        SecretBytes::new(secret.as_bytes().to_vec()),
+        std::time::Duration::from_secs(180),
+    ))
 }
 
 fn step(t: Instant, what: &str) {
@@ -194,12 +220,9 @@ pub async fn run(a: TenantArgs) -> Result<()> {
         }
         TenantCmd::Acl { domains } => {
             let dm = load_dm(&dir, false)?;
-            let body = serde_json::json!({
-                "pk_dm": caas_attest::b64::encode(&dm.public()),
-                "label": "caas tenant",
-                "domains": domains,
-            });
-            let v: serde_json::Value = http()
+            // Signed by the DM key, with a fresh nonce the TTP records (seed 003 §4.4).
+            let body = dm.acl_update("caas tenant", domains, caas_attest::now_ms())?;
+            let v: serde_json::Value = http(&a)?
                 .put(&format!("{}/v1/tl/acl", endpoint(&a)?), &body)
                 .await?;
             println!("{v}");
@@ -246,7 +269,7 @@ pub async fn provision(
     // The configuration is sealed for this DM: only its launches open it.
     let dm = load_dm(dir, false)?;
     let ep = endpoint(a)?;
-    let client = http();
+    let client = http(a)?;
     // Lines 1–2: get (cert, pk_TPM) from each node and validate it.
     let t = Instant::now();
     let mut binds = Vec::new();
@@ -382,7 +405,7 @@ pub async fn launch(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let body = crate::tl::ScheduleRequest {
+    let body = crate::key_service::tl::ScheduleRequest {
         call: LaunchCall {
             request: token.request.clone(),
             vm_id: vm.into(),
@@ -393,7 +416,7 @@ pub async fn launch(
         host,
     };
     let t = Instant::now();
-    let r: serde_json::Value = http()
+    let r: serde_json::Value = http(a)?
         .post(&format!("{}/v1/sched/launch", endpoint(a)?), &body)
         .await?;
     step(

@@ -130,15 +130,20 @@ impl Cloud {
         );
     }
 
-    /// Agents (https) with the management's certificate; the key service in the clear.
+    /// A call as the cloud's operator would make it: to the host agents (https) with the
+    /// management's certificate; to the key service signed with the dev operator's key
+    /// (every key-service route but health, public keys and the host protocol requires it).
     fn call(&self, method: &str, url: &str, body: Option<&Value>) -> Reply {
-        let plain = HttpClient::new(std::time::Duration::from_secs(120));
-        let http = if url.starts_with("https://") {
-            &self.mgmt
+        let timeout = std::time::Duration::from_secs(120);
+        if url.starts_with("https://") {
+            return http_call(&self.rt, &self.mgmt, method, url, body);
+        }
+        let http = if url.starts_with(&self.ks()) {
+            self.dev.operator_http(timeout)
         } else {
-            &plain
+            HttpClient::new(timeout)
         };
-        http_call(&self.rt, http, method, url, body)
+        http_call(&self.rt, &http, method, url, body)
     }
 
     fn agent(&self, host: &str) -> String {

@@ -145,6 +145,24 @@ impl Dev {
         .unwrap()
     }
 
+    /// A JSON client of the key service's signed routes, signing as the dev operator.
+    pub fn operator_http(&self, timeout: Duration) -> caas_attest::client::HttpClient {
+        signed_http(
+            &self.env["CAAS_OPERATOR_ACCESS_KEY_ID"],
+            &self.env["CAAS_OPERATOR_SECRET_ACCESS_KEY"],
+            timeout,
+        )
+    }
+
+    /// A JSON client of the key service's signed routes, signing as the dev tenant.
+    pub fn tenant_http(&self, timeout: Duration) -> caas_attest::client::HttpClient {
+        signed_http(
+            &self.env["AWS_ACCESS_KEY_ID"],
+            &self.env["AWS_SECRET_ACCESS_KEY"],
+            timeout,
+        )
+    }
+
     /// Runs `caas <args> --data-dir DIR` and returns stdout.
     pub fn caas(&self, args: &[&str]) -> String {
         let out = Command::new(caas_bin())
@@ -266,4 +284,43 @@ pub fn http_call(
             caas_attest::Error::Remote { status, code, .. } => (status, code),
             other => (0, other.to_string()),
         })
+}
+
+/// caas's one SigV4 signer (`caas_kms::client::Signer`, scope `caas`) as the JSON client's
+/// request signer.
+#[derive(Debug)]
+pub struct SigV4(pub caas_kms::client::Signer);
+
+impl caas_attest::client::RequestSigner for SigV4 {
+    fn sign(
+        &self,
+        method: &str,
+        path: &str,
+        query: &str,
+        headers: &mut Vec<(String, String)>,
+        body: &[u8],
+    ) -> Result<(), String> {
+        let auth = self
+            .0
+            .sign(method, path, query, headers, body)
+            .map_err(|e| e.to_string())?;
+        headers.push(("authorization".into(), auth));
+        Ok(())
+    }
+}
+
+/// A JSON client signing with these credentials (region us-east-1, scope `caas`).
+pub fn signed_http(
+    access_key_id: &str,
+    secret: &str,
+    timeout: Duration,
+) -> caas_attest::client::HttpClient {
+    caas_attest::client::HttpClient::new(timeout).with_signer(std::sync::Arc::new(SigV4(
+        caas_kms::client::Signer::new(
+            "us-east-1",
+            "caas",
+            access_key_id,
+            caas_crypto::SecretBytes::new(secret.as_bytes().to_vec()),
+        ),
+    )))
 }

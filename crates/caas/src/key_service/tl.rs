@@ -1,17 +1,18 @@
 //! The key service as the TTP of trusted launch and DBSP (seed 003 §4.3, §4.4), and the
-//! (untrusted) scheduler of `caas dev`. The TTP's secrets (sk_TTP, its X25519 key, K_TTP)
-//! are generated once, stored only sealed under the key service's domain key (like the
-//! access-key secrets), and held in memory by [`caas_tl::ttp::Ttp`].
+//! (untrusted) scheduler. The TTP's secrets (sk_TTP, its X25519 key, K_TTP) are generated
+//! once, stored only sealed under the key service's domain key (like the access-key
+//! secrets), and held in memory by [`caas_tl::ttp::Ttp`].
 //!
-//! The routes are `caas_tl::service::router` (TTP + scheduler), mounted by `caas dev`.
+//! The routes are `caas_tl::service::router` (TTP + scheduler), mounted by
+//! [`super::serve`] behind [`super::auth`].
 use anyhow::Result;
 use caas_crypto::SecretBytes;
 use caas_store::{Batch, Write};
 use caas_tl::TtpKeys;
 
 /// The TTP and scheduler on the key service's store.
-pub type TlService = caas_tl::service::TlService<crate::attest::KmsAttestStore>;
-pub use caas_tl::service::{ScheduleRequest, router};
+pub type TlService = caas_tl::service::TlService<super::attest::KmsAttestStore>;
+pub use caas_tl::service::ScheduleRequest;
 
 const KIND_TTP_KEYS: &str = "tl_ttp_keys";
 const PURPOSE: &str = "tl-ttp-keys";

@@ -1,4 +1,10 @@
-//! `caas key-service serve`, `caas admin ...` and `caas audit ...`.
+//! The key service: one actor, one home. It owns the KMS (`caas-kms`), the registrar and
+//! verifier ([`attest`], `caas-attest`), the TTP with its keys and the scheduler API
+//! ([`tl`], `caas-tl`), all on one store adapter (`caas-store`, one audit chain), served by
+//! the one [`serve()`] that `caas key-service serve` and `caas dev` both use, with every
+//! route authenticated by [`auth`] (the route table says who may call what). [`config`] is
+//! the TOML. This module also holds the operator commands `caas admin ...` and
+//! `caas audit ...`.
 //!
 //! The serving process is hardened first ([`harden`]: non-dumpable, no core files) and
 //! refuses to start on an audit chain behind its node's checkpoint unless
@@ -6,9 +12,17 @@
 //! `verify` (human summary or `--json`, non-zero exit on any failure, chain and checkpoint)
 //! and `export` (CloudTrail-style JSON lines) only read: they neither check nor move the
 //! checkpoint.
-use anyhow::{Context, Result, bail};
-use caas_kms::checkpoint::{self, Freshness, OnRollback};
-use caas_kms::config::{self, ServeParams};
+pub mod attest;
+pub mod auth;
+pub mod client;
+pub mod config;
+mod serve;
+pub mod tl;
+
+pub use serve::{Roles, bind, harden, serve};
+
+use anyhow::{Result, bail};
+use caas_kms::checkpoint::{self, Freshness};
 use caas_kms::{Kms, KmsParams};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
@@ -36,6 +50,7 @@ impl StoreArgs {
                 .map_err(anyhow::Error::msg)?
                 .validate()
                 .map_err(anyhow::Error::msg)?
+                .serve
                 .kms
         } else if let Some(dir) = &self.data_dir {
             crate::dev::kms_params(dir)
@@ -52,7 +67,12 @@ impl StoreArgs {
 /// `caas key-service ...`.
 #[derive(Debug, Subcommand)]
 pub enum KeyServiceCmd {
-    /// Serve the AWS-KMS-compatible API.
+    /// Serve every role of the key service on one listener: the AWS-KMS-compatible API
+    /// (tenants), the registrar (Privacy CA: host enrollment) and verifier (continuous
+    /// attestation, security profiles: operators), the TTP of trusted launch and DBSP (AK-
+    /// signed host messages, DM-signed ACL changes) and the scheduler API (tenants). Every
+    /// route but health and the public keys is authenticated; `caas key-service routes`
+    /// lists who may call each.
     Serve {
         /// Config file (TOML); see config/key-service.example.toml.
         #[arg(long, env = "CAAS_CONFIG")]
@@ -68,6 +88,8 @@ pub enum KeyServiceCmd {
         #[arg(long)]
         accept_audit_rollback: bool,
     },
+    /// Print every route the key service serves and who may call it, as JSON lines.
+    Routes,
 }
 
 /// `caas admin ...`.
@@ -100,6 +122,19 @@ pub enum AdminCmd {
     ListAccessKeys {
         #[command(flatten)]
         store: StoreArgs,
+    },
+    /// Create an operator (a principal of the cloud's administrators, apart from tenants)
+    /// and issue its access key (prints the secret once). Operators call the key service's
+    /// operator routes with SigV4 (scope service `caas`); they cannot call the KMS API.
+    CreateOperator {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Operator name.
+        name: String,
+        /// Comma-separated permissions: hosts:read, hosts:attest, hosts:admit,
+        /// profiles:read, profiles:write, acl:admin, schedule (or `all`).
+        #[arg(long, value_delimiter = ',', required = true)]
+        permissions: Vec<String>,
     },
     /// Disable an access key.
     DisableAccessKey {
@@ -157,92 +192,6 @@ pub enum AuditCmd {
     },
 }
 
-/// Process hygiene of the key service: not dumpable (no core file, no ptrace by the same
-/// user), RLIMIT_CORE 0 — the same routine as the crypto domain's.
-pub fn harden() -> Result<()> {
-    caas_crypto::hardening::forbid_core_dumps()
-        .map_err(|e| anyhow::anyhow!("cannot harden the key-service process: {e}"))
-}
-
-/// A key service that is bound but not yet serving.
-pub struct Bound {
-    /// The service.
-    pub kms: Arc<Kms>,
-    /// Bound listener.
-    pub listener: tokio::net::TcpListener,
-    /// Its address.
-    pub addr: std::net::SocketAddr,
-}
-
-/// Opens the store (checking the audit chain against this node's checkpoint; see
-/// `caas_kms::checkpoint`) and binds the listener.
-pub async fn bind(params: &ServeParams, accept_audit_rollback: bool) -> Result<Bound> {
-    let on_rollback = if accept_audit_rollback {
-        OnRollback::Accept
-    } else {
-        OnRollback::Refuse
-    };
-    let kms = Kms::open_with(&params.kms, Some(on_rollback))
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let listener = tokio::net::TcpListener::bind(params.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", params.listen))?;
-    let addr = listener.local_addr()?;
-    Ok(Bound {
-        kms,
-        listener,
-        addr,
-    })
-}
-
-/// Serves the key service until SIGINT/SIGTERM.
-pub async fn serve(params: ServeParams, bound: Bound, extra: Option<axum::Router>) -> Result<()> {
-    let Bound {
-        kms,
-        listener,
-        addr,
-    } = bound;
-    let maint = {
-        let kms = kms.clone();
-        let every = params.maintenance_interval;
-        tokio::spawn(async move {
-            let mut t = tokio::time::interval(every);
-            loop {
-                t.tick().await;
-                match caas_kms::ops::maintenance(&kms).await {
-                    Ok((d, r)) if d + r > 0 => {
-                        tracing::info!(deleted = d, rotated = r, "maintenance")
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "maintenance failed"),
-                }
-            }
-        })
-    };
-    tracing::info!(%addr, tls = params.tls.is_some(), "key service listening");
-    let served =
-        caas_kms::server::serve(kms.clone(), listener, params.tls, extra, shutdown_signal()).await;
-    maint.abort();
-    kms.sync_audit_checkpoint();
-    served?;
-    tracing::info!("key service stopped");
-    Ok(())
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
-}
-
 /// Runs `caas key-service ...`.
 pub async fn run_key_service(cmd: KeyServiceCmd) -> Result<()> {
     match cmd {
@@ -261,9 +210,19 @@ pub async fn run_key_service(cmd: KeyServiceCmd) -> Result<()> {
                 raw.storage.database = Some(d);
             }
             let params = raw.validate().map_err(anyhow::Error::msg)?;
-            let bound = bind(&params, accept_audit_rollback).await?;
+            let bound = bind(&params.serve, accept_audit_rollback).await?;
+            let roles = Roles::open(bound.kms.clone(), &params.attestation, &params.tl, None).await?;
             println!("listening on {}", bound.addr);
-            serve(params, bound, None).await
+            serve(params, bound, roles).await
+        }
+        KeyServiceCmd::Routes => {
+            for r in auth::ROUTES {
+                println!(
+                    "{}",
+                    serde_json::json!({ "method": r.method, "path": r.path, "access": r.access.describe() })
+                );
+            }
+            Ok(())
         }
     }
 }
@@ -330,9 +289,29 @@ pub async fn run_admin(cmd: AdminCmd) -> Result<()> {
             {
                 println!(
                     "{}",
-                    serde_json::json!({ "AccessKeyId": k.access_key_id, "Account": k.account, "Principal": k.principal, "Enabled": k.enabled })
+                    serde_json::json!({ "AccessKeyId": k.access_key_id, "Account": k.account, "Principal": k.principal, "Enabled": k.enabled, "Operator": k.operator })
                 );
             }
+        }
+        AdminCmd::CreateOperator {
+            store,
+            name,
+            permissions,
+        } => {
+            let perms = parse_permissions(&permissions)?;
+            let kms = open(&store).await?;
+            let (id, secret) = kms
+                .create_operator(&name, perms.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let secret = String::from_utf8_lossy(secret.expose()).into_owned();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "AccessKeyId": id, "SecretAccessKey": secret, "Operator": name,
+                    "Permissions": perms.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+                })
+            );
         }
         AdminCmd::DisableAccessKey {
             store,
@@ -541,4 +520,28 @@ fn verify_text(
         "result: FAILED\n"
     });
     s
+}
+
+/// Parses `--permissions` (`all` for every one).
+pub fn parse_permissions(
+    names: &[String],
+) -> Result<std::collections::BTreeSet<caas_kms::operator::Permission>> {
+    use caas_kms::operator::Permission;
+    let mut out = std::collections::BTreeSet::new();
+    for n in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+        if n == "all" {
+            out.extend(Permission::ALL);
+            continue;
+        }
+        out.insert(Permission::parse(n).ok_or_else(|| {
+            anyhow::anyhow!(
+                "unknown permission '{n}' (known: {}, all)",
+                Permission::ALL.map(|p| p.as_str()).join(", ")
+            )
+        })?);
+    }
+    if out.is_empty() {
+        bail!("--permissions names no permission");
+    }
+    Ok(out)
 }
