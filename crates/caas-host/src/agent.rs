@@ -123,7 +123,8 @@ impl Agent {
             .advertise_url
             .clone()
             .unwrap_or_else(|| format!("http://{}", cfg.listen));
-        let tl = crate::tl::TlHost::new(&cfg)?;
+        let audit_key = crate::audit::key_from_tpm(&tpm, &cfg.state_dir).await?;
+        let tl = crate::tl::TlHost::new(&cfg, audit_key)?;
         Ok(Self {
             cfg,
             tpm,
