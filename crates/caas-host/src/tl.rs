@@ -691,7 +691,7 @@ async fn start_workload(
         }
     };
     let program = driver.program().map_err(wl)?;
-    let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&program.display().to_string());
+    let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(program.display().to_string());
     cmd.stdout(Stdio::null());
     if let Some((uid, gid)) = owner {
         use std::os::unix::process::CommandExt as _;

@@ -861,60 +861,126 @@ pub enum Verdict {
     NoMatch,
 }
 
-/// Evaluates a stored policy for a request.
-pub fn evaluate(doc: &str, ctx: &Context) -> Verdict {
-    let Ok(v) = serde_json::from_str::<Value>(doc) else {
-        return Verdict::Deny;
-    };
-    let Some(stmts) = statements(&v) else {
-        return Verdict::Deny;
-    };
-    let mut allowed = false;
-    for raw in stmts {
-        let Ok(s) = parse_statement(raw, false) else {
-            // A statement we cannot read at all could be a Deny.
+/// A stored policy document parsed once: what every request on the key is evaluated
+/// against. Parsing is the costly part (JSON, then every statement and condition), so the
+/// service keeps parsed documents in a [`PolicyCache`].
+#[derive(Debug)]
+pub struct Policy {
+    /// The statements, or `None` when the document (or any statement in it) cannot be
+    /// read: such a document denies every request (fail-closed).
+    statements: Option<Vec<Statement>>,
+}
+
+impl Policy {
+    /// Parses a stored document. Never fails: an unreadable document becomes one that
+    /// denies everything, and an unreadable condition block one that makes its Allow not
+    /// apply and its Deny apply.
+    pub fn parse(doc: &str) -> Policy {
+        let statements = serde_json::from_str::<Value>(doc).ok().and_then(|v| {
+            statements(&v)?
+                .into_iter()
+                .map(|raw| parse_statement(raw, false).ok())
+                .collect::<Option<Vec<_>>>()
+        });
+        Policy { statements }
+    }
+
+    /// Could a condition of this document read any condition key? (If not, the request's
+    /// condition keys need not be built.) An unreadable document or condition block says yes.
+    pub fn has_conditions(&self) -> bool {
+        match &self.statements {
+            None => true,
+            Some(ss) => ss.iter().any(|s| match &s.conditions {
+                Conditions::Unreadable => true,
+                Conditions::Readable(cs) => !cs.is_empty(),
+            }),
+        }
+    }
+
+    /// Could a condition read `key` (ASCII case-insensitively), so that a costly value is
+    /// worth computing? Decided on the parsed keys (JSON escapes already undone); an
+    /// unreadable document or condition block says yes, as a wrong "no" would leave a
+    /// Deny's condition key unset (fail-open).
+    pub fn mentions(&self, key: &str) -> bool {
+        match &self.statements {
+            None => true,
+            Some(ss) => ss.iter().any(|s| match &s.conditions {
+                Conditions::Unreadable => true,
+                Conditions::Readable(cs) => cs.iter().any(|c| c.key.eq_ignore_ascii_case(key)),
+            }),
+        }
+    }
+
+    /// The verdict for a request.
+    pub fn evaluate(&self, ctx: &Context) -> Verdict {
+        let Some(stmts) = &self.statements else {
             return Verdict::Deny;
         };
-        if !principal_matches(&s.principals, ctx)
-            || !action_matches(&s, &ctx.action)
-            || !s.resources.iter().any(|r| glob(r, &ctx.resource, false))
+        let mut allowed = false;
+        for s in stmts {
+            if !principal_matches(&s.principals, ctx)
+                || !action_matches(s, &ctx.action)
+                || !s.resources.iter().any(|r| glob(r, &ctx.resource, false))
+            {
+                continue;
+            }
+            let truth = match &s.conditions {
+                Conditions::Unreadable => Truth::Unknown,
+                Conditions::Readable(cs) => Truth::all(cs.iter().map(|c| condition_holds(c, ctx))),
+            };
+            match (s.effect, truth) {
+                (Effect::Deny, Truth::True | Truth::Unknown) => return Verdict::Deny,
+                (Effect::Allow, Truth::True) => allowed = true,
+                _ => {}
+            }
+        }
+        if allowed {
+            Verdict::Allow
+        } else {
+            Verdict::NoMatch
+        }
+    }
+}
+
+/// Evaluates a stored policy document for a request (parsing it; see [`PolicyCache`]).
+pub fn evaluate(doc: &str, ctx: &Context) -> Verdict {
+    Policy::parse(doc).evaluate(ctx)
+}
+
+/// Parsed policies by document text. The text is the cache key, so a hit is exactly the
+/// document the key record holds (which the store has authenticated); a changed policy is
+/// a new text and a new entry. Bounded: past [`PolicyCache::CAPACITY`] distinct documents
+/// it starts over (most accounts share the default policy's few variants).
+#[derive(Debug, Default)]
+pub struct PolicyCache {
+    map: std::sync::RwLock<std::collections::HashMap<Box<str>, std::sync::Arc<Policy>>>,
+}
+
+impl PolicyCache {
+    /// Distinct documents kept before the cache is emptied.
+    pub const CAPACITY: usize = 4096;
+
+    /// The parsed form of `doc`.
+    pub fn get(&self, doc: &str) -> std::sync::Arc<Policy> {
+        if let Some(p) = self
+            .map
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(doc)
         {
-            continue;
+            return p.clone();
         }
-        let truth = match &s.conditions {
-            Conditions::Unreadable => Truth::Unknown,
-            Conditions::Readable(cs) => Truth::all(cs.iter().map(|c| condition_holds(c, ctx))),
-        };
-        match (s.effect, truth) {
-            (Effect::Deny, Truth::True | Truth::Unknown) => return Verdict::Deny,
-            (Effect::Allow, Truth::True) => allowed = true,
-            _ => {}
+        let parsed = std::sync::Arc::new(Policy::parse(doc));
+        let mut map = self
+            .map
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= Self::CAPACITY {
+            map.clear();
         }
+        map.insert(doc.into(), parsed.clone());
+        parsed
     }
-    if allowed {
-        Verdict::Allow
-    } else {
-        Verdict::NoMatch
-    }
-}
-
-/// Could the document mention `key` (ASCII case-insensitively), so that a costly condition
-/// value is worth computing? A text search of the stored document: a document with any JSON
-/// escape (`\u0069`, `\/`…) may spell the key in a way the search cannot see, so it
-/// answers yes — a wrong "no" would leave a Deny's condition key unset (fail-open).
-pub fn mentions(doc: &str, key: &str) -> bool {
-    let k = key.as_bytes();
-    doc.contains('\\')
-        || (!k.is_empty()
-            && doc
-                .as_bytes()
-                .windows(k.len())
-                .any(|w| w.eq_ignore_ascii_case(k)))
-}
-
-/// Could the document have conditions at all? (If not, condition keys need not be built.)
-pub fn has_conditions(doc: &str) -> bool {
-    mentions(doc, "\"Condition\"")
 }
 
 #[cfg(test)]
@@ -1175,9 +1241,29 @@ mod tests {
             validate(doc).is_ok(),
             "the escaped policy is a valid policy"
         );
-        assert!(has_conditions(doc));
-        assert!(mentions(doc, "kms:ResourceAliases"));
-        assert!(!mentions(r#"{"Statement":[]}"#, "kms:ResourceAliases"));
+        let parsed = Policy::parse(doc);
+        assert!(parsed.has_conditions());
+        assert!(parsed.mentions("kms:ResourceAliases"));
+        assert!(
+            parsed.mentions("KMS:RESOURCEALIASES"),
+            "condition keys are case-insensitive"
+        );
+        assert!(!parsed.mentions("kms:RequestAlias"));
+        let plain = Policy::parse(&default_policy(ACCOUNT));
+        assert!(!plain.has_conditions());
+        assert!(!plain.mentions("kms:ResourceAliases"));
+        // What cannot be read is assumed to read every key.
+        for unreadable in [
+            r#"{"Statement":[]}"#,
+            "{not json",
+            r#"{"Statement":[{"Condition":{}}]}"#,
+        ] {
+            let p = Policy::parse(unreadable);
+            assert!(
+                p.has_conditions() && p.mentions("kms:ResourceAliases"),
+                "{unreadable}"
+            );
+        }
     }
 
     #[test]
@@ -1588,9 +1674,6 @@ mod tests {
         assert!(!glob("abc*", "ab", false));
         assert!(glob("a*c*", "abxcy", false));
         assert!(glob("é*", "éa", false));
-        assert!(has_conditions(r#"{"Statement":[{"Condition":{}}]}"#));
-        assert!(!has_conditions(&default_policy(ACCOUNT)));
-        assert!(mentions("..KMS:RESOURCEALIASES..", "kms:ResourceAliases"));
         assert_eq!(parse_date_ms("1970-01-01"), Some(0));
         assert_eq!(parse_date_ms("1970-01-01T00:01:00Z"), Some(60_000));
         assert_eq!(parse_date_ms("1970-01-01T01:00:00+01:00"), Some(0));

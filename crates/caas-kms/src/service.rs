@@ -113,6 +113,8 @@ pub struct Kms {
     checkpoint: Option<Arc<crate::checkpoint::CheckpointWriter>>,
     clock_offset_ms: AtomicI64,
     creds: RwLock<HashMap<String, Arc<Cred>>>,
+    /// Parsed key policies (by document text).
+    pub(crate) policies: crate::policy::PolicyCache,
 }
 
 impl std::fmt::Debug for Kms {
@@ -184,6 +186,7 @@ impl Kms {
             checkpoint,
             clock_offset_ms: AtomicI64::new(0),
             creds: RwLock::new(HashMap::new()),
+            policies: crate::policy::PolicyCache::default(),
         }))
     }
 

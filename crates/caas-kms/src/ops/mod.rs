@@ -313,9 +313,10 @@ pub async fn policy_verdict(
         action,
         &key.arn(),
     );
-    if !policy::has_conditions(&key.policy) {
+    let policy = kms.policies.get(&key.policy);
+    if !policy.has_conditions() {
         // No condition can read a key: skip building them.
-        return Ok(policy::evaluate(&key.policy, &c));
+        return Ok(policy.evaluate(&c));
     }
     if let Some(ec) = ec {
         c.encryption_context(ec);
@@ -334,7 +335,7 @@ pub async fn policy_verdict(
     if let Some(a) = &l.alias {
         c.set("kms:RequestAlias", a);
     }
-    if policy::mentions(&key.policy, "kms:ResourceAliases") {
+    if policy.mentions("kms:ResourceAliases") {
         let aliases = aliases_of(kms, key).await?;
         if !aliases.is_empty() {
             c.set_all("kms:ResourceAliases", &aliases);
@@ -347,7 +348,7 @@ pub async fn policy_verdict(
     for (k, v) in extra {
         c.set_all(k, v);
     }
-    Ok(policy::evaluate(&key.policy, &c))
+    Ok(policy.evaluate(&c))
 }
 
 /// The alias names that point at `key`.
