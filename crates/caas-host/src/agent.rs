@@ -130,7 +130,8 @@ impl Agent {
             .advertise_url
             .clone()
             .unwrap_or_else(|| format!("https://{}", cfg.listen));
-        let tl = crate::tl::TlHost::new(&cfg)?;
+        let audit_key = crate::audit::key_from_tpm(&tpm, &cfg.state_dir).await?;
+        let tl = crate::tl::TlHost::new(&cfg, audit_key)?;
         let http = cfg.key_service_client(std::time::Duration::from_secs(30))?;
         Ok(Self {
             cfg,

@@ -3,18 +3,21 @@
 //! hash-chained and authenticated with caas's one chain construction
 //! ([`caas_crypto::chain`], domain `caas/host-agent/audit`): each line carries the previous
 //! record's hash (`prev`), its own record hash over its body (`hash`) and an HMAC-SHA256 tag
-//! of that hash (`tag`) under a key derived from the agent's audit state key
-//! (`STATE/audit.key`, 32 random bytes, 0600, written by the one secret-file writer).
+//! of that hash (`tag`) under a key derived from the agent's audit seed: 32 random bytes
+//! from the TPM, sealed to this TPM (`STATE/audit-key.sealed`, a TPM-wrapped blob like the
+//! AK and bind key; sealed to an empty PCR selection so the log stays verifiable across
+//! boots and PCR changes) and unsealed into memory at start ([`key_from_tpm`]).
 //!
-//! Threat model, honestly: the key is a state file of the agent. Whoever can read it — the
-//! agent, root on the host — can rewrite the log. What the keyed chain gives is
-//! tamper-evidence against whoever edits the log without that key: a copy of the log or a
-//! backup that excludes the key, an operator tool that rewrites lines, an attacker with write
-//! access to the log file only. (The previous, unkeyed chain was recomputed by any editor.)
-//! Sealing the key to the TPM would narrow "who can forge" to code running on this host in
-//! the attested state; it is not done yet. A cut *tail* (the newest records removed) leaves a
-//! valid shorter chain: detecting it needs the head anchored outside the file (a TPM NV
-//! counter, or the key service), which the agent does not have yet.
+//! Threat model, honestly: whoever can use this TPM as the agent does — the agent, root on
+//! the running host — can unseal the seed and rewrite the log. What the keyed chain gives is
+//! tamper-evidence against whoever edits the log without that: a copy of the disk or a
+//! backup (the sealed blob is useless without this TPM), an operator tool that rewrites
+//! lines, an attacker with write access to the state files only. (The previous, unkeyed
+//! chain was recomputed by any editor.) Binding the seed to the attested PCR state would
+//! narrow "who can forge" further, at the price of a new log after every boot-state change.
+//! A cut *tail* (the newest records removed) leaves a valid shorter chain: detecting it
+//! needs the head anchored outside the file (a TPM NV counter, or the key service), which
+//! the agent does not have yet.
 //!
 //! At start the agent verifies the existing log; a log that does not verify (edited, or from
 //! before the keyed format, or its key lost) is moved aside to
@@ -79,35 +82,77 @@ impl AuditEntry {
     }
 }
 
-/// The audit key file of a state directory.
-pub fn key_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("audit.key")
+/// The sealed audit seed of a state directory.
+pub fn sealed_seed_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("audit-key.sealed")
 }
 
-/// Loads the agent's audit chain key from `STATE/audit.key`, creating the file (32 random
-/// bytes, 0600, atomically) if it does not exist.
+/// The audit chain key from a 32-byte seed.
 ///
 /// # Errors
-/// The key file cannot be read or created, or does not hold 32 bytes.
-pub fn load_or_create_key(state_dir: &Path) -> Result<HmacChainKey, String> {
-    let path = key_path(state_dir);
-    if !path.exists() {
-        std::fs::create_dir_all(state_dir)
-            .map_err(|e| format!("create {}: {e}", state_dir.display()))?;
-        let k = caas_crypto::random_key().map_err(|e| format!("audit key: {e}"))?;
-        match caas_crypto::fs::create_secret(&path, k.expose(), None) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(format!("create {}: {e}", path.display())),
+/// A seed that is not 32 bytes.
+pub fn key_from_seed(seed: &[u8]) -> Result<HmacChainKey, String> {
+    if seed.len() != 32 {
+        return Err("the audit seed must hold exactly 32 bytes".into());
+    }
+    HmacChainKey::derive(seed, LogDomain::AGENT_AUDIT).map_err(|e| format!("audit key: {e}"))
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SealedSeed {
+    #[serde(with = "caas_attest::b64")]
+    public: Vec<u8>,
+    #[serde(with = "caas_attest::b64")]
+    private: Vec<u8>,
+}
+
+/// The agent's audit chain key: unseals `STATE/audit-key.sealed` with the TPM, or — when it
+/// is missing or this TPM cannot unseal it (a cleared or replaced TPM) — draws a new seed
+/// from the TPM, seals it and stores the blob (then the old log no longer verifies and is
+/// moved aside by [`AuditLog::open`]).
+///
+/// # Errors
+/// TPM or file errors while creating a new seed.
+pub async fn key_from_tpm(
+    tpm: &caas_tpm::TpmHandle,
+    state_dir: &Path,
+) -> Result<HmacChainKey, crate::Error> {
+    use caas_tpm::{KeyBlob, PcrBank};
+    let path = sealed_seed_path(state_dir);
+    if let Some(blob) = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<SealedSeed>(&b).ok())
+    {
+        let blob = KeyBlob {
+            public: blob.public,
+            private: blob.private,
+        };
+        match tpm
+            .run(move |t| t.unseal(&blob, PcrBank::Sha256, &[]))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|seed| key_from_seed(&seed))
+        {
+            Ok(k) => return Ok(k),
+            Err(e) => tracing::error!(error = %e, path = %path.display(),
+                "the audit seed does not unseal on this TPM: starting a new audit key"),
         }
     }
-    let bytes = zeroize::Zeroizing::new(
-        std::fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?,
-    );
-    if bytes.len() != 32 {
-        return Err(format!("{} must hold exactly 32 bytes", path.display()));
-    }
-    HmacChainKey::derive(&bytes, LogDomain::AGENT_AUDIT).map_err(|e| format!("audit key: {e}"))
+    let (seed, blob) = tpm
+        .run(|t| {
+            let seed = t.random(32)?;
+            let blob = t.seal(PcrBank::Sha256, &[], &seed)?;
+            Ok((seed, blob))
+        })
+        .await?;
+    let json = serde_json::to_vec(&SealedSeed {
+        public: blob.public,
+        private: blob.private,
+    })
+    .map_err(|e| crate::Error::Config(e.to_string()))?;
+    caas_crypto::fs::write_secret(&path, &json, None)
+        .map_err(crate::Error::io(format!("write {}", path.display())))?;
+    key_from_seed(&seed).map_err(crate::Error::Config)
 }
 
 /// The agent's append-only, keyed hash-chained audit log (JSON lines, fsync'd per entry).
@@ -251,33 +296,32 @@ pub fn verify_audit_log(text: &str, key: &HmacChainKey) -> Result<Vec<AuditEntry
 mod tests {
     use super::*;
 
+    fn test_key() -> HmacChainKey {
+        key_from_seed(&[9u8; 32]).unwrap()
+    }
+
     fn log_with(dir: &Path, n: usize) -> (PathBuf, HmacChainKey) {
-        let key = load_or_create_key(dir).unwrap();
         let path = dir.join("audit.jsonl");
-        let mut log = AuditLog::open(path.clone(), load_or_create_key(dir).unwrap());
+        let mut log = AuditLog::open(path.clone(), test_key());
         for i in 0..n {
             log.append("StopWorkload", &format!("vm-{i}"), "ok", "local");
         }
-        (path, key)
+        (path, test_key())
     }
 
     #[test]
     fn log_continues_across_restarts_and_verifies() {
         let d = tempfile::tempdir().unwrap();
         let (path, key) = log_with(d.path(), 3);
-        let mut again = AuditLog::open(path.clone(), load_or_create_key(d.path()).unwrap());
+        let mut again = AuditLog::open(path.clone(), test_key());
         again.append("ListWorkloads", "-", "ok", "local");
         let entries = verify_audit_log(&std::fs::read_to_string(&path).unwrap(), &key).unwrap();
         assert_eq!(entries.len(), 4);
         assert_eq!(entries[3].seq, 4);
-        let m = std::fs::metadata(key_path(d.path())).unwrap();
-        assert_eq!(
-            std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777,
-            0o600
-        );
+        assert!(key_from_seed(&[1u8; 31]).is_err());
     }
 
-    /// An editor of the log file (without `audit.key`) turns a refused launch into an `ok`
+    /// An editor of the log file (without the TPM-sealed audit seed) turns a refused launch into an `ok`
     /// and recomputes every hash after it, as the unkeyed chain allowed.
     #[test]
     fn edited_agent_log_record_is_detected() {
@@ -302,7 +346,7 @@ mod tests {
         );
         // The agent, restarted on the edited file, moves it aside and audits the break.
         std::fs::write(&path, &forged).unwrap();
-        let mut log = AuditLog::open(path.clone(), load_or_create_key(d.path()).unwrap());
+        let mut log = AuditLog::open(path.clone(), test_key());
         log.append("ListWorkloads", "-", "ok", "local");
         let now = verify_audit_log(&std::fs::read_to_string(&path).unwrap(), &key).unwrap();
         assert_eq!(now[0].op, "AuditLogBroken");
@@ -363,8 +407,7 @@ mod tests {
     fn another_hosts_key_does_not_verify() {
         let d = tempfile::tempdir().unwrap();
         let (path, _) = log_with(d.path(), 2);
-        let other = tempfile::tempdir().unwrap();
-        let key2 = load_or_create_key(other.path()).unwrap();
+        let key2 = key_from_seed(&[8u8; 32]).unwrap();
         assert!(verify_audit_log(&std::fs::read_to_string(&path).unwrap(), &key2).is_err());
     }
 }

@@ -373,8 +373,11 @@ fn ms(t: Instant) -> f64 {
 }
 
 impl TlHost {
-    /// State for `cfg`.
-    pub fn new(cfg: &AgentConfig) -> Result<Self, Error> {
+    /// State for `cfg`; `audit_key` authenticates the audit log ([`crate::audit::key_from_tpm`]).
+    pub fn new(
+        cfg: &AgentConfig,
+        audit_key: caas_crypto::chain::HmacChainKey,
+    ) -> Result<Self, Error> {
         let run_dir = cfg.run_dir.clone();
         std::fs::create_dir_all(&run_dir)
             .map_err(Error::io(format!("create {}", run_dir.display())))?;
@@ -392,7 +395,7 @@ impl TlHost {
             workloads: tokio::sync::Mutex::new(HashMap::new()),
             audit: std::sync::Mutex::new(AuditLog::open(
                 cfg.state_dir.join("audit.jsonl"),
-                crate::audit::load_or_create_key(&cfg.state_dir).map_err(Error::Config)?,
+                audit_key,
             )),
             storage: cfg.storage_dir.clone(),
             ids: Identities::new(cfg.workload_ids, cfg.isolation, run_dir.clone()),
@@ -755,7 +758,7 @@ async fn start_workload(
         }
     };
     let program = driver.program().map_err(wl)?;
-    let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&program.display().to_string());
+    let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(program.display().to_string());
     cmd.stdout(Stdio::null());
     if let Some((uid, gid)) = owner {
         use std::os::unix::process::CommandExt as _;

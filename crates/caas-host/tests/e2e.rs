@@ -571,15 +571,16 @@ async fn enrolled_name_cannot_be_taken_by_another_tpm_and_agent_restart_reuses_k
             .to_string()
             .contains(k1["bind_private"].as_str().unwrap())
     );
-    // Only TPM-wrapped blobs are on disk, next to the agent's audit log and its MAC key
-    // (integrity of the log only, see caas_host::audit) and the (empty) directory of
-    // running workloads (pk_TTP is never pinned from a fetch).
+    // Only TPM-wrapped blobs are on disk (the AK and bind key, the sealed audit seed), next
+    // to the agent's audit log and the (empty) directory of running workloads (pk_TTP is
+    // never pinned from a fetch).
     let mut files: Vec<String> = std::fs::read_dir(e.hosts.hosts[0].dir.join("agent-state"))
         .unwrap()
         .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    files.retain(|f| !matches!(f.as_str(), "audit.jsonl" | "audit.key" | "run"));
-    assert_eq!(files, ["tpm-keys.json"]);
+    files.retain(|f| !matches!(f.as_str(), "audit.jsonl" | "run"));
+    files.sort();
+    assert_eq!(files, ["audit-key.sealed", "tpm-keys.json"]);
 
     // Restart host 1's agent: same AK, re-enrolls, still trusted.
     let before = status["ak_name"].as_str().unwrap().to_string();

@@ -282,3 +282,15 @@ fn children_never_inherit_a_tpm_connection() {
     drop(raw);
     assert!(fds.is_empty(), "a wrapped child inherited {fds:?}");
 }
+
+/// A blob sealed to an empty PCR selection unseals whatever the PCRs hold (the host agent's
+/// audit key: bound to this TPM, not to a boot state).
+#[test]
+fn seal_without_pcrs_survives_pcr_changes() {
+    let e = env();
+    let mut tpm = Tpm::open(&e.swtpm.tcti()).unwrap();
+    let blob = tpm.seal(PcrBank::Sha256, &[], b"audit seed").unwrap();
+    tpm.pcr_extend(PcrBank::Sha256, 16, &[7u8; 32]).unwrap();
+    let out = tpm.unseal(&blob, PcrBank::Sha256, &[]).unwrap();
+    assert_eq!(&out[..], b"audit seed");
+}
