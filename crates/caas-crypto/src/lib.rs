@@ -9,6 +9,7 @@ pub mod aead;
 mod error;
 pub mod hardening;
 pub mod kdf;
+pub mod peer;
 mod secret;
 
 pub use error::Error;

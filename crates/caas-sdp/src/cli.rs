@@ -154,18 +154,19 @@ pub struct ServeArgs {
     /// Benchmark baseline only: serve FILE as plain bytes, no encryption or integrity.
     #[arg(long)]
     pub plaintext: bool,
-    /// Offer TLS 1.3 (NBD_OPT_STARTTLS) with this PEM certificate chain (needs --tls-key).
-    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    /// Serve over TLS 1.3 (NBD_OPT_STARTTLS) with this PEM certificate chain; needs
+    /// --tls-key and --tls-client-ca (clients always authenticate).
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_client_ca"])]
     pub tls_cert: Option<PathBuf>,
     /// The PEM private key of --tls-cert (read from this file only).
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Mutual TLS: clients must present a certificate issued by this CA (PEM); others fail
-    /// the handshake. Implies --tls-required.
+    /// Mutual TLS (mandatory with --tls-cert): clients must present a certificate issued
+    /// by this CA (PEM); others fail the handshake, logged and counted.
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
-    /// Refuse clients that do not upgrade to TLS (NBD_REP_ERR_TLS_REQD); without it TLS
-    /// is optional.
+    /// Accepted for compatibility: with --tls-cert, TLS is always required (clients that
+    /// do not upgrade get NBD_REP_ERR_TLS_REQD).
     #[arg(long, requires = "tls_cert")]
     pub tls_required: bool,
     /// Refuse to serve a volume whose epoch (the number of writable opens, from its
@@ -589,18 +590,18 @@ async fn serve_cmd(
     // it now, before possibly waiting for the key on a pipe (the host agent starts the
     // proxy while it is still fetching the key).
     let _ = caas_crypto::random_bytes(1);
-    let tls = match (&a.tls_cert, &a.tls_key) {
-        (Some(c), Some(k)) => Some(server::TlsSettings::from_pem_files_with_client_ca(
-            c,
-            k,
-            a.tls_client_ca.as_deref(),
-            // A client certificate is only asked for inside TLS: with mutual TLS, TLS is
-            // required, or a client could skip authentication by staying in the clear.
-            a.tls_required || a.tls_client_ca.is_some(),
-        )?),
-        (None, None) => None,
+    let tls = match (&a.tls_cert, &a.tls_key, &a.tls_client_ca) {
+        (Some(c), Some(k), Some(ca)) => Some(server::TlsSettings::from_pem_files(c, k, ca)?),
+        (None, None, None) => None,
+        (Some(_), Some(_), None) => {
+            return Err(Error::Config(
+                "--tls-cert needs --tls-client-ca (clients must authenticate)".into(),
+            ));
+        }
         _ => {
-            return Err(Error::Config("--tls-cert and --tls-key go together".into()));
+            return Err(Error::Config(
+                "--tls-cert, --tls-key and --tls-client-ca go together".into(),
+            ));
         }
     };
     // The store and the key (a pipe from the host agent) are opened with the privileges
