@@ -181,6 +181,10 @@ struct Workload {
     endpoint: Option<String>,
     disk_uri: String,
     vsm_socket: PathBuf,
+    /// The VSM's mutual-TLS address, for a launch with network transports.
+    vsm_tls: Option<String>,
+    /// The launch's client credentials until they are injected into the workload.
+    tls_client: Option<caas_workload::TlsCredentials>,
     procs: Vec<Proc>,
     volumes: Vec<AttachedVolume>,
     started_ms: u64,
@@ -232,6 +236,7 @@ impl Workload {
             endpoint: self.endpoint.clone(),
             disk_uri: self.disk_uri.clone(),
             vsm_socket: self.vsm_socket.display().to_string(),
+            vsm_tls: self.vsm_tls.clone(),
             processes: self
                 .procs
                 .iter()
@@ -272,6 +277,10 @@ pub struct WorkloadView {
     pub disk_uri: String,
     /// VSM socket.
     pub vsm_socket: String,
+    /// The VSM over TCP with mutual TLS bound to the launch (`HOST:PORT`), for a launch
+    /// with network transports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsm_tls: Option<String>,
     /// `role:pid` of each process.
     pub processes: Vec<String>,
     /// Attached DBSP volumes.
@@ -516,10 +525,140 @@ fn caas_exe() -> Result<String, Error> {
     Ok(exe.display().to_string())
 }
 
+/// Where a Secure Device Proxy serves its workload.
+#[derive(Debug, Clone)]
+enum Endpoint {
+    /// A UNIX socket in the workload's run directory (peer-checked).
+    Unix(PathBuf),
+    /// TCP on loopback with mutual TLS bound to the launch ([`crate::pki`]).
+    Tls(std::net::SocketAddr, TlsFiles),
+}
+
+impl Endpoint {
+    async fn reachable(&self) -> bool {
+        match self {
+            Endpoint::Unix(p) => tokio::net::UnixStream::connect(p).await.is_ok(),
+            Endpoint::Tls(a, _) => tokio::net::TcpStream::connect(a).await.is_ok(),
+        }
+    }
+
+    /// The NBD URI the workload is given.
+    fn nbd_uri(&self) -> String {
+        match self {
+            Endpoint::Unix(p) => format!("nbd+unix:///caas?socket={}", p.display()),
+            Endpoint::Tls(a, _) => format!("nbds://{a}/caas"),
+        }
+    }
+}
+
+/// The launch's server credentials as files for the crypto-domain processes, which read
+/// them at start (as root, before switching to their identity); removed by the agent once
+/// they serve.
+#[derive(Debug, Clone)]
+struct TlsFiles {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// A launch's network transports: the launch's credentials, where the disk and the VSM
+/// will listen, and the client credentials for the workload.
+struct NetPlan {
+    files: TlsFiles,
+    /// Removes the server credentials from the disk when the plan is dropped (served, or
+    /// the launch failed).
+    _cleanup: RemoveOnDrop,
+    disk: std::net::SocketAddr,
+    vsm: std::net::SocketAddr,
+    client: caas_workload::TlsCredentials,
+}
+
+impl std::fmt::Debug for NetPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetPlan")
+            .field("disk", &self.disk)
+            .field("vsm", &self.vsm)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A directory removed when this is dropped.
+#[derive(Debug)]
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A free TCP port on loopback (bound, then released for the process that serves it; a
+/// lost race makes the launch fail, never serve someone else).
+fn free_loopback_addr() -> Result<std::net::SocketAddr, Error> {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map_err(Error::io("pick a loopback port"))
+}
+
+/// Makes the launch's CA and certificates ([`crate::pki`]) and writes the server side to
+/// `dir/tls` (0700 directory, 0600 files of the agent).
+fn net_plan(dir: &Path, vm_id: &str) -> Result<NetPlan, Error> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let pki = crate::pki::LaunchPki::generate(vm_id)?;
+    let tls = dir.join("tls");
+    std::fs::create_dir_all(&tls).map_err(Error::io("create the TLS directory"))?;
+    let cleanup = RemoveOnDrop(tls.clone());
+    std::fs::set_permissions(&tls, std::fs::Permissions::from_mode(0o700))
+        .map_err(Error::io("chmod the TLS directory"))?;
+    let files = TlsFiles {
+        ca: tls.join("launch-ca.pem"),
+        cert: tls.join("server.pem"),
+        key: tls.join("server.key"),
+    };
+    write_private(&files.ca, pki.ca_pem.as_bytes())?;
+    write_private(&files.cert, pki.server_cert_pem.as_bytes())?;
+    write_private(&files.key, pki.server_key_pem.as_bytes())?;
+    Ok(NetPlan {
+        disk: free_loopback_addr()?,
+        vsm: free_loopback_addr()?,
+        client: caas_workload::TlsCredentials {
+            ca_pem: pki.ca_pem.as_bytes().to_vec(),
+            cert_pem: pki.client_cert_pem.as_bytes().to_vec(),
+            key_pem: caas_crypto::SecretBytes::from_slice(pki.client_key_pem.as_bytes()),
+        },
+        files,
+        _cleanup: cleanup,
+    })
+}
+
+/// A launch's network transports once served: the server key is gone from the disk.
+struct NetLaunch {
+    disk_uri: String,
+    vsm: std::net::SocketAddr,
+    client: caas_workload::TlsCredentials,
+}
+
+impl NetPlan {
+    /// The crypto-domain processes have read the server credentials (or failed): removes
+    /// them from the disk.
+    fn served(self) -> NetLaunch {
+        // `self._cleanup` is dropped on return: the server key leaves the disk.
+        NetLaunch {
+            disk_uri: format!("nbds://{}/caas", self.disk),
+            vsm: self.vsm,
+            client: self.client,
+        }
+    }
+}
+
 async fn wait_for_socket(path: &Path, proc: &mut Proc, timeout: Duration) -> Result<(), Error> {
+    wait_for(&Endpoint::Unix(path.to_path_buf()), proc, timeout).await
+}
+
+async fn wait_for(ep: &Endpoint, proc: &mut Proc, timeout: Duration) -> Result<(), Error> {
     let deadline = Instant::now() + timeout;
     loop {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
+        if ep.reachable().await {
             return Ok(());
         }
         if let Some(st) = proc.exited() {
@@ -537,18 +676,29 @@ async fn wait_for_socket(path: &Path, proc: &mut Proc, timeout: Duration) -> Res
 /// the workload's identity `id` and serves only it and the agent.
 fn spawn_sdp_unkeyed(
     volume: &Path,
-    socket: &Path,
+    ep: &Endpoint,
     read_only: bool,
     id: RunAs,
 ) -> Result<(Proc, std::process::ChildStdin), Error> {
-    let _ = std::fs::remove_file(socket);
     let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&caas_exe()?);
-    cmd.arg("volume")
-        .arg("serve")
-        .arg(volume)
-        .arg("--socket")
-        .arg(socket)
-        .arg("--key-file")
+    cmd.arg("volume").arg("serve").arg(volume);
+    match ep {
+        Endpoint::Unix(socket) => {
+            let _ = std::fs::remove_file(socket);
+            cmd.arg("--socket").arg(socket);
+        }
+        Endpoint::Tls(addr, f) => {
+            cmd.arg("--tcp")
+                .arg(addr.to_string())
+                .arg("--tls-cert")
+                .arg(&f.cert)
+                .arg("--tls-key")
+                .arg(&f.key)
+                .arg("--tls-client-ca")
+                .arg(&f.ca);
+        }
+    }
+    cmd.arg("--key-file")
         .arg("/dev/stdin")
         .arg("--peer-uid")
         .arg(agent_ids().0.to_string())
@@ -572,7 +722,7 @@ async fn key_sdp(
     mut proc: Proc,
     mut stdin: std::process::ChildStdin,
     key: &SecretKey,
-    socket: &Path,
+    ep: &Endpoint,
 ) -> Result<Proc, Error> {
     let r = stdin
         .write_all(key.expose())
@@ -582,7 +732,7 @@ async fn key_sdp(
         proc.stop();
         return Err(e);
     }
-    if let Err(e) = wait_for_socket(socket, &mut proc, Duration::from_secs(20)).await {
+    if let Err(e) = wait_for(ep, &mut proc, Duration::from_secs(20)).await {
         proc.stop();
         return Err(e);
     }
@@ -597,15 +747,16 @@ async fn spawn_sdp(
     read_only: bool,
     id: RunAs,
 ) -> Result<Proc, Error> {
-    let (proc, stdin) = spawn_sdp_unkeyed(volume, socket, read_only, id)?;
-    key_sdp(proc, stdin, key, socket).await
+    let ep = Endpoint::Unix(socket.to_path_buf());
+    let (proc, stdin) = spawn_sdp_unkeyed(volume, &ep, read_only, id)?;
+    key_sdp(proc, stdin, key, &ep).await
 }
 
 /// The crypto domain's processes, started but not yet keyed.
 struct Prestart {
     sdp: Proc,
     sdp_stdin: std::process::ChildStdin,
-    disk_sock: PathBuf,
+    disk: Endpoint,
     vsm: Proc,
     vsm_sock: PathBuf,
 }
@@ -619,11 +770,22 @@ impl Prestart {
 
 /// Starts the tenant's crypto domain without keys: the image's Secure Device Proxy (waiting
 /// for k) and the VSM process (its token not yet initialised; its domain key is generated
-/// in its own memory and never stored), both under the workload's identity `id`.
-async fn prestart(dir: &Path, image: &Path, read_only: bool, id: RunAs) -> Result<Prestart, Error> {
-    let disk_sock = dir.join("disk.sock");
+/// in its own memory and never stored), both under the workload's identity `id`. With
+/// `net`, the disk is served over NBD with mutual TLS instead of the UNIX socket, and the
+/// VSM also over TCP with mutual TLS, both trusting only the launch's CA.
+async fn prestart(
+    dir: &Path,
+    image: &Path,
+    read_only: bool,
+    id: RunAs,
+    net: Option<&NetPlan>,
+) -> Result<Prestart, Error> {
+    let disk = match net {
+        Some(n) => Endpoint::Tls(n.disk, n.files.clone()),
+        None => Endpoint::Unix(dir.join("disk.sock")),
+    };
     let vsm_sock = dir.join("vsm.sock");
-    let (mut sdp, sdp_stdin) = spawn_sdp_unkeyed(image, &disk_sock, read_only, id)?;
+    let (mut sdp, sdp_stdin) = spawn_sdp_unkeyed(image, &disk, read_only, id)?;
     let state = dir.join("domc");
     let vsm = (|| {
         std::fs::create_dir_all(&state).map_err(Error::io("create crypto-domain state"))?;
@@ -645,8 +807,18 @@ async fn prestart(dir: &Path, image: &Path, read_only: bool, id: RunAs) -> Resul
         .arg("--state-dir")
         .arg(&state)
         .arg("--socket")
-        .arg(&vsm_sock)
-        .stdin(Stdio::null())
+        .arg(&vsm_sock);
+        if let Some(n) = net {
+            cmd.arg("--tcp")
+                .arg(n.vsm.to_string())
+                .arg("--tls-cert")
+                .arg(&n.files.cert)
+                .arg("--tls-key")
+                .arg(&n.files.key)
+                .arg("--tls-client-ca")
+                .arg(&n.files.ca);
+        }
+        cmd.stdin(Stdio::null())
         .stdout(Stdio::null());
         let child = cmd
             .spawn()
@@ -668,7 +840,7 @@ async fn prestart(dir: &Path, image: &Path, read_only: bool, id: RunAs) -> Resul
     Ok(Prestart {
         sdp,
         sdp_stdin,
-        disk_sock,
+        disk,
         vsm,
         vsm_sock,
     })
@@ -680,7 +852,7 @@ async fn finish_domain(pre: Prestart, cfg: &caas_tl::dm::DomcConfig) -> Result<V
     let Prestart {
         sdp,
         sdp_stdin,
-        disk_sock,
+        disk,
         mut vsm,
         vsm_sock,
     } = pre;
@@ -702,7 +874,7 @@ async fn finish_domain(pre: Prestart, cfg: &caas_tl::dm::DomcConfig) -> Result<V
     let token = tokio::task::spawn_blocking(move || {
         caas_domc::dev::init_token(&sock, 0, &label_text, &so, &user)
     });
-    let sdp = key_sdp(sdp, sdp_stdin, &key, &disk_sock).await;
+    let sdp = key_sdp(sdp, sdp_stdin, &key, &disk).await;
     let token = token
         .await
         .map_err(|e| Error::Domain(format!("token init task: {e}")))
@@ -923,9 +1095,13 @@ impl Agent {
         let image = TlHost::image_dir(&self.tl.storage, &call.image_id).join("image.caasvol");
         let id = self.tl.ids.allocate()?;
         let dir = self.fresh_dir(&call.vm_id, id.run_as())?;
+        let net = call
+            .network
+            .then(|| net_plan(&dir, &call.vm_id))
+            .transpose()?;
         let t = Instant::now();
         let (tl, pre) = tokio::join!(self.tl_protocol(call, &req, &image, &sealed_cfg), async {
-            let r = prestart(&dir, &image, true, id.run_as()).await;
+            let r = prestart(&dir, &image, true, id.run_as(), net.as_ref()).await;
             (r, ms(t))
         });
         let (pre, pre_ms) = pre;
@@ -943,11 +1119,13 @@ impl Agent {
         ));
         timings.extend(tl_timings);
         let t = Instant::now();
-        let procs = finish_domain(pre, &cfg).await?;
+        let procs = finish_domain(pre, &cfg).await;
+        let net = net.map(NetPlan::served);
+        let procs = procs?;
         timings.push(("crypto domain keyed (k, token)".to_string(), ms(t)));
         self.run_workload(
             call, &req.sp, &m2.h2, &req.r, &m2.dk, &m2.tau, &req.pk_dm, driver, &cfg, dir, procs,
-            now, timings, id,
+            now, timings, id, net,
         )
         .await
     }
@@ -966,9 +1144,15 @@ impl Agent {
         let image = TlHost::image_dir(&self.tl.storage, &call.image_id).join("image.caasvol");
         let id = self.tl.ids.allocate()?;
         let dir = self.fresh_dir(&call.vm_id, id.run_as())?;
+        let net = call
+            .network
+            .then(|| net_plan(&dir, &call.vm_id))
+            .transpose()?;
         let t = Instant::now();
-        let pre = prestart(&dir, &image, true, id.run_as()).await?;
-        let procs = finish_domain(pre, cfg).await?;
+        let pre = prestart(&dir, &image, true, id.run_as(), net.as_ref()).await?;
+        let procs = finish_domain(pre, cfg).await;
+        let net = net.map(NetPlan::served);
+        let procs = procs?;
         let timings = vec![("crypto domain".to_string(), ms(t))];
         let dk = vec![0u8; 32];
         self.run_workload(
@@ -986,6 +1170,7 @@ impl Agent {
             now,
             timings,
             id,
+            net,
         )
         .await
     }
@@ -1143,6 +1328,7 @@ impl Agent {
         now: u64,
         mut timings: Vec<(String, f64)>,
         identity: Identity,
+        net: Option<NetLaunch>,
     ) -> Result<LaunchResult, Error> {
         let w = Workload {
             vm_id: call.vm_id.clone(),
@@ -1152,11 +1338,13 @@ impl Agent {
             sp: sp.to_string(),
             dk: Zeroizing::new(dk.to_vec()),
             endpoint: None,
-            disk_uri: format!(
-                "nbd+unix:///caas?socket={}",
-                dir.join("disk.sock").display()
+            disk_uri: net.as_ref().map_or_else(
+                || Endpoint::Unix(dir.join("disk.sock")).nbd_uri(),
+                |n| n.disk_uri.clone(),
             ),
             vsm_socket: dir.join("vsm.sock"),
+            vsm_tls: net.as_ref().map(|n| n.vsm.to_string()),
+            tls_client: net.map(|n| n.client),
             procs,
             volumes: Vec::new(),
             started_ms: now,
@@ -1212,21 +1400,23 @@ impl Agent {
         let pk: [u8; 32] = pk_dm
             .try_into()
             .map_err(|_| Error::InvalidRequest("pk_DM must be 32 bytes".into()))?;
-        let injected = caas_workload::InjectedSecrets {
-            tau: caas_crypto::SecretBytes::from_slice(tau),
-            pk_dm: pk,
-        };
-        let (dir, disk, vsm_socket, id) = {
-            let g = self.tl.workloads.lock().await;
+        let (tls, dir, disk, vsm_socket, id) = {
+            let mut g = self.tl.workloads.lock().await;
             let w = g
-                .get(&call.vm_id)
+                .get_mut(&call.vm_id)
                 .ok_or_else(|| Error::Domain("workload vanished".into()))?;
             (
+                w.tls_client.take(),
                 w.dir.clone(),
                 w.disk_uri.clone(),
                 w.vsm_socket.clone(),
                 w.identity.run_as(),
             )
+        };
+        let injected = caas_workload::InjectedSecrets {
+            tau: caas_crypto::SecretBytes::from_slice(tau),
+            pk_dm: pk,
+            tls,
         };
         let (proc, endpoint) = start_workload(
             &call.vm_id,
@@ -1344,7 +1534,12 @@ impl Agent {
         // An existing volume's proxy starts while its key is fetched (it waits for it).
         let sock = sock_dir.join(format!("vol-{}-{}.sock", a.domain, a.sr));
         let mut pre = match existing {
-            Some(_) => Some(spawn_sdp_unkeyed(&path, &sock, false, id)?),
+            Some(_) => Some(spawn_sdp_unkeyed(
+                &path,
+                &Endpoint::Unix(sock.clone()),
+                false,
+                id,
+            )?),
             None => None,
         };
         let r = self
@@ -1372,7 +1567,7 @@ impl Agent {
         let t = Instant::now();
         let created = existing.is_none();
         let proc = match pre.take() {
-            Some((p, stdin)) => key_sdp(p, stdin, &vk, &sock).await?,
+            Some((p, stdin)) => key_sdp(p, stdin, &vk, &Endpoint::Unix(sock.clone())).await?,
             None => {
                 if let Some(parent) = path.parent() {
                     std::fs::create_dir_all(parent)

@@ -169,6 +169,11 @@ pub struct LaunchCall {
     /// DBSP volumes to attach before the workload starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeRequest>,
+    /// Serve the workload's disk (NBD STARTTLS) and VSM (TCP) over the network as well,
+    /// with mutual TLS bound to this launch (a CA of its own; only the workload gets the
+    /// client key).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub network: bool,
 }
 
 /// A DBSP storage resource to attach to a workload.

@@ -164,6 +164,7 @@ impl Cloud {
                 image_id: id.into(),
                 driver: None,
                 volumes: vec![],
+                network: false,
             },
             t.tau.expose().to_vec(),
         )
@@ -1005,6 +1006,7 @@ fn scheduler_cannot_launch_my_image() {
                 image_id: "secret-img".into(),
                 driver: None,
                 volumes: vec![],
+                network: false,
             },
             t.tau,
         )
