@@ -26,7 +26,7 @@
 use crate::agent::Agent;
 use crate::config::AgentConfig;
 use crate::error::Error;
-use crate::identity::{Identities, Identity, RunAs, agent_ids};
+use crate::identity::{Identities, LaunchIds, RunAs, RunDirs, agent_ids};
 use caas_crypto::SecretKey;
 use caas_tl::crypto::{ak_nonce, split_bind_sealed};
 use caas_tl::wire::{self, AkSigned, AttestRequest, LaunchCall, Meta, Signed, label};
@@ -188,10 +188,10 @@ struct Workload {
     procs: Vec<Proc>,
     volumes: Vec<AttachedVolume>,
     started_ms: u64,
-    dir: PathBuf,
-    /// The identity its crypto domain and the workload run under (returned when dropped,
-    /// after the processes are stopped).
-    identity: Identity,
+    dirs: RunDirs,
+    /// The identities its crypto domain and the workload run under (returned when
+    /// dropped, after the processes are stopped).
+    identity: LaunchIds,
 }
 
 impl std::fmt::Debug for Workload {
@@ -671,21 +671,53 @@ async fn wait_for(ep: &Endpoint, proc: &mut Proc, timeout: Duration) -> Result<(
     }
 }
 
-/// Starts a Secure Device Proxy process for `volume` on `socket`; it waits for its key on
-/// the returned stdin pipe (never in arguments, environment or files), then switches to
-/// the workload's identity `id` and serves only it and the agent.
+/// The two identities of a launch, as its processes are started with them.
+#[derive(Debug, Clone, Copy)]
+struct Ids {
+    /// The crypto domain's.
+    domain: RunAs,
+    /// The workload's.
+    workload: RunAs,
+}
+
+impl Ids {
+    fn of(l: &LaunchIds) -> Self {
+        Self {
+            domain: l.domain.run_as(),
+            workload: l.workload.run_as(),
+        }
+    }
+
+    /// `--peer-uid` arguments of a crypto-domain server: the agent and the workload.
+    fn peer_args(&self) -> [String; 4] {
+        [
+            "--peer-uid".into(),
+            agent_ids().0.to_string(),
+            "--peer-uid".into(),
+            self.workload.uid.to_string(),
+        ]
+    }
+}
+
+/// Starts a Secure Device Proxy process for `volume` on `ep`; it waits for its key on the
+/// returned stdin pipe (never in arguments, environment or files), then switches to the
+/// crypto domain's identity and serves only the workload's identity and the agent.
 fn spawn_sdp_unkeyed(
     volume: &Path,
     ep: &Endpoint,
     read_only: bool,
-    id: RunAs,
+    ids: Ids,
 ) -> Result<(Proc, std::process::ChildStdin), Error> {
     let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&caas_exe()?);
     cmd.arg("volume").arg("serve").arg(volume);
     match ep {
         Endpoint::Unix(socket) => {
             let _ = std::fs::remove_file(socket);
-            cmd.arg("--socket").arg(socket);
+            // The crypto-domain directory (0710, the workload's group) and the peer check
+            // guard the socket, which the workload's identity must be able to open.
+            cmd.arg("--socket")
+                .arg(socket)
+                .args(["--socket-mode", "666"]);
         }
         Endpoint::Tls(addr, f) => {
             cmd.arg("--tcp")
@@ -700,11 +732,11 @@ fn spawn_sdp_unkeyed(
     }
     cmd.arg("--key-file")
         .arg("/dev/stdin")
-        .arg("--peer-uid")
-        .arg(agent_ids().0.to_string())
+        .args(ids.peer_args())
         .args(read_only.then_some("--read-only"));
-    if id.own {
-        cmd.arg("--run-as").arg(format!("{}:{}", id.uid, id.gid));
+    if ids.domain.own {
+        cmd.arg("--run-as")
+            .arg(format!("{}:{}", ids.domain.uid, ids.domain.gid));
     }
     cmd.stdin(Stdio::piped()).stdout(Stdio::null());
     let mut child = cmd
@@ -745,10 +777,10 @@ async fn spawn_sdp(
     socket: &Path,
     key: &SecretKey,
     read_only: bool,
-    id: RunAs,
+    ids: Ids,
 ) -> Result<Proc, Error> {
     let ep = Endpoint::Unix(socket.to_path_buf());
-    let (proc, stdin) = spawn_sdp_unkeyed(volume, &ep, read_only, id)?;
+    let (proc, stdin) = spawn_sdp_unkeyed(volume, &ep, read_only, ids)?;
     key_sdp(proc, stdin, key, &ep).await
 }
 
@@ -770,14 +802,15 @@ impl Prestart {
 
 /// Starts the tenant's crypto domain without keys: the image's Secure Device Proxy (waiting
 /// for k) and the VSM process (its token not yet initialised; its domain key is generated
-/// in its own memory and never stored), both under the workload's identity `id`. With
+/// in its own memory and never stored), both under the crypto domain's identity, in `dir`
+/// (the crypto-domain directory), serving the workload's identity and the agent. With
 /// `net`, the disk is served over NBD with mutual TLS instead of the UNIX socket, and the
 /// VSM also over TCP with mutual TLS, both trusting only the launch's CA.
 async fn prestart(
     dir: &Path,
     image: &Path,
     read_only: bool,
-    id: RunAs,
+    ids: Ids,
     net: Option<&NetPlan>,
 ) -> Result<Prestart, Error> {
     let disk = match net {
@@ -785,25 +818,23 @@ async fn prestart(
         None => Endpoint::Unix(dir.join("disk.sock")),
     };
     let vsm_sock = dir.join("vsm.sock");
-    let (mut sdp, sdp_stdin) = spawn_sdp_unkeyed(image, &disk, read_only, id)?;
+    let (mut sdp, sdp_stdin) = spawn_sdp_unkeyed(image, &disk, read_only, ids)?;
     let state = dir.join("domc");
     let vsm = (|| {
         std::fs::create_dir_all(&state).map_err(Error::io("create crypto-domain state"))?;
         let _ = std::fs::remove_file(&vsm_sock);
-        let ids = format!("{}:{}", id.uid, id.gid);
-        let agent_uid = agent_ids().0.to_string();
+        let run_as = format!("{}:{}", ids.domain.uid, ids.domain.gid);
         let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&caas_exe()?);
         cmd.args([
             "domc",
             "serve",
             "--ephemeral-key",
             "--socket-mode",
-            "600",
+            "666",
             "--run-as",
-            &ids,
-            "--peer-uid",
-            &agent_uid,
+            &run_as,
         ])
+        .args(ids.peer_args())
         .arg("--state-dir")
         .arg(&state)
         .arg("--socket")
@@ -1093,15 +1124,15 @@ impl Agent {
         // The TL protocol runs while the crypto-domain processes start (they get no key
         // until the protocol has succeeded, and are killed if it fails).
         let image = TlHost::image_dir(&self.tl.storage, &call.image_id).join("image.caasvol");
-        let id = self.tl.ids.allocate()?;
-        let dir = self.fresh_dir(&call.vm_id, id.run_as())?;
+        let id = self.tl.ids.allocate_launch()?;
+        let dir = self.fresh_dirs(&call.vm_id, &id)?;
         let net = call
             .network
-            .then(|| net_plan(&dir, &call.vm_id))
+            .then(|| net_plan(&dir.domain, &call.vm_id))
             .transpose()?;
         let t = Instant::now();
         let (tl, pre) = tokio::join!(self.tl_protocol(call, &req, &image, &sealed_cfg), async {
-            let r = prestart(&dir, &image, true, id.run_as(), net.as_ref()).await;
+            let r = prestart(&dir.domain, &image, true, Ids::of(&id), net.as_ref()).await;
             (r, ms(t))
         });
         let (pre, pre_ms) = pre;
@@ -1142,14 +1173,14 @@ impl Agent {
         let now = caas_attest::now_ms();
         let driver = self.check_new_workload(call).await?;
         let image = TlHost::image_dir(&self.tl.storage, &call.image_id).join("image.caasvol");
-        let id = self.tl.ids.allocate()?;
-        let dir = self.fresh_dir(&call.vm_id, id.run_as())?;
+        let id = self.tl.ids.allocate_launch()?;
+        let dir = self.fresh_dirs(&call.vm_id, &id)?;
         let net = call
             .network
-            .then(|| net_plan(&dir, &call.vm_id))
+            .then(|| net_plan(&dir.domain, &call.vm_id))
             .transpose()?;
         let t = Instant::now();
-        let pre = prestart(&dir, &image, true, id.run_as(), net.as_ref()).await?;
+        let pre = prestart(&dir.domain, &image, true, Ids::of(&id), net.as_ref()).await?;
         let procs = finish_domain(pre, cfg).await;
         let net = net.map(NetPlan::served);
         let procs = procs?;
@@ -1189,12 +1220,10 @@ impl Agent {
         Ok(driver)
     }
 
-    /// The workload's run directory, created afresh: mode 0700, owned by its identity.
-    fn fresh_dir(&self, vm_id: &str, id: RunAs) -> Result<PathBuf, Error> {
+    /// The launch's run directories, created afresh ([`crate::identity::fresh_dirs`]).
+    fn fresh_dirs(&self, vm_id: &str, ids: &LaunchIds) -> Result<RunDirs, Error> {
         wire::check_name("vm_id", vm_id)?;
-        let dir = self.tl.run_dir.join(vm_id);
-        crate::identity::fresh_dir(&dir, id)?;
-        Ok(dir)
+        crate::identity::fresh_dirs(&self.tl.run_dir.join(vm_id), ids)
     }
 
     /// TL.AttestRequest → TL.Attestation → checks of m2 → the crypto-domain configuration.
@@ -1323,11 +1352,11 @@ impl Agent {
         pk_dm: &[u8],
         driver: &str,
         cfg: &caas_tl::dm::DomcConfig,
-        dir: PathBuf,
+        dirs: RunDirs,
         procs: Vec<Proc>,
         now: u64,
         mut timings: Vec<(String, f64)>,
-        identity: Identity,
+        identity: LaunchIds,
         net: Option<NetLaunch>,
     ) -> Result<LaunchResult, Error> {
         let w = Workload {
@@ -1339,16 +1368,16 @@ impl Agent {
             dk: Zeroizing::new(dk.to_vec()),
             endpoint: None,
             disk_uri: net.as_ref().map_or_else(
-                || Endpoint::Unix(dir.join("disk.sock")).nbd_uri(),
+                || Endpoint::Unix(dirs.domain.join("disk.sock")).nbd_uri(),
                 |n| n.disk_uri.clone(),
             ),
-            vsm_socket: dir.join("vsm.sock"),
+            vsm_socket: dirs.domain.join("vsm.sock"),
             vsm_tls: net.as_ref().map(|n| n.vsm.to_string()),
             tls_client: net.map(|n| n.client),
             procs,
             volumes: Vec::new(),
             started_ms: now,
-            dir,
+            dirs,
             identity,
         };
         let vm_id = call.vm_id.clone();
@@ -1407,10 +1436,10 @@ impl Agent {
                 .ok_or_else(|| Error::Domain("workload vanished".into()))?;
             (
                 w.tls_client.take(),
-                w.dir.clone(),
+                w.dirs.workload.clone(),
                 w.disk_uri.clone(),
                 w.vsm_socket.clone(),
-                w.identity.run_as(),
+                w.identity.workload.run_as(),
             )
         };
         let injected = caas_workload::InjectedSecrets {
@@ -1460,7 +1489,7 @@ impl Agent {
         let r = match self.tl.workloads.lock().await.remove(vm_id) {
             Some(mut w) => {
                 w.stop();
-                let _ = std::fs::remove_dir_all(&w.dir);
+                let _ = std::fs::remove_dir_all(&w.dirs.root);
                 Ok(())
             }
             None => Err(Error::InvalidRequest(format!("no workload {vm_id}"))),
@@ -1510,8 +1539,8 @@ impl Agent {
                 w.launch_r.clone(),
                 w.sp.clone(),
                 w.dk.clone(),
-                w.dir.clone(),
-                w.identity.run_as(),
+                w.dirs.domain.clone(),
+                Ids::of(&w.identity),
             )
         };
         let path = TlHost::volume_path(&self.tl.storage, &a.domain, &a.sr);

@@ -140,6 +140,10 @@ pub struct ServeArgs {
     /// connection; refusals are logged and counted). Repeatable; default 0 (root).
     #[arg(long = "peer-uid", value_name = "UID", default_values_t = [0u32])]
     pub peer_uids: Vec<u32>,
+    /// Permission bits of the --socket file (octal, e.g. 666 when its directory and the
+    /// peer check guard it); default: as created.
+    #[arg(long, value_name = "MODE", value_parser = parse_socket_mode, requires = "socket")]
+    pub socket_mode: Option<u32>,
     /// When started as root: switch to UID:GID for good once the volume is open and the key
     /// read (the host agent runs each workload's proxies under the workload's identity);
     /// the UNIX socket is then created by that identity.
@@ -675,6 +679,11 @@ async fn serve_cmd(
         }
     };
     let listener = Listener::bind(&listen).await?;
+    if let (Some(mode), Some(p)) = (a.socket_mode, &a.socket) {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .map_err(Error::io("chmod NBD socket"))?;
+    }
     let uri = match listener.tcp_addr() {
         Some(addr) => format!("nbd://{addr}/{}", a.export_name),
         None => uri,
@@ -704,6 +713,13 @@ async fn serve_cmd(
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+fn parse_socket_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode"))
 }
 
 async fn shutdown_signal() {
