@@ -1903,9 +1903,10 @@ fn another_launch_cannot_use_my_tls_transport() {
         refused.len() >= 3 && refused.iter().any(|l| l.contains("refused=3")),
         "proxy refusals: {refused:#?}"
     );
-    // alice's workload still works.
+    // alice's workload still works, VSM included.
     let rep = c.tenant_ok("alice", &["connect", "--vm", "vm-net"]);
-    assert!(rep.contains("\"ok\": true"), "{rep}");
+    let v: Value = serde_json::from_str(&rep[rep.find('{').unwrap()..]).unwrap();
+    assert_eq!(v["vsm"]["mechanism"], json!("CKM_ECDSA_SHA256"), "{v}");
 }
 
 // ---------------------------------------------------------------------------------------
