@@ -707,6 +707,7 @@ fn spawn_sdp_unkeyed(
     ep: &Endpoint,
     read_only: bool,
     ids: Ids,
+    anchor: Option<(u32, &Path)>,
 ) -> Result<(Proc, std::process::ChildStdin), Error> {
     let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&caas_exe()?);
     cmd.arg("volume").arg("serve").arg(volume);
@@ -734,6 +735,14 @@ fn spawn_sdp_unkeyed(
         .arg("/dev/stdin")
         .args(ids.peer_args())
         .args(read_only.then_some("--read-only"));
+    // A DBSP volume: refused below its anchored epoch; the epoch it opens at is reported.
+    if let Some((min_epoch, report)) = anchor {
+        let _ = std::fs::remove_file(report);
+        cmd.arg("--min-epoch")
+            .arg(min_epoch.to_string())
+            .arg("--report-epoch")
+            .arg(report);
+    }
     if ids.domain.own {
         cmd.arg("--run-as")
             .arg(format!("{}:{}", ids.domain.uid, ids.domain.gid));
@@ -778,9 +787,10 @@ async fn spawn_sdp(
     key: &SecretKey,
     read_only: bool,
     ids: Ids,
+    anchor: Option<(u32, &Path)>,
 ) -> Result<Proc, Error> {
     let ep = Endpoint::Unix(socket.to_path_buf());
-    let (proc, stdin) = spawn_sdp_unkeyed(volume, &ep, read_only, ids)?;
+    let (proc, stdin) = spawn_sdp_unkeyed(volume, &ep, read_only, ids, anchor)?;
     key_sdp(proc, stdin, key, &ep).await
 }
 
@@ -818,7 +828,7 @@ async fn prestart(
         None => Endpoint::Unix(dir.join("disk.sock")),
     };
     let vsm_sock = dir.join("vsm.sock");
-    let (mut sdp, sdp_stdin) = spawn_sdp_unkeyed(image, &disk, read_only, ids)?;
+    let (mut sdp, sdp_stdin) = spawn_sdp_unkeyed(image, &disk, read_only, ids, None)?;
     let state = dir.join("domc");
     let vsm = (|| {
         std::fs::create_dir_all(&state).map_err(Error::io("create crypto-domain state"))?;
@@ -1560,18 +1570,10 @@ impl Agent {
         } else {
             None
         };
-        // An existing volume's proxy starts while its key is fetched (it waits for it).
+        // The proxy starts once the key and the volume's anchored epoch are known.
         let sock = sock_dir.join(format!("vol-{}-{}.sock", a.domain, a.sr));
-        let mut pre = match existing {
-            Some(_) => Some(spawn_sdp_unkeyed(
-                &path,
-                &Endpoint::Unix(sock.clone()),
-                false,
-                id,
-            )?),
-            None => None,
-        };
-        let r = self
+        let report = sock_dir.join(format!("vol-{}-{}.epoch", a.domain, a.sr));
+        let (d, vk) = self
             .domkey_exchange(
                 vm_id,
                 &launch_r,
@@ -1583,20 +1585,12 @@ impl Agent {
                 &ttp,
                 &mut timings,
             )
-            .await;
-        let (d, vk) = match r {
-            Ok(x) => x,
-            Err(e) => {
-                if let Some((mut p, _)) = pre.take() {
-                    p.stop();
-                }
-                return Err(e);
-            }
-        };
+            .await?;
         let t = Instant::now();
         let created = existing.is_none();
-        let proc = match pre.take() {
-            Some((p, stdin)) => key_sdp(p, stdin, &vk, &Endpoint::Unix(sock.clone())).await?,
+        let anchor = Some((d.min_epoch, report.as_path()));
+        let proc = match existing {
+            Some(_) => spawn_sdp(&path, &sock, &vk, false, id, anchor).await,
             None => {
                 if let Some(parent) = path.parent() {
                     std::fs::create_dir_all(parent)
@@ -1612,10 +1606,43 @@ impl Agent {
                 caas_sdp::cli::create_file(&path, a.size, &key_in, dbsp)
                     .await
                     .map_err(|e| Error::Domain(format!("create volume: {e}")))?;
-                spawn_sdp(&path, &sock, &vk, false, id).await?
+                spawn_sdp(&path, &sock, &vk, false, id, anchor).await
             }
         };
+        let report_line = std::fs::read_to_string(&report).unwrap_or_default();
+        let _ = std::fs::remove_file(&report);
+        let mut proc = match proc {
+            Ok(p) => p,
+            Err(_) if report_line.trim() == "volume_rollback" => {
+                return Err(Error::Tl(caas_tl::Error::rejected(
+                    "volume_rollback",
+                    format!(
+                        "volume {}/{} is behind its anchored epoch {}: storage rolled it back",
+                        a.domain, a.sr, d.min_epoch
+                    ),
+                )));
+            }
+            Err(e) => return Err(e),
+        };
         timings.push(("open volume".to_string(), ms(t)));
+        // The anchor moves up to the epoch just opened, before the workload may use it.
+        let t = Instant::now();
+        let anchored = match report_line
+            .trim()
+            .strip_prefix("epoch ")
+            .and_then(|e| e.parse::<u32>().ok())
+        {
+            Some(epoch) => {
+                self.report_epoch(vm_id, &launch_r, a, &d.c4, epoch)
+                    .await
+            }
+            None => Err(Error::Domain("the volume proxy reported no epoch".into())),
+        };
+        if let Err(e) = anchored {
+            proc.stop();
+            return Err(e);
+        }
+        timings.push(("epoch anchored at the TTP (incl. quote)".to_string(), ms(t)));
         let uri = format!("nbd+unix:///caas?socket={}", sock.display());
         let view = VolumeView {
             domain: a.domain.clone(),
@@ -1641,6 +1668,37 @@ impl Agent {
             created,
             timings,
         })
+    }
+
+    /// DBSP epoch report (AK-signed): the TTP raises the volume's anchor to `epoch`.
+    async fn report_epoch(
+        &self,
+        vm_id: &str,
+        launch_r: &[u8],
+        a: &AttachRequest,
+        c4: &[u8],
+        epoch: u32,
+    ) -> Result<(), Error> {
+        let rep = caas_tl::wire::EpochReport {
+            host: self.cfg.name.clone(),
+            vm_id: vm_id.to_string(),
+            launch_r: launch_r.to_vec(),
+            domain: a.domain.clone(),
+            sr: a.sr.clone(),
+            c4: c4.to_vec(),
+            epoch,
+            r: caas_crypto::random_bytes(32)
+                .map_err(|_| Error::Domain("no randomness".into()))?,
+            t_ms: caas_attest::now_ms(),
+        };
+        let signed = self
+            .ak_sign(label::EPOCH_REPORT, wire::to_bytes(&rep))
+            .await?;
+        let _: serde_json::Value = self
+            .http
+            .post(&format!("{}/v1/tl/epoch", self.cfg.key_service_url), &signed)
+            .await?;
+        Ok(())
     }
 
     /// DBSP.DomKeyReq (AK-signed) → DomKeyGen response → c3 unsealed by the TPM → the

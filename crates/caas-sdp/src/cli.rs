@@ -179,6 +179,11 @@ pub struct ServeArgs {
     /// (`target=caas_sdp::audit event=volume_open epoch=N`, at log level info).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub min_epoch: u32,
+    /// Write the outcome of the open to this new file (0600) for the caller (the host
+    /// agent anchors DBSP volumes with it): `epoch N` once the volume is open, or
+    /// `volume_rollback` when --min-epoch refused it.
+    #[arg(long, value_name = "PATH")]
+    pub report_epoch: Option<PathBuf>,
     #[command(flatten)]
     pub key: KeyArgs,
 }
@@ -644,7 +649,18 @@ async fn serve_cmd(
                 writable: !a.read_only,
                 min_epoch: a.min_epoch,
             };
-            let (vol, report) = Volume::open_with(store, &key, opts).await?;
+            let opened = Volume::open_with(store, &key, opts).await;
+            if let Some(path) = &a.report_epoch {
+                let line = match &opened {
+                    Ok((v, _)) => format!("epoch {}\n", v.epoch()),
+                    Err(Error::Volume(caas_volume::Error::EpochBehind { .. })) => {
+                        "volume_rollback\n".to_string()
+                    }
+                    Err(_) => "open_refused\n".to_string(),
+                };
+                write_report(path, &line)?;
+            }
+            let (vol, report) = opened?;
             tracing::info!(
                 target: "caas_sdp::audit",
                 event = "volume_open",
@@ -713,6 +729,21 @@ async fn serve_cmd(
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// Writes `line` to a new 0600 file `path` (never through a planted file or link).
+fn write_report(path: &Path, line: &str) -> Result<(), Error> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(Error::io("create the epoch report"))?;
+    f.write_all(line.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(Error::io("write the epoch report"))
 }
 
 fn parse_socket_mode(s: &str) -> Result<u32, String> {

@@ -270,6 +270,20 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
             ),
         )
         .route(
+            "/v1/tl/epoch",
+            post(
+                |State(s): State<Arc<TlService<S>>>, Json(r): Json<AkSigned>| async move {
+                    let r: R<serde_json::Value> = s
+                        .ttp
+                        .epoch_report(&r, caas_attest::now_ms())
+                        .await
+                        .map(|e| Json(serde_json::json!({ "epoch": e })))
+                        .map_err(ApiError);
+                    r
+                },
+            ),
+        )
+        .route(
             "/v1/tl/acl",
             put(
                 |State(s): State<Arc<TlService<S>>>, Json(r): Json<AclRequest>| async move {

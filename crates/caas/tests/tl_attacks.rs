@@ -2034,3 +2034,77 @@ print(" ".join(out))
     assert_eq!(v["vsm"]["mechanism"], json!("CKM_ECDSA_SHA256"), "{v}");
     assert_eq!(v["volumes"][0]["ok"], json!(true), "{v}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Issue 12: a DBSP volume's epoch is anchored at the TTP.
+// ---------------------------------------------------------------------------------------
+
+/// Storage rolls a whole DBSP volume back to an older consistent snapshot (every byte a
+/// valid old state, so the volume alone cannot tell). The TTP keeps the epoch the SC
+/// reported (AK-signed) at the last attach and returns it with the next DomKeyGen; the
+/// proxy refuses the volume below it: the attach, and so the launch, fails with
+/// `volume_rollback`, recorded in the agent's audit log and the proxy's audit record.
+#[test]
+fn rolled_back_volume_is_refused_at_attach() {
+    let c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "web");
+    let vol = c.storage().join("domains/finance/db.caasvol");
+    c.launch_with_db("alice", "vm1", "host-1");
+    let rep = c.tenant_ok("alice", &["connect", "--vm", "vm1"]);
+    assert!(rep.contains("\"ok\": true"), "{rep}");
+    c.stop("host-1", "vm1");
+    // Storage keeps a snapshot of the volume...
+    let snapshot = std::fs::read(&vol).unwrap();
+    // ...the tenant keeps working on it (the next attach opens it at a later epoch, which
+    // the SC reports to the TTP)...
+    c.launch_with_db("alice", "vm2", "host-1");
+    let rep = c.tenant_ok("alice", &["connect", "--vm", "vm2"]);
+    assert!(rep.contains("\"ok\": true"), "{rep}");
+    c.stop("host-1", "vm2");
+    let audit = c.audit();
+    assert!(
+        audit_has(&audit, "DbspEpoch", "Success"),
+        "no epoch report at the TTP: {audit}"
+    );
+    // ...then storage puts the old snapshot back.
+    let current = std::fs::read(&vol).unwrap();
+    std::fs::write(&vol, &snapshot).unwrap();
+    let (ok, text) = c.tenant(
+        "alice",
+        &[
+            "launch",
+            "--id",
+            "web",
+            "--vm",
+            "vm3",
+            "--host",
+            "host-1",
+            "--domains",
+            "finance",
+            "--volumes",
+            "finance/db",
+        ],
+    );
+    assert!(!ok, "a rolled-back volume was attached:\n{text}");
+    assert!(text.contains("volume_rollback"), "{text}");
+    assert!(
+        c.agent_audit_has("host-1", "AttachVolume", "volume_rollback"),
+        "{}",
+        c.agent_audit("host-1")
+    );
+    let log = dev_log(&c);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("volume_rollback") && l.contains("behind the expected epoch")),
+        "no audit record of the proxy"
+    );
+    assert!(
+        c.workloads("host-1").iter().all(|w| w["vm_id"] != json!("vm3")),
+        "the workload runs"
+    );
+    // The current volume (not rolled back) still attaches.
+    std::fs::write(&vol, &current).unwrap();
+    c.launch_with_db("alice", "vm4", "host-1");
+    let rep = c.tenant_ok("alice", &["connect", "--vm", "vm4"]);
+    assert!(rep.contains("\"ok\": true"), "{rep}");
+}
