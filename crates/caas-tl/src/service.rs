@@ -2,7 +2,8 @@
 //! [`router`]; a benchmark or test can mount it over any [`AttestStore`].
 //!
 //! Routes (JSON): `GET /v1/tl/ttp` (pk_TTP), `POST /v1/tl/attest` (TL.AttestRequest →
-//! TL.Attestation), `POST /v1/tl/domkey` (DBSP.DomKeyReq → DomKeyGen), `PUT /v1/tl/acl`
+//! TL.Attestation), `POST /v1/tl/domkey` (DBSP.DomKeyReq → DomKeyGen), `POST /v1/tl/epoch`
+//! (the SC's AK-signed report of a DBSP volume's opened epoch → its anchor), `PUT /v1/tl/acl`
 //! (operator: which domains a DM may give), `GET /v1/tl/hosts/{name}/bind-info` (a host's
 //! certified bind key and trusted PCR values, seed 001 Algorithm 1 line 1), and the
 //! scheduler `POST /v1/sched/launch` (places a TL.Request on a trusted host of its SP).
