@@ -859,8 +859,7 @@ async fn prestart(
                 .arg("--tls-client-ca")
                 .arg(&n.files.ca);
         }
-        cmd.stdin(Stdio::null())
-        .stdout(Stdio::null());
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
         let child = cmd
             .spawn()
             .map_err(Error::io("start the VSM crypto domain"))?;
@@ -1632,10 +1631,7 @@ impl Agent {
             .strip_prefix("epoch ")
             .and_then(|e| e.parse::<u32>().ok())
         {
-            Some(epoch) => {
-                self.report_epoch(vm_id, &launch_r, a, &d.c4, epoch)
-                    .await
-            }
+            Some(epoch) => self.report_epoch(vm_id, &launch_r, a, &d.c4, epoch).await,
             None => Err(Error::Domain("the volume proxy reported no epoch".into())),
         };
         if let Err(e) = anchored {
@@ -1687,8 +1683,7 @@ impl Agent {
             sr: a.sr.clone(),
             c4: c4.to_vec(),
             epoch,
-            r: caas_crypto::random_bytes(32)
-                .map_err(|_| Error::Domain("no randomness".into()))?,
+            r: caas_crypto::random_bytes(32).map_err(|_| Error::Domain("no randomness".into()))?,
             t_ms: caas_attest::now_ms(),
         };
         let signed = self
@@ -1696,7 +1691,10 @@ impl Agent {
             .await?;
         let _: serde_json::Value = self
             .http
-            .post(&format!("{}/v1/tl/epoch", self.cfg.key_service_url), &signed)
+            .post(
+                &format!("{}/v1/tl/epoch", self.cfg.key_service_url),
+                &signed,
+            )
             .await?;
         Ok(())
     }

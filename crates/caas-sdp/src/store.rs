@@ -68,7 +68,9 @@ impl Store {
     /// Connects to a mutual-TLS export `nbds://HOST:PORT/NAME` (NBD_OPT_STARTTLS, TLS 1.3)
     /// with the client credentials `tls` (for a launched workload: those of its launch).
     pub async fn connect_nbd_tls(uri: &str, tls: &TlsClient) -> Result<Self, Error> {
-        Ok(Store::Nbd(Arc::new(NbdStore::connect(uri, Some(tls)).await?)))
+        Ok(Store::Nbd(Arc::new(
+            NbdStore::connect(uri, Some(tls)).await?,
+        )))
     }
 
     /// Size of the store in bytes.
@@ -159,7 +161,9 @@ impl TlsClient {
         let bad = |what: &str| Error::Config(format!("TLS client credentials: malformed {what}"));
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(ca) {
-            roots.add(c.map_err(|_| bad("CA"))?).map_err(|_| bad("CA"))?;
+            roots
+                .add(c.map_err(|_| bad("CA"))?)
+                .map_err(|_| bad("CA"))?;
         }
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
             .collect::<Result<_, _>>()
@@ -238,9 +242,8 @@ impl NbdStore {
             Box<dyn AsyncWrite + Send + Unpin>,
         );
         let (reader, writer): Halves = if let Some(rest) = uri.strip_prefix("nbds://") {
-            let tls = tls.ok_or_else(|| {
-                Error::Config(format!("{uri:?} needs TLS client credentials"))
-            })?;
+            let tls =
+                tls.ok_or_else(|| Error::Config(format!("{uri:?} needs TLS client credentials")))?;
             let (hostport, _) = rest.split_once('/').unwrap_or((rest, ""));
             let s = tokio::net::TcpStream::connect(hostport)
                 .await

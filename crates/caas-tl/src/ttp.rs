@@ -657,10 +657,7 @@ impl<S: AttestStore> Ttp<S> {
             Ok(b) => self.epoch_report_inner(&b, req, now_ms).await,
             Err(e) => Err(e),
         };
-        let summary = r
-            .as_ref()
-            .map(|e| format!("epoch {e}"))
-            .map_err(clone_err);
+        let summary = r.as_ref().map(|e| format!("epoch {e}")).map_err(clone_err);
         self.audit(&host, "DbspEpoch", &subject, &summary).await;
         r
     }
@@ -701,10 +698,9 @@ impl<S: AttestStore> Ttp<S> {
             ));
         }
         let aid = anchor_id(&b.domain, &b.sr, &b.c4);
-        let old: u32 = self
-            .get(KIND_VOLUME_EPOCH, &aid)
-            .await?
-            .ok_or_else(|| Error::rejected("unknown_volume", "no key was issued for this volume"))?;
+        let old: u32 = self.get(KIND_VOLUME_EPOCH, &aid).await?.ok_or_else(|| {
+            Error::rejected("unknown_volume", "no key was issued for this volume")
+        })?;
         let new = old.max(b.epoch);
         if new != old {
             self.put(KIND_VOLUME_EPOCH, &aid, &new, None).await?;

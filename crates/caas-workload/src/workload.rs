@@ -222,10 +222,7 @@ impl Drop for IoRuntime {
     }
 }
 
-async fn hash_disk(
-    uri: &str,
-    tls: Option<&caas_sdp::store::TlsClient>,
-) -> Result<([u8; 32], u64)> {
+async fn hash_disk(uri: &str, tls: Option<&caas_sdp::store::TlsClient>) -> Result<([u8; 32], u64)> {
     let store = match tls {
         Some(t) if uri.starts_with("nbds://") => Store::connect_nbd_tls(uri, t).await?,
         _ => Store::connect_nbd(uri).await?,

@@ -1790,7 +1790,14 @@ fn another_launch_cannot_use_my_tls_transport() {
     c.tenant_ok(
         "alice",
         &[
-            "launch", "--id", "web", "--vm", "vm-net", "--host", "host-1", "--network",
+            "launch",
+            "--id",
+            "web",
+            "--vm",
+            "vm-net",
+            "--host",
+            "host-1",
+            "--network",
         ],
     );
     let w = c.workloads("host-1");
@@ -1807,7 +1814,11 @@ fn another_launch_cannot_use_my_tls_transport() {
     // the hash it reports is the tenant's plaintext image.
     let rep = c.tenant_ok("alice", &["connect", "--vm", "vm-net"]);
     let v: Value = serde_json::from_str(&rep[rep.find('{').unwrap()..]).unwrap();
-    assert_eq!(v["disk_sha256"], json!(c.plain_sha256("alice", "web")), "{v}");
+    assert_eq!(
+        v["disk_sha256"],
+        json!(c.plain_sha256("alice", "web")),
+        "{v}"
+    );
     // No server key is left on the host's disk.
     assert!(!domain_dir(&c, "host-1", "vm-net").join("tls").exists());
 
@@ -2026,11 +2037,18 @@ except OSError as e:
 print(" ".join(out))
 "#;
     let out = as_user(wu, wg, dir_script, &[dom.display().to_string()]);
-    assert_eq!(out, "list=13 create=13 rename=13", "crypto-domain directory");
+    assert_eq!(
+        out, "list=13 create=13 rename=13",
+        "crypto-domain directory"
+    );
     // The workload still uses its crypto domain: disk, VSM signature and volume.
     let rep = c.tenant_ok("alice", &["connect", "--vm", "vm1"]);
     let v: Value = serde_json::from_str(&rep[rep.find('{').unwrap()..]).unwrap();
-    assert_eq!(v["disk_sha256"], json!(c.plain_sha256("alice", "web")), "{v}");
+    assert_eq!(
+        v["disk_sha256"],
+        json!(c.plain_sha256("alice", "web")),
+        "{v}"
+    );
     assert_eq!(v["vsm"]["mechanism"], json!("CKM_ECDSA_SHA256"), "{v}");
     assert_eq!(v["volumes"][0]["ok"], json!(true), "{v}");
 }
@@ -2099,7 +2117,9 @@ fn rolled_back_volume_is_refused_at_attach() {
         "no audit record of the proxy"
     );
     assert!(
-        c.workloads("host-1").iter().all(|w| w["vm_id"] != json!("vm3")),
+        c.workloads("host-1")
+            .iter()
+            .all(|w| w["vm_id"] != json!("vm3")),
         "the workload runs"
     );
     // The current volume (not rolled back) still attaches.
