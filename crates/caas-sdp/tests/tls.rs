@@ -144,7 +144,7 @@ fn start(dir: &Path, name: &str, certs: &Certs) -> (Server, PathBuf) {
     let key = key_file(dir);
     let vol = dir.join(format!("{name}.caasvol"));
     create_volume(&vol, &key, "16M");
-    let mut args = vec![
+    let args = vec![
         vol.to_str().unwrap().to_string(),
         "--key-file".into(),
         key.to_str().unwrap().into(),
