@@ -14,6 +14,7 @@ mod error;
 pub mod fs;
 pub mod hardening;
 pub mod kdf;
+pub mod peer;
 mod secret;
 
 pub use error::Error;

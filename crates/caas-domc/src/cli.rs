@@ -175,7 +175,7 @@ fn serve(a: ServeArgs) -> Result<(), Error> {
             let ca = a.tls_client_ca.as_deref().ok_or_else(|| {
                 Error::Config("--tcp needs --tls-client-ca (clients must authenticate)".into())
             })?;
-            let cfg = crate::server::tls_config(cert, key, Some(ca))?;
+            let cfg = crate::server::tls_config(cert, key, ca)?;
             let l = std::net::TcpListener::bind(addr)
                 .map_err(|e| Error::Config(format!("binding {addr}: {e}")))?;
             Some((l, cfg))
@@ -227,15 +227,16 @@ fn serve(a: ServeArgs) -> Result<(), Error> {
         let d = domain.clone();
         servers.push(Box::new(move || crate::server::serve_tls(d, t, cfg)));
     }
-    if let Some((v, cid)) = vsock {
-        let d = domain.clone();
-        servers.push(Box::new(move || crate::server::serve_vsock(d, v, cid)));
+    let policy = crate::server::PeerPolicy {
+        uids: a.peer_uids.clone(),
+        vsock_cid: a.vsock_peer_cid,
+    };
+    if let Some((v, _)) = vsock {
+        let (d, policy) = (domain.clone(), policy.clone());
+        servers.push(Box::new(move || crate::server::serve_vsock(d, v, policy)));
     }
     if let Some(l) = listener {
         let d = domain.clone();
-        let policy = crate::server::PeerPolicy {
-            uids: a.peer_uids.clone(),
-        };
         servers.push(Box::new(move || {
             if let Err(e) = crate::server::serve(d, l, policy) {
                 tracing::error!(error = %e, "UNIX socket server stopped");

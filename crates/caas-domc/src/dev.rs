@@ -97,6 +97,17 @@ pub fn wait_for_socket(path: &Path, timeout: Duration) -> Result<(), Error> {
 /// Starts the dev crypto domain under `dir` using `exe` (the `caas` binary, which must
 /// accept `domc serve`), and initialises its token on first start.
 pub fn start(dir: &Path, exe: &Path) -> Result<DevDomain, Error> {
+    start_with_key(dir, exe, None)
+}
+
+/// [`start`], with the domain key handed over a pipe (`--key-fd 0`) instead of a key file
+/// in the state directory: the caller keeps it wrapped elsewhere (`caas dev` under the dev
+/// key service), so no plaintext domain key lies on the disk.
+pub fn start_with_key(
+    dir: &Path,
+    exe: &Path,
+    key: Option<crate::keysource::DomainKey>,
+) -> Result<DevDomain, Error> {
     let state = dir.join("domc");
     std::fs::create_dir_all(&state).map_err(Error::io("create", &state))?;
     let socket = dir.join("domc.sock");
@@ -110,22 +121,32 @@ pub fn start(dir: &Path, exe: &Path) -> Result<DevDomain, Error> {
     // No inherited descriptors: `caas dev` opens host TPM connections concurrently, and a
     // copy of one kept by this long-lived child would stall that TPM (swtpm serves one
     // connection at a time).
-    let child = caas_crypto::hardening::command_without_inherited_fds(exe)
-        .args([
-            "domc",
-            "serve",
-            "--create-key",
-            "--socket-mode",
-            "600",
-            "--run-as",
-            &ids,
-        ])
+    let mut cmd = caas_crypto::hardening::command_without_inherited_fds(exe);
+    cmd.args(["domc", "serve", "--socket-mode", "600", "--run-as", &ids])
         .arg("--state-dir")
         .arg(&state)
         .arg("--socket")
-        .arg(&socket)
-        .spawn()
-        .map_err(Error::io("spawn", exe))?;
+        .arg(&socket);
+    match &key {
+        Some(_) => cmd
+            .args(["--key-fd", "0"])
+            .stdin(std::process::Stdio::piped()),
+        None => cmd.arg("--create-key"),
+    };
+    let mut child = cmd.spawn().map_err(Error::io("spawn", exe))?;
+    if let Some(k) = key {
+        use std::io::Write as _;
+        let written = child
+            .stdin
+            .take()
+            .map(|mut p| p.write_all(k.expose()))
+            .unwrap_or_else(|| Err(std::io::Error::other("no stdin pipe")));
+        if let Err(e) = written {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::io("hand the domain key to", exe)(e));
+        }
+    }
     let mut dev = DevDomain {
         child,
         socket: socket.clone(),

@@ -33,45 +33,17 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, Error> {
     Ok(l)
 }
 
-/// Who may connect to the domain.
-#[derive(Debug, Clone, Default)]
-pub struct PeerPolicy {
-    /// UNIX-socket peers allowed besides the domain's own effective uid (SO_PEERCRED).
-    pub uids: Vec<u32>,
-}
-
-impl PeerPolicy {
-    /// Whether a UNIX-socket peer with `uid` may connect (own effective uid or listed).
-    #[must_use]
-    pub fn allows_uid(&self, uid: u32) -> bool {
-        uid == nix::unistd::geteuid().as_raw() || self.uids.contains(&uid)
-    }
-}
-
-/// The uid of a UNIX-socket peer, as the kernel recorded it at connect time.
-///
-/// # Errors
-/// The OS error of getsockopt(SO_PEERCRED).
-pub fn peer_uid(stream: &UnixStream) -> std::io::Result<u32> {
-    let c = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)?;
-    Ok(c.uid())
-}
+/// Who may connect to the domain (one policy for every crypto-domain listener).
+pub use caas_crypto::peer::{PeerPolicy, peer_uid};
 
 /// Serves connections forever, each only if `policy` allows its peer.
 pub fn serve(domain: Arc<Domain>, listener: UnixListener, policy: PeerPolicy) -> Result<(), Error> {
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
-                match peer_uid(&stream) {
-                    Ok(uid) if policy.allows_uid(uid) => {}
-                    Ok(uid) => {
-                        domain.refuse_peer("unix", &format!("uid {uid} not allowed"));
-                        continue;
-                    }
-                    Err(e) => {
-                        domain.refuse_peer("unix", &format!("no peer credentials ({e})"));
-                        continue;
-                    }
+                if let Some(why) = policy.unix_refusal(&stream) {
+                    domain.refuse_peer("unix", &why);
+                    continue;
                 }
                 let d = domain.clone();
                 let spawned = std::thread::Builder::new()
@@ -120,16 +92,18 @@ pub fn serve_conn(domain: &Domain, stream: UnixStream) {
     serve_stream(domain, &mut s);
 }
 
-/// Serves vsock connections forever; only the peer with CID `peer_cid` (the workload's VM)
-/// is served.
-pub fn serve_vsock(domain: Arc<Domain>, listener: crate::vsock::VsockListener, peer_cid: u32) {
+/// Serves vsock connections forever; only the peer `policy` names (the workload's VM) is
+/// served.
+pub fn serve_vsock(domain: Arc<Domain>, listener: crate::vsock::VsockListener, policy: PeerPolicy) {
     loop {
         let stream = match listener.accept() {
-            Ok((s, cid)) if cid == peer_cid => s,
-            Ok((_, cid)) => {
-                domain.refuse_peer("vsock", &format!("CID {cid} is not {peer_cid}"));
-                continue;
-            }
+            Ok((s, cid)) => match policy.vsock_refusal(cid) {
+                None => s,
+                Some(why) => {
+                    domain.refuse_peer("vsock", &why);
+                    continue;
+                }
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "vsock accept failed");
                 // Do not spin on a persistent failure (e.g. out of descriptors).
@@ -156,12 +130,13 @@ pub fn serve_vsock(domain: Arc<Domain>, listener: crate::vsock::VsockListener, p
     }
 }
 
-/// Builds the TLS server configuration: certificate chain and key (PEM), and optionally the
-/// CA that client certificates must chain to (mutual TLS).
+/// Builds the TLS server configuration: certificate chain and key (PEM), and the CA that
+/// client certificates must chain to (mutual TLS, mandatory: for a launched workload the
+/// CA of its launch, so no other launch's client — nor the operator's — is served).
 pub fn tls_config(
     cert: &Path,
     key: &Path,
-    client_ca: Option<&Path>,
+    client_ca: &Path,
 ) -> Result<Arc<rustls::ServerConfig>, Error> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -175,23 +150,19 @@ pub fn tls_config(
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Config(format!("TLS: {e}")))?;
-    let builder = match client_ca {
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_file_iter(ca).map_err(|e| pem("client CA", e))? {
-                roots
-                    .add(c.map_err(|e| pem("client CA", e))?)
-                    .map_err(|e| Error::Config(format!("client CA: {e}")))?;
-            }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider,
-            )
-            .build()
-            .map_err(|e| Error::Config(format!("client CA: {e}")))?;
-            builder.with_client_cert_verifier(verifier)
+    let ca = client_ca;
+    let builder = {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca).map_err(|e| pem("client CA", e))? {
+            roots
+                .add(c.map_err(|e| pem("client CA", e))?)
+                .map_err(|e| Error::Config(format!("client CA: {e}")))?;
         }
-        None => builder.with_no_client_auth(),
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| Error::Config(format!("client CA: {e}")))?;
+        builder.with_client_cert_verifier(verifier)
     };
     let cfg = builder
         .with_single_cert(chain, key)
@@ -208,16 +179,43 @@ pub fn serve_tls(domain: Arc<Domain>, listener: TcpListener, cfg: Arc<rustls::Se
         let spawned = std::thread::Builder::new()
             .name("vsm-tls".into())
             .spawn(move || {
-                let Ok(tls) = rustls::ServerConnection::new(cfg) else {
-                    return;
-                };
-                let mut s = rustls::StreamOwned::new(tls, tcp);
-                serve_stream(&d, &mut s);
+                let peer = tcp
+                    .peer_addr()
+                    .map_or_else(|_| "unknown".to_string(), |a| a.to_string());
+                match tls_handshake(cfg, tcp) {
+                    Ok(mut s) => serve_stream(&d, &mut s),
+                    // No certificate, or one of another launch's CA: refused and audited.
+                    Err(why) => d.refuse_peer("tls", &format!("{peer}: {why}")),
+                }
             });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start connection thread");
         }
     }
+}
+
+/// Time a TCP client has for the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs the TLS handshake to completion (the client's certificate is verified here), so a
+/// refused client is known — and audited — before any frame is read.
+fn tls_handshake(
+    cfg: Arc<rustls::ServerConfig>,
+    mut tcp: std::net::TcpStream,
+) -> Result<rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream>, String> {
+    let mut conn = rustls::ServerConnection::new(cfg).map_err(|e| e.to_string())?;
+    let _ = tcp.set_read_timeout(Some(TLS_HANDSHAKE_TIMEOUT));
+    let _ = tcp.set_write_timeout(Some(TLS_HANDSHAKE_TIMEOUT));
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    }
+    if conn.peer_certificates().is_none_or(<[_]>::is_empty) {
+        return Err("TLS client presented no certificate".into());
+    }
+    let _ = tcp.set_read_timeout(None);
+    let _ = tcp.set_write_timeout(None);
+    Ok(rustls::StreamOwned::new(conn, tcp))
 }
 
 /// Serves one established stream (any transport) until it closes.

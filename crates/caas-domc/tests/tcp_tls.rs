@@ -224,6 +224,27 @@ fn module_reaches_the_domain_over_mutual_tls() -> Result<()> {
             out.status
         );
     }
+    // The client without a certificate was refused in the handshake, before any frame,
+    // and the refusal is in the domain's hash-chained audit log (as is the client that
+    // refused the server's certificate).
+    let audit = ok(std::process::Command::new(env!("CARGO_BIN_EXE_caas-domc"))
+        .args(["domc", "audit", "--state-dir"])
+        .arg(dom.state_dir()))?;
+    let refusals: Vec<&str> = audit
+        .lines()
+        .filter(|l| {
+            l.contains("\"op\":\"Connect\"")
+                && l.contains("tls: 127.0.0.1")
+                && l.contains("\"rv\":\"0x200\"")
+        })
+        .collect();
+    ensure!(
+        refusals.len() >= 2
+            && refusals
+                .iter()
+                .any(|l| l.contains("no certificate") || l.contains("CertificateRequired")),
+        "{audit}"
+    );
     Ok(())
 }
 

@@ -176,6 +176,7 @@ async fn run() {
                 image_id: "img".into(),
                 driver: None,
                 volumes: vec![],
+                network: false,
             },
             t.tau,
         )

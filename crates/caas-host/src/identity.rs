@@ -1,12 +1,15 @@
 //! Workload identities: one crypto domain, one identity. When the host agent runs as root,
-//! each launched workload's crypto-domain processes (its Secure Device Proxies and VSM) and
-//! the workload itself run under a uid (= gid) of their own, drawn at random from the
-//! configured range and not used by any running process, in a 0700 run directory owned by
-//! that uid. Their UNIX sockets accept only that uid and the agent's (SO_PEERCRED), so a
-//! co-tenant can neither reach the directory nor, through another path to the socket,
-//! connect. With `isolation = "required"` (production) a launch that cannot get its own
-//! identity is refused; `best-effort` (dev) falls back to the agent's identity with a
-//! printed warning.
+//! each launch gets two uids (= gids) of its own, drawn at random from the configured range
+//! and not used by any running process ([`LaunchIds`]): one for its crypto-domain processes
+//! (its Secure Device Proxies and VSM), one for the workload, so the workload can neither
+//! signal nor trace its own crypto domain (nor read its memory). The run directory
+//! ([`fresh_dirs`]) is `<vm>/` (the agent's, 0711) with `<vm>/domain/` (the crypto
+//! domain's, group the workload's, 0710: the workload reaches its sockets by name but can
+//! neither list nor create entries) and `<vm>/workload/` (the workload's, 0700). The
+//! sockets accept only the workload's uid and the agent's (SO_PEERCRED), so a co-tenant
+//! can neither reach the directory nor, through another path to a socket, connect. With
+//! `isolation = "required"` (production) a launch that cannot get its own identities is
+//! refused; `best-effort` (dev) falls back to the agent's identity with a printed warning.
 
 use crate::config::{IdRange, Isolation};
 use crate::error::Error;
@@ -69,6 +72,26 @@ impl Drop for Identity {
     }
 }
 
+/// The two identities of one launch (module doc).
+#[derive(Debug)]
+pub struct LaunchIds {
+    /// The crypto domain's (Secure Device Proxies, VSM).
+    pub domain: Identity,
+    /// The workload's.
+    pub workload: Identity,
+}
+
+/// Where one launch runs ([`fresh_dirs`]).
+#[derive(Debug, Clone)]
+pub struct RunDirs {
+    /// `<vm>/`, the agent's.
+    pub root: PathBuf,
+    /// `<vm>/domain/`: the crypto domain's sockets and state.
+    pub domain: PathBuf,
+    /// `<vm>/workload/`: the workload's spec, injected secrets and ready file.
+    pub workload: PathBuf,
+}
+
 /// The agent's own effective uid and gid.
 #[must_use]
 pub fn agent_ids() -> (u32, u32) {
@@ -105,7 +128,17 @@ impl Identities {
         })
     }
 
-    /// A fresh identity for a launch (module doc).
+    /// Fresh identities for a launch: the crypto domain's and the workload's (module doc).
+    ///
+    /// # Errors
+    /// [`Error::Isolation`] as [`Identities::allocate`].
+    pub fn allocate_launch(&self) -> Result<LaunchIds, Error> {
+        let domain = self.allocate()?;
+        let workload = self.allocate()?;
+        Ok(LaunchIds { domain, workload })
+    }
+
+    /// A fresh identity (module doc).
     ///
     /// # Errors
     /// [`Error::Isolation`] when isolation is required and unavailable, or the range is
@@ -192,6 +225,34 @@ fn uid_in_use(uid: u32) -> bool {
                 .is_some_and(|l| l.split_whitespace().skip(1).any(|u| u == want))
         })
     })
+}
+
+/// Creates the run directories of a launch afresh under `dir` (module doc): `dir` 0711 of
+/// the agent, `dir/domain` 0710 of the crypto domain with the workload's group,
+/// `dir/workload` 0700 of the workload.
+///
+/// # Errors
+/// [`Error::Io`] naming the step.
+pub fn fresh_dirs(dir: &Path, ids: &LaunchIds) -> Result<RunDirs, Error> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).map_err(Error::io("create the run directory"))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .map_err(Error::io("chmod the run directory"))?;
+    let dirs = RunDirs {
+        root: dir.to_path_buf(),
+        domain: dir.join("domain"),
+        workload: dir.join("workload"),
+    };
+    let (d, w) = (ids.domain.run_as(), ids.workload.run_as());
+    std::fs::create_dir(&dirs.domain).map_err(Error::io("create the crypto-domain directory"))?;
+    std::fs::set_permissions(&dirs.domain, std::fs::Permissions::from_mode(0o710))
+        .map_err(Error::io("chmod the crypto-domain directory"))?;
+    if d.own {
+        std::os::unix::fs::chown(&dirs.domain, Some(d.uid), Some(w.gid))
+            .map_err(Error::io("chown the crypto-domain directory"))?;
+    }
+    fresh_dir(&dirs.workload, w)?;
+    Ok(dirs)
 }
 
 /// Creates `dir` afresh for `id`: owned by it, mode 0700.
@@ -285,6 +346,7 @@ mod tests {
         let b = ids.allocate().unwrap_or_else(|e| panic!("{e}"));
         assert!(a.own && b.own && a.uid != b.uid);
         assert!(matches!(ids.allocate(), Err(Error::Isolation(_))));
+        assert!(matches!(ids.allocate_launch(), Err(Error::Isolation(_))));
         let freed = a.uid;
         drop(a);
         let c = ids.allocate().unwrap_or_else(|e| panic!("{e}"));

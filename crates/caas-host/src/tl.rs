@@ -26,7 +26,7 @@
 use crate::agent::Agent;
 use crate::config::AgentConfig;
 use crate::error::Error;
-use crate::identity::{Identities, Identity, RunAs, agent_ids};
+use crate::identity::{Identities, LaunchIds, RunAs, RunDirs, agent_ids};
 use caas_crypto::SecretKey;
 use caas_tl::crypto::{ak_nonce, split_bind_sealed};
 use caas_tl::wire::{self, AkSigned, AttestRequest, LaunchCall, Meta, Signed, label};
@@ -230,13 +230,17 @@ struct Workload {
     endpoint: Option<String>,
     disk_uri: String,
     vsm_socket: PathBuf,
+    /// The VSM's mutual-TLS address, for a launch with network transports.
+    vsm_tls: Option<String>,
+    /// The launch's client credentials until they are injected into the workload.
+    tls_client: Option<caas_workload::TlsCredentials>,
     procs: Vec<Proc>,
     volumes: Vec<AttachedVolume>,
     started_ms: u64,
-    dir: PathBuf,
-    /// The identity its crypto domain and the workload run under (returned when dropped,
-    /// after the processes are stopped).
-    identity: Identity,
+    dirs: RunDirs,
+    /// The identities its crypto domain and the workload run under (returned when
+    /// dropped, after the processes are stopped).
+    identity: LaunchIds,
 }
 
 impl std::fmt::Debug for Workload {
@@ -281,6 +285,7 @@ impl Workload {
             endpoint: self.endpoint.clone(),
             disk_uri: self.disk_uri.clone(),
             vsm_socket: self.vsm_socket.display().to_string(),
+            vsm_tls: self.vsm_tls.clone(),
             processes: self
                 .procs
                 .iter()
@@ -321,6 +326,10 @@ pub struct WorkloadView {
     pub disk_uri: String,
     /// VSM socket.
     pub vsm_socket: String,
+    /// The VSM over TCP with mutual TLS bound to the launch (`HOST:PORT`), for a launch
+    /// with network transports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsm_tls: Option<String>,
     /// `role:pid` of each process.
     pub processes: Vec<String>,
     /// Attached DBSP volumes.
@@ -497,10 +506,140 @@ fn caas_exe() -> Result<String, Error> {
     Ok(exe.display().to_string())
 }
 
+/// Where a Secure Device Proxy serves its workload.
+#[derive(Debug, Clone)]
+enum Endpoint {
+    /// A UNIX socket in the workload's run directory (peer-checked).
+    Unix(PathBuf),
+    /// TCP on loopback with mutual TLS bound to the launch ([`crate::pki`]).
+    Tls(std::net::SocketAddr, TlsFiles),
+}
+
+impl Endpoint {
+    async fn reachable(&self) -> bool {
+        match self {
+            Endpoint::Unix(p) => tokio::net::UnixStream::connect(p).await.is_ok(),
+            Endpoint::Tls(a, _) => tokio::net::TcpStream::connect(a).await.is_ok(),
+        }
+    }
+
+    /// The NBD URI the workload is given.
+    fn nbd_uri(&self) -> String {
+        match self {
+            Endpoint::Unix(p) => format!("nbd+unix:///caas?socket={}", p.display()),
+            Endpoint::Tls(a, _) => format!("nbds://{a}/caas"),
+        }
+    }
+}
+
+/// The launch's server credentials as files for the crypto-domain processes, which read
+/// them at start (as root, before switching to their identity); removed by the agent once
+/// they serve.
+#[derive(Debug, Clone)]
+struct TlsFiles {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// A launch's network transports: the launch's credentials, where the disk and the VSM
+/// will listen, and the client credentials for the workload.
+struct NetPlan {
+    files: TlsFiles,
+    /// Removes the server credentials from the disk when the plan is dropped (served, or
+    /// the launch failed).
+    _cleanup: RemoveOnDrop,
+    disk: std::net::SocketAddr,
+    vsm: std::net::SocketAddr,
+    client: caas_workload::TlsCredentials,
+}
+
+impl std::fmt::Debug for NetPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetPlan")
+            .field("disk", &self.disk)
+            .field("vsm", &self.vsm)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A directory removed when this is dropped.
+#[derive(Debug)]
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A free TCP port on loopback (bound, then released for the process that serves it; a
+/// lost race makes the launch fail, never serve someone else).
+fn free_loopback_addr() -> Result<std::net::SocketAddr, Error> {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map_err(Error::io("pick a loopback port"))
+}
+
+/// Makes the launch's CA and certificates ([`crate::pki`]) and writes the server side to
+/// `dir/tls` (0700 directory, 0600 files of the agent).
+fn net_plan(dir: &Path, vm_id: &str) -> Result<NetPlan, Error> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let pki = crate::pki::LaunchPki::generate(vm_id)?;
+    let tls = dir.join("tls");
+    std::fs::create_dir_all(&tls).map_err(Error::io("create the TLS directory"))?;
+    let cleanup = RemoveOnDrop(tls.clone());
+    std::fs::set_permissions(&tls, std::fs::Permissions::from_mode(0o700))
+        .map_err(Error::io("chmod the TLS directory"))?;
+    let files = TlsFiles {
+        ca: tls.join("launch-ca.pem"),
+        cert: tls.join("server.pem"),
+        key: tls.join("server.key"),
+    };
+    write_private(&files.ca, pki.ca_pem.as_bytes())?;
+    write_private(&files.cert, pki.server_cert_pem.as_bytes())?;
+    write_private(&files.key, pki.server_key_pem.as_bytes())?;
+    Ok(NetPlan {
+        disk: free_loopback_addr()?,
+        vsm: free_loopback_addr()?,
+        client: caas_workload::TlsCredentials {
+            ca_pem: pki.ca_pem.as_bytes().to_vec(),
+            cert_pem: pki.client_cert_pem.as_bytes().to_vec(),
+            key_pem: caas_crypto::SecretBytes::from_slice(pki.client_key_pem.as_bytes()),
+        },
+        files,
+        _cleanup: cleanup,
+    })
+}
+
+/// A launch's network transports once served: the server key is gone from the disk.
+struct NetLaunch {
+    disk_uri: String,
+    vsm: std::net::SocketAddr,
+    client: caas_workload::TlsCredentials,
+}
+
+impl NetPlan {
+    /// The crypto-domain processes have read the server credentials (or failed): removes
+    /// them from the disk.
+    fn served(self) -> NetLaunch {
+        // `self._cleanup` is dropped on return: the server key leaves the disk.
+        NetLaunch {
+            disk_uri: format!("nbds://{}/caas", self.disk),
+            vsm: self.vsm,
+            client: self.client,
+        }
+    }
+}
+
 async fn wait_for_socket(path: &Path, proc: &mut Proc, timeout: Duration) -> Result<(), Error> {
+    wait_for(&Endpoint::Unix(path.to_path_buf()), proc, timeout).await
+}
+
+async fn wait_for(ep: &Endpoint, proc: &mut Proc, timeout: Duration) -> Result<(), Error> {
     let deadline = Instant::now() + timeout;
     loop {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
+        if ep.reachable().await {
             return Ok(());
         }
         if let Some(st) = proc.exited() {
@@ -513,29 +652,81 @@ async fn wait_for_socket(path: &Path, proc: &mut Proc, timeout: Duration) -> Res
     }
 }
 
-/// Starts a Secure Device Proxy process for `volume` on `socket`; it waits for its key on
-/// the returned stdin pipe (never in arguments, environment or files), then switches to
-/// the workload's identity `id` and serves only it and the agent.
+/// The two identities of a launch, as its processes are started with them.
+#[derive(Debug, Clone, Copy)]
+struct Ids {
+    /// The crypto domain's.
+    domain: RunAs,
+    /// The workload's.
+    workload: RunAs,
+}
+
+impl Ids {
+    fn of(l: &LaunchIds) -> Self {
+        Self {
+            domain: l.domain.run_as(),
+            workload: l.workload.run_as(),
+        }
+    }
+
+    /// `--peer-uid` arguments of a crypto-domain server: the agent and the workload.
+    fn peer_args(&self) -> [String; 4] {
+        [
+            "--peer-uid".into(),
+            agent_ids().0.to_string(),
+            "--peer-uid".into(),
+            self.workload.uid.to_string(),
+        ]
+    }
+}
+
+/// Starts a Secure Device Proxy process for `volume` on `ep`; it waits for its key on the
+/// returned stdin pipe (never in arguments, environment or files), then switches to the
+/// crypto domain's identity and serves only the workload's identity and the agent.
 fn spawn_sdp_unkeyed(
     volume: &Path,
-    socket: &Path,
+    ep: &Endpoint,
     read_only: bool,
-    id: RunAs,
+    ids: Ids,
+    anchor: Option<(u32, &Path)>,
 ) -> Result<(Proc, std::process::ChildStdin), Error> {
-    let _ = std::fs::remove_file(socket);
     let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&caas_exe()?);
-    cmd.arg("volume")
-        .arg("serve")
-        .arg(volume)
-        .arg("--socket")
-        .arg(socket)
-        .arg("--key-file")
+    cmd.arg("volume").arg("serve").arg(volume);
+    match ep {
+        Endpoint::Unix(socket) => {
+            let _ = std::fs::remove_file(socket);
+            // The crypto-domain directory (0710, the workload's group) and the peer check
+            // guard the socket, which the workload's identity must be able to open.
+            cmd.arg("--socket")
+                .arg(socket)
+                .args(["--socket-mode", "666"]);
+        }
+        Endpoint::Tls(addr, f) => {
+            cmd.arg("--tcp")
+                .arg(addr.to_string())
+                .arg("--tls-cert")
+                .arg(&f.cert)
+                .arg("--tls-key")
+                .arg(&f.key)
+                .arg("--tls-client-ca")
+                .arg(&f.ca);
+        }
+    }
+    cmd.arg("--key-file")
         .arg("/dev/stdin")
-        .arg("--peer-uid")
-        .arg(agent_ids().0.to_string())
+        .args(ids.peer_args())
         .args(read_only.then_some("--read-only"));
-    if id.own {
-        cmd.arg("--run-as").arg(format!("{}:{}", id.uid, id.gid));
+    // A DBSP volume: refused below its anchored epoch; the epoch it opens at is reported.
+    if let Some((min_epoch, report)) = anchor {
+        let _ = std::fs::remove_file(report);
+        cmd.arg("--min-epoch")
+            .arg(min_epoch.to_string())
+            .arg("--report-epoch")
+            .arg(report);
+    }
+    if ids.domain.own {
+        cmd.arg("--run-as")
+            .arg(format!("{}:{}", ids.domain.uid, ids.domain.gid));
     }
     cmd.stdin(Stdio::piped()).stdout(Stdio::null());
     let mut child = cmd
@@ -553,7 +744,7 @@ async fn key_sdp(
     mut proc: Proc,
     mut stdin: std::process::ChildStdin,
     key: &SecretKey,
-    socket: &Path,
+    ep: &Endpoint,
 ) -> Result<Proc, Error> {
     let r = stdin
         .write_all(key.expose())
@@ -563,7 +754,7 @@ async fn key_sdp(
         proc.stop();
         return Err(e);
     }
-    if let Err(e) = wait_for_socket(socket, &mut proc, Duration::from_secs(20)).await {
+    if let Err(e) = wait_for(ep, &mut proc, Duration::from_secs(20)).await {
         proc.stop();
         return Err(e);
     }
@@ -576,17 +767,19 @@ async fn spawn_sdp(
     socket: &Path,
     key: &SecretKey,
     read_only: bool,
-    id: RunAs,
+    ids: Ids,
+    anchor: Option<(u32, &Path)>,
 ) -> Result<Proc, Error> {
-    let (proc, stdin) = spawn_sdp_unkeyed(volume, socket, read_only, id)?;
-    key_sdp(proc, stdin, key, socket).await
+    let ep = Endpoint::Unix(socket.to_path_buf());
+    let (proc, stdin) = spawn_sdp_unkeyed(volume, &ep, read_only, ids, anchor)?;
+    key_sdp(proc, stdin, key, &ep).await
 }
 
 /// The crypto domain's processes, started but not yet keyed.
 struct Prestart {
     sdp: Proc,
     sdp_stdin: std::process::ChildStdin,
-    disk_sock: PathBuf,
+    disk: Endpoint,
     vsm: Proc,
     vsm_sock: PathBuf,
 }
@@ -600,35 +793,54 @@ impl Prestart {
 
 /// Starts the tenant's crypto domain without keys: the image's Secure Device Proxy (waiting
 /// for k) and the VSM process (its token not yet initialised; its domain key is generated
-/// in its own memory and never stored), both under the workload's identity `id`.
-async fn prestart(dir: &Path, image: &Path, read_only: bool, id: RunAs) -> Result<Prestart, Error> {
-    let disk_sock = dir.join("disk.sock");
+/// in its own memory and never stored), both under the crypto domain's identity, in `dir`
+/// (the crypto-domain directory), serving the workload's identity and the agent. With
+/// `net`, the disk is served over NBD with mutual TLS instead of the UNIX socket, and the
+/// VSM also over TCP with mutual TLS, both trusting only the launch's CA.
+async fn prestart(
+    dir: &Path,
+    image: &Path,
+    read_only: bool,
+    ids: Ids,
+    net: Option<&NetPlan>,
+) -> Result<Prestart, Error> {
+    let disk = match net {
+        Some(n) => Endpoint::Tls(n.disk, n.files.clone()),
+        None => Endpoint::Unix(dir.join("disk.sock")),
+    };
     let vsm_sock = dir.join("vsm.sock");
-    let (mut sdp, sdp_stdin) = spawn_sdp_unkeyed(image, &disk_sock, read_only, id)?;
+    let (mut sdp, sdp_stdin) = spawn_sdp_unkeyed(image, &disk, read_only, ids, None)?;
     let state = dir.join("domc");
     let vsm = (|| {
         std::fs::create_dir_all(&state).map_err(Error::io("create crypto-domain state"))?;
         let _ = std::fs::remove_file(&vsm_sock);
-        let ids = format!("{}:{}", id.uid, id.gid);
-        let agent_uid = agent_ids().0.to_string();
+        let run_as = format!("{}:{}", ids.domain.uid, ids.domain.gid);
         let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&caas_exe()?);
         cmd.args([
             "domc",
             "serve",
             "--ephemeral-key",
             "--socket-mode",
-            "600",
+            "666",
             "--run-as",
-            &ids,
-            "--peer-uid",
-            &agent_uid,
+            &run_as,
         ])
+        .args(ids.peer_args())
         .arg("--state-dir")
         .arg(&state)
         .arg("--socket")
-        .arg(&vsm_sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
+        .arg(&vsm_sock);
+        if let Some(n) = net {
+            cmd.arg("--tcp")
+                .arg(n.vsm.to_string())
+                .arg("--tls-cert")
+                .arg(&n.files.cert)
+                .arg("--tls-key")
+                .arg(&n.files.key)
+                .arg("--tls-client-ca")
+                .arg(&n.files.ca);
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
         let child = cmd
             .spawn()
             .map_err(Error::io("start the VSM crypto domain"))?;
@@ -649,7 +861,7 @@ async fn prestart(dir: &Path, image: &Path, read_only: bool, id: RunAs) -> Resul
     Ok(Prestart {
         sdp,
         sdp_stdin,
-        disk_sock,
+        disk,
         vsm,
         vsm_sock,
     })
@@ -661,7 +873,7 @@ async fn finish_domain(pre: Prestart, cfg: &caas_tl::dm::DomcConfig) -> Result<V
     let Prestart {
         sdp,
         sdp_stdin,
-        disk_sock,
+        disk,
         mut vsm,
         vsm_sock,
     } = pre;
@@ -683,7 +895,7 @@ async fn finish_domain(pre: Prestart, cfg: &caas_tl::dm::DomcConfig) -> Result<V
     let token = tokio::task::spawn_blocking(move || {
         caas_domc::dev::init_token(&sock, 0, &label_text, &so, &user)
     });
-    let sdp = key_sdp(sdp, sdp_stdin, &key, &disk_sock).await;
+    let sdp = key_sdp(sdp, sdp_stdin, &key, &disk).await;
     let token = token
         .await
         .map_err(|e| Error::Domain(format!("token init task: {e}")))
@@ -888,11 +1100,15 @@ impl Agent {
         // The TL protocol runs while the crypto-domain processes start (they get no key
         // until the protocol has succeeded, and are killed if it fails).
         let image = TlHost::image_dir(&self.tl.storage, &call.image_id).join("image.caasvol");
-        let id = self.tl.ids.allocate()?;
-        let dir = self.fresh_dir(&call.vm_id, id.run_as())?;
+        let id = self.tl.ids.allocate_launch()?;
+        let dir = self.fresh_dirs(&call.vm_id, &id)?;
+        let net = call
+            .network
+            .then(|| net_plan(&dir.domain, &call.vm_id))
+            .transpose()?;
         let t = Instant::now();
         let (tl, pre) = tokio::join!(self.tl_protocol(call, &req, &image, &sealed_cfg), async {
-            let r = prestart(&dir, &image, true, id.run_as()).await;
+            let r = prestart(&dir.domain, &image, true, Ids::of(&id), net.as_ref()).await;
             (r, ms(t))
         });
         let (pre, pre_ms) = pre;
@@ -910,11 +1126,13 @@ impl Agent {
         ));
         timings.extend(tl_timings);
         let t = Instant::now();
-        let procs = finish_domain(pre, &cfg).await?;
+        let procs = finish_domain(pre, &cfg).await;
+        let net = net.map(NetPlan::served);
+        let procs = procs?;
         timings.push(("crypto domain keyed (k, token)".to_string(), ms(t)));
         self.run_workload(
             call, &req.sp, &m2.h2, &req.r, &m2.dk, &m2.tau, &req.pk_dm, driver, &cfg, dir, procs,
-            now, timings, id,
+            now, timings, id, net,
         )
         .await
     }
@@ -931,11 +1149,17 @@ impl Agent {
         let now = caas_attest::now_ms();
         let driver = self.check_new_workload(call).await?;
         let image = TlHost::image_dir(&self.tl.storage, &call.image_id).join("image.caasvol");
-        let id = self.tl.ids.allocate()?;
-        let dir = self.fresh_dir(&call.vm_id, id.run_as())?;
+        let id = self.tl.ids.allocate_launch()?;
+        let dir = self.fresh_dirs(&call.vm_id, &id)?;
+        let net = call
+            .network
+            .then(|| net_plan(&dir.domain, &call.vm_id))
+            .transpose()?;
         let t = Instant::now();
-        let pre = prestart(&dir, &image, true, id.run_as()).await?;
-        let procs = finish_domain(pre, cfg).await?;
+        let pre = prestart(&dir.domain, &image, true, Ids::of(&id), net.as_ref()).await?;
+        let procs = finish_domain(pre, cfg).await;
+        let net = net.map(NetPlan::served);
+        let procs = procs?;
         let timings = vec![("crypto domain".to_string(), ms(t))];
         let dk = vec![0u8; 32];
         self.run_workload(
@@ -953,6 +1177,7 @@ impl Agent {
             now,
             timings,
             id,
+            net,
         )
         .await
     }
@@ -971,12 +1196,10 @@ impl Agent {
         Ok(driver)
     }
 
-    /// The workload's run directory, created afresh: mode 0700, owned by its identity.
-    fn fresh_dir(&self, vm_id: &str, id: RunAs) -> Result<PathBuf, Error> {
+    /// The launch's run directories, created afresh ([`crate::identity::fresh_dirs`]).
+    fn fresh_dirs(&self, vm_id: &str, ids: &LaunchIds) -> Result<RunDirs, Error> {
         wire::check_name("vm_id", vm_id)?;
-        let dir = self.tl.run_dir.join(vm_id);
-        crate::identity::fresh_dir(&dir, id)?;
-        Ok(dir)
+        crate::identity::fresh_dirs(&self.tl.run_dir.join(vm_id), ids)
     }
 
     /// TL.AttestRequest → TL.Attestation → checks of m2 → the crypto-domain configuration.
@@ -1105,11 +1328,12 @@ impl Agent {
         pk_dm: &[u8],
         driver: &str,
         cfg: &caas_tl::dm::DomcConfig,
-        dir: PathBuf,
+        dirs: RunDirs,
         procs: Vec<Proc>,
         now: u64,
         mut timings: Vec<(String, f64)>,
-        identity: Identity,
+        identity: LaunchIds,
+        net: Option<NetLaunch>,
     ) -> Result<LaunchResult, Error> {
         let w = Workload {
             vm_id: call.vm_id.clone(),
@@ -1119,15 +1343,17 @@ impl Agent {
             sp: sp.to_string(),
             dk: Zeroizing::new(dk.to_vec()),
             endpoint: None,
-            disk_uri: format!(
-                "nbd+unix:///caas?socket={}",
-                dir.join("disk.sock").display()
+            disk_uri: net.as_ref().map_or_else(
+                || Endpoint::Unix(dirs.domain.join("disk.sock")).nbd_uri(),
+                |n| n.disk_uri.clone(),
             ),
-            vsm_socket: dir.join("vsm.sock"),
+            vsm_socket: dirs.domain.join("vsm.sock"),
+            vsm_tls: net.as_ref().map(|n| n.vsm.to_string()),
+            tls_client: net.map(|n| n.client),
             procs,
             volumes: Vec::new(),
             started_ms: now,
-            dir,
+            dirs,
             identity,
         };
         let vm_id = call.vm_id.clone();
@@ -1179,21 +1405,23 @@ impl Agent {
         let pk: [u8; 32] = pk_dm
             .try_into()
             .map_err(|_| Error::InvalidRequest("pk_DM must be 32 bytes".into()))?;
+        let (tls, dir, disk, vsm_socket, id) = {
+            let mut g = self.tl.workloads.lock().await;
+            let w = g
+                .get_mut(&call.vm_id)
+                .ok_or_else(|| Error::Domain("workload vanished".into()))?;
+            (
+                w.tls_client.take(),
+                w.dirs.workload.clone(),
+                w.disk_uri.clone(),
+                w.vsm_socket.clone(),
+                w.identity.workload.run_as(),
+            )
+        };
         let injected = caas_workload::InjectedSecrets {
             tau: caas_crypto::SecretBytes::from_slice(tau),
             pk_dm: pk,
-        };
-        let (dir, disk, vsm_socket, id) = {
-            let g = self.tl.workloads.lock().await;
-            let w = g
-                .get(&call.vm_id)
-                .ok_or_else(|| Error::Domain("workload vanished".into()))?;
-            (
-                w.dir.clone(),
-                w.disk_uri.clone(),
-                w.vsm_socket.clone(),
-                w.identity.run_as(),
-            )
+            tls,
         };
         let (proc, endpoint) = start_workload(
             &call.vm_id,
@@ -1237,7 +1465,7 @@ impl Agent {
         let r = match self.tl.workloads.lock().await.remove(vm_id) {
             Some(mut w) => {
                 w.stop();
-                let _ = std::fs::remove_dir_all(&w.dir);
+                let _ = std::fs::remove_dir_all(&w.dirs.root);
                 Ok(())
             }
             None => Err(Error::InvalidRequest(format!("no workload {vm_id}"))),
@@ -1287,8 +1515,8 @@ impl Agent {
                 w.launch_r.clone(),
                 w.sp.clone(),
                 w.dk.clone(),
-                w.dir.clone(),
-                w.identity.run_as(),
+                w.dirs.domain.clone(),
+                Ids::of(&w.identity),
             )
         };
         let path = TlHost::volume_path(&self.tl.storage, &a.domain, &a.sr);
@@ -1308,13 +1536,10 @@ impl Agent {
         } else {
             None
         };
-        // An existing volume's proxy starts while its key is fetched (it waits for it).
+        // The proxy starts once the key and the volume's anchored epoch are known.
         let sock = sock_dir.join(format!("vol-{}-{}.sock", a.domain, a.sr));
-        let mut pre = match existing {
-            Some(_) => Some(spawn_sdp_unkeyed(&path, &sock, false, id)?),
-            None => None,
-        };
-        let r = self
+        let report = sock_dir.join(format!("vol-{}-{}.epoch", a.domain, a.sr));
+        let (d, vk) = self
             .domkey_exchange(
                 vm_id,
                 &launch_r,
@@ -1326,20 +1551,12 @@ impl Agent {
                 &ttp,
                 &mut timings,
             )
-            .await;
-        let (d, vk) = match r {
-            Ok(x) => x,
-            Err(e) => {
-                if let Some((mut p, _)) = pre.take() {
-                    p.stop();
-                }
-                return Err(e);
-            }
-        };
+            .await?;
         let t = Instant::now();
         let created = existing.is_none();
-        let proc = match pre.take() {
-            Some((p, stdin)) => key_sdp(p, stdin, &vk, &sock).await?,
+        let anchor = Some((d.min_epoch, report.as_path()));
+        let proc = match existing {
+            Some(_) => spawn_sdp(&path, &sock, &vk, false, id, anchor).await,
             None => {
                 if let Some(parent) = path.parent() {
                     std::fs::create_dir_all(parent)
@@ -1355,10 +1572,40 @@ impl Agent {
                 caas_sdp::cli::create_file(&path, a.size, &key_in, dbsp)
                     .await
                     .map_err(|e| Error::Domain(format!("create volume: {e}")))?;
-                spawn_sdp(&path, &sock, &vk, false, id).await?
+                spawn_sdp(&path, &sock, &vk, false, id, anchor).await
             }
         };
+        let report_line = std::fs::read_to_string(&report).unwrap_or_default();
+        let _ = std::fs::remove_file(&report);
+        let mut proc = match proc {
+            Ok(p) => p,
+            Err(_) if report_line.trim() == "volume_rollback" => {
+                return Err(Error::Tl(caas_tl::Error::rejected(
+                    "volume_rollback",
+                    format!(
+                        "volume {}/{} is behind its anchored epoch {}: storage rolled it back",
+                        a.domain, a.sr, d.min_epoch
+                    ),
+                )));
+            }
+            Err(e) => return Err(e),
+        };
         timings.push(("open volume".to_string(), ms(t)));
+        // The anchor moves up to the epoch just opened, before the workload may use it.
+        let t = Instant::now();
+        let anchored = match report_line
+            .trim()
+            .strip_prefix("epoch ")
+            .and_then(|e| e.parse::<u32>().ok())
+        {
+            Some(epoch) => self.report_epoch(vm_id, &launch_r, a, &d.c4, epoch).await,
+            None => Err(Error::Domain("the volume proxy reported no epoch".into())),
+        };
+        if let Err(e) = anchored {
+            proc.stop();
+            return Err(e);
+        }
+        timings.push(("epoch anchored at the TTP (incl. quote)".to_string(), ms(t)));
         let uri = format!("nbd+unix:///caas?socket={}", sock.display());
         let view = VolumeView {
             domain: a.domain.clone(),
@@ -1384,6 +1631,39 @@ impl Agent {
             created,
             timings,
         })
+    }
+
+    /// DBSP epoch report (AK-signed): the TTP raises the volume's anchor to `epoch`.
+    async fn report_epoch(
+        &self,
+        vm_id: &str,
+        launch_r: &[u8],
+        a: &AttachRequest,
+        c4: &[u8],
+        epoch: u32,
+    ) -> Result<(), Error> {
+        let rep = caas_tl::wire::EpochReport {
+            host: self.cfg.name.clone(),
+            vm_id: vm_id.to_string(),
+            launch_r: launch_r.to_vec(),
+            domain: a.domain.clone(),
+            sr: a.sr.clone(),
+            c4: c4.to_vec(),
+            epoch,
+            r: caas_crypto::random_bytes(32).map_err(|_| Error::Domain("no randomness".into()))?,
+            t_ms: caas_attest::now_ms(),
+        };
+        let signed = self
+            .ak_sign(label::EPOCH_REPORT, wire::to_bytes(&rep))
+            .await?;
+        let _: serde_json::Value = self
+            .http
+            .post(
+                &format!("{}/v1/tl/epoch", self.cfg.key_service_url),
+                &signed,
+            )
+            .await?;
+        Ok(())
     }
 
     /// DBSP.DomKeyReq (AK-signed) → DomKeyGen response → c3 unsealed by the TPM → the

@@ -140,6 +140,10 @@ pub struct ServeArgs {
     /// connection; refusals are logged and counted). Repeatable; default 0 (root).
     #[arg(long = "peer-uid", value_name = "UID", default_values_t = [0u32])]
     pub peer_uids: Vec<u32>,
+    /// Permission bits of the --socket file (octal, e.g. 666 when its directory and the
+    /// peer check guard it); default: as created.
+    #[arg(long, value_name = "MODE", value_parser = parse_socket_mode, requires = "socket")]
+    pub socket_mode: Option<u32>,
     /// When started as root: switch to UID:GID for good once the volume is open and the key
     /// read (the host agent runs each workload's proxies under the workload's identity);
     /// the UNIX socket is then created by that identity.
@@ -154,18 +158,19 @@ pub struct ServeArgs {
     /// Benchmark baseline only: serve FILE as plain bytes, no encryption or integrity.
     #[arg(long)]
     pub plaintext: bool,
-    /// Offer TLS 1.3 (NBD_OPT_STARTTLS) with this PEM certificate chain (needs --tls-key).
-    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    /// Serve over TLS 1.3 (NBD_OPT_STARTTLS) with this PEM certificate chain; needs
+    /// --tls-key and --tls-client-ca (clients always authenticate).
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_client_ca"])]
     pub tls_cert: Option<PathBuf>,
     /// The PEM private key of --tls-cert (read from this file only).
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Mutual TLS: clients must present a certificate issued by this CA (PEM); others fail
-    /// the handshake. Implies --tls-required.
+    /// Mutual TLS (mandatory with --tls-cert): clients must present a certificate issued
+    /// by this CA (PEM); others fail the handshake, logged and counted.
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
-    /// Refuse clients that do not upgrade to TLS (NBD_REP_ERR_TLS_REQD); without it TLS
-    /// is optional.
+    /// Accepted for compatibility: with --tls-cert, TLS is always required (clients that
+    /// do not upgrade get NBD_REP_ERR_TLS_REQD).
     #[arg(long, requires = "tls_cert")]
     pub tls_required: bool,
     /// Refuse to serve a volume whose epoch (the number of writable opens, from its
@@ -174,6 +179,11 @@ pub struct ServeArgs {
     /// (`target=caas_sdp::audit event=volume_open epoch=N`, at log level info).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub min_epoch: u32,
+    /// Write the outcome of the open to this new file (0600) for the caller (the host
+    /// agent anchors DBSP volumes with it): `epoch N` once the volume is open, or
+    /// `volume_rollback` when --min-epoch refused it.
+    #[arg(long, value_name = "PATH")]
+    pub report_epoch: Option<PathBuf>,
     #[command(flatten)]
     pub key: KeyArgs,
 }
@@ -589,18 +599,18 @@ async fn serve_cmd(
     // it now, before possibly waiting for the key on a pipe (the host agent starts the
     // proxy while it is still fetching the key).
     let _ = caas_crypto::random_bytes(1);
-    let tls = match (&a.tls_cert, &a.tls_key) {
-        (Some(c), Some(k)) => Some(server::TlsSettings::from_pem_files_with_client_ca(
-            c,
-            k,
-            a.tls_client_ca.as_deref(),
-            // A client certificate is only asked for inside TLS: with mutual TLS, TLS is
-            // required, or a client could skip authentication by staying in the clear.
-            a.tls_required || a.tls_client_ca.is_some(),
-        )?),
-        (None, None) => None,
+    let tls = match (&a.tls_cert, &a.tls_key, &a.tls_client_ca) {
+        (Some(c), Some(k), Some(ca)) => Some(server::TlsSettings::from_pem_files(c, k, ca)?),
+        (None, None, None) => None,
+        (Some(_), Some(_), None) => {
+            return Err(Error::Config(
+                "--tls-cert needs --tls-client-ca (clients must authenticate)".into(),
+            ));
+        }
         _ => {
-            return Err(Error::Config("--tls-cert and --tls-key go together".into()));
+            return Err(Error::Config(
+                "--tls-cert, --tls-key and --tls-client-ca go together".into(),
+            ));
         }
     };
     // The store and the key (a pipe from the host agent) are opened with the privileges
@@ -639,7 +649,18 @@ async fn serve_cmd(
                 writable: !a.read_only,
                 min_epoch: a.min_epoch,
             };
-            let (vol, report) = Volume::open_with(store, &key, opts).await?;
+            let opened = Volume::open_with(store, &key, opts).await;
+            if let Some(path) = &a.report_epoch {
+                let line = match &opened {
+                    Ok((v, _)) => format!("epoch {}\n", v.epoch()),
+                    Err(Error::Volume(caas_volume::Error::EpochBehind { .. })) => {
+                        "volume_rollback\n".to_string()
+                    }
+                    Err(_) => "open_refused\n".to_string(),
+                };
+                write_report(path, &line)?;
+            }
+            let (vol, report) = opened?;
             tracing::info!(
                 target: "caas_sdp::audit",
                 event = "volume_open",
@@ -674,6 +695,11 @@ async fn serve_cmd(
         }
     };
     let listener = Listener::bind(&listen).await?;
+    if let (Some(mode), Some(p)) = (a.socket_mode, &a.socket) {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .map_err(Error::io("chmod NBD socket"))?;
+    }
     let uri = match listener.tcp_addr() {
         Some(addr) => format!("nbd://{addr}/{}", a.export_name),
         None => uri,
@@ -703,6 +729,28 @@ async fn serve_cmd(
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// Writes `line` to a new 0600 file `path` (never through a planted file or link).
+fn write_report(path: &Path, line: &str) -> Result<(), Error> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(Error::io("create the epoch report"))?;
+    f.write_all(line.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(Error::io("write the epoch report"))
+}
+
+fn parse_socket_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode"))
 }
 
 async fn shutdown_signal() {

@@ -10,11 +10,13 @@
 //! workload VM's CID. A refused connection is closed at once, logged with the reason and
 //! counted.
 //!
-//! TLS is optional (NBD_OPT_STARTTLS), with client certificates required when a client CA
-//! is given (`--tls-client-ca`, mutual TLS): the option haggling starts in the clear, the client
+//! TLS (NBD_OPT_STARTTLS) is always mutual: a client must present a certificate of the
+//! configured client CA (`--tls-client-ca`; for a launched workload, the CA of its own
+//! launch), and TLS is then required. The option haggling starts in the clear, the client
 //! asks for STARTTLS, both sides run a TLS 1.3 handshake (rustls, aws-lc-rs) over the same
-//! connection and option haggling continues encrypted. With `required`, every option
-//! except STARTTLS and ABORT is refused with NBD_REP_ERR_TLS_REQD before TLS.
+//! connection and option haggling continues encrypted; every option except STARTTLS and
+//! ABORT is refused with NBD_REP_ERR_TLS_REQD before TLS. A client refused in the
+//! handshake is logged with the reason and counted.
 use crate::Error;
 use crate::engine::Backend;
 use crate::engine::PoolBuf;
@@ -47,47 +49,16 @@ pub struct ServerConfig {
     pub peers: PeerPolicy,
 }
 
-/// Who may connect to the proxy.
-#[derive(Debug, Clone)]
-pub struct PeerPolicy {
-    /// UNIX-socket peers allowed besides the proxy's own effective uid (SO_PEERCRED).
-    pub uids: Vec<u32>,
-    /// The only vsock peer served (the workload VM's CID); `None` refuses every vsock peer.
-    pub vsock_cid: Option<u32>,
-}
+/// Who may connect to the proxy (one policy for every crypto-domain listener).
+pub use caas_crypto::peer::PeerPolicy;
 
-impl Default for PeerPolicy {
-    /// The proxy's own uid and root (which can ptrace anything anyway); no vsock peer.
-    fn default() -> Self {
-        Self {
-            uids: vec![0],
-            vsock_cid: None,
-        }
-    }
-}
-
-impl PeerPolicy {
-    /// Whether a UNIX-socket peer with `uid` may connect (own effective uid or listed).
-    #[must_use]
-    pub fn allows_uid(&self, uid: u32) -> bool {
-        uid == nix::unistd::geteuid().as_raw() || self.uids.contains(&uid)
-    }
-
-    /// Why a peer is refused, or `None` when it may connect.
-    fn refusal(&self, conn: &Conn) -> Option<String> {
-        match conn {
-            Conn::Unix(s) => match s.peer_cred() {
-                Ok(c) if self.allows_uid(c.uid()) => None,
-                Ok(c) => Some(format!("unix peer uid {} not allowed", c.uid())),
-                Err(e) => Some(format!("unix peer without credentials ({e})")),
-            },
-            Conn::Vsock(_, cid) => match self.vsock_cid {
-                Some(allowed) if allowed == *cid => None,
-                Some(allowed) => Some(format!("vsock peer CID {cid} is not {allowed}")),
-                None => Some(format!("vsock peer CID {cid}: no vsock peer configured")),
-            },
-            Conn::Tcp(_) => None,
-        }
+/// Why a peer is refused, or `None` when it may connect.
+fn refusal(p: &PeerPolicy, conn: &Conn) -> Option<String> {
+    match conn {
+        Conn::Unix(s) => p.unix_refusal(s),
+        Conn::Vsock(_, cid) => p.vsock_refusal(*cid),
+        // TCP clients authenticate inside TLS (a client certificate is mandatory).
+        Conn::Tcp(_) => None,
     }
 }
 
@@ -110,21 +81,13 @@ impl std::fmt::Debug for TlsSettings {
 
 impl TlsSettings {
     /// Loads a PEM certificate chain and a PEM private key (PKCS#8, PKCS#1 or SEC1) from
-    /// files and builds a TLS 1.3-only server configuration. Error messages name the file
-    /// but never include key material.
-    pub fn from_pem_files(cert: &Path, key: &Path, required: bool) -> Result<Self, Error> {
-        Self::from_pem_files_with_client_ca(cert, key, None, required)
-    }
-
-    /// [`TlsSettings::from_pem_files`]; with `client_ca` (PEM), mutual TLS: a client must
-    /// present a certificate chaining to that CA or its handshake fails (for a launched
-    /// workload: a CA of its launch, so no other workload's client is served).
-    pub fn from_pem_files_with_client_ca(
-        cert: &Path,
-        key: &Path,
-        client_ca: Option<&Path>,
-        required: bool,
-    ) -> Result<Self, Error> {
+    /// files and builds a TLS 1.3-only server configuration with mutual TLS: a client must
+    /// present a certificate chaining to `client_ca` (PEM) or its handshake fails (for a
+    /// launched workload: the CA of its launch, so no other launch's client is served).
+    /// TLS is then required (a client certificate is only asked for inside TLS, so a
+    /// client staying in the clear would skip authentication). Error messages name the
+    /// file but never include key material.
+    pub fn from_pem_files(cert: &Path, key: &Path, client_ca: &Path) -> Result<Self, Error> {
         use rustls::pki_types::pem::{self, PemObject};
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let pem_err = |what: &str, path: &Path, e: pem::Error| {
@@ -152,27 +115,21 @@ impl TlsSettings {
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| Error::Config(format!("TLS: {e}")))?;
-        let builder = match client_ca {
-            None => builder.with_no_client_auth(),
-            Some(ca) => {
-                let mut roots = rustls::RootCertStore::empty();
-                for c in
-                    CertificateDer::pem_file_iter(ca).map_err(|e| pem_err("client CA", ca, e))?
-                {
-                    roots
-                        .add(c.map_err(|e| pem_err("client CA", ca, e))?)
-                        .map_err(|e| {
-                            Error::Config(format!("TLS client CA {}: {e}", ca.display()))
-                        })?;
-                }
-                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                    Arc::new(roots),
-                    provider,
-                )
-                .build()
-                .map_err(|e| Error::Config(format!("TLS client CA {}: {e}", ca.display())))?;
-                builder.with_client_cert_verifier(verifier)
+        let ca = client_ca;
+        let builder = {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).map_err(|e| pem_err("client CA", ca, e))? {
+                roots
+                    .add(c.map_err(|e| pem_err("client CA", ca, e))?)
+                    .map_err(|e| Error::Config(format!("TLS client CA {}: {e}", ca.display())))?;
             }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| Error::Config(format!("TLS client CA {}: {e}", ca.display())))?;
+            builder.with_client_cert_verifier(verifier)
         };
         let cfg = builder.with_single_cert(certs, key_der).map_err(|e| {
             Error::Config(format!(
@@ -183,7 +140,7 @@ impl TlsSettings {
         })?;
         Ok(Self {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
-            required,
+            required: true,
         })
     }
 }
@@ -268,7 +225,7 @@ pub async fn serve(
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            r = accept(&listener) => match r.map(|c| (cfg.peers.refusal(&c), c)) {
+            r = accept(&listener) => match r.map(|c| (refusal(&cfg.peers, &c), c)) {
                 Ok((Some(why), conn)) => {
                     refused += 1;
                     tracing::warn!(reason = %why, refused, "NBD connection refused");
@@ -579,10 +536,20 @@ where
             };
             let acceptor = t.acceptor.clone();
             let tls_stream =
-                tokio::time::timeout_at(deadline, acceptor.accept(tokio::io::join(r, w)))
+                match tokio::time::timeout_at(deadline, acceptor.accept(tokio::io::join(r, w)))
                     .await
-                    .map_err(timed_out)?
-                    .map_err(Error::io("TLS handshake"))?;
+                {
+                    Ok(Ok(s)) => s,
+                    // No client certificate, or one of another launch's CA.
+                    Ok(Err(e)) => {
+                        refuse_tls(&format!("TLS handshake failed: {e}"));
+                        return Err(Error::io("TLS handshake")(e));
+                    }
+                    Err(e) => {
+                        refuse_tls("TLS handshake timed out");
+                        return Err(timed_out(e));
+                    }
+                };
             let (mut r, mut w) = tokio::io::split(tls_stream);
             let h = tokio::time::timeout_at(
                 deadline,
@@ -600,6 +567,15 @@ where
             }
         }
     }
+}
+
+/// TLS clients refused so far (the handshake runs in the connection's task).
+static TLS_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Logs and counts a client refused in the TLS handshake.
+fn refuse_tls(why: &str) {
+    let n = TLS_REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    tracing::warn!(reason = %why, refused = n, "NBD connection refused");
 }
 
 /// The transmission phase.

@@ -62,7 +62,15 @@ impl Store {
     /// Connects to an upstream export given as `nbd+unix:///NAME?socket=PATH` or
     /// `nbd://HOST:PORT/NAME`.
     pub async fn connect_nbd(uri: &str) -> Result<Self, Error> {
-        Ok(Store::Nbd(Arc::new(NbdStore::connect(uri).await?)))
+        Ok(Store::Nbd(Arc::new(NbdStore::connect(uri, None).await?)))
+    }
+
+    /// Connects to a mutual-TLS export `nbds://HOST:PORT/NAME` (NBD_OPT_STARTTLS, TLS 1.3)
+    /// with the client credentials `tls` (for a launched workload: those of its launch).
+    pub async fn connect_nbd_tls(uri: &str, tls: &TlsClient) -> Result<Self, Error> {
+        Ok(Store::Nbd(Arc::new(
+            NbdStore::connect(uri, Some(tls)).await?,
+        )))
     }
 
     /// Size of the store in bytes.
@@ -131,6 +139,50 @@ pub struct FileStore {
     path: PathBuf,
 }
 
+/// Client side of mutual TLS to an NBD export: the CA the server's certificate must chain
+/// to and the client's own certificate and key.
+#[derive(Clone)]
+pub struct TlsClient {
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsClient").finish_non_exhaustive()
+    }
+}
+
+impl TlsClient {
+    /// From PEM: the server CA, the client certificate chain and the client private key.
+    /// Error messages never quote the key.
+    pub fn from_pem(ca: &[u8], cert: &[u8], key: &[u8]) -> Result<Self, Error> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |what: &str| Error::Config(format!("TLS client credentials: malformed {what}"));
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca) {
+            roots
+                .add(c.map_err(|_| bad("CA"))?)
+                .map_err(|_| bad("CA"))?;
+        }
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
+            .collect::<Result<_, _>>()
+            .map_err(|_| bad("certificate"))?;
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|_| bad("key"))?;
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Config(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| Error::Config(format!("TLS client credentials: {e}")))?;
+        Ok(Self {
+            config: Arc::new(config),
+        })
+    }
+}
+
 type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Vec<u8>, Error>>>>;
 
 /// A client of an upstream NBD export (fixed newstyle, NBD_OPT_GO, simple replies),
@@ -184,29 +236,62 @@ fn parse_uri(uri: &str) -> Result<(Option<String>, Option<String>, String), Erro
 }
 
 impl NbdStore {
-    async fn connect(uri: &str) -> Result<Self, Error> {
-        let (sock, tcp, name) = parse_uri(uri)?;
-        let (reader, writer): (
+    async fn connect(uri: &str, tls: Option<&TlsClient>) -> Result<Self, Error> {
+        type Halves = (
             Box<dyn AsyncRead + Send + Unpin>,
             Box<dyn AsyncWrite + Send + Unpin>,
-        ) = if let Some(path) = sock {
-            let s = tokio::net::UnixStream::connect(&path)
-                .await
-                .map_err(Error::io("connect upstream socket"))?;
-            let (r, w) = s.into_split();
-            (Box::new(r), Box::new(w))
-        } else {
-            let addr = tcp.unwrap_or_default();
-            let s = tokio::net::TcpStream::connect(&addr)
+        );
+        let (reader, writer): Halves = if let Some(rest) = uri.strip_prefix("nbds://") {
+            let tls =
+                tls.ok_or_else(|| Error::Config(format!("{uri:?} needs TLS client credentials")))?;
+            let (hostport, _) = rest.split_once('/').unwrap_or((rest, ""));
+            let s = tokio::net::TcpStream::connect(hostport)
                 .await
                 .map_err(Error::io("connect upstream"))?;
             let _ = s.set_nodelay(true);
-            let (r, w) = s.into_split();
+            let host = hostport
+                .rsplit_once(':')
+                .map_or(hostport, |(h, _)| h)
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                .map_err(|_| Error::Config(format!("bad TLS server name in {uri:?}")))?;
+            let s = starttls(s, tls, name).await?;
+            let (r, w) = tokio::io::split(s);
             (Box::new(r), Box::new(w))
+        } else if tls.is_some() {
+            return Err(Error::Config(format!(
+                "{uri:?}: TLS credentials need an nbds:// URI"
+            )));
+        } else {
+            let (sock, tcp, _) = parse_uri(uri)?;
+            if let Some(path) = sock {
+                let s = tokio::net::UnixStream::connect(&path)
+                    .await
+                    .map_err(Error::io("connect upstream socket"))?;
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            } else {
+                let addr = tcp.unwrap_or_default();
+                let s = tokio::net::TcpStream::connect(&addr)
+                    .await
+                    .map_err(Error::io("connect upstream"))?;
+                let _ = s.set_nodelay(true);
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+        };
+        let name = match uri.strip_prefix("nbds://") {
+            Some(rest) => rest.split_once('/').map_or("", |(_, n)| n).to_string(),
+            None => parse_uri(uri)?.2,
         };
         let mut reader = tokio::io::BufReader::with_capacity(256 * 1024, reader);
         let mut writer = writer;
-        let (size, flags) = negotiate(&mut reader, &mut writer, &name).await?;
+        let (size, flags) = match tls {
+            // The greeting and the client flags went before TLS.
+            Some(_) => go(&mut reader, &mut writer, &name, Vec::new()).await?,
+            None => negotiate(&mut reader, &mut writer, &name).await?,
+        };
         let pending: Arc<Pending> = Arc::new(Mutex::new(HashMap::new()));
         let read_lens: Arc<Mutex<HashMap<u64, usize>>> = Arc::new(Mutex::new(HashMap::new()));
         let (p, l) = (pending.clone(), read_lens.clone());
@@ -308,6 +393,45 @@ impl NbdStore {
 /// Largest request sent upstream.
 const MAX_UPSTREAM: usize = 4 << 20;
 
+/// Greeting, NBD_OPT_STARTTLS and the TLS 1.3 handshake with client certificate.
+async fn starttls(
+    mut s: tokio::net::TcpStream,
+    tls: &TlsClient,
+    name: rustls::pki_types::ServerName<'static>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Error> {
+    let mut greeting = [0u8; hs::GREETING_LEN];
+    s.read_exact(&mut greeting)
+        .await
+        .map_err(Error::io("read upstream greeting"))?;
+    hs::parse_server_greeting(&greeting)?;
+    let mut out = hs::client_flags().to_vec();
+    hs::encode_option(opt::STARTTLS, &[], &mut out);
+    s.write_all(&out)
+        .await
+        .map_err(Error::io("send upstream options"))?;
+    let mut hdr = [0u8; hs::OPTION_REPLY_HEADER_LEN];
+    s.read_exact(&mut hdr)
+        .await
+        .map_err(Error::io("read upstream option reply"))?;
+    let (_, typ, len) = hs::parse_option_reply_header(&hdr)?;
+    if len > 4096 {
+        return Err(Error::Upstream("oversized STARTTLS reply".into()));
+    }
+    let mut data = vec![0u8; len as usize];
+    s.read_exact(&mut data)
+        .await
+        .map_err(Error::io("read upstream option reply"))?;
+    if typ != rep::ACK {
+        return Err(Error::Upstream(format!(
+            "STARTTLS refused (NBD_REP {typ:#x})"
+        )));
+    }
+    tokio_rustls::TlsConnector::from(tls.config.clone())
+        .connect(name, s)
+        .await
+        .map_err(Error::io("TLS handshake with upstream"))
+}
+
 async fn negotiate<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     r: &mut R,
     w: &mut W,
@@ -318,7 +442,17 @@ async fn negotiate<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         .await
         .map_err(Error::io("read upstream greeting"))?;
     hs::parse_server_greeting(&greeting)?;
-    let mut out = hs::client_flags().to_vec();
+    go(r, w, name, hs::client_flags().to_vec()).await
+}
+
+/// NBD_OPT_GO for `name` (after `prefix`, the client flags when not yet sent).
+async fn go<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: &mut R,
+    w: &mut W,
+    name: &str,
+    prefix: Vec<u8>,
+) -> Result<(u64, u16), Error> {
+    let mut out = prefix;
     hs::encode_option(opt::GO, &hs::encode_go_payload(name, &[]), &mut out);
     w.write_all(&out)
         .await

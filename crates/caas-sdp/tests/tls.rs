@@ -1,6 +1,7 @@
-//! TLS (NBD_OPT_STARTTLS) against real clients: nbdcopy/nbdinfo (libnbd) and qemu-img
-//! with x509 credentials. Certificates are made with the `openssl` command line: a CA and
-//! a server certificate for "localhost", plus an unrelated CA for the wrong-CA case.
+//! TLS (NBD_OPT_STARTTLS, always mutual) against real clients: nbdcopy/nbdinfo (libnbd)
+//! and qemu-img with x509 credentials. Certificates are made with the `openssl` command
+//! line: a CA, a server certificate for "localhost" and a client certificate, plus an
+//! unrelated CA for the wrong-CA cases.
 //!
 //! Note: libnbd 1.14 (Debian 12) does not verify the server certificate against
 //! `tls-certificates=DIR` for `nbds+unix://` URIs in our runs (a wrong CA directory still
@@ -18,7 +19,8 @@ use std::process::Command as Proc;
 use std::time::Duration;
 
 struct Certs {
-    /// DIR with ca-cert.pem of the CA that signed the server certificate.
+    /// DIR with ca-cert.pem of the CA that signed the server certificate, and a client
+    /// certificate of that CA (client-cert.pem, client-key.pem).
     ca_dir: PathBuf,
     /// DIR with ca-cert.pem of an unrelated CA.
     wrong_ca_dir: PathBuf,
@@ -100,6 +102,10 @@ fn make_certs(dir: &Path) -> Certs {
             "ext.cnf",
         ],
     );
+    issue_client(dir, &ca_dir, "workload", &ca_dir);
+    // The wrong-CA directory holds a good client certificate: the only thing wrong with
+    // it is the CA it trusts for the server.
+    issue_client(dir, &ca_dir, "wrong-ca-client", &wrong_ca_dir);
     Certs {
         ca_dir,
         wrong_ca_dir,
@@ -134,11 +140,11 @@ fn qemu_info(srv: &Server, ca_dir: &Path) -> std::process::Output {
         .unwrap()
 }
 
-fn start(dir: &Path, name: &str, certs: &Certs, required: bool) -> (Server, PathBuf) {
+fn start(dir: &Path, name: &str, certs: &Certs) -> (Server, PathBuf) {
     let key = key_file(dir);
     let vol = dir.join(format!("{name}.caasvol"));
     create_volume(&vol, &key, "16M");
-    let mut args = vec![
+    let args = vec![
         vol.to_str().unwrap().to_string(),
         "--key-file".into(),
         key.to_str().unwrap().into(),
@@ -146,10 +152,9 @@ fn start(dir: &Path, name: &str, certs: &Certs, required: bool) -> (Server, Path
         certs.cert.to_str().unwrap().into(),
         "--tls-key".into(),
         certs.key.to_str().unwrap().into(),
+        "--tls-client-ca".into(),
+        certs.ca_dir.join("ca-cert.pem").to_str().unwrap().into(),
     ];
-    if required {
-        args.push("--tls-required".into());
-    }
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     (Server::start(dir, name, &a), vol)
 }
@@ -171,20 +176,20 @@ fn roundtrip(dir: &Path, uri: &str) {
 }
 
 #[test]
-fn optional_tls_roundtrip_with_nbdcopy_and_qemu() {
+fn tls_roundtrip_with_nbdcopy_and_qemu() {
     require("nbdcopy", "libnbd-bin");
     require("nbdinfo", "libnbd-bin");
     require("qemu-img", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
     let certs = make_certs(dir.path());
-    let (srv, _vol) = start(dir.path(), "opt", &certs, false);
+    let (srv, _vol) = start(dir.path(), "opt", &certs);
     let uri = tls_uri(&srv, &certs.ca_dir);
     let info = run(Proc::new("nbdinfo").arg(&uri));
     assert!(info.contains("with TLS"), "{info}");
     roundtrip(dir.path(), &uri);
-    // TLS is optional: a plaintext client sees the same export.
-    let info = run(Proc::new("nbdinfo").arg(srv.uri()));
-    assert!(info.contains("without TLS"), "{info}");
+    // TLS is not optional: a plaintext client is not served.
+    let out = Proc::new("nbdinfo").arg(srv.uri()).output().unwrap();
+    assert!(!out.status.success(), "plaintext client was served");
     // qemu (GnuTLS, verifying the CA and the hostname) connects too.
     let out = qemu_info(&srv, &certs.ca_dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -203,7 +208,7 @@ fn required_tls_refuses_plaintext_and_wrong_ca() {
     require("qemu-img", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
     let certs = make_certs(dir.path());
-    let (srv, _vol) = start(dir.path(), "req", &certs, true);
+    let (srv, _vol) = start(dir.path(), "req", &certs);
 
     // A plaintext client is refused cleanly.
     let out = Proc::new("nbdinfo").arg(srv.uri()).output().unwrap();
@@ -280,6 +285,8 @@ fn bad_tls_files_are_clear_errors_without_secrets() {
             .arg(cert)
             .arg("--tls-key")
             .arg(tls_key)
+            .arg("--tls-client-ca")
+            .arg(certs.ca_dir.join("ca-cert.pem"))
             .output()
             .unwrap()
     };
@@ -318,7 +325,7 @@ fn raw_starttls_client_and_export_name_before_tls() {
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
     let certs = make_certs(dir.path());
-    let (srv, _vol) = start(dir.path(), "raw", &certs, true);
+    let (srv, _vol) = start(dir.path(), "raw", &certs);
 
     // EXPORT_NAME in the clear: the server closes.
     let mut s = UnixStream::connect(&srv.socket).unwrap();
@@ -358,7 +365,15 @@ fn raw_starttls_client_and_export_name_before_tls() {
     .with_protocol_versions(&[&rustls::version::TLS13])
     .unwrap()
     .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_client_auth_cert(
+        CertificateDer::pem_file_iter(certs.ca_dir.join("client-cert.pem"))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap(),
+        rustls::pki_types::PrivateKeyDer::from_pem_file(certs.ca_dir.join("client-key.pem"))
+            .unwrap(),
+    )
+    .unwrap();
     let conn =
         rustls::ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap())
             .unwrap();
@@ -406,6 +421,11 @@ fn raw_starttls_client_and_export_name_before_tls() {
 fn client_creds(dir: &Path, certs: &Certs, ca_dir: &Path, cn: &str, out: &Path) {
     std::fs::create_dir_all(out).unwrap();
     std::fs::copy(certs.ca_dir.join("ca-cert.pem"), out.join("ca-cert.pem")).unwrap();
+    issue_client(dir, ca_dir, cn, out);
+}
+
+/// `out/client-cert.pem` and `out/client-key.pem` for `cn`, issued by the CA in `ca_dir`.
+fn issue_client(dir: &Path, ca_dir: &Path, cn: &str, out: &Path) {
     let key = out.join("client-key.pem");
     let csr = dir.join(format!("{cn}.csr"));
     openssl(
@@ -453,11 +473,58 @@ fn client_creds(dir: &Path, certs: &Certs, ca_dir: &Path, cn: &str, out: &Path) 
     );
 }
 
-/// Mutual TLS (`--tls-client-ca`): a network client without a certificate of the launch's
-/// CA — none at all, or one from another CA — fails the handshake; plaintext is refused
-/// (a client CA implies required TLS); the launch's client is served.
+/// NBD_OPT_STARTTLS, the TLS handshake with `cert`/`key` (trusting `ca` for the server),
+/// then NBD_OPT_GO: `Ok` if the export was served.
+fn rustls_client_attempt(sock: &Path, ca: &Path, cert: &Path, key: &Path) -> Result<(), String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+    use std::sync::Arc;
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut g = [0u8; hs::GREETING_LEN];
+    s.read_exact(&mut g).unwrap();
+    let mut out = hs::client_flags().to_vec();
+    hs::encode_option(opt::STARTTLS, &[], &mut out);
+    s.write_all(&out).unwrap();
+    let mut h = [0u8; hs::OPTION_REPLY_HEADER_LEN];
+    s.read_exact(&mut h).unwrap();
+    let (_, typ, len) = hs::parse_option_reply_header(&h).unwrap();
+    assert_eq!((typ, len), (rep::ACK, 0));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap(),
+        PrivateKeyDer::from_pem_file(key).unwrap(),
+    )
+    .unwrap();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap())
+            .unwrap();
+    let mut t = rustls::StreamOwned::new(conn, s);
+    let mut out = Vec::new();
+    hs::encode_option(opt::GO, &hs::encode_go_payload("caas", &[]), &mut out);
+    t.write_all(&out).map_err(|e| e.to_string())?;
+    let mut h = [0u8; hs::OPTION_REPLY_HEADER_LEN];
+    t.read_exact(&mut h).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// TLS is always mutual. A proxy offering TLS without a client CA does not start; a
+/// network client without a certificate of the client CA (for a launch: the launch's own
+/// CA) — none at all, or one of another CA — fails the handshake, which the proxy logs
+/// and counts; plaintext is refused; the right client is served.
 #[test]
-fn nbd_tls_requires_a_client_certificate_when_a_client_ca_is_given() {
+fn tls_transport_without_client_certificate_is_refused() {
     require("qemu-img", "qemu-utils");
     require("nbdinfo", "libnbd-bin");
     let dir = tempfile::tempdir().unwrap();
@@ -465,43 +532,61 @@ fn nbd_tls_requires_a_client_certificate_when_a_client_ca_is_given() {
     let key = key_file(dir.path());
     let vol = dir.path().join("mtls.caasvol");
     create_volume(&vol, &key, "16M");
-    let client_ca = certs.ca_dir.join("ca-cert.pem");
-    let srv = Server::start(
-        dir.path(),
-        "mtls",
-        &[
-            vol.to_str().unwrap(),
-            "--key-file",
-            key.to_str().unwrap(),
-            "--tls-cert",
-            certs.cert.to_str().unwrap(),
-            "--tls-key",
-            certs.key.to_str().unwrap(),
-            "--tls-client-ca",
-            client_ca.to_str().unwrap(),
-        ],
-    );
-    let launch = dir.path().join("creds-launch");
-    client_creds(dir.path(), &certs, &certs.ca_dir, "workload", &launch);
+    // TLS without client authentication is not a configuration the proxy accepts.
+    let out = Proc::new(BIN)
+        .arg("serve")
+        .arg(&vol)
+        .arg("--key-file")
+        .arg(&key)
+        .arg("--socket")
+        .arg(dir.path().join("noca.sock"))
+        .arg("--tls-cert")
+        .arg(&certs.cert)
+        .arg("--tls-key")
+        .arg(&certs.key)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "served TLS without a client CA");
+    assert!(err.contains("tls-client-ca"), "{err}");
+    let (srv, _vol) = start(dir.path(), "mtls-srv", &certs);
     let other = dir.path().join("creds-other");
     client_creds(dir.path(), &certs, &certs.wrong_ca_dir, "co-tenant", &other);
-    // No client certificate, and a certificate of another CA: refused.
-    for (what, creds) in [
-        ("no client certificate", &certs.ca_dir),
-        ("another CA", &other),
-    ] {
-        let out = qemu_info(&srv, creds);
-        assert!(!out.status.success(), "{what}: served");
-    }
-    // Plaintext: refused (mutual TLS implies required TLS).
+    let none = dir.path().join("creds-none");
+    std::fs::create_dir_all(&none).unwrap();
+    std::fs::copy(certs.ca_dir.join("ca-cert.pem"), none.join("ca-cert.pem")).unwrap();
+    // No client certificate (qemu, GnuTLS): refused.
+    let out = qemu_info(&srv, &none);
+    assert!(!out.status.success(), "no client certificate: served");
+    // A certificate of another CA. qemu checks its own credentials against the CA it is
+    // given and never connects with it, so a raw rustls client (which sends whatever it
+    // has) plays the co-tenant: refused in the handshake.
+    let r = rustls_client_attempt(
+        &srv.socket,
+        &certs.ca_dir.join("ca-cert.pem"),
+        &other.join("client-cert.pem"),
+        &other.join("client-key.pem"),
+    );
+    assert!(r.is_err(), "another CA's client certificate: served");
+    // Plaintext: refused.
     let out = Proc::new("nbdinfo").arg(srv.uri()).output().unwrap();
     assert!(!out.status.success(), "plaintext client was served");
-    // The launch's client is served.
-    let out = qemu_info(&srv, &launch);
+    // The right client is served.
+    let out = qemu_info(&srv, &certs.ca_dir);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // Both refusals were logged with their reason and counted.
+    let log = srv.log();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("NBD connection refused") && l.contains("TLS handshake failed"))
+        .collect();
+    assert!(
+        refused.len() == 2 && refused[1].contains("refused=2"),
+        "{log}"
     );
     srv.stop();
 }

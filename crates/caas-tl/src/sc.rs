@@ -443,6 +443,7 @@ mod tests {
             image_id: "img".into(),
             driver: None,
             volumes: vec![],
+            network: false,
         };
         assert!(verify_launch(&call, now).is_ok());
         let stale = verify_launch(&call, now + wire::FRESHNESS_MS + 1);

@@ -2,7 +2,8 @@
 //! [`router`]; a benchmark or test can mount it over any [`AttestStore`].
 //!
 //! Routes (JSON): `GET /v1/tl/ttp` (pk_TTP), `POST /v1/tl/attest` (TL.AttestRequest →
-//! TL.Attestation), `POST /v1/tl/domkey` (DBSP.DomKeyReq → DomKeyGen), `PUT /v1/tl/acl`
+//! TL.Attestation), `POST /v1/tl/domkey` (DBSP.DomKeyReq → DomKeyGen), `POST /v1/tl/epoch`
+//! (the SC's AK-signed report of a DBSP volume's opened epoch → its anchor), `PUT /v1/tl/acl`
 //! (which domains a DM may give: a [`crate::wire::AclUpdate`] signed by that DM), `GET /v1/tl/hosts/{name}/bind-info` (a host's
 //! certified bind key and trusted PCR values, seed 001 Algorithm 1 line 1), and the
 //! scheduler `POST /v1/sched/launch` (places a TL.Request on a trusted host of its SP).
@@ -265,6 +266,20 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
                         .domkey(&r, caas_attest::now_ms())
                         .await
                         .map(Json)
+                        .map_err(ApiError);
+                    r
+                },
+            ),
+        )
+        .route(
+            "/v1/tl/epoch",
+            post(
+                |State(s): State<Arc<TlService<S>>>, Json(r): Json<AkSigned>| async move {
+                    let r: R<serde_json::Value> = s
+                        .ttp
+                        .epoch_report(&r, caas_attest::now_ms())
+                        .await
+                        .map(|e| Json(serde_json::json!({ "epoch": e })))
                         .map_err(ApiError);
                     r
                 },

@@ -30,6 +30,13 @@ pub const KIND_SESSION: &str = "tl_session";
 pub const KIND_NONCE: &str = "tl_nonce";
 /// The last revocation sequence number issued per host.
 pub const KIND_REVOKE_SEQ: &str = "tl_revoke_seq";
+/// DBSP volume epoch anchors, per (domain, SR, volume instance).
+pub const KIND_VOLUME_EPOCH: &str = "tl_volume_epoch";
+
+/// The store id of a volume's epoch anchor: the instance is named by its c4.
+fn anchor_id(domain: &str, sr: &str, c4: &[u8]) -> String {
+    format!("{domain}/{sr}/{}", hexs(&crate::crypto::sha256(c4)[..16]))
+}
 
 /// One ACL entry: the domains a domain manager (identified by H2 = SHA-256(pk_DM)) may give
 /// its workloads.
@@ -643,6 +650,16 @@ impl<S: AttestStore> Ttp<S> {
             &DomKeyResponse::c3_aad(&host.name, &b.vm_id, &b.sr, &b.r),
             &keys,
         )?;
+        // The volume's epoch anchor: created at 0 with the volume, raised by the SC's
+        // AK-signed reports ([`Ttp::epoch_report`]).
+        let aid = anchor_id(&domain, &b.sr, &c4);
+        let min_epoch = match self.get::<u32>(KIND_VOLUME_EPOCH, &aid).await? {
+            Some(e) => e,
+            None => {
+                self.put(KIND_VOLUME_EPOCH, &aid, &0u32, None).await?;
+                0
+            }
+        };
         let resp = DomKeyResponse {
             host: host.name.clone(),
             vm_id: b.vm_id.clone(),
@@ -652,12 +669,80 @@ impl<S: AttestStore> Ttp<S> {
             c3,
             c4,
             mu,
+            min_epoch,
         };
         let body = wire::to_bytes(&resp);
         Ok(Signed {
             sig: self.keys.sign(label::DOMKEY_RESPONSE, &body),
             body,
         })
+    }
+
+    /// DBSP epoch report: a trusted host's SC reports the epoch a volume of a domain its
+    /// workload may access was opened at; the anchor becomes the highest reported (it
+    /// never goes down). Returns the anchor.
+    pub async fn epoch_report(&self, req: &AkSigned, now_ms: u64) -> Result<u32> {
+        let body: Result<wire::EpochReport> = wire::parse("epoch report", &req.body);
+        let (host, subject) = match &body {
+            Ok(b) => (
+                b.host.clone(),
+                format!("{}/{}/{}/{}", b.host, b.vm_id, b.domain, b.sr),
+            ),
+            Err(_) => ("?".into(), "?".into()),
+        };
+        let r = match body {
+            Ok(b) => self.epoch_report_inner(&b, req, now_ms).await,
+            Err(e) => Err(e),
+        };
+        let summary = r.as_ref().map(|e| format!("epoch {e}")).map_err(clone_err);
+        self.audit(&host, "DbspEpoch", &subject, &summary).await;
+        r
+    }
+
+    async fn epoch_report_inner(
+        &self,
+        b: &wire::EpochReport,
+        req: &AkSigned,
+        now_ms: u64,
+    ) -> Result<u32> {
+        check_name("vm_id", &b.vm_id)?;
+        check_name("domain", &b.domain)?;
+        check_name("sr", &b.sr)?;
+        check_fresh(b.t_ms, now_ms)?;
+        let (host, ak, profile) = self.host_context(&b.host).await?;
+        if !host.trusted {
+            return Err(Error::rejected(
+                "host_untrusted",
+                format!("host {} failed its latest attestation", host.name),
+            ));
+        }
+        self.appraise_fresh(&ak, label::EPOCH_REPORT, req, &profile, now_ms)?;
+        self.consume_nonce("epoch", &b.r).await?;
+        let sid = session_id(&host.name, &b.vm_id, &b.launch_r);
+        let session: Session = self.get(KIND_SESSION, &sid).await?.ok_or_else(|| {
+            Error::rejected(
+                "no_session",
+                format!("no trusted launch of {} on {}", b.vm_id, host.name),
+            )
+        })?;
+        if !session.domains.iter().any(|d| d == &b.domain) {
+            return Err(Error::rejected(
+                "acl_denied",
+                format!(
+                    "workload {} was not launched with access to domain {}",
+                    b.vm_id, b.domain
+                ),
+            ));
+        }
+        let aid = anchor_id(&b.domain, &b.sr, &b.c4);
+        let old: u32 = self.get(KIND_VOLUME_EPOCH, &aid).await?.ok_or_else(|| {
+            Error::rejected("unknown_volume", "no key was issued for this volume")
+        })?;
+        let new = old.max(b.epoch);
+        if new != old {
+            self.put(KIND_VOLUME_EPOCH, &aid, &new, None).await?;
+        }
+        Ok(new)
     }
 
     /// A signed notice telling `host` to drop its crypto domains' keys. Its sequence

@@ -40,6 +40,8 @@ pub mod label {
     /// AAD label (and envelope tag) of a crypto-domain configuration sealed to a host's
     /// bind key (seed 001 Alg. 1). v2: bound to its owner's H2 and the image's H1.
     pub const DOMC_CONFIG: &str = "caas-tl domc-config v2";
+    /// DBSP epoch report, AK-signed by the SC.
+    pub const EPOCH_REPORT: &str = "caas-tl epoch-report v1";
 }
 
 /// Maximum size of any protocol body (bytes).
@@ -191,6 +193,11 @@ pub struct LaunchCall {
     /// DBSP volumes to attach before the workload starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeRequest>,
+    /// Serve the workload's disk (NBD STARTTLS) and VSM (TCP) over the network as well,
+    /// with mutual TLS bound to this launch (a CA of its own; only the workload gets the
+    /// client key).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub network: bool,
 }
 
 /// A DBSP storage resource to attach to a workload.
@@ -359,6 +366,38 @@ pub struct DomKeyResponse {
     /// μ = MAC(K_TTP, D‖n‖SP).
     #[serde(with = "b64")]
     pub mu: Vec<u8>,
+    /// The volume's anchored epoch: the highest epoch an SC reported having opened it at
+    /// (0 for a new volume). The SC serves the volume only if its authenticated epoch is
+    /// at least this (`--min-epoch`), so storage cannot roll the whole volume back.
+    #[serde(default)]
+    pub min_epoch: u32,
+}
+
+/// The SC's report of the epoch a DBSP volume was opened at (AK-signed, label
+/// [`label::EPOCH_REPORT`]); the TTP keeps the highest per volume as its anchor.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EpochReport {
+    /// Host name.
+    pub host: String,
+    /// The workload the volume is attached to.
+    pub vm_id: String,
+    /// r of its TL.Request (names the TTP's session).
+    #[serde(with = "b64")]
+    pub launch_r: Vec<u8>,
+    /// Domain D.
+    pub domain: String,
+    /// Storage resource SR.
+    pub sr: String,
+    /// The volume's c4 (names the volume instance: a volume created anew gets another).
+    #[serde(with = "b64")]
+    pub c4: Vec<u8>,
+    /// The epoch the Secure Device Proxy opened the volume at.
+    pub epoch: u32,
+    /// Fresh nonce.
+    #[serde(with = "b64")]
+    pub r: Vec<u8>,
+    /// SC's time (Unix ms).
+    pub t_ms: u64,
 }
 
 impl DomKeyResponse {

@@ -18,5 +18,5 @@ pub mod workload;
 
 pub use error::{Error, Result};
 pub use proto::{WorkloadReport, challenge};
-pub use spec::{InjectedSecrets, ReadyInfo, VsmSpec, WorkloadSpec};
+pub use spec::{InjectedSecrets, ReadyInfo, TlsCredentials, VsmSpec, WorkloadSpec};
 pub use workload::{Workload, run};

@@ -16,8 +16,8 @@ use zeroize::Zeroizing;
 pub const TAU_LEN: usize = 32;
 /// Length of a raw Ed25519 public key (bytes).
 pub const PK_DM_LEN: usize = 32;
-/// Largest accepted inject file (bytes).
-const MAX_INJECT_FILE: u64 = 4096;
+/// Largest accepted inject file (bytes; room for the launch's TLS client credentials).
+const MAX_INJECT_FILE: u64 = 16 * 1024;
 /// Largest accepted spec or ready file (bytes).
 const MAX_SPEC_FILE: u64 = 1 << 20;
 
@@ -34,7 +34,8 @@ pub struct WorkloadSpec {
     pub ready_file: PathBuf,
     /// The injected-secrets file ([`InjectedSecrets`]); read once at start, then deleted.
     pub inject_file: PathBuf,
-    /// The boot disk, `nbd+unix:///EXPORT?socket=PATH` (or `nbd://HOST:PORT/EXPORT`).
+    /// The boot disk, `nbd+unix:///EXPORT?socket=PATH` (or `nbd://HOST:PORT/EXPORT`, or
+    /// `nbds://HOST:PORT/EXPORT`: mutual TLS with the launch's injected client credentials).
     pub disk: String,
     /// The tenant's crypto domain (VSM), if the workload gets one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -97,9 +98,12 @@ impl WorkloadSpec {
             )));
         }
         for uri in std::iter::once(&self.disk).chain(&self.volumes) {
-            if !(uri.starts_with("nbd+unix://") || uri.starts_with("nbd://")) {
+            if !(uri.starts_with("nbd+unix://")
+                || uri.starts_with("nbd://")
+                || uri.starts_with("nbds://"))
+            {
                 return Err(Error::Config(format!(
-                    "{uri:?} is not an NBD URI (nbd+unix:///EXPORT?socket=PATH or nbd://HOST:PORT/EXPORT)"
+                    "{uri:?} is not an NBD URI (nbd+unix:///EXPORT?socket=PATH, nbd://HOST:PORT/EXPORT or nbds://HOST:PORT/EXPORT)"
                 )));
             }
         }
@@ -116,12 +120,37 @@ pub struct InjectedSecrets {
     pub tau: SecretBytes,
     /// The DM's raw Ed25519 public key.
     pub pk_dm: [u8; PK_DM_LEN],
+    /// The launch's mutual-TLS client credentials, when the crypto domain serves the
+    /// workload over the network (`nbds://` disk, VSM over TCP): no other launch has them.
+    pub tls: Option<TlsCredentials>,
+}
+
+/// Client credentials of one launch (PEM): the launch's CA (the server must chain to it),
+/// the workload's certificate and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsCredentials {
+    /// The launch's CA certificate.
+    pub ca_pem: Vec<u8>,
+    /// The workload's client certificate.
+    pub cert_pem: Vec<u8>,
+    /// The workload's private key.
+    pub key_pem: SecretBytes,
 }
 
 #[derive(Serialize)]
 struct InjectOut<'a> {
     tau: &'a str,
     pk_dm: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<TlsOut<'a>>,
+}
+
+/// PEM in base64, so that the key borrows from the (zeroizing) buffer (no JSON escapes).
+#[derive(Serialize)]
+struct TlsOut<'a> {
+    ca: String,
+    cert: String,
+    key: &'a str,
 }
 
 #[derive(Deserialize)]
@@ -130,6 +159,17 @@ struct InjectIn<'a> {
     #[serde(borrow)]
     tau: &'a str,
     pk_dm: String,
+    #[serde(borrow, default)]
+    tls: Option<TlsIn<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsIn<'a> {
+    ca: String,
+    cert: String,
+    #[serde(borrow)]
+    key: &'a str,
 }
 
 impl InjectedSecrets {
@@ -143,13 +183,24 @@ impl InjectedSecrets {
     /// workload's identity, the only one that may read it.
     pub fn write_to_owned(&self, path: &Path, owner: Option<(u32, u32)>) -> Result<()> {
         let tau = Zeroizing::new(B64.encode(self.tau.expose()));
-        // Pre-sized so that no reallocation leaves a copy of τ behind.
-        let mut json = Zeroizing::new(Vec::with_capacity(1024));
+        let key = Zeroizing::new(
+            self.tls
+                .as_ref()
+                .map(|t| B64.encode(t.key_pem.expose()))
+                .unwrap_or_default(),
+        );
+        // Pre-sized so that no reallocation leaves a copy of τ or the key behind.
+        let mut json = Zeroizing::new(Vec::with_capacity(MAX_INJECT_FILE as usize));
         serde_json::to_writer(
             &mut *json,
             &InjectOut {
                 tau: &tau,
                 pk_dm: B64.encode(self.pk_dm),
+                tls: self.tls.as_ref().map(|t| TlsOut {
+                    ca: B64.encode(&t.ca_pem),
+                    cert: B64.encode(&t.cert_pem),
+                    key: &key,
+                }),
             },
         )
         .map_err(|e| Error::Inject(format!("encode: {e}")))?;
@@ -185,7 +236,18 @@ impl InjectedSecrets {
         let pk_dm: [u8; PK_DM_LEN] = pk.as_slice().try_into().map_err(|_| {
             Error::Inject(format!("pk_dm must be {PK_DM_LEN} bytes, got {}", pk.len()))
         })?;
-        Ok(Self { tau, pk_dm })
+        let tls = match f.tls {
+            None => None,
+            Some(t) => {
+                let bad = |what: &str| Error::Inject(format!("tls.{what} is not base64"));
+                Some(TlsCredentials {
+                    ca_pem: B64.decode(&t.ca).map_err(|_| bad("ca"))?,
+                    cert_pem: B64.decode(&t.cert).map_err(|_| bad("cert"))?,
+                    key_pem: SecretBytes::new(B64.decode(t.key).map_err(|_| bad("key"))?),
+                })
+            }
+        };
+        Ok(Self { tau, pk_dm, tls })
     }
 
     /// Reads the inject file once and deletes it. Refuses a file that group or others may
@@ -302,7 +364,30 @@ mod tests {
         let s = InjectedSecrets {
             tau: SecretBytes::new(vec![0x41; 32]),
             pk_dm: [0; 32],
+            tls: None,
         };
         assert!(!format!("{s:?}").contains("65"));
+    }
+
+    /// The launch's TLS client credentials survive the inject file; the key is not shown.
+    #[test]
+    fn injected_tls_credentials_round_trip() -> Result<()> {
+        let s = InjectedSecrets {
+            tau: SecretBytes::new(vec![7; 32]),
+            pk_dm: [1; 32],
+            tls: Some(TlsCredentials {
+                ca_pem: b"-----BEGIN CERTIFICATE-----\nCA\n".to_vec(),
+                cert_pem: b"-----BEGIN CERTIFICATE-----\nC\n".to_vec(),
+                key_pem: SecretBytes::new(b"-----BEGIN PRIVATE KEY-----\nSECRETKEY\n".to_vec()),
+            }),
+        };
+        let dir = tempfile::tempdir().map_err(Error::io("tempdir"))?;
+        let p = dir.path().join("inject.json");
+        s.write_to(&p)?;
+        let back = InjectedSecrets::take_from(&p)?;
+        assert_eq!(back, s);
+        assert!(!p.exists());
+        assert!(!format!("{back:?}").contains("SECRETKEY"));
+        Ok(())
     }
 }

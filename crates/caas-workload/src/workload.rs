@@ -79,7 +79,16 @@ impl Workload {
         spec.validate()?;
         let _ = std::fs::remove_file(&spec.ready_file);
         // First thing: the secrets should spend as little time on disk as possible.
-        let InjectedSecrets { tau, pk_dm } = InjectedSecrets::take_from(&spec.inject_file)?;
+        let InjectedSecrets { tau, pk_dm, tls } = InjectedSecrets::take_from(&spec.inject_file)?;
+        // The launch's client credentials for the crypto domain's mutual-TLS transports.
+        let tls = match tls {
+            Some(t) => Some(caas_sdp::store::TlsClient::from_pem(
+                &t.ca_pem,
+                &t.cert_pem,
+                t.key_pem.expose(),
+            )?),
+            None => None,
+        };
         let acceptor = psk::server_acceptor(&spec.vm_id, &tau)?;
         drop(tau);
         let vsm = match &spec.vsm {
@@ -91,7 +100,7 @@ impl Workload {
             None => None,
         };
         let rt = IoRuntime::new()?;
-        let (disk_sha256, disk_size) = rt.block_on(hash_disk(&spec.disk))??;
+        let (disk_sha256, disk_size) = rt.block_on(hash_disk(&spec.disk, tls.as_ref()))??;
         tracing::info!(
             vm_id = %spec.vm_id,
             disk_size,
@@ -213,8 +222,11 @@ impl Drop for IoRuntime {
     }
 }
 
-async fn hash_disk(uri: &str) -> Result<([u8; 32], u64)> {
-    let store = Store::connect_nbd(uri).await?;
+async fn hash_disk(uri: &str, tls: Option<&caas_sdp::store::TlsClient>) -> Result<([u8; 32], u64)> {
+    let store = match tls {
+        Some(t) if uri.starts_with("nbds://") => Store::connect_nbd_tls(uri, t).await?,
+        _ => Store::connect_nbd(uri).await?,
+    };
     let size = store.byte_len().await?;
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let mut buf = vec![0u8; HASH_CHUNK];

@@ -191,6 +191,7 @@ fn inject_file_is_checked_and_always_deleted() -> Result<()> {
     let good = InjectedSecrets {
         tau: SecretBytes::new(vec![9u8; 32]),
         pk_dm: [3u8; 32],
+        tls: None,
     };
     // Written 0600, read back once, then gone.
     good.write_to(&p)?;

@@ -145,7 +145,7 @@ async fn tenant_story(
         .run(
             "TL: trusted launch through the scheduler (attested host, sealed token, H1/H2 checks, crypto domain, DBSP volume demo-data/db, workload)",
             async {
-                let r = crate::tenant::launch(&ta, &tdir, &image_id, &vm1, "dev", &doms, &vols, None, "process").await?;
+                let r = crate::tenant::launch(&ta, &tdir, &image_id, &vm1, "dev", &doms, &vols, None, "process", false).await?;
                 let host = s(&r, "host")?;
                 let phases: Vec<String> = r["timings"]
                     .as_array()
@@ -194,7 +194,7 @@ async fn tenant_story(
             .client()?
                 .post::<_, Value>(&format!("{}/v1/agent/workloads/{vm1}/stop", get(&key)?), &json!({}))
                 .await?;
-            crate::tenant::launch(&ta, &tdir, &image_id, &vm2, "dev", &doms, &vols, None, "process").await?;
+            crate::tenant::launch(&ta, &tdir, &image_id, &vm2, "dev", &doms, &vols, None, "process", false).await?;
             check(vm2.clone()).await
         },
     )

@@ -211,16 +211,13 @@ pub async fn run(args: DevArgs) -> Result<()> {
 }
 
 /// Starts the dev tenant's crypto domain (VSM) and demo encrypted volume (SDP). The volume's
-/// data key comes from the dev key service (GenerateDataKey under `alias/caas-dev-volume`).
+/// data key and the VSM's domain key come from the dev key service (under
+/// `alias/caas-dev-volume`); only their wrapped forms are stored.
 async fn start_roles(
     dir: &Path,
     vars: &[(String, String)],
 ) -> Result<(caas_domc::dev::DevDomain, caas_sdp::dev::DevVolume)> {
     let exe = std::env::current_exe()?;
-    let d = dir.to_path_buf();
-    let domain = tokio::task::spawn_blocking(move || caas_domc::dev::start(&d, &exe))
-        .await?
-        .map_err(|e| anyhow::anyhow!("dev crypto domain: {e}"))?;
     let get = |k: &str| {
         vars.iter()
             .find(|(n, _)| n == k)
@@ -248,6 +245,13 @@ async fn start_roles(
             .await?;
         client.call("CreateAlias", &serde_json::json!({ "AliasName": ALIAS, "TargetKeyId": k["KeyMetadata"]["KeyId"] })).await?;
     }
+    // The VSM's domain key: wrapped under the dev key service on disk, never in plaintext.
+    let key = crate::roles::dev_vsm_key(&client, ALIAS, &dir.join("domc")).await?;
+    let d = dir.to_path_buf();
+    let domain =
+        tokio::task::spawn_blocking(move || caas_domc::dev::start_with_key(&d, &exe, Some(key)))
+            .await?
+            .map_err(|e| anyhow::anyhow!("dev crypto domain: {e}"))?;
     let provider = crate::roles::KmsDataKeys::new(client, ALIAS);
     let volume = caas_sdp::dev::start_dev(dir, Some(std::sync::Arc::new(provider)))
         .await

@@ -110,6 +110,75 @@ impl DataKeyProvider for KmsDataKeys {
     }
 }
 
+/// Encryption context of the dev VSM's domain key.
+const VSM_CONTEXT: &str = "caas:vsm";
+
+/// The dev VSM's domain key, kept on disk only wrapped under the dev key service
+/// (`STATE/domain.key.kms`, a KMS ciphertext blob): unwrapped with Decrypt at every start,
+/// made with GenerateDataKey at the first. A plaintext `STATE/domain.key` left by an
+/// earlier version is wrapped (Encrypt) and deleted. The key goes to the VSM over a pipe.
+///
+/// # Errors
+/// KMS or file errors (never with key material).
+pub async fn dev_vsm_key(
+    client: &KmsClient,
+    key_id: &str,
+    state: &std::path::Path,
+) -> Result<caas_domc::keysource::DomainKey> {
+    use anyhow::Context as _;
+    use base64::Engine as _;
+    let ec = json!({ VSM_CONTEXT: "domain-key" });
+    let blob_path = state.join("domain.key.kms");
+    let legacy = state.join("domain.key");
+    std::fs::create_dir_all(state)?;
+    let plain = if let Ok(blob) = std::fs::read(&blob_path) {
+        client
+            .decrypt(&blob, &ec)
+            .await
+            .context("unwrap the VSM domain key")?
+    } else {
+        let (plain, blob) = match std::fs::read(&legacy) {
+            Ok(old) => {
+                let old = SecretBytes::new(old);
+                let b64 = SecretBytes::new(
+                    base64::engine::general_purpose::STANDARD
+                        .encode(old.expose())
+                        .into_bytes(),
+                );
+                let text = std::str::from_utf8(b64.expose()).unwrap_or_default();
+                let v = client
+                    .call(
+                        "Encrypt",
+                        &json!({ "KeyId": key_id, "Plaintext": text, "EncryptionContext": ec }),
+                    )
+                    .await
+                    .context("wrap the legacy VSM domain key")?;
+                let blob = base64::engine::general_purpose::STANDARD
+                    .decode(v["CiphertextBlob"].as_str().unwrap_or_default())
+                    .context("KMS Encrypt answer")?;
+                (old, blob)
+            }
+            Err(_) => client
+                .generate_data_key(key_id, &ec)
+                .await
+                .context("make the VSM domain key")?,
+        };
+        let tmp = state.join("domain.key.kms.tmp");
+        std::fs::write(&tmp, &blob)?;
+        std::fs::rename(&tmp, &blob_path)?;
+        plain
+    };
+    // The wrapped copy is durable: the plaintext one goes.
+    if legacy.exists() {
+        std::fs::remove_file(&legacy)?;
+    }
+    let arr: [u8; 32] = plain
+        .expose()
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("the VSM domain key must be 32 bytes"))?;
+    Ok(caas_domc::keysource::DomainKey::new(arr))
+}
+
 /// Runs `caas volume ...`.
 pub async fn run_volume(a: VolumeArgs) -> Result<()> {
     let provider: Option<Arc<dyn DataKeyProvider>> = match &a.kms_key_id {

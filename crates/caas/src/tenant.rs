@@ -104,6 +104,10 @@ pub enum TenantCmd {
         /// Workload driver.
         #[arg(long, default_value = "process")]
         driver: String,
+        /// Also serve the disk (NBD over mutual TLS) and the VSM (TCP, mutual TLS) over
+        /// the network, bound to this launch: only the workload gets the client key.
+        #[arg(long)]
+        network: bool,
     },
     /// Authenticate the workload over TLS 1.3 with τ as the PSK and print its report.
     Connect {
@@ -242,8 +246,21 @@ pub async fn run(a: TenantArgs) -> Result<()> {
             volumes,
             host,
             driver,
+            network,
         } => {
-            let r = launch(&a, &dir, id, vm, sp, domains, volumes, host.clone(), driver).await?;
+            let r = launch(
+                &a,
+                &dir,
+                id,
+                vm,
+                sp,
+                domains,
+                volumes,
+                host.clone(),
+                driver,
+                *network,
+            )
+            .await?;
             println!("{}", serde_json::to_string_pretty(&r)?);
         }
         TenantCmd::Connect { vm } => {
@@ -380,6 +397,7 @@ pub async fn launch(
     volumes: &[String],
     host: Option<String>,
     driver: &str,
+    network: bool,
 ) -> Result<serde_json::Value> {
     let dm = load_dm(dir, false)?;
     let rec: ImageRecord = serde_json::from_slice(
@@ -412,6 +430,7 @@ pub async fn launch(
             image_id: id.into(),
             driver: Some(driver.into()),
             volumes: vols,
+            network,
         },
         host,
     };

@@ -104,3 +104,80 @@ fn aws_cli_just_works_after_sourcing_the_env_file() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("KeyArn"));
     drop(dev);
 }
+
+/// `caas dev`'s standalone VSM keeps its domain key only wrapped under the dev key service
+/// (`DIR/domc/domain.key.kms`): no plaintext `domain.key`, no 32-byte file in its state.
+/// After a restart the key service unwraps it and the token's persistent objects open.
+#[test]
+fn dev_vsm_keeps_no_plaintext_key_on_disk() {
+    assert!(
+        Command::new("pkcs11-tool")
+            .arg("--version")
+            .output()
+            .is_ok(),
+        "pkcs11-tool is needed (apt-get install opensc)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Dev::start(tmp.path());
+    let domc = tmp.path().join("domc");
+    let no_plain_key = |when: &str| {
+        assert!(
+            !domc.join("domain.key").exists(),
+            "{when}: plaintext key file"
+        );
+        let blob = std::fs::read(domc.join("domain.key.kms")).unwrap();
+        assert!(
+            blob.len() > 32,
+            "{when}: wrapped key of {} bytes",
+            blob.len()
+        );
+        for e in std::fs::read_dir(&domc).unwrap().flatten() {
+            let md = e.metadata().unwrap();
+            assert!(
+                !(md.is_file() && md.len() == 32),
+                "{when}: {} has the size of a key",
+                e.path().display()
+            );
+        }
+    };
+    no_plain_key("first start");
+    let tool = |dev: &Dev, args: &[&str]| -> String {
+        let out = Command::new("pkcs11-tool")
+            .arg("--module")
+            .arg(&dev.env["CAAS_PKCS11_MODULE"])
+            .args(["--login", "--pin", &dev.env["CAAS_PKCS11_USER_PIN"]])
+            .args(args)
+            .env("CAAS_PKCS11_SOCKET", &dev.env["CAAS_PKCS11_SOCKET"])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "pkcs11-tool {args:?}: {text}");
+        text
+    };
+    tool(
+        &dev,
+        &[
+            "--keygen",
+            "--key-type",
+            "AES:32",
+            "--label",
+            "kept-across-restarts",
+            "--id",
+            "09",
+        ],
+    );
+    let mut dev = dev;
+    dev.stop();
+    dev.kill_orphans();
+    // The old handle's Drop would kill the restarted deployment (same directory).
+    std::mem::forget(dev);
+    let dev = Dev::start(tmp.path());
+    no_plain_key("restart");
+    let objects = tool(&dev, &["-O"]);
+    assert!(objects.contains("kept-across-restarts"), "{objects}");
+    drop(dev);
+}

@@ -51,6 +51,7 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ),
     ("POST", "/v1/tl/attest", "host-protocol"),
     ("POST", "/v1/tl/domkey", "host-protocol"),
+    ("POST", "/v1/tl/epoch", "host-protocol"),
     ("PUT", "/v1/tl/acl", "tenant|operator:acl:admin"),
     (
         "GET",

@@ -186,6 +186,7 @@ impl Cloud {
                 image_id: id.into(),
                 driver: None,
                 volumes: vec![],
+                network: false,
             },
             t.tau.expose().to_vec(),
         )
@@ -1027,6 +1028,7 @@ fn scheduler_cannot_launch_my_image() {
                 image_id: "secret-img".into(),
                 driver: None,
                 volumes: vec![],
+                network: false,
             },
             t.tau,
         )
@@ -1280,6 +1282,11 @@ fn ids_of(pid: u32) -> (u32, u32) {
     (field("Uid:"), field("Gid:"))
 }
 
+/// The crypto domain's directory of a launch: its sockets and VSM state.
+fn domain_dir(c: &Cloud, host: &str, vm: &str) -> PathBuf {
+    run_dir(c, host, vm).join("domain")
+}
+
 fn run_dir(c: &Cloud, host: &str, vm: &str) -> PathBuf {
     c.dev
         .dir
@@ -1355,20 +1362,28 @@ fn co_tenant_cannot_reach_another_crypto_domain() {
     );
     assert!((200_000..300_000).contains(&ub), "bob's workload uid {ub}");
     assert_ne!(ua, ub, "two tenants' workloads share a uid");
-    // alice's crypto domain runs under her workload's identity, not root, not bob's.
+    // alice's crypto domain runs under an identity of its own: not root, not her
+    // workload's, not bob's.
+    let (ud, _) = ids_of(pid_of(&c, "host-1", "vm-a", "vsm"));
+    assert!((200_000..300_000).contains(&ud), "alice's domain uid {ud}");
+    assert!(ud != ua && ud != ub, "crypto domain uid {ud}");
     for role in ["sdp", "vsm"] {
         let pid = pid_of(&c, "host-1", "vm-a", role);
         let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let uids = st.lines().find(|l| l.starts_with("Uid:")).unwrap();
         assert!(
-            uids.split_whitespace().skip(1).all(|u| u == ua.to_string()),
+            uids.split_whitespace().skip(1).all(|u| u == ud.to_string()),
             "{role}: {uids}"
         );
     }
-    let dir = run_dir(&c, "host-1", "vm-a");
+    let dir = domain_dir(&c, "host-1", "vm-a");
     use std::os::unix::fs::MetadataExt;
     let md = std::fs::metadata(&dir).unwrap();
-    assert_eq!((md.uid(), md.mode() & 0o777), (ua, 0o700), "run directory");
+    assert_eq!(
+        (md.uid(), md.gid(), md.mode() & 0o777),
+        (ud, ga, 0o710),
+        "crypto-domain directory: the domain's, reachable by the workload's group only"
+    );
     let sockets = [
         ("disk", dir.join("disk.sock"), false),
         ("volume", dir.join("vol-finance-db.sock"), false),
@@ -1481,6 +1496,7 @@ fn no_plaintext_key_on_host_disk_after_launch_and_after_agent_kill() {
     let pin = img["user_pin"].as_str().unwrap().to_string();
     let host_dir = c.dev.dir.join("hosts/host-1");
     let run = run_dir(&c, "host-1", "vm1");
+    let dom = domain_dir(&c, "host-1", "vm1");
     let scan = |when: &str| {
         let mut files = 0;
         let mut stack = vec![host_dir.clone()];
@@ -1521,7 +1537,7 @@ fn no_plaintext_key_on_host_disk_after_launch_and_after_agent_kill() {
         }
         // The scan saw the crypto domain's state (token files, audit log) and the TPM blobs.
         assert!(
-            run.join("domc/audit.log").exists(),
+            dom.join("domc/audit.log").exists(),
             "{when}: no crypto-domain state"
         );
         assert!(files > 5, "{when}: only {files} files scanned");
@@ -1615,6 +1631,7 @@ fn key_holding_processes_cannot_dump_core() {
         peek(workload, wu, wg),
         "probe cannot read the (dumpable) workload"
     );
+    let (du, dg) = ids_of(vsm);
     let mut holders: Vec<(String, u32)> = proxies
         .iter()
         .map(|p| ("volume serve".to_string(), *p))
@@ -1624,9 +1641,10 @@ fn key_holding_processes_cannot_dump_core() {
         let (u, g) = ids_of(*pid);
         assert_eq!(
             (u, g),
-            (wu, wg),
-            "{what} runs under the workload's identity"
+            (du, dg),
+            "{what} runs under the crypto domain's identity"
         );
+        assert_ne!(u, wu, "{what} shares the workload's uid");
         assert!(
             !peek(*pid, u, g),
             "{what} ({pid}) is dumpable/ptraceable by its uid"
@@ -1653,4 +1671,482 @@ fn key_holding_processes_cannot_dump_core() {
         )
         .unwrap();
     assert_eq!(st["dumpable"], json!(false), "host agent: {st}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Issue 12: network transports authenticate clients with credentials of the launch.
+// ---------------------------------------------------------------------------------------
+
+/// The dev deployment's log without terminal colour codes.
+fn dev_log(c: &Cloud) -> String {
+    let raw = std::fs::read_to_string(c.dev.dir.join("test-dev.log")).unwrap();
+    let mut log = String::new();
+    let mut it = raw.chars();
+    while let Some(ch) = it.next() {
+        if ch == '\x1b' {
+            for c in it.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            log.push(ch);
+        }
+    }
+    log
+}
+
+/// A TLS client in its own process (python3's ssl: another TLS stack than the servers')
+/// that does not check the server at all — an attacker does not care whom it talks to —
+/// and presents `creds` (cert, key) or no certificate. For `nbd` it speaks NBD up to
+/// NBD_OPT_STARTTLS first. Prints `data` (the server answered inside TLS: served),
+/// `refused ...` (the handshake or the first read failed) or `closed`.
+fn tls_probe(addr: &str, nbd: bool, creds: Option<(&Path, &Path)>) -> String {
+    let script = r#"
+import socket, ssl, struct, sys
+host, port = sys.argv[1].rsplit(":", 1)
+mode, cert, key = sys.argv[2], sys.argv[3], sys.argv[4]
+IHAVEOPT = 0x49484156454F5054
+def recvall(s, n):
+    b = b""
+    while len(b) < n:
+        d = s.recv(n - len(b))
+        if not d:
+            raise OSError(104, "closed")
+        b += d
+    return b
+s = socket.create_connection((host, int(port)), timeout=10)
+if mode == "nbd":
+    recvall(s, 18)
+    s.sendall(struct.pack(">I", 3) + struct.pack(">QII", IHAVEOPT, 5, 0))
+    magic, opt, typ, ln = struct.unpack(">QIII", recvall(s, 20))
+    recvall(s, ln)
+    if typ != 1:
+        print("no-starttls", typ); sys.exit(0)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+if cert:
+    ctx.load_cert_chain(cert, key)
+try:
+    t = ctx.wrap_socket(s, server_hostname="localhost")
+    if mode == "nbd":
+        t.sendall(struct.pack(">QII", IHAVEOPT, 3, 0))  # NBD_OPT_LIST
+    else:
+        t.sendall(b"\x00\x00\x00\x04abcd")
+    d = t.recv(64)
+    print("data" if d else "closed")
+except (ssl.SSLError, OSError) as e:
+    print("refused", type(e).__name__, e)
+"#;
+    let arg = |p: Option<&Path>| p.map(|p| p.display().to_string()).unwrap_or_default();
+    let out = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .arg(addr)
+        .arg(if nbd { "nbd" } else { "vsm" })
+        .arg(arg(creds.map(|c| c.0)))
+        .arg(arg(creds.map(|c| c.1)))
+        .output()
+        .expect("/usr/bin/python3 is needed (apt-get install python3)");
+    assert!(
+        out.status.success(),
+        "tls probe: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Client credentials of a CA that is not the launch's, as files: `name-cert.pem`,
+/// `name-key.pem` (and the CA, `name-ca.pem`).
+fn foreign_client(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let pki = caas_host::pki::LaunchPki::generate(name).unwrap();
+    let f = |suffix: &str, body: &str| {
+        let p = dir.join(format!("{name}-{suffix}.pem"));
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+    (
+        f("cert", &pki.client_cert_pem),
+        f("key", &pki.client_key_pem),
+        f("ca", &pki.ca_pem),
+    )
+}
+
+/// A child process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_tcp(addr: &str) {
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("nothing listens on {addr}");
+}
+
+fn loopback_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// A workload launched with network transports reads its disk over NBD with mutual TLS and
+/// has its VSM over TCP with mutual TLS, both bound to its launch. A co-tenant that got a
+/// client certificate of its own launch (made the same way, by a launch CA that is not
+/// this one), one of an operator-wide CA, or none at all, is refused by both transports —
+/// in the TLS handshake, before any NBD option or VSM frame — and every refusal is audited
+/// by the VSM (hash-chained `Connect` record) and logged and counted by the proxy. The
+/// probe itself is shown to work against servers that do trust its CA.
+#[test]
+fn another_launch_cannot_use_my_tls_transport() {
+    let c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "web");
+    c.tenant_ok(
+        "alice",
+        &[
+            "launch",
+            "--id",
+            "web",
+            "--vm",
+            "vm-net",
+            "--host",
+            "host-1",
+            "--network",
+        ],
+    );
+    let w = c.workloads("host-1");
+    let w = w.iter().find(|w| w["vm_id"] == json!("vm-net")).unwrap();
+    let disk_uri = w["disk_uri"].as_str().unwrap().to_string();
+    let disk = disk_uri
+        .strip_prefix("nbds://")
+        .and_then(|r| r.split_once('/'))
+        .unwrap_or_else(|| panic!("disk is not served over TLS: {disk_uri}"))
+        .0
+        .to_string();
+    let vsm = w["vsm_tls"].as_str().unwrap().to_string();
+    // The legitimate workload got the launch's client key and read its disk through it:
+    // the hash it reports is the tenant's plaintext image.
+    let rep = c.tenant_ok("alice", &["connect", "--vm", "vm-net"]);
+    let v: Value = serde_json::from_str(&rep[rep.find('{').unwrap()..]).unwrap();
+    assert_eq!(
+        v["disk_sha256"],
+        json!(c.plain_sha256("alice", "web")),
+        "{v}"
+    );
+    // No server key is left on the host's disk.
+    assert!(!domain_dir(&c, "host-1", "vm-net").join("tls").exists());
+
+    let creds = c.root.join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    let other_launch = foreign_client(&creds, "vm-other");
+    let operator = foreign_client(&creds, "operator");
+    // The probe works: servers trusting its CA serve it (a plaintext-passthrough proxy and
+    // a VSM started by hand with the "other launch" CA as client CA).
+    let srv_pki = caas_host::pki::LaunchPki::generate("srv").unwrap();
+    std::fs::write(creds.join("srv-server.pem"), &srv_pki.server_cert_pem).unwrap();
+    std::fs::write(creds.join("srv-server.key"), &*srv_pki.server_key_pem).unwrap();
+    let blob = creds.join("blob.img");
+    std::fs::write(&blob, vec![0u8; 1 << 20]).unwrap();
+    let (ctl_nbd, ctl_vsm) = (loopback_addr(), loopback_addr());
+    let tls_args = |ca: &Path| -> Vec<String> {
+        vec![
+            "--tls-cert".into(),
+            creds.join("srv-server.pem").display().to_string(),
+            "--tls-key".into(),
+            creds.join("srv-server.key").display().to_string(),
+            "--tls-client-ca".into(),
+            ca.display().to_string(),
+        ]
+    };
+    let _proxy = Killed(
+        Command::new(caas_bin())
+            .args(["volume", "serve"])
+            .arg(&blob)
+            .args(["--plaintext", "--tcp", &ctl_nbd])
+            .args(tls_args(&other_launch.2))
+            .spawn()
+            .unwrap(),
+    );
+    let _dom = Killed(
+        Command::new(caas_bin())
+            .args(["domc", "serve", "--ephemeral-key", "--state-dir"])
+            .arg(creds.join("domc"))
+            .args(["--tcp", &ctl_vsm])
+            .args(tls_args(&other_launch.2))
+            .spawn()
+            .unwrap(),
+    );
+    wait_tcp(&ctl_nbd);
+    wait_tcp(&ctl_vsm);
+    let ol = Some((other_launch.0.as_path(), other_launch.1.as_path()));
+    assert_eq!(tls_probe(&ctl_nbd, true, ol), "data", "control: NBD");
+    assert_eq!(tls_probe(&ctl_vsm, false, ol), "data", "control: VSM");
+
+    // Against alice's launch, every one of them is refused, on both transports.
+    let attackers: [(&str, Option<(&Path, &Path)>); 3] = [
+        ("another launch's certificate", ol),
+        (
+            "an operator CA's certificate",
+            Some((operator.0.as_path(), operator.1.as_path())),
+        ),
+        ("no certificate", None),
+    ];
+    for (who, cr) in attackers {
+        let r = tls_probe(&disk, true, cr);
+        assert!(r.starts_with("refused"), "NBD with {who}: {r}");
+        let r = tls_probe(&vsm, false, cr);
+        assert!(r.starts_with("refused"), "VSM with {who}: {r}");
+    }
+    // The VSM audited three refusals in its hash-chained log...
+    let out = Command::new(caas_bin())
+        .args(["domc", "audit", "--state-dir"])
+        .arg(domain_dir(&c, "host-1", "vm-net").join("domc"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let audit = String::from_utf8_lossy(&out.stdout);
+    let n = audit
+        .lines()
+        .filter(|l| {
+            l.contains("\"op\":\"Connect\"")
+                && l.contains("tls: 127.0.0.1")
+                && l.contains("\"rv\":\"0x200\"")
+        })
+        .count();
+    assert_eq!(n, 3, "audited TLS refusals:\n{audit}");
+    // ...and the disk's proxy logged and counted its three.
+    let log = dev_log(&c);
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("NBD connection refused") && l.contains("TLS handshake failed"))
+        .collect();
+    assert!(
+        refused.len() >= 3 && refused.iter().any(|l| l.contains("refused=3")),
+        "proxy refusals: {refused:#?}"
+    );
+    // alice's workload still works, VSM included.
+    let rep = c.tenant_ok("alice", &["connect", "--vm", "vm-net"]);
+    let v: Value = serde_json::from_str(&rep[rep.find('{').unwrap()..]).unwrap();
+    assert_eq!(v["vsm"]["mechanism"], json!("CKM_ECDSA_SHA256"), "{v}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Issue 12: the workload and its own crypto domain do not share an identity.
+// ---------------------------------------------------------------------------------------
+
+/// Runs `script` (python3) as `uid:gid` with no capabilities, with `args`.
+fn as_user(uid: u32, gid: u32, script: &str, args: &[String]) -> String {
+    let out = Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "/usr/bin/python3",
+            "-c",
+            script,
+        ])
+        .args(args)
+        .current_dir("/")
+        .output()
+        .expect("setpriv (util-linux) and /usr/bin/python3 are needed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A compromised workload attacks its own crypto domain from its own identity: it cannot
+/// signal (kill, stop) its VSM or its Secure Device Proxies, cannot ptrace-attach to them
+/// nor read their memory, and cannot list or plant entries in the crypto-domain directory;
+/// it can still use the crypto domain through its sockets. (With one shared uid, as before,
+/// the kill succeeds: the probe is checked against a process of the workload's own uid.)
+#[test]
+fn workload_cannot_signal_or_trace_its_crypto_domain() {
+    assert!(
+        ids_of(std::process::id()).0 == 0,
+        "this test needs root (workload identities are separate uids)"
+    );
+    let c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "web");
+    c.launch_with_db("alice", "vm1", "host-1");
+    let workload = pid_of(&c, "host-1", "vm1", "workload");
+    let (wu, wg) = ids_of(workload);
+    let dom = domain_dir(&c, "host-1", "vm1");
+    let mut targets: Vec<(String, u32)> = vec![
+        ("vsm".into(), pid_of(&c, "host-1", "vm1", "vsm")),
+        ("disk proxy".into(), pid_of(&c, "host-1", "vm1", "sdp")),
+    ];
+    for p in pids_with(&format!("{}/vol-finance-db.sock", dom.display())) {
+        if std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.starts_with(b"/")) {
+            targets.push(("volume proxy".into(), p));
+        }
+    }
+    assert_eq!(targets.len(), 3, "{targets:?}");
+    let script = r#"
+import ctypes, errno, os, signal, sys
+pid = int(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+out = []
+for name, sig in (("kill0", 0), ("stop", signal.SIGSTOP), ("term", signal.SIGTERM)):
+    try:
+        os.kill(pid, sig); out.append(name + "=ok")
+    except OSError as e:
+        out.append(name + "=" + errno.errorcode[e.errno])
+PTRACE_ATTACH = 16
+r = libc.ptrace(PTRACE_ATTACH, pid, None, None)
+out.append("ptrace=" + ("ok" if r == 0 else errno.errorcode[ctypes.get_errno()]))
+try:
+    open("/proc/%d/mem" % pid, "rb").close(); out.append("mem=ok")
+except OSError as e:
+    out.append("mem=" + errno.errorcode[e.errno])
+print(" ".join(out))
+"#;
+    // The probe works: against a process of the workload's own uid, signals land.
+    let mut same_uid = {
+        use std::os::unix::process::CommandExt;
+        let mut s = Command::new("sleep");
+        s.arg("60").uid(wu).gid(wg);
+        s.spawn().unwrap()
+    };
+    let out = as_user(wu, wg, script, &[same_uid.id().to_string()]);
+    assert!(out.starts_with("kill0=ok stop=ok term=ok"), "probe: {out}");
+    let _ = same_uid.kill();
+    let _ = same_uid.wait();
+    for (what, pid) in &targets {
+        let (du, _) = ids_of(*pid);
+        assert_ne!(du, wu, "{what} runs under the workload's uid");
+        let out = as_user(wu, wg, script, &[pid.to_string()]);
+        assert_eq!(
+            out, "kill0=EPERM stop=EPERM term=EPERM ptrace=EPERM mem=EACCES",
+            "{what} ({pid})"
+        );
+        // Still running.
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    }
+    // The crypto-domain directory: reachable by name, not listable, not writable.
+    let dir_script = r#"
+import os, sys
+d = sys.argv[1]
+out = []
+try:
+    os.listdir(d); out.append("list=ok")
+except OSError as e:
+    out.append("list=%d" % e.errno)
+try:
+    open(os.path.join(d, "planted.sock"), "w").close(); out.append("create=ok")
+except OSError as e:
+    out.append("create=%d" % e.errno)
+try:
+    os.rename(os.path.join(d, "vsm.sock"), os.path.join(d, "x")); out.append("rename=ok")
+except OSError as e:
+    out.append("rename=%d" % e.errno)
+print(" ".join(out))
+"#;
+    let out = as_user(wu, wg, dir_script, &[dom.display().to_string()]);
+    assert_eq!(
+        out, "list=13 create=13 rename=13",
+        "crypto-domain directory"
+    );
+    // The workload still uses its crypto domain: disk, VSM signature and volume.
+    let rep = c.tenant_ok("alice", &["connect", "--vm", "vm1"]);
+    let v: Value = serde_json::from_str(&rep[rep.find('{').unwrap()..]).unwrap();
+    assert_eq!(
+        v["disk_sha256"],
+        json!(c.plain_sha256("alice", "web")),
+        "{v}"
+    );
+    assert_eq!(v["vsm"]["mechanism"], json!("CKM_ECDSA_SHA256"), "{v}");
+    assert_eq!(v["volumes"][0]["ok"], json!(true), "{v}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Issue 12: a DBSP volume's epoch is anchored at the TTP.
+// ---------------------------------------------------------------------------------------
+
+/// Storage rolls a whole DBSP volume back to an older consistent snapshot (every byte a
+/// valid old state, so the volume alone cannot tell). The TTP keeps the epoch the SC
+/// reported (AK-signed) at the last attach and returns it with the next DomKeyGen; the
+/// proxy refuses the volume below it: the attach, and so the launch, fails with
+/// `volume_rollback`, recorded in the agent's audit log and the proxy's audit record.
+#[test]
+fn rolled_back_volume_is_refused_at_attach() {
+    let c = Cloud::start();
+    c.tenant_with_image("alice", "finance", "web");
+    let vol = c.storage().join("domains/finance/db.caasvol");
+    c.launch_with_db("alice", "vm1", "host-1");
+    let rep = c.tenant_ok("alice", &["connect", "--vm", "vm1"]);
+    assert!(rep.contains("\"ok\": true"), "{rep}");
+    c.stop("host-1", "vm1");
+    // Storage keeps a snapshot of the volume...
+    let snapshot = std::fs::read(&vol).unwrap();
+    // ...the tenant keeps working on it (the next attach opens it at a later epoch, which
+    // the SC reports to the TTP)...
+    c.launch_with_db("alice", "vm2", "host-1");
+    let rep = c.tenant_ok("alice", &["connect", "--vm", "vm2"]);
+    assert!(rep.contains("\"ok\": true"), "{rep}");
+    c.stop("host-1", "vm2");
+    let audit = c.audit();
+    assert!(
+        audit_has(&audit, "DbspEpoch", "Success"),
+        "no epoch report at the TTP: {audit}"
+    );
+    // ...then storage puts the old snapshot back.
+    let current = std::fs::read(&vol).unwrap();
+    std::fs::write(&vol, &snapshot).unwrap();
+    let (ok, text) = c.tenant(
+        "alice",
+        &[
+            "launch",
+            "--id",
+            "web",
+            "--vm",
+            "vm3",
+            "--host",
+            "host-1",
+            "--domains",
+            "finance",
+            "--volumes",
+            "finance/db",
+        ],
+    );
+    assert!(!ok, "a rolled-back volume was attached:\n{text}");
+    assert!(text.contains("volume_rollback"), "{text}");
+    assert!(
+        c.agent_audit_has("host-1", "AttachVolume", "volume_rollback"),
+        "{}",
+        c.agent_audit("host-1")
+    );
+    let log = dev_log(&c);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("volume_rollback") && l.contains("behind the expected epoch")),
+        "no audit record of the proxy"
+    );
+    assert!(
+        c.workloads("host-1")
+            .iter()
+            .all(|w| w["vm_id"] != json!("vm3")),
+        "the workload runs"
+    );
+    // The current volume (not rolled back) still attaches.
+    std::fs::write(&vol, &current).unwrap();
+    c.launch_with_db("alice", "vm4", "host-1");
+    let rep = c.tenant_ok("alice", &["connect", "--vm", "vm4"]);
+    assert!(rep.contains("\"ok\": true"), "{rep}");
 }

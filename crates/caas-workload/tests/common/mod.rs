@@ -162,6 +162,7 @@ impl Fixture {
         InjectedSecrets {
             tau: self.tau.clone(),
             pk_dm: caas_workload::proto::public_key_bytes(&self.sk_dm),
+            tls: None,
         }
         .write_to(&self.spec.inject_file)?;
         Ok(())
