@@ -7,60 +7,86 @@
 #       step (qemu spawned → the guest's ready line), and
 #   (b) plaintext, the same image as a plain raw file (`-drive file=IMG`), the same qemu
 #       arguments otherwise (fw_cfg τ/pk_DM, no VSM) — qemu spawned → the same ready line,
-# and prints the medians and the ratio a/b. "Ready" = the guest agent has read fw_cfg,
+# interleaved, and prints the medians and the ratio a/b. "Ready" = the guest agent has read fw_cfg,
 # hashed its whole boot disk (so every block of the image went through the crypto domain in
 # (a)), bound its PSK listener and, in (a), logged in to its VSM over virtio-serial.
 #
 # Usage: bench/vm-boot.sh             (REPEAT=3 boots of each; TCG unless CAAS_QEMU_ACCEL)
+#
+# Figures (2026-12-05, 2 shared cores at load ~10, TCG — nested KVM stalls here; guest image
+# 28 MiB; dev profile; REPEAT=3, interleaved):
+#   (b) plaintext image, plain disk:           8734 9544 10124 ms (median 9544)
+#   (a) encrypted image via crypto domain, TL: 9828 7322 6722 ms (median 7322)
+#   ratio a/b: 0.77   (an earlier, non-interleaved run: 13192 vs 10089 ms, 0.76)
+# The encrypted path is not measurably slower: under TCG the boot is bound by emulating the
+# guest (SeaBIOS, syslinux, the kernel, hashing the disk), not by the crypto domain's
+# AES-GCM on 28 MiB. That (b) came out slower in both runs is not explained (the arguments
+# differ only in the disk source and the VSM port); read the ratio as "≈ 1 within this
+# machine's noise", not as a speed-up.
 # Needs what scripts/install-deps installs (qemu-system-x86, syslinux, mtools, ...), and
 # builds `caas` and `caas-guest` (dev profile, as the tests use them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPEAT=${REPEAT:-3}
 cargo build -q -p caas --bins
+cargo build -q -p caas-pkcs11   # the module is uplifted only when built itself
 bin=target/debug
 img=$(scripts/build-guest-image --agent $bin/caas-guest --pkcs11 $bin/libcaas_pkcs11.so)
 work=$(mktemp -d /tmp/caas-vm-bench.XXXXXX)
 chmod 711 "$work"
 dev_pid=""
 cleanup() {
+  rc=$?
+  if [ $rc != 0 ]; then
+    find "$work" -name '*.serial.log' -o -name '*.qemu.log' 2>/dev/null | while read -r f; do
+      echo "--- $f"; tail -c 2000 "$f"; done
+  fi
   [ -n "$dev_pid" ] && kill "$dev_pid" 2>/dev/null && wait "$dev_pid" 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-# (b) plaintext image on a plain disk.
-plain_ms=()
-for i in $(seq "$REPEAT"); do
-  python3 - "$work/inject.json" <<'EOF'
-import base64, json, os, sys
-json.dump({"tau": base64.b64encode(os.urandom(32)).decode(),
-           "pk_dm": base64.b64encode(os.urandom(32)).decode()}, open(sys.argv[1], "w"))
-EOF
-  chmod 600 "$work/inject.json"
-  log="$work/plain-$i.serial.log"
-  accel=tcg; cpu=max
+# (b) the plaintext image on a plain disk: qemu spawned and its serial log polled every
+# 20 ms in one process, as the qemu driver does.
+plain_boot() { # N → prints ms
+  local accel=tcg cpu=max
   [ "${CAAS_QEMU_ACCEL:-tcg}" = kvm ] && { accel=kvm; cpu=qemu64; }
-  start=$(date +%s%N)
-  qemu-system-x86_64 -name guest=plain -accel $accel -cpu $cpu -m 256 -nographic -monitor none \
-    -no-reboot -serial "file:$log" -device virtio-rng-pci \
-    -drive "file=$img,format=raw,if=virtio,snapshot=on" \
-    -fw_cfg "name=opt/caas/inject,file=$work/inject.json" -fw_cfg name=opt/caas/vm-id,string=plain \
-    -netdev user,id=net0,hostfwd=tcp:127.0.0.1:0-:7000 -device virtio-net-pci,netdev=net0,romfile= \
-    </dev/null >/dev/null 2>&1 &
-  qpid=$!
-  until grep -q "caas-workload ready" "$log" 2>/dev/null; do
-    kill -0 $qpid 2>/dev/null || { echo "plain VM exited:"; cat "$log"; exit 1; }
-    sleep 0.02
-  done
-  end=$(date +%s%N)
-  kill $qpid; wait $qpid 2>/dev/null || true
-  plain_ms+=($(( (end - start) / 1000000 )))
-done
+  python3 - "$img" "$work" "$1" "$accel" "$cpu" <<'EOF2'
+import base64, json, os, subprocess, sys, time
+img, work, n, accel, cpu = sys.argv[1:]
+inject = os.path.join(work, "inject.json")
+fd = os.open(inject, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+os.write(fd, json.dumps({"tau": base64.b64encode(os.urandom(32)).decode(),
+                         "pk_dm": base64.b64encode(os.urandom(32)).decode()}).encode())
+os.close(fd)
+log = os.path.join(work, f"plain-{n}.serial.log")
+start = time.monotonic()
+q = subprocess.Popen(["qemu-system-x86_64", "-name", "guest=plain", "-accel", accel, "-cpu", cpu,
+    "-m", "256", "-nographic", "-monitor", "none", "-no-reboot", "-serial", "file:" + log,
+    "-device", "virtio-rng-pci", "-drive", f"file={img},format=raw,if=virtio,readonly=on",
+    "-fw_cfg", f"name=opt/caas/inject,file={inject}", "-fw_cfg", "name=opt/caas/vm-id,string=plain",
+    "-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:0-:7000",
+    "-device", "virtio-net-pci,netdev=net0,romfile="],
+    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+try:
+    while True:
+        try:
+            if b"caas-workload ready" in open(log, "rb").read():
+                break
+        except FileNotFoundError:
+            pass
+        if q.poll() is not None:
+            sys.exit("plain VM exited before it was ready")
+        time.sleep(0.02)
+    print(int((time.monotonic() - start) * 1000))
+finally:
+    q.kill(); q.wait()
+EOF2
+}
 
-# (a) encrypted image through trusted launch and the crypto domain.
-$bin/caas dev --data-dir "$work/dev" --listen 127.0.0.1:0 --hosts 1 --attest-secs 3600 \
-  >"$work/dev.log" 2>&1 &
+# (a) the encrypted image through trusted launch and the crypto domain.
+CAAS_LOG=warn $bin/caas dev --data-dir "$work/dev" --listen 127.0.0.1:0 --hosts 1 \
+  --attest-secs 3600 >"$work/dev.log" 2>&1 &
 dev_pid=$!
 until [ -f "$work/dev/env" ] && grep -q CAAS_KMS_ENDPOINT "$work/dev/env"; do
   kill -0 $dev_pid 2>/dev/null || { cat "$work/dev.log"; exit 1; }
@@ -72,21 +98,25 @@ t() { $bin/caas tenant --dir "$work/tenant" "$@"; }
 cp "$img" "$work/guest.raw"
 t init >/dev/null
 t acl --domains bench >/dev/null
-t provision --image "$work/guest.raw" --id bench --hosts host-1 >/dev/null
-enc_ms=()
-for i in $(seq "$REPEAT"); do
-  out=$(t launch --id bench --vm "vm$i" --driver qemu --domains bench)
-  ms=$(printf '%s' "$out" | python3 -c '
+t provision --image "$work/guest.raw" --id bench --hosts host-1 >/dev/null 2>&1
+enc_boot() { # N → prints ms (the launch's "start workload" step)
+  local out
+  out=$(t launch --id bench --vm "vm$1" --driver qemu --domains bench 2>/dev/null)
+  printf '%s' "$out" | python3 -c '
 import json, sys
 text = sys.stdin.read()
 doc = json.loads(text[text.index("{"):])
-for name, ms in doc["timings"]:
-    if name == "start workload":
-        print(int(ms))
-')
-  enc_ms+=("$ms")
-  t connect --vm "vm$i" >/dev/null
-  curl -fsS -X POST "${CAAS_HOST_HOST_1_URL}/v1/agent/workloads/vm$i/stop" >/dev/null 2>&1 || true
+print(next(int(ms) for name, ms in doc["timings"] if name == "start workload"))'
+  t connect --vm "vm$1" >/dev/null
+  curl -fsS -X POST "${CAAS_HOST_HOST_1_URL}/v1/agent/workloads/vm$1/stop" >/dev/null 2>&1 || true
+}
+
+# Interleaved, so that load changes on the (shared) machine hit both alike.
+plain_ms=()
+enc_ms=()
+for i in $(seq "$REPEAT"); do
+  plain_ms+=("$(plain_boot "$i")")
+  enc_ms+=("$(enc_boot "$i")")
 done
 
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
