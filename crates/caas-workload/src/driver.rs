@@ -7,7 +7,7 @@
 //! - [`QemuDriver`]: a legacy VM (`scripts/build-guest-image`) booting its WHOLE disk from
 //!   the crypto domain's NBD export (the VM sees plaintext blocks, never a key or a
 //!   ciphertext), TCG by default ([`Accel`]); τ and pk_DM reach the guest through `fw_cfg`
-//!   from a 0600 file deleted once the guest is ready (qemu reads it at start); the VSM
+//!   from a 0600 file deleted as soon as the guest runs (qemu reads it at start); the VSM
 //!   through a virtio-serial port (`caas.vsm`) that qemu connects to the crypto domain's
 //!   socket; the tenant reaches the guest's PSK responder through a loopback `hostfwd`
 //!   port. The real boot is tested by `crates/caas/tests/real_vm.rs`.
@@ -53,7 +53,8 @@ pub struct WorkloadHandle {
     vm_id: String,
     child: Child,
     readiness: Readiness,
-    /// Removed once the workload is ready or stopped (qemu reads `fw_cfg` files at start).
+    /// Removed once the workload is ready or stopped, or, for a VM, as soon as the guest
+    /// runs (qemu reads `fw_cfg` files at start).
     cleanup: Vec<PathBuf>,
     stopped: bool,
 }
@@ -79,6 +80,15 @@ impl WorkloadHandle {
             if let Some(addr) = self.probe()? {
                 self.cleanup_files();
                 return Ok(addr);
+            }
+            // qemu reads its `-fw_cfg` files while it starts, before the guest runs: once
+            // the guest has written to its console, τ, pk_DM and the PIN leave the host's
+            // disk (seconds before the guest is ready).
+            if let Readiness::SerialMarker { log, .. } = &self.readiness
+                && !self.cleanup.is_empty()
+                && std::fs::metadata(log).is_ok_and(|m| m.len() > 0)
+            {
+                self.cleanup_files();
             }
             if let Some(st) = self
                 .child

@@ -98,7 +98,7 @@ fn qemu_cmdline(vm: &str) -> Option<Vec<String>> {
             .split(|&b| b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        (args.first()?.contains("qemu-system") && args.iter().any(|a| *a == want)).then_some(args)
+        (args.first()?.contains("qemu-system") && args.contains(&want)).then_some(args)
     })
 }
 
