@@ -763,6 +763,26 @@ mod tests {
         assert_eq!(&s[0x14..0x17], &[0xEA, 0x1A, 0x7C]);
     }
 
+    /// `CAAS_QEMU_ACCEL=auto` must never hang a launch on a host whose KVM stalls (nested
+    /// KVM here stops after the BIOS): the probe is bounded, and Auto means KVM only when the
+    /// probe VM really ran under it.
+    #[test]
+    fn kvm_probe_is_bounded_and_auto_falls_back_to_tcg() {
+        let dir = std::env::temp_dir().join(format!("caas-kvm-probe-{}", std::process::id()));
+        let t = Instant::now();
+        let works = kvm_works("qemu-system-x86_64", &dir);
+        assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+        let mut d = QemuDriver::new(dir.clone());
+        d.accel = Accel::Auto;
+        let want = if works { Accel::Kvm } else { Accel::Tcg };
+        assert_eq!(d.effective_accel(), want);
+        assert!(!kvm_works("qemu-system-x86_64-not-installed", &dir));
+        // The probe leaves nothing behind.
+        let left = std::fs::read_dir(&dir).map(|r| r.count()).unwrap_or(0);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(left, 0);
+    }
+
     #[test]
     fn process_driver_needs_its_program() {
         let d = ProcessDriver::new("/nonexistent/caas".into(), "/tmp".into());
