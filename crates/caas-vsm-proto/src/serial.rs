@@ -121,6 +121,37 @@ impl Write for SerialPort {
 mod tests {
     use super::*;
 
+    /// A previous opener's unread answer must not be taken for the answer to the next
+    /// opener's `Hello` (it would desynchronise every later frame); a silent host must give a
+    /// timeout, not a hang. A raw-mode pseudo-terminal stands in for the port.
+    #[test]
+    fn stale_answer_of_a_previous_opener_is_discarded_and_reads_time_out() -> std::io::Result<()> {
+        use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+        use std::os::fd::AsRawFd;
+        let pty = nix::pty::openpty(None, None)?;
+        let mut t = tcgetattr(&pty.slave)?;
+        cfmakeraw(&mut t);
+        tcsetattr(&pty.slave, SetArg::TCSANOW, &t)?;
+        let path = std::fs::read_link(format!("/proc/self/fd/{}", pty.slave.as_raw_fd()))?;
+        let mut host = File::from(pty.master);
+        host.write_all(b"stale answer of a killed process")?;
+        std::thread::sleep(Duration::from_millis(50));
+        let mut port = SerialPort::open(&path, Some(Duration::from_millis(200)))?;
+        host.write_all(b"fresh")?;
+        let mut buf = [0u8; 5];
+        port.read_exact(&mut buf)?;
+        assert_eq!(&buf, b"fresh");
+        let t0 = std::time::Instant::now();
+        let e = port.read(&mut [0u8; 1]).err().map(|e| e.kind());
+        assert_eq!(e, Some(std::io::ErrorKind::TimedOut));
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        port.write_all(b"req")?;
+        let mut back = [0u8; 3];
+        host.read_exact(&mut back)?;
+        assert_eq!(&back, b"req");
+        Ok(())
+    }
+
     #[test]
     fn a_regular_file_is_not_a_port() -> std::io::Result<()> {
         let p = std::env::temp_dir().join(format!("caas-serial-{}", std::process::id()));
