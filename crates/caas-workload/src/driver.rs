@@ -480,7 +480,7 @@ fn kvm_probe_sector() -> [u8; 512] {
     s
 }
 
-/// Whether a VM boots under KVM here: a probe boot sector ([`kvm_probe_sector`]) must reach
+/// Whether a VM boots under KVM here: a probe boot sector (`kvm_probe_sector`) must reach
 /// protected mode and say so on the debug console within 3 s. Nested KVM on some hosts
 /// stalls after the BIOS or aborts at start; then the answer is no and the driver uses TCG.
 #[must_use]
