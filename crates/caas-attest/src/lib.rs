@@ -4,7 +4,8 @@
 //! validation ([`ekcert`]), software MakeCredential ([`credential`]), security profiles
 //! ([`profile`]) and appraisal ([`appraisal`]). On top: the registrar and verifier logic
 //! over a small storage trait ([`registrar`], [`verifier`], [`store`]) and, with the
-//! `service` feature, their HTTP endpoints and the continuous-attestation task.
+//! `service` feature, their HTTP endpoints and the continuous-attestation task, and the one
+//! error answer of caas's internal HTTP APIs ([`http_error`]).
 
 pub mod appraisal;
 #[cfg(feature = "service")]
@@ -14,6 +15,8 @@ pub mod der;
 pub mod ekcert;
 pub mod error;
 pub mod eventlog;
+#[cfg(feature = "service")]
+pub mod http_error;
 pub mod profile;
 pub mod quote;
 pub mod registrar;

@@ -71,29 +71,22 @@ pub struct ApiError(pub Error);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, code) = match &self.0 {
-            Error::Enrollment { code, .. } => (StatusCode::FORBIDDEN, *code),
-            Error::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
-            Error::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+        use crate::http_error::{ErrorKind as K, HttpError};
+        let (kind, code) = match &self.0 {
+            Error::Enrollment { code, .. } => (K::Forbidden, *code),
+            Error::NotFound { .. } => (K::NotFound, "not_found"),
+            Error::InvalidRequest(_) => (K::BadRequest, "invalid_request"),
             Error::Truncated { .. } | Error::Malformed { .. } | Error::Unsupported { .. } => {
-                (StatusCode::BAD_REQUEST, "malformed")
+                (K::BadRequest, "malformed")
             }
-            Error::EkCertificate(_) => (StatusCode::FORBIDDEN, "ek_cert_invalid"),
-            Error::BadSignature(_) => (StatusCode::FORBIDDEN, "bad_signature"),
-            Error::Agent { .. } | Error::Remote { .. } => {
-                (StatusCode::BAD_GATEWAY, "host_unreachable")
+            Error::EkCertificate(_) => (K::Forbidden, "ek_cert_invalid"),
+            Error::BadSignature(_) => (K::Forbidden, "bad_signature"),
+            Error::Agent { .. } | Error::Remote { .. } => (K::Upstream, "host_unreachable"),
+            Error::Storage(_) | Error::Crypto(_) => {
+                return HttpError::internal("internal").into_response();
             }
-            Error::Storage(_) | Error::Crypto(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
-        let message = match &self.0 {
-            Error::Storage(_) | Error::Crypto(_) => "internal error".to_string(),
-            e => e.to_string(),
-        };
-        (
-            status,
-            Json(serde_json::json!({ "code": code, "message": message })),
-        )
-            .into_response()
+        HttpError::new(kind, code, self.0.to_string()).into_response()
     }
 }
 

@@ -3,6 +3,10 @@
 //! core file, and no `ptrace` attach or `/proc/PID/mem` read by other processes of the same
 //! user) and its core-file limit is set to 0 (`RLIMIT_CORE`, soft and hard, so a child or a
 //! later `setrlimit` cannot raise it again). One implementation, used by both.
+//!
+//! Children start with no inherited descriptors ([`command_without_inherited_fds`]): every
+//! process caas spawns from a process that may hold a TPM connection (the host agent, `caas
+//! dev`) goes through it.
 
 /// A hardening step the kernel refused.
 #[derive(Debug, thiserror::Error)]
@@ -31,4 +35,24 @@ pub fn forbid_core_dumps() -> Result<(), HardeningError> {
             errno,
         },
     )
+}
+
+/// A `Command` for `program` that starts with no inherited file descriptors beyond
+/// stdin/stdout/stderr. libtss2 opens its TPM sockets without close-on-exec, so a child
+/// spawned while a TPM connection is being opened would keep that connection alive; swtpm
+/// serves one connection at a time, so the next connection of the TPM's owner then waits
+/// forever behind the child's copy (seen: `caas dev`'s own crypto domain, spawned while a
+/// host agent enrolled, stalled that host's TPM for good). Everything a process that may
+/// hold a TPM connection spawns goes through here.
+/// (No redirection around the loop: bash saves the redirected stderr on a high descriptor,
+/// the loop closed that copy, and the child then ran with stderr on /dev/null — crypto
+/// domains' warnings, refusals included, were lost.)
+pub fn command_without_inherited_fds(
+    program: impl AsRef<std::ffi::OsStr>,
+) -> std::process::Command {
+    let mut c = std::process::Command::new("bash");
+    c.arg("-c")
+        .arg(r#"for p in /proc/$$/fd/*; do n=${p##*/}; if [ "$n" -gt 2 ] && [ -e "$p" ]; then eval "exec $n>&-"; fi; done; exec "$0" "$@""#)
+        .arg(program);
+    c
 }

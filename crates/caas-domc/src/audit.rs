@@ -1,11 +1,26 @@
 //! The crypto domain's tamper-evident audit log: one JSON line per operation (who = the
-//! application instance, what = the PKCS#11 call and key, when, result), each carrying the
-//! SHA-256 of the previous line's hash and its own content, so any edit, deletion or
-//! reordering breaks the chain. The tenant reads and checks it with `caas domc audit`.
-//! Entries never contain key material, PINs or data.
+//! application instance, what = the PKCS#11 call and key, when, result), hash-chained and
+//! authenticated with caas's one chain construction ([`caas_crypto::chain`], domain
+//! `caas/domc/audit`): each line carries the previous record's hash (`prev`), its own
+//! record hash over its body (`hash`) and an HMAC-SHA256 tag of that hash (`tag`) under a key
+//! derived from the domain key ([`audit_key`]). Any edit, deletion, insertion or reordering
+//! breaks the chain — also for an editor who recomputes the hashes, since the tags need the
+//! domain key. The tenant reads and checks it with `caas domc audit` (which needs the domain
+//! key). Entries never contain key material, PINs or data.
+//!
+//! Threat model: the domain key holder (the crypto domain process; root on its host, who can
+//! read its memory or its key source) can still rewrite the log; the keyed chain makes edits
+//! by anyone without the domain key (a file editor, a backup, the storage) evident. A cut
+//! tail (the newest lines removed) is not detected: that needs the head anchored outside the
+//! file (as the key service's checkpoint does), which the crypto domain does not have yet.
+//!
+//! Format: the record body is the JSON of the fields `seq` … `rv` (the line up to, without,
+//! its `prev`); lines written before the keyed chain (no `tag`) do not verify and make
+//! [`AuditLog::open`] refuse the file: move it aside.
 
 use crate::Error;
-use aws_lc_rs::digest;
+use crate::keysource::DomainKey;
+use caas_crypto::chain::{self, ChainVerifier, HmacChainKey, LogDomain, RecordSigner as _};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -34,45 +49,75 @@ pub struct Entry {
     pub rv: String,
     /// Hash of the previous entry (hex; zeros for the first).
     pub prev: String,
-    /// SHA-256(prev || JSON of this entry without `hash`), hex.
+    /// The record hash (`caas_crypto::chain::record_hash`) over this entry's body, hex.
     #[serde(default)]
     pub hash: String,
+    /// HMAC-SHA256 of `hash` under the domain's audit key ([`audit_key`]), hex.
+    #[serde(default)]
+    pub tag: String,
+}
+
+/// The record body: the fields up to `rv`, serialized in this order.
+#[derive(Serialize)]
+struct Body<'a> {
+    seq: u64,
+    time_ms: u64,
+    app: &'a str,
+    op: &'a str,
+    slot: u64,
+    object: &'a str,
+    mechanism: &'a str,
+    rv: &'a str,
 }
 
 impl Entry {
-    /// The JSON line (with its newline) and hash of an entry whose `hash` is still empty,
-    /// serializing it once: the hashed body is the line with `"hash":""`, and `hash` is the
-    /// last field, so the line is the body with the hash spliced in before `"}`.
-    fn line(&self) -> Option<(Vec<u8>, String)> {
-        let mut body = serde_json::to_vec(self).ok()?;
-        if !self.hash.is_empty() || !body.ends_with(br#","hash":""}"#) {
-            return None;
-        }
-        let mut ctx = digest::Context::new(&digest::SHA256);
-        ctx.update(self.prev.as_bytes());
-        ctx.update(&body);
-        let hash = hex::encode(ctx.finish().as_ref());
-        body.truncate(body.len() - 2);
-        body.extend_from_slice(hash.as_bytes());
-        body.extend_from_slice(b"\"}\n");
-        Some((body, hash))
+    /// The canonical body bytes (a JSON object of `seq` … `rv`).
+    fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(&Body {
+            seq: self.seq,
+            time_ms: self.time_ms,
+            app: &self.app,
+            op: &self.op,
+            slot: self.slot,
+            object: &self.object,
+            mechanism: &self.mechanism,
+            rv: &self.rv,
+        })
+        .unwrap_or_default()
     }
 
-    fn compute_hash(&self) -> String {
-        let mut e = self.clone();
-        e.hash = String::new();
-        let body = serde_json::to_vec(&e).unwrap_or_default();
-        let mut ctx = digest::Context::new(&digest::SHA256);
-        ctx.update(self.prev.as_bytes());
-        ctx.update(&body);
-        hex::encode(ctx.finish().as_ref())
+    /// The JSON line (with its newline) and hash of the entry `seq` after `prev`: the body,
+    /// with `prev`, `hash` and `tag` appended as its last fields.
+    fn line(&self, prev: &[u8; 32], key: &HmacChainKey) -> (Vec<u8>, [u8; 32]) {
+        let mut line = self.body();
+        let hash = chain::record_hash(LogDomain::DOMC_AUDIT, prev, self.seq, &line);
+        let tag = key.sign(&hash);
+        line.pop(); // the body's closing brace
+        line.extend_from_slice(b",\"prev\":\"");
+        line.extend_from_slice(chain::hex32(prev).as_bytes());
+        line.extend_from_slice(b"\",\"hash\":\"");
+        line.extend_from_slice(chain::hex32(&hash).as_bytes());
+        line.extend_from_slice(b"\",\"tag\":\"");
+        line.extend_from_slice(hex::encode(tag).as_bytes());
+        line.extend_from_slice(b"\"}\n");
+        (line, hash)
     }
+}
+
+/// The audit log's chain key: derived from the domain key (label `caas chain key`, context
+/// `caas/domc/audit`), used for nothing else.
+///
+/// # Errors
+/// Not expected (the domain key has 32 bytes).
+pub fn audit_key(key: &DomainKey) -> Result<HmacChainKey, Error> {
+    HmacChainKey::derive(key.expose(), LogDomain::DOMC_AUDIT)
+        .map_err(|e| Error::DomainKey(format!("audit key: {e}")))
 }
 
 #[derive(Debug)]
 struct Tail {
     seq: u64,
-    prev: String,
+    prev: [u8; 32],
     out: std::io::BufWriter<std::fs::File>,
     last_flush: std::time::Instant,
 }
@@ -103,6 +148,7 @@ fn is_routine(op: &str) -> bool {
 #[derive(Debug)]
 pub struct AuditLog {
     path: PathBuf,
+    key: HmacChainKey,
     tail: Mutex<Tail>,
 }
 
@@ -124,15 +170,20 @@ pub struct Record<'a> {
 }
 
 impl AuditLog {
-    /// Opens (verifying) or creates the log at `path`.
-    pub fn open(path: &Path) -> Result<Self, Error> {
+    /// Opens (verifying with `key`, see [`audit_key`]) or creates the log at `path`.
+    ///
+    /// # Errors
+    /// [`Error::AuditChain`] when the existing log does not verify (edited, or written
+    /// without this domain's key).
+    pub fn open(path: &Path, key: HmacChainKey) -> Result<Self, Error> {
         let (seq, prev) = if path.exists() {
-            let entries = verify(path)?;
-            entries
-                .last()
-                .map_or((0, "0".repeat(64)), |e| (e.seq, e.hash.clone()))
+            let entries = verify(path, &key)?;
+            match entries.last() {
+                Some(e) => (e.seq, hash32(&e.hash, e.seq)?),
+                None => (0, chain::GENESIS),
+            }
         } else {
-            (0, "0".repeat(64))
+            (0, chain::GENESIS)
         };
         let f = std::fs::OpenOptions::new()
             .create(true)
@@ -141,6 +192,7 @@ impl AuditLog {
             .map_err(Error::io("open audit log", path))?;
         Ok(Self {
             path: path.to_path_buf(),
+            key,
             tail: Mutex::new(Tail {
                 seq,
                 prev,
@@ -199,6 +251,7 @@ impl AuditLog {
             rv: format!("0x{:x}", r.rv),
             prev: String::new(),
             hash: String::new(),
+            tag: String::new(),
         };
         let routine = r.rv == 0 && is_routine(r.op);
         let mut t = self
@@ -206,21 +259,7 @@ impl AuditLog {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         e.seq = t.seq + 1;
-        e.prev = t.prev.clone();
-        let (line, hash) = match e.line() {
-            Some(x) => x,
-            None => {
-                // Not expected (the layout is fixed); the slow, obviously right way.
-                let hash = e.compute_hash();
-                e.hash = hash.clone();
-                let Ok(mut line) = serde_json::to_vec(&e) else {
-                    tracing::error!("audit entry not serializable");
-                    return;
-                };
-                line.push(b'\n');
-                (line, hash)
-            }
-        };
+        let (line, hash) = e.line(&t.prev, &self.key);
         // One write_all per line: the buffer is only ever flushed at line boundaries, so a
         // reader (or a crash) never sees half an entry.
         let flush_now = !routine || t.last_flush.elapsed() >= FLUSH_INTERVAL;
@@ -241,10 +280,38 @@ impl AuditLog {
     }
 }
 
-/// Reads and verifies the whole chain, returning the entries.
-pub fn verify(path: &Path) -> Result<Vec<Entry>, Error> {
+fn hash32(hex: &str, seq: u64) -> Result<[u8; 32], Error> {
+    chain::unhex(hex)
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| Error::AuditChain {
+            seq,
+            reason: "hash is not 32 bytes of hex".into(),
+        })
+}
+
+/// Reads and verifies the whole chain (seq, links, record hashes and tags under `key`, with
+/// the shared verifier), returning the entries.
+///
+/// # Errors
+/// [`Error::AuditChain`] naming the first bad entry; I/O errors.
+pub fn verify(path: &Path, key: &HmacChainKey) -> Result<Vec<Entry>, Error> {
+    verify_with(path, Some(key))
+}
+
+/// [`verify`] without the tags, for a log whose domain key is gone (an `--ephemeral-key`
+/// domain, as trusted launch runs them, generates its key in memory and never stores it):
+/// checks seq, links and record hashes only, which an editor of the file can recompute.
+/// Say so wherever its result is shown.
+///
+/// # Errors
+/// As [`verify`].
+pub fn verify_links_only(path: &Path) -> Result<Vec<Entry>, Error> {
+    verify_with(path, None)
+}
+
+fn verify_with(path: &Path, key: Option<&HmacChainKey>) -> Result<Vec<Entry>, Error> {
     let f = std::fs::File::open(path).map_err(Error::io("open audit log", path))?;
-    let mut prev = "0".repeat(64);
+    let mut v = ChainVerifier::new(LogDomain::DOMC_AUDIT);
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
         let seq = i as u64 + 1;
@@ -253,38 +320,59 @@ pub fn verify(path: &Path) -> Result<Vec<Entry>, Error> {
             seq,
             reason: format!("unparsable entry: {err}"),
         })?;
-        if e.seq != seq {
-            return Err(Error::AuditChain {
-                seq,
-                reason: format!("sequence number {} out of order", e.seq),
-            });
-        }
-        if e.prev != prev {
-            return Err(Error::AuditChain {
-                seq,
-                reason: "previous-hash link does not match".into(),
-            });
-        }
-        if e.compute_hash() != e.hash {
-            return Err(Error::AuditChain {
-                seq,
-                reason: "entry hash does not match its content".into(),
-            });
-        }
-        prev = e.hash.clone();
+        let malformed = |what: &str| Error::AuditChain {
+            seq,
+            reason: format!("{what} is not hex"),
+        };
+        let prev = chain::unhex(&e.prev).ok_or_else(|| malformed("prev"))?;
+        let hash = chain::unhex(&e.hash).ok_or_else(|| malformed("hash"))?;
+        let tag = chain::unhex(&e.tag).ok_or_else(|| malformed("tag"))?;
+        v.check(
+            &chain::StoredRecord {
+                seq: e.seq,
+                prev_hash: &prev,
+                hash: &hash,
+                body: &e.body(),
+                tag: &tag,
+            },
+            &|h, t| key.is_none_or(|k| k.verify(h, t)),
+        )
+        .map_err(|f| Error::AuditChain {
+            seq: f.seq,
+            reason: f.reason.to_string(),
+        })?;
         out.push(e);
     }
     Ok(out)
+}
+
+/// [`verify`] with the key derived from the domain key in `key_file` (a `--key-file`
+/// domain's `STATE/domain.key`).
+///
+/// # Errors
+/// As [`verify`]; the key file's errors.
+pub fn verify_with_key_file(path: &Path, key_file: &Path) -> Result<Vec<Entry>, Error> {
+    use crate::keysource::DomainKeySource as _;
+    let dk = crate::keysource::KeyFile {
+        path: key_file.to_path_buf(),
+        create: false,
+    }
+    .load()?;
+    verify(path, &audit_key(&dk)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn key(b: u8) -> HmacChainKey {
+        audit_key(&DomainKey::new([b; 32])).unwrap()
+    }
+
     #[test]
-    fn fast_line_matches_the_verified_form() -> Result<(), Box<dyn std::error::Error>> {
+    fn line_parses_back_and_verifies() -> Result<(), Box<dyn std::error::Error>> {
         let e = Entry {
-            seq: 3,
+            seq: 1,
             time_ms: 5,
             app: "00aa".into(),
             op: "C_Sign".into(),
@@ -292,22 +380,25 @@ mod tests {
             object: "7:key \"q\"".into(),
             mechanism: "0x1041".into(),
             rv: "0x0".into(),
-            prev: "ab".repeat(32),
+            prev: String::new(),
             hash: String::new(),
+            tag: String::new(),
         };
-        let (line, hash) = e.line().ok_or("no fast line")?;
+        let k = key(1);
+        let (line, hash) = e.line(&chain::GENESIS, &k);
         let parsed: Entry = serde_json::from_slice(&line)?;
-        assert_eq!(parsed.hash, hash);
-        assert_eq!(parsed.compute_hash(), hash);
+        assert_eq!(parsed.hash, chain::hex32(&hash));
+        assert_eq!(parsed.prev, "0".repeat(64));
         assert!(line.ends_with(b"\"}\n"));
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("audit.log");
+        std::fs::write(&p, &line)?;
+        assert_eq!(verify(&p, &k)?, vec![parsed]);
         Ok(())
     }
 
-    #[test]
-    fn chain_detects_edits() -> Result<(), Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
-        let p = dir.path().join("audit.log");
-        let log = AuditLog::open(&p)?;
+    fn write_log(p: &Path, k: u8) -> Result<(), Box<dyn std::error::Error>> {
+        let log = AuditLog::open(p, key(k))?;
         for op in ["C_Login", "C_Sign", "C_Sign"] {
             log.record(Record {
                 app: [1; 16],
@@ -318,15 +409,23 @@ mod tests {
         }
         drop(log);
         // Reopening continues the chain.
-        AuditLog::open(&p)?.record(Record {
+        AuditLog::open(p, key(k))?.record(Record {
             app: [1; 16],
             op: "C_Logout",
             ..Default::default()
         });
-        assert_eq!(verify(&p)?.len(), 4);
+        Ok(())
+    }
+
+    #[test]
+    fn chain_detects_edits() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("audit.log");
+        write_log(&p, 1)?;
+        assert_eq!(verify(&p, &key(1))?.len(), 4);
         // Routine successful uses may wait for the flusher; a failure writes through with
         // everything before it, always as whole lines.
-        let log = AuditLog::open(&p)?;
+        let log = AuditLog::open(&p, key(1))?;
         log.record(Record {
             app: [1; 16],
             op: "C_Sign",
@@ -338,21 +437,93 @@ mod tests {
             rv: 0x200,
             ..Default::default()
         });
-        assert_eq!(verify(&p)?.len(), 6);
+        assert_eq!(verify(&p, &key(1))?.len(), 6);
         log.record(Record {
             app: [1; 16],
             op: "C_Verify",
             ..Default::default()
         });
         log.flush();
-        assert_eq!(verify(&p)?.len(), 7);
+        assert_eq!(verify(&p, &key(1))?.len(), 7);
         drop(log);
         let text = std::fs::read_to_string(&p)?;
         std::fs::write(&p, text.replacen("C_Sign", "C_Verify", 1))?;
-        assert!(matches!(verify(&p), Err(Error::AuditChain { seq: 2, .. })));
+        assert!(matches!(
+            verify(&p, &key(1)),
+            Err(Error::AuditChain { seq: 2, .. })
+        ));
         let lines: Vec<&str> = text.lines().collect();
         std::fs::write(&p, format!("{}\n{}\n", lines[0], lines[2]))?;
-        assert!(matches!(verify(&p), Err(Error::AuditChain { seq: 2, .. })));
+        assert!(matches!(
+            verify(&p, &key(1)),
+            Err(Error::AuditChain { seq: 2, .. })
+        ));
+        Ok(())
+    }
+
+    /// The attack the unkeyed chain allowed: an editor of the file changes a record (a
+    /// refused `C_Sign` becomes a `C_Verify`) and recomputes every hash after it. The tags
+    /// need the domain key: the log no longer verifies, and the domain refuses to open it.
+    #[test]
+    fn edited_domc_audit_record_is_detected() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("audit.log");
+        write_log(&p, 1)?;
+        let mut entries = verify(&p, &key(1))?;
+        entries[1].op = "C_Verify".into();
+        // Recompute the chain as an attacker would: new hashes, links, seqs; tags copied (or
+        // computed under a key the attacker guesses).
+        let mut head = chain::Head::GENESIS;
+        let mut forged = String::new();
+        for e in &mut entries {
+            let (_, prev, hash) = head.advance(LogDomain::DOMC_AUDIT, &e.body());
+            e.prev = chain::hex32(&prev);
+            e.hash = chain::hex32(&hash);
+            forged.push_str(&serde_json::to_string(e)?);
+            forged.push('\n');
+        }
+        std::fs::write(&p, &forged)?;
+        assert!(
+            matches!(verify(&p, &key(1)), Err(Error::AuditChain { seq: 2, ref reason }) if reason.contains("signature")),
+            "a re-hashed edit verified"
+        );
+        assert!(AuditLog::open(&p, key(1)).is_err());
+        // Re-tagged under another key (another domain's, or a guess): refused just the same.
+        let other = key(2);
+        let mut head = chain::Head::GENESIS;
+        let mut retagged = String::new();
+        for e in &mut entries {
+            let (_, _, hash) = head.advance(LogDomain::DOMC_AUDIT, &e.body());
+            e.tag = hex::encode(other.sign(&hash));
+            retagged.push_str(&serde_json::to_string(e)?);
+            retagged.push('\n');
+        }
+        std::fs::write(&p, &retagged)?;
+        assert!(matches!(
+            verify(&p, &key(1)),
+            Err(Error::AuditChain { seq: 1, .. })
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn unkeyed_log_of_the_old_format_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("audit.log");
+        std::fs::write(
+            &p,
+            concat!(
+                r#"{"seq":1,"time_ms":5,"app":"00","op":"C_Login","slot":0,"object":"","#,
+                r#""mechanism":"","rv":"0x0","prev":"0000000000000000000000000000000000000000000000000000000000000000","#,
+                r#""hash":"1111111111111111111111111111111111111111111111111111111111111111"}"#,
+                "\n"
+            ),
+        )?;
+        assert!(matches!(
+            verify(&p, &key(1)),
+            Err(Error::AuditChain { seq: 1, .. })
+        ));
+        assert!(AuditLog::open(&p, key(1)).is_err());
         Ok(())
     }
 }

@@ -8,7 +8,7 @@ use crate::error::{Ckr, Error};
 use caas_vsm_proto::{Attr, Blob, Body, MechParam, Mechanism, Request, Secret, attr};
 use cryptoki_sys::*;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 /// Label of the dev token.
@@ -107,7 +107,10 @@ pub fn start(dir: &Path, exe: &Path) -> Result<DevDomain, Error> {
         nix::unistd::geteuid().as_raw(),
         nix::unistd::getegid().as_raw()
     );
-    let child = Command::new(exe)
+    // No inherited descriptors: `caas dev` opens host TPM connections concurrently, and a
+    // copy of one kept by this long-lived child would stall that TPM (swtpm serves one
+    // connection at a time).
+    let child = caas_crypto::hardening::command_without_inherited_fds(exe)
         .args([
             "domc",
             "serve",
@@ -148,8 +151,13 @@ pub fn start(dir: &Path, exe: &Path) -> Result<DevDomain, Error> {
         dev.stop();
         return Err(e);
     }
-    std::fs::write(&pins, format!("{}\n{}\n", dev.so_pin, dev.user_pin))
-        .map_err(Error::io("write", &pins))?;
+    // The dev token's PINs: a secret file like any other (0600, atomic).
+    caas_crypto::fs::write_secret(
+        &pins,
+        format!("{}\n{}\n", dev.so_pin, dev.user_pin).as_bytes(),
+        None,
+    )
+    .map_err(Error::io("write", &pins))?;
     Ok(dev)
 }
 

@@ -133,6 +133,7 @@ impl Domain {
     /// Opens the domain: loads every token from the state directory.
     pub fn open(cfg: &DomainConfig, key: DomainKey) -> Result<Self, Error> {
         std::fs::create_dir_all(&cfg.state_dir).map_err(Error::io("create", &cfg.state_dir))?;
+        let audit_key = crate::audit::audit_key(&key)?;
         let key = Arc::new(key);
         let handles = AtomicU64::new(1);
         let mut tokens = Vec::new();
@@ -151,7 +152,7 @@ impl Domain {
             handles,
             sessions: AtomicU64::new(1),
             audit: {
-                let log = Arc::new(AuditLog::open(&cfg.state_dir.join("audit.log"))?);
+                let log = Arc::new(AuditLog::open(&cfg.state_dir.join("audit.log"), audit_key)?);
                 log.start_flusher();
                 log
             },

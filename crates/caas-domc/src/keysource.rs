@@ -7,7 +7,7 @@
 
 use crate::Error;
 use std::io::Read;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
@@ -81,15 +81,8 @@ impl DomainKeySource for KeyFile {
             let mut key = [0u8; 32];
             aws_lc_rs::rand::fill(&mut key).map_err(|_| Error::DomainKey("rng".into()))?;
             let key = DomainKey::new(key);
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&self.path)
+            caas_crypto::fs::create_secret(&self.path, key.expose(), None)
                 .map_err(Error::io("create", &self.path))?;
-            std::io::Write::write_all(&mut f, key.expose())
-                .map_err(Error::io("write", &self.path))?;
-            f.sync_all().map_err(Error::io("sync", &self.path))?;
             return Ok(key);
         }
         let f = std::fs::File::open(&self.path).map_err(Error::io("open", &self.path))?;

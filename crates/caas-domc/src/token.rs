@@ -10,9 +10,7 @@ use aws_lc_rs::{aead, pbkdf2, rand};
 use caas_vsm_proto::{Attr, Blob, Secret, from_bytes, to_bytes, wire_struct};
 use cryptoki_sys::*;
 use std::collections::HashMap;
-use std::io::Write;
 use std::num::NonZeroU32;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -266,24 +264,8 @@ impl Token {
             &mut buf,
         )
         .map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
-        let tmp = self.path.with_extension("tmp");
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&nonce)?;
-            f.write_all(&buf)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)?;
-            if let Some(dir) = self.path.parent() {
-                std::fs::File::open(dir)?.sync_all()?;
-            }
-            Ok(())
-        };
-        write().map_err(|e| {
+        buf.splice(0..0, nonce);
+        caas_crypto::fs::write_secret(&self.path, &buf, None).map_err(|e| {
             tracing::error!(slot = self.slot, error = %e, "persisting token failed");
             Ckr(CKR_DEVICE_MEMORY)
         })

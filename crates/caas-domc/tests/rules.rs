@@ -257,7 +257,10 @@ fn token_rules_hold() -> Result<()> {
     ensure!(flags.user_pin_locked(), "token info does not show the lock");
 
     // The audit log recorded the operations and its chain verifies; no PIN in it.
-    let entries = caas_domc::audit::verify(&dom.state_dir().join("audit.log"))?;
+    let entries = caas_domc::audit::verify_with_key_file(
+        &dom.state_dir().join("audit.log"),
+        &dom.state_dir().join("domain.key"),
+    )?;
     ensure!(
         entries
             .iter()

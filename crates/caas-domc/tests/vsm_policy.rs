@@ -125,7 +125,10 @@ fn vendor_ulong(s: &Session, o: ObjectHandle, ty: u64) -> Result<u64> {
 
 /// Fails unless the audit log verifies and has an `op` record with result `rv`.
 fn audited(dom: &Dom, op: &str, rv: u64) -> Result<()> {
-    let entries = caas_domc::audit::verify(&dom.state_dir().join("audit.log"))?;
+    let entries = caas_domc::audit::verify_with_key_file(
+        &dom.state_dir().join("audit.log"),
+        &dom.state_dir().join("domain.key"),
+    )?;
     let want = format!("{rv:#x}");
     ensure!(
         entries.iter().any(|e| e.op == op && e.rv == want),

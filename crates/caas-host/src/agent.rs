@@ -19,7 +19,6 @@
 use crate::config::AgentConfig;
 use crate::error::Error;
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -114,13 +113,12 @@ impl Agent {
             Err(_) => None,
         };
         let keys = Self::check_or_create_keys(&tpm, &cfg, stored).await?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec_pretty(&keys).map_err(|e| Error::Config(e.to_string()))?,
+        caas_crypto::fs::write_secret(
+            &path,
+            &serde_json::to_vec_pretty(&keys).map_err(|e| Error::Config(e.to_string()))?,
+            None,
         )
-        .map_err(Error::io(format!("write {}", tmp.display())))?;
-        std::fs::rename(&tmp, &path).map_err(Error::io(format!("rename {}", path.display())))?;
+        .map_err(Error::io(format!("write {}", path.display())))?;
         let adv = cfg
             .advertise_url
             .clone()
@@ -330,32 +328,31 @@ struct ApiError(Error);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let code = crate::tl::error_code(&self.0).to_string();
-        let status = match &self.0 {
-            Error::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            Error::Tl(caas_tl::Error::Malformed { .. }) => StatusCode::BAD_REQUEST,
-            Error::Tl(caas_tl::Error::Rejected { .. }) => StatusCode::FORBIDDEN,
+        use caas_attest::http_error::{ErrorKind as K, HttpError};
+        let code = crate::tl::error_code(&self.0);
+        let kind = match &self.0 {
+            Error::InvalidRequest(_) => K::BadRequest,
+            Error::Tl(caas_tl::Error::Malformed { .. }) => K::BadRequest,
+            Error::Tl(caas_tl::Error::Rejected { .. }) => K::Forbidden,
             Error::Attest(caas_attest::Error::Remote { status, .. }) if *status == 403 => {
-                StatusCode::FORBIDDEN
+                K::Forbidden
             }
-            Error::Attest(_) => StatusCode::BAD_GATEWAY,
-            Error::Tpm(t) if t.is_policy_failure() => StatusCode::FORBIDDEN,
-            Error::Tpm(_) | Error::Isolation(_) => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Attest(_) => K::Upstream,
+            Error::Tpm(t) if t.is_policy_failure() => K::Forbidden,
+            Error::Tpm(_) | Error::Isolation(_) => K::Unavailable,
+            Error::Config(_) | Error::Io { .. } => {
+                return HttpError::internal(code).into_response();
+            }
+            _ => K::Internal,
         };
         let message = match &self.0 {
-            Error::Config(_) | Error::Io { .. } => "internal error".to_string(),
             Error::Isolation(_) => {
                 "a workload cannot get an identity of its own on this host (see the agent log)"
                     .to_string()
             }
             e => e.to_string(),
         };
-        (
-            status,
-            Json(serde_json::json!({ "code": code, "message": message })),
-        )
-            .into_response()
+        HttpError::new(kind, code, message).into_response()
     }
 }
 

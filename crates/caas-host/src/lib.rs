@@ -3,6 +3,7 @@
 //! `caas host ...`, `caas attest HOST` and `caas profile ...`.
 
 pub mod agent;
+pub mod audit;
 pub mod boot;
 pub mod cli;
 pub mod config;

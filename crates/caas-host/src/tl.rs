@@ -21,7 +21,7 @@
 //!
 //! The management API can launch, stop, list and attach; no route returns key material, a
 //! plaintext configuration or crypto-domain memory, and every call is recorded in the
-//! agent's hash-chained audit log. TTP revocations are applied once: their sequence number
+//! agent's keyed hash-chained audit log ([`crate::audit`]). TTP revocations are applied once: their sequence number
 //! is recorded in `revocation.json` before the crypto domains are stopped.
 use crate::agent::Agent;
 use crate::config::AgentConfig;
@@ -95,13 +95,7 @@ impl RevocationState {
 
     fn store(&self, state_dir: &Path) -> Result<(), Error> {
         let path = Self::path(state_dir);
-        let tmp = path.with_extension("tmp");
-        write_private(&tmp, &wire::to_bytes(self))?;
-        std::fs::rename(&tmp, &path).map_err(Error::io(format!("rename {}", path.display())))?;
-        if let Ok(d) = std::fs::File::open(state_dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        write_private(&path, &wire::to_bytes(self))
     }
 }
 
@@ -316,94 +310,8 @@ pub struct AttachResult {
     pub timings: Vec<(String, f64)>,
 }
 
-/// One record of the agent's audit log.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct AuditEntry {
-    /// Sequence number.
-    pub seq: u64,
-    /// Unix ms.
-    pub time_ms: u64,
-    /// Operation.
-    pub op: String,
-    /// Subject (workload, domain, ...).
-    pub subject: String,
-    /// `ok` or an error code.
-    pub result: String,
-    /// Hash of the previous entry (hex).
-    pub prev: String,
-    /// SHA-256 of this entry without `hash` (hex).
-    pub hash: String,
-}
-
-/// The agent's append-only, hash-chained audit log (JSON lines, fsync'd per entry).
-#[derive(Debug)]
-struct AuditLog {
-    path: PathBuf,
-    seq: u64,
-    prev: String,
-}
-
-impl AuditLog {
-    fn open(path: PathBuf) -> Self {
-        let (mut seq, mut prev) = (0, String::new());
-        if let Ok(text) = std::fs::read_to_string(&path)
-            && let Some(e) = text
-                .lines()
-                .rev()
-                .find_map(|l| serde_json::from_str::<AuditEntry>(l).ok())
-        {
-            seq = e.seq;
-            prev = e.hash;
-        }
-        Self { path, seq, prev }
-    }
-
-    fn append(&mut self, op: &str, subject: &str, result: &str) {
-        let mut e = AuditEntry {
-            seq: self.seq + 1,
-            time_ms: caas_attest::now_ms(),
-            op: op.into(),
-            subject: subject.chars().take(256).collect(),
-            result: result.into(),
-            prev: self.prev.clone(),
-            hash: String::new(),
-        };
-        e.hash = hex::encode(caas_tl::crypto::sha256(&wire::to_bytes(&e)));
-        let line = format!("{}\n", String::from_utf8_lossy(&wire::to_bytes(&e)));
-        let r = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .and_then(|mut f| {
-                f.write_all(line.as_bytes())?;
-                f.sync_data()
-            });
-        match r {
-            Ok(()) => {
-                self.seq = e.seq;
-                self.prev = e.hash;
-            }
-            Err(err) => tracing::error!(error = %err, "agent audit log write failed"),
-        }
-    }
-}
-
-/// Verifies an audit log's chain; returns its entries.
-pub fn verify_audit_log(text: &str) -> Result<Vec<AuditEntry>, String> {
-    let mut prev = String::new();
-    let mut out = Vec::new();
-    for (i, l) in text.lines().enumerate() {
-        let e: AuditEntry = serde_json::from_str(l).map_err(|e| format!("line {}: {e}", i + 1))?;
-        let mut c = e.clone();
-        c.hash = String::new();
-        if e.prev != prev || e.hash != hex::encode(caas_tl::crypto::sha256(&wire::to_bytes(&c))) {
-            return Err(format!("line {}: chain broken", i + 1));
-        }
-        prev = e.hash.clone();
-        out.push(e);
-    }
-    Ok(out)
-}
+use crate::audit::AuditLog;
+pub use crate::audit::{AuditEntry, verify_audit_log};
 
 fn ms(t: Instant) -> f64 {
     (t.elapsed().as_secs_f64() * 1e6).round() / 1e3
@@ -432,7 +340,10 @@ impl TlHost {
             ttp: std::sync::RwLock::new(pinned),
             replay: sc::ReplayCache::default(),
             workloads: tokio::sync::Mutex::new(HashMap::new()),
-            audit: std::sync::Mutex::new(AuditLog::open(cfg.state_dir.join("audit.jsonl"))),
+            audit: std::sync::Mutex::new(AuditLog::open(
+                cfg.state_dir.join("audit.jsonl"),
+                crate::audit::load_or_create_key(&cfg.state_dir).map_err(Error::Config)?,
+            )),
             storage: cfg.storage_dir.clone(),
             ids: Identities::new(cfg.workload_ids, cfg.isolation, run_dir.clone()),
             run_dir,
@@ -721,34 +632,10 @@ async fn finish_domain(pre: Prestart, cfg: &caas_tl::dm::DomcConfig) -> Result<V
     }
 }
 
-/// Writes a 0600 file; with `owner`, a new file (a planted symlink cannot redirect it)
-/// handed to that identity through the descriptor before any byte is written.
-fn write_private_owned(path: &Path, bytes: &[u8], owner: Option<RunAs>) -> Result<(), Error> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).mode(0o600);
-    match owner {
-        Some(_) => {
-            let _ = std::fs::remove_file(path);
-            o.create_new(true)
-        }
-        None => o.create(true).truncate(true),
-    };
-    let mut f = o
-        .open(path)
-        .map_err(Error::io(format!("create {}", path.display())))?;
-    if let Some(id) = owner {
-        std::os::unix::fs::fchown(&f, Some(id.uid), Some(id.gid))
-            .map_err(Error::io(format!("chown {}", path.display())))?;
-    }
-    f.write_all(bytes)
-        .map_err(Error::io(format!("write {}", path.display())))?;
-    f.sync_all()
-        .map_err(Error::io(format!("sync {}", path.display())))
-}
-
+/// A 0600 file of the agent (atomic; the one writer, `caas_crypto::fs`).
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    write_private_owned(path, bytes, None)
+    caas_crypto::fs::write_secret(path, bytes, None)
+        .map_err(Error::io(format!("write {}", path.display())))
 }
 
 /// Writes the workload's spec, injected secrets and PIN file, starts it through its driver
@@ -773,7 +660,8 @@ async fn start_workload(
     let _ = std::fs::remove_file(&inject);
     injected.write_to_owned(&inject, owner).map_err(wl)?;
     let pin_file = dir.join("user.pin");
-    write_private_owned(&pin_file, user_pin.as_bytes(), id.own.then_some(id))?;
+    caas_crypto::fs::write_secret(&pin_file, user_pin.as_bytes(), owner.map(Into::into))
+        .map_err(Error::io(format!("write {}", pin_file.display())))?;
     let ready = dir.join("ready");
     let spec = caas_workload::WorkloadSpec {
         vm_id: vm_id.to_string(),
@@ -1545,8 +1433,9 @@ impl Agent {
 
     /// The agent's audit log, verified.
     pub fn audit_log(&self) -> Result<Vec<AuditEntry>, Error> {
-        let path = self.cfg.state_dir.join("audit.jsonl");
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        verify_audit_log(&text).map_err(Error::Config)
+        match self.tl.audit.lock() {
+            Ok(a) => a.entries().map_err(Error::Config),
+            Err(_) => Err(Error::Config("audit log lock poisoned".into())),
+        }
     }
 }

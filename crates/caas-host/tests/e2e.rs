@@ -558,13 +558,14 @@ async fn enrolled_name_cannot_be_taken_by_another_tpm_and_agent_restart_reuses_k
             .to_string()
             .contains(k1["bind_private"].as_str().unwrap())
     );
-    // Only TPM-wrapped blobs are on disk, next to the agent's audit log, its pinned pk_TTP
-    // and the (empty) directory of running workloads.
+    // Only TPM-wrapped blobs are on disk, next to the agent's audit log and its MAC key
+    // (integrity of the log only, see caas_host::audit), its pinned pk_TTP and the (empty)
+    // directory of running workloads.
     let mut files: Vec<String> = std::fs::read_dir(e.hosts.hosts[0].dir.join("agent-state"))
         .unwrap()
         .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    files.retain(|f| !matches!(f.as_str(), "audit.jsonl" | "ttp.pub" | "run"));
+    files.retain(|f| !matches!(f.as_str(), "audit.jsonl" | "audit.key" | "ttp.pub" | "run"));
     assert_eq!(files, ["tpm-keys.json"]);
 
     // Restart host 1's agent: same AK, re-enrolls, still trusted.

@@ -357,14 +357,9 @@ impl CheckpointWriter {
         signer: Arc<Ed25519AuditSigner>,
         current: Option<&Checkpoint>,
     ) -> std::io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)?;
+        // Created empty with mode 0600 by the one secret-file writer, then updated in place
+        // slot by slot (never through a symbolic link).
+        let file = caas_crypto::fs::open_secret_in_place(&path)?;
         // Write first over the slot that does not hold `current` (if it is in the file).
         let bytes = std::fs::read(&path).unwrap_or_default();
         let public = signer.public_key();

@@ -62,20 +62,12 @@ impl NodeKey {
             .map_err(|_| KmsError::Internal("node key file must hold exactly 32 bytes".into()))
     }
 
-    /// Creates a fresh node key file with mode 0600 (fails if it exists).
+    /// Creates a fresh node key file with mode 0600, atomically (fails if it exists).
     pub fn create(path: &Path) -> KmsResult<Self> {
-        use std::io::Write as _;
         let key = caas_crypto::random_key().map_err(|_| KmsError::internal_crypto("rng"))?;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts.open(path).map_err(|e| {
+        caas_crypto::fs::create_secret(path, key.expose(), None).map_err(|e| {
             KmsError::Internal(format!("cannot create node key file: {}", e.kind()))
         })?;
-        f.write_all(key.expose())
-            .and_then(|_| f.sync_all())
-            .map_err(|e| KmsError::Internal(format!("cannot write node key file: {}", e.kind())))?;
         Ok(NodeKey(key))
     }
 

@@ -66,18 +66,10 @@ pub async fn start_dev(
         None => {
             let key_file = sdp.join("demo.key");
             if !key_file.exists() {
-                use std::io::Write;
-                use std::os::unix::fs::OpenOptionsExt;
                 let k =
                     caas_crypto::random_key().map_err(|_| Error::Config("RNG failure".into()))?;
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&key_file)
+                caas_crypto::fs::create_secret(&key_file, k.expose(), None)
                     .map_err(Error::io("create dev key file"))?;
-                f.write_all(k.expose())
-                    .map_err(Error::io("write dev key file"))?;
             }
             KeyInput::Raw(Arc::new(caas_volume::keys::read_key_file(&key_file)?))
         }

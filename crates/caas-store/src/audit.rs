@@ -1,47 +1,57 @@
-//! The audit chain, sans-IO: the canonical record hash, the conversion of stored rows into
-//! records, and the chain verifier that `Store::audit_verify` feeds page by page.
+//! The audit chain, sans-IO: the canonical record body, the conversion of stored rows into
+//! records, and the chain verifier that `Store::audit_verify` feeds page by page. Hashing,
+//! linking and verification are the one chain construction of caas
+//! ([`caas_crypto::chain`], domain [`LogDomain::KMS_AUDIT`]); this file only says what the
+//! body of a key-service audit record is.
 //!
-//! Record hash (one global chain per store):
-//! `SHA-256(prev_hash ‖ seq as u64 BE ‖ F(time_ms as i64 BE) ‖ F(account) ‖ F(principal) ‖
-//! F(operation) ‖ K(key_id) ‖ F(result) ‖ F(request_id) ‖ F(detail))` where `F(x)` is the
-//! byte length of `x` as u64 BE followed by `x`, and `K(None)` is `u64::MAX` BE (no bytes
-//! follow) while `K(Some(x))` is `F(x)`. The genesis `prev_hash` is 32 zero bytes.
+//! Record hash (one global chain per store): `chain::record_hash(KMS_AUDIT, prev_hash, seq,
+//! body)` with `body = F(time_ms as i64 BE) ‖ F(account) ‖ F(principal) ‖ F(operation) ‖
+//! K(key_id) ‖ F(result) ‖ F(request_id) ‖ F(detail)`, where `F(x)` is the byte length of
+//! `x` as u64 BE followed by `x`, and `K(None)` is `u64::MAX` BE (no bytes follow) while
+//! `K(Some(x))` is `F(x)`. The genesis `prev_hash` is 32 zero bytes.
+//!
+//! Format change: before the shared construction, the hash was `SHA-256(prev_hash ‖ seq ‖
+//! body)` without the `caas-chain-v1` prefix and domain; audit chains written by such a build
+//! report `HashMismatch` at record 1 (caas had no release; there is no migration).
 
 use crate::{AuditEntry, AuditRecord, Error};
-use aws_lc_rs::digest;
-use std::fmt;
+use caas_crypto::chain::{self, LogDomain, StoredRecord};
 
 /// `prev_hash` of the first record of a chain.
-pub const GENESIS_HASH: [u8; 32] = [0u8; 32];
+pub const GENESIS_HASH: [u8; 32] = chain::GENESIS;
+
+/// Why a record failed verification (the shared chain's reasons).
+pub type AuditFaultReason = chain::FaultReason;
+
+/// The first bad record found by `audit_verify`.
+pub type AuditFault = chain::ChainFault;
+
+/// The canonical body of a key-service audit record (module doc).
+pub fn record_body(entry: &AuditEntry) -> Vec<u8> {
+    fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+        out.extend_from_slice(bytes);
+    }
+    let mut out = Vec::with_capacity(128 + entry.detail.len());
+    field(&mut out, &entry.time_ms.to_be_bytes());
+    field(&mut out, entry.account.as_bytes());
+    field(&mut out, entry.principal.as_bytes());
+    field(&mut out, entry.operation.as_bytes());
+    match &entry.key_id {
+        None => out.extend_from_slice(&u64::MAX.to_be_bytes()),
+        Some(k) => field(&mut out, k.as_bytes()),
+    }
+    field(&mut out, entry.result.as_bytes());
+    field(&mut out, entry.request_id.as_bytes());
+    field(&mut out, entry.detail.as_bytes());
+    out
+}
 
 /// The canonical hash of the record `seq` whose predecessor hashed to `prev_hash`:
-/// `SHA-256(prev_hash ‖ seq as u64 BE ‖ F(time_ms as i64 BE) ‖ F(account) ‖ F(principal) ‖
-/// F(operation) ‖ K(key_id) ‖ F(result) ‖ F(request_id) ‖ F(detail))`, where `F(x)` is the
-/// byte length of `x` as u64 BE followed by `x`, `K(None)` is `u64::MAX` BE alone and
-/// `K(Some(x))` is `F(x)`. The first record's `prev_hash` is [`GENESIS_HASH`].
+/// `caas_crypto::chain::record_hash(LogDomain::KMS_AUDIT, prev_hash, seq, body)` with the
+/// body of [`record_body`] (module doc). The first record's `prev_hash` is [`GENESIS_HASH`].
 pub fn chain_hash(prev_hash: &[u8; 32], seq: u64, entry: &AuditEntry) -> [u8; 32] {
-    fn field(ctx: &mut digest::Context, bytes: &[u8]) {
-        ctx.update(&(bytes.len() as u64).to_be_bytes());
-        ctx.update(bytes);
-    }
-    let mut ctx = digest::Context::new(&digest::SHA256);
-    ctx.update(prev_hash);
-    ctx.update(&seq.to_be_bytes());
-    field(&mut ctx, &entry.time_ms.to_be_bytes());
-    field(&mut ctx, entry.account.as_bytes());
-    field(&mut ctx, entry.principal.as_bytes());
-    field(&mut ctx, entry.operation.as_bytes());
-    match &entry.key_id {
-        None => ctx.update(&u64::MAX.to_be_bytes()),
-        Some(k) => field(&mut ctx, k.as_bytes()),
-    }
-    field(&mut ctx, entry.result.as_bytes());
-    field(&mut ctx, entry.request_id.as_bytes());
-    field(&mut ctx, entry.detail.as_bytes());
-    let d = ctx.finish();
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
+    chain::record_hash(LogDomain::KMS_AUDIT, prev_hash, seq, &record_body(entry))
 }
 
 /// One row of the audit table as stored, before any validation.
@@ -103,62 +113,16 @@ impl Head {
     /// Appends `entry` after this head: returns the record's seq, prev_hash and hash, and
     /// moves the head.
     pub fn advance(&mut self, entry: &AuditEntry) -> (u64, [u8; 32], [u8; 32]) {
-        let seq = self.seq + 1;
-        let prev = self.hash;
-        let hash = chain_hash(&prev, seq, entry);
-        *self = Head { seq, hash };
-        (seq, prev, hash)
-    }
-}
-
-/// Why a record failed verification.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuditFaultReason {
-    /// A record with this seq should exist but does not (removed record or removed tail).
-    Missing,
-    /// A record carries a seq other than the next one expected (removed or reordered records).
-    UnexpectedSeq {
-        /// The seq found where `AuditFault::seq` was expected.
-        found: i64,
-    },
-    /// The stored `prev_hash` does not equal the previous record's hash.
-    BrokenLink,
-    /// The stored hash does not match the record's content (edited or moved record).
-    HashMismatch,
-    /// The signature over the hash does not verify.
-    BadSignature,
-    /// A column has the wrong shape (for example a hash that is not 32 bytes).
-    Malformed(String),
-    /// The chain head row does not match the last record.
-    HeadMismatch,
-}
-
-impl fmt::Display for AuditFaultReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Missing => write!(f, "record is missing"),
-            Self::UnexpectedSeq { found } => write!(f, "found seq {found} instead"),
-            Self::BrokenLink => write!(f, "prev_hash does not match the previous record's hash"),
-            Self::HashMismatch => write!(f, "hash does not match the record's content"),
-            Self::BadSignature => write!(f, "signature does not verify"),
-            Self::Malformed(m) => write!(f, "malformed record: {m}"),
-            Self::HeadMismatch => write!(f, "chain head does not match the last record"),
-        }
-    }
-}
-
-/// The first bad record found by `audit_verify`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditFault {
-    /// The seq at which the chain is broken.
-    pub seq: u64,
-    /// What is wrong there.
-    pub reason: AuditFaultReason,
-}
-
-impl fmt::Display for AuditFault {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "audit record {}: {}", self.seq, self.reason)
+        let mut h = chain::Head {
+            seq: self.seq,
+            hash: self.hash,
+        };
+        let r = h.advance(LogDomain::KMS_AUDIT, &record_body(entry));
+        *self = Head {
+            seq: h.seq,
+            hash: h.hash,
+        };
+        r
     }
 }
 
@@ -181,24 +145,17 @@ impl AuditVerifyReport {
     }
 }
 
-/// Checks records in ascending order; feed it every row with seq <= head.seq.
-pub(crate) struct ChainVerifier {
-    next_seq: u64,
-    prev_hash: [u8; 32],
-    checked: u64,
-}
+/// Checks records in ascending order; feed it every row with seq <= head.seq. The shared
+/// chain verifier over the rows' canonical bodies.
+pub(crate) struct ChainVerifier(chain::ChainVerifier);
 
 impl ChainVerifier {
     pub fn new() -> Self {
-        ChainVerifier {
-            next_seq: 1,
-            prev_hash: GENESIS_HASH,
-            checked: 0,
-        }
+        ChainVerifier(chain::ChainVerifier::new(LogDomain::KMS_AUDIT))
     }
 
     pub fn checked(&self) -> u64 {
-        self.checked
+        self.0.checked()
     }
 
     pub fn check(
@@ -206,60 +163,31 @@ impl ChainVerifier {
         row: &RawAuditRow,
         verify: &dyn Fn(&[u8; 32], &[u8]) -> bool,
     ) -> Result<(), AuditFault> {
-        let expected = self.next_seq;
-        let fault = |reason| AuditFault {
-            seq: expected,
-            reason,
+        let Ok(seq) = u64::try_from(row.seq) else {
+            return Err(AuditFault {
+                seq: self.0.head().seq + 1,
+                reason: AuditFaultReason::Malformed(format!("negative seq {}", row.seq)),
+            });
         };
-        if u64::try_from(row.seq).ok() != Some(expected) {
-            // A gap (removed record) or a seq out of place (reordered or edited seq).
-            let reason = if row.seq > 0 && u64::try_from(row.seq).is_ok_and(|s| s > expected) {
-                AuditFaultReason::Missing
-            } else {
-                AuditFaultReason::UnexpectedSeq { found: row.seq }
-            };
-            return Err(fault(reason));
-        }
-        let Some(prev) = hash32(&row.prev_hash) else {
-            return Err(fault(AuditFaultReason::Malformed(
-                "prev_hash is not 32 bytes".into(),
-            )));
-        };
-        let Some(hash) = hash32(&row.hash) else {
-            return Err(fault(AuditFaultReason::Malformed(
-                "hash is not 32 bytes".into(),
-            )));
-        };
-        if chain_hash(&prev, expected, &row.entry) != hash {
-            return Err(fault(AuditFaultReason::HashMismatch));
-        }
-        if prev != self.prev_hash {
-            return Err(fault(AuditFaultReason::BrokenLink));
-        }
-        if !verify(&hash, &row.signature) {
-            return Err(fault(AuditFaultReason::BadSignature));
-        }
-        self.next_seq += 1;
-        self.prev_hash = hash;
-        self.checked += 1;
-        Ok(())
+        let body = record_body(&row.entry);
+        self.0.check(
+            &StoredRecord {
+                seq,
+                prev_hash: &row.prev_hash,
+                hash: &row.hash,
+                body: &body,
+                tag: &row.signature,
+            },
+            verify,
+        )
     }
 
     /// Called after the last row: the chain must end exactly at the head.
     pub fn finish(&self, head: &Head) -> Result<(), AuditFault> {
-        if self.next_seq <= head.seq {
-            return Err(AuditFault {
-                seq: self.next_seq,
-                reason: AuditFaultReason::Missing,
-            });
-        }
-        if self.next_seq != head.seq + 1 || self.prev_hash != head.hash {
-            return Err(AuditFault {
-                seq: head.seq,
-                reason: AuditFaultReason::HeadMismatch,
-            });
-        }
-        Ok(())
+        self.0.finish(&chain::Head {
+            seq: head.seq,
+            hash: head.hash,
+        })
     }
 }
 
@@ -267,6 +195,7 @@ impl ChainVerifier {
 mod tests {
     #![allow(clippy::unwrap_used, reason = "test code: a panic is a test failure")]
     use super::*;
+    use aws_lc_rs::digest;
 
     fn entry(detail: &str, key_id: Option<&str>) -> AuditEntry {
         AuditEntry {
@@ -309,18 +238,23 @@ mod tests {
             request_id: "r".into(),
             detail: "{}".into(),
         };
-        let mut buf = Vec::new();
+        let mut body = Vec::new();
+        for f in [&1i64.to_be_bytes()[..], b"a", b"", b"op"] {
+            body.extend_from_slice(&(f.len() as u64).to_be_bytes());
+            body.extend_from_slice(f);
+        }
+        body.extend_from_slice(&[0xff; 8]);
+        for f in [&b"ok"[..], b"r", b"{}"] {
+            body.extend_from_slice(&(f.len() as u64).to_be_bytes());
+            body.extend_from_slice(f);
+        }
+        let mut buf = b"caas-chain-v1\0".to_vec();
+        buf.extend_from_slice(&14u64.to_be_bytes());
+        buf.extend_from_slice(b"caas/kms/audit");
         buf.extend_from_slice(&[0u8; 32]);
         buf.extend_from_slice(&7u64.to_be_bytes());
-        for f in [&1i64.to_be_bytes()[..], b"a", b"", b"op"] {
-            buf.extend_from_slice(&(f.len() as u64).to_be_bytes());
-            buf.extend_from_slice(f);
-        }
-        buf.extend_from_slice(&[0xff; 8]);
-        for f in [&b"ok"[..], b"r", b"{}"] {
-            buf.extend_from_slice(&(f.len() as u64).to_be_bytes());
-            buf.extend_from_slice(f);
-        }
+        buf.extend_from_slice(&(body.len() as u64).to_be_bytes());
+        buf.extend_from_slice(&body);
         let want = digest::digest(&digest::SHA256, &buf);
         assert_eq!(&chain_hash(&GENESIS_HASH, 7, &e)[..], want.as_ref());
     }

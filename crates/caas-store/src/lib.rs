@@ -10,7 +10,8 @@
 //! SAVEPOINT so that a conflict in one batch rolls back only that batch, and answers all
 //! callers after the single durable COMMIT. Reads use separate connections.
 //!
-//! The audit log is one global chain per store (see [`chain_hash`] for the exact record hash);
+//! The audit log is one global chain per store, built with caas's one chain construction
+//! (`caas_crypto::chain`; see [`chain_hash`] for the exact record hash);
 //! each record's hash is signed with the [`AuditSigner`] given to [`Store::open`], and
 //! [`Store::audit_verify`] re-checks every hash, link, seq and signature.
 //!
@@ -46,18 +47,18 @@ pub mod testing;
 #[cfg(test)]
 mod conformance;
 
-pub use audit::{AuditFault, AuditFaultReason, AuditVerifyReport, GENESIS_HASH, chain_hash};
+pub use audit::{
+    AuditFault, AuditFaultReason, AuditVerifyReport, GENESIS_HASH, chain_hash, record_body,
+};
 pub use error::Error;
 pub use record::{HmacRecordKey, RecordAuthenticator, RowRef, record_mac_input};
 
 use record::RawObject;
 use std::sync::{Arc, Mutex};
 
-/// Signs audit record hashes (the key service signs with its audit key).
-pub trait AuditSigner: Send + Sync + 'static {
-    /// Signs a record hash.
-    fn sign(&self, hash: &[u8; 32]) -> Vec<u8>;
-}
+/// Signs audit record hashes (the key service signs with its audit key): the shared chain's
+/// [`caas_crypto::chain::RecordSigner`].
+pub use caas_crypto::chain::RecordSigner as AuditSigner;
 
 /// Told the new chain head after every durable group commit that moved it, before the
 /// callers of that group are answered (called on the writer; keep it short).

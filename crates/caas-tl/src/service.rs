@@ -11,7 +11,6 @@ use crate::ttp::Ttp;
 use crate::wire::{AkSigned, LaunchCall, LaunchRequest, Signed, label};
 use crate::{TtpKeys, TtpPublic};
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -38,21 +37,16 @@ struct ApiError(crate::Error);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = match &self.0 {
-            crate::Error::Malformed { .. } => StatusCode::BAD_REQUEST,
-            crate::Error::Rejected { .. } => StatusCode::FORBIDDEN,
-            crate::Error::NotFound { .. } => StatusCode::NOT_FOUND,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        use caas_attest::http_error::{ErrorKind as K, HttpError};
+        let kind = match &self.0 {
+            crate::Error::Malformed { .. } => K::BadRequest,
+            crate::Error::Rejected { .. } => K::Forbidden,
+            crate::Error::NotFound { .. } => K::NotFound,
+            crate::Error::Crypto(_) | crate::Error::Storage(_) => {
+                return HttpError::internal(self.0.code()).into_response();
+            }
         };
-        let message = match &self.0 {
-            crate::Error::Crypto(_) | crate::Error::Storage(_) => "internal error".to_string(),
-            e => e.to_string(),
-        };
-        (
-            status,
-            Json(serde_json::json!({ "code": self.0.code(), "message": message })),
-        )
-            .into_response()
+        HttpError::new(kind, self.0.code(), self.0.to_string()).into_response()
     }
 }
 

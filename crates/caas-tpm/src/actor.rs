@@ -32,12 +32,19 @@ fn open_fds() -> std::collections::BTreeSet<i32> {
         .unwrap_or_default()
 }
 
-/// Opens the TPM and marks the descriptors libtss2 opened close-on-exec.
+/// Opens the TPM and marks the descriptors libtss2 opened close-on-exec. Every descriptor
+/// of the process is marked, not only the new ones: a descriptor number another thread
+/// closed and libtss2 then reused would hide in a before/after difference. Rust's standard
+/// library and tokio open everything close-on-exec already, so this only reaches what C
+/// libraries opened. A child forked in the instant between libtss2's `socket()` and this
+/// marking still inherits the socket: hence every spawn also goes through
+/// `caas_crypto::hardening::command_without_inherited_fds`.
 fn open_cloexec(tcti: &str) -> Result<Tpm, Error> {
-    let before = open_fds();
     let t = Tpm::open(tcti)?;
-    for fd in open_fds().difference(&before) {
-        set_cloexec(*fd);
+    for fd in open_fds() {
+        if fd > 2 {
+            set_cloexec(fd);
+        }
     }
     Ok(t)
 }

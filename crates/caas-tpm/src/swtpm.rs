@@ -6,23 +6,10 @@
 use crate::error::Error;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-/// A `Command` for `program` that starts with no inherited file descriptors beyond
-/// stdin/stdout/stderr. libtss2 opens its TPM sockets without close-on-exec, so a child
-/// (swtpm, tpm2-tools) spawned while a TPM connection is open would keep that connection
-/// alive; swtpm serves one connection at a time and would then block everyone else.
-/// (No redirection around the loop: bash saves the redirected stderr on a high descriptor,
-/// the loop closed that copy, and the child then ran with stderr on /dev/null — crypto
-/// domains' warnings, refusals included, were lost.)
-pub fn command_without_inherited_fds(program: &str) -> Command {
-    let mut c = Command::new("bash");
-    c.arg("-c")
-        .arg(r#"for p in /proc/$$/fd/*; do n=${p##*/}; if [ "$n" -gt 2 ] && [ -e "$p" ]; then eval "exec $n>&-"; fi; done; exec "$0" "$@""#)
-        .arg(program);
-    c
-}
+pub use caas_crypto::hardening::command_without_inherited_fds;
 
 fn tool_err(tool: &str, e: impl std::fmt::Display) -> Error {
     Error::Unexpected(format!(

@@ -198,3 +198,87 @@ fn many_operations_do_not_leak_tpm_slots() {
         tpm.unseal(&sealed, PcrBank::Sha256, &PCRS).unwrap();
     }
 }
+
+/// Descriptor numbers above stderr that `pid` keeps once it runs its program. Polled: the
+/// kernel closes close-on-exec descriptors one by one during exec, after the descriptor
+/// that tells the parent exec succeeded, so a first look can still see some.
+fn child_fds(pid: u32) -> Vec<i32> {
+    let list = || -> Vec<i32> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|fd| *fd > 2)
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let fds = list();
+        if fds.is_empty() || std::time::Instant::now() > deadline {
+            return fds;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Waits until `pid` runs `program` (the wrapper's bash has exec'd it).
+fn wait_for_exec(pid: u32, program: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if cmdline.starts_with(program.as_bytes()) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("{pid} never ran {program}");
+}
+
+/// The stall seen under load: a child that keeps a copy of the owner's swtpm connection
+/// blocks every later connection (swtpm serves one at a time). Opening the TPM marks every
+/// descriptor of the process close-on-exec (also numbers that existed before the open, which
+/// libtss2 may reuse), and the spawn helper starts children with none inherited.
+#[test]
+fn children_never_inherit_a_tpm_connection() {
+    use std::os::fd::AsRawFd;
+    let e = env();
+    // An inheritable descriptor, as a C library would leave one.
+    let leaky = nix::unistd::dup(std::io::stderr()).unwrap();
+    let flags = || {
+        nix::fcntl::FdFlag::from_bits_truncate(
+            nix::fcntl::fcntl(&leaky, nix::fcntl::FcntlArg::F_GETFD).unwrap(),
+        )
+    };
+    assert!(!flags().contains(nix::fcntl::FdFlag::FD_CLOEXEC));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let tpm = caas_tpm::TpmHandle::open(&e.swtpm.tcti()).unwrap();
+    rt.block_on(tpm.run(|t| t.ek_public())).unwrap();
+    assert!(
+        flags().contains(nix::fcntl::FdFlag::FD_CLOEXEC),
+        "fd {} is still inheritable after the TPM was opened",
+        leaky.as_raw_fd()
+    );
+    // A plain spawn inherits nothing now...
+    let mut plain = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let fds = child_fds(plain.id());
+    let _ = plain.kill();
+    let _ = plain.wait();
+    assert!(fds.is_empty(), "a plain child inherited {fds:?}");
+    // ...and the helper closes even what is not close-on-exec.
+    let raw = nix::unistd::dup(std::io::stderr()).unwrap();
+    let mut wrapped = caas_tpm::swtpm::command_without_inherited_fds("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    wait_for_exec(wrapped.id(), "sleep");
+    let fds = child_fds(wrapped.id());
+    let _ = wrapped.kill();
+    let _ = wrapped.wait();
+    drop(raw);
+    assert!(fds.is_empty(), "a wrapped child inherited {fds:?}");
+}

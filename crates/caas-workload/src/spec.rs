@@ -6,9 +6,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use caas_crypto::SecretBytes;
 use serde::{Deserialize, Serialize};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::SocketAddr;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
@@ -90,18 +90,13 @@ impl WorkloadSpec {
         self.save_owned(path, None)
     }
 
-    /// Writes the spec as JSON, mode 0600, as a new file owned by `owner` (UID, GID) when
-    /// given: the workload's identity must read it.
+    /// Writes the spec as JSON, mode 0600 (atomically, `caas_crypto::fs`), owned by `owner`
+    /// (UID, GID) when given: the workload's identity must read it.
     pub fn save_owned(&self, path: &Path, owner: Option<(u32, u32)>) -> Result<()> {
         let json = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::Config(format!("encode workload spec: {e}")))?;
-        match owner {
-            None => write_private(path, &json, false, None),
-            Some(_) => {
-                let _ = std::fs::remove_file(path);
-                write_private(path, &json, true, owner)
-            }
-        }
+        caas_crypto::fs::write_secret(path, &json, owner.map(Into::into))
+            .map_err(Error::io("write workload spec"))
     }
 
     /// Checks the fields that would otherwise fail late.
@@ -144,7 +139,8 @@ struct InjectIn<'a> {
 }
 
 impl InjectedSecrets {
-    /// Writes the inject file: created new (fails if it exists), mode 0600.
+    /// Writes the inject file: created new (fails if it exists), mode 0600, atomically
+    /// (`caas_crypto::fs::create_secret`).
     pub fn write_to(&self, path: &Path) -> Result<()> {
         self.write_to_owned(path, None)
     }
@@ -163,7 +159,8 @@ impl InjectedSecrets {
             },
         )
         .map_err(|e| Error::Inject(format!("encode: {e}")))?;
-        write_private(path, &json, true, owner)
+        caas_crypto::fs::create_secret(path, &json, owner.map(Into::into))
+            .map_err(Error::io("write inject file"))
     }
 
     /// Parses the JSON form. Errors never quote the input.
@@ -239,16 +236,12 @@ pub struct ReadyInfo {
 }
 
 impl ReadyInfo {
-    /// Writes the file atomically (temporary file, then rename).
+    /// Writes the file atomically (`caas_crypto::fs::write_secret`: mode 0600, temporary
+    /// file, then rename).
     pub fn write_to(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_vec(self)
             .map_err(|e| Error::Config(format!("encode ready info: {e}")))?;
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let _ = std::fs::remove_file(&tmp);
-        write_private(&tmp, &json, true, None)?;
-        std::fs::rename(&tmp, path).map_err(Error::io("publish ready file"))
+        caas_crypto::fs::write_secret(path, &json, None).map_err(Error::io("write ready file"))
     }
 
     /// Reads the file: `Ok(None)` while it does not exist yet.
@@ -285,30 +278,6 @@ pub(crate) fn read_bounded(
         )));
     }
     Ok(buf)
-}
-
-/// Writes a 0600 file; with `owner`, it is handed to that UID:GID (through the open
-/// descriptor, before any byte is written) — `create_new` then keeps a planted symlink from
-/// redirecting the write.
-pub(crate) fn write_private(
-    path: &Path,
-    data: &[u8],
-    create_new: bool,
-    owner: Option<(u32, u32)>,
-) -> Result<()> {
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).mode(0o600);
-    if create_new {
-        o.create_new(true);
-    } else {
-        o.create(true).truncate(true);
-    }
-    let mut f = o.open(path).map_err(Error::io("create file"))?;
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(Error::io("chown file"))?;
-    }
-    f.write_all(data).map_err(Error::io("write file"))?;
-    f.sync_all().map_err(Error::io("sync file"))
 }
 
 #[cfg(test)]

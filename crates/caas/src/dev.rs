@@ -79,22 +79,6 @@ struct DevState {
     secret_access_key: String,
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
 /// Reads `export NAME='value'` lines of an env file.
 pub fn read_env(path: &Path) -> Result<Vec<(String, String)>> {
     let text =
@@ -266,7 +250,11 @@ async fn prepare_tenant(
                 access_key_id: akid,
                 secret_access_key: String::from_utf8_lossy(secret.expose()).into_owned(),
             };
-            write_private(&state_path, &serde_json::to_string_pretty(&s)?)?;
+            caas_crypto::fs::write_secret(
+                &state_path,
+                serde_json::to_string_pretty(&s)?.as_bytes(),
+                None,
+            )?;
             s
         }
     };
@@ -305,7 +293,11 @@ fn write_env(dir: &Path, vars: &[(String, String)]) -> Result<()> {
     for (k, v) in vars {
         text.push_str(&format!("export {k}={}\n", shell_quote(v)));
     }
-    write_private(&dir.join("env"), &text)
+    Ok(caas_crypto::fs::write_secret(
+        &dir.join("env"),
+        text.as_bytes(),
+        None,
+    )?)
 }
 
 fn running_pid(dir: &Path) -> Option<i32> {

@@ -137,24 +137,12 @@ fn tenant_dir(a: &TenantArgs) -> Result<PathBuf> {
     }
 }
 
+/// A tenant secret file (DM key, image and VM records): 0600, atomic, in a created directory.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     if let Some(p) = path.parent() {
         std::fs::create_dir_all(p)?;
     }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    Ok(caas_crypto::fs::write_secret(path, bytes, None)?)
 }
 
 /// Loads (or, with `create`, creates) the DM key pair.
