@@ -504,7 +504,8 @@ pub fn kvm_works(binary: &str, dir: &Path) -> bool {
     let result = (|| {
         std::fs::create_dir_all(dir).ok()?;
         std::fs::write(&img, kvm_probe_sector()).ok()?;
-        let mut child = Command::new(program)
+        // Spawned by the host agent, which holds TPM connections: no inherited descriptors.
+        let mut child = caas_crypto::hardening::command_without_inherited_fds(program)
             .args([
                 "-accel", "kvm", "-m", "16", "-display", "none", "-monitor", "none",
             ])
