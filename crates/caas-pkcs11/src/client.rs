@@ -1,13 +1,22 @@
 //! The module's side of the connection to the crypto domain: configuration and a pool of
-//! connections (UNIX socket, vsock, or TCP with TLS). A call takes an idle connection (or opens one), sends one request,
+//! connections (UNIX socket, vsock, TCP with TLS, or a VM's virtio-serial port). A call takes an idle connection (or opens one), sends one request,
 //! reads one response and puts the connection back; the pool lock is held only to pop and
 //! push, so calls from many threads run concurrently on separate connections. A transport
 //! failure drops that connection and yields CKR_DEVICE_ERROR (CKR_DEVICE_REMOVED when the
 //! domain cannot be reached at all); nothing here can crash the host process.
+//!
+//! The virtio-serial transport (`CAAS_PKCS11_SOCKET=virtio:/dev/virtio-ports/caas.vsm`, or
+//! `virtio = "..."` in the config file) is a VM's character device that the host's qemu
+//! connects to the crypto domain's socket. Its limits (see
+//! [`caas_vsm_proto::serial`]): one process of the VM at a time can open the port (another
+//! gets CKR_DEVICE_REMOVED while it is held), calls of this process are serialised on the
+//! one connection, and the crypto domain sees every process of the VM as one application
+//! (sessions and login state outlive the process until the VM stops).
 
 use crate::Error;
 use crate::ops::Ops;
 use caas_vsm_proto::blocking::{IoError, read_message};
+use caas_vsm_proto::serial::SerialPort;
 use caas_vsm_proto::{PROTOCOL_VERSION, Request, Response, frame_message};
 use cryptoki_sys::{CK_RV, CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED, CKR_GENERAL_ERROR};
 use nix::sys::socket::{MsgFlags, send};
@@ -28,6 +37,8 @@ pub(crate) struct RawConfig {
     vsock: Option<String>,
     /// TCP address (HOST:PORT) of a crypto domain serving TLS.
     tcp: Option<String>,
+    /// A virtio-serial port inside a VM (`/dev/virtio-ports/caas.vsm`).
+    virtio: Option<PathBuf>,
     /// CA certificate(s) (PEM) the domain's TLS certificate must chain to.
     tls_ca: Option<PathBuf>,
     /// Name to verify in the domain's certificate (default: the host part of `tcp`).
@@ -52,6 +63,9 @@ pub enum Transport {
         /// Port.
         port: u32,
     },
+    /// A virtio-serial port (character device) inside a VM, connected by the host's qemu
+    /// to the crypto domain's socket.
+    Virtio(PathBuf),
     /// TCP with TLS.
     Tls {
         /// HOST:PORT.
@@ -73,16 +87,20 @@ pub struct Config {
 }
 
 impl Config {
-    /// From the environment: CAAS_PKCS11_SOCKET (a UNIX socket path, or `vsock:CID:PORT`)
-    /// wins over CAAS_PKCS11_CONFIG.
+    /// From the environment: CAAS_PKCS11_SOCKET (a UNIX socket path, `vsock:CID:PORT` or
+    /// `virtio:PATH`) wins over CAAS_PKCS11_CONFIG.
     pub fn from_env() -> Result<Self, Error> {
         if let Some(s) = std::env::var_os("CAAS_PKCS11_SOCKET") {
-            let transport = match s.to_str().and_then(|t| t.strip_prefix("vsock:")) {
-                Some(addr) => parse_vsock(addr).map_err(|reason| Error::Parse {
+            let text = s.to_str();
+            let transport = if let Some(addr) = text.and_then(|t| t.strip_prefix("vsock:")) {
+                parse_vsock(addr).map_err(|reason| Error::Parse {
                     path: "CAAS_PKCS11_SOCKET".into(),
                     reason,
-                })?,
-                None => Transport::Unix(PathBuf::from(s)),
+                })?
+            } else if let Some(port) = text.and_then(|t| t.strip_prefix("virtio:")) {
+                Transport::Virtio(PathBuf::from(port))
+            } else {
+                Transport::Unix(PathBuf::from(s))
             };
             return Ok(Self {
                 transport,
@@ -106,10 +124,11 @@ impl Config {
             path: path.to_string(),
             reason,
         };
-        let transport = match (raw.socket, raw.tcp, raw.vsock) {
-            (Some(s), None, None) => Transport::Unix(s),
-            (None, None, Some(v)) => parse_vsock(&v).map_err(bad)?,
-            (None, Some(addr), None) => {
+        let transport = match (raw.socket, raw.tcp, raw.vsock, raw.virtio) {
+            (Some(s), None, None, None) => Transport::Unix(s),
+            (None, None, Some(v), None) => parse_vsock(&v).map_err(bad)?,
+            (None, None, None, Some(p)) => Transport::Virtio(p),
+            (None, Some(addr), None, None) => {
                 let ca = raw
                     .tls_ca
                     .ok_or_else(|| bad("`tcp` needs `tls_ca`".into()))?;
@@ -130,7 +149,11 @@ impl Config {
                     config,
                 }
             }
-            _ => return Err(bad("give exactly one of `socket`, `vsock` and `tcp`".into())),
+            _ => {
+                return Err(bad(
+                    "give exactly one of `socket`, `vsock`, `virtio` and `tcp`".into(),
+                ));
+            }
         };
         Ok(Self {
             transport,
@@ -272,6 +295,11 @@ enum Conn {
     },
     /// TLS over TCP.
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, NoSigPipe>>),
+    /// A virtio-serial port: the port (for writes) and a buffered reader over a duplicate.
+    Virtio {
+        port: SerialPort,
+        reader: std::io::BufReader<SerialPort>,
+    },
 }
 
 /// The connection pool of one C_Initialize.
@@ -285,6 +313,8 @@ pub struct Client {
     v1_only: AtomicBool,
     /// Per-session operation state for the single-round-trip operations.
     pub(crate) ops: Ops,
+    /// Held for a whole call on the virtio-serial transport (one connection only).
+    serial: Mutex<()>,
 }
 
 fn send_all(s: &impl AsRawFd, mut buf: &[u8]) -> Result<(), CK_RV> {
@@ -309,6 +339,10 @@ fn exchange(c: &mut Conn, req: &Request) -> Result<Response, CK_RV> {
         }
         Conn::Vsock { stream, reader } => {
             send_all(&stream.0, &frame)?;
+            read_message::<_, Response>(reader)
+        }
+        Conn::Virtio { port, reader } => {
+            std::io::Write::write_all(port, &frame).map_err(|_| CKR_DEVICE_ERROR)?;
             read_message::<_, Response>(reader)
         }
         Conn::Tls(s) => {
@@ -342,6 +376,7 @@ impl Client {
             pid: std::process::id(),
             v1_only: AtomicBool::new(false),
             ops: Ops::default(),
+            serial: Mutex::new(()),
         })
     }
 
@@ -382,6 +417,17 @@ impl Client {
                 let s = Vsock::connect(*cid, *port, self.cfg.timeout)?;
                 let reader = std::io::BufReader::with_capacity(64 * 1024, s.try_clone()?);
                 Conn::Vsock { stream: s, reader }
+            }
+            Transport::Virtio(path) => {
+                // EBUSY (another process holds the port) and a missing port alike: the
+                // domain cannot be reached now.
+                let port = SerialPort::open(path, Some(self.cfg.timeout))
+                    .map_err(|_| CKR_DEVICE_REMOVED)?;
+                let reader = std::io::BufReader::with_capacity(
+                    64 * 1024,
+                    port.try_clone().map_err(|_| CKR_DEVICE_ERROR)?,
+                );
+                Conn::Virtio { port, reader }
             }
             Transport::Tls {
                 addr,
@@ -436,6 +482,12 @@ impl Client {
         if !self.owned_by_this_process() {
             return Err(cryptoki_sys::CKR_CRYPTOKI_NOT_INITIALIZED);
         }
+        // One connection on a serial port: the whole call holds it.
+        let _serial = matches!(self.cfg.transport, Transport::Virtio(_)).then(|| {
+            self.serial
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        });
         let pooled = self
             .idle
             .lock()
@@ -467,6 +519,29 @@ impl Client {
 mod tests {
     use super::*;
 
+    /// A missing port, or a path that is no character device (a planted regular file), is
+    /// CKR_DEVICE_REMOVED: the module never writes frames into a file.
+    #[test]
+    fn virtio_transport_refuses_what_is_not_a_port() {
+        let file = std::env::temp_dir().join(format!("caas-pkcs11-port-{}", std::process::id()));
+        let _ = std::fs::write(&file, b"");
+        for path in [PathBuf::from("/nonexistent/caas.vsm"), file.clone()] {
+            let c = Client::new(Config {
+                transport: Transport::Virtio(path.clone()),
+                timeout: Duration::from_millis(100),
+            });
+            let r = c.map(|c| {
+                c.call(&Request::GetSlotList {
+                    token_present: true,
+                })
+                .map(|_| ())
+            });
+            assert!(matches!(r, Ok(Err(CKR_DEVICE_REMOVED))), "{path:?}: {r:?}");
+        }
+        assert_eq!(std::fs::read(&file).map(|b| b.len()).ok(), Some(0));
+        let _ = std::fs::remove_file(&file);
+    }
+
     #[test]
     fn example_config_parses_and_unknown_keys_are_refused() {
         let raw: Result<RawConfig, _> = toml::from_str(include_str!("../caas-pkcs11.toml.example"));
@@ -487,10 +562,16 @@ mod tests {
             "vsock = \"2\"\n",
             "vsock = \"x:1\"\n",
             "vsock = \"2:1\"\nsocket = \"/x\"\n",
+            "virtio = \"/dev/virtio-ports/caas.vsm\"\nsocket = \"/x\"\n",
         ] {
             let r: Result<RawConfig, _> = toml::from_str(bad);
             assert!(r.is_ok_and(|r| Config::from_raw(r, "t").is_err()), "{bad}");
         }
+        let v: Result<RawConfig, _> = toml::from_str("virtio = \"/dev/virtio-ports/caas.vsm\"\n");
+        assert!(v.is_ok_and(|r| matches!(
+            Config::from_raw(r, "t").map(|c| c.transport),
+            Ok(Transport::Virtio(p)) if p == std::path::Path::new("/dev/virtio-ports/caas.vsm")
+        )));
         let bad: Result<RawConfig, _> = toml::from_str("socket = \"/x\"\nsokcet = 1\n");
         assert!(bad.is_err());
     }

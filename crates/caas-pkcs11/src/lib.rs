@@ -1,8 +1,9 @@
 //! libcaas_pkcs11.so: the PKCS#11 (v2.40, plus `C_GetInterfaceList`/`C_GetInterface` of
 //! 3.0) module a workload loads to use keys that live in its tenant's crypto domain. It
 //! forwards every call over the VSM wire protocol ([`caas_vsm_proto`]) and holds no key
-//! material. Configuration: `CAAS_PKCS11_SOCKET` (a UNIX socket path or `vsock:CID:PORT`),
-//! or a TOML file named by `CAAS_PKCS11_CONFIG` (`socket`, `vsock` or `tcp` + TLS settings,
+//! material. Configuration: `CAAS_PKCS11_SOCKET` (a UNIX socket path, `vsock:CID:PORT`
+//! or, inside a VM, `virtio:/dev/virtio-ports/caas.vsm`),
+//! or a TOML file named by `CAAS_PKCS11_CONFIG` (`socket`, `vsock`, `virtio` or `tcp` + TLS settings,
 //! optional `timeout_secs`; see `caas-pkcs11.toml.example`). Single-part operations cost one
 //! round trip to the crypto domain (see `ops`). The key policy (usage limits, usage roles,
 //! wrap/unwrap rules, `CKA_TRUSTED`) is enforced in the crypto domain (`caas_domc::policy`)

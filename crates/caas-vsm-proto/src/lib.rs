@@ -5,7 +5,7 @@
 //! [`messages`]. Each connection starts with [`Request::Hello`]; then the module sends one
 //! [`Request`] at a time and reads one [`Response`]. Everything decoded here came from a peer
 //! and is untrusted: decoding returns [`Error`], never panics, and allocates no more than
-//! the input size.
+//! the input size. [`serial`] is the guest end of a virtio-serial port carrying the frames.
 
 pub mod attr;
 pub mod blocking;
@@ -13,6 +13,7 @@ pub mod codec;
 mod error;
 pub mod frame;
 pub mod messages;
+pub mod serial;
 
 pub use codec::{Blob, Reader, Secret, Wire, from_bytes, to_bytes};
 pub use error::Error;

@@ -23,6 +23,24 @@ pub enum WorkloadCommand {
         #[arg(long)]
         spec: PathBuf,
     },
+    /// The guest agent inside a VM (the tenant installs it in the guest image): read the
+    /// workload id, τ and pk_DM once from fw_cfg, hash the boot disk, sign in the crypto
+    /// domain over virtio-serial, print the ready marker on the console and answer DM
+    /// challenges over TLS 1.3 with τ as the external PSK.
+    Guest {
+        /// The boot disk.
+        #[arg(long, default_value = "/dev/vda")]
+        disk: PathBuf,
+        /// Where the PSK channel listens.
+        #[arg(long, default_value = "0.0.0.0:7000")]
+        listen: std::net::SocketAddr,
+        /// The crypto domain: `virtio:/dev/virtio-ports/caas.vsm` (or a UNIX socket path).
+        #[arg(long)]
+        vsm: Option<String>,
+        /// The fw_cfg directory of the caas entries.
+        #[arg(long, default_value = "/sys/firmware/qemu_fw_cfg/by_name/opt/caas")]
+        fw_cfg: PathBuf,
+    },
 }
 
 /// Runs a `caas workload` subcommand; returns the process exit code (`run` only returns
@@ -32,6 +50,21 @@ pub fn run_cli(args: WorkloadArgs) -> Result<i32> {
         WorkloadCommand::Run { spec } => {
             let spec = WorkloadSpec::load(&spec)?;
             crate::workload::run(&spec)?;
+            Ok(0)
+        }
+        WorkloadCommand::Guest {
+            disk,
+            listen,
+            vsm,
+            fw_cfg,
+        } => {
+            let cfg = crate::workload::GuestConfig {
+                fw_cfg,
+                disk,
+                listen,
+                vsm: vsm.as_deref().map(crate::vsm::VsmEndpoint::parse),
+            };
+            crate::workload::Workload::start_guest(&cfg)?.serve()?;
             Ok(0)
         }
     }

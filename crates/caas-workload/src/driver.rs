@@ -4,8 +4,13 @@
 //! `caas_tpm::swtpm::command_without_inherited_fds`), the driver adds the arguments.
 //!
 //! - [`ProcessDriver`]: the process workload, `<caas> workload run --spec FILE`.
-//! - [`QemuDriver`]: a TCG VM booting from the NBD disk, τ and pk_DM injected through
-//!   `fw_cfg`. Only its command line is tested here (no qemu-system on the build hosts).
+//! - [`QemuDriver`]: a legacy VM (`scripts/build-guest-image`) booting its WHOLE disk from
+//!   the crypto domain's NBD export (the VM sees plaintext blocks, never a key or a
+//!   ciphertext), TCG by default ([`Accel`]); τ and pk_DM reach the guest through `fw_cfg`
+//!   from a 0600 file deleted as soon as the guest runs (qemu reads it at start); the VSM
+//!   through a virtio-serial port (`caas.vsm`) that qemu connects to the crypto domain's
+//!   socket; the tenant reaches the guest's PSK responder through a loopback `hostfwd`
+//!   port. The real boot is tested by `crates/caas/tests/real_vm.rs`.
 use crate::error::{Error, Result};
 use crate::spec::{ReadyInfo, WorkloadSpec};
 use std::ffi::{OsStr, OsString};
@@ -33,8 +38,13 @@ enum Readiness {
     /// The process workload writes its [`ReadyInfo`] to this file.
     File(PathBuf),
     /// A VM prints [`QEMU_READY_MARKER`] on its serial console; the PSK channel is
-    /// reachable at `addr` (user-mode network port forward).
-    SerialMarker { log: PathBuf, addr: SocketAddr },
+    /// reachable at `addr` (user-mode network port forward). qemu's own messages go to
+    /// `stderr_log`, quoted when it exits early.
+    SerialMarker {
+        log: PathBuf,
+        addr: SocketAddr,
+        stderr_log: PathBuf,
+    },
 }
 
 /// A running workload. Dropping the handle stops the workload.
@@ -43,7 +53,8 @@ pub struct WorkloadHandle {
     vm_id: String,
     child: Child,
     readiness: Readiness,
-    /// Removed once the workload is ready or stopped (qemu reads `fw_cfg` files at start).
+    /// Removed once the workload is ready or stopped, or, for a VM, as soon as the guest
+    /// runs (qemu reads `fw_cfg` files at start).
     cleanup: Vec<PathBuf>,
     stopped: bool,
 }
@@ -70,6 +81,15 @@ impl WorkloadHandle {
                 self.cleanup_files();
                 return Ok(addr);
             }
+            // qemu reads its `-fw_cfg` files while it starts, before the guest runs: once
+            // the guest has written to its console, τ, pk_DM and the PIN leave the host's
+            // disk (seconds before the guest is ready).
+            if let Readiness::SerialMarker { log, .. } = &self.readiness
+                && !self.cleanup.is_empty()
+                && std::fs::metadata(log).is_ok_and(|m| m.len() > 0)
+            {
+                self.cleanup_files();
+            }
             if let Some(st) = self
                 .child
                 .try_wait()
@@ -77,8 +97,12 @@ impl WorkloadHandle {
             {
                 self.stopped = true;
                 self.cleanup_files();
+                let why = match &self.readiness {
+                    Readiness::SerialMarker { stderr_log, .. } => tail_of(stderr_log),
+                    Readiness::File(_) => String::new(),
+                };
                 return Err(Error::Driver(format!(
-                    "workload {} exited ({st}) before it was ready",
+                    "workload {} exited ({st}) before it was ready{why}",
                     self.vm_id
                 )));
             }
@@ -97,7 +121,7 @@ impl WorkloadHandle {
             Readiness::File(path) => Ok(ReadyInfo::read_from(path)?
                 .filter(|r| r.vm_id == self.vm_id)
                 .map(|r| r.addr)),
-            Readiness::SerialMarker { log, addr } => {
+            Readiness::SerialMarker { log, addr, .. } => {
                 let mut text = Vec::new();
                 if let Ok(f) = std::fs::File::open(log) {
                     f.take(16 << 20)
@@ -144,6 +168,19 @@ impl WorkloadHandle {
 impl Drop for WorkloadHandle {
     fn drop(&mut self) {
         let _ = self.stop();
+    }
+}
+
+/// The last lines of a log (at most 600 bytes), as `": …"`, or nothing.
+fn tail_of(path: &Path) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let tail = String::from_utf8_lossy(&text[text.len().saturating_sub(600)..])
+        .trim()
+        .to_string();
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!(": {tail}")
     }
 }
 
@@ -236,12 +273,38 @@ pub const FW_CFG_INJECT: &str = "opt/caas/inject";
 pub const FW_CFG_VM_ID: &str = "opt/caas/vm-id";
 /// `fw_cfg` name of the crypto domain's user PIN (when the VM has a VSM).
 pub const FW_CFG_VSM_PIN: &str = "opt/caas/vsm-pin";
-/// virtio-serial port name of the crypto domain's VSM socket inside the guest.
-pub const VSM_SERIAL_PORT: &str = "org.caas.vsm";
+/// virtio-serial port name of the crypto domain's VSM socket inside the guest
+/// (`/dev/virtio-ports/caas.vsm`).
+pub const VSM_SERIAL_PORT: &str = "caas.vsm";
 
-/// Boots a VM with `qemu-system-x86_64` (TCG) from the NBD disk. The guest image is
-/// expected to read `fw_cfg` [`FW_CFG_INJECT`] (τ, pk_DM), listen on
-/// [`QEMU_GUEST_PORT`], and print [`QEMU_READY_MARKER`] on its serial console.
+/// How qemu executes the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Software emulation: works everywhere (the default).
+    Tcg,
+    /// Hardware virtualisation (`/dev/kvm`).
+    Kvm,
+    /// KVM when a probe VM boots under it within 3 s ([`kvm_works`]), else TCG. Nested KVM
+    /// on some hosts stalls after the BIOS, hence the probe.
+    Auto,
+}
+
+impl Accel {
+    /// From `CAAS_QEMU_ACCEL` (`tcg`, `kvm`, `auto`); TCG when unset or unknown.
+    #[must_use]
+    pub fn from_env() -> Self {
+        match std::env::var("CAAS_QEMU_ACCEL").as_deref() {
+            Ok("kvm") => Self::Kvm,
+            Ok("auto") => Self::Auto,
+            _ => Self::Tcg,
+        }
+    }
+}
+
+/// Boots a VM with `qemu-system-x86_64` from the NBD disk. The guest image is expected to
+/// read `fw_cfg` [`FW_CFG_INJECT`] (τ, pk_DM), listen on [`QEMU_GUEST_PORT`], and print
+/// [`QEMU_READY_MARKER`] on its serial console (the image of `scripts/build-guest-image`
+/// does, with `caas workload guest`).
 #[derive(Debug, Clone)]
 pub struct QemuDriver {
     /// The qemu binary (name looked up in PATH, or a path).
@@ -250,16 +313,37 @@ pub struct QemuDriver {
     pub dir: PathBuf,
     /// Guest memory in MiB.
     pub memory_mib: u32,
+    /// TCG, KVM, or KVM after a probe.
+    pub accel: Accel,
 }
 
 impl QemuDriver {
-    /// `qemu-system-x86_64`, 256 MiB, logs in `dir`.
+    /// `qemu-system-x86_64`, 256 MiB, logs in `dir`, accelerator from `CAAS_QEMU_ACCEL`
+    /// (TCG by default).
     #[must_use]
     pub fn new(dir: PathBuf) -> Self {
         Self {
             binary: "qemu-system-x86_64".into(),
             dir,
             memory_mib: 256,
+            accel: Accel::from_env(),
+        }
+    }
+
+    /// The accelerator this driver uses now (an [`Accel::Auto`] probe runs once per
+    /// process).
+    #[must_use]
+    pub fn effective_accel(&self) -> Accel {
+        match self.accel {
+            Accel::Auto => {
+                static PROBED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+                if *PROBED.get_or_init(|| kvm_works(&self.binary, &self.dir)) {
+                    Accel::Kvm
+                } else {
+                    Accel::Tcg
+                }
+            }
+            a => a,
         }
     }
 
@@ -277,11 +361,19 @@ impl QemuDriver {
         let mut push = |parts: &[&OsStr]| a.extend(parts.iter().map(|p| p.to_os_string()));
         let log = self.serial_log(&spec.vm_id);
         let mem = self.memory_mib.to_string();
+        let (accel, cpu) = match self.effective_accel() {
+            // `-cpu host` aborts on some nested hosts (an MSR qemu 7.2 cannot set); the
+            // default model boots wherever KVM boots at all.
+            Accel::Kvm => ("kvm", "qemu64"),
+            _ => ("tcg", "max"),
+        };
         push(&[
             "-name".as_ref(),
             format!("guest={}", spec.vm_id).as_ref(),
             "-accel".as_ref(),
-            "tcg".as_ref(),
+            accel.as_ref(),
+            "-cpu".as_ref(),
+            cpu.as_ref(),
             "-m".as_ref(),
             mem.as_ref(),
             "-nographic".as_ref(),
@@ -290,11 +382,19 @@ impl QemuDriver {
             "-no-reboot".as_ref(),
             "-serial".as_ref(),
             &opt("file:", &log),
+            // The guest's entropy (TLS, the PSK channel's ECDHE) without waiting for jitter.
+            "-device".as_ref(),
+            "virtio-rng-pci".as_ref(),
         ]);
-        for uri in std::iter::once(&spec.disk).chain(&spec.volumes) {
+        // The boot disk is the provisioned image (bound to H1), served read-only by its
+        // crypto domain; DBSP volumes are writable.
+        for (i, uri) in std::iter::once(&spec.disk).chain(&spec.volumes).enumerate() {
             let mut d = OsString::from("file=");
             d.push(escape(uri.as_ref()));
             d.push(",format=raw,if=virtio");
+            if i == 0 {
+                d.push(",readonly=on");
+            }
             push(&["-drive".as_ref(), &d]);
         }
         let mut inject = OsString::from(format!("name={FW_CFG_INJECT},file="));
@@ -315,10 +415,13 @@ impl QemuDriver {
             "-netdev".as_ref(),
             format!("user,id=net0,hostfwd=tcp:{host}:{host_port}-:{QEMU_GUEST_PORT}").as_ref(),
             "-device".as_ref(),
-            "virtio-net-pci,netdev=net0".as_ref(),
+            // No option ROM: the guest never boots from the network.
+            "virtio-net-pci,netdev=net0,romfile=".as_ref(),
         ]);
         if let Some(vsm) = &spec.vsm {
-            let mut chardev = OsString::from("socket,id=vsm0,path=");
+            // qemu is the crypto domain's one client for the VM's life; it reconnects if the
+            // domain closes the connection (a malformed frame from the guest).
+            let mut chardev = OsString::from("socket,id=vsm0,reconnect=1,path=");
             chardev.push(escape(vsm.socket.as_os_str()));
             let mut pin = OsString::from(format!("name={FW_CFG_VSM_PIN},file="));
             pin.push(escape(vsm.user_pin_file.as_os_str()));
@@ -335,6 +438,105 @@ impl QemuDriver {
         }
         Ok(a)
     }
+}
+
+/// A boot sector that writes `K` to qemu's debug console (port 0x402), enters 32-bit
+/// protected mode, writes `P`, and halts: `mov al,'K'; mov dx,0x402; out dx,al; cli;
+/// lgdt [gdt_desc]; mov eax,cr0; or al,1; mov cr0,eax; jmp 0x08:pm; pm: mov al,'P'; out
+/// dx,al; hlt; jmp $` with a flat GDT.
+fn kvm_probe_sector() -> [u8; 512] {
+    let mut s = [0u8; 512];
+    let code: &[u8] = &[
+        0xB0, b'K', // mov al,'K'
+        0xBA, 0x02, 0x04, // mov dx,0x402
+        0xEE, // out dx,al
+        0xFA, // cli
+        0x0F, 0x01, 0x16, 0x40, 0x7C, // lgdt [0x7c40]
+        0x0F, 0x20, 0xC0, // mov eax,cr0
+        0x0C, 0x01, // or al,1
+        0x0F, 0x22, 0xC0, // mov cr0,eax
+        0xEA, 0x1A, 0x7C, 0x08, 0x00, // jmp 0x08:0x7c1a
+        0x00, // (pad to 0x1a)
+        // 0x1a, 32-bit code:
+        0xB0, b'P', // mov al,'P'
+        0xEE, // out dx,al
+        0xF4, // hlt
+        0xEB, 0xFD, // jmp $-3 (hlt)
+    ];
+    s[..code.len()].copy_from_slice(code);
+    // GDT at 0x20: null, code (0x08), data (0x10); descriptor at 0x40.
+    let gdt: [[u8; 8]; 3] = [
+        [0; 8],
+        [0xFF, 0xFF, 0, 0, 0, 0x9A, 0xCF, 0],
+        [0xFF, 0xFF, 0, 0, 0, 0x92, 0xCF, 0],
+    ];
+    for (i, d) in gdt.iter().enumerate() {
+        s[0x20 + 8 * i..0x28 + 8 * i].copy_from_slice(d);
+    }
+    s[0x40..0x42].copy_from_slice(&23u16.to_le_bytes());
+    s[0x42..0x46].copy_from_slice(&0x7C20u32.to_le_bytes());
+    s[510] = 0x55;
+    s[511] = 0xAA;
+    s
+}
+
+/// Whether a VM boots under KVM here: a probe boot sector (`kvm_probe_sector`) must reach
+/// protected mode and say so on the debug console within 3 s. Nested KVM on some hosts
+/// stalls after the BIOS or aborts at start; then the answer is no and the driver uses TCG.
+#[must_use]
+pub fn kvm_works(binary: &str, dir: &Path) -> bool {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return false;
+    }
+    let Some(program) = find_program(binary) else {
+        return false;
+    };
+    let tag = format!("kvm-probe-{}", std::process::id());
+    let (img, out) = (
+        dir.join(format!("{tag}.img")),
+        dir.join(format!("{tag}.out")),
+    );
+    let result = (|| {
+        std::fs::create_dir_all(dir).ok()?;
+        std::fs::write(&img, kvm_probe_sector()).ok()?;
+        // Spawned by the host agent, which holds TPM connections: no inherited descriptors.
+        let mut child = caas_crypto::hardening::command_without_inherited_fds(program)
+            .args([
+                "-accel", "kvm", "-m", "16", "-display", "none", "-monitor", "none",
+            ])
+            .args(["-nodefaults", "-no-reboot", "-serial", "none", "-chardev"])
+            .arg(opt("file,id=dbg,path=", &out))
+            .args(["-device", "isa-debugcon,iobase=0x402,chardev=dbg", "-drive"])
+            .arg(opt("format=raw,if=ide,file=", &img))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut ok = false;
+        while Instant::now() < deadline {
+            if std::fs::read(&out).is_ok_and(|b| b.ends_with(b"KP")) {
+                ok = true;
+                break;
+            }
+            if child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        Some(ok)
+    })();
+    let _ = std::fs::remove_file(&img);
+    let _ = std::fs::remove_file(&out);
+    result.unwrap_or(false)
 }
 
 /// `prefix` followed by the escaped path.
@@ -398,10 +600,13 @@ impl Driver for QemuDriver {
         let args = self.args(spec, host_port)?;
         let log = self.serial_log(&spec.vm_id);
         let _ = std::fs::remove_file(&log);
+        let stderr_log = per_vm(&self.dir, &spec.vm_id, "qemu.log");
+        let stderr = std::fs::File::create(&stderr_log).map_err(Error::io("create qemu log"))?;
         let child = cmd
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .map_err(|e| Error::Driver(format!("spawn {}: {e}", self.binary)))?;
         let mut cleanup = vec![spec.inject_file.clone()];
@@ -414,6 +619,7 @@ impl Driver for QemuDriver {
             readiness: Readiness::SerialMarker {
                 log,
                 addr: SocketAddr::new(spec.listen.ip(), host_port),
+                stderr_log,
             },
             cleanup,
             stopped: false,
@@ -451,7 +657,8 @@ mod tests {
 
     #[test]
     fn qemu_command_line() -> Result<()> {
-        let d = QemuDriver::new("/var/lib/caas/vms".into());
+        let mut d = QemuDriver::new("/var/lib/caas/vms".into());
+        d.accel = Accel::Tcg;
         let a = strings(&d.args(&spec(), 40123)?);
         assert!(has(&a, "-accel", "tcg"));
         assert!(has(&a, "-m", "256"));
@@ -472,7 +679,7 @@ mod tests {
         assert_eq!(
             drives,
             [
-                "file=nbd+unix:///disk?socket=/run/caas/sdp,,1.sock,format=raw,if=virtio",
+                "file=nbd+unix:///disk?socket=/run/caas/sdp,,1.sock,format=raw,if=virtio,readonly=on",
                 "file=nbd+unix:///vol?socket=/run/caas/vol.sock,format=raw,if=virtio",
             ]
         );
@@ -487,7 +694,8 @@ mod tests {
             "-netdev",
             "user,id=net0,hostfwd=tcp:127.0.0.1:40123-:7000"
         ));
-        assert!(has(&a, "-device", "virtio-net-pci,netdev=net0"));
+        assert!(has(&a, "-device", "virtio-net-pci,netdev=net0,romfile="));
+        assert!(has(&a, "-device", "virtio-rng-pci"));
         assert!(!a.iter().any(|x| x.contains("vsm")));
         Ok(())
     }
@@ -501,16 +709,19 @@ mod tests {
             slot: 0,
         });
         s.volumes.clear();
-        let a = strings(&QemuDriver::new("/tmp".into()).args(&s, 1)?);
+        let mut d = QemuDriver::new("/tmp".into());
+        d.accel = Accel::Kvm;
+        let a = strings(&d.args(&s, 1)?);
+        assert!(has(&a, "-accel", "kvm"));
         assert!(has(
             &a,
             "-chardev",
-            "socket,id=vsm0,path=/run/caas/domc.sock"
+            "socket,id=vsm0,reconnect=1,path=/run/caas/domc.sock"
         ));
         assert!(has(
             &a,
             "-device",
-            "virtserialport,chardev=vsm0,name=org.caas.vsm"
+            "virtserialport,chardev=vsm0,name=caas.vsm"
         ));
         assert!(has(
             &a,
@@ -542,6 +753,35 @@ mod tests {
         );
         let e = d.start(&spec(), Command::new("true"));
         assert!(matches!(&e, Err(Error::Driver(m)) if m.contains("not installed")));
+    }
+
+    #[test]
+    fn kvm_probe_sector_is_a_boot_sector() {
+        let s = kvm_probe_sector();
+        assert_eq!(&s[510..], &[0x55, 0xAA]);
+        // The far jump lands on the 32-bit code.
+        assert_eq!(s[0x1a], 0xB0);
+        assert_eq!(&s[0x14..0x17], &[0xEA, 0x1A, 0x7C]);
+    }
+
+    /// `CAAS_QEMU_ACCEL=auto` must never hang a launch on a host whose KVM stalls (nested
+    /// KVM here stops after the BIOS): the probe is bounded, and Auto means KVM only when the
+    /// probe VM really ran under it.
+    #[test]
+    fn kvm_probe_is_bounded_and_auto_falls_back_to_tcg() {
+        let dir = std::env::temp_dir().join(format!("caas-kvm-probe-{}", std::process::id()));
+        let t = Instant::now();
+        let works = kvm_works("qemu-system-x86_64", &dir);
+        assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+        let mut d = QemuDriver::new(dir.clone());
+        d.accel = Accel::Auto;
+        let want = if works { Accel::Kvm } else { Accel::Tcg };
+        assert_eq!(d.effective_accel(), want);
+        assert!(!kvm_works("qemu-system-x86_64-not-installed", &dir));
+        // The probe leaves nothing behind.
+        let left = std::fs::read_dir(&dir).map(|r| r.count()).unwrap_or(0);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(left, 0);
     }
 
     #[test]

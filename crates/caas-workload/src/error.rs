@@ -48,6 +48,9 @@ pub enum Error {
     /// The crypto domain (VSM) refused or failed an operation.
     #[error("crypto domain: {0}")]
     Vsm(#[from] caas_domc::Error),
+    /// The PKCS#11 module (`libcaas_pkcs11.so`) refused or failed a call (its CK_RV name).
+    #[error("PKCS#11 module: {0}")]
+    Pkcs11(String),
     /// A driver could not start or control a workload.
     #[error("driver: {0}")]
     Driver(String),

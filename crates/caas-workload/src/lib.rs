@@ -4,9 +4,10 @@
 //! - [`spec`]: the workload spec, the injected secrets (τ, pk_DM) and the ready file.
 //! - [`vsm`]: signing inside the tenant's crypto domain from the workload.
 //! - [`proto`]: the challenge protocol and the DM side ([`challenge`]).
-//! - [`workload`]: the process workload ([`run`]).
+//! - [`workload`]: the process workload ([`run`]) and the guest agent of a VM
+//!   ([`Workload::start_guest`]).
 //! - [`driver`]: the driver abstraction ([`driver::ProcessDriver`], [`driver::QemuDriver`]).
-//! - [`cli`]: `caas workload run --spec FILE`.
+//! - [`cli`]: `caas workload run --spec FILE`, `caas workload guest` (inside a VM).
 pub mod cli;
 pub mod driver;
 mod error;
@@ -19,4 +20,4 @@ pub mod workload;
 pub use error::{Error, Result};
 pub use proto::{WorkloadReport, challenge};
 pub use spec::{InjectedSecrets, ReadyInfo, TlsCredentials, VsmSpec, WorkloadSpec};
-pub use workload::{Workload, run};
+pub use workload::{GuestConfig, Workload, run};

@@ -46,6 +46,23 @@ pub struct WorkloadSpec {
     pub volumes: Vec<String>,
 }
 
+/// Checks a workload id: 1..=128 characters of `[A-Za-z0-9-_.:]` (it is also the PSK
+/// identity and a qemu option value).
+pub fn validate_vm_id(vm_id: &str) -> Result<()> {
+    if vm_id.is_empty()
+        || vm_id.len() > crate::psk::MAX_IDENTITY_LEN
+        || !vm_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    {
+        return Err(Error::Config(format!(
+            "vm_id must be 1..={} characters of [A-Za-z0-9-_.:]",
+            crate::psk::MAX_IDENTITY_LEN
+        )));
+    }
+    Ok(())
+}
+
 /// How the workload reaches its crypto domain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,18 +102,7 @@ impl WorkloadSpec {
 
     /// Checks the fields that would otherwise fail late.
     pub fn validate(&self) -> Result<()> {
-        if self.vm_id.is_empty()
-            || self.vm_id.len() > crate::psk::MAX_IDENTITY_LEN
-            || !self
-                .vm_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
-        {
-            return Err(Error::Config(format!(
-                "vm_id must be 1..={} characters of [A-Za-z0-9-_.:]",
-                crate::psk::MAX_IDENTITY_LEN
-            )));
-        }
+        validate_vm_id(&self.vm_id)?;
         for uri in std::iter::once(&self.disk).chain(&self.volumes) {
             if !(uri.starts_with("nbd+unix://")
                 || uri.starts_with("nbd://")

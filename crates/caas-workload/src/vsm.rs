@@ -2,7 +2,10 @@
 //! PIN, generate an ECDSA P-256 key pair as session objects (they live as long as the
 //! workload's VSM session and never leave the crypto domain), and sign with
 //! `CKM_ECDSA_SHA256`. The DM verifies with the returned public point
-//! ([`verify_vsm_signature`]).
+//! ([`verify_vsm_signature`]). Inside a VM the agent reaches the crypto domain either with
+//! its own client over the virtio-serial port ([`VsmEndpoint::Virtio`]) or through the
+//! tenant's PKCS#11 module loaded like any application loads it ([`VsmEndpoint::Pkcs11`],
+//! the module configured by `CAAS_PKCS11_CONFIG` / `CAAS_PKCS11_SOCKET`).
 use crate::error::{Error, Result};
 use caas_crypto::SecretBytes;
 use caas_domc::client::Client;
@@ -25,13 +28,144 @@ fn unexpected() -> Error {
     Error::Vsm(DomcError::Token(Ckr(CKR_DEVICE_ERROR)))
 }
 
+/// Where the crypto domain is, seen from the workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VsmEndpoint {
+    /// The crypto domain's UNIX socket (process workloads).
+    Unix(PathBuf),
+    /// A virtio-serial port inside a VM (`/dev/virtio-ports/caas.vsm`), which the host's
+    /// qemu connects to the crypto domain's socket; written `virtio:PATH`.
+    Virtio(PathBuf),
+    /// A PKCS#11 module (`libcaas_pkcs11.so`), configured by its own environment; written
+    /// `pkcs11:PATH`.
+    Pkcs11(PathBuf),
+}
+
+impl VsmEndpoint {
+    /// `virtio:PATH` or a socket path.
+    #[must_use]
+    pub fn parse(s: &str) -> Self {
+        if let Some(p) = s.strip_prefix("virtio:") {
+            Self::Virtio(PathBuf::from(p))
+        } else if let Some(p) = s.strip_prefix("pkcs11:") {
+            Self::Pkcs11(PathBuf::from(p))
+        } else {
+            Self::Unix(PathBuf::from(s))
+        }
+    }
+
+    fn connect(&self) -> Result<Client> {
+        Ok(match self {
+            Self::Unix(p) => Client::connect(p)?,
+            Self::Pkcs11(_) => {
+                return Err(Error::Config(
+                    "a PKCS#11 module endpoint is used through the module only".into(),
+                ));
+            }
+            Self::Virtio(p) => {
+                let port = caas_vsm_proto::serial::SerialPort::open(p, Some(VIRTIO_TIMEOUT))
+                    .map_err(Error::io("open the VSM's virtio-serial port"))?;
+                Client::over(Box::new(port))?
+            }
+        })
+    }
+}
+
+/// How long the guest waits for one answer of the crypto domain over virtio-serial.
+const VIRTIO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A logged-in session in the crypto domain with the workload's signing key.
 #[derive(Debug)]
 pub struct VsmSigner {
-    socket: PathBuf,
+    endpoint: VsmEndpoint,
     slot: u64,
     pin: SecretBytes,
     conn: Option<Conn>,
+    module: Option<ModuleSigner>,
+}
+
+/// Signing through a PKCS#11 module (`cryptoki`): the same key pair and mechanism.
+struct ModuleSigner {
+    session: cryptoki::session::Session,
+    private: cryptoki::object::ObjectHandle,
+    public_point: Vec<u8>,
+    _module: cryptoki::context::Pkcs11,
+}
+
+impl std::fmt::Debug for ModuleSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModuleSigner").finish_non_exhaustive()
+    }
+}
+
+fn p11(e: cryptoki::error::Error) -> Error {
+    Error::Pkcs11(e.to_string())
+}
+
+impl ModuleSigner {
+    fn open(module: &Path, slot: u64, pin: &SecretBytes) -> Result<Self> {
+        use cryptoki::context::{CInitializeArgs, Pkcs11};
+        use cryptoki::mechanism::Mechanism as M;
+        use cryptoki::object::{Attribute, AttributeType};
+        use cryptoki::session::UserType;
+        let ctx = Pkcs11::new(module).map_err(p11)?;
+        ctx.initialize(CInitializeArgs::OsThreads).map_err(p11)?;
+        let slots = ctx.get_slots_with_token().map_err(p11)?;
+        let slot = usize::try_from(slot)
+            .ok()
+            .and_then(|i| slots.get(i).copied())
+            .ok_or_else(|| Error::Pkcs11(format!("no token in slot {slot}")))?;
+        let session = ctx.open_rw_session(slot).map_err(p11)?;
+        let pin = std::str::from_utf8(pin.expose())
+            .map_err(|_| Error::Config("the user PIN is not UTF-8".into()))?;
+        session
+            .login(
+                UserType::User,
+                Some(&cryptoki::types::AuthPin::new(pin.into())),
+            )
+            .map_err(p11)?;
+        let (public, private) = session
+            .generate_key_pair(
+                &M::EccKeyPairGen,
+                &[
+                    Attribute::EcParams(caas_domc::der::OID_P256.to_vec()),
+                    Attribute::Label(KEY_LABEL.to_vec()),
+                    Attribute::Verify(true),
+                ],
+                &[Attribute::Label(KEY_LABEL.to_vec()), Attribute::Sign(true)],
+            )
+            .map_err(p11)?;
+        let point = match session
+            .get_attributes(public, &[AttributeType::EcPoint])
+            .map_err(p11)?
+            .into_iter()
+            .next()
+        {
+            Some(Attribute::EcPoint(p)) => p,
+            _ => return Err(unexpected()),
+        };
+        let public_point = caas_domc::der::octet_string(&point)
+            .unwrap_or(&point)
+            .to_vec();
+        Ok(Self {
+            session,
+            private,
+            public_point,
+            _module: ctx,
+        })
+    }
+
+    fn sign(&self, msg: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
+        let sig = self
+            .session
+            .sign(
+                &cryptoki::mechanism::Mechanism::EcdsaSha256,
+                self.private,
+                msg,
+            )
+            .map_err(p11)?;
+        Ok((sig, self.public_point.clone()))
+    }
 }
 
 #[derive(Debug)]
@@ -46,18 +180,32 @@ struct Conn {
 impl VsmSigner {
     /// Connects, logs in and generates the key pair. `pin` is the token's user PIN.
     pub fn connect(socket: &Path, slot: u64, pin: SecretBytes) -> Result<Self> {
+        Self::connect_to(VsmEndpoint::Unix(socket.to_path_buf()), slot, pin)
+    }
+
+    /// [`VsmSigner::connect`] to any [`VsmEndpoint`].
+    pub fn connect_to(endpoint: VsmEndpoint, slot: u64, pin: SecretBytes) -> Result<Self> {
         let mut s = Self {
-            socket: socket.to_path_buf(),
+            endpoint,
             slot,
             pin,
             conn: None,
+            module: None,
         };
-        s.conn = Some(s.open()?);
+        match &s.endpoint {
+            VsmEndpoint::Pkcs11(m) => s.module = Some(ModuleSigner::open(m, slot, &s.pin)?),
+            _ => s.conn = Some(s.open()?),
+        }
         Ok(s)
     }
 
     /// Reads the user PIN from the first line of `pin_file`, then [`VsmSigner::connect`].
     pub fn from_pin_file(socket: &Path, slot: u64, pin_file: &Path) -> Result<Self> {
+        Self::from_pin_file_to(VsmEndpoint::Unix(socket.to_path_buf()), slot, pin_file)
+    }
+
+    /// [`VsmSigner::from_pin_file`] for any [`VsmEndpoint`].
+    pub fn from_pin_file_to(endpoint: VsmEndpoint, slot: u64, pin_file: &Path) -> Result<Self> {
         let raw = crate::spec::read_bounded(pin_file, 4096, "read user PIN file")?;
         let end = raw
             .iter()
@@ -66,11 +214,11 @@ impl VsmSigner {
         if end == 0 {
             return Err(Error::Config("the user PIN file is empty".into()));
         }
-        Self::connect(socket, slot, SecretBytes::from_slice(&raw[..end]))
+        Self::connect_to(endpoint, slot, SecretBytes::from_slice(&raw[..end]))
     }
 
     fn open(&self) -> Result<Conn> {
-        let mut client = Client::connect(&self.socket)?;
+        let mut client = self.endpoint.connect()?;
         let session = match client.call(Request::OpenSession {
             slot: self.slot,
             flags: CKF_SERIAL_SESSION | CKF_RW_SESSION,
@@ -148,6 +296,9 @@ impl VsmSigner {
     /// Signs `msg` in the crypto domain; returns (signature r‖s, public point). After a
     /// failure (e.g. the crypto domain restarted) it reconnects once with a fresh key pair.
     pub fn sign(&mut self, msg: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
+        if let Some(m) = &self.module {
+            return m.sign(msg);
+        }
         if let Some(conn) = self.conn.as_mut()
             && let Ok(sig) = Self::sign_once(conn, msg)
         {
@@ -164,6 +315,9 @@ impl VsmSigner {
     /// The current public point (uncompressed SEC1), if connected.
     #[must_use]
     pub fn public_point(&self) -> Option<&[u8]> {
+        if let Some(m) = &self.module {
+            return Some(&m.public_point);
+        }
         self.conn.as_ref().map(|c| c.public_point.as_slice())
     }
 }

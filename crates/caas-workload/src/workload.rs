@@ -2,6 +2,7 @@
 //! injected secrets (τ, pk_DM; the file is deleted), logs in to its crypto domain if it
 //! has one, reads its whole boot disk through NBD and hashes it, then serves the PSK
 //! channel (identity = vm_id, PSK = τ) and answers DM challenges ([`crate::proto`]).
+use crate::driver::QEMU_READY_MARKER;
 use crate::error::{Error, Result};
 use crate::proto::{
     self, ChallengeRequest, ERR_BAD_REQUEST, ERR_DM_SIGNATURE, ERR_REPLAY, ErrorAnswer,
@@ -9,14 +10,15 @@ use crate::proto::{
 };
 use crate::psk;
 use crate::spec::{InjectedSecrets, ReadyInfo, WorkloadSpec};
-use crate::vsm::{VSM_MECHANISM, VsmSigner};
+use crate::vsm::{VSM_MECHANISM, VsmEndpoint, VsmSigner};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use caas_sdp::store::Store;
 use openssl::ssl::SslAcceptor;
 use std::collections::{HashSet, VecDeque};
-use std::io::{BufReader, Write};
+use std::io::{BufReader, Read as _, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -37,6 +39,20 @@ const NONCE_MEMORY: usize = 4096;
 /// Runs the workload until it is killed: [`Workload::start`], then [`Workload::serve`].
 pub fn run(spec: &WorkloadSpec) -> Result<()> {
     Workload::start(spec)?.serve()
+}
+
+/// The guest agent's inputs inside a VM ([`Workload::start_guest`]).
+#[derive(Debug, Clone)]
+pub struct GuestConfig {
+    /// The `fw_cfg` directory of the caas entries
+    /// (`/sys/firmware/qemu_fw_cfg/by_name/opt/caas`): `vm-id`, `inject`, `vsm-pin`.
+    pub fw_cfg: PathBuf,
+    /// The boot disk as the guest sees it (`/dev/vda`).
+    pub disk: PathBuf,
+    /// Where the PSK channel listens (the host forwards a loopback port to it).
+    pub listen: SocketAddr,
+    /// The crypto domain (`virtio:/dev/virtio-ports/caas.vsm`).
+    pub vsm: Option<VsmEndpoint>,
 }
 
 /// A started workload: secrets taken, disk hashed, listener bound, ready file written.
@@ -135,6 +151,66 @@ impl Workload {
         })
     }
 
+    /// The guest agent of a VM (issue 13): reads its id, τ and pk_DM once from `fw_cfg`,
+    /// connects to its crypto domain over the virtio-serial port if it has one (the
+    /// `vsm-pin` entry present), hashes its boot disk (a local block device: the host's
+    /// crypto domain decrypts it underneath), binds the listener and prints
+    /// [`QEMU_READY_MARKER`] on its console (stdout). The `fw_cfg` entries stay readable to
+    /// the guest's root for the VM's life (the guest is the tenant's); the host deletes its
+    /// files once qemu has read them.
+    pub fn start_guest(cfg: &GuestConfig) -> Result<Self> {
+        let entry = |name: &str| cfg.fw_cfg.join(name).join("raw");
+        let id = crate::spec::read_bounded(&entry("vm-id"), 256, "read fw_cfg vm-id")?;
+        let vm_id = std::str::from_utf8(&id)
+            .map_err(|_| Error::Config("fw_cfg vm-id is not UTF-8".into()))?
+            .trim()
+            .to_string();
+        crate::spec::validate_vm_id(&vm_id)?;
+        let raw = crate::spec::read_bounded(&entry("inject"), 4096, "read fw_cfg inject")?;
+        let InjectedSecrets { tau, pk_dm, .. } = InjectedSecrets::parse(&raw)?;
+        drop(raw);
+        let acceptor = psk::server_acceptor(&vm_id, &tau)?;
+        drop(tau);
+        let pin = entry("vsm-pin");
+        let vsm = match (&cfg.vsm, pin.exists()) {
+            (Some(ep), true) => Some(Mutex::new(VsmSigner::from_pin_file_to(
+                ep.clone(),
+                0,
+                &pin,
+            )?)),
+            _ => None,
+        };
+        let (disk_sha256, disk_size) = hash_local_disk(&cfg.disk)?;
+        tracing::info!(%vm_id, disk_size, "guest read its disk");
+        let listener = TcpListener::bind(cfg.listen).map_err(Error::io("bind listener"))?;
+        let addr = listener.local_addr().map_err(Error::io("local address"))?;
+        let ready = ReadyInfo {
+            vm_id: vm_id.clone(),
+            addr,
+            pid: std::process::id(),
+            disk_sha256: hex::encode(disk_sha256),
+        };
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{QEMU_READY_MARKER}").map_err(Error::io("print the ready marker"))?;
+        out.flush().map_err(Error::io("print the ready marker"))?;
+        Ok(Self {
+            listener,
+            ready,
+            shared: Arc::new(Shared {
+                vm_id,
+                pk_dm,
+                acceptor,
+                disk_sha256,
+                disk_size,
+                vsm,
+                volumes: Vec::new(),
+                rt: IoRuntime::new()?,
+                seen: Mutex::new((HashSet::new(), VecDeque::new())),
+                active: AtomicUsize::new(0),
+            }),
+        })
+    }
+
     /// The bound address of the PSK channel.
     #[must_use]
     pub fn addr(&self) -> SocketAddr {
@@ -220,6 +296,27 @@ impl Drop for IoRuntime {
             rt.shutdown_background();
         }
     }
+}
+
+/// SHA-256 and size of a local disk (a block device: read to its end).
+fn hash_local_disk(path: &Path) -> Result<([u8; 32], u64)> {
+    let mut f = std::fs::File::open(path).map_err(Error::io("open the boot disk"))?;
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut buf = vec![0u8; HASH_CHUNK];
+    let mut size = 0u64;
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::io("read the boot disk")(e)),
+        };
+        ctx.update(&buf[..n]);
+        size += n as u64;
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    Ok((out, size))
 }
 
 async fn hash_disk(uri: &str, tls: Option<&caas_sdp::store::TlsClient>) -> Result<([u8; 32], u64)> {

@@ -169,9 +169,13 @@ pub async fn run(args: DevArgs) -> Result<()> {
             attestation,
             tl: Default::default(),
         };
-        let roles =
-            crate::key_service::Roles::open(bound.kms.clone(), &params.attestation, &params.tl, agents)
-                .await?;
+        let roles = crate::key_service::Roles::open(
+            bound.kms.clone(),
+            &params.attestation,
+            &params.tl,
+            agents,
+        )
+        .await?;
         vars.push(("CAAS_TTP_PUBLIC_KEY".into(), roles.tl.public()?.to_text()));
         let server = tokio::spawn(crate::key_service::serve(params, bound, roles.clone()));
         if let Some(h) = hosts.as_mut() {

@@ -103,7 +103,10 @@ pub fn env(hosts: &caas_host::dev::DevHosts) -> Result<Vec<(String, String)>> {
         caas_host::cli::ENV_PKI_CA.into(),
         path(&hosts.pki_ca_file()),
     ));
-    v.push((caas_host::cli::ENV_OPERATOR_CERT.into(), path(&operator.cert)));
+    v.push((
+        caas_host::cli::ENV_OPERATOR_CERT.into(),
+        path(&operator.cert),
+    ));
     v.push((caas_host::cli::ENV_OPERATOR_KEY.into(), path(&operator.key)));
     Ok(v)
 }

@@ -211,7 +211,8 @@ pub async fn run_key_service(cmd: KeyServiceCmd) -> Result<()> {
             }
             let params = raw.validate().map_err(anyhow::Error::msg)?;
             let bound = bind(&params.serve, accept_audit_rollback).await?;
-            let roles = Roles::open(bound.kms.clone(), &params.attestation, &params.tl, None).await?;
+            let roles =
+                Roles::open(bound.kms.clone(), &params.attestation, &params.tl, None).await?;
             println!("listening on {}", bound.addr);
             serve(params, bound, roles).await
         }

@@ -1,0 +1,280 @@
+//! A real VM through trusted launch (issue 13, first acceptance bullet): the legacy guest
+//! image of `scripts/build-guest-image` (Debian cloud kernel, busybox, syslinux, the tenant's
+//! guest agent and PKCS#11 module) is provisioned with Algorithm 1 (encrypted under k), then
+//! launched with the qemu driver through TL on a `caas dev` host (swtpm TPM, host agent,
+//! crypto-domain processes). qemu boots the WHOLE disk from the crypto domain's NBD export,
+//! the guest reads τ and pk_DM from fw_cfg, signs with a VSM key over virtio-serial, and the
+//! tenant checks all of it from outside.
+//!
+//! Needs qemu-system-x86 and the image tools (`scripts/install-deps` installs them); without
+//! them the test fails saying what to install.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod common;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use common::*;
+use serde_json::Value;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+/// Fails (never skips) when a tool the real VM needs is missing.
+fn require_tools() {
+    let missing: Vec<&str> = [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("syslinux", "syslinux"),
+        ("mcopy", "mtools"),
+        ("mkfs.fat", "dosfstools"),
+        ("cpio", "cpio"),
+        ("strip", "binutils"),
+    ]
+    .into_iter()
+    .filter(|(tool, _)| {
+        !std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+            .any(|d| d.join(tool).is_file())
+    })
+    .map(|(_, pkg)| pkg)
+    .collect();
+    assert!(
+        missing.is_empty() && Path::new("/usr/lib/syslinux/mbr/mbr.bin").is_file(),
+        "the real-VM test needs the Debian packages {missing:?} and syslinux-common: run \
+         scripts/install-deps (installs qemu-system-x86 together with qemu-utils)"
+    );
+}
+
+/// Builds (or takes from the cache) the guest image with this build's guest agent and
+/// PKCS#11 module; returns its path.
+pub fn guest_image() -> PathBuf {
+    require_tools();
+    let agent = PathBuf::from(env!("CARGO_BIN_EXE_caas-guest"));
+    // The module as `cargo build -p caas` uplifts it, or as `cargo test` leaves it in deps/
+    // (a dependency's cdylib is not uplifted): the newer one.
+    let pkcs11 = [
+        caas_bin().with_file_name("libcaas_pkcs11.so"),
+        caas_bin().with_file_name("deps").join("libcaas_pkcs11.so"),
+    ]
+    .into_iter()
+    .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+    .max()
+    .map(|(_, p)| p)
+    .expect("libcaas_pkcs11.so is built with caas");
+    let mut cmd = Command::new(repo_root().join("scripts/build-guest-image"));
+    cmd.arg("--agent").arg(&agent).arg("--pkcs11").arg(&pkcs11);
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/build-guest-image failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn tenant(root: &Path, dev: &Dev, args: &[&str]) -> String {
+    let out = Command::new(caas_bin())
+        .arg("tenant")
+        .arg("--dir")
+        .arg(root.join("alice"))
+        .args(args)
+        .envs(&dev.env)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "caas tenant {args:?} failed:\n{text}");
+    text
+}
+
+/// The command line of the qemu process whose `-name` is `guest=VM`.
+fn qemu_cmdline(vm: &str) -> Option<Vec<String>> {
+    let want = format!("guest={vm}");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let raw = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<String> = raw
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        (args.first()?.contains("qemu-system") && args.contains(&want)).then_some(args)
+    })
+}
+
+fn find_file(dir: &Path, suffix: &str) -> Option<PathBuf> {
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if let Some(f) = find_file(&p, suffix) {
+                return Some(f);
+            }
+        } else if p.to_string_lossy().ends_with(suffix) {
+            return Some(p);
+        }
+    }
+    None
+}
+
+#[test]
+fn real_vm_boots_encrypted_image_through_crypto_domain_and_signs_over_virtio_serial() {
+    let t0 = Instant::now();
+    let image = guest_image();
+    let plain = std::fs::read(&image).unwrap();
+    eprintln!(
+        "guest image {} ({} bytes) in {:?}",
+        image.display(),
+        plain.len(),
+        t0.elapsed()
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let root = tmp.path().to_path_buf();
+    let dev = Dev::start_with(
+        &root.join("dev"),
+        "127.0.0.1:0",
+        &["--hosts", "1", "--attest-secs", "3600"],
+    );
+    let storage = PathBuf::from(&dev.env["CAAS_STORAGE_DIR"]);
+    let raw = root.join("guest.raw");
+    std::fs::copy(&image, &raw).unwrap();
+
+    // Algorithm 1: the tenant encrypts the image under k and seals its configuration.
+    tenant(&root, &dev, &["init"]);
+    tenant(&root, &dev, &["acl", "--domains", "finance"]);
+    tenant(
+        &root,
+        &dev,
+        &[
+            "provision",
+            "--image",
+            raw.to_str().unwrap(),
+            "--id",
+            "legacy",
+            "--hosts",
+            "host-1",
+        ],
+    );
+    let t_launch = Instant::now();
+    let out = tenant(
+        &root,
+        &dev,
+        &[
+            "launch",
+            "--id",
+            "legacy",
+            "--vm",
+            "vm1",
+            "--driver",
+            "qemu",
+            "--domains",
+            "finance",
+        ],
+    );
+    eprintln!(
+        "launch with the qemu driver: {:?}\n{out}",
+        t_launch.elapsed()
+    );
+    assert!(out.contains("\"vm_id\": \"vm1\""), "{out}");
+
+    // qemu boots the whole disk from the crypto domain's NBD export: no image file, no key.
+    let args = qemu_cmdline("vm1").expect("the VM's qemu process");
+    let drives: Vec<&String> = args
+        .windows(2)
+        .filter(|w| w[0] == "-drive")
+        .map(|w| &w[1])
+        .collect();
+    assert_eq!(drives.len(), 1, "{args:?}");
+    assert!(drives[0].starts_with("file=nbd+unix:///"), "{args:?}");
+    assert!(!args.iter().any(|a| a.contains("caasvol")), "{args:?}");
+    assert!(args.iter().any(|a| a.contains("name=caas.vsm")), "{args:?}");
+    // τ reached the guest through a read-once file: gone from the host once it was ready.
+    assert!(
+        find_file(&root.join("dev"), "inject.json").is_none(),
+        "the inject file outlived the boot"
+    );
+    let serial = find_file(&root.join("dev"), "vm1.serial.log").expect("serial log");
+    let console = std::fs::read_to_string(&serial).unwrap();
+    assert!(console.contains("caas-workload ready"), "{console}");
+
+    // The tenant's check over the PSK channel: the guest proves τ, answers the DM's signed
+    // challenge with the hash of the disk it booted and a VSM signature made over
+    // virtio-serial.
+    let rep = tenant(&root, &dev, &["connect", "--vm", "vm1"]);
+    let v: Value = serde_json::from_str(&rep[rep.find('{').unwrap()..]).unwrap();
+    assert_eq!(
+        v["disk_sha256"],
+        Value::from(hex::encode(caas_tl::crypto::sha256(&plain))),
+        "the guest booted another disk: {v}"
+    );
+    assert_eq!(v["disk_size"], Value::from(plain.len() as u64));
+    assert_eq!(
+        v["vsm"]["mechanism"],
+        Value::from("CKM_ECDSA_SHA256"),
+        "{v}"
+    );
+    let nonce: [u8; 32] = B64
+        .decode(v["nonce"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let disk: [u8; 32] = caas_tl::crypto::sha256(&plain);
+    let msg = caas_workload::proto::vsm_message("vm1", &nonce, &disk);
+    let point = B64
+        .decode(v["vsm"]["public_point"].as_str().unwrap())
+        .unwrap();
+    let sig = B64.decode(v["vsm"]["signature"].as_str().unwrap()).unwrap();
+    caas_workload::vsm::verify_vsm_signature(&point, &msg, &sig)
+        .expect("the tenant verifies the guest's VSM signature");
+    let mut bad = sig.clone();
+    bad[10] ^= 1;
+    assert!(caas_workload::vsm::verify_vsm_signature(&point, &msg, &bad).is_err());
+
+    // The PSK check succeeds only with the right τ (and identity).
+    let rec: Value =
+        serde_json::from_slice(&std::fs::read(root.join("alice/vms/vm1.json")).unwrap()).unwrap();
+    let addr: std::net::SocketAddr = rec["endpoint"].as_str().unwrap().parse().unwrap();
+    assert!(
+        addr.ip().is_loopback(),
+        "the forwarded port is on loopback: {addr}"
+    );
+    let tau = caas_crypto::SecretBytes::new(B64.decode(rec["tau"].as_str().unwrap()).unwrap());
+    let psk = |id: &str, k: &caas_crypto::SecretBytes| {
+        caas_workload::psk::connect(std::net::TcpStream::connect(addr).unwrap(), id, k)
+    };
+    assert!(psk("vm1", &tau).is_ok(), "the right τ is refused");
+    let mut wrong = tau.expose().to_vec();
+    wrong[0] ^= 0x80;
+    let wrong = caas_crypto::SecretBytes::new(wrong);
+    assert!(psk("vm1", &wrong).is_err(), "a wrong τ is accepted");
+    assert!(psk("vm2", &tau).is_err(), "another identity is accepted");
+
+    // The storage side holds only ciphertext: no 16-byte block of the image's content (the
+    // kernel, the compressed initramfs, the boot loader: every aligned block with at least 6
+    // distinct byte values — runs of zeros or small integers also occur in the volume's own
+    // header) appears at any offset of the stored file.
+    let enc = std::fs::read(storage.join("images/legacy/image.caasvol")).unwrap();
+    let blocks: HashSet<[u8; 16]> = plain
+        .chunks_exact(16)
+        .filter(|c| c.iter().collect::<HashSet<_>>().len() >= 6)
+        .map(|c| <[u8; 16]>::try_from(c).unwrap())
+        .collect();
+    assert!(
+        blocks.len() > 500_000,
+        "the image has content: {}",
+        blocks.len()
+    );
+    let leak = enc
+        .windows(16)
+        .position(|w| blocks.contains(<&[u8; 16]>::try_from(w).unwrap()));
+    assert!(
+        leak.is_none(),
+        "plaintext of the image at offset {leak:?} of the stored file: {}",
+        leak.map(|o| hex::encode(&enc[o..o + 16]))
+            .unwrap_or_default()
+    );
+
+    eprintln!("real VM test total: {:?}", t0.elapsed());
+}
