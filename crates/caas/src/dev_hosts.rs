@@ -17,7 +17,7 @@ pub const DEV_PROFILE: &str = "dev";
 /// service's HTTPS client to their agents.
 ///
 /// The deployment CA lives in `DIR/pki`: the agents' server certificates, the key
-/// service's client certificate to them and the operator's ([`env`]). pk_TTP is configured
+/// service's client certificate to them and the operator's ([`env()`]). pk_TTP is configured
 /// in each agent, never fetched on first use.
 pub async fn prepare(
     dir: &Path,

@@ -4,7 +4,7 @@
 //! secrets), and held in memory by [`caas_tl::ttp::Ttp`].
 //!
 //! The routes are `caas_tl::service::router` (TTP + scheduler), mounted by
-//! [`super::serve`] behind [`super::auth`].
+//! [`super::serve()`] behind [`super::auth`].
 use anyhow::Result;
 use caas_crypto::SecretBytes;
 use caas_store::{Batch, Write};
