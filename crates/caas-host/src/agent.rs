@@ -119,6 +119,9 @@ impl Agent {
             ),
             Err(_) => None,
         };
+        // The audit key first: unsealing it needs a free object slot, which the AK kept
+        // loaded by the checks below would take on a TPM with few (swtpm: 3).
+        let audit_key = crate::audit::key_from_tpm(&tpm, &cfg.state_dir).await?;
         let keys = Self::check_or_create_keys(&tpm, &cfg, stored).await?;
         caas_crypto::fs::write_secret(
             &path,
@@ -130,7 +133,6 @@ impl Agent {
             .advertise_url
             .clone()
             .unwrap_or_else(|| format!("https://{}", cfg.listen));
-        let audit_key = crate::audit::key_from_tpm(&tpm, &cfg.state_dir).await?;
         let tl = crate::tl::TlHost::new(&cfg, audit_key)?;
         let http = cfg.key_service_client(std::time::Duration::from_secs(30))?;
         Ok(Self {
