@@ -115,8 +115,10 @@ const VSM_CONTEXT: &str = "caas:vsm";
 
 /// The dev VSM's domain key, kept on disk only wrapped under the dev key service
 /// (`STATE/domain.key.kms`, a KMS ciphertext blob): unwrapped with Decrypt at every start,
-/// made with GenerateDataKey at the first. A plaintext `STATE/domain.key` left by an
-/// earlier version is wrapped (Encrypt) and deleted. The key goes to the VSM over a pipe.
+/// made with GenerateDataKey at the first and written atomically and durably. The key goes
+/// to the VSM over a pipe. A plaintext `STATE/domain.key` (a dev directory from before the
+/// wrapped key, whose audit log no longer verifies either) is refused, not migrated:
+/// recreate the dev directory.
 ///
 /// # Errors
 /// KMS or file errors (never with key material).
@@ -126,10 +128,15 @@ pub async fn dev_vsm_key(
     state: &std::path::Path,
 ) -> Result<caas_domc::keysource::DomainKey> {
     use anyhow::Context as _;
-    use base64::Engine as _;
     let ec = json!({ VSM_CONTEXT: "domain-key" });
     let blob_path = state.join("domain.key.kms");
     let legacy = state.join("domain.key");
+    if legacy.exists() {
+        anyhow::bail!(
+            "{} is a plaintext VSM key from an older caas dev: recreate the dev directory",
+            legacy.display()
+        );
+    }
     std::fs::create_dir_all(state)?;
     let plain = if let Ok(blob) = std::fs::read(&blob_path) {
         client
@@ -137,41 +144,14 @@ pub async fn dev_vsm_key(
             .await
             .context("unwrap the VSM domain key")?
     } else {
-        let (plain, blob) = match std::fs::read(&legacy) {
-            Ok(old) => {
-                let old = SecretBytes::new(old);
-                let b64 = SecretBytes::new(
-                    base64::engine::general_purpose::STANDARD
-                        .encode(old.expose())
-                        .into_bytes(),
-                );
-                let text = std::str::from_utf8(b64.expose()).unwrap_or_default();
-                let v = client
-                    .call(
-                        "Encrypt",
-                        &json!({ "KeyId": key_id, "Plaintext": text, "EncryptionContext": ec }),
-                    )
-                    .await
-                    .context("wrap the legacy VSM domain key")?;
-                let blob = base64::engine::general_purpose::STANDARD
-                    .decode(v["CiphertextBlob"].as_str().unwrap_or_default())
-                    .context("KMS Encrypt answer")?;
-                (old, blob)
-            }
-            Err(_) => client
-                .generate_data_key(key_id, &ec)
-                .await
-                .context("make the VSM domain key")?,
-        };
-        let tmp = state.join("domain.key.kms.tmp");
-        std::fs::write(&tmp, &blob)?;
-        std::fs::rename(&tmp, &blob_path)?;
+        let (plain, blob) = client
+            .generate_data_key(key_id, &ec)
+            .await
+            .context("make the VSM domain key")?;
+        caas_crypto::fs::write_secret(&blob_path, &blob, None)
+            .with_context(|| format!("write {}", blob_path.display()))?;
         plain
     };
-    // The wrapped copy is durable: the plaintext one goes.
-    if legacy.exists() {
-        std::fs::remove_file(&legacy)?;
-    }
     let arr: [u8; 32] = plain
         .expose()
         .try_into()
