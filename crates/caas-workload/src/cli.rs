@@ -69,3 +69,42 @@ pub fn run_cli(args: WorkloadArgs) -> Result<i32> {
         }
     }
 }
+
+/// The command line of a stand-alone binary that serves only `NAME workload ...`.
+#[derive(Debug, clap::Parser)]
+struct Standalone {
+    #[command(subcommand)]
+    top: StandaloneTop,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum StandaloneTop {
+    /// Workload commands.
+    Workload(WorkloadArgs),
+}
+
+/// `main` of the stand-alone workload binaries (`caas-workload`, and `caas-guest`, the guest
+/// agent a tenant installs in a VM image): the same CLI as `caas workload`, logs on stderr.
+pub fn standalone_main(name: &'static str, about: &'static str) -> std::process::ExitCode {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let matches = Standalone::command().name(name).about(about).get_matches();
+    let parsed = match Standalone::from_arg_matches(&matches) {
+        Ok(p) => p,
+        Err(e) => e.exit(),
+    };
+    let StandaloneTop::Workload(args) = parsed.top;
+    match run_cli(args) {
+        Ok(code) => std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
