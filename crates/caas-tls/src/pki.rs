@@ -50,21 +50,11 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     }
 }
 
-/// Writes `contents` to `path` atomically with `mode`.
-fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    f.write_all(contents).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))
+/// Writes `contents` to `path` with caas's one secret-file writer (`caas_crypto::fs`:
+/// unpredictable temporary name, no symlink followed, 0600, fsynced, atomic). Certificates
+/// go the same way: they are public, so an operator may widen their mode to share them.
+fn write_file(path: &Path, contents: &[u8]) -> Result<(), Error> {
+    caas_crypto::fs::write_secret(path, contents, None).map_err(io_err(path))
 }
 
 fn ca_params() -> Result<CertificateParams, Error> {
@@ -98,8 +88,8 @@ impl DevCa {
         }
         let key = KeyPair::generate().map_err(gen_err)?;
         let cert = ca_params()?.self_signed(&key).map_err(gen_err)?;
-        write_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-        write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
+        write_file(&key_path, key.serialize_pem().as_bytes())?;
+        write_file(&cert_path, cert.pem().as_bytes())?;
         Ok(Self {
             dir: dir.to_path_buf(),
             key,
@@ -152,8 +142,8 @@ impl DevCa {
             cert: self.dir.join(format!("{name}.pem")),
             key: self.dir.join(format!("{name}.key")),
         };
-        write_file(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
-        write_file(&files.cert, cert.pem().as_bytes(), 0o644)?;
+        write_file(&files.key, key.serialize_pem().as_bytes())?;
+        write_file(&files.cert, cert.pem().as_bytes())?;
         Ok(files)
     }
 }
