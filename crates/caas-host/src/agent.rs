@@ -412,6 +412,12 @@ pub enum Op {
     GetAudit,
     /// Dev hosts only: extend a PCR.
     DevMeasure,
+    /// Live migration of a workload to another host (source side).
+    MigrateWorkload,
+    /// Live migration: the source agent's offer (target side).
+    AcceptMigration,
+    /// Live migration: the source agent's records (target side).
+    MigrationRecords,
 }
 
 impl Op {
@@ -430,6 +436,9 @@ impl Op {
             Op::Revoke => "Revoke",
             Op::GetAudit => "GetAudit",
             Op::DevMeasure => "DevMeasure",
+            Op::MigrateWorkload => "MigrateWorkload",
+            Op::AcceptMigration => "AcceptMigration",
+            Op::MigrationRecords => "MigrationRecords",
         }
     }
 }
@@ -452,6 +461,7 @@ pub struct RouteSpec {
 const KS: &[Role] = &[Role::KeyService];
 const OPS: &[Role] = &[Role::Operator];
 const KS_OPS: &[Role] = &[Role::KeyService, Role::Operator];
+const HOSTS: &[Role] = &[Role::Host];
 
 const fn r(method: &'static str, path: &'static str, op: Op, access: Access) -> RouteSpec {
     RouteSpec {
@@ -505,6 +515,24 @@ pub const ROUTES: &[RouteSpec] = &[
         "/v1/agent/workloads/{vm}/volumes",
         Op::AttachVolume,
         Access::Roles(KS),
+    ),
+    r(
+        "POST",
+        "/v1/agent/workloads/{vm}/migrate",
+        Op::MigrateWorkload,
+        Access::Roles(KS_OPS),
+    ),
+    r(
+        "POST",
+        "/v1/agent/migrations",
+        Op::AcceptMigration,
+        Access::Roles(HOSTS),
+    ),
+    r(
+        "POST",
+        "/v1/agent/migrations/{id}/records",
+        Op::MigrationRecords,
+        Access::Roles(HOSTS),
     ),
     r("POST", "/v1/agent/revoke", Op::Revoke, Access::Roles(KS)),
     r("GET", "/v1/agent/audit", Op::GetAudit, Access::Roles(OPS)),
@@ -572,6 +600,39 @@ fn handler(op: Op) -> MethodRouter<Arc<Agent>> {
                 |State(a): State<Arc<Agent>>| async move { a.audit_log().map(Json).map_err(ApiError) },
             )
         }
+        Op::MigrateWorkload => post(
+            |State(a): State<Arc<Agent>>,
+             Path(vm): Path<String>,
+             Json(c): Json<crate::migrate::MigrateCall>| async move {
+                a.migrate_workload(&vm, &c)
+                    .await
+                    .map(Json)
+                    .map_err(ApiError)
+            },
+        ),
+        Op::AcceptMigration => post(
+            |State(a): State<Arc<Agent>>,
+             peer: Option<axum::Extension<caas_tls::server::Peer>>,
+             Json(o): Json<caas_tl::migrate::MigrateOffer>| async move {
+                let id = peer.as_ref().and_then(|p| p.0.identity.clone());
+                a.accept_migration(&o, id.as_ref())
+                    .await
+                    .map(Json)
+                    .map_err(ApiError)
+            },
+        ),
+        Op::MigrationRecords => post(
+            |State(a): State<Arc<Agent>>,
+             Path(id): Path<String>,
+             peer: Option<axum::Extension<caas_tls::server::Peer>>,
+             body: axum::body::Bytes| async move {
+                let who = peer.as_ref().and_then(|p| p.0.identity.clone());
+                a.migration_records(&id, &body, who.as_ref())
+                    .await
+                    .map(Json)
+                    .map_err(ApiError)
+            },
+        ),
         Op::DevMeasure => post(
             |State(a): State<Arc<Agent>>, Json(m): Json<DevMeasure>| async move {
                 a.dev_measure(m.pcr, m.data.as_bytes())

@@ -10,6 +10,7 @@ pub mod config;
 pub mod dev;
 pub mod error;
 pub mod identity;
+pub mod migrate;
 pub mod pki;
 pub mod tl;
 

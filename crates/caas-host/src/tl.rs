@@ -68,6 +68,8 @@ pub struct TlHost {
     revocation: std::sync::Mutex<RevocationState>,
     /// Bounds the audit records of refused calls (each is fsync'd).
     refusals: std::sync::Mutex<RefusalBudget>,
+    /// Live migrations this host receives (`crate::migrate`).
+    pub(crate) migrations: crate::migrate::MigrationState,
 }
 
 /// At most [`RefusalBudget::PER_SECOND`] refusal records a second: beyond that, refused
@@ -227,6 +229,12 @@ struct Workload {
     sp: String,
     /// DK_i (TL session key with the TTP).
     dk: Zeroizing<Vec<u8>>,
+    /// τ and pk_DM as injected, kept (in this non-dumpable process only) so that a live
+    /// migration can hand them to the attested target's crypto domain; zeroized at stop.
+    tau: Zeroizing<Vec<u8>>,
+    pk_dm: Vec<u8>,
+    /// Workload driver.
+    driver: String,
     endpoint: Option<String>,
     disk_uri: String,
     vsm_socket: PathBuf,
@@ -275,6 +283,7 @@ impl Workload {
         }
         self.procs.clear();
         zeroize::Zeroize::zeroize(&mut *self.dk);
+        zeroize::Zeroize::zeroize(&mut *self.tau);
     }
 
     fn view(&self) -> WorkloadView {
@@ -411,16 +420,73 @@ impl TlHost {
             run_dir,
             revocation: std::sync::Mutex::new(RevocationState::load(&cfg.state_dir)),
             refusals: std::sync::Mutex::new(RefusalBudget::new()),
+            migrations: Default::default(),
         })
     }
 
-    fn audit(&self, op: &str, subject: &str, r: &Result<impl Sized, Error>) {
+    pub(crate) fn audit(&self, op: &str, subject: &str, r: &Result<impl Sized, Error>) {
         let result = match r {
             Ok(_) => "ok".to_string(),
             Err(e) => error_code(e).to_string(),
         };
         if let Ok(mut a) = self.audit.lock() {
             a.append(op, subject, &result, &caller());
+        }
+    }
+
+    /// Live migration, source: what the TTP and the target need to know of `vm_id` (its
+    /// DM's H2, the r naming its TTP session, its description). No key.
+    pub(crate) async fn migration_source(
+        &self,
+        vm_id: &str,
+    ) -> Result<
+        (
+            String,
+            Vec<u8>,
+            crate::migrate::WorkloadTransfer,
+            crate::migrate::DomainSecrets,
+        ),
+        Error,
+    > {
+        let g = self.workloads.lock().await;
+        let w = g
+            .get(vm_id)
+            .ok_or_else(|| Error::InvalidRequest(format!("no workload {vm_id}")))?;
+        if w.launch_r.len() != 32 {
+            return Err(Error::InvalidRequest(format!(
+                "workload {vm_id} was not started by trusted launch"
+            )));
+        }
+        Ok((
+            w.h2.clone(),
+            w.launch_r.clone(),
+            crate::migrate::WorkloadTransfer {
+                vm_id: w.vm_id.clone(),
+                image_id: w.image_id.clone(),
+                h2: w.h2.clone(),
+                driver: w.driver.clone(),
+                volumes: w
+                    .volumes
+                    .iter()
+                    .map(|v| (v.domain.clone(), v.sr.clone()))
+                    .collect(),
+            },
+            crate::migrate::DomainSecrets::new(&w.tau, &w.pk_dm),
+        ))
+    }
+
+    /// Whether a workload `vm_id` runs here.
+    pub(crate) async fn has_workload(&self, vm_id: &str) -> bool {
+        self.workloads.lock().await.contains_key(vm_id)
+    }
+
+    /// Live migration, source: the workload moved; its processes (the workload, the volume
+    /// proxies, which flush and release their volumes, and the crypto domain) stop, its DK_i
+    /// is zeroized and its run directory removed.
+    pub(crate) async fn drop_migrated(&self, vm_id: &str) {
+        if let Some(mut w) = self.workloads.lock().await.remove(vm_id) {
+            w.stop();
+            let _ = std::fs::remove_dir_all(&w.dirs.root);
         }
     }
 
@@ -1008,7 +1074,7 @@ impl Agent {
     }
 
     /// TPM2_RSA_Decrypt with the bind key under its PCR policy.
-    async fn bind_decrypt(&self, ct: &[u8]) -> Result<Zeroizing<Vec<u8>>, Error> {
+    pub(crate) async fn bind_decrypt(&self, ct: &[u8]) -> Result<Zeroizing<Vec<u8>>, Error> {
         let bind = self.bind_blob();
         let pcrs = self.keys.bind_pcrs.clone();
         let ct = ct.to_vec();
@@ -1019,7 +1085,7 @@ impl Agent {
     }
 
     /// σ_AIK over `body`: a quote of the bind PCRs with qualifying data `ak_nonce(label, body)`.
-    async fn ak_sign(&self, label_text: &str, body: Vec<u8>) -> Result<AkSigned, Error> {
+    pub(crate) async fn ak_sign(&self, label_text: &str, body: Vec<u8>) -> Result<AkSigned, Error> {
         let nonce = ak_nonce(label_text, &body).to_vec();
         let ak = self.ak_blob();
         let pcrs = self.keys.bind_pcrs.clone();
@@ -1047,7 +1113,7 @@ impl Agent {
     /// (the deployment CA pinned, the `key-service` role required) and kept in memory.
     /// Never trust on first use: over plain HTTP whoever answers could pose as the TTP, so
     /// without a configured key the agent refuses (`ttp_key_unauthenticated`).
-    async fn ttp(&self) -> Result<TtpPublic, Error> {
+    pub(crate) async fn ttp(&self) -> Result<TtpPublic, Error> {
         if let Ok(g) = self.tl.ttp.read()
             && let Some(p) = g.as_ref()
         {
@@ -1178,6 +1244,97 @@ impl Agent {
             timings,
             id,
             net,
+        )
+        .await
+    }
+
+    /// Live migration, target: the workload's crypto domain is re-created here from the
+    /// image's configuration sealed to this host (opened by the TPM under the bind key's
+    /// PCR policy, owner = the statement's H2, image = H1), its DBSP volumes attached under
+    /// the workload's new TTP session (the migration id names it; DK_i came sealed to the
+    /// bind key) — which raises their epochs, fencing any older writer — and the workload
+    /// is started with the τ and pk_DM that travelled in the encrypted stream.
+    pub(crate) async fn resume_migrated(
+        &self,
+        st: &caas_tl::migrate::MigrationStatement,
+        t: &crate::migrate::WorkloadTransfer,
+        secrets: &crate::migrate::DomainSecrets,
+        dk: &[u8],
+    ) -> Result<LaunchResult, Error> {
+        let now = caas_attest::now_ms();
+        let mut timings = Vec::new();
+        let start = Instant::now();
+        if hex::encode(caas_tl::crypto::sha256(secrets.pk_dm())) != st.h2 {
+            return Err(Error::Tl(caas_tl::Error::rejected(
+                "h2_mismatch",
+                "pk_DM in the state is not the statement's DM",
+            )));
+        }
+        let call = LaunchCall {
+            request: Signed {
+                body: Vec::new(),
+                sig: Vec::new(),
+            },
+            vm_id: st.vm_id.clone(),
+            image_id: t.image_id.clone(),
+            driver: Some(t.driver.clone()),
+            volumes: t
+                .volumes
+                .iter()
+                .map(|(d, sr)| caas_tl::wire::VolumeRequest {
+                    domain: d.clone(),
+                    sr: sr.clone(),
+                    size: 64 << 20,
+                })
+                .collect(),
+            network: false,
+        };
+        wire::check_name("image id", &call.image_id)?;
+        let driver = self.check_new_workload(&call).await?;
+        let sealed_cfg = self.read_config(&call.image_id)?;
+        caas_tl::dm::SealedDomc::parse(&sealed_cfg)?.check_owner(&st.h2)?;
+        let image = TlHost::image_dir(&self.tl.storage, &call.image_id).join("image.caasvol");
+        let ip = image.clone();
+        let (h1, cfg) = tokio::join!(
+            async {
+                tokio::task::spawn_blocking(move || sha256_file(&ip))
+                    .await
+                    .map_err(|e| Error::Domain(format!("hash task: {e}")))?
+            },
+            self.open_config(&call.image_id, secrets.pk_dm(), &sealed_cfg)
+        );
+        let (h1, cfg) = (h1?, cfg?);
+        let owner = caas_tl::wire::M2 {
+            tau: Vec::new(),
+            h1: String::new(),
+            h2: st.h2.clone(),
+            dk: Vec::new(),
+            vm_id: st.vm_id.clone(),
+        };
+        sc::check_config(&cfg, &owner, &h1)?;
+        timings.push(("open crypto-domain config (TPM), H1".to_string(), ms(start)));
+        let t0 = Instant::now();
+        let id = self.tl.ids.allocate_launch()?;
+        let dir = self.fresh_dirs(&call.vm_id, &id)?;
+        let pre = prestart(&dir.domain, &image, true, Ids::of(&id), None).await?;
+        let procs = finish_domain(pre, &cfg).await?;
+        timings.push(("crypto domain keyed (k, token)".to_string(), ms(t0)));
+        self.run_workload(
+            &call,
+            &st.sp,
+            &st.h2,
+            &st.migration_id,
+            dk,
+            secrets.tau(),
+            secrets.pk_dm(),
+            driver,
+            &cfg,
+            dir,
+            procs,
+            now,
+            timings,
+            id,
+            None,
         )
         .await
     }
@@ -1342,6 +1499,9 @@ impl Agent {
             launch_r: launch_r.to_vec(),
             sp: sp.to_string(),
             dk: Zeroizing::new(dk.to_vec()),
+            tau: Zeroizing::new(tau.to_vec()),
+            pk_dm: pk_dm.to_vec(),
+            driver: driver.to_string(),
             endpoint: None,
             disk_uri: net.as_ref().map_or_else(
                 || Endpoint::Unix(dirs.domain.join("disk.sock")).nbd_uri(),

@@ -14,6 +14,7 @@
 pub mod crypto;
 pub mod dm;
 pub mod error;
+pub mod migrate;
 pub mod sc;
 #[cfg(feature = "service")]
 pub mod service;

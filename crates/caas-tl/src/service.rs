@@ -3,10 +3,12 @@
 //!
 //! Routes (JSON): `GET /v1/tl/ttp` (pk_TTP), `POST /v1/tl/attest` (TL.AttestRequest →
 //! TL.Attestation), `POST /v1/tl/domkey` (DBSP.DomKeyReq → DomKeyGen), `POST /v1/tl/epoch`
-//! (the SC's AK-signed report of a DBSP volume's opened epoch → its anchor), `PUT /v1/tl/acl`
+//! (the SC's AK-signed report of a DBSP volume's opened epoch → its anchor), `POST /v1/tl/migrate`
+//! (live migration: the source SC's AK-signed request → the TTP's statement on the target), `PUT /v1/tl/acl`
 //! (which domains a DM may give: a [`crate::wire::AclUpdate`] signed by that DM), `GET /v1/tl/hosts/{name}/bind-info` (a host's
 //! certified bind key and trusted PCR values, seed 001 Algorithm 1 line 1), and the
-//! scheduler `POST /v1/sched/launch` (places a TL.Request on a trusted host of its SP).
+//! scheduler `POST /v1/sched/launch` (places a TL.Request on a trusted host of its SP) and
+//! `POST /v1/sched/migrate` (asks a workload's host to migrate it, [`crate::migrate`]).
 //!
 //! Authentication is the key service's (`caas/src/key_service/auth.rs`): pk_TTP is public;
 //! `attest` and `domkey` carry the host's AK signature (its identity); the ACL change is
@@ -72,6 +74,19 @@ pub struct ScheduleRequest {
     /// Place on this host (otherwise: any trusted host of the request's SP).
     #[serde(default)]
     pub host: Option<String>,
+}
+
+/// `POST /v1/sched/migrate`: move a workload to another host (live migration). Untrusted
+/// like the launch: the source agent asks the TTP, which attests the target in the
+/// workload's profile before anything leaves the source.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MigrateSchedule {
+    /// The workload.
+    pub vm_id: String,
+    /// The host it runs on.
+    pub from: String,
+    /// The host it is to move to.
+    pub to: String,
 }
 
 impl<S: AttestStore> TlService<S> {
@@ -170,6 +185,33 @@ impl<S: AttestStore> TlService<S> {
             })
     }
 
+    /// Forwards a migration request to the source's agent with the target's agent URL.
+    async fn schedule_migrate(
+        &self,
+        req: &MigrateSchedule,
+    ) -> Result<serde_json::Value, crate::Error> {
+        crate::wire::check_name("vm_id", &req.vm_id)?;
+        let url_of = |h: Option<caas_attest::store::HostRecord>, name: &str| {
+            h.filter(|h| h.state == HostState::Enrolled)
+                .map(|h| h.agent_url.trim_end_matches('/').to_string())
+                .ok_or_else(|| crate::Error::rejected("host_unknown", format!("host {name} is not enrolled")))
+        };
+        let from = url_of(get_host(&*self.store, &req.from).await?, &req.from)?;
+        let to = url_of(get_host(&*self.store, &req.to).await?, &req.to)?;
+        let url = format!("{from}/v1/agent/workloads/{}/migrate", req.vm_id);
+        let body = serde_json::json!({ "to": req.to, "to_url": to });
+        self.http
+            .post::<_, serde_json::Value>(&url, &body)
+            .await
+            .map_err(|e| match e {
+                caas_attest::Error::Remote { code, message, .. } => crate::Error::Rejected {
+                    code: leak_code(&code),
+                    detail: format!("host {}: {message}", req.from),
+                },
+                other => crate::Error::rejected("host_unreachable", other.to_string()),
+            })
+    }
+
     /// Tells `host`'s agent to drop its crypto domains' keys (it is no longer trusted).
     pub async fn revoke(&self, host: &str, reason: &str) {
         let Ok(Some(h)) = get_host(&*self.store, host).await else {
@@ -224,6 +266,15 @@ fn leak_code(code: &str) -> &'static str {
         "crypto_domain_error",
         "owner_mismatch",
         "session_exists",
+        "host_mismatch",
+        "migration_replayed",
+        "stream_tampered",
+        "stream_out_of_order",
+        "stream_truncated",
+        "stream_after_end",
+        "confirmation_failed",
+        "offer_invalid",
+        "bind_key_missing",
     ];
     KNOWN
         .iter()
@@ -286,6 +337,20 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
             ),
         )
         .route(
+            "/v1/tl/migrate",
+            post(
+                |State(s): State<Arc<TlService<S>>>, Json(r): Json<AkSigned>| async move {
+                    let r: R<Signed> = s
+                        .ttp
+                        .migrate(&r, caas_attest::now_ms())
+                        .await
+                        .map(Json)
+                        .map_err(ApiError);
+                    r
+                },
+            ),
+        )
+        .route(
             "/v1/tl/acl",
             put(
                 |State(s): State<Arc<TlService<S>>>,
@@ -316,6 +381,16 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
             post(
                 |State(s): State<Arc<TlService<S>>>, Json(r): Json<ScheduleRequest>| async move {
                     let r: R<serde_json::Value> = s.schedule(&r).await.map(Json).map_err(ApiError);
+                    r
+                },
+            ),
+        )
+        .route(
+            "/v1/sched/migrate",
+            post(
+                |State(s): State<Arc<TlService<S>>>, Json(r): Json<MigrateSchedule>| async move {
+                    let r: R<serde_json::Value> =
+                        s.schedule_migrate(&r).await.map(Json).map_err(ApiError);
                     r
                 },
             ),

@@ -9,6 +9,7 @@ use crate::crypto::{
     sha256,
 };
 use crate::error::{Error, Result};
+use crate::migrate::{MigrateRequest, MigrationStatement};
 use crate::wire::{
     self, AkSigned, AttestRequest, Attestation, DomKeyInner, DomKeyRequest, DomKeyResponse,
     LaunchRequest, M1, M2, Meta, Revoke, Signed, check_fresh, check_name, label,
@@ -400,25 +401,7 @@ impl<S: AttestStore> Ttp<S> {
             ));
         }
         // pk_TPM: certified by the AK (σ_TCI) and bound to the PCR state just attested.
-        let bind = caas_attest::registrar::check_bind_key(&ak, &b.bind)?;
-        let sel = profile.selection();
-        let mut values = Vec::new();
-        for p in &sel.pcrs {
-            let v = verdict
-                .pcrs
-                .get(p)
-                .and_then(|h| hex::decode(h).ok())
-                .ok_or_else(|| {
-                    Error::rejected("bind_key_not_bound", "attested PCR values are incomplete")
-                })?;
-            values.push(v);
-        }
-        if !ct_eq(&bind.auth_policy, &policy_pcr_digest(&sel, &values)) {
-            return Err(Error::rejected(
-                "bind_key_not_bound",
-                "the bind key is not bound to the attested PCR state",
-            ));
-        }
+        check_bind_key_bound(&ak, &b.bind, &profile, &verdict)?;
         // Freshness of r (durable: replays are refused after restarts too).
         self.consume_nonce("tl", &launch.r).await?;
         // Dec_skTTP(c1) = m1.
@@ -745,6 +728,172 @@ impl<S: AttestStore> Ttp<S> {
         Ok(new)
     }
 
+    /// Live migration, step 1 (`docs/suspend-migrate.md`): the source SC's AK-signed
+    /// [`MigrateRequest`] → a [`MigrationStatement`] signed by sk_TTP. Refused unless the
+    /// source is trusted, its fresh quote appraises and the workload's session exists with
+    /// that H2; and the target is another enrolled host, trusted by its latest attestation,
+    /// appraised under the workload's security profile (`sp_mismatch` otherwise), with a
+    /// bind key certified by its AK and bound to the PCR values of that attestation. On
+    /// success the workload gets a session on the target (launch_r = the migration id, the
+    /// same H2, SP and D_vm, a new DK_i sealed to the target's bind key) so the target can
+    /// take over its DBSP volumes. Audited (`TlMigrate`) either way.
+    pub async fn migrate(&self, req: &AkSigned, now_ms: u64) -> Result<Signed> {
+        let body: Result<MigrateRequest> = wire::parse("migrate request", &req.body);
+        let (host, subject) = match &body {
+            Ok(b) => (
+                b.source.clone(),
+                format!("{}/{} -> {}", b.source, b.vm_id, b.target),
+            ),
+            Err(_) => ("?".into(), "?".into()),
+        };
+        let r = match body {
+            Ok(b) => self.migrate_inner(&b, req, now_ms).await,
+            Err(e) => Err(e),
+        };
+        let summary = r
+            .as_ref()
+            .map(|s| {
+                s.peek::<MigrationStatement>(label::MIGRATE_STATEMENT)
+                    .map(|st| format!("migration {}, profile {}", hexs(&st.migration_id), st.sp))
+                    .unwrap_or_default()
+            })
+            .map_err(clone_err);
+        self.audit(&host, "TlMigrate", &subject, &summary).await;
+        r
+    }
+
+    async fn migrate_inner(
+        &self,
+        b: &MigrateRequest,
+        req: &AkSigned,
+        now_ms: u64,
+    ) -> Result<Signed> {
+        check_name("vm_id", &b.vm_id)?;
+        check_name("host", &b.target)?;
+        check_fresh(b.t_ms, now_ms)?;
+        if b.launch_r.len() != 32 {
+            return Err(Error::malformed("launch_r", "nonces are 32 bytes"));
+        }
+        let (source, ak, profile) = self.host_context(&b.source).await?;
+        if !source.trusted {
+            return Err(Error::rejected(
+                "host_untrusted",
+                format!("host {} failed its latest attestation", source.name),
+            ));
+        }
+        self.appraise_fresh(&ak, label::MIGRATE_REQUEST, req, &profile, now_ms)?;
+        self.consume_nonce("migrate", &b.r).await?;
+        let sid = session_id(&source.name, &b.vm_id, &b.launch_r);
+        let session: Session = self.get(KIND_SESSION, &sid).await?.ok_or_else(|| {
+            Error::rejected(
+                "no_session",
+                format!("no trusted launch of {} on {}", b.vm_id, source.name),
+            )
+        })?;
+        if session.h2 != b.h2 {
+            return Err(Error::rejected(
+                "h2_mismatch",
+                "the request names another domain manager",
+            ));
+        }
+        if b.target == source.name {
+            return Err(Error::rejected(
+                "host_mismatch",
+                "a workload does not migrate to its own host",
+            ));
+        }
+        // The target: enrolled, trusted now, in the workload's profile, its bind key bound
+        // to the state that was appraised.
+        let (target, t_ak, t_profile) = self.host_context(&b.target).await.map_err(|e| {
+            if e.code() == "sp_mismatch" {
+                Error::rejected(
+                    "sp_mismatch",
+                    format!(
+                        "host {} is outside the workload's security profile {}",
+                        b.target, session.sp
+                    ),
+                )
+            } else {
+                e
+            }
+        })?;
+        if t_profile.name != session.sp {
+            return Err(Error::rejected(
+                "sp_mismatch",
+                format!(
+                    "host {} is appraised under {}, the workload requires {}",
+                    target.name, t_profile.name, session.sp
+                ),
+            ));
+        }
+        let verdict = target
+            .last_verdict
+            .as_ref()
+            .filter(|v| target.trusted && v.trusted && v.profile == session.sp)
+            .ok_or_else(|| {
+                Error::rejected(
+                    "host_untrusted",
+                    format!(
+                        "host {} is not trusted under {} by its latest attestation",
+                        target.name, session.sp
+                    ),
+                )
+            })?;
+        let bind = target.bind_key.as_ref().ok_or_else(|| {
+            Error::rejected("bind_key_missing", "the target presented no bind key")
+        })?;
+        check_bind_key_bound(&t_ak, bind, &t_profile, verdict)?;
+        // The workload's session on the target, named by the migration id.
+        let migration_id = random32()?.to_vec();
+        let dk = Zeroizing::new(random32()?);
+        let c_dk = seal_to_bind_key(
+            &bind.public,
+            &crate::migrate::dk_aad(&target.name, &migration_id),
+            &dk[..],
+        )?;
+        let tsid = session_id(&target.name, &b.vm_id, &migration_id);
+        if self.store.get(KIND_SESSION, &tsid).await?.is_some() {
+            return Err(Error::rejected(
+                "session_exists",
+                "a TL session for this migration already exists",
+            ));
+        }
+        let t_session = Session {
+            host: target.name.clone(),
+            vm_id: b.vm_id.clone(),
+            launch_r: hexs(&migration_id),
+            h2: session.h2.clone(),
+            sp: session.sp.clone(),
+            domains: session.domains.clone(),
+            dk_wrapped: caas_crypto::aead::seal(
+                &self.keys.derived("tl dk wrap")?,
+                tsid.as_bytes(),
+                &dk[..],
+            )?,
+            bind_public: bind.public.clone(),
+            created_ms: now_ms,
+        };
+        self.put(KIND_SESSION, &tsid, &t_session, None).await?;
+        let st = MigrationStatement {
+            migration_id,
+            source: source.name.clone(),
+            target: target.name.clone(),
+            vm_id: b.vm_id.clone(),
+            h2: session.h2.clone(),
+            sp: session.sp.clone(),
+            domains: session.domains.clone(),
+            target_bind: bind.public.clone(),
+            c_dk,
+            r: b.r.clone(),
+            t_ms: now_ms,
+        };
+        let body = wire::to_bytes(&st);
+        Ok(Signed {
+            sig: self.keys.sign(label::MIGRATE_STATEMENT, &body),
+            body,
+        })
+    }
+
     /// A signed notice telling `host` to drop its crypto domains' keys. Its sequence
     /// number is `max(last + 1, now_ms)` per host, recorded (with a `TlRevoke` audit
     /// record) before the notice is returned: strictly increasing even if the record were
@@ -778,6 +927,36 @@ impl<S: AttestStore> Ttp<S> {
             body,
         })
     }
+}
+
+/// pk_TPM is certified by `ak` (σ_TCI) and its authPolicy is PolicyPCR over the PCR values
+/// of `verdict` for `profile`'s selection: usable only in the state that was appraised.
+fn check_bind_key_bound(
+    ak: &Public,
+    bind: &caas_attest::store::BindKeyRecord,
+    profile: &SecurityProfile,
+    verdict: &Verdict,
+) -> Result<()> {
+    let key = caas_attest::registrar::check_bind_key(ak, bind)?;
+    let sel = profile.selection();
+    let mut values = Vec::new();
+    for p in &sel.pcrs {
+        let v = verdict
+            .pcrs
+            .get(p)
+            .and_then(|h| hex::decode(h).ok())
+            .ok_or_else(|| {
+                Error::rejected("bind_key_not_bound", "attested PCR values are incomplete")
+            })?;
+        values.push(v);
+    }
+    if !ct_eq(&key.auth_policy, &policy_pcr_digest(&sel, &values)) {
+        return Err(Error::rejected(
+            "bind_key_not_bound",
+            "the bind key is not bound to the attested PCR state",
+        ));
+    }
+    Ok(())
 }
 
 fn clone_err(e: &Error) -> Error {

@@ -42,6 +42,18 @@ pub mod label {
     pub const DOMC_CONFIG: &str = "caas-tl domc-config v2";
     /// DBSP epoch report, AK-signed by the SC.
     pub const EPOCH_REPORT: &str = "caas-tl epoch-report v1";
+    /// Live migration: the source SC's request to the TTP, AK-signed.
+    pub const MIGRATE_REQUEST: &str = "caas-tl migrate-request v1";
+    /// Live migration: the TTP's statement on the target, signed by sk_TTP.
+    pub const MIGRATE_STATEMENT: &str = "caas-tl migrate-statement v1";
+    /// AAD prefix of the target's DK_i in a migration statement.
+    pub const MIGRATE_DK: &str = "caas-tl migrate-dk v1";
+    /// AAD prefix of the session secret sealed to the target's bind key.
+    pub const MIGRATE_OFFER: &str = "caas-tl migrate-offer v1";
+    /// KDF label and transcript tag of a migration session.
+    pub const MIGRATE_SESSION: &str = "caas-tl migrate-session v1";
+    /// AAD prefix of the migration stream's records.
+    pub const MIGRATE_STREAM: &str = "caas-tl migrate-stream v1";
 }
 
 /// Maximum size of any protocol body (bytes).

@@ -109,6 +109,17 @@ pub enum TenantCmd {
         #[arg(long)]
         network: bool,
     },
+    /// Live-migrate a workload to another host: its host asks the TTP to attest the target
+    /// in the workload's profile, then sends its state encrypted to the target's attested
+    /// bind key (`docs/suspend-migrate.md`).
+    Migrate {
+        /// Workload id.
+        #[arg(long)]
+        vm: String,
+        /// Target host.
+        #[arg(long)]
+        to: String,
+    },
     /// Authenticate the workload over TLS 1.3 with τ as the PSK and print its report.
     Connect {
         /// Workload id.
@@ -261,6 +272,10 @@ pub async fn run(a: TenantArgs) -> Result<()> {
                 *network,
             )
             .await?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        }
+        TenantCmd::Migrate { vm, to } => {
+            let r = migrate(&a, &dir, vm, to).await?;
             println!("{}", serde_json::to_string_pretty(&r)?);
         }
         TenantCmd::Connect { vm } => {
@@ -457,6 +472,39 @@ pub async fn launch(
         &dir.join("vms").join(format!("{vm}.json")),
         &serde_json::to_vec_pretty(&vr)?,
     )?;
+    Ok(r)
+}
+
+/// Live migration through the scheduler; the VM record then names the new host.
+pub async fn migrate(
+    a: &TenantArgs,
+    dir: &Path,
+    vm: &str,
+    to: &str,
+) -> Result<serde_json::Value> {
+    let path = dir.join("vms").join(format!("{vm}.json"));
+    let mut rec: VmRecord = serde_json::from_slice(
+        &std::fs::read(&path)
+            .with_context(|| format!("workload {vm} was not launched by this tenant"))?,
+    )?;
+    let t = Instant::now();
+    let body = caas_tl::service::MigrateSchedule {
+        vm_id: vm.into(),
+        from: rec.host.clone(),
+        to: to.into(),
+    };
+    let r: serde_json::Value = http(a)?
+        .post(&format!("{}/v1/sched/migrate", endpoint(a)?), &body)
+        .await?;
+    step(
+        t,
+        "source → TTP (target attested) → target (session key, encrypted state)",
+    );
+    rec.host = to.into();
+    if let Some(ep) = r["endpoint"].as_str() {
+        rec.endpoint = ep.to_string();
+    }
+    write_private(&path, &serde_json::to_vec_pretty(&rec)?)?;
     Ok(r)
 }
 

@@ -52,6 +52,7 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("POST", "/v1/tl/attest", "host-protocol"),
     ("POST", "/v1/tl/domkey", "host-protocol"),
     ("POST", "/v1/tl/epoch", "host-protocol"),
+    ("POST", "/v1/tl/migrate", "host-protocol"),
     ("PUT", "/v1/tl/acl", "tenant|operator:acl:admin"),
     (
         "GET",
@@ -59,6 +60,7 @@ const EXPECTED: &[(&str, &str, &str)] = &[
         "tenant|operator:hosts:read",
     ),
     ("POST", "/v1/sched/launch", "tenant|operator:schedule"),
+    ("POST", "/v1/sched/migrate", "tenant|operator:schedule"),
 ];
 
 /// Credentials: (access key id, secret).

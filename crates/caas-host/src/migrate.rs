@@ -1,0 +1,565 @@
+//! Live migration of a workload to an attested host, the agents' side
+//! (`docs/suspend-migrate.md` "Live migration"; protocol in [`caas_tl::migrate`]).
+//!
+//! Source (`POST /v1/agent/workloads/{vm}/migrate`, the management's request):
+//! 1. an AK-signed [`MigrateRequest`] to the TTP (`POST /v1/tl/migrate`); the TTP's
+//!    [`caas_tl::migrate::MigrationStatement`] must verify under pk_TTP and name this host,
+//!    the requested target and the workload. **Nothing is sent to the target before.**
+//! 2. the offer (the statement, an ephemeral X25519 key, a session secret sealed to the
+//!    target's attested bind key) to the target agent over mutual TLS
+//!    (`POST /v1/agent/migrations`, role `host`); the target's accept must carry the key
+//!    confirmation only the attested TPM state can compute.
+//! 3. the workload's state in AEAD records (`POST /v1/agent/migrations/{id}/records`).
+//!
+//! Target: the offer must come from the statement's source (the caller's certificate names
+//! it), be fresh, and its migration id unused (`migration_replayed`); its TPM opens the
+//! session secret and the workload's new DK_i (both under the bind key's PCR policy); the
+//! records must open in order under the session's key.
+//!
+//! Every step is in the agent's audit log (`MigrateWorkload` on the source,
+//! `AcceptMigration` and `MigrationRecords` on the target) with the refusal code.
+use crate::agent::Agent;
+use crate::error::Error;
+use caas_tl::migrate::{
+    self as proto, Channel, MigrateAccept, MigrateOffer, MigrateRequest, MigrationStatement,
+    Record, Role, StreamOpener, StreamSealer,
+};
+use caas_tl::wire::{self, Signed, label};
+use std::collections::HashMap;
+use std::time::Instant;
+use zeroize::Zeroizing;
+
+/// Body of `POST /v1/agent/workloads/{vm}/migrate`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MigrateCall {
+    /// The target host (as enrolled).
+    pub to: String,
+    /// Its agent's URL. Untrusted: the target proves itself by the key confirmation only
+    /// its attested TPM can compute, and the TLS link requires the `host` role.
+    pub to_url: String,
+}
+
+/// What the source reports (no key, no state).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MigrateResult {
+    /// The workload.
+    pub vm_id: String,
+    /// Source host.
+    pub source: String,
+    /// Target host.
+    pub target: String,
+    /// The migration id (hex).
+    pub migration_id: String,
+    /// Bytes sent per channel (control, vm, domain).
+    pub bytes: [u64; 3],
+    /// The workload's endpoint on the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Phases and their times (ms).
+    pub timings: Vec<(String, f64)>,
+}
+
+/// What the target answers to a batch of records.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RecordsAck {
+    /// Records opened so far.
+    pub records: u64,
+    /// Whether the end record was received and checked.
+    pub ended: bool,
+    /// After the commit: the workload's endpoint on the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+/// The workload's description that travels first (channel `Control`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct WorkloadTransfer {
+    /// id_vm.
+    pub vm_id: String,
+    /// The image.
+    pub image_id: String,
+    /// H2 of the DM.
+    pub h2: String,
+    /// Workload driver.
+    pub driver: String,
+    /// The DBSP volumes (domain, SR).
+    pub volumes: Vec<(String, String)>,
+}
+
+/// The crypto domain's secrets that travel (channel `Domain`): τ (the workload proves it
+/// to its DM) and pk_DM. The image key and the token's PINs do not travel: the target's
+/// TPM opens the image's configuration sealed to it; the volumes' keys come from the TTP
+/// (DBSP) under the workload's new session.
+pub struct DomainSecrets(caas_crypto::SecretBytes);
+
+impl std::fmt::Debug for DomainSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DomainSecrets([REDACTED])")
+    }
+}
+
+impl DomainSecrets {
+    /// τ ‖ pk_DM.
+    pub(crate) fn new(tau: &[u8], pk_dm: &[u8]) -> Self {
+        Self(caas_crypto::SecretBytes::new(caas_tl::crypto::lp(&[tau, pk_dm])))
+    }
+
+    fn parse(b: &[u8]) -> Result<Self, Error> {
+        let parts = caas_tl::crypto::split_lp(b, 2)
+            .filter(|p| p[0].len() == 32 && p[1].len() == 32)
+            .ok_or_else(|| Error::Tl(caas_tl::Error::malformed("domain state", "bad encoding")))?;
+        Ok(Self::new(parts[0], parts[1]))
+    }
+
+    fn part(&self, i: usize) -> &[u8] {
+        caas_tl::crypto::split_lp(self.0.expose(), 2)
+            .map(|p| p[i])
+            .unwrap_or_default()
+    }
+
+    /// τ.
+    pub(crate) fn tau(&self) -> &[u8] {
+        self.part(0)
+    }
+
+    /// pk_DM.
+    pub(crate) fn pk_dm(&self) -> &[u8] {
+        self.part(1)
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.0.expose()
+    }
+}
+
+/// Control messages of the stream.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Control {
+    /// The workload's description (first record).
+    Workload(WorkloadTransfer),
+    /// The source has stopped the workload and released its volumes: the target takes
+    /// over (last record before the end).
+    Commit,
+}
+
+/// A migration the target accepted and is receiving.
+pub(crate) struct Incoming {
+    statement: MigrationStatement,
+    opener: StreamOpener,
+    /// The target's sealer (acknowledgements; kept so no second one exists).
+    _sealer: StreamSealer,
+    /// DK_i of the workload's new TTP session.
+    dk: Zeroizing<Vec<u8>>,
+    transfer: Option<WorkloadTransfer>,
+    secrets: Option<DomainSecrets>,
+    committed: bool,
+    records: u64,
+    started: Instant,
+}
+
+/// The target side's state: migrations in progress and the ids already used.
+#[derive(Default)]
+pub(crate) struct MigrationState {
+    incoming: std::sync::Mutex<HashMap<String, Incoming>>,
+    /// Migration ids accepted (an id is accepted once; statements expire after
+    /// [`wire::FRESHNESS_MS`], so the set is pruned of expired ones).
+    seen: std::sync::Mutex<HashMap<String, u64>>,
+}
+
+impl std::fmt::Debug for MigrationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MigrationState").finish_non_exhaustive()
+    }
+}
+
+/// Largest batch of records per request (below the API's body limit).
+const BATCH: usize = 1 << 20;
+
+impl Agent {
+    /// The agents' client for agent-to-agent calls: the deployment CA pinned, this host's
+    /// certificate as client identity, the `host` role required of the server.
+    fn peer_client(&self) -> Result<caas_attest::client::HttpClient, Error> {
+        let ca = self
+            .cfg
+            .tls
+            .client_ca
+            .clone()
+            .ok_or_else(|| Error::Config("tls.ca is required for migration".into()))?;
+        Ok(caas_attest::client::HttpClient::with_tls(
+            std::time::Duration::from_secs(120),
+            &caas_tls::client::ClientTls {
+                ca,
+                identity: Some(caas_tls::pki::CertFiles {
+                    cert: self.cfg.tls.cert.clone(),
+                    key: self.cfg.tls.key.clone(),
+                }),
+                server_role: Some(caas_tls::Role::Host),
+            },
+        )?)
+    }
+
+    /// Source: live migration of `vm_id` to `call.to` (module doc). Audited
+    /// (`MigrateWorkload`) with the refusal code.
+    pub async fn migrate_workload(
+        &self,
+        vm_id: &str,
+        call: &MigrateCall,
+    ) -> Result<MigrateResult, Error> {
+        let r = self.migrate_out(vm_id, call).await;
+        self.tl
+            .audit("MigrateWorkload", &format!("{vm_id} -> {}", call.to), &r);
+        if let Err(e) = &r {
+            tracing::warn!(vm = %vm_id, to = %call.to, code = crate::tl::error_code(e), error = %e, "migration refused");
+        }
+        r
+    }
+
+    async fn migrate_out(&self, vm_id: &str, call: &MigrateCall) -> Result<MigrateResult, Error> {
+        let mut timings = Vec::new();
+        wire::check_name("vm_id", vm_id)?;
+        wire::check_name("host", &call.to)?;
+        let (h2, launch_r, transfer, secrets) = self.tl.migration_source(vm_id).await?;
+        // 1. The TTP attests the target in the workload's profile.
+        let t = Instant::now();
+        let ttp = self.ttp().await?;
+        let req = MigrateRequest {
+            source: self.cfg.name.clone(),
+            vm_id: vm_id.to_string(),
+            launch_r,
+            h2,
+            target: call.to.clone(),
+            r: caas_tl::crypto::random32()?.to_vec(),
+            t_ms: caas_attest::now_ms(),
+        };
+        let signed = self
+            .ak_sign(label::MIGRATE_REQUEST, wire::to_bytes(&req))
+            .await?;
+        let resp: Signed = self
+            .http
+            .post(
+                &format!("{}/v1/tl/migrate", self.cfg.key_service_url),
+                &signed,
+            )
+            .await?;
+        let st = proto::verify_statement(
+            &resp,
+            &ttp.sign,
+            &self.cfg.name,
+            &call.to,
+            vm_id,
+            caas_attest::now_ms(),
+        )?;
+        if !caas_tl::crypto::ct_eq(&st.r, &req.r) {
+            return Err(Error::Tl(caas_tl::Error::rejected(
+                "nonce_mismatch",
+                "the statement answers another request",
+            )));
+        }
+        let migration_id = hex::encode(&st.migration_id);
+        timings.push(("TTP attests the target (statement)".to_string(), ms(t)));
+        // 2. Session key bound to the target's attested bind key. Only now is the target
+        // contacted.
+        let t = Instant::now();
+        let (init, offer) = proto::Initiator::offer(&resp, st)?;
+        let peer = self.peer_client()?;
+        let base = call.to_url.trim_end_matches('/');
+        let accept: MigrateAccept = peer
+            .post(&format!("{base}/v1/agent/migrations"), &offer)
+            .await?;
+        let keys = init.complete(&accept)?;
+        let (mut sealer, _opener) = keys.into_streams(Role::Source)?;
+        timings.push(("session key (target's TPM, X25519)".to_string(), ms(t)));
+        // 3. The state, in records.
+        let t = Instant::now();
+        let url = format!("{base}/v1/agent/migrations/{migration_id}/records");
+        let mut batch = sealer.data(
+            Channel::Control,
+            &proto::control(&Control::Workload(transfer)),
+        )?;
+        batch.extend_from_slice(&sealer.data(Channel::Domain, secrets.bytes())?);
+        drop(secrets);
+        for chunk in split_batches(batch) {
+            let _: RecordsAck = peer.request("POST", &url, Some(chunk), &[]).await?;
+        }
+        timings.push(("state transfer".to_string(), ms(t)));
+        // 4. The source's crypto domain and its keys go (its volume proxies flush and
+        // release the volumes); then the target takes over and becomes the single writer
+        // (new epochs at the TTP).
+        let t = Instant::now();
+        self.tl.drop_migrated(vm_id).await;
+        timings.push(("source crypto domain destroyed".to_string(), ms(t)));
+        let t = Instant::now();
+        let mut last = sealer.data(Channel::Control, &proto::control(&Control::Commit))?;
+        last.extend_from_slice(&sealer.finish()?);
+        let ack: RecordsAck = peer.request("POST", &url, Some(last), &[]).await?;
+        if !ack.ended {
+            return Err(Error::Tl(caas_tl::Error::rejected(
+                "stream_truncated",
+                "the target did not confirm the end of the stream",
+            )));
+        }
+        timings.push(("target resumed the workload".to_string(), ms(t)));
+        Ok(MigrateResult {
+            vm_id: vm_id.to_string(),
+            source: self.cfg.name.clone(),
+            target: call.to.clone(),
+            migration_id,
+            bytes: sealer.totals().bytes,
+            endpoint: ack.endpoint,
+            timings,
+        })
+    }
+
+    /// Target: an offer from the source agent `peer` (its verified certificate's name).
+    /// Audited (`AcceptMigration`).
+    pub async fn accept_migration(
+        &self,
+        offer: &MigrateOffer,
+        peer: Option<&caas_tls::PeerIdentity>,
+    ) -> Result<MigrateAccept, Error> {
+        let claimed = offer
+            .statement
+            .peek::<MigrationStatement>(label::MIGRATE_STATEMENT);
+        let subject = claimed.as_ref().map_or_else(
+            |_| "?".to_string(),
+            |s| format!("{} <- {} ({})", s.vm_id, s.source, hex::encode(&s.migration_id)),
+        );
+        let r = self.accept_inner(offer, peer).await;
+        self.tl.audit("AcceptMigration", &subject, &r);
+        r
+    }
+
+    async fn accept_inner(
+        &self,
+        offer: &MigrateOffer,
+        peer: Option<&caas_tls::PeerIdentity>,
+    ) -> Result<MigrateAccept, Error> {
+        let peer = peer
+            .filter(|p| p.has(caas_tls::Role::Host))
+            .ok_or_else(|| {
+                Error::Tl(caas_tl::Error::rejected(
+                    "host_mismatch",
+                    "a migration comes from a host agent",
+                ))
+            })?;
+        let ttp = self.ttp().await?;
+        let claimed: MigrationStatement = offer.statement.peek(label::MIGRATE_STATEMENT)?;
+        let now = caas_attest::now_ms();
+        let (st, rsa) = proto::check_offer(
+            offer,
+            &ttp.sign,
+            &self.cfg.name,
+            &peer.name,
+            &claimed.vm_id,
+            now,
+        )?;
+        let id = hex::encode(&st.migration_id);
+        {
+            let mut seen = self
+                .tl
+                .migrations
+                .seen
+                .lock()
+                .map_err(|_| Error::Domain("migration state".into()))?;
+            seen.retain(|_, t| now.saturating_sub(*t) <= 2 * wire::FRESHNESS_MS);
+            if seen.insert(id.clone(), now).is_some() {
+                return Err(Error::Tl(caas_tl::Error::rejected(
+                    "migration_replayed",
+                    "this migration was already offered",
+                )));
+            }
+        }
+        if self.tl.has_workload(&st.vm_id).await {
+            return Err(Error::InvalidRequest(format!(
+                "workload {} is already running here",
+                st.vm_id
+            )));
+        }
+        // The TPM opens the session secret and the new DK_i only in the attested state.
+        let key = self.bind_decrypt(rsa).await?;
+        let (keys, accept) = proto::accept_offer(offer, &st, &key)?;
+        drop(key);
+        let (dk_rsa, dk_body) = caas_tl::crypto::split_bind_sealed(&st.c_dk)?;
+        let dk_key = self.bind_decrypt(dk_rsa).await?;
+        let dk = caas_tl::crypto::open_bind_sealed(
+            &dk_key,
+            &proto::dk_aad(&self.cfg.name, &st.migration_id),
+            dk_body,
+        )?;
+        let (sealer, opener) = keys.into_streams(Role::Target)?;
+        let incoming = Incoming {
+            statement: st,
+            opener,
+            _sealer: sealer,
+            dk: Zeroizing::new(dk.expose().to_vec()),
+            transfer: None,
+            secrets: None,
+            committed: false,
+            records: 0,
+            started: Instant::now(),
+        };
+        self.tl
+            .migrations
+            .incoming
+            .lock()
+            .map_err(|_| Error::Domain("migration state".into()))?
+            .insert(id, incoming);
+        Ok(accept)
+    }
+
+    /// Target: a batch of records of migration `id` from `peer`. A record that does not
+    /// open (tampered, reordered, replayed, from another migration) ends the migration:
+    /// everything received is dropped. After the source's commit and the end record the
+    /// workload is resumed here. Audited (`MigrationRecords`) when refused or ended.
+    pub async fn migration_records(
+        &self,
+        id: &str,
+        body: &[u8],
+        peer: Option<&caas_tls::PeerIdentity>,
+    ) -> Result<RecordsAck, Error> {
+        let r = self.records_inner(id, body, peer).await;
+        match &r {
+            Ok(a) if !a.ended => {}
+            _ => self.tl.audit("MigrationRecords", id, &r),
+        }
+        r
+    }
+
+    async fn records_inner(
+        &self,
+        id: &str,
+        body: &[u8],
+        peer: Option<&caas_tls::PeerIdentity>,
+    ) -> Result<RecordsAck, Error> {
+        // Taken out of the map while its records are processed: a concurrent batch of the
+        // same migration finds none (`no_migration`) instead of interleaving.
+        let mut m = {
+            let mut map = self
+                .tl
+                .migrations
+                .incoming
+                .lock()
+                .map_err(|_| Error::Domain("migration state".into()))?;
+            let Some(m) = map.remove(id) else {
+                return Err(Error::Tl(caas_tl::Error::rejected(
+                    "no_migration",
+                    "no migration in progress with this id (ended, refused or never offered)",
+                )));
+            };
+            if peer.is_none_or(|p| p.name != m.statement.source) {
+                map.insert(id.to_string(), m);
+                return Err(Error::Tl(caas_tl::Error::rejected(
+                    "host_mismatch",
+                    "records come from the migration's source",
+                )));
+            }
+            m
+        };
+        // On any error `m` is dropped here: the migration is over (fail closed), its keys
+        // and the state received are gone.
+        open_batch(&mut m, body)?;
+        if !m.opener.ended() {
+            let ack = RecordsAck {
+                records: m.records,
+                ended: false,
+                endpoint: None,
+            };
+            self.tl
+                .migrations
+                .incoming
+                .lock()
+                .map_err(|_| Error::Domain("migration state".into()))?
+                .insert(id.to_string(), m);
+            return Ok(ack);
+        }
+        let (Some(t), Some(secrets), true) = (&m.transfer, &m.secrets, m.committed) else {
+            return Err(Error::Tl(caas_tl::Error::rejected(
+                "stream_truncated",
+                "the stream ended without the workload's state and the source's commit",
+            )));
+        };
+        let r = self
+            .resume_migrated(&m.statement, t, secrets, &m.dk)
+            .await?;
+        tracing::info!(
+            migration = %id,
+            vm = %m.statement.vm_id,
+            ms = m.started.elapsed().as_millis() as u64,
+            "migrated workload resumed"
+        );
+        Ok(RecordsAck {
+            records: m.records,
+            ended: true,
+            endpoint: r.workload.endpoint,
+        })
+    }
+}
+
+/// Opens a batch of records into `m`.
+fn open_batch(m: &mut Incoming, mut body: &[u8]) -> Result<(), Error> {
+    while !body.is_empty() {
+        let (h, ct, rest) = proto::split_record(body)?;
+        body = rest;
+        let rec = m.opener.open(&h, ct.to_vec())?;
+        m.records += 1;
+        match rec {
+            Record::Data(Channel::Control, b) => match wire::parse("control record", &b)? {
+                Control::Workload(t) if m.transfer.is_none() => {
+                    if t.vm_id != m.statement.vm_id || t.h2 != m.statement.h2 {
+                        return Err(Error::Tl(caas_tl::Error::rejected(
+                            "vm_id_mismatch",
+                            "the state is of another workload",
+                        )));
+                    }
+                    m.transfer = Some(t);
+                }
+                Control::Commit if m.transfer.is_some() && m.secrets.is_some() => {
+                    m.committed = true;
+                }
+                _ => {
+                    return Err(Error::Tl(caas_tl::Error::rejected(
+                        "stream_tampered",
+                        "control record out of place",
+                    )));
+                }
+            },
+            Record::Data(Channel::Domain, b) if m.secrets.is_none() => {
+                m.secrets = Some(DomainSecrets::parse(&b)?);
+            }
+            Record::Data(ch, _) => {
+                return Err(Error::Tl(caas_tl::Error::rejected(
+                    "stream_tampered",
+                    format!("unexpected record on channel {ch:?}"),
+                )));
+            }
+            Record::End(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Splits concatenated records into request bodies of at most [`BATCH`] bytes (records
+/// are never split).
+fn split_batches(all: Vec<u8>) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let mut rest = &all[..];
+    while let Ok((h, ct, next)) = proto::split_record(rest) {
+        let len = proto::HEADER_LEN + h.ct_len;
+        if !cur.is_empty() && cur.len() + len > BATCH {
+            out.push(std::mem::take(&mut cur));
+        }
+        cur.extend_from_slice(&rest[..len]);
+        let _ = ct;
+        rest = next;
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+fn ms(t: Instant) -> f64 {
+    (t.elapsed().as_secs_f64() * 1e5).round() / 100.0
+}

@@ -1,0 +1,534 @@
+//! Live migration to an attested host (issue 13 item 5; `docs/suspend-migrate.md` "Live
+//! migration") against a real `caas dev --hosts 2` (swtpm TPMs, host agents, the TTP in the
+//! key service, crypto-domain processes): the workload moves with its DBSP volume, the
+//! source's crypto domain is destroyed, the tenant's τ check succeeds on the target; and the
+//! refusals, each with its audit records: a target outside the workload's profile (nothing
+//! reaches the target), a tampered migration stream, a replayed offer and a replayed stream.
+//!
+//! The attacker is the seed's ADV: it controls the management (which names the target's
+//! URL) and the network between the agents — here a relay holding a host-role certificate of
+//! the deployment (as a compromised host would), which sees, alters and replays every byte
+//! the agents exchange over their TLS link. It controls neither the TPMs nor the TTP.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod common;
+use caas_attest::client::HttpClient;
+use common::*;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+struct Cloud {
+    /// The (untrusted) cloud management: key-service and operator roles.
+    mgmt: HttpClient,
+    pki: caas_tls::pki::DevCa,
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    dev: Dev,
+    rt: tokio::runtime::Runtime,
+}
+
+type Reply = Result<Value, (u16, String)>;
+
+impl Cloud {
+    fn start() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let root = tmp.path().to_path_buf();
+        let dev = Dev::start_with(
+            &root.join("dev"),
+            "127.0.0.1:0",
+            &["--hosts", "2", "--attest-secs", "3600"],
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        // The deployment CA, in a directory of the test's own: certificates it issues must
+        // not overwrite the dev agents' files in dev/pki.
+        let own = root.join("test-pki");
+        std::fs::create_dir_all(&own).unwrap();
+        for f in ["ca.key", "ca.pem"] {
+            std::fs::copy(root.join("dev/pki").join(f), own.join(f)).unwrap();
+        }
+        let pki = caas_tls::pki::DevCa::load_or_create(&own).unwrap();
+        let mgmt = tls_client(
+            &pki.ca_file(),
+            Some(
+                pki.issue(
+                    "cloud-management",
+                    &[caas_tls::Role::KeyService, caas_tls::Role::Operator],
+                    &[],
+                )
+                .unwrap(),
+            ),
+        );
+        Cloud {
+            mgmt,
+            pki,
+            _tmp: tmp,
+            root,
+            dev,
+            rt,
+        }
+    }
+
+    fn tenant(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(caas_bin())
+            .arg("tenant")
+            .arg("--dir")
+            .arg(self.root.join("alice"))
+            .args(args)
+            .envs(&self.dev.env)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    fn tenant_ok(&self, args: &[&str]) -> String {
+        let (ok, text) = self.tenant(args);
+        assert!(ok, "caas tenant {args:?} failed:\n{text}");
+        text
+    }
+
+    /// alice with domain finance and image "web" sealed to both hosts, launched as vm1 on
+    /// host-1 (process driver) with finance/db attached.
+    fn launch_vm1(&self) {
+        self.tenant_ok(&["init"]);
+        self.tenant_ok(&["acl", "--domains", "finance"]);
+        let raw = self.root.join("web.raw");
+        let data: Vec<u8> = (0..(2 << 20))
+            .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        std::fs::write(&raw, &data).unwrap();
+        self.tenant_ok(&[
+            "provision",
+            "--image",
+            raw.to_str().unwrap(),
+            "--id",
+            "web",
+            "--hosts",
+            "host-1,host-2",
+        ]);
+        self.tenant_ok(&[
+            "launch",
+            "--id",
+            "web",
+            "--vm",
+            "vm1",
+            "--host",
+            "host-1",
+            "--domains",
+            "finance",
+            "--volumes",
+            "finance/db",
+        ]);
+    }
+
+    fn env(&self, k: &str) -> String {
+        self.dev.env.get(k).cloned().unwrap_or_else(|| panic!("{k}"))
+    }
+
+    fn agent(&self, host: &str) -> String {
+        self.env(&format!(
+            "CAAS_HOST_{}_URL",
+            host.to_uppercase().replace('-', "_")
+        ))
+    }
+
+    fn ks(&self) -> String {
+        self.env("CAAS_KMS_ENDPOINT")
+    }
+
+    fn call(&self, method: &str, url: &str, body: Option<&Value>) -> Reply {
+        if url.starts_with("https://") {
+            return http_call(&self.rt, &self.mgmt, method, url, body);
+        }
+        let http = self.dev.operator_http(std::time::Duration::from_secs(120));
+        http_call(&self.rt, &http, method, url, body)
+    }
+
+    /// The management's migration request to the source agent, naming the target's URL.
+    fn migrate(&self, vm: &str, from: &str, to: &str, to_url: &str) -> Reply {
+        self.call(
+            "POST",
+            &format!("{}/v1/agent/workloads/{vm}/migrate", self.agent(from)),
+            Some(&json!({ "to": to, "to_url": to_url })),
+        )
+    }
+
+    fn workloads(&self, host: &str) -> Vec<String> {
+        self.call(
+            "GET",
+            &format!("{}/v1/agent/workloads", self.agent(host)),
+            None,
+        )
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["vm_id"].as_str().unwrap().to_string())
+        .collect()
+    }
+
+    /// `host`'s agent audit log: (op, result) of every record.
+    fn agent_audit(&self, host: &str) -> Vec<(String, String)> {
+        self.call("GET", &format!("{}/v1/agent/audit", self.agent(host)), None)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["op"].as_str().unwrap_or_default().to_string(),
+                    e["result"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    fn agent_audit_has(&self, host: &str, op: &str, result: &str) -> bool {
+        self.agent_audit(host)
+            .iter()
+            .any(|(o, r)| o == op && r == result)
+    }
+
+    /// The key service's audit records (JSON lines).
+    fn ks_audit_has(&self, op: &str, result: &str) -> bool {
+        self.dev
+            .caas(&["audit", "list", "--limit", "100000"])
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|v| v["Operation"] == json!(op) && v["Result"] == json!(result))
+    }
+
+    /// host-2 appraised under another profile than the workload's ("dev").
+    fn move_to_other_profile(&self, host: &str) {
+        let mut p = self
+            .call(
+                "GET",
+                &format!("{}/v1/attest/profiles/dev", self.ks()),
+                None,
+            )
+            .unwrap();
+        p["name"] = json!("other");
+        self.call(
+            "POST",
+            &format!("{}/v1/attest/profiles", self.ks()),
+            Some(&p),
+        )
+        .unwrap();
+        self.call(
+            "PUT",
+            &format!("{}/v1/attest/hosts/{host}/profile", self.ks()),
+            Some(&json!({ "profile": "other" })),
+        )
+        .unwrap();
+        let v = self
+            .call(
+                "POST",
+                &format!("{}/v1/attest/hosts/{host}/attest", self.ks()),
+                None,
+            )
+            .unwrap();
+        assert_eq!(v["trusted"], json!(true), "{host} trusted under other: {v}");
+    }
+}
+
+fn assert_refused(r: &Reply, code: &str, what: &str) {
+    match r {
+        Err((s, c)) if c == code && *s >= 400 => {}
+        other => panic!("{what}: expected {code}, got {other:?}"),
+    }
+}
+
+/// What the relay does to the records it forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tamper {
+    None,
+    /// Flip one bit of the first batch at this offset.
+    Flip(usize),
+}
+
+/// Everything the relay saw.
+#[derive(Default)]
+struct Seen {
+    requests: usize,
+    offers: Vec<Value>,
+    batches: Vec<(String, Vec<u8>)>,
+}
+
+/// A man in the middle between the two agents: a TLS server with a host-role certificate
+/// (the source requires the `host` role of whoever it reaches) that forwards to the real
+/// target as the source would (a certificate named like the source), recording — and
+/// optionally altering — every offer and record batch.
+struct Relay {
+    url: String,
+    seen: Arc<Mutex<Seen>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+fn relay(c: &Cloud, target_url: &str, tamper: Tamper) -> Relay {
+    use axum::extract::{Path as AxPath, State};
+    use axum::response::IntoResponse;
+    use axum::routing::post;
+    let server = c.pki.issue("relay", &[caas_tls::Role::Host], &["127.0.0.1"]).unwrap();
+    let as_source = c.pki.issue("host-1", &[caas_tls::Role::Host], &[]).unwrap();
+    let client = tls_client(&c.pki.ca_file(), Some(as_source));
+    #[derive(Clone)]
+    struct St {
+        client: HttpClient,
+        target: String,
+        tamper: Tamper,
+        seen: Arc<Mutex<Seen>>,
+    }
+    fn answer(r: Result<Value, caas_attest::Error>) -> axum::response::Response {
+        match r {
+            Ok(v) => axum::Json(v).into_response(),
+            Err(caas_attest::Error::Remote { status, code, message, .. }) => (
+                axum::http::StatusCode::from_u16(status).unwrap(),
+                axum::Json(json!({ "code": code, "message": message })),
+            )
+                .into_response(),
+            Err(e) => (
+                axum::http::StatusCode::BAD_GATEWAY,
+                axum::Json(json!({ "code": "relay", "message": e.to_string() })),
+            )
+                .into_response(),
+        }
+    }
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let st = St {
+        client,
+        target: target_url.trim_end_matches('/').to_string(),
+        tamper,
+        seen: seen.clone(),
+    };
+    let app = axum::Router::new()
+        .route(
+            "/v1/agent/migrations",
+            post(|State(s): State<St>, axum::Json(o): axum::Json<Value>| async move {
+                {
+                    let mut g = s.seen.lock().unwrap();
+                    g.requests += 1;
+                    g.offers.push(o.clone());
+                }
+                answer(
+                    s.client
+                        .post::<_, Value>(&format!("{}/v1/agent/migrations", s.target), &o)
+                        .await,
+                )
+            }),
+        )
+        .route(
+            "/v1/agent/migrations/{id}/records",
+            post(
+                |State(s): State<St>, AxPath(id): AxPath<String>, body: axum::body::Bytes| async move {
+                    let mut b = body.to_vec();
+                    {
+                        let mut g = s.seen.lock().unwrap();
+                        g.requests += 1;
+                        if let (Tamper::Flip(at), true) = (s.tamper, g.batches.is_empty()) {
+                            b[at] ^= 0x01;
+                        }
+                        g.batches.push((id.clone(), body.to_vec()));
+                    }
+                    answer(
+                        s.client
+                            .request::<Value>(
+                                "POST",
+                                &format!("{}/v1/agent/migrations/{id}/records", s.target),
+                                Some(b),
+                                &[],
+                            )
+                            .await,
+                    )
+                },
+            ),
+        )
+        .with_state(st);
+    let tls = caas_tls::server::server_config(&caas_tls::server::ServerTls {
+        cert: server.cert,
+        key: server.key,
+        client_ca: Some(c.pki.ca_file()),
+    })
+    .unwrap();
+    let listener = c
+        .rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = c.rt.spawn(async move {
+        let _ = caas_tls::server::serve(listener, app, tls, None, std::future::pending()).await;
+    });
+    Relay {
+        url: format!("https://{addr}"),
+        seen,
+        _task: task,
+    }
+}
+
+/// The VM record the tenant keeps (τ, host, endpoint).
+fn vm_record(c: &Cloud) -> Value {
+    serde_json::from_slice(&std::fs::read(c.root.join("alice/vms/vm1.json")).unwrap()).unwrap()
+}
+
+fn connect_ok(c: &Cloud) -> Value {
+    let out = c.tenant_ok(&["connect", "--vm", "vm1"]);
+    serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap()
+}
+
+#[test]
+fn workload_migrates_to_attested_host_with_its_volume_and_tau() {
+    let c = Cloud::start();
+    c.launch_vm1();
+    let before = connect_ok(&c);
+    assert_eq!(c.workloads("host-1"), vec!["vm1".to_string()]);
+    // The tenant's request, through the (untrusted) scheduler.
+    let out = c.tenant_ok(&["migrate", "--vm", "vm1", "--to", "host-2"]);
+    eprintln!("{out}");
+    let r: Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    assert_eq!(r["target"], json!("host-2"), "{r}");
+    // The management's answer carries no key and no state.
+    let text = r.to_string();
+    let tau = vm_record(&c)["tau"].as_str().unwrap().to_string();
+    assert!(!text.contains(&tau), "τ in the migration answer: {text}");
+    for k in ["\"dk\"", "\"tau\"", "\"key\"", "\"secret\""] {
+        assert!(!text.contains(k), "{k} in the migration answer: {text}");
+    }
+    // The source's crypto domain and workload are gone; the target runs it.
+    assert!(c.workloads("host-1").is_empty());
+    assert_eq!(c.workloads("host-2"), vec!["vm1".to_string()]);
+    assert_eq!(vm_record(&c)["host"], json!("host-2"));
+    // The tenant's τ check, the DM's challenge, the VSM and the DBSP volume on the target
+    // (the workload writes and reads back its volume through the target's crypto domain).
+    let after = connect_ok(&c);
+    assert_eq!(after["disk_sha256"], before["disk_sha256"], "{after}");
+    assert!(after["vsm"]["signature"].is_string(), "{after}");
+    // Audited on both agents and at the TTP.
+    assert!(c.agent_audit_has("host-1", "MigrateWorkload", "ok"));
+    assert!(c.agent_audit_has("host-2", "AcceptMigration", "ok"));
+    assert!(c.agent_audit_has("host-2", "MigrationRecords", "ok"));
+    assert!(c.ks_audit_has("TlMigrate", "Success"));
+    // The volume's single writer is the target: its epoch was reported under the new
+    // session.
+    assert!(c.ks_audit_has("DbspEpoch", "Success"));
+}
+
+#[test]
+fn migration_to_host_outside_the_profile_is_refused_before_any_state_is_sent() {
+    let c = Cloud::start();
+    c.launch_vm1();
+    c.move_to_other_profile("host-2");
+    // The target's URL goes through a relay that counts every request reaching it.
+    let relay = relay(&c, &c.agent("host-2"), Tamper::None);
+    let before = c.agent_audit("host-2").len();
+    let r = c.migrate("vm1", "host-1", "host-2", &relay.url);
+    assert_refused(&r, "sp_mismatch", "target outside the workload's profile");
+    assert_eq!(
+        relay.seen.lock().unwrap().requests,
+        0,
+        "bytes reached the target before it was attested"
+    );
+    let target_log = c.agent_audit("host-2");
+    assert!(
+        target_log[before..]
+            .iter()
+            .all(|(op, _)| !op.contains("Migrat")),
+        "the target saw a migration call: {target_log:?}"
+    );
+    assert_eq!(c.workloads("host-1"), vec!["vm1".to_string()]);
+    assert!(c.workloads("host-2").is_empty());
+    assert!(c.agent_audit_has("host-1", "MigrateWorkload", "sp_mismatch"));
+    assert!(c.ks_audit_has("TlMigrate", "sp_mismatch"));
+    // The tenant's CLI gets the same refusal.
+    let (ok, text) = c.tenant(&["migrate", "--vm", "vm1", "--to", "host-2"]);
+    assert!(!ok && text.contains("sp_mismatch"), "{text}");
+}
+
+#[test]
+fn tampered_migration_stream_is_refused() {
+    let c = Cloud::start();
+    c.launch_vm1();
+    // One bit of the first record's ciphertext (past its 14-byte header).
+    let relay = relay(&c, &c.agent("host-2"), Tamper::Flip(20));
+    let r = c.migrate("vm1", "host-1", "host-2", &relay.url);
+    assert_refused(&r, "stream_tampered", "tampered stream");
+    assert!(c.agent_audit_has("host-2", "MigrationRecords", "stream_tampered"));
+    assert!(c.agent_audit_has("host-1", "MigrateWorkload", "stream_tampered"));
+    // Nothing runs on the target; the source never released the workload.
+    assert!(c.workloads("host-2").is_empty());
+    assert_eq!(c.workloads("host-1"), vec!["vm1".to_string()]);
+    connect_ok(&c);
+}
+
+#[test]
+fn replayed_migration_offer_and_stream_are_refused() {
+    let c = Cloud::start();
+    c.launch_vm1();
+    let relay = relay(&c, &c.agent("host-2"), Tamper::None);
+    c.migrate("vm1", "host-1", "host-2", &relay.url).unwrap();
+    assert_eq!(c.workloads("host-2"), vec!["vm1".to_string()]);
+    let (offer, batches) = {
+        let g = relay.seen.lock().unwrap();
+        (g.offers[0].clone(), g.batches.clone())
+    };
+    assert!(batches.len() >= 2, "state, then commit + end");
+    // The relay (as the source, by certificate) replays what it recorded to the target.
+    let as_source = tls_client(
+        &c.pki.ca_file(),
+        Some(c.pki.issue("host-1", &[caas_tls::Role::Host], &[]).unwrap()),
+    );
+    let target = c.agent("host-2");
+    let r = http_call(
+        &c.rt,
+        &as_source,
+        "POST",
+        &format!("{target}/v1/agent/migrations"),
+        Some(&offer),
+    );
+    assert_refused(&r, "migration_replayed", "replayed offer");
+    assert!(c.agent_audit_has("host-2", "AcceptMigration", "migration_replayed"));
+    for (id, b) in &batches {
+        let r = c.rt.block_on(as_source.request::<Value>(
+            "POST",
+            &format!("{target}/v1/agent/migrations/{id}/records"),
+            Some(b.clone()),
+            &[],
+        ));
+        assert!(
+            matches!(&r, Err(caas_attest::Error::Remote { code, .. }) if code == "no_migration"),
+            "replayed stream: {r:?}"
+        );
+    }
+    assert!(c.agent_audit_has("host-2", "MigrationRecords", "no_migration"));
+    assert_eq!(c.workloads("host-2"), vec!["vm1".to_string()]);
+}
+
+#[test]
+fn management_cannot_pose_as_a_host_in_a_migration() {
+    let c = Cloud::start();
+    c.launch_vm1();
+    // The management's certificate (key-service, operator) is not a host's: the target's
+    // migration routes refuse it, audited.
+    let r = c.call(
+        "POST",
+        &format!("{}/v1/agent/migrations", c.agent("host-2")),
+        Some(&json!({})),
+    );
+    assert_refused(&r, "forbidden", "management offering a migration");
+    assert!(c.agent_audit_has("host-2", "AcceptMigration", "forbidden"));
+    let r = c.call(
+        "POST",
+        &format!("{}/v1/agent/migrations/00/records", c.agent("host-2")),
+        Some(&json!({})),
+    );
+    assert_refused(&r, "forbidden", "management feeding migration records");
+}
