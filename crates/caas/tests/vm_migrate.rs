@@ -200,13 +200,18 @@ impl Cloud {
             .any(|(o, r)| o == op && r == result)
     }
 
-    /// The key service's audit records (JSON lines).
-    fn ks_audit_has(&self, op: &str, result: &str) -> bool {
+    /// How many of the key service's audit records have `op` and `result`.
+    fn ks_audit_count(&self, op: &str, result: &str) -> usize {
         self.dev
             .caas(&["audit", "list", "--limit", "100000"])
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .any(|v| v["Operation"] == json!(op) && v["Result"] == json!(result))
+            .filter(|v| v["Operation"] == json!(op) && v["Result"] == json!(result))
+            .count()
+    }
+
+    fn ks_audit_has(&self, op: &str, result: &str) -> bool {
+        self.ks_audit_count(op, result) > 0
     }
 
     /// host-2 appraised under another profile than the workload's ("dev").
@@ -391,6 +396,7 @@ fn workload_migrates_to_attested_host_with_its_volume_and_tau() {
     c.launch_vm1();
     let before = connect_ok(&c);
     assert_eq!(c.workloads("host-1"), vec!["vm1".to_string()]);
+    let epochs = c.ks_audit_count("DbspEpoch", "Success");
     // The tenant's request, through the (untrusted) scheduler.
     let out = c.tenant_ok(&["migrate", "--vm", "vm1", "--to", "host-2"]);
     eprintln!("{out}");
@@ -417,9 +423,11 @@ fn workload_migrates_to_attested_host_with_its_volume_and_tau() {
     assert!(c.agent_audit_has("host-2", "AcceptMigration", "ok"));
     assert!(c.agent_audit_has("host-2", "MigrationRecords", "ok"));
     assert!(c.ks_audit_has("TlMigrate", "Success"));
-    // The volume's single writer is the target: its epoch was reported under the new
-    // session.
-    assert!(c.ks_audit_has("DbspEpoch", "Success"));
+    // The volume's single writer is the target: it opened the volume at a new epoch and
+    // reported it under the workload's new session (the anchor rises, so the source's
+    // older epoch is refused from now on).
+    assert_eq!(c.ks_audit_count("DbspEpoch", "Success"), epochs + 1);
+    assert!(c.ks_audit_has("DbspDomKey", "Success"));
 }
 
 #[test]
