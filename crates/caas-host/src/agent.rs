@@ -6,7 +6,8 @@
 //! The API is served over TLS only ([`caas_tls::server`]) and every route but `/healthz`
 //! needs a client certificate from the deployment CA whose role the route allows: the one
 //! table is [`ROUTES`] (key service: quote, launch, attach, revoke; operators: list, stop,
-//! status, audit, re-enroll). Refusals and management calls are audited with the caller's
+//! status, audit, re-enroll; both: migrate; other hosts' agents: a migration's offer and
+//! records, [`crate::migrate`]). Refusals and management calls are audited with the caller's
 //! certificate identity. The management API (for the untrusted cloud management) only
 //! reports status and public material: no operation reveals key material, because the agent
 //! holds none outside the TPM.

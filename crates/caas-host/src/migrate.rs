@@ -101,7 +101,9 @@ impl std::fmt::Debug for DomainSecrets {
 impl DomainSecrets {
     /// τ ‖ pk_DM.
     pub(crate) fn new(tau: &[u8], pk_dm: &[u8]) -> Self {
-        Self(caas_crypto::SecretBytes::new(caas_tl::crypto::lp(&[tau, pk_dm])))
+        Self(caas_crypto::SecretBytes::new(caas_tl::crypto::lp(&[
+            tau, pk_dm,
+        ])))
     }
 
     fn parse(b: &[u8]) -> Result<Self, Error> {
@@ -323,7 +325,14 @@ impl Agent {
             .peek::<MigrationStatement>(label::MIGRATE_STATEMENT);
         let subject = claimed.as_ref().map_or_else(
             |_| "?".to_string(),
-            |s| format!("{} <- {} ({})", s.vm_id, s.source, hex::encode(&s.migration_id)),
+            |s| {
+                format!(
+                    "{} <- {} ({})",
+                    s.vm_id,
+                    s.source,
+                    hex::encode(&s.migration_id)
+                )
+            },
         );
         let r = self.accept_inner(offer, peer).await;
         self.tl.audit("AcceptMigration", &subject, &r);

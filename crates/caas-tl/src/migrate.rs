@@ -98,7 +98,11 @@ pub struct MigrationStatement {
 
 /// AAD of the target's DK_i sealed in a statement.
 pub fn dk_aad(target: &str, migration_id: &[u8]) -> Vec<u8> {
-    lp(&[label::MIGRATE_DK.as_bytes(), target.as_bytes(), migration_id])
+    lp(&[
+        label::MIGRATE_DK.as_bytes(),
+        target.as_bytes(),
+        migration_id,
+    ])
 }
 
 /// Source → target: the statement, the source's ephemeral X25519 key and `s` sealed to the
@@ -117,7 +121,11 @@ pub struct MigrateOffer {
 
 /// AAD of the sealed `s`: bound to the exact statement and the source's ephemeral key.
 pub fn offer_aad(statement_body: &[u8], eph: &[u8]) -> Vec<u8> {
-    lp(&[label::MIGRATE_OFFER.as_bytes(), &sha256(statement_body), eph])
+    lp(&[
+        label::MIGRATE_OFFER.as_bytes(),
+        &sha256(statement_body),
+        eph,
+    ])
 }
 
 /// Target → source: the target's ephemeral key and its key confirmation.
@@ -372,10 +380,7 @@ pub fn check_offer<'a>(
 ) -> Result<(MigrationStatement, &'a [u8])> {
     let st = verify_statement(&offer.statement, ttp_sign, peer, me, vm_id, now_ms)?;
     if offer.eph.len() != 32 {
-        return Err(Error::malformed(
-            "offer",
-            "X25519 public keys are 32 bytes",
-        ));
+        return Err(Error::malformed("offer", "X25519 public keys are 32 bytes"));
     }
     let (rsa, _) = split_bind_sealed(&offer.sealed)?;
     Ok((st, rsa))
@@ -575,10 +580,7 @@ impl StreamSealer {
 
     fn seal(&mut self, kind: RecordKind, ch: Channel, payload: &[u8]) -> Result<Vec<u8>> {
         if self.ended {
-            return Err(Error::rejected(
-                "stream_after_end",
-                "the stream has ended",
-            ));
+            return Err(Error::rejected("stream_after_end", "the stream has ended"));
         }
         if payload.len() > MAX_RECORD {
             return Err(Error::malformed("record", "too large"));
@@ -716,7 +718,11 @@ impl StreamOpener {
         }
         let plain = self
             .key
-            .open_in_place(nonce(self.seq), Aad::from(aad(&self.prefix, &h.raw)), &mut ct)
+            .open_in_place(
+                nonce(self.seq),
+                Aad::from(aad(&self.prefix, &h.raw)),
+                &mut ct,
+            )
             .map_err(|_| Error::rejected("stream_tampered", "a record does not authenticate"))?;
         let plain = plain.to_vec();
         self.seq += 1;
@@ -830,7 +836,11 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let ch = if i % 2 == 0 { Channel::Vm } else { Channel::Domain };
+                let ch = if i % 2 == 0 {
+                    Channel::Vm
+                } else {
+                    Channel::Domain
+                };
                 s.data(ch, c).unwrap()
             })
             .collect();

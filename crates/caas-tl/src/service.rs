@@ -194,7 +194,9 @@ impl<S: AttestStore> TlService<S> {
         let url_of = |h: Option<caas_attest::store::HostRecord>, name: &str| {
             h.filter(|h| h.state == HostState::Enrolled)
                 .map(|h| h.agent_url.trim_end_matches('/').to_string())
-                .ok_or_else(|| crate::Error::rejected("host_unknown", format!("host {name} is not enrolled")))
+                .ok_or_else(|| {
+                    crate::Error::rejected("host_unknown", format!("host {name} is not enrolled"))
+                })
         };
         let from = url_of(get_host(&*self.store, &req.from).await?, &req.from)?;
         let to = url_of(get_host(&*self.store, &req.to).await?, &req.to)?;

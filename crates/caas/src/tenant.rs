@@ -476,12 +476,7 @@ pub async fn launch(
 }
 
 /// Live migration through the scheduler; the VM record then names the new host.
-pub async fn migrate(
-    a: &TenantArgs,
-    dir: &Path,
-    vm: &str,
-    to: &str,
-) -> Result<serde_json::Value> {
+pub async fn migrate(a: &TenantArgs, dir: &Path, vm: &str, to: &str) -> Result<serde_json::Value> {
     let path = dir.join("vms").join(format!("{vm}.json"));
     let mut rec: VmRecord = serde_json::from_slice(
         &std::fs::read(&path)

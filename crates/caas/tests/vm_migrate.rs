@@ -133,7 +133,11 @@ impl Cloud {
     }
 
     fn env(&self, k: &str) -> String {
-        self.dev.env.get(k).cloned().unwrap_or_else(|| panic!("{k}"))
+        self.dev
+            .env
+            .get(k)
+            .cloned()
+            .unwrap_or_else(|| panic!("{k}"))
     }
 
     fn agent(&self, host: &str) -> String {
@@ -284,7 +288,10 @@ fn relay(c: &Cloud, target_url: &str, tamper: Tamper) -> Relay {
     use axum::extract::{Path as AxPath, State};
     use axum::response::IntoResponse;
     use axum::routing::post;
-    let server = c.pki.issue("relay", &[caas_tls::Role::Host], &["127.0.0.1"]).unwrap();
+    let server = c
+        .pki
+        .issue("relay", &[caas_tls::Role::Host], &["127.0.0.1"])
+        .unwrap();
     let as_source = c.pki.issue("host-1", &[caas_tls::Role::Host], &[]).unwrap();
     let client = tls_client(&c.pki.ca_file(), Some(as_source));
     #[derive(Clone)]
@@ -297,7 +304,12 @@ fn relay(c: &Cloud, target_url: &str, tamper: Tamper) -> Relay {
     fn answer(r: Result<Value, caas_attest::Error>) -> axum::response::Response {
         match r {
             Ok(v) => axum::Json(v).into_response(),
-            Err(caas_attest::Error::Remote { status, code, message, .. }) => (
+            Err(caas_attest::Error::Remote {
+                status,
+                code,
+                message,
+                ..
+            }) => (
                 axum::http::StatusCode::from_u16(status).unwrap(),
                 axum::Json(json!({ "code": code, "message": message })),
             )
@@ -365,10 +377,9 @@ fn relay(c: &Cloud, target_url: &str, tamper: Tamper) -> Relay {
         client_ca: Some(c.pki.ca_file()),
     })
     .unwrap();
-    let listener = c
-        .rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
+    let listener =
+        c.rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
     let addr = listener.local_addr().unwrap();
     let task = c.rt.spawn(async move {
         let _ = caas_tls::server::serve(listener, app, tls, None, std::future::pending()).await;
