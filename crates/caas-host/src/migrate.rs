@@ -155,6 +155,8 @@ pub(crate) struct Incoming {
     dk: Zeroizing<Vec<u8>>,
     transfer: Option<WorkloadTransfer>,
     secrets: Option<DomainSecrets>,
+    /// A VM's qemu waiting for its stream.
+    vm: Option<crate::tl::IncomingVm>,
     committed: bool,
     records: u64,
     started: Instant,
@@ -177,6 +179,9 @@ impl std::fmt::Debug for MigrationState {
 
 /// Largest batch of records per request (below the API's body limit).
 const BATCH: usize = 1 << 20;
+
+/// The name under which the source's qemu holds the migration pipe.
+const VM_FD: &str = "caas-migrate";
 
 impl Agent {
     /// The agents' client for agent-to-agent calls: the deployment CA pinned, this host's
@@ -222,6 +227,14 @@ impl Agent {
         wire::check_name("vm_id", vm_id)?;
         wire::check_name("host", &call.to)?;
         let (h2, launch_r, transfer, secrets) = self.tl.migration_source(vm_id).await?;
+        let driver = transfer.driver.clone();
+        if driver == "qemu" && !transfer.volumes.is_empty() {
+            return Err(Error::InvalidRequest(
+                "live migration of a VM with DBSP volumes is not supported yet \
+                 (docs/suspend-migrate.md)"
+                    .into(),
+            ));
+        }
         // 1. The TTP attests the target in the workload's profile.
         let t = Instant::now();
         let ttp = self.ttp().await?;
@@ -284,7 +297,15 @@ impl Agent {
         for chunk in split_batches(batch) {
             let _: RecordsAck = peer.request("POST", &url, Some(chunk), &[]).await?;
         }
-        timings.push(("state transfer".to_string(), ms(t)));
+        timings.push(("crypto-domain state transfer".to_string(), ms(t)));
+        if driver == "qemu" {
+            let t = Instant::now();
+            let info = self.send_vm(vm_id, &mut sealer, &peer, &url).await?;
+            timings.push(("qemu live migration (encrypted records)".to_string(), ms(t)));
+            if let Some(d) = info.downtime_ms {
+                timings.push(("qemu downtime (source: stop to end of stream)".to_string(), d as f64));
+            }
+        }
         // 4. The source's crypto domain and its keys go (its volume proxies flush and
         // release the volumes); then the target takes over and becomes the single writer
         // (new epochs at the TTP).
@@ -301,7 +322,10 @@ impl Agent {
                 "the target did not confirm the end of the stream",
             )));
         }
-        timings.push(("target resumed the workload".to_string(), ms(t)));
+        timings.push((
+            "handover: commit → target resumed the workload".to_string(),
+            ms(t),
+        ));
         Ok(MigrateResult {
             vm_id: vm_id.to_string(),
             source: self.cfg.name.clone(),
@@ -311,6 +335,89 @@ impl Agent {
             endpoint: ack.endpoint,
             timings,
         })
+    }
+
+    /// Source: qemu's live migration into the stream. qemu writes its migration stream
+    /// (pre-copy while the guest runs, then the stop-and-copy) into a pipe it got by QMP
+    /// `getfd`; every chunk is sealed as a `vm` record and posted to the target. If the
+    /// target refuses a batch, the migration is cancelled and the guest keeps running here.
+    async fn send_vm(
+        &self,
+        vm_id: &str,
+        sealer: &mut StreamSealer,
+        peer: &caas_attest::client::HttpClient,
+        url: &str,
+    ) -> Result<caas_workload::qmp::MigrationInfo, Error> {
+        use caas_workload::qmp::{MigrationUri, Qmp};
+        let qmp_path = self
+            .tl
+            .workload_qmp(vm_id)
+            .await
+            .ok_or_else(|| Error::Domain("the VM has no QMP socket".into()))?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+        let reader = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let s = |e: &dyn std::fmt::Display| e.to_string();
+            let mut q = Qmp::connect(&qmp_path, std::time::Duration::from_secs(10))
+                .map_err(|e| s(&e))?;
+            let (mut r, w) = std::io::pipe().map_err(|e| s(&e))?;
+            q.getfd(VM_FD, std::os::fd::AsFd::as_fd(&w))
+                .map_err(|e| s(&e))?;
+            drop(w);
+            if let Err(e) = q.migrate(&MigrationUri::Fd(VM_FD.into())) {
+                let _ = q.execute("closefd", Some(serde_json::json!({ "fdname": VM_FD })));
+                return Err(s(&e));
+            }
+            let mut buf = vec![0u8; 256 << 10];
+            loop {
+                let n = match std::io::Read::read(&mut r, &mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(s(&e)),
+                };
+                if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                    // The target refused the stream: qemu stops migrating, the guest runs on.
+                    drop(r);
+                    let _ = q.execute("migrate_cancel", None);
+                    return Err("the target refused the stream".into());
+                }
+            }
+            let info = q
+                .wait_migration(
+                    std::time::Duration::from_secs(300),
+                    std::time::Duration::from_millis(5),
+                )
+                .map_err(|e| s(&e))?;
+            if q.query_status().map_err(|e| s(&e))?.running {
+                return Err("the VM runs after its state was sent".into());
+            }
+            Ok(info)
+        });
+        let sent = async {
+            let mut batch = Vec::new();
+            while let Some(chunk) = rx.recv().await {
+                batch.extend_from_slice(&sealer.data(Channel::Vm, &chunk)?);
+                if batch.len() >= BATCH {
+                    let _: RecordsAck = peer
+                        .request("POST", url, Some(std::mem::take(&mut batch)), &[])
+                        .await?;
+                }
+            }
+            if !batch.is_empty() {
+                let _: RecordsAck = peer.request("POST", url, Some(batch), &[]).await?;
+            }
+            Ok::<(), Error>(())
+        }
+        .await;
+        if let Err(e) = sent {
+            drop(rx);
+            let _ = reader.await;
+            return Err(e);
+        }
+        reader
+            .await
+            .map_err(|e| Error::Domain(format!("migration task: {e}")))?
+            .map_err(|e| Error::Domain(format!("qemu: {e}")))
     }
 
     /// Target: an offer from the source agent `peer` (its verified certificate's name).
@@ -404,6 +511,7 @@ impl Agent {
             dk: Zeroizing::new(dk.expose().to_vec()),
             transfer: None,
             secrets: None,
+            vm: None,
             committed: false,
             records: 0,
             started: Instant::now(),
@@ -465,9 +573,12 @@ impl Agent {
             }
             m
         };
-        // On any error `m` is dropped here: the migration is over (fail closed), its keys
-        // and the state received are gone.
-        open_batch(&mut m, body)?;
+        // On any error the migration is over (fail closed): its keys, the state received
+        // and a VM waiting for its stream are dropped.
+        if let Err(e) = self.open_batch(&mut m, body).await {
+            self.abort_incoming(m).await;
+            return Err(e);
+        }
         if !m.opener.ended() {
             let ack = RecordsAck {
                 records: m.records,
@@ -482,15 +593,26 @@ impl Agent {
                 .insert(id.to_string(), m);
             return Ok(ack);
         }
-        let (Some(t), Some(secrets), true) = (&m.transfer, &m.secrets, m.committed) else {
+        if m.transfer.is_none() || m.secrets.is_none() || !m.committed {
+            self.abort_incoming(m).await;
             return Err(Error::Tl(caas_tl::Error::rejected(
                 "stream_truncated",
                 "the stream ended without the workload's state and the source's commit",
             )));
+        }
+        let endpoint = match m.vm.take() {
+            Some(vm) => self.finish_incoming(vm).await?,
+            None => {
+                let (Some(t), Some(secrets)) = (&m.transfer, &m.secrets) else {
+                    return Err(Error::Domain("migration state".into()));
+                };
+                self.resume_migrated(&m.statement, t, secrets, &m.dk)
+                    .await?
+                    .workload
+                    .endpoint
+                    .unwrap_or_default()
+            }
         };
-        let r = self
-            .resume_migrated(&m.statement, t, secrets, &m.dk)
-            .await?;
         tracing::info!(
             migration = %id,
             vm = %m.statement.vm_id,
@@ -500,52 +622,85 @@ impl Agent {
         Ok(RecordsAck {
             records: m.records,
             ended: true,
-            endpoint: r.workload.endpoint,
+            endpoint: Some(endpoint),
         })
     }
-}
 
-/// Opens a batch of records into `m`.
-fn open_batch(m: &mut Incoming, mut body: &[u8]) -> Result<(), Error> {
-    while !body.is_empty() {
-        let (h, ct, rest) = proto::split_record(body)?;
-        body = rest;
-        let rec = m.opener.open(&h, ct.to_vec())?;
-        m.records += 1;
-        match rec {
-            Record::Data(Channel::Control, b) => match wire::parse("control record", &b)? {
-                Control::Workload(t) if m.transfer.is_none() => {
-                    if t.vm_id != m.statement.vm_id || t.h2 != m.statement.h2 {
-                        return Err(Error::Tl(caas_tl::Error::rejected(
-                            "vm_id_mismatch",
-                            "the state is of another workload",
-                        )));
-                    }
-                    m.transfer = Some(t);
-                }
-                Control::Commit if m.transfer.is_some() && m.secrets.is_some() => {
-                    m.committed = true;
-                }
-                _ => {
-                    return Err(Error::Tl(caas_tl::Error::rejected(
-                        "stream_tampered",
-                        "control record out of place",
-                    )));
-                }
-            },
-            Record::Data(Channel::Domain, b) if m.secrets.is_none() => {
-                m.secrets = Some(DomainSecrets::parse(&b)?);
-            }
-            Record::Data(ch, _) => {
-                return Err(Error::Tl(caas_tl::Error::rejected(
-                    "stream_tampered",
-                    format!("unexpected record on channel {ch:?}"),
-                )));
-            }
-            Record::End(_) => {}
+    /// Drops a refused migration: a VM prepared for it is stopped with its crypto domain.
+    async fn abort_incoming(&self, mut m: Incoming) {
+        if let Some(mut vm) = m.vm.take() {
+            drop(vm.tx.take());
+            self.tl.drop_migrated(&m.statement.vm_id).await;
         }
     }
-    Ok(())
+
+    /// Opens a batch of records into `m`; a VM's qemu is started (waiting for its state)
+    /// once the workload's description and secrets are in, and gets its stream's bytes as
+    /// their records authenticate.
+    async fn open_batch(&self, m: &mut Incoming, mut body: &[u8]) -> Result<(), Error> {
+        while !body.is_empty() {
+            let (h, ct, rest) = proto::split_record(body)?;
+            body = rest;
+            let rec = m.opener.open(&h, ct.to_vec())?;
+            m.records += 1;
+            match rec {
+                Record::Data(Channel::Control, b) => match wire::parse("control record", &b)? {
+                    Control::Workload(t) if m.transfer.is_none() => {
+                        if t.vm_id != m.statement.vm_id || t.h2 != m.statement.h2 {
+                            return Err(Error::Tl(caas_tl::Error::rejected(
+                                "vm_id_mismatch",
+                                "the state is of another workload",
+                            )));
+                        }
+                        m.transfer = Some(t);
+                    }
+                    Control::Commit
+                        if m.transfer.is_some()
+                            && m.secrets.is_some()
+                            && m.transfer.as_ref().is_some_and(|t| t.driver != "qemu")
+                                == m.vm.is_none() =>
+                    {
+                        m.committed = true;
+                    }
+                    _ => {
+                        return Err(Error::Tl(caas_tl::Error::rejected(
+                            "stream_tampered",
+                            "control record out of place",
+                        )));
+                    }
+                },
+                Record::Data(Channel::Domain, b) if m.secrets.is_none() && m.transfer.is_some() => {
+                    let secrets = DomainSecrets::parse(&b)?;
+                    if let Some(t) = m.transfer.as_ref().filter(|t| t.driver == "qemu") {
+                        m.vm = Some(
+                            self.prepare_incoming(&m.statement, t, &secrets, &m.dk)
+                                .await?,
+                        );
+                    }
+                    m.secrets = Some(secrets);
+                }
+                Record::Data(Channel::Vm, b) if m.vm.is_some() && !m.committed => {
+                    let tx = m.vm.as_ref().and_then(|v| v.tx.clone());
+                    match tx {
+                        Some(tx) if tx.send(b).await.is_ok() => {}
+                        _ => {
+                            return Err(Error::Domain(
+                                "qemu stopped reading its migration stream".into(),
+                            ));
+                        }
+                    }
+                }
+                Record::Data(ch, _) => {
+                    return Err(Error::Tl(caas_tl::Error::rejected(
+                        "stream_tampered",
+                        format!("unexpected record on channel {ch:?}"),
+                    )));
+                }
+                Record::End(_) => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Splits concatenated records into request bodies of at most [`BATCH`] bytes (records

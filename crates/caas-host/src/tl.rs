@@ -219,6 +219,27 @@ impl Proc {
     }
 }
 
+/// The name under which qemu holds a live-migration pipe.
+const MIGRATION_FD: &str = "caas-migrate";
+
+/// A VM being received by live migration: its qemu reads the stream from a pipe that a
+/// thread writes the opened `vm` records into.
+pub(crate) struct IncomingVm {
+    vm_id: String,
+    /// Chunks of qemu's stream, already authenticated, in order.
+    pub(crate) tx: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    writer: Option<std::thread::JoinHandle<std::io::Result<u64>>>,
+    qmp: Option<caas_workload::qmp::Qmp>,
+}
+
+impl std::fmt::Debug for IncomingVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IncomingVm")
+            .field("vm_id", &self.vm_id)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A launched workload and its crypto domain.
 struct Workload {
     vm_id: String,
@@ -473,6 +494,15 @@ impl TlHost {
             },
             crate::migrate::DomainSecrets::new(&w.tau, &w.pk_dm),
         ))
+    }
+
+    /// The QMP socket of `vm_id`'s VM (None: not a VM).
+    pub(crate) async fn workload_qmp(&self, vm_id: &str) -> Option<PathBuf> {
+        let g = self.workloads.lock().await;
+        g.get(vm_id)?.procs.iter().find_map(|p| match &p.child {
+            ProcChild::Workload(h) => h.qmp_path().map(Path::to_path_buf),
+            ProcChild::Plain(_) => None,
+        })
     }
 
     /// Whether a workload `vm_id` runs here.
@@ -999,6 +1029,7 @@ async fn start_workload(
     injected: &caas_workload::InjectedSecrets,
     user_pin: &str,
     id: RunAs,
+    incoming: bool,
 ) -> Result<(Proc, String), Error> {
     let wl = |e: caas_workload::Error| Error::Domain(format!("workload: {e}"));
     // τ, pk_DM and the PIN: 0600 files of the workload's identity only, which it deletes
@@ -1026,7 +1057,16 @@ async fn start_workload(
     };
     use caas_workload::driver::{Driver, ProcessDriver, QemuDriver};
     let driver: Box<dyn Driver> = match driver {
-        "qemu" => Box::new(QemuDriver::new(dir.to_path_buf())),
+        "qemu" => {
+            let mut q = QemuDriver::new(dir.to_path_buf());
+            q.incoming = incoming;
+            Box::new(q)
+        }
+        _ if incoming => {
+            return Err(Error::InvalidRequest(
+                "only a VM receives a live-migration stream".into(),
+            ));
+        }
         _ => {
             let d = ProcessDriver::new(PathBuf::from(caas_exe()?), dir.to_path_buf());
             Box::new(match owner {
@@ -1043,6 +1083,20 @@ async fn start_workload(
         cmd.uid(uid).gid(gid);
     }
     let mut handle = driver.start(&spec, cmd).map_err(wl)?;
+    if incoming {
+        // The guest does not boot: it waits for its state (`-incoming defer -S`); qemu has
+        // read its fw_cfg files once its QMP socket answers (the caller connects to it).
+        let addr = handle
+            .forwarded_addr()
+            .ok_or_else(|| Error::Domain("the VM has no forwarded port".into()))?;
+        return Ok((
+            Proc {
+                what: "workload",
+                child: ProcChild::Workload(handle),
+            },
+            addr.to_string(),
+        ));
+    }
     let (handle, addr) = tokio::task::spawn_blocking(move || {
         let r = handle.wait_ready(Duration::from_secs(60));
         (handle, r)
@@ -1254,14 +1308,219 @@ impl Agent {
     /// the workload's new TTP session (the migration id names it; DK_i came sealed to the
     /// bind key) — which raises their epochs, fencing any older writer — and the workload
     /// is started with the τ and pk_DM that travelled in the encrypted stream.
-    pub(crate) async fn resume_migrated(
+    /// Live migration of a VM, target: the crypto domain as in
+    /// [`Agent::resume_migrated`], then qemu started waiting for its state (`-incoming defer
+    /// -S`) and told to read it from a pipe; the caller writes the opened `vm` records
+    /// into [`IncomingVm`] and calls [`Agent::finish_incoming`] after the end record.
+    pub(crate) async fn prepare_incoming(
         &self,
         st: &caas_tl::migrate::MigrationStatement,
         t: &crate::migrate::WorkloadTransfer,
         secrets: &crate::migrate::DomainSecrets,
         dk: &[u8],
-    ) -> Result<LaunchResult, Error> {
+    ) -> Result<IncomingVm, Error> {
+        if !t.volumes.is_empty() {
+            return Err(Error::InvalidRequest(
+                "live migration of a VM with DBSP volumes is not supported yet \
+                 (docs/suspend-migrate.md)"
+                    .into(),
+            ));
+        }
+        let r = self.prepare_incoming_inner(st, t, secrets, dk).await;
+        if r.is_err()
+            && let Some(mut w) = self.tl.workloads.lock().await.remove(&st.vm_id)
+        {
+            w.stop();
+            let _ = std::fs::remove_dir_all(&w.dirs.root);
+        }
+        r
+    }
+
+    async fn prepare_incoming_inner(
+        &self,
+        st: &caas_tl::migrate::MigrationStatement,
+        t: &crate::migrate::WorkloadTransfer,
+        secrets: &crate::migrate::DomainSecrets,
+        dk: &[u8],
+    ) -> Result<IncomingVm, Error> {
+        let (call, cfg, dirs, procs, identity, _) = self.migrated_domain(st, t, secrets).await?;
         let now = caas_attest::now_ms();
+        let w = Workload {
+            vm_id: call.vm_id.clone(),
+            image_id: call.image_id.clone(),
+            h2: st.h2.clone(),
+            launch_r: st.migration_id.clone(),
+            sp: st.sp.clone(),
+            dk: Zeroizing::new(dk.to_vec()),
+            tau: Zeroizing::new(secrets.tau().to_vec()),
+            pk_dm: secrets.pk_dm().to_vec(),
+            driver: t.driver.clone(),
+            endpoint: None,
+            disk_uri: Endpoint::Unix(dirs.domain.join("disk.sock")).nbd_uri(),
+            vsm_socket: dirs.domain.join("vsm.sock"),
+            vsm_tls: None,
+            tls_client: None,
+            procs,
+            volumes: Vec::new(),
+            started_ms: now,
+            dirs,
+            identity,
+        };
+        let (dir, disk, vsm_socket, run_as) = (
+            w.dirs.workload.clone(),
+            w.disk_uri.clone(),
+            w.vsm_socket.clone(),
+            w.identity.workload.run_as(),
+        );
+        self.tl.workloads.lock().await.insert(call.vm_id.clone(), w);
+        let pk: [u8; 32] = secrets
+            .pk_dm()
+            .try_into()
+            .map_err(|_| Error::InvalidRequest("pk_DM must be 32 bytes".into()))?;
+        let injected = caas_workload::InjectedSecrets {
+            tau: caas_crypto::SecretBytes::from_slice(secrets.tau()),
+            pk_dm: pk,
+            tls: None,
+        };
+        let (proc, endpoint) = start_workload(
+            &call.vm_id,
+            &dir,
+            &disk,
+            &vsm_socket,
+            Vec::new(),
+            &t.driver,
+            &injected,
+            &cfg.user_pin,
+            run_as,
+            true,
+        )
+        .await?;
+        drop(injected);
+        let qmp_path = match &proc.child {
+            ProcChild::Workload(h) => h.qmp_path().map(Path::to_path_buf),
+            ProcChild::Plain(_) => None,
+        }
+        .ok_or_else(|| Error::Domain("the VM has no QMP socket".into()))?;
+        {
+            let mut g = self.tl.workloads.lock().await;
+            let w = g
+                .get_mut(&call.vm_id)
+                .ok_or_else(|| Error::Domain("workload vanished".into()))?;
+            w.procs.push(proc);
+            w.endpoint = Some(endpoint);
+        }
+        let wd = dir.clone();
+        let (qmp, pipe) = tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !qmp_path.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let mut q =
+                caas_workload::qmp::Qmp::connect_until(&qmp_path, deadline, Duration::from_secs(30))?;
+            // qemu has read its fw_cfg files: τ, pk_DM and the PIN leave the disk.
+            let _ = std::fs::remove_file(wd.join("user.pin"));
+            let _ = std::fs::remove_file(wd.join("inject.json"));
+            let (r, w) = std::io::pipe().map_err(|source| caas_workload::qmp::QmpError::Io {
+                context: "migration pipe",
+                source,
+            })?;
+            q.getfd(MIGRATION_FD, std::os::fd::AsFd::as_fd(&r))?;
+            drop(r);
+            q.migrate_incoming(&caas_workload::qmp::MigrationUri::Fd(MIGRATION_FD.into()))?;
+            Ok::<_, caas_workload::qmp::QmpError>((q, w))
+        })
+        .await
+        .map_err(|e| Error::Domain(format!("QMP task: {e}")))?
+        .map_err(|e| Error::Domain(format!("qemu: {e}")))?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+        let writer = std::thread::spawn(move || {
+            let mut pipe = pipe;
+            let mut n = 0u64;
+            while let Some(mut chunk) = rx.blocking_recv() {
+                std::io::Write::write_all(&mut pipe, &chunk)?;
+                n += chunk.len() as u64;
+                zeroize::Zeroize::zeroize(&mut chunk);
+            }
+            Ok(n)
+        });
+        Ok(IncomingVm {
+            vm_id: call.vm_id.clone(),
+            tx: Some(tx),
+            writer: Some(writer),
+            qmp: Some(qmp),
+        })
+    }
+
+    /// After the end record: qemu has the whole stream; once it has loaded it (paused, its
+    /// incoming migration completed) the guest continues. Returns the VM's endpoint. On
+    /// failure the VM and its crypto domain are stopped: it never runs on a partial state.
+    pub(crate) async fn finish_incoming(&self, mut vm: IncomingVm) -> Result<String, Error> {
+        let r = async {
+            drop(vm.tx.take());
+            let writer = vm.writer.take();
+            let mut qmp = vm
+                .qmp
+                .take()
+                .ok_or_else(|| Error::Domain("no QMP".into()))?;
+            tokio::task::spawn_blocking(move || -> Result<(), String> {
+                if let Some(w) = writer {
+                    w.join()
+                        .map_err(|_| "state writer panicked".to_string())?
+                        .map_err(|e| format!("state pipe: {e}"))?;
+                }
+                let deadline = Instant::now() + Duration::from_secs(120);
+                loop {
+                    let st = qmp.query_status().map_err(|e| e.to_string())?;
+                    match st.status.as_str() {
+                        "inmigrate" | "restore-vm" => {}
+                        "paused" | "prelaunch" => break,
+                        other => return Err(format!("after loading the state qemu is {other}")),
+                    }
+                    if Instant::now() > deadline {
+                        return Err("loading the state timed out".into());
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let info = qmp.query_migrate().map_err(|e| e.to_string())?;
+                if info.status != caas_workload::qmp::MigrationStatus::Completed {
+                    return Err(format!("incoming migration ended as {:?}", info.status));
+                }
+                qmp.cont().map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| Error::Domain(format!("QMP task: {e}")))?
+            .map_err(|e| Error::Domain(format!("qemu: {e}")))?;
+            let g = self.tl.workloads.lock().await;
+            g.get(&vm.vm_id)
+                .and_then(|w| w.endpoint.clone())
+                .ok_or_else(|| Error::Domain("workload vanished".into()))
+        }
+        .await;
+        if r.is_err() {
+            self.tl.drop_migrated(&vm.vm_id).await;
+        }
+        r
+    }
+
+    /// The crypto domain of a migrated workload: the image's configuration sealed to this
+    /// host opened by the TPM (owner = the statement's H2, image = H1), then keyed.
+    #[allow(clippy::type_complexity)]
+    async fn migrated_domain(
+        &self,
+        st: &caas_tl::migrate::MigrationStatement,
+        t: &crate::migrate::WorkloadTransfer,
+        secrets: &crate::migrate::DomainSecrets,
+    ) -> Result<
+        (
+            LaunchCall,
+            caas_tl::dm::DomcConfig,
+            RunDirs,
+            Vec<Proc>,
+            LaunchIds,
+            Vec<(String, f64)>,
+        ),
+        Error,
+    > {
         let mut timings = Vec::new();
         let start = Instant::now();
         if hex::encode(caas_tl::crypto::sha256(secrets.pk_dm())) != st.h2 {
@@ -1290,7 +1549,7 @@ impl Agent {
             network: false,
         };
         wire::check_name("image id", &call.image_id)?;
-        let driver = self.check_new_workload(&call).await?;
+        self.check_new_workload(&call).await?;
         let sealed_cfg = self.read_config(&call.image_id)?;
         caas_tl::dm::SealedDomc::parse(&sealed_cfg)?.check_owner(&st.h2)?;
         let image = TlHost::image_dir(&self.tl.storage, &call.image_id).join("image.caasvol");
@@ -1319,6 +1578,19 @@ impl Agent {
         let pre = prestart(&dir.domain, &image, true, Ids::of(&id), None).await?;
         let procs = finish_domain(pre, &cfg).await?;
         timings.push(("crypto domain keyed (k, token)".to_string(), ms(t0)));
+        Ok((call, cfg, dir, procs, id, timings))
+    }
+
+    pub(crate) async fn resume_migrated(
+        &self,
+        st: &caas_tl::migrate::MigrationStatement,
+        t: &crate::migrate::WorkloadTransfer,
+        secrets: &crate::migrate::DomainSecrets,
+        dk: &[u8],
+    ) -> Result<LaunchResult, Error> {
+        let now = caas_attest::now_ms();
+        let (call, cfg, dir, procs, id, timings) = self.migrated_domain(st, t, secrets).await?;
+        let driver = call.driver.clone().unwrap_or_default();
         self.run_workload(
             &call,
             &st.sp,
@@ -1327,7 +1599,7 @@ impl Agent {
             dk,
             secrets.tau(),
             secrets.pk_dm(),
-            driver,
+            &driver,
             &cfg,
             dir,
             procs,
@@ -1593,6 +1865,7 @@ impl Agent {
             &injected,
             user_pin,
             id,
+            false,
         )
         .await?;
         drop(injected);
