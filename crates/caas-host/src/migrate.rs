@@ -303,7 +303,10 @@ impl Agent {
             let info = self.send_vm(vm_id, &mut sealer, &peer, &url).await?;
             timings.push(("qemu live migration (encrypted records)".to_string(), ms(t)));
             if let Some(d) = info.downtime_ms {
-                timings.push(("qemu downtime (source: stop to end of stream)".to_string(), d as f64));
+                timings.push((
+                    "qemu downtime (source: stop to end of stream)".to_string(),
+                    d as f64,
+                ));
             }
         }
         // 4. The source's crypto domain and its keys go (its volume proxies flush and
@@ -357,8 +360,8 @@ impl Agent {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
         let reader = tokio::task::spawn_blocking(move || -> Result<_, String> {
             let s = |e: &dyn std::fmt::Display| e.to_string();
-            let mut q = Qmp::connect(&qmp_path, std::time::Duration::from_secs(10))
-                .map_err(|e| s(&e))?;
+            let mut q =
+                Qmp::connect(&qmp_path, std::time::Duration::from_secs(10)).map_err(|e| s(&e))?;
             let (mut r, w) = std::io::pipe().map_err(|e| s(&e))?;
             q.getfd(VM_FD, std::os::fd::AsFd::as_fd(&w))
                 .map_err(|e| s(&e))?;

@@ -1415,8 +1415,11 @@ impl Agent {
             while !qmp_path.exists() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            let mut q =
-                caas_workload::qmp::Qmp::connect_until(&qmp_path, deadline, Duration::from_secs(30))?;
+            let mut q = caas_workload::qmp::Qmp::connect_until(
+                &qmp_path,
+                deadline,
+                Duration::from_secs(30),
+            )?;
             // qemu has read its fw_cfg files: τ, pk_DM and the PIN leave the disk.
             let _ = std::fs::remove_file(wd.join("user.pin"));
             let _ = std::fs::remove_file(wd.join("inject.json"));

@@ -297,7 +297,21 @@ impl VsmSigner {
     /// failure (e.g. the crypto domain restarted) it reconnects once with a fresh key pair.
     pub fn sign(&mut self, msg: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
         if let Some(m) = &self.module {
-            return m.sign(msg);
+            let first = m.sign(msg);
+            let VsmEndpoint::Pkcs11(path) = &self.endpoint else {
+                return first;
+            };
+            if first.is_ok() {
+                return first;
+            }
+            // The crypto domain was restarted or replaced (a VM migrated to another host
+            // gets a new one): its sessions are gone. Finalize, initialize again, log in and
+            // make a fresh key pair, once.
+            self.module = None;
+            let m = ModuleSigner::open(path, self.slot, &self.pin)?;
+            let r = m.sign(msg);
+            self.module = Some(m);
+            return r;
         }
         if let Some(conn) = self.conn.as_mut()
             && let Ok(sig) = Self::sign_once(conn, msg)

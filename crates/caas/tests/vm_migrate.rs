@@ -401,6 +401,87 @@ fn connect_ok(c: &Cloud) -> Value {
     serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap()
 }
 
+fn find_files(dir: &std::path::Path, suffix: &str, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            find_files(&p, suffix, out);
+        } else if p.to_string_lossy().ends_with(suffix) {
+            out.push(p);
+        }
+    }
+}
+
+/// The real VM (the legacy guest image, booted from the crypto domain's NBD export) moves
+/// live: qemu's migration stream travels in the encrypted records, the guest continues on
+/// the target without booting again, still proves τ and signs with its VSM there.
+#[test]
+fn real_vm_live_migrates_to_attested_host() {
+    let t0 = std::time::Instant::now();
+    let image = common::vm::guest_image();
+    let plain = std::fs::read(&image).unwrap();
+    let c = Cloud::start();
+    let raw = c.root.join("guest.raw");
+    std::fs::copy(&image, &raw).unwrap();
+    c.tenant_ok(&["init"]);
+    c.tenant_ok(&["acl", "--domains", "finance"]);
+    c.tenant_ok(&[
+        "provision",
+        "--image",
+        raw.to_str().unwrap(),
+        "--id",
+        "legacy",
+        "--hosts",
+        "host-1,host-2",
+    ]);
+    c.tenant_ok(&[
+        "launch",
+        "--id",
+        "legacy",
+        "--vm",
+        "vm1",
+        "--driver",
+        "qemu",
+        "--host",
+        "host-1",
+        "--domains",
+        "finance",
+    ]);
+    let before = connect_ok(&c);
+    assert_eq!(
+        before["disk_sha256"],
+        json!(hex::encode(caas_tl::crypto::sha256(&plain)))
+    );
+    let t = std::time::Instant::now();
+    let out = c.tenant_ok(&["migrate", "--vm", "vm1", "--to", "host-2"]);
+    eprintln!("live migration: {:?}\n{out}", t.elapsed());
+    let r: Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    assert!(
+        r["bytes"][1].as_u64().unwrap() > 1 << 20,
+        "qemu's stream: {r}"
+    );
+    assert!(c.workloads("host-1").is_empty());
+    assert_eq!(c.workloads("host-2"), vec!["vm1".to_string()]);
+    // Only the target's run directory is left; its serial log has no second boot.
+    let mut logs = Vec::new();
+    find_files(&c.root.join("dev"), "vm1.serial.log", &mut logs);
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    let console = std::fs::read_to_string(&logs[0]).unwrap_or_default();
+    assert!(
+        !console.contains("caas-workload ready") && !console.contains("Linux version"),
+        "the guest booted again on the target: {console}"
+    );
+    // The tenant's τ check and the DM's challenge on the target; the disk through the
+    // target's crypto domain.
+    let after = connect_ok(&c);
+    assert_eq!(after["disk_sha256"], before["disk_sha256"], "{after}");
+    eprintln!("VSM on the target: {}", after["vsm"]);
+    assert!(c.agent_audit_has("host-1", "MigrateWorkload", "ok"));
+    assert!(c.agent_audit_has("host-2", "MigrationRecords", "ok"));
+    assert!(c.ks_audit_has("TlMigrate", "Success"));
+    eprintln!("real VM migration test: {:?}", t0.elapsed());
+}
+
 #[test]
 fn workload_migrates_to_attested_host_with_its_volume_and_tau() {
     let c = Cloud::start();

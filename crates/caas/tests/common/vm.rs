@@ -1,0 +1,58 @@
+//! The real-VM fixtures shared by `real_vm.rs` and `vm_migrate.rs`: the tools check and
+//! the guest image of `scripts/build-guest-image` built with this build's guest agent and
+//! PKCS#11 module.
+use super::{caas_bin, repo_root};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Fails (never skips) when a tool the real VM needs is missing.
+pub fn require_tools() {
+    let missing: Vec<&str> = [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("syslinux", "syslinux"),
+        ("mcopy", "mtools"),
+        ("mkfs.fat", "dosfstools"),
+        ("cpio", "cpio"),
+        ("strip", "binutils"),
+    ]
+    .into_iter()
+    .filter(|(tool, _)| {
+        !std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+            .any(|d| d.join(tool).is_file())
+    })
+    .map(|(_, pkg)| pkg)
+    .collect();
+    assert!(
+        missing.is_empty() && Path::new("/usr/lib/syslinux/mbr/mbr.bin").is_file(),
+        "the real-VM test needs the Debian packages {missing:?} and syslinux-common: run \
+         scripts/install-deps (installs qemu-system-x86 together with qemu-utils)"
+    );
+}
+
+/// Builds (or takes from the cache) the guest image with this build's guest agent and
+/// PKCS#11 module; returns its path.
+pub fn guest_image() -> PathBuf {
+    require_tools();
+    let agent = PathBuf::from(env!("CARGO_BIN_EXE_caas-guest"));
+    // The module as `cargo build -p caas` uplifts it, or as `cargo test` leaves it in deps/
+    // (a dependency's cdylib is not uplifted): the newer one.
+    let pkcs11 = [
+        caas_bin().with_file_name("libcaas_pkcs11.so"),
+        caas_bin().with_file_name("deps").join("libcaas_pkcs11.so"),
+    ]
+    .into_iter()
+    .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+    .max()
+    .map(|(_, p)| p)
+    .expect("libcaas_pkcs11.so is built with caas");
+    let mut cmd = Command::new(repo_root().join("scripts/build-guest-image"));
+    cmd.arg("--agent").arg(&agent).arg("--pkcs11").arg(&pkcs11);
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/build-guest-image failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
