@@ -264,6 +264,9 @@ enum Tamper {
     None,
     /// Flip one bit of the first batch at this offset.
     Flip(usize),
+    /// Flip one bit of the n-th batch (0-based) at this offset: for a VM, batch 1 on
+    /// carry qemu's stream.
+    FlipBatch(usize, usize),
 }
 
 /// Everything the relay saw.
@@ -352,8 +355,12 @@ fn relay(c: &Cloud, target_url: &str, tamper: Tamper) -> Relay {
                     {
                         let mut g = s.seen.lock().unwrap();
                         g.requests += 1;
-                        if let (Tamper::Flip(at), true) = (s.tamper, g.batches.is_empty()) {
-                            b[at] ^= 0x01;
+                        match s.tamper {
+                            Tamper::Flip(at) if g.batches.is_empty() => b[at] ^= 0x01,
+                            Tamper::FlipBatch(n, at) if g.batches.len() == n && at < b.len() => {
+                                b[at] ^= 0x01
+                            }
+                            _ => {}
                         }
                         g.batches.push((id.clone(), body.to_vec()));
                     }
@@ -412,15 +419,11 @@ fn find_files(dir: &std::path::Path, suffix: &str, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The real VM (the legacy guest image, booted from the crypto domain's NBD export) moves
-/// live: qemu's migration stream travels in the encrypted records, the guest continues on
-/// the target without booting again, still proves τ and signs with its VSM there.
-#[test]
-fn real_vm_live_migrates_to_attested_host() {
-    let t0 = std::time::Instant::now();
+/// The legacy guest image provisioned for both hosts and booted as vm1 on host-1 with the
+/// qemu driver; returns the plaintext image.
+fn launch_real_vm(c: &Cloud) -> Vec<u8> {
     let image = common::vm::guest_image();
     let plain = std::fs::read(&image).unwrap();
-    let c = Cloud::start();
     let raw = c.root.join("guest.raw");
     std::fs::copy(&image, &raw).unwrap();
     c.tenant_ok(&["init"]);
@@ -447,11 +450,39 @@ fn real_vm_live_migrates_to_attested_host() {
         "--domains",
         "finance",
     ]);
+    plain
+}
+
+/// The tenant's check of a report: the VSM signature over (vm, nonce, disk hash) verifies.
+fn verify_vsm(v: &Value, disk: &[u8; 32]) {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let nonce: [u8; 32] = b64
+        .decode(v["nonce"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let msg = caas_workload::proto::vsm_message("vm1", &nonce, disk);
+    let point = b64
+        .decode(v["vsm"]["public_point"].as_str().unwrap())
+        .unwrap();
+    let sig = b64.decode(v["vsm"]["signature"].as_str().unwrap()).unwrap();
+    caas_workload::vsm::verify_vsm_signature(&point, &msg, &sig)
+        .expect("the tenant verifies the VSM signature");
+}
+
+/// The real VM (the legacy guest image, booted from the crypto domain's NBD export) moves
+/// live: qemu's migration stream travels in the encrypted records, the guest continues on
+/// the target without booting again, still proves τ and signs with its VSM there.
+#[test]
+fn real_vm_live_migrates_to_attested_host() {
+    let t0 = std::time::Instant::now();
+    let c = Cloud::start();
+    let plain = launch_real_vm(&c);
+    let disk = caas_tl::crypto::sha256(&plain);
     let before = connect_ok(&c);
-    assert_eq!(
-        before["disk_sha256"],
-        json!(hex::encode(caas_tl::crypto::sha256(&plain)))
-    );
+    assert_eq!(before["disk_sha256"], json!(hex::encode(disk)));
+    verify_vsm(&before, &disk);
     let t = std::time::Instant::now();
     let out = c.tenant_ok(&["migrate", "--vm", "vm1", "--to", "host-2"]);
     eprintln!("live migration: {:?}\n{out}", t.elapsed());
@@ -475,11 +506,32 @@ fn real_vm_live_migrates_to_attested_host() {
     // target's crypto domain.
     let after = connect_ok(&c);
     assert_eq!(after["disk_sha256"], before["disk_sha256"], "{after}");
-    eprintln!("VSM on the target: {}", after["vsm"]);
+    // The VSM answers on the target (the target's crypto domain, over virtio-serial).
+    verify_vsm(&after, &disk);
     assert!(c.agent_audit_has("host-1", "MigrateWorkload", "ok"));
     assert!(c.agent_audit_has("host-2", "MigrationRecords", "ok"));
     assert!(c.ks_audit_has("TlMigrate", "Success"));
     eprintln!("real VM migration test: {:?}", t0.elapsed());
+}
+
+/// A bit of qemu's stream flipped on the way: the target refuses the record, stops the
+/// qemu that was waiting for it (the guest never runs there), the source cancels its
+/// migration and the guest keeps running on the source.
+#[test]
+fn real_vm_tampered_migration_stream_is_refused_and_the_vm_runs_on() {
+    let c = Cloud::start();
+    let plain = launch_real_vm(&c);
+    let relay = relay(&c, &c.agent("host-2"), Tamper::FlipBatch(2, 5000));
+    let r = c.migrate("vm1", "host-1", "host-2", &relay.url);
+    assert_refused(&r, "stream_tampered", "tampered qemu stream");
+    assert!(relay.seen.lock().unwrap().batches.len() >= 3);
+    assert!(c.agent_audit_has("host-2", "MigrationRecords", "stream_tampered"));
+    assert!(c.agent_audit_has("host-1", "MigrateWorkload", "stream_tampered"));
+    assert!(c.workloads("host-2").is_empty());
+    assert_eq!(c.workloads("host-1"), vec!["vm1".to_string()]);
+    // The guest on the source runs on: τ, disk and VSM.
+    let v = connect_ok(&c);
+    verify_vsm(&v, &caas_tl::crypto::sha256(&plain));
 }
 
 #[test]
