@@ -9,12 +9,19 @@
 //!    target's attested bind key) to the target agent over mutual TLS
 //!    (`POST /v1/agent/migrations`, role `host`); the target's accept must carry the key
 //!    confirmation only the attested TPM state can compute.
-//! 3. the workload's state in AEAD records (`POST /v1/agent/migrations/{id}/records`).
+//! 3. the workload's state in AEAD records (`POST /v1/agent/migrations/{id}/records`): its
+//!    description, τ and pk_DM, and for a VM qemu's live-migration stream (QMP `migrate` to
+//!    a pipe, `Agent::send_vm`); then the source destroys its crypto domain and sends the
+//!    commit and end records.
 //!
 //! Target: the offer must come from the statement's source (the caller's certificate names
 //! it), be fresh, and its migration id unused (`migration_replayed`); its TPM opens the
 //! session secret and the workload's new DK_i (both under the bind key's PCR policy); the
-//! records must open in order under the session's key.
+//! records must open in order under the session's key. A VM's qemu is started waiting for
+//! its state (`-incoming defer -S`) once the description and secrets are in, gets each
+//! record's bytes after it authenticated, and continues only after the end record
+//! (`Agent::finish_incoming`); a process workload is started at the end
+//! (`Agent::resume_migrated`).
 //!
 //! Every step is in the agent's audit log (`MigrateWorkload` on the source,
 //! `AcceptMigration` and `MigrationRecords` on the target) with the refusal code.

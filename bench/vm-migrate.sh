@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Live migration of the legacy guest VM (issue 13 benchmark), in the same run on the same host:
+#   (a) caas: `caas tenant migrate --vm V --to H` between the two hosts of `caas dev --hosts 2`
+#       — the TTP attests the target, the session key goes through the target's TPM, qemu's
+#       migration stream travels in AES-256-GCM records over the agents' mutual-TLS link, the
+#       target's crypto domain is started from its sealed configuration, the source's is
+#       destroyed; the VM boots from the crypto domain's NBD export on both sides;
+#   (b) plain qemu: the same image as a plain raw file, the same qemu arguments, migrated
+#       from one qemu to another over a UNIX socket (QMP `migrate unix:`).
+# The VM is migrated back and forth REPEAT times in each setting (interleaved). Printed:
+#   total  — (a) the tenant CLI's request to the target's acknowledgement (TTP, key
+#            agreement, crypto domain, stream, handover); (b) QMP `migrate` to `completed`;
+#   downtime — (b) qemu's own figure (vCPUs stopped → stream done, the target autostarts);
+#            (a) qemu's figure plus what caas adds while the guest is stopped: destroying the
+#            source's crypto domain and the handover (commit → target `cont`).
+# and the medians and ratios a/b (goal ≤ 1.1×).
+#
+# Usage: bench/vm-migrate.sh          (REPEAT=3; TCG unless CAAS_QEMU_ACCEL)
+#
+# Figures: see the end of this header once measured (`REPEAT=3 bench/vm-migrate.sh`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPEAT=${REPEAT:-3}
+cargo build -q -p caas --bins
+cargo build -q -p caas-pkcs11
+bin=target/debug
+img=$(scripts/build-guest-image --agent $bin/caas-guest --pkcs11 $bin/libcaas_pkcs11.so)
+work=$(mktemp -d /tmp/caas-vm-migrate.XXXXXX)
+chmod 711 "$work"
+dev_pid=""
+cleanup() {
+  [ -n "$dev_pid" ] && kill "$dev_pid" 2>/dev/null && wait "$dev_pid" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# (b) plain qemu: source booted to ready, target waiting on -incoming unix:, QMP migrate.
+plain_migrate() { # N → prints "TOTAL_MS DOWNTIME_MS"
+  local accel=tcg cpu=max
+  [ "${CAAS_QEMU_ACCEL:-tcg}" = kvm ] && { accel=kvm; cpu=qemu64; }
+  python3 - "$img" "$work" "$1" "$accel" "$cpu" <<'EOF2'
+import base64, json, os, socket, subprocess, sys, time
+img, work, n, accel, cpu = sys.argv[1:]
+inject = os.path.join(work, "inject.json")
+fd = os.open(inject, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+os.write(fd, json.dumps({"tau": base64.b64encode(os.urandom(32)).decode(),
+                         "pk_dm": base64.b64encode(os.urandom(32)).decode()}).encode())
+os.close(fd)
+def qemu(tag, extra):
+    log = os.path.join(work, f"plain-{n}-{tag}.serial.log")
+    qmp = os.path.join(work, f"plain-{n}-{tag}.qmp")
+    p = subprocess.Popen(["qemu-system-x86_64", "-name", "guest=plain", "-accel", accel,
+        "-cpu", cpu, "-m", "256", "-nographic", "-monitor", "none",
+        "-qmp", f"unix:{qmp},server=on,wait=off", "-no-reboot", "-serial", "file:" + log,
+        "-device", "virtio-rng-pci", "-drive", f"file={img},format=raw,if=virtio,readonly=on",
+        "-fw_cfg", f"name=opt/caas/inject,file={inject}",
+        "-fw_cfg", "name=opt/caas/vm-id,string=plain",
+        "-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:0-:7000",
+        "-device", "virtio-net-pci,netdev=net0,romfile="] + extra,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return p, log, qmp
+def connect(path):
+    for _ in range(500):
+        try:
+            s = socket.socket(socket.AF_UNIX); s.connect(path); break
+        except OSError:
+            time.sleep(0.01)
+    f = s.makefile("rw")
+    f.readline()
+    def cmd(c, a=None):
+        f.write(json.dumps({"execute": c, **({"arguments": a} if a else {})}) + "\n"); f.flush()
+        while True:
+            r = json.loads(f.readline())
+            if "return" in r or "error" in r:
+                return r
+    cmd("qmp_capabilities")
+    return cmd
+src, log, sq = qemu("src", [])
+sock = os.path.join(work, f"plain-{n}.mig")
+dst, _, dq = qemu("dst", ["-incoming", f"unix:{sock}"])
+try:
+    while b"caas-workload ready" not in open(log, "rb").read() if os.path.exists(log) else True:
+        time.sleep(0.02)
+    s = connect(sq); connect(dq)
+    start = time.monotonic()
+    s("migrate", {"uri": f"unix:{sock}"})
+    while True:
+        r = s("query-migrate")["return"]
+        if r.get("status") == "completed":
+            break
+        if r.get("status") in ("failed", "cancelled"):
+            sys.exit(f"plain migration {r}")
+        time.sleep(0.005)
+    total = int((time.monotonic() - start) * 1000)
+    print(total, r.get("downtime", 0))
+finally:
+    for p in (src, dst):
+        p.kill(); p.wait()
+EOF2
+}
+
+# (a) caas.
+CAAS_LOG=warn $bin/caas dev --data-dir "$work/dev" --listen 127.0.0.1:0 --hosts 2 \
+  --attest-secs 3600 >"$work/dev.log" 2>&1 &
+dev_pid=$!
+until [ -f "$work/dev/env" ] && grep -q CAAS_HOST_HOST_2_URL "$work/dev/env"; do
+  kill -0 $dev_pid 2>/dev/null || { cat "$work/dev.log"; exit 1; }
+  sleep 0.1
+done
+sleep 1
+set -a; . "$work/dev/env"; set +a
+t() { $bin/caas tenant --dir "$work/tenant" "$@"; }
+cp "$img" "$work/guest.raw"
+t init >/dev/null
+t acl --domains bench >/dev/null
+t provision --image "$work/guest.raw" --id bench --hosts host-1,host-2 >/dev/null 2>&1
+t launch --id bench --vm vm1 --driver qemu --host host-1 --domains bench >/dev/null 2>&1
+t connect --vm vm1 >/dev/null
+here=host-1
+enc_migrate() { # → prints "TOTAL_MS DOWNTIME_MS"
+  local to out s e
+  to=host-2; [ "$here" = host-2 ] && to=host-1
+  s=$(date +%s%N)
+  out=$(t migrate --vm vm1 --to "$to" 2>/dev/null)
+  e=$(date +%s%N)
+  here=$to
+  printf '%s' "$out" | python3 -c '
+import json, sys
+text = sys.stdin.read()
+doc = json.loads(text[text.index("{"):])
+t = {name: ms for name, ms in doc["timings"]}
+down = (t["qemu downtime (source: stop to end of stream)"] + t["source crypto domain destroyed"]
+        + t["handover: commit → target resumed the workload"])
+print(int(down))' | tr -d '\n' | { read -r d; echo "$(( (e - s) / 1000000 )) $d"; }
+  t connect --vm vm1 >/dev/null
+}
+
+pt=(); pd=(); et=(); ed=()
+for i in $(seq "$REPEAT"); do
+  read -r a b < <(plain_migrate "$i"); pt+=("$a"); pd+=("$b")
+  read -r a b < <(enc_migrate); et+=("$a"); ed+=("$b")
+done
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+mpt=$(median "${pt[@]}"); mpd=$(median "${pd[@]}"); met=$(median "${et[@]}"); med=$(median "${ed[@]}")
+echo "VM live migration, $(basename "$img"), 256 MiB RAM, accel ${CAAS_QEMU_ACCEL:-tcg}, $REPEAT each"
+echo "  (b) plain qemu, unix socket:   total ${pt[*]} ms (median $mpt)   downtime ${pd[*]} ms (median $mpd)"
+echo "  (a) caas, attested + encrypted: total ${et[*]} ms (median $met)   downtime ${ed[*]} ms (median $med)"
+python3 -c "print(f'  ratio a/b: total {$met / $mpt:.2f}   downtime {$med / max($mpd, 1):.2f}')"
