@@ -167,7 +167,13 @@ pub(crate) struct Incoming {
     committed: bool,
     records: u64,
     started: Instant,
+    /// The last batch (an abandoned migration is dropped after [`IDLE`]).
+    last: Instant,
 }
+
+/// A migration whose source sent nothing for this long is dropped (with a VM waiting for
+/// it) when the next offer arrives.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The target side's state: migrations in progress and the ids already used.
 #[derive(Default)]
@@ -176,6 +182,8 @@ pub(crate) struct MigrationState {
     /// Migration ids accepted (an id is accepted once; statements expire after
     /// [`wire::FRESHNESS_MS`], so the set is pruned of expired ones).
     seen: std::sync::Mutex<HashMap<String, u64>>,
+    /// Workloads this host is sending away (one migration at a time per workload).
+    outgoing: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for MigrationState {
@@ -230,9 +238,35 @@ impl Agent {
     }
 
     async fn migrate_out(&self, vm_id: &str, call: &MigrateCall) -> Result<MigrateResult, Error> {
-        let mut timings = Vec::new();
         wire::check_name("vm_id", vm_id)?;
         wire::check_name("host", &call.to)?;
+        let busy = || Error::Domain("migration state".into());
+        if !self
+            .tl
+            .migrations
+            .outgoing
+            .lock()
+            .map_err(|_| busy())?
+            .insert(vm_id.to_string())
+        {
+            return Err(Error::Tl(caas_tl::Error::rejected(
+                "migration_in_progress",
+                "this workload is already being migrated",
+            )));
+        }
+        let r = self.migrate_out_inner(vm_id, call).await;
+        if let Ok(mut g) = self.tl.migrations.outgoing.lock() {
+            g.remove(vm_id);
+        }
+        r
+    }
+
+    async fn migrate_out_inner(
+        &self,
+        vm_id: &str,
+        call: &MigrateCall,
+    ) -> Result<MigrateResult, Error> {
+        let mut timings = Vec::new();
         let (h2, launch_r, transfer, secrets) = self.tl.migration_source(vm_id).await?;
         let driver = transfer.driver.clone();
         if driver == "qemu" && !transfer.volumes.is_empty() {
@@ -318,14 +352,32 @@ impl Agent {
         }
         // 4. The source's crypto domain and its keys go (its volume proxies flush and
         // release the volumes); then the target takes over and becomes the single writer
-        // (new epochs at the TTP).
-        let t = Instant::now();
-        self.tl.drop_migrated(vm_id).await;
-        timings.push(("source crypto domain destroyed".to_string(), ms(t)));
+        // (new epochs at the TTP). A VM (no volumes here) is continued on the target first:
+        // its qemu here stays stopped (migration completed) until it is destroyed right
+        // after, so the guest's downtime does not include the teardown.
+        let stop_first = driver != "qemu";
+        if stop_first {
+            let t = Instant::now();
+            self.tl.drop_migrated(vm_id).await;
+            timings.push((
+                "source crypto domain destroyed (guest stopped)".to_string(),
+                ms(t),
+            ));
+        }
         let t = Instant::now();
         let mut last = sealer.data(Channel::Control, &proto::control(&Control::Commit))?;
         last.extend_from_slice(&sealer.finish()?);
-        let ack: RecordsAck = peer.request("POST", &url, Some(last), &[]).await?;
+        let ack = peer
+            .request::<RecordsAck>("POST", &url, Some(last), &[])
+            .await;
+        let handover = ms(t);
+        if !stop_first {
+            // Whatever the target answered, the source's copy goes: the state has left.
+            let t2 = Instant::now();
+            self.tl.drop_migrated(vm_id).await;
+            timings.push(("source crypto domain destroyed".to_string(), ms(t2)));
+        }
+        let ack = ack?;
         if !ack.ended {
             return Err(Error::Tl(caas_tl::Error::rejected(
                 "stream_truncated",
@@ -334,7 +386,7 @@ impl Agent {
         }
         timings.push((
             "handover: commit → target resumed the workload".to_string(),
-            ms(t),
+            handover,
         ));
         Ok(MigrateResult {
             vm_id: vm_id.to_string(),
@@ -481,6 +533,24 @@ impl Agent {
             now,
         )?;
         let id = hex::encode(&st.migration_id);
+        let stale: Vec<Incoming> = {
+            let mut map = self
+                .tl
+                .migrations
+                .incoming
+                .lock()
+                .map_err(|_| Error::Domain("migration state".into()))?;
+            let ids: Vec<String> = map
+                .iter()
+                .filter(|(_, m)| m.last.elapsed() > IDLE)
+                .map(|(k, _)| k.clone())
+                .collect();
+            ids.iter().filter_map(|k| map.remove(k)).collect()
+        };
+        for m in stale {
+            tracing::warn!(vm = %m.statement.vm_id, "abandoned migration dropped");
+            self.abort_incoming(m).await;
+        }
         {
             let mut seen = self
                 .tl
@@ -525,6 +595,7 @@ impl Agent {
             committed: false,
             records: 0,
             started: Instant::now(),
+            last: Instant::now(),
         };
         self.tl
             .migrations
@@ -583,6 +654,7 @@ impl Agent {
             }
             m
         };
+        m.last = Instant::now();
         // On any error the migration is over (fail closed): its keys, the state received
         // and a VM waiting for its stream are dropped.
         if let Err(e) = self.open_batch(&mut m, body).await {

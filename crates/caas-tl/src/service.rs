@@ -270,6 +270,8 @@ fn leak_code(code: &str) -> &'static str {
         "session_exists",
         "host_mismatch",
         "migration_replayed",
+        "migration_in_progress",
+        "no_migration",
         "stream_tampered",
         "stream_out_of_order",
         "stream_truncated",

@@ -306,12 +306,29 @@ impl VsmSigner {
             }
             // The crypto domain was restarted or replaced (a VM migrated to another host
             // gets a new one): its sessions are gone. Finalize, initialize again, log in and
-            // make a fresh key pair, once.
+            // make a fresh key pair; the host side of the port may still be reconnecting
+            // (qemu's chardev retries every second), so a few attempts over ~3 s.
             self.module = None;
-            let m = ModuleSigner::open(path, self.slot, &self.pin)?;
-            let r = m.sign(msg);
-            self.module = Some(m);
-            return r;
+            let path = path.clone();
+            let mut last = first;
+            for attempt in 0..6u32 {
+                if attempt > 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+                match ModuleSigner::open(&path, self.slot, &self.pin) {
+                    Ok(m) => {
+                        let r = m.sign(msg);
+                        self.module = Some(m);
+                        if r.is_ok() {
+                            return r;
+                        }
+                        self.module = None;
+                        last = r;
+                    }
+                    Err(e) => last = Err(e),
+                }
+            }
+            return last;
         }
         if let Some(conn) = self.conn.as_mut()
             && let Ok(sig) = Self::sign_once(conn, msg)
