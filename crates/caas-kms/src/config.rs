@@ -18,6 +18,10 @@ pub struct RawServer {
     pub tls_cert: Option<PathBuf>,
     /// TLS private key (PEM).
     pub tls_key: Option<PathBuf>,
+    /// The deployment CA (PEM) host agents' client certificates must chain to. Without it
+    /// no client certificate is requested and host-protocol routes are refused over TLS
+    /// (hosts authenticate by the certificate their enrollment bound to their TPM).
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// `[storage]`.
@@ -97,7 +101,14 @@ impl RawConfig {
             .parse()
             .map_err(|_| format!("server.listen: '{listen}' is not an address:port"))?;
         let tls = match (self.server.tls_cert, self.server.tls_key) {
-            (Some(cert), Some(key)) => Some(crate::server::TlsFiles { cert, key }),
+            (Some(cert), Some(key)) => Some(crate::server::TlsFiles {
+                cert,
+                key,
+                client_ca: self.server.tls_client_ca,
+            }),
+            (None, None) if self.server.tls_client_ca.is_some() => {
+                return Err("server.tls_client_ca needs server.tls_cert and tls_key".into());
+            }
             (None, None) => None,
             _ => return Err("server.tls_cert and server.tls_key must be given together".into()),
         };

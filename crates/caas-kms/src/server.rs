@@ -104,6 +104,10 @@ pub struct TlsFiles {
     pub cert: std::path::PathBuf,
     /// PEM private key.
     pub key: std::path::PathBuf,
+    /// The deployment CA client certificates must chain to (host agents present theirs):
+    /// a certificate is then requested, not required (tenants and operators use SigV4);
+    /// each request carries its [`caas_tls::server::Peer`].
+    pub client_ca: Option<std::path::PathBuf>,
 }
 
 /// Serves until `shutdown` resolves. Plain HTTP without `tls`.
@@ -146,12 +150,13 @@ async fn serve_tls(
     t: &TlsFiles,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    // The one TLS accept loop (shared with the host agents): no client certificates here,
-    // tenants and operators authenticate with SigV4.
+    // The one TLS accept loop (shared with the host agents). Tenants and operators
+    // authenticate with SigV4; a client certificate (requested with `client_ca`) is how
+    // host agents authenticate their channel, checked per route by the router.
     let cfg = caas_tls::server::server_config(&caas_tls::server::ServerTls {
         cert: t.cert.clone(),
         key: t.key.clone(),
-        client_ca: None,
+        client_ca: t.client_ca.clone(),
     })
     .map_err(|e| std::io::Error::other(e.to_string()))?;
     caas_tls::server::serve(listener, app, cfg, None, shutdown).await

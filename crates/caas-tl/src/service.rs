@@ -9,7 +9,9 @@
 //! scheduler `POST /v1/sched/launch` (places a TL.Request on a trusted host of its SP).
 //!
 //! Authentication is the key service's (`caas/src/key_service/auth.rs`): pk_TTP is public;
-//! `attest` and `domkey` carry the host's AK signature (its identity); the ACL change is
+//! `attest`, `domkey` and `epoch` carry the host's AK signature (its identity) and, over
+//! TLS, must come with the client certificate the host's enrollment bound to that AK
+//! (`caas_attest::tls_binding`, checked by the TTP); the ACL change is
 //! signed by the DM it is about ([`crate::ttp::Ttp::update_acl`]) and sent by a
 //! SigV4-authenticated caller, whose principal the handler audits; bind info and the
 //! scheduler need SigV4 (tenants or operators).
@@ -22,6 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use caas_attest::store::{AttestStore, HostState, get_host, list_hosts};
+use caas_attest::tls_binding::TlsClient;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -246,10 +249,13 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
         .route(
             "/v1/tl/attest",
             post(
-                |State(s): State<Arc<TlService<S>>>, Json(r): Json<AkSigned>| async move {
+                |State(s): State<Arc<TlService<S>>>,
+                 peer: Option<Extension<TlsClient>>,
+                 Json(r): Json<AkSigned>| async move {
+                    let peer = peer.map(|Extension(p)| p);
                     let r: R<Signed> = s
                         .ttp
-                        .attest(&r, caas_attest::now_ms())
+                        .attest(&r, peer.as_ref(), caas_attest::now_ms())
                         .await
                         .map(Json)
                         .map_err(ApiError);
@@ -260,10 +266,13 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
         .route(
             "/v1/tl/domkey",
             post(
-                |State(s): State<Arc<TlService<S>>>, Json(r): Json<AkSigned>| async move {
+                |State(s): State<Arc<TlService<S>>>,
+                 peer: Option<Extension<TlsClient>>,
+                 Json(r): Json<AkSigned>| async move {
+                    let peer = peer.map(|Extension(p)| p);
                     let r: R<Signed> = s
                         .ttp
-                        .domkey(&r, caas_attest::now_ms())
+                        .domkey(&r, peer.as_ref(), caas_attest::now_ms())
                         .await
                         .map(Json)
                         .map_err(ApiError);
@@ -274,10 +283,13 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
         .route(
             "/v1/tl/epoch",
             post(
-                |State(s): State<Arc<TlService<S>>>, Json(r): Json<AkSigned>| async move {
+                |State(s): State<Arc<TlService<S>>>,
+                 peer: Option<Extension<TlsClient>>,
+                 Json(r): Json<AkSigned>| async move {
+                    let peer = peer.map(|Extension(p)| p);
                     let r: R<serde_json::Value> = s
                         .ttp
-                        .epoch_report(&r, caas_attest::now_ms())
+                        .epoch_report(&r, peer.as_ref(), caas_attest::now_ms())
                         .await
                         .map(|e| Json(serde_json::json!({ "epoch": e })))
                         .map_err(ApiError);

@@ -15,6 +15,7 @@ use crate::wire::{
 };
 use caas_attest::store::{AttestStore, AuditRecord, HostState, get_host, get_profile};
 use caas_attest::structures::Public;
+use caas_attest::tls_binding::TlsClient;
 use caas_attest::{SecurityProfile, Verdict, appraise, b64};
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -298,10 +299,12 @@ impl<S: AttestStore> Ttp<S> {
         res
     }
 
-    /// Host, its AK and its profile, checking enrollment.
+    /// Host, its AK and its profile, checking enrollment and that the request came over
+    /// the TLS client identity the host enrolled with (`peer`; `caas_attest::tls_binding`).
     async fn host_context(
         &self,
         host: &str,
+        peer: Option<&TlsClient>,
     ) -> Result<(caas_attest::store::HostRecord, Public, SecurityProfile)> {
         check_name("host", host)?;
         let h = get_host(&*self.store, host).await?.ok_or_else(|| {
@@ -313,6 +316,8 @@ impl<S: AttestStore> Ttp<S> {
                 format!("host {host} is not enrolled"),
             ));
         }
+        caas_attest::tls_binding::check_request(&h, peer)
+            .map_err(|r| Error::rejected(r.code, r.message))?;
         let ak = Public::parse_tpm2b(&h.ak_public)?;
         let pname = h
             .profile
@@ -348,7 +353,14 @@ impl<S: AttestStore> Ttp<S> {
     }
 
     /// TL.AttestRequest → TL.Attestation (AttestVerify, then AttestToken).
-    pub async fn attest(&self, req: &AkSigned, now_ms: u64) -> Result<Signed> {
+    ///
+    /// `peer`: the TLS client certificate of the request's connection (`None` without TLS).
+    pub async fn attest(
+        &self,
+        req: &AkSigned,
+        peer: Option<&TlsClient>,
+        now_ms: u64,
+    ) -> Result<Signed> {
         let body: Result<AttestRequest> = wire::parse("attest request", &req.body);
         let (host, subject, launch_r) = match &body {
             Ok(b) => (
@@ -363,7 +375,7 @@ impl<S: AttestStore> Ttp<S> {
         };
         let mut vm = String::new();
         let r = match body {
-            Ok(b) => self.attest_inner(&b, req, now_ms, &mut vm).await,
+            Ok(b) => self.attest_inner(&b, req, peer, now_ms, &mut vm).await,
             Err(e) => Err(e),
         };
         let summary = r
@@ -379,6 +391,7 @@ impl<S: AttestStore> Ttp<S> {
         &self,
         b: &AttestRequest,
         req: &AkSigned,
+        peer: Option<&TlsClient>,
         now_ms: u64,
         vm: &mut String,
     ) -> Result<Signed> {
@@ -387,7 +400,7 @@ impl<S: AttestStore> Ttp<S> {
         let claimed: LaunchRequest = b.launch.peek(label::LAUNCH_REQUEST)?;
         let launch: LaunchRequest = b.launch.open(&claimed.pk_dm, label::LAUNCH_REQUEST)?;
         check_fresh(launch.t_ms, now_ms)?;
-        let (host, ak, profile) = self.host_context(&b.host).await?;
+        let (host, ak, profile) = self.host_context(&b.host, peer).await?;
         // σ_AIK over the request and a fresh attestation of CH_i against SP_i.
         let verdict = self.appraise_fresh(&ak, label::ATTEST_REQUEST, req, &profile, now_ms)?;
         if launch.sp != profile.name {
@@ -513,7 +526,14 @@ impl<S: AttestStore> Ttp<S> {
     }
 
     /// DBSP.DomKeyReq → DBSP.DomKeyGen response.
-    pub async fn domkey(&self, req: &AkSigned, now_ms: u64) -> Result<Signed> {
+    ///
+    /// `peer`: the TLS client certificate of the request's connection (`None` without TLS).
+    pub async fn domkey(
+        &self,
+        req: &AkSigned,
+        peer: Option<&TlsClient>,
+        now_ms: u64,
+    ) -> Result<Signed> {
         let body: Result<DomKeyRequest> = wire::parse("domkey request", &req.body);
         let (host, subject) = match &body {
             Ok(b) => (b.host.clone(), format!("{}/{}/{}", b.host, b.vm_id, b.sr)),
@@ -521,7 +541,7 @@ impl<S: AttestStore> Ttp<S> {
         };
         let mut dom = String::new();
         let r = match body {
-            Ok(b) => self.domkey_inner(&b, req, now_ms, &mut dom).await,
+            Ok(b) => self.domkey_inner(&b, req, peer, now_ms, &mut dom).await,
             Err(e) => Err(e),
         };
         let summary = r
@@ -536,13 +556,14 @@ impl<S: AttestStore> Ttp<S> {
         &self,
         b: &DomKeyRequest,
         req: &AkSigned,
+        peer: Option<&TlsClient>,
         now_ms: u64,
         dom: &mut String,
     ) -> Result<Signed> {
         check_name("vm_id", &b.vm_id)?;
         check_name("sr", &b.sr)?;
         check_fresh(b.t_ms, now_ms)?;
-        let (host, ak, profile) = self.host_context(&b.host).await?;
+        let (host, ak, profile) = self.host_context(&b.host, peer).await?;
         if !host.trusted {
             return Err(Error::rejected(
                 "host_untrusted",
@@ -681,7 +702,14 @@ impl<S: AttestStore> Ttp<S> {
     /// DBSP epoch report: a trusted host's SC reports the epoch a volume of a domain its
     /// workload may access was opened at; the anchor becomes the highest reported (it
     /// never goes down). Returns the anchor.
-    pub async fn epoch_report(&self, req: &AkSigned, now_ms: u64) -> Result<u32> {
+    ///
+    /// `peer`: the TLS client certificate of the request's connection (`None` without TLS).
+    pub async fn epoch_report(
+        &self,
+        req: &AkSigned,
+        peer: Option<&TlsClient>,
+        now_ms: u64,
+    ) -> Result<u32> {
         let body: Result<wire::EpochReport> = wire::parse("epoch report", &req.body);
         let (host, subject) = match &body {
             Ok(b) => (
@@ -691,7 +719,7 @@ impl<S: AttestStore> Ttp<S> {
             Err(_) => ("?".into(), "?".into()),
         };
         let r = match body {
-            Ok(b) => self.epoch_report_inner(&b, req, now_ms).await,
+            Ok(b) => self.epoch_report_inner(&b, req, peer, now_ms).await,
             Err(e) => Err(e),
         };
         let summary = r.as_ref().map(|e| format!("epoch {e}")).map_err(clone_err);
@@ -703,13 +731,14 @@ impl<S: AttestStore> Ttp<S> {
         &self,
         b: &wire::EpochReport,
         req: &AkSigned,
+        peer: Option<&TlsClient>,
         now_ms: u64,
     ) -> Result<u32> {
         check_name("vm_id", &b.vm_id)?;
         check_name("domain", &b.domain)?;
         check_name("sr", &b.sr)?;
         check_fresh(b.t_ms, now_ms)?;
-        let (host, ak, profile) = self.host_context(&b.host).await?;
+        let (host, ak, profile) = self.host_context(&b.host, peer).await?;
         if !host.trusted {
             return Err(Error::rejected(
                 "host_untrusted",

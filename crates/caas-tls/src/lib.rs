@@ -14,7 +14,7 @@ pub mod identity;
 pub mod pki;
 pub mod server;
 
-pub use identity::{PeerIdentity, Role};
+pub use identity::{PeerIdentity, Role, spki_sha256, spki_sha256_of_file};
 
 /// Errors of this crate (messages name files and reasons, never key material).
 #[derive(Debug, thiserror::Error)]

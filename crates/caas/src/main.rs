@@ -17,6 +17,8 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod demo;
+#[cfg(test)]
+mod deploy_files;
 mod dev;
 mod dev_hosts;
 mod key_service;

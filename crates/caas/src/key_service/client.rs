@@ -2,7 +2,8 @@
 //! (`caas_attest::client::HttpClient`) with caas's one SigV4 signer
 //! (`caas_kms::client::Signer`, scope service `caas`) plugged in, for a tenant
 //! (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`) or an operator
-//! (`CAAS_OPERATOR_ACCESS_KEY_ID`/`CAAS_OPERATOR_SECRET_ACCESS_KEY`).
+//! (`CAAS_OPERATOR_ACCESS_KEY_ID`/`CAAS_OPERATOR_SECRET_ACCESS_KEY`), over HTTPS with the
+//! deployment CA pinned when `AWS_CA_BUNDLE` names it.
 use anyhow::{Context, Result};
 use caas_attest::client::{HttpClient, RequestSigner};
 use caas_crypto::SecretBytes;
@@ -30,20 +31,41 @@ impl RequestSigner for SigV4 {
     }
 }
 
-/// A client signing with these credentials (scope `region`/`caas`).
+/// A client signing with these credentials (scope `region`/`caas`). With `AWS_CA_BUNDLE`
+/// set (the deployment CA, PEM — the same variable the `aws` CLI and SDKs read for the
+/// KMS endpoint) it speaks HTTPS only, pins that CA and requires the server's
+/// `key-service` role (a production key service); without it, plain HTTP (the loopback
+/// dev key service).
 pub fn signed(
     region: &str,
     access_key_id: &str,
     secret: SecretBytes,
     timeout: Duration,
-) -> HttpClient {
-    HttpClient::new(timeout).with_signer(Arc::new(SigV4(caas_kms::client::Signer::new(
-        region,
-        caas_kms::operator::SERVICE,
-        access_key_id,
-        secret,
-    ))))
+) -> Result<HttpClient> {
+    let http = match env(ENV_CA_BUNDLE) {
+        Some(ca) => HttpClient::with_tls(
+            timeout,
+            &caas_tls::client::ClientTls {
+                ca: ca.into(),
+                identity: None,
+                server_role: Some(caas_tls::Role::KeyService),
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("{ENV_CA_BUNDLE}: {e}"))?,
+        None => HttpClient::new(timeout),
+    };
+    Ok(
+        http.with_signer(Arc::new(SigV4(caas_kms::client::Signer::new(
+            region,
+            caas_kms::operator::SERVICE,
+            access_key_id,
+            secret,
+        )))),
+    )
 }
+
+/// The CA bundle a tenant's or operator's tools pin for an HTTPS key service.
+pub const ENV_CA_BUNDLE: &str = "AWS_CA_BUNDLE";
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
@@ -64,10 +86,10 @@ pub fn operator(timeout: Duration) -> Result<HttpClient> {
     )?;
     let secret = env("CAAS_OPERATOR_SECRET_ACCESS_KEY")
         .context("CAAS_OPERATOR_SECRET_ACCESS_KEY is required")?;
-    Ok(signed(
+    signed(
         &region(),
         &id,
         SecretBytes::new(secret.into_bytes()),
         timeout,
-    ))
+    )
 }
