@@ -22,6 +22,9 @@ pub struct RawServer {
     /// no client certificate is requested and host-protocol routes are refused over TLS
     /// (hosts authenticate by the certificate their enrollment bound to their TPM).
     pub tls_client_ca: Option<PathBuf>,
+    /// Revocation list(s) of that CA (PEM, `caas pki revoke`): a listed client certificate
+    /// fails the handshake. Loaded at start-up.
+    pub tls_crl: Option<PathBuf>,
 }
 
 /// `[storage]`.
@@ -101,10 +104,16 @@ impl RawConfig {
             .parse()
             .map_err(|_| format!("server.listen: '{listen}' is not an address:port"))?;
         let tls = match (self.server.tls_cert, self.server.tls_key) {
+            (Some(_), Some(_))
+                if self.server.tls_crl.is_some() && self.server.tls_client_ca.is_none() =>
+            {
+                return Err("server.tls_crl needs server.tls_client_ca".into());
+            }
             (Some(cert), Some(key)) => Some(crate::server::TlsFiles {
                 cert,
                 key,
                 client_ca: self.server.tls_client_ca,
+                crl: self.server.tls_crl,
             }),
             (None, None) if self.server.tls_client_ca.is_some() => {
                 return Err("server.tls_client_ca needs server.tls_cert and tls_key".into());

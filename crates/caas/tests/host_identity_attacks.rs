@@ -47,9 +47,18 @@ struct Host {
 
 impl Deployment {
     fn start() -> Self {
+        Self::start_with(|_| None)
+    }
+
+    /// `prep` may issue and revoke certificates before the key service starts and return
+    /// the revocation list it loads (`[server] tls_crl`).
+    fn start_with(prep: impl FnOnce(&DevCa) -> Option<PathBuf>) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         let pki = DevCa::load_or_create(&dir.join("pki")).unwrap();
+        let crl = prep(&pki)
+            .map(|p| format!("tls_crl = {:?}\n", p.display().to_string()))
+            .unwrap_or_default();
         let ks_cert = pki
             .issue("key-service", &[Role::KeyService], &["127.0.0.1"])
             .unwrap();
@@ -66,12 +75,13 @@ impl Deployment {
         std::fs::write(
             &cfg,
             format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\ntls_cert = {:?}\ntls_key = {:?}\ntls_client_ca = {:?}\n\
+                "[server]\nlisten = \"127.0.0.1:0\"\ntls_cert = {:?}\ntls_key = {:?}\ntls_client_ca = {:?}\n{}\
                  [storage]\ndatabase = \"sqlite:{}\"\n[keys]\nnode_key_file = {:?}\ncreate_node_key = true\n\
                  [attestation]\nek_ca_files = [{}]\ninterval_secs = 3600\n",
                 ks_cert.cert.display().to_string(),
                 ks_cert.key.display().to_string(),
                 pki.ca_file().display().to_string(),
+                crl,
                 dir.join("ks.sqlite3").display(),
                 dir.join("node.key").display().to_string(),
                 ek_cas.join(", "),
@@ -158,6 +168,7 @@ impl Deployment {
                 ca: self.pki.ca_file(),
                 cert: cert.cert.clone(),
                 key: cert.key.clone(),
+                crl: None,
             },
         };
         let cfg = h.state.join("agent.toml");
@@ -397,4 +408,53 @@ fn host_requests_need_the_certificate_the_host_enrolled_with() {
     assert_ne!(code, "tls_identity_mismatch");
     let (_, code) = d.epoch_report_as("host-a", Some(cert_a)).unwrap_err();
     assert_eq!(code, "tls_identity_mismatch", "the old certificate");
+}
+
+/// A host certificate the CA revoked (`caas pki revoke`, e.g. after the host was
+/// compromised or decommissioned) no longer gets through the key service's TLS handshake
+/// (`[server] tls_crl`), whatever it claims; the refusal is audited (`TlsHandshake`,
+/// `bad_certificate`). Other certificates of the same CA still pass.
+#[test]
+fn a_revoked_host_certificate_is_refused_at_the_handshake() {
+    let d = Deployment::start_with(|pki| {
+        pki.issue("host-b", &[Role::Host], &["127.0.0.1"]).unwrap();
+        let out = Command::new(caas_bin())
+            .args(["pki", "revoke", "--dir"])
+            .arg(pki.dir())
+            .args(["--name", "host-b"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "caas pki revoke: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(PathBuf::from(
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        ))
+    });
+    let cert_b = CertFiles {
+        cert: d.pki.dir().join("host-b.pem"),
+        key: d.pki.dir().join("host-b.key"),
+    };
+    let cert_a = d
+        .pki
+        .issue("host-a", &[Role::Host], &["127.0.0.1"])
+        .unwrap();
+    let (status, err) = d.epoch_report_as("host-b", Some(cert_b)).unwrap_err();
+    assert_eq!(status, 0, "no HTTP answer to a revoked certificate: {err}");
+    let refused = d.wait_audit("the refused handshake", |r| {
+        r["Operation"] == "TlsHandshake" && r["Result"] == "bad_certificate"
+    });
+    assert!(
+        refused["Detail"]["reason"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("revoked"),
+        "{refused}"
+    );
+    // host-a's certificate passes the handshake (and is refused later: not enrolled).
+    let (status, code) = d.epoch_report_as("host-a", Some(cert_a)).unwrap_err();
+    assert_eq!((status, code.as_str()), (403, "host_unknown"));
 }

@@ -162,6 +162,7 @@ fn start_host(
             ca: pki.ca_file(),
             cert: tls.cert,
             key: tls.key,
+            crl: None,
         },
     };
     let cfg = hdir.join("agent.toml");

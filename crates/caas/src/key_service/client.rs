@@ -3,7 +3,7 @@
 //! (`caas_kms::client::Signer`, scope service `caas`) plugged in, for a tenant
 //! (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`) or an operator
 //! (`CAAS_OPERATOR_ACCESS_KEY_ID`/`CAAS_OPERATOR_SECRET_ACCESS_KEY`), over HTTPS with the
-//! deployment CA pinned when `AWS_CA_BUNDLE` names it.
+//! deployment CA pinned when `CAAS_KMS_CA` names it.
 use anyhow::{Context, Result};
 use caas_attest::client::{HttpClient, RequestSigner};
 use caas_crypto::SecretBytes;
@@ -31,11 +31,11 @@ impl RequestSigner for SigV4 {
     }
 }
 
-/// A client signing with these credentials (scope `region`/`caas`). With `AWS_CA_BUNDLE`
-/// set (the deployment CA, PEM — the same variable the `aws` CLI and SDKs read for the
-/// KMS endpoint) it speaks HTTPS only, pins that CA and requires the server's
-/// `key-service` role (a production key service); without it, plain HTTP (the loopback
-/// dev key service).
+/// A client signing with these credentials (scope `region`/`caas`). With `CAAS_KMS_CA`
+/// set (the deployment CA, PEM) it speaks HTTPS only, pins that CA and requires the
+/// server's `key-service` role (a production key service); without it, plain HTTP (the
+/// loopback dev key service). Not `AWS_CA_BUNDLE`: that one often names the system's
+/// roots, which must not be trusted for the key service.
 pub fn signed(
     region: &str,
     access_key_id: &str,
@@ -64,8 +64,8 @@ pub fn signed(
     )
 }
 
-/// The CA bundle a tenant's or operator's tools pin for an HTTPS key service.
-pub const ENV_CA_BUNDLE: &str = "AWS_CA_BUNDLE";
+/// The deployment CA a tenant's or operator's caas tools pin for an HTTPS key service.
+pub const ENV_CA_BUNDLE: &str = "CAAS_KMS_CA";
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
