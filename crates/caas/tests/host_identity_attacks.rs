@@ -34,6 +34,7 @@ struct Deployment {
     tpm_ca: LocalCa,
     cfg: PathBuf,
     url: String,
+    crl: Option<PathBuf>,
     _ks: Proc,
     rt: tokio::runtime::Runtime,
 }
@@ -43,6 +44,8 @@ struct Host {
     _tpm: Swtpm,
     agent: Option<Proc>,
     state: PathBuf,
+    /// The agent's API.
+    url: String,
 }
 
 impl Deployment {
@@ -56,7 +59,9 @@ impl Deployment {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         let pki = DevCa::load_or_create(&dir.join("pki")).unwrap();
-        let crl = prep(&pki)
+        let crl_file = prep(&pki);
+        let crl = crl_file
+            .as_ref()
             .map(|p| format!("tls_crl = {:?}\n", p.display().to_string()))
             .unwrap_or_default();
         let ks_cert = pki
@@ -119,6 +124,7 @@ impl Deployment {
             tpm_ca,
             cfg,
             url,
+            crl: crl_file,
             _ks: Proc(child),
             rt: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -138,6 +144,7 @@ impl Deployment {
             _tpm: tpm,
             agent: None,
             state: hdir,
+            url: String::new(),
         };
         self.start_agent(&mut h, name, cert);
         h
@@ -147,10 +154,16 @@ impl Deployment {
         h.agent = None;
         let event_log = h.state.join("eventlog.bin");
         std::fs::write(&event_log, b"").unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        h.url = format!("https://127.0.0.1:{port}");
         let raw = caas_host::config::RawConfig {
             name: name.into(),
             tcti: h._tpm.tcti(),
-            listen: "127.0.0.1:0".into(),
+            listen: format!("127.0.0.1:{port}"),
             advertise_url: None,
             key_service_url: self.url.clone(),
             state_dir: h.state.join("agent-state"),
@@ -168,7 +181,7 @@ impl Deployment {
                 ca: self.pki.ca_file(),
                 cert: cert.cert.clone(),
                 key: cert.key.clone(),
-                crl: None,
+                crl: self.crl.clone(),
             },
         };
         let cfg = h.state.join("agent.toml");
@@ -410,6 +423,22 @@ fn host_requests_need_the_certificate_the_host_enrolled_with() {
     assert_eq!(code, "tls_identity_mismatch", "the old certificate");
 }
 
+/// `caas pki revoke` through the real CLI; returns the CRL it wrote.
+fn revoke(pki: &DevCa, name: &str) -> PathBuf {
+    let out = Command::new(caas_bin())
+        .args(["pki", "revoke", "--dir"])
+        .arg(pki.dir())
+        .args(["--name", name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "caas pki revoke: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 /// A host certificate the CA revoked (`caas pki revoke`, e.g. after the host was
 /// compromised or decommissioned) no longer gets through the key service's TLS handshake
 /// (`[server] tls_crl`), whatever it claims; the refusal is audited (`TlsHandshake`,
@@ -418,20 +447,7 @@ fn host_requests_need_the_certificate_the_host_enrolled_with() {
 fn a_revoked_host_certificate_is_refused_at_the_handshake() {
     let d = Deployment::start_with(|pki| {
         pki.issue("host-b", &[Role::Host], &["127.0.0.1"]).unwrap();
-        let out = Command::new(caas_bin())
-            .args(["pki", "revoke", "--dir"])
-            .arg(pki.dir())
-            .args(["--name", "host-b"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "caas pki revoke: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Some(PathBuf::from(
-            String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        ))
+        Some(revoke(pki, "host-b"))
     });
     let cert_b = CertFiles {
         cert: d.pki.dir().join("host-b.pem"),
@@ -457,4 +473,50 @@ fn a_revoked_host_certificate_is_refused_at_the_handshake() {
     // host-a's certificate passes the handshake (and is refused later: not enrolled).
     let (status, code) = d.epoch_report_as("host-a", Some(cert_a)).unwrap_err();
     assert_eq!((status, code.as_str()), (403, "host_unknown"));
+}
+
+/// A leaked operator certificate, revoked: the host agent (`[tls] crl`) refuses it at the
+/// handshake and audits the refusal in its log; another operator still manages the agent.
+#[test]
+fn a_revoked_operator_certificate_is_refused_by_the_host_agent() {
+    let d = Deployment::start_with(|pki| {
+        pki.issue("ops-bob", &[Role::Operator], &[]).unwrap();
+        Some(revoke(pki, "ops-bob"))
+    });
+    let cert_a = d
+        .pki
+        .issue("host-a", &[Role::Host], &["127.0.0.1"])
+        .unwrap();
+    let a = d.host("a", "host-a", &cert_a);
+    d.wait_audit("host-a enrolled (its agent serves)", |r| {
+        is(r, "EnrollHost", "host-a", "Success")
+    });
+    let bob = CertFiles {
+        cert: d.pki.dir().join("ops-bob.pem"),
+        key: d.pki.dir().join("ops-bob.key"),
+    };
+    let alice = d.pki.issue("ops-alice", &[Role::Operator], &[]).unwrap();
+    let call = |who: CertFiles, path: &str| {
+        http_call(
+            &d.rt,
+            &tls_client(&d.pki.ca_file(), Some(who)),
+            "GET",
+            &format!("{}{path}", a.url),
+            None,
+        )
+    };
+    let (status, err) = call(bob, "/v1/agent/status").unwrap_err();
+    assert_eq!(status, 0, "no HTTP answer to a revoked certificate: {err}");
+    call(alice.clone(), "/v1/agent/status").expect("a valid operator certificate works");
+    let audit = call(alice, "/v1/agent/audit").unwrap();
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["op"] == "TlsHandshake"
+                && e["result"] == "bad_certificate"
+                && e.to_string().to_lowercase().contains("revoked")),
+        "{audit}"
+    );
 }
