@@ -167,6 +167,30 @@ fn the_systemd_units_verify_and_stay_hardened() {
     assert!(host.contains("DeviceAllow=/dev/tpmrm0 rw") && host.contains("DevicePolicy=closed"));
     let ks = std::fs::read_to_string(units.join("caas-key-service.service")).unwrap();
     assert!(ks.contains("User=caas") && ks.contains("PrivateDevices=yes"));
+    // The example configs write only where the units allow (ProtectSystem=strict): the
+    // key service's node key and its checkpoint in its StateDirectory, the agent's state
+    // and run directories in its StateDirectory and RuntimeDirectory.
+    let cfg = |f: &str| std::fs::read_to_string(repo_root().join("config").join(f)).unwrap();
+    assert!(ks.contains("StateDirectory=caas-key-service\n"));
+    assert!(
+        cfg("key-service.example.toml")
+            .contains("node_key_file = \"/var/lib/caas-key-service/node.key\""),
+        "the example's node key is outside the unit's StateDirectory"
+    );
+    assert!(
+        host.contains("StateDirectory=caas-host\n")
+            && host.contains("RuntimeDirectory=caas-host\n")
+    );
+    let agent = cfg("host-agent.example.toml");
+    assert!(
+        agent.contains("state_dir = \"/var/lib/caas-host\"")
+            && agent.contains("run_dir = \"/run/caas-host\""),
+        "the example agent's directories are not the unit's"
+    );
+    assert!(
+        ks.contains("--config /etc/caas/key-service.toml")
+            && host.contains("--config /etc/caas/host-agent.toml")
+    );
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .args(&names)
