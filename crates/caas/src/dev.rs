@@ -168,6 +168,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
             serve: serve_params,
             attestation,
             tl: Default::default(),
+            // Its agents' client is the dev PKI's (`agents` below), not a config section.
+            agents: None,
         };
         let roles = crate::key_service::Roles::open(
             bound.kms.clone(),
