@@ -102,7 +102,7 @@ async fn tenant_story(
                     &get("AWS_ACCESS_KEY_ID")?,
                     SecretBytes::new(get("AWS_SECRET_ACCESS_KEY")?.into_bytes()),
                     std::time::Duration::from_secs(30),
-                )
+                )?
                 .put::<_, Value>(&format!("{}/v1/tl/acl", get("CAAS_KMS_ENDPOINT")?), &body)
                 .await?;
                 Ok(())
