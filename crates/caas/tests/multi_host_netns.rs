@@ -679,6 +679,19 @@ fn tenant_provisions_launches_with_tl_and_attaches_a_dbsp_volume(w: &World) {
     // The operator sees it running on host-1.
     let wl = w.ops_ok(&["host", "workloads", "--agent", &w.hosts[0].url]);
     assert!(wl.contains("\"vm1\""), "{wl}");
+    // The last TL step, from the tenant's machine: the PSK channel keyed by τ to the
+    // workload on host-1's address; the workload read the tenant's image and its DBSP
+    // volume.
+    let ep = r["workload"]["endpoint"].as_str().unwrap_or_default();
+    assert!(ep.starts_with(&format!("{}:", w.net.addr("host-1"))), "{ep}");
+    let rep = w.tenant_ok(&["connect", "--vm", "vm1"]);
+    let v = json_of(&rep);
+    assert_eq!(
+        v["disk_sha256"],
+        json!(hex::encode(caas_tl::crypto::sha256(&data))),
+        "{rep}"
+    );
+    assert_eq!(v["volumes"][0]["ok"], json!(true), "DBSP volume in the workload: {rep}");
     assert!(
         w.ks_audited("TlAttest", "Success", None),
         "TTP audit of the launch"
@@ -983,6 +996,9 @@ fn attack_rogue_ttp_on_the_agents_link(w: &mut World) {
                 !seen.contains("/v1/tl/attest"),
                 "{name}: the agent sent its request to a server it must not trust: {seen}"
             );
+            // The agent reached the rogue and refused its certificate in the handshake.
+            assert!(seen.contains("TLS refused"), "{name}: {seen}");
+            assert_eq!(rec["result"], json!("key_service_error"), "{rec}");
         }
         eprintln!("rogue TTP {name}: refused, audited as {rec}");
     }

@@ -81,6 +81,15 @@ def serve(argv):
     class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
         daemon_threads = True
 
+        def get_request(self):
+            try:
+                return super().get_request()
+            except ssl.SSLError as e:
+                # The client refused our certificate: record how.
+                with open(log, "a") as f:
+                    f.write(f"TLS refused: {e.reason}\n")
+                raise
+
     s = S((addr, int(port)), H)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
