@@ -1080,3 +1080,44 @@ fn multi_host_deployment_over_namespaces_refuses_and_audits_every_attack() {
     }
     eprintln!("total {:?}", t0.elapsed());
 }
+
+/// `caas key-service serve` with an `[agents]` client key that cannot be read does not
+/// start (it would serve, but reach no agent): the error names the section and the file.
+#[test]
+fn key_service_does_not_start_with_an_unreadable_agents_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let pki = DevCa::load_or_create(&d.join("pki")).unwrap();
+    let ks = pki.issue("key-service", &[Role::KeyService], &[]).unwrap();
+    let cfg = d.join("ks.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndatabase = \"sqlite:{}\"\n\
+             [keys]\nnode_key_file = \"{}\"\ncreate_node_key = true\n\
+             [agents]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            d.join("kms.sqlite3").display(),
+            d.join("node.key").display(),
+            pki.ca_file().display(),
+            ks.cert.display(),
+            d.join("missing.key").display(),
+        ),
+    )
+    .unwrap();
+    let out = Command::new(caas_bin())
+        .args(["key-service", "serve", "--config"])
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started: {err}");
+    assert!(
+        err.contains("[agents]") && err.contains("missing.key"),
+        "{err}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("listening on"),
+        "it must not listen"
+    );
+}

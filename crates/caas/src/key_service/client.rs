@@ -7,8 +7,9 @@
 //! A key service served over TLS (`https://` endpoint): `AWS_CA_BUNDLE` names the
 //! deployment CA (PEM) its certificate must chain to, and the certificate must carry the
 //! `key-service` role (so that another endpoint of the deployment, e.g. a host agent,
-//! cannot pose as it). The client is then HTTPS-only. Without `AWS_CA_BUNDLE` the client
-//! is plain HTTP (the loopback key service of `caas dev`).
+//! cannot pose as it); without `AWS_CA_BUNDLE` an `https://` endpoint is refused (no
+//! system roots). An `http://` endpoint (the loopback key service of `caas dev`) is
+//! reached in the clear either way.
 use anyhow::{Context, Result};
 use caas_attest::client::{HttpClient, RequestSigner};
 use caas_crypto::SecretBytes;
@@ -39,15 +40,15 @@ impl RequestSigner for SigV4 {
 /// The environment variable naming the CA bundle of a TLS key service.
 pub const ENV_CA_BUNDLE: &str = "AWS_CA_BUNDLE";
 
-/// The unsigned client of the key service: HTTPS pinned to `AWS_CA_BUNDLE` (server role
-/// `key-service` required) when it is set, else plain HTTP.
+/// The unsigned client of the key service: `https://` pinned to `AWS_CA_BUNDLE` (server
+/// role `key-service` required) when it is set, `http://` in the clear.
 ///
 /// # Errors
 /// The CA bundle cannot be read or parsed (named in the message).
 pub fn base(timeout: Duration) -> Result<HttpClient> {
     match env(ENV_CA_BUNDLE) {
         None => Ok(HttpClient::new(timeout)),
-        Some(ca) => HttpClient::with_tls(
+        Some(ca) => HttpClient::with_tls_for_https(
             timeout,
             &caas_tls::client::ClientTls {
                 ca: ca.into(),
