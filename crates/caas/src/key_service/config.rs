@@ -237,8 +237,7 @@ impl RawAgents {
             (Some(ca), Some(cert), Some(key)) => (ca, cert, key),
             _ => {
                 return Err(
-                    "[agents]: ca, cert and key are all required (or leave the section out)"
-                        .into(),
+                    "[agents]: ca, cert and key are all required (or leave the section out)".into(),
                 );
             }
         };
@@ -269,7 +268,10 @@ mod tests {
         );
         assert!(p.tl.revoke_untrusted_hosts);
         assert_eq!(p.tl.agent_timeout, Duration::from_secs(120));
-        assert!(p.agents.is_none(), "[agents] is commented out in the example");
+        assert!(
+            p.agents.is_none(),
+            "[agents] is commented out in the example"
+        );
     }
 
     fn with_agents(dir: &Path, agents: &str) -> Result<KeyServiceParams, String> {
