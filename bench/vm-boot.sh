@@ -11,6 +11,8 @@
 # hashed its whole boot disk (so every block of the image went through the crypto domain in
 # (a)), bound its PSK listener and, in (a), logged in to its VSM over virtio-serial.
 #
+# then (c) the trusted-launch benchmark with the same VM (see the end of this script).
+#
 # Usage: bench/vm-boot.sh             (REPEAT=3 boots of each; TCG unless CAAS_QEMU_ACCEL)
 #
 # Figures (2026-12-05, 2 cores shared with other builds at load ~10, TCG — nested KVM stalls
@@ -134,3 +136,16 @@ echo "  (a) encrypted image via crypto domain, TL: ${enc_ms[*]} ms (median $e)"
 echo "  (a') the whole trusted launch (tenant CLI → TTP → host: attestation, TL checks, crypto"
 echo "       domain, then (a)):                ${tl_ms[*]} ms (median $w)"
 python3 -c "print(f'  ratio a/b: {$e / $p:.2f}   ratio a\'/b (TL launch-to-ready vs plain boot): {$w / $p:.2f}')"
+kill "$dev_pid" 2>/dev/null && wait "$dev_pid" 2>/dev/null || true
+dev_pid=""
+
+# (c) trusted launch vs the same VM launch without TL, in this run on this host: the TL
+# benchmark (crates/caas-host/benches/tl.rs) with the qemu driver and this guest image — one
+# swtpm host agent launching, interleaved, the VM through TL and the same VM with its crypto
+# domain configured directly (no attestation, token, TPM or TTP), both to the guest's ready
+# line. It prints the ratio of the medians and TL's own steps as a share of launch-to-ready.
+echo
+CAAS_LOG=warn CAAS_EXE=$bin/caas BENCH_DRIVER=qemu BENCH_IMAGE="$img" BENCH_LAUNCHES="$REPEAT" \
+  BENCH_UNLOCKS=0 cargo bench -q -p caas-host --bench tl --profile dev 2>&1 \
+  | sed '/^preparing/d'
+
