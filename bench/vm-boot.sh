@@ -145,7 +145,11 @@ dev_pid=""
 # domain configured directly (no attestation, token, TPM or TTP), both to the guest's ready
 # line. It prints the ratio of the medians and TL's own steps as a share of launch-to-ready.
 echo
-CAAS_LOG=warn CAAS_EXE=$bin/caas BENCH_DRIVER=qemu BENCH_IMAGE="$img" BENCH_LAUNCHES="$REPEAT" \
-  BENCH_UNLOCKS=0 cargo bench -q -p caas-host --bench tl --profile dev 2>&1 \
-  | sed '/^preparing/d'
-
+if CAAS_LOG=warn CAAS_EXE="$PWD/$bin/caas" BENCH_DRIVER=qemu BENCH_IMAGE="$img" \
+  BENCH_LAUNCHES="$REPEAT" BENCH_UNLOCKS=0 cargo bench -q -p caas-host --bench tl --profile dev \
+  >"$work/tl-bench.log" 2>&1; then
+  sed -n '/^== TL launch/,$p' "$work/tl-bench.log"
+else
+  tail -40 "$work/tl-bench.log"
+  exit 1
+fi

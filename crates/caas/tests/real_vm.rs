@@ -213,8 +213,8 @@ fn real_vm_boots_encrypted_image_through_crypto_domain_and_signs_over_virtio_ser
         vsm_socket.display()
     );
     assert!(
-        args.windows(2).any(|w| w[0] == "-device"
-            && w[1] == "virtserialport,chardev=vsm0,name=caas.vsm"),
+        args.windows(2)
+            .any(|w| w[0] == "-device" && w[1] == "virtserialport,chardev=vsm0,name=caas.vsm"),
         "{args:?}"
     );
     assert!(args.iter().any(|a| a == "virtio-serial-pci"), "{args:?}");
