@@ -90,6 +90,35 @@ fn demo_runs_every_step_against_a_detached_dev_deployment() {
     );
 }
 
+/// The fast variant: `caas demo --driver process` runs the same story with workload
+/// processes (no VM, no guest image), every step passing, and says the VM was left out.
+#[test]
+fn demo_with_the_process_driver_runs_workload_processes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let out = Command::new(caas_bin())
+        .args(["demo", "--driver", "process", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stop = Command::new(caas_bin())
+        .args(["dev", "stop", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "caas demo --driver process failed");
+    assert!(stdout.contains(" 0 failed"), "{stdout}");
+    assert!(
+        stdout.contains("[--] skip               VM: a real VM (caas demo --driver process"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("qemu driver"), "{stdout}");
+    assert!(stdout.contains("DBSP: stop the workload and relaunch"));
+    assert!(stop.status.success());
+}
+
 /// No silent fallback: without qemu-system-x86_64 in PATH, `caas demo` (real VMs by default)
 /// fails at once, before starting anything, saying what to install and how to run without.
 #[test]
