@@ -469,6 +469,9 @@ async fn detach(dir: &Path, args: &DevArgs) -> Result<()> {
                 dir.display(),
                 dir.display()
             );
+            if args.hosts > 0 {
+                print_vm_support();
+            }
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
