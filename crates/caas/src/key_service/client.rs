@@ -2,8 +2,14 @@
 //! (`caas_attest::client::HttpClient`) with caas's one SigV4 signer
 //! (`caas_kms::client::Signer`, scope service `caas`) plugged in, for a tenant
 //! (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`) or an operator
-//! (`CAAS_OPERATOR_ACCESS_KEY_ID`/`CAAS_OPERATOR_SECRET_ACCESS_KEY`), over HTTPS with the
-//! deployment CA pinned when `CAAS_KMS_CA` names it.
+//! (`CAAS_OPERATOR_ACCESS_KEY_ID`/`CAAS_OPERATOR_SECRET_ACCESS_KEY`).
+//!
+//! A key service served over TLS (`https://` endpoint): `AWS_CA_BUNDLE` names the
+//! deployment CA (PEM) its certificate must chain to, and the certificate must carry the
+//! `key-service` role (so that another endpoint of the deployment, e.g. a host agent,
+//! cannot pose as it); without `AWS_CA_BUNDLE` an `https://` endpoint is refused (no
+//! system roots). An `http://` endpoint (the loopback key service of `caas dev`) is
+//! reached in the clear either way.
 use anyhow::{Context, Result};
 use caas_attest::client::{HttpClient, RequestSigner};
 use caas_crypto::SecretBytes;
@@ -31,19 +37,18 @@ impl RequestSigner for SigV4 {
     }
 }
 
-/// A client signing with these credentials (scope `region`/`caas`). With `CAAS_KMS_CA`
-/// set (the deployment CA, PEM) it speaks HTTPS only, pins that CA and requires the
-/// server's `key-service` role (a production key service); without it, plain HTTP (the
-/// loopback dev key service). Not `AWS_CA_BUNDLE`: that one often names the system's
-/// roots, which must not be trusted for the key service.
-pub fn signed(
-    region: &str,
-    access_key_id: &str,
-    secret: SecretBytes,
-    timeout: Duration,
-) -> Result<HttpClient> {
-    let http = match env(ENV_CA_BUNDLE) {
-        Some(ca) => HttpClient::with_tls(
+/// The environment variable naming the CA bundle of a TLS key service.
+pub const ENV_CA_BUNDLE: &str = "AWS_CA_BUNDLE";
+
+/// The unsigned client of the key service: `https://` pinned to `AWS_CA_BUNDLE` (server
+/// role `key-service` required) when it is set, `http://` in the clear.
+///
+/// # Errors
+/// The CA bundle cannot be read or parsed (named in the message).
+pub fn base(timeout: Duration) -> Result<HttpClient> {
+    match env(ENV_CA_BUNDLE) {
+        None => Ok(HttpClient::new(timeout)),
+        Some(ca) => HttpClient::with_tls_for_https(
             timeout,
             &caas_tls::client::ClientTls {
                 ca: ca.into(),
@@ -51,11 +56,22 @@ pub fn signed(
                 server_role: Some(caas_tls::Role::KeyService),
             },
         )
-        .map_err(|e| anyhow::anyhow!("{ENV_CA_BUNDLE}: {e}"))?,
-        None => HttpClient::new(timeout),
-    };
+        .with_context(|| format!("{ENV_CA_BUNDLE}: the key service's CA")),
+    }
+}
+
+/// A client signing with these credentials (scope `region`/`caas`); TLS as [`base`].
+///
+/// # Errors
+/// As [`base`].
+pub fn signed(
+    region: &str,
+    access_key_id: &str,
+    secret: SecretBytes,
+    timeout: Duration,
+) -> Result<HttpClient> {
     Ok(
-        http.with_signer(Arc::new(SigV4(caas_kms::client::Signer::new(
+        base(timeout)?.with_signer(Arc::new(SigV4(caas_kms::client::Signer::new(
             region,
             caas_kms::operator::SERVICE,
             access_key_id,
@@ -63,9 +79,6 @@ pub fn signed(
         )))),
     )
 }
-
-/// The deployment CA a tenant's or operator's caas tools pin for an HTTPS key service.
-pub const ENV_CA_BUNDLE: &str = "CAAS_KMS_CA";
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())

@@ -74,8 +74,8 @@ impl Roles {
     /// Opens every role: loads (or creates) the TTP keys, the TPM vendor CAs and the
     /// configured profiles. `agents`: the HTTPS client (deployment CA pinned, the key
     /// service's client certificate) the verifier, TTP and scheduler reach host agents with;
-    /// `None` gives a plain client, which agents in TLS mode refuse (configuring it from the
-    /// TOML is not done yet).
+    /// `None` gives a plain client, which agents (TLS only) refuse. `caas key-service serve`
+    /// builds it from the config's `[agents]` section, `caas dev` from its dev PKI.
     pub async fn open(
         kms: Arc<Kms>,
         a: &AttestationParams,
