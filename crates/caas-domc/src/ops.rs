@@ -7,10 +7,10 @@ use crate::error::Ckr;
 use crate::keys::{KeyMaterial, digest_alg};
 use crate::object::Object;
 use aws_lc_rs::cipher::{
-    AES_128, AES_192, AES_256, DecryptionContext, EncryptionContext, PaddedBlockDecryptingKey,
-    PaddedBlockEncryptingKey, UnboundCipherKey,
+    AES_128, AES_192, AES_256, DecryptingKey, DecryptionContext, EncryptingKey, EncryptionContext,
+    PaddedBlockDecryptingKey, PaddedBlockEncryptingKey, UnboundCipherKey,
 };
-use aws_lc_rs::{aead, digest, hmac};
+use aws_lc_rs::{aead, cmac, digest, hmac};
 use caas_vsm_proto::MechParam;
 use cryptoki_sys::*;
 use std::sync::Arc;
@@ -103,6 +103,12 @@ pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
         32,
         CKF_ENCRYPT | CKF_DECRYPT | CKF_WRAP | CKF_UNWRAP,
     ),
+    // Unpadded block modes: the data is a multiple of 16 bytes. Not offered for wrapping
+    // (the wrap formats are the ones `crate::policy` allows).
+    (CKM_AES_ECB, 16, 32, CKF_ENCRYPT | CKF_DECRYPT),
+    (CKM_AES_CBC, 16, 32, CKF_ENCRYPT | CKF_DECRYPT),
+    (CKM_AES_CMAC, 16, 32, CKF_SIGN | CKF_VERIFY),
+    (CKM_AES_CMAC_GENERAL, 16, 32, CKF_SIGN | CKF_VERIFY),
     (CKM_AES_KEY_WRAP, 16, 32, CKF_WRAP | CKF_UNWRAP),
     (CKM_AES_KEY_WRAP_PAD, 16, 32, CKF_WRAP | CKF_UNWRAP),
     (CKM_AES_KEY_WRAP_KWP, 16, 32, CKF_WRAP | CKF_UNWRAP),
@@ -115,6 +121,7 @@ pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
     ),
     (CKM_GENERIC_SECRET_KEY_GEN, 1, 512, CKF_GENERATE),
     (CKM_SHA_1_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA224_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA256_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA384_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA512_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
@@ -182,6 +189,8 @@ pub struct SignOp {
     key: Arc<KeyMaterial>,
     hasher: Option<digest::Context>,
     hmac: Option<(hmac::Context, hmac::Key)>,
+    /// AES-CMAC and the tag length (16, or the CKM_AES_CMAC_GENERAL length).
+    cmac: Option<(cmac::Context, usize)>,
     buf: Zeroizing<Vec<u8>>,
     /// Output length.
     pub out_len: usize,
@@ -208,7 +217,7 @@ fn hash_for(mech: u64) -> Option<&'static digest::Algorithm> {
         CKM_SHA512_RSA_PKCS | CKM_SHA512_RSA_PKCS_PSS | CKM_ECDSA_SHA512 | CKM_SHA512_HMAC => {
             &digest::SHA512
         }
-        CKM_ECDSA_SHA224 => &digest::SHA224,
+        CKM_ECDSA_SHA224 | CKM_SHA224_HMAC => &digest::SHA224,
         CKM_ECDSA_SHA1 | CKM_SHA_1_HMAC => &digest::SHA1_FOR_LEGACY_USE_ONLY,
         _ => return None,
     })
@@ -256,18 +265,24 @@ impl SignOp {
             key: Arc::new(KeyMaterial::Secret(Zeroizing::new(Vec::new()))),
             hasher: None,
             hmac: None,
+            cmac: None,
             buf: Zeroizing::new(Vec::new()),
             out_len: 0,
             multi: false,
         };
         let kind = match mech {
-            CKM_SHA_1_HMAC | CKM_SHA256_HMAC | CKM_SHA384_HMAC | CKM_SHA512_HMAC => {
+            CKM_SHA_1_HMAC | CKM_SHA224_HMAC | CKM_SHA256_HMAC | CKM_SHA384_HMAC
+            | CKM_SHA512_HMAC => {
+                if !matches!(param, MechParam::None {}) {
+                    return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
+                }
                 key_type_must(
                     key,
                     CKO_SECRET_KEY,
                     &[
                         CKK_GENERIC_SECRET,
                         CKK_SHA_1_HMAC,
+                        CKK_SHA224_HMAC,
                         CKK_SHA256_HMAC,
                         CKK_SHA384_HMAC,
                         CKK_SHA512_HMAC,
@@ -275,6 +290,7 @@ impl SignOp {
                 )?;
                 let alg = match mech {
                     CKM_SHA_1_HMAC => hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
+                    CKM_SHA224_HMAC => hmac::HMAC_SHA224,
                     CKM_SHA256_HMAC => hmac::HMAC_SHA256,
                     CKM_SHA384_HMAC => hmac::HMAC_SHA384,
                     _ => hmac::HMAC_SHA512,
@@ -283,6 +299,27 @@ impl SignOp {
                 let k = hmac::Key::new(alg, m.secret()?);
                 op.out_len = hash.map_or(32, digest::Algorithm::output_len);
                 op.hmac = Some((hmac::Context::with_key(&k), k));
+                None
+            }
+            CKM_AES_CMAC | CKM_AES_CMAC_GENERAL => {
+                let tag_len = match (mech, param) {
+                    (CKM_AES_CMAC, MechParam::None {}) => 16,
+                    (CKM_AES_CMAC_GENERAL, MechParam::MacLen { len }) if (1..=16).contains(len) => {
+                        usize::try_from(*len).map_err(|_| Ckr(CKR_MECHANISM_PARAM_INVALID))?
+                    }
+                    _ => return Err(Ckr(CKR_MECHANISM_PARAM_INVALID)),
+                };
+                key_type_must(key, CKO_SECRET_KEY, &[CKK_AES])?;
+                let m = key.material()?;
+                let alg = match m.secret()?.len() {
+                    16 => cmac::AES_128,
+                    24 => cmac::AES_192,
+                    32 => cmac::AES_256,
+                    _ => return Err(Ckr(CKR_KEY_SIZE_RANGE)),
+                };
+                let k = cmac::Key::new(alg, m.secret()?).map_err(|_| Ckr(CKR_KEY_SIZE_RANGE))?;
+                op.out_len = tag_len;
+                op.cmac = Some((cmac::Context::with_key(&k), tag_len));
                 None
             }
             CKM_RSA_PKCS => Some(SignKind::RsaPkcsRaw),
@@ -351,6 +388,8 @@ impl SignOp {
     pub fn update(&mut self, data: &[u8]) -> Result<(), Ckr> {
         if let Some((ctx, _)) = &mut self.hmac {
             ctx.update(data);
+        } else if let Some((ctx, _)) = &mut self.cmac {
+            ctx.update(data).map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
         } else if let Some(h) = &mut self.hasher {
             h.update(data);
         } else {
@@ -377,6 +416,10 @@ impl SignOp {
     pub fn sign(&mut self) -> Result<Vec<u8>, Ckr> {
         if let Some((ctx, _)) = self.hmac.take() {
             return Ok(ctx.sign().as_ref().to_vec());
+        }
+        if let Some((ctx, len)) = self.cmac.take() {
+            let tag = ctx.sign().map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+            return Ok(tag.as_ref().get(..len).unwrap_or_default().to_vec());
         }
         let kind = self.kind.ok_or(Ckr(CKR_OPERATION_NOT_INITIALIZED))?;
         let input = self.digest_value();
@@ -409,6 +452,18 @@ impl SignOp {
                 Err(Ckr(CKR_SIGNATURE_INVALID))
             };
         }
+        if let Some((ctx, len)) = self.cmac.take() {
+            if sig.len() != len {
+                return Err(Ckr(CKR_SIGNATURE_LEN_RANGE));
+            }
+            let tag = ctx.sign().map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+            let tag = tag.as_ref().get(..len).ok_or(Ckr(CKR_FUNCTION_FAILED))?;
+            return if aws_lc_rs::constant_time::verify_slices_are_equal(tag, sig).is_ok() {
+                Ok(())
+            } else {
+                Err(Ckr(CKR_SIGNATURE_INVALID))
+            };
+        }
         let kind = self.kind.ok_or(Ckr(CKR_OPERATION_NOT_INITIALIZED))?;
         let input = self.digest_value();
         match kind {
@@ -436,6 +491,11 @@ enum CipherKind {
     CbcPad {
         key: Zeroizing<Vec<u8>>,
         iv: [u8; 16],
+    },
+    /// CKM_AES_ECB (no IV) or CKM_AES_CBC (with IV), no padding.
+    Block {
+        key: Zeroizing<Vec<u8>>,
+        iv: Option<[u8; 16]>,
     },
     RsaOaep {
         hash: u64,
@@ -532,6 +592,23 @@ impl CipherOp {
                     iv,
                 }
             }
+            CKM_AES_ECB | CKM_AES_CBC => {
+                key_type_must(key, CKO_SECRET_KEY, &[CKK_AES])?;
+                let iv = match (mech, param) {
+                    (CKM_AES_ECB, MechParam::None {}) => None,
+                    (CKM_AES_CBC, MechParam::Bytes { data }) => Some(
+                        <[u8; 16]>::try_from(data.0.as_slice())
+                            .map_err(|_| Ckr(CKR_MECHANISM_PARAM_INVALID))?,
+                    ),
+                    _ => return Err(Ckr(CKR_MECHANISM_PARAM_INVALID)),
+                };
+                let m = key.material()?;
+                aes_alg(m.secret()?.len())?;
+                CipherKind::Block {
+                    key: Zeroizing::new(m.secret()?.to_vec()),
+                    iv,
+                }
+            }
             CKM_RSA_PKCS_OAEP => {
                 let MechParam::Oaep {
                     hash,
@@ -585,7 +662,8 @@ impl CipherOp {
             (CipherKind::Gcm { .. }, true) => total + 16,
             (CipherKind::Gcm { .. }, false) => total.saturating_sub(16),
             (CipherKind::CbcPad { .. }, true) => (total / 16 + 1) * 16,
-            (CipherKind::CbcPad { .. }, false) => total,
+            (CipherKind::CbcPad { .. } | CipherKind::Block { .. }, false)
+            | (CipherKind::Block { .. }, true) => total,
             _ => self.key.signature_len(),
         }
     }
@@ -658,6 +736,45 @@ impl CipherOp {
                     .map_err(|_| bad_input)?
                     .len();
                 out.truncate(n);
+                Ok(out)
+            }
+            (CipherKind::Block { key, iv }, encrypt) => {
+                if !input.len().is_multiple_of(16) {
+                    return Err(Ckr(if encrypt {
+                        CKR_DATA_LEN_RANGE
+                    } else {
+                        CKR_ENCRYPTED_DATA_LEN_RANGE
+                    }));
+                }
+                let mut out = Zeroizing::new(input.to_vec());
+                if out.is_empty() {
+                    return Ok(out);
+                }
+                let k = UnboundCipherKey::new(aes_alg(key.len())?, key)
+                    .map_err(|_| Ckr(CKR_KEY_SIZE_RANGE))?;
+                if encrypt {
+                    let (k, ctx) = match iv {
+                        Some(iv) => (
+                            EncryptingKey::cbc(k),
+                            EncryptionContext::Iv128((*iv).into()),
+                        ),
+                        None => (EncryptingKey::ecb(k), EncryptionContext::None),
+                    };
+                    k.map_err(|_| Ckr(CKR_FUNCTION_FAILED))?
+                        .less_safe_encrypt(&mut out, ctx)
+                        .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+                } else {
+                    let (k, ctx) = match iv {
+                        Some(iv) => (
+                            DecryptingKey::cbc(k),
+                            DecryptionContext::Iv128((*iv).into()),
+                        ),
+                        None => (DecryptingKey::ecb(k), DecryptionContext::None),
+                    };
+                    k.map_err(|_| Ckr(CKR_FUNCTION_FAILED))?
+                        .decrypt(&mut out, ctx)
+                        .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+                }
                 Ok(out)
             }
             (CipherKind::RsaOaep { hash, label }, true) => Ok(Zeroizing::new(

@@ -165,7 +165,14 @@ impl Token {
         }
         let mut objs = token.write_objects();
         for o in image.objects {
-            let attrs: Attrs = o.attrs.into_iter().map(|a| (a.ty, a.value.0)).collect();
+            let mut attrs: Attrs = o.attrs.into_iter().map(|a| (a.ty, a.value.0)).collect();
+            if !attrs.contains_key(&CKA_UNIQUE_ID) {
+                // A state written before CKA_UNIQUE_ID existed; kept from the next persist.
+                attrs.insert(
+                    CKA_UNIQUE_ID,
+                    crate::object::new_unique_id().map_err(Error::Token)?,
+                );
+            }
             let h = handles.fetch_add(1, Ordering::Relaxed);
             let secret = o.secret.map(|s| s.0);
             objs.insert(h, Arc::new(Object::new(h, None, attrs, secret, o.uses)));
