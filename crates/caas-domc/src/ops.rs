@@ -2,6 +2,35 @@
 //! mechanism table the token advertises. Each `*_init` checks the mechanism against the key's
 //! class, type and usage flags; `finish` produces the output. Multi-part symmetric
 //! encryption buffers its input and produces the output at C_*Final.
+//!
+//! What is served ([`MECHANISMS`] is the one source of `C_GetMechanismList` and
+//! `C_GetMechanismInfo`; key sizes in bits for RSA/EC/EdDSA, bytes otherwise). Every
+//! mechanism goes through the same key checks (usage flag, `CKA_ALLOWED_MECHANISMS`),
+//! usage limits and audit (`Domain::use_key`); all of them work single- and multi-part.
+//!
+//! | mechanism | key sizes | flags |
+//! |---|---|---|
+//! | RSA_PKCS_KEY_PAIR_GEN | 2048–4096 | generate key pair |
+//! | RSA_PKCS | 2048–4096 | sign, verify, encrypt, decrypt, wrap, unwrap |
+//! | RSA_X_509 | 2048–4096 | sign, verify (no raw encryption) |
+//! | SHA{256,384,512}_RSA_PKCS, RSA_PKCS_PSS, SHA{256,384,512}_RSA_PKCS_PSS | 2048–4096 | sign, verify |
+//! | RSA_PKCS_OAEP | 2048–4096 | encrypt, decrypt, wrap, unwrap |
+//! | EC_KEY_PAIR_GEN (P-256, P-384) | 256–384 | generate key pair, EC F_P, named curve, uncompressed |
+//! | ECDSA, ECDSA_SHA{1,224,256,384,512} | 256–384 | sign, verify (+ EC flags) |
+//! | ECDH1_DERIVE | 256–384 | derive (+ EC flags) |
+//! | EC_EDWARDS_KEY_PAIR_GEN, EDDSA (Ed25519) | 255 | generate key pair / sign, verify |
+//! | AES_KEY_GEN | 16–32 | generate |
+//! | AES_GCM (12-byte IV, 128-bit tag), AES_CBC_PAD | 16–32 | encrypt, decrypt, wrap, unwrap |
+//! | AES_ECB, AES_CBC (no padding: data a multiple of 16 bytes, else CKR_DATA_LEN_RANGE / CKR_ENCRYPTED_DATA_LEN_RANGE) | 16–32 | encrypt, decrypt (not wrap: SoftHSM2 offers it, the wrap policy here does not) |
+//! | AES_CMAC, AES_CMAC_GENERAL (tag 1–16 bytes) | 16–32 | sign, verify |
+//! | AES_KEY_WRAP, AES_KEY_WRAP_PAD, AES_KEY_WRAP_KWP, CAAS_AES_KEY_WRAP_ATTRS | 16–32 | wrap, unwrap |
+//! | GENERIC_SECRET_KEY_GEN | 1–512 | generate |
+//! | SHA_1_HMAC, SHA224_HMAC, SHA256_HMAC, SHA384_HMAC, SHA512_HMAC | 1–512 | sign, verify |
+//! | SHA_1, SHA224, SHA256, SHA384, SHA512 | – | digest |
+//!
+//! With `--allow-legacy-rsa-1024` the RSA minimum is 1024 (`Domain`'s mechanism info).
+//! Not served (yet): the `*_HMAC_GENERAL` forms, AES-CTR, `AES_CBC_ENCRYPT_DATA`, Ed448,
+//! EdDSA with `CK_EDDSA_PARAMS` (ph/context), ML-DSA/ML-KEM.
 
 use crate::error::Ckr;
 use crate::keys::{KeyMaterial, digest_alg};
