@@ -164,20 +164,22 @@ impl Token {
             st.user_failures = image.user_failures;
         }
         let mut objs = token.write_objects();
+        let mut migrated = false;
         for o in image.objects {
             let mut attrs: Attrs = o.attrs.into_iter().map(|a| (a.ty, a.value.0)).collect();
-            if !attrs.contains_key(&CKA_UNIQUE_ID) {
-                // A state written before CKA_UNIQUE_ID existed; kept from the next persist.
-                attrs.insert(
-                    CKA_UNIQUE_ID,
-                    crate::object::new_unique_id().map_err(Error::Token)?,
-                );
+            if let std::collections::btree_map::Entry::Vacant(e) = attrs.entry(CKA_UNIQUE_ID) {
+                // A state written before CKA_UNIQUE_ID existed: assigned once, persisted below.
+                e.insert(crate::object::new_unique_id().map_err(Error::Token)?);
+                migrated = true;
             }
             let h = handles.fetch_add(1, Ordering::Relaxed);
             let secret = o.secret.map(|s| s.0);
             objs.insert(h, Arc::new(Object::new(h, None, attrs, secret, o.uses)));
         }
         drop(objs);
+        if migrated {
+            token.persist().map_err(Error::Token)?;
+        }
         Ok(token)
     }
 
