@@ -23,7 +23,7 @@
 //! | AES_GCM (12-byte IV, 128-bit tag), AES_CBC_PAD | 16–32 | encrypt, decrypt, wrap, unwrap |
 //! | AES_ECB, AES_CBC (no padding: data a multiple of 16 bytes, else CKR_DATA_LEN_RANGE / CKR_ENCRYPTED_DATA_LEN_RANGE) | 16–32 | encrypt, decrypt (not wrap: SoftHSM2 offers it, the wrap policy here does not) |
 //! | AES_CMAC, AES_CMAC_GENERAL (tag 1–16 bytes) | 16–32 | sign, verify |
-//! | AES_KEY_WRAP, AES_KEY_WRAP_PAD, AES_KEY_WRAP_KWP, CAAS_AES_KEY_WRAP_ATTRS | 16–32 | wrap, unwrap |
+//! | AES_KEY_WRAP, AES_KEY_WRAP_PAD, AES_KEY_WRAP_KWP (16 or 32: aws-lc-rs has no 192-bit KW; a 24-byte KEK gets CKR_KEY_SIZE_RANGE), CAAS_AES_KEY_WRAP_ATTRS (16–32) | 16–32 | wrap, unwrap |
 //! | GENERIC_SECRET_KEY_GEN | 1–512 | generate |
 //! | SHA_1_HMAC, SHA224_HMAC, SHA256_HMAC, SHA384_HMAC, SHA512_HMAC | 1–512 | sign, verify |
 //! | SHA_1, SHA224, SHA256, SHA384, SHA512 | – | digest |
@@ -593,6 +593,7 @@ impl CipherOp {
                 let m = key.material()?;
                 let alg = match m.secret()?.len() {
                     16 => &aead::AES_128_GCM,
+                    24 => &aead::AES_192_GCM,
                     32 => &aead::AES_256_GCM,
                     _ => return Err(Ckr(CKR_KEY_SIZE_RANGE)),
                 };

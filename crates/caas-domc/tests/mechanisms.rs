@@ -11,6 +11,7 @@ use anyhow::{Context as _, Result, ensure};
 use common::*;
 use cryptoki::context::{CInitializeArgs, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::vendor_defined::VendorDefinedMechanism;
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
@@ -218,6 +219,27 @@ fn aes_ecb_and_cbc_known_answers_single_and_multi_part() -> Result<()> {
     ensure!(
         hex::encode(ct) == "f3eed1bdb5d2a03c064b5a7e3db181f8",
         "ECB-AES256"
+    );
+    // AES-192: ECB (SP 800-38A F.1.3) and GCM (McGrew-Viega test case 9), so the advertised
+    // 16–32 byte range holds for both.
+    let k192 = aes_import(
+        &s,
+        &h("8e73b0f7da0e6452c810f32b809079e562f8ead2522c6b7b")?,
+        &[],
+    )?;
+    let ct = s.encrypt(&Mechanism::AesEcb, k192, &pt[..16])?;
+    ensure!(
+        hex::encode(ct) == "bd334f1d6e45f25ff712a214571fa5cc",
+        "ECB-AES192"
+    );
+    let zero192 = aes_import(&s, &[0u8; 24], &[])?;
+    let mut iv12 = [0u8; 12];
+    let gcm = Mechanism::AesGcm(GcmParams::new(&mut iv12, &[], 128.into())?);
+    let ct = s.encrypt(&gcm, zero192, &[0u8; 16])?;
+    ensure!(
+        hex::encode(&ct) == "98e7247c07f0fe411c267e4384b0f6002ff58d80033927ab8ef4d4587514f0fb",
+        "GCM-AES192: {}",
+        hex::encode(&ct)
     );
     drop(dom);
     Ok(())
