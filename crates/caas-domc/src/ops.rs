@@ -21,6 +21,7 @@
 //! | EC_EDWARDS_KEY_PAIR_GEN, EDDSA (Ed25519) | 255 | generate key pair / sign, verify |
 //! | AES_KEY_GEN | 16–32 | generate |
 //! | AES_GCM (12-byte IV, 128-bit tag), AES_CBC_PAD | 16–32 | encrypt, decrypt, wrap, unwrap |
+//! | AES_CTR (`CK_AES_CTR_PARAMS`, counter 1–128 bits; data that would wrap the counter is CKR_DATA_LEN_RANGE) | 16–32 | encrypt, decrypt |
 //! | AES_ECB, AES_CBC (no padding: data a multiple of 16 bytes, else CKR_DATA_LEN_RANGE / CKR_ENCRYPTED_DATA_LEN_RANGE) | 16–32 | encrypt, decrypt (not wrap: SoftHSM2 offers it, the wrap policy here does not) |
 //! | AES_CMAC, AES_CMAC_GENERAL (tag 1–16 bytes) | 16–32 | sign, verify |
 //! | AES_KEY_WRAP, AES_KEY_WRAP_PAD, AES_KEY_WRAP_KWP (16 or 32: aws-lc-rs has no 192-bit KW; a 24-byte KEK gets CKR_KEY_SIZE_RANGE), CAAS_AES_KEY_WRAP_ATTRS (16–32) | 16–32 | wrap, unwrap |
@@ -29,7 +30,7 @@
 //! | SHA_1, SHA224, SHA256, SHA384, SHA512 | – | digest |
 //!
 //! With `--allow-legacy-rsa-1024` the RSA minimum is 1024 (`Domain`'s mechanism info).
-//! Not served (yet): the `*_HMAC_GENERAL` forms, AES-CTR, `AES_CBC_ENCRYPT_DATA`, Ed448,
+//! Not served (yet): the `*_HMAC_GENERAL` forms, `AES_CBC_ENCRYPT_DATA`, Ed448,
 //! EdDSA with `CK_EDDSA_PARAMS` (ph/context), ML-DSA/ML-KEM.
 
 use crate::error::Ckr;
@@ -136,6 +137,7 @@ pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
     // (the wrap formats are the ones `crate::policy` allows).
     (CKM_AES_ECB, 16, 32, CKF_ENCRYPT | CKF_DECRYPT),
     (CKM_AES_CBC, 16, 32, CKF_ENCRYPT | CKF_DECRYPT),
+    (CKM_AES_CTR, 16, 32, CKF_ENCRYPT | CKF_DECRYPT),
     (CKM_AES_CMAC, 16, 32, CKF_SIGN | CKF_VERIFY),
     (CKM_AES_CMAC_GENERAL, 16, 32, CKF_SIGN | CKF_VERIFY),
     (CKM_AES_KEY_WRAP, 16, 32, CKF_WRAP | CKF_UNWRAP),
@@ -526,6 +528,13 @@ enum CipherKind {
         key: Zeroizing<Vec<u8>>,
         iv: Option<[u8; 16]>,
     },
+    /// CKM_AES_CTR: the initial counter block and how many blocks the counter (its low
+    /// `counter_bits` bits) can still count before it would wrap.
+    Ctr {
+        key: Zeroizing<Vec<u8>>,
+        cb: [u8; 16],
+        blocks_left: u128,
+    },
     RsaOaep {
         hash: u64,
         label: Vec<u8>,
@@ -639,6 +648,24 @@ impl CipherOp {
                     iv,
                 }
             }
+            CKM_AES_CTR => {
+                key_type_must(key, CKO_SECRET_KEY, &[CKK_AES])?;
+                let MechParam::Ctr { counter_bits, cb } = param else {
+                    return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
+                };
+                let cb: [u8; 16] =
+                    cb.0.as_slice()
+                        .try_into()
+                        .map_err(|_| Ckr(CKR_MECHANISM_PARAM_INVALID))?;
+                let blocks_left = ctr_blocks_left(*counter_bits, &cb)?;
+                let m = key.material()?;
+                aes_alg(m.secret()?.len())?;
+                CipherKind::Ctr {
+                    key: Zeroizing::new(m.secret()?.to_vec()),
+                    cb,
+                    blocks_left,
+                }
+            }
             CKM_RSA_PKCS_OAEP => {
                 let MechParam::Oaep {
                     hash,
@@ -693,7 +720,8 @@ impl CipherOp {
             (CipherKind::Gcm { .. }, false) => total.saturating_sub(16),
             (CipherKind::CbcPad { .. }, true) => (total / 16 + 1) * 16,
             (CipherKind::CbcPad { .. } | CipherKind::Block { .. }, false)
-            | (CipherKind::Block { .. }, true) => total,
+            | (CipherKind::Block { .. } | CipherKind::Ctr { .. }, true)
+            | (CipherKind::Ctr { .. }, false) => total,
             _ => self.key.signature_len(),
         }
     }
@@ -770,11 +798,7 @@ impl CipherOp {
             }
             (CipherKind::Block { key, iv }, encrypt) => {
                 if !input.len().is_multiple_of(16) {
-                    return Err(Ckr(if encrypt {
-                        CKR_DATA_LEN_RANGE
-                    } else {
-                        CKR_ENCRYPTED_DATA_LEN_RANGE
-                    }));
+                    return Err(bad_len(encrypt));
                 }
                 let mut out = Zeroizing::new(input.to_vec());
                 if out.is_empty() {
@@ -807,6 +831,32 @@ impl CipherOp {
                 }
                 Ok(out)
             }
+            (
+                CipherKind::Ctr {
+                    key,
+                    cb,
+                    blocks_left,
+                },
+                _,
+            ) => {
+                // The counter must not wrap inside its `counter_bits` (PKCS#11 §2.10.4);
+                // aws-lc counts over all 128 bits, which is the same as long as it does not.
+                let blocks = input.len().div_ceil(16) as u128;
+                if blocks > *blocks_left {
+                    return Err(bad_len(self.encrypt));
+                }
+                let mut out = Zeroizing::new(input.to_vec());
+                if out.is_empty() {
+                    return Ok(out);
+                }
+                let k = UnboundCipherKey::new(aes_alg(key.len())?, key)
+                    .map_err(|_| Ckr(CKR_KEY_SIZE_RANGE))?;
+                EncryptingKey::ctr(k)
+                    .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?
+                    .less_safe_encrypt(&mut out, EncryptionContext::Iv128((*cb).into()))
+                    .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+                Ok(out)
+            }
             (CipherKind::RsaOaep { hash, label }, true) => Ok(Zeroizing::new(
                 self.key.rsa_oaep_encrypt(*hash, label, &input)?,
             )),
@@ -817,6 +867,30 @@ impl CipherOp {
             (CipherKind::RsaPkcs, false) => self.key.rsa_pkcs1_decrypt(&input),
         }
     }
+}
+
+/// The length error of an encryption (CKR_DATA_LEN_RANGE) or decryption
+/// (CKR_ENCRYPTED_DATA_LEN_RANGE).
+fn bad_len(encrypt: bool) -> Ckr {
+    Ckr(if encrypt {
+        CKR_DATA_LEN_RANGE
+    } else {
+        CKR_ENCRYPTED_DATA_LEN_RANGE
+    })
+}
+
+/// How many 16-byte blocks a CTR counter of `bits` bits (the low bits of `cb`) counts
+/// before it wraps, the current block included.
+fn ctr_blocks_left(bits: u64, cb: &[u8; 16]) -> Result<u128, Ckr> {
+    if !(1..=128).contains(&bits) {
+        return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
+    }
+    let v = u128::from_be_bytes(*cb);
+    if bits == 128 {
+        return Ok((u128::MAX - v).saturating_add(1));
+    }
+    let mask = (1u128 << bits) - 1;
+    Ok(mask - (v & mask) + 1)
 }
 
 /// AES key wrap (RFC 3394) or key wrap with padding (RFC 5649) of `data` under `kek`.
@@ -927,6 +1001,24 @@ mod tests {
             aes_kw(CKM_AES_KEY_WRAP, &kek, &w, false).err(),
             Some(Ckr(CKR_WRAPPED_KEY_INVALID))
         );
+        Ok(())
+    }
+
+    #[test]
+    fn ctr_counter_space() -> Result<(), Ckr> {
+        let mut cb = [0u8; 16];
+        assert_eq!(ctr_blocks_left(8, &cb)?, 256);
+        cb[15] = 0xff;
+        assert_eq!(ctr_blocks_left(8, &cb)?, 1);
+        assert_eq!(ctr_blocks_left(16, &cb)?, 256 * 256 - 255);
+        assert_eq!(ctr_blocks_left(128, &[0u8; 16])?, u128::MAX);
+        assert_eq!(ctr_blocks_left(128, &[0xff; 16])?, 1);
+        for bad in [0, 129] {
+            assert_eq!(
+                ctr_blocks_left(bad, &cb).err(),
+                Some(Ckr(CKR_MECHANISM_PARAM_INVALID))
+            );
+        }
         Ok(())
     }
 

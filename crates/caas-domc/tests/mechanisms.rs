@@ -1,7 +1,8 @@
 //! Mechanism and function parity with SoftHSM2 2.7 for what a porting application hits
 //! first (issue 17), through the real module and the `cryptoki` crate: `C_SeedRandom`,
-//! `C_WaitForSlotEvent`, AES-ECB/AES-CBC without padding (single and multi-part), AES-CMAC
-//! (CMAC_GENERAL, which `cryptoki` cannot express, is checked in `capi.c`), HMAC-SHA224, `CKA_UNIQUE_ID`, and truthful mechanism info. Every
+//! `C_WaitForSlotEvent`, AES-ECB/AES-CBC without padding and AES-CTR (single and
+//! multi-part), AES-CMAC (CMAC_GENERAL, which `cryptoki` cannot express, is checked in
+//! `capi.c`), HMAC-SHA224, `CKA_UNIQUE_ID`, and truthful mechanism info. Every
 //! cipher and MAC has a known answer from its standard (SP 800-38A, SP 800-38B/RFC 4493,
 //! RFC 4231), and the key policy (allowed mechanisms, usage limits, audit) holds for them.
 
@@ -84,6 +85,11 @@ fn mac_key(s: &Session, value: &[u8], extra: &[Attribute]) -> Result<ObjectHandl
     ];
     t.extend_from_slice(extra);
     Ok(s.create_object(&t)?)
+}
+
+/// CKM_AES_CTR with its parameters.
+fn ctr(p: &cryptoki_sys::CK_AES_CTR_PARAMS) -> Mechanism<'_> {
+    Mechanism::VendorDefined(VendorDefinedMechanism::new(MechanismType::AES_CTR, Some(p)))
 }
 
 /// Fails unless the audit log verifies and has an `op` record for `mech` with result `rv`.
@@ -220,6 +226,42 @@ fn aes_ecb_and_cbc_known_answers_single_and_multi_part() -> Result<()> {
         hex::encode(ct) == "f3eed1bdb5d2a03c064b5a7e3db181f8",
         "ECB-AES256"
     );
+    // AES-CTR (SP 800-38A F.5.1), through CK_AES_CTR_PARAMS (no `cryptoki` variant).
+    let ctr_params = |bits: u64| cryptoki_sys::CK_AES_CTR_PARAMS {
+        ulCounterBits: bits,
+        cb: [
+            0xf0, 0xf1, 0xf2, 0xf3, 0xf4, 0xf5, 0xf6, 0xf7, 0xf8, 0xf9, 0xfa, 0xfb, 0xfc, 0xfd,
+            0xfe, 0xff,
+        ],
+    };
+    let (p128, p8) = (&ctr_params(128), &ctr_params(8));
+    let ct = s.encrypt(&ctr(p128), k, &pt)?;
+    ensure!(
+        hex::encode(&ct) == "874d6191b620e3261bef6864990db6ce9806f66b7970fdff8617187bb9fffdff",
+        "CTR-AES128: {}",
+        hex::encode(&ct)
+    );
+    ensure!(s.decrypt(&ctr(p128), k, &ct)? == pt, "CTR decrypt");
+    // A stream mode: any length, multi-part too.
+    ensure!(
+        s.encrypt(&ctr(p128), k, &pt[..20])? == ct[..20],
+        "CTR 20 bytes"
+    );
+    s.encrypt_init(&ctr(p128), k)?;
+    let mut multi = s.encrypt_update(&pt[..7])?;
+    multi.extend(s.encrypt_update(&pt[7..])?);
+    multi.extend(s.encrypt_final()?);
+    ensure!(multi == ct, "CTR multi-part");
+    // An 8-bit counter at 0xff has one block left: a second would wrap it (keystream reuse).
+    ensure!(
+        s.encrypt(&ctr(p8), k, &pt[..16])? == ct[..16],
+        "CTR 8-bit, one block"
+    );
+    expect_rv(
+        s.encrypt(&ctr(p8), k, &pt),
+        RvError::DataLenRange,
+        "CTR counter wrap",
+    )?;
     // AES-192: ECB (SP 800-38A F.1.3) and GCM (McGrew-Viega test case 9), so the advertised
     // 16–32 byte range holds for both.
     let k192 = aes_import(
@@ -540,6 +582,7 @@ fn mechanism_info_is_truthful() -> Result<()> {
     for m in [
         MechanismType::AES_ECB,
         MechanismType::AES_CBC,
+        MechanismType::AES_CTR,
         MechanismType::AES_CMAC,
         MechanismType::SHA224_HMAC,
     ] {

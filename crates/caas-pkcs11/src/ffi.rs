@@ -255,6 +255,15 @@ unsafe fn mechanism(p: *const CK_MECHANISM) -> Result<Mechanism, Rv> {
                 public_data: Blob::from(pd),
             }
         }
+        CKM_AES_CTR => {
+            param(std::mem::size_of::<CK_AES_CTR_PARAMS>())?;
+            // SAFETY: size checked; the caller passes a CK_AES_CTR_PARAMS.
+            let c = unsafe { (pp as *const CK_AES_CTR_PARAMS).read_unaligned() };
+            MechParam::Ctr {
+                counter_bits: u64::from(c.ulCounterBits),
+                cb: Blob(c.cb.to_vec()),
+            }
+        }
         CKM_AES_CMAC_GENERAL => {
             param(std::mem::size_of::<CK_MAC_GENERAL_PARAMS>())?;
             // SAFETY: size checked; the caller passes a CK_MAC_GENERAL_PARAMS (a CK_ULONG).

@@ -43,6 +43,8 @@ wire_enum! {
         Ecdh = 5 { kdf: u64, shared_data: Blob, public_data: Blob },
         /// CK_MAC_GENERAL_PARAMS (the output length of a `*_GENERAL` MAC mechanism).
         MacLen = 6 { len: u64 },
+        /// CK_AES_CTR_PARAMS: counter width in bits and the initial counter block.
+        Ctr = 7 { counter_bits: u64, cb: Blob },
     }
 }
 
