@@ -1004,6 +1004,98 @@ mod tests {
         Ok(())
     }
 
+    /// A secret key of `len` bytes allowed for `usage`.
+    fn secret_key(key_type: u64, len: u64, usage: u64) -> Result<Object, Ckr> {
+        use caas_vsm_proto::{Attr, Blob, attr};
+        let tmpl = [Attr {
+            ty: usage,
+            value: Blob(attr::boolean(true)),
+        }];
+        let (a, s) = crate::object::build(
+            &tmpl,
+            CKO_SECRET_KEY,
+            Some(key_type),
+            crate::object::Origin::Generated(CKM_GENERIC_SECRET_KEY_GEN),
+            &[(CKA_VALUE_LEN, attr::ulong(len))],
+            Some(Zeroizing::new(vec![7u8; usize::try_from(len).unwrap_or(0)])),
+            crate::policy::Role::User,
+        )?;
+        Ok(Object::new(1, None, a, s, 0))
+    }
+
+    /// C_GetMechanismInfo does not lie for the secret-key mechanisms: each advertised
+    /// encrypt/decrypt/sign/verify flag works with a key at each end of the advertised size
+    /// range (and AES-192 in between). Wrapping is covered by the policy tests (AES-KW has
+    /// no 192-bit form, see the table above).
+    #[test]
+    fn every_advertised_secret_key_mechanism_works_across_its_key_range() -> Result<(), Ckr> {
+        use caas_vsm_proto::Blob;
+        let mut checked = 0;
+        for &(mech, min, max, flags) in MECHANISMS {
+            let (key_type, param) = match mech {
+                CKM_AES_GCM => (
+                    CKK_AES,
+                    MechParam::Gcm {
+                        iv: Blob(vec![0; 12]),
+                        aad: Blob(Vec::new()),
+                        tag_bits: 128,
+                    },
+                ),
+                CKM_AES_CBC_PAD | CKM_AES_CBC => (
+                    CKK_AES,
+                    MechParam::Bytes {
+                        data: Blob(vec![0; 16]),
+                    },
+                ),
+                CKM_AES_CTR => (
+                    CKK_AES,
+                    MechParam::Ctr {
+                        counter_bits: 128,
+                        cb: Blob(vec![0; 16]),
+                    },
+                ),
+                CKM_AES_ECB | CKM_AES_CMAC => (CKK_AES, MechParam::None {}),
+                CKM_AES_CMAC_GENERAL => (CKK_AES, MechParam::MacLen { len: 8 }),
+                CKM_SHA_1_HMAC | CKM_SHA224_HMAC | CKM_SHA256_HMAC | CKM_SHA384_HMAC
+                | CKM_SHA512_HMAC => (CKK_GENERIC_SECRET, MechParam::None {}),
+                _ => continue,
+            };
+            let sizes: Vec<u64> = if key_type == CKK_AES {
+                [16, 24, 32]
+                    .into_iter()
+                    .filter(|s| (min..=max).contains(s))
+                    .collect()
+            } else {
+                vec![min, max]
+            };
+            for size in sizes {
+                for (flag, usage, first) in [
+                    (CKF_ENCRYPT, CKA_ENCRYPT, true),
+                    (CKF_DECRYPT, CKA_DECRYPT, false),
+                    (CKF_SIGN, CKA_SIGN, true),
+                    (CKF_VERIFY, CKA_VERIFY, false),
+                ] {
+                    if flags & flag == 0 {
+                        continue;
+                    }
+                    let key = secret_key(key_type, size, usage)?;
+                    let r = if usage == CKA_SIGN || usage == CKA_VERIFY {
+                        SignOp::init(mech, &param, &key, first).map(|_| ())
+                    } else {
+                        CipherOp::init(mech, &param, &key, first, usage).map(|_| ())
+                    };
+                    assert!(
+                        r.is_ok(),
+                        "{mech:#x} flag {flag:#x} key {size} bytes: {r:?}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 40, "only {checked} combinations checked");
+        Ok(())
+    }
+
     #[test]
     fn ctr_counter_space() -> Result<(), Ckr> {
         let mut cb = [0u8; 16];
