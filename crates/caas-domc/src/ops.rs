@@ -26,11 +26,11 @@
 //! | AES_CMAC, AES_CMAC_GENERAL (tag 1–16 bytes) | 16–32 | sign, verify |
 //! | AES_KEY_WRAP, AES_KEY_WRAP_PAD, AES_KEY_WRAP_KWP (16 or 32: aws-lc-rs has no 192-bit KW; a 24-byte KEK gets CKR_KEY_SIZE_RANGE), CAAS_AES_KEY_WRAP_ATTRS (16–32) | 16–32 | wrap, unwrap |
 //! | GENERIC_SECRET_KEY_GEN | 1–512 | generate |
-//! | SHA_1_HMAC, SHA224_HMAC, SHA256_HMAC, SHA384_HMAC, SHA512_HMAC | 1–512 | sign, verify |
+//! | SHA_1_HMAC, SHA224_HMAC, SHA256_HMAC, SHA384_HMAC, SHA512_HMAC and their `*_GENERAL` forms (output 1 to the hash's length) | 1–512 | sign, verify |
 //! | SHA_1, SHA224, SHA256, SHA384, SHA512 | – | digest |
 //!
 //! With `--allow-legacy-rsa-1024` the RSA minimum is 1024 (`Domain`'s mechanism info).
-//! Not served (yet): the `*_HMAC_GENERAL` forms, `AES_CBC_ENCRYPT_DATA`, Ed448,
+//! Not served (yet): `AES_CBC_ENCRYPT_DATA`, Ed448,
 //! EdDSA with `CK_EDDSA_PARAMS` (ph/context), ML-DSA/ML-KEM.
 
 use crate::error::Ckr;
@@ -152,6 +152,11 @@ pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
     ),
     (CKM_GENERIC_SECRET_KEY_GEN, 1, 512, CKF_GENERATE),
     (CKM_SHA_1_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA_1_HMAC_GENERAL, 1, 512, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA224_HMAC_GENERAL, 1, 512, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA256_HMAC_GENERAL, 1, 512, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA384_HMAC_GENERAL, 1, 512, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA512_HMAC_GENERAL, 1, 512, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA224_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA256_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA384_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
@@ -254,6 +259,17 @@ fn hash_for(mech: u64) -> Option<&'static digest::Algorithm> {
     })
 }
 
+fn is_general_hmac(mech: u64) -> bool {
+    matches!(
+        mech,
+        CKM_SHA_1_HMAC_GENERAL
+            | CKM_SHA224_HMAC_GENERAL
+            | CKM_SHA256_HMAC_GENERAL
+            | CKM_SHA384_HMAC_GENERAL
+            | CKM_SHA512_HMAC_GENERAL
+    )
+}
+
 fn pss_check(
     param: &MechParam,
     expect_hash: Option<&'static digest::Algorithm>,
@@ -302,11 +318,33 @@ impl SignOp {
             multi: false,
         };
         let kind = match mech {
-            CKM_SHA_1_HMAC | CKM_SHA224_HMAC | CKM_SHA256_HMAC | CKM_SHA384_HMAC
-            | CKM_SHA512_HMAC => {
-                if !matches!(param, MechParam::None {}) {
-                    return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
-                }
+            CKM_SHA_1_HMAC
+            | CKM_SHA224_HMAC
+            | CKM_SHA256_HMAC
+            | CKM_SHA384_HMAC
+            | CKM_SHA512_HMAC
+            | CKM_SHA_1_HMAC_GENERAL
+            | CKM_SHA224_HMAC_GENERAL
+            | CKM_SHA256_HMAC_GENERAL
+            | CKM_SHA384_HMAC_GENERAL
+            | CKM_SHA512_HMAC_GENERAL => {
+                let alg = match mech {
+                    CKM_SHA_1_HMAC | CKM_SHA_1_HMAC_GENERAL => hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
+                    CKM_SHA224_HMAC | CKM_SHA224_HMAC_GENERAL => hmac::HMAC_SHA224,
+                    CKM_SHA256_HMAC | CKM_SHA256_HMAC_GENERAL => hmac::HMAC_SHA256,
+                    CKM_SHA384_HMAC | CKM_SHA384_HMAC_GENERAL => hmac::HMAC_SHA384,
+                    _ => hmac::HMAC_SHA512,
+                };
+                let full = alg.digest_algorithm().output_len();
+                // The `*_GENERAL` forms give the output length (1 to the hash's length).
+                op.out_len = match param {
+                    MechParam::None {} if !is_general_hmac(mech) => full,
+                    MechParam::MacLen { len } if is_general_hmac(mech) => usize::try_from(*len)
+                        .ok()
+                        .filter(|l| (1..=full).contains(l))
+                        .ok_or(Ckr(CKR_MECHANISM_PARAM_INVALID))?,
+                    _ => return Err(Ckr(CKR_MECHANISM_PARAM_INVALID)),
+                };
                 key_type_must(
                     key,
                     CKO_SECRET_KEY,
@@ -319,16 +357,8 @@ impl SignOp {
                         CKK_SHA512_HMAC,
                     ],
                 )?;
-                let alg = match mech {
-                    CKM_SHA_1_HMAC => hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
-                    CKM_SHA224_HMAC => hmac::HMAC_SHA224,
-                    CKM_SHA256_HMAC => hmac::HMAC_SHA256,
-                    CKM_SHA384_HMAC => hmac::HMAC_SHA384,
-                    _ => hmac::HMAC_SHA512,
-                };
                 let m = key.material()?;
                 let k = hmac::Key::new(alg, m.secret()?);
-                op.out_len = hash.map_or(32, digest::Algorithm::output_len);
                 op.hmac = Some((hmac::Context::with_key(&k), k));
                 None
             }
@@ -446,7 +476,12 @@ impl SignOp {
     /// Produces the signature.
     pub fn sign(&mut self) -> Result<Vec<u8>, Ckr> {
         if let Some((ctx, _)) = self.hmac.take() {
-            return Ok(ctx.sign().as_ref().to_vec());
+            let tag = ctx.sign();
+            return Ok(tag
+                .as_ref()
+                .get(..self.out_len)
+                .ok_or(Ckr(CKR_FUNCTION_FAILED))?
+                .to_vec());
         }
         if let Some((ctx, len)) = self.cmac.take() {
             let tag = ctx.sign().map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
@@ -473,11 +508,15 @@ impl SignOp {
     pub fn verify(&mut self, sig: &[u8]) -> Result<(), Ckr> {
         if let Some((ctx, key)) = self.hmac.take() {
             let tag = ctx.sign();
-            if sig.len() != tag.as_ref().len() {
+            if sig.len() != self.out_len {
                 return Err(Ckr(CKR_SIGNATURE_LEN_RANGE));
             }
             drop(key);
-            return if aws_lc_rs::constant_time::verify_slices_are_equal(tag.as_ref(), sig).is_ok() {
+            let tag = tag
+                .as_ref()
+                .get(..self.out_len)
+                .ok_or(Ckr(CKR_FUNCTION_FAILED))?;
+            return if aws_lc_rs::constant_time::verify_slices_are_equal(tag, sig).is_ok() {
                 Ok(())
             } else {
                 Err(Ckr(CKR_SIGNATURE_INVALID))
@@ -1058,6 +1097,7 @@ mod tests {
                 CKM_AES_CMAC_GENERAL => (CKK_AES, MechParam::MacLen { len: 8 }),
                 CKM_SHA_1_HMAC | CKM_SHA224_HMAC | CKM_SHA256_HMAC | CKM_SHA384_HMAC
                 | CKM_SHA512_HMAC => (CKK_GENERIC_SECRET, MechParam::None {}),
+                m if is_general_hmac(m) => (CKK_GENERIC_SECRET, MechParam::MacLen { len: 10 }),
                 _ => continue,
             };
             let sizes: Vec<u64> = if key_type == CKK_AES {

@@ -211,6 +211,29 @@ int main(int argc, char **argv) {
     CK_MECHANISM cmac_bad = {CKM_AES_CMAC_GENERAL, short_param, sizeof short_param};
     EXPECT(f->C_SignInit(s, &cmac_bad, ck), CKR_MECHANISM_PARAM_INVALID);
 
+    /* CKM_SHA256_HMAC_GENERAL: RFC 4231 test case 5 (output truncated to 128 bits); a length
+     * over the hash's 32 bytes is refused, a truncated tag of the wrong length too. */
+    CK_BYTE hk5[20];
+    memset(hk5, 0x0c, sizeof hk5);
+    CK_KEY_TYPE gen_kt = CKK_GENERIC_SECRET;
+    CK_ATTRIBUTE hkt[] = {{CKA_CLASS, &sec, sizeof sec}, {CKA_KEY_TYPE, &gen_kt, sizeof gen_kt}, {CKA_VALUE, hk5, 20}, {CKA_SIGN, &yes, 1}, {CKA_VERIFY, &yes, 1}};
+    CK_OBJECT_HANDLE hk = 0;
+    EXPECT(f->C_CreateObject(s, hkt, 5, &hk), CKR_OK);
+    CK_BYTE tc5[] = "Test With Truncation";
+    CK_BYTE tc5_mac[16] = {0xa3, 0xb6, 0x16, 0x74, 0x73, 0x10, 0x0e, 0xe0, 0x6e, 0x0c, 0x79, 0x6c, 0x29, 0x55, 0x55, 0x2b};
+    CK_ULONG hmac_len = 16;
+    CK_MECHANISM hmac_g = {CKM_SHA256_HMAC_GENERAL, &hmac_len, sizeof hmac_len};
+    tl = sizeof tag;
+    EXPECT(f->C_SignInit(s, &hmac_g, hk), CKR_OK);
+    EXPECT(f->C_Sign(s, tc5, 20, tag, &tl), CKR_OK);
+    CHECK(tl == 16 && memcmp(tag, tc5_mac, 16) == 0);
+    EXPECT(f->C_VerifyInit(s, &hmac_g, hk), CKR_OK);
+    EXPECT(f->C_Verify(s, tc5, 20, tc5_mac, 16), CKR_OK);
+    EXPECT(f->C_VerifyInit(s, &hmac_g, hk), CKR_OK);
+    EXPECT(f->C_Verify(s, tc5, 20, tc5_mac, 15), CKR_SIGNATURE_LEN_RANGE);
+    hmac_len = 33;
+    EXPECT(f->C_SignInit(s, &hmac_g, hk), CKR_MECHANISM_PARAM_INVALID);
+
     /* C_WaitForSlotEvent: no event, never blocks. */
     CK_SLOT_ID ev = 0;
     EXPECT(f->C_WaitForSlotEvent(CKF_DONT_BLOCK, &ev, NULL), CKR_NO_EVENT);

@@ -264,7 +264,12 @@ unsafe fn mechanism(p: *const CK_MECHANISM) -> Result<Mechanism, Rv> {
                 cb: Blob(c.cb.to_vec()),
             }
         }
-        CKM_AES_CMAC_GENERAL => {
+        CKM_AES_CMAC_GENERAL
+        | CKM_SHA_1_HMAC_GENERAL
+        | CKM_SHA224_HMAC_GENERAL
+        | CKM_SHA256_HMAC_GENERAL
+        | CKM_SHA384_HMAC_GENERAL
+        | CKM_SHA512_HMAC_GENERAL => {
             param(std::mem::size_of::<CK_MAC_GENERAL_PARAMS>())?;
             // SAFETY: size checked; the caller passes a CK_MAC_GENERAL_PARAMS (a CK_ULONG).
             let len = unsafe { (pp as *const CK_MAC_GENERAL_PARAMS).read_unaligned() };
