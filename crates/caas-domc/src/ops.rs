@@ -29,6 +29,13 @@
 //! | SHA_1_HMAC, SHA224_HMAC, SHA256_HMAC, SHA384_HMAC, SHA512_HMAC and their `*_GENERAL` forms (output 1 to the hash's length) | 1–512 | sign, verify |
 //! | SHA_1, SHA224, SHA256, SHA384, SHA512 | – | digest |
 //!
+//! ECB, CBC and CTR give raw access to the block cipher (E_K of a chosen block), so an AES
+//! key with `CKA_ENCRYPT` can compute GCM's hash key and CTR keystreams with them. That was
+//! already true through CBC_PAD (chosen IV) and GCM (chosen nonce), so they add no new
+//! power to a key's holder; a key that must serve only AES-GCM says so with
+//! `CKA_ALLOWED_MECHANISMS` (enforced for every mechanism, `check_key`), and the wrap role
+//! never has `CKA_ENCRYPT` (`crate::policy`), so wrapped keys are not exposed this way.
+//!
 //! With `--allow-legacy-rsa-1024` the RSA minimum is 1024 (`Domain`'s mechanism info).
 //! Not served (yet): `AES_CBC_ENCRYPT_DATA`, Ed448,
 //! EdDSA with `CK_EDDSA_PARAMS` (ph/context), ML-DSA/ML-KEM.
