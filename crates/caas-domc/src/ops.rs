@@ -33,8 +33,10 @@
 //! key with `CKA_ENCRYPT` can compute GCM's hash key and CTR keystreams with them. That was
 //! already true through CBC_PAD (chosen IV) and GCM (chosen nonce), so they add no new
 //! power to a key's holder; a key that must serve only AES-GCM says so with
-//! `CKA_ALLOWED_MECHANISMS` (enforced for every mechanism, `check_key`), and the wrap role
-//! never has `CKA_ENCRYPT` (`crate::policy`), so wrapped keys are not exposed this way.
+//! `CKA_ALLOWED_MECHANISMS` (enforced for every mechanism, `check_key`). Wrapped keys are
+//! not exposed this way: a wrap-role key gets no `CKA_ENCRYPT`/`CKA_DECRYPT` by default and
+//! cannot gain them, and a key that has both roles never wraps a sensitive key
+//! (`crate::policy`); ECB/CBC/CTR are not offered for wrapping at all.
 //!
 //! With `--allow-legacy-rsa-1024` the RSA minimum is 1024 (`Domain`'s mechanism info).
 //! Not served (yet): `AES_CBC_ENCRYPT_DATA`, Ed448,
