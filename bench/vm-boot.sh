@@ -11,19 +11,24 @@
 # hashed its whole boot disk (so every block of the image went through the crypto domain in
 # (a)), bound its PSK listener and, in (a), logged in to its VSM over virtio-serial.
 #
+# then (c) the trusted-launch benchmark with the same VM (see the end of this script).
+#
 # Usage: bench/vm-boot.sh             (REPEAT=3 boots of each; TCG unless CAAS_QEMU_ACCEL)
 #
-# Figures (2026-12-05, 2 cores shared with other builds at load ~10, TCG — nested KVM stalls
-# here; guest image 28 MiB; dev profile; REPEAT=3 each, three runs of the script):
-#   run 1 (not interleaved)  (b) median 13192 ms  (a) median 10089 ms  a/b 0.76
-#   run 2 (interleaved)      (b) 8734 9544 10124  (a) 9828 7322 6722   a/b 0.77
-#   run 3 (interleaved)      (b) 10368 6075 8395  (a) 9882 10621 12248 a/b 1.27
-#                            (a') 10037 10954 12464 (median 10954)     a'/b 1.30
-# Boot-to-ready through the crypto domain is not distinguishable from the plain disk on this
-# machine: run-to-run noise (±30 %) exceeds any difference; under TCG the boot is bound by
-# emulating the guest (SeaBIOS, syslinux, the kernel, hashing the disk), not by AES-GCM on
-# 28 MiB. Trusted launch's own steps (a' − a: TL token/attestation/checks and starting the
-# crypto domain) added a median 333 ms, 3.1 % of the VM's launch-to-ready time (goal ≤ 5 %).
+# Figures (2026-12-05, 2 cores shared with other builds, TCG — nested KVM stalls here; guest
+# image 27 MiB; dev profile), two runs of this script:
+#   REPEAT=3, load ~3:   (b) median 6434 ms  (a) 5815 ms  (a') 5937 ms   a/b 0.90  a'/b 0.92
+#                        (c) TL 6668 vs without TL 7827 ms: ratio of the medians −14.8 % (boot
+#                        noise); TL's own steps 140.5 vs 140.4 ms: +0.0 % of launch-to-ready
+#   REPEAT=5, load ~11:  (b) median 32301 ms (a) 38695 ms (a') 39512 ms  a/b 1.20  a'/b 1.22
+#                        (c) TL 11466 vs without TL 11381 ms: +0.7 %; TL's own steps 278.6 vs
+#                        124.5 ms: +1.3 % of launch-to-ready (goal ≤ +5 %; seed 003: +28 %)
+# Boot-to-ready through the crypto domain is within run-to-run noise of the plain disk when
+# the machine has CPU to spare (a/b 0.76–1.27 over five runs); on a saturated machine the
+# crypto domain's AES-GCM competes with the emulated guest for the same cores (1.20). Under
+# TCG the boot is bound by emulating the guest (SeaBIOS, syslinux, the kernel, hashing the
+# disk). TL's serial steps (AK quote ~20–55 ms, TTP round trip ∥ H1' ∥ TPM-opened config
+# ~35–85 ms, TPM unseal of c2 ~15–35 ms) mostly overlap the crypto domain's start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPEAT=${REPEAT:-3}
@@ -134,3 +139,20 @@ echo "  (a) encrypted image via crypto domain, TL: ${enc_ms[*]} ms (median $e)"
 echo "  (a') the whole trusted launch (tenant CLI → TTP → host: attestation, TL checks, crypto"
 echo "       domain, then (a)):                ${tl_ms[*]} ms (median $w)"
 python3 -c "print(f'  ratio a/b: {$e / $p:.2f}   ratio a\'/b (TL launch-to-ready vs plain boot): {$w / $p:.2f}')"
+kill "$dev_pid" 2>/dev/null && wait "$dev_pid" 2>/dev/null || true
+dev_pid=""
+
+# (c) trusted launch vs the same VM launch without TL, in this run on this host: the TL
+# benchmark (crates/caas-host/benches/tl.rs) with the qemu driver and this guest image — one
+# swtpm host agent launching, interleaved, the VM through TL and the same VM with its crypto
+# domain configured directly (no attestation, token, TPM or TTP), both to the guest's ready
+# line. It prints the ratio of the medians and TL's own steps as a share of launch-to-ready.
+echo
+if CAAS_LOG=warn CAAS_EXE="$PWD/$bin/caas" BENCH_DRIVER=qemu BENCH_IMAGE="$img" \
+  BENCH_LAUNCHES="$REPEAT" BENCH_UNLOCKS=0 cargo bench -q -p caas-host --bench tl --profile dev \
+  >"$work/tl-bench.log" 2>&1; then
+  sed -n '/^== TL launch/,$p' "$work/tl-bench.log"
+else
+  tail -40 "$work/tl-bench.log"
+  exit 1
+fi

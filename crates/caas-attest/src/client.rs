@@ -28,6 +28,11 @@ use caas_tls::client::HttpsConnector;
 enum Inner {
     Plain(Client<HttpConnector, Full<Bytes>>),
     Tls(Client<HttpsConnector, Full<Bytes>>),
+    /// `https://` URLs over the pinned TLS client, `http://` ones in the clear.
+    ByScheme {
+        plain: Client<HttpConnector, Full<Bytes>>,
+        tls: Client<HttpsConnector, Full<Bytes>>,
+    },
 }
 
 /// Signs a request before it is sent (SigV4 to the key service).
@@ -83,6 +88,26 @@ impl HttpClient {
         })
     }
 
+    /// A client for a URL the user chose (the CLI's key-service endpoint): `https://` URLs
+    /// exactly as [`HttpClient::with_tls`] (pinned CA, required server role), `http://`
+    /// URLs in the clear (the loopback key service of `caas dev`). Not [`Self::is_tls`].
+    pub fn with_tls_for_https(
+        timeout: Duration,
+        tls: &caas_tls::client::ClientTls,
+    ) -> Result<Self, Error> {
+        let Inner::Tls(tls) = Self::with_tls(timeout, tls)?.inner else {
+            return Err(Error::InvalidRequest("TLS client expected".into()));
+        };
+        let Inner::Plain(plain) = Self::new(timeout).inner else {
+            return Err(Error::InvalidRequest("plain client expected".into()));
+        };
+        Ok(Self {
+            inner: Inner::ByScheme { plain, tls },
+            timeout,
+            signer: None,
+        })
+    }
+
     /// Whether this client speaks TLS only.
     pub fn is_tls(&self) -> bool {
         matches!(self.inner, Inner::Tls(_))
@@ -132,6 +157,7 @@ impl HttpClient {
                 )
                 .map_err(|e| agent_err(format!("signing: {e}")))?;
         }
+        let https = uri.scheme_str() == Some("https");
         let mut b = hyper::Request::builder().method(method).uri(uri);
         for (k, v) in &all {
             b = b.header(k.as_str(), v.as_str());
@@ -142,6 +168,12 @@ impl HttpClient {
         let sent = match &self.inner {
             Inner::Plain(c) => tokio::time::timeout(self.timeout, c.request(req)).await,
             Inner::Tls(c) => tokio::time::timeout(self.timeout, c.request(req)).await,
+            Inner::ByScheme { tls, .. } if https => {
+                tokio::time::timeout(self.timeout, tls.request(req)).await
+            }
+            Inner::ByScheme { plain, .. } => {
+                tokio::time::timeout(self.timeout, plain.request(req)).await
+            }
         };
         let resp = sent
             .map_err(|_| agent_err("timed out".into()))?

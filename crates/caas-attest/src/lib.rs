@@ -3,7 +3,8 @@
 //! TPM structure parsers ([`structures`]), signature checks ([`quote`]), EK certificate
 //! validation ([`ekcert`]), software MakeCredential ([`credential`]), security profiles
 //! ([`profile`]) and appraisal ([`appraisal`]). On top: the registrar and verifier logic
-//! over a small storage trait ([`registrar`], [`verifier`], [`store`]) and, with the
+//! over a small storage trait ([`registrar`], [`verifier`], [`store`]), the binding of a
+//! host's TLS client certificate to its TPM identity ([`tls_binding`]) and, with the
 //! `service` feature, their HTTP endpoints and the continuous-attestation task, and the one
 //! error answer of caas's internal HTTP APIs ([`http_error`]).
 
@@ -25,6 +26,7 @@ pub mod service;
 pub mod store;
 pub mod structures;
 pub mod synthetic;
+pub mod tls_binding;
 pub mod verifier;
 pub mod wire;
 

@@ -2,7 +2,9 @@
 //! certificate against the configured TPM-vendor CAs, check that the EK is the certified
 //! key and that the AK is a restricted, non-duplicable signing key, issue a credential with
 //! software MakeCredential bound to the AK's Name, and — when the host proves it could
-//! activate it — record the host, its EK, AK and (AK-certified) bind key.
+//! activate it — record the host, its EK, AK and (AK-certified) bind key, and, when the
+//! host enrolls over TLS, the client certificate its AK endorsed ([`crate::tls_binding`]:
+//! the certificate must name the host, and later host requests must present the same key).
 
 use crate::credential::make_credential;
 use crate::ekcert::{EkCaStore, ek_matches_certificate};
@@ -13,6 +15,7 @@ use crate::store::{
     put_host,
 };
 use crate::structures::{Attest, Attested, Public, PublicKey, Signature, attr};
+use crate::tls_binding::{TlsBinding, TlsClient, binding_nonce};
 use aws_lc_rs::{digest, rand};
 
 /// Enrollment step 1, host → registrar.
@@ -60,6 +63,10 @@ pub struct EnrollFinish {
     pub secret: Vec<u8>,
     /// The TPM-bound decrypt key, certified by the AK.
     pub bind_key: Option<BindKeyRecord>,
+    /// The AK's endorsement of the agent's TLS client certificate (required when the
+    /// enrollment comes over TLS; [`crate::tls_binding`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_binding: Option<TlsBinding>,
 }
 
 /// Registrar configuration.
@@ -134,10 +141,14 @@ pub fn check_bind_key(ak: &Public, bind: &BindKeyRecord) -> Result<Public, Error
 
 impl Registrar {
     /// Step 1: validate the EK and AK, store a pending host, return the credential.
+    ///
+    /// `peer`: the connection's verified client certificate (`None` without TLS); it must
+    /// name the host being enrolled.
     pub async fn start<S: AttestStore>(
         &self,
         store: &S,
         req: &EnrollRequest,
+        peer: Option<&TlsClient>,
         now_ms: u64,
     ) -> Result<EnrollChallenge, Error> {
         let audit_fail = |code: &str, detail: String| AuditRecord {
@@ -148,7 +159,9 @@ impl Registrar {
             result: code.to_string(),
             detail,
         };
-        let r = self.check_start(req, now_ms);
+        let r = self
+            .check_start(req, now_ms)
+            .and_then(|x| check_peer_name(&req.name, peer).map(|()| x));
         let (ek, ak) = match r {
             Ok(x) => x,
             Err(e) => {
@@ -177,7 +190,18 @@ impl Registrar {
         };
         // An enrolled host keeps its record (and trust) until the new enrollment completes;
         // its name stays bound to its EK: another TPM cannot take it over.
-        let rec = match get_host(store, &req.name).await? {
+        let existing = get_host(store, &req.name).await?;
+        if let Some(h) = &existing
+            && h.tls_spki_sha256.is_some()
+            && peer.is_none()
+        {
+            let msg = "the host is bound to a TLS client certificate; enroll over TLS";
+            store
+                .audit(audit_fail("tls_identity_missing", msg.into()))
+                .await?;
+            return Err(fail("tls_identity_missing", msg));
+        }
+        let rec = match existing {
             Some(mut h) if h.state == HostState::Enrolled => {
                 if h.ek_public != req.ek_public {
                     let msg = "the host name is enrolled with another TPM (EK)";
@@ -205,6 +229,7 @@ impl Registrar {
                 pending: Some(pending),
                 last_verdict: None,
                 enrolled_ms: 0,
+                tls_spki_sha256: None,
             },
         };
         put_host(store, &rec, None).await?;
@@ -243,11 +268,13 @@ impl Registrar {
         Ok((ek, ak))
     }
 
-    /// Step 2: check the activated secret and the bind key; the host becomes enrolled.
+    /// Step 2: check the activated secret, the bind key and (over TLS) the AK's
+    /// endorsement of the connection's client certificate; the host becomes enrolled.
     pub async fn finish<S: AttestStore>(
         &self,
         store: &S,
         req: &EnrollFinish,
+        peer: Option<&TlsClient>,
         now_ms: u64,
     ) -> Result<HostRecord, Error> {
         let mut host = get_host(store, &req.name)
@@ -304,6 +331,37 @@ impl Registrar {
             put_host(store, &host, Some(audit("bind_key_invalid", e.to_string()))).await?;
             return Err(e);
         }
+        // Over TLS: the certificate names this host and the AK endorsed exactly its key for
+        // this enrollment. Without TLS: no binding (and none may be replaced by nothing).
+        let tls_spki = match peer {
+            Some(peer) => match check_peer_name(&req.name, Some(peer))
+                .and_then(|()| check_tls_binding(&ak, &p.id, peer, req.tls_binding.as_ref()))
+            {
+                Ok(()) => Some(hex::encode(peer.spki_sha256)),
+                Err(e) => {
+                    let code = match &e {
+                        Error::Enrollment { code, .. } => *code,
+                        _ => "tls_binding_invalid",
+                    };
+                    host.pending = None;
+                    put_host(store, &host, Some(audit(code, e.to_string()))).await?;
+                    return Err(e);
+                }
+            },
+            None if host.tls_spki_sha256.is_some() => {
+                let msg = "the host is bound to a TLS client certificate; enroll over TLS";
+                host.pending = None;
+                put_host(
+                    store,
+                    &host,
+                    Some(audit("tls_identity_missing", msg.into())),
+                )
+                .await?;
+                return Err(fail("tls_identity_missing", msg));
+            }
+            None => None,
+        };
+        host.tls_spki_sha256 = tls_spki;
         host.bind_key = req.bind_key.clone();
         host.agent_url = p.agent_url.clone();
         host.ek_public = p.ek_public.clone();
@@ -314,12 +372,62 @@ impl Registrar {
         host.state = HostState::Enrolled;
         host.trusted = false;
         host.enrolled_ms = now_ms;
-        put_host(
-            store,
-            &host,
-            Some(audit("ok", format!("ak_name={}", host.ak_name))),
-        )
-        .await?;
+        let detail = match &host.tls_spki_sha256 {
+            Some(k) => format!("ak_name={} tls_spki_sha256={k}", host.ak_name),
+            None => format!("ak_name={} tls=none", host.ak_name),
+        };
+        put_host(store, &host, Some(audit("ok", detail))).await?;
         Ok(host)
     }
+}
+
+/// Over TLS, the client certificate must name the host it enrolls (a host certificate
+/// names its host: host B's certificate cannot enroll, nor re-enroll, host A).
+fn check_peer_name(host: &str, peer: Option<&TlsClient>) -> Result<(), Error> {
+    match peer {
+        Some(p) if p.cert_name != host => Err(fail(
+            "tls_identity_mismatch",
+            format!(
+                "the client certificate names '{}', not the host '{host}' being enrolled",
+                p.cert_name.chars().take(64).collect::<String>()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The AK's quote over [`binding_nonce`]`(enrollment id, the connection's SPKI hash)`.
+fn check_tls_binding(
+    ak: &Public,
+    enrollment_id: &str,
+    peer: &TlsClient,
+    binding: Option<&TlsBinding>,
+) -> Result<(), Error> {
+    let b = binding.ok_or_else(|| {
+        fail(
+            "tls_binding_missing",
+            "an enrollment over TLS must carry the AK's endorsement of the client certificate",
+        )
+    })?;
+    if b.spki_sha256 != hex::encode(peer.spki_sha256) {
+        return Err(fail(
+            "tls_identity_mismatch",
+            "the endorsed key is not the client certificate of this connection",
+        ));
+    }
+    let sig = Signature::parse(&b.quote_signature)
+        .map_err(|e| fail("tls_binding_invalid", e.to_string()))?;
+    verify_signature(ak, &b.quote_attest, &sig)
+        .map_err(|e| fail("tls_binding_invalid", format!("AK signature: {e}")))?;
+    let attest =
+        Attest::parse(&b.quote_attest).map_err(|e| fail("tls_binding_invalid", e.to_string()))?;
+    if !matches!(attest.attested, Attested::Quote { .. })
+        || attest.extra_data != binding_nonce(enrollment_id, &peer.spki_sha256)
+    {
+        return Err(fail(
+            "tls_binding_invalid",
+            "the AK's quote is not over this enrollment and client certificate",
+        ));
+    }
+    Ok(())
 }

@@ -2,7 +2,9 @@
 //! continuous-attestation task. The key service mounts [`router`] and authenticates the
 //! administrative routes itself before any handler runs (operators with SigV4; it puts a
 //! [`Principal`] extension on the request for the audit trail); the enrollment routes are
-//! for host agents and are protected by the Privacy-CA protocol itself.
+//! for host agents and are protected by the Privacy-CA protocol itself; over TLS the key
+//! service puts the connection's client certificate on the request
+//! ([`crate::tls_binding::TlsClient`]) and the registrar binds it to the host's AK.
 //!
 //! Routes (all under `/v1/attest`):
 //! `POST /enroll`, `POST /enroll/finish` (host agents);
@@ -17,6 +19,7 @@ use crate::store::{
     AttestStore, AuditRecord, HostRecord, get_host, get_profile, list_hosts, list_profiles,
     put_host, put_profile,
 };
+use crate::tls_binding::TlsClient;
 use crate::verifier::{EvidenceSource, TrustEvent, Verifier};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
@@ -122,6 +125,9 @@ pub struct HostView {
     pub has_bind_key: bool,
     /// Latest verdict.
     pub last_verdict: Option<Verdict>,
+    /// SHA-256 (hex) of the SPKI of the TLS client certificate bound at enrollment.
+    #[serde(default)]
+    pub tls_spki_sha256: Option<String>,
 }
 
 impl From<&HostRecord> for HostView {
@@ -135,6 +141,7 @@ impl From<&HostRecord> for HostView {
             agent_url: h.agent_url.clone(),
             has_bind_key: h.bind_key.is_some(),
             last_verdict: h.last_verdict.clone(),
+            tls_spki_sha256: h.tls_spki_sha256.clone(),
         }
     }
 }
@@ -183,22 +190,26 @@ pub fn admin_router<S: AttestStore, E: EvidenceSource>(state: Arc<AttestState<S,
 
 async fn enroll_start<S: AttestStore, E: EvidenceSource>(
     State(st): State<Arc<AttestState<S, E>>>,
+    peer: Option<Extension<TlsClient>>,
     Json(req): Json<EnrollRequest>,
 ) -> R<EnrollChallenge> {
+    let peer = peer.map(|Extension(p)| p);
     Ok(Json(
         st.registrar
-            .start(&**st.verifier.store(), &req, crate::now_ms())
+            .start(&**st.verifier.store(), &req, peer.as_ref(), crate::now_ms())
             .await?,
     ))
 }
 
 async fn enroll_finish<S: AttestStore, E: EvidenceSource>(
     State(st): State<Arc<AttestState<S, E>>>,
+    peer: Option<Extension<TlsClient>>,
     Json(req): Json<EnrollFinish>,
 ) -> R<HostView> {
+    let peer = peer.map(|Extension(p)| p);
     let h = st
         .registrar
-        .finish(&**st.verifier.store(), &req, crate::now_ms())
+        .finish(&**st.verifier.store(), &req, peer.as_ref(), crate::now_ms())
         .await?;
     Ok(Json(HostView::from(&h)))
 }

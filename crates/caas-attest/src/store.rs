@@ -197,6 +197,11 @@ pub struct HostRecord {
     pub last_verdict: Option<Verdict>,
     /// When enrollment completed (Unix ms).
     pub enrolled_ms: u64,
+    /// SHA-256 (hex) of the SubjectPublicKeyInfo of the TLS client certificate the host
+    /// enrolled with, endorsed by its AK ([`crate::tls_binding`]); `None` for a host that
+    /// enrolled without TLS (the loopback dev key service).
+    #[serde(default)]
+    pub tls_spki_sha256: Option<String>,
 }
 
 /// Reads and decodes a host record.

@@ -796,9 +796,11 @@ impl Domain {
         session: u64,
         slot: u64,
         rw: bool,
-        attrs: object::Attrs,
+        mut attrs: object::Attrs,
         secret: Option<Zeroizing<Vec<u8>>>,
     ) -> R<Arc<Object>> {
+        // Every object gets its own id, a copy too (C_CopyObject starts from the original's).
+        attrs.insert(CKA_UNIQUE_ID, object::new_unique_id()?);
         let is_token = attrs.get(&CKA_TOKEN).and_then(|v| attr::as_bool(v)) == Some(true);
         let private = attrs.get(&CKA_PRIVATE).and_then(|v| attr::as_bool(v)) == Some(true);
         if is_token && !rw {

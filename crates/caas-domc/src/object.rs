@@ -104,6 +104,7 @@ fn is_immutable(ty: u64) -> bool {
             | CKA_PRIVATE
             | CKA_CERTIFICATE_TYPE
             | CKA_CAAS_USAGE_COUNT
+            | CKA_UNIQUE_ID
             | CKA_PRIVATE_EXPONENT
             | CKA_PRIME_1
             | CKA_PRIME_2
@@ -122,7 +123,18 @@ fn token_set_only(ty: u64) -> bool {
             | CKA_ALWAYS_SENSITIVE
             | CKA_NEVER_EXTRACTABLE
             | CKA_CAAS_USAGE_COUNT
+            | CKA_UNIQUE_ID
     )
+}
+
+/// A fresh CKA_UNIQUE_ID (PKCS#11 3.0 §4.4.1: set by the token, read-only, unique per
+/// object): 32 lowercase hex digits of 16 random bytes, so unique across tokens and
+/// domains too. Assigned to every new object (`Domain::insert`, also for a copy) and to a
+/// token object loaded from a state that predates it.
+pub fn new_unique_id() -> Result<Vec<u8>, Ckr> {
+    let mut r = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut r).map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
+    Ok(hex::encode(r).into_bytes())
 }
 
 /// Validates the shape of one template attribute.
@@ -388,8 +400,8 @@ fn imported_secret(
 pub fn check_secret_len(key_type: u64, len: usize) -> Result<(), Ckr> {
     let ok = match key_type {
         CKK_AES => matches!(len, 16 | 24 | 32),
-        CKK_GENERIC_SECRET | CKK_SHA256_HMAC | CKK_SHA384_HMAC | CKK_SHA512_HMAC
-        | CKK_SHA_1_HMAC => (1..=512).contains(&len),
+        CKK_GENERIC_SECRET | CKK_SHA224_HMAC | CKK_SHA256_HMAC | CKK_SHA384_HMAC
+        | CKK_SHA512_HMAC | CKK_SHA_1_HMAC => (1..=512).contains(&len),
         _ => return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT)),
     };
     if ok {

@@ -2,15 +2,54 @@
 //! mechanism table the token advertises. Each `*_init` checks the mechanism against the key's
 //! class, type and usage flags; `finish` produces the output. Multi-part symmetric
 //! encryption buffers its input and produces the output at C_*Final.
+//!
+//! What is served ([`MECHANISMS`] is the one source of `C_GetMechanismList` and
+//! `C_GetMechanismInfo`; key sizes in bits for RSA/EC/EdDSA, bytes otherwise). Every
+//! mechanism goes through the same key checks (usage flag, `CKA_ALLOWED_MECHANISMS`),
+//! usage limits and audit (`Domain::use_key`); all of them work single- and multi-part.
+//!
+//! | mechanism | key sizes | flags |
+//! |---|---|---|
+//! | RSA_PKCS_KEY_PAIR_GEN | 2048–4096 | generate key pair |
+//! | RSA_PKCS | 2048–4096 | sign, verify, encrypt, decrypt, wrap, unwrap |
+//! | RSA_X_509 | 2048–4096 | sign, verify (no raw encryption) |
+//! | SHA{256,384,512}_RSA_PKCS, RSA_PKCS_PSS, SHA{256,384,512}_RSA_PKCS_PSS | 2048–4096 | sign, verify |
+//! | RSA_PKCS_OAEP | 2048–4096 | encrypt, decrypt, wrap, unwrap |
+//! | EC_KEY_PAIR_GEN (P-256, P-384) | 256–384 | generate key pair, EC F_P, named curve, uncompressed |
+//! | ECDSA, ECDSA_SHA{1,224,256,384,512} | 256–384 | sign, verify (+ EC flags) |
+//! | ECDH1_DERIVE | 256–384 | derive (+ EC flags) |
+//! | EC_EDWARDS_KEY_PAIR_GEN, EDDSA (Ed25519) | 255 | generate key pair / sign, verify |
+//! | AES_KEY_GEN | 16–32 | generate |
+//! | AES_GCM (12-byte IV, 128-bit tag), AES_CBC_PAD | 16–32 | encrypt, decrypt, wrap, unwrap |
+//! | AES_CTR (`CK_AES_CTR_PARAMS`, counter 1–128 bits; data that would wrap the counter is CKR_DATA_LEN_RANGE) | 16–32 | encrypt, decrypt |
+//! | AES_ECB, AES_CBC (no padding: data a multiple of 16 bytes, else CKR_DATA_LEN_RANGE / CKR_ENCRYPTED_DATA_LEN_RANGE) | 16–32 | encrypt, decrypt (not wrap: SoftHSM2 offers it, the wrap policy here does not) |
+//! | AES_CMAC, AES_CMAC_GENERAL (tag 1–16 bytes) | 16–32 | sign, verify |
+//! | AES_KEY_WRAP, AES_KEY_WRAP_PAD, AES_KEY_WRAP_KWP (16 or 32: aws-lc-rs has no 192-bit KW; a 24-byte KEK gets CKR_KEY_SIZE_RANGE), CAAS_AES_KEY_WRAP_ATTRS (16–32) | 16–32 | wrap, unwrap |
+//! | GENERIC_SECRET_KEY_GEN | 1–512 | generate |
+//! | SHA_1_HMAC, SHA224_HMAC, SHA256_HMAC, SHA384_HMAC, SHA512_HMAC and their `*_GENERAL` forms (output 1 to the hash's length) | 1–512 | sign, verify |
+//! | SHA_1, SHA224, SHA256, SHA384, SHA512 | – | digest |
+//!
+//! ECB, CBC and CTR give raw access to the block cipher (E_K of a chosen block), so an AES
+//! key with `CKA_ENCRYPT` can compute GCM's hash key and CTR keystreams with them. That was
+//! already true through CBC_PAD (chosen IV) and GCM (chosen nonce), so they add no new
+//! power to a key's holder; a key that must serve only AES-GCM says so with
+//! `CKA_ALLOWED_MECHANISMS` (enforced for every mechanism, `check_key`). Wrapped keys are
+//! not exposed this way: a wrap-role key gets no `CKA_ENCRYPT`/`CKA_DECRYPT` by default and
+//! cannot gain them, and a key that has both roles never wraps a sensitive key
+//! (`crate::policy`); ECB/CBC/CTR are not offered for wrapping at all.
+//!
+//! With `--allow-legacy-rsa-1024` the RSA minimum is 1024 (`Domain`'s mechanism info).
+//! Not served (yet): `AES_CBC_ENCRYPT_DATA`, Ed448,
+//! EdDSA with `CK_EDDSA_PARAMS` (ph/context), ML-DSA/ML-KEM.
 
 use crate::error::Ckr;
 use crate::keys::{KeyMaterial, digest_alg};
 use crate::object::Object;
 use aws_lc_rs::cipher::{
-    AES_128, AES_192, AES_256, DecryptionContext, EncryptionContext, PaddedBlockDecryptingKey,
-    PaddedBlockEncryptingKey, UnboundCipherKey,
+    AES_128, AES_192, AES_256, DecryptingKey, DecryptionContext, EncryptingKey, EncryptionContext,
+    PaddedBlockDecryptingKey, PaddedBlockEncryptingKey, UnboundCipherKey,
 };
-use aws_lc_rs::{aead, digest, hmac};
+use aws_lc_rs::{aead, cmac, digest, hmac};
 use caas_vsm_proto::MechParam;
 use cryptoki_sys::*;
 use std::sync::Arc;
@@ -103,6 +142,13 @@ pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
         32,
         CKF_ENCRYPT | CKF_DECRYPT | CKF_WRAP | CKF_UNWRAP,
     ),
+    // Unpadded block modes: the data is a multiple of 16 bytes. Not offered for wrapping
+    // (the wrap formats are the ones `crate::policy` allows).
+    (CKM_AES_ECB, 16, 32, CKF_ENCRYPT | CKF_DECRYPT),
+    (CKM_AES_CBC, 16, 32, CKF_ENCRYPT | CKF_DECRYPT),
+    (CKM_AES_CTR, 16, 32, CKF_ENCRYPT | CKF_DECRYPT),
+    (CKM_AES_CMAC, 16, 32, CKF_SIGN | CKF_VERIFY),
+    (CKM_AES_CMAC_GENERAL, 16, 32, CKF_SIGN | CKF_VERIFY),
     (CKM_AES_KEY_WRAP, 16, 32, CKF_WRAP | CKF_UNWRAP),
     (CKM_AES_KEY_WRAP_PAD, 16, 32, CKF_WRAP | CKF_UNWRAP),
     (CKM_AES_KEY_WRAP_KWP, 16, 32, CKF_WRAP | CKF_UNWRAP),
@@ -115,6 +161,12 @@ pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
     ),
     (CKM_GENERIC_SECRET_KEY_GEN, 1, 512, CKF_GENERATE),
     (CKM_SHA_1_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA_1_HMAC_GENERAL, 1, 512, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA224_HMAC_GENERAL, 1, 512, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA256_HMAC_GENERAL, 1, 512, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA384_HMAC_GENERAL, 1, 512, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA512_HMAC_GENERAL, 1, 512, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA224_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA256_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA384_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA512_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
@@ -182,6 +234,8 @@ pub struct SignOp {
     key: Arc<KeyMaterial>,
     hasher: Option<digest::Context>,
     hmac: Option<(hmac::Context, hmac::Key)>,
+    /// AES-CMAC and the tag length (16, or the CKM_AES_CMAC_GENERAL length).
+    cmac: Option<(cmac::Context, usize)>,
     buf: Zeroizing<Vec<u8>>,
     /// Output length.
     pub out_len: usize,
@@ -208,10 +262,21 @@ fn hash_for(mech: u64) -> Option<&'static digest::Algorithm> {
         CKM_SHA512_RSA_PKCS | CKM_SHA512_RSA_PKCS_PSS | CKM_ECDSA_SHA512 | CKM_SHA512_HMAC => {
             &digest::SHA512
         }
-        CKM_ECDSA_SHA224 => &digest::SHA224,
+        CKM_ECDSA_SHA224 | CKM_SHA224_HMAC => &digest::SHA224,
         CKM_ECDSA_SHA1 | CKM_SHA_1_HMAC => &digest::SHA1_FOR_LEGACY_USE_ONLY,
         _ => return None,
     })
+}
+
+fn is_general_hmac(mech: u64) -> bool {
+    matches!(
+        mech,
+        CKM_SHA_1_HMAC_GENERAL
+            | CKM_SHA224_HMAC_GENERAL
+            | CKM_SHA256_HMAC_GENERAL
+            | CKM_SHA384_HMAC_GENERAL
+            | CKM_SHA512_HMAC_GENERAL
+    )
 }
 
 fn pss_check(
@@ -256,33 +321,75 @@ impl SignOp {
             key: Arc::new(KeyMaterial::Secret(Zeroizing::new(Vec::new()))),
             hasher: None,
             hmac: None,
+            cmac: None,
             buf: Zeroizing::new(Vec::new()),
             out_len: 0,
             multi: false,
         };
         let kind = match mech {
-            CKM_SHA_1_HMAC | CKM_SHA256_HMAC | CKM_SHA384_HMAC | CKM_SHA512_HMAC => {
+            CKM_SHA_1_HMAC
+            | CKM_SHA224_HMAC
+            | CKM_SHA256_HMAC
+            | CKM_SHA384_HMAC
+            | CKM_SHA512_HMAC
+            | CKM_SHA_1_HMAC_GENERAL
+            | CKM_SHA224_HMAC_GENERAL
+            | CKM_SHA256_HMAC_GENERAL
+            | CKM_SHA384_HMAC_GENERAL
+            | CKM_SHA512_HMAC_GENERAL => {
+                let alg = match mech {
+                    CKM_SHA_1_HMAC | CKM_SHA_1_HMAC_GENERAL => hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
+                    CKM_SHA224_HMAC | CKM_SHA224_HMAC_GENERAL => hmac::HMAC_SHA224,
+                    CKM_SHA256_HMAC | CKM_SHA256_HMAC_GENERAL => hmac::HMAC_SHA256,
+                    CKM_SHA384_HMAC | CKM_SHA384_HMAC_GENERAL => hmac::HMAC_SHA384,
+                    _ => hmac::HMAC_SHA512,
+                };
+                let full = alg.digest_algorithm().output_len();
+                // The `*_GENERAL` forms give the output length (1 to the hash's length).
+                op.out_len = match param {
+                    MechParam::None {} if !is_general_hmac(mech) => full,
+                    MechParam::MacLen { len } if is_general_hmac(mech) => usize::try_from(*len)
+                        .ok()
+                        .filter(|l| (1..=full).contains(l))
+                        .ok_or(Ckr(CKR_MECHANISM_PARAM_INVALID))?,
+                    _ => return Err(Ckr(CKR_MECHANISM_PARAM_INVALID)),
+                };
                 key_type_must(
                     key,
                     CKO_SECRET_KEY,
                     &[
                         CKK_GENERIC_SECRET,
                         CKK_SHA_1_HMAC,
+                        CKK_SHA224_HMAC,
                         CKK_SHA256_HMAC,
                         CKK_SHA384_HMAC,
                         CKK_SHA512_HMAC,
                     ],
                 )?;
-                let alg = match mech {
-                    CKM_SHA_1_HMAC => hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
-                    CKM_SHA256_HMAC => hmac::HMAC_SHA256,
-                    CKM_SHA384_HMAC => hmac::HMAC_SHA384,
-                    _ => hmac::HMAC_SHA512,
-                };
                 let m = key.material()?;
                 let k = hmac::Key::new(alg, m.secret()?);
-                op.out_len = hash.map_or(32, digest::Algorithm::output_len);
                 op.hmac = Some((hmac::Context::with_key(&k), k));
+                None
+            }
+            CKM_AES_CMAC | CKM_AES_CMAC_GENERAL => {
+                let tag_len = match (mech, param) {
+                    (CKM_AES_CMAC, MechParam::None {}) => 16,
+                    (CKM_AES_CMAC_GENERAL, MechParam::MacLen { len }) if (1..=16).contains(len) => {
+                        usize::try_from(*len).map_err(|_| Ckr(CKR_MECHANISM_PARAM_INVALID))?
+                    }
+                    _ => return Err(Ckr(CKR_MECHANISM_PARAM_INVALID)),
+                };
+                key_type_must(key, CKO_SECRET_KEY, &[CKK_AES])?;
+                let m = key.material()?;
+                let alg = match m.secret()?.len() {
+                    16 => cmac::AES_128,
+                    24 => cmac::AES_192,
+                    32 => cmac::AES_256,
+                    _ => return Err(Ckr(CKR_KEY_SIZE_RANGE)),
+                };
+                let k = cmac::Key::new(alg, m.secret()?).map_err(|_| Ckr(CKR_KEY_SIZE_RANGE))?;
+                op.out_len = tag_len;
+                op.cmac = Some((cmac::Context::with_key(&k), tag_len));
                 None
             }
             CKM_RSA_PKCS => Some(SignKind::RsaPkcsRaw),
@@ -351,6 +458,8 @@ impl SignOp {
     pub fn update(&mut self, data: &[u8]) -> Result<(), Ckr> {
         if let Some((ctx, _)) = &mut self.hmac {
             ctx.update(data);
+        } else if let Some((ctx, _)) = &mut self.cmac {
+            ctx.update(data).map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
         } else if let Some(h) = &mut self.hasher {
             h.update(data);
         } else {
@@ -376,7 +485,16 @@ impl SignOp {
     /// Produces the signature.
     pub fn sign(&mut self) -> Result<Vec<u8>, Ckr> {
         if let Some((ctx, _)) = self.hmac.take() {
-            return Ok(ctx.sign().as_ref().to_vec());
+            let tag = ctx.sign();
+            return Ok(tag
+                .as_ref()
+                .get(..self.out_len)
+                .ok_or(Ckr(CKR_FUNCTION_FAILED))?
+                .to_vec());
+        }
+        if let Some((ctx, len)) = self.cmac.take() {
+            let tag = ctx.sign().map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+            return Ok(tag.as_ref().get(..len).unwrap_or_default().to_vec());
         }
         let kind = self.kind.ok_or(Ckr(CKR_OPERATION_NOT_INITIALIZED))?;
         let input = self.digest_value();
@@ -399,11 +517,27 @@ impl SignOp {
     pub fn verify(&mut self, sig: &[u8]) -> Result<(), Ckr> {
         if let Some((ctx, key)) = self.hmac.take() {
             let tag = ctx.sign();
-            if sig.len() != tag.as_ref().len() {
+            if sig.len() != self.out_len {
                 return Err(Ckr(CKR_SIGNATURE_LEN_RANGE));
             }
             drop(key);
-            return if aws_lc_rs::constant_time::verify_slices_are_equal(tag.as_ref(), sig).is_ok() {
+            let tag = tag
+                .as_ref()
+                .get(..self.out_len)
+                .ok_or(Ckr(CKR_FUNCTION_FAILED))?;
+            return if aws_lc_rs::constant_time::verify_slices_are_equal(tag, sig).is_ok() {
+                Ok(())
+            } else {
+                Err(Ckr(CKR_SIGNATURE_INVALID))
+            };
+        }
+        if let Some((ctx, len)) = self.cmac.take() {
+            if sig.len() != len {
+                return Err(Ckr(CKR_SIGNATURE_LEN_RANGE));
+            }
+            let tag = ctx.sign().map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+            let tag = tag.as_ref().get(..len).ok_or(Ckr(CKR_FUNCTION_FAILED))?;
+            return if aws_lc_rs::constant_time::verify_slices_are_equal(tag, sig).is_ok() {
                 Ok(())
             } else {
                 Err(Ckr(CKR_SIGNATURE_INVALID))
@@ -436,6 +570,18 @@ enum CipherKind {
     CbcPad {
         key: Zeroizing<Vec<u8>>,
         iv: [u8; 16],
+    },
+    /// CKM_AES_ECB (no IV) or CKM_AES_CBC (with IV), no padding.
+    Block {
+        key: Zeroizing<Vec<u8>>,
+        iv: Option<[u8; 16]>,
+    },
+    /// CKM_AES_CTR: the initial counter block and how many blocks the counter (its low
+    /// `counter_bits` bits) can still count before it would wrap.
+    Ctr {
+        key: Zeroizing<Vec<u8>>,
+        cb: [u8; 16],
+        blocks_left: u128,
     },
     RsaOaep {
         hash: u64,
@@ -504,6 +650,7 @@ impl CipherOp {
                 let m = key.material()?;
                 let alg = match m.secret()?.len() {
                     16 => &aead::AES_128_GCM,
+                    24 => &aead::AES_192_GCM,
                     32 => &aead::AES_256_GCM,
                     _ => return Err(Ckr(CKR_KEY_SIZE_RANGE)),
                 };
@@ -530,6 +677,41 @@ impl CipherOp {
                 CipherKind::CbcPad {
                     key: Zeroizing::new(m.secret()?.to_vec()),
                     iv,
+                }
+            }
+            CKM_AES_ECB | CKM_AES_CBC => {
+                key_type_must(key, CKO_SECRET_KEY, &[CKK_AES])?;
+                let iv = match (mech, param) {
+                    (CKM_AES_ECB, MechParam::None {}) => None,
+                    (CKM_AES_CBC, MechParam::Bytes { data }) => Some(
+                        <[u8; 16]>::try_from(data.0.as_slice())
+                            .map_err(|_| Ckr(CKR_MECHANISM_PARAM_INVALID))?,
+                    ),
+                    _ => return Err(Ckr(CKR_MECHANISM_PARAM_INVALID)),
+                };
+                let m = key.material()?;
+                aes_alg(m.secret()?.len())?;
+                CipherKind::Block {
+                    key: Zeroizing::new(m.secret()?.to_vec()),
+                    iv,
+                }
+            }
+            CKM_AES_CTR => {
+                key_type_must(key, CKO_SECRET_KEY, &[CKK_AES])?;
+                let MechParam::Ctr { counter_bits, cb } = param else {
+                    return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
+                };
+                let cb: [u8; 16] =
+                    cb.0.as_slice()
+                        .try_into()
+                        .map_err(|_| Ckr(CKR_MECHANISM_PARAM_INVALID))?;
+                let blocks_left = ctr_blocks_left(*counter_bits, &cb)?;
+                let m = key.material()?;
+                aes_alg(m.secret()?.len())?;
+                CipherKind::Ctr {
+                    key: Zeroizing::new(m.secret()?.to_vec()),
+                    cb,
+                    blocks_left,
                 }
             }
             CKM_RSA_PKCS_OAEP => {
@@ -585,7 +767,9 @@ impl CipherOp {
             (CipherKind::Gcm { .. }, true) => total + 16,
             (CipherKind::Gcm { .. }, false) => total.saturating_sub(16),
             (CipherKind::CbcPad { .. }, true) => (total / 16 + 1) * 16,
-            (CipherKind::CbcPad { .. }, false) => total,
+            (CipherKind::CbcPad { .. } | CipherKind::Block { .. }, false)
+            | (CipherKind::Block { .. } | CipherKind::Ctr { .. }, true)
+            | (CipherKind::Ctr { .. }, false) => total,
             _ => self.key.signature_len(),
         }
     }
@@ -660,6 +844,67 @@ impl CipherOp {
                 out.truncate(n);
                 Ok(out)
             }
+            (CipherKind::Block { key, iv }, encrypt) => {
+                if !input.len().is_multiple_of(16) {
+                    return Err(bad_len(encrypt));
+                }
+                let mut out = Zeroizing::new(input.to_vec());
+                if out.is_empty() {
+                    return Ok(out);
+                }
+                let k = UnboundCipherKey::new(aes_alg(key.len())?, key)
+                    .map_err(|_| Ckr(CKR_KEY_SIZE_RANGE))?;
+                if encrypt {
+                    let (k, ctx) = match iv {
+                        Some(iv) => (
+                            EncryptingKey::cbc(k),
+                            EncryptionContext::Iv128((*iv).into()),
+                        ),
+                        None => (EncryptingKey::ecb(k), EncryptionContext::None),
+                    };
+                    k.map_err(|_| Ckr(CKR_FUNCTION_FAILED))?
+                        .less_safe_encrypt(&mut out, ctx)
+                        .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+                } else {
+                    let (k, ctx) = match iv {
+                        Some(iv) => (
+                            DecryptingKey::cbc(k),
+                            DecryptionContext::Iv128((*iv).into()),
+                        ),
+                        None => (DecryptingKey::ecb(k), DecryptionContext::None),
+                    };
+                    k.map_err(|_| Ckr(CKR_FUNCTION_FAILED))?
+                        .decrypt(&mut out, ctx)
+                        .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+                }
+                Ok(out)
+            }
+            (
+                CipherKind::Ctr {
+                    key,
+                    cb,
+                    blocks_left,
+                },
+                _,
+            ) => {
+                // The counter must not wrap inside its `counter_bits` (PKCS#11 §2.10.4);
+                // aws-lc counts over all 128 bits, which is the same as long as it does not.
+                let blocks = input.len().div_ceil(16) as u128;
+                if blocks > *blocks_left {
+                    return Err(bad_len(self.encrypt));
+                }
+                let mut out = Zeroizing::new(input.to_vec());
+                if out.is_empty() {
+                    return Ok(out);
+                }
+                let k = UnboundCipherKey::new(aes_alg(key.len())?, key)
+                    .map_err(|_| Ckr(CKR_KEY_SIZE_RANGE))?;
+                EncryptingKey::ctr(k)
+                    .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?
+                    .less_safe_encrypt(&mut out, EncryptionContext::Iv128((*cb).into()))
+                    .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+                Ok(out)
+            }
             (CipherKind::RsaOaep { hash, label }, true) => Ok(Zeroizing::new(
                 self.key.rsa_oaep_encrypt(*hash, label, &input)?,
             )),
@@ -670,6 +915,30 @@ impl CipherOp {
             (CipherKind::RsaPkcs, false) => self.key.rsa_pkcs1_decrypt(&input),
         }
     }
+}
+
+/// The length error of an encryption (CKR_DATA_LEN_RANGE) or decryption
+/// (CKR_ENCRYPTED_DATA_LEN_RANGE).
+fn bad_len(encrypt: bool) -> Ckr {
+    Ckr(if encrypt {
+        CKR_DATA_LEN_RANGE
+    } else {
+        CKR_ENCRYPTED_DATA_LEN_RANGE
+    })
+}
+
+/// How many 16-byte blocks a CTR counter of `bits` bits (the low bits of `cb`) counts
+/// before it wraps, the current block included.
+fn ctr_blocks_left(bits: u64, cb: &[u8; 16]) -> Result<u128, Ckr> {
+    if !(1..=128).contains(&bits) {
+        return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
+    }
+    let v = u128::from_be_bytes(*cb);
+    if bits == 128 {
+        return Ok((u128::MAX - v).saturating_add(1));
+    }
+    let mask = (1u128 << bits) - 1;
+    Ok(mask - (v & mask) + 1)
 }
 
 /// AES key wrap (RFC 3394) or key wrap with padding (RFC 5649) of `data` under `kek`.
@@ -780,6 +1049,117 @@ mod tests {
             aes_kw(CKM_AES_KEY_WRAP, &kek, &w, false).err(),
             Some(Ckr(CKR_WRAPPED_KEY_INVALID))
         );
+        Ok(())
+    }
+
+    /// A secret key of `len` bytes allowed for `usage`.
+    fn secret_key(key_type: u64, len: u64, usage: u64) -> Result<Object, Ckr> {
+        use caas_vsm_proto::{Attr, Blob, attr};
+        let tmpl = [Attr {
+            ty: usage,
+            value: Blob(attr::boolean(true)),
+        }];
+        let (a, s) = crate::object::build(
+            &tmpl,
+            CKO_SECRET_KEY,
+            Some(key_type),
+            crate::object::Origin::Generated(CKM_GENERIC_SECRET_KEY_GEN),
+            &[(CKA_VALUE_LEN, attr::ulong(len))],
+            Some(Zeroizing::new(vec![7u8; usize::try_from(len).unwrap_or(0)])),
+            crate::policy::Role::User,
+        )?;
+        Ok(Object::new(1, None, a, s, 0))
+    }
+
+    /// C_GetMechanismInfo does not lie for the secret-key mechanisms: each advertised
+    /// encrypt/decrypt/sign/verify flag works with a key at each end of the advertised size
+    /// range (and AES-192 in between). Wrapping is covered by the policy tests (AES-KW has
+    /// no 192-bit form, see the table above).
+    #[test]
+    fn every_advertised_secret_key_mechanism_works_across_its_key_range() -> Result<(), Ckr> {
+        use caas_vsm_proto::Blob;
+        let mut checked = 0;
+        for &(mech, min, max, flags) in MECHANISMS {
+            let (key_type, param) = match mech {
+                CKM_AES_GCM => (
+                    CKK_AES,
+                    MechParam::Gcm {
+                        iv: Blob(vec![0; 12]),
+                        aad: Blob(Vec::new()),
+                        tag_bits: 128,
+                    },
+                ),
+                CKM_AES_CBC_PAD | CKM_AES_CBC => (
+                    CKK_AES,
+                    MechParam::Bytes {
+                        data: Blob(vec![0; 16]),
+                    },
+                ),
+                CKM_AES_CTR => (
+                    CKK_AES,
+                    MechParam::Ctr {
+                        counter_bits: 128,
+                        cb: Blob(vec![0; 16]),
+                    },
+                ),
+                CKM_AES_ECB | CKM_AES_CMAC => (CKK_AES, MechParam::None {}),
+                CKM_AES_CMAC_GENERAL => (CKK_AES, MechParam::MacLen { len: 8 }),
+                CKM_SHA_1_HMAC | CKM_SHA224_HMAC | CKM_SHA256_HMAC | CKM_SHA384_HMAC
+                | CKM_SHA512_HMAC => (CKK_GENERIC_SECRET, MechParam::None {}),
+                m if is_general_hmac(m) => (CKK_GENERIC_SECRET, MechParam::MacLen { len: 10 }),
+                _ => continue,
+            };
+            let sizes: Vec<u64> = if key_type == CKK_AES {
+                [16, 24, 32]
+                    .into_iter()
+                    .filter(|s| (min..=max).contains(s))
+                    .collect()
+            } else {
+                vec![min, max]
+            };
+            for size in sizes {
+                for (flag, usage, first) in [
+                    (CKF_ENCRYPT, CKA_ENCRYPT, true),
+                    (CKF_DECRYPT, CKA_DECRYPT, false),
+                    (CKF_SIGN, CKA_SIGN, true),
+                    (CKF_VERIFY, CKA_VERIFY, false),
+                ] {
+                    if flags & flag == 0 {
+                        continue;
+                    }
+                    let key = secret_key(key_type, size, usage)?;
+                    let r = if usage == CKA_SIGN || usage == CKA_VERIFY {
+                        SignOp::init(mech, &param, &key, first).map(|_| ())
+                    } else {
+                        CipherOp::init(mech, &param, &key, first, usage).map(|_| ())
+                    };
+                    assert!(
+                        r.is_ok(),
+                        "{mech:#x} flag {flag:#x} key {size} bytes: {r:?}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 40, "only {checked} combinations checked");
+        Ok(())
+    }
+
+    #[test]
+    fn ctr_counter_space() -> Result<(), Ckr> {
+        let mut cb = [0u8; 16];
+        assert_eq!(ctr_blocks_left(8, &cb)?, 256);
+        cb[15] = 0xff;
+        assert_eq!(ctr_blocks_left(8, &cb)?, 1);
+        assert_eq!(ctr_blocks_left(16, &cb)?, 256 * 256 - 255);
+        assert_eq!(ctr_blocks_left(128, &[0u8; 16])?, u128::MAX);
+        assert_eq!(ctr_blocks_left(128, &[0xff; 16])?, 1);
+        for bad in [0, 129] {
+            assert_eq!(
+                ctr_blocks_left(bad, &cb).err(),
+                Some(Ckr(CKR_MECHANISM_PARAM_INVALID))
+            );
+        }
         Ok(())
     }
 

@@ -164,13 +164,22 @@ impl Token {
             st.user_failures = image.user_failures;
         }
         let mut objs = token.write_objects();
+        let mut migrated = false;
         for o in image.objects {
-            let attrs: Attrs = o.attrs.into_iter().map(|a| (a.ty, a.value.0)).collect();
+            let mut attrs: Attrs = o.attrs.into_iter().map(|a| (a.ty, a.value.0)).collect();
+            if let std::collections::btree_map::Entry::Vacant(e) = attrs.entry(CKA_UNIQUE_ID) {
+                // A state written before CKA_UNIQUE_ID existed: assigned once, persisted below.
+                e.insert(crate::object::new_unique_id().map_err(Error::Token)?);
+                migrated = true;
+            }
             let h = handles.fetch_add(1, Ordering::Relaxed);
             let secret = o.secret.map(|s| s.0);
             objs.insert(h, Arc::new(Object::new(h, None, attrs, secret, o.uses)));
         }
         drop(objs);
+        if migrated {
+            token.persist().map_err(Error::Token)?;
+        }
         Ok(token)
     }
 
@@ -417,6 +426,36 @@ mod tests {
         // The SO resets the user PIN.
         t.set_user_pin(b"5678").map_err(|e| e.to_string())?;
         assert_eq!(t.check_pin(CKU_USER, b"5678"), Ok(()));
+        Ok(())
+    }
+
+    /// A token object stored before CKA_UNIQUE_ID existed gets an id at the first load,
+    /// and keeps that same id afterwards (it is persisted then, not re-drawn per start).
+    #[test]
+    fn object_from_an_older_state_gets_a_stable_unique_id() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        let t = open(dir.path(), [1; 32])?;
+        t.init(b"so-pin-1", "tok").map_err(|e| e.to_string())?;
+        let attrs: Attrs = [
+            (CKA_CLASS, caas_vsm_proto::attr::ulong(CKO_DATA)),
+            (CKA_TOKEN, caas_vsm_proto::attr::boolean(true)),
+        ]
+        .into_iter()
+        .collect();
+        t.write_objects()
+            .insert(7, Arc::new(Object::new(7, None, attrs, None, 0)));
+        t.persist().map_err(|e| e.to_string())?;
+        drop(t);
+        let id = |t: &Token| -> Option<Vec<u8>> {
+            t.read_objects()
+                .values()
+                .next()
+                .and_then(|o| o.bytes(CKA_UNIQUE_ID))
+        };
+        let first = id(&open(dir.path(), [1; 32])?).ok_or("no CKA_UNIQUE_ID after load")?;
+        assert_eq!(first.len(), 32);
+        assert_eq!(id(&open(dir.path(), [1; 32])?), Some(first));
         Ok(())
     }
 }

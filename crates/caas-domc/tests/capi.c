@@ -188,6 +188,57 @@ int main(int argc, char **argv) {
     EXPECT(f->C_Encrypt(s, msg, 7, ct, &cl), CKR_OK);
     CHECK(cl == 23);
 
+    /* CKM_AES_CMAC_GENERAL (CK_MAC_GENERAL_PARAMS = CK_ULONG): RFC 4493 example 2 cut to
+     * 8 bytes; a length over 16 and a parameter of the wrong size are refused. */
+    CK_BYTE cmk[16] = {0x2b, 0x7e, 0x15, 0x16, 0x28, 0xae, 0xd2, 0xa6, 0xab, 0xf7, 0x15, 0x88, 0x09, 0xcf, 0x4f, 0x3c};
+    CK_BYTE cmm[16] = {0x6b, 0xc1, 0xbe, 0xe2, 0x2e, 0x40, 0x9f, 0x96, 0xe9, 0x3d, 0x7e, 0x11, 0x73, 0x93, 0x17, 0x2a};
+    CK_BYTE cmt[8] = {0x07, 0x0a, 0x16, 0xb4, 0x6b, 0x4d, 0x41, 0x44};
+    CK_ATTRIBUTE cmkt[] = {{CKA_CLASS, &sec, sizeof sec}, {CKA_KEY_TYPE, &aes, sizeof aes}, {CKA_VALUE, cmk, 16}, {CKA_SIGN, &yes, 1}, {CKA_VERIFY, &yes, 1}};
+    CK_OBJECT_HANDLE ck = 0;
+    EXPECT(f->C_CreateObject(s, cmkt, 5, &ck), CKR_OK);
+    CK_ULONG mac_len = 8;
+    CK_MECHANISM cmac_g = {CKM_AES_CMAC_GENERAL, &mac_len, sizeof mac_len};
+    CK_BYTE tag[16];
+    CK_ULONG tl = sizeof tag;
+    EXPECT(f->C_SignInit(s, &cmac_g, ck), CKR_OK);
+    EXPECT(f->C_Sign(s, cmm, 16, tag, &tl), CKR_OK);
+    CHECK(tl == 8 && memcmp(tag, cmt, 8) == 0);
+    EXPECT(f->C_VerifyInit(s, &cmac_g, ck), CKR_OK);
+    EXPECT(f->C_Verify(s, cmm, 16, cmt, 8), CKR_OK);
+    mac_len = 17;
+    EXPECT(f->C_SignInit(s, &cmac_g, ck), CKR_MECHANISM_PARAM_INVALID);
+    CK_BYTE short_param[4] = {8, 0, 0, 0};
+    CK_MECHANISM cmac_bad = {CKM_AES_CMAC_GENERAL, short_param, sizeof short_param};
+    EXPECT(f->C_SignInit(s, &cmac_bad, ck), CKR_MECHANISM_PARAM_INVALID);
+
+    /* CKM_SHA256_HMAC_GENERAL: RFC 4231 test case 5 (output truncated to 128 bits); a length
+     * over the hash's 32 bytes is refused, a truncated tag of the wrong length too. */
+    CK_BYTE hk5[20];
+    memset(hk5, 0x0c, sizeof hk5);
+    CK_KEY_TYPE gen_kt = CKK_GENERIC_SECRET;
+    CK_ATTRIBUTE hkt[] = {{CKA_CLASS, &sec, sizeof sec}, {CKA_KEY_TYPE, &gen_kt, sizeof gen_kt}, {CKA_VALUE, hk5, 20}, {CKA_SIGN, &yes, 1}, {CKA_VERIFY, &yes, 1}};
+    CK_OBJECT_HANDLE hk = 0;
+    EXPECT(f->C_CreateObject(s, hkt, 5, &hk), CKR_OK);
+    CK_BYTE tc5[] = "Test With Truncation";
+    CK_BYTE tc5_mac[16] = {0xa3, 0xb6, 0x16, 0x74, 0x73, 0x10, 0x0e, 0xe0, 0x6e, 0x0c, 0x79, 0x6c, 0x29, 0x55, 0x55, 0x2b};
+    CK_ULONG hmac_len = 16;
+    CK_MECHANISM hmac_g = {CKM_SHA256_HMAC_GENERAL, &hmac_len, sizeof hmac_len};
+    tl = sizeof tag;
+    EXPECT(f->C_SignInit(s, &hmac_g, hk), CKR_OK);
+    EXPECT(f->C_Sign(s, tc5, 20, tag, &tl), CKR_OK);
+    CHECK(tl == 16 && memcmp(tag, tc5_mac, 16) == 0);
+    EXPECT(f->C_VerifyInit(s, &hmac_g, hk), CKR_OK);
+    EXPECT(f->C_Verify(s, tc5, 20, tc5_mac, 16), CKR_OK);
+    EXPECT(f->C_VerifyInit(s, &hmac_g, hk), CKR_OK);
+    EXPECT(f->C_Verify(s, tc5, 20, tc5_mac, 15), CKR_SIGNATURE_LEN_RANGE);
+    hmac_len = 33;
+    EXPECT(f->C_SignInit(s, &hmac_g, hk), CKR_MECHANISM_PARAM_INVALID);
+
+    /* C_WaitForSlotEvent: no event, never blocks. */
+    CK_SLOT_ID ev = 0;
+    EXPECT(f->C_WaitForSlotEvent(CKF_DONT_BLOCK, &ev, NULL), CKR_NO_EVENT);
+    EXPECT(f->C_WaitForSlotEvent(0, &ev, NULL), CKR_FUNCTION_NOT_SUPPORTED);
+
     EXPECT(f->C_GenerateRandom(s, NULL, 10), CKR_ARGUMENTS_BAD);
     EXPECT(f->C_FindObjects(s, NULL, 1, &n), CKR_ARGUMENTS_BAD);
     EXPECT(f->C_Finalize((void *)1), CKR_ARGUMENTS_BAD);

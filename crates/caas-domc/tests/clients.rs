@@ -276,6 +276,29 @@ with token.open(user_pin=sys.argv[2], rw=True) as s:
     iv = s.generate_random(128)
     ct = key.encrypt(b'secret payload', mechanism_param=iv)
     assert key.decrypt(ct, mechanism_param=iv) == b'secret payload'
+    # SoftHSM2-parity mechanisms with their SP 800-38A / RFC 4493 / RFC 4231 known answers.
+    A = pkcs11.Attribute
+    k = s.create_object({A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: KeyType.AES,
+                         A.VALUE: bytes.fromhex('2b7e151628aed2a6abf7158809cf4f3c'),
+                         A.ENCRYPT: True, A.DECRYPT: True, A.SIGN: True, A.VERIFY: True})
+    pt = bytes.fromhex('6bc1bee22e409f96e93d7e117393172a')
+    assert k.encrypt(pt, mechanism=Mechanism.AES_ECB).hex() == '3ad77bb40d7a3660a89ecaf32466ef97'
+    iv = bytes(range(16))
+    ct = k.encrypt(pt, mechanism=Mechanism.AES_CBC, mechanism_param=iv)
+    assert ct.hex() == '7649abac8119b246cee98e9b12e9197d', ct.hex()
+    assert k.decrypt(ct, mechanism=Mechanism.AES_CBC, mechanism_param=iv) == pt
+    tag = k.sign(pt, mechanism=Mechanism.AES_CMAC)
+    assert tag.hex() == '070a16b46b4d4144f79bdd9dd04a287c', tag.hex()
+    assert k.verify(pt, tag, mechanism=Mechanism.AES_CMAC)
+    hk = s.create_object({A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: KeyType.GENERIC_SECRET,
+                          A.VALUE: b'Jefe', A.SIGN: True, A.VERIFY: True})
+    mac = hk.sign(b'what do ya want for nothing?', mechanism=Mechanism.SHA224_HMAC)
+    assert mac.hex() == 'a30e01098bc6dbbf45690f3a7e9e6d0f8bbea2a39e6148008fd05e44', mac.hex()
+    try:
+        s.seed_random(b'seed')
+        raise AssertionError('C_SeedRandom accepted')
+    except pkcs11.exceptions.RandomSeedNotSupported:
+        pass
     found = [o.label for o in s.get_objects({pkcs11.Attribute.CLASS: ObjectClass.PRIVATE_KEY})]
     assert 'py-rsa' in found, found
 print('python-pkcs11 OK')

@@ -1,6 +1,8 @@
 //! The host agent: the only holder of the host's TPM. It keeps an attestation key and a
 //! PCR-bound, AK-certified bind key (on disk only as TPM-wrapped blobs), enrolls with the
-//! key service (EK certificate → MakeCredential/ActivateCredential), and answers
+//! key service (EK certificate → MakeCredential/ActivateCredential; the AK also quotes the
+//! hash of the agent's TLS client certificate, which binds that certificate to this TPM at
+//! the key service: `caas_attest::tls_binding`), and answers
 //! attestation challenges with a quote, the PCR values and the boot event log.
 //!
 //! The API is served over TLS only ([`caas_tls::server`]) and every route but `/healthz`
@@ -279,11 +281,26 @@ impl Agent {
             .tpm
             .run(move |t| t.activate_credential(&ak, &ch.credential_blob, &ch.encrypted_secret))
             .await?;
+        // The AK endorses this agent's TLS client certificate (the one its key-service
+        // client presents) for this enrollment: `caas_attest::tls_binding`.
+        let spki = caas_tls::spki_sha256_of_file(&self.cfg.tls.cert)
+            .map_err(|e| Error::Config(format!("tls.cert: {e}")))?;
+        let nonce = caas_attest::tls_binding::binding_nonce(&ch.enrollment_id, &spki);
+        let ak = self.ak();
+        let q = self
+            .tpm
+            .run(move |t| t.quote(&ak, &nonce, PcrBank::Sha256, &[0]))
+            .await?;
         let fin = EnrollFinish {
             name: self.cfg.name.clone(),
             enrollment_id: ch.enrollment_id,
             secret: secret.to_vec(),
             bind_key: Some(self.bind_key()),
+            tls_binding: Some(caas_attest::tls_binding::TlsBinding {
+                spki_sha256: hex::encode(spki),
+                quote_attest: q.attest,
+                quote_signature: q.signature,
+            }),
         };
         let view: HostView = self
             .http

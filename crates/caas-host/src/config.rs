@@ -89,6 +89,10 @@ pub struct RawTls {
     pub cert: PathBuf,
     /// Its private key (PEM, keep it 0600).
     pub key: PathBuf,
+    /// The deployment CA's revocation list (PEM, `caas pki revoke`): a caller whose client
+    /// certificate is listed fails the handshake. Loaded at start-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
 }
 
 /// Production or dev.
@@ -323,6 +327,7 @@ impl RawConfig {
             cert: self.tls.cert,
             key: self.tls.key,
             client_ca: Some(self.tls.ca),
+            crl: self.tls.crl,
         };
         Ok(AgentConfig {
             mode: self.mode,

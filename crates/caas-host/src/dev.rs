@@ -150,6 +150,7 @@ impl DevHosts {
                     ca: pki.ca_file(),
                     cert: tls.cert,
                     key: tls.key,
+                    crl: None,
                 },
                 run_dir: None,
                 workload_ids: "200000-299999".into(),

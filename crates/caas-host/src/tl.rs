@@ -1018,6 +1018,18 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
 
 /// Writes the workload's spec, injected secrets and PIN file, starts it through its driver
 /// and waits for its ready file; returns the process and its PSK-channel address.
+/// Where a workload's PSK channel listens: the agent's own address, so that the tenant
+/// reaches it from its machine (the channel is authenticated by τ, and the workload proves
+/// itself to the DM); loopback when the agent listens on every address (the endpoint the
+/// tenant is given must be one address) — set `listen` to the host's address then.
+fn workload_listen_ip(agent: std::net::IpAddr) -> std::net::IpAddr {
+    if agent.is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        agent
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn start_workload(
     vm_id: &str,
@@ -1029,6 +1041,7 @@ async fn start_workload(
     injected: &caas_workload::InjectedSecrets,
     user_pin: &str,
     id: RunAs,
+    listen_ip: std::net::IpAddr,
     incoming: bool,
 ) -> Result<(Proc, String), Error> {
     let wl = |e: caas_workload::Error| Error::Domain(format!("workload: {e}"));
@@ -1044,7 +1057,7 @@ async fn start_workload(
     let ready = dir.join("ready");
     let spec = caas_workload::WorkloadSpec {
         vm_id: vm_id.to_string(),
-        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        listen: std::net::SocketAddr::new(listen_ip, 0),
         ready_file: ready.clone(),
         inject_file: inject,
         disk: disk.to_string(),
@@ -1392,6 +1405,7 @@ impl Agent {
             &injected,
             &cfg.user_pin,
             run_as,
+            workload_listen_ip(self.cfg.listen.ip()),
             true,
         )
         .await?;
@@ -1868,6 +1882,7 @@ impl Agent {
             &injected,
             user_pin,
             id,
+            workload_listen_ip(self.cfg.listen.ip()),
             false,
         )
         .await?;
@@ -2238,6 +2253,16 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tenant on another machine reaches its process workload: the PSK channel listens
+    /// on the agent's address (tests/multi_host_netns.rs connects across namespaces).
+    #[test]
+    fn the_workload_listens_on_the_agents_address() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(workload_listen_ip(ip("10.1.2.3")), ip("10.1.2.3"));
+        assert_eq!(workload_listen_ip(ip("127.0.0.1")), ip("127.0.0.1"));
+        assert_eq!(workload_listen_ip(ip("0.0.0.0")), ip("127.0.0.1"));
+    }
 
     #[test]
     fn refusal_records_are_bounded_and_the_rest_counted() {

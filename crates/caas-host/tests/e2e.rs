@@ -288,6 +288,7 @@ async fn enrollment_rejects_bad_ek_and_ak_and_another_tpms_quote() {
         enrollment_id: ch.enrollment_id,
         secret: vec![0u8; 32],
         bind_key: None,
+        tls_binding: None,
     };
     let r: Result<HostView, _> = http
         .post(&format!("{}/v1/attest/enroll/finish", e.ks.url), &fin)

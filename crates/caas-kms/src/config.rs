@@ -18,6 +18,13 @@ pub struct RawServer {
     pub tls_cert: Option<PathBuf>,
     /// TLS private key (PEM).
     pub tls_key: Option<PathBuf>,
+    /// The deployment CA (PEM) host agents' client certificates must chain to. Without it
+    /// no client certificate is requested and host-protocol routes are refused over TLS
+    /// (hosts authenticate by the certificate their enrollment bound to their TPM).
+    pub tls_client_ca: Option<PathBuf>,
+    /// Revocation list(s) of that CA (PEM, `caas pki revoke`): a listed client certificate
+    /// fails the handshake. Loaded at start-up.
+    pub tls_crl: Option<PathBuf>,
 }
 
 /// `[storage]`.
@@ -97,7 +104,20 @@ impl RawConfig {
             .parse()
             .map_err(|_| format!("server.listen: '{listen}' is not an address:port"))?;
         let tls = match (self.server.tls_cert, self.server.tls_key) {
-            (Some(cert), Some(key)) => Some(crate::server::TlsFiles { cert, key }),
+            (Some(_), Some(_))
+                if self.server.tls_crl.is_some() && self.server.tls_client_ca.is_none() =>
+            {
+                return Err("server.tls_crl needs server.tls_client_ca".into());
+            }
+            (Some(cert), Some(key)) => Some(crate::server::TlsFiles {
+                cert,
+                key,
+                client_ca: self.server.tls_client_ca,
+                crl: self.server.tls_crl,
+            }),
+            (None, None) if self.server.tls_client_ca.is_some() => {
+                return Err("server.tls_client_ca needs server.tls_cert and tls_key".into());
+            }
             (None, None) => None,
             _ => return Err("server.tls_cert and server.tls_key must be given together".into()),
         };

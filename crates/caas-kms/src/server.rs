@@ -104,6 +104,12 @@ pub struct TlsFiles {
     pub cert: std::path::PathBuf,
     /// PEM private key.
     pub key: std::path::PathBuf,
+    /// The deployment CA client certificates must chain to (host agents present theirs):
+    /// a certificate is then requested, not required (tenants and operators use SigV4);
+    /// each request carries its [`caas_tls::server::Peer`].
+    pub client_ca: Option<std::path::PathBuf>,
+    /// Revocation list(s) of that CA (PEM).
+    pub crl: Option<std::path::PathBuf>,
 }
 
 /// Serves until `shutdown` resolves. Plain HTTP without `tls`.
@@ -130,13 +136,25 @@ pub async fn serve_router(
     tls: Option<TlsFiles>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_router_with(app, listener, tls, None, shutdown).await
+}
+
+/// [`serve_router`], telling `on_refused` about every TLS handshake that failed on the
+/// client's certificate (another CA, revoked: for the caller's audit trail).
+pub async fn serve_router_with(
+    app: Router,
+    listener: TcpListener,
+    tls: Option<TlsFiles>,
+    on_refused: Option<caas_tls::server::OnRefused>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     match tls {
         None => {
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown)
                 .await
         }
-        Some(t) => serve_tls(listener, app, &t, shutdown).await,
+        Some(t) => serve_tls(listener, app, &t, on_refused, shutdown).await,
     }
 }
 
@@ -144,15 +162,18 @@ async fn serve_tls(
     listener: TcpListener,
     app: Router,
     t: &TlsFiles,
+    on_refused: Option<caas_tls::server::OnRefused>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    // The one TLS accept loop (shared with the host agents): no client certificates here,
-    // tenants and operators authenticate with SigV4.
+    // The one TLS accept loop (shared with the host agents). Tenants and operators
+    // authenticate with SigV4; a client certificate (requested with `client_ca`) is how
+    // host agents authenticate their channel, checked per route by the router.
     let cfg = caas_tls::server::server_config(&caas_tls::server::ServerTls {
         cert: t.cert.clone(),
         key: t.key.clone(),
-        client_ca: None,
+        client_ca: t.client_ca.clone(),
+        crl: t.crl.clone(),
     })
     .map_err(|e| std::io::Error::other(e.to_string()))?;
-    caas_tls::server::serve(listener, app, cfg, None, shutdown).await
+    caas_tls::server::serve(listener, app, cfg, on_refused, shutdown).await
 }

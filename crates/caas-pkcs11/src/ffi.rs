@@ -255,6 +255,28 @@ unsafe fn mechanism(p: *const CK_MECHANISM) -> Result<Mechanism, Rv> {
                 public_data: Blob::from(pd),
             }
         }
+        CKM_AES_CTR => {
+            param(std::mem::size_of::<CK_AES_CTR_PARAMS>())?;
+            // SAFETY: size checked; the caller passes a CK_AES_CTR_PARAMS.
+            let c = unsafe { (pp as *const CK_AES_CTR_PARAMS).read_unaligned() };
+            MechParam::Ctr {
+                counter_bits: u64::from(c.ulCounterBits),
+                cb: Blob(c.cb.to_vec()),
+            }
+        }
+        CKM_AES_CMAC_GENERAL
+        | CKM_SHA_1_HMAC_GENERAL
+        | CKM_SHA224_HMAC_GENERAL
+        | CKM_SHA256_HMAC_GENERAL
+        | CKM_SHA384_HMAC_GENERAL
+        | CKM_SHA512_HMAC_GENERAL => {
+            param(std::mem::size_of::<CK_MAC_GENERAL_PARAMS>())?;
+            // SAFETY: size checked; the caller passes a CK_MAC_GENERAL_PARAMS (a CK_ULONG).
+            let len = unsafe { (pp as *const CK_MAC_GENERAL_PARAMS).read_unaligned() };
+            MechParam::MacLen {
+                len: u64::from(len),
+            }
+        }
         CKM_EDDSA if !pp.is_null() && plen == std::mem::size_of::<CK_EDDSA_PARAMS>() => {
             // SAFETY: size checked.
             let e = unsafe { (pp as *const CK_EDDSA_PARAMS).read_unaligned() };
@@ -1110,7 +1132,24 @@ unsupported!(C_DigestEncryptUpdate(s: CK_SESSION_HANDLE, d: CK_BYTE_PTR, dl: CK_
 unsupported!(C_DecryptDigestUpdate(s: CK_SESSION_HANDLE, d: CK_BYTE_PTR, dl: CK_ULONG, o: CK_BYTE_PTR, ol: CK_ULONG_PTR));
 unsupported!(C_SignEncryptUpdate(s: CK_SESSION_HANDLE, d: CK_BYTE_PTR, dl: CK_ULONG, o: CK_BYTE_PTR, ol: CK_ULONG_PTR));
 unsupported!(C_DecryptVerifyUpdate(s: CK_SESSION_HANDLE, d: CK_BYTE_PTR, dl: CK_ULONG, o: CK_BYTE_PTR, ol: CK_ULONG_PTR));
-unsupported!(C_WaitForSlotEvent(f: CK_FLAGS, s: CK_SLOT_ID_PTR, r: CK_VOID_PTR));
+
+export! {
+    /// C_WaitForSlotEvent: the token is never removed and no slot appears, so there is no
+    /// event to report. With CKF_DONT_BLOCK the answer is CKR_NO_EVENT (as SoftHSM2 gives);
+    /// the blocking form would wait forever and is CKR_FUNCTION_NOT_SUPPORTED.
+    fn C_WaitForSlotEvent(flags: CK_FLAGS, slot: CK_SLOT_ID_PTR, reserved: CK_VOID_PTR) {
+        client()?;
+        if !reserved.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        let _ = slot;
+        if flags & CKF_DONT_BLOCK != 0 {
+            Err(CKR_NO_EVENT)
+        } else {
+            Err(CKR_FUNCTION_NOT_SUPPORTED)
+        }
+    }
+}
 
 export! {
     /// C_GetFunctionStatus (legacy).

@@ -8,7 +8,13 @@
 //! round trip to the crypto domain (see `ops`). The key policy (usage limits, usage roles,
 //! wrap/unwrap rules, `CKA_TRUSTED`) is enforced in the crypto domain (`caas_domc::policy`)
 //! and nothing in the module can relax it; vendor mechanisms without a parameter, such as
-//! the domain's `CKM_CAAS_AES_KEY_WRAP_ATTRS`, pass through unchanged.
+//! the domain's `CKM_CAAS_AES_KEY_WRAP_ATTRS`, pass through unchanged. The mechanisms served,
+//! per flag and key size, are listed in `caas_domc::ops` (the table `C_GetMechanismInfo`
+//! answers from). `C_SeedRandom` answers CKR_RANDOM_SEED_NOT_SUPPORTED (as SoftHSM2: the
+//! domain's generator is not the workload's to steer); `C_WaitForSlotEvent` answers
+//! CKR_NO_EVENT with CKF_DONT_BLOCK (the one slot's token is never removed) and
+//! CKR_FUNCTION_NOT_SUPPORTED for the blocking form. Every object has a token-set,
+//! read-only `CKA_UNIQUE_ID` (PKCS#11 3.0).
 //!
 //! All `unsafe` code is confined to the `ffi` module (the C ABI surface); every exported
 //! function catches panics and returns CKR_GENERAL_ERROR instead of unwinding into C.

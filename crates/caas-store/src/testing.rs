@@ -13,7 +13,8 @@
 //! When the process runs as root (as here), the cluster runs as the `postgres` user via
 //! `runuser`, since `initdb` refuses root. It listens on 127.0.0.1 on a free port and on a
 //! unix socket in its temporary directory, with `trust` authentication. Override the
-//! binaries' directory with `CAAS_PG_BIN`.
+//! binaries' directory with `CAAS_PG_BIN`. [`PgCluster::start_in_netns`] runs the server in
+//! a network namespace (`ip netns exec`): its 127.0.0.1 is then that namespace's loopback.
 
 use std::fmt;
 use std::os::unix::fs::MetadataExt;
@@ -44,6 +45,8 @@ pub struct PgCluster {
     port: u16,
     as_postgres: bool,
     running: bool,
+    /// The network namespace the server runs in (`ip netns exec`), if any.
+    netns: Option<String>,
 }
 
 /// Finds the PostgreSQL server binaries (`initdb`, `pg_ctl`).
@@ -112,6 +115,18 @@ impl PgCluster {
     /// `initdb` + `pg_ctl start` in a new temporary directory. Takes about a second.
     /// Blocking: from async code call it directly (it is short) or via `spawn_blocking`.
     pub fn start() -> Result<PgCluster, HarnessError> {
+        Self::start_with(None)
+    }
+
+    /// As [`PgCluster::start`], the server running in network namespace `netns` (created
+    /// by the caller, e.g. `ip netns add`, with its `lo` up): 127.0.0.1 in the URLs is that
+    /// namespace's loopback, reachable only from processes in it. `psql`/`pg_dump` use the
+    /// unix socket and work from anywhere.
+    pub fn start_in_netns(netns: &str) -> Result<PgCluster, HarnessError> {
+        Self::start_with(Some(netns.to_string()))
+    }
+
+    fn start_with(netns: Option<String>) -> Result<PgCluster, HarnessError> {
         let bin = pg_bin_dir()?;
         let as_postgres = running_as_root();
         let dir = tempfile::Builder::new()
@@ -134,6 +149,7 @@ impl PgCluster {
             port: 0,
             as_postgres,
             running: false,
+            netns,
         };
         let data = cluster.data_dir();
         let out = cluster
@@ -166,7 +182,7 @@ impl PgCluster {
             std::fs::write(&conf_path, text)
                 .map_err(|e| herr(format!("cannot write postgresql.conf: {e}")))?;
             let out = cluster
-                .pg_command("pg_ctl")
+                .server_command("pg_ctl")
                 .arg("-D")
                 .arg(&data)
                 .arg("-l")
@@ -203,6 +219,18 @@ impl PgCluster {
         } else {
             Command::new(program)
         }
+    }
+
+    /// A command that starts the server: in its network namespace, if any.
+    fn server_command(&self, name: &str) -> Command {
+        let Some(ns) = &self.netns else {
+            return self.pg_command(name);
+        };
+        let inner = self.pg_command(name);
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).arg(inner.get_program());
+        c.args(inner.get_args());
+        c
     }
 
     /// TCP port on 127.0.0.1.
@@ -274,7 +302,7 @@ impl PgCluster {
     /// the port and data stay.
     pub fn restart(&self) -> Result<(), HarnessError> {
         let out = self
-            .pg_command("pg_ctl")
+            .server_command("pg_ctl")
             .arg("-D")
             .arg(self.data_dir())
             .arg("-l")

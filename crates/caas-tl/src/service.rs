@@ -11,7 +11,9 @@
 //! `POST /v1/sched/migrate` (asks a workload's host to migrate it, [`crate::migrate`]).
 //!
 //! Authentication is the key service's (`caas/src/key_service/auth.rs`): pk_TTP is public;
-//! `attest` and `domkey` carry the host's AK signature (its identity); the ACL change is
+//! `attest`, `domkey`, `epoch` and `migrate` carry the host's AK signature (its identity) and, over
+//! TLS, must come with the client certificate the host's enrollment bound to that AK
+//! (`caas_attest::tls_binding`, checked by the TTP); the ACL change is
 //! signed by the DM it is about ([`crate::ttp::Ttp::update_acl`]) and sent by a
 //! SigV4-authenticated caller, whose principal the handler audits; bind info and the
 //! scheduler need SigV4 (tenants or operators).
@@ -24,6 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use caas_attest::store::{AttestStore, HostState, get_host, list_hosts};
+use caas_attest::tls_binding::TlsClient;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -301,10 +304,13 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
         .route(
             "/v1/tl/attest",
             post(
-                |State(s): State<Arc<TlService<S>>>, Json(r): Json<AkSigned>| async move {
+                |State(s): State<Arc<TlService<S>>>,
+                 peer: Option<Extension<TlsClient>>,
+                 Json(r): Json<AkSigned>| async move {
+                    let peer = peer.map(|Extension(p)| p);
                     let r: R<Signed> = s
                         .ttp
-                        .attest(&r, caas_attest::now_ms())
+                        .attest(&r, peer.as_ref(), caas_attest::now_ms())
                         .await
                         .map(Json)
                         .map_err(ApiError);
@@ -315,10 +321,13 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
         .route(
             "/v1/tl/domkey",
             post(
-                |State(s): State<Arc<TlService<S>>>, Json(r): Json<AkSigned>| async move {
+                |State(s): State<Arc<TlService<S>>>,
+                 peer: Option<Extension<TlsClient>>,
+                 Json(r): Json<AkSigned>| async move {
+                    let peer = peer.map(|Extension(p)| p);
                     let r: R<Signed> = s
                         .ttp
-                        .domkey(&r, caas_attest::now_ms())
+                        .domkey(&r, peer.as_ref(), caas_attest::now_ms())
                         .await
                         .map(Json)
                         .map_err(ApiError);
@@ -329,10 +338,13 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
         .route(
             "/v1/tl/epoch",
             post(
-                |State(s): State<Arc<TlService<S>>>, Json(r): Json<AkSigned>| async move {
+                |State(s): State<Arc<TlService<S>>>,
+                 peer: Option<Extension<TlsClient>>,
+                 Json(r): Json<AkSigned>| async move {
+                    let peer = peer.map(|Extension(p)| p);
                     let r: R<serde_json::Value> = s
                         .ttp
-                        .epoch_report(&r, caas_attest::now_ms())
+                        .epoch_report(&r, peer.as_ref(), caas_attest::now_ms())
                         .await
                         .map(|e| Json(serde_json::json!({ "epoch": e })))
                         .map_err(ApiError);
@@ -343,10 +355,13 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
         .route(
             "/v1/tl/migrate",
             post(
-                |State(s): State<Arc<TlService<S>>>, Json(r): Json<AkSigned>| async move {
+                |State(s): State<Arc<TlService<S>>>,
+                 peer: Option<Extension<TlsClient>>,
+                 Json(r): Json<AkSigned>| async move {
+                    let peer = peer.map(|Extension(p)| p);
                     let r: R<Signed> = s
                         .ttp
-                        .migrate(&r, caas_attest::now_ms())
+                        .migrate(&r, peer.as_ref(), caas_attest::now_ms())
                         .await
                         .map(Json)
                         .map_err(ApiError);

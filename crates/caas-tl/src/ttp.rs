@@ -16,6 +16,7 @@ use crate::wire::{
 };
 use caas_attest::store::{AttestStore, AuditRecord, HostState, get_host, get_profile};
 use caas_attest::structures::Public;
+use caas_attest::tls_binding::TlsClient;
 use caas_attest::{SecurityProfile, Verdict, appraise, b64};
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -299,8 +300,22 @@ impl<S: AttestStore> Ttp<S> {
         res
     }
 
-    /// Host, its AK and its profile, checking enrollment.
+    /// Host, its AK and its profile, checking enrollment and that the request came over
+    /// the TLS client identity the host enrolled with (`peer`; `caas_attest::tls_binding`).
     async fn host_context(
+        &self,
+        host: &str,
+        peer: Option<&TlsClient>,
+    ) -> Result<(caas_attest::store::HostRecord, Public, SecurityProfile)> {
+        let (h, ak, profile) = self.enrolled_host(host).await?;
+        caas_attest::tls_binding::check_request(&h, peer)
+            .map_err(|r| Error::rejected(r.code, r.message))?;
+        Ok((h, ak, profile))
+    }
+
+    /// Host, its AK and its profile, checking enrollment (a host the request is about, not
+    /// the one that sent it: no TLS binding to check).
+    async fn enrolled_host(
         &self,
         host: &str,
     ) -> Result<(caas_attest::store::HostRecord, Public, SecurityProfile)> {
@@ -349,7 +364,14 @@ impl<S: AttestStore> Ttp<S> {
     }
 
     /// TL.AttestRequest → TL.Attestation (AttestVerify, then AttestToken).
-    pub async fn attest(&self, req: &AkSigned, now_ms: u64) -> Result<Signed> {
+    ///
+    /// `peer`: the TLS client certificate of the request's connection (`None` without TLS).
+    pub async fn attest(
+        &self,
+        req: &AkSigned,
+        peer: Option<&TlsClient>,
+        now_ms: u64,
+    ) -> Result<Signed> {
         let body: Result<AttestRequest> = wire::parse("attest request", &req.body);
         let (host, subject, launch_r) = match &body {
             Ok(b) => (
@@ -364,7 +386,7 @@ impl<S: AttestStore> Ttp<S> {
         };
         let mut vm = String::new();
         let r = match body {
-            Ok(b) => self.attest_inner(&b, req, now_ms, &mut vm).await,
+            Ok(b) => self.attest_inner(&b, req, peer, now_ms, &mut vm).await,
             Err(e) => Err(e),
         };
         let summary = r
@@ -380,6 +402,7 @@ impl<S: AttestStore> Ttp<S> {
         &self,
         b: &AttestRequest,
         req: &AkSigned,
+        peer: Option<&TlsClient>,
         now_ms: u64,
         vm: &mut String,
     ) -> Result<Signed> {
@@ -388,7 +411,7 @@ impl<S: AttestStore> Ttp<S> {
         let claimed: LaunchRequest = b.launch.peek(label::LAUNCH_REQUEST)?;
         let launch: LaunchRequest = b.launch.open(&claimed.pk_dm, label::LAUNCH_REQUEST)?;
         check_fresh(launch.t_ms, now_ms)?;
-        let (host, ak, profile) = self.host_context(&b.host).await?;
+        let (host, ak, profile) = self.host_context(&b.host, peer).await?;
         // σ_AIK over the request and a fresh attestation of CH_i against SP_i.
         let verdict = self.appraise_fresh(&ak, label::ATTEST_REQUEST, req, &profile, now_ms)?;
         if launch.sp != profile.name {
@@ -496,7 +519,14 @@ impl<S: AttestStore> Ttp<S> {
     }
 
     /// DBSP.DomKeyReq → DBSP.DomKeyGen response.
-    pub async fn domkey(&self, req: &AkSigned, now_ms: u64) -> Result<Signed> {
+    ///
+    /// `peer`: the TLS client certificate of the request's connection (`None` without TLS).
+    pub async fn domkey(
+        &self,
+        req: &AkSigned,
+        peer: Option<&TlsClient>,
+        now_ms: u64,
+    ) -> Result<Signed> {
         let body: Result<DomKeyRequest> = wire::parse("domkey request", &req.body);
         let (host, subject) = match &body {
             Ok(b) => (b.host.clone(), format!("{}/{}/{}", b.host, b.vm_id, b.sr)),
@@ -504,7 +534,7 @@ impl<S: AttestStore> Ttp<S> {
         };
         let mut dom = String::new();
         let r = match body {
-            Ok(b) => self.domkey_inner(&b, req, now_ms, &mut dom).await,
+            Ok(b) => self.domkey_inner(&b, req, peer, now_ms, &mut dom).await,
             Err(e) => Err(e),
         };
         let summary = r
@@ -519,13 +549,14 @@ impl<S: AttestStore> Ttp<S> {
         &self,
         b: &DomKeyRequest,
         req: &AkSigned,
+        peer: Option<&TlsClient>,
         now_ms: u64,
         dom: &mut String,
     ) -> Result<Signed> {
         check_name("vm_id", &b.vm_id)?;
         check_name("sr", &b.sr)?;
         check_fresh(b.t_ms, now_ms)?;
-        let (host, ak, profile) = self.host_context(&b.host).await?;
+        let (host, ak, profile) = self.host_context(&b.host, peer).await?;
         if !host.trusted {
             return Err(Error::rejected(
                 "host_untrusted",
@@ -664,7 +695,14 @@ impl<S: AttestStore> Ttp<S> {
     /// DBSP epoch report: a trusted host's SC reports the epoch a volume of a domain its
     /// workload may access was opened at; the anchor becomes the highest reported (it
     /// never goes down). Returns the anchor.
-    pub async fn epoch_report(&self, req: &AkSigned, now_ms: u64) -> Result<u32> {
+    ///
+    /// `peer`: the TLS client certificate of the request's connection (`None` without TLS).
+    pub async fn epoch_report(
+        &self,
+        req: &AkSigned,
+        peer: Option<&TlsClient>,
+        now_ms: u64,
+    ) -> Result<u32> {
         let body: Result<wire::EpochReport> = wire::parse("epoch report", &req.body);
         let (host, subject) = match &body {
             Ok(b) => (
@@ -674,7 +712,7 @@ impl<S: AttestStore> Ttp<S> {
             Err(_) => ("?".into(), "?".into()),
         };
         let r = match body {
-            Ok(b) => self.epoch_report_inner(&b, req, now_ms).await,
+            Ok(b) => self.epoch_report_inner(&b, req, peer, now_ms).await,
             Err(e) => Err(e),
         };
         let summary = r.as_ref().map(|e| format!("epoch {e}")).map_err(clone_err);
@@ -686,13 +724,14 @@ impl<S: AttestStore> Ttp<S> {
         &self,
         b: &wire::EpochReport,
         req: &AkSigned,
+        peer: Option<&TlsClient>,
         now_ms: u64,
     ) -> Result<u32> {
         check_name("vm_id", &b.vm_id)?;
         check_name("domain", &b.domain)?;
         check_name("sr", &b.sr)?;
         check_fresh(b.t_ms, now_ms)?;
-        let (host, ak, profile) = self.host_context(&b.host).await?;
+        let (host, ak, profile) = self.host_context(&b.host, peer).await?;
         if !host.trusted {
             return Err(Error::rejected(
                 "host_untrusted",
@@ -737,7 +776,14 @@ impl<S: AttestStore> Ttp<S> {
     /// success the workload gets a session on the target (launch_r = the migration id, the
     /// same H2, SP and D_vm, a new DK_i sealed to the target's bind key) so the target can
     /// take over its DBSP volumes. Audited (`TlMigrate`) either way.
-    pub async fn migrate(&self, req: &AkSigned, now_ms: u64) -> Result<Signed> {
+    /// `peer`: the TLS client certificate of the request's connection (the source's; `None`
+    /// without TLS).
+    pub async fn migrate(
+        &self,
+        req: &AkSigned,
+        peer: Option<&TlsClient>,
+        now_ms: u64,
+    ) -> Result<Signed> {
         let body: Result<MigrateRequest> = wire::parse("migrate request", &req.body);
         let (host, subject) = match &body {
             Ok(b) => (
@@ -747,7 +793,7 @@ impl<S: AttestStore> Ttp<S> {
             Err(_) => ("?".into(), "?".into()),
         };
         let r = match body {
-            Ok(b) => self.migrate_inner(&b, req, now_ms).await,
+            Ok(b) => self.migrate_inner(&b, req, peer, now_ms).await,
             Err(e) => Err(e),
         };
         let summary = r
@@ -766,6 +812,7 @@ impl<S: AttestStore> Ttp<S> {
         &self,
         b: &MigrateRequest,
         req: &AkSigned,
+        peer: Option<&TlsClient>,
         now_ms: u64,
     ) -> Result<Signed> {
         check_name("vm_id", &b.vm_id)?;
@@ -774,7 +821,7 @@ impl<S: AttestStore> Ttp<S> {
         if b.launch_r.len() != 32 {
             return Err(Error::malformed("launch_r", "nonces are 32 bytes"));
         }
-        let (source, ak, profile) = self.host_context(&b.source).await?;
+        let (source, ak, profile) = self.host_context(&b.source, peer).await?;
         if !source.trusted {
             return Err(Error::rejected(
                 "host_untrusted",
@@ -804,7 +851,7 @@ impl<S: AttestStore> Ttp<S> {
         }
         // The target: enrolled, trusted now, in the workload's profile, its bind key bound
         // to the state that was appraised.
-        let (target, t_ak, t_profile) = self.host_context(&b.target).await.map_err(|e| {
+        let (target, t_ak, t_profile) = self.enrolled_host(&b.target).await.map_err(|e| {
             if e.code() == "sp_mismatch" {
                 Error::rejected(
                     "sp_mismatch",

@@ -1,6 +1,11 @@
 //! Roles and peer identities. A caas certificate names its holder in the subject's common
 //! name and its role(s) as subject-alternative-name URIs `caas:role:<role>`; only a
 //! certificate that chained to the deployment CA during the handshake is ever parsed here.
+//!
+//! A peer is also identified by the SHA-256 of its certificate's SubjectPublicKeyInfo
+//! ([`PeerIdentity::spki_sha256`], [`spki_sha256`]): a host's enrollment binds that hash
+//! to its TPM identity, so that a role certificate alone (which the deployment CA may have
+//! issued to any host) does not let its holder speak for another host.
 
 use crate::Error;
 use x509_cert::der::Decode;
@@ -62,13 +67,42 @@ impl std::str::FromStr for Role {
     }
 }
 
-/// The verified identity of a peer: its certificate's common name and roles.
+/// The verified identity of a peer: its certificate's common name, roles and key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity {
     /// Subject common name (empty when the certificate has none).
     pub name: String,
     /// Roles granted by the certificate (unknown `caas:role:` URIs are ignored).
     pub roles: Vec<Role>,
+    /// SHA-256 of the certificate's DER SubjectPublicKeyInfo: the key the peer proved it
+    /// holds in the handshake (a re-issued certificate with a new key has another hash).
+    pub spki_sha256: [u8; 32],
+}
+
+/// SHA-256 of the DER SubjectPublicKeyInfo of the certificate `der`.
+pub fn spki_sha256(der: &[u8]) -> Result<[u8; 32], Error> {
+    use x509_cert::der::Encode as _;
+    let cert = x509_cert::Certificate::from_der(der)
+        .map_err(|e| Error::Certificate(format!("not an X.509 certificate: {e}")))?;
+    let spki = cert
+        .tbs_certificate
+        .subject_public_key_info
+        .to_der()
+        .map_err(|e| Error::Certificate(format!("subjectPublicKeyInfo: {e}")))?;
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &spki);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    Ok(out)
+}
+
+/// The SPKI hash of the first certificate of the PEM file `path` (an endpoint's own
+/// certificate, e.g. the host agent's, which it binds at enrollment).
+pub fn spki_sha256_of_file(path: &std::path::Path) -> Result<[u8; 32], Error> {
+    let certs = crate::read_certs(path)?;
+    let first = certs
+        .first()
+        .ok_or_else(|| Error::Certificate(format!("{}: no certificate", path.display())))?;
+    spki_sha256(first)
 }
 
 impl PeerIdentity {
@@ -117,7 +151,11 @@ impl PeerIdentity {
             }
         }
         roles.sort();
-        Ok(Self { name, roles })
+        Ok(Self {
+            name,
+            roles,
+            spki_sha256: spki_sha256(der)?,
+        })
     }
 
     /// Whether the certificate grants `role`.

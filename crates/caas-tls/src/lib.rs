@@ -3,7 +3,8 @@
 //! - [`identity`]: a deployment's roles ([`Role`]) as they appear in certificates (a SAN URI
 //!   `caas:role:<role>`), and the verified identity of a peer ([`PeerIdentity`]).
 //! - [`pki`]: the deployment CA. Production: operator-provided PEM files. `caas dev` and the
-//!   tests: [`pki::DevCa`] generates one (rcgen) and issues role certificates from it.
+//!   tests: [`pki::DevCa`] generates one (rcgen), issues role certificates from it and
+//!   revokes them (a CRL every server loads).
 //! - [`server`]: the one accept loop for TLS listeners (key service, host agents): each
 //!   request carries its connection's [`server::Peer`] (address and, with a client
 //!   certificate that chains to the deployment CA, its identity).
@@ -14,7 +15,7 @@ pub mod identity;
 pub mod pki;
 pub mod server;
 
-pub use identity::{PeerIdentity, Role};
+pub use identity::{PeerIdentity, Role, spki_sha256, spki_sha256_of_file};
 
 /// Errors of this crate (messages name files and reasons, never key material).
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +72,24 @@ pub fn read_key(
 ) -> Result<rustls::pki_types::PrivateKeyDer<'static>, Error> {
     use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
     PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path)(e.to_string()))
+}
+
+/// Reads PEM certificate revocation lists (at least one).
+pub fn read_crls(
+    path: &std::path::Path,
+) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, Error> {
+    use rustls::pki_types::{CertificateRevocationListDer, pem::PemObject};
+    let crls: Vec<CertificateRevocationListDer<'static>> =
+        CertificateRevocationListDer::pem_file_iter(path)
+            .map_err(|e| file_err(path)(e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| file_err(path)(e.to_string()))?;
+    if crls.is_empty() {
+        return Err(file_err(path)(
+            "no certificate revocation list in the file".into(),
+        ));
+    }
+    Ok(crls)
 }
 
 /// A root store holding the deployment CA certificate(s) of `path`.

@@ -3,8 +3,11 @@
 //! pki` and `caas dev` use [`DevCa`], a CA generated here (ECDSA P-256, rcgen) whose key is
 //! a 0600 file beside its certificate.
 //!
-//! Files in the CA directory: `ca.pem`, `ca.key` (0600), and per issued certificate
-//! `<name>.pem` and `<name>.key` (0600).
+//! Files in the CA directory: `ca.pem`, `ca.key` (0600), per issued certificate
+//! `<name>.pem` and `<name>.key` (0600), and once a certificate was revoked
+//! ([`DevCa::revoke`]) `revoked.txt` (one `SERIAL NAME` line per revocation) and `crl.pem`,
+//! the CA-signed certificate revocation list every TLS server of the deployment loads
+//! (`caas_tls::server::ServerTls::crl`).
 
 use crate::{Error, Role};
 use rcgen::{
@@ -57,6 +60,22 @@ fn write_file(path: &Path, contents: &[u8]) -> Result<(), Error> {
     caas_crypto::fs::write_secret(path, contents, None).map_err(io_err(path))
 }
 
+/// A holder name is a file name in the CA directory: `[A-Za-z0-9._-]{1,64}`, not `.`/`..`.
+fn check_name(name: &str) -> Result<(), Error> {
+    if name.is_empty()
+        || name.len() > 64
+        || name.chars().all(|c| c == '.')
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(Error::Generate(format!(
+            "certificate name '{name}' must match [A-Za-z0-9._-]{{1,64}}"
+        )));
+    }
+    Ok(())
+}
+
 fn ca_params() -> Result<CertificateParams, Error> {
     let mut p = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
     let mut dn = DistinguishedName::new();
@@ -106,19 +125,87 @@ impl DevCa {
         self.dir.join("ca.pem")
     }
 
+    /// The revocation list [`DevCa::revoke`] writes.
+    pub fn crl_file(&self) -> PathBuf {
+        self.dir.join("crl.pem")
+    }
+
+    /// Revokes the certificate `<name>.pem` of this CA: records its serial number in
+    /// `revoked.txt` and writes `crl.pem` anew (every revoked serial, a CRL number one
+    /// higher than the last, valid for a year). Servers load the CRL at start-up.
+    pub fn revoke(&self, name: &str) -> Result<PathBuf, Error> {
+        use rcgen::{
+            CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber,
+        };
+        use x509_cert::der::Decode as _;
+        check_name(name)?;
+        let cert_path = self.dir.join(format!("{name}.pem"));
+        let der = crate::read_certs(&cert_path)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Certificate(format!("{}: empty", cert_path.display())))?;
+        let cert = x509_cert::Certificate::from_der(&der)
+            .map_err(|e| Error::Certificate(format!("{}: {e}", cert_path.display())))?;
+        let serial = cert.tbs_certificate.serial_number.as_bytes().to_vec();
+        let serial_hex: String = serial.iter().map(|b| format!("{b:02x}")).collect();
+        let list_path = self.dir.join("revoked.txt");
+        let mut list = match std::fs::read_to_string(&list_path) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io_err(&list_path)(e)),
+        };
+        if !list
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(serial_hex.as_str()))
+        {
+            list.push_str(&format!("{serial_hex} {name}\n"));
+        }
+        let mut revoked = Vec::new();
+        for line in list.lines() {
+            let hex = line.split_whitespace().next().unwrap_or("");
+            let bytes = (0..hex.len())
+                .step_by(2)
+                .map(|i| {
+                    hex.get(i..i + 2)
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                })
+                .collect::<Option<Vec<u8>>>()
+                .filter(|b| !b.is_empty())
+                .ok_or_else(|| {
+                    Error::Generate(format!("{}: bad line '{line}'", list_path.display()))
+                })?;
+            revoked.push(bytes);
+        }
+        let (y, m, d) = civil_today();
+        let today = rcgen::date_time_ymd(y, m, d);
+        let params = CertificateRevocationListParams {
+            this_update: today,
+            next_update: rcgen::date_time_ymd(y + 1, m, d.min(28)),
+            crl_number: SerialNumber::from(revoked.len() as u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .into_iter()
+                .map(|s| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&s),
+                    revocation_time: today,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let issuer = Issuer::new(ca_params()?, &self.key);
+        let crl = params.signed_by(&issuer).map_err(gen_err)?;
+        write_file(&list_path, list.as_bytes())?;
+        let out = self.crl_file();
+        write_file(&out, crl.pem().map_err(gen_err)?.as_bytes())?;
+        Ok(out)
+    }
+
     /// Issues (or re-issues) `<name>.pem` / `<name>.key` for `name` with `roles`; `hosts`
     /// are the DNS names and IP addresses a server certificate is valid for.
     pub fn issue(&self, name: &str, roles: &[Role], hosts: &[&str]) -> Result<CertFiles, Error> {
-        if name.is_empty()
-            || name.len() > 64
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
-            return Err(Error::Generate(format!(
-                "certificate name '{name}' must match [A-Za-z0-9._-]{{1,64}}"
-            )));
-        }
+        check_name(name)?;
         let mut p = CertificateParams::new(hosts.iter().map(|s| s.to_string()).collect::<Vec<_>>())
             .map_err(gen_err)?;
         for r in roles {
@@ -146,6 +233,26 @@ impl DevCa {
         write_file(&files.cert, cert.pem().as_bytes())?;
         Ok(files)
     }
+}
+
+/// Today's date (UTC) as (year, month, day): a CRL's thisUpdate is its midnight, so never
+/// in the future.
+fn civil_today() -> (i32, u8, u8) {
+    let days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() / 86_400)
+        .unwrap_or(0) as i64;
+    // Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y as i32, m as u8, d as u8)
 }
 
 #[cfg(test)]
@@ -181,8 +288,45 @@ mod tests {
                 .unwrap();
         }
         assert!(ca.issue("bad name", &[], &[]).is_err());
+        assert!(ca.revoke("../ca").is_err());
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(&f.key).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    /// A revoked certificate fails client verification with the CA's CRL; the others pass.
+    #[test]
+    fn revoked_certificates_fail_verification_with_the_crl() {
+        let d = tempfile::tempdir().unwrap();
+        let ca = DevCa::load_or_create(&d.path().join("pki")).unwrap();
+        let good = ca.issue("host-a", &[Role::Host], &[]).unwrap();
+        let bad = ca.issue("host-b", &[Role::Host], &[]).unwrap();
+        let crl = ca.revoke("host-b").unwrap();
+        // Revoking again is idempotent; the list keeps one entry.
+        ca.revoke("host-b").unwrap();
+        let listed = std::fs::read_to_string(d.path().join("pki/revoked.txt")).unwrap();
+        assert_eq!(listed.lines().count(), 1, "{listed}");
+        let roots = crate::read_roots(&ca.ca_file()).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            crate::provider(),
+        )
+        .with_crls(crate::read_crls(&crl).unwrap())
+        .only_check_end_entity_revocation()
+        .build()
+        .unwrap();
+        let now = rustls::pki_types::UnixTime::now();
+        let der = |f: &CertFiles| crate::read_certs(&f.cert).unwrap().remove(0);
+        verifier.verify_client_cert(&der(&good), &[], now).unwrap();
+        let e = verifier
+            .verify_client_cert(&der(&bad), &[], now)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+            ),
+            "{e:?}"
+        );
     }
 }

@@ -24,6 +24,9 @@ pub struct ServerTls {
     pub key: std::path::PathBuf,
     /// CA that client certificates must chain to (None: no client certificates).
     pub client_ca: Option<std::path::PathBuf>,
+    /// Certificate revocation list(s) of that CA (PEM, e.g. `caas pki revoke`'s
+    /// `crl.pem`): a client certificate listed there fails the handshake.
+    pub crl: Option<std::path::PathBuf>,
 }
 
 /// Who is on the other end of a connection (in every request's extensions).
@@ -63,13 +66,21 @@ pub fn server_config(tls: &ServerTls) -> Result<Arc<rustls::ServerConfig>, Error
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let roots = crate::read_roots(ca)?;
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 crate::provider(),
             )
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| Error::Config(format!("client CA {}: {e}", ca.display())))?;
+            .allow_unauthenticated();
+            if let Some(crl) = &tls.crl {
+                // Only end entities are checked (the CA is the trust anchor); a certificate
+                // whose status the list cannot tell (another issuer) is refused.
+                verifier = verifier
+                    .with_crls(crate::read_crls(crl)?)
+                    .only_check_end_entity_revocation();
+            }
+            let verifier = verifier
+                .build()
+                .map_err(|e| Error::Config(format!("client CA {}: {e}", ca.display())))?;
             builder.with_client_cert_verifier(verifier)
         }
     };

@@ -41,6 +41,10 @@ wire_enum! {
         Oaep = 4 { hash: u64, mgf: u64, source: u64, source_data: Blob },
         /// CK_ECDH1_DERIVE_PARAMS.
         Ecdh = 5 { kdf: u64, shared_data: Blob, public_data: Blob },
+        /// CK_MAC_GENERAL_PARAMS (the output length of a `*_GENERAL` MAC mechanism).
+        MacLen = 6 { len: u64 },
+        /// CK_AES_CTR_PARAMS: counter width in bits and the initial counter block.
+        Ctr = 7 { counter_bits: u64, cb: Blob },
     }
 }
 

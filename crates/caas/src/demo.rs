@@ -1,13 +1,33 @@
 //! `caas demo`: the tenant story against the dev deployment in DIR, step by step with
 //! timings; exits non-zero if any step fails. Starts a detached deployment if none runs.
-use anyhow::{Result, bail};
+//!
+//! With the default `--driver qemu` the trusted-launch story boots a **real VM** (issue 13,
+//! item 3): the legacy guest image of `scripts/build-guest-image` (built once and cached,
+//! exactly as `tests/real_vm.rs` gets it) is provisioned with Algorithm 1, launched through
+//! TL with the qemu driver (qemu boots the whole disk from the crypto domain's NBD export),
+//! and the tenant checks τ over the forwarded port (the right τ is accepted, a wrong one
+//! refused), verifies a VSM signature made inside the guest over virtio-serial, and compares
+//! the hash of the disk the guest read with its own image. [`vm_suspend_resume`] and
+//! [`vm_migrate`] are the hook points for suspend/resume and live migration. Without
+//! `qemu-system-x86_64` the demo stops at once saying what to install (no silent fallback);
+//! `--driver process` runs the same story with workload processes (fast tests).
+use anyhow::{Context as _, Result, bail};
 use base64::Engine as _;
 use caas_crypto::SecretBytes;
 use caas_kms::client::{ClientError, KmsClient, b64field};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// The workload driver of the demo's trusted-launch story.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DemoDriver {
+    /// A real VM: qemu-system-x86_64 boots the guest image from the crypto domain.
+    Qemu,
+    /// Workload processes instead of VMs (fast; no qemu needed).
+    Process,
+}
 
 /// `caas demo` arguments.
 #[derive(Debug, Args)]
@@ -18,6 +38,96 @@ pub struct DemoArgs {
     /// Simulated compute hosts when the demo has to start the deployment itself.
     #[arg(long, default_value_t = 2)]
     pub hosts: usize,
+    /// How the trusted-launch story runs its workloads: `qemu` boots a real VM (needs
+    /// qemu-system-x86; the demo fails saying so when it is missing), `process` runs
+    /// workload processes.
+    #[arg(long, env = "CAAS_DEMO_DRIVER", value_enum, default_value_t = DemoDriver::Qemu)]
+    pub driver: DemoDriver,
+    /// A guest image built beforehand by `scripts/build-guest-image` (default: the demo
+    /// runs that script, which caches the image).
+    #[arg(long, env = "CAAS_GUEST_IMAGE")]
+    pub guest_image: Option<PathBuf>,
+}
+
+/// The qemu binary the qemu driver runs.
+const QEMU: &str = "qemu-system-x86_64";
+
+/// Fails, saying what to install, when `qemu-system-x86_64` is not in PATH.
+fn require_qemu() -> Result<()> {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(QEMU).is_file()));
+    if !found {
+        bail!(
+            "{QEMU} is not installed: the demo boots a real VM. Install the Debian packages \
+             qemu-system-x86 and qemu-utils together (scripts/install-deps does), or run \
+             `caas demo --driver process` for the same story with workload processes"
+        );
+    }
+    Ok(())
+}
+
+/// `scripts/build-guest-image` of the source tree this binary was built from (or of the
+/// current directory's tree).
+fn guest_image_script() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let cwd = std::env::current_dir()?;
+    exe.ancestors()
+        .chain(cwd.ancestors())
+        .map(|d| d.join("scripts/build-guest-image"))
+        .find(|p| p.is_file())
+        .context(
+            "scripts/build-guest-image not found next to this binary or above the current \
+             directory: run the demo from the repository, or pass --guest-image",
+        )
+}
+
+/// The newest existing path of `paths`.
+fn newest(paths: impl IntoIterator<Item = PathBuf>) -> Option<PathBuf> {
+    paths
+        .into_iter()
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p)
+}
+
+/// Builds (or takes from the script's cache) the guest image with this build's guest agent
+/// and PKCS#11 module, as `tests/real_vm.rs` does; returns its path.
+async fn build_guest_image() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let agent = exe.with_file_name("caas-guest");
+    if !agent.is_file() {
+        bail!(
+            "{} is missing: build it with `cargo build -p caas`",
+            agent.display()
+        );
+    }
+    // `cargo build -p caas-pkcs11` uplifts the module next to the binaries; a build of
+    // caas alone leaves it in deps/: the newer one.
+    let dir = exe.parent().context("the binary's directory")?;
+    let pkcs11 = newest([
+        dir.join("libcaas_pkcs11.so"),
+        dir.join("deps/libcaas_pkcs11.so"),
+    ])
+    .or_else(|| caas_domc::dev::find_module(&exe))
+    .context("libcaas_pkcs11.so is missing: build it with `cargo build -p caas-pkcs11`")?;
+    let out = tokio::process::Command::new(guest_image_script()?)
+        .arg("--agent")
+        .arg(&agent)
+        .arg("--pkcs11")
+        .arg(&pkcs11)
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!(
+            "scripts/build-guest-image failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let path = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+    if !path.is_file() {
+        bail!("scripts/build-guest-image printed no image path");
+    }
+    Ok(path)
 }
 
 struct Steps {
@@ -46,6 +156,11 @@ impl Steps {
             }
         }
     }
+
+    /// A step this run leaves out, with the reason in `name`.
+    fn skip(&self, name: &str) {
+        println!("[--] skip               {name}");
+    }
 }
 
 fn b64(b: &[u8]) -> String {
@@ -59,31 +174,292 @@ fn s(v: &Value, k: &str) -> Result<String> {
         .ok_or_else(|| anyhow::anyhow!("reply lacks {k}"))
 }
 
+/// What the tenant's steps share.
+struct Tenant<'a> {
+    /// The `caas tenant` arguments (endpoint, TTP key, credentials).
+    ta: crate::tenant::TenantArgs,
+    /// The tenant's directory (DM key, image and VM records).
+    tdir: PathBuf,
+    /// The dev hosts, all provisioned.
+    hosts: Vec<String>,
+    /// The untrusted storage the hosts share.
+    storage: PathBuf,
+    /// A variable of `DIR/env`.
+    get: &'a dyn Fn(&str) -> Result<String>,
+}
+
+impl Tenant<'_> {
+    /// Algorithm 1 for `raw` as image `id`, sealed to every host.
+    async fn provision(&self, raw: &Path, id: &str) -> Result<()> {
+        crate::tenant::provision(
+            &self.ta,
+            &self.tdir,
+            raw,
+            id,
+            &self.hosts,
+            &self.storage,
+            "caas-demo",
+        )
+        .await
+    }
+
+    /// TL launch of `image_id` as `vm` through the scheduler; prints the host's phases and
+    /// returns the host.
+    async fn launch(
+        &self,
+        image_id: &str,
+        vm: &str,
+        doms: &[String],
+        vols: &[String],
+        driver: &str,
+    ) -> Result<String> {
+        let r = crate::tenant::launch(
+            &self.ta, &self.tdir, image_id, vm, "dev", doms, vols, None, driver, false,
+        )
+        .await?;
+        let host = s(&r, "host")?;
+        let phases: Vec<String> = r["timings"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| Some(format!("{} {:.1} ms", p[0].as_str()?, p[1].as_f64()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!("       on {host}: {}", phases.join("; "));
+        Ok(host)
+    }
+
+    /// Stops workload `vm` on `host` through the host agent's operator API.
+    async fn stop(&self, host: &str, vm: &str) -> Result<()> {
+        let get = self.get;
+        let key = format!(
+            "CAAS_HOST_{}_URL",
+            host.to_uppercase().replace(['-', '.'], "_")
+        );
+        caas_host::cli::OperatorArgs {
+            ca: get(caas_host::cli::ENV_PKI_CA)?.into(),
+            cert: get(caas_host::cli::ENV_OPERATOR_CERT)?.into(),
+            key: get(caas_host::cli::ENV_OPERATOR_KEY)?.into(),
+        }
+        .client()?
+        .post::<_, Value>(
+            &format!("{}/v1/agent/workloads/{vm}/stop", get(&key)?),
+            &json!({}),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// A VM the demo launched and checked: what the suspend/resume and migration hooks get.
+pub(crate) struct DemoVm {
+    /// id_vm.
+    pub vm: String,
+    /// The provisioned image it booted.
+    pub image_id: String,
+    /// The host it runs on now.
+    pub host: String,
+    /// SHA-256 of the plaintext guest image (hex): what the guest must report having read.
+    pub image_sha: String,
+}
+
+/// The tenant's checks of a running VM (or workload) over the forwarded PSK port, one
+/// timed step each: τ (the right τ is accepted, a wrong one refused), the VSM signature made
+/// inside the guest, the guest's read of its disk.
+async fn check_vm(st: &mut Steps, t: &Tenant<'_>, vm: &DemoVm, when: &str) -> bool {
+    let rec = st
+        .run(
+            &format!("VM{when}: the tenant checks τ: TLS 1.3-PSK to the guest's responder through the forwarded port succeeds with τ and is refused with a wrong τ"),
+            async {
+                let rec: crate::tenant::VmRecord = serde_json::from_slice(
+                    &std::fs::read(t.tdir.join("vms").join(format!("{}.json", vm.vm)))?,
+                )?;
+                let addr: std::net::SocketAddr = rec.endpoint.parse().context("VM endpoint")?;
+                let tau = SecretBytes::new(caas_attest::b64::decode(&rec.tau)?);
+                let vm_id = vm.vm.clone();
+                tokio::task::spawn_blocking(move || -> Result<()> {
+                    let psk = |k: &SecretBytes| {
+                        let tcp = std::net::TcpStream::connect_timeout(
+                            &addr,
+                            std::time::Duration::from_secs(10),
+                        )?;
+                        tcp.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+                        anyhow::Ok(caas_workload::psk::connect(tcp, &vm_id, k)?)
+                    };
+                    psk(&tau).context("the guest refused the right τ")?;
+                    let mut wrong = tau.expose().to_vec();
+                    if let Some(b) = wrong.first_mut() {
+                        *b ^= 0x80;
+                    }
+                    if psk(&SecretBytes::new(wrong)).is_ok() {
+                        bail!("the guest accepted a wrong τ");
+                    }
+                    Ok(())
+                })
+                .await??;
+                Ok(rec)
+            },
+        )
+        .await;
+    if rec.is_none() {
+        return false;
+    }
+    let report = st
+        .run(
+            &format!("VM{when}: the guest signs the tenant's signed challenge with a P-256 key in its VSM (PKCS#11 over virtio-serial); the tenant verifies the signature"),
+            async {
+                let r = crate::tenant::connect(&t.tdir, &vm.vm).await?;
+                // `connect` already checked it (caas_workload::check_report); shown here.
+                let v = r.vsm.as_ref().context("the guest made no VSM signature")?;
+                let b64 = &base64::engine::general_purpose::STANDARD;
+                let nonce: [u8; caas_workload::proto::NONCE_LEN] = b64
+                    .decode(&r.nonce)?
+                    .try_into()
+                    .map_err(|_| anyhow::anyhow!("nonce size"))?;
+                let mut disk = [0u8; 32];
+                hex::decode_to_slice(&r.disk_sha256, &mut disk)?;
+                let point = b64.decode(&v.public_point)?;
+                caas_workload::vsm::verify_vsm_signature(
+                    &point,
+                    &caas_workload::proto::vsm_message(&vm.vm, &nonce, &disk),
+                    &b64.decode(&v.signature)?,
+                )?;
+                println!(
+                    "       {} by VSM key {}…",
+                    v.mechanism,
+                    &hex::encode(caas_tl::crypto::sha256(&point))[..16]
+                );
+                Ok(r)
+            },
+        )
+        .await;
+    let Some(report) = report else {
+        return false;
+    };
+    st.run(
+        &format!("VM{when}: the guest read its whole disk through the crypto domain: its SHA-256 is that of the tenant's plaintext image {}", vm.image_id),
+        async {
+            if report.disk_sha256 != vm.image_sha {
+                bail!("the guest's disk is not the tenant's image");
+            }
+            println!(
+                "       {} MiB, sha256 {}…",
+                report.disk_size >> 20,
+                &report.disk_sha256[..16]
+            );
+            Ok(())
+        },
+    )
+    .await
+    .is_some()
+}
+
+/// Hook point for encrypted suspend and resume (issue 13 item 4): suspend `vm` (qemu's
+/// state and the crypto domain's, encrypted and sealed to attested hosts), resume it
+/// (on the other host), then [`check_vm`] it again and update `vm.host`.
+async fn vm_suspend_resume(st: &mut Steps, _t: &Tenant<'_>, vm: &mut DemoVm) {
+    st.skip(&format!(
+        "VM: suspend and resume {} — not built yet (issue 13 item 4)",
+        vm.vm
+    ));
+}
+
+/// Hook point for live migration to an attested host (issue 13 item 5): migrate `vm` to
+/// another host of `t.hosts`, then [`check_vm`] it there and update `vm.host`.
+async fn vm_migrate(st: &mut Steps, _t: &Tenant<'_>, vm: &mut DemoVm) {
+    st.skip(&format!(
+        "VM: live migration of {} — not built yet (issue 13 item 5)",
+        vm.vm
+    ));
+}
+
+/// The real VM (issue 13, item 3): the guest image provisioned with Algorithm 1, booted
+/// through TL with the qemu driver, checked by the tenant, then suspended/resumed and
+/// migrated (hooks), then stopped.
+async fn vm_story(st: &mut Steps, t: &Tenant<'_>, image: &Path) {
+    let run_id = std::process::id();
+    let image_id = format!("demo-guest-{run_id}");
+    let image_sha = st
+        .run(
+            "VM: provision the legacy guest image (seed 001 Alg. 1): encrypted under k, its crypto-domain configuration sealed to each host's certified bind key",
+            async {
+                let sha = caas_tl::crypto::sha256(&tokio::fs::read(image).await?);
+                t.provision(image, &image_id).await?;
+                Ok(hex::encode(sha))
+            },
+        )
+        .await;
+    let Some(image_sha) = image_sha else {
+        return;
+    };
+    let vm_id = format!("demo-vm-{run_id}");
+    let host = st
+        .run(
+            "VM: trusted launch with the qemu driver: attested host, τ and pk_DM by fw_cfg, qemu boots the whole encrypted disk from the crypto domain's NBD export, VSM on virtio-serial, guest ready",
+            t.launch(&image_id, &vm_id, &[], &[], "qemu"),
+        )
+        .await;
+    let Some(host) = host else {
+        return;
+    };
+    let mut vm = DemoVm {
+        vm: vm_id,
+        image_id,
+        host,
+        image_sha,
+    };
+    if check_vm(st, t, &vm, "").await {
+        vm_suspend_resume(st, t, &mut vm).await;
+        vm_migrate(st, t, &mut vm).await;
+    }
+    st.run(
+        &format!(
+            "VM: stop {} on {} (qemu exits, the crypto domain is destroyed)",
+            vm.vm, vm.host
+        ),
+        t.stop(&vm.host, &vm.vm),
+    )
+    .await;
+}
+
 /// The tenant story of trusted launch, DBSP and encrypted provisioning (seed 003 §4.3–4.4,
-/// seed 001 Algorithm 1, §3.4) on the dev hosts.
+/// seed 001 Algorithm 1, §3.4) on the dev hosts: the real VM first (with a guest image),
+/// then DBSP with workload processes.
 async fn tenant_story(
     st: &mut Steps,
-    dir: &std::path::Path,
-    get: &impl Fn(&str) -> Result<String>,
+    dir: &Path,
+    get: &dyn Fn(&str) -> Result<String>,
+    guest_image: Option<&Path>,
 ) {
     use crate::tenant::{TenantArgs, TenantCmd};
     let Ok(storage) = get("CAAS_STORAGE_DIR") else {
         return;
     };
-    let ta = TenantArgs {
-        dir: Some(dir.join("tenant")),
-        endpoint: get("CAAS_KMS_ENDPOINT").ok(),
-        ttp: get("CAAS_TTP_PUBLIC_KEY").ok(),
-        access_key_id: get("AWS_ACCESS_KEY_ID").ok(),
-        secret_access_key: get("AWS_SECRET_ACCESS_KEY").ok(),
-        cmd: TenantCmd::Init,
+    let t = Tenant {
+        ta: TenantArgs {
+            dir: Some(dir.join("tenant")),
+            endpoint: get("CAAS_KMS_ENDPOINT").ok(),
+            ttp: get("CAAS_TTP_PUBLIC_KEY").ok(),
+            access_key_id: get("AWS_ACCESS_KEY_ID").ok(),
+            secret_access_key: get("AWS_SECRET_ACCESS_KEY").ok(),
+            cmd: TenantCmd::Init,
+        },
+        tdir: dir.join("tenant"),
+        hosts: get("CAAS_HOSTS")
+            .unwrap_or_default()
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(str::to_string)
+            .collect(),
+        storage: PathBuf::from(storage),
+        get,
     };
-    let tdir = dir.join("tenant");
     let run_id = std::process::id();
     let (image_id, vm1, vm2) = (
         format!("demo-img-{run_id}"),
-        format!("demo-vm-{run_id}"),
-        format!("demo-vm-{run_id}-b"),
+        format!("demo-wl-{run_id}"),
+        format!("demo-wl-{run_id}-b"),
     );
     let raw = dir.join("demo-image.raw");
     let image: Vec<u8> = (0..(4u32 << 20))
@@ -94,7 +470,7 @@ async fn tenant_story(
         .run(
             "TL: domain manager key pair (TL.Setup) and the TTP's ACL for domain demo-data",
             async {
-                let dm = crate::tenant::load_dm(&tdir, true)?;
+                let dm = crate::tenant::load_dm(&t.tdir, true)?;
                 let body =
                     dm.acl_update("caas demo", &["demo-data".into()], caas_attest::now_ms())?;
                 crate::key_service::client::signed(
@@ -102,7 +478,7 @@ async fn tenant_story(
                     &get("AWS_ACCESS_KEY_ID")?,
                     SecretBytes::new(get("AWS_SECRET_ACCESS_KEY")?.into_bytes()),
                     std::time::Duration::from_secs(30),
-                )
+                )?
                 .put::<_, Value>(&format!("{}/v1/tl/acl", get("CAAS_KMS_ENDPOINT")?), &body)
                 .await?;
                 Ok(())
@@ -112,27 +488,16 @@ async fn tenant_story(
     if ok.is_none() {
         return;
     }
-    let hosts = get("CAAS_HOSTS").unwrap_or_default();
-    let hosts: Vec<String> = hosts
-        .split(',')
-        .filter(|h| !h.is_empty())
-        .map(str::to_string)
-        .collect();
+    match guest_image {
+        Some(img) => vm_story(st, &t, img).await,
+        None => st.skip("VM: a real VM (caas demo --driver process: workload processes only)"),
+    }
     let ok = st
         .run(
             "Provisioning (seed 001 Alg. 1): validate the hosts' certified bind keys, encrypt a 4 MiB image under k, seal the crypto-domain configuration to each host",
             async {
                 tokio::fs::write(&raw, &image).await?;
-                crate::tenant::provision(
-                    &ta,
-                    &tdir,
-                    &raw,
-                    &image_id,
-                    &hosts,
-                    std::path::Path::new(&storage),
-                    "caas-demo",
-                )
-                .await
+                t.provision(&raw, &image_id).await
             },
         )
         .await;
@@ -143,28 +508,15 @@ async fn tenant_story(
     let doms = ["demo-data".to_string()];
     let launched = st
         .run(
-            "TL: trusted launch through the scheduler (attested host, sealed token, H1/H2 checks, crypto domain, DBSP volume demo-data/db, workload)",
-            async {
-                let r = crate::tenant::launch(&ta, &tdir, &image_id, &vm1, "dev", &doms, &vols, None, "process", false).await?;
-                let host = s(&r, "host")?;
-                let phases: Vec<String> = r["timings"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|p| Some(format!("{} {:.1} ms", p[0].as_str()?, p[1].as_f64()?)))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                println!("       on {host}: {}", phases.join("; "));
-                Ok(host)
-            },
+            "TL: trusted launch of a workload process through the scheduler (attested host, sealed token, H1/H2 checks, crypto domain, DBSP volume demo-data/db, workload)",
+            t.launch(&image_id, &vm1, &doms, &vols, "process"),
         )
         .await;
     let Some(host) = launched else {
         return;
     };
     let check = |vm: String| {
-        let tdir = tdir.clone();
+        let tdir = t.tdir.clone();
         let image_sha = image_sha.clone();
         async move {
             let r = crate::tenant::connect(&tdir, &vm).await?;
@@ -185,16 +537,8 @@ async fn tenant_story(
     st.run(
         "DBSP: stop the workload and relaunch: the domain key is re-created from c4 and μ in the domain header",
         async {
-            let key = format!("CAAS_HOST_{}_URL", host.to_uppercase().replace(['-', '.'], "_"));
-            caas_host::cli::OperatorArgs {
-                ca: get(caas_host::cli::ENV_PKI_CA)?.into(),
-                cert: get(caas_host::cli::ENV_OPERATOR_CERT)?.into(),
-                key: get(caas_host::cli::ENV_OPERATOR_KEY)?.into(),
-            }
-            .client()?
-                .post::<_, Value>(&format!("{}/v1/agent/workloads/{vm1}/stop", get(&key)?), &json!({}))
-                .await?;
-            crate::tenant::launch(&ta, &tdir, &image_id, &vm2, "dev", &doms, &vols, None, "process", false).await?;
+            t.stop(&host, &vm1).await?;
+            t.launch(&image_id, &vm2, &doms, &vols, "process").await?;
             check(vm2.clone()).await
         },
     )
@@ -203,6 +547,10 @@ async fn tenant_story(
 
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> Result<()> {
+    // No silent fallback to processes: a demo of real VMs without qemu fails here, first.
+    if args.driver == DemoDriver::Qemu {
+        require_qemu()?;
+    }
     let dir = args.data_dir.unwrap_or_else(crate::dev::default_dir);
     std::fs::create_dir_all(&dir)?;
     let dir = dir.canonicalize()?;
@@ -478,8 +826,25 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         },
     )
     .await;
-    if get("CAAS_TTP_PUBLIC_KEY").is_ok() {
-        tenant_story(&mut st, &dir, &get).await;
+    if get("CAAS_TTP_PUBLIC_KEY").is_ok() && !hosts.is_empty() {
+        let guest_image = match (args.driver, args.guest_image) {
+            (DemoDriver::Process, _) => None,
+            (DemoDriver::Qemu, Some(p)) => Some(p),
+            (DemoDriver::Qemu, None) => {
+                st.run(
+                    "VM: the legacy guest image (scripts/build-guest-image: Debian kernel, busybox, syslinux, this build's guest agent and PKCS#11 module; cached)",
+                    async {
+                        let p = build_guest_image().await?;
+                        println!("       {} ({} MiB)", p.display(), std::fs::metadata(&p)?.len() >> 20);
+                        Ok(p)
+                    },
+                )
+                .await
+            }
+        };
+        if args.driver == DemoDriver::Process || guest_image.is_some() {
+            tenant_story(&mut st, &dir, &get, guest_image.as_deref()).await;
+        }
     }
     st.run(
         "Audit: the hash-chained, signed audit log verifies",

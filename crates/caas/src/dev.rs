@@ -62,6 +62,28 @@ pub fn default_dir() -> PathBuf {
     PathBuf::from(".dev")
 }
 
+/// Says whether the dev hosts can run real VMs (the qemu driver) or only workload processes.
+fn print_vm_support() {
+    let qemu = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("qemu-system-x86_64"))
+            .find(|q| q.is_file())
+    });
+    match qemu {
+        Some(q) => println!(
+            "caas dev: the hosts run real VMs with {} (`caas tenant launch --driver qemu`; \
+             accelerator from CAAS_QEMU_ACCEL, TCG by default) or workload processes \
+             (`--driver process`)",
+            q.display()
+        ),
+        None => println!(
+            "caas dev: qemu-system-x86_64 is not installed: the hosts run workload processes \
+             only (`--driver process`); for real VMs install qemu-system-x86 with qemu-utils \
+             (scripts/install-deps)"
+        ),
+    }
+}
+
 /// Key-service parameters of a dev data directory.
 pub fn kms_params(dir: &Path) -> KmsParams {
     KmsParams {
@@ -168,6 +190,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
             serve: serve_params,
             attestation,
             tl: Default::default(),
+            // Its agents' client is the dev PKI's (`agents` below), not a config section.
+            agents: None,
         };
         let roles = crate::key_service::Roles::open(
             bound.kms.clone(),
@@ -184,6 +208,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
                 return Err(e);
             }
             vars.extend(crate::dev_hosts::env(h)?);
+            print_vm_support();
         }
         let roles = start_roles(&dir, &vars).await;
         let (domain, volume) = match roles {
@@ -446,6 +471,9 @@ async fn detach(dir: &Path, args: &DevArgs) -> Result<()> {
                 dir.display(),
                 dir.display()
             );
+            if args.hosts > 0 {
+                print_vm_support();
+            }
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

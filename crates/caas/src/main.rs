@@ -12,11 +12,14 @@
 //! - `caas host|attest|profile ...`: operator commands, signed with
 //!   `CAAS_OPERATOR_ACCESS_KEY_ID`/`CAAS_OPERATOR_SECRET_ACCESS_KEY`
 //! - `caas workload run`: the process workload started by a host agent
-//! - `caas pki init|issue`: a deployment CA and its role certificates (`pki.rs`)
+//! - `caas pki init|issue|revoke`: a deployment CA, its role certificates and its
+//!   revocation list (`pki.rs`)
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod demo;
+#[cfg(test)]
+mod deploy_files;
 mod dev;
 mod dev_hosts;
 mod key_service;

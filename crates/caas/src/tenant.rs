@@ -212,12 +212,12 @@ fn http(a: &TenantArgs) -> Result<caas_attest::client::HttpClient> {
         .secret_access_key
         .as_deref()
         .context("--secret-access-key or AWS_SECRET_ACCESS_KEY is required")?;
-    Ok(crate::key_service::client::signed(
+    crate::key_service::client::signed(
         &crate::key_service::client::region(),
         id,
         SecretBytes::new(secret.as_bytes().to_vec()),
         std::time::Duration::from_secs(180),
-    ))
+    )
 }
 
 fn step(t: Instant, what: &str) {

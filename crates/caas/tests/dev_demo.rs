@@ -1,4 +1,5 @@
-//! The main job of the README: `caas demo` against a detached `caas dev`, every step passing,
+//! The main job of the README: `caas demo` against a detached `caas dev`, every step passing
+//! (with a real VM: qemu boots the tenant's encrypted guest image through the crypto domain),
 //! then `caas dev stop`; and the `DIR/env` contract.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
@@ -27,9 +28,24 @@ fn demo_runs_every_step_against_a_detached_dev_deployment() {
         "KMS: encrypt",
         "SDP: write 1 MiB",
         "VSM: generate",
+        "VM: the legacy guest image",
+        "VM: provision the legacy guest image",
+        "VM: trusted launch with the qemu driver",
+        "VM: the tenant checks τ",
+        "VM: the guest signs the tenant's signed challenge",
+        "VM: the guest read its whole disk",
+        "VM: stop",
+        "DBSP: stop the workload and relaunch",
         "Audit:",
     ] {
         assert!(stdout.contains(step), "missing step {step}");
+    }
+    // Every VM step ran and passed (a skipped or failed one would not read "ok").
+    for line in stdout.lines().filter(|l| l.contains("  VM: ")) {
+        assert!(
+            line.contains("] ok ") || line.contains("not built yet"),
+            "{line}"
+        );
     }
     assert!(stop.status.success());
     let env = read_env(&dir);
@@ -72,6 +88,63 @@ fn demo_runs_every_step_against_a_detached_dev_deployment() {
         0,
         "node key must be private"
     );
+}
+
+/// The fast variant: `caas demo --driver process` runs the same story with workload
+/// processes (no VM, no guest image), every step passing, and says the VM was left out.
+#[test]
+fn demo_with_the_process_driver_runs_workload_processes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let out = Command::new(caas_bin())
+        .args(["demo", "--driver", "process", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stop = Command::new(caas_bin())
+        .args(["dev", "stop", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "caas demo --driver process failed");
+    assert!(stdout.contains(" 0 failed"), "{stdout}");
+    assert!(
+        stdout.contains("[--] skip               VM: a real VM (caas demo --driver process"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("qemu driver"), "{stdout}");
+    assert!(stdout.contains("DBSP: stop the workload and relaunch"));
+    assert!(stop.status.success());
+}
+
+/// No silent fallback: without qemu-system-x86_64 in PATH, `caas demo` (real VMs by default)
+/// fails at once, before starting anything, saying what to install and how to run without.
+#[test]
+fn demo_without_qemu_fails_saying_what_to_install() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let empty = tmp.path().join("bin");
+    std::fs::create_dir(&empty).unwrap();
+    let out = Command::new(caas_bin())
+        .args(["demo", "--data-dir"])
+        .arg(&dir)
+        .env("PATH", &empty)
+        .env_remove("CAAS_DEMO_DRIVER")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the demo ran without qemu");
+    for hint in [
+        "qemu-system-x86_64 is not installed",
+        "qemu-system-x86 and qemu-utils",
+        "scripts/install-deps",
+        "--driver process",
+    ] {
+        assert!(stderr.contains(hint), "missing {hint:?} in: {stderr}");
+    }
+    assert!(!dir.join("env").exists(), "a deployment was started");
 }
 
 #[test]

@@ -4,12 +4,17 @@
 //!
 //! - **Public** (no credentials): `GET /healthz`, `GET /v1/tl/ttp` (pk_TTP),
 //!   `GET /v1/audit/public-key`.
-//! - **Host protocol** (authenticated by the message, not by the HTTP request):
+//! - **Host protocol** (authenticated by the message and, over TLS, by the channel):
 //!   `POST /v1/attest/enroll` and `/v1/attest/enroll/finish` — the Privacy-CA protocol is
 //!   the authentication (the EK certificate must chain to a configured TPM vendor CA and
 //!   only that TPM can activate the credential; nothing is trusted before `finish`);
 //!   `POST /v1/tl/attest`, `/v1/tl/domkey`, `/v1/tl/epoch` and `/v1/tl/migrate` — the body is signed by the host's enrolled,
 //!   attested AK (a TPM quote over the message digest), which is the host's identity.
+//!   Over TLS each of these also needs a client certificate with the `host` role
+//!   ([`host_channel`], refused and audited here otherwise); the registrar binds its key to
+//!   the host's AK at enrollment (the AK quotes its SPKI hash, the certificate must name
+//!   the host) and the TTP serves a host only over the certificate it enrolled with
+//!   (`caas_attest::tls_binding`): host B's valid certificate cannot speak for host A.
 //! - **KMS** (`POST /`): SigV4 with scope service `kms`, verified by
 //!   `caas_kms::server` before the body is parsed; tenants only (an operator's key is
 //!   refused with `AccessDeniedException`). Errors keep the AWS shape (HTTP 400).
@@ -218,6 +223,38 @@ async fn audit_refusal(
     }
 }
 
+/// The channel identity of a host-protocol request. Over TLS (the accept loop put a
+/// [`caas_tls::server::Peer`] on it) a client certificate with the `host` role is required,
+/// and its name and SPKI hash go to the handler ([`caas_attest::tls_binding::TlsClient`]),
+/// where the registrar binds them at enrollment and the TTP checks them against the
+/// enrolled host. Without TLS (`caas dev`'s loopback key service): `None`, and a host whose
+/// enrollment bound a certificate is then refused by the handler.
+pub fn host_channel(
+    peer: Option<&caas_tls::server::Peer>,
+) -> Result<Option<caas_attest::tls_binding::TlsClient>, (ErrorKind, &'static str, &'static str)> {
+    let Some(peer) = peer else {
+        return Ok(None);
+    };
+    let Some(id) = &peer.identity else {
+        return Err((
+            ErrorKind::Unauthenticated,
+            "host_certificate_required",
+            "host requests need a client certificate from the deployment CA",
+        ));
+    };
+    if !id.has(caas_tls::Role::Host) {
+        return Err((
+            ErrorKind::Forbidden,
+            "host_role_required",
+            "the client certificate does not carry the host role",
+        ));
+    }
+    Ok(Some(caas_attest::tls_binding::TlsClient {
+        cert_name: id.name.clone(),
+        spki_sha256: id.spki_sha256,
+    }))
+}
+
 /// May `kind` call a route with `access`?
 fn allowed(access: Access, kind: &CallerKind) -> bool {
     match access {
@@ -245,10 +282,27 @@ pub async fn authenticate(State(kms): State<Arc<Kms>>, req: Request, next: Next)
         audit_refusal(&kms, &label, &path, None, "route_not_classified", msg).await;
         return refusal(ErrorKind::Forbidden, "route_not_classified", msg);
     };
-    if matches!(
-        route.access,
-        Access::Public | Access::HostProtocol | Access::Kms
-    ) {
+    if matches!(route.access, Access::Public | Access::Kms) {
+        return next.run(req).await;
+    }
+    if route.access == Access::HostProtocol {
+        let mut req = req;
+        match host_channel(req.extensions().get::<caas_tls::server::Peer>()) {
+            Ok(Some(client)) => {
+                req.extensions_mut().insert(client);
+            }
+            Ok(None) => {}
+            Err((kind, code, msg)) => {
+                let peer = req
+                    .extensions()
+                    .get::<caas_tls::server::Peer>()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default();
+                let reason = format!("{msg} (peer {peer})");
+                audit_refusal(&kms, &label, &path, None, code, &reason).await;
+                return refusal(kind, code, msg);
+            }
+        }
         return next.run(req).await;
     }
     let (mut parts, body) = req.into_parts();

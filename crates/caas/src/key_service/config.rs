@@ -43,6 +43,22 @@ pub struct RawScheduler {
     pub agent_timeout_secs: Option<u64>,
 }
 
+/// `[agents]`: how the key service (verifier, TTP, scheduler) reaches host agents. Agents
+/// serve their API over TLS only and refuse a caller without a client certificate of the
+/// deployment CA carrying the `key-service` role; without this section the key service
+/// cannot attest, launch on or revoke any host.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgents {
+    /// The deployment CA certificate (PEM) every agent's server certificate must chain to
+    /// (agents must also carry the `host` role).
+    pub ca: Option<PathBuf>,
+    /// The key service's client certificate (PEM, role `key-service`).
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM, readable only by caas).
+    pub key: Option<PathBuf>,
+}
+
 /// The whole file.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -68,6 +84,9 @@ pub struct RawFile {
     /// `[scheduler]`.
     #[serde(default)]
     pub scheduler: RawScheduler,
+    /// `[agents]`.
+    #[serde(default)]
+    pub agents: RawAgents,
 }
 
 /// The TTP's and scheduler's parameters.
@@ -97,6 +116,31 @@ pub struct KeyServiceParams {
     pub attestation: AttestationParams,
     /// TTP and scheduler.
     pub tl: TlParams,
+    /// `[agents]`: the TLS client to host agents (files checked readable at validation),
+    /// `None` when not configured.
+    pub agents: Option<caas_tls::client::ClientTls>,
+}
+
+/// Agents' client timeout: at least the scheduler's wait for a launch.
+pub const AGENT_CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl KeyServiceParams {
+    /// The HTTPS client to host agents (`[agents]`), if configured.
+    ///
+    /// # Errors
+    /// A file that cannot be read or parsed (named in the message).
+    pub fn agent_client(&self) -> Result<Option<caas_attest::client::HttpClient>, String> {
+        self.agents
+            .as_ref()
+            .map(|tls| {
+                caas_attest::client::HttpClient::with_tls(
+                    self.tl.agent_timeout.max(AGENT_CLIENT_TIMEOUT),
+                    tls,
+                )
+                .map_err(|e| format!("[agents]: {e}"))
+            })
+            .transpose()
+    }
 }
 
 /// Reads a config file (not yet validated).
@@ -112,6 +156,16 @@ pub fn load(path: &Path) -> Result<RawFile, String> {
     };
     raw.attestation.ek_ca_files.iter_mut().for_each(rel);
     raw.attestation.profiles.iter_mut().for_each(rel);
+    for p in [
+        &mut raw.agents.ca,
+        &mut raw.agents.cert,
+        &mut raw.agents.key,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        rel(p);
+    }
     Ok(raw)
 }
 
@@ -163,11 +217,37 @@ impl RawFile {
                 "scheduler.agent_timeout_secs",
             )?,
         };
+        let agents = self.agents.validate()?;
         Ok(KeyServiceParams {
             serve,
             attestation,
             tl,
+            agents,
         })
+    }
+}
+
+impl RawAgents {
+    /// All three files or none; each must be readable and hold what it should (the
+    /// certificate and key are loaded into a TLS configuration here, so that a bad file
+    /// stops the start, not the first attestation).
+    fn validate(self) -> Result<Option<caas_tls::client::ClientTls>, String> {
+        let (ca, cert, key) = match (self.ca, self.cert, self.key) {
+            (None, None, None) => return Ok(None),
+            (Some(ca), Some(cert), Some(key)) => (ca, cert, key),
+            _ => {
+                return Err(
+                    "[agents]: ca, cert and key are all required (or leave the section out)".into(),
+                );
+            }
+        };
+        let tls = caas_tls::client::ClientTls {
+            ca,
+            identity: Some(caas_tls::pki::CertFiles { cert, key }),
+            server_role: Some(caas_tls::Role::Host),
+        };
+        tls.config().map_err(|e| format!("[agents]: {e}"))?;
+        Ok(Some(tls))
     }
 }
 
@@ -188,6 +268,74 @@ mod tests {
         );
         assert!(p.tl.revoke_untrusted_hosts);
         assert_eq!(p.tl.agent_timeout, Duration::from_secs(120));
+        assert!(
+            p.agents.is_none(),
+            "[agents] is commented out in the example"
+        );
+    }
+
+    fn with_agents(dir: &Path, agents: &str) -> Result<KeyServiceParams, String> {
+        let cfg = dir.join("ks.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[keys]\nnode_key_file = \"node.key\"\ncreate_node_key = true\n\
+                 [storage]\ndatabase = \"sqlite::memory:\"\n[agents]\n{agents}"
+            ),
+        )
+        .unwrap();
+        load(&cfg)?.validate()
+    }
+
+    #[test]
+    fn the_agents_client_certificate_is_parsed_relative_to_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let ca = caas_tls::pki::DevCa::load_or_create(&d.path().join("pki")).unwrap();
+        ca.issue("ks", &[caas_tls::Role::KeyService], &[]).unwrap();
+        let p = with_agents(
+            d.path(),
+            "ca = \"pki/ca.pem\"\ncert = \"pki/ks.pem\"\nkey = \"pki/ks.key\"\n",
+        )
+        .unwrap();
+        let tls = p.agents.clone().unwrap();
+        assert_eq!(tls.ca, d.path().join("pki/ca.pem"));
+        assert_eq!(tls.identity.unwrap().cert, d.path().join("pki/ks.pem"));
+        assert_eq!(tls.server_role, Some(caas_tls::Role::Host));
+        assert!(p.agent_client().unwrap().unwrap().is_tls());
+    }
+
+    #[test]
+    fn a_missing_or_unreadable_agents_file_is_a_clear_error() {
+        let d = tempfile::tempdir().unwrap();
+        let ca = caas_tls::pki::DevCa::load_or_create(&d.path().join("pki")).unwrap();
+        ca.issue("ks", &[caas_tls::Role::KeyService], &[]).unwrap();
+        // Missing key file: named.
+        let e = with_agents(
+            d.path(),
+            "ca = \"pki/ca.pem\"\ncert = \"pki/ks.pem\"\nkey = \"pki/nope.key\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("[agents]") && e.contains("nope.key"), "{e}");
+        // A CA file that holds no certificate: named.
+        std::fs::write(d.path().join("empty.pem"), "").unwrap();
+        let e = with_agents(
+            d.path(),
+            "ca = \"empty.pem\"\ncert = \"pki/ks.pem\"\nkey = \"pki/ks.key\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("empty.pem"), "{e}");
+        // A directory where the certificate should be (unreadable as a file).
+        let e = with_agents(
+            d.path(),
+            "ca = \"pki/ca.pem\"\ncert = \"pki\"\nkey = \"pki/ks.key\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("[agents]") && e.contains("pki"), "{e}");
+        // Half a section.
+        let e = with_agents(d.path(), "ca = \"pki/ca.pem\"\n").unwrap_err();
+        assert!(e.contains("all required"), "{e}");
+        // Unknown keys.
+        assert!(with_agents(d.path(), "insecure = true\n").is_err());
     }
 
     #[test]

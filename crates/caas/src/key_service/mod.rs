@@ -211,8 +211,15 @@ pub async fn run_key_service(cmd: KeyServiceCmd) -> Result<()> {
             }
             let params = raw.validate().map_err(anyhow::Error::msg)?;
             let bound = bind(&params.serve, accept_audit_rollback).await?;
+            if params.agents.is_none() {
+                tracing::warn!(
+                    "no [agents] section: the key service cannot reach host agents (attestation, \
+                     launches and revocations fail)"
+                );
+            }
+            let agents = params.agent_client().map_err(anyhow::Error::msg)?;
             let roles =
-                Roles::open(bound.kms.clone(), &params.attestation, &params.tl, None).await?;
+                Roles::open(bound.kms.clone(), &params.attestation, &params.tl, agents).await?;
             println!("listening on {}", bound.addr);
             serve(params, bound, roles).await
         }

@@ -74,8 +74,8 @@ impl Roles {
     /// Opens every role: loads (or creates) the TTP keys, the TPM vendor CAs and the
     /// configured profiles. `agents`: the HTTPS client (deployment CA pinned, the key
     /// service's client certificate) the verifier, TTP and scheduler reach host agents with;
-    /// `None` gives a plain client, which agents in TLS mode refuse (configuring it from the
-    /// TOML is not done yet).
+    /// `None` gives a plain client, which agents (TLS only) refuse. `caas key-service serve`
+    /// builds it from the config's `[agents]` section, `caas dev` from its dev PKI.
     pub async fn open(
         kms: Arc<Kms>,
         a: &AttestationParams,
@@ -180,15 +180,50 @@ pub async fn serve(params: KeyServiceParams, bound: Bound, roles: Arc<Roles>) ->
     let continuous =
         caas_attest::service::spawn_continuous(roles.attest.clone(), roles.attestation.interval);
     tracing::info!(%addr, tls = params.serve.tls.is_some(), "key service listening");
-    let served =
-        caas_kms::server::serve_router(roles.app(), listener, params.serve.tls, shutdown_signal())
-            .await;
+    let served = caas_kms::server::serve_router_with(
+        roles.app(),
+        listener,
+        params.serve.tls,
+        Some(handshake_audit(kms.clone())),
+        shutdown_signal(),
+    )
+    .await;
     maint.abort();
     continuous.abort();
     kms.sync_audit_checkpoint();
     served?;
     tracing::info!("key service stopped");
     Ok(())
+}
+
+/// Audits every TLS handshake refused on the client's certificate (another CA, a revoked
+/// certificate): operation `TlsHandshake`, result `bad_certificate`, the peer's address and
+/// rustls's reason.
+fn handshake_audit(kms: Arc<Kms>) -> caas_tls::server::OnRefused {
+    Arc::new(move |addr: std::net::SocketAddr, reason: String| {
+        let kms = kms.clone();
+        tokio::spawn(async move {
+            let mut entry = caas_kms::audit::system_entry("TlsHandshake", "");
+            entry.principal = format!("anonymous@{addr}");
+            entry.result = "bad_certificate".into();
+            entry.request_id = super::attest::request_id();
+            entry.detail = serde_json::json!({
+                "detail": "TLS handshake refused on the client certificate",
+                "reason": reason.chars().take(256).collect::<String>(),
+            })
+            .to_string();
+            if let Err(e) = kms
+                .store
+                .commit(caas_store::Batch {
+                    writes: vec![],
+                    audit: vec![entry],
+                })
+                .await
+            {
+                tracing::error!(error = %e, "cannot audit a refused TLS handshake");
+            }
+        });
+    })
 }
 
 /// Resolves on SIGINT or SIGTERM.
