@@ -382,6 +382,7 @@ fn relay(c: &Cloud, target_url: &str, tamper: Tamper) -> Relay {
         cert: server.cert,
         key: server.key,
         client_ca: Some(c.pki.ca_file()),
+        crl: None,
     })
     .unwrap();
     let listener =
