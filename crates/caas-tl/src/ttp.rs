@@ -307,10 +307,12 @@ impl<S: AttestStore> Ttp<S> {
         host: &str,
         peer: Option<&TlsClient>,
     ) -> Result<(caas_attest::store::HostRecord, Public, SecurityProfile)> {
-        let (h, ak, profile) = self.enrolled_host(host).await?;
+        let h = self.enrolled_record(host).await?;
+        // The channel is checked first: a caller on another host's certificate learns
+        // nothing of this host's profile.
         caas_attest::tls_binding::check_request(&h, peer)
             .map_err(|r| Error::rejected(r.code, r.message))?;
-        Ok((h, ak, profile))
+        self.with_keys(h).await
     }
 
     /// Host, its AK and its profile, checking enrollment (a host the request is about, not
@@ -319,6 +321,12 @@ impl<S: AttestStore> Ttp<S> {
         &self,
         host: &str,
     ) -> Result<(caas_attest::store::HostRecord, Public, SecurityProfile)> {
+        let h = self.enrolled_record(host).await?;
+        self.with_keys(h).await
+    }
+
+    /// The record of an enrolled host.
+    async fn enrolled_record(&self, host: &str) -> Result<caas_attest::store::HostRecord> {
         check_name("host", host)?;
         let h = get_host(&*self.store, host).await?.ok_or_else(|| {
             Error::rejected("host_unknown", format!("host {host} is not enrolled"))
@@ -329,6 +337,14 @@ impl<S: AttestStore> Ttp<S> {
                 format!("host {host} is not enrolled"),
             ));
         }
+        Ok(h)
+    }
+
+    /// An enrolled host's record with its AK and its security profile.
+    async fn with_keys(
+        &self,
+        h: caas_attest::store::HostRecord,
+    ) -> Result<(caas_attest::store::HostRecord, Public, SecurityProfile)> {
         let ak = Public::parse_tpm2b(&h.ak_public)?;
         let pname = h
             .profile
