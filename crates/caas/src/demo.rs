@@ -365,13 +365,31 @@ async fn vm_suspend_resume(st: &mut Steps, _t: &Tenant<'_>, vm: &mut DemoVm) {
     ));
 }
 
-/// Hook point for live migration to an attested host (issue 13 item 5): migrate `vm` to
-/// another host of `t.hosts`, then [`check_vm`] it there and update `vm.host`.
-async fn vm_migrate(st: &mut Steps, _t: &Tenant<'_>, vm: &mut DemoVm) {
-    st.skip(&format!(
-        "VM: live migration of {} — not built yet (issue 13 item 5)",
-        vm.vm
-    ));
+/// Live migration to an attested host (issue 13 item 5, `docs/suspend-migrate.md`):
+/// `caas tenant migrate` moves `vm` to another dev host through the scheduler (the TTP
+/// attests the target first; qemu's stream travels in the agents' encrypted records), then
+/// the tenant [`check_vm`]s it there.
+async fn vm_migrate(st: &mut Steps, t: &Tenant<'_>, vm: &mut DemoVm) {
+    let Some(target) = t.hosts.iter().find(|h| **h != vm.host).cloned() else {
+        st.skip(&format!(
+            "VM: live migration of {} — needs a second dev host",
+            vm.vm
+        ));
+        return;
+    };
+    let moved = st
+        .run(
+            &format!(
+                "VM: live migration of {} from {} to {target}: the TTP attests {target} in the workload's profile before any state leaves; qemu's stream and the crypto domain's state travel in records sealed under a key bound to {target}'s attested bind key",
+                vm.vm, vm.host
+            ),
+            async { crate::tenant::migrate(&t.ta, &t.tdir, &vm.vm, &target).await },
+        )
+        .await;
+    if moved.is_some() {
+        vm.host = target;
+        check_vm(st, t, vm, " (after migration)").await;
+    }
 }
 
 /// The real VM (issue 13, item 3): the guest image provisioned with Algorithm 1, booted

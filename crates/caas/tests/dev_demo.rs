@@ -34,6 +34,10 @@ fn demo_runs_every_step_against_a_detached_dev_deployment() {
         "VM: the tenant checks τ",
         "VM: the guest signs the tenant's signed challenge",
         "VM: the guest read its whole disk",
+        "VM: live migration of",
+        "VM (after migration): the tenant checks τ",
+        "VM (after migration): the guest signs the tenant's signed challenge",
+        "VM (after migration): the guest read its whole disk",
         "VM: stop",
         "DBSP: stop the workload and relaunch",
         "Audit:",
@@ -41,7 +45,10 @@ fn demo_runs_every_step_against_a_detached_dev_deployment() {
         assert!(stdout.contains(step), "missing step {step}");
     }
     // Every VM step ran and passed (a skipped or failed one would not read "ok").
-    for line in stdout.lines().filter(|l| l.contains("  VM: ")) {
+    for line in stdout
+        .lines()
+        .filter(|l| l.contains("  VM: ") || l.contains("  VM ("))
+    {
         assert!(
             line.contains("] ok ") || line.contains("not built yet"),
             "{line}"
