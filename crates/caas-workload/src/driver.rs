@@ -10,7 +10,11 @@
 //!   from a 0600 file deleted as soon as the guest runs (qemu reads it at start); the VSM
 //!   through a virtio-serial port (`caas.vsm`) that qemu connects to the crypto domain's
 //!   socket; the tenant reaches the guest's PSK responder through a loopback `hostfwd`
-//!   port. The real boot is tested by `crates/caas/tests/real_vm.rs`.
+//!   port; the agent controls qemu through its QMP socket (`<vm>.qmp.sock` in the driver's
+//!   directory, mode 0600: [`WorkloadHandle::qmp`], [`crate::qmp`]) — stop, continue, save
+//!   and restore (migration streams); [`QemuDriver::incoming`] starts a VM that waits for
+//!   its state (`-incoming defer`). The real boot is tested by
+//!   `crates/caas/tests/real_vm.rs`.
 use crate::error::{Error, Result};
 use crate::spec::{ReadyInfo, WorkloadSpec};
 use std::ffi::{OsStr, OsString};
@@ -44,6 +48,7 @@ enum Readiness {
         log: PathBuf,
         addr: SocketAddr,
         stderr_log: PathBuf,
+        qmp: PathBuf,
     },
 }
 
@@ -72,6 +77,40 @@ impl WorkloadHandle {
         self.child.id()
     }
 
+    /// The VM's QMP socket (`None` for a process workload).
+    #[must_use]
+    pub fn qmp_path(&self) -> Option<&Path> {
+        match &self.readiness {
+            Readiness::SerialMarker { qmp, .. } => Some(qmp),
+            Readiness::File(_) => None,
+        }
+    }
+
+    /// The host address forwarded to the VM's PSK channel (`None` for a process
+    /// workload, whose address is in its ready file).
+    #[must_use]
+    pub fn forwarded_addr(&self) -> Option<SocketAddr> {
+        match &self.readiness {
+            Readiness::SerialMarker { addr, .. } => Some(*addr),
+            Readiness::File(_) => None,
+        }
+    }
+
+    /// Connects to the VM's QMP socket (waiting up to `timeout` for qemu to create it) and
+    /// makes the socket 0600 first (qemu creates it under its umask). A process workload
+    /// has none: [`Error::Driver`].
+    pub fn qmp(&self, timeout: Duration) -> Result<crate::qmp::Qmp> {
+        let path = self
+            .qmp_path()
+            .ok_or_else(|| Error::Driver(format!("workload {} has no QMP socket", self.vm_id)))?;
+        let deadline = Instant::now() + timeout;
+        while !path.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        restrict_socket(path);
+        Ok(crate::qmp::Qmp::connect_until(path, deadline, timeout)?)
+    }
+
     /// Waits until the workload serves its PSK channel and returns the address. Fails if
     /// the child exits first or `timeout` passes.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<SocketAddr> {
@@ -84,10 +123,11 @@ impl WorkloadHandle {
             // qemu reads its `-fw_cfg` files while it starts, before the guest runs: once
             // the guest has written to its console, τ, pk_DM and the PIN leave the host's
             // disk (seconds before the guest is ready).
-            if let Readiness::SerialMarker { log, .. } = &self.readiness
+            if let Readiness::SerialMarker { log, qmp, .. } = &self.readiness
                 && !self.cleanup.is_empty()
                 && std::fs::metadata(log).is_ok_and(|m| m.len() > 0)
             {
+                restrict_socket(qmp);
                 self.cleanup_files();
             }
             if let Some(st) = self
@@ -181,6 +221,15 @@ fn tail_of(path: &Path) -> String {
         String::new()
     } else {
         format!(": {tail}")
+    }
+}
+
+/// Makes qemu's QMP socket 0600 (only qemu's identity and root reach it; its directory is
+/// the workload's own, 0700, in the host agent).
+fn restrict_socket(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| !m.file_type().is_symlink()) {
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
     }
 }
 
@@ -315,6 +364,10 @@ pub struct QemuDriver {
     pub memory_mib: u32,
     /// TCG, KVM, or KVM after a probe.
     pub accel: Accel,
+    /// Start the VM waiting for its state (`-incoming defer -S`): the caller restores it with
+    /// [`crate::qmp::Qmp::migrate_incoming`] and [`crate::qmp::Qmp::cont`]; the guest does
+    /// not boot, so [`WorkloadHandle::wait_ready`] does not apply.
+    pub incoming: bool,
 }
 
 impl QemuDriver {
@@ -327,6 +380,7 @@ impl QemuDriver {
             dir,
             memory_mib: 256,
             accel: Accel::from_env(),
+            incoming: false,
         }
     }
 
@@ -353,6 +407,12 @@ impl QemuDriver {
         per_vm(&self.dir, vm_id, "serial.log")
     }
 
+    /// The QMP socket of a workload.
+    #[must_use]
+    pub fn qmp_socket(&self, vm_id: &str) -> PathBuf {
+        per_vm(&self.dir, vm_id, "qmp.sock")
+    }
+
     /// The qemu arguments for `spec`, with the PSK channel forwarded from `host_port` on
     /// the spec's listen address.
     pub fn args(&self, spec: &WorkloadSpec, host_port: u16) -> Result<Vec<OsString>> {
@@ -360,6 +420,16 @@ impl QemuDriver {
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |parts: &[&OsStr]| a.extend(parts.iter().map(|p| p.to_os_string()));
         let log = self.serial_log(&spec.vm_id);
+        let qmp = self.qmp_socket(&spec.vm_id);
+        // sun_path holds 108 bytes with its NUL.
+        if qmp.as_os_str().len() > 107 {
+            return Err(Error::Driver(format!(
+                "QMP socket path too long for a UNIX socket: {}",
+                qmp.display()
+            )));
+        }
+        let mut qmp_opt = opt("unix:", &qmp);
+        qmp_opt.push(",server=on,wait=off");
         let mem = self.memory_mib.to_string();
         let (accel, cpu) = match self.effective_accel() {
             // `-cpu host` aborts on some nested hosts (an MSR qemu 7.2 cannot set); the
@@ -377,8 +447,12 @@ impl QemuDriver {
             "-m".as_ref(),
             mem.as_ref(),
             "-nographic".as_ref(),
+            // No human monitor (with -nographic it would be on stdio); the agent's
+            // machine monitor on a socket of its own.
             "-monitor".as_ref(),
             "none".as_ref(),
+            "-qmp".as_ref(),
+            &qmp_opt,
             "-no-reboot".as_ref(),
             "-serial".as_ref(),
             &opt("file:", &log),
@@ -435,6 +509,11 @@ impl QemuDriver {
                 "-fw_cfg".as_ref(),
                 &pin,
             ]);
+        }
+        if self.incoming {
+            // -S: the guest stays paused after its state loaded, until the caller has
+            // verified the whole saved state and says `cont`.
+            a.extend(["-incoming".into(), "defer".into(), "-S".into()]);
         }
         Ok(a)
     }
@@ -600,6 +679,8 @@ impl Driver for QemuDriver {
         let args = self.args(spec, host_port)?;
         let log = self.serial_log(&spec.vm_id);
         let _ = std::fs::remove_file(&log);
+        let qmp = self.qmp_socket(&spec.vm_id);
+        let _ = std::fs::remove_file(&qmp);
         let stderr_log = per_vm(&self.dir, &spec.vm_id, "qemu.log");
         let stderr = std::fs::File::create(&stderr_log).map_err(Error::io("create qemu log"))?;
         let child = cmd
@@ -620,6 +701,7 @@ impl Driver for QemuDriver {
                 log,
                 addr: SocketAddr::new(spec.listen.ip(), host_port),
                 stderr_log,
+                qmp,
             },
             cleanup,
             stopped: false,
@@ -664,6 +746,12 @@ mod tests {
         assert!(has(&a, "-m", "256"));
         assert!(a.iter().any(|x| x == "-nographic"));
         assert!(has(&a, "-monitor", "none"));
+        assert!(has(
+            &a,
+            "-qmp",
+            "unix:/var/lib/caas/vms/vm-42.qmp.sock,server=on,wait=off"
+        ));
+        assert!(!a.iter().any(|x| x == "-incoming"));
         assert!(has(&a, "-name", "guest=vm-42"));
         assert!(has(
             &a,
@@ -729,6 +817,18 @@ mod tests {
             "name=opt/caas/vsm-pin,file=/run/caas/pin"
         ));
         assert_eq!(a.iter().filter(|x| *x == "-drive").count(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn qemu_incoming_waits_for_its_state() -> Result<()> {
+        let mut d = QemuDriver::new("/tmp".into());
+        d.incoming = true;
+        let a = strings(&d.args(&spec(), 1)?);
+        assert!(has(&a, "-incoming", "defer"));
+        assert!(a.iter().any(|x| x == "-S"));
+        let long = QemuDriver::new(PathBuf::from("/x".repeat(60)));
+        assert!(matches!(long.args(&spec(), 1), Err(Error::Driver(m)) if m.contains("too long")));
         Ok(())
     }
 

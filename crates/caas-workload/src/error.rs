@@ -54,6 +54,9 @@ pub enum Error {
     /// A driver could not start or control a workload.
     #[error("driver: {0}")]
     Driver(String),
+    /// qemu's machine protocol (QMP) failed or qemu refused a command.
+    #[error(transparent)]
+    Qmp(#[from] crate::qmp::QmpError),
     /// The random number generator failed.
     #[error("random number generator failed")]
     Rng,

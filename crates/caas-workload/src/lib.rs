@@ -7,12 +7,14 @@
 //! - [`workload`]: the process workload ([`run`]) and the guest agent of a VM
 //!   ([`Workload::start_guest`]).
 //! - [`driver`]: the driver abstraction ([`driver::ProcessDriver`], [`driver::QemuDriver`]).
+//! - [`qmp`]: the host agent's client of qemu's machine protocol (stop, cont, migrate).
 //! - [`cli`]: `caas workload run --spec FILE`, `caas workload guest` (inside a VM).
 pub mod cli;
 pub mod driver;
 mod error;
 pub mod proto;
 pub mod psk;
+pub mod qmp;
 pub mod spec;
 pub mod vsm;
 pub mod workload;
