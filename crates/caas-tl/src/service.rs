@@ -3,7 +3,9 @@
 //!
 //! Routes (JSON): `GET /v1/tl/ttp` (pk_TTP), `POST /v1/tl/attest` (TL.AttestRequest →
 //! TL.Attestation), `POST /v1/tl/domkey` (DBSP.DomKeyReq → DomKeyGen), `POST /v1/tl/epoch`
-//! (the SC's AK-signed report of a DBSP volume's opened epoch → its anchor), `PUT /v1/tl/acl`
+//! (the SC's AK-signed report of a DBSP volume's opened epoch → its anchor), `POST
+//! /v1/tl/suspend` and `POST /v1/tl/resume` (AK-signed: a saved state's key, sealed to the
+//! host's bind key, `docs/suspend-migrate.md`), `PUT /v1/tl/acl`
 //! (which domains a DM may give: a [`crate::wire::AclUpdate`] signed by that DM), `GET /v1/tl/hosts/{name}/bind-info` (a host's
 //! certified bind key and trusted PCR values, seed 001 Algorithm 1 line 1), and the
 //! scheduler `POST /v1/sched/launch` (places a TL.Request on a trusted host of its SP).
@@ -264,6 +266,34 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
                     let r: R<Signed> = s
                         .ttp
                         .domkey(&r, caas_attest::now_ms())
+                        .await
+                        .map(Json)
+                        .map_err(ApiError);
+                    r
+                },
+            ),
+        )
+        .route(
+            "/v1/tl/suspend",
+            post(
+                |State(s): State<Arc<TlService<S>>>, Json(r): Json<AkSigned>| async move {
+                    let r: R<Signed> = s
+                        .ttp
+                        .suspend(&r, caas_attest::now_ms())
+                        .await
+                        .map(Json)
+                        .map_err(ApiError);
+                    r
+                },
+            ),
+        )
+        .route(
+            "/v1/tl/resume",
+            post(
+                |State(s): State<Arc<TlService<S>>>, Json(r): Json<AkSigned>| async move {
+                    let r: R<Signed> = s
+                        .ttp
+                        .resume(&r, caas_attest::now_ms())
                         .await
                         .map(Json)
                         .map_err(ApiError);
