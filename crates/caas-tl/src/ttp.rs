@@ -52,7 +52,7 @@ pub struct SuspendRecord {
     pub counter: u64,
     /// The host that suspended it.
     pub suspended_on: String,
-    /// The host it was resumed on, once (a state is resumed at most once).
+    /// The host its key was released to for a resume: the only host that may resume it.
     #[serde(default)]
     pub resumed_on: Option<String>,
     /// Unix ms of the last change.
@@ -898,7 +898,8 @@ impl<S: AttestStore> Ttp<S> {
     /// workload's security profile (the one it was launched under) and whose bind key is
     /// certified by its AK and bound to the attested PCR state, gets K_s of the saved state
     /// (H2, id_vm, counter) — only for the latest counter (`state_replayed` for an older
-    /// one) and only once (`state_replayed` after a resume: no fork) — and DK_i of a new TL
+    /// one) and only on the first host that asked (`state_replayed` on any other: no
+    /// fork) — and DK_i of a new TL
     /// session (host, id_vm, r), both sealed to that bind key. The ACL must still grant
     /// D_vm. Audited (`TlResume`).
     pub async fn resume(&self, req: &AkSigned, now_ms: u64) -> Result<Signed> {
@@ -960,11 +961,15 @@ impl<S: AttestStore> Ttp<S> {
                     ),
                 ));
             }
-            if b.counter != rec.counter || rec.resumed_on.is_some() {
+            // The latest state only; and once a host got its key, no other host does (no
+            // fork). That host may ask again (a resume that failed half-way, e.g. on a
+            // tampered object); its agent refuses to resume a state twice.
+            if b.counter != rec.counter || rec.resumed_on.as_deref().is_some_and(|h| h != host.name)
+            {
                 return Err(Error::rejected(
                     "state_replayed",
                     format!(
-                        "saved state {} of {} is not the latest unresumed one",
+                        "saved state {} of {} is not the latest, or was resumed elsewhere",
                         b.counter, b.vm_id
                     ),
                 ));

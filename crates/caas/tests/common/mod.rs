@@ -1,6 +1,7 @@
 //! Test harness shared by the `caas` end-to-end tests: starts real `caas` processes on
 //! port 0 in temporary directories and talks to them with real clients.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+pub mod vm;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,103 @@
+//! Real-VM test helpers shared by `real_vm.rs` and `vm_suspend.rs`: the guest image built
+//! by `scripts/build-guest-image`, the tenant CLI, and finding a VM's qemu and files.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+use super::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Fails (never skips) when a tool the real VM needs is missing.
+pub fn require_tools() {
+    let missing: Vec<&str> = [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("syslinux", "syslinux"),
+        ("mcopy", "mtools"),
+        ("mkfs.fat", "dosfstools"),
+        ("cpio", "cpio"),
+        ("strip", "binutils"),
+    ]
+    .into_iter()
+    .filter(|(tool, _)| {
+        !std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+            .any(|d| d.join(tool).is_file())
+    })
+    .map(|(_, pkg)| pkg)
+    .collect();
+    assert!(
+        missing.is_empty() && Path::new("/usr/lib/syslinux/mbr/mbr.bin").is_file(),
+        "the real-VM test needs the Debian packages {missing:?} and syslinux-common: run \
+         scripts/install-deps (installs qemu-system-x86 together with qemu-utils)"
+    );
+}
+
+/// Builds (or takes from the cache) the guest image with this build's guest agent and
+/// PKCS#11 module; returns its path.
+pub fn guest_image() -> PathBuf {
+    require_tools();
+    let agent = PathBuf::from(env!("CARGO_BIN_EXE_caas-guest"));
+    // The module as `cargo build -p caas` uplifts it, or as `cargo test` leaves it in deps/
+    // (a dependency's cdylib is not uplifted): the newer one.
+    let pkcs11 = [
+        caas_bin().with_file_name("libcaas_pkcs11.so"),
+        caas_bin().with_file_name("deps").join("libcaas_pkcs11.so"),
+    ]
+    .into_iter()
+    .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+    .max()
+    .map(|(_, p)| p)
+    .expect("libcaas_pkcs11.so is built with caas");
+    let mut cmd = Command::new(repo_root().join("scripts/build-guest-image"));
+    cmd.arg("--agent").arg(&agent).arg("--pkcs11").arg(&pkcs11);
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/build-guest-image failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+pub fn tenant(root: &Path, dev: &Dev, args: &[&str]) -> String {
+    let out = Command::new(caas_bin())
+        .arg("tenant")
+        .arg("--dir")
+        .arg(root.join("alice"))
+        .args(args)
+        .envs(&dev.env)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "caas tenant {args:?} failed:\n{text}");
+    text
+}
+
+/// The command line of the qemu process whose `-name` is `guest=VM`.
+pub fn qemu_cmdline(vm: &str) -> Option<Vec<String>> {
+    let want = format!("guest={vm}");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let raw = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<String> = raw
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        (args.first()?.contains("qemu-system") && args.contains(&want)).then_some(args)
+    })
+}
+
+pub fn find_file(dir: &Path, suffix: &str) -> Option<PathBuf> {
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if let Some(f) = find_file(&p, suffix) {
+                return Some(f);
+            }
+        } else if p.to_string_lossy().ends_with(suffix) {
+            return Some(p);
+        }
+    }
+    None
+}
