@@ -2076,7 +2076,15 @@ impl Agent {
         }
         let t = Instant::now();
         let object = state_path(&self.tl.storage, vm_id)?;
-        let mut file = std::fs::File::open(&object).map_err(|_| {
+        // The storage is untrusted: a planted symbolic link is not followed.
+        let mut file = {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+                .open(&object)
+        }
+        .map_err(|_| {
             Error::Tl(caas_tl::Error::rejected(
                 "no_saved_state",
                 format!("no saved state of {vm_id} in the storage"),

@@ -52,6 +52,8 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("POST", "/v1/tl/attest", "host-protocol"),
     ("POST", "/v1/tl/domkey", "host-protocol"),
     ("POST", "/v1/tl/epoch", "host-protocol"),
+    ("POST", "/v1/tl/suspend", "host-protocol"),
+    ("POST", "/v1/tl/resume", "host-protocol"),
     ("PUT", "/v1/tl/acl", "tenant|operator:acl:admin"),
     (
         "GET",
