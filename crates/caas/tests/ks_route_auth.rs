@@ -61,6 +61,8 @@ const EXPECTED: &[(&str, &str, &str)] = &[
         "tenant|operator:hosts:read",
     ),
     ("POST", "/v1/sched/launch", "tenant|operator:schedule"),
+    ("POST", "/v1/sched/suspend", "tenant|operator:schedule"),
+    ("POST", "/v1/sched/resume", "tenant|operator:schedule"),
 ];
 
 /// Credentials: (access key id, secret).

@@ -1,6 +1,8 @@
 //! Encrypted suspend and resume of a REAL VM (issue 13 items 4 and 6, seed 001 §3.4
 //! "Suspension"; `docs/suspend-migrate.md`): the legacy guest image is launched through TL
-//! with the qemu driver on host-1 of a `caas dev --hosts 2` cloud, suspended into an
+//! with the qemu driver on host-1 of a `caas dev --hosts 2` cloud, suspended (`caas tenant
+//! suspend`, through the scheduler; the attacks drive the agents directly with `caas host
+//! suspend|resume`, as a compromised management would) into an
 //! encrypted saved state in the (attacker-writable) storage, and resumed on host-2: the
 //! counter the guest keeps continues where it stopped, and the guest still holds τ (the
 //! tenant's PSK check succeeds on the new host; a rebooted guest would have no τ). Refused,
@@ -189,10 +191,9 @@ fn suspended_vm_resumes_on_the_other_host_and_attacks_on_its_state_are_refused()
         })
     };
     let t = Instant::now();
-    let (ok, out) = host_cmd(&dev, "suspend", "vm1", "host-1");
+    let out = tenant(&root, &dev, &["suspend", "--vm", "vm1"]);
     stop_watch.store(true, std::sync::atomic::Ordering::SeqCst);
     let before = counters(&watcher.join().unwrap());
-    assert!(ok, "suspend failed:\n{out}");
     eprintln!("suspend: {:?}\n{out}", t.elapsed());
     let s: Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
     assert_eq!(s["counter"], json!(1));
@@ -265,8 +266,7 @@ fn suspended_vm_resumes_on_the_other_host_and_attacks_on_its_state_are_refused()
     // The real state resumes on host-2: the counter continues where it stopped, τ is the
     // guest's still.
     let t = Instant::now();
-    let (ok, out) = host_cmd(&dev, "resume", "vm1", "host-2");
-    assert!(ok, "resume failed:\n{out}");
+    let out = tenant(&root, &dev, &["resume", "--vm", "vm1", "--host", "host-2"]);
     eprintln!("resume on host-2: {:?}\n{out}", t.elapsed());
     let v: Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
     assert_eq!(v["host"], json!("host-2"));

@@ -152,6 +152,16 @@ pub const ROUTES: &[Route] = &[
         "/v1/sched/launch",
         Access::TenantOr(Permission::Schedule),
     ),
+    r(
+        "POST",
+        "/v1/sched/suspend",
+        Access::TenantOr(Permission::Schedule),
+    ),
+    r(
+        "POST",
+        "/v1/sched/resume",
+        Access::TenantOr(Permission::Schedule),
+    ),
 ];
 
 /// The route `method path-pattern`, if listed.
