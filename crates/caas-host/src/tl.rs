@@ -1907,6 +1907,14 @@ impl Agent {
                     "workload {vm_id} is not a VM (suspend needs the qemu driver)"
                 )));
             }
+            // Not carried by a saved state yet (docs/suspend-migrate.md, limits): refused
+            // rather than resumed without them.
+            if !w.volumes.is_empty() || w.vsm_tls.is_some() {
+                return Err(Error::InvalidRequest(format!(
+                    "workload {vm_id} has DBSP volumes or network transports: suspend does \
+                     not carry them yet"
+                )));
+            }
             (
                 w.h2.clone(),
                 w.launch_r.clone(),
