@@ -422,6 +422,10 @@ pub enum Op {
     LaunchWorkload,
     /// Stop a workload and its crypto domain.
     StopWorkload,
+    /// Suspend a VM into an encrypted saved state in the storage.
+    SuspendWorkload,
+    /// Resume a suspended VM from its saved state on this host.
+    ResumeWorkload,
     /// DBSP: attach a domain volume.
     AttachVolume,
     /// TTP revocation (TTP-signed notice as well).
@@ -450,6 +454,8 @@ impl Op {
             Op::ListWorkloads => "ListWorkloads",
             Op::LaunchWorkload => "LaunchWorkload",
             Op::StopWorkload => "StopWorkload",
+            Op::SuspendWorkload => "SuspendWorkload",
+            Op::ResumeWorkload => "ResumeWorkload",
             Op::AttachVolume => "AttachVolume",
             Op::Revoke => "Revoke",
             Op::GetAudit => "GetAudit",
@@ -530,6 +536,18 @@ pub const ROUTES: &[RouteSpec] = &[
     ),
     r(
         "POST",
+        "/v1/agent/workloads/{vm}/suspend",
+        Op::SuspendWorkload,
+        Access::Roles(KS_OPS),
+    ),
+    r(
+        "POST",
+        "/v1/agent/resume",
+        Op::ResumeWorkload,
+        Access::Roles(KS_OPS),
+    ),
+    r(
+        "POST",
         "/v1/agent/workloads/{vm}/volumes",
         Op::AttachVolume,
         Access::Roles(KS),
@@ -598,6 +616,16 @@ fn handler(op: Op) -> MethodRouter<Arc<Agent>> {
                     .await
                     .map(|()| Json(serde_json::json!({ "stopped": vm })))
                     .map_err(ApiError)
+            },
+        ),
+        Op::SuspendWorkload => post(
+            |State(a): State<Arc<Agent>>, Path(vm): Path<String>| async move {
+                a.suspend_workload(&vm).await.map(Json).map_err(ApiError)
+            },
+        ),
+        Op::ResumeWorkload => post(
+            |State(a): State<Arc<Agent>>, Json(c): Json<crate::tl::ResumeCall>| async move {
+                a.resume_workload(&c).await.map(Json).map_err(ApiError)
             },
         ),
         Op::AttachVolume => post(

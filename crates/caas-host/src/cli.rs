@@ -5,7 +5,7 @@
 //! client the binary passes in: it signs them with an operator's access key (the key
 //! service refuses unauthenticated operator calls).
 //!
-//! The operator's calls to a host agent (`caas host workloads|stop|status|audit --agent
+//! The operator's calls to a host agent (`caas host workloads|stop|suspend|resume|status|audit --agent
 //! URL`) go over HTTPS with the deployment CA pinned and the operator's client certificate
 //! ([`OperatorArgs`]: `CAAS_PKI_CA`, `CAAS_OPERATOR_CERT`, `CAAS_OPERATOR_KEY`, which `caas
 //! dev` writes to `DIR/env`).
@@ -134,6 +134,22 @@ pub enum HostCommand {
         #[command(flatten)]
         agent: AgentArgs,
     },
+    /// Suspend a VM into an encrypted saved state in the storage (operator certificate;
+    /// no key or plaintext state is returned).
+    Suspend {
+        /// id_vm.
+        vm: String,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Resume a suspended VM on this host agent (operator certificate): the TTP releases
+    /// the state key only to a trusted host of the workload's profile.
+    Resume {
+        /// id_vm.
+        vm: String,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
     /// A host agent's status (operator certificate).
     Status(AgentArgs),
     /// A host agent's hash-chained audit log, verified (operator certificate).
@@ -253,6 +269,30 @@ pub async fn run_host(
             print_json(&v)?;
             return Ok(0);
         }
+        HostCommand::Suspend { vm, agent } => {
+            let v: serde_json::Value = agent
+                .operator
+                .client()?
+                .post(
+                    &agent.url(&format!("/v1/agent/workloads/{vm}/suspend")),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            print_json(&v)?;
+            return Ok(0);
+        }
+        HostCommand::Resume { vm, agent } => {
+            let v: serde_json::Value = agent
+                .operator
+                .client()?
+                .post(
+                    &agent.url("/v1/agent/resume"),
+                    &serde_json::json!({ "vm_id": vm }),
+                )
+                .await?;
+            print_json(&v)?;
+            return Ok(0);
+        }
         HostCommand::Status(a) => {
             let v: serde_json::Value = a.operator.client()?.get(&a.url("/v1/agent/status")).await?;
             print_json(&v)?;
@@ -270,6 +310,8 @@ pub async fn run_host(
         HostCommand::Serve { .. }
         | HostCommand::Workloads(_)
         | HostCommand::Stop { .. }
+        | HostCommand::Suspend { .. }
+        | HostCommand::Resume { .. }
         | HostCommand::Status(_)
         | HostCommand::Audit(_) => {}
         HostCommand::List(ks) => {

@@ -478,6 +478,12 @@ impl TlHost {
                 "workload {vm_id} was not started by trusted launch"
             )));
         }
+        if w.tau.is_empty() {
+            return Err(Error::InvalidRequest(format!(
+                "workload {vm_id} was resumed from a saved state, which carries no τ: it can be \
+                 suspended again but not live-migrated"
+            )));
+        }
         Ok((
             w.h2.clone(),
             w.launch_r.clone(),
@@ -2275,5 +2281,536 @@ mod tests {
         assert!(ok);
         assert_eq!(flushed, Some(150));
         assert_eq!(b.admit(t0 + Duration::from_millis(1002)).1, None);
+    }
+}
+
+/// Where saved states live in the (untrusted) cloud storage: `STORAGE/states/<vm>.state`.
+fn state_path(storage: &Path, vm_id: &str) -> Result<PathBuf, Error> {
+    wire::check_name("vm_id", vm_id)?;
+    Ok(storage.join("states").join(format!("{vm_id}.state")))
+}
+
+/// The crypto domain's part of a saved state (authenticated and encrypted under K_s with
+/// the VM's state). It names what the target host re-creates the crypto domain from: the
+/// image (whose key k the target opens from ITS sealed configuration, bound to its TPM) and
+/// the owner. No key travels in it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DomainState {
+    image_id: String,
+    h2: String,
+    sp: String,
+    /// The image's H1 as the suspended launch checked it.
+    h1: String,
+}
+
+/// Result of a suspend (no key, no plaintext state).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SuspendResult {
+    /// Host.
+    pub host: String,
+    /// id_vm.
+    pub vm_id: String,
+    /// The TTP's suspend counter of this saved state.
+    pub counter: u64,
+    /// The saved-state object, relative to the storage directory.
+    pub object: String,
+    /// Its size in bytes (ciphertext).
+    pub bytes: u64,
+    /// Phase timings (name, milliseconds).
+    pub timings: Vec<(String, f64)>,
+}
+
+/// `POST /v1/agent/resume`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeCall {
+    /// id_vm of the suspended workload (its saved state is `states/<vm>.state`).
+    pub vm_id: String,
+}
+
+fn state_refused(e: caas_workload::state::StateError) -> Error {
+    Error::Tl(caas_tl::Error::rejected(
+        "state_invalid",
+        format!("the saved state was refused: {e}"),
+    ))
+}
+
+fn suspend_err(e: caas_workload::suspend::SuspendError) -> Error {
+    match e {
+        caas_workload::suspend::SuspendError::State(s) => state_refused(s),
+        e => Error::Domain(format!("qemu: {e}")),
+    }
+}
+
+impl Agent {
+    /// Suspend (issue 13 item 4; `docs/suspend-migrate.md`): the TTP raises the workload's
+    /// suspend counter and releases a fresh K_s sealed to this host's bind key; the VM is
+    /// stopped and its qemu state, with the crypto domain's state, is written to the
+    /// untrusted storage as one saved-state object encrypted and authenticated under K_s
+    /// ([`caas_workload::state`]); then the VM and its crypto domain are torn down (keys
+    /// dropped with the processes, DK_i and K_s zeroized). Audited (`SuspendWorkload`).
+    pub async fn suspend_workload(&self, vm_id: &str) -> Result<SuspendResult, Error> {
+        let r = self.suspend_inner(vm_id).await;
+        self.tl.audit("SuspendWorkload", vm_id, &r);
+        r
+    }
+
+    async fn suspend_inner(&self, vm_id: &str) -> Result<SuspendResult, Error> {
+        let mut timings = Vec::new();
+        let t = Instant::now();
+        let object = state_path(&self.tl.storage, vm_id)?;
+        let (h2, launch_r, image_id, sp) = {
+            let g = self.tl.workloads.lock().await;
+            let w = g
+                .get(vm_id)
+                .ok_or_else(|| Error::InvalidRequest(format!("no workload {vm_id}")))?;
+            if !w
+                .procs
+                .iter()
+                .any(|p| matches!(&p.child, ProcChild::Workload(h) if h.qmp_path().is_some()))
+            {
+                return Err(Error::InvalidRequest(format!(
+                    "workload {vm_id} is not a VM (suspend needs the qemu driver)"
+                )));
+            }
+            // Not carried by a saved state yet (docs/suspend-migrate.md, limits): refused
+            // rather than resumed without them.
+            if !w.volumes.is_empty() || w.vsm_tls.is_some() {
+                return Err(Error::InvalidRequest(format!(
+                    "workload {vm_id} has DBSP volumes or network transports: suspend does \
+                     not carry them yet"
+                )));
+            }
+            (
+                w.h2.clone(),
+                w.launch_r.clone(),
+                w.image_id.clone(),
+                w.sp.clone(),
+            )
+        };
+        let ttp = self.ttp().await?;
+        let r = caas_crypto::random_bytes(32).map_err(|_| Error::Domain("no randomness".into()))?;
+        let req = wire::SuspendRequest {
+            host: self.cfg.name.clone(),
+            vm_id: vm_id.to_string(),
+            launch_r,
+            h2: h2.clone(),
+            r: r.clone(),
+            t_ms: caas_attest::now_ms(),
+        };
+        let signed = self
+            .ak_sign(label::SUSPEND_REQUEST, wire::to_bytes(&req))
+            .await?;
+        let resp: Signed = self
+            .http
+            .post(
+                &format!("{}/v1/tl/suspend", self.cfg.key_service_url),
+                &signed,
+            )
+            .await?;
+        let grant = sc::check_state_grant(&resp, &ttp, &self.cfg.name, vm_id, &r)?;
+        let (rsa, _) = split_bind_sealed(&grant.sealed)?;
+        let key = self.bind_decrypt(rsa).await?;
+        let (k_s, _) = sc::open_state_grant(&key, &grant)?;
+        drop(key);
+        timings.push((
+            "state key from the TTP (quote, TPM unseal)".to_string(),
+            ms(t),
+        ));
+        let h1 = {
+            let image = TlHost::image_dir(&self.tl.storage, &image_id).join("image.caasvol");
+            tokio::task::spawn_blocking(move || sha256_file(&image))
+                .await
+                .map_err(|e| Error::Domain(format!("hash task: {e}")))??
+        };
+        let domain = DomainState {
+            image_id,
+            h2: h2.clone(),
+            sp,
+            h1: hex::encode(h1),
+        };
+        // The workload leaves the table while its state is saved (no concurrent stop).
+        let mut w = self
+            .tl
+            .workloads
+            .lock()
+            .await
+            .remove(vm_id)
+            .ok_or_else(|| Error::Domain("workload vanished".into()))?;
+        let idx = w
+            .procs
+            .iter()
+            .position(|p| p.what == "workload")
+            .ok_or_else(|| Error::Domain("the VM process is gone".into()))?;
+        let vm = w.procs.remove(idx);
+        let t = Instant::now();
+        let header = caas_workload::state::StateHeader::new(vm_id, &h2, grant.counter)
+            .map_err(state_refused)?;
+        let dir = object
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.tl.storage.clone());
+        let path = object.clone();
+        let (vm_back, saved) = tokio::task::spawn_blocking(move || {
+            let r = (|| -> Result<(u64, u64), Error> {
+                let ProcChild::Workload(h) = &vm.child else {
+                    return Err(Error::Domain("not a VM".into()));
+                };
+                std::fs::create_dir_all(&dir).map_err(Error::io("create the states directory"))?;
+                // A fresh temporary next to the object, renamed over it once complete.
+                let tmp = dir.join(format!(".{}.{}.tmp", header.vm_id, header.stream_id));
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&tmp)
+                    .map_err(Error::io("create the saved state"))?;
+                let res = (|| {
+                    let mut q = h
+                        .qmp(Duration::from_secs(10))
+                        .map_err(|e| Error::Domain(format!("qemu: {e}")))?;
+                    let mut wr = caas_workload::state::StateWriter::new(
+                        std::io::BufWriter::new(f),
+                        &k_s,
+                        &header,
+                    )
+                    .map_err(state_refused)?;
+                    let ds = wire::to_bytes(&domain);
+                    wr.write_domain_state(&ds).map_err(state_refused)?;
+                    let t =
+                        caas_workload::suspend::save_vm(&mut q, &mut wr, Duration::from_secs(120))
+                            .map_err(suspend_err)?;
+                    let (out, bytes) = wr.finish().map_err(state_refused)?;
+                    let f = out
+                        .into_inner()
+                        .map_err(|e| Error::io("flush the saved state")(e.into_error()))?;
+                    f.sync_all().map_err(Error::io("fsync the saved state"))?;
+                    std::fs::rename(&tmp, &path).map_err(Error::io("store the saved state"))?;
+                    let _ = q.quit();
+                    Ok((bytes, t.millis))
+                })();
+                if res.is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                    // The VM goes on where it was.
+                    if let Ok(mut q) = h.qmp(Duration::from_secs(5)) {
+                        let _ = q.cont();
+                    }
+                }
+                res
+            })();
+            (vm, r)
+        })
+        .await
+        .map_err(|e| Error::Domain(format!("suspend task: {e}")))?;
+        match saved {
+            Ok((bytes, vm_ms)) => {
+                timings.push(("VM stopped and its state saved".to_string(), vm_ms as f64));
+                timings.push(("saved-state object written".to_string(), ms(t)));
+                let mut vm = vm_back;
+                vm.stop();
+                w.stop();
+                let _ = std::fs::remove_dir_all(&w.dirs.root);
+                Ok(SuspendResult {
+                    host: self.cfg.name.clone(),
+                    vm_id: vm_id.to_string(),
+                    counter: grant.counter,
+                    object: format!("states/{vm_id}.state"),
+                    bytes,
+                    timings,
+                })
+            }
+            Err(e) => {
+                w.procs.insert(idx, vm_back);
+                self.tl.workloads.lock().await.insert(vm_id.to_string(), w);
+                Err(e)
+            }
+        }
+    }
+
+    /// Resume (issue 13 item 4): reads the saved state's header from storage, asks the TTP
+    /// for its K_s (AK-signed, with a fresh attestation and this host's certified bind key:
+    /// the TTP releases it only to a trusted host appraised under the workload's profile,
+    /// only for the latest suspend, only once), opens the image's configuration sealed to
+    /// THIS host's TPM, starts the crypto domain, and feeds the authenticated state to a
+    /// qemu started with `-incoming defer -S`; the guest continues only after the whole
+    /// state verified. Audited (`ResumeWorkload`).
+    pub async fn resume_workload(&self, call: &ResumeCall) -> Result<LaunchResult, Error> {
+        let r = self.resume_inner(call).await;
+        self.tl.audit("ResumeWorkload", &call.vm_id, &r);
+        r
+    }
+
+    async fn resume_inner(&self, call: &ResumeCall) -> Result<LaunchResult, Error> {
+        let mut timings = Vec::new();
+        let now = caas_attest::now_ms();
+        let vm_id = call.vm_id.as_str();
+        if self.tl.workloads.lock().await.contains_key(vm_id) {
+            return Err(Error::InvalidRequest(format!(
+                "workload {vm_id} is already running"
+            )));
+        }
+        let t = Instant::now();
+        let object = state_path(&self.tl.storage, vm_id)?;
+        // The storage is untrusted: a planted symbolic link is not followed.
+        let mut file = {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+                .open(&object)
+        }
+        .map_err(|_| {
+            Error::Tl(caas_tl::Error::rejected(
+                "no_saved_state",
+                format!("no saved state of {vm_id} in the storage"),
+            ))
+        })?;
+        let (header, prefix) =
+            caas_workload::state::read_header(&mut file).map_err(state_refused)?;
+        if header.vm_id != vm_id {
+            return Err(state_refused(caas_workload::state::StateError::Header(
+                "another workload's state".into(),
+            )));
+        }
+        // A state this agent resumed once is never resumed again here (the TTP releases its
+        // key again only to this host, for a resume that failed half-way).
+        let done = self
+            .cfg
+            .state_dir
+            .join("resumed")
+            .join(format!("{vm_id}.json"));
+        let marker = format!("{}:{}", header.counter, header.stream_id);
+        if std::fs::read_to_string(&done).is_ok_and(|m| m == marker) {
+            return Err(Error::Tl(caas_tl::Error::rejected(
+                "state_replayed",
+                "this saved state was already resumed on this host",
+            )));
+        }
+        let ttp = self.ttp().await?;
+        let r = caas_crypto::random_bytes(32).map_err(|_| Error::Domain("no randomness".into()))?;
+        let req = wire::ResumeRequest {
+            host: self.cfg.name.clone(),
+            vm_id: vm_id.to_string(),
+            h2: header.h2.clone(),
+            counter: header.counter,
+            bind: self.bind_key(),
+            r: r.clone(),
+            t_ms: now,
+        };
+        let signed = self
+            .ak_sign(label::RESUME_REQUEST, wire::to_bytes(&req))
+            .await?;
+        let resp: Signed = self
+            .http
+            .post(
+                &format!("{}/v1/tl/resume", self.cfg.key_service_url),
+                &signed,
+            )
+            .await?;
+        let grant = sc::check_state_grant(&resp, &ttp, &self.cfg.name, vm_id, &r)?;
+        if grant.h2 != header.h2 || grant.counter != header.counter {
+            return Err(Error::Tl(caas_tl::Error::rejected(
+                "nonce_mismatch",
+                "the grant names another saved state",
+            )));
+        }
+        let (rsa, _) = split_bind_sealed(&grant.sealed)?;
+        let key = self.bind_decrypt(rsa).await?;
+        let (k_s, dk) = sc::open_state_grant(&key, &grant)?;
+        drop(key);
+        let dk = dk.ok_or_else(|| Error::Tl(caas_tl::Error::malformed("grant", "no DK_i")))?;
+        timings.push((
+            "state key from the TTP (quote, TPM unseal)".to_string(),
+            ms(t),
+        ));
+        let mut reader = caas_workload::state::StateReader::new(
+            std::io::BufReader::new(file),
+            header,
+            &prefix,
+            &k_s,
+        )
+        .map_err(state_refused)?;
+        drop(k_s);
+        let domain: DomainState = {
+            let b = reader.read_domain_state().map_err(state_refused)?;
+            wire::parse("domain state", b.expose())?
+        };
+        if domain.h2 != grant.h2 || domain.sp != grant.sp {
+            return Err(state_refused(caas_workload::state::StateError::Section(
+                "owner or profile differ from the TTP's record".into(),
+            )));
+        }
+        // k and the token's PINs from the configuration sealed to THIS host (Algorithm 1),
+        // owned by the same DM, for the same upload of the image.
+        let t = Instant::now();
+        let sealed_cfg = self.read_config(&domain.image_id)?;
+        let env = caas_tl::dm::SealedDomc::parse(&sealed_cfg)?;
+        env.check_owner(&domain.h2)?;
+        let tampered = || {
+            Error::Tl(caas_tl::Error::rejected(
+                "config_tampered",
+                "the crypto-domain configuration was altered",
+            ))
+        };
+        let rsa = env.rsa().map_err(|_| tampered())?;
+        let key = self.bind_decrypt(rsa).await?;
+        let cfg = caas_tl::dm::open_domc_config(
+            &key,
+            &self.cfg.name,
+            &domain.image_id,
+            &domain.h2,
+            &sealed_cfg,
+        )?;
+        drop(key);
+        let image = TlHost::image_dir(&self.tl.storage, &domain.image_id).join("image.caasvol");
+        let ip = image.clone();
+        let h1 = tokio::task::spawn_blocking(move || sha256_file(&ip))
+            .await
+            .map_err(|e| Error::Domain(format!("hash task: {e}")))??;
+        if !caas_tl::crypto::ct_eq(domain.h1.as_bytes(), hex::encode(h1).as_bytes())
+            || !caas_tl::crypto::ct_eq(cfg.image_h1.as_bytes(), domain.h1.as_bytes())
+        {
+            return Err(tampered());
+        }
+        timings.push(("crypto-domain configuration (TPM)".to_string(), ms(t)));
+        let t = Instant::now();
+        let id = self.tl.ids.allocate_launch()?;
+        let dirs = self.fresh_dirs(vm_id, &id)?;
+        let pre = prestart(&dirs.domain, &image, true, Ids::of(&id), None).await?;
+        let procs = finish_domain(pre, &cfg).await?;
+        timings.push(("crypto domain keyed (k, token)".to_string(), ms(t)));
+        let t = Instant::now();
+        let w = Workload {
+            vm_id: vm_id.to_string(),
+            image_id: domain.image_id.clone(),
+            h2: domain.h2.clone(),
+            launch_r: r,
+            sp: domain.sp.clone(),
+            dk: Zeroizing::new(dk.expose().to_vec()),
+            // The saved state carries no secret: τ and pk_DM stay in the guest's memory,
+            // not on this host, so a resumed VM cannot be live-migrated (refused below).
+            tau: Zeroizing::new(Vec::new()),
+            pk_dm: Vec::new(),
+            driver: "qemu".to_string(),
+            endpoint: None,
+            disk_uri: Endpoint::Unix(dirs.domain.join("disk.sock")).nbd_uri(),
+            vsm_socket: dirs.domain.join("vsm.sock"),
+            vsm_tls: None,
+            tls_client: None,
+            procs,
+            volumes: Vec::new(),
+            started_ms: now,
+            dirs,
+            identity: id,
+        };
+        let (dir, disk, vsm_socket, run_as) = (
+            w.dirs.workload.clone(),
+            w.disk_uri.clone(),
+            w.vsm_socket.clone(),
+            w.identity.workload.run_as(),
+        );
+        let mut w = w;
+        match restore_workload(vm_id, &dir, &disk, &vsm_socket, run_as, reader).await {
+            Ok((proc, endpoint, stream)) => {
+                timings.push((
+                    format!("VM restored from {stream} bytes of qemu state and continued"),
+                    ms(t),
+                ));
+                w.procs.push(proc);
+                w.endpoint = Some(endpoint);
+                if let Some(d) = done.parent() {
+                    let _ = std::fs::create_dir_all(d);
+                }
+                write_private(&done, marker.as_bytes())?;
+                let view = w.view();
+                self.tl.workloads.lock().await.insert(vm_id.to_string(), w);
+                // Resumed once (the TTP will not release its key again): the object goes.
+                let _ = std::fs::remove_file(&object);
+                Ok(LaunchResult {
+                    host: self.cfg.name.clone(),
+                    workload: view,
+                    timings,
+                })
+            }
+            Err(e) => {
+                w.stop();
+                let _ = std::fs::remove_dir_all(&w.dirs.root);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Starts qemu waiting for its state (`-incoming defer -S`) on the resumed crypto domain
+/// and feeds it the authenticated state; returns the VM process, its PSK endpoint and the
+/// qemu stream's size. The guest read its secrets at its first boot: its `fw_cfg` entries
+/// get empty placeholders (the devices must match the saved state's).
+async fn restore_workload(
+    vm_id: &str,
+    dir: &Path,
+    disk: &str,
+    vsm_socket: &Path,
+    id: RunAs,
+    mut reader: caas_workload::state::StateReader<std::io::BufReader<std::fs::File>>,
+) -> Result<(Proc, String, u64), Error> {
+    let owner = id.own.then_some((id.uid, id.gid));
+    let inject = dir.join("inject.json");
+    let pin_file = dir.join("user.pin");
+    for p in [&inject, &pin_file] {
+        caas_crypto::fs::write_secret(p, b"{}", owner.map(Into::into))
+            .map_err(Error::io(format!("write {}", p.display())))?;
+    }
+    let spec = caas_workload::WorkloadSpec {
+        vm_id: vm_id.to_string(),
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        ready_file: dir.join("ready"),
+        inject_file: inject.clone(),
+        disk: disk.to_string(),
+        vsm: Some(caas_workload::VsmSpec {
+            socket: vsm_socket.to_path_buf(),
+            user_pin_file: pin_file.clone(),
+            slot: 0,
+        }),
+        volumes: Vec::new(),
+    };
+    use caas_workload::driver::Driver as _;
+    let mut driver = caas_workload::driver::QemuDriver::new(dir.to_path_buf());
+    driver.incoming = true;
+    let wl = |e: caas_workload::Error| Error::Domain(format!("workload: {e}"));
+    let program = driver.program().map_err(wl)?;
+    let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(program.display().to_string());
+    cmd.stdout(Stdio::null());
+    if let Some((uid, gid)) = owner {
+        use std::os::unix::process::CommandExt as _;
+        cmd.uid(uid).gid(gid);
+    }
+    let handle = driver.start(&spec, cmd).map_err(wl)?;
+    let (handle, r) = tokio::task::spawn_blocking(move || {
+        let r = (|| {
+            let mut q = handle.qmp(Duration::from_secs(30)).map_err(wl)?;
+            caas_workload::suspend::restore_vm(&mut q, &mut reader, Duration::from_secs(120))
+                .map_err(suspend_err)
+        })();
+        (handle, r)
+    })
+    .await
+    .map_err(|e| Error::Domain(format!("resume task: {e}")))?;
+    let _ = std::fs::remove_file(&inject);
+    let _ = std::fs::remove_file(&pin_file);
+    let addr = handle.forwarded_addr();
+    let mut p = Proc {
+        what: "workload",
+        child: ProcChild::Workload(handle),
+    };
+    match (r, addr) {
+        (Ok(t), Some(a)) => Ok((p, a.to_string(), t.stream_bytes)),
+        (Ok(_), None) => {
+            p.stop();
+            Err(Error::Domain("the VM has no endpoint".into()))
+        }
+        (Err(e), _) => {
+            p.stop();
+            Err(e)
+        }
     }
 }

@@ -186,6 +186,53 @@ pub fn check_domkey_response(
     Ok(d)
 }
 
+/// Checks the TTP's state-key grant (σ_TTP, and that it answers this host's request for
+/// `vm_id` with nonce `r`).
+pub fn check_state_grant(
+    resp: &Signed,
+    ttp: &TtpPublic,
+    host: &str,
+    vm_id: &str,
+    r: &[u8],
+) -> Result<crate::wire::StateKeyGrant> {
+    let g: crate::wire::StateKeyGrant = resp.open(&ttp.sign, label::STATE_KEY)?;
+    if g.host != host || g.vm_id != vm_id || !ct_eq(&g.r, r) {
+        return Err(Error::rejected(
+            "nonce_mismatch",
+            "the grant answers another request",
+        ));
+    }
+    split_bind_sealed(&g.sealed)?;
+    Ok(g)
+}
+
+/// Opens a state-key grant with the key the TPM released: K_s, and for a resume the new
+/// session's DK_i.
+pub fn open_state_grant(
+    tpm_key: &[u8],
+    g: &crate::wire::StateKeyGrant,
+) -> Result<(SecretKey, Option<SecretKey>)> {
+    let (_, body) = split_bind_sealed(&g.sealed)?;
+    let plain = crate::crypto::open_bind_sealed(
+        tpm_key,
+        &crate::wire::StateKeyGrant::sealed_aad(&g.host, &g.vm_id, g.counter, &g.r),
+        body,
+    )?;
+    let b = plain.expose();
+    let k_s = SecretKey::from_slice(&b[..b.len().min(32)]).map_err(|_| Error::Crypto("K_s"))?;
+    match b.len() {
+        32 => Ok((k_s, None)),
+        64 => Ok((
+            k_s,
+            Some(SecretKey::from_slice(&b[32..]).map_err(|_| Error::Crypto("DK"))?),
+        )),
+        _ => Err(Error::malformed(
+            "state key",
+            "K_s[‖DK_i] is 32 or 64 bytes",
+        )),
+    }
+}
+
 /// Opens c3 with the key the TPM released; returns (K, IK).
 pub fn open_c3(tpm_key: &[u8], d: &DomKeyResponse) -> Result<(SecretKey, SecretKey)> {
     let (_, body) = split_bind_sealed(&d.c3)?;

@@ -4,14 +4,17 @@
 //! Routes (JSON): `GET /v1/tl/ttp` (pk_TTP), `POST /v1/tl/attest` (TL.AttestRequest →
 //! TL.Attestation), `POST /v1/tl/domkey` (DBSP.DomKeyReq → DomKeyGen), `POST /v1/tl/epoch`
 //! (the SC's AK-signed report of a DBSP volume's opened epoch → its anchor), `POST /v1/tl/migrate`
-//! (live migration: the source SC's AK-signed request → the TTP's statement on the target), `PUT /v1/tl/acl`
+//! (live migration: the source SC's AK-signed request → the TTP's statement on the target),
+//! `POST /v1/tl/suspend` and `POST /v1/tl/resume` (AK-signed: a saved state's key, sealed to the
+//! host's bind key, `docs/suspend-migrate.md`), `PUT /v1/tl/acl`
 //! (which domains a DM may give: a [`crate::wire::AclUpdate`] signed by that DM), `GET /v1/tl/hosts/{name}/bind-info` (a host's
 //! certified bind key and trusted PCR values, seed 001 Algorithm 1 line 1), and the
-//! scheduler `POST /v1/sched/launch` (places a TL.Request on a trusted host of its SP) and
-//! `POST /v1/sched/migrate` (asks a workload's host to migrate it, [`crate::migrate`]).
+//! scheduler `POST /v1/sched/launch` (places a TL.Request on a trusted host of its SP),
+//! `POST /v1/sched/migrate` (asks a workload's host to migrate it, [`crate::migrate`]),
+//! `POST /v1/sched/suspend` and `POST /v1/sched/resume` (forwarded to a host agent).
 //!
 //! Authentication is the key service's (`caas/src/key_service/auth.rs`): pk_TTP is public;
-//! `attest`, `domkey`, `epoch` and `migrate` carry the host's AK signature (its identity) and, over
+//! `attest`, `domkey`, `epoch`, `migrate`, `suspend` and `resume` carry the host's AK signature (its identity) and, over
 //! TLS, must come with the client certificate the host's enrollment bound to that AK
 //! (`caas_attest::tls_binding`, checked by the TTP); the ACL change is
 //! signed by the DM it is about ([`crate::ttp::Ttp::update_acl`]) and sent by a
@@ -90,6 +93,19 @@ pub struct MigrateSchedule {
     pub from: String,
     /// The host it is to move to.
     pub to: String,
+}
+
+/// `POST /v1/sched/suspend` and `POST /v1/sched/resume`: which workload, on which host
+/// (suspend: where it runs; resume: a placement hint, otherwise any trusted host — the TTP
+/// releases the state only to a host of the workload's profile).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveRequest {
+    /// id_vm.
+    pub vm_id: String,
+    /// The host.
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 impl<S: AttestStore> TlService<S> {
@@ -194,27 +210,88 @@ impl<S: AttestStore> TlService<S> {
         req: &MigrateSchedule,
     ) -> Result<serde_json::Value, crate::Error> {
         crate::wire::check_name("vm_id", &req.vm_id)?;
-        let url_of = |h: Option<caas_attest::store::HostRecord>, name: &str| {
-            h.filter(|h| h.state == HostState::Enrolled)
-                .map(|h| h.agent_url.trim_end_matches('/').to_string())
-                .ok_or_else(|| {
-                    crate::Error::rejected("host_unknown", format!("host {name} is not enrolled"))
-                })
+        let enrolled = |h: Option<caas_attest::store::HostRecord>, name: &str| {
+            h.filter(|h| h.state == HostState::Enrolled).ok_or_else(|| {
+                crate::Error::rejected("host_unknown", format!("host {name} is not enrolled"))
+            })
         };
-        let from = url_of(get_host(&*self.store, &req.from).await?, &req.from)?;
-        let to = url_of(get_host(&*self.store, &req.to).await?, &req.to)?;
-        let url = format!("{from}/v1/agent/workloads/{}/migrate", req.vm_id);
-        let body = serde_json::json!({ "to": req.to, "to_url": to });
+        let from = enrolled(get_host(&*self.store, &req.from).await?, &req.from)?;
+        let to = enrolled(get_host(&*self.store, &req.to).await?, &req.to)?;
+        let body = serde_json::json!({
+            "to": req.to,
+            "to_url": to.agent_url.trim_end_matches('/'),
+        });
+        self.to_agent(
+            &from,
+            &format!("/v1/agent/workloads/{}/migrate", req.vm_id),
+            &body,
+        )
+        .await
+    }
+
+    /// Forwards a management call to a host agent, mapping its refusal to the caller.
+    async fn to_agent(
+        &self,
+        h: &caas_attest::store::HostRecord,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, crate::Error> {
+        let url = format!("{}{path}", h.agent_url.trim_end_matches('/'));
         self.http
-            .post::<_, serde_json::Value>(&url, &body)
+            .post::<_, serde_json::Value>(&url, body)
             .await
             .map_err(|e| match e {
                 caas_attest::Error::Remote { code, message, .. } => crate::Error::Rejected {
                     code: leak_code(&code),
-                    detail: format!("host {}: {message}", req.from),
+                    detail: format!("host {}: {message}", h.name),
                 },
                 other => crate::Error::rejected("host_unreachable", other.to_string()),
             })
+    }
+
+    /// Suspend (management, untrusted): asks the agent of the host the workload runs on to
+    /// suspend it into its encrypted saved state (`docs/suspend-migrate.md`).
+    async fn suspend(&self, req: &MoveRequest) -> Result<serde_json::Value, crate::Error> {
+        crate::wire::check_name("vm_id", &req.vm_id)?;
+        let name = req
+            .host
+            .as_deref()
+            .ok_or_else(|| crate::Error::malformed("host", "name the host the workload runs on"))?;
+        let h = get_host(&*self.store, name)
+            .await?
+            .filter(|h| h.state == HostState::Enrolled)
+            .ok_or_else(|| crate::Error::rejected("no_host", format!("no host {name}")))?;
+        self.to_agent(
+            &h,
+            &format!("/v1/agent/workloads/{}/suspend", req.vm_id),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
+    /// Resume (management, untrusted): places a suspended workload on an enrolled, trusted
+    /// host (the hint, or round robin); the TTP decides whether that host gets its state.
+    async fn resume(&self, req: &MoveRequest) -> Result<serde_json::Value, crate::Error> {
+        crate::wire::check_name("vm_id", &req.vm_id)?;
+        let hosts: Vec<_> = list_hosts(&*self.store)
+            .await?
+            .into_iter()
+            .filter(|h| {
+                h.state == HostState::Enrolled
+                    && h.trusted
+                    && req.host.as_ref().is_none_or(|n| n == &h.name)
+            })
+            .collect();
+        if hosts.is_empty() {
+            return Err(crate::Error::rejected("no_host", "no trusted host"));
+        }
+        let h = &hosts[self.next.fetch_add(1, Ordering::Relaxed) % hosts.len()];
+        self.to_agent(
+            h,
+            "/v1/agent/resume",
+            &serde_json::json!({ "vm_id": req.vm_id }),
+        )
+        .await
     }
 
     /// Tells `host`'s agent to drop its crypto domains' keys (it is no longer trusted).
@@ -336,6 +413,40 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
             ),
         )
         .route(
+            "/v1/tl/suspend",
+            post(
+                |State(s): State<Arc<TlService<S>>>,
+                 peer: Option<Extension<TlsClient>>,
+                 Json(r): Json<AkSigned>| async move {
+                    let peer = peer.map(|Extension(p)| p);
+                    let r: R<Signed> = s
+                        .ttp
+                        .suspend(&r, peer.as_ref(), caas_attest::now_ms())
+                        .await
+                        .map(Json)
+                        .map_err(ApiError);
+                    r
+                },
+            ),
+        )
+        .route(
+            "/v1/tl/resume",
+            post(
+                |State(s): State<Arc<TlService<S>>>,
+                 peer: Option<Extension<TlsClient>>,
+                 Json(r): Json<AkSigned>| async move {
+                    let peer = peer.map(|Extension(p)| p);
+                    let r: R<Signed> = s
+                        .ttp
+                        .resume(&r, peer.as_ref(), caas_attest::now_ms())
+                        .await
+                        .map(Json)
+                        .map_err(ApiError);
+                    r
+                },
+            ),
+        )
+        .route(
             "/v1/tl/epoch",
             post(
                 |State(s): State<Arc<TlService<S>>>,
@@ -410,6 +521,24 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
                 |State(s): State<Arc<TlService<S>>>, Json(r): Json<MigrateSchedule>| async move {
                     let r: R<serde_json::Value> =
                         s.schedule_migrate(&r).await.map(Json).map_err(ApiError);
+                    r
+                },
+            ),
+        )
+        .route(
+            "/v1/sched/suspend",
+            post(
+                |State(s): State<Arc<TlService<S>>>, Json(r): Json<MoveRequest>| async move {
+                    let r: R<serde_json::Value> = s.suspend(&r).await.map(Json).map_err(ApiError);
+                    r
+                },
+            ),
+        )
+        .route(
+            "/v1/sched/resume",
+            post(
+                |State(s): State<Arc<TlService<S>>>, Json(r): Json<MoveRequest>| async move {
+                    let r: R<serde_json::Value> = s.resume(&r).await.map(Json).map_err(ApiError);
                     r
                 },
             ),

@@ -34,6 +34,32 @@ pub const KIND_NONCE: &str = "tl_nonce";
 pub const KIND_REVOKE_SEQ: &str = "tl_revoke_seq";
 /// DBSP volume epoch anchors, per (domain, SR, volume instance).
 pub const KIND_VOLUME_EPOCH: &str = "tl_volume_epoch";
+/// Suspended workloads: the suspend counter per (H2, id_vm) and whether its latest saved
+/// state was resumed.
+pub const KIND_SUSPEND: &str = "tl_suspend";
+
+/// What the TTP keeps of a workload's suspends ([`Ttp::suspend`], [`Ttp::resume`]). The
+/// state key itself is never stored: K_s = HMAC(K_TTP-derived key, H2 ‖ id_vm ‖ counter).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SuspendRecord {
+    /// id_vm.
+    pub vm_id: String,
+    /// H2 of the owner.
+    pub h2: String,
+    /// The workload's security profile: only a host appraised under it may resume.
+    pub sp: String,
+    /// D_vm.
+    pub domains: Vec<String>,
+    /// The latest suspend counter: only the state saved under it can be resumed.
+    pub counter: u64,
+    /// The host that suspended it.
+    pub suspended_on: String,
+    /// The host its key was released to for a resume: the only host that may resume it.
+    #[serde(default)]
+    pub resumed_on: Option<String>,
+    /// Unix ms of the last change.
+    pub time_ms: u64,
+}
 
 /// The store id of a volume's epoch anchor: the instance is named by its c4.
 fn anchor_id(domain: &str, sr: &str, c4: &[u8]) -> String {
@@ -955,6 +981,281 @@ impl<S: AttestStore> Ttp<S> {
             sig: self.keys.sign(label::MIGRATE_STATEMENT, &body),
             body,
         })
+    }
+
+    /// K_s of (H2, id_vm, counter): derived, never stored.
+    fn state_key(&self, h2: &str, vm_id: &str, counter: u64) -> Result<Zeroizing<[u8; 32]>> {
+        let k = self.keys.derived("tl suspend state key")?;
+        Ok(Zeroizing::new(hmac(
+            k.expose(),
+            &lp(&[h2.as_bytes(), vm_id.as_bytes(), &counter.to_be_bytes()]),
+        )))
+    }
+
+    /// Suspend (seed 001 §3.4 "Suspension"; `docs/suspend-migrate.md`): the SC of a trusted
+    /// host whose fresh quote appraises, running a live TL session of the workload (H2 must
+    /// match), gets the key of a NEW saved state: the workload's suspend counter goes up by
+    /// one (durably, before the key is released), so every older saved state is refused at
+    /// resume; K_s is sealed to the session's bind key. Audited (`TlSuspend`).
+    pub async fn suspend(
+        &self,
+        req: &AkSigned,
+        peer: Option<&TlsClient>,
+        now_ms: u64,
+    ) -> Result<Signed> {
+        let body: Result<wire::SuspendRequest> = wire::parse("suspend request", &req.body);
+        let (host, subject) = match &body {
+            Ok(b) => (b.host.clone(), format!("{}/{}", b.host, b.vm_id)),
+            Err(_) => ("?".into(), "?".into()),
+        };
+        let r = match body {
+            Ok(b) => self.suspend_inner(&b, req, peer, now_ms).await,
+            Err(e) => Err(e),
+        };
+        let summary = r
+            .as_ref()
+            .map(|(_, n)| format!("suspend counter {n}"))
+            .map_err(clone_err);
+        self.audit(&host, "TlSuspend", &subject, &summary).await;
+        r.map(|(s, _)| s)
+    }
+
+    async fn suspend_inner(
+        &self,
+        b: &wire::SuspendRequest,
+        req: &AkSigned,
+        peer: Option<&TlsClient>,
+        now_ms: u64,
+    ) -> Result<(Signed, u64)> {
+        check_name("vm_id", &b.vm_id)?;
+        check_fresh(b.t_ms, now_ms)?;
+        let (host, ak, profile) = self.host_context(&b.host, peer).await?;
+        if !host.trusted {
+            return Err(Error::rejected(
+                "host_untrusted",
+                format!("host {} failed its latest attestation", host.name),
+            ));
+        }
+        self.appraise_fresh(&ak, label::SUSPEND_REQUEST, req, &profile, now_ms)?;
+        self.consume_nonce("suspend", &b.r).await?;
+        if b.launch_r.len() != 32 {
+            return Err(Error::malformed("launch_r", "nonces are 32 bytes"));
+        }
+        let sid = session_id(&host.name, &b.vm_id, &b.launch_r);
+        let session: Session = self.get(KIND_SESSION, &sid).await?.ok_or_else(|| {
+            Error::rejected(
+                "no_session",
+                format!("no trusted launch of {} on {}", b.vm_id, host.name),
+            )
+        })?;
+        if session.h2 != b.h2 {
+            return Err(Error::rejected(
+                "h2_mismatch",
+                "the request names another domain manager",
+            ));
+        }
+        if session.sp != profile.name {
+            return Err(Error::rejected(
+                "sp_mismatch",
+                "the host is no longer appraised under the workload's profile",
+            ));
+        }
+        let rid = format!("{}/{}", session.h2, session.vm_id);
+        if !self.nonce_lock.begin(&rid) {
+            return Err(Error::rejected(
+                "suspend_in_progress",
+                "another suspend or resume of this workload is in progress",
+            ));
+        }
+        let res = async {
+            let old: Option<SuspendRecord> = self.get(KIND_SUSPEND, &rid).await?;
+            let counter = old.map_or(0, |o| o.counter).saturating_add(1);
+            let rec = SuspendRecord {
+                vm_id: session.vm_id.clone(),
+                h2: session.h2.clone(),
+                sp: session.sp.clone(),
+                domains: session.domains.clone(),
+                counter,
+                suspended_on: host.name.clone(),
+                resumed_on: None,
+                time_ms: now_ms,
+            };
+            // The counter is durable before any key for it exists.
+            self.put(KIND_SUSPEND, &rid, &rec, None).await?;
+            let k_s = self.state_key(&rec.h2, &rec.vm_id, counter)?;
+            let sealed = seal_to_bind_key(
+                &session.bind_public,
+                &wire::StateKeyGrant::sealed_aad(&host.name, &rec.vm_id, counter, &b.r),
+                &k_s[..],
+            )?;
+            let grant = wire::StateKeyGrant {
+                host: host.name.clone(),
+                vm_id: rec.vm_id,
+                h2: rec.h2,
+                counter,
+                sp: rec.sp,
+                domains: rec.domains,
+                r: b.r.clone(),
+                sealed,
+            };
+            let body = wire::to_bytes(&grant);
+            Ok((
+                Signed {
+                    sig: self.keys.sign(label::STATE_KEY, &body),
+                    body,
+                },
+                counter,
+            ))
+        }
+        .await;
+        self.nonce_lock.end(&rid);
+        res
+    }
+
+    /// Resume: the SC of a host that is enrolled, trusted, appraised NOW under the
+    /// workload's security profile (the one it was launched under) and whose bind key is
+    /// certified by its AK and bound to the attested PCR state, gets K_s of the saved state
+    /// (H2, id_vm, counter) — only for the latest counter (`state_replayed` for an older
+    /// one) and only on the first host that asked (`state_replayed` on any other: no
+    /// fork) — and DK_i of a new TL
+    /// session (host, id_vm, r), both sealed to that bind key. The ACL must still grant
+    /// D_vm. Audited (`TlResume`).
+    pub async fn resume(
+        &self,
+        req: &AkSigned,
+        peer: Option<&TlsClient>,
+        now_ms: u64,
+    ) -> Result<Signed> {
+        let body: Result<wire::ResumeRequest> = wire::parse("resume request", &req.body);
+        let (host, subject) = match &body {
+            Ok(b) => (
+                b.host.clone(),
+                format!("{}/{} counter {}", b.host, b.vm_id, b.counter),
+            ),
+            Err(_) => ("?".into(), "?".into()),
+        };
+        let r = match body {
+            Ok(b) => self.resume_inner(&b, req, peer, now_ms).await,
+            Err(e) => Err(e),
+        };
+        let summary = r
+            .as_ref()
+            .map(|_| "state key released".to_string())
+            .map_err(clone_err);
+        self.audit(&host, "TlResume", &subject, &summary).await;
+        r
+    }
+
+    async fn resume_inner(
+        &self,
+        b: &wire::ResumeRequest,
+        req: &AkSigned,
+        peer: Option<&TlsClient>,
+        now_ms: u64,
+    ) -> Result<Signed> {
+        check_name("vm_id", &b.vm_id)?;
+        check_fresh(b.t_ms, now_ms)?;
+        let (host, ak, profile) = self.host_context(&b.host, peer).await?;
+        if !host.trusted {
+            return Err(Error::rejected(
+                "host_untrusted",
+                format!("host {} failed its latest attestation", host.name),
+            ));
+        }
+        let verdict = self.appraise_fresh(&ak, label::RESUME_REQUEST, req, &profile, now_ms)?;
+        check_bind_key_bound(&ak, &b.bind, &profile, &verdict)?;
+        self.consume_nonce("resume", &b.r).await?;
+        let rid = format!("{}/{}", b.h2, b.vm_id);
+        if !self.nonce_lock.begin(&rid) {
+            return Err(Error::rejected(
+                "suspend_in_progress",
+                "another suspend or resume of this workload is in progress",
+            ));
+        }
+        let res = async {
+            let mut rec: SuspendRecord = self.get(KIND_SUSPEND, &rid).await?.ok_or_else(|| {
+                Error::rejected("no_saved_state", format!("{} was never suspended", b.vm_id))
+            })?;
+            if rec.sp != profile.name {
+                return Err(Error::rejected(
+                    "sp_mismatch",
+                    format!(
+                        "the workload needs a host appraised under {}; {} is under {}",
+                        rec.sp, host.name, profile.name
+                    ),
+                ));
+            }
+            // The latest state only; and once a host got its key, no other host does (no
+            // fork). That host may ask again (a resume that failed half-way, e.g. on a
+            // tampered object); its agent refuses to resume a state twice.
+            if b.counter != rec.counter || rec.resumed_on.as_deref().is_some_and(|h| h != host.name)
+            {
+                return Err(Error::rejected(
+                    "state_replayed",
+                    format!(
+                        "saved state {} of {} is not the latest, or was resumed elsewhere",
+                        b.counter, b.vm_id
+                    ),
+                ));
+            }
+            self.check_acl(&rec.h2, &rec.domains).await?;
+            // The new TL session of the resumed workload on this host (DBSP, later suspends).
+            let sid = session_id(&host.name, &rec.vm_id, &b.r);
+            if self.store.get(KIND_SESSION, &sid).await?.is_some() {
+                return Err(Error::rejected(
+                    "session_exists",
+                    "a TL session for this resume already exists",
+                ));
+            }
+            let dk = Zeroizing::new(random32()?);
+            let session = Session {
+                host: host.name.clone(),
+                vm_id: rec.vm_id.clone(),
+                launch_r: hexs(&b.r),
+                h2: rec.h2.clone(),
+                sp: rec.sp.clone(),
+                domains: rec.domains.clone(),
+                dk_wrapped: caas_crypto::aead::seal(
+                    &self.keys.derived("tl dk wrap")?,
+                    sid.as_bytes(),
+                    &dk[..],
+                )?,
+                bind_public: b.bind.public.clone(),
+                created_ms: now_ms,
+            };
+            self.put(KIND_SESSION, &sid, &session, None).await?;
+            // Consumed durably before the key leaves: a second resume (a fork) is refused.
+            rec.resumed_on = Some(host.name.clone());
+            rec.time_ms = now_ms;
+            self.put(KIND_SUSPEND, &rid, &rec, None).await?;
+            let k_s = self.state_key(&rec.h2, &rec.vm_id, rec.counter)?;
+            let mut both = Zeroizing::new(Vec::with_capacity(64));
+            both.extend_from_slice(&k_s[..]);
+            both.extend_from_slice(&dk[..]);
+            let sealed = seal_to_bind_key(
+                &b.bind.public,
+                &wire::StateKeyGrant::sealed_aad(&host.name, &rec.vm_id, rec.counter, &b.r),
+                &both,
+            )?;
+            let grant = wire::StateKeyGrant {
+                host: host.name.clone(),
+                vm_id: rec.vm_id,
+                h2: rec.h2,
+                counter: rec.counter,
+                sp: rec.sp,
+                domains: rec.domains,
+                r: b.r.clone(),
+                sealed,
+            };
+            let body = wire::to_bytes(&grant);
+            Ok(Signed {
+                sig: self.keys.sign(label::STATE_KEY, &body),
+                body,
+            })
+        }
+        .await;
+        self.nonce_lock.end(&rid);
+        res
     }
 
     /// A signed notice telling `host` to drop its crypto domains' keys. Its sequence

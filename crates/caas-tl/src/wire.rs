@@ -54,6 +54,14 @@ pub mod label {
     pub const MIGRATE_SESSION: &str = "caas-tl migrate-session v1";
     /// AAD prefix of the migration stream's records.
     pub const MIGRATE_STREAM: &str = "caas-tl migrate-stream v1";
+    /// Suspend: the SC asks for a fresh state key (AK-signed).
+    pub const SUSPEND_REQUEST: &str = "caas-tl suspend-request v1";
+    /// Resume: the SC of the target host asks for a saved state's key (AK-signed).
+    pub const RESUME_REQUEST: &str = "caas-tl resume-request v1";
+    /// The TTP's grant of a state key (sealed to the host's bind key), TTP-signed.
+    pub const STATE_KEY: &str = "caas-tl state-key v1";
+    /// AAD prefix of the sealed state key.
+    pub const STATE_KEY_SEALED: &str = "caas-tl state-key sealed v1";
 }
 
 /// Maximum size of any protocol body (bytes).
@@ -443,6 +451,90 @@ pub struct Revoke {
 /// AAD of c2.
 pub fn m2_aad(host: &str, r: &[u8]) -> Vec<u8> {
     crate::crypto::lp(&[label::M2.as_bytes(), host.as_bytes(), r])
+}
+
+/// Suspend (seed 001 §3.4 "Suspension"): the SC of the host running a launched workload
+/// asks the TTP for a fresh state key; AK-signed (σ_AIK over its digest, with a fresh
+/// attestation). `docs/suspend-migrate.md`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuspendRequest {
+    /// The host (as enrolled).
+    pub host: String,
+    /// id_vm.
+    pub vm_id: String,
+    /// r of the launch (names the TTP's session) on this host.
+    #[serde(with = "b64")]
+    pub launch_r: Vec<u8>,
+    /// H2 of the workload's owner.
+    pub h2: String,
+    /// Fresh nonce.
+    #[serde(with = "b64")]
+    pub r: Vec<u8>,
+    /// SC's time (Unix ms).
+    pub t_ms: u64,
+}
+
+/// Resume: the SC of a host that is to run a suspended workload asks for the key of the
+/// saved state named by (id_vm, H2, counter); AK-signed, with its bind key certified by the
+/// AK (the key is sealed to it).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeRequest {
+    /// The host (as enrolled).
+    pub host: String,
+    /// id_vm.
+    pub vm_id: String,
+    /// H2 of the workload's owner (from the saved state's header).
+    pub h2: String,
+    /// The suspend counter of the saved state (from its header).
+    pub counter: u64,
+    /// pk_TPM with its TPM2_Certify by the AK.
+    pub bind: caas_attest::store::BindKeyRecord,
+    /// Fresh nonce; it also names the TL session the TTP opens for the resumed workload.
+    #[serde(with = "b64")]
+    pub r: Vec<u8>,
+    /// SC's time (Unix ms).
+    pub t_ms: u64,
+}
+
+/// The TTP's answer to a suspend or resume: the state key K_s (and, for a resume, the new
+/// session's DK_i) sealed to the host's bind key; TTP-signed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateKeyGrant {
+    /// Host it is for.
+    pub host: String,
+    /// id_vm.
+    pub vm_id: String,
+    /// H2 of the owner.
+    pub h2: String,
+    /// The suspend counter the key belongs to.
+    pub counter: u64,
+    /// The workload's security profile.
+    pub sp: String,
+    /// Its domains (D_vm).
+    pub domains: Vec<String>,
+    /// r of the request.
+    #[serde(with = "b64")]
+    pub r: Vec<u8>,
+    /// Enc_pkTPM(K_s) (suspend) or Enc_pkTPM(K_s ‖ DK_i) (resume).
+    #[serde(with = "b64")]
+    pub sealed: Vec<u8>,
+}
+
+impl StateKeyGrant {
+    /// AAD of `sealed`.
+    #[must_use]
+    pub fn sealed_aad(host: &str, vm_id: &str, counter: u64, r: &[u8]) -> Vec<u8> {
+        crate::crypto::lp(&[
+            label::STATE_KEY_SEALED.as_bytes(),
+            host.as_bytes(),
+            vm_id.as_bytes(),
+            &counter.to_be_bytes(),
+            r,
+        ])
+    }
 }
 
 /// Checks a timestamp against `now_ms` and the freshness window.

@@ -8,6 +8,8 @@
 //!   ([`Workload::start_guest`]).
 //! - [`driver`]: the driver abstraction ([`driver::ProcessDriver`], [`driver::QemuDriver`]).
 //! - [`qmp`]: the host agent's client of qemu's machine protocol (stop, cont, migrate).
+//! - [`state`]: the saved-state object of an encrypted suspend (chunked AEAD stream).
+//! - [`suspend`]: save a VM's state into a saved-state object, restore it into a new qemu.
 //! - [`cli`]: `caas workload run --spec FILE`, `caas workload guest` (inside a VM).
 pub mod cli;
 pub mod driver;
@@ -16,6 +18,8 @@ pub mod proto;
 pub mod psk;
 pub mod qmp;
 pub mod spec;
+pub mod state;
+pub mod suspend;
 pub mod vsm;
 pub mod workload;
 

@@ -120,6 +120,22 @@ pub enum TenantCmd {
         #[arg(long)]
         to: String,
     },
+    /// Suspend a VM into an encrypted saved state in the cloud storage (through the
+    /// scheduler; `docs/suspend-migrate.md`).
+    Suspend {
+        /// Workload id.
+        #[arg(long)]
+        vm: String,
+    },
+    /// Resume a suspended VM on an attested host of its profile (this one, or any).
+    Resume {
+        /// Workload id.
+        #[arg(long)]
+        vm: String,
+        /// Placement hint.
+        #[arg(long)]
+        host: Option<String>,
+    },
     /// Authenticate the workload over TLS 1.3 with τ as the PSK and print its report.
     Connect {
         /// Workload id.
@@ -276,6 +292,14 @@ pub async fn run(a: TenantArgs) -> Result<()> {
         }
         TenantCmd::Migrate { vm, to } => {
             let r = migrate(&a, &dir, vm, to).await?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        }
+        TenantCmd::Suspend { vm } => {
+            let r = suspend(&a, &dir, vm).await?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        }
+        TenantCmd::Resume { vm, host } => {
+            let r = resume(&a, &dir, vm, host.clone()).await?;
             println!("{}", serde_json::to_string_pretty(&r)?);
         }
         TenantCmd::Connect { vm } => {
@@ -499,6 +523,52 @@ pub async fn migrate(a: &TenantArgs, dir: &Path, vm: &str, to: &str) -> Result<s
     if let Some(ep) = r["endpoint"].as_str() {
         rec.endpoint = ep.to_string();
     }
+    write_private(&path, &serde_json::to_vec_pretty(&rec)?)?;
+    Ok(r)
+}
+
+/// Suspend (`caas tenant suspend --vm V`): the scheduler forwards it to the agent of the
+/// host the tenant's record names; the answer carries no key and no state.
+pub async fn suspend(a: &TenantArgs, dir: &Path, vm: &str) -> Result<serde_json::Value> {
+    let path = dir.join("vms").join(format!("{vm}.json"));
+    let rec: VmRecord = serde_json::from_slice(
+        &std::fs::read(&path)
+            .with_context(|| format!("workload {vm} was not launched by this tenant"))?,
+    )?;
+    let body = caas_tl::service::MoveRequest {
+        vm_id: vm.into(),
+        host: Some(rec.host),
+    };
+    Ok(http(a)?
+        .post(&format!("{}/v1/sched/suspend", endpoint(a)?), &body)
+        .await?)
+}
+
+/// Resume (`caas tenant resume --vm V [--host H]`): the record gets the new host and
+/// endpoint (τ is the guest's still: it resumes where it stopped).
+pub async fn resume(
+    a: &TenantArgs,
+    dir: &Path,
+    vm: &str,
+    host: Option<String>,
+) -> Result<serde_json::Value> {
+    let path = dir.join("vms").join(format!("{vm}.json"));
+    let mut rec: VmRecord = serde_json::from_slice(
+        &std::fs::read(&path)
+            .with_context(|| format!("workload {vm} was not launched by this tenant"))?,
+    )?;
+    let body = caas_tl::service::MoveRequest {
+        vm_id: vm.into(),
+        host,
+    };
+    let r: serde_json::Value = http(a)?
+        .post(&format!("{}/v1/sched/resume", endpoint(a)?), &body)
+        .await?;
+    rec.host = r["host"].as_str().unwrap_or_default().to_string();
+    rec.endpoint = r["workload"]["endpoint"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     write_private(&path, &serde_json::to_vec_pretty(&rec)?)?;
     Ok(r)
 }

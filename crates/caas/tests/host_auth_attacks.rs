@@ -276,6 +276,42 @@ fn management_call_without_operator_credentials_is_refused() {
             d.audit()
         );
     }
+    // Suspend and resume (they move a VM's encrypted state, never a key): only the key
+    // service and operators; refusals audited.
+    for (client, who, status) in [
+        (&anonymous, "anonymous@", 401),
+        (&host2, "host-2[host]@", 403),
+    ] {
+        let result = if status == 401 {
+            "unauthenticated"
+        } else {
+            "forbidden"
+        };
+        assert!(
+            matches!(
+                d.call(client, "POST", "/v1/agent/workloads/vm1/suspend", Some(&json!({}))),
+                Err((s, _)) if s == status
+            ),
+            "{who} suspend"
+        );
+        assert!(
+            matches!(
+                d.call(client, "POST", "/v1/agent/resume", Some(&json!({ "vm_id": "vm1" }))),
+                Err((s, _)) if s == status
+            ),
+            "{who} resume"
+        );
+        assert!(
+            d.audit_has("SuspendWorkload", result, who),
+            "{who}: {:?}",
+            d.audit()
+        );
+        assert!(
+            d.audit_has("ResumeWorkload", result, who),
+            "{who}: {:?}",
+            d.audit()
+        );
+    }
     // The operator may: the call is audited with the operator's certificate name.
     let list = d
         .call(&d.operator(), "GET", "/v1/agent/workloads", None)

@@ -53,6 +53,8 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("POST", "/v1/tl/domkey", "host-protocol"),
     ("POST", "/v1/tl/epoch", "host-protocol"),
     ("POST", "/v1/tl/migrate", "host-protocol"),
+    ("POST", "/v1/tl/suspend", "host-protocol"),
+    ("POST", "/v1/tl/resume", "host-protocol"),
     ("PUT", "/v1/tl/acl", "tenant|operator:acl:admin"),
     (
         "GET",
@@ -61,6 +63,8 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ),
     ("POST", "/v1/sched/launch", "tenant|operator:schedule"),
     ("POST", "/v1/sched/migrate", "tenant|operator:schedule"),
+    ("POST", "/v1/sched/suspend", "tenant|operator:schedule"),
+    ("POST", "/v1/sched/resume", "tenant|operator:schedule"),
 ];
 
 /// Credentials: (access key id, secret).

@@ -12,58 +12,12 @@
 mod common;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use common::vm::guest_image;
+use common::vm::*;
 use common::*;
 use serde_json::Value;
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Instant;
-
-fn tenant(root: &Path, dev: &Dev, args: &[&str]) -> String {
-    let out = Command::new(caas_bin())
-        .arg("tenant")
-        .arg("--dir")
-        .arg(root.join("alice"))
-        .args(args)
-        .envs(&dev.env)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "caas tenant {args:?} failed:\n{text}");
-    text
-}
-
-/// The command line of the qemu process whose `-name` is `guest=VM`.
-fn qemu_cmdline(vm: &str) -> Option<Vec<String>> {
-    let want = format!("guest={vm}");
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let raw = std::fs::read(e.path().join("cmdline")).ok()?;
-        let args: Vec<String> = raw
-            .split(|&b| b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        (args.first()?.contains("qemu-system") && args.contains(&want)).then_some(args)
-    })
-}
-
-fn find_file(dir: &Path, suffix: &str) -> Option<PathBuf> {
-    for e in std::fs::read_dir(dir).ok()?.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            if let Some(f) = find_file(&p, suffix) {
-                return Some(f);
-            }
-        } else if p.to_string_lossy().ends_with(suffix) {
-            return Some(p);
-        }
-    }
-    None
-}
 
 /// A 64-bit fingerprint of a 16-byte window.
 fn fingerprint(w: &[u8]) -> u64 {

@@ -1,7 +1,8 @@
-//! The real-VM fixtures shared by `real_vm.rs` and `vm_migrate.rs`: the tools check and
-//! the guest image of `scripts/build-guest-image` built with this build's guest agent and
-//! PKCS#11 module.
-use super::{caas_bin, repo_root};
+//! The real-VM fixtures shared by `real_vm.rs`, `vm_migrate.rs` and `vm_suspend.rs`: the
+//! tools check and the guest image of `scripts/build-guest-image` built with this build's
+//! guest agent and PKCS#11 module, the tenant CLI, and finding a VM's qemu and files.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+use super::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -55,4 +56,49 @@ pub fn guest_image() -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+pub fn tenant(root: &Path, dev: &Dev, args: &[&str]) -> String {
+    let out = Command::new(caas_bin())
+        .arg("tenant")
+        .arg("--dir")
+        .arg(root.join("alice"))
+        .args(args)
+        .envs(&dev.env)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "caas tenant {args:?} failed:\n{text}");
+    text
+}
+
+/// The command line of the qemu process whose `-name` is `guest=VM`.
+pub fn qemu_cmdline(vm: &str) -> Option<Vec<String>> {
+    let want = format!("guest={vm}");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let raw = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<String> = raw
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        (args.first()?.contains("qemu-system") && args.contains(&want)).then_some(args)
+    })
+}
+
+pub fn find_file(dir: &Path, suffix: &str) -> Option<PathBuf> {
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if let Some(f) = find_file(&p, suffix) {
+                return Some(f);
+            }
+        } else if p.to_string_lossy().ends_with(suffix) {
+            return Some(p);
+        }
+    }
+    None
 }
