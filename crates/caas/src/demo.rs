@@ -355,14 +355,58 @@ async fn check_vm(st: &mut Steps, t: &Tenant<'_>, vm: &DemoVm, when: &str) -> bo
     .is_some()
 }
 
-/// Hook point for encrypted suspend and resume (issue 13 item 4): suspend `vm` (qemu's
-/// state and the crypto domain's, encrypted and sealed to attested hosts), resume it
-/// (on the other host), then [`check_vm`] it again and update `vm.host`.
-async fn vm_suspend_resume(st: &mut Steps, _t: &Tenant<'_>, vm: &mut DemoVm) {
-    st.skip(&format!(
-        "VM: suspend and resume {} — not built yet (issue 13 item 4)",
-        vm.vm
-    ));
+/// Encrypted suspend and resume (issue 13 item 4, `docs/suspend-migrate.md`): `caas tenant
+/// suspend` has the VM's host save qemu's state into an encrypted, integrity-protected
+/// object in the untrusted storage under a key only the TTP can release; `caas tenant
+/// resume` places it on the other dev host, whose TPM must open that key after attestation.
+/// The tenant then [`check_vm`]s it there. Runs after the live migration: a resumed VM
+/// carries no τ on its host and cannot be live-migrated.
+async fn vm_suspend_resume(st: &mut Steps, t: &Tenant<'_>, vm: &mut DemoVm) {
+    let Some(target) = t.hosts.iter().find(|h| **h != vm.host).cloned() else {
+        st.skip(&format!(
+            "VM: suspend and resume of {} — needs a second dev host",
+            vm.vm
+        ));
+        return;
+    };
+    let suspended = st
+        .run(
+            &format!(
+                "VM: suspend {} on {}: qemu's state saved encrypted (chunked AES-GCM) into the untrusted storage; the state key is sealed to attested hosts by the TTP, which raises the workload's suspend counter",
+                vm.vm, vm.host
+            ),
+            async {
+                let r = crate::tenant::suspend(&t.ta, &t.tdir, &vm.vm).await?;
+                println!(
+                    "       counter {}, {} bytes of ciphertext in {}",
+                    r["counter"], r["bytes"], r["object"].as_str().unwrap_or("?")
+                );
+                Ok(())
+            },
+        )
+        .await;
+    if suspended.is_none() {
+        return;
+    }
+    let resumed = st
+        .run(
+            &format!(
+                "VM: resume {} on {target}: the TTP releases the state key only to an attested host of the workload's profile; the guest continues where it stopped",
+                vm.vm
+            ),
+            async {
+                let r = crate::tenant::resume(&t.ta, &t.tdir, &vm.vm, Some(target.clone())).await?;
+                r["host"]
+                    .as_str()
+                    .map(str::to_string)
+                    .context("the resume names no host")
+            },
+        )
+        .await;
+    if let Some(host) = resumed {
+        vm.host = host;
+        check_vm(st, t, vm, " (after resume)").await;
+    }
 }
 
 /// Live migration to an attested host (issue 13 item 5, `docs/suspend-migrate.md`):
@@ -428,8 +472,8 @@ async fn vm_story(st: &mut Steps, t: &Tenant<'_>, image: &Path) {
         image_sha,
     };
     if check_vm(st, t, &vm, "").await {
-        vm_suspend_resume(st, t, &mut vm).await;
         vm_migrate(st, t, &mut vm).await;
+        vm_suspend_resume(st, t, &mut vm).await;
     }
     st.run(
         &format!(
