@@ -191,13 +191,27 @@ fn main() {
             ("Decrypt", json!({ "CiphertextBlob": ct }), raw_seal),
             ("GenerateDataKey", json!({ "KeyId": key, "KeySpec": "AES_256" }), raw_seal),
         ];
+        // BENCH_CLIENTS=16,64 and BENCH_OPS=Encrypt,Decrypt narrow the table (profiling,
+        // A/B rounds); the default runs every cell.
+        let clients_set: Vec<usize> = std::env::var("BENCH_CLIENTS")
+            .ok()
+            .map(|s| s.split(',').filter_map(|c| c.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![1, 16, 64]);
+        let ops_filter = std::env::var("BENCH_OPS").ok();
+        let wanted = |op: &str| ops_filter.as_deref().is_none_or(|f| f.split(',').any(|o| o.trim() == op));
         for (op, body, raw) in cases {
-            for clients in [1usize, 16, 64] {
+            if !wanted(op) {
+                continue;
+            }
+            for &clients in &clients_set {
                 let (rps, p50, p99) = run_load(addr, &akid, &secret, clients, dur, op, body.clone()).await;
                 println!("{op:<28} {clients:>8} {rps:>12.0} {p50:>10.0} {p99:>10.0} {raw:>14.0} {:>8.3}", rps / raw);
             }
         }
         for (name, key, alg, raw) in [("Sign ECDSA P-256", ecc, "ECDSA_SHA_256", raw_ecc), ("Sign RSA-2048", rsa, "RSASSA_PKCS1_V1_5_SHA_256", raw_rsa)] {
+            if !wanted("Sign") {
+                continue;
+            }
             let (rps, p50, p99) = run_load(addr, &akid, &secret, 16, dur, "Sign", json!({ "KeyId": key, "Message": msg, "SigningAlgorithm": alg })).await;
             println!("{name:<28} {:>8} {rps:>12.0} {p50:>10.0} {p99:>10.0} {raw:>14.0} {:>8.3}", 16, rps / raw);
         }

@@ -157,6 +157,15 @@ fn open_reader(path: &Path) -> Result<Connection, Error> {
     Ok(conn)
 }
 
+/// Returns a reader connection to the idle pool (or closes it when the pool is full).
+fn return_reader(pool: &Mutex<Vec<Connection>>, conn: Connection) {
+    if let Ok(mut v) = pool.lock()
+        && v.len() < MAX_IDLE_READERS
+    {
+        v.push(conn);
+    }
+}
+
 fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawObject> {
     Ok(RawObject {
         obj: Object {
@@ -239,24 +248,29 @@ impl SqliteStore {
                 None => open_reader(&path)?,
             };
             let result = f(&conn);
-            if let Ok(mut v) = pool.lock()
-                && v.len() < MAX_IDLE_READERS
-            {
-                v.push(conn);
-            }
+            return_reader(&pool, conn);
             result
         })
         .await
     }
 
+    /// A point read by primary key. With an idle pooled connection it runs inline on the
+    /// calling task: a WAL reader never waits for the writer, and a lookup of one row
+    /// in a hot page cache costs less than the hop to the blocking pool (whose queue
+    /// was the contended lock of the KMS hot path). Without one it goes through [`Self::read`],
+    /// which may open a connection.
     pub async fn get(
         &self,
         kind: &str,
         account: &str,
         id: &str,
     ) -> Result<Option<RawObject>, Error> {
-        let (kind, account, id) = (kind.to_owned(), account.to_owned(), id.to_owned());
-        self.read(move |c| {
+        fn lookup(
+            c: &Connection,
+            kind: &str,
+            account: &str,
+            id: &str,
+        ) -> Result<Option<RawObject>, Error> {
             c.prepare_cached(
                 "SELECT kind, account, id, rev, body, mac FROM objects \
                  WHERE kind = ?1 AND account = ?2 AND id = ?3",
@@ -266,8 +280,15 @@ impl SqliteStore {
                     .optional()
             })
             .map_err(sq("reading an object"))
-        })
-        .await
+        }
+        let idle = self.readers.lock().ok().and_then(|mut v| v.pop());
+        if let Some(conn) = idle {
+            let result = lookup(&conn, kind, account, id);
+            return_reader(&self.readers, conn);
+            return result;
+        }
+        let (kind, account, id) = (kind.to_owned(), account.to_owned(), id.to_owned());
+        self.read(move |c| lookup(c, &kind, &account, &id)).await
     }
 
     pub async fn list(&self, kind: &str, account: Option<&str>) -> Result<Vec<RawObject>, Error> {
