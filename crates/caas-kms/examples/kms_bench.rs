@@ -4,7 +4,9 @@
 //! speed measured in the same run, as a ratio. The key service runs in this process on an
 //! embedded SQLite store in a temp dir (every request durably audited, as in production).
 //!
-//! Run: `scripts/bench-kms` (= `cargo run --release -p caas-kms --example kms_bench`).
+//! Run: `scripts/bench-kms` (= `cargo run --release -p caas-kms --example kms_bench`);
+//! `BENCH_SECS` sets seconds per cell, `BENCH_CLIENTS=16,64` and `BENCH_OPS=Encrypt,Sign` narrow
+//! the table.
 //! Peer: Cosmian KMS publishes 66.7 µs for a single AES-GCM request (≈ 15,000 req/s); it
 //! cannot be run on this network-less machine, so its published figure is printed for
 //! comparison.

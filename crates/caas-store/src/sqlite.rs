@@ -1,6 +1,7 @@
 //! The embedded SQLite backend: one writer thread owning the only write connection (group
-//! commit, WAL, synchronous=FULL), and a small pool of read connections used through
-//! `spawn_blocking`.
+//! commit, WAL, synchronous=FULL), and a small pool of read connections: point reads by
+//! primary key run inline on an idle pooled connection (a WAL reader never waits for the
+//! writer), everything else through `spawn_blocking`.
 
 use crate::audit::{Head, RawAuditRow};
 use crate::record::{RawObject, tag_row};
