@@ -382,6 +382,66 @@ impl<S: AttestStore> Ttp<S> {
         Ok((h, ak, profile))
     }
 
+    /// A request from `host`'s SC: over the certificate its enrollment bound (`peer`), from
+    /// a host trusted by its latest attestation, whose AK quote over this request appraises
+    /// fresh under its profile, with a nonce `r` this TTP never saw in `scope` (consumed
+    /// durably). Returns the host, its AK, its profile and the verdict.
+    #[allow(clippy::too_many_arguments)]
+    async fn trusted_request(
+        &self,
+        host: &str,
+        peer: Option<&TlsClient>,
+        label_text: &str,
+        req: &AkSigned,
+        scope: &str,
+        r: &[u8],
+        now_ms: u64,
+    ) -> Result<(
+        caas_attest::store::HostRecord,
+        Public,
+        SecurityProfile,
+        Verdict,
+    )> {
+        let (host, ak, profile) = self.host_context(host, peer).await?;
+        if !host.trusted {
+            return Err(Error::rejected(
+                "host_untrusted",
+                format!("host {} failed its latest attestation", host.name),
+            ));
+        }
+        let verdict = self.appraise_fresh(&ak, label_text, req, &profile, now_ms)?;
+        self.consume_nonce(scope, r).await?;
+        Ok((host, ak, profile, verdict))
+    }
+
+    /// The live TL session of `vm_id` launched on `host` with `launch_r`, owned by `h2`
+    /// when given (`no_session`, `h2_mismatch` otherwise).
+    async fn live_session(
+        &self,
+        host: &str,
+        vm_id: &str,
+        launch_r: &[u8],
+        h2: Option<&str>,
+    ) -> Result<Session> {
+        if launch_r.len() != 32 {
+            return Err(Error::malformed("launch_r", "nonces are 32 bytes"));
+        }
+        let sid = session_id(host, vm_id, launch_r);
+        let session: Session = self.get(KIND_SESSION, &sid).await?.ok_or_else(|| {
+            Error::rejected(
+                "no_session",
+                format!("no trusted launch of {vm_id} on {host}"),
+            )
+        })?;
+        if h2.is_some_and(|h2| session.h2 != h2) {
+            return Err(Error::rejected(
+                "h2_mismatch",
+                "the request names another domain manager",
+            ));
+        }
+        Ok(session)
+    }
+
     fn appraise_fresh(
         &self,
         ak: &Public,
@@ -598,31 +658,20 @@ impl<S: AttestStore> Ttp<S> {
         check_name("vm_id", &b.vm_id)?;
         check_name("sr", &b.sr)?;
         check_fresh(b.t_ms, now_ms)?;
-        let (host, ak, profile) = self.host_context(&b.host, peer).await?;
-        if !host.trusted {
-            return Err(Error::rejected(
-                "host_untrusted",
-                format!("host {} failed its latest attestation", host.name),
-            ));
-        }
-        self.appraise_fresh(&ak, label::DOMKEY_REQUEST, req, &profile, now_ms)?;
-        self.consume_nonce("dbsp", &b.r).await?;
-        if b.launch_r.len() != 32 {
-            return Err(Error::malformed("launch_r", "nonces are 32 bytes"));
-        }
-        let sid = session_id(&host.name, &b.vm_id, &b.launch_r);
-        let session: Session = self.get(KIND_SESSION, &sid).await?.ok_or_else(|| {
-            Error::rejected(
-                "no_session",
-                format!("no trusted launch of {} on {}", b.vm_id, host.name),
+        let (host, _, profile, _) = self
+            .trusted_request(
+                &b.host,
+                peer,
+                label::DOMKEY_REQUEST,
+                req,
+                "dbsp",
+                &b.r,
+                now_ms,
             )
-        })?;
-        if session.h2 != b.h2 {
-            return Err(Error::rejected(
-                "h2_mismatch",
-                "the request names another domain manager",
-            ));
-        }
+            .await?;
+        let session = self
+            .live_session(&host.name, &b.vm_id, &b.launch_r, Some(&b.h2))
+            .await?;
         let dk = caas_crypto::aead::open(
             &self.keys.derived("tl dk wrap")?,
             sid.as_bytes(),
@@ -773,22 +822,20 @@ impl<S: AttestStore> Ttp<S> {
         check_name("domain", &b.domain)?;
         check_name("sr", &b.sr)?;
         check_fresh(b.t_ms, now_ms)?;
-        let (host, ak, profile) = self.host_context(&b.host, peer).await?;
-        if !host.trusted {
-            return Err(Error::rejected(
-                "host_untrusted",
-                format!("host {} failed its latest attestation", host.name),
-            ));
-        }
-        self.appraise_fresh(&ak, label::EPOCH_REPORT, req, &profile, now_ms)?;
-        self.consume_nonce("epoch", &b.r).await?;
-        let sid = session_id(&host.name, &b.vm_id, &b.launch_r);
-        let session: Session = self.get(KIND_SESSION, &sid).await?.ok_or_else(|| {
-            Error::rejected(
-                "no_session",
-                format!("no trusted launch of {} on {}", b.vm_id, host.name),
+        let (host, _, profile, _) = self
+            .trusted_request(
+                &b.host,
+                peer,
+                label::EPOCH_REPORT,
+                req,
+                "epoch",
+                &b.r,
+                now_ms,
             )
-        })?;
+            .await?;
+        let session = self
+            .live_session(&host.name, &b.vm_id, &b.launch_r, None)
+            .await?;
         if !session.domains.iter().any(|d| d == &b.domain) {
             return Err(Error::rejected(
                 "acl_denied",
@@ -863,28 +910,20 @@ impl<S: AttestStore> Ttp<S> {
         if b.launch_r.len() != 32 {
             return Err(Error::malformed("launch_r", "nonces are 32 bytes"));
         }
-        let (source, ak, profile) = self.host_context(&b.source, peer).await?;
-        if !source.trusted {
-            return Err(Error::rejected(
-                "host_untrusted",
-                format!("host {} failed its latest attestation", source.name),
-            ));
-        }
-        self.appraise_fresh(&ak, label::MIGRATE_REQUEST, req, &profile, now_ms)?;
-        self.consume_nonce("migrate", &b.r).await?;
-        let sid = session_id(&source.name, &b.vm_id, &b.launch_r);
-        let session: Session = self.get(KIND_SESSION, &sid).await?.ok_or_else(|| {
-            Error::rejected(
-                "no_session",
-                format!("no trusted launch of {} on {}", b.vm_id, source.name),
+        let (source, _, profile, _) = self
+            .trusted_request(
+                &b.source,
+                peer,
+                label::MIGRATE_REQUEST,
+                req,
+                "migrate",
+                &b.r,
+                now_ms,
             )
-        })?;
-        if session.h2 != b.h2 {
-            return Err(Error::rejected(
-                "h2_mismatch",
-                "the request names another domain manager",
-            ));
-        }
+            .await?;
+        let session = self
+            .live_session(&source.name, &b.vm_id, &b.launch_r, Some(&b.h2))
+            .await?;
         if b.target == source.name {
             return Err(Error::rejected(
                 "host_mismatch",
@@ -1029,31 +1068,20 @@ impl<S: AttestStore> Ttp<S> {
     ) -> Result<(Signed, u64)> {
         check_name("vm_id", &b.vm_id)?;
         check_fresh(b.t_ms, now_ms)?;
-        let (host, ak, profile) = self.host_context(&b.host, peer).await?;
-        if !host.trusted {
-            return Err(Error::rejected(
-                "host_untrusted",
-                format!("host {} failed its latest attestation", host.name),
-            ));
-        }
-        self.appraise_fresh(&ak, label::SUSPEND_REQUEST, req, &profile, now_ms)?;
-        self.consume_nonce("suspend", &b.r).await?;
-        if b.launch_r.len() != 32 {
-            return Err(Error::malformed("launch_r", "nonces are 32 bytes"));
-        }
-        let sid = session_id(&host.name, &b.vm_id, &b.launch_r);
-        let session: Session = self.get(KIND_SESSION, &sid).await?.ok_or_else(|| {
-            Error::rejected(
-                "no_session",
-                format!("no trusted launch of {} on {}", b.vm_id, host.name),
+        let (host, _, profile, _) = self
+            .trusted_request(
+                &b.host,
+                peer,
+                label::SUSPEND_REQUEST,
+                req,
+                "suspend",
+                &b.r,
+                now_ms,
             )
-        })?;
-        if session.h2 != b.h2 {
-            return Err(Error::rejected(
-                "h2_mismatch",
-                "the request names another domain manager",
-            ));
-        }
+            .await?;
+        let session = self
+            .live_session(&host.name, &b.vm_id, &b.launch_r, Some(&b.h2))
+            .await?;
         if session.sp != profile.name {
             return Err(Error::rejected(
                 "sp_mismatch",
@@ -1155,16 +1183,18 @@ impl<S: AttestStore> Ttp<S> {
     ) -> Result<Signed> {
         check_name("vm_id", &b.vm_id)?;
         check_fresh(b.t_ms, now_ms)?;
-        let (host, ak, profile) = self.host_context(&b.host, peer).await?;
-        if !host.trusted {
-            return Err(Error::rejected(
-                "host_untrusted",
-                format!("host {} failed its latest attestation", host.name),
-            ));
-        }
-        let verdict = self.appraise_fresh(&ak, label::RESUME_REQUEST, req, &profile, now_ms)?;
+        let (host, ak, profile, verdict) = self
+            .trusted_request(
+                &b.host,
+                peer,
+                label::RESUME_REQUEST,
+                req,
+                "resume",
+                &b.r,
+                now_ms,
+            )
+            .await?;
         check_bind_key_bound(&ak, &b.bind, &profile, &verdict)?;
-        self.consume_nonce("resume", &b.r).await?;
         let rid = format!("{}/{}", b.h2, b.vm_id);
         if !self.nonce_lock.begin(&rid) {
             return Err(Error::rejected(
