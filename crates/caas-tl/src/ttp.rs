@@ -672,6 +672,7 @@ impl<S: AttestStore> Ttp<S> {
         let session = self
             .live_session(&host.name, &b.vm_id, &b.launch_r, Some(&b.h2))
             .await?;
+        let sid = session_id(&host.name, &b.vm_id, &b.launch_r);
         let dk = caas_crypto::aead::open(
             &self.keys.derived("tl dk wrap")?,
             sid.as_bytes(),
@@ -822,7 +823,7 @@ impl<S: AttestStore> Ttp<S> {
         check_name("domain", &b.domain)?;
         check_name("sr", &b.sr)?;
         check_fresh(b.t_ms, now_ms)?;
-        let (host, _, profile, _) = self
+        let (host, _, _, _) = self
             .trusted_request(
                 &b.host,
                 peer,
@@ -910,7 +911,7 @@ impl<S: AttestStore> Ttp<S> {
         if b.launch_r.len() != 32 {
             return Err(Error::malformed("launch_r", "nonces are 32 bytes"));
         }
-        let (source, _, profile, _) = self
+        let (source, _, _, _) = self
             .trusted_request(
                 &b.source,
                 peer,
