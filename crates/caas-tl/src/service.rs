@@ -369,6 +369,38 @@ fn leak_code(code: &str) -> &'static str {
 
 type R<T> = Result<Json<T>, ApiError>;
 
+/// The AK-signed host requests the TTP answers with a TTP-signed body.
+#[derive(Debug, Clone, Copy)]
+enum HostCall {
+    Attest,
+    DomKey,
+    Suspend,
+    Resume,
+    Migrate,
+}
+
+/// One handler for the [`HostCall`] routes: the request with the TLS client certificate of
+/// its connection (the TTP checks it against the host's enrolled binding).
+async fn host_call<S: AttestStore>(
+    call: HostCall,
+    State(s): State<Arc<TlService<S>>>,
+    peer: Option<Extension<TlsClient>>,
+    Json(r): Json<AkSigned>,
+) -> R<Signed> {
+    let peer = peer.map(|Extension(p)| p);
+    let (peer, now) = (peer.as_ref(), caas_attest::now_ms());
+    let t = &s.ttp;
+    match call {
+        HostCall::Attest => t.attest(&r, peer, now).await,
+        HostCall::DomKey => t.domkey(&r, peer, now).await,
+        HostCall::Suspend => t.suspend(&r, peer, now).await,
+        HostCall::Resume => t.resume(&r, peer, now).await,
+        HostCall::Migrate => t.migrate(&r, peer, now).await,
+    }
+    .map(Json)
+    .map_err(ApiError)
+}
+
 /// The TTP and scheduler routes.
 pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
     Router::new()
@@ -380,71 +412,19 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
         )
         .route(
             "/v1/tl/attest",
-            post(
-                |State(s): State<Arc<TlService<S>>>,
-                 peer: Option<Extension<TlsClient>>,
-                 Json(r): Json<AkSigned>| async move {
-                    let peer = peer.map(|Extension(p)| p);
-                    let r: R<Signed> = s
-                        .ttp
-                        .attest(&r, peer.as_ref(), caas_attest::now_ms())
-                        .await
-                        .map(Json)
-                        .map_err(ApiError);
-                    r
-                },
-            ),
+            post(|st, peer, body| host_call(HostCall::Attest, st, peer, body)),
         )
         .route(
             "/v1/tl/domkey",
-            post(
-                |State(s): State<Arc<TlService<S>>>,
-                 peer: Option<Extension<TlsClient>>,
-                 Json(r): Json<AkSigned>| async move {
-                    let peer = peer.map(|Extension(p)| p);
-                    let r: R<Signed> = s
-                        .ttp
-                        .domkey(&r, peer.as_ref(), caas_attest::now_ms())
-                        .await
-                        .map(Json)
-                        .map_err(ApiError);
-                    r
-                },
-            ),
+            post(|st, peer, body| host_call(HostCall::DomKey, st, peer, body)),
         )
         .route(
             "/v1/tl/suspend",
-            post(
-                |State(s): State<Arc<TlService<S>>>,
-                 peer: Option<Extension<TlsClient>>,
-                 Json(r): Json<AkSigned>| async move {
-                    let peer = peer.map(|Extension(p)| p);
-                    let r: R<Signed> = s
-                        .ttp
-                        .suspend(&r, peer.as_ref(), caas_attest::now_ms())
-                        .await
-                        .map(Json)
-                        .map_err(ApiError);
-                    r
-                },
-            ),
+            post(|st, peer, body| host_call(HostCall::Suspend, st, peer, body)),
         )
         .route(
             "/v1/tl/resume",
-            post(
-                |State(s): State<Arc<TlService<S>>>,
-                 peer: Option<Extension<TlsClient>>,
-                 Json(r): Json<AkSigned>| async move {
-                    let peer = peer.map(|Extension(p)| p);
-                    let r: R<Signed> = s
-                        .ttp
-                        .resume(&r, peer.as_ref(), caas_attest::now_ms())
-                        .await
-                        .map(Json)
-                        .map_err(ApiError);
-                    r
-                },
-            ),
+            post(|st, peer, body| host_call(HostCall::Resume, st, peer, body)),
         )
         .route(
             "/v1/tl/epoch",
@@ -465,20 +445,7 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
         )
         .route(
             "/v1/tl/migrate",
-            post(
-                |State(s): State<Arc<TlService<S>>>,
-                 peer: Option<Extension<TlsClient>>,
-                 Json(r): Json<AkSigned>| async move {
-                    let peer = peer.map(|Extension(p)| p);
-                    let r: R<Signed> = s
-                        .ttp
-                        .migrate(&r, peer.as_ref(), caas_attest::now_ms())
-                        .await
-                        .map(Json)
-                        .map_err(ApiError);
-                    r
-                },
-            ),
+            post(|st, peer, body| host_call(HostCall::Migrate, st, peer, body)),
         )
         .route(
             "/v1/tl/acl",
