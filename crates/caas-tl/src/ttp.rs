@@ -414,6 +414,37 @@ impl<S: AttestStore> Ttp<S> {
         Ok((host, ak, profile, verdict))
     }
 
+    /// DK_i as a session record keeps it: wrapped under a key derived from K_TTP, bound to
+    /// the session's id.
+    fn wrap_dk(&self, sid: &str, dk: &[u8]) -> Result<Vec<u8>> {
+        Ok(caas_crypto::aead::seal(
+            &self.keys.derived("tl dk wrap")?,
+            sid.as_bytes(),
+            dk,
+        )?)
+    }
+
+    /// DK_i of the session `sid` (see [`Self::wrap_dk`]).
+    fn open_dk(&self, sid: &str, wrapped: &[u8]) -> Result<caas_crypto::SecretBytes> {
+        Ok(caas_crypto::aead::open(
+            &self.keys.derived("tl dk wrap")?,
+            sid.as_bytes(),
+            wrapped,
+        )?)
+    }
+
+    /// Records a new TL session (a launch, a resume, a migration's target); never replaces
+    /// one (`session_exists`): no code path can clobber a live session.
+    async fn insert_session(&self, sid: &str, session: &Session) -> Result<()> {
+        if self.store.get(KIND_SESSION, sid).await?.is_some() {
+            return Err(Error::rejected(
+                "session_exists",
+                "a TL session with this id already exists",
+            ));
+        }
+        self.put(KIND_SESSION, sid, session, None).await
+    }
+
     /// The live TL session of `vm_id` launched on `host` with `launch_r`, owned by `h2`
     /// when given (`no_session`, `h2_mismatch` otherwise).
     async fn live_session(
@@ -567,14 +598,6 @@ impl<S: AttestStore> Ttp<S> {
             &m2_bytes,
         )?;
         let sid = session_id(&host.name, &m1.vm_id, &launch.r);
-        if self.store.get(KIND_SESSION, &sid).await?.is_some() {
-            // Unreachable while r is consumed above; kept so that no code path can clobber
-            // a live session.
-            return Err(Error::rejected(
-                "session_exists",
-                "a TL session for this launch already exists",
-            ));
-        }
         let session = Session {
             host: host.name.clone(),
             vm_id: m1.vm_id.clone(),
@@ -582,15 +605,11 @@ impl<S: AttestStore> Ttp<S> {
             h2: m1.h2.clone(),
             sp: m1.sp.clone(),
             domains: m1.domains.clone(),
-            dk_wrapped: caas_crypto::aead::seal(
-                &self.keys.derived("tl dk wrap")?,
-                sid.as_bytes(),
-                &dk[..],
-            )?,
+            dk_wrapped: self.wrap_dk(&sid, &dk[..])?,
             bind_public: b.bind.public.clone(),
             created_ms: now_ms,
         };
-        self.put(KIND_SESSION, &sid, &session, None).await?;
+        self.insert_session(&sid, &session).await?;
         let att = Attestation {
             host: host.name.clone(),
             r: launch.r.clone(),
@@ -673,11 +692,7 @@ impl<S: AttestStore> Ttp<S> {
             .live_session(&host.name, &b.vm_id, &b.launch_r, Some(&b.h2))
             .await?;
         let sid = session_id(&host.name, &b.vm_id, &b.launch_r);
-        let dk = caas_crypto::aead::open(
-            &self.keys.derived("tl dk wrap")?,
-            sid.as_bytes(),
-            &session.dk_wrapped,
-        )?;
+        let dk = self.open_dk(&sid, &session.dk_wrapped)?;
         let dk = caas_crypto::SecretKey::from_slice(dk.expose())
             .map_err(|_| Error::Storage("DK".into()))?;
         let inner_bytes = caas_crypto::aead::open(&dk, &b.inner_aad(), &b.enc).map_err(|_| {
@@ -981,12 +996,6 @@ impl<S: AttestStore> Ttp<S> {
             &dk[..],
         )?;
         let tsid = session_id(&target.name, &b.vm_id, &migration_id);
-        if self.store.get(KIND_SESSION, &tsid).await?.is_some() {
-            return Err(Error::rejected(
-                "session_exists",
-                "a TL session for this migration already exists",
-            ));
-        }
         let t_session = Session {
             host: target.name.clone(),
             vm_id: b.vm_id.clone(),
@@ -994,15 +1003,11 @@ impl<S: AttestStore> Ttp<S> {
             h2: session.h2.clone(),
             sp: session.sp.clone(),
             domains: session.domains.clone(),
-            dk_wrapped: caas_crypto::aead::seal(
-                &self.keys.derived("tl dk wrap")?,
-                tsid.as_bytes(),
-                &dk[..],
-            )?,
+            dk_wrapped: self.wrap_dk(&tsid, &dk[..])?,
             bind_public: bind.public.clone(),
             created_ms: now_ms,
         };
-        self.put(KIND_SESSION, &tsid, &t_session, None).await?;
+        self.insert_session(&tsid, &t_session).await?;
         let st = MigrationStatement {
             migration_id,
             source: source.name.clone(),
@@ -1232,12 +1237,6 @@ impl<S: AttestStore> Ttp<S> {
             self.check_acl(&rec.h2, &rec.domains).await?;
             // The new TL session of the resumed workload on this host (DBSP, later suspends).
             let sid = session_id(&host.name, &rec.vm_id, &b.r);
-            if self.store.get(KIND_SESSION, &sid).await?.is_some() {
-                return Err(Error::rejected(
-                    "session_exists",
-                    "a TL session for this resume already exists",
-                ));
-            }
             let dk = Zeroizing::new(random32()?);
             let session = Session {
                 host: host.name.clone(),
@@ -1246,15 +1245,11 @@ impl<S: AttestStore> Ttp<S> {
                 h2: rec.h2.clone(),
                 sp: rec.sp.clone(),
                 domains: rec.domains.clone(),
-                dk_wrapped: caas_crypto::aead::seal(
-                    &self.keys.derived("tl dk wrap")?,
-                    sid.as_bytes(),
-                    &dk[..],
-                )?,
+                dk_wrapped: self.wrap_dk(&sid, &dk[..])?,
                 bind_public: b.bind.public.clone(),
                 created_ms: now_ms,
             };
-            self.put(KIND_SESSION, &sid, &session, None).await?;
+            self.insert_session(&sid, &session).await?;
             // Consumed durably before the key leaves: a second resume (a fork) is refused.
             rec.resumed_on = Some(host.name.clone());
             rec.time_ms = now_ms;
