@@ -288,14 +288,11 @@ impl Agent {
             r: caas_tl::crypto::random32()?.to_vec(),
             t_ms: caas_attest::now_ms(),
         };
-        let signed = self
-            .ak_sign(label::MIGRATE_REQUEST, wire::to_bytes(&req))
-            .await?;
         let resp: Signed = self
-            .http
-            .post(
-                &format!("{}/v1/tl/migrate", self.cfg.key_service_url),
-                &signed,
+            .ttp_request(
+                label::MIGRATE_REQUEST,
+                "/v1/tl/migrate",
+                wire::to_bytes(&req),
             )
             .await?;
         let st = proto::verify_statement(

@@ -1182,6 +1182,20 @@ impl Agent {
         })
     }
 
+    /// An AK-signed request to the TTP's `route` (`/v1/tl/...`) and its answer.
+    pub(crate) async fn ttp_request<T: serde::de::DeserializeOwned>(
+        &self,
+        label_text: &str,
+        route: &str,
+        body: Vec<u8>,
+    ) -> Result<T, Error> {
+        let signed = self.ak_sign(label_text, body).await?;
+        Ok(self
+            .http
+            .post(&format!("{}{route}", self.cfg.key_service_url), &signed)
+            .await?)
+    }
+
     /// pk_TTP: configured (`ttp_public_key`), or fetched from the key service over HTTPS
     /// (the deployment CA pinned, the `key-service` role required) and kept in memory.
     /// Never trust on first use: over plain HTTP whoever answers could pose as the TTP, so
@@ -2110,15 +2124,8 @@ impl Agent {
             r: caas_crypto::random_bytes(32).map_err(|_| Error::Domain("no randomness".into()))?,
             t_ms: caas_attest::now_ms(),
         };
-        let signed = self
-            .ak_sign(label::EPOCH_REPORT, wire::to_bytes(&rep))
-            .await?;
         let _: serde_json::Value = self
-            .http
-            .post(
-                &format!("{}/v1/tl/epoch", self.cfg.key_service_url),
-                &signed,
-            )
+            .ttp_request(label::EPOCH_REPORT, "/v1/tl/epoch", wire::to_bytes(&rep))
             .await?;
         Ok(())
     }
@@ -2399,14 +2406,11 @@ impl Agent {
             r: r.clone(),
             t_ms: caas_attest::now_ms(),
         };
-        let signed = self
-            .ak_sign(label::SUSPEND_REQUEST, wire::to_bytes(&req))
-            .await?;
         let resp: Signed = self
-            .http
-            .post(
-                &format!("{}/v1/tl/suspend", self.cfg.key_service_url),
-                &signed,
+            .ttp_request(
+                label::SUSPEND_REQUEST,
+                "/v1/tl/suspend",
+                wire::to_bytes(&req),
             )
             .await?;
         let grant = sc::check_state_grant(&resp, &ttp, &self.cfg.name, vm_id, &r)?;
@@ -2597,15 +2601,8 @@ impl Agent {
             r: r.clone(),
             t_ms: now,
         };
-        let signed = self
-            .ak_sign(label::RESUME_REQUEST, wire::to_bytes(&req))
-            .await?;
         let resp: Signed = self
-            .http
-            .post(
-                &format!("{}/v1/tl/resume", self.cfg.key_service_url),
-                &signed,
-            )
+            .ttp_request(label::RESUME_REQUEST, "/v1/tl/resume", wire::to_bytes(&req))
             .await?;
         let grant = sc::check_state_grant(&resp, &ttp, &self.cfg.name, vm_id, &r)?;
         if grant.h2 != header.h2 || grant.counter != header.counter {
