@@ -13,7 +13,6 @@ mod common;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use common::vm::*;
-use common::*;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -97,35 +96,8 @@ fn real_vm_boots_encrypted_image_through_crypto_domain_and_signs_over_virtio_ser
         t0.elapsed()
     );
 
-    let tmp = tempfile::tempdir().unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let root = tmp.path().to_path_buf();
-    let dev = Dev::start_with(
-        &root.join("dev"),
-        "127.0.0.1:0",
-        &["--hosts", "1", "--attest-secs", "3600"],
-    );
-    let storage = PathBuf::from(&dev.env["CAAS_STORAGE_DIR"]);
-    let raw = root.join("guest.raw");
-    std::fs::copy(&image, &raw).unwrap();
-
     // Algorithm 1: the tenant encrypts the image under k and seals its configuration.
-    tenant(&root, &dev, &["init"]);
-    tenant(&root, &dev, &["acl", "--domains", "finance"]);
-    tenant(
-        &root,
-        &dev,
-        &[
-            "provision",
-            "--image",
-            raw.to_str().unwrap(),
-            "--id",
-            "legacy",
-            "--hosts",
-            "host-1",
-        ],
-    );
+    let (_tmp, root, dev, storage) = provisioned_guest(&image, &["host-1"]);
     let t_launch = Instant::now();
     let out = tenant(
         &root,

@@ -18,7 +18,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use common::vm::*;
 use common::*;
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -119,33 +119,7 @@ fn wait_counter_past(root: &Path, host: &str, n: u64) -> Vec<u64> {
 fn suspended_vm_resumes_on_the_other_host_and_attacks_on_its_state_are_refused() {
     let t0 = Instant::now();
     let image = guest_image();
-    let tmp = tempfile::tempdir().unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let root = tmp.path().to_path_buf();
-    let dev = Dev::start_with(
-        &root.join("dev"),
-        "127.0.0.1:0",
-        &["--hosts", "2", "--attest-secs", "3600"],
-    );
-    let storage = PathBuf::from(&dev.env["CAAS_STORAGE_DIR"]);
-    let raw = root.join("guest.raw");
-    std::fs::copy(&image, &raw).unwrap();
-    tenant(&root, &dev, &["init"]);
-    tenant(&root, &dev, &["acl", "--domains", "finance"]);
-    tenant(
-        &root,
-        &dev,
-        &[
-            "provision",
-            "--image",
-            raw.to_str().unwrap(),
-            "--id",
-            "legacy",
-            "--hosts",
-            "host-1,host-2",
-        ],
-    );
+    let (_tmp, root, dev, storage) = provisioned_guest(&image, &["host-1", "host-2"]);
     let out = tenant(
         &root,
         &dev,

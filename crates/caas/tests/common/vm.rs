@@ -102,3 +102,43 @@ pub fn find_file(dir: &Path, suffix: &str) -> Option<PathBuf> {
     }
     None
 }
+
+/// A `caas dev` deployment with one host per name in `hosts` ("host-1", "host-2", …, in
+/// order), in a fresh temporary root (mode 0711, so the workloads' own uids reach their
+/// files), where the tenant `alice` made her DM key, was granted domain `finance`, and
+/// provisioned `image` as `legacy` to every host (Algorithm 1). Returns the root's guard
+/// (declare it first: it must outlive the deployment), the root, the deployment and its
+/// untrusted storage directory.
+pub fn provisioned_guest(
+    image: &Path,
+    hosts: &[&str],
+) -> (tempfile::TempDir, PathBuf, Dev, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let root = tmp.path().to_path_buf();
+    let dev = Dev::start_with(
+        &root.join("dev"),
+        "127.0.0.1:0",
+        &["--hosts", &hosts.len().to_string(), "--attest-secs", "3600"],
+    );
+    let storage = PathBuf::from(&dev.env["CAAS_STORAGE_DIR"]);
+    let raw = root.join("guest.raw");
+    std::fs::copy(image, &raw).unwrap();
+    tenant(&root, &dev, &["init"]);
+    tenant(&root, &dev, &["acl", "--domains", "finance"]);
+    tenant(
+        &root,
+        &dev,
+        &[
+            "provision",
+            "--image",
+            raw.to_str().unwrap(),
+            "--id",
+            "legacy",
+            "--hosts",
+            &hosts.join(","),
+        ],
+    );
+    (tmp, root, dev, storage)
+}
