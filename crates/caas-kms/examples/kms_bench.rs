@@ -154,6 +154,7 @@ fn main() {
             node_key_file: tmp.path().join("node.key"),
             create_node_key: true,
             domain_key_rotation: None,
+            domain: None,
         };
         let kms: Arc<Kms> = Kms::open(&params).await.unwrap();
         let account = kms.create_account("bench").await.unwrap();

@@ -21,6 +21,7 @@ pub mod blob;
 pub mod checkpoint;
 pub mod client;
 pub mod config;
+pub mod domain;
 mod error;
 pub mod keyring;
 pub mod material;
