@@ -6,7 +6,7 @@ mod common;
 use base64::Engine as _;
 use common::*;
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -343,6 +343,3 @@ fn domain_keys(net: &Net, n: usize) -> Vec<Vec<u8>> {
         k.keys.values().map(|k| k.expose().to_vec()).collect()
     })
 }
-
-#[allow(dead_code)]
-fn unused(_: &Path) {}

@@ -134,7 +134,6 @@ pub struct DomainKeys {
 struct EdtRow {
     id: String,
     body: EdtBody,
-    edt: Edt,
 }
 
 /// This node as a member of a domain.
@@ -281,7 +280,6 @@ impl Member {
                     Ok(EdtRow {
                         id: row.id.clone(),
                         body: b,
-                        edt,
                     })
                 });
             match parsed {
