@@ -166,7 +166,10 @@ impl Keyring {
     }
 
     /// A keyring fed by this node's EDTs of a KMS domain (see [`crate::domain`]).
-    pub async fn open_domain(store: Store, member: crate::domain::member::Member) -> KmsResult<Self> {
+    pub async fn open_domain(
+        store: Store,
+        member: crate::domain::member::Member,
+    ) -> KmsResult<Self> {
         let kr = Keyring {
             source: Source::Domain(Box::new(member)),
             store,
@@ -193,7 +196,9 @@ impl Keyring {
 
     async fn add_version(&self, version: u32) -> KmsResult<()> {
         let Source::NodeKey(node) = &self.source else {
-            return Err(KmsError::Internal("domain keys of a KMS domain come from EDTs".into()));
+            return Err(KmsError::Internal(
+                "domain keys of a KMS domain come from EDTs".into(),
+            ));
         };
         let dk = caas_crypto::random_key().map_err(|_| KmsError::internal_crypto("rng"))?;
         let wrapped = aead::seal(&node.0, &dk_aad(version), dk.expose())

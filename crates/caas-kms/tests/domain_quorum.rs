@@ -68,7 +68,9 @@ async fn domain() -> (Domain, Member) {
 impl Domain {
     /// Proposes `change` and has the first `k` operators approve it.
     async fn change(&self, change: Change, k: usize) -> Approved {
-        let p = member::propose(&self.store, &self.genesis, change).await.unwrap();
+        let p = member::propose(&self.store, &self.genesis, change)
+            .await
+            .unwrap();
         let h = p.signed.hash();
         let mut last = None;
         for op in &self.ops[..k] {
@@ -134,9 +136,16 @@ async fn quorum_change_takes_effect_only_with_enough_approvals() {
         Approved::Recorded { have: 1, need: 2 }
     );
     let chain = m1.chain(&d.store, Some(&d.store)).await.unwrap();
-    assert_eq!(chain.latest().version, 1, "one approval of two changed the domain");
+    assert_eq!(
+        chain.latest().version,
+        1,
+        "one approval of two changed the domain"
+    );
     // The same operator approving twice still counts once.
-    let p = member::pending(&d.store, &d.genesis).await.unwrap().unwrap();
+    let p = member::pending(&d.store, &d.genesis)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         member::approve(&d.store, &d.genesis, &d.ops[0], &p.signed.hash())
             .await
@@ -162,8 +171,12 @@ async fn quorum_too_few_signatures_written_by_the_database_is_refused_and_audite
     let next = chain.latest().apply(&add_node(&m2)).unwrap();
     let mut s = SignedState::new(&next).unwrap();
     s.approve(&d.ops[0]);
-    d.put_raw(STATE_KIND, &format!("{:020}", 2), serde_json::to_vec(&s).unwrap())
-        .await;
+    d.put_raw(
+        STATE_KIND,
+        &format!("{:020}", 2),
+        serde_json::to_vec(&s).unwrap(),
+    )
+    .await;
     for m in [&m1, &m2] {
         let chain = m.chain(&d.store, Some(&d.store)).await.unwrap();
         assert_eq!(chain.latest().version, 1);
@@ -171,7 +184,9 @@ async fn quorum_too_few_signatures_written_by_the_database_is_refused_and_audite
     }
     let r = d.refusals().await;
     assert!(
-        r.iter().any(|r| r["what"] == "DomainState" && r["reason"].as_str().unwrap().contains("needs 2")),
+        r.iter().any(
+            |r| r["what"] == "DomainState" && r["reason"].as_str().unwrap().contains("needs 2")
+        ),
         "{r:?}"
     );
     // Node 2 is not a member: it holds no domain key.
@@ -189,8 +204,12 @@ async fn quorum_forged_approval_is_refused() {
     s.approve(&d.ops[0]);
     // A key the attacker made, under operator 2's name.
     s.approve(&OperatorKey::generate("op2").unwrap());
-    d.put_raw(STATE_KIND, &format!("{:020}", 2), serde_json::to_vec(&s).unwrap())
-        .await;
+    d.put_raw(
+        STATE_KIND,
+        &format!("{:020}", 2),
+        serde_json::to_vec(&s).unwrap(),
+    )
+    .await;
     let chain = m1.chain(&d.store, Some(&d.store)).await.unwrap();
     assert_eq!(chain.latest().version, 1);
     // The approval tool refuses a key that is not the operator's.
@@ -216,8 +235,12 @@ async fn quorum_document_with_more_than_the_approved_change_is_refused() {
     let mut s = SignedState::new(&next).unwrap();
     s.approve(&d.ops[0]);
     s.approve(&d.ops[1]);
-    d.put_raw(STATE_KIND, &format!("{:020}", 2), serde_json::to_vec(&s).unwrap())
-        .await;
+    d.put_raw(
+        STATE_KIND,
+        &format!("{:020}", 2),
+        serde_json::to_vec(&s).unwrap(),
+    )
+    .await;
     let chain = m1.chain(&d.store, Some(&d.store)).await.unwrap();
     assert_eq!(chain.latest().version, 1);
     assert!(chain.refused.unwrap().1.contains("change applied"));
@@ -235,7 +258,8 @@ async fn quorum_replayed_and_skipped_domain_state_versions_are_refused() {
         .unwrap()
         .unwrap();
     // Replay: version 2's approved document written again as version 3.
-    d.put_raw(STATE_KIND, &format!("{:020}", 3), v2.body.clone()).await;
+    d.put_raw(STATE_KIND, &format!("{:020}", 3), v2.body.clone())
+        .await;
     let chain = m1.chain(&d.store, Some(&d.store)).await.unwrap();
     assert_eq!(chain.latest().version, 2);
     assert!(chain.refused.unwrap().1.contains("skipped or replayed"));
@@ -243,8 +267,12 @@ async fn quorum_replayed_and_skipped_domain_state_versions_are_refused() {
     let mut other = SignedState::new(&chain.versions[1].1.apply(&add_node(&m3)).unwrap()).unwrap();
     let old: SignedState = serde_json::from_slice(&v2.body).unwrap();
     other.approvals = old.approvals;
-    d.put_raw(STATE_KIND, &format!("{:020}", 3), serde_json::to_vec(&other).unwrap())
-        .await;
+    d.put_raw(
+        STATE_KIND,
+        &format!("{:020}", 3),
+        serde_json::to_vec(&other).unwrap(),
+    )
+    .await;
     assert_eq!(m1.chain(&d.store, None).await.unwrap().latest().version, 2);
     // Skip: a properly approved version 4 without a version 3.
     d.store
@@ -264,8 +292,12 @@ async fn quorum_replayed_and_skipped_domain_state_versions_are_refused() {
     let mut s = SignedState::new(&v3).unwrap();
     s.approve(&d.ops[0]);
     s.approve(&d.ops[1]);
-    d.put_raw(STATE_KIND, &format!("{:020}", 4), serde_json::to_vec(&s).unwrap())
-        .await;
+    d.put_raw(
+        STATE_KIND,
+        &format!("{:020}", 4),
+        serde_json::to_vec(&s).unwrap(),
+    )
+    .await;
     let chain = m1.chain(&d.store, Some(&d.store)).await.unwrap();
     assert_eq!(chain.latest().version, 2);
     assert!(chain.refused.unwrap().1.contains("skipped"));
@@ -281,8 +313,13 @@ async fn quorum_rolled_back_domain_state_is_refused_by_a_node_that_saw_newer() {
     let (d, m1) = domain().await;
     let m2 = d.member(2);
     d.change(add_node(&m2), 2).await;
-    d.change(Change::RemoveNode { node: m2.identity().id().into() }, 2)
-        .await;
+    d.change(
+        Change::RemoveNode {
+            node: m2.identity().id().into(),
+        },
+        2,
+    )
+    .await;
     assert_eq!(m1.chain(&d.store, None).await.unwrap().latest().version, 3);
     // The administrator restores the chain as it was before the removal.
     d.store
@@ -332,11 +369,16 @@ async fn quorum_new_operator_cannot_approve_its_own_admission_and_rules_stay_sat
         .is_err()
     );
     // Removing operators below the quorum is refused too.
-    d.change(Change::RemoveOperator { name: "op3".into() }, 2).await;
+    d.change(Change::RemoveOperator { name: "op3".into() }, 2)
+        .await;
     assert!(
-        member::propose(&d.store, &d.genesis, Change::RemoveOperator { name: "op2".into() })
-            .await
-            .is_err()
+        member::propose(
+            &d.store,
+            &d.genesis,
+            Change::RemoveOperator { name: "op2".into() }
+        )
+        .await
+        .is_err()
     );
 }
 
@@ -355,21 +397,36 @@ async fn edt_three_nodes_share_the_domain_key_and_a_removed_node_gets_no_later_k
         assert_eq!(k.sealing, Some(1));
     }
     // Remove node 3: the next key is made without it.
-    d.change(Change::RemoveNode { node: m3.identity().id().into() }, 2)
-        .await;
+    d.change(
+        Change::RemoveNode {
+            node: m3.identity().id().into(),
+        },
+        2,
+    )
+    .await;
     let k = m2.sync(&d.store).await.unwrap();
     assert_eq!(k.sealing, Some(2), "a removal forces a new domain key");
     let k1 = m1.sync(&d.store).await.unwrap();
     assert_eq!(k1.keys[&2].expose(), k.keys[&2].expose());
     let k3 = m3.keys(&d.store, None).await.unwrap().1;
-    assert!(k3.keys.contains_key(&1), "old keys stay (made before its removal)");
-    assert!(!k3.keys.contains_key(&2), "the removed node opened a later key");
+    assert!(
+        k3.keys.contains_key(&1),
+        "old keys stay (made before its removal)"
+    );
+    assert!(
+        !k3.keys.contains_key(&2),
+        "the removed node opened a later key"
+    );
     // Every stored EDT for version 2 lacks an envelope for node 3.
     for o in d.store.list(EDT_KIND, Some("-")).await.unwrap() {
         let t: edt::Edt = serde_json::from_slice(&o.body).unwrap();
         let b = t.body().unwrap();
         if b.dk_version >= 2 {
-            assert!(b.envelopes.iter().all(|e| e.recipient != m3.identity().id()));
+            assert!(
+                b.envelopes
+                    .iter()
+                    .all(|e| e.recipient != m3.identity().id())
+            );
         }
     }
 }
@@ -390,8 +447,15 @@ async fn edt_forged_by_a_non_member_or_removed_node_is_never_used() {
         .members
         .insert(outsider.id().into(), outsider.public().clone());
     let dk = caas_crypto::random_key().unwrap();
-    let forged = edt::seal(&outsider, &fake_state, 2, &dk, &[m1.identity().id().into()], None)
-        .unwrap();
+    let forged = edt::seal(
+        &outsider,
+        &fake_state,
+        2,
+        &dk,
+        &[m1.identity().id().into()],
+        None,
+    )
+    .unwrap();
     let b = forged.body().unwrap();
     d.put_raw(
         EDT_KIND,
@@ -428,11 +492,23 @@ async fn edt_forged_by_a_non_member_or_removed_node_is_never_used() {
         Err(DomainError::Refused(m)) if m.contains("signature")
     ));
     // Node 2 removed; it then makes a "new" key under the old state where it was a member.
-    d.change(Change::RemoveNode { node: m2.identity().id().into() }, 2)
-        .await;
+    d.change(
+        Change::RemoveNode {
+            node: m2.identity().id().into(),
+        },
+        2,
+    )
+    .await;
     let old = chain.get(2).unwrap();
-    let sneaky =
-        edt::seal(&m2.identity_clone(&d), old, 9, &dk, &[m1.identity().id().into()], None).unwrap();
+    let sneaky = edt::seal(
+        &m2.identity_clone(&d),
+        old,
+        9,
+        &dk,
+        &[m1.identity().id().into()],
+        None,
+    )
+    .unwrap();
     d.put_raw(
         EDT_KIND,
         &format!("{:010}.{:020}.{}", 9, 2, m2.identity().id()),
@@ -440,8 +516,15 @@ async fn edt_forged_by_a_non_member_or_removed_node_is_never_used() {
     )
     .await;
     let k = m1.sync(&d.store).await.unwrap();
-    assert!(k.keys.contains_key(&9), "(validly signed under a state it was in)");
-    assert_ne!(k.sealing, Some(9), "a removed node's later key is used for new EKTs");
+    assert!(
+        k.keys.contains_key(&9),
+        "(validly signed under a state it was in)"
+    );
+    assert_ne!(
+        k.sealing,
+        Some(9),
+        "a removed node's later key is used for new EKTs"
+    );
 }
 
 trait Clone2 {
@@ -527,7 +610,11 @@ async fn call(kms: &Kms, who: &Caller, op: &str, body: Value) -> Result<Value, (
         )
         .await;
     let v: Value = serde_json::from_str(&text).unwrap();
-    if status == 200 { Ok(v) } else { Err((status, v)) }
+    if status == 200 {
+        Ok(v)
+    } else {
+        Err((status, v))
+    }
 }
 
 #[tokio::test]
@@ -553,12 +640,19 @@ async fn three_nodes_key_service_encrypt_on_one_decrypt_on_the_others_across_rot
         .as_str()
         .unwrap()
         .to_string();
-    let ct = call(&k1, &who, "Encrypt", json!({ "KeyId": key, "Plaintext": "aGVsbG8=" }))
-        .await
-        .unwrap()["CiphertextBlob"]
+    let ct = call(
+        &k1,
+        &who,
+        "Encrypt",
+        json!({ "KeyId": key, "Plaintext": "aGVsbG8=" }),
+    )
+    .await
+    .unwrap()["CiphertextBlob"]
         .clone();
     for k in [&k2, &k3] {
-        let pt = call(k, &who, "Decrypt", json!({ "CiphertextBlob": ct })).await.unwrap();
+        let pt = call(k, &who, "Decrypt", json!({ "CiphertextBlob": ct }))
+            .await
+            .unwrap();
         assert_eq!(pt["Plaintext"], "aGVsbG8=");
     }
     // Quorum-approved forced rotation: node 2 makes the key, node 1 and 3 follow.
@@ -569,17 +663,26 @@ async fn three_nodes_key_service_encrypt_on_one_decrypt_on_the_others_across_rot
         caas_kms::ops::maintenance(k).await.unwrap();
         assert_eq!(k.keyring.current_version(), Some(2));
     }
-    let ct2 = call(&k3, &who, "Encrypt", json!({ "KeyId": key, "Plaintext": "d29ybGQ=" }))
-        .await
-        .unwrap()["CiphertextBlob"]
+    let ct2 = call(
+        &k3,
+        &who,
+        "Encrypt",
+        json!({ "KeyId": key, "Plaintext": "d29ybGQ=" }),
+    )
+    .await
+    .unwrap()["CiphertextBlob"]
         .clone();
     for k in [&k1, &k2, &k3] {
         assert_eq!(
-            call(k, &who, "Decrypt", json!({ "CiphertextBlob": ct })).await.unwrap()["Plaintext"],
+            call(k, &who, "Decrypt", json!({ "CiphertextBlob": ct }))
+                .await
+                .unwrap()["Plaintext"],
             "aGVsbG8="
         );
         assert_eq!(
-            call(k, &who, "Decrypt", json!({ "CiphertextBlob": ct2 })).await.unwrap()["Plaintext"],
+            call(k, &who, "Decrypt", json!({ "CiphertextBlob": ct2 }))
+                .await
+                .unwrap()["Plaintext"],
             "d29ybGQ="
         );
     }

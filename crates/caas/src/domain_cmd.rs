@@ -141,9 +141,7 @@ fn params(config: &std::path::Path) -> Result<caas_kms::KmsParams> {
 async fn member_store(config: &std::path::Path) -> Result<(Arc<Kms>, [u8; 32])> {
     let p = params(config)?;
     let genesis = p.domain.as_ref().map(|d| d.genesis).unwrap_or_default();
-    let kms = Kms::open_with(&p, None)
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
+    let kms = Kms::open_with(&p, None).await.map_err(|e| anyhow!("{e}"))?;
     Ok((kms, genesis))
 }
 
@@ -307,7 +305,10 @@ pub async fn run(cmd: DomainCmd) -> Result<()> {
                 .map_err(|e| anyhow!("{e}"))?
             {
                 Approved::Recorded { have, need } => {
-                    println!("{}", serde_json::json!({ "Approvals": have, "Required": need }));
+                    println!(
+                        "{}",
+                        serde_json::json!({ "Approvals": have, "Required": need })
+                    );
                 }
                 Approved::Published(v) => {
                     println!("{}", serde_json::json!({ "Published": v }));

@@ -22,8 +22,8 @@ mod demo;
 #[cfg(test)]
 mod deploy_files;
 mod dev;
-mod domain_cmd;
 mod dev_hosts;
+mod domain_cmd;
 mod key_service;
 mod pki;
 mod roles;

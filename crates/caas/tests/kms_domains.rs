@@ -146,7 +146,9 @@ fn kill9(c: &mut Child) {
 #[test]
 fn three_nodes_quorum_rotation_node_join_removal_and_kill9_on_postgresql() {
     let pg = caas_store::testing::PgCluster::start().unwrap_or_else(|e| panic!("{}", e.0));
-    let url = pg.create_database("caas").unwrap_or_else(|e| panic!("{}", e.0));
+    let url = pg
+        .create_database("caas")
+        .unwrap_or_else(|e| panic!("{}", e.0));
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     // Three operators, quorum 2.
@@ -188,7 +190,12 @@ fn three_nodes_quorum_rotation_node_join_removal_and_kill9_on_postgresql() {
         ops,
     };
     let join = |n: usize| {
-        caas(&["domain", "join", "--identity", net.identity(n).to_str().unwrap()])["Keys"]
+        caas(&[
+            "domain",
+            "join",
+            "--identity",
+            net.identity(n).to_str().unwrap(),
+        ])["Keys"]
             .as_str()
             .unwrap()
             .to_string()
@@ -199,7 +206,10 @@ fn three_nodes_quorum_rotation_node_join_removal_and_kill9_on_postgresql() {
     assert_eq!(one["Approvals"], 1, "{one}");
     assert_eq!(net.status(1)["Version"], 1);
     // The second approval publishes it.
-    let p = net.status(1)["Pending"]["Hash"].as_str().unwrap().to_string();
+    let p = net.status(1)["Pending"]["Hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let pubd = caas(&[
         "domain",
         "approve",
@@ -220,7 +230,13 @@ fn three_nodes_quorum_rotation_node_join_removal_and_kill9_on_postgresql() {
     let (mut n2, ep2) = net.serve(2);
     let (mut n3, ep3) = net.serve(3);
 
-    let acct = caas(&["admin", "create-account", "--config", &net.cfg(1), "domain-tenant"]);
+    let acct = caas(&[
+        "admin",
+        "create-account",
+        "--config",
+        &net.cfg(1),
+        "domain-tenant",
+    ]);
     let ak = caas(&[
         "admin",
         "create-access-key",
@@ -275,7 +291,9 @@ fn three_nodes_quorum_rotation_node_join_removal_and_kill9_on_postgresql() {
     // A fourth node joins with quorum approval and serves.
     let k4 = join(4);
     assert_eq!(net.change(2, &["add-node", &k4], &[0, 1])["Published"], 5);
-    net.wait_status(4, "keys sent to the joiner", |s| held(s).contains(&2) && held(s).contains(&1));
+    net.wait_status(4, "keys sent to the joiner", |s| {
+        held(s).contains(&2) && held(s).contains(&1)
+    });
     let (mut n4, ep4) = net.serve(4);
     let c4 = client(&ep4, &ak);
     assert_eq!(dec(&c4, &ct1).unwrap(), b64(b"domain-canary-one"));
@@ -283,7 +301,10 @@ fn three_nodes_quorum_rotation_node_join_removal_and_kill9_on_postgresql() {
 
     // Node 3 is removed: the next domain key is not sent to it.
     let node3 = net.status(3)["Node"].as_str().unwrap().to_string();
-    assert_eq!(net.change(1, &["remove-node", &node3], &[1, 2])["Published"], 6);
+    assert_eq!(
+        net.change(1, &["remove-node", &node3], &[1, 2])["Published"],
+        6
+    );
     net.wait_status(1, "rotation after removal", |s| {
         s["SealingDomainKey"].as_u64().is_some_and(|v| v >= 3)
     });
@@ -294,13 +315,22 @@ fn three_nodes_quorum_rotation_node_join_removal_and_kill9_on_postgresql() {
     assert_eq!(dec(&c1, &ct_after).unwrap(), b64(b"after removal"));
     let s3 = net.status(3);
     assert_eq!(s3["Member"], false);
-    assert!(!held(&s3).contains(&newest), "removed node holds the new key: {s3}");
-    assert!(dec(&c3, &ct_after).is_err(), "the removed node decrypted a later ciphertext");
+    assert!(
+        !held(&s3).contains(&newest),
+        "removed node holds the new key: {s3}"
+    );
+    assert!(
+        dec(&c3, &ct_after).is_err(),
+        "the removed node decrypted a later ciphertext"
+    );
 
     // Nothing secret in the database: no domain key, no node secret, no plaintext.
     let mut needles: Vec<(String, Vec<u8>)> = vec![
         ("canary".into(), b"domain-canary-one".to_vec()),
-        ("access secret".into(), ak["SecretAccessKey"].as_str().unwrap().as_bytes().to_vec()),
+        (
+            "access secret".into(),
+            ak["SecretAccessKey"].as_str().unwrap().as_bytes().to_vec(),
+        ),
     ];
     for n in 1..=4 {
         let f = std::fs::read(net.identity(n)).unwrap();

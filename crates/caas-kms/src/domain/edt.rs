@@ -128,7 +128,8 @@ pub fn seal(
         ));
     }
     let k = caas_crypto::random_key().map_err(|_| DomainError::Crypto("rng"))?;
-    let eph = agreement::PrivateKey::generate(&X25519).map_err(|_| DomainError::Crypto("X25519"))?;
+    let eph =
+        agreement::PrivateKey::generate(&X25519).map_err(|_| DomainError::Crypto("X25519"))?;
     let eph_pub = eph
         .compute_public_key()
         .map_err(|_| DomainError::Crypto("X25519"))?
@@ -146,8 +147,8 @@ pub fn seal(
         wrapped: vec![],
         envelopes: vec![],
     };
-    body.wrapped = aead::seal(&k, &ctx(&body, "dk"), dk.expose())
-        .map_err(|_| DomainError::Crypto("seal"))?;
+    body.wrapped =
+        aead::seal(&k, &ctx(&body, "dk"), dk.expose()).map_err(|_| DomainError::Crypto("seal"))?;
     for r in recipients {
         let keys = state
             .members
@@ -195,7 +196,9 @@ impl Edt {
             ));
         }
         if b.origin_state > b.state_version {
-            return Err(DomainError::Refused("EDT origin after its own state".into()));
+            return Err(DomainError::Refused(
+                "EDT origin after its own state".into(),
+            ));
         }
         if b.ephemeral.len() != 32 {
             return Err(DomainError::Malformed("EDT ephemeral key".into()));

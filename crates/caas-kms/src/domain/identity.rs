@@ -144,9 +144,8 @@ impl NodeIdentity {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let meta = std::fs::metadata(path).map_err(|e| {
-                DomainError::Io(format!("identity file unreadable: {}", e.kind()))
-            })?;
+            let meta = std::fs::metadata(path)
+                .map_err(|e| DomainError::Io(format!("identity file unreadable: {}", e.kind())))?;
             if meta.permissions().mode() & 0o077 != 0 {
                 return Err(DomainError::Io("identity file must have mode 0600".into()));
             }

@@ -271,7 +271,12 @@ impl Member {
                             "EDT origin sender was not a member".into(),
                         ));
                     }
-                    let want = format!("{:010}.{}.{}", b.dk_version, state_id(b.state_version), b.sender);
+                    let want = format!(
+                        "{:010}.{}.{}",
+                        b.dk_version,
+                        state_id(b.state_version),
+                        b.sender
+                    );
                     if row.id != want {
                         return Err(DomainError::Refused(
                             "EDT stored under another version or sender (moved or replayed)".into(),
@@ -332,7 +337,9 @@ impl Member {
         dks.sealing = origin
             .iter()
             .rev()
-            .find(|(_, (s, sender))| *s >= latest.rotate_from && latest.members.contains_key(sender))
+            .find(|(_, (s, sender))| {
+                *s >= latest.rotate_from && latest.members.contains_key(sender)
+            })
             .map(|(v, _)| *v);
         dks.needs_rotation = dks.sealing.is_none();
         Ok((chain, dks))
@@ -415,7 +422,10 @@ impl Member {
             let set = have.entry(r.body.dk_version).or_default();
             set.extend(r.body.envelopes.iter().map(|e| e.recipient.clone()));
             if r.body.envelopes.iter().any(|e| e.recipient == self.me.id()) {
-                origin.insert(r.body.dk_version, (r.body.origin_state, r.body.origin_sender.clone()));
+                origin.insert(
+                    r.body.dk_version,
+                    (r.body.origin_state, r.body.origin_sender.clone()),
+                );
             }
         }
         let mut n = 0;
@@ -521,21 +531,28 @@ pub fn prepare_genesis(
 }
 
 /// Stores a prepared genesis (refused if the database already has a domain).
-pub async fn commit_genesis(store: &Store, me: &NodeIdentity, g: &Genesis) -> Result<[u8; 32], DomainError> {
+pub async fn commit_genesis(
+    store: &Store,
+    me: &NodeIdentity,
+    g: &Genesis,
+) -> Result<[u8; 32], DomainError> {
     let s = g.signed.state()?;
     let writes = vec![
         Write::Put {
             kind: STATE_KIND.into(),
             account: SYSTEM_ACCOUNT.into(),
             id: state_id(1),
-            body: serde_json::to_vec(&g.signed).map_err(|_| DomainError::Malformed("state".into()))?,
+            body: serde_json::to_vec(&g.signed)
+                .map_err(|_| DomainError::Malformed("state".into()))?,
             expect_rev: Some(0),
         },
         Write::Put {
             kind: DK_KIND.into(),
             account: SYSTEM_ACCOUNT.into(),
             id: format!("{:010}", 1),
-            body: serde_json::json!({ "state_version": 1, "sender": me.id() }).to_string().into_bytes(),
+            body: serde_json::json!({ "state_version": 1, "sender": me.id() })
+                .to_string()
+                .into_bytes(),
             expect_rev: Some(0),
         },
         Write::Put {
@@ -577,7 +594,11 @@ pub struct Pending {
 }
 
 /// Proposes `change` on top of the newest verified state (replacing any earlier proposal).
-pub async fn propose(store: &Store, pinned: &[u8; 32], change: Change) -> Result<Pending, DomainError> {
+pub async fn propose(
+    store: &Store,
+    pinned: &[u8; 32],
+    change: Change,
+) -> Result<Pending, DomainError> {
     let chain = read_chain(store, pinned).await?;
     let current = chain.latest().clone();
     let next = current.apply(&change)?;
@@ -615,8 +636,8 @@ pub async fn pending(store: &Store, pinned: &[u8; 32]) -> Result<Option<Pending>
     };
     let chain = read_chain(store, pinned).await?;
     let current = chain.latest().clone();
-    let signed: SignedState =
-        serde_json::from_slice(&row.body).map_err(|_| DomainError::Malformed("pending row".into()))?;
+    let signed: SignedState = serde_json::from_slice(&row.body)
+        .map_err(|_| DomainError::Malformed("pending row".into()))?;
     let st = signed.state()?;
     if st.version != current.version + 1 || current.apply(&st.change)? != st {
         return Err(DomainError::Refused(
@@ -674,8 +695,7 @@ pub async fn approve(
     }
     p.signed.approve(key);
     let have = p.signed.valid_approvers(&p.current.operators).len();
-    let body =
-        serde_json::to_vec(&p.signed).map_err(|_| DomainError::Malformed("state".into()))?;
+    let body = serde_json::to_vec(&p.signed).map_err(|_| DomainError::Malformed("state".into()))?;
     if have < p.required as usize {
         store
             .commit(Batch {

@@ -214,7 +214,9 @@ impl DomainState {
         for (id, k) in &self.members {
             k.check()?;
             if &k.node_id() != id {
-                return Err(DomainError::Refused("member id does not match its keys".into()));
+                return Err(DomainError::Refused(
+                    "member id does not match its keys".into(),
+                ));
             }
         }
         for (name, o) in &self.operators {
@@ -260,7 +262,8 @@ impl DomainState {
                 n.rotate_from = n.version;
             }
             Change::AddOperator { name, public } => {
-                if n.operators.contains_key(name) || n.operators.values().any(|o| &o.public == public)
+                if n.operators.contains_key(name)
+                    || n.operators.values().any(|o| &o.public == public)
                 {
                     return Err(DomainError::Refused("operator already present".into()));
                 }
@@ -485,9 +488,10 @@ impl OperatorKey {
                 ));
             }
         }
-        let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| {
-            DomainError::Io(format!("operator key file unreadable: {}", e.kind()))
-        })?);
+        let bytes =
+            zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| {
+                DomainError::Io(format!("operator key file unreadable: {}", e.kind()))
+            })?);
         if bytes.len() < 41 || &bytes[..8] != OP_MAGIC {
             return Err(DomainError::Malformed(
                 "not a caas operator key file".into(),
