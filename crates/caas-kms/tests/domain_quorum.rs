@@ -702,3 +702,44 @@ async fn node_join_a_node_admitted_by_quorum_serves_after_a_member_sends_it_the_
     let k4 = Kms::open(&params(&d, 4)).await.unwrap();
     assert_eq!(k4.keyring.current_version(), Some(1));
 }
+
+#[tokio::test]
+async fn quorum_two_approved_changes_racing_for_one_version_only_one_takes_effect() {
+    let (d, m1) = domain().await;
+    let (m2, m3) = (d.member(2), d.member(3));
+    let cur = m1.chain(&d.store, None).await.unwrap().latest().clone();
+    // Both fully approved, both for version 2: the database's compare-and-set decides.
+    let mut writes = vec![];
+    for m in [&m2, &m3] {
+        let mut s = SignedState::new(&cur.apply(&add_node(m)).unwrap()).unwrap();
+        s.approve(&d.ops[0]);
+        s.approve(&d.ops[1]);
+        let store = d.store.clone();
+        writes.push(tokio::spawn(async move {
+            store
+                .commit(Batch {
+                    writes: vec![Write::Put {
+                        kind: STATE_KIND.into(),
+                        account: "-".into(),
+                        id: format!("{:020}", 2),
+                        body: serde_json::to_vec(&s).unwrap(),
+                        expect_rev: Some(0),
+                    }],
+                    audit: vec![],
+                })
+                .await
+        }));
+    }
+    let mut ok = 0;
+    for w in writes {
+        match w.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(caas_store::Error::Conflict { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(ok, 1);
+    let latest = m1.chain(&d.store, None).await.unwrap().latest().clone();
+    assert_eq!(latest.version, 2);
+    assert_eq!(latest.members.len(), 2, "exactly one of the two joined");
+}
