@@ -743,3 +743,62 @@ async fn quorum_two_approved_changes_racing_for_one_version_only_one_takes_effec
     assert_eq!(latest.version, 2);
     assert_eq!(latest.members.len(), 2, "exactly one of the two joined");
 }
+
+#[tokio::test]
+async fn three_nodes_a_node_dying_between_new_domain_key_and_rewrap_leaves_the_domain_consistent() {
+    let (d, m1) = domain().await;
+    let (m2, m3) = (d.member(2), d.member(3));
+    d.change(add_node(&m2), 2).await;
+    d.change(add_node(&m3), 2).await;
+    drop((m2, m3));
+    m1.sync(&d.store).await.unwrap();
+    let k1 = Kms::open(&params(&d, 1)).await.unwrap();
+    let account = k1.create_account("t").await.unwrap();
+    let who = Caller {
+        principal: format!("arn:aws:iam::{account}:user/t"),
+        account,
+        access_key_id: "AKIATEST".into(),
+        kind: caas_kms::operator::CallerKind::Tenant,
+    };
+    let key = call(&k1, &who, "CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ct = call(
+        &k1,
+        &who,
+        "Encrypt",
+        json!({ "KeyId": key, "Plaintext": "b2xk" }),
+    )
+    .await
+    .unwrap()["CiphertextBlob"]
+        .clone();
+    // Node 2 makes the new domain key (one transaction) and dies before re-wrapping anything.
+    {
+        let k2 = Kms::open(&params(&d, 2)).await.unwrap();
+        d.change(Change::Rotate, 2).await;
+        k2.keyring
+            .domain_member()
+            .unwrap()
+            .rotate(&k2.store)
+            .await
+            .unwrap();
+    }
+    // The others pick the new key up and finish the re-wrap; node 2 restarts and catches up.
+    caas_kms::ops::maintenance(&k1).await.unwrap();
+    assert_eq!(k1.keyring.current_version(), Some(2));
+    let k3 = Kms::open(&params(&d, 3)).await.unwrap();
+    let k2 = Kms::open(&params(&d, 2)).await.unwrap();
+    for k in [&k1, &k2, &k3] {
+        assert_eq!(k.keyring.current_version(), Some(2));
+        assert_eq!(
+            call(k, &who, "Decrypt", json!({ "CiphertextBlob": ct }))
+                .await
+                .unwrap()["Plaintext"],
+            "b2xk"
+        );
+    }
+    // Exactly one domain key version 2 exists.
+    let claims = d.store.list(domain::DK_KIND, Some("-")).await.unwrap();
+    assert_eq!(claims.len(), 2);
+}
