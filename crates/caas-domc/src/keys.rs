@@ -134,6 +134,24 @@ pub enum KeyMaterial {
     EdPrivate(signature::Ed25519KeyPair),
     /// Ed25519 public key (32 bytes).
     EdPublic(Vec<u8>),
+    /// ML-DSA private key (PKCS#11 3.2, [`crate::pq`]).
+    MlDsaPrivate(crate::pq::MlDsaPrivate),
+    /// ML-DSA public key.
+    MlDsaPublic {
+        /// Parameter set.
+        set: crate::pq::MlDsa,
+        /// Encoded public key.
+        public: Vec<u8>,
+    },
+    /// ML-KEM private (decapsulation) key.
+    MlKemPrivate(crate::pq::MlKemPrivate),
+    /// ML-KEM public (encapsulation) key.
+    MlKemPublic {
+        /// Parameter set.
+        set: crate::pq::MlKem,
+        /// Encoded public key.
+        public: Vec<u8>,
+    },
     /// AES, HMAC or generic secret key.
     Secret(Zeroizing<Vec<u8>>),
 }
@@ -148,6 +166,10 @@ impl std::fmt::Debug for KeyMaterial {
             KeyMaterial::EcPublic { .. } => "EcPublic",
             KeyMaterial::EdPrivate(_) => "EdPrivate([REDACTED])",
             KeyMaterial::EdPublic(_) => "EdPublic",
+            KeyMaterial::MlDsaPrivate(_) => "MlDsaPrivate([REDACTED])",
+            KeyMaterial::MlDsaPublic { .. } => "MlDsaPublic",
+            KeyMaterial::MlKemPrivate(_) => "MlKemPrivate([REDACTED])",
+            KeyMaterial::MlKemPublic { .. } => "MlKemPublic",
             KeyMaterial::Secret(_) => "Secret([REDACTED])",
         })
     }
@@ -361,7 +383,11 @@ impl KeyMaterial {
                 2 * curve.field_len()
             }
             KeyMaterial::EdPrivate(_) | KeyMaterial::EdPublic(_) => 64,
-            KeyMaterial::Secret(_) => 0,
+            KeyMaterial::MlDsaPrivate(k) => k.set.signature_len(),
+            KeyMaterial::MlDsaPublic { set, .. } => set.signature_len(),
+            KeyMaterial::MlKemPrivate(_)
+            | KeyMaterial::MlKemPublic { .. }
+            | KeyMaterial::Secret(_) => 0,
         }
     }
 
@@ -656,6 +682,24 @@ impl KeyMaterial {
         signature::UnparsedPublicKey::new(&signature::ED25519, pk)
             .verify(msg, sig)
             .map_err(|_| Ckr(CKR_SIGNATURE_INVALID))
+    }
+
+    /// Pure ML-DSA signature (hedged, empty context).
+    pub fn ml_dsa_sign(&self, msg: &[u8]) -> Result<Vec<u8>, Ckr> {
+        match self {
+            KeyMaterial::MlDsaPrivate(k) => k.sign(msg),
+            _ => Err(Ckr(CKR_KEY_TYPE_INCONSISTENT)),
+        }
+    }
+
+    /// Verifies a pure ML-DSA signature (empty context).
+    pub fn ml_dsa_verify(&self, msg: &[u8], sig: &[u8]) -> Result<(), Ckr> {
+        match self {
+            KeyMaterial::MlDsaPublic { set, public } => {
+                crate::pq::ml_dsa_verify(*set, public, msg, sig)
+            }
+            _ => Err(Ckr(CKR_KEY_TYPE_INCONSISTENT)),
+        }
     }
 
     fn rsa_public_encrypting(&self) -> Result<rsa::PublicEncryptingKey, Ckr> {

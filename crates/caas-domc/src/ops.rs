@@ -28,6 +28,10 @@
 //! | GENERIC_SECRET_KEY_GEN | 1–512 | generate |
 //! | SHA_1_HMAC, SHA224_HMAC, SHA256_HMAC, SHA384_HMAC, SHA512_HMAC and their `*_GENERAL` forms (output 1 to the hash's length) | 1–512 | sign, verify |
 //! | SHA_1, SHA224, SHA256, SHA384, SHA512 | – | digest |
+//! | ML_DSA_KEY_PAIR_GEN (`CKA_PARAMETER_SET` ML-DSA-44/65/87; PKCS#11 3.2) | 1312–2592 (public key bytes) | generate key pair |
+//! | ML_DSA (pure, hedged; optional `CK_SIGN_ADDITIONAL_CONTEXT` with an empty context and `CKH_HEDGE_PREFERRED`/`_REQUIRED`) | 1312–2592 | sign, verify (single- and multi-part) |
+//! | ML_KEM_KEY_PAIR_GEN (ML-KEM-512/768/1024; PKCS#11 3.2) | 800–1568 (public key bytes) | generate key pair |
+//! | ML_KEM (`C_EncapsulateKey`/`C_DecapsulateKey`; the new key is a secret key of at most the 32-byte shared secret, never `CKA_LOCAL`) | 800–1568 | encapsulate, decapsulate |
 //!
 //! ECB, CBC and CTR give raw access to the block cipher (E_K of a chosen block), so an AES
 //! key with `CKA_ENCRYPT` can compute GCM's hash key and CTR keystreams with them. That was
@@ -40,7 +44,11 @@
 //!
 //! With `--allow-legacy-rsa-1024` the RSA minimum is 1024 (`Domain`'s mechanism info).
 //! Not served (yet): `AES_CBC_ENCRYPT_DATA`, Ed448,
-//! EdDSA with `CK_EDDSA_PARAMS` (ph/context), ML-DSA/ML-KEM.
+//! EdDSA with `CK_EDDSA_PARAMS` (ph/context); of PKCS#11 3.2, HashML-DSA
+//! (`CKM_HASH_ML_DSA*`), ML-DSA with a context string or `CKH_DETERMINISTIC_REQUIRED`
+//! (aws-lc-rs 1.19 exposes neither; CKR_MECHANISM_INVALID / CKR_MECHANISM_PARAM_INVALID),
+//! SLH-DSA, `CKA_SEED`, and ML-DSA/ML-KEM private keys in `C_WrapKey` (CKR_KEY_NOT_WRAPPABLE,
+//! as for every non-RSA private key). See [`crate::pq`].
 
 use crate::error::Ckr;
 use crate::keys::{KeyMaterial, digest_alg};
@@ -51,6 +59,10 @@ use aws_lc_rs::cipher::{
 };
 use aws_lc_rs::{aead, cmac, digest, hmac};
 use caas_vsm_proto::MechParam;
+use caas_vsm_proto::v32::{
+    CKF_DECAPSULATE, CKF_ENCAPSULATE, CKH_HEDGE_PREFERRED, CKH_HEDGE_REQUIRED, CKK_ML_DSA,
+    CKM_ML_DSA, CKM_ML_DSA_KEY_PAIR_GEN, CKM_ML_KEM, CKM_ML_KEM_KEY_PAIR_GEN,
+};
 use cryptoki_sys::*;
 use std::sync::Arc;
 use zeroize::Zeroizing;
@@ -170,6 +182,31 @@ pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
     (CKM_SHA256_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA384_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA512_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
+    // PKCS#11 3.2 post-quantum (`crate::pq`); key sizes are public key bytes.
+    (
+        CKM_ML_DSA_KEY_PAIR_GEN,
+        crate::pq::ML_DSA_KEY_BYTES.0,
+        crate::pq::ML_DSA_KEY_BYTES.1,
+        CKF_GENERATE_KEY_PAIR,
+    ),
+    (
+        CKM_ML_DSA,
+        crate::pq::ML_DSA_KEY_BYTES.0,
+        crate::pq::ML_DSA_KEY_BYTES.1,
+        CKF_SIGN | CKF_VERIFY,
+    ),
+    (
+        CKM_ML_KEM_KEY_PAIR_GEN,
+        crate::pq::ML_KEM_KEY_BYTES.0,
+        crate::pq::ML_KEM_KEY_BYTES.1,
+        CKF_GENERATE_KEY_PAIR,
+    ),
+    (
+        CKM_ML_KEM,
+        crate::pq::ML_KEM_KEY_BYTES.0,
+        crate::pq::ML_KEM_KEY_BYTES.1,
+        CKF_ENCAPSULATE | CKF_DECAPSULATE,
+    ),
     (CKM_SHA_1, 0, 0, CKF_DIGEST),
     (CKM_SHA224, 0, 0, CKF_DIGEST),
     (CKM_SHA256, 0, 0, CKF_DIGEST),
@@ -226,6 +263,7 @@ enum SignKind {
     EcdsaRaw,
     EcdsaHash,
     Eddsa,
+    MlDsa,
 }
 
 /// State of a sign or verify operation.
@@ -411,6 +449,19 @@ impl SignOp {
                 }
                 Some(SignKind::Eddsa)
             }
+            CKM_ML_DSA => {
+                // aws-lc-rs signs hedged with an empty context (`crate::pq`): a context
+                // string or a deterministic signature cannot be honoured.
+                match param {
+                    MechParam::None {} => {}
+                    MechParam::SignContext { hedge, context }
+                        if context.0.is_empty()
+                            && (!sign
+                                || matches!(*hedge, CKH_HEDGE_PREFERRED | CKH_HEDGE_REQUIRED)) => {}
+                    _ => return Err(Ckr(CKR_MECHANISM_PARAM_INVALID)),
+                }
+                Some(SignKind::MlDsa)
+            }
             _ => return Err(Ckr(CKR_MECHANISM_INVALID)),
         };
         if let Some(kind) = kind {
@@ -421,6 +472,7 @@ impl SignOp {
                 | SignKind::RsaHash { .. } => &[CKK_RSA],
                 SignKind::EcdsaRaw | SignKind::EcdsaHash => &[CKK_EC],
                 SignKind::Eddsa => &[CKK_EC_EDWARDS],
+                SignKind::MlDsa => &[CKK_ML_DSA],
             };
             key_type_must(key, asym_class, types)?;
             op.key = key.material()?;
@@ -431,6 +483,9 @@ impl SignOp {
                 (
                     KeyMaterial::EdPrivate(_) | KeyMaterial::EdPublic(_),
                     SignKind::Eddsa
+                ) | (
+                    KeyMaterial::MlDsaPrivate(_) | KeyMaterial::MlDsaPublic { .. },
+                    SignKind::MlDsa
                 ) | (
                     KeyMaterial::EcPrivate { .. } | KeyMaterial::EcPublic { .. },
                     SignKind::EcdsaRaw | SignKind::EcdsaHash
@@ -510,6 +565,7 @@ impl SignOp {
             SignKind::RsaHash { pss } => self.key.rsa_sign_digest(pss, &input),
             SignKind::EcdsaRaw | SignKind::EcdsaHash => self.key.ecdsa_sign_digest(&input),
             SignKind::Eddsa => self.key.eddsa_sign(&input),
+            SignKind::MlDsa => self.key.ml_dsa_sign(&input),
         }
     }
 
@@ -557,6 +613,7 @@ impl SignOp {
             SignKind::RsaHash { pss } => self.key.rsa_verify_digest(pss, &input, sig),
             SignKind::EcdsaRaw | SignKind::EcdsaHash => self.key.ecdsa_verify_digest(&input, sig),
             SignKind::Eddsa => self.key.eddsa_verify(&input, sig),
+            SignKind::MlDsa => self.key.ml_dsa_verify(&input, sig),
         }
     }
 }
