@@ -856,6 +856,9 @@ impl Domain {
             return Err(refuse(Ckr(CKR_MECHANISM_INVALID)));
         }
         no_param(m).map_err(refuse)?;
+        if k.class() != CKO_PUBLIC_KEY || k.key_type() != Some(CKK_ML_KEM) {
+            return Err(refuse(Ckr(CKR_KEY_TYPE_INCONSISTENT)));
+        }
         ops::check_key(&k, CKA_ENCAPSULATE, CKM_ML_KEM).map_err(refuse)?;
         let material = k.material()?;
         let keys::KeyMaterial::MlKemPublic { set, public } = &*material else {
@@ -903,6 +906,9 @@ impl Domain {
             return Err(refuse(Ckr(CKR_MECHANISM_INVALID)));
         }
         no_param(m).map_err(refuse)?;
+        if k.class() != CKO_PRIVATE_KEY || k.key_type() != Some(CKK_ML_KEM) {
+            return Err(refuse(Ckr(CKR_KEY_TYPE_INCONSISTENT)));
+        }
         ops::check_key(&k, CKA_DECAPSULATE, CKM_ML_KEM).map_err(refuse)?;
         let material = k.material()?;
         let keys::KeyMaterial::MlKemPrivate(dk) = &*material else {
