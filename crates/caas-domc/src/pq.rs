@@ -117,6 +117,33 @@ impl MlKem {
         }
     }
 
+    /// The module rank k (FIPS 203 Table 2).
+    fn k(self) -> usize {
+        match self {
+            Self::P512 => 2,
+            Self::P768 => 3,
+            Self::P1024 => 4,
+        }
+    }
+
+    /// The encapsulation key inside a decapsulation key, checked: FIPS 203 Algorithm 16
+    /// builds dk = dk_PKE (384k bytes) || ek (384k + 32) || H(ek) (32) || z (32), and §7.3
+    /// asks a decapsulation key's holder to check H(ek) before use.
+    pub fn public_from_private(self, dk: &[u8]) -> Result<&[u8], Ckr> {
+        let k = self.k();
+        let ek_len = 384 * k + 32;
+        if dk.len() != 384 * k + ek_len + 64 {
+            return Err(Ckr(CKR_ATTRIBUTE_VALUE_INVALID));
+        }
+        let ek = &dk[384 * k..384 * k + ek_len];
+        let h = &dk[384 * k + ek_len..384 * k + ek_len + 32];
+        if aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA3_256, ek).as_ref() != h {
+            return Err(Ckr(CKR_ATTRIBUTE_VALUE_INVALID));
+        }
+        check_ml_kem_public(self, ek)?;
+        Ok(ek)
+    }
+
     /// Ciphertext length in bytes (FIPS 203 Table 3).
     #[must_use]
     pub fn ciphertext_len(self) -> usize {
@@ -282,9 +309,9 @@ pub fn public_of(key_type: u64, set: u64, secret: &[u8]) -> Result<Vec<u8>, Ckr>
     match key_type {
         CKK_ML_DSA => Ok(MlDsaPrivate::new(MlDsa::from_set(set)?, secret)?.public()),
         CKK_ML_KEM => {
-            let k = MlKemPrivate::new(MlKem::from_set(set)?, secret)?;
-            let ek = k.key.encapsulation_key().map_err(dev)?;
-            Ok(ek.key_bytes().map_err(dev)?.as_ref().to_vec())
+            let p = MlKem::from_set(set)?;
+            MlKemPrivate::new(p, secret)?;
+            Ok(p.public_from_private(secret)?.to_vec())
         }
         _ => Err(Ckr(CKR_KEY_TYPE_INCONSISTENT)),
     }
@@ -321,6 +348,14 @@ mod tests {
             let k = MlKemPrivate::new(p, &sk)?;
             assert_eq!(k.decapsulate(&ct)?, ss);
             assert_eq!(public_of(CKK_ML_KEM, p.set(), &sk)?, pk);
+            // A decapsulation key whose embedded encapsulation key does not match its hash.
+            let mut bad = sk.to_vec();
+            let i = 384 * p.k() + 5;
+            bad[i] ^= 1;
+            assert_eq!(
+                public_of(CKK_ML_KEM, p.set(), &bad).err(),
+                Some(Ckr(CKR_ATTRIBUTE_VALUE_INVALID))
+            );
             assert_eq!(
                 k.decapsulate(&ct[1..]),
                 Err(Ckr(CKR_WRAPPED_KEY_LEN_RANGE))
