@@ -12,8 +12,8 @@ use crate::keysource::DomainKey;
 use crate::object::{self, Object, Origin, Owner, tmpl_bytes, tmpl_ulong};
 use crate::ops::{self, CipherOp, DigestOp, SignOp};
 use crate::policy::{self, Role};
-use crate::token::Token;
 use crate::pq;
+use crate::token::Token;
 use caas_vsm_proto::attr;
 use caas_vsm_proto::v32::*;
 use caas_vsm_proto::{

@@ -815,7 +815,14 @@ impl Domain {
                 private_key,
                 template,
                 ciphertext,
-            } => self.decapsulate(app, session, &mechanism, private_key, template, &ciphertext.0)?,
+            } => self.decapsulate(
+                app,
+                session,
+                &mechanism,
+                private_key,
+                template,
+                &ciphertext.0,
+            )?,
             Q::SeedRandom { session, .. } => {
                 self.session(app, session)?;
                 return Err(Ckr(CKR_RANDOM_SEED_NOT_SUPPORTED));
@@ -851,7 +858,16 @@ impl Domain {
     ) -> R<Response> {
         let (slot, rw) = self.slot_rw(app, session)?;
         let k = self.key(app, slot, public_key)?;
-        let refuse = |e| self.refuse(app, "C_EncapsulateKey", slot, Some(&k), Some(m.mechanism), e);
+        let refuse = |e| {
+            self.refuse(
+                app,
+                "C_EncapsulateKey",
+                slot,
+                Some(&k),
+                Some(m.mechanism),
+                e,
+            )
+        };
         if m.mechanism != CKM_ML_KEM {
             return Err(refuse(Ckr(CKR_MECHANISM_INVALID)));
         }
@@ -881,8 +897,24 @@ impl Domain {
         self.use_key(app, slot, &k, "C_EncapsulateKey", CKM_ML_KEM)?;
         let o = self
             .kem_secret_key(app, session, slot, rw, template, kt, &ss[..len])
-            .map_err(|e| self.refuse(app, "C_EncapsulateKey(new)", slot, None, Some(CKM_ML_KEM), e))?;
-        self.audit(app, "C_EncapsulateKey(new)", slot, Some(&o), Some(CKM_ML_KEM), 0);
+            .map_err(|e| {
+                self.refuse(
+                    app,
+                    "C_EncapsulateKey(new)",
+                    slot,
+                    None,
+                    Some(CKM_ML_KEM),
+                    e,
+                )
+            })?;
+        self.audit(
+            app,
+            "C_EncapsulateKey(new)",
+            slot,
+            Some(&o),
+            Some(CKM_ML_KEM),
+            0,
+        );
         Ok(Response::ok(Body::Encapsulated {
             ciphertext: Blob(ct),
             key: o.handle,
@@ -901,7 +933,16 @@ impl Domain {
     ) -> R<Response> {
         let (slot, rw) = self.slot_rw(app, session)?;
         let k = self.key(app, slot, private_key)?;
-        let refuse = |e| self.refuse(app, "C_DecapsulateKey", slot, Some(&k), Some(m.mechanism), e);
+        let refuse = |e| {
+            self.refuse(
+                app,
+                "C_DecapsulateKey",
+                slot,
+                Some(&k),
+                Some(m.mechanism),
+                e,
+            )
+        };
         if m.mechanism != CKM_ML_KEM {
             return Err(refuse(Ckr(CKR_MECHANISM_INVALID)));
         }
@@ -919,8 +960,24 @@ impl Domain {
         self.use_key(app, slot, &k, "C_DecapsulateKey", CKM_ML_KEM)?;
         let o = self
             .kem_secret_key(app, session, slot, rw, template, kt, &ss[..len])
-            .map_err(|e| self.refuse(app, "C_DecapsulateKey(new)", slot, None, Some(CKM_ML_KEM), e))?;
-        self.audit(app, "C_DecapsulateKey(new)", slot, Some(&o), Some(CKM_ML_KEM), 0);
+            .map_err(|e| {
+                self.refuse(
+                    app,
+                    "C_DecapsulateKey(new)",
+                    slot,
+                    None,
+                    Some(CKM_ML_KEM),
+                    e,
+                )
+            })?;
+        self.audit(
+            app,
+            "C_DecapsulateKey(new)",
+            slot,
+            Some(&o),
+            Some(CKM_ML_KEM),
+            0,
+        );
         Ok(Response::ok(Body::Ulong { value: o.handle }))
     }
 

@@ -8,8 +8,8 @@
 use crate::der;
 use crate::error::Ckr;
 use crate::keys::{Curve, KeyMaterial};
-use crate::pq::{MlDsa, MlKem};
 use crate::policy::{self, Role};
+use crate::pq::{MlDsa, MlKem};
 use caas_vsm_proto::attr::{
     self, AttrKind, CKA_CAAS_BASE, CKA_CAAS_MAX_USES, CKA_CAAS_RATE_PER_SEC, CKA_CAAS_USAGE_COUNT,
 };

@@ -292,7 +292,8 @@ impl MlKemPrivate {
 
 /// ML-KEM encapsulation to `public`: (ciphertext, shared secret).
 pub fn ml_kem_encapsulate(set: MlKem, public: &[u8]) -> Result<(Vec<u8>, Zeroizing<Vec<u8>>), Ckr> {
-    let ek = kem::EncapsulationKey::new(set.alg(), public).map_err(|_| Ckr(CKR_KEY_HANDLE_INVALID))?;
+    let ek =
+        kem::EncapsulationKey::new(set.alg(), public).map_err(|_| Ckr(CKR_KEY_HANDLE_INVALID))?;
     let (ct, ss) = ek.encapsulate().map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
     Ok((ct.as_ref().to_vec(), Zeroizing::new(ss.as_ref().to_vec())))
 }
@@ -335,7 +336,10 @@ mod tests {
                 Err(Ckr(CKR_SIGNATURE_INVALID))
             );
         }
-        assert_eq!(MlDsa::from_set(4), Err(Ckr(CKR_PARAMETER_SET_NOT_SUPPORTED)));
+        assert_eq!(
+            MlDsa::from_set(4),
+            Err(Ckr(CKR_PARAMETER_SET_NOT_SUPPORTED))
+        );
         Ok(())
     }
 
@@ -356,10 +360,7 @@ mod tests {
                 public_of(CKK_ML_KEM, p.set(), &bad).err(),
                 Some(Ckr(CKR_ATTRIBUTE_VALUE_INVALID))
             );
-            assert_eq!(
-                k.decapsulate(&ct[1..]),
-                Err(Ckr(CKR_WRAPPED_KEY_LEN_RANGE))
-            );
+            assert_eq!(k.decapsulate(&ct[1..]), Err(Ckr(CKR_WRAPPED_KEY_LEN_RANGE)));
         }
         Ok(())
     }

@@ -144,8 +144,10 @@ impl P11 {
                 *mut *mut CK_INTERFACE,
                 CK_FLAGS,
             ) -> CK_RV = std::mem::transmute(sym("C_GetInterface")?);
-            let get_interface_list: unsafe extern "C" fn(*mut CK_INTERFACE, *mut CK_ULONG) -> CK_RV =
-                std::mem::transmute(sym("C_GetInterfaceList")?);
+            let get_interface_list: unsafe extern "C" fn(
+                *mut CK_INTERFACE,
+                *mut CK_ULONG,
+            ) -> CK_RV = std::mem::transmute(sym("C_GetInterfaceList")?);
             let mut name = *b"PKCS 11\0";
             let mut ver = CK_VERSION { major: 3, minor: 2 };
             let mut i: *mut CK_INTERFACE = null_mut();
@@ -197,13 +199,21 @@ impl P11 {
         }
     }
 
-    fn keypair(&self, mech: u64, set: u64, extra_pub: Vec<(u64, V)>) -> (CK_RV, CK_OBJECT_HANDLE, CK_OBJECT_HANDLE) {
+    fn keypair(
+        &self,
+        mech: u64,
+        set: u64,
+        extra_pub: Vec<(u64, V)>,
+    ) -> (CK_RV, CK_OBJECT_HANDLE, CK_OBJECT_HANDLE) {
         let mut m = CK_MECHANISM {
             mechanism: mech as CK_ULONG,
             pParameter: null_mut(),
             ulParameterLen: 0,
         };
-        let mut pt = vec![(CKA_PARAMETER_SET, V::U(set as CK_ULONG)), (CKA_TOKEN, V::B(false))];
+        let mut pt = vec![
+            (CKA_PARAMETER_SET, V::U(set as CK_ULONG)),
+            (CKA_TOKEN, V::B(false)),
+        ];
         pt.extend(extra_pub);
         let mut pt = Tmpl::new(pt);
         let mut st = Tmpl::new(vec![(CKA_TOKEN, V::B(false))]);
@@ -255,12 +265,22 @@ impl P11 {
         let mut h = 0;
         // SAFETY: valid template.
         let rv = unsafe {
-            self.l30.C_CreateObject.unwrap_unchecked()(self.s, c.as_mut_ptr(), c.len() as CK_ULONG, &mut h)
+            self.l30.C_CreateObject.unwrap_unchecked()(
+                self.s,
+                c.as_mut_ptr(),
+                c.len() as CK_ULONG,
+                &mut h,
+            )
         };
         (rv, h)
     }
 
-    fn sign(&self, mech: &mut CK_MECHANISM, key: CK_OBJECT_HANDLE, msg: &[u8]) -> Result<Vec<u8>, CK_RV> {
+    fn sign(
+        &self,
+        mech: &mut CK_MECHANISM,
+        key: CK_OBJECT_HANDLE,
+        msg: &[u8],
+    ) -> Result<Vec<u8>, CK_RV> {
         // SAFETY: valid mechanism, data and buffers.
         unsafe {
             let rv = self.l30.C_SignInit.unwrap_unchecked()(self.s, mech, key);
@@ -269,12 +289,24 @@ impl P11 {
             }
             let mut len: CK_ULONG = 0;
             let f = self.l30.C_Sign.unwrap_unchecked();
-            let rv = f(self.s, msg.as_ptr() as *mut u8, msg.len() as CK_ULONG, null_mut(), &mut len);
+            let rv = f(
+                self.s,
+                msg.as_ptr() as *mut u8,
+                msg.len() as CK_ULONG,
+                null_mut(),
+                &mut len,
+            );
             if rv != CKR_OK {
                 return Err(rv);
             }
             let mut sig = vec![0u8; len as usize];
-            let rv = f(self.s, msg.as_ptr() as *mut u8, msg.len() as CK_ULONG, sig.as_mut_ptr(), &mut len);
+            let rv = f(
+                self.s,
+                msg.as_ptr() as *mut u8,
+                msg.len() as CK_ULONG,
+                sig.as_mut_ptr(),
+                &mut len,
+            );
             if rv != CKR_OK {
                 return Err(rv);
             }
@@ -302,7 +334,11 @@ impl P11 {
     }
 
     /// C_EncapsulateKey with a length query first: (ciphertext, new key).
-    fn encapsulate(&self, public: CK_OBJECT_HANDLE, vals: Vec<(u64, V)>) -> Result<(Vec<u8>, CK_OBJECT_HANDLE), CK_RV> {
+    fn encapsulate(
+        &self,
+        public: CK_OBJECT_HANDLE,
+        vals: Vec<(u64, V)>,
+    ) -> Result<(Vec<u8>, CK_OBJECT_HANDLE), CK_RV> {
         let mut m = mech(CKM_ML_KEM);
         let mut t = Tmpl::new(vals);
         let mut c = t.c();
@@ -311,12 +347,30 @@ impl P11 {
         let mut h: CK_OBJECT_HANDLE = 0;
         // SAFETY: valid arguments; NULL ciphertext is the length query.
         unsafe {
-            let rv = f(self.s, &mut m, public, c.as_mut_ptr(), c.len() as CK_ULONG, null_mut(), &mut len, &mut h);
+            let rv = f(
+                self.s,
+                &mut m,
+                public,
+                c.as_mut_ptr(),
+                c.len() as CK_ULONG,
+                null_mut(),
+                &mut len,
+                &mut h,
+            );
             if rv != CKR_OK {
                 return Err(rv);
             }
             let mut ct = vec![0u8; len as usize];
-            let rv = f(self.s, &mut m, public, c.as_mut_ptr(), c.len() as CK_ULONG, ct.as_mut_ptr(), &mut len, &mut h);
+            let rv = f(
+                self.s,
+                &mut m,
+                public,
+                c.as_mut_ptr(),
+                c.len() as CK_ULONG,
+                ct.as_mut_ptr(),
+                &mut len,
+                &mut h,
+            );
             if rv != CKR_OK {
                 return Err(rv);
             }
@@ -325,7 +379,12 @@ impl P11 {
         }
     }
 
-    fn decapsulate(&self, private: CK_OBJECT_HANDLE, ct: &[u8], vals: Vec<(u64, V)>) -> Result<CK_OBJECT_HANDLE, CK_RV> {
+    fn decapsulate(
+        &self,
+        private: CK_OBJECT_HANDLE,
+        ct: &[u8],
+        vals: Vec<(u64, V)>,
+    ) -> Result<CK_OBJECT_HANDLE, CK_RV> {
         let mut m = mech(CKM_ML_KEM);
         let mut t = Tmpl::new(vals);
         let mut c = t.c();
@@ -334,7 +393,16 @@ impl P11 {
         let mut ct = ct.to_vec();
         // SAFETY: valid arguments.
         let rv = unsafe {
-            f(self.s, &mut m, private, c.as_mut_ptr(), c.len() as CK_ULONG, ct.as_mut_ptr(), ct.len() as CK_ULONG, &mut h)
+            f(
+                self.s,
+                &mut m,
+                private,
+                c.as_mut_ptr(),
+                c.len() as CK_ULONG,
+                ct.as_mut_ptr(),
+                ct.len() as CK_ULONG,
+                &mut h,
+            )
         };
         if rv == CKR_OK { Ok(h) } else { Err(rv) }
     }
@@ -397,7 +465,9 @@ fn ml_dsa_signatures_made_in_the_vsm_verify_with_aws_lc_outside() -> Result<()> 
     ] {
         let (rv, pubk, privk) = p.keypair(CKM_ML_DSA_KEY_PAIR_GEN, set, vec![]);
         ck(rv, "ML-DSA C_GenerateKeyPair")?;
-        let pk = p.attr(pubk, CKA_VALUE).map_err(|rv| anyhow::anyhow!("pub CKA_VALUE {rv:#x}"))?;
+        let pk = p
+            .attr(pubk, CKA_VALUE)
+            .map_err(|rv| anyhow::anyhow!("pub CKA_VALUE {rv:#x}"))?;
         ensure!(
             p.attr(privk, CKA_PARAMETER_SET) == Ok(set.to_le_bytes().to_vec()),
             "private CKA_PARAMETER_SET"
@@ -408,11 +478,15 @@ fn ml_dsa_signatures_made_in_the_vsm_verify_with_aws_lc_outside() -> Result<()> 
             "private CKA_VALUE",
         )?;
         // No parameter, and CK_SIGN_ADDITIONAL_CONTEXT asking for a hedged signature.
-        let sig = p.sign(&mut mech(CKM_ML_DSA), privk, msg).map_err(|rv| anyhow::anyhow!("sign {rv:#x}"))?;
+        let sig = p
+            .sign(&mut mech(CKM_ML_DSA), privk, msg)
+            .map_err(|rv| anyhow::anyhow!("sign {rv:#x}"))?;
         ensure!(sig.len() == sig_len, "signature length {}", sig.len());
         signature::UnparsedPublicKey::new(alg, &pk)
             .verify(msg, &sig)
-            .map_err(|_| anyhow::anyhow!("aws-lc-rs rejects the VSM's ML-DSA signature (set {set})"))?;
+            .map_err(|_| {
+                anyhow::anyhow!("aws-lc-rs rejects the VSM's ML-DSA signature (set {set})")
+            })?;
         ensure!(
             signature::UnparsedPublicKey::new(alg, &pk)
                 .verify(b"another message", &sig)
@@ -428,13 +502,19 @@ fn ml_dsa_signatures_made_in_the_vsm_verify_with_aws_lc_outside() -> Result<()> 
             pParameter: &ctx as *const SignContext as *mut c_void,
             ulParameterLen: std::mem::size_of::<SignContext>() as CK_ULONG,
         };
-        let sig2 = p.sign(&mut m, privk, msg).map_err(|rv| anyhow::anyhow!("hedged sign {rv:#x}"))?;
+        let sig2 = p
+            .sign(&mut m, privk, msg)
+            .map_err(|rv| anyhow::anyhow!("hedged sign {rv:#x}"))?;
         signature::UnparsedPublicKey::new(alg, &pk)
             .verify(msg, &sig2)
             .map_err(|_| anyhow::anyhow!("hedged signature rejected"))?;
         ensure!(sig != sig2, "hedged signatures of one message must differ");
         want(p.verify(pubk, msg, &sig), CKR_OK, "C_Verify")?;
-        want(p.verify(pubk, b"x", &sig), CKR_SIGNATURE_INVALID, "C_Verify other message")?;
+        want(
+            p.verify(pubk, b"x", &sig),
+            CKR_SIGNATURE_INVALID,
+            "C_Verify other message",
+        )?;
         // A signature made outside verifies inside.
         let outside = signature::PqdsaKeyPair::generate(match set {
             CKP_ML_DSA_44 => &signature::ML_DSA_44_SIGNING,
@@ -443,7 +523,9 @@ fn ml_dsa_signatures_made_in_the_vsm_verify_with_aws_lc_outside() -> Result<()> 
         })
         .map_err(|_| anyhow::anyhow!("generate"))?;
         let mut osig = vec![0u8; sig_len];
-        outside.sign(msg, &mut osig).map_err(|_| anyhow::anyhow!("sign outside"))?;
+        outside
+            .sign(msg, &mut osig)
+            .map_err(|_| anyhow::anyhow!("sign outside"))?;
         let (rv, imported) = p.create(vec![
             (CKA_CLASS, V::U(CKO_PUBLIC_KEY)),
             (CKA_KEY_TYPE, V::U(CKK_ML_DSA as CK_ULONG)),
@@ -451,7 +533,11 @@ fn ml_dsa_signatures_made_in_the_vsm_verify_with_aws_lc_outside() -> Result<()> 
             (CKA_VALUE, V::Bytes(outside.public_key().as_ref().to_vec())),
         ]);
         ck(rv, "import ML-DSA public key")?;
-        want(p.verify(imported, msg, &osig), CKR_OK, "C_Verify of an outside signature")?;
+        want(
+            p.verify(imported, msg, &osig),
+            CKR_OK,
+            "C_Verify of an outside signature",
+        )?;
     }
     audited(&dom, "C_Sign", CKM_ML_DSA, CKR_OK)
         .or_else(|_| audited(&dom, "C_SignInit", CKM_ML_DSA, CKR_OK))?;
@@ -464,7 +550,9 @@ fn ml_dsa_signatures_made_in_the_vsm_verify_with_aws_lc_outside() -> Result<()> 
 #[test]
 fn ml_kem_encapsulation_outside_decapsulation_inside_agree_and_the_reverse() -> Result<()> {
     if child_dir().is_none() {
-        return run_in_child("ml_kem_encapsulation_outside_decapsulation_inside_agree_and_the_reverse");
+        return run_in_child(
+            "ml_kem_encapsulation_outside_decapsulation_inside_agree_and_the_reverse",
+        );
     }
     let (dom, p) = start()?;
     for (set, alg, ct_len) in [
@@ -474,16 +562,29 @@ fn ml_kem_encapsulation_outside_decapsulation_inside_agree_and_the_reverse() -> 
     ] {
         let (rv, pubk, privk) = p.keypair(CKM_ML_KEM_KEY_PAIR_GEN, set, vec![]);
         ck(rv, "ML-KEM C_GenerateKeyPair")?;
-        ensure!(p.attr(pubk, CKA_ENCAPSULATE) == Ok(vec![1]), "CKA_ENCAPSULATE default");
-        ensure!(p.attr(privk, CKA_DECAPSULATE) == Ok(vec![1]), "CKA_DECAPSULATE default");
-        let pk = p.attr(pubk, CKA_VALUE).map_err(|rv| anyhow::anyhow!("pub value {rv:#x}"))?;
+        ensure!(
+            p.attr(pubk, CKA_ENCAPSULATE) == Ok(vec![1]),
+            "CKA_ENCAPSULATE default"
+        );
+        ensure!(
+            p.attr(privk, CKA_DECAPSULATE) == Ok(vec![1]),
+            "CKA_DECAPSULATE default"
+        );
+        let pk = p
+            .attr(pubk, CKA_VALUE)
+            .map_err(|rv| anyhow::anyhow!("pub value {rv:#x}"))?;
         // Outside encapsulates, the VSM decapsulates.
         let ek = kem::EncapsulationKey::new(alg, &pk).map_err(|_| anyhow::anyhow!("ek"))?;
-        let (ct, ss) = ek.encapsulate().map_err(|_| anyhow::anyhow!("encapsulate"))?;
+        let (ct, ss) = ek
+            .encapsulate()
+            .map_err(|_| anyhow::anyhow!("encapsulate"))?;
         let k = p
             .decapsulate(privk, ct.as_ref(), readable_secret(CKK_GENERIC_SECRET))
             .map_err(|rv| anyhow::anyhow!("C_DecapsulateKey {rv:#x}"))?;
-        ensure!(p.attr(k, CKA_VALUE) == Ok(ss.as_ref().to_vec()), "decapsulated secret differs (set {set})");
+        ensure!(
+            p.attr(k, CKA_VALUE) == Ok(ss.as_ref().to_vec()),
+            "decapsulated secret differs (set {set})"
+        );
         // The VSM encapsulates to an outside key pair, outside decapsulates.
         let dk = kem::DecapsulationKey::generate(alg).map_err(|_| anyhow::anyhow!("dk"))?;
         let opk = dk
@@ -504,17 +605,29 @@ fn ml_kem_encapsulation_outside_decapsulation_inside_agree_and_the_reverse() -> 
         let ss = dk
             .decapsulate(kem::Ciphertext::from(&ct[..]))
             .map_err(|_| anyhow::anyhow!("decapsulate outside"))?;
-        ensure!(p.attr(k, CKA_VALUE) == Ok(ss.as_ref().to_vec()), "encapsulated secret differs (set {set})");
+        ensure!(
+            p.attr(k, CKA_VALUE) == Ok(ss.as_ref().to_vec()),
+            "encapsulated secret differs (set {set})"
+        );
         // The VSM to itself: an AES key on both sides, equal values.
         let aes = |len: CK_ULONG| {
             let mut t = readable_secret(CKK_AES);
             t.push((CKA_VALUE_LEN, V::U(len)));
             t
         };
-        let (ct, a) = p.encapsulate(pubk, aes(16)).map_err(|rv| anyhow::anyhow!("self encaps {rv:#x}"))?;
-        let b = p.decapsulate(privk, &ct, aes(16)).map_err(|rv| anyhow::anyhow!("self decaps {rv:#x}"))?;
-        let va = p.attr(a, CKA_VALUE).map_err(|rv| anyhow::anyhow!("{rv:#x}"))?;
-        ensure!(va.len() == 16 && p.attr(b, CKA_VALUE) == Ok(va), "AES-128 from ML-KEM");
+        let (ct, a) = p
+            .encapsulate(pubk, aes(16))
+            .map_err(|rv| anyhow::anyhow!("self encaps {rv:#x}"))?;
+        let b = p
+            .decapsulate(privk, &ct, aes(16))
+            .map_err(|rv| anyhow::anyhow!("self decaps {rv:#x}"))?;
+        let va = p
+            .attr(a, CKA_VALUE)
+            .map_err(|rv| anyhow::anyhow!("{rv:#x}"))?;
+        ensure!(
+            va.len() == 16 && p.attr(b, CKA_VALUE) == Ok(va),
+            "AES-128 from ML-KEM"
+        );
     }
     audited(&dom, "C_DecapsulateKey", CKM_ML_KEM, CKR_OK)?;
     audited(&dom, "C_EncapsulateKey", CKM_ML_KEM, CKR_OK)?;
@@ -529,8 +642,16 @@ fn pq_bad_parameters_are_refused_with_the_right_ckr() -> Result<()> {
         return run_in_child("pq_bad_parameters_are_refused_with_the_right_ckr");
     }
     let (dom, p) = start()?;
-    want(p.keypair(CKM_ML_DSA_KEY_PAIR_GEN, 4, vec![]).0, CKR_PARAMETER_SET_NOT_SUPPORTED, "ML-DSA set 4")?;
-    want(p.keypair(CKM_ML_KEM_KEY_PAIR_GEN, 0, vec![]).0, CKR_PARAMETER_SET_NOT_SUPPORTED, "ML-KEM set 0")?;
+    want(
+        p.keypair(CKM_ML_DSA_KEY_PAIR_GEN, 4, vec![]).0,
+        CKR_PARAMETER_SET_NOT_SUPPORTED,
+        "ML-DSA set 4",
+    )?;
+    want(
+        p.keypair(CKM_ML_KEM_KEY_PAIR_GEN, 0, vec![]).0,
+        CKR_PARAMETER_SET_NOT_SUPPORTED,
+        "ML-KEM set 0",
+    )?;
     let (rv, dsa_pub, dsa_priv) = p.keypair(CKM_ML_DSA_KEY_PAIR_GEN, CKP_ML_DSA_65, vec![]);
     ck(rv, "ML-DSA keygen")?;
     let (rv, kem_pub, kem_priv) = p.keypair(CKM_ML_KEM_KEY_PAIR_GEN, CKP_ML_KEM_768, vec![]);
@@ -552,7 +673,11 @@ fn pq_bad_parameters_are_refused_with_the_right_ckr() -> Result<()> {
             pParameter: &c as *const SignContext as *mut c_void,
             ulParameterLen: std::mem::size_of::<SignContext>() as CK_ULONG,
         };
-        want(p.sign(&mut m, dsa_priv, b"m").err().unwrap_or(CKR_OK), CKR_MECHANISM_PARAM_INVALID, "ML-DSA param")?;
+        want(
+            p.sign(&mut m, dsa_priv, b"m").err().unwrap_or(CKR_OK),
+            CKR_MECHANISM_PARAM_INVALID,
+            "ML-DSA param",
+        )?;
     }
     // A parameter of the wrong size.
     let junk = [0u8; 3];
@@ -561,24 +686,85 @@ fn pq_bad_parameters_are_refused_with_the_right_ckr() -> Result<()> {
         pParameter: junk.as_ptr() as *mut c_void,
         ulParameterLen: 3,
     };
-    want(p.sign(&mut m, dsa_priv, b"m").err().unwrap_or(CKR_OK), CKR_MECHANISM_PARAM_INVALID, "short param")?;
+    want(
+        p.sign(&mut m, dsa_priv, b"m").err().unwrap_or(CKR_OK),
+        CKR_MECHANISM_PARAM_INVALID,
+        "short param",
+    )?;
     // HashML-DSA is not served; ML-DSA with an ML-KEM key or an EC mechanism with ML-DSA.
-    want(p.sign(&mut mech(CKM_HASH_ML_DSA), dsa_priv, b"m").err().unwrap_or(CKR_OK), CKR_MECHANISM_INVALID, "HashML-DSA")?;
-    want(p.sign(&mut mech(CKM_ML_DSA), kem_priv, b"m").err().unwrap_or(CKR_OK), CKR_KEY_TYPE_INCONSISTENT, "ML-DSA with ML-KEM key")?;
-    want(p.sign(&mut mech(CKM_ECDSA), dsa_priv, b"m").err().unwrap_or(CKR_OK), CKR_KEY_TYPE_INCONSISTENT, "ECDSA with ML-DSA key")?;
+    want(
+        p.sign(&mut mech(CKM_HASH_ML_DSA), dsa_priv, b"m")
+            .err()
+            .unwrap_or(CKR_OK),
+        CKR_MECHANISM_INVALID,
+        "HashML-DSA",
+    )?;
+    want(
+        p.sign(&mut mech(CKM_ML_DSA), kem_priv, b"m")
+            .err()
+            .unwrap_or(CKR_OK),
+        CKR_KEY_TYPE_INCONSISTENT,
+        "ML-DSA with ML-KEM key",
+    )?;
+    want(
+        p.sign(&mut mech(CKM_ECDSA), dsa_priv, b"m")
+            .err()
+            .unwrap_or(CKR_OK),
+        CKR_KEY_TYPE_INCONSISTENT,
+        "ECDSA with ML-DSA key",
+    )?;
     // Encapsulation with the wrong key, too long a secret, a truncated ciphertext.
-    want(p.encapsulate(dsa_pub, readable_secret(CKK_GENERIC_SECRET)).err().unwrap_or(CKR_OK), CKR_KEY_TYPE_INCONSISTENT, "encapsulate to ML-DSA key")?;
+    want(
+        p.encapsulate(dsa_pub, readable_secret(CKK_GENERIC_SECRET))
+            .err()
+            .unwrap_or(CKR_OK),
+        CKR_KEY_TYPE_INCONSISTENT,
+        "encapsulate to ML-DSA key",
+    )?;
     let mut long = readable_secret(CKK_GENERIC_SECRET);
     long.push((CKA_VALUE_LEN, V::U(33)));
-    want(p.encapsulate(kem_pub, long).err().unwrap_or(CKR_OK), CKR_TEMPLATE_INCONSISTENT, "33-byte secret")?;
-    let (ct, _) = p.encapsulate(kem_pub, readable_secret(CKK_GENERIC_SECRET)).map_err(|rv| anyhow::anyhow!("{rv:#x}"))?;
-    want(p.decapsulate(kem_priv, &ct[1..], readable_secret(CKK_GENERIC_SECRET)).err().unwrap_or(CKR_OK), CKR_WRAPPED_KEY_LEN_RANGE, "short ciphertext")?;
-    want(p.decapsulate(kem_pub, &ct, readable_secret(CKK_GENERIC_SECRET)).err().unwrap_or(CKR_OK), CKR_KEY_TYPE_INCONSISTENT, "decapsulate with public key")?;
+    want(
+        p.encapsulate(kem_pub, long).err().unwrap_or(CKR_OK),
+        CKR_TEMPLATE_INCONSISTENT,
+        "33-byte secret",
+    )?;
+    let (ct, _) = p
+        .encapsulate(kem_pub, readable_secret(CKK_GENERIC_SECRET))
+        .map_err(|rv| anyhow::anyhow!("{rv:#x}"))?;
+    want(
+        p.decapsulate(kem_priv, &ct[1..], readable_secret(CKK_GENERIC_SECRET))
+            .err()
+            .unwrap_or(CKR_OK),
+        CKR_WRAPPED_KEY_LEN_RANGE,
+        "short ciphertext",
+    )?;
+    want(
+        p.decapsulate(kem_pub, &ct, readable_secret(CKK_GENERIC_SECRET))
+            .err()
+            .unwrap_or(CKR_OK),
+        CKR_KEY_TYPE_INCONSISTENT,
+        "decapsulate with public key",
+    )?;
     // A public key without CKA_ENCAPSULATE is refused, and the refusal is audited.
-    let (rv, no_encaps, _) = p.keypair(CKM_ML_KEM_KEY_PAIR_GEN, CKP_ML_KEM_512, vec![(CKA_ENCAPSULATE, V::B(false))]);
+    let (rv, no_encaps, _) = p.keypair(
+        CKM_ML_KEM_KEY_PAIR_GEN,
+        CKP_ML_KEM_512,
+        vec![(CKA_ENCAPSULATE, V::B(false))],
+    );
     ck(rv, "keygen without CKA_ENCAPSULATE")?;
-    want(p.encapsulate(no_encaps, readable_secret(CKK_GENERIC_SECRET)).err().unwrap_or(CKR_OK), CKR_KEY_FUNCTION_NOT_PERMITTED, "CKA_ENCAPSULATE false")?;
-    audited(&dom, "C_EncapsulateKey", CKM_ML_KEM, CKR_KEY_FUNCTION_NOT_PERMITTED)?;
+    want(
+        p.encapsulate(no_encaps, readable_secret(CKK_GENERIC_SECRET))
+            .err()
+            .unwrap_or(CKR_OK),
+        CKR_KEY_FUNCTION_NOT_PERMITTED,
+        "CKA_ENCAPSULATE false",
+    )?;
+    audited(
+        &dom,
+        "C_EncapsulateKey",
+        CKM_ML_KEM,
+        CKR_KEY_FUNCTION_NOT_PERMITTED,
+    )?;
     // An imported private key with a value that is not a key of its set.
     let (rv, _) = p.create(vec![
         (CKA_CLASS, V::U(CKO_PRIVATE_KEY)),
@@ -602,7 +788,8 @@ fn kem_secret_known_outside_cannot_wrap_a_sensitive_key() -> Result<()> {
         return run_in_child("kem_secret_known_outside_cannot_wrap_a_sensitive_key");
     }
     let (dom, p) = start()?;
-    let dk = kem::DecapsulationKey::generate(&kem::ML_KEM_768).map_err(|_| anyhow::anyhow!("dk"))?;
+    let dk =
+        kem::DecapsulationKey::generate(&kem::ML_KEM_768).map_err(|_| anyhow::anyhow!("dk"))?;
     let opk = dk
         .encapsulation_key()
         .and_then(|e| e.key_bytes())
@@ -625,16 +812,22 @@ fn kem_secret_known_outside_cannot_wrap_a_sensitive_key() -> Result<()> {
             (CKA_UNWRAP, V::B(true)),
         ]
     };
-    let (_, kek1) = p.encapsulate(attacker_pub, kek_template()).map_err(|rv| anyhow::anyhow!("encaps {rv:#x}"))?;
+    let (_, kek1) = p
+        .encapsulate(attacker_pub, kek_template())
+        .map_err(|rv| anyhow::anyhow!("encaps {rv:#x}"))?;
     // The other direction: the attacker encapsulates outside to the token's key.
     let (rv, vsm_pub, vsm_priv) = p.keypair(CKM_ML_KEM_KEY_PAIR_GEN, CKP_ML_KEM_768, vec![]);
     ck(rv, "keygen")?;
-    let pk = p.attr(vsm_pub, CKA_VALUE).map_err(|rv| anyhow::anyhow!("{rv:#x}"))?;
+    let pk = p
+        .attr(vsm_pub, CKA_VALUE)
+        .map_err(|rv| anyhow::anyhow!("{rv:#x}"))?;
     let (ct, _) = kem::EncapsulationKey::new(&kem::ML_KEM_768, &pk)
         .map_err(|_| anyhow::anyhow!("ek"))?
         .encapsulate()
         .map_err(|_| anyhow::anyhow!("encapsulate outside"))?;
-    let kek2 = p.decapsulate(vsm_priv, ct.as_ref(), kek_template()).map_err(|rv| anyhow::anyhow!("decaps {rv:#x}"))?;
+    let kek2 = p
+        .decapsulate(vsm_priv, ct.as_ref(), kek_template())
+        .map_err(|rv| anyhow::anyhow!("decaps {rv:#x}"))?;
     // A sensitive, extractable target key generated in the token.
     let mut m = mech(CKM_AES_KEY_GEN);
     let mut t = Tmpl::new(vec![
@@ -647,22 +840,47 @@ fn kem_secret_known_outside_cannot_wrap_a_sensitive_key() -> Result<()> {
     let mut target = 0;
     // SAFETY: valid arguments.
     ck(
-        unsafe { p.l30.C_GenerateKey.unwrap_unchecked()(p.s, &mut m, c.as_mut_ptr(), c.len() as CK_ULONG, &mut target) },
+        unsafe {
+            p.l30.C_GenerateKey.unwrap_unchecked()(
+                p.s,
+                &mut m,
+                c.as_mut_ptr(),
+                c.len() as CK_ULONG,
+                &mut target,
+            )
+        },
         "target key",
     )?;
     for kek in [kek1, kek2] {
         for a in [CKA_LOCAL, CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE] {
-            ensure!(p.attr(kek, a) == Ok(vec![0]), "attribute {a:#x} of a KEM-made key must be false");
+            ensure!(
+                p.attr(kek, a) == Ok(vec![0]),
+                "attribute {a:#x} of a KEM-made key must be false"
+            );
         }
-        for wrap_mech in [caas_domc::wrap::CKM_CAAS_AES_KEY_WRAP_ATTRS, CKM_AES_KEY_WRAP_KWP] {
+        for wrap_mech in [
+            caas_domc::wrap::CKM_CAAS_AES_KEY_WRAP_ATTRS,
+            CKM_AES_KEY_WRAP_KWP,
+        ] {
             let mut wm = mech(wrap_mech);
             let mut len: CK_ULONG = 0;
             // SAFETY: valid arguments; length query.
-            let rv = unsafe { p.l30.C_WrapKey.unwrap_unchecked()(p.s, &mut wm, kek, target, null_mut(), &mut len) };
-            want(rv, CKR_KEY_NOT_WRAPPABLE, "wrap a sensitive key under a KEM-made key")?;
+            let rv = unsafe {
+                p.l30.C_WrapKey.unwrap_unchecked()(p.s, &mut wm, kek, target, null_mut(), &mut len)
+            };
+            want(
+                rv,
+                CKR_KEY_NOT_WRAPPABLE,
+                "wrap a sensitive key under a KEM-made key",
+            )?;
         }
     }
-    audited(&dom, "C_WrapKey", caas_domc::wrap::CKM_CAAS_AES_KEY_WRAP_ATTRS, CKR_KEY_NOT_WRAPPABLE)?;
+    audited(
+        &dom,
+        "C_WrapKey",
+        caas_domc::wrap::CKM_CAAS_AES_KEY_WRAP_ATTRS,
+        CKR_KEY_NOT_WRAPPABLE,
+    )?;
     Ok(())
 }
 
@@ -682,7 +900,11 @@ fn interfaces_3_0_and_3_2_login_user_and_session_cancel() -> Result<()> {
     let versions: Vec<(u8, u8)> = unsafe {
         ck((p.get_interface_list)(null_mut(), &mut n), "count")?;
         let mut v: Vec<CK_INTERFACE> = (0..n)
-            .map(|_| CK_INTERFACE { pInterfaceName: null_mut(), pFunctionList: null_mut(), flags: 0 })
+            .map(|_| CK_INTERFACE {
+                pInterfaceName: null_mut(),
+                pFunctionList: null_mut(),
+                flags: 0,
+            })
             .collect();
         ck((p.get_interface_list)(v.as_mut_ptr(), &mut n), "list")?;
         v.iter()
@@ -694,9 +916,19 @@ fn interfaces_3_0_and_3_2_login_user_and_session_cancel() -> Result<()> {
             })
             .collect()
     };
-    ensure!(versions == [(3, 2), (3, 0), (2, 40)], "interfaces {versions:?}");
-    for (want_v, rv) in [((3, 0), CKR_OK), ((2, 40), CKR_OK), ((3, 1), CKR_ARGUMENTS_BAD)] {
-        let mut ver = CK_VERSION { major: want_v.0, minor: want_v.1 };
+    ensure!(
+        versions == [(3, 2), (3, 0), (2, 40)],
+        "interfaces {versions:?}"
+    );
+    for (want_v, rv) in [
+        ((3, 0), CKR_OK),
+        ((2, 40), CKR_OK),
+        ((3, 1), CKR_ARGUMENTS_BAD),
+    ] {
+        let mut ver = CK_VERSION {
+            major: want_v.0,
+            minor: want_v.1,
+        };
         let mut i: *mut CK_INTERFACE = null_mut();
         // SAFETY: valid arguments.
         let got = unsafe { (p.get_interface)(null_mut(), &mut ver, &mut i, 0) };
@@ -710,12 +942,23 @@ fn interfaces_3_0_and_3_2_login_user_and_session_cancel() -> Result<()> {
     let mut i: *mut CK_INTERFACE = null_mut();
     // SAFETY: valid arguments; the default interface is the newest.
     unsafe {
-        ck((p.get_interface)(null_mut(), null_mut(), &mut i, 0), "default")?;
+        ck(
+            (p.get_interface)(null_mut(), null_mut(), &mut i, 0),
+            "default",
+        )?;
         let v = *((*i).pFunctionList as *const CK_VERSION);
         ensure!((v.major, v.minor) == (3, 2), "default interface");
         let mut other = *b"Vendor\0";
-        want((p.get_interface)(other.as_mut_ptr(), null_mut(), &mut i, 0), CKR_ARGUMENTS_BAD, "unknown name")?;
-        want((p.get_interface)(null_mut(), null_mut(), &mut i, CKF_INTERFACE_FORK_SAFE), CKR_ARGUMENTS_BAD, "fork-safe asked")?;
+        want(
+            (p.get_interface)(other.as_mut_ptr(), null_mut(), &mut i, 0),
+            CKR_ARGUMENTS_BAD,
+            "unknown name",
+        )?;
+        want(
+            (p.get_interface)(null_mut(), null_mut(), &mut i, CKF_INTERFACE_FORK_SAFE),
+            CKR_ARGUMENTS_BAD,
+            "fork-safe asked",
+        )?;
     }
     let l = p.l30;
     // SAFETY: valid arguments throughout.
@@ -725,18 +968,39 @@ fn interfaces_3_0_and_3_2_login_user_and_session_cancel() -> Result<()> {
         let mut pin = USER_PIN.as_bytes().to_vec();
         let mut user = *b"anyone";
         ck(
-            l.C_LoginUser.unwrap_unchecked()(p.s, CKU_USER, pin.as_mut_ptr(), pin.len() as CK_ULONG, user.as_mut_ptr(), user.len() as CK_ULONG),
+            l.C_LoginUser.unwrap_unchecked()(
+                p.s,
+                CKU_USER,
+                pin.as_mut_ptr(),
+                pin.len() as CK_ULONG,
+                user.as_mut_ptr(),
+                user.len() as CK_ULONG,
+            ),
             "C_LoginUser",
         )?;
         let mut bad = b"wrong-pin".to_vec();
         ck(l.C_Logout.unwrap_unchecked()(p.s), "logout")?;
         want(
-            l.C_LoginUser.unwrap_unchecked()(p.s, CKU_USER, bad.as_mut_ptr(), bad.len() as CK_ULONG, user.as_mut_ptr(), user.len() as CK_ULONG),
+            l.C_LoginUser.unwrap_unchecked()(
+                p.s,
+                CKU_USER,
+                bad.as_mut_ptr(),
+                bad.len() as CK_ULONG,
+                user.as_mut_ptr(),
+                user.len() as CK_ULONG,
+            ),
             CKR_PIN_INCORRECT,
             "C_LoginUser wrong PIN",
         )?;
         ck(
-            l.C_LoginUser.unwrap_unchecked()(p.s, CKU_USER, pin.as_mut_ptr(), pin.len() as CK_ULONG, null_mut(), 0),
+            l.C_LoginUser.unwrap_unchecked()(
+                p.s,
+                CKU_USER,
+                pin.as_mut_ptr(),
+                pin.len() as CK_ULONG,
+                null_mut(),
+                0,
+            ),
             "C_LoginUser no name",
         )?;
         // C_SessionCancel of a sign operation, first on the domain path, then on the
@@ -746,9 +1010,19 @@ fn interfaces_3_0_and_3_2_login_user_and_session_cancel() -> Result<()> {
         let msg = *b"m";
         for round in 0..2 {
             let mut m = mech(CKM_ML_DSA);
-            ck(l.C_SignInit.unwrap_unchecked()(p.s, &mut m, k), "C_SignInit")?;
-            want(l.C_SignInit.unwrap_unchecked()(p.s, &mut m, k), CKR_OPERATION_ACTIVE, "second C_SignInit")?;
-            ck(l.C_SessionCancel.unwrap_unchecked()(p.s, CKF_SIGN), "C_SessionCancel")?;
+            ck(
+                l.C_SignInit.unwrap_unchecked()(p.s, &mut m, k),
+                "C_SignInit",
+            )?;
+            want(
+                l.C_SignInit.unwrap_unchecked()(p.s, &mut m, k),
+                CKR_OPERATION_ACTIVE,
+                "second C_SignInit",
+            )?;
+            ck(
+                l.C_SessionCancel.unwrap_unchecked()(p.s, CKF_SIGN),
+                "C_SessionCancel",
+            )?;
             let mut len: CK_ULONG = 0;
             want(
                 l.C_Sign.unwrap_unchecked()(p.s, msg.as_ptr() as *mut u8, 1, null_mut(), &mut len),
@@ -756,20 +1030,39 @@ fn interfaces_3_0_and_3_2_login_user_and_session_cancel() -> Result<()> {
                 &format!("C_Sign after cancel, round {round}"),
             )?;
             // And the session works normally afterwards.
-            p.sign(&mut mech(CKM_ML_DSA), k, &msg).map_err(|rv| anyhow::anyhow!("sign after cancel {rv:#x}"))?;
+            p.sign(&mut mech(CKM_ML_DSA), k, &msg)
+                .map_err(|rv| anyhow::anyhow!("sign after cancel {rv:#x}"))?;
         }
         ck(l.C_SessionCancel.unwrap_unchecked()(p.s, 0), "no flags")?;
         let mut m = mech(CKM_AES_GCM);
-        want(l.C_MessageEncryptInit.unwrap_unchecked()(p.s, &mut m, 0), CKR_FUNCTION_NOT_SUPPORTED, "C_MessageEncryptInit")?;
-        let mut info = CK_MECHANISM_INFO { ulMinKeySize: 0, ulMaxKeySize: 0, flags: 0 };
-        ck(l.C_GetMechanismInfo.unwrap_unchecked()(0, CKM_ML_KEM as CK_ULONG, &mut info), "info")?;
+        want(
+            l.C_MessageEncryptInit.unwrap_unchecked()(p.s, &mut m, 0),
+            CKR_FUNCTION_NOT_SUPPORTED,
+            "C_MessageEncryptInit",
+        )?;
+        let mut info = CK_MECHANISM_INFO {
+            ulMinKeySize: 0,
+            ulMaxKeySize: 0,
+            flags: 0,
+        };
+        ck(
+            l.C_GetMechanismInfo.unwrap_unchecked()(0, CKM_ML_KEM as CK_ULONG, &mut info),
+            "info",
+        )?;
         ensure!(
-            info.flags & (CKF_ENCAPSULATE | CKF_DECAPSULATE) as CK_ULONG == (CKF_ENCAPSULATE | CKF_DECAPSULATE) as CK_ULONG
+            info.flags & (CKF_ENCAPSULATE | CKF_DECAPSULATE) as CK_ULONG
+                == (CKF_ENCAPSULATE | CKF_DECAPSULATE) as CK_ULONG
                 && (info.ulMinKeySize, info.ulMaxKeySize) == (800, 1568),
             "ML-KEM info"
         );
-        ck(l.C_GetMechanismInfo.unwrap_unchecked()(0, CKM_ML_DSA as CK_ULONG, &mut info), "info")?;
-        ensure!(info.flags & CKF_SIGN != 0 && (info.ulMinKeySize, info.ulMaxKeySize) == (1312, 2592), "ML-DSA info");
+        ck(
+            l.C_GetMechanismInfo.unwrap_unchecked()(0, CKM_ML_DSA as CK_ULONG, &mut info),
+            "info",
+        )?;
+        ensure!(
+            info.flags & CKF_SIGN != 0 && (info.ulMinKeySize, info.ulMaxKeySize) == (1312, 2592),
+            "ML-DSA info"
+        );
     }
     Ok(())
 }

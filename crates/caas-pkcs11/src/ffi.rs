@@ -1677,9 +1677,32 @@ type Fp<A> = Option<A>;
 #[allow(non_snake_case)]
 pub struct FunctionList32 {
     base: CK_FUNCTION_LIST_3_0,
-    C_EncapsulateKey: Fp<unsafe extern "C" fn(Sh, CK_MECHANISM_PTR, CK_OBJECT_HANDLE, CK_ATTRIBUTE_PTR, Ul, Bp, Up, *mut CK_OBJECT_HANDLE) -> CK_RV>,
-    C_DecapsulateKey: Fp<unsafe extern "C" fn(Sh, CK_MECHANISM_PTR, CK_OBJECT_HANDLE, CK_ATTRIBUTE_PTR, Ul, Bp, Ul, *mut CK_OBJECT_HANDLE) -> CK_RV>,
-    C_VerifySignatureInit: Fp<unsafe extern "C" fn(Sh, *mut CK_MECHANISM, CK_OBJECT_HANDLE, Bp, Ul) -> CK_RV>,
+    C_EncapsulateKey: Fp<
+        unsafe extern "C" fn(
+            Sh,
+            CK_MECHANISM_PTR,
+            CK_OBJECT_HANDLE,
+            CK_ATTRIBUTE_PTR,
+            Ul,
+            Bp,
+            Up,
+            *mut CK_OBJECT_HANDLE,
+        ) -> CK_RV,
+    >,
+    C_DecapsulateKey: Fp<
+        unsafe extern "C" fn(
+            Sh,
+            CK_MECHANISM_PTR,
+            CK_OBJECT_HANDLE,
+            CK_ATTRIBUTE_PTR,
+            Ul,
+            Bp,
+            Ul,
+            *mut CK_OBJECT_HANDLE,
+        ) -> CK_RV,
+    >,
+    C_VerifySignatureInit:
+        Fp<unsafe extern "C" fn(Sh, *mut CK_MECHANISM, CK_OBJECT_HANDLE, Bp, Ul) -> CK_RV>,
     C_VerifySignature: Fp<unsafe extern "C" fn(Sh, Bp, Ul) -> CK_RV>,
     C_VerifySignatureUpdate: Fp<unsafe extern "C" fn(Sh, Bp, Ul) -> CK_RV>,
     C_VerifySignatureFinal: Fp<unsafe extern "C" fn(Sh) -> CK_RV>,
@@ -1687,8 +1710,32 @@ pub struct FunctionList32 {
     C_AsyncComplete: Fp<unsafe extern "C" fn(Sh, *mut CK_UTF8CHAR, Vp) -> CK_RV>,
     C_AsyncGetID: Fp<unsafe extern "C" fn(Sh, *mut CK_UTF8CHAR, Up) -> CK_RV>,
     C_AsyncJoin: Fp<unsafe extern "C" fn(Sh, *mut CK_UTF8CHAR, Ul, Bp, Ul) -> CK_RV>,
-    C_WrapKeyAuthenticated: Fp<unsafe extern "C" fn(Sh, *mut CK_MECHANISM, CK_OBJECT_HANDLE, CK_OBJECT_HANDLE, Bp, Ul, Bp, Up) -> CK_RV>,
-    C_UnwrapKeyAuthenticated: Fp<unsafe extern "C" fn(Sh, *mut CK_MECHANISM, CK_OBJECT_HANDLE, Bp, Ul, *mut CK_ATTRIBUTE, Ul, Bp, Ul, *mut CK_OBJECT_HANDLE) -> CK_RV>,
+    C_WrapKeyAuthenticated: Fp<
+        unsafe extern "C" fn(
+            Sh,
+            *mut CK_MECHANISM,
+            CK_OBJECT_HANDLE,
+            CK_OBJECT_HANDLE,
+            Bp,
+            Ul,
+            Bp,
+            Up,
+        ) -> CK_RV,
+    >,
+    C_UnwrapKeyAuthenticated: Fp<
+        unsafe extern "C" fn(
+            Sh,
+            *mut CK_MECHANISM,
+            CK_OBJECT_HANDLE,
+            Bp,
+            Ul,
+            *mut CK_ATTRIBUTE,
+            Ul,
+            Bp,
+            Ul,
+            *mut CK_OBJECT_HANDLE,
+        ) -> CK_RV,
+    >,
 }
 
 /// The PKCS#11 3.2 function list.
