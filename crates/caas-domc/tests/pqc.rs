@@ -1066,3 +1066,43 @@ fn interfaces_3_0_and_3_2_login_user_and_session_cancel() -> Result<()> {
     }
     Ok(())
 }
+
+/// ML-DSA-65 signatures per second through the module (one thread, one session, the fused
+/// single-round-trip path) against aws-lc-rs in-process. A timing probe, not a check:
+/// `cargo nextest run -p caas-domc --test pqc --run-ignored only ml_dsa_65_sign_rate --no-capture`.
+#[test]
+#[ignore = "timing probe"]
+fn ml_dsa_65_sign_rate() -> Result<()> {
+    if child_dir().is_none() {
+        // As `run_in_child`, but the child must run this ignored test too.
+        let tmp = tempfile::tempdir()?;
+        let out = std::process::Command::new(std::env::current_exe()?)
+            .args(["ml_dsa_65_sign_rate", "--exact", "--ignored", "--nocapture"])
+            .env("CAAS_TEST_CHILD_DIR", tmp.path())
+            .env("CAAS_PKCS11_SOCKET", tmp.path().join("domc.sock"))
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        println!("{text}");
+        ensure!(out.status.success() && text.contains("1 passed"), "child failed");
+        return Ok(());
+    }
+    let (_dom, p) = start()?;
+    let (rv, _, k) = p.keypair(CKM_ML_DSA_KEY_PAIR_GEN, CKP_ML_DSA_65, vec![]);
+    ck(rv, "keygen")?;
+    let msg = [0x5au8; 32];
+    let n = 500;
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        p.sign(&mut mech(CKM_ML_DSA), k, &msg).map_err(|rv| anyhow::anyhow!("{rv:#x}"))?;
+    }
+    let vsm = f64::from(n) / t.elapsed().as_secs_f64();
+    let kp = signature::PqdsaKeyPair::generate(&signature::ML_DSA_65_SIGNING).map_err(|_| anyhow::anyhow!("gen"))?;
+    let mut sig = vec![0u8; 3309];
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        kp.sign(&msg, &mut sig).map_err(|_| anyhow::anyhow!("sign"))?;
+    }
+    let ceiling = f64::from(n) / t.elapsed().as_secs_f64();
+    println!("ML-DSA-65, 1 thread: VSM {vsm:.0} sig/s, aws-lc-rs in-process {ceiling:.0} sig/s ({:.2}x)", vsm / ceiling);
+    Ok(())
+}
