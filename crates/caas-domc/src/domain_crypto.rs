@@ -732,7 +732,15 @@ impl Domain {
                 let (slot, rw) = self.slot_rw(app, session)?;
                 let k = self.key(app, slot, base_key)?;
                 if mechanism.mechanism != CKM_ECDH1_DERIVE {
-                    return Err(Ckr(CKR_MECHANISM_INVALID));
+                    // Including `CKM_*_ENCRYPT_DATA` (see `ops`: not served, by policy).
+                    return Err(self.refuse(
+                        app,
+                        "C_DeriveKey",
+                        slot,
+                        Some(&k),
+                        Some(mechanism.mechanism),
+                        Ckr(CKR_MECHANISM_INVALID),
+                    ));
                 }
                 ops::check_key(&k, CKA_DERIVE, CKM_ECDH1_DERIVE)?;
                 if k.class() != CKO_PRIVATE_KEY || k.key_type() != Some(CKK_EC) {

@@ -42,9 +42,21 @@
 //! cannot gain them, and a key that has both roles never wraps a sensitive key
 //! (`crate::policy`); ECB/CBC/CTR are not offered for wrapping at all.
 //!
+//! **Key derivation by encrypting data (`CKM_AES_ECB_ENCRYPT_DATA`,
+//! `CKM_AES_CBC_ENCRYPT_DATA`) is not served, by policy** (CKR_MECHANISM_INVALID, audited).
+//! The derived key's value is E_K(data), so it turns `CKA_DERIVE` on a key into an
+//! encryption oracle under that key (Clulow, "On the security of PKCS#11", 2003): derive
+//! with chosen data into an extractable key and read it, or use it as a wrapping key
+//! whose value the caller computes elsewhere with `C_Encrypt`. Serving it safely would
+//! need the derived key forced sensitive, non-extractable, without wrap role and never
+//! `CKA_LOCAL`, and the base key's `CKA_DERIVE` and mechanism list honoured; no workload
+//! of this system needs it, so the domain refuses it outright (test
+//! `encrypt_data_derivation_is_refused_and_audited`). EdDSA with `CK_EDDSA_PARAMS`
+//! (Ed25519ph/Ed25519ctx) and Ed448 are not served because aws-lc-rs 1.19 implements
+//! neither (CKR_MECHANISM_PARAM_INVALID / CKR_CURVE_NOT_SUPPORTED).
+//!
 //! With `--allow-legacy-rsa-1024` the RSA minimum is 1024 (`Domain`'s mechanism info).
-//! Not served (yet): `AES_CBC_ENCRYPT_DATA`, Ed448,
-//! EdDSA with `CK_EDDSA_PARAMS` (ph/context); of PKCS#11 3.2, HashML-DSA
+//! Not served (yet): of PKCS#11 3.2, HashML-DSA
 //! (`CKM_HASH_ML_DSA*`), ML-DSA with a context string or `CKH_DETERMINISTIC_REQUIRED`
 //! (aws-lc-rs 1.19 exposes neither; CKR_MECHANISM_INVALID / CKR_MECHANISM_PARAM_INVALID),
 //! SLH-DSA, `CKA_SEED`, and ML-DSA/ML-KEM private keys in `C_WrapKey` (CKR_KEY_NOT_WRAPPABLE,

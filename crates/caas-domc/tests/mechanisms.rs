@@ -604,3 +604,59 @@ fn mechanism_info_is_truthful() -> Result<()> {
     drop(dom);
     Ok(())
 }
+
+/// Attack (Clulow 2003): a key that may only derive (no `CKA_ENCRYPT`) becomes an
+/// encryption oracle through `CKM_AES_CBC_ENCRYPT_DATA`/`CKM_AES_ECB_ENCRYPT_DATA`: derive
+/// with chosen data into an extractable key and read E_K(data). The domain does not serve
+/// these mechanisms (policy in `caas_domc::ops`): refused with CKR_MECHANISM_INVALID,
+/// audited, and not listed. (ECB_ENCRYPT_DATA takes the same path: every derivation but
+/// ECDH1_DERIVE is refused before its parameter is read.)
+#[test]
+fn encrypt_data_derivation_is_refused_and_audited() -> Result<()> {
+    let Some(dir) = child_dir() else {
+        return run_in_child("encrypt_data_derivation_is_refused_and_audited");
+    };
+    let dom = Dom::start_in(&dir, &[])?;
+    caas_domc::dev::init_token(&dom.socket, 0, "mechs", SO_PIN, USER_PIN)?;
+    let p = context()?;
+    let s = user_session(&p)?;
+    let k = s.generate_key(
+        &Mechanism::AesKeyGen,
+        &[
+            Attribute::ValueLen(32.into()),
+            Attribute::Derive(true),
+            Attribute::Encrypt(false),
+            Attribute::Sensitive(true),
+        ],
+    )?;
+    let data = [0x42u8; 32];
+    let readable = [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(32.into()),
+        Attribute::Sensitive(false),
+        Attribute::Extractable(true),
+    ];
+    let cbc = cryptoki::mechanism::ekdf::AesCbcDeriveParams::new([0u8; 16], &data);
+    expect_rv(
+        s.derive_key(&Mechanism::AesCbcEncryptData(cbc), k, &readable),
+        RvError::MechanismInvalid,
+        "CKM_AES_CBC_ENCRYPT_DATA",
+    )?;
+    audited(
+        &dom,
+        "C_DeriveKey",
+        cryptoki_sys::CKM_AES_CBC_ENCRYPT_DATA,
+        cryptoki_sys::CKR_MECHANISM_INVALID,
+    )?;
+    let slot = p.get_slots_with_token()?[0];
+    let list = p.get_mechanism_list(slot)?;
+    // (`cryptoki` drops types it does not know, such as AES_ECB_ENCRYPT_DATA, from the
+    // list; the domain's table has neither.)
+    ensure!(
+        !list.contains(&MechanismType::AES_CBC_ENCRYPT_DATA),
+        "ENCRYPT_DATA listed"
+    );
+    drop(dom);
+    Ok(())
+}
