@@ -51,6 +51,12 @@ struct List32 {
             *mut CK_OBJECT_HANDLE,
         ) -> CK_RV,
     >,
+    C_VerifySignatureInit: Fp<
+        unsafe extern "C" fn(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE, *mut u8, CK_ULONG) -> CK_RV,
+    >,
+    C_VerifySignature: Fp<unsafe extern "C" fn(CK_SESSION_HANDLE, *mut u8, CK_ULONG) -> CK_RV>,
+    C_VerifySignatureUpdate: Fp<unsafe extern "C" fn(CK_SESSION_HANDLE, *mut u8, CK_ULONG) -> CK_RV>,
+    C_VerifySignatureFinal: Fp<unsafe extern "C" fn(CK_SESSION_HANDLE) -> CK_RV>,
 }
 
 /// CK_SIGN_ADDITIONAL_CONTEXT (`pkcs11t.h` 3.2 l. 2708).
@@ -881,6 +887,53 @@ fn kem_secret_known_outside_cannot_wrap_a_sensitive_key() -> Result<()> {
         caas_domc::wrap::CKM_CAAS_AES_KEY_WRAP_ATTRS,
         CKR_KEY_NOT_WRAPPABLE,
     )?;
+    Ok(())
+}
+
+/// C_VerifySignature* (PKCS#11 3.2), single- and multi-part, with an ML-DSA signature made
+/// in the VSM: the right signature verifies, a changed one does not, and the operation
+/// ends either way.
+#[test]
+fn verify_signature_3_2_single_and_multi_part() -> Result<()> {
+    if child_dir().is_none() {
+        return run_in_child("verify_signature_3_2_single_and_multi_part");
+    }
+    let (_dom, p) = start()?;
+    let (rv, pubk, privk) = p.keypair(CKM_ML_DSA_KEY_PAIR_GEN, CKP_ML_DSA_44, vec![]);
+    ck(rv, "keygen")?;
+    let mut msg = b"verified with the 3.2 signature-first functions".to_vec();
+    let sig = p.sign(&mut mech(CKM_ML_DSA), privk, &msg).map_err(|rv| anyhow::anyhow!("{rv:#x}"))?;
+    let mut bad = sig.clone();
+    bad[7] ^= 1;
+    let (init, single, update, fin) = (
+        p.l.C_VerifySignatureInit.context("init")?,
+        p.l.C_VerifySignature.context("single")?,
+        p.l.C_VerifySignatureUpdate.context("update")?,
+        p.l.C_VerifySignatureFinal.context("final")?,
+    );
+    let n = msg.len() as CK_ULONG;
+    // SAFETY: valid arguments throughout.
+    unsafe {
+        want(single(p.s, msg.as_mut_ptr(), n), CKR_OPERATION_NOT_INITIALIZED, "no init")?;
+        for (s, expect) in [(&sig, CKR_OK), (&bad, CKR_SIGNATURE_INVALID)] {
+            let mut s = s.clone();
+            let mut m = mech(CKM_ML_DSA);
+            ck(init(p.s, &mut m, pubk, s.as_mut_ptr(), s.len() as CK_ULONG), "init")?;
+            want(init(p.s, &mut m, pubk, s.as_mut_ptr(), s.len() as CK_ULONG), CKR_OPERATION_ACTIVE, "init twice")?;
+            want(single(p.s, msg.as_mut_ptr(), n), expect, "C_VerifySignature")?;
+            want(single(p.s, msg.as_mut_ptr(), n), CKR_OPERATION_NOT_INITIALIZED, "ended")?;
+            ck(init(p.s, &mut m, pubk, s.as_mut_ptr(), s.len() as CK_ULONG), "init")?;
+            let (a, b) = msg.split_at_mut(10);
+            ck(update(p.s, a.as_mut_ptr(), a.len() as CK_ULONG), "update")?;
+            ck(update(p.s, b.as_mut_ptr(), b.len() as CK_ULONG), "update")?;
+            want(fin(p.s), expect, "C_VerifySignatureFinal")?;
+            want(fin(p.s), CKR_OPERATION_NOT_INITIALIZED, "ended")?;
+        }
+        // A private key has no CKA_VERIFY.
+        let mut s = sig.clone();
+        let mut m = mech(CKM_ML_DSA);
+        want(init(p.s, &mut m, privk, s.as_mut_ptr(), s.len() as CK_ULONG), CKR_KEY_FUNCTION_NOT_PERMITTED, "private key (no CKA_VERIFY)")?;
+    }
     Ok(())
 }
 

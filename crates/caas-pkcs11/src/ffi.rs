@@ -470,6 +470,7 @@ export! {
         if !reserved.is_null() {
             return Err(CKR_ARGUMENTS_BAD);
         }
+        verify_signatures().clear();
         STATE
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -666,6 +667,7 @@ export! {
         let c = client()?;
         let r = call(&Request::CloseSession { session: u64::from(session) }).map(|_| ());
         c.ops.closed(u64::from(session));
+        verify_signatures().retain(|(s, _)| *s != session);
         r
     }
 }
@@ -676,6 +678,9 @@ export! {
         let c = client()?;
         let r = call(&Request::CloseAllSessions { slot: u64::from(slot) }).map(|_| ());
         c.ops.closed_slot(u64::from(slot));
+        // Stored C_VerifySignatureInit signatures are not indexed by slot: all go (a
+        // session of another slot then answers CKR_OPERATION_NOT_INITIALIZED).
+        verify_signatures().clear();
         r
     }
 }
@@ -1362,6 +1367,9 @@ export! {
         .collect();
         let r = call(&Request::SessionCancel { session: u64::from(session), flags }).map(|_| ());
         c.ops.cancel(u64::from(session), &kinds);
+        if flags & CKF_VERIFY != 0 {
+            verify_signatures().retain(|(s, _)| *s != session);
+        }
         r
     }
 }
@@ -1432,11 +1440,86 @@ export! {
     }
 }
 
+/// Signatures given to C_VerifySignatureInit, per session, until the operation ends.
+static VERIFY_SIGNATURES: std::sync::Mutex<Vec<(CK_SESSION_HANDLE, Vec<u8>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn verify_signatures() -> std::sync::MutexGuard<'static, Vec<(CK_SESSION_HANDLE, Vec<u8>)>> {
+    VERIFY_SIGNATURES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn take_signature(session: CK_SESSION_HANDLE) -> Result<Vec<u8>, Rv> {
+    let mut g = verify_signatures();
+    let i = g
+        .iter()
+        .position(|(s, _)| *s == session)
+        .ok_or(CKR_OPERATION_NOT_INITIALIZED)?;
+    Ok(g.swap_remove(i).1)
+}
+
+export! {
+    /// C_VerifySignatureInit (PKCS#11 3.2): the signature comes first. Implemented on the
+    /// session's verification (the domain runs every C_VerifyInit check), so a session has
+    /// one verification at a time, by C_Verify* or C_VerifySignature*.
+    fn C_VerifySignatureInit(session: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, key: CK_OBJECT_HANDLE, sig: CK_BYTE_PTR, sig_len: CK_ULONG) {
+        // SAFETY: signature buffer of `sig_len` bytes.
+        let sig = unsafe { bytes(sig, sig_len)? }.to_vec();
+        if verify_signatures().iter().any(|(s, _)| *s == session) {
+            return Err(CKR_OPERATION_ACTIVE);
+        }
+        // SAFETY: forwarded caller arguments.
+        let rv = unsafe { C_VerifyInit(session, mech, key) };
+        if rv != CKR_OK {
+            return Err(rv);
+        }
+        verify_signatures().push((session, sig));
+        Ok(())
+    }
+}
+
+export! {
+    /// C_VerifySignature (PKCS#11 3.2): single-part, ends the operation.
+    fn C_VerifySignature(session: CK_SESSION_HANDLE, data: CK_BYTE_PTR, data_len: CK_ULONG) {
+        let mut sig = take_signature(session)?;
+        // SAFETY: the caller's data buffer; `sig` is ours.
+        let rv = unsafe { C_Verify(session, data, data_len, sig.as_mut_ptr(), sig.len() as CK_ULONG) };
+        if rv == CKR_OK { Ok(()) } else { Err(rv) }
+    }
+}
+
+export! {
+    /// C_VerifySignatureUpdate (PKCS#11 3.2).
+    fn C_VerifySignatureUpdate(session: CK_SESSION_HANDLE, data: CK_BYTE_PTR, data_len: CK_ULONG) {
+        if !verify_signatures().iter().any(|(s, _)| *s == session) {
+            return Err(CKR_OPERATION_NOT_INITIALIZED);
+        }
+        // SAFETY: the caller's data buffer.
+        let rv = unsafe { C_VerifyUpdate(session, data, data_len) };
+        if rv != CKR_OK {
+            // A failed update ends the operation, as for C_VerifyUpdate.
+            let _ = take_signature(session);
+            return Err(rv);
+        }
+        Ok(())
+    }
+}
+
+export! {
+    /// C_VerifySignatureFinal (PKCS#11 3.2): checks the signature given at init.
+    fn C_VerifySignatureFinal(session: CK_SESSION_HANDLE) {
+        let mut sig = take_signature(session)?;
+        // SAFETY: `sig` is ours.
+        let rv = unsafe { C_VerifyFinal(session, sig.as_mut_ptr(), sig.len() as CK_ULONG) };
+        if rv == CKR_OK { Ok(()) } else { Err(rv) }
+    }
+}
+
 /// Entries of the 3.0/3.2 function lists this module does not implement: message-based
-/// operations (3.0), C_VerifySignature*, validation flags, async and authenticated wrap
-/// (3.2). Each answers CKR_FUNCTION_NOT_SUPPORTED (CKR_CRYPTOKI_NOT_INITIALIZED before
+/// operations (3.0), validation flags, async and authenticated wrap (3.2). Each answers CKR_FUNCTION_NOT_SUPPORTED (CKR_CRYPTOKI_NOT_INITIALIZED before
 /// C_Initialize), as the specification asks of a listed but unsupported function.
-macro_rules! unsupported {
+macro_rules! unsupported_3x {
     ($($name:ident($($arg:ident: $ty:ty),*);)*) => {
         $(
             /// Not supported: CKR_FUNCTION_NOT_SUPPORTED.
@@ -1462,7 +1545,7 @@ type Up = *mut CK_ULONG;
 type Sh = CK_SESSION_HANDLE;
 type Ul = CK_ULONG;
 
-unsupported! {
+unsupported_3x! {
     C_MessageEncryptInit(s: Sh, m: *mut CK_MECHANISM, k: CK_OBJECT_HANDLE);
     C_EncryptMessage(s: Sh, p: Vp, pl: Ul, a: Bp, al: Ul, d: Bp, dl: Ul, o: Bp, ol: Up);
     C_EncryptMessageBegin(s: Sh, p: Vp, pl: Ul, a: Bp, al: Ul);
@@ -1483,10 +1566,6 @@ unsupported! {
     C_VerifyMessageBegin(s: Sh, p: Vp, pl: Ul);
     C_VerifyMessageNext(s: Sh, p: Vp, pl: Ul, d: Bp, dl: Ul, g: Bp, gl: Ul);
     C_MessageVerifyFinal(s: Sh);
-    C_VerifySignatureInit(s: Sh, m: *mut CK_MECHANISM, k: CK_OBJECT_HANDLE, g: Bp, gl: Ul);
-    C_VerifySignature(s: Sh, d: Bp, dl: Ul);
-    C_VerifySignatureUpdate(s: Sh, d: Bp, dl: Ul);
-    C_VerifySignatureFinal(s: Sh);
     C_GetSessionValidationFlags(s: Sh, t: Ul, f: Up);
     C_AsyncComplete(s: Sh, n: *mut CK_UTF8CHAR, r: Vp);
     C_AsyncGetID(s: Sh, n: *mut CK_UTF8CHAR, id: Up);
