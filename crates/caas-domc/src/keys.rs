@@ -17,6 +17,8 @@ pub enum Curve {
     P256,
     /// NIST P-384.
     P384,
+    /// NIST P-521.
+    P521,
     /// Edwards25519 (EdDSA).
     Ed25519,
 }
@@ -27,6 +29,7 @@ impl Curve {
         match p {
             der::OID_P256 => Ok(Curve::P256),
             der::OID_P384 => Ok(Curve::P384),
+            der::OID_P521 => Ok(Curve::P521),
             der::OID_ED25519 | der::NAME_ED25519 => Ok(Curve::Ed25519),
             _ => Err(Ckr(CKR_CURVE_NOT_SUPPORTED)),
         }
@@ -38,6 +41,7 @@ impl Curve {
         match self {
             Curve::P256 => der::OID_P256,
             Curve::P384 => der::OID_P384,
+            Curve::P521 => der::OID_P521,
             Curve::Ed25519 => der::OID_ED25519,
         }
     }
@@ -48,12 +52,14 @@ impl Curve {
         match self {
             Curve::P256 | Curve::Ed25519 => 32,
             Curve::P384 => 48,
+            Curve::P521 => 66,
         }
     }
 
     fn signing(self) -> &'static signature::EcdsaSigningAlgorithm {
         match self {
             Curve::P384 => &signature::ECDSA_P384_SHA384_FIXED_SIGNING,
+            Curve::P521 => &signature::ECDSA_P521_SHA512_FIXED_SIGNING,
             _ => &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
         }
     }
@@ -61,6 +67,7 @@ impl Curve {
     fn verifying(self) -> &'static signature::EcdsaVerificationAlgorithm {
         match self {
             Curve::P384 => &signature::ECDSA_P384_SHA384_FIXED,
+            Curve::P521 => &signature::ECDSA_P521_SHA512_FIXED,
             _ => &signature::ECDSA_P256_SHA256_FIXED,
         }
     }
@@ -68,6 +75,7 @@ impl Curve {
     fn agreement(self) -> &'static agreement::Algorithm {
         match self {
             Curve::P384 => &agreement::ECDH_P384,
+            Curve::P521 => &agreement::ECDH_P521,
             _ => &agreement::ECDH_P256,
         }
     }
@@ -75,6 +83,7 @@ impl Curve {
     fn digest(self) -> &'static digest::Algorithm {
         match self {
             Curve::P384 => &digest::SHA384,
+            Curve::P521 => &digest::SHA512,
             _ => &digest::SHA256,
         }
     }
@@ -626,7 +635,14 @@ impl KeyMaterial {
 
     /// Normalises a hash to the curve's order length (leftmost bits, as ECDSA does).
     fn ecdsa_digest(curve: Curve, hash: &[u8]) -> Result<digest::Digest, Ckr> {
-        let n = curve.field_len();
+        // P-521 signs over SHA-512 (64 bytes, fewer bits than the order, so no truncation):
+        // a shorter hash is left-padded to the same integer; a longer input would need
+        // truncation to 521 bits, which a 64-byte digest cannot express.
+        let n = match curve {
+            Curve::P521 if hash.len() > 64 => return Err(Ckr(CKR_DATA_LEN_RANGE)),
+            Curve::P521 => 64,
+            _ => curve.field_len(),
+        };
         let mut buf = vec![0u8; n];
         if hash.len() >= n {
             buf.copy_from_slice(&hash[..n]);
@@ -914,7 +930,7 @@ mod tests {
 
     #[test]
     fn ecdsa_and_ecdh() -> Result<(), Ckr> {
-        for curve in [Curve::P256, Curve::P384] {
+        for curve in [Curve::P256, Curve::P384, Curve::P521] {
             let a = generate_ec(curve)?;
             let b = generate_ec(curve)?;
             let pa = KeyMaterial::ec_private(curve, &a.secret)?;

@@ -15,9 +15,9 @@
 //! | RSA_X_509 | 2048–4096 | sign, verify (no raw encryption) |
 //! | SHA{256,384,512}_RSA_PKCS, RSA_PKCS_PSS, SHA{256,384,512}_RSA_PKCS_PSS | 2048–4096 | sign, verify |
 //! | RSA_PKCS_OAEP | 2048–4096 | encrypt, decrypt, wrap, unwrap |
-//! | EC_KEY_PAIR_GEN (P-256, P-384) | 256–384 | generate key pair, EC F_P, named curve, uncompressed |
-//! | ECDSA, ECDSA_SHA{1,224,256,384,512} | 256–384 | sign, verify (+ EC flags) |
-//! | ECDH1_DERIVE | 256–384 | derive (+ EC flags) |
+//! | EC_KEY_PAIR_GEN (P-256, P-384, P-521) | 256–521 | generate key pair, EC F_P, named curve, uncompressed |
+//! | ECDSA, ECDSA_SHA{1,224,256,384,512} (P-521: input up to 64 bytes) | 256–521 | sign, verify (+ EC flags) |
+//! | ECDH1_DERIVE | 256–521 | derive (+ EC flags) |
 //! | EC_EDWARDS_KEY_PAIR_GEN, EDDSA (Ed25519) | 255 | generate key pair / sign, verify |
 //! | AES_KEY_GEN | 16–32 | generate |
 //! | AES_GCM (12-byte IV, 128-bit tag), AES_CBC_PAD | 16–32 | encrypt, decrypt, wrap, unwrap |
@@ -106,49 +106,49 @@ pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
     (
         CKM_EC_KEY_PAIR_GEN,
         256,
-        384,
+        521,
         CKF_GENERATE_KEY_PAIR | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
     ),
     (
         CKM_ECDSA,
         256,
-        384,
+        521,
         CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
     ),
     (
         CKM_ECDSA_SHA1,
         256,
-        384,
+        521,
         CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
     ),
     (
         CKM_ECDSA_SHA224,
         256,
-        384,
+        521,
         CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
     ),
     (
         CKM_ECDSA_SHA256,
         256,
-        384,
+        521,
         CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
     ),
     (
         CKM_ECDSA_SHA384,
         256,
-        384,
+        521,
         CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
     ),
     (
         CKM_ECDSA_SHA512,
         256,
-        384,
+        521,
         CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
     ),
     (
         CKM_ECDH1_DERIVE,
         256,
-        384,
+        521,
         CKF_DERIVE | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
     ),
     (CKM_EC_EDWARDS_KEY_PAIR_GEN, 255, 255, CKF_GENERATE_KEY_PAIR),
