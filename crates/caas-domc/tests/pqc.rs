@@ -52,10 +52,17 @@ struct List32 {
         ) -> CK_RV,
     >,
     C_VerifySignatureInit: Fp<
-        unsafe extern "C" fn(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE, *mut u8, CK_ULONG) -> CK_RV,
+        unsafe extern "C" fn(
+            CK_SESSION_HANDLE,
+            *mut CK_MECHANISM,
+            CK_OBJECT_HANDLE,
+            *mut u8,
+            CK_ULONG,
+        ) -> CK_RV,
     >,
     C_VerifySignature: Fp<unsafe extern "C" fn(CK_SESSION_HANDLE, *mut u8, CK_ULONG) -> CK_RV>,
-    C_VerifySignatureUpdate: Fp<unsafe extern "C" fn(CK_SESSION_HANDLE, *mut u8, CK_ULONG) -> CK_RV>,
+    C_VerifySignatureUpdate:
+        Fp<unsafe extern "C" fn(CK_SESSION_HANDLE, *mut u8, CK_ULONG) -> CK_RV>,
     C_VerifySignatureFinal: Fp<unsafe extern "C" fn(CK_SESSION_HANDLE) -> CK_RV>,
 }
 
@@ -902,7 +909,9 @@ fn verify_signature_3_2_single_and_multi_part() -> Result<()> {
     let (rv, pubk, privk) = p.keypair(CKM_ML_DSA_KEY_PAIR_GEN, CKP_ML_DSA_44, vec![]);
     ck(rv, "keygen")?;
     let mut msg = b"verified with the 3.2 signature-first functions".to_vec();
-    let sig = p.sign(&mut mech(CKM_ML_DSA), privk, &msg).map_err(|rv| anyhow::anyhow!("{rv:#x}"))?;
+    let sig = p
+        .sign(&mut mech(CKM_ML_DSA), privk, &msg)
+        .map_err(|rv| anyhow::anyhow!("{rv:#x}"))?;
     let mut bad = sig.clone();
     bad[7] ^= 1;
     let (init, single, update, fin) = (
@@ -914,15 +923,37 @@ fn verify_signature_3_2_single_and_multi_part() -> Result<()> {
     let n = msg.len() as CK_ULONG;
     // SAFETY: valid arguments throughout.
     unsafe {
-        want(single(p.s, msg.as_mut_ptr(), n), CKR_OPERATION_NOT_INITIALIZED, "no init")?;
+        want(
+            single(p.s, msg.as_mut_ptr(), n),
+            CKR_OPERATION_NOT_INITIALIZED,
+            "no init",
+        )?;
         for (s, expect) in [(&sig, CKR_OK), (&bad, CKR_SIGNATURE_INVALID)] {
             let mut s = s.clone();
             let mut m = mech(CKM_ML_DSA);
-            ck(init(p.s, &mut m, pubk, s.as_mut_ptr(), s.len() as CK_ULONG), "init")?;
-            want(init(p.s, &mut m, pubk, s.as_mut_ptr(), s.len() as CK_ULONG), CKR_OPERATION_ACTIVE, "init twice")?;
-            want(single(p.s, msg.as_mut_ptr(), n), expect, "C_VerifySignature")?;
-            want(single(p.s, msg.as_mut_ptr(), n), CKR_OPERATION_NOT_INITIALIZED, "ended")?;
-            ck(init(p.s, &mut m, pubk, s.as_mut_ptr(), s.len() as CK_ULONG), "init")?;
+            ck(
+                init(p.s, &mut m, pubk, s.as_mut_ptr(), s.len() as CK_ULONG),
+                "init",
+            )?;
+            want(
+                init(p.s, &mut m, pubk, s.as_mut_ptr(), s.len() as CK_ULONG),
+                CKR_OPERATION_ACTIVE,
+                "init twice",
+            )?;
+            want(
+                single(p.s, msg.as_mut_ptr(), n),
+                expect,
+                "C_VerifySignature",
+            )?;
+            want(
+                single(p.s, msg.as_mut_ptr(), n),
+                CKR_OPERATION_NOT_INITIALIZED,
+                "ended",
+            )?;
+            ck(
+                init(p.s, &mut m, pubk, s.as_mut_ptr(), s.len() as CK_ULONG),
+                "init",
+            )?;
             let (a, b) = msg.split_at_mut(10);
             ck(update(p.s, a.as_mut_ptr(), a.len() as CK_ULONG), "update")?;
             ck(update(p.s, b.as_mut_ptr(), b.len() as CK_ULONG), "update")?;
@@ -932,7 +963,11 @@ fn verify_signature_3_2_single_and_multi_part() -> Result<()> {
         // A private key has no CKA_VERIFY.
         let mut s = sig.clone();
         let mut m = mech(CKM_ML_DSA);
-        want(init(p.s, &mut m, privk, s.as_mut_ptr(), s.len() as CK_ULONG), CKR_KEY_FUNCTION_NOT_PERMITTED, "private key (no CKA_VERIFY)")?;
+        want(
+            init(p.s, &mut m, privk, s.as_mut_ptr(), s.len() as CK_ULONG),
+            CKR_KEY_FUNCTION_NOT_PERMITTED,
+            "private key (no CKA_VERIFY)",
+        )?;
     }
     Ok(())
 }
@@ -1136,7 +1171,10 @@ fn ml_dsa_65_sign_rate() -> Result<()> {
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         println!("{text}");
-        ensure!(out.status.success() && text.contains("1 passed"), "child failed");
+        ensure!(
+            out.status.success() && text.contains("1 passed"),
+            "child failed"
+        );
         return Ok(());
     }
     let (_dom, p) = start()?;
@@ -1146,16 +1184,22 @@ fn ml_dsa_65_sign_rate() -> Result<()> {
     let n = 500;
     let t = std::time::Instant::now();
     for _ in 0..n {
-        p.sign(&mut mech(CKM_ML_DSA), k, &msg).map_err(|rv| anyhow::anyhow!("{rv:#x}"))?;
+        p.sign(&mut mech(CKM_ML_DSA), k, &msg)
+            .map_err(|rv| anyhow::anyhow!("{rv:#x}"))?;
     }
     let vsm = f64::from(n) / t.elapsed().as_secs_f64();
-    let kp = signature::PqdsaKeyPair::generate(&signature::ML_DSA_65_SIGNING).map_err(|_| anyhow::anyhow!("gen"))?;
+    let kp = signature::PqdsaKeyPair::generate(&signature::ML_DSA_65_SIGNING)
+        .map_err(|_| anyhow::anyhow!("gen"))?;
     let mut sig = vec![0u8; 3309];
     let t = std::time::Instant::now();
     for _ in 0..n {
-        kp.sign(&msg, &mut sig).map_err(|_| anyhow::anyhow!("sign"))?;
+        kp.sign(&msg, &mut sig)
+            .map_err(|_| anyhow::anyhow!("sign"))?;
     }
     let ceiling = f64::from(n) / t.elapsed().as_secs_f64();
-    println!("ML-DSA-65, 1 thread: VSM {vsm:.0} sig/s, aws-lc-rs in-process {ceiling:.0} sig/s ({:.2}x)", vsm / ceiling);
+    println!(
+        "ML-DSA-65, 1 thread: VSM {vsm:.0} sig/s, aws-lc-rs in-process {ceiling:.0} sig/s ({:.2}x)",
+        vsm / ceiling
+    );
     Ok(())
 }
