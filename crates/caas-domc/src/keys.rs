@@ -947,6 +947,44 @@ mod tests {
         Ok(())
     }
 
+    /// P-521 signatures (r || s over SHA-512, and over a shorter hash left-padded) verify
+    /// with OpenSSL, an implementation independent of aws-lc.
+    #[test]
+    fn p521_ecdsa_verifies_with_openssl() -> Result<(), Ckr> {
+        use openssl::{bn::BigNum, ec, ecdsa::EcdsaSig, nid::Nid};
+        let fail = |_| Ckr(CKR_FUNCTION_FAILED);
+        let g = generate_ec(Curve::P521)?;
+        assert_eq!(g.secret.len(), 66);
+        let k = KeyMaterial::ec_private(Curve::P521, &g.secret)?;
+        let point = der::octet_string(&g.public_attrs[1].1).ok_or(Ckr(CKR_FUNCTION_FAILED))?;
+        let group = ec::EcGroup::from_curve_name(Nid::SECP521R1).map_err(fail)?;
+        let mut ctx = openssl::bn::BigNumContext::new().map_err(fail)?;
+        let pt = ec::EcPoint::from_bytes(&group, point, &mut ctx).map_err(fail)?;
+        let key = ec::EcKey::from_public_key(&group, &pt).map_err(fail)?;
+        for h in [
+            digest::digest(&digest::SHA512, b"m").as_ref().to_vec(),
+            digest::digest(&digest::SHA256, b"m").as_ref().to_vec(),
+        ] {
+            let sig = k.ecdsa_sign_digest(&h)?;
+            assert_eq!(sig.len(), 132);
+            let (r, s) = sig.split_at(66);
+            let es = EcdsaSig::from_private_components(
+                BigNum::from_slice(r).map_err(fail)?,
+                BigNum::from_slice(s).map_err(fail)?,
+            )
+            .map_err(fail)?;
+            assert!(
+                es.verify(&h, &key).map_err(fail)?,
+                "OpenSSL rejects a P-521 signature"
+            );
+        }
+        assert_eq!(
+            k.ecdsa_sign_digest(&[1u8; 66]),
+            Err(Ckr(CKR_DATA_LEN_RANGE))
+        );
+        Ok(())
+    }
+
     #[test]
     fn ed25519_rfc8032_test1() -> Result<(), Ckr> {
         // RFC 8032 §7.1 TEST 1.
