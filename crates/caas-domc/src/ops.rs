@@ -20,7 +20,7 @@
 //! | ECDH1_DERIVE | 256–521 | derive (+ EC flags) |
 //! | EC_EDWARDS_KEY_PAIR_GEN, EDDSA (Ed25519) | 255 | generate key pair / sign, verify |
 //! | AES_KEY_GEN | 16–32 | generate |
-//! | AES_GCM (12-byte IV, 128-bit tag), AES_CBC_PAD | 16–32 | encrypt, decrypt, wrap, unwrap |
+//! | AES_GCM (IV 1–256 bytes, tag 96–128 bits: 12-byte IV with a full tag through aws-lc-rs, the rest through OpenSSL), AES_CBC_PAD | 16–32 | encrypt, decrypt, wrap, unwrap |
 //! | AES_CTR (`CK_AES_CTR_PARAMS`, counter 1–128 bits; data that would wrap the counter is CKR_DATA_LEN_RANGE) | 16–32 | encrypt, decrypt |
 //! | AES_ECB, AES_CBC (no padding: data a multiple of 16 bytes, else CKR_DATA_LEN_RANGE / CKR_ENCRYPTED_DATA_LEN_RANGE) | 16–32 | encrypt, decrypt (not wrap: SoftHSM2 offers it, the wrap policy here does not) |
 //! | AES_CMAC, AES_CMAC_GENERAL (tag 1–16 bytes) | 16–32 | sign, verify |
@@ -636,6 +636,13 @@ enum CipherKind {
         nonce: [u8; 12],
         aad: Vec<u8>,
     },
+    /// AES-GCM with an IV other than 12 bytes or a tag shorter than 16 (OpenSSL).
+    GcmOther {
+        key: Zeroizing<Vec<u8>>,
+        iv: Vec<u8>,
+        aad: Vec<u8>,
+        tag_len: usize,
+    },
     CbcPad {
         key: Zeroizing<Vec<u8>>,
         iv: [u8; 16],
@@ -709,26 +716,42 @@ impl CipherOp {
                 let MechParam::Gcm { iv, aad, tag_bits } = param else {
                     return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
                 };
-                let nonce: [u8; 12] =
-                    iv.0.as_slice()
-                        .try_into()
-                        .map_err(|_| Ckr(CKR_MECHANISM_PARAM_INVALID))?;
-                if *tag_bits != 128 {
+                // SP 800-38D: tags of 96 to 128 bits (the general-purpose lengths; 32 and
+                // 64 need the data and use limits of its Appendix C, not enforced here),
+                // IVs of 1 to 256 bytes (other than 12 they are GHASHed into J0).
+                if !matches!(*tag_bits, 96 | 104 | 112 | 120 | 128)
+                    || !(1..=256).contains(&iv.0.len())
+                {
                     return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
                 }
                 let m = key.material()?;
-                let alg = match m.secret()?.len() {
-                    16 => &aead::AES_128_GCM,
-                    24 => &aead::AES_192_GCM,
-                    32 => &aead::AES_256_GCM,
-                    _ => return Err(Ckr(CKR_KEY_SIZE_RANGE)),
-                };
-                let k =
-                    aead::UnboundKey::new(alg, m.secret()?).map_err(|_| Ckr(CKR_KEY_SIZE_RANGE))?;
-                CipherKind::Gcm {
-                    key: aead::LessSafeKey::new(k),
-                    nonce,
-                    aad: aad.0.clone(),
+                if iv.0.len() != 12 || *tag_bits != 128 {
+                    // aws-lc-rs serves 96-bit IVs and full tags only: OpenSSL does the rest.
+                    aes_alg(m.secret()?.len())?;
+                    CipherKind::GcmOther {
+                        key: Zeroizing::new(m.secret()?.to_vec()),
+                        iv: iv.0.clone(),
+                        aad: aad.0.clone(),
+                        tag_len: (*tag_bits / 8) as usize,
+                    }
+                } else {
+                    let nonce: [u8; 12] =
+                        iv.0.as_slice()
+                            .try_into()
+                            .map_err(|_| Ckr(CKR_MECHANISM_PARAM_INVALID))?;
+                    let alg = match m.secret()?.len() {
+                        16 => &aead::AES_128_GCM,
+                        24 => &aead::AES_192_GCM,
+                        32 => &aead::AES_256_GCM,
+                        _ => return Err(Ckr(CKR_KEY_SIZE_RANGE)),
+                    };
+                    let k = aead::UnboundKey::new(alg, m.secret()?)
+                        .map_err(|_| Ckr(CKR_KEY_SIZE_RANGE))?;
+                    CipherKind::Gcm {
+                        key: aead::LessSafeKey::new(k),
+                        nonce,
+                        aad: aad.0.clone(),
+                    }
                 }
             }
             CKM_AES_CBC_PAD => {
@@ -835,6 +858,8 @@ impl CipherOp {
         match (&self.kind, self.encrypt) {
             (CipherKind::Gcm { .. }, true) => total + 16,
             (CipherKind::Gcm { .. }, false) => total.saturating_sub(16),
+            (CipherKind::GcmOther { tag_len, .. }, true) => total + tag_len,
+            (CipherKind::GcmOther { tag_len, .. }, false) => total.saturating_sub(*tag_len),
             (CipherKind::CbcPad { .. }, true) => (total / 16 + 1) * 16,
             (CipherKind::CbcPad { .. } | CipherKind::Block { .. }, false)
             | (CipherKind::Block { .. } | CipherKind::Ctr { .. }, true)
@@ -886,6 +911,38 @@ impl CipherOp {
                     .len();
                 out.truncate(n);
                 Ok(out)
+            }
+            (
+                CipherKind::GcmOther {
+                    key,
+                    iv,
+                    aad,
+                    tag_len,
+                },
+                encrypt,
+            ) => {
+                let cipher = match key.len() {
+                    16 => openssl::symm::Cipher::aes_128_gcm(),
+                    24 => openssl::symm::Cipher::aes_192_gcm(),
+                    32 => openssl::symm::Cipher::aes_256_gcm(),
+                    _ => return Err(Ckr(CKR_KEY_SIZE_RANGE)),
+                };
+                if encrypt {
+                    let mut tag = vec![0u8; *tag_len];
+                    let mut out =
+                        openssl::symm::encrypt_aead(cipher, key, Some(iv), aad, &input, &mut tag)
+                            .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+                    out.extend_from_slice(&tag);
+                    Ok(Zeroizing::new(out))
+                } else {
+                    if input.len() < *tag_len {
+                        return Err(Ckr(CKR_ENCRYPTED_DATA_LEN_RANGE));
+                    }
+                    let (ct, tag) = input.split_at(input.len() - tag_len);
+                    openssl::symm::decrypt_aead(cipher, key, Some(iv), aad, ct, tag)
+                        .map(Zeroizing::new)
+                        .map_err(|_| Ckr(CKR_ENCRYPTED_DATA_INVALID))
+                }
             }
             (CipherKind::CbcPad { key, iv }, true) => {
                 let k = UnboundCipherKey::new(aes_alg(key.len())?, key)

@@ -660,3 +660,75 @@ fn encrypt_data_derivation_is_refused_and_audited() -> Result<()> {
     drop(dom);
     Ok(())
 }
+
+/// AES-GCM with a 60-byte IV and with truncated tags: the known answer of Test Case 6 of
+/// the GCM specification (McGrew and Viega; 60-byte IV, AES-128), the 96-bit tag being its
+/// prefix; a changed tag is CKR_ENCRYPTED_DATA_INVALID, and tags below 96 bits (whose use
+/// limits SP 800-38D Appendix C the token cannot enforce) CKR_MECHANISM_PARAM_INVALID.
+#[test]
+fn aes_gcm_long_iv_and_short_tag_known_answers() -> Result<()> {
+    let Some(dir) = child_dir() else {
+        return run_in_child("aes_gcm_long_iv_and_short_tag_known_answers");
+    };
+    let dom = Dom::start_in(&dir, &[])?;
+    caas_domc::dev::init_token(&dom.socket, 0, "mechs", SO_PIN, USER_PIN)?;
+    let p = context()?;
+    let s = user_session(&p)?;
+    let k = aes_import(&s, &h("feffe9928665731c6d6a8f9467308308")?, &[])?;
+    let pt = h(
+        "d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a721c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39",
+    )?;
+    let aad = h("feedfacedeadbeeffeedfacedeadbeefabaddad2")?;
+    let iv = h(
+        "9313225df88406e555909c5aff5269aa6a7a9538534f7da1e4c303d2a318a728c3c0c95156809539fcf0e2429a6b525416aedbf5a0de6a57a637b39b",
+    )?;
+    let ct = h(
+        "8ce24998625615b603a033aca13fb894be9112a5c3a211a8ba262a3cca7e2ca701e4a9a4fba43c90ccdcb281d48c7c6fd62875d2aca417034c34aee5",
+    )?;
+    let tag = h("619cc5aefffe0bfa462af43c1699d050")?;
+    for tag_bits in [128u64, 96] {
+        let tag = &tag[..(tag_bits / 8) as usize];
+        let mut iv1 = iv.clone();
+        let out = s.encrypt(
+            &Mechanism::AesGcm(GcmParams::new(&mut iv1, &aad, tag_bits.into())?),
+            k,
+            &pt,
+        )?;
+        ensure!(
+            out == [&ct[..], tag].concat(),
+            "GCM TC6, {tag_bits}-bit tag"
+        );
+        let mut iv2 = iv.clone();
+        let back = s.decrypt(
+            &Mechanism::AesGcm(GcmParams::new(&mut iv2, &aad, tag_bits.into())?),
+            k,
+            &out,
+        )?;
+        ensure!(back == pt, "GCM TC6 decrypt, {tag_bits}-bit tag");
+        let mut bad = out.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let mut iv3 = iv.clone();
+        expect_rv(
+            s.decrypt(
+                &Mechanism::AesGcm(GcmParams::new(&mut iv3, &aad, tag_bits.into())?),
+                k,
+                &bad,
+            ),
+            RvError::EncryptedDataInvalid,
+            "changed tag",
+        )?;
+    }
+    let mut iv4 = iv.clone();
+    expect_rv(
+        s.encrypt(
+            &Mechanism::AesGcm(GcmParams::new(&mut iv4, &aad, 64.into())?),
+            k,
+            &pt,
+        ),
+        RvError::MechanismParamInvalid,
+        "64-bit tag",
+    )?;
+    drop(dom);
+    Ok(())
+}
