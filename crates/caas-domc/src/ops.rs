@@ -13,7 +13,7 @@
 //! | RSA_PKCS_KEY_PAIR_GEN | 2048–4096 | generate key pair |
 //! | RSA_PKCS | 2048–4096 | sign, verify, encrypt, decrypt, wrap, unwrap |
 //! | RSA_X_509 | 2048–4096 | sign, verify (no raw encryption) |
-//! | SHA{256,384,512}_RSA_PKCS, RSA_PKCS_PSS, SHA{256,384,512}_RSA_PKCS_PSS | 2048–4096 | sign, verify |
+//! | SHA{1,224,256,384,512}_RSA_PKCS, RSA_PKCS_PSS, SHA{256,384,512}_RSA_PKCS_PSS (SHA1/SHA224 PSS not served) | 2048–4096 | sign, verify |
 //! | RSA_PKCS_OAEP | 2048–4096 | encrypt, decrypt, wrap, unwrap |
 //! | EC_KEY_PAIR_GEN (P-256, P-384, P-521) | 256–521 | generate key pair, EC F_P, named curve, uncompressed |
 //! | ECDSA, ECDSA_SHA{1,224,256,384,512} (P-521: input up to 64 bytes) | 256–521 | sign, verify (+ EC flags) |
@@ -90,6 +90,10 @@ pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
     ),
     // Raw RSA (the caller pads); no encrypt/decrypt (unpadded RSA encryption is unsafe).
     (CKM_RSA_X_509, 2048, 4096, CKF_SIGN | CKF_VERIFY),
+    // SHA-1/SHA-224 PKCS#1 v1.5 (legacy, as SoftHSM2): the DigestInfo signed through the
+    // raw path (OpenSSL, blinded). Their PSS forms are not served (aws-lc-rs PSS: SHA-2 ≥ 256).
+    (CKM_SHA1_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA224_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA256_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA384_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA512_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
@@ -271,7 +275,11 @@ enum SignKind {
     RsaPkcsRaw,
     RsaX509,
     RsaPssRaw(usize),
-    RsaHash { pss: bool },
+    RsaHash {
+        pss: bool,
+    },
+    /// PKCS#1 v1.5 over SHA-1 or SHA-224: the DigestInfo (its prefix here) signed raw.
+    RsaHashLegacy(&'static [u8]),
     EcdsaRaw,
     EcdsaHash,
     Eddsa,
@@ -301,6 +309,16 @@ impl std::fmt::Debug for SignOp {
     }
 }
 
+/// DigestInfo prefix of SHA-1 (RFC 8017 §9.2 note 1).
+const DIGEST_INFO_SHA1: &[u8] = &[
+    0x30, 0x21, 0x30, 0x09, 0x06, 0x05, 0x2b, 0x0e, 0x03, 0x02, 0x1a, 0x05, 0x00, 0x04, 0x14,
+];
+/// DigestInfo prefix of SHA-224 (RFC 8017 §9.2 note 1).
+const DIGEST_INFO_SHA224: &[u8] = &[
+    0x30, 0x2d, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x04, 0x05,
+    0x00, 0x04, 0x1c,
+];
+
 fn hash_for(mech: u64) -> Option<&'static digest::Algorithm> {
     Some(match mech {
         CKM_SHA256_RSA_PKCS | CKM_SHA256_RSA_PKCS_PSS | CKM_ECDSA_SHA256 | CKM_SHA256_HMAC => {
@@ -312,8 +330,8 @@ fn hash_for(mech: u64) -> Option<&'static digest::Algorithm> {
         CKM_SHA512_RSA_PKCS | CKM_SHA512_RSA_PKCS_PSS | CKM_ECDSA_SHA512 | CKM_SHA512_HMAC => {
             &digest::SHA512
         }
-        CKM_ECDSA_SHA224 | CKM_SHA224_HMAC => &digest::SHA224,
-        CKM_ECDSA_SHA1 | CKM_SHA_1_HMAC => &digest::SHA1_FOR_LEGACY_USE_ONLY,
+        CKM_ECDSA_SHA224 | CKM_SHA224_HMAC | CKM_SHA224_RSA_PKCS => &digest::SHA224,
+        CKM_ECDSA_SHA1 | CKM_SHA_1_HMAC | CKM_SHA1_RSA_PKCS => &digest::SHA1_FOR_LEGACY_USE_ONLY,
         _ => return None,
     })
 }
@@ -448,6 +466,8 @@ impl SignOp {
             CKM_SHA256_RSA_PKCS | CKM_SHA384_RSA_PKCS | CKM_SHA512_RSA_PKCS => {
                 Some(SignKind::RsaHash { pss: false })
             }
+            CKM_SHA1_RSA_PKCS => Some(SignKind::RsaHashLegacy(DIGEST_INFO_SHA1)),
+            CKM_SHA224_RSA_PKCS => Some(SignKind::RsaHashLegacy(DIGEST_INFO_SHA224)),
             CKM_SHA256_RSA_PKCS_PSS | CKM_SHA384_RSA_PKCS_PSS | CKM_SHA512_RSA_PKCS_PSS => {
                 pss_check(param, hash)?;
                 Some(SignKind::RsaHash { pss: true })
@@ -481,7 +501,8 @@ impl SignOp {
                 SignKind::RsaPkcsRaw
                 | SignKind::RsaX509
                 | SignKind::RsaPssRaw(_)
-                | SignKind::RsaHash { .. } => &[CKK_RSA],
+                | SignKind::RsaHash { .. }
+                | SignKind::RsaHashLegacy(_) => &[CKK_RSA],
                 SignKind::EcdsaRaw | SignKind::EcdsaHash => &[CKK_EC],
                 SignKind::Eddsa => &[CKK_EC_EDWARDS],
                 SignKind::MlDsa => &[CKK_ML_DSA],
@@ -509,6 +530,7 @@ impl SignOp {
                         | SignKind::RsaX509
                         | SignKind::RsaPssRaw(_)
                         | SignKind::RsaHash { .. }
+                        | SignKind::RsaHashLegacy(_)
                 )
             );
             if !ok {
@@ -575,6 +597,7 @@ impl SignOp {
                 self.key.rsa_sign_digest(true, &input)
             }
             SignKind::RsaHash { pss } => self.key.rsa_sign_digest(pss, &input),
+            SignKind::RsaHashLegacy(prefix) => self.key.rsa_sign_raw(&[prefix, &input].concat()),
             SignKind::EcdsaRaw | SignKind::EcdsaHash => self.key.ecdsa_sign_digest(&input),
             SignKind::Eddsa => self.key.eddsa_sign(&input),
             SignKind::MlDsa => self.key.ml_dsa_sign(&input),
@@ -623,6 +646,9 @@ impl SignOp {
                 self.key.rsa_verify_digest(true, &input, sig)
             }
             SignKind::RsaHash { pss } => self.key.rsa_verify_digest(pss, &input, sig),
+            SignKind::RsaHashLegacy(prefix) => {
+                self.key.rsa_verify_raw(&[prefix, &input].concat(), sig)
+            }
             SignKind::EcdsaRaw | SignKind::EcdsaHash => self.key.ecdsa_verify_digest(&input, sig),
             SignKind::Eddsa => self.key.eddsa_verify(&input, sig),
             SignKind::MlDsa => self.key.ml_dsa_verify(&input, sig),

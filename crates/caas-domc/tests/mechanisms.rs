@@ -732,3 +732,63 @@ fn aes_gcm_long_iv_and_short_tag_known_answers() -> Result<()> {
     drop(dom);
     Ok(())
 }
+
+/// CKM_SHA1_RSA_PKCS and CKM_SHA224_RSA_PKCS (legacy, as SoftHSM2): signatures made in the
+/// VSM verify with OpenSSL outside, single- and multi-part, and C_Verify rejects another
+/// message.
+#[test]
+fn sha1_and_sha224_rsa_pkcs_verify_with_openssl() -> Result<()> {
+    let Some(dir) = child_dir() else {
+        return run_in_child("sha1_and_sha224_rsa_pkcs_verify_with_openssl");
+    };
+    let dom = Dom::start_in(&dir, &[])?;
+    caas_domc::dev::init_token(&dom.socket, 0, "mechs", SO_PIN, USER_PIN)?;
+    let p = context()?;
+    let s = user_session(&p)?;
+    let (public, private) = s.generate_key_pair(
+        &Mechanism::RsaPkcsKeyPairGen,
+        &[Attribute::ModulusBits(2048.into()), Attribute::Verify(true)],
+        &[Attribute::Sign(true)],
+    )?;
+    let (n, e) = match &s.get_attributes(
+        public,
+        &[AttributeType::Modulus, AttributeType::PublicExponent],
+    )?[..]
+    {
+        [Attribute::Modulus(n), Attribute::PublicExponent(e)] => (n.clone(), e.clone()),
+        other => anyhow::bail!("public key attributes: {other:?}"),
+    };
+    let rsa = openssl::rsa::Rsa::from_public_components(
+        openssl::bn::BigNum::from_slice(&n)?,
+        openssl::bn::BigNum::from_slice(&e)?,
+    )?;
+    let pkey = openssl::pkey::PKey::from_rsa(rsa)?;
+    let msg = b"legacy PKCS#1 v1.5 signature";
+    for (mech, md) in [
+        (Mechanism::Sha1RsaPkcs, openssl::hash::MessageDigest::sha1()),
+        (
+            Mechanism::Sha224RsaPkcs,
+            openssl::hash::MessageDigest::sha224(),
+        ),
+    ] {
+        let sig = s.sign(&mech, private, msg)?;
+        let mut v = openssl::sign::Verifier::new(md, &pkey)?;
+        v.update(msg)?;
+        ensure!(v.verify(&sig)?, "OpenSSL rejects {mech:?}");
+        s.sign_init(&mech, private)?;
+        s.sign_update(&msg[..5])?;
+        s.sign_update(&msg[5..])?;
+        ensure!(
+            s.sign_final()? == sig,
+            "multi-part {mech:?} (PKCS#1 v1.5 is deterministic)"
+        );
+        s.verify(&mech, public, msg, &sig)?;
+        expect_rv(
+            s.verify(&mech, public, b"other", &sig),
+            RvError::SignatureInvalid,
+            "other message",
+        )?;
+    }
+    drop(dom);
+    Ok(())
+}
