@@ -1,7 +1,7 @@
 #!/bin/bash -e
 # Token init script for the pkcs11-provider test suite (latchset/pkcs11-provider,
 # tests/setup.sh sources one per token type): a caas crypto domain serving one token,
-# reached through libcaas_pkcs11.so. run.sh copies this file next to softhsm-init.sh.
+# reached through libcaas_pkcs11.so (README.md beside this file: results).
 # Needs CAAS_P11LIB (libcaas_pkcs11.so) and CAAS_DOMC_BIN (the caas-domc binary).
 
 title SECTION "Starting a caas crypto domain"
