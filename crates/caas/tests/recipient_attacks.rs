@@ -439,10 +439,9 @@ fn replayed_tampered_and_unenrolled_documents_are_refused() {
 
     let mut d = fresh();
     let mut log = unb64(d["evidence"]["event_log"].as_str().unwrap());
-    let last = log.len() - 1;
-    log[last] ^= 0x55;
+    log.truncate(log.len() - 3);
     d["evidence"]["event_log"] = json!(b64(&log));
-    assert_refused(&send(&d), "ValidationException", "attestation_failed", "tampered event log");
+    assert_refused(&send(&d), "ValidationException", "attestation_failed", "truncated event log");
 
     // Relabelled: host-2's genuine document presented as host-1's.
     let mut d: Value = serde_json::from_slice(&std::fs::read(c.document("host-2")).unwrap()).unwrap();

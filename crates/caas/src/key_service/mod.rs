@@ -3,7 +3,7 @@
 //! ([`tl`], `caas-tl`), all on one store adapter (`caas-store`, one audit chain), served by
 //! the one [`serve()`] that `caas key-service serve` and `caas dev` both use, with every
 //! route authenticated by [`auth`] (the route table says who may call what), and the
-verifier of `Recipient` attestation documents ([`recipient`]). [`config`] is
+//! verifier of `Recipient` attestation documents ([`recipient`]). [`config`] is
 //! the TOML. This module also holds the operator commands `caas admin ...` and
 //! `caas audit ...`.
 //!
