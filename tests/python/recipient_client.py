@@ -35,6 +35,8 @@ def encode(v):
         return [encode(x) for x in v]
     if isinstance(v, (bytes, bytearray)):
         return base64.b64encode(v).decode()
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
     return v
 
 
