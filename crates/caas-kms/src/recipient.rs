@@ -81,9 +81,14 @@ pub async fn from_request(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Opt
         return Ok(None);
     };
     let Value::Object(m) = v else {
-        return Err(KmsError::Serialization("'Recipient' must be an object".into()));
+        return Err(KmsError::Serialization(
+            "'Recipient' must be an object".into(),
+        ));
     };
-    if let Some(k) = m.keys().find(|k| *k != "KeyEncryptionAlgorithm" && *k != "AttestationDocument") {
+    if let Some(k) = m
+        .keys()
+        .find(|k| *k != "KeyEncryptionAlgorithm" && *k != "AttestationDocument")
+    {
         return Err(KmsError::Serialization(format!(
             "Unknown field '{}' in Recipient",
             k.chars().take(64).collect::<String>()
@@ -125,8 +130,10 @@ pub async fn from_request(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Opt
 }
 
 fn refused(ctx: &mut Ctx, code: &str) {
-    ctx.detail
-        .insert("Recipient".into(), json!({ "Result": "Refused", "Code": code }));
+    ctx.detail.insert(
+        "Recipient".into(),
+        json!({ "Result": "Refused", "Code": code }),
+    );
 }
 
 /// The condition keys a verified recipient sets (none without one).
@@ -134,10 +141,16 @@ pub fn conditions(a: Option<&Attested>) -> Vec<(String, Vec<String>)> {
     let Some(a) = a else { return vec![] };
     let mut out = vec![
         (format!("{CONDITION_PREFIX}host"), vec![a.host.clone()]),
-        (format!("{CONDITION_PREFIX}profile"), vec![a.profile.clone()]),
+        (
+            format!("{CONDITION_PREFIX}profile"),
+            vec![a.profile.clone()],
+        ),
     ];
     for (i, v) in &a.pcrs {
-        out.push((format!("{CONDITION_PREFIX}pcr{i}"), vec![v.to_ascii_lowercase()]));
+        out.push((
+            format!("{CONDITION_PREFIX}pcr{i}"),
+            vec![v.to_ascii_lowercase()],
+        ));
     }
     out
 }
@@ -184,7 +197,10 @@ mod tests {
             recipient_public: vec![],
         };
         let c = conditions(Some(&a));
-        assert!(c.contains(&("caas:recipientattestation:profile".into(), vec!["prod".into()])));
+        assert!(c.contains(&(
+            "caas:recipientattestation:profile".into(),
+            vec!["prod".into()]
+        )));
         assert!(c.contains(&("caas:recipientattestation:pcr7".into(), vec!["ab".into()])));
         assert!(c.contains(&("caas:recipientattestation:host".into(), vec!["h1".into()])));
     }

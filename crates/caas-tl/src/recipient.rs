@@ -238,7 +238,10 @@ mod tests {
     fn malformed_documents_are_refused_with_their_code() {
         let code = |b: &[u8]| Document::parse(b).err().map(|e| e.code());
         assert_eq!(code(b"not json"), Some("document_malformed"));
-        assert_eq!(code(&vec![b' '; MAX_DOCUMENT + 1]), Some("document_malformed"));
+        assert_eq!(
+            code(&vec![b' '; MAX_DOCUMENT + 1]),
+            Some("document_malformed")
+        );
         let ev = serde_json::json!({"quote": "", "signature": "", "event_log": ""});
         let doc = |format: &str, version: u32, nonce: &[u8]| {
             serde_json::json!({
@@ -251,9 +254,15 @@ mod tests {
             .into_bytes()
         };
         assert!(Document::parse(&doc(FORMAT, VERSION, &[0; 32])).is_ok());
-        assert_eq!(code(&doc("other", VERSION, &[0; 32])), Some("document_malformed"));
+        assert_eq!(
+            code(&doc("other", VERSION, &[0; 32])),
+            Some("document_malformed")
+        );
         assert_eq!(code(&doc(FORMAT, 2, &[0; 32])), Some("document_malformed"));
-        assert_eq!(code(&doc(FORMAT, VERSION, &[0; 8])), Some("document_malformed"));
+        assert_eq!(
+            code(&doc(FORMAT, VERSION, &[0; 8])),
+            Some("document_malformed")
+        );
         let mut extra: serde_json::Value =
             serde_json::from_slice(&doc(FORMAT, VERSION, &[0; 32])).unwrap_or_default();
         extra["extra"] = serde_json::json!(1);

@@ -16,7 +16,7 @@ mod common;
 use base64::Engine as _;
 use common::*;
 use serde_json::{Value, json};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn b64(b: &[u8]) -> String {
@@ -60,11 +60,7 @@ impl Cloud {
     }
 
     fn agent(&self, host: &str) -> String {
-        self.dev.env[&format!(
-            "CAAS_HOST_{}_URL",
-            host.to_uppercase().replace('-', "_")
-        )]
-            .clone()
+        self.dev.env[&format!("CAAS_HOST_{}_URL", host.to_uppercase().replace('-', "_"))].clone()
     }
 
     fn fresh(&self, what: &str) -> PathBuf {
@@ -114,7 +110,7 @@ impl Cloud {
     fn open_as(
         &self,
         host: &str,
-        doc: &PathBuf,
+        doc: &Path,
         ct: &[u8],
         envs: &[(&str, String)],
     ) -> Result<Vec<u8>, String> {
@@ -145,7 +141,7 @@ impl Cloud {
         Ok(std::fs::read(&out).unwrap())
     }
 
-    fn open(&self, host: &str, doc: &PathBuf, ct: &[u8]) -> Result<Vec<u8>, String> {
+    fn open(&self, host: &str, doc: &Path, ct: &[u8]) -> Result<Vec<u8>, String> {
         self.open_as(host, doc, ct, &[])
     }
 
@@ -173,7 +169,7 @@ impl Cloud {
         })
     }
 
-    fn recipient(doc: &PathBuf) -> Value {
+    fn recipient(doc: &Path) -> Value {
         json!({
             "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256",
             "AttestationDocument": format!("file:{}", doc.display()),
@@ -251,7 +247,10 @@ fn recipient_release_end_to_end_with_boto3() {
     let doc = c.document("host-1");
     let r = c.decrypt_for(&ct, Cloud::recipient(&doc));
     assert!(r.get("Error").is_none(), "Decrypt with Recipient: {r}");
-    assert!(r.get("Plaintext").is_none(), "no plaintext with Recipient: {r}");
+    assert!(
+        r.get("Plaintext").is_none(),
+        "no plaintext with Recipient: {r}"
+    );
     let cfr = unb64(r["CiphertextForRecipient"].as_str().unwrap());
     assert!(!cfr.windows(secret.len()).any(|w| w == secret.as_slice()));
     let plain = c.kms("Decrypt", json!({ "CiphertextBlob": format!("b64:{ct}") }));
@@ -271,7 +270,9 @@ fn recipient_release_end_to_end_with_boto3() {
         ],
     );
     assert!(
-        stolen.as_ref().is_err_and(|e| e.contains("recipient_key_unknown")),
+        stolen
+            .as_ref()
+            .is_err_and(|e| e.contains("recipient_key_unknown")),
         "another caller opened it: {stolen:?}"
     );
     assert_eq!(c.open("host-1", &doc, &cfr).unwrap(), secret);
@@ -407,16 +408,28 @@ fn replayed_tampered_and_unenrolled_documents_are_refused() {
     let ok = c.decrypt_for(&ct, Cloud::recipient(&doc));
     assert!(ok.get("CiphertextForRecipient").is_some(), "{ok}");
     let replay = c.decrypt_for(&ct, Cloud::recipient(&doc));
-    assert_refused(&replay, "ValidationException", "nonce_unknown", "replayed document");
+    assert_refused(
+        &replay,
+        "ValidationException",
+        "nonce_unknown",
+        "replayed document",
+    );
     assert!(c.audited_refusal("Decrypt", "ValidationException", "nonce_unknown"));
 
-    let fresh = || -> Value { serde_json::from_slice(&std::fs::read(c.document("host-1")).unwrap()).unwrap() };
+    let fresh = || -> Value {
+        serde_json::from_slice(&std::fs::read(c.document("host-1")).unwrap()).unwrap()
+    };
     let send = |d: &Value| c.decrypt_for(&ct, Cloud::recipient_bytes(d.to_string().as_bytes()));
 
     // A nonce the key service never issued.
     let mut d = fresh();
     d["nonce"] = json!(b64(&[7u8; 32]));
-    assert_refused(&send(&d), "ValidationException", "nonce_unknown", "foreign nonce");
+    assert_refused(
+        &send(&d),
+        "ValidationException",
+        "nonce_unknown",
+        "foreign nonce",
+    );
 
     // Tampered: the quote, the event log, the recipient key (an attacker's own key would
     // need a new certification and quote by the host's AK).
@@ -425,7 +438,12 @@ fn replayed_tampered_and_unenrolled_documents_are_refused() {
     let last = q.len() - 1;
     q[last] ^= 1;
     d["evidence"]["quote"] = json!(b64(&q));
-    assert_refused(&send(&d), "ValidationException", "attestation_failed", "tampered quote");
+    assert_refused(
+        &send(&d),
+        "ValidationException",
+        "attestation_failed",
+        "tampered quote",
+    );
 
     let mut d = fresh();
     let other = fresh();
@@ -441,21 +459,42 @@ fn replayed_tampered_and_unenrolled_documents_are_refused() {
     let mut log = unb64(d["evidence"]["event_log"].as_str().unwrap());
     log.truncate(log.len() - 3);
     d["evidence"]["event_log"] = json!(b64(&log));
-    assert_refused(&send(&d), "ValidationException", "attestation_failed", "truncated event log");
+    assert_refused(
+        &send(&d),
+        "ValidationException",
+        "attestation_failed",
+        "truncated event log",
+    );
 
     // Relabelled: host-2's genuine document presented as host-1's.
-    let mut d: Value = serde_json::from_slice(&std::fs::read(c.document("host-2")).unwrap()).unwrap();
+    let mut d: Value =
+        serde_json::from_slice(&std::fs::read(c.document("host-2")).unwrap()).unwrap();
     d["host"] = json!("host-1");
-    assert_refused(&send(&d), "ValidationException", "ak_not_enrolled", "another host's AK");
+    assert_refused(
+        &send(&d),
+        "ValidationException",
+        "ak_not_enrolled",
+        "another host's AK",
+    );
 
     // An AK the registrar never enrolled, under a name it does not know.
     let mut d = fresh();
     d["host"] = json!("host-9");
-    assert_refused(&send(&d), "ValidationException", "host_not_enrolled", "unenrolled host");
+    assert_refused(
+        &send(&d),
+        "ValidationException",
+        "host_not_enrolled",
+        "unenrolled host",
+    );
 
     // Garbage, and another key encryption algorithm.
     let r = c.decrypt_for(&ct, Cloud::recipient_bytes(b"{\"format\":1}"));
-    assert_refused(&r, "ValidationException", "document_malformed", "garbage document");
+    assert_refused(
+        &r,
+        "ValidationException",
+        "document_malformed",
+        "garbage document",
+    );
     let doc = c.document("host-1");
     let r = c.decrypt_for(
         &ct,
@@ -504,12 +543,19 @@ fn host_in_wrong_pcr_state_is_refused_and_cannot_open() {
     .unwrap();
     let opened = c.open("host-1", &before, &cfr);
     assert!(
-        opened.as_ref().is_err_and(|e| e.contains("pcr_state_changed")),
+        opened
+            .as_ref()
+            .is_err_and(|e| e.contains("pcr_state_changed")),
         "the TPM must refuse the recipient key in another state: {opened:?}"
     );
     let after = c.document("host-1");
     let r = c.decrypt_for(&ct, Cloud::recipient(&after));
-    assert_refused(&r, "ValidationException", "attestation_failed", "changed PCR 7");
+    assert_refused(
+        &r,
+        "ValidationException",
+        "attestation_failed",
+        "changed PCR 7",
+    );
     assert!(c.audited_refusal("Decrypt", "ValidationException", "attestation_failed"));
 }
 
@@ -526,7 +572,12 @@ fn stale_document_is_refused() {
         "GenerateRandom",
         json!({ "NumberOfBytes": 16, "Recipient": Cloud::recipient(&doc) }),
     );
-    assert_refused(&r, "ValidationException", "nonce_unknown", "stale document replayed");
+    assert_refused(
+        &r,
+        "ValidationException",
+        "nonce_unknown",
+        "stale document replayed",
+    );
     assert!(c.audited_refusal("Decrypt", "ValidationException", "nonce_expired"));
     assert!(c.audited_refusal("GenerateRandom", "ValidationException", "nonce_unknown"));
 }

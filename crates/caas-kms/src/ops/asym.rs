@@ -129,7 +129,13 @@ pub async fn generate_data_key_pair(
     let ct = super::crypto::seal(&l.key.key_id, v, &hbk, &ec, sk.expose())?;
     let mut out = json!({ "PrivateKeyCiphertextBlob": b64(&ct), "PublicKey": b64(&pk), "KeyId": l.key.arn(), "KeyPairSpec": pair_spec.name() });
     if with_plaintext {
-        crate::recipient::release(kms, att.as_ref(), &mut out, "PrivateKeyPlaintext", sk.expose())?;
+        crate::recipient::release(
+            kms,
+            att.as_ref(),
+            &mut out,
+            "PrivateKeyPlaintext",
+            sk.expose(),
+        )?;
     }
     Ok(Out::reply(out))
 }

@@ -8,11 +8,11 @@ use super::{
     Req, authorize, authorize_with, b64, grant_tokens, material, require_enabled, require_usage,
     resolve,
 };
-use crate::recipient;
 use crate::blob;
 use crate::error::{KmsError, KmsResult};
 use crate::material::{self as km, KeySpec};
 use crate::model::KeyUsage;
+use crate::recipient;
 use crate::service::{Ctx, Kms, Out};
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use caas_crypto::{SecretBytes, kdf};

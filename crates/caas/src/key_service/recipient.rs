@@ -17,7 +17,7 @@ use axum::{Extension, Json};
 use caas_attest::http_error::{ErrorKind, HttpError};
 use caas_attest::store::{AuditRecord, get_host, get_profile};
 use caas_attest::verifier::Challenge;
-use caas_kms::recipient::{Attested, BoxFuture, Refusal, RecipientVerifier};
+use caas_kms::recipient::{Attested, BoxFuture, RecipientVerifier, Refusal};
 use caas_tl::recipient::Document;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -162,12 +162,9 @@ impl Recipients {
             .map_err(|_| refuse("internal", "registrar records unavailable"))?;
         let ak = caas_tl::recipient::check_host(&doc, host.as_ref()).map_err(refusal)?;
         self.consume(&doc.host, &doc.nonce, now)?;
-        let pname = host.and_then(|h| h.profile).ok_or_else(|| {
-            refuse(
-                "attestation_failed",
-                "the host has no security profile",
-            )
-        })?;
+        let pname = host
+            .and_then(|h| h.profile)
+            .ok_or_else(|| refuse("attestation_failed", "the host has no security profile"))?;
         let profile = get_profile(&*self.store, &pname)
             .await
             .map_err(|_| refuse("internal", "profiles unavailable"))?
