@@ -8,11 +8,14 @@
 //! The API is served over TLS only ([`caas_tls::server`]) and every route but `/healthz`
 //! needs a client certificate from the deployment CA whose role the route allows: the one
 //! table is [`ROUTES`] (key service: quote, launch, attach, revoke; operators: list, stop,
-//! status, audit, re-enroll; both: migrate; other hosts' agents: a migration's offer and
-//! records, [`crate::migrate`]). Refusals and management calls are audited with the caller's
-//! certificate identity. The management API (for the untrusted cloud management) only
-//! reports status and public material: no operation reveals key material, because the agent
-//! holds none outside the TPM.
+//! status, audit, re-enroll, recipient documents; both: migrate; other hosts' agents: a
+//! migration's offer and records, [`crate::migrate`]). Refusals and management calls are
+//! audited with the caller's certificate identity. The management API (for the untrusted
+//! cloud management) only reports status and public material: no operation reveals key
+//! material, because the agent holds none outside the TPM — with one exception by design,
+//! `POST /v1/agent/recipient/open` ([`crate::recipient`]): it returns a secret the key
+//! service sealed to a TPM-resident recipient key, and only to the client certificate that
+//! asked for that key's attestation document.
 //!
 //! ```mermaid
 //! stateDiagram-v2
@@ -90,6 +93,8 @@ pub struct Agent {
     pub(crate) keys: StoredKeys,
     pub(crate) http: HttpClient,
     pub(crate) tl: crate::tl::TlHost,
+    /// Recipient keys of attestation documents, held for their callers.
+    pub(crate) recipients: crate::recipient::RecipientKeys,
     enrolled: AtomicBool,
     advertise_url: Mutex<String>,
 }
@@ -144,6 +149,7 @@ impl Agent {
             keys,
             tl,
             http,
+            recipients: Default::default(),
             enrolled: AtomicBool::new(false),
             advertise_url: Mutex::new(adv),
         })
@@ -440,6 +446,10 @@ pub enum Op {
     AcceptMigration,
     /// Live migration: the source agent's records (target side).
     MigrationRecords,
+    /// A recipient attestation document (fresh TPM-resident recipient key).
+    RecipientDocument,
+    /// Open a `CiphertextForRecipient` in the TPM (the document's caller only).
+    RecipientOpen,
 }
 
 impl Op {
@@ -463,6 +473,8 @@ impl Op {
             Op::MigrateWorkload => "MigrateWorkload",
             Op::AcceptMigration => "AcceptMigration",
             Op::MigrationRecords => "MigrationRecords",
+            Op::RecipientDocument => "RecipientDocument",
+            Op::RecipientOpen => "RecipientOpen",
         }
     }
 }
@@ -572,6 +584,18 @@ pub const ROUTES: &[RouteSpec] = &[
     ),
     r("POST", "/v1/agent/revoke", Op::Revoke, Access::Roles(KS)),
     r("GET", "/v1/agent/audit", Op::GetAudit, Access::Roles(OPS)),
+    r(
+        "POST",
+        "/v1/agent/recipient/document",
+        Op::RecipientDocument,
+        Access::Roles(OPS),
+    ),
+    r(
+        "POST",
+        "/v1/agent/recipient/open",
+        Op::RecipientOpen,
+        Access::Roles(OPS),
+    ),
     RouteSpec {
         method: "POST",
         path: "/v1/agent/dev/measure",
@@ -679,6 +703,24 @@ fn handler(op: Op) -> MethodRouter<Arc<Agent>> {
                     .map_err(ApiError)
             },
         ),
+        Op::RecipientDocument => post(
+            |State(a): State<Arc<Agent>>,
+             peer: Option<axum::Extension<caas_tls::server::Peer>>,
+             Json(ch): Json<Challenge>| async move {
+                let r = a.recipient_document(&ch, peer.as_ref().map(|p| &p.0)).await;
+                a.tl.audit("RecipientDocument", &hex::encode(&ch.nonce), &r);
+                r.map(Json).map_err(ApiError)
+            },
+        ),
+        Op::RecipientOpen => post(
+            |State(a): State<Arc<Agent>>,
+             peer: Option<axum::Extension<caas_tls::server::Peer>>,
+             Json(o): Json<crate::recipient::OpenRequest>| async move {
+                let r = a.recipient_open(&o, peer.as_ref().map(|p| &p.0)).await;
+                a.tl.audit("RecipientOpen", "", &r);
+                r.map(Json).map_err(ApiError)
+            },
+        ),
         Op::DevMeasure => post(
             |State(a): State<Arc<Agent>>, Json(m): Json<DevMeasure>| async move {
                 a.dev_measure(m.pcr, m.data.as_bytes())
@@ -753,7 +795,8 @@ async fn authorize(
 
 /// The agent's HTTP API, built from [`ROUTES`] (see there for each route's roles); every
 /// route but `/healthz` goes through the authorization layer. `POST /v1/agent/revoke` is
-/// TTP-signed as well. No route returns key material.
+/// TTP-signed as well. No route returns key material but `POST /v1/agent/recipient/open`
+/// (a secret sealed to a recipient key, to the certificate that asked for that key).
 pub fn router(agent: Arc<Agent>) -> Router {
     let mut app: Router<Arc<Agent>> = Router::new();
     for spec in routes(&agent.cfg) {

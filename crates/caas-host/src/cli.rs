@@ -5,8 +5,8 @@
 //! client the binary passes in: it signs them with an operator's access key (the key
 //! service refuses unauthenticated operator calls).
 //!
-//! The operator's calls to a host agent (`caas host workloads|stop|suspend|resume|status|audit --agent
-//! URL`) go over HTTPS with the deployment CA pinned and the operator's client certificate
+//! The operator's calls to a host agent (`caas host workloads|stop|suspend|resume|status|audit|
+//! attestation-document|open-recipient --agent URL`) go over HTTPS with the deployment CA pinned and the operator's client certificate
 //! ([`OperatorArgs`]: `CAAS_PKI_CA`, `CAAS_OPERATOR_CERT`, `CAAS_OPERATOR_KEY`, which `caas
 //! dev` writes to `DIR/env`).
 
@@ -154,6 +154,38 @@ pub enum HostCommand {
     Status(AgentArgs),
     /// A host agent's hash-chained audit log, verified (operator certificate).
     Audit(AgentArgs),
+    /// Make a recipient attestation document (`docs/recipient.md`): a nonce from the key
+    /// service for HOST, then a fresh TPM-resident recipient key, its certification and a
+    /// quote from HOST's agent. Writes the document (JSON, the bytes to pass as
+    /// `Recipient.AttestationDocument`) to --out.
+    AttestationDocument {
+        /// The host's name at the registrar.
+        #[arg(long)]
+        host: String,
+        /// Where to write the document.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        agent: AgentArgs,
+        #[command(flatten)]
+        ks: KeyServiceArgs,
+    },
+    /// Open a `CiphertextForRecipient` with the TPM-resident key of a document this caller
+    /// asked for (the agent's TPM refuses when the PCRs changed). The secret goes to --out
+    /// (created 0600) or, without --out, to stdout in base64; never to a log.
+    OpenRecipient {
+        /// The document (as written by `attestation-document`).
+        #[arg(long)]
+        document: PathBuf,
+        /// The `CiphertextForRecipient` (raw bytes).
+        #[arg(long)]
+        ciphertext: PathBuf,
+        /// Where to write the secret (raw bytes).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
     /// Assign a security profile to a host (it is untrusted until its next attestation).
     SetProfile {
         /// Host name.
@@ -303,6 +335,32 @@ pub async fn run_host(
             print_json(&v)?;
             return Ok(0);
         }
+        HostCommand::OpenRecipient {
+            document,
+            ciphertext,
+            out,
+            agent,
+        } => {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).map_err(|e| anyhow::anyhow!("read {}: {e}", p.display()))
+            };
+            let req = crate::recipient::OpenRequest {
+                document: read(&document)?,
+                ciphertext: read(&ciphertext)?,
+            };
+            let r: crate::recipient::OpenReply = agent
+                .operator
+                .client()?
+                .post(&agent.url("/v1/agent/recipient/open"), &req)
+                .await?;
+            let secret = caas_crypto::SecretBytes::new(r.plaintext);
+            match out {
+                Some(p) => caas_crypto::fs::write_secret(&p, secret.expose(), None)
+                    .map_err(|e| anyhow::anyhow!("write {}: {e}", p.display()))?,
+                None => println!("{}", caas_attest::b64::encode(secret.expose())),
+            }
+            return Ok(0);
+        }
         other => other,
     };
     let http = operator()?;
@@ -313,7 +371,29 @@ pub async fn run_host(
         | HostCommand::Suspend { .. }
         | HostCommand::Resume { .. }
         | HostCommand::Status(_)
+        | HostCommand::OpenRecipient { .. }
         | HostCommand::Audit(_) => {}
+        HostCommand::AttestationDocument {
+            host,
+            out,
+            agent,
+            ks,
+        } => {
+            let ch: caas_attest::verifier::Challenge = http
+                .post(
+                    &ks.url("/v1/recipient/challenge"),
+                    &serde_json::json!({ "host": host }),
+                )
+                .await?;
+            let r: crate::recipient::DocumentReply = agent
+                .operator
+                .client()?
+                .post(&agent.url("/v1/agent/recipient/document"), &ch)
+                .await?;
+            std::fs::write(&out, &r.document)
+                .map_err(|e| anyhow::anyhow!("write {}: {e}", out.display()))?;
+            println!("{}", out.display());
+        }
         HostCommand::List(ks) => {
             let hosts: Vec<HostView> = http.get(&ks.url("/v1/attest/hosts")).await?;
             println!(

@@ -12,6 +12,7 @@ pub mod error;
 pub mod identity;
 pub mod migrate;
 pub mod pki;
+pub mod recipient;
 pub mod tl;
 
 pub use error::Error;

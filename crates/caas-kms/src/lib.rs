@@ -6,7 +6,8 @@
 //! commit per request · `ops/` one file per operation family · [`keyring`] node and domain
 //! keys, EKTs · [`domain`] KMS domains of several nodes (identities, quorum-signed domain
 //! state, EDTs) · [`blob`] ciphertext format · [`material`] key specs and primitives ·
-//! [`policy`] key policies · [`operator`] operator principals and their permissions · [`server`] HTTP/TLS · [`client`] a SigV4 client for caas's own
+//! [`policy`] key policies · [`recipient`] attestation-gated release (`Recipient`) ·
+//! [`operator`] operator principals and their permissions · [`server`] HTTP/TLS · [`client`] a SigV4 client for caas's own
 //! tools · [`audit`] audit signing and CloudTrail-style export · [`checkpoint`] audit
 //! freshness anchored outside the database.
 //!
@@ -30,6 +31,7 @@ pub mod model;
 pub mod operator;
 pub mod ops;
 pub mod policy;
+pub mod recipient;
 pub mod server;
 pub mod service;
 pub mod sigv4;

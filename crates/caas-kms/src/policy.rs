@@ -73,7 +73,12 @@ pub const SUPPORTED_KEYS: &[&str] = &[
 ];
 
 /// Condition key prefixes the engine evaluates (lower case), followed by a name.
-pub const SUPPORTED_PREFIXES: &[&str] = &["kms:encryptioncontext:", "aws:resourcetag/"];
+pub const SUPPORTED_PREFIXES: &[&str] = &[
+    "kms:encryptioncontext:",
+    "aws:resourcetag/",
+    // Attestation-gated release (`crate::recipient`): Host, Profile, PCR<n>.
+    crate::recipient::CONDITION_PREFIX,
+];
 
 /// Multi-valued condition keys.
 const MULTI_VALUED: &[&str] = &[

@@ -121,6 +121,8 @@ pub struct Kms {
     creds: RwLock<HashMap<String, Arc<Cred>>>,
     /// Parsed key policies (by document text).
     pub(crate) policies: crate::policy::PolicyCache,
+    /// Verifier of `Recipient` attestation documents (set once by the deployment).
+    recipient: std::sync::OnceLock<Arc<dyn crate::recipient::RecipientVerifier>>,
 }
 
 impl std::fmt::Debug for Kms {
@@ -206,6 +208,7 @@ impl Kms {
             clock_offset_ms: AtomicI64::new(0),
             creds: RwLock::new(HashMap::new()),
             policies: crate::policy::PolicyCache::default(),
+            recipient: std::sync::OnceLock::new(),
         })
     }
 
@@ -260,6 +263,17 @@ impl Kms {
         };
         let keyring = Keyring::open_domain(store.clone(), member).await?;
         Ok(Self::assemble(p, store, keyring, audit_public, checkpoint))
+    }
+
+    /// Installs the verifier of `Recipient` attestation documents (once; later calls are
+    /// ignored). Without one, a request with `Recipient` is refused.
+    pub fn set_recipient_verifier(&self, v: Arc<dyn crate::recipient::RecipientVerifier>) {
+        let _ = self.recipient.set(v);
+    }
+
+    /// The verifier of `Recipient` attestation documents, if the deployment has one.
+    pub fn recipient_verifier(&self) -> Option<&Arc<dyn crate::recipient::RecipientVerifier>> {
+        self.recipient.get()
     }
 
     /// The audit public key (raw Ed25519).

@@ -15,6 +15,7 @@ pub mod crypto;
 pub mod dm;
 pub mod error;
 pub mod migrate;
+pub mod recipient;
 pub mod sc;
 #[cfg(feature = "service")]
 pub mod service;

@@ -61,6 +61,11 @@ const EXPECTED: &[(&str, &str, &str)] = &[
         "/v1/tl/hosts/{name}/bind-info",
         "tenant|operator:hosts:read",
     ),
+    (
+        "POST",
+        "/v1/recipient/challenge",
+        "tenant|operator:hosts:read",
+    ),
     ("POST", "/v1/sched/launch", "tenant|operator:schedule"),
     ("POST", "/v1/sched/migrate", "tenant|operator:schedule"),
     ("POST", "/v1/sched/suspend", "tenant|operator:schedule"),

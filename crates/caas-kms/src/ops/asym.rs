@@ -101,13 +101,20 @@ pub async fn generate_data_key_pair(
             KmsError::Validation(format!("KeyPairSpec {pair_spec_name} is not valid"))
         })?;
     let ec = r.opt_map("EncryptionContext")?.unwrap_or_default();
+    // AWS accepts Recipient on GenerateDataKeyPair only.
+    let att = if with_plaintext {
+        crate::recipient::from_request(kms, ctx, r).await?
+    } else {
+        None
+    };
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
     let action = if with_plaintext {
         "GenerateDataKeyPair"
     } else {
         "GenerateDataKeyPairWithoutPlaintext"
     };
-    authorize(kms, ctx, &l, action, Some(&ec), &grant_tokens(r)?).await?;
+    let extra = crate::recipient::conditions(att.as_ref());
+    super::authorize_with(kms, ctx, &l, action, Some(&ec), &grant_tokens(r)?, &extra).await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, KeyUsage::EncryptDecrypt, action)?;
     if l.key.key_spec != KeySpec::SymmetricDefault {
@@ -122,7 +129,13 @@ pub async fn generate_data_key_pair(
     let ct = super::crypto::seal(&l.key.key_id, v, &hbk, &ec, sk.expose())?;
     let mut out = json!({ "PrivateKeyCiphertextBlob": b64(&ct), "PublicKey": b64(&pk), "KeyId": l.key.arn(), "KeyPairSpec": pair_spec.name() });
     if with_plaintext {
-        out["PrivateKeyPlaintext"] = json!(b64(sk.expose()));
+        crate::recipient::release(
+            kms,
+            att.as_ref(),
+            &mut out,
+            "PrivateKeyPlaintext",
+            sk.expose(),
+        )?;
     }
     Ok(Out::reply(out))
 }

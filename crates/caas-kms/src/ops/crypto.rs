@@ -4,11 +4,15 @@
 //! Per request (seed 004): a fresh 256-bit nonce, a key derived from the HBK with the
 //! SP 800-108 KDF, AES-256-GCM with the header and the canonical encryption context as AAD;
 //! the result is the self-describing blob of `blob.rs`.
-use super::{Req, authorize, b64, grant_tokens, material, require_enabled, require_usage, resolve};
+use super::{
+    Req, authorize, authorize_with, b64, grant_tokens, material, require_enabled, require_usage,
+    resolve,
+};
 use crate::blob;
 use crate::error::{KmsError, KmsResult};
 use crate::material::{self as km, KeySpec};
 use crate::model::KeyUsage;
+use crate::recipient;
 use crate::service::{Ctx, Kms, Out};
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use caas_crypto::{SecretBytes, kdf};
@@ -165,6 +169,7 @@ async fn decrypt_inner(
     ctx: &mut Ctx,
     r: Req<'_>,
     side: &DecryptSide,
+    extra: &[(String, Vec<String>)],
 ) -> KmsResult<(SecretBytes, String, String)> {
     let DecryptSide {
         key_field,
@@ -185,7 +190,7 @@ async fn decrypt_inner(
             })?,
         )
         .await?;
-        authorize(kms, ctx, &l, action, Some(&ec), &grant_tokens(r)?).await?;
+        authorize_with(kms, ctx, &l, action, Some(&ec), &grant_tokens(r)?, extra).await?;
         require_enabled(&l.key)?;
         require_usage(&l.key, KeyUsage::EncryptDecrypt, "Decrypt")?;
         if !spec_of(&l.key)?.is_rsa() {
@@ -214,7 +219,7 @@ async fn decrypt_inner(
         // kms:RequestAlias is the alias the request named the key by.
         l.alias = want.alias;
     }
-    authorize(kms, ctx, &l, action, Some(&ec), &grant_tokens(r)?).await?;
+    authorize_with(kms, ctx, &l, action, Some(&ec), &grant_tokens(r)?, extra).await?;
     require_enabled(&l.key)?;
     if l.key.key_spec != KeySpec::SymmetricDefault {
         return Err(invalid());
@@ -226,17 +231,19 @@ async fn decrypt_inner(
     Ok((p, l.key.arn(), "SYMMETRIC_DEFAULT".into()))
 }
 
-/// Decrypt.
+/// Decrypt (with `Recipient`: the plaintext only as `CiphertextForRecipient`).
 pub async fn decrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
-    let (p, arn, alg) = decrypt_inner(kms, ctx, r, &DECRYPT).await?;
-    Ok(Out::reply(
-        json!({ "Plaintext": b64(p.expose()), "KeyId": arn, "EncryptionAlgorithm": alg }),
-    ))
+    let att = recipient::from_request(kms, ctx, r).await?;
+    let extra = recipient::conditions(att.as_ref());
+    let (p, arn, alg) = decrypt_inner(kms, ctx, r, &DECRYPT, &extra).await?;
+    let mut out = json!({ "KeyId": arn, "EncryptionAlgorithm": alg });
+    recipient::release(kms, att.as_ref(), &mut out, "Plaintext", p.expose())?;
+    Ok(Out::reply(out))
 }
 
 /// ReEncrypt: decrypt under the source key and context, encrypt under the destination.
 pub async fn re_encrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
-    let (p, source_arn, source_alg) = decrypt_inner(kms, ctx, r, &RE_ENCRYPT_FROM).await?;
+    let (p, source_arn, source_alg) = decrypt_inner(kms, ctx, r, &RE_ENCRYPT_FROM, &[]).await?;
     let source_key = ctx.key_id.clone();
     let dest_ec = r
         .opt_map("DestinationEncryptionContext")?
@@ -316,13 +323,20 @@ pub async fn generate_data_key(
         }
     };
     let ec = ec_of(r)?;
+    // AWS accepts Recipient on GenerateDataKey only.
+    let att = if with_plaintext {
+        recipient::from_request(kms, ctx, r).await?
+    } else {
+        None
+    };
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
     let action = if with_plaintext {
         "GenerateDataKey"
     } else {
         "GenerateDataKeyWithoutPlaintext"
     };
-    authorize(kms, ctx, &l, action, Some(&ec), &grant_tokens(r)?).await?;
+    let extra = recipient::conditions(att.as_ref());
+    authorize_with(kms, ctx, &l, action, Some(&ec), &grant_tokens(r)?, &extra).await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, KeyUsage::EncryptDecrypt, action)?;
     if l.key.key_spec != KeySpec::SymmetricDefault {
@@ -336,13 +350,13 @@ pub async fn generate_data_key(
     let ct = seal(&l.key.key_id, v, &hbk, &ec, dk.expose())?;
     let mut out = json!({ "CiphertextBlob": b64(&ct), "KeyId": l.key.arn() });
     if with_plaintext {
-        out["Plaintext"] = json!(b64(dk.expose()));
+        recipient::release(kms, att.as_ref(), &mut out, "Plaintext", dk.expose())?;
     }
     Ok(Out::reply(out))
 }
 
 /// GenerateRandom.
-pub async fn generate_random(_kms: &Kms, _ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
+pub async fn generate_random(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let n = r
         .opt_int("NumberOfBytes")?
         .ok_or_else(|| KmsError::Validation("NumberOfBytes is required".into()))?;
@@ -351,9 +365,12 @@ pub async fn generate_random(_kms: &Kms, _ctx: &mut Ctx, r: Req<'_>) -> KmsResul
             "NumberOfBytes must be between 1 and 1024".into(),
         ));
     }
-    Ok(Out::reply(
-        json!({ "Plaintext": b64(&km::random(n as usize)?) }),
-    ))
+    // No key, no key policy: a verified document is all GenerateRandom can require.
+    let att = recipient::from_request(kms, ctx, r).await?;
+    let bytes = SecretBytes::new(km::random(n as usize)?);
+    let mut out = json!({});
+    recipient::release(kms, att.as_ref(), &mut out, "Plaintext", bytes.expose())?;
+    Ok(Out::reply(out))
 }
 
 #[cfg(test)]

@@ -283,7 +283,23 @@ pub async fn authorize(
     ec: Option<&BTreeMap<String, String>>,
     grant_tokens: &[String],
 ) -> KmsResult<()> {
-    match policy_verdict(kms, ctx, l, action, ec, &[]).await? {
+    authorize_with(kms, ctx, l, action, ec, grant_tokens, &[]).await
+}
+
+/// [`authorize`] with extra condition keys for the key policy (e.g. the verified
+/// `Recipient`'s, [`crate::recipient::conditions`]).
+pub async fn authorize_with(
+    kms: &Kms,
+    ctx: &Ctx,
+    l: &Loaded,
+    action: &str,
+    ec: Option<&BTreeMap<String, String>>,
+    grant_tokens: &[String],
+    extra: &[(String, Vec<String>)],
+) -> KmsResult<()> {
+    let extra: Vec<(&str, Vec<String>)> =
+        extra.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    match policy_verdict(kms, ctx, l, action, ec, &extra).await? {
         Verdict::Allow => return Ok(()),
         Verdict::Deny => return Err(denied(ctx, action, &l.key)),
         Verdict::NoMatch => {}

@@ -152,6 +152,12 @@ pub const ROUTES: &[Route] = &[
         "/v1/tl/hosts/{name}/bind-info",
         Access::TenantOr(Permission::HostsRead),
     ),
+    // Attestation-gated release: a nonce for a host's recipient attestation document.
+    r(
+        "POST",
+        "/v1/recipient/challenge",
+        Access::TenantOr(Permission::HostsRead),
+    ),
     // Scheduler.
     r(
         "POST",

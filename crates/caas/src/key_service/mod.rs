@@ -2,7 +2,8 @@
 //! verifier ([`attest`], `caas-attest`), the TTP with its keys and the scheduler API
 //! ([`tl`], `caas-tl`), all on one store adapter (`caas-store`, one audit chain), served by
 //! the one [`serve()`] that `caas key-service serve` and `caas dev` both use, with every
-//! route authenticated by [`auth`] (the route table says who may call what). [`config`] is
+//! route authenticated by [`auth`] (the route table says who may call what), and the
+//! verifier of `Recipient` attestation documents ([`recipient`]). [`config`] is
 //! the TOML. This module also holds the operator commands `caas admin ...` and
 //! `caas audit ...`.
 //!
@@ -16,6 +17,7 @@ pub mod attest;
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod recipient;
 mod serve;
 pub mod tl;
 

@@ -61,6 +61,8 @@ pub struct Roles {
     pub attest: Arc<AttestService>,
     /// TTP and scheduler.
     pub tl: Arc<TlService>,
+    /// `Recipient` attestation documents: their nonces and verification.
+    pub recipients: Arc<super::recipient::Recipients>,
     attestation: AttestationParams,
 }
 
@@ -83,6 +85,8 @@ impl Roles {
         agents: Option<caas_attest::client::HttpClient>,
     ) -> Result<Arc<Self>> {
         let astore = Arc::new(KmsAttestStore(kms.store.clone()));
+        let recipients = Arc::new(super::recipient::Recipients::new(astore.clone()));
+        kms.set_recipient_verifier(recipients.clone());
         let registrar = super::attest::open(astore.clone(), a, "caas:config").await?;
         let keys = super::tl::load_or_create_keys(&kms).await?;
         let mut tl = TlService::new(astore.clone(), keys).with_agent_timeout(t.agent_timeout);
@@ -118,6 +122,7 @@ impl Roles {
             kms,
             attest,
             tl,
+            recipients,
             attestation: a.clone(),
         }))
     }
@@ -133,6 +138,14 @@ impl Roles {
         caas_kms::server::router(self.kms.clone())
             .merge(caas_attest::service::router(self.attest.clone()))
             .merge(caas_tl::service::router(self.tl.clone()))
+            .merge(
+                axum::Router::new()
+                    .route(
+                        "/v1/recipient/challenge",
+                        axum::routing::post(super::recipient::challenge_route),
+                    )
+                    .with_state(self.recipients.clone()),
+            )
             .route(
                 "/v1/audit/public-key",
                 axum::routing::get(move || async move {

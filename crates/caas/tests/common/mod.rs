@@ -56,6 +56,11 @@ impl Dev {
 
     /// `caas dev` with extra arguments (e.g. `--hosts 2`).
     pub fn start_with(dir: &Path, listen: &str, extra: &[&str]) -> Dev {
+        Self::start_with_env(dir, listen, extra, &[])
+    }
+
+    /// `caas dev` with extra arguments and environment variables.
+    pub fn start_with_env(dir: &Path, listen: &str, extra: &[&str], envs: &[(&str, &str)]) -> Dev {
         std::fs::create_dir_all(dir).unwrap();
         let _ = std::fs::remove_file(dir.join("env"));
         let log = std::fs::File::create(dir.join("test-dev.log")).unwrap();
@@ -65,6 +70,7 @@ impl Dev {
             .args(["--listen", listen, "--maintenance-secs", "1"])
             .args(extra)
             .env("CAAS_LOG", "info")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
