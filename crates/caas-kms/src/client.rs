@@ -163,9 +163,8 @@ impl KmsClient {
                     .add(c.map_err(|_| bad("bad CA certificate"))?)
                     .map_err(|_| bad("bad CA certificate"))?;
             }
-            let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ))
+            // caas's TLS provider: the hybrid post-quantum group first.
+            let cfg = rustls::ClientConfig::builder_with_provider(caas_tls::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| bad(&e.to_string()))?
             .with_root_certificates(roots)

@@ -5,7 +5,7 @@
 //! Map: [`sigv4`] authentication · [`service`] dispatch, authorization and the one durable
 //! commit per request · `ops/` one file per operation family · [`keyring`] node and domain
 //! keys, EKTs · [`blob`] ciphertext format · [`material`] key specs and primitives ·
-//! [`policy`] key policies · [`operator`] operator principals and their permissions · [`server`] HTTP/TLS · [`client`] a SigV4 client for caas's own
+//! [`policy`] key policies · [`usage`] keys' last use · [`operator`] operator principals and their permissions · [`server`] HTTP/TLS · [`client`] a SigV4 client for caas's own
 //! tools · [`audit`] audit signing and CloudTrail-style export · [`checkpoint`] audit
 //! freshness anchored outside the database.
 //!
@@ -31,6 +31,7 @@ pub mod policy;
 pub mod server;
 pub mod service;
 pub mod sigv4;
+pub mod usage;
 
 pub use error::{KmsError, KmsResult};
 pub use service::{Caller, Kms, KmsParams};

@@ -114,6 +114,8 @@ wire_enum!(
         SignVerify = "SIGN_VERIFY",
         /// HMAC generate / verify.
         GenerateVerifyMac = "GENERATE_VERIFY_MAC",
+        /// ECDH key agreement (DeriveSharedSecret).
+        KeyAgreement = "KEY_AGREEMENT",
     }
 );
 

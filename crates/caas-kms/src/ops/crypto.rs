@@ -4,7 +4,9 @@
 //! Per request (seed 004): a fresh 256-bit nonce, a key derived from the HBK with the
 //! SP 800-108 KDF, AES-256-GCM with the header and the canonical encryption context as AAD;
 //! the result is the self-describing blob of `blob.rs`.
-use super::{Req, authorize, b64, grant_tokens, material, require_enabled, require_usage, resolve};
+use super::{
+    Req, authorize, b64, dry_run, grant_tokens, material, require_enabled, require_usage, resolve,
+};
 use crate::blob;
 use crate::error::{KmsError, KmsResult};
 use crate::material::{self as km, KeySpec};
@@ -121,6 +123,7 @@ pub async fn encrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
             l.key.arn()
         )));
     }
+    dry_run(ctx, r)?;
     let ct = if spec.is_rsa() {
         let pk = l
             .key
@@ -194,6 +197,9 @@ async fn decrypt_inner(
                 l.key.arn()
             )));
         }
+        if action == "Decrypt" {
+            dry_run(ctx, r)?;
+        }
         let (_, sk) = material(kms, &l.key, None).await?;
         let p = km::rsa_decrypt(&sk, alg, &ct)?;
         return Ok((p, l.key.arn(), alg.to_string()));
@@ -218,6 +224,9 @@ async fn decrypt_inner(
     require_enabled(&l.key)?;
     if l.key.key_spec != KeySpec::SymmetricDefault {
         return Err(invalid());
+    }
+    if action == "Decrypt" {
+        dry_run(ctx, r)?;
     }
     let (_, hbk) = material(kms, &l.key, Some(parsed.hbk_version))
         .await
@@ -263,6 +272,8 @@ pub async fn re_encrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
             dest.key.arn()
         )));
     }
+    // The source side was opened (nothing of it is returned) and both sides authorized.
+    dry_run(ctx, r)?;
     let ct = if spec.is_rsa() {
         let pk = dest
             .key
@@ -331,6 +342,7 @@ pub async fn generate_data_key(
             l.key.arn()
         )));
     }
+    dry_run(ctx, r)?;
     let dk = SecretBytes::new(km::random(len)?);
     let (v, hbk) = material(kms, &l.key, None).await?;
     let ct = seal(&l.key.key_id, v, &hbk, &ec, dk.expose())?;
