@@ -521,10 +521,13 @@ pub fn sign_message(
                 .map_err(|_| fail())?
                 .as_be_bytes()
                 .map_err(|_| fail())?;
-            let seed =
-                zeroize::Zeroizing::new(<[u8; 32]>::try_from(seed_bin.as_ref()).map_err(|_| fail())?);
+            let seed = zeroize::Zeroizing::new(
+                <[u8; 32]>::try_from(seed_bin.as_ref()).map_err(|_| fail())?,
+            );
             let public = <[u8; 32]>::try_from(kp.public_key().as_ref()).map_err(|_| fail())?;
-            Ok(lc::ed25519ph_sign(&seed, &public, d).ok_or_else(fail)?.to_vec())
+            Ok(lc::ed25519ph_sign(&seed, &public, d)
+                .ok_or_else(fail)?
+                .to_vec())
         }
     }
 }
@@ -597,7 +600,8 @@ pub fn derive_shared_secret(
         return Err(bad_peer());
     }
     let peer = agreement::UnparsedPublicKey::new(alg, peer_spki);
-    let sk = agreement::PrivateKey::from_private_key_der(alg, private.expose()).map_err(|_| fail())?;
+    let sk =
+        agreement::PrivateKey::from_private_key_der(alg, private.expose()).map_err(|_| fail())?;
     agreement::agree(&sk, peer, bad_peer(), |s| Ok(SecretBytes::from_slice(s)))
 }
 

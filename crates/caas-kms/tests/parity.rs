@@ -54,7 +54,11 @@ async fn call(kms: &Kms, who: &Caller, op: &str, body: Value) -> Result<Value, (
         )
         .await;
     let v: Value = serde_json::from_str(&text).unwrap();
-    if status == 200 { Ok(v) } else { Err((status, v)) }
+    if status == 200 {
+        Ok(v)
+    } else {
+        Err((status, v))
+    }
 }
 
 fn code(e: (u16, Value)) -> String {
@@ -62,9 +66,14 @@ fn code(e: (u16, Value)) -> String {
 }
 
 async fn create(kms: &Kms, who: &Caller, spec: &str, usage: &str) -> String {
-    call(kms, who, "CreateKey", json!({ "KeySpec": spec, "KeyUsage": usage }))
-        .await
-        .unwrap()["KeyMetadata"]["KeyId"]
+    call(
+        kms,
+        who,
+        "CreateKey",
+        json!({ "KeySpec": spec, "KeyUsage": usage }),
+    )
+    .await
+    .unwrap()["KeyMetadata"]["KeyId"]
         .as_str()
         .unwrap()
         .to_string()
@@ -117,14 +126,19 @@ async fn ml_dsa_signs_raw_and_external_mu_and_refuses_tampering() {
         let d = call(&kms, &t, "DescribeKey", json!({ "KeyId": k }))
             .await
             .unwrap();
-        assert_eq!(d["KeyMetadata"]["SigningAlgorithms"], json!(["ML_DSA_SHAKE_256"]));
+        assert_eq!(
+            d["KeyMetadata"]["SigningAlgorithms"],
+            json!(["ML_DSA_SHAKE_256"])
+        );
         let pk = call(&kms, &t, "GetPublicKey", json!({ "KeyId": k }))
             .await
             .unwrap();
         assert_eq!(pk["KeySpec"], json!(spec));
         let spki = unb64(&pk["PublicKey"]);
         // id-ml-dsa-{44,65,87} = 2.16.840.1.101.3.4.3.{17,18,19}
-        let oid = [0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x03, oid_last];
+        let oid = [
+            0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x03, oid_last,
+        ];
         assert!(spki.windows(oid.len()).any(|w| w == oid), "{spec} OID");
         let msg = vec![0x5au8; 4096];
         let s = call(
@@ -147,11 +161,17 @@ async fn ml_dsa_signs_raw_and_external_mu_and_refuses_tampering() {
                     "SigningAlgorithm": "ML_DSA_SHAKE_256", "MessageType": mt })
         };
         assert_eq!(
-            call(&kms, &t, "Verify", v(&msg, &sig, "RAW")).await.unwrap()["SignatureValid"],
+            call(&kms, &t, "Verify", v(&msg, &sig, "RAW"))
+                .await
+                .unwrap()["SignatureValid"],
             json!(true)
         );
         assert_eq!(
-            code(call(&kms, &t, "Verify", v(&msg, &bad, "RAW")).await.unwrap_err()),
+            code(
+                call(&kms, &t, "Verify", v(&msg, &bad, "RAW"))
+                    .await
+                    .unwrap_err()
+            ),
             "KMSInvalidSignatureException"
         );
         // External μ: sign, verify, tampered μ refused.
@@ -173,7 +193,11 @@ async fn ml_dsa_signs_raw_and_external_mu_and_refuses_tampering() {
         let mut mu2 = mu;
         mu2[0] ^= 0x80;
         assert_eq!(
-            code(call(&kms, &t, "Verify", v(&mu2, &musig, "EXTERNAL_MU")).await.unwrap_err()),
+            code(
+                call(&kms, &t, "Verify", v(&mu2, &musig, "EXTERNAL_MU"))
+                    .await
+                    .unwrap_err()
+            ),
             "KMSInvalidSignatureException"
         );
     }
@@ -229,7 +253,11 @@ async fn ed25519_raw_and_prehash_sign_and_data_key_pairs() {
     let mut bad = phsig.clone();
     bad[5] ^= 1;
     assert_eq!(
-        code(call(&kms, &t, "Verify", ph(digest.as_ref(), Some(&bad))).await.unwrap_err()),
+        code(
+            call(&kms, &t, "Verify", ph(digest.as_ref(), Some(&bad)))
+                .await
+                .unwrap_err()
+        ),
         "KMSInvalidSignatureException"
     );
     // A pure signature is not an Ed25519ph one (domain separation).
@@ -244,9 +272,14 @@ async fn ed25519_raw_and_prehash_sign_and_data_key_pairs() {
         .unwrap()["Signature"],
     );
     assert!(
-        call(&kms, &t, "Verify", ph(digest.as_ref(), Some(&pure_over_digest)))
-            .await
-            .is_err()
+        call(
+            &kms,
+            &t,
+            "Verify",
+            ph(digest.as_ref(), Some(&pure_over_digest))
+        )
+        .await
+        .is_err()
     );
     // GenerateDataKeyPair with ECC_NIST_EDWARDS25519.
     let sym = create(&kms, &t, "SYMMETRIC_DEFAULT", "ENCRYPT_DECRYPT").await;
@@ -355,33 +388,86 @@ async fn bad_inputs_are_refused_with_aws_errors_and_audited() {
         ("RSA_2048", "KEY_AGREEMENT"),
     ] {
         assert_eq!(
-            e(call(&kms, &t, "CreateKey", json!({ "KeySpec": spec, "KeyUsage": usage })).await),
+            e(call(
+                &kms,
+                &t,
+                "CreateKey",
+                json!({ "KeySpec": spec, "KeyUsage": usage })
+            )
+            .await),
             "ValidationException",
             "{spec} {usage}"
         );
     }
-    let sign = |k: &str, m: &[u8], alg: &str, mt: &str| {
-        json!({ "KeyId": k, "Message": b64(m), "SigningAlgorithm": alg, "MessageType": mt })
-    };
+    let sign = |k: &str, m: &[u8], alg: &str, mt: &str| json!({ "KeyId": k, "Message": b64(m), "SigningAlgorithm": alg, "MessageType": mt });
     let cases: Vec<(Value, &str)> = vec![
-        (sign(&ml, &[1; 4097], "ML_DSA_SHAKE_256", "RAW"), "ValidationException"),
-        (sign(&ml, &[1; 63], "ML_DSA_SHAKE_256", "EXTERNAL_MU"), "ValidationException"),
-        (sign(&ml, &[1; 65], "ML_DSA_SHAKE_256", "EXTERNAL_MU"), "ValidationException"),
-        (sign(&ml, &[1; 64], "ML_DSA_SHAKE_256", "DIGEST"), "ValidationException"),
-        (sign(&ml, &[1; 32], "ECDSA_SHA_256", "DIGEST"), "InvalidKeyUsageException"),
-        (sign(&ml, &[1; 32], "ML_DSA_SHAKE_128", "RAW"), "ValidationException"),
-        (sign(&ml, &[1; 32], "ML_DSA_SHAKE_256", "PREHASH"), "ValidationException"),
-        (sign(&sv, &[1; 64], "ECDSA_SHA_256", "EXTERNAL_MU"), "ValidationException"),
-        (sign(&sv, &[1; 64], "ML_DSA_SHAKE_256", "RAW"), "InvalidKeyUsageException"),
-        (sign(&ed, &[1; 64], "ED25519_SHA_512", "DIGEST"), "ValidationException"),
-        (sign(&ed, &[1; 64], "ED25519_PH_SHA_512", "RAW"), "ValidationException"),
-        (sign(&ed, &[1; 32], "ED25519_PH_SHA_512", "DIGEST"), "ValidationException"),
-        (sign(&ed, &[1; 64], "ED25519_SHA_512", "EXTERNAL_MU"), "ValidationException"),
-        (sign(&ed, &[1; 32], "ECDSA_SHA_256", "RAW"), "InvalidKeyUsageException"),
-        (sign(&ka, b"m", "ECDSA_SHA_256", "RAW"), "InvalidKeyUsageException"),
+        (
+            sign(&ml, &[1; 4097], "ML_DSA_SHAKE_256", "RAW"),
+            "ValidationException",
+        ),
+        (
+            sign(&ml, &[1; 63], "ML_DSA_SHAKE_256", "EXTERNAL_MU"),
+            "ValidationException",
+        ),
+        (
+            sign(&ml, &[1; 65], "ML_DSA_SHAKE_256", "EXTERNAL_MU"),
+            "ValidationException",
+        ),
+        (
+            sign(&ml, &[1; 64], "ML_DSA_SHAKE_256", "DIGEST"),
+            "ValidationException",
+        ),
+        (
+            sign(&ml, &[1; 32], "ECDSA_SHA_256", "DIGEST"),
+            "InvalidKeyUsageException",
+        ),
+        (
+            sign(&ml, &[1; 32], "ML_DSA_SHAKE_128", "RAW"),
+            "ValidationException",
+        ),
+        (
+            sign(&ml, &[1; 32], "ML_DSA_SHAKE_256", "PREHASH"),
+            "ValidationException",
+        ),
+        (
+            sign(&sv, &[1; 64], "ECDSA_SHA_256", "EXTERNAL_MU"),
+            "ValidationException",
+        ),
+        (
+            sign(&sv, &[1; 64], "ML_DSA_SHAKE_256", "RAW"),
+            "InvalidKeyUsageException",
+        ),
+        (
+            sign(&ed, &[1; 64], "ED25519_SHA_512", "DIGEST"),
+            "ValidationException",
+        ),
+        (
+            sign(&ed, &[1; 64], "ED25519_PH_SHA_512", "RAW"),
+            "ValidationException",
+        ),
+        (
+            sign(&ed, &[1; 32], "ED25519_PH_SHA_512", "DIGEST"),
+            "ValidationException",
+        ),
+        (
+            sign(&ed, &[1; 64], "ED25519_SHA_512", "EXTERNAL_MU"),
+            "ValidationException",
+        ),
+        (
+            sign(&ed, &[1; 32], "ECDSA_SHA_256", "RAW"),
+            "InvalidKeyUsageException",
+        ),
+        (
+            sign(&ka, b"m", "ECDSA_SHA_256", "RAW"),
+            "InvalidKeyUsageException",
+        ),
     ];
     for (body, want) in cases {
-        assert_eq!(e(call(&kms, &t, "Sign", body.clone()).await), want, "{body}");
+        assert_eq!(
+            e(call(&kms, &t, "Sign", body.clone()).await),
+            want,
+            "{body}"
+        );
     }
     // DeriveSharedSecret refusals.
     let other_curve = agreement::PrivateKey::generate(&agreement::ECDH_P384).unwrap();
@@ -390,18 +476,28 @@ async fn bad_inputs_are_refused_with_aws_errors_and_audited() {
     let p256 = agreement::PrivateKey::generate(&agreement::ECDH_P256).unwrap();
     let p256_pub = p256.compute_public_key().unwrap();
     let p256_spki: aws_lc_rs::encoding::PublicKeyX509Der<'_> = p256_pub.as_der().unwrap();
-    let dss = |k: &str, alg: &str, pk: &[u8]| {
-        json!({ "KeyId": k, "KeyAgreementAlgorithm": alg, "PublicKey": b64(pk) })
-    };
+    let dss = |k: &str, alg: &str, pk: &[u8]| json!({ "KeyId": k, "KeyAgreementAlgorithm": alg, "PublicKey": b64(pk) });
     let cases: Vec<(Value, &str)> = vec![
-        (dss(&sv, "ECDH", p256_spki.as_ref()), "InvalidKeyUsageException"),
-        (dss(&ml, "ECDH", p256_spki.as_ref()), "InvalidKeyUsageException"),
+        (
+            dss(&sv, "ECDH", p256_spki.as_ref()),
+            "InvalidKeyUsageException",
+        ),
+        (
+            dss(&ml, "ECDH", p256_spki.as_ref()),
+            "InvalidKeyUsageException",
+        ),
         (dss(&ka, "ECDH", other_spki.as_ref()), "ValidationException"),
         // The bare point, not an SPKI.
         (dss(&ka, "ECDH", p256_pub.as_ref()), "ValidationException"),
-        (dss(&ka, "ECDH", &[0x30, 0x03, 0x02, 0x01, 0x00]), "ValidationException"),
+        (
+            dss(&ka, "ECDH", &[0x30, 0x03, 0x02, 0x01, 0x00]),
+            "ValidationException",
+        ),
         (dss(&ka, "ECDHE", p256_spki.as_ref()), "ValidationException"),
-        (json!({ "KeyId": ka, "KeyAgreementAlgorithm": "ECDH" }), "ValidationException"),
+        (
+            json!({ "KeyId": ka, "KeyAgreementAlgorithm": "ECDH" }),
+            "ValidationException",
+        ),
     ];
     for (body, want) in cases {
         assert_eq!(
@@ -412,16 +508,34 @@ async fn bad_inputs_are_refused_with_aws_errors_and_audited() {
     }
     // Keys of the new specs are not for encryption or MACs.
     assert_eq!(
-        e(call(&kms, &t, "Encrypt", json!({ "KeyId": ml, "Plaintext": b64(b"x") })).await),
+        e(call(
+            &kms,
+            &t,
+            "Encrypt",
+            json!({ "KeyId": ml, "Plaintext": b64(b"x") })
+        )
+        .await),
         "InvalidKeyUsageException"
     );
     assert_eq!(
-        e(call(&kms, &t, "GenerateDataKeyPair", json!({ "KeyId": ml, "KeyPairSpec": "ECC_NIST_EDWARDS25519" })).await),
+        e(call(
+            &kms,
+            &t,
+            "GenerateDataKeyPair",
+            json!({ "KeyId": ml, "KeyPairSpec": "ECC_NIST_EDWARDS25519" })
+        )
+        .await),
         "InvalidKeyUsageException"
     );
     let sym = create(&kms, &t, "SYMMETRIC_DEFAULT", "ENCRYPT_DECRYPT").await;
     assert_eq!(
-        e(call(&kms, &t, "GenerateDataKeyPair", json!({ "KeyId": sym, "KeyPairSpec": "ML_DSA_65" })).await),
+        e(call(
+            &kms,
+            &t,
+            "GenerateDataKeyPair",
+            json!({ "KeyId": sym, "KeyPairSpec": "ML_DSA_65" })
+        )
+        .await),
         "ValidationException"
     );
     // Every refusal is in the audit log with its code.
@@ -464,16 +578,26 @@ async fn dry_run_checks_without_doing_and_is_not_a_key_use() {
     assert!(u["TrackingStartDate"].as_f64().unwrap() >= u["KeyCreationDate"].as_f64().unwrap());
     let body = json!({ "KeyId": k, "Message": b64(b"m"), "SigningAlgorithm": "ML_DSA_SHAKE_256", "DryRun": true });
     let (status, err) = call(&kms, &t, "Sign", body.clone()).await.unwrap_err();
-    assert_eq!((status, err["__type"].as_str().unwrap()), (412, "DryRunOperationException"));
+    assert_eq!(
+        (status, err["__type"].as_str().unwrap()),
+        (412, "DryRunOperationException")
+    );
     assert!(err.get("Signature").is_none());
     // A dry run with bad input gets the real error, not DryRun.
     let mut bad = body.clone();
     bad["MessageType"] = json!("EXTERNAL_MU");
-    assert_eq!(code(call(&kms, &t, "Sign", bad).await.unwrap_err()), "ValidationException");
+    assert_eq!(
+        code(call(&kms, &t, "Sign", bad).await.unwrap_err()),
+        "ValidationException"
+    );
     // A dry run by someone the policy does not allow gets AccessDenied.
     let stranger = user(&t.account, "stranger");
     assert_eq!(
-        code(call(&kms, &stranger, "Sign", body.clone()).await.unwrap_err()),
+        code(
+            call(&kms, &stranger, "Sign", body.clone())
+                .await
+                .unwrap_err()
+        ),
         "AccessDeniedException"
     );
     let peer = agreement::PrivateKey::generate(&agreement::ECDH_P384).unwrap();
@@ -487,12 +611,27 @@ async fn dry_run_checks_without_doing_and_is_not_a_key_use() {
     )
     .await
     .unwrap_err();
-    assert_eq!((status, err["__type"].as_str().unwrap()), (412, "DryRunOperationException"));
+    assert_eq!(
+        (status, err["__type"].as_str().unwrap()),
+        (412, "DryRunOperationException")
+    );
     for (op, b) in [
-        ("Encrypt", json!({ "KeyId": sym, "Plaintext": b64(b"x"), "DryRun": true })),
-        ("GenerateDataKey", json!({ "KeyId": sym, "KeySpec": "AES_256", "DryRun": true })),
-        ("GenerateDataKeyPair", json!({ "KeyId": sym, "KeyPairSpec": "ECC_NIST_EDWARDS25519", "DryRun": true })),
-        ("CreateGrant", json!({ "KeyId": sym, "GranteePrincipal": stranger.principal, "Operations": ["Encrypt"], "DryRun": true })),
+        (
+            "Encrypt",
+            json!({ "KeyId": sym, "Plaintext": b64(b"x"), "DryRun": true }),
+        ),
+        (
+            "GenerateDataKey",
+            json!({ "KeyId": sym, "KeySpec": "AES_256", "DryRun": true }),
+        ),
+        (
+            "GenerateDataKeyPair",
+            json!({ "KeyId": sym, "KeyPairSpec": "ECC_NIST_EDWARDS25519", "DryRun": true }),
+        ),
+        (
+            "CreateGrant",
+            json!({ "KeyId": sym, "GranteePrincipal": stranger.principal, "Operations": ["Encrypt"], "DryRun": true }),
+        ),
     ] {
         assert_eq!(
             code(call(&kms, &t, op, b).await.unwrap_err()),
@@ -535,7 +674,10 @@ async fn dry_run_checks_without_doing_and_is_not_a_key_use() {
     let rid = u["KeyLastUsage"]["KmsRequestId"].as_str().unwrap();
     let log = audit(&kms, &t.account).await;
     let rec = log.iter().find(|a| a.request_id == rid).unwrap();
-    assert_eq!((rec.operation.as_str(), rec.result.as_str()), ("Sign", "Success"));
+    assert_eq!(
+        (rec.operation.as_str(), rec.result.as_str()),
+        ("Sign", "Success")
+    );
     // A refused call after it does not move it.
     call(
         &kms,
@@ -545,18 +687,34 @@ async fn dry_run_checks_without_doing_and_is_not_a_key_use() {
     )
     .await
     .unwrap_err();
-    assert_eq!(last(k.clone()).await["KeyLastUsage"]["Operation"], json!("Sign"));
-    // Alias names are not accepted; another account's key is not found.
-    call(&kms, &t, "CreateAlias", json!({ "AliasName": "alias/pq", "TargetKeyId": k }))
-        .await
-        .unwrap();
     assert_eq!(
-        code(call(&kms, &t, "GetKeyLastUsage", json!({ "KeyId": "alias/pq" })).await.unwrap_err()),
+        last(k.clone()).await["KeyLastUsage"]["Operation"],
+        json!("Sign")
+    );
+    // Alias names are not accepted; another account's key is not found.
+    call(
+        &kms,
+        &t,
+        "CreateAlias",
+        json!({ "AliasName": "alias/pq", "TargetKeyId": k }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        code(
+            call(&kms, &t, "GetKeyLastUsage", json!({ "KeyId": "alias/pq" }))
+                .await
+                .unwrap_err()
+        ),
         "InvalidArnException"
     );
     let other = tenant(&kms, "other").await;
     assert_eq!(
-        code(call(&kms, &other, "GetKeyLastUsage", json!({ "KeyId": k })).await.unwrap_err()),
+        code(
+            call(&kms, &other, "GetKeyLastUsage", json!({ "KeyId": k }))
+                .await
+                .unwrap_err()
+        ),
         "NotFoundException"
     );
 }
@@ -574,10 +732,15 @@ async fn derive_shared_secret_and_last_usage_obey_policy_and_grants() {
     let peer = agreement::PrivateKey::generate(&agreement::ECDH_P256).unwrap();
     let peer = peer.compute_public_key().unwrap();
     let peer: aws_lc_rs::encoding::PublicKeyX509Der<'_> = peer.as_der().unwrap();
-    let body = json!({ "KeyId": ka, "KeyAgreementAlgorithm": "ECDH", "PublicKey": b64(peer.as_ref()) });
+    let body =
+        json!({ "KeyId": ka, "KeyAgreementAlgorithm": "ECDH", "PublicKey": b64(peer.as_ref()) });
     let friend = user(&t.account, "friend");
     assert_eq!(
-        code(call(&kms, &friend, "DeriveSharedSecret", body.clone()).await.unwrap_err()),
+        code(
+            call(&kms, &friend, "DeriveSharedSecret", body.clone())
+                .await
+                .unwrap_err()
+        ),
         "AccessDeniedException"
     );
     let g = call(
@@ -608,16 +771,28 @@ async fn derive_shared_secret_and_last_usage_obey_policy_and_grants() {
     .await
     .unwrap();
     assert_eq!(
-        code(call(&kms, &t, "DeriveSharedSecret", body.clone()).await.unwrap_err()),
+        code(
+            call(&kms, &t, "DeriveSharedSecret", body.clone())
+                .await
+                .unwrap_err()
+        ),
         "AccessDeniedException"
     );
     assert_eq!(
-        code(call(&kms, &friend, "DeriveSharedSecret", body.clone()).await.unwrap_err()),
+        code(
+            call(&kms, &friend, "DeriveSharedSecret", body.clone())
+                .await
+                .unwrap_err()
+        ),
         "AccessDeniedException",
         "an explicit Deny beats the grant"
     );
     assert_eq!(
-        code(call(&kms, &t, "GetKeyLastUsage", json!({ "KeyId": ka })).await.unwrap_err()),
+        code(
+            call(&kms, &t, "GetKeyLastUsage", json!({ "KeyId": ka }))
+                .await
+                .unwrap_err()
+        ),
         "AccessDeniedException"
     );
 }
@@ -705,11 +880,17 @@ async fn tls_negotiates_x25519mlkem768_and_audit_records_name_the_group() {
     })
     .await
     .unwrap();
-    assert!(classical.0.contains("MissingAuthenticationTokenException"), "{}", classical.0);
+    assert!(
+        classical.0.contains("MissingAuthenticationTokenException"),
+        "{}",
+        classical.0
+    );
     assert_eq!(classical.1.as_deref(), Some("X25519"));
     // In-process.
     let me = user(&account, "tls");
-    call(&kms, &me, "DescribeKey", json!({ "KeyId": k })).await.unwrap();
+    call(&kms, &me, "DescribeKey", json!({ "KeyId": k }))
+        .await
+        .unwrap();
     let _ = stop_tx.send(());
     let _ = server.await;
 
@@ -724,14 +905,19 @@ async fn tls_negotiates_x25519mlkem768_and_audit_records_name_the_group() {
     let group_of = |pred: &dyn Fn(&caas_store::AuditEntry) -> bool| -> String {
         let a = all.iter().find(|a| pred(a)).expect("audit record");
         let d: Value = serde_json::from_str(&a.detail).unwrap();
-        d["TlsKeyExchange"].as_str().unwrap_or("missing").to_string()
+        d["TlsKeyExchange"]
+            .as_str()
+            .unwrap_or("missing")
+            .to_string()
     };
     assert_eq!(
         group_of(&|a| a.operation == "CreateKey" && a.result == "Success"),
         "X25519MLKEM768"
     );
     assert_eq!(
-        group_of(&|a| a.operation == "ListKeys" && a.result == "MissingAuthenticationTokenException"),
+        group_of(
+            &|a| a.operation == "ListKeys" && a.result == "MissingAuthenticationTokenException"
+        ),
         "X25519"
     );
     assert_eq!(

@@ -57,7 +57,8 @@ pub async fn derive_shared_secret(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsRe
             l.key.key_spec
         )));
     }
-    ctx.detail.insert("KeyAgreementAlgorithm".into(), json!(alg));
+    ctx.detail
+        .insert("KeyAgreementAlgorithm".into(), json!(alg));
     dry_run(ctx, r)?;
     let (_, sk) = material(kms, &l.key, None).await?;
     let secret = km::derive_shared_secret(l.key.key_spec, &sk, &peer)?;
@@ -68,7 +69,7 @@ pub async fn derive_shared_secret(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsRe
         key_agreement_algorithm: km::ECDH,
         key_origin: l.key.origin,
     };
-    Ok(Out::reply(serde_json::to_value(&resp).map_err(|_| {
-        KmsError::Internal("encode".into())
-    })?))
+    Ok(Out::reply(
+        serde_json::to_value(&resp).map_err(|_| KmsError::Internal("encode".into()))?,
+    ))
 }
