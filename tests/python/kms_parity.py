@@ -275,6 +275,24 @@ def dry_run_with_boto3_and_the_aws_cli():
     assert kms.get_key_last_usage(KeyId=sym).get("KeyLastUsage", {}) == {}
 
 
+@check
+def ml_kem_encapsulate_decapsulate_with_boto3_and_the_aws_cli():
+    for spec in ["ML_KEM_512", "ML_KEM_768", "ML_KEM_1024"]:
+        k = kms.create_key(KeySpec=spec, KeyUsage="ENCAPSULATE_DECAPSULATE")["KeyMetadata"]
+        assert k["EncapsulationAlgorithms"] == ["ML_KEM"], k
+        e = kms.encapsulate(KeyId=k["KeyId"], EncapsulationAlgorithm="ML_KEM")
+        d = kms.decapsulate(KeyId=k["KeyId"], EncapsulationAlgorithm="ML_KEM",
+                            SharedSecretCiphertextBlob=e["SharedSecretCiphertextBlob"])
+        assert d["SharedSecret"] == e["SharedSecret"] and len(d["SharedSecret"]) == 32
+        ct = path(f"kem-{spec}", e["SharedSecretCiphertextBlob"])
+        cli = aws("decapsulate", "--key-id", k["KeyId"], "--encapsulation-algorithm", "ML_KEM",
+                  "--shared-secret-ciphertext-blob", f"fileb://{ct}")
+        assert base64.b64decode(cli["SharedSecret"]) == e["SharedSecret"]
+        expect_error("ValidationException", kms.decapsulate, KeyId=k["KeyId"],
+                     EncapsulationAlgorithm="ML_KEM",
+                     SharedSecretCiphertextBlob=e["SharedSecretCiphertextBlob"][:-1])
+
+
 failed = [n for n, ok in results if not ok]
 print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
 sys.exit(1 if failed else 0)

@@ -95,6 +95,9 @@ const NEVER_EXPORTED: &[&str] = &[
     "granttokens",
     "recipient",
     "attestationdocument",
+    "sharedsecret",
+    "ciphertextforrecipient",
+    "sharedsecretciphertextblob",
 ];
 
 fn scrub(v: &Value) -> Value {

@@ -1,8 +1,9 @@
 //! Key specs and the cryptographic operations on customer key material: generation,
 //! signing (RSA, ECDSA, Ed25519 and Ed25519ph, ML-DSA with a raw message or an external
-//! μ), verification, ECDH key agreement, RSA encryption and MACs. Private material enters
-//! and leaves this module only as [`SecretBytes`] (PKCS#8 DER for asymmetric keys — the
-//! seed form for ML-DSA —, raw bytes for symmetric and HMAC keys). `lc` holds the two
+//! μ), verification, ECDH key agreement, ML-KEM encapsulation, RSA encryption and MACs.
+//! Private material enters and leaves this module only as [`SecretBytes`] (PKCS#8 DER for
+//! asymmetric keys — the seed form for ML-DSA —, FIPS 203's decapsulation key for ML-KEM,
+//! raw bytes for symmetric and HMAC keys). `lc` holds the two
 //! calls into AWS-LC that aws-lc-rs does not wrap (external μ, Ed25519ph).
 use crate::error::{KmsError, KmsResult};
 use crate::model::KeyUsage;
@@ -15,7 +16,7 @@ use aws_lc_rs::rsa::{
 use aws_lc_rs::signature::{
     self, EcdsaKeyPair, Ed25519KeyPair, KeyPair, PqdsaKeyPair, RsaKeyPair, UnparsedPublicKey,
 };
-use aws_lc_rs::{agreement, hmac, rand};
+use aws_lc_rs::{agreement, hmac, kem, rand};
 use caas_crypto::SecretBytes;
 
 mod lc;
@@ -30,6 +31,8 @@ pub const ED25519_PH: &str = "ED25519_PH_SHA_512";
 pub const ML_DSA: &str = "ML_DSA_SHAKE_256";
 /// `KeyAgreementAlgorithm` ECDH.
 pub const ECDH: &str = "ECDH";
+/// `EncapsulationAlgorithm` ML-KEM.
+pub const ML_KEM: &str = "ML_KEM";
 
 /// Every `SigningAlgorithm` this service knows (others are a `ValidationException`).
 pub const SIGNING_ALGORITHMS: &[&str] = &[
@@ -82,6 +85,12 @@ pub enum KeySpec {
     MlDsa65,
     /// ML-DSA-87 (FIPS 204).
     MlDsa87,
+    /// ML-KEM-512 (FIPS 203).
+    MlKem512,
+    /// ML-KEM-768 (FIPS 203).
+    MlKem768,
+    /// ML-KEM-1024 (FIPS 203).
+    MlKem1024,
 }
 
 impl serde::Serialize for KeySpec {
@@ -124,6 +133,9 @@ impl KeySpec {
             "ML_DSA_44" => MlDsa44,
             "ML_DSA_65" => MlDsa65,
             "ML_DSA_87" => MlDsa87,
+            "ML_KEM_512" => MlKem512,
+            "ML_KEM_768" => MlKem768,
+            "ML_KEM_1024" => MlKem1024,
             _ => return None,
         })
     }
@@ -147,6 +159,9 @@ impl KeySpec {
             MlDsa44 => "ML_DSA_44",
             MlDsa65 => "ML_DSA_65",
             MlDsa87 => "ML_DSA_87",
+            MlKem512 => "ML_KEM_512",
+            MlKem768 => "ML_KEM_768",
+            MlKem1024 => "ML_KEM_1024",
         }
     }
     /// The wire name (same as [`KeySpec::name`]).
@@ -168,9 +183,43 @@ impl KeySpec {
     pub fn is_ml_dsa(self) -> bool {
         matches!(self, KeySpec::MlDsa44 | KeySpec::MlDsa65 | KeySpec::MlDsa87)
     }
+    /// Is this an ML-KEM spec?
+    pub fn is_ml_kem(self) -> bool {
+        matches!(
+            self,
+            KeySpec::MlKem512 | KeySpec::MlKem768 | KeySpec::MlKem1024
+        )
+    }
     /// Is this an asymmetric spec (a key pair with a public key)?
     pub fn is_asymmetric(self) -> bool {
-        self.is_rsa() || self.is_ecc() || self.is_ml_dsa() || self == KeySpec::EccEd25519
+        self.is_rsa()
+            || self.is_ecc()
+            || self.is_ml_dsa()
+            || self.is_ml_kem()
+            || self == KeySpec::EccEd25519
+    }
+    /// Key encapsulation algorithms (ENCAPSULATE_DECAPSULATE usage).
+    pub fn encapsulation_algorithms(self) -> Vec<&'static str> {
+        if self.is_ml_kem() {
+            vec![ML_KEM]
+        } else {
+            vec![]
+        }
+    }
+    /// The ML-KEM parameter set of this spec.
+    fn ml_kem_alg(self) -> Option<MlKem> {
+        let (alg, oid_last, ek_len, ct_len) = match self {
+            KeySpec::MlKem512 => (&kem::ML_KEM_512, 1, 800, 768),
+            KeySpec::MlKem768 => (&kem::ML_KEM_768, 2, 1184, 1088),
+            KeySpec::MlKem1024 => (&kem::ML_KEM_1024, 3, 1568, 1568),
+            _ => return None,
+        };
+        Some(MlKem {
+            alg,
+            oid_last,
+            ek_len,
+            ct_len,
+        })
     }
     /// Can keys of this spec derive ECDH shared secrets (`KEY_AGREEMENT`)?
     pub fn is_ecdh(self) -> bool {
@@ -193,6 +242,8 @@ impl KeySpec {
             &[KeyUsage::EncryptDecrypt, KeyUsage::SignVerify]
         } else if self.is_ecdh() {
             &[KeyUsage::SignVerify, KeyUsage::KeyAgreement]
+        } else if self.is_ml_kem() {
+            &[KeyUsage::EncapsulateDecapsulate]
         } else {
             &[KeyUsage::SignVerify]
         }
@@ -203,6 +254,8 @@ impl KeySpec {
             KeyUsage::GenerateVerifyMac
         } else if self == KeySpec::SymmetricDefault {
             KeyUsage::EncryptDecrypt
+        } else if self.is_ml_kem() {
+            KeyUsage::EncapsulateDecapsulate
         } else {
             KeyUsage::SignVerify
         }
@@ -307,6 +360,17 @@ impl KeySpec {
     }
 }
 
+/// An ML-KEM parameter set (FIPS 203).
+struct MlKem {
+    alg: &'static kem::Algorithm<kem::AlgorithmId>,
+    /// Last arc of id-alg-ml-kem-512/768/1024 = 2.16.840.1.101.3.4.4.{1,2,3}.
+    oid_last: u8,
+    /// Encapsulation key length.
+    ek_len: usize,
+    /// Ciphertext length.
+    ct_len: usize,
+}
+
 /// Generates fresh key material for a spec.
 pub fn generate(spec: KeySpec) -> KmsResult<SecretBytes> {
     let fail = || KmsError::internal_crypto("key generation");
@@ -331,6 +395,12 @@ pub fn generate(spec: KeySpec) -> KmsResult<SecretBytes> {
             let kp = Ed25519KeyPair::generate().map_err(|_| fail())?;
             let doc = kp.to_pkcs8v1().map_err(|_| fail())?;
             Ok(SecretBytes::from_slice(doc.as_ref()))
+        }
+        s if s.is_ml_kem() => {
+            let p = s.ml_kem_alg().ok_or_else(fail)?;
+            let dk = kem::DecapsulationKey::generate(p.alg).map_err(|_| fail())?;
+            let raw = dk.key_bytes().map_err(|_| fail())?;
+            Ok(SecretBytes::from_slice(raw.as_ref()))
         }
         s if s.is_ml_dsa() => {
             let (alg, _) = s.ml_dsa_alg().ok_or_else(fail)?;
@@ -366,6 +436,17 @@ pub fn public_key_der(spec: KeySpec, private: &SecretBytes) -> KmsResult<Vec<u8>
         let kp = PqdsaKeyPair::from_pkcs8(alg, private.expose()).map_err(|_| fail())?;
         let der = kp.public_key().as_der().map_err(|_| fail())?;
         Ok(der.as_ref().to_vec())
+    } else if let Some(p) = spec.ml_kem_alg() {
+        // FIPS 203 §7.1: dk = dk_PKE (384·k bytes) ‖ ek ‖ H(ek) ‖ z, and |ek| = 384·k + 32.
+        let start = p.ek_len - 32;
+        let ek = private
+            .expose()
+            .get(start..start + p.ek_len)
+            .ok_or_else(fail)?;
+        // The key must load, and its embedded ek be a valid encapsulation key.
+        kem::DecapsulationKey::new(p.alg, private.expose()).map_err(|_| fail())?;
+        kem::EncapsulationKey::new(p.alg, ek).map_err(|_| fail())?;
+        Ok(ml_kem_spki(p.oid_last, ek))
     } else {
         Err(KmsError::UnsupportedOperation(format!(
             "{} keys have no public key",
@@ -575,6 +656,72 @@ fn ed25519_raw(spki: &[u8]) -> KmsResult<[u8; 32]> {
         }
         _ => Err(KmsError::internal_crypto("ed25519 public key")),
     }
+}
+
+fn der_len(n: usize, out: &mut Vec<u8>) {
+    if n < 0x80 {
+        out.push(n as u8);
+    } else if n < 0x100 {
+        out.extend_from_slice(&[0x81, n as u8]);
+    } else {
+        out.extend_from_slice(&[0x82, (n >> 8) as u8, n as u8]);
+    }
+}
+
+/// The SubjectPublicKeyInfo of a raw ML-KEM encapsulation key (FIPS 203 OIDs, no
+/// parameters; the key is the BIT STRING's content).
+fn ml_kem_spki(oid_last: u8, ek: &[u8]) -> Vec<u8> {
+    let alg_id = [
+        0x30, 0x0b, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x04, oid_last,
+    ];
+    let mut bits = vec![0x03];
+    der_len(ek.len() + 1, &mut bits);
+    bits.push(0);
+    bits.extend_from_slice(ek);
+    let mut out = vec![0x30];
+    der_len(alg_id.len() + bits.len(), &mut out);
+    out.extend_from_slice(&alg_id);
+    out.extend_from_slice(&bits);
+    out
+}
+
+/// ML-KEM encapsulation to the key's public key (its SPKI): (ciphertext, shared secret).
+pub fn ml_kem_encapsulate(spec: KeySpec, public_der: &[u8]) -> KmsResult<(Vec<u8>, SecretBytes)> {
+    let fail = || KmsError::internal_crypto("ml-kem encapsulate");
+    let p = spec.ml_kem_alg().ok_or_else(fail)?;
+    let raw = public_der
+        .len()
+        .checked_sub(p.ek_len)
+        .and_then(|i| public_der.get(i..))
+        .ok_or_else(fail)?;
+    let ek = kem::EncapsulationKey::new(p.alg, raw).map_err(|_| fail())?;
+    let (ct, ss) = ek.encapsulate().map_err(|_| fail())?;
+    Ok((ct.as_ref().to_vec(), SecretBytes::from_slice(ss.as_ref())))
+}
+
+/// ML-KEM decapsulation. A ciphertext of the wrong length is a `ValidationException`; a
+/// tampered one of the right length yields an unrelated secret (FIPS 203's implicit
+/// rejection), as in AWS KMS.
+pub fn ml_kem_decapsulate(
+    spec: KeySpec,
+    private: &SecretBytes,
+    ciphertext: &[u8],
+) -> KmsResult<SecretBytes> {
+    let fail = || KmsError::internal_crypto("ml-kem decapsulate");
+    let p = spec.ml_kem_alg().ok_or_else(fail)?;
+    if ciphertext.len() != p.ct_len {
+        return Err(KmsError::Validation(format!(
+            "SharedSecretCiphertextBlob must be {} bytes for {}, not {}",
+            p.ct_len,
+            spec.name(),
+            ciphertext.len()
+        )));
+    }
+    let dk = kem::DecapsulationKey::new(p.alg, private.expose()).map_err(|_| fail())?;
+    let ss = dk
+        .decapsulate(kem::Ciphertext::from(ciphertext))
+        .map_err(|_| fail())?;
+    Ok(SecretBytes::from_slice(ss.as_ref()))
 }
 
 /// ECDH (`KeyAgreementAlgorithm` `ECDH`): the raw shared secret (the x-coordinate, as

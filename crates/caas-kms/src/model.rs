@@ -116,6 +116,8 @@ wire_enum!(
         GenerateVerifyMac = "GENERATE_VERIFY_MAC",
         /// ECDH key agreement (DeriveSharedSecret).
         KeyAgreement = "KEY_AGREEMENT",
+        /// ML-KEM (Encapsulate / Decapsulate).
+        EncapsulateDecapsulate = "ENCAPSULATE_DECAPSULATE",
     }
 );
 

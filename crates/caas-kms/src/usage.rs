@@ -25,6 +25,8 @@ pub const TRACKED: &[&str] = &[
     "Sign",
     "Verify",
     "VerifyMac",
+    "Encapsulate",
+    "Decapsulate",
 ];
 
 /// One key's last use.

@@ -925,3 +925,127 @@ async fn tls_negotiates_x25519mlkem768_and_audit_records_name_the_group() {
         "none (in-process call)"
     );
 }
+
+/// ML-KEM-512/768/1024: GetPublicKey is an SPKI with FIPS 203's OID whose key a local
+/// (aws-lc-rs) encapsulation uses, and Decapsulate recovers that secret; Encapsulate's
+/// ciphertext decapsulates to its secret; a tampered ciphertext yields another secret
+/// (implicit rejection), a wrong-length one or a wrong key is refused; DryRun works.
+#[tokio::test]
+async fn ml_kem_encapsulates_and_decapsulates_like_a_local_peer() {
+    use aws_lc_rs::kem;
+    let tmp = tempfile::tempdir().unwrap();
+    let kms = open(tmp.path()).await;
+    let t = tenant(&kms, "kem").await;
+    let ml_dsa = create(&kms, &t, "ML_DSA_44", "SIGN_VERIFY").await;
+    for (spec, alg, oid_last, ek_len, ct_len) in [
+        ("ML_KEM_512", &kem::ML_KEM_512, 1u8, 800usize, 768usize),
+        ("ML_KEM_768", &kem::ML_KEM_768, 2, 1184, 1088),
+        ("ML_KEM_1024", &kem::ML_KEM_1024, 3, 1568, 1568),
+    ] {
+        let k = create(&kms, &t, spec, "ENCAPSULATE_DECAPSULATE").await;
+        let d = call(&kms, &t, "DescribeKey", json!({ "KeyId": k }))
+            .await
+            .unwrap();
+        assert_eq!(
+            d["KeyMetadata"]["EncapsulationAlgorithms"],
+            json!(["ML_KEM"])
+        );
+        let pk = call(&kms, &t, "GetPublicKey", json!({ "KeyId": k }))
+            .await
+            .unwrap();
+        assert_eq!(pk["EncapsulationAlgorithms"], json!(["ML_KEM"]));
+        let spki = unb64(&pk["PublicKey"]);
+        assert_eq!(
+            spki.len(),
+            4 + usize::from(u16::from_be_bytes([spki[2], spki[3]]))
+        );
+        let oid = [
+            0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x04, oid_last,
+        ];
+        assert!(spki.windows(oid.len()).any(|w| w == oid), "{spec} OID");
+        let ek = kem::EncapsulationKey::new(alg, &spki[spki.len() - ek_len..]).unwrap();
+        let (ct, local) = ek.encapsulate().unwrap();
+        let dec = |ct: &[u8]| json!({ "KeyId": k, "SharedSecretCiphertextBlob": b64(ct), "EncapsulationAlgorithm": "ML_KEM" });
+        let r = call(&kms, &t, "Decapsulate", dec(ct.as_ref()))
+            .await
+            .unwrap();
+        assert_eq!(unb64(&r["SharedSecret"]), local.as_ref(), "{spec}");
+        let e = call(
+            &kms,
+            &t,
+            "Encapsulate",
+            json!({ "KeyId": k, "EncapsulationAlgorithm": "ML_KEM" }),
+        )
+        .await
+        .unwrap();
+        let ct2 = unb64(&e["SharedSecretCiphertextBlob"]);
+        assert_eq!(ct2.len(), ct_len);
+        let r2 = call(&kms, &t, "Decapsulate", dec(&ct2)).await.unwrap();
+        assert_eq!(r2["SharedSecret"], e["SharedSecret"]);
+        let mut bad = ct2.clone();
+        bad[0] ^= 1;
+        let r3 = call(&kms, &t, "Decapsulate", dec(&bad)).await.unwrap();
+        assert_ne!(r3["SharedSecret"], e["SharedSecret"]);
+        assert_eq!(
+            code(
+                call(&kms, &t, "Decapsulate", dec(&ct2[1..]))
+                    .await
+                    .unwrap_err()
+            ),
+            "ValidationException"
+        );
+        let mut wrong_alg = dec(&ct2);
+        wrong_alg["EncapsulationAlgorithm"] = json!("ML_KEM_768");
+        assert_eq!(
+            code(call(&kms, &t, "Decapsulate", wrong_alg).await.unwrap_err()),
+            "ValidationException"
+        );
+        let mut other_key = dec(&ct2);
+        other_key["KeyId"] = json!(ml_dsa);
+        assert_eq!(
+            code(call(&kms, &t, "Decapsulate", other_key).await.unwrap_err()),
+            "InvalidKeyUsageException"
+        );
+        assert_eq!(
+            code(
+                call(
+                    &kms,
+                    &t,
+                    "Sign",
+                    json!({ "KeyId": k, "Message": b64(b"m"), "SigningAlgorithm": "ML_DSA_SHAKE_256" })
+                )
+                .await
+                .unwrap_err()
+            ),
+            "InvalidKeyUsageException"
+        );
+        let mut dry = dec(&ct2);
+        dry["DryRun"] = json!(true);
+        assert_eq!(
+            code(call(&kms, &t, "Decapsulate", dry).await.unwrap_err()),
+            "DryRunOperationException"
+        );
+        let u = call(&kms, &t, "GetKeyLastUsage", json!({ "KeyId": k }))
+            .await
+            .unwrap();
+        assert_eq!(u["KeyLastUsage"]["Operation"], json!("Decapsulate"));
+    }
+    for usage in ["SIGN_VERIFY", "ENCRYPT_DECRYPT", "KEY_AGREEMENT"] {
+        assert_eq!(
+            code(
+                call(
+                    &kms,
+                    &t,
+                    "CreateKey",
+                    json!({ "KeySpec": "ML_KEM_768", "KeyUsage": usage })
+                )
+                .await
+                .unwrap_err()
+            ),
+            "ValidationException"
+        );
+    }
+    // The decapsulated secret is in no audit record.
+    let log = audit(&kms, &t.account).await;
+    assert!(log.iter().all(|a| !a.detail.contains("SharedSecret\"")));
+}

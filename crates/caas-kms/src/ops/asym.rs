@@ -90,6 +90,9 @@ pub async fn get_public_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<O
         KeyUsage::KeyAgreement => {
             out["KeyAgreementAlgorithms"] = json!(spec.key_agreement_algorithms())
         }
+        KeyUsage::EncapsulateDecapsulate => {
+            out["EncapsulationAlgorithms"] = json!(spec.encapsulation_algorithms())
+        }
         _ => out["EncryptionAlgorithms"] = json!(spec.encryption_algorithms()),
     }
     Ok(Out::reply(out))

@@ -41,6 +41,8 @@ const GRANT_OPERATIONS: &[&str] = &[
     "GenerateMac",
     "VerifyMac",
     "DeriveSharedSecret",
+    "Encapsulate",
+    "Decapsulate",
 ];
 
 fn token_hash(token: &str) -> Vec<u8> {

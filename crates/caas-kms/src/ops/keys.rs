@@ -44,6 +44,9 @@ pub fn metadata(k: &KeyRecord) -> Value {
         KeyUsage::KeyAgreement => {
             m["KeyAgreementAlgorithms"] = json!(spec.key_agreement_algorithms())
         }
+        KeyUsage::EncapsulateDecapsulate => {
+            m["EncapsulationAlgorithms"] = json!(spec.encapsulation_algorithms())
+        }
     }
     if let Some(d) = k.deletion_date_ms {
         m["DeletionDate"] = json!(secs(d));

@@ -1,5 +1,5 @@
 //! The KMS operations, one file per family (keys, aliases, symmetric crypto, asymmetric
-//! and MAC, key agreement, import, grants, last usage), and what they share: parameter
+//! and MAC, key agreement, key encapsulation, import, grants, last usage), and what they share: parameter
 //! access with AWS validation errors, key resolution by id / ARN / alias, authorization,
 //! `DryRun`, and key-record updates.
 mod agreement;
@@ -8,6 +8,7 @@ mod asym;
 mod crypto;
 mod grants;
 mod import;
+mod kem;
 mod keys;
 mod last_usage;
 
@@ -70,6 +71,8 @@ pub async fn dispatch(kms: &Kms, ctx: &mut Ctx, op: &str, req: &Value) -> KmsRes
         "VerifyMac" => asym::verify_mac(kms, ctx, r).await,
         "DeriveSharedSecret" => agreement::derive_shared_secret(kms, ctx, r).await,
         "GetKeyLastUsage" => last_usage::get_key_last_usage(kms, ctx, r).await,
+        "Encapsulate" => kem::encapsulate(kms, ctx, r).await,
+        "Decapsulate" => kem::decapsulate(kms, ctx, r).await,
         "GetParametersForImport" => import::get_parameters(kms, ctx, r).await,
         "ImportKeyMaterial" => import::import(kms, ctx, r).await,
         "DeleteImportedKeyMaterial" => import::delete(kms, ctx, r).await,
