@@ -276,7 +276,7 @@ def dry_run_with_boto3_and_the_aws_cli():
 
 
 @check
-def ml_kem_encapsulate_decapsulate_with_boto3_and_the_aws_cli():
+def ml_kem_encapsulate_decapsulate_with_boto3():
     for spec in ["ML_KEM_512", "ML_KEM_768", "ML_KEM_1024"]:
         k = kms.create_key(KeySpec=spec, KeyUsage="ENCAPSULATE_DECAPSULATE")["KeyMetadata"]
         assert k["EncapsulationAlgorithms"] == ["ML_KEM"], k
@@ -284,10 +284,8 @@ def ml_kem_encapsulate_decapsulate_with_boto3_and_the_aws_cli():
         d = kms.decapsulate(KeyId=k["KeyId"], EncapsulationAlgorithm="ML_KEM",
                             SharedSecretCiphertextBlob=e["SharedSecretCiphertextBlob"])
         assert d["SharedSecret"] == e["SharedSecret"] and len(d["SharedSecret"]) == 32
-        ct = path(f"kem-{spec}", e["SharedSecretCiphertextBlob"])
-        cli = aws("decapsulate", "--key-id", k["KeyId"], "--encapsulation-algorithm", "ML_KEM",
-                  "--shared-secret-ciphertext-blob", f"fileb://{ct}")
-        assert base64.b64decode(cli["SharedSecret"]) == e["SharedSecret"]
+        # (The aws CLI v1's bundled service model, awscli 1.46, has no Encapsulate or
+        # Decapsulate yet; boto3's botocore 1.44 has.)
         expect_error("ValidationException", kms.decapsulate, KeyId=k["KeyId"],
                      EncapsulationAlgorithm="ML_KEM",
                      SharedSecretCiphertextBlob=e["SharedSecretCiphertextBlob"][:-1])
