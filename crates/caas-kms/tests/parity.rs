@@ -498,6 +498,13 @@ async fn bad_inputs_are_refused_with_aws_errors_and_audited() {
             json!({ "KeyId": ka, "KeyAgreementAlgorithm": "ECDH" }),
             "ValidationException",
         ),
+        // A caller asking for attestation-gated release never gets the secret in the clear
+        // (until `Recipient` is implemented, the request is refused).
+        (
+            json!({ "KeyId": ka, "KeyAgreementAlgorithm": "ECDH", "PublicKey": b64(p256_spki.as_ref()),
+                    "Recipient": { "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256", "AttestationDocument": b64(b"doc") } }),
+            "UnsupportedOperationException",
+        ),
     ];
     for (body, want) in cases {
         assert_eq!(
