@@ -95,6 +95,9 @@ const NEVER_EXPORTED: &[&str] = &[
     "granttokens",
     "recipient",
     "attestationdocument",
+    "sharedsecret",
+    "ciphertextforrecipient",
+    "sharedsecretciphertextblob",
 ];
 
 fn scrub(v: &Value) -> Value {
@@ -141,7 +144,8 @@ pub fn event_id(seq: u64, hash: &[u8; 32]) -> String {
     uuid::Builder::from_custom_bytes(b).into_uuid().to_string()
 }
 
-/// One audit record as a CloudTrail-style event (`eventVersion` 1.08 field names), plus
+/// One audit record as a CloudTrail-style event (`eventVersion` 1.08 field names; the
+/// request's TLS key-exchange group as `tlsDetails.keyExchange`), plus
 /// `caas: {seq, hash}` so that a SIEM can tie it back to the verified chain.
 pub fn cloudtrail_event(rec: &AuditRecord, region: &str) -> Value {
     let e = &rec.entry;
@@ -176,7 +180,9 @@ pub fn cloudtrail_event(rec: &AuditRecord, region: &str) -> Value {
     };
     let mut params: Map<String, Value> = detail
         .iter()
-        .filter(|(k, _)| k.as_str() != ACCESS_KEY_FIELD)
+        .filter(|(k, _)| {
+            k.as_str() != ACCESS_KEY_FIELD && k.as_str() != crate::service::TLS_KEY_EXCHANGE_FIELD
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     if let Some(k) = &e.key_id {
@@ -220,6 +226,13 @@ pub fn cloudtrail_event(rec: &AuditRecord, region: &str) -> Value {
         && let Some(m) = ev.as_object_mut()
     {
         m.insert("errorCode".into(), json!(e.result));
+    }
+    // CloudTrail's tlsDetails, with the key-exchange group (caas's addition).
+    if let (Some(kx), Some(m)) = (
+        detail.get(crate::service::TLS_KEY_EXCHANGE_FIELD),
+        ev.as_object_mut(),
+    ) {
+        m.insert("tlsDetails".into(), json!({ "keyExchange": kx }));
     }
     ev
 }
@@ -308,6 +321,20 @@ mod tests {
             ok["requestParameters"]["KeyId"],
             "1234abcd-12ab-34cd-56ef-1234567890ab"
         );
+    }
+
+    #[test]
+    fn export_names_the_tls_key_exchange_in_tls_details() {
+        let rec = record(
+            json!({ "TlsKeyExchange": "X25519MLKEM768", "MessageType": "RAW" }),
+            "Success",
+        );
+        let ev = cloudtrail_event(&rec, "us-east-1");
+        assert_eq!(ev["tlsDetails"]["keyExchange"], "X25519MLKEM768");
+        assert!(ev["requestParameters"].get("TlsKeyExchange").is_none());
+        assert_eq!(ev["requestParameters"]["MessageType"], "RAW");
+        let plain = cloudtrail_event(&record(json!({}), "Success"), "us-east-1");
+        assert!(plain.get("tlsDetails").is_none());
     }
 
     #[test]

@@ -163,13 +163,12 @@ impl KmsClient {
                     .add(c.map_err(|_| bad("bad CA certificate"))?)
                     .map_err(|_| bad("bad CA certificate"))?;
             }
-            let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| bad(&e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            // caas's TLS provider: the hybrid post-quantum group first.
+            let cfg = rustls::ClientConfig::builder_with_provider(caas_tls::provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| bad(&e.to_string()))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
             Some(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
         } else {
             None

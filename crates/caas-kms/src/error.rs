@@ -92,6 +92,13 @@ pub enum KmsError {
     /// A quota or limit was exceeded (HTTP 400).
     #[error("{0}")]
     LimitExceeded(String),
+    /// The request had `DryRun` set and would have succeeded (HTTP 412,
+    /// `DryRunOperationException`): nothing was done.
+    #[error("The request would have succeeded, but the DryRun option is set.")]
+    DryRun,
+    /// A key ARN (or id) is malformed where only those are accepted (HTTP 400).
+    #[error("{0}")]
+    InvalidArn(String),
     /// Internal failure (HTTP 500, `KMSInternalException`); details are logged, not returned.
     #[error("{0}")]
     Internal(String),
@@ -137,6 +144,8 @@ impl KmsError {
             UnknownOperation(_) => "UnknownOperationException",
             Conflict(_) => "ConflictException",
             LimitExceeded(_) => "LimitExceededException",
+            DryRun => "DryRunOperationException",
+            InvalidArn(_) => "InvalidArnException",
             Internal(_) | Integrity(_) => "KMSInternalException",
         }
     }
@@ -146,6 +155,7 @@ impl KmsError {
         match self {
             KmsError::Internal(_) | KmsError::Integrity(_) => 500,
             KmsError::Conflict(_) => 409,
+            KmsError::DryRun => 412,
             _ => 400,
         }
     }

@@ -7,7 +7,8 @@
 //! keys, EKTs · [`domain`] KMS domains of several nodes (identities, quorum-signed domain
 //! state, EDTs) · [`blob`] ciphertext format · [`material`] key specs and primitives ·
 //! [`policy`] key policies · [`recipient`] attestation-gated release (`Recipient`) ·
-//! [`operator`] operator principals and their permissions · [`server`] HTTP/TLS · [`client`] a SigV4 client for caas's own
+//! [`usage`] keys' last use · [`operator`] operator principals and their permissions ·
+//! [`server`] HTTP/TLS · [`client`] a SigV4 client for caas's own
 //! tools · [`audit`] audit signing and CloudTrail-style export · [`checkpoint`] audit
 //! freshness anchored outside the database.
 //!
@@ -35,6 +36,7 @@ pub mod recipient;
 pub mod server;
 pub mod service;
 pub mod sigv4;
+pub mod usage;
 
 pub use error::{KmsError, KmsResult};
 pub use service::{Caller, Kms, KmsParams};

@@ -1,18 +1,54 @@
 //! Key specs and the cryptographic operations on customer key material: generation,
-//! signing, verification, RSA encryption and MACs. Private material enters and leaves
-//! this module only as [`SecretBytes`] (PKCS#8 DER for asymmetric keys, raw bytes for
-//! symmetric and HMAC keys).
+//! signing (RSA, ECDSA, Ed25519 and Ed25519ph, ML-DSA with a raw message or an external
+//! μ), verification, ECDH key agreement, ML-KEM encapsulation, RSA encryption and MACs.
+//! Private material enters and leaves this module only as [`SecretBytes`] (PKCS#8 DER for
+//! asymmetric keys — the seed form for ML-DSA —, FIPS 203's decapsulation key for ML-KEM,
+//! raw bytes for symmetric and HMAC keys). `lc` holds the two
+//! calls into AWS-LC that aws-lc-rs does not wrap (external μ, Ed25519ph).
 use crate::error::{KmsError, KmsResult};
 use crate::model::KeyUsage;
 use aws_lc_rs::digest::{self, Digest};
-use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
+use aws_lc_rs::encoding::{AsBigEndian, AsDer, Curve25519SeedBin, Pkcs8V1Der};
 use aws_lc_rs::rsa::{
     KeySize, OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256, OaepPrivateDecryptingKey,
     OaepPublicEncryptingKey, PrivateDecryptingKey, PublicEncryptingKey,
 };
-use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair, RsaKeyPair, UnparsedPublicKey};
-use aws_lc_rs::{hmac, rand};
+use aws_lc_rs::signature::{
+    self, EcdsaKeyPair, Ed25519KeyPair, KeyPair, PqdsaKeyPair, RsaKeyPair, UnparsedPublicKey,
+};
+use aws_lc_rs::{agreement, hmac, kem, rand};
 use caas_crypto::SecretBytes;
+
+mod lc;
+pub use lc::MU_LEN;
+
+/// `SigningAlgorithm` of Ed25519 over the raw message (`MessageType` `RAW` only).
+pub const ED25519: &str = "ED25519_SHA_512";
+/// `SigningAlgorithm` of Ed25519ph (HashEdDSA; `MessageType` `DIGEST` only: the caller's
+/// SHA-512 digest is the message Ed25519ph hashes again, as AWS KMS does).
+pub const ED25519_PH: &str = "ED25519_PH_SHA_512";
+/// `SigningAlgorithm` of ML-DSA (`MessageType` `RAW` or `EXTERNAL_MU`).
+pub const ML_DSA: &str = "ML_DSA_SHAKE_256";
+/// `KeyAgreementAlgorithm` ECDH.
+pub const ECDH: &str = "ECDH";
+/// `EncapsulationAlgorithm` ML-KEM.
+pub const ML_KEM: &str = "ML_KEM";
+
+/// Every `SigningAlgorithm` this service knows (others are a `ValidationException`).
+pub const SIGNING_ALGORITHMS: &[&str] = &[
+    "RSASSA_PSS_SHA_256",
+    "RSASSA_PSS_SHA_384",
+    "RSASSA_PSS_SHA_512",
+    "RSASSA_PKCS1_V1_5_SHA_256",
+    "RSASSA_PKCS1_V1_5_SHA_384",
+    "RSASSA_PKCS1_V1_5_SHA_512",
+    "ECDSA_SHA_256",
+    "ECDSA_SHA_384",
+    "ECDSA_SHA_512",
+    ED25519,
+    ED25519_PH,
+    ML_DSA,
+];
 
 /// A KMS `KeySpec` (serialized as its wire name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -41,6 +77,20 @@ pub enum KeySpec {
     EccP521,
     /// secp256k1.
     EccSecgP256k1,
+    /// Ed25519 (`ECC_NIST_EDWARDS25519`).
+    EccEd25519,
+    /// ML-DSA-44 (FIPS 204).
+    MlDsa44,
+    /// ML-DSA-65 (FIPS 204).
+    MlDsa65,
+    /// ML-DSA-87 (FIPS 204).
+    MlDsa87,
+    /// ML-KEM-512 (FIPS 203).
+    MlKem512,
+    /// ML-KEM-768 (FIPS 203).
+    MlKem768,
+    /// ML-KEM-1024 (FIPS 203).
+    MlKem1024,
 }
 
 impl serde::Serialize for KeySpec {
@@ -79,6 +129,13 @@ impl KeySpec {
             "ECC_NIST_P384" => EccP384,
             "ECC_NIST_P521" => EccP521,
             "ECC_SECG_P256K1" => EccSecgP256k1,
+            "ECC_NIST_EDWARDS25519" => EccEd25519,
+            "ML_DSA_44" => MlDsa44,
+            "ML_DSA_65" => MlDsa65,
+            "ML_DSA_87" => MlDsa87,
+            "ML_KEM_512" => MlKem512,
+            "ML_KEM_768" => MlKem768,
+            "ML_KEM_1024" => MlKem1024,
             _ => return None,
         })
     }
@@ -98,6 +155,13 @@ impl KeySpec {
             EccP384 => "ECC_NIST_P384",
             EccP521 => "ECC_NIST_P521",
             EccSecgP256k1 => "ECC_SECG_P256K1",
+            EccEd25519 => "ECC_NIST_EDWARDS25519",
+            MlDsa44 => "ML_DSA_44",
+            MlDsa65 => "ML_DSA_65",
+            MlDsa87 => "ML_DSA_87",
+            MlKem512 => "ML_KEM_512",
+            MlKem768 => "ML_KEM_768",
+            MlKem1024 => "ML_KEM_1024",
         }
     }
     /// The wire name (same as [`KeySpec::name`]).
@@ -108,12 +172,58 @@ impl KeySpec {
     pub fn is_rsa(self) -> bool {
         matches!(self, KeySpec::Rsa2048 | KeySpec::Rsa3072 | KeySpec::Rsa4096)
     }
-    /// Is this an elliptic-curve spec?
+    /// Is this an ECDSA (NIST or secp256k1 curve) spec?
     pub fn is_ecc(self) -> bool {
         matches!(
             self,
             KeySpec::EccP256 | KeySpec::EccP384 | KeySpec::EccP521 | KeySpec::EccSecgP256k1
         )
+    }
+    /// Is this an ML-DSA spec?
+    pub fn is_ml_dsa(self) -> bool {
+        matches!(self, KeySpec::MlDsa44 | KeySpec::MlDsa65 | KeySpec::MlDsa87)
+    }
+    /// Is this an ML-KEM spec?
+    pub fn is_ml_kem(self) -> bool {
+        matches!(
+            self,
+            KeySpec::MlKem512 | KeySpec::MlKem768 | KeySpec::MlKem1024
+        )
+    }
+    /// Is this an asymmetric spec (a key pair with a public key)?
+    pub fn is_asymmetric(self) -> bool {
+        self.is_rsa()
+            || self.is_ecc()
+            || self.is_ml_dsa()
+            || self.is_ml_kem()
+            || self == KeySpec::EccEd25519
+    }
+    /// Key encapsulation algorithms (ENCAPSULATE_DECAPSULATE usage).
+    pub fn encapsulation_algorithms(self) -> Vec<&'static str> {
+        if self.is_ml_kem() {
+            vec![ML_KEM]
+        } else {
+            vec![]
+        }
+    }
+    /// The ML-KEM parameter set of this spec.
+    fn ml_kem_alg(self) -> Option<MlKem> {
+        let (alg, oid_last, ek_len, ct_len) = match self {
+            KeySpec::MlKem512 => (&kem::ML_KEM_512, 1, 800, 768),
+            KeySpec::MlKem768 => (&kem::ML_KEM_768, 2, 1184, 1088),
+            KeySpec::MlKem1024 => (&kem::ML_KEM_1024, 3, 1568, 1568),
+            _ => return None,
+        };
+        Some(MlKem {
+            alg,
+            oid_last,
+            ek_len,
+            ct_len,
+        })
+    }
+    /// Can keys of this spec derive ECDH shared secrets (`KEY_AGREEMENT`)?
+    pub fn is_ecdh(self) -> bool {
+        matches!(self, KeySpec::EccP256 | KeySpec::EccP384 | KeySpec::EccP521)
     }
     /// Is this an HMAC spec?
     pub fn is_hmac(self) -> bool {
@@ -130,6 +240,10 @@ impl KeySpec {
             &[KeyUsage::GenerateVerifyMac]
         } else if self.is_rsa() {
             &[KeyUsage::EncryptDecrypt, KeyUsage::SignVerify]
+        } else if self.is_ecdh() {
+            &[KeyUsage::SignVerify, KeyUsage::KeyAgreement]
+        } else if self.is_ml_kem() {
+            &[KeyUsage::EncapsulateDecapsulate]
         } else {
             &[KeyUsage::SignVerify]
         }
@@ -140,6 +254,8 @@ impl KeySpec {
             KeyUsage::GenerateVerifyMac
         } else if self == KeySpec::SymmetricDefault {
             KeyUsage::EncryptDecrypt
+        } else if self.is_ml_kem() {
+            KeyUsage::EncapsulateDecapsulate
         } else {
             KeyUsage::SignVerify
         }
@@ -158,8 +274,35 @@ impl KeySpec {
             KeySpec::EccP256 | KeySpec::EccSecgP256k1 => vec!["ECDSA_SHA_256"],
             KeySpec::EccP384 => vec!["ECDSA_SHA_384"],
             KeySpec::EccP521 => vec!["ECDSA_SHA_512"],
+            KeySpec::EccEd25519 => vec![ED25519, ED25519_PH],
+            KeySpec::MlDsa44 | KeySpec::MlDsa65 | KeySpec::MlDsa87 => vec![ML_DSA],
             _ => vec![],
         }
+    }
+    /// Key agreement algorithms (KEY_AGREEMENT usage).
+    pub fn key_agreement_algorithms(self) -> Vec<&'static str> {
+        if self.is_ecdh() { vec![ECDH] } else { vec![] }
+    }
+    fn ml_dsa_alg(
+        self,
+    ) -> Option<(
+        &'static signature::PqdsaSigningAlgorithm,
+        &'static signature::PqdsaVerificationAlgorithm,
+    )> {
+        Some(match self {
+            KeySpec::MlDsa44 => (&signature::ML_DSA_44_SIGNING, &signature::ML_DSA_44),
+            KeySpec::MlDsa65 => (&signature::ML_DSA_65_SIGNING, &signature::ML_DSA_65),
+            KeySpec::MlDsa87 => (&signature::ML_DSA_87_SIGNING, &signature::ML_DSA_87),
+            _ => return None,
+        })
+    }
+    fn ecdh_alg(self) -> Option<&'static agreement::Algorithm> {
+        Some(match self {
+            KeySpec::EccP256 => &agreement::ECDH_P256,
+            KeySpec::EccP384 => &agreement::ECDH_P384,
+            KeySpec::EccP521 => &agreement::ECDH_P521,
+            _ => return None,
+        })
     }
     /// Encryption algorithms (ENCRYPT_DECRYPT usage).
     pub fn encryption_algorithms(self) -> Vec<&'static str> {
@@ -217,6 +360,17 @@ impl KeySpec {
     }
 }
 
+/// An ML-KEM parameter set (FIPS 203).
+struct MlKem {
+    alg: &'static kem::Algorithm<kem::AlgorithmId>,
+    /// Last arc of id-alg-ml-kem-512/768/1024 = 2.16.840.1.101.3.4.4.{1,2,3}.
+    oid_last: u8,
+    /// Encapsulation key length.
+    ek_len: usize,
+    /// Ciphertext length.
+    ct_len: usize,
+}
+
 /// Generates fresh key material for a spec.
 pub fn generate(spec: KeySpec) -> KmsResult<SecretBytes> {
     let fail = || KmsError::internal_crypto("key generation");
@@ -236,6 +390,23 @@ pub fn generate(spec: KeySpec) -> KmsResult<SecretBytes> {
             let kp = RsaKeyPair::generate(size).map_err(|_| fail())?;
             let der: Pkcs8V1Der<'static> = kp.as_der().map_err(|_| fail())?;
             Ok(SecretBytes::from_slice(der.as_ref()))
+        }
+        KeySpec::EccEd25519 => {
+            let kp = Ed25519KeyPair::generate().map_err(|_| fail())?;
+            let doc = kp.to_pkcs8v1().map_err(|_| fail())?;
+            Ok(SecretBytes::from_slice(doc.as_ref()))
+        }
+        s if s.is_ml_kem() => {
+            let p = s.ml_kem_alg().ok_or_else(fail)?;
+            let dk = kem::DecapsulationKey::generate(p.alg).map_err(|_| fail())?;
+            let raw = dk.key_bytes().map_err(|_| fail())?;
+            Ok(SecretBytes::from_slice(raw.as_ref()))
+        }
+        s if s.is_ml_dsa() => {
+            let (alg, _) = s.ml_dsa_alg().ok_or_else(fail)?;
+            let kp = PqdsaKeyPair::generate(alg).map_err(|_| fail())?;
+            let doc = kp.to_pkcs8v1().map_err(|_| fail())?;
+            Ok(SecretBytes::from_slice(doc.as_ref()))
         }
         s => {
             let (alg, _) = s.ecdsa_alg().ok_or_else(fail)?;
@@ -257,6 +428,25 @@ pub fn public_key_der(spec: KeySpec, private: &SecretBytes) -> KmsResult<Vec<u8>
         let kp = EcdsaKeyPair::from_pkcs8(alg, private.expose()).map_err(|_| fail())?;
         let der = kp.public_key().as_der().map_err(|_| fail())?;
         Ok(der.as_ref().to_vec())
+    } else if spec == KeySpec::EccEd25519 {
+        let kp = Ed25519KeyPair::from_pkcs8(private.expose()).map_err(|_| fail())?;
+        let der = kp.public_key().as_der().map_err(|_| fail())?;
+        Ok(der.as_ref().to_vec())
+    } else if let Some((alg, _)) = spec.ml_dsa_alg() {
+        let kp = PqdsaKeyPair::from_pkcs8(alg, private.expose()).map_err(|_| fail())?;
+        let der = kp.public_key().as_der().map_err(|_| fail())?;
+        Ok(der.as_ref().to_vec())
+    } else if let Some(p) = spec.ml_kem_alg() {
+        // FIPS 203 §7.1: dk = dk_PKE (384·k bytes) ‖ ek ‖ H(ek) ‖ z, and |ek| = 384·k + 32.
+        let start = p.ek_len - 32;
+        let ek = private
+            .expose()
+            .get(start..start + p.ek_len)
+            .ok_or_else(fail)?;
+        // The key must load, and its embedded ek be a valid encapsulation key.
+        kem::DecapsulationKey::new(p.alg, private.expose()).map_err(|_| fail())?;
+        kem::EncapsulationKey::new(p.alg, ek).map_err(|_| fail())?;
+        Ok(ml_kem_spki(p.oid_last, ek))
     } else {
         Err(KmsError::UnsupportedOperation(format!(
             "{} keys have no public key",
@@ -300,6 +490,266 @@ pub fn message_digest(algorithm: &str, message: &[u8], message_type: &str) -> Km
             "Unsupported MessageType {other}"
         ))),
     }
+}
+
+/// What Sign and Verify sign: a digest (RSA, ECDSA), the raw message (Ed25519, ML-DSA
+/// `RAW`), ML-DSA's external μ, or the caller's SHA-512 digest that Ed25519ph hashes again.
+#[derive(Debug)]
+pub enum SignInput {
+    /// RSA / ECDSA over a digest.
+    Digest(Digest),
+    /// Ed25519 or ML-DSA over the message itself.
+    Message(Vec<u8>),
+    /// ML-DSA over the caller's 64-byte μ.
+    Mu([u8; MU_LEN]),
+    /// Ed25519ph over the caller's 64-byte SHA-512 digest.
+    PreHashed(Vec<u8>),
+}
+
+/// Checks `algorithm` and `message_type` against the key spec and the message, AWS's
+/// rules: an unknown algorithm or message type, a `DIGEST` of the wrong length, an
+/// `EXTERNAL_MU` that is not 64 bytes or not for ML-DSA, `ED25519_SHA_512` other than `RAW`,
+/// `ED25519_PH_SHA_512` other than `DIGEST` are `ValidationException`s; an algorithm the
+/// key's spec does not offer is `InvalidKeyUsageException`.
+pub fn sign_input(
+    spec: KeySpec,
+    algorithm: &str,
+    message: &[u8],
+    message_type: &str,
+) -> KmsResult<SignInput> {
+    if !SIGNING_ALGORITHMS.contains(&algorithm) {
+        return Err(KmsError::Validation(format!(
+            "Unsupported SigningAlgorithm {}",
+            algorithm.chars().take(64).collect::<String>()
+        )));
+    }
+    if !matches!(message_type, "RAW" | "DIGEST" | "EXTERNAL_MU") {
+        return Err(KmsError::Validation(format!(
+            "Unsupported MessageType {}",
+            message_type.chars().take(64).collect::<String>()
+        )));
+    }
+    check_signing_alg(spec, algorithm)?;
+    let wrong_type = |allowed: &str| {
+        Err(KmsError::Validation(format!(
+            "SigningAlgorithm {algorithm} requires MessageType {allowed}, not {message_type}"
+        )))
+    };
+    match algorithm {
+        ML_DSA => match message_type {
+            "RAW" => Ok(SignInput::Message(message.to_vec())),
+            "EXTERNAL_MU" => <[u8; MU_LEN]>::try_from(message)
+                .map(SignInput::Mu)
+                .map_err(|_| {
+                    KmsError::Validation(format!(
+                        "Message must be exactly {MU_LEN} bytes for MessageType EXTERNAL_MU, not {}",
+                        message.len()
+                    ))
+                }),
+            _ => wrong_type("RAW or EXTERNAL_MU"),
+        },
+        ED25519 => match message_type {
+            "RAW" => Ok(SignInput::Message(message.to_vec())),
+            _ => wrong_type("RAW"),
+        },
+        ED25519_PH => match message_type {
+            "DIGEST" if message.len() == 64 => Ok(SignInput::PreHashed(message.to_vec())),
+            "DIGEST" => Err(KmsError::Validation(format!(
+                "Digest length {} does not match {algorithm} (64 bytes)",
+                message.len()
+            ))),
+            _ => wrong_type("DIGEST"),
+        },
+        _ if message_type == "EXTERNAL_MU" => wrong_type("RAW or DIGEST"),
+        _ => message_digest(algorithm, message, message_type).map(SignInput::Digest),
+    }
+}
+
+/// Signs a prepared input (see [`sign_input`]) with a private key.
+pub fn sign_message(
+    spec: KeySpec,
+    private: &SecretBytes,
+    algorithm: &str,
+    input: &SignInput,
+) -> KmsResult<Vec<u8>> {
+    check_signing_alg(spec, algorithm)?;
+    let fail = || KmsError::internal_crypto("sign");
+    match input {
+        SignInput::Digest(d) => sign(spec, private, algorithm, d),
+        SignInput::Message(m) if spec == KeySpec::EccEd25519 => {
+            let kp = Ed25519KeyPair::from_pkcs8(private.expose()).map_err(|_| fail())?;
+            Ok(kp.try_sign(m).map_err(|_| fail())?.as_ref().to_vec())
+        }
+        SignInput::Message(m) => {
+            let (alg, _) = spec.ml_dsa_alg().ok_or_else(fail)?;
+            let kp = PqdsaKeyPair::from_pkcs8(alg, private.expose()).map_err(|_| fail())?;
+            let mut sig = vec![0u8; alg.signature_len()];
+            let n = kp.sign(m, &mut sig).map_err(|_| fail())?;
+            sig.truncate(n);
+            Ok(sig)
+        }
+        SignInput::Mu(mu) => {
+            let (alg, _) = spec.ml_dsa_alg().ok_or_else(fail)?;
+            lc::mldsa_sign_mu(private.expose(), mu, alg.signature_len()).ok_or_else(fail)
+        }
+        SignInput::PreHashed(d) => {
+            if spec != KeySpec::EccEd25519 {
+                return Err(fail());
+            }
+            let kp = Ed25519KeyPair::from_pkcs8(private.expose()).map_err(|_| fail())?;
+            let seed_bin: Curve25519SeedBin<'static> = kp
+                .seed()
+                .map_err(|_| fail())?
+                .as_be_bytes()
+                .map_err(|_| fail())?;
+            let seed = zeroize::Zeroizing::new(
+                <[u8; 32]>::try_from(seed_bin.as_ref()).map_err(|_| fail())?,
+            );
+            let public = <[u8; 32]>::try_from(kp.public_key().as_ref()).map_err(|_| fail())?;
+            Ok(lc::ed25519ph_sign(&seed, &public, d)
+                .ok_or_else(fail)?
+                .to_vec())
+        }
+    }
+}
+
+/// Verifies a signature over a prepared input (see [`sign_input`]) with a public key (DER
+/// SPKI).
+pub fn verify_message(
+    spec: KeySpec,
+    public_der: &[u8],
+    algorithm: &str,
+    input: &SignInput,
+    sig: &[u8],
+) -> KmsResult<bool> {
+    check_signing_alg(spec, algorithm)?;
+    let fail = || KmsError::internal_crypto("verify");
+    Ok(match input {
+        SignInput::Digest(d) => return verify(spec, public_der, algorithm, d, sig),
+        SignInput::Message(m) if spec == KeySpec::EccEd25519 => {
+            signature::ParsedPublicKey::new(&signature::ED25519, ed25519_raw(public_der)?)
+                .map_err(|_| fail())?
+                .verify_sig(m, sig)
+                .is_ok()
+        }
+        SignInput::Message(m) => {
+            let (_, valg) = spec.ml_dsa_alg().ok_or_else(fail)?;
+            signature::ParsedPublicKey::new(valg, public_der)
+                .map_err(|_| fail())?
+                .verify_sig(m, sig)
+                .is_ok()
+        }
+        SignInput::Mu(mu) => lc::mldsa_verify_mu(public_der, mu, sig),
+        SignInput::PreHashed(d) => lc::ed25519ph_verify(&ed25519_raw(public_der)?, d, sig),
+    })
+}
+
+/// The raw 32-byte Ed25519 public key of its SubjectPublicKeyInfo (RFC 8410: a fixed
+/// 12-byte header, then the key).
+fn ed25519_raw(spki: &[u8]) -> KmsResult<[u8; 32]> {
+    const HEADER: [u8; 12] = [
+        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+    ];
+    match spki.split_at_checked(HEADER.len()) {
+        Some((h, k)) if h == HEADER => {
+            <[u8; 32]>::try_from(k).map_err(|_| KmsError::internal_crypto("ed25519 public key"))
+        }
+        _ => Err(KmsError::internal_crypto("ed25519 public key")),
+    }
+}
+
+fn der_len(n: usize, out: &mut Vec<u8>) {
+    if n < 0x80 {
+        out.push(n as u8);
+    } else if n < 0x100 {
+        out.extend_from_slice(&[0x81, n as u8]);
+    } else {
+        out.extend_from_slice(&[0x82, (n >> 8) as u8, n as u8]);
+    }
+}
+
+/// The SubjectPublicKeyInfo of a raw ML-KEM encapsulation key (FIPS 203 OIDs, no
+/// parameters; the key is the BIT STRING's content).
+fn ml_kem_spki(oid_last: u8, ek: &[u8]) -> Vec<u8> {
+    let alg_id = [
+        0x30, 0x0b, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x04, oid_last,
+    ];
+    let mut bits = vec![0x03];
+    der_len(ek.len() + 1, &mut bits);
+    bits.push(0);
+    bits.extend_from_slice(ek);
+    let mut out = vec![0x30];
+    der_len(alg_id.len() + bits.len(), &mut out);
+    out.extend_from_slice(&alg_id);
+    out.extend_from_slice(&bits);
+    out
+}
+
+/// ML-KEM encapsulation to the key's public key (its SPKI): (ciphertext, shared secret).
+pub fn ml_kem_encapsulate(spec: KeySpec, public_der: &[u8]) -> KmsResult<(Vec<u8>, SecretBytes)> {
+    let fail = || KmsError::internal_crypto("ml-kem encapsulate");
+    let p = spec.ml_kem_alg().ok_or_else(fail)?;
+    let raw = public_der
+        .len()
+        .checked_sub(p.ek_len)
+        .and_then(|i| public_der.get(i..))
+        .ok_or_else(fail)?;
+    let ek = kem::EncapsulationKey::new(p.alg, raw).map_err(|_| fail())?;
+    let (ct, ss) = ek.encapsulate().map_err(|_| fail())?;
+    Ok((ct.as_ref().to_vec(), SecretBytes::from_slice(ss.as_ref())))
+}
+
+/// ML-KEM decapsulation. A ciphertext of the wrong length is a `ValidationException`; a
+/// tampered one of the right length yields an unrelated secret (FIPS 203's implicit
+/// rejection), as in AWS KMS.
+pub fn ml_kem_decapsulate(
+    spec: KeySpec,
+    private: &SecretBytes,
+    ciphertext: &[u8],
+) -> KmsResult<SecretBytes> {
+    let fail = || KmsError::internal_crypto("ml-kem decapsulate");
+    let p = spec.ml_kem_alg().ok_or_else(fail)?;
+    if ciphertext.len() != p.ct_len {
+        return Err(KmsError::Validation(format!(
+            "SharedSecretCiphertextBlob must be {} bytes for {}, not {}",
+            p.ct_len,
+            spec.name(),
+            ciphertext.len()
+        )));
+    }
+    let dk = kem::DecapsulationKey::new(p.alg, private.expose()).map_err(|_| fail())?;
+    let ss = dk
+        .decapsulate(kem::Ciphertext::from(ciphertext))
+        .map_err(|_| fail())?;
+    Ok(SecretBytes::from_slice(ss.as_ref()))
+}
+
+/// ECDH (`KeyAgreementAlgorithm` `ECDH`): the raw shared secret (the x-coordinate, as
+/// AWS KMS returns it) of the key's private key and the peer's public key, which must be a
+/// DER SubjectPublicKeyInfo on the key's curve (anything else is a `ValidationException`).
+pub fn derive_shared_secret(
+    spec: KeySpec,
+    private: &SecretBytes,
+    peer_spki: &[u8],
+) -> KmsResult<SecretBytes> {
+    let fail = || KmsError::internal_crypto("ecdh");
+    let alg = spec.ecdh_alg().ok_or_else(|| {
+        KmsError::InvalidKeyUsage(format!("{} keys cannot derive shared secrets", spec.name()))
+    })?;
+    let bad_peer = || {
+        KmsError::Validation(format!(
+            "PublicKey must be a DER SubjectPublicKeyInfo of a {} public key",
+            spec.name()
+        ))
+    };
+    // A SubjectPublicKeyInfo is a DER SEQUENCE; aws-lc-rs would also take a bare point.
+    if peer_spki.first() != Some(&0x30) {
+        return Err(bad_peer());
+    }
+    let peer = agreement::UnparsedPublicKey::new(alg, peer_spki);
+    let sk =
+        agreement::PrivateKey::from_private_key_der(alg, private.expose()).map_err(|_| fail())?;
+    agreement::agree(&sk, peer, bad_peer(), |s| Ok(SecretBytes::from_slice(s)))
 }
 
 fn rsa_encoding(algorithm: &str) -> Option<&'static dyn signature::RsaEncoding> {

@@ -114,6 +114,10 @@ wire_enum!(
         SignVerify = "SIGN_VERIFY",
         /// HMAC generate / verify.
         GenerateVerifyMac = "GENERATE_VERIFY_MAC",
+        /// ECDH key agreement (DeriveSharedSecret).
+        KeyAgreement = "KEY_AGREEMENT",
+        /// ML-KEM (Encapsulate / Decapsulate).
+        EncapsulateDecapsulate = "ENCAPSULATE_DECAPSULATE",
     }
 );
 

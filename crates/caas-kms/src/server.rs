@@ -2,9 +2,11 @@
 //! bodies read up to a limit (larger ones get a ValidationException, never a hang or a
 //! panic), every request authenticated with SigV4 and answered with the AWS error shape on
 //! failure; only tenants (an operator's key is refused, see [`crate::operator`]). TLS
-//! (rustls) when a certificate is configured. `GET /healthz` for liveness.
+//! (rustls, offering the hybrid post-quantum group `X25519MLKEM768` first) when a
+//! certificate is configured; every audit record names the request's key-exchange group
+//! (or says it came over plain HTTP). `GET /healthz` for liveness.
 use crate::error::KmsError;
-use crate::service::{Kms, MAX_BODY};
+use crate::service::{Kms, MAX_BODY, Transport};
 use crate::sigv4;
 use axum::Router;
 use axum::body::to_bytes;
@@ -35,6 +37,13 @@ fn aws_response(status: u16, body: String, request_id: &str) -> Response {
 async fn kms_endpoint(State(kms): State<Arc<Kms>>, req: Request) -> Response {
     let request_id = uuid::Uuid::new_v4().to_string();
     let (parts, body) = req.into_parts();
+    // The TLS accept loop names the connection's key-exchange group; none over plain HTTP.
+    let transport = match parts.extensions.get::<caas_tls::server::TlsSession>() {
+        Some(t) => Transport::Tls {
+            key_exchange: t.key_exchange.clone(),
+        },
+        None => Transport::PlainHttp,
+    };
     // Header values as text; bytes that are not UTF-8 become U+FFFD, so such a header
     // can never match what a client signed (and unsigned headers are ignored anyway).
     let headers: Vec<(String, String)> = parts
@@ -57,7 +66,8 @@ async fn kms_endpoint(State(kms): State<Arc<Kms>>, req: Request) -> Response {
         Ok(b) => b,
         Err(_) => {
             let e = KmsError::Validation(format!("Request body is larger than {MAX_BODY} bytes"));
-            kms.audit_rejected(&target, &e, &request_id).await;
+            kms.audit_rejected(&target, &e, &request_id, &transport)
+                .await;
             return aws_response(413, e.body(), &request_id);
         }
     };
@@ -74,18 +84,21 @@ async fn kms_endpoint(State(kms): State<Arc<Kms>>, req: Request) -> Response {
     {
         Ok(c) => c,
         Err(e) => {
-            kms.audit_rejected(&target, &e, &request_id).await;
+            kms.audit_rejected(&target, &e, &request_id, &transport)
+                .await;
             return aws_response(e.status(), e.body(), &request_id);
         }
     };
     // Only tenants call the KMS API: an operator's valid signature is refused, audited
     // under the operator's name.
     if let Some(e) = Kms::refuse_operator(&caller) {
-        kms.audit_refused_caller(&caller, &target, &e, &request_id)
+        kms.audit_refused_caller(&caller, &target, &e, &request_id, &transport)
             .await;
         return aws_response(e.status(), e.body(), &request_id);
     }
-    let (status, body) = kms.handle(caller, &target, &body, request_id.clone()).await;
+    let (status, body) = kms
+        .handle_on(caller, &target, &body, request_id.clone(), &transport)
+        .await;
     aws_response(status, body, &request_id)
 }
 

@@ -85,6 +85,34 @@ pub struct Ctx {
     pub detail: serde_json::Map<String, Value>,
 }
 
+/// How a request reached the service, for its audit record (`Detail.TlsKeyExchange`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// Over TLS, with this negotiated key-exchange group (e.g. `X25519MLKEM768`).
+    Tls {
+        /// The group's IANA name.
+        key_exchange: String,
+    },
+    /// Over plain HTTP (`caas dev` without TLS): no key exchange.
+    PlainHttp,
+    /// Called in-process ([`Kms::handle`]; tests and tools).
+    InProcess,
+}
+
+impl Transport {
+    /// The audit field's value: the group's name, or why there is none.
+    pub fn key_exchange(&self) -> &str {
+        match self {
+            Transport::Tls { key_exchange } => key_exchange,
+            Transport::PlainHttp => "none (plain HTTP, no TLS)",
+            Transport::InProcess => "none (in-process call)",
+        }
+    }
+}
+
+/// Audit detail field naming the TLS key-exchange group of the request's connection.
+pub const TLS_KEY_EXCHANGE_FIELD: &str = "TlsKeyExchange";
+
 /// The result of an operation: the response body and the writes to commit with its audit record.
 #[derive(Debug, Default)]
 pub struct Out {
@@ -123,6 +151,8 @@ pub struct Kms {
     pub(crate) policies: crate::policy::PolicyCache,
     /// Verifier of `Recipient` attestation documents (set once by the deployment).
     recipient: std::sync::OnceLock<Arc<dyn crate::recipient::RecipientVerifier>>,
+    /// Each key's last successful cryptographic use (GetKeyLastUsage).
+    pub(crate) last_usage: crate::usage::LastUsage,
 }
 
 impl std::fmt::Debug for Kms {
@@ -209,6 +239,7 @@ impl Kms {
             creds: RwLock::new(HashMap::new()),
             policies: crate::policy::PolicyCache::default(),
             recipient: std::sync::OnceLock::new(),
+            last_usage: crate::usage::LastUsage::new(crate::now_ms()),
         })
     }
 
@@ -600,6 +631,7 @@ impl Kms {
         target: &str,
         err: &KmsError,
         request_id: &str,
+        transport: &Transport,
     ) {
         let mut entry = crate::audit::system_entry(
             target.strip_prefix("TrentService.").unwrap_or("unknown"),
@@ -612,6 +644,7 @@ impl Kms {
         entry.detail = serde_json::json!({
             "detail": "authenticated caller refused before the operation",
             crate::audit::ACCESS_KEY_FIELD: caller.access_key_id,
+            TLS_KEY_EXCHANGE_FIELD: transport.key_exchange(),
         })
         .to_string();
         let _ = self
@@ -733,6 +766,20 @@ impl Kms {
         body: &[u8],
         request_id: String,
     ) -> (u16, String) {
+        self.handle_on(caller, target, body, request_id, &Transport::InProcess)
+            .await
+    }
+
+    /// [`Kms::handle`] for a request that arrived over `transport` (named in its audit
+    /// record).
+    pub async fn handle_on(
+        &self,
+        caller: Caller,
+        target: &str,
+        body: &[u8],
+        request_id: String,
+        transport: &Transport,
+    ) -> (u16, String) {
         let op = target.strip_prefix("TrentService.").unwrap_or("");
         let mut ctx = Ctx {
             caller,
@@ -740,6 +787,10 @@ impl Kms {
             key_id: None,
             detail: serde_json::Map::new(),
         };
+        ctx.detail.insert(
+            TLS_KEY_EXCHANGE_FIELD.into(),
+            Value::String(transport.key_exchange().to_string()),
+        );
         let result = match serde_json::from_slice::<Value>(body) {
             Ok(Value::Object(m)) => ops::dispatch(self, &mut ctx, op, &Value::Object(m)).await,
             Ok(_) => Err(KmsError::Serialization(
@@ -792,7 +843,10 @@ impl Kms {
             })
             .await;
         let reply = match (reply, committed) {
-            (Ok(body), Ok(_)) => Ok(body),
+            (Ok(body), Ok(_)) => {
+                self.last_usage.record(&ctx, op, entry.time_ms);
+                Ok(body)
+            }
             (Ok(_), Err(e)) => {
                 // The state change did not happen; audit the failure on its own.
                 let err = KmsError::store(e);
@@ -820,20 +874,27 @@ impl Kms {
     }
 
     /// Records a request that failed before authentication completed.
-    pub async fn audit_rejected(&self, target: &str, err: &KmsError, request_id: &str) {
+    pub async fn audit_rejected(
+        &self,
+        target: &str,
+        err: &KmsError,
+        request_id: &str,
+        transport: &Transport,
+    ) {
         let mut entry = crate::audit::system_entry(
             target.strip_prefix("TrentService.").unwrap_or("unknown"),
             "request rejected before authentication",
         );
         entry.principal = "anonymous".into();
         entry.result = err.code().into();
+        let mut detail = serde_json::json!({
+            "detail": "request rejected before authentication",
+            TLS_KEY_EXCHANGE_FIELD: transport.key_exchange(),
+        });
         if let Some(d) = err.integrity_detail() {
-            entry.detail = serde_json::json!({
-                "detail": "request rejected before authentication",
-                "IntegrityFailure": d,
-            })
-            .to_string();
+            detail["IntegrityFailure"] = d;
         }
+        entry.detail = detail.to_string();
         entry.request_id = request_id.into();
         let _ = self
             .store

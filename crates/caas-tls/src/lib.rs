@@ -39,9 +39,19 @@ pub enum Error {
     Generate(String),
 }
 
-/// The crypto provider every caas TLS endpoint uses.
+/// The crypto provider every caas TLS endpoint uses: aws-lc-rs, with the hybrid
+/// post-quantum key exchange `X25519MLKEM768` (ML-KEM-768 + X25519) preferred, then the
+/// classical groups for clients without it (an OpenSSL < 3.5 client gets `X25519`).
 pub fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
-    std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    use rustls::crypto::aws_lc_rs::kx_group;
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.kx_groups = vec![
+        kx_group::X25519MLKEM768,
+        kx_group::X25519,
+        kx_group::SECP256R1,
+        kx_group::SECP384R1,
+    ];
+    std::sync::Arc::new(p)
 }
 
 fn file_err(path: &std::path::Path) -> impl Fn(String) -> Error + '_ {

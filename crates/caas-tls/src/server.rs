@@ -4,7 +4,8 @@
 //! a client certificate is *requested* and, when sent, must chain to that CA (the
 //! handshake fails otherwise). Connections without one are accepted so that public routes
 //! (`/healthz`) stay reachable: authorization is the router's job, per route, from the
-//! [`Peer`] that [`serve`] puts into every request's extensions.
+//! [`Peer`] that [`serve`] puts into every request's extensions, beside the
+//! [`TlsSession`] (the negotiated key-exchange group, for audit records).
 
 use crate::{Error, PeerIdentity};
 use axum::Router;
@@ -48,6 +49,13 @@ impl std::fmt::Display for Peer {
     }
 }
 
+/// The TLS session a request arrived on (in every request's extensions, beside [`Peer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSession {
+    /// The negotiated key-exchange group's IANA name (`X25519MLKEM768`, `X25519`, ...).
+    pub key_exchange: String,
+}
+
 /// Told about every connection whose TLS handshake failed because of its certificate
 /// (e.g. one from another CA): remote address and reason.
 pub type OnRefused = Arc<dyn Fn(SocketAddr, String) + Send + Sync>;
@@ -55,7 +63,8 @@ pub type OnRefused = Arc<dyn Fn(SocketAddr, String) + Send + Sync>;
 /// Longest time a client may take to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The rustls server configuration for `tls` (TLS 1.2/1.3, aws-lc-rs, HTTP/1.1).
+/// The rustls server configuration for `tls` (TLS 1.2/1.3, aws-lc-rs, HTTP/1.1; key
+/// exchange preferring the hybrid post-quantum `X25519MLKEM768`, see [`crate::provider`]).
 pub fn server_config(tls: &ServerTls) -> Result<Arc<rustls::ServerConfig>, Error> {
     let certs = crate::read_certs(&tls.cert)?;
     let key = crate::read_key(&tls.key)?;
@@ -151,9 +160,18 @@ pub async fn serve(
                 .and_then(|c| c.first())
                 .and_then(|c| PeerIdentity::from_der(c).ok());
             let peer = Peer { addr, identity };
+            let session = TlsSession {
+                key_exchange: tls
+                    .get_ref()
+                    .1
+                    .negotiated_key_exchange_group()
+                    .map(|g| format!("{:?}", g.name()))
+                    .unwrap_or_else(|| "unknown".into()),
+            };
             let svc = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(peer.clone());
+                    req.extensions_mut().insert(session.clone());
                     let mut app = app.clone();
                     async move {
                         tower_service::Service::call(&mut app, req.map(axum::body::Body::new)).await

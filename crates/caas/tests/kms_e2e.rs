@@ -730,4 +730,29 @@ fn production_mode_serves_tls_to_the_aws_cli_and_the_caas_client() {
     assert!(rt().block_on(plain.call("ListKeys", &json!({}))).is_err());
     let _ = child.kill();
     let _ = child.wait();
+    // Each audit record names its connection's key exchange: caas's client negotiates the
+    // hybrid post-quantum X25519MLKEM768; the aws CLI gets what its OpenSSL offers (a
+    // classical group before OpenSSL 3.5).
+    let o = Command::new(caas_bin())
+        .args(["audit", "list", "--limit", "100000", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let audit = String::from_utf8_lossy(&o.stdout);
+    let kx = |op: &str| -> String {
+        audit
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|r| r["Operation"] == op)
+            .and_then(|r| r["Detail"]["TlsKeyExchange"].as_str().map(str::to_string))
+            .unwrap_or_else(|| panic!("no {op} record with TlsKeyExchange: {audit}"))
+    };
+    assert_eq!(kx("CreateKey"), "X25519MLKEM768");
+    let cli = kx("DescribeKey");
+    println!("the aws CLI negotiated {cli}");
+    assert!(
+        ["X25519MLKEM768", "X25519", "secp256r1", "secp384r1"].contains(&cli.as_str()),
+        "{cli}"
+    );
 }

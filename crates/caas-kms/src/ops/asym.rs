@@ -1,6 +1,8 @@
 //! Asymmetric keys and MACs: Sign, Verify, GetPublicKey, GenerateDataKeyPair(WithoutPlaintext),
 //! GenerateMac, VerifyMac.
-use super::{Req, authorize, b64, grant_tokens, material, require_enabled, require_usage, resolve};
+use super::{
+    Req, authorize, b64, dry_run, grant_tokens, material, require_enabled, require_usage, resolve,
+};
 use crate::error::{KmsError, KmsResult};
 use crate::material::{self as km, KeySpec};
 use crate::model::KeyUsage;
@@ -21,10 +23,12 @@ pub async fn sign(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     require_enabled(&l.key)?;
     require_usage(&l.key, KeyUsage::SignVerify, "Sign")?;
     let spec = spec_of(&l.key)?;
-    let digest = km::message_digest(alg, &msg, mtype)?;
-    let (_, sk) = material(kms, &l.key, None).await?;
-    let sig = km::sign(spec, &sk, alg, &digest)?;
+    let input = km::sign_input(spec, alg, &msg, mtype)?;
     ctx.detail.insert("SigningAlgorithm".into(), json!(alg));
+    ctx.detail.insert("MessageType".into(), json!(mtype));
+    dry_run(ctx, r)?;
+    let (_, sk) = material(kms, &l.key, None).await?;
+    let sig = km::sign_message(spec, &sk, alg, &input)?;
     Ok(Out::reply(
         json!({ "KeyId": l.key.arn(), "Signature": b64(&sig), "SigningAlgorithm": alg }),
     ))
@@ -41,13 +45,16 @@ pub async fn verify(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     require_enabled(&l.key)?;
     require_usage(&l.key, KeyUsage::SignVerify, "Verify")?;
     let spec = spec_of(&l.key)?;
-    let digest = km::message_digest(alg, &msg, mtype)?;
+    let input = km::sign_input(spec, alg, &msg, mtype)?;
+    ctx.detail.insert("SigningAlgorithm".into(), json!(alg));
+    ctx.detail.insert("MessageType".into(), json!(mtype));
+    dry_run(ctx, r)?;
     let pk = l
         .key
         .current()
         .and_then(|v| v.public_key.clone())
         .ok_or_else(|| KmsError::Internal("no public key".into()))?;
-    if !km::verify(spec, &pk, alg, &digest, &sig)? {
+    if !km::verify_message(spec, &pk, alg, &input, &sig)? {
         return Err(KmsError::InvalidSignature(
             "The signature is not valid for this message and key".into(),
         ));
@@ -63,7 +70,7 @@ pub async fn get_public_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<O
     authorize(kms, ctx, &l, "GetPublicKey", None, &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     let spec = spec_of(&l.key)?;
-    if !(spec.is_rsa() || spec.is_ecc()) {
+    if !spec.is_asymmetric() {
         return Err(KmsError::UnsupportedOperation(format!(
             "{} is not an asymmetric key",
             l.key.arn()
@@ -78,10 +85,15 @@ pub async fn get_public_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<O
         "KeyId": l.key.arn(), "PublicKey": b64(&pk), "CustomerMasterKeySpec": l.key.key_spec,
         "KeySpec": l.key.key_spec, "KeyUsage": l.key.key_usage,
     });
-    if l.key.key_usage == KeyUsage::SignVerify {
-        out["SigningAlgorithms"] = json!(spec.signing_algorithms());
-    } else {
-        out["EncryptionAlgorithms"] = json!(spec.encryption_algorithms());
+    match l.key.key_usage {
+        KeyUsage::SignVerify => out["SigningAlgorithms"] = json!(spec.signing_algorithms()),
+        KeyUsage::KeyAgreement => {
+            out["KeyAgreementAlgorithms"] = json!(spec.key_agreement_algorithms())
+        }
+        KeyUsage::EncapsulateDecapsulate => {
+            out["EncapsulationAlgorithms"] = json!(spec.encapsulation_algorithms())
+        }
+        _ => out["EncryptionAlgorithms"] = json!(spec.encryption_algorithms()),
     }
     Ok(Out::reply(out))
 }
@@ -96,7 +108,7 @@ pub async fn generate_data_key_pair(
 ) -> KmsResult<Out> {
     let pair_spec_name = r.str("KeyPairSpec")?;
     let pair_spec = KeySpec::parse(pair_spec_name)
-        .filter(|s| s.is_rsa() || s.is_ecc())
+        .filter(|s| s.is_rsa() || s.is_ecc() || *s == KeySpec::EccEd25519)
         .ok_or_else(|| {
             KmsError::Validation(format!("KeyPairSpec {pair_spec_name} is not valid"))
         })?;
@@ -123,6 +135,7 @@ pub async fn generate_data_key_pair(
             l.key.arn()
         )));
     }
+    dry_run(ctx, r)?;
     let sk = km::generate(pair_spec)?;
     let pk = km::public_key_der(pair_spec, &sk)?;
     let (v, hbk) = material(kms, &l.key, None).await?;
@@ -148,6 +161,7 @@ pub async fn generate_mac(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out
     authorize(kms, ctx, &l, "GenerateMac", None, &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, KeyUsage::GenerateVerifyMac, "GenerateMac")?;
+    dry_run(ctx, r)?;
     let (_, k) = material(kms, &l.key, None).await?;
     let mac = km::mac(spec_of(&l.key)?, &k, alg, &msg)?;
     Ok(Out::reply(
@@ -164,6 +178,7 @@ pub async fn verify_mac(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
     authorize(kms, ctx, &l, "VerifyMac", None, &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, KeyUsage::GenerateVerifyMac, "VerifyMac")?;
+    dry_run(ctx, r)?;
     let (_, k) = material(kms, &l.key, None).await?;
     if !km::verify_mac(spec_of(&l.key)?, &k, alg, &msg, &mac)? {
         return Err(KmsError::InvalidMac(

@@ -5,8 +5,8 @@
 //! SP 800-108 KDF, AES-256-GCM with the header and the canonical encryption context as AAD;
 //! the result is the self-describing blob of `blob.rs`.
 use super::{
-    Req, authorize, authorize_with, b64, grant_tokens, material, require_enabled, require_usage,
-    resolve,
+    Req, authorize, authorize_with, b64, dry_run, grant_tokens, material, require_enabled,
+    require_usage, resolve,
 };
 use crate::blob;
 use crate::error::{KmsError, KmsResult};
@@ -125,6 +125,7 @@ pub async fn encrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
             l.key.arn()
         )));
     }
+    dry_run(ctx, r)?;
     let ct = if spec.is_rsa() {
         let pk = l
             .key
@@ -199,6 +200,9 @@ async fn decrypt_inner(
                 l.key.arn()
             )));
         }
+        if action == "Decrypt" {
+            dry_run(ctx, r)?;
+        }
         let (_, sk) = material(kms, &l.key, None).await?;
         let p = km::rsa_decrypt(&sk, alg, &ct)?;
         return Ok((p, l.key.arn(), alg.to_string()));
@@ -223,6 +227,9 @@ async fn decrypt_inner(
     require_enabled(&l.key)?;
     if l.key.key_spec != KeySpec::SymmetricDefault {
         return Err(invalid());
+    }
+    if action == "Decrypt" {
+        dry_run(ctx, r)?;
     }
     let (_, hbk) = material(kms, &l.key, Some(parsed.hbk_version))
         .await
@@ -270,6 +277,8 @@ pub async fn re_encrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
             dest.key.arn()
         )));
     }
+    // The source side was opened (nothing of it is returned) and both sides authorized.
+    dry_run(ctx, r)?;
     let ct = if spec.is_rsa() {
         let pk = dest
             .key
@@ -345,6 +354,7 @@ pub async fn generate_data_key(
             l.key.arn()
         )));
     }
+    dry_run(ctx, r)?;
     let dk = SecretBytes::new(km::random(len)?);
     let (v, hbk) = material(kms, &l.key, None).await?;
     let ct = seal(&l.key.key_id, v, &hbk, &ec, dk.expose())?;

@@ -40,6 +40,9 @@ const GRANT_OPERATIONS: &[&str] = &[
     "GenerateDataKeyPairWithoutPlaintext",
     "GenerateMac",
     "VerifyMac",
+    "DeriveSharedSecret",
+    "Encapsulate",
+    "Decapsulate",
 ];
 
 fn token_hash(token: &str) -> Vec<u8> {
@@ -249,6 +252,7 @@ pub async fn create(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
         }
     }
     ctx.detail.insert("GrantOperations".into(), json!(ops));
+    super::dry_run(ctx, r)?;
     let grant_id = hex::encode(crate::material::random(32)?);
     let token = format!(
         "{}{}",
@@ -358,6 +362,7 @@ pub async fn revoke(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
             "Grant id is not valid for this key".into(),
         ));
     }
+    super::dry_run(ctx, r)?;
     Ok(Out {
         body: json!({}),
         writes: vec![delete_write(ctx, &g, rev)],
@@ -410,6 +415,7 @@ pub async fn retire(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
         )));
     }
     ctx.key_id = Some(g.key_id.clone());
+    super::dry_run(ctx, r)?;
     Ok(Out {
         body: json!({}),
         writes: vec![delete_write(ctx, &g, rev)],

@@ -41,6 +41,12 @@ pub fn metadata(k: &KeyRecord) -> Value {
         KeyUsage::EncryptDecrypt => m["EncryptionAlgorithms"] = json!(spec.encryption_algorithms()),
         KeyUsage::SignVerify => m["SigningAlgorithms"] = json!(spec.signing_algorithms()),
         KeyUsage::GenerateVerifyMac => m["MacAlgorithms"] = json!(spec.mac_algorithms()),
+        KeyUsage::KeyAgreement => {
+            m["KeyAgreementAlgorithms"] = json!(spec.key_agreement_algorithms())
+        }
+        KeyUsage::EncapsulateDecapsulate => {
+            m["EncapsulationAlgorithms"] = json!(spec.encapsulation_algorithms())
+        }
     }
     if let Some(d) = k.deletion_date_ms {
         m["DeletionDate"] = json!(secs(d));
@@ -144,7 +150,7 @@ pub async fn create_key(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
     let mut versions = vec![];
     if origin == Origin::AwsKms {
         let m = material::generate(spec)?;
-        let public_key = if spec.is_rsa() || spec.is_ecc() {
+        let public_key = if spec.is_asymmetric() {
             Some(material::public_key_der(spec, &m)?)
         } else {
             None

@@ -1,12 +1,16 @@
 //! The KMS operations, one file per family (keys, aliases, symmetric crypto, asymmetric
-//! and MAC, import, grants), and what they share: parameter access with AWS validation
-//! errors, key resolution by id / ARN / alias, authorization, and key-record updates.
+//! and MAC, key agreement, key encapsulation, import, grants, last usage), and what they share: parameter
+//! access with AWS validation errors, key resolution by id / ARN / alias, authorization,
+//! `DryRun`, and key-record updates.
+mod agreement;
 mod aliases;
 mod asym;
 mod crypto;
 mod grants;
 mod import;
+mod kem;
 mod keys;
+mod last_usage;
 
 pub use crypto::canonical_context;
 /// The per-request envelope encryption (for benchmarks of the in-process primitive).
@@ -65,6 +69,10 @@ pub async fn dispatch(kms: &Kms, ctx: &mut Ctx, op: &str, req: &Value) -> KmsRes
         "GetPublicKey" => asym::get_public_key(kms, ctx, r).await,
         "GenerateMac" => asym::generate_mac(kms, ctx, r).await,
         "VerifyMac" => asym::verify_mac(kms, ctx, r).await,
+        "DeriveSharedSecret" => agreement::derive_shared_secret(kms, ctx, r).await,
+        "GetKeyLastUsage" => last_usage::get_key_last_usage(kms, ctx, r).await,
+        "Encapsulate" => kem::encapsulate(kms, ctx, r).await,
+        "Decapsulate" => kem::decapsulate(kms, ctx, r).await,
         "GetParametersForImport" => import::get_parameters(kms, ctx, r).await,
         "ImportKeyMaterial" => import::import(kms, ctx, r).await,
         "DeleteImportedKeyMaterial" => import::delete(kms, ctx, r).await,
@@ -406,6 +414,20 @@ pub fn require_enabled(key: &KeyRecord) -> KmsResult<()> {
             key.arn()
         ))),
     }
+}
+
+/// `DryRun`: once the request has been authorized and validated, a request with
+/// `DryRun: true` stops here with `DryRunOperationException` (HTTP 412), before any key
+/// material is used (ReEncrypt: after opening its source, which is not returned) or
+/// anything is changed; its audit record says `DryRun` and its
+/// result is that exception, so it never counts as a use of the key
+/// ([`crate::usage`]).
+pub fn dry_run(ctx: &mut Ctx, r: Req<'_>) -> KmsResult<()> {
+    if r.opt_bool("DryRun")?.unwrap_or(false) {
+        ctx.detail.insert("DryRun".into(), Value::Bool(true));
+        return Err(KmsError::DryRun);
+    }
+    Ok(())
 }
 
 /// Requires a key usage.
