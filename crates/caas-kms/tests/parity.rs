@@ -499,11 +499,11 @@ async fn bad_inputs_are_refused_with_aws_errors_and_audited() {
             "ValidationException",
         ),
         // A caller asking for attestation-gated release never gets the secret in the clear
-        // (until `Recipient` is implemented, the request is refused).
+        // (here the key service has no verifier of attestation documents: refused).
         (
             json!({ "KeyId": ka, "KeyAgreementAlgorithm": "ECDH", "PublicKey": b64(p256_spki.as_ref()),
                     "Recipient": { "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256", "AttestationDocument": b64(b"doc") } }),
-            "UnsupportedOperationException",
+            "ValidationException",
         ),
     ];
     for (body, want) in cases {

@@ -232,8 +232,8 @@ fn assert_refused(v: &Value, error: &str, code: &str, what: &str) {
     assert!(v.get("Plaintext").is_none() && v.get("CiphertextForRecipient").is_none());
 }
 
-/// The tenant story with boto3: Decrypt, GenerateDataKey, GenerateDataKeyPair and
-/// GenerateRandom with `Recipient`; each secret only as `CiphertextForRecipient`, opened by
+/// The tenant story with boto3: Decrypt, GenerateDataKey, GenerateDataKeyPair,
+/// GenerateRandom and DeriveSharedSecret with `Recipient`; each secret only as `CiphertextForRecipient`, opened by
 /// the host's TPM, equal to what the plain operation gives; each recipient key opens once
 /// and only for the certificate that asked for it; a key policy can require attestation
 /// (plain Decrypt refused) and a profile (a host outside it refused).
@@ -336,6 +336,39 @@ fn recipient_release_end_to_end_with_boto3() {
         )
         .unwrap();
     assert_eq!(rnd.len(), 64);
+
+    // DeriveSharedSecret: the ECDH secret opened by the TPM equals the plain answer.
+    let agreement_key = |_: ()| {
+        let k = c.kms(
+            "CreateKey",
+            json!({ "KeySpec": "ECC_NIST_P256", "KeyUsage": "KEY_AGREEMENT" }),
+        );
+        k["KeyMetadata"]["KeyId"].as_str().unwrap().to_string()
+    };
+    let (ka, peer) = (agreement_key(()), agreement_key(()));
+    let peer_pub = c.kms("GetPublicKey", json!({ "KeyId": peer }))["PublicKey"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dss = |recipient: Option<Value>| {
+        let mut p = json!({ "KeyId": ka, "KeyAgreementAlgorithm": "ECDH",
+                            "PublicKey": format!("b64:{peer_pub}") });
+        if let Some(r) = recipient {
+            p["Recipient"] = r;
+        }
+        c.kms("DeriveSharedSecret", p)
+    };
+    let doc = c.document("host-1");
+    let s = dss(Some(Cloud::recipient(&doc)));
+    assert!(s.get("SharedSecret").is_none(), "{s}");
+    let shared = c
+        .open(
+            "host-1",
+            &doc,
+            &unb64(s["CiphertextForRecipient"].as_str().unwrap()),
+        )
+        .unwrap();
+    assert_eq!(unb64(dss(None)["SharedSecret"].as_str().unwrap()), shared);
 
     // A key policy that requires attestation under profile "dev": plain Decrypt refused.
     let account = c.dev.env["CAAS_ACCOUNT_ID"].clone();

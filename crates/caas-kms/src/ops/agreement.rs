@@ -1,6 +1,6 @@
 //! Key agreement: DeriveSharedSecret (ECDH with a `KEY_AGREEMENT` key on P-256/384/521).
 use super::{
-    Req, authorize, dry_run, grant_tokens, material, require_enabled, require_usage, resolve,
+    Req, authorize_with, dry_run, grant_tokens, material, require_enabled, require_usage, resolve,
 };
 use crate::error::{KmsError, KmsResult};
 use crate::material as km;
@@ -9,20 +9,14 @@ use crate::service::{Ctx, Kms, Out};
 use serde::Serialize;
 use serde_json::json;
 
-/// DeriveSharedSecret's response (AWS's shape). `SharedSecret` is the raw ECDH secret;
-/// `CiphertextForRecipient` is for attestation-gated release (the `Recipient` parameter),
-/// which sets it and leaves `SharedSecret` out.
+/// DeriveSharedSecret's response (AWS's shape) without the secret: `SharedSecret` (the raw
+/// ECDH secret) or, with `Recipient` (attestation-gated release), `CiphertextForRecipient`
+/// instead is added by [`crate::recipient::release`].
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct DeriveSharedSecretResponse {
     /// Key ARN.
     pub key_id: String,
-    /// Base64 of the raw shared secret.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub shared_secret: Option<String>,
-    /// Base64 of the secret encrypted to the recipient's attested key.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ciphertext_for_recipient: Option<String>,
     /// `ECDH`.
     pub key_agreement_algorithm: &'static str,
     /// The key's origin.
@@ -40,14 +34,19 @@ pub async fn derive_shared_secret(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsRe
         )));
     }
     let peer = r.blob("PublicKey", 8192)?;
-    if r.value("Recipient").is_some() {
-        return Err(KmsError::UnsupportedOperation(
-            "Recipient (attestation-gated release) is not supported by DeriveSharedSecret yet"
-                .into(),
-        ));
-    }
+    let att = crate::recipient::from_request(kms, ctx, r).await?;
     let l = resolve(kms, ctx, r.str("KeyId")?).await?;
-    authorize(kms, ctx, &l, "DeriveSharedSecret", None, &grant_tokens(r)?).await?;
+    let extra = crate::recipient::conditions(att.as_ref());
+    authorize_with(
+        kms,
+        ctx,
+        &l,
+        "DeriveSharedSecret",
+        None,
+        &grant_tokens(r)?,
+        &extra,
+    )
+    .await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, KeyUsage::KeyAgreement, "DeriveSharedSecret")?;
     if !l.key.key_spec.is_ecdh() {
@@ -64,12 +63,10 @@ pub async fn derive_shared_secret(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsRe
     let secret = km::derive_shared_secret(l.key.key_spec, &sk, &peer)?;
     let resp = DeriveSharedSecretResponse {
         key_id: l.key.arn(),
-        shared_secret: Some(super::b64(secret.expose())),
-        ciphertext_for_recipient: None,
         key_agreement_algorithm: km::ECDH,
         key_origin: l.key.origin,
     };
-    Ok(Out::reply(
-        serde_json::to_value(&resp).map_err(|_| KmsError::Internal("encode".into()))?,
-    ))
+    let mut out = serde_json::to_value(&resp).map_err(|_| KmsError::Internal("encode".into()))?;
+    crate::recipient::release(kms, att.as_ref(), &mut out, "SharedSecret", secret.expose())?;
+    Ok(Out::reply(out))
 }
