@@ -849,9 +849,15 @@ async fn serve_deferred(
         }
     });
     let shutdown = async move {
+        // A refused open ends the proxy; a successful one drops the sender (no signal).
+        let refused = async {
+            if done_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             _ = shutdown_signal() => {}
-            _ = done_rx => {}
+            _ = refused => {}
         }
     };
     let cfg = server_config(&a, tls);
