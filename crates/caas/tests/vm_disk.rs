@@ -380,7 +380,7 @@ fn volume_c4(c: &Cloud) -> (Vec<u8>, Vec<u8>) {
 }
 
 /// A host agent turned malicious: it signs with its TPM's AK (quotes over its bind PCRs,
-/// as the honest agent does) and calls the TTP with its host certificate.
+/// as the honest agent does) and calls the TTP as the agent does.
 struct MaliciousHost {
     tpm: caas_tpm::TpmHandle,
     ak: caas_tpm::KeyBlob,
@@ -408,17 +408,9 @@ impl MaliciousHost {
             .map(|p| p.as_u64().unwrap() as u32)
             .collect();
         let tcti = &c.dev.env[&format!("CAAS_HOST_{}_TCTI", host.to_uppercase().replace('-', "_"))];
-        // The deployment CA in a directory of the test's own (issuing writes files).
-        let own = c.root.join("test-pki");
-        std::fs::create_dir_all(&own).unwrap();
-        for f in ["ca.key", "ca.pem"] {
-            std::fs::copy(c.root.join("dev/pki").join(f), own.join(f)).unwrap();
-        }
-        let pki = caas_tls::pki::DevCa::load_or_create(&own).unwrap();
-        let http = tls_client(
-            &pki.ca_file(),
-            Some(pki.issue(host, &[caas_tls::Role::Host], &[]).unwrap()),
-        );
+        // The key service as the agents reach it (in dev: the plain endpoint; with TLS the
+        // host's certificate would be the agent's own, which a malicious agent holds).
+        let http = caas_attest::client::HttpClient::new(Duration::from_secs(60));
         MaliciousHost {
             tpm: caas_tpm::TpmHandle::open(tcti).unwrap(),
             ak,
