@@ -269,13 +269,7 @@ impl Agent {
         let mut timings = Vec::new();
         let (h2, launch_r, transfer, secrets) = self.tl.migration_source(vm_id).await?;
         let driver = transfer.driver.clone();
-        if driver == "qemu" && !transfer.volumes.is_empty() {
-            return Err(Error::InvalidRequest(
-                "live migration of a VM with DBSP volumes is not supported yet \
-                 (docs/suspend-migrate.md)"
-                    .into(),
-            ));
-        }
+        let has_volumes = !transfer.volumes.is_empty();
         // 1. The TTP attests the target in the workload's profile.
         let t = Instant::now();
         let ttp = self.ttp().await?;
@@ -349,10 +343,19 @@ impl Agent {
         }
         // 4. The source's crypto domain and its keys go (its volume proxies flush and
         // release the volumes); then the target takes over and becomes the single writer
-        // (new epochs at the TTP). A VM (no volumes here) is continued on the target first:
+        // (new epochs at the TTP). A VM's volumes are released first, then it is continued
+        // on the target first:
         // its qemu here stays stopped (migration completed) until it is destroyed right
         // after, so the guest's downtime does not include the teardown.
         let stop_first = driver != "qemu";
+        if !stop_first && has_volumes {
+            // The VM is stopped (qemu completed its migration, its disks flushed): the
+            // volumes' proxies flush and release them, so the target can open them on the
+            // commit (its proxies served qemu's NBD handshake with a deferred open).
+            let t = Instant::now();
+            self.tl.release_volumes(vm_id).await;
+            timings.push(("source volumes flushed and released".to_string(), ms(t)));
+        }
         if stop_first {
             let t = Instant::now();
             self.tl.drop_migrated(vm_id).await;

@@ -286,6 +286,28 @@ struct AttachedVolume {
     sr: String,
     uri: String,
     proc: Proc,
+    /// Served but not opened yet (a migration's or a resume's target).
+    deferred: Option<DeferredOpen>,
+}
+
+/// A DBSP volume whose Secure Device Proxy already holds its key and answers the NBD
+/// handshake, but opens and locks the volume only on the go byte (`--defer-open`): sent
+/// once the previous writer released it (the migration's source committed; a suspended
+/// VM's proxies stopped at suspend). Dropped without the go: the proxy never opens it.
+struct DeferredOpen {
+    req: AttachRequest,
+    c4: Vec<u8>,
+    stdin: std::process::ChildStdin,
+    report: PathBuf,
+}
+
+impl std::fmt::Debug for DeferredOpen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeferredOpen")
+            .field("domain", &self.req.domain)
+            .field("sr", &self.req.sr)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Workload {
@@ -514,6 +536,17 @@ impl TlHost {
     /// Whether a workload `vm_id` runs here.
     pub(crate) async fn has_workload(&self, vm_id: &str) -> bool {
         self.workloads.lock().await.contains_key(vm_id)
+    }
+
+    /// Live migration, source: the VM stopped; its volumes' proxies stop now (SIGTERM: they
+    /// flush, mark the volumes clean and release their locks) so the target can open them.
+    pub(crate) async fn release_volumes(&self, vm_id: &str) {
+        if let Some(w) = self.workloads.lock().await.get_mut(vm_id) {
+            for v in &mut w.volumes {
+                v.proc.stop();
+            }
+            w.volumes.clear();
+        }
     }
 
     /// Live migration, source: the workload moved; its processes (the workload, the volume
@@ -791,6 +824,7 @@ fn spawn_sdp_unkeyed(
     read_only: bool,
     ids: Ids,
     anchor: Option<(u32, &Path)>,
+    defer: bool,
 ) -> Result<(Proc, std::process::ChildStdin), Error> {
     let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(&caas_exe()?);
     cmd.arg("volume").arg("serve").arg(volume);
@@ -825,6 +859,10 @@ fn spawn_sdp_unkeyed(
             .arg(min_epoch.to_string())
             .arg("--report-epoch")
             .arg(report);
+    }
+    // Serve at once, open and lock the volume on the agent's go ([`DeferredOpen`]).
+    if defer {
+        cmd.arg("--defer-open");
     }
     if ids.domain.own {
         cmd.arg("--run-as")
@@ -873,7 +911,7 @@ async fn spawn_sdp(
     anchor: Option<(u32, &Path)>,
 ) -> Result<Proc, Error> {
     let ep = Endpoint::Unix(socket.to_path_buf());
-    let (proc, stdin) = spawn_sdp_unkeyed(volume, &ep, read_only, ids, anchor)?;
+    let (proc, stdin) = spawn_sdp_unkeyed(volume, &ep, read_only, ids, anchor, false)?;
     key_sdp(proc, stdin, key, &ep).await
 }
 
@@ -911,7 +949,7 @@ async fn prestart(
         None => Endpoint::Unix(dir.join("disk.sock")),
     };
     let vsm_sock = dir.join("vsm.sock");
-    let (mut sdp, sdp_stdin) = spawn_sdp_unkeyed(image, &disk, read_only, ids, None)?;
+    let (mut sdp, sdp_stdin) = spawn_sdp_unkeyed(image, &disk, read_only, ids, None, false)?;
     let state = dir.join("domc");
     let vsm = (|| {
         std::fs::create_dir_all(&state).map_err(Error::io("create crypto-domain state"))?;
@@ -1014,6 +1052,34 @@ async fn finish_domain(pre: Prestart, cfg: &caas_tl::dm::DomcConfig) -> Result<V
             Err(e)
         }
     }
+}
+
+/// The DBSP fields (c4, μ) of the volume at `path` (None when it does not exist), checked to
+/// name `domain`. `locked`: take the reader's lock while reading (refused while a writer
+/// holds it); a deferred open reads the header without it, the proxy locks at the open.
+async fn volume_dbsp(
+    path: &Path,
+    domain: &str,
+    locked: bool,
+) -> Result<Option<(Vec<u8>, Vec<u8>)>, Error> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let store = match locked {
+        true => caas_sdp::store::Store::open_file(path, false, None),
+        false => caas_sdp::store::Store::open_file_unlocked(path, false, false),
+    }
+    .map_err(|e| Error::Domain(format!("open volume: {e}")))?;
+    let (h, _) = caas_sdp::engine::inspect(&store)
+        .await
+        .map_err(|e| Error::Tl(caas_tl::Error::rejected("header_invalid", e.to_string())))?;
+    if h.dbsp.domain_id != domain.as_bytes() {
+        return Err(Error::Tl(caas_tl::Error::rejected(
+            "header_invalid",
+            "the volume's domain header names another domain",
+        )));
+    }
+    Ok(Some((h.dbsp.c4.clone(), h.dbsp.mu.clone())))
 }
 
 /// A 0600 file of the agent (atomic; the one writer, `caas_crypto::fs`).
@@ -1352,13 +1418,6 @@ impl Agent {
         secrets: &crate::migrate::DomainSecrets,
         dk: &[u8],
     ) -> Result<IncomingVm, Error> {
-        if !t.volumes.is_empty() {
-            return Err(Error::InvalidRequest(
-                "live migration of a VM with DBSP volumes is not supported yet \
-                 (docs/suspend-migrate.md)"
-                    .into(),
-            ));
-        }
         let r = self.prepare_incoming_inner(st, t, secrets, dk).await;
         if r.is_err()
             && let Some(mut w) = self.tl.workloads.lock().await.remove(&st.vm_id)
@@ -1405,7 +1464,31 @@ impl Agent {
             w.vsm_socket.clone(),
             w.identity.workload.run_as(),
         );
+        let (sock_dir, ids) = (w.dirs.domain.clone(), Ids::of(&w.identity));
         self.tl.workloads.lock().await.insert(call.vm_id.clone(), w);
+        // The volumes: keys under the new session now, served to qemu at its start, opened
+        // only after the source's commit (`finish_incoming`).
+        let mut uris = Vec::new();
+        for (d, sr) in &t.volumes {
+            let v = self
+                .attach_deferred(
+                    &call.vm_id,
+                    &st.migration_id,
+                    &st.h2,
+                    &st.sp,
+                    dk,
+                    (d, sr),
+                    &sock_dir,
+                    ids,
+                )
+                .await?;
+            uris.push(v.uri.clone());
+            let mut g = self.tl.workloads.lock().await;
+            g.get_mut(&call.vm_id)
+                .ok_or_else(|| Error::Domain("workload vanished".into()))?
+                .volumes
+                .push(v);
+        }
         let pk: [u8; 32] = secrets
             .pk_dm()
             .try_into()
@@ -1420,7 +1503,7 @@ impl Agent {
             &dir,
             &disk,
             &vsm_socket,
-            Vec::new(),
+            uris,
             &t.driver,
             &injected,
             &cfg.user_pin,
@@ -1494,12 +1577,23 @@ impl Agent {
     pub(crate) async fn finish_incoming(&self, mut vm: IncomingVm) -> Result<String, Error> {
         let r = async {
             drop(vm.tx.take());
+            // The source committed (its proxies flushed and released the volumes): the
+            // single writer moves here — before qemu activates its disks at the end of
+            // its incoming migration, and before the guest continues.
+            let launch_r = {
+                let g = self.tl.workloads.lock().await;
+                g.get(&vm.vm_id)
+                    .map(|w| w.launch_r.clone())
+                    .ok_or_else(|| Error::Domain("workload vanished".into()))?
+            };
+            let pending = self.take_deferred(&vm.vm_id).await;
+            self.open_deferred(&vm.vm_id, &launch_r, pending).await?;
             let writer = vm.writer.take();
             let mut qmp = vm
                 .qmp
                 .take()
                 .ok_or_else(|| Error::Domain("no QMP".into()))?;
-            tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let qmp = tokio::task::spawn_blocking(move || -> Result<_, String> {
                 if let Some(w) = writer {
                     w.join()
                         .map_err(|_| "state writer panicked".to_string())?
@@ -1522,11 +1616,16 @@ impl Agent {
                 if info.status != caas_workload::qmp::MigrationStatus::Completed {
                     return Err(format!("incoming migration ended as {:?}", info.status));
                 }
-                qmp.cont().map_err(|e| e.to_string())
+                Ok(qmp)
             })
             .await
             .map_err(|e| Error::Domain(format!("QMP task: {e}")))?
             .map_err(|e| Error::Domain(format!("qemu: {e}")))?;
+            let mut qmp = qmp;
+            tokio::task::spawn_blocking(move || qmp.cont().map_err(|e| e.to_string()))
+                .await
+                .map_err(|e| Error::Domain(format!("QMP task: {e}")))?
+                .map_err(|e| Error::Domain(format!("qemu: {e}")))?;
             let g = self.tl.workloads.lock().await;
             g.get(&vm.vm_id)
                 .and_then(|w| w.endpoint.clone())
@@ -1991,22 +2090,7 @@ impl Agent {
             )
         };
         let path = TlHost::volume_path(&self.tl.storage, &a.domain, &a.sr);
-        let existing = if path.exists() {
-            let store = caas_sdp::store::Store::open_file(&path, false, None)
-                .map_err(|e| Error::Domain(format!("open volume: {e}")))?;
-            let (h, _) = caas_sdp::engine::inspect(&store).await.map_err(|e| {
-                Error::Tl(caas_tl::Error::rejected("header_invalid", e.to_string()))
-            })?;
-            if h.dbsp.domain_id != a.domain.as_bytes() {
-                return Err(Error::Tl(caas_tl::Error::rejected(
-                    "header_invalid",
-                    "the volume's domain header names another domain",
-                )));
-            }
-            Some((h.dbsp.c4.clone(), h.dbsp.mu.clone()))
-        } else {
-            None
-        };
+        let existing = volume_dbsp(&path, &a.domain, true).await?;
         // The proxy starts once the key and the volume's anchored epoch are known.
         let sock = sock_dir.join(format!("vol-{}-{}.sock", a.domain, a.sr));
         let report = sock_dir.join(format!("vol-{}-{}.epoch", a.domain, a.sr));
@@ -2090,6 +2174,7 @@ impl Agent {
                 sr: a.sr.clone(),
                 uri,
                 proc,
+                deferred: None,
             }),
             None => {
                 let mut proc = proc;
@@ -2102,6 +2187,160 @@ impl Agent {
             created,
             timings,
         })
+    }
+
+    /// A migration's or a resume's target: DomKeyReq for the existing volume (domain, sr)
+    /// under the workload's new session (`launch_r`, `dk`), and its Secure Device Proxy
+    /// started with the key and the anchored epoch but with a deferred open: it answers the
+    /// NBD handshake (the target's qemu connects when it starts) and opens and locks the
+    /// volume only in [`Agent::open_deferred`].
+    #[allow(clippy::too_many_arguments)]
+    async fn attach_deferred(
+        &self,
+        vm_id: &str,
+        launch_r: &[u8],
+        h2: &str,
+        sp: &str,
+        dk: &[u8],
+        (domain, sr): (&str, &str),
+        sock_dir: &Path,
+        ids: Ids,
+    ) -> Result<AttachedVolume, Error> {
+        wire::check_name("domain", domain)?;
+        wire::check_name("sr", sr)?;
+        let ttp = self.ttp().await?;
+        let a = AttachRequest {
+            domain: domain.to_string(),
+            sr: sr.to_string(),
+            size: 0,
+        };
+        let path = TlHost::volume_path(&self.tl.storage, domain, sr);
+        let existing = volume_dbsp(&path, domain, false).await?;
+        if existing.is_none() {
+            return Err(Error::Tl(caas_tl::Error::rejected(
+                "volume_missing",
+                format!("volume {domain}/{sr} is not in the storage"),
+            )));
+        }
+        let mut timings = Vec::new();
+        let (d, vk) = self
+            .domkey_exchange(
+                vm_id,
+                launch_r,
+                &a,
+                h2,
+                sp,
+                dk,
+                existing,
+                &ttp,
+                &mut timings,
+            )
+            .await?;
+        let sock = sock_dir.join(format!("vol-{domain}-{sr}.sock"));
+        let report = sock_dir.join(format!("vol-{domain}-{sr}.epoch"));
+        let ep = Endpoint::Unix(sock.clone());
+        let (mut proc, mut stdin) = spawn_sdp_unkeyed(
+            &path,
+            &ep,
+            false,
+            ids,
+            Some((d.min_epoch, report.as_path())),
+            true,
+        )?;
+        let keyed = stdin
+            .write_all(vk.expose())
+            .map_err(Error::io("hand the key to the Secure Device Proxy"));
+        drop(vk);
+        let served = match keyed {
+            Ok(()) => wait_for(&ep, &mut proc, Duration::from_secs(20)).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = served {
+            proc.stop();
+            return Err(e);
+        }
+        Ok(AttachedVolume {
+            domain: domain.to_string(),
+            sr: sr.to_string(),
+            uri: ep.nbd_uri(),
+            proc,
+            deferred: Some(DeferredOpen {
+                req: a,
+                c4: d.c4,
+                stdin,
+                report,
+            }),
+        })
+    }
+
+    /// The previous writer released the volumes: each deferred proxy opens and locks its
+    /// volume (refused below the anchored epoch: `volume_rollback`) and the epoch it opened
+    /// at is anchored at the TTP under the workload's session `launch_r` — which also
+    /// retires the session this one replaces (a migration's source, a suspended launch).
+    async fn open_deferred(
+        &self,
+        vm_id: &str,
+        launch_r: &[u8],
+        pending: Vec<DeferredOpen>,
+    ) -> Result<(), Error> {
+        for mut p in pending {
+            std::io::Write::write_all(&mut p.stdin, b"o")
+                .map_err(Error::io("tell the Secure Device Proxy to open"))?;
+            drop(p.stdin);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let line = loop {
+                if let Ok(l) = std::fs::read_to_string(&p.report)
+                    && l.ends_with('\n')
+                {
+                    break l;
+                }
+                if Instant::now() > deadline {
+                    return Err(Error::Domain(format!(
+                        "volume {}/{} was not opened in time",
+                        p.req.domain, p.req.sr
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            let _ = std::fs::remove_file(&p.report);
+            match line.trim() {
+                "volume_rollback" => {
+                    return Err(Error::Tl(caas_tl::Error::rejected(
+                        "volume_rollback",
+                        format!(
+                            "volume {}/{} is behind its anchored epoch: storage rolled it back",
+                            p.req.domain, p.req.sr
+                        ),
+                    )));
+                }
+                l => match l.strip_prefix("epoch ").and_then(|e| e.parse::<u32>().ok()) {
+                    Some(epoch) => {
+                        self.report_epoch(vm_id, launch_r, &p.req, &p.c4, epoch)
+                            .await?
+                    }
+                    None => {
+                        return Err(Error::Domain(format!(
+                            "the volume proxy refused to open {}/{}",
+                            p.req.domain, p.req.sr
+                        )));
+                    }
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// The deferred volumes of `vm_id` (taken out: opened once).
+    async fn take_deferred(&self, vm_id: &str) -> Vec<DeferredOpen> {
+        let mut g = self.tl.workloads.lock().await;
+        g.get_mut(vm_id)
+            .map(|w| {
+                w.volumes
+                    .iter_mut()
+                    .filter_map(|v| v.deferred.take())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// DBSP epoch report (AK-signed): the TTP raises the volume's anchor to `epoch`.
@@ -2309,6 +2548,10 @@ struct DomainState {
     sp: String,
     /// The image's H1 as the suspended launch checked it.
     h1: String,
+    /// The DBSP volumes (domain, SR) the resumed VM re-attaches (their keys come from the
+    /// TTP under the resumed session; their epoch anchors refuse a rolled-back volume).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    volumes: Vec<(String, String)>,
 }
 
 /// Result of a suspend (no key, no plaintext state).
@@ -2367,7 +2610,7 @@ impl Agent {
         let mut timings = Vec::new();
         let t = Instant::now();
         let object = state_path(&self.tl.storage, vm_id)?;
-        let (h2, launch_r, image_id, sp) = {
+        let (h2, launch_r, image_id, sp, volumes) = {
             let g = self.tl.workloads.lock().await;
             let w = g
                 .get(vm_id)
@@ -2383,10 +2626,9 @@ impl Agent {
             }
             // Not carried by a saved state yet (docs/suspend-migrate.md, limits): refused
             // rather than resumed without them.
-            if !w.volumes.is_empty() || w.vsm_tls.is_some() {
+            if w.vsm_tls.is_some() {
                 return Err(Error::InvalidRequest(format!(
-                    "workload {vm_id} has DBSP volumes or network transports: suspend does \
-                     not carry them yet"
+                    "workload {vm_id} has network transports: suspend does not carry them yet"
                 )));
             }
             (
@@ -2394,6 +2636,10 @@ impl Agent {
                 w.launch_r.clone(),
                 w.image_id.clone(),
                 w.sp.clone(),
+                w.volumes
+                    .iter()
+                    .map(|v| (v.domain.clone(), v.sr.clone()))
+                    .collect::<Vec<_>>(),
             )
         };
         let ttp = self.ttp().await?;
@@ -2433,6 +2679,7 @@ impl Agent {
             h2: h2.clone(),
             sp,
             h1: hex::encode(h1),
+            volumes,
         };
         // The workload leaves the table while its state is saved (no concurrent stop).
         let mut w = self
@@ -2707,7 +2954,46 @@ impl Agent {
             w.identity.workload.run_as(),
         );
         let mut w = w;
-        match restore_workload(vm_id, &dir, &disk, &vsm_socket, run_as, reader).await {
+        // The volumes: DomKeyReq under the resumed session's DK_i, opened and locked (the
+        // suspending host's proxies released them), epochs anchored — before qemu starts.
+        let vols = async {
+            let (sock_dir, ids) = (w.dirs.domain.clone(), Ids::of(&w.identity));
+            for (d, sr) in &domain.volumes {
+                let v = self
+                    .attach_deferred(
+                        vm_id,
+                        &w.launch_r,
+                        &domain.h2,
+                        &domain.sp,
+                        &w.dk,
+                        (d, sr),
+                        &sock_dir,
+                        ids,
+                    )
+                    .await?;
+                w.volumes.push(v);
+            }
+            let pending = w
+                .volumes
+                .iter_mut()
+                .filter_map(|v| v.deferred.take())
+                .collect();
+            self.open_deferred(vm_id, &w.launch_r, pending).await
+        }
+        .await;
+        if let Err(e) = vols {
+            w.stop();
+            let _ = std::fs::remove_dir_all(&w.dirs.root);
+            return Err(e);
+        }
+        if !w.volumes.is_empty() {
+            timings.push((
+                "volumes re-attached (DomKeyReq, open, epoch)".to_string(),
+                ms(t),
+            ));
+        }
+        let uris = w.volumes.iter().map(|v| v.uri.clone()).collect();
+        match restore_workload(vm_id, &dir, &disk, &vsm_socket, run_as, uris, reader).await {
             Ok((proc, endpoint, stream)) => {
                 timings.push((
                     format!("VM restored from {stream} bytes of qemu state and continued"),
@@ -2748,6 +3034,7 @@ async fn restore_workload(
     disk: &str,
     vsm_socket: &Path,
     id: RunAs,
+    volumes: Vec<String>,
     mut reader: caas_workload::state::StateReader<std::io::BufReader<std::fs::File>>,
 ) -> Result<(Proc, String, u64), Error> {
     let owner = id.own.then_some((id.uid, id.gid));
@@ -2768,7 +3055,7 @@ async fn restore_workload(
             user_pin_file: pin_file.clone(),
             slot: 0,
         }),
-        volumes: Vec::new(),
+        volumes,
     };
     use caas_workload::driver::Driver as _;
     let mut driver = caas_workload::driver::QemuDriver::new(dir.to_path_buf());

@@ -184,6 +184,16 @@ pub struct ServeArgs {
     /// `volume_rollback` when --min-epoch refused it.
     #[arg(long, value_name = "PATH")]
     pub report_epoch: Option<PathBuf>,
+    /// Deferred open (a migration's or a resume's target, `docs/suspend-migrate.md`): serve
+    /// the NBD handshake at once (size and mode from the volume's header) but open and lock
+    /// the volume only when one byte `o` follows the 32-byte key on --key-file (a pipe from
+    /// the host agent, sent once the previous writer released the volume); requests wait
+    /// until then (at most --defer-wait). End of file instead: the volume is never opened.
+    #[arg(long, requires = "key_file", conflicts_with_all = ["plaintext", "upstream"])]
+    pub defer_open: bool,
+    /// With --defer-open: how long a request waits for the open before it fails (EIO).
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    pub defer_wait: u64,
     #[command(flatten)]
     pub key: KeyArgs,
 }
@@ -613,6 +623,9 @@ async fn serve_cmd(
             ));
         }
     };
+    if a.defer_open {
+        return serve_deferred(a, hardening, tls).await;
+    }
     // The store and the key (a pipe from the host agent) are opened with the privileges
     // the proxy was started with, then it switches to its workload's identity for good.
     let mut store = open_store(&a.store, !a.read_only).await?;
@@ -678,6 +691,20 @@ async fn serve_cmd(
             (Backend::Encrypted(vol.clone()), Some(vol))
         }
     };
+    let listener = bind(&a, tls.is_some()).await?;
+    let cfg = server_config(&a, tls);
+    server::serve(listener, backend, cfg, shutdown_signal()).await?;
+    if let Some(v) = vol {
+        v.close().await?;
+    }
+    if let Some(p) = &a.socket {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+/// Binds the listener of `a` and prints the URI it serves.
+async fn bind(a: &ServeArgs, tls: bool) -> Result<Listener, Error> {
     let (listen, uri) = match (&a.socket, a.tcp, a.vsock) {
         (Some(p), _, _) => (
             Listen::Unix(p.clone()),
@@ -704,15 +731,19 @@ async fn serve_cmd(
         Some(addr) => format!("nbd://{addr}/{}", a.export_name),
         None => uri,
     };
-    let uri = match &tls {
-        Some(_) => uri
+    let uri = match tls {
+        true => uri
             .replacen("nbd+unix://", "nbds+unix://", 1)
             .replacen("nbd+vsock://", "nbds+vsock://", 1)
             .replacen("nbd://", "nbds://", 1),
-        None => uri,
+        false => uri,
     };
     println!("serving {uri}");
-    let cfg = ServerConfig {
+    Ok(listener)
+}
+
+fn server_config(a: &ServeArgs, tls: Option<server::TlsSettings>) -> ServerConfig {
+    ServerConfig {
         export_name: a.export_name.clone(),
         tls,
         peers: server::PeerPolicy {
@@ -720,15 +751,131 @@ async fn serve_cmd(
             vsock_cid: a.vsock_peer_cid,
         },
         ..ServerConfig::default()
+    }
+}
+
+/// `serve --defer-open`: the file is opened (not locked) and the key read with the start
+/// privileges, the listener serves at once, and the volume is opened and locked — refused
+/// below --min-epoch, reported to --report-epoch — only on the go byte (see [`ServeArgs`]).
+async fn serve_deferred(
+    a: ServeArgs,
+    hardening: Hardening,
+    tls: Option<server::TlsSettings>,
+) -> Result<(), Error> {
+    use std::io::Read as _;
+    let (Some(file), Some(key_path)) = (&a.store.file, &a.key.key_file) else {
+        return Err(Error::Config(
+            "--defer-open needs a volume FILE and --key-file".into(),
+        ));
     };
-    server::serve(listener, backend, cfg, shutdown_signal()).await?;
-    if let Some(v) = vol {
+    let store = Store::open_file_unlocked(file, !a.read_only, false)?;
+    let mut key_src = std::fs::File::open(key_path).map_err(Error::io("open the key file"))?;
+    let mut raw = zeroize::Zeroizing::new([0u8; 32]);
+    key_src
+        .read_exact(&mut raw[..])
+        .map_err(|_| Error::Config("the key file must start with 32 raw bytes".into()))?;
+    let key = KeyInput::Raw(Arc::new(
+        caas_crypto::SecretKey::from_slice(&raw[..])
+            .map_err(|_| Error::Config("bad key".into()))?,
+    ));
+    drop(raw);
+    if let (Some((uid, gid)), Some(drop_to)) = (a.run_as, hardening.drop_to) {
+        drop_to(uid, gid).map_err(|e| Error::Config(format!("--run-as {uid}:{gid}: {e}")))?;
+    }
+    // The size and mode the handshake advertises come from the header as stored (not yet
+    // authenticated): the open refuses a volume that does not match them.
+    let (header, _) = engine::inspect(&store).await?;
+    let (deferred, opener) = engine::Deferred::new(
+        header.layout.size,
+        a.read_only,
+        std::time::Duration::from_secs(a.defer_wait),
+    );
+    let listener = bind(&a, tls.is_some()).await?;
+    let opts = OpenOptions {
+        writable: !a.read_only,
+        min_epoch: a.min_epoch,
+    };
+    let report = a.report_epoch.clone();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let open_task = tokio::spawn(async move {
+        let go = tokio::task::spawn_blocking(move || {
+            let mut b = [0u8; 1];
+            matches!(key_src.read(&mut b), Ok(1) if b[0] == b'o')
+        })
+        .await
+        .unwrap_or(false);
+        let opened = match go {
+            false => Err(Error::Config("deferred open abandoned".into())),
+            true => match store.lock(opts.writable) {
+                Ok(()) => Volume::open_with(store, &key, opts).await,
+                Err(e) => Err(e),
+            },
+        };
+        drop(key);
+        if let Some(path) = &report {
+            let line = match &opened {
+                Ok((v, _)) => format!("epoch {}\n", v.epoch()),
+                Err(Error::Volume(caas_volume::Error::EpochBehind { .. })) => {
+                    "volume_rollback\n".to_string()
+                }
+                Err(_) => "open_refused\n".to_string(),
+            };
+            if let Err(e) = write_report(path, &line) {
+                tracing::error!(error = %e, "epoch report");
+            }
+        }
+        let r = match opened {
+            Ok((vol, _)) => {
+                tracing::info!(
+                    target: "caas_sdp::audit",
+                    event = "volume_open",
+                    epoch = vol.epoch(),
+                    writable = opts.writable,
+                    deferred = true,
+                    "volume opened at epoch {}",
+                    vol.epoch()
+                );
+                opener.open(vol)
+            }
+            Err(e) => {
+                opener.fail();
+                Err(e)
+            }
+        };
+        if let Err(e) = &r {
+            eprintln!("deferred open refused: {e}");
+            // Nothing to serve: the proxy ends.
+            let _ = done_tx.send(());
+        }
+    });
+    let shutdown = async move {
+        // A refused open ends the proxy; a successful one drops the sender (no signal).
+        let refused = async {
+            if done_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = refused => {}
+        }
+    };
+    let cfg = server_config(&a, tls);
+    server::serve(listener, Backend::Deferred(deferred.clone()), cfg, shutdown).await?;
+    if let Some(v) = deferred.opened() {
         v.close().await?;
     }
     if let Some(p) = &a.socket {
         let _ = std::fs::remove_file(p);
     }
-    Ok(())
+    // Ended by a refused open: the caller sees a failure (and the report's reason).
+    match deferred.failed() {
+        true => Err(Error::Config("the deferred open was refused".into())),
+        false => {
+            open_task.abort();
+            Ok(())
+        }
+    }
 }
 
 /// Writes `line` to a new 0600 file `path` (never through a planted file or link).

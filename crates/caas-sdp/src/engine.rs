@@ -1000,11 +1000,119 @@ impl Volume {
     }
 }
 
+/// The state of a [`Deferred`] open.
+#[derive(Debug, Clone)]
+pub enum DeferredState {
+    /// Not opened yet: requests wait.
+    Pending,
+    /// Opened (and, for a writer, locked): requests go to the volume.
+    Open(Arc<Volume>),
+    /// The open was refused or abandoned: every request fails.
+    Failed,
+}
+
+/// A volume served before it is opened (the Secure Device Proxy's deferred open, for a
+/// migration's or a resume's target): the NBD handshake is answered with the size and
+/// read-only flag given here, while the volume itself is opened and locked (single writer)
+/// only when the caller says so ([`Deferred::set`]) — after the previous writer released it.
+/// Until then every request waits, at most `wait`; then it fails (EIO). No request reads
+/// the store before the open authenticated it, and none writes before the lock is held.
+#[derive(Debug)]
+pub struct Deferred {
+    size: u64,
+    read_only: bool,
+    wait: std::time::Duration,
+    state: tokio::sync::watch::Receiver<DeferredState>,
+    pool: Arc<BufPool>,
+}
+
+impl Deferred {
+    /// A pending volume of `size` bytes, and the handle that opens (or fails) it.
+    pub fn new(size: u64, read_only: bool, wait: std::time::Duration) -> (Arc<Self>, DeferredOpen) {
+        let (tx, rx) = tokio::sync::watch::channel(DeferredState::Pending);
+        (
+            Arc::new(Self {
+                size,
+                read_only,
+                wait,
+                state: rx,
+                pool: Arc::new(BufPool::default()),
+            }),
+            DeferredOpen {
+                tx,
+                size,
+                read_only,
+            },
+        )
+    }
+
+    /// The volume once open (waits at most the bound).
+    pub async fn volume(&self) -> Result<Arc<Volume>, Error> {
+        let mut rx = self.state.clone();
+        let r = tokio::time::timeout(
+            self.wait,
+            rx.wait_for(|s| !matches!(s, DeferredState::Pending)),
+        )
+        .await;
+        match r {
+            Ok(Ok(s)) => match &*s {
+                DeferredState::Open(v) => Ok(v.clone()),
+                _ => Err(Error::NotOpen("the deferred open failed")),
+            },
+            Ok(Err(_)) => Err(Error::NotOpen("the deferred open was abandoned")),
+            Err(_) => Err(Error::NotOpen("the volume was not opened in time")),
+        }
+    }
+
+    /// Whether the open was refused or abandoned.
+    pub fn failed(&self) -> bool {
+        matches!(&*self.state.borrow(), DeferredState::Failed)
+    }
+
+    /// The volume if it is open now.
+    pub fn opened(&self) -> Option<Arc<Volume>> {
+        match &*self.state.borrow() {
+            DeferredState::Open(v) => Some(v.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// The handle that completes a [`Deferred`] open (dropping it fails the waiting requests).
+#[derive(Debug)]
+pub struct DeferredOpen {
+    tx: tokio::sync::watch::Sender<DeferredState>,
+    size: u64,
+    read_only: bool,
+}
+
+impl DeferredOpen {
+    /// The volume is open: requests proceed. Refused (and the export failed) unless it has
+    /// the size and mode the handshake advertised (read from the unauthenticated header).
+    pub fn open(self, vol: Arc<Volume>) -> Result<(), Error> {
+        if vol.size() != self.size || vol.writable() == self.read_only {
+            let _ = self.tx.send(DeferredState::Failed);
+            return Err(Error::Config(
+                "the opened volume does not match the export advertised before the open".into(),
+            ));
+        }
+        let _ = self.tx.send(DeferredState::Open(vol));
+        Ok(())
+    }
+
+    /// The open was refused: every waiting and later request fails.
+    pub fn fail(self) {
+        let _ = self.tx.send(DeferredState::Failed);
+    }
+}
+
 /// What the NBD server serves: an encrypted volume, or (for benchmarks) the raw store.
 #[derive(Debug, Clone)]
 pub enum Backend {
     /// The encrypted, integrity-protected volume.
     Encrypted(Arc<Volume>),
+    /// The encrypted volume, opened later ([`Deferred`]).
+    Deferred(Arc<Deferred>),
     /// Plaintext passthrough of a store (no protection; benchmark baseline only).
     Plain {
         /// The store.
@@ -1033,6 +1141,7 @@ impl Backend {
     pub fn size(&self) -> u64 {
         match self {
             Backend::Encrypted(v) => v.size(),
+            Backend::Deferred(d) => d.size,
             Backend::Plain { size, .. } => *size,
         }
     }
@@ -1040,6 +1149,7 @@ impl Backend {
     pub fn read_only(&self) -> bool {
         match self {
             Backend::Encrypted(v) => !v.writable(),
+            Backend::Deferred(d) => d.read_only,
             Backend::Plain { .. } => false,
         }
     }
@@ -1047,6 +1157,7 @@ impl Backend {
     pub fn pool(&self) -> &Arc<BufPool> {
         match self {
             Backend::Encrypted(v) => v.pool(),
+            Backend::Deferred(d) => &d.pool,
             Backend::Plain { pool, .. } => pool,
         }
     }
@@ -1054,6 +1165,7 @@ impl Backend {
     pub async fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), Error> {
         match self {
             Backend::Encrypted(v) => v.read(offset, out).await,
+            Backend::Deferred(d) => d.volume().await?.read(offset, out).await,
             Backend::Plain { store, .. } => store.read_at(offset, out).await,
         }
     }
@@ -1061,6 +1173,7 @@ impl Backend {
     pub async fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), Error> {
         match self {
             Backend::Encrypted(v) => v.write(offset, data, fua).await,
+            Backend::Deferred(d) => d.volume().await?.write(offset, data, fua).await,
             Backend::Plain { store, .. } => {
                 store.write_at(offset, data).await?;
                 if fua { store.sync().await } else { Ok(()) }
@@ -1071,6 +1184,7 @@ impl Backend {
     pub async fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), Error> {
         match self {
             Backend::Encrypted(v) => v.zero(offset, len, fua).await,
+            Backend::Deferred(d) => d.volume().await?.zero(offset, len, fua).await,
             Backend::Plain { store, zeros, .. } => {
                 let mut o = offset;
                 while o < offset + len {
@@ -1086,6 +1200,7 @@ impl Backend {
     pub async fn flush(&self) -> Result<(), Error> {
         match self {
             Backend::Encrypted(v) => v.flush().await,
+            Backend::Deferred(d) => d.volume().await?.flush().await,
             Backend::Plain { store, .. } => store.sync().await,
         }
     }

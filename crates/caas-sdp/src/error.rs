@@ -41,6 +41,10 @@ pub enum Error {
     /// The volume is open read-only.
     #[error("volume is read-only")]
     ReadOnly,
+    /// A deferred open ([`crate::engine::Deferred`]) has not happened within its bound, or
+    /// failed: the request is refused instead of reading stale data or writing unlocked.
+    #[error("volume not open: {0}")]
+    NotOpen(&'static str),
 }
 
 impl Error {
@@ -53,7 +57,9 @@ impl Error {
     /// client gets no data, never wrong data.
     pub fn nbd_errno(&self) -> u32 {
         match self {
-            Error::BlockAuth { .. } | Error::Io { .. } | Error::Upstream(_) => errno::EIO,
+            Error::BlockAuth { .. } | Error::Io { .. } | Error::Upstream(_) | Error::NotOpen(_) => {
+                errno::EIO
+            }
             Error::Volume(caas_volume::Error::NonceExhausted) => errno::ENOSPC,
             Error::Volume(_) => errno::EIO,
             Error::ReadOnly => errno::EPERM,

@@ -25,38 +25,52 @@ pub enum Store {
 impl Store {
     /// Opens a local file (`create_len`: create or extend it sparsely to this length).
     pub fn open_file(path: &Path, writable: bool, create_len: Option<u64>) -> Result<Self, Error> {
+        let store = Self::open_file_unlocked(path, writable, create_len.is_some())?;
+        store.lock(writable)?;
+        if let (Some(len), Store::File(f)) = (create_len, &store) {
+            f.file
+                .set_len(len)
+                .map_err(Error::io("size ciphertext file"))?;
+        }
+        Ok(store)
+    }
+
+    /// Opens a local file without its lock (the deferred open: the file is opened with the
+    /// proxy's start privileges, locked by [`Store::lock`] when the previous writer has
+    /// released it). Nothing may be read from or written to it before the lock is held.
+    pub fn open_file_unlocked(path: &Path, writable: bool, create: bool) -> Result<Self, Error> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(writable)
-            .create(create_len.is_some())
+            .create(create)
             .truncate(false)
             .open(path)
             .map_err(Error::io("open ciphertext file"))?;
-        // One writer at a time: two proxies writing one volume (two hosts attaching the
-        // same DBSP volume, or a second `caas volume serve`) would reuse nonces and corrupt
-        // it. Writers take an exclusive lock, readers a shared one; it lives as long as the
-        // file is open.
-        let locked = if writable {
-            file.try_lock()
-        } else {
-            file.try_lock_shared()
-        };
-        if let Err(e) = locked {
-            return Err(match e {
-                std::fs::TryLockError::WouldBlock => {
-                    Error::Config(format!("{} is in use by another proxy", path.display()))
-                }
-                std::fs::TryLockError::Error(e) => Error::io("lock ciphertext file")(e),
-            });
-        }
-        if let Some(len) = create_len {
-            file.set_len(len)
-                .map_err(Error::io("size ciphertext file"))?;
-        }
         Ok(Store::File(Arc::new(FileStore {
             file: Arc::new(file),
             path: path.to_path_buf(),
         })))
+    }
+
+    /// Takes the file's lock. One writer at a time: two proxies writing one volume (two
+    /// hosts attaching the same DBSP volume, or a second `caas volume serve`) would reuse
+    /// nonces and corrupt it. Writers take an exclusive lock, readers a shared one; it lives
+    /// as long as the file is open. An upstream export is locked by its server.
+    pub fn lock(&self, writable: bool) -> Result<(), Error> {
+        let Store::File(f) = self else {
+            return Ok(());
+        };
+        let locked = if writable {
+            f.file.try_lock()
+        } else {
+            f.file.try_lock_shared()
+        };
+        locked.map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => {
+                Error::Config(format!("{} is in use by another proxy", f.path.display()))
+            }
+            std::fs::TryLockError::Error(e) => Error::io("lock ciphertext file")(e),
+        })
     }
 
     /// Connects to an upstream export given as `nbd+unix:///NAME?socket=PATH` or

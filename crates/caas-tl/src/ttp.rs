@@ -59,6 +59,10 @@ pub struct SuspendRecord {
     pub resumed_on: Option<String>,
     /// Unix ms of the last change.
     pub time_ms: u64,
+    /// The TL session that suspended it: the resumed session replaces it (retired at the
+    /// resumed session's first epoch anchor, as a migration's source session).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 /// The store id of a volume's epoch anchor: the instance is named by its c4.
@@ -105,6 +109,15 @@ pub struct Session {
     pub bind_public: Vec<u8>,
     /// Unix ms.
     pub created_ms: u64,
+    /// A migration's target session: the source's session it replaces, retired when this
+    /// one first anchors a volume's epoch ([`Ttp::epoch_report`]: the target opened the
+    /// volume, so the source committed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
+    /// Set when the workload moved away (Unix ms): DomKeyReq, EpochReport, suspend and
+    /// migrate on this session are refused (`session_retired`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_ms: Option<u64>,
 }
 
 /// The TTP.
@@ -464,6 +477,12 @@ impl<S: AttestStore> Ttp<S> {
                 format!("no trusted launch of {vm_id} on {host}"),
             )
         })?;
+        if session.retired_ms.is_some() {
+            return Err(Error::rejected(
+                "session_retired",
+                format!("{vm_id} migrated away from {host}: its session there is retired"),
+            ));
+        }
         if h2.is_some_and(|h2| session.h2 != h2) {
             return Err(Error::rejected(
                 "h2_mismatch",
@@ -471,6 +490,31 @@ impl<S: AttestStore> Ttp<S> {
             ));
         }
         Ok(session)
+    }
+
+    /// A migration's target session anchored a volume: the target opened it after the
+    /// source's commit, so the source's session (`session.replaces`) is retired for good
+    /// (audited `TlSessionRetired`). Idempotent.
+    async fn retire_replaced(&self, session: &Session, now_ms: u64) -> Result<()> {
+        let Some(old_sid) = &session.replaces else {
+            return Ok(());
+        };
+        let Some(mut old) = self.get::<Session>(KIND_SESSION, old_sid).await? else {
+            return Ok(());
+        };
+        if old.retired_ms.is_some() {
+            return Ok(());
+        }
+        old.retired_ms = Some(now_ms);
+        self.put(KIND_SESSION, old_sid, &old, None).await?;
+        self.audit(
+            &session.host,
+            "TlSessionRetired",
+            old_sid,
+            &Ok(format!("replaced by the session on {}", session.host)),
+        )
+        .await;
+        Ok(())
     }
 
     fn appraise_fresh(
@@ -608,6 +652,8 @@ impl<S: AttestStore> Ttp<S> {
             dk_wrapped: self.wrap_dk(&sid, &dk[..])?,
             bind_public: b.bind.public.clone(),
             created_ms: now_ms,
+            replaces: None,
+            retired_ms: None,
         };
         self.insert_session(&sid, &session).await?;
         let att = Attestation {
@@ -869,6 +915,7 @@ impl<S: AttestStore> Ttp<S> {
         if new != old {
             self.put(KIND_VOLUME_EPOCH, &aid, &new, None).await?;
         }
+        self.retire_replaced(&session, now_ms).await?;
         Ok(new)
     }
 
@@ -880,7 +927,10 @@ impl<S: AttestStore> Ttp<S> {
     /// bind key certified by its AK and bound to the PCR values of that attestation. On
     /// success the workload gets a session on the target (launch_r = the migration id, the
     /// same H2, SP and D_vm, a new DK_i sealed to the target's bind key) so the target can
-    /// take over its DBSP volumes. Audited (`TlMigrate`) either way.
+    /// take over its DBSP volumes. That session replaces the source's, which is retired at
+    /// the target's first epoch report (the target opened a volume: the source committed);
+    /// a migration refused half-way leaves the source's session live. Audited (`TlMigrate`)
+    /// either way.
     /// `peer`: the TLS client certificate of the request's connection (the source's; `None`
     /// without TLS).
     pub async fn migrate(
@@ -1006,6 +1056,8 @@ impl<S: AttestStore> Ttp<S> {
             dk_wrapped: self.wrap_dk(&tsid, &dk[..])?,
             bind_public: bind.public.clone(),
             created_ms: now_ms,
+            replaces: Some(session_id(&source.name, &b.vm_id, &b.launch_r)),
+            retired_ms: None,
         };
         self.insert_session(&tsid, &t_session).await?;
         let st = MigrationStatement {
@@ -1113,6 +1165,7 @@ impl<S: AttestStore> Ttp<S> {
                 suspended_on: host.name.clone(),
                 resumed_on: None,
                 time_ms: now_ms,
+                session: Some(session_id(&host.name, &b.vm_id, &b.launch_r)),
             };
             // The counter is durable before any key for it exists.
             self.put(KIND_SUSPEND, &rid, &rec, None).await?;
@@ -1248,6 +1301,8 @@ impl<S: AttestStore> Ttp<S> {
                 dk_wrapped: self.wrap_dk(&sid, &dk[..])?,
                 bind_public: b.bind.public.clone(),
                 created_ms: now_ms,
+                replaces: rec.session.clone(),
+                retired_ms: None,
             };
             self.insert_session(&sid, &session).await?;
             // Consumed durably before the key leaves: a second resume (a fork) is refused.

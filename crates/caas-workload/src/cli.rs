@@ -41,6 +41,19 @@ pub enum WorkloadCommand {
         #[arg(long, default_value = "/sys/firmware/qemu_fw_cfg/by_name/opt/caas")]
         fw_cfg: PathBuf,
     },
+    /// Inside a VM with a data disk: write an increasing sequence to it, one durable record
+    /// every interval, continuing after the last record on the disk (`caas_workload::seq`).
+    Seq {
+        /// The data disk (a DBSP volume).
+        #[arg(long, default_value = "/dev/vdb")]
+        disk: PathBuf,
+        /// Blocks (4 KiB) of the ring the records go to.
+        #[arg(long, default_value_t = 4096)]
+        blocks: u64,
+        /// Milliseconds between records.
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+    },
 }
 
 /// Runs a `caas workload` subcommand; returns the process exit code (`run` only returns
@@ -65,6 +78,15 @@ pub fn run_cli(args: WorkloadArgs) -> Result<i32> {
                 vsm: vsm.as_deref().map(crate::vsm::VsmEndpoint::parse),
             };
             crate::workload::Workload::start_guest(&cfg)?.serve()?;
+            Ok(0)
+        }
+        WorkloadCommand::Seq {
+            disk,
+            blocks,
+            interval_ms,
+        } => {
+            crate::seq::run(&disk, blocks, std::time::Duration::from_millis(interval_ms))
+                .map_err(crate::Error::io("sequence writer"))?;
             Ok(0)
         }
     }

@@ -461,15 +461,35 @@ impl QemuDriver {
             "virtio-rng-pci".as_ref(),
         ]);
         // The boot disk is the provisioned image (bound to H1), served read-only by its
-        // crypto domain; DBSP volumes are writable.
+        // crypto domain; DBSP volumes are writable. With volumes, every disk gets its own
+        // `-device` (in this order: the boot disk stays vda) with a fixed geometry: qemu
+        // then never reads a volume to guess one when it starts, so a migration's target
+        // (whose Secure Device Proxy opens the volume only after the source's commit) starts
+        // without waiting for it. Source and target build the same devices.
         for (i, uri) in std::iter::once(&spec.disk).chain(&spec.volumes).enumerate() {
             let mut d = OsString::from("file=");
             d.push(escape(uri.as_ref()));
-            d.push(",format=raw,if=virtio");
+            d.push(",format=raw");
+            if spec.volumes.is_empty() {
+                d.push(",if=virtio");
+            } else {
+                d.push(format!(",if=none,id=disk{i}"));
+            }
             if i == 0 {
                 d.push(",readonly=on");
             }
             push(&["-drive".as_ref(), &d]);
+            if !spec.volumes.is_empty() {
+                let geometry = if i == 0 {
+                    ""
+                } else {
+                    ",cyls=16383,heads=16,secs=63"
+                };
+                push(&[
+                    "-device".as_ref(),
+                    format!("virtio-blk-pci,drive=disk{i}{geometry}").as_ref(),
+                ]);
+            }
         }
         let mut inject = OsString::from(format!("name={FW_CFG_INJECT},file="));
         inject.push(escape(spec.inject_file.as_os_str()));
@@ -767,10 +787,16 @@ mod tests {
         assert_eq!(
             drives,
             [
-                "file=nbd+unix:///disk?socket=/run/caas/sdp,,1.sock,format=raw,if=virtio,readonly=on",
-                "file=nbd+unix:///vol?socket=/run/caas/vol.sock,format=raw,if=virtio",
+                "file=nbd+unix:///disk?socket=/run/caas/sdp,,1.sock,format=raw,if=none,id=disk0,readonly=on",
+                "file=nbd+unix:///vol?socket=/run/caas/vol.sock,format=raw,if=none,id=disk1",
             ]
         );
+        assert!(has(&a, "-device", "virtio-blk-pci,drive=disk0"));
+        assert!(has(
+            &a,
+            "-device",
+            "virtio-blk-pci,drive=disk1,cyls=16383,heads=16,secs=63"
+        ));
         assert!(has(
             &a,
             "-fw_cfg",

@@ -17,6 +17,7 @@ mod error;
 pub mod proto;
 pub mod psk;
 pub mod qmp;
+pub mod seq;
 pub mod spec;
 pub mod state;
 pub mod suspend;
