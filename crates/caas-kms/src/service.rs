@@ -35,6 +35,8 @@ pub struct KmsParams {
     pub create_node_key: bool,
     /// Domain-key rotation period (seed 004: daily). `None` disables scheduled rotation.
     pub domain_key_rotation: Option<std::time::Duration>,
+    /// When the audit records of key use are durable.
+    pub audit_durability: crate::config::AuditDurability,
 }
 
 /// An authenticated caller.
@@ -118,6 +120,8 @@ pub struct Kms {
     creds: RwLock<HashMap<String, Arc<Cred>>>,
     /// Parsed key policies (by document text).
     pub(crate) policies: crate::policy::PolicyCache,
+    /// When the audit records of key use are durable.
+    pub audit_durability: crate::config::AuditDurability,
 }
 
 impl std::fmt::Debug for Kms {
@@ -190,12 +194,21 @@ impl Kms {
             clock_offset_ms: AtomicI64::new(0),
             creds: RwLock::new(HashMap::new()),
             policies: crate::policy::PolicyCache::default(),
+            audit_durability: p.audit_durability,
         }))
     }
 
     /// The audit public key (raw Ed25519).
     pub fn audit_public_key(&self) -> &[u8] {
         &self.audit_public
+    }
+
+    /// Waits until every audit record queued so far (`bounded` key use included) is
+    /// durable: at clean shutdown, before the checkpoint is synced.
+    pub async fn flush_audit(&self) {
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(error = %e, "cannot flush the audit log");
+        }
     }
 
     /// Makes the audit checkpoint durable now (at shutdown; otherwise it is synced every
@@ -701,13 +714,21 @@ impl Kms {
                 Value::Object(d).to_string()
             },
         };
-        let committed = self
-            .store
-            .commit(Batch {
-                writes,
-                audit: vec![entry.clone()],
-            })
-            .await;
+        let batch = Batch {
+            writes,
+            audit: vec![entry.clone()],
+        };
+        // Only a successful key use with no state change may be answered before its record
+        // is durable (`bounded`); everything else waits.
+        let deferrable = self.audit_durability == crate::config::AuditDurability::Bounded
+            && reply.is_ok()
+            && batch.writes.is_empty()
+            && is_key_use(op);
+        let committed = if deferrable {
+            self.store.commit_deferred(batch).await
+        } else {
+            self.store.commit(batch).await.map(|_| ())
+        };
         let reply = match (reply, committed) {
             (Ok(body), Ok(_)) => Ok(body),
             (Ok(_), Err(e)) => {
@@ -760,6 +781,28 @@ impl Kms {
             })
             .await;
     }
+}
+
+/// The operations whose successful audit records `audit_durability = "bounded"` may make
+/// durable after the reply: uses of a key (or of the RNG) that change no state.
+pub const KEY_USE_OPERATIONS: &[&str] = &[
+    "Encrypt",
+    "Decrypt",
+    "ReEncrypt",
+    "GenerateDataKey",
+    "GenerateDataKeyWithoutPlaintext",
+    "GenerateDataKeyPair",
+    "GenerateDataKeyPairWithoutPlaintext",
+    "Sign",
+    "Verify",
+    "GenerateMac",
+    "VerifyMac",
+    "GenerateRandom",
+    "DeriveSharedSecret",
+];
+
+fn is_key_use(op: &str) -> bool {
+    KEY_USE_OPERATIONS.contains(&op)
 }
 
 /// `seal_internal` purpose of access-key secrets (owner: access key id, account, principal).
