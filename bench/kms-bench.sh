@@ -25,6 +25,7 @@
 # followed by p50/p99 of both.
 #
 # Usage: bench/kms-bench.sh
+#   PEER=none (caas only, for iterating on caas: no peer figures, ratio n/a)
 #   SECS=10 (seconds per cell)  ROUNDS=2 (each cell is the best of ROUNDS runs)
 #   CAAS_BIN=path/to/release/caas (default: cargo build --release -p caas)
 #   COSMIAN_BIN=path/to/cosmian_kms (default: built once into $COSMIAN_CACHE)
@@ -54,7 +55,10 @@ if [[ -z "${CAAS_BIN:-}" ]]; then
   cargo build --release -q -p caas --bin caas
   CAAS_BIN=${CARGO_TARGET_DIR:-target}/release/caas
 fi
-if [[ -z "${COSMIAN_BIN:-}" ]]; then
+PEER=${PEER:-cosmian}
+if [[ "$PEER" == none ]]; then
+  COSMIAN_BIN=/bin/true
+elif [[ -z "${COSMIAN_BIN:-}" ]]; then
   COSMIAN_BIN=$COSMIAN_CACHE/bin/cosmian_kms
   if [[ ! -x "$COSMIAN_BIN" ]]; then
     echo "building cosmian_kms_server $COSMIAN_VERSION (once, cached in $COSMIAN_CACHE; slow)" >&2
@@ -97,6 +101,10 @@ wait_port() {
 
 # --- Cosmian ---------------------------------------------------------------------------
 CPORT=$(free_port)
+P64=$(head -c 64 /dev/urandom | od -An -tx1 -v | tr -d ' \n' | tr a-f A-F)
+P1K=$(head -c 1024 /dev/urandom | od -An -tx1 -v | tr -d ' \n' | tr a-f A-F)
+declare -A RES
+if [[ "$PEER" != none ]]; then
 mkdir -p "$W/cosmian"
 RUST_LOG=warn "$COSMIAN_BIN" --database-type sqlite --sqlite-path "$W/cosmian" \
   --hostname 127.0.0.1 --port "$CPORT" > "$W/cosmian.log" 2>&1 &
@@ -120,8 +128,6 @@ print(next(v["value"] for v in r["value"] if v["tag"]=="UniqueIdentifier"))')
 cosmian_encrypt_body() { # $1: plaintext as upper-case hex
   printf '{"tag":"Encrypt","type":"Structure","value":[{"tag":"UniqueIdentifier","type":"TextString","value":"%s"},{"tag":"CryptographicParameters","type":"Structure","value":[{"tag":"BlockCipherMode","type":"Enumeration","value":"GCM"}]},{"tag":"Data","type":"ByteString","value":"%s"}]}' "$CKEY" "$1"
 }
-hexof() { head -c "$1" /dev/urandom | od -An -tx1 -v | tr -d ' \n' | tr a-f A-F; }
-P64=$(hexof 64); P1K=$(hexof 1024)
 cosmian_encrypt_body "$P64" > "$W/c-enc64.json"
 cosmian_encrypt_body "$P1K" > "$W/c-enc1k.json"
 # Decrypt: the Encrypt response's Data, IVCounterNonce and AuthenticatedEncryptionTag.
@@ -149,6 +155,7 @@ for b in enc64 enc1k dec64; do
   out=$("${CURL_KMIP[@]}" --data-binary @"$W/c-$b.json")
   case "$out" in *'"Data"'*) ;; *) echo "Cosmian $b failed: $out" >&2; exit 1 ;; esac
 done
+fi
 
 # --- caas ------------------------------------------------------------------------------
 KPORT=$(free_port)
@@ -232,16 +239,16 @@ run_cell() { # $1 url, $2 lua, $3 connections, $4 label
   echo "$best"
 }
 
-declare -A RES
 b64() { "$PY" -c 'import base64,sys; print(base64.b64encode(bytes.fromhex(sys.argv[1])).decode())' "$1"; }
 echo "kms-bench: load average $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) CPUs, SECS=$SECS ROUNDS=$ROUNDS, wrk -t$THREADS" >&2
-echo "Cosmian KMS $COSMIAN_VERSION (KMIP 2.1 JSON, SQLite, no auth):" >&2
+[[ "$PEER" == none ]] || echo "Cosmian KMS $COSMIAN_VERSION (KMIP 2.1 JSON, SQLite, no auth):" >&2
 for c in "${CONNS[@]}"; do
+  [[ "$PEER" != none ]] || { RES[cos,enc64,$c]="0 0 0"; RES[cos,enc1k,$c]="0 0 0"; RES[cos,dec64,$c]="0 0 0"; continue; }
   lua_for "$W/c.lua" cosmian "$W/c-enc64.json"; RES[cos,enc64,$c]=$(run_cell "http://127.0.0.1:$CPORT/kmip/2_1" "$W/c.lua" "$c" "Encrypt 64B $c conns")
   lua_for "$W/c.lua" cosmian "$W/c-enc1k.json"; RES[cos,enc1k,$c]=$(run_cell "http://127.0.0.1:$CPORT/kmip/2_1" "$W/c.lua" "$c" "Encrypt 1KiB $c conns")
   lua_for "$W/c.lua" cosmian "$W/c-dec64.json"; RES[cos,dec64,$c]=$(run_cell "http://127.0.0.1:$CPORT/kmip/2_1" "$W/c.lua" "$c" "Decrypt 64B $c conns")
 done
-kill "${PIDS[0]}" 2>/dev/null || true
+[[ "$PEER" == none ]] || kill "${PIDS[0]}" 2>/dev/null || true
 
 for mode in bounded strict; do
   start_caas "$mode"
@@ -288,7 +295,7 @@ for cell in "enc64:Encrypt 64B" "enc1k:Encrypt 1KiB" "dec64:Decrypt 64B"; do
       read -r h _ <<< "${RES[health,$c]}"
       awk -v n="$name" -v c="$c" -v m="$mode" -v a="$crps" -v b="$orps" -v h="$h" \
           -v ap50="$cp50" -v ap99="$cp99" -v bp50="$op50" -v bp99="$op99" 'BEGIN{
-        printf "kms-bench: %s %s clients (%s): caas %.0f req/s, cosmian %.0f req/s, ratio %.2f\n", n, c, m, a, b, a/b
+        printf "kms-bench: %s %s clients (%s): caas %.0f req/s, cosmian %.0f req/s, ratio %s\n", n, c, m, a, b, (b > 0 ? sprintf("%.2f", a/b) : "n/a")
         printf "kms-bench:   p50/p99 caas %.2f/%.2f ms, cosmian %.2f/%.2f ms; caas at %.2f of its HTTP ceiling\n", ap50/1000, ap99/1000, bp50/1000, bp99/1000, a/h
       }'
     done

@@ -182,7 +182,7 @@ fn assert_chain_verifies(dir: &Path) -> u64 {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v["checked"].as_u64().unwrap_or_default()
+    v["records_checked"].as_u64().unwrap_or_default()
 }
 
 /// Runs the load for `warm` then kills `caas dev` with SIGKILL; returns the acks and the
