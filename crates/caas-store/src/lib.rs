@@ -615,7 +615,11 @@ impl Store {
         }
         let (ticket, rx) = {
             // Queue order and ticket order are the same: both under this lock.
-            let mut q = self.deferred.queue.lock().map_err(|_| Error::WriterStopped)?;
+            let mut q = self
+                .deferred
+                .queue
+                .lock()
+                .map_err(|_| Error::WriterStopped)?;
             let rx = self.enqueue(batch)?;
             let ticket = q.next;
             q.next += 1;

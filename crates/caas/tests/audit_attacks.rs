@@ -311,9 +311,7 @@ fn operator_override_is_audited() {
     );
     let accepted_hash = sqlite3(
         dir,
-        &format!(
-            "SELECT lower(hex(hash)) FROM audit_log WHERE seq = {keep}"
-        ),
+        &format!("SELECT lower(hex(hash)) FROM audit_log WHERE seq = {keep}"),
     );
     dev_refuses(dir);
     // The operator accepts the database as it is.

@@ -69,7 +69,10 @@ impl Conn {
             ("host".to_string(), self.host.clone()),
             ("x-amz-target".to_string(), format!("TrentService.{op}")),
         ];
-        let auth = self.signer.sign("POST", "/", "", &mut headers, body).unwrap();
+        let auth = self
+            .signer
+            .sign("POST", "/", "", &mut headers, body)
+            .unwrap();
         let mut req = String::from("POST / HTTP/1.1\r\n");
         for (n, v) in &headers {
             req.push_str(&format!("{n}: {v}\r\n"));
