@@ -61,6 +61,7 @@ if [[ "$PEER" == none ]]; then
 elif [[ -z "${COSMIAN_BIN:-}" ]]; then
   COSMIAN_BIN=$COSMIAN_CACHE/bin/cosmian_kms
   if [[ ! -x "$COSMIAN_BIN" ]]; then
+    pkg-config --exists openssl 2>/dev/null || { echo "building the peer needs OpenSSL headers: apt-get install libssl-dev pkg-config" >&2; exit 1; }
     echo "building cosmian_kms_server $COSMIAN_VERSION (once, cached in $COSMIAN_CACHE; slow)" >&2
     mkdir -p "$COSMIAN_CACHE"
     if ! cargo install --locked cosmian_kms_server --version "$COSMIAN_VERSION" --features non-fips \
