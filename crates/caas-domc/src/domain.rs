@@ -12,8 +12,10 @@ use crate::keysource::DomainKey;
 use crate::object::{self, Object, Origin, Owner, tmpl_bytes, tmpl_ulong};
 use crate::ops::{self, CipherOp, DigestOp, SignOp};
 use crate::policy::{self, Role};
+use crate::pq;
 use crate::token::Token;
 use caas_vsm_proto::attr;
+use caas_vsm_proto::v32::*;
 use caas_vsm_proto::{
     Attr, Blob, Body, MechInfo, MechParam, Mechanism, Request, Response, Secret, SessionInfo,
     SlotInfo, TokenInfo,
@@ -764,6 +766,34 @@ impl Domain {
                     }
                 }
                 Response::ok(Body::Ulongs { values: out })
+            }
+            Q::SessionCancel { session, flags } => {
+                // PKCS#11 3.0 C_SessionCancel: ends the named active operations; flags for
+                // operations this token has not (message-based, async) are ignored.
+                let s = self.session(app, session)?;
+                let mut g = lock(&s);
+                if flags & CKF_FIND_OBJECTS != 0 {
+                    g.find = None;
+                }
+                if flags & CKF_SIGN != 0 {
+                    g.sign = None;
+                }
+                if flags & CKF_VERIFY != 0 {
+                    g.verify = None;
+                }
+                if flags & CKF_ENCRYPT != 0 {
+                    g.encrypt = None;
+                }
+                if flags & CKF_DECRYPT != 0 {
+                    g.decrypt = None;
+                }
+                if flags & CKF_DIGEST != 0 {
+                    g.digest = None;
+                }
+                if flags & (CKF_SIGN | CKF_ENCRYPT | CKF_DECRYPT | CKF_DIGEST) != 0 {
+                    g.cached = None;
+                }
+                Response::ok(Body::Empty {})
             }
             Q::FindObjectsFinal { session } => {
                 let s = self.session(app, session)?;

@@ -10,6 +10,25 @@ fn secret_len(t: &[Attr]) -> R<usize> {
     usize::try_from(n).map_err(|_| Ckr(CKR_ATTRIBUTE_VALUE_INVALID))
 }
 
+/// Key type and length of the secret key an ML-KEM operation creates: CKO_SECRET_KEY,
+/// CKA_KEY_TYPE (default CKK_GENERIC_SECRET), CKA_VALUE_LEN at most the 32-byte shared
+/// secret (default 32; the leading bytes are kept).
+fn kem_template(t: &[Attr]) -> R<(u64, usize)> {
+    if tmpl_ulong(t, CKA_CLASS).is_some_and(|c| c != CKO_SECRET_KEY) {
+        return Err(Ckr(CKR_TEMPLATE_INCONSISTENT));
+    }
+    let kt = tmpl_ulong(t, CKA_KEY_TYPE).unwrap_or(CKK_GENERIC_SECRET);
+    let len = match tmpl_ulong(t, CKA_VALUE_LEN) {
+        Some(l) => usize::try_from(l).map_err(|_| Ckr(CKR_ATTRIBUTE_VALUE_INVALID))?,
+        None => pq::ML_KEM_SECRET_LEN,
+    };
+    if len > pq::ML_KEM_SECRET_LEN {
+        return Err(Ckr(CKR_TEMPLATE_INCONSISTENT));
+    }
+    object::check_secret_len(kt, len)?;
+    Ok((kt, len))
+}
+
 fn no_param(m: &Mechanism) -> R<()> {
     if matches!(m.param, MechParam::None {}) {
         Ok(())
@@ -425,12 +444,42 @@ impl Domain {
                         }
                         (kt, g)
                     }
+                    CKM_ML_DSA_KEY_PAIR_GEN | CKM_ML_KEM_KEY_PAIR_GEN => {
+                        // PKCS#11 3.2: CKA_PARAMETER_SET in the public template (the
+                        // private template may repeat it, but not contradict it).
+                        let set = tmpl_ulong(&public_template, CKA_PARAMETER_SET)
+                            .or_else(|| tmpl_ulong(&private_template, CKA_PARAMETER_SET))
+                            .ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
+                        if [&public_template, &private_template]
+                            .iter()
+                            .any(|t| tmpl_ulong(t, CKA_PARAMETER_SET).is_some_and(|s| s != set))
+                        {
+                            return Err(Ckr(CKR_TEMPLATE_INCONSISTENT));
+                        }
+                        let (kt, (secret, public)) =
+                            if mechanism.mechanism == CKM_ML_DSA_KEY_PAIR_GEN {
+                                (CKK_ML_DSA, pq::generate_ml_dsa(pq::MlDsa::from_set(set)?)?)
+                            } else {
+                                (CKK_ML_KEM, pq::generate_ml_kem(pq::MlKem::from_set(set)?)?)
+                            };
+                        let pair = keys::GeneratedPair {
+                            secret,
+                            public_attrs: vec![
+                                (CKA_PARAMETER_SET, attr::ulong(set)),
+                                (CKA_VALUE, public),
+                            ],
+                        };
+                        (kt, pair)
+                    }
                     _ => return Err(Ckr(CKR_MECHANISM_INVALID)),
                 };
                 let strip = |t: &[Attr], ty: u64| -> Vec<Attr> {
                     t.iter()
                         .filter(|a| {
-                            a.ty != ty && a.ty != CKA_MODULUS_BITS && a.ty != CKA_PUBLIC_EXPONENT
+                            a.ty != ty
+                                && a.ty != CKA_MODULUS_BITS
+                                && a.ty != CKA_PUBLIC_EXPONENT
+                                && a.ty != CKA_PARAMETER_SET
                         })
                         .cloned()
                         .collect()
@@ -460,7 +509,9 @@ impl Domain {
                 let priv_extra: Vec<(u64, Vec<u8>)> = pair
                     .public_attrs
                     .iter()
-                    .filter(|(t, _)| *t != CKA_EC_POINT)
+                    // The public point / public key value stay on the public object (a
+                    // private key's CKA_VALUE is its secret).
+                    .filter(|(t, _)| *t != CKA_EC_POINT && *t != CKA_VALUE)
                     .cloned()
                     .collect();
                 let (sa, ss) = object::build(
@@ -681,7 +732,15 @@ impl Domain {
                 let (slot, rw) = self.slot_rw(app, session)?;
                 let k = self.key(app, slot, base_key)?;
                 if mechanism.mechanism != CKM_ECDH1_DERIVE {
-                    return Err(Ckr(CKR_MECHANISM_INVALID));
+                    // Including `CKM_*_ENCRYPT_DATA` (see `ops`: not served, by policy).
+                    return Err(self.refuse(
+                        app,
+                        "C_DeriveKey",
+                        slot,
+                        Some(&k),
+                        Some(mechanism.mechanism),
+                        Ckr(CKR_MECHANISM_INVALID),
+                    ));
                 }
                 ops::check_key(&k, CKA_DERIVE, CKM_ECDH1_DERIVE)?;
                 if k.class() != CKO_PRIVATE_KEY || k.key_type() != Some(CKK_EC) {
@@ -751,6 +810,27 @@ impl Domain {
                 );
                 Response::ok(Body::Ulong { value: o.handle })
             }
+            Q::EncapsulateKey {
+                session,
+                mechanism,
+                public_key,
+                template,
+                cap,
+            } => self.encapsulate(app, session, &mechanism, public_key, template, cap)?,
+            Q::DecapsulateKey {
+                session,
+                mechanism,
+                private_key,
+                template,
+                ciphertext,
+            } => self.decapsulate(
+                app,
+                session,
+                &mechanism,
+                private_key,
+                template,
+                &ciphertext.0,
+            )?,
             Q::SeedRandom { session, .. } => {
                 self.session(app, session)?;
                 return Err(Ckr(CKR_RANDOM_SEED_NOT_SUPPORTED));
@@ -769,6 +849,179 @@ impl Domain {
             }
             _ => return Err(Ckr(CKR_FUNCTION_NOT_SUPPORTED)),
         })
+    }
+
+    /// C_EncapsulateKey with CKM_ML_KEM (PKCS#11 3.2): checks the public key
+    /// (`CKA_ENCAPSULATE`, `CKA_ALLOWED_MECHANISMS`, type), answers the ciphertext length to a
+    /// length query without creating anything, else encapsulates, counts and audits the
+    /// key use, and keeps the shared secret as a new secret key ([`Self::kem_secret_key`]).
+    fn encapsulate(
+        &self,
+        app: &Arc<App>,
+        session: u64,
+        m: &Mechanism,
+        public_key: u64,
+        template: Vec<Attr>,
+        cap: Option<u64>,
+    ) -> R<Response> {
+        let (slot, rw) = self.slot_rw(app, session)?;
+        let k = self.key(app, slot, public_key)?;
+        let refuse = |e| {
+            self.refuse(
+                app,
+                "C_EncapsulateKey",
+                slot,
+                Some(&k),
+                Some(m.mechanism),
+                e,
+            )
+        };
+        if m.mechanism != CKM_ML_KEM {
+            return Err(refuse(Ckr(CKR_MECHANISM_INVALID)));
+        }
+        no_param(m).map_err(refuse)?;
+        if k.class() != CKO_PUBLIC_KEY || k.key_type() != Some(CKK_ML_KEM) {
+            return Err(refuse(Ckr(CKR_KEY_TYPE_INCONSISTENT)));
+        }
+        ops::check_key(&k, CKA_ENCAPSULATE, CKM_ML_KEM).map_err(refuse)?;
+        let material = k.material()?;
+        let keys::KeyMaterial::MlKemPublic { set, public } = &*material else {
+            return Err(refuse(Ckr(CKR_KEY_TYPE_INCONSISTENT)));
+        };
+        let ct_len = set.ciphertext_len() as u64;
+        match cap {
+            None => return Ok(Response::ok(Body::Len { len: ct_len })),
+            Some(c) if c < ct_len => {
+                return Ok(Response {
+                    rv: CKR_BUFFER_TOO_SMALL,
+                    body: Body::Len { len: ct_len },
+                });
+            }
+            Some(_) => {}
+        }
+        // The template is checked before the key use is counted.
+        let (kt, len) = kem_template(&template).map_err(refuse)?;
+        let (ct, ss) = pq::ml_kem_encapsulate(*set, public)?;
+        self.use_key(app, slot, &k, "C_EncapsulateKey", CKM_ML_KEM)?;
+        let o = self
+            .kem_secret_key(app, session, slot, rw, template, kt, &ss[..len])
+            .map_err(|e| {
+                self.refuse(
+                    app,
+                    "C_EncapsulateKey(new)",
+                    slot,
+                    None,
+                    Some(CKM_ML_KEM),
+                    e,
+                )
+            })?;
+        self.audit(
+            app,
+            "C_EncapsulateKey(new)",
+            slot,
+            Some(&o),
+            Some(CKM_ML_KEM),
+            0,
+        );
+        Ok(Response::ok(Body::Encapsulated {
+            ciphertext: Blob(ct),
+            key: o.handle,
+        }))
+    }
+
+    /// C_DecapsulateKey with CKM_ML_KEM (PKCS#11 3.2).
+    fn decapsulate(
+        &self,
+        app: &Arc<App>,
+        session: u64,
+        m: &Mechanism,
+        private_key: u64,
+        template: Vec<Attr>,
+        ct: &[u8],
+    ) -> R<Response> {
+        let (slot, rw) = self.slot_rw(app, session)?;
+        let k = self.key(app, slot, private_key)?;
+        let refuse = |e| {
+            self.refuse(
+                app,
+                "C_DecapsulateKey",
+                slot,
+                Some(&k),
+                Some(m.mechanism),
+                e,
+            )
+        };
+        if m.mechanism != CKM_ML_KEM {
+            return Err(refuse(Ckr(CKR_MECHANISM_INVALID)));
+        }
+        no_param(m).map_err(refuse)?;
+        if k.class() != CKO_PRIVATE_KEY || k.key_type() != Some(CKK_ML_KEM) {
+            return Err(refuse(Ckr(CKR_KEY_TYPE_INCONSISTENT)));
+        }
+        ops::check_key(&k, CKA_DECAPSULATE, CKM_ML_KEM).map_err(refuse)?;
+        let material = k.material()?;
+        let keys::KeyMaterial::MlKemPrivate(dk) = &*material else {
+            return Err(refuse(Ckr(CKR_KEY_TYPE_INCONSISTENT)));
+        };
+        let (kt, len) = kem_template(&template).map_err(refuse)?;
+        let ss = dk.decapsulate(ct).map_err(refuse)?;
+        self.use_key(app, slot, &k, "C_DecapsulateKey", CKM_ML_KEM)?;
+        let o = self
+            .kem_secret_key(app, session, slot, rw, template, kt, &ss[..len])
+            .map_err(|e| {
+                self.refuse(
+                    app,
+                    "C_DecapsulateKey(new)",
+                    slot,
+                    None,
+                    Some(CKM_ML_KEM),
+                    e,
+                )
+            })?;
+        self.audit(
+            app,
+            "C_DecapsulateKey(new)",
+            slot,
+            Some(&o),
+            Some(CKM_ML_KEM),
+            0,
+        );
+        Ok(Response::ok(Body::Ulong { value: o.handle }))
+    }
+
+    /// The secret key made from an ML-KEM shared secret. Its value is known outside the
+    /// token (to whoever holds the private key an encapsulation was made to, or whoever made
+    /// the ciphertext a decapsulation opened, which anyone with the public key can), so it
+    /// is never `CKA_LOCAL`, `CKA_ALWAYS_SENSITIVE` or `CKA_NEVER_EXTRACTABLE`: the wrap
+    /// policy never treats it as a key whose value stayed in the token.
+    #[allow(clippy::too_many_arguments)]
+    fn kem_secret_key(
+        &self,
+        app: &Arc<App>,
+        session: u64,
+        slot: u64,
+        rw: bool,
+        template: Vec<Attr>,
+        kt: u64,
+        value: &[u8],
+    ) -> R<Arc<Object>> {
+        let t: Vec<Attr> = template
+            .into_iter()
+            .filter(|a| a.ty != CKA_VALUE_LEN)
+            .collect();
+        let (mut attrs, secret) = object::build(
+            &t,
+            CKO_SECRET_KEY,
+            Some(kt),
+            Origin::Generated(CKM_ML_KEM),
+            &[(CKA_VALUE_LEN, attr::ulong(value.len() as u64))],
+            Some(Zeroizing::new(value.to_vec())),
+            self.role(app, slot),
+        )?;
+        for a in [CKA_LOCAL, CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE] {
+            attrs.insert(a, attr::boolean(false));
+        }
+        self.insert(app, session, slot, rw, attrs, secret)
     }
 
     /// The wrap rules of `policy`: may `wk` wrap `k` with `mech`? CKR_KEY_NOT_WRAPPABLE if not.

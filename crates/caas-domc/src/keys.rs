@@ -17,6 +17,8 @@ pub enum Curve {
     P256,
     /// NIST P-384.
     P384,
+    /// NIST P-521.
+    P521,
     /// Edwards25519 (EdDSA).
     Ed25519,
 }
@@ -27,6 +29,7 @@ impl Curve {
         match p {
             der::OID_P256 => Ok(Curve::P256),
             der::OID_P384 => Ok(Curve::P384),
+            der::OID_P521 => Ok(Curve::P521),
             der::OID_ED25519 | der::NAME_ED25519 => Ok(Curve::Ed25519),
             _ => Err(Ckr(CKR_CURVE_NOT_SUPPORTED)),
         }
@@ -38,6 +41,7 @@ impl Curve {
         match self {
             Curve::P256 => der::OID_P256,
             Curve::P384 => der::OID_P384,
+            Curve::P521 => der::OID_P521,
             Curve::Ed25519 => der::OID_ED25519,
         }
     }
@@ -48,12 +52,14 @@ impl Curve {
         match self {
             Curve::P256 | Curve::Ed25519 => 32,
             Curve::P384 => 48,
+            Curve::P521 => 66,
         }
     }
 
     fn signing(self) -> &'static signature::EcdsaSigningAlgorithm {
         match self {
             Curve::P384 => &signature::ECDSA_P384_SHA384_FIXED_SIGNING,
+            Curve::P521 => &signature::ECDSA_P521_SHA512_FIXED_SIGNING,
             _ => &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
         }
     }
@@ -61,6 +67,7 @@ impl Curve {
     fn verifying(self) -> &'static signature::EcdsaVerificationAlgorithm {
         match self {
             Curve::P384 => &signature::ECDSA_P384_SHA384_FIXED,
+            Curve::P521 => &signature::ECDSA_P521_SHA512_FIXED,
             _ => &signature::ECDSA_P256_SHA256_FIXED,
         }
     }
@@ -68,6 +75,7 @@ impl Curve {
     fn agreement(self) -> &'static agreement::Algorithm {
         match self {
             Curve::P384 => &agreement::ECDH_P384,
+            Curve::P521 => &agreement::ECDH_P521,
             _ => &agreement::ECDH_P256,
         }
     }
@@ -75,6 +83,7 @@ impl Curve {
     fn digest(self) -> &'static digest::Algorithm {
         match self {
             Curve::P384 => &digest::SHA384,
+            Curve::P521 => &digest::SHA512,
             _ => &digest::SHA256,
         }
     }
@@ -134,6 +143,24 @@ pub enum KeyMaterial {
     EdPrivate(signature::Ed25519KeyPair),
     /// Ed25519 public key (32 bytes).
     EdPublic(Vec<u8>),
+    /// ML-DSA private key (PKCS#11 3.2, [`crate::pq`]).
+    MlDsaPrivate(crate::pq::MlDsaPrivate),
+    /// ML-DSA public key.
+    MlDsaPublic {
+        /// Parameter set.
+        set: crate::pq::MlDsa,
+        /// Encoded public key.
+        public: Vec<u8>,
+    },
+    /// ML-KEM private (decapsulation) key.
+    MlKemPrivate(crate::pq::MlKemPrivate),
+    /// ML-KEM public (encapsulation) key.
+    MlKemPublic {
+        /// Parameter set.
+        set: crate::pq::MlKem,
+        /// Encoded public key.
+        public: Vec<u8>,
+    },
     /// AES, HMAC or generic secret key.
     Secret(Zeroizing<Vec<u8>>),
 }
@@ -148,6 +175,10 @@ impl std::fmt::Debug for KeyMaterial {
             KeyMaterial::EcPublic { .. } => "EcPublic",
             KeyMaterial::EdPrivate(_) => "EdPrivate([REDACTED])",
             KeyMaterial::EdPublic(_) => "EdPublic",
+            KeyMaterial::MlDsaPrivate(_) => "MlDsaPrivate([REDACTED])",
+            KeyMaterial::MlDsaPublic { .. } => "MlDsaPublic",
+            KeyMaterial::MlKemPrivate(_) => "MlKemPrivate([REDACTED])",
+            KeyMaterial::MlKemPublic { .. } => "MlKemPublic",
             KeyMaterial::Secret(_) => "Secret([REDACTED])",
         })
     }
@@ -361,7 +392,11 @@ impl KeyMaterial {
                 2 * curve.field_len()
             }
             KeyMaterial::EdPrivate(_) | KeyMaterial::EdPublic(_) => 64,
-            KeyMaterial::Secret(_) => 0,
+            KeyMaterial::MlDsaPrivate(k) => k.set.signature_len(),
+            KeyMaterial::MlDsaPublic { set, .. } => set.signature_len(),
+            KeyMaterial::MlKemPrivate(_)
+            | KeyMaterial::MlKemPublic { .. }
+            | KeyMaterial::Secret(_) => 0,
         }
     }
 
@@ -600,7 +635,14 @@ impl KeyMaterial {
 
     /// Normalises a hash to the curve's order length (leftmost bits, as ECDSA does).
     fn ecdsa_digest(curve: Curve, hash: &[u8]) -> Result<digest::Digest, Ckr> {
-        let n = curve.field_len();
+        // P-521 signs over SHA-512 (64 bytes, fewer bits than the order, so no truncation):
+        // a shorter hash is left-padded to the same integer; a longer input would need
+        // truncation to 521 bits, which a 64-byte digest cannot express.
+        let n = match curve {
+            Curve::P521 if hash.len() > 64 => return Err(Ckr(CKR_DATA_LEN_RANGE)),
+            Curve::P521 => 64,
+            _ => curve.field_len(),
+        };
         let mut buf = vec![0u8; n];
         if hash.len() >= n {
             buf.copy_from_slice(&hash[..n]);
@@ -656,6 +698,24 @@ impl KeyMaterial {
         signature::UnparsedPublicKey::new(&signature::ED25519, pk)
             .verify(msg, sig)
             .map_err(|_| Ckr(CKR_SIGNATURE_INVALID))
+    }
+
+    /// Pure ML-DSA signature (hedged, empty context).
+    pub fn ml_dsa_sign(&self, msg: &[u8]) -> Result<Vec<u8>, Ckr> {
+        match self {
+            KeyMaterial::MlDsaPrivate(k) => k.sign(msg),
+            _ => Err(Ckr(CKR_KEY_TYPE_INCONSISTENT)),
+        }
+    }
+
+    /// Verifies a pure ML-DSA signature (empty context).
+    pub fn ml_dsa_verify(&self, msg: &[u8], sig: &[u8]) -> Result<(), Ckr> {
+        match self {
+            KeyMaterial::MlDsaPublic { set, public } => {
+                crate::pq::ml_dsa_verify(*set, public, msg, sig)
+            }
+            _ => Err(Ckr(CKR_KEY_TYPE_INCONSISTENT)),
+        }
     }
 
     fn rsa_public_encrypting(&self) -> Result<rsa::PublicEncryptingKey, Ckr> {
@@ -870,7 +930,7 @@ mod tests {
 
     #[test]
     fn ecdsa_and_ecdh() -> Result<(), Ckr> {
-        for curve in [Curve::P256, Curve::P384] {
+        for curve in [Curve::P256, Curve::P384, Curve::P521] {
             let a = generate_ec(curve)?;
             let b = generate_ec(curve)?;
             let pa = KeyMaterial::ec_private(curve, &a.secret)?;
@@ -884,6 +944,44 @@ mod tests {
             assert_eq!(z1, z2);
             assert_eq!(z1.len(), curve.field_len());
         }
+        Ok(())
+    }
+
+    /// P-521 signatures (r || s over SHA-512, and over a shorter hash left-padded) verify
+    /// with OpenSSL, an implementation independent of aws-lc.
+    #[test]
+    fn p521_ecdsa_verifies_with_openssl() -> Result<(), Ckr> {
+        use openssl::{bn::BigNum, ec, ecdsa::EcdsaSig, nid::Nid};
+        let fail = |_| Ckr(CKR_FUNCTION_FAILED);
+        let g = generate_ec(Curve::P521)?;
+        assert_eq!(g.secret.len(), 66);
+        let k = KeyMaterial::ec_private(Curve::P521, &g.secret)?;
+        let point = der::octet_string(&g.public_attrs[1].1).ok_or(Ckr(CKR_FUNCTION_FAILED))?;
+        let group = ec::EcGroup::from_curve_name(Nid::SECP521R1).map_err(fail)?;
+        let mut ctx = openssl::bn::BigNumContext::new().map_err(fail)?;
+        let pt = ec::EcPoint::from_bytes(&group, point, &mut ctx).map_err(fail)?;
+        let key = ec::EcKey::from_public_key(&group, &pt).map_err(fail)?;
+        for h in [
+            digest::digest(&digest::SHA512, b"m").as_ref().to_vec(),
+            digest::digest(&digest::SHA256, b"m").as_ref().to_vec(),
+        ] {
+            let sig = k.ecdsa_sign_digest(&h)?;
+            assert_eq!(sig.len(), 132);
+            let (r, s) = sig.split_at(66);
+            let es = EcdsaSig::from_private_components(
+                BigNum::from_slice(r).map_err(fail)?,
+                BigNum::from_slice(s).map_err(fail)?,
+            )
+            .map_err(fail)?;
+            assert!(
+                es.verify(&h, &key).map_err(fail)?,
+                "OpenSSL rejects a P-521 signature"
+            );
+        }
+        assert_eq!(
+            k.ecdsa_sign_digest(&[1u8; 66]),
+            Err(Ckr(CKR_DATA_LEN_RANGE))
+        );
         Ok(())
     }
 

@@ -20,6 +20,7 @@ pub mod keysource;
 pub mod object;
 pub mod ops;
 pub mod policy;
+pub mod pq;
 pub mod server;
 pub mod token;
 pub mod vsock;

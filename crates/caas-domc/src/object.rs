@@ -9,8 +9,12 @@ use crate::der;
 use crate::error::Ckr;
 use crate::keys::{Curve, KeyMaterial};
 use crate::policy::{self, Role};
+use crate::pq::{MlDsa, MlKem};
 use caas_vsm_proto::attr::{
     self, AttrKind, CKA_CAAS_BASE, CKA_CAAS_MAX_USES, CKA_CAAS_RATE_PER_SEC, CKA_CAAS_USAGE_COUNT,
+};
+use caas_vsm_proto::v32::{
+    CKA_DECAPSULATE, CKA_ENCAPSULATE, CKA_PARAMETER_SET, CKK_ML_DSA, CKK_ML_KEM,
 };
 use caas_vsm_proto::{Attr, AttrValue, Blob};
 use cryptoki_sys::*;
@@ -96,6 +100,7 @@ fn is_immutable(ty: u64) -> bool {
             | CKA_EC_PARAMS
             | CKA_EC_POINT
             | CKA_VALUE_LEN
+            | CKA_PARAMETER_SET
             | CKA_LOCAL
             | CKA_KEY_GEN_MECHANISM
             | CKA_ALWAYS_SENSITIVE
@@ -208,6 +213,14 @@ fn defaults(class: u64, key_type: Option<u64>) -> Attrs {
         m.insert(CKA_ALLOWED_MECHANISMS, Vec::new());
         m.insert(CKA_CAAS_MAX_USES, attr::ulong(0));
         m.insert(CKA_CAAS_RATE_PER_SEC, attr::ulong(0));
+    }
+    // PKCS#11 3.2: an ML-KEM public key encapsulates and its private key decapsulates by
+    // default (both only ever cleared afterwards, `policy::USAGE_FLAGS`).
+    if key_type == Some(CKK_ML_KEM) {
+        match class {
+            CKO_PUBLIC_KEY => m.insert(CKA_ENCAPSULATE, b(true)),
+            _ => m.insert(CKA_DECAPSULATE, b(true)),
+        };
     }
     match class {
         CKO_PUBLIC_KEY => {
@@ -366,6 +379,13 @@ fn imported_secret(
             scalar[off..].copy_from_slice(v);
             Ok(Some(Zeroizing::new(scalar)))
         }
+        (CKO_PRIVATE_KEY, Some(kt @ (CKK_ML_DSA | CKK_ML_KEM))) => {
+            // The expanded private key; the public value is recomputed, never taken on trust.
+            let v = tmpl_bytes(t, CKA_VALUE).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
+            let set = tmpl_ulong(t, CKA_PARAMETER_SET).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
+            crate::pq::public_of(kt, set, v)?;
+            Ok(Some(Zeroizing::new(v.to_vec())))
+        }
         (CKO_PRIVATE_KEY, Some(CKK_RSA)) => {
             let get = |ty| tmpl_bytes(t, ty).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE));
             let comps = aws_lc_rs::rsa::KeyPairComponents {
@@ -390,6 +410,17 @@ fn imported_secret(
                 m.insert(ty, v);
             }
             Ok(Some(secret))
+        }
+        (CKO_PUBLIC_KEY, Some(kt @ (CKK_ML_DSA | CKK_ML_KEM))) => {
+            // An imported post-quantum public key is checked now, not at first use.
+            let v = tmpl_bytes(t, CKA_VALUE).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
+            let set = tmpl_ulong(t, CKA_PARAMETER_SET).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
+            if kt == CKK_ML_DSA {
+                crate::pq::check_ml_dsa_public(MlDsa::from_set(set)?, v)?;
+            } else {
+                crate::pq::check_ml_kem_public(MlKem::from_set(set)?, v)?;
+            }
+            Ok(None)
         }
         (CKO_PRIVATE_KEY, _) => Err(Ckr(CKR_KEY_TYPE_INCONSISTENT)),
         _ => Ok(None),
@@ -540,9 +571,35 @@ impl Object {
                     .ok_or(Ckr(CKR_KEY_HANDLE_INVALID))?;
                 KeyMaterial::ec_public(Curve::from_params(&p)?, &q)
             }
+            (CKO_PRIVATE_KEY, CKK_ML_DSA) => Ok(KeyMaterial::MlDsaPrivate(
+                crate::pq::MlDsaPrivate::new(self.parameter_set(MlDsa::from_set)?, secret()?)?,
+            )),
+            (CKO_PUBLIC_KEY, CKK_ML_DSA) => {
+                let set = self.parameter_set(MlDsa::from_set)?;
+                let public = self.bytes(CKA_VALUE).ok_or(Ckr(CKR_KEY_HANDLE_INVALID))?;
+                crate::pq::check_ml_dsa_public(set, &public)?;
+                Ok(KeyMaterial::MlDsaPublic { set, public })
+            }
+            (CKO_PRIVATE_KEY, CKK_ML_KEM) => Ok(KeyMaterial::MlKemPrivate(
+                crate::pq::MlKemPrivate::new(self.parameter_set(MlKem::from_set)?, secret()?)?,
+            )),
+            (CKO_PUBLIC_KEY, CKK_ML_KEM) => {
+                let set = self.parameter_set(MlKem::from_set)?;
+                let public = self.bytes(CKA_VALUE).ok_or(Ckr(CKR_KEY_HANDLE_INVALID))?;
+                crate::pq::check_ml_kem_public(set, &public)?;
+                Ok(KeyMaterial::MlKemPublic { set, public })
+            }
             (CKO_SECRET_KEY, _) => Ok(KeyMaterial::Secret(Zeroizing::new(secret()?.to_vec()))),
             _ => Err(Ckr(CKR_KEY_TYPE_INCONSISTENT)),
         }
+    }
+
+    /// The object's CKA_PARAMETER_SET, parsed by `parse`.
+    fn parameter_set<T>(&self, parse: fn(u64) -> Result<T, Ckr>) -> Result<T, Ckr> {
+        parse(
+            self.ulong(CKA_PARAMETER_SET)
+                .ok_or(Ckr(CKR_KEY_HANDLE_INVALID))?,
+        )
     }
 
     /// C_GetAttributeValue for one type, applying the sensitivity rules.

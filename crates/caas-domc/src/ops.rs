@@ -13,14 +13,14 @@
 //! | RSA_PKCS_KEY_PAIR_GEN | 2048–4096 | generate key pair |
 //! | RSA_PKCS | 2048–4096 | sign, verify, encrypt, decrypt, wrap, unwrap |
 //! | RSA_X_509 | 2048–4096 | sign, verify (no raw encryption) |
-//! | SHA{256,384,512}_RSA_PKCS, RSA_PKCS_PSS, SHA{256,384,512}_RSA_PKCS_PSS | 2048–4096 | sign, verify |
+//! | SHA{1,224,256,384,512}_RSA_PKCS, RSA_PKCS_PSS, SHA{256,384,512}_RSA_PKCS_PSS (SHA1/SHA224 PSS not served) | 2048–4096 | sign, verify |
 //! | RSA_PKCS_OAEP | 2048–4096 | encrypt, decrypt, wrap, unwrap |
-//! | EC_KEY_PAIR_GEN (P-256, P-384) | 256–384 | generate key pair, EC F_P, named curve, uncompressed |
-//! | ECDSA, ECDSA_SHA{1,224,256,384,512} | 256–384 | sign, verify (+ EC flags) |
-//! | ECDH1_DERIVE | 256–384 | derive (+ EC flags) |
+//! | EC_KEY_PAIR_GEN (P-256, P-384, P-521) | 256–521 | generate key pair, EC F_P, named curve, uncompressed |
+//! | ECDSA, ECDSA_SHA{1,224,256,384,512} (P-521: input up to 64 bytes) | 256–521 | sign, verify (+ EC flags) |
+//! | ECDH1_DERIVE | 256–521 | derive (+ EC flags) |
 //! | EC_EDWARDS_KEY_PAIR_GEN, EDDSA (Ed25519) | 255 | generate key pair / sign, verify |
 //! | AES_KEY_GEN | 16–32 | generate |
-//! | AES_GCM (12-byte IV, 128-bit tag), AES_CBC_PAD | 16–32 | encrypt, decrypt, wrap, unwrap |
+//! | AES_GCM (IV 1–256 bytes, tag 96–128 bits: 12-byte IV with a full tag through aws-lc-rs, the rest through OpenSSL), AES_CBC_PAD | 16–32 | encrypt, decrypt, wrap, unwrap |
 //! | AES_CTR (`CK_AES_CTR_PARAMS`, counter 1–128 bits; data that would wrap the counter is CKR_DATA_LEN_RANGE) | 16–32 | encrypt, decrypt |
 //! | AES_ECB, AES_CBC (no padding: data a multiple of 16 bytes, else CKR_DATA_LEN_RANGE / CKR_ENCRYPTED_DATA_LEN_RANGE) | 16–32 | encrypt, decrypt (not wrap: SoftHSM2 offers it, the wrap policy here does not) |
 //! | AES_CMAC, AES_CMAC_GENERAL (tag 1–16 bytes) | 16–32 | sign, verify |
@@ -28,6 +28,10 @@
 //! | GENERIC_SECRET_KEY_GEN | 1–512 | generate |
 //! | SHA_1_HMAC, SHA224_HMAC, SHA256_HMAC, SHA384_HMAC, SHA512_HMAC and their `*_GENERAL` forms (output 1 to the hash's length) | 1–512 | sign, verify |
 //! | SHA_1, SHA224, SHA256, SHA384, SHA512 | – | digest |
+//! | ML_DSA_KEY_PAIR_GEN (`CKA_PARAMETER_SET` ML-DSA-44/65/87; PKCS#11 3.2) | 1312–2592 (public key bytes) | generate key pair |
+//! | ML_DSA (pure, hedged; optional `CK_SIGN_ADDITIONAL_CONTEXT` with an empty context and `CKH_HEDGE_PREFERRED`/`_REQUIRED`) | 1312–2592 | sign, verify (single- and multi-part) |
+//! | ML_KEM_KEY_PAIR_GEN (ML-KEM-512/768/1024; PKCS#11 3.2) | 800–1568 (public key bytes) | generate key pair |
+//! | ML_KEM (`C_EncapsulateKey`/`C_DecapsulateKey`; the new key is a secret key of at most the 32-byte shared secret, never `CKA_LOCAL`) | 800–1568 | encapsulate, decapsulate |
 //!
 //! ECB, CBC and CTR give raw access to the block cipher (E_K of a chosen block), so an AES
 //! key with `CKA_ENCRYPT` can compute GCM's hash key and CTR keystreams with them. That was
@@ -38,9 +42,25 @@
 //! cannot gain them, and a key that has both roles never wraps a sensitive key
 //! (`crate::policy`); ECB/CBC/CTR are not offered for wrapping at all.
 //!
+//! **Key derivation by encrypting data (`CKM_AES_ECB_ENCRYPT_DATA`,
+//! `CKM_AES_CBC_ENCRYPT_DATA`) is not served, by policy** (CKR_MECHANISM_INVALID, audited).
+//! The derived key's value is E_K(data), so it turns `CKA_DERIVE` on a key into an
+//! encryption oracle under that key (Clulow, "On the security of PKCS#11", 2003): derive
+//! with chosen data into an extractable key and read it, or use it as a wrapping key
+//! whose value the caller computes elsewhere with `C_Encrypt`. Serving it safely would
+//! need the derived key forced sensitive, non-extractable, without wrap role and never
+//! `CKA_LOCAL`, and the base key's `CKA_DERIVE` and mechanism list honoured; no workload
+//! of this system needs it, so the domain refuses it outright (test
+//! `encrypt_data_derivation_is_refused_and_audited`). EdDSA with `CK_EDDSA_PARAMS`
+//! (Ed25519ph/Ed25519ctx) and Ed448 are not served because aws-lc-rs 1.19 implements
+//! neither (CKR_MECHANISM_PARAM_INVALID / CKR_CURVE_NOT_SUPPORTED).
+//!
 //! With `--allow-legacy-rsa-1024` the RSA minimum is 1024 (`Domain`'s mechanism info).
-//! Not served (yet): `AES_CBC_ENCRYPT_DATA`, Ed448,
-//! EdDSA with `CK_EDDSA_PARAMS` (ph/context), ML-DSA/ML-KEM.
+//! Not served (yet): of PKCS#11 3.2, HashML-DSA
+//! (`CKM_HASH_ML_DSA*`), ML-DSA with a context string or `CKH_DETERMINISTIC_REQUIRED`
+//! (aws-lc-rs 1.19 exposes neither; CKR_MECHANISM_INVALID / CKR_MECHANISM_PARAM_INVALID),
+//! SLH-DSA, `CKA_SEED`, and ML-DSA/ML-KEM private keys in `C_WrapKey` (CKR_KEY_NOT_WRAPPABLE,
+//! as for every non-RSA private key). See [`crate::pq`].
 
 use crate::error::Ckr;
 use crate::keys::{KeyMaterial, digest_alg};
@@ -51,6 +71,10 @@ use aws_lc_rs::cipher::{
 };
 use aws_lc_rs::{aead, cmac, digest, hmac};
 use caas_vsm_proto::MechParam;
+use caas_vsm_proto::v32::{
+    CKF_DECAPSULATE, CKF_ENCAPSULATE, CKH_HEDGE_PREFERRED, CKH_HEDGE_REQUIRED, CKK_ML_DSA,
+    CKM_ML_DSA, CKM_ML_DSA_KEY_PAIR_GEN, CKM_ML_KEM, CKM_ML_KEM_KEY_PAIR_GEN,
+};
 use cryptoki_sys::*;
 use std::sync::Arc;
 use zeroize::Zeroizing;
@@ -66,6 +90,10 @@ pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
     ),
     // Raw RSA (the caller pads); no encrypt/decrypt (unpadded RSA encryption is unsafe).
     (CKM_RSA_X_509, 2048, 4096, CKF_SIGN | CKF_VERIFY),
+    // SHA-1/SHA-224 PKCS#1 v1.5 (legacy, as SoftHSM2): the DigestInfo signed through the
+    // raw path (OpenSSL, blinded). Their PSS forms are not served (aws-lc-rs PSS: SHA-2 ≥ 256).
+    (CKM_SHA1_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA224_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA256_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA384_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA512_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
@@ -82,49 +110,49 @@ pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
     (
         CKM_EC_KEY_PAIR_GEN,
         256,
-        384,
+        521,
         CKF_GENERATE_KEY_PAIR | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
     ),
     (
         CKM_ECDSA,
         256,
-        384,
+        521,
         CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
     ),
     (
         CKM_ECDSA_SHA1,
         256,
-        384,
+        521,
         CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
     ),
     (
         CKM_ECDSA_SHA224,
         256,
-        384,
+        521,
         CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
     ),
     (
         CKM_ECDSA_SHA256,
         256,
-        384,
+        521,
         CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
     ),
     (
         CKM_ECDSA_SHA384,
         256,
-        384,
+        521,
         CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
     ),
     (
         CKM_ECDSA_SHA512,
         256,
-        384,
+        521,
         CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
     ),
     (
         CKM_ECDH1_DERIVE,
         256,
-        384,
+        521,
         CKF_DERIVE | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
     ),
     (CKM_EC_EDWARDS_KEY_PAIR_GEN, 255, 255, CKF_GENERATE_KEY_PAIR),
@@ -170,6 +198,31 @@ pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
     (CKM_SHA256_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA384_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA512_HMAC, 1, 512, CKF_SIGN | CKF_VERIFY),
+    // PKCS#11 3.2 post-quantum (`crate::pq`); key sizes are public key bytes.
+    (
+        CKM_ML_DSA_KEY_PAIR_GEN,
+        crate::pq::ML_DSA_KEY_BYTES.0,
+        crate::pq::ML_DSA_KEY_BYTES.1,
+        CKF_GENERATE_KEY_PAIR,
+    ),
+    (
+        CKM_ML_DSA,
+        crate::pq::ML_DSA_KEY_BYTES.0,
+        crate::pq::ML_DSA_KEY_BYTES.1,
+        CKF_SIGN | CKF_VERIFY,
+    ),
+    (
+        CKM_ML_KEM_KEY_PAIR_GEN,
+        crate::pq::ML_KEM_KEY_BYTES.0,
+        crate::pq::ML_KEM_KEY_BYTES.1,
+        CKF_GENERATE_KEY_PAIR,
+    ),
+    (
+        CKM_ML_KEM,
+        crate::pq::ML_KEM_KEY_BYTES.0,
+        crate::pq::ML_KEM_KEY_BYTES.1,
+        CKF_ENCAPSULATE | CKF_DECAPSULATE,
+    ),
     (CKM_SHA_1, 0, 0, CKF_DIGEST),
     (CKM_SHA224, 0, 0, CKF_DIGEST),
     (CKM_SHA256, 0, 0, CKF_DIGEST),
@@ -222,10 +275,15 @@ enum SignKind {
     RsaPkcsRaw,
     RsaX509,
     RsaPssRaw(usize),
-    RsaHash { pss: bool },
+    RsaHash {
+        pss: bool,
+    },
+    /// PKCS#1 v1.5 over SHA-1 or SHA-224: the DigestInfo (its prefix here) signed raw.
+    RsaHashLegacy(&'static [u8]),
     EcdsaRaw,
     EcdsaHash,
     Eddsa,
+    MlDsa,
 }
 
 /// State of a sign or verify operation.
@@ -251,6 +309,16 @@ impl std::fmt::Debug for SignOp {
     }
 }
 
+/// DigestInfo prefix of SHA-1 (RFC 8017 §9.2 note 1).
+const DIGEST_INFO_SHA1: &[u8] = &[
+    0x30, 0x21, 0x30, 0x09, 0x06, 0x05, 0x2b, 0x0e, 0x03, 0x02, 0x1a, 0x05, 0x00, 0x04, 0x14,
+];
+/// DigestInfo prefix of SHA-224 (RFC 8017 §9.2 note 1).
+const DIGEST_INFO_SHA224: &[u8] = &[
+    0x30, 0x2d, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x04, 0x05,
+    0x00, 0x04, 0x1c,
+];
+
 fn hash_for(mech: u64) -> Option<&'static digest::Algorithm> {
     Some(match mech {
         CKM_SHA256_RSA_PKCS | CKM_SHA256_RSA_PKCS_PSS | CKM_ECDSA_SHA256 | CKM_SHA256_HMAC => {
@@ -262,8 +330,8 @@ fn hash_for(mech: u64) -> Option<&'static digest::Algorithm> {
         CKM_SHA512_RSA_PKCS | CKM_SHA512_RSA_PKCS_PSS | CKM_ECDSA_SHA512 | CKM_SHA512_HMAC => {
             &digest::SHA512
         }
-        CKM_ECDSA_SHA224 | CKM_SHA224_HMAC => &digest::SHA224,
-        CKM_ECDSA_SHA1 | CKM_SHA_1_HMAC => &digest::SHA1_FOR_LEGACY_USE_ONLY,
+        CKM_ECDSA_SHA224 | CKM_SHA224_HMAC | CKM_SHA224_RSA_PKCS => &digest::SHA224,
+        CKM_ECDSA_SHA1 | CKM_SHA_1_HMAC | CKM_SHA1_RSA_PKCS => &digest::SHA1_FOR_LEGACY_USE_ONLY,
         _ => return None,
     })
 }
@@ -398,6 +466,8 @@ impl SignOp {
             CKM_SHA256_RSA_PKCS | CKM_SHA384_RSA_PKCS | CKM_SHA512_RSA_PKCS => {
                 Some(SignKind::RsaHash { pss: false })
             }
+            CKM_SHA1_RSA_PKCS => Some(SignKind::RsaHashLegacy(DIGEST_INFO_SHA1)),
+            CKM_SHA224_RSA_PKCS => Some(SignKind::RsaHashLegacy(DIGEST_INFO_SHA224)),
             CKM_SHA256_RSA_PKCS_PSS | CKM_SHA384_RSA_PKCS_PSS | CKM_SHA512_RSA_PKCS_PSS => {
                 pss_check(param, hash)?;
                 Some(SignKind::RsaHash { pss: true })
@@ -411,6 +481,19 @@ impl SignOp {
                 }
                 Some(SignKind::Eddsa)
             }
+            CKM_ML_DSA => {
+                // aws-lc-rs signs hedged with an empty context (`crate::pq`): a context
+                // string or a deterministic signature cannot be honoured.
+                match param {
+                    MechParam::None {} => {}
+                    MechParam::SignContext { hedge, context }
+                        if context.0.is_empty()
+                            && (!sign
+                                || matches!(*hedge, CKH_HEDGE_PREFERRED | CKH_HEDGE_REQUIRED)) => {}
+                    _ => return Err(Ckr(CKR_MECHANISM_PARAM_INVALID)),
+                }
+                Some(SignKind::MlDsa)
+            }
             _ => return Err(Ckr(CKR_MECHANISM_INVALID)),
         };
         if let Some(kind) = kind {
@@ -418,9 +501,11 @@ impl SignOp {
                 SignKind::RsaPkcsRaw
                 | SignKind::RsaX509
                 | SignKind::RsaPssRaw(_)
-                | SignKind::RsaHash { .. } => &[CKK_RSA],
+                | SignKind::RsaHash { .. }
+                | SignKind::RsaHashLegacy(_) => &[CKK_RSA],
                 SignKind::EcdsaRaw | SignKind::EcdsaHash => &[CKK_EC],
                 SignKind::Eddsa => &[CKK_EC_EDWARDS],
+                SignKind::MlDsa => &[CKK_ML_DSA],
             };
             key_type_must(key, asym_class, types)?;
             op.key = key.material()?;
@@ -432,6 +517,9 @@ impl SignOp {
                     KeyMaterial::EdPrivate(_) | KeyMaterial::EdPublic(_),
                     SignKind::Eddsa
                 ) | (
+                    KeyMaterial::MlDsaPrivate(_) | KeyMaterial::MlDsaPublic { .. },
+                    SignKind::MlDsa
+                ) | (
                     KeyMaterial::EcPrivate { .. } | KeyMaterial::EcPublic { .. },
                     SignKind::EcdsaRaw | SignKind::EcdsaHash
                 ) | (
@@ -442,6 +530,7 @@ impl SignOp {
                         | SignKind::RsaX509
                         | SignKind::RsaPssRaw(_)
                         | SignKind::RsaHash { .. }
+                        | SignKind::RsaHashLegacy(_)
                 )
             );
             if !ok {
@@ -508,8 +597,10 @@ impl SignOp {
                 self.key.rsa_sign_digest(true, &input)
             }
             SignKind::RsaHash { pss } => self.key.rsa_sign_digest(pss, &input),
+            SignKind::RsaHashLegacy(prefix) => self.key.rsa_sign_raw(&[prefix, &input].concat()),
             SignKind::EcdsaRaw | SignKind::EcdsaHash => self.key.ecdsa_sign_digest(&input),
             SignKind::Eddsa => self.key.eddsa_sign(&input),
+            SignKind::MlDsa => self.key.ml_dsa_sign(&input),
         }
     }
 
@@ -555,8 +646,12 @@ impl SignOp {
                 self.key.rsa_verify_digest(true, &input, sig)
             }
             SignKind::RsaHash { pss } => self.key.rsa_verify_digest(pss, &input, sig),
+            SignKind::RsaHashLegacy(prefix) => {
+                self.key.rsa_verify_raw(&[prefix, &input].concat(), sig)
+            }
             SignKind::EcdsaRaw | SignKind::EcdsaHash => self.key.ecdsa_verify_digest(&input, sig),
             SignKind::Eddsa => self.key.eddsa_verify(&input, sig),
+            SignKind::MlDsa => self.key.ml_dsa_verify(&input, sig),
         }
     }
 }
@@ -566,6 +661,13 @@ enum CipherKind {
         key: aead::LessSafeKey,
         nonce: [u8; 12],
         aad: Vec<u8>,
+    },
+    /// AES-GCM with an IV other than 12 bytes or a tag shorter than 16 (OpenSSL).
+    GcmOther {
+        key: Zeroizing<Vec<u8>>,
+        iv: Vec<u8>,
+        aad: Vec<u8>,
+        tag_len: usize,
     },
     CbcPad {
         key: Zeroizing<Vec<u8>>,
@@ -640,26 +742,42 @@ impl CipherOp {
                 let MechParam::Gcm { iv, aad, tag_bits } = param else {
                     return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
                 };
-                let nonce: [u8; 12] =
-                    iv.0.as_slice()
-                        .try_into()
-                        .map_err(|_| Ckr(CKR_MECHANISM_PARAM_INVALID))?;
-                if *tag_bits != 128 {
+                // SP 800-38D: tags of 96 to 128 bits (the general-purpose lengths; 32 and
+                // 64 need the data and use limits of its Appendix C, not enforced here),
+                // IVs of 1 to 256 bytes (other than 12 they are GHASHed into J0).
+                if !matches!(*tag_bits, 96 | 104 | 112 | 120 | 128)
+                    || !(1..=256).contains(&iv.0.len())
+                {
                     return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
                 }
                 let m = key.material()?;
-                let alg = match m.secret()?.len() {
-                    16 => &aead::AES_128_GCM,
-                    24 => &aead::AES_192_GCM,
-                    32 => &aead::AES_256_GCM,
-                    _ => return Err(Ckr(CKR_KEY_SIZE_RANGE)),
-                };
-                let k =
-                    aead::UnboundKey::new(alg, m.secret()?).map_err(|_| Ckr(CKR_KEY_SIZE_RANGE))?;
-                CipherKind::Gcm {
-                    key: aead::LessSafeKey::new(k),
-                    nonce,
-                    aad: aad.0.clone(),
+                if iv.0.len() != 12 || *tag_bits != 128 {
+                    // aws-lc-rs serves 96-bit IVs and full tags only: OpenSSL does the rest.
+                    aes_alg(m.secret()?.len())?;
+                    CipherKind::GcmOther {
+                        key: Zeroizing::new(m.secret()?.to_vec()),
+                        iv: iv.0.clone(),
+                        aad: aad.0.clone(),
+                        tag_len: (*tag_bits / 8) as usize,
+                    }
+                } else {
+                    let nonce: [u8; 12] =
+                        iv.0.as_slice()
+                            .try_into()
+                            .map_err(|_| Ckr(CKR_MECHANISM_PARAM_INVALID))?;
+                    let alg = match m.secret()?.len() {
+                        16 => &aead::AES_128_GCM,
+                        24 => &aead::AES_192_GCM,
+                        32 => &aead::AES_256_GCM,
+                        _ => return Err(Ckr(CKR_KEY_SIZE_RANGE)),
+                    };
+                    let k = aead::UnboundKey::new(alg, m.secret()?)
+                        .map_err(|_| Ckr(CKR_KEY_SIZE_RANGE))?;
+                    CipherKind::Gcm {
+                        key: aead::LessSafeKey::new(k),
+                        nonce,
+                        aad: aad.0.clone(),
+                    }
                 }
             }
             CKM_AES_CBC_PAD => {
@@ -766,6 +884,8 @@ impl CipherOp {
         match (&self.kind, self.encrypt) {
             (CipherKind::Gcm { .. }, true) => total + 16,
             (CipherKind::Gcm { .. }, false) => total.saturating_sub(16),
+            (CipherKind::GcmOther { tag_len, .. }, true) => total + tag_len,
+            (CipherKind::GcmOther { tag_len, .. }, false) => total.saturating_sub(*tag_len),
             (CipherKind::CbcPad { .. }, true) => (total / 16 + 1) * 16,
             (CipherKind::CbcPad { .. } | CipherKind::Block { .. }, false)
             | (CipherKind::Block { .. } | CipherKind::Ctr { .. }, true)
@@ -817,6 +937,38 @@ impl CipherOp {
                     .len();
                 out.truncate(n);
                 Ok(out)
+            }
+            (
+                CipherKind::GcmOther {
+                    key,
+                    iv,
+                    aad,
+                    tag_len,
+                },
+                encrypt,
+            ) => {
+                let cipher = match key.len() {
+                    16 => openssl::symm::Cipher::aes_128_gcm(),
+                    24 => openssl::symm::Cipher::aes_192_gcm(),
+                    32 => openssl::symm::Cipher::aes_256_gcm(),
+                    _ => return Err(Ckr(CKR_KEY_SIZE_RANGE)),
+                };
+                if encrypt {
+                    let mut tag = vec![0u8; *tag_len];
+                    let mut out =
+                        openssl::symm::encrypt_aead(cipher, key, Some(iv), aad, &input, &mut tag)
+                            .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+                    out.extend_from_slice(&tag);
+                    Ok(Zeroizing::new(out))
+                } else {
+                    if input.len() < *tag_len {
+                        return Err(Ckr(CKR_ENCRYPTED_DATA_LEN_RANGE));
+                    }
+                    let (ct, tag) = input.split_at(input.len() - tag_len);
+                    openssl::symm::decrypt_aead(cipher, key, Some(iv), aad, ct, tag)
+                        .map(Zeroizing::new)
+                        .map_err(|_| Ckr(CKR_ENCRYPTED_DATA_INVALID))
+                }
             }
             (CipherKind::CbcPad { key, iv }, true) => {
                 let k = UnboundCipherKey::new(aes_alg(key.len())?, key)

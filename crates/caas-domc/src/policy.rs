@@ -119,7 +119,7 @@ pub const ROLE_FLAGS: [u64; 4] = [CKA_ENCRYPT, CKA_DECRYPT, CKA_WRAP, CKA_UNWRAP
 
 /// Every usage flag; after creation they can only be cleared (a raw RSA signature is a
 /// decryption, so even CKA_SIGN switched on later could open an RSA-OAEP wrap).
-pub const USAGE_FLAGS: [u64; 9] = [
+pub const USAGE_FLAGS: [u64; 11] = [
     CKA_ENCRYPT,
     CKA_DECRYPT,
     CKA_WRAP,
@@ -129,6 +129,8 @@ pub const USAGE_FLAGS: [u64; 9] = [
     CKA_VERIFY,
     CKA_VERIFY_RECOVER,
     CKA_DERIVE,
+    caas_vsm_proto::v32::CKA_ENCAPSULATE,
+    caas_vsm_proto::v32::CKA_DECAPSULATE,
 ];
 
 fn flag(m: &Attrs, ty: u64) -> bool {

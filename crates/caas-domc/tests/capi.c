@@ -3,6 +3,7 @@
  * by capi.rs; exits non-zero on the first unexpected return value.
  * Usage: capi MODULE USER_PIN */
 #include <dlfcn.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,6 +38,17 @@ int main(int argc, char **argv) {
     CHECK(nulls == 0);
     IFACE *iface = NULL;
     EXPECT(gi(NULL, NULL, &iface, 0), CKR_OK);
+    /* The default interface is the newest (3.2); its list is the 2.40 list's 68 entries,
+     * the 24 of 3.0 and the 12 of 3.2, all populated; version 2.40 finds `f`. */
+    CHECK(iface && ((CK_VERSION *)iface->pFunctionList)->major == 3
+          && ((CK_VERSION *)iface->pFunctionList)->minor == 2);
+    void *const *fp32 = (void *const *)((char *)iface->pFunctionList + offsetof(CK_FUNCTION_LIST, C_Initialize));
+    nulls = 0;
+    for (int i = 0; i < 68 + 24 + 12; i++) if (!fp32[i]) nulls++;
+    CHECK(nulls == 0);
+    CHECK(fp32[0] == (void *)f->C_Initialize);
+    CK_VERSION v240 = {2, 40};
+    EXPECT(gi(NULL, &v240, &iface, 0), CKR_OK);
     CHECK(iface && iface->pFunctionList == (void *)f);
     EXPECT(gi(NULL, NULL, NULL, 0), CKR_ARGUMENTS_BAD);
 
@@ -175,7 +187,8 @@ int main(int argc, char **argv) {
     CK_MECHANISM gcm_noparam = {CKM_AES_GCM, NULL, 0};
     EXPECT(f->C_EncryptInit(s, &gcm_noparam, ak), CKR_MECHANISM_PARAM_INVALID);
     CK_BYTE iv[12] = {0};
-    CK_GCM_PARAMS gp = {iv, 12, 96, NULL, 0, 96};
+    /* Tags below 96 bits are refused (SP 800-38D Appendix C limits). */
+    CK_GCM_PARAMS gp = {iv, 12, 96, NULL, 0, 64};
     CK_MECHANISM gcm = {CKM_AES_GCM, &gp, sizeof gp};
     EXPECT(f->C_EncryptInit(s, &gcm, ak), CKR_MECHANISM_PARAM_INVALID);
     gp.ulTagBits = 128;

@@ -604,3 +604,191 @@ fn mechanism_info_is_truthful() -> Result<()> {
     drop(dom);
     Ok(())
 }
+
+/// Attack (Clulow 2003): a key that may only derive (no `CKA_ENCRYPT`) becomes an
+/// encryption oracle through `CKM_AES_CBC_ENCRYPT_DATA`/`CKM_AES_ECB_ENCRYPT_DATA`: derive
+/// with chosen data into an extractable key and read E_K(data). The domain does not serve
+/// these mechanisms (policy in `caas_domc::ops`): refused with CKR_MECHANISM_INVALID,
+/// audited, and not listed. (ECB_ENCRYPT_DATA takes the same path: every derivation but
+/// ECDH1_DERIVE is refused before its parameter is read.)
+#[test]
+fn encrypt_data_derivation_is_refused_and_audited() -> Result<()> {
+    let Some(dir) = child_dir() else {
+        return run_in_child("encrypt_data_derivation_is_refused_and_audited");
+    };
+    let dom = Dom::start_in(&dir, &[])?;
+    caas_domc::dev::init_token(&dom.socket, 0, "mechs", SO_PIN, USER_PIN)?;
+    let p = context()?;
+    let s = user_session(&p)?;
+    let k = s.generate_key(
+        &Mechanism::AesKeyGen,
+        &[
+            Attribute::ValueLen(32.into()),
+            Attribute::Derive(true),
+            Attribute::Encrypt(false),
+            Attribute::Sensitive(true),
+        ],
+    )?;
+    let data = [0x42u8; 32];
+    let readable = [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(32.into()),
+        Attribute::Sensitive(false),
+        Attribute::Extractable(true),
+    ];
+    let cbc = cryptoki::mechanism::ekdf::AesCbcDeriveParams::new([0u8; 16], &data);
+    expect_rv(
+        s.derive_key(&Mechanism::AesCbcEncryptData(cbc), k, &readable),
+        RvError::MechanismInvalid,
+        "CKM_AES_CBC_ENCRYPT_DATA",
+    )?;
+    audited(
+        &dom,
+        "C_DeriveKey",
+        cryptoki_sys::CKM_AES_CBC_ENCRYPT_DATA,
+        cryptoki_sys::CKR_MECHANISM_INVALID,
+    )?;
+    let slot = p.get_slots_with_token()?[0];
+    let list = p.get_mechanism_list(slot)?;
+    // (`cryptoki` drops types it does not know, such as AES_ECB_ENCRYPT_DATA, from the
+    // list; the domain's table has neither.)
+    ensure!(
+        !list.contains(&MechanismType::AES_CBC_ENCRYPT_DATA),
+        "ENCRYPT_DATA listed"
+    );
+    drop(dom);
+    Ok(())
+}
+
+/// AES-GCM with a 60-byte IV and with truncated tags: the known answer of Test Case 6 of
+/// the GCM specification (McGrew and Viega; 60-byte IV, AES-128), the 96-bit tag being its
+/// prefix; a changed tag is CKR_ENCRYPTED_DATA_INVALID, and tags below 96 bits (whose use
+/// limits SP 800-38D Appendix C the token cannot enforce) CKR_MECHANISM_PARAM_INVALID.
+#[test]
+fn aes_gcm_long_iv_and_short_tag_known_answers() -> Result<()> {
+    let Some(dir) = child_dir() else {
+        return run_in_child("aes_gcm_long_iv_and_short_tag_known_answers");
+    };
+    let dom = Dom::start_in(&dir, &[])?;
+    caas_domc::dev::init_token(&dom.socket, 0, "mechs", SO_PIN, USER_PIN)?;
+    let p = context()?;
+    let s = user_session(&p)?;
+    let k = aes_import(&s, &h("feffe9928665731c6d6a8f9467308308")?, &[])?;
+    let pt = h(
+        "d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a721c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39",
+    )?;
+    let aad = h("feedfacedeadbeeffeedfacedeadbeefabaddad2")?;
+    let iv = h(
+        "9313225df88406e555909c5aff5269aa6a7a9538534f7da1e4c303d2a318a728c3c0c95156809539fcf0e2429a6b525416aedbf5a0de6a57a637b39b",
+    )?;
+    let ct = h(
+        "8ce24998625615b603a033aca13fb894be9112a5c3a211a8ba262a3cca7e2ca701e4a9a4fba43c90ccdcb281d48c7c6fd62875d2aca417034c34aee5",
+    )?;
+    let tag = h("619cc5aefffe0bfa462af43c1699d050")?;
+    for tag_bits in [128u64, 96] {
+        let tag = &tag[..(tag_bits / 8) as usize];
+        let mut iv1 = iv.clone();
+        let out = s.encrypt(
+            &Mechanism::AesGcm(GcmParams::new(&mut iv1, &aad, tag_bits.into())?),
+            k,
+            &pt,
+        )?;
+        ensure!(
+            out == [&ct[..], tag].concat(),
+            "GCM TC6, {tag_bits}-bit tag"
+        );
+        let mut iv2 = iv.clone();
+        let back = s.decrypt(
+            &Mechanism::AesGcm(GcmParams::new(&mut iv2, &aad, tag_bits.into())?),
+            k,
+            &out,
+        )?;
+        ensure!(back == pt, "GCM TC6 decrypt, {tag_bits}-bit tag");
+        let mut bad = out.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let mut iv3 = iv.clone();
+        expect_rv(
+            s.decrypt(
+                &Mechanism::AesGcm(GcmParams::new(&mut iv3, &aad, tag_bits.into())?),
+                k,
+                &bad,
+            ),
+            RvError::EncryptedDataInvalid,
+            "changed tag",
+        )?;
+    }
+    let mut iv4 = iv.clone();
+    expect_rv(
+        s.encrypt(
+            &Mechanism::AesGcm(GcmParams::new(&mut iv4, &aad, 64.into())?),
+            k,
+            &pt,
+        ),
+        RvError::MechanismParamInvalid,
+        "64-bit tag",
+    )?;
+    drop(dom);
+    Ok(())
+}
+
+/// CKM_SHA1_RSA_PKCS and CKM_SHA224_RSA_PKCS (legacy, as SoftHSM2): signatures made in the
+/// VSM verify with OpenSSL outside, single- and multi-part, and C_Verify rejects another
+/// message.
+#[test]
+fn sha1_and_sha224_rsa_pkcs_verify_with_openssl() -> Result<()> {
+    let Some(dir) = child_dir() else {
+        return run_in_child("sha1_and_sha224_rsa_pkcs_verify_with_openssl");
+    };
+    let dom = Dom::start_in(&dir, &[])?;
+    caas_domc::dev::init_token(&dom.socket, 0, "mechs", SO_PIN, USER_PIN)?;
+    let p = context()?;
+    let s = user_session(&p)?;
+    let (public, private) = s.generate_key_pair(
+        &Mechanism::RsaPkcsKeyPairGen,
+        &[Attribute::ModulusBits(2048.into()), Attribute::Verify(true)],
+        &[Attribute::Sign(true)],
+    )?;
+    let (n, e) = match &s.get_attributes(
+        public,
+        &[AttributeType::Modulus, AttributeType::PublicExponent],
+    )?[..]
+    {
+        [Attribute::Modulus(n), Attribute::PublicExponent(e)] => (n.clone(), e.clone()),
+        other => anyhow::bail!("public key attributes: {other:?}"),
+    };
+    let rsa = openssl::rsa::Rsa::from_public_components(
+        openssl::bn::BigNum::from_slice(&n)?,
+        openssl::bn::BigNum::from_slice(&e)?,
+    )?;
+    let pkey = openssl::pkey::PKey::from_rsa(rsa)?;
+    let msg = b"legacy PKCS#1 v1.5 signature";
+    for (mech, md) in [
+        (Mechanism::Sha1RsaPkcs, openssl::hash::MessageDigest::sha1()),
+        (
+            Mechanism::Sha224RsaPkcs,
+            openssl::hash::MessageDigest::sha224(),
+        ),
+    ] {
+        let sig = s.sign(&mech, private, msg)?;
+        let mut v = openssl::sign::Verifier::new(md, &pkey)?;
+        v.update(msg)?;
+        ensure!(v.verify(&sig)?, "OpenSSL rejects {mech:?}");
+        s.sign_init(&mech, private)?;
+        s.sign_update(&msg[..5])?;
+        s.sign_update(&msg[5..])?;
+        ensure!(
+            s.sign_final()? == sig,
+            "multi-part {mech:?} (PKCS#1 v1.5 is deterministic)"
+        );
+        s.verify(&mech, public, msg, &sig)?;
+        expect_rv(
+            s.verify(&mech, public, b"other", &sig),
+            RvError::SignatureInvalid,
+            "other message",
+        )?;
+    }
+    drop(dom);
+    Ok(())
+}

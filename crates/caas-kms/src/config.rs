@@ -102,6 +102,11 @@ pub struct RawKeys {
     pub node_key_file: Option<PathBuf>,
     /// Create it if missing.
     pub create_node_key: Option<bool>,
+    /// KMS domain (P7): this node's identity file (0600, outside the database). With it,
+    /// there is no node key: the domain keys come from this node's EDTs.
+    pub identity_file: Option<PathBuf>,
+    /// KMS domain: the genesis hash (hex) printed by `caas domain init`, pinned here.
+    pub domain_genesis: Option<String>,
 }
 
 /// `[maintenance]`.
@@ -184,10 +189,33 @@ impl RawConfig {
             .storage
             .database
             .ok_or("storage.database is required")?;
-        let node_key_file = self
-            .keys
-            .node_key_file
-            .ok_or("keys.node_key_file is required")?;
+        let domain = match (self.keys.identity_file, self.keys.domain_genesis) {
+            (Some(identity_file), Some(g)) => {
+                if self.keys.node_key_file.is_some() {
+                    return Err(
+                        "keys.node_key_file and keys.identity_file exclude each other (a node \
+                         of a KMS domain has no node key)"
+                            .into(),
+                    );
+                }
+                let genesis = caas_crypto::chain::unhex(g.trim())
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .ok_or("keys.domain_genesis must be 64 hex digits")?;
+                Some(crate::domain::DomainParams {
+                    identity_file,
+                    genesis,
+                })
+            }
+            (None, None) => None,
+            _ => return Err("keys.identity_file and keys.domain_genesis go together".into()),
+        };
+        let node_key_file = match &domain {
+            Some(d) => d.identity_file.clone(),
+            None => self
+                .keys
+                .node_key_file
+                .ok_or("keys.node_key_file is required")?,
+        };
         let region = self.server.region.unwrap_or_else(|| "us-east-1".into());
         if region.is_empty()
             || region.len() > 32
@@ -206,7 +234,8 @@ impl RawConfig {
                 region,
                 database,
                 node_key_file,
-                create_node_key: self.keys.create_node_key.unwrap_or(false),
+                create_node_key: self.keys.create_node_key.unwrap_or(false) && domain.is_none(),
+                domain,
                 audit_durability: self.storage.audit_durability.unwrap_or_default(),
                 domain_key_rotation: match self.maintenance.domain_key_rotation_hours.unwrap_or(24)
                 {

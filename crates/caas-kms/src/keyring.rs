@@ -7,9 +7,11 @@
 //!             └─ derives a fresh per-request key (SP 800-108 KDF, 256-bit nonce)
 //! ```
 //!
-//! Until KMS domains with exported domain tokens and quorum exist (P7, a later issue), the
-//! nodes of one deployment share a domain key by being given the same node key by the
-//! operator. Domain keys are rotated with [`Keyring::rotate_domain_key`], which re-wraps
+//! Single node (and `caas dev`): the domain keys are wrapped by the node key as above. In a
+//! KMS domain (P7, [`crate::domain`]) there is no shared node key: the domain keys come only
+//! from this node's exported domain tokens ([`Keyring::open_domain`]), every reload verifies
+//! the domain chain first, and new EKTs are sealed under the newest domain key the domain
+//! rules allow ([`crate::domain::member::DomainKeys::sealing`]). Domain keys are rotated with [`Keyring::rotate_domain_key`], which re-wraps
 //! every EKT under the new version; old versions stay loaded so that nothing is lost if a
 //! re-wrap is interrupted.
 //!
@@ -119,23 +121,35 @@ fn internal_aad(purpose: &str, owner: &[&str]) -> Vec<u8> {
     a
 }
 
+/// Where the domain keys come from.
+#[derive(Debug)]
+enum Source {
+    /// Wrapped by this node's key in the database (single node, `caas dev`).
+    NodeKey(NodeKey),
+    /// This node's EDTs of a KMS domain.
+    Domain(Box<crate::domain::member::Member>),
+}
+
 /// The domain keys loaded in memory.
 #[derive(Debug)]
 pub struct Keyring {
-    node: NodeKey,
+    source: Source,
     store: Store,
     keys: RwLock<BTreeMap<u32, SecretKey>>,
     created: RwLock<BTreeMap<u32, i64>>,
+    /// In a domain: the version new EKTs are sealed under (None: the newest).
+    sealing: RwLock<Option<u32>>,
 }
 
 impl Keyring {
     /// Loads every domain key from the store, creating version 1 on first start.
     pub async fn open(store: Store, node: NodeKey) -> KmsResult<Self> {
         let kr = Keyring {
-            node,
+            source: Source::NodeKey(node),
             store,
             keys: RwLock::new(BTreeMap::new()),
             created: RwLock::new(BTreeMap::new()),
+            sealing: RwLock::new(None),
         };
         kr.reload().await?;
         if kr.current_version().is_none() {
@@ -151,9 +165,43 @@ impl Keyring {
         Ok(kr)
     }
 
+    /// A keyring fed by this node's EDTs of a KMS domain (see [`crate::domain`]).
+    pub async fn open_domain(
+        store: Store,
+        member: crate::domain::member::Member,
+    ) -> KmsResult<Self> {
+        let kr = Keyring {
+            source: Source::Domain(Box::new(member)),
+            store,
+            keys: RwLock::new(BTreeMap::new()),
+            created: RwLock::new(BTreeMap::new()),
+            sealing: RwLock::new(None),
+        };
+        kr.reload().await?;
+        if kr.current_version().is_none() {
+            return Err(KmsError::Internal(
+                "KMS domain: this node holds no usable domain key (not a member yet?)".into(),
+            ));
+        }
+        Ok(kr)
+    }
+
+    /// The domain membership, if this keyring belongs to a KMS domain.
+    pub fn domain_member(&self) -> Option<&crate::domain::member::Member> {
+        match &self.source {
+            Source::Domain(m) => Some(&**m),
+            Source::NodeKey(_) => None,
+        }
+    }
+
     async fn add_version(&self, version: u32) -> KmsResult<()> {
+        let Source::NodeKey(node) = &self.source else {
+            return Err(KmsError::Internal(
+                "domain keys of a KMS domain come from EDTs".into(),
+            ));
+        };
         let dk = caas_crypto::random_key().map_err(|_| KmsError::internal_crypto("rng"))?;
-        let wrapped = aead::seal(&self.node.0, &dk_aad(version), dk.expose())
+        let wrapped = aead::seal(&node.0, &dk_aad(version), dk.expose())
             .map_err(|_| KmsError::internal_crypto("wrap domain key"))?;
         let rec = DomainKeyRecord {
             version,
@@ -180,6 +228,22 @@ impl Keyring {
 
     /// Re-reads the domain keys (after another node rotated them).
     pub async fn reload(&self) -> KmsResult<()> {
+        let node = match &self.source {
+            Source::NodeKey(n) => n,
+            Source::Domain(m) => {
+                let dks = m.sync(&self.store).await?;
+                if let Ok(mut g) = self.keys.write() {
+                    *g = dks.keys;
+                }
+                if let Ok(mut g) = self.created.write() {
+                    *g = dks.created;
+                }
+                if let Ok(mut g) = self.sealing.write() {
+                    *g = dks.sealing;
+                }
+                return Ok(());
+            }
+        };
         let objs = self
             .store
             .list(DOMAIN_KEY_KIND, Some(SYSTEM_ACCOUNT))
@@ -190,7 +254,7 @@ impl Keyring {
         for o in objs {
             let rec: DomainKeyRecord = serde_json::from_slice(&o.body)
                 .map_err(|_| KmsError::internal_crypto("domain key record"))?;
-            let raw = aead::open(&self.node.0, &dk_aad(rec.version), &rec.wrapped).map_err(|_| {
+            let raw = aead::open(&node.0, &dk_aad(rec.version), &rec.wrapped).map_err(|_| {
                 KmsError::Internal("a domain key cannot be unwrapped with this node key (wrong node key for this database?)".into())
             })?;
             created.insert(rec.version, rec.created_ms);
@@ -209,16 +273,18 @@ impl Keyring {
         Ok(())
     }
 
-    /// Creation time of the newest domain key version.
+    /// Creation time of the current domain key version.
     pub fn current_created_ms(&self) -> Option<i64> {
-        self.created
-            .read()
-            .ok()
-            .and_then(|g| g.values().next_back().copied())
+        let v = self.current_version()?;
+        self.created.read().ok().and_then(|g| g.get(&v).copied())
     }
 
-    /// The newest domain key version.
+    /// The domain key version new EKTs are sealed under (the newest one; in a domain, the
+    /// newest one the domain rules allow).
     pub fn current_version(&self) -> Option<u32> {
+        if let Source::Domain(_) = &self.source {
+            return self.sealing.read().ok().and_then(|g| *g);
+        }
         self.keys
             .read()
             .ok()
@@ -238,13 +304,15 @@ impl Keyring {
     }
 
     fn seal_aad(&self, aad: &[u8], material: &SecretBytes) -> KmsResult<Vec<u8>> {
+        let v = self
+            .current_version()
+            .ok_or_else(|| KmsError::internal_crypto("no domain key"))?;
         let g = self
             .keys
             .read()
             .map_err(|_| KmsError::internal_crypto("keyring lock"))?;
-        let (v, dk) = g
-            .iter()
-            .next_back()
+        let dk = g
+            .get(&v)
             .ok_or_else(|| KmsError::internal_crypto("no domain key"))?;
         let mut out = v.to_be_bytes().to_vec();
         out.extend(
@@ -363,6 +431,16 @@ impl Keyring {
 
     /// Creates a new domain key version (seed 004: daily rotation). The caller re-wraps EKTs.
     pub async fn rotate_domain_key(&self) -> KmsResult<u32> {
+        if let Source::Domain(m) = &self.source {
+            match m.rotate(&self.store).await {
+                Ok(_) | Err(crate::domain::DomainError::Conflict(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.reload().await?;
+            return self
+                .current_version()
+                .ok_or_else(|| KmsError::internal_crypto("no domain key"));
+        }
         self.reload().await?;
         let next = self.current_version().unwrap_or(0) + 1;
         self.add_version(next).await?;
@@ -387,6 +465,12 @@ impl Keyring {
 }
 
 impl NodeKey {
+    /// In a KMS domain, what all members share in place of a node key: the domain root
+    /// ([`crate::domain::domain_root`]), from which the record MAC and audit keys derive.
+    pub fn from_domain_root(root: SecretKey) -> Self {
+        NodeKey(root)
+    }
+
     /// Derives a purpose-bound 256-bit secret from the node key.
     pub(crate) fn derive(&self, label: &[u8]) -> KmsResult<SecretBytes> {
         caas_crypto::kdf::derive(self.0.expose(), label, b"", 32)

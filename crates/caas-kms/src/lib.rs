@@ -4,7 +4,8 @@
 //!
 //! Map: [`sigv4`] authentication · [`service`] dispatch, authorization and the one durable
 //! commit per request · `ops/` one file per operation family · [`keyring`] node and domain
-//! keys, EKTs · [`blob`] ciphertext format · [`material`] key specs and primitives ·
+//! keys, EKTs · [`domain`] KMS domains of several nodes (identities, quorum-signed domain
+//! state, EDTs) · [`blob`] ciphertext format · [`material`] key specs and primitives ·
 //! [`policy`] key policies · [`operator`] operator principals and their permissions · [`server`] HTTP/TLS · [`client`] a SigV4 client for caas's own
 //! tools · [`audit`] audit signing and CloudTrail-style export · [`checkpoint`] audit
 //! freshness anchored outside the database.
@@ -21,6 +22,7 @@ pub mod blob;
 pub mod checkpoint;
 pub mod client;
 pub mod config;
+pub mod domain;
 mod error;
 pub mod keyring;
 pub mod material;

@@ -35,6 +35,9 @@ pub struct KmsParams {
     pub create_node_key: bool,
     /// Domain-key rotation period (seed 004: daily). `None` disables scheduled rotation.
     pub domain_key_rotation: Option<std::time::Duration>,
+    /// Member of a KMS domain (P7) instead of a single node with a node key
+    /// (`node_key_file` is then the identity file, beside which the checkpoint lives).
+    pub domain: Option<crate::domain::DomainParams>,
     /// When the audit records of key use are durable.
     pub audit_durability: crate::config::AuditDurability,
 }
@@ -144,6 +147,9 @@ impl Kms {
     /// stale), or `None` for read-only inspection (`caas audit ...`), which neither checks
     /// nor moves the checkpoint.
     pub async fn open_with(p: &KmsParams, freshness: Option<OnRollback>) -> KmsResult<Arc<Kms>> {
+        if let Some(d) = &p.domain {
+            return Self::open_domain(p, d, freshness).await;
+        }
         let node = if p.create_node_key {
             NodeKey::load_or_create(&p.node_key_file)?
         } else {
@@ -184,7 +190,17 @@ impl Kms {
                 )),
                 other => other,
             })?;
-        Ok(Arc::new(Kms {
+        Ok(Self::assemble(p, store, keyring, audit_public, checkpoint))
+    }
+
+    fn assemble(
+        p: &KmsParams,
+        store: Store,
+        keyring: Keyring,
+        audit_public: Vec<u8>,
+        checkpoint: Option<Arc<crate::checkpoint::CheckpointWriter>>,
+    ) -> Arc<Kms> {
+        Arc::new(Kms {
             store,
             keyring,
             region: p.region.clone(),
@@ -195,7 +211,60 @@ impl Kms {
             creds: RwLock::new(HashMap::new()),
             policies: crate::policy::PolicyCache::default(),
             audit_durability: p.audit_durability,
-        }))
+        })
+    }
+
+    /// Opens a member of a KMS domain: reads and verifies the domain chain and this node's
+    /// EDTs through a read-only bootstrap handle (domain rows are authenticated by their
+    /// signatures), derives the shared record and audit keys from the domain root, then opens
+    /// the store and the keyring as usual.
+    async fn open_domain(
+        p: &KmsParams,
+        d: &crate::domain::DomainParams,
+        freshness: Option<OnRollback>,
+    ) -> KmsResult<Arc<Kms>> {
+        use crate::domain::{DomainRecordAuth, NoAuditSigner, member::Member};
+        let me = crate::domain::identity::NodeIdentity::load(&d.identity_file)?;
+        let head = crate::domain::head_file(&d.identity_file);
+        let member = Member::new(me, d.genesis, Some(head));
+        let boot = Store::open(
+            &p.database,
+            Arc::new(NoAuditSigner),
+            Arc::new(DomainRecordAuth::bootstrap()),
+        )
+        .await
+        .map_err(|e| KmsError::Internal(format!("cannot open the database: {e}")))?;
+        let (_, dks) = member.keys(&boot, None).await?;
+        drop(boot);
+        let dk1 = dks.keys.get(&1).ok_or_else(|| {
+            KmsError::Internal(
+                "KMS domain: this node holds no domain key yet (is it a member? a member \
+                 sends the keys within one maintenance interval of its admission)"
+                    .into(),
+            )
+        })?;
+        let node = NodeKey::from_domain_root(crate::domain::domain_root(dk1)?);
+        let signer = Arc::new(node.audit_signer()?);
+        let audit_public = signer.public_key();
+        let records = DomainRecordAuth::with_secret(node.record_authenticator()?);
+        let store = Store::open(&p.database, signer.clone(), Arc::new(records))
+            .await
+            .map_err(|e| KmsError::Internal(format!("cannot open the database: {e}")))?;
+        let checkpoint = match freshness {
+            Some(on_rollback) => Some(
+                crate::checkpoint::attach(
+                    &store,
+                    crate::checkpoint::path_for(&p.node_key_file),
+                    signer,
+                    on_rollback,
+                )
+                .await?
+                .0,
+            ),
+            None => None,
+        };
+        let keyring = Keyring::open_domain(store.clone(), member).await?;
+        Ok(Self::assemble(p, store, keyring, audit_public, checkpoint))
     }
 
     /// The audit public key (raw Ed25519).

@@ -11,6 +11,7 @@
 use crate::client::{Client, Config};
 use crate::ops::{Delivery, Kind, Phase};
 use caas_vsm_proto::attr::{self, AttrKind};
+use caas_vsm_proto::v32;
 use caas_vsm_proto::{
     Attr, AttrValue, Blob, Body, MechParam, Mechanism, Request, Response, Secret,
 };
@@ -19,6 +20,17 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, RwLock};
 
 type Rv = CK_RV;
+
+/// CK_SIGN_ADDITIONAL_CONTEXT of PKCS#11 3.2 (`pkcs11t.h` 3.2 l. 2708-2712; not in
+/// `cryptoki-sys` 0.4).
+#[repr(C)]
+#[derive(Clone, Copy)]
+#[allow(non_snake_case)]
+struct SignAdditionalContext {
+    hedgeVariant: CK_ULONG,
+    pContext: *const u8,
+    ulContextLen: CK_ULONG,
+}
 
 /// The client of the current C_Initialize, shared by all threads (read lock only per call).
 static STATE: RwLock<Option<Arc<Client>>> = RwLock::new(None);
@@ -277,6 +289,17 @@ unsafe fn mechanism(p: *const CK_MECHANISM) -> Result<Mechanism, Rv> {
                 len: u64::from(len),
             }
         }
+        v32::CKM_ML_DSA if !pp.is_null() => {
+            param(std::mem::size_of::<SignAdditionalContext>())?;
+            // SAFETY: size checked; the caller passes a CK_SIGN_ADDITIONAL_CONTEXT.
+            let c = unsafe { (pp as *const SignAdditionalContext).read_unaligned() };
+            // SAFETY: the context buffer is described by the params.
+            let ctx = unsafe { bytes(c.pContext, c.ulContextLen)? };
+            MechParam::SignContext {
+                hedge: u64::from(c.hedgeVariant),
+                context: Blob::from(ctx),
+            }
+        }
         CKM_EDDSA if !pp.is_null() && plen == std::mem::size_of::<CK_EDDSA_PARAMS>() => {
             // SAFETY: size checked.
             let e = unsafe { (pp as *const CK_EDDSA_PARAMS).read_unaligned() };
@@ -447,6 +470,7 @@ export! {
         if !reserved.is_null() {
             return Err(CKR_ARGUMENTS_BAD);
         }
+        verify_signatures().clear();
         STATE
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -643,6 +667,7 @@ export! {
         let c = client()?;
         let r = call(&Request::CloseSession { session: u64::from(session) }).map(|_| ());
         c.ops.closed(u64::from(session));
+        verify_signatures().retain(|(s, _)| *s != session);
         r
     }
 }
@@ -653,6 +678,9 @@ export! {
         let c = client()?;
         let r = call(&Request::CloseAllSessions { slot: u64::from(slot) }).map(|_| ());
         c.ops.closed_slot(u64::from(slot));
+        // Stored C_VerifySignatureInit signatures are not indexed by slot: all go (a
+        // session of another slot then answers CKR_OPERATION_NOT_INITIALIZED).
+        verify_signatures().clear();
         r
     }
 }
@@ -1303,6 +1331,249 @@ export! {
     }
 }
 
+export! {
+    /// C_LoginUser (PKCS#11 3.0). The token has one normal user and one SO, so the user
+    /// name carries no meaning here and is ignored; the PIN decides, as in C_Login.
+    fn C_LoginUser(session: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: CK_UTF8CHAR_PTR, pin_len: CK_ULONG, name: CK_UTF8CHAR_PTR, name_len: CK_ULONG) {
+        // SAFETY: user name buffer of `name_len` bytes (only checked for validity).
+        unsafe { bytes(name, name_len)? };
+        // SAFETY: PIN buffer of `pin_len` bytes.
+        let pin = unsafe { bytes(pin, pin_len)? };
+        let r = call(&Request::Login { session: u64::from(session), user_type: u64::from(user), pin: Secret::new(pin.to_vec()) }).map(|_| ());
+        invalidate();
+        r
+    }
+}
+
+export! {
+    /// C_SessionCancel (PKCS#11 3.0): ends the session's active operations named by
+    /// `flags` (CKF_ENCRYPT, CKF_DECRYPT, CKF_DIGEST, CKF_SIGN, CKF_VERIFY,
+    /// CKF_FIND_OBJECTS), both the ones the module recorded and the domain's.
+    fn C_SessionCancel(session: CK_SESSION_HANDLE, flags: CK_FLAGS) {
+        let c = client()?;
+        let flags = u64::from(flags);
+        if flags == 0 {
+            return Ok(());
+        }
+        let kinds: Vec<Kind> = [
+            (CKF_SIGN, Kind::Sign),
+            (CKF_VERIFY, Kind::Verify),
+            (CKF_ENCRYPT, Kind::Encrypt),
+            (CKF_DECRYPT, Kind::Decrypt),
+        ]
+        .iter()
+        .filter(|(f, _)| flags & *f != 0)
+        .map(|(_, k)| *k)
+        .collect();
+        let r = call(&Request::SessionCancel { session: u64::from(session), flags }).map(|_| ());
+        c.ops.cancel(u64::from(session), &kinds);
+        if flags & CKF_VERIFY != 0 {
+            verify_signatures().retain(|(s, _)| *s != session);
+        }
+        r
+    }
+}
+
+export! {
+    /// C_EncapsulateKey (PKCS#11 3.2): CKM_ML_KEM to an ML-KEM public key; the shared
+    /// secret becomes a new secret key in the crypto domain (`*key`), the ciphertext goes
+    /// to the caller. A NULL `ct` asks for the ciphertext length and creates nothing.
+    fn C_EncapsulateKey(session: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, public_key: CK_OBJECT_HANDLE, tmpl: CK_ATTRIBUTE_PTR, n: CK_ULONG, ct: CK_BYTE_PTR, ct_len: CK_ULONG_PTR, key: CK_OBJECT_HANDLE_PTR) {
+        // SAFETY: caller's mechanism and template.
+        let (mechanism, template) = unsafe { (mechanism(mech)?, template(tmpl, n)?) };
+        // SAFETY: `ct_len` from the caller.
+        let cap = unsafe { get(ct_len)? };
+        if !ct.is_null() && key.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        let cap = (!ct.is_null()).then_some(u64::from(cap));
+        let r = call_raw(&Request::EncapsulateKey {
+            session: u64::from(session),
+            mechanism,
+            public_key: u64::from(public_key),
+            template,
+            cap,
+        })?;
+        match (r.rv, r.body) {
+            (CKR_OK | CKR_BUFFER_TOO_SMALL, Body::Len { len }) => {
+                // SAFETY: `ct_len` checked above.
+                unsafe { put(ct_len, to_ck(len)?)? };
+                if r.rv == CKR_OK { Ok(()) } else { Err(CKR_BUFFER_TOO_SMALL) }
+            }
+            (CKR_OK, Body::Encapsulated { ciphertext, key: h }) => {
+                let data = &ciphertext.0;
+                if cap.is_none_or(|c| (data.len() as u64) > c) {
+                    return Err(CKR_DEVICE_ERROR);
+                }
+                // SAFETY: `ct` is non-NULL (cap is Some) and holds `cap` >= data.len() bytes.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ct, data.len()) };
+                // SAFETY: `ct_len` checked above, `key` checked non-NULL.
+                unsafe {
+                    put(ct_len, to_ck(data.len() as u64)?)?;
+                    put(key, to_ck(h)?)
+                }
+            }
+            (CKR_OK, _) => Err(CKR_DEVICE_ERROR),
+            (rv, _) => Err(rv),
+        }
+    }
+}
+
+export! {
+    /// C_DecapsulateKey (PKCS#11 3.2): CKM_ML_KEM with an ML-KEM private key; the shared
+    /// secret becomes a new secret key in the crypto domain.
+    fn C_DecapsulateKey(session: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, private_key: CK_OBJECT_HANDLE, tmpl: CK_ATTRIBUTE_PTR, n: CK_ULONG, ct: CK_BYTE_PTR, ct_len: CK_ULONG, key: CK_OBJECT_HANDLE_PTR) {
+        if key.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        // SAFETY: caller's mechanism, template and ciphertext.
+        let (mechanism, template, ct) = unsafe { (mechanism(mech)?, template(tmpl, n)?, bytes(ct, ct_len)?) };
+        let h = ulong(call(&Request::DecapsulateKey {
+            session: u64::from(session),
+            mechanism,
+            private_key: u64::from(private_key),
+            template,
+            ciphertext: Blob::from(ct),
+        })?)?;
+        // SAFETY: checked non-NULL.
+        unsafe { put(key, to_ck(h)?) }
+    }
+}
+
+/// Signatures given to C_VerifySignatureInit, per session, until the operation ends.
+static VERIFY_SIGNATURES: std::sync::Mutex<Vec<(CK_SESSION_HANDLE, Vec<u8>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn verify_signatures() -> std::sync::MutexGuard<'static, Vec<(CK_SESSION_HANDLE, Vec<u8>)>> {
+    VERIFY_SIGNATURES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn take_signature(session: CK_SESSION_HANDLE) -> Result<Vec<u8>, Rv> {
+    let mut g = verify_signatures();
+    let i = g
+        .iter()
+        .position(|(s, _)| *s == session)
+        .ok_or(CKR_OPERATION_NOT_INITIALIZED)?;
+    Ok(g.swap_remove(i).1)
+}
+
+export! {
+    /// C_VerifySignatureInit (PKCS#11 3.2): the signature comes first. Implemented on the
+    /// session's verification (the domain runs every C_VerifyInit check), so a session has
+    /// one verification at a time, by C_Verify* or C_VerifySignature*.
+    fn C_VerifySignatureInit(session: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, key: CK_OBJECT_HANDLE, sig: CK_BYTE_PTR, sig_len: CK_ULONG) {
+        // SAFETY: signature buffer of `sig_len` bytes.
+        let sig = unsafe { bytes(sig, sig_len)? }.to_vec();
+        if verify_signatures().iter().any(|(s, _)| *s == session) {
+            return Err(CKR_OPERATION_ACTIVE);
+        }
+        // SAFETY: forwarded caller arguments.
+        let rv = unsafe { C_VerifyInit(session, mech, key) };
+        if rv != CKR_OK {
+            return Err(rv);
+        }
+        verify_signatures().push((session, sig));
+        Ok(())
+    }
+}
+
+export! {
+    /// C_VerifySignature (PKCS#11 3.2): single-part, ends the operation.
+    fn C_VerifySignature(session: CK_SESSION_HANDLE, data: CK_BYTE_PTR, data_len: CK_ULONG) {
+        let mut sig = take_signature(session)?;
+        // SAFETY: the caller's data buffer; `sig` is ours.
+        let rv = unsafe { C_Verify(session, data, data_len, sig.as_mut_ptr(), sig.len() as CK_ULONG) };
+        if rv == CKR_OK { Ok(()) } else { Err(rv) }
+    }
+}
+
+export! {
+    /// C_VerifySignatureUpdate (PKCS#11 3.2).
+    fn C_VerifySignatureUpdate(session: CK_SESSION_HANDLE, data: CK_BYTE_PTR, data_len: CK_ULONG) {
+        if !verify_signatures().iter().any(|(s, _)| *s == session) {
+            return Err(CKR_OPERATION_NOT_INITIALIZED);
+        }
+        // SAFETY: the caller's data buffer.
+        let rv = unsafe { C_VerifyUpdate(session, data, data_len) };
+        if rv != CKR_OK {
+            // A failed update ends the operation, as for C_VerifyUpdate.
+            let _ = take_signature(session);
+            return Err(rv);
+        }
+        Ok(())
+    }
+}
+
+export! {
+    /// C_VerifySignatureFinal (PKCS#11 3.2): checks the signature given at init.
+    fn C_VerifySignatureFinal(session: CK_SESSION_HANDLE) {
+        let mut sig = take_signature(session)?;
+        // SAFETY: `sig` is ours.
+        let rv = unsafe { C_VerifyFinal(session, sig.as_mut_ptr(), sig.len() as CK_ULONG) };
+        if rv == CKR_OK { Ok(()) } else { Err(rv) }
+    }
+}
+
+/// Entries of the 3.0/3.2 function lists this module does not implement: message-based
+/// operations (3.0), validation flags, async and authenticated wrap (3.2). Each answers CKR_FUNCTION_NOT_SUPPORTED (CKR_CRYPTOKI_NOT_INITIALIZED before
+/// C_Initialize), as the specification asks of a listed but unsupported function.
+macro_rules! unsupported_3x {
+    ($($name:ident($($arg:ident: $ty:ty),*);)*) => {
+        $(
+            /// Not supported: CKR_FUNCTION_NOT_SUPPORTED.
+            ///
+            /// # Safety
+            /// Reads none of its arguments.
+            #[unsafe(no_mangle)]
+            #[allow(clippy::too_many_arguments)]
+            pub unsafe extern "C" fn $name($($arg: $ty),*) -> CK_RV {
+                $(let _ = $arg;)*
+                guard(|| {
+                    client()?;
+                    Err(CKR_FUNCTION_NOT_SUPPORTED)
+                })
+            }
+        )*
+    };
+}
+
+type Vp = *mut std::ffi::c_void;
+type Bp = *mut CK_BYTE;
+type Up = *mut CK_ULONG;
+type Sh = CK_SESSION_HANDLE;
+type Ul = CK_ULONG;
+
+unsupported_3x! {
+    C_MessageEncryptInit(s: Sh, m: *mut CK_MECHANISM, k: CK_OBJECT_HANDLE);
+    C_EncryptMessage(s: Sh, p: Vp, pl: Ul, a: Bp, al: Ul, d: Bp, dl: Ul, o: Bp, ol: Up);
+    C_EncryptMessageBegin(s: Sh, p: Vp, pl: Ul, a: Bp, al: Ul);
+    C_EncryptMessageNext(s: Sh, p: Vp, pl: Ul, d: Bp, dl: Ul, o: Bp, ol: Up, f: CK_FLAGS);
+    C_MessageEncryptFinal(s: Sh);
+    C_MessageDecryptInit(s: Sh, m: *mut CK_MECHANISM, k: CK_OBJECT_HANDLE);
+    C_DecryptMessage(s: Sh, p: Vp, pl: Ul, a: Bp, al: Ul, d: Bp, dl: Ul, o: Bp, ol: Up);
+    C_DecryptMessageBegin(s: Sh, p: Vp, pl: Ul, a: Bp, al: Ul);
+    C_DecryptMessageNext(s: Sh, p: Vp, pl: Ul, d: Bp, dl: Ul, o: Bp, ol: Up, f: CK_FLAGS);
+    C_MessageDecryptFinal(s: Sh);
+    C_MessageSignInit(s: Sh, m: *mut CK_MECHANISM, k: CK_OBJECT_HANDLE);
+    C_SignMessage(s: Sh, p: Vp, pl: Ul, d: Bp, dl: Ul, o: Bp, ol: Up);
+    C_SignMessageBegin(s: Sh, p: Vp, pl: Ul);
+    C_SignMessageNext(s: Sh, p: Vp, pl: Ul, d: Bp, dl: Ul, o: Bp, ol: Up);
+    C_MessageSignFinal(s: Sh);
+    C_MessageVerifyInit(s: Sh, m: *mut CK_MECHANISM, k: CK_OBJECT_HANDLE);
+    C_VerifyMessage(s: Sh, p: Vp, pl: Ul, d: Bp, dl: Ul, g: Bp, gl: Ul);
+    C_VerifyMessageBegin(s: Sh, p: Vp, pl: Ul);
+    C_VerifyMessageNext(s: Sh, p: Vp, pl: Ul, d: Bp, dl: Ul, g: Bp, gl: Ul);
+    C_MessageVerifyFinal(s: Sh);
+    C_GetSessionValidationFlags(s: Sh, t: Ul, f: Up);
+    C_AsyncComplete(s: Sh, n: *mut CK_UTF8CHAR, r: Vp);
+    C_AsyncGetID(s: Sh, n: *mut CK_UTF8CHAR, id: Up);
+    C_AsyncJoin(s: Sh, n: *mut CK_UTF8CHAR, id: Ul, d: Bp, dl: Ul);
+    C_WrapKeyAuthenticated(s: Sh, m: *mut CK_MECHANISM, w: CK_OBJECT_HANDLE, k: CK_OBJECT_HANDLE, a: Bp, al: Ul, o: Bp, ol: Up);
+    C_UnwrapKeyAuthenticated(s: Sh, m: *mut CK_MECHANISM, u: CK_OBJECT_HANDLE, w: Bp, wl: Ul, t: *mut CK_ATTRIBUTE, tn: Ul, a: Bp, al: Ul, k: *mut CK_OBJECT_HANDLE);
+}
+
 /// The PKCS#11 v2.40 function list: every entry populated.
 static FUNCTION_LIST: CK_FUNCTION_LIST = CK_FUNCTION_LIST {
     version: CK_VERSION {
@@ -1379,42 +1650,255 @@ static FUNCTION_LIST: CK_FUNCTION_LIST = CK_FUNCTION_LIST {
     C_WaitForSlotEvent: Some(C_WaitForSlotEvent),
 };
 
-/// The one interface this module offers ("PKCS 11", the v2.40 function list).
-struct Interface(CK_INTERFACE);
+/// The PKCS#11 3.0 function list: the v2.40 list plus the 3.0 functions.
+static FUNCTION_LIST_3_0: CK_FUNCTION_LIST_3_0 = CK_FUNCTION_LIST_3_0 {
+    version: CK_VERSION { major: 3, minor: 0 },
+    C_Initialize: Some(C_Initialize),
+    C_Finalize: Some(C_Finalize),
+    C_GetInfo: Some(C_GetInfo),
+    C_GetFunctionList: Some(C_GetFunctionList),
+    C_GetSlotList: Some(C_GetSlotList),
+    C_GetSlotInfo: Some(C_GetSlotInfo),
+    C_GetTokenInfo: Some(C_GetTokenInfo),
+    C_GetMechanismList: Some(C_GetMechanismList),
+    C_GetMechanismInfo: Some(C_GetMechanismInfo),
+    C_InitToken: Some(C_InitToken),
+    C_InitPIN: Some(C_InitPIN),
+    C_SetPIN: Some(C_SetPIN),
+    C_OpenSession: Some(C_OpenSession),
+    C_CloseSession: Some(C_CloseSession),
+    C_CloseAllSessions: Some(C_CloseAllSessions),
+    C_GetSessionInfo: Some(C_GetSessionInfo),
+    C_GetOperationState: Some(C_GetOperationState),
+    C_SetOperationState: Some(C_SetOperationState),
+    C_Login: Some(C_Login),
+    C_Logout: Some(C_Logout),
+    C_CreateObject: Some(C_CreateObject),
+    C_CopyObject: Some(C_CopyObject),
+    C_DestroyObject: Some(C_DestroyObject),
+    C_GetObjectSize: Some(C_GetObjectSize),
+    C_GetAttributeValue: Some(C_GetAttributeValue),
+    C_SetAttributeValue: Some(C_SetAttributeValue),
+    C_FindObjectsInit: Some(C_FindObjectsInit),
+    C_FindObjects: Some(C_FindObjects),
+    C_FindObjectsFinal: Some(C_FindObjectsFinal),
+    C_EncryptInit: Some(C_EncryptInit),
+    C_Encrypt: Some(C_Encrypt),
+    C_EncryptUpdate: Some(C_EncryptUpdate),
+    C_EncryptFinal: Some(C_EncryptFinal),
+    C_DecryptInit: Some(C_DecryptInit),
+    C_Decrypt: Some(C_Decrypt),
+    C_DecryptUpdate: Some(C_DecryptUpdate),
+    C_DecryptFinal: Some(C_DecryptFinal),
+    C_DigestInit: Some(C_DigestInit),
+    C_Digest: Some(C_Digest),
+    C_DigestUpdate: Some(C_DigestUpdate),
+    C_DigestKey: Some(C_DigestKey),
+    C_DigestFinal: Some(C_DigestFinal),
+    C_SignInit: Some(C_SignInit),
+    C_Sign: Some(C_Sign),
+    C_SignUpdate: Some(C_SignUpdate),
+    C_SignFinal: Some(C_SignFinal),
+    C_SignRecoverInit: Some(C_SignRecoverInit),
+    C_SignRecover: Some(C_SignRecover),
+    C_VerifyInit: Some(C_VerifyInit),
+    C_Verify: Some(C_Verify),
+    C_VerifyUpdate: Some(C_VerifyUpdate),
+    C_VerifyFinal: Some(C_VerifyFinal),
+    C_VerifyRecoverInit: Some(C_VerifyRecoverInit),
+    C_VerifyRecover: Some(C_VerifyRecover),
+    C_DigestEncryptUpdate: Some(C_DigestEncryptUpdate),
+    C_DecryptDigestUpdate: Some(C_DecryptDigestUpdate),
+    C_SignEncryptUpdate: Some(C_SignEncryptUpdate),
+    C_DecryptVerifyUpdate: Some(C_DecryptVerifyUpdate),
+    C_GenerateKey: Some(C_GenerateKey),
+    C_GenerateKeyPair: Some(C_GenerateKeyPair),
+    C_WrapKey: Some(C_WrapKey),
+    C_UnwrapKey: Some(C_UnwrapKey),
+    C_DeriveKey: Some(C_DeriveKey),
+    C_SeedRandom: Some(C_SeedRandom),
+    C_GenerateRandom: Some(C_GenerateRandom),
+    C_GetFunctionStatus: Some(C_GetFunctionStatus),
+    C_CancelFunction: Some(C_CancelFunction),
+    C_WaitForSlotEvent: Some(C_WaitForSlotEvent),
+    C_GetInterfaceList: Some(C_GetInterfaceList),
+    C_GetInterface: Some(C_GetInterface),
+    C_LoginUser: Some(C_LoginUser),
+    C_SessionCancel: Some(C_SessionCancel),
+    C_MessageEncryptInit: Some(C_MessageEncryptInit),
+    C_EncryptMessage: Some(C_EncryptMessage),
+    C_EncryptMessageBegin: Some(C_EncryptMessageBegin),
+    C_EncryptMessageNext: Some(C_EncryptMessageNext),
+    C_MessageEncryptFinal: Some(C_MessageEncryptFinal),
+    C_MessageDecryptInit: Some(C_MessageDecryptInit),
+    C_DecryptMessage: Some(C_DecryptMessage),
+    C_DecryptMessageBegin: Some(C_DecryptMessageBegin),
+    C_DecryptMessageNext: Some(C_DecryptMessageNext),
+    C_MessageDecryptFinal: Some(C_MessageDecryptFinal),
+    C_MessageSignInit: Some(C_MessageSignInit),
+    C_SignMessage: Some(C_SignMessage),
+    C_SignMessageBegin: Some(C_SignMessageBegin),
+    C_SignMessageNext: Some(C_SignMessageNext),
+    C_MessageSignFinal: Some(C_MessageSignFinal),
+    C_MessageVerifyInit: Some(C_MessageVerifyInit),
+    C_VerifyMessage: Some(C_VerifyMessage),
+    C_VerifyMessageBegin: Some(C_VerifyMessageBegin),
+    C_VerifyMessageNext: Some(C_VerifyMessageNext),
+    C_MessageVerifyFinal: Some(C_MessageVerifyFinal),
+};
 
-// SAFETY: the interface only points to static, immutable data (a NUL-terminated name and
-// the static function list); sharing it between threads is sound.
-unsafe impl Sync for Interface {}
+type Fp<A> = Option<A>;
+
+/// CK_FUNCTION_LIST_3_2 (`pkcs11.h` 3.2 l. 209; entries in the order of its `pkcs11f.h`):
+/// the 3.0 list followed by the 3.2 functions. `cryptoki-sys` 0.4 has no 3.2 binding, so the
+/// layout is spelt out here: `repr(C)` of the 3.0 list (all pointers) then pointers.
+#[repr(C)]
+#[allow(non_snake_case)]
+pub struct FunctionList32 {
+    base: CK_FUNCTION_LIST_3_0,
+    C_EncapsulateKey: Fp<
+        unsafe extern "C" fn(
+            Sh,
+            CK_MECHANISM_PTR,
+            CK_OBJECT_HANDLE,
+            CK_ATTRIBUTE_PTR,
+            Ul,
+            Bp,
+            Up,
+            *mut CK_OBJECT_HANDLE,
+        ) -> CK_RV,
+    >,
+    C_DecapsulateKey: Fp<
+        unsafe extern "C" fn(
+            Sh,
+            CK_MECHANISM_PTR,
+            CK_OBJECT_HANDLE,
+            CK_ATTRIBUTE_PTR,
+            Ul,
+            Bp,
+            Ul,
+            *mut CK_OBJECT_HANDLE,
+        ) -> CK_RV,
+    >,
+    C_VerifySignatureInit:
+        Fp<unsafe extern "C" fn(Sh, *mut CK_MECHANISM, CK_OBJECT_HANDLE, Bp, Ul) -> CK_RV>,
+    C_VerifySignature: Fp<unsafe extern "C" fn(Sh, Bp, Ul) -> CK_RV>,
+    C_VerifySignatureUpdate: Fp<unsafe extern "C" fn(Sh, Bp, Ul) -> CK_RV>,
+    C_VerifySignatureFinal: Fp<unsafe extern "C" fn(Sh) -> CK_RV>,
+    C_GetSessionValidationFlags: Fp<unsafe extern "C" fn(Sh, Ul, Up) -> CK_RV>,
+    C_AsyncComplete: Fp<unsafe extern "C" fn(Sh, *mut CK_UTF8CHAR, Vp) -> CK_RV>,
+    C_AsyncGetID: Fp<unsafe extern "C" fn(Sh, *mut CK_UTF8CHAR, Up) -> CK_RV>,
+    C_AsyncJoin: Fp<unsafe extern "C" fn(Sh, *mut CK_UTF8CHAR, Ul, Bp, Ul) -> CK_RV>,
+    C_WrapKeyAuthenticated: Fp<
+        unsafe extern "C" fn(
+            Sh,
+            *mut CK_MECHANISM,
+            CK_OBJECT_HANDLE,
+            CK_OBJECT_HANDLE,
+            Bp,
+            Ul,
+            Bp,
+            Up,
+        ) -> CK_RV,
+    >,
+    C_UnwrapKeyAuthenticated: Fp<
+        unsafe extern "C" fn(
+            Sh,
+            *mut CK_MECHANISM,
+            CK_OBJECT_HANDLE,
+            Bp,
+            Ul,
+            *mut CK_ATTRIBUTE,
+            Ul,
+            Bp,
+            Ul,
+            *mut CK_OBJECT_HANDLE,
+        ) -> CK_RV,
+    >,
+}
+
+/// The PKCS#11 3.2 function list.
+static FUNCTION_LIST_3_2: FunctionList32 = FunctionList32 {
+    base: CK_FUNCTION_LIST_3_0 {
+        version: CK_VERSION { major: 3, minor: 2 },
+        ..FUNCTION_LIST_3_0
+    },
+    C_EncapsulateKey: Some(C_EncapsulateKey),
+    C_DecapsulateKey: Some(C_DecapsulateKey),
+    C_VerifySignatureInit: Some(C_VerifySignatureInit),
+    C_VerifySignature: Some(C_VerifySignature),
+    C_VerifySignatureUpdate: Some(C_VerifySignatureUpdate),
+    C_VerifySignatureFinal: Some(C_VerifySignatureFinal),
+    C_GetSessionValidationFlags: Some(C_GetSessionValidationFlags),
+    C_AsyncComplete: Some(C_AsyncComplete),
+    C_AsyncGetID: Some(C_AsyncGetID),
+    C_AsyncJoin: Some(C_AsyncJoin),
+    C_WrapKeyAuthenticated: Some(C_WrapKeyAuthenticated),
+    C_UnwrapKeyAuthenticated: Some(C_UnwrapKeyAuthenticated),
+};
+
+/// The interfaces this module offers, all named "PKCS 11": the 3.2, 3.0 and v2.40 function
+/// lists, newest first (the default interface of `C_GetInterface(NULL, NULL, ..)` is the
+/// first). Fork safety is not claimed (CKF_INTERFACE_FORK_SAFE clear): a forked child must
+/// call C_Initialize again (it then gets its own connections).
+struct Interfaces([CK_INTERFACE; 3]);
+
+// SAFETY: the interfaces only point to static, immutable data (a NUL-terminated name and
+// the static function lists); sharing them between threads is sound.
+unsafe impl Sync for Interfaces {}
 
 static INTERFACE_NAME: &[u8] = b"PKCS 11\0";
 
-static INTERFACE: Interface = Interface(CK_INTERFACE {
-    pInterfaceName: INTERFACE_NAME.as_ptr() as *mut CK_CHAR,
-    pFunctionList: std::ptr::addr_of!(FUNCTION_LIST) as *mut std::ffi::c_void,
-    flags: 0,
-});
+static INTERFACES: Interfaces = Interfaces([
+    CK_INTERFACE {
+        pInterfaceName: INTERFACE_NAME.as_ptr() as *mut CK_CHAR,
+        pFunctionList: std::ptr::addr_of!(FUNCTION_LIST_3_2) as *mut std::ffi::c_void,
+        flags: 0,
+    },
+    CK_INTERFACE {
+        pInterfaceName: INTERFACE_NAME.as_ptr() as *mut CK_CHAR,
+        pFunctionList: std::ptr::addr_of!(FUNCTION_LIST_3_0) as *mut std::ffi::c_void,
+        flags: 0,
+    },
+    CK_INTERFACE {
+        pInterfaceName: INTERFACE_NAME.as_ptr() as *mut CK_CHAR,
+        pFunctionList: std::ptr::addr_of!(FUNCTION_LIST) as *mut std::ffi::c_void,
+        flags: 0,
+    },
+]);
+
+/// The version of an interface's function list (its first member in every version).
+fn interface_version(i: &CK_INTERFACE) -> CK_VERSION {
+    // SAFETY: every pFunctionList in INTERFACES points to a static function list, whose
+    // first field is its CK_VERSION.
+    unsafe { (i.pFunctionList as *const CK_VERSION).read() }
+}
 
 export! {
     /// C_GetInterfaceList (PKCS#11 3.0).
     fn C_GetInterfaceList(list: *mut CK_INTERFACE, count: CK_ULONG_PTR) {
         // SAFETY: `count` from the caller.
         let cap = unsafe { get(count)? };
+        let n = INTERFACES.0.len();
         // SAFETY: as above.
-        unsafe { put(count, 1)? };
+        unsafe { put(count, n as CK_ULONG)? };
         if list.is_null() {
             return Ok(());
         }
-        if cap < 1 {
+        if (cap as usize) < n {
             return Err(CKR_BUFFER_TOO_SMALL);
         }
-        let i = CK_INTERFACE { ..INTERFACE.0 };
-        // SAFETY: `list` holds at least one element.
-        unsafe { put(list, i) }
+        for (k, i) in INTERFACES.0.iter().enumerate() {
+            // SAFETY: `list` holds at least `n` elements (checked above).
+            unsafe { list.add(k).write_unaligned(CK_INTERFACE { ..*i }) };
+        }
+        Ok(())
     }
 }
 
 export! {
-    /// C_GetInterface (PKCS#11 3.0): NULL name means the default ("PKCS 11") interface.
+    /// C_GetInterface (PKCS#11 3.0): the newest interface matching the name ("PKCS 11" or
+    /// NULL), the version (NULL: any) and the flags; CKR_ARGUMENTS_BAD when none does.
     fn C_GetInterface(name: *mut CK_UTF8CHAR, ver: *mut CK_VERSION, iface: *mut *mut CK_INTERFACE, flags: CK_FLAGS) {
         if iface.is_null() {
             return Err(CKR_ARGUMENTS_BAD);
@@ -1426,17 +1910,22 @@ export! {
                 return Err(CKR_ARGUMENTS_BAD);
             }
         }
-        if !ver.is_null() {
+        let want = if ver.is_null() {
+            None
+        } else {
             // SAFETY: non-NULL version pointer.
             let v = unsafe { get(ver)? };
-            if (v.major, v.minor) != (2, 40) {
-                return Err(CKR_ARGUMENTS_BAD);
-            }
-        }
-        if flags & !INTERFACE.0.flags != 0 {
-            return Err(CKR_ARGUMENTS_BAD);
-        }
+            Some((v.major, v.minor))
+        };
+        let found = INTERFACES
+            .0
+            .iter()
+            .find(|i| {
+                let v = interface_version(i);
+                want.is_none_or(|w| w == (v.major, v.minor)) && flags & !i.flags == 0
+            })
+            .ok_or(CKR_ARGUMENTS_BAD)?;
         // SAFETY: `iface` checked non-NULL; the pointee is static.
-        unsafe { put(iface, std::ptr::addr_of!(INTERFACE.0) as *mut CK_INTERFACE) }
+        unsafe { put(iface, found as *const CK_INTERFACE as *mut CK_INTERFACE) }
     }
 }

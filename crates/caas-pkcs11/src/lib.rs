@@ -1,5 +1,5 @@
-//! libcaas_pkcs11.so: the PKCS#11 (v2.40, plus `C_GetInterfaceList`/`C_GetInterface` of
-//! 3.0) module a workload loads to use keys that live in its tenant's crypto domain. It
+//! libcaas_pkcs11.so: the PKCS#11 module (v2.40 through `C_GetFunctionList`; 3.0 and 3.2
+//! function lists through `C_GetInterfaceList`/`C_GetInterface`, the 3.2 one the default) a workload loads to use keys that live in its tenant's crypto domain. It
 //! forwards every call over the VSM wire protocol ([`caas_vsm_proto`]) and holds no key
 //! material. Configuration: `CAAS_PKCS11_SOCKET` (a UNIX socket path, `vsock:CID:PORT`
 //! or, inside a VM, `virtio:/dev/virtio-ports/caas.vsm`),
@@ -15,6 +15,17 @@
 //! CKR_NO_EVENT with CKF_DONT_BLOCK (the one slot's token is never removed) and
 //! CKR_FUNCTION_NOT_SUPPORTED for the blocking form. Every object has a token-set,
 //! read-only `CKA_UNIQUE_ID` (PKCS#11 3.0).
+//!
+//! PKCS#11 3.0/3.2 functions: `C_LoginUser` (the token has one user per type, so the user
+//! name is ignored and the PIN decides, as in `C_Login`), `C_SessionCancel` (ends the named
+//! operations, in the module and in the domain), and `C_EncapsulateKey`/`C_DecapsulateKey`
+//! (3.2, `CKM_ML_KEM`; the shared secret stays in the domain as a new key) and
+//! `C_VerifySignature*` (3.2; on the session's verification, so a session has one
+//! verification at a time by `C_Verify*` or `C_VerifySignature*`). Message-based
+//! encryption/signing (3.0), async and authenticated wrapping (3.2) are listed and answer
+//! CKR_FUNCTION_NOT_SUPPORTED. The 3.2 identifiers `cryptoki-sys`
+//! lacks are in `caas_vsm_proto::v32`, cited from the OASIS headers. The interfaces do not
+//! claim `CKF_INTERFACE_FORK_SAFE`: a forked child calls `C_Initialize` again.
 //!
 //! All `unsafe` code is confined to the `ffi` module (the C ABI surface); every exported
 //! function catches panics and returns CKR_GENERAL_ERROR instead of unwinding into C.

@@ -241,6 +241,18 @@ impl Ops {
         Self::forget(&mut g);
     }
 
+    /// C_SessionCancel: drops the session's recorded operations of these kinds (the domain
+    /// ends its own state in the same call).
+    pub(crate) fn cancel(&self, session: u64, kinds: &[Kind]) {
+        let mut g = self.lock();
+        if let Some(s) = g.sessions.get_mut(&session) {
+            for k in kinds {
+                s.local[*k as usize] = None;
+                s.remote[*k as usize] = false;
+            }
+        }
+    }
+
     /// Something that may change a validation happened: forget them all.
     pub(crate) fn invalidate(&self) {
         Self::forget(&mut self.lock());

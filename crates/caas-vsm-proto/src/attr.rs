@@ -53,6 +53,10 @@ pub fn kind(ty: u64) -> AttrKind {
         | 0x0601
         | 0x0220..=0x0228 => AttrKind::Ulong,
         CKA_CAAS_USAGE_COUNT | CKA_CAAS_MAX_USES | CKA_CAAS_RATE_PER_SEC => AttrKind::Ulong,
+        // CKA_PARAMETER_SET (PKCS#11 3.2).
+        crate::v32::CKA_PARAMETER_SET => AttrKind::Ulong,
+        // CKA_ENCAPSULATE, CKA_DECAPSULATE (PKCS#11 3.2).
+        crate::v32::CKA_ENCAPSULATE | crate::v32::CKA_DECAPSULATE => AttrKind::Bool,
         // CKA_TOKEN, CKA_PRIVATE, CKA_TRUSTED, CKA_SENSITIVE, CKA_ENCRYPT, CKA_DECRYPT,
         // CKA_WRAP, CKA_UNWRAP, CKA_SIGN, CKA_SIGN_RECOVER, CKA_VERIFY,
         // CKA_VERIFY_RECOVER, CKA_DERIVE, CKA_EXTRACTABLE, CKA_LOCAL,

@@ -14,6 +14,7 @@ mod error;
 pub mod frame;
 pub mod messages;
 pub mod serial;
+pub mod v32;
 
 pub use codec::{Blob, Reader, Secret, Wire, from_bytes, to_bytes};
 pub use error::Error;

@@ -9,6 +9,10 @@ use crate::{wire_enum, wire_struct};
 /// Protocol version sent in [`Request::Hello`]. Version 2 added the single-round-trip
 /// operations ([`Request::SignOnce`], [`Request::VerifyOnce`], [`Request::EncryptOnce`],
 /// [`Request::DecryptOnce`]); a version-2 crypto domain still serves version-1 modules.
+/// The PKCS#11 3.x calls ([`Request::EncapsulateKey`], [`Request::DecapsulateKey`],
+/// [`Request::SessionCancel`]) and [`MechParam::SignContext`] came later without a version
+/// bump (a module and its crypto domain ship together); a crypto domain that predates them
+/// fails the call (the module reports CKR_DEVICE_ERROR) and keeps serving the rest.
 pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Oldest module protocol version a crypto domain accepts.
@@ -45,6 +49,9 @@ wire_enum! {
         MacLen = 6 { len: u64 },
         /// CK_AES_CTR_PARAMS: counter width in bits and the initial counter block.
         Ctr = 7 { counter_bits: u64, cb: Blob },
+        /// CK_SIGN_ADDITIONAL_CONTEXT (PKCS#11 3.2, ML-DSA): hedging variant (CKH_*) and
+        /// the FIPS 204 context string.
+        SignContext = 8 { hedge: u64, context: Blob },
     }
 }
 
@@ -267,6 +274,16 @@ wire_enum! {
         EncryptOnce = 54 { session: u64, mechanism: Mechanism, key: u64, data: Blob },
         /// C_DecryptInit + C_Decrypt in one round trip (v2); answers [`Body::SecretData`].
         DecryptOnce = 55 { session: u64, mechanism: Mechanism, key: u64, data: Blob },
+        /// C_EncapsulateKey (PKCS#11 3.2): encapsulates a fresh secret to `public_key`
+        /// and keeps it as a new secret key made from `template`. With `cap` `None` or too
+        /// small the domain answers [`Body::Len`] (the ciphertext length) and creates
+        /// nothing; otherwise [`Body::Encapsulated`].
+        EncapsulateKey = 56 { session: u64, mechanism: Mechanism, public_key: u64, template: Vec<Attr>, cap: Option<u64> },
+        /// C_DecapsulateKey (PKCS#11 3.2): answers [`Body::Ulong`], the new key's handle.
+        DecapsulateKey = 57 { session: u64, mechanism: Mechanism, private_key: u64, template: Vec<Attr>, ciphertext: Blob },
+        /// C_SessionCancel (PKCS#11 3.0): ends the session's active operations named by
+        /// `flags` (CKF_ENCRYPT, CKF_DECRYPT, CKF_DIGEST, CKF_SIGN, CKF_VERIFY, CKF_FIND_OBJECTS).
+        SessionCancel = 58 { session: u64, flags: u64 },
     }
 }
 
@@ -298,6 +315,8 @@ wire_enum! {
         Attrs = 10 { values: Vec<AttrValue> },
         /// C_GenerateKeyPair.
         KeyPair = 11 { public: u64, private: u64 },
+        /// C_EncapsulateKey: the ciphertext and the new key's handle.
+        Encapsulated = 12 { ciphertext: Blob, key: u64 },
     }
 }
 

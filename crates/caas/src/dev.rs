@@ -96,6 +96,7 @@ pub fn kms_params(dir: &Path) -> KmsParams {
         node_key_file: dir.join("node.key"),
         create_node_key: true,
         domain_key_rotation: Some(Duration::from_secs(24 * 3600)),
+        domain: None,
         audit_durability: Default::default(),
     }
 }

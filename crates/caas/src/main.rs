@@ -5,6 +5,7 @@
 //! - `caas key-service serve|routes`: the key service in production mode, every role
 //!   (KMS, registrar/verifier, TTP, scheduler) behind one authentication layer
 //!   (`key_service/`, the same `serve()` as `caas dev`)
+//! - `caas domain ...`: KMS domains of several key-service nodes (`domain_cmd.rs`)
 //! - `caas admin ...`, `caas audit ...`: operator tools on a key service's store
 //!   (`caas admin create-operator`: operator principals)
 //! - `caas tenant ...`: the domain manager (TL, DBSP, encrypted provisioning; `tenant.rs`),
@@ -22,6 +23,7 @@ mod demo;
 mod deploy_files;
 mod dev;
 mod dev_hosts;
+mod domain_cmd;
 mod key_service;
 mod pki;
 mod roles;
@@ -51,6 +53,9 @@ enum Cmd {
     /// Read and verify the key service's audit log.
     #[command(subcommand)]
     Audit(key_service::AuditCmd),
+    /// KMS domains: node identities, members, operators and quorum (docs/kms-domains.md).
+    #[command(subcommand)]
+    Domain(domain_cmd::DomainCmd),
     /// Encrypted volumes of the Secure Device Proxy: create, import, export, serve, check, info.
     Volume(roles::VolumeArgs),
     /// The crypto domain (Virtual Security Module behind the PKCS#11 module).
@@ -126,6 +131,7 @@ fn main() -> ExitCode {
             Cmd::KeyService(c) => key_service::run_key_service(c).await,
             Cmd::Admin(c) => key_service::run_admin(c).await,
             Cmd::Audit(c) => key_service::run_audit(c).await,
+            Cmd::Domain(c) => domain_cmd::run(c).await,
             Cmd::Volume(a) => roles::run_volume(a).await,
             Cmd::Host(c) => roles::exit_code(caas_host::cli::run_host(c, operator_client).await),
             Cmd::Attest(a) => roles::exit_code(match operator_client() {

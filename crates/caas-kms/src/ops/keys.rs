@@ -542,6 +542,18 @@ pub async fn list_rotations(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<O
 /// automatic rotation is due. Safe to run on every node (optimistic concurrency).
 pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
     let now = kms.now_ms();
+    if kms.keyring.domain_member().is_some() {
+        // A KMS domain: verify the chain, make a domain key if a removal or a forced
+        // rotation demands one, send keys to joiners; re-wrap when the sealing key moved.
+        let before = kms.keyring.current_version();
+        kms.keyring.reload().await?;
+        if let Some(v) = kms.keyring.current_version()
+            && Some(v) != before
+        {
+            let n = rewrap_all(kms, v).await?;
+            tracing::info!(version = v, rewrapped = n, "KMS domain: new domain key");
+        }
+    }
     if let (Some(period), Some(created)) =
         (kms.domain_key_rotation, kms.keyring.current_created_ms())
     {
@@ -641,6 +653,12 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
 /// runs are safe: old domain key versions stay loaded, and a re-run finishes the work.
 pub async fn rotate_domain_key(kms: &Kms) -> KmsResult<(u32, usize)> {
     let v = kms.keyring.rotate_domain_key().await?;
+    Ok((v, rewrap_all(kms, v).await?))
+}
+
+/// Re-wraps every key's EKTs and every access-key secret under the current domain key
+/// (`v`, for the audit records). Returns the number of records re-wrapped.
+pub async fn rewrap_all(kms: &Kms, v: u32) -> KmsResult<usize> {
     let mut n = 0;
     // Every re-wrapped row is written anew, so the store re-authenticates it (fresh MAC at
     // the new revision). Rows failing their integrity check are skipped (and audited by the
@@ -724,7 +742,7 @@ pub async fn rotate_domain_key(kms: &Kms) -> KmsResult<(u32, usize)> {
             n += 1;
         }
     }
-    Ok((v, n))
+    Ok(n)
 }
 
 #[cfg(test)]

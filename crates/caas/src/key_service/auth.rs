@@ -390,6 +390,7 @@ mod tests {
             node_key_file: dir.path().join("node.key"),
             create_node_key: true,
             domain_key_rotation: None,
+            domain: None,
             audit_durability: Default::default(),
         })
         .await

@@ -1,0 +1,45 @@
+#!/bin/bash -e
+# Token init script for the pkcs11-provider test suite (latchset/pkcs11-provider,
+# tests/setup.sh sources one per token type): a caas crypto domain serving one token,
+# reached through libcaas_pkcs11.so (README.md beside this file: results).
+# Needs CAAS_P11LIB (libcaas_pkcs11.so) and CAAS_DOMC_BIN (the caas-domc binary).
+
+title SECTION "Starting a caas crypto domain"
+
+P11LIB="${CAAS_P11LIB:?set CAAS_P11LIB to libcaas_pkcs11.so}"
+export P11LIB
+: "${CAAS_DOMC_BIN:?set CAAS_DOMC_BIN to the caas-domc binary}"
+
+CAAS_SOCKET="$TOKDIR/domc.sock"
+"$CAAS_DOMC_BIN" domc serve --create-key --run-as "$(id -u):$(id -g)" \
+    --state-dir "$TOKDIR/state" --socket "$CAAS_SOCKET" \
+    > "$TOKDIR/domc.log" 2>&1 &
+echo $! > "$TOKDIR/domc.pid"
+for _ in $(seq 100); do
+    test -S "$CAAS_SOCKET" && break
+    sleep 0.1
+done
+export CAAS_PKCS11_SOCKET="$CAAS_SOCKET"
+
+export TOKENLABEL="caas Token"
+export TOKENLABELURI="caas%20Token"
+
+pkcs11-tool --module "${P11LIB}" --init-token \
+    --label "${TOKENLABEL}" --so-pin "${PINVALUE}" 2>&1
+pkcs11-tool --module "${P11LIB}" --so-pin "${PINVALUE}" \
+    --login --login-type so --init-pin --pin "${PINVALUE}" 2>&1
+
+export TOKENCONFIGVARS="export CAAS_PKCS11_SOCKET=${CAAS_SOCKET}"
+export TESTPORT="36000"
+
+# What the domain serves (caas_domc::ops): no X25519/X448/Ed448 (aws-lc-rs has no
+# Montgomery or Ed448 PKCS#11 path here), RSA only 2048/3072/4096 (the allowed-mechanisms
+# keys are RSA-3092), no symmetric keys for the provider's skey tests. ML-DSA/ML-KEM are
+# served, but the suite makes those keys with OpenSSL >= 3.5 (this machine has 3.0).
+export SUPPORT_ED448=0
+export SUPPORT_X25519=0
+export SUPPORT_X448=0
+export SUPPORT_ALLOWED_MECHANISMS=0
+export SUPPORT_SYMMETRIC=0
+export SUPPORT_ML_DSA=0
+export SUPPORT_ML_KEM=0
