@@ -632,12 +632,15 @@ struct PgNode {
     endpoint: String,
 }
 
+/// `strict` audit durability: the test relies on each node's records being in the chain
+/// when its replies arrive (with `bounded` a node's last Encrypt record may land after the
+/// next node's CreateKey, and "the last four records are node 1's" would not hold).
 fn pg_node_config(dir: &Path, url: &str, n: usize) -> PathBuf {
     let cfg = dir.join(format!("node{n}.toml"));
     std::fs::write(
         &cfg,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndatabase = \"{url}\"\n[keys]\nnode_key_file = \"{}\"\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndatabase = \"{url}\"\naudit_durability = \"strict\"\n[keys]\nnode_key_file = \"{}\"\n",
             dir.join(format!("node{n}")).join("node.key").display(),
         ),
     )
