@@ -33,6 +33,65 @@ pub struct RawServer {
 pub struct RawStorage {
     /// Database URL.
     pub database: Option<String>,
+    /// When the audit records of key use are durable (see [`AuditDurability`]).
+    pub audit_durability: Option<AuditDurability>,
+}
+
+/// When the audit record of a *key use* (Encrypt, Decrypt, ReEncrypt, GenerateDataKey*,
+/// Sign, Verify, GenerateMac, VerifyMac, GenerateRandom, DeriveSharedSecret, Encapsulate, Decapsulate — a successful
+/// request that changes no state) is durable. Every state change (CreateKey, policies,
+/// grants, deletion, rotation, import, …), every refusal and every failure is durable with
+/// its record before its reply in both modes.
+///
+/// - `strict`: the record is durable before the reply (one group-committed fsync per
+///   request's wait).
+/// - `bounded` (default): the reply goes out as soon as the record is queued; it is
+///   appended in request order to the same hash chain, signed like every record, and
+///   durable within [`caas_store::DEFERRED_WINDOW`] (10 ms) under normal operation. When
+///   the writer falls behind (oldest queued record older than 4 ms, or thousands queued) or
+///   a deferred commit failed, requests wait for durability as in `strict` (a stalled or
+///   failing disk slows or refuses key use rather than widening the window). A clean
+///   shutdown flushes the queue; a crash (kill -9, power loss) loses at most the records
+///   of the last window, never a state change, and the chain stays intact (no gap, no fork:
+///   the lost records were never written).
+///
+/// Why `bounded` is the default: a key use changes nothing that the record would be needed
+/// to explain later, and its record's purpose is after-the-fact visibility — the same
+/// reason AWS delivers CloudTrail records of KMS calls asynchronously (minutes) and HSMs
+/// buffer their audit logs. The cost is that the records of the last ≤ 10 ms of key use
+/// before a crash can be missing; deployments that need "no reply without a durable
+/// record" set `strict`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditDurability {
+    /// Durable before the reply.
+    Strict,
+    /// Durable within [`caas_store::DEFERRED_WINDOW`] of the reply.
+    #[default]
+    Bounded,
+}
+
+impl AuditDurability {
+    /// The configuration spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Strict => "strict",
+            Self::Bounded => "bounded",
+        }
+    }
+}
+
+impl std::str::FromStr for AuditDurability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "strict" => Ok(Self::Strict),
+            "bounded" => Ok(Self::Bounded),
+            other => Err(format!(
+                "audit durability '{other}' is not one of: strict, bounded"
+            )),
+        }
+    }
 }
 
 /// `[keys]`.
@@ -177,6 +236,7 @@ impl RawConfig {
                 node_key_file,
                 create_node_key: self.keys.create_node_key.unwrap_or(false) && domain.is_none(),
                 domain,
+                audit_durability: self.storage.audit_durability.unwrap_or_default(),
                 domain_key_rotation: match self.maintenance.domain_key_rotation_hours.unwrap_or(24)
                 {
                     0 => None,

@@ -38,6 +38,8 @@ pub struct KmsParams {
     /// Member of a KMS domain (P7) instead of a single node with a node key
     /// (`node_key_file` is then the identity file, beside which the checkpoint lives).
     pub domain: Option<crate::domain::DomainParams>,
+    /// When the audit records of key use are durable.
+    pub audit_durability: crate::config::AuditDurability,
 }
 
 /// An authenticated caller.
@@ -153,6 +155,8 @@ pub struct Kms {
     recipient: std::sync::OnceLock<Arc<dyn crate::recipient::RecipientVerifier>>,
     /// Each key's last successful cryptographic use (GetKeyLastUsage).
     pub(crate) last_usage: crate::usage::LastUsage,
+    /// When the audit records of key use are durable.
+    pub audit_durability: crate::config::AuditDurability,
 }
 
 impl std::fmt::Debug for Kms {
@@ -240,6 +244,7 @@ impl Kms {
             policies: crate::policy::PolicyCache::default(),
             recipient: std::sync::OnceLock::new(),
             last_usage: crate::usage::LastUsage::new(crate::now_ms()),
+            audit_durability: p.audit_durability,
         })
     }
 
@@ -310,6 +315,14 @@ impl Kms {
     /// The audit public key (raw Ed25519).
     pub fn audit_public_key(&self) -> &[u8] {
         &self.audit_public
+    }
+
+    /// Waits until every audit record queued so far (`bounded` key use included) is
+    /// durable: at clean shutdown, before the checkpoint is synced.
+    pub async fn flush_audit(&self) {
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(error = %e, "cannot flush the audit log");
+        }
     }
 
     /// Makes the audit checkpoint durable now (at shutdown; otherwise it is synced every
@@ -835,13 +848,21 @@ impl Kms {
                 Value::Object(d).to_string()
             },
         };
-        let committed = self
-            .store
-            .commit(Batch {
-                writes,
-                audit: vec![entry.clone()],
-            })
-            .await;
+        let batch = Batch {
+            writes,
+            audit: vec![entry.clone()],
+        };
+        // Only a successful key use with no state change may be answered before its record
+        // is durable (`bounded`); everything else waits.
+        let deferrable = self.audit_durability == crate::config::AuditDurability::Bounded
+            && reply.is_ok()
+            && batch.writes.is_empty()
+            && is_key_use(op);
+        let committed = if deferrable {
+            self.store.commit_deferred(batch).await
+        } else {
+            self.store.commit(batch).await.map(|_| ())
+        };
         let reply = match (reply, committed) {
             (Ok(body), Ok(_)) => {
                 self.last_usage.record(&ctx, op, entry.time_ms);
@@ -904,6 +925,30 @@ impl Kms {
             })
             .await;
     }
+}
+
+/// The operations whose successful audit records `audit_durability = "bounded"` may make
+/// durable after the reply: uses of a key (or of the RNG) that change no state.
+pub const KEY_USE_OPERATIONS: &[&str] = &[
+    "Encrypt",
+    "Decrypt",
+    "ReEncrypt",
+    "GenerateDataKey",
+    "GenerateDataKeyWithoutPlaintext",
+    "GenerateDataKeyPair",
+    "GenerateDataKeyPairWithoutPlaintext",
+    "Sign",
+    "Verify",
+    "GenerateMac",
+    "VerifyMac",
+    "GenerateRandom",
+    "DeriveSharedSecret",
+    "Encapsulate",
+    "Decapsulate",
+];
+
+fn is_key_use(op: &str) -> bool {
+    KEY_USE_OPERATIONS.contains(&op)
 }
 
 /// `seal_internal` purpose of access-key secrets (owner: access key id, account, principal).

@@ -597,6 +597,7 @@ fn params(d: &Domain, n: usize) -> KmsParams {
             identity_file: node_file(&d.dir, n),
             genesis: d.genesis,
         }),
+        audit_durability: Default::default(),
     }
 }
 

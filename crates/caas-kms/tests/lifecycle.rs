@@ -21,6 +21,7 @@ async fn open(dir: &std::path::Path) -> Arc<Kms> {
         create_node_key: true,
         domain_key_rotation: Some(std::time::Duration::from_secs(86_400)),
         domain: None,
+        audit_durability: Default::default(),
     })
     .await
     .unwrap()

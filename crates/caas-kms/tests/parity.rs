@@ -25,6 +25,8 @@ async fn open(dir: &std::path::Path) -> Arc<Kms> {
         node_key_file: dir.join("node.key"),
         create_node_key: true,
         domain_key_rotation: None,
+        domain: None,
+        audit_durability: Default::default(),
     })
     .await
     .unwrap()

@@ -147,15 +147,33 @@ impl AuditVerifyReport {
 
 /// Checks records in ascending order; feed it every row with seq <= head.seq. The shared
 /// chain verifier over the rows' canonical bodies.
-pub(crate) struct ChainVerifier(chain::ChainVerifier);
+///
+/// The writer signs one record per group commit, the group's last; the others are stored
+/// with an empty signature. Each record's hash covers its predecessor's, so a signature over
+/// a record authenticates every record before it: a record with an empty signature is
+/// accepted once a later record's signature verifies, and a chain whose last record is not
+/// signed fails (`BadSignature` at the first record no signature covers). A non-empty
+/// signature must verify. Editing, removing, inserting or reordering any record still
+/// breaks a hash or link up to the next signature.
+pub(crate) struct ChainVerifier {
+    inner: chain::ChainVerifier,
+    /// Records checked since the last signed one, and the first of them.
+    uncovered: u64,
+    first_uncovered: Option<u64>,
+}
 
 impl ChainVerifier {
     pub fn new() -> Self {
-        ChainVerifier(chain::ChainVerifier::new(LogDomain::KMS_AUDIT))
+        ChainVerifier {
+            inner: chain::ChainVerifier::new(LogDomain::KMS_AUDIT),
+            uncovered: 0,
+            first_uncovered: None,
+        }
     }
 
+    /// Records authenticated so far (those awaiting a later signature are not counted).
     pub fn checked(&self) -> u64 {
-        self.0.checked()
+        self.inner.checked() - self.uncovered
     }
 
     pub fn check(
@@ -165,12 +183,13 @@ impl ChainVerifier {
     ) -> Result<(), AuditFault> {
         let Ok(seq) = u64::try_from(row.seq) else {
             return Err(AuditFault {
-                seq: self.0.head().seq + 1,
+                seq: self.inner.head().seq + 1,
                 reason: AuditFaultReason::Malformed(format!("negative seq {}", row.seq)),
             });
         };
         let body = record_body(&row.entry);
-        self.0.check(
+        let unsigned = row.signature.is_empty();
+        self.inner.check(
             &StoredRecord {
                 seq,
                 prev_hash: &row.prev_hash,
@@ -178,16 +197,33 @@ impl ChainVerifier {
                 body: &body,
                 tag: &row.signature,
             },
-            verify,
-        )
+            // An empty signature defers to a later record's (checked in `finish` too).
+            &|h, t| unsigned || verify(h, t),
+        )?;
+        if unsigned {
+            self.uncovered += 1;
+            self.first_uncovered.get_or_insert(seq);
+        } else {
+            self.uncovered = 0;
+            self.first_uncovered = None;
+        }
+        Ok(())
     }
 
-    /// Called after the last row: the chain must end exactly at the head.
+    /// Called after the last row: the chain must end exactly at the head, and its last
+    /// record must be signed.
     pub fn finish(&self, head: &Head) -> Result<(), AuditFault> {
-        self.0.finish(&chain::Head {
+        self.inner.finish(&chain::Head {
             seq: head.seq,
             hash: head.hash,
-        })
+        })?;
+        match self.first_uncovered {
+            Some(seq) => Err(AuditFault {
+                seq,
+                reason: AuditFaultReason::BadSignature,
+            }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -324,5 +360,59 @@ mod tests {
             run(&short, &head).unwrap_err().reason,
             AuditFaultReason::Malformed(_)
         ));
+    }
+
+    /// One signature per group commit: records before a signed one are covered by it.
+    #[test]
+    fn group_signature_covers_earlier_records_and_an_unsigned_tail_fails() {
+        let (rows, head) = chain(5);
+        // Groups {1,2,3} and {4,5}: only 3 and 5 signed.
+        let mut grouped = rows.clone();
+        for i in [0, 1, 3] {
+            grouped[i].signature.clear();
+        }
+        assert_eq!(run(&grouped, &head), Ok(5));
+        // The DBA edits a record only a later signature covers: its hash no longer matches.
+        let mut edited = grouped.clone();
+        edited[1].entry.result = "Success-but-edited".into();
+        assert_eq!(
+            run(&edited, &head).unwrap_err(),
+            AuditFault {
+                seq: 2,
+                reason: AuditFaultReason::HashMismatch
+            }
+        );
+        // ... and re-hashes it (and the link after it): the signature over 3 no longer
+        // verifies, since 3's hash would have to change too.
+        let mut rehashed = grouped.clone();
+        let mut h = Head::GENESIS;
+        for r in rehashed.iter_mut().take(3) {
+            if r.seq == 2 {
+                r.entry.result = "Denied".into();
+            }
+            let (_, prev, hash) = h.advance(&r.entry);
+            r.prev_hash = prev.to_vec();
+            r.hash = hash.to_vec();
+        }
+        let fault = run(&rehashed, &head).unwrap_err();
+        assert_eq!(
+            (fault.seq, fault.reason),
+            (3, AuditFaultReason::BadSignature)
+        );
+        // The DBA strips the last signature (or appends unsigned records): refused.
+        let mut stripped = grouped.clone();
+        stripped[4].signature.clear();
+        assert_eq!(
+            run(&stripped, &head).unwrap_err(),
+            AuditFault {
+                seq: 4,
+                reason: AuditFaultReason::BadSignature
+            }
+        );
+        // A forged (non-empty) signature on a middle record is refused even though a later
+        // one verifies.
+        let mut forged = grouped.clone();
+        forged[0].signature = vec![1, 2, 3];
+        assert_eq!(run(&forged, &head).unwrap_err().seq, 1);
     }
 }

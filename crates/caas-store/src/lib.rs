@@ -12,8 +12,10 @@
 //!
 //! The audit log is one global chain per store, built with caas's one chain construction
 //! (`caas_crypto::chain`; see [`chain_hash`] for the exact record hash);
-//! each record's hash is signed with the [`AuditSigner`] given to [`Store::open`], and
-//! [`Store::audit_verify`] re-checks every hash, link, seq and signature.
+//! each group commit signs the hash of its last record with the [`AuditSigner`] given to
+//! [`Store::open`] (the chain binds every earlier record to it; the group's other records
+//! are stored with an empty signature), and [`Store::audit_verify`] re-checks every hash,
+//! link, seq and signature and requires every record to be covered by a signature.
 //!
 //! The database is not trusted for integrity. Every object row carries a MAC (column `mac`)
 //! under the [`RecordAuthenticator`] given to [`Store::open`], covering the row's kind,
@@ -170,7 +172,8 @@ pub struct AuditRecord {
     pub prev_hash: [u8; 32],
     /// [`chain_hash`] of this record.
     pub hash: [u8; 32],
-    /// The [`AuditSigner`]'s signature over `hash`.
+    /// The [`AuditSigner`]'s signature over `hash` on the last record of each group commit;
+    /// empty on the group's other records (covered by the last one's through the chain).
     pub signature: Vec<u8>,
 }
 
@@ -182,6 +185,37 @@ pub struct Store {
     auth: Arc<dyn RecordAuthenticator>,
     /// Fingerprints of bad row versions already audited by this process.
     reported: Arc<Mutex<std::collections::HashSet<[u8; 32]>>>,
+    /// Batches queued by [`Store::commit_deferred`] and not yet durable.
+    deferred: Arc<Deferred>,
+}
+
+/// Where a queued batch's answer arrives.
+pub(crate) type Pending = tokio::sync::oneshot::Receiver<Result<CommitInfo, Error>>;
+
+/// The longest a batch queued by [`Store::commit_deferred`] may wait to be durable under
+/// normal operation (see there). Documented bound of `audit_durability = "bounded"`.
+pub const DEFERRED_WINDOW: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// [`Store::commit_deferred`] stops returning early (and waits like [`Store::commit`]) once
+/// the oldest queued batch is this old, or this many are queued: the writer is behind, and
+/// waiting keeps every acknowledged batch within [`DEFERRED_WINDOW`] of durable.
+const DEFERRED_BACKPRESSURE_AGE: std::time::Duration = std::time::Duration::from_millis(4);
+const DEFERRED_BACKPRESSURE_COUNT: usize = 2048;
+
+/// Bookkeeping of deferred batches: queue time by ticket (tickets increase in queue order,
+/// the writer makes them durable in that order), and whether the last one failed.
+#[derive(Debug, Default)]
+struct Deferred {
+    queue: Mutex<DeferredQueue>,
+    /// A deferred batch failed to commit: until a later commit succeeds, deferred batches
+    /// are committed synchronously (their callers see the error).
+    failed: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct DeferredQueue {
+    next: u64,
+    pending: std::collections::BTreeMap<u64, std::time::Instant>,
 }
 
 /// Group-commit counters of one [`Store`] handle (its own writer only).
@@ -363,6 +397,7 @@ impl Store {
             stats,
             auth: records,
             reported: Arc::new(Mutex::new(std::collections::HashSet::new())),
+            deferred: Arc::new(Deferred::default()),
         })
     }
 
@@ -530,10 +565,99 @@ impl Store {
                 audit_seqs: Vec::new(),
             });
         }
-        match &*self.inner {
-            Inner::Sqlite(s) => s.commit(batch).await,
-            Inner::Postgres(s) => s.commit(batch).await,
+        let rx = self.enqueue(batch)?;
+        let result = rx.await.map_err(|_| Error::WriterStopped)?;
+        if result.is_ok() {
+            self.deferred
+                .failed
+                .store(false, std::sync::atomic::Ordering::Relaxed);
         }
+        result
+    }
+
+    fn enqueue(&self, batch: Batch) -> Result<Pending, Error> {
+        match &*self.inner {
+            Inner::Sqlite(s) => s.enqueue(batch),
+            Inner::Postgres(s) => s.enqueue(batch),
+        }
+    }
+
+    /// Queues `batch` for the writer and returns without waiting for it to be durable
+    /// (`audit_durability = "bounded"`: the key service's audit records of key use). The
+    /// batch is appended in call order relative to every other commit (so a later
+    /// [`Store::commit`] that returned means this one is durable too), in a group
+    /// transaction that starts as soon as the writer is free: under normal operation it is
+    /// durable within [`DEFERRED_WINDOW`]. When the writer is behind (the oldest queued batch
+    /// older than a few milliseconds, or thousands queued) or a deferred batch has failed
+    /// since the last successful commit, this call waits for durability like
+    /// [`Store::commit`] and returns its error: a stalled or failing disk slows or refuses
+    /// callers instead of silently widening the window. A failure of a batch that was not
+    /// waited for is logged and makes the next calls synchronous. Only batches without
+    /// object writes may be deferred (state changes are always durable before their reply):
+    /// a batch with writes is committed synchronously.
+    pub async fn commit_deferred(&self, batch: Batch) -> Result<(), Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        validate(&batch)?;
+        if batch.audit.is_empty() && batch.writes.is_empty() {
+            return Ok(());
+        }
+        let behind = || -> bool {
+            self.deferred.failed.load(Relaxed)
+                || self.deferred.queue.lock().map_or(true, |q| {
+                    q.pending.len() >= DEFERRED_BACKPRESSURE_COUNT
+                        || q.pending
+                            .first_key_value()
+                            .is_some_and(|(_, t)| t.elapsed() >= DEFERRED_BACKPRESSURE_AGE)
+                })
+        };
+        if !batch.writes.is_empty() || behind() {
+            return self.commit(batch).await.map(|_| ());
+        }
+        let (ticket, rx) = {
+            // Queue order and ticket order are the same: both under this lock.
+            let mut q = self
+                .deferred
+                .queue
+                .lock()
+                .map_err(|_| Error::WriterStopped)?;
+            let rx = self.enqueue(batch)?;
+            let ticket = q.next;
+            q.next += 1;
+            q.pending.insert(ticket, std::time::Instant::now());
+            (ticket, rx)
+        };
+        let deferred = self.deferred.clone();
+        tokio::spawn(async move {
+            let result = rx.await.unwrap_or(Err(Error::WriterStopped));
+            if let Ok(mut q) = deferred.queue.lock() {
+                q.pending.remove(&ticket);
+            }
+            match result {
+                Ok(_) => deferred.failed.store(false, Relaxed),
+                Err(e) => {
+                    deferred.failed.store(true, Relaxed);
+                    tracing::error!(error = %e, "a deferred audit commit failed");
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Waits until everything queued before this call (deferred batches included) is
+    /// durable or has failed: at clean shutdown, and for tests.
+    pub async fn flush(&self) -> Result<(), Error> {
+        let rx = self.enqueue(Batch::default())?;
+        rx.await.map_err(|_| Error::WriterStopped)?.map(|_| ())
+    }
+
+    /// How many deferred batches are not yet durable, and the age of the oldest.
+    pub fn deferred_backlog(&self) -> (usize, Option<std::time::Duration>) {
+        self.deferred.queue.lock().map_or((0, None), |q| {
+            (
+                q.pending.len(),
+                q.pending.first_key_value().map(|(_, t)| t.elapsed()),
+            )
+        })
     }
 
     /// Audit records of one account (None: all), seq > `after_seq`, ascending, at most `limit`.

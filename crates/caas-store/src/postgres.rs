@@ -373,12 +373,13 @@ impl PgStore {
         rows.iter().map(row_to_audit).collect()
     }
 
-    pub async fn commit(&self, batch: Batch) -> Result<CommitInfo, Error> {
+    /// Queues `batch` for the writer (in call order) and returns where its answer arrives.
+    pub fn enqueue(&self, batch: Batch) -> Result<crate::Pending, Error> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.writer
             .send(Job { batch, reply })
             .map_err(|_| Error::WriterStopped)?;
-        rx.await.map_err(|_| Error::WriterStopped)?
+        Ok(rx)
     }
 }
 
@@ -470,17 +471,13 @@ struct PendingAudit {
 }
 
 impl PendingAudit {
-    /// Chains and signs the batch's entries after `head` (moving it).
-    fn push_batch(
-        &mut self,
-        batch: &Batch,
-        head: &mut Head,
-        signer: &dyn AuditSigner,
-    ) -> Result<Vec<u64>, Error> {
+    /// Chains the batch's entries after `head` (moving it), unsigned: [`run_group`] signs
+    /// the group's last record ([`PendingAudit::sign_last`]).
+    fn push_batch(&mut self, batch: &Batch, head: &mut Head) -> Result<Vec<u64>, Error> {
         let mut seqs = Vec::with_capacity(batch.audit.len());
         for e in &batch.audit {
             let (seq, prev, hash) = head.advance(e);
-            self.signature.push(signer.sign(&hash));
+            self.signature.push(Vec::new());
             self.seq.push(seq_to_i64(seq)?);
             self.time_ms.push(e.time_ms);
             self.account.push(e.account.clone());
@@ -495,6 +492,14 @@ impl PendingAudit {
             seqs.push(seq);
         }
         Ok(seqs)
+    }
+
+    /// One signature per group: over the last record (`head`), which the hash chain binds to
+    /// every earlier record of the group (see `crate::audit::ChainVerifier`).
+    fn sign_last(&mut self, head: &Head, signer: &dyn AuditSigner) {
+        if let Some(last) = self.signature.last_mut() {
+            *last = signer.sign(&head.hash);
+        }
     }
 }
 
@@ -567,7 +572,7 @@ async fn run_group(
     let mut results = Vec::with_capacity(batches.len());
     for batch in batches {
         if batch.writes.is_empty() {
-            let seqs = pending.push_batch(batch, &mut head, signer)?;
+            let seqs = pending.push_batch(batch, &mut head)?;
             results.push(Ok(CommitInfo { audit_seqs: seqs }));
             continue;
         }
@@ -586,7 +591,7 @@ async fn run_group(
                         .await
                         .map_err(pg("releasing a savepoint"))?;
                 }
-                let seqs = pending.push_batch(batch, &mut head, signer)?;
+                let seqs = pending.push_batch(batch, &mut head)?;
                 results.push(Ok(CommitInfo { audit_seqs: seqs }));
             }
             Err(e) => {
@@ -607,6 +612,7 @@ async fn run_group(
     }
     if head != start {
         let seq = seq_to_i64(head.seq)?;
+        pending.sign_last(&head, signer);
         let p = &pending;
         c.client
             .execute(

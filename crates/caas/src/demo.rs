@@ -627,6 +627,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             hosts: args.hosts,
             attest_secs: 10,
             accept_audit_rollback: false,
+            audit_durability: Default::default(),
         })
         .await?;
     }

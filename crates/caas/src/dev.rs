@@ -48,6 +48,10 @@ pub struct DevArgs {
     /// database restore); the acceptance is itself audited.
     #[arg(long)]
     pub accept_audit_rollback: bool,
+    /// When the audit records of key use are durable: `bounded` (within 10 ms of the
+    /// reply, the default) or `strict` (before the reply); see `[storage] audit_durability`.
+    #[arg(long, env = "CAAS_AUDIT_DURABILITY", default_value = "bounded")]
+    pub audit_durability: caas_kms::config::AuditDurability,
 }
 
 /// `caas dev` subcommands.
@@ -93,6 +97,7 @@ pub fn kms_params(dir: &Path) -> KmsParams {
         create_node_key: true,
         domain_key_rotation: Some(Duration::from_secs(24 * 3600)),
         domain: None,
+        audit_durability: Default::default(),
     }
 }
 
@@ -148,7 +153,10 @@ pub async fn run(args: DevArgs) -> Result<()> {
         );
     }
     let serve_params = ServeParams {
-        kms: kms_params(&dir),
+        kms: KmsParams {
+            audit_durability: args.audit_durability,
+            ..kms_params(&dir)
+        },
         listen: args
             .listen
             .parse()
@@ -447,7 +455,9 @@ async fn detach(dir: &Path, args: &DevArgs) -> Result<()> {
         .arg("--hosts")
         .arg(args.hosts.to_string())
         .arg("--attest-secs")
-        .arg(args.attest_secs.to_string());
+        .arg(args.attest_secs.to_string())
+        .arg("--audit-durability")
+        .arg(args.audit_durability.as_str());
     if args.accept_audit_rollback {
         cmd.arg("--accept-audit-rollback");
     }

@@ -161,6 +161,19 @@ fn dev_with_history(dir: &Path) -> Vec<String> {
     cts
 }
 
+/// The attacker's best cut point: the last record at or before `seq` that carries a
+/// signature (each group commit signs only its last record; cutting after an unsigned one
+/// leaves a chain that fails verification on its own, see
+/// `dba_cut_to_an_unsigned_record_fails_the_chain_itself`).
+fn signed_at_or_before(dir: &Path, seq: u64) -> u64 {
+    sqlite3(
+        dir,
+        &format!("SELECT max(seq) FROM audit_log WHERE seq <= {seq} AND length(signature) > 0"),
+    )
+    .parse()
+    .unwrap()
+}
+
 #[test]
 fn dba_cut_audit_tail_is_detected() {
     let tmp = tempfile::tempdir().unwrap();
@@ -173,14 +186,42 @@ fn dba_cut_audit_tail_is_detected() {
         &format!(
             "DELETE FROM audit_log WHERE seq > {keep}; \
              UPDATE audit_head SET seq = {keep}, hash = (SELECT hash FROM audit_log WHERE seq = {keep}) WHERE id = 1;",
-            keep = head - 3
+            keep = signed_at_or_before(dir, head - 3)
         ),
     );
     assert_detected(dir, "tail was cut");
     let log = dev_refuses(dir);
     assert!(log.contains("tail was cut"), "{log}");
     // Nothing was appended by the refused start.
-    assert_eq!(head_seq(dir), head - 3);
+    assert_eq!(head_seq(dir), signed_at_or_before(dir, head - 3));
+}
+
+/// Group commits sign only their last record: a tail cut (or head rolled back) to a record
+/// that only a removed later signature covered leaves a chain that fails on its own.
+#[test]
+fn dba_cut_to_an_unsigned_record_fails_the_chain_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    dev_with_history(dir);
+    // Make the last record's predecessor unsigned, as a record in the middle of a group is.
+    let head = head_seq(dir);
+    sqlite3(
+        dir,
+        &format!(
+            "UPDATE audit_log SET signature = x'' WHERE seq = {prev}; \
+             DELETE FROM audit_log WHERE seq > {prev}; \
+             UPDATE audit_head SET seq = {prev}, hash = (SELECT hash FROM audit_log WHERE seq = {prev}) WHERE id = 1;",
+            prev = head - 1
+        ),
+    );
+    let (ok, v) = verify_json(dir);
+    assert!(!ok, "verify accepted an unsigned tail: {v}");
+    // Reported at the first record no signature covers any more (head - 1, or earlier when
+    // it shared its group with records before it).
+    let bad = v["first_bad"]["seq"].as_u64().unwrap();
+    assert!(bad < head, "{v}");
+    assert!(v.to_string().to_lowercase().contains("signature"), "{v}");
+    dev_refuses(dir);
 }
 
 #[test]
@@ -194,7 +235,7 @@ fn dba_rolled_back_head_is_detected() {
         dir,
         &format!(
             "UPDATE audit_head SET seq = {s}, hash = (SELECT hash FROM audit_log WHERE seq = {s}) WHERE id = 1;",
-            s = head - 2
+            s = signed_at_or_before(dir, head - 2)
         ),
     );
     assert_detected(dir, "head row was rolled back");
@@ -260,20 +301,17 @@ fn operator_override_is_audited() {
             v["checkpoint"]["hash"].as_str().unwrap().to_string(),
         )
     };
+    let keep = signed_at_or_before(dir, head - 2);
     sqlite3(
         dir,
         &format!(
             "DELETE FROM audit_log WHERE seq > {keep}; \
              UPDATE audit_head SET seq = {keep}, hash = (SELECT hash FROM audit_log WHERE seq = {keep}) WHERE id = 1;",
-            keep = head - 2
         ),
     );
     let accepted_hash = sqlite3(
         dir,
-        &format!(
-            "SELECT lower(hex(hash)) FROM audit_log WHERE seq = {}",
-            head - 2
-        ),
+        &format!("SELECT lower(hex(hash)) FROM audit_log WHERE seq = {keep}"),
     );
     dev_refuses(dir);
     // The operator accepts the database as it is.
@@ -291,13 +329,13 @@ fn operator_override_is_audited() {
     let d = &accepted[0]["Detail"];
     assert_eq!(d["checkpoint"]["seq"], json!(old_cp), "{d}");
     assert_eq!(d["checkpoint"]["hash"], json!(old_hash), "{d}");
-    assert_eq!(d["accepted_head"]["seq"], json!(head - 2), "{d}");
+    assert_eq!(d["accepted_head"]["seq"], json!(keep), "{d}");
     assert_eq!(d["accepted_head"]["hash"], json!(accepted_hash), "{d}");
     assert!(
         d["reason"].as_str().unwrap().contains("tail was cut"),
         "{d}"
     );
-    assert_eq!(accepted[0]["Seq"], json!(head - 1));
+    assert_eq!(accepted[0]["Seq"], json!(keep + 1));
     // The keys survived; serving goes on and the chain is fresh again.
     let c = dev.client();
     rt().block_on(async {
@@ -594,12 +632,15 @@ struct PgNode {
     endpoint: String,
 }
 
+/// `strict` audit durability: the test relies on each node's records being in the chain
+/// when its replies arrive (with `bounded` a node's last Encrypt record may land after the
+/// next node's CreateKey, and "the last four records are node 1's" would not hold).
 fn pg_node_config(dir: &Path, url: &str, n: usize) -> PathBuf {
     let cfg = dir.join(format!("node{n}.toml"));
     std::fs::write(
         &cfg,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndatabase = \"{url}\"\n[keys]\nnode_key_file = \"{}\"\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndatabase = \"{url}\"\naudit_durability = \"strict\"\n[keys]\nnode_key_file = \"{}\"\n",
             dir.join(format!("node{n}")).join("node.key").display(),
         ),
     )

@@ -397,6 +397,7 @@ mod tests {
             create_node_key: true,
             domain_key_rotation: None,
             domain: None,
+            audit_durability: Default::default(),
         })
         .await
         .unwrap();

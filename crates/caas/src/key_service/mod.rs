@@ -89,6 +89,10 @@ pub enum KeyServiceCmd {
         /// database restore); the acceptance is itself audited.
         #[arg(long)]
         accept_audit_rollback: bool,
+        /// When the audit records of key use are durable, `bounded` or `strict`
+        /// (overrides the config's `[storage] audit_durability`).
+        #[arg(long, env = "CAAS_AUDIT_DURABILITY")]
+        audit_durability: Option<caas_kms::config::AuditDurability>,
     },
     /// Print every route the key service serves and who may call it, as JSON lines.
     Routes,
@@ -202,6 +206,7 @@ pub async fn run_key_service(cmd: KeyServiceCmd) -> Result<()> {
             listen,
             database,
             accept_audit_rollback,
+            audit_durability,
         } => {
             harden()?;
             let mut raw = config::load(&config).map_err(anyhow::Error::msg)?;
@@ -210,6 +215,9 @@ pub async fn run_key_service(cmd: KeyServiceCmd) -> Result<()> {
             }
             if let Some(d) = database {
                 raw.storage.database = Some(d);
+            }
+            if let Some(d) = audit_durability {
+                raw.storage.audit_durability = Some(d);
             }
             let params = raw.validate().map_err(anyhow::Error::msg)?;
             let bound = bind(&params.serve, accept_audit_rollback).await?;

@@ -203,6 +203,8 @@ pub async fn serve(params: KeyServiceParams, bound: Bound, roles: Arc<Roles>) ->
     .await;
     maint.abort();
     continuous.abort();
+    // `bounded` key-use records still queued become durable before the checkpoint.
+    kms.flush_audit().await;
     kms.sync_audit_checkpoint();
     served?;
     tracing::info!("key service stopped");

@@ -1,0 +1,304 @@
+#!/usr/bin/env bash
+# KMS benchmark (issue 14): caas beside Cosmian KMS 5.28, measured in one run with the same
+# out-of-process load generator (wrk, 2 threads, keep-alive connections, a Lua script per
+# cell), on the same machine and disk.
+#
+#   caas:    a release `caas dev` (the production key service, every role and route; SQLite
+#            in WAL with synchronous=FULL on the disk under $WORKDIR), CAAS_LOG=warn,
+#            127.0.0.1, run once per audit durability (`strict`, `bounded`).
+#            Every request carries a real SigV4 signature, verified by the server on every
+#            request. caas does not refuse an identical replayed signed request (neither
+#            does AWS KMS: a signature is valid for 5 minutes, KMS has no nonce), so each
+#            cell replays one request signed just before the cell starts (botocore's
+#            SigV4Auth); the server still canonicalises, hashes the body and checks the
+#            HMAC every time.
+#   Cosmian: cosmian_kms_server 5.28.0 from the crates registry (BUSL-1.1: built and run
+#            locally for measurement only, never vendored), feature non-fips, SQLite, no
+#            authentication, RUST_LOG=warn, 127.0.0.1; KMIP 2.1 JSON (POST /kmip/2_1) on an
+#            AES-256 key created with an activation date; byte strings are upper-case hex.
+#
+# Cells: Encrypt 64 B, Encrypt 1 KiB, Decrypt 64 B (the ciphertext of a 64-byte plaintext),
+# at 16 and 64 connections; caas in both audit modes; caas's own HTTP ceiling (GET /healthz)
+# at the same connection counts, each caas figure also given as a fraction of it.
+# Ends with one summary line per cell and mode:
+#   kms-bench: Encrypt 64B 16 clients (bounded): caas N req/s, cosmian M req/s, ratio R
+# followed by p50/p99 of both.
+#
+# Usage: bench/kms-bench.sh
+#   PEER=none (caas only, for iterating on caas: no peer figures, ratio n/a)
+#   SECS=10 (seconds per cell)  ROUNDS=2 (each cell is the best of ROUNDS runs)
+#   CAAS_BIN=path/to/release/caas (default: cargo build --release -p caas)
+#   COSMIAN_BIN=path/to/cosmian_kms (default: built once into $COSMIAN_CACHE)
+#   COSMIAN_CACHE=~/.cache/caas-bench/cosmian (the peer's build, reused; ~3 GB of build
+#   artefacts under $COSMIAN_CACHE/target — delete it after building if disk is short)
+#   WORKDIR=(a temporary directory on the real disk, not tmpfs: fsync must cost what it costs)
+# Needs: wrk, curl, python3 with botocore (the repo's .venv: scripts/install-deps),
+# cargo; building the peer needs libssl-dev and pkg-config (Debian 12: OpenSSL 3.0, no FIPS
+# provider, hence non-fips).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+SECS=${SECS:-10}
+ROUNDS=${ROUNDS:-2}
+THREADS=${THREADS:-2}
+CONNS=(16 64)
+COSMIAN_VERSION=5.28.0
+COSMIAN_CACHE=${COSMIAN_CACHE:-$HOME/.cache/caas-bench/cosmian}
+PY=${PY:-$REPO/.venv/bin/python3}
+for t in wrk curl; do
+  command -v "$t" >/dev/null || { echo "missing $t: apt-get install wrk curl" >&2; exit 1; }
+done
+"$PY" -c 'import botocore' 2>/dev/null || { echo "missing botocore: scripts/install-deps (creates .venv)" >&2; exit 1; }
+
+# --- the binaries ----------------------------------------------------------------------
+if [[ -z "${CAAS_BIN:-}" ]]; then
+  cargo build --release -q -p caas --bin caas
+  CAAS_BIN=${CARGO_TARGET_DIR:-target}/release/caas
+fi
+PEER=${PEER:-cosmian}
+if [[ "$PEER" == none ]]; then
+  COSMIAN_BIN=/bin/true
+elif [[ -z "${COSMIAN_BIN:-}" ]]; then
+  COSMIAN_BIN=$COSMIAN_CACHE/bin/cosmian_kms
+  if [[ ! -x "$COSMIAN_BIN" ]]; then
+    pkg-config --exists openssl 2>/dev/null || { echo "building the peer needs OpenSSL headers: apt-get install libssl-dev pkg-config" >&2; exit 1; }
+    echo "building cosmian_kms_server $COSMIAN_VERSION (once, cached in $COSMIAN_CACHE; slow)" >&2
+    mkdir -p "$COSMIAN_CACHE"
+    if ! cargo install --locked cosmian_kms_server --version "$COSMIAN_VERSION" --features non-fips \
+        --root "$COSMIAN_CACHE" --target-dir "$COSMIAN_CACHE/target" 2> "$COSMIAN_CACHE/install.log"; then
+      # 5.28.0's `non-fips` feature names a dev-dependency (cosmian_kms_client_utils), which
+      # `cargo install` cannot resolve: patch the unpacked crate (outside this repository).
+      src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cosmian_kms_server-"$COSMIAN_VERSION" | head -1)
+      [[ -d "$src" ]] || { cat "$COSMIAN_CACHE/install.log" >&2; exit 1; }
+      rm -rf "$COSMIAN_CACHE/src" && mkdir -p "$COSMIAN_CACHE/src" && cp -a "$src" "$COSMIAN_CACHE/src/"
+      patched=$COSMIAN_CACHE/src/cosmian_kms_server-$COSMIAN_VERSION
+      sed -i '/^non-fips = \[/,/^\]/{/cosmian_kms_client_utils\/non-fips/d}' "$patched/Cargo.toml"
+      cargo install --locked --path "$patched" --features non-fips \
+        --root "$COSMIAN_CACHE" --target-dir "$COSMIAN_CACHE/target"
+    fi
+  fi
+fi
+[[ -x "$CAAS_BIN" ]] || { echo "no caas binary at $CAAS_BIN" >&2; exit 1; }
+[[ -x "$COSMIAN_BIN" ]] || { echo "no cosmian_kms binary at $COSMIAN_BIN" >&2; exit 1; }
+
+W=${WORKDIR:-$(mktemp -d /var/tmp/caas-kms-bench.XXXXXX)}
+mkdir -p "$W"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  [[ -n "${KEEP:-}" ]] || rm -rf "$W"
+}
+trap cleanup EXIT
+
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 600); do
+    (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2; return 1
+}
+
+# --- Cosmian ---------------------------------------------------------------------------
+CPORT=$(free_port)
+P64=$(head -c 64 /dev/urandom | od -An -tx1 -v | tr -d ' \n' | tr a-f A-F)
+P1K=$(head -c 1024 /dev/urandom | od -An -tx1 -v | tr -d ' \n' | tr a-f A-F)
+declare -A RES
+if [[ "$PEER" != none ]]; then
+mkdir -p "$W/cosmian"
+RUST_LOG=warn "$COSMIAN_BIN" --database-type sqlite --sqlite-path "$W/cosmian" \
+  --hostname 127.0.0.1 --port "$CPORT" > "$W/cosmian.log" 2>&1 &
+PIDS+=($!)
+wait_port "$CPORT"
+CURL_KMIP=(curl -sS -X POST -H 'Content-Type: application/json' "http://127.0.0.1:$CPORT/kmip/2_1")
+NOW=$(date -u -d '1 minute ago' +%Y-%m-%dT%H:%M:%S.000Z)
+create='{"tag":"Create","type":"Structure","value":[
+ {"tag":"ObjectType","type":"Enumeration","value":"SymmetricKey"},
+ {"tag":"Attributes","type":"Structure","value":[
+  {"tag":"CryptographicAlgorithm","type":"Enumeration","value":"AES"},
+  {"tag":"CryptographicLength","type":"Integer","value":256},
+  {"tag":"CryptographicUsageMask","type":"Integer","value":2108},
+  {"tag":"ActivationDate","type":"DateTime","value":"'"$NOW"'"},
+  {"tag":"KeyFormatType","type":"Enumeration","value":"TransparentSymmetricKey"},
+  {"tag":"ObjectType","type":"Enumeration","value":"SymmetricKey"}]}]}'
+CKEY=$("${CURL_KMIP[@]}" -d "$create" | "$PY" -c '
+import json,sys
+r=json.load(sys.stdin)
+print(next(v["value"] for v in r["value"] if v["tag"]=="UniqueIdentifier"))')
+cosmian_encrypt_body() { # $1: plaintext as upper-case hex
+  printf '{"tag":"Encrypt","type":"Structure","value":[{"tag":"UniqueIdentifier","type":"TextString","value":"%s"},{"tag":"CryptographicParameters","type":"Structure","value":[{"tag":"BlockCipherMode","type":"Enumeration","value":"GCM"}]},{"tag":"Data","type":"ByteString","value":"%s"}]}' "$CKEY" "$1"
+}
+cosmian_encrypt_body "$P64" > "$W/c-enc64.json"
+cosmian_encrypt_body "$P1K" > "$W/c-enc1k.json"
+# Decrypt: the Encrypt response's Data, IVCounterNonce and AuthenticatedEncryptionTag.
+"${CURL_KMIP[@]}" --data-binary @"$W/c-enc64.json" > "$W/c-enc64.out"
+"$PY" - "$W/c-enc64.out" "$CKEY" > "$W/c-dec64.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+f = {v["tag"]: v["value"] for v in r["value"]}
+def find(*names):
+    for n in names:
+        if n in f:
+            return f[n]
+    sys.exit(f"Cosmian Encrypt answered no {names}: {r}")
+value = [
+    {"tag": "UniqueIdentifier", "type": "TextString", "value": sys.argv[2]},
+    {"tag": "CryptographicParameters", "type": "Structure",
+     "value": [{"tag": "BlockCipherMode", "type": "Enumeration", "value": "GCM"}]},
+    {"tag": "Data", "type": "ByteString", "value": find("Data")},
+    {"tag": "IvCounterNonce", "type": "ByteString", "value": find("IvCounterNonce", "IVCounterNonce")},
+    {"tag": "AuthenticatedEncryptionTag", "type": "ByteString", "value": find("AuthenticatedEncryptionTag")},
+]
+print(json.dumps({"tag": "Decrypt", "type": "Structure", "value": value}))
+EOF
+for b in enc64 enc1k dec64; do
+  out=$("${CURL_KMIP[@]}" --data-binary @"$W/c-$b.json")
+  case "$out" in *'"Data"'*) ;; *) echo "Cosmian $b failed: $out" >&2; exit 1 ;; esac
+done
+fi
+
+# --- caas ------------------------------------------------------------------------------
+KPORT=$(free_port)
+start_caas() { # $1: audit durability
+  CAAS_LOG=warn RUST_LOG=warn "$CAAS_BIN" dev --data-dir "$W/caas" --listen "127.0.0.1:$KPORT" \
+    --audit-durability "$1" > "$W/caas-$1.log" 2>&1 &
+  CAAS_PID=$!
+  PIDS+=($CAAS_PID)
+  for _ in $(seq 1 600); do
+    [[ -s "$W/caas/env" ]] && (echo > "/dev/tcp/127.0.0.1/$KPORT") 2>/dev/null && return 0
+    kill -0 "$CAAS_PID" 2>/dev/null || { cat "$W/caas-$1.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "caas dev did not start" >&2; exit 1
+}
+stop_caas() {
+  kill -TERM "$CAAS_PID" 2>/dev/null || true
+  wait "$CAAS_PID" 2>/dev/null || true
+  rm -f "$W/caas/env"
+}
+
+# Writes a wrk script replaying one request (signed now for caas) and printing
+# "WRK rps p50_us p99_us non2xx socket_errors" at the end.
+lua_for() { # $1 out.lua, $2 kind: caas-Op | cosmian | healthz, $3 body file
+  "$PY" - "$@" "$W/caas/env" "$KPORT" "$CPORT" <<'EOF'
+import json, sys
+out, kind, body_file, envf, kport, cport = sys.argv[1:7]
+body = open(body_file, "rb").read().decode() if body_file != "-" else ""
+method, headers = "POST", {}
+if kind.startswith("caas-"):
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+    env = {}
+    for line in open(envf):
+        line = line.strip().removeprefix("export ")
+        if "=" in line:
+            k, v = line.split("=", 1)
+            env[k] = v.strip("'\"")
+    host = f"127.0.0.1:{kport}"
+    req = AWSRequest(method="POST", url=f"http://{host}/", data=body.encode(), headers={
+        "Content-Type": "application/x-amz-json-1.1",
+        "X-Amz-Target": "TrentService." + kind.removeprefix("caas-"),
+        "Host": host,
+    })
+    SigV4Auth(Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]), "kms",
+              env.get("AWS_DEFAULT_REGION", "us-east-1")).add_auth(req)
+    headers = dict(req.headers.items())
+elif kind == "cosmian":
+    headers = {"Content-Type": "application/json"}
+else:
+    method = "GET"
+lua = [f"wrk.method = {json.dumps(method)}", f"wrk.body = {json.dumps(body)}"]
+for k, v in headers.items():
+    lua.append(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}")
+lua.append("""
+done = function(summary, latency, requests)
+  local secs = summary.duration / 1e6
+  io.write(string.format("WRK %.1f %d %d %d %d\\n", summary.requests / secs,
+    latency:percentile(50), latency:percentile(99), summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end""")
+open(out, "w").write("\n".join(lua) + "\n")
+EOF
+}
+
+# Runs one cell ROUNDS times; prints "rps p50_us p99_us" of the best round.
+run_cell() { # $1 url, $2 lua, $3 connections, $4 label
+  local best="0 0 0" r
+  for _ in $(seq 1 "$ROUNDS"); do
+    r=$(wrk -t"$THREADS" -c"$3" -d"${SECS}s" -s "$2" "$1" | awk '/^WRK /{print $2, $3, $4, $5, $6}')
+    read -r rps p50 p99 bad errs <<< "$r"
+    if [[ "$bad" != 0 || "$errs" != 0 ]]; then
+      echo "cell $4: $bad non-2xx answers, $errs socket errors" >&2; exit 1
+    fi
+    if awk -v a="$rps" -v b="${best%% *}" 'BEGIN{exit !(a>b)}'; then best="$rps $p50 $p99"; fi
+  done
+  printf '  %-44s %9.0f req/s  p50 %6.2f ms  p99 %6.2f ms\n' "$4" "${best%% *}" \
+    "$(awk -v x="$(cut -d' ' -f2 <<< "$best")" 'BEGIN{print x/1000}')" \
+    "$(awk -v x="$(cut -d' ' -f3 <<< "$best")" 'BEGIN{print x/1000}')" >&2
+  echo "$best"
+}
+
+b64() { "$PY" -c 'import base64,sys; print(base64.b64encode(bytes.fromhex(sys.argv[1])).decode())' "$1"; }
+echo "kms-bench: load average $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) CPUs, SECS=$SECS ROUNDS=$ROUNDS, wrk -t$THREADS" >&2
+[[ "$PEER" == none ]] || echo "Cosmian KMS $COSMIAN_VERSION (KMIP 2.1 JSON, SQLite, no auth):" >&2
+for c in "${CONNS[@]}"; do
+  [[ "$PEER" != none ]] || { RES[cos,enc64,$c]="0 0 0"; RES[cos,enc1k,$c]="0 0 0"; RES[cos,dec64,$c]="0 0 0"; continue; }
+  lua_for "$W/c.lua" cosmian "$W/c-enc64.json"; RES[cos,enc64,$c]=$(run_cell "http://127.0.0.1:$CPORT/kmip/2_1" "$W/c.lua" "$c" "Encrypt 64B $c conns")
+  lua_for "$W/c.lua" cosmian "$W/c-enc1k.json"; RES[cos,enc1k,$c]=$(run_cell "http://127.0.0.1:$CPORT/kmip/2_1" "$W/c.lua" "$c" "Encrypt 1KiB $c conns")
+  lua_for "$W/c.lua" cosmian "$W/c-dec64.json"; RES[cos,dec64,$c]=$(run_cell "http://127.0.0.1:$CPORT/kmip/2_1" "$W/c.lua" "$c" "Decrypt 64B $c conns")
+done
+[[ "$PEER" == none ]] || kill "${PIDS[0]}" 2>/dev/null || true
+
+for mode in bounded strict; do
+  start_caas "$mode"
+  if [[ ! -s "$W/k-key" ]]; then
+    # One key and one ciphertext (of a 64-byte plaintext) for every cell, through boto3.
+    (set -a; . "$W/caas/env"; set +a; "$PY" - "$W" "$(b64 "$P64")" <<'EOF'
+import base64, boto3, json, os, sys
+w, p64 = sys.argv[1], sys.argv[2]
+kms = boto3.client("kms", endpoint_url=os.environ["CAAS_KMS_ENDPOINT"],
+                   region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+key = kms.create_key()["KeyMetadata"]["KeyId"]
+ct = kms.encrypt(KeyId=key, Plaintext=base64.b64decode(p64))["CiphertextBlob"]
+open(f"{w}/k-key", "w").write(key)
+open(f"{w}/k-dec64.json", "w").write(json.dumps({"CiphertextBlob": base64.b64encode(ct).decode()}))
+EOF
+    )
+    KKEY=$(cat "$W/k-key")
+    printf '{"KeyId":"%s","Plaintext":"%s"}' "$KKEY" "$(b64 "$P64")" > "$W/k-enc64.json"
+    printf '{"KeyId":"%s","Plaintext":"%s"}' "$KKEY" "$(b64 "$P1K")" > "$W/k-enc1k.json"
+  fi
+  echo "caas ($mode audit durability, SigV4 on every request):" >&2
+  for c in "${CONNS[@]}"; do
+    if [[ -z "${RES[health,$c]:-}" ]]; then
+      lua_for "$W/k.lua" healthz -; RES[health,$c]=$(run_cell "http://127.0.0.1:$KPORT/healthz" "$W/k.lua" "$c" "GET /healthz $c conns (HTTP ceiling)")
+    fi
+    lua_for "$W/k.lua" caas-Encrypt "$W/k-enc64.json"; RES[$mode,enc64,$c]=$(run_cell "http://127.0.0.1:$KPORT/" "$W/k.lua" "$c" "Encrypt 64B $c conns")
+    lua_for "$W/k.lua" caas-Encrypt "$W/k-enc1k.json"; RES[$mode,enc1k,$c]=$(run_cell "http://127.0.0.1:$KPORT/" "$W/k.lua" "$c" "Encrypt 1KiB $c conns")
+    lua_for "$W/k.lua" caas-Decrypt "$W/k-dec64.json"; RES[$mode,dec64,$c]=$(run_cell "http://127.0.0.1:$KPORT/" "$W/k.lua" "$c" "Decrypt 64B $c conns")
+  done
+  stop_caas
+done
+
+echo "kms-bench: load average at the end $(cut -d' ' -f1-3 /proc/loadavg)"
+for c in "${CONNS[@]}"; do
+  read -r h _ <<< "${RES[health,$c]}"
+  printf 'kms-bench: caas HTTP ceiling (GET /healthz) %s clients: %.0f req/s\n' "$c" "$h"
+done
+for cell in "enc64:Encrypt 64B" "enc1k:Encrypt 1KiB" "dec64:Decrypt 64B"; do
+  k=${cell%%:*}; name=${cell#*:}
+  for c in "${CONNS[@]}"; do
+    for mode in bounded strict; do
+      read -r crps cp50 cp99 <<< "${RES[$mode,$k,$c]}"
+      read -r orps op50 op99 <<< "${RES[cos,$k,$c]}"
+      read -r h _ <<< "${RES[health,$c]}"
+      awk -v n="$name" -v c="$c" -v m="$mode" -v a="$crps" -v b="$orps" -v h="$h" \
+          -v ap50="$cp50" -v ap99="$cp99" -v bp50="$op50" -v bp99="$op99" 'BEGIN{
+        printf "kms-bench: %s %s clients (%s): caas %.0f req/s, cosmian %.0f req/s, ratio %s\n", n, c, m, a, b, (b > 0 ? sprintf("%.2f", a/b) : "n/a")
+        printf "kms-bench:   p50/p99 caas %.2f/%.2f ms, cosmian %.2f/%.2f ms; caas at %.2f of its HTTP ceiling\n", ap50/1000, ap99/1000, bp50/1000, bp99/1000, a/h
+      }'
+    done
+  done
+done
