@@ -22,6 +22,7 @@ pub mod ops;
 pub mod policy;
 pub mod server;
 pub mod token;
+pub mod transfer;
 pub mod vsock;
 pub mod wrap;
 
