@@ -13,5 +13,6 @@ pub mod identity;
 pub mod migrate;
 pub mod pki;
 pub mod tl;
+mod token;
 
 pub use error::Error;

@@ -161,6 +161,8 @@ impl RevocationState {
 struct Proc {
     what: &'static str,
     child: ProcChild,
+    /// The VSM's control channel (token export/import, [`crate::token`]).
+    control: Option<crate::token::VsmControl>,
 }
 
 #[derive(Debug)]
@@ -174,6 +176,7 @@ impl Proc {
         Self {
             what,
             child: ProcChild::Plain(child),
+            control: None,
         }
     }
 
@@ -305,6 +308,11 @@ impl Workload {
         self.procs.clear();
         zeroize::Zeroize::zeroize(&mut *self.dk);
         zeroize::Zeroize::zeroize(&mut *self.tau);
+    }
+
+    /// Its VSM's control channel.
+    fn vsm_control(&self) -> Option<crate::token::VsmControl> {
+        self.procs.iter().find_map(|p| p.control.clone())
     }
 
     fn view(&self) -> WorkloadView {
@@ -509,6 +517,11 @@ impl TlHost {
             ProcChild::Workload(h) => h.qmp_path().map(Path::to_path_buf),
             ProcChild::Plain(_) => None,
         })
+    }
+
+    /// The VSM control channel of `vm_id`'s crypto domain.
+    pub(crate) async fn vsm_control(&self, vm_id: &str) -> Option<crate::token::VsmControl> {
+        self.workloads.lock().await.get(vm_id)?.vsm_control()
     }
 
     /// Whether a workload `vm_id` runs here.
@@ -922,6 +935,7 @@ async fn prestart(
             "domc",
             "serve",
             "--ephemeral-key",
+            "--control-stdio",
             "--socket-mode",
             "666",
             "--run-as",
@@ -942,11 +956,22 @@ async fn prestart(
                 .arg("--tls-client-ca")
                 .arg(&n.files.ca);
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null());
-        let child = cmd
+        // Its control channel: pipes only the agent holds.
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let mut child = cmd
             .spawn()
             .map_err(Error::io("start the VSM crypto domain"))?;
-        Ok::<_, Error>(Proc::plain("vsm", child))
+        let control = match (child.stdin.take(), child.stdout.take()) {
+            (Some(to), Some(from)) => caas_domc::transfer::Control::new(to, from),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Domain("the VSM has no control channel".into()));
+            }
+        };
+        let mut p = Proc::plain("vsm", child);
+        p.control = Some(std::sync::Arc::new(std::sync::Mutex::new(control)));
+        Ok::<_, Error>(p)
     })();
     let mut vsm = match vsm {
         Ok(v) => v,
@@ -1112,6 +1137,7 @@ async fn start_workload(
             Proc {
                 what: "workload",
                 child: ProcChild::Workload(handle),
+                control: None,
             },
             addr.to_string(),
         ));
@@ -1125,6 +1151,7 @@ async fn start_workload(
     let mut p = Proc {
         what: "workload",
         child: ProcChild::Workload(handle),
+        control: None,
     };
     // The workload has read its PIN and τ: neither stays on the host's disk.
     let _ = std::fs::remove_file(dir.join("user.pin"));
@@ -2309,6 +2336,10 @@ struct DomainState {
     sp: String,
     /// The image's H1 as the suspended launch checked it.
     h1: String,
+    /// A second section follows with the VSM's token export and its transfer key
+    /// ([`crate::token`]).
+    #[serde(default)]
+    token: bool,
 }
 
 /// Result of a suspend (no key, no plaintext state).
@@ -2433,6 +2464,7 @@ impl Agent {
             h2: h2.clone(),
             sp,
             h1: hex::encode(h1),
+            token: false,
         };
         // The workload leaves the table while its state is saved (no concurrent stop).
         let mut w = self
@@ -2451,6 +2483,9 @@ impl Agent {
         let t = Instant::now();
         let header = caas_workload::state::StateHeader::new(vm_id, &h2, grant.counter)
             .map_err(state_refused)?;
+        let vsm = w.vsm_control();
+        let token_context =
+            crate::token::suspend_context(vm_id, &h2, grant.counter, &header.stream_id);
         let dir = object
             .parent()
             .map(Path::to_path_buf)
@@ -2479,8 +2514,24 @@ impl Agent {
                         &header,
                     )
                     .map_err(state_refused)?;
+                    // The guest stops first, so its VSM's token is exported as the guest
+                    // left it (token objects made after launch travel), sealed under a
+                    // fresh transfer key that goes only into this K_s-encrypted state.
+                    q.stop().map_err(|e| Error::Domain(format!("qemu: {e}")))?;
+                    let token = vsm
+                        .as_ref()
+                        .map(|c| crate::token::TokenTransfer::export_blocking(c, &token_context))
+                        .transpose()?;
+                    let domain = DomainState {
+                        token: token.is_some(),
+                        ..domain
+                    };
                     let ds = wire::to_bytes(&domain);
                     wr.write_domain_state(&ds).map_err(state_refused)?;
+                    if let Some(token) = &token {
+                        wr.write_domain_state(token.to_bytes().expose())
+                            .map_err(state_refused)?;
+                    }
                     let t =
                         caas_workload::suspend::save_vm(&mut q, &mut wr, Duration::from_secs(120))
                             .map_err(suspend_err)?;
@@ -2620,6 +2671,8 @@ impl Agent {
             "state key from the TTP (quote, TPM unseal)".to_string(),
             ms(t),
         ));
+        let token_context =
+            crate::token::suspend_context(vm_id, &header.h2, header.counter, &header.stream_id);
         let mut reader = caas_workload::state::StateReader::new(
             std::io::BufReader::new(file),
             header,
@@ -2637,6 +2690,12 @@ impl Agent {
                 "owner or profile differ from the TTP's record".into(),
             )));
         }
+        let token = if domain.token {
+            let b = reader.read_domain_state().map_err(state_refused)?;
+            Some(crate::token::TokenTransfer::parse(b.expose())?)
+        } else {
+            None
+        };
         // k and the token's PINs from the configuration sealed to THIS host (Algorithm 1),
         // owned by the same DM, for the same upload of the image.
         let t = Instant::now();
@@ -2707,6 +2766,21 @@ impl Agent {
             w.identity.workload.run_as(),
         );
         let mut w = w;
+        // The token as the guest left it, into the new VSM before qemu connects to it: only
+        // an export made for THIS saved state (workload, counter, stream id) is accepted.
+        if let Some(token) = token {
+            let t = Instant::now();
+            let imported = match w.vsm_control() {
+                Some(ctl) => token.import(ctl, token_context).await,
+                None => Err(Error::Domain("the VSM has no control channel".into())),
+            };
+            if let Err(e) = imported {
+                w.stop();
+                let _ = std::fs::remove_dir_all(&w.dirs.root);
+                return Err(e);
+            }
+            timings.push(("VSM token imported".to_string(), ms(t)));
+        }
         match restore_workload(vm_id, &dir, &disk, &vsm_socket, run_as, reader).await {
             Ok((proc, endpoint, stream)) => {
                 timings.push((
@@ -2798,6 +2872,7 @@ async fn restore_workload(
     let mut p = Proc {
         what: "workload",
         child: ProcChild::Workload(handle),
+        control: None,
     };
     match (r, addr) {
         (Ok(t), Some(a)) => Ok((p, a.to_string(), t.stream_bytes)),
