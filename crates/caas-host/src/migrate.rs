@@ -909,3 +909,24 @@ fn split_batches(all: Vec<u8>) -> Vec<Vec<u8>> {
 fn ms(t: Instant) -> f64 {
     (t.elapsed().as_secs_f64() * 1e5).round() / 100.0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The accepted ids survive the agent (what a restarted target reads back), and a file
+    /// that does not parse refuses every offer instead of forgetting them.
+    #[test]
+    fn accepted_migration_ids_persist_and_a_corrupt_file_fails_closed() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(Error::io("tempdir"))?;
+        let path = seen_path(dir.path());
+        assert!(load_seen(&path)?.is_empty());
+        let mut seen = HashMap::new();
+        seen.insert("ab".repeat(32), 1_700_000_000_000u64);
+        store_seen(&path, &seen)?;
+        assert_eq!(load_seen(&path)?, seen);
+        std::fs::write(&path, b"{not json").map_err(Error::io("write"))?;
+        assert!(load_seen(&path).is_err());
+        Ok(())
+    }
+}

@@ -1618,15 +1618,26 @@ impl Agent {
         caas_tl::dm::SealedDomc::parse(&sealed_cfg)?.check_owner(&st.h2)?;
         let image = TlHost::image_dir(&self.tl.storage, &call.image_id).join("image.caasvol");
         let ip = image.clone();
-        let (h1, cfg) = tokio::join!(
+        let id = self.tl.ids.allocate_launch()?;
+        let dir = self.fresh_dirs(&call.vm_id, &id)?;
+        // The crypto domain's processes start (unkeyed) while the TPM opens the
+        // configuration and the image is hashed, as at launch.
+        let (h1, cfg, pre) = tokio::join!(
             async {
                 tokio::task::spawn_blocking(move || sha256_file(&ip))
                     .await
                     .map_err(|e| Error::Domain(format!("hash task: {e}")))?
             },
-            self.open_config(&call.image_id, secrets.pk_dm(), &sealed_cfg)
+            self.open_config(&call.image_id, secrets.pk_dm(), &sealed_cfg),
+            prestart(&dir.domain, &image, true, Ids::of(&id), None)
         );
-        let (h1, cfg) = (h1?, cfg?);
+        let mut pre = match pre {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir.root);
+                return Err(e);
+            }
+        };
         let owner = caas_tl::wire::M2 {
             tau: Vec::new(),
             h1: String::new(),
@@ -1634,12 +1645,22 @@ impl Agent {
             dk: Vec::new(),
             vm_id: st.vm_id.clone(),
         };
-        sc::check_config(&cfg, &owner, &h1)?;
+        let cfg = match (h1, cfg) {
+            (Ok(h1), Ok(cfg)) => sc::check_config(&cfg, &owner, &h1)
+                .map(|()| cfg)
+                .map_err(Error::from),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        let cfg = match cfg {
+            Ok(c) => c,
+            Err(e) => {
+                pre.abort();
+                let _ = std::fs::remove_dir_all(&dir.root);
+                return Err(e);
+            }
+        };
         timings.push(("open crypto-domain config (TPM), H1".to_string(), ms(start)));
         let t0 = Instant::now();
-        let id = self.tl.ids.allocate_launch()?;
-        let dir = self.fresh_dirs(&call.vm_id, &id)?;
-        let pre = prestart(&dir.domain, &image, true, Ids::of(&id), None).await?;
         let procs = finish_domain(pre, &cfg).await?;
         timings.push(("crypto domain keyed (k, token)".to_string(), ms(t0)));
         Ok((call, cfg, dir, procs, id, timings))

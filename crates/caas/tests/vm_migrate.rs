@@ -709,13 +709,32 @@ fn restarted_target_refuses_a_replayed_migration_offer() {
     // The whole deployment restarts (agents, key service): the target's memory is gone,
     // its state directory stays.
     c.dev.stop();
-    c.dev = Dev::start_with(
+    let restarted = Dev::start_with(
         &c.root.join("dev"),
         "127.0.0.1:0",
         &["--hosts", "2", "--attest-secs", "3600"],
     );
-    assert!(
-        c.workloads("host-2").is_empty(),
+    // The stopped one is not dropped: its drop would clean up the deployment's directory's
+    // processes, the new ones included.
+    std::mem::forget(std::mem::replace(&mut c.dev, restarted));
+    // The agents come up after the key service (they enroll with it).
+    let t = std::time::Instant::now();
+    let listed = loop {
+        c.dev.env = read_env(&c.root.join("dev"));
+        let r = c.call(
+            "GET",
+            &format!("{}/v1/agent/workloads", c.agent("host-2")),
+            None,
+        );
+        if r.is_ok() || t.elapsed() > std::time::Duration::from_secs(120) {
+            break r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let log = std::fs::read_to_string(c.root.join("dev/test-dev.log")).unwrap_or_default();
+    assert_eq!(
+        listed.unwrap_or_else(|e| panic!("host-2's agent is back: {e:?}\n{log}")),
+        json!([]),
         "the workload does not survive the restart"
     );
     let as_source = tls_client(
