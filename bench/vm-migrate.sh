@@ -35,6 +35,15 @@
 #   Not yet tried: starting the target's crypto domain and qemu in parallel with the TTP
 #   request (it would need the statement first: it names the target), and streaming in one
 #   long request instead of 1 MiB POSTs.
+#
+# After the VSM token travels (export after the guest stopped, counted in the downtime) and
+# the target starts its crypto-domain processes while its TPM opens the configuration
+# (2026-12-05, same machine, load ~9–18 from other builds, `REPEAT=4 bench/vm-migrate.sh`):
+#   (b) plain qemu   total 908 948 974 955 ms     downtime 54 47 64 47 ms
+#   (a) caas         total 1241 1263 1305 1318 ms downtime 58 73 46 101 ms
+#   medians: total 1.33×, downtime 1.23×; minima: total 1241/908 = 1.37×, downtime 46/47 = 0.98×.
+#   The goal (≤ 1.1× total) is still not met: the TTP statement and the key agreement
+#   (three TPM operations) happen before the first byte of qemu's stream.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPEAT=${REPEAT:-3}
