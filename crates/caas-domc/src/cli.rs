@@ -68,6 +68,11 @@ pub struct ServeArgs {
     /// domain key lies on the host's disk).
     #[arg(long, conflicts_with_all = ["key_fd", "create_key"])]
     pub ephemeral_key: bool,
+    /// Serve the host agent's control channel on standard input/output (token export and
+    /// import for suspend and migration, `caas_domc::transfer`): pipes only the parent
+    /// holds, never the PKCS#11 socket the workload reaches.
+    #[arg(long)]
+    pub control_stdio: bool,
     /// Number of slots (one token each).
     #[arg(long, default_value_t = 1)]
     pub slots: u64,
@@ -223,6 +228,13 @@ fn serve(a: ServeArgs) -> Result<(), Error> {
     );
     // Every listener but the last runs on its own accept thread.
     let mut servers: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
+    if a.control_stdio {
+        let d = domain.clone();
+        std::thread::Builder::new()
+            .name("vsm-control".into())
+            .spawn(move || crate::transfer::serve_control(&d, std::io::stdin(), std::io::stdout()))
+            .map_err(|e| Error::Config(format!("control thread: {e}")))?;
+    }
     if let Some((t, cfg)) = tls {
         let d = domain.clone();
         servers.push(Box::new(move || crate::server::serve_tls(d, t, cfg)));

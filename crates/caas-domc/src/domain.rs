@@ -81,6 +81,8 @@ pub struct Domain {
     refused: AtomicU64,
     /// `--allow-legacy-rsa-1024`: 1024-bit RSA keys may be generated, imported and used.
     legacy_rsa_1024: bool,
+    /// A token export was imported (at most once per domain, [`crate::transfer`]).
+    imported: std::sync::atomic::AtomicBool,
 }
 
 type R<T> = Result<T, Ckr>;
@@ -160,6 +162,7 @@ impl Domain {
             },
             refused: AtomicU64::new(0),
             legacy_rsa_1024: false,
+            imported: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -288,6 +291,86 @@ impl Domain {
             mechanism: None,
             rv: cryptoki_sys::CKR_FUNCTION_REJECTED,
         });
+    }
+
+    /// Exports every token under the agent's transfer `key` for `context`
+    /// ([`crate::transfer`]): the sealed export and the number of token objects in it.
+    /// Audited (`TokenExport`).
+    pub fn export_tokens(&self, key: &[u8], context: &[u8]) -> R<(Vec<u8>, u64)> {
+        let r = (|| {
+            if key.len() != crate::transfer::KEY_LEN || context.len() > crate::transfer::MAX_CONTEXT
+            {
+                return Err(Ckr(CKR_ARGUMENTS_BAD));
+            }
+            let slots: Vec<_> = self.tokens.iter().map(|t| t.image()).collect();
+            let objects = slots.iter().map(|s| s.objects.len() as u64).sum::<u64>();
+            let plain = Zeroizing::new(caas_vsm_proto::to_bytes(&crate::transfer::TokenExport {
+                slots,
+            }));
+            Ok((crate::transfer::seal(key, context, &plain)?, objects))
+        })();
+        self.audit_transfer("TokenExport", context, r.as_ref().map(|(_, n)| n));
+        r
+    }
+
+    /// Imports an export made for `context` under `key`, replacing every token's label,
+    /// PINs and token objects, and persists them under this domain's key. Refused when the
+    /// export does not authenticate for exactly this context (tampered, or made for another
+    /// suspend, migration or workload: `CKR_ENCRYPTED_DATA_INVALID`), when a session is
+    /// open (`CKR_SESSION_EXISTS`), or after a first import. Audited (`TokenImport`).
+    pub fn import_tokens(&self, key: &[u8], context: &[u8], blob: &[u8]) -> R<u64> {
+        let r = (|| {
+            if key.len() != crate::transfer::KEY_LEN || context.len() > crate::transfer::MAX_CONTEXT
+            {
+                return Err(Ckr(CKR_ARGUMENTS_BAD));
+            }
+            if self.imported.load(Ordering::SeqCst) {
+                return Err(Ckr(CKR_OPERATION_NOT_INITIALIZED));
+            }
+            if self
+                .tokens
+                .iter()
+                .any(|t| t.sessions.load(Ordering::SeqCst) > 0)
+            {
+                return Err(Ckr(CKR_SESSION_EXISTS));
+            }
+            let plain = crate::transfer::open(key, context, blob)?;
+            let export: crate::transfer::TokenExport =
+                caas_vsm_proto::from_bytes(&plain).map_err(|_| Ckr(CKR_ENCRYPTED_DATA_INVALID))?;
+            if export.slots.len() != self.tokens.len() {
+                return Err(Ckr(CKR_ENCRYPTED_DATA_INVALID));
+            }
+            if self.imported.swap(true, Ordering::SeqCst) {
+                return Err(Ckr(CKR_OPERATION_NOT_INITIALIZED));
+            }
+            let mut objects = 0u64;
+            for (t, image) in self.tokens.iter().zip(export.slots) {
+                objects += image.objects.len() as u64;
+                t.apply_image(image, &self.handles)?;
+                t.persist()?;
+            }
+            Ok(objects)
+        })();
+        self.audit_transfer("TokenImport", context, r.as_ref());
+        r
+    }
+
+    fn audit_transfer(&self, op: &str, context: &[u8], r: Result<&u64, &Ckr>) {
+        let ctx = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, context);
+        let ctx = hex::encode(&ctx.as_ref()[..8]);
+        let (object, rv) = match r {
+            Ok(n) => (format!("{n} token objects, context {ctx}"), CKR_OK),
+            Err(e) => (format!("context {ctx}"), e.0),
+        };
+        self.audit.record(Record {
+            app: [0; 16],
+            op,
+            slot: 0,
+            object,
+            mechanism: None,
+            rv,
+        });
+        self.audit.flush();
     }
 
     /// Connections refused so far ([`Domain::refuse_peer`]).

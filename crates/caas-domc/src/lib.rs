@@ -23,6 +23,7 @@ pub mod policy;
 pub mod pq;
 pub mod server;
 pub mod token;
+pub mod transfer;
 pub mod vsock;
 pub mod wrap;
 

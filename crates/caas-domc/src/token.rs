@@ -154,8 +154,18 @@ impl Token {
             .ok_or_else(|| Error::CorruptState { path: path.clone() })?;
         let image: TokenImage =
             from_bytes(&plain).map_err(|_| Error::CorruptState { path: path.clone() })?;
+        if token.apply_image(image, handles).map_err(Error::Token)? {
+            token.persist().map_err(Error::Token)?;
+        }
+        Ok(token)
+    }
+
+    /// Replaces the token's label, PIN state and token objects with `image`'s (loading its
+    /// state file, or importing a transferred token: [`crate::transfer`]). Session objects
+    /// stay. Returns whether an object needed a `CKA_UNIQUE_ID` (the caller persists then).
+    pub(crate) fn apply_image(&self, image: TokenImage, handles: &AtomicU64) -> Result<bool, Ckr> {
         {
-            let mut st = token.lock_state();
+            let mut st = self.lock_state();
             st.label = image.label;
             st.initialized = image.initialized;
             st.so_pin = image.so_pin;
@@ -163,24 +173,21 @@ impl Token {
             st.so_failures = image.so_failures;
             st.user_failures = image.user_failures;
         }
-        let mut objs = token.write_objects();
+        let mut objs = self.write_objects();
+        objs.retain(|_, o| o.owner.is_some());
         let mut migrated = false;
         for o in image.objects {
             let mut attrs: Attrs = o.attrs.into_iter().map(|a| (a.ty, a.value.0)).collect();
             if let std::collections::btree_map::Entry::Vacant(e) = attrs.entry(CKA_UNIQUE_ID) {
-                // A state written before CKA_UNIQUE_ID existed: assigned once, persisted below.
-                e.insert(crate::object::new_unique_id().map_err(Error::Token)?);
+                // A state written before CKA_UNIQUE_ID existed: assigned once, persisted.
+                e.insert(crate::object::new_unique_id()?);
                 migrated = true;
             }
             let h = handles.fetch_add(1, Ordering::Relaxed);
             let secret = o.secret.map(|s| s.0);
             objs.insert(h, Arc::new(Object::new(h, None, attrs, secret, o.uses)));
         }
-        drop(objs);
-        if migrated {
-            token.persist().map_err(Error::Token)?;
-        }
-        Ok(token)
+        Ok(migrated)
     }
 
     /// Locks the PIN/label state.
@@ -226,39 +233,42 @@ impl Token {
         Some(buf)
     }
 
+    /// The token's image: label, PIN state and token objects (not session objects).
+    pub(crate) fn image(&self) -> TokenImage {
+        let st = self.lock_state();
+        let objs = self.read_objects();
+        let mut objects: Vec<StoredObject> = objs
+            .values()
+            .filter(|o| o.owner.is_none())
+            .map(|o| StoredObject {
+                attrs: o
+                    .snapshot()
+                    .into_iter()
+                    .map(|(ty, v)| Attr { ty, value: Blob(v) })
+                    .collect(),
+                secret: o.secret.as_ref().map(|s| Secret::new(s.to_vec())),
+                uses: o.uses.load(Ordering::Relaxed),
+            })
+            .collect();
+        objects.sort_by_key(|o| o.attrs.len());
+        TokenImage {
+            label: st.label.clone(),
+            initialized: st.initialized,
+            so_pin: st.so_pin.clone(),
+            user_pin: st.user_pin.clone(),
+            so_failures: st.so_failures,
+            user_failures: st.user_failures,
+            objects,
+        }
+    }
+
     /// Writes the token image (token objects and PIN state) to disk.
     pub fn persist(&self) -> Result<(), Ckr> {
         let _g = self
             .persist_lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let image = {
-            let st = self.lock_state();
-            let objs = self.read_objects();
-            let mut objects: Vec<StoredObject> = objs
-                .values()
-                .filter(|o| o.owner.is_none())
-                .map(|o| StoredObject {
-                    attrs: o
-                        .snapshot()
-                        .into_iter()
-                        .map(|(ty, v)| Attr { ty, value: Blob(v) })
-                        .collect(),
-                    secret: o.secret.as_ref().map(|s| Secret::new(s.to_vec())),
-                    uses: o.uses.load(Ordering::Relaxed),
-                })
-                .collect();
-            objects.sort_by_key(|o| o.attrs.len());
-            TokenImage {
-                label: st.label.clone(),
-                initialized: st.initialized,
-                so_pin: st.so_pin.clone(),
-                user_pin: st.user_pin.clone(),
-                so_failures: st.so_failures,
-                user_failures: st.user_failures,
-                objects,
-            }
-        };
+        let image = self.image();
         let plain = zeroize::Zeroizing::new(to_bytes(&image));
         let mut nonce = [0u8; 12];
         rand::fill(&mut nonce).map_err(|_| Ckr(CKR_DEVICE_ERROR))?;

@@ -14,5 +14,6 @@ pub mod migrate;
 pub mod pki;
 pub mod recipient;
 pub mod tl;
+mod token;
 
 pub use error::Error;

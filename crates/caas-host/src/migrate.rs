@@ -11,15 +11,17 @@
 //!    confirmation only the attested TPM state can compute.
 //! 3. the workload's state in AEAD records (`POST /v1/agent/migrations/{id}/records`): its
 //!    description, τ and pk_DM, and for a VM qemu's live-migration stream (QMP `migrate` to
-//!    a pipe, `Agent::send_vm`); then the source destroys its crypto domain and sends the
-//!    commit and end records.
+//!    a pipe, `Agent::send_vm`) followed, once the guest stopped, by its VSM's token export
+//!    and transfer key ([`crate::token`]); then the source destroys its crypto domain and
+//!    sends the commit and end records.
 //!
 //! Target: the offer must come from the statement's source (the caller's certificate names
 //! it), be fresh, and its migration id unused (`migration_replayed`); its TPM opens the
 //! session secret and the workload's new DK_i (both under the bind key's PCR policy); the
 //! records must open in order under the session's key. A VM's qemu is started waiting for
 //! its state (`-incoming defer -S`) once the description and secrets are in, gets each
-//! record's bytes after it authenticated, and continues only after the end record
+//! record's bytes after it authenticated, its VSM imports the token for (vm, H2, migration
+//! id), and it continues only after the end record
 //! (`Agent::finish_incoming`); a process workload is started at the end
 //! (`Agent::resume_migrated`).
 //!
@@ -162,6 +164,8 @@ pub(crate) struct Incoming {
     dk: Zeroizing<Vec<u8>>,
     transfer: Option<WorkloadTransfer>,
     secrets: Option<DomainSecrets>,
+    /// A VM's VSM token was imported ([`crate::token`]; required before the commit).
+    token: bool,
     /// A VM's qemu waiting for its stream.
     vm: Option<crate::tl::IncomingVm>,
     committed: bool,
@@ -180,8 +184,10 @@ const IDLE: std::time::Duration = std::time::Duration::from_secs(600);
 pub(crate) struct MigrationState {
     incoming: std::sync::Mutex<HashMap<String, Incoming>>,
     /// Migration ids accepted (an id is accepted once; statements expire after
-    /// [`wire::FRESHNESS_MS`], so the set is pruned of expired ones).
-    seen: std::sync::Mutex<HashMap<String, u64>>,
+    /// [`wire::FRESHNESS_MS`], so the set is pruned of expired ones), persisted in
+    /// `STATE/migrations/seen.json` before an offer is accepted, so a restarted target
+    /// refuses an offer it accepted before; loaded at the first offer.
+    seen: std::sync::Mutex<Option<HashMap<String, u64>>>,
     /// Workloads this host is sending away (one migration at a time per workload).
     outgoing: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -304,6 +310,7 @@ impl Agent {
             )));
         }
         let migration_id = hex::encode(&st.migration_id);
+        let token_context = crate::token::migration_context(vm_id, &req.h2, &st.migration_id);
         timings.push(("TTP attests the target (statement)".to_string(), ms(t)));
         // 2. Session key bound to the target's attested bind key. Only now is the target
         // contacted.
@@ -341,6 +348,28 @@ impl Agent {
                 ));
             }
         }
+        // A VM's token as the guest left it (stopped now): exported by its VSM under a
+        // fresh transfer key, both sealed into the stream (channel domain), imported by
+        // the target's VSM before the guest continues there.
+        let token_record = if driver == "qemu" {
+            let t = Instant::now();
+            let token = match self.tl.vsm_control(vm_id).await {
+                Some(ctl) => crate::token::TokenTransfer::export(ctl, token_context).await,
+                None => Err(Error::Domain("the VSM has no control channel".into())),
+            };
+            let token = match token {
+                Ok(t) => t,
+                Err(e) => {
+                    // Nothing committed: the guest goes on here.
+                    self.continue_here(vm_id).await;
+                    return Err(e);
+                }
+            };
+            timings.push(("VSM token exported (guest stopped)".to_string(), ms(t)));
+            Some(sealer.data(Channel::Domain, token.to_bytes().expose())?)
+        } else {
+            None
+        };
         // 4. The source's crypto domain and its keys go (its volume proxies flush and
         // release the volumes); then the target takes over and becomes the single writer
         // (new epochs at the TTP). A VM's volumes are released first, then it is continued
@@ -365,7 +394,8 @@ impl Agent {
             ));
         }
         let t = Instant::now();
-        let mut last = sealer.data(Channel::Control, &proto::control(&Control::Commit))?;
+        let mut last = token_record.unwrap_or_default();
+        last.extend_from_slice(&sealer.data(Channel::Control, &proto::control(&Control::Commit))?);
         last.extend_from_slice(&sealer.finish()?);
         let ack = peer
             .request::<RecordsAck>("POST", &url, Some(last), &[])
@@ -397,6 +427,17 @@ impl Agent {
             endpoint: ack.endpoint,
             timings,
         })
+    }
+
+    /// Source: a VM whose migration is abandoned before the commit continues here.
+    async fn continue_here(&self, vm_id: &str) {
+        if let Some(qmp) = self.tl.workload_qmp(vm_id).await {
+            let _ = tokio::task::spawn_blocking(move || {
+                caas_workload::qmp::Qmp::connect(&qmp, std::time::Duration::from_secs(5))
+                    .and_then(|mut q| q.cont())
+            })
+            .await;
+        }
     }
 
     /// Source: qemu's live migration into the stream. qemu writes its migration stream
@@ -558,12 +599,24 @@ impl Agent {
                 .seen
                 .lock()
                 .map_err(|_| Error::Domain("migration state".into()))?;
+            let path = seen_path(&self.cfg.state_dir);
+            if seen.is_none() {
+                *seen = Some(load_seen(&path)?);
+            }
+            let seen = seen
+                .as_mut()
+                .ok_or_else(|| Error::Domain("migration state".into()))?;
             seen.retain(|_, t| now.saturating_sub(*t) <= 2 * wire::FRESHNESS_MS);
             if seen.insert(id.clone(), now).is_some() {
                 return Err(Error::Tl(caas_tl::Error::rejected(
                     "migration_replayed",
                     "this migration was already offered",
                 )));
+            }
+            // Durable before the offer is accepted (fail closed: no record, no accept).
+            if let Err(e) = store_seen(&path, seen) {
+                seen.remove(&id);
+                return Err(e);
             }
         }
         if self.tl.has_workload(&st.vm_id).await {
@@ -591,6 +644,7 @@ impl Agent {
             dk: Zeroizing::new(dk.expose().to_vec()),
             transfer: None,
             secrets: None,
+            token: false,
             vm: None,
             committed: false,
             records: 0,
@@ -740,7 +794,8 @@ impl Agent {
                         if m.transfer.is_some()
                             && m.secrets.is_some()
                             && m.transfer.as_ref().is_some_and(|t| t.driver != "qemu")
-                                == m.vm.is_none() =>
+                                == m.vm.is_none()
+                            && (m.vm.is_none() || m.token) =>
                     {
                         m.committed = true;
                     }
@@ -761,7 +816,25 @@ impl Agent {
                     }
                     m.secrets = Some(secrets);
                 }
-                Record::Data(Channel::Vm, b) if m.vm.is_some() && !m.committed => {
+                // A VM's token, after its stream (the guest stopped on the source).
+                Record::Data(Channel::Domain, b)
+                    if m.secrets.is_some() && m.vm.is_some() && !m.token && !m.committed =>
+                {
+                    let token = crate::token::TokenTransfer::parse(&b)?;
+                    let st = &m.statement;
+                    let ctl =
+                        self.tl.vsm_control(&st.vm_id).await.ok_or_else(|| {
+                            Error::Domain("the VSM has no control channel".into())
+                        })?;
+                    token
+                        .import(
+                            ctl,
+                            crate::token::migration_context(&st.vm_id, &st.h2, &st.migration_id),
+                        )
+                        .await?;
+                    m.token = true;
+                }
+                Record::Data(Channel::Vm, b) if m.vm.is_some() && !m.token && !m.committed => {
                     let tx = m.vm.as_ref().and_then(|v| v.tx.clone());
                     match tx {
                         Some(tx) if tx.send(b).await.is_ok() => {}
@@ -783,6 +856,36 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// Where a target keeps the migration ids it accepted.
+fn seen_path(state_dir: &std::path::Path) -> std::path::PathBuf {
+    state_dir.join("migrations").join("seen.json")
+}
+
+/// The accepted migration ids (id → when, ms). A missing file is an empty set; an
+/// unreadable one refuses every offer (fail closed) until the operator removes it.
+fn load_seen(path: &std::path::Path) -> Result<HashMap<String, u64>, Error> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+            Error::Domain(format!(
+                "the accepted migration ids ({}) are unreadable: {e}",
+                path.display()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashMap::new()),
+        Err(e) => Err(Error::io(format!("read {}", path.display()))(e)),
+    }
+}
+
+fn store_seen(path: &std::path::Path, seen: &HashMap<String, u64>) -> Result<(), Error> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).map_err(Error::io("create the migrations directory"))?;
+    }
+    let body =
+        serde_json::to_vec(seen).map_err(|e| Error::Domain(format!("migration ids: {e}")))?;
+    caas_crypto::fs::write_secret(path, &body, None)
+        .map_err(Error::io("store the accepted migration ids"))
 }
 
 /// Splits concatenated records into request bodies of at most [`BATCH`] bytes (records
@@ -808,4 +911,25 @@ fn split_batches(all: Vec<u8>) -> Vec<Vec<u8>> {
 
 fn ms(t: Instant) -> f64 {
     (t.elapsed().as_secs_f64() * 1e5).round() / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The accepted ids survive the agent (what a restarted target reads back), and a file
+    /// that does not parse refuses every offer instead of forgetting them.
+    #[test]
+    fn accepted_migration_ids_persist_and_a_corrupt_file_fails_closed() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(Error::io("tempdir"))?;
+        let path = seen_path(dir.path());
+        assert!(load_seen(&path)?.is_empty());
+        let mut seen = HashMap::new();
+        seen.insert("ab".repeat(32), 1_700_000_000_000u64);
+        store_seen(&path, &seen)?;
+        assert_eq!(load_seen(&path)?, seen);
+        std::fs::write(&path, b"{not json").map_err(Error::io("write"))?;
+        assert!(load_seen(&path).is_err());
+        Ok(())
+    }
 }

@@ -161,6 +161,8 @@ impl RevocationState {
 struct Proc {
     what: &'static str,
     child: ProcChild,
+    /// The VSM's control channel (token export/import, [`crate::token`]).
+    control: Option<crate::token::VsmControl>,
 }
 
 #[derive(Debug)]
@@ -174,6 +176,7 @@ impl Proc {
         Self {
             what,
             child: ProcChild::Plain(child),
+            control: None,
         }
     }
 
@@ -327,6 +330,11 @@ impl Workload {
         self.procs.clear();
         zeroize::Zeroize::zeroize(&mut *self.dk);
         zeroize::Zeroize::zeroize(&mut *self.tau);
+    }
+
+    /// Its VSM's control channel.
+    fn vsm_control(&self) -> Option<crate::token::VsmControl> {
+        self.procs.iter().find_map(|p| p.control.clone())
     }
 
     fn view(&self) -> WorkloadView {
@@ -531,6 +539,11 @@ impl TlHost {
             ProcChild::Workload(h) => h.qmp_path().map(Path::to_path_buf),
             ProcChild::Plain(_) => None,
         })
+    }
+
+    /// The VSM control channel of `vm_id`'s crypto domain.
+    pub(crate) async fn vsm_control(&self, vm_id: &str) -> Option<crate::token::VsmControl> {
+        self.workloads.lock().await.get(vm_id)?.vsm_control()
     }
 
     /// Whether a workload `vm_id` runs here.
@@ -960,6 +973,7 @@ async fn prestart(
             "domc",
             "serve",
             "--ephemeral-key",
+            "--control-stdio",
             "--socket-mode",
             "666",
             "--run-as",
@@ -980,11 +994,22 @@ async fn prestart(
                 .arg("--tls-client-ca")
                 .arg(&n.files.ca);
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null());
-        let child = cmd
+        // Its control channel: pipes only the agent holds.
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let mut child = cmd
             .spawn()
             .map_err(Error::io("start the VSM crypto domain"))?;
-        Ok::<_, Error>(Proc::plain("vsm", child))
+        let control = match (child.stdin.take(), child.stdout.take()) {
+            (Some(to), Some(from)) => caas_domc::transfer::Control::new(to, from),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Domain("the VSM has no control channel".into()));
+            }
+        };
+        let mut p = Proc::plain("vsm", child);
+        p.control = Some(std::sync::Arc::new(std::sync::Mutex::new(control)));
+        Ok::<_, Error>(p)
     })();
     let mut vsm = match vsm {
         Ok(v) => v,
@@ -1178,6 +1203,7 @@ async fn start_workload(
             Proc {
                 what: "workload",
                 child: ProcChild::Workload(handle),
+                control: None,
             },
             addr.to_string(),
         ));
@@ -1191,6 +1217,7 @@ async fn start_workload(
     let mut p = Proc {
         what: "workload",
         child: ProcChild::Workload(handle),
+        control: None,
     };
     // The workload has read its PIN and τ: neither stays on the host's disk.
     let _ = std::fs::remove_file(dir.join("user.pin"));
@@ -1690,15 +1717,26 @@ impl Agent {
         caas_tl::dm::SealedDomc::parse(&sealed_cfg)?.check_owner(&st.h2)?;
         let image = TlHost::image_dir(&self.tl.storage, &call.image_id).join("image.caasvol");
         let ip = image.clone();
-        let (h1, cfg) = tokio::join!(
+        let id = self.tl.ids.allocate_launch()?;
+        let dir = self.fresh_dirs(&call.vm_id, &id)?;
+        // The crypto domain's processes start (unkeyed) while the TPM opens the
+        // configuration and the image is hashed, as at launch.
+        let (h1, cfg, pre) = tokio::join!(
             async {
                 tokio::task::spawn_blocking(move || sha256_file(&ip))
                     .await
                     .map_err(|e| Error::Domain(format!("hash task: {e}")))?
             },
-            self.open_config(&call.image_id, secrets.pk_dm(), &sealed_cfg)
+            self.open_config(&call.image_id, secrets.pk_dm(), &sealed_cfg),
+            prestart(&dir.domain, &image, true, Ids::of(&id), None)
         );
-        let (h1, cfg) = (h1?, cfg?);
+        let mut pre = match pre {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir.root);
+                return Err(e);
+            }
+        };
         let owner = caas_tl::wire::M2 {
             tau: Vec::new(),
             h1: String::new(),
@@ -1706,12 +1744,22 @@ impl Agent {
             dk: Vec::new(),
             vm_id: st.vm_id.clone(),
         };
-        sc::check_config(&cfg, &owner, &h1)?;
+        let cfg = match (h1, cfg) {
+            (Ok(h1), Ok(cfg)) => sc::check_config(&cfg, &owner, &h1)
+                .map(|()| cfg)
+                .map_err(Error::from),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        let cfg = match cfg {
+            Ok(c) => c,
+            Err(e) => {
+                pre.abort();
+                let _ = std::fs::remove_dir_all(&dir.root);
+                return Err(e);
+            }
+        };
         timings.push(("open crypto-domain config (TPM), H1".to_string(), ms(start)));
         let t0 = Instant::now();
-        let id = self.tl.ids.allocate_launch()?;
-        let dir = self.fresh_dirs(&call.vm_id, &id)?;
-        let pre = prestart(&dir.domain, &image, true, Ids::of(&id), None).await?;
         let procs = finish_domain(pre, &cfg).await?;
         timings.push(("crypto domain keyed (k, token)".to_string(), ms(t0)));
         Ok((call, cfg, dir, procs, id, timings))
@@ -2552,6 +2600,10 @@ struct DomainState {
     /// TTP under the resumed session; their epoch anchors refuse a rolled-back volume).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     volumes: Vec<(String, String)>,
+    /// A second section follows with the VSM's token export and its transfer key
+    /// ([`crate::token`]).
+    #[serde(default)]
+    token: bool,
 }
 
 /// Result of a suspend (no key, no plaintext state).
@@ -2680,6 +2732,7 @@ impl Agent {
             sp,
             h1: hex::encode(h1),
             volumes,
+            token: false,
         };
         // The workload leaves the table while its state is saved (no concurrent stop).
         let mut w = self
@@ -2698,6 +2751,9 @@ impl Agent {
         let t = Instant::now();
         let header = caas_workload::state::StateHeader::new(vm_id, &h2, grant.counter)
             .map_err(state_refused)?;
+        let vsm = w.vsm_control();
+        let token_context =
+            crate::token::suspend_context(vm_id, &h2, grant.counter, &header.stream_id);
         let dir = object
             .parent()
             .map(Path::to_path_buf)
@@ -2726,8 +2782,24 @@ impl Agent {
                         &header,
                     )
                     .map_err(state_refused)?;
+                    // The guest stops first, so its VSM's token is exported as the guest
+                    // left it (token objects made after launch travel), sealed under a
+                    // fresh transfer key that goes only into this K_s-encrypted state.
+                    q.stop().map_err(|e| Error::Domain(format!("qemu: {e}")))?;
+                    let token = vsm
+                        .as_ref()
+                        .map(|c| crate::token::TokenTransfer::export_blocking(c, &token_context))
+                        .transpose()?;
+                    let domain = DomainState {
+                        token: token.is_some(),
+                        ..domain
+                    };
                     let ds = wire::to_bytes(&domain);
                     wr.write_domain_state(&ds).map_err(state_refused)?;
+                    if let Some(token) = &token {
+                        wr.write_domain_state(token.to_bytes().expose())
+                            .map_err(state_refused)?;
+                    }
                     let t =
                         caas_workload::suspend::save_vm(&mut q, &mut wr, Duration::from_secs(120))
                             .map_err(suspend_err)?;
@@ -2867,6 +2939,8 @@ impl Agent {
             "state key from the TTP (quote, TPM unseal)".to_string(),
             ms(t),
         ));
+        let token_context =
+            crate::token::suspend_context(vm_id, &header.h2, header.counter, &header.stream_id);
         let mut reader = caas_workload::state::StateReader::new(
             std::io::BufReader::new(file),
             header,
@@ -2884,6 +2958,12 @@ impl Agent {
                 "owner or profile differ from the TTP's record".into(),
             )));
         }
+        let token = if domain.token {
+            let b = reader.read_domain_state().map_err(state_refused)?;
+            Some(crate::token::TokenTransfer::parse(b.expose())?)
+        } else {
+            None
+        };
         // k and the token's PINs from the configuration sealed to THIS host (Algorithm 1),
         // owned by the same DM, for the same upload of the image.
         let t = Instant::now();
@@ -2992,6 +3072,21 @@ impl Agent {
                 ms(t),
             ));
         }
+        // The token as the guest left it, into the new VSM before qemu connects to it: only
+        // an export made for THIS saved state (workload, counter, stream id) is accepted.
+        if let Some(token) = token {
+            let t = Instant::now();
+            let imported = match w.vsm_control() {
+                Some(ctl) => token.import(ctl, token_context).await,
+                None => Err(Error::Domain("the VSM has no control channel".into())),
+            };
+            if let Err(e) = imported {
+                w.stop();
+                let _ = std::fs::remove_dir_all(&w.dirs.root);
+                return Err(e);
+            }
+            timings.push(("VSM token imported".to_string(), ms(t)));
+        }
         let uris = w.volumes.iter().map(|v| v.uri.clone()).collect();
         match restore_workload(vm_id, &dir, &disk, &vsm_socket, run_as, uris, reader).await {
             Ok((proc, endpoint, stream)) => {
@@ -3085,6 +3180,7 @@ async fn restore_workload(
     let mut p = Proc {
         what: "workload",
         child: ProcChild::Workload(handle),
+        control: None,
     };
     match (r, addr) {
         (Ok(t), Some(a)) => Ok((p, a.to_string(), t.stream_bytes)),

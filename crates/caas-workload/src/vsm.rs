@@ -1,7 +1,8 @@
 //! Signing inside the tenant's crypto domain (VSM) from the workload: log in with the user
-//! PIN, generate an ECDSA P-256 key pair as session objects (they live as long as the
-//! workload's VSM session and never leave the crypto domain), and sign with
-//! `CKM_ECDSA_SHA256`. The DM verifies with the returned public point
+//! PIN, find the workload's ECDSA P-256 key pair (token objects with `CKA_ID` =
+//! `caas-workload`) or generate it at the first use after launch (its private key never
+//! leaves the crypto domain; it travels with the token when the workload is suspended or
+//! migrated, `docs/suspend-migrate.md`), and sign with `CKM_ECDSA_SHA256`. The DM verifies with the returned public point
 //! ([`verify_vsm_signature`]). Inside a VM the agent reaches the crypto domain either with
 //! its own client over the virtio-serial port ([`VsmEndpoint::Virtio`]) or through the
 //! tenant's PKCS#11 module loaded like any application loads it ([`VsmEndpoint::Pkcs11`],
@@ -12,14 +13,15 @@ use caas_domc::client::Client;
 use caas_domc::{Ckr, Error as DomcError};
 use caas_vsm_proto::{Attr, AttrValue, Blob, Body, MechParam, Mechanism, Request, Secret, attr};
 use cryptoki_sys::{
-    CKA_EC_PARAMS, CKA_EC_POINT, CKA_LABEL, CKA_SIGN, CKA_VERIFY, CKF_RW_SESSION,
-    CKF_SERIAL_SESSION, CKM_EC_KEY_PAIR_GEN, CKM_ECDSA_SHA256, CKR_DEVICE_ERROR, CKU_USER,
+    CKA_CLASS, CKA_EC_PARAMS, CKA_EC_POINT, CKA_ID, CKA_LABEL, CKA_SIGN, CKA_TOKEN, CKA_VERIFY,
+    CKF_RW_SESSION, CKF_SERIAL_SESSION, CKM_EC_KEY_PAIR_GEN, CKM_ECDSA_SHA256, CKO_PRIVATE_KEY,
+    CKO_PUBLIC_KEY, CKR_DEVICE_ERROR, CKU_USER,
 };
 use std::path::{Path, PathBuf};
 
 /// Mechanism name reported with the signature.
 pub const VSM_MECHANISM: &str = "CKM_ECDSA_SHA256";
-/// Label of the workload's key pair in the token.
+/// Label and CKA_ID of the workload's key pair in the token.
 const KEY_LABEL: &[u8] = b"caas-workload";
 /// Largest signature we accept back (P-256 raw r‖s is 64 bytes).
 const SIG_CAP: u64 = 256;
@@ -124,17 +126,42 @@ impl ModuleSigner {
                 Some(&cryptoki::types::AuthPin::new(pin.into())),
             )
             .map_err(p11)?;
-        let (public, private) = session
-            .generate_key_pair(
-                &M::EccKeyPairGen,
-                &[
-                    Attribute::EcParams(caas_domc::der::OID_P256.to_vec()),
-                    Attribute::Label(KEY_LABEL.to_vec()),
-                    Attribute::Verify(true),
-                ],
-                &[Attribute::Label(KEY_LABEL.to_vec()), Attribute::Sign(true)],
-            )
-            .map_err(p11)?;
+        let find = |class| -> Result<Option<cryptoki::object::ObjectHandle>> {
+            Ok(session
+                .find_objects(&[
+                    Attribute::Class(class),
+                    Attribute::Id(KEY_LABEL.to_vec()),
+                    Attribute::Token(true),
+                ])
+                .map_err(p11)?
+                .into_iter()
+                .next())
+        };
+        use cryptoki::object::ObjectClass;
+        let (public, private) = match (
+            find(ObjectClass::PUBLIC_KEY)?,
+            find(ObjectClass::PRIVATE_KEY)?,
+        ) {
+            (Some(public), Some(private)) => (public, private),
+            _ => session
+                .generate_key_pair(
+                    &M::EccKeyPairGen,
+                    &[
+                        Attribute::EcParams(caas_domc::der::OID_P256.to_vec()),
+                        Attribute::Label(KEY_LABEL.to_vec()),
+                        Attribute::Id(KEY_LABEL.to_vec()),
+                        Attribute::Token(true),
+                        Attribute::Verify(true),
+                    ],
+                    &[
+                        Attribute::Label(KEY_LABEL.to_vec()),
+                        Attribute::Id(KEY_LABEL.to_vec()),
+                        Attribute::Token(true),
+                        Attribute::Sign(true),
+                    ],
+                )
+                .map_err(p11)?,
+        };
         let point = match session
             .get_attributes(public, &[AttributeType::EcPoint])
             .map_err(p11)?
@@ -232,24 +259,48 @@ impl VsmSigner {
             pin: Secret::new(self.pin.expose().to_vec()),
         })?;
         let a = |ty, v: Vec<u8>| Attr { ty, value: Blob(v) };
-        let (public, private) = match client.call(Request::GenerateKeyPair {
-            session,
-            mechanism: Mechanism {
-                mechanism: CKM_EC_KEY_PAIR_GEN,
-                param: MechParam::None {},
+        let mut find = |class: u64| -> Result<Option<u64>> {
+            client.call(Request::FindObjectsInit {
+                session,
+                template: vec![
+                    a(CKA_CLASS, attr::ulong(class)),
+                    a(CKA_ID, KEY_LABEL.to_vec()),
+                    a(CKA_TOKEN, attr::boolean(true)),
+                ],
+            })?;
+            let found = client.call(Request::FindObjects { session, max: 1 })?;
+            client.call(Request::FindObjectsFinal { session })?;
+            match found {
+                Body::Ulongs { values } => Ok(values.first().copied()),
+                _ => Err(unexpected()),
+            }
+        };
+        let found = (find(CKO_PUBLIC_KEY)?, find(CKO_PRIVATE_KEY)?);
+        let (public, private) = match found {
+            (Some(public), Some(private)) => (public, private),
+            _ => match client.call(Request::GenerateKeyPair {
+                session,
+                mechanism: Mechanism {
+                    mechanism: CKM_EC_KEY_PAIR_GEN,
+                    param: MechParam::None {},
+                },
+                public_template: vec![
+                    a(CKA_EC_PARAMS, caas_domc::der::OID_P256.to_vec()),
+                    a(CKA_LABEL, KEY_LABEL.to_vec()),
+                    a(CKA_ID, KEY_LABEL.to_vec()),
+                    a(CKA_TOKEN, attr::boolean(true)),
+                    a(CKA_VERIFY, attr::boolean(true)),
+                ],
+                private_template: vec![
+                    a(CKA_LABEL, KEY_LABEL.to_vec()),
+                    a(CKA_ID, KEY_LABEL.to_vec()),
+                    a(CKA_TOKEN, attr::boolean(true)),
+                    a(CKA_SIGN, attr::boolean(true)),
+                ],
+            })? {
+                Body::KeyPair { public, private } => (public, private),
+                _ => return Err(unexpected()),
             },
-            public_template: vec![
-                a(CKA_EC_PARAMS, caas_domc::der::OID_P256.to_vec()),
-                a(CKA_LABEL, KEY_LABEL.to_vec()),
-                a(CKA_VERIFY, attr::boolean(true)),
-            ],
-            private_template: vec![
-                a(CKA_LABEL, KEY_LABEL.to_vec()),
-                a(CKA_SIGN, attr::boolean(true)),
-            ],
-        })? {
-            Body::KeyPair { public, private } => (public, private),
-            _ => return Err(unexpected()),
         };
         let point = match client.call(Request::GetAttributeValue {
             session,
@@ -294,7 +345,8 @@ impl VsmSigner {
     }
 
     /// Signs `msg` in the crypto domain; returns (signature r‖s, public point). After a
-    /// failure (e.g. the crypto domain restarted) it reconnects once with a fresh key pair.
+    /// failure (e.g. the crypto domain was replaced by a resume or a migration) it
+    /// reconnects and finds its key pair again in the token (or makes one).
     pub fn sign(&mut self, msg: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
         if let Some(m) = &self.module {
             let first = m.sign(msg);
@@ -306,7 +358,7 @@ impl VsmSigner {
             }
             // The crypto domain was restarted or replaced (a VM migrated to another host
             // gets a new one): its sessions are gone. Finalize, initialize again, log in and
-            // make a fresh key pair; the host side of the port may still be reconnecting
+            // find the key pair in the token that travelled with it; the host side of the port may still be reconnecting
             // (qemu's chardev retries every second), so a few attempts over ~3 s.
             self.module = None;
             let path = path.clone();

@@ -399,6 +399,23 @@ fn relay(c: &Cloud, target_url: &str, tamper: Tamper) -> Relay {
     }
 }
 
+/// Records of `op` with CK_RV `rv` in the audit logs of the crypto domains under `dir`
+/// (links checked: a launched VSM's key is ephemeral).
+fn vsm_audit_count(dir: &std::path::Path, op: &str, rv: &str) -> usize {
+    let mut files = Vec::new();
+    find_files(dir, "domc/audit.log", &mut files);
+    files
+        .iter()
+        .map(|p| {
+            caas_domc::audit::verify_links_only(p)
+                .unwrap_or_default()
+                .iter()
+                .filter(|e| e.op == op && e.rv == rv)
+                .count()
+        })
+        .sum()
+}
+
 /// The VM record the tenant keeps (τ, host, endpoint).
 fn vm_record(c: &Cloud) -> Value {
     serde_json::from_slice(&std::fs::read(c.root.join("alice/vms/vm1.json")).unwrap()).unwrap()
@@ -507,8 +524,23 @@ fn real_vm_live_migrates_to_attested_host() {
     // target's crypto domain.
     let after = connect_ok(&c);
     assert_eq!(after["disk_sha256"], before["disk_sha256"], "{after}");
-    // The VSM answers on the target (the target's crypto domain, over virtio-serial).
+    // The VSM answers on the target (the target's crypto domain, over virtio-serial) with
+    // the key pair the guest made in its VSM after launch: the token travelled in the
+    // stream, the same key signs, verified under the public key read before.
     verify_vsm(&after, &disk);
+    assert_eq!(
+        after["vsm"]["public_point"], before["vsm"]["public_point"],
+        "the guest's VSM key did not travel: {after}"
+    );
+    assert_eq!(
+        vsm_audit_count(&c.root.join("dev/hosts/host-2"), "TokenImport", "0x0"),
+        1,
+        "the target's VSM audits the token import"
+    );
+    assert!(
+        r["timings"].to_string().contains("VSM token exported"),
+        "{r}"
+    );
     assert!(c.agent_audit_has("host-1", "MigrateWorkload", "ok"));
     assert!(c.agent_audit_has("host-2", "MigrationRecords", "ok"));
     assert!(c.ks_audit_has("TlMigrate", "Success"));
@@ -663,6 +695,66 @@ fn replayed_migration_offer_and_stream_are_refused() {
     }
     assert!(c.agent_audit_has("host-2", "MigrationRecords", "no_migration"));
     assert_eq!(c.workloads("host-2"), vec!["vm1".to_string()]);
+}
+
+/// Migration ids outlive the target agent: an offer replayed to the target after it
+/// restarted (the statement still fresh) is refused, audited.
+#[test]
+fn restarted_target_refuses_a_replayed_migration_offer() {
+    let mut c = Cloud::start();
+    c.launch_vm1();
+    let relay = relay(&c, &c.agent("host-2"), Tamper::None);
+    c.migrate("vm1", "host-1", "host-2", &relay.url).unwrap();
+    let offer = relay.seen.lock().unwrap().offers[0].clone();
+    // The whole deployment restarts (agents, key service): the target's memory is gone,
+    // its state directory stays.
+    c.dev.stop();
+    let restarted = Dev::start_with(
+        &c.root.join("dev"),
+        "127.0.0.1:0",
+        &["--hosts", "2", "--attest-secs", "3600"],
+    );
+    // The stopped one is not dropped: its drop would clean up the deployment's directory's
+    // processes, the new ones included.
+    std::mem::forget(std::mem::replace(&mut c.dev, restarted));
+    // The agents come up after the key service (they enroll with it).
+    let t = std::time::Instant::now();
+    let listed = loop {
+        c.dev.env = read_env(&c.root.join("dev"));
+        let r = c.call(
+            "GET",
+            &format!("{}/v1/agent/workloads", c.agent("host-2")),
+            None,
+        );
+        if r.is_ok() || t.elapsed() > std::time::Duration::from_secs(120) {
+            break r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let log = std::fs::read_to_string(c.root.join("dev/test-dev.log")).unwrap_or_default();
+    assert_eq!(
+        listed.unwrap_or_else(|e| panic!("host-2's agent is back: {e:?}\n{log}")),
+        json!([]),
+        "the workload does not survive the restart"
+    );
+    let as_source = tls_client(
+        &c.pki.ca_file(),
+        Some(c.pki.issue("host-1", &[caas_tls::Role::Host], &[]).unwrap()),
+    );
+    let r = http_call(
+        &c.rt,
+        &as_source,
+        "POST",
+        &format!("{}/v1/agent/migrations", c.agent("host-2")),
+        Some(&offer),
+    );
+    assert_refused(
+        &r,
+        "migration_replayed",
+        "offer replayed to a restarted target",
+    );
+    assert!(c.agent_audit_has("host-2", "AcceptMigration", "migration_replayed"));
+    assert!(c.workloads("host-2").is_empty());
 }
 
 #[test]

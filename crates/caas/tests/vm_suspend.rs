@@ -5,7 +5,10 @@
 //! suspend|resume`, as a compromised management would) into an
 //! encrypted saved state in the (attacker-writable) storage, and resumed on host-2: the
 //! counter the guest keeps continues where it stopped, and the guest still holds τ (the
-//! tenant's PSK check succeeds on the new host; a rebooted guest would have no τ). Refused,
+//! tenant's PSK check succeeds on the new host; a rebooted guest would have no τ), and the
+//! key pair the guest made in its VSM after launch (a token object) signs there, verified
+//! with the public key the tenant read before the suspend (the VSM's token travelled,
+//! imported by host-2's VSM and audited there). Refused,
 //! each with an audit record in the agent's log and the TTP's chain: a tampered and a
 //! truncated saved state, a replayed older one, a resume on a host outside the workload's
 //! profile and on an untrusted host. No management answer carries a key or plaintext state.
@@ -115,6 +118,55 @@ fn wait_counter_past(root: &Path, host: &str, n: u64) -> Vec<u64> {
     }
 }
 
+/// The tenant's check of the guest (`caas tenant connect`): τ, the DM's challenge, and a
+/// signature by the guest's VSM key, which the tenant verifies; returns the report.
+fn tenant_check(root: &Path, dev: &Dev) -> Value {
+    let out = tenant(root, dev, &["connect", "--vm", "vm1"]);
+    let v: Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    let nonce: [u8; 32] = B64
+        .decode(v["nonce"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let disk: [u8; 32] = hex::decode(v["disk_sha256"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let point = B64
+        .decode(v["vsm"]["public_point"].as_str().expect("a VSM signature"))
+        .unwrap();
+    let sig = B64.decode(v["vsm"]["signature"].as_str().unwrap()).unwrap();
+    caas_workload::vsm::verify_vsm_signature(
+        &point,
+        &caas_workload::proto::vsm_message("vm1", &nonce, &disk),
+        &sig,
+    )
+    .expect("the tenant verifies the VSM signature");
+    v
+}
+
+/// Records of `op` with CK_RV `rv` in the audit logs of the crypto domains under `dir`
+/// (links checked: a launched VSM's key is ephemeral).
+fn vsm_audit_count(dir: &Path, op: &str, rv: &str) -> usize {
+    let mut n = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.ends_with("domc/audit.log") {
+                n += caas_domc::audit::verify_links_only(&p)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|e| e.op == op && e.rv == rv)
+                    .count();
+            }
+        }
+    }
+    n
+}
+
 #[test]
 fn suspended_vm_resumes_on_the_other_host_and_attacks_on_its_state_are_refused() {
     let t0 = Instant::now();
@@ -142,6 +194,8 @@ fn suspended_vm_resumes_on_the_other_host_and_attacks_on_its_state_are_refused()
         serde_json::from_slice(&std::fs::read(root.join("alice/vms/vm1.json")).unwrap()).unwrap();
     let tau = caas_crypto::SecretBytes::new(B64.decode(rec["tau"].as_str().unwrap()).unwrap());
     wait_counter_past(&root, "host-1", 3);
+    // The guest made its key pair in its VSM (a token object) after launch.
+    let key_before = tenant_check(&root, &dev)["vsm"]["public_point"].clone();
 
     // Suspend on host-1: the answer names the object and the counter, nothing secret. The
     // agent removes the VM's run directory (and its serial log) after the suspend: a
@@ -263,6 +317,18 @@ fn suspended_vm_resumes_on_the_other_host_and_attacks_on_its_state_are_refused()
     let addr: std::net::SocketAddr = v["workload"]["endpoint"].as_str().unwrap().parse().unwrap();
     caas_workload::psk::connect(std::net::TcpStream::connect(addr).unwrap(), "vm1", &tau)
         .expect("the resumed guest still holds τ");
+    // The VSM's token travelled: the same key signs on host-2 (found by its CKA_ID by the
+    // guest's PKCS#11 user), verified under the public key read before the suspend.
+    let resumed = tenant_check(&root, &dev);
+    assert_eq!(
+        resumed["vsm"]["public_point"], key_before,
+        "the guest's VSM key did not survive the suspend: {resumed}"
+    );
+    assert_eq!(
+        vsm_audit_count(&root.join("dev/hosts/host-2"), "TokenImport", "0x0"),
+        1,
+        "host-2's VSM audits the token import"
+    );
 
     // Replay: suspend again (counter 2), then put the older state back: refused.
     let (ok, out) = host_cmd(&dev, "suspend", "vm1", "host-2");
