@@ -12,7 +12,7 @@
 //! 3. the workload's state in AEAD records (`POST /v1/agent/migrations/{id}/records`): its
 //!    description, τ and pk_DM, and for a VM qemu's live-migration stream (QMP `migrate` to
 //!    a pipe, `Agent::send_vm`) followed, once the guest stopped, by its VSM's token export
-//!    and transfer key ([`crate::token`]); then the source destroys its crypto domain and
+//!    and transfer key (`crate::token`); then the source destroys its crypto domain and
 //!    sends the commit and end records.
 //!
 //! Target: the offer must come from the statement's source (the caller's certificate names

@@ -1014,7 +1014,7 @@ pub enum DeferredState {
 /// A volume served before it is opened (the Secure Device Proxy's deferred open, for a
 /// migration's or a resume's target): the NBD handshake is answered with the size and
 /// read-only flag given here, while the volume itself is opened and locked (single writer)
-/// only when the caller says so ([`Deferred::set`]) — after the previous writer released it.
+/// only when the caller says so ([`DeferredOpen::open`]) — after the previous writer released it.
 /// Until then every request waits, at most `wait`; then it fails (EIO). No request reads
 /// the store before the open authenticated it, and none writes before the lock is held.
 #[derive(Debug)]

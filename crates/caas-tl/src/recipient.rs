@@ -2,7 +2,7 @@
 //! KMS's `Recipient` (`docs/recipient.md`). Pure Rust, no TPM access: the host agent makes
 //! the TPM parts ([`binding`] is what its quote and its TPM2_Certify carry), the key
 //! service checks a [`Document`] with [`verify`] and seals the secret with [`seal`], the
-//! host's tool opens it with the TPM and [`open`].
+//! host agent opens it inside its TPM (`caas_host::recipient`).
 //!
 //! The document (version 1) is JSON with base64 byte fields:
 //! `{"format": "caas-recipient-attestation", "version": 1, "host", "nonce", "ak_public",
