@@ -121,7 +121,7 @@ fn real_vm_boots_encrypted_image_through_crypto_domain_and_signs_over_virtio_ser
     assert!(out.contains("\"vm_id\": \"vm1\""), "{out}");
 
     // qemu boots the whole disk from the crypto domain's NBD export: no image file, no key.
-    let args = qemu_cmdline("vm1").expect("the VM's qemu process");
+    let args = qemu_cmdline(&root, "vm1").expect("the VM's qemu process");
     let drives: Vec<&String> = args
         .windows(2)
         .filter(|w| w[0] == "-drive")

@@ -217,7 +217,10 @@ fn vm_with_a_volume_resumes_on_the_other_host_and_its_disk_sequence_continues() 
     let t = Instant::now();
     let out = tenant(&c.root, &c.dev, &["suspend", "--vm", "vm1"]);
     eprintln!("suspend with a volume: {:?}\n{out}", t.elapsed());
-    assert!(qemu_cmdline("vm1").is_none(), "the VM runs after suspend");
+    assert!(
+        qemu_cmdline(&c.root, "vm1").is_none(),
+        "the VM runs after suspend"
+    );
     assert_ciphertext_only(&c.volume_file());
 
     let t = Instant::now();
@@ -252,7 +255,7 @@ fn vm_with_a_volume_resumes_on_the_other_host_and_its_disk_sequence_continues() 
     assert!(out.1.contains("volume_rollback"), "{}", out.1);
     assert!(c.agent_audit_has("host-1", "ResumeWorkload", "volume_rollback"));
     assert!(
-        qemu_cmdline("vm1").is_none(),
+        qemu_cmdline(&c.root, "vm1").is_none(),
         "a VM runs on a rolled-back volume"
     );
     // The storage puts the real volume back: the resume goes through, the chain goes on.

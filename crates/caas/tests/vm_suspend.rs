@@ -92,10 +92,10 @@ fn refused(out: &(bool, String), code: &str, what: &str) {
 }
 
 /// `None` once no qemu of vm1 runs (within `t`), else its command line.
-fn no_vm_within(t: Duration) -> Option<Vec<String>> {
+fn no_vm_within(root: &Path, t: Duration) -> Option<Vec<String>> {
     let start = Instant::now();
     loop {
-        let q = qemu_cmdline("vm1");
+        let q = qemu_cmdline(root, "vm1");
         if q.is_none() || start.elapsed() > t {
             return q;
         }
@@ -233,7 +233,7 @@ fn suspended_vm_resumes_on_the_other_host_and_attacks_on_its_state_are_refused()
         );
     }
     assert!(
-        qemu_cmdline("vm1").is_none(),
+        qemu_cmdline(&root, "vm1").is_none(),
         "the VM still runs after suspend"
     );
     let object = storage.join("states/vm1.state");
@@ -266,7 +266,7 @@ fn suspended_vm_resumes_on_the_other_host_and_attacks_on_its_state_are_refused()
         "tampered saved state",
     );
     assert_eq!(
-        no_vm_within(Duration::from_secs(5)),
+        no_vm_within(&root, Duration::from_secs(5)),
         None,
         "a VM runs on a tampered state"
     );

@@ -76,16 +76,22 @@ pub fn tenant(root: &Path, dev: &Dev, args: &[&str]) -> String {
     text
 }
 
-/// The command line of the qemu process whose `-name` is `guest=VM`.
-pub fn qemu_cmdline(vm: &str) -> Option<Vec<String>> {
+/// The command line of the qemu process whose `-name` is `guest=VM` and that belongs to the
+/// deployment under `root` (an argument names a path under it: tests run in parallel and
+/// each names its VM `vm1`).
+pub fn qemu_cmdline(root: &Path, vm: &str) -> Option<Vec<String>> {
     let want = format!("guest={vm}");
+    let root = root.to_string_lossy().into_owned();
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let raw = std::fs::read(e.path().join("cmdline")).ok()?;
         let args: Vec<String> = raw
             .split(|&b| b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        (args.first()?.contains("qemu-system") && args.contains(&want)).then_some(args)
+        (args.first()?.contains("qemu-system")
+            && args.contains(&want)
+            && args.iter().any(|a| a.contains(&root)))
+        .then_some(args)
     })
 }
 
