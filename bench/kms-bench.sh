@@ -147,7 +147,7 @@ value = [
     {"tag": "CryptographicParameters", "type": "Structure",
      "value": [{"tag": "BlockCipherMode", "type": "Enumeration", "value": "GCM"}]},
     {"tag": "Data", "type": "ByteString", "value": find("Data")},
-    {"tag": "IvCounterNonce", "type": "ByteString", "value": find("IvCounterNonce", "IVCounterNonce")},
+    {"tag": "IVCounterNonce", "type": "ByteString", "value": find("IVCounterNonce", "IvCounterNonce")},
     {"tag": "AuthenticatedEncryptionTag", "type": "ByteString", "value": find("AuthenticatedEncryptionTag")},
 ]
 print(json.dumps({"tag": "Decrypt", "type": "Structure", "value": value}))
