@@ -14,6 +14,9 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+mod inproc;
+use inproc::call;
+
 struct Domain {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
@@ -598,23 +601,6 @@ fn params(d: &Domain, n: usize) -> KmsParams {
             genesis: d.genesis,
         }),
         audit_durability: Default::default(),
-    }
-}
-
-async fn call(kms: &Kms, who: &Caller, op: &str, body: Value) -> Result<Value, (u16, Value)> {
-    let (status, text) = kms
-        .handle(
-            who.clone(),
-            &format!("TrentService.{op}"),
-            body.to_string().as_bytes(),
-            uuid::Uuid::new_v4().to_string(),
-        )
-        .await;
-    let v: Value = serde_json::from_str(&text).unwrap();
-    if status == 200 {
-        Ok(v)
-    } else {
-        Err((status, v))
     }
 }
 

@@ -2,16 +2,14 @@
 //! deletion and automatic rotation when due, domain-key rotation with EKT re-wrapping,
 //! tenancy between accounts, and no secret in trace-level logs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-use base64::Engine as _;
-use caas_kms::{Caller, Kms, KmsParams};
-use serde_json::{Value, json};
+use caas_kms::{Kms, KmsParams};
+use serde_json::json;
 use std::sync::{Arc, Mutex};
 
-const DAY: i64 = 86_400_000;
+mod inproc;
+use inproc::{b64, call, code, tenant};
 
-fn b64(b: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(b)
-}
+const DAY: i64 = 86_400_000;
 
 async fn open(dir: &std::path::Path) -> Arc<Kms> {
     Kms::open(&KmsParams {
@@ -25,37 +23,6 @@ async fn open(dir: &std::path::Path) -> Arc<Kms> {
     })
     .await
     .unwrap()
-}
-
-async fn tenant(kms: &Kms, name: &str) -> Caller {
-    let account = kms.create_account(name).await.unwrap();
-    Caller {
-        principal: format!("arn:aws:iam::{account}:user/{name}"),
-        account,
-        access_key_id: "AKIATEST".into(),
-        kind: caas_kms::operator::CallerKind::Tenant,
-    }
-}
-
-async fn call(kms: &Kms, who: &Caller, op: &str, body: Value) -> Result<Value, (u16, Value)> {
-    let (status, text) = kms
-        .handle(
-            who.clone(),
-            &format!("TrentService.{op}"),
-            body.to_string().as_bytes(),
-            uuid::Uuid::new_v4().to_string(),
-        )
-        .await;
-    let v: Value = serde_json::from_str(&text).unwrap();
-    if status == 200 {
-        Ok(v)
-    } else {
-        Err((status, v))
-    }
-}
-
-fn code(e: (u16, Value)) -> String {
-    e.1["__type"].as_str().unwrap().to_string()
 }
 
 #[tokio::test]

@@ -8,9 +8,8 @@ use caas_kms::{Caller, Kms, KmsParams};
 use serde_json::{Value, json};
 use std::sync::Arc;
 
-fn b64(b: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(b)
-}
+mod inproc;
+use inproc::{b64, call, code, tenant, user};
 
 fn unb64(v: &Value) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
@@ -30,41 +29,6 @@ async fn open(dir: &std::path::Path) -> Arc<Kms> {
     })
     .await
     .unwrap()
-}
-
-async fn tenant(kms: &Kms, name: &str) -> Caller {
-    let account = kms.create_account(name).await.unwrap();
-    user(&account, name)
-}
-
-fn user(account: &str, name: &str) -> Caller {
-    Caller {
-        principal: format!("arn:aws:iam::{account}:user/{name}"),
-        account: account.into(),
-        access_key_id: "AKIATEST".into(),
-        kind: caas_kms::operator::CallerKind::Tenant,
-    }
-}
-
-async fn call(kms: &Kms, who: &Caller, op: &str, body: Value) -> Result<Value, (u16, Value)> {
-    let (status, text) = kms
-        .handle(
-            who.clone(),
-            &format!("TrentService.{op}"),
-            body.to_string().as_bytes(),
-            uuid::Uuid::new_v4().to_string(),
-        )
-        .await;
-    let v: Value = serde_json::from_str(&text).unwrap();
-    if status == 200 {
-        Ok(v)
-    } else {
-        Err((status, v))
-    }
-}
-
-fn code(e: (u16, Value)) -> String {
-    e.1["__type"].as_str().unwrap().to_string()
 }
 
 async fn create(kms: &Kms, who: &Caller, spec: &str, usage: &str) -> String {
