@@ -927,28 +927,11 @@ impl Kms {
     }
 }
 
-/// The operations whose successful audit records `audit_durability = "bounded"` may make
-/// durable after the reply: uses of a key (or of the RNG) that change no state.
-pub const KEY_USE_OPERATIONS: &[&str] = &[
-    "Encrypt",
-    "Decrypt",
-    "ReEncrypt",
-    "GenerateDataKey",
-    "GenerateDataKeyWithoutPlaintext",
-    "GenerateDataKeyPair",
-    "GenerateDataKeyPairWithoutPlaintext",
-    "Sign",
-    "Verify",
-    "GenerateMac",
-    "VerifyMac",
-    "GenerateRandom",
-    "DeriveSharedSecret",
-    "Encapsulate",
-    "Decapsulate",
-];
-
+/// Whether a successful `op` is a use of a key (or of the RNG) that changes no state, so
+/// that `audit_durability = "bounded"` may make its record durable after the reply: AWS's
+/// tracked key uses ([`crate::usage::TRACKED`], one list for both) and GenerateRandom.
 fn is_key_use(op: &str) -> bool {
-    KEY_USE_OPERATIONS.contains(&op)
+    op == "GenerateRandom" || crate::usage::TRACKED.contains(&op)
 }
 
 /// `seal_internal` purpose of access-key secrets (owner: access key id, account, principal).

@@ -11,7 +11,8 @@ use crate::service::Ctx;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-/// AWS's `KeyLastUsageTrackingOperation` values this service implements.
+/// AWS's `KeyLastUsageTrackingOperation` values this service implements; with GenerateRandom,
+/// also the key uses whose audit record `audit_durability = "bounded"` may defer.
 pub const TRACKED: &[&str] = &[
     "Decrypt",
     "DeriveSharedSecret",
