@@ -903,26 +903,16 @@ impl Domain {
         let (kt, len) = kem_template(&template).map_err(refuse)?;
         let (ct, ss) = pq::ml_kem_encapsulate(*set, public)?;
         self.use_key(app, slot, &k, "C_EncapsulateKey", CKM_ML_KEM)?;
-        let o = self
-            .kem_secret_key(app, session, slot, rw, template, kt, &ss[..len])
-            .map_err(|e| {
-                self.refuse(
-                    app,
-                    "C_EncapsulateKey(new)",
-                    slot,
-                    None,
-                    Some(CKM_ML_KEM),
-                    e,
-                )
-            })?;
-        self.audit(
+        let o = self.kem_secret_key(
             app,
-            "C_EncapsulateKey(new)",
+            session,
             slot,
-            Some(&o),
-            Some(CKM_ML_KEM),
-            0,
-        );
+            rw,
+            template,
+            kt,
+            &ss[..len],
+            "C_EncapsulateKey",
+        )?;
         Ok(Response::ok(Body::Encapsulated {
             ciphertext: Blob(ct),
             key: o.handle,
@@ -966,26 +956,16 @@ impl Domain {
         let (kt, len) = kem_template(&template).map_err(refuse)?;
         let ss = dk.decapsulate(ct).map_err(refuse)?;
         self.use_key(app, slot, &k, "C_DecapsulateKey", CKM_ML_KEM)?;
-        let o = self
-            .kem_secret_key(app, session, slot, rw, template, kt, &ss[..len])
-            .map_err(|e| {
-                self.refuse(
-                    app,
-                    "C_DecapsulateKey(new)",
-                    slot,
-                    None,
-                    Some(CKM_ML_KEM),
-                    e,
-                )
-            })?;
-        self.audit(
+        let o = self.kem_secret_key(
             app,
-            "C_DecapsulateKey(new)",
+            session,
             slot,
-            Some(&o),
-            Some(CKM_ML_KEM),
-            0,
-        );
+            rw,
+            template,
+            kt,
+            &ss[..len],
+            "C_DecapsulateKey",
+        )?;
         Ok(Response::ok(Body::Ulong { value: o.handle }))
     }
 
@@ -993,9 +973,31 @@ impl Domain {
     /// token (to whoever holds the private key an encapsulation was made to, or whoever made
     /// the ciphertext a decapsulation opened, which anyone with the public key can), so it
     /// is never `CKA_LOCAL`, `CKA_ALWAYS_SENSITIVE` or `CKA_NEVER_EXTRACTABLE`: the wrap
-    /// policy never treats it as a key whose value stayed in the token.
+    /// policy never treats it as a key whose value stayed in the token. Audited as
+    /// `"{op}(new)"` (a refusal too).
     #[allow(clippy::too_many_arguments)]
     fn kem_secret_key(
+        &self,
+        app: &Arc<App>,
+        session: u64,
+        slot: u64,
+        rw: bool,
+        template: Vec<Attr>,
+        kt: u64,
+        value: &[u8],
+        op: &str,
+    ) -> R<Arc<Object>> {
+        let what = format!("{op}(new)");
+        let o = self
+            .kem_secret_object(app, session, slot, rw, template, kt, value)
+            .map_err(|e| self.refuse(app, &what, slot, None, Some(CKM_ML_KEM), e))?;
+        self.audit(app, &what, slot, Some(&o), Some(CKM_ML_KEM), 0);
+        Ok(o)
+    }
+
+    /// [`Self::kem_secret_key`]'s object, unaudited.
+    #[allow(clippy::too_many_arguments)]
+    fn kem_secret_object(
         &self,
         app: &Arc<App>,
         session: u64,
