@@ -29,6 +29,8 @@ use zeroize::Zeroizing;
 
 #[path = "domain_crypto.rs"]
 mod crypto;
+#[path = "message.rs"]
+pub mod message;
 
 /// Settings of a domain.
 #[derive(Debug, Clone)]
@@ -53,6 +55,9 @@ pub struct Session {
     decrypt: Option<CipherOp>,
     digest: Option<DigestOp>,
     cached: Option<Zeroizing<Vec<u8>>>,
+    /// C_MessageEncryptInit / C_MessageDecryptInit ([`message`]).
+    msg_encrypt: Option<message::MessageOp>,
+    msg_decrypt: Option<message::MessageOp>,
 }
 
 /// One application instance (a process that called C_Initialize).
@@ -83,6 +88,8 @@ pub struct Domain {
     legacy_rsa_1024: bool,
     /// A token export was imported (at most once per domain, [`crate::transfer`]).
     imported: std::sync::atomic::AtomicBool,
+    /// The AES-GCM IV counters of message-based encryption, per key value.
+    iv_counters: message::IvCounters,
 }
 
 type R<T> = Result<T, Ckr>;
@@ -163,6 +170,7 @@ impl Domain {
             refused: AtomicU64::new(0),
             legacy_rsa_1024: false,
             imported: std::sync::atomic::AtomicBool::new(false),
+            iv_counters: message::IvCounters::new().map_err(Error::Token)?,
         })
     }
 
@@ -600,6 +608,8 @@ impl Domain {
                         decrypt: None,
                         digest: None,
                         cached: None,
+                        msg_encrypt: None,
+                        msg_decrypt: None,
                     })),
                 );
                 t.sessions.fetch_add(1, Ordering::SeqCst);
@@ -872,6 +882,12 @@ impl Domain {
                 }
                 if flags & CKF_DIGEST != 0 {
                     g.digest = None;
+                }
+                if flags & CKF_MESSAGE_ENCRYPT != 0 {
+                    g.msg_encrypt = None;
+                }
+                if flags & CKF_MESSAGE_DECRYPT != 0 {
+                    g.msg_decrypt = None;
                 }
                 if flags & (CKF_SIGN | CKF_ENCRYPT | CKF_DECRYPT | CKF_DIGEST) != 0 {
                     g.cached = None;

@@ -831,6 +831,27 @@ impl Domain {
                 template,
                 &ciphertext.0,
             )?,
+            Q::MessageInit {
+                session,
+                mechanism,
+                key,
+                encrypt,
+            } => self.message_init(app, session, &mechanism, key, encrypt)?,
+            Q::EncryptMessage {
+                session,
+                params,
+                aad,
+                data,
+                cap,
+            } => self.encrypt_message(app, session, &params, &aad.0, &data.0, cap)?,
+            Q::DecryptMessage {
+                session,
+                params,
+                aad,
+                data,
+                cap,
+            } => self.decrypt_message(app, session, &params, &aad.0, &data.0, cap)?,
+            Q::MessageFinal { session, encrypt } => self.message_final(app, session, encrypt)?,
             Q::SeedRandom { session, .. } => {
                 self.session(app, session)?;
                 return Err(Ckr(CKR_RANDOM_SEED_NOT_SUPPORTED));

@@ -11,7 +11,8 @@ use crate::keys::{Curve, KeyMaterial};
 use crate::policy::{self, Role};
 use crate::pq::{MlDsa, MlKem};
 use caas_vsm_proto::attr::{
-    self, AttrKind, CKA_CAAS_BASE, CKA_CAAS_MAX_USES, CKA_CAAS_RATE_PER_SEC, CKA_CAAS_USAGE_COUNT,
+    self, AttrKind, CKA_CAAS_BASE, CKA_CAAS_GCM_IV_STATE, CKA_CAAS_MAX_USES,
+    CKA_CAAS_RATE_PER_SEC, CKA_CAAS_USAGE_COUNT,
 };
 use caas_vsm_proto::v32::{
     CKA_DECAPSULATE, CKA_ENCAPSULATE, CKA_PARAMETER_SET, CKK_ML_DSA, CKK_ML_KEM,
@@ -109,6 +110,7 @@ fn is_immutable(ty: u64) -> bool {
             | CKA_PRIVATE
             | CKA_CERTIFICATE_TYPE
             | CKA_CAAS_USAGE_COUNT
+            | CKA_CAAS_GCM_IV_STATE
             | CKA_UNIQUE_ID
             | CKA_PRIVATE_EXPONENT
             | CKA_PRIME_1
@@ -128,6 +130,7 @@ fn token_set_only(ty: u64) -> bool {
             | CKA_ALWAYS_SENSITIVE
             | CKA_NEVER_EXTRACTABLE
             | CKA_CAAS_USAGE_COUNT
+            | CKA_CAAS_GCM_IV_STATE
             | CKA_UNIQUE_ID
     )
 }

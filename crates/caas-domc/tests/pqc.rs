@@ -975,7 +975,7 @@ fn verify_signature_3_2_single_and_multi_part() -> Result<()> {
 /// PKCS#11 3.0/3.2 interfaces: C_GetInterfaceList offers the 3.2, 3.0 and 2.40 lists,
 /// C_GetInterface finds each by version and refuses others, C_LoginUser logs in,
 /// C_SessionCancel ends an active operation (on both the domain path and the module's
-/// recorded one), message-based functions answer CKR_FUNCTION_NOT_SUPPORTED, and
+/// recorded one), multi-part message encryption answers CKR_FUNCTION_NOT_SUPPORTED, and
 /// C_GetMechanismInfo of CKM_ML_KEM says encapsulate/decapsulate.
 #[test]
 fn interfaces_3_0_and_3_2_login_user_and_session_cancel() -> Result<()> {
@@ -1122,11 +1122,10 @@ fn interfaces_3_0_and_3_2_login_user_and_session_cancel() -> Result<()> {
                 .map_err(|rv| anyhow::anyhow!("sign after cancel {rv:#x}"))?;
         }
         ck(l.C_SessionCancel.unwrap_unchecked()(p.s, 0), "no flags")?;
-        let mut m = mech(CKM_AES_GCM);
         want(
-            l.C_MessageEncryptInit.unwrap_unchecked()(p.s, &mut m, 0),
+            l.C_EncryptMessageBegin.unwrap_unchecked()(p.s, null_mut(), 0, null_mut(), 0),
             CKR_FUNCTION_NOT_SUPPORTED,
-            "C_MessageEncryptInit",
+            "C_EncryptMessageBegin",
         )?;
         let mut info = CK_MECHANISM_INFO {
             ulMinKeySize: 0,

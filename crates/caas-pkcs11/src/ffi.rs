@@ -13,7 +13,8 @@ use crate::ops::{Delivery, Kind, Phase};
 use caas_vsm_proto::attr::{self, AttrKind};
 use caas_vsm_proto::v32;
 use caas_vsm_proto::{
-    Attr, AttrValue, Blob, Body, MechParam, Mechanism, Request, Response, Secret,
+    Attr, AttrValue, Blob, Body, GcmMessageParams, MechParam, Mechanism, Request, Response,
+    Secret,
 };
 use cryptoki_sys::*;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -1516,8 +1517,169 @@ export! {
     }
 }
 
-/// Entries of the 3.0/3.2 function lists this module does not implement: message-based
-/// operations (3.0), validation flags, async and authenticated wrap (3.2). Each answers CKR_FUNCTION_NOT_SUPPORTED (CKR_CRYPTOKI_NOT_INITIALIZED before
+/// The mechanism of C_MessageEncryptInit/C_MessageDecryptInit: its parameters come with
+/// each message, so none (or a `CK_GCM_MESSAGE_PARAMS`, which some callers pass here too and
+/// which is ignored) is `MechParam::None`; anything else goes to the domain to be refused.
+///
+/// # Safety
+/// `p` must be NULL or point to a valid CK_MECHANISM whose parameter is readable.
+unsafe fn message_mechanism(p: *const CK_MECHANISM) -> Result<Mechanism, Rv> {
+    // SAFETY: forwarded contract.
+    let m = unsafe { get(p)? };
+    let len = usize::try_from(m.ulParameterLen).map_err(|_| CKR_MECHANISM_PARAM_INVALID)?;
+    let param = if m.pParameter.is_null() && len == 0
+        || !m.pParameter.is_null() && len == std::mem::size_of::<CK_GCM_MESSAGE_PARAMS>()
+    {
+        MechParam::None {}
+    } else {
+        // SAFETY: the parameter buffer is described by the mechanism.
+        let b = unsafe { bytes(m.pParameter as *const u8, m.ulParameterLen)? };
+        MechParam::Bytes {
+            data: Blob::from(b),
+        }
+    };
+    Ok(Mechanism {
+        mechanism: u64::from(m.mechanism),
+        param,
+    })
+}
+
+/// Reads the CK_GCM_MESSAGE_PARAMS of one message; with `tag_in` the tag is read too
+/// (decryption).
+///
+/// # Safety
+/// `p` must be NULL or point to `len` bytes holding a CK_GCM_MESSAGE_PARAMS whose IV (and,
+/// with `tag_in`, tag) buffers are readable.
+unsafe fn gcm_message_params(
+    p: Vp,
+    len: CK_ULONG,
+    tag_in: bool,
+) -> Result<(CK_GCM_MESSAGE_PARAMS, GcmMessageParams), Rv> {
+    if p.is_null() || usize::try_from(len).ok() != Some(std::mem::size_of::<CK_GCM_MESSAGE_PARAMS>())
+    {
+        return Err(CKR_MECHANISM_PARAM_INVALID);
+    }
+    // SAFETY: size checked; the caller passes a CK_GCM_MESSAGE_PARAMS.
+    let g = unsafe { (p as *const CK_GCM_MESSAGE_PARAMS).read_unaligned() };
+    // SAFETY: the IV buffer is described by the params.
+    let iv = unsafe { bytes(g.pIv, g.ulIvLen) }.map_err(|_| CKR_MECHANISM_PARAM_INVALID)?;
+    let tag = if tag_in {
+        // SAFETY: the tag buffer holds ulTagBits / 8 bytes.
+        unsafe { bytes(g.pTag, g.ulTagBits / 8) }.map_err(|_| CKR_MECHANISM_PARAM_INVALID)?
+    } else {
+        &[]
+    };
+    let params = GcmMessageParams {
+        iv: Blob::from(iv),
+        iv_fixed_bits: u64::from(g.ulIvFixedBits),
+        generator: u64::from(g.ivGenerator),
+        tag: Blob::from(tag),
+        tag_bits: u64::from(g.ulTagBits),
+    };
+    Ok((g, params))
+}
+
+macro_rules! message_init_fn {
+    ($name:ident, $encrypt:expr, $doc:literal) => {
+        export! {
+            #[doc = $doc]
+            fn $name(session: CK_SESSION_HANDLE, mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) {
+                // SAFETY: the caller's mechanism.
+                let mechanism = unsafe { message_mechanism(mech)? };
+                call(&Request::MessageInit { session: u64::from(session), mechanism, key: u64::from(key), encrypt: $encrypt }).map(|_| ())
+            }
+        }
+    };
+}
+
+message_init_fn!(
+    C_MessageEncryptInit,
+    true,
+    "C_MessageEncryptInit (PKCS#11 3.0): CKM_AES_GCM for single-part C_EncryptMessage calls."
+);
+message_init_fn!(
+    C_MessageDecryptInit,
+    false,
+    "C_MessageDecryptInit (PKCS#11 3.0): CKM_AES_GCM for single-part C_DecryptMessage calls."
+);
+
+export! {
+    /// C_MessageEncryptFinal (PKCS#11 3.0).
+    fn C_MessageEncryptFinal(session: CK_SESSION_HANDLE) {
+        call(&Request::MessageFinal { session: u64::from(session), encrypt: true }).map(|_| ())
+    }
+}
+
+export! {
+    /// C_MessageDecryptFinal (PKCS#11 3.0).
+    fn C_MessageDecryptFinal(session: CK_SESSION_HANDLE) {
+        call(&Request::MessageFinal { session: u64::from(session), encrypt: false }).map(|_| ())
+    }
+}
+
+export! {
+    /// C_EncryptMessage (PKCS#11 3.0), AES-GCM: the ciphertext (as long as the plaintext) to
+    /// `out`, the tag to the parameters' `pTag` and, when the domain generated it, the IV to
+    /// their `pIv`. A NULL `out` asks for the length and spends no IV.
+    fn C_EncryptMessage(session: CK_SESSION_HANDLE, param: Vp, param_len: CK_ULONG, aad: Bp, aad_len: CK_ULONG, data: Bp, data_len: CK_ULONG, out: Bp, out_len: Up) {
+        // SAFETY: the caller's parameters, associated data and plaintext.
+        let ((g, params), aad, data) = unsafe { (gcm_message_params(param, param_len, false)?, bytes(aad, aad_len)?, bytes(data, data_len)?) };
+        // SAFETY: `out_len` from the caller.
+        let cap = unsafe { get(out_len)? };
+        let cap = (!out.is_null()).then_some(u64::from(cap));
+        let tag_len = usize::try_from(g.ulTagBits / 8).map_err(|_| CKR_MECHANISM_PARAM_INVALID)?;
+        if cap.is_some() && tag_len > 0 && g.pTag.is_null() {
+            return Err(CKR_MECHANISM_PARAM_INVALID);
+        }
+        let r = call_raw(&Request::EncryptMessage { session: u64::from(session), params, aad: Blob::from(aad), data: Blob::from(data), cap })?;
+        match (r.rv, r.body) {
+            (CKR_OK | CKR_BUFFER_TOO_SMALL, Body::Len { len }) => {
+                // SAFETY: `out_len` checked above.
+                unsafe { put(out_len, to_ck(len)?)? };
+                if r.rv == CKR_OK { Ok(()) } else { Err(CKR_BUFFER_TOO_SMALL) }
+            }
+            (CKR_OK, Body::Sealed { iv, tag, data: ct }) => {
+                let fits = cap.is_some_and(|c| ct.0.len() as u64 <= c);
+                if !fits || tag.0.len() != tag_len || iv.0.len() as u64 != u64::from(g.ulIvLen) {
+                    return Err(CKR_DEVICE_ERROR);
+                }
+                // SAFETY: `out` holds `cap` >= ct.len() bytes; pTag holds ulTagBits / 8
+                // bytes and pIv ulIvLen bytes per the parameters' contract (lengths checked).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(ct.0.as_ptr(), out, ct.0.len());
+                    if tag_len > 0 {
+                        std::ptr::copy_nonoverlapping(tag.0.as_ptr(), g.pTag, tag_len);
+                    }
+                    if !iv.0.is_empty() && !g.pIv.is_null() {
+                        std::ptr::copy_nonoverlapping(iv.0.as_ptr(), g.pIv, iv.0.len());
+                    }
+                    put(out_len, to_ck(ct.0.len() as u64)?)
+                }
+            }
+            (CKR_OK, _) => Err(CKR_DEVICE_ERROR),
+            (rv, _) => Err(rv),
+        }
+    }
+}
+
+export! {
+    /// C_DecryptMessage (PKCS#11 3.0), AES-GCM: the IV and tag from the parameters.
+    fn C_DecryptMessage(session: CK_SESSION_HANDLE, param: Vp, param_len: CK_ULONG, aad: Bp, aad_len: CK_ULONG, data: Bp, data_len: CK_ULONG, out: Bp, out_len: Up) {
+        // SAFETY: the caller's parameters, associated data and ciphertext.
+        let ((_, params), aad, data) = unsafe { (gcm_message_params(param, param_len, true)?, bytes(aad, aad_len)?, bytes(data, data_len)?) };
+        // SAFETY: forwarded output buffer contract.
+        unsafe {
+            out_data(
+                |cap| Request::DecryptMessage { session: u64::from(session), params, aad: Blob::from(aad), data: Blob::from(data), cap },
+                out,
+                out_len,
+            )
+        }
+    }
+}
+
+/// Entries of the 3.0/3.2 function lists this module does not implement: multi-part
+/// message encryption and message-based signing (3.0), validation flags, async and authenticated wrap (3.2). Each answers CKR_FUNCTION_NOT_SUPPORTED (CKR_CRYPTOKI_NOT_INITIALIZED before
 /// C_Initialize), as the specification asks of a listed but unsupported function.
 macro_rules! unsupported_3x {
     ($($name:ident($($arg:ident: $ty:ty),*);)*) => {
@@ -1546,16 +1708,10 @@ type Sh = CK_SESSION_HANDLE;
 type Ul = CK_ULONG;
 
 unsupported_3x! {
-    C_MessageEncryptInit(s: Sh, m: *mut CK_MECHANISM, k: CK_OBJECT_HANDLE);
-    C_EncryptMessage(s: Sh, p: Vp, pl: Ul, a: Bp, al: Ul, d: Bp, dl: Ul, o: Bp, ol: Up);
     C_EncryptMessageBegin(s: Sh, p: Vp, pl: Ul, a: Bp, al: Ul);
     C_EncryptMessageNext(s: Sh, p: Vp, pl: Ul, d: Bp, dl: Ul, o: Bp, ol: Up, f: CK_FLAGS);
-    C_MessageEncryptFinal(s: Sh);
-    C_MessageDecryptInit(s: Sh, m: *mut CK_MECHANISM, k: CK_OBJECT_HANDLE);
-    C_DecryptMessage(s: Sh, p: Vp, pl: Ul, a: Bp, al: Ul, d: Bp, dl: Ul, o: Bp, ol: Up);
     C_DecryptMessageBegin(s: Sh, p: Vp, pl: Ul, a: Bp, al: Ul);
     C_DecryptMessageNext(s: Sh, p: Vp, pl: Ul, d: Bp, dl: Ul, o: Bp, ol: Up, f: CK_FLAGS);
-    C_MessageDecryptFinal(s: Sh);
     C_MessageSignInit(s: Sh, m: *mut CK_MECHANISM, k: CK_OBJECT_HANDLE);
     C_SignMessage(s: Sh, p: Vp, pl: Ul, d: Bp, dl: Ul, o: Bp, ol: Up);
     C_SignMessageBegin(s: Sh, p: Vp, pl: Ul);

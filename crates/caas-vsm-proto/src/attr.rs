@@ -26,6 +26,10 @@ pub const CKA_CAAS_MAX_USES: u64 = CKA_CAAS_BASE + 2;
 /// Tenant limit: uses allowed per second (token bucket, burst = rate), 0 = unlimited. Set
 /// like [`CKA_CAAS_MAX_USES`].
 pub const CKA_CAAS_RATE_PER_SEC: u64 = CKA_CAAS_BASE + 3;
+/// Read-only, set by the crypto domain: the state of the key's AES-GCM IV counter for
+/// message-based encryption (16 bytes: the counter value below which IVs may have been
+/// issued, then the narrowest counter field used, both u64 little-endian). Not secret.
+pub const CKA_CAAS_GCM_IV_STATE: u64 = CKA_CAAS_BASE + 4;
 
 /// The kind of attribute `ty`.
 #[must_use]

@@ -121,6 +121,32 @@ mod tests {
             key: 9,
             data: Blob(vec![3; 256]),
         });
+        roundtrip(Request::MessageInit {
+            session: 2,
+            mechanism: Mechanism {
+                mechanism: 0x1087,
+                param: MechParam::None {},
+            },
+            key: 4,
+            encrypt: true,
+        });
+        roundtrip(Request::EncryptMessage {
+            session: 2,
+            params: GcmMessageParams {
+                iv: Blob(vec![1; 12]),
+                iv_fixed_bits: 32,
+                generator: 2,
+                tag: Blob(vec![]),
+                tag_bits: 128,
+            },
+            aad: Blob(vec![5]),
+            data: Blob(vec![6; 3]),
+            cap: Some(3),
+        });
+        roundtrip(Request::MessageFinal {
+            session: 2,
+            encrypt: false,
+        });
         roundtrip(Request::DecryptInit {
             session: 9,
             mechanism: Mechanism {
@@ -160,6 +186,11 @@ mod tests {
                 max_pin_len: 64,
                 min_pin_len: 4,
             },
+        }));
+        roundtrip(Response::ok(Body::Sealed {
+            iv: Blob(vec![1; 12]),
+            tag: Blob(vec![2; 16]),
+            data: Blob(vec![3; 5]),
         }));
         roundtrip(Response::rv(0x30));
     }
