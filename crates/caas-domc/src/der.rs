@@ -12,6 +12,16 @@ pub const OID_P521: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23];
 pub const OID_ED25519: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
 /// PrintableString "edwards25519" (the form OpenSC and SoftHSM also accept).
 pub const NAME_ED25519: &[u8] = b"\x13\x0cedwards25519";
+/// DER OID of X25519 (1.3.101.110, RFC 8410), CKA_EC_PARAMS of a CKK_EC_MONTGOMERY key.
+pub const OID_X25519: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x6e];
+/// PrintableString "curve25519" (PKCS#11 3.0 §2.3.7's name form for Montgomery keys).
+pub const NAME_X25519: &[u8] = b"\x13\x0acurve25519";
+
+/// Whether CKA_EC_PARAMS names X25519 (OID or name).
+#[must_use]
+pub fn is_x25519(params: &[u8]) -> bool {
+    params == OID_X25519 || params == NAME_X25519
+}
 
 fn put_len(out: &mut Vec<u8>, len: usize) {
     if len < 0x80 {

@@ -444,6 +444,25 @@ impl Domain {
                         }
                         (kt, g)
                     }
+                    CKM_EC_MONTGOMERY_KEY_PAIR_GEN => {
+                        let p = tmpl_bytes(&public_template, CKA_EC_PARAMS)
+                            .ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
+                        if !crate::der::is_x25519(p) {
+                            // A Weierstrass or Edwards curve is this mechanism's misuse;
+                            // anything else (X448 included) is not supported.
+                            return Err(Ckr(if Curve::from_params(p).is_ok() {
+                                CKR_TEMPLATE_INCONSISTENT
+                            } else {
+                                CKR_CURVE_NOT_SUPPORTED
+                            }));
+                        }
+                        let mut g = keys::generate_x25519()?;
+                        // Keep the caller's encoding of the curve (OID or name).
+                        if let Some(e) = g.public_attrs.iter_mut().find(|a| a.0 == CKA_EC_PARAMS) {
+                            e.1 = p.to_vec();
+                        }
+                        (CKK_EC_MONTGOMERY, g)
+                    }
                     CKM_ML_DSA_KEY_PAIR_GEN | CKM_ML_KEM_KEY_PAIR_GEN => {
                         // PKCS#11 3.2: CKA_PARAMETER_SET in the public template (the
                         // private template may repeat it, but not contradict it).
@@ -743,8 +762,17 @@ impl Domain {
                     ));
                 }
                 ops::check_key(&k, CKA_DERIVE, CKM_ECDH1_DERIVE)?;
-                if k.class() != CKO_PRIVATE_KEY || k.key_type() != Some(CKK_EC) {
-                    return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+                if k.class() != CKO_PRIVATE_KEY
+                    || !matches!(k.key_type(), Some(CKK_EC | CKK_EC_MONTGOMERY))
+                {
+                    return Err(self.refuse(
+                        app,
+                        "C_DeriveKey",
+                        slot,
+                        Some(&k),
+                        Some(CKM_ECDH1_DERIVE),
+                        Ckr(CKR_KEY_TYPE_INCONSISTENT),
+                    ));
                 }
                 let MechParam::Ecdh {
                     kdf,

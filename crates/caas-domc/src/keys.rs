@@ -143,6 +143,10 @@ pub enum KeyMaterial {
     EdPrivate(signature::Ed25519KeyPair),
     /// Ed25519 public key (32 bytes).
     EdPublic(Vec<u8>),
+    /// X25519 private key (CKK_EC_MONTGOMERY, RFC 7748; ECDH only).
+    XPrivate(agreement::PrivateKey),
+    /// X25519 public key (32 bytes, the u-coordinate little-endian).
+    XPublic(Vec<u8>),
     /// ML-DSA private key (PKCS#11 3.2, [`crate::pq`]).
     MlDsaPrivate(crate::pq::MlDsaPrivate),
     /// ML-DSA public key.
@@ -175,6 +179,8 @@ impl std::fmt::Debug for KeyMaterial {
             KeyMaterial::EcPublic { .. } => "EcPublic",
             KeyMaterial::EdPrivate(_) => "EdPrivate([REDACTED])",
             KeyMaterial::EdPublic(_) => "EdPublic",
+            KeyMaterial::XPrivate(_) => "XPrivate([REDACTED])",
+            KeyMaterial::XPublic(_) => "XPublic",
             KeyMaterial::MlDsaPrivate(_) => "MlDsaPrivate([REDACTED])",
             KeyMaterial::MlDsaPublic { .. } => "MlDsaPublic",
             KeyMaterial::MlKemPrivate(_) => "MlKemPrivate([REDACTED])",
@@ -292,6 +298,35 @@ pub fn generate_ec(curve: Curve) -> Result<GeneratedPair, Ckr> {
     }
 }
 
+/// Generates an X25519 key pair (CKM_EC_MONTGOMERY_KEY_PAIR_GEN): the 32-byte private key
+/// and the public attributes (CKA_EC_PARAMS, CKA_EC_POINT as a DER OCTET STRING, as for
+/// Ed25519 and as SoftHSM2 does).
+pub fn generate_x25519() -> Result<GeneratedPair, Ckr> {
+    let k = agreement::PrivateKey::generate(&agreement::X25519)
+        .map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
+    let secret: aws_lc_rs::encoding::Curve25519SeedBin<'_> =
+        k.as_be_bytes().map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
+    let public = k.compute_public_key().map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
+    Ok(GeneratedPair {
+        secret: Zeroizing::new(secret.as_ref().to_vec()),
+        public_attrs: vec![
+            (CKA_EC_PARAMS, der::OID_X25519.to_vec()),
+            (CKA_EC_POINT, der::tlv(0x04, public.as_ref())),
+        ],
+    })
+}
+
+/// The raw 32-byte X25519 public value of CKA_EC_POINT or ECDH public data (raw, or a DER
+/// OCTET STRING around it).
+fn x25519_point(v: &[u8]) -> Result<&[u8], Ckr> {
+    let raw = der::octet_string(v).filter(|r| r.len() == 32).unwrap_or(v);
+    if raw.len() == 32 {
+        Ok(raw)
+    } else {
+        Err(Ckr(CKR_ATTRIBUTE_VALUE_INVALID))
+    }
+}
+
 /// Public EC point (uncompressed, or 32 bytes for Ed25519) for a private scalar/seed.
 pub fn ec_public_point(curve: Curve, secret: &[u8]) -> Result<Vec<u8>, Ckr> {
     match curve {
@@ -368,6 +403,21 @@ impl KeyMaterial {
         }
     }
 
+    /// An X25519 private key from its 32 bytes.
+    pub fn x25519_private(secret: &[u8]) -> Result<Self, Ckr> {
+        if secret.len() != 32 {
+            return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+        }
+        agreement::PrivateKey::from_private_key(&agreement::X25519, secret)
+            .map(KeyMaterial::XPrivate)
+            .map_err(bad_key)
+    }
+
+    /// An X25519 public key from CKA_EC_POINT (DER OCTET STRING or the raw 32 bytes).
+    pub fn x25519_public(ec_point: &[u8]) -> Result<Self, Ckr> {
+        Ok(KeyMaterial::XPublic(x25519_point(ec_point)?.to_vec()))
+    }
+
     /// An EC public key from CKA_EC_POINT (DER OCTET STRING or raw point).
     pub fn ec_public(curve: Curve, ec_point: &[u8]) -> Result<Self, Ckr> {
         let raw = der::octet_string(ec_point).unwrap_or(ec_point).to_vec();
@@ -396,6 +446,8 @@ impl KeyMaterial {
             KeyMaterial::MlDsaPublic { set, .. } => set.signature_len(),
             KeyMaterial::MlKemPrivate(_)
             | KeyMaterial::MlKemPublic { .. }
+            | KeyMaterial::XPrivate(_)
+            | KeyMaterial::XPublic(_)
             | KeyMaterial::Secret(_) => 0,
         }
     }
@@ -442,9 +494,33 @@ impl KeyMaterial {
                 .ok_or(Ckr(CKR_DATA_LEN_RANGE))?;
             return Self::legacy_sign_pkcs1(key, &[*prefix, hash].concat());
         }
-        let KeyMaterial::RsaPrivate { sign, .. } = self else {
+        let KeyMaterial::RsaPrivate {
+            sign, pkcs8, raw, ..
+        } = self
+        else {
             return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
         };
+        if pss && let Some(md) = legacy_pss_md(hash.len()) {
+            // RSA-PSS over SHA-1 or SHA-224 (aws-lc-rs signs PSS with SHA-2 ≥ 256 only):
+            // OpenSSL, blinded, salt as long as the hash, MGF1 with the same hash.
+            let key = match raw.get() {
+                Some(k) => k,
+                None => {
+                    let k = raw_rsa_key(pkcs8)?;
+                    raw.get_or_init(|| k)
+                }
+            };
+            let pkey = openssl::pkey::PKey::from_rsa(key.clone()).map_err(bad_key)?;
+            let mut ctx = openssl::pkey_ctx::PkeyCtx::new(&pkey).map_err(bad_key)?;
+            ctx.sign_init().map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+            pss_setup(&mut ctx, md)?;
+            let mut out = vec![0u8; sign.public_modulus_len()];
+            let n = ctx
+                .sign(hash, Some(&mut out))
+                .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+            out.truncate(n);
+            return Ok(out);
+        }
         let (alg, enc): (
             &'static digest::Algorithm,
             &'static dyn signature::RsaEncoding,
@@ -496,6 +572,19 @@ impl KeyMaterial {
                 Ok(())
             } else {
                 Err(Ckr(CKR_SIGNATURE_INVALID))
+            };
+        }
+        if pss && let Some(md) = legacy_pss_md(hash.len()) {
+            let KeyMaterial::RsaPublic { n, e, .. } = self else {
+                return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+            };
+            let pkey = openssl::pkey::PKey::from_rsa(ossl_public(n, e)?).map_err(bad_key)?;
+            let mut ctx = openssl::pkey_ctx::PkeyCtx::new(&pkey).map_err(bad_key)?;
+            ctx.verify_init().map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+            pss_setup(&mut ctx, md)?;
+            return match ctx.verify(hash, sig) {
+                Ok(true) => Ok(()),
+                _ => Err(Ckr(CKR_SIGNATURE_INVALID)),
             };
         }
         let (alg, params): (
@@ -817,8 +906,21 @@ impl KeyMaterial {
         Ok(out)
     }
 
-    /// ECDH: the shared x-coordinate with the peer's public point.
+    /// ECDH: the shared x-coordinate with the peer's public point (P-256/384/521), or the
+    /// X25519 shared secret with the peer's 32-byte u-coordinate (raw or a DER OCTET STRING;
+    /// a low-order peer point giving the all-zero secret is refused, RFC 7748 §6.1).
     pub fn ecdh(&self, peer: &[u8]) -> Result<Zeroizing<Vec<u8>>, Ckr> {
+        if let KeyMaterial::XPrivate(k) = self {
+            let raw =
+                x25519_point(peer).map_err(|_| Ckr(CKR_MECHANISM_PARAM_INVALID))?;
+            let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, raw);
+            return agreement::agree(k, peer, Ckr(CKR_MECHANISM_PARAM_INVALID), |z| {
+                if z.iter().all(|b| *b == 0) {
+                    return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
+                }
+                Ok(Zeroizing::new(z.to_vec()))
+            });
+        }
         let KeyMaterial::EcPrivate { curve, scalar, .. } = self else {
             return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
         };
@@ -853,6 +955,32 @@ fn ossl_public(n: &[u8], e: &[u8]) -> Result<openssl::rsa::Rsa<openssl::pkey::Pu
     let n = openssl::bn::BigNum::from_slice(n).map_err(bad_key)?;
     let e = openssl::bn::BigNum::from_slice(e).map_err(bad_key)?;
     openssl::rsa::Rsa::from_public_components(n, e).map_err(bad_key)
+}
+
+/// The OpenSSL digest of an RSA-PSS signature over SHA-1 (20 bytes) or SHA-224 (28 bytes),
+/// the two PSS hashes aws-lc-rs does not sign with.
+fn legacy_pss_md(hash_len: usize) -> Option<openssl::hash::MessageDigest> {
+    match hash_len {
+        20 => Some(openssl::hash::MessageDigest::sha1()),
+        28 => Some(openssl::hash::MessageDigest::sha224()),
+        _ => None,
+    }
+}
+
+/// Sets an initialised OpenSSL RSA-PSS context up: salt as long as the hash, MGF1 with the
+/// same hash.
+fn pss_setup<T>(
+    ctx: &mut openssl::pkey_ctx::PkeyCtx<T>,
+    md: openssl::hash::MessageDigest,
+) -> Result<(), Ckr> {
+    let fail = |_| Ckr(CKR_FUNCTION_FAILED);
+    let md = openssl::md::Md::from_nid(md.type_()).ok_or(Ckr(CKR_FUNCTION_FAILED))?;
+    ctx.set_rsa_padding(openssl::rsa::Padding::PKCS1_PSS)
+        .map_err(fail)?;
+    ctx.set_signature_md(md).map_err(fail)?;
+    ctx.set_rsa_mgf1_md(md).map_err(fail)?;
+    ctx.set_rsa_pss_saltlen(openssl::sign::RsaPssSaltlen::DIGEST_LENGTH)
+        .map_err(fail)
 }
 
 fn oaep_alg(hash: u64) -> Result<&'static rsa::OaepAlgorithm, Ckr> {

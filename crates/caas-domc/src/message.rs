@@ -360,7 +360,10 @@ impl Domain {
         self.use_key(app, slot, &k, "C_EncryptMessage", mech)?;
         op.update(data)?;
         let mut out = op.finish()?;
-        let split = out.len().checked_sub(tag_len).ok_or(Ckr(CKR_FUNCTION_FAILED))?;
+        let split = out
+            .len()
+            .checked_sub(tag_len)
+            .ok_or(Ckr(CKR_FUNCTION_FAILED))?;
         let tag = out.split_off(split);
         Ok(Response::ok(Body::Sealed {
             iv: Blob(iv),
@@ -441,7 +444,10 @@ mod tests {
             compose_iv(&iv, 12, &0x0123u64.to_be_bytes()),
             [0xab, 0xa0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0x23]
         );
-        assert_eq!(compose_iv(&iv, 0, &[1, 2]), [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2]);
+        assert_eq!(
+            compose_iv(&iv, 0, &[1, 2]),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2]
+        );
         assert_eq!(compose_iv(&iv, 96, &[1, 2]), iv);
         assert!(fits(255, 8) && !fits(256, 8) && fits(u64::MAX, 64));
         assert_eq!(stored_state_of(&encode_state(8192, 32)), (8192, 32));

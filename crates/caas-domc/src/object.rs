@@ -11,8 +11,8 @@ use crate::keys::{Curve, KeyMaterial};
 use crate::policy::{self, Role};
 use crate::pq::{MlDsa, MlKem};
 use caas_vsm_proto::attr::{
-    self, AttrKind, CKA_CAAS_BASE, CKA_CAAS_GCM_IV_STATE, CKA_CAAS_MAX_USES,
-    CKA_CAAS_RATE_PER_SEC, CKA_CAAS_USAGE_COUNT,
+    self, AttrKind, CKA_CAAS_BASE, CKA_CAAS_GCM_IV_STATE, CKA_CAAS_MAX_USES, CKA_CAAS_RATE_PER_SEC,
+    CKA_CAAS_USAGE_COUNT,
 };
 use caas_vsm_proto::v32::{
     CKA_DECAPSULATE, CKA_ENCAPSULATE, CKA_PARAMETER_SET, CKK_ML_DSA, CKK_ML_KEM,
@@ -382,6 +382,17 @@ fn imported_secret(
             scalar[off..].copy_from_slice(v);
             Ok(Some(Zeroizing::new(scalar)))
         }
+        (CKO_PRIVATE_KEY, Some(CKK_EC_MONTGOMERY)) => {
+            let v = tmpl_bytes(t, CKA_VALUE).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
+            let params = m.get(&CKA_EC_PARAMS).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
+            if !der::is_x25519(params) {
+                return Err(Ckr(CKR_CURVE_NOT_SUPPORTED));
+            }
+            if v.len() != 32 {
+                return Err(Ckr(CKR_ATTRIBUTE_VALUE_INVALID));
+            }
+            Ok(Some(Zeroizing::new(v.to_vec())))
+        }
         (CKO_PRIVATE_KEY, Some(kt @ (CKK_ML_DSA | CKK_ML_KEM))) => {
             // The expanded private key; the public value is recomputed, never taken on trust.
             let v = tmpl_bytes(t, CKA_VALUE).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
@@ -573,6 +584,22 @@ impl Object {
                     .bytes(CKA_EC_POINT)
                     .ok_or(Ckr(CKR_KEY_HANDLE_INVALID))?;
                 KeyMaterial::ec_public(Curve::from_params(&p)?, &q)
+            }
+            (class @ (CKO_PRIVATE_KEY | CKO_PUBLIC_KEY), CKK_EC_MONTGOMERY) => {
+                let p = self
+                    .bytes(CKA_EC_PARAMS)
+                    .ok_or(Ckr(CKR_KEY_HANDLE_INVALID))?;
+                if !der::is_x25519(&p) {
+                    return Err(Ckr(CKR_CURVE_NOT_SUPPORTED));
+                }
+                if class == CKO_PRIVATE_KEY {
+                    KeyMaterial::x25519_private(secret()?)
+                } else {
+                    let q = self
+                        .bytes(CKA_EC_POINT)
+                        .ok_or(Ckr(CKR_KEY_HANDLE_INVALID))?;
+                    KeyMaterial::x25519_public(&q)
+                }
             }
             (CKO_PRIVATE_KEY, CKK_ML_DSA) => Ok(KeyMaterial::MlDsaPrivate(
                 crate::pq::MlDsaPrivate::new(self.parameter_set(MlDsa::from_set)?, secret()?)?,

@@ -13,11 +13,12 @@
 //! | RSA_PKCS_KEY_PAIR_GEN | 2048–4096 | generate key pair |
 //! | RSA_PKCS | 2048–4096 | sign, verify, encrypt, decrypt, wrap, unwrap |
 //! | RSA_X_509 | 2048–4096 | sign, verify (no raw encryption) |
-//! | SHA{1,224,256,384,512}_RSA_PKCS, RSA_PKCS_PSS, SHA{256,384,512}_RSA_PKCS_PSS (SHA1/SHA224 PSS not served) | 2048–4096 | sign, verify |
+//! | SHA{1,224,256,384,512}_RSA_PKCS, RSA_PKCS_PSS, SHA{1,224,256,384,512}_RSA_PKCS_PSS (salt = hash length, MGF1 with the same hash; SHA-1/SHA-224 through OpenSSL) | 2048–4096 | sign, verify |
 //! | RSA_PKCS_OAEP | 2048–4096 | encrypt, decrypt, wrap, unwrap |
 //! | EC_KEY_PAIR_GEN (P-256, P-384, P-521) | 256–521 | generate key pair, EC F_P, named curve, uncompressed |
 //! | ECDSA, ECDSA_SHA{1,224,256,384,512} (P-521: input up to 64 bytes) | 256–521 | sign, verify (+ EC flags) |
-//! | ECDH1_DERIVE | 256–521 | derive (+ EC flags) |
+//! | ECDH1_DERIVE (CKK_EC P-256/384/521, and CKK_EC_MONTGOMERY X25519 with the peer's 32-byte public value, raw or as a DER OCTET STRING; `CKD_NULL` only) | 255–521 | derive (+ EC flags) |
+//! | EC_MONTGOMERY_KEY_PAIR_GEN (X25519: `CKA_EC_PARAMS` the OID 1.3.101.110 or the printable string "curve25519"; X448 not served) | 255 | generate key pair |
 //! | EC_EDWARDS_KEY_PAIR_GEN, EDDSA (Ed25519) | 255 | generate key pair / sign, verify |
 //! | AES_KEY_GEN | 16–32 | generate |
 //! | AES_GCM (IV 1–256 bytes, tag 96–128 bits: 12-byte IV with a full tag through aws-lc-rs, the rest through OpenSSL), AES_CBC_PAD | 16–32 | encrypt, decrypt, wrap, unwrap |
@@ -25,7 +26,7 @@
 //! | AES_CTR (`CK_AES_CTR_PARAMS`, counter 1–128 bits; data that would wrap the counter is CKR_DATA_LEN_RANGE) | 16–32 | encrypt, decrypt |
 //! | AES_ECB, AES_CBC (no padding: data a multiple of 16 bytes, else CKR_DATA_LEN_RANGE / CKR_ENCRYPTED_DATA_LEN_RANGE) | 16–32 | encrypt, decrypt (not wrap: SoftHSM2 offers it, the wrap policy here does not) |
 //! | AES_CMAC, AES_CMAC_GENERAL (tag 1–16 bytes) | 16–32 | sign, verify |
-//! | AES_KEY_WRAP, AES_KEY_WRAP_PAD, AES_KEY_WRAP_KWP (16 or 32: aws-lc-rs has no 192-bit KW; a 24-byte KEK gets CKR_KEY_SIZE_RANGE), CAAS_AES_KEY_WRAP_ATTRS (16–32) | 16–32 | wrap, unwrap |
+//! | AES_KEY_WRAP, AES_KEY_WRAP_PAD, AES_KEY_WRAP_KWP (16, 24 or 32: a 24-byte KEK through OpenSSL's id-aes192-wrap(-pad), aws-lc-rs has no 192-bit KW), CAAS_AES_KEY_WRAP_ATTRS (16–32) | 16–32 | wrap, unwrap |
 //! | GENERIC_SECRET_KEY_GEN | 1–512 | generate |
 //! | SHA_1_HMAC, SHA224_HMAC, SHA256_HMAC, SHA384_HMAC, SHA512_HMAC and their `*_GENERAL` forms (output 1 to the hash's length) | 1–512 | sign, verify |
 //! | SHA_1, SHA224, SHA256, SHA384, SHA512 | – | digest |
@@ -92,13 +93,16 @@ pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
     // Raw RSA (the caller pads); no encrypt/decrypt (unpadded RSA encryption is unsafe).
     (CKM_RSA_X_509, 2048, 4096, CKF_SIGN | CKF_VERIFY),
     // SHA-1/SHA-224 PKCS#1 v1.5 (legacy, as SoftHSM2): the DigestInfo signed through the
-    // raw path (OpenSSL, blinded). Their PSS forms are not served (aws-lc-rs PSS: SHA-2 ≥ 256).
+    // raw path (OpenSSL, blinded). Their PSS forms sign through OpenSSL too (aws-lc-rs PSS:
+    // SHA-2 ≥ 256 only), `KeyMaterial::rsa_sign_digest`.
     (CKM_SHA1_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA224_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA256_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA384_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA512_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
     (CKM_RSA_PKCS_PSS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA1_RSA_PKCS_PSS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA224_RSA_PKCS_PSS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA256_RSA_PKCS_PSS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA384_RSA_PKCS_PSS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
     (CKM_SHA512_RSA_PKCS_PSS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
@@ -150,13 +154,15 @@ pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
         521,
         CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
     ),
+    // P-256/384/521 (CKK_EC) and X25519 (CKK_EC_MONTGOMERY).
     (
         CKM_ECDH1_DERIVE,
-        256,
+        255,
         521,
         CKF_DERIVE | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
     ),
     (CKM_EC_EDWARDS_KEY_PAIR_GEN, 255, 255, CKF_GENERATE_KEY_PAIR),
+    (CKM_EC_MONTGOMERY_KEY_PAIR_GEN, 255, 255, CKF_GENERATE_KEY_PAIR),
     (CKM_EDDSA, 255, 255, CKF_SIGN | CKF_VERIFY),
     (CKM_AES_KEY_GEN, 16, 32, CKF_GENERATE),
     // Also message-based (single-part C_EncryptMessage/C_DecryptMessage, `crate::domain::message`).
@@ -337,8 +343,12 @@ fn hash_for(mech: u64) -> Option<&'static digest::Algorithm> {
         CKM_SHA512_RSA_PKCS | CKM_SHA512_RSA_PKCS_PSS | CKM_ECDSA_SHA512 | CKM_SHA512_HMAC => {
             &digest::SHA512
         }
-        CKM_ECDSA_SHA224 | CKM_SHA224_HMAC | CKM_SHA224_RSA_PKCS => &digest::SHA224,
-        CKM_ECDSA_SHA1 | CKM_SHA_1_HMAC | CKM_SHA1_RSA_PKCS => &digest::SHA1_FOR_LEGACY_USE_ONLY,
+        CKM_ECDSA_SHA224 | CKM_SHA224_HMAC | CKM_SHA224_RSA_PKCS | CKM_SHA224_RSA_PKCS_PSS => {
+            &digest::SHA224
+        }
+        CKM_ECDSA_SHA1 | CKM_SHA_1_HMAC | CKM_SHA1_RSA_PKCS | CKM_SHA1_RSA_PKCS_PSS => {
+            &digest::SHA1_FOR_LEGACY_USE_ONLY
+        }
         _ => return None,
     })
 }
@@ -369,7 +379,9 @@ fn pss_check(
     let alg = digest_alg(*hash).ok_or(Ckr(CKR_MECHANISM_PARAM_INVALID))?;
     let mgf_ok = matches!(
         (*hash, *mgf),
-        (CKM_SHA256, CKG_MGF1_SHA256)
+        (CKM_SHA_1, CKG_MGF1_SHA1)
+            | (CKM_SHA224, CKG_MGF1_SHA224)
+            | (CKM_SHA256, CKG_MGF1_SHA256)
             | (CKM_SHA384, CKG_MGF1_SHA384)
             | (CKM_SHA512, CKG_MGF1_SHA512)
     );
@@ -475,7 +487,11 @@ impl SignOp {
             }
             CKM_SHA1_RSA_PKCS => Some(SignKind::RsaHashLegacy(DIGEST_INFO_SHA1)),
             CKM_SHA224_RSA_PKCS => Some(SignKind::RsaHashLegacy(DIGEST_INFO_SHA224)),
-            CKM_SHA256_RSA_PKCS_PSS | CKM_SHA384_RSA_PKCS_PSS | CKM_SHA512_RSA_PKCS_PSS => {
+            CKM_SHA1_RSA_PKCS_PSS
+            | CKM_SHA224_RSA_PKCS_PSS
+            | CKM_SHA256_RSA_PKCS_PSS
+            | CKM_SHA384_RSA_PKCS_PSS
+            | CKM_SHA512_RSA_PKCS_PSS => {
                 pss_check(param, hash)?;
                 Some(SignKind::RsaHash { pss: true })
             }
@@ -1103,23 +1119,23 @@ fn ctr_blocks_left(bits: u64, cb: &[u8; 16]) -> Result<u128, Ckr> {
 /// AES key wrap (RFC 3394) or key wrap with padding (RFC 5649) of `data` under `kek`.
 pub fn aes_kw(mech: u64, kek: &[u8], data: &[u8], wrap: bool) -> Result<Zeroizing<Vec<u8>>, Ckr> {
     use aws_lc_rs::key_wrap::{AES_128, AES_256, AesKek, KeyWrap, KeyWrapPadded};
+    let padded = mech != CKM_AES_KEY_WRAP;
+    if wrap && !padded && (!data.len().is_multiple_of(8) || data.len() < 16) {
+        return Err(Ckr(CKR_KEY_SIZE_RANGE));
+    }
     let cipher = match kek.len() {
         16 => &AES_128,
         32 => &AES_256,
+        24 => return aes_kw_192(kek, data, wrap, padded),
         _ => return Err(Ckr(CKR_KEY_SIZE_RANGE)),
     };
     let k = AesKek::new(cipher, kek).map_err(|_| Ckr(CKR_KEY_SIZE_RANGE))?;
     let mut out = Zeroizing::new(vec![0u8; data.len() + 16]);
-    let padded = mech != CKM_AES_KEY_WRAP;
     let n = match (wrap, padded) {
-        (true, false) => {
-            if !data.len().is_multiple_of(8) || data.len() < 16 {
-                return Err(Ckr(CKR_KEY_SIZE_RANGE));
-            }
-            k.wrap(data, &mut out)
-                .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?
-                .len()
-        }
+        (true, false) => k
+            .wrap(data, &mut out)
+            .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?
+            .len(),
         (true, true) => k
             .wrap_with_padding(data, &mut out)
             .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?
@@ -1134,6 +1150,48 @@ pub fn aes_kw(mech: u64, kek: &[u8], data: &[u8], wrap: bool) -> Result<Zeroizin
             .len(),
     };
     out.truncate(n);
+    Ok(out)
+}
+
+/// AES key wrap with a 192-bit KEK, which aws-lc-rs does not offer: OpenSSL's
+/// id-aes192-wrap (RFC 3394) and id-aes192-wrap-pad (RFC 5649). The output buffer is
+/// zeroizing (an unwrap's output is a key).
+fn aes_kw_192(
+    kek: &[u8],
+    data: &[u8],
+    wrap: bool,
+    padded: bool,
+) -> Result<Zeroizing<Vec<u8>>, Ckr> {
+    use openssl::cipher::Cipher;
+    use openssl::cipher_ctx::CipherCtx;
+    let fail = if wrap {
+        Ckr(CKR_FUNCTION_FAILED)
+    } else {
+        Ckr(CKR_WRAPPED_KEY_INVALID)
+    };
+    if !wrap && (data.len() < 16 || !data.len().is_multiple_of(8)) {
+        return Err(Ckr(CKR_WRAPPED_KEY_INVALID));
+    }
+    let cipher = if padded {
+        Cipher::aes_192_wrap_pad()
+    } else {
+        Cipher::aes_192_wrap()
+    };
+    let mut ctx = CipherCtx::new().map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+    if wrap {
+        ctx.encrypt_init(Some(cipher), Some(kek), None)
+    } else {
+        ctx.decrypt_init(Some(cipher), Some(kek), None)
+    }
+    .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+    // Room for the update's output (at most the input plus 15 bytes) and the final
+    // call's block (the `openssl` crate asserts both sizes, so never less).
+    let mut out = Zeroizing::new(vec![0u8; data.len() + 32]);
+    let n = ctx.cipher_update(data, Some(&mut out)).map_err(|_| fail)?;
+    let m = ctx
+        .cipher_final(out.get_mut(n..).ok_or(fail)?)
+        .map_err(|_| fail)?;
+    out.truncate(n + m);
     Ok(out)
 }
 
@@ -1189,10 +1247,37 @@ mod tests {
         // RFC 5649 §6, 20-octet key data.
         let kek =
             hex::decode("5840df6e29b02af1ab493b705bf16ea1ae8338f4dcc176a8").unwrap_or_default();
-        // The vector uses a 192-bit KEK, which the wrap mechanisms here do not offer;
-        // check the 256-bit path round-trips and the 192-bit one is refused.
+        // A 192-bit KEK (OpenSSL's id-aes192-wrap-pad): both vectors of RFC 5649 §6.
+        for (key, wrapped) in [
+            (
+                "c37b7e6492584340bed12207808941155068f738",
+                "138bdeaa9b8fa7fc61f97742e72248ee5ae6ae5360d1ae6a5f54f373fa543b6a",
+            ),
+            ("466f7250617369", "afbeb0f07dfbf5419200f2ccb50bb24f"),
+        ] {
+            let (key, wrapped) = (
+                hex::decode(key).unwrap_or_default(),
+                hex::decode(wrapped).unwrap_or_default(),
+            );
+            assert_eq!(*aes_kw(CKM_AES_KEY_WRAP_PAD, &kek, &key, true)?, wrapped);
+            assert_eq!(*aes_kw(CKM_AES_KEY_WRAP_KWP, &kek, &wrapped, false)?, key);
+            let mut bad = wrapped.clone();
+            bad[5] ^= 1;
+            assert_eq!(
+                aes_kw(CKM_AES_KEY_WRAP_PAD, &kek, &bad, false).err(),
+                Some(Ckr(CKR_WRAPPED_KEY_INVALID))
+            );
+        }
+        // RFC 3394 §4.2: 128 bits of key data with a 192-bit KEK.
+        let kek3394 =
+            hex::decode("000102030405060708090a0b0c0d0e0f1011121314151617").unwrap_or_default();
+        let data = hex::decode("00112233445566778899aabbccddeeff").unwrap_or_default();
+        let want =
+            hex::decode("96778b25ae6ca435f92b5b97c050aed2468ab8a17ad84e5d").unwrap_or_default();
+        assert_eq!(*aes_kw(CKM_AES_KEY_WRAP, &kek3394, &data, true)?, want);
+        assert_eq!(*aes_kw(CKM_AES_KEY_WRAP, &kek3394, &want, false)?, data);
         assert_eq!(
-            aes_kw(CKM_AES_KEY_WRAP_PAD, &kek, b"x", true).err(),
+            aes_kw(CKM_AES_KEY_WRAP, &kek3394, &data[..12], true).err(),
             Some(Ckr(CKR_KEY_SIZE_RANGE))
         );
         let kek = [7u8; 32];
@@ -1232,8 +1317,8 @@ mod tests {
 
     /// C_GetMechanismInfo does not lie for the secret-key mechanisms: each advertised
     /// encrypt/decrypt/sign/verify flag works with a key at each end of the advertised size
-    /// range (and AES-192 in between). Wrapping is covered by the policy tests (AES-KW has
-    /// no 192-bit form, see the table above).
+    /// range (and AES-192 in between). Wrapping is covered by the policy tests and the
+    /// RFC 3394/5649 vectors (192-bit KEK) above.
     #[test]
     fn every_advertised_secret_key_mechanism_works_across_its_key_range() -> Result<(), Ckr> {
         use caas_vsm_proto::Blob;

@@ -87,8 +87,7 @@ fn seal(
 ) -> cryptoki::error::Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
     let mut iv = iv.to_vec();
     let mut tag = [0u8; 16];
-    let mut params =
-        GcmMessageParams::new(&mut iv, fixed_bits.try_into()?, generator, &mut tag)?;
+    let mut params = GcmMessageParams::new(&mut iv, fixed_bits.try_into()?, generator, &mut tag)?;
     let ct = {
         let mp = MessageParam::AesGcmMessage(params);
         let ct = s.encrypt_message(&mp, aad, pt)?;
@@ -118,8 +117,7 @@ fn open(
 fn message_init(s: &Session, k: ObjectHandle, encrypt: bool) -> cryptoki::error::Result<()> {
     let mut iv = [0u8; 12];
     let mut tag = [0u8; 16];
-    let params =
-        GcmMessageParams::new(&mut iv, 0.into(), GeneratorFunction::NoGenerate, &mut tag)?;
+    let params = GcmMessageParams::new(&mut iv, 0.into(), GeneratorFunction::NoGenerate, &mut tag)?;
     let m = Mechanism::AesGcmMessage(params);
     if encrypt {
         s.message_encrypt_init(&m, k)
@@ -207,8 +205,19 @@ fn gcm_message_known_answer_and_openssl_cross_check() -> Result<()> {
     let fixed = [1u8, 2, 3, 4, 0xee, 0xee, 0xee, 0xee, 0xee, 0xee, 0xee, 0xee];
     let mut last = None;
     for (i, msg) in [&b"first"[..], b"second message", b""].iter().enumerate() {
-        let (iv, ct, tag) = seal(&s, &fixed, 32, GeneratorFunction::GenerateCounter, b"hdr", msg)?;
-        ensure!(iv[..4] == fixed[..4], "fixed field kept: {}", hex::encode(&iv));
+        let (iv, ct, tag) = seal(
+            &s,
+            &fixed,
+            32,
+            GeneratorFunction::GenerateCounter,
+            b"hdr",
+            msg,
+        )?;
+        ensure!(
+            iv[..4] == fixed[..4],
+            "fixed field kept: {}",
+            hex::encode(&iv)
+        );
         let c = counter(&iv)?;
         ensure!(c == i as u64, "counter {c} for message {i}");
         ensure!(
@@ -226,24 +235,62 @@ fn gcm_message_known_answer_and_openssl_cross_check() -> Result<()> {
         "CKG_GENERATE continues the counter"
     );
     // Random IVs: at least 96 random bits.
-    let (iv1, ct, tag) = seal(&s, &[0u8; 12], 0, GeneratorFunction::GenerateRandom, b"", b"rnd")?;
-    let (iv2, _, _) = seal(&s, &[0u8; 12], 0, GeneratorFunction::GenerateRandom, b"", b"rnd")?;
+    let (iv1, ct, tag) = seal(
+        &s,
+        &[0u8; 12],
+        0,
+        GeneratorFunction::GenerateRandom,
+        b"",
+        b"rnd",
+    )?;
+    let (iv2, _, _) = seal(
+        &s,
+        &[0u8; 12],
+        0,
+        GeneratorFunction::GenerateRandom,
+        b"",
+        b"rnd",
+    )?;
     ensure!(iv1 != iv2 && iv1 != [0u8; 12], "random IVs");
-    ensure!(openssl_open(&key, &iv1, b"", &ct, &tag)? == b"rnd", "OpenSSL opens");
+    ensure!(
+        openssl_open(&key, &iv1, b"", &ct, &tag)? == b"rnd",
+        "OpenSSL opens"
+    );
     expect_rv(
-        seal(&s, &[0u8; 12], 8, GeneratorFunction::GenerateRandom, b"", b"x"),
+        seal(
+            &s,
+            &[0u8; 12],
+            8,
+            GeneratorFunction::GenerateRandom,
+            b"",
+            b"x",
+        ),
         RvError::MechanismParamInvalid,
         "88 random bits",
     )?;
     expect_rv(
-        seal(&s, &[0u8; 12], 32, GeneratorFunction::GenerateCounterXor, b"", b"x"),
+        seal(
+            &s,
+            &[0u8; 12],
+            32,
+            GeneratorFunction::GenerateCounterXor,
+            b"",
+            b"x",
+        ),
         RvError::MechanismParamInvalid,
         "CKG_GENERATE_COUNTER_XOR",
     )?;
     s.message_encrypt_final()?;
     s.message_decrypt_final()?;
     expect_rv(
-        seal(&s, &fixed, 32, GeneratorFunction::GenerateCounter, b"", b"x"),
+        seal(
+            &s,
+            &fixed,
+            32,
+            GeneratorFunction::GenerateCounter,
+            b"",
+            b"x",
+        ),
         RvError::OperationNotInitialized,
         "after C_MessageEncryptFinal",
     )?;
@@ -320,11 +367,21 @@ fn gcm_message_iv_counter_never_repeats_across_copy_restart_and_narrower_field()
         let k = *k.first().context("token key after restart")?;
         message_init(&s, k, true)?;
         let c = take(&s, "after restart")?;
-        ensure!(c > 3, "counter after restart {c} must be above every issued value");
+        ensure!(
+            c > 3,
+            "counter after restart {c} must be above every issued value"
+        );
         // Now the counter is above 255: an 8-bit counter field (88 fixed bits) cannot
         // hold it, so the domain refuses rather than wrap (and audits the refusal).
         expect_rv(
-            seal(&s, &fixed, 88, GeneratorFunction::GenerateCounter, b"", b"m"),
+            seal(
+                &s,
+                &fixed,
+                88,
+                GeneratorFunction::GenerateCounter,
+                b"",
+                b"m",
+            ),
             RvError::MechanismParamInvalid,
             "narrower counter field",
         )?;
@@ -343,10 +400,24 @@ fn gcm_message_iv_counter_never_repeats_across_copy_restart_and_narrower_field()
         s.message_encrypt_final()?;
         message_init(&s, k2, true)?;
         for _ in 0..256 {
-            seal(&s, &fixed, 88, GeneratorFunction::GenerateCounter, b"", b"m")?;
+            seal(
+                &s,
+                &fixed,
+                88,
+                GeneratorFunction::GenerateCounter,
+                b"",
+                b"m",
+            )?;
         }
         expect_rv(
-            seal(&s, &fixed, 32, GeneratorFunction::GenerateCounter, b"", b"m"),
+            seal(
+                &s,
+                &fixed,
+                32,
+                GeneratorFunction::GenerateCounter,
+                b"",
+                b"m",
+            ),
             RvError::MechanismParamInvalid,
             "a wider field after 256 values in an 8-bit one",
         )?;
@@ -371,7 +442,11 @@ fn gcm_message_policy_limits_and_audit() -> Result<()> {
         Attribute::KeyType(KeyType::GENERIC_SECRET),
         Attribute::Value(vec![7u8; 32]),
     ])?;
-    expect_rv(message_init(&s, hmac, true), RvError::KeyTypeInconsistent, "generic secret")?;
+    expect_rv(
+        message_init(&s, hmac, true),
+        RvError::KeyTypeInconsistent,
+        "generic secret",
+    )?;
     audited(
         &dom,
         "C_MessageEncryptInit",
@@ -383,7 +458,11 @@ fn gcm_message_policy_limits_and_audit() -> Result<()> {
         &[1u8; 16],
         &[Attribute::AllowedMechanisms(vec![MechanismType::AES_CBC])],
     )?;
-    expect_rv(message_init(&s, cbc_only, true), RvError::MechanismInvalid, "allowed mechanisms")?;
+    expect_rv(
+        message_init(&s, cbc_only, true),
+        RvError::MechanismInvalid,
+        "allowed mechanisms",
+    )?;
     let no_decrypt = aes_import(&s, &[2u8; 16], &[Attribute::Decrypt(false)])?;
     expect_rv(
         message_init(&s, no_decrypt, false),
@@ -404,12 +483,30 @@ fn gcm_message_policy_limits_and_audit() -> Result<()> {
         ))],
     )?;
     message_init(&s, limited, true)?;
-    expect_rv(message_init(&s, limited, true), RvError::OperationActive, "second init")?;
+    expect_rv(
+        message_init(&s, limited, true),
+        RvError::OperationActive,
+        "second init",
+    )?;
     for _ in 0..2 {
-        seal(&s, &[0u8; 12], 32, GeneratorFunction::GenerateCounter, b"", b"x")?;
+        seal(
+            &s,
+            &[0u8; 12],
+            32,
+            GeneratorFunction::GenerateCounter,
+            b"",
+            b"x",
+        )?;
     }
     expect_rv(
-        seal(&s, &[0u8; 12], 32, GeneratorFunction::GenerateCounter, b"", b"x"),
+        seal(
+            &s,
+            &[0u8; 12],
+            32,
+            GeneratorFunction::GenerateCounter,
+            b"",
+            b"x",
+        ),
         RvError::FunctionRejected,
         "third message of a 2-use key",
     )?;
