@@ -302,8 +302,8 @@ pub fn generate_ec(curve: Curve) -> Result<GeneratedPair, Ckr> {
 /// and the public attributes (CKA_EC_PARAMS, CKA_EC_POINT as a DER OCTET STRING, as for
 /// Ed25519 and as SoftHSM2 does).
 pub fn generate_x25519() -> Result<GeneratedPair, Ckr> {
-    let k = agreement::PrivateKey::generate(&agreement::X25519)
-        .map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
+    let k =
+        agreement::PrivateKey::generate(&agreement::X25519).map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
     let secret: aws_lc_rs::encoding::Curve25519SeedBin<'_> =
         k.as_be_bytes().map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
     let public = k.compute_public_key().map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
@@ -911,8 +911,7 @@ impl KeyMaterial {
     /// a low-order peer point giving the all-zero secret is refused, RFC 7748 §6.1).
     pub fn ecdh(&self, peer: &[u8]) -> Result<Zeroizing<Vec<u8>>, Ckr> {
         if let KeyMaterial::XPrivate(k) = self {
-            let raw =
-                x25519_point(peer).map_err(|_| Ckr(CKR_MECHANISM_PARAM_INVALID))?;
+            let raw = x25519_point(peer).map_err(|_| Ckr(CKR_MECHANISM_PARAM_INVALID))?;
             let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, raw);
             return agreement::agree(k, peer, Ckr(CKR_MECHANISM_PARAM_INVALID), |z| {
                 if z.iter().all(|b| *b == 0) {

@@ -162,7 +162,12 @@ pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
         CKF_DERIVE | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
     ),
     (CKM_EC_EDWARDS_KEY_PAIR_GEN, 255, 255, CKF_GENERATE_KEY_PAIR),
-    (CKM_EC_MONTGOMERY_KEY_PAIR_GEN, 255, 255, CKF_GENERATE_KEY_PAIR),
+    (
+        CKM_EC_MONTGOMERY_KEY_PAIR_GEN,
+        255,
+        255,
+        CKF_GENERATE_KEY_PAIR,
+    ),
     (CKM_EDDSA, 255, 255, CKF_SIGN | CKF_VERIFY),
     (CKM_AES_KEY_GEN, 16, 32, CKF_GENERATE),
     // Also message-based (single-part C_EncryptMessage/C_DecryptMessage, `crate::domain::message`).

@@ -13,8 +13,7 @@ use crate::ops::{Delivery, Kind, Phase};
 use caas_vsm_proto::attr::{self, AttrKind};
 use caas_vsm_proto::v32;
 use caas_vsm_proto::{
-    Attr, AttrValue, Blob, Body, GcmMessageParams, MechParam, Mechanism, Request, Response,
-    Secret,
+    Attr, AttrValue, Blob, Body, GcmMessageParams, MechParam, Mechanism, Request, Response, Secret,
 };
 use cryptoki_sys::*;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -1555,7 +1554,8 @@ unsafe fn gcm_message_params(
     len: CK_ULONG,
     tag_in: bool,
 ) -> Result<(CK_GCM_MESSAGE_PARAMS, GcmMessageParams), Rv> {
-    if p.is_null() || usize::try_from(len).ok() != Some(std::mem::size_of::<CK_GCM_MESSAGE_PARAMS>())
+    if p.is_null()
+        || usize::try_from(len).ok() != Some(std::mem::size_of::<CK_GCM_MESSAGE_PARAMS>())
     {
         return Err(CKR_MECHANISM_PARAM_INVALID);
     }
