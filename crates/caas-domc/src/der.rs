@@ -17,6 +17,17 @@ pub const OID_X25519: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x6e];
 /// PrintableString "curve25519" (PKCS#11 3.0 §2.3.7's name form for Montgomery keys).
 pub const NAME_X25519: &[u8] = b"\x13\x0acurve25519";
 
+/// DER OID of Ed448 (1.3.101.113, RFC 8410).
+pub const OID_ED448: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x71];
+/// PrintableString "edwards448" (PKCS#11 3.0 §2.3.6's name form).
+pub const NAME_ED448: &[u8] = b"\x13\x0aedwards448";
+
+/// Whether CKA_EC_PARAMS names Ed448 (OID or name).
+#[must_use]
+pub fn is_ed448(params: &[u8]) -> bool {
+    params == OID_ED448 || params == NAME_ED448
+}
+
 /// Whether CKA_EC_PARAMS names X25519 (OID or name).
 #[must_use]
 pub fn is_x25519(params: &[u8]) -> bool {

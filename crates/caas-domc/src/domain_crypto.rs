@@ -428,6 +428,19 @@ impl Domain {
                         }
                         (CKK_RSA, keys::generate_rsa(bits, self.legacy_rsa_1024)?)
                     }
+                    CKM_EC_EDWARDS_KEY_PAIR_GEN
+                        if tmpl_bytes(&public_template, CKA_EC_PARAMS)
+                            .is_some_and(crate::der::is_ed448) =>
+                    {
+                        let mut g = keys::generate_ed448()?;
+                        if let (Some(e), Some(p)) = (
+                            g.public_attrs.iter_mut().find(|a| a.0 == CKA_EC_PARAMS),
+                            tmpl_bytes(&public_template, CKA_EC_PARAMS),
+                        ) {
+                            e.1 = p.to_vec();
+                        }
+                        (CKK_EC_EDWARDS, g)
+                    }
                     CKM_EC_KEY_PAIR_GEN | CKM_EC_EDWARDS_KEY_PAIR_GEN => {
                         let p = tmpl_bytes(&public_template, CKA_EC_PARAMS)
                             .ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;

@@ -143,6 +143,11 @@ pub enum KeyMaterial {
     EdPrivate(signature::Ed25519KeyPair),
     /// Ed25519 public key (32 bytes).
     EdPublic(Vec<u8>),
+    /// Ed448 private key (CKK_EC_EDWARDS with Ed448 parameters; OpenSSL, as aws-lc-rs has
+    /// no Ed448).
+    Ed448Private(openssl::pkey::PKey<openssl::pkey::Private>),
+    /// Ed448 public key (57 bytes).
+    Ed448Public(Vec<u8>),
     /// X25519 private key (CKK_EC_MONTGOMERY, RFC 7748; ECDH only).
     XPrivate(agreement::PrivateKey),
     /// X25519 public key (32 bytes, the u-coordinate little-endian).
@@ -180,6 +185,8 @@ impl std::fmt::Debug for KeyMaterial {
             KeyMaterial::EdPrivate(_) => "EdPrivate([REDACTED])",
             KeyMaterial::EdPublic(_) => "EdPublic",
             KeyMaterial::XPrivate(_) => "XPrivate([REDACTED])",
+            KeyMaterial::Ed448Private(_) => "Ed448Private([REDACTED])",
+            KeyMaterial::Ed448Public(_) => "Ed448Public",
             KeyMaterial::XPublic(_) => "XPublic",
             KeyMaterial::MlDsaPrivate(_) => "MlDsaPrivate([REDACTED])",
             KeyMaterial::MlDsaPublic { .. } => "MlDsaPublic",
@@ -298,6 +305,30 @@ pub fn generate_ec(curve: Curve) -> Result<GeneratedPair, Ckr> {
     }
 }
 
+/// Ed448 private and public key length (RFC 8032 §5.2).
+pub const ED448_KEY_LEN: usize = 57;
+/// Ed448 signature length.
+pub const ED448_SIG_LEN: usize = 114;
+
+/// Generates an Ed448 key pair (CKM_EC_EDWARDS_KEY_PAIR_GEN with Ed448 parameters): 57
+/// random bytes from aws-lc's generator as the private key, kept in a zeroizing buffer; the
+/// public key computed by OpenSSL.
+pub fn generate_ed448() -> Result<GeneratedPair, Ckr> {
+    let mut secret = Zeroizing::new(vec![0u8; ED448_KEY_LEN]);
+    aws_lc_rs::rand::fill(&mut secret).map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
+    let KeyMaterial::Ed448Private(k) = KeyMaterial::ed448_private(&secret)? else {
+        return Err(Ckr(CKR_DEVICE_ERROR));
+    };
+    let public = k.raw_public_key().map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
+    Ok(GeneratedPair {
+        secret,
+        public_attrs: vec![
+            (CKA_EC_PARAMS, der::OID_ED448.to_vec()),
+            (CKA_EC_POINT, der::tlv(0x04, &public)),
+        ],
+    })
+}
+
 /// Generates an X25519 key pair (CKM_EC_MONTGOMERY_KEY_PAIR_GEN): the 32-byte private key
 /// and the public attributes (CKA_EC_PARAMS, CKA_EC_POINT as a DER OCTET STRING, as for
 /// Ed25519 and as SoftHSM2 does).
@@ -403,6 +434,27 @@ impl KeyMaterial {
         }
     }
 
+    /// An Ed448 private key from its 57 bytes.
+    pub fn ed448_private(secret: &[u8]) -> Result<Self, Ckr> {
+        if secret.len() != ED448_KEY_LEN {
+            return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+        }
+        openssl::pkey::PKey::private_key_from_raw_bytes(secret, openssl::pkey::Id::ED448)
+            .map(KeyMaterial::Ed448Private)
+            .map_err(bad_key)
+    }
+
+    /// An Ed448 public key from CKA_EC_POINT (DER OCTET STRING or the raw 57 bytes).
+    pub fn ed448_public(ec_point: &[u8]) -> Result<Self, Ckr> {
+        let raw = der::octet_string(ec_point)
+            .filter(|r| r.len() == ED448_KEY_LEN)
+            .unwrap_or(ec_point);
+        if raw.len() != ED448_KEY_LEN {
+            return Err(Ckr(CKR_ATTRIBUTE_VALUE_INVALID));
+        }
+        Ok(KeyMaterial::Ed448Public(raw.to_vec()))
+    }
+
     /// An X25519 private key from its 32 bytes.
     pub fn x25519_private(secret: &[u8]) -> Result<Self, Ckr> {
         if secret.len() != 32 {
@@ -442,6 +494,7 @@ impl KeyMaterial {
                 2 * curve.field_len()
             }
             KeyMaterial::EdPrivate(_) | KeyMaterial::EdPublic(_) => 64,
+            KeyMaterial::Ed448Private(_) | KeyMaterial::Ed448Public(_) => ED448_SIG_LEN,
             KeyMaterial::MlDsaPrivate(k) => k.set.signature_len(),
             KeyMaterial::MlDsaPublic { set, .. } => set.signature_len(),
             KeyMaterial::MlKemPrivate(_)
@@ -772,12 +825,30 @@ impl KeyMaterial {
     pub fn eddsa_sign(&self, msg: &[u8]) -> Result<Vec<u8>, Ckr> {
         match self {
             KeyMaterial::EdPrivate(kp) => Ok(kp.sign(msg).as_ref().to_vec()),
+            KeyMaterial::Ed448Private(k) => openssl::sign::Signer::new_without_digest(k)
+                .and_then(|mut s| s.sign_oneshot_to_vec(msg))
+                .map_err(|_| Ckr(CKR_FUNCTION_FAILED)),
             _ => Err(Ckr(CKR_KEY_TYPE_INCONSISTENT)),
         }
     }
 
     /// Verifies an Ed25519 signature.
     pub fn eddsa_verify(&self, msg: &[u8], sig: &[u8]) -> Result<(), Ckr> {
+        if let KeyMaterial::Ed448Public(pk) = self {
+            if sig.len() != ED448_SIG_LEN {
+                return Err(Ckr(CKR_SIGNATURE_LEN_RANGE));
+            }
+            let k = openssl::pkey::PKey::public_key_from_raw_bytes(pk, openssl::pkey::Id::ED448)
+                .map_err(bad_key)?;
+            let ok = openssl::sign::Verifier::new_without_digest(&k)
+                .and_then(|mut v| v.verify_oneshot(sig, msg))
+                .unwrap_or(false);
+            return if ok {
+                Ok(())
+            } else {
+                Err(Ckr(CKR_SIGNATURE_INVALID))
+            };
+        }
         let KeyMaterial::EdPublic(pk) = self else {
             return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
         };
@@ -1128,6 +1199,42 @@ mod tests {
             "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
         );
         KeyMaterial::ec_public(Curve::Ed25519, &der::tlv(4, &public))?.eddsa_verify(b"", &sig)
+    }
+}
+
+#[cfg(test)]
+mod ed448 {
+    use super::*;
+
+    /// RFC 8032 §7.4, the "Blank" Ed448 vector: public key, signature, verification.
+    #[test]
+    fn ed448_rfc8032_blank() -> Result<(), Ckr> {
+        let h = |s: &str| hex::decode(s).unwrap_or_default();
+        let secret = h(
+            "6c82a562cb808d10d632be89c8513ebf6c929f34ddfa8c9f63c9960ef6e348a3528c8a3fcc2f044e39a3fc5b94492f8f032e7549a20098f95b",
+        );
+        let public = h(
+            "5fd7449b59b461fd2ce787ec616ad46a1da1342485a70e1f8a0ea75d80e96778edf124769b46c7061bd6783df1e50f6cd1fa1abeafe8256180",
+        );
+        let want = "533a37f6bbe457251f023c0d88f976ae2dfb504a843e34d2074fd823d41a591f2b233f034f628281f2fd7a22ddd47d7828c59bd0a21bfd3980ff0d2028d4b18a9df63e006c5d1c2d345b925d8dc00b4104852db99ac5c7cdda8530a113a0f4dbb61149f05a7363268c71d95808ff2e652600";
+        let k = KeyMaterial::ed448_private(&secret)?;
+        let KeyMaterial::Ed448Private(pk) = &k else {
+            return Err(Ckr(CKR_FUNCTION_FAILED));
+        };
+        assert_eq!(pk.raw_public_key().unwrap_or_default(), public);
+        let sig = k.eddsa_sign(b"")?;
+        assert_eq!(hex::encode(&sig), want);
+        let p = KeyMaterial::ed448_public(&der::tlv(4, &public))?;
+        p.eddsa_verify(b"", &sig)?;
+        assert_eq!(p.eddsa_verify(b"x", &sig), Err(Ckr(CKR_SIGNATURE_INVALID)));
+        assert_eq!(
+            p.eddsa_verify(b"", &sig[..64]),
+            Err(Ckr(CKR_SIGNATURE_LEN_RANGE))
+        );
+        let g = generate_ed448()?;
+        let k = KeyMaterial::ed448_private(&g.secret)?;
+        let p = KeyMaterial::ed448_public(&g.public_attrs[1].1)?;
+        p.eddsa_verify(b"m", &k.eddsa_sign(b"m")?)
     }
 }
 

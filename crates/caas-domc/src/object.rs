@@ -370,6 +370,15 @@ fn imported_secret(
             m.insert(CKA_VALUE_LEN, attr::ulong(v.len() as u64));
             Ok(Some(Zeroizing::new(v.to_vec())))
         }
+        (CKO_PRIVATE_KEY, Some(CKK_EC_EDWARDS))
+            if m.get(&CKA_EC_PARAMS).is_some_and(|p| der::is_ed448(p)) =>
+        {
+            let v = tmpl_bytes(t, CKA_VALUE).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
+            if v.len() != crate::keys::ED448_KEY_LEN {
+                return Err(Ckr(CKR_ATTRIBUTE_VALUE_INVALID));
+            }
+            Ok(Some(Zeroizing::new(v.to_vec())))
+        }
         (CKO_PRIVATE_KEY, Some(CKK_EC | CKK_EC_EDWARDS)) => {
             let v = tmpl_bytes(t, CKA_VALUE).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
             let params = m.get(&CKA_EC_PARAMS).ok_or(Ckr(CKR_TEMPLATE_INCOMPLETE))?;
@@ -569,6 +578,18 @@ impl Object {
                     .bytes(CKA_PUBLIC_EXPONENT)
                     .ok_or(Ckr(CKR_KEY_HANDLE_INVALID))?;
                 KeyMaterial::rsa_public(&n, &e)
+            }
+            (class @ (CKO_PRIVATE_KEY | CKO_PUBLIC_KEY), CKK_EC_EDWARDS)
+                if self.bytes(CKA_EC_PARAMS).is_some_and(|p| der::is_ed448(&p)) =>
+            {
+                if class == CKO_PRIVATE_KEY {
+                    KeyMaterial::ed448_private(secret()?)
+                } else {
+                    let q = self
+                        .bytes(CKA_EC_POINT)
+                        .ok_or(Ckr(CKR_KEY_HANDLE_INVALID))?;
+                    KeyMaterial::ed448_public(&q)
+                }
             }
             (CKO_PRIVATE_KEY, CKK_EC | CKK_EC_EDWARDS) => {
                 let p = self

@@ -19,7 +19,7 @@
 //! | ECDSA, ECDSA_SHA{1,224,256,384,512} (P-521: input up to 64 bytes) | 256–521 | sign, verify (+ EC flags) |
 //! | ECDH1_DERIVE (CKK_EC P-256/384/521, and CKK_EC_MONTGOMERY X25519 with the peer's 32-byte public value, raw or as a DER OCTET STRING; `CKD_NULL` only) | 255–521 | derive (+ EC flags) |
 //! | EC_MONTGOMERY_KEY_PAIR_GEN (X25519: `CKA_EC_PARAMS` the OID 1.3.101.110 or the printable string "curve25519"; X448 not served) | 255 | generate key pair |
-//! | EC_EDWARDS_KEY_PAIR_GEN, EDDSA (Ed25519) | 255 | generate key pair / sign, verify |
+//! | EC_EDWARDS_KEY_PAIR_GEN, EDDSA (Ed25519 through aws-lc-rs; Ed448, `CKA_EC_PARAMS` OID 1.3.101.113 or "edwards448", through OpenSSL; pure EdDSA) | 255–448 | generate key pair / sign, verify |
 //! | AES_KEY_GEN | 16–32 | generate |
 //! | AES_GCM (IV 1–256 bytes, tag 96–128 bits: 12-byte IV with a full tag through aws-lc-rs, the rest through OpenSSL), AES_CBC_PAD | 16–32 | encrypt, decrypt, wrap, unwrap |
 //! | AES_GCM message-based (PKCS#11 3.0: `C_MessageEncryptInit`, single-part `C_EncryptMessage`/`C_DecryptMessage` with `CK_GCM_MESSAGE_PARAMS`; IV by `CKG_NO_GENERATE`, `CKG_GENERATE`/`CKG_GENERATE_COUNTER` (per-key-value counter, never reissued) or `CKG_GENERATE_RANDOM` (≥ 96 random bits); no `C_EncryptMessageBegin`/`Next`), see [`crate::domain::message`] | 16–32 | message encrypt, message decrypt |
@@ -54,8 +54,9 @@
 //! `CKA_LOCAL`, and the base key's `CKA_DERIVE` and mechanism list honoured; no workload
 //! of this system needs it, so the domain refuses it outright (test
 //! `encrypt_data_derivation_is_refused_and_audited`). EdDSA with `CK_EDDSA_PARAMS`
-//! (Ed25519ph/Ed25519ctx) and Ed448 are not served because aws-lc-rs 1.19 implements
-//! neither (CKR_MECHANISM_PARAM_INVALID / CKR_CURVE_NOT_SUPPORTED).
+//! (Ed25519ph/Ed25519ctx, Ed448ph/Ed448 with a context) is not served: aws-lc-rs 1.19 has
+//! neither for Ed25519 and the pure form is what TLS and X.509 use
+//! (CKR_MECHANISM_PARAM_INVALID).
 //!
 //! With `--allow-legacy-rsa-1024` the RSA minimum is 1024 (`Domain`'s mechanism info).
 //! Not served (yet): of PKCS#11 3.2, HashML-DSA
@@ -161,14 +162,15 @@ pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
         521,
         CKF_DERIVE | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS,
     ),
-    (CKM_EC_EDWARDS_KEY_PAIR_GEN, 255, 255, CKF_GENERATE_KEY_PAIR),
+    // Ed25519 (aws-lc-rs) and Ed448 (OpenSSL).
+    (CKM_EC_EDWARDS_KEY_PAIR_GEN, 255, 448, CKF_GENERATE_KEY_PAIR),
     (
         CKM_EC_MONTGOMERY_KEY_PAIR_GEN,
         255,
         255,
         CKF_GENERATE_KEY_PAIR,
     ),
-    (CKM_EDDSA, 255, 255, CKF_SIGN | CKF_VERIFY),
+    (CKM_EDDSA, 255, 448, CKF_SIGN | CKF_VERIFY),
     (CKM_AES_KEY_GEN, 16, 32, CKF_GENERATE),
     // Also message-based (single-part C_EncryptMessage/C_DecryptMessage, `crate::domain::message`).
     (
@@ -542,7 +544,10 @@ impl SignOp {
             let ok = matches!(
                 (&*op.key, kind),
                 (
-                    KeyMaterial::EdPrivate(_) | KeyMaterial::EdPublic(_),
+                    KeyMaterial::EdPrivate(_)
+                        | KeyMaterial::EdPublic(_)
+                        | KeyMaterial::Ed448Private(_)
+                        | KeyMaterial::Ed448Public(_),
                     SignKind::Eddsa
                 ) | (
                     KeyMaterial::MlDsaPrivate(_) | KeyMaterial::MlDsaPublic { .. },

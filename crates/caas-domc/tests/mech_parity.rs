@@ -631,3 +631,76 @@ fn aes_key_wrap_with_192_bit_keks_matches_rfc_3394_and_5649() -> Result<()> {
     }
     Ok(())
 }
+
+/// Ed448 (CKK_EC_EDWARDS with Ed448 parameters, CKM_EDDSA): the RFC 8032 §7.4 "Blank"
+/// known answer with an imported key, a key pair generated in the VSM (the printable-string
+/// form of CKA_EC_PARAMS) whose signatures verify with OpenSSL outside and in the VSM, a
+/// changed message that does not, and the mechanism info that says 255–448.
+#[test]
+fn ed448_rfc8032_known_answer_and_openssl_cross_check() -> Result<()> {
+    let Some(_dom) = start("ed448")? else {
+        return run_in_child("ed448_rfc8032_known_answer_and_openssl_cross_check");
+    };
+    let p = context()?;
+    let slot = p.get_slots_with_token()?[0];
+    let info = p.get_mechanism_info(slot, MechanismType::EDDSA)?;
+    ensure!(
+        (info.min_key_size(), info.max_key_size()) == (255, 448),
+        "EDDSA info {info:?}"
+    );
+    let s = user_session(&p)?;
+    let oid_ed448 = vec![0x06, 0x03, 0x2b, 0x65, 0x71];
+    let eddsa = Mechanism::Eddsa(cryptoki::mechanism::eddsa::EddsaParams::new(
+        cryptoki::mechanism::eddsa::EddsaSignatureScheme::Pure,
+    ));
+    let k = s.create_object(&[
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(KeyType::EC_EDWARDS),
+        Attribute::EcParams(oid_ed448.clone()),
+        Attribute::Value(h("6c82a562cb808d10d632be89c8513ebf6c929f34ddfa8c9f63c9960ef6e348a3528c8a3fcc2f044e39a3fc5b94492f8f032e7549a20098f95b")?),
+        Attribute::Sign(true),
+    ])?;
+    let sig = s.sign(&eddsa, k, b"")?;
+    ensure!(
+        hex::encode(&sig)
+            == "533a37f6bbe457251f023c0d88f976ae2dfb504a843e34d2074fd823d41a591f2b233f034f628281f2fd7a22ddd47d7828c59bd0a21bfd3980ff0d2028d4b18a9df63e006c5d1c2d345b925d8dc00b4104852db99ac5c7cdda8530a113a0f4dbb61149f05a7363268c71d95808ff2e652600",
+        "RFC 8032 Ed448 signature"
+    );
+    let (public, private) = s.generate_key_pair(
+        &Mechanism::EccEdwardsKeyPairGen,
+        &[Attribute::EcParams(b"\x13\x0aedwards448".to_vec())],
+        &[],
+    )?;
+    let point = value(&s, public, AttributeType::EcPoint)?;
+    ensure!(
+        point.len() == 59 && point[..2] == [0x04, 57],
+        "CKA_EC_POINT"
+    );
+    let msg = b"signed by an Ed448 key in the VSM";
+    let sig = s.sign(&eddsa, private, msg)?;
+    ensure!(sig.len() == 114, "signature length");
+    let outside =
+        openssl::pkey::PKey::public_key_from_raw_bytes(&point[2..], openssl::pkey::Id::ED448)?;
+    ensure!(
+        openssl::sign::Verifier::new_without_digest(&outside)?.verify_oneshot(&sig, msg)?,
+        "OpenSSL verifies the VSM's Ed448 signature"
+    );
+    s.verify(&eddsa, public, msg, &sig)?;
+    expect_rv(
+        s.verify(&eddsa, public, b"another message", &sig),
+        RvError::SignatureInvalid,
+        "changed message",
+    )?;
+    // An Ed448 value is not an Ed25519 (nor a P-256) key.
+    expect_rv(
+        s.create_object(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::KeyType(KeyType::EC),
+            Attribute::EcParams(oid_ed448),
+            Attribute::Value(vec![1u8; 57]),
+        ]),
+        RvError::CurveNotSupported,
+        "Ed448 parameters on a CKK_EC key",
+    )?;
+    Ok(())
+}
