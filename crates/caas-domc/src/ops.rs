@@ -62,8 +62,13 @@
 //! Not served (yet): of PKCS#11 3.2, HashML-DSA
 //! (`CKM_HASH_ML_DSA*`), ML-DSA with a context string or `CKH_DETERMINISTIC_REQUIRED`
 //! (aws-lc-rs 1.19 exposes neither; CKR_MECHANISM_INVALID / CKR_MECHANISM_PARAM_INVALID),
-//! SLH-DSA, `CKA_SEED`, and ML-DSA/ML-KEM private keys in `C_WrapKey` (CKR_KEY_NOT_WRAPPABLE,
-//! as for every non-RSA private key). See [`crate::pq`].
+//! `CKA_SEED`, and ML-DSA/ML-KEM private keys in `C_WrapKey` (CKR_KEY_NOT_WRAPPABLE,
+//! as for every non-RSA private key). See [`crate::pq`]. **SLH-DSA** (`CKK_SLH_DSA`,
+//! `CKM_SLH_DSA_KEY_PAIR_GEN`, `CKM_SLH_DSA`) is not served: the aws-lc-sys of Cargo.lock
+//! (0.47, under aws-lc-rs 1.19) has no SLH-DSA (no `SLHDSA` symbol or NID in its bindings;
+//! its `EVP_PKEY_PQDSA` is ML-DSA only) and the system OpenSSL is 3.0 (SLH-DSA came in
+//! 3.5), so there is no implementation to put behind it (CKR_MECHANISM_INVALID). X448 and
+//! message-based signing are not served either.
 
 use crate::error::Ckr;
 use crate::keys::{KeyMaterial, digest_alg};
