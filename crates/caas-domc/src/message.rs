@@ -20,6 +20,11 @@
 //!   which holds across different `ulIvFixedBits` as long as every issued value fits the
 //!   narrowest counter field ever used for the key (also persisted): a request whose field
 //!   is too narrow for the next value is CKR_MECHANISM_PARAM_INVALID, never a wrap.
+//!   Limit: the counter lives on the key's objects (and, while the domain runs, in memory by
+//!   value); a key value whose every object was destroyed and which is imported again
+//!   (unwrapped, created) after a restart of the domain starts from its new object's state,
+//!   i.e. from zero. A counter that must survive that belongs to a key that is never
+//!   destroyed (a token object).
 //! - `CKG_GENERATE_RANDOM`: the non-fixed bits random; at least 96 of them (SP 800-38D
 //!   §8.2.2), else CKR_MECHANISM_PARAM_INVALID.
 //! - `CKG_GENERATE_COUNTER_XOR`: not served (CKR_MECHANISM_PARAM_INVALID).

@@ -163,7 +163,7 @@ fn x25519_ecdh_in_the_vsm_equals_x25519_outside() -> Result<()> {
         let outside_pub = outside.compute_public_key()?;
         let want = agreement::agree_ephemeral(
             outside,
-            &agreement::UnparsedPublicKey::new(&agreement::X25519, vsm_public),
+            agreement::UnparsedPublicKey::new(&agreement::X25519, vsm_public),
             aws_lc_rs::error::Unspecified,
             |z| Ok(z.to_vec()),
         )?;
@@ -278,8 +278,8 @@ fn x25519_ecdh_in_the_vsm_equals_x25519_outside() -> Result<()> {
     audited(
         &dom,
         "C_DeriveKey",
-        CKM_ECDH1_DERIVE as u64,
-        CKR_KEY_TYPE_INCONSISTENT as u64,
+        CKM_ECDH1_DERIVE,
+        CKR_KEY_TYPE_INCONSISTENT,
     )?;
     Ok(())
 }

@@ -87,7 +87,7 @@ fn seal(
 ) -> cryptoki::error::Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
     let mut iv = iv.to_vec();
     let mut tag = [0u8; 16];
-    let mut params = GcmMessageParams::new(&mut iv, fixed_bits.try_into()?, generator, &mut tag)?;
+    let mut params = GcmMessageParams::new(&mut iv, fixed_bits.into(), generator, &mut tag)?;
     let ct = {
         let mp = MessageParam::AesGcmMessage(params);
         let ct = s.encrypt_message(&mp, aad, pt)?;
@@ -388,8 +388,8 @@ fn gcm_message_iv_counter_never_repeats_across_copy_restart_and_narrower_field()
         audited(
             &dom,
             "C_EncryptMessage",
-            cryptoki_sys::CKM_AES_GCM as u64,
-            cryptoki_sys::CKR_MECHANISM_PARAM_INVALID as u64,
+            cryptoki_sys::CKM_AES_GCM,
+            cryptoki_sys::CKR_MECHANISM_PARAM_INVALID,
         )?;
         // The other way round: after a narrow field was used, the counter may not outgrow
         // it under a wider one (the IVs would meet). A fresh key: 8-bit field first.
@@ -450,8 +450,8 @@ fn gcm_message_policy_limits_and_audit() -> Result<()> {
     audited(
         &dom,
         "C_MessageEncryptInit",
-        cryptoki_sys::CKM_AES_GCM as u64,
-        cryptoki_sys::CKR_KEY_TYPE_INCONSISTENT as u64,
+        cryptoki_sys::CKM_AES_GCM,
+        cryptoki_sys::CKR_KEY_TYPE_INCONSISTENT,
     )?;
     let cbc_only = aes_import(
         &s,
@@ -513,8 +513,8 @@ fn gcm_message_policy_limits_and_audit() -> Result<()> {
     audited(
         &dom,
         "C_EncryptMessage",
-        cryptoki_sys::CKM_AES_GCM as u64,
-        cryptoki_sys::CKR_FUNCTION_REJECTED as u64,
+        cryptoki_sys::CKM_AES_GCM,
+        cryptoki_sys::CKR_FUNCTION_REJECTED,
     )?;
     Ok(())
 }
