@@ -893,6 +893,29 @@ impl Domain {
                 cap,
             } => self.decrypt_message(app, session, &params, &aad.0, &data.0, cap)?,
             Q::MessageFinal { session, encrypt } => self.message_final(app, session, encrypt)?,
+            Q::EncryptMessageBegin {
+                session,
+                params,
+                aad,
+            } => self.message_begin(app, session, &params, &aad.0, true)?,
+            Q::DecryptMessageBegin {
+                session,
+                params,
+                aad,
+            } => self.message_begin(app, session, &params, &aad.0, false)?,
+            Q::EncryptMessageNext {
+                session,
+                data,
+                end,
+                cap,
+            } => self.message_next(app, session, &data.0, &[], end, cap, true)?,
+            Q::DecryptMessageNext {
+                session,
+                data,
+                tag,
+                end,
+                cap,
+            } => self.message_next(app, session, &data.0, &tag.0, end, cap, false)?,
             Q::SeedRandom { session, .. } => {
                 self.session(app, session)?;
                 return Err(Ckr(CKR_RANDOM_SEED_NOT_SUPPORTED));

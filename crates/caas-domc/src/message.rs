@@ -1,10 +1,13 @@
 //! Message-based AES-GCM (PKCS#11 3.0 §5.19 and the `CK_GCM_MESSAGE_PARAMS` of CKM_AES_GCM):
-//! `C_MessageEncryptInit`, single-part `C_EncryptMessage`, `C_MessageEncryptFinal` and the
-//! decryption side. Each message is one AES-GCM encryption with its own IV and associated
+//! `C_MessageEncryptInit`, `C_EncryptMessage`, `C_EncryptMessageBegin`/`Next`,
+//! `C_MessageEncryptFinal` and the decryption side. Each message is one AES-GCM encryption with its own IV and associated
 //! data, through the same [`crate::ops::CipherOp`] as `C_Encrypt` (key type, usage flag,
 //! `CKA_ALLOWED_MECHANISMS`); each message counts one key use and is audited
 //! (`C_EncryptMessage` / `C_DecryptMessage`), so usage limits hold per message.
-//! `C_EncryptMessageBegin`/`Next` (multi-part messages) are not served.
+//! Multi-part messages (`*MessageBegin`/`Next`) buffer their parts in the domain (at most a
+//! frame) and answer the whole output at the part flagged CKF_END_OF_MESSAGE, so a
+//! decryption never releases plaintext before its tag verified; the IV is generated and the
+//! use counted at `*MessageBegin`.
 //!
 //! IV generators (`ivGenerator`):
 //! - `CKG_NO_GENERATE`: the caller's IV (1–256 bytes), its uniqueness the caller's duty as
@@ -44,6 +47,17 @@ pub const IV_BLOCK: u64 = 4096;
 pub struct MessageOp {
     key: Arc<Object>,
     mechanism: u64,
+    /// The multi-part message in progress (between `*MessageBegin` and the last `*Next`).
+    part: Option<Part>,
+}
+
+/// A multi-part message: its IV, associated data, tag length and the parts so far.
+#[derive(Debug)]
+struct Part {
+    iv: Vec<u8>,
+    aad: Vec<u8>,
+    tag_bits: u64,
+    buf: Zeroizing<Vec<u8>>,
 }
 
 /// The counter of one key value.
@@ -259,6 +273,7 @@ impl Domain {
         *slot_op = Some(MessageOp {
             key: k,
             mechanism: m.mechanism,
+            part: None,
         });
         Ok(Response::ok(Body::Empty {}))
     }
@@ -296,6 +311,9 @@ impl Domain {
             g.msg_decrypt.as_ref()
         };
         let op = op.ok_or(Ckr(CKR_OPERATION_NOT_INITIALIZED))?;
+        if op.part.is_some() {
+            return Err(Ckr(CKR_OPERATION_ACTIVE));
+        }
         Ok((slot, op.key.clone(), op.mechanism))
     }
 
@@ -323,15 +341,30 @@ impl Domain {
             }
             Some(_) => {}
         }
+        let (iv, mut op) = self.message_iv(&k, mech, p, aad).map_err(refuse)?;
+        self.use_key(app, slot, &k, "C_EncryptMessage", mech)?;
+        op.update(data)?;
+        sealed(iv, op.finish()?, tag_len)
+    }
+
+    /// The IV of one message to encrypt (the caller's, or generated: a counter value or
+    /// random bits) and its cipher. Everything that can fail on the caller's input is
+    /// checked before an IV is spent.
+    fn message_iv(
+        &self,
+        k: &Object,
+        mech: u64,
+        p: &GcmMessageParams,
+        aad: &[u8],
+    ) -> Result<(Vec<u8>, CipherOp), Ckr> {
+        gcm_tag_len(p.tag_bits)?;
         let iv_len = p.iv.0.len();
         if !(1..=256).contains(&iv_len) {
-            return Err(refuse(Ckr(CKR_MECHANISM_PARAM_INVALID)));
+            return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
         }
-        let iv_bits = iv_len * 8;
         let fixed = usize::try_from(p.iv_fixed_bits).unwrap_or(usize::MAX);
-        let free_bits = iv_bits.checked_sub(fixed);
-        // Everything that can fail on the caller's input is checked before an IV is spent.
-        let op_check = |iv: Vec<u8>| -> Result<CipherOp, Ckr> {
+        let free_bits = (iv_len * 8).checked_sub(fixed);
+        let op_for = |iv: Vec<u8>| -> Result<CipherOp, Ckr> {
             CipherOp::init(
                 mech,
                 &MechParam::Gcm {
@@ -339,17 +372,17 @@ impl Domain {
                     aad: Blob(aad.to_vec()),
                     tag_bits: p.tag_bits,
                 },
-                &k,
+                k,
                 true,
                 CKA_ENCRYPT,
             )
         };
-        let mut op = op_check(p.iv.0.clone()).map_err(refuse)?;
+        let op = op_for(p.iv.0.clone())?;
         let iv = match (p.generator, free_bits) {
-            (CKG_NO_GENERATE, _) => p.iv.0.clone(),
+            (CKG_NO_GENERATE, _) => return Ok((p.iv.0.clone(), op)),
             (CKG_GENERATE | CKG_GENERATE_COUNTER, Some(free)) if free > 0 => {
                 let width = u32::try_from(free.min(64)).unwrap_or(64);
-                let c = self.next_iv_counter(&k, width).map_err(refuse)?;
+                let c = self.next_iv_counter(k, width)?;
                 compose_iv(&p.iv.0, fixed, &c.to_be_bytes())
             }
             (CKG_GENERATE_RANDOM, Some(free)) if free >= 96 => {
@@ -357,24 +390,163 @@ impl Domain {
                 aws_lc_rs::rand::fill(&mut r).map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
                 compose_iv(&p.iv.0, fixed, &r)
             }
-            _ => return Err(refuse(Ckr(CKR_MECHANISM_PARAM_INVALID))),
+            _ => return Err(Ckr(CKR_MECHANISM_PARAM_INVALID)),
         };
-        if iv != p.iv.0 {
-            op = op_check(iv.clone())?;
-        }
-        self.use_key(app, slot, &k, "C_EncryptMessage", mech)?;
-        op.update(data)?;
-        let mut out = op.finish()?;
-        let split = out
-            .len()
-            .checked_sub(tag_len)
-            .ok_or(Ckr(CKR_FUNCTION_FAILED))?;
-        let tag = out.split_off(split);
+        let op = op_for(iv.clone())?;
+        Ok((iv, op))
+    }
+
+    /// The session's message operation, for a multi-part step.
+    fn with_message_op<T>(
+        &self,
+        app: &App,
+        session: u64,
+        encrypt: bool,
+        f: impl FnOnce(&mut MessageOp) -> Result<T, Ckr>,
+    ) -> Result<T, Ckr> {
+        let s = self.session(app, session)?;
+        let mut g = lock(&s);
+        let op = if encrypt {
+            g.msg_encrypt.as_mut()
+        } else {
+            g.msg_decrypt.as_mut()
+        };
+        f(op.ok_or(Ckr(CKR_OPERATION_NOT_INITIALIZED))?)
+    }
+
+    /// C_EncryptMessageBegin / C_DecryptMessageBegin: the IV (generated now when encrypting,
+    /// and the key use counted and audited: one message) and the associated data.
+    pub(super) fn message_begin(
+        &self,
+        app: &App,
+        session: u64,
+        p: &GcmMessageParams,
+        aad: &[u8],
+        encrypt: bool,
+    ) -> Result<Response, Ckr> {
+        let (slot, k, mech) = self.message_op(app, session, encrypt)?;
+        let name = if encrypt {
+            "C_EncryptMessageBegin"
+        } else {
+            "C_DecryptMessageBegin"
+        };
+        let refuse = |e| self.refuse(app, name, slot, Some(&k), Some(mech), e);
+        let iv = if encrypt {
+            self.message_iv(&k, mech, p, aad).map_err(refuse)?.0
+        } else {
+            gcm_tag_len(p.tag_bits).map_err(refuse)?;
+            CipherOp::init(
+                mech,
+                &MechParam::Gcm {
+                    iv: p.iv.clone(),
+                    aad: Blob(aad.to_vec()),
+                    tag_bits: p.tag_bits,
+                },
+                &k,
+                false,
+                CKA_DECRYPT,
+            )
+            .map_err(refuse)?;
+            p.iv.0.clone()
+        };
+        self.use_key(app, slot, &k, name, mech)?;
+        let part = Part {
+            iv: iv.clone(),
+            aad: aad.to_vec(),
+            tag_bits: p.tag_bits,
+            buf: Zeroizing::new(Vec::new()),
+        };
+        self.with_message_op(app, session, encrypt, |op| {
+            if op.part.is_some() {
+                return Err(Ckr(CKR_OPERATION_ACTIVE));
+            }
+            op.part = Some(part);
+            Ok(())
+        })?;
         Ok(Response::ok(Body::Sealed {
             iv: Blob(iv),
-            tag: Blob(tag.to_vec()),
-            data: Blob(out.to_vec()),
+            tag: Blob(Vec::new()),
+            data: Blob(Vec::new()),
         }))
+    }
+
+    /// C_EncryptMessageNext / C_DecryptMessageNext: parts are buffered; the last one (`end`)
+    /// runs AES-GCM over the whole message (decryption answers plaintext only after the tag
+    /// verified). A length query buffers nothing; a failure ends the message.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn message_next(
+        &self,
+        app: &App,
+        session: u64,
+        data: &[u8],
+        tag: &[u8],
+        end: bool,
+        cap: Option<u64>,
+        encrypt: bool,
+    ) -> Result<Response, Ckr> {
+        let taken = self.with_message_op(app, session, encrypt, |op| {
+            let part = op.part.as_mut().ok_or(Ckr(CKR_OPERATION_NOT_INITIALIZED))?;
+            let total = part.buf.len() + data.len();
+            if !end {
+                if cap.is_none() {
+                    return Ok(Err(Response::ok(Body::Len { len: 0 })));
+                }
+                if total > caas_vsm_proto::MAX_FRAME {
+                    op.part = None;
+                    return Err(Ckr(if encrypt {
+                        CKR_DATA_LEN_RANGE
+                    } else {
+                        CKR_ENCRYPTED_DATA_LEN_RANGE
+                    }));
+                }
+                part.buf.extend_from_slice(data);
+                return Ok(Err(Response::ok(Body::Data {
+                    data: Blob(Vec::new()),
+                })));
+            }
+            let len = total as u64;
+            match cap {
+                None => return Ok(Err(Response::ok(Body::Len { len }))),
+                Some(c) if c < len => {
+                    return Ok(Err(Response {
+                        rv: CKR_BUFFER_TOO_SMALL,
+                        body: Body::Len { len },
+                    }));
+                }
+                Some(_) => {}
+            }
+            let mut part = op.part.take().ok_or(Ckr(CKR_OPERATION_NOT_INITIALIZED))?;
+            part.buf.extend_from_slice(data);
+            Ok(Ok((part, op.key.clone(), op.mechanism)))
+        })?;
+        let (part, k, mech) = match taken {
+            Ok(t) => t,
+            Err(answer) => return Ok(answer),
+        };
+        let tag_len = gcm_tag_len(part.tag_bits)?;
+        if !encrypt && tag.len() != tag_len {
+            return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
+        }
+        let mut op = CipherOp::init(
+            mech,
+            &MechParam::Gcm {
+                iv: Blob(part.iv.clone()),
+                aad: Blob(part.aad.clone()),
+                tag_bits: part.tag_bits,
+            },
+            &k,
+            encrypt,
+            if encrypt { CKA_ENCRYPT } else { CKA_DECRYPT },
+        )?;
+        op.update(&part.buf)?;
+        if encrypt {
+            sealed(part.iv, op.finish()?, tag_len)
+        } else {
+            op.update(tag)?;
+            Ok(Response::ok(Body::SecretData {
+                data: Secret(op.finish()?),
+            }))
+        }
     }
 
     /// C_DecryptMessage (single part): the IV and tag come from the parameters.
@@ -422,6 +594,20 @@ impl Domain {
         let out = op.finish()?;
         Ok(Response::ok(Body::SecretData { data: Secret(out) }))
     }
+}
+
+/// The answer of an encryption: the IV, and the cipher's output split into ciphertext and tag.
+fn sealed(iv: Vec<u8>, mut out: Zeroizing<Vec<u8>>, tag_len: usize) -> Result<Response, Ckr> {
+    let split = out
+        .len()
+        .checked_sub(tag_len)
+        .ok_or(Ckr(CKR_FUNCTION_FAILED))?;
+    let tag = out.split_off(split);
+    Ok(Response::ok(Body::Sealed {
+        iv: Blob(iv),
+        tag: Blob(tag),
+        data: Blob(out.to_vec()),
+    }))
 }
 
 /// The tag length in bytes of `ulTagBits` (96–128 in steps of 8, as for CK_GCM_PARAMS).

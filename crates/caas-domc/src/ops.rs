@@ -22,7 +22,7 @@
 //! | EC_EDWARDS_KEY_PAIR_GEN, EDDSA (Ed25519 through aws-lc-rs; Ed448, `CKA_EC_PARAMS` OID 1.3.101.113 or "edwards448", through OpenSSL; pure EdDSA) | 255–448 | generate key pair / sign, verify |
 //! | AES_KEY_GEN | 16–32 | generate |
 //! | AES_GCM (IV 1–256 bytes, tag 96–128 bits: 12-byte IV with a full tag through aws-lc-rs, the rest through OpenSSL), AES_CBC_PAD | 16–32 | encrypt, decrypt, wrap, unwrap |
-//! | AES_GCM message-based (PKCS#11 3.0: `C_MessageEncryptInit`, single-part `C_EncryptMessage`/`C_DecryptMessage` with `CK_GCM_MESSAGE_PARAMS`; IV by `CKG_NO_GENERATE`, `CKG_GENERATE`/`CKG_GENERATE_COUNTER` (per-key-value counter, never reissued) or `CKG_GENERATE_RANDOM` (≥ 96 random bits); no `C_EncryptMessageBegin`/`Next`), see [`crate::domain::message`] | 16–32 | message encrypt, message decrypt |
+//! | AES_GCM message-based (PKCS#11 3.0: `C_MessageEncryptInit`, `C_EncryptMessage`/`C_DecryptMessage` and `C_*MessageBegin`/`Next` (parts buffered, output at the last) with `CK_GCM_MESSAGE_PARAMS`; IV by `CKG_NO_GENERATE`, `CKG_GENERATE`/`CKG_GENERATE_COUNTER` (per-key-value counter, never reissued) or `CKG_GENERATE_RANDOM` (≥ 96 random bits)), see [`crate::domain::message`] | 16–32 | message encrypt, message decrypt, multi-message |
 //! | AES_CTR (`CK_AES_CTR_PARAMS`, counter 1–128 bits; data that would wrap the counter is CKR_DATA_LEN_RANGE) | 16–32 | encrypt, decrypt |
 //! | AES_ECB, AES_CBC (no padding: data a multiple of 16 bytes, else CKR_DATA_LEN_RANGE / CKR_ENCRYPTED_DATA_LEN_RANGE) | 16–32 | encrypt, decrypt (not wrap: SoftHSM2 offers it, the wrap policy here does not) |
 //! | AES_CMAC, AES_CMAC_GENERAL (tag 1–16 bytes) | 16–32 | sign, verify |
@@ -177,7 +177,8 @@ pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
     ),
     (CKM_EDDSA, 255, 448, CKF_SIGN | CKF_VERIFY),
     (CKM_AES_KEY_GEN, 16, 32, CKF_GENERATE),
-    // Also message-based (single-part C_EncryptMessage/C_DecryptMessage, `crate::domain::message`).
+    // Also message-based (C_EncryptMessage and C_EncryptMessageBegin/Next, and decryption;
+    // `crate::domain::message`).
     (
         CKM_AES_GCM,
         16,
@@ -187,7 +188,8 @@ pub const MECHANISMS: &[(u64, u64, u64, u64)] = &[
             | CKF_WRAP
             | CKF_UNWRAP
             | CKF_MESSAGE_ENCRYPT
-            | CKF_MESSAGE_DECRYPT,
+            | CKF_MESSAGE_DECRYPT
+            | CKF_MULTI_MESSAGE,
     ),
     (
         CKM_AES_CBC_PAD,

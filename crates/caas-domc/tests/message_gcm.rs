@@ -5,6 +5,8 @@
 //! must never issue an IV twice for a key, not after a copy of the key, not after a restart
 //! of the crypto domain, not when the caller narrows the counter field. Policy (key type,
 //! usage, allowed mechanisms, usage limits per message) and audit hold as for `C_Encrypt`.
+//! Multi-part messages (`C_EncryptMessageBegin`/`Next`) give the same ciphertext and never
+//! release plaintext before the tag verified.
 
 mod common;
 
@@ -178,7 +180,7 @@ fn gcm_message_known_answer_and_openssl_cross_check() -> Result<()> {
     let p = context()?;
     let info = p.get_mechanism_info(p.get_slots_with_token()?[0], MechanismType::AES_GCM)?;
     ensure!(
-        info.message_encrypt() && info.message_decrypt() && !info.multi_message(),
+        info.message_encrypt() && info.message_decrypt() && info.multi_message(),
         "AES-GCM info {info:?}"
     );
     let s = user_session(&p)?;
@@ -515,6 +517,124 @@ fn gcm_message_policy_limits_and_audit() -> Result<()> {
         "C_EncryptMessage",
         cryptoki_sys::CKM_AES_GCM,
         cryptoki_sys::CKR_FUNCTION_REJECTED,
+    )?;
+    Ok(())
+}
+
+/// Multi-part messages: C_EncryptMessageBegin generates the IV (continuing the key's
+/// counter), the parts give the same ciphertext as one C_EncryptMessage (OpenSSL opens it),
+/// C_DecryptMessageBegin/Next give the text back only at the last part and only with the
+/// right tag; a single-part call or a second Begin inside a message is CKR_OPERATION_ACTIVE
+/// and a Next without Begin CKR_OPERATION_NOT_INITIALIZED.
+#[test]
+fn gcm_multi_part_messages_match_single_part_and_check_the_tag_first() -> Result<()> {
+    let Some(dir) = child_dir() else {
+        return run_in_child("gcm_multi_part_messages_match_single_part_and_check_the_tag_first");
+    };
+    let _dom = Dom::start_in(&dir, &[])?;
+    caas_domc::dev::init_token(&_dom.socket, 0, "msg", SO_PIN, USER_PIN)?;
+    let p = context()?;
+    let s = user_session(&p)?;
+    let key = [0x42u8; 32];
+    let k = aes_import(&s, &key, &[])?;
+    message_init(&s, k, true)?;
+    message_init(&s, k, false)?;
+    let fixed = [7u8, 7, 7, 7, 0, 0, 0, 0, 0, 0, 0, 0];
+    let (iv0, _, _) = seal(
+        &s,
+        &fixed,
+        32,
+        GeneratorFunction::GenerateCounter,
+        b"",
+        b"x",
+    )?;
+    ensure!(counter(&iv0)? == 0, "first message");
+    let parts: [&[u8]; 3] = [b"part one, ", b"part two, ", b"and the end"];
+    let whole: Vec<u8> = parts.concat();
+    // Encrypt in parts.
+    let mut iv = fixed.to_vec();
+    let mut tag = [0u8; 16];
+    let params = GcmMessageParams::new(
+        &mut iv,
+        32.into(),
+        GeneratorFunction::GenerateCounter,
+        &mut tag,
+    )?;
+    // The generated IV is written back to `iv` by C_EncryptMessageBegin.
+    s.encrypt_message_begin(MessageParam::AesGcmMessage(params), b"aad")?;
+    // Inside a message: no single-part call, no second Begin.
+    expect_rv(
+        seal(
+            &s,
+            &fixed,
+            32,
+            GeneratorFunction::GenerateCounter,
+            b"",
+            b"x",
+        ),
+        RvError::OperationActive,
+        "single part inside a message",
+    )?;
+    let mut ct = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        let mut tag2 = [0u8; 16];
+        let end = i == parts.len() - 1;
+        let mut iv2 = [0u8; 12];
+        let p2 =
+            GcmMessageParams::new(&mut iv2, 0.into(), GeneratorFunction::NoGenerate, &mut tag2)?;
+        // The tag goes to the last Next's parameters.
+        let out = s.encrypt_message_next(MessageParam::AesGcmMessage(p2), part, end)?;
+        ct.extend_from_slice(&out);
+        if end {
+            tag.copy_from_slice(&tag2);
+        } else {
+            ensure!(out.is_empty(), "no output before the last part");
+        }
+    }
+    let iv_used = iv.clone();
+    ensure!(
+        counter(&iv_used)? == 1,
+        "Begin continued the counter: {}",
+        hex::encode(&iv_used)
+    );
+    ensure!(iv_used[..4] == fixed[..4], "fixed field kept");
+    ensure!(
+        openssl_open(&key, &iv_used, b"aad", &ct, &tag)? == whole,
+        "OpenSSL opens the multi-part message"
+    );
+    // Decrypt in parts: nothing before the end, the text with the right tag only.
+    let decrypt = |tag: &[u8]| -> cryptoki::error::Result<Vec<u8>> {
+        let mut iv = iv_used.clone();
+        let mut t0 = [0u8; 16];
+        let p0 = GcmMessageParams::new(&mut iv, 0.into(), GeneratorFunction::NoGenerate, &mut t0)?;
+        s.decrypt_message_begin(MessageParam::AesGcmMessage(p0), b"aad")?;
+        let mut pt = Vec::new();
+        let (a, b) = ct.split_at(7);
+        for (chunk, end) in [(a, false), (b, true)] {
+            let mut iv = iv_used.clone();
+            let mut t = tag.to_vec();
+            let pp =
+                GcmMessageParams::new(&mut iv, 0.into(), GeneratorFunction::NoGenerate, &mut t)?;
+            let out = s.decrypt_message_next(MessageParam::AesGcmMessage(pp), chunk, end)?;
+            if !end {
+                assert!(out.is_empty(), "plaintext before the tag was checked");
+            }
+            pt.extend_from_slice(&out);
+        }
+        Ok(pt)
+    };
+    ensure!(decrypt(&tag)? == whole, "multi-part decryption");
+    let mut bad = tag;
+    bad[15] ^= 1;
+    expect_rv(decrypt(&bad), RvError::EncryptedDataInvalid, "wrong tag")?;
+    // The failed message ended: a Next now has no message.
+    let mut iv3 = [0u8; 12];
+    let mut t3 = [0u8; 16];
+    let p3 = GcmMessageParams::new(&mut iv3, 0.into(), GeneratorFunction::NoGenerate, &mut t3)?;
+    expect_rv(
+        s.decrypt_message_next(MessageParam::AesGcmMessage(p3), b"x", true),
+        RvError::OperationNotInitialized,
+        "Next without Begin",
     )?;
     Ok(())
 }

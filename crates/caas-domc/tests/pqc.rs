@@ -975,7 +975,7 @@ fn verify_signature_3_2_single_and_multi_part() -> Result<()> {
 /// PKCS#11 3.0/3.2 interfaces: C_GetInterfaceList offers the 3.2, 3.0 and 2.40 lists,
 /// C_GetInterface finds each by version and refuses others, C_LoginUser logs in,
 /// C_SessionCancel ends an active operation (on both the domain path and the module's
-/// recorded one), multi-part message encryption answers CKR_FUNCTION_NOT_SUPPORTED, and
+/// recorded one), message-based signing answers CKR_FUNCTION_NOT_SUPPORTED, and
 /// C_GetMechanismInfo of CKM_ML_KEM says encapsulate/decapsulate.
 #[test]
 fn interfaces_3_0_and_3_2_login_user_and_session_cancel() -> Result<()> {
@@ -1123,9 +1123,9 @@ fn interfaces_3_0_and_3_2_login_user_and_session_cancel() -> Result<()> {
         }
         ck(l.C_SessionCancel.unwrap_unchecked()(p.s, 0), "no flags")?;
         want(
-            l.C_EncryptMessageBegin.unwrap_unchecked()(p.s, null_mut(), 0, null_mut(), 0),
+            l.C_SignMessageBegin.unwrap_unchecked()(p.s, null_mut(), 0),
             CKR_FUNCTION_NOT_SUPPORTED,
-            "C_EncryptMessageBegin",
+            "C_SignMessageBegin",
         )?;
         let mut info = CK_MECHANISM_INFO {
             ulMinKeySize: 0,

@@ -1627,8 +1627,7 @@ export! {
         // SAFETY: `out_len` from the caller.
         let cap = unsafe { get(out_len)? };
         let cap = (!out.is_null()).then_some(u64::from(cap));
-        let tag_len = usize::try_from(g.ulTagBits / 8).map_err(|_| CKR_MECHANISM_PARAM_INVALID)?;
-        if cap.is_some() && tag_len > 0 && g.pTag.is_null() {
+        if cap.is_some() && g.ulTagBits >= 8 && g.pTag.is_null() {
             return Err(CKR_MECHANISM_PARAM_INVALID);
         }
         let r = call_raw(&Request::EncryptMessage { session: u64::from(session), params, aad: Blob::from(aad), data: Blob::from(data), cap })?;
@@ -1638,26 +1637,121 @@ export! {
                 unsafe { put(out_len, to_ck(len)?)? };
                 if r.rv == CKR_OK { Ok(()) } else { Err(CKR_BUFFER_TOO_SMALL) }
             }
-            (CKR_OK, Body::Sealed { iv, tag, data: ct }) => {
-                let fits = cap.is_some_and(|c| ct.0.len() as u64 <= c);
-                if !fits || tag.0.len() != tag_len || iv.0.len() as u64 != u64::from(g.ulIvLen) {
-                    return Err(CKR_DEVICE_ERROR);
-                }
-                // SAFETY: `out` holds `cap` >= ct.len() bytes; pTag holds ulTagBits / 8
-                // bytes and pIv ulIvLen bytes per the parameters' contract (lengths checked).
-                unsafe {
-                    std::ptr::copy_nonoverlapping(ct.0.as_ptr(), out, ct.0.len());
-                    if tag_len > 0 {
-                        std::ptr::copy_nonoverlapping(tag.0.as_ptr(), g.pTag, tag_len);
-                    }
-                    if !iv.0.is_empty() && !g.pIv.is_null() {
-                        std::ptr::copy_nonoverlapping(iv.0.as_ptr(), g.pIv, iv.0.len());
-                    }
-                    put(out_len, to_ck(ct.0.len() as u64)?)
-                }
-            }
+            // SAFETY: `out`/`out_len` and the parameters' buffers per the caller's contract.
+            (CKR_OK, Body::Sealed { iv, tag, data: ct }) => unsafe { write_sealed(&g, &iv.0, &tag.0, &ct.0, cap, out, out_len) },
             (CKR_OK, _) => Err(CKR_DEVICE_ERROR),
             (rv, _) => Err(rv),
+        }
+    }
+}
+
+/// Writes an encryption's answer: the ciphertext to `out` (`*out_len` its length), the tag
+/// (when not empty) to the parameters' pTag, the IV to their pIv.
+///
+/// # Safety
+/// `out` holds `cap` bytes (when `cap` is Some); `out_len` is valid; `g.pTag` holds
+/// ulTagBits / 8 bytes and `g.pIv` ulIvLen bytes.
+unsafe fn write_sealed(
+    g: &CK_GCM_MESSAGE_PARAMS,
+    iv: &[u8],
+    tag: &[u8],
+    ct: &[u8],
+    cap: Option<u64>,
+    out: Bp,
+    out_len: Up,
+) -> Result<(), Rv> {
+    let tag_len = usize::try_from(g.ulTagBits / 8).map_err(|_| CKR_DEVICE_ERROR)?;
+    let fits = ct.is_empty() || cap.is_some_and(|c| ct.len() as u64 <= c);
+    if !fits
+        || !(tag.is_empty() || tag.len() == tag_len)
+        || iv.len() as u64 != u64::from(g.ulIvLen)
+        || (!tag.is_empty() && g.pTag.is_null())
+    {
+        return Err(CKR_DEVICE_ERROR);
+    }
+    // SAFETY: lengths checked above against the caller's buffers.
+    unsafe {
+        if !ct.is_empty() {
+            std::ptr::copy_nonoverlapping(ct.as_ptr(), out, ct.len());
+        }
+        if !tag.is_empty() {
+            std::ptr::copy_nonoverlapping(tag.as_ptr(), g.pTag, tag.len());
+        }
+        if !iv.is_empty() && !g.pIv.is_null() {
+            std::ptr::copy_nonoverlapping(iv.as_ptr(), g.pIv, iv.len());
+        }
+        if !out_len.is_null() {
+            put(out_len, to_ck(ct.len() as u64)?)?;
+        }
+    }
+    Ok(())
+}
+
+export! {
+    /// C_EncryptMessageBegin (PKCS#11 3.0): starts a multi-part AES-GCM message; a generated
+    /// IV is written to the parameters' pIv now.
+    fn C_EncryptMessageBegin(session: CK_SESSION_HANDLE, param: Vp, param_len: CK_ULONG, aad: Bp, aad_len: CK_ULONG) {
+        // SAFETY: the caller's parameters and associated data.
+        let ((g, params), aad) = unsafe { (gcm_message_params(param, param_len, false)?, bytes(aad, aad_len)?) };
+        match call(&Request::EncryptMessageBegin { session: u64::from(session), params, aad: Blob::from(aad) })? {
+            // SAFETY: no ciphertext or tag; the IV buffer holds ulIvLen bytes.
+            Body::Sealed { iv, .. } => unsafe { write_sealed(&g, &iv.0, &[], &[], None, std::ptr::null_mut(), std::ptr::null_mut()) },
+            _ => Err(CKR_DEVICE_ERROR),
+        }
+    }
+}
+
+export! {
+    /// C_EncryptMessageNext (PKCS#11 3.0): parts are buffered in the domain (no output
+    /// before the last part); with CKF_END_OF_MESSAGE the whole ciphertext comes back and the
+    /// tag goes to this call's parameters' pTag.
+    fn C_EncryptMessageNext(session: CK_SESSION_HANDLE, param: Vp, param_len: CK_ULONG, data: Bp, data_len: CK_ULONG, out: Bp, out_len: Up, flags: CK_FLAGS) {
+        // SAFETY: the caller's parameters and data.
+        let ((g, _), data) = unsafe { (gcm_message_params(param, param_len, false)?, bytes(data, data_len)?) };
+        // SAFETY: `out_len` from the caller.
+        let cap = unsafe { get(out_len)? };
+        let cap = (!out.is_null()).then_some(u64::from(cap));
+        let end = u64::from(flags) & CKF_END_OF_MESSAGE != 0;
+        let r = call_raw(&Request::EncryptMessageNext { session: u64::from(session), data: Blob::from(data), end, cap })?;
+        match (r.rv, r.body) {
+            (CKR_OK | CKR_BUFFER_TOO_SMALL, Body::Len { len }) => {
+                // SAFETY: `out_len` checked above.
+                unsafe { put(out_len, to_ck(len)?)? };
+                if r.rv == CKR_OK { Ok(()) } else { Err(CKR_BUFFER_TOO_SMALL) }
+            }
+            // SAFETY: `out_len` checked above.
+            (CKR_OK, Body::Data { data }) if data.0.is_empty() => unsafe { put(out_len, 0) },
+            // SAFETY: `out`/`out_len` and the parameters' buffers per the caller's contract.
+            (CKR_OK, Body::Sealed { iv, tag, data: ct }) => unsafe { write_sealed(&g, &iv.0, &tag.0, &ct.0, cap, out, out_len) },
+            (CKR_OK, _) => Err(CKR_DEVICE_ERROR),
+            (rv, _) => Err(rv),
+        }
+    }
+}
+
+export! {
+    /// C_DecryptMessageBegin (PKCS#11 3.0): the IV and associated data of a multi-part message.
+    fn C_DecryptMessageBegin(session: CK_SESSION_HANDLE, param: Vp, param_len: CK_ULONG, aad: Bp, aad_len: CK_ULONG) {
+        // SAFETY: the caller's parameters and associated data.
+        let ((_, params), aad) = unsafe { (gcm_message_params(param, param_len, false)?, bytes(aad, aad_len)?) };
+        call(&Request::DecryptMessageBegin { session: u64::from(session), params, aad: Blob::from(aad) }).map(|_| ())
+    }
+}
+
+export! {
+    /// C_DecryptMessageNext (PKCS#11 3.0): parts are buffered; with CKF_END_OF_MESSAGE the tag
+    /// (from this call's parameters) is checked and only then is the plaintext answered.
+    fn C_DecryptMessageNext(session: CK_SESSION_HANDLE, param: Vp, param_len: CK_ULONG, data: Bp, data_len: CK_ULONG, out: Bp, out_len: Up, flags: CK_FLAGS) {
+        let end = u64::from(flags) & CKF_END_OF_MESSAGE != 0;
+        // SAFETY: the caller's parameters (their tag read at the last part) and data.
+        let ((_, params), data) = unsafe { (gcm_message_params(param, param_len, end)?, bytes(data, data_len)?) };
+        // SAFETY: forwarded output buffer contract.
+        unsafe {
+            out_data(
+                |cap| Request::DecryptMessageNext { session: u64::from(session), data: Blob::from(data), tag: params.tag.clone(), end, cap },
+                out,
+                out_len,
+            )
         }
     }
 }
@@ -1678,8 +1772,8 @@ export! {
     }
 }
 
-/// Entries of the 3.0/3.2 function lists this module does not implement: multi-part
-/// message encryption and message-based signing (3.0), validation flags, async and authenticated wrap (3.2). Each answers CKR_FUNCTION_NOT_SUPPORTED (CKR_CRYPTOKI_NOT_INITIALIZED before
+/// Entries of the 3.0/3.2 function lists this module does not implement: message-based
+/// signing (3.0), validation flags, async and authenticated wrap (3.2). Each answers CKR_FUNCTION_NOT_SUPPORTED (CKR_CRYPTOKI_NOT_INITIALIZED before
 /// C_Initialize), as the specification asks of a listed but unsupported function.
 macro_rules! unsupported_3x {
     ($($name:ident($($arg:ident: $ty:ty),*);)*) => {
@@ -1708,10 +1802,6 @@ type Sh = CK_SESSION_HANDLE;
 type Ul = CK_ULONG;
 
 unsupported_3x! {
-    C_EncryptMessageBegin(s: Sh, p: Vp, pl: Ul, a: Bp, al: Ul);
-    C_EncryptMessageNext(s: Sh, p: Vp, pl: Ul, d: Bp, dl: Ul, o: Bp, ol: Up, f: CK_FLAGS);
-    C_DecryptMessageBegin(s: Sh, p: Vp, pl: Ul, a: Bp, al: Ul);
-    C_DecryptMessageNext(s: Sh, p: Vp, pl: Ul, d: Bp, dl: Ul, o: Bp, ol: Up, f: CK_FLAGS);
     C_MessageSignInit(s: Sh, m: *mut CK_MECHANISM, k: CK_OBJECT_HANDLE);
     C_SignMessage(s: Sh, p: Vp, pl: Ul, d: Bp, dl: Ul, o: Bp, ol: Up);
     C_SignMessageBegin(s: Sh, p: Vp, pl: Ul);

@@ -22,11 +22,10 @@
 //! (3.2, `CKM_ML_KEM`; the shared secret stays in the domain as a new key) and
 //! `C_VerifySignature*` (3.2; on the session's verification, so a session has one
 //! verification at a time by `C_Verify*` or `C_VerifySignature*`), message-based AES-GCM
-//! (3.0: `C_MessageEncryptInit`, single-part `C_EncryptMessage`/`C_DecryptMessage` with
-//! `CK_GCM_MESSAGE_PARAMS`, the IV generated in the domain or given; `caas_domc`'s
-//! `domain::message`). Multi-part messages (`C_EncryptMessageBegin`/`Next`), message-based
-//! signing (3.0), async and authenticated wrapping (3.2) are listed and answer
-//! CKR_FUNCTION_NOT_SUPPORTED. The 3.2 identifiers `cryptoki-sys`
+//! (3.0: `C_MessageEncryptInit`, `C_EncryptMessage`/`C_DecryptMessage` and
+//! `C_*MessageBegin`/`Next` with `CK_GCM_MESSAGE_PARAMS`, the IV generated in the domain or
+//! given; `caas_domc`'s `domain::message`). Message-based signing (3.0), async and
+//! authenticated wrapping (3.2) are listed and answer CKR_FUNCTION_NOT_SUPPORTED. The 3.2 identifiers `cryptoki-sys`
 //! lacks are in `caas_vsm_proto::v32`, cited from the OASIS headers. The interfaces do not
 //! claim `CKF_INTERFACE_FORK_SAFE`: a forked child calls `C_Initialize` again.
 //!

@@ -11,7 +11,8 @@ use crate::{wire_enum, wire_struct};
 /// [`Request::DecryptOnce`]); a version-2 crypto domain still serves version-1 modules.
 /// The PKCS#11 3.x calls ([`Request::EncapsulateKey`], [`Request::DecapsulateKey`],
 /// [`Request::SessionCancel`], the message-based [`Request::MessageInit`],
-/// [`Request::EncryptMessage`], [`Request::DecryptMessage`], [`Request::MessageFinal`]) and
+/// [`Request::EncryptMessage`], [`Request::DecryptMessage`], [`Request::MessageFinal`] and
+/// the `*MessageBegin`/`*MessageNext` requests) and
 /// [`MechParam::SignContext`] came later without a version
 /// bump (a module and its crypto domain ship together); a crypto domain that predates them
 /// fails the call (the module reports CKR_DEVICE_ERROR) and keeps serving the rest.
@@ -315,6 +316,20 @@ wire_enum! {
         DecryptMessage = 61 { session: u64, params: GcmMessageParams, aad: Blob, data: Blob, cap: Option<u64> },
         /// C_MessageEncryptFinal (`encrypt`) or C_MessageDecryptFinal.
         MessageFinal = 62 { session: u64, encrypt: bool },
+        /// C_EncryptMessageBegin: starts a multi-part message; the domain generates the IV
+        /// now (unless `CKG_NO_GENERATE`) and answers it in [`Body::Sealed`] (empty tag and
+        /// data).
+        EncryptMessageBegin = 63 { session: u64, params: GcmMessageParams, aad: Blob },
+        /// C_EncryptMessageNext: a part of the message; the domain buffers the parts and
+        /// answers the whole ciphertext and the tag ([`Body::Sealed`]) at the part with
+        /// `end` (CKF_END_OF_MESSAGE), empty [`Body::Data`] before. `cap` as for
+        /// [`Request::EncryptMessage`]; a length query buffers nothing.
+        EncryptMessageNext = 64 { session: u64, data: Blob, end: bool, cap: Option<u64> },
+        /// C_DecryptMessageBegin: the IV of a multi-part message to decrypt.
+        DecryptMessageBegin = 65 { session: u64, params: GcmMessageParams, aad: Blob },
+        /// C_DecryptMessageNext: a part; at `end` the tag (from that call's parameters) is
+        /// checked before any plaintext is answered ([`Body::SecretData`]).
+        DecryptMessageNext = 66 { session: u64, data: Blob, tag: Blob, end: bool, cap: Option<u64> },
     }
 }
 
