@@ -265,6 +265,18 @@ mod tests {
             to_bytes(&Response::ok(Body::Attrs {
                 values: vec![AttrValue::Sensitive {}, AttrValue::Invalid {}],
             })),
+            to_bytes(&Request::DecryptMessageNext {
+                session: 3,
+                data: Blob(vec![1; 20]),
+                tag: Blob(vec![2; 16]),
+                end: true,
+                cap: Some(20),
+            }),
+            to_bytes(&Response::ok(Body::Sealed {
+                iv: Blob(vec![1; 12]),
+                tag: Blob(vec![2; 16]),
+                data: Blob(vec![3; 4]),
+            })),
         ];
         for i in 0..200_000u32 {
             let mut input = if i % 2 == 0 {
