@@ -4,8 +4,9 @@
 //! data, through the same [`crate::ops::CipherOp`] as `C_Encrypt` (key type, usage flag,
 //! `CKA_ALLOWED_MECHANISMS`); each message counts one key use and is audited
 //! (`C_EncryptMessage` / `C_DecryptMessage`), so usage limits hold per message.
-//! Multi-part messages (`*MessageBegin`/`Next`) buffer their parts in the domain (at most a
-//! frame) and answer the whole output at the part flagged CKF_END_OF_MESSAGE, so a
+//! Multi-part messages (`*MessageBegin`/`Next`) buffer their parts in the domain (a message
+//! of at most `MAX_MESSAGE` bytes, so its answer fits one frame; longer is
+//! CKR_DATA_LEN_RANGE and ends it) and answer the whole output at the part flagged CKF_END_OF_MESSAGE, so a
 //! decryption never releases plaintext before its tag verified; the IV is generated and the
 //! use counted at `*MessageBegin`.
 //!
@@ -38,6 +39,9 @@ use super::*;
 use aws_lc_rs::hmac;
 use caas_vsm_proto::GcmMessageParams;
 use caas_vsm_proto::attr::CKA_CAAS_GCM_IV_STATE;
+
+/// The largest multi-part message: its answer (with IV and tag) must fit one frame.
+const MAX_MESSAGE: usize = caas_vsm_proto::MAX_FRAME - 1024;
 
 /// IV counter values reserved (and persisted) at a time.
 pub const IV_BLOCK: u64 = 4096;
@@ -487,17 +491,17 @@ impl Domain {
         let taken = self.with_message_op(app, session, encrypt, |op| {
             let part = op.part.as_mut().ok_or(Ckr(CKR_OPERATION_NOT_INITIALIZED))?;
             let total = part.buf.len() + data.len();
+            if total > MAX_MESSAGE {
+                op.part = None;
+                return Err(Ckr(if encrypt {
+                    CKR_DATA_LEN_RANGE
+                } else {
+                    CKR_ENCRYPTED_DATA_LEN_RANGE
+                }));
+            }
             if !end {
                 if cap.is_none() {
                     return Ok(Err(Response::ok(Body::Len { len: 0 })));
-                }
-                if total > caas_vsm_proto::MAX_FRAME {
-                    op.part = None;
-                    return Err(Ckr(if encrypt {
-                        CKR_DATA_LEN_RANGE
-                    } else {
-                        CKR_ENCRYPTED_DATA_LEN_RANGE
-                    }));
                 }
                 part.buf.extend_from_slice(data);
                 return Ok(Err(Response::ok(Body::Data {

@@ -636,5 +636,35 @@ fn gcm_multi_part_messages_match_single_part_and_check_the_tag_first() -> Result
         RvError::OperationNotInitialized,
         "Next without Begin",
     )?;
+    // A message longer than one frame's answer is refused and ends (the domain buffers at
+    // most that much per message).
+    let mut iv4 = fixed.to_vec();
+    let mut t4 = [0u8; 16];
+    let p4 = GcmMessageParams::new(
+        &mut iv4,
+        32.into(),
+        GeneratorFunction::GenerateCounter,
+        &mut t4,
+    )?;
+    s.encrypt_message_begin(MessageParam::AesGcmMessage(p4), b"")?;
+    let big = vec![0x55u8; 9 << 20];
+    let mut results = Vec::new();
+    for _ in 0..2 {
+        let mut iv5 = [0u8; 12];
+        let mut t5 = [0u8; 16];
+        let p5 = GcmMessageParams::new(&mut iv5, 0.into(), GeneratorFunction::NoGenerate, &mut t5)?;
+        results.push(s.encrypt_message_next(MessageParam::AesGcmMessage(p5), &big, false));
+    }
+    ensure!(results[0].is_ok(), "first 9 MiB part: {:?}", results[0]);
+    expect_rv(results.remove(1), RvError::DataLenRange, "18 MiB message")?;
+    // After the refusal the message is over: single-part calls work again.
+    seal(
+        &s,
+        &fixed,
+        32,
+        GeneratorFunction::GenerateCounter,
+        b"",
+        b"x",
+    )?;
     Ok(())
 }
