@@ -1,14 +1,15 @@
 //! Message-based AES-GCM (PKCS#11 3.0 §5.19 and the `CK_GCM_MESSAGE_PARAMS` of CKM_AES_GCM):
 //! `C_MessageEncryptInit`, `C_EncryptMessage`, `C_EncryptMessageBegin`/`Next`,
-//! `C_MessageEncryptFinal` and the decryption side. Each message is one AES-GCM encryption with its own IV and associated
-//! data, through the same [`crate::ops::CipherOp`] as `C_Encrypt` (key type, usage flag,
-//! `CKA_ALLOWED_MECHANISMS`); each message counts one key use and is audited
-//! (`C_EncryptMessage` / `C_DecryptMessage`), so usage limits hold per message.
-//! Multi-part messages (`*MessageBegin`/`Next`) buffer their parts in the domain (a message
-//! of at most `MAX_MESSAGE` bytes, so its answer fits one frame; longer is
-//! CKR_DATA_LEN_RANGE and ends it) and answer the whole output at the part flagged CKF_END_OF_MESSAGE, so a
-//! decryption never releases plaintext before its tag verified; the IV is generated and the
-//! use counted at `*MessageBegin`.
+//! `C_MessageEncryptFinal` and the decryption side. Each message is one AES-GCM encryption
+//! with its own IV and associated data, through the same [`crate::ops::CipherOp`] as
+//! `C_Encrypt` (key type, usage flag, `CKA_ALLOWED_MECHANISMS`); each message counts one key
+//! use and is audited (`C_EncryptMessage` / `C_DecryptMessage`), so usage limits hold per
+//! message. Multi-part messages (`*MessageBegin`/`Next`) buffer their parts in the domain (a
+//! message of at most `MAX_MESSAGE` bytes, so its answer fits one frame; longer is
+//! CKR_DATA_LEN_RANGE and ends it) and answer the whole output at the part flagged
+//! CKF_END_OF_MESSAGE, so a decryption never releases plaintext before its tag verified;
+//! the IV is generated and the use counted at `*MessageBegin`. C_SessionCancel with
+//! CKF_MESSAGE_ENCRYPT / CKF_MESSAGE_DECRYPT ends the operation.
 //!
 //! IV generators (`ivGenerator`):
 //! - `CKG_NO_GENERATE`: the caller's IV (1–256 bytes), its uniqueness the caller's duty as
