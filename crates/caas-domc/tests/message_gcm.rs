@@ -8,6 +8,9 @@
 //! Multi-part messages (`C_EncryptMessageBegin`/`Next`) give the same ciphertext and never
 //! release plaintext before the tag verified.
 
+// C_SessionCancel has no `cryptoki` binding: that test calls the 3.0 function list.
+#![allow(unsafe_code)]
+
 mod common;
 
 use anyhow::{Context as _, Result, ensure};
@@ -666,5 +669,98 @@ fn gcm_multi_part_messages_match_single_part_and_check_the_tag_first() -> Result
         b"",
         b"x",
     )?;
+    Ok(())
+}
+
+/// C_SessionCancel (PKCS#11 3.0) with CKF_MESSAGE_ENCRYPT ends a message-based operation:
+/// the next C_EncryptMessage is CKR_OPERATION_NOT_INITIALIZED and a new
+/// C_MessageEncryptInit is accepted (not CKR_OPERATION_ACTIVE).
+#[test]
+fn session_cancel_ends_a_message_operation() -> Result<()> {
+    use cryptoki_sys::*;
+    let Some(dir) = child_dir() else {
+        return run_in_child("session_cancel_ends_a_message_operation");
+    };
+    let _dom = Dom::start_in(&dir, &[])?;
+    caas_domc::dev::init_token(&_dom.socket, 0, "msg", SO_PIN, USER_PIN)?;
+    let p = context()?;
+    let s = user_session(&p)?;
+    let k = aes_import(&s, &[5u8; 16], &[])?;
+    let k: CK_OBJECT_HANDLE = k.to_string().parse()?;
+    let path = std::ffi::CString::new(module()?.to_string_lossy().as_bytes())?;
+    // SAFETY: the module `cryptoki` loaded and initialised; the 3.0 function list from its
+    // C_GetInterface; valid arguments throughout.
+    unsafe {
+        let h = libc::dlopen(path.as_ptr(), libc::RTLD_NOW);
+        ensure!(!h.is_null(), "dlopen");
+        let sym = libc::dlsym(h, c"C_GetInterface".as_ptr());
+        ensure!(!sym.is_null(), "dlsym");
+        let get: unsafe extern "C" fn(
+            *mut u8,
+            *mut CK_VERSION,
+            *mut *mut CK_INTERFACE,
+            CK_FLAGS,
+        ) -> CK_RV = std::mem::transmute(sym);
+        let mut ver = CK_VERSION { major: 3, minor: 0 };
+        let mut i: *mut CK_INTERFACE = std::ptr::null_mut();
+        ensure!(
+            get(std::ptr::null_mut(), &mut ver, &mut i, 0) == CKR_OK,
+            "C_GetInterface"
+        );
+        let l = &*((*i).pFunctionList as *const CK_FUNCTION_LIST_3_0);
+        let mut session = 0;
+        let rv = l.C_OpenSession.context("open")?(
+            0,
+            CKF_SERIAL_SESSION | CKF_RW_SESSION,
+            std::ptr::null_mut(),
+            None,
+            &mut session,
+        );
+        ensure!(rv == CKR_OK, "C_OpenSession {rv:#x}");
+        let mut m = CK_MECHANISM {
+            mechanism: CKM_AES_GCM,
+            pParameter: std::ptr::null_mut(),
+            ulParameterLen: 0,
+        };
+        let init = l.C_MessageEncryptInit.context("init")?;
+        ensure!(init(session, &mut m, k) == CKR_OK, "C_MessageEncryptInit");
+        ensure!(
+            init(session, &mut m, k) == CKR_OPERATION_ACTIVE,
+            "second init"
+        );
+        let cancel = l.C_SessionCancel.context("cancel")?;
+        ensure!(
+            cancel(session, CKF_MESSAGE_ENCRYPT) == CKR_OK,
+            "C_SessionCancel"
+        );
+        let mut iv = [0u8; 12];
+        let mut tag = [0u8; 16];
+        let mut params = CK_GCM_MESSAGE_PARAMS {
+            pIv: iv.as_mut_ptr(),
+            ulIvLen: 12,
+            ulIvFixedBits: 0,
+            ivGenerator: CKG_NO_GENERATE,
+            pTag: tag.as_mut_ptr(),
+            ulTagBits: 128,
+        };
+        let mut out = [0u8; 4];
+        let mut out_len: CK_ULONG = 4;
+        let rv = l.C_EncryptMessage.context("encrypt")?(
+            session,
+            &mut params as *mut _ as *mut std::ffi::c_void,
+            std::mem::size_of::<CK_GCM_MESSAGE_PARAMS>() as CK_ULONG,
+            std::ptr::null_mut(),
+            0,
+            b"data".as_ptr() as *mut u8,
+            4,
+            out.as_mut_ptr(),
+            &mut out_len,
+        );
+        ensure!(
+            rv == CKR_OPERATION_NOT_INITIALIZED,
+            "C_EncryptMessage after cancel: {rv:#x}"
+        );
+        ensure!(init(session, &mut m, k) == CKR_OK, "init after cancel");
+    }
     Ok(())
 }
