@@ -862,7 +862,7 @@ impl Domain {
             }
             Q::SessionCancel { session, flags } => {
                 // PKCS#11 3.0 C_SessionCancel: ends the named active operations; flags for
-                // operations this token has not (message-based, async) are ignored.
+                // operations this token has not (async) are ignored.
                 let s = self.session(app, session)?;
                 let mut g = lock(&s);
                 if flags & CKF_FIND_OBJECTS != 0 {
