@@ -67,6 +67,7 @@ impl NonceBook {
     }
 
     /// With an explicit lifetime (tests).
+    #[cfg(test)]
     pub fn with_ttl(store: Store, ttl_ms: u64) -> Self {
         Self { store, ttl_ms }
     }
