@@ -309,6 +309,22 @@ fn recipient_release_end_to_end_with_boto3() {
     let again = c.open("host-1", &doc, &cfr);
     assert!(again.is_err(), "opened twice");
 
+    // attack: wrong_recipient — a CiphertextForRecipient made for another recipient key
+    // (another document) is refused by its recipient identifier, before the TPM is asked;
+    // the right document still opens it.
+    let doc_a = c.document("host-1");
+    let doc_b = c.document("host-1");
+    let r = c.decrypt_for(&ct, Cloud::recipient(&doc_b));
+    let cfr_b = unb64(r["CiphertextForRecipient"].as_str().unwrap());
+    let wrong = c.open("host-1", &doc_a, &cfr_b);
+    assert!(
+        wrong
+            .as_ref()
+            .is_err_and(|e| e.contains("recipient_key_unknown")),
+        "a ciphertext for another recipient key: {wrong:?}"
+    );
+    assert_eq!(c.open("host-1", &doc_b, &cfr_b).unwrap(), secret);
+
     // GenerateDataKey: the data key opened by the TPM decrypts like CiphertextBlob does.
     let doc = c.document("host-1");
     let g = c.kms(
