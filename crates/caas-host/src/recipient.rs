@@ -11,7 +11,8 @@
 //! (its SPKI hash), for [`KEY_TTL_MS`].
 //!
 //! `POST /v1/agent/recipient/open` (`{"document", "ciphertext"}`) opens a
-//! `CiphertextForRecipient` for the key of that document: only for the certificate that
+//! `CiphertextForRecipient` (AWS's CMS EnvelopedData, `caas_tl::cms`: the RSA-OAEP content
+//! key in the TPM, the AES-256-CBC content here) for the key of that document: only for the certificate that
 //! asked for the document, only while the PCRs are in the state the key is bound to (the
 //! TPM refuses otherwise), once (the key is forgotten after a successful open). The secret
 //! goes back only in the answer, never to a log or the audit record. Both calls are
@@ -204,8 +205,18 @@ impl Agent {
                 "no recipient key of this document is held for this caller",
             ))
         })?;
-        let (rsa, body) = caas_tl::crypto::split_bind_sealed(&req.ciphertext)?;
-        let rsa = rsa.to_vec();
+        let env = caas_tl::cms::parse(&req.ciphertext)?;
+        let spki = caas_tl::recipient::recipient_spki(&doc.recipient.public)?;
+        if !caas_tl::crypto::ct_eq(
+            &env.subject_key_identifier,
+            &caas_tl::cms::subject_key_identifier(&spki)?,
+        ) {
+            return Err(Error::Tl(caas_tl::Error::rejected(
+                "recipient_key_unknown",
+                "the ciphertext is not for this document's recipient key",
+            )));
+        }
+        let rsa = env.encrypted_key.clone();
         let h2 = held.clone();
         let k = self
             .tpm()
@@ -221,8 +232,7 @@ impl Agent {
                     caas_tl::Error::rejected("decryption_failed", "the TPM cannot decrypt")
                 })
             })?;
-        let secret: SecretBytes =
-            caas_tl::crypto::open_bind_sealed(&k, caas_tl::recipient::AAD, body)?;
+        let secret: SecretBytes = env.open_content(&k)?;
         if let Ok(mut m) = self.recipients.0.lock() {
             m.remove(&id);
         }

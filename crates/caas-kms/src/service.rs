@@ -232,7 +232,7 @@ impl Kms {
         audit_public: Vec<u8>,
         checkpoint: Option<Arc<crate::checkpoint::CheckpointWriter>>,
     ) -> Arc<Kms> {
-        Arc::new(Kms {
+        let kms = Arc::new(Kms {
             store,
             keyring,
             region: p.region.clone(),
@@ -245,7 +245,22 @@ impl Kms {
             recipient: std::sync::OnceLock::new(),
             last_usage: crate::usage::LastUsage::new(crate::now_ms()),
             audit_durability: p.audit_durability,
-        })
+        });
+        // Writes the last key uses to the store every PERSIST_INTERVAL while the service
+        // lives (see `crate::usage`).
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&kms);
+            rt.spawn(async move {
+                loop {
+                    tokio::time::sleep(crate::usage::PERSIST_INTERVAL).await;
+                    let Some(kms) = weak.upgrade() else { break };
+                    if let Err(e) = kms.last_usage.persist(&kms.store).await {
+                        tracing::warn!(error = %e, "cannot write the last key uses");
+                    }
+                }
+            });
+        }
+        kms
     }
 
     /// Opens a member of a KMS domain: reads and verifies the domain chain and this node's
@@ -317,9 +332,13 @@ impl Kms {
         &self.audit_public
     }
 
-    /// Waits until every audit record queued so far (`bounded` key use included) is
-    /// durable: at clean shutdown, before the checkpoint is synced.
+    /// Writes the last key uses (`crate::usage`) and waits until every audit record queued
+    /// so far (`bounded` key use included) is durable: at clean shutdown, before the
+    /// checkpoint is synced.
     pub async fn flush_audit(&self) {
+        if let Err(e) = self.last_usage.persist(&self.store).await {
+            tracing::error!(error = %e, "cannot write the last key uses");
+        }
         if let Err(e) = self.store.flush().await {
             tracing::error!(error = %e, "cannot flush the audit log");
         }

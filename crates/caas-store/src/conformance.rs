@@ -1252,6 +1252,55 @@ async fn durability_child_entry() {
     durability_child().await;
 }
 
+/// Single use enforced by the database: a token taken concurrently by many callers on two
+/// nodes (two `Store` handles on one database) is handed to exactly one of them; a later
+/// take, on either node or after a reopen, finds nothing.
+async fn take_consumes_once_across_nodes(h: &impl Harness) {
+    let a = h.open().await;
+    let b = h.open().await;
+    for round in 0..3 {
+        let id = format!("nonce-{round}");
+        a.commit(Batch {
+            writes: vec![Write::Put {
+                kind: "token".into(),
+                account: "-".into(),
+                id: id.clone(),
+                body: b"issued".to_vec(),
+                expect_rev: Some(0),
+            }],
+            audit: vec![],
+        })
+        .await
+        .unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..16 {
+            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let id = id.clone();
+            tasks.push(tokio::spawn(async move { s.take("token", "-", &id).await }));
+        }
+        let mut winners = 0;
+        for t in tasks {
+            if let Some(o) = t.await.unwrap().unwrap() {
+                assert_eq!(o.body, b"issued");
+                winners += 1;
+            }
+        }
+        assert_eq!(winners, 1, "round {round}: exactly one taker wins");
+        assert!(a.take("token", "-", &id).await.unwrap().is_none());
+        assert!(b.take("token", "-", &id).await.unwrap().is_none());
+    }
+    drop(a);
+    drop(b);
+    let c = h.open().await;
+    assert!(c.take("token", "-", "nonce-0").await.unwrap().is_none());
+    assert!(
+        c.take("token", "-", "never-issued")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -1301,4 +1350,5 @@ suite!(
     integrity_repointed_row_is_refused,
     integrity_needs_the_record_key,
     integrity_old_version_of_same_row_is_not_detected,
+    take_consumes_once_across_nodes,
 );

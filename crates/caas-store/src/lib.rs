@@ -555,6 +555,32 @@ impl Store {
         refs
     }
 
+    /// Consumes an object: reads it (MAC-checked, as [`Store::get`]) and deletes it with a
+    /// conditional write on the revision read (`expect_rev`), durable before the call
+    /// returns. The database decides: among any number of concurrent takers of one object,
+    /// on this node or on other nodes of the same database, exactly one gets it; the others
+    /// (and every later call) get `None`, as for an absent object. For single-use tokens
+    /// (the key service's recipient nonces) whose ids are never reused.
+    pub async fn take(&self, kind: &str, account: &str, id: &str) -> Result<Option<Object>, Error> {
+        let Some(o) = self.get(kind, account, id).await? else {
+            return Ok(None);
+        };
+        let batch = Batch {
+            writes: vec![Write::Delete {
+                kind: kind.to_owned(),
+                account: account.to_owned(),
+                id: id.to_owned(),
+                expect_rev: Some(o.rev),
+            }],
+            audit: Vec::new(),
+        };
+        match self.commit(batch).await {
+            Ok(_) => Ok(Some(o)),
+            Err(Error::Conflict { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Applies all writes and appends all audit entries atomically; returns only after the
     /// transaction is durable. If any `expect_rev` fails, nothing of this batch is applied
     /// and `Error::Conflict` names the first failing write.

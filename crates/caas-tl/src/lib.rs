@@ -11,6 +11,7 @@
 //!  SC ──DBSP.DomKeyReq⟨SR,H2,r,Enc_DK(meta[,c4,μ])⟩σAIK──► TTP: DomKeyGen
 //!  TTP ──⟨c3=Enc_pkTPM(K‖IK), c4, μ, meta, r⟩σTTP──► SC: unseal → volume key
 //! ```
+pub mod cms;
 pub mod crypto;
 pub mod dm;
 pub mod error;

@@ -26,10 +26,11 @@
 //! 7. `recipient_key_not_bound` — its authPolicy is PolicyPCR over the PCR values just
 //!    appraised: only this TPM, in this state, can use it.
 //!
-//! `CiphertextForRecipient` is [`crate::crypto::seal_to_bind_key`]'s envelope with the AAD
-//! [`AAD`]: `lp(RSAES-OAEP-SHA256(k), AES-256-GCM(k, AAD, secret))`.
+//! `CiphertextForRecipient` is in AWS's format ([`seal`], [`crate::cms`]): a CMS
+//! EnvelopedData (DER) whose one KeyTransRecipientInfo carries the content key under
+//! RSAES-OAEP-SHA-256 to the recipient key, the secret under AES-256-CBC.
 
-use crate::crypto::{ct_eq, lp, policy_pcr_digest, seal_to_bind_key, sha256};
+use crate::crypto::{ct_eq, lp, policy_pcr_digest, sha256};
 use crate::error::{Error, Result};
 use caas_attest::store::{BindKeyRecord, HostRecord, HostState};
 use caas_attest::structures::{Attest, Public, PublicKey};
@@ -42,8 +43,6 @@ pub const FORMAT: &str = "caas-recipient-attestation";
 pub const VERSION: u32 = 1;
 /// Label of the binding digest.
 pub const BINDING_LABEL: &str = "caas-recipient-attestation-v1";
-/// AAD of `CiphertextForRecipient`'s AES-GCM part.
-pub const AAD: &[u8] = b"caas-ciphertext-for-recipient-v1";
 /// Largest document accepted (bytes of JSON).
 pub const MAX_DOCUMENT: usize = 48 * 1024;
 /// The key encryption algorithm (the only one AWS defines for `Recipient`).
@@ -217,9 +216,20 @@ pub fn verify(
     })
 }
 
-/// `CiphertextForRecipient`: `secret` sealed to the verified recipient key.
+/// The recipient key's SubjectPublicKeyInfo (DER) from its TPM2B_PUBLIC (an RSA key).
+pub fn recipient_spki(recipient_public: &[u8]) -> Result<Vec<u8>> {
+    let public =
+        Public::parse_tpm2b(recipient_public).map_err(|e| Error::malformed("recipient key", e))?;
+    if !matches!(public.key, PublicKey::Rsa { .. }) {
+        return Err(Error::malformed("recipient key", "not an RSA key"));
+    }
+    caas_attest::der::spki(&public.key).map_err(|e| Error::malformed("recipient key", e))
+}
+
+/// `CiphertextForRecipient`: `secret` enveloped to the verified recipient key (its
+/// TPM2B_PUBLIC) as AWS does, a CMS EnvelopedData ([`crate::cms::envelope`]).
 pub fn seal(recipient_public: &[u8], secret: &[u8]) -> Result<Vec<u8>> {
-    seal_to_bind_key(recipient_public, AAD, secret)
+    crate::cms::envelope(&recipient_spki(recipient_public)?, secret)
 }
 
 #[cfg(test)]

@@ -222,6 +222,34 @@ impl Cloud {
     }
 }
 
+/// `CiphertextForRecipient` is AWS's format: OpenSSL's independent CMS parser reads it as
+/// an EnvelopedData with RSAES-OAEP (SHA-256) and AES-256-CBC, and its recipient is the
+/// document's TPM key by SubjectKeyIdentifier.
+fn assert_aws_cms(root: &Path, cfr: &[u8], doc: &Path) {
+    let f = root.join("cfr.der");
+    std::fs::write(&f, cfr).unwrap();
+    let out = Command::new("openssl")
+        .args(["cms", "-cmsout", "-print", "-inform", "DER", "-in"])
+        .arg(&f)
+        .output()
+        .expect("the openssl command is required (apt-get install openssl)");
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "openssl cms: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in ["pkcs7-envelopedData", "rsaesOaep", "sha256", "aes-256-cbc"] {
+        assert!(printed.contains(want), "{want} missing: {printed}");
+    }
+    let d: Value = serde_json::from_slice(&std::fs::read(doc).unwrap()).unwrap();
+    let public = unb64(d["recipient"]["public"].as_str().unwrap());
+    let spki = caas_tl::recipient::recipient_spki(&public).unwrap();
+    let ski = caas_tl::cms::subject_key_identifier(&spki).unwrap();
+    let e = caas_tl::cms::parse(cfr).unwrap();
+    assert_eq!(e.subject_key_identifier, ski.to_vec());
+}
+
 /// A refusal in AWS's shape with the recipient code in the message.
 fn assert_refused(v: &Value, error: &str, code: &str, what: &str) {
     assert_eq!(v["Error"], json!(error), "{what}: {v}");
@@ -253,6 +281,7 @@ fn recipient_release_end_to_end_with_boto3() {
     );
     let cfr = unb64(r["CiphertextForRecipient"].as_str().unwrap());
     assert!(!cfr.windows(secret.len()).any(|w| w == secret.as_slice()));
+    assert_aws_cms(&c.root, &cfr, &doc);
     let plain = c.kms("Decrypt", json!({ "CiphertextBlob": format!("b64:{ct}") }));
     assert_eq!(unb64(plain["Plaintext"].as_str().unwrap()), secret);
     // Another operator certificate cannot open it through the agent.
@@ -279,6 +308,22 @@ fn recipient_release_end_to_end_with_boto3() {
     // The recipient key is single use.
     let again = c.open("host-1", &doc, &cfr);
     assert!(again.is_err(), "opened twice");
+
+    // attack: wrong_recipient — a CiphertextForRecipient made for another recipient key
+    // (another document) is refused by its recipient identifier, before the TPM is asked;
+    // the right document still opens it.
+    let doc_a = c.document("host-1");
+    let doc_b = c.document("host-1");
+    let r = c.decrypt_for(&ct, Cloud::recipient(&doc_b));
+    let cfr_b = unb64(r["CiphertextForRecipient"].as_str().unwrap());
+    let wrong = c.open("host-1", &doc_a, &cfr_b);
+    assert!(
+        wrong
+            .as_ref()
+            .is_err_and(|e| e.contains("recipient_key_unknown")),
+        "a ciphertext for another recipient key: {wrong:?}"
+    );
+    assert_eq!(c.open("host-1", &doc_b, &cfr_b).unwrap(), secret);
 
     // GenerateDataKey: the data key opened by the TPM decrypts like CiphertextBlob does.
     let doc = c.document("host-1");

@@ -19,10 +19,17 @@ pub async fn get_key_last_usage(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResu
     }
     let l = resolve(kms, ctx, key_ref).await?;
     authorize(kms, ctx, &l, "GetKeyLastUsage", None, &[]).await?;
-    let tracking = kms.last_usage.started_ms().max(l.key.created_ms);
+    let tracking = kms
+        .last_usage
+        .tracking_start(&kms.store)
+        .await
+        .map_err(KmsError::store)?
+        .max(l.key.created_ms);
     let last = kms
         .last_usage
-        .get(&l.key.account, &l.key.key_id)
+        .get(&kms.store, &l.key.account, &l.key.key_id)
+        .await
+        .map_err(KmsError::store)?
         .map(|u| {
             json!({
                 "Operation": u.operation,
