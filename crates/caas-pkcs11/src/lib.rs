@@ -36,6 +36,7 @@ pub mod client;
 mod error;
 #[allow(unsafe_code)]
 mod ffi;
+mod mux;
 mod ops;
 
 pub use error::Error;
