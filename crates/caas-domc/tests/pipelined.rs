@@ -68,9 +68,9 @@ fn concurrent_pipelined_signatures_are_each_checked_and_audited() -> Result<()> 
                         let msg = format!("thread {t} message {i}").into_bytes();
                         let r = ts.sign(&Mechanism::EcdsaSha256, private, &msg);
                         if let Ok(sig) = &r {
-                            verifier
-                                .verify(&msg, sig)
-                                .map_err(|_| anyhow::anyhow!("thread {t} #{i}: not its signature"))?;
+                            verifier.verify(&msg, sig).map_err(|_| {
+                                anyhow::anyhow!("thread {t} #{i}: not its signature")
+                            })?;
                         }
                         out.push((msg, r));
                     }
@@ -118,10 +118,11 @@ fn concurrent_pipelined_signatures_are_each_checked_and_audited() -> Result<()> 
         signs("0x0")
     );
     ensure!(
-        signs("0x200") + entries
-            .iter()
-            .filter(|e| e.op == "C_SignInit" && e.rv == "0x200")
-            .count()
+        signs("0x200")
+            + entries
+                .iter()
+                .filter(|e| e.op == "C_SignInit" && e.rv == "0x200")
+                .count()
             == THREADS * PER_THREAD - LIMIT,
         "refused uses audited: {}",
         signs("0x200")
@@ -147,9 +148,8 @@ fn pipelined_requests_are_answered_in_order() -> Result<()> {
     }
     batch.extend_from_slice(&[0, 0, 0, 1, 0xff]); // a frame with an unknown tag
     c.write_all(&batch)?;
-    let mut read = || -> Result<Response> {
-        caas_vsm_proto::blocking::read_message(&mut c).context("answer")
-    };
+    let mut read =
+        || -> Result<Response> { caas_vsm_proto::blocking::read_message(&mut c).context("answer") };
     ensure!(read()?.rv == 0, "hello");
     for slot in slots {
         let r = read()?;

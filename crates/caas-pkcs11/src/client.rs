@@ -434,7 +434,9 @@ impl Client {
             .pipes
             .get(pipe_index(self.pipes.len()))
             .ok_or(CKR_GENERAL_ERROR)?;
-        let mut p = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut p = slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(pipe) = p.as_ref().filter(|x| !x.is_broken()) {
             return Ok(pipe.clone());
         }

@@ -23,7 +23,7 @@ use caas_vsm_proto::blocking::read_message;
 use caas_vsm_proto::{Response, Wire, frame_message_into};
 use cryptoki_sys::{CK_RV, CKR_DATA_LEN_RANGE, CKR_DEVICE_ERROR};
 use nix::sys::socket::{MsgFlags, send};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::BufReader;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -55,7 +55,7 @@ struct State {
     /// Answers read for callers that have not taken them yet, by position.
     ready: HashMap<u64, Response>,
     /// Callers parked until their answer (or the reading) is theirs, by position.
-    waiting: HashMap<u64, Thread>,
+    waiting: BTreeMap<u64, Thread>,
     broken: bool,
 }
 
@@ -85,7 +85,7 @@ impl Pipe {
                 received: 0,
                 reader: Some(reader),
                 ready: HashMap::new(),
-                waiting: HashMap::new(),
+                waiting: BTreeMap::new(),
                 broken: false,
             }),
         }
@@ -168,8 +168,10 @@ impl Pipe {
                     g.received = n + 1;
                     if n == me {
                         g.reader = Some(reader);
-                        // The reading passes to a caller still waiting, if any.
-                        if let Some(t) = g.waiting.values().next() {
+                        // The reading passes to the caller still waiting whose answer
+                        // comes next (it may already be buffered): it then wakes once, for
+                        // its own answer.
+                        if let Some((_, t)) = g.waiting.first_key_value() {
                             t.unpark();
                         }
                         return Ok(r);
