@@ -283,6 +283,8 @@ fn serve_stream<S: Read + Write + Queued>(domain: &Domain, stream: &mut S) {
                     break;
                 }
                 out.clear();
+                // One large answer does not keep its buffer for the connection's lifetime.
+                out.shrink_to(MAX_BATCH);
             }
         }
         // Answers still held back (the connection ends on a malformed frame that followed

@@ -24,6 +24,9 @@ const THREADS: usize = 8;
 const PER_THREAD: usize = 40;
 const LIMIT: usize = 100;
 
+/// One signing attempt: the message and what C_Sign answered.
+type Attempt = (Vec<u8>, Result<Vec<u8>, CkError>);
+
 /// An attacker's position here is a thread of the workload racing the others for a
 /// limited key: pipelining must not let a batch slip past the per-use check, and must not
 /// hand one thread's signature to another.
@@ -57,7 +60,7 @@ fn concurrent_pipelined_signatures_are_each_checked_and_audited() -> Result<()> 
     };
     let verifier = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point);
 
-    let results: Vec<Vec<(Vec<u8>, Result<Vec<u8>, CkError>)>> = std::thread::scope(|sc| {
+    let results: Vec<Vec<Attempt>> = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..THREADS)
             .map(|t| {
                 let (p, verifier) = (&p, &verifier);

@@ -560,7 +560,7 @@ impl Client {
         if pipelined(req) && matches!(self.cfg.transport, Transport::Unix(_)) {
             let r = self.pipe().and_then(|p| p.call(req));
             if let Err(CKR_DEVICE_ERROR | CKR_DEVICE_REMOVED) = r {
-                self.ops.invalidate();
+                self.transport_failed();
             }
             return r;
         }
@@ -579,10 +579,23 @@ impl Client {
             Ok(r)
         });
         if let Err(CKR_DEVICE_ERROR | CKR_DEVICE_REMOVED) = r {
-            // The domain may have restarted: nothing validated before can be trusted.
-            self.ops.invalidate();
+            self.transport_failed();
         }
         r
+    }
+
+    /// After a transport failure the domain may have restarted: nothing validated before
+    /// can be trusted, and every other connection (idle in the pool, or a pipe) is likely
+    /// dead too, so they are all dropped rather than each failing one more call.
+    fn transport_failed(&self) {
+        self.ops.invalidate();
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+        for p in &self.pipes {
+            *p.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        }
     }
 
     /// [`Client::call`] as the (CK_RV, body) pair the operation layer works with.
