@@ -61,7 +61,10 @@
 # HMAC per use: every key use stays audited, routine records are buffered, no fsync) and
 # request decoding. Closing the remaining gap to 0.8x needs the client to stop sleeping
 # once per signature (a shared-memory ring with futex hand-off, or the synchronous PKCS#11
-# caller spinning), which this change does not attempt.
+# caller spinning), which this change does not attempt. Tried and dropped (no gain beyond
+# the noise of a machine at load 13): a receiving thread per pipe instead of a reading
+# caller (client still 1.6-2.5 context switches per signature), draining every buffered
+# answer before handing the reading on (1.9 per signature), 1/2/4/8 pipes for 8 threads.
 #
 # Earlier figures (commit 119aa33), `vsm-bench.sh 10000 5`, 2 vCPUs (Firecracker VM) shared with
 # another engineer's compile jobs (load average 4-8), so expect +-30 % between runs.

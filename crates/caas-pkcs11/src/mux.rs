@@ -298,4 +298,22 @@ mod tests {
         let _ = domain.join();
         Ok(())
     }
+
+    /// A domain that accepts requests and never answers: the caller gives up after the
+    /// socket's read timeout (the configured one) with CKR_DEVICE_ERROR instead of hanging,
+    /// and the pipe (whose later answers could no longer be matched) is broken.
+    #[test]
+    fn a_silent_domain_times_out_the_caller() -> std::io::Result<()> {
+        let (a, peer) = UnixStream::pair()?;
+        a.set_read_timeout(Some(std::time::Duration::from_millis(200)))?;
+        let reader = BufReader::new(a.try_clone()?);
+        let pipe = Pipe::new(a, reader);
+        let start = std::time::Instant::now();
+        assert_eq!(pipe.call(&sign_once(1)).err(), Some(CKR_DEVICE_ERROR));
+        assert!(start.elapsed() >= std::time::Duration::from_millis(200));
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        assert!(pipe.is_broken());
+        drop(peer);
+        Ok(())
+    }
 }
