@@ -13,7 +13,9 @@
 use crate::domain::Domain;
 use crate::error::Error;
 use caas_vsm_proto::blocking::{IoError, read_message, write_message};
-use caas_vsm_proto::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Request, Response};
+use caas_vsm_proto::{
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Request, Response, frame_message_into,
+};
 use cryptoki_sys::CKR_GENERAL_ERROR;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -59,11 +61,31 @@ pub fn serve(domain: Arc<Domain>, listener: UnixListener, policy: PeerPolicy) ->
     Ok(())
 }
 
-/// A stream with buffered reads: one syscall usually brings a whole frame.
+/// A stream with buffered reads: one syscall usually brings a whole frame, or several when
+/// the module pipelines requests.
 struct Buffered<S> {
     reader: std::io::BufReader<S>,
     writer: S,
 }
+
+/// Whether another complete request is already buffered, so the answer to the one just
+/// handled can wait and leave with the next answers in one write.
+trait Queued {
+    fn request_queued(&self) -> bool {
+        false
+    }
+}
+
+impl<S: Read> Queued for Buffered<S> {
+    fn request_queued(&self) -> bool {
+        let b = self.reader.buffer();
+        b.first_chunk::<4>()
+            .and_then(|h| caas_vsm_proto::frame_len(*h).ok())
+            .is_some_and(|len| b.len() - 4 >= len)
+    }
+}
+
+impl<C, T: Read + Write> Queued for rustls::StreamOwned<C, T> {}
 
 impl<S: Read> Read for Buffered<S> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -218,8 +240,15 @@ fn tls_handshake(
     Ok(rustls::StreamOwned::new(conn, tcp))
 }
 
-/// Serves one established stream (any transport) until it closes.
-fn serve_stream<S: Read + Write>(domain: &Domain, stream: &mut S) {
+/// Answers kept back while more requests are buffered are written once they reach this
+/// size (or no request is left).
+const MAX_BATCH: usize = 64 * 1024;
+
+/// Serves one established stream (any transport) until it closes. Requests are answered in
+/// order; while further complete requests are already buffered (a module pipelining the
+/// calls of several threads), the answers are collected and written together, so a batch of
+/// N requests costs one read and one write.
+fn serve_stream<S: Read + Write + Queued>(domain: &Domain, stream: &mut S) {
     let app = match read_message::<_, Request>(stream) {
         Ok(Request::Hello { version, app })
             if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) =>
@@ -232,6 +261,7 @@ fn serve_stream<S: Read + Write>(domain: &Domain, stream: &mut S) {
         }
     };
     let app = domain.attach(app);
+    let mut out = Vec::with_capacity(MAX_BATCH);
     if write_message(stream, &Response::ok(caas_vsm_proto::Body::Empty {})).is_ok() {
         loop {
             let req: Request = match read_message(stream) {
@@ -245,9 +275,22 @@ fn serve_stream<S: Read + Write>(domain: &Domain, stream: &mut S) {
             tracing::trace!(?req, "request");
             let resp = domain.handle(&app, req);
             tracing::trace!(rv = resp.rv, "response");
-            if write_message(stream, &resp).is_err() {
+            if frame_message_into(&resp, &mut out).is_err() {
                 break;
             }
+            if out.len() >= MAX_BATCH || !stream.request_queued() {
+                if stream.write_all(&out).is_err() || stream.flush().is_err() {
+                    break;
+                }
+                out.clear();
+                // One large answer does not keep its buffer for the connection's lifetime.
+                out.shrink_to(MAX_BATCH);
+            }
+        }
+        // Answers still held back (the connection ends on a malformed frame that followed
+        // them) go out before it closes.
+        if !out.is_empty() {
+            let _ = stream.write_all(&out).and_then(|()| stream.flush());
         }
     }
     domain.detach(&app);

@@ -1,7 +1,10 @@
 //! The module's side of the connection to the crypto domain: configuration and a pool of
 //! connections (UNIX socket, vsock, TCP with TLS, or a VM's virtio-serial port). A call takes an idle connection (or opens one), sends one request,
 //! reads one response and puts the connection back; the pool lock is held only to pop and
-//! push, so calls from many threads run concurrently on separate connections. A transport
+//! push, so calls from many threads run concurrently on separate connections. On the UNIX
+//! socket the fused single-part operations instead share a few pipelined connections (one
+//! per CPU, [`crate::mux`]): the requests of several threads leave in one write and their
+//! answers come back in one read. A transport
 //! failure drops that connection and yields CKR_DEVICE_ERROR (CKR_DEVICE_REMOVED when the
 //! domain cannot be reached at all); nothing here can crash the host process.
 //!
@@ -14,6 +17,7 @@
 //! (sessions and login state outlive the process until the VM stops).
 
 use crate::Error;
+use crate::mux::Pipe;
 use crate::ops::Ops;
 use caas_vsm_proto::blocking::{IoError, read_message};
 use caas_vsm_proto::serial::SerialPort;
@@ -315,6 +319,49 @@ pub struct Client {
     pub(crate) ops: Ops,
     /// Held for a whole call on the virtio-serial transport (one connection only).
     serial: Mutex<()>,
+    /// Pipelined connections for the single-part operations on the UNIX socket
+    /// ([`crate::mux`]); each calling thread keeps to one of them.
+    pipes: Vec<Mutex<Option<Arc<Pipe>>>>,
+}
+
+/// Pipes per client: one per CPU (the domain serves each connection on one thread), at
+/// most [`MAX_PIPES`].
+fn pipe_count() -> usize {
+    std::env::var("CAAS_PKCS11_PIPES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+        .clamp(1, MAX_PIPES)
+}
+
+/// The most pipes a client opens.
+const MAX_PIPES: usize = 8;
+
+/// Which pipe the calling thread uses (threads are spread over the pipes in turn).
+fn pipe_index(n: usize) -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static MINE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    }
+    let i = MINE.with(|c| {
+        *c.get().get_or_insert_with(|| {
+            let i = NEXT.fetch_add(1, Ordering::Relaxed);
+            c.set(Some(i));
+            i
+        })
+    });
+    i % n.max(1)
+}
+
+/// The fused single-part requests: short, and the hot path of a signing workload.
+fn pipelined(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::SignOnce { .. }
+            | Request::VerifyOnce { .. }
+            | Request::EncryptOnce { .. }
+            | Request::DecryptOnce { .. }
+    )
 }
 
 fn send_all(s: &impl AsRawFd, mut buf: &[u8]) -> Result<(), CK_RV> {
@@ -377,7 +424,29 @@ impl Client {
             v1_only: AtomicBool::new(false),
             ops: Ops::default(),
             serial: Mutex::new(()),
+            pipes: (0..pipe_count()).map(|_| Mutex::new(None)).collect(),
         })
+    }
+
+    /// The calling thread's pipe, opened (again) when there is none or it broke.
+    fn pipe(&self) -> Result<Arc<Pipe>, CK_RV> {
+        let slot = self
+            .pipes
+            .get(pipe_index(self.pipes.len()))
+            .ok_or(CKR_GENERAL_ERROR)?;
+        let mut p = slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(pipe) = p.as_ref().filter(|x| !x.is_broken()) {
+            return Ok(pipe.clone());
+        }
+        *p = None;
+        let Conn::Unix { stream, reader } = self.connect()? else {
+            return Err(CKR_GENERAL_ERROR);
+        };
+        let pipe = Arc::new(Pipe::new(stream, reader));
+        *p = Some(pipe.clone());
+        Ok(pipe)
     }
 
     /// Whether the domain serves the fused single-part requests (protocol v2).
@@ -488,6 +557,13 @@ impl Client {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
         });
+        if pipelined(req) && matches!(self.cfg.transport, Transport::Unix(_)) {
+            let r = self.pipe().and_then(|p| p.call(req));
+            if let Err(CKR_DEVICE_ERROR | CKR_DEVICE_REMOVED) = r {
+                self.transport_failed();
+            }
+            return r;
+        }
         let pooled = self
             .idle
             .lock()
@@ -503,10 +579,23 @@ impl Client {
             Ok(r)
         });
         if let Err(CKR_DEVICE_ERROR | CKR_DEVICE_REMOVED) = r {
-            // The domain may have restarted: nothing validated before can be trusted.
-            self.ops.invalidate();
+            self.transport_failed();
         }
         r
+    }
+
+    /// After a transport failure the domain may have restarted: nothing validated before
+    /// can be trusted, and every other connection (idle in the pool, or a pipe) is likely
+    /// dead too, so they are all dropped rather than each failing one more call.
+    fn transport_failed(&self) {
+        self.ops.invalidate();
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+        for p in &self.pipes {
+            *p.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        }
     }
 
     /// [`Client::call`] as the (CK_RV, body) pair the operation layer works with.

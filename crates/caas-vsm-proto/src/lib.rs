@@ -2,8 +2,9 @@
 //! PKCS#11 module inside the workload) and the tenant's crypto domain, which holds the keys.
 //!
 //! Sans-IO: [`frame`] splits a byte stream into frames, [`codec`] encodes and decodes the
-//! [`messages`]. Each connection starts with [`Request::Hello`]; then the module sends one
-//! [`Request`] at a time and reads one [`Response`]. Everything decoded here came from a peer
+//! [`messages`]. Each connection starts with [`Request::Hello`]; then the module sends
+//! [`Request`]s and reads one [`Response`] per request, in the order of the requests (it may
+//! send several before reading: the crypto domain answers a connection's requests in order). Everything decoded here came from a peer
 //! and is untrusted: decoding returns [`Error`], never panics, and allocates no more than
 //! the input size. [`serial`] is the guest end of a virtio-serial port carrying the frames.
 
@@ -26,17 +27,30 @@ pub use messages::*;
 /// # Errors
 /// [`Error::FrameTooLarge`].
 pub fn frame_message<T: Wire>(msg: &T) -> Result<Vec<u8>, Error> {
-    let mut out = vec![0u8; 4];
-    msg.put(&mut out);
-    let len = out.len() - 4;
+    let mut out = Vec::new();
+    frame_message_into(msg, &mut out)?;
+    Ok(out)
+}
+
+/// Appends `msg` as one complete frame to `out` (several frames can leave in one write).
+/// On error `out` is left as it was.
+///
+/// # Errors
+/// [`Error::FrameTooLarge`].
+pub fn frame_message_into<T: Wire>(msg: &T, out: &mut Vec<u8>) -> Result<(), Error> {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; 4]);
+    msg.put(out);
+    let len = out.len() - start - 4;
     if len > MAX_FRAME {
+        out.truncate(start);
         return Err(Error::FrameTooLarge {
             len,
             max: MAX_FRAME,
         });
     }
-    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
-    Ok(out)
+    out[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,319 @@
+//! Pipelined connections for the single-part operations (`SignOnce`, `VerifyOnce`,
+//! `EncryptOnce`, `DecryptOnce`) on the UNIX socket.
+//!
+//! With one pooled connection per calling thread, every signature costs the domain one
+//! wake-up and a read and a write of its own; with many threads on few CPUs the kernel's
+//! socket and scheduler path costs as much as the signature. A [`Pipe`] is one connection
+//! shared by several threads instead: a caller appends its request frame to the pipe's
+//! queue, and whichever caller finds no write in progress writes everything queued in one
+//! `send` (the others' frames included). The crypto domain answers a connection's requests
+//! in order and writes the answers of the requests it found already buffered in one write
+//! (`caas_domc::server`), so a burst of N requests costs the domain one read and one write.
+//! Answers are matched to callers by position (the n-th answer is the n-th request's):
+//! one waiting caller at a time reads from the socket, hands each answer to its caller
+//! (`unpark`) and, once its own answer is in, passes the reading on to a caller still
+//! waiting. Nothing changes for the domain's checks: every request still names its session
+//! and is checked there as before.
+//!
+//! A transport failure, or an answer no request is waiting for, breaks the pipe: every
+//! caller waiting on it gets CKR_DEVICE_ERROR, the socket is shut down and the next call
+//! opens a new pipe.
+
+use caas_vsm_proto::blocking::read_message;
+use caas_vsm_proto::{Response, Wire, frame_message_into};
+use cryptoki_sys::{CK_RV, CKR_DATA_LEN_RANGE, CKR_DEVICE_ERROR};
+use nix::sys::socket::{MsgFlags, send};
+use std::collections::{BTreeMap, HashMap};
+use std::io::BufReader;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::thread::Thread;
+
+/// One connection shared by several calling threads.
+#[derive(Debug)]
+pub(crate) struct Pipe {
+    /// The socket (writes; shut down when the pipe breaks).
+    stream: UnixStream,
+    st: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Frames appended but not yet written.
+    queue: Vec<u8>,
+    /// The buffer of the last write, kept for the next (no allocation per batch).
+    spare: Vec<u8>,
+    /// A caller is writing the queue.
+    writing: bool,
+    /// Requests appended so far (the next request's position).
+    sent: u64,
+    /// Answers read so far (the next answer's position).
+    received: u64,
+    /// The reading side; `None` while a caller reads.
+    reader: Option<BufReader<UnixStream>>,
+    /// Answers read for callers that have not taken them yet, by position.
+    ready: HashMap<u64, Response>,
+    /// Callers parked until their answer (or the reading) is theirs, by position.
+    waiting: BTreeMap<u64, Thread>,
+    broken: bool,
+}
+
+fn send_all(s: &UnixStream, mut buf: &[u8]) -> Result<(), CK_RV> {
+    while !buf.is_empty() {
+        // MSG_NOSIGNAL: a dead peer must give EPIPE, not kill the host process with SIGPIPE.
+        match send(s.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL) {
+            Ok(0) => return Err(CKR_DEVICE_ERROR),
+            Ok(n) => buf = &buf[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return Err(CKR_DEVICE_ERROR),
+        }
+    }
+    Ok(())
+}
+
+impl Pipe {
+    /// A pipe over a connection that has said hello.
+    pub(crate) fn new(stream: UnixStream, reader: BufReader<UnixStream>) -> Self {
+        Self {
+            stream,
+            st: Mutex::new(State {
+                queue: Vec::with_capacity(4096),
+                spare: Vec::with_capacity(4096),
+                writing: false,
+                sent: 0,
+                received: 0,
+                reader: Some(reader),
+                ready: HashMap::new(),
+                waiting: BTreeMap::new(),
+                broken: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the pipe failed (a new one must be opened).
+    pub(crate) fn is_broken(&self) -> bool {
+        self.lock().broken
+    }
+
+    /// Marks the pipe broken, shuts the socket down (a caller blocked reading returns) and
+    /// wakes every waiting caller.
+    fn break_pipe(&self, g: &mut State) {
+        g.broken = true;
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        for t in g.waiting.values() {
+            t.unpark();
+        }
+    }
+
+    /// Sends `req` (pipelined with the other callers' requests) and waits for its answer.
+    pub(crate) fn call<Q: Wire>(&self, req: &Q) -> Result<Response, CK_RV> {
+        let mut g = self.lock();
+        if g.broken {
+            return Err(CKR_DEVICE_ERROR);
+        }
+        frame_message_into(req, &mut g.queue).map_err(|_| CKR_DATA_LEN_RANGE)?;
+        let me = g.sent;
+        g.sent += 1;
+        if !g.writing {
+            // Write the queue, and whatever the others append meanwhile, in as few sends
+            // as the kernel takes.
+            g.writing = true;
+            loop {
+                let mut buf = std::mem::take(&mut g.spare);
+                std::mem::swap(&mut buf, &mut g.queue);
+                drop(g);
+                let sent = send_all(&self.stream, &buf);
+                buf.clear();
+                g = self.lock();
+                g.spare = buf;
+                if sent.is_err() {
+                    g.writing = false;
+                    self.break_pipe(&mut g);
+                    return Err(CKR_DEVICE_ERROR);
+                }
+                if g.queue.is_empty() {
+                    g.writing = false;
+                    break;
+                }
+            }
+        }
+        loop {
+            if let Some(r) = g.ready.remove(&me) {
+                return Ok(r);
+            }
+            if g.broken {
+                return Err(CKR_DEVICE_ERROR);
+            }
+            if let Some(mut reader) = g.reader.take() {
+                // Read answers, handing out the others', until this caller's own is in.
+                loop {
+                    drop(g);
+                    let read = read_message::<_, Response>(&mut reader);
+                    g = self.lock();
+                    let n = g.received;
+                    let r = match read {
+                        Ok(r) if n < g.sent && !g.broken => r,
+                        // A transport failure, or an answer to no request: the positions
+                        // can no longer be trusted.
+                        _ => {
+                            self.break_pipe(&mut g);
+                            return Err(CKR_DEVICE_ERROR);
+                        }
+                    };
+                    g.received = n + 1;
+                    if n == me {
+                        g.reader = Some(reader);
+                        // The reading passes to the caller still waiting whose answer
+                        // comes next (it may already be buffered): it then wakes once, for
+                        // its own answer.
+                        if let Some((_, t)) = g.waiting.first_key_value() {
+                            t.unpark();
+                        }
+                        return Ok(r);
+                    }
+                    g.ready.insert(n, r);
+                    if let Some(t) = g.waiting.remove(&n) {
+                        t.unpark();
+                    }
+                }
+            }
+            g.waiting.insert(me, std::thread::current());
+            drop(g);
+            std::thread::park();
+            g = self.lock();
+            g.waiting.remove(&me);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caas_vsm_proto::{Blob, Body, MechParam, Mechanism, Request, frame_message_into};
+    use std::io::{Read, Write};
+
+    fn sign_once(session: u64) -> Request {
+        Request::SignOnce {
+            session,
+            mechanism: Mechanism {
+                mechanism: 0x1041,
+                param: MechParam::None {},
+            },
+            key: 1,
+            data: Blob(vec![0x5a; 32]),
+        }
+    }
+
+    /// A stand-in domain: answers each request with its session number, in order, and
+    /// writes the answers of all requests that arrived together in one write.
+    fn echo_domain(mut s: UnixStream) {
+        let mut d = caas_vsm_proto::FrameDecoder::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let n = match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            d.feed(&chunk[..n]);
+            let mut out = Vec::new();
+            while let Ok(Some(f)) = d.next_frame() {
+                let Ok(Request::SignOnce { session, .. }) = caas_vsm_proto::from_bytes(&f) else {
+                    return;
+                };
+                let r = Response::ok(Body::Ulongs {
+                    values: vec![session],
+                });
+                if frame_message_into(&r, &mut out).is_err() {
+                    return;
+                }
+            }
+            if s.write_all(&out).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn pipe_pair() -> std::io::Result<(Pipe, UnixStream)> {
+        let (a, b) = UnixStream::pair()?;
+        a.set_read_timeout(Some(std::time::Duration::from_secs(20)))?;
+        let reader = BufReader::new(a.try_clone()?);
+        Ok((Pipe::new(a, reader), b))
+    }
+
+    /// Many threads on one pipe: each caller gets the answer to its own request, never a
+    /// neighbour's (answers are matched by position while the peer batches them).
+    #[test]
+    fn pipelined_callers_each_get_their_own_answer() -> std::io::Result<()> {
+        let (pipe, peer) = pipe_pair()?;
+        let domain = std::thread::spawn(move || echo_domain(peer));
+        std::thread::scope(|sc| {
+            for t in 0..8u64 {
+                let pipe = &pipe;
+                sc.spawn(move || {
+                    for i in 0..500u64 {
+                        let session = t * 1_000_000 + i;
+                        let r = pipe.call(&sign_once(session));
+                        assert!(
+                            matches!(&r, Ok(Response { rv: 0, body: Body::Ulongs { values } }) if values == &[session]),
+                            "thread {t} call {i}: {r:?}"
+                        );
+                    }
+                });
+            }
+        });
+        assert!(!pipe.is_broken());
+        drop(pipe);
+        let _ = domain.join();
+        Ok(())
+    }
+
+    /// The domain dies with requests in flight: every waiting caller gets CKR_DEVICE_ERROR
+    /// (none hangs, none gets another's answer), and the pipe reports itself broken so the
+    /// client opens a new one.
+    #[test]
+    fn a_dead_domain_fails_every_waiting_caller() -> std::io::Result<()> {
+        let (pipe, mut peer) = pipe_pair()?;
+        let domain = std::thread::spawn(move || {
+            // Reads some requests, answers none, and goes away.
+            let mut b = [0u8; 256];
+            let _ = peer.read(&mut b);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        });
+        std::thread::scope(|sc| {
+            for t in 0..4u64 {
+                let pipe = &pipe;
+                sc.spawn(move || {
+                    let r = pipe.call(&sign_once(t));
+                    assert_eq!(r.err(), Some(CKR_DEVICE_ERROR), "thread {t}");
+                });
+            }
+        });
+        assert!(pipe.is_broken());
+        assert_eq!(pipe.call(&sign_once(9)).err(), Some(CKR_DEVICE_ERROR));
+        let _ = domain.join();
+        Ok(())
+    }
+
+    /// A domain that accepts requests and never answers: the caller gives up after the
+    /// socket's read timeout (the configured one) with CKR_DEVICE_ERROR instead of hanging,
+    /// and the pipe (whose later answers could no longer be matched) is broken.
+    #[test]
+    fn a_silent_domain_times_out_the_caller() -> std::io::Result<()> {
+        let (a, peer) = UnixStream::pair()?;
+        a.set_read_timeout(Some(std::time::Duration::from_millis(200)))?;
+        let reader = BufReader::new(a.try_clone()?);
+        let pipe = Pipe::new(a, reader);
+        let start = std::time::Instant::now();
+        assert_eq!(pipe.call(&sign_once(1)).err(), Some(CKR_DEVICE_ERROR));
+        assert!(start.elapsed() >= std::time::Duration::from_millis(200));
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        assert!(pipe.is_broken());
+        drop(peer);
+        Ok(())
+    }
+}
