@@ -28,6 +28,7 @@ pub mod cli;
 pub mod dev;
 pub mod engine;
 mod error;
+pub mod net;
 pub mod server;
 pub mod store;
 pub mod vsock;
