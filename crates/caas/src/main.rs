@@ -157,7 +157,7 @@ fn main() -> ExitCode {
             }
             Cmd::Tenant(a) => tenant::run(a).await,
             Cmd::Pki(c) => pki::run(c),
-            Cmd::Domc(_) | Cmd::Workload(_) => Ok(()),
+            Cmd::Domc(_) | Cmd::Net(_) | Cmd::Workload(_) => Ok(()),
         }
     });
     match result {

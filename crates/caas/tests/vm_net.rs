@@ -249,7 +249,11 @@ fn serial(g: &Guest) -> String {
 fn wait_line(g: &mut Guest, prefix: &str, timeout: Duration) -> (String, Instant) {
     let t = Instant::now();
     loop {
-        if let Some(l) = serial(g).lines().find(|l| l.starts_with(prefix)) {
+        // (The console's escape sequences may precede a line's text.)
+        if let Some(l) = serial(g)
+            .lines()
+            .find_map(|l| l.find(prefix).map(|i| &l[i..]))
+        {
             return (l.to_string(), Instant::now());
         }
         if let Ok(Some(st)) = g.child.try_wait() {
@@ -267,10 +271,11 @@ fn wait_line(g: &mut Guest, prefix: &str, timeout: Duration) -> (String, Instant
     }
 }
 
-/// The receiver: the stream's first SIZE bytes through sha256sum, then its digest.
+/// The receiver: the stream's first SIZE bytes through sha256sum, then its digest (busybox
+/// nc hangs up when its own stdin ends: it gets one that does not).
 fn receiver_script(size: u64) -> String {
     format!(
-        "( nc -l -p 5000 | head -c {size} | sha256sum > /tmp/sum ) &\n\
+        "( sleep 3600 | nc -l -p 5000 | head -c {size} | sha256sum > /tmp/sum ) &\n\
          while [ ! -s /tmp/sum ]; do sleep 0.01; done\n\
          echo caas-xfer-done\n\
          echo \"caas-sha $(cut -d' ' -f1 /tmp/sum)\"\n"
