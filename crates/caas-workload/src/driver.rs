@@ -879,7 +879,9 @@ mod tests {
             "01:00:5e:00:00:01".parse::<crate::spec::MacAddr>().is_err(),
             "group MAC"
         );
-        s.network.as_mut().map(|n| n.prefix_len = 33);
+        if let Some(n) = s.network.as_mut() {
+            n.prefix_len = 33;
+        }
         assert!(d.args(&s, 1).is_err());
         Ok(())
     }
