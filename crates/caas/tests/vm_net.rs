@@ -190,6 +190,8 @@ fn boot(
     script: &str,
 ) -> Guest {
     let log = dir.join(format!("{name}.serial.log"));
+    // qemu appends to an existing log: a round must not read the previous round's lines.
+    let _ = std::fs::remove_file(&log);
     let run = dir.join(format!("{name}.run.sh"));
     std::fs::write(&run, script).unwrap();
     let netdev = match nic {
