@@ -312,3 +312,34 @@ fn rekey_while_traffic_flows_loses_nothing() {
     });
     assert_eq!(stats(&a).rx_auth_failed + stats(&b).rx_auth_failed, 0);
 }
+
+#[test]
+fn bad_arguments_are_refused_before_any_socket_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = |domain: &str, switch: u64, retire: u64| ServeArgs {
+        domain: domain.into(),
+        sender_id: 1,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        vm_socket: dir.path().join("p.sock"),
+        vm_peer: dir.path().join("v.sock"),
+        peer_uid: None,
+        switch_after_ms: switch,
+        retire_after_ms: retire,
+    };
+    for (a, want) in [
+        (args("", 1, 2), "network domain id"),
+        (args("finance", 2000, 1000), "--retire-after-ms"),
+    ] {
+        let e = serve::start(&a).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    assert!(!dir.path().join("p.sock").exists());
+    // A VM socket in a directory others may write is refused (they could plant qemu's end).
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let mut a = args("finance", 1, 2);
+    a.vm_socket = open.join("p.sock");
+    let e = serve::start(&a).unwrap_err().to_string();
+    assert!(e.contains("must not be writable"), "{e}");
+}

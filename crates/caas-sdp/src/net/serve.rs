@@ -146,6 +146,12 @@ fn big_buffers(fd: &impl std::os::fd::AsFd) {
 /// [`ServeError`] for bad arguments or sockets that cannot be set up.
 pub fn start(a: &ServeArgs) -> Result<Running, ServeError> {
     let domain = DomainId::new(&a.domain).map_err(ServeError::Config)?;
+    if a.retire_after_ms < a.switch_after_ms {
+        // Else a proxy could still send under an epoch its peers already retired.
+        return Err(ServeError::Config(
+            "--retire-after-ms must not be below --switch-after-ms".into(),
+        ));
+    }
     let shared = Shared::new(Settings {
         domain,
         sender: a.sender_id,
