@@ -1164,6 +1164,7 @@ async fn start_workload(
             slot: 0,
         }),
         volumes,
+        network: None,
     };
     use caas_workload::driver::{Driver, ProcessDriver, QemuDriver};
     let driver: Box<dyn Driver> = match driver {
@@ -3151,6 +3152,7 @@ async fn restore_workload(
             slot: 0,
         }),
         volumes,
+        network: None,
     };
     use caas_workload::driver::Driver as _;
     let mut driver = caas_workload::driver::QemuDriver::new(dir.to_path_buf());

@@ -4,6 +4,8 @@
 //! Proxy"). The protocol codec is `caas-nbd`, the volume format `caas-volume`; this crate
 //! is the tokio glue: ciphertext stores ([`store`]), the block engine ([`engine`]), the
 //! server ([`server`]), the `caas volume` CLI ([`cli`]) and the `caas dev` hook ([`dev`]).
+//! [`net`] is the network half: `caas net serve`, a VM's NIC backend that seals every
+//! Ethernet frame for the other members of its network domain (`docs/network-sdp.md`).
 //!
 //! Transports: UNIX socket, TCP, or AF_VSOCK ([`vsock`]; on a host without a vsock
 //! transport the port binds but nobody can connect). Optional TLS 1.3 via NBD_OPT_STARTTLS
@@ -28,6 +30,7 @@ pub mod cli;
 pub mod dev;
 pub mod engine;
 mod error;
+pub mod net;
 pub mod server;
 pub mod store;
 pub mod vsock;

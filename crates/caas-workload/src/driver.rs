@@ -318,6 +318,8 @@ pub const QEMU_READY_MARKER: &str = "caas-workload ready";
 pub const QEMU_GUEST_PORT: u16 = 7000;
 /// `fw_cfg` name of the injected secrets (the inject file's JSON).
 pub const FW_CFG_INJECT: &str = "opt/caas/inject";
+/// `fw_cfg` name of the overlay NIC's configuration (`mac=…` and `addr=IP/PREFIX` lines).
+pub const FW_CFG_NET: &str = "opt/caas/net";
 /// `fw_cfg` name of the workload's id.
 pub const FW_CFG_VM_ID: &str = "opt/caas/vm-id";
 /// `fw_cfg` name of the crypto domain's user PIN (when the VM has a VSM).
@@ -512,6 +514,34 @@ impl QemuDriver {
             // No option ROM: the guest never boots from the network.
             "virtio-net-pci,netdev=net0,romfile=".as_ref(),
         ]);
+        if let Some(n) = &spec.network {
+            // The overlay NIC: every frame is one datagram to the crypto domain's network
+            // proxy, which seals it for the network domain's other VMs (docs/network-sdp.md).
+            for p in [&n.vm_socket, &n.proxy_socket] {
+                if p.as_os_str().len() > 107 {
+                    return Err(Error::Driver(format!(
+                        "overlay socket path too long for a UNIX socket: {}",
+                        p.display()
+                    )));
+                }
+            }
+            let mut nd = OsString::from("dgram,id=ovl0,local.type=unix,local.path=");
+            nd.push(escape(n.vm_socket.as_os_str()));
+            nd.push(",remote.type=unix,remote.path=");
+            nd.push(escape(n.proxy_socket.as_os_str()));
+            push(&[
+                "-netdev".as_ref(),
+                &nd,
+                "-device".as_ref(),
+                format!("virtio-net-pci,netdev=ovl0,romfile=,mac={}", n.mac).as_ref(),
+                "-fw_cfg".as_ref(),
+                format!(
+                    "name={FW_CFG_NET},string=mac={}\naddr={}/{}",
+                    n.mac, n.address, n.prefix_len
+                )
+                .as_ref(),
+            ]);
+        }
         if let Some(vsm) = &spec.vsm {
             // qemu is the crypto domain's one client for the VM's life; it reconnects if the
             // domain closes the connection (a malformed frame from the guest).
@@ -743,6 +773,7 @@ mod tests {
             disk: "nbd+unix:///disk?socket=/run/caas/sdp,1.sock".into(),
             vsm: None,
             volumes: vec!["nbd+unix:///vol?socket=/run/caas/vol.sock".into()],
+            network: None,
         }
     }
 
@@ -811,6 +842,47 @@ mod tests {
         assert!(has(&a, "-device", "virtio-net-pci,netdev=net0,romfile="));
         assert!(has(&a, "-device", "virtio-rng-pci"));
         assert!(!a.iter().any(|x| x.contains("vsm")));
+        Ok(())
+    }
+
+    /// The overlay NIC: a dgram netdev on the proxy's socket pair, its MAC, and the guest's
+    /// address in fw_cfg (commas in paths escaped).
+    #[test]
+    fn qemu_command_line_with_an_overlay_nic() -> Result<()> {
+        let mut s = spec();
+        s.network = Some(crate::spec::NetSpec {
+            proxy_socket: "/run/caas/net,1.sock".into(),
+            vm_socket: "/run/caas/vm-42.net.sock".into(),
+            mac: "52:54:00:00:00:2a".parse().map_err(Error::Config)?,
+            address: std::net::Ipv4Addr::new(10, 9, 0, 42),
+            prefix_len: 24,
+        });
+        let mut d = QemuDriver::new("/tmp".into());
+        d.accel = Accel::Tcg;
+        let a = strings(&d.args(&s, 1)?);
+        assert!(has(
+            &a,
+            "-netdev",
+            "dgram,id=ovl0,local.type=unix,local.path=/run/caas/vm-42.net.sock,remote.type=unix,remote.path=/run/caas/net,,1.sock"
+        ));
+        assert!(has(
+            &a,
+            "-device",
+            "virtio-net-pci,netdev=ovl0,romfile=,mac=52:54:00:00:00:2a"
+        ));
+        assert!(has(
+            &a,
+            "-fw_cfg",
+            "name=opt/caas/net,string=mac=52:54:00:00:00:2a\naddr=10.9.0.42/24"
+        ));
+        assert!(
+            "01:00:5e:00:00:01".parse::<crate::spec::MacAddr>().is_err(),
+            "group MAC"
+        );
+        if let Some(n) = s.network.as_mut() {
+            n.prefix_len = 33;
+        }
+        assert!(d.args(&s, 1).is_err());
         Ok(())
     }
 

@@ -26,5 +26,7 @@ pub mod workload;
 
 pub use error::{Error, Result};
 pub use proto::{WorkloadReport, challenge};
-pub use spec::{InjectedSecrets, ReadyInfo, TlsCredentials, VsmSpec, WorkloadSpec};
+pub use spec::{
+    InjectedSecrets, MacAddr, NetSpec, ReadyInfo, TlsCredentials, VsmSpec, WorkloadSpec,
+};
 pub use workload::{GuestConfig, Workload, run};

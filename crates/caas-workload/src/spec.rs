@@ -44,6 +44,77 @@ pub struct WorkloadSpec {
     /// The workload uses the **last 4 KiB block** of each as its marker block.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<String>,
+    /// The overlay NIC, when the VM belongs to a network domain (`docs/network-sdp.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetSpec>,
+}
+
+/// A VM's overlay NIC: a virtio-net device whose backend is the crypto domain's network
+/// proxy (`caas net serve`), over a UNIX datagram socket pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetSpec {
+    /// The proxy's socket (qemu sends the VM's frames there: its `remote.path`).
+    pub proxy_socket: PathBuf,
+    /// qemu's own socket (the proxy accepts frames only from it: its `local.path`).
+    pub vm_socket: PathBuf,
+    /// The NIC's MAC address.
+    pub mac: MacAddr,
+    /// The guest's address on the overlay.
+    pub address: std::net::Ipv4Addr,
+    /// Its prefix length.
+    pub prefix_len: u8,
+}
+
+/// A unicast, locally administered or assigned Ethernet address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MacAddr(pub [u8; 6]);
+
+impl TryFrom<String> for MacAddr {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<MacAddr> for String {
+    fn from(m: MacAddr) -> String {
+        m.to_string()
+    }
+}
+
+impl std::str::FromStr for MacAddr {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("{s:?} is not a unicast MAC address (xx:xx:xx:xx:xx:xx)");
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(bad());
+        }
+        let mut m = [0u8; 6];
+        for (b, p) in m.iter_mut().zip(parts) {
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if m[0] & 1 == 1 {
+            return Err(bad());
+        }
+        Ok(MacAddr(m))
+    }
+}
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
 }
 
 /// Checks a workload id: 1..=128 characters of `[A-Za-z0-9-_.:]` (it is also the PSK
@@ -103,6 +174,14 @@ impl WorkloadSpec {
     /// Checks the fields that would otherwise fail late.
     pub fn validate(&self) -> Result<()> {
         validate_vm_id(&self.vm_id)?;
+        if let Some(n) = &self.network
+            && n.prefix_len > 32
+        {
+            return Err(Error::Config(format!(
+                "overlay prefix length {} is above 32",
+                n.prefix_len
+            )));
+        }
         for uri in std::iter::once(&self.disk).chain(&self.volumes) {
             if !(uri.starts_with("nbd+unix://")
                 || uri.starts_with("nbd://")

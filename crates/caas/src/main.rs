@@ -61,6 +61,10 @@ enum Cmd {
     /// The crypto domain (Virtual Security Module behind the PKCS#11 module).
     #[command(subcommand)]
     Domc(caas_domc::cli::DomcCommand),
+    /// The network Secure Device Proxy: a VM's NIC backend and its encrypted overlay
+    /// (docs/network-sdp.md).
+    #[command(subcommand)]
+    Net(caas_sdp::net::NetCommand),
     /// Compute hosts: the host agent and the key service's view of enrolled hosts.
     #[command(subcommand)]
     Host(caas_host::cli::HostCommand),
@@ -111,6 +115,16 @@ fn main() -> ExitCode {
                 }
             };
         }
+        // The network proxy is synchronous too: two frame threads and its control channel.
+        Cmd::Net(c) => {
+            return match caas_sdp::net::run(&c) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("caas net: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         // The process workload runs its own small runtime (it stands for a VM).
         Cmd::Workload(w) => {
             return match caas_workload::cli::run_cli(w) {
@@ -143,7 +157,7 @@ fn main() -> ExitCode {
             }
             Cmd::Tenant(a) => tenant::run(a).await,
             Cmd::Pki(c) => pki::run(c),
-            Cmd::Domc(_) | Cmd::Workload(_) => Ok(()),
+            Cmd::Domc(_) | Cmd::Net(_) | Cmd::Workload(_) => Ok(()),
         }
     });
     match result {

@@ -144,6 +144,7 @@ impl Fixture {
             disk: exports[0].uri.clone(),
             vsm,
             volumes,
+            network: None,
         };
         let f = Self {
             dir,
