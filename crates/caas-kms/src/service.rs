@@ -250,8 +250,8 @@ impl Kms {
 
     /// Opens a member of a KMS domain: reads and verifies the domain chain and this node's
     /// EDTs through a read-only bootstrap handle (domain rows are authenticated by their
-    /// signatures), derives the shared record and audit keys from the domain root, then opens
-    /// the store and the keyring as usual.
+    /// signatures), takes the record MAC keys of every domain-key epoch it holds and the
+    /// audit key derived from the domain root, then opens the store and the keyring as usual.
     async fn open_domain(
         p: &KmsParams,
         d: &crate::domain::DomainParams,
@@ -280,7 +280,8 @@ impl Kms {
         let node = NodeKey::from_domain_root(crate::domain::domain_root(dk1)?);
         let signer = Arc::new(node.audit_signer()?);
         let audit_public = signer.public_key();
-        let records = DomainRecordAuth::with_secret(node.record_authenticator()?);
+        // Record MAC keys follow the domain-key epochs (crate::domain::epoch).
+        let records = member.record_auth();
         let store = Store::open(&p.database, signer.clone(), Arc::new(records))
             .await
             .map_err(|e| KmsError::Internal(format!("cannot open the database: {e}")))?;

@@ -447,6 +447,15 @@ impl Store {
         }
     }
 
+    /// Every object kind that has at least one row (for whole-store jobs: re-MACing every
+    /// row under a new key epoch).
+    pub async fn kinds(&self) -> Result<Vec<String>, Error> {
+        match &*self.inner {
+            Inner::Sqlite(s) => s.kinds().await,
+            Inner::Postgres(s) => s.kinds().await,
+        }
+    }
+
     /// Like [`Store::list`], but returns the rows that verify together with the places of
     /// those that do not (already audited), for background jobs that must go on over the
     /// healthy rows (scheduled deletion, rotation, re-wrapping). Never returns a bad row.
