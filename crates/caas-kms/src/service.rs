@@ -282,7 +282,12 @@ impl Kms {
         let audit_public = signer.public_key();
         // Record MAC keys follow the domain-key epochs (crate::domain::epoch).
         let records = member.record_auth();
-        let store = Store::open(&p.database, signer.clone(), Arc::new(records))
+        // So does the audit signature; the checkpoint stays under the epoch-1 audit key
+        // (a local file, never shared with the other members).
+        let epoch_signer = Arc::new(crate::domain::epoch::EpochAuditSigner(
+            member.epochs_shared(),
+        ));
+        let store = Store::open(&p.database, epoch_signer, Arc::new(records))
             .await
             .map_err(|e| KmsError::Internal(format!("cannot open the database: {e}")))?;
         let checkpoint = match freshness {
@@ -311,6 +316,17 @@ impl Kms {
     /// The verifier of `Recipient` attestation documents, if the deployment has one.
     pub fn recipient_verifier(&self) -> Option<&Arc<dyn crate::recipient::RecipientVerifier>> {
         self.recipient.get()
+    }
+
+    /// Whether `sig` authenticates audit record `seq` with `hash`: under the audit public key
+    /// for a single node; in a KMS domain under the key of the epoch the signature names,
+    /// refusing epochs below the record floor after the floor's seq
+    /// ([`crate::domain::epoch`]).
+    pub fn audit_signature_ok(&self, seq: u64, hash: &[u8; 32], sig: &[u8]) -> bool {
+        match self.keyring.domain_member() {
+            Some(m) => m.epochs().verify_audit(seq, hash, sig),
+            None => crate::audit::verify_signature(&self.audit_public, hash, sig),
+        }
     }
 
     /// The audit public key (raw Ed25519).

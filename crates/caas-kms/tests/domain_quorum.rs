@@ -887,6 +887,17 @@ async fn three_nodes_removed_node_cannot_forge_a_row_after_the_next_rotation() {
         );
     }
 
+    // The audit chain verifies across the epochs (epoch 1 before the floor, 2 after).
+    k1.flush_audit().await;
+    k2.flush_audit().await;
+    let report = k2
+        .store
+        .audit_verify_seq(&|q, h, s| k2.audit_signature_ok(q, h, s))
+        .await
+        .unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    let (honest_head, _) = k2.store.audit_head().await.unwrap();
+
     // The removed node, with DK_1 (all it holds) and database access.
     let m3 = d.member(3);
     let boot = Store::open(
@@ -931,6 +942,30 @@ async fn three_nodes_removed_node_cannot_forge_a_row_after_the_next_rotation() {
         assert!(
             integrity_failures(&audit, &key) >= 1,
             "the refused row is not audited"
+        );
+    }
+
+    // Every audit record the removed node appends under its audit key is refused: the first
+    // is its own store's IntegrityCheck of the row it could not verify, then the forgery.
+    let forged = attacker
+        .commit(Batch {
+            writes: vec![],
+            audit: vec![caas_kms::audit::system_entry("CreateKey", "forged")],
+        })
+        .await
+        .unwrap()
+        .audit_seqs[0];
+    for k in [&k1, &k2] {
+        let report = k
+            .store
+            .audit_verify_seq(&|q, h, s| k.audit_signature_ok(q, h, s))
+            .await
+            .unwrap();
+        assert!(forged > honest_head + 1);
+        assert_eq!(
+            report.first_bad.as_ref().map(|f| f.seq),
+            Some(honest_head + 1),
+            "the removed node's audit record was accepted: {report:?}"
         );
     }
 

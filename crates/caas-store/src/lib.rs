@@ -719,6 +719,15 @@ impl Store {
         &self,
         verify: &(dyn Fn(&[u8; 32], &[u8]) -> bool + Sync),
     ) -> Result<AuditVerifyReport, Error> {
+        self.audit_verify_seq(&|_, h, s| verify(h, s)).await
+    }
+
+    /// [`Store::audit_verify`] with the record's seq given to `verify(seq, hash, signature)`
+    /// (for signers whose key changes along the chain: a KMS domain's key epochs).
+    pub async fn audit_verify_seq(
+        &self,
+        verify: &(dyn Fn(u64, &[u8; 32], &[u8]) -> bool + Sync),
+    ) -> Result<AuditVerifyReport, Error> {
         let head = match &*self.inner {
             Inner::Sqlite(s) => s.head().await?,
             Inner::Postgres(s) => s.head().await?,
@@ -737,7 +746,8 @@ impl Store {
                 Inner::Postgres(s) => s.audit_rows(None, after, upto, VERIFY_PAGE as i64).await?,
             };
             for row in &rows {
-                if let Err(fault) = verifier.check(row, verify) {
+                let seq = u64::try_from(row.seq).unwrap_or(0);
+                if let Err(fault) = verifier.check(row, &|h, sig| verify(seq, h, sig)) {
                     return Ok(report(&verifier, Some(fault)));
                 }
                 after = row.seq;

@@ -34,7 +34,8 @@ use super::DomainError;
 use super::identity::{NodeId, NodeIdentity, verify_ed25519};
 use super::state::DomainState;
 use caas_crypto::SecretKey;
-use caas_store::{HmacRecordKey, RecordAuthenticator};
+use crate::audit::Ed25519AuditSigner;
+use caas_store::{AuditSigner, HmacRecordKey, RecordAuthenticator};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::RwLock;
@@ -57,11 +58,25 @@ pub fn record_key(dk: &SecretKey) -> Result<HmacRecordKey, DomainError> {
         .map_err(|_| DomainError::Crypto("record key"))
 }
 
+/// The audit signing key of epoch `v` (domain key `dk` = `DK_v`).
+pub fn audit_key(dk: &SecretKey) -> Result<Ed25519AuditSigner, DomainError> {
+    crate::keyring::NodeKey::from_domain_root(super::domain_root(dk)?)
+        .audit_signer()
+        .map_err(|_| DomainError::Crypto("audit key"))
+}
+
+struct EpochKey {
+    record: HmacRecordKey,
+    audit: Ed25519AuditSigner,
+}
+
 #[derive(Default)]
 struct Epochs {
-    keys: BTreeMap<u32, HmacRecordKey>,
+    keys: BTreeMap<u32, EpochKey>,
     write: Option<u32>,
     floor: u32,
+    /// Audit records after this seq must be signed at or above the floor.
+    audit_from: u64,
 }
 
 /// The record keys of every epoch this node holds, its write epoch and its floor; shared
@@ -99,7 +114,10 @@ impl EpochKeys {
             .keys
             .contains_key(&v);
         if !known {
-            let k = record_key(dk)?;
+            let k = EpochKey {
+                record: record_key(dk)?,
+                audit: audit_key(dk)?,
+            };
             self.0
                 .write()
                 .map_err(|_| DomainError::Crypto("epoch lock"))?
@@ -120,11 +138,13 @@ impl EpochKeys {
         }
     }
 
-    /// Moves the floor up to `f` (never down); returns whether it moved.
-    pub fn raise_floor(&self, f: u32) -> bool {
+    /// Moves the floor up to `f` (never down), effective for audit records after seq
+    /// `audit_from`; returns whether it moved.
+    pub fn raise_floor(&self, f: u32, audit_from: u64) -> bool {
         match self.0.write() {
             Ok(mut g) if f > g.floor => {
                 g.floor = f;
+                g.audit_from = audit_from;
                 if g.write.is_some_and(|w| w < f) {
                     g.write = Some(f);
                 }
@@ -144,6 +164,58 @@ impl EpochKeys {
         self.0.read().map(|g| g.floor).unwrap_or(u32::MAX)
     }
 
+    /// The floor and the audit seq after which it holds for audit signatures.
+    pub fn floor_at(&self) -> (u32, u64) {
+        self.0
+            .read()
+            .map(|g| (g.floor, g.audit_from))
+            .unwrap_or((u32::MAX, 0))
+    }
+
+    /// Signs an audit record hash under the write epoch: a bare Ed25519 signature for epoch
+    /// 1 (what every domain wrote before epochs), `'E' ‖ v (u32 BE) ‖ signature` for `v ≥ 2`.
+    /// Without a write epoch: a signature nobody accepts.
+    pub fn sign_audit(&self, hash: &[u8; 32]) -> Vec<u8> {
+        let Ok(g) = self.0.read() else {
+            return vec![0u8; 64];
+        };
+        let Some((w, k)) = g.write.and_then(|w| g.keys.get(&w).map(|k| (w, k))) else {
+            return vec![0u8; 64];
+        };
+        let sig = AuditSigner::sign(&k.audit, hash);
+        if w == 1 {
+            return sig;
+        }
+        let mut out = Vec::with_capacity(5 + sig.len());
+        out.push(TAG_PREFIX);
+        out.extend_from_slice(&w.to_be_bytes());
+        out.extend_from_slice(&sig);
+        out
+    }
+
+    /// Checks audit record `seq`'s signature under the epoch it names: refused when that
+    /// epoch is below the floor and the record comes after the floor's seq, or unknown here.
+    pub fn verify_audit(&self, seq: u64, hash: &[u8; 32], sig: &[u8]) -> bool {
+        let (v, sig) = match sig.len() {
+            64 => (1, sig),
+            69 if sig[0] == TAG_PREFIX => {
+                let v = u32::from_be_bytes([sig[1], sig[2], sig[3], sig[4]]);
+                if v < 2 {
+                    return false;
+                }
+                (v, &sig[5..])
+            }
+            _ => return false,
+        };
+        let Ok(g) = self.0.read() else { return false };
+        if v < g.floor && seq > g.audit_from {
+            return false;
+        }
+        g.keys
+            .get(&v)
+            .is_some_and(|k| crate::audit::verify_signature(&k.audit.public_key(), hash, sig))
+    }
+
     /// Newest epoch this node holds.
     pub fn held(&self) -> Option<u32> {
         self.0
@@ -156,7 +228,7 @@ impl EpochKeys {
     pub fn seal(&self, parts: &[&[u8]]) -> Option<Vec<u8>> {
         let g = self.0.read().ok()?;
         let w = g.write?;
-        let tag = g.keys.get(&w)?.tag(parts);
+        let tag = g.keys.get(&w)?.record.tag(parts);
         if w == 1 {
             return Some(tag.to_vec());
         }
@@ -193,7 +265,7 @@ impl EpochKeys {
         let Some(k) = g.keys.get(&v) else {
             return false;
         };
-        aws_lc_rs::constant_time::verify_slices_are_equal(&k.tag(parts), mac).is_ok()
+        aws_lc_rs::constant_time::verify_slices_are_equal(&k.record.tag(parts), mac).is_ok()
     }
 }
 
@@ -223,6 +295,9 @@ pub struct FloorBody {
     pub node: NodeId,
     /// Domain state version it acted under.
     pub state_version: u64,
+    /// Audit head seq once every member wrote (and signed) at or above `floor`: later
+    /// audit records must be signed at or above it.
+    pub audit_from: u64,
 }
 
 /// A body signed by a node's identity key.
@@ -303,6 +378,16 @@ pub fn open_floor(st: &DomainState, row: &[u8]) -> Result<FloorBody, DomainError
         return Err(DomainError::Refused("floor of another domain".into()));
     }
     Ok(b)
+}
+
+/// The audit signer of a domain member's store: signs under its write epoch.
+#[derive(Debug)]
+pub struct EpochAuditSigner(pub std::sync::Arc<EpochKeys>);
+
+impl AuditSigner for EpochAuditSigner {
+    fn sign(&self, hash: &[u8; 32]) -> Vec<u8> {
+        self.0.sign_audit(hash)
+    }
 }
 
 /// Where a node keeps the highest floor it has seen (beside its identity).

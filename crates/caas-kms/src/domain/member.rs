@@ -167,9 +167,14 @@ impl Member {
         let epochs = Arc::new(EpochKeys::default());
         if let Some(f) = head_file.as_ref().map(|h| h.with_extension("record-floor"))
             && let Ok(text) = std::fs::read_to_string(f)
-            && let Ok(v) = text.trim().parse::<u32>()
         {
-            epochs.raise_floor(v);
+            let mut parts = text.split_whitespace();
+            if let (Some(Ok(v)), Some(Ok(from))) = (
+                parts.next().map(str::parse::<u32>),
+                parts.next().map(str::parse::<u64>),
+            ) {
+                epochs.raise_floor(v, from);
+            }
         }
         Member {
             me,
@@ -191,8 +196,13 @@ impl Member {
         &self.epochs
     }
 
-    fn raise_floor(&self, f: u32) -> Result<(), DomainError> {
-        if !self.epochs.raise_floor(f) {
+    /// This member's record epochs, shared (for the store's audit signer).
+    pub fn epochs_shared(&self) -> Arc<EpochKeys> {
+        self.epochs.clone()
+    }
+
+    fn raise_floor(&self, f: u32, audit_from: u64) -> Result<(), DomainError> {
+        if !self.epochs.raise_floor(f, audit_from) {
             return Ok(());
         }
         let Some(path) = self
@@ -203,7 +213,7 @@ impl Member {
             return Ok(());
         };
         let tmp = path.with_extension("record-floor.tmp");
-        std::fs::write(&tmp, format!("{f}\n"))
+        std::fs::write(&tmp, format!("{f} {audit_from}\n"))
             .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|e| DomainError::Io(format!("cannot record the record floor: {}", e.kind())))
     }
@@ -224,7 +234,7 @@ impl Member {
             .map_err(store_err)?
         {
             match epoch::open_floor(latest, &row.body) {
-                Ok(f) => self.raise_floor(f.floor)?,
+                Ok(f) => self.raise_floor(f.floor, f.audit_from)?,
                 Err(e) => {
                     self.refuse(audit, "RecordFloor", FLOOR_ID, &e.to_string())
                         .await
@@ -516,12 +526,16 @@ impl Member {
         {
             return Ok(None);
         }
+        // Every member has acknowledged writing (and signing) at or above `target`, and its
+        // acknowledgement is in the chain: every audit record after this head is theirs.
+        let (audit_from, _) = store.audit_head().await.map_err(store_err)?;
         let rows = self.remac_all(store).await?;
         let body = FloorBody {
             domain: latest.domain.clone(),
             floor: target,
             node: self.me.id().into(),
             state_version: latest.version,
+            audit_from,
         };
         store
             .commit(Batch {
@@ -540,7 +554,7 @@ impl Member {
             })
             .await
             .map_err(store_err)?;
-        self.raise_floor(target)?;
+        self.raise_floor(target, audit_from)?;
         Ok(Some(target))
     }
 
