@@ -258,7 +258,7 @@ impl Kms {
         freshness: Option<OnRollback>,
     ) -> KmsResult<Arc<Kms>> {
         use crate::domain::{DomainRecordAuth, NoAuditSigner, member::Member};
-        let me = crate::domain::identity::NodeIdentity::load(&d.identity_file)?;
+        let me = d.load_identity()?;
         let head = crate::domain::head_file(&d.identity_file);
         let member = Member::new(me, d.genesis, Some(head));
         let boot = Store::open(

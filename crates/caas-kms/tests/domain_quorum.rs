@@ -599,6 +599,8 @@ fn params(d: &Domain, n: usize) -> KmsParams {
         domain: Some(domain::DomainParams {
             identity_file: node_file(&d.dir, n),
             genesis: d.genesis,
+            identity_tcti: None,
+            sealer: None,
         }),
         audit_durability: Default::default(),
     }

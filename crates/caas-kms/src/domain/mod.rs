@@ -24,13 +24,30 @@ pub mod state;
 
 use caas_store::{HmacRecordKey, RecordAuthenticator};
 
-/// A node's domain settings (`[keys] identity_file`, `domain_genesis`).
+/// A node's domain settings (`[keys] identity_file`, `domain_genesis`, `identity_tcti`).
 #[derive(Debug, Clone)]
 pub struct DomainParams {
     /// This node's identity file.
     pub identity_file: std::path::PathBuf,
     /// The pinned genesis hash.
     pub genesis: [u8; 32],
+    /// The TPM the identity is sealed to (`[keys] identity_tcti`).
+    pub identity_tcti: Option<String>,
+    /// What unseals it (set by the binary from `identity_tcti`; the key service refuses to
+    /// start with a TPM configured and no sealer).
+    pub sealer: Option<std::sync::Arc<dyn identity::IdentitySealer>>,
+}
+
+impl DomainParams {
+    /// Loads this node's identity (through the sealer when the config names a TPM).
+    pub fn load_identity(&self) -> Result<identity::NodeIdentity, DomainError> {
+        match (&self.identity_tcti, &self.sealer) {
+            (Some(_), None) => Err(DomainError::Io(
+                "keys.identity_tcti is set but this build has no TPM sealer".into(),
+            )),
+            (_, s) => identity::NodeIdentity::load_with(&self.identity_file, s.as_deref()),
+        }
+    }
 }
 
 /// Where a node records the newest domain state version it verified (beside its identity).
@@ -151,9 +168,10 @@ impl RecordAuthenticator for DomainRecordAuth {
     }
 }
 
-/// The domain root secret: derived from the first domain key (never retired), it takes the
-/// place of the single-node "node key" for what all members must share: the record MAC key,
-/// the audit signing key and the import fingerprint key.
+/// The root secret of a domain-key epoch: derived from `DK_v`, it takes the place of the
+/// single-node "node key" for what all members must share: the record MAC key and the audit
+/// signing key of epoch `v` ([`epoch`]). The root of `DK_1` also keys the audit checkpoint
+/// and import fingerprints.
 pub fn domain_root(dk1: &caas_crypto::SecretKey) -> Result<caas_crypto::SecretKey, DomainError> {
     caas_crypto::kdf::derive_key(dk1.expose(), b"caas/kms/domain-root/v1", b"")
         .map_err(|_| DomainError::Crypto("KDF"))
