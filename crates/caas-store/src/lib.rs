@@ -354,6 +354,9 @@ const MAX_REPORTED: usize = 10_000;
 /// Longest kind/account/id text copied into an integrity audit record.
 const MAX_NAME: usize = 256;
 
+/// `verify(seq, hash, signature)` of [`Store::audit_verify_seq`].
+pub type SeqVerifier<'a> = dyn Fn(u64, &[u8; 32], &[u8]) -> bool + Sync + 'a;
+
 /// How many audit records `audit_verify` reads per query.
 const VERIFY_PAGE: usize = 2000;
 
@@ -726,7 +729,7 @@ impl Store {
     /// (for signers whose key changes along the chain: a KMS domain's key epochs).
     pub async fn audit_verify_seq(
         &self,
-        verify: &(dyn Fn(u64, &[u8; 32], &[u8]) -> bool + Sync),
+        verify: &SeqVerifier<'_>,
     ) -> Result<AuditVerifyReport, Error> {
         let head = match &*self.inner {
             Inner::Sqlite(s) => s.head().await?,

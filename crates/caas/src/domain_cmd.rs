@@ -262,7 +262,8 @@ pub async fn run(cmd: DomainCmd) -> Result<()> {
             let s = sealer(&tcti);
             let id = NodeIdentity::load_or_create_with(
                 &identity,
-                s.as_ref().map(|s| s as &dyn caas_kms::domain::identity::IdentitySealer),
+                s.as_ref()
+                    .map(|s| s as &dyn caas_kms::domain::identity::IdentitySealer),
             )
             .map_err(|e| anyhow!("{e}"))?;
             println!(
@@ -280,7 +281,8 @@ pub async fn run(cmd: DomainCmd) -> Result<()> {
             let s = sealer(&tcti);
             let me = NodeIdentity::load_or_create_with(
                 &identity,
-                s.as_ref().map(|s| s as &dyn caas_kms::domain::identity::IdentitySealer),
+                s.as_ref()
+                    .map(|s| s as &dyn caas_kms::domain::identity::IdentitySealer),
             )
             .map_err(|e| anyhow!("{e}"))?;
             let mut ops = BTreeMap::new();

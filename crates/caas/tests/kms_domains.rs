@@ -330,7 +330,10 @@ fn three_nodes_quorum_rotation_node_join_removal_and_kill9_on_postgresql() {
     let f = net.wait_status(1, "record floor after the removal", |s| {
         s["RecordFloor"].as_u64().is_some_and(|f| f >= 3)
     });
-    assert!(f["RecordEpoch"].as_u64() >= f["RecordFloor"].as_u64(), "{f}");
+    assert!(
+        f["RecordEpoch"].as_u64() >= f["RecordFloor"].as_u64(),
+        "{f}"
+    );
     for c in [&c1, &c2, &c4] {
         assert_eq!(dec(c, &ct1).unwrap(), b64(b"domain-canary-one"));
         assert_eq!(dec(c, &ct_after).unwrap(), b64(b"after removal"));
@@ -346,7 +349,9 @@ fn three_nodes_quorum_rotation_node_join_removal_and_kill9_on_postgresql() {
     let forged_id = rt.block_on(async {
         let store = bootstrap_store(&net).await;
         let g: [u8; 32] = hex::decode(&net.genesis).unwrap().try_into().unwrap();
-        let chain = caas_kms::domain::member::read_chain(&store, &g).await.unwrap();
+        let chain = caas_kms::domain::member::read_chain(&store, &g)
+            .await
+            .unwrap();
         let next = chain
             .latest()
             .apply(&caas_kms::domain::state::Change::RemoveNode { node: node4 })
@@ -387,10 +392,9 @@ fn three_nodes_quorum_rotation_node_join_removal_and_kill9_on_postgresql() {
             .all(|m| refused.iter().any(|d| d["node"] == m.as_str()))
         {
             assert!(
-                refused.iter().all(|d| d["reason"]
-                    .as_str()
-                    .unwrap()
-                    .contains("operator approvals")),
+                refused
+                    .iter()
+                    .all(|d| d["reason"].as_str().unwrap().contains("operator approvals")),
                 "{refused:?}"
             );
             break;
@@ -401,7 +405,11 @@ fn three_nodes_quorum_rotation_node_join_removal_and_kill9_on_postgresql() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    assert_eq!(net.status(1)["Version"], 6, "the refused version took effect");
+    assert_eq!(
+        net.status(1)["Version"],
+        6,
+        "the refused version took effect"
+    );
     assert_eq!(dec(&c4, &ct1).unwrap(), b64(b"domain-canary-one"));
 
     // Nothing secret in the database: no domain key, no node secret, no plaintext.
@@ -494,7 +502,11 @@ fn node_join_identity_sealed_to_the_tpm_is_useless_on_another_machine() {
         Command::new(caas_bin()).args(&args).output().unwrap()
     };
     let first = join(&id, Some(&own.tcti()));
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     let node = |o: &std::process::Output| -> Value {
         serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap()
     };
@@ -506,18 +518,28 @@ fn node_join_identity_sealed_to_the_tpm_is_useless_on_another_machine() {
     let copy = dir.join("copied.id");
     std::fs::copy(&id, &copy).unwrap();
     let elsewhere = join(&copy, Some(&other.tcti()));
-    assert!(!elsewhere.status.success(), "the copied identity opened on another TPM");
+    assert!(
+        !elsewhere.status.success(),
+        "the copied identity opened on another TPM"
+    );
     assert!(
         String::from_utf8_lossy(&elsewhere.stderr).contains("does not unseal on this TPM"),
         "{}",
         String::from_utf8_lossy(&elsewhere.stderr)
     );
     let no_tpm = join(&copy, None);
-    assert!(!no_tpm.status.success(), "the sealed identity opened without a TPM");
+    assert!(
+        !no_tpm.status.success(),
+        "the sealed identity opened without a TPM"
+    );
     assert!(
         String::from_utf8_lossy(&no_tpm.stderr).contains("sealed to a TPM"),
         "{}",
         String::from_utf8_lossy(&no_tpm.stderr)
     );
-    assert_eq!(std::fs::read(&copy).unwrap(), bytes, "the copy was rewritten");
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        bytes,
+        "the copy was rewritten"
+    );
 }

@@ -33,8 +33,8 @@
 use super::DomainError;
 use super::identity::{NodeId, NodeIdentity, verify_ed25519};
 use super::state::DomainState;
-use caas_crypto::SecretKey;
 use crate::audit::Ed25519AuditSigner;
+use caas_crypto::SecretKey;
 use caas_store::{AuditSigner, HmacRecordKey, RecordAuthenticator};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -234,11 +234,6 @@ impl NodeIdentity {
         }
     }
 
-    /// Whether the identity file at `path` is sealed (to a TPM).
-    pub fn is_sealed(path: &Path) -> bool {
-        std::fs::read(path).is_ok_and(|b| b.starts_with(MAGIC_SEALED))
-    }
-
     /// This node's id.
     pub fn id(&self) -> &str {
         &self.id
