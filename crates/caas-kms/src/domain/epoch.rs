@@ -1,11 +1,12 @@
-//! Record-MAC key epochs of a KMS domain: the row MAC follows the domain keys, so a node
-//! removed from the domain (which keeps every domain key it was sent) cannot forge rows once
-//! the remaining members have moved past its keys.
+//! Record-MAC and audit key epochs of a KMS domain: the row MAC and the audit signature
+//! follow the domain keys, so a node removed from the domain (which keeps every domain key
+//! it was sent) cannot forge rows or audit records once the remaining members have moved
+//! past its keys.
 //!
-//! - **Epoch `v`** is domain key `DK_v`: its record key is derived from `DK_v` exactly as the
-//!   single-node record key is derived from the node key (`domain_root(DK_v)`, then
-//!   `"caas/kms/record-mac-key"`), so epoch 1 is the record key every domain had before
-//!   epochs existed and their stored rows verify unchanged.
+//! - **Epoch `v`** is domain key `DK_v`: its record key and audit key are derived from `DK_v`
+//!   exactly as the single-node ones are derived from the node key (`domain_root(DK_v)`, then
+//!   `"caas/kms/record-mac-key"` / `"caas/kms/audit-signing-key"`), so epoch 1 is what every
+//!   domain had before epochs existed and their stored rows and records verify unchanged.
 //! - **Tags carry their epoch.** Epoch 1 keeps the bare 32-byte HMAC (what older nodes wrote
 //!   and read: a rolling upgrade keeps working); epoch `v ≥ 2` is stored as
 //!   `'E' ‖ v (u32 BE) ‖ HMAC-SHA256` (37 bytes). A row is checked under the key of the epoch
@@ -19,17 +20,19 @@
 //!   removed node may hold it. Once every current member acknowledges writing at or above
 //!   that first fresh epoch `T`, one member re-MACs every row (it reads each row under its
 //!   old epoch and writes it back under `T` or later), then publishes the floor `T`
-//!   (`kms_domain_floor`, signed by its identity). From then on every member refuses a tag
-//!   under an epoch below the floor: the store answers `Integrity` and audits the row
-//!   (`IntegrityCheck`). Each node keeps the highest floor it has seen beside its identity
+//!   (`kms_domain_floor`, signed by its identity, with the audit seq it reached). From then
+//!   on every member refuses a tag under an epoch below the floor (the store answers
+//!   `Integrity` and audits the row, `IntegrityCheck`) and an audit record after that seq
+//!   signed under such an epoch ([`EpochKeys::verify_audit`]; audit signatures carry their
+//!   epoch the same way: bare Ed25519 for epoch 1, `'E' ‖ v ‖ signature` after). Each node keeps the highest floor it has seen beside its identity
 //!   (`<identity>.record-floor`), so a database that deletes or rolls back the floor row
 //!   does not lower it.
 //!
 //! What stays open: between a removal and the floor (a few maintenance intervals) the
 //! removed node can still forge rows under an exposed epoch, and the re-MAC pass carries
 //! such a forgery forward; a node that joins after the floor and never saw it trusts the
-//! floor row the database shows it. The audit chain's signing key still derives from `DK_1`
-//! (see docs/kms-domains.md).
+//! floor row the database shows it (see docs/kms-domains.md). The audit checkpoint file
+//! stays signed under the epoch-1 audit key (local to each node).
 use super::DomainError;
 use super::identity::{NodeId, NodeIdentity, verify_ed25519};
 use super::state::DomainState;
