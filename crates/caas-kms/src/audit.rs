@@ -2,7 +2,8 @@
 //! one record in the same durable commit as its state change (see `service.rs`). Records
 //! carry who, what, which key, the result and the request id; never plaintext, data keys or
 //! key material. The chain is signed with an Ed25519 key derived from the node key, so
-//! `caas audit verify` needs only the public key to check it.
+//! `caas audit verify` needs only the public key to check it (in a KMS domain: the key of the
+//! domain-key epoch each signature names, `crate::domain::epoch`; `Kms::audit_signature_ok`).
 //!
 //! [`cloudtrail_event`] maps a stored record to a CloudTrail-style event (one JSON line of
 //! `caas audit export`, for a SIEM). Access key ids are recorded in the record's detail

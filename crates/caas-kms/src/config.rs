@@ -107,6 +107,9 @@ pub struct RawKeys {
     pub identity_file: Option<PathBuf>,
     /// KMS domain: the genesis hash (hex) printed by `caas domain init`, pinned here.
     pub domain_genesis: Option<String>,
+    /// KMS domain: the TPM (TCTI string, e.g. `device:/dev/tpmrm0`) this node's identity
+    /// is sealed to. Without it the identity is a plain 0600 file.
+    pub identity_tcti: Option<String>,
 }
 
 /// `[maintenance]`.
@@ -204,6 +207,8 @@ impl RawConfig {
                 Some(crate::domain::DomainParams {
                     identity_file,
                     genesis,
+                    identity_tcti: self.keys.identity_tcti,
+                    sealer: None,
                 })
             }
             (None, None) => None,

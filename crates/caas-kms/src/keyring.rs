@@ -429,6 +429,16 @@ impl Keyring {
         self.seal_internal(purpose, owner, &m).map(Some)
     }
 
+    /// In a KMS domain: acknowledge this node's record epochs and, after a removal or a
+    /// forced rotation, re-MAC every row and raise the record floor once every member can
+    /// ([`crate::domain::member::Member::reseal`]). Nothing to do for a single node.
+    pub async fn reseal_domain_records(&self) -> KmsResult<Option<u32>> {
+        match &self.source {
+            Source::Domain(m) => Ok(m.reseal(&self.store).await?),
+            Source::NodeKey(_) => Ok(None),
+        }
+    }
+
     /// Creates a new domain key version (seed 004: daily rotation). The caller re-wraps EKTs.
     pub async fn rotate_domain_key(&self) -> KmsResult<u32> {
         if let Source::Domain(m) = &self.source {

@@ -265,15 +265,15 @@ impl Kms {
 
     /// Opens a member of a KMS domain: reads and verifies the domain chain and this node's
     /// EDTs through a read-only bootstrap handle (domain rows are authenticated by their
-    /// signatures), derives the shared record and audit keys from the domain root, then opens
-    /// the store and the keyring as usual.
+    /// signatures), takes the record MAC keys of every domain-key epoch it holds and the
+    /// audit key derived from the domain root, then opens the store and the keyring as usual.
     async fn open_domain(
         p: &KmsParams,
         d: &crate::domain::DomainParams,
         freshness: Option<OnRollback>,
     ) -> KmsResult<Arc<Kms>> {
         use crate::domain::{DomainRecordAuth, NoAuditSigner, member::Member};
-        let me = crate::domain::identity::NodeIdentity::load(&d.identity_file)?;
+        let me = d.load_identity()?;
         let head = crate::domain::head_file(&d.identity_file);
         let member = Member::new(me, d.genesis, Some(head));
         let boot = Store::open(
@@ -295,8 +295,14 @@ impl Kms {
         let node = NodeKey::from_domain_root(crate::domain::domain_root(dk1)?);
         let signer = Arc::new(node.audit_signer()?);
         let audit_public = signer.public_key();
-        let records = DomainRecordAuth::with_secret(node.record_authenticator()?);
-        let store = Store::open(&p.database, signer.clone(), Arc::new(records))
+        // Record MAC keys follow the domain-key epochs (crate::domain::epoch).
+        let records = member.record_auth();
+        // So does the audit signature; the checkpoint stays under the epoch-1 audit key
+        // (a local file, never shared with the other members).
+        let epoch_signer = Arc::new(crate::domain::epoch::EpochAuditSigner(
+            member.epochs_shared(),
+        ));
+        let store = Store::open(&p.database, epoch_signer, Arc::new(records))
             .await
             .map_err(|e| KmsError::Internal(format!("cannot open the database: {e}")))?;
         let checkpoint = match freshness {
@@ -325,6 +331,17 @@ impl Kms {
     /// The verifier of `Recipient` attestation documents, if the deployment has one.
     pub fn recipient_verifier(&self) -> Option<&Arc<dyn crate::recipient::RecipientVerifier>> {
         self.recipient.get()
+    }
+
+    /// Whether `sig` authenticates audit record `seq` with `hash`: under the audit public key
+    /// for a single node; in a KMS domain under the key of the epoch the signature names,
+    /// refusing epochs below the record floor after the floor's seq
+    /// ([`crate::domain::epoch`]).
+    pub fn audit_signature_ok(&self, seq: u64, hash: &[u8; 32], sig: &[u8]) -> bool {
+        match self.keyring.domain_member() {
+            Some(m) => m.epochs().verify_audit(seq, hash, sig),
+            None => crate::audit::verify_signature(&self.audit_public, hash, sig),
+        }
     }
 
     /// The audit public key (raw Ed25519).

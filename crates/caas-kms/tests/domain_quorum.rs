@@ -599,6 +599,8 @@ fn params(d: &Domain, n: usize) -> KmsParams {
         domain: Some(domain::DomainParams {
             identity_file: node_file(&d.dir, n),
             genesis: d.genesis,
+            identity_tcti: None,
+            sealer: None,
         }),
         audit_durability: Default::default(),
     }
@@ -788,4 +790,250 @@ async fn three_nodes_a_node_dying_between_new_domain_key_and_rewrap_leaves_the_d
     // Exactly one domain key version 2 exists.
     let claims = d.store.list(domain::DK_KIND, Some("-")).await.unwrap();
     assert_eq!(claims.len(), 2);
+}
+
+/// Runs maintenance on `nodes` until each has raised its record floor to `floor` (a few
+/// rounds: acknowledge the new key, switch the write epoch, re-MAC, publish).
+async fn maintain_until_floor(nodes: &[&Kms], floor: u32) {
+    for _ in 0..6 {
+        for k in nodes {
+            caas_kms::ops::maintenance(k).await.unwrap();
+        }
+        if nodes
+            .iter()
+            .all(|k| k.keyring.domain_member().unwrap().epochs().floor() >= floor)
+        {
+            return;
+        }
+    }
+    panic!("the record floor did not reach {floor} within six maintenance rounds");
+}
+
+fn integrity_failures(records: &[caas_store::AuditRecord], id: &str) -> usize {
+    records
+        .iter()
+        .filter(|r| r.entry.operation == "IntegrityCheck" && r.entry.key_id.as_deref() == Some(id))
+        .count()
+}
+
+/// The attacker: node 3, removed by quorum, keeps its identity, every domain key it was sent
+/// (DK_1, hence the first record-MAC key) and write access to the database. After the next
+/// rotation it forges a row (an existing key's row put back under its own MAC): every
+/// remaining node refuses the row and audits it, rows written before the removal stay
+/// readable, new rows are MAC'd under a key the removed node never had, and neither deleting
+/// the floor row nor restarting a node brings the old key back.
+#[tokio::test]
+async fn three_nodes_removed_node_cannot_forge_a_row_after_the_next_rotation() {
+    let (d, m1) = domain().await;
+    let (m2, m3) = (d.member(2), d.member(3));
+    d.change(add_node(&m2), 2).await;
+    d.change(add_node(&m3), 2).await;
+    let id3 = m3.identity().id().to_string();
+    drop((m2, m3));
+    m1.sync(&d.store).await.unwrap();
+    let k1 = Kms::open(&params(&d, 1)).await.unwrap();
+    let k2 = Kms::open(&params(&d, 2)).await.unwrap();
+    let k3 = Kms::open(&params(&d, 3)).await.unwrap();
+    let account = k1.create_account("t").await.unwrap();
+    let who = Caller {
+        principal: format!("arn:aws:iam::{account}:user/t"),
+        account: account.clone(),
+        access_key_id: "AKIATEST".into(),
+        kind: caas_kms::operator::CallerKind::Tenant,
+    };
+    let key = call(&k1, &who, "CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ct = call(
+        &k1,
+        &who,
+        "Encrypt",
+        json!({ "KeyId": key, "Plaintext": "aGVsbG8=" }),
+    )
+    .await
+    .unwrap()["CiphertextBlob"]
+        .clone();
+    for k in [&k1, &k2, &k3] {
+        caas_kms::ops::maintenance(k).await.unwrap();
+    }
+    assert_eq!(
+        k1.keyring.domain_member().unwrap().epochs().write(),
+        Some(1)
+    );
+    drop(k3);
+
+    // Removal by quorum; the remaining nodes rotate, switch epochs, re-MAC, raise the floor.
+    d.change(Change::RemoveNode { node: id3.clone() }, 2).await;
+    maintain_until_floor(&[&k1, &k2], 2).await;
+    for k in [&k1, &k2] {
+        let e = k.keyring.domain_member().unwrap().epochs();
+        assert_eq!((e.floor(), e.write()), (2, Some(2)));
+    }
+    let resealed = k1
+        .store
+        .audit_list(None, 0, 100_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.entry.operation == "DomainRecordsResealed")
+        .count();
+    assert_eq!(resealed, 1, "one member re-MACs and publishes the floor");
+    // Rows written before the removal are still readable (re-MAC'd under epoch 2).
+    for k in [&k1, &k2] {
+        assert_eq!(
+            call(k, &who, "Decrypt", json!({ "CiphertextBlob": ct }))
+                .await
+                .unwrap()["Plaintext"],
+            "aGVsbG8="
+        );
+    }
+
+    // The audit chain verifies across the epochs (epoch 1 before the floor, 2 after).
+    k1.flush_audit().await;
+    k2.flush_audit().await;
+    let report = k2
+        .store
+        .audit_verify_seq(&|q, h, s| k2.audit_signature_ok(q, h, s))
+        .await
+        .unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    let (honest_head, _) = k2.store.audit_head().await.unwrap();
+
+    // The removed node, with DK_1 (all it holds) and database access.
+    let m3 = d.member(3);
+    let boot = Store::open(
+        &d.db,
+        std::sync::Arc::new(domain::NoAuditSigner),
+        std::sync::Arc::new(domain::DomainRecordAuth::bootstrap()),
+    )
+    .await
+    .unwrap();
+    let dks3 = m3.keys(&boot, None).await.unwrap().1;
+    assert!(!dks3.keys.contains_key(&2), "the removed node opened DK_2");
+    let attacker = domain::open_store(&d.db, &dks3.keys[&1]).await.unwrap();
+    // It cannot even verify the rows the members write now.
+    assert!(matches!(
+        attacker.get("key", &account, &key).await,
+        Err(caas_store::Error::Integrity { .. })
+    ));
+    // It forges the key's row under the MAC key it has (the body as the database shows it).
+    let row = k1.store.get("key", &account, &key).await.unwrap().unwrap();
+    attacker
+        .commit(Batch {
+            writes: vec![Write::Put {
+                kind: "key".into(),
+                account: account.clone(),
+                id: key.clone(),
+                body: row.body.clone(),
+                expect_rev: None,
+            }],
+            audit: vec![],
+        })
+        .await
+        .unwrap();
+    for k in [&k1, &k2] {
+        let err = call(k, &who, "Decrypt", json!({ "CiphertextBlob": ct }))
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{err:?}").contains("Internal") || format!("{err:?}").contains("Integrity"),
+            "forged row was used: {err:?}"
+        );
+        let audit = k.store.audit_list(None, 0, 100_000).await.unwrap();
+        assert!(
+            integrity_failures(&audit, &key) >= 1,
+            "the refused row is not audited"
+        );
+    }
+
+    // Every audit record the removed node appends under its audit key is refused: the first
+    // is its own store's IntegrityCheck of the row it could not verify, then the forgery.
+    let forged = attacker
+        .commit(Batch {
+            writes: vec![],
+            audit: vec![caas_kms::audit::system_entry("CreateKey", "forged")],
+        })
+        .await
+        .unwrap()
+        .audit_seqs[0];
+    for k in [&k1, &k2] {
+        let report = k
+            .store
+            .audit_verify_seq(&|q, h, s| k.audit_signature_ok(q, h, s))
+            .await
+            .unwrap();
+        assert!(forged > honest_head + 1);
+        assert_eq!(
+            report.first_bad.as_ref().map(|f| f.seq),
+            Some(honest_head + 1),
+            "the removed node's audit record was accepted: {report:?}"
+        );
+    }
+
+    // The database hides the floor (deletes its row); node 1 restarts: still refused.
+    d.store
+        .commit(Batch {
+            writes: vec![Write::Delete {
+                kind: domain::epoch::FLOOR_KIND.into(),
+                account: "-".into(),
+                id: domain::epoch::FLOOR_ID.into(),
+                expect_rev: None,
+            }],
+            audit: vec![],
+        })
+        .await
+        .unwrap();
+    drop(k1);
+    let k1 = Kms::open(&params(&d, 1)).await.unwrap();
+    assert_eq!(k1.keyring.domain_member().unwrap().epochs().floor(), 2);
+    assert!(matches!(
+        k1.store.get("key", &account, &key).await,
+        Err(caas_store::Error::Integrity { .. })
+    ));
+}
+
+/// Rows a domain wrote before record epochs existed (bare 32-byte MACs under the first
+/// domain key's record key) stay readable: epoch 1 is that key, in that format.
+#[tokio::test]
+async fn quorum_rows_of_a_domain_from_before_record_epochs_stay_readable() {
+    let (d, m1) = domain().await;
+    drop(m1);
+    // What an older node wrote: HMAC under DK_1's record key, 32 bytes, no epoch.
+    let boot = Store::open(
+        &d.db,
+        std::sync::Arc::new(domain::NoAuditSigner),
+        std::sync::Arc::new(domain::DomainRecordAuth::bootstrap()),
+    )
+    .await
+    .unwrap();
+    let dk1 = d.member(1).keys(&boot, None).await.unwrap().1.keys[&1].clone();
+    let legacy = Store::open(
+        &d.db,
+        std::sync::Arc::new(domain::NoAuditSigner),
+        std::sync::Arc::new(domain::epoch::record_key(&dk1).unwrap()),
+    )
+    .await
+    .unwrap();
+    legacy
+        .commit(Batch {
+            writes: vec![Write::Put {
+                kind: "alias".into(),
+                account: "111122223333".into(),
+                id: "alias/old".into(),
+                body: b"{}".to_vec(),
+                expect_rev: Some(0),
+            }],
+            audit: vec![],
+        })
+        .await
+        .unwrap();
+    let k1 = Kms::open(&params(&d, 1)).await.unwrap();
+    let o = k1
+        .store
+        .get("alias", "111122223333", "alias/old")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(o.body, b"{}");
 }

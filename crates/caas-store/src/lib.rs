@@ -354,6 +354,9 @@ const MAX_REPORTED: usize = 10_000;
 /// Longest kind/account/id text copied into an integrity audit record.
 const MAX_NAME: usize = 256;
 
+/// `verify(seq, hash, signature)` of [`Store::audit_verify_seq`].
+pub type SeqVerifier<'a> = dyn Fn(u64, &[u8; 32], &[u8]) -> bool + Sync + 'a;
+
 /// How many audit records `audit_verify` reads per query.
 const VERIFY_PAGE: usize = 2000;
 
@@ -444,6 +447,15 @@ impl Store {
         match bad.into_iter().next() {
             None => Ok(good),
             Some(first) => Err(integrity(first)),
+        }
+    }
+
+    /// Every object kind that has at least one row (for whole-store jobs: re-MACing every
+    /// row under a new key epoch).
+    pub async fn kinds(&self) -> Result<Vec<String>, Error> {
+        match &*self.inner {
+            Inner::Sqlite(s) => s.kinds().await,
+            Inner::Postgres(s) => s.kinds().await,
         }
     }
 
@@ -736,6 +748,15 @@ impl Store {
         &self,
         verify: &(dyn Fn(&[u8; 32], &[u8]) -> bool + Sync),
     ) -> Result<AuditVerifyReport, Error> {
+        self.audit_verify_seq(&|_, h, s| verify(h, s)).await
+    }
+
+    /// [`Store::audit_verify`] with the record's seq given to `verify(seq, hash, signature)`
+    /// (for signers whose key changes along the chain: a KMS domain's key epochs).
+    pub async fn audit_verify_seq(
+        &self,
+        verify: &SeqVerifier<'_>,
+    ) -> Result<AuditVerifyReport, Error> {
         let head = match &*self.inner {
             Inner::Sqlite(s) => s.head().await?,
             Inner::Postgres(s) => s.head().await?,
@@ -754,7 +775,8 @@ impl Store {
                 Inner::Postgres(s) => s.audit_rows(None, after, upto, VERIFY_PAGE as i64).await?,
             };
             for row in &rows {
-                if let Err(fault) = verifier.check(row, verify) {
+                let seq = u64::try_from(row.seq).unwrap_or(0);
+                if let Err(fault) = verifier.check(row, &|h, sig| verify(seq, h, sig)) {
                     return Ok(report(&verifier, Some(fault)));
                 }
                 after = row.seq;

@@ -342,6 +342,22 @@ impl PgStore {
         rows.iter().map(row_to_object).collect()
     }
 
+    pub async fn kinds(&self) -> Result<Vec<String>, Error> {
+        let rows = self
+            .read("listing object kinds", |r: Arc<Reader>| async move {
+                r.client
+                    .query("SELECT DISTINCT kind FROM objects ORDER BY kind", &[])
+                    .await
+            })
+            .await?;
+        rows.iter()
+            .map(|r| {
+                r.try_get::<_, String>(0)
+                    .map_err(pg("listing object kinds"))
+            })
+            .collect()
+    }
+
     pub async fn head(&self) -> Result<Head, Error> {
         let row = self
             .read("reading the audit head", |r: Arc<Reader>| async move {

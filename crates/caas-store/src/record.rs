@@ -21,6 +21,19 @@ pub trait RecordAuthenticator: Send + Sync + 'static {
     /// The 32-byte tag of the concatenation of `parts` (the pieces of a canonical row
     /// encoding, [`record_mac_input`], given one by one so that no row body is copied).
     fn tag(&self, parts: &[&[u8]]) -> [u8; 32];
+
+    /// The bytes stored in the row's `mac` column. Default: the tag. An authenticator
+    /// with several key versions (a KMS domain's key epochs) prefixes the version here.
+    fn seal(&self, parts: &[&[u8]]) -> Vec<u8> {
+        self.tag(parts).to_vec()
+    }
+
+    /// Whether `stored` (the row's `mac` column) authenticates `parts`. Default: constant-
+    /// time equality with the tag. An authenticator with key versions checks `stored`
+    /// under the version it names, and refuses versions it no longer trusts.
+    fn check(&self, parts: &[&[u8]], stored: &[u8]) -> bool {
+        aws_lc_rs::constant_time::verify_slices_are_equal(&self.tag(parts), stored).is_ok()
+    }
 }
 
 /// HMAC-SHA256 record authenticator.
@@ -71,15 +84,15 @@ pub fn record_mac_input(kind: &str, account: &str, id: &str, rev: i64, body: &[u
     m
 }
 
-/// The row's tag: [`record_mac_input`]'s encoding, streamed into the authenticator.
-fn row_tag(
-    auth: &dyn RecordAuthenticator,
+/// [`record_mac_input`]'s encoding in pieces, handed to `f` (so that no row body is copied).
+fn with_parts<T>(
     kind: &str,
     account: &str,
     id: &str,
     rev: i64,
     body: &[u8],
-) -> [u8; 32] {
+    f: impl FnOnce(&[&[u8]]) -> T,
+) -> T {
     let len = |b: &[u8]| (b.len() as u64).to_be_bytes();
     let (k, a, i, b) = (
         len(kind.as_bytes()),
@@ -87,7 +100,7 @@ fn row_tag(
         len(id.as_bytes()),
         len(body),
     );
-    auth.tag(&[
+    f(&[
         DOMAIN,
         &k,
         kind.as_bytes(),
@@ -101,7 +114,20 @@ fn row_tag(
     ])
 }
 
-/// The tag the writer stores with a row.
+/// The row's tag: [`record_mac_input`]'s encoding, streamed into the authenticator.
+#[cfg(test)]
+fn row_tag(
+    auth: &dyn RecordAuthenticator,
+    kind: &str,
+    account: &str,
+    id: &str,
+    rev: i64,
+    body: &[u8],
+) -> [u8; 32] {
+    with_parts(kind, account, id, rev, body, |p| auth.tag(p))
+}
+
+/// What the writer stores in the row's `mac` column ([`RecordAuthenticator::seal`]).
 pub(crate) fn tag_row(
     auth: &dyn RecordAuthenticator,
     kind: &str,
@@ -110,7 +136,7 @@ pub(crate) fn tag_row(
     rev: i64,
     body: &[u8],
 ) -> Vec<u8> {
-    row_tag(auth, kind, account, id, rev, body).to_vec()
+    with_parts(kind, account, id, rev, body, |p| auth.seal(p))
 }
 
 /// An object row as read, before its MAC is checked.
@@ -128,8 +154,9 @@ impl RawObject {
             return false;
         };
         let o = &self.obj;
-        let want = row_tag(auth, &o.kind, &o.account, &o.id, o.rev, &o.body);
-        aws_lc_rs::constant_time::verify_slices_are_equal(&want, mac).is_ok()
+        with_parts(&o.kind, &o.account, &o.id, o.rev, &o.body, |p| {
+            auth.check(p, mac)
+        })
     }
 }
 

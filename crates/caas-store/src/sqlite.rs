@@ -318,6 +318,15 @@ impl SqliteStore {
         self.read(read_head).await
     }
 
+    pub async fn kinds(&self) -> Result<Vec<String>, Error> {
+        self.read(|c| {
+            c.prepare_cached("SELECT DISTINCT kind FROM objects ORDER BY kind")
+                .and_then(|mut s| s.query_map([], |r| r.get::<_, String>(0))?.collect())
+                .map_err(sq("listing object kinds"))
+        })
+        .await
+    }
+
     pub async fn audit_rows(
         &self,
         account: Option<&str>,

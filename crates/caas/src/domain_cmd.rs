@@ -33,6 +33,9 @@ pub enum DomainCmd {
         /// The node's identity file (`[keys] identity_file`).
         #[arg(long)]
         identity: PathBuf,
+        /// Seal it to this TPM (`[keys] identity_tcti`, e.g. `device:/dev/tpmrm0`).
+        #[arg(long)]
+        tcti: Option<String>,
     },
     /// Create a new domain with this node as its first member; prints the genesis hash that
     /// every node pins (`[keys] domain_genesis`).
@@ -43,6 +46,9 @@ pub enum DomainCmd {
         /// This node's identity file (created if missing).
         #[arg(long)]
         identity: PathBuf,
+        /// Seal it to this TPM (`[keys] identity_tcti`).
+        #[arg(long)]
+        tcti: Option<String>,
         /// Operators: `NAME=PUBLIC_KEY_BASE64` (from `operator-key`), repeated.
         #[arg(long = "operator", required = true)]
         operators: Vec<String>,
@@ -118,6 +124,76 @@ pub enum DomainCmd {
     },
 }
 
+/// Seals a node identity to a TPM: a sealed data object under the TPM's storage root key
+/// (`fixedTPM`, `fixedParent`, no authorisation value: usable only through this TPM, with
+/// an empty PCR policy so that it survives reboots and firmware updates). The blob is
+/// `u32 BE len(TPM2B_PUBLIC) ‖ TPM2B_PUBLIC ‖ TPM2B_PRIVATE`; on another TPM it does not load.
+#[derive(Debug)]
+pub struct TpmIdentitySealer {
+    tcti: String,
+}
+
+/// PCRs the identity is sealed to (none: bound to the TPM, not to the boot state).
+const IDENTITY_PCRS: &[u32] = &[];
+
+impl TpmIdentitySealer {
+    /// The sealer of the TPM named by `tcti`.
+    pub fn new(tcti: &str) -> Self {
+        TpmIdentitySealer { tcti: tcti.into() }
+    }
+
+    fn tpm(&self) -> Result<caas_tpm::Tpm, caas_kms::domain::DomainError> {
+        caas_tpm::Tpm::open(&self.tcti)
+            .map_err(|e| caas_kms::domain::DomainError::Io(format!("identity TPM: {e}")))
+    }
+}
+
+impl caas_kms::domain::identity::IdentitySealer for TpmIdentitySealer {
+    fn seal(&self, secret: &[u8]) -> Result<Vec<u8>, caas_kms::domain::DomainError> {
+        let blob = self
+            .tpm()?
+            .seal(caas_tpm::PcrBank::Sha256, IDENTITY_PCRS, secret)
+            .map_err(|e| caas_kms::domain::DomainError::Io(format!("identity TPM: {e}")))?;
+        let len = u32::try_from(blob.public.len())
+            .map_err(|_| caas_kms::domain::DomainError::Malformed("sealed public".into()))?;
+        let mut out = len.to_be_bytes().to_vec();
+        out.extend_from_slice(&blob.public);
+        out.extend_from_slice(&blob.private);
+        Ok(out)
+    }
+
+    fn unseal(
+        &self,
+        blob: &[u8],
+    ) -> Result<caas_crypto::SecretBytes, caas_kms::domain::DomainError> {
+        let bad = || caas_kms::domain::DomainError::Malformed("sealed identity blob".into());
+        let len = blob
+            .get(..4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or_else(bad)?;
+        let public = blob.get(4..4 + len).ok_or_else(bad)?.to_vec();
+        let private = blob.get(4 + len..).ok_or_else(bad)?.to_vec();
+        let out = self
+            .tpm()?
+            .unseal(
+                &caas_tpm::KeyBlob { public, private },
+                caas_tpm::PcrBank::Sha256,
+                IDENTITY_PCRS,
+            )
+            .map_err(|_| {
+                caas_kms::domain::DomainError::Refused(
+                    "the identity does not unseal on this TPM (copied from another machine?)"
+                        .into(),
+                )
+            })?;
+        Ok(caas_crypto::SecretBytes::new(out.to_vec()))
+    }
+}
+
+fn sealer(tcti: &Option<String>) -> Option<TpmIdentitySealer> {
+    tcti.as_deref().map(TpmIdentitySealer::new)
+}
+
 fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::STANDARD
 }
@@ -182,8 +258,14 @@ pub async fn run(cmd: DomainCmd) -> Result<()> {
             let k = OperatorKey::create(&out, &name).map_err(|e| anyhow!("{e}"))?;
             println!("{}={}", name, b64().encode(k.public().public));
         }
-        DomainCmd::Join { identity } => {
-            let id = NodeIdentity::load_or_create(&identity).map_err(|e| anyhow!("{e}"))?;
+        DomainCmd::Join { identity, tcti } => {
+            let s = sealer(&tcti);
+            let id = NodeIdentity::load_or_create_with(
+                &identity,
+                s.as_ref()
+                    .map(|s| s as &dyn caas_kms::domain::identity::IdentitySealer),
+            )
+            .map_err(|e| anyhow!("{e}"))?;
             println!(
                 "{}",
                 serde_json::json!({ "Node": id.id(), "Keys": id.public().to_text() })
@@ -192,10 +274,17 @@ pub async fn run(cmd: DomainCmd) -> Result<()> {
         DomainCmd::Init {
             database,
             identity,
+            tcti,
             operators,
             quorum,
         } => {
-            let me = NodeIdentity::load_or_create(&identity).map_err(|e| anyhow!("{e}"))?;
+            let s = sealer(&tcti);
+            let me = NodeIdentity::load_or_create_with(
+                &identity,
+                s.as_ref()
+                    .map(|s| s as &dyn caas_kms::domain::identity::IdentitySealer),
+            )
+            .map_err(|e| anyhow!("{e}"))?;
             let mut ops = BTreeMap::new();
             for o in operators {
                 let (name, public) = o
@@ -222,7 +311,7 @@ pub async fn run(cmd: DomainCmd) -> Result<()> {
         DomainCmd::Status { config } => {
             let p = params(&config)?;
             let d = p.domain.as_ref().context("not a KMS domain node")?;
-            let me = NodeIdentity::load(&d.identity_file).map_err(|e| anyhow!("{e}"))?;
+            let me = d.load_identity().map_err(|e| anyhow!("{e}"))?;
             let m = member::Member::new(me, d.genesis, None);
             let boot = caas_store::Store::open(
                 &p.database,
@@ -247,6 +336,8 @@ pub async fn run(cmd: DomainCmd) -> Result<()> {
                     "DomainKeysHeld": keys.keys.keys().collect::<Vec<_>>(),
                     "SealingDomainKey": keys.sealing,
                     "RotationPending": keys.needs_rotation,
+                    "RecordEpoch": keys.record_epoch,
+                    "RecordFloor": keys.record_floor,
                     "Refused": chain.refused.map(|(row, why)| serde_json::json!({"Row": row, "Reason": why})),
                     "Pending": pending.map(|p| serde_json::from_str::<serde_json::Value>(&show(&p)).unwrap_or_default()["Pending"].clone()),
                 })

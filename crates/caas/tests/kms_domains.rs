@@ -324,6 +324,94 @@ fn three_nodes_quorum_rotation_node_join_removal_and_kill9_on_postgresql() {
         "the removed node decrypted a later ciphertext"
     );
 
+    // The remaining members re-MAC every row under the first key made after the removal and
+    // raise the record floor: the removed node's record and audit keys authenticate nothing
+    // new (crates/caas-kms/tests/domain_quorum.rs has the forgery itself).
+    let f = net.wait_status(1, "record floor after the removal", |s| {
+        s["RecordFloor"].as_u64().is_some_and(|f| f >= 3)
+    });
+    assert!(
+        f["RecordEpoch"].as_u64() >= f["RecordFloor"].as_u64(),
+        "{f}"
+    );
+    for c in [&c1, &c2, &c4] {
+        assert_eq!(dec(c, &ct1).unwrap(), b64(b"domain-canary-one"));
+        assert_eq!(dec(c, &ct_after).unwrap(), b64(b"after removal"));
+    }
+
+    // The database administrator inserts the next version with too few approvals (none):
+    // every member refuses it and records the refusal in the audit log.
+    let members: Vec<String> = [1, 2, 4]
+        .iter()
+        .map(|n| net.status(*n)["Node"].as_str().unwrap().to_string())
+        .collect();
+    let node4 = members[2].clone();
+    let forged_id = rt.block_on(async {
+        let store = bootstrap_store(&net).await;
+        let g: [u8; 32] = hex::decode(&net.genesis).unwrap().try_into().unwrap();
+        let chain = caas_kms::domain::member::read_chain(&store, &g)
+            .await
+            .unwrap();
+        let next = chain
+            .latest()
+            .apply(&caas_kms::domain::state::Change::RemoveNode { node: node4 })
+            .unwrap();
+        let id = format!("{:020}", next.version);
+        let signed = caas_kms::domain::state::SignedState::new(&next).unwrap();
+        store
+            .commit(caas_store::Batch {
+                writes: vec![caas_store::Write::Put {
+                    kind: caas_kms::domain::STATE_KIND.into(),
+                    account: "-".into(),
+                    id: id.clone(),
+                    body: serde_json::to_vec(&signed).unwrap(),
+                    expect_rev: Some(0),
+                }],
+                audit: vec![],
+            })
+            .await
+            .unwrap();
+        id
+    });
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let refused: Vec<Value> = rt.block_on(async {
+            bootstrap_store(&net)
+                .await
+                .audit_list(None, 0, 1_000_000)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|r| r.entry.operation == "DomainChangeRefused")
+                .map(|r| serde_json::from_str(&r.entry.detail).unwrap())
+                .filter(|d: &Value| d["row"] == forged_id.as_str())
+                .collect()
+        });
+        if members
+            .iter()
+            .all(|m| refused.iter().any(|d| d["node"] == m.as_str()))
+        {
+            assert!(
+                refused
+                    .iter()
+                    .all(|d| d["reason"].as_str().unwrap().contains("operator approvals")),
+                "{refused:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "not every member audited the refused version: {refused:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(
+        net.status(1)["Version"],
+        6,
+        "the refused version took effect"
+    );
+    assert_eq!(dec(&c4, &ct1).unwrap(), b64(b"domain-canary-one"));
+
     // Nothing secret in the database: no domain key, no node secret, no plaintext.
     let mut needles: Vec<(String, Vec<u8>)> = vec![
         ("canary".into(), b"domain-canary-one".to_vec()),
@@ -355,6 +443,17 @@ fn three_nodes_quorum_rotation_node_join_removal_and_kill9_on_postgresql() {
     }
 }
 
+/// A handle on the database as its administrator has it (no key: domain rows only).
+async fn bootstrap_store(net: &Net) -> caas_store::Store {
+    caas_store::Store::open(
+        &net.url,
+        std::sync::Arc::new(caas_kms::domain::NoAuditSigner),
+        std::sync::Arc::new(caas_kms::domain::DomainRecordAuth::bootstrap()),
+    )
+    .await
+    .unwrap()
+}
+
 /// The domain keys node `n` holds, opened from its EDTs the way the node does (test only).
 fn domain_keys(net: &Net, n: usize) -> Vec<Vec<u8>> {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -372,4 +471,75 @@ fn domain_keys(net: &Net, n: usize) -> Vec<Vec<u8>> {
         let (_, k) = m.keys(&store, None).await.unwrap();
         k.keys.values().map(|k| k.expose().to_vec()).collect()
     })
+}
+
+/// The node identity sealed to the node's TPM (`caas domain join --tcti`, `[keys]
+/// identity_tcti`): the attacker copies the identity file to another machine (another TPM),
+/// or reads it without the TPM — it opens nothing there; on its own TPM it opens every time.
+#[test]
+fn node_join_identity_sealed_to_the_tpm_is_useless_on_another_machine() {
+    use caas_tpm::swtpm::{LocalCa, Swtpm};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = LocalCa::create(&dir.join("tpm-ca")).unwrap();
+    let start = |name: &str| {
+        let state = dir.join(name);
+        ca.provision(&state).unwrap();
+        Swtpm::start(&state).unwrap()
+    };
+    let (own, other) = (start("tpm-own"), start("tpm-other"));
+    let id = dir.join("node.id");
+    let join = |file: &std::path::Path, tcti: Option<&str>| {
+        let mut args = vec![
+            "domain".to_string(),
+            "join".into(),
+            "--identity".into(),
+            file.display().to_string(),
+        ];
+        if let Some(t) = tcti {
+            args.extend(["--tcti".to_string(), t.to_string()]);
+        }
+        Command::new(caas_bin()).args(&args).output().unwrap()
+    };
+    let first = join(&id, Some(&own.tcti()));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let node = |o: &std::process::Output| -> Value {
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap()
+    };
+    let again = join(&id, Some(&own.tcti()));
+    assert_eq!(node(&first)["Node"], node(&again)["Node"]);
+    let bytes = std::fs::read(&id).unwrap();
+    assert!(bytes.starts_with(b"CAASNID2"), "identity not sealed");
+    // The copy on another machine: another TPM, or no TPM at all.
+    let copy = dir.join("copied.id");
+    std::fs::copy(&id, &copy).unwrap();
+    let elsewhere = join(&copy, Some(&other.tcti()));
+    assert!(
+        !elsewhere.status.success(),
+        "the copied identity opened on another TPM"
+    );
+    assert!(
+        String::from_utf8_lossy(&elsewhere.stderr).contains("does not unseal on this TPM"),
+        "{}",
+        String::from_utf8_lossy(&elsewhere.stderr)
+    );
+    let no_tpm = join(&copy, None);
+    assert!(
+        !no_tpm.status.success(),
+        "the sealed identity opened without a TPM"
+    );
+    assert!(
+        String::from_utf8_lossy(&no_tpm.stderr).contains("sealed to a TPM"),
+        "{}",
+        String::from_utf8_lossy(&no_tpm.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        bytes,
+        "the copy was rewritten"
+    );
 }

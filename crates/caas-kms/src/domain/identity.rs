@@ -2,10 +2,13 @@
 //! and an X25519 agreement key. The public halves are registered in the domain state by
 //! operators ([`super::state::Change::AddNode`]); the private halves never leave the node.
 //!
-//! At rest they are one 0600 file outside the database (`identity_file` in `[domain]`):
-//! `"CAASNID1" ‖ Ed25519 seed (32) ‖ X25519 private key (32)`. It is not an operator-copied
-//! secret: every node makes its own, and nothing in it lets anyone open another node's
-//! envelopes. (Sealing it to the node's TPM is not done yet: see docs/kms-domains.md.)
+//! At rest they are one 0600 file outside the database (`[keys] identity_file`). With a TPM
+//! (`[keys] identity_tcti`) the file is `"CAASNID2" ‖ blob`, the two private keys sealed by
+//! an [`IdentitySealer`] (the `caas` binary's: a TPM sealed object, `fixedTPM`, under the
+//! TPM's storage root key): the file alone, copied to another machine or TPM, opens nothing.
+//! Without one it is `"CAASNID1" ‖ Ed25519 seed (32) ‖ X25519 private key (32)`, protected
+//! only by its mode. Either way it is not an operator-copied secret: every node makes its
+//! own, and nothing in it lets anyone open another node's envelopes.
 use super::DomainError;
 use aws_lc_rs::agreement::{self, X25519};
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
@@ -14,6 +17,15 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 const MAGIC: &[u8; 8] = b"CAASNID1";
+const MAGIC_SEALED: &[u8; 8] = b"CAASNID2";
+
+/// Seals a node's identity secrets to something only this machine has (its TPM).
+pub trait IdentitySealer: Send + Sync + std::fmt::Debug {
+    /// Seals `secret` (64 bytes); the blob opens only on the same device.
+    fn seal(&self, secret: &[u8]) -> Result<Vec<u8>, DomainError>;
+    /// Opens a blob made by [`IdentitySealer::seal`] on this device.
+    fn unseal(&self, blob: &[u8]) -> Result<SecretBytes, DomainError>;
+}
 
 /// A node's identity id: `node-` and 32 hex digits of
 /// SHA-256("caas/kms/node-id/v1" ‖ signing public key ‖ agreement public key).
@@ -123,6 +135,15 @@ impl NodeIdentity {
 
     /// Creates a fresh identity file (mode 0600, fails if it exists).
     pub fn create(path: &Path) -> Result<Self, DomainError> {
+        Self::create_with(path, None)
+    }
+
+    /// Creates a fresh identity file, sealed by `sealer` when given (mode 0600, fails if it
+    /// exists).
+    pub fn create_with(
+        path: &Path,
+        sealer: Option<&dyn IdentitySealer>,
+    ) -> Result<Self, DomainError> {
         let seed = SecretBytes::new(
             caas_crypto::random_bytes(32).map_err(|_| DomainError::Crypto("rng"))?,
         );
@@ -130,9 +151,20 @@ impl NodeIdentity {
             caas_crypto::random_bytes(32).map_err(|_| DomainError::Crypto("rng"))?,
         );
         let id = Self::from_secrets(seed.expose(), agree.expose())?;
-        let mut file = zeroize::Zeroizing::new(MAGIC.to_vec());
-        file.extend_from_slice(seed.expose());
-        file.extend_from_slice(agree.expose());
+        let mut secret = zeroize::Zeroizing::new(seed.expose().to_vec());
+        secret.extend_from_slice(agree.expose());
+        let file = match sealer {
+            Some(s) => {
+                let mut f = MAGIC_SEALED.to_vec();
+                f.extend_from_slice(&s.seal(&secret)?);
+                zeroize::Zeroizing::new(f)
+            }
+            None => {
+                let mut f = zeroize::Zeroizing::new(MAGIC.to_vec());
+                f.extend_from_slice(&secret);
+                f
+            }
+        };
         caas_crypto::fs::create_secret(path, &file, None).map_err(|e| {
             DomainError::Io(format!("cannot create the identity file: {}", e.kind()))
         })?;
@@ -141,6 +173,15 @@ impl NodeIdentity {
 
     /// Reads an identity file; refuses one readable by group or others.
     pub fn load(path: &Path) -> Result<Self, DomainError> {
+        Self::load_with(path, None)
+    }
+
+    /// Reads an identity file, unsealing it with `sealer` if it is sealed (a sealed file
+    /// without a sealer, or one that does not unseal on this device, is refused).
+    pub fn load_with(
+        path: &Path,
+        sealer: Option<&dyn IdentitySealer>,
+    ) -> Result<Self, DomainError> {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -154,6 +195,20 @@ impl NodeIdentity {
             std::fs::read(path)
                 .map_err(|e| DomainError::Io(format!("identity file unreadable: {}", e.kind())))?,
         );
+        if bytes.len() > 8 && &bytes[..8] == MAGIC_SEALED {
+            let sealer = sealer.ok_or_else(|| {
+                DomainError::Io(
+                    "the identity file is sealed to a TPM: configure [keys] identity_tcti".into(),
+                )
+            })?;
+            let secret = sealer.unseal(&bytes[8..])?;
+            if secret.expose().len() != 64 {
+                return Err(DomainError::Malformed(
+                    "sealed identity has the wrong length".into(),
+                ));
+            }
+            return Self::from_secrets(&secret.expose()[..32], &secret.expose()[32..]);
+        }
         if bytes.len() != 72 || &bytes[..8] != MAGIC {
             return Err(DomainError::Malformed(
                 "identity file is not a caas node identity".into(),
@@ -164,10 +219,18 @@ impl NodeIdentity {
 
     /// Loads the identity at `path`, creating it first if missing.
     pub fn load_or_create(path: &Path) -> Result<Self, DomainError> {
+        Self::load_or_create_with(path, None)
+    }
+
+    /// [`NodeIdentity::load_or_create`] with a sealer.
+    pub fn load_or_create_with(
+        path: &Path,
+        sealer: Option<&dyn IdentitySealer>,
+    ) -> Result<Self, DomainError> {
         if path.exists() {
-            Self::load(path)
+            Self::load_with(path, sealer)
         } else {
-            Self::create(path)
+            Self::create_with(path, sealer)
         }
     }
 

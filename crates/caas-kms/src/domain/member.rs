@@ -15,6 +15,7 @@
 //! identity: a database rolled back to an older domain state — e.g. before a node's removal —
 //! is not accepted).
 use super::edt::{self, Edt, EdtBody};
+use super::epoch::{self, ACK_KIND, AckBody, EpochKeys, FLOOR_ID, FLOOR_KIND, FloorBody};
 use super::identity::{NodeId, NodeIdentity};
 use super::state::{self, Change, DomainState, OperatorKey, SignedState};
 use super::{DK_KIND, DomainError, EDT_KIND, PENDING_KIND, STATE_KIND};
@@ -23,7 +24,7 @@ use caas_crypto::SecretKey;
 use caas_store::{AuditEntry, Batch, Store, Write};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 fn store_err(e: caas_store::Error) -> DomainError {
     match e {
@@ -129,6 +130,13 @@ pub struct DomainKeys {
     pub needs_rotation: bool,
     /// Newest verified domain state version.
     pub state_version: u64,
+    /// The first domain key made under the current rules (at or after the last removal or
+    /// forced rotation, by a current member): record epochs below it are exposed.
+    pub fresh_from: Option<u32>,
+    /// Record-MAC epoch this node writes under ([`epoch`]).
+    pub record_epoch: Option<u32>,
+    /// Record-MAC floor: tags under older epochs are refused.
+    pub record_floor: u32,
 }
 
 struct EdtRow {
@@ -142,6 +150,7 @@ pub struct Member {
     genesis: [u8; 32],
     head_file: Option<PathBuf>,
     reported: Mutex<HashSet<String>>,
+    epochs: Arc<EpochKeys>,
 }
 
 impl std::fmt::Debug for Member {
@@ -153,13 +162,119 @@ impl std::fmt::Debug for Member {
 impl Member {
     /// `head_file`: where this node records the newest domain state version it verified
     /// (None: no rollback protection, tests of a single process only).
+    /// The record floor this node saw last is read from beside the head file.
     pub fn new(me: NodeIdentity, genesis: [u8; 32], head_file: Option<PathBuf>) -> Self {
+        let epochs = Arc::new(EpochKeys::default());
+        if let Some(f) = head_file.as_ref().map(|h| h.with_extension("record-floor"))
+            && let Ok(text) = std::fs::read_to_string(f)
+        {
+            let mut parts = text.split_whitespace();
+            if let (Some(Ok(v)), Some(Ok(from))) = (
+                parts.next().map(str::parse::<u32>),
+                parts.next().map(str::parse::<u64>),
+            ) {
+                epochs.raise_floor(v, from);
+            }
+        }
         Member {
             me,
             genesis,
             head_file,
             reported: Mutex::new(HashSet::new()),
+            epochs,
         }
+    }
+
+    /// The record authenticator of the store this member serves from: its record epochs
+    /// (updated on every [`Member::keys`]).
+    pub fn record_auth(&self) -> super::DomainRecordAuth {
+        super::DomainRecordAuth::with_epochs(self.epochs.clone())
+    }
+
+    /// This member's record epochs.
+    pub fn epochs(&self) -> &EpochKeys {
+        &self.epochs
+    }
+
+    /// This member's record epochs, shared (for the store's audit signer).
+    pub fn epochs_shared(&self) -> Arc<EpochKeys> {
+        self.epochs.clone()
+    }
+
+    fn raise_floor(&self, f: u32, audit_from: u64) -> Result<(), DomainError> {
+        if !self.epochs.raise_floor(f, audit_from) {
+            return Ok(());
+        }
+        let Some(path) = self
+            .head_file
+            .as_ref()
+            .map(|h| h.with_extension("record-floor"))
+        else {
+            return Ok(());
+        };
+        let tmp = path.with_extension("record-floor.tmp");
+        std::fs::write(&tmp, format!("{f} {audit_from}\n"))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| DomainError::Io(format!("cannot record the record floor: {}", e.kind())))
+    }
+
+    /// Reads the floor row and the members' acknowledgements (both signed by a current
+    /// member), raises this node's floor and moves its write epoch (see [`epoch`]).
+    async fn update_epochs(
+        &self,
+        store: &Store,
+        latest: &DomainState,
+        dks: &DomainKeys,
+        audit: Option<&Store>,
+    ) -> Result<BTreeMap<NodeId, AckBody>, DomainError> {
+        self.epochs.add_keys(&dks.keys)?;
+        if let Some(row) = store
+            .get(FLOOR_KIND, SYSTEM_ACCOUNT, FLOOR_ID)
+            .await
+            .map_err(store_err)?
+        {
+            match epoch::open_floor(latest, &row.body) {
+                Ok(f) => self.raise_floor(f.floor, f.audit_from)?,
+                Err(e) => {
+                    self.refuse(audit, "RecordFloor", FLOOR_ID, &e.to_string())
+                        .await
+                }
+            }
+        }
+        let mut acks = BTreeMap::new();
+        for row in store
+            .list(ACK_KIND, Some(SYSTEM_ACCOUNT))
+            .await
+            .map_err(store_err)?
+        {
+            // A removed node's acknowledgement no longer counts (nor is it its business).
+            if !latest.members.contains_key(&row.id) {
+                continue;
+            }
+            match epoch::open_ack(latest, &row.id, &row.body) {
+                Ok(a) => {
+                    acks.insert(row.id.clone(), a);
+                }
+                Err(e) => {
+                    self.refuse(audit, "EpochAck", &row.id, &e.to_string())
+                        .await
+                }
+            }
+        }
+        let held = self.epochs.held().unwrap_or(0);
+        let mut w = dks.sealing.unwrap_or(held).min(held);
+        for m in latest.members.keys().filter(|m| *m != self.me.id()) {
+            // A member that never acknowledged holds epoch 1 only (e.g. older code).
+            w = w.min(acks.get(m).map_or(1, |a| a.holds));
+        }
+        if let Some(a) = acks.get(self.me.id()) {
+            // Never down, across restarts too.
+            w = w.max(a.writes.min(held));
+        }
+        if w >= 1 && dks.keys.contains_key(&w) {
+            self.epochs.raise_write(w);
+        }
+        Ok(acks)
     }
 
     /// This node's identity.
@@ -342,7 +457,150 @@ impl Member {
             })
             .map(|(v, _)| *v);
         dks.needs_rotation = dks.sealing.is_none();
+        dks.fresh_from = origin
+            .iter()
+            .find(|(_, (s, sender))| {
+                *s >= latest.rotate_from && latest.members.contains_key(sender)
+            })
+            .map(|(v, _)| *v);
+        self.update_epochs(store, &latest, &dks, audit).await?;
+        dks.record_epoch = self.epochs.write();
+        dks.record_floor = self.epochs.floor();
         Ok((chain, dks))
+    }
+
+    /// What a member does on maintenance, with the store it serves from (whose record
+    /// authenticator is [`Member::record_auth`]): acknowledge the epochs it holds and writes
+    /// under, and, once every current member writes under the first fresh epoch after a
+    /// removal or forced rotation, re-MAC every row under it and publish the floor. Returns
+    /// the floor it published, if any.
+    pub async fn reseal(&self, store: &Store) -> Result<Option<u32>, DomainError> {
+        let (chain, dks) = self.keys(store, Some(store)).await?;
+        let latest = chain.latest();
+        if !latest.members.contains_key(self.me.id()) {
+            return Ok(None);
+        }
+        let mut acks = self.update_epochs(store, latest, &dks, None).await?;
+        let (Some(holds), Some(writes)) = (self.epochs.held(), self.epochs.write()) else {
+            return Ok(None);
+        };
+        if acks
+            .get(self.me.id())
+            .is_none_or(|a| (a.holds, a.writes) != (holds, writes))
+        {
+            let body = AckBody {
+                domain: latest.domain.clone(),
+                node: self.me.id().into(),
+                holds,
+                writes,
+                state_version: latest.version,
+            };
+            store
+                .commit(Batch {
+                    writes: vec![Write::Put {
+                        kind: ACK_KIND.into(),
+                        account: SYSTEM_ACCOUNT.into(),
+                        id: self.me.id().into(),
+                        body: epoch::sign_ack(&self.me, &body)?,
+                        expect_rev: None,
+                    }],
+                    audit: vec![audit(
+                        "DomainEpochAck",
+                        "Success",
+                        serde_json::json!({ "node": self.me.id(), "holds": holds, "writes": writes }),
+                    )],
+                })
+                .await
+                .map_err(store_err)?;
+            acks.insert(self.me.id().into(), body);
+        }
+        let Some(target) = dks.fresh_from else {
+            return Ok(None);
+        };
+        if latest.rotate_from <= 1
+            || self.epochs.floor() >= target
+            || !latest
+                .members
+                .keys()
+                .all(|m| acks.get(m).is_some_and(|a| a.writes >= target))
+        {
+            return Ok(None);
+        }
+        // Every member has acknowledged writing (and signing) at or above `target`, and its
+        // acknowledgement is in the chain: every audit record after this head is theirs.
+        let (audit_from, _) = store.audit_head().await.map_err(store_err)?;
+        let rows = self.remac_all(store).await?;
+        let body = FloorBody {
+            domain: latest.domain.clone(),
+            floor: target,
+            node: self.me.id().into(),
+            state_version: latest.version,
+            audit_from,
+        };
+        store
+            .commit(Batch {
+                writes: vec![Write::Put {
+                    kind: FLOOR_KIND.into(),
+                    account: SYSTEM_ACCOUNT.into(),
+                    id: FLOOR_ID.into(),
+                    body: epoch::sign_floor(&self.me, &body)?,
+                    expect_rev: None,
+                }],
+                audit: vec![audit(
+                    "DomainRecordsResealed",
+                    "Success",
+                    serde_json::json!({ "node": self.me.id(), "floor": target, "rows": rows, "state_version": latest.version }),
+                )],
+            })
+            .await
+            .map_err(store_err)?;
+        self.raise_floor(target, audit_from)?;
+        Ok(Some(target))
+    }
+
+    /// Writes every row (but the domain's own, which are signed) back unchanged, so that
+    /// its MAC is made under this node's write epoch. A row changed meanwhile was written
+    /// by a member under its own (acknowledged, fresh) epoch: skipped.
+    async fn remac_all(&self, store: &Store) -> Result<usize, DomainError> {
+        let mut n = 0;
+        for kind in store.kinds().await.map_err(store_err)? {
+            if kind.starts_with("kms_domain_") {
+                continue;
+            }
+            // Rows that do not verify were audited by the store; they stay refused.
+            let (rows, _bad) = store.list_healthy(&kind, None).await.map_err(store_err)?;
+            let put = |o: &caas_store::Object| Write::Put {
+                kind: o.kind.clone(),
+                account: o.account.clone(),
+                id: o.id.clone(),
+                body: o.body.clone(),
+                expect_rev: Some(o.rev),
+            };
+            for chunk in rows.chunks(256) {
+                let batch = Batch {
+                    writes: chunk.iter().map(put).collect(),
+                    audit: vec![],
+                };
+                match store.commit(batch).await {
+                    Ok(_) => n += chunk.len(),
+                    Err(caas_store::Error::Conflict { .. }) => {
+                        for o in chunk {
+                            let one = Batch {
+                                writes: vec![put(o)],
+                                audit: vec![],
+                            };
+                            match store.commit(one).await {
+                                Ok(_) => n += 1,
+                                Err(caas_store::Error::Conflict { .. }) => {}
+                                Err(e) => return Err(store_err(e)),
+                            }
+                        }
+                    }
+                    Err(e) => return Err(store_err(e)),
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// Makes a new domain key under the newest verified state and sends it to every member

@@ -9,24 +9,45 @@
 //!   on the next version by the database's compare-and-set (`expect_rev = 0` on the version's
 //!   row), rotation, re-export to joiners, and the operator commands' primitives.
 //!
+//! - [`epoch`]: record-MAC key epochs that follow the domain keys, and the floor below which
+//!   a removed node's keys no longer authenticate any row.
+//!
 //! Rows of the `kms_domain_*` kinds are authenticated by their signatures, not by the
 //! record MAC (a node must read them before it holds any domain key): [`DomainRecordAuth`]
-//! MACs them under a public constant key and every other row under the domain's secret record
-//! key, derived from the first domain key ([`domain_root`]).
+//! MACs them under a public constant key and every other row under the record key of a
+//! domain-key epoch ([`epoch`]; epoch `v` derives from `DK_v` through [`domain_root`]).
 pub mod edt;
+pub mod epoch;
 pub mod identity;
 pub mod member;
 pub mod state;
 
 use caas_store::{HmacRecordKey, RecordAuthenticator};
 
-/// A node's domain settings (`[keys] identity_file`, `domain_genesis`).
+/// A node's domain settings (`[keys] identity_file`, `domain_genesis`, `identity_tcti`).
 #[derive(Debug, Clone)]
 pub struct DomainParams {
     /// This node's identity file.
     pub identity_file: std::path::PathBuf,
     /// The pinned genesis hash.
     pub genesis: [u8; 32],
+    /// The TPM the identity is sealed to (`[keys] identity_tcti`).
+    pub identity_tcti: Option<String>,
+    /// What unseals it (set by the binary from `identity_tcti`; the key service refuses to
+    /// start with a TPM configured and no sealer).
+    pub sealer: Option<std::sync::Arc<dyn identity::IdentitySealer>>,
+}
+
+impl DomainParams {
+    /// Loads this node's identity (through the sealer when the config names a TPM).
+    pub fn load_identity(&self) -> Result<identity::NodeIdentity, DomainError> {
+        match (&self.identity_tcti, &self.sealer) {
+            (Some(_), None) => Err(DomainError::Io(
+                "keys.identity_tcti is set but this build has no TPM sealer".into(),
+            )),
+            (_, s) => identity::NodeIdentity::load_with(&self.identity_file, s.as_deref()),
+        }
+    }
 }
 
 /// Where a node records the newest domain state version it verified (beside its identity).
@@ -80,7 +101,7 @@ impl From<DomainError> for crate::KmsError {
 /// Record authenticator of a domain deployment (see the module documentation).
 pub struct DomainRecordAuth {
     public: HmacRecordKey,
-    secret: Option<HmacRecordKey>,
+    epochs: Option<std::sync::Arc<epoch::EpochKeys>>,
 }
 
 impl std::fmt::Debug for DomainRecordAuth {
@@ -94,36 +115,63 @@ impl DomainRecordAuth {
     pub fn bootstrap() -> Self {
         DomainRecordAuth {
             public: HmacRecordKey::new(b"caas/kms/domain-rows/public-v1"),
-            secret: None,
+            epochs: None,
         }
     }
 
-    /// Domain kinds under the public key, every other row under `secret`.
-    pub fn with_secret(secret: HmacRecordKey) -> Self {
+    /// Domain kinds under the public key, every other row under the record key of the
+    /// epoch its tag names ([`epoch::EpochKeys`]).
+    pub fn with_epochs(epochs: std::sync::Arc<epoch::EpochKeys>) -> Self {
         DomainRecordAuth {
-            secret: Some(secret),
+            epochs: Some(epochs),
             ..Self::bootstrap()
         }
+    }
+
+    fn domain_kind(parts: &[&[u8]]) -> bool {
+        // parts = [DOMAIN, len(kind), kind, ...] (caas_store::record::row_tag).
+        parts.get(2).is_some_and(|k| k.starts_with(b"kms_domain_"))
     }
 }
 
 impl RecordAuthenticator for DomainRecordAuth {
     fn tag(&self, parts: &[&[u8]]) -> [u8; 32] {
-        // parts = [DOMAIN, len(kind), kind, ...] (caas_store::record::row_tag).
-        let domain_kind = parts.get(2).is_some_and(|k| k.starts_with(b"kms_domain_"));
-        match (&self.secret, domain_kind) {
-            (_, true) => self.public.tag(parts),
-            (Some(s), false) => s.tag(parts),
-            // No key yet: a tag nobody can match by accident (all-zero never verifies
-            // against an HMAC output in practice, and the bootstrap never writes).
-            (None, false) => [0u8; 32],
+        if Self::domain_kind(parts) {
+            return self.public.tag(parts);
         }
+        // Only reached through `seal`/`check` below, which never call it for other rows:
+        // a tag nobody can match by accident.
+        [0u8; 32]
+    }
+
+    fn seal(&self, parts: &[&[u8]]) -> Vec<u8> {
+        if Self::domain_kind(parts) {
+            return self.public.tag(parts).to_vec();
+        }
+        // No write epoch (bootstrap, which never writes such rows): an empty MAC, which no
+        // reader accepts.
+        self.epochs
+            .as_ref()
+            .and_then(|e| e.seal(parts))
+            .unwrap_or_default()
+    }
+
+    fn check(&self, parts: &[&[u8]], stored: &[u8]) -> bool {
+        if Self::domain_kind(parts) {
+            return aws_lc_rs::constant_time::verify_slices_are_equal(
+                &self.public.tag(parts),
+                stored,
+            )
+            .is_ok();
+        }
+        self.epochs.as_ref().is_some_and(|e| e.check(parts, stored))
     }
 }
 
-/// The domain root secret: derived from the first domain key (never retired), it takes the
-/// place of the single-node "node key" for what all members must share: the record MAC key,
-/// the audit signing key and the import fingerprint key.
+/// The root secret of a domain-key epoch: derived from `DK_v`, it takes the place of the
+/// single-node "node key" for what all members must share: the record MAC key and the audit
+/// signing key of epoch `v` ([`epoch`]). The root of `DK_1` also keys the audit checkpoint
+/// and import fingerprints.
 pub fn domain_root(dk1: &caas_crypto::SecretKey) -> Result<caas_crypto::SecretKey, DomainError> {
     caas_crypto::kdf::derive_key(dk1.expose(), b"caas/kms/domain-root/v1", b"")
         .map_err(|_| DomainError::Crypto("KDF"))
@@ -139,9 +187,9 @@ impl caas_store::AuditSigner for NoAuditSigner {
     }
 }
 
-/// Opens the shared store as a member holding the first domain key does: record MAC and
-/// audit signing keys derived from the domain root. (`caas domain init` and tests; a
-/// serving node goes through `Kms::open`.)
+/// Opens the shared store as a member holding only the first domain key does: record MAC
+/// epoch 1, audit signing key derived from the domain root. (`caas domain init` and tests; a
+/// serving node goes through `Kms::open`, whose record epochs follow the domain keys.)
 pub async fn open_store(
     database: &str,
     dk1: &caas_crypto::SecretKey,
@@ -150,13 +198,13 @@ pub async fn open_store(
     let signer = node
         .audit_signer()
         .map_err(|_| DomainError::Crypto("audit key"))?;
-    let records = node
-        .record_authenticator()
-        .map_err(|_| DomainError::Crypto("record key"))?;
+    let epochs = epoch::EpochKeys::default();
+    epochs.add_key(1, dk1)?;
+    epochs.raise_write(1);
     caas_store::Store::open(
         database,
         std::sync::Arc::new(signer),
-        std::sync::Arc::new(DomainRecordAuth::with_secret(records)),
+        std::sync::Arc::new(DomainRecordAuth::with_epochs(std::sync::Arc::new(epochs))),
     )
     .await
     .map_err(|e| DomainError::Store(e.to_string()))

@@ -559,6 +559,9 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
             let n = rewrap_all(kms, v).await?;
             tracing::info!(version = v, rewrapped = n, "KMS domain: new domain key");
         }
+        if let Some(floor) = kms.keyring.reseal_domain_records().await? {
+            tracing::info!(floor, "KMS domain: every row re-MAC'd, record floor raised");
+        }
     }
     if let (Some(period), Some(created)) =
         (kms.domain_key_rotation, kms.keyring.current_created_ms())

@@ -186,13 +186,21 @@ pub fn read_profile(path: &Path) -> Result<caas_attest::SecurityProfile, String>
 impl RawFile {
     /// Validates into parameters.
     pub fn validate(self) -> Result<KeyServiceParams, String> {
-        let serve = RawConfig {
+        let mut serve = RawConfig {
             server: self.server,
             storage: self.storage,
             keys: self.keys,
             maintenance: self.maintenance,
         }
         .validate()?;
+        // A KMS domain node's identity sealed to its TPM (`[keys] identity_tcti`).
+        if let Some(d) = serve.kms.domain.as_mut()
+            && let Some(t) = &d.identity_tcti
+        {
+            d.sealer = Some(std::sync::Arc::new(
+                crate::domain_cmd::TpmIdentitySealer::new(t),
+            ));
+        }
         let a = self.attestation;
         let secs = |v: Option<u64>, d: u64, what: &str| match v.unwrap_or(d) {
             0 => Err(format!("{what} must be at least 1")),

@@ -399,7 +399,7 @@ pub async fn run_audit(cmd: AuditCmd) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let report = kms
                 .store
-                .audit_verify(&|h, s| caas_kms::audit::verify_signature(&pk, h, s))
+                .audit_verify_seq(&|q, h, s| kms.audit_signature_ok(q, h, s))
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let (head_seq, head_hash) = kms
