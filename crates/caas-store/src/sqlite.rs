@@ -352,13 +352,9 @@ impl SqliteStore {
         .await
     }
 
-    /// Queues `batch` for the writer (in call order) and returns where its answer arrives.
-    pub fn enqueue(&self, batch: Batch) -> Result<crate::Pending, Error> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.writer
-            .send(Job { batch, reply })
-            .map_err(|_| Error::WriterStopped)?;
-        Ok(rx)
+    /// Queues a job for the writer (in call order).
+    pub fn send(&self, job: Job) -> Result<(), Error> {
+        self.writer.send(job).map_err(|_| Error::WriterStopped)
     }
 }
 
@@ -388,7 +384,7 @@ fn writer_loop(
             }
         };
         for (job, result) in jobs.into_iter().zip(results) {
-            let _ = job.reply.send(result);
+            job.reply.finish(result);
         }
     }
 }
