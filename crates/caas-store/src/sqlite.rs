@@ -40,6 +40,11 @@ INSERT OR IGNORE INTO audit_head (id, seq, hash) VALUES (1, 0, zeroblob(32));
 const AUDIT_COLUMNS: &str = "seq, time_ms, account, principal, operation, key_id, result, \
      request_id, detail, prev_hash, hash, signature";
 
+/// The append of one audit record (a literal: no formatting per record on the writer).
+const INSERT_AUDIT: &str = "INSERT INTO audit_log (seq, time_ms, account, principal, \
+     operation, key_id, result, request_id, detail, prev_hash, hash, signature) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+
 pub(crate) struct SqliteStore {
     path: PathBuf,
     writer: mpsc::Sender<Job>,
@@ -552,10 +557,7 @@ fn append_audit(conn: &Connection, batch: &Batch, head: &mut Head) -> Result<Vec
         let (seq, prev, hash) = head.advance(e);
         let signature: &[u8] = &[];
         let seq_i = seq_to_i64(seq)?;
-        conn.prepare_cached(&format!(
-            "INSERT INTO audit_log ({AUDIT_COLUMNS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
-        ))
+        conn.prepare_cached(INSERT_AUDIT)
         .and_then(|mut s| {
             s.execute(params![
                 seq_i,

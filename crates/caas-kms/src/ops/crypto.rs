@@ -6,7 +6,7 @@
 //! the result is the self-describing blob of `blob.rs`.
 use super::{
     Req, authorize, authorize_with, b64, dry_run, grant_tokens, material_for_use, require_enabled,
-    require_usage, resolve_for_use,
+    require_usage, resolve_for_use, resolve_for_use_fresh,
 };
 use crate::blob;
 use crate::error::{KmsError, KmsResult};
@@ -208,12 +208,19 @@ async fn decrypt_inner(
         return Ok((p, l.key.arn(), alg.to_string()));
     }
     let parsed = blob::parse(&ct)?;
+    let not_found_is_invalid = |e| match e {
+        KmsError::NotFound(_) => invalid(),
+        other => other,
+    };
     let mut l = resolve_for_use(kms, ctx, parsed.key_id)
         .await
-        .map_err(|e| match e {
-            KmsError::NotFound(_) => invalid(),
-            other => other,
-        })?;
+        .map_err(not_found_is_invalid)?;
+    if l.cached.is_some() && l.key.version(parsed.hbk_version).is_none() {
+        // A version the cached record does not know (rotated on another node): the row.
+        l = resolve_for_use_fresh(kms, ctx, parsed.key_id)
+            .await
+            .map_err(not_found_is_invalid)?;
+    }
     if let Some(named) = r.opt_str(key_field)? {
         let want = resolve_for_use(kms, ctx, named).await?;
         if want.key.key_id != l.key.key_id {

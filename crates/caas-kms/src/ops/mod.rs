@@ -256,11 +256,30 @@ pub async fn resolve(kms: &Kms, ctx: &mut Ctx, key_ref: &str) -> KmsResult<Loade
 /// from the key-use cache, under its consistency rule ([`crate::keycache`]); a record read
 /// here is put in it, with the current HBK of a symmetric key opened once.
 pub async fn resolve_for_use(kms: &Kms, ctx: &mut Ctx, key_ref: &str) -> KmsResult<Loaded> {
+    resolve_cached(kms, ctx, key_ref, true).await
+}
+
+/// [`resolve_for_use`] that reads the row (and refreshes the cache) even when a usable
+/// entry exists: for a ciphertext of an HBK version the cached record does not have yet
+/// (rotated on another node).
+pub async fn resolve_for_use_fresh(kms: &Kms, ctx: &mut Ctx, key_ref: &str) -> KmsResult<Loaded> {
+    resolve_cached(kms, ctx, key_ref, false).await
+}
+
+async fn resolve_cached(
+    kms: &Kms,
+    ctx: &mut Ctx,
+    key_ref: &str,
+    use_cached: bool,
+) -> KmsResult<Loaded> {
     let (id, alias) = key_row_id(kms, ctx, key_ref).await?;
     let account = &ctx.caller.account;
     // The epoch and the time before the row is read: the entry is no newer than either.
     let epoch = kms.store.write_epoch();
-    let entry = match kms.key_cache.get(account, &id, epoch) {
+    let cached = use_cached
+        .then(|| kms.key_cache.get(account, &id, epoch))
+        .flatten();
+    let entry = match cached {
         Some(e) => e,
         None => {
             let fetched = std::time::Instant::now();
