@@ -187,7 +187,8 @@ pub struct Store {
     reported: Arc<Mutex<std::collections::HashSet<[u8; 32]>>>,
     /// Batches queued by [`Store::commit_deferred`] and not yet durable.
     deferred: Arc<Deferred>,
-    /// Moves before and after every commit with object writes ([`Store::write_epoch`]).
+    /// Moves when a commit with object writes is queued and when it is finished
+    /// ([`Store::write_epoch`]).
     write_epoch: Arc<std::sync::atomic::AtomicU64>,
 }
 
