@@ -558,23 +558,23 @@ fn append_audit(conn: &Connection, batch: &Batch, head: &mut Head) -> Result<Vec
         let signature: &[u8] = &[];
         let seq_i = seq_to_i64(seq)?;
         conn.prepare_cached(INSERT_AUDIT)
-        .and_then(|mut s| {
-            s.execute(params![
-                seq_i,
-                e.time_ms,
-                e.account,
-                e.principal,
-                e.operation,
-                e.key_id,
-                e.result,
-                e.request_id,
-                e.detail,
-                &prev[..],
-                &hash[..],
-                signature,
-            ])
-        })
-        .map_err(sq("appending an audit record"))?;
+            .and_then(|mut s| {
+                s.execute(params![
+                    seq_i,
+                    e.time_ms,
+                    e.account,
+                    e.principal,
+                    e.operation,
+                    e.key_id,
+                    e.result,
+                    e.request_id,
+                    e.detail,
+                    &prev[..],
+                    &hash[..],
+                    signature,
+                ])
+            })
+            .map_err(sq("appending an audit record"))?;
         seqs.push(seq);
     }
     Ok(seqs)
