@@ -36,20 +36,27 @@
 # cargo; building the peer needs libssl-dev and pkg-config (Debian 12: OpenSSL 3.0, no FIPS
 # provider, hence non-fips).
 #
-# Figures (2026-12-05, this machine: 2 cores, load 0.4 at the start; caas release build of
-# main; `COSMIAN_BIN=… CAAS_BIN=… bench/kms-bench.sh`, SECS=10 ROUNDS=2), req/s caas vs
-# Cosmian and the ratio (bounded | strict):
-#   Encrypt 64B  16 conns  16445 | 17290 vs 24009   0.68 | 0.72
-#   Encrypt 64B  64 conns  19272 | 22072 vs 22470   0.86 | 0.98
-#   Encrypt 1KiB 16 conns  13908 | 14611 vs 12742   1.09 | 1.15
-#   Encrypt 1KiB 64 conns  16518 | 20670 vs 12026   1.37 | 1.72
-#   Decrypt 64B  16 conns  16741 | 16102 vs 23444   0.71 | 0.69
-#   Decrypt 64B  64 conns  17736 | 22790 vs 23943   0.74 | 0.95
-#   caas's HTTP ceiling (/healthz) 93–102 k req/s: a KMS request costs caas ~5× a bare HTTP
-#   request (SigV4, JSON, AES-GCM, the row MAC, the audit record), and `bounded` does not
-#   beat `strict` yet (it was run first, and its deferred commit spawns a task per request):
-#   the limit here is CPU per request, not the fsync. Goal (≥ 1.5× for bounded, ≥ 1.0× for
-#   strict, p99 < 3 ms at 64 connections) not met.
+# Figures (2026-12-06 00:43 UTC, this machine: 2 cores under load from other builds, load
+# average 10.9 at the start and 8.5 at the end — caas's /healthz ceiling was 47–54 k req/s
+# instead of 93–102 k on a quiet machine, so absolute numbers are about half; the ratios
+# are of one run; caas release build of h/kmsspeed 0c372e5 (key-use cache, deferred audit
+# without a task per request); `COSMIAN_BIN=… CAAS_BIN=… SECS=5 ROUNDS=2
+# bench/kms-bench.sh`), req/s caas vs Cosmian and the ratio (bounded | strict):
+#   Encrypt 64B  16 conns  10128 | 11085 vs 10073   1.01 | 1.10
+#   Encrypt 64B  64 conns  14660 | 15581 vs 10865   1.35 | 1.43
+#   Encrypt 1KiB 16 conns   9574 | 10413 vs  7995   1.20 | 1.30
+#   Encrypt 1KiB 64 conns  13471 | 13994 vs  6409   2.10 | 2.18
+#   Decrypt 64B  16 conns  13329 | 10824 vs 12225   1.09 | 0.89
+#   Decrypt 64B  64 conns  16162 | 16399 vs 16989   0.95 | 0.97
+#   p99 at 64 conns 14–61 ms for both servers under this load (not comparable to the 3 ms
+#   goal). Before this branch, on a quiet machine: Encrypt 64B 0.68 | 0.72 (16 conns),
+#   0.86 | 0.98 (64), Decrypt 64B 0.71 | 0.69 and 0.74 | 0.95. Where a request's CPU went
+#   before (perf record --call-graph dwarf on the release caas under wrk, Encrypt 64B,
+#   16 conns): the key row read + MAC + JSON parse + EKT open ~14% (now cached), the audit
+#   writer thread ~18% (SQLite insert, WAL, fsync, one Ed25519 signature per group),
+#   sending the reply (loopback TCP, kernel) ~17%, SigV4 ~9%, request/response JSON
+#   through serde_json::Value ~5%, malloc/free ~9%. Goal (≥ 1.5× for bounded, ≥ 1.0× for
+#   strict, p99 < 3 ms at 64 connections) not met yet: re-measure on a quiet machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD

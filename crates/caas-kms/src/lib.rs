@@ -4,7 +4,7 @@
 //!
 //! Map: [`sigv4`] authentication · [`service`] dispatch, authorization and the one durable
 //! commit per request · `ops/` one file per operation family · [`keyring`] node and domain
-//! keys, EKTs · [`domain`] KMS domains of several nodes (identities, quorum-signed domain
+//! keys, EKTs · [`keycache`] key records cached for key use (consistency rule there) · [`domain`] KMS domains of several nodes (identities, quorum-signed domain
 //! state, EDTs) · [`blob`] ciphertext format · [`material`] key specs and primitives ·
 //! [`policy`] key policies · [`recipient`] attestation-gated release (`Recipient`) ·
 //! [`usage`] keys' last use · [`operator`] operator principals and their permissions ·
@@ -26,6 +26,7 @@ pub mod client;
 pub mod config;
 pub mod domain;
 mod error;
+pub mod keycache;
 pub mod keyring;
 pub mod material;
 pub mod model;

@@ -151,6 +151,8 @@ pub struct Kms {
     creds: RwLock<HashMap<String, Arc<Cred>>>,
     /// Parsed key policies (by document text).
     pub(crate) policies: crate::policy::PolicyCache,
+    /// Key records for key use ([`crate::keycache`]: its consistency rule).
+    pub(crate) key_cache: crate::keycache::KeyCache,
     /// Verifier of `Recipient` attestation documents (set once by the deployment).
     recipient: std::sync::OnceLock<Arc<dyn crate::recipient::RecipientVerifier>>,
     /// Each key's last successful cryptographic use (GetKeyLastUsage).
@@ -242,6 +244,7 @@ impl Kms {
             clock_offset_ms: AtomicI64::new(0),
             creds: RwLock::new(HashMap::new()),
             policies: crate::policy::PolicyCache::default(),
+            key_cache: crate::keycache::KeyCache::default(),
             recipient: std::sync::OnceLock::new(),
             last_usage: crate::usage::LastUsage::new(crate::now_ms()),
             audit_durability: p.audit_durability,

@@ -187,6 +187,9 @@ pub struct Store {
     reported: Arc<Mutex<std::collections::HashSet<[u8; 32]>>>,
     /// Batches queued by [`Store::commit_deferred`] and not yet durable.
     deferred: Arc<Deferred>,
+    /// Moves when a commit with object writes is queued and when it is finished
+    /// ([`Store::write_epoch`]).
+    write_epoch: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Where a queued batch's answer arrives.
@@ -205,7 +208,7 @@ const DEFERRED_BACKPRESSURE_COUNT: usize = 2048;
 /// Bookkeeping of deferred batches: queue time by ticket (tickets increase in queue order,
 /// the writer makes them durable in that order), and whether the last one failed.
 #[derive(Debug, Default)]
-struct Deferred {
+pub(crate) struct Deferred {
     queue: Mutex<DeferredQueue>,
     /// A deferred batch failed to commit: until a later commit succeeds, deferred batches
     /// are committed synchronously (their callers see the error).
@@ -401,7 +404,18 @@ impl Store {
             auth: records,
             reported: Arc::new(Mutex::new(std::collections::HashSet::new())),
             deferred: Arc::new(Deferred::default()),
+            write_epoch: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         })
+    }
+
+    /// A counter that moves when a commit with object writes is queued and again when the
+    /// writer has finished it (durable, conflicting or failed; before its caller is
+    /// answered), through any clone of this handle.
+    /// A cache of rows read at epoch `e` (read before the rows) is current as long as the
+    /// epoch is still `e`: no state change of this process has been committed since
+    /// (another process's or node's changes are not seen here; see `caas_kms::keycache`).
+    pub fn write_epoch(&self) -> u64 {
+        self.write_epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Group-commit counters of this handle's writer.
@@ -613,10 +627,34 @@ impl Store {
         result
     }
 
+    /// Queues `batch`; a batch with object writes moves the write epoch now and again when
+    /// the writer has finished it (before it answers, so also when the caller went away).
     fn enqueue(&self, batch: Batch) -> Result<Pending, Error> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let epoch = (!batch.writes.is_empty()).then(|| {
+            self.write_epoch.fetch_add(1, SeqCst);
+            self.write_epoch.clone()
+        });
+        let sent = self.send(Job {
+            batch,
+            reply: Reply::Wait {
+                tx,
+                epoch: epoch.clone(),
+            },
+        });
+        if sent.is_err()
+            && let Some(e) = epoch
+        {
+            e.fetch_add(1, SeqCst);
+        }
+        sent.map(|()| rx)
+    }
+
+    fn send(&self, job: Job) -> Result<(), Error> {
         match &*self.inner {
-            Inner::Sqlite(s) => s.enqueue(batch),
-            Inner::Postgres(s) => s.enqueue(batch),
+            Inner::Sqlite(s) => s.send(job),
+            Inner::Postgres(s) => s.send(job),
         }
     }
 
@@ -651,34 +689,27 @@ impl Store {
         if !batch.writes.is_empty() || behind() {
             return self.commit(batch).await.map(|_| ());
         }
-        let (ticket, rx) = {
-            // Queue order and ticket order are the same: both under this lock.
-            let mut q = self
-                .deferred
-                .queue
-                .lock()
-                .map_err(|_| Error::WriterStopped)?;
-            let rx = self.enqueue(batch)?;
-            let ticket = q.next;
-            q.next += 1;
-            q.pending.insert(ticket, std::time::Instant::now());
-            (ticket, rx)
-        };
-        let deferred = self.deferred.clone();
-        tokio::spawn(async move {
-            let result = rx.await.unwrap_or(Err(Error::WriterStopped));
-            if let Ok(mut q) = deferred.queue.lock() {
-                q.pending.remove(&ticket);
-            }
-            match result {
-                Ok(_) => deferred.failed.store(false, Relaxed),
-                Err(e) => {
-                    deferred.failed.store(true, Relaxed);
-                    tracing::error!(error = %e, "a deferred audit commit failed");
-                }
-            }
+        // Queue order and ticket order are the same: both under this lock. The ticket is
+        // pending before the writer can see the job, which retires it ([`Reply::finish`]).
+        let mut q = self
+            .deferred
+            .queue
+            .lock()
+            .map_err(|_| Error::WriterStopped)?;
+        let ticket = q.next;
+        q.next += 1;
+        q.pending.insert(ticket, std::time::Instant::now());
+        let sent = self.send(Job {
+            batch,
+            reply: Reply::Deferred {
+                ticket,
+                deferred: self.deferred.clone(),
+            },
         });
-        Ok(())
+        if sent.is_err() {
+            q.pending.remove(&ticket);
+        }
+        sent
     }
 
     /// Waits until everything queued before this call (deferred batches included) is
@@ -850,7 +881,50 @@ fn validate(batch: &Batch) -> Result<(), Error> {
 /// A queued commit and where to send its answer.
 pub(crate) struct Job {
     pub batch: Batch,
-    pub reply: tokio::sync::oneshot::Sender<Result<CommitInfo, Error>>,
+    pub reply: Reply,
+}
+
+/// Who is told a job's result.
+pub(crate) enum Reply {
+    /// A caller waiting for durability ([`Store::commit`]); a batch with object writes
+    /// carries the store's write epoch, moved once it is finished.
+    Wait {
+        tx: tokio::sync::oneshot::Sender<Result<CommitInfo, Error>>,
+        epoch: Option<Arc<std::sync::atomic::AtomicU64>>,
+    },
+    /// Nobody waits ([`Store::commit_deferred`]): the writer itself retires the ticket and
+    /// records a failure, so a deferred batch costs no task and no wake-up of the caller.
+    Deferred {
+        ticket: u64,
+        deferred: Arc<Deferred>,
+    },
+}
+
+impl Reply {
+    /// Delivers `result` (called by the writer once the group is durable or has failed).
+    pub(crate) fn finish(self, result: Result<CommitInfo, Error>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self {
+            Reply::Wait { tx, epoch } => {
+                if let Some(e) = epoch {
+                    e.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                let _ = tx.send(result);
+            }
+            Reply::Deferred { ticket, deferred } => {
+                if let Ok(mut q) = deferred.queue.lock() {
+                    q.pending.remove(&ticket);
+                }
+                match result {
+                    Ok(_) => deferred.failed.store(false, Relaxed),
+                    Err(e) => {
+                        deferred.failed.store(true, Relaxed);
+                        tracing::error!(error = %e, "a deferred audit commit failed");
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Most batches applied in one group transaction.

@@ -389,13 +389,9 @@ impl PgStore {
         rows.iter().map(row_to_audit).collect()
     }
 
-    /// Queues `batch` for the writer (in call order) and returns where its answer arrives.
-    pub fn enqueue(&self, batch: Batch) -> Result<crate::Pending, Error> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.writer
-            .send(Job { batch, reply })
-            .map_err(|_| Error::WriterStopped)?;
-        Ok(rx)
+    /// Queues a job for the writer (in call order).
+    pub fn send(&self, job: Job) -> Result<(), Error> {
+        self.writer.send(job).map_err(|_| Error::WriterStopped)
     }
 }
 
@@ -421,7 +417,7 @@ async fn writer_task(
                 Ok(c) => Some(c),
                 Err(e) => {
                     for job in jobs {
-                        let _ = job.reply.send(Err(clone_err(&e)));
+                        job.reply.finish(Err(clone_err(&e)));
                     }
                     continue;
                 }
@@ -449,7 +445,7 @@ async fn writer_task(
                 let _ = c.client.batch_execute("ROLLBACK").await;
             }
             for job in jobs {
-                let _ = job.reply.send(Err(clone_err(&e)));
+                job.reply.finish(Err(clone_err(&e)));
             }
             continue;
         };
@@ -464,7 +460,7 @@ async fn writer_task(
             }
         };
         for (job, result) in jobs.into_iter().zip(results) {
-            let _ = job.reply.send(result);
+            job.reply.finish(result);
         }
     }
 }

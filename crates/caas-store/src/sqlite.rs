@@ -40,6 +40,11 @@ INSERT OR IGNORE INTO audit_head (id, seq, hash) VALUES (1, 0, zeroblob(32));
 const AUDIT_COLUMNS: &str = "seq, time_ms, account, principal, operation, key_id, result, \
      request_id, detail, prev_hash, hash, signature";
 
+/// The append of one audit record (a literal: no formatting per record on the writer).
+const INSERT_AUDIT: &str = "INSERT INTO audit_log (seq, time_ms, account, principal, \
+     operation, key_id, result, request_id, detail, prev_hash, hash, signature) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+
 pub(crate) struct SqliteStore {
     path: PathBuf,
     writer: mpsc::Sender<Job>,
@@ -361,13 +366,9 @@ impl SqliteStore {
         .await
     }
 
-    /// Queues `batch` for the writer (in call order) and returns where its answer arrives.
-    pub fn enqueue(&self, batch: Batch) -> Result<crate::Pending, Error> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.writer
-            .send(Job { batch, reply })
-            .map_err(|_| Error::WriterStopped)?;
-        Ok(rx)
+    /// Queues a job for the writer (in call order).
+    pub fn send(&self, job: Job) -> Result<(), Error> {
+        self.writer.send(job).map_err(|_| Error::WriterStopped)
     }
 }
 
@@ -397,7 +398,7 @@ fn writer_loop(
             }
         };
         for (job, result) in jobs.into_iter().zip(results) {
-            let _ = job.reply.send(result);
+            job.reply.finish(result);
         }
     }
 }
@@ -565,27 +566,24 @@ fn append_audit(conn: &Connection, batch: &Batch, head: &mut Head) -> Result<Vec
         let (seq, prev, hash) = head.advance(e);
         let signature: &[u8] = &[];
         let seq_i = seq_to_i64(seq)?;
-        conn.prepare_cached(&format!(
-            "INSERT INTO audit_log ({AUDIT_COLUMNS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
-        ))
-        .and_then(|mut s| {
-            s.execute(params![
-                seq_i,
-                e.time_ms,
-                e.account,
-                e.principal,
-                e.operation,
-                e.key_id,
-                e.result,
-                e.request_id,
-                e.detail,
-                &prev[..],
-                &hash[..],
-                signature,
-            ])
-        })
-        .map_err(sq("appending an audit record"))?;
+        conn.prepare_cached(INSERT_AUDIT)
+            .and_then(|mut s| {
+                s.execute(params![
+                    seq_i,
+                    e.time_ms,
+                    e.account,
+                    e.principal,
+                    e.operation,
+                    e.key_id,
+                    e.result,
+                    e.request_id,
+                    e.detail,
+                    &prev[..],
+                    &hash[..],
+                    signature,
+                ])
+            })
+            .map_err(sq("appending an audit record"))?;
         seqs.push(seq);
     }
     Ok(seqs)

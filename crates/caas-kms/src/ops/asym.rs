@@ -18,7 +18,7 @@ pub async fn sign(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let msg = r.blob("Message", 4096)?;
     let alg = r.str("SigningAlgorithm")?;
     let mtype = r.opt_str("MessageType")?.unwrap_or("RAW");
-    let l = resolve(kms, ctx, r.str("KeyId")?).await?;
+    let l = super::resolve_for_use(kms, ctx, r.str("KeyId")?).await?;
     authorize(kms, ctx, &l, "Sign", None, &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, KeyUsage::SignVerify, "Sign")?;
@@ -40,7 +40,7 @@ pub async fn verify(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let sig = r.blob("Signature", 6144)?;
     let alg = r.str("SigningAlgorithm")?;
     let mtype = r.opt_str("MessageType")?.unwrap_or("RAW");
-    let l = resolve(kms, ctx, r.str("KeyId")?).await?;
+    let l = super::resolve_for_use(kms, ctx, r.str("KeyId")?).await?;
     authorize(kms, ctx, &l, "Verify", None, &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, KeyUsage::SignVerify, "Verify")?;
@@ -119,7 +119,7 @@ pub async fn generate_data_key_pair(
     } else {
         None
     };
-    let l = resolve(kms, ctx, r.str("KeyId")?).await?;
+    let l = super::resolve_for_use(kms, ctx, r.str("KeyId")?).await?;
     let action = if with_plaintext {
         "GenerateDataKeyPair"
     } else {
@@ -138,7 +138,7 @@ pub async fn generate_data_key_pair(
     dry_run(ctx, r)?;
     let sk = km::generate(pair_spec)?;
     let pk = km::public_key_der(pair_spec, &sk)?;
-    let (v, hbk) = material(kms, &l.key, None).await?;
+    let (v, hbk) = super::material_for_use(kms, &l, None).await?;
     let ct = super::crypto::seal(&l.key.key_id, v, &hbk, &ec, sk.expose())?;
     let mut out = json!({ "PrivateKeyCiphertextBlob": b64(&ct), "PublicKey": b64(&pk), "KeyId": l.key.arn(), "KeyPairSpec": pair_spec.name() });
     if with_plaintext {
@@ -157,7 +157,7 @@ pub async fn generate_data_key_pair(
 pub async fn generate_mac(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let msg = r.blob("Message", 4096)?;
     let alg = r.str("MacAlgorithm")?;
-    let l = resolve(kms, ctx, r.str("KeyId")?).await?;
+    let l = super::resolve_for_use(kms, ctx, r.str("KeyId")?).await?;
     authorize(kms, ctx, &l, "GenerateMac", None, &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, KeyUsage::GenerateVerifyMac, "GenerateMac")?;
@@ -174,7 +174,7 @@ pub async fn verify_mac(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
     let msg = r.blob("Message", 4096)?;
     let mac = r.blob("Mac", 64)?;
     let alg = r.str("MacAlgorithm")?;
-    let l = resolve(kms, ctx, r.str("KeyId")?).await?;
+    let l = super::resolve_for_use(kms, ctx, r.str("KeyId")?).await?;
     authorize(kms, ctx, &l, "VerifyMac", None, &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, KeyUsage::GenerateVerifyMac, "VerifyMac")?;

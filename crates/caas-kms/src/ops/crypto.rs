@@ -5,8 +5,8 @@
 //! SP 800-108 KDF, AES-256-GCM with the header and the canonical encryption context as AAD;
 //! the result is the self-describing blob of `blob.rs`.
 use super::{
-    Req, authorize, authorize_with, b64, dry_run, grant_tokens, material, require_enabled,
-    require_usage, resolve,
+    Req, authorize, authorize_with, b64, dry_run, grant_tokens, material_for_use, require_enabled,
+    require_usage, resolve_for_use, resolve_for_use_fresh,
 };
 use crate::blob;
 use crate::error::{KmsError, KmsResult};
@@ -111,7 +111,7 @@ fn spec_of(k: &crate::model::KeyRecord) -> KmsResult<KeySpec> {
 pub async fn encrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
     let plaintext = SecretBytes::new(r.blob("Plaintext", MAX_PLAINTEXT)?);
     let ec = ec_of(r)?;
-    let l = resolve(kms, ctx, r.str("KeyId")?).await?;
+    let l = resolve_for_use(kms, ctx, r.str("KeyId")?).await?;
     authorize(kms, ctx, &l, "Encrypt", Some(&ec), &grant_tokens(r)?).await?;
     require_enabled(&l.key)?;
     require_usage(&l.key, KeyUsage::EncryptDecrypt, "Encrypt")?;
@@ -134,7 +134,7 @@ pub async fn encrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> {
             .ok_or_else(|| KmsError::Internal("no public key".into()))?;
         km::rsa_encrypt(&pk, alg, plaintext.expose())?
     } else {
-        let (v, hbk) = material(kms, &l.key, None).await?;
+        let (v, hbk) = material_for_use(kms, &l, None).await?;
         seal(&l.key.key_id, v, &hbk, &ec, plaintext.expose())?
     };
     Ok(Out::reply(
@@ -183,7 +183,7 @@ async fn decrypt_inner(
     let alg = r.opt_str(alg_field)?.unwrap_or("SYMMETRIC_DEFAULT");
     if alg != "SYMMETRIC_DEFAULT" {
         // Asymmetric: KeyId is required, ciphertext is raw RSA-OAEP.
-        let l = resolve(
+        let l = resolve_for_use(
             kms,
             ctx,
             r.opt_str(key_field)?.ok_or_else(|| {
@@ -203,19 +203,26 @@ async fn decrypt_inner(
         if action == "Decrypt" {
             dry_run(ctx, r)?;
         }
-        let (_, sk) = material(kms, &l.key, None).await?;
+        let (_, sk) = material_for_use(kms, &l, None).await?;
         let p = km::rsa_decrypt(&sk, alg, &ct)?;
         return Ok((p, l.key.arn(), alg.to_string()));
     }
     let parsed = blob::parse(&ct)?;
-    let mut l = resolve(kms, ctx, parsed.key_id)
+    let not_found_is_invalid = |e| match e {
+        KmsError::NotFound(_) => invalid(),
+        other => other,
+    };
+    let mut l = resolve_for_use(kms, ctx, parsed.key_id)
         .await
-        .map_err(|e| match e {
-            KmsError::NotFound(_) => invalid(),
-            other => other,
-        })?;
+        .map_err(not_found_is_invalid)?;
+    if l.cached.is_some() && l.key.version(parsed.hbk_version).is_none() {
+        // A version the cached record does not know (rotated on another node): the row.
+        l = resolve_for_use_fresh(kms, ctx, parsed.key_id)
+            .await
+            .map_err(not_found_is_invalid)?;
+    }
     if let Some(named) = r.opt_str(key_field)? {
-        let want = resolve(kms, ctx, named).await?;
+        let want = resolve_for_use(kms, ctx, named).await?;
         if want.key.key_id != l.key.key_id {
             return Err(KmsError::IncorrectKey("The key ID in the request does not identify a KMS key that can perform this operation.".into()));
         }
@@ -231,7 +238,7 @@ async fn decrypt_inner(
     if action == "Decrypt" {
         dry_run(ctx, r)?;
     }
-    let (_, hbk) = material(kms, &l.key, Some(parsed.hbk_version))
+    let (_, hbk) = material_for_use(kms, &l, Some(parsed.hbk_version))
         .await
         .map_err(|_| invalid())?;
     let p = open(&parsed, &hbk, &ec)?;
@@ -255,7 +262,7 @@ pub async fn re_encrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
     let dest_ec = r
         .opt_map("DestinationEncryptionContext")?
         .unwrap_or_default();
-    let dest = resolve(kms, ctx, r.str("DestinationKeyId")?).await?;
+    let dest = resolve_for_use(kms, ctx, r.str("DestinationKeyId")?).await?;
     authorize(
         kms,
         ctx,
@@ -287,7 +294,7 @@ pub async fn re_encrypt(kms: &Kms, ctx: &mut Ctx, r: Req<'_>) -> KmsResult<Out> 
             .ok_or_else(|| KmsError::Internal("no public key".into()))?;
         km::rsa_encrypt(&pk, dalg, p.expose())?
     } else {
-        let (v, hbk) = material(kms, &dest.key, None).await?;
+        let (v, hbk) = material_for_use(kms, &dest, None).await?;
         seal(&dest.key.key_id, v, &hbk, &dest_ec, p.expose())?
     };
     if let Some(s) = source_key {
@@ -338,7 +345,7 @@ pub async fn generate_data_key(
     } else {
         None
     };
-    let l = resolve(kms, ctx, r.str("KeyId")?).await?;
+    let l = resolve_for_use(kms, ctx, r.str("KeyId")?).await?;
     let action = if with_plaintext {
         "GenerateDataKey"
     } else {
@@ -356,7 +363,7 @@ pub async fn generate_data_key(
     }
     dry_run(ctx, r)?;
     let dk = SecretBytes::new(km::random(len)?);
-    let (v, hbk) = material(kms, &l.key, None).await?;
+    let (v, hbk) = material_for_use(kms, &l, None).await?;
     let ct = seal(&l.key.key_id, v, &hbk, &ec, dk.expose())?;
     let mut out = json!({ "CiphertextBlob": b64(&ct), "KeyId": l.key.arn() });
     if with_plaintext {

@@ -592,6 +592,7 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
             key: k.clone(),
             rev: o.rev,
             alias: None,
+            cached: None,
         };
         let mut entry = crate::audit::system_entry("", "");
         entry.account = k.account.clone();
@@ -697,6 +698,7 @@ pub async fn rewrap_all(kms: &Kms, v: u32) -> KmsResult<usize> {
                 key: k.clone(),
                 rev: o.rev,
                 alias: None,
+                cached: None,
             };
             let mut entry = crate::audit::system_entry("RewrapKey", &format!("domain key v{v}"));
             entry.account = k.account.clone();

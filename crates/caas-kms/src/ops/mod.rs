@@ -215,6 +215,8 @@ pub struct Loaded {
     pub rev: i64,
     /// The alias name the request named the key by (`kms:RequestAlias`), if any.
     pub alias: Option<String>,
+    /// The key-use cache entry the record came from or was put in ([`resolve_for_use`]).
+    pub cached: Option<std::sync::Arc<crate::keycache::CachedKey>>,
 }
 
 impl Loaded {
@@ -232,13 +234,95 @@ impl Loaded {
 
 /// Resolves a KeyId parameter (key id, key ARN, alias name or alias ARN) within the caller's account.
 pub async fn resolve(kms: &Kms, ctx: &mut Ctx, key_ref: &str) -> KmsResult<Loaded> {
-    let account = ctx.caller.account.clone();
-    let not_found = || {
-        KmsError::NotFound(format!(
-            "Invalid keyId {}",
-            key_ref.chars().take(256).collect::<String>()
-        ))
+    let (id, alias) = key_row_id(kms, ctx, key_ref).await?;
+    let o = kms
+        .store
+        .get(kind::KEY, &ctx.caller.account, &id)
+        .await
+        .map_err(KmsError::store)?
+        .ok_or_else(|| not_found(key_ref))?;
+    let key = parse_key(&o)?;
+    ctx.key_id = Some(key.key_id.clone());
+    Ok(Loaded {
+        key,
+        rev: o.rev,
+        alias,
+        cached: None,
+    })
+}
+
+/// [`resolve`] for the operations that use a key without changing it (Encrypt, Decrypt,
+/// ReEncrypt, GenerateDataKey*, Sign, Verify, GenerateMac, VerifyMac): the record may come
+/// from the key-use cache, under its consistency rule ([`crate::keycache`]); a record read
+/// here is put in it, with the current HBK of a symmetric key opened once.
+pub async fn resolve_for_use(kms: &Kms, ctx: &mut Ctx, key_ref: &str) -> KmsResult<Loaded> {
+    resolve_cached(kms, ctx, key_ref, true).await
+}
+
+/// [`resolve_for_use`] that reads the row (and refreshes the cache) even when a usable
+/// entry exists: for a ciphertext of an HBK version the cached record does not have yet
+/// (rotated on another node).
+pub async fn resolve_for_use_fresh(kms: &Kms, ctx: &mut Ctx, key_ref: &str) -> KmsResult<Loaded> {
+    resolve_cached(kms, ctx, key_ref, false).await
+}
+
+async fn resolve_cached(
+    kms: &Kms,
+    ctx: &mut Ctx,
+    key_ref: &str,
+    use_cached: bool,
+) -> KmsResult<Loaded> {
+    let (id, alias) = key_row_id(kms, ctx, key_ref).await?;
+    let account = &ctx.caller.account;
+    // The epoch and the time before the row is read: the entry is no newer than either.
+    let epoch = kms.store.write_epoch();
+    let cached = use_cached
+        .then(|| kms.key_cache.get(account, &id, epoch))
+        .flatten();
+    let entry = match cached {
+        Some(e) => e,
+        None => {
+            let fetched = std::time::Instant::now();
+            let o = kms
+                .store
+                .get(kind::KEY, account, &id)
+                .await
+                .map_err(KmsError::store)?
+                .ok_or_else(|| not_found(key_ref))?;
+            let key = parse_key(&o)?;
+            let current = match (key.key_spec, key.current()) {
+                (crate::material::KeySpec::SymmetricDefault, Some(h)) => Some((
+                    h.version,
+                    kms.keyring
+                        .open_ekt(&key.account, &key.key_id, h.version, &h.ekt)
+                        .await?,
+                )),
+                _ => None,
+            };
+            kms.key_cache.put(key, o.rev, current, fetched, epoch)
+        }
     };
+    ctx.key_id = Some(entry.key.key_id.clone());
+    Ok(Loaded {
+        key: entry.key.clone(),
+        rev: entry.rev,
+        alias,
+        cached: Some(entry),
+    })
+}
+
+fn not_found(key_ref: &str) -> KmsError {
+    KmsError::NotFound(format!(
+        "Invalid keyId {}",
+        key_ref.chars().take(256).collect::<String>()
+    ))
+}
+
+/// The key id a KeyId parameter names in the caller's account (an alias resolved through
+/// its row), and the alias name if it was one.
+async fn key_row_id(kms: &Kms, ctx: &Ctx, key_ref: &str) -> KmsResult<(String, Option<String>)> {
+    let account = ctx.caller.account.as_str();
+    let not_found = || not_found(key_ref);
     if key_ref.len() > 2048 {
         return Err(KmsError::Validation(
             "KeyId must be at most 2048 characters".into(),
@@ -260,26 +344,14 @@ pub async fn resolve(kms: &Kms, ctx: &mut Ctx, key_ref: &str) -> KmsResult<Loade
     if id.starts_with("alias/") {
         let o = kms
             .store
-            .get(kind::ALIAS, &account, &id)
+            .get(kind::ALIAS, account, &id)
             .await
             .map_err(KmsError::store)?
             .ok_or_else(|| KmsError::NotFound(format!("Alias {id} is not found.")))?;
         alias = Some(id);
         id = parse_alias(&o)?.target_key_id;
     }
-    let o = kms
-        .store
-        .get(kind::KEY, &account, &id)
-        .await
-        .map_err(KmsError::store)?
-        .ok_or_else(not_found)?;
-    let key = parse_key(&o)?;
-    ctx.key_id = Some(key.key_id.clone());
-    Ok(Loaded {
-        key,
-        rev: o.rev,
-        alias,
-    })
+    Ok((id, alias))
 }
 
 /// Checks the key policy (and, failing that, grants) for an action.
@@ -459,6 +531,23 @@ pub async fn material(
         .open_ekt(&key.account, &key.key_id, hbk.version, &hbk.ekt)
         .await?;
     Ok((hbk.version, m))
+}
+
+/// [`material`] for a record from [`resolve_for_use`]: the cached current HBK when that
+/// is the version asked for.
+pub async fn material_for_use(
+    kms: &Kms,
+    l: &Loaded,
+    version: Option<u32>,
+) -> KmsResult<(u32, SecretBytes)> {
+    if let Some(c) = &l.cached
+        && let Some((v, m)) = &c.current
+        && version.is_none_or(|want| want == *v)
+        && l.key.current().is_some_and(|h| h.version == *v)
+    {
+        return Ok((*v, m.clone()));
+    }
+    material(kms, &l.key, version).await
 }
 
 /// Grant tokens of a request.
