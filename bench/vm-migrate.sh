@@ -153,10 +153,13 @@ import json, sys
 text = sys.stdin.read()
 doc = json.loads(text[text.index("{"):])
 t = {name: ms for name, ms in doc["timings"]}
-down = (t["qemu downtime (source: stop to end of stream)"]
-        + t.get("source crypto domain destroyed (guest stopped)", 0)
-        + t.get("VSM token exported (guest stopped)", 0)
-        + t["handover: commit → target resumed the workload"])
+down = t.get("downtime: guest stopped here → continued on the target")
+if down is None:
+    down = (t["qemu downtime (source: stop to end of stream)"]
+            + t.get("source crypto domain destroyed (guest stopped)", 0)
+            + t.get("VSM token exported (workload stopped)", 0)
+            + t.get("source volumes flushed and released", 0)
+            + t["handover: commit → target resumed the workload"])
 print(int(down))')
   echo "$(( (e - s) / 1000000 )) $d"
   # The guest answers the tenant on the target (τ, disk, VSM) before the next round.

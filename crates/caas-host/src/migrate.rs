@@ -160,19 +160,72 @@ pub(crate) struct Incoming {
     opener: StreamOpener,
     /// The target's sealer (acknowledgements; kept so no second one exists).
     _sealer: StreamSealer,
-    /// DK_i of the workload's new TTP session.
-    dk: Zeroizing<Vec<u8>>,
+    /// DK_i of the workload's new TTP session: its TPM decryption runs after the accept
+    /// went back (off the offer's round trip); a VM's preparation takes it over.
+    dk: Pending<Zeroizing<Vec<u8>>>,
     transfer: Option<WorkloadTransfer>,
     secrets: Option<DomainSecrets>,
-    /// A VM's VSM token was imported ([`crate::token`]; required before the commit).
+    /// The workload's VSM token arrived ([`crate::token`]; required before the commit):
+    /// a VM's is imported at once, a process workload's when it starts here (`token_in`).
     token: bool,
-    /// A VM's qemu waiting for its stream.
-    vm: Option<crate::tl::IncomingVm>,
+    token_in: Option<crate::token::TokenTransfer>,
+    /// A VM's crypto domain and qemu, prepared (TPM, processes, qemu waiting for its
+    /// stream) while its stream already arrives.
+    vm: Option<Pending<crate::tl::IncomingVm>>,
+    /// The queue of the VM stream's authenticated chunks to its qemu (bounded: when the
+    /// preparation or qemu lags, the records' requests wait, and so does the source).
+    vm_tx: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
     committed: bool,
     records: u64,
     started: Instant,
     /// The last batch (an abandoned migration is dropped after [`IDLE`]).
     last: Instant,
+}
+
+/// Work a migration's target runs in the background while records arrive (its TPM's
+/// decryption of DK_i, a VM's preparation); awaited where its result is needed.
+enum Pending<T> {
+    Running(tokio::task::JoinHandle<Result<T, Error>>),
+    Done(T),
+    Failed,
+}
+
+impl<T> Pending<T> {
+    fn spawn(f: impl std::future::Future<Output = Result<T, Error>> + Send + 'static) -> Self
+    where
+        T: Send + 'static,
+    {
+        Self::Running(tokio::spawn(f))
+    }
+
+    /// Its result (the task's error the first time, afterwards a generic one).
+    async fn get(&mut self) -> Result<&mut T, Error> {
+        if let Self::Running(h) = self {
+            let r = match h.await {
+                Ok(r) => r,
+                Err(e) => Err(Error::Domain(format!("migration task: {e}"))),
+            };
+            match r {
+                Ok(v) => *self = Self::Done(v),
+                Err(e) => {
+                    *self = Self::Failed;
+                    return Err(e);
+                }
+            }
+        }
+        match self {
+            Self::Done(v) => Ok(v),
+            _ => Err(Error::Domain("migration task failed".into())),
+        }
+    }
+
+    async fn wait(mut self) -> Result<T, Error> {
+        self.get().await?;
+        match self {
+            Self::Done(v) => Ok(v),
+            _ => Err(Error::Domain("migration task failed".into())),
+        }
+    }
 }
 
 /// A migration whose source sent nothing for this long is dropped (with a VM waiting for
@@ -197,6 +250,10 @@ impl std::fmt::Debug for MigrationState {
         f.debug_struct("MigrationState").finish_non_exhaustive()
     }
 }
+
+/// Chunks of a VM's stream (≤ 256 KiB each) the target queues for its qemu: while the
+/// target prepares the VM, the source's first 16 MiB arrive.
+const VM_QUEUE: usize = 64;
 
 /// Largest batch of records per request (below the API's body limit).
 const BATCH: usize = 1 << 20;
@@ -337,9 +394,11 @@ impl Agent {
             let _: RecordsAck = peer.request("POST", &url, Some(chunk), &[]).await?;
         }
         timings.push(("crypto-domain state transfer".to_string(), ms(t)));
+        // A VM: when qemu completed (the guest stopped a `downtime` before).
+        let mut stopped = None;
         if driver == "qemu" {
             let t = Instant::now();
-            let info = self.send_vm(vm_id, &mut sealer, &peer, &url).await?;
+            let (info, completed) = self.send_vm(vm_id, &mut sealer, &peer, &url).await?;
             timings.push(("qemu live migration (encrypted records)".to_string(), ms(t)));
             if let Some(d) = info.downtime_ms {
                 timings.push((
@@ -347,29 +406,33 @@ impl Agent {
                     d as f64,
                 ));
             }
+            stopped = Some((info.downtime_ms.unwrap_or(0) as f64, completed));
         }
-        // A VM's token as the guest left it (stopped now): exported by its VSM under a
-        // fresh transfer key, both sealed into the stream (channel domain), imported by
-        // the target's VSM before the guest continues there.
-        let token_record = if driver == "qemu" {
-            let t = Instant::now();
-            let token = match self.tl.vsm_control(vm_id).await {
-                Some(ctl) => crate::token::TokenTransfer::export(ctl, token_context).await,
-                None => Err(Error::Domain("the VSM has no control channel".into())),
-            };
-            let token = match token {
-                Ok(t) => t,
-                Err(e) => {
-                    // Nothing committed: the guest goes on here.
-                    self.continue_here(vm_id).await;
-                    return Err(e);
-                }
-            };
-            timings.push(("VSM token exported (guest stopped)".to_string(), ms(t)));
-            Some(sealer.data(Channel::Domain, token.to_bytes().expose())?)
-        } else {
-            None
+        // The token as the workload left it (a VM's guest is stopped now; a process
+        // workload is stopped first, its crypto domain staying): exported by its VSM under
+        // a fresh transfer key, both sealed into the stream (channel domain), imported by
+        // the target's VSM before the workload continues there.
+        let t = Instant::now();
+        if driver != "qemu" && !self.tl.stop_workload_process(vm_id).await {
+            return Err(Error::Domain("the workload process is gone".into()));
+        }
+        let token = match self.tl.vsm_control(vm_id).await {
+            Some(ctl) => crate::token::TokenTransfer::export(ctl, token_context).await,
+            None => Err(Error::Domain("the VSM has no control channel".into())),
         };
+        let token = match token {
+            Ok(t) => t,
+            Err(e) => {
+                // Nothing committed: a VM's guest goes on here.
+                if driver == "qemu" {
+                    self.continue_here(vm_id).await;
+                }
+                return Err(e);
+            }
+        };
+        timings.push(("VSM token exported (workload stopped)".to_string(), ms(t)));
+        let token_record = Some(sealer.data(Channel::Domain, token.to_bytes().expose())?);
+        drop(token);
         // 4. The source's crypto domain and its keys go (its volume proxies flush and
         // release the volumes); then the target takes over and becomes the single writer
         // (new epochs at the TTP). A VM's volumes are released first, then it is continued
@@ -401,6 +464,9 @@ impl Agent {
             .request::<RecordsAck>("POST", &url, Some(last), &[])
             .await;
         let handover = ms(t);
+        // The guest's whole downtime: qemu's (its stop to the end of its stream here), then
+        // the last records, the token, the commit and the target's resume (its `cont`).
+        let downtime = stopped.map(|(d, completed)| d + ms(completed));
         if !stop_first {
             // Whatever the target answered, the source's copy goes: the state has left.
             let t2 = Instant::now();
@@ -418,6 +484,12 @@ impl Agent {
             "handover: commit → target resumed the workload".to_string(),
             handover,
         ));
+        if let Some(d) = downtime {
+            timings.push((
+                "downtime: guest stopped here → continued on the target".to_string(),
+                d,
+            ));
+        }
         Ok(MigrateResult {
             vm_id: vm_id.to_string(),
             source: self.cfg.name.clone(),
@@ -450,7 +522,7 @@ impl Agent {
         sealer: &mut StreamSealer,
         peer: &caas_attest::client::HttpClient,
         url: &str,
-    ) -> Result<caas_workload::qmp::MigrationInfo, Error> {
+    ) -> Result<(caas_workload::qmp::MigrationInfo, Instant), Error> {
         use caas_workload::qmp::{MigrationUri, Qmp};
         let qmp_path = self
             .tl
@@ -491,10 +563,11 @@ impl Agent {
                     std::time::Duration::from_millis(5),
                 )
                 .map_err(|e| s(&e))?;
+            let completed = Instant::now();
             if q.query_status().map_err(|e| s(&e))?.running {
                 return Err("the VM runs after its state was sent".into());
             }
-            Ok(info)
+            Ok((info, completed))
         });
         let sent = async {
             let mut batch = Vec::new();
@@ -526,7 +599,7 @@ impl Agent {
     /// Target: an offer from the source agent `peer` (its verified certificate's name).
     /// Audited (`AcceptMigration`).
     pub async fn accept_migration(
-        &self,
+        self: &std::sync::Arc<Self>,
         offer: &MigrateOffer,
         peer: Option<&caas_tls::PeerIdentity>,
     ) -> Result<MigrateAccept, Error> {
@@ -550,7 +623,7 @@ impl Agent {
     }
 
     async fn accept_inner(
-        &self,
+        self: &std::sync::Arc<Self>,
         offer: &MigrateOffer,
         peer: Option<&caas_tls::PeerIdentity>,
     ) -> Result<MigrateAccept, Error> {
@@ -629,23 +702,29 @@ impl Agent {
         let key = self.bind_decrypt(rsa).await?;
         let (keys, accept) = proto::accept_offer(offer, &st, &key)?;
         drop(key);
+        // DK_i (in the TTP's statement, sealed to the same bind key): the TPM opens it
+        // while the accept travels back; a failure refuses the first record that needs it.
         let (dk_rsa, dk_body) = caas_tl::crypto::split_bind_sealed(&st.c_dk)?;
-        let dk_key = self.bind_decrypt(dk_rsa).await?;
-        let dk = caas_tl::crypto::open_bind_sealed(
-            &dk_key,
-            &proto::dk_aad(&self.cfg.name, &st.migration_id),
-            dk_body,
-        )?;
+        let (dk_rsa, dk_body) = (dk_rsa.to_vec(), dk_body.to_vec());
+        let aad = proto::dk_aad(&self.cfg.name, &st.migration_id);
+        let agent = std::sync::Arc::clone(self);
+        let dk = Pending::spawn(async move {
+            let dk_key = agent.bind_decrypt(&dk_rsa).await?;
+            let dk = caas_tl::crypto::open_bind_sealed(&dk_key, &aad, &dk_body)?;
+            Ok(Zeroizing::new(dk.expose().to_vec()))
+        });
         let (sealer, opener) = keys.into_streams(Role::Target)?;
         let incoming = Incoming {
             statement: st,
             opener,
             _sealer: sealer,
-            dk: Zeroizing::new(dk.expose().to_vec()),
+            dk,
             transfer: None,
             secrets: None,
             token: false,
+            token_in: None,
             vm: None,
+            vm_tx: None,
             committed: false,
             records: 0,
             started: Instant::now(),
@@ -665,7 +744,7 @@ impl Agent {
     /// everything received is dropped. After the source's commit and the end record the
     /// workload is resumed here. Audited (`MigrationRecords`) when refused or ended.
     pub async fn migration_records(
-        &self,
+        self: &std::sync::Arc<Self>,
         id: &str,
         body: &[u8],
         peer: Option<&caas_tls::PeerIdentity>,
@@ -679,7 +758,7 @@ impl Agent {
     }
 
     async fn records_inner(
-        &self,
+        self: &std::sync::Arc<Self>,
         id: &str,
         body: &[u8],
         peer: Option<&caas_tls::PeerIdentity>,
@@ -736,13 +815,22 @@ impl Agent {
                 "the stream ended without the workload's state and the source's commit",
             )));
         }
+        drop(m.vm_tx.take());
         let endpoint = match m.vm.take() {
-            Some(vm) => self.finish_incoming(vm).await?,
+            Some(vm) => self.finish_incoming(vm.wait().await?).await?,
             None => {
                 let (Some(t), Some(secrets)) = (&m.transfer, &m.secrets) else {
                     return Err(Error::Domain("migration state".into()));
                 };
-                self.resume_migrated(&m.statement, t, secrets, &m.dk)
+                let dk = match m.dk.get().await {
+                    Ok(dk) => dk.clone(),
+                    Err(e) => {
+                        self.abort_incoming(m).await;
+                        return Err(e);
+                    }
+                };
+                let token = m.token_in.take();
+                self.resume_migrated(&m.statement, t, secrets, &dk, token)
                     .await?
                     .workload
                     .endpoint
@@ -764,8 +852,11 @@ impl Agent {
 
     /// Drops a refused migration: a VM prepared for it is stopped with its crypto domain.
     async fn abort_incoming(&self, mut m: Incoming) {
-        if let Some(mut vm) = m.vm.take() {
-            drop(vm.tx.take());
+        drop(m.vm_tx.take());
+        if let Some(vm) = m.vm.take() {
+            // A preparation still running finishes first (a failed one cleaned up after
+            // itself), so nothing it starts outlives the migration.
+            let _ = vm.wait().await;
             self.tl.drop_migrated(&m.statement.vm_id).await;
         }
     }
@@ -773,7 +864,11 @@ impl Agent {
     /// Opens a batch of records into `m`; a VM's qemu is started (waiting for its state)
     /// once the workload's description and secrets are in, and gets its stream's bytes as
     /// their records authenticate.
-    async fn open_batch(&self, m: &mut Incoming, mut body: &[u8]) -> Result<(), Error> {
+    async fn open_batch(
+        self: &std::sync::Arc<Self>,
+        m: &mut Incoming,
+        mut body: &[u8],
+    ) -> Result<(), Error> {
         while !body.is_empty() {
             let (h, ct, rest) = proto::split_record(body)?;
             body = rest;
@@ -795,7 +890,7 @@ impl Agent {
                             && m.secrets.is_some()
                             && m.transfer.as_ref().is_some_and(|t| t.driver != "qemu")
                                 == m.vm.is_none()
-                            && (m.vm.is_none() || m.token) =>
+                            && m.token =>
                     {
                         m.committed = true;
                     }
@@ -809,18 +904,40 @@ impl Agent {
                 Record::Data(Channel::Domain, b) if m.secrets.is_none() && m.transfer.is_some() => {
                     let secrets = DomainSecrets::parse(&b)?;
                     if let Some(t) = m.transfer.as_ref().filter(|t| t.driver == "qemu") {
-                        m.vm = Some(
-                            self.prepare_incoming(&m.statement, t, &secrets, &m.dk)
-                                .await?,
-                        );
+                        // Prepared in the background: the source goes on with the stream,
+                        // whose chunks wait in the queue until qemu reads them.
+                        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(VM_QUEUE);
+                        let agent = std::sync::Arc::clone(self);
+                        let (st, t) = (m.statement.clone(), t.clone());
+                        let own = DomainSecrets::new(secrets.tau(), secrets.pk_dm());
+                        let mut dk = std::mem::replace(&mut m.dk, Pending::Failed);
+                        m.vm = Some(Pending::spawn(async move {
+                            let dk = dk.get().await?;
+                            agent.prepare_incoming(&st, &t, &own, dk, rx).await
+                        }));
+                        m.vm_tx = Some(tx);
                     }
                     m.secrets = Some(secrets);
+                }
+                // A process workload's token (it stopped on the source), imported when it
+                // starts here.
+                Record::Data(Channel::Domain, b)
+                    if m.secrets.is_some() && m.vm.is_none() && !m.token && !m.committed =>
+                {
+                    m.token_in = Some(crate::token::TokenTransfer::parse(&b)?);
+                    m.token = true;
                 }
                 // A VM's token, after its stream (the guest stopped on the source).
                 Record::Data(Channel::Domain, b)
                     if m.secrets.is_some() && m.vm.is_some() && !m.token && !m.committed =>
                 {
                     let token = crate::token::TokenTransfer::parse(&b)?;
+                    // The stream is complete: its queue closes, and the VM's crypto
+                    // domain (its VSM) is ready.
+                    drop(m.vm_tx.take());
+                    if let Some(vm) = m.vm.as_mut() {
+                        vm.get().await?;
+                    }
                     let st = &m.statement;
                     let ctl =
                         self.tl.vsm_control(&st.vm_id).await.ok_or_else(|| {
@@ -835,14 +952,18 @@ impl Agent {
                     m.token = true;
                 }
                 Record::Data(Channel::Vm, b) if m.vm.is_some() && !m.token && !m.committed => {
-                    let tx = m.vm.as_ref().and_then(|v| v.tx.clone());
-                    match tx {
-                        Some(tx) if tx.send(b).await.is_ok() => {}
-                        _ => {
-                            return Err(Error::Domain(
-                                "qemu stopped reading its migration stream".into(),
-                            ));
+                    let sent = match &m.vm_tx {
+                        Some(tx) => tx.send(b).await.is_ok(),
+                        None => false,
+                    };
+                    if !sent {
+                        // The preparation failed (its error) or qemu stopped reading.
+                        if let Some(vm) = m.vm.as_mut() {
+                            vm.get().await?;
                         }
+                        return Err(Error::Domain(
+                            "qemu stopped reading its migration stream".into(),
+                        ));
                     }
                 }
                 Record::Data(ch, _) => {
