@@ -16,7 +16,8 @@
 #            crypto domain is destroyed after the target continued the guest.
 # and the medians and ratios a/b (goal ≤ 1.1×).
 #
-# Usage: bench/vm-migrate.sh          (REPEAT=3; TCG unless CAAS_QEMU_ACCEL)
+# Usage: bench/vm-migrate.sh          (REPEAT=3; TCG unless CAAS_QEMU_ACCEL; VERBOSE=1 prints
+#        the source agent's phases of each caas migration)
 #
 # Figures (2026-12-05, 2 cores shared with other builds at load ~9, TCG, guest image 28 MiB,
 # 256 MiB RAM, ~135 MB of qemu stream, dev profile; `REPEAT=7 bench/vm-migrate.sh`):
@@ -162,6 +163,12 @@ if down is None:
             + t["handover: commit → target resumed the workload"])
 print(int(down))')
   echo "$(( (e - s) / 1000000 )) $d"
+  # VERBOSE=1: the source agent's phases of each migration, on stderr.
+  [ -z "${VERBOSE:-}" ] || printf '%s' "$out" | python3 -c '
+import json, sys
+text = sys.stdin.read()
+doc = json.loads(text[text.index("{"):])
+print("   ", "; ".join(f"{n} {ms:.0f}" for n, ms in doc["timings"]), file=sys.stderr)'
   # The guest answers the tenant on the target (τ, disk, VSM) before the next round.
   t connect --vm vm1 >/dev/null
 }

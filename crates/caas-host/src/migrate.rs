@@ -78,6 +78,9 @@ pub struct RecordsAck {
     /// After the commit: the workload's endpoint on the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// After the commit: the target's phases (ms; no key, no state).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timings: Vec<(String, f64)>,
 }
 
 /// The workload's description that travels first (channel `Control`).
@@ -174,7 +177,7 @@ pub(crate) struct Incoming {
     vm: Option<Pending<crate::tl::IncomingVm>>,
     /// The queue of the VM stream's authenticated chunks to its qemu (bounded: when the
     /// preparation or qemu lags, the records' requests wait, and so does the source).
-    vm_tx: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    vm_tx: Option<StreamQueueTx>,
     committed: bool,
     records: u64,
     started: Instant,
@@ -251,9 +254,74 @@ impl std::fmt::Debug for MigrationState {
     }
 }
 
-/// Chunks of a VM's stream (≤ 256 KiB each) the target queues for its qemu: while the
-/// target prepares the VM, the source's first 16 MiB arrive.
-const VM_QUEUE: usize = 64;
+/// Bytes of a VM's stream the target queues for its qemu: while the target prepares the
+/// VM (~200–300 ms: TPM, crypto domain, qemu's start), the source's qemu streams on into
+/// it instead of waiting.
+const VM_QUEUE_BYTES: usize = 64 << 20;
+
+/// The queue's unit (permits are KiB).
+const KIB: usize = 1024;
+
+/// The sending end of a VM stream's queue: bounded in bytes ([`VM_QUEUE_BYTES`]); a send
+/// waits while the queue is full.
+pub(crate) struct StreamQueueTx {
+    tx: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    room: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+/// The receiving end (the thread that writes into qemu's pipe).
+pub(crate) struct StreamQueueRx {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    room: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+fn permits(len: usize) -> u32 {
+    u32::try_from(len.div_ceil(KIB)).unwrap_or(u32::MAX)
+}
+
+/// A VM stream's queue.
+pub(crate) fn stream_queue() -> (StreamQueueTx, StreamQueueRx) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let room = std::sync::Arc::new(tokio::sync::Semaphore::new(VM_QUEUE_BYTES / KIB));
+    (
+        StreamQueueTx {
+            tx,
+            room: room.clone(),
+        },
+        StreamQueueRx { rx, room },
+    )
+}
+
+impl StreamQueueTx {
+    /// Queues a chunk (≤ 1 MiB, a record's) once there is room; false when the reader is
+    /// gone.
+    async fn send(&self, chunk: Vec<u8>) -> bool {
+        match self.room.acquire_many(permits(chunk.len())).await {
+            Ok(p) => p.forget(),
+            Err(_) => return false,
+        }
+        self.tx.send(chunk).is_ok()
+    }
+}
+
+impl StreamQueueRx {
+    /// Blocking: the next chunk, or None when the sender is gone.
+    pub(crate) fn recv(&mut self) -> Option<Vec<u8>> {
+        self.rx.blocking_recv()
+    }
+
+    /// Frees the room of a chunk of `len` bytes written.
+    pub(crate) fn written(&self, len: usize) {
+        self.room.add_permits(permits(len) as usize);
+    }
+}
+
+impl Drop for StreamQueueRx {
+    fn drop(&mut self) {
+        // A sender waiting for room learns that nobody reads any more.
+        self.room.close();
+    }
+}
 
 /// Largest batch of records per request (below the API's body limit).
 const BATCH: usize = 1 << 20;
@@ -484,6 +552,7 @@ impl Agent {
             "handover: commit → target resumed the workload".to_string(),
             handover,
         ));
+        timings.extend(ack.timings.iter().cloned());
         if let Some(d) = downtime {
             timings.push((
                 "downtime: guest stopped here → continued on the target".to_string(),
@@ -799,6 +868,7 @@ impl Agent {
                 records: m.records,
                 ended: false,
                 endpoint: None,
+                timings: Vec::new(),
             };
             self.tl
                 .migrations
@@ -816,8 +886,25 @@ impl Agent {
             )));
         }
         drop(m.vm_tx.take());
+        let mut timings = Vec::new();
         let endpoint = match m.vm.take() {
-            Some(vm) => self.finish_incoming(vm.wait().await?).await?,
+            Some(vm) => {
+                let vm = vm.wait().await?;
+                timings.push((
+                    "target: VM ready for its stream (TPM, crypto domain, qemu), since the offer"
+                        .to_string(),
+                    (vm.ready.saturating_duration_since(m.started).as_secs_f64() * 1e5).round()
+                        / 100.0,
+                ));
+                let t = Instant::now();
+                let e = self.finish_incoming(vm).await?;
+                timings.push((
+                    "target: end record → guest continued (volumes opened ∥ qemu loaded, cont)"
+                        .to_string(),
+                    ms(t),
+                ));
+                e
+            }
             None => {
                 let (Some(t), Some(secrets)) = (&m.transfer, &m.secrets) else {
                     return Err(Error::Domain("migration state".into()));
@@ -843,10 +930,12 @@ impl Agent {
             ms = m.started.elapsed().as_millis() as u64,
             "migrated workload resumed"
         );
+        timings.push(("target: offer → workload resumed".to_string(), ms(m.started)));
         Ok(RecordsAck {
             records: m.records,
             ended: true,
             endpoint: Some(endpoint),
+            timings,
         })
     }
 
@@ -906,7 +995,7 @@ impl Agent {
                     if let Some(t) = m.transfer.as_ref().filter(|t| t.driver == "qemu") {
                         // Prepared in the background: the source goes on with the stream,
                         // whose chunks wait in the queue until qemu reads them.
-                        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(VM_QUEUE);
+                        let (tx, rx) = stream_queue();
                         let agent = std::sync::Arc::clone(self);
                         let (st, t) = (m.statement.clone(), t.clone());
                         let own = DomainSecrets::new(secrets.tau(), secrets.pk_dm());
@@ -953,7 +1042,7 @@ impl Agent {
                 }
                 Record::Data(Channel::Vm, b) if m.vm.is_some() && !m.token && !m.committed => {
                     let sent = match &m.vm_tx {
-                        Some(tx) => tx.send(b).await.is_ok(),
+                        Some(tx) => tx.send(b).await,
                         None => false,
                     };
                     if !sent {

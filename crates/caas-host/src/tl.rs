@@ -233,6 +233,8 @@ pub(crate) struct IncomingVm {
     /// their sender (the migration's) is dropped.
     writer: Option<std::thread::JoinHandle<std::io::Result<u64>>>,
     qmp: Option<caas_workload::qmp::Qmp>,
+    /// When qemu was ready for its stream.
+    pub(crate) ready: Instant,
 }
 
 impl std::fmt::Debug for IncomingVm {
@@ -1462,7 +1464,7 @@ impl Agent {
         t: &crate::migrate::WorkloadTransfer,
         secrets: &crate::migrate::DomainSecrets,
         dk: &[u8],
-        stream: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        stream: crate::migrate::StreamQueueRx,
     ) -> Result<IncomingVm, Error> {
         let r = self.prepare_incoming_inner(st, t, secrets, dk, stream).await;
         if r.is_err()
@@ -1480,7 +1482,7 @@ impl Agent {
         t: &crate::migrate::WorkloadTransfer,
         secrets: &crate::migrate::DomainSecrets,
         dk: &[u8],
-        stream: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        stream: crate::migrate::StreamQueueRx,
     ) -> Result<IncomingVm, Error> {
         let (call, cfg, dirs, procs, identity, _) = self.migrated_domain(st, t, secrets).await?;
         let now = caas_attest::now_ms();
@@ -1603,10 +1605,12 @@ impl Agent {
         let writer = std::thread::spawn(move || {
             let mut pipe = pipe;
             let mut n = 0u64;
-            while let Some(mut chunk) = rx.blocking_recv() {
+            while let Some(mut chunk) = rx.recv() {
+                let len = chunk.len();
                 std::io::Write::write_all(&mut pipe, &chunk)?;
-                n += chunk.len() as u64;
+                n += len as u64;
                 zeroize::Zeroize::zeroize(&mut chunk);
+                rx.written(len);
             }
             Ok(n)
         });
@@ -1614,6 +1618,7 @@ impl Agent {
             vm_id: call.vm_id.clone(),
             writer: Some(writer),
             qmp: Some(qmp),
+            ready: Instant::now(),
         })
     }
 
