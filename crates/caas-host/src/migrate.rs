@@ -538,7 +538,7 @@ impl Agent {
         if !stop_first {
             // Whatever the target answered, the source's copy goes: the state has left.
             let t2 = Instant::now();
-            self.tl.drop_migrated(vm_id).await;
+            self.tl.drop_migrated_soon(vm_id).await;
             timings.push(("source crypto domain destroyed".to_string(), ms(t2)));
         }
         let ack = ack?;

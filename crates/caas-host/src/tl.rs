@@ -583,6 +583,18 @@ impl TlHost {
         stopped
     }
 
+    /// A migrated VM's source copy after the target continued it: out of the table now
+    /// (no request reaches it any more), its stopped qemu and crypto domain stopped and
+    /// its run directory removed right after, off the migration's answer.
+    pub(crate) async fn drop_migrated_soon(&self, vm_id: &str) {
+        if let Some(mut w) = self.workloads.lock().await.remove(vm_id) {
+            tokio::task::spawn_blocking(move || {
+                w.stop();
+                let _ = std::fs::remove_dir_all(&w.dirs.root);
+            });
+        }
+    }
+
     pub(crate) async fn drop_migrated(&self, vm_id: &str) {
         if let Some(mut w) = self.workloads.lock().await.remove(vm_id) {
             w.stop();
