@@ -930,7 +930,10 @@ impl Agent {
             ms = m.started.elapsed().as_millis() as u64,
             "migrated workload resumed"
         );
-        timings.push(("target: offer → workload resumed".to_string(), ms(m.started)));
+        timings.push((
+            "target: offer → workload resumed".to_string(),
+            ms(m.started),
+        ));
         Ok(RecordsAck {
             records: m.records,
             ended: true,

@@ -1478,7 +1478,9 @@ impl Agent {
         dk: &[u8],
         stream: crate::migrate::StreamQueueRx,
     ) -> Result<IncomingVm, Error> {
-        let r = self.prepare_incoming_inner(st, t, secrets, dk, stream).await;
+        let r = self
+            .prepare_incoming_inner(st, t, secrets, dk, stream)
+            .await;
         if r.is_err()
             && let Some(mut w) = self.tl.workloads.lock().await.remove(&st.vm_id)
         {
@@ -1681,10 +1683,8 @@ impl Agent {
                 }
                 Ok(qmp)
             });
-            let (opened, loaded) = tokio::join!(
-                self.open_deferred(&vm.vm_id, &launch_r, pending),
-                loaded
-            );
+            let (opened, loaded) =
+                tokio::join!(self.open_deferred(&vm.vm_id, &launch_r, pending), loaded);
             let qmp = loaded
                 .map_err(|e| Error::Domain(format!("QMP task: {e}")))?
                 .map_err(|e| Error::Domain(format!("qemu: {e}")))?;

@@ -315,7 +315,13 @@ fn seq_before(t: &Tenant<'_>, vm: &DemoVm) -> Option<u64> {
 
 /// A timed step: the guest's disk sequence continues on `vm.host` past `before` (it kept
 /// writing durable records to its DBSP volume through the new host's crypto domain).
-async fn disk_continues(st: &mut Steps, t: &Tenant<'_>, vm: &DemoVm, before: Option<u64>, when: &str) {
+async fn disk_continues(
+    st: &mut Steps,
+    t: &Tenant<'_>,
+    vm: &DemoVm,
+    before: Option<u64>,
+    when: &str,
+) {
     st.run(
         &format!(
             "VM{when}: the guest's disk counter continues on {}: its sequence of records on the DBSP volume {} goes on past the last one seen before",

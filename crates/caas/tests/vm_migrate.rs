@@ -618,7 +618,7 @@ fn process_workload_vsm_key_made_before_migration_signs_on_the_target() {
     let before = connect_ok(&c);
     let key_before = before["vsm"]["public_point"].clone();
     assert!(key_before.is_string(), "{before}");
-    c.tenant_ok(&["migrate", "--vm", "vm1", "--to", "host-2"]);
+    let out = c.tenant_ok(&["migrate", "--vm", "vm1", "--to", "host-2"]);
     assert_eq!(c.workloads("host-2"), vec!["vm1".to_string()]);
     let after = connect_ok(&c);
     assert_eq!(
@@ -630,11 +630,8 @@ fn process_workload_vsm_key_made_before_migration_signs_on_the_target() {
         .try_into()
         .unwrap();
     verify_vsm(&after, &disk);
-    assert_eq!(
-        vsm_audit_count(&c.root.join("dev/hosts/host-1"), "TokenExport", "0x0"),
-        1,
-        "the source's VSM audits the token export"
-    );
+    // (The source's VSM and its audit log went with its crypto domain.)
+    assert!(out.contains("VSM token exported"), "{out}");
     assert_eq!(
         vsm_audit_count(&c.root.join("dev/hosts/host-2"), "TokenImport", "0x0"),
         1,
