@@ -499,7 +499,7 @@ impl Agent {
             }
         };
         timings.push(("VSM token exported (workload stopped)".to_string(), ms(t)));
-        let token_record = Some(sealer.data(Channel::Domain, token.to_bytes().expose())?);
+        let token_record = sealer.data(Channel::Domain, token.to_bytes().expose())?;
         drop(token);
         // 4. The source's crypto domain and its keys go (its volume proxies flush and
         // release the volumes); then the target takes over and becomes the single writer
@@ -525,7 +525,7 @@ impl Agent {
             ));
         }
         let t = Instant::now();
-        let mut last = token_record.unwrap_or_default();
+        let mut last = token_record;
         last.extend_from_slice(&sealer.data(Channel::Control, &proto::control(&Control::Commit))?);
         last.extend_from_slice(&sealer.finish()?);
         let ack = peer
