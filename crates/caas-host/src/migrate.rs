@@ -11,19 +11,21 @@
 //!    confirmation only the attested TPM state can compute.
 //! 3. the workload's state in AEAD records (`POST /v1/agent/migrations/{id}/records`): its
 //!    description, τ and pk_DM, and for a VM qemu's live-migration stream (QMP `migrate` to
-//!    a pipe, `Agent::send_vm`) followed, once the guest stopped, by its VSM's token export
-//!    and transfer key (`crate::token`); then the source destroys its crypto domain and
+//!    a pipe, `Agent::send_vm`) followed, once the workload stopped (a process workload is
+//!    stopped for it), by its VSM's token export and transfer key (`crate::token`); then
+//!    the source releases its volumes (a process workload: destroys its crypto domain) and
 //!    sends the commit and end records.
 //!
 //! Target: the offer must come from the statement's source (the caller's certificate names
 //! it), be fresh, and its migration id unused (`migration_replayed`); its TPM opens the
 //! session secret and the workload's new DK_i (both under the bind key's PCR policy); the
-//! records must open in order under the session's key. A VM's qemu is started waiting for
-//! its state (`-incoming defer -S`) once the description and secrets are in, gets each
-//! record's bytes after it authenticated, its VSM imports the token for (vm, H2, migration
-//! id), and it continues only after the end record
-//! (`Agent::finish_incoming`); a process workload is started at the end
-//! (`Agent::resume_migrated`).
+//! records must open in order under the session's key (DK_i is opened after the accept
+//! went back). A VM is prepared in the background once the description and secrets are in
+//! (crypto domain, qemu waiting for its state with `-incoming defer -S`) while the source
+//! streams on: each record's bytes, once authenticated, wait in a queue bounded in bytes
+//! until qemu reads them; its VSM imports the token for (vm, H2, migration id), and it
+//! continues only after the end record (`Agent::finish_incoming`); a process workload is
+//! started at the end with its token imported first (`Agent::resume_migrated`).
 //!
 //! Every step is in the agent's audit log (`MigrateWorkload` on the source,
 //! `AcceptMigration` and `MigrationRecords` on the target) with the refusal code.
