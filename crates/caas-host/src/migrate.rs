@@ -11,19 +11,21 @@
 //!    confirmation only the attested TPM state can compute.
 //! 3. the workload's state in AEAD records (`POST /v1/agent/migrations/{id}/records`): its
 //!    description, τ and pk_DM, and for a VM qemu's live-migration stream (QMP `migrate` to
-//!    a pipe, `Agent::send_vm`) followed, once the guest stopped, by its VSM's token export
-//!    and transfer key (`crate::token`); then the source destroys its crypto domain and
+//!    a pipe, `Agent::send_vm`) followed, once the workload stopped (a process workload is
+//!    stopped for it), by its VSM's token export and transfer key (`crate::token`); then
+//!    the source releases its volumes (a process workload: destroys its crypto domain) and
 //!    sends the commit and end records.
 //!
 //! Target: the offer must come from the statement's source (the caller's certificate names
 //! it), be fresh, and its migration id unused (`migration_replayed`); its TPM opens the
 //! session secret and the workload's new DK_i (both under the bind key's PCR policy); the
-//! records must open in order under the session's key. A VM's qemu is started waiting for
-//! its state (`-incoming defer -S`) once the description and secrets are in, gets each
-//! record's bytes after it authenticated, its VSM imports the token for (vm, H2, migration
-//! id), and it continues only after the end record
-//! (`Agent::finish_incoming`); a process workload is started at the end
-//! (`Agent::resume_migrated`).
+//! records must open in order under the session's key (DK_i is opened after the accept
+//! went back). A VM is prepared in the background once the description and secrets are in
+//! (crypto domain, qemu waiting for its state with `-incoming defer -S`) while the source
+//! streams on: each record's bytes, once authenticated, wait in a queue bounded in bytes
+//! until qemu reads them; its VSM imports the token for (vm, H2, migration id), and it
+//! continues only after the end record (`Agent::finish_incoming`); a process workload is
+//! started at the end with its token imported first (`Agent::resume_migrated`).
 //!
 //! Every step is in the agent's audit log (`MigrateWorkload` on the source,
 //! `AcceptMigration` and `MigrationRecords` on the target) with the refusal code.
@@ -78,6 +80,9 @@ pub struct RecordsAck {
     /// After the commit: the workload's endpoint on the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// After the commit: the target's phases (ms; no key, no state).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timings: Vec<(String, f64)>,
 }
 
 /// The workload's description that travels first (channel `Control`).
@@ -160,19 +165,72 @@ pub(crate) struct Incoming {
     opener: StreamOpener,
     /// The target's sealer (acknowledgements; kept so no second one exists).
     _sealer: StreamSealer,
-    /// DK_i of the workload's new TTP session.
-    dk: Zeroizing<Vec<u8>>,
+    /// DK_i of the workload's new TTP session: its TPM decryption runs after the accept
+    /// went back (off the offer's round trip); a VM's preparation takes it over.
+    dk: Pending<Zeroizing<Vec<u8>>>,
     transfer: Option<WorkloadTransfer>,
     secrets: Option<DomainSecrets>,
-    /// A VM's VSM token was imported ([`crate::token`]; required before the commit).
+    /// The workload's VSM token arrived ([`crate::token`]; required before the commit):
+    /// a VM's is imported at once, a process workload's when it starts here (`token_in`).
     token: bool,
-    /// A VM's qemu waiting for its stream.
-    vm: Option<crate::tl::IncomingVm>,
+    token_in: Option<crate::token::TokenTransfer>,
+    /// A VM's crypto domain and qemu, prepared (TPM, processes, qemu waiting for its
+    /// stream) while its stream already arrives.
+    vm: Option<Pending<crate::tl::IncomingVm>>,
+    /// The queue of the VM stream's authenticated chunks to its qemu (bounded: when the
+    /// preparation or qemu lags, the records' requests wait, and so does the source).
+    vm_tx: Option<StreamQueueTx>,
     committed: bool,
     records: u64,
     started: Instant,
     /// The last batch (an abandoned migration is dropped after [`IDLE`]).
     last: Instant,
+}
+
+/// Work a migration's target runs in the background while records arrive (its TPM's
+/// decryption of DK_i, a VM's preparation); awaited where its result is needed.
+enum Pending<T> {
+    Running(tokio::task::JoinHandle<Result<T, Error>>),
+    Done(T),
+    Failed,
+}
+
+impl<T> Pending<T> {
+    fn spawn(f: impl std::future::Future<Output = Result<T, Error>> + Send + 'static) -> Self
+    where
+        T: Send + 'static,
+    {
+        Self::Running(tokio::spawn(f))
+    }
+
+    /// Its result (the task's error the first time, afterwards a generic one).
+    async fn get(&mut self) -> Result<&mut T, Error> {
+        if let Self::Running(h) = self {
+            let r = match h.await {
+                Ok(r) => r,
+                Err(e) => Err(Error::Domain(format!("migration task: {e}"))),
+            };
+            match r {
+                Ok(v) => *self = Self::Done(v),
+                Err(e) => {
+                    *self = Self::Failed;
+                    return Err(e);
+                }
+            }
+        }
+        match self {
+            Self::Done(v) => Ok(v),
+            _ => Err(Error::Domain("migration task failed".into())),
+        }
+    }
+
+    async fn wait(mut self) -> Result<T, Error> {
+        self.get().await?;
+        match self {
+            Self::Done(v) => Ok(v),
+            _ => Err(Error::Domain("migration task failed".into())),
+        }
+    }
 }
 
 /// A migration whose source sent nothing for this long is dropped (with a VM waiting for
@@ -195,6 +253,75 @@ pub(crate) struct MigrationState {
 impl std::fmt::Debug for MigrationState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MigrationState").finish_non_exhaustive()
+    }
+}
+
+/// Bytes of a VM's stream the target queues for its qemu: while the target prepares the
+/// VM (~200–300 ms: TPM, crypto domain, qemu's start), the source's qemu streams on into
+/// it instead of waiting.
+const VM_QUEUE_BYTES: usize = 64 << 20;
+
+/// The queue's unit (permits are KiB).
+const KIB: usize = 1024;
+
+/// The sending end of a VM stream's queue: bounded in bytes ([`VM_QUEUE_BYTES`]); a send
+/// waits while the queue is full.
+pub(crate) struct StreamQueueTx {
+    tx: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    room: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+/// The receiving end (the thread that writes into qemu's pipe).
+pub(crate) struct StreamQueueRx {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    room: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+fn permits(len: usize) -> u32 {
+    u32::try_from(len.div_ceil(KIB)).unwrap_or(u32::MAX)
+}
+
+/// A VM stream's queue.
+pub(crate) fn stream_queue() -> (StreamQueueTx, StreamQueueRx) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let room = std::sync::Arc::new(tokio::sync::Semaphore::new(VM_QUEUE_BYTES / KIB));
+    (
+        StreamQueueTx {
+            tx,
+            room: room.clone(),
+        },
+        StreamQueueRx { rx, room },
+    )
+}
+
+impl StreamQueueTx {
+    /// Queues a chunk (≤ 1 MiB, a record's) once there is room; false when the reader is
+    /// gone.
+    async fn send(&self, chunk: Vec<u8>) -> bool {
+        match self.room.acquire_many(permits(chunk.len())).await {
+            Ok(p) => p.forget(),
+            Err(_) => return false,
+        }
+        self.tx.send(chunk).is_ok()
+    }
+}
+
+impl StreamQueueRx {
+    /// Blocking: the next chunk, or None when the sender is gone.
+    pub(crate) fn recv(&mut self) -> Option<Vec<u8>> {
+        self.rx.blocking_recv()
+    }
+
+    /// Frees the room of a chunk of `len` bytes written.
+    pub(crate) fn written(&self, len: usize) {
+        self.room.add_permits(permits(len) as usize);
+    }
+}
+
+impl Drop for StreamQueueRx {
+    fn drop(&mut self) {
+        // A sender waiting for room learns that nobody reads any more.
+        self.room.close();
     }
 }
 
@@ -337,9 +464,11 @@ impl Agent {
             let _: RecordsAck = peer.request("POST", &url, Some(chunk), &[]).await?;
         }
         timings.push(("crypto-domain state transfer".to_string(), ms(t)));
+        // A VM: when qemu completed (the guest stopped a `downtime` before).
+        let mut stopped = None;
         if driver == "qemu" {
             let t = Instant::now();
-            let info = self.send_vm(vm_id, &mut sealer, &peer, &url).await?;
+            let (info, completed) = self.send_vm(vm_id, &mut sealer, &peer, &url).await?;
             timings.push(("qemu live migration (encrypted records)".to_string(), ms(t)));
             if let Some(d) = info.downtime_ms {
                 timings.push((
@@ -347,29 +476,33 @@ impl Agent {
                     d as f64,
                 ));
             }
+            stopped = Some((info.downtime_ms.unwrap_or(0) as f64, completed));
         }
-        // A VM's token as the guest left it (stopped now): exported by its VSM under a
-        // fresh transfer key, both sealed into the stream (channel domain), imported by
-        // the target's VSM before the guest continues there.
-        let token_record = if driver == "qemu" {
-            let t = Instant::now();
-            let token = match self.tl.vsm_control(vm_id).await {
-                Some(ctl) => crate::token::TokenTransfer::export(ctl, token_context).await,
-                None => Err(Error::Domain("the VSM has no control channel".into())),
-            };
-            let token = match token {
-                Ok(t) => t,
-                Err(e) => {
-                    // Nothing committed: the guest goes on here.
-                    self.continue_here(vm_id).await;
-                    return Err(e);
-                }
-            };
-            timings.push(("VSM token exported (guest stopped)".to_string(), ms(t)));
-            Some(sealer.data(Channel::Domain, token.to_bytes().expose())?)
-        } else {
-            None
+        // The token as the workload left it (a VM's guest is stopped now; a process
+        // workload is stopped first, its crypto domain staying): exported by its VSM under
+        // a fresh transfer key, both sealed into the stream (channel domain), imported by
+        // the target's VSM before the workload continues there.
+        let t = Instant::now();
+        if driver != "qemu" && !self.tl.stop_workload_process(vm_id).await {
+            return Err(Error::Domain("the workload process is gone".into()));
+        }
+        let token = match self.tl.vsm_control(vm_id).await {
+            Some(ctl) => crate::token::TokenTransfer::export(ctl, token_context).await,
+            None => Err(Error::Domain("the VSM has no control channel".into())),
         };
+        let token = match token {
+            Ok(t) => t,
+            Err(e) => {
+                // Nothing committed: a VM's guest goes on here.
+                if driver == "qemu" {
+                    self.continue_here(vm_id).await;
+                }
+                return Err(e);
+            }
+        };
+        timings.push(("VSM token exported (workload stopped)".to_string(), ms(t)));
+        let token_record = sealer.data(Channel::Domain, token.to_bytes().expose())?;
+        drop(token);
         // 4. The source's crypto domain and its keys go (its volume proxies flush and
         // release the volumes); then the target takes over and becomes the single writer
         // (new epochs at the TTP). A VM's volumes are released first, then it is continued
@@ -394,17 +527,20 @@ impl Agent {
             ));
         }
         let t = Instant::now();
-        let mut last = token_record.unwrap_or_default();
+        let mut last = token_record;
         last.extend_from_slice(&sealer.data(Channel::Control, &proto::control(&Control::Commit))?);
         last.extend_from_slice(&sealer.finish()?);
         let ack = peer
             .request::<RecordsAck>("POST", &url, Some(last), &[])
             .await;
         let handover = ms(t);
+        // The guest's whole downtime: qemu's (its stop to the end of its stream here), then
+        // the last records, the token, the commit and the target's resume (its `cont`).
+        let downtime = stopped.map(|(d, completed)| d + ms(completed));
         if !stop_first {
             // Whatever the target answered, the source's copy goes: the state has left.
             let t2 = Instant::now();
-            self.tl.drop_migrated(vm_id).await;
+            self.tl.drop_migrated_soon(vm_id).await;
             timings.push(("source crypto domain destroyed".to_string(), ms(t2)));
         }
         let ack = ack?;
@@ -418,6 +554,13 @@ impl Agent {
             "handover: commit → target resumed the workload".to_string(),
             handover,
         ));
+        timings.extend(ack.timings.iter().cloned());
+        if let Some(d) = downtime {
+            timings.push((
+                "downtime: guest stopped here → continued on the target".to_string(),
+                d,
+            ));
+        }
         Ok(MigrateResult {
             vm_id: vm_id.to_string(),
             source: self.cfg.name.clone(),
@@ -450,7 +593,7 @@ impl Agent {
         sealer: &mut StreamSealer,
         peer: &caas_attest::client::HttpClient,
         url: &str,
-    ) -> Result<caas_workload::qmp::MigrationInfo, Error> {
+    ) -> Result<(caas_workload::qmp::MigrationInfo, Instant), Error> {
         use caas_workload::qmp::{MigrationUri, Qmp};
         let qmp_path = self
             .tl
@@ -491,10 +634,11 @@ impl Agent {
                     std::time::Duration::from_millis(5),
                 )
                 .map_err(|e| s(&e))?;
+            let completed = Instant::now();
             if q.query_status().map_err(|e| s(&e))?.running {
                 return Err("the VM runs after its state was sent".into());
             }
-            Ok(info)
+            Ok((info, completed))
         });
         let sent = async {
             let mut batch = Vec::new();
@@ -526,7 +670,7 @@ impl Agent {
     /// Target: an offer from the source agent `peer` (its verified certificate's name).
     /// Audited (`AcceptMigration`).
     pub async fn accept_migration(
-        &self,
+        self: &std::sync::Arc<Self>,
         offer: &MigrateOffer,
         peer: Option<&caas_tls::PeerIdentity>,
     ) -> Result<MigrateAccept, Error> {
@@ -550,7 +694,7 @@ impl Agent {
     }
 
     async fn accept_inner(
-        &self,
+        self: &std::sync::Arc<Self>,
         offer: &MigrateOffer,
         peer: Option<&caas_tls::PeerIdentity>,
     ) -> Result<MigrateAccept, Error> {
@@ -629,23 +773,29 @@ impl Agent {
         let key = self.bind_decrypt(rsa).await?;
         let (keys, accept) = proto::accept_offer(offer, &st, &key)?;
         drop(key);
+        // DK_i (in the TTP's statement, sealed to the same bind key): the TPM opens it
+        // while the accept travels back; a failure refuses the first record that needs it.
         let (dk_rsa, dk_body) = caas_tl::crypto::split_bind_sealed(&st.c_dk)?;
-        let dk_key = self.bind_decrypt(dk_rsa).await?;
-        let dk = caas_tl::crypto::open_bind_sealed(
-            &dk_key,
-            &proto::dk_aad(&self.cfg.name, &st.migration_id),
-            dk_body,
-        )?;
+        let (dk_rsa, dk_body) = (dk_rsa.to_vec(), dk_body.to_vec());
+        let aad = proto::dk_aad(&self.cfg.name, &st.migration_id);
+        let agent = std::sync::Arc::clone(self);
+        let dk = Pending::spawn(async move {
+            let dk_key = agent.bind_decrypt(&dk_rsa).await?;
+            let dk = caas_tl::crypto::open_bind_sealed(&dk_key, &aad, &dk_body)?;
+            Ok(Zeroizing::new(dk.expose().to_vec()))
+        });
         let (sealer, opener) = keys.into_streams(Role::Target)?;
         let incoming = Incoming {
             statement: st,
             opener,
             _sealer: sealer,
-            dk: Zeroizing::new(dk.expose().to_vec()),
+            dk,
             transfer: None,
             secrets: None,
             token: false,
+            token_in: None,
             vm: None,
+            vm_tx: None,
             committed: false,
             records: 0,
             started: Instant::now(),
@@ -665,7 +815,7 @@ impl Agent {
     /// everything received is dropped. After the source's commit and the end record the
     /// workload is resumed here. Audited (`MigrationRecords`) when refused or ended.
     pub async fn migration_records(
-        &self,
+        self: &std::sync::Arc<Self>,
         id: &str,
         body: &[u8],
         peer: Option<&caas_tls::PeerIdentity>,
@@ -679,7 +829,7 @@ impl Agent {
     }
 
     async fn records_inner(
-        &self,
+        self: &std::sync::Arc<Self>,
         id: &str,
         body: &[u8],
         peer: Option<&caas_tls::PeerIdentity>,
@@ -720,6 +870,7 @@ impl Agent {
                 records: m.records,
                 ended: false,
                 endpoint: None,
+                timings: Vec::new(),
             };
             self.tl
                 .migrations
@@ -736,13 +887,39 @@ impl Agent {
                 "the stream ended without the workload's state and the source's commit",
             )));
         }
+        drop(m.vm_tx.take());
+        let mut timings = Vec::new();
         let endpoint = match m.vm.take() {
-            Some(vm) => self.finish_incoming(vm).await?,
+            Some(vm) => {
+                let vm = vm.wait().await?;
+                timings.push((
+                    "target: VM ready for its stream (TPM, crypto domain, qemu), since the offer"
+                        .to_string(),
+                    (vm.ready.saturating_duration_since(m.started).as_secs_f64() * 1e5).round()
+                        / 100.0,
+                ));
+                let t = Instant::now();
+                let e = self.finish_incoming(vm).await?;
+                timings.push((
+                    "target: end record → guest continued (volumes opened ∥ qemu loaded, cont)"
+                        .to_string(),
+                    ms(t),
+                ));
+                e
+            }
             None => {
                 let (Some(t), Some(secrets)) = (&m.transfer, &m.secrets) else {
                     return Err(Error::Domain("migration state".into()));
                 };
-                self.resume_migrated(&m.statement, t, secrets, &m.dk)
+                let dk = match m.dk.get().await {
+                    Ok(dk) => dk.clone(),
+                    Err(e) => {
+                        self.abort_incoming(m).await;
+                        return Err(e);
+                    }
+                };
+                let token = m.token_in.take();
+                self.resume_migrated(&m.statement, t, secrets, &dk, token)
                     .await?
                     .workload
                     .endpoint
@@ -755,17 +932,25 @@ impl Agent {
             ms = m.started.elapsed().as_millis() as u64,
             "migrated workload resumed"
         );
+        timings.push((
+            "target: offer → workload resumed".to_string(),
+            ms(m.started),
+        ));
         Ok(RecordsAck {
             records: m.records,
             ended: true,
             endpoint: Some(endpoint),
+            timings,
         })
     }
 
     /// Drops a refused migration: a VM prepared for it is stopped with its crypto domain.
     async fn abort_incoming(&self, mut m: Incoming) {
-        if let Some(mut vm) = m.vm.take() {
-            drop(vm.tx.take());
+        drop(m.vm_tx.take());
+        if let Some(vm) = m.vm.take() {
+            // A preparation still running finishes first (a failed one cleaned up after
+            // itself), so nothing it starts outlives the migration.
+            let _ = vm.wait().await;
             self.tl.drop_migrated(&m.statement.vm_id).await;
         }
     }
@@ -773,7 +958,11 @@ impl Agent {
     /// Opens a batch of records into `m`; a VM's qemu is started (waiting for its state)
     /// once the workload's description and secrets are in, and gets its stream's bytes as
     /// their records authenticate.
-    async fn open_batch(&self, m: &mut Incoming, mut body: &[u8]) -> Result<(), Error> {
+    async fn open_batch(
+        self: &std::sync::Arc<Self>,
+        m: &mut Incoming,
+        mut body: &[u8],
+    ) -> Result<(), Error> {
         while !body.is_empty() {
             let (h, ct, rest) = proto::split_record(body)?;
             body = rest;
@@ -795,7 +984,7 @@ impl Agent {
                             && m.secrets.is_some()
                             && m.transfer.as_ref().is_some_and(|t| t.driver != "qemu")
                                 == m.vm.is_none()
-                            && (m.vm.is_none() || m.token) =>
+                            && m.token =>
                     {
                         m.committed = true;
                     }
@@ -809,18 +998,40 @@ impl Agent {
                 Record::Data(Channel::Domain, b) if m.secrets.is_none() && m.transfer.is_some() => {
                     let secrets = DomainSecrets::parse(&b)?;
                     if let Some(t) = m.transfer.as_ref().filter(|t| t.driver == "qemu") {
-                        m.vm = Some(
-                            self.prepare_incoming(&m.statement, t, &secrets, &m.dk)
-                                .await?,
-                        );
+                        // Prepared in the background: the source goes on with the stream,
+                        // whose chunks wait in the queue until qemu reads them.
+                        let (tx, rx) = stream_queue();
+                        let agent = std::sync::Arc::clone(self);
+                        let (st, t) = (m.statement.clone(), t.clone());
+                        let own = DomainSecrets::new(secrets.tau(), secrets.pk_dm());
+                        let mut dk = std::mem::replace(&mut m.dk, Pending::Failed);
+                        m.vm = Some(Pending::spawn(async move {
+                            let dk = dk.get().await?;
+                            agent.prepare_incoming(&st, &t, &own, dk, rx).await
+                        }));
+                        m.vm_tx = Some(tx);
                     }
                     m.secrets = Some(secrets);
+                }
+                // A process workload's token (it stopped on the source), imported when it
+                // starts here.
+                Record::Data(Channel::Domain, b)
+                    if m.secrets.is_some() && m.vm.is_none() && !m.token && !m.committed =>
+                {
+                    m.token_in = Some(crate::token::TokenTransfer::parse(&b)?);
+                    m.token = true;
                 }
                 // A VM's token, after its stream (the guest stopped on the source).
                 Record::Data(Channel::Domain, b)
                     if m.secrets.is_some() && m.vm.is_some() && !m.token && !m.committed =>
                 {
                     let token = crate::token::TokenTransfer::parse(&b)?;
+                    // The stream is complete: its queue closes, and the VM's crypto
+                    // domain (its VSM) is ready.
+                    drop(m.vm_tx.take());
+                    if let Some(vm) = m.vm.as_mut() {
+                        vm.get().await?;
+                    }
                     let st = &m.statement;
                     let ctl =
                         self.tl.vsm_control(&st.vm_id).await.ok_or_else(|| {
@@ -835,14 +1046,18 @@ impl Agent {
                     m.token = true;
                 }
                 Record::Data(Channel::Vm, b) if m.vm.is_some() && !m.token && !m.committed => {
-                    let tx = m.vm.as_ref().and_then(|v| v.tx.clone());
-                    match tx {
-                        Some(tx) if tx.send(b).await.is_ok() => {}
-                        _ => {
-                            return Err(Error::Domain(
-                                "qemu stopped reading its migration stream".into(),
-                            ));
+                    let sent = match &m.vm_tx {
+                        Some(tx) => tx.send(b).await,
+                        None => false,
+                    };
+                    if !sent {
+                        // The preparation failed (its error) or qemu stopped reading.
+                        if let Some(vm) = m.vm.as_mut() {
+                            vm.get().await?;
                         }
+                        return Err(Error::Domain(
+                            "qemu stopped reading its migration stream".into(),
+                        ));
                     }
                 }
                 Record::Data(ch, _) => {

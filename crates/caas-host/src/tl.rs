@@ -229,10 +229,12 @@ const MIGRATION_FD: &str = "caas-migrate";
 /// thread writes the opened `vm` records into.
 pub(crate) struct IncomingVm {
     vm_id: String,
-    /// Chunks of qemu's stream, already authenticated, in order.
-    pub(crate) tx: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    /// Writes the chunks of qemu's stream (authenticated, in order) into its pipe until
+    /// their sender (the migration's) is dropped.
     writer: Option<std::thread::JoinHandle<std::io::Result<u64>>>,
     qmp: Option<caas_workload::qmp::Qmp>,
+    /// When qemu was ready for its stream.
+    pub(crate) ready: Instant,
 }
 
 impl std::fmt::Debug for IncomingVm {
@@ -565,6 +567,34 @@ impl TlHost {
     /// Live migration, source: the workload moved; its processes (the workload, the volume
     /// proxies, which flush and release their volumes, and the crypto domain) stop, its DK_i
     /// is zeroized and its run directory removed.
+    /// Stops a workload's own process (a process workload leaving by migration), its
+    /// crypto domain staying for the token's export; whether there was one.
+    pub(crate) async fn stop_workload_process(&self, vm_id: &str) -> bool {
+        let mut g = self.workloads.lock().await;
+        let Some(w) = g.get_mut(vm_id) else {
+            return false;
+        };
+        let mut stopped = false;
+        for p in w.procs.iter_mut().filter(|p| p.what == "workload") {
+            p.stop();
+            stopped = true;
+        }
+        w.procs.retain(|p| p.what != "workload");
+        stopped
+    }
+
+    /// A migrated VM's source copy after the target continued it: out of the table now
+    /// (no request reaches it any more), its stopped qemu and crypto domain stopped and
+    /// its run directory removed right after, off the migration's answer.
+    pub(crate) async fn drop_migrated_soon(&self, vm_id: &str) {
+        if let Some(mut w) = self.workloads.lock().await.remove(vm_id) {
+            tokio::task::spawn_blocking(move || {
+                w.stop();
+                let _ = std::fs::remove_dir_all(&w.dirs.root);
+            });
+        }
+    }
+
     pub(crate) async fn drop_migrated(&self, vm_id: &str) {
         if let Some(mut w) = self.workloads.lock().await.remove(vm_id) {
             w.stop();
@@ -1379,7 +1409,7 @@ impl Agent {
         timings.push(("crypto domain keyed (k, token)".to_string(), ms(t)));
         self.run_workload(
             call, &req.sp, &m2.h2, &req.r, &m2.dk, &m2.tau, &req.pk_dm, driver, &cfg, dir, procs,
-            now, timings, id, net,
+            now, timings, id, net, None,
         )
         .await
     }
@@ -1425,6 +1455,7 @@ impl Agent {
             timings,
             id,
             net,
+            None,
         )
         .await
     }
@@ -1437,16 +1468,20 @@ impl Agent {
     /// is started with the τ and pk_DM that travelled in the encrypted stream.
     /// Live migration of a VM, target: the crypto domain as in
     /// [`Agent::resume_migrated`], then qemu started waiting for its state (`-incoming defer
-    /// -S`) and told to read it from a pipe; the caller writes the opened `vm` records
-    /// into [`IncomingVm`] and calls [`Agent::finish_incoming`] after the end record.
+    /// -S`) and told to read it from a pipe, which a thread fills from `stream` (the opened
+    /// `vm` records, queued by the caller while this runs); the caller calls
+    /// [`Agent::finish_incoming`] after the end record.
     pub(crate) async fn prepare_incoming(
         &self,
         st: &caas_tl::migrate::MigrationStatement,
         t: &crate::migrate::WorkloadTransfer,
         secrets: &crate::migrate::DomainSecrets,
         dk: &[u8],
+        stream: crate::migrate::StreamQueueRx,
     ) -> Result<IncomingVm, Error> {
-        let r = self.prepare_incoming_inner(st, t, secrets, dk).await;
+        let r = self
+            .prepare_incoming_inner(st, t, secrets, dk, stream)
+            .await;
         if r.is_err()
             && let Some(mut w) = self.tl.workloads.lock().await.remove(&st.vm_id)
         {
@@ -1462,6 +1497,7 @@ impl Agent {
         t: &crate::migrate::WorkloadTransfer,
         secrets: &crate::migrate::DomainSecrets,
         dk: &[u8],
+        stream: crate::migrate::StreamQueueRx,
     ) -> Result<IncomingVm, Error> {
         let (call, cfg, dirs, procs, identity, _) = self.migrated_domain(st, t, secrets).await?;
         let now = caas_attest::now_ms();
@@ -1580,22 +1616,24 @@ impl Agent {
         .await
         .map_err(|e| Error::Domain(format!("QMP task: {e}")))?
         .map_err(|e| Error::Domain(format!("qemu: {e}")))?;
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+        let mut rx = stream;
         let writer = std::thread::spawn(move || {
             let mut pipe = pipe;
             let mut n = 0u64;
-            while let Some(mut chunk) = rx.blocking_recv() {
+            while let Some(mut chunk) = rx.recv() {
+                let len = chunk.len();
                 std::io::Write::write_all(&mut pipe, &chunk)?;
-                n += chunk.len() as u64;
+                n += len as u64;
                 zeroize::Zeroize::zeroize(&mut chunk);
+                rx.written(len);
             }
             Ok(n)
         });
         Ok(IncomingVm {
             vm_id: call.vm_id.clone(),
-            tx: Some(tx),
             writer: Some(writer),
             qmp: Some(qmp),
+            ready: Instant::now(),
         })
     }
 
@@ -1604,7 +1642,6 @@ impl Agent {
     /// failure the VM and its crypto domain are stopped: it never runs on a partial state.
     pub(crate) async fn finish_incoming(&self, mut vm: IncomingVm) -> Result<String, Error> {
         let r = async {
-            drop(vm.tx.take());
             // The source committed (its proxies flushed and released the volumes): the
             // single writer moves here — before qemu activates its disks at the end of
             // its incoming migration, and before the guest continues.
@@ -1615,13 +1652,14 @@ impl Agent {
                     .ok_or_else(|| Error::Domain("workload vanished".into()))?
             };
             let pending = self.take_deferred(&vm.vm_id).await;
-            self.open_deferred(&vm.vm_id, &launch_r, pending).await?;
             let writer = vm.writer.take();
             let mut qmp = vm
                 .qmp
                 .take()
                 .ok_or_else(|| Error::Domain("no QMP".into()))?;
-            let qmp = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            // qemu loads the rest of its stream while the volumes open (their proxies hold
+            // its requests until then); the guest continues only when both are done.
+            let loaded = tokio::task::spawn_blocking(move || -> Result<_, String> {
                 if let Some(w) = writer {
                     w.join()
                         .map_err(|_| "state writer panicked".to_string())?
@@ -1645,10 +1683,13 @@ impl Agent {
                     return Err(format!("incoming migration ended as {:?}", info.status));
                 }
                 Ok(qmp)
-            })
-            .await
-            .map_err(|e| Error::Domain(format!("QMP task: {e}")))?
-            .map_err(|e| Error::Domain(format!("qemu: {e}")))?;
+            });
+            let (opened, loaded) =
+                tokio::join!(self.open_deferred(&vm.vm_id, &launch_r, pending), loaded);
+            let qmp = loaded
+                .map_err(|e| Error::Domain(format!("QMP task: {e}")))?
+                .map_err(|e| Error::Domain(format!("qemu: {e}")))?;
+            opened?;
             let mut qmp = qmp;
             tokio::task::spawn_blocking(move || qmp.cont().map_err(|e| e.to_string()))
                 .await
@@ -1772,9 +1813,16 @@ impl Agent {
         t: &crate::migrate::WorkloadTransfer,
         secrets: &crate::migrate::DomainSecrets,
         dk: &[u8],
+        token: Option<crate::token::TokenTransfer>,
     ) -> Result<LaunchResult, Error> {
         let now = caas_attest::now_ms();
         let (call, cfg, dir, procs, id, timings) = self.migrated_domain(st, t, secrets).await?;
+        let token = token.map(|t| {
+            (
+                t,
+                crate::token::migration_context(&st.vm_id, &st.h2, &st.migration_id),
+            )
+        });
         let driver = call.driver.clone().unwrap_or_default();
         self.run_workload(
             &call,
@@ -1792,6 +1840,7 @@ impl Agent {
             timings,
             id,
             None,
+            token,
         )
         .await
     }
@@ -1948,6 +1997,7 @@ impl Agent {
         mut timings: Vec<(String, f64)>,
         identity: LaunchIds,
         net: Option<NetLaunch>,
+        token: Option<(crate::token::TokenTransfer, Vec<u8>)>,
     ) -> Result<LaunchResult, Error> {
         let w = Workload {
             vm_id: call.vm_id.clone(),
@@ -1976,7 +2026,7 @@ impl Agent {
         let vm_id = call.vm_id.clone();
         self.tl.workloads.lock().await.insert(vm_id.clone(), w);
         let rest = self
-            .launch_rest(call, tau, pk_dm, driver, &cfg.user_pin, &mut timings)
+            .launch_rest(call, tau, pk_dm, driver, &cfg.user_pin, token, &mut timings)
             .await;
         let mut g = self.tl.workloads.lock().await;
         match rest {
@@ -2000,7 +2050,10 @@ impl Agent {
         }
     }
 
-    /// After the crypto domain runs: DBSP volumes, then the workload with τ and pk_DM.
+    /// After the crypto domain runs: DBSP volumes, a migrated workload's VSM token (into
+    /// the new VSM for the context given, before anything opens a session on it), then the
+    /// workload with τ and pk_DM.
+    #[allow(clippy::too_many_arguments)]
     async fn launch_rest(
         &self,
         call: &LaunchCall,
@@ -2008,6 +2061,7 @@ impl Agent {
         pk_dm: &[u8],
         driver: &str,
         user_pin: &str,
+        token: Option<(crate::token::TokenTransfer, Vec<u8>)>,
         timings: &mut Vec<(String, f64)>,
     ) -> Result<(), Error> {
         let mut uris = Vec::new();
@@ -2017,6 +2071,16 @@ impl Agent {
                 timings.push((format!("DBSP {}: {k}", v.sr), t));
             }
             uris.push(r.volume.uri);
+        }
+        if let Some((token, context)) = token {
+            let t = Instant::now();
+            let ctl = self
+                .tl
+                .vsm_control(&call.vm_id)
+                .await
+                .ok_or_else(|| Error::Domain("the VSM has no control channel".into()))?;
+            token.import(ctl, context).await?;
+            timings.push(("VSM token imported".to_string(), ms(t)));
         }
         let t = Instant::now();
         let pk: [u8; 32] = pk_dm

@@ -184,6 +184,8 @@ struct Tenant<'a> {
     hosts: Vec<String>,
     /// The untrusted storage the hosts share.
     storage: PathBuf,
+    /// The dev deployment's directory (the hosts' run directories: a VM's serial console).
+    dev_dir: PathBuf,
     /// A variable of `DIR/env`.
     get: &'a dyn Fn(&str) -> Result<String>,
 }
@@ -262,6 +264,90 @@ pub(crate) struct DemoVm {
     pub host: String,
     /// SHA-256 of the plaintext guest image (hex): what the guest must report having read.
     pub image_sha: String,
+    /// Its DBSP volume (domain/SR), on which the guest keeps a sequence of records.
+    pub volume: String,
+}
+
+/// The last `caas-seq N` (the guest's sequence on its DBSP volume, every 10th record) and
+/// `caas-counter N` (its heartbeat in memory) on `vm`'s serial console on `host`.
+fn guest_counters(t: &Tenant<'_>, host: &str, vm: &str) -> (Option<u64>, Option<u64>) {
+    fn find(dir: &Path, name: &str) -> Option<PathBuf> {
+        for e in std::fs::read_dir(dir).ok()?.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if let Some(f) = find(&p, name) {
+                    return Some(f);
+                }
+            } else if p.file_name().is_some_and(|n| n == name) {
+                return Some(p);
+            }
+        }
+        None
+    }
+    let text = find(
+        &t.dev_dir.join("hosts").join(host),
+        &format!("{vm}.serial.log"),
+    )
+    .and_then(|p| std::fs::read(p).ok())
+    .map(|b| String::from_utf8_lossy(&b).into_owned())
+    .unwrap_or_default();
+    let last = |prefix: &str| {
+        text.lines()
+            .filter_map(|l| l.trim().strip_prefix(prefix)?.trim().parse::<u64>().ok())
+            .next_back()
+    };
+    (last("caas-seq "), last("caas-counter "))
+}
+
+/// The guest's sequence on its disk (the DBSP volume) before a move, read on the source's
+/// console.
+fn seq_before(t: &Tenant<'_>, vm: &DemoVm) -> Option<u64> {
+    let (seq, counter) = guest_counters(t, &vm.host, &vm.vm);
+    println!(
+        "       before: disk seq {} (volume {}), heartbeat {} on {}",
+        seq.map_or("-".into(), |n| n.to_string()),
+        vm.volume,
+        counter.map_or("-".into(), |n| n.to_string()),
+        vm.host
+    );
+    seq
+}
+
+/// A timed step: the guest's disk sequence continues on `vm.host` past `before` (it kept
+/// writing durable records to its DBSP volume through the new host's crypto domain).
+async fn disk_continues(
+    st: &mut Steps,
+    t: &Tenant<'_>,
+    vm: &DemoVm,
+    before: Option<u64>,
+    when: &str,
+) {
+    st.run(
+        &format!(
+            "VM{when}: the guest's disk counter continues on {}: its sequence of records on the DBSP volume {} goes on past the last one seen before",
+            vm.host, vm.volume
+        ),
+        async {
+            let before = before.context("no sequence on the guest's console before")?;
+            let deadline = Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                let (seq, counter) = guest_counters(t, &vm.host, &vm.vm);
+                if let Some(n) = seq.filter(|n| *n > before) {
+                    println!(
+                        "       after: disk seq {n} (> {before}), heartbeat {} on {}",
+                        counter.map_or("-".into(), |n| n.to_string()),
+                        vm.host
+                    );
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    bail!("the guest's disk sequence did not pass {before} on {}", vm.host);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        },
+    )
+    .await;
 }
 
 /// The tenant's checks of a running VM (or workload) over the forwarded PSK port, one
@@ -369,6 +455,7 @@ async fn vm_suspend_resume(st: &mut Steps, t: &Tenant<'_>, vm: &mut DemoVm) {
         ));
         return;
     };
+    let before = seq_before(t, vm);
     let suspended = st
         .run(
             &format!(
@@ -405,6 +492,7 @@ async fn vm_suspend_resume(st: &mut Steps, t: &Tenant<'_>, vm: &mut DemoVm) {
         .await;
     if let Some(host) = resumed {
         vm.host = host;
+        disk_continues(st, t, vm, before, " (after resume)").await;
         check_vm(st, t, vm, " (after resume)").await;
     }
 }
@@ -421,17 +509,33 @@ async fn vm_migrate(st: &mut Steps, t: &Tenant<'_>, vm: &mut DemoVm) {
         ));
         return;
     };
+    let before = seq_before(t, vm);
     let moved = st
         .run(
             &format!(
                 "VM: live migration of {} from {} to {target}: the TTP attests {target} in the workload's profile before any state leaves; qemu's stream and the crypto domain's state travel in records sealed under a key bound to {target}'s attested bind key",
                 vm.vm, vm.host
             ),
-            async { crate::tenant::migrate(&t.ta, &t.tdir, &vm.vm, &target).await },
+            async {
+                let r = crate::tenant::migrate(&t.ta, &t.tdir, &vm.vm, &target).await?;
+                let phases: Vec<String> = r["timings"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|p| {
+                                Some(format!("{} {:.1} ms", p[0].as_str()?, p[1].as_f64()?))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                println!("       {}", phases.join("; "));
+                Ok(())
+            },
         )
         .await;
     if moved.is_some() {
         vm.host = target;
+        disk_continues(st, t, vm, before, " (after migration)").await;
         check_vm(st, t, vm, " (after migration)").await;
     }
 }
@@ -456,10 +560,11 @@ async fn vm_story(st: &mut Steps, t: &Tenant<'_>, image: &Path) {
         return;
     };
     let vm_id = format!("demo-vm-{run_id}");
+    let volume = format!("demo-data/vm-disk-{run_id}");
     let host = st
         .run(
-            "VM: trusted launch with the qemu driver: attested host, τ and pk_DM by fw_cfg, qemu boots the whole encrypted disk from the crypto domain's NBD export, VSM on virtio-serial, guest ready",
-            t.launch(&image_id, &vm_id, &[], &[], "qemu"),
+            &format!("VM: trusted launch with the qemu driver: attested host, τ and pk_DM by fw_cfg, qemu boots the whole encrypted disk from the crypto domain's NBD export, VSM on virtio-serial, DBSP volume {volume} as its data disk (the guest keeps a sequence of records on it), guest ready"),
+            t.launch(&image_id, &vm_id, &["demo-data".to_string()], std::slice::from_ref(&volume), "qemu"),
         )
         .await;
     let Some(host) = host else {
@@ -470,6 +575,7 @@ async fn vm_story(st: &mut Steps, t: &Tenant<'_>, image: &Path) {
         image_id,
         host,
         image_sha,
+        volume,
     };
     if check_vm(st, t, &vm, "").await {
         vm_migrate(st, t, &mut vm).await;
@@ -515,6 +621,7 @@ async fn tenant_story(
             .map(str::to_string)
             .collect(),
         storage: PathBuf::from(storage),
+        dev_dir: dir.to_path_buf(),
         get,
     };
     let run_id = std::process::id();

@@ -607,6 +607,38 @@ fn workload_migrates_to_attested_host_with_its_volume_and_tau() {
     assert!(c.ks_audit_has("DbspDomKey", "Success"));
 }
 
+/// A process workload's VSM token travels too: the key pair its signer made in the token
+/// before the migration (found by `CKA_ID` after it) signs on the target, and the tenant
+/// verifies that signature under the public key it saw before; the source's VSM audited
+/// the export, the target's the import.
+#[test]
+fn process_workload_vsm_key_made_before_migration_signs_on_the_target() {
+    let c = Cloud::start();
+    c.launch_vm1();
+    let before = connect_ok(&c);
+    let key_before = before["vsm"]["public_point"].clone();
+    assert!(key_before.is_string(), "{before}");
+    let out = c.tenant_ok(&["migrate", "--vm", "vm1", "--to", "host-2"]);
+    assert_eq!(c.workloads("host-2"), vec!["vm1".to_string()]);
+    let after = connect_ok(&c);
+    assert_eq!(
+        after["vsm"]["public_point"], key_before,
+        "the target's VSM made a new key instead of using the one that travelled: {after}"
+    );
+    let disk: [u8; 32] = hex::decode(after["disk_sha256"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    verify_vsm(&after, &disk);
+    // (The source's VSM and its audit log went with its crypto domain.)
+    assert!(out.contains("VSM token exported"), "{out}");
+    assert_eq!(
+        vsm_audit_count(&c.root.join("dev/hosts/host-2"), "TokenImport", "0x0"),
+        1,
+        "the target's VSM audits the token import"
+    );
+}
+
 #[test]
 fn migration_to_host_outside_the_profile_is_refused_before_any_state_is_sent() {
     let c = Cloud::start();
