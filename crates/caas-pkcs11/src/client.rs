@@ -3,7 +3,7 @@
 //! reads one response and puts the connection back; the pool lock is held only to pop and
 //! push, so calls from many threads run concurrently on separate connections. On the UNIX
 //! socket the fused single-part operations instead share a few pipelined connections (one
-//! per CPU, [`crate::mux`]): the requests of several threads leave in one write and their
+//! per CPU, `mux.rs`): the requests of several threads leave in one write and their
 //! answers come back in one read. A transport
 //! failure drops that connection and yields CKR_DEVICE_ERROR (CKR_DEVICE_REMOVED when the
 //! domain cannot be reached at all); nothing here can crash the host process.
