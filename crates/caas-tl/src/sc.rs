@@ -232,8 +232,7 @@ pub fn open_netkey(tpm_key: &[u8], g: &crate::wire::NetKeyGrant) -> Result<Secre
         &crate::wire::NetKeyGrant::sealed_aad(&g.host, &g.vm_id, &g.net_domain, g.epoch, &g.r),
         body,
     )?;
-    SecretKey::from_slice(plain.expose())
-        .map_err(|_| Error::malformed("network key", "32 bytes"))
+    SecretKey::from_slice(plain.expose()).map_err(|_| Error::malformed("network key", "32 bytes"))
 }
 
 /// Verifies the DomKeyGen response against the request.

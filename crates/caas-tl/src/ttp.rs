@@ -1394,8 +1394,12 @@ impl<S: AttestStore> Ttp<S> {
         self.put(KIND_REVOKE_SEQ, host, &seq, Some(audit)).await?;
         // The host left: every network domain it held a key of gets a new epoch it will
         // not receive (it is untrusted now).
-        self.net_member_left(|sid| sid.starts_with(&format!("{host}/")), "host revoked", now_ms)
-            .await?;
+        self.net_member_left(
+            |sid| sid.starts_with(&format!("{host}/")),
+            "host revoked",
+            now_ms,
+        )
+        .await?;
         let body = wire::to_bytes(&Revoke {
             host: host.into(),
             seq,

@@ -17,7 +17,9 @@
 use super::{Session, Ttp, clone_err, session_id};
 use crate::crypto::seal_to_bind_key;
 use crate::error::{Error, Result};
-use crate::wire::{self, AkSigned, Meta, NetKeyGrant, NetKeyRequest, Signed, check_fresh, check_name, label};
+use crate::wire::{
+    self, AkSigned, Meta, NetKeyGrant, NetKeyRequest, Signed, check_fresh, check_name, label,
+};
 use caas_attest::b64;
 use caas_attest::store::{AttestStore, AuditRecord};
 use caas_attest::tls_binding::TlsClient;
@@ -46,7 +48,11 @@ pub struct NetEpoch {
 }
 
 fn wrap_aad(domain: &str, epoch: u64) -> Vec<u8> {
-    crate::crypto::lp(&[b"caas-tl netkey wrap v1", domain.as_bytes(), &epoch.to_be_bytes()])
+    crate::crypto::lp(&[
+        b"caas-tl netkey wrap v1",
+        domain.as_bytes(),
+        &epoch.to_be_bytes(),
+    ])
 }
 
 impl<S: AttestStore> Ttp<S> {
@@ -268,7 +274,11 @@ impl<S: AttestStore> Ttp<S> {
         }
         let r = async {
             let old: Option<NetEpoch> = self.get(KIND_NET_EPOCH, domain).await?;
-            Ok(Some(self.new_epoch(domain, old.as_ref(), why, now_ms).await?.epoch))
+            Ok(Some(
+                self.new_epoch(domain, old.as_ref(), why, now_ms)
+                    .await?
+                    .epoch,
+            ))
         }
         .await;
         self.nonce_lock.end(&lock);
@@ -311,5 +321,451 @@ impl<S: AttestStore> Ttp<S> {
             }
         }
         Ok(())
+    }
+}
+
+/// Attack tests, from the attacker's position: a host outside the profile, a host that
+/// lost attestation, a workload asking for a network domain it was not given, a replayed
+/// request, and a management plane reading the store.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::TtpKeys;
+    use crate::crypto::{ak_nonce, ed25519_from_pkcs8, ed25519_generate, ed25519_public, random32};
+    use crate::ttp::{KIND_ACL, KIND_DOMAIN, KIND_NONCE, KIND_SESSION};
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::rsa::{
+        KeyPair, KeySize, OAEP_SHA256_MGF1SHA256, OaepPrivateDecryptingKey, PrivateDecryptingKey,
+    };
+    use caas_attest::store::{
+        HostRecord, HostState, KIND_HOST, KIND_PROFILE, MemoryStore, put_host,
+    };
+    use caas_attest::synthetic::{SoftAk, sample_boot_log};
+    use caas_attest::{EventLog, HashAlg, SecurityProfile};
+    use std::sync::Arc;
+
+    /// A host: its software AK, its boot log, its (software) TPM bind key.
+    struct Host {
+        name: String,
+        ak: SoftAk,
+        log: Vec<u8>,
+        bind: OaepPrivateDecryptingKey,
+        bind_public: Vec<u8>,
+    }
+
+    /// A TPM2B_PUBLIC of an RSA-2048 decrypt key and its private half (the TPM's part).
+    fn bind_key() -> (OaepPrivateDecryptingKey, Vec<u8>) {
+        let kp = KeyPair::generate(KeySize::Rsa2048).unwrap();
+        let n = {
+            use aws_lc_rs::signature::KeyPair as _;
+            kp.public_key()
+                .modulus()
+                .big_endian_without_leading_zero()
+                .to_vec()
+        };
+        let der = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der<'_>>::as_der(&kp).unwrap();
+        let pk = PrivateDecryptingKey::from_pkcs8(der.as_ref()).unwrap();
+        let mut t = Vec::new();
+        t.extend_from_slice(&0x0001u16.to_be_bytes()); // RSA
+        t.extend_from_slice(&0x000Bu16.to_be_bytes()); // SHA-256
+        t.extend_from_slice(&0x0006_0072u32.to_be_bytes()); // fixedTPM|fixedParent|sdo|userWithAuth|decrypt
+        t.extend_from_slice(&0u16.to_be_bytes()); // authPolicy (empty here)
+        t.extend_from_slice(&0x0010u16.to_be_bytes()); // symmetric NULL
+        t.extend_from_slice(&0x0010u16.to_be_bytes()); // scheme NULL
+        t.extend_from_slice(&2048u16.to_be_bytes());
+        t.extend_from_slice(&0u32.to_be_bytes());
+        t.extend_from_slice(&u16::try_from(n.len()).unwrap().to_be_bytes());
+        t.extend_from_slice(&n);
+        let mut b = u16::try_from(t.len()).unwrap().to_be_bytes().to_vec();
+        b.extend_from_slice(&t);
+        (OaepPrivateDecryptingKey::new(pk).unwrap(), b)
+    }
+
+    struct Fx {
+        store: Arc<MemoryStore>,
+        ttp: Ttp<MemoryStore>,
+        prod: SecurityProfile,
+        dev: SecurityProfile,
+        pk_dm: Vec<u8>,
+        h2: String,
+    }
+
+    fn profile(name: &str, seed: &str) -> SecurityProfile {
+        let log = EventLog::parse(&sample_boot_log(seed)).unwrap();
+        SecurityProfile::from_event_log(name, &log, HashAlg::Sha256, &(0..8).collect::<Vec<_>>())
+            .unwrap()
+    }
+
+    async fn fixture(rekey_after_ms: u64) -> Fx {
+        let store = Arc::new(MemoryStore::new());
+        let ttp = Ttp::new(store.clone(), TtpKeys::generate().unwrap())
+            .with_net_rekey_after(rekey_after_ms);
+        let (prod, dev) = (profile("prod", "v1"), profile("dev", "v2"));
+        for p in [&prod, &dev] {
+            store
+                .put(KIND_PROFILE, &p.name, serde_json::to_vec(p).unwrap(), None)
+                .await
+                .unwrap();
+        }
+        let kp = ed25519_from_pkcs8(ed25519_generate().unwrap().expose()).unwrap();
+        let pk_dm = ed25519_public(&kp);
+        let h2 = hex::encode(crate::crypto::sha256(&pk_dm));
+        ttp.set_acl(&pk_dm, "dm", &["net-a".into(), "net-b".into()], "test")
+            .await
+            .unwrap();
+        Fx {
+            store,
+            ttp,
+            prod,
+            dev,
+            pk_dm,
+            h2,
+        }
+    }
+
+    /// Enrolls `name` under `profile`, booted as `seed`.
+    async fn host(fx: &Fx, name: &str, profile: &str, seed: &str) -> Host {
+        let ak = SoftAk::generate().unwrap();
+        let (bind, bind_public) = bind_key();
+        let rec = HostRecord {
+            name: name.into(),
+            agent_url: "http://127.0.0.1:1".into(),
+            state: HostState::Enrolled,
+            trusted: true,
+            profile: Some(profile.into()),
+            ek_public: vec![],
+            ek_cert: vec![],
+            ak_public: ak.public().to_tpm2b().unwrap(),
+            ak_name: hex::encode(ak.public().name()),
+            bind_key: None,
+            pending: None,
+            last_verdict: None,
+            enrolled_ms: 0,
+            tls_spki_sha256: None,
+        };
+        put_host(&*fx.store, &rec, None).await.unwrap();
+        Host {
+            name: name.into(),
+            ak,
+            log: sample_boot_log(seed),
+            bind,
+            bind_public,
+        }
+    }
+
+    /// A TL session of `vm` on `h` (as TL.Attestation leaves it), with D_vm and SP.
+    async fn launch(fx: &Fx, h: &Host, vm: &str, sp: &str, domains: &[&str]) -> Launched {
+        let launch_r = random32().unwrap().to_vec();
+        let dk = random32().unwrap().to_vec();
+        let sid = session_id(&h.name, vm, &launch_r);
+        let s = Session {
+            host: h.name.clone(),
+            vm_id: vm.into(),
+            launch_r: hex::encode(&launch_r),
+            h2: fx.h2.clone(),
+            sp: sp.into(),
+            domains: domains.iter().map(|d| d.to_string()).collect(),
+            dk_wrapped: fx.ttp.wrap_dk(&sid, &dk).unwrap(),
+            bind_public: h.bind_public.clone(),
+            created_ms: 0,
+            replaces: None,
+            retired_ms: None,
+        };
+        fx.ttp.insert_session(&sid, &s).await.unwrap();
+        Launched {
+            vm: vm.into(),
+            launch_r,
+            dk,
+            sp: sp.into(),
+        }
+    }
+
+    struct Launched {
+        vm: String,
+        launch_r: Vec<u8>,
+        dk: Vec<u8>,
+        sp: String,
+    }
+
+    /// The SC's NetKeyReq for `net`, quoted by `h`'s AK over the PCR selection of `sel`.
+    fn request(
+        fx: &Fx,
+        h: &Host,
+        l: &Launched,
+        net: &str,
+        sel: &SecurityProfile,
+        now: u64,
+    ) -> (AkSigned, NetKeyRequest) {
+        let req =
+            crate::sc::netkey_request(&h.name, &l.vm, &l.launch_r, &fx.h2, &l.dk, net, &l.sp, now)
+                .unwrap();
+        let body = wire::to_bytes(&req);
+        let evidence =
+            h.ak.evidence(
+                &ak_nonce(label::NETKEY_REQUEST, &body),
+                &sel.selection(),
+                &h.log,
+            )
+            .unwrap();
+        (AkSigned { body, evidence }, req)
+    }
+
+    /// What the host's TPM would do: RSA-OAEP with the bind key, then the AEAD part.
+    fn open(fx: &Fx, h: &Host, signed: &Signed, req: &NetKeyRequest) -> (NetKeyGrant, Vec<u8>) {
+        let g = crate::sc::check_netkey_grant(signed, &fx.ttp.public().unwrap(), req).unwrap();
+        let (rsa, _) = crate::crypto::split_bind_sealed(&g.sealed).unwrap();
+        let mut out = vec![0u8; h.bind.min_output_size()];
+        let k = h
+            .bind
+            .decrypt(&OAEP_SHA256_MGF1SHA256, rsa, &mut out, None)
+            .unwrap()
+            .to_vec();
+        let key = crate::sc::open_netkey(&k, &g).unwrap();
+        (g, key.expose().to_vec())
+    }
+
+    fn audited(fx: &Fx, op: &str, result: &str) -> usize {
+        fx.store
+            .audit_trail()
+            .iter()
+            .filter(|a| a.operation == op && a.result == result)
+            .count()
+    }
+
+    #[tokio::test]
+    async fn trusted_member_gets_the_epoch_key_only_its_bind_key_opens() {
+        let fx = fixture(DEFAULT_REKEY_AFTER_MS).await;
+        let (a, b) = (
+            host(&fx, "ha", "prod", "v1").await,
+            host(&fx, "hb", "prod", "v1").await,
+        );
+        let (la, lb) = (
+            launch(&fx, &a, "vm-a", "prod", &["net-a"]).await,
+            launch(&fx, &b, "vm-b", "prod", &["net-a"]).await,
+        );
+        let now = caas_attest::now_ms();
+        let (ra, qa) = request(&fx, &a, &la, "net-a", &fx.prod, now);
+        let (rb, qb) = request(&fx, &b, &lb, "net-a", &fx.prod, now);
+        let sa = fx.ttp.netkey(&ra, None, now).await.unwrap();
+        let sb = fx.ttp.netkey(&rb, None, now).await.unwrap();
+        let (ga, ka) = open(&fx, &a, &sa, &qa);
+        let (gb, kb) = open(&fx, &b, &sb, &qb);
+        assert_eq!((ga.epoch, gb.epoch), (1, 1));
+        assert_eq!(ka, kb, "two members of N share K_N,e");
+        assert_eq!(ka.len(), 32);
+        // Another host's bind key (B's TPM) cannot open A's grant.
+        let (rsa, _) = crate::crypto::split_bind_sealed(&ga.sealed).unwrap();
+        let mut out = vec![0u8; b.bind.min_output_size()];
+        assert!(
+            b.bind
+                .decrypt(&OAEP_SHA256_MGF1SHA256, rsa, &mut out, None)
+                .is_err()
+        );
+        assert_eq!(audited(&fx, "NetKey", "ok"), 2);
+    }
+
+    #[tokio::test]
+    async fn host_outside_the_profile_gets_no_network_key() {
+        let fx = fixture(DEFAULT_REKEY_AFTER_MS).await;
+        // A host moved to the dev profile, still holding a prod workload's session.
+        let d = host(&fx, "hdev", "dev", "v2").await;
+        let l = launch(&fx, &d, "vm-d", "prod", &["net-a"]).await;
+        let now = caas_attest::now_ms();
+        let (r, _) = request(&fx, &d, &l, "net-a", &fx.dev, now);
+        let e = fx.ttp.netkey(&r, None, now).await.unwrap_err();
+        assert_eq!(e.code(), "sp_mismatch");
+        // A prod host whose boot state is not prod's (quotes appraise under prod: fail).
+        let x = host(&fx, "hx", "prod", "v2").await;
+        let lx = launch(&fx, &x, "vm-x", "prod", &["net-a"]).await;
+        let (r, _) = request(&fx, &x, &lx, "net-a", &fx.prod, now);
+        let e = fx.ttp.netkey(&r, None, now).await.unwrap_err();
+        assert_eq!(e.code(), "attestation_failed");
+        assert_eq!(audited(&fx, "NetKey", "sp_mismatch"), 1);
+        assert_eq!(audited(&fx, "NetKey", "attestation_failed"), 1);
+        assert_eq!(
+            fx.ttp.net_epoch("net-a").await.unwrap(),
+            None,
+            "no key made"
+        );
+    }
+
+    #[tokio::test]
+    async fn revoked_host_gets_no_key_of_the_epoch_after_its_revocation() {
+        let fx = fixture(DEFAULT_REKEY_AFTER_MS).await;
+        let (a, b) = (
+            host(&fx, "ha", "prod", "v1").await,
+            host(&fx, "hb", "prod", "v1").await,
+        );
+        let (la, lb) = (
+            launch(&fx, &a, "vm-a", "prod", &["net-a"]).await,
+            launch(&fx, &b, "vm-b", "prod", &["net-a"]).await,
+        );
+        let now = caas_attest::now_ms();
+        let (r, q) = request(&fx, &b, &lb, "net-a", &fx.prod, now);
+        let (_, k1) = open(&fx, &b, &fx.ttp.netkey(&r, None, now).await.unwrap(), &q);
+        // Continuous attestation marks B untrusted; the key service revokes it.
+        let mut rec = caas_attest::store::get_host(&*fx.store, "hb")
+            .await
+            .unwrap()
+            .unwrap();
+        rec.trusted = false;
+        put_host(&*fx.store, &rec, None).await.unwrap();
+        fx.ttp
+            .revoke_notice("hb", "pcr_mismatch", now)
+            .await
+            .unwrap();
+        assert_eq!(fx.ttp.net_epoch("net-a").await.unwrap(), Some(2));
+        assert_eq!(audited(&fx, "NetRekey", "ok"), 2);
+        // B asks for the new epoch (its quote is even still good): refused, audited.
+        let (r, _) = request(&fx, &b, &lb, "net-a", &fx.prod, now);
+        let e = fx.ttp.netkey(&r, None, now).await.unwrap_err();
+        assert_eq!(e.code(), "host_untrusted");
+        assert_eq!(audited(&fx, "NetKey", "host_untrusted"), 1);
+        // A, still trusted, gets epoch 2: a key B never had.
+        let (r, q) = request(&fx, &a, &la, "net-a", &fx.prod, now);
+        let (g, k2) = open(&fx, &a, &fx.ttp.netkey(&r, None, now).await.unwrap(), &q);
+        assert_eq!(g.epoch, 2);
+        assert_ne!(k1, k2);
+    }
+
+    #[tokio::test]
+    async fn keys_rotate_on_schedule_on_demand_and_when_a_session_retires() {
+        let fx = fixture(1_000).await;
+        let a = host(&fx, "ha", "prod", "v1").await;
+        let la = launch(&fx, &a, "vm-a", "prod", &["net-a"]).await;
+        let t0 = caas_attest::now_ms();
+        let get = async |t: u64| {
+            let (r, q) = request(&fx, &a, &la, "net-a", &fx.prod, t);
+            let s = fx.ttp.netkey(&r, None, t).await.unwrap();
+            open(&fx, &a, &s, &q)
+        };
+        let (g1, k1) = get(t0).await;
+        let (g1b, k1b) = get(t0 + 500).await;
+        assert_eq!((g1.epoch, g1b.epoch, &k1), (1, 1, &k1b));
+        assert_eq!(g1.rekey_at_ms, t0 + 1_000);
+        let (g2, k2) = get(t0 + 1_500).await;
+        assert_eq!(g2.epoch, 2, "rekey_after elapsed");
+        assert_ne!(k1, k2);
+        assert_eq!(
+            fx.ttp
+                .net_rekey("net-a", "operator", t0 + 1_600)
+                .await
+                .unwrap(),
+            Some(3)
+        );
+        // A migration's target retires A's session: its networks rekey.
+        let sid = session_id("ha", "vm-a", &la.launch_r);
+        let target = Session {
+            replaces: Some(sid),
+            ..fx.ttp
+                .get::<Session>(KIND_SESSION, &session_id("ha", "vm-a", &la.launch_r))
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        let (_, _) = get(t0 + 1_700).await; // A is a member of epoch 3
+        fx.ttp.retire_replaced(&target, t0 + 1_800).await.unwrap();
+        assert_eq!(fx.ttp.net_epoch("net-a").await.unwrap(), Some(4));
+        let (r, _) = request(&fx, &a, &la, "net-a", &fx.prod, t0 + 1_900);
+        let e = fx.ttp.netkey(&r, None, t0 + 1_900).await.unwrap_err();
+        assert_eq!(e.code(), "session_retired");
+    }
+
+    #[tokio::test]
+    async fn network_domain_outside_the_session_or_the_acl_is_refused() {
+        let fx = fixture(DEFAULT_REKEY_AFTER_MS).await;
+        let a = host(&fx, "ha", "prod", "v1").await;
+        let la = launch(&fx, &a, "vm-a", "prod", &["net-a"]).await;
+        let now = caas_attest::now_ms();
+        // net-b: the DM's ACL has it, this workload was not launched with it.
+        let (r, _) = request(&fx, &a, &la, "net-b", &fx.prod, now);
+        let e = fx.ttp.netkey(&r, None, now).await.unwrap_err();
+        assert_eq!(e.code(), "acl_denied");
+        // The DM drops net-a from its ACL: the running workload gets no more keys of it.
+        fx.ttp
+            .set_acl(&fx.pk_dm, "dm", &["net-b".into()], "test")
+            .await
+            .unwrap();
+        let (r, _) = request(&fx, &a, &la, "net-a", &fx.prod, now);
+        let e = fx.ttp.netkey(&r, None, now).await.unwrap_err();
+        assert_eq!(e.code(), "acl_denied");
+        // A request whose clear domain differs from its DK-protected one.
+        let (mut r, mut q) = request(&fx, &a, &la, "net-a", &fx.prod, now);
+        q.net_domain = "net-b".into();
+        r.body = wire::to_bytes(&q);
+        r.evidence =
+            a.ak.evidence(
+                &ak_nonce(label::NETKEY_REQUEST, &r.body),
+                &fx.prod.selection(),
+                &a.log,
+            )
+            .unwrap();
+        let e = fx.ttp.netkey(&r, None, now).await.unwrap_err();
+        assert_eq!(e.code(), "dk_invalid", "the AAD binds N");
+        assert_eq!(audited(&fx, "NetKey", "acl_denied"), 2);
+        assert_eq!(audited(&fx, "NetKey", "dk_invalid"), 1);
+    }
+
+    #[tokio::test]
+    async fn replayed_network_key_request_is_refused() {
+        let fx = fixture(DEFAULT_REKEY_AFTER_MS).await;
+        let a = host(&fx, "ha", "prod", "v1").await;
+        let la = launch(&fx, &a, "vm-a", "prod", &["net-a"]).await;
+        let now = caas_attest::now_ms();
+        let (r, _) = request(&fx, &a, &la, "net-a", &fx.prod, now);
+        fx.ttp.netkey(&r, None, now).await.unwrap();
+        let e = fx.ttp.netkey(&r, None, now + 10).await.unwrap_err();
+        assert_eq!(e.code(), "nonce_replayed");
+        // A stale one (recorded more than 5 minutes ago) too.
+        let (r, _) = request(&fx, &a, &la, "net-a", &fx.prod, now);
+        let e = fx
+            .ttp
+            .netkey(&r, None, now + 6 * 60 * 1000)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "stale_message");
+        assert_eq!(audited(&fx, "NetKey", "nonce_replayed"), 1);
+    }
+
+    #[tokio::test]
+    async fn store_never_holds_a_network_key_in_plaintext() {
+        let fx = fixture(DEFAULT_REKEY_AFTER_MS).await;
+        let a = host(&fx, "ha", "prod", "v1").await;
+        let la = launch(&fx, &a, "vm-a", "prod", &["net-a"]).await;
+        let now = caas_attest::now_ms();
+        let mut keys = Vec::new();
+        for t in [now, now + 1] {
+            let (r, q) = request(&fx, &a, &la, "net-a", &fx.prod, t);
+            let s = fx.ttp.netkey(&r, None, t).await.unwrap();
+            keys.push(open(&fx, &a, &s, &q).1);
+            fx.ttp.net_rekey("net-a", "test", t).await.unwrap();
+        }
+        let mut db = Vec::new();
+        for kind in [
+            KIND_NET_EPOCH,
+            KIND_SESSION,
+            KIND_NONCE,
+            KIND_ACL,
+            KIND_DOMAIN,
+            KIND_HOST,
+            KIND_PROFILE,
+        ] {
+            for o in fx.store.list(kind).await.unwrap() {
+                db.extend_from_slice(&o);
+            }
+        }
+        db.extend_from_slice(&serde_json::to_vec(&fx.store.audit_trail()).unwrap());
+        assert!(!db.is_empty());
+        let contains = |hay: &[u8], n: &[u8]| hay.windows(n.len()).any(|w| w == n);
+        for k in &keys {
+            for form in [
+                k.clone(),
+                hex::encode(k).into_bytes(),
+                caas_attest::b64::encode(k).into_bytes(),
+            ] {
+                assert!(!contains(&db, &form), "a network key is in the store");
+            }
+        }
     }
 }
