@@ -536,8 +536,12 @@ impl<S: AttestStore> Ttp<S> {
         }
         old.retired_ms = Some(now_ms);
         self.put(KIND_SESSION, old_sid, &old, None).await?;
-        self.net_member_left(|sid| sid == old_sid, "session retired", now_ms)
-            .await?;
+        if let Err(e) = self
+            .net_member_left(|sid| sid == old_sid, "session retired", now_ms)
+            .await
+        {
+            tracing::error!(session = %old_sid, error = %e, "network domains of a retired session not rekeyed");
+        }
         self.audit(
             &session.host,
             "TlSessionRetired",
@@ -1394,12 +1398,18 @@ impl<S: AttestStore> Ttp<S> {
         self.put(KIND_REVOKE_SEQ, host, &seq, Some(audit)).await?;
         // The host left: every network domain it held a key of gets a new epoch it will
         // not receive (it is untrusted now).
-        self.net_member_left(
-            |sid| sid.starts_with(&format!("{host}/")),
-            "host revoked",
-            now_ms,
-        )
-        .await?;
+        // (A failure here does not hold back the notice: the TTP refuses the host every
+        // key anyway.)
+        if let Err(e) = self
+            .net_member_left(
+                |sid| sid.starts_with(&format!("{host}/")),
+                "host revoked",
+                now_ms,
+            )
+            .await
+        {
+            tracing::error!(%host, error = %e, "network domains of a revoked host not rekeyed");
+        }
         let body = wire::to_bytes(&Revoke {
             host: host.into(),
             seq,
