@@ -7,7 +7,8 @@
 //! (live migration: the source SC's AK-signed request → the TTP's statement on the target),
 //! `POST /v1/tl/suspend` and `POST /v1/tl/resume` (AK-signed: a saved state's key, sealed to the
 //! host's bind key, `docs/suspend-migrate.md`), `POST /v1/tl/netkey` (AK-signed NetKeyReq →
-//! the network domain's current key sealed to the bind key, [`crate::ttp::netkey`]), `PUT /v1/tl/acl`
+//! the network domain's current key sealed to the bind key, [`crate::ttp::netkey`]),
+//! `POST /v1/tl/netkey/rekey` (an operator's on-demand new epoch of a network domain), `PUT /v1/tl/acl`
 //! (which domains a DM may give: a [`crate::wire::AclUpdate`] signed by that DM), `GET /v1/tl/hosts/{name}/bind-info` (a host's
 //! certified bind key and trusted PCR values, seed 001 Algorithm 1 line 1), and the
 //! scheduler `POST /v1/sched/launch` (places a TL.Request on a trusted host of its SP),
@@ -81,6 +82,14 @@ pub struct ScheduleRequest {
     /// Place on this host (otherwise: any trusted host of the request's SP).
     #[serde(default)]
     pub host: Option<String>,
+}
+
+/// `POST /v1/tl/netkey/rekey` (operators): a new epoch of a network domain now.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetRekey {
+    /// The network domain N.
+    pub net_domain: String,
 }
 
 /// `POST /v1/sched/migrate`: move a workload to another host (live migration). Untrusted
@@ -424,6 +433,27 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
         .route(
             "/v1/tl/netkey",
             post(|st, peer, body| host_call(HostCall::NetKey, st, peer, body)),
+        )
+        .route(
+            "/v1/tl/netkey/rekey",
+            post(
+                |State(s): State<Arc<TlService<S>>>,
+                 p: Option<Extension<caas_attest::service::Principal>>,
+                 Json(r): Json<NetRekey>| async move {
+                    let who = p.map_or_else(|| "anonymous".to_string(), |Extension(p)| p.0);
+                    let r: R<serde_json::Value> = s
+                        .ttp
+                        .net_rekey(
+                            &r.net_domain,
+                            &format!("on demand by {who}"),
+                            caas_attest::now_ms(),
+                        )
+                        .await
+                        .map(|e| Json(serde_json::json!({ "epoch": e })))
+                        .map_err(ApiError);
+                    r
+                },
+            ),
         )
         .route(
             "/v1/tl/suspend",

@@ -147,6 +147,11 @@ pub const ROUTES: &[Route] = &[
     r("POST", "/v1/tl/suspend", Access::HostProtocol),
     r("POST", "/v1/tl/resume", Access::HostProtocol),
     r("POST", "/v1/tl/netkey", Access::HostProtocol),
+    r(
+        "POST",
+        "/v1/tl/netkey/rekey",
+        Access::Operator(Permission::AclAdmin),
+    ),
     r("PUT", "/v1/tl/acl", Access::TenantOr(Permission::AclAdmin)),
     r(
         "GET",
