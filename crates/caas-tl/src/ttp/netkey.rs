@@ -768,4 +768,35 @@ mod tests {
             }
         }
     }
+
+    #[tokio::test]
+    async fn member_leaving_during_a_request_still_rekeys_before_the_next_key() {
+        let fx = fixture(DEFAULT_REKEY_AFTER_MS).await;
+        let (a, b) = (
+            host(&fx, "ha", "prod", "v1").await,
+            host(&fx, "hb", "prod", "v1").await,
+        );
+        let (la, lb) = (
+            launch(&fx, &a, "vm-a", "prod", &["net-a"]).await,
+            launch(&fx, &b, "vm-b", "prod", &["net-a"]).await,
+        );
+        let now = caas_attest::now_ms();
+        for (h, l) in [(&a, &la), (&b, &lb)] {
+            let (r, _) = request(&fx, h, l, "net-a", &fx.prod, now);
+            fx.ttp.netkey(&r, None, now).await.unwrap();
+        }
+        // B is revoked while a request of net-a holds the domain's lock.
+        assert!(fx.ttp.nonce_lock.begin("net/net-a"));
+        fx.ttp
+            .revoke_notice("hb", "pcr_mismatch", now)
+            .await
+            .unwrap();
+        assert_eq!(fx.ttp.net_rekey("net-a", "op", now).await.unwrap(), None);
+        fx.ttp.nonce_lock.end("net/net-a");
+        assert_eq!(fx.ttp.net_epoch("net-a").await.unwrap(), Some(1));
+        // The next release is of a new epoch.
+        let (r, q) = request(&fx, &a, &la, "net-a", &fx.prod, now);
+        let (g, _) = open(&fx, &a, &fx.ttp.netkey(&r, None, now).await.unwrap(), &q);
+        assert_eq!(g.epoch, 2);
+    }
 }
