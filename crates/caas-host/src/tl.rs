@@ -2537,6 +2537,47 @@ impl Agent {
         Ok((d, vk))
     }
 
+    /// NetKeyReq (AK-signed, `docs/network-sdp.md` §Keys) for running workload `vm_id`:
+    /// the TTP's grant of network domain `net_domain`'s current key, sealed to this host's
+    /// bind key, opened by the TPM here. Returns the epoch and K_{N,e}, for the workload's
+    /// `caas net serve` (`Key{epoch,key}` on its control channel).
+    pub async fn net_key(&self, vm_id: &str, net_domain: &str) -> Result<(u64, SecretKey), Error> {
+        let (launch_r, h2, sp, dk) = {
+            let g = self.tl.workloads.lock().await;
+            let w = g
+                .get(vm_id)
+                .ok_or_else(|| Error::Domain(format!("no workload {vm_id} on this host")))?;
+            (w.launch_r.clone(), w.h2.clone(), w.sp.clone(), w.dk.clone())
+        };
+        let ttp = self.ttp().await?;
+        let req = sc::netkey_request(
+            &self.cfg.name,
+            vm_id,
+            &launch_r,
+            &h2,
+            &dk,
+            net_domain,
+            &sp,
+            caas_attest::now_ms(),
+        )?;
+        let signed = self
+            .ak_sign(label::NETKEY_REQUEST, wire::to_bytes(&req))
+            .await?;
+        let resp: Signed = self
+            .http
+            .post(
+                &format!("{}/v1/tl/netkey", self.cfg.key_service_url),
+                &signed,
+            )
+            .await?;
+        let g = sc::check_netkey_grant(&resp, &ttp, &req)?;
+        let (rsa, _) = split_bind_sealed(&g.sealed)?;
+        let key = self.bind_decrypt(rsa).await?;
+        let k = sc::open_netkey(&key, &g)?;
+        drop(key);
+        Ok((g.epoch, k))
+    }
+
     /// The TTP's notice that this host is no longer trusted: every crypto domain is stopped
     /// (its keys die with it) and every DK dropped. A notice is applied once: its sequence
     /// number must be above the last accepted one, which is recorded durably first

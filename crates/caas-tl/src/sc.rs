@@ -169,6 +169,72 @@ pub fn domkey_request(
     Ok(req)
 }
 
+/// Builds a NetKeyReq body for network domain `net_domain` ([`crate::wire::NetKeyRequest`];
+/// the agent quotes over it with its AK). `dk`: the workload's DK_i; `sp`: its profile.
+#[allow(clippy::too_many_arguments)]
+pub fn netkey_request(
+    host: &str,
+    vm_id: &str,
+    launch_r: &[u8],
+    h2: &str,
+    dk: &[u8],
+    net_domain: &str,
+    sp: &str,
+    now_ms: u64,
+) -> Result<crate::wire::NetKeyRequest> {
+    check_name("net_domain", net_domain)?;
+    let dk = SecretKey::from_slice(dk).map_err(|_| Error::malformed("DK", "32 bytes"))?;
+    let mut req = crate::wire::NetKeyRequest {
+        host: host.into(),
+        vm_id: vm_id.into(),
+        launch_r: launch_r.to_vec(),
+        h2: h2.into(),
+        net_domain: net_domain.into(),
+        r: random32()?.to_vec(),
+        t_ms: now_ms,
+        enc: Vec::new(),
+    };
+    let meta = Meta {
+        domain: net_domain.into(),
+        sp: sp.into(),
+    };
+    req.enc = caas_crypto::aead::seal(&dk, &req.inner_aad(), &wire::to_bytes(&meta))?;
+    Ok(req)
+}
+
+/// Checks the TTP's network key grant (σ_TTP, and that it answers `req`).
+pub fn check_netkey_grant(
+    resp: &Signed,
+    ttp: &TtpPublic,
+    req: &crate::wire::NetKeyRequest,
+) -> Result<crate::wire::NetKeyGrant> {
+    let g: crate::wire::NetKeyGrant = resp.open(&ttp.sign, label::NETKEY_GRANT)?;
+    if g.host != req.host
+        || g.vm_id != req.vm_id
+        || g.net_domain != req.net_domain
+        || !ct_eq(&g.r, &req.r)
+    {
+        return Err(Error::rejected(
+            "nonce_mismatch",
+            "the grant answers another request",
+        ));
+    }
+    split_bind_sealed(&g.sealed)?;
+    Ok(g)
+}
+
+/// Opens a network key grant: `tpm_key` is what the TPM's bind key decrypted of the
+/// RSA-OAEP part of `g.sealed`. Returns K_{N,e}.
+pub fn open_netkey(tpm_key: &[u8], g: &crate::wire::NetKeyGrant) -> Result<SecretKey> {
+    let (_, body) = split_bind_sealed(&g.sealed)?;
+    let plain = crate::crypto::open_bind_sealed(
+        tpm_key,
+        &crate::wire::NetKeyGrant::sealed_aad(&g.host, &g.vm_id, &g.net_domain, g.epoch, &g.r),
+        body,
+    )?;
+    SecretKey::from_slice(plain.expose()).map_err(|_| Error::malformed("network key", "32 bytes"))
+}
+
 /// Verifies the DomKeyGen response against the request.
 pub fn check_domkey_response(
     resp: &Signed,

@@ -6,7 +6,9 @@
 //! (the SC's AK-signed report of a DBSP volume's opened epoch → its anchor), `POST /v1/tl/migrate`
 //! (live migration: the source SC's AK-signed request → the TTP's statement on the target),
 //! `POST /v1/tl/suspend` and `POST /v1/tl/resume` (AK-signed: a saved state's key, sealed to the
-//! host's bind key, `docs/suspend-migrate.md`), `PUT /v1/tl/acl`
+//! host's bind key, `docs/suspend-migrate.md`), `POST /v1/tl/netkey` (AK-signed NetKeyReq →
+//! the network domain's current key sealed to the bind key, [`crate::ttp::netkey`]),
+//! `POST /v1/tl/netkey/rekey` (an operator's on-demand new epoch of a network domain), `PUT /v1/tl/acl`
 //! (which domains a DM may give: a [`crate::wire::AclUpdate`] signed by that DM), `GET /v1/tl/hosts/{name}/bind-info` (a host's
 //! certified bind key and trusted PCR values, seed 001 Algorithm 1 line 1), and the
 //! scheduler `POST /v1/sched/launch` (places a TL.Request on a trusted host of its SP),
@@ -14,7 +16,7 @@
 //! `POST /v1/sched/suspend` and `POST /v1/sched/resume` (forwarded to a host agent).
 //!
 //! Authentication is the key service's (`caas/src/key_service/auth.rs`): pk_TTP is public;
-//! `attest`, `domkey`, `epoch`, `migrate`, `suspend` and `resume` carry the host's AK signature (its identity) and, over
+//! `attest`, `domkey`, `epoch`, `migrate`, `suspend`, `resume` and `netkey` carry the host's AK signature (its identity) and, over
 //! TLS, must come with the client certificate the host's enrollment bound to that AK
 //! (`caas_attest::tls_binding`, checked by the TTP); the ACL change is
 //! signed by the DM it is about ([`crate::ttp::Ttp::update_acl`]) and sent by a
@@ -80,6 +82,14 @@ pub struct ScheduleRequest {
     /// Place on this host (otherwise: any trusted host of the request's SP).
     #[serde(default)]
     pub host: Option<String>,
+}
+
+/// `POST /v1/tl/netkey/rekey` (operators): a new epoch of a network domain now.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetRekey {
+    /// The network domain N.
+    pub net_domain: String,
 }
 
 /// `POST /v1/sched/migrate`: move a workload to another host (live migration). Untrusted
@@ -377,6 +387,7 @@ enum HostCall {
     Suspend,
     Resume,
     Migrate,
+    NetKey,
 }
 
 /// One handler for the [`HostCall`] routes: the request with the TLS client certificate of
@@ -396,6 +407,7 @@ async fn host_call<S: AttestStore>(
         HostCall::Suspend => t.suspend(&r, peer, now).await,
         HostCall::Resume => t.resume(&r, peer, now).await,
         HostCall::Migrate => t.migrate(&r, peer, now).await,
+        HostCall::NetKey => t.netkey(&r, peer, now).await,
     }
     .map(Json)
     .map_err(ApiError)
@@ -417,6 +429,31 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
         .route(
             "/v1/tl/domkey",
             post(|st, peer, body| host_call(HostCall::DomKey, st, peer, body)),
+        )
+        .route(
+            "/v1/tl/netkey",
+            post(|st, peer, body| host_call(HostCall::NetKey, st, peer, body)),
+        )
+        .route(
+            "/v1/tl/netkey/rekey",
+            post(
+                |State(s): State<Arc<TlService<S>>>,
+                 p: Option<Extension<caas_attest::service::Principal>>,
+                 Json(r): Json<NetRekey>| async move {
+                    let who = p.map_or_else(|| "anonymous".to_string(), |Extension(p)| p.0);
+                    let r: R<serde_json::Value> = s
+                        .ttp
+                        .net_rekey(
+                            &r.net_domain,
+                            &format!("on demand by {who}"),
+                            caas_attest::now_ms(),
+                        )
+                        .await
+                        .map(|e| Json(serde_json::json!({ "epoch": e })))
+                        .map_err(ApiError);
+                    r
+                },
+            ),
         )
         .route(
             "/v1/tl/suspend",

@@ -125,7 +125,13 @@ pub struct Ttp<S> {
     store: Arc<S>,
     keys: TtpKeys,
     nonce_lock: InFlight,
+    /// Network domains a member left while a request of theirs held the lock.
+    net_dirty: InFlight,
+    /// Network keys: a new epoch when the current one is this old ([`netkey`]).
+    net_rekey_after_ms: u64,
 }
+
+pub mod netkey;
 
 /// Nonces whose replay check (a store get, then a put) is in progress on this node: a
 /// concurrent second use of the same nonce is refused instead of racing the store.
@@ -139,6 +145,20 @@ impl InFlight {
             .lock()
             .map(|mut s| s.insert(id.to_string()))
             .unwrap_or(false)
+    }
+    /// Marks `id` (idempotent).
+    fn mark(&self, id: &str) {
+        if let Ok(mut s) = self.0.lock() {
+            s.insert(id.to_string());
+        }
+    }
+    /// Whether `id` is marked.
+    fn contains(&self, id: &str) -> bool {
+        self.0.lock().map(|s| s.contains(id)).unwrap_or(true)
+    }
+    /// Clears `id`, saying whether it was marked.
+    fn take(&self, id: &str) -> bool {
+        self.0.lock().map(|mut s| s.remove(id)).unwrap_or(true)
     }
     /// Clears `id`.
     fn end(&self, id: &str) {
@@ -169,7 +189,16 @@ impl<S: AttestStore> Ttp<S> {
             store,
             keys,
             nonce_lock: Default::default(),
+            net_dirty: Default::default(),
+            net_rekey_after_ms: netkey::DEFAULT_REKEY_AFTER_MS,
         }
+    }
+
+    /// The same TTP, rekeying network domains every `ms` (`rekey_after`).
+    #[must_use]
+    pub fn with_net_rekey_after(mut self, ms: u64) -> Self {
+        self.net_rekey_after_ms = ms.max(1);
+        self
     }
 
     /// pk_TTP.
@@ -507,6 +536,12 @@ impl<S: AttestStore> Ttp<S> {
         }
         old.retired_ms = Some(now_ms);
         self.put(KIND_SESSION, old_sid, &old, None).await?;
+        if let Err(e) = self
+            .net_member_left(|sid| sid == old_sid, "session retired", now_ms)
+            .await
+        {
+            tracing::error!(session = %old_sid, error = %e, "network domains of a retired session not rekeyed");
+        }
         self.audit(
             &session.host,
             "TlSessionRetired",
@@ -1361,6 +1396,20 @@ impl<S: AttestStore> Ttp<S> {
             ),
         };
         self.put(KIND_REVOKE_SEQ, host, &seq, Some(audit)).await?;
+        // The host left: every network domain it held a key of gets a new epoch it will
+        // not receive (it is untrusted now).
+        // (A failure here does not hold back the notice: the TTP refuses the host every
+        // key anyway.)
+        if let Err(e) = self
+            .net_member_left(
+                |sid| sid.starts_with(&format!("{host}/")),
+                "host revoked",
+                now_ms,
+            )
+            .await
+        {
+            tracing::error!(%host, error = %e, "network domains of a revoked host not rekeyed");
+        }
         let body = wire::to_bytes(&Revoke {
             host: host.into(),
             seq,

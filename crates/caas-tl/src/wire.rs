@@ -62,6 +62,14 @@ pub mod label {
     pub const STATE_KEY: &str = "caas-tl state-key v1";
     /// AAD prefix of the sealed state key.
     pub const STATE_KEY_SEALED: &str = "caas-tl state-key sealed v1";
+    /// Network key request (the SDP's overlay key of a network domain), AK-signed.
+    pub const NETKEY_REQUEST: &str = "caas-tl netkey-request v1";
+    /// AAD prefix of the network key request's payload under DK_i.
+    pub const NETKEY_INNER: &str = "caas-tl netkey-inner v1";
+    /// The TTP's grant of a network key, TTP-signed.
+    pub const NETKEY_GRANT: &str = "caas-tl netkey-grant v1";
+    /// AAD prefix of the network key sealed to the host's bind key.
+    pub const NETKEY_SEALED: &str = "caas-tl netkey sealed v1";
 }
 
 /// Maximum size of any protocol body (bytes).
@@ -532,6 +540,87 @@ impl StateKeyGrant {
             host.as_bytes(),
             vm_id.as_bytes(),
             &counter.to_be_bytes(),
+            r,
+        ])
+    }
+}
+
+/// NetKeyReq (`docs/network-sdp.md` §Keys): the SC of a host running a launched workload
+/// asks for the current key of network domain `net_domain`; AK-signed (σ_AIK over its
+/// digest, with a fresh attestation), its payload `enc` = [`Meta`] {N, SP} under the
+/// workload's DK_i, as DBSP's DomKeyReq.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetKeyRequest {
+    /// The host (as enrolled).
+    pub host: String,
+    /// id_vm.
+    pub vm_id: String,
+    /// r of the launch (names the TTP's session) on this host.
+    #[serde(with = "b64")]
+    pub launch_r: Vec<u8>,
+    /// H2 of the workload's owner.
+    pub h2: String,
+    /// The network domain N (in clear for routing and audit; must equal the one in `enc`).
+    pub net_domain: String,
+    /// Fresh nonce.
+    #[serde(with = "b64")]
+    pub r: Vec<u8>,
+    /// SC's time (Unix ms).
+    pub t_ms: u64,
+    /// [`Meta`] {N, SP} under DK_i (AES-256-GCM, AAD [`NetKeyRequest::inner_aad`]).
+    #[serde(with = "b64")]
+    pub enc: Vec<u8>,
+}
+
+impl NetKeyRequest {
+    /// AAD of `enc`: binds host, workload, its launch, N and the nonce.
+    #[must_use]
+    pub fn inner_aad(&self) -> Vec<u8> {
+        crate::crypto::lp(&[
+            label::NETKEY_INNER.as_bytes(),
+            self.host.as_bytes(),
+            self.vm_id.as_bytes(),
+            &self.launch_r,
+            self.net_domain.as_bytes(),
+            &self.r,
+        ])
+    }
+}
+
+/// The TTP's answer to a NetKeyReq: K_{N,e} sealed to the session's bind key; TTP-signed
+/// (label [`label::NETKEY_GRANT`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetKeyGrant {
+    /// Host it is for.
+    pub host: String,
+    /// id_vm.
+    pub vm_id: String,
+    /// The network domain N.
+    pub net_domain: String,
+    /// The key's epoch e (strictly increasing per N).
+    pub epoch: u64,
+    /// When the TTP rekeys N at the latest (Unix ms): fetch again before.
+    pub rekey_at_ms: u64,
+    /// r of the request.
+    #[serde(with = "b64")]
+    pub r: Vec<u8>,
+    /// Enc_pkTPM(K_{N,e}) (32 bytes).
+    #[serde(with = "b64")]
+    pub sealed: Vec<u8>,
+}
+
+impl NetKeyGrant {
+    /// AAD of `sealed`.
+    #[must_use]
+    pub fn sealed_aad(host: &str, vm_id: &str, net_domain: &str, epoch: u64, r: &[u8]) -> Vec<u8> {
+        crate::crypto::lp(&[
+            label::NETKEY_SEALED.as_bytes(),
+            host.as_bytes(),
+            vm_id.as_bytes(),
+            net_domain.as_bytes(),
+            &epoch.to_be_bytes(),
             r,
         ])
     }
