@@ -229,6 +229,49 @@ impl<S: AttestStore> Ttp<S> {
         Ok(self.store.put(kind, id, wire::to_bytes(v), audit).await?)
     }
 
+    /// The prologue every AK-signed TTP request shares: parses `req`'s body as `B`, runs
+    /// `inner` on it and audits the outcome as `B::OPERATION` under the body's host and
+    /// subject (`?` when the body does not parse), `summary` describing a success.
+    async fn audited<B: AuditedRequest, T>(
+        &self,
+        req: &AkSigned,
+        inner: impl AsyncFnOnce(&B) -> Result<T>,
+        summary: impl FnOnce(&T) -> String,
+    ) -> Result<T> {
+        let body: Result<B> = wire::parse(B::WHAT, &req.body);
+        let (host, subject) = match &body {
+            Ok(b) => (b.host().to_string(), b.subject()),
+            Err(_) => ("?".into(), "?".into()),
+        };
+        let r = match body {
+            Ok(b) => inner(&b).await,
+            Err(e) => Err(e),
+        };
+        let detail = r.as_ref().map(summary).map_err(clone_err);
+        self.audit(&host, B::OPERATION, &subject, &detail).await;
+        r
+    }
+
+    /// Opens the part of a request protected under the workload's DK_i (DomKeyReq,
+    /// NetKeyReq): `dk_invalid` when it was not sealed with this session's DK_i.
+    fn open_under_dk(
+        &self,
+        sid: &str,
+        session: &Session,
+        aad: &[u8],
+        enc: &[u8],
+    ) -> Result<caas_crypto::SecretBytes> {
+        let dk = self.open_dk(sid, &session.dk_wrapped)?;
+        let dk = caas_crypto::SecretKey::from_slice(dk.expose())
+            .map_err(|_| Error::Storage("DK".into()))?;
+        caas_crypto::aead::open(&dk, aad, enc).map_err(|_| {
+            Error::rejected(
+                "dk_invalid",
+                "the request is not protected with this workload's DK",
+            )
+        })
+    }
+
     async fn audit(&self, principal: &str, operation: &str, subject: &str, r: &Result<String>) {
         let (result, detail) = match r {
             Ok(d) => ("ok".to_string(), d.clone()),
@@ -729,22 +772,13 @@ impl<S: AttestStore> Ttp<S> {
         peer: Option<&TlsClient>,
         now_ms: u64,
     ) -> Result<Signed> {
-        let body: Result<DomKeyRequest> = wire::parse("domkey request", &req.body);
-        let (host, subject) = match &body {
-            Ok(b) => (b.host.clone(), format!("{}/{}/{}", b.host, b.vm_id, b.sr)),
-            Err(_) => ("?".into(), "?".into()),
-        };
-        let mut dom = String::new();
-        let r = match body {
-            Ok(b) => self.domkey_inner(&b, req, peer, now_ms, &mut dom).await,
-            Err(e) => Err(e),
-        };
-        let summary = r
-            .as_ref()
-            .map(|_| format!("domain {dom}"))
-            .map_err(clone_err);
-        self.audit(&host, "DbspDomKey", &subject, &summary).await;
-        r
+        self.audited(
+            req,
+            async |b: &DomKeyRequest| self.domkey_inner(b, req, peer, now_ms).await,
+            |(_, dom)| format!("domain {dom}"),
+        )
+        .await
+        .map(|(s, _)| s)
     }
 
     async fn domkey_inner(
@@ -753,8 +787,7 @@ impl<S: AttestStore> Ttp<S> {
         req: &AkSigned,
         peer: Option<&TlsClient>,
         now_ms: u64,
-        dom: &mut String,
-    ) -> Result<Signed> {
+    ) -> Result<(Signed, String)> {
         check_name("vm_id", &b.vm_id)?;
         check_name("sr", &b.sr)?;
         check_fresh(b.t_ms, now_ms)?;
@@ -773,19 +806,10 @@ impl<S: AttestStore> Ttp<S> {
             .live_session(&host.name, &b.vm_id, &b.launch_r, Some(&b.h2))
             .await?;
         let sid = session_id(&host.name, &b.vm_id, &b.launch_r);
-        let dk = self.open_dk(&sid, &session.dk_wrapped)?;
-        let dk = caas_crypto::SecretKey::from_slice(dk.expose())
-            .map_err(|_| Error::Storage("DK".into()))?;
-        let inner_bytes = caas_crypto::aead::open(&dk, &b.inner_aad(), &b.enc).map_err(|_| {
-            Error::rejected(
-                "dk_invalid",
-                "the request is not protected with this workload's DK",
-            )
-        })?;
+        let inner_bytes = self.open_under_dk(&sid, &session, &b.inner_aad(), &b.enc)?;
         let inner: DomKeyInner = wire::parse("domkey inner", inner_bytes.expose())?;
         let Meta { domain, sp } = inner.meta.clone();
         check_name("domain", &domain)?;
-        *dom = domain.clone();
         if sp != session.sp || sp != profile.name {
             return Err(Error::rejected(
                 "sp_mismatch",
@@ -874,10 +898,11 @@ impl<S: AttestStore> Ttp<S> {
             min_epoch,
         };
         let body = wire::to_bytes(&resp);
-        Ok(Signed {
+        let signed = Signed {
             sig: self.keys.sign(label::DOMKEY_RESPONSE, &body),
             body,
-        })
+        };
+        Ok((signed, domain))
     }
 
     /// DBSP epoch report: a trusted host's SC reports the epoch a volume of a domain its
@@ -891,21 +916,12 @@ impl<S: AttestStore> Ttp<S> {
         peer: Option<&TlsClient>,
         now_ms: u64,
     ) -> Result<u32> {
-        let body: Result<wire::EpochReport> = wire::parse("epoch report", &req.body);
-        let (host, subject) = match &body {
-            Ok(b) => (
-                b.host.clone(),
-                format!("{}/{}/{}/{}", b.host, b.vm_id, b.domain, b.sr),
-            ),
-            Err(_) => ("?".into(), "?".into()),
-        };
-        let r = match body {
-            Ok(b) => self.epoch_report_inner(&b, req, peer, now_ms).await,
-            Err(e) => Err(e),
-        };
-        let summary = r.as_ref().map(|e| format!("epoch {e}")).map_err(clone_err);
-        self.audit(&host, "DbspEpoch", &subject, &summary).await;
-        r
+        self.audited(
+            req,
+            async |b: &wire::EpochReport| self.epoch_report_inner(b, req, peer, now_ms).await,
+            |e| format!("epoch {e}"),
+        )
+        .await
     }
 
     async fn epoch_report_inner(
@@ -974,28 +990,16 @@ impl<S: AttestStore> Ttp<S> {
         peer: Option<&TlsClient>,
         now_ms: u64,
     ) -> Result<Signed> {
-        let body: Result<MigrateRequest> = wire::parse("migrate request", &req.body);
-        let (host, subject) = match &body {
-            Ok(b) => (
-                b.source.clone(),
-                format!("{}/{} -> {}", b.source, b.vm_id, b.target),
-            ),
-            Err(_) => ("?".into(), "?".into()),
-        };
-        let r = match body {
-            Ok(b) => self.migrate_inner(&b, req, peer, now_ms).await,
-            Err(e) => Err(e),
-        };
-        let summary = r
-            .as_ref()
-            .map(|s| {
+        self.audited(
+            req,
+            async |b: &MigrateRequest| self.migrate_inner(b, req, peer, now_ms).await,
+            |s| {
                 s.peek::<MigrationStatement>(label::MIGRATE_STATEMENT)
                     .map(|st| format!("migration {}, profile {}", hexs(&st.migration_id), st.sp))
                     .unwrap_or_default()
-            })
-            .map_err(clone_err);
-        self.audit(&host, "TlMigrate", &subject, &summary).await;
-        r
+            },
+        )
+        .await
     }
 
     async fn migrate_inner(
@@ -1135,21 +1139,13 @@ impl<S: AttestStore> Ttp<S> {
         peer: Option<&TlsClient>,
         now_ms: u64,
     ) -> Result<Signed> {
-        let body: Result<wire::SuspendRequest> = wire::parse("suspend request", &req.body);
-        let (host, subject) = match &body {
-            Ok(b) => (b.host.clone(), format!("{}/{}", b.host, b.vm_id)),
-            Err(_) => ("?".into(), "?".into()),
-        };
-        let r = match body {
-            Ok(b) => self.suspend_inner(&b, req, peer, now_ms).await,
-            Err(e) => Err(e),
-        };
-        let summary = r
-            .as_ref()
-            .map(|(_, n)| format!("suspend counter {n}"))
-            .map_err(clone_err);
-        self.audit(&host, "TlSuspend", &subject, &summary).await;
-        r.map(|(s, _)| s)
+        self.audited(
+            req,
+            async |b: &wire::SuspendRequest| self.suspend_inner(b, req, peer, now_ms).await,
+            |(_, n)| format!("suspend counter {n}"),
+        )
+        .await
+        .map(|(s, _)| s)
     }
 
     async fn suspend_inner(
@@ -1248,24 +1244,12 @@ impl<S: AttestStore> Ttp<S> {
         peer: Option<&TlsClient>,
         now_ms: u64,
     ) -> Result<Signed> {
-        let body: Result<wire::ResumeRequest> = wire::parse("resume request", &req.body);
-        let (host, subject) = match &body {
-            Ok(b) => (
-                b.host.clone(),
-                format!("{}/{} counter {}", b.host, b.vm_id, b.counter),
-            ),
-            Err(_) => ("?".into(), "?".into()),
-        };
-        let r = match body {
-            Ok(b) => self.resume_inner(&b, req, peer, now_ms).await,
-            Err(e) => Err(e),
-        };
-        let summary = r
-            .as_ref()
-            .map(|_| "state key released".to_string())
-            .map_err(clone_err);
-        self.audit(&host, "TlResume", &subject, &summary).await;
-        r
+        self.audited(
+            req,
+            async |b: &wire::ResumeRequest| self.resume_inner(b, req, peer, now_ms).await,
+            |_| "state key released".to_string(),
+        )
+        .await
     }
 
     async fn resume_inner(
@@ -1469,5 +1453,83 @@ fn clone_err(e: &Error) -> Error {
         },
         Error::Crypto(s) => Error::Crypto(s),
         Error::Storage(s) => Error::Storage(s.clone()),
+    }
+}
+
+/// An AK-signed request body of the TTP's protocol, as [`Ttp::audited`] parses and audits it.
+trait AuditedRequest: serde::de::DeserializeOwned {
+    /// What a parse error calls the body.
+    const WHAT: &'static str;
+    /// The audit record's operation.
+    const OPERATION: &'static str;
+    /// The requesting host (the audit record's principal).
+    fn host(&self) -> &str;
+    /// The audit record's subject.
+    fn subject(&self) -> String;
+}
+
+impl AuditedRequest for DomKeyRequest {
+    const WHAT: &'static str = "domkey request";
+    const OPERATION: &'static str = "DbspDomKey";
+    fn host(&self) -> &str {
+        &self.host
+    }
+    fn subject(&self) -> String {
+        format!("{}/{}/{}", self.host, self.vm_id, self.sr)
+    }
+}
+
+impl AuditedRequest for wire::EpochReport {
+    const WHAT: &'static str = "epoch report";
+    const OPERATION: &'static str = "DbspEpoch";
+    fn host(&self) -> &str {
+        &self.host
+    }
+    fn subject(&self) -> String {
+        format!("{}/{}/{}/{}", self.host, self.vm_id, self.domain, self.sr)
+    }
+}
+
+impl AuditedRequest for MigrateRequest {
+    const WHAT: &'static str = "migrate request";
+    const OPERATION: &'static str = "TlMigrate";
+    fn host(&self) -> &str {
+        &self.source
+    }
+    fn subject(&self) -> String {
+        format!("{}/{} -> {}", self.source, self.vm_id, self.target)
+    }
+}
+
+impl AuditedRequest for wire::SuspendRequest {
+    const WHAT: &'static str = "suspend request";
+    const OPERATION: &'static str = "TlSuspend";
+    fn host(&self) -> &str {
+        &self.host
+    }
+    fn subject(&self) -> String {
+        format!("{}/{}", self.host, self.vm_id)
+    }
+}
+
+impl AuditedRequest for wire::ResumeRequest {
+    const WHAT: &'static str = "resume request";
+    const OPERATION: &'static str = "TlResume";
+    fn host(&self) -> &str {
+        &self.host
+    }
+    fn subject(&self) -> String {
+        format!("{}/{} counter {}", self.host, self.vm_id, self.counter)
+    }
+}
+
+impl AuditedRequest for wire::NetKeyRequest {
+    const WHAT: &'static str = "netkey request";
+    const OPERATION: &'static str = "NetKey";
+    fn host(&self) -> &str {
+        &self.host
+    }
+    fn subject(&self) -> String {
+        format!("{}/{}/{}", self.host, self.vm_id, self.net_domain)
     }
 }

@@ -14,7 +14,7 @@
 //! is refused every later one (`host_untrusted`, `attestation_failed`, `session_retired`).
 //! A joining member is given the current epoch (no rekey on join). Every release and every
 //! refusal is audited (`NetKey`); every new epoch too (`NetRekey`).
-use super::{Session, Ttp, clone_err, session_id};
+use super::{Session, Ttp, session_id};
 use crate::crypto::seal_to_bind_key;
 use crate::error::{Error, Result};
 use crate::wire::{
@@ -66,24 +66,13 @@ impl<S: AttestStore> Ttp<S> {
         peer: Option<&TlsClient>,
         now_ms: u64,
     ) -> Result<Signed> {
-        let body: Result<NetKeyRequest> = wire::parse("netkey request", &req.body);
-        let (host, subject) = match &body {
-            Ok(b) => (
-                b.host.clone(),
-                format!("{}/{}/{}", b.host, b.vm_id, b.net_domain),
-            ),
-            Err(_) => ("?".into(), "?".into()),
-        };
-        let r = match body {
-            Ok(b) => self.netkey_inner(&b, req, peer, now_ms).await,
-            Err(e) => Err(e),
-        };
-        let summary = r
-            .as_ref()
-            .map(|(_, g)| format!("network domain {} epoch {}", g.net_domain, g.epoch))
-            .map_err(clone_err);
-        self.audit(&host, "NetKey", &subject, &summary).await;
-        r.map(|(s, _)| s)
+        self.audited(
+            req,
+            async |b: &NetKeyRequest| self.netkey_inner(b, req, peer, now_ms).await,
+            |(_, g)| format!("network domain {} epoch {}", g.net_domain, g.epoch),
+        )
+        .await
+        .map(|(s, _)| s)
     }
 
     async fn netkey_inner(
@@ -111,15 +100,7 @@ impl<S: AttestStore> Ttp<S> {
             .live_session(&host.name, &b.vm_id, &b.launch_r, Some(&b.h2))
             .await?;
         let sid = session_id(&host.name, &b.vm_id, &b.launch_r);
-        let dk = self.open_dk(&sid, &session.dk_wrapped)?;
-        let dk = caas_crypto::SecretKey::from_slice(dk.expose())
-            .map_err(|_| Error::Storage("DK".into()))?;
-        let inner = caas_crypto::aead::open(&dk, &b.inner_aad(), &b.enc).map_err(|_| {
-            Error::rejected(
-                "dk_invalid",
-                "the request is not protected with this workload's DK",
-            )
-        })?;
+        let inner = self.open_under_dk(&sid, &session, &b.inner_aad(), &b.enc)?;
         let Meta { domain, sp } = wire::parse("netkey inner", inner.expose())?;
         if domain != b.net_domain {
             return Err(Error::malformed(
