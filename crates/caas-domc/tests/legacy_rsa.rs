@@ -6,33 +6,12 @@
 mod common;
 
 use anyhow::{Result, ensure};
+use common::ck::*;
 use common::*;
-use cryptoki::context::{CInitializeArgs, Pkcs11};
-use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::error::RvError;
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
-use cryptoki::session::{Session, UserType};
-use cryptoki::types::AuthPin;
-
-fn context() -> Result<Pkcs11> {
-    let p = Pkcs11::new(module()?)?;
-    p.initialize(CInitializeArgs::OsThreads)?;
-    Ok(p)
-}
-
-fn rv(e: &CkError) -> Option<RvError> {
-    match e {
-        CkError::Pkcs11(rv, _) => Some(*rv),
-        _ => None,
-    }
-}
-
-fn user_session(p: &Pkcs11) -> Result<Session> {
-    let slot = p.get_slots_with_token()?[0];
-    let s = p.open_rw_session(slot)?;
-    s.login(UserType::User, Some(&AuthPin::new(USER_PIN.into())))?;
-    Ok(s)
-}
+use cryptoki::session::Session;
 
 fn rsa_1024(s: &Session) -> cryptoki::error::Result<(ObjectHandle, ObjectHandle)> {
     s.generate_key_pair(

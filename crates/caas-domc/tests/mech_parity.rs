@@ -13,14 +13,13 @@ mod common;
 
 use anyhow::{Context as _, Result, ensure};
 use aws_lc_rs::agreement;
+use common::ck::*;
 use common::*;
-use cryptoki::context::{CInitializeArgs, Pkcs11};
-use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::error::RvError;
 use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
-use cryptoki::types::AuthPin;
+use cryptoki::session::Session;
 use cryptoki_sys::*;
 
 /// DER OID 1.3.101.110 (X25519) and the PKCS#11 3.0 printable-string form.
@@ -28,43 +27,6 @@ const OID_X25519: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x6e];
 const NAME_X25519: &[u8] = b"\x13\x0acurve25519";
 const OID_P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 const OID_ED25519: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
-
-fn context() -> Result<Pkcs11> {
-    let p = Pkcs11::new(module()?)?;
-    p.initialize(CInitializeArgs::OsThreads)?;
-    Ok(p)
-}
-
-fn rv(e: &CkError) -> Option<RvError> {
-    match e {
-        CkError::Pkcs11(rv, _) => Some(*rv),
-        _ => None,
-    }
-}
-
-fn expect_rv<T: std::fmt::Debug>(
-    r: cryptoki::error::Result<T>,
-    want: RvError,
-    what: &str,
-) -> Result<()> {
-    let e = r.err();
-    ensure!(
-        e.as_ref().and_then(rv) == Some(want),
-        "{what}: want {want:?}, got {e:?}"
-    );
-    Ok(())
-}
-
-fn user_session(p: &Pkcs11) -> Result<Session> {
-    let slot = p.get_slots_with_token()?[0];
-    let s = p.open_rw_session(slot)?;
-    s.login(UserType::User, Some(&AuthPin::new(USER_PIN.into())))?;
-    Ok(s)
-}
-
-fn h(s: &str) -> Result<Vec<u8>> {
-    hex::decode(s).context("hex")
-}
 
 fn start(label: &str) -> Result<Option<Dom>> {
     let Some(dir) = child_dir() else {

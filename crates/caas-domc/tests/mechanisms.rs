@@ -8,59 +8,21 @@
 
 mod common;
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Result, ensure};
+use common::ck::*;
 use common::*;
-use cryptoki::context::{CInitializeArgs, Pkcs11};
-use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::error::RvError;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::vendor_defined::VendorDefinedMechanism;
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
-use cryptoki::types::AuthPin;
+use cryptoki::session::Session;
 
 const CKA_CAAS_MAX_USES: u64 = caas_vsm_proto::attr::CKA_CAAS_MAX_USES;
 /// SP 800-38A / SP 800-38B / RFC 4493 AES-128 key.
 const K128: &str = "2b7e151628aed2a6abf7158809cf4f3c";
 /// SP 800-38A F.1.1/F.2.1 plaintext (two blocks).
 const PT: &str = "6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51";
-
-fn context() -> Result<Pkcs11> {
-    let p = Pkcs11::new(module()?)?;
-    p.initialize(CInitializeArgs::OsThreads)?;
-    Ok(p)
-}
-
-fn rv(e: &CkError) -> Option<RvError> {
-    match e {
-        CkError::Pkcs11(rv, _) => Some(*rv),
-        _ => None,
-    }
-}
-
-fn expect_rv<T: std::fmt::Debug>(
-    r: cryptoki::error::Result<T>,
-    want: RvError,
-    what: &str,
-) -> Result<()> {
-    let e = r.err();
-    ensure!(
-        e.as_ref().and_then(rv) == Some(want),
-        "{what}: want {want:?}, got {e:?}"
-    );
-    Ok(())
-}
-
-fn user_session(p: &Pkcs11) -> Result<Session> {
-    let slot = p.get_slots_with_token()?[0];
-    let s = p.open_rw_session(slot)?;
-    s.login(UserType::User, Some(&AuthPin::new(USER_PIN.into())))?;
-    Ok(s)
-}
-
-fn h(s: &str) -> Result<Vec<u8>> {
-    hex::decode(s).context("hex")
-}
 
 /// Imports an AES key with the given value and extra attributes.
 fn aes_import(s: &Session, value: &[u8], extra: &[Attribute]) -> Result<ObjectHandle> {

@@ -14,14 +14,13 @@
 mod common;
 
 use anyhow::{Context as _, Result, ensure};
+use common::ck::*;
 use common::*;
-use cryptoki::context::{CInitializeArgs, Pkcs11};
-use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::error::RvError;
 use cryptoki::mechanism::aead::{GcmMessageParams, GeneratorFunction};
 use cryptoki::mechanism::{Mechanism, MechanismType, MessageParam};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
-use cryptoki::types::AuthPin;
+use cryptoki::session::Session;
 
 /// GCM specification (McGrew–Viega) test case 4: AES-128, 96-bit IV, AAD, 60-byte text.
 const TC4_K: &str = "feffe9928665731c6d6a8f9467308308";
@@ -33,43 +32,6 @@ const TC4_T: &str = "5bc94fbc3221a5db94fae95ae7121a47";
 
 const CKA_CAAS_GCM_IV_STATE: u64 = caas_vsm_proto::attr::CKA_CAAS_GCM_IV_STATE;
 const CKA_CAAS_MAX_USES: u64 = caas_vsm_proto::attr::CKA_CAAS_MAX_USES;
-
-fn context() -> Result<Pkcs11> {
-    let p = Pkcs11::new(module()?)?;
-    p.initialize(CInitializeArgs::OsThreads)?;
-    Ok(p)
-}
-
-fn rv(e: &CkError) -> Option<RvError> {
-    match e {
-        CkError::Pkcs11(rv, _) => Some(*rv),
-        _ => None,
-    }
-}
-
-fn expect_rv<T: std::fmt::Debug>(
-    r: cryptoki::error::Result<T>,
-    want: RvError,
-    what: &str,
-) -> Result<()> {
-    let e = r.err();
-    ensure!(
-        e.as_ref().and_then(rv) == Some(want),
-        "{what}: want {want:?}, got {e:?}"
-    );
-    Ok(())
-}
-
-fn user_session(p: &Pkcs11) -> Result<Session> {
-    let slot = p.get_slots_with_token()?[0];
-    let s = p.open_rw_session(slot)?;
-    s.login(UserType::User, Some(&AuthPin::new(USER_PIN.into())))?;
-    Ok(s)
-}
-
-fn h(s: &str) -> Result<Vec<u8>> {
-    hex::decode(s).context("hex")
-}
 
 fn aes_import(s: &Session, value: &[u8], extra: &[Attribute]) -> Result<ObjectHandle> {
     let mut t = vec![

@@ -5,8 +5,8 @@
 mod common;
 
 use anyhow::{Result, bail, ensure};
+use common::ck::*;
 use common::*;
-use cryptoki::context::{CInitializeArgs, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
@@ -17,26 +17,6 @@ use cryptoki::types::AuthPin;
 const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 const CKA_CAAS_MAX_USES: u64 = caas_vsm_proto::attr::CKA_CAAS_MAX_USES;
 const CKA_CAAS_RATE_PER_SEC: u64 = caas_vsm_proto::attr::CKA_CAAS_RATE_PER_SEC;
-
-fn context() -> Result<Pkcs11> {
-    let p = Pkcs11::new(module()?)?;
-    p.initialize(CInitializeArgs::OsThreads)?;
-    Ok(p)
-}
-
-fn rv(e: &CkError) -> Option<RvError> {
-    match e {
-        CkError::Pkcs11(rv, _) => Some(*rv),
-        _ => None,
-    }
-}
-
-fn user_session(p: &Pkcs11) -> Result<Session> {
-    let slot = p.get_slots_with_token()?[0];
-    let s = p.open_rw_session(slot)?;
-    s.login(UserType::User, Some(&AuthPin::new(USER_PIN.into())))?;
-    Ok(s)
-}
 
 fn aes_key(s: &Session, extra: &[Attribute]) -> Result<ObjectHandle> {
     let mut t = vec![

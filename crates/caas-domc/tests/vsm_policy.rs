@@ -6,9 +6,10 @@
 mod common;
 
 use anyhow::{Result, ensure};
+use common::ck::*;
 use common::*;
-use cryptoki::context::{CInitializeArgs, Pkcs11};
-use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::context::Pkcs11;
+use cryptoki::error::RvError;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource};
 use cryptoki::mechanism::vendor_defined::VendorDefinedMechanism;
@@ -23,19 +24,6 @@ const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x
 const CKA_CAAS_MAX_USES: u64 = caas_vsm_proto::attr::CKA_CAAS_MAX_USES;
 const CKA_CAAS_RATE_PER_SEC: u64 = caas_vsm_proto::attr::CKA_CAAS_RATE_PER_SEC;
 const CKA_CAAS_USAGE_COUNT: u64 = caas_vsm_proto::attr::CKA_CAAS_USAGE_COUNT;
-
-fn context() -> Result<Pkcs11> {
-    let p = Pkcs11::new(module()?)?;
-    p.initialize(CInitializeArgs::OsThreads)?;
-    Ok(p)
-}
-
-fn rv(e: &CkError) -> Option<RvError> {
-    match e {
-        CkError::Pkcs11(rv, _) => Some(*rv),
-        _ => None,
-    }
-}
 
 /// Fails unless `r` is the PKCS#11 error `want`.
 fn refused<T: std::fmt::Debug>(

@@ -3,6 +3,8 @@
 //! tools, failing with an install hint when one is missing.
 #![allow(dead_code)]
 
+pub mod ck;
+
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
