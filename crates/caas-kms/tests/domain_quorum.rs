@@ -932,6 +932,9 @@ async fn three_nodes_removed_node_cannot_forge_a_row_after_the_next_rotation() {
         })
         .await
         .unwrap();
+    // A key record verified before the forgery may serve key use for up to the key-use
+    // cache's bound (`caas_kms::keycache`); after it, every node reads the forged row.
+    tokio::time::sleep(caas_kms::keycache::KEY_CACHE_TTL).await;
     for k in [&k1, &k2] {
         let err = call(k, &who, "Decrypt", json!({ "CiphertextBlob": ct }))
             .await

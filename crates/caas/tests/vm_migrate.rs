@@ -511,9 +511,17 @@ fn real_vm_live_migrates_to_attested_host() {
     );
     assert!(c.workloads("host-1").is_empty());
     assert_eq!(c.workloads("host-2"), vec!["vm1".to_string()]);
-    // Only the target's run directory is left; its serial log has no second boot.
-    let mut logs = Vec::new();
-    find_files(&c.root.join("dev"), "vm1.serial.log", &mut logs);
+    // Only the target's run directory is left (the source removes its copy in the
+    // background after its answer); the target's serial log has no second boot.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let logs = loop {
+        let mut logs = Vec::new();
+        find_files(&c.root.join("dev"), "vm1.serial.log", &mut logs);
+        if logs.len() == 1 || std::time::Instant::now() > deadline {
+            break logs;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
     assert_eq!(logs.len(), 1, "{logs:?}");
     let console = std::fs::read_to_string(&logs[0]).unwrap_or_default();
     assert!(

@@ -169,11 +169,10 @@ impl Drop for Guest {
     }
 }
 
+/// The accelerator the qemu driver would use: `CAAS_QEMU_ACCEL` (TCG by default; nested
+/// KVM here can pass the driver's probe and still stall after the BIOS).
 fn accel() -> &'static str {
-    let d = caas_workload::driver::QemuDriver {
-        accel: caas_workload::driver::Accel::Auto,
-        ..caas_workload::driver::QemuDriver::new(std::env::temp_dir())
-    };
+    let d = caas_workload::driver::QemuDriver::new(std::env::temp_dir());
     match d.effective_accel() {
         caas_workload::driver::Accel::Kvm => "kvm",
         _ => "tcg",
