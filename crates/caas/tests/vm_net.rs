@@ -250,8 +250,11 @@ fn serial(g: &Guest) -> String {
 fn wait_line(g: &mut Guest, prefix: &str, timeout: Duration) -> (String, Instant) {
     let t = Instant::now();
     loop {
-        // (The console's escape sequences may precede a line's text.)
-        if let Some(l) = serial(g)
+        // Only complete lines: qemu may have written half of the last one. (The console's
+        // escape sequences may precede a line's text.)
+        let console = serial(g);
+        let complete = &console[..console.rfind('\n').map_or(0, |i| i + 1)];
+        if let Some(l) = complete
             .lines()
             .find_map(|l| l.find(prefix).map(|i| &l[i..]))
         {
