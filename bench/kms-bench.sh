@@ -36,27 +36,30 @@
 # cargo; building the peer needs libssl-dev and pkg-config (Debian 12: OpenSSL 3.0, no FIPS
 # provider, hence non-fips).
 #
-# Figures (2026-12-06 00:43 UTC, this machine: 2 cores under load from other builds, load
-# average 10.9 at the start and 8.5 at the end — caas's /healthz ceiling was 47–54 k req/s
-# instead of 93–102 k on a quiet machine, so absolute numbers are about half; the ratios
-# are of one run; caas release build of h/kmsspeed 0c372e5 (key-use cache, deferred audit
-# without a task per request); `COSMIAN_BIN=… CAAS_BIN=… SECS=5 ROUNDS=2
-# bench/kms-bench.sh`), req/s caas vs Cosmian and the ratio (bounded | strict):
-#   Encrypt 64B  16 conns  10128 | 11085 vs 10073   1.01 | 1.10
-#   Encrypt 64B  64 conns  14660 | 15581 vs 10865   1.35 | 1.43
-#   Encrypt 1KiB 16 conns   9574 | 10413 vs  7995   1.20 | 1.30
-#   Encrypt 1KiB 64 conns  13471 | 13994 vs  6409   2.10 | 2.18
-#   Decrypt 64B  16 conns  13329 | 10824 vs 12225   1.09 | 0.89
-#   Decrypt 64B  64 conns  16162 | 16399 vs 16989   0.95 | 0.97
-#   p99 at 64 conns 14–61 ms for both servers under this load (not comparable to the 3 ms
-#   goal). Before this branch, on a quiet machine: Encrypt 64B 0.68 | 0.72 (16 conns),
-#   0.86 | 0.98 (64), Decrypt 64B 0.71 | 0.69 and 0.74 | 0.95. Where a request's CPU went
-#   before (perf record --call-graph dwarf on the release caas under wrk, Encrypt 64B,
-#   16 conns): the key row read + MAC + JSON parse + EKT open ~14% (now cached), the audit
-#   writer thread ~18% (SQLite insert, WAL, fsync, one Ed25519 signature per group),
-#   sending the reply (loopback TCP, kernel) ~17%, SigV4 ~9%, request/response JSON
-#   through serde_json::Value ~5%, malloc/free ~9%. Goal (≥ 1.5× for bounded, ≥ 1.0× for
-#   strict, p99 < 3 ms at 64 connections) not met yet: re-measure on a quiet machine.
+# Figures (2026-12-06 01:42 UTC, this machine QUIET: load average 0.14 at the start; caas
+# release build of main after the key-use cache (keycache.rs) and the task-free deferred
+# audit; `COSMIAN_BIN=/work/.cache/cosmian/bin/cosmian_kms CAAS_BIN=… SECS=10 ROUNDS=2
+# bench/kms-bench.sh`), req/s caas bounded | strict vs Cosmian, ratio bounded | strict:
+#   Encrypt 64B  16 conns  22927 | 20681 vs 21336   1.07 | 0.97
+#   Encrypt 64B  64 conns  20978 | 25423 vs 22360   0.94 | 1.14
+#   Encrypt 1KiB 16 conns  19984 | 17834 vs 11381   1.76 | 1.57
+#   Encrypt 1KiB 64 conns  20735 | 23404 vs 10808   1.92 | 2.17
+#   Decrypt 64B  16 conns  19242 | 21926 vs 23098   0.83 | 0.95
+#   Decrypt 64B  64 conns  27023 | 26728 vs 23805   1.14 | 1.12
+#   caas's HTTP ceiling (GET /healthz) 94.6 k (16 conns) / 78.9 k (64); caas at 0.19–0.34
+#   of it. p99 at 64 conns: caas 7.2–9.2 ms, Cosmian 7.3–14.7 ms (goal < 3 ms not met);
+#   p99 at 16 conns caas strict 2.5–3.0 ms, bounded 4.6–4.9 ms.
+#   Before the key-use cache, same quiet machine (2026-12-05): Encrypt 64B 16445 | 17290
+#   (0.68 | 0.72) at 16 conns, 19272 | 22072 (0.86 | 0.98) at 64; Decrypt 64B 0.71 | 0.69
+#   and 0.74 | 0.95. Bounded is still not reliably faster than strict: both are CPU-bound
+#   per request. Where a request's CPU went before the cache (perf record --call-graph
+#   dwarf on the release caas under wrk, Encrypt 64B, 16 conns): the key row read + MAC +
+#   JSON parse + EKT open ~14% (now cached), the audit writer thread ~18% (SQLite insert,
+#   WAL, fsync, one Ed25519 signature per group), sending the reply (loopback TCP, kernel)
+#   ~17%, SigV4 ~9%, request/response JSON through serde_json::Value ~5%, malloc/free ~9%.
+#   Goal (≥ 1.5× for bounded, ≥ 1.0× for strict, p99 < 3 ms at 64 connections) met only
+#   for Encrypt 1 KiB; next: typed request parsing instead of serde_json::Value, fewer
+#   allocations, larger deferred audit groups.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
