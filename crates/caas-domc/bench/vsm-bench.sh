@@ -18,6 +18,21 @@
 # share of busy CPUs than caas's 8 client + 2 domain threads, so the sig/s ratio flatters
 # caas under load, while CPU cost per signature hardly depends on the load.
 #
+# Figures on a QUIET machine (2026-12-06T01:50Z, load 1.2 at the start, after the
+# pipelined connections; `CARGO_TARGET_DIR=/work/target-rel crates/caas-domc/bench/vsm-bench.sh
+# 10000 5`) — the loaded run below flatters caas, because SoftHSM2 (in-process, one lock)
+# loses more to load than caas does:
+#   ods-hsmspeed RSA-1024 1t / 8t     6941.73 / 18491.88 vs 3972.41 / 6355.83   1.74 / 2.90
+#   ods-hsmspeed RSA-2048 1t / 8t     3165.29 /  7075.71 vs 1696.16 / 3228.01   1.86 / 2.19
+#   cryptoki ecdsa-p256 1t / 8t         13215 /    61722 vs   25146 /   35691    .52 / 1.72
+#   cryptoki ed25519 1t / 8t            16347 /    66684 vs    4870 /    9426   3.35 / 7.07
+#   cryptoki mldsa65 1t / 8t             5107 /    13708 (SoftHSM2: refused)
+#   ceiling (aws-lc in-process, 2 threads): ECDSA 125143 sig/s (caas 8t .49), 62949 sig
+#   per CPU-second (caas 31815, .50); ML-DSA-65 15879 sig/s (caas .86), per CPU-second .86.
+#   Goals (ECDSA 8t ≥ 3× SoftHSM2 and ≥ 0.8× the ceiling, 1t ≥ 1.5×) NOT met on a quiet
+#   machine: one thread pays a cross-process round trip per signature (~75 µs) that
+#   SoftHSM2 in-process does not; the next step is a shared-memory ring.
+#
 # Figures, `crates/caas-domc/bench/vsm-bench.sh 10000 5` at 2026-12-06T00:13Z, 2 vCPUs shared
 # with ~6 other builders (load average 13-15: every absolute number is low and noisy, the
 # ratios within the run are what counts), pipelined transport (see below):
