@@ -235,13 +235,27 @@ fn bit_len(be: &[u8]) -> u64 {
 /// started with `--allow-legacy-rsa-1024`).
 pub const RSA_MIN_BITS: u64 = 2048;
 
-/// Generates an RSA key pair of `bits` (2048, 3072 or 4096; 1024 too when `legacy_1024`).
+/// The largest RSA key the domain generates (the top of `CKM_RSA_PKCS_KEY_PAIR_GEN`'s range;
+/// generation time grows with the cube of the size, so this also bounds what one request
+/// can cost the domain).
+pub const RSA_MAX_BITS: u64 = 4096;
+
+/// Generates an RSA key pair of `bits`: any size from [`RSA_MIN_BITS`] to [`RSA_MAX_BITS`]
+/// (2048, 3072 and 4096 by aws-lc-rs, other sizes such as the 3092 bits of the
+/// pkcs11-provider suite by OpenSSL, e = 65537; aws-lc-rs then loads the PKCS#8 as for any
+/// key); 1024 too when `legacy_1024`.
 pub fn generate_rsa(bits: u64, legacy_1024: bool) -> Result<GeneratedPair, Ckr> {
     let size = match bits {
         2048 => rsa::KeySize::Rsa2048,
         3072 => rsa::KeySize::Rsa3072,
         4096 => rsa::KeySize::Rsa4096,
-        1024 if legacy_1024 => return generate_rsa_1024(),
+        1024 if legacy_1024 => return generate_rsa_openssl(1024),
+        RSA_MIN_BITS..=RSA_MAX_BITS => {
+            let g = generate_rsa_openssl(bits)?;
+            // The key must be usable on the aws-lc-rs path it will be loaded into.
+            KeyMaterial::rsa_private(&g.secret)?;
+            return Ok(g);
+        }
         _ => return Err(Ckr(CKR_KEY_SIZE_RANGE)),
     };
     let kp = signature::RsaKeyPair::generate(size).map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
@@ -254,9 +268,12 @@ pub fn generate_rsa(bits: u64, legacy_1024: bool) -> Result<GeneratedPair, Ckr> 
     })
 }
 
-fn generate_rsa_1024() -> Result<GeneratedPair, Ckr> {
+/// An RSA key pair of `bits` made by OpenSSL (sizes aws-lc-rs does not generate); OpenSSL
+/// clears the key's bignums when freed, the PKCS#8 is zeroizing.
+fn generate_rsa_openssl(bits: u64) -> Result<GeneratedPair, Ckr> {
+    let bits = u32::try_from(bits).map_err(|_| Ckr(CKR_KEY_SIZE_RANGE))?;
     let e = openssl::bn::BigNum::from_u32(65537).map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
-    let key = openssl::rsa::Rsa::generate_with_e(1024, &e).map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
+    let key = openssl::rsa::Rsa::generate_with_e(bits, &e).map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
     let pkey = openssl::pkey::PKey::from_rsa(key).map_err(|_| Ckr(CKR_DEVICE_ERROR))?;
     let secret = Zeroizing::new(
         pkey.private_key_to_pkcs8()
@@ -591,6 +608,71 @@ impl KeyMaterial {
         sign.sign_digest(enc, &d, &mut out)
             .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
         Ok(out)
+    }
+
+    /// RSA-PSS signature over a precomputed hash with a salt of `salt` bytes (MGF1 with the
+    /// same hash). PKCS#11 lets the caller choose `sLen`; a salt as long as the hash goes
+    /// the usual way ([`Self::rsa_sign_digest`]), any other length (0, or OpenSSL's
+    /// "maximum" that the pkcs11-provider passes for `rsa_pss_saltlen:max`) through OpenSSL,
+    /// blinded. A salt that does not fit the key is `CKR_MECHANISM_PARAM_INVALID`.
+    pub fn rsa_pss_sign_digest(&self, hash: &[u8], salt: usize) -> Result<Vec<u8>, Ckr> {
+        if salt == hash.len() {
+            return self.rsa_sign_digest(true, hash);
+        }
+        let KeyMaterial::RsaPrivate {
+            sign, pkcs8, raw, ..
+        } = self
+        else {
+            return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+        };
+        let md = pss_md(hash.len()).ok_or(Ckr(CKR_DATA_LEN_RANGE))?;
+        let salt = pss_salt(sign.public_modulus_len(), hash.len(), salt)?;
+        let key = match raw.get() {
+            Some(k) => k,
+            None => {
+                let k = raw_rsa_key(pkcs8)?;
+                raw.get_or_init(|| k)
+            }
+        };
+        let pkey = openssl::pkey::PKey::from_rsa(key.clone()).map_err(bad_key)?;
+        let mut ctx = openssl::pkey_ctx::PkeyCtx::new(&pkey).map_err(bad_key)?;
+        ctx.sign_init().map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+        pss_setup_salt(&mut ctx, md, salt)?;
+        let mut out = vec![0u8; sign.public_modulus_len()];
+        let n = ctx
+            .sign(hash, Some(&mut out))
+            .map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// Verifies an RSA-PSS signature over a precomputed hash with a salt of `salt` bytes.
+    pub fn rsa_pss_verify_digest(&self, hash: &[u8], salt: usize, sig: &[u8]) -> Result<(), Ckr> {
+        if salt == hash.len() {
+            return self.rsa_verify_digest(true, hash, sig);
+        }
+        let KeyMaterial::RsaPublic {
+            n, e, modulus_len, ..
+        } = self
+        else {
+            return Err(Ckr(CKR_KEY_TYPE_INCONSISTENT));
+        };
+        if sig.len() != *modulus_len {
+            return Err(Ckr(CKR_SIGNATURE_LEN_RANGE));
+        }
+        if (*modulus_len as u64) * 8 < RSA_MIN_BITS {
+            return Err(Ckr(CKR_KEY_SIZE_RANGE));
+        }
+        let md = pss_md(hash.len()).ok_or(Ckr(CKR_DATA_LEN_RANGE))?;
+        let salt = pss_salt(*modulus_len, hash.len(), salt)?;
+        let pkey = openssl::pkey::PKey::from_rsa(ossl_public(n, e)?).map_err(bad_key)?;
+        let mut ctx = openssl::pkey_ctx::PkeyCtx::new(&pkey).map_err(bad_key)?;
+        ctx.verify_init().map_err(|_| Ckr(CKR_FUNCTION_FAILED))?;
+        pss_setup_salt(&mut ctx, md, salt)?;
+        match ctx.verify(hash, sig) {
+            Ok(true) => Ok(()),
+            _ => Err(Ckr(CKR_SIGNATURE_INVALID)),
+        }
     }
 
     /// Verifies an RSA signature over a precomputed hash.
@@ -1043,14 +1125,49 @@ fn pss_setup<T>(
     ctx: &mut openssl::pkey_ctx::PkeyCtx<T>,
     md: openssl::hash::MessageDigest,
 ) -> Result<(), Ckr> {
+    pss_setup_salt(ctx, md, openssl::sign::RsaPssSaltlen::DIGEST_LENGTH)
+}
+
+/// [`pss_setup`] with a chosen salt length.
+fn pss_setup_salt<T>(
+    ctx: &mut openssl::pkey_ctx::PkeyCtx<T>,
+    md: openssl::hash::MessageDigest,
+    salt: openssl::sign::RsaPssSaltlen,
+) -> Result<(), Ckr> {
     let fail = |_| Ckr(CKR_FUNCTION_FAILED);
     let md = openssl::md::Md::from_nid(md.type_()).ok_or(Ckr(CKR_FUNCTION_FAILED))?;
     ctx.set_rsa_padding(openssl::rsa::Padding::PKCS1_PSS)
         .map_err(fail)?;
     ctx.set_signature_md(md).map_err(fail)?;
     ctx.set_rsa_mgf1_md(md).map_err(fail)?;
-    ctx.set_rsa_pss_saltlen(openssl::sign::RsaPssSaltlen::DIGEST_LENGTH)
-        .map_err(fail)
+    ctx.set_rsa_pss_saltlen(salt).map_err(fail)
+}
+
+/// A PSS salt length for OpenSSL, checked against the key (RFC 8017 §9.1.1: the encoded
+/// message, at most one byte shorter than the modulus, holds hash, salt and two bytes).
+fn pss_salt(
+    modulus_len: usize,
+    hash_len: usize,
+    salt: usize,
+) -> Result<openssl::sign::RsaPssSaltlen, Ckr> {
+    if hash_len + salt + 2 > modulus_len {
+        return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
+    }
+    let salt = i32::try_from(salt).map_err(|_| Ckr(CKR_MECHANISM_PARAM_INVALID))?;
+    Ok(openssl::sign::RsaPssSaltlen::custom(salt))
+}
+
+/// The OpenSSL digest of a hash of `hash_len` bytes (the PSS hashes PKCS#11 names).
+fn pss_md(hash_len: usize) -> Option<openssl::hash::MessageDigest> {
+    use openssl::hash::MessageDigest as M;
+    match hash_len {
+        20 => Some(M::sha1()),
+        28 => Some(M::sha224()),
+        32 => Some(M::sha256()),
+        48 => Some(M::sha384()),
+        64 => Some(M::sha512()),
+        _ => None,
+    }
 }
 
 fn oaep_alg(hash: u64) -> Result<&'static rsa::OaepAlgorithm, Ckr> {
@@ -1078,6 +1195,75 @@ pub fn digest_alg(mech: u64) -> Option<&'static digest::Algorithm> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rsa_pss_with_a_chosen_salt_length_verifies_with_openssl() -> Result<(), Ckr> {
+        let g = generate_rsa(2048, false)?;
+        let private = KeyMaterial::rsa_private(&g.secret)?;
+        let public = KeyMaterial::rsa_public(&g.public_attrs[0].1, &g.public_attrs[1].1)?;
+        let h = digest::digest(&digest::SHA256, b"salted");
+        let pkey = openssl::pkey::PKey::private_key_from_pkcs8(&g.secret).map_err(bad_key)?;
+        // 0, the hash length, and the maximum for 2048 bits (256 - 32 - 2).
+        for salt in [0usize, 32, 222] {
+            let sig = private.rsa_pss_sign_digest(h.as_ref(), salt)?;
+            public.rsa_pss_verify_digest(h.as_ref(), salt, &sig)?;
+            // An independent check: OpenSSL with the same salt length.
+            let mut ctx = openssl::pkey_ctx::PkeyCtx::new(&pkey).map_err(bad_key)?;
+            ctx.verify_init().map_err(bad_key)?;
+            pss_setup_salt(
+                &mut ctx,
+                openssl::hash::MessageDigest::sha256(),
+                openssl::sign::RsaPssSaltlen::custom(salt as i32),
+            )?;
+            assert!(ctx.verify(h.as_ref(), &sig).unwrap_or(false), "salt {salt}");
+            // The salt length is part of what is verified.
+            let other = if salt == 0 { 20 } else { 0 };
+            assert_eq!(
+                public.rsa_pss_verify_digest(h.as_ref(), other, &sig),
+                Err(Ckr(CKR_SIGNATURE_INVALID)),
+                "salt {salt} verified as {other}"
+            );
+        }
+        // A salt that does not fit the key is a parameter error, not a failure.
+        assert_eq!(
+            private.rsa_pss_sign_digest(h.as_ref(), 223).err(),
+            Some(Ckr(CKR_MECHANISM_PARAM_INVALID))
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn rsa_sizes_between_the_standard_ones_generate_sign_verify_and_decrypt() -> Result<(), Ckr> {
+        for bits in [2056, 3092] {
+            let g = generate_rsa(bits, false)?;
+            let private = KeyMaterial::rsa_private(&g.secret)?;
+            let public = KeyMaterial::rsa_public(&g.public_attrs[0].1, &g.public_attrs[1].1)?;
+            let KeyMaterial::RsaPublic { modulus_len, .. } = public else {
+                return Err(Ckr(CKR_GENERAL_ERROR));
+            };
+            assert_eq!(modulus_len as u64, bits.div_ceil(8));
+            let h = digest::digest(&digest::SHA256, b"odd size");
+            for pss in [false, true] {
+                let sig = private.rsa_sign_digest(pss, h.as_ref())?;
+                assert_eq!(sig.len(), modulus_len);
+                public.rsa_verify_digest(pss, h.as_ref(), &sig)?;
+            }
+            let ct = public.rsa_oaep_encrypt(CKM_SHA256, &[], b"secret")?;
+            assert_eq!(
+                private.rsa_oaep_decrypt(CKM_SHA256, &[], &ct)?.as_slice(),
+                b"secret"
+            );
+        }
+        // Outside 2048..=4096 (and 1024 without the legacy switch) is refused.
+        for bits in [0, 1024, 2047, 4097, 8192] {
+            assert_eq!(
+                generate_rsa(bits, false).err(),
+                Some(Ckr(CKR_KEY_SIZE_RANGE)),
+                "{bits}"
+            );
+        }
+        Ok(())
+    }
 
     #[test]
     fn rsa_sign_verify_both_paddings() -> Result<(), Ckr> {

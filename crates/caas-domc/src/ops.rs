@@ -10,10 +10,10 @@
 //!
 //! | mechanism | key sizes | flags |
 //! |---|---|---|
-//! | RSA_PKCS_KEY_PAIR_GEN | 2048–4096 | generate key pair |
+//! | RSA_PKCS_KEY_PAIR_GEN (any modulus size in the range, e.g. the 3092 bits of the pkcs11-provider suite; e = 65537) | 2048–4096 | generate key pair |
 //! | RSA_PKCS | 2048–4096 | sign, verify, encrypt, decrypt, wrap, unwrap |
 //! | RSA_X_509 | 2048–4096 | sign, verify (no raw encryption) |
-//! | SHA{1,224,256,384,512}_RSA_PKCS, RSA_PKCS_PSS, SHA{1,224,256,384,512}_RSA_PKCS_PSS (salt = hash length, MGF1 with the same hash; SHA-1/SHA-224 through OpenSSL) | 2048–4096 | sign, verify |
+//! | SHA{1,224,256,384,512}_RSA_PKCS, RSA_PKCS_PSS, SHA{1,224,256,384,512}_RSA_PKCS_PSS (any salt length that fits the key, MGF1 with the same hash; salt = hash length through aws-lc-rs for SHA-2 ≥ 256, otherwise through OpenSSL) | 2048–4096 | sign, verify |
 //! | RSA_PKCS_OAEP | 2048–4096 | encrypt, decrypt, wrap, unwrap |
 //! | EC_KEY_PAIR_GEN (P-256, P-384, P-521) | 256–521 | generate key pair, EC F_P, named curve, uncompressed |
 //! | ECDSA, ECDSA_SHA{1,224,256,384,512} (P-521: input up to 64 bytes) | 256–521 | sign, verify (+ EC flags) |
@@ -301,9 +301,17 @@ fn key_type_must(key: &Object, class: u64, types: &[u64]) -> Result<(), Ckr> {
 enum SignKind {
     RsaPkcsRaw,
     RsaX509,
-    RsaPssRaw(usize),
+    /// CKM_RSA_PKCS_PSS over a hash of `hash_len` bytes, salt of `salt` bytes.
+    RsaPssRaw {
+        hash_len: usize,
+        salt: usize,
+    },
     RsaHash {
         pss: bool,
+    },
+    /// SHA*_RSA_PKCS_PSS with a salt of `salt` bytes.
+    RsaHashPss {
+        salt: usize,
     },
     /// PKCS#1 v1.5 over SHA-1 or SHA-224: the DigestInfo (its prefix here) signed raw.
     RsaHashLegacy(&'static [u8]),
@@ -378,10 +386,13 @@ fn is_general_hmac(mech: u64) -> bool {
     )
 }
 
+/// Checks `CK_RSA_PKCS_PSS_PARAMS`: a served hash, MGF1 with the same hash, and the
+/// mechanism's own hash when it names one. Returns (hash length, salt length); whether the
+/// salt fits the key is checked when signing.
 fn pss_check(
     param: &MechParam,
     expect_hash: Option<&'static digest::Algorithm>,
-) -> Result<usize, Ckr> {
+) -> Result<(usize, usize), Ckr> {
     let MechParam::Pss {
         hash,
         mgf,
@@ -400,10 +411,15 @@ fn pss_check(
             | (CKM_SHA512, CKG_MGF1_SHA512)
     );
     let len = alg.output_len();
-    if !mgf_ok || *salt_len != len as u64 || expect_hash.is_some_and(|e| e != alg) {
+    // A salt longer than the largest modulus served cannot fit any key.
+    let salt = usize::try_from(*salt_len)
+        .ok()
+        .filter(|s| *s <= 1024)
+        .ok_or(Ckr(CKR_MECHANISM_PARAM_INVALID))?;
+    if !mgf_ok || expect_hash.is_some_and(|e| e != alg) {
         return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
     }
-    Ok(len)
+    Ok((len, salt))
 }
 
 impl SignOp {
@@ -495,7 +511,10 @@ impl SignOp {
             }
             CKM_RSA_PKCS => Some(SignKind::RsaPkcsRaw),
             CKM_RSA_X_509 => Some(SignKind::RsaX509),
-            CKM_RSA_PKCS_PSS => Some(SignKind::RsaPssRaw(pss_check(param, None)?)),
+            CKM_RSA_PKCS_PSS => {
+                let (hash_len, salt) = pss_check(param, None)?;
+                Some(SignKind::RsaPssRaw { hash_len, salt })
+            }
             CKM_SHA256_RSA_PKCS | CKM_SHA384_RSA_PKCS | CKM_SHA512_RSA_PKCS => {
                 Some(SignKind::RsaHash { pss: false })
             }
@@ -506,8 +525,8 @@ impl SignOp {
             | CKM_SHA256_RSA_PKCS_PSS
             | CKM_SHA384_RSA_PKCS_PSS
             | CKM_SHA512_RSA_PKCS_PSS => {
-                pss_check(param, hash)?;
-                Some(SignKind::RsaHash { pss: true })
+                let (_, salt) = pss_check(param, hash)?;
+                Some(SignKind::RsaHashPss { salt })
             }
             CKM_ECDSA => Some(SignKind::EcdsaRaw),
             CKM_ECDSA_SHA1 | CKM_ECDSA_SHA224 | CKM_ECDSA_SHA256 | CKM_ECDSA_SHA384
@@ -537,8 +556,9 @@ impl SignOp {
             let types: &[u64] = match kind {
                 SignKind::RsaPkcsRaw
                 | SignKind::RsaX509
-                | SignKind::RsaPssRaw(_)
+                | SignKind::RsaPssRaw { .. }
                 | SignKind::RsaHash { .. }
+                | SignKind::RsaHashPss { .. }
                 | SignKind::RsaHashLegacy(_) => &[CKK_RSA],
                 SignKind::EcdsaRaw | SignKind::EcdsaHash => &[CKK_EC],
                 SignKind::Eddsa => &[CKK_EC_EDWARDS],
@@ -568,8 +588,9 @@ impl SignOp {
                         | KeyMaterial::RsaPublic { .. },
                     SignKind::RsaPkcsRaw
                         | SignKind::RsaX509
-                        | SignKind::RsaPssRaw(_)
+                        | SignKind::RsaPssRaw { .. }
                         | SignKind::RsaHash { .. }
+                        | SignKind::RsaHashPss { .. }
                         | SignKind::RsaHashLegacy(_)
                 )
             );
@@ -594,7 +615,7 @@ impl SignOp {
         } else {
             if matches!(
                 self.kind,
-                Some(SignKind::RsaPkcsRaw | SignKind::RsaX509 | SignKind::RsaPssRaw(_))
+                Some(SignKind::RsaPkcsRaw | SignKind::RsaX509 | SignKind::RsaPssRaw { .. })
             ) && self.buf.len() + data.len() > 1024
             {
                 return Err(Ckr(CKR_DATA_LEN_RANGE));
@@ -630,13 +651,14 @@ impl SignOp {
         match kind {
             SignKind::RsaPkcsRaw => self.key.rsa_sign_raw(&input),
             SignKind::RsaX509 => self.key.rsa_sign_x509(&input),
-            SignKind::RsaPssRaw(len) => {
-                if input.len() != len {
+            SignKind::RsaPssRaw { hash_len, salt } => {
+                if input.len() != hash_len {
                     return Err(Ckr(CKR_DATA_LEN_RANGE));
                 }
-                self.key.rsa_sign_digest(true, &input)
+                self.key.rsa_pss_sign_digest(&input, salt)
             }
             SignKind::RsaHash { pss } => self.key.rsa_sign_digest(pss, &input),
+            SignKind::RsaHashPss { salt } => self.key.rsa_pss_sign_digest(&input, salt),
             SignKind::RsaHashLegacy(prefix) => self.key.rsa_sign_raw(&[prefix, &input].concat()),
             SignKind::EcdsaRaw | SignKind::EcdsaHash => self.key.ecdsa_sign_digest(&input),
             SignKind::Eddsa => self.key.eddsa_sign(&input),
@@ -679,13 +701,14 @@ impl SignOp {
         match kind {
             SignKind::RsaPkcsRaw => self.key.rsa_verify_raw(&input, sig),
             SignKind::RsaX509 => self.key.rsa_verify_x509(&input, sig),
-            SignKind::RsaPssRaw(len) => {
-                if input.len() != len {
+            SignKind::RsaPssRaw { hash_len, salt } => {
+                if input.len() != hash_len {
                     return Err(Ckr(CKR_DATA_LEN_RANGE));
                 }
-                self.key.rsa_verify_digest(true, &input, sig)
+                self.key.rsa_pss_verify_digest(&input, salt, sig)
             }
             SignKind::RsaHash { pss } => self.key.rsa_verify_digest(pss, &input, sig),
+            SignKind::RsaHashPss { salt } => self.key.rsa_pss_verify_digest(&input, salt, sig),
             SignKind::RsaHashLegacy(prefix) => {
                 self.key.rsa_verify_raw(&[prefix, &input].concat(), sig)
             }
