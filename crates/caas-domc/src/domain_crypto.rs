@@ -795,7 +795,9 @@ impl Domain {
                 else {
                     return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
                 };
-                if *kdf != CKD_NULL || !shared_data.0.is_empty() {
+                // CKD_NULL: the shared secret itself (no shared data); CKD_SHA*_KDF: the
+                // ANSI X9.63 KDF over it (what CMS/ECIES users such as the pkcs11-provider ask).
+                if *kdf == CKD_NULL && !shared_data.0.is_empty() {
                     return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
                 }
                 let z = k.material()?.ecdh(&public_data.0)?;
@@ -804,6 +806,11 @@ impl Domain {
                 let len = match tmpl_ulong(&template, CKA_VALUE_LEN) {
                     Some(l) => usize::try_from(l).map_err(|_| Ckr(CKR_ATTRIBUTE_VALUE_INVALID))?,
                     None => z.len(),
+                };
+                let z = if *kdf == CKD_NULL {
+                    z
+                } else {
+                    keys::x963_kdf(*kdf, &z, &shared_data.0, len)?
                 };
                 if len > z.len() {
                     return Err(Ckr(CKR_TEMPLATE_INCONSISTENT));

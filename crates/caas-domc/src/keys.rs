@@ -1180,6 +1180,42 @@ fn oaep_alg(hash: u64) -> Result<&'static rsa::OaepAlgorithm, Ckr> {
     }
 }
 
+/// The ANSI X9.63 key derivation (SEC 1 §3.6.1) that `CKD_SHA*_KDF` names for
+/// `CKM_ECDH1_DERIVE`: `Hash(Z || counter || SharedInfo)` for counter = 1, 2, … (32-bit
+/// big-endian), concatenated and cut to `len` bytes. `kdf` is `CKD_SHA1_KDF`, `CKD_SHA224_KDF`,
+/// `CKD_SHA256_KDF`, `CKD_SHA384_KDF` or `CKD_SHA512_KDF`; anything else, or more than 1024
+/// bytes, is `CKR_MECHANISM_PARAM_INVALID`.
+pub fn x963_kdf(
+    kdf: u64,
+    z: &[u8],
+    shared_info: &[u8],
+    len: usize,
+) -> Result<Zeroizing<Vec<u8>>, Ckr> {
+    let alg = match kdf {
+        CKD_SHA1_KDF => &digest::SHA1_FOR_LEGACY_USE_ONLY,
+        CKD_SHA224_KDF => &digest::SHA224,
+        CKD_SHA256_KDF => &digest::SHA256,
+        CKD_SHA384_KDF => &digest::SHA384,
+        CKD_SHA512_KDF => &digest::SHA512,
+        _ => return Err(Ckr(CKR_MECHANISM_PARAM_INVALID)),
+    };
+    if len == 0 || len > 1024 {
+        return Err(Ckr(CKR_MECHANISM_PARAM_INVALID));
+    }
+    let mut out = Zeroizing::new(Vec::with_capacity(len + alg.output_len()));
+    let mut counter: u32 = 1;
+    while out.len() < len {
+        let mut ctx = digest::Context::new(alg);
+        ctx.update(z);
+        ctx.update(&counter.to_be_bytes());
+        ctx.update(shared_info);
+        out.extend_from_slice(ctx.finish().as_ref());
+        counter += 1;
+    }
+    out.truncate(len);
+    Ok(out)
+}
+
 /// The aws-lc digest for a CKM_SHA* digest mechanism.
 pub fn digest_alg(mech: u64) -> Option<&'static digest::Algorithm> {
     match mech {
@@ -1195,6 +1231,31 @@ pub fn digest_alg(mech: u64) -> Option<&'static digest::Algorithm> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const X963_SHA256_40: &str =
+        "31f011f3acf0bedfddd1131ef801b03f049c1138c8ef9c702830e75ef3b067a8e96037cf39b2b10d";
+
+    #[test]
+    fn x963_kdf_matches_openssl() -> Result<(), Ckr> {
+        // OpenSSL's X963KDF (`openssl kdf -keylen 40 -kdfopt digest:SHA256 -kdfopt
+        // hexkey:000102…1f -kdfopt hexinfo:a0a1a2a3 X963KDF`), two blocks, cut to 40 bytes.
+        let z: Vec<u8> = (0u8..32).collect();
+        let got = x963_kdf(CKD_SHA256_KDF, &z, &[0xa0, 0xa1, 0xa2, 0xa3], 40)?;
+        assert_eq!(
+            hex::encode(got.as_slice()),
+            X963_SHA256_40,
+            "X9.63 KDF differs from OpenSSL's"
+        );
+        assert_eq!(
+            x963_kdf(CKD_NULL, &z, &[], 32).err(),
+            Some(Ckr(CKR_MECHANISM_PARAM_INVALID))
+        );
+        assert_eq!(
+            x963_kdf(CKD_SHA1_KDF, &z, &[], 1025).err(),
+            Some(Ckr(CKR_MECHANISM_PARAM_INVALID))
+        );
+        Ok(())
+    }
 
     #[test]
     fn rsa_pss_with_a_chosen_salt_length_verifies_with_openssl() -> Result<(), Ckr> {

@@ -17,7 +17,7 @@
 //! | RSA_PKCS_OAEP | 2048–4096 | encrypt, decrypt, wrap, unwrap |
 //! | EC_KEY_PAIR_GEN (P-256, P-384, P-521) | 256–521 | generate key pair, EC F_P, named curve, uncompressed |
 //! | ECDSA, ECDSA_SHA{1,224,256,384,512} (P-521: input up to 64 bytes) | 256–521 | sign, verify (+ EC flags) |
-//! | ECDH1_DERIVE (CKK_EC P-256/384/521, and CKK_EC_MONTGOMERY X25519 with the peer's 32-byte public value, raw or as a DER OCTET STRING; `CKD_NULL` only) | 255–521 | derive (+ EC flags) |
+//! | ECDH1_DERIVE (CKK_EC P-256/384/521, and CKK_EC_MONTGOMERY X25519 with the peer's 32-byte public value, raw or as a DER OCTET STRING; `CKD_NULL`, or `CKD_SHA{1,224,256,384,512}_KDF` = the ANSI X9.63 KDF with the shared data, up to 1024 bytes) | 255–521 | derive (+ EC flags) |
 //! | EC_MONTGOMERY_KEY_PAIR_GEN (X25519: `CKA_EC_PARAMS` the OID 1.3.101.110 or the printable string "curve25519"; X448 not served) | 255 | generate key pair |
 //! | EC_EDWARDS_KEY_PAIR_GEN, EDDSA (Ed25519 through aws-lc-rs; Ed448, `CKA_EC_PARAMS` OID 1.3.101.113 or "edwards448", through OpenSSL; pure EdDSA) | 255–448 | generate key pair / sign, verify |
 //! | AES_KEY_GEN | 16–32 | generate |

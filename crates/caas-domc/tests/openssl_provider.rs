@@ -4,7 +4,8 @@
 //! (`C_GenerateKeyPair` over the VSM protocol, token objects) and used through `pkcs11:`
 //! URIs: public-key export, signatures (RSA PKCS#1 v1.5 and PSS, ECDSA P-256/P-384, Ed25519,
 //! Ed448) checked by plain OpenSSL with the exported key, RSA encryption, ECDH compared
-//! with a local derive, a TLS server (1.3 and 1.2), CMS, a demo CA, a forking process, the
+//! with a local derive, a TLS server (1.3 and 1.2), CMS signing and decryption (RSA and
+//! ECDH with the X9.63 KDF in the domain), a demo CA, a forking process, the
 //! provider's random generator, and a wrong PIN / missing key refused.
 //!
 //! Needs the Debian package `pkcs11-provider` (Debian 12: from bookworm-backports, version
@@ -732,6 +733,29 @@ fn provider_cms_signs_with_a_vsm_key_and_plain_openssl_verifies() -> Result<()> 
             "{}: {bad}",
             k.label()
         );
+    }
+    Ok(())
+}
+
+#[test]
+fn provider_cms_decrypts_in_the_vsm_what_plain_openssl_encrypted() -> Result<()> {
+    // RSA key transport and ECDH key agreement (X9.63 KDF inside the domain).
+    let p = Prov::new("cmsenc", &[RSA, P256])?;
+    let msg = b"a CMS message for the key in the crypto domain\n";
+    std::fs::write(p.p("msg"), msg)?;
+    for k in [RSA, P256] {
+        let what = k.label();
+        let cert = p.self_signed(k, &format!("{what}.crt"))?;
+        let enc = p.p(&format!("{what}.enc"));
+        ok(plain("cms")
+            .args(["-encrypt", "-binary", "-aes-256-cbc", "-in", &p.p("msg")])
+            .args(["-recip", &cert, "-out", &enc]))?;
+        let dec = format!("{what}.dec");
+        ok(p.ossl("cms")?
+            .args(["-decrypt", "-binary", "-in", &enc, "-recip", &cert])
+            .args(["-inkey", &priv_uri(k), "-out", &dec]))
+        .with_context(|| what.to_string())?;
+        ensure!(std::fs::read(p.p(&dec))? == msg, "{what}: wrong plaintext");
     }
     Ok(())
 }
