@@ -250,7 +250,7 @@ pub fn generate_rsa(bits: u64, legacy_1024: bool) -> Result<GeneratedPair, Ckr> 
         3072 => rsa::KeySize::Rsa3072,
         4096 => rsa::KeySize::Rsa4096,
         1024 if legacy_1024 => return generate_rsa_openssl(1024),
-        RSA_MIN_BITS..=RSA_MAX_BITS => {
+        _ if (RSA_MIN_BITS..=RSA_MAX_BITS).contains(&bits) => {
             let g = generate_rsa_openssl(bits)?;
             // The key must be usable on the aws-lc-rs path it will be loaded into.
             KeyMaterial::rsa_private(&g.secret)?;

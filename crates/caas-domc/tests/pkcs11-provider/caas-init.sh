@@ -43,6 +43,8 @@ else
     export SUPPORT_X25519=0
 fi
 export SUPPORT_X448=0
+# CKA_ALLOWED_MECHANISMS is honoured and the rsapssam keys (RSA-3092) are made: the domain
+# makes RSA keys of any size from 2048 to 4096 bits.
 export SUPPORT_ALLOWED_MECHANISMS=1
 export SUPPORT_SYMMETRIC=0
 export SUPPORT_ML_DSA=0
