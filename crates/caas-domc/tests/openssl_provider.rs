@@ -951,6 +951,18 @@ fn provider_refuses_a_wrong_pin_and_a_missing_key() -> Result<()> {
             == 0,
         "a signature was written with a wrong PIN: {e}"
     );
+    // The domain audited the provider's failed login (hash-chained log, verified).
+    let entries = caas_domc::audit::verify_with_key_file(
+        &p.dom.state_dir().join("audit.log"),
+        &p.dom.state_dir().join("domain.key"),
+    )?;
+    let incorrect = format!("{CKR_PIN_INCORRECT:#x}");
+    ensure!(
+        entries
+            .iter()
+            .any(|e| e.op == "C_Login(user)" && e.rv == incorrect),
+        "no audit record of the wrong PIN"
+    );
     // No PIN at all: the private key is not usable.
     let none = "pkcs11:object=p256;type=private";
     let mut c = sign(none, "sig-none")?;
