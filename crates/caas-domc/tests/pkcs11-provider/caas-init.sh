@@ -32,12 +32,14 @@ pkcs11-tool --module "${P11LIB}" --so-pin "${PINVALUE}" \
 export TOKENCONFIGVARS="export CAAS_PKCS11_SOCKET=${CAAS_SOCKET}"
 export TESTPORT="36000"
 
-# What the domain serves (caas_domc::ops). Ed448 and X25519 are served; setup.sh makes
-# their keys with pkcs11-tool, which knows "EC:Ed448" and "EC:X25519" from OpenSC 0.26 on
-# (setup.sh already turns Ed448 off for older OpenSC; X25519 likewise here). No X448; no
-# symmetric keys for the provider's skey tests. ML-DSA/ML-KEM are served, but the suite
-# makes those keys with OpenSSL >= 3.5 (Debian 12 has 3.0).
-if [[ "${OPENSC_VERSION:-0}" -ge 26 ]]; then
+# What the domain serves (caas_domc::ops). Ed448 and X25519 are served. setup.sh makes the
+# Ed448 and X25519 keys with pkcs11-tool, which knows "EC:Ed448" and "EC:X25519" from OpenSC
+# 0.26 on (setup.sh turns Ed448 off for older OpenSC), and with X25519 on, the tls test
+# offers groups in OpenSSL 3.5's "?group" syntax; so X25519 is on only with both. No X448;
+# no symmetric keys for the provider's skey tests. ML-DSA/ML-KEM are served, but the suite
+# makes those keys with OpenSSL >= 3.5.
+OSSL_MINOR=$(openssl version | sed -n 's/^OpenSSL 3\.\([0-9]*\).*/\1/p')
+if [[ "${OPENSC_VERSION:-0}" -ge 26 && "${OSSL_MINOR:-0}" -ge 5 ]]; then
     export SUPPORT_X25519=1
 else
     export SUPPORT_X25519=0
