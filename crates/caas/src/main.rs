@@ -16,13 +16,6 @@
 //! - `caas pki init|issue|revoke`: a deployment CA, its role certificates and its
 //!   revocation list (`pki.rs`)
 use clap::{Parser, Subcommand};
-
-/// mimalloc instead of glibc malloc: a KMS request makes many small, short-lived
-/// allocations across runtime threads, where glibc's arenas and consolidation cost
-/// measurably more CPU (see `bench/kms-bench.sh`). Secrets do not depend on the allocator:
-/// they live in zeroizing types that clear themselves before they are freed.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 mod demo;
