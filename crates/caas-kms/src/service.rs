@@ -865,8 +865,16 @@ impl Kms {
                 (vec![], Err(e), code)
             }
         };
-        let entry = AuditEntry {
-            time_ms: self.now_ms(),
+        // Which access key signed (CloudTrail's userIdentity.accessKeyId).
+        ctx.detail.insert(
+            crate::audit::ACCESS_KEY_FIELD.into(),
+            Value::String(ctx.caller.access_key_id.clone()),
+        );
+        let time_ms = self.now_ms();
+        // The record is built from `ctx` (not cloned per request): again, with another
+        // result, only when the commit fails.
+        let entry_with = |ctx: &Ctx, result: String| AuditEntry {
+            time_ms,
             account: ctx.caller.account.clone(),
             principal: ctx.caller.principal.clone(),
             operation: if op.is_empty() {
@@ -875,21 +883,13 @@ impl Kms {
                 op.chars().take(64).collect()
             },
             key_id: ctx.key_id.clone(),
-            result: result_code,
+            result,
             request_id: ctx.request_id.clone(),
-            detail: {
-                // Which access key signed (CloudTrail's userIdentity.accessKeyId).
-                let mut d = ctx.detail.clone();
-                d.insert(
-                    crate::audit::ACCESS_KEY_FIELD.into(),
-                    Value::String(ctx.caller.access_key_id.clone()),
-                );
-                Value::Object(d).to_string()
-            },
+            detail: serde_json::to_string(&ctx.detail).unwrap_or_else(|_| "{}".into()),
         };
         let batch = Batch {
             writes,
-            audit: vec![entry.clone()],
+            audit: vec![entry_with(&ctx, result_code)],
         };
         // Only a successful key use with no state change may be answered before its record
         // is durable (`bounded`); everything else waits.
@@ -904,14 +904,13 @@ impl Kms {
         };
         let reply = match (reply, committed) {
             (Ok(body), Ok(_)) => {
-                self.last_usage.record(&ctx, op, entry.time_ms);
+                self.last_usage.record(&ctx, op, time_ms);
                 Ok(body)
             }
             (Ok(_), Err(e)) => {
                 // The state change did not happen; audit the failure on its own.
                 let err = KmsError::store(e);
-                let mut failed = entry;
-                failed.result = err.code().into();
+                let failed = entry_with(&ctx, err.code().into());
                 let _ = self
                     .store
                     .commit(Batch {
