@@ -19,10 +19,12 @@ use caas_vsm_proto::{
 use cryptoki_sys::CKR_GENERAL_ERROR;
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Binds the socket (replacing a stale one) with mode `mode`.
 pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, Error> {
@@ -74,14 +76,65 @@ trait Queued {
     fn request_queued(&self) -> bool {
         false
     }
+    /// Waits awake (bounded) for the next request when nothing is buffered, so a client
+    /// signing in a loop does not pay a sleep and a wake-up of this thread per request.
+    fn spin_for_request(&self) {}
 }
 
-impl<S: Read> Queued for Buffered<S> {
+impl<S: Read + AsRawFd> Queued for Buffered<S> {
     fn request_queued(&self) -> bool {
         let b = self.reader.buffer();
         b.first_chunk::<4>()
             .and_then(|h| caas_vsm_proto::frame_len(*h).ok())
             .is_some_and(|len| b.len() - 4 >= len)
+    }
+    fn spin_for_request(&self) {
+        if self.reader.buffer().is_empty() {
+            spin_readable(self.reader.get_ref().as_raw_fd(), spin_budget());
+        }
+    }
+}
+
+/// How long a connection's thread waits awake for the next request before blocking
+/// (`CAAS_DOMC_SPIN_US`, microseconds; 0 turns the spin off).
+fn spin_budget() -> Duration {
+    static B: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *B.get_or_init(|| {
+        Duration::from_micros(
+            std::env::var("CAAS_DOMC_SPIN_US")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DEFAULT_SPIN_US)
+                .min(MAX_SPIN_US),
+        )
+    })
+}
+
+/// The default spin.
+const DEFAULT_SPIN_US: u64 = 50;
+/// The longest spin allowed.
+const MAX_SPIN_US: u64 = 1000;
+
+/// Polls `fd` without blocking until it has data (or EOF/an error, which the blocking read
+/// then reports) or `budget` has passed. Returns whether it became readable.
+fn spin_readable(fd: RawFd, budget: Duration) -> bool {
+    use nix::sys::socket::{MsgFlags, recv};
+    if budget.is_zero() {
+        return false;
+    }
+    let start = Instant::now();
+    let mut b = [0u8; 1];
+    loop {
+        match recv(fd, &mut b, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
+            _ => return true,
+        }
+        if start.elapsed() >= budget {
+            return false;
+        }
+        // The peer may be runnable on this very CPU (a sync wake-up put it here): let it
+        // run instead of spinning it out.
+        std::thread::yield_now();
     }
 }
 
@@ -264,6 +317,7 @@ fn serve_stream<S: Read + Write + Queued>(domain: &Domain, stream: &mut S) {
     let mut out = Vec::with_capacity(MAX_BATCH);
     if write_message(stream, &Response::ok(caas_vsm_proto::Body::Empty {})).is_ok() {
         loop {
+            stream.spin_for_request();
             let req: Request = match read_message(stream) {
                 Ok(r) => r,
                 Err(IoError::Io(_)) => break,

@@ -22,13 +22,15 @@
 use caas_vsm_proto::blocking::read_message;
 use caas_vsm_proto::{Response, Wire, frame_message_into};
 use cryptoki_sys::{CK_RV, CKR_DATA_LEN_RANGE, CKR_DEVICE_ERROR};
-use nix::sys::socket::{MsgFlags, send};
+use nix::sys::socket::{MsgFlags, recv, send};
 use std::collections::{BTreeMap, HashMap};
 use std::io::BufReader;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread::Thread;
+use std::time::{Duration, Instant};
 
 /// One connection shared by several calling threads.
 #[derive(Debug)]
@@ -36,6 +38,9 @@ pub(crate) struct Pipe {
     /// The socket (writes; shut down when the pipe breaks).
     stream: UnixStream,
     st: Mutex<State>,
+    /// Callers inside [`Pipe::call`] (a lone caller may spin for its answer; several
+    /// must not burn the CPUs the domain needs).
+    active: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -72,11 +77,58 @@ fn send_all(s: &UnixStream, mut buf: &[u8]) -> Result<(), CK_RV> {
     Ok(())
 }
 
+/// How long a lone caller waits awake for its answer before blocking
+/// (`CAAS_PKCS11_SPIN_US`, microseconds; 0 turns the spin off).
+fn spin_budget() -> Duration {
+    static B: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *B.get_or_init(|| {
+        Duration::from_micros(
+            std::env::var("CAAS_PKCS11_SPIN_US")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DEFAULT_SPIN_US)
+                .min(MAX_SPIN_US),
+        )
+    })
+}
+
+/// The default spin (a P-256 signature in the domain takes ~20 us).
+const DEFAULT_SPIN_US: u64 = 50;
+/// The longest spin allowed.
+const MAX_SPIN_US: u64 = 1000;
+
+/// Polls `s` without blocking until it has data (or EOF/an error, which the blocking read
+/// then reports) or `budget` has passed. Returns whether it became readable.
+fn spin_readable(s: &UnixStream, budget: Duration) -> bool {
+    if budget.is_zero() {
+        return false;
+    }
+    let start = Instant::now();
+    let mut b = [0u8; 1];
+    loop {
+        match recv(
+            s.as_raw_fd(),
+            &mut b,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
+            _ => return true,
+        }
+        if start.elapsed() >= budget {
+            return false;
+        }
+        // The peer may be runnable on this very CPU (a sync wake-up put it here): let it
+        // run instead of spinning it out.
+        std::thread::yield_now();
+    }
+}
+
 impl Pipe {
     /// A pipe over a connection that has said hello.
     pub(crate) fn new(stream: UnixStream, reader: BufReader<UnixStream>) -> Self {
         Self {
             stream,
+            active: AtomicUsize::new(0),
             st: Mutex::new(State {
                 queue: Vec::with_capacity(4096),
                 spare: Vec::with_capacity(4096),
@@ -112,6 +164,13 @@ impl Pipe {
 
     /// Sends `req` (pipelined with the other callers' requests) and waits for its answer.
     pub(crate) fn call<Q: Wire>(&self, req: &Q) -> Result<Response, CK_RV> {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        let r = self.call_inner(req);
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        r
+    }
+
+    fn call_inner<Q: Wire>(&self, req: &Q) -> Result<Response, CK_RV> {
         let mut g = self.lock();
         if g.broken {
             return Err(CKR_DEVICE_ERROR);
@@ -152,7 +211,16 @@ impl Pipe {
             if let Some(mut reader) = g.reader.take() {
                 // Read answers, handing out the others', until this caller's own is in.
                 loop {
+                    // Alone on the pipe with nothing buffered: the answer is a signature
+                    // away, so wait for it awake (a short bounded spin) instead of paying
+                    // the sleep and the wake-up of a blocking read.
+                    let solo = g.waiting.is_empty()
+                        && g.sent == g.received + 1
+                        && self.active.load(Ordering::Relaxed) == 1;
                     drop(g);
+                    if solo && reader.buffer().is_empty() {
+                        spin_readable(&self.stream, spin_budget());
+                    }
                     let read = read_message::<_, Response>(&mut reader);
                     g = self.lock();
                     let n = g.received;
