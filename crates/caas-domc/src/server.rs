@@ -76,9 +76,10 @@ trait Queued {
     fn request_queued(&self) -> bool {
         false
     }
-    /// Waits awake (bounded) for the next request when nothing is buffered, so a client
-    /// signing in a loop does not pay a sleep and a wake-up of this thread per request.
-    fn spin_for_request(&self) {}
+    /// Waits awake, at most `budget`, for the next request when nothing is buffered, so a
+    /// client signing in a loop does not pay a sleep and a wake-up of this thread per
+    /// request.
+    fn spin_for_request(&self, _budget: Duration) {}
 }
 
 impl<S: Read + AsRawFd> Queued for Buffered<S> {
@@ -88,9 +89,9 @@ impl<S: Read + AsRawFd> Queued for Buffered<S> {
             .and_then(|h| caas_vsm_proto::frame_len(*h).ok())
             .is_some_and(|len| b.len() - 4 >= len)
     }
-    fn spin_for_request(&self) {
+    fn spin_for_request(&self, budget: Duration) {
         if self.reader.buffer().is_empty() {
-            spin_readable(self.reader.get_ref().as_raw_fd(), spin_budget());
+            spin_readable(self.reader.get_ref().as_raw_fd(), budget);
         }
     }
 }
@@ -315,11 +316,22 @@ fn serve_stream<S: Read + Write + Queued>(domain: &Domain, stream: &mut S) {
     };
     let app = domain.attach(app);
     let mut out = Vec::with_capacity(MAX_BATCH);
+    let budget = spin_budget();
+    let mut spin = !budget.is_zero();
     if write_message(stream, &Response::ok(caas_vsm_proto::Body::Empty {})).is_ok() {
         loop {
-            stream.spin_for_request();
+            // Spin only while the client's requests follow each other within the bound
+            // (a client signing in a loop); an idle or slow client is waited for asleep,
+            // until a request again comes within the bound.
+            let idle_since = Instant::now();
+            if spin {
+                stream.spin_for_request(budget);
+            }
             let req: Request = match read_message(stream) {
-                Ok(r) => r,
+                Ok(r) => {
+                    spin = idle_since.elapsed() < budget;
+                    r
+                }
                 Err(IoError::Io(_)) => break,
                 Err(IoError::Protocol(e)) => {
                     tracing::warn!(error = %e, "malformed request; closing connection");

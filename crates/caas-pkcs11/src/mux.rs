@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::BufReader;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -41,6 +41,8 @@ pub(crate) struct Pipe {
     /// Callers inside [`Pipe::call`] (a lone caller may spin for its answer; several
     /// must not burn the CPUs the domain needs).
     active: AtomicUsize,
+    /// The last lone wait was shorter than the spin's bound: the next one spins.
+    spin: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -129,6 +131,7 @@ impl Pipe {
         Self {
             stream,
             active: AtomicUsize::new(0),
+            spin: AtomicBool::new(true),
             st: Mutex::new(State {
                 queue: Vec::with_capacity(4096),
                 spare: Vec::with_capacity(4096),
@@ -213,15 +216,26 @@ impl Pipe {
                 loop {
                     // Alone on the pipe with nothing buffered: the answer is a signature
                     // away, so wait for it awake (a short bounded spin) instead of paying
-                    // the sleep and the wake-up of a blocking read.
+                    // the sleep and the wake-up of a blocking read — as long as the last
+                    // answer came within the spin's bound (a slow operation, such as a key
+                    // generation or a large ML-DSA signature, turns the spin off until
+                    // answers are quick again).
                     let solo = g.waiting.is_empty()
                         && g.sent == g.received + 1
                         && self.active.load(Ordering::Relaxed) == 1;
                     drop(g);
-                    if solo && reader.buffer().is_empty() {
-                        spin_readable(&self.stream, spin_budget());
-                    }
+                    let timed = (solo && reader.buffer().is_empty()).then(|| {
+                        let start = Instant::now();
+                        if self.spin.load(Ordering::Relaxed) {
+                            spin_readable(&self.stream, spin_budget());
+                        }
+                        start
+                    });
                     let read = read_message::<_, Response>(&mut reader);
+                    if let Some(start) = timed {
+                        self.spin
+                            .store(start.elapsed() < spin_budget(), Ordering::Relaxed);
+                    }
                     g = self.lock();
                     let n = g.received;
                     let r = match read {
