@@ -14,9 +14,10 @@
 //! is buffered (several buffered requests are answered in one write), and then waits for the
 //! next request awake for a short bounded spin (50 µs, `CAAS_DOMC_SPIN_US`, 0 = off; UNIX
 //! socket — virtio-serial included, since qemu connects the port to it — and vsock) before
-//! blocking, as long as the client's last request came within that bound: a client signing in
-//! a loop does not pay a sleep and a wake-up of this thread per request, an idle one costs
-//! one spin. A client can make its thread spin at most that long per request it sends.
+//! blocking, as long as the client's last request came within that bound and no other
+//! connection thread is awake: a client signing in a loop does not pay a sleep and a wake-up
+//! of this thread per request, an idle one costs one spin, and busy connections (many client
+//! threads, where requests arrive batched anyway) do not spin on the CPUs they share. A client can make its thread spin at most that long per request it sends.
 
 use crate::domain::Domain;
 use crate::error::Error;
@@ -32,6 +33,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Binds the socket (replacing a stale one) with mode `mode`.
@@ -117,6 +119,41 @@ fn spin_budget() -> Duration {
                 .min(MAX_SPIN_US),
         )
     })
+}
+
+/// Connection threads not waiting in a read (handling a request or spinning).
+static AWAKE: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts its thread in [`AWAKE`] while it lives.
+struct Awake;
+
+impl Awake {
+    fn new() -> Self {
+        AWAKE.fetch_add(1, Ordering::Relaxed);
+        Self
+    }
+}
+
+impl Drop for Awake {
+    fn drop(&mut self) {
+        AWAKE.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Takes its thread out of [`AWAKE`] while it lives (around a blocking read).
+struct Asleep;
+
+impl Asleep {
+    fn new() -> Self {
+        AWAKE.fetch_sub(1, Ordering::Relaxed);
+        Self
+    }
+}
+
+impl Drop for Asleep {
+    fn drop(&mut self) {
+        AWAKE.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// The default spin.
@@ -326,16 +363,23 @@ fn serve_stream<S: Read + Write + Queued>(domain: &Domain, stream: &mut S) {
     let mut out = Vec::with_capacity(MAX_BATCH);
     let budget = spin_budget();
     let mut spin = !budget.is_zero();
+    let _awake = Awake::new();
     if write_message(stream, &Response::ok(caas_vsm_proto::Body::Empty {})).is_ok() {
         loop {
             // Spin only while the client's requests follow each other within the bound
             // (a client signing in a loop); an idle or slow client is waited for asleep,
             // until a request again comes within the bound.
             let idle_since = Instant::now();
-            if spin {
+            // Only when no other connection thread is awake: with several busy connections
+            // (many client threads) a spinning thread takes the CPU the others sign on.
+            if spin && AWAKE.load(Ordering::Relaxed) <= 1 {
                 stream.spin_for_request(budget);
             }
-            let req: Request = match read_message(stream) {
+            let read = {
+                let _asleep = Asleep::new();
+                read_message(stream)
+            };
+            let req: Request = match read {
                 Ok(r) => {
                     spin = idle_since.elapsed() < budget;
                     r
