@@ -17,7 +17,8 @@
 //! blocking, as long as the client's last request came within that bound and no other
 //! connection thread is awake: a client signing in a loop does not pay a sleep and a wake-up
 //! of this thread per request, an idle one costs one spin, and busy connections (many client
-//! threads, where requests arrive batched anyway) do not spin on the CPUs they share. A client can make its thread spin at most that long per request it sends.
+//! threads, where requests arrive batched anyway) do not spin on the CPUs they share. A
+//! client can make its thread spin at most that long per request it sends.
 
 use crate::domain::Domain;
 use crate::error::Error;
