@@ -91,6 +91,12 @@ impl VsockStream {
     }
 }
 
+impl AsRawFd for VsockStream {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
 impl std::io::Read for VsockStream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         loop {
