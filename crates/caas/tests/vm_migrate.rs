@@ -375,7 +375,10 @@ fn relay(c: &Cloud, target_url: &str, tamper: Tamper) -> Relay {
                             .await,
                     )
                 },
-            ),
+            )
+            // The network forwards whatever the source sends (a VM stream's batches are up
+            // to several MiB).
+            .layer(axum::extract::DefaultBodyLimit::max(64 << 20)),
         )
         .with_state(st);
     let tls = caas_tls::server::server_config(&caas_tls::server::ServerTls {
@@ -571,6 +574,33 @@ fn real_vm_tampered_migration_stream_is_refused_and_the_vm_runs_on() {
     assert!(c.workloads("host-2").is_empty());
     assert_eq!(c.workloads("host-1"), vec!["vm1".to_string()]);
     // The guest on the source runs on: τ, disk and VSM.
+    let v = connect_ok(&c);
+    verify_vsm(&v, &caas_tl::crypto::sha256(&plain));
+}
+
+/// A VM's qemu starts streaming into the source's local buffer while the TTP attests the
+/// target: when the target is outside the profile, none of it leaves the host (the relay
+/// in front of the target sees no request), qemu's migration is cancelled and the guest
+/// runs on at the source (τ, disk, VSM), audited at the source and the TTP.
+#[test]
+fn real_vm_migration_outside_the_profile_sends_nothing_and_the_guest_runs_on() {
+    let c = Cloud::start();
+    let plain = launch_real_vm(&c);
+    connect_ok(&c);
+    c.move_to_other_profile("host-2");
+    let relay = relay(&c, &c.agent("host-2"), Tamper::None);
+    let r = c.migrate("vm1", "host-1", "host-2", &relay.url);
+    assert_refused(&r, "sp_mismatch", "VM to a target outside the profile");
+    assert_eq!(
+        relay.seen.lock().unwrap().requests,
+        0,
+        "bytes of the VM reached the target before it was attested"
+    );
+    assert!(c.agent_audit_has("host-1", "MigrateWorkload", "sp_mismatch"));
+    assert!(c.ks_audit_has("TlMigrate", "sp_mismatch"));
+    assert!(c.workloads("host-2").is_empty());
+    assert_eq!(c.workloads("host-1"), vec!["vm1".to_string()]);
+    // The guest was not left stopped by the cancelled stream: τ, disk and VSM answer.
     let v = connect_ok(&c);
     verify_vsm(&v, &caas_tl::crypto::sha256(&plain));
 }
