@@ -11,7 +11,11 @@
 //!    confirmation only the attested TPM state can compute.
 //! 3. the workload's state in AEAD records (`POST /v1/agent/migrations/{id}/records`): its
 //!    description, τ and pk_DM, and for a VM qemu's live-migration stream (QMP `migrate` to
-//!    a pipe, `Agent::send_vm`) followed, once the workload stopped (a process workload is
+//!    a pipe, `Agent::send_vm`; qemu starts before step 1 into a queue in this agent's
+//!    memory bounded by `SOURCE_BUFFER_BYTES`, which is sealed and sent only after step 2
+//!    and dropped unsent, qemu's migration cancelled, if step 1 or 2 fails; each request
+//!    carries what is queued, up to `VM_BATCH_MAX`, one in flight) followed, once the
+//!    workload stopped (a process workload is
 //!    stopped for it), by its VSM's token export and transfer key (`crate::token`); then
 //!    the source releases its volumes (a process workload: destroys its crypto domain) and
 //!    sends the commit and end records.
@@ -367,9 +371,7 @@ pub(crate) const RECORDS_BODY_LIMIT: usize = VM_BATCH_MAX + proto::MAX_RECORD + 
 /// A VM's outgoing stream, started (qemu migrating into the queue).
 struct OutgoingVm {
     rx: StreamQueueRx,
-    reader: tokio::task::JoinHandle<
-        Result<(caas_workload::qmp::MigrationInfo, Instant), String>,
-    >,
+    reader: tokio::task::JoinHandle<Result<(caas_workload::qmp::MigrationInfo, Instant), String>>,
     /// Bytes qemu wrote so far.
     queued: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
@@ -529,10 +531,7 @@ impl Agent {
                 "  qemu's stream buffered here before the key (MiB)".to_string(),
                 (buffered as f64 / 1048576.0 * 10.0).round() / 10.0,
             ));
-            timings.push((
-                "  stream: waited for qemu".to_string(),
-                stats.wait_qemu_ms,
-            ));
+            timings.push(("  stream: waited for qemu".to_string(), stats.wait_qemu_ms));
             timings.push((
                 "  stream: waited for the target's acks".to_string(),
                 stats.wait_target_ms,
@@ -783,11 +782,7 @@ impl Agent {
             }
             Ok((info, completed))
         });
-        Ok(OutgoingVm {
-            rx,
-            reader,
-            queued,
-        })
+        Ok(OutgoingVm { rx, reader, queued })
     }
 
     /// Source: a VM's stream started before the migration was refused (by the TTP, the
@@ -813,9 +808,7 @@ impl Agent {
         peer: &caas_attest::client::HttpClient,
         url: &str,
     ) -> Result<(caas_workload::qmp::MigrationInfo, Instant, StreamStats), Error> {
-        let OutgoingVm {
-            mut rx, reader, ..
-        } = vm;
+        let OutgoingVm { mut rx, reader, .. } = vm;
         let mut stats = StreamStats::default();
         type Post = tokio::task::JoinHandle<Result<RecordsAck, Error>>;
         let mut inflight: Option<Post> = None;
