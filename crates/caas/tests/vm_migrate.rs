@@ -605,6 +605,60 @@ fn real_vm_migration_outside_the_profile_sends_nothing_and_the_guest_runs_on() {
     verify_vsm(&v, &caas_tl::crypto::sha256(&plain));
 }
 
+/// The crypto domain keeps its own audit log in the workload's run directory (chained
+/// under its ephemeral domain key), which goes with the workload: its records are appended
+/// to the agent's audit first — on the source after the migration (the VSM's token export
+/// among them), on the target when the operator stops the workload (the import).
+#[test]
+fn domain_audit_is_shipped_to_the_agent_audit_before_the_run_directory_goes() {
+    let c = Cloud::start();
+    c.launch_vm1();
+    connect_ok(&c);
+    c.tenant_ok(&["migrate", "--vm", "vm1", "--to", "host-2"]);
+    let entries = |host: &str| -> Vec<(String, String, String)> {
+        c.call("GET", &format!("{}/v1/agent/audit", c.agent(host)), None)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let f = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+                (f("op"), f("subject"), f("result"))
+            })
+            .collect()
+    };
+    let shipped = |log: &[(String, String, String)], call: &str| {
+        log.iter().any(|(op, s, r)| {
+            op == "DomainAudit" && s.starts_with("vm1 #") && s.contains(call) && r == "0x0"
+        })
+    };
+    let src = entries("host-1");
+    assert!(shipped(&src, "TokenExport"), "source: {src:?}");
+    assert!(
+        src.iter()
+            .any(|(op, s, r)| op == "DomainAuditShipped" && s.starts_with("vm1 ") && r == "ok"),
+        "{src:?}"
+    );
+    // The source's run directory is gone with its copy of the domain's log.
+    let mut files = Vec::new();
+    find_files(
+        &c.root.join("dev/hosts/host-1"),
+        "domc/audit.log",
+        &mut files,
+    );
+    assert!(files.is_empty(), "{files:?}");
+    // The target's domain imported the token; stopping the workload ships its log too.
+    assert!(!shipped(&entries("host-2"), "TokenImport"));
+    c.call(
+        "POST",
+        &format!("{}/v1/agent/workloads/vm1/stop", c.agent("host-2")),
+        Some(&json!({})),
+    )
+    .unwrap();
+    let dst = entries("host-2");
+    assert!(shipped(&dst, "TokenImport"), "target: {dst:?}");
+}
+
 #[test]
 fn workload_migrates_to_attested_host_with_its_volume_and_tau() {
     let c = Cloud::start();
