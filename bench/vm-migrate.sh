@@ -8,8 +8,13 @@
 #   (b) plain qemu: the same image as a plain raw file, the same qemu arguments, migrated
 #       from one qemu to another over a UNIX socket (QMP `migrate unix:`).
 # The VM is migrated back and forth REPEAT times in each setting (interleaved). Printed:
-#   total  — (a) the tenant CLI's request to the target's acknowledgement (TTP, key
-#            agreement, crypto domain, stream, handover); (b) QMP `migrate` to `completed`;
+#   total  — (a) the source agent's receipt of the request to the target's acknowledgement
+#            after it continued the guest (TTP, key agreement, crypto domain, stream,
+#            handover), as the agent measures it — compared with (b) QMP `migrate` (the
+#            controlling process's request) to `completed` on the source, which does not
+#            even include the target's `cont`; (a) end to end is also printed: the tenant
+#            CLI's process start → scheduler → agent → answer (it adds the CLI's start, its
+#            TLS connections and the scheduler's hop, which (b) has no counterpart of);
 #   downtime — (b) qemu's own figure (vCPUs stopped → stream done, the target autostarts);
 #            (a) qemu's figure plus what caas adds while the guest is stopped: the handover
 #            (commit record → the target checked the end record → `cont`); the source's
@@ -17,7 +22,9 @@
 # and the medians and ratios a/b (goal ≤ 1.1×).
 #
 # Usage: bench/vm-migrate.sh          (REPEAT=3; TCG unless CAAS_QEMU_ACCEL; VERBOSE=1 prints
-#        the source agent's phases of each caas migration)
+#        the source agent's phases of each caas migration, with the stream's: MiB qemu wrote into
+#        the local buffer before the key, the sender's waits for qemu and for the target's acks,
+#        requests)
 #
 # Figures (2026-12-05, 2 cores shared with other builds at load ~9, TCG, guest image 28 MiB,
 # 256 MiB RAM, ~135 MB of qemu stream, dev profile; `REPEAT=7 bench/vm-migrate.sh`):
