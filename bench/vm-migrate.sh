@@ -68,6 +68,26 @@
 #   the plain figure (QMP migrate → completed) does not contain. Left to try: starting the
 #   source's qemu into a bounded local buffer while the TTP answers (nothing leaves the
 #   source before the statement), and one streaming request instead of 1 MiB POSTs.
+#
+# After the source's qemu starts at once into a bounded local buffer (16 MiB in the agent's
+# memory, sealed and sent only after the TTP's statement and the key confirmation; dropped
+# unsent and qemu's migration cancelled on a refusal), the stream goes in batches of what is
+# queued (≤ 8 MiB) with one request in flight while the next is sealed, and (a)'s total is
+# the agent's (request received → target continued the guest), end to end printed too
+# (2026-12-06 03:41, same machine, load 7–11 from other builds and tests,
+# `REPEAT=3 VERBOSE=1 bench/vm-migrate.sh`):
+#   (b) plain qemu   total 972 940 1076 ms     downtime 67 77 74 ms
+#   (a) caas         total 980 1026 1062 ms    downtime 57 91 112 ms
+#       end to end   1028 1062 1149 ms
+#   medians: total 1.06× (end to end 1.09×), downtime 1.23×; minima: total 980/940 = 1.04×,
+#   downtime 57/67 = 0.85×. The total goal (≤ 1.1×) is met. A run 50 min earlier (load ~8):
+#   plain 1033 1062 1151, caas 972 1007 1056 (end to end 1030 1024 1074), downtime plain
+#   125 145 45, caas 58 67 119: total 0.95× (end to end 0.97×), downtime 0.54×. Phases
+#   (VERBOSE): 13 MiB of qemu's stream wait here while the TTP (25–60 ms) and the key
+#   agreement (15–35 ms) run; the stream after the key 880–990 ms, the sender waiting
+#   160–580 ms for qemu and 260–520 ms for the target's acks, 25–170 requests. caas's
+#   downtime includes the commit round trip and the target's `cont` (handover 13–55 ms),
+#   which qemu's own figure for (b) does not; it varies with the load more than (b)'s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPEAT=${REPEAT:-3}
