@@ -2664,7 +2664,7 @@ impl Agent {
 /// record per entry (subject: vm, seq, time, application, PKCS#11 call, slot, object,
 /// mechanism; result: its CK_RV), then `DomainAuditShipped` with the count — or with
 /// `domain_audit_broken` when the file's chain does not link (nothing of it is shipped;
-/// the file is kept aside as `STATE`'s run directory's `<vm>.domc-audit.broken-<ms>`).
+/// the file is kept aside in the agent's run directory as `<vm>.domc-audit.broken-<ms>`).
 /// Entries carry no key, PIN or data.
 pub(crate) fn remove_run_dir(
     audit: &std::sync::Mutex<AuditLog>,
