@@ -702,7 +702,12 @@ fn handler(op: Op) -> MethodRouter<Arc<Agent>> {
                     .map(Json)
                     .map_err(ApiError)
             },
-        ),
+        )
+        // A batch of a VM stream's records (the caller is a host: the authorization layer
+        // runs before the body is read).
+        .layer(axum::extract::DefaultBodyLimit::max(
+            crate::migrate::RECORDS_BODY_LIMIT,
+        )),
         Op::RecipientDocument => post(
             |State(a): State<Arc<Agent>>,
              peer: Option<axum::Extension<caas_tls::server::Peer>>,

@@ -11,7 +11,11 @@
 //!    confirmation only the attested TPM state can compute.
 //! 3. the workload's state in AEAD records (`POST /v1/agent/migrations/{id}/records`): its
 //!    description, τ and pk_DM, and for a VM qemu's live-migration stream (QMP `migrate` to
-//!    a pipe, `Agent::send_vm`) followed, once the workload stopped (a process workload is
+//!    a pipe, `Agent::send_vm`; qemu starts before step 1 into a queue in this agent's
+//!    memory bounded by `SOURCE_BUFFER_BYTES`, which is sealed and sent only after step 2
+//!    and dropped unsent, qemu's migration cancelled, if step 1 or 2 fails; each request
+//!    carries what is queued, up to `VM_BATCH_MAX`, one in flight) followed, once the
+//!    workload stopped (a process workload is
 //!    stopped for it), by its VSM's token export and transfer key (`crate::token`); then
 //!    the source releases its volumes (a process workload: destroys its crypto domain) and
 //!    sends the commit and end records.
@@ -261,17 +265,25 @@ impl std::fmt::Debug for MigrationState {
 /// it instead of waiting.
 const VM_QUEUE_BYTES: usize = 64 << 20;
 
+/// Bytes of a VM's stream the source holds in memory, not yet sealed: qemu starts its
+/// pre-copy into this buffer while the TTP attests the target and the session key is
+/// agreed (nothing leaves the host before both), and writes ahead of the network by as
+/// much afterwards. Bounded: when it is full qemu waits on its pipe. Small enough that a
+/// backlog at qemu's stop adds little to the guest's downtime.
+const SOURCE_BUFFER_BYTES: usize = 16 << 20;
+
 /// The queue's unit (permits are KiB).
 const KIB: usize = 1024;
 
-/// The sending end of a VM stream's queue: bounded in bytes ([`VM_QUEUE_BYTES`]); a send
-/// waits while the queue is full.
+/// The sending end of a VM stream's queue: bounded in bytes; a send waits while the queue
+/// is full.
 pub(crate) struct StreamQueueTx {
     tx: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     room: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
-/// The receiving end (the thread that writes into qemu's pipe).
+/// The receiving end (the target: the thread that writes into qemu's pipe; the source:
+/// the task that seals and sends).
 pub(crate) struct StreamQueueRx {
     rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
     room: std::sync::Arc<tokio::sync::Semaphore>,
@@ -281,10 +293,10 @@ fn permits(len: usize) -> u32 {
     u32::try_from(len.div_ceil(KIB)).unwrap_or(u32::MAX)
 }
 
-/// A VM stream's queue.
-pub(crate) fn stream_queue() -> (StreamQueueTx, StreamQueueRx) {
+/// A VM stream's queue of at most `cap` bytes (chunks are at most 1 MiB, a record's).
+pub(crate) fn stream_queue(cap: usize) -> (StreamQueueTx, StreamQueueRx) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let room = std::sync::Arc::new(tokio::sync::Semaphore::new(VM_QUEUE_BYTES / KIB));
+    let room = std::sync::Arc::new(tokio::sync::Semaphore::new(cap / KIB));
     (
         StreamQueueTx {
             tx,
@@ -304,6 +316,11 @@ impl StreamQueueTx {
         }
         self.tx.send(chunk).is_ok()
     }
+
+    /// [`Self::send`] from a blocking thread (`rt`: the runtime the reader runs on).
+    fn blocking_send(&self, rt: &tokio::runtime::Handle, chunk: Vec<u8>) -> bool {
+        rt.block_on(self.send(chunk))
+    }
 }
 
 impl StreamQueueRx {
@@ -316,6 +333,20 @@ impl StreamQueueRx {
     pub(crate) fn written(&self, len: usize) {
         self.room.add_permits(permits(len) as usize);
     }
+
+    /// The next chunk (its room freed), or None when the sender is gone.
+    async fn take(&mut self) -> Option<Vec<u8>> {
+        let c = self.rx.recv().await?;
+        self.written(c.len());
+        Some(c)
+    }
+
+    /// A chunk already queued (its room freed), if any.
+    fn try_take(&mut self) -> Option<Vec<u8>> {
+        let c = self.rx.try_recv().ok()?;
+        self.written(c.len());
+        Some(c)
+    }
 }
 
 impl Drop for StreamQueueRx {
@@ -325,8 +356,40 @@ impl Drop for StreamQueueRx {
     }
 }
 
-/// Largest batch of records per request (below the API's body limit).
+/// Batch of records per request of the workload's description and token (records are
+/// never split).
 const BATCH: usize = 1 << 20;
+
+/// Largest batch of a VM stream's records per request: the sender takes whatever qemu
+/// wrote meanwhile (up to this), so a backlog goes in few requests. The records route
+/// accepts [`RECORDS_BODY_LIMIT`].
+const VM_BATCH_MAX: usize = 8 << 20;
+
+/// The records route's body limit: a batch plus one record.
+pub(crate) const RECORDS_BODY_LIMIT: usize = VM_BATCH_MAX + proto::MAX_RECORD + (64 << 10);
+
+/// A VM's outgoing stream, started (qemu migrating into the queue).
+struct OutgoingVm {
+    rx: StreamQueueRx,
+    reader: tokio::task::JoinHandle<Result<(caas_workload::qmp::MigrationInfo, Instant), String>>,
+    /// Bytes qemu wrote so far.
+    queued: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl OutgoingVm {
+    /// Bytes qemu wrote so far (before the key: what waited here).
+    fn queued(&self) -> u64 {
+        self.queued.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Where a VM stream's sender waited (VERBOSE timings).
+#[derive(Default)]
+struct StreamStats {
+    wait_qemu_ms: f64,
+    wait_target_ms: f64,
+    requests: u64,
+}
 
 /// The name under which the source's qemu holds the migration pipe.
 const VM_FD: &str = "caas-migrate";
@@ -399,77 +462,81 @@ impl Agent {
         vm_id: &str,
         call: &MigrateCall,
     ) -> Result<MigrateResult, Error> {
+        let received = Instant::now();
         let mut timings = Vec::new();
         let (h2, launch_r, transfer, secrets) = self.tl.migration_source(vm_id).await?;
         let driver = transfer.driver.clone();
         let has_volumes = !transfer.volumes.is_empty();
-        // 1. The TTP attests the target in the workload's profile.
-        let t = Instant::now();
-        let ttp = self.ttp().await?;
-        let req = MigrateRequest {
-            source: self.cfg.name.clone(),
-            vm_id: vm_id.to_string(),
-            launch_r,
-            h2,
-            target: call.to.clone(),
-            r: caas_tl::crypto::random32()?.to_vec(),
-            t_ms: caas_attest::now_ms(),
+        // A VM's qemu starts its live migration at once, into a bounded buffer in this
+        // agent's memory (`SOURCE_BUFFER_BYTES`): its pre-copy overlaps the TTP's
+        // attestation of the target and the key agreement. Nothing of it is sealed or
+        // sent before both succeeded; if either fails, qemu's migration is cancelled and
+        // the guest runs on here.
+        let mut vm_stream = if driver == "qemu" {
+            Some(self.start_vm_stream(vm_id).await?)
+        } else {
+            None
         };
-        let resp: Signed = self
-            .ttp_request(
-                label::MIGRATE_REQUEST,
-                "/v1/tl/migrate",
-                wire::to_bytes(&req),
-            )
-            .await?;
-        let st = proto::verify_statement(
-            &resp,
-            &ttp.sign,
-            &self.cfg.name,
-            &call.to,
-            vm_id,
-            caas_attest::now_ms(),
-        )?;
-        if !caas_tl::crypto::ct_eq(&st.r, &req.r) {
-            return Err(Error::Tl(caas_tl::Error::rejected(
-                "nonce_mismatch",
-                "the statement answers another request",
-            )));
-        }
+        let agreed = self.agree_session(vm_id, call, launch_r, h2).await;
+        let (st, mut sealer, peer, token_context, ttp_ms, key_ms) = match agreed {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some(v) = vm_stream.take() {
+                    self.abandon_vm_stream(vm_id, v).await;
+                }
+                return Err(e);
+            }
+        };
         let migration_id = hex::encode(&st.migration_id);
-        let token_context = crate::token::migration_context(vm_id, &req.h2, &st.migration_id);
-        timings.push(("TTP attests the target (statement)".to_string(), ms(t)));
-        // 2. Session key bound to the target's attested bind key. Only now is the target
-        // contacted.
-        let t = Instant::now();
-        let (init, offer) = proto::Initiator::offer(&resp, st)?;
-        let peer = self.peer_client()?;
+        timings.push(("TTP attests the target (statement)".to_string(), ttp_ms));
+        timings.push(("session key (target's TPM, X25519)".to_string(), key_ms));
         let base = call.to_url.trim_end_matches('/');
-        let accept: MigrateAccept = peer
-            .post(&format!("{base}/v1/agent/migrations"), &offer)
-            .await?;
-        let keys = init.complete(&accept)?;
-        let (mut sealer, _opener) = keys.into_streams(Role::Source)?;
-        timings.push(("session key (target's TPM, X25519)".to_string(), ms(t)));
         // 3. The state, in records.
         let t = Instant::now();
         let url = format!("{base}/v1/agent/migrations/{migration_id}/records");
-        let mut batch = sealer.data(
-            Channel::Control,
-            &proto::control(&Control::Workload(transfer)),
-        )?;
-        batch.extend_from_slice(&sealer.data(Channel::Domain, secrets.bytes())?);
-        drop(secrets);
-        for chunk in split_batches(batch) {
-            let _: RecordsAck = peer.request("POST", &url, Some(chunk), &[]).await?;
+        let first = async {
+            let mut batch = sealer.data(
+                Channel::Control,
+                &proto::control(&Control::Workload(transfer)),
+            )?;
+            batch.extend_from_slice(&sealer.data(Channel::Domain, secrets.bytes())?);
+            drop(secrets);
+            for chunk in split_batches(batch) {
+                let _: RecordsAck = peer.request("POST", &url, Some(chunk), &[]).await?;
+            }
+            Ok::<(), Error>(())
+        }
+        .await;
+        if let Err(e) = first {
+            if let Some(v) = vm_stream.take() {
+                self.abandon_vm_stream(vm_id, v).await;
+            }
+            return Err(e);
         }
         timings.push(("crypto-domain state transfer".to_string(), ms(t)));
         // A VM: when qemu completed (the guest stopped a `downtime` before).
         let mut stopped = None;
         if driver == "qemu" {
             let t = Instant::now();
-            let (info, completed) = self.send_vm(vm_id, &mut sealer, &peer, &url).await?;
-            timings.push(("qemu live migration (encrypted records)".to_string(), ms(t)));
+            let vm = vm_stream
+                .take()
+                .ok_or_else(|| Error::Domain("the VM's stream did not start".into()))?;
+            let buffered = vm.queued();
+            let (info, completed, stats) = self.send_vm(vm, &mut sealer, &peer, &url).await?;
+            timings.push((
+                "qemu live migration (encrypted records, after the key)".to_string(),
+                ms(t),
+            ));
+            timings.push((
+                "  qemu's stream buffered here before the key (MiB)".to_string(),
+                (buffered as f64 / 1048576.0 * 10.0).round() / 10.0,
+            ));
+            timings.push(("  stream: waited for qemu".to_string(), stats.wait_qemu_ms));
+            timings.push((
+                "  stream: waited for the target's acks".to_string(),
+                stats.wait_target_ms,
+            ));
+            timings.push(("  stream: requests".to_string(), stats.requests as f64));
             if let Some(d) = info.downtime_ms {
                 timings.push((
                     "qemu downtime (source: stop to end of stream)".to_string(),
@@ -534,6 +601,7 @@ impl Agent {
             .request::<RecordsAck>("POST", &url, Some(last), &[])
             .await;
         let handover = ms(t);
+        let total = ms(received);
         // The guest's whole downtime: qemu's (its stop to the end of its stream here), then
         // the last records, the token, the commit and the target's resume (its `cont`).
         let downtime = stopped.map(|(d, completed)| d + ms(completed));
@@ -555,6 +623,10 @@ impl Agent {
             handover,
         ));
         timings.extend(ack.timings.iter().cloned());
+        timings.push((
+            "source agent: request received → target resumed the workload".to_string(),
+            total,
+        ));
         if let Some(d) = downtime {
             timings.push((
                 "downtime: guest stopped here → continued on the target".to_string(),
@@ -572,6 +644,77 @@ impl Agent {
         })
     }
 
+    /// Source, steps 1–2: the TTP's statement attesting `call.to` for the workload, then the
+    /// session key with the target (its accept carries the key confirmation only its
+    /// attested TPM state can compute). The target is contacted only after the statement
+    /// verified. Returns the statement, the sealer, the client to the target, the VSM
+    /// token's context and the two phases' times (ms).
+    async fn agree_session(
+        &self,
+        vm_id: &str,
+        call: &MigrateCall,
+        launch_r: Vec<u8>,
+        h2: String,
+    ) -> Result<
+        (
+            MigrationStatement,
+            StreamSealer,
+            caas_attest::client::HttpClient,
+            Vec<u8>,
+            f64,
+            f64,
+        ),
+        Error,
+    > {
+        // 1. The TTP attests the target in the workload's profile.
+        let t = Instant::now();
+        let ttp = self.ttp().await?;
+        let req = MigrateRequest {
+            source: self.cfg.name.clone(),
+            vm_id: vm_id.to_string(),
+            launch_r,
+            h2,
+            target: call.to.clone(),
+            r: caas_tl::crypto::random32()?.to_vec(),
+            t_ms: caas_attest::now_ms(),
+        };
+        let resp: Signed = self
+            .ttp_request(
+                label::MIGRATE_REQUEST,
+                "/v1/tl/migrate",
+                wire::to_bytes(&req),
+            )
+            .await?;
+        let st = proto::verify_statement(
+            &resp,
+            &ttp.sign,
+            &self.cfg.name,
+            &call.to,
+            vm_id,
+            caas_attest::now_ms(),
+        )?;
+        if !caas_tl::crypto::ct_eq(&st.r, &req.r) {
+            return Err(Error::Tl(caas_tl::Error::rejected(
+                "nonce_mismatch",
+                "the statement answers another request",
+            )));
+        }
+        let token_context = crate::token::migration_context(vm_id, &req.h2, &st.migration_id);
+        let ttp_ms = ms(t);
+        // 2. Session key bound to the target's attested bind key. Only now is the target
+        // contacted.
+        let t = Instant::now();
+        let (init, offer) = proto::Initiator::offer(&resp, st.clone())?;
+        let peer = self.peer_client()?;
+        let base = call.to_url.trim_end_matches('/');
+        let accept: MigrateAccept = peer
+            .post(&format!("{base}/v1/agent/migrations"), &offer)
+            .await?;
+        let keys = init.complete(&accept)?;
+        let (sealer, _opener) = keys.into_streams(Role::Source)?;
+        Ok((st, sealer, peer, token_context, ttp_ms, ms(t)))
+    }
+
     /// Source: a VM whose migration is abandoned before the commit continues here.
     async fn continue_here(&self, vm_id: &str) {
         if let Some(qmp) = self.tl.workload_qmp(vm_id).await {
@@ -583,24 +726,21 @@ impl Agent {
         }
     }
 
-    /// Source: qemu's live migration into the stream. qemu writes its migration stream
-    /// (pre-copy while the guest runs, then the stop-and-copy) into a pipe it got by QMP
-    /// `getfd`; every chunk is sealed as a `vm` record and posted to the target. If the
-    /// target refuses a batch, the migration is cancelled and the guest keeps running here.
-    async fn send_vm(
-        &self,
-        vm_id: &str,
-        sealer: &mut StreamSealer,
-        peer: &caas_attest::client::HttpClient,
-        url: &str,
-    ) -> Result<(caas_workload::qmp::MigrationInfo, Instant), Error> {
+    /// Source: starts qemu's live migration into a pipe it got by QMP `getfd`; a thread
+    /// reads the pipe into a queue of at most [`SOURCE_BUFFER_BYTES`] in this agent's
+    /// memory (qemu waits on the pipe while the queue is full). Nothing is sealed or sent
+    /// here: [`Self::send_vm`] does, once the target is attested and the key agreed.
+    async fn start_vm_stream(&self, vm_id: &str) -> Result<OutgoingVm, Error> {
         use caas_workload::qmp::{MigrationUri, Qmp};
         let qmp_path = self
             .tl
             .workload_qmp(vm_id)
             .await
             .ok_or_else(|| Error::Domain("the VM has no QMP socket".into()))?;
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+        let (tx, rx) = stream_queue(SOURCE_BUFFER_BYTES);
+        let queued = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = queued.clone();
+        let rt = tokio::runtime::Handle::current();
         let reader = tokio::task::spawn_blocking(move || -> Result<_, String> {
             let s = |e: &dyn std::fmt::Display| e.to_string();
             let mut q =
@@ -621,11 +761,13 @@ impl Agent {
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(s(&e)),
                 };
-                if tx.blocking_send(buf[..n].to_vec()).is_err() {
-                    // The target refused the stream: qemu stops migrating, the guest runs on.
+                counted.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                if !tx.blocking_send(&rt, buf[..n].to_vec()) {
+                    // The migration was refused or abandoned: qemu stops migrating, the
+                    // guest runs on.
                     drop(r);
                     let _ = q.execute("migrate_cancel", None);
-                    return Err("the target refused the stream".into());
+                    return Err("the migration was abandoned".into());
                 }
             }
             let info = q
@@ -640,31 +782,90 @@ impl Agent {
             }
             Ok((info, completed))
         });
+        Ok(OutgoingVm { rx, reader, queued })
+    }
+
+    /// Source: a VM's stream started before the migration was refused (by the TTP, the
+    /// target, or the first records): its buffered bytes are dropped unsent, qemu's
+    /// migration is cancelled, and the guest continues here (also if qemu completed its
+    /// stream into the buffer already).
+    async fn abandon_vm_stream(&self, vm_id: &str, vm: OutgoingVm) {
+        let OutgoingVm { rx, reader, .. } = vm;
+        drop(rx);
+        let _ = reader.await;
+        self.continue_here(vm_id).await;
+    }
+
+    /// Source: qemu's stream (pre-copy while the guest runs, then the stop-and-copy) from
+    /// its queue into `vm` records, posted to the target in order, one request in flight
+    /// while the next batch is sealed; a batch takes whatever is queued (up to
+    /// [`VM_BATCH_MAX`]). If the target refuses a batch, the migration is cancelled and the
+    /// guest keeps running here.
+    async fn send_vm(
+        &self,
+        vm: OutgoingVm,
+        sealer: &mut StreamSealer,
+        peer: &caas_attest::client::HttpClient,
+        url: &str,
+    ) -> Result<(caas_workload::qmp::MigrationInfo, Instant, StreamStats), Error> {
+        let OutgoingVm { mut rx, reader, .. } = vm;
+        let mut stats = StreamStats::default();
+        type Post = tokio::task::JoinHandle<Result<RecordsAck, Error>>;
+        let mut inflight: Option<Post> = None;
         let sent = async {
-            let mut batch = Vec::new();
-            while let Some(chunk) = rx.recv().await {
-                batch.extend_from_slice(&sealer.data(Channel::Vm, &chunk)?);
-                if batch.len() >= BATCH {
-                    let _: RecordsAck = peer
-                        .request("POST", url, Some(std::mem::take(&mut batch)), &[])
-                        .await?;
+            loop {
+                let t = Instant::now();
+                let Some(first) = rx.take().await else { break };
+                stats.wait_qemu_ms += ms(t);
+                let mut batch = sealer.data(Channel::Vm, &first)?;
+                drop(first);
+                while batch.len() < VM_BATCH_MAX {
+                    let Some(c) = rx.try_take() else { break };
+                    batch.extend_from_slice(&sealer.data(Channel::Vm, &c)?);
                 }
+                if let Some(p) = inflight.take() {
+                    let t = Instant::now();
+                    let _: RecordsAck = p
+                        .await
+                        .map_err(|e| Error::Domain(format!("migration task: {e}")))??;
+                    stats.wait_target_ms += ms(t);
+                }
+                // What qemu wrote while the last request was out goes in this one.
+                while batch.len() < VM_BATCH_MAX {
+                    let Some(c) = rx.try_take() else { break };
+                    batch.extend_from_slice(&sealer.data(Channel::Vm, &c)?);
+                }
+                let (peer, url) = (peer.clone(), url.to_string());
+                stats.requests += 1;
+                inflight = Some(tokio::spawn(async move {
+                    peer.request::<RecordsAck>("POST", &url, Some(batch), &[])
+                        .await
+                        .map_err(Error::from)
+                }));
             }
-            if !batch.is_empty() {
-                let _: RecordsAck = peer.request("POST", url, Some(batch), &[]).await?;
+            if let Some(p) = inflight.take() {
+                let t = Instant::now();
+                let _: RecordsAck = p
+                    .await
+                    .map_err(|e| Error::Domain(format!("migration task: {e}")))??;
+                stats.wait_target_ms += ms(t);
             }
             Ok::<(), Error>(())
         }
         .await;
         if let Err(e) = sent {
+            if let Some(p) = inflight.take() {
+                p.abort();
+            }
             drop(rx);
             let _ = reader.await;
             return Err(e);
         }
-        reader
+        let (info, completed) = reader
             .await
             .map_err(|e| Error::Domain(format!("migration task: {e}")))?
-            .map_err(|e| Error::Domain(format!("qemu: {e}")))
+            .map_err(|e| Error::Domain(format!("qemu: {e}")))?;
+        Ok((info, completed, stats))
     }
 
     /// Target: an offer from the source agent `peer` (its verified certificate's name).
@@ -1000,7 +1201,7 @@ impl Agent {
                     if let Some(t) = m.transfer.as_ref().filter(|t| t.driver == "qemu") {
                         // Prepared in the background: the source goes on with the stream,
                         // whose chunks wait in the queue until qemu reads them.
-                        let (tx, rx) = stream_queue();
+                        let (tx, rx) = stream_queue(VM_QUEUE_BYTES);
                         let agent = std::sync::Arc::clone(self);
                         let (st, t) = (m.statement.clone(), t.clone());
                         let own = DomainSecrets::new(secrets.tau(), secrets.pk_dm());

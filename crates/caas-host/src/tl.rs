@@ -60,7 +60,7 @@ pub struct TlHost {
     ttp: std::sync::RwLock<Option<TtpPublic>>,
     replay: sc::ReplayCache,
     workloads: tokio::sync::Mutex<HashMap<String, Workload>>,
-    audit: std::sync::Mutex<AuditLog>,
+    audit: std::sync::Arc<std::sync::Mutex<AuditLog>>,
     storage: PathBuf,
     run_dir: PathBuf,
     ids: Identities,
@@ -464,10 +464,10 @@ impl TlHost {
             ttp: std::sync::RwLock::new(cfg.ttp_public_key.clone()),
             replay: sc::ReplayCache::default(),
             workloads: tokio::sync::Mutex::new(HashMap::new()),
-            audit: std::sync::Mutex::new(AuditLog::open(
+            audit: std::sync::Arc::new(std::sync::Mutex::new(AuditLog::open(
                 cfg.state_dir.join("audit.jsonl"),
                 audit_key,
-            )),
+            ))),
             storage: cfg.storage_dir.clone(),
             ids: Identities::new(cfg.workload_ids, cfg.isolation, run_dir.clone()),
             run_dir,
@@ -588,9 +588,11 @@ impl TlHost {
     /// its run directory removed right after, off the migration's answer.
     pub(crate) async fn drop_migrated_soon(&self, vm_id: &str) {
         if let Some(mut w) = self.workloads.lock().await.remove(vm_id) {
+            let audit = self.audit.clone();
+            let vm_id = vm_id.to_string();
             tokio::task::spawn_blocking(move || {
                 w.stop();
-                let _ = std::fs::remove_dir_all(&w.dirs.root);
+                remove_run_dir(&audit, &vm_id, &w.dirs);
             });
         }
     }
@@ -598,7 +600,7 @@ impl TlHost {
     pub(crate) async fn drop_migrated(&self, vm_id: &str) {
         if let Some(mut w) = self.workloads.lock().await.remove(vm_id) {
             w.stop();
-            let _ = std::fs::remove_dir_all(&w.dirs.root);
+            remove_run_dir(&self.audit, vm_id, &w.dirs);
         }
     }
 
@@ -1486,7 +1488,7 @@ impl Agent {
             && let Some(mut w) = self.tl.workloads.lock().await.remove(&st.vm_id)
         {
             w.stop();
-            let _ = std::fs::remove_dir_all(&w.dirs.root);
+            remove_run_dir(&self.tl.audit, &st.vm_id, &w.dirs);
         }
         r
     }
@@ -2148,7 +2150,7 @@ impl Agent {
         let r = match self.tl.workloads.lock().await.remove(vm_id) {
             Some(mut w) => {
                 w.stop();
-                let _ = std::fs::remove_dir_all(&w.dirs.root);
+                remove_run_dir(&self.tl.audit, vm_id, &w.dirs);
                 Ok(())
             }
             None => Err(Error::InvalidRequest(format!("no workload {vm_id}"))),
@@ -2656,6 +2658,71 @@ impl Agent {
     }
 }
 
+/// Removes a workload's run directory (its crypto domain stopped) after appending the
+/// crypto domain's own audit records (`domain/domc/audit.log`, chained under the domain's
+/// ephemeral key, which goes with the domain) to the agent's audit log: one `DomainAudit`
+/// record per entry (subject: vm, seq, time, application, PKCS#11 call, slot, object,
+/// mechanism; result: its CK_RV), then `DomainAuditShipped` with the count — or with
+/// `domain_audit_broken` when the file's chain does not link (nothing of it is shipped;
+/// the file is kept aside in the agent's run directory as `<vm>.domc-audit.broken-<ms>`).
+/// Entries carry no key, PIN or data.
+pub(crate) fn remove_run_dir(
+    audit: &std::sync::Mutex<AuditLog>,
+    vm_id: &str,
+    dirs: &crate::identity::RunDirs,
+) {
+    ship_domain_audit(audit, vm_id, dirs);
+    let _ = std::fs::remove_dir_all(&dirs.root);
+}
+
+fn ship_domain_audit(
+    audit: &std::sync::Mutex<AuditLog>,
+    vm_id: &str,
+    dirs: &crate::identity::RunDirs,
+) {
+    let path = dirs.domain.join("domc").join("audit.log");
+    if !path.exists() {
+        return;
+    }
+    let entries = caas_domc::audit::verify_links_only(&path);
+    let Ok(mut a) = audit.lock() else { return };
+    match entries {
+        Ok(entries) => {
+            for e in &entries {
+                a.append(
+                    "DomainAudit",
+                    &format!(
+                        "{vm_id} #{} t={} app={} {} slot={} object={} mech={}",
+                        e.seq, e.time_ms, e.app, e.op, e.slot, e.object, e.mechanism
+                    ),
+                    &e.rv,
+                    "domc",
+                );
+            }
+            a.append(
+                "DomainAuditShipped",
+                &format!("{vm_id} {} records", entries.len()),
+                "ok",
+                "-",
+            );
+        }
+        Err(e) => {
+            tracing::error!(vm = %vm_id, error = %e, "the crypto domain's audit log does not link");
+            let aside = dirs.root.with_file_name(format!(
+                "{vm_id}.domc-audit.broken-{}",
+                caas_attest::now_ms()
+            ));
+            let _ = std::fs::rename(&path, &aside);
+            a.append(
+                "DomainAuditShipped",
+                &format!("{vm_id} kept aside: {}", aside.display()),
+                "domain_audit_broken",
+                "-",
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2938,7 +3005,7 @@ impl Agent {
                 let mut vm = vm_back;
                 vm.stop();
                 w.stop();
-                let _ = std::fs::remove_dir_all(&w.dirs.root);
+                remove_run_dir(&self.tl.audit, vm_id, &w.dirs);
                 Ok(SuspendResult {
                     host: self.cfg.name.clone(),
                     vm_id: vm_id.to_string(),
@@ -3169,7 +3236,7 @@ impl Agent {
         .await;
         if let Err(e) = vols {
             w.stop();
-            let _ = std::fs::remove_dir_all(&w.dirs.root);
+            remove_run_dir(&self.tl.audit, vm_id, &w.dirs);
             return Err(e);
         }
         if !w.volumes.is_empty() {
@@ -3188,7 +3255,7 @@ impl Agent {
             };
             if let Err(e) = imported {
                 w.stop();
-                let _ = std::fs::remove_dir_all(&w.dirs.root);
+                remove_run_dir(&self.tl.audit, vm_id, &w.dirs);
                 return Err(e);
             }
             timings.push(("VSM token imported".to_string(), ms(t)));
@@ -3218,7 +3285,7 @@ impl Agent {
             }
             Err(e) => {
                 w.stop();
-                let _ = std::fs::remove_dir_all(&w.dirs.root);
+                remove_run_dir(&self.tl.audit, vm_id, &w.dirs);
                 Err(e)
             }
         }

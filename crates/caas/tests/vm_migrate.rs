@@ -375,7 +375,10 @@ fn relay(c: &Cloud, target_url: &str, tamper: Tamper) -> Relay {
                             .await,
                     )
                 },
-            ),
+            )
+            // The network forwards whatever the source sends (a VM stream's batches are up
+            // to several MiB).
+            .layer(axum::extract::DefaultBodyLimit::max(64 << 20)),
         )
         .with_state(st);
     let tls = caas_tls::server::server_config(&caas_tls::server::ServerTls {
@@ -573,6 +576,87 @@ fn real_vm_tampered_migration_stream_is_refused_and_the_vm_runs_on() {
     // The guest on the source runs on: τ, disk and VSM.
     let v = connect_ok(&c);
     verify_vsm(&v, &caas_tl::crypto::sha256(&plain));
+}
+
+/// A VM's qemu starts streaming into the source's local buffer while the TTP attests the
+/// target: when the target is outside the profile, none of it leaves the host (the relay
+/// in front of the target sees no request), qemu's migration is cancelled and the guest
+/// runs on at the source (τ, disk, VSM), audited at the source and the TTP.
+#[test]
+fn real_vm_migration_outside_the_profile_sends_nothing_and_the_guest_runs_on() {
+    let c = Cloud::start();
+    let plain = launch_real_vm(&c);
+    connect_ok(&c);
+    c.move_to_other_profile("host-2");
+    let relay = relay(&c, &c.agent("host-2"), Tamper::None);
+    let r = c.migrate("vm1", "host-1", "host-2", &relay.url);
+    assert_refused(&r, "sp_mismatch", "VM to a target outside the profile");
+    assert_eq!(
+        relay.seen.lock().unwrap().requests,
+        0,
+        "bytes of the VM reached the target before it was attested"
+    );
+    assert!(c.agent_audit_has("host-1", "MigrateWorkload", "sp_mismatch"));
+    assert!(c.ks_audit_has("TlMigrate", "sp_mismatch"));
+    assert!(c.workloads("host-2").is_empty());
+    assert_eq!(c.workloads("host-1"), vec!["vm1".to_string()]);
+    // The guest was not left stopped by the cancelled stream: τ, disk and VSM answer.
+    let v = connect_ok(&c);
+    verify_vsm(&v, &caas_tl::crypto::sha256(&plain));
+}
+
+/// The crypto domain keeps its own audit log in the workload's run directory (chained
+/// under its ephemeral domain key), which goes with the workload: its records are appended
+/// to the agent's audit first — on the source after the migration (the VSM's token export
+/// among them), on the target when the operator stops the workload (the import).
+#[test]
+fn domain_audit_is_shipped_to_the_agent_audit_before_the_run_directory_goes() {
+    let c = Cloud::start();
+    c.launch_vm1();
+    connect_ok(&c);
+    c.tenant_ok(&["migrate", "--vm", "vm1", "--to", "host-2"]);
+    let entries = |host: &str| -> Vec<(String, String, String)> {
+        c.call("GET", &format!("{}/v1/agent/audit", c.agent(host)), None)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let f = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+                (f("op"), f("subject"), f("result"))
+            })
+            .collect()
+    };
+    let shipped = |log: &[(String, String, String)], call: &str| {
+        log.iter().any(|(op, s, r)| {
+            op == "DomainAudit" && s.starts_with("vm1 #") && s.contains(call) && r == "0x0"
+        })
+    };
+    let src = entries("host-1");
+    assert!(shipped(&src, "TokenExport"), "source: {src:?}");
+    assert!(
+        src.iter()
+            .any(|(op, s, r)| op == "DomainAuditShipped" && s.starts_with("vm1 ") && r == "ok"),
+        "{src:?}"
+    );
+    // The source's run directory is gone with its copy of the domain's log.
+    let mut files = Vec::new();
+    find_files(
+        &c.root.join("dev/hosts/host-1"),
+        "domc/audit.log",
+        &mut files,
+    );
+    assert!(files.is_empty(), "{files:?}");
+    // The target's domain imported the token; stopping the workload ships its log too.
+    assert!(!shipped(&entries("host-2"), "TokenImport"));
+    c.call(
+        "POST",
+        &format!("{}/v1/agent/workloads/vm1/stop", c.agent("host-2")),
+        Some(&json!({})),
+    )
+    .unwrap();
+    let dst = entries("host-2");
+    assert!(shipped(&dst, "TokenImport"), "target: {dst:?}");
 }
 
 #[test]
