@@ -41,6 +41,10 @@ pub struct NetView {
     pub mac: MacAddr,
     /// The guest's overlay address (`A.B.C.D/P`).
     pub address: String,
+    /// The proxy's end of the VM's NIC and qemu's (host paths).
+    pub proxy_socket: PathBuf,
+    /// qemu's socket, the only sender the proxy accepts.
+    pub vm_socket: PathBuf,
     /// The newest key epoch installed in the proxy.
     pub epoch: u64,
     /// The proxy's counters (`Stats`), when asked for.
@@ -260,6 +264,8 @@ impl NetProxy {
             member: self.member(vm_id),
             mac: self.mac,
             address: format!("{}/{}", self.attach.address, self.attach.prefix_len),
+            proxy_socket: self.proxy_socket.clone(),
+            vm_socket: self.vm_socket.clone(),
             epoch: self.epoch,
             stats: None,
         }

@@ -44,6 +44,9 @@ pub struct TlService<S> {
     next: AtomicUsize,
     /// Placement data of network domains: N → id_vm → (its host's agent URL, the member).
     net: tokio::sync::Mutex<NetPlacements>,
+    /// Whether revocation notices are sent to the agents (tests turn it off to stand for a
+    /// compromised host that drops or ignores its notice; the TTP's side is unchanged).
+    deliver_revocations: bool,
 }
 
 /// N → id_vm → (agent URL, member).
@@ -135,6 +138,7 @@ impl<S: AttestStore> TlService<S> {
             http: caas_attest::client::HttpClient::new(std::time::Duration::from_secs(120)),
             next: AtomicUsize::new(0),
             net: tokio::sync::Mutex::new(NetPlacements::new()),
+            deliver_revocations: true,
         }
     }
 
@@ -142,6 +146,15 @@ impl<S: AttestStore> TlService<S> {
     /// the key service's certificate (`caas_attest::client::HttpClient::with_tls`).
     pub fn with_agent_client(mut self, http: caas_attest::client::HttpClient) -> Self {
         self.http = http;
+        self
+    }
+
+    /// Revocation notices are issued by the TTP (the host cut off, its network domains
+    /// rekeyed) but not sent to the host's agent: for tests standing for a compromised host
+    /// that ignores its notice.
+    #[must_use]
+    pub fn without_revocation_delivery(mut self) -> Self {
+        self.deliver_revocations = false;
         self
     }
 
@@ -424,6 +437,10 @@ impl<S: AttestStore> TlService<S> {
                 return;
             }
         };
+        if !self.deliver_revocations {
+            tracing::warn!(%host, "revocation notice issued, not delivered (test setting)");
+            return;
+        }
         let url = format!("{}/v1/agent/revoke", h.agent_url.trim_end_matches('/'));
         match self.http.post::<_, serde_json::Value>(&url, &notice).await {
             Ok(v) => tracing::warn!(%host, answer = %v, "revocation delivered"),
