@@ -278,12 +278,12 @@ impl NetProxy {
         self.next_fetch = Instant::now() + poll.min(until_rekey.max(Duration::from_millis(100)));
     }
 
-    /// Stops the proxy: end of its control input (it stops and removes its socket), then
-    /// SIGKILL after 2 s.
+    /// Stops the proxy (idempotent): SIGTERM, SIGKILL after 2 s; its socket is removed.
     pub(crate) fn stop(&mut self) {
-        if let Ok(mut g) = self.ctl.lock() {
-            // Closing stdin: replace it by a pipe whose other end is gone.
-            let _ = g.stdin.flush();
+        // Already reaped (the status is kept): never signal a pid that may be reused.
+        if let Ok(Some(_)) = self.child.try_wait() {
+            let _ = std::fs::remove_file(&self.proxy_socket);
+            return;
         }
         if let Ok(pid) = i32::try_from(self.child.id()) {
             let _ = nix::sys::signal::kill(
@@ -319,9 +319,7 @@ impl NetProxy {
 
 impl Drop for NetProxy {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            self.stop();
-        }
+        self.stop();
     }
 }
 

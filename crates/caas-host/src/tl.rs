@@ -325,7 +325,7 @@ impl Workload {
             p.stop();
         }
         // Its network proxy with it (the VM's NIC is gone; the key dies with the process).
-        if let Some(mut n) = self.net.take() {
+        if let Some(n) = self.net.as_mut() {
             n.stop();
         }
         for v in &mut self.volumes {

@@ -379,7 +379,7 @@ fn members_on_two_hosts_are_keyed_by_their_agents_and_exchange_frames() {
         assert!(c.agent_audited(host, "NetKey", &format!("{vm}/lan epoch 1"), "ok"));
         assert!(c.agent_audited(host, "NetPeers", &format!("{vm}/lan n=1"), "ok"));
     }
-    assert!(c.ttp_audited("NetKey", "ok"));
+    assert!(c.ttp_audited("NetKey", "Success"));
     assert!(c.stat("host-2", "vm-b", "rx_frames") >= 1);
     // The key never appears in the management API's answers nor in the proxy's arguments.
     let pid = net_pid(&c, "host-1", "vm-a");
