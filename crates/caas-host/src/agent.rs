@@ -589,7 +589,12 @@ pub const ROUTES: &[RouteSpec] = &[
         Access::Roles(HOSTS),
     ),
     r("POST", "/v1/agent/revoke", Op::Revoke, Access::Roles(KS)),
-    r("POST", "/v1/agent/net/peers", Op::NetPeers, Access::Roles(KS)),
+    r(
+        "POST",
+        "/v1/agent/net/peers",
+        Op::NetPeers,
+        Access::Roles(KS),
+    ),
     r(
         "GET",
         "/v1/agent/workloads/{vm}/net",

@@ -59,14 +59,18 @@ pub type PeersCall = caas_tl::wire::NetPeers;
 /// members with overwhelming probability; a proxy refuses a peer list naming its own id).
 #[must_use]
 pub fn sender_id(n: &str, vm_id: &str) -> u32 {
-    let h = caas_tl::crypto::sha256(&[b"caas-net-sender\0", n.as_bytes(), b"\0", vm_id.as_bytes()].concat());
+    let h = caas_tl::crypto::sha256(
+        &[b"caas-net-sender\0", n.as_bytes(), b"\0", vm_id.as_bytes()].concat(),
+    );
     u32::from_be_bytes([h[0], h[1], h[2], h[3]])
 }
 
 /// The guest NIC's MAC: locally administered unicast, from N and id_vm.
 #[must_use]
 pub fn mac_of(n: &str, vm_id: &str) -> MacAddr {
-    let h = caas_tl::crypto::sha256(&[b"caas-net-mac\0", n.as_bytes(), b"\0", vm_id.as_bytes()].concat());
+    let h = caas_tl::crypto::sha256(
+        &[b"caas-net-mac\0", n.as_bytes(), b"\0", vm_id.as_bytes()].concat(),
+    );
     MacAddr([0x02, h[0], h[1], h[2], h[3], h[4]])
 }
 
@@ -191,9 +195,7 @@ impl NetProxy {
             cmd.arg("--peer-uid").arg(uid.to_string());
         }
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .map_err(Error::io("start the network proxy"))?;
+        let mut child = cmd.spawn().map_err(Error::io("start the network proxy"))?;
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             let _ = child.kill();
             let _ = child.wait();
@@ -202,14 +204,18 @@ impl NetProxy {
         let mut stdout = BufReader::new(stdout);
         // `net ready udp=ADDR vm=PATH`, or end of output when it failed to start.
         let mut line = String::new();
-        let ready = stdout.read_line(&mut line).ok().filter(|n| *n > 0).and_then(|_| {
-            line.trim_end()
-                .strip_prefix("net ready udp=")?
-                .split_whitespace()
-                .next()?
-                .parse::<SocketAddr>()
-                .ok()
-        });
+        let ready = stdout
+            .read_line(&mut line)
+            .ok()
+            .filter(|n| *n > 0)
+            .and_then(|_| {
+                line.trim_end()
+                    .strip_prefix("net ready udp=")?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<SocketAddr>()
+                    .ok()
+            });
         let Some(udp) = ready else {
             let _ = child.kill();
             let st = child.wait().map(|s| s.to_string()).unwrap_or_default();
@@ -446,7 +452,8 @@ impl Agent {
             .iter()
             .filter_map(|(vm, w)| {
                 let n = w.net.as_ref()?;
-                (n.next_fetch <= now).then(|| (vm.clone(), n.attach.domain.clone(), n.epoch, n.ctl()))
+                (n.next_fetch <= now)
+                    .then(|| (vm.clone(), n.attach.domain.clone(), n.epoch, n.ctl()))
             })
             .collect();
         let poll = Duration::from_millis(self.cfg.net.key_poll_ms);
@@ -461,14 +468,20 @@ impl Agent {
                     if r.is_ok() {
                         self.note_epoch(&vm, epoch, g.rekey_at_ms).await;
                     } else {
-                        self.note_epoch(&vm, have, caas_attest::now_ms() + self.cfg.net.key_poll_ms).await;
+                        self.note_epoch(
+                            &vm,
+                            have,
+                            caas_attest::now_ms() + self.cfg.net.key_poll_ms,
+                        )
+                        .await;
                     }
                 }
                 Ok(g) => self.note_epoch(&vm, have, g.rekey_at_ms).await,
                 Err(e) => {
                     tracing::warn!(vm = %vm, net_domain = %domain, code = crate::tl::error_code(&e), error = %e, "network key refused");
                     self.tl.audit("NetKey", &subject, &Err::<(), _>(e));
-                    let at = caas_attest::now_ms() + u64::try_from(poll.as_millis()).unwrap_or(u64::MAX);
+                    let at =
+                        caas_attest::now_ms() + u64::try_from(poll.as_millis()).unwrap_or(u64::MAX);
                     self.note_epoch(&vm, have, at).await;
                 }
             }

@@ -258,7 +258,10 @@ impl<S: AttestStore> TlService<S> {
             .await
             .entry(n.to_string())
             .or_default()
-            .insert(vm_id.to_string(), (agent_url.trim_end_matches('/').to_string(), member));
+            .insert(
+                vm_id.to_string(),
+                (agent_url.trim_end_matches('/').to_string(), member),
+            );
         self.net_push(n).await;
     }
 

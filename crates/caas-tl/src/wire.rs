@@ -297,7 +297,9 @@ impl NetAttach {
         let (a, p) = s
             .split_once('/')
             .ok_or_else(|| format!("{s:?}: expected A.B.C.D/PREFIX"))?;
-        let a = a.parse().map_err(|_| format!("{s:?}: not an IPv4 address"))?;
+        let a = a
+            .parse()
+            .map_err(|_| format!("{s:?}: not an IPv4 address"))?;
         let p = p.parse().map_err(|_| format!("{s:?}: bad prefix length"))?;
         Ok((a, p))
     }

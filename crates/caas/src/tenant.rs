@@ -444,11 +444,7 @@ pub async fn provision(
 
 /// `--net-domain N [--net-addr A.B.C.D/P]` of a launch (default address: 10.77.X.Y/16,
 /// X.Y from a hash of the VM's id, never .0 nor the broadcast).
-pub fn net_attach(
-    domain: &str,
-    addr: Option<&str>,
-    vm: &str,
-) -> Result<caas_tl::wire::NetAttach> {
+pub fn net_attach(domain: &str, addr: Option<&str>, vm: &str) -> Result<caas_tl::wire::NetAttach> {
     let (address, prefix_len) = match addr {
         Some(a) => caas_tl::wire::NetAttach::parse_addr(a).map_err(anyhow::Error::msg)?,
         None => {

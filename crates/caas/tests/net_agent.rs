@@ -143,7 +143,11 @@ impl Cloud {
     }
 
     fn env(&self, k: &str) -> String {
-        self.dev.env.get(k).cloned().unwrap_or_else(|| panic!("{k}"))
+        self.dev
+            .env
+            .get(k)
+            .cloned()
+            .unwrap_or_else(|| panic!("{k}"))
     }
 
     fn agent(&self, host: &str) -> String {
@@ -341,7 +345,11 @@ fn pid_alive(pid: u32) -> bool {
 
 fn net_pid(c: &Cloud, host: &str, vm: &str) -> u32 {
     let ws = c
-        .call("GET", &format!("{}/v1/agent/workloads", c.agent(host)), None)
+        .call(
+            "GET",
+            &format!("{}/v1/agent/workloads", c.agent(host)),
+            None,
+        )
         .unwrap();
     ws.as_array()
         .unwrap()
@@ -365,8 +373,14 @@ fn two_members(c: &Cloud) -> (Nic, Nic) {
     assert_eq!(na["epoch"], json!(1), "{na}");
     assert_eq!(nb["epoch"], json!(1), "{nb}");
     let (a, b) = (Nic::attach(&na), Nic::attach(&nb));
-    assert!(a.reaches(&b, b"hello-b", 20), "a frame from vm-a never reached vm-b");
-    assert!(b.reaches(&a, b"hello-a", 20), "a frame from vm-b never reached vm-a");
+    assert!(
+        a.reaches(&b, b"hello-b", 20),
+        "a frame from vm-a never reached vm-b"
+    );
+    assert!(
+        b.reaches(&a, b"hello-a", 20),
+        "a frame from vm-b never reached vm-a"
+    );
     (a, b)
 }
 
@@ -428,7 +442,11 @@ fn a_vm_of_another_network_domain_gets_nothing_through() {
     for _ in 0..20 {
         cnic.send(b"from-other");
     }
-    assert_eq!(a.received(b"from-other", 1000), 0, "a foreign frame got through");
+    assert_eq!(
+        a.received(b"from-other", 1000),
+        0,
+        "a foreign frame got through"
+    );
     c.wait(5, "foreign frames counted", || {
         c.stat("host-1", "vm-a", "rx_foreign_domain") >= before + 20
     });
@@ -437,8 +455,19 @@ fn a_vm_of_another_network_domain_gets_nothing_through() {
     // refuses `lan`'s key (not in the signed request's domains), the launch fails, both
     // audited.
     let mut call = c.captured_launch(&[
-        "launch", "--id", "web", "--vm", "vm-e", "--host", "host-2", "--domains", "finance",
-        "--net-domain", "other", "--net-addr", "10.9.0.5/24",
+        "launch",
+        "--id",
+        "web",
+        "--vm",
+        "vm-e",
+        "--host",
+        "host-2",
+        "--domains",
+        "finance",
+        "--net-domain",
+        "other",
+        "--net-addr",
+        "10.9.0.5/24",
     ]);
     call["net"]["domain"] = json!("lan");
     call.as_object_mut().unwrap().remove("host");
@@ -468,14 +497,22 @@ fn leaving_member_is_cut_off(c: &Cloud, leave: impl FnOnce(&Cloud), code: &str) 
         c.agent_audited("host-2", "NetKey", "vm-b/lan", code)
     });
     assert!(c.ttp_audited("NetKey", code), "TTP audit of {code}");
-    assert_eq!(c.net("host-2", "vm-b")["epoch"], json!(1), "host-2 got a new key");
+    assert_eq!(
+        c.net("host-2", "vm-b")["epoch"],
+        json!(1),
+        "host-2 got a new key"
+    );
     // The overlap: vm-a's proxy still accepts epoch 1 for RETIRE_MS after epoch 2 came.
     std::thread::sleep(Duration::from_millis(RETIRE_MS + 1000));
     let before = c.stat("host-1", "vm-a", "rx_unknown_epoch");
     for _ in 0..10 {
         b.send(b"after-retire");
     }
-    assert_eq!(a.received(b"after-retire", 1000), 0, "host-2's frame accepted");
+    assert_eq!(
+        a.received(b"after-retire", 1000),
+        0,
+        "host-2's frame accepted"
+    );
     c.wait(5, "host-2's frames refused as of an unknown epoch", || {
         c.stat("host-1", "vm-a", "rx_unknown_epoch") >= before + 10
     });
@@ -552,8 +589,17 @@ fn host_outside_the_profile_gets_no_new_network_key_and_its_frames_stop() {
     );
     // A new VM of `lan` on host-2 under the old profile is not launched at all.
     let (ok, out) = c.tenant(&[
-        "launch", "--id", "web", "--vm", "vm-d", "--host", "host-2", "--domains", "finance",
-        "--net-domain", "lan",
+        "launch",
+        "--id",
+        "web",
+        "--vm",
+        "vm-d",
+        "--host",
+        "host-2",
+        "--domains",
+        "finance",
+        "--net-domain",
+        "lan",
     ]);
     assert!(!ok, "{out}");
 }

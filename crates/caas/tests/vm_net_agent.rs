@@ -50,8 +50,21 @@ fn two_vms_launched_through_their_agents_talk_over_the_overlay() {
             &root,
             &dev,
             &[
-                "launch", "--id", "legacy", "--vm", vm, "--host", host, "--driver", "qemu",
-                "--domains", "finance", "--net-domain", "lan", "--net-addr", addr,
+                "launch",
+                "--id",
+                "legacy",
+                "--vm",
+                vm,
+                "--host",
+                host,
+                "--driver",
+                "qemu",
+                "--domains",
+                "finance",
+                "--net-domain",
+                "lan",
+                "--net-addr",
+                addr,
             ],
         );
         assert!(out.contains("\"net\""), "{out}");
@@ -68,7 +81,11 @@ fn two_vms_launched_through_their_agents_talk_over_the_overlay() {
     let recv = wait_line(&root, "host-1", "vm-a", "caas-net-recv ", limit);
     let sent = sent.split_whitespace().nth(1).unwrap().to_string();
     let mut r = recv.split_whitespace().skip(1);
-    assert_eq!(r.next(), Some(sent.as_str()), "checksum: sent {sent}, {recv}");
+    assert_eq!(
+        r.next(),
+        Some(sent.as_str()),
+        "checksum: sent {sent}, {recv}"
+    );
     assert_eq!(r.next(), Some("1048576"), "{recv}");
     println!(
         "two VMs through their agents' proxies: {rtt}; 1 MiB TCP, SHA-256 {sent} on both sides; {:.1} s from the first launch",
