@@ -1900,6 +1900,9 @@ impl Agent {
         if driver != "process" && driver != "qemu" {
             return Err(Error::InvalidRequest(format!("unknown driver {driver}")));
         }
+        if let Some(n) = &call.net {
+            n.check()?;
+        }
         Ok(driver)
     }
 
