@@ -190,6 +190,7 @@ async fn run() {
                 driver: Some(driver.clone()),
                 volumes: vec![],
                 network: false,
+                net: None,
             },
             t.tau,
         )

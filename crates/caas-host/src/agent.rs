@@ -450,6 +450,10 @@ pub enum Op {
     RecipientDocument,
     /// Open a `CiphertextForRecipient` in the TPM (the document's caller only).
     RecipientOpen,
+    /// The scheduler's member list of a network domain (peer discovery, [`crate::net`]).
+    NetPeers,
+    /// A workload's network attachment and its proxy's counters (no key material).
+    NetStatus,
 }
 
 impl Op {
@@ -475,6 +479,8 @@ impl Op {
             Op::MigrationRecords => "MigrationRecords",
             Op::RecipientDocument => "RecipientDocument",
             Op::RecipientOpen => "RecipientOpen",
+            Op::NetPeers => "NetPeers",
+            Op::NetStatus => "NetStatus",
         }
     }
 }
@@ -583,6 +589,18 @@ pub const ROUTES: &[RouteSpec] = &[
         Access::Roles(HOSTS),
     ),
     r("POST", "/v1/agent/revoke", Op::Revoke, Access::Roles(KS)),
+    r(
+        "POST",
+        "/v1/agent/net/peers",
+        Op::NetPeers,
+        Access::Roles(KS),
+    ),
+    r(
+        "GET",
+        "/v1/agent/workloads/{vm}/net",
+        Op::NetStatus,
+        Access::Roles(OPS),
+    ),
     r("GET", "/v1/agent/audit", Op::GetAudit, Access::Roles(OPS)),
     r(
         "POST",
@@ -726,6 +744,19 @@ fn handler(op: Op) -> MethodRouter<Arc<Agent>> {
                 r.map(Json).map_err(ApiError)
             },
         ),
+        Op::NetPeers => post(
+            |State(a): State<Arc<Agent>>, Json(c): Json<crate::net::PeersCall>| async move {
+                a.net_peers(&c)
+                    .await
+                    .map(|m| Json(serde_json::json!({ "members": m })))
+                    .map_err(ApiError)
+            },
+        ),
+        Op::NetStatus => get(
+            |State(a): State<Arc<Agent>>, Path(vm): Path<String>| async move {
+                a.net_status(&vm).await.map(Json).map_err(ApiError)
+            },
+        ),
         Op::DevMeasure => post(
             |State(a): State<Arc<Agent>>, Json(m): Json<DevMeasure>| async move {
                 a.dev_measure(m.pcr, m.data.as_bytes())
@@ -861,6 +892,7 @@ pub async fn spawn(cfg: AgentConfig) -> Result<RunningAgent, Error> {
         );
     });
     let a2 = agent.clone();
+    let net = tokio::spawn(crate::net::refresh_loop(Arc::downgrade(&agent)));
     let task = tokio::spawn(async move {
         let enroll = tokio::spawn(async move {
             loop {
@@ -880,6 +912,7 @@ pub async fn spawn(cfg: AgentConfig) -> Result<RunningAgent, Error> {
             tracing::error!(error = %e, "host agent API stopped");
         }
         enroll.abort();
+        net.abort();
     });
     Ok(RunningAgent { agent, url, task })
 }

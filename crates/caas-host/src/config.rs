@@ -75,6 +75,46 @@ pub struct RawConfig {
     pub mode: Mode,
     /// The agent API's TLS (required).
     pub tls: RawTls,
+    /// `[net]`: the VMs' network proxies (`docs/network-sdp.md`).
+    #[serde(default)]
+    pub net: NetSettings,
+}
+
+/// `[net]`: how the agent runs its VMs' network proxies (`caas net serve`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetSettings {
+    /// How often each network proxy's key is asked for again (ms; also before the TTP's
+    /// `rekey_at`): a rekey on revocation or on an operator's demand reaches the members
+    /// within this long.
+    #[serde(default = "default_key_poll_ms")]
+    pub key_poll_ms: u64,
+    /// The proxy's `--switch-after-ms`.
+    #[serde(default = "default_switch_after_ms")]
+    pub switch_after_ms: u64,
+    /// The proxy's `--retire-after-ms` (how long the previous epoch is still accepted).
+    #[serde(default = "default_retire_after_ms")]
+    pub retire_after_ms: u64,
+}
+
+fn default_key_poll_ms() -> u64 {
+    60_000
+}
+fn default_switch_after_ms() -> u64 {
+    2_000
+}
+fn default_retire_after_ms() -> u64 {
+    30_000
+}
+
+impl Default for NetSettings {
+    fn default() -> Self {
+        Self {
+            key_poll_ms: default_key_poll_ms(),
+            switch_after_ms: default_switch_after_ms(),
+            retire_after_ms: default_retire_after_ms(),
+        }
+    }
 }
 
 /// `[tls]`: the deployment PKI as this agent uses it.
@@ -203,6 +243,8 @@ pub struct AgentConfig {
     pub mode: Mode,
     /// The agent's TLS files (server certificate, client CA).
     pub tls: caas_tls::server::ServerTls,
+    /// `[net]`.
+    pub net: NetSettings,
 }
 
 impl AgentConfig {
@@ -329,7 +371,15 @@ impl RawConfig {
             client_ca: Some(self.tls.ca),
             crl: self.tls.crl,
         };
+        if self.net.key_poll_ms < 100 || self.net.retire_after_ms < self.net.switch_after_ms {
+            return Err(Error::Config(
+                "[net]: key_poll_ms must be at least 100 and retire_after_ms at least \
+                 switch_after_ms"
+                    .into(),
+            ));
+        }
         Ok(AgentConfig {
+            net: self.net,
             mode: self.mode,
             tls,
             run_dir,

@@ -157,6 +157,7 @@ impl DevHosts {
                 // As root, dev hosts isolate workloads as production does; otherwise they
                 // fall back to the agent's identity with a warning.
                 isolation: crate::config::Isolation::BestEffort,
+                net: dev_net_settings(),
             };
             let toml = toml::to_string(&raw).map_err(|e| Error::Config(e.to_string()))?;
             std::fs::write(&config_path, toml)
@@ -323,5 +324,22 @@ impl DevHosts {
         }
         s.push_str(&format!("CAAS_PROFILE={profile}\n"));
         s
+    }
+}
+
+/// Dev hosts' `[net]`: the defaults, each overridable by `CAAS_DEV_NET_KEY_POLL_MS`,
+/// `CAAS_DEV_NET_SWITCH_AFTER_MS`, `CAAS_DEV_NET_RETIRE_AFTER_MS` (tests shorten them).
+fn dev_net_settings() -> crate::config::NetSettings {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let d = crate::config::NetSettings::default();
+    crate::config::NetSettings {
+        key_poll_ms: env("CAAS_DEV_NET_KEY_POLL_MS", d.key_poll_ms),
+        switch_after_ms: env("CAAS_DEV_NET_SWITCH_AFTER_MS", d.switch_after_ms),
+        retire_after_ms: env("CAAS_DEV_NET_RETIRE_AFTER_MS", d.retire_after_ms),
     }
 }

@@ -11,6 +11,7 @@ pub mod dev;
 pub mod error;
 pub mod identity;
 pub mod migrate;
+pub mod net;
 pub mod pki;
 pub mod recipient;
 pub mod tl;

@@ -436,6 +436,9 @@ impl Agent {
     async fn migrate_out(&self, vm_id: &str, call: &MigrateCall) -> Result<MigrateResult, Error> {
         wire::check_name("vm_id", vm_id)?;
         wire::check_name("host", &call.to)?;
+        if self.tl.has_net(vm_id).await {
+            return Err(crate::tl::net_attached(vm_id));
+        }
         let busy = || Error::Domain("migration state".into());
         if !self
             .tl

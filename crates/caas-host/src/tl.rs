@@ -59,7 +59,7 @@ fn caller() -> String {
 pub struct TlHost {
     ttp: std::sync::RwLock<Option<TtpPublic>>,
     replay: sc::ReplayCache,
-    workloads: tokio::sync::Mutex<HashMap<String, Workload>>,
+    pub(crate) workloads: tokio::sync::Mutex<HashMap<String, Workload>>,
     audit: std::sync::Arc<std::sync::Mutex<AuditLog>>,
     storage: PathBuf,
     run_dir: PathBuf,
@@ -246,7 +246,7 @@ impl std::fmt::Debug for IncomingVm {
 }
 
 /// A launched workload and its crypto domain.
-struct Workload {
+pub(crate) struct Workload {
     vm_id: String,
     image_id: String,
     h2: String,
@@ -275,6 +275,8 @@ struct Workload {
     /// The identities its crypto domain and the workload run under (returned when
     /// dropped, after the processes are stopped).
     identity: LaunchIds,
+    /// Its network proxy, when attached to a network domain ([`crate::net`]).
+    pub(crate) net: Option<crate::net::NetProxy>,
 }
 
 impl std::fmt::Debug for Workload {
@@ -322,6 +324,10 @@ impl Workload {
         for p in self.procs.iter_mut().filter(|p| p.what == "workload") {
             p.stop();
         }
+        // Its network proxy with it (the VM's NIC is gone; the key dies with the process).
+        if let Some(n) = self.net.as_mut() {
+            n.stop();
+        }
         for v in &mut self.volumes {
             v.proc.stop();
         }
@@ -352,6 +358,7 @@ impl Workload {
                 .procs
                 .iter()
                 .map(|p| format!("{}:{}", p.what, p.pid()))
+                .chain(self.net.as_ref().map(|n| format!("net:{}", n.pid())))
                 .collect(),
             volumes: self
                 .volumes
@@ -363,6 +370,7 @@ impl Workload {
                 })
                 .collect(),
             started_ms: self.started_ms,
+            net: self.net.as_ref().map(|n| n.view(&self.vm_id)),
         }
     }
 }
@@ -398,6 +406,9 @@ pub struct WorkloadView {
     pub volumes: Vec<VolumeView>,
     /// Start time (Unix ms).
     pub started_ms: u64,
+    /// Its network attachment (the member the scheduler tells the other members about).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<crate::net::NetView>,
 }
 
 /// An attached DBSP volume.
@@ -553,6 +564,26 @@ impl TlHost {
         self.workloads.lock().await.contains_key(vm_id)
     }
 
+    /// Whether `vm_id` is attached to a network domain.
+    pub(crate) async fn has_net(&self, vm_id: &str) -> bool {
+        self.workloads
+            .lock()
+            .await
+            .get(vm_id)
+            .is_some_and(|w| w.net.is_some())
+    }
+
+    /// `NetProxyStop` for a workload leaving the table with a network proxy.
+    fn audit_net_stop(&self, w: &Workload) {
+        if let Some(n) = &w.net {
+            self.audit(
+                "NetProxyStop",
+                &format!("{}/{}", w.vm_id, n.attach.domain),
+                &Ok::<(), Error>(()),
+            );
+        }
+    }
+
     /// Live migration, source: the VM stopped; its volumes' proxies stop now (SIGTERM: they
     /// flush, mark the volumes clean and release their locks) so the target can open them.
     pub(crate) async fn release_volumes(&self, vm_id: &str) {
@@ -677,8 +708,17 @@ fn sha256_file(path: &Path) -> Result<[u8; 32], Error> {
     Ok(out)
 }
 
+/// A VM attached to a network domain is not suspended or migrated: its saved state holds
+/// the overlay NIC, which the resuming host would have to recreate with its own proxy.
+pub(crate) fn net_attached(vm_id: &str) -> Error {
+    Error::InvalidRequest(format!(
+        "workload {vm_id} is attached to a network domain: stop it and launch it again \
+         (suspend and migration of a networked VM are not supported yet)"
+    ))
+}
+
 /// The `caas` executable the crypto domains and workloads are started from.
-fn caas_exe() -> Result<String, Error> {
+pub(crate) fn caas_exe() -> Result<String, Error> {
     let exe = std::env::var_os("CAAS_EXE")
         .map(PathBuf::from)
         .map_or_else(std::env::current_exe, Ok)
@@ -1151,7 +1191,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
 /// reaches it from its machine (the channel is authenticated by τ, and the workload proves
 /// itself to the DM); loopback when the agent listens on every address (the endpoint the
 /// tenant is given must be one address) — set `listen` to the host's address then.
-fn workload_listen_ip(agent: std::net::IpAddr) -> std::net::IpAddr {
+pub(crate) fn workload_listen_ip(agent: std::net::IpAddr) -> std::net::IpAddr {
     if agent.is_unspecified() {
         std::net::IpAddr::from([127, 0, 0, 1])
     } else {
@@ -1172,6 +1212,7 @@ async fn start_workload(
     id: RunAs,
     listen_ip: std::net::IpAddr,
     incoming: bool,
+    network: Option<caas_workload::NetSpec>,
 ) -> Result<(Proc, String), Error> {
     let wl = |e: caas_workload::Error| Error::Domain(format!("workload: {e}"));
     // τ, pk_DM and the PIN: 0600 files of the workload's identity only, which it deletes
@@ -1196,7 +1237,7 @@ async fn start_workload(
             slot: 0,
         }),
         volumes,
-        network: None,
+        network,
     };
     use caas_workload::driver::{Driver, ProcessDriver, QemuDriver};
     let driver: Box<dyn Driver> = match driver {
@@ -1523,6 +1564,7 @@ impl Agent {
             started_ms: now,
             dirs,
             identity,
+            net: None,
         };
         let (dir, disk, vsm_socket, run_as) = (
             w.dirs.workload.clone(),
@@ -1576,6 +1618,7 @@ impl Agent {
             run_as,
             workload_listen_ip(self.cfg.listen.ip()),
             true,
+            None,
         )
         .await?;
         drop(injected);
@@ -1754,6 +1797,7 @@ impl Agent {
                 })
                 .collect(),
             network: false,
+            net: None,
         };
         wire::check_name("image id", &call.image_id)?;
         self.check_new_workload(&call).await?;
@@ -1857,6 +1901,9 @@ impl Agent {
         let driver = call.driver.as_deref().unwrap_or("process");
         if driver != "process" && driver != "qemu" {
             return Err(Error::InvalidRequest(format!("unknown driver {driver}")));
+        }
+        if let Some(n) = &call.net {
+            n.check()?;
         }
         Ok(driver)
     }
@@ -2024,6 +2071,7 @@ impl Agent {
             started_ms: now,
             dirs,
             identity,
+            net: None,
         };
         let vm_id = call.vm_id.clone();
         self.tl.workloads.lock().await.insert(vm_id.clone(), w);
@@ -2046,6 +2094,7 @@ impl Agent {
             Err(e) => {
                 if let Some(mut w) = g.remove(&vm_id) {
                     w.stop();
+                    self.tl.audit_net_stop(&w);
                 }
                 Err(e)
             }
@@ -2106,6 +2155,15 @@ impl Agent {
             pk_dm: pk,
             tls,
         };
+        let network = match &call.net {
+            Some(n) => {
+                let t = Instant::now();
+                let spec = self.start_net(&call.vm_id, n, &dir, id, driver).await?;
+                timings.push(("network proxy keyed (TTP, TPM)".to_string(), ms(t)));
+                spec
+            }
+            None => None,
+        };
         let (proc, endpoint) = start_workload(
             &call.vm_id,
             &dir,
@@ -2118,6 +2176,7 @@ impl Agent {
             id,
             workload_listen_ip(self.cfg.listen.ip()),
             false,
+            network,
         )
         .await?;
         drop(injected);
@@ -2150,6 +2209,7 @@ impl Agent {
         let r = match self.tl.workloads.lock().await.remove(vm_id) {
             Some(mut w) => {
                 w.stop();
+                self.tl.audit_net_stop(&w);
                 remove_run_dir(&self.tl.audit, vm_id, &w.dirs);
                 Ok(())
             }
@@ -2541,9 +2601,14 @@ impl Agent {
 
     /// NetKeyReq (AK-signed, `docs/network-sdp.md` §Keys) for running workload `vm_id`:
     /// the TTP's grant of network domain `net_domain`'s current key, sealed to this host's
-    /// bind key, opened by the TPM here. Returns the epoch and K_{N,e}, for the workload's
-    /// `caas net serve` (`Key{epoch,key}` on its control channel).
-    pub async fn net_key(&self, vm_id: &str, net_domain: &str) -> Result<(u64, SecretKey), Error> {
+    /// bind key, opened by the TPM here. Returns the epoch, K_{N,e} and when the TTP rekeys
+    /// at the latest, for the workload's `caas net serve` (`Key{epoch,key}` on its control
+    /// channel, [`crate::net`]).
+    pub async fn net_key(
+        &self,
+        vm_id: &str,
+        net_domain: &str,
+    ) -> Result<crate::net::NetGrant, Error> {
         let (launch_r, h2, sp, dk) = {
             let g = self.tl.workloads.lock().await;
             let w = g
@@ -2577,7 +2642,11 @@ impl Agent {
         let key = self.bind_decrypt(rsa).await?;
         let k = sc::open_netkey(&key, &g)?;
         drop(key);
-        Ok((g.epoch, k))
+        Ok(crate::net::NetGrant {
+            epoch: g.epoch,
+            key: k,
+            rekey_at_ms: g.rekey_at_ms,
+        })
     }
 
     /// The TTP's notice that this host is no longer trusted: every crypto domain is stopped
@@ -2615,6 +2684,7 @@ impl Agent {
             let n = g.len();
             for (_, mut w) in g.drain() {
                 w.stop();
+                self.tl.audit_net_stop(&w);
             }
             tracing::warn!(
                 stopped = n,
@@ -2848,6 +2918,9 @@ impl Agent {
                 return Err(Error::InvalidRequest(format!(
                     "workload {vm_id} is not a VM (suspend needs the qemu driver)"
                 )));
+            }
+            if w.net.is_some() {
+                return Err(net_attached(vm_id));
             }
             // Not carried by a saved state yet (docs/suspend-migrate.md, limits): refused
             // rather than resumed without them.
@@ -3199,6 +3272,7 @@ impl Agent {
             started_ms: now,
             dirs,
             identity: id,
+            net: None,
         };
         let (dir, disk, vsm_socket, run_as) = (
             w.dirs.workload.clone(),

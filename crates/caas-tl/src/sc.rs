@@ -557,6 +557,7 @@ mod tests {
             driver: None,
             volumes: vec![],
             network: false,
+            net: None,
         };
         assert!(verify_launch(&call, now).is_ok());
         let stale = verify_launch(&call, now + wire::FRESHNESS_MS + 1);

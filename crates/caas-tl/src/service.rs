@@ -42,7 +42,18 @@ pub struct TlService<S> {
     store: Arc<S>,
     http: caas_attest::client::HttpClient,
     next: AtomicUsize,
+    /// Placement data of network domains: N → id_vm → (its host's agent URL, the member).
+    net: tokio::sync::Mutex<NetPlacements>,
+    /// Whether revocation notices are sent to the agents (tests turn it off to stand for a
+    /// compromised host that drops or ignores its notice; the TTP's side is unchanged).
+    deliver_revocations: bool,
 }
+
+/// N → id_vm → (agent URL, member).
+type NetPlacements = std::collections::HashMap<
+    String,
+    std::collections::BTreeMap<String, (String, crate::wire::NetMember)>,
+>;
 
 impl<S> std::fmt::Debug for TlService<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -126,6 +137,8 @@ impl<S: AttestStore> TlService<S> {
             store,
             http: caas_attest::client::HttpClient::new(std::time::Duration::from_secs(120)),
             next: AtomicUsize::new(0),
+            net: tokio::sync::Mutex::new(NetPlacements::new()),
+            deliver_revocations: true,
         }
     }
 
@@ -133,6 +146,15 @@ impl<S: AttestStore> TlService<S> {
     /// the key service's certificate (`caas_attest::client::HttpClient::with_tls`).
     pub fn with_agent_client(mut self, http: caas_attest::client::HttpClient) -> Self {
         self.http = http;
+        self
+    }
+
+    /// Revocation notices are issued by the TTP (the host cut off, its network domains
+    /// rekeyed) but not sent to the host's agent: for tests standing for a compromised host
+    /// that ignores its notice.
+    #[must_use]
+    pub fn without_revocation_delivery(mut self) -> Self {
+        self.deliver_revocations = false;
         self
     }
 
@@ -202,7 +224,8 @@ impl<S: AttestStore> TlService<S> {
         }
         let h = &hosts[self.next.fetch_add(1, Ordering::Relaxed) % hosts.len()];
         let url = format!("{}/v1/agent/workloads", h.agent_url.trim_end_matches('/'));
-        self.http
+        let v = self
+            .http
             .post::<_, serde_json::Value>(&url, &req.call)
             .await
             .map_err(|e| match e {
@@ -211,7 +234,98 @@ impl<S: AttestStore> TlService<S> {
                     detail: format!("host {}: {message}", h.name),
                 },
                 other => crate::Error::rejected("host_unreachable", other.to_string()),
-            })
+            })?;
+        if let Some(n) = &req.call.net {
+            self.net_join(&n.domain, &req.call.vm_id, &h.agent_url, &v)
+                .await;
+        }
+        Ok(v)
+    }
+
+    /// A VM of network domain N was launched: its member (from its agent's answer) joins
+    /// N's placement data and every member's agent gets the new list (peer discovery,
+    /// `docs/network-sdp.md`). The list is public and untrusted by the proxies: it says where
+    /// sealed frames go; only holders of N's key are heard.
+    async fn net_join(&self, n: &str, vm_id: &str, agent_url: &str, answer: &serde_json::Value) {
+        let member: Option<crate::wire::NetMember> =
+            serde_json::from_value(answer["workload"]["net"]["member"].clone()).ok();
+        let Some(member) = member.filter(|m| m.vm_id == vm_id) else {
+            tracing::warn!(%vm_id, net_domain = %n, "the launch's answer names no network member");
+            return;
+        };
+        self.net
+            .lock()
+            .await
+            .entry(n.to_string())
+            .or_default()
+            .insert(
+                vm_id.to_string(),
+                (agent_url.trim_end_matches('/').to_string(), member),
+            );
+        self.net_push(n).await;
+    }
+
+    /// A VM left N (suspended, migrated away): out of N's placement data, the others told.
+    async fn net_leave(&self, vm_id: &str) {
+        let left: Vec<String> = {
+            let mut g = self.net.lock().await;
+            g.iter_mut()
+                .filter_map(|(n, m)| m.remove(vm_id).map(|_| n.clone()))
+                .collect()
+        };
+        for n in left {
+            self.net_push(&n).await;
+        }
+    }
+
+    /// Sends N's member list to every member's agent (each leaves out its own VMs). A
+    /// member whose agent no longer runs it (stopped through the agent) is dropped from the
+    /// list when its agent says so, and the others are told again.
+    async fn net_push(&self, n: &str) {
+        for _ in 0..2 {
+            let (body, agents) = {
+                let g = self.net.lock().await;
+                let Some(m) = g.get(n) else { return };
+                let body = crate::wire::NetPeers {
+                    net_domain: n.to_string(),
+                    members: m.values().map(|(_, m)| m.clone()).collect(),
+                };
+                let mut agents: Vec<(String, Vec<String>)> = Vec::new();
+                for (vm, (url, _)) in m {
+                    match agents.iter_mut().find(|(u, _)| u == url) {
+                        Some((_, vms)) => vms.push(vm.clone()),
+                        None => agents.push((url.clone(), vec![vm.clone()])),
+                    }
+                }
+                (body, agents)
+            };
+            let mut gone = Vec::new();
+            for (url, vms) in agents {
+                match self
+                    .http
+                    .post::<_, serde_json::Value>(&format!("{url}/v1/agent/net/peers"), &body)
+                    .await
+                {
+                    Ok(v) => {
+                        let local: Vec<String> =
+                            serde_json::from_value(v["members"].clone()).unwrap_or_default();
+                        gone.extend(vms.into_iter().filter(|vm| !local.contains(vm)));
+                    }
+                    Err(e) => {
+                        tracing::warn!(agent = %url, net_domain = %n, error = %e, "peer list not delivered");
+                    }
+                }
+            }
+            if gone.is_empty() {
+                return;
+            }
+            let mut g = self.net.lock().await;
+            if let Some(m) = g.get_mut(n) {
+                for vm in &gone {
+                    m.remove(vm);
+                }
+            }
+        }
     }
 
     /// Forwards a migration request to the source's agent with the target's agent URL.
@@ -231,12 +345,15 @@ impl<S: AttestStore> TlService<S> {
             "to": req.to,
             "to_url": to.agent_url.trim_end_matches('/'),
         });
-        self.to_agent(
-            &from,
-            &format!("/v1/agent/workloads/{}/migrate", req.vm_id),
-            &body,
-        )
-        .await
+        let r = self
+            .to_agent(
+                &from,
+                &format!("/v1/agent/workloads/{}/migrate", req.vm_id),
+                &body,
+            )
+            .await?;
+        self.net_leave(&req.vm_id).await;
+        Ok(r)
     }
 
     /// Forwards a management call to a host agent, mapping its refusal to the caller.
@@ -271,12 +388,15 @@ impl<S: AttestStore> TlService<S> {
             .await?
             .filter(|h| h.state == HostState::Enrolled)
             .ok_or_else(|| crate::Error::rejected("no_host", format!("no host {name}")))?;
-        self.to_agent(
-            &h,
-            &format!("/v1/agent/workloads/{}/suspend", req.vm_id),
-            &serde_json::json!({}),
-        )
-        .await
+        let r = self
+            .to_agent(
+                &h,
+                &format!("/v1/agent/workloads/{}/suspend", req.vm_id),
+                &serde_json::json!({}),
+            )
+            .await?;
+        self.net_leave(&req.vm_id).await;
+        Ok(r)
     }
 
     /// Resume (management, untrusted): places a suspended workload on an enrolled, trusted
@@ -320,6 +440,10 @@ impl<S: AttestStore> TlService<S> {
                 return;
             }
         };
+        if !self.deliver_revocations {
+            tracing::warn!(%host, "revocation notice issued, not delivered (test setting)");
+            return;
+        }
         let url = format!("{}/v1/agent/revoke", h.agent_url.trim_end_matches('/'));
         match self.http.post::<_, serde_json::Value>(&url, &notice).await {
             Ok(v) => tracing::warn!(%host, answer = %v, "revocation delivered"),

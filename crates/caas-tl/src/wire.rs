@@ -226,6 +226,83 @@ pub struct LaunchCall {
     /// client key).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub network: bool,
+    /// Attach the VM's overlay NIC to a network domain (`docs/network-sdp.md`): the agent
+    /// runs the VM's network proxy with the domain's key from the TTP (which releases it
+    /// only when N is in the DM-signed request's domains and the DM's ACL grants it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetAttach>,
+}
+
+/// A VM's attachment to a network domain's overlay: the domain N and the guest's address
+/// on it (the tenant's choice; the overlay is one Ethernet segment per N).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetAttach {
+    /// The network domain N (must be in the launch's domains D_vm).
+    pub domain: String,
+    /// The guest's IPv4 address on the overlay.
+    pub address: std::net::Ipv4Addr,
+    /// Its prefix length (1..=30).
+    pub prefix_len: u8,
+}
+
+/// A member of a network domain as the scheduler tells the others (public: where its
+/// proxy receives sealed frames and under which sender id).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetMember {
+    /// id_vm.
+    pub vm_id: String,
+    /// Its proxy's sender id in N.
+    pub sender: u32,
+    /// Its proxy's underlay UDP address.
+    pub udp: std::net::SocketAddr,
+}
+
+/// `POST /v1/agent/net/peers` (the scheduler → each member's agent): N's members.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetPeers {
+    /// N.
+    pub net_domain: String,
+    /// Every member (each agent leaves out its own VMs).
+    pub members: Vec<NetMember>,
+}
+
+impl NetAttach {
+    /// Checks N's name and the address.
+    ///
+    /// # Errors
+    /// [`crate::Error::Malformed`].
+    pub fn check(&self) -> crate::Result<()> {
+        check_name("net_domain", &self.domain)?;
+        if !(1..=30).contains(&self.prefix_len) {
+            return Err(crate::Error::malformed("net", "prefix_len must be 1..=30"));
+        }
+        let a = self.address;
+        if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
+            return Err(crate::Error::malformed(
+                "net",
+                "the overlay address must be a unicast host address",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Parses `A.B.C.D/P`.
+    ///
+    /// # Errors
+    /// A message naming the expected form.
+    pub fn parse_addr(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: expected A.B.C.D/PREFIX"))?;
+        let a = a
+            .parse()
+            .map_err(|_| format!("{s:?}: not an IPv4 address"))?;
+        let p = p.parse().map_err(|_| format!("{s:?}: bad prefix length"))?;
+        Ok((a, p))
+    }
 }
 
 /// A DBSP storage resource to attach to a workload.

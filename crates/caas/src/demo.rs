@@ -216,7 +216,7 @@ impl Tenant<'_> {
         driver: &str,
     ) -> Result<String> {
         let r = crate::tenant::launch(
-            &self.ta, &self.tdir, image_id, vm, "dev", doms, vols, None, driver, false,
+            &self.ta, &self.tdir, image_id, vm, "dev", doms, vols, None, driver, false, None,
         )
         .await?;
         let host = s(&r, "host")?;

@@ -198,7 +198,11 @@ pub async fn run(args: DevArgs) -> Result<()> {
         let params = crate::key_service::config::KeyServiceParams {
             serve: serve_params,
             attestation,
-            tl: Default::default(),
+            tl: crate::key_service::config::TlParams {
+                deliver_revocations: std::env::var("CAAS_DEV_DELIVER_REVOCATIONS")
+                    .map_or(true, |v| v != "0"),
+                ..Default::default()
+            },
             // Its agents' client is the dev PKI's (`agents` below), not a config section.
             agents: None,
         };

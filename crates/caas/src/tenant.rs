@@ -108,6 +108,17 @@ pub enum TenantCmd {
         /// the network, bound to this launch: only the workload gets the client key.
         #[arg(long)]
         network: bool,
+        /// Attach the VM's overlay NIC to this network domain (`docs/network-sdp.md`): its
+        /// host runs the VM's network proxy with the domain's key from the TTP, released only
+        /// to hosts attested in the profile and for domains the ACL grants you. The domain
+        /// is added to `--domains` (the signed request's D_vm). Not to be confused with
+        /// `--network` (the disk and VSM over mutual TLS).
+        #[arg(long)]
+        net_domain: Option<String>,
+        /// The guest's address on the overlay, `A.B.C.D/PREFIX` (with `--net-domain`;
+        /// default: 10.77.X.Y/16 from the VM's id).
+        #[arg(long, requires = "net_domain")]
+        net_addr: Option<String>,
     },
     /// Live-migrate a workload to another host: its host asks the TTP to attest the target
     /// in the workload's profile, then sends its state encrypted to the target's attested
@@ -274,7 +285,13 @@ pub async fn run(a: TenantArgs) -> Result<()> {
             host,
             driver,
             network,
+            net_domain,
+            net_addr,
         } => {
+            let net = net_domain
+                .as_deref()
+                .map(|n| net_attach(n, net_addr.as_deref(), vm))
+                .transpose()?;
             let r = launch(
                 &a,
                 &dir,
@@ -286,6 +303,7 @@ pub async fn run(a: TenantArgs) -> Result<()> {
                 host.clone(),
                 driver,
                 *network,
+                net,
             )
             .await?;
             println!("{}", serde_json::to_string_pretty(&r)?);
@@ -424,6 +442,27 @@ pub async fn provision(
     Ok(())
 }
 
+/// `--net-domain N [--net-addr A.B.C.D/P]` of a launch (default address: 10.77.X.Y/16,
+/// X.Y from a hash of the VM's id, never .0 nor the broadcast).
+pub fn net_attach(domain: &str, addr: Option<&str>, vm: &str) -> Result<caas_tl::wire::NetAttach> {
+    let (address, prefix_len) = match addr {
+        Some(a) => caas_tl::wire::NetAttach::parse_addr(a).map_err(anyhow::Error::msg)?,
+        None => {
+            let h = caas_tl::crypto::sha256(vm.as_bytes());
+            let host = (u16::from_be_bytes([h[0], h[1]]) % 65_534) + 1;
+            let [x, y] = host.to_be_bytes();
+            (std::net::Ipv4Addr::new(10, 77, x, y), 16)
+        }
+    };
+    let n = caas_tl::wire::NetAttach {
+        domain: domain.to_string(),
+        address,
+        prefix_len,
+    };
+    n.check()?;
+    Ok(n)
+}
+
 /// TL.Token and TL.Request, handed to the scheduler; returns the scheduler's answer.
 #[allow(clippy::too_many_arguments)]
 pub async fn launch(
@@ -437,8 +476,18 @@ pub async fn launch(
     host: Option<String>,
     driver: &str,
     network: bool,
+    net: Option<caas_tl::wire::NetAttach>,
 ) -> Result<serde_json::Value> {
     let dm = load_dm(dir, false)?;
+    // The network domain is one of the workload's domains (D_vm, in the signed request):
+    // the TTP releases its key only then, and only if the ACL grants it.
+    let mut domains = domains.to_vec();
+    if let Some(n) = &net
+        && !domains.contains(&n.domain)
+    {
+        domains.push(n.domain.clone());
+    }
+    let domains = &domains[..];
     let rec: ImageRecord = serde_json::from_slice(
         &std::fs::read(dir.join("images").join(format!("{id}.json")))
             .with_context(|| format!("image {id} was not provisioned by this tenant"))?,
@@ -470,6 +519,7 @@ pub async fn launch(
             driver: Some(driver.into()),
             volumes: vols,
             network,
+            net,
         },
         host,
     };

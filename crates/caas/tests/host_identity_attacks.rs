@@ -175,6 +175,7 @@ impl Deployment {
             run_dir: None,
             workload_ids: "200000-299999".into(),
             isolation: caas_host::config::Isolation::BestEffort,
+            net: Default::default(),
             dev_measure: false,
             mode: caas_host::config::Mode::Dev,
             tls: caas_host::config::RawTls {

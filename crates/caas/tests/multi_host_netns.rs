@@ -448,6 +448,7 @@ impl World {
             run_dir: None,
             workload_ids: "200000-299999".into(),
             isolation: caas_host::config::Isolation::BestEffort,
+            net: Default::default(),
             dev_measure: false,
             // A software TPM is refused in production mode; everything else here is as in
             // production (HTTPS key service, TLS API, pinned pk_TTP).

@@ -187,6 +187,7 @@ impl Cloud {
                 driver: None,
                 volumes: vec![],
                 network: false,
+                net: None,
             },
             t.tau.expose().to_vec(),
         )
@@ -1029,6 +1030,7 @@ fn scheduler_cannot_launch_my_image() {
                 driver: None,
                 volumes: vec![],
                 network: false,
+                net: None,
             },
             t.tau,
         )

@@ -96,6 +96,9 @@ pub struct TlParams {
     pub revoke_untrusted_hosts: bool,
     /// `[scheduler] agent_timeout_secs`.
     pub agent_timeout: Duration,
+    /// Send revocation notices to the agents (always, but in `caas dev` under
+    /// `CAAS_DEV_DELIVER_REVOCATIONS=0`, which stands for a host that ignores them).
+    pub deliver_revocations: bool,
 }
 
 impl Default for TlParams {
@@ -103,6 +106,7 @@ impl Default for TlParams {
         Self {
             revoke_untrusted_hosts: true,
             agent_timeout: Duration::from_secs(120),
+            deliver_revocations: true,
         }
     }
 }
@@ -224,6 +228,7 @@ impl RawFile {
                 120,
                 "scheduler.agent_timeout_secs",
             )?,
+            deliver_revocations: true,
         };
         let agents = self.agents.validate()?;
         Ok(KeyServiceParams {

@@ -93,6 +93,9 @@ impl Roles {
         if let Some(agents) = &agents {
             tl = tl.with_agent_client(agents.clone());
         }
+        if !t.deliver_revocations {
+            tl = tl.without_revocation_delivery();
+        }
         let tl = Arc::new(tl);
         let revoke = t.revoke_untrusted_hosts;
         let tl_hook = tl.clone();

@@ -34,6 +34,16 @@ pub fn require_tools() {
 /// Builds (or takes from the cache) the guest image with this build's guest agent and
 /// PKCS#11 module; returns its path.
 pub fn guest_image() -> PathBuf {
+    build_guest_image(false)
+}
+
+/// The guest image with the tenant's overlay traffic role baked in
+/// (`scripts/build-guest-image --net-demo`).
+pub fn net_demo_guest_image() -> PathBuf {
+    build_guest_image(true)
+}
+
+fn build_guest_image(net_demo: bool) -> PathBuf {
     require_tools();
     let agent = PathBuf::from(env!("CARGO_BIN_EXE_caas-guest"));
     // The module as `cargo build -p caas` uplifts it, or as `cargo test` leaves it in deps/
@@ -49,6 +59,9 @@ pub fn guest_image() -> PathBuf {
     .expect("libcaas_pkcs11.so is built with caas");
     let mut cmd = Command::new(repo_root().join("scripts/build-guest-image"));
     cmd.arg("--agent").arg(&agent).arg("--pkcs11").arg(&pkcs11);
+    if net_demo {
+        cmd.arg("--net-demo");
+    }
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),

@@ -1,0 +1,605 @@
+//! The network Secure Device Proxy run by the host agents (issue 16, `docs/network-sdp.md`)
+//! against a real `caas dev --hosts 2` (swtpm TPMs, host agents, the TTP and the scheduler in
+//! the key service): `caas tenant launch --net-domain` on two hosts, each agent starting its
+//! VM's `caas net serve` keyed with the domain's key from the TTP (TPM-opened), the scheduler
+//! telling each proxy the other members. The VM's NIC is played by the test, bound to the
+//! socket qemu would bind (the process driver starts no qemu): every frame it writes goes
+//! through the real proxies and the real UDP underlay.
+//!
+//! The attacker: the untrusted management (it names placements and peer lists, holds a
+//! key-service certificate of the deployment), a host that leaves the workload's profile or
+//! is revoked and keeps its proxy (its revocation notice is not delivered:
+//! `CAAS_DEV_DELIVER_REVOCATIONS=0`), and a VM of another network domain.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod common;
+use caas_attest::client::HttpClient;
+use common::*;
+use serde_json::{Value, json};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The proxies' timing in these tests: keys asked for every 500 ms, a new epoch used after
+/// 300 ms, the previous one accepted for 3 s.
+const RETIRE_MS: u64 = 3000;
+
+struct Cloud {
+    mgmt: HttpClient,
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    dev: Dev,
+    rt: tokio::runtime::Runtime,
+}
+
+type Reply = Result<Value, (u16, String)>;
+
+impl Cloud {
+    fn start(deliver_revocations: bool) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let root = tmp.path().to_path_buf();
+        let retire = RETIRE_MS.to_string();
+        let dev = Dev::start_with_env(
+            &root.join("dev"),
+            "127.0.0.1:0",
+            &["--hosts", "2", "--attest-secs", "3600"],
+            &[
+                ("CAAS_DEV_NET_KEY_POLL_MS", "500"),
+                ("CAAS_DEV_NET_SWITCH_AFTER_MS", "300"),
+                ("CAAS_DEV_NET_RETIRE_AFTER_MS", &retire),
+                (
+                    "CAAS_DEV_DELIVER_REVOCATIONS",
+                    if deliver_revocations { "1" } else { "0" },
+                ),
+            ],
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let own = root.join("test-pki");
+        std::fs::create_dir_all(&own).unwrap();
+        for f in ["ca.key", "ca.pem"] {
+            std::fs::copy(root.join("dev/pki").join(f), own.join(f)).unwrap();
+        }
+        let pki = caas_tls::pki::DevCa::load_or_create(&own).unwrap();
+        let mgmt = tls_client(
+            &pki.ca_file(),
+            Some(
+                pki.issue(
+                    "cloud-management",
+                    &[caas_tls::Role::KeyService, caas_tls::Role::Operator],
+                    &[],
+                )
+                .unwrap(),
+            ),
+        );
+        let c = Cloud {
+            mgmt,
+            _tmp: tmp,
+            root,
+            dev,
+            rt,
+        };
+        c.tenant_ok(&["init"]);
+        c.tenant_ok(&["acl", "--domains", "finance,lan,other"]);
+        let raw = c.root.join("web.raw");
+        std::fs::write(&raw, vec![7u8; 1 << 20]).unwrap();
+        c.tenant_ok(&[
+            "provision",
+            "--image",
+            raw.to_str().unwrap(),
+            "--id",
+            "web",
+            "--hosts",
+            "host-1,host-2",
+        ]);
+        c
+    }
+
+    fn tenant(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(caas_bin())
+            .arg("tenant")
+            .arg("--dir")
+            .arg(self.root.join("alice"))
+            .args(args)
+            .envs(&self.dev.env)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    fn tenant_ok(&self, args: &[&str]) -> String {
+        let (ok, text) = self.tenant(args);
+        assert!(ok, "caas tenant {args:?} failed:\n{text}");
+        text
+    }
+
+    /// `caas tenant launch --net-domain` of `vm` on `host` (process driver).
+    fn launch(&self, vm: &str, host: &str, net: &str, addr: &str) {
+        self.tenant_ok(&[
+            "launch",
+            "--id",
+            "web",
+            "--vm",
+            vm,
+            "--host",
+            host,
+            "--domains",
+            "finance",
+            "--net-domain",
+            net,
+            "--net-addr",
+            addr,
+        ]);
+    }
+
+    fn env(&self, k: &str) -> String {
+        self.dev
+            .env
+            .get(k)
+            .cloned()
+            .unwrap_or_else(|| panic!("{k}"))
+    }
+
+    fn agent(&self, host: &str) -> String {
+        self.env(&format!(
+            "CAAS_HOST_{}_URL",
+            host.to_uppercase().replace('-', "_")
+        ))
+    }
+
+    fn ks(&self) -> String {
+        self.env("CAAS_KMS_ENDPOINT")
+    }
+
+    fn call(&self, method: &str, url: &str, body: Option<&Value>) -> Reply {
+        if url.starts_with("https://") {
+            return http_call(&self.rt, &self.mgmt, method, url, body);
+        }
+        let http = self.dev.operator_http(Duration::from_secs(120));
+        http_call(&self.rt, &http, method, url, body)
+    }
+
+    /// The agent's view of `vm`'s network attachment, with its proxy's counters.
+    fn net(&self, host: &str, vm: &str) -> Value {
+        self.call(
+            "GET",
+            &format!("{}/v1/agent/workloads/{vm}/net", self.agent(host)),
+            None,
+        )
+        .unwrap()
+    }
+
+    fn stat(&self, host: &str, vm: &str, name: &str) -> u64 {
+        let v = self.net(host, vm);
+        let stats = v["stats"].as_str().unwrap().to_string();
+        stats
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("{name} in {stats}"))
+            .parse()
+            .unwrap()
+    }
+
+    /// `host`'s agent audit log: (op, subject, result).
+    fn agent_audit(&self, host: &str) -> Vec<(String, String, String)> {
+        self.call("GET", &format!("{}/v1/agent/audit", self.agent(host)), None)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+                (s("op"), s("subject"), s("result"))
+            })
+            .collect()
+    }
+
+    fn agent_audited(&self, host: &str, op: &str, subject: &str, result: &str) -> bool {
+        self.agent_audit(host)
+            .iter()
+            .any(|(o, s, r)| o == op && s.contains(subject) && r == result)
+    }
+
+    /// The key service's (TTP's) audit records.
+    fn ttp_audited(&self, op: &str, result: &str) -> bool {
+        self.dev
+            .caas(&["audit", "list", "--limit", "100000"])
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|v| v["Operation"] == json!(op) && v["Result"] == json!(result))
+    }
+
+    /// The scheduler request `caas tenant ARGS` makes, captured by a stand-in for the
+    /// scheduler (it answers 500): the management's view of a launch.
+    fn captured_launch(&self, args: &[&str]) -> Value {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ep = format!("http://{}", l.local_addr().unwrap());
+        let t = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                if line.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0u8; len];
+            r.read_exact(&mut body).unwrap();
+            let mut s = s;
+            let _ = s.write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n");
+            body
+        });
+        let out = Command::new(caas_bin())
+            .arg("tenant")
+            .arg("--dir")
+            .arg(self.root.join("alice"))
+            .args(args)
+            .envs(&self.dev.env)
+            .env("CAAS_KMS_ENDPOINT", &ep)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        serde_json::from_slice(&t.join().unwrap()).unwrap()
+    }
+
+    /// Waits until `f` holds (panics with `what` after `secs`).
+    fn wait(&self, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while !f() {
+            assert!(t.elapsed() < Duration::from_secs(secs), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The VM's NIC as the test plays it: bound where qemu binds (`vm_socket`), writing to the
+/// proxy's socket.
+struct Nic {
+    sock: UnixDatagram,
+    proxy: PathBuf,
+    mac: [u8; 6],
+}
+
+impl Nic {
+    fn attach(net: &Value) -> Nic {
+        let vm = PathBuf::from(net["vm_socket"].as_str().unwrap());
+        let _ = std::fs::remove_file(&vm);
+        let sock = UnixDatagram::bind(&vm).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mac: Vec<u8> = net["mac"]
+            .as_str()
+            .unwrap()
+            .split(':')
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        Nic {
+            sock,
+            proxy: PathBuf::from(net["proxy_socket"].as_str().unwrap()),
+            mac: mac.try_into().unwrap(),
+        }
+    }
+
+    /// A broadcast frame from this NIC (EtherType 0x88B5, local experimental) carrying `tag`.
+    fn frame(&self, tag: &[u8]) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&self.mac);
+        f.extend_from_slice(&[0x88, 0xb5]);
+        f.extend_from_slice(tag);
+        f.resize(f.len().max(60), 0);
+        f
+    }
+
+    fn send(&self, tag: &[u8]) {
+        self.sock.send_to(&self.frame(tag), &self.proxy).unwrap();
+    }
+
+    /// Frames received within `ms` whose payload starts with `tag`.
+    fn received(&self, tag: &[u8], ms: u64) -> usize {
+        let t = Instant::now();
+        let mut n = 0;
+        let mut buf = vec![0u8; 65536];
+        while t.elapsed() < Duration::from_millis(ms) {
+            if let Ok(k) = self.sock.recv(&mut buf)
+                && k >= 14 + tag.len()
+                && &buf[14..14 + tag.len()] == tag
+            {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Sends `tag` until `peer` receives it (the peer list may still be on its way).
+    fn reaches(&self, peer: &Nic, tag: &[u8], secs: u64) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(secs) {
+            self.send(tag);
+            if peer.received(tag, 200) > 0 {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn net_pid(c: &Cloud, host: &str, vm: &str) -> u32 {
+    let ws = c
+        .call(
+            "GET",
+            &format!("{}/v1/agent/workloads", c.agent(host)),
+            None,
+        )
+        .unwrap();
+    ws.as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["vm_id"] == json!(vm))
+        .and_then(|w| {
+            w["processes"]
+                .as_array()?
+                .iter()
+                .find_map(|p| p.as_str()?.strip_prefix("net:")?.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("{vm} has no network proxy: {ws}"))
+}
+
+/// vm-a on host-1 and vm-b on host-2 in network domain `lan`, both keyed, each told the
+/// other; their NICs (played by the test) exchange a frame both ways.
+fn two_members(c: &Cloud) -> (Nic, Nic) {
+    c.launch("vm-a", "host-1", "lan", "10.9.0.1/24");
+    c.launch("vm-b", "host-2", "lan", "10.9.0.2/24");
+    let (na, nb) = (c.net("host-1", "vm-a"), c.net("host-2", "vm-b"));
+    assert_eq!(na["epoch"], json!(1), "{na}");
+    assert_eq!(nb["epoch"], json!(1), "{nb}");
+    let (a, b) = (Nic::attach(&na), Nic::attach(&nb));
+    assert!(
+        a.reaches(&b, b"hello-b", 20),
+        "a frame from vm-a never reached vm-b"
+    );
+    assert!(
+        b.reaches(&a, b"hello-a", 20),
+        "a frame from vm-b never reached vm-a"
+    );
+    (a, b)
+}
+
+#[test]
+fn members_on_two_hosts_are_keyed_by_their_agents_and_exchange_frames() {
+    let c = Cloud::start(true);
+    let (a, b) = two_members(&c);
+    for (host, vm) in [("host-1", "vm-a"), ("host-2", "vm-b")] {
+        assert!(c.agent_audited(host, "NetProxyStart", &format!("{vm}/lan"), "ok"));
+        assert!(c.agent_audited(host, "NetKey", &format!("{vm}/lan epoch 1"), "ok"));
+        assert!(c.agent_audited(host, "NetPeers", &format!("{vm}/lan n=1"), "ok"));
+    }
+    assert!(c.ttp_audited("NetKey", "Success"));
+    assert!(c.stat("host-2", "vm-b", "rx_frames") >= 1);
+    // The key never appears in the management API's answers nor in the proxy's arguments.
+    let pid = net_pid(&c, "host-1", "vm-a");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.contains("net serve") && !cmdline.contains("key"),
+        "{cmdline}"
+    );
+    // Stopping the VM stops its proxy (audited); the other member's frames go nowhere.
+    c.call(
+        "POST",
+        &format!("{}/v1/agent/workloads/vm-a/stop", c.agent("host-1")),
+        Some(&json!({})),
+    )
+    .unwrap();
+    assert!(c.agent_audited("host-1", "NetProxyStop", "vm-a/lan", "ok"));
+    c.wait(5, "the proxy exits with its VM", || !pid_alive(pid));
+    b.send(b"after-stop");
+    assert_eq!(a.received(b"after-stop", 500), 0);
+}
+
+/// A VM of another network domain: its proxy, told by the (untrusted) management that vm-a
+/// is its peer, sends vm-a's proxy frames sealed under `other`'s key — all dropped as
+/// foreign, none reaches vm-a; and the management attaching a VM launched for `other` to
+/// `lan` gets it no key of `lan` (the TTP refuses: `lan` is not in its signed domains).
+#[test]
+fn a_vm_of_another_network_domain_gets_nothing_through() {
+    let c = Cloud::start(true);
+    let (a, _b) = two_members(&c);
+    c.launch("vm-c", "host-2", "other", "10.9.0.3/24");
+    let nc = c.net("host-2", "vm-c");
+    let na = c.net("host-1", "vm-a");
+    let cnic = Nic::attach(&nc);
+    // The management's lie: vm-a is a member of `other` (and vm-c one of `lan`).
+    for (host, n, m) in [("host-2", "other", &na), ("host-1", "lan", &nc)] {
+        c.call(
+            "POST",
+            &format!("{}/v1/agent/net/peers", c.agent(host)),
+            Some(&json!({ "net_domain": n, "members": [m["member"]] })),
+        )
+        .unwrap();
+    }
+    let before = c.stat("host-1", "vm-a", "rx_foreign_domain");
+    let rx = c.stat("host-1", "vm-a", "rx_frames");
+    for _ in 0..20 {
+        cnic.send(b"from-other");
+    }
+    assert_eq!(
+        a.received(b"from-other", 1000),
+        0,
+        "a foreign frame got through"
+    );
+    c.wait(5, "foreign frames counted", || {
+        c.stat("host-1", "vm-a", "rx_foreign_domain") >= before + 20
+    });
+    assert_eq!(c.stat("host-1", "vm-a", "rx_frames"), rx);
+    // The management attaches a VM the DM launched for `other` to `lan` instead: the TTP
+    // refuses `lan`'s key (not in the signed request's domains), the launch fails, both
+    // audited.
+    let mut call = c.captured_launch(&[
+        "launch",
+        "--id",
+        "web",
+        "--vm",
+        "vm-e",
+        "--host",
+        "host-2",
+        "--domains",
+        "finance",
+        "--net-domain",
+        "other",
+        "--net-addr",
+        "10.9.0.5/24",
+    ]);
+    call["net"]["domain"] = json!("lan");
+    call.as_object_mut().unwrap().remove("host");
+    let r = c.call(
+        "POST",
+        &format!("{}/v1/agent/workloads", c.agent("host-2")),
+        Some(&call),
+    );
+    assert!(r.is_err(), "launched with another domain's network: {r:?}");
+    assert!(c.agent_audited("host-2", "NetKey", "vm-e/lan", "acl_denied"));
+    assert!(c.ttp_audited("NetKey", "acl_denied"));
+    assert!(c.agent_audited("host-2", "NetProxyStop", "vm-e/lan", "ok"));
+}
+
+/// Shared by the two ways a member leaves: `leave` takes host-2 out (and makes the TTP
+/// rekey `lan`); host-2's agent keeps asking and is refused with `code` (audited by the TTP
+/// and by the agent), its proxy stays at epoch 1 while vm-a's moves on, and once vm-a's
+/// proxy retires epoch 1 nothing of host-2's gets through in either direction.
+fn leaving_member_is_cut_off(c: &Cloud, leave: impl FnOnce(&Cloud), code: &str) {
+    let (a, b) = two_members(c);
+    leave(c);
+    c.wait(20, "vm-a's proxy gets epoch 2", || {
+        c.net("host-1", "vm-a")["epoch"] == json!(2)
+    });
+    assert!(c.agent_audited("host-1", "NetKey", "vm-a/lan epoch 2 (rekey)", "ok"));
+    c.wait(20, "host-2's request refused", || {
+        c.agent_audited("host-2", "NetKey", "vm-b/lan", code)
+    });
+    assert!(c.ttp_audited("NetKey", code), "TTP audit of {code}");
+    assert_eq!(
+        c.net("host-2", "vm-b")["epoch"],
+        json!(1),
+        "host-2 got a new key"
+    );
+    // The overlap: vm-a's proxy still accepts epoch 1 for RETIRE_MS after epoch 2 came.
+    std::thread::sleep(Duration::from_millis(RETIRE_MS + 1000));
+    let before = c.stat("host-1", "vm-a", "rx_unknown_epoch");
+    for _ in 0..10 {
+        b.send(b"after-retire");
+    }
+    assert_eq!(
+        a.received(b"after-retire", 1000),
+        0,
+        "host-2's frame accepted"
+    );
+    c.wait(5, "host-2's frames refused as of an unknown epoch", || {
+        c.stat("host-1", "vm-a", "rx_unknown_epoch") >= before + 10
+    });
+    for _ in 0..10 {
+        a.send(b"to-b");
+    }
+    assert_eq!(b.received(b"to-b", 1000), 0, "host-2 read epoch 2 traffic");
+}
+
+/// Continuous attestation finds host-2 changed; the TTP revokes it (the notice does not
+/// reach it: it keeps its proxy, as a compromised host would) and rekeys `lan`.
+#[test]
+fn revoked_host_gets_no_new_network_key_and_its_frames_stop_after_the_overlap() {
+    let c = Cloud::start(false);
+    leaving_member_is_cut_off(
+        &c,
+        |c| {
+            c.call(
+                "POST",
+                &format!("{}/v1/agent/dev/measure", c.agent("host-2")),
+                Some(&json!({ "pcr": 7, "data": "an unexpected kernel module" })),
+            )
+            .unwrap();
+            let v = c
+                .call(
+                    "POST",
+                    &format!("{}/v1/attest/hosts/host-2/attest", c.ks()),
+                    None,
+                )
+                .unwrap();
+            assert_eq!(v["trusted"], json!(false), "{v}");
+        },
+        "host_untrusted",
+    );
+}
+
+/// host-2 is moved to another security profile (it still attests, under that profile):
+/// outside the profile of vm-b's launch, it gets no key of the next epoch (`sp_mismatch`);
+/// the operator's rekey moves the others on.
+#[test]
+fn host_outside_the_profile_gets_no_new_network_key_and_its_frames_stop() {
+    let c = Cloud::start(true);
+    leaving_member_is_cut_off(
+        &c,
+        |c| {
+            let mut p = c
+                .call("GET", &format!("{}/v1/attest/profiles/dev", c.ks()), None)
+                .unwrap();
+            p["name"] = json!("other");
+            c.call("POST", &format!("{}/v1/attest/profiles", c.ks()), Some(&p))
+                .unwrap();
+            c.call(
+                "PUT",
+                &format!("{}/v1/attest/hosts/host-2/profile", c.ks()),
+                Some(&json!({ "profile": "other" })),
+            )
+            .unwrap();
+            let v = c
+                .call(
+                    "POST",
+                    &format!("{}/v1/attest/hosts/host-2/attest", c.ks()),
+                    None,
+                )
+                .unwrap();
+            assert_eq!(v["trusted"], json!(true), "{v}");
+            c.call(
+                "POST",
+                &format!("{}/v1/tl/netkey/rekey", c.ks()),
+                Some(&json!({ "net_domain": "lan" })),
+            )
+            .unwrap();
+        },
+        "sp_mismatch",
+    );
+    // A new VM of `lan` on host-2 under the old profile is not launched at all.
+    let (ok, out) = c.tenant(&[
+        "launch",
+        "--id",
+        "web",
+        "--vm",
+        "vm-d",
+        "--host",
+        "host-2",
+        "--domains",
+        "finance",
+        "--net-domain",
+        "lan",
+    ]);
+    assert!(!ok, "{out}");
+}
