@@ -42,6 +42,9 @@ use zeroize::Zeroizing;
 /// Size limit of a sealed crypto-domain configuration.
 const MAX_CONFIG: u64 = 64 * 1024;
 
+/// Retries of a NetKeyReq the TTP refused as busy (`rekey_in_progress`), [`Agent::net_key`].
+const NET_KEY_BUSY_RETRIES: usize = 20;
+
 tokio::task_local! {
     /// The caller of the management call being served (`name[roles]@addr` from its
     /// certificate), set by the agent's authorization layer; in-process calls have none.
@@ -2604,7 +2607,33 @@ impl Agent {
     /// bind key, opened by the TPM here. Returns the epoch, K_{N,e} and when the TTP rekeys
     /// at the latest, for the workload's `caas net serve` (`Key{epoch,key}` on its control
     /// channel, [`crate::net`]).
+    ///
+    /// The TTP serves one request of a network domain at a time and refuses the others with
+    /// `rekey_in_progress` ("retry"): VMs of one domain launched at once on several hosts
+    /// meet it. Such a refusal is retried with a fresh request (new r, new quote) after a
+    /// short, growing pause (20 ms doubling to 500 ms, at most 20 times); any other refusal is
+    /// final.
     pub async fn net_key(
+        &self,
+        vm_id: &str,
+        net_domain: &str,
+    ) -> Result<crate::net::NetGrant, Error> {
+        let mut pause = Duration::from_millis(20);
+        for _ in 0..NET_KEY_BUSY_RETRIES {
+            match self.net_key_once(vm_id, net_domain).await {
+                Err(Error::Attest(caas_attest::Error::Remote { code, .. }))
+                    if code == "rekey_in_progress" =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                r => return r,
+            }
+        }
+        self.net_key_once(vm_id, net_domain).await
+    }
+
+    async fn net_key_once(
         &self,
         vm_id: &str,
         net_domain: &str,

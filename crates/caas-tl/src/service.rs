@@ -44,6 +44,10 @@ pub struct TlService<S> {
     next: AtomicUsize,
     /// Placement data of network domains: N → id_vm → (its host's agent URL, the member).
     net: tokio::sync::Mutex<NetPlacements>,
+    /// Held across a whole [`Self::net_push`]: pushes of concurrent joins and leaves are
+    /// serialised, so the last list an agent gets is the newest (never an older snapshot
+    /// delivered after a newer one).
+    net_push: tokio::sync::Mutex<()>,
     /// Whether revocation notices are sent to the agents (tests turn it off to stand for a
     /// compromised host that drops or ignores its notice; the TTP's side is unchanged).
     deliver_revocations: bool,
@@ -138,6 +142,7 @@ impl<S: AttestStore> TlService<S> {
             http: caas_attest::client::HttpClient::new(std::time::Duration::from_secs(120)),
             next: AtomicUsize::new(0),
             net: tokio::sync::Mutex::new(NetPlacements::new()),
+            net_push: tokio::sync::Mutex::new(()),
             deliver_revocations: true,
         }
     }
@@ -282,6 +287,7 @@ impl<S: AttestStore> TlService<S> {
     /// member whose agent no longer runs it (stopped through the agent) is dropped from the
     /// list when its agent says so, and the others are told again.
     async fn net_push(&self, n: &str) {
+        let _serial = self.net_push.lock().await;
         for _ in 0..2 {
             let (body, agents) = {
                 let g = self.net.lock().await;

@@ -10,8 +10,11 @@
 //! - [`qmp`]: the host agent's client of qemu's machine protocol (stop, cont, migrate).
 //! - [`state`]: the saved-state object of an encrypted suspend (chunked AEAD stream).
 //! - [`suspend`]: save a VM's state into a saved-state object, restore it into a new qemu.
+//! - [`console`]: a VM's serial console read from the host; the demo image's overlay traffic
+//!   lines (`caas demo`, the real-VM tests).
 //! - [`cli`]: `caas workload run --spec FILE`, `caas workload guest` (inside a VM).
 pub mod cli;
+pub mod console;
 pub mod driver;
 mod error;
 pub mod proto;

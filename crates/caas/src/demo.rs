@@ -8,7 +8,10 @@
 //! and the tenant checks τ over the forwarded port (the right τ is accepted, a wrong one
 //! refused), verifies a VSM signature made inside the guest over virtio-serial, and compares
 //! the hash of the disk the guest read with its own image. [`vm_suspend_resume`] and
-//! [`vm_migrate`] are the hook points for suspend/resume and live migration. Without
+//! [`vm_migrate`] are the hook points for suspend/resume and live migration. Then
+//! [`net_story`] (issue 16) launches two VMs of that image in one network domain on two
+//! hosts and shows them pinging each other and moving 1 MiB (its SHA-256 checked on both
+//! sides) through the crypto domains' encrypted overlay, then stops them. Without
 //! `qemu-system-x86_64` the demo stops at once saying what to install (no silent fallback);
 //! `--driver process` runs the same story with workload processes (fast tests).
 use anyhow::{Context as _, Result, bail};
@@ -43,8 +46,9 @@ pub struct DemoArgs {
     /// workload processes.
     #[arg(long, env = "CAAS_DEMO_DRIVER", value_enum, default_value_t = DemoDriver::Qemu)]
     pub driver: DemoDriver,
-    /// A guest image built beforehand by `scripts/build-guest-image` (default: the demo
-    /// runs that script, which caches the image).
+    /// A guest image built beforehand by `scripts/build-guest-image --net-demo` (default:
+    /// the demo runs that script, which caches the image; without `--net-demo` the network
+    /// step's VMs exchange no traffic and it fails).
     #[arg(long, env = "CAAS_GUEST_IMAGE")]
     pub guest_image: Option<PathBuf>,
 }
@@ -91,7 +95,8 @@ fn newest(paths: impl IntoIterator<Item = PathBuf>) -> Option<PathBuf> {
 }
 
 /// Builds (or takes from the script's cache) the guest image with this build's guest agent
-/// and PKCS#11 module, as `tests/real_vm.rs` does; returns its path.
+/// and PKCS#11 module and the tenant's overlay traffic role (`--net-demo`, as
+/// `tests/vm_net_agent.rs` gets it); returns its path.
 async fn build_guest_image() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let agent = exe.with_file_name("caas-guest");
@@ -115,6 +120,9 @@ async fn build_guest_image() -> Result<PathBuf> {
         .arg(&agent)
         .arg("--pkcs11")
         .arg(&pkcs11)
+        // The tenant's overlay traffic role (run only when the VM has an overlay NIC): the
+        // network step's two VMs ping each other and move 1 MiB.
+        .arg("--net-demo")
         .output()
         .await?;
     if !out.status.success() {
@@ -215,8 +223,25 @@ impl Tenant<'_> {
         vols: &[String],
         driver: &str,
     ) -> Result<String> {
+        self.launch_on(image_id, vm, doms, vols, driver, None, None)
+            .await
+    }
+
+    /// [`Self::launch`] on `host` (the scheduler's choice when `None`), attached to a
+    /// network domain when `net` says so.
+    #[allow(clippy::too_many_arguments)]
+    async fn launch_on(
+        &self,
+        image_id: &str,
+        vm: &str,
+        doms: &[String],
+        vols: &[String],
+        driver: &str,
+        host: Option<String>,
+        net: Option<caas_tl::wire::NetAttach>,
+    ) -> Result<String> {
         let r = crate::tenant::launch(
-            &self.ta, &self.tdir, image_id, vm, "dev", doms, vols, None, driver, false, None,
+            &self.ta, &self.tdir, image_id, vm, "dev", doms, vols, host, driver, false, net,
         )
         .await?;
         let host = s(&r, "host")?;
@@ -230,6 +255,23 @@ impl Tenant<'_> {
             .unwrap_or_default();
         println!("       on {host}: {}", phases.join("; "));
         Ok(host)
+    }
+
+    /// The DM's ACL at the TTP: its workloads may be given `domains`.
+    async fn acl(&self, domains: &[&str]) -> Result<()> {
+        let get = self.get;
+        let dm = crate::tenant::load_dm(&self.tdir, true)?;
+        let domains: Vec<String> = domains.iter().map(|d| d.to_string()).collect();
+        let body = dm.acl_update("caas demo", &domains, caas_attest::now_ms())?;
+        crate::key_service::client::signed(
+            &get("AWS_DEFAULT_REGION")?,
+            &get("AWS_ACCESS_KEY_ID")?,
+            SecretBytes::new(get("AWS_SECRET_ACCESS_KEY")?.into_bytes()),
+            std::time::Duration::from_secs(30),
+        )?
+        .put::<_, Value>(&format!("{}/v1/tl/acl", get("CAAS_KMS_ENDPOINT")?), &body)
+        .await?;
+        Ok(())
     }
 
     /// Stops workload `vm` on `host` through the host agent's operator API.
@@ -271,26 +313,7 @@ pub(crate) struct DemoVm {
 /// The last `caas-seq N` (the guest's sequence on its DBSP volume, every 10th record) and
 /// `caas-counter N` (its heartbeat in memory) on `vm`'s serial console on `host`.
 fn guest_counters(t: &Tenant<'_>, host: &str, vm: &str) -> (Option<u64>, Option<u64>) {
-    fn find(dir: &Path, name: &str) -> Option<PathBuf> {
-        for e in std::fs::read_dir(dir).ok()?.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                if let Some(f) = find(&p, name) {
-                    return Some(f);
-                }
-            } else if p.file_name().is_some_and(|n| n == name) {
-                return Some(p);
-            }
-        }
-        None
-    }
-    let text = find(
-        &t.dev_dir.join("hosts").join(host),
-        &format!("{vm}.serial.log"),
-    )
-    .and_then(|p| std::fs::read(p).ok())
-    .map(|b| String::from_utf8_lossy(&b).into_owned())
-    .unwrap_or_default();
+    let text = caas_workload::console::console(&t.dev_dir.join("hosts").join(host), vm);
     let last = |prefix: &str| {
         text.lines()
             .filter_map(|l| l.trim().strip_prefix(prefix)?.trim().parse::<u64>().ok())
@@ -542,8 +565,9 @@ async fn vm_migrate(st: &mut Steps, t: &Tenant<'_>, vm: &mut DemoVm) {
 
 /// The real VM (issue 13, item 3): the guest image provisioned with Algorithm 1, booted
 /// through TL with the qemu driver, checked by the tenant, then suspended/resumed and
-/// migrated (hooks), then stopped.
-async fn vm_story(st: &mut Steps, t: &Tenant<'_>, image: &Path) {
+/// migrated (hooks), then stopped. Returns the id of the provisioned image (for
+/// [`net_story`]) once it is provisioned.
+async fn vm_story(st: &mut Steps, t: &Tenant<'_>, image: &Path) -> Option<String> {
     let run_id = std::process::id();
     let image_id = format!("demo-guest-{run_id}");
     let image_sha = st
@@ -556,9 +580,7 @@ async fn vm_story(st: &mut Steps, t: &Tenant<'_>, image: &Path) {
             },
         )
         .await;
-    let Some(image_sha) = image_sha else {
-        return;
-    };
+    let image_sha = image_sha?;
     let vm_id = format!("demo-vm-{run_id}");
     let volume = format!("demo-data/vm-disk-{run_id}");
     let host = st
@@ -568,11 +590,11 @@ async fn vm_story(st: &mut Steps, t: &Tenant<'_>, image: &Path) {
         )
         .await;
     let Some(host) = host else {
-        return;
+        return Some(image_id);
     };
     let mut vm = DemoVm {
         vm: vm_id,
-        image_id,
+        image_id: image_id.clone(),
         host,
         image_sha,
         volume,
@@ -589,6 +611,128 @@ async fn vm_story(st: &mut Steps, t: &Tenant<'_>, image: &Path) {
         t.stop(&vm.host, &vm.vm),
     )
     .await;
+    Some(image_id)
+}
+
+/// The network domain of the demo's two VMs.
+const NET_DOMAIN: &str = "demo-lan";
+
+/// The network Secure Device Proxy (issue 16, `docs/network-sdp.md`): two VMs of the
+/// provisioned guest image `image_id` in network domain [`NET_DOMAIN`], launched at once
+/// through TL on two dev hosts (each agent runs the VM's `caas net serve`, keyed with the
+/// domain's network key from the TTP; the scheduler tells each proxy the other), exchange
+/// traffic through the overlay: the image's traffic role (`scripts/build-guest-image
+/// --net-demo`) has the VM at .2 ping the one at .1 and send it 1 MiB over TCP; the demo
+/// reads both consoles (`caas_workload::console`, as `tests/vm_net_agent.rs`) and checks the
+/// SHA-256 on both sides. Both VMs are stopped afterwards, whatever failed.
+async fn net_story(st: &mut Steps, t: &Tenant<'_>, image_id: &str) {
+    use caas_workload::console;
+    let [h1, h2, ..] = &t.hosts[..] else {
+        st.skip("Network: two VMs talking through the overlay — needs two dev hosts");
+        return;
+    };
+    let run_id = std::process::id();
+    let (a, b) = (format!("demo-net-a-{run_id}"), format!("demo-net-b-{run_id}"));
+    let attach = |host: u8| caas_tl::wire::NetAttach {
+        domain: NET_DOMAIN.into(),
+        address: std::net::Ipv4Addr::new(10, 77, 0, host),
+        prefix_len: 24,
+    };
+    if st
+        .run(
+            &format!("Network: the DM's ACL grants the network domain {NET_DOMAIN} (the TTP releases its key only for workloads of this DM that name it in their signed D_vm)"),
+            t.acl(&["demo-data", NET_DOMAIN]),
+        )
+        .await
+        .is_none()
+    {
+        return;
+    }
+    let doms = ["demo-data".to_string()];
+    // Which of the two runs (stopped at the end even when the other failed).
+    let mut up = [false; 2];
+    let ok = st
+        .run(
+            &format!("Network: trusted launch of two VMs of network domain {NET_DOMAIN} at once, {a} (10.77.0.1/24) on {h1} and {b} (10.77.0.2/24) on {h2}: each agent starts the VM's network proxy (caas net serve) keyed with {NET_DOMAIN}'s key from the TTP (attested host, ACL), qemu's second NIC is that proxy, the scheduler tells each proxy the other"),
+            async {
+                let (ra, rb) = tokio::join!(
+                    t.launch_on(image_id, &a, &doms, &[], "qemu", Some(h1.clone()), Some(attach(1))),
+                    t.launch_on(image_id, &b, &doms, &[], "qemu", Some(h2.clone()), Some(attach(2))),
+                );
+                up = [ra.is_ok(), rb.is_ok()];
+                ra.with_context(|| format!("launch of {a}"))?;
+                rb.with_context(|| format!("launch of {b}"))?;
+                Ok(())
+            },
+        )
+        .await
+        .is_some();
+    if ok {
+        let wait = |host: &str, vm: &str, marker: &'static str| {
+            let dir = t.dev_dir.join("hosts").join(host);
+            let vm = vm.to_string();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    console::wait_marker(
+                        &dir,
+                        &vm,
+                        marker,
+                        &[console::NET_PING_FAILED],
+                        std::time::Duration::from_secs(180),
+                    )
+                })
+                .await?
+                .map_err(anyhow::Error::from)
+            }
+        };
+        let pinged = st
+            .run(
+                &format!("Network: {b} pings {a} through the overlay (every Ethernet frame sealed with AES-256-GCM by its crypto domain, UDP between the two proxies)"),
+                async {
+                    wait(h2, &b, console::NET_PING_OK).await?;
+                    let rtt = wait(h2, &b, console::NET_RTT).await?;
+                    println!("       {}", rtt.trim_start_matches(console::NET_RTT).trim());
+                    Ok(())
+                },
+            )
+            .await;
+        if pinged.is_some() {
+            st.run(
+                &format!("Network: {b} sends 1 MiB of random bytes to {a} over TCP through the overlay; the SHA-256 the receiver computes is the sender's"),
+                async {
+                    let sent = wait(h2, &b, console::NET_SENT).await?;
+                    let recv = wait(h1, &a, console::NET_RECV).await?;
+                    let tr = console::NetTransfer::parse(&sent, &recv)?;
+                    tr.check()?;
+                    println!(
+                        "       sent sha256 {}… ({b}), received {} bytes sha256 {}… ({a})",
+                        &tr.sent_sha256[..16],
+                        tr.recv_bytes,
+                        &tr.recv_sha256[..16]
+                    );
+                    Ok(())
+                },
+            )
+            .await;
+        }
+    }
+    let stops: Vec<(&String, &String)> = [(h1, &a), (h2, &b)]
+        .into_iter()
+        .zip(up)
+        .filter_map(|(v, up)| up.then_some(v))
+        .collect();
+    if !stops.is_empty() {
+        st.run(
+            &format!("Network: stop {} (qemu exits, the crypto domain and the VM's network proxy stop)", stops.iter().map(|(h, vm)| format!("{vm} on {h}")).collect::<Vec<_>>().join(" and ")),
+            async {
+                for (h, vm) in &stops {
+                    t.stop(h, vm).await?;
+                }
+                Ok(())
+            },
+        )
+        .await;
+    }
 }
 
 /// The tenant story of trusted launch, DBSP and encrypted provisioning (seed 003 §4.3–4.4,
@@ -638,27 +782,18 @@ async fn tenant_story(
     let ok = st
         .run(
             "TL: domain manager key pair (TL.Setup) and the TTP's ACL for domain demo-data",
-            async {
-                let dm = crate::tenant::load_dm(&t.tdir, true)?;
-                let body =
-                    dm.acl_update("caas demo", &["demo-data".into()], caas_attest::now_ms())?;
-                crate::key_service::client::signed(
-                    &get("AWS_DEFAULT_REGION")?,
-                    &get("AWS_ACCESS_KEY_ID")?,
-                    SecretBytes::new(get("AWS_SECRET_ACCESS_KEY")?.into_bytes()),
-                    std::time::Duration::from_secs(30),
-                )?
-                .put::<_, Value>(&format!("{}/v1/tl/acl", get("CAAS_KMS_ENDPOINT")?), &body)
-                .await?;
-                Ok(())
-            },
+            t.acl(&["demo-data"]),
         )
         .await;
     if ok.is_none() {
         return;
     }
     match guest_image {
-        Some(img) => vm_story(st, &t, img).await,
+        Some(img) => {
+            if let Some(image_id) = vm_story(st, &t, img).await {
+                net_story(st, &t, &image_id).await;
+            }
+        }
         None => st.skip("VM: a real VM (caas demo --driver process: workload processes only)"),
     }
     let ok = st

@@ -1,5 +1,6 @@
 //! The main job of the README: `caas demo` against a detached `caas dev`, every step passing
-//! (with a real VM: qemu boots the tenant's encrypted guest image through the crypto domain),
+//! (with a real VM: qemu boots the tenant's encrypted guest image through the crypto domain;
+//! two VMs of one network domain talk through the encrypted overlay),
 //! then `caas dev stop`; and the `DIR/env` contract.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
@@ -43,21 +44,33 @@ fn demo_runs_every_step_against_a_detached_dev_deployment() {
         "VM (after resume): the tenant checks τ",
         "VM (after resume): the guest signs the tenant's signed challenge",
         "VM: stop",
+        "Network: the DM's ACL grants the network domain demo-lan",
+        "Network: trusted launch of two VMs of network domain demo-lan at once",
+        "through the overlay (every Ethernet frame sealed",
+        "Network: stop demo-net-a-",
         "DBSP: stop the workload and relaunch",
         "Audit:",
     ] {
         assert!(stdout.contains(step), "missing step {step}");
     }
-    // Every VM step ran and passed (a skipped or failed one would not read "ok").
+    // Every VM and network step ran and passed (a skipped or failed one would not read "ok").
     for line in stdout
         .lines()
-        .filter(|l| l.contains("  VM: ") || l.contains("  VM ("))
+        .filter(|l| l.contains("  VM: ") || l.contains("  VM (") || l.contains("  Network: "))
     {
         assert!(
             line.contains("] ok ") || line.contains("not built yet"),
             "{line}"
         );
     }
+    // The overlay carried the 1 MiB intact: the same SHA-256 on both sides.
+    let sums = stdout
+        .lines()
+        .find(|l| l.contains("       sent sha256 "))
+        .unwrap_or_else(|| panic!("no transfer line: {stdout}"));
+    let words: Vec<&str> = sums.split_whitespace().collect();
+    assert_eq!(words.get(2), words.get(8), "{sums}");
+    assert!(sums.contains("received 1048576 bytes"), "{sums}");
     assert!(stop.status.success());
     let env = read_env(&dir);
     for var in [

@@ -7,33 +7,22 @@
 //! sender's. VMs run under the driver's default accelerator (TCG unless CAAS_QEMU_ACCEL).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
+use caas_workload::console;
 use common::vm::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// The first complete console line of `vm` on `host` containing `marker`, from the marker on.
+/// The first complete console line of `vm` on `host` containing `marker`, from the marker on
+/// (`caas_workload::console`, as `caas demo` reads it).
 fn wait_line(root: &Path, host: &str, vm: &str, marker: &str, timeout: Duration) -> String {
-    let t = Instant::now();
-    let dir = root.join("dev/hosts").join(host);
-    loop {
-        let console = find_file(&dir, &format!("{vm}.serial.log"))
-            .and_then(|p| std::fs::read(p).ok())
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default();
-        // Only complete lines: qemu may have written half of the last one.
-        let complete = &console[..console.rfind('\n').map_or(0, |i| i + 1)];
-        if let Some(l) = complete
-            .lines()
-            .find_map(|l| l.find(marker).map(|i| l[i..].trim_end().to_string()))
-        {
-            return l;
-        }
-        assert!(
-            t.elapsed() < timeout,
-            "{vm}: no {marker:?} after {timeout:?}; console:\n{console}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    console::wait_marker(
+        &root.join("dev/hosts").join(host),
+        vm,
+        marker,
+        &[console::NET_PING_FAILED],
+        timeout,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
@@ -75,18 +64,13 @@ fn two_vms_launched_through_their_agents_talk_over_the_overlay() {
         );
     }
     let limit = Duration::from_secs(300);
-    wait_line(&root, "host-2", "vm-b", "caas-net-ping-ok", limit);
-    let rtt = wait_line(&root, "host-2", "vm-b", "caas-net-rtt", limit);
-    let sent = wait_line(&root, "host-2", "vm-b", "caas-net-sent ", limit);
-    let recv = wait_line(&root, "host-1", "vm-a", "caas-net-recv ", limit);
-    let sent = sent.split_whitespace().nth(1).unwrap().to_string();
-    let mut r = recv.split_whitespace().skip(1);
-    assert_eq!(
-        r.next(),
-        Some(sent.as_str()),
-        "checksum: sent {sent}, {recv}"
-    );
-    assert_eq!(r.next(), Some("1048576"), "{recv}");
+    wait_line(&root, "host-2", "vm-b", console::NET_PING_OK, limit);
+    let rtt = wait_line(&root, "host-2", "vm-b", console::NET_RTT, limit);
+    let sent = wait_line(&root, "host-2", "vm-b", console::NET_SENT, limit);
+    let recv = wait_line(&root, "host-1", "vm-a", console::NET_RECV, limit);
+    let transfer = console::NetTransfer::parse(&sent, &recv).unwrap();
+    transfer.check().unwrap();
+    let sent = transfer.sent_sha256;
     println!(
         "two VMs through their agents' proxies: {rtt}; 1 MiB TCP, SHA-256 {sent} on both sides; {:.1} s from the first launch",
         t.elapsed().as_secs_f64()
