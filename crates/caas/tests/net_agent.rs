@@ -416,6 +416,60 @@ fn members_on_two_hosts_are_keyed_by_their_agents_and_exchange_frames() {
     assert_eq!(a.received(b"after-stop", 500), 0);
 }
 
+/// Four members of `lan` launched at once, two per host (as `caas demo` launches its two
+/// VMs): their agents' NetKeyReqs meet at the TTP, which serves one request of a domain at a
+/// time and refuses the others as busy (`rekey_in_progress`); the agents retry, so every
+/// launch succeeds with the same epoch, and the scheduler's peer lists, pushed one at a
+/// time, leave every proxy with the three others.
+#[test]
+fn members_launched_at_once_are_all_keyed_and_told_of_each_other() {
+    let c = Cloud::start(true);
+    let vms = [
+        ("vm-a", "host-1", "10.9.0.1/24"),
+        ("vm-b", "host-2", "10.9.0.2/24"),
+        ("vm-c", "host-1", "10.9.0.3/24"),
+        ("vm-d", "host-2", "10.9.0.4/24"),
+    ];
+    let launches: Vec<_> = vms
+        .iter()
+        .map(|(vm, host, addr)| {
+            Command::new(caas_bin())
+                .arg("tenant")
+                .arg("--dir")
+                .arg(c.root.join("alice"))
+                .args(["launch", "--id", "web", "--vm", vm, "--host", host])
+                .args(["--domains", "finance", "--net-domain", "lan", "--net-addr", addr])
+                .envs(&c.dev.env)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for ((vm, _, _), p) in vms.iter().zip(launches) {
+        let out = p.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "launch of {vm}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for (vm, host, _) in vms {
+        let n = c.net(host, vm);
+        assert_eq!(n["epoch"], json!(1), "{vm}: {n}");
+        c.wait(10, "every proxy is told of the three others", || {
+            c.agent_audited(host, "NetPeers", &format!("{vm}/lan n=3"), "ok")
+        });
+    }
+    let (a, b) = (
+        Nic::attach(&c.net("host-1", "vm-a")),
+        Nic::attach(&c.net("host-2", "vm-b")),
+    );
+    assert!(a.reaches(&b, b"hello-b", 20), "vm-a never reached vm-b");
+    assert!(b.reaches(&a, b"hello-a", 20), "vm-b never reached vm-a");
+}
+
 /// A VM of another network domain: its proxy, told by the (untrusted) management that vm-a
 /// is its peer, sends vm-a's proxy frames sealed under `other`'s key — all dropped as
 /// foreign, none reaches vm-a; and the management attaching a VM launched for `other` to
