@@ -83,7 +83,7 @@ pub fn wait_marker(
             let tail = tail[tail.len().saturating_sub(15)..].join("\n");
             return Err(crate::Error::Driver(format!(
                 "{vm}: {} instead of {marker:?}; console:\n{tail}",
-                failed.map_or_else(|| format!("nothing after {timeout:?}"), |l| l)
+                failed.unwrap_or_else(|| format!("nothing after {timeout:?}"))
             )));
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -188,8 +188,8 @@ mod tests {
             NetTransfer::parse(&format!("{NET_SENT}{A}"), &format!("{NET_RECV}{B} 1048576"))
                 .unwrap();
         assert!(other.check().is_err());
-        let short = NetTransfer::parse(&format!("{NET_SENT}{A}"), &format!("{NET_RECV}{A} 1000"))
-            .unwrap();
+        let short =
+            NetTransfer::parse(&format!("{NET_SENT}{A}"), &format!("{NET_RECV}{A} 1000")).unwrap();
         assert!(short.check().is_err());
         for (s, r) in [
             (format!("{NET_SENT}xyz"), format!("{NET_RECV}{A} 1048576")),

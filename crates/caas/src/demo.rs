@@ -632,7 +632,10 @@ async fn net_story(st: &mut Steps, t: &Tenant<'_>, image_id: &str) {
         return;
     };
     let run_id = std::process::id();
-    let (a, b) = (format!("demo-net-a-{run_id}"), format!("demo-net-b-{run_id}"));
+    let (a, b) = (
+        format!("demo-net-a-{run_id}"),
+        format!("demo-net-b-{run_id}"),
+    );
     let attach = |host: u8| caas_tl::wire::NetAttach {
         domain: NET_DOMAIN.into(),
         address: std::net::Ipv4Addr::new(10, 77, 0, host),
@@ -723,7 +726,14 @@ async fn net_story(st: &mut Steps, t: &Tenant<'_>, image_id: &str) {
         .collect();
     if !stops.is_empty() {
         st.run(
-            &format!("Network: stop {} (qemu exits, the crypto domain and the VM's network proxy stop)", stops.iter().map(|(h, vm)| format!("{vm} on {h}")).collect::<Vec<_>>().join(" and ")),
+            &format!(
+                "Network: stop {} (qemu exits, the crypto domain and the VM's network proxy stop)",
+                stops
+                    .iter()
+                    .map(|(h, vm)| format!("{vm} on {h}"))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ),
             async {
                 for (h, vm) in &stops {
                     t.stop(h, vm).await?;

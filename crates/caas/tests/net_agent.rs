@@ -438,7 +438,14 @@ fn members_launched_at_once_are_all_keyed_and_told_of_each_other() {
                 .arg("--dir")
                 .arg(c.root.join("alice"))
                 .args(["launch", "--id", "web", "--vm", vm, "--host", host])
-                .args(["--domains", "finance", "--net-domain", "lan", "--net-addr", addr])
+                .args([
+                    "--domains",
+                    "finance",
+                    "--net-domain",
+                    "lan",
+                    "--net-addr",
+                    addr,
+                ])
                 .envs(&c.dev.env)
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
