@@ -9,7 +9,14 @@
 # the serial consoles. Each mode is measured ROUNDS times, interleaved; the best of each is
 # kept. Prints both and the ratios (goal: throughput ≥ 0.8×, latency ≤ 1.2×).
 #
-# Usage: bench/vm-net.sh     BYTES=16777216  ROUNDS=2   (qemu's accelerator probe: TCG here)
+# Usage: bench/vm-net.sh     BYTES=16777216  ROUNDS=2  AGENT=0   (qemu's accelerator probe: TCG here)
+#
+# AGENT=1 also measures the overlay through the agent path (crates/caas/tests/vm_net_agent.rs,
+# `bench_overlay_through_agents`): `caas dev --hosts 2`, each round two VMs launched by trusted
+# launch with `caas tenant launch --driver qemu --net-domain lan` (the agents start and key the
+# proxies from the TTP, the scheduler tells them of each other); the image's own traffic role
+# (`scripts/build-guest-image --net-demo --net-demo-bytes BYTES`) pings 3 times and sends BYTES,
+# timed on the host from the sender's "caas-net-go" to the receiver's "caas-net-recv" line.
 #
 # Figures (2026-12-06, 2 cores shared with ~7 builds, load average 12-15, TCG — nested KVM
 # stalls here; BYTES=8 MiB ROUNDS=2; dev profile):
@@ -35,4 +42,12 @@ if ! cargo test -q -p caas --test vm_net -- --ignored --exact bench_overlay_vs_d
   exit 1
 fi
 grep -E '^(vm-net|direct|overlay|ratios)' "$out"
+if [ "${AGENT:-0}" = 1 ]; then
+  if ! cargo test -q -p caas --test vm_net_agent -- --ignored --exact bench_overlay_through_agents --nocapture >"$out" 2>&1; then
+    grep -v caas-counter "$out" | tail -40 >&2
+    rm -f "$out"
+    exit 1
+  fi
+  grep -E '^agent-overlay' "$out"
+fi
 rm -f "$out"

@@ -14,11 +14,15 @@ pub const NET_PING_OK: &str = "caas-net-ping-ok";
 pub const NET_RTT: &str = "caas-net-rtt";
 /// The sender's line `caas-net-sent SHA256` (hex digest of the 1 MiB it sends).
 pub const NET_SENT: &str = "caas-net-sent ";
+/// The sender's line as its TCP stream starts (the host times the stream from here to
+/// [`NET_RECV`]).
+pub const NET_GO: &str = "caas-net-go";
 /// The receiver's line `caas-net-recv SHA256 BYTES` once it has the whole stream.
 pub const NET_RECV: &str = "caas-net-recv ";
 /// The sender's line when its first ping never got an answer.
 pub const NET_PING_FAILED: &str = "caas-net-ping-failed";
-/// Bytes the demo image's sender transfers.
+/// Bytes the demo image's sender transfers (`scripts/build-guest-image --net-demo` without
+/// `--net-demo-bytes`).
 pub const NET_TRANSFER_BYTES: u64 = 1 << 20;
 
 /// The file named `name` anywhere under `dir` (a host's run directory holds each VM's
@@ -134,9 +138,15 @@ impl NetTransfer {
 
     /// Ok when the receiver got all [`NET_TRANSFER_BYTES`] and its digest is the sender's.
     pub fn check(&self) -> crate::Result<()> {
-        if self.recv_bytes != NET_TRANSFER_BYTES || self.recv_sha256 != self.sent_sha256 {
+        self.check_size(NET_TRANSFER_BYTES)
+    }
+
+    /// Ok when the receiver got all `bytes` (the image's `--net-demo-bytes`) and its digest
+    /// is the sender's.
+    pub fn check_size(&self, bytes: u64) -> crate::Result<()> {
+        if self.recv_bytes != bytes || self.recv_sha256 != self.sent_sha256 {
             return Err(crate::Error::ReportMismatch(format!(
-                "sent {NET_TRANSFER_BYTES} bytes with SHA-256 {}, received {} bytes with SHA-256 {}",
+                "sent {bytes} bytes with SHA-256 {}, received {} bytes with SHA-256 {}",
                 self.sent_sha256, self.recv_bytes, self.recv_sha256
             )));
         }

@@ -76,3 +76,117 @@ fn two_vms_launched_through_their_agents_talk_over_the_overlay() {
         t.elapsed().as_secs_f64()
     );
 }
+
+/// The overlay through the agent path for `bench/vm-net.sh` (`AGENT=1`; ignored in the
+/// ordinary run): per round two VMs launched by trusted launch with `--net-domain lan` on
+/// two hosts (image `--net-demo-bytes CAAS_NET_BENCH_BYTES`); latency is the average of the
+/// sender's `ping -c 3 -i 0.2`, throughput the bytes over the time from its `caas-net-go`
+/// line to the receiver's `caas-net-recv` line (both consoles polled every 10 ms), the
+/// digests checked; both VMs stopped after each round. Best of CAAS_NET_BENCH_ROUNDS.
+#[test]
+#[ignore = "benchmark: bench/vm-net.sh AGENT=1"]
+fn bench_overlay_through_agents() {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let bytes = env("CAAS_NET_BENCH_BYTES", 16 << 20) / 1024 * 1024;
+    let rounds = env("CAAS_NET_BENCH_ROUNDS", 2).max(1);
+    let image = net_demo_guest_image_bytes(bytes);
+    let (_tmp, root, dev, _storage) = provisioned_guest(&image, &["host-1", "host-2"]);
+    tenant(&root, &dev, &["acl", "--domains", "finance,lan"]);
+    let (d1, d2) = (root.join("dev/hosts/host-1"), root.join("dev/hosts/host-2"));
+    let mut results = Vec::new();
+    for round in 0..rounds {
+        let (a, b) = (format!("vm-a{round}"), format!("vm-b{round}"));
+        for (vm, host, addr) in [(&a, "host-1", "10.9.0.1/24"), (&b, "host-2", "10.9.0.2/24")] {
+            tenant(
+                &root,
+                &dev,
+                &[
+                    "launch",
+                    "--id",
+                    "legacy",
+                    "--vm",
+                    vm,
+                    "--host",
+                    host,
+                    "--driver",
+                    "qemu",
+                    "--domains",
+                    "finance",
+                    "--net-domain",
+                    "lan",
+                    "--net-addr",
+                    addr,
+                ],
+            );
+        }
+        let limit = Duration::from_secs(600);
+        let t = Instant::now();
+        let (mut go, mut recv) = (None, None);
+        while recv.is_none() {
+            assert!(t.elapsed() < limit, "round {round}: no transfer");
+            let now = Instant::now();
+            let cb = console::console(&d2, &b);
+            assert!(
+                console::find_marker(&cb, console::NET_PING_FAILED).is_none(),
+                "{cb}"
+            );
+            if go.is_none() && console::find_marker(&cb, console::NET_GO).is_some() {
+                go = Some(now);
+            }
+            if go.is_some() {
+                recv = console::find_marker(&console::console(&d1, &a), console::NET_RECV)
+                    .map(|l| (now, l));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (t1, recv) = recv.unwrap();
+        let secs = t1.duration_since(go.unwrap()).as_secs_f64();
+        let cb = console::console(&d2, &b);
+        let sent = console::find_marker(&cb, console::NET_SENT).unwrap();
+        console::NetTransfer::parse(&sent, &recv)
+            .unwrap()
+            .check_size(bytes)
+            .unwrap();
+        let rtt = console::find_marker(&cb, console::NET_RTT).unwrap();
+        // "round-trip min/avg/max = A/B/C ms"
+        let avg: f64 = rtt
+            .rsplit('=')
+            .next()
+            .and_then(|v| v.split('/').nth(1))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{rtt}"));
+        let mbps = bytes as f64 / secs / 1e6;
+        println!("agent-overlay round {round}: {mbps:.2} MB/s ({secs:.2} s), rtt {avg:.3} ms");
+        results.push((mbps, avg));
+        // Stop both through the agents' operator API (as `caas demo` does).
+        let ops = caas_host::cli::OperatorArgs {
+            ca: dev.env[caas_host::cli::ENV_PKI_CA].clone().into(),
+            cert: dev.env[caas_host::cli::ENV_OPERATOR_CERT].clone().into(),
+            key: dev.env[caas_host::cli::ENV_OPERATOR_KEY].clone().into(),
+        }
+        .client()
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for (vm, host) in [(&a, "host-1"), (&b, "host-2")] {
+            let url = &dev.env[&format!("CAAS_HOST_{}_URL", host.to_uppercase().replace('-', "_"))];
+            rt.block_on(ops.post::<_, serde_json::Value>(
+                &format!("{url}/v1/agent/workloads/{vm}/stop"),
+                &serde_json::json!({}),
+            ))
+            .unwrap();
+        }
+    }
+    let best_t = results.iter().map(|r| r.0).fold(0.0, f64::max);
+    let best_l = results.iter().map(|r| r.1).fold(f64::INFINITY, f64::min);
+    println!(
+        "agent-overlay (tenant launch --net-domain, bytes={bytes} rounds={rounds}): throughput {best_t:.1} MB/s, rtt {best_l:.3} ms  {results:?}"
+    );
+}

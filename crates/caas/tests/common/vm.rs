@@ -43,7 +43,16 @@ pub fn net_demo_guest_image() -> PathBuf {
     build_guest_image(true)
 }
 
+/// The `--net-demo` image whose sender moves `bytes` (`--net-demo-bytes`, the benchmark).
+pub fn net_demo_guest_image_bytes(bytes: u64) -> PathBuf {
+    build_guest_image_with(true, Some(bytes))
+}
+
 fn build_guest_image(net_demo: bool) -> PathBuf {
+    build_guest_image_with(net_demo, None)
+}
+
+fn build_guest_image_with(net_demo: bool, bytes: Option<u64>) -> PathBuf {
     require_tools();
     let agent = PathBuf::from(env!("CARGO_BIN_EXE_caas-guest"));
     // The module as `cargo build -p caas` uplifts it, or as `cargo test` leaves it in deps/
@@ -61,6 +70,9 @@ fn build_guest_image(net_demo: bool) -> PathBuf {
     cmd.arg("--agent").arg(&agent).arg("--pkcs11").arg(&pkcs11);
     if net_demo {
         cmd.arg("--net-demo");
+    }
+    if let Some(n) = bytes {
+        cmd.arg("--net-demo-bytes").arg(n.to_string());
     }
     let out = cmd.output().unwrap();
     assert!(
