@@ -17,6 +17,9 @@
 # proxies from the TTP, the scheduler tells them of each other); the image's own traffic role
 # (`scripts/build-guest-image --net-demo --net-demo-bytes BYTES`) pings 3 times and sends BYTES,
 # timed on the host from the sender's "caas-net-go" to the receiver's "caas-net-recv" line.
+# Figures (2026-12-06, same machine, load ~4, TCG, BYTES=8 MiB ROUNDS=2, AGENT path only):
+#   agent-overlay 1.9 MB/s (rounds 1.42, 1.88), rtt 3.11 ms (4.91, 3.11) — the 10 ms console
+#   polling and ping -c 3 make these coarser than the direct/overlay pair above.
 #
 # Figures (2026-12-06, 2 cores shared with ~7 builds, load average 12-15, TCG — nested KVM
 # stalls here; BYTES=8 MiB ROUNDS=2; dev profile):
