@@ -88,6 +88,16 @@
 #   160–580 ms for qemu and 260–520 ms for the target's acks, 25–170 requests. caas's
 #   downtime includes the commit round trip and the target's `cont` (handover 13–55 ms),
 #   which qemu's own figure for (b) does not; it varies with the load more than (b)'s.
+#
+# Same code on a QUIET machine (2026-12-06 04:22, load 0.35 at the start, lead,
+# `REPEAT=3 VERBOSE=1 bench/vm-migrate.sh`):
+#   (b) plain qemu   total 989 1008 1054 ms    downtime 109 99 107 ms
+#   (a) caas         total 958 950 944 ms      downtime 46 44 42 ms
+#       end to end   979 972 956 ms
+#   medians: total 0.94× (end to end 0.96×), downtime 0.41×. Goal (≤ 1.1×) met. Phases: TTP
+#   24–26 ms, session key 14–17 ms, 13 MiB buffered before the key, stream after the key
+#   889–906 ms (the sender waiting 530–680 ms for qemu), handover 10–15 ms.
+
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPEAT=${REPEAT:-3}
