@@ -60,7 +60,7 @@ impl Cloud {
     }
 
     fn agent(&self, host: &str) -> String {
-        self.dev.env[&format!("CAAS_HOST_{}_URL", host.to_uppercase().replace('-', "_"))].clone()
+        self.dev.agent_url(host)
     }
 
     fn fresh(&self, what: &str) -> PathBuf {

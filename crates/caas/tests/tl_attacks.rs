@@ -68,11 +68,7 @@ impl Cloud {
     }
 
     fn env(&self, k: &str) -> String {
-        self.dev
-            .env
-            .get(k)
-            .cloned()
-            .unwrap_or_else(|| panic!("{k} missing from DIR/env"))
+        self.dev.var(k)
     }
 
     fn storage(&self) -> PathBuf {
@@ -147,14 +143,11 @@ impl Cloud {
     }
 
     fn agent(&self, host: &str) -> String {
-        self.env(&format!(
-            "CAAS_HOST_{}_URL",
-            host.to_uppercase().replace('-', "_")
-        ))
+        self.dev.agent_url(host)
     }
 
     fn ks(&self) -> String {
-        self.env("CAAS_KMS_ENDPOINT")
+        self.dev.ks_url()
     }
 
     /// A signed TL.Request built the way the tenant CLI builds it (for attackers that

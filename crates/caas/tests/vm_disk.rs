@@ -79,7 +79,7 @@ impl Cloud {
     }
 
     fn agent(&self, host: &str) -> String {
-        self.dev.env[&format!("CAAS_HOST_{}_URL", host.to_uppercase().replace('-', "_"))].clone()
+        self.dev.agent_url(host)
     }
 
     /// `caas host SUB vm1 --agent URL` as the operator; (success, output).

@@ -132,23 +132,12 @@ impl Cloud {
         ]);
     }
 
-    fn env(&self, k: &str) -> String {
-        self.dev
-            .env
-            .get(k)
-            .cloned()
-            .unwrap_or_else(|| panic!("{k}"))
-    }
-
     fn agent(&self, host: &str) -> String {
-        self.env(&format!(
-            "CAAS_HOST_{}_URL",
-            host.to_uppercase().replace('-', "_")
-        ))
+        self.dev.agent_url(host)
     }
 
     fn ks(&self) -> String {
-        self.env("CAAS_KMS_ENDPOINT")
+        self.dev.ks_url()
     }
 
     fn call(&self, method: &str, url: &str, body: Option<&Value>) -> Reply {

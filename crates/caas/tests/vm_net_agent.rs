@@ -176,7 +176,7 @@ fn bench_overlay_through_agents() {
             .build()
             .unwrap();
         for (vm, host) in [(&a, "host-1"), (&b, "host-2")] {
-            let url = &dev.env[&format!("CAAS_HOST_{}_URL", host.to_uppercase().replace('-', "_"))];
+            let url = &dev.agent_url(host);
             rt.block_on(ops.post::<_, serde_json::Value>(
                 &format!("{url}/v1/agent/workloads/{vm}/stop"),
                 &serde_json::json!({}),

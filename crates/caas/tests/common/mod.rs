@@ -152,6 +152,27 @@ impl Dev {
         .unwrap()
     }
 
+    /// The value `caas dev` exported as `k` (panics naming the variable when it is absent).
+    pub fn var(&self, k: &str) -> String {
+        self.env
+            .get(k)
+            .cloned()
+            .unwrap_or_else(|| panic!("caas dev exported no {k}"))
+    }
+
+    /// The URL of `host`'s agent (`CAAS_HOST_<HOST>_URL`, e.g. `host-1` → `CAAS_HOST_HOST_1_URL`).
+    pub fn agent_url(&self, host: &str) -> String {
+        self.var(&format!(
+            "CAAS_HOST_{}_URL",
+            host.to_uppercase().replace('-', "_")
+        ))
+    }
+
+    /// The key service's endpoint (`CAAS_KMS_ENDPOINT`).
+    pub fn ks_url(&self) -> String {
+        self.var("CAAS_KMS_ENDPOINT")
+    }
+
     /// A JSON client of the key service's signed routes, signing as the dev operator.
     pub fn operator_http(&self, timeout: Duration) -> caas_attest::client::HttpClient {
         signed_http(
