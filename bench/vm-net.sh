@@ -17,6 +17,13 @@
 # proxies from the TTP, the scheduler tells them of each other); the image's own traffic role
 # (`scripts/build-guest-image --net-demo --net-demo-bytes BYTES`) pings 3 times and sends BYTES,
 # timed on the host from the sender's "caas-net-go" to the receiver's "caas-net-recv" line.
+# Figures on a QUIET machine (2026-12-06 04:48–04:50 UTC, load 1.6, lead, TCG, dev profile):
+#   `BYTES=8388608 ROUNDS=2 bench/vm-net.sh`: direct 3.8 MB/s, rtt 1.97 ms; overlay 3.6 MB/s,
+#   rtt 2.75 ms: throughput 0.95x (goal met), latency 1.40x (goal <= 1.2 not met).
+#   `ROUNDS=3`: direct 3.6 MB/s, 2.28 ms; overlay 3.8 MB/s, 3.00 ms: 1.06x and 1.32x.
+#   The overlay's extra ~0.7 ms per round trip is four more hops (VM → proxy → UDP → proxy →
+#   VM, each way), each a blocking thread's wake-up on two CPUs that also emulate two guests.
+#
 # Figures (2026-12-06, same machine, load ~4, TCG, BYTES=8 MiB ROUNDS=2, AGENT path only):
 #   agent-overlay 1.9 MB/s (rounds 1.42, 1.88), rtt 3.11 ms (4.91, 3.11) — the 10 ms console
 #   polling and ping -c 3 make these coarser than the direct/overlay pair above.
