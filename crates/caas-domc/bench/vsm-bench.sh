@@ -18,6 +18,13 @@
 # share of busy CPUs than caas's 8 client + 2 domain threads, so the sig/s ratio flatters
 # caas under load, while CPU cost per signature hardly depends on the load.
 #
+# Figures on a QUIET machine after the bounded adaptive spin (2026-12-06T04:50Z, load 1.7,
+# lead, no RT; `CARGO_TARGET_DIR=/work/target-rel crates/caas-domc/bench/vsm-bench.sh 10000 5`):
+#   ECDSA P-256 1t 32839 vs SoftHSM2 23489 sig/s 1.39x (was 0.52x; goal 1.5x), 8t 55064 vs
+#   31628 1.74x (goal 3x), 0.45x of the aws-lc ceiling (121823 sig/s; goal 0.8x); Ed25519
+#   8.93x / 7.82x; RSA-2048 (ods-hsmspeed) 2.00x / 2.16x, RSA-1024 1.80x / 2.21x; ML-DSA-65
+#   5264 / 13597 sig/s (SoftHSM2 2.6 has none).
+#
 # Figures after the bounded adaptive spin (2026-12-06T03:28-03:46Z; caas-pkcs11/src/mux.rs
 # and caas-domc/src/server.rs: a lone caller polls for its answer, and the domain's
 # connection thread for the next request, up to 50 us with sched_yield between polls, instead
