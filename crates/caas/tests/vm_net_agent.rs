@@ -25,6 +25,32 @@ fn wait_line(root: &Path, host: &str, vm: &str, marker: &str, timeout: Duration)
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// `caas tenant launch` of the provisioned image as `vm` on `host` by trusted launch under
+/// qemu, with the overlay NIC of network domain `lan` at `addr`; the CLI's output.
+fn launch_on_lan(root: &Path, dev: &common::Dev, vm: &str, host: &str, addr: &str) -> String {
+    tenant(
+        root,
+        dev,
+        &[
+            "launch",
+            "--id",
+            "legacy",
+            "--vm",
+            vm,
+            "--host",
+            host,
+            "--driver",
+            "qemu",
+            "--domains",
+            "finance",
+            "--net-domain",
+            "lan",
+            "--net-addr",
+            addr,
+        ],
+    )
+}
+
 #[test]
 fn two_vms_launched_through_their_agents_talk_over_the_overlay() {
     let image = net_demo_guest_image();
@@ -35,27 +61,7 @@ fn two_vms_launched_through_their_agents_talk_over_the_overlay() {
         ("vm-a", "host-1", "10.9.0.1/24"),
         ("vm-b", "host-2", "10.9.0.2/24"),
     ] {
-        let out = tenant(
-            &root,
-            &dev,
-            &[
-                "launch",
-                "--id",
-                "legacy",
-                "--vm",
-                vm,
-                "--host",
-                host,
-                "--driver",
-                "qemu",
-                "--domains",
-                "finance",
-                "--net-domain",
-                "lan",
-                "--net-addr",
-                addr,
-            ],
-        );
+        let out = launch_on_lan(&root, &dev, vm, host, addr);
         assert!(out.contains("\"net\""), "{out}");
         let cmd = qemu_cmdline(&root, vm).expect("the VM's qemu");
         assert!(
@@ -102,27 +108,7 @@ fn bench_overlay_through_agents() {
     for round in 0..rounds {
         let (a, b) = (format!("vm-a{round}"), format!("vm-b{round}"));
         for (vm, host, addr) in [(&a, "host-1", "10.9.0.1/24"), (&b, "host-2", "10.9.0.2/24")] {
-            tenant(
-                &root,
-                &dev,
-                &[
-                    "launch",
-                    "--id",
-                    "legacy",
-                    "--vm",
-                    vm,
-                    "--host",
-                    host,
-                    "--driver",
-                    "qemu",
-                    "--domains",
-                    "finance",
-                    "--net-domain",
-                    "lan",
-                    "--net-addr",
-                    addr,
-                ],
-            );
+            launch_on_lan(&root, &dev, vm, host, addr);
         }
         let limit = Duration::from_secs(600);
         let t = Instant::now();
