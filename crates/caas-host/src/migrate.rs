@@ -276,16 +276,17 @@ const SOURCE_BUFFER_BYTES: usize = 16 << 20;
 const KIB: usize = 1024;
 
 /// The sending end of a VM stream's queue: bounded in bytes; a send waits while the queue
-/// is full.
+/// is full. Chunks are the guest's plaintext state: each is wiped when dropped, whether
+/// written, sealed or abandoned in the queue.
 pub(crate) struct StreamQueueTx {
-    tx: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    tx: tokio::sync::mpsc::UnboundedSender<Zeroizing<Vec<u8>>>,
     room: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// The receiving end (the target: the thread that writes into qemu's pipe; the source:
 /// the task that seals and sends).
 pub(crate) struct StreamQueueRx {
-    rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Zeroizing<Vec<u8>>>,
     room: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
@@ -309,7 +310,7 @@ pub(crate) fn stream_queue(cap: usize) -> (StreamQueueTx, StreamQueueRx) {
 impl StreamQueueTx {
     /// Queues a chunk (≤ 1 MiB, a record's) once there is room; false when the reader is
     /// gone.
-    async fn send(&self, chunk: Vec<u8>) -> bool {
+    async fn send(&self, chunk: Zeroizing<Vec<u8>>) -> bool {
         match self.room.acquire_many(permits(chunk.len())).await {
             Ok(p) => p.forget(),
             Err(_) => return false,
@@ -318,14 +319,14 @@ impl StreamQueueTx {
     }
 
     /// [`Self::send`] from a blocking thread (`rt`: the runtime the reader runs on).
-    fn blocking_send(&self, rt: &tokio::runtime::Handle, chunk: Vec<u8>) -> bool {
+    fn blocking_send(&self, rt: &tokio::runtime::Handle, chunk: Zeroizing<Vec<u8>>) -> bool {
         rt.block_on(self.send(chunk))
     }
 }
 
 impl StreamQueueRx {
     /// Blocking: the next chunk, or None when the sender is gone.
-    pub(crate) fn recv(&mut self) -> Option<Vec<u8>> {
+    pub(crate) fn recv(&mut self) -> Option<Zeroizing<Vec<u8>>> {
         self.rx.blocking_recv()
     }
 
@@ -335,14 +336,14 @@ impl StreamQueueRx {
     }
 
     /// The next chunk (its room freed), or None when the sender is gone.
-    async fn take(&mut self) -> Option<Vec<u8>> {
+    async fn take(&mut self) -> Option<Zeroizing<Vec<u8>>> {
         let c = self.rx.recv().await?;
         self.written(c.len());
         Some(c)
     }
 
     /// A chunk already queued (its room freed), if any.
-    fn try_take(&mut self) -> Option<Vec<u8>> {
+    fn try_take(&mut self) -> Option<Zeroizing<Vec<u8>>> {
         let c = self.rx.try_recv().ok()?;
         self.written(c.len());
         Some(c)
@@ -756,7 +757,7 @@ impl Agent {
                 let _ = q.execute("closefd", Some(serde_json::json!({ "fdname": VM_FD })));
                 return Err(s(&e));
             }
-            let mut buf = vec![0u8; 256 << 10];
+            let mut buf = Zeroizing::new(vec![0u8; 256 << 10]);
             loop {
                 let n = match std::io::Read::read(&mut r, &mut buf) {
                     Ok(0) => break,
@@ -765,7 +766,7 @@ impl Agent {
                     Err(e) => return Err(s(&e)),
                 };
                 counted.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-                if !tx.blocking_send(&rt, buf[..n].to_vec()) {
+                if !tx.blocking_send(&rt, Zeroizing::new(buf[..n].to_vec())) {
                     // The migration was refused or abandoned: qemu stops migrating, the
                     // guest runs on.
                     drop(r);
@@ -1251,7 +1252,7 @@ impl Agent {
                 }
                 Record::Data(Channel::Vm, b) if m.vm.is_some() && !m.token && !m.committed => {
                     let sent = match &m.vm_tx {
-                        Some(tx) => tx.send(b).await,
+                        Some(tx) => tx.send(Zeroizing::new(b)).await,
                         None => false,
                     };
                     if !sent {

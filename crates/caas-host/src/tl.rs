@@ -1668,11 +1668,11 @@ impl Agent {
         let writer = std::thread::spawn(move || {
             let mut pipe = pipe;
             let mut n = 0u64;
-            while let Some(mut chunk) = rx.recv() {
+            while let Some(chunk) = rx.recv() {
                 let len = chunk.len();
                 std::io::Write::write_all(&mut pipe, &chunk)?;
                 n += len as u64;
-                zeroize::Zeroize::zeroize(&mut chunk);
+                drop(chunk);
                 rx.written(len);
             }
             Ok(n)
