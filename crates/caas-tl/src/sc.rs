@@ -202,6 +202,55 @@ pub fn netkey_request(
     Ok(req)
 }
 
+/// NetLeave (`docs/network-sdp.md` §Keys): ends the workload's TL session on this host
+/// (its VM stopped or was suspended) — its network domains get a new epoch. `enc` proves
+/// DK_i. `why`: `stopped`, `suspended`.
+///
+/// # Errors
+/// A DK_i that is not 32 bytes; no randomness.
+pub fn netleave_request(
+    host: &str,
+    vm_id: &str,
+    launch_r: &[u8],
+    h2: &str,
+    dk: &[u8],
+    why: &str,
+    now_ms: u64,
+) -> Result<crate::wire::NetLeaveRequest> {
+    let dk = SecretKey::from_slice(dk).map_err(|_| Error::malformed("DK", "32 bytes"))?;
+    let mut req = crate::wire::NetLeaveRequest {
+        host: host.into(),
+        vm_id: vm_id.into(),
+        launch_r: launch_r.to_vec(),
+        h2: h2.into(),
+        why: why.into(),
+        r: random32()?.to_vec(),
+        t_ms: now_ms,
+        enc: Vec::new(),
+    };
+    req.enc = caas_crypto::aead::seal(&dk, &req.inner_aad(), label::NETLEAVE_INNER.as_bytes())?;
+    Ok(req)
+}
+
+/// Checks the TTP's answer to a leave (σ_TTP, and that it answers `req`).
+///
+/// # Errors
+/// A bad signature or an answer to another request (`nonce_mismatch`).
+pub fn check_netleave_ack(
+    resp: &Signed,
+    ttp: &TtpPublic,
+    req: &crate::wire::NetLeaveRequest,
+) -> Result<crate::wire::NetLeft> {
+    let l: crate::wire::NetLeft = resp.open(&ttp.sign, label::NETLEAVE_ACK)?;
+    if l.host != req.host || l.vm_id != req.vm_id || !ct_eq(&l.r, &req.r) {
+        return Err(Error::rejected(
+            "nonce_mismatch",
+            "the answer is to another request",
+        ));
+    }
+    Ok(l)
+}
+
 /// Checks the TTP's network key grant (σ_TTP, and that it answers `req`).
 pub fn check_netkey_grant(
     resp: &Signed,

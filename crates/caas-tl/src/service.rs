@@ -8,7 +8,8 @@
 //! `POST /v1/tl/suspend` and `POST /v1/tl/resume` (AK-signed: a saved state's key, sealed to the
 //! host's bind key, `docs/suspend-migrate.md`), `POST /v1/tl/netkey` (AK-signed NetKeyReq →
 //! the network domain's current key sealed to the bind key, [`crate::ttp::netkey`]),
-//! `POST /v1/tl/netkey/rekey` (an operator's on-demand new epoch of a network domain), `PUT /v1/tl/acl`
+//! `POST /v1/tl/netkey/leave` (AK-signed: a stopped or suspended workload's session ends,
+//! its network domains rekeyed), `POST /v1/tl/netkey/rekey` (an operator's on-demand new epoch of a network domain), `PUT /v1/tl/acl`
 //! (which domains a DM may give: a [`crate::wire::AclUpdate`] signed by that DM), `GET /v1/tl/hosts/{name}/bind-info` (a host's
 //! certified bind key and trusted PCR values, seed 001 Algorithm 1 line 1), and the
 //! scheduler `POST /v1/sched/launch` (places a TL.Request on a trusted host of its SP),
@@ -16,7 +17,7 @@
 //! `POST /v1/sched/suspend` and `POST /v1/sched/resume` (forwarded to a host agent).
 //!
 //! Authentication is the key service's (`caas/src/key_service/auth.rs`): pk_TTP is public;
-//! `attest`, `domkey`, `epoch`, `migrate`, `suspend`, `resume` and `netkey` carry the host's AK signature (its identity) and, over
+//! `attest`, `domkey`, `epoch`, `migrate`, `suspend`, `resume`, `netkey` and `netkey/leave` carry the host's AK signature (its identity) and, over
 //! TLS, must come with the client certificate the host's enrollment bound to that AK
 //! (`caas_attest::tls_binding`, checked by the TTP); the ACL change is
 //! signed by the DM it is about ([`crate::ttp::Ttp::update_acl`]) and sent by a
@@ -518,6 +519,7 @@ enum HostCall {
     Resume,
     Migrate,
     NetKey,
+    NetLeave,
 }
 
 /// One handler for the [`HostCall`] routes: the request with the TLS client certificate of
@@ -538,6 +540,7 @@ async fn host_call<S: AttestStore>(
         HostCall::Resume => t.resume(&r, peer, now).await,
         HostCall::Migrate => t.migrate(&r, peer, now).await,
         HostCall::NetKey => t.netkey(&r, peer, now).await,
+        HostCall::NetLeave => t.net_leave(&r, peer, now).await,
     }
     .map(Json)
     .map_err(ApiError)
@@ -563,6 +566,10 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
         .route(
             "/v1/tl/netkey",
             post(|st, peer, body| host_call(HostCall::NetKey, st, peer, body)),
+        )
+        .route(
+            "/v1/tl/netkey/leave",
+            post(|st, peer, body| host_call(HostCall::NetLeave, st, peer, body)),
         )
         .route(
             "/v1/tl/netkey/rekey",

@@ -1523,6 +1523,17 @@ impl AuditedRequest for wire::ResumeRequest {
     }
 }
 
+impl AuditedRequest for wire::NetLeaveRequest {
+    const WHAT: &'static str = "netleave request";
+    const OPERATION: &'static str = "NetLeave";
+    fn host(&self) -> &str {
+        &self.host
+    }
+    fn subject(&self) -> String {
+        format!("{}/{} ({})", self.host, self.vm_id, self.why)
+    }
+}
+
 impl AuditedRequest for wire::NetKeyRequest {
     const WHAT: &'static str = "netkey request";
     const OPERATION: &'static str = "NetKey";

@@ -70,6 +70,12 @@ pub mod label {
     pub const NETKEY_GRANT: &str = "caas-tl netkey-grant v1";
     /// AAD prefix of the network key sealed to the host's bind key.
     pub const NETKEY_SEALED: &str = "caas-tl netkey sealed v1";
+    /// A workload's network membership ends (its VM stopped or suspended), AK-signed.
+    pub const NETLEAVE_REQUEST: &str = "caas-tl netleave-request v1";
+    /// AAD prefix of the leave's proof under DK_i.
+    pub const NETLEAVE_INNER: &str = "caas-tl netleave-inner v1";
+    /// The TTP's answer to a leave, TTP-signed.
+    pub const NETLEAVE_ACK: &str = "caas-tl netleave-ack v1";
 }
 
 /// Maximum size of any protocol body (bytes).
@@ -663,6 +669,67 @@ impl NetKeyRequest {
             &self.r,
         ])
     }
+}
+
+/// NetLeave (`docs/network-sdp.md` §Keys): the SC of a host whose workload stopped or was
+/// suspended ends that workload's TL session there, and with it its membership of every
+/// network domain (each gets a new epoch the session is never given). AK-signed (fresh
+/// attestation); `enc` proves DK_i of the session (AES-256-GCM of [`label::NETLEAVE_INNER`]
+/// under DK_i, AAD [`NetLeaveRequest::inner_aad`]): only the session's own host, holding its
+/// DK_i, ends it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetLeaveRequest {
+    /// The host (as enrolled).
+    pub host: String,
+    /// id_vm.
+    pub vm_id: String,
+    /// r of the launch (names the TTP's session) on this host.
+    #[serde(with = "b64")]
+    pub launch_r: Vec<u8>,
+    /// H2 of the workload's owner.
+    pub h2: String,
+    /// Why (`stopped`, `suspended`; audited, at most 64 characters).
+    pub why: String,
+    /// Fresh nonce.
+    #[serde(with = "b64")]
+    pub r: Vec<u8>,
+    /// SC's time (Unix ms).
+    pub t_ms: u64,
+    /// The proof of DK_i.
+    #[serde(with = "b64")]
+    pub enc: Vec<u8>,
+}
+
+impl NetLeaveRequest {
+    /// AAD of `enc`: binds host, workload, its launch, the reason and the nonce.
+    #[must_use]
+    pub fn inner_aad(&self) -> Vec<u8> {
+        crate::crypto::lp(&[
+            label::NETLEAVE_INNER.as_bytes(),
+            self.host.as_bytes(),
+            self.vm_id.as_bytes(),
+            &self.launch_r,
+            self.why.as_bytes(),
+            &self.r,
+        ])
+    }
+}
+
+/// The TTP's answer to a [`NetLeaveRequest`] (label [`label::NETLEAVE_ACK`]): the session is
+/// retired; the network domains that got a new epoch because of it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetLeft {
+    /// Host.
+    pub host: String,
+    /// id_vm.
+    pub vm_id: String,
+    /// r of the request.
+    #[serde(with = "b64")]
+    pub r: Vec<u8>,
+    /// The network domains rekeyed (or marked to rekey at their next request).
+    pub rekeyed: Vec<String>,
 }
 
 /// The TTP's answer to a NetKeyReq: K_{N,e} sealed to the session's bind key; TTP-signed

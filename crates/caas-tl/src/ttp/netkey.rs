@@ -14,11 +14,12 @@
 //! is refused every later one (`host_untrusted`, `attestation_failed`, `session_retired`).
 //! A joining member is given the current epoch (no rekey on join). Every release and every
 //! refusal is audited (`NetKey`); every new epoch too (`NetRekey`).
-use super::{Session, Ttp, session_id};
+use super::{KIND_SESSION, Session, Ttp, session_id};
 use crate::crypto::seal_to_bind_key;
 use crate::error::{Error, Result};
 use crate::wire::{
-    self, AkSigned, Meta, NetKeyGrant, NetKeyRequest, Signed, check_fresh, check_name, label,
+    self, AkSigned, Meta, NetKeyGrant, NetKeyRequest, NetLeaveRequest, NetLeft, Signed,
+    check_fresh, check_name, label,
 };
 use caas_attest::b64;
 use caas_attest::store::{AttestStore, AuditRecord};
@@ -102,6 +103,11 @@ impl<S: AttestStore> Ttp<S> {
         let sid = session_id(&host.name, &b.vm_id, &b.launch_r);
         let inner = self.open_under_dk(&sid, &session, &b.inner_aad(), &b.enc)?;
         let Meta { domain, sp } = wire::parse("netkey inner", inner.expose())?;
+        // A migration's target (or a resumed workload) asks for its network key once it
+        // took over (after the source's commit): the session it replaces is retired now —
+        // the source host is refused every later key and N moves to a new epoch, also when
+        // the workload has no DBSP volume whose epoch anchor would retire it.
+        self.retire_replaced(&session, now_ms).await?;
         if domain != b.net_domain {
             return Err(Error::malformed(
                 "netkey request",
@@ -281,7 +287,8 @@ impl<S: AttestStore> Ttp<S> {
         gone: impl Fn(&str) -> bool,
         why: &str,
         now_ms: u64,
-    ) -> Result<()> {
+    ) -> Result<Vec<String>> {
+        let mut rekeyed = Vec::new();
         for raw in self.store.list(KIND_NET_EPOCH).await? {
             let ep: NetEpoch = serde_json::from_slice(&raw)
                 .map_err(|e| Error::Storage(format!("{KIND_NET_EPOCH}: {e}")))?;
@@ -299,9 +306,122 @@ impl<S: AttestStore> Ttp<S> {
                     // A request of N holds the lock: it rekeys before it releases a key.
                     self.net_dirty.mark(&ep.domain);
                 }
+                rekeyed.push(ep.domain);
             }
         }
-        Ok(())
+        Ok(rekeyed)
+    }
+
+    /// NetLeave: the workload of a TL session stopped or was suspended on its host; the
+    /// session is retired (no later DomKeyReq, NetKeyReq, suspend or migrate on it:
+    /// `session_retired`) and every network domain it held the current key of gets a new
+    /// epoch (`NetRekey` "member left"), so the key that host had stops working once the
+    /// other members retire it. Only the session's own host (its AK, its bound TLS identity,
+    /// a fresh quote) holding the session's DK_i can end it; a leave naming another host's
+    /// session is refused (`no_session`, `dk_invalid`, `attestation_failed`). Idempotent
+    /// (a retired session: nothing rekeyed). Audited (`NetLeave`, and `TlSessionRetired`).
+    pub async fn net_leave(
+        &self,
+        req: &AkSigned,
+        peer: Option<&TlsClient>,
+        now_ms: u64,
+    ) -> Result<Signed> {
+        self.audited(
+            req,
+            async |b: &NetLeaveRequest| self.net_leave_inner(b, req, peer, now_ms).await,
+            |(_, l)| format!("session retired; rekeyed [{}]", l.rekeyed.join(",")),
+        )
+        .await
+        .map(|(s, _)| s)
+    }
+
+    async fn net_leave_inner(
+        &self,
+        b: &NetLeaveRequest,
+        req: &AkSigned,
+        peer: Option<&TlsClient>,
+        now_ms: u64,
+    ) -> Result<(Signed, NetLeft)> {
+        check_name("vm_id", &b.vm_id)?;
+        if b.why.is_empty()
+            || b.why.len() > 64
+            || !b
+                .why
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b' ')
+        {
+            return Err(Error::malformed("netleave why", "1..64 of [A-Za-z0-9 -]"));
+        }
+        check_fresh(b.t_ms, now_ms)?;
+        let (host, _, _, _) = self
+            .trusted_request(
+                &b.host,
+                peer,
+                label::NETLEAVE_REQUEST,
+                req,
+                "netleave",
+                &b.r,
+                now_ms,
+            )
+            .await?;
+        if b.launch_r.len() != 32 {
+            return Err(Error::malformed("launch_r", "nonces are 32 bytes"));
+        }
+        // The session is named under the AK-authenticated host's own name: another host's
+        // session is never found (`no_session`).
+        let sid = session_id(&host.name, &b.vm_id, &b.launch_r);
+        let mut session: Session = self.get(KIND_SESSION, &sid).await?.ok_or_else(|| {
+            Error::rejected(
+                "no_session",
+                format!("no trusted launch of {} on {}", b.vm_id, host.name),
+            )
+        })?;
+        if session.h2 != b.h2 {
+            return Err(Error::rejected(
+                "h2_mismatch",
+                "the request names another domain manager",
+            ));
+        }
+        let proof = self.open_under_dk(&sid, &session, &b.inner_aad(), &b.enc)?;
+        if proof.expose() != label::NETLEAVE_INNER.as_bytes() {
+            return Err(Error::rejected(
+                "dk_invalid",
+                "the leave's proof is not DK_i's",
+            ));
+        }
+        let mut rekeyed = Vec::new();
+        if session.retired_ms.is_none() {
+            session.retired_ms = Some(now_ms);
+            self.put(KIND_SESSION, &sid, &session, None).await?;
+            rekeyed = self
+                .net_member_left(
+                    |m| m == sid,
+                    &format!("member left: {} {} on {}", b.vm_id, b.why, host.name),
+                    now_ms,
+                )
+                .await?;
+            self.audit(
+                &host.name,
+                "TlSessionRetired",
+                &sid,
+                &Ok(format!("workload {}", b.why)),
+            )
+            .await;
+        }
+        let left = NetLeft {
+            host: host.name.clone(),
+            vm_id: b.vm_id.clone(),
+            r: b.r.clone(),
+            rekeyed,
+        };
+        let body = wire::to_bytes(&left);
+        Ok((
+            Signed {
+                sig: self.keys.sign(label::NETLEAVE_ACK, &body),
+                body,
+            },
+            left,
+        ))
     }
 }
 
@@ -779,5 +899,180 @@ mod tests {
         let (r, q) = request(&fx, &a, &la, "net-a", &fx.prod, now);
         let (g, _) = open(&fx, &a, &fx.ttp.netkey(&r, None, now).await.unwrap(), &q);
         assert_eq!(g.epoch, 2);
+    }
+
+    /// The SC's NetLeave for `l` on `h`, quoted by `h`'s AK.
+    fn leave(fx: &Fx, h: &Host, l: &Launched, now: u64) -> (AkSigned, NetLeaveRequest) {
+        let req =
+            crate::sc::netleave_request(&h.name, &l.vm, &l.launch_r, &fx.h2, &l.dk, "stopped", now)
+                .unwrap();
+        let body = wire::to_bytes(&req);
+        let evidence =
+            h.ak.evidence(
+                &ak_nonce(label::NETLEAVE_REQUEST, &body),
+                &fx.prod.selection(),
+                &h.log,
+            )
+            .unwrap();
+        (AkSigned { body, evidence }, req)
+    }
+
+    /// A member's VM stops: its agent's leave retires the session, N moves to a new epoch
+    /// (`NetRekey` "member left"), and the stopped member — its agent keeping its session's
+    /// DK_i and a still-good quote — is refused the new key (`session_retired`); its replay
+    /// of the leave is refused too (`nonce_replayed`).
+    #[tokio::test]
+    async fn stopped_member_leaves_and_gets_no_key_of_the_next_epoch() {
+        let fx = fixture(DEFAULT_REKEY_AFTER_MS).await;
+        let (a, b) = (
+            host(&fx, "ha", "prod", "v1").await,
+            host(&fx, "hb", "prod", "v1").await,
+        );
+        let (la, lb) = (
+            launch(&fx, &a, "vm-a", "prod", &["net-a"]).await,
+            launch(&fx, &b, "vm-b", "prod", &["net-a"]).await,
+        );
+        let now = caas_attest::now_ms();
+        for (h, l) in [(&a, &la), (&b, &lb)] {
+            let (r, _) = request(&fx, h, l, "net-a", &fx.prod, now);
+            fx.ttp.netkey(&r, None, now).await.unwrap();
+        }
+        assert_eq!(fx.ttp.net_epoch("net-a").await.unwrap(), Some(1));
+        let (first, q) = leave(&fx, &b, &lb, now);
+        let s = fx.ttp.net_leave(&first, None, now).await.unwrap();
+        let left = crate::sc::check_netleave_ack(&s, &fx.ttp.public().unwrap(), &q).unwrap();
+        assert_eq!(left.rekeyed, vec!["net-a".to_string()]);
+        assert_eq!(fx.ttp.net_epoch("net-a").await.unwrap(), Some(2));
+        assert!(fx.store.audit_trail().iter().any(|a| {
+            a.operation == "NetRekey"
+                && a.detail
+                    .contains("epoch 2: member left: vm-b stopped on hb")
+        }));
+        assert_eq!(audited(&fx, "NetLeave", "ok"), 1);
+        assert_eq!(audited(&fx, "TlSessionRetired", "ok"), 1);
+        // The stopped member's agent asks again: refused.
+        let (r, _) = request(&fx, &b, &lb, "net-a", &fx.prod, now);
+        let e = fx.ttp.netkey(&r, None, now).await.unwrap_err();
+        assert_eq!(e.code(), "session_retired");
+        // Replaying the leave: its nonce is consumed.
+        let e = fx.ttp.net_leave(&first, None, now).await.unwrap_err();
+        assert_eq!(e.code(), "nonce_replayed");
+        let (rr, _) = leave(&fx, &b, &lb, now);
+        // A leave of a retired session again (fresh): nothing more rekeyed.
+        let s = fx.ttp.net_leave(&rr, None, now).await.unwrap();
+        let l2: NetLeft = s
+            .open(&fx.ttp.public().unwrap().sign, label::NETLEAVE_ACK)
+            .unwrap();
+        assert!(l2.rekeyed.is_empty());
+        assert_eq!(fx.ttp.net_epoch("net-a").await.unwrap(), Some(2));
+        // A, still a member, gets epoch 2.
+        let (r, q) = request(&fx, &a, &la, "net-a", &fx.prod, now);
+        let (g, _) = open(&fx, &a, &fx.ttp.netkey(&r, None, now).await.unwrap(), &q);
+        assert_eq!(g.epoch, 2);
+    }
+
+    /// The attacker: host B's agent (trusted, enrolled) forges a leave for A's session — by
+    /// naming A's session under its own name (not found), by naming host A (its AK is not
+    /// A's), or by naming its own session without the DK_i (A's launch_r, B's session) —
+    /// to rekey N at will or cut A off. Every attempt is refused and audited; A's session
+    /// stays live and N's epoch does not move.
+    #[tokio::test]
+    async fn forged_leave_for_another_hosts_session_is_refused_and_audited() {
+        let fx = fixture(DEFAULT_REKEY_AFTER_MS).await;
+        let (a, b) = (
+            host(&fx, "ha", "prod", "v1").await,
+            host(&fx, "hb", "prod", "v1").await,
+        );
+        let la = launch(&fx, &a, "vm-a", "prod", &["net-a"]).await;
+        let lb = launch(&fx, &b, "vm-b", "prod", &["net-a"]).await;
+        let now = caas_attest::now_ms();
+        let (r, _) = request(&fx, &a, &la, "net-a", &fx.prod, now);
+        fx.ttp.netkey(&r, None, now).await.unwrap();
+        // 1. B names A's workload and launch (the management knows both) under its own name,
+        // with a DK it made up.
+        let forged = Launched {
+            vm: la.vm.clone(),
+            launch_r: la.launch_r.clone(),
+            dk: random32().unwrap().to_vec(),
+            sp: la.sp.clone(),
+        };
+        let (r, _) = leave(&fx, &b, &forged, now);
+        let e = fx.ttp.net_leave(&r, None, now).await.unwrap_err();
+        assert_eq!(e.code(), "no_session");
+        // 2. B claims to be host A: A's AK did not sign it.
+        let mut q = crate::sc::netleave_request(
+            "ha",
+            &la.vm,
+            &la.launch_r,
+            &fx.h2,
+            &forged.dk,
+            "stopped",
+            now,
+        )
+        .unwrap();
+        q.r = random32().unwrap().to_vec();
+        let body = wire::to_bytes(&q);
+        let evidence =
+            b.ak.evidence(
+                &ak_nonce(label::NETLEAVE_REQUEST, &body),
+                &fx.prod.selection(),
+                &b.log,
+            )
+            .unwrap();
+        let r = AkSigned { body, evidence };
+        let e = fx.ttp.net_leave(&r, None, now).await.unwrap_err();
+        assert_eq!(e.code(), "attestation_failed");
+        // 3. B's own session, without its DK_i (a replayed or guessed proof).
+        let no_dk = Launched {
+            vm: lb.vm.clone(),
+            launch_r: lb.launch_r.clone(),
+            dk: random32().unwrap().to_vec(),
+            sp: lb.sp.clone(),
+        };
+        let (r, _) = leave(&fx, &b, &no_dk, now);
+        let e = fx.ttp.net_leave(&r, None, now).await.unwrap_err();
+        assert_eq!(e.code(), "dk_invalid");
+        for code in ["no_session", "attestation_failed", "dk_invalid"] {
+            assert_eq!(audited(&fx, "NetLeave", code), 1, "{code} audited");
+        }
+        assert_eq!(fx.ttp.net_epoch("net-a").await.unwrap(), Some(1));
+        let (r, _) = request(&fx, &a, &la, "net-a", &fx.prod, now);
+        assert!(
+            fx.ttp.netkey(&r, None, now).await.is_ok(),
+            "A still gets its key"
+        );
+    }
+
+    /// A migration's target session (no DBSP volume to anchor) asks for N's key once it
+    /// took over: the source's session is retired then and there, N moves to a new epoch
+    /// the target gets and the source host is refused (`session_retired`).
+    #[tokio::test]
+    async fn migrated_targets_key_retires_the_source_session_and_rekeys() {
+        let fx = fixture(DEFAULT_REKEY_AFTER_MS).await;
+        let (a, b) = (
+            host(&fx, "ha", "prod", "v1").await,
+            host(&fx, "hb", "prod", "v1").await,
+        );
+        let la = launch(&fx, &a, "vm-a", "prod", &["net-a"]).await;
+        let now = caas_attest::now_ms();
+        let (r, q) = request(&fx, &a, &la, "net-a", &fx.prod, now);
+        let (_, k1) = open(&fx, &a, &fx.ttp.netkey(&r, None, now).await.unwrap(), &q);
+        // The TTP's migration statement made B's session, replacing A's.
+        let lt = launch(&fx, &b, "vm-a", "prod", &["net-a"]).await;
+        let tsid = session_id("hb", "vm-a", &lt.launch_r);
+        let mut ts: Session = fx.ttp.get(KIND_SESSION, &tsid).await.unwrap().unwrap();
+        ts.replaces = Some(session_id("ha", "vm-a", &la.launch_r));
+        fx.ttp.put(KIND_SESSION, &tsid, &ts, None).await.unwrap();
+        let (r, q) = request(&fx, &b, &lt, "net-a", &fx.prod, now);
+        let (g, k2) = open(&fx, &b, &fx.ttp.netkey(&r, None, now).await.unwrap(), &q);
+        assert_eq!(
+            g.epoch, 2,
+            "the source's departure rekeyed before the target's key"
+        );
+        assert_ne!(k1, k2);
+        assert_eq!(audited(&fx, "TlSessionRetired", "ok"), 1);
+        let (r, _) = request(&fx, &a, &la, "net-a", &fx.prod, now);
+        let e = fx.ttp.netkey(&r, None, now).await.unwrap_err();
+        assert_eq!(e.code(), "session_retired");
     }
 }

@@ -8,7 +8,7 @@
 //!   `POST /v1/attest/enroll` and `/v1/attest/enroll/finish` — the Privacy-CA protocol is
 //!   the authentication (the EK certificate must chain to a configured TPM vendor CA and
 //!   only that TPM can activate the credential; nothing is trusted before `finish`);
-//!   `POST /v1/tl/attest`, `/v1/tl/domkey`, `/v1/tl/epoch`, `/v1/tl/migrate`, `/v1/tl/suspend`, `/v1/tl/resume` and `/v1/tl/netkey` — the body is signed by the host's enrolled,
+//!   `POST /v1/tl/attest`, `/v1/tl/domkey`, `/v1/tl/epoch`, `/v1/tl/migrate`, `/v1/tl/suspend`, `/v1/tl/resume`, `/v1/tl/netkey` and `/v1/tl/netkey/leave` — the body is signed by the host's enrolled,
 //!   attested AK (a TPM quote over the message digest), which is the host's identity.
 //!   Over TLS each of these also needs a client certificate with the `host` role
 //!   ([`host_channel`], refused and audited here otherwise); the registrar binds its key to
@@ -147,6 +147,7 @@ pub const ROUTES: &[Route] = &[
     r("POST", "/v1/tl/suspend", Access::HostProtocol),
     r("POST", "/v1/tl/resume", Access::HostProtocol),
     r("POST", "/v1/tl/netkey", Access::HostProtocol),
+    r("POST", "/v1/tl/netkey/leave", Access::HostProtocol),
     r(
         "POST",
         "/v1/tl/netkey/rekey",
