@@ -70,6 +70,10 @@ pub struct MigrateResult {
     /// The workload's endpoint on the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// The workload's network attachment on the target (its new member of N, which the
+    /// scheduler tells N's other members), when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<crate::net::NetView>,
     /// Phases and their times (ms).
     pub timings: Vec<(String, f64)>,
 }
@@ -87,6 +91,9 @@ pub struct RecordsAck {
     /// After the commit: the target's phases (ms; no key, no state).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub timings: Vec<(String, f64)>,
+    /// After the commit: the workload's network attachment on the target (no key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<crate::net::NetView>,
 }
 
 /// The workload's description that travels first (channel `Control`).
@@ -102,6 +109,10 @@ pub struct WorkloadTransfer {
     pub driver: String,
     /// The DBSP volumes (domain, SR).
     pub volumes: Vec<(String, String)>,
+    /// Its network domain and overlay address: the target starts its own proxy, keyed by
+    /// the TTP under the target's session (no network key travels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<caas_tl::wire::NetAttach>,
 }
 
 /// The crypto domain's secrets that travel (channel `Domain`): τ (the workload proves it
@@ -437,9 +448,6 @@ impl Agent {
     async fn migrate_out(&self, vm_id: &str, call: &MigrateCall) -> Result<MigrateResult, Error> {
         wire::check_name("vm_id", vm_id)?;
         wire::check_name("host", &call.to)?;
-        if self.tl.has_net(vm_id).await {
-            return Err(crate::tl::net_attached(vm_id));
-        }
         let busy = || Error::Domain("migration state".into());
         if !self
             .tl
@@ -644,6 +652,7 @@ impl Agent {
             migration_id,
             bytes: sealer.totals().bytes,
             endpoint: ack.endpoint,
+            net: ack.net,
             timings,
         })
     }
@@ -1076,6 +1085,7 @@ impl Agent {
                 ended: false,
                 endpoint: None,
                 timings: Vec::new(),
+                net: None,
             };
             self.tl
                 .migrations
@@ -1141,11 +1151,13 @@ impl Agent {
             "target: offer → workload resumed".to_string(),
             ms(m.started),
         ));
+        let net = self.tl.net_view(&m.statement.vm_id).await;
         Ok(RecordsAck {
             records: m.records,
             ended: true,
             endpoint: Some(endpoint),
             timings,
+            net,
         })
     }
 

@@ -348,6 +348,21 @@ impl std::fmt::Debug for NetGrant {
     }
 }
 
+/// What a network key request or a leave needs of a workload's TL session (DK_i zeroized
+/// when dropped).
+pub(crate) struct NetCreds {
+    pub(crate) launch_r: Vec<u8>,
+    pub(crate) h2: String,
+    pub(crate) sp: String,
+    pub(crate) dk: zeroize::Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for NetCreds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetCreds").field("h2", &self.h2).finish_non_exhaustive()
+    }
+}
+
 /// The most members a peer list may name.
 const MAX_MEMBERS: usize = 1024;
 
@@ -366,6 +381,39 @@ impl Agent {
         id: crate::identity::RunAs,
         driver: &str,
     ) -> Result<Option<caas_workload::NetSpec>, Error> {
+        let (ctl, spec) = self.attach_net(vm_id, n, dir, id).await?;
+        self.key_net(vm_id, n, &ctl, None).await?;
+        Ok((driver == "qemu").then_some(spec))
+    }
+
+    /// Starts `vm_id`'s network proxy (unkeyed) and registers it with its workload (in the
+    /// table). Audited (`NetProxyStart`).
+    pub(crate) async fn attach_net(
+        &self,
+        vm_id: &str,
+        n: &NetAttach,
+        dir: &Path,
+        id: crate::identity::RunAs,
+    ) -> Result<(CtlHandle, caas_workload::NetSpec), Error> {
+        let proxy = self.spawn_net(vm_id, n, dir, id).await?;
+        let (ctl, spec) = (proxy.ctl(), proxy.spec());
+        let mut g = self.tl.workloads.lock().await;
+        let w = g
+            .get_mut(vm_id)
+            .ok_or_else(|| Error::Domain("workload vanished".into()))?;
+        w.net = Some(proxy);
+        Ok((ctl, spec))
+    }
+
+    /// Starts `vm_id`'s network proxy process (unkeyed; the caller keeps it). Audited
+    /// (`NetProxyStart`).
+    pub(crate) async fn spawn_net(
+        &self,
+        vm_id: &str,
+        n: &NetAttach,
+        dir: &Path,
+        id: crate::identity::RunAs,
+    ) -> Result<NetProxy, Error> {
         let subject = format!("{vm_id}/{}", n.domain);
         let started = async {
             n.check()?;
@@ -374,51 +422,91 @@ impl Agent {
             let listen = crate::tl::workload_listen_ip(self.cfg.listen.ip());
             let peer_uid = id.own.then_some(id.uid);
             let s = self.cfg.net;
-            let proxy = tokio::task::spawn_blocking(move || {
+            tokio::task::spawn_blocking(move || {
                 NetProxy::start(&exe, &dir, &vm, &n2, listen, peer_uid, s)
             })
             .await
-            .map_err(|e| Error::Domain(format!("network proxy task: {e}")))??;
-            let (ctl, spec, who) = (
-                proxy.ctl(),
-                proxy.spec(),
-                format!("sender={} udp={}", proxy.sender, proxy.udp),
-            );
-            let mut g = self.tl.workloads.lock().await;
-            let w = g
-                .get_mut(vm_id)
-                .ok_or_else(|| Error::Domain("workload vanished".into()))?;
-            w.net = Some(proxy);
-            Ok::<_, Error>((ctl, spec, who))
+            .map_err(|e| Error::Domain(format!("network proxy task: {e}")))?
         }
         .await;
-        let (ctl, spec, who) = match started {
-            Ok(x) => x,
+        match started {
+            Ok(p) => {
+                self.tl.audit(
+                    "NetProxyStart",
+                    &format!("{subject} sender={} udp={}", p.sender, p.udp),
+                    &Ok::<(), Error>(()),
+                );
+                Ok(p)
+            }
             Err(e) => {
                 self.tl.audit("NetProxyStart", &subject, &Err::<(), _>(e));
-                return Err(Error::Domain("the network proxy did not start".into()));
+                Err(Error::Domain("the network proxy did not start".into()))
             }
-        };
-        self.tl.audit(
-            "NetProxyStart",
-            &format!("{subject} {who}"),
-            &Ok::<(), Error>(()),
-        );
+        }
+    }
+
+    /// Keys `vm_id`'s proxy with N's current key from the TTP, under the workload's TL
+    /// session (`creds`, or the registered workload's). Returns the epoch and the TTP's
+    /// `rekey_at`; the epoch is noted on the registered workload. Audited (`NetKey`).
+    pub(crate) async fn key_net(
+        &self,
+        vm_id: &str,
+        n: &NetAttach,
+        ctl: &CtlHandle,
+        creds: Option<&NetCreds>,
+    ) -> Result<(u64, u64), Error> {
+        let subject = format!("{vm_id}/{}", n.domain);
         let keyed = async {
-            let g = self.net_key(vm_id, &n.domain).await?;
-            let epoch = g.epoch;
+            let g = self.net_key_as(vm_id, &n.domain, creds).await?;
+            let (epoch, at) = (g.epoch, g.rekey_at_ms);
             ctl.key(epoch, g.key).await?;
-            self.note_epoch(vm_id, epoch, g.rekey_at_ms).await;
-            Ok::<_, Error>(epoch)
+            self.note_epoch(vm_id, epoch, at).await;
+            Ok::<_, Error>((epoch, at))
         }
         .await;
         let subj = match &keyed {
-            Ok(e) => format!("{subject} epoch {e}"),
+            Ok((e, _)) => format!("{subject} epoch {e}"),
             Err(_) => subject.clone(),
         };
         self.tl.audit("NetKey", &subj, &keyed);
-        keyed?;
-        Ok((driver == "qemu").then_some(spec))
+        keyed
+    }
+
+    /// NetLeave: `vm_id`'s workload stopped or was suspended here (`why`); its TL session
+    /// ends at the TTP, which moves each network domain it was a member of to a new epoch
+    /// (the others pick it up at their next fetch; this host is refused it). Audited
+    /// (`NetLeave`, with the domains rekeyed or the refusal's code). Best effort: a refusal
+    /// leaves the session to the schedule rekey and revocation.
+    pub(crate) async fn leave_net(&self, vm_id: &str, creds: &NetCreds, why: &str) {
+        let r = async {
+            let ttp = self.ttp().await?;
+            let req = caas_tl::sc::netleave_request(
+                &self.cfg.name,
+                vm_id,
+                &creds.launch_r,
+                &creds.h2,
+                &creds.dk,
+                why,
+                caas_attest::now_ms(),
+            )?;
+            let resp: caas_tl::wire::Signed = self
+                .ttp_request(
+                    caas_tl::wire::label::NETLEAVE_REQUEST,
+                    "/v1/tl/netkey/leave",
+                    caas_tl::wire::to_bytes(&req),
+                )
+                .await?;
+            Ok::<_, Error>(caas_tl::sc::check_netleave_ack(&resp, &ttp, &req)?)
+        }
+        .await;
+        let subject = match &r {
+            Ok(l) => format!("{vm_id} {why}: rekeyed [{}]", l.rekeyed.join(",")),
+            Err(e) => {
+                tracing::warn!(vm = %vm_id, code = crate::tl::error_code(e), error = %e, "network leave refused");
+                format!("{vm_id} {why}")
+            }
+        };
+        self.tl.audit("NetLeave", &subject, &r.map(drop));
     }
 
     /// Records the installed epoch and schedules the next fetch.
@@ -513,11 +601,16 @@ impl Agent {
             .workloads
             .lock()
             .await
-            .iter()
+            .iter_mut()
             .filter_map(|(vm, w)| {
-                let n = w.net.as_ref()?;
-                (n.attach.domain == call.net_domain)
-                    .then(|| (vm.clone(), n.peers_of(vm, &call.members), n.ctl()))
+                let n = w.net.as_mut()?;
+                if n.attach.domain != call.net_domain {
+                    return None;
+                }
+                // A membership change: a member that left made the TTP rekey N, so ask
+                // for N's key at once rather than at the next poll.
+                n.next_fetch = Instant::now();
+                Some((vm.clone(), n.peers_of(vm, &call.members), n.ctl()))
             })
             .collect();
         let mut done = Vec::new();

@@ -343,6 +343,17 @@ impl Workload {
         zeroize::Zeroize::zeroize(&mut *self.tau);
     }
 
+    /// Its TL session's credentials for a NetLeave, when it is attached to a network domain
+    /// and was started by trusted launch (or a migration, or a resume).
+    fn net_creds(&self) -> Option<crate::net::NetCreds> {
+        (self.net.is_some() && self.launch_r.len() == 32).then(|| crate::net::NetCreds {
+            launch_r: self.launch_r.clone(),
+            h2: self.h2.clone(),
+            sp: self.sp.clone(),
+            dk: self.dk.clone(),
+        })
+    }
+
     /// Its VSM's control channel.
     fn vsm_control(&self) -> Option<crate::token::VsmControl> {
         self.procs.iter().find_map(|p| p.control.clone())
@@ -543,6 +554,7 @@ impl TlHost {
                     .iter()
                     .map(|v| (v.domain.clone(), v.sr.clone()))
                     .collect(),
+                net: w.net.as_ref().map(|n| n.attach.clone()),
             },
             crate::migrate::DomainSecrets::new(&w.tau, &w.pk_dm),
         ))
@@ -567,13 +579,10 @@ impl TlHost {
         self.workloads.lock().await.contains_key(vm_id)
     }
 
-    /// Whether `vm_id` is attached to a network domain.
-    pub(crate) async fn has_net(&self, vm_id: &str) -> bool {
-        self.workloads
-            .lock()
-            .await
-            .get(vm_id)
-            .is_some_and(|w| w.net.is_some())
+    /// `vm_id`'s network attachment (no key, no counters).
+    pub(crate) async fn net_view(&self, vm_id: &str) -> Option<crate::net::NetView> {
+        let g = self.workloads.lock().await;
+        g.get(vm_id)?.net.as_ref().map(|n| n.view(vm_id))
     }
 
     /// `NetProxyStop` for a workload leaving the table with a network proxy.
@@ -622,6 +631,7 @@ impl TlHost {
     /// its run directory removed right after, off the migration's answer.
     pub(crate) async fn drop_migrated_soon(&self, vm_id: &str) {
         if let Some(mut w) = self.workloads.lock().await.remove(vm_id) {
+            self.audit_net_stop(&w);
             let audit = self.audit.clone();
             let vm_id = vm_id.to_string();
             tokio::task::spawn_blocking(move || {
@@ -634,6 +644,7 @@ impl TlHost {
     pub(crate) async fn drop_migrated(&self, vm_id: &str) {
         if let Some(mut w) = self.workloads.lock().await.remove(vm_id) {
             w.stop();
+            self.audit_net_stop(&w);
             remove_run_dir(&self.audit, vm_id, &w.dirs);
         }
     }
@@ -709,15 +720,6 @@ fn sha256_file(path: &Path) -> Result<[u8; 32], Error> {
     let mut out = [0u8; 32];
     out.copy_from_slice(ctx.finish().as_ref());
     Ok(out)
-}
-
-/// A VM attached to a network domain is not suspended or migrated: its saved state holds
-/// the overlay NIC, which the resuming host would have to recreate with its own proxy.
-pub(crate) fn net_attached(vm_id: &str) -> Error {
-    Error::InvalidRequest(format!(
-        "workload {vm_id} is attached to a network domain: stop it and launch it again \
-         (suspend and migration of a networked VM are not supported yet)"
-    ))
 }
 
 /// The `caas` executable the crypto domains and workloads are started from.
@@ -1600,6 +1602,13 @@ impl Agent {
                 .volumes
                 .push(v);
         }
+        // Its network proxy (the same NIC as on the source: MAC from N and id_vm), keyed
+        // only after the source's commit (`finish_incoming`): this session's first key
+        // retires the source's at the TTP.
+        let network = match &t.net {
+            Some(n) => Some(self.attach_net(&call.vm_id, n, &dir, run_as).await?.1),
+            None => None,
+        };
         let pk: [u8; 32] = secrets
             .pk_dm()
             .try_into()
@@ -1621,7 +1630,7 @@ impl Agent {
             run_as,
             workload_listen_ip(self.cfg.listen.ip()),
             true,
-            None,
+            network,
         )
         .await?;
         drop(injected);
@@ -1693,10 +1702,15 @@ impl Agent {
             // The source committed (its proxies flushed and released the volumes): the
             // single writer moves here — before qemu activates its disks at the end of
             // its incoming migration, and before the guest continues.
-            let launch_r = {
+            let (launch_r, net) = {
                 let g = self.tl.workloads.lock().await;
                 g.get(&vm.vm_id)
-                    .map(|w| w.launch_r.clone())
+                    .map(|w| {
+                        (
+                            w.launch_r.clone(),
+                            w.net.as_ref().map(|n| (n.attach.clone(), n.ctl())),
+                        )
+                    })
                     .ok_or_else(|| Error::Domain("workload vanished".into()))?
             };
             let pending = self.take_deferred(&vm.vm_id).await;
@@ -1732,12 +1746,24 @@ impl Agent {
                 }
                 Ok(qmp)
             });
-            let (opened, loaded) =
-                tokio::join!(self.open_deferred(&vm.vm_id, &launch_r, pending), loaded);
+            // Its network proxy gets N's key under this session meanwhile (the TTP retires
+            // the source's session and moves N to a new epoch).
+            let keyed = async {
+                match &net {
+                    Some((n, ctl)) => self.key_net(&vm.vm_id, n, ctl, None).await.map(drop),
+                    None => Ok(()),
+                }
+            };
+            let (opened, loaded, keyed) = tokio::join!(
+                self.open_deferred(&vm.vm_id, &launch_r, pending),
+                loaded,
+                keyed
+            );
             let qmp = loaded
                 .map_err(|e| Error::Domain(format!("QMP task: {e}")))?
                 .map_err(|e| Error::Domain(format!("qemu: {e}")))?;
             opened?;
+            keyed?;
             let mut qmp = qmp;
             tokio::task::spawn_blocking(move || qmp.cont().map_err(|e| e.to_string()))
                 .await
@@ -1800,7 +1826,9 @@ impl Agent {
                 })
                 .collect(),
             network: false,
-            net: None,
+            // Its own proxy here, keyed under this host's session (`launch_rest`; a VM's
+            // in `prepare_incoming` and `finish_incoming`).
+            net: t.net.clone(),
         };
         wire::check_name("image id", &call.image_id)?;
         self.check_new_workload(&call).await?;
@@ -2208,17 +2236,36 @@ impl Agent {
     }
 
     /// Management: stops a workload and its crypto domain (keys are dropped with it).
+    ///
+    /// A VM attached to a network domain leaves it: once its proxy stopped, the agent's
+    /// NetLeave ends its TL session at the TTP, which rekeys the domain (the others stop
+    /// accepting the stopped member's key after the overlap).
     pub async fn stop_workload(&self, vm_id: &str) -> Result<(), Error> {
-        let r = match self.tl.workloads.lock().await.remove(vm_id) {
+        let removed = self.tl.workloads.lock().await.remove(vm_id);
+        let r = match removed {
             Some(mut w) => {
+                let creds = w.net_creds();
                 w.stop();
                 self.tl.audit_net_stop(&w);
                 remove_run_dir(&self.tl.audit, vm_id, &w.dirs);
-                Ok(())
+                Ok(creds)
             }
             None => Err(Error::InvalidRequest(format!("no workload {vm_id}"))),
         };
-        self.tl.audit("StopWorkload", vm_id, &r);
+        let r = match r {
+            Ok(creds) => {
+                self.tl.audit("StopWorkload", vm_id, &Ok::<(), Error>(()));
+                if let Some(c) = creds {
+                    self.leave_net(vm_id, &c, "stopped").await;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let e = Err(e);
+                self.tl.audit("StopWorkload", vm_id, &e);
+                e
+            }
+        };
         r
     }
 
@@ -2618,9 +2665,20 @@ impl Agent {
         vm_id: &str,
         net_domain: &str,
     ) -> Result<crate::net::NetGrant, Error> {
+        self.net_key_as(vm_id, net_domain, None).await
+    }
+
+    /// [`Self::net_key`] under the TL session `creds` (a workload not registered yet: a
+    /// resume), or the registered workload's when `None`.
+    pub(crate) async fn net_key_as(
+        &self,
+        vm_id: &str,
+        net_domain: &str,
+        creds: Option<&crate::net::NetCreds>,
+    ) -> Result<crate::net::NetGrant, Error> {
         let mut pause = Duration::from_millis(20);
         for _ in 0..NET_KEY_BUSY_RETRIES {
-            match self.net_key_once(vm_id, net_domain).await {
+            match self.net_key_once(vm_id, net_domain, creds).await {
                 Err(Error::Attest(caas_attest::Error::Remote { code, .. }))
                     if code == "rekey_in_progress" =>
                 {
@@ -2630,20 +2688,24 @@ impl Agent {
                 r => return r,
             }
         }
-        self.net_key_once(vm_id, net_domain).await
+        self.net_key_once(vm_id, net_domain, creds).await
     }
 
     async fn net_key_once(
         &self,
         vm_id: &str,
         net_domain: &str,
+        creds: Option<&crate::net::NetCreds>,
     ) -> Result<crate::net::NetGrant, Error> {
-        let (launch_r, h2, sp, dk) = {
-            let g = self.tl.workloads.lock().await;
-            let w = g
-                .get(vm_id)
-                .ok_or_else(|| Error::Domain(format!("no workload {vm_id} on this host")))?;
-            (w.launch_r.clone(), w.h2.clone(), w.sp.clone(), w.dk.clone())
+        let (launch_r, h2, sp, dk) = match creds {
+            Some(c) => (c.launch_r.clone(), c.h2.clone(), c.sp.clone(), c.dk.clone()),
+            None => {
+                let g = self.tl.workloads.lock().await;
+                let w = g
+                    .get(vm_id)
+                    .ok_or_else(|| Error::Domain(format!("no workload {vm_id} on this host")))?;
+                (w.launch_r.clone(), w.h2.clone(), w.sp.clone(), w.dk.clone())
+            }
         };
         let ttp = self.ttp().await?;
         let req = sc::netkey_request(
@@ -2876,6 +2938,10 @@ struct DomainState {
     /// ([`crate::token`]).
     #[serde(default)]
     token: bool,
+    /// Its network attachment: the resumed VM's proxy is started (same NIC) and keyed
+    /// under the resumed session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    net: Option<caas_tl::wire::NetAttach>,
 }
 
 /// Result of a suspend (no key, no plaintext state).
@@ -2934,7 +3000,7 @@ impl Agent {
         let mut timings = Vec::new();
         let t = Instant::now();
         let object = state_path(&self.tl.storage, vm_id)?;
-        let (h2, launch_r, image_id, sp, volumes) = {
+        let (h2, launch_r, image_id, sp, volumes, net) = {
             let g = self.tl.workloads.lock().await;
             let w = g
                 .get(vm_id)
@@ -2947,9 +3013,6 @@ impl Agent {
                 return Err(Error::InvalidRequest(format!(
                     "workload {vm_id} is not a VM (suspend needs the qemu driver)"
                 )));
-            }
-            if w.net.is_some() {
-                return Err(net_attached(vm_id));
             }
             // Not carried by a saved state yet (docs/suspend-migrate.md, limits): refused
             // rather than resumed without them.
@@ -2967,6 +3030,7 @@ impl Agent {
                     .iter()
                     .map(|v| (v.domain.clone(), v.sr.clone()))
                     .collect::<Vec<_>>(),
+                w.net.as_ref().map(|n| n.attach.clone()),
             )
         };
         let ttp = self.ttp().await?;
@@ -3008,6 +3072,7 @@ impl Agent {
             h1: hex::encode(h1),
             volumes,
             token: false,
+            net,
         };
         // The workload leaves the table while its state is saved (no concurrent stop).
         let mut w = self
@@ -3106,8 +3171,15 @@ impl Agent {
                 timings.push(("saved-state object written".to_string(), ms(t)));
                 let mut vm = vm_back;
                 vm.stop();
+                let creds = w.net_creds();
                 w.stop();
+                self.tl.audit_net_stop(&w);
                 remove_run_dir(&self.tl.audit, vm_id, &w.dirs);
+                // Suspended: it leaves its network domain (its session ends at the TTP, N
+                // rekeys); the resume joins again under the resumed session.
+                if let Some(c) = creds {
+                    self.leave_net(vm_id, &c, "suspended").await;
+                }
                 Ok(SuspendResult {
                     host: self.cfg.name.clone(),
                     vm_id: vm_id.to_string(),
@@ -3363,8 +3435,48 @@ impl Agent {
             }
             timings.push(("VSM token imported".to_string(), ms(t)));
         }
+        // Its network proxy, keyed under the resumed session (whose first key retires the
+        // suspended one at the TTP), before qemu restores the NIC.
+        let network = match &domain.net {
+            Some(n) => {
+                let t = Instant::now();
+                let started = async {
+                    let proxy = self.spawn_net(vm_id, n, &dir, run_as).await?;
+                    let (ctl, spec) = (proxy.ctl(), proxy.spec());
+                    w.net = Some(proxy);
+                    let creds = crate::net::NetCreds {
+                        launch_r: w.launch_r.clone(),
+                        h2: w.h2.clone(),
+                        sp: w.sp.clone(),
+                        dk: w.dk.clone(),
+                    };
+                    let (epoch, at) = self.key_net(vm_id, n, &ctl, Some(&creds)).await?;
+                    if let Some(p) = w.net.as_mut() {
+                        p.epoch = epoch;
+                        p.schedule(Duration::from_millis(self.cfg.net.key_poll_ms), at);
+                    }
+                    Ok::<_, Error>(spec)
+                }
+                .await;
+                match started {
+                    Ok(spec) => {
+                        timings.push(("network proxy keyed (TTP, TPM)".to_string(), ms(t)));
+                        Some(spec)
+                    }
+                    Err(e) => {
+                        w.stop();
+                        self.tl.audit_net_stop(&w);
+                        remove_run_dir(&self.tl.audit, vm_id, &w.dirs);
+                        return Err(e);
+                    }
+                }
+            }
+            None => None,
+        };
         let uris = w.volumes.iter().map(|v| v.uri.clone()).collect();
-        match restore_workload(vm_id, &dir, &disk, &vsm_socket, run_as, uris, reader).await {
+        match restore_workload(vm_id, &dir, &disk, &vsm_socket, run_as, uris, network, reader)
+            .await
+        {
             Ok((proc, endpoint, stream)) => {
                 timings.push((
                     format!("VM restored from {stream} bytes of qemu state and continued"),
@@ -3388,6 +3500,7 @@ impl Agent {
             }
             Err(e) => {
                 w.stop();
+                self.tl.audit_net_stop(&w);
                 remove_run_dir(&self.tl.audit, vm_id, &w.dirs);
                 Err(e)
             }
@@ -3406,6 +3519,7 @@ async fn restore_workload(
     vsm_socket: &Path,
     id: RunAs,
     volumes: Vec<String>,
+    network: Option<caas_workload::NetSpec>,
     mut reader: caas_workload::state::StateReader<std::io::BufReader<std::fs::File>>,
 ) -> Result<(Proc, String, u64), Error> {
     let owner = id.own.then_some((id.uid, id.gid));
@@ -3427,7 +3541,7 @@ async fn restore_workload(
             slot: 0,
         }),
         volumes,
-        network: None,
+        network,
     };
     use caas_workload::driver::Driver as _;
     let mut driver = caas_workload::driver::QemuDriver::new(dir.to_path_buf());

@@ -271,6 +271,45 @@ impl<S: AttestStore> TlService<S> {
         self.net_push(n).await;
     }
 
+    /// A VM moved (migrated) or came back (resumed) on the host of `agent_url`, whose
+    /// answer names its network attachment `net` (`{domain, member, …}`, or null): it
+    /// leaves every domain's placement data and joins N with its new member; every member
+    /// of each changed domain is told.
+    async fn net_moved(&self, vm_id: &str, agent_url: &str, net: &serde_json::Value) {
+        let n = net["domain"]
+            .as_str()
+            .filter(|n| crate::wire::check_name("net_domain", n).is_ok())
+            .map(str::to_string);
+        let member: Option<crate::wire::NetMember> = serde_json::from_value(net["member"].clone())
+            .ok()
+            .filter(|m: &crate::wire::NetMember| m.vm_id == vm_id);
+        let mut changed: Vec<String> = {
+            let mut g = self.net.lock().await;
+            g.iter_mut()
+                .filter_map(|(n, m)| m.remove(vm_id).map(|_| n.clone()))
+                .collect()
+        };
+        if let (Some(n), Some(member)) = (n, member) {
+            self.net
+                .lock()
+                .await
+                .entry(n.clone())
+                .or_default()
+                .insert(
+                    vm_id.to_string(),
+                    (agent_url.trim_end_matches('/').to_string(), member),
+                );
+            if !changed.contains(&n) {
+                changed.push(n);
+            }
+        } else if !net.is_null() {
+            tracing::warn!(%vm_id, "the agent's answer names no valid network member");
+        }
+        for n in changed {
+            self.net_push(&n).await;
+        }
+    }
+
     /// A VM left N (suspended, migrated away): out of N's placement data, the others told.
     async fn net_leave(&self, vm_id: &str) {
         let left: Vec<String> = {
@@ -359,7 +398,9 @@ impl<S: AttestStore> TlService<S> {
                 &body,
             )
             .await?;
-        self.net_leave(&req.vm_id).await;
+        // The source's member leaves N, the target's (its own proxy, its own address)
+        // joins: one change of N, pushed once.
+        self.net_moved(&req.vm_id, &to.agent_url, &r["net"]).await;
         Ok(r)
     }
 
@@ -423,12 +464,19 @@ impl<S: AttestStore> TlService<S> {
             return Err(crate::Error::rejected("no_host", "no trusted host"));
         }
         let h = &hosts[self.next.fetch_add(1, Ordering::Relaxed) % hosts.len()];
-        self.to_agent(
-            h,
-            "/v1/agent/resume",
-            &serde_json::json!({ "vm_id": req.vm_id }),
-        )
-        .await
+        let r = self
+            .to_agent(
+                h,
+                "/v1/agent/resume",
+                &serde_json::json!({ "vm_id": req.vm_id }),
+            )
+            .await?;
+        // A VM of a network domain joins it again with its resumed proxy.
+        if !r["workload"]["net"].is_null() {
+            self.net_moved(&req.vm_id, &h.agent_url, &r["workload"]["net"])
+                .await;
+        }
+        Ok(r)
     }
 
     /// Tells `host`'s agent to drop its crypto domains' keys (it is no longer trusted).
