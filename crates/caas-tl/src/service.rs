@@ -43,8 +43,12 @@ pub struct TlService<S> {
     store: Arc<S>,
     http: caas_attest::client::HttpClient,
     next: AtomicUsize,
-    /// Placement data of network domains: N → id_vm → (its host's agent URL, the member).
+    /// Placement data of network domains: N → id_vm → (its host's agent URL, the member);
+    /// kept in the store (one [`NetDomainRecord`] per N, [`KIND_NET_PLACEMENT`]), read back
+    /// on first use after a restart ([`Self::net_lock`]).
     net: tokio::sync::Mutex<NetPlacements>,
+    /// Whether `net` was read from the store.
+    net_loaded: std::sync::atomic::AtomicBool,
     /// Held across a whole [`Self::net_push`]: pushes of concurrent joins and leaves are
     /// serialised, so the last list an agent gets is the newest (never an older snapshot
     /// delivered after a newer one).
@@ -59,6 +63,91 @@ type NetPlacements = std::collections::HashMap<
     String,
     std::collections::BTreeMap<String, (String, crate::wire::NetMember)>,
 >;
+
+/// Store kind of the scheduler's placement data of network domains (one record per N).
+pub const KIND_NET_PLACEMENT: &str = "sched_net_members";
+/// The most members of one network domain the scheduler keeps (and reads back).
+const MAX_NET_MEMBERS: usize = 1024;
+/// The most network domains read back from the store.
+const MAX_NET_DOMAINS: usize = 65536;
+/// The largest stored record read back (bytes).
+const MAX_NET_RECORD: usize = 1 << 20;
+
+/// One network domain's members as stored (untrusted when read back: typed, checked,
+/// bounded by [`NetDomainRecord::check`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetDomainRecord {
+    /// N.
+    pub net_domain: String,
+    /// Its members with the agent URL of the host each runs on.
+    pub members: Vec<NetPlacement>,
+}
+
+/// A member of N where it runs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetPlacement {
+    /// The agent of its host (`http://` or `https://`, as enrolled).
+    pub agent_url: String,
+    /// The member.
+    pub member: crate::wire::NetMember,
+}
+
+impl NetDomainRecord {
+    /// Checks a record read back from the store (or about to be written): N's name, at
+    /// most [`MAX_NET_MEMBERS`] members, each with a valid id_vm, an agent URL of a
+    /// bounded size and scheme, no id_vm or sender id twice.
+    ///
+    /// # Errors
+    /// `malformed` naming what is wrong.
+    pub fn check(&self) -> Result<(), crate::Error> {
+        crate::wire::check_name("net_domain", &self.net_domain)?;
+        if self.members.len() > MAX_NET_MEMBERS {
+            return Err(crate::Error::malformed(
+                "network placement",
+                "too many members",
+            ));
+        }
+        let (mut vms, mut senders) = (
+            std::collections::BTreeSet::new(),
+            std::collections::BTreeSet::new(),
+        );
+        for p in &self.members {
+            crate::wire::check_name("vm_id", &p.member.vm_id)?;
+            let url_ok = p.agent_url.len() <= 512
+                && (p.agent_url.starts_with("http://") || p.agent_url.starts_with("https://"))
+                && p.agent_url.bytes().all(|c| c.is_ascii_graphic());
+            if !url_ok {
+                return Err(crate::Error::malformed(
+                    "network placement",
+                    "bad agent URL",
+                ));
+            }
+            if !vms.insert(p.member.vm_id.as_str()) || !senders.insert(p.member.sender) {
+                return Err(crate::Error::malformed(
+                    "network placement",
+                    "a member or a sender id twice",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses and checks a stored record.
+    ///
+    /// # Errors
+    /// `malformed`: too large, not a record, or [`Self::check`] fails.
+    pub fn from_stored(raw: &[u8]) -> Result<Self, crate::Error> {
+        if raw.len() > MAX_NET_RECORD {
+            return Err(crate::Error::malformed("network placement", "too large"));
+        }
+        let r: Self = serde_json::from_slice(raw)
+            .map_err(|e| crate::Error::malformed("network placement", e.to_string()))?;
+        r.check()?;
+        Ok(r)
+    }
+}
 
 impl<S> std::fmt::Debug for TlService<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -143,6 +232,7 @@ impl<S: AttestStore> TlService<S> {
             http: caas_attest::client::HttpClient::new(std::time::Duration::from_secs(120)),
             next: AtomicUsize::new(0),
             net: tokio::sync::Mutex::new(NetPlacements::new()),
+            net_loaded: std::sync::atomic::AtomicBool::new(false),
             net_push: tokio::sync::Mutex::new(()),
             deliver_revocations: true,
         }
@@ -248,6 +338,101 @@ impl<S: AttestStore> TlService<S> {
         Ok(v)
     }
 
+    /// The placement data of network domains, read back from the store at first use (a
+    /// restarted scheduler keeps its member lists). Stored records are untrusted: each is
+    /// parsed and checked ([`NetDomainRecord::from_stored`]); one that fails is left out
+    /// (logged), as are records beyond [`MAX_NET_DOMAINS`].
+    async fn net_lock(&self) -> tokio::sync::MutexGuard<'_, NetPlacements> {
+        let mut g = self.net.lock().await;
+        if !self.net_loaded.load(Ordering::Acquire) {
+            match self.store.list(KIND_NET_PLACEMENT).await {
+                Ok(rows) => {
+                    for raw in rows.iter().take(MAX_NET_DOMAINS) {
+                        match NetDomainRecord::from_stored(raw) {
+                            Ok(r) => {
+                                let m = r
+                                    .members
+                                    .into_iter()
+                                    .map(|p| (p.member.vm_id.clone(), (p.agent_url, p.member)))
+                                    .collect();
+                                g.insert(r.net_domain, m);
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "a stored network placement was refused");
+                            }
+                        }
+                    }
+                    self.net_loaded.store(true, Ordering::Release);
+                }
+                // Not marked loaded: the next use tries again.
+                Err(e) => tracing::error!(error = %e, "network placements not read back"),
+            }
+        }
+        g
+    }
+
+    /// Writes N's members to the store (under the placement lock, so writes of one N are
+    /// in order). A failure is logged; the in-memory list stays right until a restart.
+    async fn net_save(&self, g: &NetPlacements, n: &str) {
+        let rec = NetDomainRecord {
+            net_domain: n.to_string(),
+            members: g
+                .get(n)
+                .map(|m| {
+                    m.values()
+                        .map(|(url, member)| NetPlacement {
+                            agent_url: url.clone(),
+                            member: member.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        let r = async {
+            rec.check()?;
+            let body =
+                serde_json::to_vec(&rec).map_err(|e| crate::Error::Storage(e.to_string()))?;
+            self.store.put(KIND_NET_PLACEMENT, n, body, None).await?;
+            Ok::<(), crate::Error>(())
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::error!(net_domain = %n, error = %e, "network placement not stored");
+        }
+    }
+
+    /// Puts `vm_id`'s member in N (in place of any earlier one of it, in any domain);
+    /// returns the domains whose members changed. Stored.
+    async fn net_place(
+        &self,
+        n: &str,
+        vm_id: &str,
+        agent_url: &str,
+        member: crate::wire::NetMember,
+    ) -> Vec<String> {
+        let mut g = self.net_lock().await;
+        let mut changed: Vec<String> = g
+            .iter_mut()
+            .filter_map(|(d, m)| m.remove(vm_id).map(|_| d.clone()))
+            .collect();
+        let m = g.entry(n.to_string()).or_default();
+        if m.len() >= MAX_NET_MEMBERS {
+            tracing::warn!(net_domain = %n, %vm_id, "network domain full: member not kept");
+        } else {
+            m.insert(
+                vm_id.to_string(),
+                (agent_url.trim_end_matches('/').to_string(), member),
+            );
+        }
+        if !changed.iter().any(|d| d == n) {
+            changed.push(n.to_string());
+        }
+        for d in &changed {
+            self.net_save(&g, d).await;
+        }
+        changed
+    }
+
     /// A VM of network domain N was launched: its member (from its agent's answer) joins
     /// N's placement data and every member's agent gets the new list (peer discovery,
     /// `docs/network-sdp.md`). The list is public and untrusted by the proxies: it says where
@@ -259,16 +444,9 @@ impl<S: AttestStore> TlService<S> {
             tracing::warn!(%vm_id, net_domain = %n, "the launch's answer names no network member");
             return;
         };
-        self.net
-            .lock()
-            .await
-            .entry(n.to_string())
-            .or_default()
-            .insert(
-                vm_id.to_string(),
-                (agent_url.trim_end_matches('/').to_string(), member),
-            );
-        self.net_push(n).await;
+        for d in self.net_place(n, vm_id, agent_url, member).await {
+            self.net_push(&d).await;
+        }
     }
 
     /// A VM moved (migrated) or came back (resumed) on the host of `agent_url`, whose
@@ -283,42 +461,36 @@ impl<S: AttestStore> TlService<S> {
         let member: Option<crate::wire::NetMember> = serde_json::from_value(net["member"].clone())
             .ok()
             .filter(|m: &crate::wire::NetMember| m.vm_id == vm_id);
-        let mut changed: Vec<String> = {
-            let mut g = self.net.lock().await;
-            g.iter_mut()
-                .filter_map(|(n, m)| m.remove(vm_id).map(|_| n.clone()))
-                .collect()
-        };
-        if let (Some(n), Some(member)) = (n, member) {
-            self.net
-                .lock()
-                .await
-                .entry(n.clone())
-                .or_default()
-                .insert(
-                    vm_id.to_string(),
-                    (agent_url.trim_end_matches('/').to_string(), member),
-                );
-            if !changed.contains(&n) {
-                changed.push(n);
+        let changed = match (n, member) {
+            (Some(n), Some(member)) => self.net_place(&n, vm_id, agent_url, member).await,
+            _ => {
+                if !net.is_null() {
+                    tracing::warn!(%vm_id, "the agent's answer names no valid network member");
+                }
+                self.net_remove(vm_id).await
             }
-        } else if !net.is_null() {
-            tracing::warn!(%vm_id, "the agent's answer names no valid network member");
-        }
+        };
         for n in changed {
             self.net_push(&n).await;
         }
     }
 
+    /// Takes `vm_id` out of every domain's members; returns the domains changed. Stored.
+    async fn net_remove(&self, vm_id: &str) -> Vec<String> {
+        let mut g = self.net_lock().await;
+        let left: Vec<String> = g
+            .iter_mut()
+            .filter_map(|(n, m)| m.remove(vm_id).map(|_| n.clone()))
+            .collect();
+        for n in &left {
+            self.net_save(&g, n).await;
+        }
+        left
+    }
+
     /// A VM left N (suspended, migrated away): out of N's placement data, the others told.
     async fn net_leave(&self, vm_id: &str) {
-        let left: Vec<String> = {
-            let mut g = self.net.lock().await;
-            g.iter_mut()
-                .filter_map(|(n, m)| m.remove(vm_id).map(|_| n.clone()))
-                .collect()
-        };
-        for n in left {
+        for n in self.net_remove(vm_id).await {
             self.net_push(&n).await;
         }
     }
@@ -330,7 +502,7 @@ impl<S: AttestStore> TlService<S> {
         let _serial = self.net_push.lock().await;
         for _ in 0..2 {
             let (body, agents) = {
-                let g = self.net.lock().await;
+                let g = self.net_lock().await;
                 let Some(m) = g.get(n) else { return };
                 let body = crate::wire::NetPeers {
                     net_domain: n.to_string(),
@@ -365,12 +537,13 @@ impl<S: AttestStore> TlService<S> {
             if gone.is_empty() {
                 return;
             }
-            let mut g = self.net.lock().await;
+            let mut g = self.net_lock().await;
             if let Some(m) = g.get_mut(n) {
                 for vm in &gone {
                     m.remove(vm);
                 }
             }
+            self.net_save(&g, n).await;
         }
     }
 
@@ -733,4 +906,136 @@ pub fn router<S: AttestStore>(svc: Arc<TlService<S>>) -> Router {
             ),
         )
         .with_state(svc)
+}
+
+/// The scheduler's network member lists survive a restart (a new service over the same
+/// store reads them back), and stored rows are not trusted: a tampered or oversized record
+/// is left out, the others still read.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use caas_attest::store::MemoryStore;
+
+    fn member(vm: &str, sender: u32, port: u16) -> crate::wire::NetMember {
+        crate::wire::NetMember {
+            vm_id: vm.into(),
+            sender,
+            udp: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    fn service(store: &Arc<MemoryStore>) -> TlService<MemoryStore> {
+        TlService::new(store.clone(), TtpKeys::generate().unwrap())
+    }
+
+    async fn members(s: &TlService<MemoryStore>, n: &str) -> Vec<(String, String, u16)> {
+        s.net_lock()
+            .await
+            .get(n)
+            .map(|m| {
+                m.iter()
+                    .map(|(vm, (url, mm))| (vm.clone(), url.clone(), mm.udp.port()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn scheduler_restart_keeps_the_network_member_lists() {
+        let store = Arc::new(MemoryStore::new());
+        let s = service(&store);
+        s.net_place(
+            "lan",
+            "vm-a",
+            "http://127.0.0.1:1/",
+            member("vm-a", 1, 4001),
+        )
+        .await;
+        s.net_place("lan", "vm-b", "http://127.0.0.1:2", member("vm-b", 2, 4002))
+            .await;
+        s.net_place("dmz", "vm-c", "http://127.0.0.1:2", member("vm-c", 3, 4003))
+            .await;
+        // vm-a migrates (moves), vm-c stops (leaves).
+        let changed = s
+            .net_place("lan", "vm-a", "http://127.0.0.1:3", member("vm-a", 1, 4011))
+            .await;
+        assert_eq!(changed, vec!["lan".to_string()]);
+        assert_eq!(s.net_remove("vm-c").await, vec!["dmz".to_string()]);
+        drop(s);
+        // The restarted scheduler.
+        let s2 = service(&store);
+        assert_eq!(
+            members(&s2, "lan").await,
+            vec![
+                ("vm-a".into(), "http://127.0.0.1:3".into(), 4011),
+                ("vm-b".into(), "http://127.0.0.1:2".into(), 4002),
+            ]
+        );
+        assert!(members(&s2, "dmz").await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn tampered_stored_network_placements_are_refused_the_others_kept() {
+        let store = Arc::new(MemoryStore::new());
+        let s = service(&store);
+        s.net_place("lan", "vm-a", "http://127.0.0.1:1", member("vm-a", 1, 4001))
+            .await;
+        let good = |n: &str, members: Vec<NetPlacement>| NetDomainRecord {
+            net_domain: n.into(),
+            members,
+        };
+        let p = |vm: &str, sender: u32, url: &str| NetPlacement {
+            agent_url: url.into(),
+            member: member(vm, sender, 5000),
+        };
+        let bad: Vec<(&str, Vec<u8>)> = vec![
+            // A member named with a path.
+            (
+                "t1",
+                serde_json::to_vec(&good("t1", vec![p("../x", 1, "http://h")])).unwrap(),
+            ),
+            // A sender id twice.
+            (
+                "t2",
+                serde_json::to_vec(&good(
+                    "t2",
+                    vec![p("vm-1", 9, "http://h"), p("vm-2", 9, "http://h")],
+                ))
+                .unwrap(),
+            ),
+            // An agent URL of another scheme.
+            (
+                "t3",
+                serde_json::to_vec(&good("t3", vec![p("vm-1", 1, "file:///etc/passwd")])).unwrap(),
+            ),
+            // Too many members.
+            (
+                "t4",
+                serde_json::to_vec(&good(
+                    "t4",
+                    (0..=MAX_NET_MEMBERS as u32)
+                        .map(|i| p(&format!("vm-{i}"), i, "http://h"))
+                        .collect(),
+                ))
+                .unwrap(),
+            ),
+            // An unknown field, not JSON, oversized.
+            (
+                "t5",
+                br#"{"net_domain":"t5","members":[],"extra":1}"#.to_vec(),
+            ),
+            ("t6", b"\xff{not json".to_vec()),
+            ("t7", vec![b' '; MAX_NET_RECORD + 1]),
+        ];
+        for (id, body) in bad {
+            store.put(KIND_NET_PLACEMENT, id, body, None).await.unwrap();
+        }
+        let s2 = service(&store);
+        let g = s2.net_lock().await;
+        assert_eq!(
+            g.keys().cloned().collect::<Vec<_>>(),
+            vec!["lan".to_string()]
+        );
+    }
 }

@@ -36,6 +36,10 @@ type Reply = Result<Value, (u16, String)>;
 
 impl Cloud {
     fn start(deliver_revocations: bool) -> Self {
+        Self::start_hosts(deliver_revocations, 2)
+    }
+
+    fn start_hosts(deliver_revocations: bool, hosts: usize) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
@@ -44,7 +48,7 @@ impl Cloud {
         let dev = Dev::start_with_env(
             &root.join("dev"),
             "127.0.0.1:0",
-            &["--hosts", "2", "--attest-secs", "3600"],
+            &["--hosts", &hosts.to_string(), "--attest-secs", "3600"],
             &[
                 ("CAAS_DEV_NET_KEY_POLL_MS", "500"),
                 ("CAAS_DEV_NET_SWITCH_AFTER_MS", "300"),
@@ -88,6 +92,7 @@ impl Cloud {
         c.tenant_ok(&["acl", "--domains", "finance,lan,other"]);
         let raw = c.root.join("web.raw");
         std::fs::write(&raw, vec![7u8; 1 << 20]).unwrap();
+        let names: Vec<String> = (1..=hosts).map(|i| format!("host-{i}")).collect();
         c.tenant_ok(&[
             "provision",
             "--image",
@@ -95,7 +100,7 @@ impl Cloud {
             "--id",
             "web",
             "--hosts",
-            "host-1,host-2",
+            &names.join(","),
         ]);
         c
     }
@@ -652,4 +657,177 @@ fn host_outside_the_profile_gets_no_new_network_key_and_its_frames_stop() {
         "lan",
     ]);
     assert!(!ok, "{out}");
+}
+
+/// The attacker's recording of what a member's proxy sealed under the current epoch: the
+/// untrusted management tells `host`'s agent that N's only other member is a socket of its
+/// own (a "spy"), so `nic`'s frames are sealed (fresh sequence numbers no real peer saw)
+/// and sent there. Returns the sealed datagrams and the proxy's underlay address they
+/// came from.
+fn record_sealed_frames(
+    c: &Cloud,
+    host: &str,
+    vm: &str,
+    nic: &Nic,
+    tag: &[u8],
+) -> (Vec<Vec<u8>>, std::net::SocketAddr) {
+    let spy = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    spy.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let me = c.net(host, vm)["member"].clone();
+    let from: std::net::SocketAddr = me["udp"].as_str().unwrap().parse().unwrap();
+    c.call(
+        "POST",
+        &format!("{}/v1/agent/net/peers", c.agent(host)),
+        Some(&json!({ "net_domain": "lan", "members": [
+            me,
+            { "vm_id": "spy", "sender": 7, "udp": spy.local_addr().unwrap().to_string() },
+        ] })),
+    )
+    .unwrap();
+    let mut sealed = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..10 {
+        nic.send(tag);
+        if let Ok((n, src)) = spy.recv_from(&mut buf) {
+            assert_eq!(src, from);
+            sealed.push(buf[..n].to_vec());
+        }
+    }
+    assert!(sealed.len() >= 5, "the spy recorded {} frames", sealed.len());
+    (sealed, from)
+}
+
+/// After the member left (its proxy gone, the overlap over), the attacker holding what its
+/// proxy sealed under the retired epoch sends it to `host`/`vm`'s proxy from the departed
+/// member's own underlay address, which the (lying) management lists as a member of `lan`
+/// under its sender id: nothing reaches the VM, every datagram is dropped as of an unknown
+/// epoch (it passed the peer check: the epoch is what stops it).
+fn replayed_old_epoch_frames_are_dropped(
+    c: &Cloud,
+    host: &str,
+    vm: &str,
+    nic: &Nic,
+    old: (&[Vec<u8>], std::net::SocketAddr),
+    member: Value,
+    tag: &[u8],
+) {
+    let (sealed, from) = old;
+    c.call(
+        "POST",
+        &format!("{}/v1/agent/net/peers", c.agent(host)),
+        Some(&json!({ "net_domain": "lan", "members": [member] })),
+    )
+    .unwrap();
+    let to: std::net::SocketAddr = c.net(host, vm)["member"]["udp"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let sock = std::net::UdpSocket::bind(from).expect("the departed proxy's address is free");
+    let before = c.stat(host, vm, "rx_unknown_epoch");
+    let rx = c.stat(host, vm, "rx_frames");
+    for d in sealed {
+        sock.send_to(d, to).unwrap();
+    }
+    assert_eq!(nic.received(tag, 1000), 0, "an old-epoch frame got through");
+    c.wait(5, "old-epoch frames dropped as of an unknown epoch", || {
+        c.stat(host, vm, "rx_unknown_epoch") >= before + sealed.len() as u64
+    });
+    assert_eq!(c.stat(host, vm, "rx_frames"), rx);
+}
+
+/// A member's VM is stopped through its agent: the agent's NetLeave ends its session at the
+/// TTP (audited by both), `lan` moves to epoch 2, which the other member picks up; once the
+/// overlap is over, frames the stopped member's proxy sealed under epoch 1 (recorded by the
+/// attacker, never seen by the peer) are dropped even sent from its own address.
+#[test]
+fn stopped_member_is_rekeyed_out_and_its_old_epoch_frames_stop_after_the_overlap() {
+    let c = Cloud::start(true);
+    let (a, b) = two_members(&c);
+    let old_b = c.net("host-2", "vm-b")["member"].clone();
+    let (sealed, from) = record_sealed_frames(&c, "host-2", "vm-b", &b, b"old-epoch");
+    let pid = net_pid(&c, "host-2", "vm-b");
+    c.call(
+        "POST",
+        &format!("{}/v1/agent/workloads/vm-b/stop", c.agent("host-2")),
+        Some(&json!({})),
+    )
+    .unwrap();
+    c.wait(5, "vm-b's proxy exits with its VM", || !pid_alive(pid));
+    assert!(c.agent_audited("host-2", "NetProxyStop", "vm-b/lan", "ok"));
+    assert!(
+        c.agent_audited("host-2", "NetLeave", "vm-b stopped: rekeyed [lan]", "ok"),
+        "{:?}",
+        c.agent_audit("host-2")
+    );
+    assert!(c.ttp_audited("NetLeave", "Success"));
+    assert!(c.ttp_audited("TlSessionRetired", "Success"));
+    c.wait(20, "vm-a's proxy gets epoch 2", || {
+        c.net("host-1", "vm-a")["epoch"] == json!(2)
+    });
+    std::thread::sleep(Duration::from_millis(RETIRE_MS + 1000));
+    replayed_old_epoch_frames_are_dropped(
+        &c,
+        "host-1",
+        "vm-a",
+        &a,
+        (&sealed, from),
+        old_b,
+        b"old-epoch",
+    );
+}
+
+/// vm-a (of `lan`, with vm-b on host-2) is live-migrated from host-1 to host-3 through the
+/// scheduler: host-3's agent starts vm-a's proxy keyed under host-3's own session (its
+/// first key retires host-1's session at the TTP: `lan` moves to epoch 2), host-1's proxy
+/// stops with the source VM, the scheduler moves vm-a's member and tells both, and frames
+/// flow between the migrated vm-a and vm-b. After the overlap, what host-1's proxy sealed
+/// under epoch 1 gets nothing through, even with the management listing host-1's address.
+#[test]
+fn migrated_member_talks_from_its_new_host_and_the_source_key_stops_after_the_overlap() {
+    let c = Cloud::start_hosts(true, 3);
+    let (a, b) = two_members(&c);
+    let old_a = c.net("host-1", "vm-a")["member"].clone();
+    let (sealed, from) = record_sealed_frames(&c, "host-1", "vm-a", &a, b"old-epoch");
+    let pid = net_pid(&c, "host-1", "vm-a");
+    let out = c.tenant_ok(&["migrate", "--vm", "vm-a", "--to", "host-3"]);
+    let r: Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    assert_eq!(r["target"], json!("host-3"), "{r}");
+    assert_eq!(r["net"]["domain"], json!("lan"), "{r}");
+    assert!(!r.to_string().contains("\"key\""), "{r}");
+    // The source's proxy stopped with its VM; the target's runs, at the new epoch.
+    c.wait(5, "host-1's proxy exits", || !pid_alive(pid));
+    assert!(c.agent_audited("host-1", "NetProxyStop", "vm-a/lan", "ok"));
+    assert!(c.agent_audited("host-3", "NetProxyStart", "vm-a/lan", "ok"));
+    let na = c.net("host-3", "vm-a");
+    assert_eq!(na["epoch"], json!(2), "{na}");
+    assert_eq!(na["member"]["sender"], old_a["sender"]);
+    assert_ne!(na["member"]["udp"], old_a["udp"]);
+    assert!(c.agent_audited("host-3", "NetKey", "vm-a/lan epoch 2", "ok"));
+    assert!(c.ttp_audited("TlSessionRetired", "Success"));
+    assert!(c.ttp_audited("NetRekey", "Success"));
+    // The scheduler told host-2 (vm-a's new address) and host-3; vm-b moves to epoch 2.
+    c.wait(20, "vm-b's proxy gets epoch 2", || {
+        c.net("host-2", "vm-b")["epoch"] == json!(2)
+    });
+    let a2 = Nic::attach(&na);
+    assert!(
+        a2.reaches(&b, b"after-migration-b", 20),
+        "the migrated vm-a never reached vm-b"
+    );
+    assert!(
+        b.reaches(&a2, b"after-migration-a", 20),
+        "vm-b never reached the migrated vm-a"
+    );
+    std::thread::sleep(Duration::from_millis(RETIRE_MS + 1000));
+    replayed_old_epoch_frames_are_dropped(
+        &c,
+        "host-2",
+        "vm-b",
+        &b,
+        (&sealed, from),
+        old_a,
+        b"old-epoch",
+    );
 }
