@@ -359,7 +359,9 @@ pub(crate) struct NetCreds {
 
 impl std::fmt::Debug for NetCreds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NetCreds").field("h2", &self.h2).finish_non_exhaustive()
+        f.debug_struct("NetCreds")
+            .field("h2", &self.h2)
+            .finish_non_exhaustive()
     }
 }
 

@@ -2655,9 +2655,9 @@ impl Agent {
     /// at the latest, for the workload's `caas net serve` (`Key{epoch,key}` on its control
     /// channel, [`crate::net`]).
     ///
-    /// The TTP serves one request of a network domain at a time and refuses the others with
-    /// `rekey_in_progress` ("retry"): VMs of one domain launched at once on several hosts
-    /// meet it. Such a refusal is retried with a fresh request (new r, new quote) after a
+    /// The TTP serves one request of a network domain at a time; the others wait for it up
+    /// to 2 s and are then refused with `rekey_in_progress` ("retry"). Such a refusal is
+    /// retried with a fresh request (new r, new quote) after a
     /// short, growing pause (20 ms doubling to 500 ms, at most 20 times); any other refusal is
     /// final.
     pub async fn net_key(
@@ -3474,8 +3474,17 @@ impl Agent {
             None => None,
         };
         let uris = w.volumes.iter().map(|v| v.uri.clone()).collect();
-        match restore_workload(vm_id, &dir, &disk, &vsm_socket, run_as, uris, network, reader)
-            .await
+        match restore_workload(
+            vm_id,
+            &dir,
+            &disk,
+            &vsm_socket,
+            run_as,
+            uris,
+            network,
+            reader,
+        )
+        .await
         {
             Ok((proc, endpoint, stream)) => {
                 timings.push((

@@ -127,6 +127,8 @@ pub struct Ttp<S> {
     nonce_lock: InFlight,
     /// Network domains a member left while a request of theirs held the lock.
     net_dirty: InFlight,
+    /// One rekey or key release of a network domain at a time ([`netkey`]).
+    net_locks: NetLocks,
     /// Network keys: a new epoch when the current one is this old ([`netkey`]).
     net_rekey_after_ms: u64,
 }
@@ -168,6 +170,39 @@ impl InFlight {
     }
 }
 
+/// One async lock per network domain: a NetKeyReq waits for the one in flight (briefly,
+/// [`NET_LOCK_WAIT`]); a rekey trigger (revocation, retirement, on demand) only tries it and
+/// marks the domain dirty when it is held. Released when its guard drops — also when the
+/// request's future is dropped (its client went away).
+#[derive(Default)]
+struct NetLocks(std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+/// How long a NetKeyReq waits for another request of its domain before `rekey_in_progress`.
+const NET_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl NetLocks {
+    fn of(&self, domain: &str) -> Option<Arc<tokio::sync::Mutex<()>>> {
+        let mut g = self.0.lock().ok()?;
+        Some(g.entry(domain.to_string()).or_default().clone())
+    }
+
+    /// The domain's lock if free now.
+    fn try_lock(&self, domain: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        self.of(domain)?.try_lock_owned().ok()
+    }
+
+    /// The domain's lock, waiting up to `wait` for the request holding it.
+    async fn lock(
+        &self,
+        domain: &str,
+        wait: std::time::Duration,
+    ) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        tokio::time::timeout(wait, self.of(domain)?.lock_owned())
+            .await
+            .ok()
+    }
+}
+
 impl<S> std::fmt::Debug for Ttp<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ttp").finish_non_exhaustive()
@@ -190,6 +225,7 @@ impl<S: AttestStore> Ttp<S> {
             keys,
             nonce_lock: Default::default(),
             net_dirty: Default::default(),
+            net_locks: Default::default(),
             net_rekey_after_ms: netkey::DEFAULT_REKEY_AFTER_MS,
         }
     }

@@ -412,7 +412,8 @@ fn members_on_two_hosts_are_keyed_by_their_agents_and_exchange_frames() {
 
 /// Four members of `lan` launched at once, two per host (as `caas demo` launches its two
 /// VMs): their agents' NetKeyReqs meet at the TTP, which serves one request of a domain at a
-/// time and refuses the others as busy (`rekey_in_progress`); the agents retry, so every
+/// time and lets the others wait for it (busy, `rekey_in_progress`, only beyond 2 s: then
+/// the agents retry), so every
 /// launch succeeds with the same epoch, and the scheduler's peer lists, pushed one at a
 /// time, leave every proxy with the three others.
 #[test]
@@ -694,7 +695,11 @@ fn record_sealed_frames(
             sealed.push(buf[..n].to_vec());
         }
     }
-    assert!(sealed.len() >= 5, "the spy recorded {} frames", sealed.len());
+    assert!(
+        sealed.len() >= 5,
+        "the spy recorded {} frames",
+        sealed.len()
+    );
     (sealed, from)
 }
 

@@ -14,7 +14,7 @@
 //! is refused every later one (`host_untrusted`, `attestation_failed`, `session_retired`).
 //! A joining member is given the current epoch (no rekey on join). Every release and every
 //! refusal is audited (`NetKey`); every new epoch too (`NetRekey`).
-use super::{KIND_SESSION, Session, Ttp, session_id};
+use super::{KIND_SESSION, NET_LOCK_WAIT, Session, Ttp, session_id};
 use crate::crypto::seal_to_bind_key;
 use crate::error::{Error, Result};
 use crate::wire::{
@@ -134,14 +134,16 @@ impl<S: AttestStore> Ttp<S> {
         }
         self.check_acl(&session.h2, std::slice::from_ref(&domain))
             .await?;
-        let lock = format!("net/{domain}");
-        if !self.nonce_lock.begin(&lock) {
+        // One request of N at a time: this one waits for the one in flight (its rekey
+        // included) and then finds its epoch; only a lock held longer is refused as busy
+        // (the agent retries with a fresh request).
+        let Some(_held) = self.net_locks.lock(&domain, NET_LOCK_WAIT).await else {
             return Err(Error::rejected(
                 "rekey_in_progress",
                 "another request of this network domain is in progress; retry",
             ));
-        }
-        let res = async {
+        };
+        async {
             // A member that left while this request held the lock marked N dirty: rekey
             // before releasing, and again if it happened meanwhile.
             for _ in 0..3 {
@@ -198,9 +200,7 @@ impl<S: AttestStore> Ttp<S> {
                 "the network domain is being rekeyed; retry",
             ))
         }
-        .await;
-        self.nonce_lock.end(&lock);
-        res
+        .await
     }
 
     fn net_wrap_key(&self) -> Result<caas_crypto::SecretKey> {
@@ -254,22 +254,16 @@ impl<S: AttestStore> Ttp<S> {
     /// before it releases a key). Members fetch the new key at their next request.
     pub async fn net_rekey(&self, domain: &str, why: &str, now_ms: u64) -> Result<Option<u64>> {
         check_name("net_domain", domain)?;
-        let lock = format!("net/{domain}");
-        if !self.nonce_lock.begin(&lock) {
+        let Some(_held) = self.net_locks.try_lock(domain) else {
             self.net_dirty.mark(domain);
             return Ok(None);
-        }
-        let r = async {
-            let old: Option<NetEpoch> = self.get(KIND_NET_EPOCH, domain).await?;
-            Ok(Some(
-                self.new_epoch(domain, old.as_ref(), why, now_ms)
-                    .await?
-                    .epoch,
-            ))
-        }
-        .await;
-        self.nonce_lock.end(&lock);
-        r
+        };
+        let old: Option<NetEpoch> = self.get(KIND_NET_EPOCH, domain).await?;
+        Ok(Some(
+            self.new_epoch(domain, old.as_ref(), why, now_ms)
+                .await?
+                .epoch,
+        ))
     }
 
     /// The current epoch of `domain` (none before its first key).
@@ -293,15 +287,10 @@ impl<S: AttestStore> Ttp<S> {
             let ep: NetEpoch = serde_json::from_slice(&raw)
                 .map_err(|e| Error::Storage(format!("{KIND_NET_EPOCH}: {e}")))?;
             if ep.members.iter().any(|m| gone(m)) {
-                let lock = format!("net/{}", ep.domain);
-                if self.nonce_lock.begin(&lock) {
-                    let r = async {
-                        let cur: Option<NetEpoch> = self.get(KIND_NET_EPOCH, &ep.domain).await?;
-                        self.new_epoch(&ep.domain, cur.as_ref(), why, now_ms).await
-                    }
-                    .await;
-                    self.nonce_lock.end(&lock);
-                    r?;
+                if let Some(_held) = self.net_locks.try_lock(&ep.domain) {
+                    let cur: Option<NetEpoch> = self.get(KIND_NET_EPOCH, &ep.domain).await?;
+                    self.new_epoch(&ep.domain, cur.as_ref(), why, now_ms)
+                        .await?;
                 } else {
                     // A request of N holds the lock: it rekeys before it releases a key.
                     self.net_dirty.mark(&ep.domain);
@@ -887,13 +876,13 @@ mod tests {
             fx.ttp.netkey(&r, None, now).await.unwrap();
         }
         // B is revoked while a request of net-a holds the domain's lock.
-        assert!(fx.ttp.nonce_lock.begin("net/net-a"));
+        let held = fx.ttp.net_locks.try_lock("net-a").unwrap();
         fx.ttp
             .revoke_notice("hb", "pcr_mismatch", now)
             .await
             .unwrap();
         assert_eq!(fx.ttp.net_rekey("net-a", "op", now).await.unwrap(), None);
-        fx.ttp.nonce_lock.end("net/net-a");
+        drop(held);
         assert_eq!(fx.ttp.net_epoch("net-a").await.unwrap(), Some(1));
         // The next release is of a new epoch.
         let (r, q) = request(&fx, &a, &la, "net-a", &fx.prod, now);
@@ -1074,5 +1063,52 @@ mod tests {
         let (r, _) = request(&fx, &a, &la, "net-a", &fx.prod, now);
         let e = fx.ttp.netkey(&r, None, now).await.unwrap_err();
         assert_eq!(e.code(), "session_retired");
+    }
+
+    /// Members of one domain asking at once: a request that finds another of its domain in
+    /// flight waits for it (and then gets the epoch that one made) instead of being refused
+    /// as busy; only a lock held beyond the wait is `rekey_in_progress` (the agent's retry
+    /// is the fallback). A request whose future is dropped releases the lock.
+    #[tokio::test]
+    async fn concurrent_key_request_waits_for_the_one_in_flight() {
+        let fx = fixture(DEFAULT_REKEY_AFTER_MS).await;
+        let (a, b) = (
+            host(&fx, "ha", "prod", "v1").await,
+            host(&fx, "hb", "prod", "v1").await,
+        );
+        let (la, lb) = (
+            launch(&fx, &a, "vm-a", "prod", &["net-a"]).await,
+            launch(&fx, &b, "vm-b", "prod", &["net-a"]).await,
+        );
+        let now = caas_attest::now_ms();
+        // A request of net-a in flight (it holds the lock for 300 ms).
+        let held = fx.ttp.net_locks.try_lock("net-a").unwrap();
+        let (r, q) = request(&fx, &b, &lb, "net-a", &fx.prod, now);
+        let release = async {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            drop(held);
+        };
+        let (got, ()) = tokio::join!(fx.ttp.netkey(&r, None, now), release);
+        let (g, _) = open(&fx, &b, &got.unwrap(), &q);
+        assert_eq!(g.epoch, 1);
+        // Held beyond the wait: busy, audited, nothing released.
+        let held = fx.ttp.net_locks.try_lock("net-a").unwrap();
+        let (r, _) = request(&fx, &a, &la, "net-a", &fx.prod, now);
+        let e = fx.ttp.netkey(&r, None, now).await.unwrap_err();
+        assert_eq!(e.code(), "rekey_in_progress");
+        assert_eq!(audited(&fx, "NetKey", "rekey_in_progress"), 1);
+        drop(held);
+        // A request dropped while it waits (its client went away) leaves the lock free.
+        let held = fx.ttp.net_locks.try_lock("net-a").unwrap();
+        let (r, _) = request(&fx, &a, &la, "net-a", &fx.prod, now);
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            fx.ttp.netkey(&r, None, now),
+        )
+        .await;
+        drop(held);
+        let (r, q) = request(&fx, &a, &la, "net-a", &fx.prod, now);
+        let (g, _) = open(&fx, &a, &fx.ttp.netkey(&r, None, now).await.unwrap(), &q);
+        assert_eq!(g.epoch, 1);
     }
 }
