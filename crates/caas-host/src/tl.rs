@@ -2252,7 +2252,7 @@ impl Agent {
             }
             None => Err(Error::InvalidRequest(format!("no workload {vm_id}"))),
         };
-        let r = match r {
+        match r {
             Ok(creds) => {
                 self.tl.audit("StopWorkload", vm_id, &Ok::<(), Error>(()));
                 if let Some(c) = creds {
@@ -2265,8 +2265,7 @@ impl Agent {
                 self.tl.audit("StopWorkload", vm_id, &e);
                 e
             }
-        };
-        r
+        }
     }
 
     /// DBSP: attaches the storage resource `sr` of domain `D` to a workload: DomKeyReq to the
@@ -3521,6 +3520,7 @@ impl Agent {
 /// and feeds it the authenticated state; returns the VM process, its PSK endpoint and the
 /// qemu stream's size. The guest read its secrets at its first boot: its `fw_cfg` entries
 /// get empty placeholders (the devices must match the saved state's).
+#[allow(clippy::too_many_arguments)]
 async fn restore_workload(
     vm_id: &str,
     dir: &Path,
