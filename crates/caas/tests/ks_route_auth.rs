@@ -56,6 +56,7 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("POST", "/v1/tl/suspend", "host-protocol"),
     ("POST", "/v1/tl/resume", "host-protocol"),
     ("POST", "/v1/tl/netkey", "host-protocol"),
+    ("POST", "/v1/tl/netkey/leave", "host-protocol"),
     ("POST", "/v1/tl/netkey/rekey", "operator:acl:admin"),
     ("PUT", "/v1/tl/acl", "tenant|operator:acl:admin"),
     (
