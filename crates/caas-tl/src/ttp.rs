@@ -141,12 +141,20 @@ pub mod netkey;
 struct InFlight(std::sync::Mutex<std::collections::HashSet<String>>);
 
 impl InFlight {
-    /// Marks `id` in flight; false if it already is.
-    fn begin(&self, id: &str) -> bool {
-        self.0
+    /// Marks `id` in flight for as long as the returned guard lives; `None` if it already
+    /// is. The guard clears the mark when dropped, also when the request holding it is
+    /// abandoned mid-flight (its client went away and the server dropped the handler's
+    /// future), so an abandoned request never leaves `id` marked for good.
+    fn hold(&self, id: &str) -> Option<Held<'_>> {
+        let fresh = self
+            .0
             .lock()
             .map(|mut s| s.insert(id.to_string()))
-            .unwrap_or(false)
+            .unwrap_or(false);
+        fresh.then(|| Held {
+            set: self,
+            id: id.to_string(),
+        })
     }
     /// Marks `id` (idempotent).
     fn mark(&self, id: &str) {
@@ -162,10 +170,18 @@ impl InFlight {
     fn take(&self, id: &str) -> bool {
         self.0.lock().map(|mut s| s.remove(id)).unwrap_or(true)
     }
-    /// Clears `id`.
-    fn end(&self, id: &str) {
-        if let Ok(mut s) = self.0.lock() {
-            s.remove(id);
+}
+
+/// An id held in flight ([`InFlight::hold`]); cleared on drop.
+struct Held<'a> {
+    set: &'a InFlight,
+    id: String,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.set.0.lock() {
+            s.remove(&self.id);
         }
     }
 }
@@ -426,25 +442,20 @@ impl<S: AttestStore> Ttp<S> {
             return Err(Error::malformed("r", "nonces are 32 bytes"));
         }
         let id = format!("{scope}-{}", hexs(r));
-        if !self.nonce_lock.begin(&id) {
+        let Some(_held) = self.nonce_lock.hold(&id) else {
+            return Err(Error::rejected(
+                "nonce_replayed",
+                "this message was already seen",
+            ));
+        };
+        if self.store.get(KIND_NONCE, &id).await?.is_some() {
             return Err(Error::rejected(
                 "nonce_replayed",
                 "this message was already seen",
             ));
         }
-        let res = async {
-            if self.store.get(KIND_NONCE, &id).await?.is_some() {
-                return Err(Error::rejected(
-                    "nonce_replayed",
-                    "this message was already seen",
-                ));
-            }
-            self.put(KIND_NONCE, &id, &caas_attest::now_ms(), None)
-                .await
-        }
-        .await;
-        self.nonce_lock.end(&id);
-        res
+        self.put(KIND_NONCE, &id, &caas_attest::now_ms(), None)
+            .await
     }
 
     /// Host, its AK and its profile, checking enrollment and that the request came over
@@ -1214,13 +1225,13 @@ impl<S: AttestStore> Ttp<S> {
             ));
         }
         let rid = format!("{}/{}", session.h2, session.vm_id);
-        if !self.nonce_lock.begin(&rid) {
+        let Some(_held) = self.nonce_lock.hold(&rid) else {
             return Err(Error::rejected(
                 "suspend_in_progress",
                 "another suspend or resume of this workload is in progress",
             ));
-        }
-        let res = async {
+        };
+        async {
             let old: Option<SuspendRecord> = self.get(KIND_SUSPEND, &rid).await?;
             let counter = old.map_or(0, |o| o.counter).saturating_add(1);
             let rec = SuspendRecord {
@@ -1261,9 +1272,7 @@ impl<S: AttestStore> Ttp<S> {
                 counter,
             ))
         }
-        .await;
-        self.nonce_lock.end(&rid);
-        res
+        .await
     }
 
     /// Resume: the SC of a host that is enrolled, trusted, appraised NOW under the
@@ -1310,13 +1319,13 @@ impl<S: AttestStore> Ttp<S> {
             .await?;
         check_bind_key_bound(&ak, &b.bind, &profile, &verdict)?;
         let rid = format!("{}/{}", b.h2, b.vm_id);
-        if !self.nonce_lock.begin(&rid) {
+        let Some(_held) = self.nonce_lock.hold(&rid) else {
             return Err(Error::rejected(
                 "suspend_in_progress",
                 "another suspend or resume of this workload is in progress",
             ));
-        }
-        let res = async {
+        };
+        async {
             let mut rec: SuspendRecord = self.get(KIND_SUSPEND, &rid).await?.ok_or_else(|| {
                 Error::rejected("no_saved_state", format!("{} was never suspended", b.vm_id))
             })?;
@@ -1389,9 +1398,7 @@ impl<S: AttestStore> Ttp<S> {
                 body,
             })
         }
-        .await;
-        self.nonce_lock.end(&rid);
-        res
+        .await
     }
 
     /// A signed notice telling `host` to drop its crypto domains' keys. Its sequence
@@ -1578,5 +1585,47 @@ impl AuditedRequest for wire::NetKeyRequest {
     }
     fn subject(&self) -> String {
         format!("{}/{}/{}", self.host, self.vm_id, self.net_domain)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InFlight;
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Waker};
+
+    /// The attacker: a network client (or a management relay) that sends a workload's
+    /// suspend or resume and hangs up while the TTP holds the workload's lock, so that the
+    /// server drops the handler's future mid-flight. With the former begin/end pair the
+    /// workload stayed "in progress" for good — every later suspend or resume of it refused
+    /// `suspend_in_progress`, and every abandoned nonce check stayed in memory. The guard
+    /// clears the mark when the future is dropped.
+    #[test]
+    fn a_request_abandoned_mid_flight_does_not_leave_its_workload_locked() {
+        let lock = InFlight::default();
+        {
+            let handler = async {
+                let Some(_held) = lock.hold("h2/vm-a") else {
+                    return false;
+                };
+                // The store write the handler waits on when its client hangs up.
+                std::future::pending::<()>().await;
+                true
+            };
+            let mut handler = pin!(handler);
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(handler.as_mut().poll(&mut cx).is_pending());
+            assert!(lock.contains("h2/vm-a"), "held while in flight");
+            assert!(
+                lock.hold("h2/vm-a").is_none(),
+                "a concurrent second suspend of the workload is refused"
+            );
+        } // the server drops the abandoned handler's future here
+        assert!(!lock.contains("h2/vm-a"));
+        assert!(
+            lock.hold("h2/vm-a").is_some(),
+            "the workload can be suspended or resumed again"
+        );
     }
 }
