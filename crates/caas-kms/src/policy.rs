@@ -917,6 +917,32 @@ impl Policy {
     }
 
     /// The verdict for a request.
+    /// [`Policy::evaluate`] for `principal` of `account` doing `action` on `resource`
+    /// with no further condition key: the request context is built with
+    /// [`Context::new`]'s keys only when a condition could read one (see
+    /// [`Policy::has_conditions`]); otherwise the base keys are not materialised, which
+    /// changes nothing, since no condition reads them. Callers with more condition keys to
+    /// set build their [`Context`] themselves.
+    pub fn evaluate_unconditioned(
+        &self,
+        account: &str,
+        principal: &str,
+        action: &str,
+        resource: &str,
+    ) -> Verdict {
+        if self.has_conditions() {
+            return self.evaluate(&Context::new(account, principal, action, resource));
+        }
+        self.evaluate(&Context {
+            account: account.into(),
+            principal: principal.into(),
+            action: action.into(),
+            resource: resource.into(),
+            values: BTreeMap::new(),
+        })
+    }
+
+    /// The verdict of this document for the request `ctx`.
     pub fn evaluate(&self, ctx: &Context) -> Verdict {
         let Some(stmts) = &self.statements else {
             return Verdict::Deny;

@@ -504,17 +504,22 @@ fn run_group(
     }
     let mut head = start;
     let mut results = Vec::with_capacity(batches.len());
+    // Checked out of the statement cache once per group, not once per record (the cache
+    // hashes the SQL text on every lookup).
+    let mut insert = conn
+        .prepare_cached(INSERT_AUDIT)
+        .map_err(sq("appending an audit record"))?;
     for batch in batches {
         // A batch without object writes cannot conflict: no savepoint needed (a failure to
         // append fails the whole group).
         if batch.writes.is_empty() {
-            let audit_seqs = append_audit(conn, batch, &mut head)?;
+            let audit_seqs = append_audit(&mut insert, batch, &mut head)?;
             results.push(Ok(CommitInfo { audit_seqs }));
             continue;
         }
         exec_cached(conn, "SAVEPOINT batch").map_err(sq("creating a savepoint"))?;
         let mut tentative = head;
-        match apply(conn, batch, &mut tentative, records) {
+        match apply(conn, &mut insert, batch, &mut tentative, records) {
             Ok(audit_seqs) => {
                 exec_cached(conn, "RELEASE batch").map_err(sq("releasing a savepoint"))?;
                 head = tentative;
@@ -528,6 +533,7 @@ fn run_group(
             }
         }
     }
+    drop(insert);
     if head != start {
         let seq = seq_to_i64(head.seq)?;
         // One signature per group: over the last record, which the hash chain binds to every
@@ -548,6 +554,7 @@ fn run_group(
 
 fn apply(
     conn: &Connection,
+    insert: &mut rusqlite::Statement<'_>,
     batch: &Batch,
     head: &mut Head,
     records: &dyn RecordAuthenticator,
@@ -598,34 +605,37 @@ fn apply(
             }
         }
     }
-    append_audit(conn, batch, head)
+    append_audit(insert, batch, head)
 }
 
 /// Appends the batch's records after `head` (moving it), unsigned: [`run_group`] signs the
 /// group's last record before COMMIT.
-fn append_audit(conn: &Connection, batch: &Batch, head: &mut Head) -> Result<Vec<u64>, Error> {
+/// `insert` is the prepared [`INSERT_AUDIT`].
+fn append_audit(
+    insert: &mut rusqlite::Statement<'_>,
+    batch: &Batch,
+    head: &mut Head,
+) -> Result<Vec<u64>, Error> {
     let mut seqs = Vec::with_capacity(batch.audit.len());
     for e in &batch.audit {
         let (seq, prev, hash) = head.advance(e);
         let signature: &[u8] = &[];
         let seq_i = seq_to_i64(seq)?;
-        conn.prepare_cached(INSERT_AUDIT)
-            .and_then(|mut s| {
-                s.execute(params![
-                    seq_i,
-                    e.time_ms,
-                    e.account,
-                    e.principal,
-                    e.operation,
-                    e.key_id,
-                    e.result,
-                    e.request_id,
-                    e.detail,
-                    &prev[..],
-                    &hash[..],
-                    signature,
-                ])
-            })
+        insert
+            .execute(params![
+                seq_i,
+                e.time_ms,
+                e.account,
+                e.principal,
+                e.operation,
+                e.key_id,
+                e.result,
+                e.request_id,
+                e.detail,
+                &prev[..],
+                &hash[..],
+                signature,
+            ])
             .map_err(sq("appending an audit record"))?;
         seqs.push(seq);
     }
