@@ -42,6 +42,20 @@
 # survives a busy machine: req/s and latency swing with the other builders' load, CPU per
 # request barely does, and on these 2 CPUs a CPU-bound server's throughput follows it.
 #
+# Figures (2026-12-06 06:59 UTC, this machine LOADED: load average 5.5 at the start, 7.3
+# at the end; release caas of h/kmstail (D below); `COSMIAN_BIN=… CAAS_BIN=… SECS=5
+# ROUNDS=1 bench/kms-bench.sh`), req/s caas bounded | strict vs Cosmian, ratio bounded |
+# strict, then server CPU per request caas bounded | strict vs Cosmian:
+#   Encrypt 64B  16 conns  12951 | 10350 vs 11411   1.13 | 0.91   44.5 | 76.7 vs 65.6 us
+#   Encrypt 64B  64 conns  18260 | 13993 vs 21787   0.84 | 0.64   46.2 | 58.4 vs 62.1 us
+#   Encrypt 1KiB 16 conns  10000 |  9332 vs  8332   1.20 | 1.12   55.6 | 85.9 vs 131.2 us
+#   Encrypt 1KiB 64 conns  11649 | 12685 vs  7762   1.50 | 1.63   57.7 | 63.1 vs 128.4 us
+#   Decrypt 64B  16 conns   9916 | 11251 vs 13860   0.72 | 0.81   56.4 | 74.3 vs 61.4 us
+#   Decrypt 64B  64 conns  14947 | 14604 vs 16099   0.93 | 0.91   47.7 | 55.2 vs 61.5 us
+#   GET /healthz 42.0 k / 41.4 k req/s, p50/p99 0.29/6.03 ms (16 conns), 1.08/15.71 ms (64):
+#   at this load even the harness's floor is far above 3 ms, so these p99s (caas 8.7–31 ms,
+#   Cosmian 9.4–30 ms) and ratios say nothing; the lead's quiet re-run decides.
+#
 # Figures (2026-12-06 06:04–06:55 UTC, this machine LOADED: load average 6–14 from other
 # builds, disk stalls included; req/s and p99 are noise at that load, only server CPU per
 # request is indicative; own harness with the same wrk -t2 and SigV4-signed bodies, 6–8 s
