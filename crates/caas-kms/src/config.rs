@@ -48,10 +48,10 @@ pub struct RawStorage {
 /// - `bounded` (default): the reply goes out as soon as the record is queued; it is
 ///   appended in request order to the same hash chain, signed like every record, and
 ///   durable within [`caas_store::DEFERRED_WINDOW`] (10 ms) under normal operation. On
-///   SQLite the writer starts a group led by such a record at most every 2 ms, so the key
+///   SQLite the writer starts a group led by such a record at most every 4 ms, so the key
 ///   uses of that interval share one transaction, fsync and group signature (a state
 ///   change queued behind one waits that long too). When
-///   the writer falls behind (oldest queued record older than 4 ms, or thousands queued) or
+///   the writer falls behind (oldest queued record older than 7 ms, or thousands queued) or
 ///   a deferred commit failed, requests wait for durability as in `strict` (a stalled or
 ///   failing disk slows or refuses key use rather than widening the window). A clean
 ///   shutdown flushes the queue; a crash (kill -9, power loss) loses at most the records

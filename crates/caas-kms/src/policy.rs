@@ -917,6 +917,32 @@ impl Policy {
     }
 
     /// The verdict for a request.
+    /// [`Policy::evaluate`] for `principal` of `account` doing `action` on `resource`
+    /// with no further condition key: the request context is built with
+    /// [`Context::new`]'s keys only when a condition could read one (see
+    /// [`Policy::has_conditions`]); otherwise the base keys are not materialised, which
+    /// changes nothing, since no condition reads them. Callers with more condition keys to
+    /// set build their [`Context`] themselves.
+    pub fn evaluate_unconditioned(
+        &self,
+        account: &str,
+        principal: &str,
+        action: &str,
+        resource: &str,
+    ) -> Verdict {
+        if self.has_conditions() {
+            return self.evaluate(&Context::new(account, principal, action, resource));
+        }
+        self.evaluate(&Context {
+            account: account.into(),
+            principal: principal.into(),
+            action: action.into(),
+            resource: resource.into(),
+            values: BTreeMap::new(),
+        })
+    }
+
+    /// The verdict of this document for the request `ctx`.
     pub fn evaluate(&self, ctx: &Context) -> Verdict {
         let Some(stmts) = &self.statements else {
             return Verdict::Deny;
@@ -1028,6 +1054,44 @@ mod tests {
             c.set_all(k, &vals);
         }
         c
+    }
+
+    /// The fast path that skips building condition keys must never skip a condition: a
+    /// Deny conditioned on the caller's own account (one of the base keys it would leave
+    /// out) still denies, and the same document without conditions gives the same verdict
+    /// as the full context.
+    #[test]
+    fn unconditioned_fast_path_still_applies_a_deny_conditioned_on_a_base_key() {
+        let deny_own_account = format!(
+            r#"{{"Version":"2012-10-17","Statement":[
+            {{"Effect":"Allow","Principal":{{"AWS":"*"}},"Action":"kms:*","Resource":"*"}},
+            {{"Effect":"Deny","Principal":{{"AWS":"*"}},"Action":"kms:Decrypt","Resource":"*",
+              "Condition":{{"StringEquals":{{"kms:CallerAccount":"{ACCOUNT}"}}}}}}]}}"#
+        );
+        let p = Policy::parse(&deny_own_account);
+        assert!(p.has_conditions());
+        assert_eq!(
+            p.evaluate_unconditioned(ACCOUNT, ALICE, "Decrypt", KEY),
+            Deny
+        );
+        assert_eq!(
+            p.evaluate_unconditioned(ACCOUNT, ALICE, "Encrypt", KEY),
+            Allow
+        );
+        let plain = r#"{"Version":"2012-10-17","Statement":[
+            {"Effect":"Allow","Principal":{"AWS":"*"},"Action":"kms:Encrypt","Resource":"*"}]}"#;
+        let p = Policy::parse(plain);
+        assert!(!p.has_conditions());
+        for action in ["Encrypt", "Decrypt"] {
+            assert_eq!(
+                p.evaluate_unconditioned(ACCOUNT, ALICE, action, KEY),
+                p.evaluate(&Context::new(ACCOUNT, ALICE, action, KEY))
+            );
+        }
+        assert_eq!(
+            p.evaluate_unconditioned(ACCOUNT, ALICE, "Decrypt", KEY),
+            NoMatch
+        );
     }
 
     /// The policy must validate, and give `expect` for the request.

@@ -34,8 +34,23 @@ fn aws_response(status: u16, body: String, request_id: &str) -> Response {
     resp
 }
 
+/// A random (version 4) UUID for `x-amzn-RequestId`, from aws-lc's user-space DRBG: no
+/// `getrandom` system call per request (the `uuid` crate's generator makes one).
+fn request_id() -> String {
+    let mut bytes = [0u8; 16];
+    if aws_lc_rs::rand::fill(&mut bytes).is_err() {
+        return uuid::Uuid::new_v4().to_string();
+    }
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .encode_lower(&mut buf)
+        .to_owned()
+}
+
 async fn kms_endpoint(State(kms): State<Arc<Kms>>, req: Request) -> Response {
-    let request_id = uuid::Uuid::new_v4().to_string();
+    let request_id = request_id();
     let (parts, body) = req.into_parts();
     // The TLS accept loop names the connection's key-exchange group; none over plain HTTP.
     let transport = match parts.extensions.get::<caas_tls::server::TlsSession>() {
@@ -51,7 +66,8 @@ async fn kms_endpoint(State(kms): State<Arc<Kms>>, req: Request) -> Response {
         .iter()
         .map(|(n, v)| {
             (
-                n.as_str().to_ascii_lowercase(),
+                // `HeaderName` is always lower-case.
+                n.as_str().to_owned(),
                 String::from_utf8_lossy(v.as_bytes()).into_owned(),
             )
         })

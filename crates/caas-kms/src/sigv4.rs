@@ -180,8 +180,15 @@ fn header_values<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str
         .collect()
 }
 
-fn trim_collapse(v: &str) -> String {
-    v.split_whitespace().collect::<Vec<_>>().join(" ")
+/// Appends `v` trimmed, with each run of whitespace inside it collapsed to one space
+/// (SigV4's canonical header value), without an intermediate allocation.
+fn push_trim_collapse(out: &mut String, v: &str) {
+    for (i, word) in v.split_whitespace().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        out.push_str(word);
+    }
 }
 
 /// URI-encodes per SigV4 (unreserved characters kept; `/` kept when `keep_slash`).
@@ -265,20 +272,24 @@ pub fn canonical_request(req: &Request<'_>, signed_headers: &[String]) -> String
     names.sort();
     names.dedup();
     for name in &names {
-        let vals: Vec<String> = header_values(req.headers, name)
-            .into_iter()
-            .map(trim_collapse)
-            .collect();
-        let _ = writeln!(out, "{}:{}", name, vals.join(","));
+        out.push_str(name);
+        out.push(':');
+        // Repeated headers: their values in order, comma-separated.
+        for (i, (_, v)) in req.headers.iter().filter(|(n, _)| n == *name).enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            push_trim_collapse(&mut out, v);
+        }
+        out.push('\n');
     }
     out.push('\n');
-    out.push_str(
-        &names
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join(";"),
-    );
+    for (i, name) in names.iter().enumerate() {
+        if i > 0 {
+            out.push(';');
+        }
+        out.push_str(name);
+    }
     out.push('\n');
     // Always the hash of the bytes received: a client-supplied `x-amz-content-sha256` is
     // only compared against it (see `check_request`), never used in its place.

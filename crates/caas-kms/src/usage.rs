@@ -96,27 +96,42 @@ impl LastUsage {
         let Some(operation) = TRACKED.iter().copied().find(|t| *t == op) else {
             return;
         };
-        let mut keys: Vec<String> = ctx.key_id.iter().cloned().collect();
-        if let Some(serde_json::Value::String(s)) = ctx.detail.get("SourceKeyId") {
-            keys.push(s.clone());
-        }
+        let source = match ctx.detail.get("SourceKeyId") {
+            Some(serde_json::Value::String(s)) => Some(s.as_str()),
+            _ => None,
+        };
         let Ok(mut g) = self.last.lock() else {
             return;
         };
         let Ok(mut d) = self.dirty.lock() else {
             return;
         };
-        for k in keys {
-            let id = (ctx.caller.account.clone(), k);
-            g.insert(
-                id.clone(),
-                LastUse {
-                    operation: operation.to_string(),
-                    time_ms,
-                    request_id: ctx.request_id.clone(),
-                },
-            );
-            d.insert(id);
+        // On the hot path (the same key used again) the entry is updated in place,
+        // reusing its buffers.
+        for k in ctx.key_id.as_deref().into_iter().chain(source) {
+            let id = (ctx.caller.account.clone(), k.to_owned());
+            match g.get_mut(&id) {
+                Some(u) => {
+                    if u.operation != operation {
+                        u.operation = operation.to_string();
+                    }
+                    u.time_ms = time_ms;
+                    u.request_id.clone_from(&ctx.request_id);
+                }
+                None => {
+                    g.insert(
+                        id.clone(),
+                        LastUse {
+                            operation: operation.to_string(),
+                            time_ms,
+                            request_id: ctx.request_id.clone(),
+                        },
+                    );
+                }
+            }
+            if !d.contains(&id) {
+                d.insert(id);
+            }
         }
     }
 

@@ -10,7 +10,10 @@
 //! SAVEPOINT so that a conflict in one batch rolls back only that batch, and answers all
 //! callers after the single durable COMMIT. Batches queued by [`Store::commit_deferred`]
 //! (nobody waits for them) are gathered a little longer on SQLite: a group they lead starts
-//! at most every 2 ms (`DEFERRED_GROUP_SPACING`). Reads use separate connections.
+//! at most every 4 ms (`DEFERRED_GROUP_SPACING`). A group of waiting callers that is much
+//! smaller than the previous group waits up to 150 µs for the rest of its wave (an
+//! adaptive `commit_delay`: one fsync and signature instead of two; a lone caller never
+//! waits). Reads use separate connections.
 //!
 //! The audit log is one global chain per store, built with caas's one chain construction
 //! (`caas_crypto::chain`; see [`chain_hash`] for the exact record hash);
@@ -204,15 +207,19 @@ pub const DEFERRED_WINDOW: std::time::Duration = std::time::Duration::from_milli
 /// [`Store::commit_deferred`] stops returning early (and waits like [`Store::commit`]) once
 /// the oldest queued batch is this old, or this many are queued: the writer is behind, and
 /// waiting keeps every acknowledged batch within [`DEFERRED_WINDOW`] of durable.
-const DEFERRED_BACKPRESSURE_AGE: std::time::Duration = std::time::Duration::from_millis(4);
+const DEFERRED_BACKPRESSURE_AGE: std::time::Duration = std::time::Duration::from_millis(7);
 
 /// The SQLite writer starts a group led by a deferred batch no sooner than this after the
 /// previous group's start (one transaction, fsync and audit signature for every deferred
 /// record of the interval). A deferred batch thus waits at most this long before its group
-/// begins, then the group's commit: well within [`DEFERRED_BACKPRESSURE_AGE`] and
-/// [`DEFERRED_WINDOW`] on a disk that syncs in about a millisecond. A synchronous commit
-/// queued behind such a deferred batch waits as long (only under `bounded` key use).
-pub(crate) const DEFERRED_GROUP_SPACING: std::time::Duration = std::time::Duration::from_millis(2);
+/// begins, then the group's commit: within [`DEFERRED_BACKPRESSURE_AGE`] and well within
+/// [`DEFERRED_WINDOW`] on a disk that syncs in about a millisecond (4 + ~1 ms). A
+/// synchronous commit queued behind such a deferred batch waits as long (only under
+/// `bounded` key use). 4 ms rather than 2: the per-group costs (fsync, which burns CPU on
+/// a virtio disk, the group signature, the checkpoint's signature, WAL frames of the
+/// head and index pages) were about half of the writer's CPU at 2 ms; see
+/// bench/kms-bench.sh for the measurement.
+pub(crate) const DEFERRED_GROUP_SPACING: std::time::Duration = std::time::Duration::from_millis(4);
 const DEFERRED_BACKPRESSURE_COUNT: usize = 2048;
 
 /// Bookkeeping of deferred batches: queue time by ticket (tickets increase in queue order,

@@ -382,6 +382,8 @@ fn writer_loop(
     // When the previous group started, and whether it drained the queue (fewer than
     // MAX_GROUP jobs): then every job still queued arrived after that start.
     let mut previous: Option<(std::time::Instant, bool)> = None;
+    // Batches in the previous group (for the commit delay below).
+    let mut last_size = 0usize;
     while let Ok(first) = rx.recv() {
         // A group led by a deferred batch (nobody waits for it) starts no sooner than
         // DEFERRED_GROUP_SPACING after the previous group's start: deferred key-use
@@ -397,12 +399,22 @@ fn writer_loop(
         }
         let started = std::time::Instant::now();
         let mut jobs = vec![first];
-        while jobs.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
+        drain(&rx, &mut jobs);
+        // Commit delay (PostgreSQL's `commit_delay`, adaptive): a group of waiting callers
+        // much smaller than the previous group is the first few of a wave that is still
+        // arriving (their peers are being parsed and authorised right now). Sleeping a
+        // moment lets the wave join one transaction, fsync and signature instead of
+        // paying for two; the previous group's size is the evidence, so a lone caller
+        // (previous group of one) never waits.
+        if jobs.len() * 2 < last_size
+            && jobs
+                .iter()
+                .all(|j| matches!(j.reply, crate::Reply::Wait { .. }))
+        {
+            std::thread::sleep(COMMIT_GATHER);
+            drain(&rx, &mut jobs);
         }
+        last_size = jobs.len();
         previous = Some((started, jobs.len() < MAX_GROUP));
         let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
         stats.record(batches.len());
@@ -416,6 +428,20 @@ fn writer_loop(
         };
         for (job, result) in jobs.into_iter().zip(results) {
             job.reply.finish(result);
+        }
+    }
+}
+
+/// The longest the writer waits for more waiting callers to join a group that is much
+/// smaller than the previous one (see `writer_loop`): a fraction of one fsync.
+const COMMIT_GATHER: Duration = Duration::from_micros(150);
+
+/// Moves every queued job (up to [`MAX_GROUP`] in all) into `jobs`.
+fn drain(rx: &mpsc::Receiver<Job>, jobs: &mut Vec<Job>) {
+    while jobs.len() < MAX_GROUP {
+        match rx.try_recv() {
+            Ok(j) => jobs.push(j),
+            Err(_) => break,
         }
     }
 }
@@ -478,17 +504,22 @@ fn run_group(
     }
     let mut head = start;
     let mut results = Vec::with_capacity(batches.len());
+    // Checked out of the statement cache once per group, not once per record (the cache
+    // hashes the SQL text on every lookup).
+    let mut insert = conn
+        .prepare_cached(INSERT_AUDIT)
+        .map_err(sq("appending an audit record"))?;
     for batch in batches {
         // A batch without object writes cannot conflict: no savepoint needed (a failure to
         // append fails the whole group).
         if batch.writes.is_empty() {
-            let audit_seqs = append_audit(conn, batch, &mut head)?;
+            let audit_seqs = append_audit(&mut insert, batch, &mut head)?;
             results.push(Ok(CommitInfo { audit_seqs }));
             continue;
         }
         exec_cached(conn, "SAVEPOINT batch").map_err(sq("creating a savepoint"))?;
         let mut tentative = head;
-        match apply(conn, batch, &mut tentative, records) {
+        match apply(conn, &mut insert, batch, &mut tentative, records) {
             Ok(audit_seqs) => {
                 exec_cached(conn, "RELEASE batch").map_err(sq("releasing a savepoint"))?;
                 head = tentative;
@@ -502,6 +533,7 @@ fn run_group(
             }
         }
     }
+    drop(insert);
     if head != start {
         let seq = seq_to_i64(head.seq)?;
         // One signature per group: over the last record, which the hash chain binds to every
@@ -522,6 +554,7 @@ fn run_group(
 
 fn apply(
     conn: &Connection,
+    insert: &mut rusqlite::Statement<'_>,
     batch: &Batch,
     head: &mut Head,
     records: &dyn RecordAuthenticator,
@@ -572,34 +605,37 @@ fn apply(
             }
         }
     }
-    append_audit(conn, batch, head)
+    append_audit(insert, batch, head)
 }
 
 /// Appends the batch's records after `head` (moving it), unsigned: [`run_group`] signs the
 /// group's last record before COMMIT.
-fn append_audit(conn: &Connection, batch: &Batch, head: &mut Head) -> Result<Vec<u64>, Error> {
+/// `insert` is the prepared [`INSERT_AUDIT`].
+fn append_audit(
+    insert: &mut rusqlite::Statement<'_>,
+    batch: &Batch,
+    head: &mut Head,
+) -> Result<Vec<u64>, Error> {
     let mut seqs = Vec::with_capacity(batch.audit.len());
     for e in &batch.audit {
         let (seq, prev, hash) = head.advance(e);
         let signature: &[u8] = &[];
         let seq_i = seq_to_i64(seq)?;
-        conn.prepare_cached(INSERT_AUDIT)
-            .and_then(|mut s| {
-                s.execute(params![
-                    seq_i,
-                    e.time_ms,
-                    e.account,
-                    e.principal,
-                    e.operation,
-                    e.key_id,
-                    e.result,
-                    e.request_id,
-                    e.detail,
-                    &prev[..],
-                    &hash[..],
-                    signature,
-                ])
-            })
+        insert
+            .execute(params![
+                seq_i,
+                e.time_ms,
+                e.account,
+                e.principal,
+                e.operation,
+                e.key_id,
+                e.result,
+                e.request_id,
+                e.detail,
+                &prev[..],
+                &hash[..],
+                signature,
+            ])
             .map_err(sq("appending an audit record"))?;
         seqs.push(seq);
     }

@@ -403,17 +403,22 @@ pub async fn policy_verdict(
     extra: &[(&str, Vec<String>)],
 ) -> KmsResult<Verdict> {
     let key = &l.key;
+    let policy = kms.policies.get(&key.policy);
+    if !policy.has_conditions() {
+        // No condition can read a key: skip building them.
+        return Ok(policy.evaluate_unconditioned(
+            &ctx.caller.account,
+            &ctx.caller.principal,
+            action,
+            &key.arn(),
+        ));
+    }
     let mut c = policy::Context::new(
         &ctx.caller.account,
         &ctx.caller.principal,
         action,
         &key.arn(),
     );
-    let policy = kms.policies.get(&key.policy);
-    if !policy.has_conditions() {
-        // No condition can read a key: skip building them.
-        return Ok(policy.evaluate(&c));
-    }
     if let Some(ec) = ec {
         c.encryption_context(ec);
     }
