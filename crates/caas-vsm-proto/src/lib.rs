@@ -14,6 +14,7 @@ pub mod codec;
 mod error;
 pub mod frame;
 pub mod messages;
+pub mod ring;
 pub mod serial;
 pub mod v32;
 
