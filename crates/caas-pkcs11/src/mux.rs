@@ -33,7 +33,7 @@
 //! opens a new pipe.
 
 use caas_vsm_proto::blocking::read_message;
-use caas_vsm_proto::{Response, Wire, frame_message_into};
+use caas_vsm_proto::{Response, Wire, frame_message_into, ring};
 use cryptoki_sys::{CK_RV, CKR_DATA_LEN_RANGE, CKR_DEVICE_ERROR};
 use nix::sys::socket::{MsgFlags, recv, send};
 use std::collections::{BTreeMap, HashMap};
@@ -48,8 +48,11 @@ use std::time::{Duration, Instant};
 /// One connection shared by several calling threads.
 #[derive(Debug)]
 pub(crate) struct Pipe {
-    /// The socket (writes; shut down when the pipe breaks).
+    /// The socket (writes, unless the ring carries them; shut down when the pipe breaks).
     stream: UnixStream,
+    /// The shared-memory ring's sending end, when the connection moved onto one (only the
+    /// writing caller uses it: uncontended).
+    ring_tx: Option<Mutex<ring::Tx<UnixStream>>>,
     st: Mutex<State>,
     /// Callers inside [`Pipe::call`] (a lone caller may spin for its answer; several
     /// must not burn the CPUs the domain needs).
@@ -71,12 +74,51 @@ struct State {
     /// Answers read so far (the next answer's position).
     received: u64,
     /// The reading side; `None` while a caller reads.
-    reader: Option<BufReader<UnixStream>>,
+    reader: Option<Reader>,
     /// Answers read for callers that have not taken them yet, by position.
     ready: HashMap<u64, Response>,
     /// Callers parked until their answer (or the reading) is theirs, by position.
     waiting: BTreeMap<u64, Thread>,
     broken: bool,
+}
+
+/// Where answers are read from.
+#[derive(Debug)]
+pub(crate) enum Reader {
+    /// The socket.
+    Socket(BufReader<UnixStream>),
+    /// The shared-memory ring (every byte copied out once, into this buffer).
+    Ring(BufReader<ring::Rx<UnixStream>>),
+}
+
+impl std::io::Read for Reader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Socket(r) => r.read(buf),
+            Self::Ring(r) => r.read(buf),
+        }
+    }
+}
+
+impl Reader {
+    fn buffer_empty(&self) -> bool {
+        match self {
+            Self::Socket(r) => r.buffer().is_empty(),
+            Self::Ring(r) => r.buffer().is_empty(),
+        }
+    }
+
+    /// Waits awake (at most `budget`) for the next answer.
+    fn spin(&mut self, budget: Duration) {
+        match self {
+            Self::Socket(r) => {
+                spin_readable(r.get_ref(), budget);
+            }
+            Self::Ring(r) => {
+                r.get_mut().spin(budget);
+            }
+        }
+    }
 }
 
 fn send_all(s: &UnixStream, mut buf: &[u8]) -> Result<(), CK_RV> {
@@ -141,8 +183,43 @@ fn spin_readable(s: &UnixStream, budget: Duration) -> bool {
 impl Pipe {
     /// A pipe over a connection that has said hello.
     pub(crate) fn new(stream: UnixStream, reader: BufReader<UnixStream>) -> Self {
+        Self::with(stream, None, Reader::Socket(reader))
+    }
+
+    /// A pipe over a connection moved onto a shared-memory ring.
+    pub(crate) fn new_ring(
+        stream: UnixStream,
+        rx: ring::Rx<UnixStream>,
+        tx: ring::Tx<UnixStream>,
+    ) -> Self {
+        Self::with(
+            stream,
+            Some(Mutex::new(tx)),
+            Reader::Ring(BufReader::with_capacity(64 * 1024, rx)),
+        )
+    }
+
+    /// Whether the pipe runs over a shared-memory ring.
+    #[cfg(test)]
+    pub(crate) fn is_ring(&self) -> bool {
+        self.ring_tx.is_some()
+    }
+
+    fn send(&self, buf: &[u8]) -> Result<(), CK_RV> {
+        match &self.ring_tx {
+            None => send_all(&self.stream, buf),
+            Some(tx) => tx
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .send(buf)
+                .map_err(|_| CKR_DEVICE_ERROR),
+        }
+    }
+
+    fn with(stream: UnixStream, ring_tx: Option<Mutex<ring::Tx<UnixStream>>>, reader: Reader) -> Self {
         Self {
             stream,
+            ring_tx,
             active: AtomicUsize::new(0),
             spin: AtomicBool::new(true),
             st: Mutex::new(State {
@@ -202,7 +279,7 @@ impl Pipe {
                 let mut buf = std::mem::take(&mut g.spare);
                 std::mem::swap(&mut buf, &mut g.queue);
                 drop(g);
-                let sent = send_all(&self.stream, &buf);
+                let sent = self.send(&buf);
                 buf.clear();
                 g = self.lock();
                 g.spare = buf;
@@ -237,10 +314,10 @@ impl Pipe {
                         && g.sent == g.received + 1
                         && self.active.load(Ordering::Relaxed) == 1;
                     drop(g);
-                    let timed = (solo && reader.buffer().is_empty()).then(|| {
+                    let timed = (solo && reader.buffer_empty()).then(|| {
                         let start = Instant::now();
                         if self.spin.load(Ordering::Relaxed) {
-                            spin_readable(&self.stream, spin_budget());
+                            reader.spin(spin_budget());
                         }
                         start
                     });
