@@ -304,7 +304,10 @@ impl Domain {
     /// A module broke the rules of its connection's shared-memory ring
     /// ([`caas_vsm_proto::ring`]): the connection ends and this is audited (`RingViolation`).
     pub fn ring_violation(&self, app: &App, why: &str) {
-        tracing::warn!(reason = why, "shared-memory ring violation; connection closed");
+        tracing::warn!(
+            reason = why,
+            "shared-memory ring violation; connection closed"
+        );
         self.audit.record(Record {
             app: app.id,
             op: "RingViolation",

@@ -19,14 +19,29 @@
 //! of this thread per request, an idle one costs one spin, and busy connections (many client
 //! threads, where requests arrive batched anyway) do not spin on the CPUs they share. A
 //! client can make its thread spin at most that long per request it sends.
+//!
+//! **Shared-memory ring.** On the UNIX socket a module may move a connection onto a ring
+//! (`Request::RingOpen`, [`caas_vsm_proto::ring`]): the domain creates a fresh memfd for that
+//! connection only, seals it against resizing, maps it and sends it with the answer
+//! (SCM_RIGHTS); from then on the connection's frames travel through the mapping, served by
+//! the same loop (in order, batched answers, the same spin — polling memory instead of the
+//! socket). The mapping is the workload's to scribble on, so the ring code treats it as
+//! hostile: every index it reads is bounded against the domain's private ones, each byte is
+//! copied once into a private buffer before it is parsed (a frame rewritten after it was
+//! published changes nothing the domain checks twice), nothing but this connection's own
+//! requests and answers is ever placed in it, and a full answer ring stops the connection's
+//! thread (bounded memory) until the module reads or hangs up. A broken rule ends the
+//! connection and is audited ([`Domain::ring_violation`], `RingViolation`); a malformed frame
+//! ends it as on the socket; anything arriving on the socket after the switch, or its
+//! hang-up, ends it too. vsock and TLS connections refuse the ring (no shared memory).
 
 use crate::domain::Domain;
 use crate::error::Error;
 use caas_vsm_proto::blocking::{IoError, read_message, write_message};
+use caas_vsm_proto::ring;
 use caas_vsm_proto::{
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Request, Response, frame_message_into,
 };
-use caas_vsm_proto::ring;
 use cryptoki_sys::{CKR_FUNCTION_NOT_SUPPORTED, CKR_GENERAL_ERROR};
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -449,13 +464,13 @@ fn serve_stream<S: Read + Write + Queued>(domain: &Domain, stream: &mut S) {
         }
     };
     let app = domain.attach(app);
-    if write_message(stream, &Response::ok(caas_vsm_proto::Body::Empty {})).is_ok() {
-        if let Some(mut ring) = serve_requests(domain, &app, stream) {
-            // The rest of the connection runs over the shared-memory ring.
-            let _ = serve_requests(domain, &app, &mut ring);
-            if let Some(v) = ring.violation() {
-                domain.ring_violation(&app, &v.0.to_string());
-            }
+    if write_message(stream, &Response::ok(caas_vsm_proto::Body::Empty {})).is_ok()
+        && let Some(mut ring) = serve_requests(domain, &app, stream)
+    {
+        // The rest of the connection runs over the shared-memory ring.
+        let _ = serve_requests(domain, &app, &mut ring);
+        if let Some(v) = ring.violation() {
+            domain.ring_violation(&app, v.0);
         }
     }
     domain.detach(&app);

@@ -268,9 +268,11 @@ fn request_rewritten_after_publishing_is_served_from_the_domains_copy() -> Resul
     // Wait until the domain has consumed the frame, then rewrite it in place: a huge
     // length, another key handle, other data.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while c.word(RawWord::ReqTail).load(Ordering::SeqCst) != at.wrapping_add(frame.len() as u32)
-    {
-        ensure!(Instant::now() < deadline, "the domain never consumed the frame");
+    while c.word(RawWord::ReqTail).load(Ordering::SeqCst) != at.wrapping_add(frame.len() as u32) {
+        ensure!(
+            Instant::now() < deadline,
+            "the domain never consumed the frame"
+        );
         std::hint::spin_loop();
     }
     let mut evil = frame_message(&sign_once(s, k ^ 0xffff, b"the message as rewritten!"))?;
@@ -311,7 +313,7 @@ fn concurrent_scribbling_on_the_ring_never_crashes_the_domain() -> Result<()> {
                     x ^= x << 5;
                     // Mostly at the frame being published (its length word and first
                     // bytes, right behind the producer index), sometimes anywhere.
-                    let at = if x % 4 == 0 {
+                    let at = if x.is_multiple_of(4) {
                         x
                     } else {
                         map.raw_word(RawWord::ReqHead)
@@ -324,7 +326,10 @@ fn concurrent_scribbling_on_the_ring_never_crashes_the_domain() -> Result<()> {
             });
             for i in 0..300u32 {
                 let msg = format!("racing message {round} {i}");
-                if c.tx.send(&frame_message(&sign_once(s, k, msg.as_bytes()))?).is_err() {
+                if c.tx
+                    .send(&frame_message(&sign_once(s, k, msg.as_bytes()))?)
+                    .is_err()
+                {
                     ended += 1;
                     break;
                 }
@@ -343,7 +348,10 @@ fn concurrent_scribbling_on_the_ring_never_crashes_the_domain() -> Result<()> {
         ensure!(dom.child.try_wait()?.is_none(), "the crypto domain died");
     }
     eprintln!("scribbled ring: {answered} answered ({verified} verified), {ended} ended");
-    ensure!(answered > 0 && verified > 0, "no request got through at all");
+    ensure!(
+        answered > 0 && verified > 0,
+        "no request got through at all"
+    );
     still_serves(&mut dom)
 }
 
@@ -354,7 +362,8 @@ fn concurrent_scribbling_on_the_ring_never_crashes_the_domain() -> Result<()> {
 fn flooding_the_ring_is_bounded_and_does_not_starve_others() -> Result<()> {
     let mut dom = Dom::start_initialised("ring5", &[])?;
     let pid = dom.child.id();
-    let threads = || -> Result<usize> { Ok(std::fs::read_dir(format!("/proc/{pid}/task"))?.count()) };
+    let threads =
+        || -> Result<usize> { Ok(std::fs::read_dir(format!("/proc/{pid}/task"))?.count()) };
     let before = threads()?;
     let c = Hostile::open(&dom, [0xa5; 16])?;
     let frame = frame_message(&Request::GetSlotInfo { slot: 0 })?;

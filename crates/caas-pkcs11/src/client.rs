@@ -492,14 +492,18 @@ impl Client {
         if !nothing_buffered {
             return Err(CKR_DEVICE_ERROR);
         }
-        send_all(stream, &frame_message(&Request::RingOpen {}).map_err(|_| CKR_GENERAL_ERROR)?)?;
+        send_all(
+            stream,
+            &frame_message(&Request::RingOpen {}).map_err(|_| CKR_GENERAL_ERROR)?,
+        )?;
         // The answer comes with the memfd attached: read it with recvmsg, not through the
         // buffered reader (which would drop the descriptor).
         let mut buf = [0u8; 256];
         let mut have = 0;
         let mut fd = None;
         let len = loop {
-            let (n, f) = ring::recv_with_fd(stream, &mut buf[have..]).map_err(|_| CKR_DEVICE_ERROR)?;
+            let (n, f) =
+                ring::recv_with_fd(stream, &mut buf[have..]).map_err(|_| CKR_DEVICE_ERROR)?;
             if n == 0 {
                 return Err(CKR_DEVICE_ERROR);
             }

@@ -25,8 +25,18 @@
 //! matching spin, `caas-domc/bench/vsm-bench.sh`). The spin turns itself off for the next call
 //! when an answer took longer than the bound (a key generation, ML-DSA on a busy machine),
 //! and back on when answers are quick again; several callers on a pipe never spin (they
-//! would burn the CPUs the domain needs). A shared-memory ring would also save the socket
-//! calls (~4 per signature); it is not built.
+//! would burn the CPUs the domain needs).
+//!
+//! **Shared-memory ring.** A new pipe asks the domain to move its connection onto a
+//! shared-memory ring ([`caas_vsm_proto::ring`], `Request::RingOpen`; the domain answers with
+//! a sealed memfd over SCM_RIGHTS): the same frames then travel through two byte rings in
+//! that mapping instead of the socket, the writing caller copies the queued frames in, the
+//! reading caller copies the answers out into its private buffer, and the peer is woken with
+//! a futex only when it announced that it sleeps — a busy or spinning pair makes no system
+//! call per signature, and the spin above polls memory instead of the socket. The socket
+//! stays open (its hang-up ends the pipe; `Pipe::break_pipe` shuts it down, which also ends
+//! a caller waiting on the ring). A domain that refuses the ring (or predates it) leaves the
+//! pipes on the socket; `CAAS_PKCS11_RING=0` keeps them there.
 //!
 //! A transport failure, or an answer no request is waiting for, breaks the pipe: every
 //! caller waiting on it gets CKR_DEVICE_ERROR, the socket is shut down and the next call
@@ -216,7 +226,11 @@ impl Pipe {
         }
     }
 
-    fn with(stream: UnixStream, ring_tx: Option<Mutex<ring::Tx<UnixStream>>>, reader: Reader) -> Self {
+    fn with(
+        stream: UnixStream,
+        ring_tx: Option<Mutex<ring::Tx<UnixStream>>>,
+        reader: Reader,
+    ) -> Self {
         Self {
             stream,
             ring_tx,
@@ -383,7 +397,7 @@ mod tests {
 
     /// A stand-in domain: answers each request with its session number, in order, and
     /// writes the answers of all requests that arrived together in one write.
-    fn echo_domain(mut s: UnixStream) {
+    fn echo_domain<S: Read + Write>(mut s: S) {
         let mut d = caas_vsm_proto::FrameDecoder::new();
         let mut chunk = vec![0u8; 64 * 1024];
         loop {
@@ -423,6 +437,63 @@ mod tests {
     fn pipelined_callers_each_get_their_own_answer() -> std::io::Result<()> {
         let (pipe, peer) = pipe_pair()?;
         let domain = std::thread::spawn(move || echo_domain(peer));
+        std::thread::scope(|sc| {
+            for t in 0..8u64 {
+                let pipe = &pipe;
+                sc.spawn(move || {
+                    for i in 0..500u64 {
+                        let session = t * 1_000_000 + i;
+                        let r = pipe.call(&sign_once(session));
+                        assert!(
+                            matches!(&r, Ok(Response { rv: 0, body: Body::Ulongs { values } }) if values == &[session]),
+                            "thread {t} call {i}: {r:?}"
+                        );
+                    }
+                });
+            }
+        });
+        assert!(!pipe.is_broken());
+        drop(pipe);
+        let _ = domain.join();
+        Ok(())
+    }
+
+    /// A stand-in domain's two ring ends as one stream.
+    struct RingEnds(ring::Rx<UnixStream>, ring::Tx<UnixStream>);
+
+    impl Read for RingEnds {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl Write for RingEnds {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.1.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The same over the shared-memory ring: many threads, one ring, each caller its own
+    /// answer; the domain's hang-up breaks the pipe instead of hanging a caller.
+    #[test]
+    fn pipelined_callers_each_get_their_own_answer_over_the_ring() -> std::io::Result<()> {
+        let (fd, dmap) = ring::create()?;
+        let cmap = ring::attach(&fd)?;
+        let (a, b) = UnixStream::pair()?;
+        let (drx, dtx) = ring::endpoints(dmap, ring::Side::Domain, b.try_clone()?, b, None);
+        let (crx, ctx) = ring::endpoints(
+            cmap,
+            ring::Side::Client,
+            a.try_clone()?,
+            a.try_clone()?,
+            Some(Duration::from_secs(20)),
+        );
+        let pipe = Pipe::new_ring(a, crx, ctx);
+        assert!(pipe.is_ring());
+        let domain = std::thread::spawn(move || echo_domain(RingEnds(drx, dtx)));
         std::thread::scope(|sc| {
             for t in 0..8u64 {
                 let pipe = &pipe;

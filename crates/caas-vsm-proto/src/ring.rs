@@ -82,7 +82,7 @@ impl Drop for Map {
 }
 
 impl Map {
-    fn map(fd: &OwnedFd) -> io::Result<Self> {
+    fn new(fd: &OwnedFd) -> io::Result<Self> {
         use nix::sys::mman::{MapFlags, ProtFlags, mmap};
         let len = std::num::NonZeroUsize::new(MAP_BYTES).ok_or(io::ErrorKind::InvalidInput)?;
         // SAFETY: a fresh shared mapping of a memfd of MAP_BYTES bytes (checked or set by
@@ -103,7 +103,7 @@ impl Map {
 
     /// The control word at `off` (a multiple of 64 below [`HDR`]).
     fn word(&self, off: usize) -> &AtomicU32 {
-        debug_assert!(off < HDR && off % 64 == 0);
+        debug_assert!(off < HDR && off.is_multiple_of(64));
         // SAFETY: `off` is inside the header page and 4-aligned (page-aligned mapping); an
         // AtomicU32 has the layout of a u32 and the word is only ever accessed atomically.
         unsafe { &*self.ptr.as_ptr().add(off).cast::<AtomicU32>() }
@@ -197,10 +197,12 @@ pub fn create() -> io::Result<(OwnedFd, Map)> {
     nix::unistd::ftruncate(&fd, MAP_BYTES as i64).map_err(io::Error::from)?;
     fcntl(
         &fd,
-        FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL),
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+        ),
     )
     .map_err(io::Error::from)?;
-    let m = Map::map(&fd)?;
+    let m = Map::new(&fd)?;
     m.word(MAGIC).store(MAGIC_V1, Ordering::Release);
     Ok((fd, m))
 }
@@ -220,7 +222,7 @@ pub fn attach(fd: &OwnedFd) -> io::Result<Map> {
     {
         return Err(io::ErrorKind::InvalidData.into());
     }
-    let m = Map::map(fd)?;
+    let m = Map::new(fd)?;
     if m.word(MAGIC).load(Ordering::Acquire) != MAGIC_V1 {
         return Err(io::ErrorKind::InvalidData.into());
     }
@@ -266,10 +268,10 @@ fn futex_wake(w: &AtomicU32) {
 fn socket_done(s: &impl AsFd) -> bool {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
-    match poll(&mut fds, PollTimeout::ZERO) {
-        Ok(0) | Err(nix::errno::Errno::EINTR) => false,
-        _ => true,
-    }
+    !matches!(
+        poll(&mut fds, PollTimeout::ZERO),
+        Ok(0) | Err(nix::errno::Errno::EINTR)
+    )
 }
 
 /// Why a wait ended without data.
@@ -420,7 +422,7 @@ impl<S: AsFd> Rx<S> {
                 _ => return true,
             }
             i += 1;
-            if i % 64 == 0 {
+            if i.is_multiple_of(64) {
                 if start.elapsed() >= budget {
                     return false;
                 }
@@ -474,7 +476,9 @@ impl<S: AsFd> Rx<S> {
         self.map.copy_out(self.data, self.tail, &mut buf[..n]);
         self.tail = self.tail.wrapping_add(n as u32);
         // The copy is complete before the producer may reuse the bytes.
-        self.map.word(self.tail_word).store(self.tail, Ordering::Release);
+        self.map
+            .word(self.tail_word)
+            .store(self.tail, Ordering::Release);
         Ok(n)
     }
 }
@@ -687,9 +691,14 @@ mod tests {
         crx.map()
             .raw_word(RawWord::ReqHead)
             .store(RING_BYTES as u32 + 1, Ordering::SeqCst);
-        assert!(matches!(drx.recv(&mut [0u8; 16]), Err(WaitEnd::Violation(_))));
+        assert!(matches!(
+            drx.recv(&mut [0u8; 16]),
+            Err(WaitEnd::Violation(_))
+        ));
         // Sticky: putting the index back does not reopen the ring.
-        crx.map().raw_word(RawWord::ReqHead).store(1, Ordering::SeqCst);
+        crx.map()
+            .raw_word(RawWord::ReqHead)
+            .store(1, Ordering::SeqCst);
         assert!(drx.available().is_err());
     }
 
@@ -698,7 +707,9 @@ mod tests {
     fn consumer_index_beyond_written_is_a_violation() {
         let (_drx, mut dtx, crx, _ctx, _b) = pair();
         dtx.send(b"abc").unwrap_or_else(|e| panic!("{e:?}"));
-        crx.map().raw_word(RawWord::RespTail).store(100, Ordering::SeqCst);
+        crx.map()
+            .raw_word(RawWord::RespTail)
+            .store(100, Ordering::SeqCst);
         assert!(matches!(dtx.send(b"d"), Err(WaitEnd::Violation(_))));
     }
 
