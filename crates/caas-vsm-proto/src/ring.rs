@@ -526,11 +526,14 @@ impl<S: AsFd> Tx<S> {
                 if self.timeout.is_some_and(|t| start.elapsed() >= t) {
                     return Err(WaitEnd::TimedOut);
                 }
-                polls += 1;
-                if polls < 100 {
-                    std::thread::yield_now();
-                } else {
-                    std::thread::sleep(Duration::from_micros(200));
+                // Yield first (a consumer on this CPU), then sleep, longer the longer the
+                // consumer stays behind (a module that never reads costs its domain thread
+                // a hundred wake-ups a second, no more).
+                polls = polls.saturating_add(1);
+                match polls {
+                    0..100 => std::thread::yield_now(),
+                    100..1000 => std::thread::sleep(Duration::from_micros(200)),
+                    _ => std::thread::sleep(Duration::from_millis(10)),
                 }
                 continue;
             }
