@@ -18,6 +18,39 @@
 # share of busy CPUs than caas's 8 client + 2 domain threads, so the sig/s ratio flatters
 # caas under load, while CPU cost per signature hardly depends on the load.
 #
+# Figures with the shared-memory ring (2026-12-06T06:07-06:15Z; caas-vsm-proto/src/ring.rs:
+# the module's pipes move onto two byte rings in a sealed memfd the domain passes over the
+# socket, futex wake-ups only for a side that sleeps, the socket kept for setup, hang-up and
+# fallback). The machine was loaded (load 10 at the first run's start, 37 at the second's:
+# three other helpers building), so both runs used RT=1 with the SAME binaries back to back,
+# the ring switched off by the module's CAAS_PKCS11_RING=0 for the second:
+# `CAAS_PKCS11_RING=1|0 RT=1 SKIP_BUILD=1 CARGO_TARGET_DIR=... vsm-bench.sh 10000 5`
+#   benchmark                        ring caas softhsm2 ratio | socket caas softhsm2 ratio
+#   ods-hsmspeed RSA-1024 1t / 8t     9130/19462 3952/6975 2.30/2.79 | 7542/17100 3818/6727 1.97/2.54
+#   ods-hsmspeed RSA-2048 1t / 8t     3531/ 7139 1625/3153 2.17/2.26 | 3243/ 6649 1632/2935 1.98/2.26
+#   cryptoki ecdsa-p256 1t              45285     23793   1.90  |      30588     23069  1.32
+#   cryptoki ecdsa-p256 8t              66173     30888   2.14  |      59552     31416  1.89
+#   cryptoki ed25519 1t / 8t      69440/85064  5667/9270 12.25/9.17 | 44280/74147 5441/8665 8.13/8.55
+#   cryptoki mldsa65 1t / 8t       6348/13694                   |  5516/13283
+#   ceiling ecdsa 2t ~121.5-122 k sig/s: caas 8t .54 (ring) vs .48 (socket); per CPU-second
+#   34865 vs 31409 (ring/socket), i.e. 28.7 vs 31.8 us of CPU per signature, both processes;
+#   1 thread 24101 vs 16788 (41 vs 60 us: the spins' CPU counts); ML-DSA-65 .91 vs .87.
+# Goals: ECDSA 1t >= 1.5x SoftHSM2 MET (1.90x); 8t >= 3x NOT met (2.14x); >= 0.8x of the
+# ceiling NOT met (.54). perf stat, ECDSA 8t (before/pstat-style, 3 s, load 6-9, ring on):
+# client ~9-11 us CPU and 1.4-1.8 context switches per signature, domain ~20-22 us and 0.25-0.3
+# (aws-lc's ECDSA is ~16.4 of those). What the ring removed: the socket calls and the kernel's
+# unix-socket wake-ups on both sides (the domain's sock_def_readable/unix_write_space, ~7 % of
+# its profile) and the polling syscalls of the spins (1t: the round trip shrinks to memory
+# polling). What is left at 8 threads on 2 CPUs is scheduling: each signature parks its
+# calling thread (futex), the mux hands the reading on between callers (a second sleep for
+# the caller that reads) and the domain's connection threads sleep between batches; in the
+# client profile finish_task_switch and try_to_wake_up are ~70 % of its time. Letting every
+# side spin (readers with several callers, domain threads with others awake) changed nothing
+# (tried: 1.77-1.84 vs 1.65-1.72 client switches per signature, same CPU). Next step, not
+# built: answer slots with a futex word per caller, so the domain wakes the waiting caller
+# directly (one sleep per signature, no reader hand-off), then the audit record's cost
+# (~0.8 us: JSON, hex, SHA-256 + HMAC chain per record; it stays per key use).
+#
 # Figures on a QUIET machine after the bounded adaptive spin (2026-12-06T04:50Z, load 1.7,
 # lead, no RT; `CARGO_TARGET_DIR=/work/target-rel crates/caas-domc/bench/vsm-bench.sh 10000 5`):
 #   ECDSA P-256 1t 32839 vs SoftHSM2 23489 sig/s 1.39x (was 0.52x; goal 1.5x), 8t 55064 vs
