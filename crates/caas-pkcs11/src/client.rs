@@ -725,6 +725,73 @@ mod tests {
         let _ = std::fs::remove_file(&file);
     }
 
+    /// A crypto domain that predates the shared-memory ring drops a connection that asks
+    /// for one (an unknown request is a malformed frame to it): the module opens a new
+    /// connection, stays on the socket for good, and the call succeeds.
+    #[test]
+    fn a_domain_without_the_ring_leaves_the_pipes_on_the_socket() {
+        use caas_vsm_proto::{Body, frame_message};
+        use std::io::Write;
+        let path = std::env::temp_dir().join(format!("caas-pkcs11-noring-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap_or_else(|e| panic!("{e}"));
+        let old_domain = std::thread::spawn(move || {
+            let mut ring_asked = 0;
+            for conn in l.incoming().take(2) {
+                let Ok(mut s) = conn else { return ring_asked };
+                loop {
+                    let Ok(req) = read_message::<_, Request>(&mut s) else {
+                        break;
+                    };
+                    let answer = match req {
+                        Request::Hello { .. } => Response::ok(Body::Empty {}),
+                        Request::RingOpen {} => {
+                            ring_asked += 1;
+                            break;
+                        }
+                        Request::SignOnce { .. } => Response::ok(Body::Data {
+                            data: caas_vsm_proto::Blob(vec![7; 64]),
+                        }),
+                        _ => Response::rv(cryptoki_sys::CKR_FUNCTION_NOT_SUPPORTED),
+                    };
+                    let Ok(f) = frame_message(&answer) else { break };
+                    if s.write_all(&f).is_err() {
+                        break;
+                    }
+                }
+            }
+            ring_asked
+        });
+        let c = Client::new(Config {
+            transport: Transport::Unix(path.clone()),
+            timeout: Duration::from_secs(10),
+        })
+        .unwrap_or_else(|e| panic!("{e:#x}"));
+        for _ in 0..3 {
+            let r = c.call(&Request::SignOnce {
+                session: 1,
+                mechanism: caas_vsm_proto::Mechanism {
+                    mechanism: cryptoki_sys::CKM_ECDSA,
+                    param: caas_vsm_proto::MechParam::None {},
+                },
+                key: 2,
+                data: caas_vsm_proto::Blob(vec![1; 32]),
+            });
+            assert!(
+                matches!(&r, Ok(Response { rv: 0, body: Body::Data { data } }) if data.0 == [7; 64]),
+                "{r:?}"
+            );
+        }
+        assert!(c.no_ring.load(Ordering::Relaxed));
+        drop(c);
+        assert_eq!(
+            old_domain.join().ok(),
+            Some(1),
+            "the ring is asked for once"
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+
     #[test]
     fn example_config_parses_and_unknown_keys_are_refused() {
         let raw: Result<RawConfig, _> = toml::from_str(include_str!("../caas-pkcs11.toml.example"));
