@@ -36,9 +36,15 @@
 #   34865 vs 31409 (ring/socket), i.e. 28.7 vs 31.8 us of CPU per signature, both processes;
 #   1 thread 24101 vs 16788 (41 vs 60 us: the spins' CPU counts); ML-DSA-65 .91 vs .87.
 # Goals: ECDSA 1t >= 1.5x SoftHSM2 MET (1.90x); 8t >= 3x NOT met (2.14x); >= 0.8x of the
-# ceiling NOT met (.54). perf stat, ECDSA 8t (before/pstat-style, 3 s, load 6-9, ring on):
-# client ~9-11 us CPU and 1.4-1.8 context switches per signature, domain ~20-22 us and 0.25-0.3
-# (aws-lc's ECDSA is ~16.4 of those). What the ring removed: the socket calls and the kernel's
+# ceiling NOT met (.54). CPU per ECDSA signature, 8 threads, ring on (p11bench's getrusage for
+# the client, /proc/PID/stat for the domain, 4 s runs under chrt -f 10 at load 12-16): client
+# 6.0-7.4 us, domain 20.7-22.5 us, total 27.0-29.5 us (aws-lc's ECDSA alone: ~16.4); without
+# RT at load 6-9 (perf stat): client 9-11 us and 1.4-1.8 context switches per signature,
+# domain 20-22 us and 0.25-0.35. CAAS_PKCS11_PIPES=4 instead of 2 (one per CPU): fewer
+# switches on the client (1.07 vs 1.7) but more in the domain, the same total CPU under RT
+# (27.4-29.5 vs 27.0-29.0 us). The domain's 4-5 us beyond the signature is spread thin
+# (perf, under RT: its scheduling ~10 %, its ring polling ~1.7 %, audit record ~2.5 % with
+# hex/JSON/SHA-256, copies and allocation ~3 %, session and object lookup ~1 %). What the ring removed: the socket calls and the kernel's
 # unix-socket wake-ups on both sides (the domain's sock_def_readable/unix_write_space, ~7 % of
 # its profile) and the polling syscalls of the spins (1t: the round trip shrinks to memory
 # polling). What is left at 8 threads on 2 CPUs is scheduling: each signature parks its
