@@ -33,7 +33,10 @@
 //! thread (bounded memory) until the module reads or hangs up. A broken rule ends the
 //! connection and is audited ([`Domain::ring_violation`], `RingViolation`); a malformed frame
 //! ends it as on the socket; anything arriving on the socket after the switch, or its
-//! hang-up, ends it too. vsock and TLS connections refuse the ring (no shared memory).
+//! hang-up, ends it too. vsock and TLS connections refuse the ring (no shared memory). A
+//! guest that asks for one over its virtio-serial port (whose UNIX-socket peer is qemu)
+//! only hands qemu an empty ring and ends its own connection: the guest cannot reach it, and
+//! its next frame arrives on the socket.
 
 use crate::domain::Domain;
 use crate::error::Error;
