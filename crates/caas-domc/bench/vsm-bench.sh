@@ -35,6 +35,11 @@
 #   ceiling ecdsa 2t ~121.5-122 k sig/s: caas 8t .54 (ring) vs .48 (socket); per CPU-second
 #   34865 vs 31409 (ring/socket), i.e. 28.7 vs 31.8 us of CPU per signature, both processes;
 #   1 thread 24101 vs 16788 (41 vs 60 us: the spins' CPU counts); ML-DSA-65 .91 vs .87.
+# CPU per ECDSA signature, socket vs ring, interleaved, same binaries (bench/vsm-cpu.sh 4 3
+# under chrt -f 10, 2026-12-06T06:35Z, load 12; client + domain = total, us):
+#   8t socket 8.3-8.9 + 22.6-23.2 = 30.9-32.0 (58-61 k sig/s) | ring 7.5-7.7 + 21.7-22.3 =
+#   29.2-29.9 (63-65 k sig/s); 1t socket 53.7-58.1 (32-35 k sig/s) | ring 42.2-42.4 (44.5 k),
+#   where both sides' bounded spins count as CPU.
 # Goals: ECDSA 1t >= 1.5x SoftHSM2 MET (1.90x); 8t >= 3x NOT met (2.14x); >= 0.8x of the
 # ceiling NOT met (.54). CPU per ECDSA signature, 8 threads, ring on (p11bench's getrusage for
 # the client, /proc/PID/stat for the domain, 4 s runs under chrt -f 10 at load 12-16): client
