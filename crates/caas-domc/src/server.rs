@@ -118,6 +118,9 @@ trait Queued {
     fn open_ring(&mut self) -> Result<RingStream, u64> {
         Err(CKR_FUNCTION_NOT_SUPPORTED)
     }
+    /// `n` complete answers were just written (a ring publishes the count and wakes the
+    /// callers waiting for them).
+    fn answers_written(&mut self, _n: usize) {}
 }
 
 impl<S: Read + AsRawFd> Queued for Buffered<S> {
@@ -206,6 +209,9 @@ impl Queued for RingStream {
         if self.reader.buffer().is_empty() {
             self.reader.get_mut().spin(budget);
         }
+    }
+    fn answers_written(&mut self, n: usize) {
+        self.writer.answered(n);
     }
     // A second ring on the same connection: refused (the default).
 }
@@ -489,6 +495,8 @@ fn serve_requests<S: Read + Write + Queued>(
     stream: &mut S,
 ) -> Option<RingStream> {
     let mut out = Vec::with_capacity(MAX_BATCH);
+    // Answers in `out`.
+    let mut pending = 0usize;
     let budget = spin_budget();
     let mut spin = !budget.is_zero();
     let _awake = Awake::new();
@@ -525,6 +533,8 @@ fn serve_requests<S: Read + Write + Queued>(
                 if stream.write_all(&out).is_err() || stream.flush().is_err() {
                     return None;
                 }
+                stream.answers_written(pending);
+                pending = 0;
                 out.clear();
             }
             match stream.open_ring() {
@@ -536,6 +546,7 @@ fn serve_requests<S: Read + Write + Queued>(
                     if frame_message_into(&Response::rv(rv), &mut out).is_err() {
                         break;
                     }
+                    pending += 1;
                 }
             }
         } else {
@@ -544,11 +555,14 @@ fn serve_requests<S: Read + Write + Queued>(
             if frame_message_into(&resp, &mut out).is_err() {
                 break;
             }
+            pending += 1;
         }
         if out.len() >= MAX_BATCH || !stream.request_queued() {
             if stream.write_all(&out).is_err() || stream.flush().is_err() {
                 break;
             }
+            stream.answers_written(pending);
+            pending = 0;
             out.clear();
             // One large answer does not keep its buffer for the connection's lifetime.
             out.shrink_to(MAX_BATCH);
@@ -556,8 +570,8 @@ fn serve_requests<S: Read + Write + Queued>(
     }
     // Answers still held back (the connection ends on a malformed frame that followed
     // them) go out before it closes.
-    if !out.is_empty() {
-        let _ = stream.write_all(&out).and_then(|()| stream.flush());
+    if !out.is_empty() && stream.write_all(&out).and_then(|()| stream.flush()).is_ok() {
+        stream.answers_written(pending);
     }
     ring
 }

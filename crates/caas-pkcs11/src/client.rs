@@ -456,7 +456,7 @@ impl Client {
         };
         let pipe = if ring_wanted() && !self.no_ring.load(Ordering::Relaxed) {
             match self.open_ring(&stream, reader.buffer().is_empty()) {
-                Ok(Some((rx, tx))) => Pipe::new_ring(stream, rx, tx),
+                Ok(Some((rx, tx))) => Pipe::new_ring(stream, rx, tx, self.cfg.timeout),
                 // Refused (answered on the socket): stay on it.
                 Ok(None) => {
                     self.no_ring.store(true, Ordering::Relaxed);

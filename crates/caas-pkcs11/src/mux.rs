@@ -30,10 +30,14 @@
 //! **Shared-memory ring.** A new pipe asks the domain to move its connection onto a
 //! shared-memory ring ([`caas_vsm_proto::ring`], `Request::RingOpen`; the domain answers with
 //! a sealed memfd over SCM_RIGHTS): the same frames then travel through two byte rings in
-//! that mapping instead of the socket, the writing caller copies the queued frames in, the
-//! reading caller copies the answers out into its private buffer, and the peer is woken with
-//! a futex only when it announced that it sleeps — a busy or spinning pair makes no system
-//! call per signature, and the spin above polls memory instead of the socket. The socket
+//! that mapping instead of the socket, the writing caller copies the queued frames in, and
+//! the domain is woken with a futex only when it announced that it sleeps. Answers are not
+//! read by a caller blocked on the socket: the domain publishes how many complete answers
+//! are in the ring and wakes the caller of each one on its wake word (`ring::Answers`), so a
+//! caller sleeps once per call; whoever then finds answers published and the reading free
+//! copies exactly those out into its private buffer and hands them to their callers (see
+//! `Pipe::wait_on_ring`). A busy or spinning pair makes no system call per signature, and
+//! the spin above polls memory instead of the socket. The socket
 //! stays open (its hang-up ends the pipe; `Pipe::break_pipe` shuts it down, which also ends
 //! a caller waiting on the ring). A domain that refuses the ring (or predates it) leaves the
 //! pipes on the socket; `CAAS_PKCS11_RING=0` keeps them there.
@@ -63,6 +67,10 @@ pub(crate) struct Pipe {
     /// The shared-memory ring's sending end, when the connection moved onto one (only the
     /// writing caller uses it: uncontended).
     ring_tx: Option<Mutex<ring::Tx<UnixStream>>>,
+    /// The ring's published-answers count and wake words.
+    answers: Option<ring::Answers>,
+    /// How long a call waits for its answer on the ring (the socket has its read timeout).
+    timeout: Option<Duration>,
     st: Mutex<State>,
     /// Callers inside [`Pipe::call`] (a lone caller may spin for its answer; several
     /// must not burn the CPUs the domain needs).
@@ -201,12 +209,17 @@ impl Pipe {
         stream: UnixStream,
         rx: ring::Rx<UnixStream>,
         tx: ring::Tx<UnixStream>,
+        timeout: Duration,
     ) -> Self {
-        Self::with(
+        let answers = rx.answers();
+        let mut p = Self::with(
             stream,
             Some(Mutex::new(tx)),
             Reader::Ring(BufReader::with_capacity(64 * 1024, rx)),
-        )
+        );
+        p.answers = Some(answers);
+        p.timeout = Some(timeout);
+        p
     }
 
     /// Whether the pipe runs over a shared-memory ring.
@@ -234,6 +247,8 @@ impl Pipe {
         Self {
             stream,
             ring_tx,
+            answers: None,
+            timeout: None,
             active: AtomicUsize::new(0),
             spin: AtomicBool::new(true),
             st: Mutex::new(State {
@@ -277,6 +292,107 @@ impl Pipe {
         r
     }
 
+    /// Waits for the answer at position `me` on a shared-memory ring. The domain publishes a
+    /// count of complete answers and wakes the caller whose answer it published (its wake
+    /// word), so a caller sleeps once per call: whoever finds answers published and the
+    /// reading free copies exactly those out (complete frames: never a blocking read) and
+    /// hands them to their callers; a caller whose answer is published while another reads
+    /// parks until that reader hands it over.
+    fn wait_on_ring<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, State>,
+        me: u64,
+        gate: &ring::Answers,
+    ) -> Result<Response, CK_RV> {
+        let start = Instant::now();
+        let mut slices = 0u32;
+        // When a lone caller started waiting (its wait decides whether the next one spins).
+        let mut solo_since: Option<Instant> = None;
+        loop {
+            if let Some(r) = g.ready.remove(&me) {
+                if let Some(t0) = solo_since {
+                    self.spin
+                        .store(t0.elapsed() < spin_budget(), Ordering::Relaxed);
+                }
+                return Ok(r);
+            }
+            if g.broken {
+                return Err(CKR_DEVICE_ERROR);
+            }
+            // Positions are counted modulo 2^32 on the ring.
+            let avail = u64::from(gate.published().wrapping_sub(g.received as u32));
+            if avail > g.sent - g.received {
+                // More answers than requests: the positions can no longer be trusted.
+                self.break_pipe(&mut g);
+                return Err(CKR_DEVICE_ERROR);
+            }
+            if avail > 0 {
+                if let Some(mut reader) = g.reader.take() {
+                    drop(g);
+                    let mut got = Vec::with_capacity(avail as usize);
+                    let mut failed = false;
+                    for _ in 0..avail {
+                        match read_message::<_, Response>(&mut reader) {
+                            Ok(r) => got.push(r),
+                            Err(_) => {
+                                failed = true;
+                                break;
+                            }
+                        }
+                    }
+                    g = self.lock();
+                    g.reader = Some(reader);
+                    if failed {
+                        self.break_pipe(&mut g);
+                        return Err(CKR_DEVICE_ERROR);
+                    }
+                    for r in got {
+                        let n = g.received;
+                        g.received = n + 1;
+                        g.ready.insert(n, r);
+                        if let Some(t) = g.waiting.get(&n) {
+                            t.unpark();
+                        }
+                    }
+                    // A caller parked for the reading takes it over.
+                    if let Some((_, t)) = g.waiting.first_key_value() {
+                        t.unpark();
+                    }
+                    continue;
+                }
+                // Another caller reads: it hands this answer (or the reading) over.
+                g.waiting.insert(me, std::thread::current());
+                drop(g);
+                std::thread::park();
+                g = self.lock();
+                g.waiting.remove(&me);
+                continue;
+            }
+            // Not yet published: wait for the domain to wake this caller — awake for a
+            // short while when alone (as on the socket), asleep otherwise.
+            let solo = g.waiting.is_empty()
+                && g.sent == g.received + 1
+                && self.active.load(Ordering::Relaxed) == 1;
+            drop(g);
+            if solo && slices == 0 && solo_since.is_none() {
+                solo_since = Some(Instant::now());
+            }
+            let spun = solo
+                && slices == 0
+                && self.spin.load(Ordering::Relaxed)
+                && gate.spin(me as u32, spin_budget());
+            if !spun {
+                gate.wait(me as u32, Duration::from_millis(10));
+                slices += 1;
+            }
+            g = self.lock();
+            if ring::hung_up(&self.stream) || self.timeout.is_some_and(|t| start.elapsed() >= t) {
+                self.break_pipe(&mut g);
+                return Err(CKR_DEVICE_ERROR);
+            }
+        }
+    }
+
     fn call_inner<Q: Wire>(&self, req: &Q) -> Result<Response, CK_RV> {
         let mut g = self.lock();
         if g.broken {
@@ -307,6 +423,9 @@ impl Pipe {
                     break;
                 }
             }
+        }
+        if let Some(gate) = &self.answers {
+            return self.wait_on_ring(g, me, gate);
         }
         loop {
             if let Some(r) = g.ready.remove(&me) {
@@ -468,8 +587,17 @@ mod tests {
     }
 
     impl Write for RingEnds {
+        /// Writes whole frames (as the domain does) and publishes how many.
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.1.write(buf)
+            let n = self.1.write(buf)?;
+            let (mut frames, mut rest) = (0, buf);
+            while let Some(h) = rest.first_chunk::<4>() {
+                let len = 4 + u32::from_be_bytes(*h) as usize;
+                rest = rest.get(len..).unwrap_or_default();
+                frames += 1;
+            }
+            self.1.answered(frames);
+            Ok(n)
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
@@ -491,7 +619,7 @@ mod tests {
             a.try_clone()?,
             Some(Duration::from_secs(20)),
         );
-        let pipe = Pipe::new_ring(a, crx, ctx);
+        let pipe = Pipe::new_ring(a, crx, ctx, Duration::from_secs(20));
         assert!(pipe.is_ring());
         let domain = std::thread::spawn(move || echo_domain(RingEnds(drx, dtx)));
         std::thread::scope(|sc| {

@@ -10,7 +10,11 @@
 //! written only by its producer and a consumer index (`tail`) written only by its consumer;
 //! a side announces that it is about to sleep (`*_SLEEPING`), so the other side wakes it
 //! (`FUTEX_WAKE` on the producer index, a shared futex) only then. A side that is busy or
-//! polls pays no system call per frame.
+//! polls pays no system call per frame. For the module's many calling threads the domain
+//! also publishes a count of complete answers and bumps one of [`WAKE_WORDS`] wake words
+//! per answer (position modulo 32), waking it when a caller announced it sleeps there
+//! ([`Tx::answered`], [`Answers`]): each caller then sleeps once per call and is woken by the
+//! domain directly, instead of a reading thread waking the others.
 //!
 //! **The other side is not trusted** (the domain's position: the module runs in a possibly
 //! compromised workload that can write any word of the mapping at any time):
@@ -23,7 +27,9 @@
 //!   them (no double fetch: a peer rewriting a frame after publishing it changes at most
 //!   which bytes the single copy saw, and that copy is what is decoded and checked);
 //!   no reference to shared memory is ever formed, only raw-pointer copies;
-//! - every offset is reduced modulo the ring size (a power of two) before use;
+//! - every offset is reduced modulo the ring size (a power of two) before use; the wake
+//!   words are only bumped by the domain and their sleeping bit read (a module writing them
+//!   changes at most whom the domain wakes);
 //! - the memfd is sealed against shrinking and growing before it is handed out
 //!   (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`), so a peer cannot truncate it under the
 //!   domain's mapping (which would fault the domain with SIGBUS);
@@ -52,6 +58,12 @@ const RESP_HEAD: usize = 192;
 const RESP_TAIL: usize = 256;
 const DOMAIN_SLEEPING: usize = 320;
 const CLIENT_SLEEPING: usize = 384;
+const ANSWERS: usize = 448;
+const WAKE: usize = 512;
+/// Wake words: a module caller waiting for the answer at position `n` sleeps on word
+/// `n % WAKE_WORDS`, which the domain bumps (and wakes, when the sleeping bit is set) once
+/// that answer is published.
+pub const WAKE_WORDS: u32 = 32;
 const REQ_DATA: usize = HDR;
 const RESP_DATA: usize = HDR + RING_BYTES;
 /// "CRNG" version 1.
@@ -136,6 +148,11 @@ impl Map {
             std::ptr::copy_nonoverlapping(src.as_ptr(), base.add(off), first);
             std::ptr::copy_nonoverlapping(src.as_ptr().add(first), base, n - first);
         }
+    }
+
+    /// The wake word of answer position `ord`.
+    fn wake_word(&self, ord: u32) -> &AtomicU32 {
+        self.word(WAKE + (ord % WAKE_WORDS) as usize * 64)
     }
 
     /// Test hook: the raw control words (for attack tests playing a hostile peer).
@@ -321,6 +338,8 @@ pub struct Tx<S: AsFd> {
     head: u32,
     /// The highest consumer index seen (a consumer index never goes back).
     seen_tail: u32,
+    /// Complete answers published so far (domain side).
+    answers: u32,
     head_word: usize,
     tail: usize,
     data: usize,
@@ -368,6 +387,7 @@ pub fn endpoints<S: AsFd>(
             map,
             head: 0,
             seen_tail: 0,
+            answers: 0,
             head_word: tx.0,
             tail: tx.1,
             data: tx.2,
@@ -555,6 +575,27 @@ impl<S: AsFd> Tx<S> {
     pub fn socket(&self) -> &S {
         &self.sock
     }
+
+    /// Publishes that `n` more complete answers are in the ring (call after their bytes were
+    /// sent) and wakes the module's callers sleeping for them (the domain's side). The wake
+    /// words are only bumped and their sleeping bit read: whatever the module writes there
+    /// changes at most whom this wakes.
+    pub fn answered(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let first = self.answers;
+        self.answers = self.answers.wrapping_add(n as u32);
+        // The count first, then the wake words (Dekker with `Answers::wait`).
+        self.map.word(ANSWERS).store(self.answers, Ordering::SeqCst);
+        for i in 0..n.min(WAKE_WORDS as usize) {
+            let w = self.map.wake_word(first.wrapping_add(i as u32));
+            if w.fetch_add(2, Ordering::SeqCst) & 1 != 0 {
+                w.fetch_and(!1, Ordering::SeqCst);
+                futex_wake(w);
+            }
+        }
+    }
 }
 
 impl<S: AsFd> io::Write for Tx<S> {
@@ -567,7 +608,84 @@ impl<S: AsFd> io::Write for Tx<S> {
     }
 }
 
+/// The module's view of the published-answers count and its wake words: a caller sleeps
+/// until its own answer is published, woken by the domain directly.
+#[derive(Debug, Clone)]
+pub struct Answers {
+    map: std::sync::Arc<Map>,
+}
+
+impl Answers {
+    /// Complete answers the domain has published so far (wrapping).
+    #[must_use]
+    pub fn published(&self) -> u32 {
+        self.map.word(ANSWERS).load(Ordering::SeqCst)
+    }
+
+    /// Whether the answer at position `ord` is published.
+    #[must_use]
+    pub fn is_published(&self, ord: u32) -> bool {
+        let d = self.published().wrapping_sub(ord);
+        d != 0 && d < 1 << 31
+    }
+
+    /// Sleeps until the answer at position `ord` may be published, or `slice` passes.
+    pub fn wait(&self, ord: u32, slice: Duration) {
+        let w = self.map.wake_word(ord);
+        let v = w.load(Ordering::SeqCst);
+        if self.is_published(ord) {
+            return;
+        }
+        if v & 1 == 0
+            && w.compare_exchange(v, v | 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
+            return;
+        }
+        if self.is_published(ord) {
+            return;
+        }
+        futex_wait(w, v | 1, slice);
+    }
+
+    /// Polls (no system call but `sched_yield`) for at most `budget` until answer `ord` is
+    /// published; returns whether it is.
+    pub fn spin(&self, ord: u32, budget: Duration) -> bool {
+        let start = Instant::now();
+        let mut i = 0u32;
+        loop {
+            if self.is_published(ord) {
+                return true;
+            }
+            i += 1;
+            if i.is_multiple_of(64) {
+                if start.elapsed() >= budget {
+                    return false;
+                }
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+}
+
+/// Whether a connection's socket hung up (or carries anything: in ring mode nothing may
+/// arrive on it).
+#[must_use]
+pub fn hung_up(s: &impl AsFd) -> bool {
+    socket_done(s)
+}
+
 impl<S: AsFd> Rx<S> {
+    /// The published-answers view of this (module-side) ring.
+    #[must_use]
+    pub fn answers(&self) -> Answers {
+        Answers {
+            map: self.map.clone(),
+        }
+    }
+
     /// The shared mapping (tests play a hostile peer through it).
     #[doc(hidden)]
     #[must_use]
