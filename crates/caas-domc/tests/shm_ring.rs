@@ -496,3 +496,33 @@ fn the_ring_memfd_cannot_be_shrunk_and_is_offered_once() -> Result<()> {
     ensure!(r.rv == 0, "after the attempts: {r:?}");
     still_serves(&mut dom)
 }
+
+/// The answer count and the wake words are the domain's to write, but the module can write
+/// them too: a client that sets every wake word's sleeping bit and scribbles the answer
+/// count only makes the domain wake it (or not); the domain's answers, read from the ring,
+/// stay right, and nothing else changes.
+#[test]
+fn scribbled_wake_words_only_change_whom_the_domain_wakes() -> Result<()> {
+    let mut dom = Dom::start_initialised("ring8", &[])?;
+    let mut c = Hostile::open(&dom, [0xa8; 16])?;
+    let (s, k, point) = c.signing_key()?;
+    let second = ring::attach(&c.fd)?;
+    let snap = second.raw_snapshot();
+    ensure!(snap.len() == ring::MAP_BYTES);
+    for i in 0..50u32 {
+        // Every control word of the header page after the indices: sleeping bits set,
+        // absurd counts.
+        for off in (448..4096).step_by(64) {
+            second
+                .raw_header_word(off)
+                .store(0xffff_ffff ^ i, Ordering::SeqCst);
+        }
+        let msg = format!("wake words scribbled {i}");
+        let r = c.call(&sign_once(s, k, msg.as_bytes()))?;
+        let Body::Data { data } = r.body else {
+            bail!("sign {i}: {r:?}");
+        };
+        ensure!(verifies(&point, msg.as_bytes(), &data.0), "signature {i}");
+    }
+    still_serves(&mut dom)
+}

@@ -169,6 +169,13 @@ impl Map {
         })
     }
 
+    /// Test hook: any control word of the header page (`off` a multiple of 64 below 4096).
+    #[doc(hidden)]
+    #[must_use]
+    pub fn raw_header_word(&self, off: usize) -> &AtomicU32 {
+        self.word(off.min(HDR - 64) / 64 * 64)
+    }
+
     /// Test hook: writes `src` into the request ring at `pos` (a hostile module rewriting
     /// a frame it already published).
     #[doc(hidden)]
