@@ -18,6 +18,21 @@
 # share of busy CPUs than caas's 8 client + 2 domain threads, so the sig/s ratio flatters
 # caas under load, while CPU cost per signature hardly depends on the load.
 #
+# Figures with the ring and per-caller wake words (2026-12-06T06:53Z, RT=1, load 6.0 at the
+# start, 9.7 over 5 min; the domain publishes a count of complete answers and wakes each
+# waiting caller on its own futex word, so a calling thread sleeps once per call):
+#   ods-hsmspeed RSA-1024 1t / 8t   8603/19775 vs 3599/7200  2.39/2.74
+#   ods-hsmspeed RSA-2048 1t / 8t   3243/ 6760 vs 1394/2653  2.32/2.54
+#   cryptoki ecdsa-p256 1t / 8t    41138/70948 vs 23678/36198 1.73/1.95 (SoftHSM2 8t samples
+#                                  36198 41710 35059: higher than in the runs below)
+#   cryptoki ed25519 1t / 8t       64604/90588 vs 5425/10387 11.90/8.72
+#   cryptoki mldsa65 1t / 8t        6168/12058
+#   ceiling ecdsa 2t 109626 sig/s (lower than the usual ~122 k: a test build overlapped the
+#   ceiling runs), caas 8t .64; per CPU-second 37738 (26.5 us of CPU per signature, both
+#   processes; .59 of the usual 64 k); 1t 22022. vsm-cpu.sh under chrt, wake words vs the
+#   plain ring (same load, 8t, paired runs): client 5.7-6.2 vs 6.9-7.5 us per signature,
+#   total 28.1-29.2 vs 29.3-30.2; 1 thread unchanged (42-44 k sig/s).
+#
 # Figures with the shared-memory ring (2026-12-06T06:07-06:15Z; caas-vsm-proto/src/ring.rs:
 # the module's pipes move onto two byte rings in a sealed memfd the domain passes over the
 # socket, futex wake-ups only for a side that sleeps, the socket kept for setup, hang-up and
