@@ -72,10 +72,11 @@
 # the caller that reads) and the domain's connection threads sleep between batches; in the
 # client profile finish_task_switch and try_to_wake_up are ~70 % of its time. Letting every
 # side spin (readers with several callers, domain threads with others awake) changed nothing
-# (tried: 1.77-1.84 vs 1.65-1.72 client switches per signature, same CPU). Next step, not
-# built: answer slots with a futex word per caller, so the domain wakes the waiting caller
-# directly (one sleep per signature, no reader hand-off), then the audit record's cost
-# (~0.8 us: JSON, hex, SHA-256 + HMAC chain per record; it stays per key use).
+# (tried: 1.77-1.84 vs 1.65-1.72 client switches per signature, same CPU). The next step, a
+# futex word per waiting caller so the domain wakes it directly (no reader hand-off), was
+# built after this run: see the figures above. Left: the domain's own 4-5 us per request
+# (its scheduling, the audit record's ~0.8 us of JSON, hex, SHA-256 + HMAC per key use —
+# which stays per use —, copies and allocation).
 #
 # Figures on a QUIET machine after the bounded adaptive spin (2026-12-06T04:50Z, load 1.7,
 # lead, no RT; `CARGO_TARGET_DIR=/work/target-rel crates/caas-domc/bench/vsm-bench.sh 10000 5`):
