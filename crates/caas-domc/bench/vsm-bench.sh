@@ -18,6 +18,66 @@
 # share of busy CPUs than caas's 8 client + 2 domain threads, so the sig/s ratio flatters
 # caas under load, while CPU cost per signature hardly depends on the load.
 #
+# Figures with the ring and per-caller wake words (2026-12-06T06:53Z, RT=1, load 6.0 at the
+# start, 9.7 over 5 min; the domain publishes a count of complete answers and wakes each
+# waiting caller on its own futex word, so a calling thread sleeps once per call):
+#   ods-hsmspeed RSA-1024 1t / 8t   8603/19775 vs 3599/7200  2.39/2.74
+#   ods-hsmspeed RSA-2048 1t / 8t   3243/ 6760 vs 1394/2653  2.32/2.54
+#   cryptoki ecdsa-p256 1t / 8t    41138/70948 vs 23678/36198 1.73/1.95 (SoftHSM2 8t samples
+#                                  36198 41710 35059: higher than in the runs below)
+#   cryptoki ed25519 1t / 8t       64604/90588 vs 5425/10387 11.90/8.72
+#   cryptoki mldsa65 1t / 8t        6168/12058
+#   ceiling ecdsa 2t 109626 sig/s (lower than the usual ~122 k: a test build overlapped the
+#   ceiling runs), caas 8t .64; per CPU-second 37738 (26.5 us of CPU per signature, both
+#   processes; .59 of the usual 64 k); 1t 22022. vsm-cpu.sh under chrt, wake words vs the
+#   plain ring (same load, 8t, paired runs): client 5.7-6.2 vs 6.9-7.5 us per signature,
+#   total 28.1-29.2 vs 29.3-30.2; 1 thread unchanged (42-44 k sig/s).
+#
+# Figures with the shared-memory ring (2026-12-06T06:07-06:15Z; caas-vsm-proto/src/ring.rs:
+# the module's pipes move onto two byte rings in a sealed memfd the domain passes over the
+# socket, futex wake-ups only for a side that sleeps, the socket kept for setup, hang-up and
+# fallback). The machine was loaded (load 10 at the first run's start, 37 at the second's:
+# three other helpers building), so both runs used RT=1 with the SAME binaries back to back,
+# the ring switched off by the module's CAAS_PKCS11_RING=0 for the second:
+# `CAAS_PKCS11_RING=1|0 RT=1 SKIP_BUILD=1 CARGO_TARGET_DIR=... vsm-bench.sh 10000 5`
+#   benchmark                        ring caas softhsm2 ratio | socket caas softhsm2 ratio
+#   ods-hsmspeed RSA-1024 1t / 8t     9130/19462 3952/6975 2.30/2.79 | 7542/17100 3818/6727 1.97/2.54
+#   ods-hsmspeed RSA-2048 1t / 8t     3531/ 7139 1625/3153 2.17/2.26 | 3243/ 6649 1632/2935 1.98/2.26
+#   cryptoki ecdsa-p256 1t              45285     23793   1.90  |      30588     23069  1.32
+#   cryptoki ecdsa-p256 8t              66173     30888   2.14  |      59552     31416  1.89
+#   cryptoki ed25519 1t / 8t      69440/85064  5667/9270 12.25/9.17 | 44280/74147 5441/8665 8.13/8.55
+#   cryptoki mldsa65 1t / 8t       6348/13694                   |  5516/13283
+#   ceiling ecdsa 2t ~121.5-122 k sig/s: caas 8t .54 (ring) vs .48 (socket); per CPU-second
+#   34865 vs 31409 (ring/socket), i.e. 28.7 vs 31.8 us of CPU per signature, both processes;
+#   1 thread 24101 vs 16788 (41 vs 60 us: the spins' CPU counts); ML-DSA-65 .91 vs .87.
+# CPU per ECDSA signature, socket vs ring, interleaved, same binaries (bench/vsm-cpu.sh 4 3
+# under chrt -f 10, 2026-12-06T06:35Z, load 12; client + domain = total, us):
+#   8t socket 8.3-8.9 + 22.6-23.2 = 30.9-32.0 (58-61 k sig/s) | ring 7.5-7.7 + 21.7-22.3 =
+#   29.2-29.9 (63-65 k sig/s); 1t socket 53.7-58.1 (32-35 k sig/s) | ring 42.2-42.4 (44.5 k),
+#   where both sides' bounded spins count as CPU.
+# Goals: ECDSA 1t >= 1.5x SoftHSM2 MET (1.90x); 8t >= 3x NOT met (2.14x); >= 0.8x of the
+# ceiling NOT met (.54). CPU per ECDSA signature, 8 threads, ring on (p11bench's getrusage for
+# the client, /proc/PID/stat for the domain, 4 s runs under chrt -f 10 at load 12-16): client
+# 6.0-7.4 us, domain 20.7-22.5 us, total 27.0-29.5 us (aws-lc's ECDSA alone: ~16.4); without
+# RT at load 6-9 (perf stat): client 9-11 us and 1.4-1.8 context switches per signature,
+# domain 20-22 us and 0.25-0.35. CAAS_PKCS11_PIPES=4 instead of 2 (one per CPU): fewer
+# switches on the client (1.07 vs 1.7) but more in the domain, the same total CPU under RT
+# (27.4-29.5 vs 27.0-29.0 us). The domain's 4-5 us beyond the signature is spread thin
+# (perf, under RT: its scheduling ~10 %, its ring polling ~1.7 %, audit record ~2.5 % with
+# hex/JSON/SHA-256, copies and allocation ~3 %, session and object lookup ~1 %). What the ring removed: the socket calls and the kernel's
+# unix-socket wake-ups on both sides (the domain's sock_def_readable/unix_write_space, ~7 % of
+# its profile) and the polling syscalls of the spins (1t: the round trip shrinks to memory
+# polling). What is left at 8 threads on 2 CPUs is scheduling: each signature parks its
+# calling thread (futex), the mux hands the reading on between callers (a second sleep for
+# the caller that reads) and the domain's connection threads sleep between batches; in the
+# client profile finish_task_switch and try_to_wake_up are ~70 % of its time. Letting every
+# side spin (readers with several callers, domain threads with others awake) changed nothing
+# (tried: 1.77-1.84 vs 1.65-1.72 client switches per signature, same CPU). The next step, a
+# futex word per waiting caller so the domain wakes it directly (no reader hand-off), was
+# built after this run: see the figures above. Left: the domain's own 4-5 us per request
+# (its scheduling, the audit record's ~0.8 us of JSON, hex, SHA-256 + HMAC per key use —
+# which stays per use —, copies and allocation).
+#
 # Figures on a QUIET machine after the bounded adaptive spin (2026-12-06T04:50Z, load 1.7,
 # lead, no RT; `CARGO_TARGET_DIR=/work/target-rel crates/caas-domc/bench/vsm-bench.sh 10000 5`):
 #   ECDSA P-256 1t 32839 vs SoftHSM2 23489 sig/s 1.39x (was 0.52x; goal 1.5x), 8t 55064 vs

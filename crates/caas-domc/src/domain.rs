@@ -301,6 +301,23 @@ impl Domain {
         });
     }
 
+    /// A module broke the rules of its connection's shared-memory ring
+    /// ([`caas_vsm_proto::ring`]): the connection ends and this is audited (`RingViolation`).
+    pub fn ring_violation(&self, app: &App, why: &str) {
+        tracing::warn!(
+            reason = why,
+            "shared-memory ring violation; connection closed"
+        );
+        self.audit.record(Record {
+            app: app.id,
+            op: "RingViolation",
+            slot: 0,
+            object: why.to_string(),
+            mechanism: None,
+            rv: cryptoki_sys::CKR_FUNCTION_REJECTED,
+        });
+    }
+
     /// Exports every token under the agent's transfer `key` for `context`
     /// ([`crate::transfer`]): the sealed export and the number of token objects in it.
     /// Audited (`TokenExport`).
@@ -451,6 +468,9 @@ impl Domain {
         use Request as Q;
         Ok(match req {
             Q::Hello { .. } => Response::ok(Body::Empty {}),
+            // Served by the transport (`crate::server`) where it can be; anywhere else (a
+            // transport without shared memory, a second ring) it is refused.
+            Q::RingOpen {} => Response::rv(cryptoki_sys::CKR_FUNCTION_NOT_SUPPORTED),
             Q::GetSlotList { .. } => Response::ok(Body::Ulongs {
                 values: (0..self.tokens.len() as u64).collect(),
             }),

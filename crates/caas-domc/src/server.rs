@@ -19,14 +19,33 @@
 //! of this thread per request, an idle one costs one spin, and busy connections (many client
 //! threads, where requests arrive batched anyway) do not spin on the CPUs they share. A
 //! client can make its thread spin at most that long per request it sends.
+//!
+//! **Shared-memory ring.** On the UNIX socket a module may move a connection onto a ring
+//! (`Request::RingOpen`, [`caas_vsm_proto::ring`]): the domain creates a fresh memfd for that
+//! connection only, seals it against resizing, maps it and sends it with the answer
+//! (SCM_RIGHTS); from then on the connection's frames travel through the mapping, served by
+//! the same loop (in order, batched answers, the same spin — polling memory instead of the
+//! socket). The mapping is the workload's to scribble on, so the ring code treats it as
+//! hostile: every index it reads is bounded against the domain's private ones, each byte is
+//! copied once into a private buffer before it is parsed (a frame rewritten after it was
+//! published changes nothing the domain checks twice), nothing but this connection's own
+//! requests and answers is ever placed in it, and a full answer ring stops the connection's
+//! thread (bounded memory) until the module reads or hangs up. A broken rule ends the
+//! connection and is audited ([`Domain::ring_violation`], `RingViolation`); a malformed frame
+//! ends it as on the socket; anything arriving on the socket after the switch, or its
+//! hang-up, ends it too. vsock and TLS connections refuse the ring (no shared memory). A
+//! guest that asks for one over its virtio-serial port (whose UNIX-socket peer is qemu)
+//! only hands qemu an empty ring and ends its own connection: the guest cannot reach it, and
+//! its next frame arrives on the socket.
 
 use crate::domain::Domain;
 use crate::error::Error;
 use caas_vsm_proto::blocking::{IoError, read_message, write_message};
+use caas_vsm_proto::ring;
 use caas_vsm_proto::{
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Request, Response, frame_message_into,
 };
-use cryptoki_sys::CKR_GENERAL_ERROR;
+use cryptoki_sys::{CKR_FUNCTION_NOT_SUPPORTED, CKR_GENERAL_ERROR};
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, RawFd};
@@ -79,6 +98,8 @@ pub fn serve(domain: Arc<Domain>, listener: UnixListener, policy: PeerPolicy) ->
 struct Buffered<S> {
     reader: std::io::BufReader<S>,
     writer: S,
+    /// The UNIX socket (a shared-memory ring can be offered over it; `None` on vsock).
+    unix: Option<UnixStream>,
 }
 
 /// Whether another complete request is already buffered, so the answer to the one just
@@ -90,7 +111,16 @@ trait Queued {
     /// Waits awake, at most `budget`, for the next request when nothing is buffered, so a
     /// client signing in a loop does not pay a sleep and a wake-up of this thread per
     /// request.
-    fn spin_for_request(&self, _budget: Duration) {}
+    fn spin_for_request(&mut self, _budget: Duration) {}
+    /// Moves the connection onto a shared-memory ring: sends the answer to
+    /// [`Request::RingOpen`] with the memfd attached and returns the ring's stream; `Err`
+    /// (the rv to answer on this transport) where the transport has no shared memory.
+    fn open_ring(&mut self) -> Result<RingStream, u64> {
+        Err(CKR_FUNCTION_NOT_SUPPORTED)
+    }
+    /// `n` complete answers were just written (a ring publishes the count and wakes the
+    /// callers waiting for them).
+    fn answers_written(&mut self, _n: usize) {}
 }
 
 impl<S: Read + AsRawFd> Queued for Buffered<S> {
@@ -100,11 +130,90 @@ impl<S: Read + AsRawFd> Queued for Buffered<S> {
             .and_then(|h| caas_vsm_proto::frame_len(*h).ok())
             .is_some_and(|len| b.len() - 4 >= len)
     }
-    fn spin_for_request(&self, budget: Duration) {
+    fn spin_for_request(&mut self, budget: Duration) {
         if self.reader.buffer().is_empty() {
             spin_readable(self.reader.get_ref().as_raw_fd(), budget);
         }
     }
+    fn open_ring(&mut self) -> Result<RingStream, u64> {
+        let Some(sock) = &self.unix else {
+            return Err(CKR_FUNCTION_NOT_SUPPORTED);
+        };
+        // Frames the module sent after RingOpen on the socket would be lost (or read out
+        // of order): it must wait for the answer first.
+        if !self.reader.buffer().is_empty() {
+            return Err(CKR_FUNCTION_NOT_SUPPORTED);
+        }
+        let (fd, map) = ring::create().map_err(|e| {
+            tracing::warn!(error = %e, "cannot create a shared-memory ring");
+            CKR_FUNCTION_NOT_SUPPORTED
+        })?;
+        let (Ok(rx_sock), Ok(tx_sock)) = (sock.try_clone(), sock.try_clone()) else {
+            return Err(CKR_FUNCTION_NOT_SUPPORTED);
+        };
+        let answer = caas_vsm_proto::frame_message(&Response::ok(caas_vsm_proto::Body::Empty {}))
+            .map_err(|_| CKR_GENERAL_ERROR)?;
+        // The answer and the memfd leave together; from here on the socket carries nothing
+        // (anything that arrives on it, or its hang-up, ends the connection).
+        ring::send_with_fd(sock, &answer, &fd).map_err(|_| CKR_GENERAL_ERROR)?;
+        drop(fd);
+        let (rx, tx) = ring::endpoints(map, ring::Side::Domain, rx_sock, tx_sock, None);
+        Ok(RingStream {
+            reader: std::io::BufReader::with_capacity(64 * 1024, rx),
+            writer: tx,
+        })
+    }
+}
+
+/// A connection's shared-memory ring ([`caas_vsm_proto::ring`]), read through a private
+/// buffer: every byte is copied out of the shared mapping once, before it is parsed.
+struct RingStream {
+    reader: std::io::BufReader<ring::Rx<UnixStream>>,
+    writer: ring::Tx<UnixStream>,
+}
+
+impl RingStream {
+    /// The first rule the module broke, if any.
+    fn violation(&self) -> Option<ring::Violation> {
+        self.reader
+            .get_ref()
+            .violation
+            .clone()
+            .or_else(|| self.writer.violation.clone())
+    }
+}
+
+impl Read for RingStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.reader.read(buf)
+    }
+}
+
+impl Write for RingStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.writer.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Queued for RingStream {
+    fn request_queued(&self) -> bool {
+        let b = self.reader.buffer();
+        b.first_chunk::<4>()
+            .and_then(|h| caas_vsm_proto::frame_len(*h).ok())
+            .is_some_and(|len| b.len() - 4 >= len)
+    }
+    fn spin_for_request(&mut self, budget: Duration) {
+        if self.reader.buffer().is_empty() {
+            self.reader.get_mut().spin(budget);
+        }
+    }
+    fn answers_written(&mut self, n: usize) {
+        self.writer.answered(n);
+    }
+    // A second ring on the same connection: refused (the default).
 }
 
 /// How long a connection's thread waits awake for the next request before blocking
@@ -207,9 +316,11 @@ pub fn serve_conn(domain: &Domain, stream: UnixStream) {
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
+    let unix = stream.try_clone().ok();
     let mut s = Buffered {
         reader: std::io::BufReader::with_capacity(64 * 1024, read_half),
         writer: stream,
+        unix,
     };
     serve_stream(domain, &mut s);
 }
@@ -243,6 +354,7 @@ pub fn serve_vsock(domain: Arc<Domain>, listener: crate::vsock::VsockListener, p
                 let mut s = Buffered {
                     reader: std::io::BufReader::with_capacity(64 * 1024, read_half),
                     writer: stream,
+                    unix: None,
                 };
                 serve_stream(&d, &mut s);
             });
@@ -361,56 +473,105 @@ fn serve_stream<S: Read + Write + Queued>(domain: &Domain, stream: &mut S) {
         }
     };
     let app = domain.attach(app);
+    if write_message(stream, &Response::ok(caas_vsm_proto::Body::Empty {})).is_ok()
+        && let Some(mut ring) = serve_requests(domain, &app, stream)
+    {
+        // The rest of the connection runs over the shared-memory ring.
+        let _ = serve_requests(domain, &app, &mut ring);
+        if let Some(v) = ring.violation() {
+            domain.ring_violation(&app, v.0);
+        }
+    }
+    domain.detach(&app);
+}
+
+/// Answers the requests of `stream` until it closes, or until the module moves the
+/// connection onto a shared-memory ring (returned; the answers so far are written first).
+/// Requests are answered in order; while further complete requests are already buffered,
+/// the answers are collected and written together.
+fn serve_requests<S: Read + Write + Queued>(
+    domain: &Domain,
+    app: &std::sync::Arc<crate::domain::App>,
+    stream: &mut S,
+) -> Option<RingStream> {
     let mut out = Vec::with_capacity(MAX_BATCH);
+    // Answers in `out`.
+    let mut pending = 0usize;
     let budget = spin_budget();
     let mut spin = !budget.is_zero();
     let _awake = Awake::new();
-    if write_message(stream, &Response::ok(caas_vsm_proto::Body::Empty {})).is_ok() {
-        loop {
-            // Spin only while the client's requests follow each other within the bound
-            // (a client signing in a loop); an idle or slow client is waited for asleep,
-            // until a request again comes within the bound.
-            let idle_since = Instant::now();
-            // Only when no other connection thread is awake: with several busy connections
-            // (many client threads) a spinning thread takes the CPU the others sign on.
-            if spin && AWAKE.load(Ordering::Relaxed) <= 1 {
-                stream.spin_for_request(budget);
+    let mut ring = None;
+    loop {
+        // Spin only while the client's requests follow each other within the bound
+        // (a client signing in a loop); an idle or slow client is waited for asleep,
+        // until a request again comes within the bound.
+        let idle_since = Instant::now();
+        // Only when no other connection thread is awake: with several busy connections
+        // (many client threads) a spinning thread takes the CPU the others sign on.
+        if spin && AWAKE.load(Ordering::Relaxed) <= 1 {
+            stream.spin_for_request(budget);
+        }
+        let read = {
+            let _asleep = Asleep::new();
+            read_message(stream)
+        };
+        let req: Request = match read {
+            Ok(r) => {
+                spin = idle_since.elapsed() < budget;
+                r
             }
-            let read = {
-                let _asleep = Asleep::new();
-                read_message(stream)
-            };
-            let req: Request = match read {
-                Ok(r) => {
-                    spin = idle_since.elapsed() < budget;
-                    r
+            Err(IoError::Io(_)) => break,
+            Err(IoError::Protocol(e)) => {
+                tracing::warn!(error = %e, "malformed request; closing connection");
+                break;
+            }
+        };
+        tracing::trace!(?req, "request");
+        if matches!(req, Request::RingOpen {}) {
+            // Earlier answers go out on this transport before it is left.
+            if !out.is_empty() {
+                if stream.write_all(&out).is_err() || stream.flush().is_err() {
+                    return None;
                 }
-                Err(IoError::Io(_)) => break,
-                Err(IoError::Protocol(e)) => {
-                    tracing::warn!(error = %e, "malformed request; closing connection");
+                stream.answers_written(pending);
+                pending = 0;
+                out.clear();
+            }
+            match stream.open_ring() {
+                Ok(r) => {
+                    ring = Some(r);
                     break;
                 }
-            };
-            tracing::trace!(?req, "request");
-            let resp = domain.handle(&app, req);
+                Err(rv) => {
+                    if frame_message_into(&Response::rv(rv), &mut out).is_err() {
+                        break;
+                    }
+                    pending += 1;
+                }
+            }
+        } else {
+            let resp = domain.handle(app, req);
             tracing::trace!(rv = resp.rv, "response");
             if frame_message_into(&resp, &mut out).is_err() {
                 break;
             }
-            if out.len() >= MAX_BATCH || !stream.request_queued() {
-                if stream.write_all(&out).is_err() || stream.flush().is_err() {
-                    break;
-                }
-                out.clear();
-                // One large answer does not keep its buffer for the connection's lifetime.
-                out.shrink_to(MAX_BATCH);
-            }
+            pending += 1;
         }
-        // Answers still held back (the connection ends on a malformed frame that followed
-        // them) go out before it closes.
-        if !out.is_empty() {
-            let _ = stream.write_all(&out).and_then(|()| stream.flush());
+        if out.len() >= MAX_BATCH || !stream.request_queued() {
+            if stream.write_all(&out).is_err() || stream.flush().is_err() {
+                break;
+            }
+            stream.answers_written(pending);
+            pending = 0;
+            out.clear();
+            // One large answer does not keep its buffer for the connection's lifetime.
+            out.shrink_to(MAX_BATCH);
         }
     }
-    domain.detach(&app);
+    // Answers still held back (the connection ends on a malformed frame that followed
+    // them) go out before it closes.
+    if !out.is_empty() && stream.write_all(&out).and_then(|()| stream.flush()).is_ok() {
+        stream.answers_written(pending);
+    }
+    ring
 }

@@ -85,6 +85,16 @@ fn concurrent_pipelined_signatures_are_each_checked_and_audited() -> Result<()> 
             .map(|h| h.join().map_err(|_| anyhow::anyhow!("panicked"))?)
             .collect::<Result<Vec<_>>>()
     })?;
+    // The pipes run over shared-memory rings (caas_vsm_proto::ring), not silently over the
+    // socket: the domain maps one ring per pipe while the module holds them (none when the
+    // module is told to stay on the socket, CAAS_PKCS11_RING=0).
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", dom.child.id()))?;
+    let want_ring = std::env::var("CAAS_PKCS11_RING").map_or(true, |v| v != "0");
+    ensure!(
+        maps.contains("memfd:caas-vsm-ring") == want_ring,
+        "shared-memory ring in use: {}, wanted: {want_ring}",
+        !want_ring
+    );
     let (mut granted, mut refused) = (0, 0);
     for (msg, r) in results.iter().flatten() {
         match r {

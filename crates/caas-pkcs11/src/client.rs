@@ -21,7 +21,7 @@ use crate::mux::Pipe;
 use crate::ops::Ops;
 use caas_vsm_proto::blocking::{IoError, read_message};
 use caas_vsm_proto::serial::SerialPort;
-use caas_vsm_proto::{PROTOCOL_VERSION, Request, Response, frame_message};
+use caas_vsm_proto::{PROTOCOL_VERSION, Request, Response, frame_message, ring};
 use cryptoki_sys::{CK_RV, CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED, CKR_GENERAL_ERROR};
 use nix::sys::socket::{MsgFlags, send};
 use std::os::fd::AsRawFd;
@@ -315,6 +315,8 @@ pub struct Client {
     pid: u32,
     /// The domain refused protocol v2: speak v1 (no fused single-part operations).
     v1_only: AtomicBool,
+    /// The domain offers no shared-memory ring: pipes stay on the socket.
+    no_ring: AtomicBool,
     /// Per-session operation state for the single-round-trip operations.
     pub(crate) ops: Ops,
     /// Held for a whole call on the virtio-serial transport (one connection only).
@@ -351,6 +353,13 @@ fn pipe_index(n: usize) -> usize {
         })
     });
     i % n.max(1)
+}
+
+/// Whether pipes ask for a shared-memory ring (`CAAS_PKCS11_RING=0` keeps them on the
+/// socket).
+fn ring_wanted() -> bool {
+    static W: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *W.get_or_init(|| std::env::var("CAAS_PKCS11_RING").map_or(true, |v| v != "0"))
 }
 
 /// The fused single-part requests: short, and the hot path of a signing workload.
@@ -422,6 +431,7 @@ impl Client {
             idle: Mutex::new(Vec::new()),
             pid: std::process::id(),
             v1_only: AtomicBool::new(false),
+            no_ring: AtomicBool::new(false),
             ops: Ops::default(),
             serial: Mutex::new(()),
             pipes: (0..pipe_count()).map(|_| Mutex::new(None)).collect(),
@@ -444,9 +454,93 @@ impl Client {
         let Conn::Unix { stream, reader } = self.connect()? else {
             return Err(CKR_GENERAL_ERROR);
         };
-        let pipe = Arc::new(Pipe::new(stream, reader));
+        let pipe = if ring_wanted() && !self.no_ring.load(Ordering::Relaxed) {
+            match self.open_ring(&stream, reader.buffer().is_empty()) {
+                Ok(Some((rx, tx))) => Pipe::new_ring(stream, rx, tx, self.cfg.timeout),
+                // Refused (answered on the socket): stay on it.
+                Ok(None) => {
+                    self.no_ring.store(true, Ordering::Relaxed);
+                    Pipe::new(stream, reader)
+                }
+                // A crypto domain that predates the ring drops the connection: a new one
+                // stays on the socket, for good.
+                Err(_) => {
+                    self.no_ring.store(true, Ordering::Relaxed);
+                    let Conn::Unix { stream, reader } = self.connect()? else {
+                        return Err(CKR_GENERAL_ERROR);
+                    };
+                    Pipe::new(stream, reader)
+                }
+            }
+        } else {
+            Pipe::new(stream, reader)
+        };
+        let pipe = Arc::new(pipe);
         *p = Some(pipe.clone());
         Ok(pipe)
+    }
+
+    /// Asks the domain to move a fresh connection onto a shared-memory ring
+    /// ([`caas_vsm_proto::ring`]). `Ok(None)`: the domain refused (the connection stays
+    /// usable on the socket); `Err`: the connection is unusable.
+    #[allow(clippy::type_complexity)]
+    fn open_ring(
+        &self,
+        stream: &UnixStream,
+        nothing_buffered: bool,
+    ) -> Result<Option<(ring::Rx<UnixStream>, ring::Tx<UnixStream>)>, CK_RV> {
+        if !nothing_buffered {
+            return Err(CKR_DEVICE_ERROR);
+        }
+        send_all(
+            stream,
+            &frame_message(&Request::RingOpen {}).map_err(|_| CKR_GENERAL_ERROR)?,
+        )?;
+        // The answer comes with the memfd attached: read it with recvmsg, not through the
+        // buffered reader (which would drop the descriptor).
+        let mut buf = [0u8; 256];
+        let mut have = 0;
+        let mut fd = None;
+        let len = loop {
+            let (n, f) =
+                ring::recv_with_fd(stream, &mut buf[have..]).map_err(|_| CKR_DEVICE_ERROR)?;
+            if n == 0 {
+                return Err(CKR_DEVICE_ERROR);
+            }
+            have += n;
+            fd = fd.or(f);
+            if let Some(h) = buf.first_chunk::<4>().filter(|_| have >= 4) {
+                let len = caas_vsm_proto::frame_len(*h).map_err(|_| CKR_DEVICE_ERROR)?;
+                if len > buf.len() - 4 {
+                    return Err(CKR_DEVICE_ERROR);
+                }
+                if have >= 4 + len {
+                    break len;
+                }
+            }
+        };
+        if have != 4 + len {
+            // Nothing else may follow the answer.
+            return Err(CKR_DEVICE_ERROR);
+        }
+        let r: Response =
+            caas_vsm_proto::from_bytes(&buf[4..4 + len]).map_err(|_| CKR_DEVICE_ERROR)?;
+        if r.rv != 0 {
+            return Ok(None);
+        }
+        let fd = fd.ok_or(CKR_DEVICE_ERROR)?;
+        let map = ring::attach(&fd).map_err(|_| CKR_DEVICE_ERROR)?;
+        drop(fd);
+        let (Ok(a), Ok(b)) = (stream.try_clone(), stream.try_clone()) else {
+            return Err(CKR_DEVICE_ERROR);
+        };
+        Ok(Some(ring::endpoints(
+            map,
+            ring::Side::Client,
+            a,
+            b,
+            Some(self.cfg.timeout),
+        )))
     }
 
     /// Whether the domain serves the fused single-part requests (protocol v2).
@@ -629,6 +723,73 @@ mod tests {
         }
         assert_eq!(std::fs::read(&file).map(|b| b.len()).ok(), Some(0));
         let _ = std::fs::remove_file(&file);
+    }
+
+    /// A crypto domain that predates the shared-memory ring drops a connection that asks
+    /// for one (an unknown request is a malformed frame to it): the module opens a new
+    /// connection, stays on the socket for good, and the call succeeds.
+    #[test]
+    fn a_domain_without_the_ring_leaves_the_pipes_on_the_socket() {
+        use caas_vsm_proto::{Body, frame_message};
+        use std::io::Write;
+        let path = std::env::temp_dir().join(format!("caas-pkcs11-noring-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap_or_else(|e| panic!("{e}"));
+        let old_domain = std::thread::spawn(move || {
+            let mut ring_asked = 0;
+            for conn in l.incoming().take(2) {
+                let Ok(mut s) = conn else { return ring_asked };
+                loop {
+                    let Ok(req) = read_message::<_, Request>(&mut s) else {
+                        break;
+                    };
+                    let answer = match req {
+                        Request::Hello { .. } => Response::ok(Body::Empty {}),
+                        Request::RingOpen {} => {
+                            ring_asked += 1;
+                            break;
+                        }
+                        Request::SignOnce { .. } => Response::ok(Body::Data {
+                            data: caas_vsm_proto::Blob(vec![7; 64]),
+                        }),
+                        _ => Response::rv(cryptoki_sys::CKR_FUNCTION_NOT_SUPPORTED),
+                    };
+                    let Ok(f) = frame_message(&answer) else { break };
+                    if s.write_all(&f).is_err() {
+                        break;
+                    }
+                }
+            }
+            ring_asked
+        });
+        let c = Client::new(Config {
+            transport: Transport::Unix(path.clone()),
+            timeout: Duration::from_secs(10),
+        })
+        .unwrap_or_else(|e| panic!("{e:#x}"));
+        for _ in 0..3 {
+            let r = c.call(&Request::SignOnce {
+                session: 1,
+                mechanism: caas_vsm_proto::Mechanism {
+                    mechanism: cryptoki_sys::CKM_ECDSA,
+                    param: caas_vsm_proto::MechParam::None {},
+                },
+                key: 2,
+                data: caas_vsm_proto::Blob(vec![1; 32]),
+            });
+            assert!(
+                matches!(&r, Ok(Response { rv: 0, body: Body::Data { data } }) if data.0 == [7; 64]),
+                "{r:?}"
+            );
+        }
+        assert!(c.no_ring.load(Ordering::Relaxed));
+        drop(c);
+        assert_eq!(
+            old_domain.join().ok(),
+            Some(1),
+            "the ring is asked for once"
+        );
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! optional `timeout_secs`; see `caas-pkcs11.toml.example`). Single-part operations cost one
 //! round trip to the crypto domain (see `ops`); on the UNIX socket the threads of a process
 //! share pipelined connections for them (see `mux`; `CAAS_PKCS11_PIPES`, 1 to 8, default
-//! the number of CPUs, sets how many). The key policy (usage limits, usage roles,
+//! the number of CPUs, sets how many), carried by a shared-memory ring per connection when
+//! the domain offers one (`CAAS_PKCS11_RING=0` keeps them on the socket). The key policy (usage limits, usage roles,
 //! wrap/unwrap rules, `CKA_TRUSTED`) is enforced in the crypto domain (`caas_domc::policy`)
 //! and nothing in the module can relax it; vendor mechanisms without a parameter, such as
 //! the domain's `CKM_CAAS_AES_KEY_WRAP_ATTRS`, pass through unchanged. The mechanisms served,

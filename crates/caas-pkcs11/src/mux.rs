@@ -25,15 +25,29 @@
 //! matching spin, `caas-domc/bench/vsm-bench.sh`). The spin turns itself off for the next call
 //! when an answer took longer than the bound (a key generation, ML-DSA on a busy machine),
 //! and back on when answers are quick again; several callers on a pipe never spin (they
-//! would burn the CPUs the domain needs). A shared-memory ring would also save the socket
-//! calls (~4 per signature); it is not built.
+//! would burn the CPUs the domain needs).
+//!
+//! **Shared-memory ring.** A new pipe asks the domain to move its connection onto a
+//! shared-memory ring ([`caas_vsm_proto::ring`], `Request::RingOpen`; the domain answers with
+//! a sealed memfd over SCM_RIGHTS): the same frames then travel through two byte rings in
+//! that mapping instead of the socket, the writing caller copies the queued frames in, and
+//! the domain is woken with a futex only when it announced that it sleeps. Answers are not
+//! read by a caller blocked on the socket: the domain publishes how many complete answers
+//! are in the ring and wakes the caller of each one on its wake word (`ring::Answers`), so a
+//! caller sleeps once per call; whoever then finds answers published and the reading free
+//! copies exactly those out into its private buffer and hands them to their callers (see
+//! `Pipe::wait_on_ring`). A busy or spinning pair makes no system call per signature, and
+//! the spin above polls memory instead of the socket. The socket
+//! stays open (its hang-up ends the pipe; `Pipe::break_pipe` shuts it down, which also ends
+//! a caller waiting on the ring). A domain that refuses the ring (or predates it) leaves the
+//! pipes on the socket; `CAAS_PKCS11_RING=0` keeps them there.
 //!
 //! A transport failure, or an answer no request is waiting for, breaks the pipe: every
 //! caller waiting on it gets CKR_DEVICE_ERROR, the socket is shut down and the next call
 //! opens a new pipe.
 
 use caas_vsm_proto::blocking::read_message;
-use caas_vsm_proto::{Response, Wire, frame_message_into};
+use caas_vsm_proto::{Response, Wire, frame_message_into, ring};
 use cryptoki_sys::{CK_RV, CKR_DATA_LEN_RANGE, CKR_DEVICE_ERROR};
 use nix::sys::socket::{MsgFlags, recv, send};
 use std::collections::{BTreeMap, HashMap};
@@ -48,8 +62,15 @@ use std::time::{Duration, Instant};
 /// One connection shared by several calling threads.
 #[derive(Debug)]
 pub(crate) struct Pipe {
-    /// The socket (writes; shut down when the pipe breaks).
+    /// The socket (writes, unless the ring carries them; shut down when the pipe breaks).
     stream: UnixStream,
+    /// The shared-memory ring's sending end, when the connection moved onto one (only the
+    /// writing caller uses it: uncontended).
+    ring_tx: Option<Mutex<ring::Tx<UnixStream>>>,
+    /// The ring's published-answers count and wake words.
+    answers: Option<ring::Answers>,
+    /// How long a call waits for its answer on the ring (the socket has its read timeout).
+    timeout: Option<Duration>,
     st: Mutex<State>,
     /// Callers inside [`Pipe::call`] (a lone caller may spin for its answer; several
     /// must not burn the CPUs the domain needs).
@@ -71,12 +92,51 @@ struct State {
     /// Answers read so far (the next answer's position).
     received: u64,
     /// The reading side; `None` while a caller reads.
-    reader: Option<BufReader<UnixStream>>,
+    reader: Option<Reader>,
     /// Answers read for callers that have not taken them yet, by position.
     ready: HashMap<u64, Response>,
     /// Callers parked until their answer (or the reading) is theirs, by position.
     waiting: BTreeMap<u64, Thread>,
     broken: bool,
+}
+
+/// Where answers are read from.
+#[derive(Debug)]
+pub(crate) enum Reader {
+    /// The socket.
+    Socket(BufReader<UnixStream>),
+    /// The shared-memory ring (every byte copied out once, into this buffer).
+    Ring(BufReader<ring::Rx<UnixStream>>),
+}
+
+impl std::io::Read for Reader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Socket(r) => r.read(buf),
+            Self::Ring(r) => r.read(buf),
+        }
+    }
+}
+
+impl Reader {
+    fn buffer_empty(&self) -> bool {
+        match self {
+            Self::Socket(r) => r.buffer().is_empty(),
+            Self::Ring(r) => r.buffer().is_empty(),
+        }
+    }
+
+    /// Waits awake (at most `budget`) for the next answer.
+    fn spin(&mut self, budget: Duration) {
+        match self {
+            Self::Socket(r) => {
+                spin_readable(r.get_ref(), budget);
+            }
+            Self::Ring(r) => {
+                r.get_mut().spin(budget);
+            }
+        }
+    }
 }
 
 fn send_all(s: &UnixStream, mut buf: &[u8]) -> Result<(), CK_RV> {
@@ -141,8 +201,54 @@ fn spin_readable(s: &UnixStream, budget: Duration) -> bool {
 impl Pipe {
     /// A pipe over a connection that has said hello.
     pub(crate) fn new(stream: UnixStream, reader: BufReader<UnixStream>) -> Self {
+        Self::with(stream, None, Reader::Socket(reader))
+    }
+
+    /// A pipe over a connection moved onto a shared-memory ring.
+    pub(crate) fn new_ring(
+        stream: UnixStream,
+        rx: ring::Rx<UnixStream>,
+        tx: ring::Tx<UnixStream>,
+        timeout: Duration,
+    ) -> Self {
+        let answers = rx.answers();
+        let mut p = Self::with(
+            stream,
+            Some(Mutex::new(tx)),
+            Reader::Ring(BufReader::with_capacity(64 * 1024, rx)),
+        );
+        p.answers = Some(answers);
+        p.timeout = Some(timeout);
+        p
+    }
+
+    /// Whether the pipe runs over a shared-memory ring.
+    #[cfg(test)]
+    pub(crate) fn is_ring(&self) -> bool {
+        self.ring_tx.is_some()
+    }
+
+    fn send(&self, buf: &[u8]) -> Result<(), CK_RV> {
+        match &self.ring_tx {
+            None => send_all(&self.stream, buf),
+            Some(tx) => tx
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .send(buf)
+                .map_err(|_| CKR_DEVICE_ERROR),
+        }
+    }
+
+    fn with(
+        stream: UnixStream,
+        ring_tx: Option<Mutex<ring::Tx<UnixStream>>>,
+        reader: Reader,
+    ) -> Self {
         Self {
             stream,
+            ring_tx,
+            answers: None,
+            timeout: None,
             active: AtomicUsize::new(0),
             spin: AtomicBool::new(true),
             st: Mutex::new(State {
@@ -186,6 +292,107 @@ impl Pipe {
         r
     }
 
+    /// Waits for the answer at position `me` on a shared-memory ring. The domain publishes a
+    /// count of complete answers and wakes the caller whose answer it published (its wake
+    /// word), so a caller sleeps once per call: whoever finds answers published and the
+    /// reading free copies exactly those out (complete frames: never a blocking read) and
+    /// hands them to their callers; a caller whose answer is published while another reads
+    /// parks until that reader hands it over.
+    fn wait_on_ring<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, State>,
+        me: u64,
+        gate: &ring::Answers,
+    ) -> Result<Response, CK_RV> {
+        let start = Instant::now();
+        let mut slices = 0u32;
+        // When a lone caller started waiting (its wait decides whether the next one spins).
+        let mut solo_since: Option<Instant> = None;
+        loop {
+            if let Some(r) = g.ready.remove(&me) {
+                if let Some(t0) = solo_since {
+                    self.spin
+                        .store(t0.elapsed() < spin_budget(), Ordering::Relaxed);
+                }
+                return Ok(r);
+            }
+            if g.broken {
+                return Err(CKR_DEVICE_ERROR);
+            }
+            // Positions are counted modulo 2^32 on the ring.
+            let avail = u64::from(gate.published().wrapping_sub(g.received as u32));
+            if avail > g.sent - g.received {
+                // More answers than requests: the positions can no longer be trusted.
+                self.break_pipe(&mut g);
+                return Err(CKR_DEVICE_ERROR);
+            }
+            if avail > 0 {
+                if let Some(mut reader) = g.reader.take() {
+                    drop(g);
+                    let mut got = Vec::with_capacity(avail as usize);
+                    let mut failed = false;
+                    for _ in 0..avail {
+                        match read_message::<_, Response>(&mut reader) {
+                            Ok(r) => got.push(r),
+                            Err(_) => {
+                                failed = true;
+                                break;
+                            }
+                        }
+                    }
+                    g = self.lock();
+                    g.reader = Some(reader);
+                    if failed {
+                        self.break_pipe(&mut g);
+                        return Err(CKR_DEVICE_ERROR);
+                    }
+                    for r in got {
+                        let n = g.received;
+                        g.received = n + 1;
+                        g.ready.insert(n, r);
+                        if let Some(t) = g.waiting.get(&n) {
+                            t.unpark();
+                        }
+                    }
+                    // A caller parked for the reading takes it over.
+                    if let Some((_, t)) = g.waiting.first_key_value() {
+                        t.unpark();
+                    }
+                    continue;
+                }
+                // Another caller reads: it hands this answer (or the reading) over.
+                g.waiting.insert(me, std::thread::current());
+                drop(g);
+                std::thread::park();
+                g = self.lock();
+                g.waiting.remove(&me);
+                continue;
+            }
+            // Not yet published: wait for the domain to wake this caller — awake for a
+            // short while when alone (as on the socket), asleep otherwise.
+            let solo = g.waiting.is_empty()
+                && g.sent == g.received + 1
+                && self.active.load(Ordering::Relaxed) == 1;
+            drop(g);
+            if solo && slices == 0 && solo_since.is_none() {
+                solo_since = Some(Instant::now());
+            }
+            let spun = solo
+                && slices == 0
+                && self.spin.load(Ordering::Relaxed)
+                && gate.spin(me as u32, spin_budget());
+            if !spun {
+                gate.wait(me as u32, Duration::from_millis(10));
+                slices += 1;
+            }
+            g = self.lock();
+            if ring::hung_up(&self.stream) || self.timeout.is_some_and(|t| start.elapsed() >= t) {
+                self.break_pipe(&mut g);
+                return Err(CKR_DEVICE_ERROR);
+            }
+        }
+    }
+
     fn call_inner<Q: Wire>(&self, req: &Q) -> Result<Response, CK_RV> {
         let mut g = self.lock();
         if g.broken {
@@ -202,7 +409,7 @@ impl Pipe {
                 let mut buf = std::mem::take(&mut g.spare);
                 std::mem::swap(&mut buf, &mut g.queue);
                 drop(g);
-                let sent = send_all(&self.stream, &buf);
+                let sent = self.send(&buf);
                 buf.clear();
                 g = self.lock();
                 g.spare = buf;
@@ -216,6 +423,9 @@ impl Pipe {
                     break;
                 }
             }
+        }
+        if let Some(gate) = &self.answers {
+            return self.wait_on_ring(g, me, gate);
         }
         loop {
             if let Some(r) = g.ready.remove(&me) {
@@ -237,10 +447,10 @@ impl Pipe {
                         && g.sent == g.received + 1
                         && self.active.load(Ordering::Relaxed) == 1;
                     drop(g);
-                    let timed = (solo && reader.buffer().is_empty()).then(|| {
+                    let timed = (solo && reader.buffer_empty()).then(|| {
                         let start = Instant::now();
                         if self.spin.load(Ordering::Relaxed) {
-                            spin_readable(&self.stream, spin_budget());
+                            reader.spin(spin_budget());
                         }
                         start
                     });
@@ -306,7 +516,7 @@ mod tests {
 
     /// A stand-in domain: answers each request with its session number, in order, and
     /// writes the answers of all requests that arrived together in one write.
-    fn echo_domain(mut s: UnixStream) {
+    fn echo_domain<S: Read + Write>(mut s: S) {
         let mut d = caas_vsm_proto::FrameDecoder::new();
         let mut chunk = vec![0u8; 64 * 1024];
         loop {
@@ -346,6 +556,72 @@ mod tests {
     fn pipelined_callers_each_get_their_own_answer() -> std::io::Result<()> {
         let (pipe, peer) = pipe_pair()?;
         let domain = std::thread::spawn(move || echo_domain(peer));
+        std::thread::scope(|sc| {
+            for t in 0..8u64 {
+                let pipe = &pipe;
+                sc.spawn(move || {
+                    for i in 0..500u64 {
+                        let session = t * 1_000_000 + i;
+                        let r = pipe.call(&sign_once(session));
+                        assert!(
+                            matches!(&r, Ok(Response { rv: 0, body: Body::Ulongs { values } }) if values == &[session]),
+                            "thread {t} call {i}: {r:?}"
+                        );
+                    }
+                });
+            }
+        });
+        assert!(!pipe.is_broken());
+        drop(pipe);
+        let _ = domain.join();
+        Ok(())
+    }
+
+    /// A stand-in domain's two ring ends as one stream.
+    struct RingEnds(ring::Rx<UnixStream>, ring::Tx<UnixStream>);
+
+    impl Read for RingEnds {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl Write for RingEnds {
+        /// Writes whole frames (as the domain does) and publishes how many.
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = self.1.write(buf)?;
+            let (mut frames, mut rest) = (0, buf);
+            while let Some(h) = rest.first_chunk::<4>() {
+                let len = 4 + u32::from_be_bytes(*h) as usize;
+                rest = rest.get(len..).unwrap_or_default();
+                frames += 1;
+            }
+            self.1.answered(frames);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The same over the shared-memory ring: many threads, one ring, each caller its own
+    /// answer; the domain's hang-up breaks the pipe instead of hanging a caller.
+    #[test]
+    fn pipelined_callers_each_get_their_own_answer_over_the_ring() -> std::io::Result<()> {
+        let (fd, dmap) = ring::create()?;
+        let cmap = ring::attach(&fd)?;
+        let (a, b) = UnixStream::pair()?;
+        let (drx, dtx) = ring::endpoints(dmap, ring::Side::Domain, b.try_clone()?, b, None);
+        let (crx, ctx) = ring::endpoints(
+            cmap,
+            ring::Side::Client,
+            a.try_clone()?,
+            a.try_clone()?,
+            Some(Duration::from_secs(20)),
+        );
+        let pipe = Pipe::new_ring(a, crx, ctx, Duration::from_secs(20));
+        assert!(pipe.is_ring());
+        let domain = std::thread::spawn(move || echo_domain(RingEnds(drx, dtx)));
         std::thread::scope(|sc| {
             for t in 0..8u64 {
                 let pipe = &pipe;

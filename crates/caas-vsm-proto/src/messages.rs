@@ -330,6 +330,12 @@ wire_enum! {
         /// C_DecryptMessageNext: a part; at `end` the tag (from that call's parameters) is
         /// checked before any plaintext is answered ([`Body::SecretData`]).
         DecryptMessageNext = 66 { session: u64, data: Blob, tag: Blob, end: bool, cap: Option<u64> },
+        /// Moves the rest of this UNIX-socket connection onto a shared-memory ring
+        /// ([`crate::ring`]): the domain answers [`Body::Empty`] with the ring's memfd attached
+        /// (SCM_RIGHTS), and every later frame of the connection travels through the ring.
+        /// Other transports, and a ring asked for twice, are refused
+        /// (CKR_FUNCTION_NOT_SUPPORTED); the module then stays on the socket.
+        RingOpen = 67 {},
     }
 }
 
