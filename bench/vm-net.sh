@@ -51,7 +51,7 @@ if ! cargo test -q -p caas --test vm_net -- --ignored --exact bench_overlay_vs_d
   rm -f "$out"
   exit 1
 fi
-grep -E '^(vm-net|direct|overlay|ratios)' "$out"
+grep -E '^(vm-net|round|direct|overlay|ratios)' "$out"
 if [ "${AGENT:-0}" = 1 ]; then
   if ! cargo test -q -p caas --test vm_net_agent -- --ignored --exact bench_overlay_through_agents --nocapture >"$out" 2>&1; then
     grep -v caas-counter "$out" | tail -40 >&2
