@@ -76,7 +76,10 @@ mod tests {
         assert!(waited < Duration::from_millis(500), "{waited:?}");
         assert!(!until_readable(&[a.as_fd()], Duration::ZERO));
         b.send(b"x").unwrap();
-        assert!(until_readable(&[b.as_fd(), a.as_fd()], Duration::from_millis(5)));
+        assert!(until_readable(
+            &[b.as_fd(), a.as_fd()],
+            Duration::from_millis(5)
+        ));
     }
 
     #[test]

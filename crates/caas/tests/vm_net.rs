@@ -474,13 +474,16 @@ fn stand_in_vm(p: &Proxy) -> std::os::unix::net::UnixDatagram {
 #[test]
 fn an_idle_proxy_sleeps_and_only_frames_it_moves_make_it_spin() {
     let dir = tempfile::tempdir().unwrap();
-    let mut pa = Proxy::start_with_spin(dir.path(), "ia", 1, Some(2000));
-    let mut pb = Proxy::start_with_spin(dir.path(), "ib", 2, Some(2000));
+    // The default spin bound (2 ms).
+    let mut pa = Proxy::start(dir.path(), "ia", 1);
+    let mut pb = Proxy::start(dir.path(), "ib", 2);
     pa.setup(2, pb.udp);
     pb.setup(1, pa.udp);
     let (vm_a, vm_b) = (stand_in_vm(&pa), stand_in_vm(&pb));
     let frame = |dst: u8, src: u8| {
-        let mut f = vec![0x52, 0x54, 0, 0x16, 0, dst, 0x52, 0x54, 0, 0x16, 0, src, 0x08, 0];
+        let mut f = vec![
+            0x52, 0x54, 0, 0x16, 0, dst, 0x52, 0x54, 0, 0x16, 0, src, 0x08, 0,
+        ];
         f.extend_from_slice(&[0x33; 100]);
         f
     };
@@ -523,12 +526,17 @@ fn an_idle_proxy_sleeps_and_only_frames_it_moves_make_it_spin() {
     std::thread::sleep(Duration::from_millis(50));
     let attacked = cpu_time(pid) - c0;
     let dropped = pa.stat("rx_malformed") + pa.stat("rx_unknown_peer");
-    assert_eq!(dropped, 200, "every stranger's datagram is dropped and counted");
+    assert_eq!(
+        dropped, 200,
+        "every stranger's datagram is dropped and counted"
+    );
     assert!(
         attacked < Duration::from_millis(100),
         "200 dropped datagrams cost the proxy {attacked:?} of CPU: they armed the spin"
     );
-    eprintln!("proxy CPU: idle 1 s {idle:?}, one frame {one:?}, 200 dropped datagrams {attacked:?}");
+    eprintln!(
+        "proxy CPU: idle 1 s {idle:?}, one frame {one:?}, 200 dropped datagrams {attacked:?}"
+    );
 }
 
 /// One measurement: (throughput MB/s, average RTT ms). `overlay`: through two proxies

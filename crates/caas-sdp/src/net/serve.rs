@@ -8,12 +8,15 @@
 //! Latency: a frame that arrives while the frame thread sleeps costs a wake-up, and the
 //! overlay puts two more of them on each direction of a round trip than qemu's own socket
 //! networking (VM → proxy → UDP → proxy → VM). After moving frames the thread therefore
-//! stays awake for a bounded spin (1 ms by default, `CAAS_NET_SPIN_US`, 0 = off, at most
-//! 2 ms; [`caas_crypto::spin`]) polling both sockets, long enough for the answer to a
-//! request (a ping's reply, a TCP segment's ACK) to find it awake on both proxies. Only
-//! frames it moved arm the spin (an attacker's rejected datagrams never do), so it costs at
-//! most one bound of yielding CPU per burst of traffic, and an idle proxy sleeps in `poll`
-//! (woken each 200 ms tick).
+//! stays awake for a bounded spin (2 ms by default, `CAAS_NET_SPIN_US`, 0 = off, at most
+//! 5 ms; [`caas_crypto::spin`]) polling both sockets, long enough for the answer to a
+//! request (a ping's reply, a TCP segment's ACK) to find it awake on both proxies: of the
+//! four extra wake-ups per round trip, the answer's two are gone. The spin yields the CPU
+//! between polls and stops as soon as another thread wants the CPU (a yield that took
+//! long), so it only uses CPU time that would otherwise be idle. Only frames the thread
+//! moved arm it (an attacker's rejected datagrams never do): it costs at most one bound per
+//! burst of traffic, and an idle proxy sleeps in `poll` (woken each 200 ms tick; test
+//! `an_idle_proxy_sleeps_and_only_frames_it_moves_make_it_spin` in `caas/tests/vm_net.rs`).
 //!
 //! Socket hygiene as the disk proxy's: the VM socket is created 0600 (owned by
 //! `--peer-uid` when the VM runs as another user) in a directory nobody else may write, and
@@ -225,12 +228,12 @@ fn spin_budget() -> Duration {
     })
 }
 
-/// The default spin: about one round trip of a TCG guest's reply (a ping's answer reaches
-/// the proxy ~0.6–0.9 ms after the request left it), so the answer of a request finds the
-/// thread awake.
-const DEFAULT_SPIN_US: u64 = 1000;
+/// The default spin: longer than the answer to a request takes to come back through a
+/// TCG guest (a ping's reply reached the sending proxy 0.7–1.0 ms after the request left
+/// it, `perf sched timehist` of `bench/vm-net.sh`), so the answer finds both proxies awake.
+const DEFAULT_SPIN_US: u64 = 2000;
 /// The longest spin allowed.
-const MAX_SPIN_US: u64 = 2000;
+const MAX_SPIN_US: u64 = 5000;
 
 /// The frame thread: both directions on one thread (VM → seal → peers; peers → open → VM).
 struct Pump {
@@ -299,8 +302,7 @@ impl Pump {
         use std::os::fd::AsRawFd;
         let (n, from_vm) = {
             let mut iov = [std::io::IoSliceMut::new(&mut self.vm_buf)];
-            match recvmsg::<UnixAddr>(self.vm.as_raw_fd(), &mut iov, None, MsgFlags::MSG_DONTWAIT)
-            {
+            match recvmsg::<UnixAddr>(self.vm.as_raw_fd(), &mut iov, None, MsgFlags::MSG_DONTWAIT) {
                 Ok(m) => (
                     m.bytes,
                     m.address.as_ref().and_then(UnixAddr::path) == Some(self.peer.as_path()),
