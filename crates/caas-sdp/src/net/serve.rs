@@ -182,6 +182,8 @@ pub fn start(a: &ServeArgs) -> Result<Running, ServeError> {
     // longer than a tick: a VM that stops reading its NIC drops its own frames only.
     vm.set_write_timeout(Some(TICK))
         .map_err(io("vm socket timeout"))?;
+    vm.set_read_timeout(Some(TICK))
+        .map_err(io("vm socket timeout"))?;
     udp.set_write_timeout(Some(TICK))
         .map_err(io("udp timeout"))?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -298,17 +300,18 @@ impl Pump {
 
     /// One frame of the VM: sealed and sent to the peers it goes to.
     fn pump_vm(&mut self) -> Got {
-        use nix::sys::socket::{MsgFlags, UnixAddr, recvmsg};
-        use std::os::fd::AsRawFd;
-        let (n, from_vm) = {
-            let mut iov = [std::io::IoSliceMut::new(&mut self.vm_buf)];
-            match recvmsg::<UnixAddr>(self.vm.as_raw_fd(), &mut iov, None, MsgFlags::MSG_DONTWAIT) {
-                Ok(m) => (
-                    m.bytes,
-                    m.address.as_ref().and_then(UnixAddr::path) == Some(self.peer.as_path()),
-                ),
-                Err(_) => return Got::Nothing,
-            }
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        // Readable first, then std's `recv_from` (it parses every sender address, an unbound
+        // sender's empty one included); a queued datagram is there for this, the only reader,
+        // and the read timeout bounds the read should it not be.
+        let mut fds = [PollFd::new(self.vm.as_fd(), PollFlags::POLLIN)];
+        if !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) {
+            return Got::Nothing;
+        }
+        let (n, from_vm) = match self.vm.recv_from(&mut self.vm_buf) {
+            Ok((n, from)) => (n, from.as_pathname() == Some(self.peer.as_path())),
+            Err(_) => return Got::Nothing,
         };
         if !from_vm {
             self.shared.count_vm_refused();
