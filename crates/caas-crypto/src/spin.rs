@@ -1,6 +1,8 @@
-//! The one bounded spin before a blocking wait, shared by the key-holding processes' socket
-//! loops (the crypto domain's connection threads, `caas_domc::server`; the network proxy,
-//! `caas_sdp::net::serve`). A thread that expects more input soon polls its sockets without
+//! A bounded spin before a blocking wait for the key-holding processes' socket loops: the
+//! network proxy (`caas_sdp::net::serve`) uses it. The crypto domain's connection threads
+//! (`caas_domc::server`) and the PKCS#11 module's pipes (`caas_pkcs11::mux`, which does not
+//! depend on this crate) still have their own `MSG_PEEK` equivalent of one socket, without
+//! the contention cut-off below. A thread that expects more input soon polls its sockets without
 //! blocking, yielding the CPU between polls (a thread woken onto this very CPU gets it), for
 //! at most a bound, and only then sleeps: when the input comes within the bound it pays
 //! neither the sleep nor a wake-up (which on a VM's idle vCPU is an exit to the hypervisor),

@@ -474,9 +474,9 @@ fn stand_in_vm(p: &Proxy) -> std::os::unix::net::UnixDatagram {
 #[test]
 fn an_idle_proxy_sleeps_and_only_frames_it_moves_make_it_spin() {
     let dir = tempfile::tempdir().unwrap();
-    // The default spin bound (2 ms).
-    let mut pa = Proxy::start(dir.path(), "ia", 1);
-    let mut pb = Proxy::start(dir.path(), "ib", 2);
+    // The spin on, 2 ms (it is off by default).
+    let mut pa = Proxy::start_with_spin(dir.path(), "ia", 1, Some(2000));
+    let mut pb = Proxy::start_with_spin(dir.path(), "ib", 2, Some(2000));
     pa.setup(2, pb.udp);
     pb.setup(1, pa.udp);
     let (vm_a, vm_b) = (stand_in_vm(&pa), stand_in_vm(&pb));
@@ -618,14 +618,17 @@ fn bench_overlay_vs_direct() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2);
-    // CAAS_NET_BENCH_NOSPIN=1: also the overlay with the proxies' spin off, in each round.
-    let nospin = std::env::var("CAAS_NET_BENCH_NOSPIN").is_ok_and(|v| v == "1");
+    // CAAS_NET_BENCH_SPIN=US: also the overlay with the proxies' spin on (CAAS_NET_SPIN_US),
+    // in each round.
+    let spin: Option<u64> = std::env::var("CAAS_NET_BENCH_SPIN")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let (mut d, mut o, mut n) = (vec![], vec![], vec![]);
     for round in 1..=rounds {
         d.push(measure(dir.path(), &image, None, size));
         o.push(measure(dir.path(), &image, Some(None), size));
-        if nospin {
-            n.push(measure(dir.path(), &image, Some(Some(0)), size));
+        if let Some(us) = spin {
+            n.push(measure(dir.path(), &image, Some(Some(us)), size));
         }
         let (dr, or) = (d[round - 1], o[round - 1]);
         println!(
@@ -637,7 +640,7 @@ fn bench_overlay_vs_direct() {
             or.0 / dr.0,
             or.1 / dr.1,
             n.last()
-                .map(|x| format!(", overlay-nospin {:.2} MB/s {:.3} ms", x.0, x.1))
+                .map(|x| format!(", overlay-spin {:.2} MB/s {:.3} ms", x.0, x.1))
                 .unwrap_or_default()
         );
     }
@@ -652,10 +655,10 @@ fn bench_overlay_vs_direct() {
     println!("vm-net accel={} bytes={size} rounds={rounds}", accel());
     println!("direct  (qemu -netdev dgram): throughput {dt:.1} MB/s, rtt {dl:.3} ms  {d:?}");
     println!("overlay (caas net serve):     throughput {ot:.1} MB/s, rtt {ol:.3} ms  {o:?}");
-    if nospin {
+    if let Some(us) = spin {
         let (nt, nl) = best(&n);
         println!(
-            "overlay-nospin (CAAS_NET_SPIN_US=0): throughput {nt:.1} MB/s, rtt {nl:.3} ms  {n:?}"
+            "overlay-spin (CAAS_NET_SPIN_US={us}): throughput {nt:.1} MB/s, rtt {nl:.3} ms  {n:?}"
         );
     }
     println!(

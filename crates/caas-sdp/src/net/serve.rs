@@ -7,21 +7,17 @@
 //!
 //! Latency: a frame that arrives while the frame thread sleeps costs a wake-up, and the
 //! overlay puts two more of them on each direction of a round trip than qemu's own socket
-//! networking (VM → proxy → UDP → proxy → VM). After moving frames the thread therefore
-//! stays awake for a bounded spin (2 ms by default, `CAAS_NET_SPIN_US`, 0 = off, at most
-//! 5 ms; [`caas_crypto::spin`]) polling both sockets, long enough for the answer to a
-//! request (a ping's reply, a TCP segment's ACK) to find it awake on both proxies: of the
-//! four extra wake-ups per round trip, the answer's two are gone. The spin yields the CPU
-//! between polls and stops as soon as another thread wants the CPU (a yield that took
-//! long), so it only uses CPU time that would otherwise be idle. Only frames the thread
-//! moved arm it (an attacker's rejected datagrams never do): it costs at most one bound per
-//! burst of traffic, and an idle proxy sleeps in `poll` (woken each 200 ms tick; test
-//! `an_idle_proxy_sleeps_and_only_frames_it_moves_make_it_spin` in `caas/tests/vm_net.rs`).
-//!
-//! Socket hygiene as the disk proxy's: the VM socket is created 0600 (owned by
-//! `--peer-uid` when the VM runs as another user) in a directory nobody else may write, and
-//! a datagram on it counts only when the kernel names its sender as the VM's own socket
-//! path (`--vm-peer`); anything else is dropped and counted (`vm_refused`).
+//! networking (VM → proxy → UDP → proxy → VM). One thread per proxy instead of one per
+//! direction keeps the proxy's threads to one wake-up per burst whichever way it goes. After
+//! moving frames the thread can also stay awake for a bounded spin (`CAAS_NET_SPIN_US`, off
+//! by default, at most 5000 µs; [`caas_crypto::spin`]) polling both sockets, so that the
+//! answer to a request (a ping's reply, a TCP segment's ACK) finds it awake. The spin yields
+//! between polls and stops as soon as another thread had the CPU (a yield that took long);
+//! only frames the thread moved arm it (an attacker's rejected datagrams never do), so it
+//! costs at most one bound per burst and an idle proxy sleeps in `poll` (woken each 200 ms
+//! tick; test `an_idle_proxy_sleeps_and_only_frames_it_moves_make_it_spin` in
+//! `caas/tests/vm_net.rs`). It is off by default: on a contended host it made latency and
+//! throughput worse (see `DEFAULT_SPIN_US`).
 use super::control::Control;
 use super::frame::DomainId;
 use super::frame::MAX_DATAGRAM;
@@ -230,10 +226,12 @@ fn spin_budget() -> Duration {
     })
 }
 
-/// The default spin: longer than the answer to a request takes to come back through a
-/// TCG guest (a ping's reply reached the sending proxy 0.7–1.0 ms after the request left
-/// it, `perf sched timehist` of `bench/vm-net.sh`), so the answer finds both proxies awake.
-const DEFAULT_SPIN_US: u64 = 2000;
+/// The default spin: off. Measured under contention (2 cores, two TCG guests and other
+/// builds, load 11-17) a yielding spinner gave whole time slices away while frames waited
+/// (`bench/vm-net.sh` overlay rounds of 17 and 63 ms and 0.09 MB/s against 4-6 ms and
+/// 1.2-2.1 MB/s with it off); 2000 (about one answer's time through a TCG guest, 0.7-1.0 ms)
+/// is the setting to measure on a quiet host.
+const DEFAULT_SPIN_US: u64 = 0;
 /// The longest spin allowed.
 const MAX_SPIN_US: u64 = 5000;
 
