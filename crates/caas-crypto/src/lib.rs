@@ -7,7 +7,8 @@
 //! process-hygiene routine (non-dumpable, no core files) of every key-holding process;
 //! [`fs`] the one writer of secret files (atomic, 0600, owner set before content, never
 //! through a symbolic link); [`chain`] the one hash-chained, authenticated log construction
-//! (record hash, tags, verifier) of the key service's, crypto domain's and agent's logs.
+//! (record hash, tags, verifier) of the key service's, crypto domain's and agent's logs;
+//! [`spin`] the one bounded spin-before-block of their socket loops.
 pub mod aead;
 pub mod chain;
 mod error;
@@ -16,6 +17,7 @@ pub mod hardening;
 pub mod kdf;
 pub mod peer;
 mod secret;
+pub mod spin;
 
 pub use error::Error;
 pub use secret::{SecretBytes, SecretKey, random_array, random_bytes, random_key};

@@ -39,6 +39,11 @@ struct Proxy {
 
 impl Proxy {
     fn start(dir: &Path, name: &str, sender: u32) -> Proxy {
+        Self::start_with_spin(dir, name, sender, None)
+    }
+
+    /// With `spin`, the proxy's spin bound (`CAAS_NET_SPIN_US`) instead of its default.
+    fn start_with_spin(dir: &Path, name: &str, sender: u32, spin: Option<u64>) -> Proxy {
         let sock = dir.join(format!("{name}.net.sock"));
         let vm_sock = dir.join(format!("{name}.vm.sock"));
         let mut child = Command::new(caas_bin())
@@ -57,6 +62,7 @@ impl Proxy {
             .arg("--vm-peer")
             .arg(&vm_sock)
             .env("CAAS_LOG", "warn")
+            .envs(spin.map(|us| ("CAAS_NET_SPIN_US", us.to_string())))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -439,13 +445,108 @@ fn two_vms_talk_through_the_overlay_and_the_underlay_sees_no_plaintext() {
     );
 }
 
-/// One measurement: (throughput MB/s, average RTT ms).
-fn measure(dir: &Path, image: &Path, overlay: bool, size: u64) -> (f64, f64) {
+/// CPU time a process has used (all its threads; scheduler accounting, nanoseconds).
+fn cpu_time(pid: u32) -> Duration {
+    let mut ns = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let stat = std::fs::read_to_string(t.unwrap().path().join("schedstat")).unwrap_or_default();
+        ns += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Duration::from_nanos(ns)
+}
+
+/// A stand-in for the VM of `p`: bound where qemu's socket would be, sending to the proxy.
+fn stand_in_vm(p: &Proxy) -> std::os::unix::net::UnixDatagram {
+    let vm = std::os::unix::net::UnixDatagram::bind(&p.vm_sock).unwrap();
+    vm.connect(&p.sock).unwrap();
+    vm.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    vm
+}
+
+/// The proxies' spin (`CAAS_NET_SPIN_US`, a bounded wait awake after moving frames) must
+/// cost nothing while the VM is quiet, at most one bound per burst of traffic, and nothing
+/// for an attacker on the underlay: datagrams that are dropped never arm it (else a stranger
+/// sending one datagram per spin bound would keep the proxy spinning for free).
+#[test]
+fn an_idle_proxy_sleeps_and_only_frames_it_moves_make_it_spin() {
+    let dir = tempfile::tempdir().unwrap();
+    // The spin on, 2 ms (it is off by default).
+    let mut pa = Proxy::start_with_spin(dir.path(), "ia", 1, Some(2000));
+    let mut pb = Proxy::start_with_spin(dir.path(), "ib", 2, Some(2000));
+    pa.setup(2, pb.udp);
+    pb.setup(1, pa.udp);
+    let (vm_a, vm_b) = (stand_in_vm(&pa), stand_in_vm(&pb));
+    let frame = |dst: u8, src: u8| {
+        let mut f = vec![
+            0x52, 0x54, 0, 0x16, 0, dst, 0x52, 0x54, 0, 0x16, 0, src, 0x08, 0,
+        ];
+        f.extend_from_slice(&[0x33; 100]);
+        f
+    };
+    let mut buf = vec![0u8; 2048];
+    for _ in 0..20 {
+        vm_a.send(&frame(2, 1)).unwrap();
+        assert_eq!(vm_b.recv(&mut buf).unwrap(), 114);
+        vm_b.send(&frame(1, 2)).unwrap();
+        assert_eq!(vm_a.recv(&mut buf).unwrap(), 114);
+    }
+    let pid = pa.child.id();
+    // Quiet: the spin after the last frame is over long before; the proxy sleeps.
+    std::thread::sleep(Duration::from_millis(50));
+    let c0 = cpu_time(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let idle = cpu_time(pid) - c0;
+    assert!(
+        idle < Duration::from_millis(5),
+        "an idle proxy used {idle:?} of CPU in 1 s"
+    );
+    // One frame buys at most one bound (2 ms) of spinning, plus the frame's own work.
+    let c0 = cpu_time(pid);
+    vm_a.send(&frame(2, 1)).unwrap();
+    assert_eq!(vm_b.recv(&mut buf).unwrap(), 114);
+    std::thread::sleep(Duration::from_millis(100));
+    let one = cpu_time(pid) - c0;
+    assert!(
+        one < Duration::from_millis(10),
+        "one frame cost the proxy {one:?} of CPU"
+    );
+    // The attacker: 200 datagrams from outside the peer list, 3 ms apart (each would buy a
+    // full 2 ms spin if dropped datagrams armed it: ~400 ms of CPU).
+    let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let junk = vec![0x43u8; 200];
+    let c0 = cpu_time(pid);
+    for _ in 0..200 {
+        stranger.send_to(&junk, pa.udp).unwrap();
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let attacked = cpu_time(pid) - c0;
+    let dropped = pa.stat("rx_malformed") + pa.stat("rx_unknown_peer");
+    assert_eq!(
+        dropped, 200,
+        "every stranger's datagram is dropped and counted"
+    );
+    assert!(
+        attacked < Duration::from_millis(100),
+        "200 dropped datagrams cost the proxy {attacked:?} of CPU: they armed the spin"
+    );
+    eprintln!(
+        "proxy CPU: idle 1 s {idle:?}, one frame {one:?}, 200 dropped datagrams {attacked:?}"
+    );
+}
+
+/// One measurement: (throughput MB/s, average RTT ms). `overlay`: through two proxies
+/// (`Some(spin)`: with that spin bound, `Some(None)` the default), else directly.
+fn measure(dir: &Path, image: &Path, overlay: Option<Option<u64>>, size: u64) -> (f64, f64) {
     let mut proxies = vec![];
     let (nic_a, nic_b);
-    if overlay {
-        let mut pa = Proxy::start(dir, "ba", 1);
-        let mut pb = Proxy::start(dir, "bb", 2);
+    if let Some(spin) = overlay {
+        let mut pa = Proxy::start_with_spin(dir, "ba", 1, spin);
+        let mut pb = Proxy::start_with_spin(dir, "bb", 2, spin);
         pa.setup(2, pb.udp);
         pb.setup(1, pa.udp);
         proxies.push(pa);
@@ -470,7 +571,7 @@ fn measure(dir: &Path, image: &Path, overlay: bool, size: u64) -> (f64, f64) {
             remote: pa,
         };
     }
-    let tag = if overlay { "ovl" } else { "dir" };
+    let tag = if overlay.is_some() { "ovl" } else { "dir" };
     let mut b = boot(
         dir,
         image,
@@ -517,10 +618,31 @@ fn bench_overlay_vs_direct() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2);
-    let (mut d, mut o) = (vec![], vec![]);
-    for _ in 0..rounds {
-        d.push(measure(dir.path(), &image, false, size));
-        o.push(measure(dir.path(), &image, true, size));
+    // CAAS_NET_BENCH_SPIN=US: also the overlay with the proxies' spin on (CAAS_NET_SPIN_US),
+    // in each round.
+    let spin: Option<u64> = std::env::var("CAAS_NET_BENCH_SPIN")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let (mut d, mut o, mut n) = (vec![], vec![], vec![]);
+    for round in 1..=rounds {
+        d.push(measure(dir.path(), &image, None, size));
+        o.push(measure(dir.path(), &image, Some(None), size));
+        if let Some(us) = spin {
+            n.push(measure(dir.path(), &image, Some(Some(us)), size));
+        }
+        let (dr, or) = (d[round - 1], o[round - 1]);
+        println!(
+            "round {round}: direct {:.2} MB/s {:.3} ms, overlay {:.2} MB/s {:.3} ms ({:.2}x, {:.2}x){}",
+            dr.0,
+            dr.1,
+            or.0,
+            or.1,
+            or.0 / dr.0,
+            or.1 / dr.1,
+            n.last()
+                .map(|x| format!(", overlay-spin {:.2} MB/s {:.3} ms", x.0, x.1))
+                .unwrap_or_default()
+        );
     }
     let best = |v: &[(f64, f64)]| {
         (
@@ -533,6 +655,12 @@ fn bench_overlay_vs_direct() {
     println!("vm-net accel={} bytes={size} rounds={rounds}", accel());
     println!("direct  (qemu -netdev dgram): throughput {dt:.1} MB/s, rtt {dl:.3} ms  {d:?}");
     println!("overlay (caas net serve):     throughput {ot:.1} MB/s, rtt {ol:.3} ms  {o:?}");
+    if let Some(us) = spin {
+        let (nt, nl) = best(&n);
+        println!(
+            "overlay-spin (CAAS_NET_SPIN_US={us}): throughput {nt:.1} MB/s, rtt {nl:.3} ms  {n:?}"
+        );
+    }
     println!(
         "ratios: throughput {:.2}x (goal >= 0.8), latency {:.2}x (goal <= 1.2)",
         ot / dt,

@@ -1,13 +1,23 @@
 //! `caas net serve`: the overlay on real sockets. The VM's NIC backend is a UNIX datagram
 //! socket pair with qemu (`-netdev dgram,local.type=unix,local.path=VM_PEER,
 //! remote.type=unix,remote.path=VM_SOCKET`: each datagram one Ethernet frame); the underlay
-//! one UDP socket. Two threads move frames (VM → seal → peers; peers → open → VM), the
-//! caller's thread reads the control channel ([`super::control`]) until end of input.
+//! one UDP socket. One thread moves the frames of both directions (VM → seal → peers;
+//! peers → open → VM), the caller's thread reads the control channel ([`super::control`])
+//! until end of input.
 //!
-//! Socket hygiene as the disk proxy's: the VM socket is created 0600 (owned by
-//! `--peer-uid` when the VM runs as another user) in a directory nobody else may write, and
-//! a datagram on it counts only when the kernel names its sender as the VM's own socket
-//! path (`--vm-peer`); anything else is dropped and counted (`vm_refused`).
+//! Latency: a frame that arrives while the frame thread sleeps costs a wake-up, and the
+//! overlay puts two more of them on each direction of a round trip than qemu's own socket
+//! networking (VM → proxy → UDP → proxy → VM). One thread per proxy instead of one per
+//! direction keeps the proxy's threads to one wake-up per burst whichever way it goes. After
+//! moving frames the thread can also stay awake for a bounded spin (`CAAS_NET_SPIN_US`, off
+//! by default, at most 5000 µs; [`caas_crypto::spin`]) polling both sockets, so that the
+//! answer to a request (a ping's reply, a TCP segment's ACK) finds it awake. The spin yields
+//! between polls and stops as soon as another thread had the CPU (a yield that took long);
+//! only frames the thread moved arm it (an attacker's rejected datagrams never do), so it
+//! costs at most one bound per burst and an idle proxy sleeps in `poll` (woken each 200 ms
+//! tick; test `an_idle_proxy_sleeps_and_only_frames_it_moves_make_it_spin` in
+//! `caas/tests/vm_net.rs`). It is off by default: on a contended host it made latency and
+//! throughput worse (see `DEFAULT_SPIN_US`).
 use super::control::Control;
 use super::frame::DomainId;
 use super::frame::MAX_DATAGRAM;
@@ -164,68 +174,193 @@ pub fn start(a: &ServeArgs) -> Result<Running, ServeError> {
     let local = udp.local_addr().map_err(io("udp address"))?;
     big_buffers(&vm);
     big_buffers(&udp);
-    let tick = Some(Duration::from_millis(200));
-    vm.set_read_timeout(tick).map_err(io("vm socket timeout"))?;
-    udp.set_read_timeout(tick).map_err(io("udp timeout"))?;
+    // Sends block (the VM's queue holds few datagrams: backpressure, not loss), but never
+    // longer than a tick: a VM that stops reading its NIC drops its own frames only.
+    vm.set_write_timeout(Some(TICK))
+        .map_err(io("vm socket timeout"))?;
+    vm.set_read_timeout(Some(TICK))
+        .map_err(io("vm socket timeout"))?;
+    udp.set_write_timeout(Some(TICK))
+        .map_err(io("udp timeout"))?;
     let stop = Arc::new(AtomicBool::new(false));
-    let vm_rx = vm.try_clone().map_err(io("vm socket"))?;
-    let udp_rx = udp.try_clone().map_err(io("udp socket"))?;
-
-    // VM → seal → peers.
-    let tx = {
-        let (shared, stop, peer) = (shared.clone(), stop.clone(), a.vm_peer.clone());
+    let frames = {
+        let pump = Pump {
+            eg: Egress::new(shared.clone()),
+            ing: Ingress::new(shared.clone()),
+            shared: shared.clone(),
+            vm,
+            udp,
+            peer: a.vm_peer.clone(),
+            vm_buf: vec![0u8; 65_536],
+            udp_buf: vec![0u8; MAX_DATAGRAM + 1],
+            logged: std::collections::HashSet::new(),
+        };
+        let stop = stop.clone();
         std::thread::Builder::new()
-            .name("net-tx".into())
-            .spawn(move || {
-                let mut eg = Egress::new(shared.clone());
-                let mut buf = vec![0u8; 65_536];
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((n, from)) = vm.recv_from(&mut buf) else {
-                        continue;
-                    };
-                    if from.as_pathname() != Some(peer.as_path()) {
-                        shared.count_vm_refused();
-                        continue;
-                    }
-                    if let Ok(out) = eg.seal(&buf[..n], Instant::now()) {
-                        for to in &out.to {
-                            let _ = udp.send_to(&out.datagram, to);
-                        }
-                    }
-                }
-            })
-            .map_err(io("thread"))?
-    };
-    // Peers → open → VM.
-    let rx = {
-        let (shared, stop, peer) = (shared.clone(), stop.clone(), a.vm_peer.clone());
-        std::thread::Builder::new()
-            .name("net-rx".into())
-            .spawn(move || {
-                let mut ing = Ingress::new(shared);
-                let mut buf = vec![0u8; MAX_DATAGRAM + 1];
-                let mut logged = std::collections::HashSet::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((n, from)) = udp_rx.recv_from(&mut buf) else {
-                        continue;
-                    };
-                    match ing.open(from, &mut buf[..n], Instant::now()) {
-                        Ok(r) => {
-                            let _ = vm_rx.send_to(&buf[r], &peer);
-                        }
-                        Err(why) => note_drop(&mut logged, why, from),
-                    }
-                }
-            })
+            .name("net-frames".into())
+            .spawn(move || pump.run(&stop, spin_budget()))
             .map_err(io("thread"))?
     };
     Ok(Running {
         shared,
         udp: local,
         stop,
-        threads: vec![tx, rx],
+        threads: vec![frames],
         vm_socket: a.vm_socket.clone(),
     })
+}
+
+/// How long the frame thread sleeps at most between looks at the stop flag, and how long
+/// a send may block.
+const TICK: Duration = Duration::from_millis(200);
+
+/// Frames read from each socket per turn before the other one gets its turn.
+const BATCH: usize = 64;
+
+/// How long the frame thread waits awake for the next frame after moving one
+/// (`CAAS_NET_SPIN_US`, microseconds; 0 turns the spin off).
+fn spin_budget() -> Duration {
+    static B: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *B.get_or_init(|| {
+        caas_crypto::spin::budget_from_env("CAAS_NET_SPIN_US", DEFAULT_SPIN_US, MAX_SPIN_US)
+    })
+}
+
+/// The default spin: off. Measured under contention (2 cores, two TCG guests and other
+/// builds, load 11-17) a yielding spinner gave whole time slices away while frames waited
+/// (`bench/vm-net.sh` overlay rounds of 17 and 63 ms and 0.09 MB/s against 4-6 ms and
+/// 1.2-2.1 MB/s with it off); 2000 (about one answer's time through a TCG guest, 0.7-1.0 ms)
+/// is the setting to measure on a quiet host.
+const DEFAULT_SPIN_US: u64 = 0;
+/// The longest spin allowed.
+const MAX_SPIN_US: u64 = 5000;
+
+/// The frame thread: both directions on one thread (VM → seal → peers; peers → open → VM).
+struct Pump {
+    eg: Egress,
+    ing: Ingress,
+    shared: Arc<Shared>,
+    vm: UnixDatagram,
+    udp: UdpSocket,
+    peer: PathBuf,
+    vm_buf: Vec<u8>,
+    udp_buf: Vec<u8>,
+    logged: std::collections::HashSet<&'static str>,
+}
+
+/// What one non-blocking read found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Got {
+    /// Nothing queued (or a read error, reported once by the kernel).
+    Nothing,
+    /// A datagram that was dropped (counted).
+    Dropped,
+    /// A frame moved on.
+    Moved,
+}
+
+impl Pump {
+    /// Moves frames until `stop`. After moving frames it spins for up to `spin` for the next
+    /// one before sleeping in `poll`: a request's answer (the other direction) then finds
+    /// the thread awake instead of paying a sleep and a wake-up on each proxy. Only frames
+    /// that were moved arm the spin — dropped datagrams (an attacker on the underlay, a
+    /// stranger on the VM socket) never do — and an idle proxy sleeps (woken each tick).
+    fn run(mut self, stop: &AtomicBool, spin: Duration) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        let mut armed = false;
+        while !stop.load(Ordering::Relaxed) {
+            let mut read_any = false;
+            for _ in 0..BATCH {
+                let (v, u) = (self.pump_vm(), self.pump_udp());
+                if v == Got::Nothing && u == Got::Nothing {
+                    break;
+                }
+                read_any = true;
+                armed |= v == Got::Moved || u == Got::Moved;
+            }
+            if read_any {
+                continue;
+            }
+            if std::mem::take(&mut armed)
+                && caas_crypto::spin::until_readable(&[self.vm.as_fd(), self.udp.as_fd()], spin)
+            {
+                continue;
+            }
+            let mut fds = [
+                PollFd::new(self.vm.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.udp.as_fd(), PollFlags::POLLIN),
+            ];
+            // A tick without input, EINTR or a failed poll: look at the stop flag and read.
+            let _ = poll(&mut fds, PollTimeout::from(200u16));
+        }
+    }
+
+    /// One frame of the VM: sealed and sent to the peers it goes to.
+    fn pump_vm(&mut self) -> Got {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        // Readable first, then std's `recv_from` (it parses every sender address, an unbound
+        // sender's empty one included); a queued datagram is there for this, the only reader,
+        // and the read timeout bounds the read should it not be.
+        let mut fds = [PollFd::new(self.vm.as_fd(), PollFlags::POLLIN)];
+        if !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) {
+            return Got::Nothing;
+        }
+        let (n, from_vm) = match self.vm.recv_from(&mut self.vm_buf) {
+            Ok((n, from)) => (n, from.as_pathname() == Some(self.peer.as_path())),
+            Err(_) => return Got::Nothing,
+        };
+        if !from_vm {
+            self.shared.count_vm_refused();
+            return Got::Dropped;
+        }
+        let Ok(out) = self.eg.seal(&self.vm_buf[..n], Instant::now()) else {
+            return Got::Dropped;
+        };
+        for to in &out.to {
+            let _ = self.udp.send_to(&out.datagram, to);
+        }
+        Got::Moved
+    }
+
+    /// One datagram of the underlay: opened and delivered to the VM, or dropped.
+    fn pump_udp(&mut self) -> Got {
+        use nix::sys::socket::{MsgFlags, SockaddrStorage, recvmsg};
+        use std::os::fd::AsRawFd;
+        let (n, from) = {
+            let mut iov = [std::io::IoSliceMut::new(&mut self.udp_buf)];
+            match recvmsg::<SockaddrStorage>(
+                self.udp.as_raw_fd(),
+                &mut iov,
+                None,
+                MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(m) => (m.bytes, m.address.and_then(|a| socket_addr(&a))),
+                Err(_) => return Got::Nothing,
+            }
+        };
+        let Some(from) = from else {
+            return Got::Dropped;
+        };
+        match self.ing.open(from, &mut self.udp_buf[..n], Instant::now()) {
+            Ok(r) => {
+                let _ = self.vm.send_to(&self.udp_buf[r], &self.peer);
+                Got::Moved
+            }
+            Err(why) => {
+                note_drop(&mut self.logged, why, from);
+                Got::Dropped
+            }
+        }
+    }
+}
+
+fn socket_addr(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::from(*v4));
+    }
+    a.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6))
 }
 
 /// Logs the first drop of each reason (every drop is counted; logging each would let a
