@@ -96,7 +96,7 @@ pub struct NetPlacement {
 
 impl NetDomainRecord {
     /// Checks a record read back from the store (or about to be written): N's name, at
-    /// most [`MAX_NET_MEMBERS`] members, each with a valid id_vm, an agent URL of a
+    /// most `MAX_NET_MEMBERS` members, each with a valid id_vm, an agent URL of a
     /// bounded size and scheme, no id_vm or sender id twice.
     ///
     /// # Errors
