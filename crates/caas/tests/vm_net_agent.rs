@@ -25,32 +25,6 @@ fn wait_line(root: &Path, host: &str, vm: &str, marker: &str, timeout: Duration)
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// `caas tenant launch` of the provisioned image as `vm` on `host` by trusted launch under
-/// qemu, with the overlay NIC of network domain `lan` at `addr`; the CLI's output.
-fn launch_on_lan(root: &Path, dev: &common::Dev, vm: &str, host: &str, addr: &str) -> String {
-    tenant(
-        root,
-        dev,
-        &[
-            "launch",
-            "--id",
-            "legacy",
-            "--vm",
-            vm,
-            "--host",
-            host,
-            "--driver",
-            "qemu",
-            "--domains",
-            "finance",
-            "--net-domain",
-            "lan",
-            "--net-addr",
-            addr,
-        ],
-    )
-}
-
 #[test]
 fn two_vms_launched_through_their_agents_talk_over_the_overlay() {
     let image = net_demo_guest_image();

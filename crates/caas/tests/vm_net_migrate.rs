@@ -19,30 +19,6 @@ use serde_json::{Value, json};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn launch_on_lan(root: &Path, dev: &common::Dev, vm: &str, host: &str, addr: &str) -> String {
-    tenant(
-        root,
-        dev,
-        &[
-            "launch",
-            "--id",
-            "legacy",
-            "--vm",
-            vm,
-            "--host",
-            host,
-            "--driver",
-            "qemu",
-            "--domains",
-            "finance",
-            "--net-domain",
-            "lan",
-            "--net-addr",
-            addr,
-        ],
-    )
-}
-
 struct Ops {
     http: caas_attest::client::HttpClient,
     rt: tokio::runtime::Runtime,
@@ -90,28 +66,6 @@ impl Ops {
             .map(|w| w["vm_id"].as_str().unwrap().to_string())
             .collect()
     }
-}
-
-/// The command lines of every qemu of `vm` under `root` (the source's and the target's
-/// while both exist).
-fn qemu_cmdlines(root: &Path, vm: &str) -> Vec<Vec<String>> {
-    let want = format!("guest={vm}");
-    let root = root.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let raw = std::fs::read(e.path().join("cmdline")).ok()?;
-            let args: Vec<String> = raw
-                .split(|&b| b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            (args.first()?.contains("qemu-system")
-                && args.contains(&want)
-                && args.iter().any(|a| a.contains(&root)))
-            .then_some(args)
-        })
-        .collect()
 }
 
 /// The QMP socket of `vm`'s only qemu (from its command line).

@@ -105,19 +105,57 @@ pub fn tenant(root: &Path, dev: &Dev, args: &[&str]) -> String {
 /// deployment under `root` (an argument names a path under it: tests run in parallel and
 /// each names its VM `vm1`).
 pub fn qemu_cmdline(root: &Path, vm: &str) -> Option<Vec<String>> {
+    qemu_cmdlines(root, vm).into_iter().next()
+}
+
+/// The command lines of every qemu of `vm` under `root` (a migration's source and target
+/// while both exist).
+pub fn qemu_cmdlines(root: &Path, vm: &str) -> Vec<Vec<String>> {
     let want = format!("guest={vm}");
     let root = root.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let raw = std::fs::read(e.path().join("cmdline")).ok()?;
-        let args: Vec<String> = raw
-            .split(|&b| b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        (args.first()?.contains("qemu-system")
-            && args.contains(&want)
-            && args.iter().any(|a| a.contains(&root)))
-        .then_some(args)
-    })
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| {
+            let raw = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> = raw
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            (args.first()?.contains("qemu-system")
+                && args.contains(&want)
+                && args.iter().any(|a| a.contains(&root)))
+            .then_some(args)
+        })
+        .collect()
+}
+
+/// `caas tenant launch` of the provisioned image as `vm` on `host` by trusted launch under
+/// qemu, with the overlay NIC of network domain `lan` at `addr`; the CLI's output.
+pub fn launch_on_lan(root: &Path, dev: &Dev, vm: &str, host: &str, addr: &str) -> String {
+    tenant(
+        root,
+        dev,
+        &[
+            "launch",
+            "--id",
+            "legacy",
+            "--vm",
+            vm,
+            "--host",
+            host,
+            "--driver",
+            "qemu",
+            "--domains",
+            "finance",
+            "--net-domain",
+            "lan",
+            "--net-addr",
+            addr,
+        ],
+    )
 }
 
 pub fn find_file(dir: &Path, suffix: &str) -> Option<PathBuf> {
