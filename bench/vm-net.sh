@@ -21,6 +21,21 @@
 # proxies' spin on: `CAAS_NET_SPIN_US`, off by default); the method (ping -c 20 -i 0.2 after
 # a warm-up ping, average; best of the rounds for each mode) is unchanged.
 #
+# Figures on a QUIET machine with the one-frame-thread proxy (2026-12-06, lead, load 0.3-3,
+# TCG, dev profile, HEAD 3023be7):
+#   07:19, `BYTES=8388608 ROUNDS=3 CAAS_NET_BENCH_SPIN=2000 bench/vm-net.sh`:
+#     round 1: direct 4.12 MB/s 2.37 ms, overlay 2.59 MB/s 2.66 ms, overlay-spin 3.43 MB/s 3.68 ms
+#     round 2: direct 2.90 MB/s 1.68 ms, overlay 2.85 MB/s 3.05 ms, overlay-spin 3.24 MB/s 3.28 ms
+#     round 3: direct 2.86 MB/s 3.56 ms, overlay 2.26 MB/s 3.29 ms, overlay-spin 2.34 MB/s 3.54 ms
+#     best of: 0.69x throughput, 1.58x latency (medians: 0.91x, 1.29x)
+#   07:56, `BYTES=8388608 ROUNDS=3 bench/vm-net.sh`:
+#     rounds: direct 2.71/3.54/3.00 MB/s 1.80/3.10/3.44 ms; overlay 2.43/3.13/3.24 MB/s
+#     3.84/3.83/3.08 ms; best of: 0.92x throughput, 1.71x latency (medians: 1.04x, 1.24x)
+#   The latency goal (1.2x) is not met. On a quiet machine a TCG guest's own ping RTT varies
+#   1.7-3.6 ms between rounds of the DIRECT mode, so a best-of ratio swings with one lucky
+#   round; the medians put the overlay's cost at ~0.7 ms per round trip, as before the
+#   one-thread change. The spin did not help here either (it stays off by default).
+#
 # Since the one-frame-thread proxy (2026-12-06, helper netlat, 2 cores shared with 3 other
 # helpers' builds, load 6-17, TCG, dev profile; NOT a quiet machine — every mode varies 2x
 # between rounds, so these show the spin's failure under contention, not the 1.2x goal):

@@ -18,6 +18,17 @@
 # share of busy CPUs than caas's 8 client + 2 domain threads, so the sig/s ratio flatters
 # caas under load, while CPU cost per signature hardly depends on the load.
 #
+# Figures on a QUIET machine with the ring and per-caller wake words (2026-12-06T07:45Z,
+# lead, load 0.8 at the start, 2.6 at the end, no RT, HEAD 3023be7;
+# `CARGO_TARGET_DIR=/work/target-rel crates/caas-domc/bench/vsm-bench.sh 10000 5`, 3m40s):
+#   ods-hsmspeed RSA-1024 1t / 8t   6904/16290 vs 3593/5395  1.92/3.01
+#   ods-hsmspeed RSA-2048 1t / 8t   3239/ 6518 vs 1490/2660  2.17/2.45
+#   cryptoki ecdsa-p256 1t / 8t    43004/58746 vs 24169/32369 1.77 (goal 1.5: met) / 1.81 (goal 3)
+#   cryptoki ed25519 1t / 8t       67562/90954 vs 5837/10757 11.57/8.45
+#   cryptoki mldsa65 1t / 8t        5694/14072 (SoftHSM2: refused)
+#   ceiling ecdsa 2t 130188 sig/s: caas 8t .45 (goal .8), per CPU-second .46 (30250 vs 65421);
+#   mldsa65 .90 of its ceiling (.91 per CPU-second).
+#
 # Figures with the ring and per-caller wake words (2026-12-06T06:53Z, RT=1, load 6.0 at the
 # start, 9.7 over 5 min; the domain publishes a count of complete answers and wakes each
 # waiting caller on its own futex word, so a calling thread sleeps once per call):
