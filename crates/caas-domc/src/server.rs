@@ -123,12 +123,16 @@ trait Queued {
     fn answers_written(&mut self, _n: usize) {}
 }
 
+/// Whether `b` (a connection's private read buffer) starts with a whole frame.
+fn whole_frame_buffered(b: &[u8]) -> bool {
+    b.first_chunk::<4>()
+        .and_then(|h| caas_vsm_proto::frame_len(*h).ok())
+        .is_some_and(|len| b.len() - 4 >= len)
+}
+
 impl<S: Read + AsRawFd> Queued for Buffered<S> {
     fn request_queued(&self) -> bool {
-        let b = self.reader.buffer();
-        b.first_chunk::<4>()
-            .and_then(|h| caas_vsm_proto::frame_len(*h).ok())
-            .is_some_and(|len| b.len() - 4 >= len)
+        whole_frame_buffered(self.reader.buffer())
     }
     fn spin_for_request(&mut self, budget: Duration) {
         if self.reader.buffer().is_empty() {
@@ -200,10 +204,7 @@ impl Write for RingStream {
 
 impl Queued for RingStream {
     fn request_queued(&self) -> bool {
-        let b = self.reader.buffer();
-        b.first_chunk::<4>()
-            .and_then(|h| caas_vsm_proto::frame_len(*h).ok())
-            .is_some_and(|len| b.len() - 4 >= len)
+        whole_frame_buffered(self.reader.buffer())
     }
     fn spin_for_request(&mut self, budget: Duration) {
         if self.reader.buffer().is_empty() {

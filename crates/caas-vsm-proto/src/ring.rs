@@ -298,6 +298,27 @@ fn socket_done(s: &impl AsFd) -> bool {
     )
 }
 
+/// Polls `ready` (no system call but a `sched_yield` every 64 tries) for at most `budget`;
+/// returns whether it turned true.
+fn spin_until(budget: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    let mut i = 0u32;
+    loop {
+        if ready() {
+            return true;
+        }
+        i += 1;
+        if i.is_multiple_of(64) {
+            if start.elapsed() >= budget {
+                return false;
+            }
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
 /// Why a wait ended without data.
 #[derive(Debug)]
 pub enum WaitEnd {
@@ -441,23 +462,7 @@ impl<S: AsFd> Rx<S> {
         if budget.is_zero() {
             return false;
         }
-        let start = Instant::now();
-        let mut i = 0u32;
-        loop {
-            match self.available() {
-                Ok(0) => {}
-                _ => return true,
-            }
-            i += 1;
-            if i.is_multiple_of(64) {
-                if start.elapsed() >= budget {
-                    return false;
-                }
-                std::thread::yield_now();
-            } else {
-                std::hint::spin_loop();
-            }
-        }
+        spin_until(budget, || !matches!(self.available(), Ok(0)))
     }
 
     /// Waits (asleep) until data is available, the socket hangs up or the timeout passes.
@@ -658,22 +663,7 @@ impl Answers {
     /// Polls (no system call but `sched_yield`) for at most `budget` until answer `ord` is
     /// published; returns whether it is.
     pub fn spin(&self, ord: u32, budget: Duration) -> bool {
-        let start = Instant::now();
-        let mut i = 0u32;
-        loop {
-            if self.is_published(ord) {
-                return true;
-            }
-            i += 1;
-            if i.is_multiple_of(64) {
-                if start.elapsed() >= budget {
-                    return false;
-                }
-                std::thread::yield_now();
-            } else {
-                std::hint::spin_loop();
-            }
-        }
+        spin_until(budget, || self.is_published(ord))
     }
 }
 
