@@ -859,22 +859,29 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn member_leaving_during_a_request_still_rekeys_before_the_next_key() {
-        let fx = fixture(DEFAULT_REKEY_AFTER_MS).await;
+    /// Hosts ha and hb (profile prod) running vm-a and vm-b of net-a, both given epoch 1's
+    /// key; with the time of those releases.
+    async fn two_keyed_members(fx: &Fx) -> (Host, Host, Launched, Launched, u64) {
         let (a, b) = (
-            host(&fx, "ha", "prod", "v1").await,
-            host(&fx, "hb", "prod", "v1").await,
+            host(fx, "ha", "prod", "v1").await,
+            host(fx, "hb", "prod", "v1").await,
         );
         let (la, lb) = (
-            launch(&fx, &a, "vm-a", "prod", &["net-a"]).await,
-            launch(&fx, &b, "vm-b", "prod", &["net-a"]).await,
+            launch(fx, &a, "vm-a", "prod", &["net-a"]).await,
+            launch(fx, &b, "vm-b", "prod", &["net-a"]).await,
         );
         let now = caas_attest::now_ms();
         for (h, l) in [(&a, &la), (&b, &lb)] {
-            let (r, _) = request(&fx, h, l, "net-a", &fx.prod, now);
+            let (r, _) = request(fx, h, l, "net-a", &fx.prod, now);
             fx.ttp.netkey(&r, None, now).await.unwrap();
         }
+        (a, b, la, lb, now)
+    }
+
+    #[tokio::test]
+    async fn member_leaving_during_a_request_still_rekeys_before_the_next_key() {
+        let fx = fixture(DEFAULT_REKEY_AFTER_MS).await;
+        let (a, _, la, _, now) = two_keyed_members(&fx).await;
         // B is revoked while a request of net-a holds the domain's lock.
         let held = fx.ttp.net_locks.try_lock("net-a").unwrap();
         fx.ttp
@@ -913,19 +920,7 @@ mod tests {
     #[tokio::test]
     async fn stopped_member_leaves_and_gets_no_key_of_the_next_epoch() {
         let fx = fixture(DEFAULT_REKEY_AFTER_MS).await;
-        let (a, b) = (
-            host(&fx, "ha", "prod", "v1").await,
-            host(&fx, "hb", "prod", "v1").await,
-        );
-        let (la, lb) = (
-            launch(&fx, &a, "vm-a", "prod", &["net-a"]).await,
-            launch(&fx, &b, "vm-b", "prod", &["net-a"]).await,
-        );
-        let now = caas_attest::now_ms();
-        for (h, l) in [(&a, &la), (&b, &lb)] {
-            let (r, _) = request(&fx, h, l, "net-a", &fx.prod, now);
-            fx.ttp.netkey(&r, None, now).await.unwrap();
-        }
+        let (a, b, la, lb, now) = two_keyed_members(&fx).await;
         assert_eq!(fx.ttp.net_epoch("net-a").await.unwrap(), Some(1));
         let (first, q) = leave(&fx, &b, &lb, now);
         let s = fx.ttp.net_leave(&first, None, now).await.unwrap();
