@@ -174,14 +174,7 @@ impl Cloud {
     }
 
     fn stat(&self, host: &str, vm: &str, name: &str) -> u64 {
-        let v = self.net(host, vm);
-        let stats = v["stats"].as_str().unwrap().to_string();
-        stats
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-            .unwrap_or_else(|| panic!("{name} in {stats}"))
-            .parse()
-            .unwrap()
+        common::net_stat(&self.net(host, vm), name)
     }
 
     /// `host`'s agent audit log: (op, subject, result).

@@ -124,13 +124,7 @@ fn bench_overlay_through_agents() {
         println!("agent-overlay round {round}: {mbps:.2} MB/s ({secs:.2} s), rtt {avg:.3} ms");
         results.push((mbps, avg));
         // Stop both through the agents' operator API (as `caas demo` does).
-        let ops = caas_host::cli::OperatorArgs {
-            ca: dev.env[caas_host::cli::ENV_PKI_CA].clone().into(),
-            cert: dev.env[caas_host::cli::ENV_OPERATOR_CERT].clone().into(),
-            key: dev.env[caas_host::cli::ENV_OPERATOR_KEY].clone().into(),
-        }
-        .client()
-        .unwrap();
+        let ops = dev.agent_operator_http();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

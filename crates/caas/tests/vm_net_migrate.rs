@@ -26,13 +26,7 @@ struct Ops {
 
 impl Ops {
     fn new(dev: &common::Dev) -> Self {
-        let http = caas_host::cli::OperatorArgs {
-            ca: dev.env[caas_host::cli::ENV_PKI_CA].clone().into(),
-            cert: dev.env[caas_host::cli::ENV_OPERATOR_CERT].clone().into(),
-            key: dev.env[caas_host::cli::ENV_OPERATOR_KEY].clone().into(),
-        }
-        .client()
-        .unwrap();
+        let http = dev.agent_operator_http();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -47,14 +41,7 @@ impl Ops {
     }
 
     fn stat(&self, dev: &common::Dev, host: &str, vm: &str, name: &str) -> u64 {
-        let v = self.net(dev, host, vm);
-        let stats = v["stats"].as_str().unwrap().to_string();
-        stats
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-            .unwrap_or_else(|| panic!("{name} in {stats}"))
-            .parse()
-            .unwrap()
+        common::net_stat(&self.net(dev, host, vm), name)
     }
 
     fn workloads(&self, dev: &common::Dev, host: &str) -> Vec<String> {

@@ -173,6 +173,18 @@ impl Dev {
         self.var("CAAS_KMS_ENDPOINT")
     }
 
+    /// A client of the host agents' operator API (mutual TLS with the dev operator's
+    /// certificate, as `caas demo` uses it).
+    pub fn agent_operator_http(&self) -> caas_attest::client::HttpClient {
+        caas_host::cli::OperatorArgs {
+            ca: self.env[caas_host::cli::ENV_PKI_CA].clone().into(),
+            cert: self.env[caas_host::cli::ENV_OPERATOR_CERT].clone().into(),
+            key: self.env[caas_host::cli::ENV_OPERATOR_KEY].clone().into(),
+        }
+        .client()
+        .unwrap()
+    }
+
     /// A JSON client of the key service's signed routes, signing as the dev operator.
     pub fn operator_http(&self, timeout: Duration) -> caas_attest::client::HttpClient {
         signed_http(
@@ -351,4 +363,16 @@ pub fn signed_http(
             caas_crypto::SecretBytes::new(secret.as_bytes().to_vec()),
         ),
     )))
+}
+
+/// Counter `name` of a network proxy's attachment (`GET /v1/agent/workloads/{vm}/net`,
+/// whose `stats` reads `name=value ...`).
+pub fn net_stat(net: &serde_json::Value, name: &str) -> u64 {
+    let stats = net["stats"].as_str().unwrap();
+    stats
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("{name} in {stats}"))
+        .parse()
+        .unwrap()
 }
