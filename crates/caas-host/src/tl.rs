@@ -2123,9 +2123,18 @@ impl Agent {
                 })
             }
             Err(e) => {
-                if let Some(mut w) = g.remove(&vm_id) {
+                // A VM that fails to start after its proxy was keyed leaves its network
+                // domain as a stopped one does: its session would otherwise stay a member
+                // (its key current) until the scheduled rekey.
+                let creds = g.remove(&vm_id).and_then(|mut w| {
+                    let creds = w.net_creds();
                     w.stop();
                     self.tl.audit_net_stop(&w);
+                    creds
+                });
+                drop(g);
+                if let Some(c) = creds {
+                    self.leave_net(&vm_id, &c, "launch failed").await;
                 }
                 Err(e)
             }

@@ -40,24 +40,31 @@ impl Cloud {
     }
 
     fn start_hosts(deliver_revocations: bool, hosts: usize) -> Self {
+        Self::start_with(deliver_revocations, hosts, &[])
+    }
+
+    /// `caas dev` with `extra` in its (and its agents') environment.
+    fn start_with(deliver_revocations: bool, hosts: usize, extra: &[(&str, &str)]) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         let root = tmp.path().to_path_buf();
         let retire = RETIRE_MS.to_string();
+        let mut env = vec![
+            ("CAAS_DEV_NET_KEY_POLL_MS", "500"),
+            ("CAAS_DEV_NET_SWITCH_AFTER_MS", "300"),
+            ("CAAS_DEV_NET_RETIRE_AFTER_MS", &retire),
+            (
+                "CAAS_DEV_DELIVER_REVOCATIONS",
+                if deliver_revocations { "1" } else { "0" },
+            ),
+        ];
+        env.extend_from_slice(extra);
         let dev = Dev::start_with_env(
             &root.join("dev"),
             "127.0.0.1:0",
             &["--hosts", &hosts.to_string(), "--attest-secs", "3600"],
-            &[
-                ("CAAS_DEV_NET_KEY_POLL_MS", "500"),
-                ("CAAS_DEV_NET_SWITCH_AFTER_MS", "300"),
-                ("CAAS_DEV_NET_RETIRE_AFTER_MS", &retire),
-                (
-                    "CAAS_DEV_DELIVER_REVOCATIONS",
-                    if deliver_revocations { "1" } else { "0" },
-                ),
-            ],
+            &env,
         );
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -774,6 +781,69 @@ fn stopped_member_is_rekeyed_out_and_its_old_epoch_frames_stop_after_the_overlap
         old_b,
         b"old-epoch",
     );
+}
+
+/// A member's VM fails to start after its proxy was keyed (here host-2's qemu exits at
+/// once; a host administrator can make any launch fail there): the agent tears the proxy
+/// down and its NetLeave ends the failed launch's session at the TTP (audited by both), so
+/// `lan` moves to epoch 2, which the surviving member picks up — the key host-2's proxy
+/// held is not left current until the scheduled rekey.
+#[test]
+fn a_member_whose_vm_fails_to_start_leaves_and_the_domain_is_rekeyed() {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = tempfile::tempdir().unwrap();
+    let qemu = bin.path().join("qemu-system-x86_64");
+    std::fs::write(&qemu, "#!/bin/sh\nexit 1\n").unwrap();
+    std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let c = Cloud::start_with(true, 2, &[("PATH", &path)]);
+    c.launch("vm-a", "host-1", "lan", "10.9.0.1/24");
+    assert_eq!(c.net("host-1", "vm-a")["epoch"], json!(1));
+    let (ok, out) = c.tenant(&[
+        "launch",
+        "--id",
+        "web",
+        "--vm",
+        "vm-b",
+        "--host",
+        "host-2",
+        "--domains",
+        "finance",
+        "--net-domain",
+        "lan",
+        "--net-addr",
+        "10.9.0.2/24",
+        "--driver",
+        "qemu",
+    ]);
+    assert!(!ok, "the launch with a failing qemu succeeded:\n{out}");
+    let audit = c.agent_audit("host-2");
+    assert!(
+        c.agent_audited("host-2", "NetKey", "vm-b/lan epoch 1", "ok"),
+        "vm-b's proxy was keyed before its VM failed: {audit:?}"
+    );
+    assert!(
+        c.agent_audited("host-2", "NetProxyStop", "vm-b/lan", "ok"),
+        "{audit:?}"
+    );
+    assert!(
+        c.agent_audited(
+            "host-2",
+            "NetLeave",
+            "vm-b launch failed: rekeyed [lan]",
+            "ok"
+        ),
+        "{audit:?}"
+    );
+    assert!(c.ttp_audited("NetLeave", "Success"));
+    assert!(c.ttp_audited("TlSessionRetired", "Success"));
+    c.wait(20, "vm-a's proxy gets epoch 2", || {
+        c.net("host-1", "vm-a")["epoch"] == json!(2)
+    });
 }
 
 /// vm-a (of `lan`, with vm-b on host-2) is live-migrated from host-1 to host-3 through the
