@@ -386,7 +386,12 @@ impl Pipe {
                 slices += 1;
             }
             g = self.lock();
-            if ring::hung_up(&self.stream) || self.timeout.is_some_and(|t| start.elapsed() >= t) {
+            // A published answer is taken on the next turn: the hang-up (a `poll`) and the
+            // deadline only matter while it is still missing (a timed-out or spurious wake).
+            if !gate.is_published(me as u32)
+                && (ring::hung_up(&self.stream)
+                    || self.timeout.is_some_and(|t| start.elapsed() >= t))
+            {
                 self.break_pipe(&mut g);
                 return Err(CKR_DEVICE_ERROR);
             }
