@@ -14,6 +14,15 @@
 //! tail (the newest lines removed) is not detected: that needs the head anchored outside the
 //! file (as the key service's checkpoint does), which the crypto domain does not have yet.
 //!
+//! Durability: successful routine key uses (a signature, a decryption...) are buffered and
+//! reach the file within `FLUSH_INTERVAL` (100 ms) — by the next record or the flusher
+//! thread —, so a `kill -9` of the domain loses at most that window of them; every other
+//! record (any failure, logins, object and token changes, refusals) is written through at
+//! once with everything before it. Buffering never merges records: each key use is its own
+//! line, its own chain step and tag, in the order served. On the hot path the body is
+//! formatted before the chain's lock is taken (`body_tail`); it is byte for byte the JSON
+//! the verifier rebuilds (test `fast_record_body_is_the_serde_body`).
+//!
 //! Format: the record body is the JSON of the fields `seq` … `rv` (the line up to, without,
 //! its `prev`); lines written before the keyed chain (no `tag`) do not verify and make
 //! [`AuditLog::open`] refuse the file: move it aside.
@@ -513,7 +522,10 @@ mod tests {
                     hash: String::new(),
                     tag: String::new(),
                 };
-                assert_eq!(String::from_utf8(fast.clone())?, String::from_utf8(e.body())?);
+                assert_eq!(
+                    String::from_utf8(fast.clone())?,
+                    String::from_utf8(e.body())?
+                );
                 let prev = [i as u8; 32];
                 assert_eq!(seal(fast, seq, &prev, &k), e.line(&prev, &k));
             }
