@@ -31,14 +31,17 @@
 # 199 k, the audit record 25.9 k, everything else ~5 k; client 6.0 k. Changed: the fork
 # check is an atomic load (a pthread_atfork child handler bumps a generation), the hang-up
 # poll runs only when a wake-up did not bring the answer, and the audit record body is
-# formatted before the chain's lock without per-field allocation (byte-identical lines):
-# client 0 getpid and ~0.005 poll per signature; callgrind domain 227.0 k (audit record
-# 20.8 k, of which 16 k are the chain's SHA-256 + HMAC per record, kept per use), client 5.7 k.
-# `vsm-cpu.sh 4 3` twice each, before (27f9c69) and after interleaved, load 9.8-10.5, ring on,
+# formatted before the chain's lock without per-field allocation (byte-identical lines), and
+# the module's maps keyed by session handle or answer position hash multiplicatively instead
+# of with SipHash: client 0 getpid and ~0.005 poll per signature; callgrind domain 227.0 k
+# (audit record 20.8 k, of which 16 k are the chain's SHA-256 + HMAC per record, kept per
+# use), client 5.2 k.
+# `vsm-cpu.sh 4 3` twice each, before (27f9c69) and after (8a97a06: all but the hasher)
+# interleaved, load 9.8-10.5, ring on,
 # us of CPU per signature (client + domain), six samples' medians:
 #   8t  before 8.0 + 24.2 = 32.2   after 6.7 + 23.2 = 30.0
 #   1t  before 6.6 + 24.0 = 30.7   after 5.0 + 22.2 = 27.2
-# `CARGO_TARGET_DIR=... vsm-bench.sh 10000 5` after (load 9.7 at the start, 11.2 at the end):
+# `CARGO_TARGET_DIR=... vsm-bench.sh 10000 5` on 8a97a06 (load 9.7 at the start, 11.2 at the end):
 # ECDSA 1t 17202 vs SoftHSM2 11639 (1.47), 8t 28888 vs 15418 (1.87); per CPU-second caas 8t
 # 33368 vs the aws-lc ceiling 62208 (.53; 30.0 us per signature) - sig/s is load noise here.
 # Tried and dropped (no gain measurable at this load): serving requests that reach the ring
