@@ -41,6 +41,8 @@
 # us of CPU per signature (client + domain), six samples' medians:
 #   8t  before 8.0 + 24.2 = 32.2   after 6.7 + 23.2 = 30.0
 #   1t  before 6.6 + 24.0 = 30.7   after 5.0 + 22.2 = 27.2
+# and with the hasher (HEAD), three interleaved pairs at load 4.4-5.5, medians:
+#   8t  before 7.2 + 25.6 = 32.8   after 5.9 + 23.9 = 29.8
 # `CARGO_TARGET_DIR=... vsm-bench.sh 10000 5` on 8a97a06 (load 9.7 at the start, 11.2 at the end):
 # ECDSA 1t 17202 vs SoftHSM2 11639 (1.47), 8t 28888 vs 15418 (1.87); per CPU-second caas 8t
 # 33368 vs the aws-lc ceiling 62208 (.53; 30.0 us per signature) - sig/s is load noise here.
