@@ -18,6 +18,41 @@
 # share of busy CPUs than caas's 8 client + 2 domain threads, so the sig/s ratio flatters
 # caas under load, while CPU cost per signature hardly depends on the load.
 #
+# Helper run, machine busy (2026-12-06T08:33-09:06Z, load 7-11: other helpers building; the
+# lead re-measures on a quiet machine). Where the CPU beyond the signature went (8 threads,
+# ring): per signature the client made 4 getpid (the fork check of every entry point, two
+# per C_SignInit + C_Sign) and 1 poll (the hang-up check after every wake-up) besides its one
+# futex sleep; the domain 1 futex wake, 0.3-0.8 context switches (almost all involuntary:
+# woken callers preempting the connection thread) and no other system call (`perf stat -e
+# syscalls:sys_enter_*`). perf (cpu-clock): the domain ~70 % aws-lc ECDSA, ~21 % waking
+# callers and being preempted, audit record ~3 %; the client ~45-60 % finish_task_switch
+# after its futex sleep. callgrind (instructions per signature; valgrind's CPU lacks SHA-NI
+# and ADX, so aws-lc runs other code paths than natively): domain 231.5 k, of which ECDSA
+# 199 k, the audit record 25.9 k, everything else ~5 k; client 6.0 k. Changed: the fork
+# check is an atomic load (a pthread_atfork child handler bumps a generation), the hang-up
+# poll runs only when a wake-up did not bring the answer, and the audit record body is
+# formatted before the chain's lock without per-field allocation (byte-identical lines), and
+# the module's maps keyed by session handle or answer position hash multiplicatively instead
+# of with SipHash: client 0 getpid and ~0.005 poll per signature; callgrind domain 227.0 k
+# (audit record 20.8 k, of which 16 k are the chain's SHA-256 + HMAC per record, kept per
+# use), client 5.2 k.
+# `vsm-cpu.sh 4 3` twice each, before (27f9c69) and after (8a97a06: all but the hasher)
+# interleaved, load 9.8-10.5, ring on,
+# us of CPU per signature (client + domain), six samples' medians:
+#   8t  before 8.0 + 24.2 = 32.2   after 6.7 + 23.2 = 30.0
+#   1t  before 6.6 + 24.0 = 30.7   after 5.0 + 22.2 = 27.2
+# and with the hasher (HEAD), three interleaved pairs at load 4.4-5.5, medians:
+#   8t  before 7.2 + 25.6 = 32.8   after 5.9 + 23.9 = 29.8
+# `CARGO_TARGET_DIR=... vsm-bench.sh 10000 5` on 8a97a06 (load 9.7 at the start, 11.2 at the end):
+# ECDSA 1t 17202 vs SoftHSM2 11639 (1.47), 8t 28888 vs 15418 (1.87); per CPU-second caas 8t
+# 33368 vs the aws-lc ceiling 62208 (.53; 30.0 us per signature) - sig/s is load noise here.
+# Tried and dropped (no gain measurable at this load): serving requests that reach the ring
+# while a batch is served before publishing any answer (fewer, larger wake-up batches: domain
+# switches 0.14+0.09 vs 0.42+0.02 per signature, but the client's CPU rose), a woken caller
+# waiting awake for another caller's ring read, the domain at nice -10. What remains at 8
+# threads is the synchronous callers' sleep and wake-up per signature (one futex each side,
+# the floor for a caller that sleeps) and the scheduler's preemptions of the domain threads.
+#
 # Figures on a QUIET machine with the ring and per-caller wake words (2026-12-06T07:45Z,
 # lead, load 0.8 at the start, 2.6 at the end, no RT, HEAD 3023be7;
 # `CARGO_TARGET_DIR=/work/target-rel crates/caas-domc/bench/vsm-bench.sh 10000 5`, 3m40s):

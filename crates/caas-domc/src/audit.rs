@@ -14,6 +14,15 @@
 //! tail (the newest lines removed) is not detected: that needs the head anchored outside the
 //! file (as the key service's checkpoint does), which the crypto domain does not have yet.
 //!
+//! Durability: successful routine key uses (a signature, a decryption...) are buffered and
+//! reach the file within `FLUSH_INTERVAL` (100 ms) — by the next record or the flusher
+//! thread —, so a `kill -9` of the domain loses at most that window of them; every other
+//! record (any failure, logins, object and token changes, refusals) is written through at
+//! once with everything before it. Buffering never merges records: each key use is its own
+//! line, its own chain step and tag, in the order served. On the hot path the body is
+//! formatted before the chain's lock is taken (`body_tail`); it is byte for byte the JSON
+//! the verifier rebuilds (test `fast_record_body_is_the_serde_body`).
+//!
 //! Format: the record body is the JSON of the fields `seq` … `rv` (the line up to, without,
 //! its `prev`); lines written before the keyed chain (no `tag`) do not verify and make
 //! [`AuditLog::open`] refuse the file: move it aside.
@@ -87,21 +96,105 @@ impl Entry {
     }
 
     /// The JSON line (with its newline) and hash of the entry `seq` after `prev`: the body,
-    /// with `prev`, `hash` and `tag` appended as its last fields.
+    /// with `prev`, `hash` and `tag` appended as its last fields (the hot path builds the
+    /// same bytes with [`body_tail`] and [`seal`]; the tests hold the two together).
+    #[cfg(test)]
     fn line(&self, prev: &[u8; 32], key: &HmacChainKey) -> (Vec<u8>, [u8; 32]) {
-        let mut line = self.body();
-        let hash = chain::record_hash(LogDomain::DOMC_AUDIT, prev, self.seq, &line);
-        let tag = key.sign(&hash);
-        line.pop(); // the body's closing brace
-        line.extend_from_slice(b",\"prev\":\"");
-        line.extend_from_slice(chain::hex32(prev).as_bytes());
-        line.extend_from_slice(b"\",\"hash\":\"");
-        line.extend_from_slice(chain::hex32(&hash).as_bytes());
-        line.extend_from_slice(b"\",\"tag\":\"");
-        line.extend_from_slice(hex::encode(tag).as_bytes());
-        line.extend_from_slice(b"\"}\n");
-        (line, hash)
+        seal(self.body(), self.seq, prev, key)
     }
+}
+
+/// Appends the lowercase hex of `b` (the chain's hex, as [`chain::hex32`] writes it).
+fn push_hex(out: &mut Vec<u8>, b: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(2 * b.len());
+    for x in b {
+        out.push(DIGITS[usize::from(x >> 4)]);
+        out.push(DIGITS[usize::from(x & 0x0f)]);
+    }
+}
+
+/// Appends `n` in decimal.
+fn push_u64(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// Appends `"0x<hex>"` (a CK_ULONG as the log writes it).
+fn push_ulong_hex(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"\"0x");
+    let bytes = n.to_be_bytes();
+    let skip = bytes.iter().take_while(|b| **b == 0).count().min(7);
+    let mut hex = Vec::with_capacity(16);
+    push_hex(&mut hex, &bytes[skip..]);
+    // No leading zero digit (as `format!("{:x}")`).
+    let start = usize::from(hex.first() == Some(&b'0') && hex.len() > 1);
+    out.extend_from_slice(&hex[start..]);
+    out.push(b'"');
+}
+
+/// The record body of `r` (byte for byte what serde_json makes of [`Entry::body`]'s fields)
+/// without its `{"seq":N,` head: everything that does not depend on the chain, so it is
+/// formatted before the log's lock is taken. Ends with the body's closing brace.
+fn body_tail(r: &Record<'_>, time_ms: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(128 + r.object.len());
+    b.extend_from_slice(b"\"time_ms\":");
+    push_u64(&mut b, time_ms);
+    b.extend_from_slice(b",\"app\":\"");
+    push_hex(&mut b, &r.app[..8]);
+    b.extend_from_slice(b"\",\"op\":");
+    // Strings that may carry anything (a label) are escaped by serde_json itself.
+    let _ = serde_json::to_writer(&mut b, r.op);
+    b.extend_from_slice(b",\"slot\":");
+    push_u64(&mut b, r.slot);
+    b.extend_from_slice(b",\"object\":");
+    let _ = serde_json::to_writer(&mut b, &r.object);
+    b.extend_from_slice(b",\"mechanism\":");
+    match r.mechanism {
+        Some(m) => push_ulong_hex(&mut b, m),
+        None => b.extend_from_slice(b"\"\""),
+    }
+    b.extend_from_slice(b",\"rv\":");
+    push_ulong_hex(&mut b, r.rv);
+    b.push(b'}');
+    b
+}
+
+/// The body of record `seq` from its [`body_tail`].
+fn body_with_seq(seq: u64, tail: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(tail.len() + 32 + 240);
+    b.extend_from_slice(b"{\"seq\":");
+    push_u64(&mut b, seq);
+    b.push(b',');
+    b.extend_from_slice(tail);
+    b
+}
+
+/// The JSON line (with its newline) and hash of the record `seq` with `body` after `prev`:
+/// the body, with `prev`, `hash` and `tag` appended as its last fields.
+fn seal(mut line: Vec<u8>, seq: u64, prev: &[u8; 32], key: &HmacChainKey) -> (Vec<u8>, [u8; 32]) {
+    let hash = chain::record_hash(LogDomain::DOMC_AUDIT, prev, seq, &line);
+    let tag = key.sign(&hash);
+    line.pop(); // the body's closing brace
+    line.reserve(250);
+    line.extend_from_slice(b",\"prev\":\"");
+    push_hex(&mut line, prev);
+    line.extend_from_slice(b"\",\"hash\":\"");
+    push_hex(&mut line, &hash);
+    line.extend_from_slice(b"\",\"tag\":\"");
+    push_hex(&mut line, &tag);
+    line.extend_from_slice(b"\"}\n");
+    (line, hash)
 }
 
 /// The audit log's chain key: derived from the domain key (label `caas chain key`, context
@@ -239,27 +332,16 @@ impl AuditLog {
         let time_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        // Everything that does not depend on the chain is formatted before taking the lock.
-        let mut e = Entry {
-            seq: 0,
-            time_ms,
-            app: hex::encode(&r.app[..8]),
-            op: r.op.to_string(),
-            slot: r.slot,
-            object: r.object,
-            mechanism: r.mechanism.map(|m| format!("0x{m:x}")).unwrap_or_default(),
-            rv: format!("0x{:x}", r.rv),
-            prev: String::new(),
-            hash: String::new(),
-            tag: String::new(),
-        };
+        // Everything that does not depend on the chain is formatted before taking the lock
+        // (two connection threads signing at once only serialise on the chain step).
+        let tail = body_tail(&r, time_ms);
         let routine = r.rv == 0 && is_routine(r.op);
         let mut t = self
             .tail
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        e.seq = t.seq + 1;
-        let (line, hash) = e.line(&t.prev, &self.key);
+        let seq = t.seq + 1;
+        let (line, hash) = seal(body_with_seq(seq, &tail), seq, &t.prev, &self.key);
         // One write_all per line: the buffer is only ever flushed at line boundaries, so a
         // reader (or a crash) never sees half an entry.
         let flush_now = !routine || t.last_flush.elapsed() >= FLUSH_INTERVAL;
@@ -275,7 +357,7 @@ impl AuditLog {
             tracing::error!("audit log write failed");
             return;
         }
-        t.seq = e.seq;
+        t.seq = seq;
         t.prev = hash;
     }
 }
@@ -394,6 +476,60 @@ mod tests {
         let p = dir.path().join("audit.log");
         std::fs::write(&p, &line)?;
         assert_eq!(verify(&p, &k)?, vec![parsed]);
+        Ok(())
+    }
+
+    /// The line written on the hot path is byte for byte the serde_json line the verifier
+    /// rebuilds, for labels an application chose (quotes, backslashes, control characters,
+    /// non-ASCII) and every shape of mechanism and result.
+    #[test]
+    fn fast_record_body_is_the_serde_body() -> Result<(), Box<dyn std::error::Error>> {
+        let k = key(3);
+        let labels = [
+            "7:key",
+            "",
+            "9:a \"quoted\" \\ label\n\t\u{1}\u{7f}",
+            "12:clé 🔑 \u{2028}",
+        ];
+        for (i, label) in labels.iter().enumerate() {
+            for (mech, rv) in [
+                (None, 0),
+                (Some(0), 0x0),
+                (Some(0x1041), 0x101),
+                (Some(u64::MAX), u64::MAX),
+                (Some(0x8000_0000_0000_0010), 0x10),
+            ] {
+                let seq = (i as u64) * 1000 + u64::from(rv == 0);
+                let r = Record {
+                    app: [0xa5; 16],
+                    op: "C_Sign",
+                    slot: 3,
+                    object: (*label).to_string(),
+                    mechanism: mech,
+                    rv,
+                };
+                let fast = body_with_seq(seq, &body_tail(&r, 1_733_000_000_123));
+                let e = Entry {
+                    seq,
+                    time_ms: 1_733_000_000_123,
+                    app: hex::encode(&r.app[..8]),
+                    op: r.op.to_string(),
+                    slot: r.slot,
+                    object: r.object.clone(),
+                    mechanism: mech.map(|m| format!("0x{m:x}")).unwrap_or_default(),
+                    rv: format!("0x{rv:x}"),
+                    prev: String::new(),
+                    hash: String::new(),
+                    tag: String::new(),
+                };
+                assert_eq!(
+                    String::from_utf8(fast.clone())?,
+                    String::from_utf8(e.body())?
+                );
+                let prev = [i as u8; 32];
+                assert_eq!(seal(fast, seq, &prev, &k), e.line(&prev, &k));
+            }
+        }
         Ok(())
     }
 

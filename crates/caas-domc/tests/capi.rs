@@ -35,3 +35,37 @@ fn c_api_rejects_bad_input_with_the_specified_return_values() -> Result<()> {
     );
     Ok(())
 }
+
+/// A forked child of an application using the module (`fork_child.c`): the child is refused
+/// the parent's connections and sessions (CKR_CRYPTOKI_NOT_INITIALIZED, the fused signing
+/// path included) until it calls `C_Initialize`, then works on its own pool; the parent keeps
+/// signing on its pool; a `fork()` after `C_Finalize` and `dlclose` still works. The module
+/// tells parent from child by a `pthread_atfork` handler (no `getpid` per call).
+#[test]
+fn a_forked_child_is_refused_the_parents_pool_until_it_initializes() -> Result<()> {
+    require("cc", "build-essential")?;
+    require_file("/usr/include/p11-kit-1/p11-kit/pkcs11.h", "libp11-kit-dev")?;
+    let dom = Dom::start_initialised("forkchild", &[])?;
+    let work = tempfile::tempdir()?;
+    let exe = work.path().join("fork_child");
+    ok(Command::new("cc")
+        .args(["-Wall", "-O1", "-I/usr/include/p11-kit-1", "-o"])
+        .arg(&exe)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fork_child.c"))
+        .arg("-ldl"))?;
+    let out = run(Command::new(&exe)
+        .arg(module()?)
+        .arg(USER_PIN)
+        .env("CAAS_PKCS11_SOCKET", &dom.socket))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    ensure!(
+        out.status.success() && text.contains("all fork checks passed"),
+        "fork checks failed:\n{text}"
+    );
+    Ok(())
+}

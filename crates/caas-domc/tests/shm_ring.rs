@@ -526,3 +526,157 @@ fn scribbled_wake_words_only_change_whom_the_domain_wakes() -> Result<()> {
     }
     still_serves(&mut dom)
 }
+
+/// The `C_Sign` audit records of `app` (chain and tags verified), in log order.
+fn sign_records(dom: &Dom, app: [u8; 16]) -> Result<Vec<caas_domc::audit::Entry>> {
+    let app_hex: String = app[..8].iter().map(|b| format!("{b:02x}")).collect();
+    Ok(caas_domc::audit::verify_with_key_file(
+        &dom.state_dir().join("audit.log"),
+        &dom.state_dir().join("domain.key"),
+    )?
+    .into_iter()
+    .filter(|e| e.op == "C_Sign" && e.app == app_hex)
+    .collect())
+}
+
+/// Routine key uses reach the file at most this late (`caas_domc::audit`'s flush interval,
+/// 100 ms) plus scheduling slack on a loaded machine.
+const AUDIT_BOUND: Duration = Duration::from_millis(100 + 400);
+
+/// Two compromised workloads each flood their ring with a burst of signing requests (the
+/// domain serves them in passes of many requests per wake-up, answers batched) and hang up
+/// at once, without waiting: every signature the domain answered is in the audit log, once,
+/// attributed to its application, key and mechanism, in the order served (one verified
+/// chain), within the documented bound — a flood can neither drop nor reorder records. A
+/// third hangs up in the middle of its burst: the log holds at least every answer it read
+/// and never more records than requests it sent.
+#[test]
+fn a_signing_flood_and_a_hang_up_mid_batch_leave_every_served_signature_audited() -> Result<()> {
+    const N: usize = 400;
+    let dom = Dom::start_initialised("ring-audit", &[])?;
+    let apps = [[0x31; 16], [0x32; 16], [0x33; 16]];
+    let mut clients = Vec::new();
+    for app in apps {
+        let mut c = Hostile::open(&dom, app)?;
+        let (s, k, point) = c.signing_key()?;
+        clients.push((c, s, k, point));
+    }
+    let (third, flooders) = clients.split_last_mut().context("three clients")?;
+    // The two full floods run concurrently: their records interleave in one chain.
+    std::thread::scope(|sc| -> Result<()> {
+        let hs: Vec<_> = flooders
+            .iter_mut()
+            .map(|(c, s, k, point)| {
+                sc.spawn(move || -> Result<()> {
+                    let mut burst = Vec::new();
+                    for i in 0..N {
+                        let msg = format!("flood {i}");
+                        burst.extend_from_slice(&frame_message(&sign_once(
+                            *s,
+                            *k,
+                            msg.as_bytes(),
+                        ))?);
+                    }
+                    c.tx.send(&burst)
+                        .map_err(|e| anyhow::anyhow!("ring send: {e:?}"))?;
+                    for i in 0..N {
+                        let r: Response = read_message(&mut c.rx).context("answer")?;
+                        let Body::Data { data } = r.body else {
+                            bail!("signature {i}: {r:?}");
+                        };
+                        ensure!(
+                            verifies(point, format!("flood {i}").as_bytes(), &data.0),
+                            "answer {i} is not the signature of request {i}"
+                        );
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("flooder panicked"))??;
+        }
+        Ok(())
+    })?;
+    // The third sends a burst and hangs up after reading a tenth of the answers.
+    let (c, s, k, _) = third;
+    let mut burst = Vec::new();
+    for i in 0..N {
+        burst.extend_from_slice(&frame_message(&sign_once(
+            *s,
+            *k,
+            format!("cut {i}").as_bytes(),
+        ))?);
+    }
+    c.tx.send(&burst)
+        .map_err(|e| anyhow::anyhow!("ring send: {e:?}"))?;
+    for _ in 0..N / 10 {
+        let _: Response = read_message(&mut c.rx).context("answer before the hang-up")?;
+    }
+    let hung_up = Instant::now();
+    let handles: Vec<u64> = clients.iter().map(|(_, _, k, _)| *k).collect();
+    for (c, ..) in clients {
+        c.sock.shutdown(std::net::Shutdown::Both)?;
+    }
+    std::thread::sleep(AUDIT_BOUND);
+    for (i, app) in apps.iter().enumerate() {
+        let recs = sign_records(&dom, *app)?;
+        for r in &recs {
+            ensure!(
+                r.rv == "0x0"
+                    && r.mechanism == format!("0x{:x}", cryptoki_sys::CKM_ECDSA_SHA256)
+                    && r.object.starts_with(&format!("{}:", handles[i])),
+                "record not attributable to its key use: {r:?}"
+            );
+        }
+        // Served in order: the seqs of one application's records only go up.
+        ensure!(
+            recs.windows(2).all(|w| w[0].seq < w[1].seq),
+            "records out of order"
+        );
+        if i < 2 {
+            ensure!(
+                recs.len() == N,
+                "app {i}: {} C_Sign records for {N} answered signatures ({:?} after the hang-up)",
+                recs.len(),
+                hung_up.elapsed()
+            );
+        } else {
+            ensure!(
+                (N / 10..=N).contains(&recs.len()),
+                "hung-up app: {} C_Sign records, {} answers read, {N} sent",
+                recs.len(),
+                N / 10
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The durability bound of routine key uses, as documented in `caas_domc::audit`: a
+/// signature the domain answered is in the audit file within the flush interval even when
+/// nothing else happens afterwards (the flusher thread writes it), so a `kill -9` after
+/// that bound loses none of them.
+#[test]
+fn answered_signatures_survive_kill_9_after_the_flush_bound() -> Result<()> {
+    let mut dom = Dom::start_initialised("ring-kill", &[])?;
+    let app = [0x41; 16];
+    let mut c = Hostile::open(&dom, app)?;
+    let (s, k, _) = c.signing_key()?;
+    for i in 0..50 {
+        let r = c.call(&sign_once(s, k, format!("kill {i}").as_bytes()))?;
+        ensure!(r.rv == 0, "sign {i}: {r:?}");
+    }
+    // The connection stays open (no hang-up, no further request: only the flusher writes).
+    std::thread::sleep(AUDIT_BOUND);
+    dom.kill()?;
+    let recs = sign_records(&dom, app)?;
+    ensure!(
+        recs.len() == 50,
+        "{} of 50 answered signatures in the audit after kill -9",
+        recs.len()
+    );
+    drop(c);
+    Ok(())
+}

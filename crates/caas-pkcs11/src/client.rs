@@ -313,6 +313,8 @@ pub struct Client {
     app: [u8; 16],
     idle: Mutex<Vec<Conn>>,
     pid: u32,
+    /// The process's fork generation when the pool was made (`None`: compare `pid`).
+    forks: Option<u64>,
     /// The domain refused protocol v2: speak v1 (no fused single-part operations).
     v1_only: AtomicBool,
     /// The domain offers no shared-memory ring: pipes stay on the socket.
@@ -430,6 +432,7 @@ impl Client {
             app,
             idle: Mutex::new(Vec::new()),
             pid: std::process::id(),
+            forks: crate::ffi::fork_generation(),
             v1_only: AtomicBool::new(false),
             no_ring: AtomicBool::new(false),
             ops: Ops::default(),
@@ -635,9 +638,15 @@ impl Client {
 
     /// Whether this pool was created by the current process (a forked child must call
     /// C_Initialize itself and never share the parent's connections).
+    /// A fork bumps the process's fork generation in the child (a `pthread_atfork` handler),
+    /// so this costs an atomic load rather than a `getpid` per call; without the handler it
+    /// compares process ids.
     #[must_use]
     pub fn owned_by_this_process(&self) -> bool {
-        self.pid == std::process::id()
+        match self.forks {
+            Some(g) => crate::ffi::fork_generation() == Some(g),
+            None => self.pid == std::process::id(),
+        }
     }
 
     /// Sends one request and returns the response.

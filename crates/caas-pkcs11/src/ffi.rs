@@ -32,6 +32,28 @@ struct SignAdditionalContext {
     ulContextLen: CK_ULONG,
 }
 
+/// Forks this process has gone through, as seen by the children: bumped by a
+/// `pthread_atfork` child handler, so a pool tells that it belongs to a parent process with
+/// one atomic load instead of a `getpid` system call on every entry point (four per
+/// signature). Registered by [`watch_forks`] before the first pool exists.
+static FORKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+extern "C" fn forked_child() {
+    FORKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The fork generation of this process ([`FORKS`]), or `None` when the child handler could
+/// not be registered (the pool then compares process ids, as before).
+pub(crate) fn fork_generation() -> Option<u64> {
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // SAFETY: registers a child handler that only bumps an atomic (async-signal-safe, as
+    // a handler run in a forked child must be). glibc's `pthread_atfork` (libc_nonshared)
+    // passes this object's `__dso_handle`, so the handler is unregistered on `dlclose`.
+    let ok = *REGISTERED
+        .get_or_init(|| unsafe { libc::pthread_atfork(None, None, Some(forked_child)) } == 0);
+    ok.then(|| FORKS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 /// The client of the current C_Initialize, shared by all threads (read lock only per call).
 static STATE: RwLock<Option<Arc<Client>>> = RwLock::new(None);
 

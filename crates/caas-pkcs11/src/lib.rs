@@ -30,7 +30,9 @@
 //! given; `caas_domc`'s `domain::message`). Message-based signing (3.0), async and
 //! authenticated wrapping (3.2) are listed and answer CKR_FUNCTION_NOT_SUPPORTED. The 3.2 identifiers `cryptoki-sys`
 //! lacks are in `caas_vsm_proto::v32`, cited from the OASIS headers. The interfaces do not
-//! claim `CKF_INTERFACE_FORK_SAFE`: a forked child calls `C_Initialize` again.
+//! claim `CKF_INTERFACE_FORK_SAFE`: a forked child calls `C_Initialize` again (a child is
+//! told from its parent by a `pthread_atfork` handler bumping a fork generation, so the
+//! entry points pay no `getpid` per call; see `Client::owned_by_this_process`).
 //!
 //! All `unsafe` code is confined to the `ffi` module (the C ABI surface); every exported
 //! function catches panics and returns CKR_GENERAL_ERROR instead of unwinding into C.

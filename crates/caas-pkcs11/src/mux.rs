@@ -50,7 +50,7 @@ use caas_vsm_proto::blocking::read_message;
 use caas_vsm_proto::{Response, Wire, frame_message_into, ring};
 use cryptoki_sys::{CK_RV, CKR_DATA_LEN_RANGE, CKR_DEVICE_ERROR};
 use nix::sys::socket::{MsgFlags, recv, send};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::BufReader;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -94,7 +94,7 @@ struct State {
     /// The reading side; `None` while a caller reads.
     reader: Option<Reader>,
     /// Answers read for callers that have not taken them yet, by position.
-    ready: HashMap<u64, Response>,
+    ready: crate::ops::U64Map<Response>,
     /// Callers parked until their answer (or the reading) is theirs, by position.
     waiting: BTreeMap<u64, Thread>,
     broken: bool,
@@ -258,7 +258,7 @@ impl Pipe {
                 sent: 0,
                 received: 0,
                 reader: Some(reader),
-                ready: HashMap::new(),
+                ready: crate::ops::U64Map::default(),
                 waiting: BTreeMap::new(),
                 broken: false,
             }),
@@ -386,7 +386,12 @@ impl Pipe {
                 slices += 1;
             }
             g = self.lock();
-            if ring::hung_up(&self.stream) || self.timeout.is_some_and(|t| start.elapsed() >= t) {
+            // A published answer is taken on the next turn: the hang-up (a `poll`) and the
+            // deadline only matter while it is still missing (a timed-out or spurious wake).
+            if !gate.is_published(me as u32)
+                && (ring::hung_up(&self.stream)
+                    || self.timeout.is_some_and(|t| start.elapsed() >= t))
+            {
                 self.break_pipe(&mut g);
                 return Err(CKR_DEVICE_ERROR);
             }
