@@ -106,41 +106,20 @@ impl Entry {
 
 /// Appends the lowercase hex of `b` (the chain's hex, as [`chain::hex32`] writes it).
 fn push_hex(out: &mut Vec<u8>, b: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    out.reserve(2 * b.len());
-    for x in b {
-        out.push(DIGITS[usize::from(x >> 4)]);
-        out.push(DIGITS[usize::from(x & 0x0f)]);
-    }
+    let at = out.len();
+    out.resize(at + 2 * b.len(), 0);
+    // The slice is exactly twice `b`'s length: encoding cannot fail.
+    let _ = hex::encode_to_slice(b, &mut out[at..]);
 }
 
-/// Appends `n` in decimal.
+/// Appends `n` in decimal (writing to a `Vec` cannot fail).
 fn push_u64(out: &mut Vec<u8>, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
+    let _ = write!(out, "{n}");
 }
 
-/// Appends `"0x<hex>"` (a CK_ULONG as the log writes it).
+/// Appends `"0x<hex>"` (a CK_ULONG as the log writes it, `format!("0x{n:x}")`).
 fn push_ulong_hex(out: &mut Vec<u8>, n: u64) {
-    out.extend_from_slice(b"\"0x");
-    let bytes = n.to_be_bytes();
-    let skip = bytes.iter().take_while(|b| **b == 0).count().min(7);
-    let mut hex = Vec::with_capacity(16);
-    push_hex(&mut hex, &bytes[skip..]);
-    // No leading zero digit (as `format!("{:x}")`).
-    let start = usize::from(hex.first() == Some(&b'0') && hex.len() > 1);
-    out.extend_from_slice(&hex[start..]);
-    out.push(b'"');
+    let _ = write!(out, "\"0x{n:x}\"");
 }
 
 /// The record body of `r` (byte for byte what serde_json makes of [`Entry::body`]'s fields)
