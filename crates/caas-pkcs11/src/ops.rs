@@ -170,31 +170,11 @@ struct Inner {
     sessions: U64Map<SessionOps>,
 }
 
-/// A hasher for the `u64` keys of the per-call path (session handles, answer positions):
-/// multiplicative (Fibonacci) hashing. Those keys are numbers this module and its own crypto
-/// domain assign, so SipHash's resistance to chosen keys buys nothing there, while it cost
-/// ~10 % of the module's instructions per signature (callgrind, 8 threads).
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct U64Hasher(u64);
-
-const FIB: u64 = 0x9E37_79B9_7F4A_7C15;
-
-impl std::hash::Hasher for U64Hasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(FIB);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(29) ^ n).wrapping_mul(FIB);
-    }
-}
-
-/// A map keyed by session handles or answer positions ([`U64Hasher`]).
-pub(crate) type U64Map<V> = HashMap<u64, V, std::hash::BuildHasherDefault<U64Hasher>>;
+/// A map keyed by session handles or answer positions: numbers this module and its own
+/// crypto domain assign, so SipHash's resistance to chosen keys buys nothing there, while
+/// it cost ~10 % of the module's instructions per signature (callgrind, 8 threads); foldhash's
+/// fast hasher instead.
+pub(crate) type U64Map<V> = HashMap<u64, V, foldhash::fast::RandomState>;
 
 /// What a single-part call on a recorded operation hands back to the C layer.
 pub(crate) enum Delivery {
