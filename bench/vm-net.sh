@@ -1,25 +1,44 @@
 #!/usr/bin/env bash
-# Network Secure Device Proxy benchmark (issue 16): two VMs (the guest image of
-# scripts/build-guest-image, qemu, 1 vCPU, 256 MiB each) on this host, in the same run,
-#   (a) direct:  their second NICs joined by qemu's own `-netdev dgram` over UDP on loopback;
-#   (b) overlay: each NIC backed by its `caas net serve` (a UNIX datagram socket to qemu), the
-#                two proxies sealing every Ethernet frame with AES-256-GCM over UDP on loopback.
-# Latency: the average of busybox `ping -c 20 -i 0.2` from A to B. Throughput: BYTES of a
-# TCP stream (busybox nc, A → B), timed on the host from A's "go" line to B's "done" line on
-# the serial consoles. Each mode is measured ROUNDS times, interleaved; the best of each is
-# kept. Prints both and the ratios (goal: throughput ≥ 0.8×, latency ≤ 1.2×).
+# Network Secure Device Proxy benchmark (issue 16): throughput and latency between two VMs
+# through the overlay vs the SAME VMs connected directly by qemu's own socket networking.
+# Two guests (the image of scripts/build-guest-image, qemu, 1 vCPU, 256 MiB each) on this
+# host, each with two NICs in ONE boot:
+#   direct:  10.9.0.0/24, the two qemus joined by `-netdev dgram` over UDP on loopback;
+#   overlay: 10.9.1.0/24, each NIC backed by its `caas net serve` (a UNIX datagram socket to
+#            qemu), the two proxies sealing every Ethernet frame with AES-256-GCM over UDP.
+# The sender's script (crates/caas/tests/vm_net.rs, `bench_overlay_vs_direct`) interleaves
+# the modes: ROUNDS rounds, each BURSTS pairs of busybox `ping -c 20 -i 0.2` bursts (one
+# to each of the receiver's addresses) and then one TCP transfer of BYTES (busybox nc) to
+# each; the modes' order alternates between rounds (direct first in odd rounds). Every
+# reply's time is a sample: latency is the median of a mode's samples (p10/p90 shown),
+# throughput the median of its transfers, each timed on the host from the sender's "go" to
+# the receiver's "done" console line (digest checked). BOOTS boots pool their samples.
+# Prints each round, both modes and the ratios (goal: throughput >= 0.8x, latency <= 1.2x).
 #
-# Usage: bench/vm-net.sh     BYTES=16777216  ROUNDS=2  AGENT=0  CAAS_NET_BENCH_SPIN=  (TCG here)
+# Why one boot: a TCG guest's own round trip varies 1.7-3.6 ms from one boot to the next
+# (below: the old method booted a fresh pair of VMs per mode per round and took the best of
+# rounds, so its ratio swung with one lucky boot of either mode).
+#
+# The proxies measured are a RELEASE build of `caas` (the product's build): the script runs
+# `cargo build --release -p caas --bin caas` first (a first build takes long; then cached in
+# the target dir) unless CAAS_NET_BENCH_BIN=/path/to/caas names one; RELEASE=0 measures the
+# test's dev-profile `caas` instead. The "vm-net" line names the binary used.
+#
+# Usage: bench/vm-net.sh     BYTES=16777216 ROUNDS=3 BURSTS=3 BOOTS=1 RELEASE=1 AGENT=0
+#                            CAAS_NET_BENCH_BIN= CAAS_NET_BENCH_SPIN=   (TCG here)
+# CAAS_NET_BENCH_SPIN=US runs the proxies with their spin on (CAAS_NET_SPIN_US, off by
+# default) for the whole run.
 #
 # AGENT=1 also measures the overlay through the agent path (crates/caas/tests/vm_net_agent.rs,
 # `bench_overlay_through_agents`): `caas dev --hosts 2`, each round two VMs launched by trusted
 # launch with `caas tenant launch --driver qemu --net-domain lan` (the agents start and key the
 # proxies from the TTP, the scheduler tells them of each other); the image's own traffic role
 # (`scripts/build-guest-image --net-demo --net-demo-bytes BYTES`) pings 3 times and sends BYTES,
-# timed on the host from the sender's "caas-net-go" to the receiver's "caas-net-recv" line.
-# Each round prints both modes (and, with CAAS_NET_BENCH_SPIN=US, the overlay with the
-# proxies' spin on: `CAAS_NET_SPIN_US`, off by default); the method (ping -c 20 -i 0.2 after
-# a warm-up ping, average; best of the rounds for each mode) is unchanged.
+# timed on the host from the sender's "caas-net-go" to the receiver's "caas-net-recv" line
+# (the old per-boot method; the dev-profile binary, which the agents start).
+#
+# ---- Figures with the OLD method (a fresh pair of VMs per mode per round, best of rounds of
+# ---- 20-ping averages; dev-profile proxies), kept for the history:
 #
 # Figures on a QUIET machine with the one-frame-thread proxy (2026-12-06, lead, load 0.3-3,
 # TCG, dev profile, HEAD 3023be7):
@@ -88,7 +107,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CAAS_NET_BENCH_BYTES=${BYTES:-16777216}
-export CAAS_NET_BENCH_ROUNDS=${ROUNDS:-2}
+export CAAS_NET_BENCH_ROUNDS=${ROUNDS:-3}
+export CAAS_NET_BENCH_BURSTS=${BURSTS:-3}
+export CAAS_NET_BENCH_BOOTS=${BOOTS:-1}
+if [ -z "${CAAS_NET_BENCH_BIN:-}" ] && [ "${RELEASE:-1}" = 1 ]; then
+  # The product's build of the proxy; cargo prints where it put it.
+  CAAS_NET_BENCH_BIN=$(cargo build -q --release -p caas --bin caas --message-format=json \
+    | sed -n 's/.*"executable":"\([^"]*\/caas\)".*/\1/p' | tail -1)
+  [ -x "$CAAS_NET_BENCH_BIN" ] || { echo "vm-net: no release caas binary built" >&2; exit 1; }
+  export CAAS_NET_BENCH_BIN
+fi
 out=$(mktemp /tmp/caas-vm-net.XXXXXX)
 if ! cargo test -q -p caas --test vm_net -- --ignored --exact bench_overlay_vs_direct --nocapture >"$out" 2>&1; then
   grep -v caas-counter "$out" | tail -40 >&2

@@ -22,6 +22,7 @@ use super::control::Control;
 use super::frame::DomainId;
 use super::frame::MAX_DATAGRAM;
 use super::overlay::{Egress, Ingress, RxDrop, Settings, Shared, session_now};
+use super::sched::{CpuGuard, FrameSched};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
@@ -196,9 +197,24 @@ pub fn start(a: &ServeArgs) -> Result<Running, ServeError> {
             logged: std::collections::HashSet::new(),
         };
         let stop = stop.clone();
+        let sched = FrameSched::from_env();
         std::thread::Builder::new()
             .name("net-frames".into())
-            .spawn(move || pump.run(&stop, spin_budget()))
+            .spawn(move || {
+                let mut spin = spin_budget();
+                let mut guard = None;
+                match sched.apply() {
+                    Ok(()) => {
+                        if let FrameSched::Fifo(p) = sched {
+                            // A real-time thread never spins, and stays within its budget.
+                            spin = Duration::ZERO;
+                            guard = Some(CpuGuard::new(p, RT_WINDOW, RT_BUDGET));
+                        }
+                    }
+                    Err(e) => tracing::warn!(?sched, "frame thread scheduling refused: {e}"),
+                }
+                pump.run(&stop, spin, guard);
+            })
             .map_err(io("thread"))?
     };
     Ok(Running {
@@ -213,6 +229,11 @@ pub fn start(a: &ServeArgs) -> Result<Running, ServeError> {
 /// How long the frame thread sleeps at most between looks at the stop flag, and how long
 /// a send may block.
 const TICK: Duration = Duration::from_millis(200);
+
+/// A SCHED_FIFO frame thread's CPU budget: at most `RT_BUDGET` of each `RT_WINDOW`, else it
+/// runs as an ordinary thread until a window ends within budget ([`CpuGuard`]).
+const RT_WINDOW: Duration = Duration::from_millis(100);
+const RT_BUDGET: Duration = Duration::from_millis(20);
 
 /// Frames read from each socket per turn before the other one gets its turn.
 const BATCH: usize = 64;
@@ -265,7 +286,7 @@ impl Pump {
     /// the thread awake instead of paying a sleep and a wake-up on each proxy. Only frames
     /// that were moved arm the spin — dropped datagrams (an attacker on the underlay, a
     /// stranger on the VM socket) never do — and an idle proxy sleeps (woken each tick).
-    fn run(mut self, stop: &AtomicBool, spin: Duration) {
+    fn run(mut self, stop: &AtomicBool, spin: Duration, mut guard: Option<CpuGuard>) {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         use std::os::fd::AsFd;
         let mut armed = false;
@@ -278,6 +299,9 @@ impl Pump {
                 }
                 read_any = true;
                 armed |= v == Got::Moved || u == Got::Moved;
+            }
+            if let Some(g) = guard.as_mut() {
+                g.check(Instant::now());
             }
             if read_any {
                 continue;
