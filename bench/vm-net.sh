@@ -29,6 +29,12 @@
 # CAAS_NET_BENCH_SPIN=US runs the proxies with their spin on (CAAS_NET_SPIN_US, off by
 # default) for the whole run.
 #
+# MICRO=1 also times the proxies alone, without qemu (`bench_proxy_round_trip`): round
+# trips of a ping-sized frame between two stand-in VMs through two proxies on loopback, 1 ms
+# apart, against one UDP hop each way, idle and with one busy thread per CPU, and the
+# proxies' CPU per frame (CAAS_NET_MICRO_N=2000 round trips; CAAS_NET_MICRO_ENV="K=V;K=V"
+# one run per set of proxy environment settings).
+#
 # AGENT=1 also measures the overlay through the agent path (crates/caas/tests/vm_net_agent.rs,
 # `bench_overlay_through_agents`): `caas dev --hosts 2`, each round two VMs launched by trusted
 # launch with `caas tenant launch --driver qemu --net-domain lan` (the agents start and key the
@@ -124,6 +130,14 @@ if ! cargo test -q -p caas --test vm_net -- --ignored --exact bench_overlay_vs_d
   exit 1
 fi
 grep -E '^(vm-net|round|direct|overlay|ratios)' "$out"
+if [ "${MICRO:-0}" = 1 ]; then
+  if ! cargo test -q -p caas --test vm_net -- --ignored --exact bench_proxy_round_trip --nocapture >"$out" 2>&1; then
+    tail -40 "$out" >&2
+    rm -f "$out"
+    exit 1
+  fi
+  grep -E '^proxy-rtt' "$out"
+fi
 if [ "${AGENT:-0}" = 1 ]; then
   if ! cargo test -q -p caas --test vm_net_agent -- --ignored --exact bench_overlay_through_agents --nocapture >"$out" 2>&1; then
     grep -v caas-counter "$out" | tail -40 >&2

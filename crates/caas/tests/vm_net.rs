@@ -7,7 +7,10 @@
 //! plaintext, and the replayed and injected datagrams must be dropped and counted.
 //!
 //! `bench_overlay_vs_direct` (ignored; `bench/vm-net.sh`) measures throughput and latency
-//! through the overlay against the same guests joined directly by qemu's `-netdev dgram`.
+//! through the overlay against the same guests joined directly by qemu's `-netdev dgram`:
+//! each guest has both NICs in one boot and the two modes are measured alternately.
+//! `bench_proxy_round_trip` (ignored; `MICRO=1 bench/vm-net.sh`) times the proxies alone:
+//! round trips of a frame between two stand-in VMs through two proxies on loopback.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
 use caas_crypto::SecretKey;
@@ -626,7 +629,7 @@ fn hogs(n: usize, stop: &Arc<std::sync::atomic::AtomicBool>) -> Vec<std::thread:
 /// (what qemu's `-netdev dgram` does), idle and with `CAAS_NET_MICRO_HOGS` busy threads
 /// (default: one per CPU, as the two TCG guests), `CAAS_NET_MICRO_N` round trips 1 ms apart,
 /// and the proxies' CPU per frame. `CAAS_NET_MICRO_ENV="K=V,K=V;K=V"`: one run of the
-/// proxies per `;`-separated set of environment settings (e.g. `CAAS_NET_SCHED=...`).
+/// proxies per `;`-separated set of environment settings (e.g. `CAAS_NET_SPIN_US=2000`).
 /// The proxies are `CAAS_NET_BENCH_BIN` when set, else the test's `caas`.
 #[test]
 #[ignore = "a benchmark: bench/vm-net.sh MICRO=1"]

@@ -9,13 +9,11 @@
 //! - [`switch`]: the MAC learning table;
 //! - [`overlay`]: keys with seamless rekey, peers, sealing and opening, without I/O;
 //! - [`control`]: the typed control channel (keys and peers from the host agent);
-//! - [`serve`]: `caas net serve` on real sockets;
-//! - [`sched`]: the frame thread's scheduling (`CAAS_NET_SCHED`).
+//! - [`serve`]: `caas net serve` on real sockets.
 pub mod control;
 pub mod frame;
 pub mod overlay;
 pub mod replay;
-pub mod sched;
 pub mod serve;
 pub mod switch;
 

@@ -18,11 +18,33 @@
 //! tick; test `an_idle_proxy_sleeps_and_only_frames_it_moves_make_it_spin` in
 //! `caas/tests/vm_net.rs`). It is off by default: on a contended host it made latency and
 //! throughput worse (see `DEFAULT_SPIN_US`).
+//!
+//! What a frame costs here, and what was tried (2026-12-06; test `bench_proxy_round_trip`
+//! in `caas/tests/vm_net.rs`: a ping-sized frame's round trip between two stand-in VMs
+//! through two proxies on loopback, 1 ms apart, against one UDP hop each way; 2 cores, the
+//! host busy with other builds, load 5-10):
+//! - the proxies add 60-120 µs per round trip (four hops: 15-30 µs each, a wake-up and a few
+//!   system calls), and use 19-37 µs of CPU per frame, the same with a release build as with
+//!   the dev profile (opt-level 1): the cost is the kernel's (sleep, wake-up, context
+//!   switch on a VM's vCPUs), not the sealing (AES-GCM of a frame is well under a µs).
+//!   In the VM benchmark (`bench/vm-net.sh`, both modes in one boot) the release proxies
+//!   added 0.14-0.17 ms to a 1.7 ms ping (1.08-1.10x), the dev ones 0.29 ms (1.17x);
+//! - the frame thread's scheduling (tried with an experimental `CAAS_NET_SCHED`, removed):
+//!   SCHED_FIFO made the round trip slower (+155-163 µs) and doubled the CPU per frame
+//!   (a real-time wake-up here costs more than it saves, and a datagram flood would have
+//!   a real-time thread's claim on the CPU); nice -10 and a short EEVDF slice
+//!   (`sched_setattr` `sched_runtime` 100 µs) were within the noise of the default
+//!   (the benchmark's latency ratio 1.10x with the slice against 1.08x without). The thread
+//!   keeps the scheduler's default: no privilege needed, and a flood of datagrams gets no
+//!   more than an ordinary thread's share of the CPU;
+//! - not tried: `recvmmsg`/`sendmmsg` batching and fewer allocations per frame (they cut
+//!   user-space work, which is not where a frame's time goes; batching helps bulk transfers,
+//!   whose ratio already meets its goal), `SO_BUSY_POLL` (it polls a NIC's NAPI queue; UNIX
+//!   and loopback sockets have none).
 use super::control::Control;
 use super::frame::DomainId;
 use super::frame::MAX_DATAGRAM;
 use super::overlay::{Egress, Ingress, RxDrop, Settings, Shared, session_now};
-use super::sched::{CpuGuard, FrameSched};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
@@ -197,24 +219,9 @@ pub fn start(a: &ServeArgs) -> Result<Running, ServeError> {
             logged: std::collections::HashSet::new(),
         };
         let stop = stop.clone();
-        let sched = FrameSched::from_env();
         std::thread::Builder::new()
             .name("net-frames".into())
-            .spawn(move || {
-                let mut spin = spin_budget();
-                let mut guard = None;
-                match sched.apply() {
-                    Ok(()) => {
-                        if let FrameSched::Fifo(p) = sched {
-                            // A real-time thread never spins, and stays within its budget.
-                            spin = Duration::ZERO;
-                            guard = Some(CpuGuard::new(p, RT_WINDOW, RT_BUDGET));
-                        }
-                    }
-                    Err(e) => tracing::warn!(?sched, "frame thread scheduling refused: {e}"),
-                }
-                pump.run(&stop, spin, guard);
-            })
+            .spawn(move || pump.run(&stop, spin_budget()))
             .map_err(io("thread"))?
     };
     Ok(Running {
@@ -229,11 +236,6 @@ pub fn start(a: &ServeArgs) -> Result<Running, ServeError> {
 /// How long the frame thread sleeps at most between looks at the stop flag, and how long
 /// a send may block.
 const TICK: Duration = Duration::from_millis(200);
-
-/// A SCHED_FIFO frame thread's CPU budget: at most `RT_BUDGET` of each `RT_WINDOW`, else it
-/// runs as an ordinary thread until a window ends within budget ([`CpuGuard`]).
-const RT_WINDOW: Duration = Duration::from_millis(100);
-const RT_BUDGET: Duration = Duration::from_millis(20);
 
 /// Frames read from each socket per turn before the other one gets its turn.
 const BATCH: usize = 64;
@@ -286,7 +288,7 @@ impl Pump {
     /// the thread awake instead of paying a sleep and a wake-up on each proxy. Only frames
     /// that were moved arm the spin — dropped datagrams (an attacker on the underlay, a
     /// stranger on the VM socket) never do — and an idle proxy sleeps (woken each tick).
-    fn run(mut self, stop: &AtomicBool, spin: Duration, mut guard: Option<CpuGuard>) {
+    fn run(mut self, stop: &AtomicBool, spin: Duration) {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         use std::os::fd::AsFd;
         let mut armed = false;
@@ -299,9 +301,6 @@ impl Pump {
                 }
                 read_any = true;
                 armed |= v == Got::Moved || u == Got::Moved;
-            }
-            if let Some(g) = guard.as_mut() {
-                g.check(Instant::now());
             }
             if read_any {
                 continue;
