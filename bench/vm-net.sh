@@ -43,6 +43,26 @@
 # timed on the host from the sender's "caas-net-go" to the receiver's "caas-net-recv" line
 # (the old per-boot method; the dev-profile binary, which the agents start).
 #
+# Figures with this method (2026-12-06, helper netbench, TCG, 2 cores shared with other
+# helpers' builds: BUSY-machine figures, load average in brackets; BYTES=8388608 ROUNDS=3
+# BURSTS=3, 180 pings per mode; "+" is the overlay's extra median round trip):
+#   09:11 [5-6] release proxies: direct 2.50 MB/s, rtt 1.714 ms (p10 1.316, p90 3.125);
+#     overlay 2.62 MB/s, 1.857 ms (p10 1.519, p90 3.839); rounds 1.08/1.09/1.13x;
+#     ratios: throughput 1.05x, latency 1.08x (+0.14 ms)
+#   09:13 [6] release, CAAS_NET_SCHED=slice:100 (an experiment, removed): 0.94x, 1.10x
+#     (1.680 vs 1.848 ms, +0.17 ms)
+#   09:15 [4-6] dev-profile proxies (RELEASE=0): 2.84 vs 2.27 MB/s, 1.671 vs 1.961 ms;
+#     rounds 1.28/1.16/1.10x; ratios 0.80x, 1.17x (+0.29 ms)
+#   09:04 [9-11] dev-profile: 1.81 vs 1.33 MB/s, 2.606 vs 3.323 ms: 0.73x, 1.28x (+0.72 ms)
+#   09:07 [8-10] dev-profile, SCHED_FIFO frame thread (removed): 0.95x, 1.39x
+#   Paired in one boot the direct mode's own RTT varied only 1.48-1.84 ms between rounds at
+#   load 5-6 (against 1.7-3.6 ms between boots before). At load 5-6 the release proxies meet
+#   both goals; the overlay's extra latency grows with the host's load (each of its four
+#   extra hops is a wake-up that waits for a CPU). The proxies alone, without qemu
+#   (MICRO=1, same machine): 60-120 µs per round trip, 19-37 µs of CPU per frame, the same
+#   in release and dev builds (the kernel's sleep/wake-up cost, not the sealing); SCHED_FIFO
+#   +155-163 µs and twice the CPU per frame, so it was dropped (crates/caas-sdp/src/net/serve.rs).
+#
 # ---- Figures with the OLD method (a fresh pair of VMs per mode per round, best of rounds of
 # ---- 20-ping averages; dev-profile proxies), kept for the history:
 #
