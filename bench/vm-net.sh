@@ -24,7 +24,7 @@
 # the target dir) unless CAAS_NET_BENCH_BIN=/path/to/caas names one; RELEASE=0 measures the
 # test's dev-profile `caas` instead. The "vm-net" line names the binary used.
 #
-# Usage: bench/vm-net.sh     BYTES=16777216 ROUNDS=3 BURSTS=3 BOOTS=1 RELEASE=1 AGENT=0
+# Usage: bench/vm-net.sh     BYTES=16777216 ROUNDS=3 BURSTS=3 BOOTS=2 RELEASE=1 AGENT=0 MICRO=0
 #                            CAAS_NET_BENCH_BIN= CAAS_NET_BENCH_SPIN=   (TCG here)
 # CAAS_NET_BENCH_SPIN=US runs the proxies with their spin on (CAAS_NET_SPIN_US, off by
 # default) for the whole run.
@@ -46,7 +46,14 @@
 # Figures with this method (2026-12-06, helper netbench, TCG, 2 cores shared with other
 # helpers' builds: BUSY-machine figures, load average in brackets; BYTES=8388608 ROUNDS=3
 # BURSTS=3, 180 pings per mode; "+" is the overlay's extra median round trip):
-#   09:11 [5-6] release proxies: direct 2.50 MB/s, rtt 1.714 ms (p10 1.316, p90 3.125);
+#   09:27 [5], `BYTES=8388608 ROUNDS=3 MICRO=1 bench/vm-net.sh` (BOOTS=2, release; 3m40s in
+#     all): rounds 1.25/1.03/1.05x (boot 1), 1.15/1.13/1.09x (boot 2) latency;
+#     direct 2.13 MB/s, rtt 1.756 ms (p10 1.416, p90 3.338, 360 pings);
+#     overlay 2.40 MB/s, 1.997 ms (p10 1.544, p90 4.519);
+#     ratios: throughput 1.13x, latency 1.14x (+0.24 ms);
+#     proxies alone: +111 µs per round trip idle, +54 µs with two busy threads, 26.5 and
+#     16.4 µs of CPU per frame
+#   09:11 [5-6] release proxies (BOOTS=1): direct 2.50 MB/s, rtt 1.714 ms (p10 1.316, p90 3.125);
 #     overlay 2.62 MB/s, 1.857 ms (p10 1.519, p90 3.839); rounds 1.08/1.09/1.13x;
 #     ratios: throughput 1.05x, latency 1.08x (+0.14 ms)
 #   09:13 [6] release, CAAS_NET_SCHED=slice:100 (an experiment, removed): 0.94x, 1.10x
@@ -59,8 +66,10 @@
 #   load 5-6 (against 1.7-3.6 ms between boots before). At load 5-6 the release proxies meet
 #   both goals; the overlay's extra latency grows with the host's load (each of its four
 #   extra hops is a wake-up that waits for a CPU). The proxies alone, without qemu
-#   (MICRO=1, same machine): 60-120 µs per round trip, 19-37 µs of CPU per frame, the same
-#   in release and dev builds (the kernel's sleep/wake-up cost, not the sealing); SCHED_FIFO
+#   (MICRO=1, same machine): 55-120 µs per round trip, 16-37 µs of CPU per frame, the same
+#   in release and dev builds (the kernel's sleep/wake-up cost, not the sealing; less when
+#   busy threads keep the CPUs from idling: waking an idle vCPU of this VM is what costs
+#   most, so a quiet host may see a little more per hop than a busy one); SCHED_FIFO
 #   +155-163 µs and twice the CPU per frame, so it was dropped (crates/caas-sdp/src/net/serve.rs).
 #
 # ---- Figures with the OLD method (a fresh pair of VMs per mode per round, best of rounds of
@@ -135,7 +144,7 @@ cd "$(dirname "$0")/.."
 export CAAS_NET_BENCH_BYTES=${BYTES:-16777216}
 export CAAS_NET_BENCH_ROUNDS=${ROUNDS:-3}
 export CAAS_NET_BENCH_BURSTS=${BURSTS:-3}
-export CAAS_NET_BENCH_BOOTS=${BOOTS:-1}
+export CAAS_NET_BENCH_BOOTS=${BOOTS:-2}
 if [ -z "${CAAS_NET_BENCH_BIN:-}" ] && [ "${RELEASE:-1}" = 1 ]; then
   # The product's build of the proxy; cargo prints where it put it.
   CAAS_NET_BENCH_BIN=$(cargo build -q --release -p caas --bin caas --message-format=json \

@@ -23,12 +23,14 @@
 //! in `caas/tests/vm_net.rs`: a ping-sized frame's round trip between two stand-in VMs
 //! through two proxies on loopback, 1 ms apart, against one UDP hop each way; 2 cores, the
 //! host busy with other builds, load 5-10):
-//! - the proxies add 60-120 µs per round trip (four hops: 15-30 µs each, a wake-up and a few
-//!   system calls), and use 19-37 µs of CPU per frame, the same with a release build as with
+//! - the proxies add 55-120 µs per round trip (four hops: 14-30 µs each, a wake-up and a few
+//!   system calls), and use 16-37 µs of CPU per frame, the same with a release build as with
 //!   the dev profile (opt-level 1): the cost is the kernel's (sleep, wake-up, context
-//!   switch on a VM's vCPUs), not the sealing (AES-GCM of a frame is well under a µs).
-//!   In the VM benchmark (`bench/vm-net.sh`, both modes in one boot) the release proxies
-//!   added 0.14-0.17 ms to a 1.7 ms ping (1.08-1.10x), the dev ones 0.29 ms (1.17x);
+//!   switch on a VM's vCPUs), not the sealing (AES-GCM of a frame is well under a µs). It
+//!   is lower with a busy thread on every CPU (+54 µs against +111 µs idle): waking an idle
+//!   vCPU is the dearest part. In the VM benchmark (`bench/vm-net.sh`, both modes in one
+//!   boot) the release proxies added 0.14-0.24 ms to a 1.7-1.8 ms ping (1.08-1.14x), the
+//!   dev ones 0.29 ms (1.17x);
 //! - the frame thread's scheduling (tried with an experimental `CAAS_NET_SCHED`, removed):
 //!   SCHED_FIFO made the round trip slower (+155-163 µs) and doubled the CPU per frame
 //!   (a real-time wake-up here costs more than it saves, and a datagram flood would have
