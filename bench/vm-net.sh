@@ -22,7 +22,9 @@
 # The proxies measured are a RELEASE build of `caas` (the product's build): the script runs
 # `cargo build --release -p caas --bin caas` first (a first build takes long; then cached in
 # the target dir) unless CAAS_NET_BENCH_BIN=/path/to/caas names one; RELEASE=0 measures the
-# test's dev-profile `caas` instead. The "vm-net" line names the binary used.
+# test's dev-profile `caas` instead. The "vm-net" line names the binary used. Build it
+# before timing a run: after any change to the caas crates the release build takes ~4 min
+# on 2 busy cores (~11 min from scratch); the two boots then take ~3 min.
 #
 # Usage: bench/vm-net.sh     BYTES=16777216 ROUNDS=3 BURSTS=3 BOOTS=2 RELEASE=1 AGENT=0 MICRO=0
 #                            CAAS_NET_BENCH_BIN= CAAS_NET_BENCH_SPIN=   (TCG here)
@@ -46,6 +48,11 @@
 # Figures with this method (2026-12-06, helper netbench, TCG, 2 cores shared with other
 # helpers' builds: BUSY-machine figures, load average in brackets; BYTES=8388608 ROUNDS=3
 # BURSTS=3, 180 pings per mode; "+" is the overlay's extra median round trip):
+#   09:32 [4-6], `BYTES=8388608 ROUNDS=3 bench/vm-net.sh` (BOOTS=2, release): latency rounds
+#     1.05/0.84/1.12x (boot 1), 1.24/1.21/0.96x (boot 2); direct 2.43 MB/s, rtt 1.717 ms
+#     (p10 1.321, p90 3.686); overlay 2.42 MB/s, 1.890 ms (p10 1.507, p90 3.549);
+#     ratios: throughput 0.99x, latency 1.10x (+0.17 ms). (10m35s in all: the release
+#     caas was rebuilt first after a change to caas-sdp; the VMs themselves take ~3 min.)
 #   09:27 [5], `BYTES=8388608 ROUNDS=3 MICRO=1 bench/vm-net.sh` (BOOTS=2, release; 3m40s in
 #     all): rounds 1.25/1.03/1.05x (boot 1), 1.15/1.13/1.09x (boot 2) latency;
 #     direct 2.13 MB/s, rtt 1.756 ms (p10 1.416, p90 3.338, 360 pings);
