@@ -7,7 +7,10 @@
 //! plaintext, and the replayed and injected datagrams must be dropped and counted.
 //!
 //! `bench_overlay_vs_direct` (ignored; `bench/vm-net.sh`) measures throughput and latency
-//! through the overlay against the same guests joined directly by qemu's `-netdev dgram`.
+//! through the overlay against the same guests joined directly by qemu's `-netdev dgram`:
+//! each guest has both NICs in one boot and the two modes are measured alternately.
+//! `bench_proxy_round_trip` (ignored; `MICRO=1 bench/vm-net.sh`) times the proxies alone:
+//! round trips of a frame between two stand-in VMs through two proxies on loopback.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
 use caas_crypto::SecretKey;
@@ -44,9 +47,25 @@ impl Proxy {
 
     /// With `spin`, the proxy's spin bound (`CAAS_NET_SPIN_US`) instead of its default.
     fn start_with_spin(dir: &Path, name: &str, sender: u32, spin: Option<u64>) -> Proxy {
+        Self::start_bin(dir, name, sender, spin, &caas_bin())
+    }
+
+    /// `caas net serve` of the binary `bin` (the benchmark's may be a release build).
+    fn start_bin(dir: &Path, name: &str, sender: u32, spin: Option<u64>, bin: &Path) -> Proxy {
+        let spin = spin.map(|us| us.to_string());
+        let envs: Vec<(&str, &str)> = spin
+            .as_deref()
+            .map(|us| ("CAAS_NET_SPIN_US", us))
+            .into_iter()
+            .collect();
+        Self::start_env(dir, name, sender, bin, &envs)
+    }
+
+    /// `caas net serve` of `bin` with the environment settings `envs`.
+    fn start_env(dir: &Path, name: &str, sender: u32, bin: &Path, envs: &[(&str, &str)]) -> Proxy {
         let sock = dir.join(format!("{name}.net.sock"));
         let vm_sock = dir.join(format!("{name}.vm.sock"));
-        let mut child = Command::new(caas_bin())
+        let mut child = Command::new(bin)
             .args([
                 "net",
                 "serve",
@@ -62,7 +81,7 @@ impl Proxy {
             .arg("--vm-peer")
             .arg(&vm_sock)
             .env("CAAS_LOG", "warn")
-            .envs(spin.map(|us| ("CAAS_NET_SPIN_US", us.to_string())))
+            .envs(envs.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -194,26 +213,44 @@ fn boot(
     nic: &Nic,
     script: &str,
 ) -> Guest {
+    boot_nics(dir, image, name, &[(mac, nic)], addr, script)
+}
+
+/// The qemu `-netdev` of `nic` under the id `id`.
+fn netdev(id: &str, nic: &Nic) -> String {
+    match nic {
+        Nic::Proxy(p) => format!(
+            "dgram,id={id},local.type=unix,local.path={},remote.type=unix,remote.path={}",
+            p.vm_sock.display(),
+            p.sock.display()
+        ),
+        Nic::Direct { local, remote } => format!(
+            "dgram,id={id},local.type=inet,local.host=127.0.0.1,local.port={local},\
+             remote.type=inet,remote.host=127.0.0.1,remote.port={remote}"
+        ),
+    }
+}
+
+/// Boots a guest with one virtio NIC per `(mac, nic)` of `nics` after its ordinary eth0;
+/// the image's init gives the first of them `addr` (fw_cfg `opt/caas/net`), `script`
+/// configures any other.
+fn boot_nics(
+    dir: &Path,
+    image: &Path,
+    name: &str,
+    nics: &[(&str, &Nic)],
+    addr: &str,
+    script: &str,
+) -> Guest {
     let log = dir.join(format!("{name}.serial.log"));
     // qemu appends to an existing log: a round must not read the previous round's lines.
     let _ = std::fs::remove_file(&log);
     let run = dir.join(format!("{name}.run.sh"));
     std::fs::write(&run, script).unwrap();
-    let netdev = match nic {
-        Nic::Proxy(p) => format!(
-            "dgram,id=ovl0,local.type=unix,local.path={},remote.type=unix,remote.path={}",
-            p.vm_sock.display(),
-            p.sock.display()
-        ),
-        Nic::Direct { local, remote } => format!(
-            "dgram,id=ovl0,local.type=inet,local.host=127.0.0.1,local.port={local},\
-             remote.type=inet,remote.host=127.0.0.1,remote.port={remote}"
-        ),
-    };
     let accel = accel();
     let cpu = if accel == "kvm" { "qemu64" } else { "max" };
-    let child = Command::new("qemu-system-x86_64")
-        .args(["-name", &format!("guest={name}")])
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-name", &format!("guest={name}")])
         .args(["-accel", accel, "-cpu", cpu, "-m", "256", "-smp", "1"])
         .args(["-nographic", "-monitor", "none", "-no-reboot"])
         .arg("-serial")
@@ -230,14 +267,20 @@ fn boot(
             "user,id=n0,restrict=on",
             "-device",
             "virtio-net-pci,netdev=n0,romfile=",
-        ])
-        .args(["-netdev", &netdev])
-        .args([
+        ]);
+    for (i, (mac, nic)) in nics.iter().enumerate() {
+        let id = format!("ovl{i}");
+        cmd.args(["-netdev", &netdev(&id, nic)]).args([
             "-device",
-            &format!("virtio-net-pci,netdev=ovl0,romfile=,mac={mac}"),
-        ])
+            &format!("virtio-net-pci,netdev={id},romfile=,mac={mac}"),
+        ]);
+    }
+    let child = cmd
         .arg("-fw_cfg")
-        .arg(format!("name=opt/caas/net,string=mac={mac}\naddr={addr}"))
+        .arg(format!(
+            "name=opt/caas/net,string=mac={}\naddr={addr}",
+            nics[0].0
+        ))
         .arg("-fw_cfg")
         .arg(format!("name=opt/caas/run,file={}", run.display()))
         .stdin(Stdio::null())
@@ -318,15 +361,6 @@ fn marker_stream(size: u64) -> Vec<u8> {
 
 fn sha256_hex(b: &[u8]) -> String {
     hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b).as_ref())
-}
-
-/// Average RTT (ms) from busybox ping's "round-trip min/avg/max = a/b/c ms".
-fn avg_rtt(line: &str) -> f64 {
-    line.split('=')
-        .nth(1)
-        .and_then(|v| v.trim().split('/').nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no average in {line:?}"))
 }
 
 #[test]
@@ -539,131 +573,549 @@ fn an_idle_proxy_sleeps_and_only_frames_it_moves_make_it_spin() {
     );
 }
 
-/// One measurement: (throughput MB/s, average RTT ms). `overlay`: through two proxies
-/// (`Some(spin)`: with that spin bound, `Some(None)` the default), else directly.
-fn measure(dir: &Path, image: &Path, overlay: Option<Option<u64>>, size: u64) -> (f64, f64) {
-    let mut proxies = vec![];
-    let (nic_a, nic_b);
-    if let Some(spin) = overlay {
-        let mut pa = Proxy::start_with_spin(dir, "ba", 1, spin);
-        let mut pb = Proxy::start_with_spin(dir, "bb", 2, spin);
-        pa.setup(2, pb.udp);
-        pb.setup(1, pa.udp);
-        proxies.push(pa);
-        proxies.push(pb);
-        nic_a = Nic::Proxy(&proxies[0]);
-        nic_b = Nic::Proxy(&proxies[1]);
-    } else {
-        let free = || {
-            UdpSocket::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
+/// A stand-in VM frame from MAC ..:src to MAC ..:dst (114 bytes, as a ping's).
+fn test_frame(dst: u8, src: u8) -> Vec<u8> {
+    let mut f = vec![
+        0x52, 0x54, 0, 0x16, 0, dst, 0x52, 0x54, 0, 0x16, 0, src, 0x08, 0,
+    ];
+    f.extend_from_slice(&[0x33; 100]);
+    f
+}
+
+/// Round trips of `n` frames from `send` to an echo behind it, `gap` apart (a ping's
+/// pace lets every thread on the path fall asleep): the sorted RTTs in µs.
+fn round_trips(
+    send: &dyn Fn(&[u8]),
+    recv: &dyn Fn(&mut [u8]) -> usize,
+    n: usize,
+    gap: Duration,
+) -> Vec<f64> {
+    let mut buf = vec![0u8; 2048];
+    let f = test_frame(2, 1);
+    let mut v: Vec<f64> = (0..n)
+        .map(|_| {
+            std::thread::sleep(gap);
+            let t = Instant::now();
+            send(&f);
+            assert_eq!(recv(&mut buf), f.len());
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+/// Busy threads that compete for the CPUs (the TCG guests of the VM benchmark) until the
+/// flag is set.
+fn hogs(n: usize, stop: &Arc<std::sync::atomic::AtomicBool>) -> Vec<std::thread::JoinHandle<()>> {
+    (0..n)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for i in 0..10_000u64 {
+                        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// The proxies' own cost without qemu: round trips of a ping-sized frame between two
+/// stand-in VMs through two `caas net serve` on loopback (VM → proxy → UDP → proxy → VM and
+/// back: the overlay's four extra hops) against the same echo over one UDP hop each way
+/// (what qemu's `-netdev dgram` does), idle and with `CAAS_NET_MICRO_HOGS` busy threads
+/// (default: one per CPU, as the two TCG guests), `CAAS_NET_MICRO_N` round trips 1 ms apart,
+/// and the proxies' CPU per frame. `CAAS_NET_MICRO_ENV="K=V,K=V;K=V"`: one run of the
+/// proxies per `;`-separated set of environment settings (e.g. `CAAS_NET_SPIN_US=2000`).
+/// The proxies are `CAAS_NET_BENCH_BIN` when set, else the test's `caas`.
+#[test]
+#[ignore = "a benchmark: bench/vm-net.sh MICRO=1"]
+fn bench_proxy_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let n: usize = std::env::var("CAAS_NET_MICRO_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    let nhogs: usize = std::env::var("CAAS_NET_MICRO_HOGS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(cpus);
+    let sets: Vec<Vec<(String, String)>> = std::env::var("CAAS_NET_MICRO_ENV")
+        .unwrap_or_default()
+        .split(';')
+        .map(|set| {
+            set.split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .collect()
+        })
+        .collect();
+    let (bin, which) = bench_proxy_bin();
+    println!(
+        "proxy-rtt proxy={} ({which}) n={n} gap=1ms hogs={nhogs}",
+        bin.display()
+    );
+    let gap = Duration::from_millis(1);
+    let stats = |v: &[f64]| {
+        format!(
+            "median {:.1} µs, p10 {:.1}, p90 {:.1}, p99 {:.1}",
+            quantile(v, 0.5),
+            quantile(v, 0.1),
+            quantile(v, 0.9),
+            quantile(v, 0.99)
+        )
+    };
+    for load in [0, nhogs] {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let busy = hogs(load, &stop);
+        // Direct: one UDP hop each way to an echo thread.
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        a.connect(b.local_addr().unwrap()).unwrap();
+        b.connect(a.local_addr().unwrap()).unwrap();
+        a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let echo = {
+            let b = b.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 2048];
+                while let Ok(k) = b.recv(&mut buf) {
+                    if k == 1 {
+                        break;
+                    }
+                    let _ = b.send(&buf[..k]);
+                }
+            })
         };
-        let (pa, pb) = (free(), free());
-        nic_a = Nic::Direct {
-            local: pa,
-            remote: pb,
-        };
-        nic_b = Nic::Direct {
-            local: pb,
-            remote: pa,
-        };
+        let direct = round_trips(
+            &|f| {
+                a.send(f).unwrap();
+            },
+            &|buf| a.recv(buf).unwrap(),
+            n,
+            gap,
+        );
+        a.send(&[0]).unwrap();
+        echo.join().unwrap();
+        println!("proxy-rtt load={load} direct (udp):   {}", stats(&direct));
+        for (i, set) in sets.iter().enumerate() {
+            let envs: Vec<(&str, &str)> =
+                set.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let mut pa = Proxy::start_env(dir.path(), &format!("m{load}{i}a"), 1, &bin, &envs);
+            let mut pb = Proxy::start_env(dir.path(), &format!("m{load}{i}b"), 2, &bin, &envs);
+            pa.setup(2, pb.udp);
+            pb.setup(1, pa.udp);
+            let (vm_a, vm_b) = (stand_in_vm(&pa), stand_in_vm(&pb));
+            let echo = {
+                let vm_b = vm_b.try_clone().unwrap();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 2048];
+                    while let Ok(k) = vm_b.recv(&mut buf) {
+                        if k == 15 {
+                            break;
+                        }
+                        // The reply: from B to A.
+                        buf[..12].copy_from_slice(&test_frame(1, 2)[..12]);
+                        let _ = vm_b.send(&buf[..k]);
+                    }
+                })
+            };
+            let c0 = cpu_time(pa.child.id()) + cpu_time(pb.child.id());
+            let overlay = round_trips(
+                &|f| {
+                    vm_a.send(f).unwrap();
+                },
+                &|buf| vm_a.recv(buf).unwrap(),
+                n,
+                gap,
+            );
+            let cpu = cpu_time(pa.child.id()) + cpu_time(pb.child.id()) - c0;
+            let mut stop_echo = test_frame(2, 1);
+            stop_echo.truncate(15);
+            vm_a.send(&stop_echo).unwrap();
+            echo.join().unwrap();
+            let label = if set.is_empty() {
+                "default".to_string()
+            } else {
+                set.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            #[allow(clippy::cast_precision_loss)]
+            let per_frame = cpu.as_secs_f64() * 1e6 / (4 * n) as f64;
+            println!(
+                "proxy-rtt load={load} overlay [{label}]: {} (+{:.1} µs median); proxies' CPU {per_frame:.1} µs per frame",
+                stats(&overlay),
+                quantile(&overlay, 0.5) - quantile(&direct, 0.5),
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for h in busy {
+            h.join().unwrap();
+        }
     }
-    let tag = if overlay.is_some() { "ovl" } else { "dir" };
-    let mut b = boot(
+}
+
+/// The MACs and addresses of the benchmark's direct NICs (the overlay NICs are `MAC_A`,
+/// `MAC_B` on 10.9.1.0/24).
+const DIRECT_MAC_A: &str = "52:54:00:16:01:01";
+const DIRECT_MAC_B: &str = "52:54:00:16:01:02";
+
+/// The benchmark's guest scripts: the shell lines that give the direct NIC (found by its
+/// MAC) its address; `<>` on a FIFO gives busybox nc an input that never ends (it hangs up
+/// when its own stdin does).
+fn bench_prelude(mac: &str, addr: &str) -> String {
+    format!(
+        "d=\"\"; for n in /sys/class/net/*; do [ \"$(cat $n/address)\" = \"{mac}\" ] && d=${{n##*/}}; done\n\
+         if [ -n \"$d\" ] && ip addr add {addr} dev $d && ip link set $d up; then echo \"caas-direct up $d {addr}\"; \
+         else echo \"caas-bench-failed no direct NIC {mac}\"; exit 1; fi\n\
+         mkfifo /tmp/hold; exec 3<>/tmp/hold\n"
+    )
+}
+
+/// The benchmark's receiver (B): for each transfer, a listener on port 5000 (either NIC)
+/// whose stream's first SIZE bytes go through sha256sum, then "ready" on port 5001 to the
+/// sender once the listener is up (netstat), then "caas-xfer-done K SHA256 ." when the stream ended.
+fn bench_receiver_script(size: u64) -> String {
+    format!(
+        "{}k=0\n\
+         while :; do\n\
+           k=$((k+1))\n\
+           ( nc -l -p 5000 <&3 | head -c {size} | sha256sum > /tmp/sum ) &\n\
+           until netstat -ltn | grep -q ':5000 '; do sleep 0.02; done\n\
+           echo ready | nc -l -p 5001\n\
+           wait $!\n\
+           echo \"caas-xfer-done $k $(cut -d' ' -f1 /tmp/sum) .\"\n\
+         done\n",
+        bench_prelude(DIRECT_MAC_B, "10.9.0.2/24")
+    )
+}
+
+/// The benchmark's sender (A): ROUNDS interleaved rounds, each BURSTS pairs of
+/// `ping -c PINGS -i 0.2` bursts, one to B's direct address (10.9.0.2) and one to its
+/// overlay address (10.9.1.2), then one TCP transfer of SIZE bytes to each; odd rounds
+/// start with the direct mode, even rounds with the overlay (so a drift of the guests'
+/// speed over the run weighs on both alike). Every reply's time is printed
+/// ("caas-rtt ROUND MODE MS ."), each transfer announced ("caas-xfer-go ROUND MODE .") once
+/// the receiver is listening.
+fn bench_sender_script(rounds: usize, bursts: usize, pings: usize, size: u64) -> String {
+    format!(
+        "{}for p in 10.9.0.2 10.9.1.2; do\n\
+           i=0; until ping -c 1 -W 1 $p >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 120 ] && {{ echo \"caas-ping-failed $p\"; exit 1; }}; done\n\
+         done\n\
+         echo caas-ping-ok\n\
+         addr() {{ if [ $1 = dir ]; then echo 10.9.0.2; else echo 10.9.1.2; fi; }}\n\
+         r=0\n\
+         while [ $r -lt {rounds} ]; do\n\
+           r=$((r+1))\n\
+           if [ $((r % 2)) = 1 ]; then order=\"dir ovl\"; else order=\"ovl dir\"; fi\n\
+           b=0\n\
+           while [ $b -lt {bursts} ]; do\n\
+             b=$((b+1))\n\
+             for m in $order; do\n\
+               ping -c {pings} -i 0.2 $(addr $m) | sed -n \"s/.*time=\\([0-9.]*\\) ms.*/caas-rtt $r $m \\1 ./p\"\n\
+             done\n\
+           done\n\
+           for m in $order; do\n\
+             p=$(addr $m); i=0\n\
+             until nc $p 5001 <&3 2>/dev/null | grep -q ready; do i=$((i+1)); [ $i -gt 600 ] && {{ echo caas-bench-failed no receiver; exit 1; }}; sleep 0.1; done\n\
+             echo \"caas-xfer-go $r $m .\"\n\
+             yes \"{MARKER}\" | head -c {size} | nc $p 5000\n\
+           done\n\
+         done\n\
+         echo caas-bench-end\n\
+         sleep 3600\n",
+        bench_prelude(DIRECT_MAC_A, "10.9.0.1/24")
+    )
+}
+
+/// The benchmark's two modes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Direct,
+    Overlay,
+}
+
+impl Mode {
+    fn tag(self) -> &'static str {
+        match self {
+            Mode::Direct => "dir",
+            Mode::Overlay => "ovl",
+        }
+    }
+
+    /// The order of the modes in `round` (as the sender script alternates them).
+    fn order(round: usize) -> [Mode; 2] {
+        if round % 2 == 1 {
+            [Mode::Direct, Mode::Overlay]
+        } else {
+            [Mode::Overlay, Mode::Direct]
+        }
+    }
+}
+
+/// One boot's samples: per round, per mode (direct, overlay), the transfer's MB/s and
+/// every ping's RTT (ms).
+struct BootSamples {
+    rounds: Vec<[(f64, Vec<f64>); 2]>,
+}
+
+/// The RTT samples ("caas-rtt ROUND MODE MS .") of a console, as (round, mode, ms).
+fn rtt_samples(console: &str) -> Vec<(usize, Mode, f64)> {
+    console
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l[l.find("caas-rtt ")?..].split_whitespace().collect();
+            let mode = match *w.get(2)? {
+                "dir" => Mode::Direct,
+                "ovl" => Mode::Overlay,
+                _ => return None,
+            };
+            (w.len() == 5 && w[4] == ".").then_some(())?;
+            Some((w[1].parse().ok()?, mode, w[3].parse().ok()?))
+        })
+        .collect()
+}
+
+/// The proxies the benchmark measures: `CAAS_NET_BENCH_BIN` (bench/vm-net.sh sets it to a
+/// release build of `caas`), else this test's own (dev-profile) `caas`.
+fn bench_proxy_bin() -> (PathBuf, &'static str) {
+    match std::env::var_os("CAAS_NET_BENCH_BIN").filter(|v| !v.is_empty()) {
+        Some(p) => {
+            let p = PathBuf::from(p);
+            assert!(
+                p.is_file(),
+                "CAAS_NET_BENCH_BIN={} is not a file (cargo build --release -p caas --bin caas)",
+                p.display()
+            );
+            (p, "CAAS_NET_BENCH_BIN")
+        }
+        None => (caas_bin(), "the test's dev-profile build"),
+    }
+}
+
+/// One boot of the benchmark: both guests with a direct NIC (10.9.0.0/24, qemu's
+/// `-netdev dgram` over UDP) and an overlay NIC (10.9.1.0/24, two `caas net serve` of `bin`
+/// with the spin bound `spin`), the sender's interleaved rounds timed (transfers on the
+/// host, from A's "caas-xfer-go" to B's "caas-xfer-done") and checked (B's digest).
+#[allow(clippy::too_many_arguments)]
+fn bench_boot(
+    dir: &Path,
+    image: &Path,
+    bin: &Path,
+    spin: Option<u64>,
+    rounds: usize,
+    bursts: usize,
+    pings: usize,
+    size: u64,
+) -> BootSamples {
+    let mut pa = Proxy::start_bin(dir, "ba", 1, spin, bin);
+    let mut pb = Proxy::start_bin(dir, "bb", 2, spin, bin);
+    pa.setup(2, pb.udp);
+    pb.setup(1, pa.udp);
+    let free = || {
+        UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port_a, port_b) = (free(), free());
+    let direct_a = Nic::Direct {
+        local: port_a,
+        remote: port_b,
+    };
+    let direct_b = Nic::Direct {
+        local: port_b,
+        remote: port_a,
+    };
+    let (ovl_a, ovl_b) = (Nic::Proxy(&pa), Nic::Proxy(&pb));
+    let mut b = boot_nics(
         dir,
         image,
-        &format!("bench{tag}B"),
-        MAC_B,
-        "10.9.0.2/24",
-        &nic_b,
-        &receiver_script(size),
+        "benchB",
+        &[(MAC_B, &ovl_b), (DIRECT_MAC_B, &direct_b)],
+        "10.9.1.2/24",
+        &bench_receiver_script(size),
     );
-    let mut a = boot(
+    let mut a = boot_nics(
         dir,
         image,
-        &format!("bench{tag}A"),
-        MAC_A,
-        "10.9.0.1/24",
-        &nic_a,
-        &sender_script("10.9.0.2", 20, size),
+        "benchA",
+        &[(MAC_A, &ovl_a), (DIRECT_MAC_A, &direct_a)],
+        "10.9.1.1/24",
+        &bench_sender_script(rounds, bursts, pings, size),
     );
-    let (rtt, _) = wait_line(&mut a, "caas-rtt", Duration::from_secs(300));
-    let (_, go) = wait_line(&mut a, "caas-xfer-go", Duration::from_secs(60));
-    let (_, done) = wait_line(&mut b, "caas-xfer-done", Duration::from_secs(600));
-    let secs = done.duration_since(go).as_secs_f64();
+    wait_line(&mut a, "caas-ping-ok", Duration::from_secs(400));
+    let want = sha256_hex(&marker_stream(size));
+    // A round's pings take bursts × 2 × pings × 0.2 s (and the guests' own time).
+    let round_limit = Duration::from_secs(120 + u64::try_from(bursts * pings).unwrap_or(0));
+    let mut xfer = vec![];
+    let mut k = 0;
+    for round in 1..=rounds {
+        let mut mbps = [0.0; 2];
+        for mode in Mode::order(round) {
+            let (_, go) = wait_line(
+                &mut a,
+                &format!("caas-xfer-go {round} {} .", mode.tag()),
+                round_limit,
+            );
+            k += 1;
+            let (done, t) = wait_line(
+                &mut b,
+                &format!("caas-xfer-done {k} "),
+                Duration::from_secs(600),
+            );
+            assert!(
+                done.contains(&want),
+                "transfer {k} ({mode:?}): the receiver got other bytes than were sent: {done}"
+            );
+            #[allow(clippy::cast_precision_loss)]
+            let v = size as f64 / t.duration_since(go).as_secs_f64() / 1e6;
+            mbps[mode as usize] = v;
+        }
+        xfer.push(mbps);
+    }
+    wait_line(&mut a, "caas-bench-end", Duration::from_secs(60));
+    let samples = rtt_samples(&serial(&a));
     drop(a);
     drop(b);
-    drop(proxies);
-    #[allow(clippy::cast_precision_loss)]
-    let mbps = size as f64 / secs / 1e6;
-    (mbps, avg_rtt(&rtt))
+    let rounds = xfer
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let of = |mode: Mode| {
+                let v: Vec<f64> = samples
+                    .iter()
+                    .filter(|s| s.0 == i + 1 && s.1 == mode)
+                    .map(|s| s.2)
+                    .collect();
+                assert!(
+                    v.len() + 2 >= bursts * pings,
+                    "round {}: only {} of {} {mode:?} pings answered",
+                    i + 1,
+                    v.len(),
+                    bursts * pings
+                );
+                (m[mode as usize], v)
+            };
+            [of(Mode::Direct), of(Mode::Overlay)]
+        })
+        .collect();
+    BootSamples { rounds }
+}
+
+/// The `q` quantile (nearest rank) of `v`.
+fn quantile(v: &[f64], q: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let i = ((s.len() as f64 * q).ceil() as usize).clamp(1, s.len()) - 1;
+    s[i]
+}
+
+/// The median of `v` (the mean of the middle two of an even count).
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        f64::midpoint(s[n / 2 - 1], s[n / 2])
+    }
 }
 
 /// `bench/vm-net.sh`: throughput and latency between two VMs through the overlay vs the same
 /// VMs joined directly by qemu's own `-netdev dgram` (goal: ≥ 0.8× throughput, ≤ 1.2×
-/// latency). Prints the figures and the ratios.
+/// latency). Both NICs are in the SAME boot of the same two guests (a TCG guest's own
+/// round trip varies 2x from one boot to the next; within a boot the two modes are
+/// measured alternately, so both see the same guests and the same host load):
+/// `CAAS_NET_BENCH_ROUNDS` rounds of `CAAS_NET_BENCH_BURSTS` pairs of 20-ping bursts and
+/// one transfer of `CAAS_NET_BENCH_BYTES` each way, the modes' order alternating between
+/// rounds; `CAAS_NET_BENCH_BOOTS` boots. Latency: the median of all RTT samples of a mode
+/// (p10, p90 shown); throughput: the median of its transfers. The proxies are
+/// `CAAS_NET_BENCH_BIN` when set (the script's release build), else the test's `caas`;
+/// `CAAS_NET_BENCH_SPIN=US` runs them with the spin (`CAAS_NET_SPIN_US`) on.
 #[test]
 #[ignore = "a benchmark: bench/vm-net.sh"]
 fn bench_overlay_vs_direct() {
     let image = guest_image();
     let dir = tempfile::tempdir().unwrap();
-    let size: u64 = std::env::var("CAAS_NET_BENCH_BYTES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(64 << 20);
-    let rounds: usize = std::env::var("CAAS_NET_BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
-    // CAAS_NET_BENCH_SPIN=US: also the overlay with the proxies' spin on (CAAS_NET_SPIN_US),
-    // in each round.
+    let env = |name: &str, default: u64| -> u64 {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let size = env("CAAS_NET_BENCH_BYTES", 16 << 20);
+    let as_usize = |v: u64| usize::try_from(v).unwrap().max(1);
+    let rounds = as_usize(env("CAAS_NET_BENCH_ROUNDS", 3));
+    let bursts = as_usize(env("CAAS_NET_BENCH_BURSTS", 3));
+    let pings = as_usize(env("CAAS_NET_BENCH_PINGS", 20));
+    let boots = as_usize(env("CAAS_NET_BENCH_BOOTS", 1));
     let spin: Option<u64> = std::env::var("CAAS_NET_BENCH_SPIN")
         .ok()
         .and_then(|v| v.parse().ok());
-    let (mut d, mut o, mut n) = (vec![], vec![], vec![]);
-    for round in 1..=rounds {
-        d.push(measure(dir.path(), &image, None, size));
-        o.push(measure(dir.path(), &image, Some(None), size));
-        if let Some(us) = spin {
-            n.push(measure(dir.path(), &image, Some(Some(us)), size));
+    let (bin, which) = bench_proxy_bin();
+    println!(
+        "vm-net accel={} bytes={size} rounds={rounds} bursts={bursts}x{pings} pings boots={boots} \
+         proxy={} ({which}){}",
+        accel(),
+        bin.display(),
+        spin.map(|us| format!(" CAAS_NET_SPIN_US={us}"))
+            .unwrap_or_default()
+    );
+    let (mut rtt, mut mbps) = ([vec![], vec![]], [vec![], vec![]]);
+    let mut n = 0;
+    for boot in 1..=boots {
+        let s = bench_boot(dir.path(), &image, &bin, spin, rounds, bursts, pings, size);
+        for r in &s.rounds {
+            n += 1;
+            let (d, o) = (&r[0], &r[1]);
+            let (dl, ol) = (median(&d.1), median(&o.1));
+            println!(
+                "round {n}: direct {:.2} MB/s {dl:.3} ms, overlay {:.2} MB/s {ol:.3} ms \
+                 ({:.2}x, {:.2}x; boot {boot}, rtt medians of {} and {} pings)",
+                d.0,
+                o.0,
+                o.0 / d.0,
+                ol / dl,
+                d.1.len(),
+                o.1.len()
+            );
+            for m in 0..2 {
+                mbps[m].push(r[m].0);
+                rtt[m].extend_from_slice(&r[m].1);
+            }
         }
-        let (dr, or) = (d[round - 1], o[round - 1]);
-        println!(
-            "round {round}: direct {:.2} MB/s {:.3} ms, overlay {:.2} MB/s {:.3} ms ({:.2}x, {:.2}x){}",
-            dr.0,
-            dr.1,
-            or.0,
-            or.1,
-            or.0 / dr.0,
-            or.1 / dr.1,
-            n.last()
-                .map(|x| format!(", overlay-spin {:.2} MB/s {:.3} ms", x.0, x.1))
-                .unwrap_or_default()
-        );
     }
-    let best = |v: &[(f64, f64)]| {
-        (
-            v.iter().map(|x| x.0).fold(0.0, f64::max),
-            v.iter().map(|x| x.1).fold(f64::INFINITY, f64::min),
+    let line = |m: usize| {
+        format!(
+            "throughput {:.2} MB/s (median of {}, {:.2}-{:.2}), rtt {:.3} ms (median of {}; p10 {:.3}, p90 {:.3})",
+            median(&mbps[m]),
+            mbps[m].len(),
+            quantile(&mbps[m], 0.0),
+            quantile(&mbps[m], 1.0),
+            median(&rtt[m]),
+            rtt[m].len(),
+            quantile(&rtt[m], 0.1),
+            quantile(&rtt[m], 0.9),
         )
     };
-    let (dt, dl) = best(&d);
-    let (ot, ol) = best(&o);
-    println!("vm-net accel={} bytes={size} rounds={rounds}", accel());
-    println!("direct  (qemu -netdev dgram): throughput {dt:.1} MB/s, rtt {dl:.3} ms  {d:?}");
-    println!("overlay (caas net serve):     throughput {ot:.1} MB/s, rtt {ol:.3} ms  {o:?}");
-    if let Some(us) = spin {
-        let (nt, nl) = best(&n);
-        println!(
-            "overlay-spin (CAAS_NET_SPIN_US={us}): throughput {nt:.1} MB/s, rtt {nl:.3} ms  {n:?}"
-        );
-    }
+    println!("direct  (qemu -netdev dgram): {}", line(0));
+    println!("overlay (caas net serve):     {}", line(1));
     println!(
         "ratios: throughput {:.2}x (goal >= 0.8), latency {:.2}x (goal <= 1.2)",
-        ot / dt,
-        ol / dl
+        median(&mbps[1]) / median(&mbps[0]),
+        median(&rtt[1]) / median(&rtt[0])
     );
 }

@@ -18,6 +18,31 @@
 //! tick; test `an_idle_proxy_sleeps_and_only_frames_it_moves_make_it_spin` in
 //! `caas/tests/vm_net.rs`). It is off by default: on a contended host it made latency and
 //! throughput worse (see `DEFAULT_SPIN_US`).
+//!
+//! What a frame costs here, and what was tried (2026-12-06; test `bench_proxy_round_trip`
+//! in `caas/tests/vm_net.rs`: a ping-sized frame's round trip between two stand-in VMs
+//! through two proxies on loopback, 1 ms apart, against one UDP hop each way; 2 cores, the
+//! host busy with other builds, load 5-10):
+//! - the proxies add 55-120 µs per round trip (four hops: 14-30 µs each, a wake-up and a few
+//!   system calls), and use 16-37 µs of CPU per frame, the same with a release build as with
+//!   the dev profile (opt-level 1): the cost is the kernel's (sleep, wake-up, context
+//!   switch on a VM's vCPUs), not the sealing (AES-GCM of a frame is well under a µs). It
+//!   is lower with a busy thread on every CPU (+54 µs against +111 µs idle): waking an idle
+//!   vCPU is the dearest part. In the VM benchmark (`bench/vm-net.sh`, both modes in one
+//!   boot) the release proxies added 0.14-0.24 ms to a 1.7-1.8 ms ping (1.08-1.14x), the
+//!   dev ones 0.29 ms (1.17x);
+//! - the frame thread's scheduling (tried with an experimental `CAAS_NET_SCHED`, removed):
+//!   SCHED_FIFO made the round trip slower (+155-163 µs) and doubled the CPU per frame
+//!   (a real-time wake-up here costs more than it saves, and a datagram flood would have
+//!   a real-time thread's claim on the CPU); nice -10 and a short EEVDF slice
+//!   (`sched_setattr` `sched_runtime` 100 µs) were within the noise of the default
+//!   (the benchmark's latency ratio 1.10x with the slice against 1.08x without). The thread
+//!   keeps the scheduler's default: no privilege needed, and a flood of datagrams gets no
+//!   more than an ordinary thread's share of the CPU;
+//! - not tried: `recvmmsg`/`sendmmsg` batching and fewer allocations per frame (they cut
+//!   user-space work, which is not where a frame's time goes; batching helps bulk transfers,
+//!   whose ratio already meets its goal), `SO_BUSY_POLL` (it polls a NIC's NAPI queue; UNIX
+//!   and loopback sockets have none).
 use super::control::Control;
 use super::frame::DomainId;
 use super::frame::MAX_DATAGRAM;
