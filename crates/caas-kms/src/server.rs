@@ -68,7 +68,12 @@ async fn kms_endpoint(State(kms): State<Arc<Kms>>, req: Request) -> Response {
             (
                 // `HeaderName` is always lower-case.
                 n.as_str().to_owned(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                // UTF-8 checked with the fast validator first (the lossy path only for
+                // the rare value that is not UTF-8).
+                match std::str::from_utf8(v.as_bytes()) {
+                    Ok(s) => s.to_owned(),
+                    Err(_) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                },
             )
         })
         .collect();
@@ -178,13 +183,83 @@ pub async fn serve_router_with(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     match tls {
-        None => {
+        None if std::env::var_os("CAAS_EXP_AXUM_SERVE").is_some() => {
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown)
                 .await
         }
+        None => serve_plain(listener, app, shutdown).await,
         Some(t) => serve_tls(listener, app, &t, on_refused, shutdown).await,
     }
+}
+
+/// How long a client has to send a request's whole head (request line and headers), and
+/// how long a keep-alive connection may stay idle before its next request: a client that
+/// trickles its headers (slowloris) is disconnected.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Largest request head accepted (request line and headers); a larger one is answered
+/// `431` and the connection closed. AWS SDK requests carry well under 4 KiB of headers.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// The plain-HTTP accept loop: HTTP/1.1 only (keep-alive, pipelining), each connection
+/// served by hyper with [`HEADER_READ_TIMEOUT`] and [`MAX_HEADER_BYTES`], `TCP_NODELAY`
+/// on. On `shutdown` it stops accepting, lets every connection finish the request it is
+/// serving (idle ones close at once) and returns when all are closed.
+async fn serve_plain(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES.max(8192))
+        .keep_alive(true);
+    if std::env::var_os("CAAS_EXP_NO_WRITEV").is_some() {
+        builder.writev(false);
+    }
+    let builder = Arc::new(builder);
+    // Every connection task holds a receiver: `closed()` resolves once all have ended.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                // Out of descriptors and the like: keep serving the others.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let builder = builder.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            // The router per request (a cheap clone), as `axum::serve` does.
+            let svc = hyper_util::service::TowerToHyperService::new(app);
+            let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    drop(stop_rx);
+    let _ = stop_tx.send(true);
+    stop_tx.closed().await;
+    Ok(())
 }
 
 async fn serve_tls(

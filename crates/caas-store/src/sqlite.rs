@@ -407,6 +407,7 @@ fn writer_loop(
         // paying for two; the previous group's size is the evidence, so a lone caller
         // (previous group of one) never waits.
         if jobs.len() * 2 < last_size
+            && !exp_no_gather()
             && jobs
                 .iter()
                 .all(|j| matches!(j.reply, crate::Reply::Wait { .. }))
@@ -435,6 +436,12 @@ fn writer_loop(
 /// The longest the writer waits for more waiting callers to join a group that is much
 /// smaller than the previous one (see `writer_loop`): a fraction of one fsync.
 const COMMIT_GATHER: Duration = Duration::from_micros(150);
+
+// TEMPORARY A/B knob (kmsfast): removed before the final commit.
+fn exp_no_gather() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var_os("CAAS_EXP_NO_GATHER").is_some())
+}
 
 /// Moves every queued job (up to [`MAX_GROUP`] in all) into `jobs`.
 fn drain(rx: &mpsc::Receiver<Job>, jobs: &mut Vec<Job>) {

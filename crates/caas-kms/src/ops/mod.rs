@@ -30,6 +30,20 @@ use std::collections::BTreeMap;
 /// Runs the named operation.
 pub async fn dispatch(kms: &Kms, ctx: &mut Ctx, op: &str, req: &Value) -> KmsResult<Out> {
     let r = Req(req);
+    // The most frequent key uses inline; every other operation's future on the heap, so
+    // that the largest of them does not set the size of every request's future (moved
+    // several times per request).
+    match op {
+        "Encrypt" => crypto::encrypt(kms, ctx, r).await,
+        "Decrypt" => crypto::decrypt(kms, ctx, r).await,
+        "GenerateDataKey" => crypto::generate_data_key(kms, ctx, r, true).await,
+        "GenerateDataKeyWithoutPlaintext" => crypto::generate_data_key(kms, ctx, r, false).await,
+        _ => Box::pin(dispatch_other(kms, ctx, op, r)).await,
+    }
+}
+
+/// [`dispatch`] of every operation but the most frequent key uses.
+async fn dispatch_other(kms: &Kms, ctx: &mut Ctx, op: &str, r: Req<'_>) -> KmsResult<Out> {
     match op {
         "CreateKey" => keys::create_key(kms, ctx, r).await,
         "DescribeKey" => keys::describe_key(kms, ctx, r).await,
@@ -281,26 +295,9 @@ async fn resolve_cached(
         .flatten();
     let entry = match cached {
         Some(e) => e,
-        None => {
-            let fetched = std::time::Instant::now();
-            let o = kms
-                .store
-                .get(kind::KEY, account, &id)
-                .await
-                .map_err(KmsError::store)?
-                .ok_or_else(|| not_found(key_ref))?;
-            let key = parse_key(&o)?;
-            let current = match (key.key_spec, key.current()) {
-                (crate::material::KeySpec::SymmetricDefault, Some(h)) => Some((
-                    h.version,
-                    kms.keyring
-                        .open_ekt(&key.account, &key.key_id, h.version, &h.ekt)
-                        .await?,
-                )),
-                _ => None,
-            };
-            kms.key_cache.put(key, o.rev, current, fetched, epoch)
-        }
+        // On the heap: the row read and the EKT opening would otherwise make the future
+        // of every key use (moved a few times per request) several KiB larger.
+        None => Box::pin(fetch_for_use(kms, account, &id, key_ref, epoch)).await?,
     };
     ctx.key_id = Some(entry.key.key_id.clone());
     Ok(Loaded {
@@ -309,6 +306,35 @@ async fn resolve_cached(
         alias,
         cached: Some(entry),
     })
+}
+
+/// [`resolve_cached`] on a cache miss: reads the key row, opens the current HBK of a
+/// symmetric key, and puts both in the key-use cache.
+async fn fetch_for_use(
+    kms: &Kms,
+    account: &str,
+    id: &str,
+    key_ref: &str,
+    epoch: u64,
+) -> KmsResult<std::sync::Arc<crate::keycache::CachedKey>> {
+    let fetched = std::time::Instant::now();
+    let o = kms
+        .store
+        .get(kind::KEY, account, id)
+        .await
+        .map_err(KmsError::store)?
+        .ok_or_else(|| not_found(key_ref))?;
+    let key = parse_key(&o)?;
+    let current = match (key.key_spec, key.current()) {
+        (crate::material::KeySpec::SymmetricDefault, Some(h)) => Some((
+            h.version,
+            kms.keyring
+                .open_ekt(&key.account, &key.key_id, h.version, &h.ekt)
+                .await?,
+        )),
+        _ => None,
+    };
+    Ok(kms.key_cache.put(key, o.rev, current, fetched, epoch))
 }
 
 fn not_found(key_ref: &str) -> KmsError {
@@ -342,9 +368,7 @@ async fn key_row_id(kms: &Kms, ctx: &Ctx, key_ref: &str) -> KmsResult<(String, O
             .unwrap_or_else(|| parts[2].to_string());
     }
     if id.starts_with("alias/") {
-        let o = kms
-            .store
-            .get(kind::ALIAS, account, &id)
+        let o = Box::pin(kms.store.get(kind::ALIAS, account, &id))
             .await
             .map_err(KmsError::store)?
             .ok_or_else(|| KmsError::NotFound(format!("Alias {id} is not found.")))?;
@@ -384,7 +408,7 @@ pub async fn authorize_with(
         Verdict::Deny => return Err(denied(ctx, action, &l.key)),
         Verdict::NoMatch => {}
     }
-    if grants::allows(kms, ctx, &l.key, action, ec, grant_tokens).await? {
+    if Box::pin(grants::allows(kms, ctx, &l.key, action, ec, grant_tokens)).await? {
         return Ok(());
     }
     Err(denied(ctx, action, &l.key))
@@ -437,7 +461,7 @@ pub async fn policy_verdict(
         c.set("kms:RequestAlias", a);
     }
     if policy.mentions("kms:ResourceAliases") {
-        let aliases = aliases_of(kms, key).await?;
+        let aliases = Box::pin(aliases_of(kms, key)).await?;
         if !aliases.is_empty() {
             c.set_all("kms:ResourceAliases", &aliases);
         }
@@ -552,7 +576,7 @@ pub async fn material_for_use(
     {
         return Ok((*v, m.clone()));
     }
-    material(kms, &l.key, version).await
+    Box::pin(material(kms, &l.key, version)).await
 }
 
 /// Grant tokens of a request.
@@ -583,4 +607,59 @@ pub fn parse_grant(o: &caas_store::Object) -> KmsResult<GrantRecord> {
         .ok()
         .filter(|g| g.grant_id == o.id)
         .ok_or_else(|| KmsError::mismatch(&o.kind, &o.account, &o.id))
+}
+
+#[cfg(test)]
+mod future_size_tmp {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    fn sz<F>(_f: impl FnOnce() -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+    #[test]
+    fn print_future_sizes() {
+        let k: Option<&Kms> = None;
+        let v = Value::Null;
+        let vv = &v;
+        eprintln!("FUTSIZE handle_on {}", sz(move || k.unwrap().handle_on(
+            crate::service::Caller { account: String::new(), principal: String::new(), access_key_id: String::new(), kind: crate::operator::CallerKind::Tenant },
+            "", &[], String::new(), &crate::service::Transport::InProcess)));
+        eprintln!("FUTSIZE store_get {}", sz(move || k.unwrap().store.get("", "", "")));
+        eprintln!("FUTSIZE store_commit {}", sz(move || k.unwrap().store.commit(caas_store::Batch { writes: vec![], audit: vec![] })));
+        eprintln!("FUTSIZE store_commit_deferred {}", sz(move || k.unwrap().store.commit_deferred(caas_store::Batch { writes: vec![], audit: vec![] })));
+        eprintln!("FUTSIZE resolve_for_use {}", sz(move || async move { let c: Option<Ctx> = None; let mut c = c.unwrap(); resolve_for_use(k.unwrap(), &mut c, "").await }));
+        eprintln!("FUTSIZE policy_verdict {}", sz(move || async move { let c: Option<Ctx> = None; let c = c.unwrap(); let l: Option<Loaded> = None; let l = l.unwrap(); policy_verdict(k.unwrap(), &c, &l, "", None, &[]).await }));
+        eprintln!("FUTSIZE dispatch {}", sz(move || async move { let c: Option<Ctx> = None; let mut c = c.unwrap(); dispatch(k.unwrap(), &mut c, "", vv).await }));
+        macro_rules! op {
+            ($name:expr, $f:path) => {
+                eprintln!("FUTSIZE {} {}", $name, sz(move || async move { let c: Option<Ctx> = None; let mut c = c.unwrap(); $f(k.unwrap(), &mut c, Req(vv)).await }));
+            };
+        }
+        op!("create_key", keys::create_key);
+        op!("describe_key", keys::describe_key);
+        op!("list_keys", keys::list_keys);
+        op!("encrypt", crypto::encrypt);
+        op!("decrypt", crypto::decrypt);
+        op!("re_encrypt", crypto::re_encrypt);
+        op!("generate_random", crypto::generate_random);
+        op!("sign", asym::sign);
+        op!("verify", asym::verify);
+        op!("get_public_key", asym::get_public_key);
+        op!("generate_mac", asym::generate_mac);
+        op!("derive", agreement::derive_shared_secret);
+        op!("last_usage", last_usage::get_key_last_usage);
+        op!("encapsulate", kem::encapsulate);
+        op!("decapsulate", kem::decapsulate);
+        op!("import_params", import::get_parameters);
+        op!("import", import::import);
+        op!("grant_create", grants::create);
+        op!("grant_list", grants::list);
+        op!("alias_create", aliases::create);
+        op!("alias_list", aliases::list);
+        op!("put_policy", keys::put_policy);
+        op!("rotate", keys::rotate_on_demand);
+        op!("list_rotations", keys::list_rotations);
+        op!("schedule_deletion", keys::schedule_deletion);
+        op!("tag", keys::tag_resource);
+    }
 }
