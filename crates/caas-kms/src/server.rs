@@ -4,7 +4,9 @@
 //! failure; only tenants (an operator's key is refused, see [`crate::operator`]). TLS
 //! (rustls, offering the hybrid post-quantum group `X25519MLKEM768` first) when a
 //! certificate is configured; every audit record names the request's key-exchange group
-//! (or says it came over plain HTTP). `GET /healthz` for liveness.
+//! (or says it came over plain HTTP). `GET /healthz` for liveness. Without TLS the
+//! connections are served by [`serve_plain`] (HTTP/1.1 only, a header-read timeout against
+//! slowloris clients and a limit on the request head: [`HttpLimits`]).
 use crate::error::KmsError;
 use crate::service::{Kms, MAX_BODY, Transport};
 use crate::sigv4;
@@ -183,44 +185,50 @@ pub async fn serve_router_with(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     match tls {
-        None if std::env::var_os("CAAS_EXP_AXUM_SERVE").is_some() => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
-        None => serve_plain(listener, app, shutdown).await,
+        None => serve_plain(listener, app, HttpLimits::default(), shutdown).await,
         Some(t) => serve_tls(listener, app, &t, on_refused, shutdown).await,
     }
 }
 
-/// How long a client has to send a request's whole head (request line and headers), and
-/// how long a keep-alive connection may stay idle before its next request: a client that
-/// trickles its headers (slowloris) is disconnected.
-pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Limits of the plain-HTTP front ([`serve_router_with`] without TLS).
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// How long a client has to send a request's whole head (request line and headers),
+    /// also the longest a keep-alive connection may stay idle before its next request: a
+    /// client that trickles its headers (slowloris) is disconnected.
+    pub header_read_timeout: std::time::Duration,
+    /// Largest request head (request line and headers) buffered; a larger one is answered
+    /// `431` and the connection closed. At least 8 KiB (hyper's minimum).
+    pub max_head_bytes: usize,
+}
 
-/// Largest request head accepted (request line and headers); a larger one is answered
-/// `431` and the connection closed. AWS SDK requests carry well under 4 KiB of headers.
-pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_read_timeout: std::time::Duration::from_secs(30),
+            // AWS SDK requests carry well under 4 KiB of headers.
+            max_head_bytes: 16 * 1024,
+        }
+    }
+}
 
-/// The plain-HTTP accept loop: HTTP/1.1 only (keep-alive, pipelining), each connection
-/// served by hyper with [`HEADER_READ_TIMEOUT`] and [`MAX_HEADER_BYTES`], `TCP_NODELAY`
-/// on. On `shutdown` it stops accepting, lets every connection finish the request it is
-/// serving (idle ones close at once) and returns when all are closed.
-async fn serve_plain(
+/// The plain-HTTP accept loop: HTTP/1.1 only (keep-alive, pipelined requests answered in
+/// order), each connection served by hyper under `limits`, `TCP_NODELAY` on. On `shutdown`
+/// it stops accepting, lets every connection finish the request it is serving (idle ones
+/// close at once) and returns when all are closed.
+pub async fn serve_plain(
     listener: TcpListener,
     app: Router,
+    limits: HttpLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES.max(8192))
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_head_bytes.max(8192))
         .keep_alive(true);
-    if std::env::var_os("CAAS_EXP_NO_WRITEV").is_some() {
-        builder.writev(false);
-    }
     let builder = Arc::new(builder);
     // Every connection task holds a receiver: `closed()` resolves once all have ended.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
