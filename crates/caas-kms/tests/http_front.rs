@@ -263,14 +263,14 @@ async fn oversized_request_heads_are_refused_and_the_connection_closed() {
         let req = f.signed("ListKeys", b"{}", &extra);
         // The server may close while we are still writing: that is a refusal too.
         let _ = c.write_all(&req).await;
-        match read_response(&mut c, &mut Vec::new()).await {
-            Some(r) => assert!(
+        // Refused with 431 (or 400), or closed without an answer: never served.
+        if let Some(r) = read_response(&mut c, &mut Vec::new()).await {
+            assert!(
                 r.status == 431 || r.status == 400,
                 "an oversized head is refused, got {} {}",
                 r.status,
                 r.body
-            ),
-            None => {}
+            );
         }
         assert!(closed_within(&mut c, Duration::from_secs(5)).await);
     }
