@@ -42,6 +42,34 @@
 # survives a busy machine: req/s and latency swing with the other builders' load, CPU per
 # request barely does, and on these 2 CPUs a CPU-bound server's throughput follows it.
 #
+# Figures (2026-12-06 09:33-09:40 UTC, helper run, machine BUSY: load average 3.7-5.1,
+# a test build running beside it; h/kmsfast against the release caas of 3023be7 (`base`),
+# alternating base/new twice; `PEER=none CELLS="enc64 enc1k dec64" CONNS="16 64" SECS=5
+# ROUNDS=1 CAAS_BIN=… bench/kms-bench.sh`). Server CPU per request, base → new, the two
+# pairs, bounded:
+#   Encrypt 64B  16c  38.8 → 42.0, 51.9 → 41.7    64c  43.9 → 38.2, 44.8 → 40.2
+#   Encrypt 1KiB 16c  44.2 → 49.4, 60.5 → 47.4    64c  48.5 → 43.8, 55.4 → 49.4
+#   Decrypt 64B  16c  37.8 → 36.7, 53.2 → 39.9    64c  38.2 → 38.4, 48.4 → 44.1
+#   mean of the 12 bounded cells 47.1 → 42.6 us (-10%); strict unchanged (60.3 → 60.6).
+#   Earlier pair (09:21, load 5): bounded Encrypt 64B 16c 44.5, 41.7 → 36.0, 37.6 us.
+#   Instructions (valgrind --tool=callgrind, instrumentation on during the Encrypt 64B
+#   16c bounded cell only): 219-230 k → 203-210 k per request; callgrind overweights
+#   SHA-256 and Ed25519 (no SHA-NI under valgrind), so the real-CPU saving is larger.
+#   What changed: the KMS endpoint's plain-HTTP front is our own hyper HTTP/1.1 loop
+#   (`server::serve_plain`: TCP_NODELAY, a 30 s header-read timeout against slowloris —
+#   axum::serve had none — and a 16 KiB head limit); the route middleware no longer
+#   copies method/path/pattern for the KMS and public routes and keeps its other paths in
+#   a boxed future; SigV4 hashes into the canonical request / string to sign without hex
+#   temporaries, decodes the signature onto the stack and looks up cached signing keys by
+#   borrowed strings; the request's future shrank from ~7.2 KiB to ~2.4 KiB (handle_on, in
+#   release) by boxing the cold paths (key-cache miss, alias lookup, grants, policy alias
+#   list, credential load, the PostgreSQL arms of the store, the rare operations in
+#   dispatch): every nesting level moved the whole future (memcpy was 6.7% of
+#   instructions, now 3.2%). Strict's 150 us COMMIT_GATHER delay was A/B-tested in one
+#   binary (16c: 64.2/64.5 us with, 63.6/63.5 without; 64c: 44.3/45.9 vs 46.1/43.8; req/s
+#   the same) and dropped. Strict still pays ~20-25 us more than bounded at 16c: per group
+#   one Ed25519 signature in the writer, one on the checkpoint thread, the WAL fsync.
+#
 # Figures (2026-12-06 07:49 UTC, this machine QUIET: load average 2.6 at the start, 3.2 at
 # the end; lead, HEAD 3023be7 with h/kmstail; `COSMIAN_BIN=/work/.cache/cosmian/bin/cosmian_kms
 # CAAS_BIN=/work/target-rel/release/caas SECS=10 ROUNDS=2 bench/kms-bench.sh`). This run's

@@ -4,7 +4,9 @@
 //! failure; only tenants (an operator's key is refused, see [`crate::operator`]). TLS
 //! (rustls, offering the hybrid post-quantum group `X25519MLKEM768` first) when a
 //! certificate is configured; every audit record names the request's key-exchange group
-//! (or says it came over plain HTTP). `GET /healthz` for liveness.
+//! (or says it came over plain HTTP). `GET /healthz` for liveness. Without TLS the
+//! connections are served by [`serve_plain`] (HTTP/1.1 only, a header-read timeout against
+//! slowloris clients and a limit on the request head: [`HttpLimits`]).
 use crate::error::KmsError;
 use crate::service::{Kms, MAX_BODY, Transport};
 use crate::sigv4;
@@ -68,7 +70,12 @@ async fn kms_endpoint(State(kms): State<Arc<Kms>>, req: Request) -> Response {
             (
                 // `HeaderName` is always lower-case.
                 n.as_str().to_owned(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                // UTF-8 checked with the fast validator first (the lossy path only for
+                // the rare value that is not UTF-8).
+                match std::str::from_utf8(v.as_bytes()) {
+                    Ok(s) => s.to_owned(),
+                    Err(_) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                },
             )
         })
         .collect();
@@ -178,13 +185,89 @@ pub async fn serve_router_with(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     match tls {
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
+        None => serve_plain(listener, app, HttpLimits::default(), shutdown).await,
         Some(t) => serve_tls(listener, app, &t, on_refused, shutdown).await,
     }
+}
+
+/// Limits of the plain-HTTP front ([`serve_router_with`] without TLS).
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// How long a client has to send a request's whole head (request line and headers),
+    /// also the longest a keep-alive connection may stay idle before its next request: a
+    /// client that trickles its headers (slowloris) is disconnected.
+    pub header_read_timeout: std::time::Duration,
+    /// Largest request head (request line and headers) buffered; a larger one is answered
+    /// `431` and the connection closed. At least 8 KiB (hyper's minimum).
+    pub max_head_bytes: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_read_timeout: std::time::Duration::from_secs(30),
+            // AWS SDK requests carry well under 4 KiB of headers.
+            max_head_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// The plain-HTTP accept loop: HTTP/1.1 only (keep-alive, pipelined requests answered in
+/// order), each connection served by hyper under `limits`, `TCP_NODELAY` on. On `shutdown`
+/// it stops accepting, lets every connection finish the request it is serving (idle ones
+/// close at once) and returns when all are closed.
+pub async fn serve_plain(
+    listener: TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_head_bytes.max(8192))
+        .keep_alive(true);
+    let builder = Arc::new(builder);
+    // Every connection task holds a receiver: `closed()` resolves once all have ended.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                // Out of descriptors and the like: keep serving the others.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let builder = builder.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            // The router per request (a cheap clone), as `axum::serve` does.
+            let svc = hyper_util::service::TowerToHyperService::new(app);
+            let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    drop(stop_rx);
+    let _ = stop_tx.send(true);
+    stop_tx.closed().await;
+    Ok(())
 }
 
 async fn serve_tls(

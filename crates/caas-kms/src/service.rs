@@ -67,8 +67,10 @@ struct Cred {
     account: String,
     principal: String,
     kind: crate::operator::CallerKind,
-    /// Signing keys of scopes that have verified a request; filled only after success.
-    signing: HashMap<SigningScope, aws_lc_rs::hmac::Key>,
+    /// Signing keys of scopes that have verified a request; filled only after success
+    /// (at most [`MAX_SIGNING_KEYS`]: looked up by comparing borrowed strings, no key
+    /// built per request).
+    signing: Vec<(SigningScope, aws_lc_rs::hmac::Key)>,
     secret: SecretBytes,
     enabled: bool,
     loaded: Instant,
@@ -604,6 +606,13 @@ impl Kms {
         {
             return Ok(c);
         }
+        // On the heap: the row read and the secret's opening would otherwise make every
+        // request's future larger.
+        Box::pin(self.load_cred(akid)).await
+    }
+
+    /// [`Kms::cred`] on a cache miss: reads and opens the access key, caches it.
+    async fn load_cred(&self, akid: &str) -> KmsResult<Arc<Cred>> {
         let unknown = || {
             KmsError::UnrecognizedClient(
                 "The security token included in the request is invalid.".into(),
@@ -638,7 +647,7 @@ impl Kms {
             account: rec.account,
             principal: rec.principal,
             kind,
-            signing: HashMap::new(),
+            signing: Vec::new(),
             secret,
             enabled: rec.enabled,
             loaded: Instant::now(),
@@ -751,8 +760,11 @@ impl Kms {
                 "The security token included in the request is invalid.".into(),
             ));
         }
-        let scope: SigningScope = (auth.date.clone(), auth.region.clone(), auth.service.clone());
-        let cached = cred.signing.get(&scope).cloned();
+        let cached = cred
+            .signing
+            .iter()
+            .find(|((d, r, s), _)| *d == auth.date && *r == auth.region && *s == auth.service)
+            .map(|(_, k)| k.clone());
         let key = cached.clone().unwrap_or_else(|| {
             sigv4::signing_key(
                 cred.secret.expose(),
@@ -763,6 +775,8 @@ impl Kms {
         });
         sigv4::verify_signature(req, &auth, &key).map_err(auth_error)?;
         if cached.is_none() {
+            let scope: SigningScope =
+                (auth.date.clone(), auth.region.clone(), auth.service.clone());
             self.cache_signing_key(&auth.access_key_id, &cred, scope, key);
         }
         Ok(Caller {
@@ -790,11 +804,12 @@ impl Kms {
             return;
         }
         let mut signing = if cred.signing.len() >= MAX_SIGNING_KEYS {
-            HashMap::new()
+            Vec::new()
         } else {
             cred.signing.clone()
         };
-        signing.insert(scope, key);
+        signing.retain(|(s, _)| *s != scope);
+        signing.push((scope, key));
         g.insert(
             akid.to_string(),
             Arc::new(Cred {

@@ -252,7 +252,20 @@ fn canonical_query(q: &str) -> String {
 
 /// Hex SHA-256.
 pub fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(digest::digest(&digest::SHA256, data))
+    let mut out = String::with_capacity(64);
+    push_sha256_hex(&mut out, data);
+    out
+}
+
+/// Appends the lower-case hex SHA-256 of `data` to `out` (no intermediate string).
+fn push_sha256_hex(out: &mut String, data: &[u8]) {
+    let d = digest::digest(&digest::SHA256, data);
+    let mut buf = [0u8; 64];
+    if hex::encode_to_slice(d.as_ref(), &mut buf).is_ok()
+        && let Ok(h) = std::str::from_utf8(&buf)
+    {
+        out.push_str(h);
+    }
 }
 
 /// Builds the canonical request for the given signed headers; the payload hash is the
@@ -293,7 +306,7 @@ pub fn canonical_request(req: &Request<'_>, signed_headers: &[String]) -> String
     out.push('\n');
     // Always the hash of the bytes received: a client-supplied `x-amz-content-sha256` is
     // only compared against it (see `check_request`), never used in its place.
-    out.push_str(&sha256_hex(req.body));
+    push_sha256_hex(&mut out, req.body);
     out
 }
 
@@ -319,11 +332,19 @@ pub fn signing_key(secret: &[u8], date: &str, region: &str, service: &str) -> hm
     hmac::Key::new(hmac::HMAC_SHA256, k_signing.as_ref())
 }
 
-fn string_to_sign(amz_date: &str, scope: &str, canonical: &str) -> String {
-    format!(
-        "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
-        sha256_hex(canonical.as_bytes())
-    )
+/// The string to sign; `scope` in pieces (concatenated), so that no scope string is built.
+fn string_to_sign<const N: usize>(amz_date: &str, scope: [&str; N], canonical: &str) -> String {
+    let scope_len: usize = scope.iter().map(|p| p.len()).sum();
+    let mut out = String::with_capacity(18 + amz_date.len() + scope_len + 64);
+    out.push_str("AWS4-HMAC-SHA256\n");
+    out.push_str(amz_date);
+    out.push('\n');
+    for p in scope {
+        out.push_str(p);
+    }
+    out.push('\n');
+    push_sha256_hex(&mut out, canonical.as_bytes());
+    out
 }
 
 /// Parses `YYYYMMDDTHHMMSSZ` into Unix seconds.
@@ -473,14 +494,22 @@ pub fn verify_signature(
 ) -> Result<(), AuthError> {
     let amz_date = single(req, "x-amz-date")?
         .ok_or_else(|| AuthError::Incomplete("Missing X-Amz-Date header.".into()))?;
-    let scope = format!(
-        "{}/{}/{}/aws4_request",
-        auth.date, auth.region, auth.service
-    );
     let canonical = canonical_request(req, &auth.signed_headers);
-    let sts = string_to_sign(amz_date, &scope, &canonical);
+    let sts = string_to_sign(
+        amz_date,
+        [
+            auth.date.as_str(),
+            "/",
+            &auth.region,
+            "/",
+            &auth.service,
+            "/aws4_request",
+        ],
+        &canonical,
+    );
     let expect = hmac::sign(key, sts.as_bytes());
-    let given = hex::decode(&auth.signature).map_err(|_| AuthError::Mismatch)?;
+    let mut given = [0u8; 32];
+    hex::decode_to_slice(&auth.signature, &mut given).map_err(|_| AuthError::Mismatch)?;
     aws_lc_rs::constant_time::verify_slices_are_equal(expect.as_ref(), &given)
         .map_err(|_| AuthError::Mismatch)
 }
@@ -517,7 +546,7 @@ pub fn sign(
     names.dedup();
     let scope = format!("{date}/{region}/{service}/aws4_request");
     let canonical = canonical_request(req, &names);
-    let sts = string_to_sign(amz_date, &scope, &canonical);
+    let sts = string_to_sign(amz_date, [scope.as_str()], &canonical);
     let key = signing_key(secret, date, region, service);
     let sig = hex::encode(hmac::sign(&key, sts.as_bytes()));
     Ok(format!(

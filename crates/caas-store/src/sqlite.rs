@@ -382,8 +382,6 @@ fn writer_loop(
     // When the previous group started, and whether it drained the queue (fewer than
     // MAX_GROUP jobs): then every job still queued arrived after that start.
     let mut previous: Option<(std::time::Instant, bool)> = None;
-    // Batches in the previous group (for the commit delay below).
-    let mut last_size = 0usize;
     while let Ok(first) = rx.recv() {
         // A group led by a deferred batch (nobody waits for it) starts no sooner than
         // DEFERRED_GROUP_SPACING after the previous group's start: deferred key-use
@@ -400,21 +398,6 @@ fn writer_loop(
         let started = std::time::Instant::now();
         let mut jobs = vec![first];
         drain(&rx, &mut jobs);
-        // Commit delay (PostgreSQL's `commit_delay`, adaptive): a group of waiting callers
-        // much smaller than the previous group is the first few of a wave that is still
-        // arriving (their peers are being parsed and authorised right now). Sleeping a
-        // moment lets the wave join one transaction, fsync and signature instead of
-        // paying for two; the previous group's size is the evidence, so a lone caller
-        // (previous group of one) never waits.
-        if jobs.len() * 2 < last_size
-            && jobs
-                .iter()
-                .all(|j| matches!(j.reply, crate::Reply::Wait { .. }))
-        {
-            std::thread::sleep(COMMIT_GATHER);
-            drain(&rx, &mut jobs);
-        }
-        last_size = jobs.len();
         previous = Some((started, jobs.len() < MAX_GROUP));
         let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
         stats.record(batches.len());
@@ -431,10 +414,6 @@ fn writer_loop(
         }
     }
 }
-
-/// The longest the writer waits for more waiting callers to join a group that is much
-/// smaller than the previous one (see `writer_loop`): a fraction of one fsync.
-const COMMIT_GATHER: Duration = Duration::from_micros(150);
 
 /// Moves every queued job (up to [`MAX_GROUP`] in all) into `jobs`.
 fn drain(rx: &mpsc::Receiver<Job>, jobs: &mut Vec<Job>) {

@@ -30,6 +30,20 @@ use std::collections::BTreeMap;
 /// Runs the named operation.
 pub async fn dispatch(kms: &Kms, ctx: &mut Ctx, op: &str, req: &Value) -> KmsResult<Out> {
     let r = Req(req);
+    // The most frequent key uses inline; every other operation's future on the heap, so
+    // that the largest of them does not set the size of every request's future (moved
+    // several times per request).
+    match op {
+        "Encrypt" => crypto::encrypt(kms, ctx, r).await,
+        "Decrypt" => crypto::decrypt(kms, ctx, r).await,
+        "GenerateDataKey" => crypto::generate_data_key(kms, ctx, r, true).await,
+        "GenerateDataKeyWithoutPlaintext" => crypto::generate_data_key(kms, ctx, r, false).await,
+        _ => Box::pin(dispatch_other(kms, ctx, op, r)).await,
+    }
+}
+
+/// [`dispatch`] of every operation but the most frequent key uses.
+async fn dispatch_other(kms: &Kms, ctx: &mut Ctx, op: &str, r: Req<'_>) -> KmsResult<Out> {
     match op {
         "CreateKey" => keys::create_key(kms, ctx, r).await,
         "DescribeKey" => keys::describe_key(kms, ctx, r).await,
@@ -281,26 +295,9 @@ async fn resolve_cached(
         .flatten();
     let entry = match cached {
         Some(e) => e,
-        None => {
-            let fetched = std::time::Instant::now();
-            let o = kms
-                .store
-                .get(kind::KEY, account, &id)
-                .await
-                .map_err(KmsError::store)?
-                .ok_or_else(|| not_found(key_ref))?;
-            let key = parse_key(&o)?;
-            let current = match (key.key_spec, key.current()) {
-                (crate::material::KeySpec::SymmetricDefault, Some(h)) => Some((
-                    h.version,
-                    kms.keyring
-                        .open_ekt(&key.account, &key.key_id, h.version, &h.ekt)
-                        .await?,
-                )),
-                _ => None,
-            };
-            kms.key_cache.put(key, o.rev, current, fetched, epoch)
-        }
+        // On the heap: the row read and the EKT opening would otherwise make the future
+        // of every key use (moved a few times per request) several KiB larger.
+        None => Box::pin(fetch_for_use(kms, account, &id, key_ref, epoch)).await?,
     };
     ctx.key_id = Some(entry.key.key_id.clone());
     Ok(Loaded {
@@ -309,6 +306,35 @@ async fn resolve_cached(
         alias,
         cached: Some(entry),
     })
+}
+
+/// [`resolve_cached`] on a cache miss: reads the key row, opens the current HBK of a
+/// symmetric key, and puts both in the key-use cache.
+async fn fetch_for_use(
+    kms: &Kms,
+    account: &str,
+    id: &str,
+    key_ref: &str,
+    epoch: u64,
+) -> KmsResult<std::sync::Arc<crate::keycache::CachedKey>> {
+    let fetched = std::time::Instant::now();
+    let o = kms
+        .store
+        .get(kind::KEY, account, id)
+        .await
+        .map_err(KmsError::store)?
+        .ok_or_else(|| not_found(key_ref))?;
+    let key = parse_key(&o)?;
+    let current = match (key.key_spec, key.current()) {
+        (crate::material::KeySpec::SymmetricDefault, Some(h)) => Some((
+            h.version,
+            kms.keyring
+                .open_ekt(&key.account, &key.key_id, h.version, &h.ekt)
+                .await?,
+        )),
+        _ => None,
+    };
+    Ok(kms.key_cache.put(key, o.rev, current, fetched, epoch))
 }
 
 fn not_found(key_ref: &str) -> KmsError {
@@ -342,9 +368,7 @@ async fn key_row_id(kms: &Kms, ctx: &Ctx, key_ref: &str) -> KmsResult<(String, O
             .unwrap_or_else(|| parts[2].to_string());
     }
     if id.starts_with("alias/") {
-        let o = kms
-            .store
-            .get(kind::ALIAS, account, &id)
+        let o = Box::pin(kms.store.get(kind::ALIAS, account, &id))
             .await
             .map_err(KmsError::store)?
             .ok_or_else(|| KmsError::NotFound(format!("Alias {id} is not found.")))?;
@@ -384,7 +408,7 @@ pub async fn authorize_with(
         Verdict::Deny => return Err(denied(ctx, action, &l.key)),
         Verdict::NoMatch => {}
     }
-    if grants::allows(kms, ctx, &l.key, action, ec, grant_tokens).await? {
+    if Box::pin(grants::allows(kms, ctx, &l.key, action, ec, grant_tokens)).await? {
         return Ok(());
     }
     Err(denied(ctx, action, &l.key))
@@ -437,7 +461,7 @@ pub async fn policy_verdict(
         c.set("kms:RequestAlias", a);
     }
     if policy.mentions("kms:ResourceAliases") {
-        let aliases = aliases_of(kms, key).await?;
+        let aliases = Box::pin(aliases_of(kms, key)).await?;
         if !aliases.is_empty() {
             c.set_all("kms:ResourceAliases", &aliases);
         }
@@ -552,7 +576,7 @@ pub async fn material_for_use(
     {
         return Ok((*v, m.clone()));
     }
-    material(kms, &l.key, version).await
+    Box::pin(material(kms, &l.key, version)).await
 }
 
 /// Grant tokens of a request.

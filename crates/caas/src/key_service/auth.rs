@@ -291,25 +291,41 @@ fn allowed(access: Access, kind: &CallerKind) -> bool {
 
 /// The middleware (see the module doc). Mounted with `Router::layer` over every route.
 pub async fn authenticate(State(kms): State<Arc<Kms>>, req: Request, next: Next) -> Response {
-    let method = req.method().as_str().to_string();
-    let path = req.uri().path().to_string();
-    let Some(pattern) = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_string())
-    else {
+    let Some(matched) = req.extensions().get::<MatchedPath>() else {
         // No route matched: the router answers 404 without running any handler.
         return next.run(req).await;
     };
+    let route = find(req.method().as_str(), matched.as_str());
+    // Public routes and the KMS API (which authenticates each request itself) pass
+    // straight through, without a copy of the method, path or pattern.
+    if route.is_some_and(|r| matches!(r.access, Access::Public | Access::Kms)) {
+        return next.run(req).await;
+    }
+    // Everything else on the heap: this middleware's own future (moved into a box per
+    // request by `from_fn`, for every route) stays small.
+    Box::pin(check_route(kms, route, req, next)).await
+}
+
+/// [`authenticate`] for a route that is neither public nor the KMS API (or not listed).
+async fn check_route(
+    kms: Arc<Kms>,
+    route: Option<&'static Route>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let method = req.method().as_str().to_string();
+    let path = req.uri().path().to_string();
+    let pattern = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str())
+        .unwrap_or_default();
     let label = format!("{method} {pattern}");
-    let Some(route) = find(&method, &pattern) else {
+    let Some(route) = route else {
         let msg = "this route is not in the key service's route table";
         audit_refusal(&kms, &label, &path, None, "route_not_classified", msg).await;
         return refusal(ErrorKind::Forbidden, "route_not_classified", msg);
     };
-    if matches!(route.access, Access::Public | Access::Kms) {
-        return next.run(req).await;
-    }
     if route.access == Access::HostProtocol {
         let mut req = req;
         match host_channel(req.extensions().get::<caas_tls::server::Peer>()) {
