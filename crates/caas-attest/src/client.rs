@@ -57,6 +57,17 @@ pub struct HttpClient {
     signer: Option<std::sync::Arc<dyn RequestSigner>>,
 }
 
+/// The client builder: pooled keep-alive connections are dropped after 20 s idle, before
+/// caas's servers close an idle connection (their header-read timeout, 30 s:
+/// `caas_tls::server::HttpLimits`), so a request is not sent on a connection the server is
+/// closing.
+fn pooled() -> hyper_util::client::legacy::Builder {
+    let mut b = Client::builder(TokioExecutor::new());
+    b.pool_timer(hyper_util::rt::TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(20));
+    b
+}
+
 impl Default for HttpClient {
     fn default() -> Self {
         Self::new(Duration::from_secs(30))
@@ -69,7 +80,7 @@ impl HttpClient {
         let mut c = HttpConnector::new();
         c.set_nodelay(true);
         Self {
-            inner: Inner::Plain(Client::builder(TokioExecutor::new()).build(c)),
+            inner: Inner::Plain(pooled().build(c)),
             timeout,
             signer: None,
         }
@@ -82,7 +93,7 @@ impl HttpClient {
             .connector()
             .map_err(|e| Error::InvalidRequest(format!("TLS client: {e}")))?;
         Ok(Self {
-            inner: Inner::Tls(Client::builder(TokioExecutor::new()).build(conn)),
+            inner: Inner::Tls(pooled().build(conn)),
             timeout,
             signer: None,
         })

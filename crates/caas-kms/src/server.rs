@@ -190,27 +190,7 @@ pub async fn serve_router_with(
     }
 }
 
-/// Limits of the plain-HTTP front ([`serve_router_with`] without TLS).
-#[derive(Debug, Clone, Copy)]
-pub struct HttpLimits {
-    /// How long a client has to send a request's whole head (request line and headers),
-    /// also the longest a keep-alive connection may stay idle before its next request: a
-    /// client that trickles its headers (slowloris) is disconnected.
-    pub header_read_timeout: std::time::Duration,
-    /// Largest request head (request line and headers) buffered; a larger one is answered
-    /// `431` and the connection closed. At least 8 KiB (hyper's minimum).
-    pub max_head_bytes: usize,
-}
-
-impl Default for HttpLimits {
-    fn default() -> Self {
-        HttpLimits {
-            header_read_timeout: std::time::Duration::from_secs(30),
-            // AWS SDK requests carry well under 4 KiB of headers.
-            max_head_bytes: 16 * 1024,
-        }
-    }
-}
+pub use caas_tls::server::HttpLimits;
 
 /// The plain-HTTP accept loop: HTTP/1.1 only (keep-alive, pipelined requests answered in
 /// order), each connection served by hyper under `limits`, `TCP_NODELAY` on. On `shutdown`
@@ -222,14 +202,8 @@ pub async fn serve_plain(
     limits: HttpLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_head_bytes.max(8192))
-        .keep_alive(true);
-    let builder = Arc::new(builder);
+    use hyper_util::rt::TokioIo;
+    let builder = Arc::new(caas_tls::server::http1_builder(limits));
     // Every connection task holds a receiver: `closed()` resolves once all have ended.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);

@@ -5,7 +5,9 @@
 //! handshake fails otherwise). Connections without one are accepted so that public routes
 //! (`/healthz`) stay reachable: authorization is the router's job, per route, from the
 //! [`Peer`] that [`serve`] puts into every request's extensions, beside the
-//! [`TlsSession`] (the negotiated key-exchange group, for audit records).
+//! [`TlsSession`] (the negotiated key-exchange group, for audit records). Every connection
+//! is served under [`HttpLimits`]: a request head not read within its timeout (slowloris)
+//! or larger than its limit closes the connection.
 
 use crate::{Error, PeerIdentity};
 use axum::Router;
@@ -112,6 +114,39 @@ fn certificate_error(e: &std::io::Error) -> Option<String> {
     }
 }
 
+/// Limits of the HTTP/1.1 connections caas serves (over TLS here; in the clear by
+/// `caas_kms::server::serve_plain`).
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// How long a client has to send a request's whole head (request line and headers),
+    /// also the longest a keep-alive connection may stay idle before its next request: a
+    /// client that trickles its headers (slowloris) is disconnected.
+    pub header_read_timeout: Duration,
+    /// Largest request head (request line and headers) buffered; a larger one is answered
+    /// `431` and the connection closed. At least 8 KiB (hyper's minimum).
+    pub max_head_bytes: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(30),
+            // AWS SDK requests carry well under 4 KiB of headers.
+            max_head_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// hyper's HTTP/1.1 connection builder under `limits` (keep-alive on).
+pub fn http1_builder(limits: HttpLimits) -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_head_bytes.max(8192))
+        .keep_alive(true);
+    b
+}
+
 /// Serves `app` over TLS on `listener` until `shutdown` resolves. Each request carries the
 /// connection's [`Peer`]; handshakes that fail on the client's certificate are reported to
 /// `on_refused`.
@@ -122,6 +157,28 @@ pub async fn serve(
     on_refused: Option<OnRefused>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with_limits(
+        listener,
+        app,
+        cfg,
+        on_refused,
+        HttpLimits::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve`] with the given [`HttpLimits`] (a request head not read within its timeout
+/// closes the connection: a TLS client trickling its headers holds no task for long).
+pub async fn serve_with_limits(
+    listener: TcpListener,
+    app: Router,
+    cfg: Arc<rustls::ServerConfig>,
+    on_refused: Option<OnRefused>,
+    limits: HttpLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let http = Arc::new(http1_builder(limits));
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     tokio::pin!(shutdown);
     loop {
@@ -141,6 +198,7 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let app = app.clone();
         let on_refused = on_refused.clone();
+        let http = http.clone();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(t)) => t,
@@ -178,9 +236,7 @@ pub async fn serve(
                     }
                 },
             );
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), svc)
-                .await;
+            let _ = http.serve_connection(TokioIo::new(tls), svc).await;
         });
     }
 }

@@ -1,0 +1,134 @@
+//! The TLS front (key service in production, host agents) against a slowloris client: the
+//! attacker on the network completes the TLS handshake (no client certificate needed: public
+//! routes stay reachable), then trickles its request head one header at a time to hold a
+//! connection (and its task) open for good. The header-read timeout of [`HttpLimits`] cuts
+//! it off; the server keeps answering everyone else.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+use caas_tls::client::ClientTls;
+use caas_tls::pki::DevCa;
+use caas_tls::server::{HttpLimits, ServerTls, serve_with_limits, server_config};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+
+struct Front {
+    addr: std::net::SocketAddr,
+    connector: tokio_rustls::TlsConnector,
+    _dir: tempfile::TempDir,
+}
+
+impl Front {
+    async fn start(limits: HttpLimits) -> Front {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::load_or_create(dir.path()).unwrap();
+        let cert = ca.issue("key-service", &[], &["127.0.0.1"]).unwrap();
+        let cfg = server_config(&ServerTls {
+            cert: cert.cert,
+            key: cert.key,
+            client_ca: None,
+            crl: None,
+        })
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
+        tokio::spawn(serve_with_limits(
+            listener,
+            app,
+            cfg,
+            None,
+            limits,
+            std::future::pending(),
+        ));
+        let client = ClientTls {
+            ca: ca.ca_file(),
+            identity: None,
+            server_role: None,
+        }
+        .config()
+        .unwrap();
+        Front {
+            addr,
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+            _dir: dir,
+        }
+    }
+
+    async fn connect(&self) -> Tls {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        self.connector.connect(name, tcp).await.unwrap()
+    }
+
+    /// An honest client's `GET /healthz` is answered.
+    async fn still_serving(&self) {
+        let mut c = self.connect().await;
+        c.write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    }
+}
+
+/// Whether the server closed `c` (end of stream or reset) within `within`.
+async fn closed_within(c: &mut Tls, within: Duration) -> bool {
+    let mut buf = [0u8; 512];
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(100), c.read(&mut buf)).await
+        {
+            return true;
+        }
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_tls_client_trickling_its_headers_is_cut_off_at_the_header_timeout() {
+    let f = Front::start(HttpLimits {
+        header_read_timeout: Duration::from_millis(600),
+        ..HttpLimits::default()
+    })
+    .await;
+    let mut c = f.connect().await;
+    let started = Instant::now();
+    c.write_all(b"POST / HTTP/1.1\r\nhost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
+    let mut closed = false;
+    // One header every 100 ms: each arrives well inside any per-read timeout.
+    for i in 0..15 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if c.write_all(format!("x-slow-{i}: a\r\n").as_bytes())
+            .await
+            .is_err()
+        {
+            closed = true;
+            break;
+        }
+    }
+    f.still_serving().await;
+    closed = closed || closed_within(&mut c, Duration::from_secs(3)).await;
+    assert!(closed, "a trickling TLS client must be disconnected");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cut off near the 600 ms header timeout, not after {:?}",
+        started.elapsed()
+    );
+    f.still_serving().await;
+}
+
+/// The defaults every TLS front gets from `serve`: a 30 s header timeout and a 16 KiB head.
+#[test]
+fn the_default_limits_bound_the_head_and_its_read_time() {
+    let d = HttpLimits::default();
+    assert_eq!(d.header_read_timeout, Duration::from_secs(30));
+    assert_eq!(d.max_head_bytes, 16 * 1024);
+}
