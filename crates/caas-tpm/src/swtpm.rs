@@ -115,18 +115,31 @@ pub struct Swtpm {
 }
 
 /// Two consecutive free ports: the swtpm TCTI expects the control port at server port + 1.
+///
+/// Drawn at random below the kernel's ephemeral range (`ip_local_port_range`), where no
+/// outgoing connection takes a local port: with ports from `bind(0)` the port after it is of
+/// the parity the kernel gives outgoing connections, and on a host busy with short
+/// connections (their TIME_WAIT sockets block a new listener) every try could fail.
 fn free_port_pair() -> Result<(u16, u16), Error> {
-    for _ in 0..50 {
-        let a = TcpListener::bind("127.0.0.1:0")
-            .map_err(|e| Error::Unexpected(format!("bind: {e}")))?;
-        let pa = a
-            .local_addr()
-            .map_err(|e| Error::Unexpected(e.to_string()))?
-            .port();
-        if pa == u16::MAX {
-            continue;
-        }
-        if TcpListener::bind(("127.0.0.1", pa + 1)).is_ok() {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    // [10000, low - 2] when the range starts high enough; else above it, as before.
+    let (from, span) = if low > 12000 {
+        (10000u16, low - 10001)
+    } else {
+        (low.max(1024), u16::MAX - low.max(1024) - 1)
+    };
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    for _ in 0..200 {
+        let r: [u8; 2] = aws_lc_rs::rand::generate(&rng)
+            .map_err(|_| Error::Unexpected("no randomness".into()))?
+            .expose();
+        let pa = from + u16::from_le_bytes(r) % span;
+        if TcpListener::bind(("127.0.0.1", pa)).is_ok()
+            && TcpListener::bind(("127.0.0.1", pa + 1)).is_ok()
+        {
             return Ok((pa, pa + 1));
         }
     }
@@ -225,5 +238,44 @@ impl Swtpm {
 impl Drop for Swtpm {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While short outgoing connections hold many ephemeral ports (TIME_WAIT), swtpm's port
+    /// pair still comes quickly: it is taken below the ephemeral range, and both are free.
+    #[test]
+    fn port_pairs_come_from_below_the_ephemeral_range() -> Result<(), Error> {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32768);
+        // Fill some of the ephemeral range with TIME_WAIT sockets of outgoing connections.
+        let l = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::Unexpected(e.to_string()))?;
+        let addr = l
+            .local_addr()
+            .map_err(|e| Error::Unexpected(e.to_string()))?;
+        for _ in 0..2000 {
+            let c =
+                std::net::TcpStream::connect(addr).map_err(|e| Error::Unexpected(e.to_string()))?;
+            drop(c);
+            let _ = l.accept();
+        }
+        for _ in 0..100 {
+            let (a, b) = free_port_pair()?;
+            assert_eq!(b, a + 1);
+            if low > 12000 {
+                assert!(
+                    (10000..low).contains(&a) && b < low,
+                    "{a} in the ephemeral range"
+                );
+            }
+            TcpListener::bind(("127.0.0.1", a)).map_err(|e| Error::Unexpected(e.to_string()))?;
+            TcpListener::bind(("127.0.0.1", b)).map_err(|e| Error::Unexpected(e.to_string()))?;
+        }
+        Ok(())
     }
 }
