@@ -42,6 +42,22 @@
 # survives a busy machine: req/s and latency swing with the other builders' load, CPU per
 # request barely does, and on these 2 CPUs a CPU-bound server's throughput follows it.
 #
+# Figures (2026-12-06 10:11 UTC, this machine QUIET: load average 1.8 at the start, 2.9 at
+# the end; lead, after h/kmsfast (own HTTP/1 loop, no strict commit delay); `COSMIAN_BIN=
+# /work/.cache/cosmian/bin/cosmian_kms CAAS_BIN=/work/target-rel/release/caas SECS=10
+# ROUNDS=2 bench/kms-bench.sh`; GET /healthz 104 k / 81 k req/s, p99 3.34 / 4.21 ms):
+#   cell                 bounded ratio (p99 ms)  strict ratio (p99 ms)  CPU us/req caas b/s vs cosmian
+#   Encrypt 64B  16c     1.66 (4.04)             0.98 (2.38)            35.0 / 61.0 vs 68.5
+#   Encrypt 64B  64c     1.53 (7.69)             1.49 (4.67)            37.2 / 39.8 vs 65.1
+#   Encrypt 1KiB 16c     2.48 (4.35)             1.85 (2.33)            45.4 / 59.9 vs 140.7
+#   Encrypt 1KiB 64c     2.09 (10.65)            2.56 (6.26)            56.0 / 46.3 vs 142.7
+#   Decrypt 64B  16c     1.29 (8.71)             1.11 (2.03)            42.9 / 51.4 vs 64.2
+#   Decrypt 64B  64c     1.33 (8.80)             1.38 (4.82)            39.6 / 39.4 vs 62.7
+#   Encrypt 64B bounded met 1.5x at both connection counts for the first time; Decrypt 64B
+#   bounded did not (1.29/1.33, its CPU per request 40-43 us in this run against 37 in the
+#   07:49 run: cell-to-cell noise of ~15 % on this machine), strict Encrypt 64B 16c 0.98.
+#   p99 at 64 connections stays above 3 ms, as does the harness's own /healthz p99 (4.21 ms).
+#
 # Figures (2026-12-06 09:33-09:40 UTC, helper run, machine BUSY: load average 3.7-5.1,
 # a test build running beside it; h/kmsfast against the release caas of 3023be7 (`base`),
 # alternating base/new twice; `PEER=none CELLS="enc64 enc1k dec64" CONNS="16 64" SECS=5

@@ -45,6 +45,22 @@
 # timed on the host from the sender's "caas-net-go" to the receiver's "caas-net-recv" line
 # (the old per-boot method; the dev-profile binary, which the agents start).
 #
+# Figures on a QUIET machine with this method (2026-12-06, lead, HEAD of the merge of
+# h/netbench, h/kmsfast, h/vsmfast; TCG; release proxies; load 1-3;
+# `BYTES=8388608 ROUNDS=3 CAAS_NET_BENCH_BIN=/work/target-rel/release/caas bench/vm-net.sh`,
+# 2 boots x 3 rounds, 360 pings per mode, ~3 min each):
+#   10:22: latency rounds 1.24/1.01/1.35x (boot 1), 1.15/1.17/1.30x (boot 2);
+#     direct 3.03 MB/s, rtt 1.433 ms (p10 1.170, p90 2.035);
+#     overlay 3.02 MB/s, rtt 1.715 ms (p10 1.396, p90 2.328);
+#     ratios: throughput 1.00x, latency 1.20x (1.197; +0.28 ms)
+#   10:25: latency rounds 1.18/1.23/1.16x (boot 1), 1.25/1.16/1.25x (boot 2);
+#     direct 3.08 MB/s, rtt 1.551 ms (p10 1.222, p90 2.155);
+#     overlay 2.95 MB/s, rtt 1.854 ms (p10 1.447, p90 2.529);
+#     ratios: throughput 0.96x, latency 1.19x (+0.30 ms)
+#   Both goals met in both runs, the latency one narrowly: the overlay's four extra hops
+#   cost ~0.3 ms per round trip here (each a wake-up of a sleeping proxy thread; the
+#   proxies' own CPU is ~20 us per frame). Single rounds range 1.01-1.35x.
+#
 # Figures with this method (2026-12-06, helper netbench, TCG, 2 cores shared with other
 # helpers' builds: BUSY-machine figures, load average in brackets; BYTES=8388608 ROUNDS=3
 # BURSTS=3, 180 pings per mode; "+" is the overlay's extra median round trip):

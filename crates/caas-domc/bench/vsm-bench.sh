@@ -53,6 +53,17 @@
 # threads is the synchronous callers' sleep and wake-up per signature (one futex each side,
 # the floor for a caller that sleeps) and the scheduler's preemptions of the domain threads.
 #
+# Figures on a QUIET machine after h/vsmfast (no getpid per call, audit body formatted
+# outside the lock, foldhash maps) (2026-12-06T10:18Z, lead, load 2.8 at the start, 2.6 at
+# the end; `CARGO_TARGET_DIR=/work/target-rel crates/caas-domc/bench/vsm-bench.sh 10000 5`):
+#   ECDSA P-256 1t 51729 vs SoftHSM2 25103 (2.06x; goal 1.5x met)
+#   ECDSA P-256 8t 66987 vs 39835 (1.68x, median of 3; samples caas 60229/66987/76008,
+#     SoftHSM2 29096/39835/43789; goal 3x NOT met)
+#   ceiling: aws-lc in-process 2t 128358 sig/s; caas 8t .52 of it (goal .8 NOT met);
+#     per CPU-second .53 (34282 vs 64631)
+#   RSA-2048 8t 2.22x, Ed25519 8t 8.36x, ML-DSA-65 8t 14261 sig/s (.88 of aws-lc's 16050;
+#     SoftHSM2 2.7 refuses ML-DSA)
+#
 # Figures on a QUIET machine with the ring and per-caller wake words (2026-12-06T07:45Z,
 # lead, load 0.8 at the start, 2.6 at the end, no RT, HEAD 3023be7;
 # `CARGO_TARGET_DIR=/work/target-rel crates/caas-domc/bench/vsm-bench.sh 10000 5`, 3m40s):
