@@ -57,6 +57,9 @@
 #   bounded did not (1.29/1.33, its CPU per request 40-43 us in this run against 37 in the
 #   07:49 run: cell-to-cell noise of ~15 % on this machine), strict Encrypt 64B 16c 0.98.
 #   p99 at 64 connections stays above 3 ms, as does the harness's own /healthz p99 (4.21 ms).
+#   A second run at 10:40 (load 2-3, same command with CELLS="dec64 enc64" CONNS=16):
+#   Encrypt 64B 16c bounded 1.39 (39.0 us/req), strict 1.02; Decrypt 64B 16c bounded 1.64
+#   (35.6 us/req), strict 1.01 — each cell swings ~±15 % between runs, across the 1.5x line.
 #
 # Figures (2026-12-06 09:33-09:40 UTC, helper run, machine BUSY: load average 3.7-5.1,
 # a test build running beside it; h/kmsfast against the release caas of 3023be7 (`base`),
