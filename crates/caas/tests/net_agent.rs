@@ -333,6 +333,19 @@ impl Nic {
     }
 }
 
+/// A frame tagged `TAG-b` from `a` reaches `b` and one tagged `TAG-a` from `b` reaches `a`
+/// (each within 20 s: the peer lists may still be on their way).
+fn exchange(a: &Nic, b: &Nic, tag: &str, a_name: &str, b_name: &str) {
+    assert!(
+        a.reaches(b, format!("{tag}-b").as_bytes(), 20),
+        "a frame from {a_name} never reached {b_name}"
+    );
+    assert!(
+        b.reaches(a, format!("{tag}-a").as_bytes(), 20),
+        "a frame from {b_name} never reached {a_name}"
+    );
+}
+
 fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -367,14 +380,7 @@ fn two_members(c: &Cloud) -> (Nic, Nic) {
     assert_eq!(na["epoch"], json!(1), "{na}");
     assert_eq!(nb["epoch"], json!(1), "{nb}");
     let (a, b) = (Nic::attach(&na), Nic::attach(&nb));
-    assert!(
-        a.reaches(&b, b"hello-b", 20),
-        "a frame from vm-a never reached vm-b"
-    );
-    assert!(
-        b.reaches(&a, b"hello-a", 20),
-        "a frame from vm-b never reached vm-a"
-    );
+    exchange(&a, &b, "hello", "vm-a", "vm-b");
     (a, b)
 }
 
@@ -468,8 +474,7 @@ fn members_launched_at_once_are_all_keyed_and_told_of_each_other() {
         Nic::attach(&c.net("host-1", "vm-a")),
         Nic::attach(&c.net("host-2", "vm-b")),
     );
-    assert!(a.reaches(&b, b"hello-b", 20), "vm-a never reached vm-b");
-    assert!(b.reaches(&a, b"hello-a", 20), "vm-b never reached vm-a");
+    exchange(&a, &b, "hello", "vm-a", "vm-b");
 }
 
 /// A VM of another network domain: its proxy, told by the (untrusted) management that vm-a
@@ -880,14 +885,7 @@ fn migrated_member_talks_from_its_new_host_and_the_source_key_stops_after_the_ov
         c.net("host-2", "vm-b")["epoch"] == json!(2)
     });
     let a2 = Nic::attach(&na);
-    assert!(
-        a2.reaches(&b, b"after-migration-b", 20),
-        "the migrated vm-a never reached vm-b"
-    );
-    assert!(
-        b.reaches(&a2, b"after-migration-a", 20),
-        "vm-b never reached the migrated vm-a"
-    );
+    exchange(&a2, &b, "after-migration", "the migrated vm-a", "vm-b");
     std::thread::sleep(Duration::from_millis(RETIRE_MS + 1000));
     replayed_old_epoch_frames_are_dropped(
         &c,

@@ -44,6 +44,25 @@ impl Ops {
         common::net_stat(&self.net(dev, host, vm), name)
     }
 
+    /// vm-a's qemu announces the guest's MAC (QMP `announce-self`, 3 rounds): at least
+    /// three of its frames must reach vm-b's proxy (from wherever vm-a now runs).
+    fn announced_frames_reach_vm_b(&self, dev: &common::Dev, root: &Path, what: &str) {
+        let before = self.stat(dev, "host-2", "vm-b", "rx_frames");
+        let mut q =
+            caas_workload::qmp::Qmp::connect(&qmp_socket(root, "vm-a"), Duration::from_secs(10))
+                .unwrap();
+        q.execute(
+            "announce-self",
+            Some(json!({
+                "initial": 50, "max": 100, "rounds": 3, "step": 10
+            })),
+        )
+        .unwrap();
+        wait(20, what, || {
+            self.stat(dev, "host-2", "vm-b", "rx_frames") >= before + 3
+        });
+    }
+
     fn workloads(&self, dev: &common::Dev, host: &str) -> Vec<String> {
         let url = format!("{}/v1/agent/workloads", dev.agent_url(host));
         let v: Value = self.rt.block_on(self.http.get(&url)).unwrap();
@@ -128,20 +147,7 @@ fn networked_vm_live_migrates_and_its_nic_speaks_through_the_targets_proxy() {
         ops.net(&dev, "host-2", "vm-b")["epoch"] == json!(2)
     });
     // The migrated VM's NIC speaks: qemu announces the guest's MAC from host-3.
-    let before = ops.stat(&dev, "host-2", "vm-b", "rx_frames");
-    let qmp = qmp_socket(&root, "vm-a");
-    let mut q = caas_workload::qmp::Qmp::connect(&qmp, Duration::from_secs(10)).unwrap();
-    q.execute(
-        "announce-self",
-        Some(json!({
-            "initial": 50, "max": 100, "rounds": 3, "step": 10
-        })),
-    )
-    .unwrap();
-    wait(20, "vm-a's frames reach vm-b's proxy from host-3", || {
-        ops.stat(&dev, "host-2", "vm-b", "rx_frames") >= before + 3
-    });
-    drop(q);
+    ops.announced_frames_reach_vm_b(&dev, &root, "vm-a's frames reach vm-b's proxy from host-3");
     // Suspend: vm-a's proxy stops with it and its session ends at the TTP (NetLeave): `lan`
     // moves to epoch 3, which vm-b's proxy fetches when the scheduler tells it vm-a left.
     let t = Instant::now();
@@ -160,19 +166,6 @@ fn networked_vm_live_migrates_and_its_nic_speaks_through_the_targets_proxy() {
     let na = ops.net(&dev, "host-1", "vm-a");
     assert_eq!(na["epoch"], json!(3), "{na}");
     assert_eq!(na["member"]["sender"], old["sender"]);
-    let before = ops.stat(&dev, "host-2", "vm-b", "rx_frames");
-    let mut q =
-        caas_workload::qmp::Qmp::connect(&qmp_socket(&root, "vm-a"), Duration::from_secs(10))
-            .unwrap();
-    q.execute(
-        "announce-self",
-        Some(json!({
-            "initial": 50, "max": 100, "rounds": 3, "step": 10
-        })),
-    )
-    .unwrap();
-    wait(20, "the resumed vm-a's frames reach vm-b's proxy", || {
-        ops.stat(&dev, "host-2", "vm-b", "rx_frames") >= before + 3
-    });
+    ops.announced_frames_reach_vm_b(&dev, &root, "the resumed vm-a's frames reach vm-b's proxy");
     assert_eq!(ops.stat(&dev, "host-2", "vm-b", "rx_auth_failed"), 0);
 }
