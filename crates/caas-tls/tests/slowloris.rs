@@ -2,11 +2,12 @@
 //! attacker on the network completes the TLS handshake (no client certificate needed: public
 //! routes stay reachable), then trickles its request head one header at a time to hold a
 //! connection (and its task) open for good. The header-read timeout of [`HttpLimits`] cuts
-//! it off; the server keeps answering everyone else.
+//! it off; the server keeps answering everyone else. And one huge request head, which the
+//! default front (`serve`, every deployment's) refuses instead of buffering.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use caas_tls::client::ClientTls;
 use caas_tls::pki::DevCa;
-use caas_tls::server::{HttpLimits, ServerTls, serve_with_limits, server_config};
+use caas_tls::server::{HttpLimits, ServerTls, serve, serve_with_limits, server_config};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,7 +22,8 @@ struct Front {
 }
 
 impl Front {
-    async fn start(limits: HttpLimits) -> Front {
+    /// The front under `limits`, or (`None`) as `serve` runs every deployment's.
+    async fn start(limits: Option<HttpLimits>) -> Front {
         let dir = tempfile::tempdir().unwrap();
         let ca = DevCa::load_or_create(dir.path()).unwrap();
         let cert = ca.issue("key-service", &[], &["127.0.0.1"]).unwrap();
@@ -35,14 +37,17 @@ impl Front {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
-        tokio::spawn(serve_with_limits(
-            listener,
-            app,
-            cfg,
-            None,
-            limits,
-            std::future::pending(),
-        ));
+        match limits {
+            Some(l) => tokio::spawn(serve_with_limits(
+                listener,
+                app,
+                cfg,
+                None,
+                l,
+                std::future::pending(),
+            )),
+            None => tokio::spawn(serve(listener, app, cfg, None, std::future::pending())),
+        };
         let client = ClientTls {
             ca: ca.ca_file(),
             identity: None,
@@ -92,10 +97,10 @@ async fn closed_within(c: &mut Tls, within: Duration) -> bool {
 
 #[tokio::test]
 async fn a_tls_client_trickling_its_headers_is_cut_off_at_the_header_timeout() {
-    let f = Front::start(HttpLimits {
+    let f = Front::start(Some(HttpLimits {
         header_read_timeout: Duration::from_millis(600),
         ..HttpLimits::default()
-    })
+    }))
     .await;
     let mut c = f.connect().await;
     let started = Instant::now();
@@ -125,10 +130,34 @@ async fn a_tls_client_trickling_its_headers_is_cut_off_at_the_header_timeout() {
     f.still_serving().await;
 }
 
-/// The defaults every TLS front gets from `serve`: a 30 s header timeout and a 16 KiB head.
-#[test]
-fn the_default_limits_bound_the_head_and_its_read_time() {
-    let d = HttpLimits::default();
-    assert_eq!(d.header_read_timeout, Duration::from_secs(30));
-    assert_eq!(d.max_head_bytes, 16 * 1024);
+/// Every deployment's TLS front (`serve`, default limits): a request head of 64 KiB (one
+/// huge header) is refused — 431, or the connection closed — never buffered whole or
+/// served, and the front keeps serving.
+#[tokio::test]
+async fn the_default_tls_front_refuses_an_oversized_request_head() {
+    assert_eq!(HttpLimits::default().max_head_bytes, 16 * 1024);
+    assert_eq!(
+        HttpLimits::default().header_read_timeout,
+        Duration::from_secs(30)
+    );
+    let f = Front::start(None).await;
+    let mut c = f.connect().await;
+    let req = format!(
+        "GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nx-big: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    // The server may close while the head is still being written: a refusal too.
+    let _ = c.write_all(req.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        !text.starts_with("HTTP/1.1 200"),
+        "an oversized head was served: {text}"
+    );
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431"),
+        "refused with 431 or closed, got: {text}"
+    );
+    f.still_serving().await;
 }
