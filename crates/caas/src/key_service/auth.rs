@@ -303,23 +303,20 @@ pub async fn authenticate(State(kms): State<Arc<Kms>>, req: Request, next: Next)
     }
     // Everything else on the heap: this middleware's own future (moved into a box per
     // request by `from_fn`, for every route) stays small.
-    Box::pin(check_route(kms, route, req, next)).await
+    let pattern = matched.as_str().to_owned();
+    Box::pin(check_route(kms, route, pattern, req, next)).await
 }
 
 /// [`authenticate`] for a route that is neither public nor the KMS API (or not listed).
 async fn check_route(
     kms: Arc<Kms>,
     route: Option<&'static Route>,
+    pattern: String,
     req: Request,
     next: Next,
 ) -> Response {
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
-    let pattern = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str())
-        .unwrap_or_default();
     let label = format!("{method} {pattern}");
     let Some(route) = route else {
         let msg = "this route is not in the key service's route table";
