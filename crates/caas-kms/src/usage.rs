@@ -135,6 +135,18 @@ impl LastUsage {
         }
     }
 
+    /// Drops this node's memory of a key being deleted (its stored last use goes in the
+    /// deletion's own commit; the key is `PendingDeletion`, so no use can follow).
+    pub fn forget(&self, account: &str, key_id: &str) {
+        let id = (account.to_string(), key_id.to_string());
+        if let Ok(mut g) = self.last.lock() {
+            g.remove(&id);
+        }
+        if let Ok(mut d) = self.dirty.lock() {
+            d.remove(&id);
+        }
+    }
+
     /// This node's memory of a key's last use.
     fn memory(&self, account: &str, key_id: &str) -> Option<LastUse> {
         self.last

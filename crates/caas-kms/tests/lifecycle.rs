@@ -1,6 +1,7 @@
 //! Key-service behaviour that needs the service clock or in-process access: scheduled
 //! deletion and automatic rotation when due, domain-key rotation with EKT re-wrapping,
-//! tenancy between accounts, and no secret in trace-level logs.
+//! tenancy between accounts, no grant or last use outliving its key, and no secret in
+//! trace-level logs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use caas_kms::{Kms, KmsParams};
 use serde_json::json;
@@ -195,6 +196,82 @@ async fn domain_key_rotation_rewraps_every_ekt_and_survives_restart() {
             .unwrap()
             .is_ok()
     );
+}
+
+#[tokio::test]
+async fn a_deleted_key_leaves_no_grant_or_last_use_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kms = open(tmp.path()).await;
+    let a = tenant(&kms, "a").await;
+    let b = tenant(&kms, "b").await;
+    let new_key = || async {
+        call(&kms, &a, "CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (doomed, kept) = (new_key().await, new_key().await);
+    for k in [&doomed, &kept] {
+        call(
+            &kms,
+            &a,
+            "CreateGrant",
+            json!({ "KeyId": k, "GranteePrincipal": b.principal, "Operations": ["Encrypt"] }),
+        )
+        .await
+        .unwrap();
+        call(
+            &kms,
+            &a,
+            "Encrypt",
+            json!({ "KeyId": k, "Plaintext": b64(b"x") }),
+        )
+        .await
+        .unwrap();
+    }
+    kms.flush_audit().await;
+    let stored = |kind: &'static str| {
+        let kms = kms.clone();
+        let account = a.account.clone();
+        async move {
+            kms.store
+                .list(kind, Some(&account))
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|o| o.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(stored(caas_kms::usage::USAGE_KIND).await.len(), 2);
+    assert_eq!(stored(caas_kms::model::kind::GRANT).await.len(), 2);
+    call(
+        &kms,
+        &a,
+        "ScheduleKeyDeletion",
+        json!({ "KeyId": doomed, "PendingWindowInDays": 7 }),
+    )
+    .await
+    .unwrap();
+    kms.advance_clock(8 * DAY);
+    assert_eq!(caas_kms::ops::maintenance(&kms).await.unwrap().0, 1);
+    assert_eq!(
+        stored(caas_kms::usage::USAGE_KIND).await,
+        vec![kept.clone()]
+    );
+    let grants = call(&kms, &a, "ListGrants", json!({ "KeyId": kept }))
+        .await
+        .unwrap()["Grants"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(
+        (stored(caas_kms::model::kind::GRANT).await.len(), grants),
+        (1, 1)
+    );
+    // Nothing of the deleted key comes back from this node's memory either.
+    kms.flush_audit().await;
+    assert_eq!(stored(caas_kms::usage::USAGE_KIND).await, vec![kept]);
 }
 
 #[tokio::test]

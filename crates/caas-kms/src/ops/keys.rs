@@ -597,9 +597,9 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
         let mut entry = crate::audit::system_entry("", "");
         entry.account = k.account.clone();
         entry.key_id = Some(k.key_id.clone());
-        let writes = if k.state == KeyState::PendingDeletion
-            && k.deletion_date_ms.is_some_and(|d| d <= now)
-        {
+        let deleting =
+            k.state == KeyState::PendingDeletion && k.deletion_date_ms.is_some_and(|d| d <= now);
+        let writes = if deleting {
             entry.operation = "DeleteKey".into();
             entry.detail = json!({ "reason": "scheduled deletion due" }).to_string();
             deleted += 1;
@@ -628,6 +628,39 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
                     });
                 }
             }
+            // So do its grants (as in AWS KMS) and its last use (GetKeyLastUsage): nothing
+            // of a deleted key outlives it in the store.
+            for g in kms
+                .store
+                .list_healthy(kind::GRANT, Some(&k.account))
+                .await
+                .map_err(KmsError::store)?
+                .0
+            {
+                if let Ok(gr) = super::parse_grant(&g)
+                    && gr.key_id == k.key_id
+                {
+                    w.push(Write::Delete {
+                        kind: kind::GRANT.into(),
+                        account: k.account.clone(),
+                        id: g.id.clone(),
+                        expect_rev: Some(g.rev),
+                    });
+                }
+            }
+            if let Some(u) = kms
+                .store
+                .get(crate::usage::USAGE_KIND, &k.account, &k.key_id)
+                .await
+                .map_err(KmsError::store)?
+            {
+                w.push(Write::Delete {
+                    kind: crate::usage::USAGE_KIND.into(),
+                    account: k.account.clone(),
+                    id: k.key_id.clone(),
+                    expect_rev: Some(u.rev),
+                });
+            }
             w
         } else if k.state == KeyState::Enabled
             && k.rotation_enabled
@@ -651,6 +684,7 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
             })
             .await
         {
+            Ok(_) if deleting => kms.last_usage.forget(&k.account, &k.key_id),
             Ok(_) | Err(caas_store::Error::Conflict { .. }) => {}
             Err(e) => return Err(KmsError::store(e)),
         }
