@@ -378,6 +378,7 @@ done
 # in-process with one thread per CPU, no PKCS#11, socket or audit (examples/sigceiling.rs).
 # Rows: sig/s, then signatures per CPU-second (caas: domain + client, median of its runs).
 NCPU=$(nproc)
+declare -A CEIL
 printf '%-30s %12s %12s %8s\n' "ceiling (aws-lc in-process)" ceiling "caas 8t" "caas/ceil"
 for m in ecdsa-p256 mldsa65; do
   ks=() ke=()
@@ -386,7 +387,42 @@ for m in ecdsa-p256 mldsa65; do
     ks+=("$r") ke+=("$e")
   done
   k=$(median "${ks[@]}") ke=$(median "${ke[@]}")
+  CEIL[$m]=$k
   printf '%-30s %12s %12s %8s   (samples %s)\n' "$m ${NCPU}t sig/s" "$k" "${RATE[${m}8]}" "$(ratio "${RATE[${m}8]}" "$k")" "${ks[*]}"
   printf '%-30s %12s %12s %8s   (1t: %s)\n' "$m sig per CPU-second" "$ke" "${EFF[${m}8]}" "$(ratio "${EFF[${m}8]}" "$ke")" "${EFF[${m}1]}"
+done
+# What the simplest out-of-process signer reaches here, in the same run
+# (examples/sigceiling.rs `remote`): 8 callers in one process, signing threads in a forked
+# child, a shared-memory slot per caller and futex wake-ups only for a side that sleeps —
+# the VSM ring's protocol without framing, parsing, policy, audit or PKCS#11. `null` is the
+# cross-process round trip alone; caas's HMAC row is the same with everything caas does per
+# call; the ECDSA rows show how much of the in-process ceiling a synchronous C_Sign through
+# another process keeps, with one signing thread per CPU (the module's layout) and with one
+# per caller.
+printf '%-30s %12s %12s %8s\n' "remote floor (8 callers)" "floor" "caas 8t" "caas/floor"
+floor() { # MECH SERVERS -> "median-rate us-CPU-per-call samples..."
+  local fs=() fe=() r e
+  for _ in $(seq "$REPS"); do
+    read -r r e < <("$T/examples/sigceiling" "$1" 8 "$SECS" remote "$2" | awk -v s="$SECS" '{printf "%s %.2f\n", $3, $4 * 1e6 / ($3 * s)}')
+    fs+=("$r") fe+=("$e")
+  done
+  echo "$(median "${fs[@]}") $(median "${fe[@]}") ${fs[*]}"
+}
+read -r f fe fs < <(floor null "$NCPU")
+printf '%-30s %12s %12s %8s   (%s us CPU per round trip; samples %s)\n' "null ${NCPU} servers calls/s" "$f" - - "$fe" "$fs"
+# caas's own cost per call: a MAC of 32 bytes (well under a microsecond of the token's CPU),
+# so nearly all of it is the round trip, the checks and the audit record.
+hs=() he=()
+for _ in $(seq "$REPS"); do
+  read -r r e < <(caas_run hmac-sha256 8)
+  hs+=("$r") he+=("$e")
+done
+h=$(median "${hs[@]}") he=$(median "${he[@]}")
+printf '%-30s %12s %12s %8s   (caas %s us CPU per call; samples %s)\n' "caas hmac-sha256 8t calls/s" "$f" "$h" "$(ratio "$h" "$f")" "$(echo "scale=2; 1000000 / $he" | bc)" "${hs[*]}"
+# ECDSA with one signing thread per CPU (the module's layout: one pipe per CPU) and with one
+# per caller (each side hands the CPU straight to the other).
+for srv in "$NCPU" 8; do
+  read -r f fe fs < <(floor ecdsa-p256 "$srv")
+  printf '%-30s %12s %12s %8s   (%s us CPU per sig; floor/ceiling %s; samples %s)\n' "ecdsa-p256 ${srv} servers sig/s" "$f" "${RATE[ecdsa-p2568]}" "$(ratio "${RATE[ecdsa-p2568]}" "$f")" "$fe" "$(ratio "$f" "${CEIL[ecdsa-p256]}")" "$fs"
 done
 echo "(RSA-1024: the benchmark domain runs with --allow-legacy-rsa-1024; by default caas refuses keys below 2048 bits.)"
