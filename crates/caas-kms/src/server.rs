@@ -208,7 +208,7 @@ pub async fn serve_plain(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
-        let (tcp, _addr) = tokio::select! {
+        let (tcp, addr) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 // Out of descriptors and the like: keep serving the others.
@@ -229,12 +229,18 @@ pub async fn serve_plain(
             let svc = hyper_util::service::TowerToHyperService::new(app);
             let conn = builder.serve_connection(TokioIo::new(tcp), svc);
             tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = stop.wait_for(|s| *s) => {}
-            }
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+            let ended = tokio::select! {
+                end = conn.as_mut() => Some(end),
+                _ = stop.wait_for(|s| *s) => None,
+            };
+            let end = match ended {
+                Some(end) => end,
+                None => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            caas_tls::server::log_connection_end(addr, end);
         });
     }
     drop(listener);

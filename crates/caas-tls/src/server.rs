@@ -147,6 +147,27 @@ pub fn http1_builder(limits: HttpLimits) -> hyper::server::conn::http1::Builder 
     b
 }
 
+/// Logs how an HTTP connection ended when hyper ended it with an error: a client that sent
+/// its head too slowly (header timeout) or too large, a malformed request, a hang-up in the
+/// middle of one. These refusals come before any request exists, so they are logged (at
+/// debug level: an unauthenticated client can cause them at will) and never appended to the
+/// signed audit log, which such a client could otherwise flood.
+pub fn log_connection_end(peer: std::net::SocketAddr, end: Result<(), hyper::Error>) {
+    let Err(e) = end else { return };
+    let why = if e.is_timeout() {
+        "request head not received in time"
+    } else if e.is_parse_too_large() {
+        "request head too large"
+    } else if e.is_parse() {
+        "malformed request"
+    } else if e.is_incomplete_message() {
+        "connection closed in the middle of a request"
+    } else {
+        "connection error"
+    };
+    tracing::debug!(%peer, error = %e, "HTTP connection refused or cut: {why}");
+}
+
 /// Serves `app` over TLS on `listener` until `shutdown` resolves. Each request carries the
 /// connection's [`Peer`]; handshakes that fail on the client's certificate are reported to
 /// `on_refused`.
@@ -236,7 +257,7 @@ pub async fn serve_with_limits(
                     }
                 },
             );
-            let _ = http.serve_connection(TokioIo::new(tls), svc).await;
+            log_connection_end(addr, http.serve_connection(TokioIo::new(tls), svc).await);
         });
     }
 }

@@ -130,11 +130,40 @@ async fn a_tls_client_trickling_its_headers_is_cut_off_at_the_header_timeout() {
     f.still_serving().await;
 }
 
+/// The log's text (what an operator's `RUST_LOG=debug` shows).
+#[derive(Clone, Default)]
+struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Log {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Log {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
 /// Every deployment's TLS front (`serve`, default limits): a request head of 64 KiB (one
 /// huge header) is refused — 431, or the connection closed — never buffered whole or
-/// served, and the front keeps serving.
+/// served, and the front keeps serving. The refusal is in the operator's debug log, with
+/// the client's address.
 #[tokio::test]
 async fn the_default_tls_front_refuses_an_oversized_request_head() {
+    let log = Log::default();
+    let writer = log.clone();
+    let _log = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || writer.clone())
+            .finish(),
+    );
     assert_eq!(HttpLimits::default().max_head_bytes, 16 * 1024);
     assert_eq!(
         HttpLimits::default().header_read_timeout,
@@ -160,4 +189,13 @@ async fn the_default_tls_front_refuses_an_oversized_request_head() {
         "refused with 431 or closed, got: {text}"
     );
     f.still_serving().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !log.text().contains("request head too large") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = log.text();
+    assert!(
+        text.contains("request head too large") && text.contains("127.0.0.1"),
+        "the refusal is not in the debug log: {text}"
+    );
 }
