@@ -495,6 +495,38 @@ impl<S: AttestStore> TlService<S> {
         }
     }
 
+    /// The TTP accepted `host`'s NetLeave for `vm_id` (stopped through its agent, failed to
+    /// start, suspended or migrated away): the VM leaves every domain's placement data where
+    /// it is still placed on that host, and the others are told at once. A placement on
+    /// another host since (a migration's target, a resume) stays.
+    async fn net_left_host(&self, host: &str, vm_id: &str) {
+        let url = match get_host(&*self.store, host).await {
+            Ok(Some(h)) => h.agent_url,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(%host, %vm_id, error = %e, "cannot read the host that left");
+                return;
+            }
+        };
+        let left: Vec<String> = {
+            let mut g = self.net_lock().await;
+            let left: Vec<String> = g
+                .iter_mut()
+                .filter_map(|(n, m)| {
+                    let here = m.get(vm_id).is_some_and(|(u, _)| *u == url);
+                    (here && m.remove(vm_id).is_some()).then(|| n.clone())
+                })
+                .collect();
+            for n in &left {
+                self.net_save(&g, n).await;
+            }
+            left
+        };
+        for n in left {
+            self.net_push(&n).await;
+        }
+    }
+
     /// Sends N's member list to every member's agent (each leaves out its own VMs). A
     /// member whose agent no longer runs it (stopped through the agent) is dropped from the
     /// list when its agent says so, and the others are told again.
@@ -761,7 +793,13 @@ async fn host_call<S: AttestStore>(
         HostCall::Resume => t.resume(&r, peer, now).await,
         HostCall::Migrate => t.migrate(&r, peer, now).await,
         HostCall::NetKey => t.netkey(&r, peer, now).await,
-        HostCall::NetLeave => t.net_leave(&r, peer, now).await,
+        HostCall::NetLeave => match t.net_leave(&r, peer, now).await {
+            Ok((signed, left)) => {
+                s.net_left_host(&left.host, &left.vm_id).await;
+                Ok(signed)
+            }
+            Err(e) => Err(e),
+        },
     }
     .map(Json)
     .map_err(ApiError)

@@ -748,7 +748,8 @@ fn replayed_old_epoch_frames_are_dropped(
 }
 
 /// A member's VM is stopped through its agent: the agent's NetLeave ends its session at the
-/// TTP (audited by both), `lan` moves to epoch 2, which the other member picks up; once the
+/// TTP (audited by both), the scheduler drops it from `lan`'s peer list and tells the other
+/// member's agent, `lan` moves to epoch 2, which the other member picks up; once the
 /// overlap is over, frames the stopped member's proxy sealed under epoch 1 (recorded by the
 /// attacker, never seen by the peer) are dropped even sent from its own address.
 #[test]
@@ -773,6 +774,16 @@ fn stopped_member_is_rekeyed_out_and_its_old_epoch_frames_stop_after_the_overlap
     );
     assert!(c.ttp_audited("NetLeave", "Success"));
     assert!(c.ttp_audited("TlSessionRetired", "Success"));
+    // The accepted leave also takes vm-b out of the scheduler's peer list of `lan` at once,
+    // and vm-a's agent is told (vm-b no longer named as a place to send frames to): the
+    // last list host-1's agent got names no peer.
+    c.wait(10, "vm-a's agent is told that vm-b left", || {
+        c.agent_audit("host-1")
+            .iter()
+            .rev()
+            .find(|(op, subject, _)| op == "NetPeers" && subject.starts_with("vm-a/lan"))
+            .is_some_and(|(_, subject, r)| subject == "vm-a/lan n=0" && r == "ok")
+    });
     c.wait(20, "vm-a's proxy gets epoch 2", || {
         c.net("host-1", "vm-a")["epoch"] == json!(2)
     });

@@ -309,19 +309,20 @@ impl<S: AttestStore> Ttp<S> {
     /// a fresh quote) holding the session's DK_i can end it; a leave naming another host's
     /// session is refused (`no_session`, `dk_invalid`, `attestation_failed`). Idempotent
     /// (a retired session: nothing rekeyed). Audited (`NetLeave`, and `TlSessionRetired`).
+    /// Returns the signed acknowledgement and what it says (the AK-authenticated host and
+    /// its VM, for the scheduler's placement data).
     pub async fn net_leave(
         &self,
         req: &AkSigned,
         peer: Option<&TlsClient>,
         now_ms: u64,
-    ) -> Result<Signed> {
+    ) -> Result<(Signed, NetLeft)> {
         self.audited(
             req,
             async |b: &NetLeaveRequest| self.net_leave_inner(b, req, peer, now_ms).await,
             |(_, l)| format!("session retired; rekeyed [{}]", l.rekeyed.join(",")),
         )
         .await
-        .map(|(s, _)| s)
     }
 
     async fn net_leave_inner(
@@ -923,7 +924,7 @@ mod tests {
         let (a, b, la, lb, now) = two_keyed_members(&fx).await;
         assert_eq!(fx.ttp.net_epoch("net-a").await.unwrap(), Some(1));
         let (first, q) = leave(&fx, &b, &lb, now);
-        let s = fx.ttp.net_leave(&first, None, now).await.unwrap();
+        let (s, _) = fx.ttp.net_leave(&first, None, now).await.unwrap();
         let left = crate::sc::check_netleave_ack(&s, &fx.ttp.public().unwrap(), &q).unwrap();
         assert_eq!(left.rekeyed, vec!["net-a".to_string()]);
         assert_eq!(fx.ttp.net_epoch("net-a").await.unwrap(), Some(2));
@@ -943,7 +944,7 @@ mod tests {
         assert_eq!(e.code(), "nonce_replayed");
         let (rr, _) = leave(&fx, &b, &lb, now);
         // A leave of a retired session again (fresh): nothing more rekeyed.
-        let s = fx.ttp.net_leave(&rr, None, now).await.unwrap();
+        let (s, _) = fx.ttp.net_leave(&rr, None, now).await.unwrap();
         let l2: NetLeft = s
             .open(&fx.ttp.public().unwrap().sign, label::NETLEAVE_ACK)
             .unwrap();
