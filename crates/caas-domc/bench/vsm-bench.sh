@@ -53,6 +53,38 @@
 # threads is the synchronous callers' sleep and wake-up per signature (one futex each side,
 # the floor for a caller that sleeps) and the scheduler's preemptions of the domain threads.
 #
+# Figures on a QUIET machine with the same-run reference of the simplest out-of-process
+# signer (2026-12-06T11:51Z and 11:57Z, lead, every other job paused with SIGSTOP during the
+# run; binaries of c2d2cae; `CARGO_TARGET_DIR=/work/target-rel SKIP_BUILD=1
+# crates/caas-domc/bench/vsm-bench.sh 10000 5`), the two runs:
+#   ECDSA P-256 1t 50535 / 54956 vs SoftHSM2 26386 / 27317 (1.91 / 2.01x; goal 1.5x met)
+#   ECDSA P-256 8t 81040 / 71350 vs SoftHSM2 27236 / 28049 (2.97 / 2.54x; goal 3x at the line
+#     in one run; SoftHSM2's own 8t figure ranges 27-44 k between quiet runs)
+#   ceiling 128228 / 128323 sig/s: caas 8t .63 / .55 (goal .8 NOT met); per CPU-second .63 / .56
+#   Ed25519 8t 9.73 / 13.79x, RSA-2048 8t 2.06 / 2.07x, ML-DSA-65 8t .89 / .85 of aws-lc
+#   simplest remote signer, 8 callers, 2 signing threads: null round trip 449 k / 383 k per s
+#     (4.35 / 5.07 us CPU each); ECDSA 61.9 k / 69.0 k sig/s = .48 / .53 of the ceiling:
+#     caas is 1.30 / 1.03x the simplest signer with its own thread layout
+#   caas hmac-sha256 8t: 212785 calls/s, 8.66 us CPU per call (second run)
+# The same reference, `sigceiling ecdsa-p256 8 3 remote S` on the quiet machine (11:42-11:45Z):
+# S = 1 / 2 / 4 / 8 signing threads give 51 / 67-71 / 86-88 / 111-117 k sig/s (.37 / .50 /
+# .64 / .82 of the 136 k ceiling). With a signing thread per caller, each side hands its CPU
+# straight to the other (the caller sleeps as its signer wakes, and the reverse); a signer
+# serving several callers keeps running after each answer, so every woken caller needs a
+# cross-CPU wake-up or preempts the signer. caas with one pipe, hence one domain thread, per
+# calling thread (CAAS_PKCS11_PIPES=8, spins off) did not gain: 81.7-82.8 k against 65-85 k
+# with its default 2 pipes, ~24 us of CPU per signature either way (client ~3.8, domain ~20
+# of which ECDSA ~14.6), and 2 CPUs at 24 us give at most ~83 k (.61-.65 of the ceiling).
+# What the .8 goal needs: <= 18.3 us of CPU per signature, i.e. <= 3.7 us beyond the ECDSA for
+# the cross-process round trip and everything caas does per call. The bare round trip costs
+# 3.2 us here at best (a thread per caller; `sigceiling null 8 3 remote 8`: 620 k/s on 2 CPUs);
+# caas's own per-call work above it is ~3.6 us (the hmac row, 8.66 us, less the 5.07 us
+# round trip of the same layout: frame, session, key and policy checks, the audit record's
+# chained SHA-256 and HMAC, the answer). Best case for this design: 14.6 + 3.2 + 3.6 = 21.4 us
+# = .68 of the ceiling. Reaching .8 would need per-call work under 0.5 us, i.e. no audit
+# record per use: out of reach for a module that keeps keys in another process and audits
+# every use, on this 2-vCPU VM.
+#
 # Figures on a QUIET machine after h/vsmfast (no getpid per call, audit body formatted
 # outside the lock, foldhash maps) (2026-12-06T10:18Z, lead, load 2.8 at the start, 2.6 at
 # the end; `CARGO_TARGET_DIR=/work/target-rel crates/caas-domc/bench/vsm-bench.sh 10000 5`):
