@@ -609,45 +609,20 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
                 id: k.key_id.clone(),
                 expect_rev: Some(o.rev),
             }];
-            // Aliases pointing at the key go with it.
-            for a in kms
-                .store
-                .list_healthy(kind::ALIAS, Some(&k.account))
-                .await
-                .map_err(KmsError::store)?
-                .0
-            {
-                if let Ok(ar) = super::parse_alias(&a)
-                    && ar.target_key_id == k.key_id
-                {
-                    w.push(Write::Delete {
-                        kind: kind::ALIAS.into(),
-                        account: k.account.clone(),
-                        id: a.id.clone(),
-                        expect_rev: Some(a.rev),
-                    });
-                }
-            }
-            // So do its grants (as in AWS KMS) and its last use (GetKeyLastUsage): nothing
-            // of a deleted key outlives it in the store.
-            for g in kms
-                .store
-                .list_healthy(kind::GRANT, Some(&k.account))
-                .await
-                .map_err(KmsError::store)?
-                .0
-            {
-                if let Ok(gr) = super::parse_grant(&g)
-                    && gr.key_id == k.key_id
-                {
-                    w.push(Write::Delete {
-                        kind: kind::GRANT.into(),
-                        account: k.account.clone(),
-                        id: g.id.clone(),
-                        expect_rev: Some(g.rev),
-                    });
-                }
-            }
+            // Aliases pointing at the key go with it, so do its grants (as in AWS KMS) and
+            // its last use (GetKeyLastUsage): nothing of a deleted key outlives it.
+            w.extend(
+                deletes_referring(kms, kind::ALIAS, &k.account, |a| {
+                    super::parse_alias(a).is_ok_and(|a| a.target_key_id == k.key_id)
+                })
+                .await?,
+            );
+            w.extend(
+                deletes_referring(kms, kind::GRANT, &k.account, |g| {
+                    super::parse_grant(g).is_ok_and(|g| g.key_id == k.key_id)
+                })
+                .await?,
+            );
             if let Some(u) = kms
                 .store
                 .get(crate::usage::USAGE_KIND, &k.account, &k.key_id)
@@ -690,6 +665,31 @@ pub async fn maintenance(kms: &Kms) -> KmsResult<(usize, usize)> {
         }
     }
     Ok((deleted, rotated))
+}
+
+/// Deletes (at their current revisions) of the healthy `kind` rows of `account` that
+/// `refers` picks: the rows that go with a deleted key.
+async fn deletes_referring(
+    kms: &Kms,
+    kind: &str,
+    account: &str,
+    refers: impl Fn(&caas_store::Object) -> bool,
+) -> KmsResult<Vec<Write>> {
+    let (rows, _bad) = kms
+        .store
+        .list_healthy(kind, Some(account))
+        .await
+        .map_err(KmsError::store)?;
+    Ok(rows
+        .iter()
+        .filter(|o| refers(o))
+        .map(|o| Write::Delete {
+            kind: kind.into(),
+            account: account.into(),
+            id: o.id.clone(),
+            expect_rev: Some(o.rev),
+        })
+        .collect())
 }
 
 /// Rotates the domain key (seed 004) and re-wraps every key's EKTs and every access-key
