@@ -70,8 +70,9 @@ pub use caas_crypto::chain::RecordSigner as AuditSigner;
 /// Told the new chain head after every durable group commit that moved it, before the
 /// callers of that group are answered (called on the writer; keep it short).
 pub trait HeadObserver: Send + Sync + 'static {
-    /// The chain now ends at record `seq` with hash `hash`.
-    fn committed(&self, seq: u64, hash: &[u8; 32]);
+    /// The chain now ends at record `seq` with hash `hash`, stored with `signature`: the
+    /// store's [`AuditSigner`] over `hash` (every group commit signs its last record).
+    fn committed(&self, seq: u64, hash: &[u8; 32], signature: &[u8]);
 }
 
 /// Which database a [`Store`] uses.
@@ -246,6 +247,9 @@ pub struct CommitStats {
     /// Batches (commit calls) those transactions carried; batches / transactions is the
     /// average group size.
     pub batches: u64,
+    /// [`Store::commit_deferred`] calls that waited for durability because the writer was
+    /// behind (back-pressure) or a deferred batch had failed.
+    pub deferred_waited: u64,
 }
 
 /// State shared by a [`Store`] handle and its writer: group-commit counters and the audit
@@ -254,6 +258,7 @@ pub struct CommitStats {
 pub(crate) struct Counters {
     transactions: std::sync::atomic::AtomicU64,
     batches: std::sync::atomic::AtomicU64,
+    deferred_waited: std::sync::atomic::AtomicU64,
     anchor: std::sync::Mutex<Option<Anchor>>,
 }
 
@@ -340,9 +345,9 @@ impl Counters {
         }))
     }
 
-    /// After a durable commit that moved the chain to `head`: moves the anchor and tells
-    /// the observer.
-    pub(crate) fn anchor_advance(&self, head: &audit::Head) {
+    /// After a durable commit that moved the chain to `head` (its record stored with
+    /// `signature`): moves the anchor and tells the observer.
+    pub(crate) fn anchor_advance(&self, head: &audit::Head, signature: &[u8]) {
         let observer = match self.anchor.lock() {
             Ok(mut g) => g.as_mut().map(|a| {
                 a.head = *head;
@@ -351,7 +356,7 @@ impl Counters {
             Err(_) => None,
         };
         if let Some(o) = observer {
-            o.committed(head.seq, &head.hash);
+            o.committed(head.seq, &head.hash, signature);
         }
     }
 }
@@ -441,6 +446,7 @@ impl Store {
         CommitStats {
             transactions: self.stats.transactions.load(Relaxed),
             batches: self.stats.batches.load(Relaxed),
+            deferred_waited: self.stats.deferred_waited.load(Relaxed),
         }
     }
 
@@ -703,7 +709,11 @@ impl Store {
                             .is_some_and(|(_, t)| t.elapsed() >= DEFERRED_BACKPRESSURE_AGE)
                 })
         };
-        if !batch.writes.is_empty() || behind() {
+        if !batch.writes.is_empty() {
+            return self.commit(batch).await.map(|_| ());
+        }
+        if behind() {
+            self.stats.deferred_waited.fetch_add(1, Relaxed);
             return self.commit(batch).await.map(|_| ());
         }
         // Queue order and ticket order are the same: both under this lock. The ticket is

@@ -466,8 +466,7 @@ fn run_group(
     records: &dyn RecordAuthenticator,
     stats: &Counters,
 ) -> Result<Vec<Result<CommitInfo, Error>>, Error> {
-    conn.execute_batch("BEGIN IMMEDIATE")
-        .map_err(sq("beginning a write transaction"))?;
+    exec_cached(conn, "BEGIN IMMEDIATE").map_err(sq("beginning a write transaction"))?;
     let start = read_head(conn)?;
     if let Some(probe) = stats.anchor_check(&start)? {
         let stored: Option<Vec<u8>> = conn
@@ -488,20 +487,33 @@ fn run_group(
     let mut insert = conn
         .prepare_cached(INSERT_AUDIT)
         .map_err(sq("appending an audit record"))?;
-    for batch in batches {
+    // The group's last batch signs its last record as it inserts it (one signature per
+    // group, no second write of the row); `signed` is that record's seq once it is in.
+    let mut signed = None;
+    let mut signature = Vec::new();
+    let last = batches.len().saturating_sub(1);
+    for (i, batch) in batches.iter().enumerate() {
+        let is_last = i == last;
+        let sign = is_last.then_some((signer, &mut signature));
         // A batch without object writes cannot conflict: no savepoint needed (a failure to
         // append fails the whole group).
         if batch.writes.is_empty() {
-            let audit_seqs = append_audit(&mut insert, batch, &mut head)?;
+            let audit_seqs = append_audit(&mut insert, batch, &mut head, sign)?;
+            if is_last {
+                signed = audit_seqs.last().copied();
+            }
             results.push(Ok(CommitInfo { audit_seqs }));
             continue;
         }
         exec_cached(conn, "SAVEPOINT batch").map_err(sq("creating a savepoint"))?;
         let mut tentative = head;
-        match apply(conn, &mut insert, batch, &mut tentative, records) {
+        match apply(conn, &mut insert, batch, &mut tentative, records, sign) {
             Ok(audit_seqs) => {
                 exec_cached(conn, "RELEASE batch").map_err(sq("releasing a savepoint"))?;
                 head = tentative;
+                if is_last {
+                    signed = audit_seqs.last().copied();
+                }
                 results.push(Ok(CommitInfo { audit_seqs }));
             }
             Err(e) => {
@@ -516,17 +528,22 @@ fn run_group(
     if head != start {
         let seq = seq_to_i64(head.seq)?;
         // One signature per group: over the last record, which the hash chain binds to every
-        // earlier record of the group (see `crate::audit::ChainVerifier`).
-        conn.prepare_cached("UPDATE audit_log SET signature = ?2 WHERE seq = ?1")
-            .and_then(|mut s| s.execute(params![seq, signer.sign(&head.hash)]))
-            .map_err(sq("signing the group's last audit record"))?;
+        // earlier record of the group (see `crate::audit::ChainVerifier`). Usually it went
+        // in with the record; not when the group's last batch appended nothing (a flush, a
+        // batch of object writes only, a conflict): then the last record is signed here.
+        if signed != Some(head.seq) {
+            signature = signer.sign(&head.hash);
+            conn.prepare_cached("UPDATE audit_log SET signature = ?2 WHERE seq = ?1")
+                .and_then(|mut s| s.execute(params![seq, &signature[..]]))
+                .map_err(sq("signing the group's last audit record"))?;
+        }
         conn.prepare_cached("UPDATE audit_head SET seq = ?1, hash = ?2 WHERE id = 1")
             .and_then(|mut s| s.execute(params![seq, &head.hash[..]]))
             .map_err(sq("moving the audit head"))?;
     }
-    conn.execute_batch("COMMIT").map_err(sq("committing"))?;
+    exec_cached(conn, "COMMIT").map_err(sq("committing"))?;
     if head != start {
-        stats.anchor_advance(&head);
+        stats.anchor_advance(&head, &signature);
     }
     Ok(results)
 }
@@ -537,6 +554,7 @@ fn apply(
     batch: &Batch,
     head: &mut Head,
     records: &dyn RecordAuthenticator,
+    sign: Option<(&dyn AuditSigner, &mut Vec<u8>)>,
 ) -> Result<Vec<u64>, Error> {
     for w in &batch.writes {
         let (Write::Put {
@@ -584,21 +602,31 @@ fn apply(
             }
         }
     }
-    append_audit(insert, batch, head)
+    append_audit(insert, batch, head, sign)
 }
 
-/// Appends the batch's records after `head` (moving it), unsigned: [`run_group`] signs the
-/// group's last record before COMMIT.
+/// Appends the batch's records after `head` (moving it), unsigned except the last when
+/// `sign` is given (the group's last batch: its last record is the group's, whose signature
+/// covers the group; the signature is also left in `sign`'s buffer). [`run_group`] signs
+/// the group's last record itself when it was not signed here.
 /// `insert` is the prepared [`INSERT_AUDIT`].
 fn append_audit(
     insert: &mut rusqlite::Statement<'_>,
     batch: &Batch,
     head: &mut Head,
+    mut sign: Option<(&dyn AuditSigner, &mut Vec<u8>)>,
 ) -> Result<Vec<u64>, Error> {
     let mut seqs = Vec::with_capacity(batch.audit.len());
-    for e in &batch.audit {
+    let last = batch.audit.len().saturating_sub(1);
+    for (i, e) in batch.audit.iter().enumerate() {
         let (seq, prev, hash) = head.advance(e);
-        let signature: &[u8] = &[];
+        let signature: &[u8] = match &mut sign {
+            Some((signer, out)) if i == last => {
+                **out = signer.sign(&hash);
+                &out[..]
+            }
+            _ => &[],
+        };
         let seq_i = seq_to_i64(seq)?;
         insert
             .execute(params![
