@@ -9,8 +9,9 @@
 //! every batch that is waiting in one database transaction, each batch in its own
 //! SAVEPOINT so that a conflict in one batch rolls back only that batch, and answers all
 //! callers after the single durable COMMIT. Batches queued by [`Store::commit_deferred`]
-//! (nobody waits for them) are gathered a little longer on SQLite: a group they lead starts
-//! at most every 4 ms (`DEFERRED_GROUP_SPACING`). A group of waiting callers starts as
+//! (nobody waits for them) are gathered a little longer on SQLite: a group they lead takes
+//! its last batches at most every 4 ms (`DEFERRED_GROUP_SPACING`), applying what arrives
+//! every millisecond meanwhile, then commits. A group of waiting callers starts as
 //! soon as the writer is free, with whatever is queued (no commit delay: an adaptive
 //! 150 µs gathering delay was measured and made no difference). Reads use separate
 //! connections.
@@ -210,10 +211,12 @@ pub const DEFERRED_WINDOW: std::time::Duration = std::time::Duration::from_milli
 /// waiting keeps every acknowledged batch within [`DEFERRED_WINDOW`] of durable.
 const DEFERRED_BACKPRESSURE_AGE: std::time::Duration = std::time::Duration::from_millis(7);
 
-/// The SQLite writer starts a group led by a deferred batch no sooner than this after the
-/// previous group's start (one transaction, fsync and audit signature for every deferred
-/// record of the interval). A deferred batch thus waits at most this long before its group
-/// begins, then the group's commit: within [`DEFERRED_BACKPRESSURE_AGE`] and well within
+/// The SQLite writer takes the last batches of a group led by a deferred batch no sooner
+/// than this after the previous group took its own (one transaction, fsync and audit
+/// signature for every deferred record of the interval); meanwhile the group's transaction
+/// is open and applies what has arrived every millisecond, so little is left to do when
+/// the interval ends. A deferred batch thus waits at most this long before its group
+/// commits, then the commit: within [`DEFERRED_BACKPRESSURE_AGE`] and well within
 /// [`DEFERRED_WINDOW`] on a disk that syncs in about a millisecond (4 + ~1 ms). A
 /// synchronous commit queued behind such a deferred batch waits as long (only under
 /// `bounded` key use). 4 ms rather than 2: the per-group costs (fsync, which burns CPU on

@@ -379,36 +379,44 @@ fn writer_loop(
     records: Arc<dyn RecordAuthenticator>,
     stats: Arc<Counters>,
 ) {
-    // When the previous group started, and whether it drained the queue (fewer than
-    // MAX_GROUP jobs): then every job still queued arrived after that start.
+    // When the previous group last drained the queue, and whether it drained it (fewer than
+    // MAX_GROUP jobs): then every job still queued arrived after that moment.
     let mut previous: Option<(std::time::Instant, bool)> = None;
     while let Ok(first) = rx.recv() {
-        // A group led by a deferred batch (nobody waits for it) starts no sooner than
-        // DEFERRED_GROUP_SPACING after the previous group's start: deferred key-use
+        // A group led by a deferred batch (nobody waits for it) takes its last jobs no sooner
+        // than DEFERRED_GROUP_SPACING after the previous group took its own: deferred key-use
         // records then share one transaction, fsync and signature instead of paying one
-        // each, and the sleep (not a blocking receive) spares senders a wake-up each.
-        // The leading batch arrived after the previous start (the queue was drained), so
-        // it waits at most the spacing before its group begins.
-        if matches!(first.reply, crate::Reply::Deferred { .. })
-            && let Some((start, true)) = previous
-            && let Some(rest) = DEFERRED_GROUP_SPACING.checked_sub(start.elapsed())
-        {
-            std::thread::sleep(rest);
-        }
-        let started = std::time::Instant::now();
+        // each, and sleeping (not a blocking receive) spares senders a wake-up each. The
+        // leading batch arrived after that moment (the queue was drained), so it waits at
+        // most the spacing before its group commits. Meanwhile the group is open and takes
+        // what has arrived every GATHER_SLICE (see `run_group`).
+        let gather_until = match (&first.reply, previous) {
+            (crate::Reply::Deferred { .. }, Some((taken, true))) => taken
+                .checked_add(DEFERRED_GROUP_SPACING)
+                .filter(|until| *until > std::time::Instant::now()),
+            _ => None,
+        };
         let mut jobs = vec![first];
-        drain(&rx, &mut jobs);
-        previous = Some((started, jobs.len() < MAX_GROUP));
-        let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
-        stats.record(batches.len());
-        let results = match run_group(&conn, &batches, &*signer, &*records, &stats) {
+        let mut taken = std::time::Instant::now();
+        let results = match run_group(
+            &conn,
+            &rx,
+            &mut jobs,
+            gather_until,
+            &mut taken,
+            &*signer,
+            &*records,
+            &stats,
+        ) {
             Ok(results) => results,
             Err(e) => {
                 tracing::warn!(error = %e, batches = jobs.len(), "SQLite group commit failed");
                 let _ = conn.execute_batch("ROLLBACK");
-                batches.iter().map(|_| Err(clone_err(&e))).collect()
+                jobs.iter().map(|_| Err(clone_err(&e))).collect()
             }
         };
+        previous = Some((taken, jobs.len() < MAX_GROUP));
+        stats.record(jobs.len());
         for (job, result) in jobs.into_iter().zip(results) {
             job.reply.finish(result);
         }
@@ -457,11 +465,27 @@ fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
-/// One group transaction. Outer error: the whole group failed (caller rolls back);
-/// inner results: per batch.
+/// While a group led by deferred batches gathers, it applies what has arrived every this
+/// often: the records' hashing and INSERTs are spread over the gathering interval instead
+/// of all landing after it, so the group's commit follows its last job sooner (a long burst
+/// after the interval made the oldest records of a busy group pass the back-pressure age,
+/// and 2 % of bounded requests then waited for durability; bench/kms-bench.sh).
+const GATHER_SLICE: Duration = Duration::from_millis(1);
+
+/// One group transaction over `jobs` (the first already there; the rest taken from `rx` as
+/// they come, until `gather_until` when given, then whatever is queued, up to
+/// [`MAX_GROUP`]); `taken` is set to when the last jobs were taken. Outer error: the whole
+/// group failed (caller rolls back); inner results: per job.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the writer's state, passed down once per group"
+)]
 fn run_group(
     conn: &Connection,
-    batches: &[&Batch],
+    rx: &mpsc::Receiver<Job>,
+    jobs: &mut Vec<Job>,
+    gather_until: Option<std::time::Instant>,
+    taken: &mut std::time::Instant,
     signer: &dyn AuditSigner,
     records: &dyn RecordAuthenticator,
     stats: &Counters,
@@ -480,57 +504,55 @@ fn run_group(
             .map_err(sq("reading the anchored audit record"))?;
         probe.confirm(stored.as_deref())?;
     }
-    let mut head = start;
-    let mut results = Vec::with_capacity(batches.len());
-    // Checked out of the statement cache once per group, not once per record (the cache
-    // hashes the SQL text on every lookup).
-    let mut insert = conn
-        .prepare_cached(INSERT_AUDIT)
-        .map_err(sq("appending an audit record"))?;
-    // The group's last batch signs its last record as it inserts it (one signature per
-    // group, no second write of the row); `signed` is that record's seq once it is in.
-    let mut signed = None;
-    let mut signature = Vec::new();
-    let last = batches.len().saturating_sub(1);
-    for (i, batch) in batches.iter().enumerate() {
-        let is_last = i == last;
-        let sign = is_last.then_some((signer, &mut signature));
-        // A batch without object writes cannot conflict: no savepoint needed (a failure to
-        // append fails the whole group).
-        if batch.writes.is_empty() {
-            let audit_seqs = append_audit(&mut insert, batch, &mut head, sign)?;
-            if is_last {
-                signed = audit_seqs.last().copied();
+    let mut group = Group {
+        conn,
+        // Checked out of the statement cache once per group, not once per record (the
+        // cache hashes the SQL text on every lookup).
+        insert: conn
+            .prepare_cached(INSERT_AUDIT)
+            .map_err(sq("appending an audit record"))?,
+        head: start,
+        results: Vec::with_capacity(jobs.len()),
+        signed: None,
+        signature: Vec::new(),
+    };
+    if let Some(until) = gather_until {
+        loop {
+            for job in &jobs[group.results.len()..] {
+                group.apply(&job.batch, None, records)?;
             }
-            results.push(Ok(CommitInfo { audit_seqs }));
-            continue;
-        }
-        exec_cached(conn, "SAVEPOINT batch").map_err(sq("creating a savepoint"))?;
-        let mut tentative = head;
-        match apply(conn, &mut insert, batch, &mut tentative, records, sign) {
-            Ok(audit_seqs) => {
-                exec_cached(conn, "RELEASE batch").map_err(sq("releasing a savepoint"))?;
-                head = tentative;
-                if is_last {
-                    signed = audit_seqs.last().copied();
-                }
-                results.push(Ok(CommitInfo { audit_seqs }));
+            let now = std::time::Instant::now();
+            if now >= until || jobs.len() >= MAX_GROUP {
+                break;
             }
-            Err(e) => {
-                exec_cached(conn, "ROLLBACK TO batch")
-                    .and_then(|()| exec_cached(conn, "RELEASE batch"))
-                    .map_err(sq("rolling back a savepoint"))?;
-                results.push(Err(e));
-            }
+            std::thread::sleep(GATHER_SLICE.min(until - now));
+            drain(rx, jobs);
         }
     }
+    *taken = std::time::Instant::now();
+    drain(rx, jobs);
+    // The group's last batch signs its last record as it inserts it (one signature per
+    // group, no second write of the row).
+    let last = jobs.len().saturating_sub(1);
+    for (i, job) in jobs.iter().enumerate().skip(group.results.len()) {
+        group.apply(&job.batch, (i == last).then_some(signer), records)?;
+    }
+    let Group {
+        insert,
+        head,
+        results,
+        signed,
+        mut signature,
+        ..
+    } = group;
     drop(insert);
     if head != start {
         let seq = seq_to_i64(head.seq)?;
         // One signature per group: over the last record, which the hash chain binds to every
         // earlier record of the group (see `crate::audit::ChainVerifier`). Usually it went
         // in with the record; not when the group's last batch appended nothing (a flush, a
-        // batch of object writes only, a conflict): then the last record is signed here.
+        // batch of object writes only, a conflict), nor when the last records came in a
+        // gathering slice: then the last record is signed here.
         if signed != Some(head.seq) {
             signature = signer.sign(&head.hash);
             conn.prepare_cached("UPDATE audit_log SET signature = ?2 WHERE seq = ?1")
@@ -546,6 +568,70 @@ fn run_group(
         stats.anchor_advance(&head, &signature);
     }
     Ok(results)
+}
+
+/// An open group transaction (see [`run_group`]).
+struct Group<'c> {
+    conn: &'c Connection,
+    /// The prepared [`INSERT_AUDIT`].
+    insert: rusqlite::CachedStatement<'c>,
+    /// The chain head after the batches applied so far.
+    head: Head,
+    /// One per batch applied so far.
+    results: Vec<Result<CommitInfo, Error>>,
+    /// The seq of the record signed as it was inserted, and its signature.
+    signed: Option<u64>,
+    signature: Vec<u8>,
+}
+
+impl Group<'_> {
+    /// Applies one batch; `sign`: it is the group's last, sign its last record. Error: the
+    /// group failed (a batch's own failure is its result).
+    fn apply(
+        &mut self,
+        batch: &Batch,
+        sign: Option<&dyn AuditSigner>,
+        records: &dyn RecordAuthenticator,
+    ) -> Result<(), Error> {
+        let conn = self.conn;
+        let signing = sign.map(|s| (s, &mut self.signature));
+        // A batch without object writes cannot conflict: no savepoint needed (a failure to
+        // append fails the whole group).
+        if batch.writes.is_empty() {
+            let audit_seqs = append_audit(&mut self.insert, batch, &mut self.head, signing)?;
+            if sign.is_some() {
+                self.signed = audit_seqs.last().copied();
+            }
+            self.results.push(Ok(CommitInfo { audit_seqs }));
+            return Ok(());
+        }
+        exec_cached(conn, "SAVEPOINT batch").map_err(sq("creating a savepoint"))?;
+        let mut tentative = self.head;
+        match apply(
+            conn,
+            &mut self.insert,
+            batch,
+            &mut tentative,
+            records,
+            signing,
+        ) {
+            Ok(audit_seqs) => {
+                exec_cached(conn, "RELEASE batch").map_err(sq("releasing a savepoint"))?;
+                self.head = tentative;
+                if sign.is_some() {
+                    self.signed = audit_seqs.last().copied();
+                }
+                self.results.push(Ok(CommitInfo { audit_seqs }));
+            }
+            Err(e) => {
+                exec_cached(conn, "ROLLBACK TO batch")
+                    .and_then(|()| exec_cached(conn, "RELEASE batch"))
+                    .map_err(sq("rolling back a savepoint"))?;
+                self.results.push(Err(e));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn apply(
