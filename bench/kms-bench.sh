@@ -42,6 +42,55 @@
 # survives a busy machine: req/s and latency swing with the other builders' load, CPU per
 # request barely does, and on these 2 CPUs a CPU-bound server's throughput follows it.
 #
+# Figures (2026-12-06 12:41-12:44 UTC, this machine QUIET: load average 2.6 at the start,
+# 3.1 at the end; helper h/kmsstrict at 82de5ee; `COSMIAN_BIN=/work/.cache/cosmian/bin/
+# cosmian_kms CAAS_BIN=<release caas of 82de5ee> SECS=10 ROUNDS=1 CELLS="enc64 dec64"
+# bench/kms-bench.sh`; GET /healthz 134 k / 154 k req/s, p99 1.44 / 2.42 ms). The machine
+# (rebooted at 11:24) is faster than in the runs below, Cosmian most of all: its CPU per
+# request fell from 62-69 to 39-42 us (caas bounded from 35-43 to 27-31), so every ratio
+# moved down against the 10:11 run:
+#   cell                 bounded ratio (p99 ms)  strict ratio (p99 ms)  CPU us/req caas b/s vs cosmian
+#   Encrypt 64B  16c     1.28 (3.04)             0.88 (1.90)            30.8 / 39.3 vs 42.2
+#   Encrypt 64B  64c     1.31 (5.50)             1.07 (3.77)            28.7 / 34.5 vs 40.7
+#   Decrypt 64B  16c     1.11 (3.01)             0.77 (1.81)            30.1 / 39.1 vs 38.6
+#   Decrypt 64B  64c     1.37 (5.26)             1.14 (3.53)            27.4 / 32.9 vs 40.9
+#   (Cosmian p99 3.4-5.4 ms.) Strict at 16 connections is latency-bound, not CPU-bound:
+#   each Encrypt waits for a group commit whose fsync takes ~0.3 ms here, and only ~8 of
+#   the 16 requests are queued when a group starts (`transactions=14108 batches=107554`
+#   in a 5 s strict 16c cell), so strict's req/s is ~16 / (request time + ~1.5 group
+#   cycles). What h/kmsstrict changed, A/B against main's 5970c75 (`base`) in back-to-back
+#   pairs (`PEER=none CELLS="enc64 dec64" CONNS="16 64" SECS=5 ROUNDS=1`, load 0.3-2.8):
+#   - strict: the group's last record is signed as it is inserted (no UPDATE of it), BEGIN/
+#     COMMIT from the statement cache, and outside a KMS domain the audit checkpoint carries
+#     that record's signature (slot version 2) instead of a second Ed25519 signature per
+#     group on the checkpoint thread (5-7 % of caas's perf samples under strict 16c).
+#     Server CPU per request, strict, base -> new, three pairs (12:28, 12:30, 12:40):
+#       Encrypt 64B 16c  42.7 -> 39.7, 43.7 -> 43.3, 41.9 -> 39.7
+#       Decrypt 64B 16c  42.1 -> 39.3, 43.1 -> 39.8, 41.1 -> 39.1
+#       Encrypt 64B 64c  36.0 -> 36.3, 39.5 -> 37.4, 34.6 -> 34.7
+#       Decrypt 64B 64c  34.3 -> 34.3, 36.0 -> 35.3, 33.2 -> 33.2
+#     req/s strict 16c Encrypt 26.5 / 26.7 / 27.7 k -> 29.4 / 26.4 / 28.7 k, Decrypt
+#     27.0 / 26.9 / 27.7 k -> 29.2 / 28.6 / 28.0 k: about -5 % CPU and +5 % req/s at 16c,
+#     nothing measurable at 64c; bounded unchanged (its groups are large).
+#   - bounded: at 64 connections 1.6-1.7 % of bounded Encrypts waited for durability
+#     (`deferred_waited`, now logged at shutdown with CAAS_LOG=info): the writer hashed and
+#     inserted a whole 4 ms group (~200 records) in one burst after the interval, and with
+#     its fsync on 2 busy CPUs the oldest records passed the 7 ms back-pressure age. The
+#     group now applies what has arrived every millisecond while it gathers: 1.1 % waited,
+#     p99 5.62 / 6.96 -> 5.18 / 5.14 ms (two pairs, 12:36-12:38), CPU unchanged (~28.5 us).
+#     The remaining bounded p99 at 64c (5.1-5.6 ms, strict's 3.5-3.8 ms) is those 1 % of
+#     waits plus CPU oversubscription; GET /healthz's own p99 is 2.4 ms at 64c here.
+#   Tried and dropped: fdatasync instead of fsync for SQLite (LIBSQLITE3_FLAGS=
+#   -DHAVE_FDATASYNC=1; the disk is ext4 without a journal): block requests per group
+#   commit stayed ~2.5 (perf stat block:block_rq_issue) and ext4_write_inode still showed
+#   in the writer's profile (the database file grows at every checkpoint); no measurable
+#   gain, so the repository-wide build setting was not kept. Where strict's extra CPU
+#   over bounded (~9 us/req at 16c) goes, perf (strict Encrypt 16c): the writer thread
+#   32 % of caas's samples, of which fdatasync/fsync ~12 points (virtio notify `iowrite16`
+#   ~5, i.e. VM exits), WAL pwrites ~3.5, Ed25519 ~2.3, record hashing ~1.3, waking the
+#   waiting tasks (futex/eventfd) ~3; the tokio workers park and unpark between groups
+#   (futex/epoll ~14 % of their samples, against ~0 under bounded).
+#
 # Figures (2026-12-06 10:11 UTC, this machine QUIET: load average 1.8 at the start, 2.9 at
 # the end; lead, after h/kmsfast (own HTTP/1 loop, no strict commit delay); `COSMIAN_BIN=
 # /work/.cache/cosmian/bin/cosmian_kms CAAS_BIN=/work/target-rel/release/caas SECS=10

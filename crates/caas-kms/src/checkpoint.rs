@@ -17,8 +17,8 @@
 //! - **While serving**: the store's writer is anchored at the checked head
 //!   ([`caas_store::Store::anchor_audit`]) and refuses to append after a head behind it or
 //!   beside it (a database rolled back under a running node); after every durable group
-//!   commit it hands the new head to [`CheckpointWriter`], whose own thread signs and writes
-//!   it (see "File and durability policy" below).
+//!   commit it hands the new head to [`CheckpointWriter`], whose own thread writes it (see
+//!   "File and durability policy" below).
 //! - **`caas audit verify`** runs the same comparison ([`check`]) and fails on a stale head.
 //!
 //! File and durability policy: the file holds two 512-byte slots, each one signed checkpoint
@@ -28,16 +28,31 @@
 //! checkpoint. (Replacing the file by write-temp-and-rename cost ~2 ms per commit on ext4,
 //! whose `auto_da_alloc` starts writeback on every rename-over; one `pwrite` costs µs.)
 //! The store's writer only *records* each new head ([`HeadObserver::committed`] costs a
-//! mutex and a wake-up); a dedicated thread signs and writes the newest recorded head, so
-//! the Ed25519 signature and the `pwrite` stay off the commit path and coalesce under load
-//! (one signature for as many group commits as happened meanwhile). The checkpoint thus
-//! trails the acknowledged head by the time of one signature and `pwrite` (tens of µs).
+//! mutex and a wake-up); a dedicated thread writes the newest recorded head, so the `pwrite`
+//! (and a signature, where one is made) stays off the commit path and coalesces under load
+//! (one slot for as many group commits as happened meanwhile). The checkpoint thus trails
+//! the acknowledged head by the time of one `pwrite` (µs; plus one signature in a domain).
+//!
+//! Two slot formats, both read. Version 1 signs `(seq, hash, time)` under a domain separator
+//! with the node's audit key: written at start-up, and after each commit by a node in a KMS
+//! domain (whose records are signed with domain-epoch keys). Version 2 carries the head
+//! record's own signature — the node's audit key over the record hash, made by the store's
+//! writer in the group commit and handed over with the head ([`HeadObserver::committed`]) —
+//! so a node outside a domain signs nothing more per commit (signing every head was 5–7 %
+//! of the key service's CPU under `strict` durability at 16 connections; bench/kms-bench.sh).
+//! The seq of a version-2 slot is not under its signature, but the hash commits to it (the
+//! chain hash covers the seq): the slot moved to another seq names a record the chain does
+//! not hold there, which [`check`] reports as stale, like any other false checkpoint; only
+//! a genuine record signature of this node's audit key makes a slot that verifies, i.e. a
+//! head this node's chain really had — what replaying an older version-1 slot gives too.
+//!
 //! The page cache makes each write survive a killed process (SIGKILL, crash of the service);
 //! a background task fsyncs the file at most every [`SYNC_INTERVAL`], and shutdown fsyncs
 //! it. An fsync per commit would double the fsyncs of the group commit. Remaining window,
 //! honestly: after a power loss or kernel crash the checkpoint may be up to
 //! [`SYNC_INTERVAL`] older than the last acknowledged commit, and records acknowledged in
-//! that last second (after a SIGKILL: in the last tens of µs) could then be cut without
+//! that last second (after a SIGKILL: in the last µs, one `pwrite` and, in a domain, one
+//! signature) could then be cut without
 //! detection. The checkpoint is never *ahead*
 //! of the database (it is written after the durable commit), so there is no false alarm.
 //!
@@ -65,7 +80,10 @@ pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 pub const ACCEPT_OPERATION: &str = "AcceptAuditRollback";
 
 const DOMAIN: &[u8] = b"caas/audit-checkpoint/v1\0";
+/// A slot signed for itself (module doc).
 const FILE_VERSION: u32 = 1;
+/// A slot carrying the head record's own signature (module doc).
+const FILE_VERSION_RECORD: u32 = 2;
 /// Bytes per slot; the file has two.
 const SLOT: usize = 512;
 
@@ -107,12 +125,21 @@ impl Checkpoint {
     }
 
     fn encode(&self, signer: &Ed25519AuditSigner) -> Vec<u8> {
+        self.slot(FILE_VERSION, &signer.sign_bytes(&self.signed_bytes()))
+    }
+
+    /// A version-2 slot: `record_signature` is the audit key's signature over `self.hash`.
+    fn encode_record(&self, record_signature: &[u8]) -> Vec<u8> {
+        self.slot(FILE_VERSION_RECORD, record_signature)
+    }
+
+    fn slot(&self, version: u32, signature: &[u8]) -> Vec<u8> {
         let f = FileFormat {
-            version: FILE_VERSION,
+            version,
             seq: self.seq,
             hash: hex::encode(self.hash),
             time_ms: self.time_ms,
-            signature: hex::encode(signer.sign_bytes(&self.signed_bytes())),
+            signature: hex::encode(signature),
         };
         let mut out = serde_json::to_vec(&f).unwrap_or_default();
         // A signed JSON checkpoint is ~300 bytes; pad to the slot, newline last.
@@ -124,7 +151,7 @@ impl Checkpoint {
     fn decode(slot: &[u8], audit_public_key: &[u8]) -> Result<Checkpoint, String> {
         let f: FileFormat =
             serde_json::from_slice(slot).map_err(|_| "it is not a checkpoint".to_string())?;
-        if f.version != FILE_VERSION {
+        if f.version != FILE_VERSION && f.version != FILE_VERSION_RECORD {
             return Err(format!("unsupported version {}", f.version));
         }
         let hash: [u8; 32] = hex::decode(&f.hash)
@@ -137,7 +164,12 @@ impl Checkpoint {
             hash,
             time_ms: f.time_ms,
         };
-        if !verify_signature(audit_public_key, &cp.signed_bytes(), &sig) {
+        let signed = if f.version == FILE_VERSION {
+            verify_signature(audit_public_key, &cp.signed_bytes(), &sig)
+        } else {
+            verify_signature(audit_public_key, &cp.hash, &sig)
+        };
+        if !signed {
             return Err("its signature does not verify with this node's audit key".into());
         }
         Ok(cp)
@@ -325,19 +357,26 @@ pub async fn check(store: &Store, path: &Path, audit_public_key: &[u8]) -> KmsRe
     })
 }
 
+/// A committed head `(seq, hash, its record's signature)` waiting for the writer thread.
+type CommittedHead = (u64, [u8; 32], Vec<u8>);
+
 /// Keeps a node's checkpoint file: a slot rewritten after every group commit (page cache),
 /// the file synced every [`SYNC_INTERVAL`] and at shutdown (see the module doc).
 pub struct CheckpointWriter {
     path: PathBuf,
     file: std::fs::File,
     signer: Arc<Ed25519AuditSigner>,
+    /// The store signs its records with `signer`'s key: a committed head's record signature
+    /// makes a version-2 slot (module doc) instead of a new signature.
+    record_signatures: bool,
     dirty: AtomicBool,
     /// Which slot the next write goes to.
     next_slot: AtomicU64,
     /// Serialises slot writes (a sync's flush and the writer thread may race).
     writing: Mutex<()>,
-    /// The newest committed head not yet written, and the writer thread's wake-up.
-    pending: Mutex<Option<(u64, [u8; 32])>>,
+    /// The newest committed head not yet written (with its record's signature), and the
+    /// writer thread's wake-up.
+    pending: Mutex<Option<CommittedHead>>,
     wake: Condvar,
 }
 
@@ -352,10 +391,14 @@ impl fmt::Debug for CheckpointWriter {
 impl CheckpointWriter {
     /// Opens (creating, mode 0600) the checkpoint file `path`, signing with the node's
     /// audit key. The slot written first is the one not holding the newest checkpoint.
+    /// `record_signatures`: the store signs its audit records with the same key (a node
+    /// outside a KMS domain), so committed heads are written with their record's signature
+    /// (version 2) and not signed again.
     pub fn open(
         path: PathBuf,
         signer: Arc<Ed25519AuditSigner>,
         current: Option<&Checkpoint>,
+        record_signatures: bool,
     ) -> std::io::Result<Self> {
         // Created empty with mode 0600 by the one secret-file writer, then updated in place
         // slot by slot (never through a symbolic link).
@@ -371,6 +414,7 @@ impl CheckpointWriter {
             path,
             file,
             signer,
+            record_signatures,
             dirty: AtomicBool::new(false),
             next_slot: AtomicU64::new(match newest_slot {
                 Some(0) => 1,
@@ -387,21 +431,46 @@ impl CheckpointWriter {
         &self.path
     }
 
-    /// Writes `(seq, hash, now)` over the older slot (one `pwrite`); no fsync.
+    /// Writes `(seq, hash, now)`, signed, over the older slot (one `pwrite`); no fsync.
     pub fn write(&self, seq: u64, hash: &[u8; 32]) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt as _;
         let bytes = Checkpoint {
             seq,
             hash: *hash,
             time_ms: crate::now_ms(),
         }
         .encode(&self.signer);
+        self.write_slot(&bytes)
+    }
+
+    /// Writes the committed head `(seq, hash)` whose record the store signed with
+    /// `record_signature`: as a version-2 slot when the store signs with this writer's key
+    /// and the signature is there, else signed ([`Self::write`]).
+    fn write_committed(
+        &self,
+        seq: u64,
+        hash: &[u8; 32],
+        record_signature: &[u8],
+    ) -> std::io::Result<()> {
+        if !self.record_signatures || record_signature.is_empty() {
+            return self.write(seq, hash);
+        }
+        let bytes = Checkpoint {
+            seq,
+            hash: *hash,
+            time_ms: crate::now_ms(),
+        }
+        .encode_record(record_signature);
+        self.write_slot(&bytes)
+    }
+
+    fn write_slot(&self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt as _;
         let _one_at_a_time = self
             .writing
             .lock()
             .map_err(|_| std::io::Error::other("checkpoint writer lock poisoned"))?;
         let slot = self.next_slot.fetch_add(1, Ordering::Relaxed) % 2;
-        self.file.write_all_at(&bytes, slot * SLOT as u64)?;
+        self.file.write_all_at(bytes, slot * SLOT as u64)?;
         self.dirty.store(true, Ordering::Release);
         Ok(())
     }
@@ -414,7 +483,7 @@ impl CheckpointWriter {
             .map_err(|_| std::io::Error::other("checkpoint lock poisoned"))?
             .take();
         match next {
-            Some((seq, hash)) => self.write(seq, &hash),
+            Some((seq, hash, signature)) => self.write_committed(seq, &hash, &signature),
             None => Ok(()),
         }
     }
@@ -481,10 +550,10 @@ impl CheckpointWriter {
 
 impl HeadObserver for CheckpointWriter {
     /// Records the new head for the writer thread (never moves backwards).
-    fn committed(&self, seq: u64, hash: &[u8; 32]) {
+    fn committed(&self, seq: u64, hash: &[u8; 32], signature: &[u8]) {
         if let Ok(mut g) = self.pending.lock() {
-            if g.is_none_or(|(s, _)| seq > s) {
-                *g = Some((seq, *hash));
+            if g.as_ref().is_none_or(|(s, _, _)| seq > *s) {
+                *g = Some((seq, *hash, signature.to_vec()));
             }
             self.wake.notify_one();
         }
@@ -504,11 +573,14 @@ pub enum OnRollback {
 /// Checks the chain against the node's checkpoint, anchors the store's writer at the
 /// checked head, and keeps the checkpoint from now on. Returns the writer (sync it at
 /// shutdown) and what was found.
+/// `record_signatures`: the store signs its audit records with `signer`'s key (see
+/// [`CheckpointWriter::open`]).
 pub async fn attach(
     store: &Store,
     path: PathBuf,
     signer: Arc<Ed25519AuditSigner>,
     on_rollback: OnRollback,
+    record_signatures: bool,
 ) -> KmsResult<(Arc<CheckpointWriter>, Freshness)> {
     let public = signer.public_key();
     let found = check(store, &path, &public).await?;
@@ -517,13 +589,14 @@ pub async fn attach(
         Freshness::Stale(r) => r.checkpoint,
         Freshness::NoCheckpoint { .. } => None,
     };
-    let writer = CheckpointWriter::open(path.clone(), signer, current.as_ref()).map_err(|e| {
-        KmsError::Internal(format!(
-            "cannot open the audit checkpoint {}: {}",
-            path.display(),
-            e.kind()
-        ))
-    })?;
+    let writer = CheckpointWriter::open(path.clone(), signer, current.as_ref(), record_signatures)
+        .map_err(|e| {
+            KmsError::Internal(format!(
+                "cannot open the audit checkpoint {}: {}",
+                path.display(),
+                e.kind()
+            ))
+        })?;
     let writer = Arc::new(writer);
     let (head_seq, head_hash) = store.audit_head().await.map_err(KmsError::store)?;
     match &found {
@@ -623,7 +696,7 @@ mod tests {
         let s = signer(1);
         let pk = s.public_key();
         assert_eq!(Checkpoint::read(&path, &pk), Ok(None));
-        let w = CheckpointWriter::open(path.clone(), s.clone(), None).unwrap();
+        let w = CheckpointWriter::open(path.clone(), s.clone(), None, false).unwrap();
         w.write(5, &[5; 32]).unwrap();
         w.write(6, &[6; 32]).unwrap();
         w.write(7, &[7; 32]).unwrap();
@@ -638,7 +711,7 @@ mod tests {
         assert_eq!(Checkpoint::read(&path, &pk).unwrap().unwrap().seq, 6);
         // Reopened, the writer first overwrites the slot not holding the newest checkpoint.
         let six = Checkpoint::read(&path, &pk).unwrap().unwrap();
-        let w = CheckpointWriter::open(path.clone(), s.clone(), Some(&six)).unwrap();
+        let w = CheckpointWriter::open(path.clone(), s.clone(), Some(&six), false).unwrap();
         w.write(8, &[8; 32]).unwrap();
         let mut bytes = std::fs::read(&path).unwrap();
         assert_eq!(Checkpoint::read(&path, &pk).unwrap().unwrap().seq, 8);
@@ -650,11 +723,130 @@ mod tests {
         std::fs::write(&path, b"{}").unwrap();
         assert!(Checkpoint::read(&path, &pk).is_err());
         // An edited seq breaks the signature.
-        let w = CheckpointWriter::open(path.clone(), s, None).unwrap();
+        let w = CheckpointWriter::open(path.clone(), s, None, false).unwrap();
         w.write(3, &[3; 32]).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, text.replacen("\"seq\":3", "\"seq\":9", 1)).unwrap();
         let r = Checkpoint::read(&path, &pk);
         assert!(r.as_ref().is_err_and(|e| e.contains("signature")), "{r:?}");
+    }
+
+    /// Version-2 slots carry the head record's own signature: read back as checkpoints,
+    /// and from the position of whoever can write the file, nothing but a genuine record
+    /// signature of this node makes one.
+    #[test]
+    fn record_signature_slots_verify_and_refuse_forgeries() {
+        use caas_store::AuditSigner as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = path_for(&dir.path().join("node.key"));
+        let s = signer(1);
+        let pk = s.public_key();
+        let w = CheckpointWriter::open(path.clone(), s.clone(), None, true).unwrap();
+        let (h9, h10) = ([9u8; 32], [10u8; 32]);
+        w.write_committed(9, &h9, &s.sign(&h9)).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"version\":2"), "{text}");
+        let cp = Checkpoint::read(&path, &pk).unwrap().unwrap();
+        assert_eq!((cp.seq, cp.hash), (9, h9));
+        // A record signature over another hash (another head of the chain) is no signature
+        // of this head: that slot is refused and the other (seq 9) stays the checkpoint.
+        w.write_committed(10, &h10, &s.sign(&h9)).unwrap();
+        assert_eq!(Checkpoint::read(&path, &pk).unwrap().unwrap().seq, 9);
+        // Another key's record signature is refused.
+        w.write_committed(9, &h9, &s.sign(&h9)).unwrap();
+        w.write_committed(10, &h10, &signer(2).sign(&h10)).unwrap();
+        assert_eq!(Checkpoint::read(&path, &pk).unwrap().unwrap().seq, 9);
+        // A version-1 slot relabelled version 2 (or the reverse) does not verify: the two
+        // sign different messages.
+        let w1 = CheckpointWriter::open(path.clone(), s.clone(), None, true).unwrap();
+        w1.write(11, &[11; 32]).unwrap();
+        w1.write(11, &[11; 32]).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("\"version\":1", "\"version\":2")).unwrap();
+        assert!(Checkpoint::read(&path, &pk).is_err());
+        w1.write_committed(12, &[12; 32], &s.sign(&[12; 32]))
+            .unwrap();
+        w1.write_committed(12, &[12; 32], &s.sign(&[12; 32]))
+            .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("\"version\":2", "\"version\":1")).unwrap();
+        assert!(Checkpoint::read(&path, &pk).is_err());
+        // A writer whose store signs with another key (a KMS domain) signs each checkpoint.
+        let wd = CheckpointWriter::open(path.clone(), s.clone(), None, false).unwrap();
+        wd.write_committed(13, &[13; 32], &[1, 2, 3]).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"version\":1"), "{text}");
+        assert_eq!(Checkpoint::read(&path, &pk).unwrap().unwrap().seq, 13);
+    }
+
+    /// The seq of a version-2 slot is not under its signature, but its hash commits to it:
+    /// a genuine slot moved to another seq (by whoever can write the file) names a record the
+    /// chain does not hold there, and the check reports the chain stale rather than fresh.
+    #[tokio::test]
+    async fn a_record_signature_slot_moved_to_another_seq_is_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = signer(1);
+        let pk = s.public_key();
+        let db = dir.path().join("kms.sqlite3");
+        let store = Store::open(
+            db.to_str().unwrap(),
+            s.clone(),
+            Arc::new(caas_store::HmacRecordKey::new(&[7; 32])),
+        )
+        .await
+        .unwrap();
+        for i in 0..4 {
+            let mut e = crate::audit::system_entry("Test", &format!("{i}"));
+            e.request_id = format!("r{i}");
+            store
+                .commit(Batch {
+                    writes: vec![],
+                    audit: vec![e],
+                })
+                .await
+                .unwrap();
+        }
+        let path = path_for(&dir.path().join("node.key"));
+        let (writer, found) = attach(&store, path.clone(), s.clone(), OnRollback::Refuse, true)
+            .await
+            .unwrap();
+        assert!(
+            matches!(found, Freshness::NoCheckpoint { head_seq: 4 }),
+            "{found:?}"
+        );
+        // Record 3, signed by its group commit: a genuine version-2 slot...
+        let rec3 = store.audit_list(None, 2, 1).await.unwrap().remove(0);
+        assert!(!rec3.signature.is_empty());
+        writer
+            .write_committed(3, &rec3.hash, &rec3.signature)
+            .unwrap();
+        writer
+            .write_committed(3, &rec3.hash, &rec3.signature)
+            .unwrap();
+        let fresh = check(&store, &path, &pk).await.unwrap();
+        assert!(matches!(fresh, Freshness::Fresh { .. }), "{fresh:?}");
+        // ... claimed for seq 2 (behind) or 6 (ahead of the head): stale either way.
+        for (seq, want) in [
+            (2, RollbackReason::RecordDiffers),
+            (
+                6,
+                RollbackReason::HeadBehind {
+                    record_present: false,
+                },
+            ),
+        ] {
+            let text = std::fs::read_to_string(&path).unwrap();
+            std::fs::write(&path, text.replace("\"seq\":3", &format!("\"seq\":{seq}"))).unwrap();
+            match check(&store, &path, &pk).await.unwrap() {
+                Freshness::Stale(r) => assert_eq!(r.reason, want, "seq {seq}"),
+                other => panic!("seq {seq}: {other:?}"),
+            }
+            writer
+                .write_committed(3, &rec3.hash, &rec3.signature)
+                .unwrap();
+            writer
+                .write_committed(3, &rec3.hash, &rec3.signature)
+                .unwrap();
+        }
     }
 }

@@ -208,6 +208,8 @@ impl Kms {
                     crate::checkpoint::path_for(&p.node_key_file),
                     signer,
                     on_rollback,
+                    // The store signs with this key too.
+                    true,
                 )
                 .await?
                 .0,
@@ -317,6 +319,8 @@ impl Kms {
                     crate::checkpoint::path_for(&p.node_key_file),
                     signer,
                     on_rollback,
+                    // The store signs with the domain's epoch keys.
+                    false,
                 )
                 .await?
                 .0,
@@ -364,6 +368,13 @@ impl Kms {
         if let Err(e) = self.store.flush().await {
             tracing::error!(error = %e, "cannot flush the audit log");
         }
+        let stats = self.store.commit_stats();
+        tracing::info!(
+            transactions = stats.transactions,
+            batches = stats.batches,
+            deferred_waited = stats.deferred_waited,
+            "audit store group commits"
+        );
     }
 
     /// Makes the audit checkpoint durable now (at shutdown; otherwise it is synced every

@@ -717,13 +717,17 @@ pub(crate) async fn two_nodes_append_to_one_chain(h: &impl Harness) {
     }
 }
 
-/// Records every head the writer reports.
+/// Records every head the writer reports (and the head record's signature).
 #[derive(Default)]
-struct Heads(std::sync::Mutex<Vec<(u64, [u8; 32])>>);
+struct Heads(
+    std::sync::Mutex<Vec<(u64, [u8; 32])>>,
+    std::sync::Mutex<Vec<Vec<u8>>>,
+);
 
 impl crate::HeadObserver for Heads {
-    fn committed(&self, seq: u64, hash: &[u8; 32]) {
+    fn committed(&self, seq: u64, hash: &[u8; 32], signature: &[u8]) {
         self.0.lock().unwrap().push((seq, *hash));
+        self.1.lock().unwrap().push(signature.to_vec());
     }
 }
 
@@ -750,6 +754,17 @@ pub(crate) async fn anchor_observes_heads_and_follows_other_writers(h: &impl Har
     one(&other, 9).await.unwrap();
     one(&s, 10).await.unwrap();
     assert_eq!(heads.0.lock().unwrap().last().unwrap().0, 10);
+    // Each reported head comes with the signature stored on that record, which verifies.
+    let verify = h.signer().verifier();
+    let observed = heads.0.lock().unwrap().clone();
+    let sigs = heads.1.lock().unwrap().clone();
+    assert_eq!(observed.len(), sigs.len());
+    for ((seq, hash), sig) in observed.iter().zip(&sigs) {
+        let rec = s.audit_list(None, seq - 1, 1).await.unwrap().remove(0);
+        assert_eq!((rec.seq, rec.hash), (*seq, *hash));
+        assert_eq!(&rec.signature, sig, "record {seq}");
+        assert!(verify(hash, sig), "record {seq}");
+    }
     assert!(
         s.audit_verify(&h.signer().verifier())
             .await

@@ -9,8 +9,9 @@
 //! every batch that is waiting in one database transaction, each batch in its own
 //! SAVEPOINT so that a conflict in one batch rolls back only that batch, and answers all
 //! callers after the single durable COMMIT. Batches queued by [`Store::commit_deferred`]
-//! (nobody waits for them) are gathered a little longer on SQLite: a group they lead starts
-//! at most every 4 ms (`DEFERRED_GROUP_SPACING`). A group of waiting callers starts as
+//! (nobody waits for them) are gathered a little longer on SQLite: a group they lead takes
+//! its last batches at most every 4 ms (`DEFERRED_GROUP_SPACING`), applying what arrives
+//! every millisecond meanwhile, then commits. A group of waiting callers starts as
 //! soon as the writer is free, with whatever is queued (no commit delay: an adaptive
 //! 150 µs gathering delay was measured and made no difference). Reads use separate
 //! connections.
@@ -70,8 +71,9 @@ pub use caas_crypto::chain::RecordSigner as AuditSigner;
 /// Told the new chain head after every durable group commit that moved it, before the
 /// callers of that group are answered (called on the writer; keep it short).
 pub trait HeadObserver: Send + Sync + 'static {
-    /// The chain now ends at record `seq` with hash `hash`.
-    fn committed(&self, seq: u64, hash: &[u8; 32]);
+    /// The chain now ends at record `seq` with hash `hash`, stored with `signature`: the
+    /// store's [`AuditSigner`] over `hash` (every group commit signs its last record).
+    fn committed(&self, seq: u64, hash: &[u8; 32], signature: &[u8]);
 }
 
 /// Which database a [`Store`] uses.
@@ -209,10 +211,12 @@ pub const DEFERRED_WINDOW: std::time::Duration = std::time::Duration::from_milli
 /// waiting keeps every acknowledged batch within [`DEFERRED_WINDOW`] of durable.
 const DEFERRED_BACKPRESSURE_AGE: std::time::Duration = std::time::Duration::from_millis(7);
 
-/// The SQLite writer starts a group led by a deferred batch no sooner than this after the
-/// previous group's start (one transaction, fsync and audit signature for every deferred
-/// record of the interval). A deferred batch thus waits at most this long before its group
-/// begins, then the group's commit: within [`DEFERRED_BACKPRESSURE_AGE`] and well within
+/// The SQLite writer takes the last batches of a group led by a deferred batch no sooner
+/// than this after the previous group took its own (one transaction, fsync and audit
+/// signature for every deferred record of the interval); meanwhile the group's transaction
+/// is open and applies what has arrived every millisecond, so little is left to do when
+/// the interval ends. A deferred batch thus waits at most this long before its group
+/// commits, then the commit: within [`DEFERRED_BACKPRESSURE_AGE`] and well within
 /// [`DEFERRED_WINDOW`] on a disk that syncs in about a millisecond (4 + ~1 ms). A
 /// synchronous commit queued behind such a deferred batch waits as long (only under
 /// `bounded` key use). 4 ms rather than 2: the per-group costs (fsync, which burns CPU on
@@ -246,6 +250,9 @@ pub struct CommitStats {
     /// Batches (commit calls) those transactions carried; batches / transactions is the
     /// average group size.
     pub batches: u64,
+    /// [`Store::commit_deferred`] calls that waited for durability because the writer was
+    /// behind (back-pressure) or a deferred batch had failed.
+    pub deferred_waited: u64,
 }
 
 /// State shared by a [`Store`] handle and its writer: group-commit counters and the audit
@@ -254,6 +261,7 @@ pub struct CommitStats {
 pub(crate) struct Counters {
     transactions: std::sync::atomic::AtomicU64,
     batches: std::sync::atomic::AtomicU64,
+    deferred_waited: std::sync::atomic::AtomicU64,
     anchor: std::sync::Mutex<Option<Anchor>>,
 }
 
@@ -340,9 +348,9 @@ impl Counters {
         }))
     }
 
-    /// After a durable commit that moved the chain to `head`: moves the anchor and tells
-    /// the observer.
-    pub(crate) fn anchor_advance(&self, head: &audit::Head) {
+    /// After a durable commit that moved the chain to `head` (its record stored with
+    /// `signature`): moves the anchor and tells the observer.
+    pub(crate) fn anchor_advance(&self, head: &audit::Head, signature: &[u8]) {
         let observer = match self.anchor.lock() {
             Ok(mut g) => g.as_mut().map(|a| {
                 a.head = *head;
@@ -351,7 +359,7 @@ impl Counters {
             Err(_) => None,
         };
         if let Some(o) = observer {
-            o.committed(head.seq, &head.hash);
+            o.committed(head.seq, &head.hash, signature);
         }
     }
 }
@@ -441,6 +449,7 @@ impl Store {
         CommitStats {
             transactions: self.stats.transactions.load(Relaxed),
             batches: self.stats.batches.load(Relaxed),
+            deferred_waited: self.stats.deferred_waited.load(Relaxed),
         }
     }
 
@@ -703,7 +712,11 @@ impl Store {
                             .is_some_and(|(_, t)| t.elapsed() >= DEFERRED_BACKPRESSURE_AGE)
                 })
         };
-        if !batch.writes.is_empty() || behind() {
+        if !batch.writes.is_empty() {
+            return self.commit(batch).await.map(|_| ());
+        }
+        if behind() {
+            self.stats.deferred_waited.fetch_add(1, Relaxed);
             return self.commit(batch).await.map(|_| ());
         }
         // Queue order and ticket order are the same: both under this lock. The ticket is

@@ -654,7 +654,8 @@ async fn run_group(
         .await
         .map_err(pg("committing"))?;
     if head != start {
-        stats.anchor_advance(&head);
+        let signature = pending.signature.last().map_or(&[][..], Vec::as_slice);
+        stats.anchor_advance(&head, signature);
     }
     Ok(results)
 }

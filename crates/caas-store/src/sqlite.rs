@@ -379,36 +379,44 @@ fn writer_loop(
     records: Arc<dyn RecordAuthenticator>,
     stats: Arc<Counters>,
 ) {
-    // When the previous group started, and whether it drained the queue (fewer than
-    // MAX_GROUP jobs): then every job still queued arrived after that start.
+    // When the previous group last drained the queue, and whether it drained it (fewer than
+    // MAX_GROUP jobs): then every job still queued arrived after that moment.
     let mut previous: Option<(std::time::Instant, bool)> = None;
     while let Ok(first) = rx.recv() {
-        // A group led by a deferred batch (nobody waits for it) starts no sooner than
-        // DEFERRED_GROUP_SPACING after the previous group's start: deferred key-use
+        // A group led by a deferred batch (nobody waits for it) takes its last jobs no sooner
+        // than DEFERRED_GROUP_SPACING after the previous group took its own: deferred key-use
         // records then share one transaction, fsync and signature instead of paying one
-        // each, and the sleep (not a blocking receive) spares senders a wake-up each.
-        // The leading batch arrived after the previous start (the queue was drained), so
-        // it waits at most the spacing before its group begins.
-        if matches!(first.reply, crate::Reply::Deferred { .. })
-            && let Some((start, true)) = previous
-            && let Some(rest) = DEFERRED_GROUP_SPACING.checked_sub(start.elapsed())
-        {
-            std::thread::sleep(rest);
-        }
-        let started = std::time::Instant::now();
+        // each, and sleeping (not a blocking receive) spares senders a wake-up each. The
+        // leading batch arrived after that moment (the queue was drained), so it waits at
+        // most the spacing before its group commits. Meanwhile the group is open and takes
+        // what has arrived every GATHER_SLICE (see `run_group`).
+        let gather_until = match (&first.reply, previous) {
+            (crate::Reply::Deferred { .. }, Some((taken, true))) => taken
+                .checked_add(DEFERRED_GROUP_SPACING)
+                .filter(|until| *until > std::time::Instant::now()),
+            _ => None,
+        };
         let mut jobs = vec![first];
-        drain(&rx, &mut jobs);
-        previous = Some((started, jobs.len() < MAX_GROUP));
-        let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
-        stats.record(batches.len());
-        let results = match run_group(&conn, &batches, &*signer, &*records, &stats) {
+        let mut taken = std::time::Instant::now();
+        let results = match run_group(
+            &conn,
+            &rx,
+            &mut jobs,
+            gather_until,
+            &mut taken,
+            &*signer,
+            &*records,
+            &stats,
+        ) {
             Ok(results) => results,
             Err(e) => {
                 tracing::warn!(error = %e, batches = jobs.len(), "SQLite group commit failed");
                 let _ = conn.execute_batch("ROLLBACK");
-                batches.iter().map(|_| Err(clone_err(&e))).collect()
+                jobs.iter().map(|_| Err(clone_err(&e))).collect()
             }
         };
+        previous = Some((taken, jobs.len() < MAX_GROUP));
+        stats.record(jobs.len());
         for (job, result) in jobs.into_iter().zip(results) {
             job.reply.finish(result);
         }
@@ -457,17 +465,32 @@ fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
-/// One group transaction. Outer error: the whole group failed (caller rolls back);
-/// inner results: per batch.
+/// While a group led by deferred batches gathers, it applies what has arrived every this
+/// often: the records' hashing and INSERTs are spread over the gathering interval instead
+/// of all landing after it, so the group's commit follows its last job sooner (a long burst
+/// after the interval made the oldest records of a busy group pass the back-pressure age,
+/// and 2 % of bounded requests then waited for durability; bench/kms-bench.sh).
+const GATHER_SLICE: Duration = Duration::from_millis(1);
+
+/// One group transaction over `jobs` (the first already there; the rest taken from `rx` as
+/// they come, until `gather_until` when given, then whatever is queued, up to
+/// [`MAX_GROUP`]); `taken` is set to when the last jobs were taken. Outer error: the whole
+/// group failed (caller rolls back); inner results: per job.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the writer's state, passed down once per group"
+)]
 fn run_group(
     conn: &Connection,
-    batches: &[&Batch],
+    rx: &mpsc::Receiver<Job>,
+    jobs: &mut Vec<Job>,
+    gather_until: Option<std::time::Instant>,
+    taken: &mut std::time::Instant,
     signer: &dyn AuditSigner,
     records: &dyn RecordAuthenticator,
     stats: &Counters,
 ) -> Result<Vec<Result<CommitInfo, Error>>, Error> {
-    conn.execute_batch("BEGIN IMMEDIATE")
-        .map_err(sq("beginning a write transaction"))?;
+    exec_cached(conn, "BEGIN IMMEDIATE").map_err(sq("beginning a write transaction"))?;
     let start = read_head(conn)?;
     if let Some(probe) = stats.anchor_check(&start)? {
         let stored: Option<Vec<u8>> = conn
@@ -481,54 +504,134 @@ fn run_group(
             .map_err(sq("reading the anchored audit record"))?;
         probe.confirm(stored.as_deref())?;
     }
-    let mut head = start;
-    let mut results = Vec::with_capacity(batches.len());
-    // Checked out of the statement cache once per group, not once per record (the cache
-    // hashes the SQL text on every lookup).
-    let mut insert = conn
-        .prepare_cached(INSERT_AUDIT)
-        .map_err(sq("appending an audit record"))?;
-    for batch in batches {
+    let mut group = Group {
+        conn,
+        // Checked out of the statement cache once per group, not once per record (the
+        // cache hashes the SQL text on every lookup).
+        insert: conn
+            .prepare_cached(INSERT_AUDIT)
+            .map_err(sq("appending an audit record"))?,
+        head: start,
+        results: Vec::with_capacity(jobs.len()),
+        signed: None,
+        signature: Vec::new(),
+    };
+    if let Some(until) = gather_until {
+        loop {
+            for job in &jobs[group.results.len()..] {
+                group.apply(&job.batch, None, records)?;
+            }
+            let now = std::time::Instant::now();
+            if now >= until || jobs.len() >= MAX_GROUP {
+                break;
+            }
+            std::thread::sleep(GATHER_SLICE.min(until - now));
+            drain(rx, jobs);
+        }
+    }
+    *taken = std::time::Instant::now();
+    drain(rx, jobs);
+    // The group's last batch signs its last record as it inserts it (one signature per
+    // group, no second write of the row).
+    let last = jobs.len().saturating_sub(1);
+    for (i, job) in jobs.iter().enumerate().skip(group.results.len()) {
+        group.apply(&job.batch, (i == last).then_some(signer), records)?;
+    }
+    let Group {
+        insert,
+        head,
+        results,
+        signed,
+        mut signature,
+        ..
+    } = group;
+    drop(insert);
+    if head != start {
+        let seq = seq_to_i64(head.seq)?;
+        // One signature per group: over the last record, which the hash chain binds to every
+        // earlier record of the group (see `crate::audit::ChainVerifier`). Usually it went
+        // in with the record; not when the group's last batch appended nothing (a flush, a
+        // batch of object writes only, a conflict), nor when the last records came in a
+        // gathering slice: then the last record is signed here.
+        if signed != Some(head.seq) {
+            signature = signer.sign(&head.hash);
+            conn.prepare_cached("UPDATE audit_log SET signature = ?2 WHERE seq = ?1")
+                .and_then(|mut s| s.execute(params![seq, &signature[..]]))
+                .map_err(sq("signing the group's last audit record"))?;
+        }
+        conn.prepare_cached("UPDATE audit_head SET seq = ?1, hash = ?2 WHERE id = 1")
+            .and_then(|mut s| s.execute(params![seq, &head.hash[..]]))
+            .map_err(sq("moving the audit head"))?;
+    }
+    exec_cached(conn, "COMMIT").map_err(sq("committing"))?;
+    if head != start {
+        stats.anchor_advance(&head, &signature);
+    }
+    Ok(results)
+}
+
+/// An open group transaction (see [`run_group`]).
+struct Group<'c> {
+    conn: &'c Connection,
+    /// The prepared [`INSERT_AUDIT`].
+    insert: rusqlite::CachedStatement<'c>,
+    /// The chain head after the batches applied so far.
+    head: Head,
+    /// One per batch applied so far.
+    results: Vec<Result<CommitInfo, Error>>,
+    /// The seq of the record signed as it was inserted, and its signature.
+    signed: Option<u64>,
+    signature: Vec<u8>,
+}
+
+impl Group<'_> {
+    /// Applies one batch; `sign`: it is the group's last, sign its last record. Error: the
+    /// group failed (a batch's own failure is its result).
+    fn apply(
+        &mut self,
+        batch: &Batch,
+        sign: Option<&dyn AuditSigner>,
+        records: &dyn RecordAuthenticator,
+    ) -> Result<(), Error> {
+        let conn = self.conn;
+        let signing = sign.map(|s| (s, &mut self.signature));
         // A batch without object writes cannot conflict: no savepoint needed (a failure to
         // append fails the whole group).
         if batch.writes.is_empty() {
-            let audit_seqs = append_audit(&mut insert, batch, &mut head)?;
-            results.push(Ok(CommitInfo { audit_seqs }));
-            continue;
+            let audit_seqs = append_audit(&mut self.insert, batch, &mut self.head, signing)?;
+            if sign.is_some() {
+                self.signed = audit_seqs.last().copied();
+            }
+            self.results.push(Ok(CommitInfo { audit_seqs }));
+            return Ok(());
         }
         exec_cached(conn, "SAVEPOINT batch").map_err(sq("creating a savepoint"))?;
-        let mut tentative = head;
-        match apply(conn, &mut insert, batch, &mut tentative, records) {
+        let mut tentative = self.head;
+        match apply(
+            conn,
+            &mut self.insert,
+            batch,
+            &mut tentative,
+            records,
+            signing,
+        ) {
             Ok(audit_seqs) => {
                 exec_cached(conn, "RELEASE batch").map_err(sq("releasing a savepoint"))?;
-                head = tentative;
-                results.push(Ok(CommitInfo { audit_seqs }));
+                self.head = tentative;
+                if sign.is_some() {
+                    self.signed = audit_seqs.last().copied();
+                }
+                self.results.push(Ok(CommitInfo { audit_seqs }));
             }
             Err(e) => {
                 exec_cached(conn, "ROLLBACK TO batch")
                     .and_then(|()| exec_cached(conn, "RELEASE batch"))
                     .map_err(sq("rolling back a savepoint"))?;
-                results.push(Err(e));
+                self.results.push(Err(e));
             }
         }
+        Ok(())
     }
-    drop(insert);
-    if head != start {
-        let seq = seq_to_i64(head.seq)?;
-        // One signature per group: over the last record, which the hash chain binds to every
-        // earlier record of the group (see `crate::audit::ChainVerifier`).
-        conn.prepare_cached("UPDATE audit_log SET signature = ?2 WHERE seq = ?1")
-            .and_then(|mut s| s.execute(params![seq, signer.sign(&head.hash)]))
-            .map_err(sq("signing the group's last audit record"))?;
-        conn.prepare_cached("UPDATE audit_head SET seq = ?1, hash = ?2 WHERE id = 1")
-            .and_then(|mut s| s.execute(params![seq, &head.hash[..]]))
-            .map_err(sq("moving the audit head"))?;
-    }
-    conn.execute_batch("COMMIT").map_err(sq("committing"))?;
-    if head != start {
-        stats.anchor_advance(&head);
-    }
-    Ok(results)
 }
 
 fn apply(
@@ -537,6 +640,7 @@ fn apply(
     batch: &Batch,
     head: &mut Head,
     records: &dyn RecordAuthenticator,
+    sign: Option<(&dyn AuditSigner, &mut Vec<u8>)>,
 ) -> Result<Vec<u64>, Error> {
     for w in &batch.writes {
         let (Write::Put {
@@ -584,21 +688,31 @@ fn apply(
             }
         }
     }
-    append_audit(insert, batch, head)
+    append_audit(insert, batch, head, sign)
 }
 
-/// Appends the batch's records after `head` (moving it), unsigned: [`run_group`] signs the
-/// group's last record before COMMIT.
+/// Appends the batch's records after `head` (moving it), unsigned except the last when
+/// `sign` is given (the group's last batch: its last record is the group's, whose signature
+/// covers the group; the signature is also left in `sign`'s buffer). [`run_group`] signs
+/// the group's last record itself when it was not signed here.
 /// `insert` is the prepared [`INSERT_AUDIT`].
 fn append_audit(
     insert: &mut rusqlite::Statement<'_>,
     batch: &Batch,
     head: &mut Head,
+    mut sign: Option<(&dyn AuditSigner, &mut Vec<u8>)>,
 ) -> Result<Vec<u64>, Error> {
     let mut seqs = Vec::with_capacity(batch.audit.len());
-    for e in &batch.audit {
+    let last = batch.audit.len().saturating_sub(1);
+    for (i, e) in batch.audit.iter().enumerate() {
         let (seq, prev, hash) = head.advance(e);
-        let signature: &[u8] = &[];
+        let signature: &[u8] = match &mut sign {
+            Some((signer, out)) if i == last => {
+                **out = signer.sign(&hash);
+                &out[..]
+            }
+            _ => &[],
+        };
         let seq_i = seq_to_i64(seq)?;
         insert
             .execute(params![

@@ -147,8 +147,8 @@ fn assert_detected(dir: &Path, problem: &str) {
 fn dev_with_history(dir: &Path) -> Vec<String> {
     let mut dev = Dev::start(dir);
     let cts = traffic(&dev, 6);
-    // The checkpoint thread trails the acknowledged head by one signature and pwrite
-    // (tens of µs; see caas_kms::checkpoint): give it that before the kill.
+    // The checkpoint thread trails the acknowledged head by one pwrite (µs; see
+    // caas_kms::checkpoint): give it that before the kill.
     std::thread::sleep(Duration::from_millis(100));
     dev.kill9();
     let (ok, v) = verify_json(dir);
