@@ -62,6 +62,24 @@ fn main() -> Result<()> {
     } else {
         key_pair(&s, mech)?
     };
+    let rate = timed(
+        threads,
+        secs,
+        || Ok((p.open_ro_session(slot)?, sign_mechanism(mech))),
+        |(ts, m)| Ok(ts.sign(m, private, &data).map(drop)?),
+    )?;
+    println!("{mech} {threads} {rate:.0} {:.2}", cpu_seconds());
+    Ok(())
+}
+
+/// Runs `op` in a loop on `threads` threads for `secs` seconds, each thread on the state its
+/// `setup` call made (its own session); returns calls per second.
+fn timed<S>(
+    threads: usize,
+    secs: u64,
+    setup: impl Fn() -> Result<S> + Sync,
+    op: impl Fn(&mut S) -> Result<()> + Sync,
+) -> Result<f64> {
     let count = AtomicU64::new(0);
     let start = Instant::now();
     let deadline = start + Duration::from_secs(secs);
@@ -69,10 +87,9 @@ fn main() -> Result<()> {
         let hs: Vec<_> = (0..threads)
             .map(|_| {
                 sc.spawn(|| -> Result<()> {
-                    let ts = p.open_ro_session(slot)?;
-                    let sign_mech = sign_mechanism(mech);
+                    let mut state = setup()?;
                     while Instant::now() < deadline {
-                        ts.sign(&sign_mech, private, &data)?;
+                        op(&mut state)?;
                         count.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(())
@@ -84,9 +101,7 @@ fn main() -> Result<()> {
         }
         Ok(())
     })?;
-    let rate = count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
-    println!("{mech} {threads} {rate:.0} {:.2}", cpu_seconds());
-    Ok(())
+    Ok(count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
 }
 
 /// A signing key pair of `mech` in the session, and the data each call signs.
@@ -162,8 +177,6 @@ mod raw {
     use cryptoki_sys::*;
     use std::ffi::c_void;
     use std::ptr::null_mut;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::time::{Duration, Instant};
 
     /// PKCS#11 3.2 `pkcs11t.h`: CKK_ML_DSA, CKA_PARAMETER_SET, CKM_ML_DSA_KEY_PAIR_GEN,
     /// CKM_ML_DSA, CKP_ML_DSA_65.
@@ -285,47 +298,34 @@ mod raw {
                 ),
                 "C_GenerateKeyPair ML-DSA-65",
             )?;
-            let count = AtomicU64::new(0);
-            let start = Instant::now();
-            let deadline = start + Duration::from_secs(secs);
-            std::thread::scope(|sc| -> Result<()> {
-                let hs: Vec<_> = (0..threads)
-                    .map(|_| {
-                        sc.spawn(|| -> Result<()> {
-                            let mut ts = 0;
-                            open(&mut ts)?;
-                            let mut data = [0x5a_u8; 64];
-                            let mut sig = vec![0u8; 4096];
-                            while Instant::now() < deadline {
-                                let mut m = CK_MECHANISM {
-                                    mechanism: CKM_ML_DSA,
-                                    pParameter: null_mut(),
-                                    ulParameterLen: 0,
-                                };
-                                ck(fnp!(C_SignInit)(ts, &mut m, privk), "C_SignInit")?;
-                                let mut len = sig.len() as CK_ULONG;
-                                ck(
-                                    fnp!(C_Sign)(
-                                        ts,
-                                        data.as_mut_ptr(),
-                                        data.len() as CK_ULONG,
-                                        sig.as_mut_ptr(),
-                                        &mut len,
-                                    ),
-                                    "C_Sign",
-                                )?;
-                                count.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Ok(())
-                        })
-                    })
-                    .collect();
-                for h in hs {
-                    h.join().map_err(|_| anyhow::anyhow!("thread panicked"))??;
-                }
-                Ok(())
-            })?;
-            let rate = count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+            let rate = super::timed(
+                threads,
+                secs,
+                || {
+                    let mut ts = 0;
+                    open(&mut ts)?;
+                    Ok((ts, [0x5a_u8; 64], vec![0u8; 4096]))
+                },
+                |(ts, data, sig)| {
+                    let mut m = CK_MECHANISM {
+                        mechanism: CKM_ML_DSA,
+                        pParameter: null_mut(),
+                        ulParameterLen: 0,
+                    };
+                    ck(fnp!(C_SignInit)(*ts, &mut m, privk), "C_SignInit")?;
+                    let mut len = sig.len() as CK_ULONG;
+                    ck(
+                        fnp!(C_Sign)(
+                            *ts,
+                            data.as_mut_ptr(),
+                            data.len() as CK_ULONG,
+                            sig.as_mut_ptr(),
+                            &mut len,
+                        ),
+                        "C_Sign",
+                    )
+                },
+            )?;
             let _ = fnp!(C_Finalize)(null_mut());
             Ok(rate)
         }
