@@ -75,15 +75,22 @@
 # calling thread (CAAS_PKCS11_PIPES=8, spins off) did not gain: 81.7-82.8 k against 65-85 k
 # with its default 2 pipes, ~24 us of CPU per signature either way (client ~3.8, domain ~20
 # of which ECDSA ~14.6), and 2 CPUs at 24 us give at most ~83 k (.61-.65 of the ceiling).
-# What the .8 goal needs: <= 18.3 us of CPU per signature, i.e. <= 3.7 us beyond the ECDSA for
-# the cross-process round trip and everything caas does per call. The bare round trip costs
-# 3.2 us here at best (a thread per caller; `sigceiling null 8 3 remote 8`: 620 k/s on 2 CPUs);
-# caas's own per-call work above it is ~3.6 us (the hmac row, 8.66 us, less the 5.07 us
-# round trip of the same layout: frame, session, key and policy checks, the audit record's
-# chained SHA-256 and HMAC, the answer). Best case for this design: 14.6 + 3.2 + 3.6 = 21.4 us
-# = .68 of the ceiling. Reaching .8 would need per-call work under 0.5 us, i.e. no audit
-# record per use: out of reach for a module that keeps keys in another process and audits
-# every use, on this 2-vCPU VM.
+# What the .8 goal needs: <= 1.25x the ceiling's CPU per signature (14.6-15.7 us here), i.e.
+# <= 3.7-3.9 us beyond the ECDSA for the cross-process round trip and everything caas does
+# per call. The simplest signer's round trip takes 2.5-3.6 us of that (run-dependent; see the
+# third run below), leaving <= ~1.4 us for caas's per-call work, which measures 3.6-6.7 us (the
+# hmac row less the null row of the same run: frame, session, key and policy checks, the
+# answer, and the audit record's chained SHA-256 + HMAC, which alone is ~21 k instructions,
+# ~1.6 us, by the callgrind count above). Best case for this design: .59-.68 of the ceiling.
+# Reaching .8 would need no audit record per use: out of reach for a module that keeps keys
+# in another process and audits every use, on this 2-vCPU VM.
+# A third run (13:16Z, machine idle, nothing paused; same command): ECDSA 1t 55681 vs 26595
+# (2.09x), 8t 77155 vs 27332 (2.82x), .60 of the 127 k ceiling (.61 per CPU-second); null
+# round trip 4.17 us; caas hmac 10.84 us per call; the simplest signer's ECDSA with 2 and with
+# 8 signing threads 109.6 k / 109.8 k sig/s (.86, 18.2 us per signature): in this run the
+# layout made no difference, so the earlier .48-.53 for 2 signing threads were that run's
+# scheduling, not the layout's floor — caas's own per-call work is what stays between it and
+# .8 in every run.
 #
 # Figures on a QUIET machine after h/vsmfast (no getpid per call, audit body formatted
 # outside the lock, foldhash maps) (2026-12-06T10:18Z, lead, load 2.8 at the start, 2.6 at
