@@ -814,15 +814,17 @@ mod tests {
             matches!(found, Freshness::NoCheckpoint { head_seq: 4 }),
             "{found:?}"
         );
-        // Record 3, signed by its group commit: a genuine version-2 slot...
+        // Record 3, signed by its group commit: a genuine version-2 slot, in both slots...
         let rec3 = store.audit_list(None, 2, 1).await.unwrap().remove(0);
         assert!(!rec3.signature.is_empty());
-        writer
-            .write_committed(3, &rec3.hash, &rec3.signature)
-            .unwrap();
-        writer
-            .write_committed(3, &rec3.hash, &rec3.signature)
-            .unwrap();
+        let both_slots_at_3 = || {
+            for _ in 0..2 {
+                writer
+                    .write_committed(3, &rec3.hash, &rec3.signature)
+                    .unwrap();
+            }
+        };
+        both_slots_at_3();
         let fresh = check(&store, &path, &pk).await.unwrap();
         assert!(matches!(fresh, Freshness::Fresh { .. }), "{fresh:?}");
         // ... claimed for seq 2 (behind) or 6 (ahead of the head): stale either way.
@@ -841,12 +843,7 @@ mod tests {
                 Freshness::Stale(r) => assert_eq!(r.reason, want, "seq {seq}"),
                 other => panic!("seq {seq}: {other:?}"),
             }
-            writer
-                .write_committed(3, &rec3.hash, &rec3.signature)
-                .unwrap();
-            writer
-                .write_committed(3, &rec3.hash, &rec3.signature)
-                .unwrap();
+            both_slots_at_3();
         }
     }
 }

@@ -467,7 +467,7 @@ impl<S: AttestStore> TlService<S> {
                 if !net.is_null() {
                     tracing::warn!(%vm_id, "the agent's answer names no valid network member");
                 }
-                self.net_remove(vm_id).await
+                self.net_remove(vm_id, None).await
             }
         };
         for n in changed {
@@ -475,11 +475,13 @@ impl<S: AttestStore> TlService<S> {
         }
     }
 
-    /// Takes `vm_id` out of every domain's members; returns the domains changed. Stored.
-    async fn net_remove(&self, vm_id: &str) -> Vec<String> {
+    /// Takes `vm_id` out of every domain's members (only where it is placed on the agent
+    /// `at`, when given); returns the domains changed. Stored.
+    async fn net_remove(&self, vm_id: &str, at: Option<&str>) -> Vec<String> {
         let mut g = self.net_lock().await;
         let left: Vec<String> = g
             .iter_mut()
+            .filter(|(_, m)| at.is_none_or(|url| m.get(vm_id).is_some_and(|(u, _)| u == url)))
             .filter_map(|(n, m)| m.remove(vm_id).map(|_| n.clone()))
             .collect();
         for n in &left {
@@ -488,9 +490,10 @@ impl<S: AttestStore> TlService<S> {
         left
     }
 
-    /// A VM left N (suspended, migrated away): out of N's placement data, the others told.
-    async fn net_leave(&self, vm_id: &str) {
-        for n in self.net_remove(vm_id).await {
+    /// A VM left N (suspended, migrated away; only its placement on the agent `at`, when
+    /// given): out of N's placement data, the others told.
+    async fn net_leave(&self, vm_id: &str, at: Option<&str>) {
+        for n in self.net_remove(vm_id, at).await {
             self.net_push(&n).await;
         }
     }
@@ -508,23 +511,7 @@ impl<S: AttestStore> TlService<S> {
                 return;
             }
         };
-        let left: Vec<String> = {
-            let mut g = self.net_lock().await;
-            let left: Vec<String> = g
-                .iter_mut()
-                .filter_map(|(n, m)| {
-                    let here = m.get(vm_id).is_some_and(|(u, _)| *u == url);
-                    (here && m.remove(vm_id).is_some()).then(|| n.clone())
-                })
-                .collect();
-            for n in &left {
-                self.net_save(&g, n).await;
-            }
-            left
-        };
-        for n in left {
-            self.net_push(&n).await;
-        }
+        self.net_leave(vm_id, Some(&url)).await;
     }
 
     /// Sends N's member list to every member's agent (each leaves out its own VMs). A
@@ -648,7 +635,7 @@ impl<S: AttestStore> TlService<S> {
                 &serde_json::json!({}),
             )
             .await?;
-        self.net_leave(&req.vm_id).await;
+        self.net_leave(&req.vm_id, None).await;
         Ok(r)
     }
 
@@ -999,7 +986,7 @@ mod tests {
             .net_place("lan", "vm-a", "http://127.0.0.1:3", member("vm-a", 1, 4011))
             .await;
         assert_eq!(changed, vec!["lan".to_string()]);
-        assert_eq!(s.net_remove("vm-c").await, vec!["dmz".to_string()]);
+        assert_eq!(s.net_remove("vm-c", None).await, vec!["dmz".to_string()]);
         drop(s);
         // The restarted scheduler.
         let s2 = service(&store);
