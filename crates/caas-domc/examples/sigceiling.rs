@@ -179,16 +179,22 @@ mod remote {
         slots: [Slot; MAX_CALLERS],
     }
 
-    fn futex_wait(w: &AtomicU32, expected: u32) {
+    /// Sleeps while `w` holds `expected`, for at most `timeout` (none: no bound).
+    fn futex_wait(w: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+        let ts = timeout.map(|t| libc::timespec {
+            tv_sec: t.as_secs() as libc::time_t,
+            tv_nsec: libc::c_long::from(t.subsec_nanos()),
+        });
         // SAFETY: FUTEX_WAIT (shared across processes: no PRIVATE flag) on a valid,
-        // aligned u32 of the shared mapping; returns at once if the word changed.
+        // aligned u32 of the shared mapping, with a relative timeout that outlives the
+        // call or none; returns at once if the word changed.
         unsafe {
             libc::syscall(
                 libc::SYS_futex,
                 w.as_ptr(),
                 libc::FUTEX_WAIT,
                 expected,
-                std::ptr::null::<libc::timespec>(),
+                ts.as_ref().map_or(std::ptr::null(), std::ptr::from_ref),
             );
         }
     }
@@ -241,11 +247,14 @@ mod remote {
             unsafe { libc::_exit(0) };
         }
         let count = std::sync::atomic::AtomicU64::new(0);
+        // A caller left without an answer a second past the deadline (the child died).
+        let unanswered = std::sync::atomic::AtomicBool::new(false);
         let start = Instant::now();
         let deadline = start + time;
+        let give_up = deadline + Duration::from_secs(1);
         std::thread::scope(|sc| {
             for i in 0..threads {
-                let count = &count;
+                let (count, unanswered) = (&count, &unanswered);
                 sc.spawn(move || {
                     let (slot, server) = (&shared.slots[i], &shared.servers[i % servers]);
                     let mut seq = 0u32;
@@ -262,9 +271,13 @@ mod remote {
                             if cur == seq {
                                 break;
                             }
+                            if Instant::now() > give_up {
+                                unanswered.store(true, Relaxed);
+                                return;
+                            }
                             slot.waiting.store(1, SeqCst);
                             if slot.ans.load(SeqCst) != seq {
-                                futex_wait(&slot.ans, cur);
+                                futex_wait(&slot.ans, cur, Some(Duration::from_millis(100)));
                             }
                             slot.waiting.store(0, Relaxed);
                         }
@@ -287,6 +300,9 @@ mod remote {
             || libc::WEXITSTATUS(status) != 0
         {
             bail!("the signing child failed (status {status})");
+        }
+        if unanswered.load(Relaxed) {
+            bail!("a caller got no answer from the signing child");
         }
         Ok((
             rate,
@@ -314,7 +330,10 @@ mod remote {
                             let r = slot.req.load(Acquire);
                             if r != *done {
                                 if key.sign(&mut buf).is_err() {
-                                    return;
+                                    // SAFETY: ends the child at once with a failure
+                                    // status (the parent's callers give up, waitpid
+                                    // reports it).
+                                    unsafe { libc::_exit(1) };
                                 }
                                 *done = r;
                                 slot.ans.store(r, SeqCst);
@@ -334,7 +353,7 @@ mod remote {
                                 .zip(&served)
                                 .any(|(slot, done)| slot.req.load(SeqCst) != *done);
                             if !pending {
-                                futex_wait(&me.bell, bell);
+                                futex_wait(&me.bell, bell, None);
                             }
                             me.sleeping.store(0, SeqCst);
                         }
