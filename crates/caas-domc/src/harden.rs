@@ -5,6 +5,7 @@
 //! processes, loading code, mounting, rebooting...).
 
 use crate::Error;
+use nix::sys::mman::{MlockAllFlags, mlockall};
 use std::collections::BTreeMap;
 
 /// What hardening achieved (mlockall is best effort).
@@ -31,14 +32,25 @@ pub fn no_core_dumps() -> Result<(), Error> {
     caas_crypto::hardening::forbid_core_dumps().map_err(|e| Error::Harden(e.to_string()))
 }
 
+/// What the crypto domain locks: every page mapped now and later (MCL_FUTURE), each as it is
+/// first touched (MCL_ONFAULT). A page that holds a key has been touched, so it is locked
+/// like with a plain mlockall; address space that is reserved but never used (the
+/// allocator's arenas, the unused part of thread stacks) is not populated and locked up
+/// front: without ONFAULT, the allocator's large reservations under MCL_FUTURE made the
+/// process fault in and lock gigabytes, and hang.
+fn lock_all() -> MlockAllFlags {
+    MlockAllFlags::MCL_CURRENT
+        | MlockAllFlags::MCL_FUTURE
+        | MlockAllFlags::from_bits_retain(libc::MCL_ONFAULT)
+}
+
 /// Applies the process hardening (before any key is loaded).
 pub fn harden(seccomp: bool) -> Result<Report, Error> {
     let mut r = Report::default();
     no_core_dumps()?;
     r.not_dumpable = true;
     r.no_core = true;
-    use nix::sys::mman::{MlockAllFlags, mlockall};
-    match mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE) {
+    match mlockall(lock_all()) {
         Ok(()) => r.memory_locked = true,
         Err(e) => tracing::warn!(error = %e, "mlockall not permitted; key memory may be swapped"),
     }
@@ -69,13 +81,15 @@ pub fn drop_privileges(
     // later allocation (thread stacks, buffers) of the unprivileged process would fail.
     // Where the limit cannot be lifted (no CAP_SYS_RESOURCE, e.g. in containers), keep the
     // pages locked now but stop locking future mappings.
-    use nix::sys::mman::{MlockAllFlags, mlockall, munlockall};
+    use nix::sys::mman::munlockall;
     use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit, setrlimit};
     let _ = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY);
     if getrlimit(Resource::RLIMIT_MEMLOCK).map(|(soft, _)| soft) != Ok(RLIM_INFINITY) {
         tracing::warn!("RLIMIT_MEMLOCK cannot be lifted: locking current memory only");
         let _ = munlockall();
-        let _ = mlockall(MlockAllFlags::MCL_CURRENT);
+        let _ = mlockall(
+            MlockAllFlags::MCL_CURRENT | MlockAllFlags::from_bits_retain(libc::MCL_ONFAULT),
+        );
     }
     nix::unistd::setgroups(&[]).map_err(|e| Error::Harden(format!("setgroups: {e}")))?;
     nix::unistd::setresgid(gid.into(), gid.into(), gid.into())

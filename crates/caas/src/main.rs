@@ -91,11 +91,30 @@ fn init_tracing() {
         .try_init();
 }
 
+/// mimalloc instead of glibc's malloc: the key service's request path allocates and frees
+/// small buffers on the tokio workers and frees its audit records on the store's writer
+/// thread, and glibc spent ~13 % of a bounded Encrypt's CPU in malloc/free (arena locks
+/// taken across threads, `malloc_consolidate` on hyper's read buffers); with mimalloc server
+/// CPU per request fell from ~32 to ~27 us (bench/kms-bench.sh). The crypto domain runs in
+/// this binary too: it locks its memory with `MCL_ONFAULT` (see `caas_domc::harden`), so the
+/// address space mimalloc reserves but never touches is not populated by `mlockall`.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// How many tasks a tokio worker runs between two polls of the I/O driver (tokio's default
+/// is 61). With two workers, the one holding the driver polled it only every 61 tasks while
+/// the other slept, so replies and new requests waited and a fifth of the CPUs stayed idle
+/// at 16 connections (vmstat). Polling after every task costs one non-blocking epoll_wait:
+/// bounded Encrypt 64 B at 16 connections went from 45.7 k to 53.3-53.7 k req/s, GET
+/// /healthz unchanged within noise (bench/kms-bench.sh header, 2026-12-06).
+const EVENT_INTERVAL: u32 = 1;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .event_interval(EVENT_INTERVAL)
         .build()
     {
         Ok(rt) => rt,
