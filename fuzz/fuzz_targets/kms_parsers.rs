@@ -15,7 +15,8 @@ fuzz_target!(|data: &[u8]| {
         .map(|(a, b)| (a.to_ascii_lowercase(), b.to_string()))
         .collect();
     let names: Vec<String> = headers.iter().map(|(n, _)| n.clone()).collect();
-    let req = caas_kms::sigv4::Request { method: "POST", path: &text, query: &text, headers: &headers, body: data };
+    let view = caas_kms::sigv4::borrowed(&headers);
+    let req = caas_kms::sigv4::Request { method: "POST", path: &text, query: &text, headers: &view, body: data };
     let _ = caas_kms::sigv4::canonical_request(&req, &names);
     if let Some(auth) = headers
         .iter()

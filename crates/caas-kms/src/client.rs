@@ -92,11 +92,12 @@ impl Signer {
             "x-amz-date".into(),
             sigv4::format_amz_date(crate::now_ms() / 1000),
         ));
+        let view = sigv4::borrowed(headers);
         let sreq = sigv4::Request {
             method,
             path,
             query,
-            headers,
+            headers: &view,
             body,
         };
         sigv4::sign(

@@ -51,6 +51,23 @@ fn request_id() -> String {
         .to_owned()
 }
 
+/// The [`sigv4::Header`]s of an HTTP request: values that are not UTF-8 become U+FFFD, so such a
+/// header can never match what a client signed (and unsigned headers are ignored anyway).
+pub fn header_view(headers: &axum::http::HeaderMap) -> Vec<sigv4::Header<'_>> {
+    headers
+        .iter()
+        .map(|(n, v)| {
+            // `HeaderName` is always lower-case; UTF-8 checked with the fast validator
+            // first (the lossy path only for the rare value that is not UTF-8).
+            let value = match std::str::from_utf8(v.as_bytes()) {
+                Ok(s) => std::borrow::Cow::Borrowed(s),
+                Err(_) => String::from_utf8_lossy(v.as_bytes()),
+            };
+            (n.as_str(), value)
+        })
+        .collect()
+}
+
 async fn kms_endpoint(State(kms): State<Arc<Kms>>, req: Request) -> Response {
     let request_id = request_id();
     let (parts, body) = req.into_parts();
@@ -61,29 +78,12 @@ async fn kms_endpoint(State(kms): State<Arc<Kms>>, req: Request) -> Response {
         },
         None => Transport::PlainHttp,
     };
-    // Header values as text; bytes that are not UTF-8 become U+FFFD, so such a header
-    // can never match what a client signed (and unsigned headers are ignored anyway).
-    let headers: Vec<(String, String)> = parts
-        .headers
-        .iter()
-        .map(|(n, v)| {
-            (
-                // `HeaderName` is always lower-case.
-                n.as_str().to_owned(),
-                // UTF-8 checked with the fast validator first (the lossy path only for
-                // the rare value that is not UTF-8).
-                match std::str::from_utf8(v.as_bytes()) {
-                    Ok(s) => s.to_owned(),
-                    Err(_) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                },
-            )
-        })
-        .collect();
+    let headers = header_view(&parts.headers);
     // The operation is the X-Amz-Target that authentication checks: signed and sent once.
     let target = headers
         .iter()
-        .find(|(n, _)| n == "x-amz-target")
-        .map(|(_, v)| v.clone())
+        .find(|(n, _)| *n == "x-amz-target")
+        .map(|(_, v)| v.to_string())
         .unwrap_or_default();
     let body = match to_bytes(body, MAX_BODY).await {
         Ok(b) => b,

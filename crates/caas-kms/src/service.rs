@@ -741,15 +741,15 @@ impl Kms {
         let auth_value = req
             .headers
             .iter()
-            .find(|(n, _)| n == "authorization")
-            .map(|(_, v)| v.as_str())
+            .find(|(n, _)| *n == "authorization")
+            .map(|(_, v)| v.as_ref())
             .ok_or_else(|| {
                 KmsError::MissingAuthentication("Missing Authentication Token".into())
             })?;
         if req
             .headers
             .iter()
-            .filter(|(n, _)| n == "authorization")
+            .filter(|(n, _)| *n == "authorization")
             .count()
             > 1
         {

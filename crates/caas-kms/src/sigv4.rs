@@ -70,6 +70,17 @@ pub struct Authorization {
     pub signature: String,
 }
 
+/// One header: its lower-case name and its value as text.
+pub type Header<'a> = (&'a str, std::borrow::Cow<'a, str>);
+
+/// [`Header`]s borrowed from owned pairs (a client's, a test's).
+pub fn borrowed(headers: &[(String, String)]) -> Vec<Header<'_>> {
+    headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), std::borrow::Cow::Borrowed(v.as_str())))
+        .collect()
+}
+
 /// The parts of an HTTP request that SigV4 covers. Header names must be lower case.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
@@ -79,8 +90,9 @@ pub struct Request<'a> {
     pub path: &'a str,
     /// Raw query string without `?`.
     pub query: &'a str,
-    /// All headers (lower-case names); repeated names allowed.
-    pub headers: &'a [(String, String)],
+    /// All headers (lower-case names); repeated names allowed. Borrowed from the HTTP
+    /// request where they are UTF-8 (no copy per header per request).
+    pub headers: &'a [Header<'a>],
     /// The body.
     pub body: &'a [u8],
 }
@@ -172,11 +184,11 @@ pub fn parse_authorization(value: &str) -> Result<Authorization, AuthError> {
     })
 }
 
-fn header_values<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+fn header_values<'a>(headers: &'a [Header<'a>], name: &str) -> Vec<&'a str> {
     headers
         .iter()
-        .filter(|(n, _)| n == name)
-        .map(|(_, v)| v.as_str())
+        .filter(|(n, _)| *n == name)
+        .map(|(_, v)| v.as_ref())
         .collect()
 }
 
@@ -288,7 +300,7 @@ pub fn canonical_request(req: &Request<'_>, signed_headers: &[String]) -> String
         out.push_str(name);
         out.push(':');
         // Repeated headers: their values in order, comma-separated.
-        for (i, (_, v)) in req.headers.iter().filter(|(n, _)| n == *name).enumerate() {
+        for (i, (_, v)) in req.headers.iter().filter(|(n, _)| n == name).enumerate() {
             if i > 0 {
                 out.push(',');
             }
@@ -398,8 +410,8 @@ fn single<'a>(req: &Request<'a>, name: &str) -> Result<Option<&'a str>, AuthErro
     let mut it = req
         .headers
         .iter()
-        .filter(|(n, _)| n == name)
-        .map(|(_, v)| v.as_str());
+        .filter(|(n, _)| *n == name)
+        .map(|(_, v)| v.as_ref());
     let first = it.next();
     if it.next().is_some() {
         return Err(AuthError::Incomplete(format!(
@@ -421,7 +433,7 @@ pub fn check_request(
     for name in SINGLE_VALUED {
         single(req, name)?;
     }
-    let present = |n: &str| req.headers.iter().any(|(h, _)| h == n);
+    let present = |n: &str| req.headers.iter().any(|(h, _)| *h == n);
     let required = ["host", "x-amz-date"]
         .iter()
         .chain(expect.signed)
@@ -541,7 +553,7 @@ pub fn sign(
     let date = amz_date
         .get(..8)
         .ok_or_else(|| AuthError::Missing("bad x-amz-date".into()))?;
-    let mut names: Vec<String> = req.headers.iter().map(|(n, _)| n.clone()).collect();
+    let mut names: Vec<String> = req.headers.iter().map(|(n, _)| n.to_string()).collect();
     names.sort();
     names.dedup();
     let scope = format!("{date}/{region}/{service}/aws4_request");
@@ -562,9 +574,9 @@ mod tests {
     const SECRET: &[u8] = b"wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
     const STS_TOKEN: &str = "AQoDYXdzEPT//////////wEXAMPLEtc764bNrC9SAPBSM22wDOk4x4HIZ8j4FZTwdQWLWsKWHGBuFqwAeMicRXmxfpSPfIeoIYRqTflfKD8YUuwthAx7mSEI/qkPpKPi/kMcGdQrmGdeehM4IC1NtBmUpp2wUE8phUZampKsburEDy0KPkyQDYwT7WZ0wq5VSXDvp75YU9HFvlRd8Tx6q6fE8YQcHNVXAkiY9q6d+xo0rKwT38xVqr7ZD0u0iPPkUL64lIZbqBAz+scqKmlzm8FDrypNC9Yjc8fPOLn9FX9KSYvKTr4rvx3iSIlTJabIQwj2ICCR/oLxBA==";
 
-    fn hdrs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    fn hdrs<'a>(list: &[(&'a str, &'a str)]) -> Vec<Header<'a>> {
         list.iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .map(|(a, b)| (*a, std::borrow::Cow::Borrowed(*b)))
             .collect()
     }
 
@@ -688,7 +700,7 @@ mod tests {
                 headers: &headers,
                 body,
             };
-            let mut names: Vec<&str> = headers.iter().map(|(n, _)| n.as_str()).collect();
+            let mut names: Vec<&str> = headers.iter().map(|(n, _)| *n).collect();
             names.sort();
             let want = format!(
                 "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, SignedHeaders={}, Signature={sig}",
@@ -740,7 +752,7 @@ mod tests {
                 "{name}"
             );
             let mut h2 = headers.clone();
-            h2[0].1.push('.');
+            h2[0].1.to_mut().push('.');
             let tampered = Request {
                 headers: &h2,
                 ..req
@@ -768,7 +780,7 @@ mod tests {
         }
     }
 
-    fn kms_headers(target: &str) -> Vec<(String, String)> {
+    fn kms_headers(target: &str) -> Vec<Header<'_>> {
         hdrs(&[
             ("content-type", "application/x-amz-json-1.1"),
             ("host", "kms.example:4000"),
@@ -777,7 +789,7 @@ mod tests {
         ])
     }
 
-    fn kms_req<'a>(headers: &'a [(String, String)], body: &'a [u8]) -> Request<'a> {
+    fn kms_req<'a>(headers: &'a [Header<'a>], body: &'a [u8]) -> Request<'a> {
         Request {
             method: "POST",
             path: "/",
@@ -787,7 +799,7 @@ mod tests {
         }
     }
 
-    fn signed(headers: &[(String, String)], body: &[u8], scope: (&str, &str)) -> Authorization {
+    fn signed(headers: &[Header<'_>], body: &[u8], scope: (&str, &str)) -> Authorization {
         let a = sign(
             &kms_req(headers, body),
             "AKIATEST",
@@ -825,7 +837,7 @@ mod tests {
     fn payload_hash_comes_from_the_body_not_the_header() {
         let body = br#"{"KeyId":"k","Plaintext":"aGk="}"#;
         let mut h = kms_headers("TrentService.Encrypt");
-        h.push(("x-amz-content-sha256".into(), sha256_hex(body)));
+        h.push(("x-amz-content-sha256".into(), sha256_hex(body).into()));
         let a = signed(&h, body, ("us-east-1", "kms"));
         assert_eq!(
             verify(&kms_req(&h, body), &a, &key_for(&a), &kms_expect()),
@@ -846,7 +858,7 @@ mod tests {
         let h0 = kms_headers("TrentService.Encrypt");
         let a0 = signed(&h0, body, ("us-east-1", "kms"));
         let mut h1 = h0.clone();
-        h1.push(("x-amz-content-sha256".into(), sha256_hex(body)));
+        h1.push(("x-amz-content-sha256".into(), sha256_hex(body).into()));
         assert!(matches!(
             verify(&kms_req(&h1, other), &a0, &key_for(&a0), &kms_expect()),
             Err(AuthError::Incomplete(_))
@@ -865,8 +877,7 @@ mod tests {
     fn target_and_content_type_must_be_signed() {
         for unsigned in ["x-amz-target", "content-type", "host", "x-amz-date"] {
             let h = kms_headers("TrentService.ListKeys");
-            let only: Vec<(String, String)> =
-                h.iter().filter(|(n, _)| n != unsigned).cloned().collect();
+            let only: Vec<Header<'_>> = h.iter().filter(|(n, _)| *n != unsigned).cloned().collect();
             let a = if unsigned == "x-amz-date" {
                 // The signer needs the date; take it out of SignedHeaders afterwards.
                 let mut a = signed(&h, b"{}", ("us-east-1", "kms"));

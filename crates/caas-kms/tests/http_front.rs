@@ -80,7 +80,7 @@ impl Front {
                 method: "POST",
                 path: "/",
                 query: "",
-                headers: &headers,
+                headers: &caas_kms::sigv4::borrowed(&headers),
                 body,
             },
             &self.akid,

@@ -114,7 +114,7 @@ fn botocore_requests_for_another_scope_are_refused_as_invalid_signature() {
             method: &s.method,
             path: &s.path,
             query: &s.query,
-            headers: &s.headers,
+            headers: &sigv4::borrowed(&s.headers),
             body: &s.body,
         };
         let now = sigv4::parse_amz_date(&get("x-amz-date")).unwrap();

@@ -386,7 +386,7 @@ fn bad_input_gets_aws_errors_and_the_server_keeps_serving() {
             method: "POST",
             path: "/",
             query: "",
-            headers: &headers,
+            headers: &caas_kms::sigv4::borrowed(&headers),
             body,
         };
         let auth =

@@ -51,12 +51,18 @@ pub fn seal(
     ec: &BTreeMap<String, String>,
     plaintext: &[u8],
 ) -> KmsResult<Vec<u8>> {
-    let nonce: [u8; 32] =
+    // The derivation nonce and the IV from one call of the DRBG (each call pays its
+    // fork/snapshot check and reseed bookkeeping); both are public, in the blob's header.
+    let fresh: [u8; 44] =
         caas_crypto::random_array().map_err(|_| KmsError::internal_crypto("rng"))?;
-    let iv: [u8; 12] = caas_crypto::random_array().map_err(|_| KmsError::internal_crypto("rng"))?;
-    let dk = kdf::derive(hbk.expose(), KDF_LABEL, &nonce, 32)
+    let (nonce, iv) = fresh.split_at(32);
+    let (nonce, iv): (&[u8; 32], [u8; 12]) = match (nonce.try_into(), iv.try_into()) {
+        (Ok(n), Ok(i)) => (n, i),
+        _ => return Err(KmsError::internal_crypto("rng")),
+    };
+    let dk = kdf::derive(hbk.expose(), KDF_LABEL, nonce, 32)
         .map_err(|_| KmsError::internal_crypto("kdf"))?;
-    let mut out = blob::header(key_id, hbk_version, &nonce, &iv)?;
+    let mut out = blob::header(key_id, hbk_version, nonce, &iv)?;
     let mut aad = out.clone();
     aad.extend_from_slice(&canonical_context(ec));
     let hdr = out.len();

@@ -44,11 +44,12 @@ pub fn service_verdict(
     headers: &[(String, String)],
     body: &[u8],
 ) -> Result<(), String> {
+    let view = sigv4::borrowed(headers);
     let req = Request {
         method,
         path,
         query,
-        headers,
+        headers: &view,
         body,
     };
     let mut auths = headers.iter().filter(|(n, _)| n == "authorization");

@@ -352,16 +352,7 @@ async fn check_route(
             return refusal(ErrorKind::BadRequest, "body_too_large", &msg);
         }
     };
-    let headers: Vec<(String, String)> = parts
-        .headers
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.as_str().to_ascii_lowercase(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
+    let headers = caas_kms::server::header_view(&parts.headers);
     let sreq = caas_kms::sigv4::Request {
         method: parts.method.as_str(),
         path: parts.uri.path(),
