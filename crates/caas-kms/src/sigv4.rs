@@ -837,7 +837,7 @@ mod tests {
     fn payload_hash_comes_from_the_body_not_the_header() {
         let body = br#"{"KeyId":"k","Plaintext":"aGk="}"#;
         let mut h = kms_headers("TrentService.Encrypt");
-        h.push(("x-amz-content-sha256".into(), sha256_hex(body).into()));
+        h.push(("x-amz-content-sha256", sha256_hex(body).into()));
         let a = signed(&h, body, ("us-east-1", "kms"));
         assert_eq!(
             verify(&kms_req(&h, body), &a, &key_for(&a), &kms_expect()),
@@ -858,14 +858,14 @@ mod tests {
         let h0 = kms_headers("TrentService.Encrypt");
         let a0 = signed(&h0, body, ("us-east-1", "kms"));
         let mut h1 = h0.clone();
-        h1.push(("x-amz-content-sha256".into(), sha256_hex(body).into()));
+        h1.push(("x-amz-content-sha256", sha256_hex(body).into()));
         assert!(matches!(
             verify(&kms_req(&h1, other), &a0, &key_for(&a0), &kms_expect()),
             Err(AuthError::Incomplete(_))
         ));
         // UNSIGNED-PAYLOAD is not accepted for KMS.
         let mut hu = kms_headers("TrentService.Encrypt");
-        hu.push(("x-amz-content-sha256".into(), "UNSIGNED-PAYLOAD".into()));
+        hu.push(("x-amz-content-sha256", "UNSIGNED-PAYLOAD".into()));
         let au = signed(&hu, body, ("us-east-1", "kms"));
         assert!(matches!(
             verify(&kms_req(&hu, body), &au, &key_for(&au), &kms_expect()),
@@ -898,10 +898,7 @@ mod tests {
         // A second X-Amz-Target beside the signed one.
         let mut h = kms_headers("TrentService.ListKeys");
         let a = signed(&h, b"{}", ("us-east-1", "kms"));
-        h.push((
-            "x-amz-target".into(),
-            "TrentService.ScheduleKeyDeletion".into(),
-        ));
+        h.push(("x-amz-target", "TrentService.ScheduleKeyDeletion".into()));
         assert!(matches!(
             verify(&kms_req(&h, b"{}"), &a, &key_for(&a), &kms_expect()),
             Err(AuthError::Incomplete(_))
