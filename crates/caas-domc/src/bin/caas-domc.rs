@@ -22,6 +22,11 @@ enum Top {
     Domc(DomcCommand),
 }
 
+/// The allocator of `caas domc` (the `caas` binary), so that this binary measures and runs
+/// the crypto domain as deployed; its memory is locked on fault (`caas_domc::harden`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let Top::Domc(cmd) = Cli::parse().top;
     match caas_domc::cli::run(cmd) {
