@@ -54,7 +54,10 @@
 #   Encrypt 1KiB 64c     2.64 (6.35), 2.65 (5.79)   2.18 (5.19), 2.18 (5.42)   28.7 / 33.5 vs 95.5
 #   Decrypt 64B  16c     1.33 (3.86), 1.38 (3.68)   0.91 (1.89), 0.89 (1.86)   25.7 / 35.0 vs 41.4
 #   Decrypt 64B  64c     1.49 (6.89), 1.50 (5.69)   1.31 (4.11), 1.24 (3.96)   24.3 / 28.6 vs 40.5
-#   (Cosmian p99 3.5-7.2 ms.) What changed since the 13:05 run (bounded Encrypt 64B 16c
+#   (Cosmian p99 3.5-7.2 ms.) A third run (16:02 UTC, load 0.2 at the start, same binary):
+#   bounded Encrypt 64B 1.48 / 1.42 (16c / 64c), Decrypt 64B 1.31 / 1.46, Encrypt 1KiB
+#   2.07 / 2.62; strict 0.94 / 1.19, 0.93 / 1.29, 1.37 / 2.14; /healthz p99 3.5 / 4.3 ms.
+#   What changed since the 13:05 run (bounded Encrypt 64B 16c
 #   1.19, 64c 1.26; CPU 29-31 us):
 #   - glibc malloc was ~13 % of caas's CPU (arena locks taken when the writer frees records
 #     the workers allocated: 10 % of caas's context switches were __lll_lock_wait_private;
