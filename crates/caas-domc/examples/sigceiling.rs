@@ -23,7 +23,7 @@
 //!
 //! Usage: sigceiling ecdsa-p256|mldsa65|null THREADS SECONDS [remote SERVERS]
 
-#![allow(unsafe_code)] // getrusage; the remote floor's mmap, fork, futex and waitpid
+#![allow(unsafe_code)] // getrusage; the remote floor's mmap, fork and waitpid
 
 use anyhow::{Context, Result, bail};
 use aws_lc_rs::digest;
@@ -147,6 +147,7 @@ fn rusage_seconds(who: libc::c_int) -> f64 {
 mod remote {
     use super::{Key, rusage_seconds};
     use anyhow::{Result, bail};
+    use caas_vsm_proto::ring::{futex_wait, futex_wake};
     use std::sync::atomic::{
         AtomicU32,
         Ordering::{Acquire, Relaxed, SeqCst},
@@ -155,6 +156,9 @@ mod remote {
 
     const MAX_CALLERS: usize = 256;
     const MAX_SERVERS: usize = 16;
+    /// The longest a caller or a signing thread sleeps before looking again (a dead child
+    /// is noticed, a stop is seen even if its wake-up were missed).
+    const WAIT_SLICE: Duration = Duration::from_millis(100);
 
     /// One caller's request and answer counters (own cache line).
     #[repr(C, align(64))]
@@ -177,33 +181,6 @@ mod remote {
         stop: AtomicU32,
         servers: [Server; MAX_SERVERS],
         slots: [Slot; MAX_CALLERS],
-    }
-
-    /// Sleeps while `w` holds `expected`, for at most `timeout` (none: no bound).
-    fn futex_wait(w: &AtomicU32, expected: u32, timeout: Option<Duration>) {
-        let ts = timeout.map(|t| libc::timespec {
-            tv_sec: t.as_secs() as libc::time_t,
-            tv_nsec: libc::c_long::from(t.subsec_nanos()),
-        });
-        // SAFETY: FUTEX_WAIT (shared across processes: no PRIVATE flag) on a valid,
-        // aligned u32 of the shared mapping, with a relative timeout that outlives the
-        // call or none; returns at once if the word changed.
-        unsafe {
-            libc::syscall(
-                libc::SYS_futex,
-                w.as_ptr(),
-                libc::FUTEX_WAIT,
-                expected,
-                ts.as_ref().map_or(std::ptr::null(), std::ptr::from_ref),
-            );
-        }
-    }
-
-    fn futex_wake(w: &AtomicU32) {
-        // SAFETY: FUTEX_WAKE on a valid, aligned u32.
-        unsafe {
-            libc::syscall(libc::SYS_futex, w.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
-        }
     }
 
     /// Runs THREADS callers against SERVERS signing threads in a child for `time`; returns
@@ -277,7 +254,7 @@ mod remote {
                             }
                             slot.waiting.store(1, SeqCst);
                             if slot.ans.load(SeqCst) != seq {
-                                futex_wait(&slot.ans, cur, Some(Duration::from_millis(100)));
+                                futex_wait(&slot.ans, cur, WAIT_SLICE);
                             }
                             slot.waiting.store(0, Relaxed);
                         }
@@ -353,7 +330,7 @@ mod remote {
                                 .zip(&served)
                                 .any(|(slot, done)| slot.req.load(SeqCst) != *done);
                             if !pending {
-                                futex_wait(&me.bell, bell, None);
+                                futex_wait(&me.bell, bell, WAIT_SLICE);
                             }
                             me.sleeping.store(0, SeqCst);
                         }

@@ -262,7 +262,10 @@ pub enum Side {
     Client,
 }
 
-fn futex_wait(w: &AtomicU32, expected: u32, timeout: Duration) {
+/// Sleeps while `w` (a word of memory shared between processes) holds `expected`, for at
+/// most `timeout`; returns at once if it holds something else. Also used by the VSM
+/// benchmark's reference signer (`caas-domc/examples/sigceiling.rs`).
+pub fn futex_wait(w: &AtomicU32, expected: u32, timeout: Duration) {
     let ts = libc::timespec {
         tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
         tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
@@ -280,7 +283,8 @@ fn futex_wait(w: &AtomicU32, expected: u32, timeout: Duration) {
     }
 }
 
-fn futex_wake(w: &AtomicU32) {
+/// Wakes every thread sleeping in [`futex_wait`] on `w`.
+pub fn futex_wake(w: &AtomicU32) {
     // SAFETY: FUTEX_WAKE on a valid, aligned u32.
     unsafe {
         libc::syscall(libc::SYS_futex, w.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
