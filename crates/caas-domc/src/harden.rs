@@ -32,17 +32,13 @@ pub fn no_core_dumps() -> Result<(), Error> {
     caas_crypto::hardening::forbid_core_dumps().map_err(|e| Error::Harden(e.to_string()))
 }
 
-/// What the crypto domain locks: every page mapped now and later (MCL_FUTURE), each as it is
-/// first touched (MCL_ONFAULT). A page that holds a key has been touched, so it is locked
-/// like with a plain mlockall; address space that is reserved but never used (the
-/// allocator's arenas, the unused part of thread stacks) is not populated and locked up
-/// front: without ONFAULT, the allocator's large reservations under MCL_FUTURE made the
+/// mlockall's MCL_ONFAULT: pages are locked as they are first touched. With MCL_FUTURE the
+/// crypto domain locks every page mapped now and later; a page that holds a key has been
+/// touched, so it is locked as with a plain mlockall, while address space reserved but never
+/// used (the allocator's arenas, the unused part of thread stacks) is not populated and
+/// locked up front: without it, mimalloc's large reservations under MCL_FUTURE made the
 /// process fault in and lock gigabytes, and hang.
-fn lock_all() -> MlockAllFlags {
-    MlockAllFlags::MCL_CURRENT
-        | MlockAllFlags::MCL_FUTURE
-        | MlockAllFlags::from_bits_retain(libc::MCL_ONFAULT)
-}
+const ON_FAULT: MlockAllFlags = MlockAllFlags::from_bits_retain(libc::MCL_ONFAULT);
 
 /// Applies the process hardening (before any key is loaded).
 pub fn harden(seccomp: bool) -> Result<Report, Error> {
@@ -50,7 +46,7 @@ pub fn harden(seccomp: bool) -> Result<Report, Error> {
     no_core_dumps()?;
     r.not_dumpable = true;
     r.no_core = true;
-    match mlockall(lock_all()) {
+    match mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE | ON_FAULT) {
         Ok(()) => r.memory_locked = true,
         Err(e) => tracing::warn!(error = %e, "mlockall not permitted; key memory may be swapped"),
     }
@@ -87,9 +83,7 @@ pub fn drop_privileges(
     if getrlimit(Resource::RLIMIT_MEMLOCK).map(|(soft, _)| soft) != Ok(RLIM_INFINITY) {
         tracing::warn!("RLIMIT_MEMLOCK cannot be lifted: locking current memory only");
         let _ = munlockall();
-        let _ = mlockall(
-            MlockAllFlags::MCL_CURRENT | MlockAllFlags::from_bits_retain(libc::MCL_ONFAULT),
-        );
+        let _ = mlockall(MlockAllFlags::MCL_CURRENT | ON_FAULT);
     }
     nix::unistd::setgroups(&[]).map_err(|e| Error::Harden(format!("setgroups: {e}")))?;
     nix::unistd::setresgid(gid.into(), gid.into(), gid.into())
