@@ -597,39 +597,39 @@ impl Group<'_> {
         let signing = sign.map(|s| (s, &mut self.signature));
         // A batch without object writes cannot conflict: no savepoint needed (a failure to
         // append fails the whole group).
-        if batch.writes.is_empty() {
-            let audit_seqs = append_audit(&mut self.insert, batch, &mut self.head, signing)?;
-            if sign.is_some() {
-                self.signed = audit_seqs.last().copied();
-            }
-            self.results.push(Ok(CommitInfo { audit_seqs }));
-            return Ok(());
-        }
-        exec_cached(conn, "SAVEPOINT batch").map_err(sq("creating a savepoint"))?;
-        let mut tentative = self.head;
-        match apply(
-            conn,
-            &mut self.insert,
-            batch,
-            &mut tentative,
-            records,
-            signing,
-        ) {
-            Ok(audit_seqs) => {
+        let outcome = if batch.writes.is_empty() {
+            Ok(append_audit(
+                &mut self.insert,
+                batch,
+                &mut self.head,
+                signing,
+            )?)
+        } else {
+            exec_cached(conn, "SAVEPOINT batch").map_err(sq("creating a savepoint"))?;
+            let mut tentative = self.head;
+            let applied = apply(
+                conn,
+                &mut self.insert,
+                batch,
+                &mut tentative,
+                records,
+                signing,
+            );
+            if applied.is_ok() {
                 exec_cached(conn, "RELEASE batch").map_err(sq("releasing a savepoint"))?;
                 self.head = tentative;
-                if sign.is_some() {
-                    self.signed = audit_seqs.last().copied();
-                }
-                self.results.push(Ok(CommitInfo { audit_seqs }));
-            }
-            Err(e) => {
+            } else {
                 exec_cached(conn, "ROLLBACK TO batch")
                     .and_then(|()| exec_cached(conn, "RELEASE batch"))
                     .map_err(sq("rolling back a savepoint"))?;
-                self.results.push(Err(e));
             }
+            applied
+        };
+        if let (Ok(audit_seqs), Some(_)) = (&outcome, sign) {
+            self.signed = audit_seqs.last().copied();
         }
+        self.results
+            .push(outcome.map(|audit_seqs| CommitInfo { audit_seqs }));
         Ok(())
     }
 }
