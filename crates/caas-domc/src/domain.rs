@@ -82,6 +82,11 @@ pub struct Domain {
     handles: AtomicU64,
     sessions: AtomicU64,
     audit: Arc<AuditLog>,
+    /// Starts the audit log's flusher thread with the first record, not when the domain
+    /// opens: a serving domain opens before it drops root, and a thread started then keeps
+    /// no capability, so under `mlockall(MCL_FUTURE)` it could not even map its signal
+    /// stack past RLIMIT_MEMLOCK ([`crate::harden::drop_privileges`]).
+    audit_flusher: std::sync::Once,
     /// Connections refused by the peer policy.
     refused: AtomicU64,
     /// `--allow-legacy-rsa-1024`: 1024-bit RSA keys may be generated, imported and used.
@@ -162,11 +167,8 @@ impl Domain {
             apps: Mutex::new(HashMap::new()),
             handles,
             sessions: AtomicU64::new(1),
-            audit: {
-                let log = Arc::new(AuditLog::open(&cfg.state_dir.join("audit.log"), audit_key)?);
-                log.start_flusher();
-                log
-            },
+            audit: Arc::new(AuditLog::open(&cfg.state_dir.join("audit.log"), audit_key)?),
+            audit_flusher: std::sync::Once::new(),
             refused: AtomicU64::new(0),
             legacy_rsa_1024: false,
             imported: std::sync::atomic::AtomicBool::new(false),
@@ -256,7 +258,7 @@ impl Domain {
                 format!("{}:{}", o.handle, String::from_utf8_lossy(&label))
             })
             .unwrap_or_default();
-        self.audit.record(Record {
+        self.log(Record {
             app: app.id,
             op,
             slot,
@@ -264,6 +266,12 @@ impl Domain {
             mechanism: mech,
             rv,
         });
+    }
+
+    /// Appends `r` to the audit log (and starts its flusher with the first record).
+    fn log(&self, r: Record<'_>) {
+        self.audit_flusher.call_once(|| self.audit.start_flusher());
+        self.audit.record(r);
     }
 
     /// Audits a refused request (failures are written through at once) and returns its error.
@@ -291,7 +299,7 @@ impl Domain {
     pub fn refuse_peer(&self, transport: &str, why: &str) {
         let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::warn!(transport, reason = why, refused = n, "connection refused");
-        self.audit.record(Record {
+        self.log(Record {
             app: [0; 16],
             op: "Connect",
             slot: 0,
@@ -308,7 +316,7 @@ impl Domain {
             reason = why,
             "shared-memory ring violation; connection closed"
         );
-        self.audit.record(Record {
+        self.log(Record {
             app: app.id,
             op: "RingViolation",
             slot: 0,
@@ -387,7 +395,7 @@ impl Domain {
             Ok(n) => (format!("{n} token objects, context {ctx}"), CKR_OK),
             Err(e) => (format!("context {ctx}"), e.0),
         };
-        self.audit.record(Record {
+        self.log(Record {
             app: [0; 16],
             op,
             slot: 0,

@@ -59,6 +59,18 @@ pub fn harden(seccomp: bool) -> Result<Report, Error> {
 
 /// When running as root: hands `paths` (recursively) to `run_as` (default nobody) and
 /// switches to it for good. Returns the uid dropped to. `run_as` 0:0 keeps root.
+///
+/// `mlockall(MCL_FUTURE)` ([`harden`]) stays in force after the switch, so every later
+/// mapping (thread stacks, allocator arenas, buffers) is locked too. An unprivileged
+/// process may lock only RLIMIT_MEMLOCK bytes, so the limit is lifted first; where it
+/// cannot be (no CAP_SYS_RESOURCE, as in containers and this project's CI), the process
+/// keeps **CAP_IPC_LOCK alone** across the switch: permitted = effective = {IPC_LOCK},
+/// nothing inheritable or ambient, an empty bounding set. Without it, memory mapped after
+/// the switch (e.g. the C allocations of aws-lc) would be resident and unlocked, and could
+/// reach swap. Capabilities are per thread: only the calling thread keeps it, so call this
+/// before the process starts the threads that do its work (threads started later inherit
+/// it); threads that already exist keep no capability at all. Only if the capability cannot
+/// be kept either does the process lock what it has now, not later mappings, and warn.
 pub fn drop_privileges(
     run_as: Option<(u32, u32)>,
     paths: &[&std::path::Path],
@@ -73,26 +85,53 @@ pub fn drop_privileges(
     for p in paths {
         chown_tree(p, uid, gid)?;
     }
-    // mlockall(MCL_FUTURE) stays in force after the switch; without a lifted limit every
-    // later allocation (thread stacks, buffers) of the unprivileged process would fail.
-    // Where the limit cannot be lifted (no CAP_SYS_RESOURCE, e.g. in containers), keep the
-    // pages locked now but stop locking future mappings.
-    use nix::sys::mman::munlockall;
     use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit, setrlimit};
     let _ = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY);
-    if getrlimit(Resource::RLIMIT_MEMLOCK).map(|(soft, _)| soft) != Ok(RLIM_INFINITY) {
-        tracing::warn!("RLIMIT_MEMLOCK cannot be lifted: locking current memory only");
-        let _ = munlockall();
-        let _ = mlockall(MlockAllFlags::MCL_CURRENT | ON_FAULT);
-    }
+    let unlimited = getrlimit(Resource::RLIMIT_MEMLOCK).map(|(soft, _)| soft) == Ok(RLIM_INFINITY);
+    let keep_ipc_lock = !unlimited
+        && match keep_capabilities_across_switch() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "RLIMIT_MEMLOCK cannot be lifted nor CAP_IPC_LOCK kept: locking current memory only"
+                );
+                let _ = nix::sys::mman::munlockall();
+                let _ = mlockall(MlockAllFlags::MCL_CURRENT | ON_FAULT);
+                false
+            }
+        };
     nix::unistd::setgroups(&[]).map_err(|e| Error::Harden(format!("setgroups: {e}")))?;
     nix::unistd::setresgid(gid.into(), gid.into(), gid.into())
         .map_err(|e| Error::Harden(format!("setresgid: {e}")))?;
     nix::unistd::setresuid(uid.into(), uid.into(), uid.into())
         .map_err(|e| Error::Harden(format!("setresuid: {e}")))?;
+    if keep_ipc_lock {
+        // Kept every root capability through the switch: down to IPC_LOCK, or fail.
+        ipc_lock_only().map_err(|e| Error::Harden(format!("capabilities: {e}")))?;
+    }
     // Changing credentials resets the dumpable flag; clear it again.
     caas_crypto::hardening::set_not_dumpable().map_err(|e| Error::Harden(e.to_string()))?;
     Ok(Some(uid))
+}
+
+/// Before the switch: an empty bounding set (no later execve can gain a capability) and
+/// SECBIT_KEEP_CAPS, so that the switch keeps the permitted set for [`ipc_lock_only`].
+fn keep_capabilities_across_switch() -> Result<(), caps::errors::CapsError> {
+    caps::clear(None, caps::CapSet::Bounding)?;
+    caps::securebits::set_keepcaps(true)
+}
+
+/// After the switch: CAP_IPC_LOCK permitted and effective, nothing else anywhere, and
+/// SECBIT_KEEP_CAPS off again.
+fn ipc_lock_only() -> Result<(), caps::errors::CapsError> {
+    use caps::{CapSet, Capability};
+    let only: caps::CapsHashSet = [Capability::CAP_IPC_LOCK].into_iter().collect();
+    caps::set(None, CapSet::Effective, &only)?;
+    caps::set(None, CapSet::Permitted, &only)?;
+    caps::clear(None, CapSet::Inheritable)?;
+    caps::clear(None, CapSet::Ambient)?;
+    caps::securebits::set_keepcaps(false)
 }
 
 fn chown_tree(p: &std::path::Path, uid: u32, gid: u32) -> Result<(), Error> {
@@ -160,5 +199,8 @@ fn install_seccomp() -> Result<(), Error> {
     let prog: seccompiler::BpfProgram = filter
         .try_into()
         .map_err(|e: seccompiler::BackendError| Error::Harden(format!("seccomp compile: {e}")))?;
-    seccompiler::apply_filter(&prog).map_err(|e| Error::Harden(format!("seccomp apply: {e}")))
+    // Every thread of the process (TSYNC): a filter is per thread, and the domain has
+    // threads by now (its audit log's flusher).
+    seccompiler::apply_filter_all_threads(&prog)
+        .map_err(|e| Error::Harden(format!("seccomp apply: {e}")))
 }

@@ -647,9 +647,49 @@ async fn serve_cmd(
         upgrade_locked(store, file, None, key).await?;
         store = open_store(&a.store, true).await?;
     }
-    if let (Some((uid, gid)), Some(drop_to)) = (a.run_as, hardening.drop_to) {
-        drop_to(uid, gid).map_err(|e| Error::Config(format!("--run-as {uid}:{gid}: {e}")))?;
+    let dropped = drop_privileges(&a, hardening)?;
+    on_serving_threads(dropped, serve_opened(a, store, key, tls)).await
+}
+
+/// Switches to `--run-as` for good (when given). Returns whether it did.
+fn drop_privileges(a: &ServeArgs, hardening: Hardening) -> Result<bool, Error> {
+    match (a.run_as, hardening.drop_to) {
+        (Some((uid, gid)), Some(drop_to)) => {
+            drop_to(uid, gid).map_err(|e| Error::Config(format!("--run-as {uid}:{gid}: {e}")))?;
+            Ok(true)
+        }
+        _ => Ok(false),
     }
+}
+
+/// Runs `work` to its end; after a privilege drop, on a runtime whose threads are created
+/// now, from this thread. Capabilities are per thread: the drop leaves CAP_IPC_LOCK, which
+/// lets the process keep mapping locked memory past its RLIMIT_MEMLOCK (mlockall's
+/// MCL_FUTURE stays in force), to the calling thread alone, and threads that existed before
+/// it (the caller's runtime) keep none. Threads started from this one inherit it.
+async fn on_serving_threads<F>(dropped: bool, work: F) -> Result<(), Error>
+where
+    F: std::future::Future<Output = Result<(), Error>> + Send + 'static,
+{
+    if !dropped {
+        return work.await;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::io("start the serving runtime"))?;
+    let r = rt.spawn(work).await;
+    rt.shutdown_background();
+    r.map_err(|e| Error::Config(format!("the serving task failed: {e}")))?
+}
+
+/// `serve` once the store is open and the key read: opens the volume and serves it.
+async fn serve_opened(
+    a: ServeArgs,
+    store: Store,
+    key: Option<KeyInput>,
+    tls: Option<server::TlsSettings>,
+) -> Result<(), Error> {
     let (backend, vol) = match key {
         None => {
             tracing::warn!(
@@ -779,9 +819,19 @@ async fn serve_deferred(
             .map_err(|_| Error::Config("bad key".into()))?,
     ));
     drop(raw);
-    if let (Some((uid, gid)), Some(drop_to)) = (a.run_as, hardening.drop_to) {
-        drop_to(uid, gid).map_err(|e| Error::Config(format!("--run-as {uid}:{gid}: {e}")))?;
-    }
+    let dropped = drop_privileges(&a, hardening)?;
+    on_serving_threads(dropped, serve_deferred_opened(a, store, key, key_src, tls)).await
+}
+
+/// `serve --defer-open` once the file is open and the key read.
+async fn serve_deferred_opened(
+    a: ServeArgs,
+    store: Store,
+    key: KeyInput,
+    mut key_src: std::fs::File,
+    tls: Option<server::TlsSettings>,
+) -> Result<(), Error> {
+    use std::io::Read as _;
     // The size and mode the handshake advertises come from the header as stored (not yet
     // authenticated): the open refuses a volume that does not match them.
     let (header, _) = engine::inspect(&store).await?;

@@ -112,18 +112,8 @@ const EVENT_INTERVAL: u32 = 1;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .event_interval(EVENT_INTERVAL)
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("caas: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    // The crypto domain is a synchronous, hardened process of its own: no async runtime.
+    // The crypto domain is a synchronous, hardened process of its own: no async runtime
+    // (no thread exists when it drops root, so none escapes its capability set).
     let cmd = match cli.cmd {
         Cmd::Domc(c) => {
             return match caas_domc::cli::run(c) {
@@ -156,6 +146,21 @@ fn main() -> ExitCode {
             };
         }
         other => other,
+    };
+    // `volume serve` drops root and then serves on a runtime it starts after the drop
+    // (capabilities are per thread: caas_sdp::cli): until then, one thread.
+    let mut builder = match &cmd {
+        Cmd::Volume(v) if matches!(v.cmd, caas_sdp::cli::VolumeCommand::Serve(_)) => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let rt = match builder.enable_all().event_interval(EVENT_INTERVAL).build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("caas: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
     };
     let result = rt.block_on(async move {
         match cmd {

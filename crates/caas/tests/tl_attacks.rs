@@ -1564,7 +1564,9 @@ fn no_plaintext_key_on_host_disk_after_launch_and_after_agent_kill() {
 /// dumpable: a process of the crypto domain's identity without CAP_SYS_PTRACE cannot read
 /// its /proc/PID/environ (while it can read a dumpable process's of that identity); the
 /// agent, root with every capability and so unobservable that way, reports
-/// PR_GET_DUMPABLE in its status. The crypto-domain processes have their memory locked.
+/// PR_GET_DUMPABLE in its status. The crypto-domain processes have every resident page
+/// locked (a host administrator reading swap finds none of them), even where their
+/// RLIMIT_MEMLOCK cannot be lifted, and keep no capability but CAP_IPC_LOCK.
 #[test]
 fn key_holding_processes_cannot_dump_core() {
     assert!(
@@ -1654,6 +1656,36 @@ fn key_holding_processes_cannot_dump_core() {
             .parse()
             .unwrap();
         assert!(locked > 0, "{what}: no locked memory");
+        // A host administrator reading the swap device finds no page of it: every mapping
+        // with resident pages is locked (mlockall leaves out only the kernel's special
+        // mappings), including memory the process mapped after dropping root.
+        let unlocked = unlocked_resident(*pid);
+        assert!(
+            unlocked.is_empty(),
+            "{what} ({pid}): resident, unlocked mappings: {unlocked:#?}"
+        );
+        // What kept the locking possible is CAP_IPC_LOCK alone, in every thread, and every
+        // thread was started after the switch (an empty bounding set): one started before
+        // it keeps no capability and could not map memory once the process locks more than
+        // RLIMIT_MEMLOCK.
+        for (tid, set, mask) in capabilities(*pid) {
+            let allowed = if set == "CapBnd" { 0 } else { CAP_IPC_LOCK };
+            assert_eq!(
+                mask & !allowed,
+                0,
+                "{what} ({pid}) thread {tid}: {set} {mask:#x}"
+            );
+        }
+    }
+    // The crypto domain's seccomp filter covers every one of its threads (a filter is per
+    // thread: one started before it would be unfiltered).
+    for t in std::fs::read_dir(format!("/proc/{vsm}/task")).unwrap() {
+        let st = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+        assert!(
+            st.lines()
+                .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
+            "a crypto-domain thread runs without the seccomp filter: {st}"
+        );
     }
     // The host agent runs as root with every capability: no capability-less observer can
     // read it whether it is dumpable or not, so it reports PR_GET_DUMPABLE itself.
@@ -1666,6 +1698,53 @@ fn key_holding_processes_cannot_dump_core() {
         )
         .unwrap();
     assert_eq!(st["dumpable"], json!(false), "host agent: {st}");
+}
+
+/// CAP_IPC_LOCK (bit 14) as a capability mask.
+const CAP_IPC_LOCK: u64 = 1 << 14;
+
+/// The mappings of `pid` with resident pages that are not locked (VmFlags `lo`), except
+/// the kernel's special mappings, which `mlockall` never locks (VM_IO, VM_DONTEXPAND,
+/// VM_PFNMAP, VM_MIXEDMAP: VmFlags `io`, `de`, `pf`, `mm`, e.g. the vDSO).
+fn unlocked_resident(pid: u32) -> Vec<String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut out = Vec::new();
+    let (mut name, mut rss) = (String::new(), 0u64);
+    for line in smaps.lines() {
+        let mut f = line.split_whitespace();
+        let first = f.next().unwrap_or_default();
+        if !first.ends_with(':') {
+            (name, rss) = (line.to_string(), 0);
+        } else if first == "Rss:" {
+            rss = f.next().and_then(|v| v.parse().ok()).unwrap();
+        } else if first == "VmFlags:" {
+            let flags: Vec<&str> = f.collect();
+            let special = flags.iter().any(|x| ["io", "de", "pf", "mm"].contains(x));
+            if rss > 0 && !special && !flags.contains(&"lo") {
+                out.push(format!("{name} (Rss {rss} kB, {})", flags.join(" ")));
+            }
+        }
+    }
+    out
+}
+
+/// Every thread's permitted, effective, inheritable, ambient and bounding capability sets:
+/// (thread id, set name, mask).
+fn capabilities(pid: u32) -> Vec<(String, &'static str, u64)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap();
+        let st = std::fs::read_to_string(t.path().join("status")).unwrap();
+        for set in ["CapPrm", "CapEff", "CapInh", "CapAmb", "CapBnd"] {
+            let v = st
+                .lines()
+                .find_map(|l| l.strip_prefix(set)?.strip_prefix(':'))
+                .unwrap_or_else(|| panic!("{set} missing in thread status"));
+            let mask = u64::from_str_radix(v.trim(), 16).unwrap();
+            out.push((t.file_name().to_string_lossy().into_owned(), set, mask));
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------
