@@ -647,33 +647,28 @@ async fn serve_cmd(
         upgrade_locked(store, file, None, key).await?;
         store = open_store(&a.store, true).await?;
     }
-    let dropped = drop_privileges(&a, hardening)?;
-    on_serving_threads(dropped, serve_opened(a, store, key, tls)).await
+    drop_privileges(&a, hardening)?;
+    on_serving_threads(serve_opened(a, store, key, tls)).await
 }
 
-/// Switches to `--run-as` for good (when given). Returns whether it did.
-fn drop_privileges(a: &ServeArgs, hardening: Hardening) -> Result<bool, Error> {
-    match (a.run_as, hardening.drop_to) {
-        (Some((uid, gid)), Some(drop_to)) => {
-            drop_to(uid, gid).map_err(|e| Error::Config(format!("--run-as {uid}:{gid}: {e}")))?;
-            Ok(true)
-        }
-        _ => Ok(false),
+/// Switches to `--run-as` for good (when given).
+fn drop_privileges(a: &ServeArgs, hardening: Hardening) -> Result<(), Error> {
+    if let (Some((uid, gid)), Some(drop_to)) = (a.run_as, hardening.drop_to) {
+        drop_to(uid, gid).map_err(|e| Error::Config(format!("--run-as {uid}:{gid}: {e}")))?;
     }
+    Ok(())
 }
 
-/// Runs `work` to its end; after a privilege drop, on a runtime whose threads are created
-/// now, from this thread. Capabilities are per thread: the drop leaves CAP_IPC_LOCK, which
-/// lets the process keep mapping locked memory past its RLIMIT_MEMLOCK (mlockall's
-/// MCL_FUTURE stays in force), to the calling thread alone, and threads that existed before
-/// it (the caller's runtime) keep none. Threads started from this one inherit it.
-async fn on_serving_threads<F>(dropped: bool, work: F) -> Result<(), Error>
+/// Runs `work` (the serving) to its end on a multi-thread runtime whose threads are created
+/// now, from this thread, which has dropped root when `--run-as` is given. Capabilities are
+/// per thread: the drop leaves CAP_IPC_LOCK, which lets the process keep mapping locked
+/// memory past its RLIMIT_MEMLOCK (mlockall's MCL_FUTURE stays in force), to the calling
+/// thread alone, and threads that existed before it keep none; threads started from this
+/// one inherit it. `caas volume serve` therefore runs on one thread until here.
+async fn on_serving_threads<F>(work: F) -> Result<(), Error>
 where
     F: std::future::Future<Output = Result<(), Error>> + Send + 'static,
 {
-    if !dropped {
-        return work.await;
-    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -819,8 +814,8 @@ async fn serve_deferred(
             .map_err(|_| Error::Config("bad key".into()))?,
     ));
     drop(raw);
-    let dropped = drop_privileges(&a, hardening)?;
-    on_serving_threads(dropped, serve_deferred_opened(a, store, key, key_src, tls)).await
+    drop_privileges(&a, hardening)?;
+    on_serving_threads(serve_deferred_opened(a, store, key, key_src, tls)).await
 }
 
 /// `serve --defer-open` once the file is open and the key read.
