@@ -65,7 +65,7 @@ pub fn harden(seccomp: bool) -> Result<Report, Error> {
 /// process may lock only RLIMIT_MEMLOCK bytes, so the limit is lifted first; where it
 /// cannot be (no CAP_SYS_RESOURCE, as in containers and this project's CI), the process
 /// keeps **CAP_IPC_LOCK alone** across the switch: permitted = effective = {IPC_LOCK},
-/// nothing inheritable or ambient, an empty bounding set. Without it, memory mapped after
+/// nothing inheritable or ambient. The bounding set is emptied in every case. Without it, memory mapped after
 /// the switch (e.g. the C allocations of aws-lc) would be resident and unlocked, and could
 /// reach swap. Capabilities are per thread: only the calling thread keeps it, so call this
 /// before the process starts the threads that do its work (threads started later inherit
@@ -88,8 +88,13 @@ pub fn drop_privileges(
     use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit, setrlimit};
     let _ = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY);
     let unlimited = getrlimit(Resource::RLIMIT_MEMLOCK).map(|(soft, _)| soft) == Ok(RLIM_INFINITY);
+    // An empty bounding set: no later execve can gain a capability.
+    let bounded = caps::clear(None, caps::CapSet::Bounding);
+    if let Err(e) = &bounded {
+        tracing::warn!(error = %e, "cannot empty the capability bounding set");
+    }
     let keep_ipc_lock = !unlimited
-        && match keep_capabilities_across_switch() {
+        && match bounded.and_then(|()| caps::securebits::set_keepcaps(true)) {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(
@@ -115,15 +120,8 @@ pub fn drop_privileges(
     Ok(Some(uid))
 }
 
-/// Before the switch: an empty bounding set (no later execve can gain a capability) and
-/// SECBIT_KEEP_CAPS, so that the switch keeps the permitted set for [`ipc_lock_only`].
-fn keep_capabilities_across_switch() -> Result<(), caps::errors::CapsError> {
-    caps::clear(None, caps::CapSet::Bounding)?;
-    caps::securebits::set_keepcaps(true)
-}
-
-/// After the switch: CAP_IPC_LOCK permitted and effective, nothing else anywhere, and
-/// SECBIT_KEEP_CAPS off again.
+/// After a switch made with SECBIT_KEEP_CAPS (which kept the permitted set): CAP_IPC_LOCK
+/// permitted and effective, nothing else anywhere, and SECBIT_KEEP_CAPS off again.
 fn ipc_lock_only() -> Result<(), caps::errors::CapsError> {
     use caps::{CapSet, Capability};
     let only: caps::CapsHashSet = [Capability::CAP_IPC_LOCK].into_iter().collect();
