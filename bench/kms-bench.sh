@@ -57,6 +57,12 @@
 #   (Cosmian p99 3.5-7.2 ms.) A third run (16:02 UTC, load 0.2 at the start, same binary):
 #   bounded Encrypt 64B 1.48 / 1.42 (16c / 64c), Decrypt 64B 1.31 / 1.46, Encrypt 1KiB
 #   2.07 / 2.62; strict 0.94 / 1.19, 0.93 / 1.29, 1.37 / 2.14; /healthz p99 3.5 / 4.3 ms.
+#   A fourth run (2026-12-06 17:56 UTC, main at d49a1b8, whose changes are outside the
+#   key service's request path; load 1.9 at the start; /healthz 132 k req/s, p99 3.6 /
+#   2.7 ms): bounded Encrypt 64B 1.62 / 1.43 (16c / 64c), Decrypt 64B 1.51 / 1.50, Encrypt
+#   1KiB 2.72 / 2.74; strict 0.88 / 1.16, 0.92 / 1.24, 1.76 / 2.18; CPU us/req bounded
+#   24.5-29.0, strict 29.0-38.1, Cosmian 39.5-98.7. An hour earlier the same cells ran at
+#   27.7-28.3 us/req and /healthz at 121 k req/s: the host's speed moves in phases.
 #   What changed since the 13:05 run (bounded Encrypt 64B 16c
 #   1.19, 64c 1.26; CPU 29-31 us):
 #   - glibc malloc was ~13 % of caas's CPU (arena locks taken when the writer frees records
