@@ -125,7 +125,13 @@ fn main() -> ExitCode {
             };
         }
         // The network proxy is synchronous too: two frame threads and its control channel.
+        // It holds its network domain's keys: the crypto domain's hardening (one
+        // implementation) first, before any thread or key exists.
         Cmd::Net(c) => {
+            if let Err(e) = caas_domc::harden::harden(false) {
+                eprintln!("caas net: hardening: {e}");
+                return ExitCode::FAILURE;
+            }
             return match caas_sdp::net::run(&c) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -1700,53 +1700,6 @@ fn key_holding_processes_cannot_dump_core() {
     assert_eq!(st["dumpable"], json!(false), "host agent: {st}");
 }
 
-/// CAP_IPC_LOCK (bit 14) as a capability mask.
-const CAP_IPC_LOCK: u64 = 1 << 14;
-
-/// The mappings of `pid` with resident pages that are not locked (VmFlags `lo`), except
-/// the kernel's special mappings, which `mlockall` never locks (VM_IO, VM_DONTEXPAND,
-/// VM_PFNMAP, VM_MIXEDMAP: VmFlags `io`, `de`, `pf`, `mm`, e.g. the vDSO).
-fn unlocked_resident(pid: u32) -> Vec<String> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
-    let mut out = Vec::new();
-    let (mut name, mut rss) = (String::new(), 0u64);
-    for line in smaps.lines() {
-        let mut f = line.split_whitespace();
-        let first = f.next().unwrap_or_default();
-        if !first.ends_with(':') {
-            (name, rss) = (line.to_string(), 0);
-        } else if first == "Rss:" {
-            rss = f.next().and_then(|v| v.parse().ok()).unwrap();
-        } else if first == "VmFlags:" {
-            let flags: Vec<&str> = f.collect();
-            let special = flags.iter().any(|x| ["io", "de", "pf", "mm"].contains(x));
-            if rss > 0 && !special && !flags.contains(&"lo") {
-                out.push(format!("{name} (Rss {rss} kB, {})", flags.join(" ")));
-            }
-        }
-    }
-    out
-}
-
-/// Every thread's permitted, effective, inheritable, ambient and bounding capability sets:
-/// (thread id, set name, mask).
-fn capabilities(pid: u32) -> Vec<(String, &'static str, u64)> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let t = t.unwrap();
-        let st = std::fs::read_to_string(t.path().join("status")).unwrap();
-        for set in ["CapPrm", "CapEff", "CapInh", "CapAmb", "CapBnd"] {
-            let v = st
-                .lines()
-                .find_map(|l| l.strip_prefix(set)?.strip_prefix(':'))
-                .unwrap_or_else(|| panic!("{set} missing in thread status"));
-            let mask = u64::from_str_radix(v.trim(), 16).unwrap();
-            out.push((t.file_name().to_string_lossy().into_owned(), set, mask));
-        }
-    }
-    out
-}
-
 // ---------------------------------------------------------------------------------------
 // Issue 12: network transports authenticate clients with credentials of the launch.
 // ---------------------------------------------------------------------------------------
