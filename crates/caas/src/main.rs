@@ -125,10 +125,11 @@ fn main() -> ExitCode {
             };
         }
         // The network proxy is synchronous too: two frame threads and its control channel.
-        // It holds its network domain's keys: the crypto domain's hardening (one
-        // implementation) first, before any thread or key exists.
+        // It holds its network domain's keys and parses frames from the VM and datagrams
+        // from the network as root: the crypto domain's hardening (one implementation),
+        // seccomp filter included, before any thread or key exists.
         Cmd::Net(c) => {
-            if let Err(e) = caas_domc::harden::harden(false) {
+            if let Err(e) = caas_domc::harden::harden(true) {
                 eprintln!("caas net: hardening: {e}");
                 return ExitCode::FAILURE;
             }
