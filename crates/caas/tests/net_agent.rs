@@ -426,14 +426,7 @@ fn members_on_two_hosts_are_keyed_by_their_agents_and_exchange_frames() {
     );
     // It runs as root and parses what the VM and the network send: every thread is under
     // the seccomp filter (no ptrace, no module loading, no mount, no exec...).
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let st = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
-        assert!(
-            st.lines()
-                .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
-            "a network-proxy thread runs without the seccomp filter: {st}"
-        );
-    }
+    assert_every_thread_filtered(pid, "network proxy");
     // Stopping the VM stops its proxy (audited); the other member's frames go nowhere.
     c.call(
         "POST",

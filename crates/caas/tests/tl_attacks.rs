@@ -1679,14 +1679,7 @@ fn key_holding_processes_cannot_dump_core() {
     }
     // The crypto domain's seccomp filter covers every one of its threads (a filter is per
     // thread: one started before it would be unfiltered).
-    for t in std::fs::read_dir(format!("/proc/{vsm}/task")).unwrap() {
-        let st = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
-        assert!(
-            st.lines()
-                .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
-            "a crypto-domain thread runs without the seccomp filter: {st}"
-        );
-    }
+    assert_every_thread_filtered(vsm, "crypto domain");
     // The host agent runs as root with every capability: no capability-less observer can
     // read it whether it is dumpable or not, so it reports PR_GET_DUMPABLE itself.
     assert_eq!(core_limit(agent), "0 0", "host agent: core limit");

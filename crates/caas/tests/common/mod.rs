@@ -423,3 +423,16 @@ pub fn capabilities(pid: u32) -> Vec<(String, &'static str, u64)> {
     }
     out
 }
+
+/// Every thread of `pid` runs under a seccomp filter (`Seccomp: 2`): a filter is per thread,
+/// so one started before it, or a filter applied without TSYNC, leaves a thread unfiltered.
+pub fn assert_every_thread_filtered(pid: u32, what: &str) {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let st = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+        assert!(
+            st.lines()
+                .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
+            "a {what} thread runs without the seccomp filter: {st}"
+        );
+    }
+}
