@@ -65,12 +65,14 @@ pub fn harden(seccomp: bool) -> Result<Report, Error> {
 /// process may lock only RLIMIT_MEMLOCK bytes, so the limit is lifted first; where it
 /// cannot be (no CAP_SYS_RESOURCE, as in containers and this project's CI), the process
 /// keeps **CAP_IPC_LOCK alone** across the switch: permitted = effective = {IPC_LOCK},
-/// nothing inheritable or ambient. The bounding set is emptied in every case. Without it, memory mapped after
-/// the switch (e.g. the C allocations of aws-lc) would be resident and unlocked, and could
-/// reach swap. Capabilities are per thread: only the calling thread keeps it, so call this
+/// nothing inheritable or ambient. Without that capability, memory mapped after the switch
+/// (e.g. the C allocations of aws-lc) would be resident and unlocked, and could reach swap.
+/// Only if it cannot be kept either does the process lock what it has now, not later
+/// mappings, and warn. The bounding set is emptied in every case.
+///
+/// Capabilities are per thread: only the calling thread keeps CAP_IPC_LOCK, so call this
 /// before the process starts the threads that do its work (threads started later inherit
-/// it); threads that already exist keep no capability at all. Only if the capability cannot
-/// be kept either does the process lock what it has now, not later mappings, and warn.
+/// it); threads that already exist keep no capability at all.
 pub fn drop_privileges(
     run_as: Option<(u32, u32)>,
     paths: &[&std::path::Path],
@@ -197,8 +199,8 @@ fn install_seccomp() -> Result<(), Error> {
     let prog: seccompiler::BpfProgram = filter
         .try_into()
         .map_err(|e: seccompiler::BackendError| Error::Harden(format!("seccomp compile: {e}")))?;
-    // Every thread of the process (TSYNC): a filter is per thread, and the domain has
-    // threads by now (its audit log's flusher).
+    // Every thread of the process (TSYNC): a filter is per thread, and a caller may have
+    // started threads already.
     seccompiler::apply_filter_all_threads(&prog)
         .map_err(|e| Error::Harden(format!("seccomp apply: {e}")))
 }

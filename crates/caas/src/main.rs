@@ -126,14 +126,14 @@ fn main() -> ExitCode {
         }
         // The network proxy is synchronous too: two frame threads and its control channel.
         // It holds its network domain's keys and parses frames from the VM and datagrams
-        // from the network as root: the crypto domain's hardening (one implementation),
-        // seccomp filter included, before any thread or key exists.
+        // from the network as root: the crypto domain's hardening, seccomp filter included.
         Cmd::Net(c) => {
-            if let Err(e) = caas_domc::harden::harden(true) {
-                eprintln!("caas net: hardening: {e}");
-                return ExitCode::FAILURE;
-            }
-            return match caas_sdp::net::run(&c) {
+            let harden = || {
+                caas_domc::harden::harden(true)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            };
+            return match caas_sdp::net::run(&c, harden) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("caas net: {e}");

@@ -405,20 +405,8 @@ fn members_on_two_hosts_are_keyed_by_their_agents_and_exchange_frames() {
     );
     // The proxy holds the domain's key: no core file, and a host administrator reading the
     // swap device finds none of its pages (every resident mapping locked).
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    assert!(
-        limits.lines().any(
-            |l| l.starts_with("Max core file size") && l.split_whitespace().nth(4) == Some("0")
-        ),
-        "network proxy core limit: {limits}"
-    );
-    assert!(
-        status
-            .lines()
-            .any(|l| l.starts_with("VmLck:") && l.split_whitespace().nth(1) != Some("0")),
-        "the network proxy locks no memory: {status}"
-    );
+    assert_eq!(core_limit(pid), "0 0", "network proxy: core limit");
+    assert!(locked_kb(pid) > 0, "the network proxy locks no memory");
     let unlocked = unlocked_resident(pid);
     assert!(
         unlocked.is_empty(),

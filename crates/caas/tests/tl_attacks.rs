@@ -1611,17 +1611,6 @@ fn key_holding_processes_cannot_dump_core() {
             .expect("setpriv is needed (util-linux)");
         out.status.success()
     };
-    let core_limit = |pid: u32| -> String {
-        let l = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-        l.lines()
-            .find(|l| l.starts_with("Max core file size"))
-            .unwrap()
-            .split_whitespace()
-            .skip(4)
-            .take(2)
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
     let (wu, wg) = ids_of(workload);
     // The probe works: a dumpable process of the same identity is readable.
     assert!(
@@ -1647,15 +1636,7 @@ fn key_holding_processes_cannot_dump_core() {
             "{what} ({pid}) is dumpable/ptraceable by its uid"
         );
         assert_eq!(core_limit(*pid), "0 0", "{what}: core limit");
-        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let locked: u64 = st
-            .lines()
-            .find(|l| l.starts_with("VmLck:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!(locked > 0, "{what}: no locked memory");
+        assert!(locked_kb(*pid) > 0, "{what}: no locked memory");
         // A host administrator reading the swap device finds no page of it: every mapping
         // with resident pages is locked (mlockall leaves out only the kernel's special
         // mappings), including memory the process mapped after dropping root.

@@ -25,12 +25,14 @@ pub enum NetCommand {
     Serve(serve::ServeArgs),
 }
 
-/// Runs a `caas net` command.
+/// Runs a `caas net` command. `harden` is the process hardening the binary supplies (one
+/// implementation, `caas_domc::harden`, as for `caas volume serve`): applied first, before
+/// any thread or key exists.
 ///
 /// # Errors
 /// [`serve::ServeError`].
-pub fn run(cmd: &NetCommand) -> Result<(), serve::ServeError> {
+pub fn run(cmd: &NetCommand, harden: fn() -> Result<(), String>) -> Result<(), serve::ServeError> {
     match cmd {
-        NetCommand::Serve(a) => serve::run(a),
+        NetCommand::Serve(a) => serve::run(a, harden),
     }
 }

@@ -434,16 +434,14 @@ pub fn control_loop(
     Ok(())
 }
 
-/// `caas net serve`: hardens the process, starts the proxy, prints
-/// `net ready udp=ADDR vm=PATH`, serves the control channel on stdin/stdout until end of
-/// input, then stops.
+/// `caas net serve`: hardens the process with `harden` (see [`super::run`]), starts the
+/// proxy, prints `net ready udp=ADDR vm=PATH`, serves the control channel on stdin/stdout
+/// until end of input, then stops.
 ///
 /// # Errors
 /// [`ServeError`].
-pub fn run(a: &ServeArgs) -> Result<(), ServeError> {
-    caas_crypto::hardening::set_not_dumpable()
-        .and_then(|()| caas_crypto::hardening::forbid_core_dumps())
-        .map_err(|e| ServeError::Config(format!("hardening: {e}")))?;
+pub fn run(a: &ServeArgs, harden: fn() -> Result<(), String>) -> Result<(), ServeError> {
+    harden().map_err(|e| ServeError::Config(format!("hardening: {e}")))?;
     let run = start(a)?;
     let mut out = std::io::stdout().lock();
     writeln!(

@@ -377,6 +377,30 @@ pub fn net_stat(net: &serde_json::Value, name: &str) -> u64 {
         .unwrap()
 }
 
+/// The soft and hard RLIMIT_CORE of `pid`, as /proc shows them ("0 0": no core file).
+pub fn core_limit(pid: u32) -> String {
+    let l = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    l.lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap()
+        .split_whitespace()
+        .skip(4)
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The locked memory of `pid` in KiB (VmLck).
+pub fn locked_kb(pid: u32) -> u64 {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    st.lines()
+        .find(|l| l.starts_with("VmLck:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// CAP_IPC_LOCK (bit 14) as a capability mask.
 pub const CAP_IPC_LOCK: u64 = 1 << 14;
 
