@@ -51,8 +51,22 @@ pub fn command_without_inherited_fds(
     program: impl AsRef<std::ffi::OsStr>,
 ) -> std::process::Command {
     let mut c = std::process::Command::new("bash");
+    c.arg("-c").arg(CLOSE_AND_EXEC).arg(program);
+    c
+}
+
+/// [`command_without_inherited_fds`] with the child's file-creation mask set to `umask`
+/// (e.g. 0o007 for qemu, whose NIC socket its crypto domain's group must be able to write).
+pub fn command_without_inherited_fds_and_umask(
+    program: impl AsRef<std::ffi::OsStr>,
+    umask: u32,
+) -> std::process::Command {
+    let mut c = std::process::Command::new("bash");
     c.arg("-c")
-        .arg(r#"for p in /proc/$$/fd/*; do n=${p##*/}; if [ "$n" -gt 2 ] && [ -e "$p" ]; then eval "exec $n>&-"; fi; done; exec "$0" "$@""#)
+        .arg(format!("umask {:04o}; {CLOSE_AND_EXEC}", umask & 0o777))
         .arg(program);
     c
 }
+
+/// Closes every descriptor above 2, then runs `$0 "$@"`.
+const CLOSE_AND_EXEC: &str = r#"for p in /proc/$$/fd/*; do n=${p##*/}; if [ "$n" -gt 2 ] && [ -e "$p" ]; then eval "exec $n>&-"; fi; done; exec "$0" "$@""#;

@@ -1,11 +1,13 @@
 //! Workload identities: one crypto domain, one identity. When the host agent runs as root,
 //! each launch gets two uids (= gids) of its own, drawn at random from the configured range
 //! and not used by any running process ([`LaunchIds`]): one for its crypto-domain processes
-//! (its Secure Device Proxies and VSM), one for the workload, so the workload can neither
+//! (its Secure Device Proxies, disk and network, and its VSM), one for the workload, so the workload can neither
 //! signal nor trace its own crypto domain (nor read its memory). The run directory
 //! ([`fresh_dirs`]) is `<vm>/` (the agent's, 0711) with `<vm>/domain/` (the crypto
 //! domain's, group the workload's, 0710: the workload reaches its sockets by name but can
-//! neither list nor create entries) and `<vm>/workload/` (the workload's, 0700). The
+//! neither list nor create entries), `<vm>/workload/` (the workload's, 0700) and
+//! `<vm>/net/` (the VM's NIC sockets: the workload's, group the crypto domain's, 02710,
+//! so that the network proxy, which runs as the crypto domain, reaches qemu's socket). The
 //! sockets accept only the workload's uid and the agent's (SO_PEERCRED), so a co-tenant
 //! can neither reach the directory nor, through another path to a socket, connect. With
 //! `isolation = "required"` (production) a launch that cannot get its own identities is
@@ -90,6 +92,12 @@ pub struct RunDirs {
     pub domain: PathBuf,
     /// `<vm>/workload/`: the workload's spec, injected secrets and ready file.
     pub workload: PathBuf,
+    /// `<vm>/net/`: the VM's NIC, the datagram sockets of qemu and of the network proxy
+    /// (the workload's, group the crypto domain's, 02710: the proxy, which runs as the
+    /// crypto domain, reaches qemu's socket by name but can neither list nor create
+    /// entries; new entries take the crypto domain's group, and qemu runs with umask 007 so
+    /// that its socket is group-writable).
+    pub net: PathBuf,
 }
 
 /// The agent's own effective uid and gid.
@@ -242,6 +250,7 @@ pub fn fresh_dirs(dir: &Path, ids: &LaunchIds) -> Result<RunDirs, Error> {
         root: dir.to_path_buf(),
         domain: dir.join("domain"),
         workload: dir.join("workload"),
+        net: dir.join("net"),
     };
     let (d, w) = (ids.domain.run_as(), ids.workload.run_as());
     std::fs::create_dir(&dirs.domain).map_err(Error::io("create the crypto-domain directory"))?;
@@ -252,6 +261,15 @@ pub fn fresh_dirs(dir: &Path, ids: &LaunchIds) -> Result<RunDirs, Error> {
             .map_err(Error::io("chown the crypto-domain directory"))?;
     }
     fresh_dir(&dirs.workload, w)?;
+    std::fs::create_dir(&dirs.net).map_err(Error::io("create the network directory"))?;
+    if d.own && w.own {
+        std::os::unix::fs::chown(&dirs.net, Some(w.uid), Some(d.gid))
+            .map_err(Error::io("chown the network directory"))?;
+    }
+    // After the chown, which may clear the set-group-ID bit.
+    let mode = if d.own && w.own { 0o2710 } else { 0o700 };
+    std::fs::set_permissions(&dirs.net, std::fs::Permissions::from_mode(mode))
+        .map_err(Error::io("chmod the network directory"))?;
     Ok(dirs)
 }
 

@@ -161,16 +161,18 @@ impl CtlHandle {
 }
 
 impl NetProxy {
-    /// Starts `caas net serve` for `vm_id` in `dir` (the workload's run directory, which
-    /// only its identity and root may write), receiving on `listen_ip` (any port), its VM
-    /// socket owned by `peer_uid` (qemu's identity). It waits for its key on stdin.
+    /// Starts `caas net serve` for `vm_id` in `dir` (the launch's network directory,
+    /// [`crate::identity::RunDirs::net`]), receiving on `listen_ip` (any port). With
+    /// identities of the launch's own (`ids`), its VM socket is owned by the workload's
+    /// (qemu's) and the proxy runs as the crypto domain's once its sockets are bound. It
+    /// waits for its key on stdin.
     pub(crate) fn start(
         exe: &str,
         dir: &Path,
         vm_id: &str,
         attach: &NetAttach,
         listen_ip: std::net::IpAddr,
-        peer_uid: Option<u32>,
+        ids: crate::tl::Ids,
         s: crate::config::NetSettings,
     ) -> Result<Self, Error> {
         let sender = sender_id(&attach.domain, vm_id);
@@ -191,8 +193,12 @@ impl NetProxy {
             .arg(s.switch_after_ms.to_string())
             .arg("--retire-after-ms")
             .arg(s.retire_after_ms.to_string());
-        if let Some(uid) = peer_uid {
-            cmd.arg("--peer-uid").arg(uid.to_string());
+        if ids.workload.own {
+            cmd.arg("--peer-uid").arg(ids.workload.uid.to_string());
+        }
+        if ids.domain.own {
+            cmd.arg("--run-as")
+                .arg(format!("{}:{}", ids.domain.uid, ids.domain.gid));
         }
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
         let mut child = cmd.spawn().map_err(Error::io("start the network proxy"))?;
@@ -372,7 +378,7 @@ use crate::agent::Agent;
 
 impl Agent {
     /// Starts the network proxy of `vm_id` (registered, its crypto domain keyed) in its
-    /// workload directory `dir`, keys it with N's current key from the TTP and returns the
+    /// network directory `dir`, keys it with N's current key from the TTP and returns the
     /// NIC for the qemu driver (a process workload has no NIC: `None`, the proxy still runs
     /// for its domain). Audited: `NetProxyStart`, `NetKey`.
     pub(crate) async fn start_net(
@@ -380,10 +386,10 @@ impl Agent {
         vm_id: &str,
         n: &NetAttach,
         dir: &Path,
-        id: crate::identity::RunAs,
+        ids: crate::tl::Ids,
         driver: &str,
     ) -> Result<Option<caas_workload::NetSpec>, Error> {
-        let (ctl, spec) = self.attach_net(vm_id, n, dir, id).await?;
+        let (ctl, spec) = self.attach_net(vm_id, n, dir, ids).await?;
         self.key_net(vm_id, n, &ctl, None).await?;
         Ok((driver == "qemu").then_some(spec))
     }
@@ -395,9 +401,9 @@ impl Agent {
         vm_id: &str,
         n: &NetAttach,
         dir: &Path,
-        id: crate::identity::RunAs,
+        ids: crate::tl::Ids,
     ) -> Result<(CtlHandle, caas_workload::NetSpec), Error> {
-        let proxy = self.spawn_net(vm_id, n, dir, id).await?;
+        let proxy = self.spawn_net(vm_id, n, dir, ids).await?;
         let (ctl, spec) = (proxy.ctl(), proxy.spec());
         let mut g = self.tl.workloads.lock().await;
         let w = g
@@ -414,7 +420,7 @@ impl Agent {
         vm_id: &str,
         n: &NetAttach,
         dir: &Path,
-        id: crate::identity::RunAs,
+        ids: crate::tl::Ids,
     ) -> Result<NetProxy, Error> {
         let subject = format!("{vm_id}/{}", n.domain);
         let started = async {
@@ -422,10 +428,9 @@ impl Agent {
             let exe = crate::tl::caas_exe()?;
             let (dir, n2, vm) = (dir.to_path_buf(), n.clone(), vm_id.to_string());
             let listen = crate::tl::workload_listen_ip(self.cfg.listen.ip());
-            let peer_uid = id.own.then_some(id.uid);
             let s = self.cfg.net;
             tokio::task::spawn_blocking(move || {
-                NetProxy::start(&exe, &dir, &vm, &n2, listen, peer_uid, s)
+                NetProxy::start(&exe, &dir, &vm, &n2, listen, ids, s)
             })
             .await
             .map_err(|e| Error::Domain(format!("network proxy task: {e}")))?

@@ -879,15 +879,15 @@ async fn wait_for(ep: &Endpoint, proc: &mut Proc, timeout: Duration) -> Result<(
 
 /// The two identities of a launch, as its processes are started with them.
 #[derive(Debug, Clone, Copy)]
-struct Ids {
+pub(crate) struct Ids {
     /// The crypto domain's.
-    domain: RunAs,
+    pub(crate) domain: RunAs,
     /// The workload's.
-    workload: RunAs,
+    pub(crate) workload: RunAs,
 }
 
 impl Ids {
-    fn of(l: &LaunchIds) -> Self {
+    pub(crate) fn of(l: &LaunchIds) -> Self {
         Self {
             domain: l.domain.run_as(),
             workload: l.workload.run_as(),
@@ -1204,6 +1204,21 @@ pub(crate) fn workload_listen_ip(agent: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
+/// The command that starts a workload (qemu, or the process that stands in for a VM) as
+/// `owner`: no inherited descriptor, stdout discarded, and file-creation mask 007, so that
+/// qemu's NIC socket in the network directory, whose group is the crypto domain's, is
+/// writable by the network proxy ([`crate::identity::RunDirs::net`]); the workload's
+/// other files are in its own 0700 directory.
+fn workload_command(program: &Path, owner: Option<(u32, u32)>) -> std::process::Command {
+    let mut cmd = caas_crypto::hardening::command_without_inherited_fds_and_umask(program, 0o007);
+    cmd.stdout(Stdio::null());
+    if let Some((uid, gid)) = owner {
+        use std::os::unix::process::CommandExt as _;
+        cmd.uid(uid).gid(gid);
+    }
+    cmd
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn start_workload(
     vm_id: &str,
@@ -1265,12 +1280,7 @@ async fn start_workload(
         }
     };
     let program = driver.program().map_err(wl)?;
-    let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(program.display().to_string());
-    cmd.stdout(Stdio::null());
-    if let Some((uid, gid)) = owner {
-        use std::os::unix::process::CommandExt as _;
-        cmd.uid(uid).gid(gid);
-    }
+    let cmd = workload_command(&program, owner);
     let mut handle = driver.start(&spec, cmd).map_err(wl)?;
     if incoming {
         // The guest does not boot: it waits for its state (`-incoming defer -S`); qemu has
@@ -1577,7 +1587,11 @@ impl Agent {
             w.vsm_socket.clone(),
             w.identity.workload.run_as(),
         );
-        let (sock_dir, ids) = (w.dirs.domain.clone(), Ids::of(&w.identity));
+        let (sock_dir, net_dir, ids) = (
+            w.dirs.domain.clone(),
+            w.dirs.net.clone(),
+            Ids::of(&w.identity),
+        );
         self.tl.workloads.lock().await.insert(call.vm_id.clone(), w);
         // The volumes: keys under the new session now, served to qemu at its start, opened
         // only after the source's commit (`finish_incoming`).
@@ -1606,7 +1620,7 @@ impl Agent {
         // only after the source's commit (`finish_incoming`): this session's first key
         // retires the source's at the TTP.
         let network = match &t.net {
-            Some(n) => Some(self.attach_net(&call.vm_id, n, &dir, run_as).await?.1),
+            Some(n) => Some(self.attach_net(&call.vm_id, n, &net_dir, ids).await?.1),
             None => None,
         };
         let pk: [u8; 32] = secrets
@@ -2177,7 +2191,7 @@ impl Agent {
         let pk: [u8; 32] = pk_dm
             .try_into()
             .map_err(|_| Error::InvalidRequest("pk_DM must be 32 bytes".into()))?;
-        let (tls, dir, disk, vsm_socket, id) = {
+        let (tls, dir, net_dir, disk, vsm_socket, ids) = {
             let mut g = self.tl.workloads.lock().await;
             let w = g
                 .get_mut(&call.vm_id)
@@ -2185,11 +2199,13 @@ impl Agent {
             (
                 w.tls_client.take(),
                 w.dirs.workload.clone(),
+                w.dirs.net.clone(),
                 w.disk_uri.clone(),
                 w.vsm_socket.clone(),
-                w.identity.workload.run_as(),
+                Ids::of(&w.identity),
             )
         };
+        let id = ids.workload;
         let injected = caas_workload::InjectedSecrets {
             tau: caas_crypto::SecretBytes::from_slice(tau),
             pk_dm: pk,
@@ -2198,7 +2214,9 @@ impl Agent {
         let network = match &call.net {
             Some(n) => {
                 let t = Instant::now();
-                let spec = self.start_net(&call.vm_id, n, &dir, id, driver).await?;
+                let spec = self
+                    .start_net(&call.vm_id, n, &net_dir, ids, driver)
+                    .await?;
                 timings.push(("network proxy keyed (TTP, TPM)".to_string(), ms(t)));
                 spec
             }
@@ -3449,7 +3467,9 @@ impl Agent {
             Some(n) => {
                 let t = Instant::now();
                 let started = async {
-                    let proxy = self.spawn_net(vm_id, n, &dir, run_as).await?;
+                    let proxy = self
+                        .spawn_net(vm_id, n, &w.dirs.net, Ids::of(&w.identity))
+                        .await?;
                     let (ctl, spec) = (proxy.ctl(), proxy.spec());
                     w.net = Some(proxy);
                     let creds = crate::net::NetCreds {
@@ -3566,12 +3586,7 @@ async fn restore_workload(
     driver.incoming = true;
     let wl = |e: caas_workload::Error| Error::Domain(format!("workload: {e}"));
     let program = driver.program().map_err(wl)?;
-    let mut cmd = caas_tpm::swtpm::command_without_inherited_fds(program.display().to_string());
-    cmd.stdout(Stdio::null());
-    if let Some((uid, gid)) = owner {
-        use std::os::unix::process::CommandExt as _;
-        cmd.uid(uid).gid(gid);
-    }
+    let cmd = workload_command(&program, owner);
     let handle = driver.start(&spec, cmd).map_err(wl)?;
     let (handle, r) = tokio::task::spawn_blocking(move || {
         let r = (|| {

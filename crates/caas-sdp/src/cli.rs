@@ -229,7 +229,7 @@ pub struct InfoArgs {
     pub key: KeyArgs,
 }
 
-fn parse_ids(s: &str) -> Result<(u32, u32), String> {
+pub(crate) fn parse_ids(s: &str) -> Result<(u32, u32), String> {
     let (u, g) = s.split_once(':').ok_or("expected UID:GID")?;
     Ok((
         u.parse().map_err(|e| format!("uid: {e}"))?,
@@ -240,8 +240,9 @@ fn parse_ids(s: &str) -> Result<(u32, u32), String> {
 /// Switches the process to UID:GID for good.
 pub type DropTo = fn(u32, u32) -> Result<(), String>;
 
-/// Process hardening of `caas volume serve`, supplied by the binary so that there is one
-/// implementation (`caas_domc::harden`): the proxy holds a volume key.
+/// Process hardening of the Secure Device Proxies (`caas volume serve`, `caas net serve`),
+/// supplied by the binary so that there is one implementation (`caas_domc::harden`): they
+/// hold their domain's keys.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Hardening {
     /// Applied first, before the key is read: not dumpable (no core file, no ptrace by the
@@ -249,6 +250,9 @@ pub struct Hardening {
     pub harden: Option<fn() -> Result<(), String>>,
     /// Switches to UID:GID for good (`--run-as`).
     pub drop_to: Option<DropTo>,
+    /// The seccomp deny-list, installed after the switch (it denies the switch's calls)
+    /// and before any thread that parses input starts (`caas net serve`).
+    pub seccomp: Option<fn() -> Result<(), String>>,
 }
 
 /// Parses "4096", "64M", "1G", ...

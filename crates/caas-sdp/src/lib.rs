@@ -15,8 +15,9 @@
 //! Peers: a UNIX-socket client must be the proxy's own uid or a `--peer-uid` (SO_PEERCRED),
 //! a vsock client the `--vsock-peer-cid`; refusals are logged with the reason and counted.
 //! `caas volume serve` is hardened by the binary before the key arrives (not dumpable,
-//! RLIMIT_CORE 0, memory locked: [`cli::Hardening`]) and, with `--run-as`, switches to the
-//! workload's identity once the store is open and the key read.
+//! RLIMIT_CORE 0, memory locked: [`cli::Hardening`]) and, with `--run-as`, switches to its
+//! crypto domain's identity once the store is open and the key read; `caas net serve`
+//! likewise once its sockets are bound, then adds the seccomp filter ([`net::serve::run`]).
 //!
 //! Volumes are format v2 (`docs/volume-format.md`): per-session keys, an authenticated
 //! state sector whose rollback is refused at open ([`engine::OpenOptions::min_epoch`] is the

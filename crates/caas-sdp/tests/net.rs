@@ -26,6 +26,7 @@ fn node(dir: &Path, name: &str, domain: &str, sender: u32) -> Node {
         vm_socket: dir.join(format!("{name}.proxy.sock")),
         vm_peer: dir.join(format!("{name}.vm.sock")),
         peer_uid: None,
+        run_as: None,
         switch_after_ms: 2000,
         retire_after_ms: 30_000,
     };
@@ -323,6 +324,7 @@ fn bad_arguments_are_refused_before_any_socket_exists() {
         vm_socket: dir.path().join("p.sock"),
         vm_peer: dir.path().join("v.sock"),
         peer_uid: None,
+        run_as: None,
         switch_after_ms: switch,
         retire_after_ms: retire,
     };

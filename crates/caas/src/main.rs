@@ -124,16 +124,25 @@ fn main() -> ExitCode {
                 }
             };
         }
-        // The network proxy is synchronous too: two frame threads and its control channel.
+        // The network proxy is synchronous too: one frame thread and its control channel.
         // It holds its network domain's keys and parses frames from the VM and datagrams
-        // from the network as root: the crypto domain's hardening, seccomp filter included.
+        // from the network: the crypto domain's hardening, then (`--run-as`) its identity
+        // and the seccomp filter before the frame thread starts (caas_sdp::net::serve::run).
         Cmd::Net(c) => {
-            let harden = || {
-                caas_domc::harden::harden(true)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
+            let hardening = caas_sdp::cli::Hardening {
+                harden: Some(|| {
+                    caas_domc::harden::harden(false)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }),
+                drop_to: Some(|uid, gid| {
+                    caas_domc::harden::drop_privileges(Some((uid, gid)), &[])
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }),
+                seccomp: Some(|| caas_domc::harden::harden_seccomp().map_err(|e| e.to_string())),
             };
-            return match caas_sdp::net::run(&c, harden) {
+            return match caas_sdp::net::run(&c, hardening) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("caas net: {e}");

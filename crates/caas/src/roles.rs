@@ -182,6 +182,7 @@ pub async fn run_volume(a: VolumeArgs) -> Result<()> {
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         }),
+        seccomp: None,
     };
     caas_sdp::cli::run_hardened(a.cmd, provider, hardening)
         .await

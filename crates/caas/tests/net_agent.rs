@@ -15,6 +15,7 @@ mod common;
 use caas_attest::client::HttpClient;
 use common::*;
 use serde_json::{Value, json};
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -46,7 +47,6 @@ impl Cloud {
     /// `caas dev` with `extra` in its (and its agents') environment.
     fn start_with(deliver_revocations: bool, hosts: usize, extra: &[(&str, &str)]) -> Self {
         let tmp = tempfile::tempdir().unwrap();
-        use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         let root = tmp.path().to_path_buf();
         let retire = RETIRE_MS.to_string();
@@ -275,6 +275,9 @@ impl Nic {
         let vm = PathBuf::from(net["vm_socket"].as_str().unwrap());
         let _ = std::fs::remove_file(&vm);
         let sock = UnixDatagram::bind(&vm).unwrap();
+        // As qemu creates it (the agent starts qemu with umask 007): writable by the
+        // directory's group, the crypto domain's, as which the proxy runs.
+        std::fs::set_permissions(&vm, std::fs::Permissions::from_mode(0o770)).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
         let mac: Vec<u8> = net["mac"]
@@ -412,8 +415,31 @@ fn members_on_two_hosts_are_keyed_by_their_agents_and_exchange_frames() {
         unlocked.is_empty(),
         "network proxy: resident, unlocked mappings: {unlocked:#?}"
     );
-    // It runs as root and parses what the VM and the network send: every thread is under
-    // the seccomp filter (no ptrace, no module loading, no mount, no exec...).
+    // It parses what the VM and the network send, so a parsing bug is the attacker's code
+    // in it: it runs as its crypto domain (the owner of `<vm>/domain`), neither root nor the
+    // workload (the owner of `<vm>/net`, qemu's socket's directory), with no capability but
+    // CAP_IPC_LOCK in any thread, and every thread under the seccomp filter (no ptrace, no
+    // module loading, no mount, no exec...).
+    let net_dir = Path::new(a.sock.local_addr().unwrap().as_pathname().unwrap())
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let domain_dir = net_dir.parent().unwrap().join("domain");
+    let (du, wu) = (
+        std::fs::metadata(&domain_dir).unwrap().uid(),
+        std::fs::metadata(&net_dir).unwrap().uid(),
+    );
+    let (pu, pg) = ids_of(pid);
+    assert!(
+        pu != 0 && pu != wu,
+        "network proxy uid {pu} (workload {wu})"
+    );
+    assert_eq!(
+        (pu, pg),
+        (du, du),
+        "the network proxy runs as its crypto domain"
+    );
+    assert_capabilities_at_most_ipc_lock(pid, "network proxy");
     assert_every_thread_filtered(pid, "network proxy");
     // Stopping the VM stops its proxy (audited); the other member's frames go nowhere.
     c.call(
@@ -818,7 +844,6 @@ fn stopped_member_is_rekeyed_out_and_its_old_epoch_frames_stop_after_the_overlap
 /// held is not left current until the scheduled rekey.
 #[test]
 fn a_member_whose_vm_fails_to_start_leaves_and_the_domain_is_rekeyed() {
-    use std::os::unix::fs::PermissionsExt;
     let bin = tempfile::tempdir().unwrap();
     let qemu = bin.path().join("qemu-system-x86_64");
     std::fs::write(&qemu, "#!/bin/sh\nexit 1\n").unwrap();

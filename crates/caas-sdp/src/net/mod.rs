@@ -25,14 +25,15 @@ pub enum NetCommand {
     Serve(serve::ServeArgs),
 }
 
-/// Runs a `caas net` command. `harden` is the process hardening the binary supplies (one
+/// Runs a `caas net` command. `hardening` is the process hardening the binary supplies (one
 /// implementation, `caas_domc::harden`, as for `caas volume serve`): applied first, before
-/// any thread or key exists.
+/// any thread or key exists; the switch to `--run-as` and the seccomp filter follow once
+/// the sockets are bound ([`serve::run`]).
 ///
 /// # Errors
 /// [`serve::ServeError`].
-pub fn run(cmd: &NetCommand, harden: fn() -> Result<(), String>) -> Result<(), serve::ServeError> {
+pub fn run(cmd: &NetCommand, hardening: crate::cli::Hardening) -> Result<(), serve::ServeError> {
     match cmd {
-        NetCommand::Serve(a) => serve::run(a, harden),
+        NetCommand::Serve(a) => serve::run(a, hardening),
     }
 }

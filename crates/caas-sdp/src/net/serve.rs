@@ -80,6 +80,11 @@ pub struct ServeArgs {
     /// Owner of the VM socket when the VM runs as another user than this proxy.
     #[arg(long)]
     pub peer_uid: Option<u32>,
+    /// When started as root: switch to UID:GID for good once the sockets are bound, before
+    /// any frame is read (the host agent runs each proxy under its crypto domain's
+    /// identity). The VM's socket must then be writable by UID or GID.
+    #[arg(long, value_name = "UID:GID", value_parser = crate::cli::parse_ids)]
+    pub run_as: Option<(u32, u32)>,
     /// Start sending under a newly installed epoch at the latest after this long (ms).
     #[arg(long, default_value_t = 2000)]
     pub switch_after_ms: u64,
@@ -175,11 +180,31 @@ fn big_buffers(fd: &impl std::os::fd::AsFd) {
     let _ = setsockopt(fd, sockopt::SndBuf, &(4 << 20));
 }
 
+/// A proxy's sockets, bound with the privileges it was started with, its frame thread not
+/// yet started ([`Bound::serve`]): `caas net serve` switches identity in between.
+#[derive(Debug)]
+pub struct Bound {
+    shared: Arc<Shared>,
+    vm: UnixDatagram,
+    udp: UdpSocket,
+    local: SocketAddr,
+    vm_peer: PathBuf,
+    vm_socket: PathBuf,
+}
+
 /// Binds the sockets and starts the frame threads.
 ///
 /// # Errors
 /// [`ServeError`] for bad arguments or sockets that cannot be set up.
 pub fn start(a: &ServeArgs) -> Result<Running, ServeError> {
+    bind(a)?.serve()
+}
+
+/// Checks the arguments and binds the sockets.
+///
+/// # Errors
+/// [`ServeError`] for bad arguments or sockets that cannot be set up.
+pub fn bind(a: &ServeArgs) -> Result<Bound, ServeError> {
     let domain = DomainId::new(&a.domain).map_err(ServeError::Config)?;
     if a.retire_after_ms < a.switch_after_ms {
         // Else a proxy could still send under an epoch its peers already retired.
@@ -207,32 +232,57 @@ pub fn start(a: &ServeArgs) -> Result<Running, ServeError> {
         .map_err(io("vm socket timeout"))?;
     udp.set_write_timeout(Some(TICK))
         .map_err(io("udp timeout"))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let frames = {
-        let pump = Pump {
-            eg: Egress::new(shared.clone()),
-            ing: Ingress::new(shared.clone()),
-            shared: shared.clone(),
-            vm,
-            udp,
-            peer: a.vm_peer.clone(),
-            vm_buf: vec![0u8; 65_536],
-            udp_buf: vec![0u8; MAX_DATAGRAM + 1],
-            logged: std::collections::HashSet::new(),
-        };
-        let stop = stop.clone();
-        std::thread::Builder::new()
-            .name("net-frames".into())
-            .spawn(move || pump.run(&stop, spin_budget()))
-            .map_err(io("thread"))?
-    };
-    Ok(Running {
+    Ok(Bound {
         shared,
-        udp: local,
-        stop,
-        threads: vec![frames],
+        vm,
+        udp,
+        local,
+        vm_peer: a.vm_peer.clone(),
         vm_socket: a.vm_socket.clone(),
     })
+}
+
+impl Bound {
+    /// Starts the frame thread.
+    ///
+    /// # Errors
+    /// [`ServeError::Io`] when the thread cannot be started.
+    pub fn serve(self) -> Result<Running, ServeError> {
+        let Bound {
+            shared,
+            vm,
+            udp,
+            local,
+            vm_peer,
+            vm_socket,
+        } = self;
+        let stop = Arc::new(AtomicBool::new(false));
+        let frames = {
+            let pump = Pump {
+                eg: Egress::new(shared.clone()),
+                ing: Ingress::new(shared.clone()),
+                shared: shared.clone(),
+                vm,
+                udp,
+                peer: vm_peer,
+                vm_buf: vec![0u8; 65_536],
+                udp_buf: vec![0u8; MAX_DATAGRAM + 1],
+                logged: std::collections::HashSet::new(),
+            };
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("net-frames".into())
+                .spawn(move || pump.run(&stop, spin_budget()))
+                .map_err(io("thread"))?
+        };
+        Ok(Running {
+            shared,
+            udp: local,
+            stop,
+            threads: vec![frames],
+            vm_socket,
+        })
+    }
 }
 
 /// How long the frame thread sleeps at most between looks at the stop flag, and how long
@@ -434,15 +484,35 @@ pub fn control_loop(
     Ok(())
 }
 
-/// `caas net serve`: hardens the process with `harden` (see [`super::run`]), starts the
-/// proxy, prints `net ready udp=ADDR vm=PATH`, serves the control channel on stdin/stdout
-/// until end of input, then stops.
+/// `caas net serve`: hardens the process (`hardening`, see [`super::run`]), binds the
+/// sockets, switches to `--run-as` for good, installs the seccomp filter, starts the frame
+/// thread, prints `net ready udp=ADDR vm=PATH`, serves the control channel on stdin/stdout
+/// until end of input, then stops. No thread exists before the switch (capabilities and
+/// filters are per thread, see `caas_domc::harden::drop_privileges`), and no frame or
+/// datagram is read before it: a parsing bug is reached only in the unprivileged,
+/// filtered process.
 ///
 /// # Errors
 /// [`ServeError`].
-pub fn run(a: &ServeArgs, harden: fn() -> Result<(), String>) -> Result<(), ServeError> {
-    harden().map_err(|e| ServeError::Config(format!("hardening: {e}")))?;
-    let run = start(a)?;
+pub fn run(a: &ServeArgs, hardening: crate::cli::Hardening) -> Result<(), ServeError> {
+    let step = |what: &str, f: Option<fn() -> Result<(), String>>| match f {
+        Some(f) => f().map_err(|e| ServeError::Config(format!("{what}: {e}"))),
+        None => Ok(()),
+    };
+    step("hardening", hardening.harden)?;
+    let bound = bind(a)?;
+    match (a.run_as, hardening.drop_to) {
+        (Some((uid, gid)), Some(drop_to)) => drop_to(uid, gid)
+            .map_err(|e| ServeError::Config(format!("--run-as {uid}:{gid}: {e}")))?,
+        (Some(_), None) => {
+            return Err(ServeError::Config(
+                "--run-as is not supported by this binary (use caas net serve)".into(),
+            ));
+        }
+        (None, _) => {}
+    }
+    step("seccomp", hardening.seccomp)?;
+    let run = bound.serve()?;
     let mut out = std::io::stdout().lock();
     writeln!(
         out,

@@ -429,10 +429,11 @@ pub fn unlocked_resident(pid: u32) -> Vec<String> {
     out
 }
 
-/// Every thread's permitted, effective, inheritable, ambient and bounding capability sets:
-/// (thread id, set name, mask).
-pub fn capabilities(pid: u32) -> Vec<(String, &'static str, u64)> {
-    let mut out = Vec::new();
+/// Every thread of `pid` holds at most CAP_IPC_LOCK (permitted, effective, inheritable,
+/// ambient) and has an empty bounding set, which proves it was started after the process
+/// dropped root: one started before the switch keeps no capability and could not map
+/// memory once the process locks more than RLIMIT_MEMLOCK (`caas_domc::harden`).
+pub fn assert_capabilities_at_most_ipc_lock(pid: u32, what: &str) {
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let t = t.unwrap();
         let st = std::fs::read_to_string(t.path().join("status")).unwrap();
@@ -442,10 +443,29 @@ pub fn capabilities(pid: u32) -> Vec<(String, &'static str, u64)> {
                 .find_map(|l| l.strip_prefix(set)?.strip_prefix(':'))
                 .unwrap_or_else(|| panic!("{set} missing in thread status"));
             let mask = u64::from_str_radix(v.trim(), 16).unwrap();
-            out.push((t.file_name().to_string_lossy().into_owned(), set, mask));
+            let allowed = if set == "CapBnd" { 0 } else { CAP_IPC_LOCK };
+            assert_eq!(
+                mask & !allowed,
+                0,
+                "{what} ({pid}) thread {}: {set} {mask:#x}",
+                t.file_name().to_string_lossy()
+            );
         }
     }
-    out
+}
+
+/// (uid, gid) of a process (real ids from /proc/PID/status).
+pub fn ids_of(pid: u32) -> (u32, u32) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u32 {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    (field("Uid:"), field("Gid:"))
 }
 
 /// Every thread of `pid` runs under a seccomp filter (`Seccomp: 2`): a filter is per thread,
