@@ -251,7 +251,7 @@ pub struct Hardening {
     /// Switches to UID:GID for good (`--run-as`).
     pub drop_to: Option<DropTo>,
     /// The seccomp deny-list, installed after the switch (it denies the switch's calls)
-    /// and before any thread that parses input starts (`caas net serve`).
+    /// and before any thread that parses input starts.
     pub seccomp: Option<fn() -> Result<(), String>>,
 }
 
@@ -655,10 +655,15 @@ async fn serve_cmd(
     on_serving_threads(serve_opened(a, store, key, tls)).await
 }
 
-/// Switches to `--run-as` for good (when given).
+/// Switches to `--run-as` for good (when given), then installs the seccomp filter (when
+/// the binary supplies one): before the serving threads start and the first NBD request
+/// from the workload is parsed.
 fn drop_privileges(a: &ServeArgs, hardening: Hardening) -> Result<(), Error> {
     if let (Some((uid, gid)), Some(drop_to)) = (a.run_as, hardening.drop_to) {
         drop_to(uid, gid).map_err(|e| Error::Config(format!("--run-as {uid}:{gid}: {e}")))?;
+    }
+    if let Some(seccomp) = hardening.seccomp {
+        seccomp().map_err(|e| Error::Config(format!("seccomp: {e}")))?;
     }
     Ok(())
 }

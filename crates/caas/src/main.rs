@@ -129,20 +129,7 @@ fn main() -> ExitCode {
         // from the network: the crypto domain's hardening, then (`--run-as`) its identity
         // and the seccomp filter before the frame thread starts (caas_sdp::net::serve::run).
         Cmd::Net(c) => {
-            let hardening = caas_sdp::cli::Hardening {
-                harden: Some(|| {
-                    caas_domc::harden::harden(false)
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                }),
-                drop_to: Some(|uid, gid| {
-                    caas_domc::harden::drop_privileges(Some((uid, gid)), &[])
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                }),
-                seccomp: Some(|| caas_domc::harden::harden_seccomp().map_err(|e| e.to_string())),
-            };
-            return match caas_sdp::net::run(&c, hardening) {
+            return match caas_sdp::net::run(&c, roles::device_proxy_hardening()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("caas net: {e}");

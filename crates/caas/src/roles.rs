@@ -169,9 +169,26 @@ pub async fn run_volume(a: VolumeArgs) -> Result<()> {
             Err(_) => None,
         },
     };
-    // The Secure Device Proxy holds a volume key: the crypto domain's hardening (one
-    // implementation) applies to `caas volume serve`.
-    let hardening = caas_sdp::cli::Hardening {
+    caas_sdp::cli::run_hardened(a.cmd, provider, device_proxy_hardening())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Maps the `i32` exit convention of the host commands.
+pub fn exit_code(r: anyhow::Result<i32>) -> Result<()> {
+    match r? {
+        0 => Ok(()),
+        code => bail!("exit status {code}"),
+    }
+}
+
+/// The Secure Device Proxies' process hardening (`caas volume serve`, `caas net serve`):
+/// they hold their domain's keys and parse what the workload and the network send, so the
+/// crypto domain's hardening applies (one implementation, `caas_domc::harden`): no core,
+/// memory locked, then root dropped for `--run-as` and the seccomp filter, before the
+/// serving threads start.
+pub(crate) fn device_proxy_hardening() -> caas_sdp::cli::Hardening {
+    caas_sdp::cli::Hardening {
         harden: Some(|| {
             caas_domc::harden::harden(false)
                 .map(|_| ())
@@ -182,17 +199,6 @@ pub async fn run_volume(a: VolumeArgs) -> Result<()> {
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         }),
-        seccomp: None,
-    };
-    caas_sdp::cli::run_hardened(a.cmd, provider, hardening)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))
-}
-
-/// Maps the `i32` exit convention of the host commands.
-pub fn exit_code(r: anyhow::Result<i32>) -> Result<()> {
-    match r? {
-        0 => Ok(()),
-        code => bail!("exit status {code}"),
+        seccomp: Some(|| caas_domc::harden::harden_seccomp().map_err(|e| e.to_string())),
     }
 }
