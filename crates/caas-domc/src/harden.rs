@@ -40,6 +40,32 @@ pub fn no_core_dumps() -> Result<(), Error> {
 /// process fault in and lock gigabytes, and hang.
 const ON_FAULT: MlockAllFlags = MlockAllFlags::from_bits_retain(libc::MCL_ONFAULT);
 
+/// Locks the memory of a key-holding service that keeps its privileges (the key service,
+/// the host agent) where it may lock without bound: `mlockall(MCL_CURRENT | MCL_FUTURE |
+/// MCL_ONFAULT)` when its effective set has CAP_IPC_LOCK or RLIMIT_MEMLOCK is unlimited, so
+/// the HBKs, domain keys and unsealed launch secrets it holds never reach swap (a host
+/// administrator reads the host's disk). Without either it locks nothing and returns false:
+/// under `MCL_FUTURE` a service that outgrew the limit would fail to map memory and abort.
+///
+/// # Errors
+/// [`Error::Harden`] when `mlockall` is refused although it was permitted.
+pub fn lock_memory_if_unbounded() -> Result<bool, Error> {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit};
+    let capable = caps::has_cap(
+        None,
+        caps::CapSet::Effective,
+        caps::Capability::CAP_IPC_LOCK,
+    )
+    .unwrap_or(false);
+    let unlimited = getrlimit(Resource::RLIMIT_MEMLOCK).map(|(soft, _)| soft) == Ok(RLIM_INFINITY);
+    if !(capable || unlimited) {
+        return Ok(false);
+    }
+    mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE | ON_FAULT)
+        .map_err(|e| Error::Harden(format!("mlockall: {e}")))?;
+    Ok(true)
+}
+
 /// Applies the process hardening (before any key is loaded).
 pub fn harden(seccomp: bool) -> Result<Report, Error> {
     let mut r = Report::default();

@@ -1642,6 +1642,18 @@ fn key_holding_processes_cannot_dump_core() {
     // The host agent runs as root with every capability: no capability-less observer can
     // read it whether it is dumpable or not, so it reports PR_GET_DUMPABLE itself.
     assert_eq!(core_limit(agent), "0 0", "host agent: core limit");
+    // It unseals launch secrets (and, in this one `caas dev` process, the key service holds
+    // the HBKs and domain keys): a host administrator reading the swap device finds none of
+    // its pages either.
+    assert!(
+        locked_kb(agent) > 0,
+        "host agent / key service: no locked memory"
+    );
+    let unlocked = unlocked_resident(agent);
+    assert!(
+        unlocked.is_empty(),
+        "host agent / key service ({agent}): resident, unlocked mappings: {unlocked:#?}"
+    );
     let st = c
         .call(
             "GET",

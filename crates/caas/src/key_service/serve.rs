@@ -13,10 +13,19 @@ use caas_kms::config::ServeParams;
 use std::sync::Arc;
 
 /// Process hygiene of the key service: not dumpable (no core file, no ptrace by the same
-/// user), RLIMIT_CORE 0 — the same routine as the crypto domain's.
+/// user), RLIMIT_CORE 0, and its memory locked where it may be without bound (HBKs and
+/// domain keys never reach swap) — the crypto domain's routines.
 pub fn harden() -> Result<()> {
     caas_crypto::hardening::forbid_core_dumps()
-        .map_err(|e| anyhow::anyhow!("cannot harden the key-service process: {e}"))
+        .map_err(|e| anyhow::anyhow!("cannot harden the key-service process: {e}"))?;
+    if !caas_domc::harden::lock_memory_if_unbounded()
+        .map_err(|e| anyhow::anyhow!("cannot harden the key-service process: {e}"))?
+    {
+        tracing::warn!(
+            "key service: memory not locked (no CAP_IPC_LOCK, RLIMIT_MEMLOCK bounded); keys may reach swap"
+        );
+    }
+    Ok(())
 }
 
 /// A key service that is bound but not yet serving.
