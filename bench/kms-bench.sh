@@ -63,6 +63,13 @@
 #   1KiB 2.72 / 2.74; strict 0.88 / 1.16, 0.92 / 1.24, 1.76 / 2.18; CPU us/req bounded
 #   24.5-29.0, strict 29.0-38.1, Cosmian 39.5-98.7. An hour earlier the same cells ran at
 #   27.7-28.3 us/req and /healthz at 121 k req/s: the host's speed moves in phases.
+#   A fifth run (2026-12-06 19:50 UTC, main at adbc231: the key service now locks its
+#   memory, mlockall MCL_ONFAULT, as root here; load 2.0 at the start; /healthz 115 / 124 k
+#   req/s, p99 2.9 / 3.0 ms; a slow phase, Cosmian at 46-50 us/req): bounded Encrypt 64B
+#   1.42 / 1.50 (16c / 64c), Decrypt 64B 1.38 / 1.61, Encrypt 1KiB 2.50 / 2.58; strict
+#   1.06 / 1.25, 0.93 / 1.43, 1.82 / 2.30; CPU us/req bounded 26.9-32.3, strict 29.9-41.2.
+#   The memory locking costs nothing measurable (alternated A/B before it, `PEER=none
+#   SECS=6 MODES=bounded CELLS=enc64`: 27.6-29.4 us/req without, 27.3-30.3 with).
 #   What changed since the 13:05 run (bounded Encrypt 64B 16c
 #   1.19, 64c 1.26; CPU 29-31 us):
 #   - glibc malloc was ~13 % of caas's CPU (arena locks taken when the writer frees records
