@@ -96,7 +96,8 @@ pub struct RunDirs {
     /// (the workload's, group the crypto domain's, 02710: the proxy, which runs as the
     /// crypto domain, reaches qemu's socket by name but can neither list nor create
     /// entries; new entries take the crypto domain's group, and qemu runs with umask 007 so
-    /// that its socket is group-writable).
+    /// that its socket is group-writable). Once the workload is up it is the agent's, 0711
+    /// ([`seal_net_dir`]).
     pub net: PathBuf,
 }
 
@@ -273,6 +274,47 @@ pub fn fresh_dirs(dir: &Path, ids: &LaunchIds) -> Result<RunDirs, Error> {
     Ok(dirs)
 }
 
+/// Closes the launch's network directory ([`RunDirs::net`]) once its workload is up (qemu has bound its NIC
+/// socket, `net-vm.sock`, at its start): the directory becomes the agent's, mode 0711, so
+/// the workload can no longer create, remove or rename entries in it. Without this, a
+/// compromised workload, the directory's owner, could replace its socket with a symlink to
+/// another datagram socket the crypto domain may write (a log socket, another service's),
+/// and the network proxy, which sends to that path, would deliver the VM's inbound frames
+/// there. The sockets' own modes still guard them (the proxy's 0600 the workload's, qemu's
+/// writable by the crypto domain's group); a socket entry that is not a socket of the
+/// workload's (a symlink planted before) fails the launch. Nothing to do without identities
+/// of the launch's own.
+///
+/// # Errors
+/// [`Error::Domain`] for a planted entry, [`Error::Io`] naming the step.
+pub fn seal_net_dir(net_dir: &Path, d: RunAs, w: RunAs) -> Result<(), Error> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    if !(d.own && w.own) {
+        return Ok(());
+    }
+    let vm_socket = net_dir.join(NET_VM_SOCKET);
+    match std::fs::symlink_metadata(&vm_socket) {
+        Ok(m) if m.file_type().is_socket() && m.uid() == w.uid => {}
+        Ok(_) => {
+            return Err(Error::Domain(
+                "the VM's NIC socket is not a socket of the workload's".into(),
+            ));
+        }
+        // A process workload has no NIC (a stand-in may bind one later, as root).
+        Err(_) => {}
+    }
+    let (uid, gid) = agent_ids();
+    std::os::unix::fs::chown(net_dir, Some(uid), Some(gid))
+        .map_err(Error::io("chown the network directory"))?;
+    std::fs::set_permissions(net_dir, std::fs::Permissions::from_mode(0o711))
+        .map_err(Error::io("chmod the network directory"))
+}
+
+/// qemu's end of the VM's NIC in [`RunDirs::net`] (its `local.path`).
+pub const NET_VM_SOCKET: &str = "net-vm.sock";
+/// The network proxy's end of the VM's NIC in [`RunDirs::net`] (qemu's `remote.path`).
+pub const NET_PROXY_SOCKET: &str = "net.sock";
+
 /// Creates `dir` afresh for `id`: owned by it, mode 0700.
 ///
 /// # Errors
@@ -369,5 +411,46 @@ mod tests {
         drop(a);
         let c = ids.allocate().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.uid, freed);
+    }
+
+    /// A workload that planted a symlink where its NIC socket belongs fails its launch; a
+    /// real socket of its own passes, and the directory is then the agent's, 0711.
+    #[test]
+    fn sealing_the_network_directory_refuses_a_planted_entry() {
+        use std::os::unix::fs::MetadataExt as _;
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (workload identities are separate uids)"
+        );
+        let (d, w) = (
+            RunAs {
+                uid: 290_010,
+                gid: 290_010,
+                own: true,
+            },
+            RunAs {
+                uid: 290_011,
+                gid: 290_011,
+                own: true,
+            },
+        );
+        let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let net = t.path().join("net");
+        std::fs::create_dir(&net).unwrap_or_else(|e| panic!("{e}"));
+        let vm_socket = net.join(NET_VM_SOCKET);
+        std::os::unix::fs::symlink("/dev/log", &vm_socket).unwrap_or_else(|e| panic!("{e}"));
+        std::os::unix::fs::lchown(&vm_socket, Some(w.uid), Some(w.gid))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(seal_net_dir(&net, d, w), Err(Error::Domain(_))));
+        std::fs::remove_file(&vm_socket).unwrap_or_else(|e| panic!("{e}"));
+        let _bound =
+            std::os::unix::net::UnixDatagram::bind(&vm_socket).unwrap_or_else(|e| panic!("{e}"));
+        // Bound, but not the workload's.
+        assert!(matches!(seal_net_dir(&net, d, w), Err(Error::Domain(_))));
+        std::os::unix::fs::chown(&vm_socket, Some(w.uid), Some(d.gid))
+            .unwrap_or_else(|e| panic!("{e}"));
+        seal_net_dir(&net, d, w).unwrap_or_else(|e| panic!("{e}"));
+        let m = std::fs::metadata(&net).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((m.uid(), m.mode() & 0o7777), (agent_ids().0, 0o711));
     }
 }

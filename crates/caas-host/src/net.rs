@@ -176,8 +176,8 @@ impl NetProxy {
         s: crate::config::NetSettings,
     ) -> Result<Self, Error> {
         let sender = sender_id(&attach.domain, vm_id);
-        let proxy_socket = dir.join("net.sock");
-        let vm_socket = dir.join("net-vm.sock");
+        let proxy_socket = dir.join(crate::identity::NET_PROXY_SOCKET);
+        let vm_socket = dir.join(crate::identity::NET_VM_SOCKET);
         let _ = std::fs::remove_file(&vm_socket);
         let mut cmd = caas_crypto::hardening::command_without_inherited_fds(exe);
         cmd.args(["net", "serve", "--domain", &attach.domain])

@@ -1687,6 +1687,8 @@ impl Agent {
         .await
         .map_err(|e| Error::Domain(format!("QMP task: {e}")))?
         .map_err(|e| Error::Domain(format!("qemu: {e}")))?;
+        // qemu answers QMP: it has bound its NIC socket; the directory is closed to it.
+        crate::identity::seal_net_dir(&net_dir, ids.domain, ids.workload)?;
         let mut rx = stream;
         let writer = std::thread::spawn(move || {
             let mut pipe = pipe;
@@ -2238,12 +2240,17 @@ impl Agent {
         )
         .await?;
         drop(injected);
-        let mut g = self.tl.workloads.lock().await;
-        let w = g
-            .get_mut(&call.vm_id)
-            .ok_or_else(|| Error::Domain("workload vanished".into()))?;
-        w.procs.push(proc);
-        w.endpoint = Some(endpoint);
+        {
+            let mut g = self.tl.workloads.lock().await;
+            let w = g
+                .get_mut(&call.vm_id)
+                .ok_or_else(|| Error::Domain("workload vanished".into()))?;
+            w.procs.push(proc);
+            w.endpoint = Some(endpoint);
+        }
+        // The workload is up (a VM has bound its NIC socket): its network directory is
+        // closed to it.
+        crate::identity::seal_net_dir(&net_dir, ids.domain, ids.workload)?;
         timings.push(("start workload".to_string(), ms(t)));
         Ok(())
     }
@@ -3513,14 +3520,22 @@ impl Agent {
             reader,
         )
         .await
-        {
-            Ok((proc, endpoint, stream)) => {
+        .and_then(|(proc, endpoint, stream)| {
+            w.procs.push(proc);
+            w.endpoint = Some(endpoint);
+            // qemu is up: its NIC socket is bound; the directory is closed to it.
+            crate::identity::seal_net_dir(
+                &w.dirs.net,
+                w.identity.domain.run_as(),
+                w.identity.workload.run_as(),
+            )
+            .map(|()| stream)
+        }) {
+            Ok(stream) => {
                 timings.push((
                     format!("VM restored from {stream} bytes of qemu state and continued"),
                     ms(t),
                 ));
-                w.procs.push(proc);
-                w.endpoint = Some(endpoint);
                 if let Some(d) = done.parent() {
                     let _ = std::fs::create_dir_all(d);
                 }

@@ -275,8 +275,12 @@ impl Nic {
         let vm = PathBuf::from(net["vm_socket"].as_str().unwrap());
         let _ = std::fs::remove_file(&vm);
         let sock = UnixDatagram::bind(&vm).unwrap();
-        // As qemu creates it (the agent starts qemu with umask 007): writable by the
-        // directory's group, the crypto domain's, as which the proxy runs.
+        // As qemu creates it, before the agent closes the directory (umask 007, group the
+        // directory's, the crypto domain's): writable by the proxy, which runs as the
+        // crypto domain (the owner of `<vm>/domain`, whose uid is its gid).
+        let run = vm.parent().and_then(Path::parent).unwrap();
+        let domain_gid = std::fs::metadata(run.join("domain")).unwrap().uid();
+        std::os::unix::fs::chown(&vm, None, Some(domain_gid)).unwrap();
         std::fs::set_permissions(&vm, std::fs::Permissions::from_mode(0o770)).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
@@ -424,11 +428,12 @@ fn members_on_two_hosts_are_keyed_by_their_agents_and_exchange_frames() {
         .parent()
         .unwrap()
         .to_path_buf();
-    let domain_dir = net_dir.parent().unwrap().join("domain");
-    let (du, wu) = (
-        std::fs::metadata(&domain_dir).unwrap().uid(),
-        std::fs::metadata(&net_dir).unwrap().uid(),
+    let run = net_dir.parent().unwrap();
+    let (du, workload) = (
+        std::fs::metadata(run.join("domain")).unwrap().uid(),
+        std::fs::metadata(run.join("workload")).unwrap(),
     );
+    let (wu, wg) = (workload.uid(), workload.gid());
     let (pu, pg) = ids_of(pid);
     assert!(
         pu != 0 && pu != wu,
@@ -441,6 +446,39 @@ fn members_on_two_hosts_are_keyed_by_their_agents_and_exchange_frames() {
     );
     assert_capabilities_at_most_ipc_lock(pid, "network proxy");
     assert_every_thread_filtered(pid, "network proxy");
+    // A compromised workload cannot re-point its NIC: once it is up its network directory
+    // is the agent's, 0711, so it can neither put a symlink to another datagram socket the
+    // proxy may write where qemu's socket is, nor move or remove the sockets.
+    let m = std::fs::metadata(&net_dir).unwrap();
+    assert_eq!(
+        (m.uid(), m.mode() & 0o7777),
+        (0, 0o711),
+        "{}",
+        net_dir.display()
+    );
+    let d = net_dir.display();
+    for attack in [
+        format!("ln -s /dev/log {d}/evil.sock"),
+        format!("mv {d}/net-vm.sock {d}/old.sock"),
+        format!("rm -f {d}/net.sock"),
+    ] {
+        let out = Command::new("setpriv")
+            .args([
+                &format!("--reuid={wu}"),
+                &format!("--regid={wg}"),
+                "--clear-groups",
+                "sh",
+                "-c",
+                &attack,
+            ])
+            .output()
+            .expect("setpriv is needed (util-linux)");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("Permission denied"),
+            "the workload could `{attack}`: {err}"
+        );
+    }
     // Stopping the VM stops its proxy (audited); the other member's frames go nowhere.
     c.call(
         "POST",
