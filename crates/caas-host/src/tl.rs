@@ -1653,14 +1653,8 @@ impl Agent {
             ProcChild::Plain(_) => None,
         }
         .ok_or_else(|| Error::Domain("the VM has no QMP socket".into()))?;
-        {
-            let mut g = self.tl.workloads.lock().await;
-            let w = g
-                .get_mut(&call.vm_id)
-                .ok_or_else(|| Error::Domain("workload vanished".into()))?;
-            w.procs.push(proc);
-            w.endpoint = Some(endpoint);
-        }
+        self.attach_workload_proc(&call.vm_id, proc, endpoint)
+            .await?;
         let wd = dir.clone();
         let (qmp, pipe) = tokio::task::spawn_blocking(move || {
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -1955,6 +1949,23 @@ impl Agent {
         Ok(driver)
     }
 
+    /// Registers a registered workload's started VM (or process) and its endpoint, so that
+    /// a stop or a failure from here on stops it with its crypto domain.
+    async fn attach_workload_proc(
+        &self,
+        vm_id: &str,
+        proc: Proc,
+        endpoint: String,
+    ) -> Result<(), Error> {
+        let mut g = self.tl.workloads.lock().await;
+        let w = g
+            .get_mut(vm_id)
+            .ok_or_else(|| Error::Domain("workload vanished".into()))?;
+        w.procs.push(proc);
+        w.endpoint = Some(endpoint);
+        Ok(())
+    }
+
     /// The launch's run directories, created afresh ([`crate::identity::fresh_dirs`]).
     fn fresh_dirs(&self, vm_id: &str, ids: &LaunchIds) -> Result<RunDirs, Error> {
         wire::check_name("vm_id", vm_id)?;
@@ -2240,14 +2251,8 @@ impl Agent {
         )
         .await?;
         drop(injected);
-        {
-            let mut g = self.tl.workloads.lock().await;
-            let w = g
-                .get_mut(&call.vm_id)
-                .ok_or_else(|| Error::Domain("workload vanished".into()))?;
-            w.procs.push(proc);
-            w.endpoint = Some(endpoint);
-        }
+        self.attach_workload_proc(&call.vm_id, proc, endpoint)
+            .await?;
         // The workload is up (a VM has bound its NIC socket): its network directory is
         // closed to it.
         crate::identity::seal_net_dir(&net_dir, ids.domain, ids.workload)?;
