@@ -1,11 +1,11 @@
 //! Workload identities: one crypto domain, one identity. When the host agent runs as root,
 //! each launch gets two uids (= gids) of its own, drawn at random from the configured range
 //! and not used by any running process ([`LaunchIds`]): one for its crypto-domain processes
-//! (its Secure Device Proxies, disk and network, and its VSM), one for the workload, so the workload can neither
-//! signal nor trace its own crypto domain (nor read its memory). The run directory
-//! ([`fresh_dirs`]) is `<vm>/` (the agent's, 0711) with `<vm>/domain/` (the crypto
-//! domain's, group the workload's, 0710: the workload reaches its sockets by name but can
-//! neither list nor create entries), `<vm>/workload/` (the workload's, 0700) and
+//! (its Secure Device Proxies, disk and network, and its VSM), one for the workload, so the
+//! workload can neither signal nor trace its own crypto domain (nor read its memory). The
+//! run directory ([`fresh_dirs`]) is `<vm>/` (the agent's, 0711) with `<vm>/domain/` (the
+//! crypto domain's, group the workload's, 0710: the workload reaches its sockets by name
+//! but can neither list nor create entries), `<vm>/workload/` (the workload's, 0700) and
 //! `<vm>/net/` (the VM's NIC sockets: the workload's, group the crypto domain's, 02710,
 //! so that the network proxy, which runs as the crypto domain, reaches qemu's socket). The
 //! sockets accept only the workload's uid and the agent's (SO_PEERCRED), so a co-tenant
@@ -274,8 +274,9 @@ pub fn fresh_dirs(dir: &Path, ids: &LaunchIds) -> Result<RunDirs, Error> {
     Ok(dirs)
 }
 
-/// Closes the launch's network directory ([`RunDirs::net`]) once its workload is up (qemu has bound its NIC
-/// socket, `net-vm.sock`, at its start): the directory becomes the agent's, mode 0711, so
+/// Closes the launch's network directory ([`RunDirs::net`]) once its workload is up (qemu
+/// has bound its NIC socket, `net-vm.sock`, at its start): the directory becomes the
+/// agent's, mode 0711, so
 /// the workload can no longer create, remove or rename entries in it. Without this, a
 /// compromised workload, the directory's owner, could replace its socket with a symlink to
 /// another datagram socket the crypto domain may write (a log socket, another service's),
