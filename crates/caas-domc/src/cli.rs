@@ -158,7 +158,7 @@ pub fn run(cmd: DomcCommand) -> Result<(), Error> {
 
 fn serve(a: ServeArgs) -> Result<(), Error> {
     // Harden first, so nothing below (key, token objects) can be dumped or swapped.
-    let mut report = crate::harden::harden(false)?;
+    let mut report = crate::harden::harden()?;
     std::fs::create_dir_all(&a.state_dir).map_err(Error::io("create", &a.state_dir))?;
     let key = match a.key_fd {
         Some(fd) => InheritedFd(fd).load()?,
@@ -204,8 +204,9 @@ fn serve(a: ServeArgs) -> Result<(), Error> {
     report.dropped_to = crate::harden::drop_privileges(a.run_as, &owned)?;
     if !a.no_seccomp {
         crate::harden::harden_seccomp()?;
+        report.seccomp = true;
     }
-    tracing::info!(?report, seccomp = !a.no_seccomp, "crypto domain serving");
+    tracing::info!(?report, "crypto domain serving");
     eprintln!(
         "caas domc: serving {}{}{} (state {}){}",
         a.socket

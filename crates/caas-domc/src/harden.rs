@@ -19,7 +19,7 @@ pub struct Report {
     pub memory_locked: bool,
     /// Privileges dropped to this uid.
     pub dropped_to: Option<u32>,
-    /// seccomp filter installed.
+    /// seccomp filter installed ([`harden_seccomp`]).
     pub seccomp: bool,
 }
 
@@ -40,17 +40,24 @@ pub fn no_core_dumps() -> Result<(), Error> {
 /// process fault in and lock gigabytes, and hang.
 const ON_FAULT: MlockAllFlags = MlockAllFlags::from_bits_retain(libc::MCL_ONFAULT);
 
-/// Locks the memory of a key-holding service that keeps its privileges (the key service,
-/// the host agent) where it may lock without bound: `mlockall(MCL_CURRENT | MCL_FUTURE |
-/// MCL_ONFAULT)` when its effective set has CAP_IPC_LOCK or RLIMIT_MEMLOCK is unlimited, so
-/// the HBKs, domain keys and unsealed launch secrets it holds never reach swap (a host
-/// administrator reads the host's disk). Without either it locks nothing and returns false:
-/// under `MCL_FUTURE` a service that outgrew the limit would fail to map memory and abort.
+/// Every page mapped now and later, each locked as it is first touched.
+const LOCK_ALL: MlockAllFlags = MlockAllFlags::MCL_CURRENT
+    .union(MlockAllFlags::MCL_FUTURE)
+    .union(ON_FAULT);
+
+/// The hardening of a key-holding service that keeps its privileges (`who`: the key
+/// service, the host agent): [`no_core_dumps`], and its memory locked (as by [`harden`])
+/// where it may lock without bound — its effective set has CAP_IPC_LOCK or RLIMIT_MEMLOCK
+/// is unlimited — so the HBKs, domain keys and unsealed launch secrets it holds never reach
+/// swap (a host administrator reads the host's disk). Without either it locks nothing and
+/// warns: under `MCL_FUTURE` a service that outgrew the limit would fail to map memory and
+/// abort. Idempotent.
 ///
 /// # Errors
-/// [`Error::Harden`] when `mlockall` is refused although it was permitted.
-pub fn lock_memory_if_unbounded() -> Result<bool, Error> {
+/// [`Error::Harden`] when a step is refused although it was permitted.
+pub fn harden_service(who: &str) -> Result<(), Error> {
     use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit};
+    no_core_dumps()?;
     let capable = caps::has_cap(
         None,
         caps::CapSet::Effective,
@@ -59,26 +66,24 @@ pub fn lock_memory_if_unbounded() -> Result<bool, Error> {
     .unwrap_or(false);
     let unlimited = getrlimit(Resource::RLIMIT_MEMLOCK).map(|(soft, _)| soft) == Ok(RLIM_INFINITY);
     if !(capable || unlimited) {
-        return Ok(false);
+        tracing::warn!(
+            "{who}: memory not locked (no CAP_IPC_LOCK, RLIMIT_MEMLOCK bounded); its keys may reach swap"
+        );
+        return Ok(());
     }
-    mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE | ON_FAULT)
-        .map_err(|e| Error::Harden(format!("mlockall: {e}")))?;
-    Ok(true)
+    mlockall(LOCK_ALL).map_err(|e| Error::Harden(format!("mlockall: {e}")))
 }
 
-/// Applies the process hardening (before any key is loaded).
-pub fn harden(seccomp: bool) -> Result<Report, Error> {
+/// Applies the process hardening of the crypto domain (before any key is loaded); the
+/// seccomp filter follows once it has dropped root ([`harden_seccomp`]).
+pub fn harden() -> Result<Report, Error> {
     let mut r = Report::default();
     no_core_dumps()?;
     r.not_dumpable = true;
     r.no_core = true;
-    match mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE | ON_FAULT) {
+    match mlockall(LOCK_ALL) {
         Ok(()) => r.memory_locked = true,
         Err(e) => tracing::warn!(error = %e, "mlockall not permitted; key memory may be swapped"),
-    }
-    if seccomp {
-        install_seccomp()?;
-        r.seccomp = true;
     }
     Ok(r)
 }
@@ -172,13 +177,10 @@ fn chown_tree(p: &std::path::Path, uid: u32, gid: u32) -> Result<(), Error> {
     Ok(())
 }
 
-/// Installs the seccomp filter on its own (after setup that needs the denied calls).
+/// Installs the seccomp filter (after setup that needs the denied calls, such as the switch
+/// of [`drop_privileges`]): a deny-list, these calls fail with EPERM; everything else is
+/// allowed.
 pub fn harden_seccomp() -> Result<(), Error> {
-    install_seccomp()
-}
-
-/// A deny-list filter: these calls fail with EPERM; everything else is allowed.
-fn install_seccomp() -> Result<(), Error> {
     use seccompiler::{SeccompAction, SeccompFilter, TargetArch};
     let denied = [
         libc::SYS_ptrace,

@@ -114,17 +114,11 @@ impl Agent {
     /// Opens the TPM and loads (or creates and stores) the AK and bind key.
     pub async fn new(cfg: AgentConfig) -> Result<Self, Error> {
         // The agent unseals launch secrets (k, DK_i, τ, token PINs): no core file, no ptrace
-        // or /proc/PID/mem by processes of its user (the crypto domain's implementation).
-        caas_domc::harden::no_core_dumps().map_err(|e| Error::Config(format!("hardening: {e}")))?;
-        // Nor in swap: its memory is locked where it may be without bound (the agent runs
-        // as root in production).
-        match caas_domc::harden::lock_memory_if_unbounded() {
-            Ok(true) => {}
-            Ok(false) => tracing::warn!(
-                "host agent: memory not locked (no CAP_IPC_LOCK, RLIMIT_MEMLOCK bounded); unsealed launch secrets may reach swap"
-            ),
-            Err(e) => return Err(Error::Config(format!("hardening: {e}"))),
-        }
+        // or /proc/PID/mem by processes of its user, and its memory locked where it may be
+        // without bound (the agent runs as root in production): the crypto domain's
+        // implementation.
+        caas_domc::harden::harden_service("host agent")
+            .map_err(|e| Error::Config(format!("hardening: {e}")))?;
         let tpm = TpmHandle::open(&cfg.tcti)?;
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(Error::io(format!("create {}", cfg.state_dir.display())))?;

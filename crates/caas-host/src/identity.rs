@@ -74,6 +74,36 @@ impl Drop for Identity {
     }
 }
 
+/// The two identities of a launch, as its processes are started with them.
+#[derive(Debug, Clone, Copy)]
+pub struct Ids {
+    /// The crypto domain's.
+    pub domain: RunAs,
+    /// The workload's.
+    pub workload: RunAs,
+}
+
+impl Ids {
+    /// The copyable part of a launch's identities.
+    #[must_use]
+    pub fn of(l: &LaunchIds) -> Self {
+        Self {
+            domain: l.domain.run_as(),
+            workload: l.workload.run_as(),
+        }
+    }
+
+    /// `--peer-uid` arguments of a crypto-domain server: the agent and the workload.
+    pub(crate) fn peer_args(&self) -> [String; 4] {
+        [
+            "--peer-uid".into(),
+            agent_ids().0.to_string(),
+            "--peer-uid".into(),
+            self.workload.uid.to_string(),
+        ]
+    }
+}
+
 /// The two identities of one launch (module doc).
 #[derive(Debug)]
 pub struct LaunchIds {
@@ -263,12 +293,14 @@ pub fn fresh_dirs(dir: &Path, ids: &LaunchIds) -> Result<RunDirs, Error> {
     }
     fresh_dir(&dirs.workload, w)?;
     std::fs::create_dir(&dirs.net).map_err(Error::io("create the network directory"))?;
-    if d.own && w.own {
+    let mode = if d.own && w.own {
         std::os::unix::fs::chown(&dirs.net, Some(w.uid), Some(d.gid))
             .map_err(Error::io("chown the network directory"))?;
-    }
+        0o2710
+    } else {
+        0o700
+    };
     // After the chown, which may clear the set-group-ID bit.
-    let mode = if d.own && w.own { 0o2710 } else { 0o700 };
     std::fs::set_permissions(&dirs.net, std::fs::Permissions::from_mode(mode))
         .map_err(Error::io("chmod the network directory"))?;
     Ok(dirs)
@@ -276,8 +308,7 @@ pub fn fresh_dirs(dir: &Path, ids: &LaunchIds) -> Result<RunDirs, Error> {
 
 /// Closes the launch's network directory ([`RunDirs::net`]) once its workload is up (qemu
 /// has bound its NIC socket, `net-vm.sock`, at its start): the directory becomes the
-/// agent's, mode 0711, so
-/// the workload can no longer create, remove or rename entries in it. Without this, a
+/// agent's, mode 0711, so the workload can no longer create, remove or rename entries in it. Without this, a
 /// compromised workload, the directory's owner, could replace its socket with a symlink to
 /// another datagram socket the crypto domain may write (a log socket, another service's),
 /// and the network proxy, which sends to that path, would deliver the VM's inbound frames
@@ -288,8 +319,12 @@ pub fn fresh_dirs(dir: &Path, ids: &LaunchIds) -> Result<RunDirs, Error> {
 ///
 /// # Errors
 /// [`Error::Domain`] for a planted entry, [`Error::Io`] naming the step.
-pub fn seal_net_dir(net_dir: &Path, d: RunAs, w: RunAs) -> Result<(), Error> {
+pub fn seal_net_dir(net_dir: &Path, ids: Ids) -> Result<(), Error> {
     use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    let Ids {
+        domain: d,
+        workload: w,
+    } = ids;
     if !(d.own && w.own) {
         return Ok(());
     }
@@ -435,6 +470,10 @@ mod tests {
                 own: true,
             },
         );
+        let ids = Ids {
+            domain: d,
+            workload: w,
+        };
         let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let net = t.path().join("net");
         std::fs::create_dir(&net).unwrap_or_else(|e| panic!("{e}"));
@@ -442,15 +481,15 @@ mod tests {
         std::os::unix::fs::symlink("/dev/log", &vm_socket).unwrap_or_else(|e| panic!("{e}"));
         std::os::unix::fs::lchown(&vm_socket, Some(w.uid), Some(w.gid))
             .unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(seal_net_dir(&net, d, w), Err(Error::Domain(_))));
+        assert!(matches!(seal_net_dir(&net, ids), Err(Error::Domain(_))));
         std::fs::remove_file(&vm_socket).unwrap_or_else(|e| panic!("{e}"));
         let _bound =
             std::os::unix::net::UnixDatagram::bind(&vm_socket).unwrap_or_else(|e| panic!("{e}"));
         // Bound, but not the workload's.
-        assert!(matches!(seal_net_dir(&net, d, w), Err(Error::Domain(_))));
+        assert!(matches!(seal_net_dir(&net, ids), Err(Error::Domain(_))));
         std::os::unix::fs::chown(&vm_socket, Some(w.uid), Some(d.gid))
             .unwrap_or_else(|e| panic!("{e}"));
-        seal_net_dir(&net, d, w).unwrap_or_else(|e| panic!("{e}"));
+        seal_net_dir(&net, ids).unwrap_or_else(|e| panic!("{e}"));
         let m = std::fs::metadata(&net).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((m.uid(), m.mode() & 0o7777), (agent_ids().0, 0o711));
     }

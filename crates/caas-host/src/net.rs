@@ -172,7 +172,7 @@ impl NetProxy {
         vm_id: &str,
         attach: &NetAttach,
         listen_ip: std::net::IpAddr,
-        ids: crate::tl::Ids,
+        ids: crate::identity::Ids,
         s: crate::config::NetSettings,
     ) -> Result<Self, Error> {
         let sender = sender_id(&attach.domain, vm_id);
@@ -386,7 +386,7 @@ impl Agent {
         vm_id: &str,
         n: &NetAttach,
         dir: &Path,
-        ids: crate::tl::Ids,
+        ids: crate::identity::Ids,
         driver: &str,
     ) -> Result<Option<caas_workload::NetSpec>, Error> {
         let (ctl, spec) = self.attach_net(vm_id, n, dir, ids).await?;
@@ -401,7 +401,7 @@ impl Agent {
         vm_id: &str,
         n: &NetAttach,
         dir: &Path,
-        ids: crate::tl::Ids,
+        ids: crate::identity::Ids,
     ) -> Result<(CtlHandle, caas_workload::NetSpec), Error> {
         let proxy = self.spawn_net(vm_id, n, dir, ids).await?;
         let (ctl, spec) = (proxy.ctl(), proxy.spec());
@@ -420,7 +420,7 @@ impl Agent {
         vm_id: &str,
         n: &NetAttach,
         dir: &Path,
-        ids: crate::tl::Ids,
+        ids: crate::identity::Ids,
     ) -> Result<NetProxy, Error> {
         let subject = format!("{vm_id}/{}", n.domain);
         let started = async {

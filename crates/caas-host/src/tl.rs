@@ -26,7 +26,7 @@
 use crate::agent::Agent;
 use crate::config::AgentConfig;
 use crate::error::Error;
-use crate::identity::{Identities, LaunchIds, RunAs, RunDirs, agent_ids};
+use crate::identity::{Identities, Ids, LaunchIds, RunAs, RunDirs};
 use caas_crypto::SecretKey;
 use caas_tl::crypto::{ak_nonce, split_bind_sealed};
 use caas_tl::wire::{self, AkSigned, AttestRequest, LaunchCall, Meta, Signed, label};
@@ -877,34 +877,6 @@ async fn wait_for(ep: &Endpoint, proc: &mut Proc, timeout: Duration) -> Result<(
     }
 }
 
-/// The two identities of a launch, as its processes are started with them.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Ids {
-    /// The crypto domain's.
-    pub(crate) domain: RunAs,
-    /// The workload's.
-    pub(crate) workload: RunAs,
-}
-
-impl Ids {
-    pub(crate) fn of(l: &LaunchIds) -> Self {
-        Self {
-            domain: l.domain.run_as(),
-            workload: l.workload.run_as(),
-        }
-    }
-
-    /// `--peer-uid` arguments of a crypto-domain server: the agent and the workload.
-    fn peer_args(&self) -> [String; 4] {
-        [
-            "--peer-uid".into(),
-            agent_ids().0.to_string(),
-            "--peer-uid".into(),
-            self.workload.uid.to_string(),
-        ]
-    }
-}
-
 /// Starts a Secure Device Proxy process for `volume` on `ep`; it waits for its key on the
 /// returned stdin pipe (never in arguments, environment or files), then switches to the
 /// crypto domain's identity and serves only the workload's identity and the agent.
@@ -1682,7 +1654,7 @@ impl Agent {
         .map_err(|e| Error::Domain(format!("QMP task: {e}")))?
         .map_err(|e| Error::Domain(format!("qemu: {e}")))?;
         // qemu answers QMP: it has bound its NIC socket; the directory is closed to it.
-        crate::identity::seal_net_dir(&net_dir, ids.domain, ids.workload)?;
+        crate::identity::seal_net_dir(&net_dir, ids)?;
         let mut rx = stream;
         let writer = std::thread::spawn(move || {
             let mut pipe = pipe;
@@ -2255,7 +2227,7 @@ impl Agent {
             .await?;
         // The workload is up (a VM has bound its NIC socket): its network directory is
         // closed to it.
-        crate::identity::seal_net_dir(&net_dir, ids.domain, ids.workload)?;
+        crate::identity::seal_net_dir(&net_dir, ids)?;
         timings.push(("start workload".to_string(), ms(t)));
         Ok(())
     }
@@ -3529,12 +3501,7 @@ impl Agent {
             w.procs.push(proc);
             w.endpoint = Some(endpoint);
             // qemu is up: its NIC socket is bound; the directory is closed to it.
-            crate::identity::seal_net_dir(
-                &w.dirs.net,
-                w.identity.domain.run_as(),
-                w.identity.workload.run_as(),
-            )
-            .map(|()| stream)
+            crate::identity::seal_net_dir(&w.dirs.net, Ids::of(&w.identity)).map(|()| stream)
         }) {
             Ok(stream) => {
                 timings.push((

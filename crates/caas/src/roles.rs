@@ -190,7 +190,7 @@ pub fn exit_code(r: anyhow::Result<i32>) -> Result<()> {
 pub(crate) fn device_proxy_hardening() -> caas_sdp::cli::Hardening {
     caas_sdp::cli::Hardening {
         harden: Some(|| {
-            caas_domc::harden::harden(false)
+            caas_domc::harden::harden()
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         }),

@@ -413,12 +413,7 @@ fn members_on_two_hosts_are_keyed_by_their_agents_and_exchange_frames() {
     // The proxy holds the domain's key: no core file, and a host administrator reading the
     // swap device finds none of its pages (every resident mapping locked).
     assert_eq!(core_limit(pid), "0 0", "network proxy: core limit");
-    assert!(locked_kb(pid) > 0, "the network proxy locks no memory");
-    let unlocked = unlocked_resident(pid);
-    assert!(
-        unlocked.is_empty(),
-        "network proxy: resident, unlocked mappings: {unlocked:#?}"
-    );
+    assert_memory_locked(pid, "network proxy");
     // It parses what the VM and the network send, so a parsing bug is the attacker's code
     // in it: it runs as its crypto domain (the owner of `<vm>/domain`), neither root nor the
     // workload (the owner of `<vm>/net`, qemu's socket's directory), with no capability but

@@ -1622,15 +1622,9 @@ fn key_holding_processes_cannot_dump_core() {
             "{what} ({pid}) is dumpable/ptraceable by its uid"
         );
         assert_eq!(core_limit(*pid), "0 0", "{what}: core limit");
-        assert!(locked_kb(*pid) > 0, "{what}: no locked memory");
-        // A host administrator reading the swap device finds no page of it: every mapping
-        // with resident pages is locked (mlockall leaves out only the kernel's special
-        // mappings), including memory the process mapped after dropping root.
-        let unlocked = unlocked_resident(*pid);
-        assert!(
-            unlocked.is_empty(),
-            "{what} ({pid}): resident, unlocked mappings: {unlocked:#?}"
-        );
+        // A host administrator reading the swap device finds no page of it (mlockall leaves
+        // out only the kernel's special mappings), including memory mapped after the drop.
+        assert_memory_locked(*pid, what);
         // What kept the locking possible is CAP_IPC_LOCK alone, in every thread, and every
         // thread was started after the switch.
         assert_capabilities_at_most_ipc_lock(*pid, what);
@@ -1645,15 +1639,7 @@ fn key_holding_processes_cannot_dump_core() {
     // It unseals launch secrets (and, in this one `caas dev` process, the key service holds
     // the HBKs and domain keys): a host administrator reading the swap device finds none of
     // its pages either.
-    assert!(
-        locked_kb(agent) > 0,
-        "host agent / key service: no locked memory"
-    );
-    let unlocked = unlocked_resident(agent);
-    assert!(
-        unlocked.is_empty(),
-        "host agent / key service ({agent}): resident, unlocked mappings: {unlocked:#?}"
-    );
+    assert_memory_locked(agent, "host agent / key service");
     let st = c
         .call(
             "GET",

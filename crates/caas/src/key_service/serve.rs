@@ -14,18 +14,11 @@ use std::sync::Arc;
 
 /// Process hygiene of the key service: not dumpable (no core file, no ptrace by the same
 /// user), RLIMIT_CORE 0, and its memory locked where it may be without bound (HBKs and
-/// domain keys never reach swap) — the crypto domain's routines.
+/// domain keys never reach swap) — the crypto domain's routines
+/// (`caas_domc::harden::harden_service`).
 pub fn harden() -> Result<()> {
-    caas_crypto::hardening::forbid_core_dumps()
-        .map_err(|e| anyhow::anyhow!("cannot harden the key-service process: {e}"))?;
-    if !caas_domc::harden::lock_memory_if_unbounded()
-        .map_err(|e| anyhow::anyhow!("cannot harden the key-service process: {e}"))?
-    {
-        tracing::warn!(
-            "key service: memory not locked (no CAP_IPC_LOCK, RLIMIT_MEMLOCK bounded); keys may reach swap"
-        );
-    }
-    Ok(())
+    caas_domc::harden::harden_service("key service")
+        .map_err(|e| anyhow::anyhow!("cannot harden the key-service process: {e}"))
 }
 
 /// A key service that is bound but not yet serving.

@@ -390,6 +390,18 @@ pub fn core_limit(pid: u32) -> String {
         .join(" ")
 }
 
+/// A host administrator reading the swap device finds no page of `pid`: it has locked
+/// memory, and every mapping with resident pages is locked ([`unlocked_resident`]),
+/// including memory mapped after it dropped root.
+pub fn assert_memory_locked(pid: u32, what: &str) {
+    assert!(locked_kb(pid) > 0, "{what} ({pid}): no locked memory");
+    let unlocked = unlocked_resident(pid);
+    assert!(
+        unlocked.is_empty(),
+        "{what} ({pid}): resident, unlocked mappings: {unlocked:#?}"
+    );
+}
+
 /// The locked memory of `pid` in KiB (VmLck).
 pub fn locked_kb(pid: u32) -> u64 {
     let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
