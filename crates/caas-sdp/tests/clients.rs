@@ -18,7 +18,7 @@ fn qemu_img_roundtrip_1gib_survives_restart() {
     let vol = dir.path().join("vol.caasvol");
     create_volume(&vol, &key, "1G");
     let raw = dir.path().join("image.raw");
-    random_file(&raw, 1 << 30);
+    let image = random_file(&raw, 1 << 30);
     let args = [vol.to_str().unwrap(), "--key-file", key.to_str().unwrap()];
     let srv = Server::start(dir.path(), "a", &args);
     let info = run(Proc::new("qemu-img").args(["info", "--output=json", &srv.uri()]));
@@ -40,8 +40,12 @@ fn qemu_img_roundtrip_1gib_survives_restart() {
         .arg(&raw)
         .arg(srv.uri()));
     assert!(out.contains("Images are identical"), "{out}");
-    // And a modified byte is noticed by compare (the check is not vacuous).
-    run(Proc::new("qemu-io").args(["-f", "raw", &srv.uri(), "-c", "write -P 0x11 123456789 1"]));
+    // And a modified byte is noticed by compare (the check is not vacuous). The image is
+    // random, so the byte written is the complement of the one there: a fixed pattern
+    // would already be there one run in 256 and change nothing.
+    const AT: usize = 123_456_789;
+    let write = format!("write -P {:#04x} {AT} 1", !image[AT]);
+    run(Proc::new("qemu-io").args(["-f", "raw", &srv.uri(), "-c", &write]));
     let st = Proc::new("qemu-img")
         .args(["compare", "-q", "-f", "raw", "-F", "raw"])
         .arg(&raw)
