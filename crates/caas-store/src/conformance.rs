@@ -263,11 +263,11 @@ pub(crate) async fn objects_put_get_list_delete(h: &impl Harness) {
     .unwrap();
     assert_eq!(s.get("key", "a", "k2").await.unwrap(), None);
     assert_eq!(ids(s.list("key", Some("a")).await.unwrap()), ["key/a/k1"]);
-    // Re-insert after delete starts again at rev 1.
+    // Re-insert after delete continues the deleted row's revisions (revision floors).
     s.commit(writes(vec![put("key", "a", "k2", b"again", Some(0))]))
         .await
         .unwrap();
-    assert_eq!(s.get("key", "a", "k2").await.unwrap().unwrap().rev, 1);
+    assert_eq!(s.get("key", "a", "k2").await.unwrap().unwrap().rev, 2);
     // An empty batch is fine and appends nothing.
     assert!(
         s.commit(Batch::default())
@@ -1228,27 +1228,172 @@ pub(crate) async fn integrity_needs_the_record_key(h: &impl Harness) {
     );
 }
 
-/// What remains (documented): an older version of the same row, with its old MAC, is
-/// accepted when put back. This test pins that behaviour so the documentation stays true.
-pub(crate) async fn integrity_old_version_of_same_row_is_not_detected(h: &impl Harness) {
+/// Attacker: the database administrator, with a copy of a row taken earlier (its MAC was
+/// valid then). Putting the older version back under a running node (re-enabling a
+/// disabled key, restoring a wider policy) is refused and audited with the reason; a legit
+/// rewrite heals the row. What remains (documented): a node that never saw the newer
+/// version (a restart, another node that has not read the row since) accepts it.
+pub(crate) async fn integrity_old_version_of_a_row_put_back_is_refused(h: &impl Harness) {
     let s = h.open().await;
-    s.commit(writes(vec![put("key", "v", "k", b"rev1", Some(0))]))
+    s.commit(writes(vec![put("key", "v", "k", b"enabled", Some(0))]))
         .await
         .unwrap();
     // The administrator keeps a copy of the row at rev 1 ...
     h.raw("CREATE TABLE objects_backup AS SELECT * FROM objects WHERE kind = 'key' AND id = 'k'")
         .await;
-    s.commit(writes(vec![put("key", "v", "k", b"rev2", Some(1))]))
+    s.commit(writes(vec![put("key", "v", "k", b"disabled", Some(1))]))
         .await
         .unwrap();
-    // ... and puts it back later: the MAC is valid for (key, v, k, rev 1, "rev1").
+    // ... and puts it back later: the MAC is valid for (key, v, k, rev 1, "enabled").
     h.raw(
         "DELETE FROM objects WHERE kind = 'key' AND id = 'k'; \
          INSERT INTO objects SELECT * FROM objects_backup",
     )
     .await;
+    assert_integrity(s.get("key", "v", "k").await, "key", "v", "k");
+    assert_integrity(s.list("key", Some("v")).await, "key", "v", "k");
+    let audits = integrity_audits(&s).await;
+    assert_eq!(audits.len(), 1, "{audits:?}");
+    assert!(
+        audits[0].2.contains("rolled back: older than revision 2"),
+        "{}",
+        audits[0].2
+    );
+    // A node that has not seen revision 2 cannot tell (the documented limit).
+    let fresh = h.open().await;
+    assert_eq!(fresh.get("key", "v", "k").await.unwrap().unwrap().rev, 1);
+    // A rewrite through the store heals the row: it continues from the stored revision.
+    s.commit(writes(vec![put("key", "v", "k", b"disabled again", None)]))
+        .await
+        .unwrap();
     let o = s.get("key", "v", "k").await.unwrap().unwrap();
-    assert_eq!((o.rev, o.body.as_slice()), (1, &b"rev1"[..]));
+    assert_eq!((o.rev, o.body.as_slice()), (2, &b"disabled again"[..]));
+}
+
+/// Attacker: the database administrator puts back a deleted row (a revoked grant, a
+/// deleted access key) with its old MAC: refused by the node that deleted it. A row
+/// legitimately created again continues its revisions, so it is accepted everywhere.
+pub(crate) async fn integrity_deleted_row_put_back_is_refused(h: &impl Harness) {
+    let s = h.open().await;
+    let other = h.open().await;
+    s.commit(writes(vec![put("grant", "v", "g", b"grant", Some(0))]))
+        .await
+        .unwrap();
+    s.commit(writes(vec![put(
+        "grant",
+        "v",
+        "g",
+        b"grant, used",
+        Some(1),
+    )]))
+    .await
+    .unwrap();
+    assert_eq!(other.get("grant", "v", "g").await.unwrap().unwrap().rev, 2);
+    h.raw("CREATE TABLE objects_backup AS SELECT * FROM objects WHERE kind = 'grant'")
+        .await;
+    let done = s
+        .commit(writes(vec![del("grant", "v", "g", Some(2))]))
+        .await
+        .unwrap();
+    assert_eq!(done.applied, [crate::Applied::Deleted(2)]);
+    // Another node sees it gone (a row missing is not refused: another node may delete).
+    assert_eq!(other.get("grant", "v", "g").await.unwrap(), None);
+    h.raw("INSERT INTO objects SELECT * FROM objects_backup")
+        .await;
+    assert_integrity(s.get("grant", "v", "g").await, "grant", "v", "g");
+    assert_integrity(s.list("grant", None).await, "grant", "v", "g");
+    // The other node read revision 2 before: it refuses the old revision 2 put back only
+    // if it knew of the deletion; it read rev 2 itself, so rev 2 is not below its floor.
+    assert_eq!(other.get("grant", "v", "g").await.unwrap().unwrap().rev, 2);
+    let audits = integrity_audits(&s).await;
+    assert_eq!(audits.len(), 1, "{audits:?}");
+    assert!(
+        audits[0].2.contains("deleted at revision 2 and put back"),
+        "{}",
+        audits[0].2
+    );
+    // Created again (the administrator's copy removed first, as the service would find
+    // the id free): revisions continue at 3, and both nodes accept it.
+    h.raw("DELETE FROM objects WHERE kind = 'grant'").await;
+    let made = s
+        .commit(writes(vec![put("grant", "v", "g", b"new grant", Some(0))]))
+        .await
+        .unwrap();
+    assert_eq!(made.applied, [crate::Applied::Put(3)]);
+    assert_eq!(s.get("grant", "v", "g").await.unwrap().unwrap().rev, 3);
+    assert_eq!(other.get("grant", "v", "g").await.unwrap().unwrap().rev, 3);
+    // The old copy put back over the current row is refused by both.
+    h.raw(
+        "CREATE TABLE objects_current AS SELECT * FROM objects WHERE kind = 'grant'; \
+         DELETE FROM objects WHERE kind = 'grant'; \
+         INSERT INTO objects SELECT * FROM objects_backup",
+    )
+    .await;
+    assert_integrity(s.get("grant", "v", "g").await, "grant", "v", "g");
+    assert_integrity(other.get("grant", "v", "g").await, "grant", "v", "g");
+    // With the current row back, deleted and created again on the other node: the
+    // revisions continue there too, and the first node accepts the new row.
+    h.raw(
+        "DELETE FROM objects WHERE kind = 'grant'; \
+         INSERT INTO objects SELECT * FROM objects_current",
+    )
+    .await;
+    other
+        .commit(writes(vec![del("grant", "v", "g", Some(3))]))
+        .await
+        .unwrap();
+    other
+        .commit(writes(vec![put("grant", "v", "g", b"again", Some(0))]))
+        .await
+        .unwrap();
+    assert_eq!(s.get("grant", "v", "g").await.unwrap().unwrap().rev, 4);
+}
+
+/// Readers racing the node's own updates and deletes never take a commit for a rollback:
+/// a row read just before a commit moved its floor is read again.
+pub(crate) async fn readers_racing_commits_see_no_false_rollback(h: &impl Harness) {
+    let s = h.open().await;
+    s.commit(writes(vec![put("key", "v", "k", b"0", Some(0))]))
+        .await
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let (s, stop) = (s.clone(), stop.clone());
+        readers.push(tokio::spawn(async move {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                s.get("key", "v", "k").await?;
+                s.list("key", Some("v")).await?;
+                reads += 1;
+            }
+            Ok::<u64, Error>(reads)
+        }));
+    }
+    for n in 0..150 {
+        if n % 10 == 9 {
+            s.commit(writes(vec![del("key", "v", "k", None)]))
+                .await
+                .unwrap();
+            s.commit(writes(vec![put("key", "v", "k", b"again", Some(0))]))
+                .await
+                .unwrap();
+        } else {
+            s.commit(writes(vec![put("key", "v", "k", b"next", None)]))
+                .await
+                .unwrap();
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut results = Vec::new();
+    for r in readers {
+        results.push(r.await.unwrap());
+    }
+    let audits = integrity_audits(&s).await;
+    assert!(audits.is_empty(), "{results:?} {audits:?}");
+    assert!(results.iter().all(|r| r.as_ref().is_ok_and(|n| *n > 0)));
+    // 150 puts (15 of them after a delete): every revision continued.
+    assert_eq!(s.get("key", "v", "k").await.unwrap().unwrap().rev, 151);
 }
 
 /// Every Store future can be spawned (axum handlers and tokio::spawn need Send).
@@ -1372,6 +1517,8 @@ suite!(
     integrity_swapped_rows_are_refused,
     integrity_repointed_row_is_refused,
     integrity_needs_the_record_key,
-    integrity_old_version_of_same_row_is_not_detected,
+    integrity_old_version_of_a_row_put_back_is_refused,
+    integrity_deleted_row_put_back_is_refused,
+    readers_racing_commits_see_no_false_rollback,
     take_consumes_once_across_nodes,
 );

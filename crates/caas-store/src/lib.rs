@@ -34,8 +34,11 @@
 //! `IntegrityFailure`, principal `caas-store`) naming each refused row — once per distinct
 //! bad row version per process, so a corrupt row read on every request does not flood the
 //! chain (the key service's own per-request record names the row too). An edited, swapped,
-//! copied (to another account or id) or re-pointed row is refused; a deleted row, or an
-//! older version of a row put back with its old MAC, is not detected here (see
+//! copied (to another account or id) or re-pointed row is refused. An older version of a
+//! row, or a deleted row, put back with its old MAC is refused too once this store has
+//! written or read a newer state of that row (revision floors, `floor.rs`: `get` and `list`
+//! answer [`Error::Integrity`] and the store audits the row with the reason); a rollback
+//! done while no node was running, or a deleted row, is not detected here (see
 //! ARCHITECTURE.md, Trust boundaries).
 //!
 //! Freshness: the database alone cannot prove that its tail was not cut or the whole file
@@ -46,6 +49,7 @@
 
 mod audit;
 mod error;
+mod floor;
 mod postgres;
 mod record;
 mod sqlite;
@@ -59,8 +63,10 @@ pub use audit::{
     AuditFault, AuditFaultReason, AuditVerifyReport, GENESIS_HASH, chain_hash, record_body,
 };
 pub use error::Error;
+pub use floor::Applied;
 pub use record::{HmacRecordKey, RecordAuthenticator, RowRef, record_mac_input};
 
+use floor::{Floors, RowName, Stale};
 use record::RawObject;
 use std::sync::{Arc, Mutex};
 
@@ -131,6 +137,24 @@ pub enum Write {
     },
 }
 
+impl Write {
+    /// The (kind, account, id) this write changes.
+    fn target(&self) -> (&str, &str, &str) {
+        let (Write::Put {
+            kind, account, id, ..
+        }
+        | Write::Delete {
+            kind, account, id, ..
+        }) = self;
+        (kind, account, id)
+    }
+
+    fn row_name(&self) -> RowName {
+        let (kind, account, id) = self.target();
+        RowName::of(kind, account, id)
+    }
+}
+
 /// Writes and audit entries committed atomically by [`Store::commit`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Batch {
@@ -145,6 +169,8 @@ pub struct Batch {
 pub struct CommitInfo {
     /// The seq assigned to each audit entry of the batch, in order.
     pub audit_seqs: Vec<u64>,
+    /// What each object write of the batch did, in order.
+    pub applied: Vec<Applied>,
 }
 
 /// One audit entry as given by the key service. Never put secrets in any field.
@@ -192,6 +218,8 @@ pub struct Store {
     auth: Arc<dyn RecordAuthenticator>,
     /// Fingerprints of bad row versions already audited by this process.
     reported: Arc<Mutex<std::collections::HashSet<[u8; 32]>>>,
+    /// The newest revision of each row this store has written or read (`floor.rs`).
+    floors: Arc<Floors>,
     /// Batches queued by [`Store::commit_deferred`] and not yet durable.
     deferred: Arc<Deferred>,
     /// Moves when a commit with object writes is queued and when it is finished
@@ -428,6 +456,7 @@ impl Store {
             stats,
             auth: records,
             reported: Arc::new(Mutex::new(std::collections::HashSet::new())),
+            floors: Arc::new(Floors::default()),
             deferred: Arc::new(Deferred::default()),
             write_epoch: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         })
@@ -461,21 +490,44 @@ impl Store {
         }
     }
 
-    /// One object, or None. A row whose MAC does not match is refused with
-    /// [`Error::Integrity`] (and audited), never returned.
+    /// One object, or None. A row whose MAC does not match, or that is older than a
+    /// version this store has written or read (revision floors, see the crate
+    /// documentation), is refused with [`Error::Integrity`] (and audited), never returned.
     pub async fn get(&self, kind: &str, account: &str, id: &str) -> Result<Option<Object>, Error> {
+        match self.read_judged(kind, account, id).await? {
+            None => Ok(None),
+            Some(Ok(o)) => Ok(Some(o)),
+            Some(Err(bad)) => {
+                let bad = Box::pin(self.refuse(&[bad])).await;
+                Err(integrity(bad))
+            }
+        }
+    }
+
+    /// Reads one row and judges it: its MAC, and its revision against the floor as it was
+    /// before the read (see `floor.rs`). `Some(Err)`: the row and why it is refused.
+    async fn read_judged(
+        &self,
+        kind: &str,
+        account: &str,
+        id: &str,
+    ) -> Result<Option<Result<Object, (RawObject, Fault)>>, Error> {
+        let name = RowName::of(kind, account, id);
+        let before = self.floors.peek(name);
         let raw = match &*self.inner {
             Inner::Sqlite(s) => s.get(kind, account, id).await?,
             Inner::Postgres(s) => Box::pin(s.get(kind, account, id)).await?,
         };
-        let Some(raw) = raw else {
-            return Ok(None);
-        };
-        if raw.verify(&*self.auth) {
-            return Ok(Some(raw.obj));
-        }
-        let bad = Box::pin(self.refuse(&[raw])).await;
-        Err(integrity(bad))
+        Ok(raw.map(|raw| {
+            if !raw.verify(&*self.auth) {
+                let fault = Fault::of_mac(&raw);
+                return Err((raw, fault));
+            }
+            match self.floors.judge(name, before, &raw.obj) {
+                Ok(()) => Ok(raw.obj),
+                Err(stale) => Err((raw, Fault::Stale(stale))),
+            }
+        }))
     }
 
     /// All objects of `kind` for `account` (None: every account), ordered by (account, id).
@@ -513,10 +565,21 @@ impl Store {
         };
         let (mut good, mut bad) = (Vec::with_capacity(rows.len()), Vec::new());
         for r in rows {
-            if r.verify(&*self.auth) {
+            if !r.verify(&*self.auth) {
+                let fault = Fault::of_mac(&r);
+                bad.push((r, fault));
+            } else if self.floors.check(&r.obj).is_ok() {
                 good.push(r.obj);
             } else {
-                bad.push(r);
+                // Below the floor as it is now: this store may have committed a newer
+                // version since the list was read. A point read judged against the floor
+                // from before it decides.
+                let o = &r.obj;
+                match self.read_judged(&o.kind, &o.account, &o.id).await? {
+                    Some(Ok(fresh)) => good.push(fresh),
+                    Some(Err(b)) => bad.push(b),
+                    None => {}
+                }
             }
         }
         let refs = if bad.is_empty() {
@@ -527,13 +590,13 @@ impl Store {
         Ok((good, refs))
     }
 
-    async fn refuse(&self, bad: &[RawObject]) -> RowRef {
+    async fn refuse(&self, bad: &[(RawObject, Fault)]) -> RowRef {
         let mut refs = self.refuse_all(bad).await;
         refs.swap_remove(0)
     }
 
     /// Audits refused rows (each distinct bad row version once per process) and names them.
-    async fn refuse_all(&self, bad: &[RawObject]) -> Vec<RowRef> {
+    async fn refuse_all(&self, bad: &[(RawObject, Fault)]) -> Vec<RowRef> {
         let clip = |s: &str| -> String {
             s.chars()
                 .take(MAX_NAME)
@@ -546,7 +609,7 @@ impl Store {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
             .unwrap_or(0);
-        for r in bad {
+        for (r, fault) in bad {
             let o = &r.obj;
             let row = RowRef {
                 kind: clip(&o.kind),
@@ -571,7 +634,7 @@ impl Store {
             // must not flood the log); the names come from the database: logged escaped.
             if fresh {
                 tracing::error!(kind = ?row.kind, account = ?row.account, id = ?row.id, rev = o.rev,
-                    "stored record failed its integrity check; refused");
+                    reason = %fault.reason(), "stored record failed its integrity check; refused");
             } else {
                 tracing::debug!(kind = ?row.kind, account = ?row.account, id = ?row.id, rev = o.rev,
                     "stored record failed its integrity check again; refused");
@@ -587,7 +650,7 @@ impl Store {
                     request_id: String::new(),
                     detail: serde_json::json!({
                         "kind": row.kind, "account": row.account, "id": row.id, "rev": o.rev,
-                        "reason": if r.mac.is_some() { "MAC mismatch" } else { "MAC missing" },
+                        "reason": fault.reason(),
                     })
                     .to_string(),
                 });
@@ -641,14 +704,19 @@ impl Store {
         if batch.writes.is_empty() && batch.audit.is_empty() {
             return Ok(CommitInfo {
                 audit_seqs: Vec::new(),
+                applied: Vec::new(),
             });
         }
+        let names: Vec<RowName> = batch.writes.iter().map(Write::row_name).collect();
         let rx = self.enqueue(batch)?;
         let result = rx.await.map_err(|_| Error::WriterStopped)?;
-        if result.is_ok() {
+        if let Ok(info) = &result {
             self.deferred
                 .failed
                 .store(false, std::sync::atomic::Ordering::Relaxed);
+            for (name, applied) in names.into_iter().zip(&info.applied) {
+                self.floors.wrote(name, *applied);
+            }
         }
         result
     }
@@ -851,6 +919,37 @@ impl Store {
         match verifier.finish(&head) {
             Ok(()) => Ok(report(&verifier, None)),
             Err(fault) => Ok(report(&verifier, Some(fault))),
+        }
+    }
+}
+
+/// Why a stored row is refused.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// Its MAC does not match.
+    Mac,
+    /// It has no MAC.
+    MacMissing,
+    /// Its MAC matches but it is older than a version this store has seen.
+    Stale(Stale),
+}
+
+impl Fault {
+    /// The fault of a row whose MAC does not verify.
+    fn of_mac(r: &RawObject) -> Fault {
+        if r.mac.is_some() {
+            Fault::Mac
+        } else {
+            Fault::MacMissing
+        }
+    }
+
+    /// The audit record's reason.
+    fn reason(self) -> String {
+        match self {
+            Fault::Mac => "MAC mismatch".into(),
+            Fault::MacMissing => "MAC missing".into(),
+            Fault::Stale(s) => s.reason(),
         }
     }
 }

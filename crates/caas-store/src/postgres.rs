@@ -7,7 +7,7 @@ use crate::audit::{Head, RawAuditRow};
 use crate::record::{RawObject, tag_row};
 use crate::sqlite::clone_err;
 use crate::{
-    AuditEntry, AuditSigner, Batch, CommitInfo, Counters, Error, Job, MAX_GROUP, Object,
+    Applied, AuditEntry, AuditSigner, Batch, CommitInfo, Counters, Error, Job, MAX_GROUP, Object,
     RecordAuthenticator, Write, check_expect, next_rev, seq_to_i64,
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,6 +28,9 @@ INSERT INTO store_meta (name, value) VALUES ('schema_version', '2') ON CONFLICT 
 CREATE TABLE IF NOT EXISTS objects (
     kind TEXT COLLATE "C" NOT NULL, account TEXT COLLATE "C" NOT NULL, id TEXT COLLATE "C" NOT NULL,
     rev BIGINT NOT NULL, body BYTEA NOT NULL, mac BYTEA NOT NULL,
+    PRIMARY KEY (kind, account, id));
+CREATE TABLE IF NOT EXISTS tombstones (
+    kind TEXT NOT NULL, account TEXT NOT NULL, id TEXT NOT NULL, rev BIGINT NOT NULL,
     PRIMARY KEY (kind, account, id));
 CREATE TABLE IF NOT EXISTS audit_log (
     seq BIGINT PRIMARY KEY, time_ms BIGINT NOT NULL, account TEXT NOT NULL,
@@ -156,6 +159,7 @@ struct WriterConn {
     insert_object: Statement,
     update_object: Statement,
     delete_object: Statement,
+    take_tombstone: Statement,
     anchored_hash: Statement,
 }
 
@@ -198,8 +202,18 @@ impl WriterConn {
                     .into(),
             )
             .await?,
+            // Deleting keeps the row's last revision in `tombstones`, one statement.
             delete_object: p(
-                "DELETE FROM objects WHERE kind = $1 AND account = $2 AND id = $3".into(),
+                "WITH gone AS (DELETE FROM objects WHERE kind = $1 AND account = $2 AND id = $3 \
+                 RETURNING kind, account, id, rev) \
+                 INSERT INTO tombstones (kind, account, id, rev) SELECT * FROM gone \
+                 ON CONFLICT (kind, account, id) DO UPDATE SET rev = EXCLUDED.rev"
+                    .into(),
+            )
+            .await?,
+            take_tombstone: p(
+                "DELETE FROM tombstones WHERE kind = $1 AND account = $2 AND id = $3 RETURNING rev"
+                    .into(),
             )
             .await?,
             anchored_hash: p("SELECT hash FROM audit_log WHERE seq = $1".into()).await?,
@@ -585,7 +599,10 @@ async fn run_group(
     for batch in batches {
         if batch.writes.is_empty() {
             let seqs = pending.push_batch(batch, &mut head)?;
-            results.push(Ok(CommitInfo { audit_seqs: seqs }));
+            results.push(Ok(CommitInfo {
+                audit_seqs: seqs,
+                applied: Vec::new(),
+            }));
             continue;
         }
         // With a single batch the transaction itself is the batch's unit of rollback.
@@ -596,7 +613,7 @@ async fn run_group(
                 .map_err(pg("creating a savepoint"))?;
         }
         match apply_writes(c, batch, records).await {
-            Ok(()) => {
+            Ok(applied) => {
                 if !single {
                     c.client
                         .batch_execute("RELEASE SAVEPOINT batch")
@@ -604,7 +621,10 @@ async fn run_group(
                         .map_err(pg("releasing a savepoint"))?;
                 }
                 let seqs = pending.push_batch(batch, &mut head)?;
-                results.push(Ok(CommitInfo { audit_seqs: seqs }));
+                results.push(Ok(CommitInfo {
+                    audit_seqs: seqs,
+                    applied,
+                }));
             }
             Err(e) => {
                 if single {
@@ -664,7 +684,8 @@ async fn apply_writes(
     c: &WriterConn,
     batch: &Batch,
     records: &dyn RecordAuthenticator,
-) -> Result<(), Error> {
+) -> Result<Vec<Applied>, Error> {
+    let mut applied = Vec::with_capacity(batch.writes.len());
     for w in &batch.writes {
         let (Write::Put {
             kind,
@@ -688,7 +709,19 @@ async fn apply_writes(
         check_expect(kind, id, current, *expect_rev)?;
         match w {
             Write::Put { body, .. } => {
-                let rev = next_rev(current)?;
+                // A row created again continues the revisions of its deleted life.
+                let last = match current {
+                    Some(_) => current,
+                    None => c
+                        .client
+                        .query_opt(&c.take_tombstone, &[kind, account, id])
+                        .await
+                        .map_err(pg("reading a deleted object's revision"))?
+                        .as_ref()
+                        .map(|r| col(r, 0))
+                        .transpose()?,
+                };
+                let rev = next_rev(last)?;
                 let mac = tag_row(records, kind, account, id, rev, body);
                 let stmt = if current.is_some() {
                     &c.update_object
@@ -708,16 +741,20 @@ async fn apply_writes(
                             Error::postgres("writing an object", e)
                         }
                     })?;
+                applied.push(Applied::Put(rev));
             }
             Write::Delete { .. } => {
-                if current.is_some() {
-                    c.client
-                        .execute(&c.delete_object, &[kind, account, id])
-                        .await
-                        .map_err(pg("deleting an object"))?;
-                }
+                let Some(rev) = current else {
+                    applied.push(Applied::Absent);
+                    continue;
+                };
+                c.client
+                    .execute(&c.delete_object, &[kind, account, id])
+                    .await
+                    .map_err(pg("deleting an object"))?;
+                applied.push(Applied::Deleted(rev));
             }
         }
     }
-    Ok(())
+    Ok(applied)
 }

@@ -11,7 +11,8 @@
 //! What this does not cover: a row can be *deleted*, and an *older version of the same row*
 //! (same kind, account and id, with the MAC it had then) can be put back — the MAC proves
 //! that the key service wrote those bytes under that name at that revision, not that it is
-//! the latest revision. See ARCHITECTURE.md (Trust boundaries) for what bounds that window.
+//! the latest revision. The revision floors of a running store (`floor.rs`) refuse the
+//! latter; see ARCHITECTURE.md (Trust boundaries) for what remains.
 
 use aws_lc_rs::hmac;
 

@@ -6,8 +6,8 @@
 use crate::audit::{Head, RawAuditRow};
 use crate::record::{RawObject, tag_row};
 use crate::{
-    AuditEntry, AuditSigner, Batch, CommitInfo, Counters, DEFERRED_GROUP_SPACING, Error, Job,
-    MAX_GROUP, Object, RecordAuthenticator, Write, check_expect, next_rev, seq_to_i64,
+    Applied, AuditEntry, AuditSigner, Batch, CommitInfo, Counters, DEFERRED_GROUP_SPACING, Error,
+    Job, MAX_GROUP, Object, RecordAuthenticator, Write, check_expect, next_rev, seq_to_i64,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::path::{Path, PathBuf};
@@ -25,6 +25,9 @@ INSERT OR IGNORE INTO store_meta (name, value) VALUES ('schema_version', '2');
 CREATE TABLE IF NOT EXISTS objects (
     kind TEXT NOT NULL, account TEXT NOT NULL, id TEXT NOT NULL,
     rev INTEGER NOT NULL, body BLOB NOT NULL, mac BLOB NOT NULL,
+    PRIMARY KEY (kind, account, id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tombstones (
+    kind TEXT NOT NULL, account TEXT NOT NULL, id TEXT NOT NULL, rev INTEGER NOT NULL,
     PRIMARY KEY (kind, account, id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS audit_log (
     seq INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, account TEXT NOT NULL,
@@ -598,12 +601,10 @@ impl Group<'_> {
         // A batch without object writes cannot conflict: no savepoint needed (a failure to
         // append fails the whole group).
         let outcome = if batch.writes.is_empty() {
-            Ok(append_audit(
-                &mut self.insert,
-                batch,
-                &mut self.head,
-                signing,
-            )?)
+            Ok((
+                append_audit(&mut self.insert, batch, &mut self.head, signing)?,
+                Vec::new(),
+            ))
         } else {
             exec_cached(conn, "SAVEPOINT batch").map_err(sq("creating a savepoint"))?;
             let mut tentative = self.head;
@@ -625,11 +626,14 @@ impl Group<'_> {
             }
             applied
         };
-        if let (Ok(audit_seqs), Some(_)) = (&outcome, sign) {
+        if let (Ok((audit_seqs, _)), Some(_)) = (&outcome, sign) {
             self.signed = audit_seqs.last().copied();
         }
         self.results
-            .push(outcome.map(|audit_seqs| CommitInfo { audit_seqs }));
+            .push(outcome.map(|(audit_seqs, applied)| CommitInfo {
+                audit_seqs,
+                applied,
+            }));
         Ok(())
     }
 }
@@ -641,7 +645,8 @@ fn apply(
     head: &mut Head,
     records: &dyn RecordAuthenticator,
     sign: Option<(&dyn AuditSigner, &mut Vec<u8>)>,
-) -> Result<Vec<u64>, Error> {
+) -> Result<(Vec<u64>, Vec<Applied>), Error> {
+    let mut applied = Vec::with_capacity(batch.writes.len());
     for w in &batch.writes {
         let (Write::Put {
             kind,
@@ -666,7 +671,21 @@ fn apply(
         check_expect(kind, id, current, *expect_rev)?;
         match w {
             Write::Put { body, .. } => {
-                let rev = next_rev(current)?;
+                // A row created again continues the revisions of its deleted life.
+                let last = match current {
+                    Some(_) => current,
+                    None => conn
+                        .prepare_cached(
+                            "DELETE FROM tombstones WHERE kind = ?1 AND account = ?2 AND id = ?3 \
+                             RETURNING rev",
+                        )
+                        .and_then(|mut s| {
+                            s.query_row(params![kind, account, id], |r| r.get(0))
+                                .optional()
+                        })
+                        .map_err(sq("reading a deleted object's revision"))?,
+                };
+                let rev = next_rev(last)?;
                 let mac = tag_row(records, kind, account, id, rev, body);
                 let sql = if current.is_some() {
                     "UPDATE objects SET rev = ?4, body = ?5, mac = ?6 WHERE kind = ?1 AND account = ?2 AND id = ?3"
@@ -676,19 +695,30 @@ fn apply(
                 conn.prepare_cached(sql)
                     .and_then(|mut s| s.execute(params![kind, account, id, rev, body, mac]))
                     .map_err(sq("writing an object"))?;
+                applied.push(Applied::Put(rev));
             }
             Write::Delete { .. } => {
-                if current.is_some() {
+                let Some(rev) = current else {
+                    applied.push(Applied::Absent);
+                    continue;
+                };
+                conn.prepare_cached(
+                    "DELETE FROM objects WHERE kind = ?1 AND account = ?2 AND id = ?3",
+                )
+                .and_then(|mut s| s.execute(params![kind, account, id]))
+                .and_then(|_| {
                     conn.prepare_cached(
-                        "DELETE FROM objects WHERE kind = ?1 AND account = ?2 AND id = ?3",
+                        "INSERT INTO tombstones (kind, account, id, rev) VALUES (?1, ?2, ?3, ?4) \
+                         ON CONFLICT (kind, account, id) DO UPDATE SET rev = excluded.rev",
                     )
-                    .and_then(|mut s| s.execute(params![kind, account, id]))
-                    .map_err(sq("deleting an object"))?;
-                }
+                })
+                .and_then(|mut s| s.execute(params![kind, account, id, rev]))
+                .map_err(sq("deleting an object"))?;
+                applied.push(Applied::Deleted(rev));
             }
         }
     }
-    append_audit(insert, batch, head, sign)
+    Ok((append_audit(insert, batch, head, sign)?, applied))
 }
 
 /// Appends the batch's records after `head` (moving it), unsigned except the last when

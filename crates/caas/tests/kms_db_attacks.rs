@@ -2,7 +2,8 @@
 //! (`caas key-service serve`, port 0) on SQLite or on a private PostgreSQL cluster, tenants
 //! talking to it with a SigV4 client, and the attacker editing rows with the `sqlite3` CLI
 //! or `psql` — re-pointing their own access key to a victim's account, copying a victim's
-//! key record into their own account, editing a key's state, policy or a grant. Each attack
+//! key record into their own account, editing a key's state, policy or a grant, putting back
+//! a key's row from before `DisableKey` or a revoked grant's row. Each attack
 //! must be refused (`KMSInternalException`, the row never used), leave an audit record
 //! naming the row, and leave everything acknowledged before working.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -189,6 +190,23 @@ impl Node {
         self.sql(&format!(
             "INSERT INTO objects (kind, account, id, rev, body, mac) SELECT kind, '{to_account}', id, rev, body, mac FROM objects WHERE kind = '{kind}' AND account = '{from_account}' AND id = '{id}'"
         ));
+    }
+
+    /// Keeps a copy of one row as it is now (its MAC valid), as a DBA would before a change.
+    fn save_row(&self, kind: &str, account: &str, id: &str) {
+        self.sql(&format!(
+            "CREATE TABLE saved AS SELECT * FROM objects WHERE kind = '{kind}' AND account = '{account}' AND id = '{id}'"
+        ));
+    }
+
+    /// Puts the saved copy back in place of the row (or where the row was deleted).
+    fn put_back_row(&self, kind: &str, account: &str, id: &str) {
+        self.sql(&format!(
+            "DELETE FROM objects WHERE kind = '{kind}' AND account = '{account}' AND id = '{id}'; \
+             INSERT INTO objects SELECT * FROM saved"
+        ));
+        // As in `edit_body`: past the key-use cache's bound, the row is read again.
+        std::thread::sleep(caas_kms::keycache::KEY_CACHE_TTL);
     }
 
     /// Every audit record.
@@ -449,6 +467,130 @@ fn edited_key_state(node: &Node) {
 #[test]
 fn dba_edited_key_state_is_refused() {
     edited_key_state(&Node::sqlite());
+}
+
+// ---------------------------------------------------------------------------------------
+// Putting back the key's row as it was before DisableKey (its MAC was valid then).
+
+fn restored_enabled_key(node: &Node) {
+    let rt = rt();
+    let account = node.tenant("victim");
+    let (_, client) = node.user(&account, "alice");
+    let (v, key, ct) = rt.block_on(async {
+        let v = victim_with_ciphertext(client).await;
+        let k = v.client.call("CreateKey", &json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let ct = v
+            .client
+            .call("Encrypt", &json!({ "KeyId": k, "Plaintext": b64(b"old") }))
+            .await
+            .unwrap()["CiphertextBlob"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        (v, k, ct)
+    });
+    node.save_row("key", &account, &key);
+    rt.block_on(async {
+        v.client
+            .call("DisableKey", &json!({ "KeyId": key }))
+            .await
+            .unwrap();
+    });
+    node.put_back_row("key", &account, &key);
+    rt.block_on(async {
+        assert_refused(
+            v.client
+                .call("Decrypt", &json!({ "CiphertextBlob": ct }))
+                .await,
+        );
+        assert_refused(v.client.call("DescribeKey", &json!({ "KeyId": key })).await);
+        assert_refused(v.client.call("ListKeys", &json!({})).await);
+        victim_still_decrypts(&v).await;
+    });
+    assert_audited(node, "key", &account, &key, "Decrypt");
+    assert!(
+        node.audit()
+            .iter()
+            .any(|r| r["Operation"] == "IntegrityCheck"
+                && r["KeyId"] == json!(key)
+                && r["Detail"]["reason"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("rolled back"))),
+        "the store's record names the rollback"
+    );
+}
+
+#[test]
+fn dba_restored_row_cannot_re_enable_a_disabled_key() {
+    restored_enabled_key(&Node::sqlite());
+}
+
+#[test]
+fn dba_restored_row_cannot_re_enable_a_disabled_key_on_postgresql() {
+    restored_enabled_key(&Node::postgres());
+}
+
+// ---------------------------------------------------------------------------------------
+// Putting back a revoked grant's row.
+
+fn restored_revoked_grant(node: &Node) {
+    let rt = rt();
+    let (account, admin, intern, key, ct) = rt.block_on(admin_and_intern(node));
+    let grant = rt.block_on(async {
+        let g = admin
+            .call(
+                "CreateGrant",
+                &json!({ "KeyId": key, "GranteePrincipal": format!("arn:aws:iam::{account}:user/intern"), "Operations": ["Decrypt"] }),
+            )
+            .await
+            .unwrap();
+        // The grant works as granted.
+        intern
+            .call("Decrypt", &json!({ "CiphertextBlob": ct }))
+            .await
+            .unwrap();
+        g["GrantId"].as_str().unwrap().to_string()
+    });
+    node.save_row("grant", &account, &grant);
+    rt.block_on(async {
+        admin
+            .call("RevokeGrant", &json!({ "KeyId": key, "GrantId": grant }))
+            .await
+            .unwrap();
+    });
+    node.put_back_row("grant", &account, &grant);
+    rt.block_on(async {
+        assert_refused(
+            intern
+                .call("Decrypt", &json!({ "CiphertextBlob": ct }))
+                .await,
+        );
+        assert_refused(admin.call("ListGrants", &json!({ "KeyId": key })).await);
+    });
+    assert_audited(node, "grant", &account, &grant, "Decrypt");
+    assert!(
+        node.audit()
+            .iter()
+            .any(|r| r["Operation"] == "IntegrityCheck"
+                && r["KeyId"] == json!(grant)
+                && r["Detail"]["reason"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("put back"))),
+        "the store's record names the deleted row put back"
+    );
+}
+
+#[test]
+fn dba_restored_revoked_grant_is_refused() {
+    restored_revoked_grant(&Node::sqlite());
+}
+
+#[test]
+fn dba_restored_revoked_grant_is_refused_on_postgresql() {
+    restored_revoked_grant(&Node::postgres());
 }
 
 // ---------------------------------------------------------------------------------------
