@@ -496,22 +496,22 @@ impl Store {
     pub async fn get(&self, kind: &str, account: &str, id: &str) -> Result<Option<Object>, Error> {
         match self.read_judged(kind, account, id).await? {
             None => Ok(None),
-            Some(Ok(o)) => Ok(Some(o)),
-            Some(Err(bad)) => {
-                let bad = Box::pin(self.refuse(&[bad])).await;
+            Some(Verdict::Good(o)) => Ok(Some(o)),
+            Some(Verdict::Bad(raw, fault)) => {
+                let bad = Box::pin(self.refuse(&[(raw, fault)])).await;
                 Err(integrity(bad))
             }
         }
     }
 
     /// Reads one row and judges it: its MAC, and its revision against the floor as it was
-    /// before the read (see `floor.rs`). `Some(Err)`: the row and why it is refused.
+    /// before the read (see `floor.rs`). None: no such row.
     async fn read_judged(
         &self,
         kind: &str,
         account: &str,
         id: &str,
-    ) -> Result<Option<Result<Object, (RawObject, Fault)>>, Error> {
+    ) -> Result<Option<Verdict>, Error> {
         let name = RowName::of(kind, account, id);
         let before = self.floors.peek(name);
         let raw = match &*self.inner {
@@ -521,11 +521,11 @@ impl Store {
         Ok(raw.map(|raw| {
             if !raw.verify(&*self.auth) {
                 let fault = Fault::of_mac(&raw);
-                return Err((raw, fault));
+                return Verdict::Bad(raw, fault);
             }
             match self.floors.judge(name, before, &raw.obj) {
-                Ok(()) => Ok(raw.obj),
-                Err(stale) => Err((raw, Fault::Stale(stale))),
+                Ok(()) => Verdict::Good(raw.obj),
+                Err(stale) => Verdict::Bad(raw, Fault::Stale(stale)),
             }
         }))
     }
@@ -576,8 +576,8 @@ impl Store {
                 // from before it decides.
                 let o = &r.obj;
                 match self.read_judged(&o.kind, &o.account, &o.id).await? {
-                    Some(Ok(fresh)) => good.push(fresh),
-                    Some(Err(b)) => bad.push(b),
+                    Some(Verdict::Good(fresh)) => good.push(fresh),
+                    Some(Verdict::Bad(raw, fault)) => bad.push((raw, fault)),
                     None => {}
                 }
             }
@@ -921,6 +921,14 @@ impl Store {
             Err(fault) => Ok(report(&verifier, Some(fault))),
         }
     }
+}
+
+/// A row read and judged (MAC, revision floor).
+enum Verdict {
+    /// Authentic and not below its floor.
+    Good(Object),
+    /// Refused, and why.
+    Bad(RawObject, Fault),
 }
 
 /// Why a stored row is refused.
