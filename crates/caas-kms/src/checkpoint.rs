@@ -60,9 +60,10 @@
 //! key file and its checkpoint live on the same disk; whoever can roll back *both* (the
 //! node's own administrator, not the database administrator) is not detected.
 //!
-//! Object rows have no freshness of their own beyond this: a restored database brings back
-//! old object rows *and* the old chain, which this check detects; rows rolled back one by
-//! one with the chain untouched are the record-authentication layer's concern.
+//! Object rows: a restored database brings back old object rows *and* the old chain, which
+//! this check detects; rows rolled back one by one with the chain untouched are refused by
+//! the store's revision floors, which the node keeps beside this file
+//! ([`crate::row_floors`]).
 use crate::audit::{Ed25519AuditSigner, verify_signature};
 use crate::error::{KmsError, KmsResult};
 use caas_store::{AuditEntry, Batch, HeadObserver, Store};
@@ -618,6 +619,9 @@ pub async fn attach(
                 })),
                 "checkpoint_file": r.path.display().to_string(),
                 "accepted_head": { "seq": r.head_seq, "hash": hex::encode(r.head_hash) },
+                // The caller discards the node's row floors of the earlier state
+                // (`crate::row_floors::attach`).
+                "row_floors": "discarded",
             });
             let mut entry: AuditEntry = crate::audit::system_entry(ACCEPT_OPERATION, "");
             entry.detail = detail.to_string();

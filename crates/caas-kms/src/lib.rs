@@ -34,6 +34,7 @@ pub mod operator;
 pub mod ops;
 pub mod policy;
 pub mod recipient;
+pub mod row_floors;
 pub mod server;
 pub mod service;
 pub mod sigv4;

@@ -149,6 +149,8 @@ pub struct Kms {
     pub domain_key_rotation: Option<std::time::Duration>,
     /// The node's audit checkpoint (None for read-only inspection).
     checkpoint: Option<Arc<crate::checkpoint::CheckpointWriter>>,
+    /// The keeper of the node's row floors (None for read-only inspection).
+    floors: Option<Arc<crate::row_floors::FloorKeeper>>,
     clock_offset_ms: AtomicI64,
     creds: RwLock<HashMap<String, Arc<Cred>>>,
     /// Parsed key policies (by document text).
@@ -161,6 +163,12 @@ pub struct Kms {
     pub(crate) last_usage: crate::usage::LastUsage,
     /// When the audit records of key use are durable.
     pub audit_durability: crate::config::AuditDurability,
+}
+
+/// What a serving node keeps beside its node key: the audit checkpoint and the row floors.
+struct Kept {
+    checkpoint: Arc<crate::checkpoint::CheckpointWriter>,
+    floors: Arc<crate::row_floors::FloorKeeper>,
 }
 
 impl std::fmt::Debug for Kms {
@@ -200,19 +208,18 @@ impl Kms {
                 tracing::error!(error = %e, "cannot open store");
                 KmsError::Internal(format!("cannot open the database: {e}"))
             })?;
-        // Before anything of this process is appended to the chain.
-        let checkpoint = match freshness {
+        // Before anything of this process is appended to the chain, or any row read.
+        let kept = match freshness {
             Some(on_rollback) => Some(
-                crate::checkpoint::attach(
+                Self::keep_freshness(
                     &store,
-                    crate::checkpoint::path_for(&p.node_key_file),
+                    &p.node_key_file,
                     signer,
                     on_rollback,
                     // The store signs with this key too.
                     true,
                 )
-                .await?
-                .0,
+                .await?,
             ),
             None => None,
         };
@@ -228,7 +235,29 @@ impl Kms {
                 )),
                 other => other,
             })?;
-        Ok(Self::assemble(p, store, keyring, audit_public, checkpoint))
+        Ok(Self::assemble(p, store, keyring, audit_public, kept))
+    }
+
+    /// Checks the audit chain against the node's checkpoint and loads the node's row floors
+    /// (`crate::row_floors`; discarded when an operator accepts a stale chain), then keeps
+    /// both from now on.
+    async fn keep_freshness(
+        store: &Store,
+        node_key_file: &std::path::Path,
+        signer: Arc<crate::audit::Ed25519AuditSigner>,
+        on_rollback: OnRollback,
+        record_signatures: bool,
+    ) -> KmsResult<Kept> {
+        let (checkpoint, found) = crate::checkpoint::attach(
+            store,
+            crate::checkpoint::path_for(node_key_file),
+            signer.clone(),
+            on_rollback,
+            record_signatures,
+        )
+        .await?;
+        let floors = crate::row_floors::attach(store, node_key_file, signer, found.is_ok())?;
+        Ok(Kept { checkpoint, floors })
     }
 
     fn assemble(
@@ -236,8 +265,13 @@ impl Kms {
         store: Store,
         keyring: Keyring,
         audit_public: Vec<u8>,
-        checkpoint: Option<Arc<crate::checkpoint::CheckpointWriter>>,
+        kept: Option<Kept>,
     ) -> Arc<Kms> {
+        let (checkpoint, floors) =
+            kept.map_or((None, None), |k| (Some(k.checkpoint), Some(k.floors)));
+        if let Some(f) = &floors {
+            crate::row_floors::FloorKeeper::spawn(f);
+        }
         let kms = Arc::new(Kms {
             store,
             keyring,
@@ -245,6 +279,7 @@ impl Kms {
             audit_public,
             domain_key_rotation: p.domain_key_rotation,
             checkpoint,
+            floors,
             clock_offset_ms: AtomicI64::new(0),
             creds: RwLock::new(HashMap::new()),
             policies: crate::policy::PolicyCache::default(),
@@ -312,23 +347,22 @@ impl Kms {
         let store = Store::open(&p.database, epoch_signer, Arc::new(records))
             .await
             .map_err(|e| KmsError::Internal(format!("cannot open the database: {e}")))?;
-        let checkpoint = match freshness {
+        let kept = match freshness {
             Some(on_rollback) => Some(
-                crate::checkpoint::attach(
+                Self::keep_freshness(
                     &store,
-                    crate::checkpoint::path_for(&p.node_key_file),
+                    &p.node_key_file,
                     signer,
                     on_rollback,
                     // The store signs with the domain's epoch keys.
                     false,
                 )
-                .await?
-                .0,
+                .await?,
             ),
             None => None,
         };
         let keyring = Keyring::open_domain(store.clone(), member).await?;
-        Ok(Self::assemble(p, store, keyring, audit_public, checkpoint))
+        Ok(Self::assemble(p, store, keyring, audit_public, kept))
     }
 
     /// Installs the verifier of `Recipient` attestation documents (once; later calls are
@@ -377,13 +411,19 @@ impl Kms {
         );
     }
 
-    /// Makes the audit checkpoint durable now (at shutdown; otherwise it is synced every
-    /// [`crate::checkpoint::SYNC_INTERVAL`]).
+    /// Makes the audit checkpoint and the row floors durable now (at shutdown; otherwise
+    /// the checkpoint is synced every [`crate::checkpoint::SYNC_INTERVAL`] and the floors
+    /// written every [`crate::row_floors::PERSIST_INTERVAL`]).
     pub fn sync_audit_checkpoint(&self) {
         if let Some(c) = &self.checkpoint
             && let Err(e) = c.sync()
         {
             tracing::warn!(error = %e, "cannot sync the audit checkpoint");
+        }
+        if let Some(f) = &self.floors
+            && let Err(e) = f.persist()
+        {
+            tracing::warn!(error = %e, "cannot write the row floors");
         }
     }
 

@@ -1270,6 +1270,44 @@ pub(crate) async fn integrity_old_version_of_a_row_put_back_is_refused(h: &impl 
     assert_eq!((o.rev, o.body.as_slice()), (2, &b"disabled again"[..]));
 }
 
+/// The same attack while no node runs: the floors exported before the stop
+/// ([`Store::floors_export`], which the key service keeps beside its node key) and given to
+/// the next handle make it refuse the older version and a deleted row put back.
+pub(crate) async fn integrity_floors_carried_over_a_restart_refuse_a_rollback(h: &impl Harness) {
+    let s = h.open().await;
+    s.commit(writes(vec![
+        put("key", "v", "k", b"enabled", Some(0)),
+        put("grant", "v", "g", b"grant", Some(0)),
+    ]))
+    .await
+    .unwrap();
+    h.raw("CREATE TABLE objects_backup AS SELECT * FROM objects")
+        .await;
+    s.commit(writes(vec![
+        put("key", "v", "k", b"disabled", Some(1)),
+        del("grant", "v", "g", Some(1)),
+    ]))
+    .await
+    .unwrap();
+    let (generation, floors) = s.floors_export();
+    assert!(generation > 0);
+    drop(s);
+    h.raw(
+        "DELETE FROM objects; \
+         INSERT INTO objects SELECT * FROM objects_backup",
+    )
+    .await;
+    let t = h.open().await;
+    assert_eq!(t.floors_import(&floors).unwrap(), 2);
+    assert_integrity(t.get("key", "v", "k").await, "key", "v", "k");
+    assert_integrity(t.get("grant", "v", "g").await, "grant", "v", "g");
+    // Bytes that are not an export are refused, and change nothing.
+    assert!(matches!(
+        t.floors_import(b"caas/store/row-floors/v1 but not whole"),
+        Err(Error::InvalidInput(_))
+    ));
+}
+
 /// Attacker: the database administrator puts back a deleted row (a revoked grant, a
 /// deleted access key) with its old MAC: refused by the node that deleted it. A row
 /// legitimately created again continues its revisions, so it is accepted everywhere.
@@ -1519,6 +1557,7 @@ suite!(
     integrity_needs_the_record_key,
     integrity_old_version_of_a_row_put_back_is_refused,
     integrity_deleted_row_put_back_is_refused,
+    integrity_floors_carried_over_a_restart_refuse_a_rollback,
     readers_racing_commits_see_no_false_rollback,
     take_consumes_once_across_nodes,
 );

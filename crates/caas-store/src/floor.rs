@@ -35,6 +35,7 @@
 use crate::Object;
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A row's name (kind, account, id), digested: an unambiguous encoding, SHA-256, first 16
 /// bytes.
@@ -98,15 +99,24 @@ pub enum Applied {
     Absent,
 }
 
-/// The floors of one store (shared by its clones).
+/// The floors of one store (shared by its clones), and a generation that moves whenever
+/// one of them does (so a keeper of exported floors writes only when they moved).
 #[derive(Debug, Default)]
-pub(crate) struct Floors(Mutex<HashMap<RowName, Known>>);
+pub(crate) struct Floors {
+    map: Mutex<HashMap<RowName, Known>>,
+    generation: AtomicU64,
+}
+
+/// The first bytes of an export ([`Floors::export`]).
+const EXPORT_MAGIC: &[u8] = b"caas/store/row-floors/v1";
+/// Bytes per exported floor: the name, a tag (0 live, 1 deleted), the revision (i64 BE).
+const EXPORT_ENTRY: usize = 16 + 1 + 8;
 
 impl Floors {
     /// The floor of a row now. Taken before a read, it names a state that was durable and
     /// visible before the read began, so the read must return that state or a newer one.
     pub fn peek(&self, name: RowName) -> Option<Known> {
-        self.0.lock().ok().and_then(|map| map.get(&name).copied())
+        self.map.lock().ok().and_then(|map| map.get(&name).copied())
     }
 
     /// Judges a row read against `before` (its [`Floors::peek`] from before the read; a
@@ -145,14 +155,77 @@ impl Floors {
             Known::Live(r) => (r, 0),
             Known::Deleted(r) => (r, 1),
         };
-        if let Ok(mut map) = self.0.lock() {
+        if let Ok(mut map) = self.map.lock() {
             match map.get(&name) {
                 Some(k) if rank(*k) >= rank(next) => {}
                 _ => {
                     map.insert(name, next);
+                    self.generation.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
+    }
+
+    /// Moves whenever a floor moves.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// Every floor, in a stable byte form ([`EXPORT_MAGIC`], then per row, sorted by name:
+    /// its 16-byte name, 0 (live) or 1 (deleted), the revision as i64 BE), with the
+    /// generation it was taken at.
+    pub fn export(&self) -> (u64, Vec<u8>) {
+        let Ok(map) = self.map.lock() else {
+            return (0, EXPORT_MAGIC.to_vec());
+        };
+        let generation = self.generation();
+        let mut rows: Vec<(&RowName, &Known)> = map.iter().collect();
+        rows.sort_unstable_by_key(|(name, _)| name.0);
+        let mut out = Vec::with_capacity(EXPORT_MAGIC.len() + rows.len() * EXPORT_ENTRY);
+        out.extend_from_slice(EXPORT_MAGIC);
+        for (name, known) in rows {
+            let (tag, rev) = match *known {
+                Known::Live(r) => (0u8, r),
+                Known::Deleted(r) => (1u8, r),
+            };
+            out.extend_from_slice(&name.0);
+            out.push(tag);
+            out.extend_from_slice(&rev.to_be_bytes());
+        }
+        (generation, out)
+    }
+
+    /// Merges an [`Floors::export`] (never lowering a floor); returns how many rows it named.
+    /// Anything else is refused whole, before any floor moves.
+    pub fn import(&self, bytes: &[u8]) -> Result<usize, String> {
+        let body = bytes
+            .strip_prefix(EXPORT_MAGIC)
+            .ok_or("it does not start as a row floor export")?;
+        if body.len() % EXPORT_ENTRY != 0 {
+            return Err("its length is not a whole number of floors".into());
+        }
+        let mut parsed = Vec::with_capacity(body.len() / EXPORT_ENTRY);
+        for e in body.chunks_exact(EXPORT_ENTRY) {
+            let mut name = [0u8; 16];
+            name.copy_from_slice(&e[..16]);
+            let mut rev = [0u8; 8];
+            rev.copy_from_slice(&e[17..]);
+            let rev = i64::from_be_bytes(rev);
+            if rev < 1 {
+                return Err(format!("a floor has revision {rev}"));
+            }
+            let applied = match e[16] {
+                0 => Applied::Put(rev),
+                1 => Applied::Deleted(rev),
+                t => return Err(format!("a floor has tag {t}")),
+            };
+            parsed.push((RowName(name), applied));
+        }
+        let n = parsed.len();
+        for (name, applied) in parsed {
+            self.wrote(name, applied);
+        }
+        Ok(n)
     }
 }
 
@@ -200,6 +273,35 @@ mod tests {
         f.wrote(k, Applied::Put(3));
         assert_eq!(f.check(&obj("k", 3)), Ok(()));
         assert_eq!(f.check(&obj("k", 2)), Err(Stale::RolledBack { known: 3 }));
+    }
+
+    #[test]
+    fn an_export_round_trips_and_bad_exports_are_refused_whole() {
+        let f = Floors::default();
+        let k = RowName::of("grant", "a", "g");
+        assert_eq!(f.check(&obj("k", 4)), Ok(()));
+        f.wrote(k, Applied::Put(2));
+        f.wrote(k, Applied::Deleted(2));
+        let (generation, bytes) = f.export();
+        assert_eq!(generation, f.generation());
+        assert_eq!(bytes.len(), EXPORT_MAGIC.len() + 2 * EXPORT_ENTRY);
+        let g = Floors::default();
+        assert_eq!(g.import(&bytes), Ok(2));
+        assert_eq!(g.check(&obj("k", 3)), Err(Stale::RolledBack { known: 4 }));
+        assert_eq!(g.peek(k), Some(Known::Deleted(2)));
+        assert_eq!(g.export().1, bytes);
+        // Truncated, a bad tag, a revision below 1, another format: nothing moves.
+        let h = Floors::default();
+        assert!(h.import(&bytes[..bytes.len() - 1]).is_err());
+        let mut bad = bytes.clone();
+        bad[EXPORT_MAGIC.len() + 16] = 7;
+        assert!(h.import(&bad).is_err());
+        let mut bad = bytes.clone();
+        bad[EXPORT_MAGIC.len() + 17..EXPORT_MAGIC.len() + EXPORT_ENTRY].fill(0);
+        assert!(h.import(&bad).is_err());
+        assert!(h.import(b"not an export").is_err());
+        assert_eq!(h.generation(), 0);
+        assert_eq!(h.export().1, EXPORT_MAGIC);
     }
 
     #[test]

@@ -482,6 +482,28 @@ impl Store {
         }
     }
 
+    /// This store's revision floors (the newest revision of each row it has written or
+    /// read, see the crate documentation) in a stable byte form, with their generation:
+    /// for the key service to keep beside its node key and give back to
+    /// [`Store::floors_import`] after a restart.
+    pub fn floors_export(&self) -> (u64, Vec<u8>) {
+        self.floors.export()
+    }
+
+    /// Moves whenever a revision floor moves.
+    pub fn floors_generation(&self) -> u64 {
+        self.floors.generation()
+    }
+
+    /// Merges floors exported by [`Store::floors_export`] (never lowering one); returns how
+    /// many rows they name. Bytes that are not an export are refused whole
+    /// ([`Error::InvalidInput`]), before any floor moves.
+    pub fn floors_import(&self, bytes: &[u8]) -> Result<usize, Error> {
+        self.floors
+            .import(bytes)
+            .map_err(|why| Error::InvalidInput(format!("row floors refused: {why}")))
+    }
+
     /// The database kind behind this store.
     pub fn backend(&self) -> Backend {
         match &*self.inner {

@@ -77,9 +77,21 @@ impl Node {
             ),
         )
         .unwrap();
+        let (child, endpoint) = Self::serve(&cfg);
+        Node {
+            _tmp: tmp,
+            db,
+            cfg,
+            child,
+            endpoint,
+        }
+    }
+
+    /// `caas key-service serve --config CFG`, once it listens: the child and its endpoint.
+    fn serve(cfg: &std::path::Path) -> (Child, String) {
         let mut child = Command::new(caas_bin())
             .args(["key-service", "serve", "--config"])
-            .arg(&cfg)
+            .arg(cfg)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -92,13 +104,26 @@ impl Node {
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("key service did not start: {line}"))
             .to_string();
-        Node {
-            _tmp: tmp,
-            db,
-            cfg,
-            child,
-            endpoint: format!("http://{addr}"),
-        }
+        (child, format!("http://{addr}"))
+    }
+
+    /// Stops the node: `SIGTERM` (a clean stop: audit log, checkpoint and row floors
+    /// written) or `SIGKILL`.
+    fn stop(&mut self, signal: &str) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([signal, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        self.child.wait().unwrap();
+    }
+
+    /// Starts the stopped node again on its database and node key (a new port).
+    fn start_again(&mut self) {
+        (self.child, self.endpoint) = Self::serve(&self.cfg);
     }
 
     /// `caas <args> --config CFG`, which must succeed; its stdout.
@@ -531,6 +556,67 @@ fn dba_restored_row_cannot_re_enable_a_disabled_key() {
 #[test]
 fn dba_restored_row_cannot_re_enable_a_disabled_key_on_postgresql() {
     restored_enabled_key(&Node::postgres());
+}
+
+// ---------------------------------------------------------------------------------------
+// The same, done while the node is down: its row floors, kept beside its node key
+// (`caas_kms::row_floors`), survive a clean stop and a SIGKILL.
+
+fn rolled_back_while_down(node: &mut Node, signal: &str) {
+    let rt = rt();
+    let account = node.tenant("victim");
+    let (_, client) = node.user(&account, "alice");
+    let (v, key, ct) = rt.block_on(async {
+        let v = victim_with_ciphertext(client).await;
+        let k = v.client.call("CreateKey", &json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let ct = v
+            .client
+            .call("Encrypt", &json!({ "KeyId": k, "Plaintext": b64(b"old") }))
+            .await
+            .unwrap()["CiphertextBlob"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        (v, k, ct)
+    });
+    node.save_row("key", &account, &key);
+    rt.block_on(async {
+        v.client
+            .call("DisableKey", &json!({ "KeyId": key }))
+            .await
+            .unwrap();
+    });
+    if signal == "-KILL" {
+        // Unannounced: what the background writer put on disk is all there is.
+        std::thread::sleep(caas_kms::row_floors::PERSIST_INTERVAL * 2);
+    }
+    node.stop(signal);
+    node.put_back_row("key", &account, &key);
+    node.start_again();
+    let (_, bob) = node.user(&account, "bob");
+    rt.block_on(async {
+        assert_refused(bob.call("Decrypt", &json!({ "CiphertextBlob": ct })).await);
+        assert_refused(bob.call("DescribeKey", &json!({ "KeyId": key })).await);
+        let p = bob
+            .call("Decrypt", &json!({ "CiphertextBlob": v.ciphertext }))
+            .await
+            .unwrap();
+        assert_eq!(p["Plaintext"], json!(b64(SECRET)));
+    });
+    assert_audited(node, "key", &account, &key, "Decrypt");
+}
+
+#[test]
+fn dba_row_rolled_back_while_the_node_was_down_is_refused() {
+    rolled_back_while_down(&mut Node::sqlite(), "-TERM");
+}
+
+#[test]
+fn dba_row_rolled_back_while_the_node_was_killed_is_refused_on_postgresql() {
+    rolled_back_while_down(&mut Node::postgres(), "-KILL");
 }
 
 // ---------------------------------------------------------------------------------------
