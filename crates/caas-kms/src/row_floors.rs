@@ -16,6 +16,10 @@
 //! [`PERSIST_INTERVAL`] before a power loss or SIGKILL) is not protected across that restart;
 //! the running node protected it while it ran.
 //!
+//! Cost: the file is rewritten whole, 25 bytes per row the node has touched (a million
+//! rows: 25 MB every [`PERSIST_INTERVAL`] while rows change, off the request path). An
+//! append-only journal of floor moves, compacted now and then, would remove that at scale.
+//!
 //! Start-up policy ([`attach`]): no file is a new node (or one upgraded from before floors);
 //! a file that does not verify under the node's audit key (damaged, or not this node's)
 //! refuses the start like a stale audit checkpoint. A deliberate restore started with
