@@ -289,6 +289,20 @@ fn assert_audited(node: &Node, kind: &str, account: &str, id: &str, operation: &
     node.caas_ok(&["audit", "verify"]);
 }
 
+/// The store's IntegrityCheck record of row `id` gives a reason containing `why` (a
+/// rollback is named as such, not as a bad MAC).
+fn assert_reason(node: &Node, id: &str, why: &str) {
+    let audit = node.audit();
+    assert!(
+        audit.iter().any(|r| r["Operation"] == "IntegrityCheck"
+            && r["KeyId"] == json!(id)
+            && r["Detail"]["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains(why))),
+        "no IntegrityCheck record of {id} with the reason {why:?}"
+    );
+}
+
 struct Victim {
     client: KmsClient,
     key: String,
@@ -317,6 +331,25 @@ async fn victim_with_ciphertext(client: KmsClient) -> Victim {
         key,
         ciphertext,
     }
+}
+
+/// The victim, and a second key of theirs with a ciphertext under it (the key an attack
+/// changes): (victim, key id, ciphertext of "old").
+async fn victim_and_second_key(client: KmsClient) -> (Victim, String, String) {
+    let v = victim_with_ciphertext(client).await;
+    let k = v.client.call("CreateKey", &json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ct = v
+        .client
+        .call("Encrypt", &json!({ "KeyId": k, "Plaintext": b64(b"old") }))
+        .await
+        .unwrap()["CiphertextBlob"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (v, k, ct)
 }
 
 /// Everything the victim was told before still holds.
@@ -445,19 +478,7 @@ fn edited_key_state(node: &Node) {
     let account = node.tenant("victim");
     let (_, client) = node.user(&account, "alice");
     let (v, disabled_key, disabled_ct) = rt.block_on(async {
-        let v = victim_with_ciphertext(client).await;
-        let k = v.client.call("CreateKey", &json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let ct = v
-            .client
-            .call("Encrypt", &json!({ "KeyId": k, "Plaintext": b64(b"old") }))
-            .await
-            .unwrap()["CiphertextBlob"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let (v, k, ct) = victim_and_second_key(client).await;
         v.client
             .call("DisableKey", &json!({ "KeyId": k }))
             .await
@@ -501,22 +522,7 @@ fn restored_enabled_key(node: &Node) {
     let rt = rt();
     let account = node.tenant("victim");
     let (_, client) = node.user(&account, "alice");
-    let (v, key, ct) = rt.block_on(async {
-        let v = victim_with_ciphertext(client).await;
-        let k = v.client.call("CreateKey", &json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let ct = v
-            .client
-            .call("Encrypt", &json!({ "KeyId": k, "Plaintext": b64(b"old") }))
-            .await
-            .unwrap()["CiphertextBlob"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        (v, k, ct)
-    });
+    let (v, key, ct) = rt.block_on(victim_and_second_key(client));
     node.save_row("key", &account, &key);
     rt.block_on(async {
         v.client
@@ -536,16 +542,7 @@ fn restored_enabled_key(node: &Node) {
         victim_still_decrypts(&v).await;
     });
     assert_audited(node, "key", &account, &key, "Decrypt");
-    assert!(
-        node.audit()
-            .iter()
-            .any(|r| r["Operation"] == "IntegrityCheck"
-                && r["KeyId"] == json!(key)
-                && r["Detail"]["reason"]
-                    .as_str()
-                    .is_some_and(|s| s.starts_with("rolled back"))),
-        "the store's record names the rollback"
-    );
+    assert_reason(node, &key, "rolled back");
 }
 
 #[test]
@@ -566,22 +563,7 @@ fn rolled_back_while_down(node: &mut Node, signal: &str) {
     let rt = rt();
     let account = node.tenant("victim");
     let (_, client) = node.user(&account, "alice");
-    let (v, key, ct) = rt.block_on(async {
-        let v = victim_with_ciphertext(client).await;
-        let k = v.client.call("CreateKey", &json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let ct = v
-            .client
-            .call("Encrypt", &json!({ "KeyId": k, "Plaintext": b64(b"old") }))
-            .await
-            .unwrap()["CiphertextBlob"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        (v, k, ct)
-    });
+    let (v, key, ct) = rt.block_on(victim_and_second_key(client));
     node.save_row("key", &account, &key);
     rt.block_on(async {
         v.client
@@ -607,6 +589,7 @@ fn rolled_back_while_down(node: &mut Node, signal: &str) {
         assert_eq!(p["Plaintext"], json!(b64(SECRET)));
     });
     assert_audited(node, "key", &account, &key, "Decrypt");
+    assert_reason(node, &key, "rolled back");
 }
 
 #[test]
@@ -626,19 +609,13 @@ fn restored_revoked_grant(node: &Node) {
     let rt = rt();
     let (account, admin, intern, key, ct) = rt.block_on(admin_and_intern(node));
     let grant = rt.block_on(async {
-        let g = admin
-            .call(
-                "CreateGrant",
-                &json!({ "KeyId": key, "GranteePrincipal": format!("arn:aws:iam::{account}:user/intern"), "Operations": ["Decrypt"] }),
-            )
-            .await
-            .unwrap();
+        let g = grant_intern(&admin, &account, &key, "Decrypt").await;
         // The grant works as granted.
         intern
             .call("Decrypt", &json!({ "CiphertextBlob": ct }))
             .await
             .unwrap();
-        g["GrantId"].as_str().unwrap().to_string()
+        g
     });
     node.save_row("grant", &account, &grant);
     rt.block_on(async {
@@ -657,16 +634,7 @@ fn restored_revoked_grant(node: &Node) {
         assert_refused(admin.call("ListGrants", &json!({ "KeyId": key })).await);
     });
     assert_audited(node, "grant", &account, &grant, "Decrypt");
-    assert!(
-        node.audit()
-            .iter()
-            .any(|r| r["Operation"] == "IntegrityCheck"
-                && r["KeyId"] == json!(grant)
-                && r["Detail"]["reason"]
-                    .as_str()
-                    .is_some_and(|s| s.contains("put back"))),
-        "the store's record names the deleted row put back"
-    );
+    assert_reason(node, &grant, "put back");
 }
 
 #[test]
@@ -732,6 +700,18 @@ async fn admin_and_intern(node: &Node) -> (String, KmsClient, KmsClient, String,
     (account, admin, intern, key, ct)
 }
 
+/// A grant of `operation` on `key` to the account's intern: its id.
+async fn grant_intern(admin: &KmsClient, account: &str, key: &str, operation: &str) -> String {
+    let g = admin
+        .call(
+            "CreateGrant",
+            &json!({ "KeyId": key, "GranteePrincipal": format!("arn:aws:iam::{account}:user/intern"), "Operations": [operation] }),
+        )
+        .await
+        .unwrap();
+    g["GrantId"].as_str().unwrap().to_string()
+}
+
 fn edited_key_policy(node: &Node) {
     let rt = rt();
     let (account, admin, intern, key, ct) = rt.block_on(admin_and_intern(node));
@@ -768,19 +748,13 @@ fn edited_grant(node: &Node) {
     let rt = rt();
     let (account, admin, intern, key, ct) = rt.block_on(admin_and_intern(node));
     let grant = rt.block_on(async {
-        let g = admin
-            .call(
-                "CreateGrant",
-                &json!({ "KeyId": key, "GranteePrincipal": format!("arn:aws:iam::{account}:user/intern"), "Operations": ["Encrypt"] }),
-            )
-            .await
-            .unwrap();
+        let g = grant_intern(&admin, &account, &key, "Encrypt").await;
         // The grant works as granted.
         intern
             .call("Encrypt", &json!({ "KeyId": key, "Plaintext": b64(b"ok") }))
             .await
             .unwrap();
-        g["GrantId"].as_str().unwrap().to_string()
+        g
     });
     node.edit_body(
         "grant",
