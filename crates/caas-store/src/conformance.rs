@@ -1268,6 +1268,26 @@ pub(crate) async fn integrity_old_version_of_a_row_put_back_is_refused(h: &impl 
         .unwrap();
     let o = s.get("key", "v", "k").await.unwrap().unwrap();
     assert_eq!((o.rev, o.body.as_slice()), (2, &b"disabled again"[..]));
+    // A commit whose caller went away (a cancelled request) moves the floor all the same.
+    h.raw(
+        "DROP TABLE objects_backup; \
+         CREATE TABLE objects_backup AS SELECT * FROM objects WHERE kind = 'key' AND id = 'k'",
+    )
+    .await;
+    {
+        // Polled once (the batch is queued), then dropped before its answer.
+        let mut cancelled =
+            std::pin::pin!(s.commit(writes(vec![put("key", "v", "k", b"disabled", Some(2))])));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(cancelled.as_mut().poll(&mut cx).is_pending());
+    }
+    s.flush().await.unwrap();
+    h.raw(
+        "DELETE FROM objects WHERE kind = 'key' AND id = 'k'; \
+         INSERT INTO objects SELECT * FROM objects_backup",
+    )
+    .await;
+    assert_integrity(s.get("key", "v", "k").await, "key", "v", "k");
 }
 
 /// The same attack while no node runs: the floors exported before the stop

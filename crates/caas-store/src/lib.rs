@@ -36,10 +36,10 @@
 //! chain (the key service's own per-request record names the row too). An edited, swapped,
 //! copied (to another account or id) or re-pointed row is refused. An older version of a
 //! row, or a deleted row, put back with its old MAC is refused too once this store has
-//! written or read a newer state of that row (revision floors, `floor.rs`: `get` and `list`
-//! answer [`Error::Integrity`] and the store audits the row with the reason); a rollback
-//! done while no node was running, or a deleted row, is not detected here (see
-//! ARCHITECTURE.md, Trust boundaries).
+//! written or read a newer state of that row, or was given its floor by
+//! [`Store::floors_import`] (revision floors, `floor.rs`: `get` and `list` answer
+//! [`Error::Integrity`] and the store audits the row with the reason); a deleted row is
+//! not detected here (see ARCHITECTURE.md, Trust boundaries).
 //!
 //! Freshness: the database alone cannot prove that its tail was not cut or the whole file
 //! restored from an old backup. [`Store::anchor_audit`] gives the writer a chain head known
@@ -218,8 +218,6 @@ pub struct Store {
     auth: Arc<dyn RecordAuthenticator>,
     /// Fingerprints of bad row versions already audited by this process.
     reported: Arc<Mutex<std::collections::HashSet<[u8; 32]>>>,
-    /// The newest revision of each row this store has written or read (`floor.rs`).
-    floors: Arc<Floors>,
     /// Batches queued by [`Store::commit_deferred`] and not yet durable.
     deferred: Arc<Deferred>,
     /// Moves when a commit with object writes is queued and when it is finished
@@ -283,10 +281,13 @@ pub struct CommitStats {
     pub deferred_waited: u64,
 }
 
-/// State shared by a [`Store`] handle and its writer: group-commit counters and the audit
-/// anchor.
+/// State shared by a [`Store`] handle and its writer: group-commit counters, the audit
+/// anchor and the revision floors.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
+    /// The newest revision of each row this store has written or read (`floor.rs`); the
+    /// writer records its commits before it answers ([`Job::finish`]).
+    floors: Floors,
     transactions: std::sync::atomic::AtomicU64,
     batches: std::sync::atomic::AtomicU64,
     deferred_waited: std::sync::atomic::AtomicU64,
@@ -456,7 +457,6 @@ impl Store {
             stats,
             auth: records,
             reported: Arc::new(Mutex::new(std::collections::HashSet::new())),
-            floors: Arc::new(Floors::default()),
             deferred: Arc::new(Deferred::default()),
             write_epoch: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         })
@@ -487,19 +487,20 @@ impl Store {
     /// for the key service to keep beside its node key and give back to
     /// [`Store::floors_import`] after a restart.
     pub fn floors_export(&self) -> (u64, Vec<u8>) {
-        self.floors.export()
+        self.stats.floors.export()
     }
 
     /// Moves whenever a revision floor moves.
     pub fn floors_generation(&self) -> u64 {
-        self.floors.generation()
+        self.stats.floors.generation()
     }
 
     /// Merges floors exported by [`Store::floors_export`] (never lowering one); returns how
     /// many rows they name. Bytes that are not an export are refused whole
     /// ([`Error::InvalidInput`]), before any floor moves.
     pub fn floors_import(&self, bytes: &[u8]) -> Result<usize, Error> {
-        self.floors
+        self.stats
+            .floors
             .import(bytes)
             .map_err(|why| Error::InvalidInput(format!("row floors refused: {why}")))
     }
@@ -535,7 +536,7 @@ impl Store {
         id: &str,
     ) -> Result<Option<Verdict>, Error> {
         let name = RowName::of(kind, account, id);
-        let before = self.floors.peek(name);
+        let before = self.stats.floors.peek(name);
         let raw = match &*self.inner {
             Inner::Sqlite(s) => s.get(kind, account, id).await?,
             Inner::Postgres(s) => Box::pin(s.get(kind, account, id)).await?,
@@ -545,7 +546,7 @@ impl Store {
                 let fault = Fault::of_mac(&raw);
                 return Verdict::Bad(raw, fault);
             }
-            match self.floors.judge(name, before, &raw.obj) {
+            match self.stats.floors.judge(name, before, &raw.obj) {
                 Ok(()) => Verdict::Good(raw.obj),
                 Err(stale) => Verdict::Bad(raw, Fault::Stale(stale)),
             }
@@ -590,7 +591,7 @@ impl Store {
             if !r.verify(&*self.auth) {
                 let fault = Fault::of_mac(&r);
                 bad.push((r, fault));
-            } else if self.floors.check(&r.obj).is_ok() {
+            } else if self.stats.floors.check(&r.obj).is_ok() {
                 good.push(r.obj);
             } else {
                 // Below the floor as it is now: this store may have committed a newer
@@ -729,16 +730,12 @@ impl Store {
                 applied: Vec::new(),
             });
         }
-        let names: Vec<RowName> = batch.writes.iter().map(Write::row_name).collect();
         let rx = self.enqueue(batch)?;
         let result = rx.await.map_err(|_| Error::WriterStopped)?;
-        if let Ok(info) = &result {
+        if result.is_ok() {
             self.deferred
                 .failed
                 .store(false, std::sync::atomic::Ordering::Relaxed);
-            for (name, applied) in names.into_iter().zip(&info.applied) {
-                self.floors.wrote(name, *applied);
-            }
         }
         result
     }
@@ -1043,6 +1040,20 @@ fn validate(batch: &Batch) -> Result<(), Error> {
 pub(crate) struct Job {
     pub batch: Batch,
     pub reply: Reply,
+}
+
+impl Job {
+    /// Answers the job with the result of its group commit (durable, or failed). A success
+    /// moves the revision floors of the rows it wrote first, whether or not anybody still
+    /// waits for the answer.
+    pub(crate) fn finish(self, result: Result<CommitInfo, Error>, stats: &Counters) {
+        if let Ok(info) = &result {
+            for (write, applied) in self.batch.writes.iter().zip(&info.applied) {
+                stats.floors.wrote(write.row_name(), *applied);
+            }
+        }
+        self.reply.finish(result);
+    }
 }
 
 /// Who is told a job's result.

@@ -474,7 +474,7 @@ async fn writer_task(
             }
         };
         for (job, result) in jobs.into_iter().zip(results) {
-            job.reply.finish(result);
+            job.finish(result, &stats);
         }
     }
 }

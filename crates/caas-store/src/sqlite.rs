@@ -421,7 +421,7 @@ fn writer_loop(
         previous = Some((taken, jobs.len() < MAX_GROUP));
         stats.record(jobs.len());
         for (job, result) in jobs.into_iter().zip(results) {
-            job.reply.finish(result);
+            job.finish(result, &stats);
         }
     }
 }
