@@ -1407,6 +1407,49 @@ pub(crate) async fn integrity_deleted_row_put_back_is_refused(h: &impl Harness) 
     assert_eq!(s.get("grant", "v", "g").await.unwrap().unwrap().rev, 4);
 }
 
+/// Attacker: the database administrator deletes a row by hand (no tombstone), or removes a
+/// deletion's tombstone, so that the row, created again, would start below this node's
+/// floor and be refused for good (a tenant locked out of an alias name). The writer
+/// continues above what the node knows: the re-created row is accepted.
+pub(crate) async fn a_row_deleted_by_hand_comes_back_above_the_floor(h: &impl Harness) {
+    let s = h.open().await;
+    s.commit(writes(vec![put("alias", "v", "alias/app", b"k1", Some(0))]))
+        .await
+        .unwrap();
+    s.commit(writes(vec![put("alias", "v", "alias/app", b"k2", Some(1))]))
+        .await
+        .unwrap();
+    h.raw("DELETE FROM objects WHERE kind = 'alias'").await;
+    assert_eq!(s.get("alias", "v", "alias/app").await.unwrap(), None);
+    let made = s
+        .commit(writes(vec![put("alias", "v", "alias/app", b"k3", Some(0))]))
+        .await
+        .unwrap();
+    assert_eq!(made.applied, [crate::Applied::Put(3)]);
+    assert_eq!(
+        s.get("alias", "v", "alias/app").await.unwrap().unwrap().rev,
+        3
+    );
+    s.commit(writes(vec![del("alias", "v", "alias/app", Some(3))]))
+        .await
+        .unwrap();
+    h.raw("DELETE FROM tombstones").await;
+    let made = s
+        .commit(writes(vec![put("alias", "v", "alias/app", b"k4", Some(0))]))
+        .await
+        .unwrap();
+    assert_eq!(made.applied, [crate::Applied::Put(4)]);
+    assert_eq!(
+        s.get("alias", "v", "alias/app")
+            .await
+            .unwrap()
+            .unwrap()
+            .body,
+        b"k4"
+    );
+    assert!(integrity_audits(&s).await.is_empty());
+}
+
 /// Readers racing the node's own updates and deletes never take a commit for a rollback:
 /// a row read just before a commit moved its floor is read again.
 pub(crate) async fn readers_racing_commits_see_no_false_rollback(h: &impl Harness) {
@@ -1578,6 +1621,7 @@ suite!(
     integrity_old_version_of_a_row_put_back_is_refused,
     integrity_deleted_row_put_back_is_refused,
     integrity_floors_carried_over_a_restart_refuse_a_rollback,
+    a_row_deleted_by_hand_comes_back_above_the_floor,
     readers_racing_commits_see_no_false_rollback,
     take_consumes_once_across_nodes,
 );

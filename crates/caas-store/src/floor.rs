@@ -20,8 +20,9 @@
 //! found below is read again on its own and judged that way.
 //!
 //! Revisions of a deleted row continue when it is created again (the backends keep the
-//! deleted revision in `tombstones`), so a legitimately re-created row is always above its
-//! floor, on every node.
+//! deleted revision in `tombstones`; the writer also continues above its own floor of the
+//! row, so a row or tombstone deleted by hand does not lock the name out), so a
+//! legitimately re-created row is always above its floor, on every node.
 //!
 //! A row missing on read is not refused: in a database shared by several nodes another node
 //! may have deleted it (deleting a row denies service, which a database administrator can
@@ -63,6 +64,15 @@ pub(crate) enum Known {
     Live(i64),
     /// This store deleted the row at this revision.
     Deleted(i64),
+}
+
+impl Known {
+    /// The revision named.
+    pub fn rev(self) -> i64 {
+        match self {
+            Known::Live(r) | Known::Deleted(r) => r,
+        }
+    }
 }
 
 /// Why a row read back is refused although its MAC is valid.

@@ -1124,6 +1124,23 @@ pub(crate) fn check_expect(
     }
 }
 
+/// The revision of a row inserted where none is stored: after its `tombstone`'s (the
+/// revision it was deleted at) and after any revision this store knows of it, so that a
+/// row deleted by hand, or whose tombstone was removed, does not come back below a floor.
+pub(crate) fn insert_rev(
+    stats: &Counters,
+    kind: &str,
+    account: &str,
+    id: &str,
+    tombstone: Option<i64>,
+) -> Result<i64, Error> {
+    let known = stats
+        .floors
+        .peek(RowName::of(kind, account, id))
+        .map(floor::Known::rev);
+    next_rev(tombstone.max(known))
+}
+
 /// The revision after `current` (1 on insert).
 pub(crate) fn next_rev(current: Option<i64>) -> Result<i64, Error> {
     match current {

@@ -8,7 +8,7 @@ use crate::record::{RawObject, tag_row};
 use crate::sqlite::clone_err;
 use crate::{
     Applied, AuditEntry, AuditSigner, Batch, CommitInfo, Counters, Error, Job, MAX_GROUP, Object,
-    RecordAuthenticator, Write, check_expect, next_rev, seq_to_i64,
+    RecordAuthenticator, Write, check_expect, insert_rev, next_rev, seq_to_i64,
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -612,7 +612,7 @@ async fn run_group(
                 .await
                 .map_err(pg("creating a savepoint"))?;
         }
-        match apply_writes(c, batch, records).await {
+        match apply_writes(c, batch, records, stats).await {
             Ok(applied) => {
                 if !single {
                     c.client
@@ -684,6 +684,7 @@ async fn apply_writes(
     c: &WriterConn,
     batch: &Batch,
     records: &dyn RecordAuthenticator,
+    stats: &Counters,
 ) -> Result<Vec<Applied>, Error> {
     let mut applied = Vec::with_capacity(batch.writes.len());
     for w in &batch.writes {
@@ -710,18 +711,20 @@ async fn apply_writes(
         match w {
             Write::Put { body, .. } => {
                 // A row created again continues the revisions of its deleted life.
-                let last = match current {
-                    Some(_) => current,
-                    None => c
-                        .client
-                        .query_opt(&c.take_tombstone, &[kind, account, id])
-                        .await
-                        .map_err(pg("reading a deleted object's revision"))?
-                        .as_ref()
-                        .map(|r| col(r, 0))
-                        .transpose()?,
+                let rev = match current {
+                    Some(_) => next_rev(current)?,
+                    None => {
+                        let tombstone = c
+                            .client
+                            .query_opt(&c.take_tombstone, &[kind, account, id])
+                            .await
+                            .map_err(pg("reading a deleted object's revision"))?
+                            .as_ref()
+                            .map(|r| col(r, 0))
+                            .transpose()?;
+                        insert_rev(stats, kind, account, id, tombstone)?
+                    }
                 };
-                let rev = next_rev(last)?;
                 let mac = tag_row(records, kind, account, id, rev, body);
                 let stmt = if current.is_some() {
                     &c.update_object

@@ -7,7 +7,8 @@ use crate::audit::{Head, RawAuditRow};
 use crate::record::{RawObject, tag_row};
 use crate::{
     Applied, AuditEntry, AuditSigner, Batch, CommitInfo, Counters, DEFERRED_GROUP_SPACING, Error,
-    Job, MAX_GROUP, Object, RecordAuthenticator, Write, check_expect, next_rev, seq_to_i64,
+    Job, MAX_GROUP, Object, RecordAuthenticator, Write, check_expect, insert_rev, next_rev,
+    seq_to_i64,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::path::{Path, PathBuf};
@@ -509,6 +510,7 @@ fn run_group(
     }
     let mut group = Group {
         conn,
+        stats,
         // Checked out of the statement cache once per group, not once per record (the
         // cache hashes the SQL text on every lookup).
         insert: conn
@@ -576,6 +578,8 @@ fn run_group(
 /// An open group transaction (see [`run_group`]).
 struct Group<'c> {
     conn: &'c Connection,
+    /// The store's shared state (revision floors for new rows' revisions).
+    stats: &'c Counters,
     /// The prepared [`INSERT_AUDIT`].
     insert: rusqlite::CachedStatement<'c>,
     /// The chain head after the batches applied so far.
@@ -613,7 +617,7 @@ impl Group<'_> {
                 &mut self.insert,
                 batch,
                 &mut tentative,
-                records,
+                (records, self.stats),
                 signing,
             );
             if applied.is_ok() {
@@ -643,7 +647,7 @@ fn apply(
     insert: &mut rusqlite::Statement<'_>,
     batch: &Batch,
     head: &mut Head,
-    records: &dyn RecordAuthenticator,
+    (records, stats): (&dyn RecordAuthenticator, &Counters),
     sign: Option<(&dyn AuditSigner, &mut Vec<u8>)>,
 ) -> Result<(Vec<u64>, Vec<Applied>), Error> {
     let mut applied = Vec::with_capacity(batch.writes.len());
@@ -672,20 +676,22 @@ fn apply(
         match w {
             Write::Put { body, .. } => {
                 // A row created again continues the revisions of its deleted life.
-                let last = match current {
-                    Some(_) => current,
-                    None => conn
-                        .prepare_cached(
-                            "DELETE FROM tombstones WHERE kind = ?1 AND account = ?2 AND id = ?3 \
-                             RETURNING rev",
-                        )
-                        .and_then(|mut s| {
-                            s.query_row(params![kind, account, id], |r| r.get(0))
-                                .optional()
-                        })
-                        .map_err(sq("reading a deleted object's revision"))?,
+                let rev = match current {
+                    Some(_) => next_rev(current)?,
+                    None => {
+                        let tombstone = conn
+                            .prepare_cached(
+                                "DELETE FROM tombstones WHERE kind = ?1 AND account = ?2 \
+                                 AND id = ?3 RETURNING rev",
+                            )
+                            .and_then(|mut s| {
+                                s.query_row(params![kind, account, id], |r| r.get(0))
+                                    .optional()
+                            })
+                            .map_err(sq("reading a deleted object's revision"))?;
+                        insert_rev(stats, kind, account, id, tombstone)?
+                    }
                 };
-                let rev = next_rev(last)?;
                 let mac = tag_row(records, kind, account, id, rev, body);
                 let sql = if current.is_some() {
                     "UPDATE objects SET rev = ?4, body = ?5, mac = ?6 WHERE kind = ?1 AND account = ?2 AND id = ?3"
