@@ -35,7 +35,7 @@ enum Db {
 /// One key-service node and the database it uses, with the administrator's tools.
 struct Node {
     /// Holds the config and node key until the node is dropped.
-    _tmp: tempfile::TempDir,
+    tmp: tempfile::TempDir,
     db: Db,
     cfg: PathBuf,
     child: Child,
@@ -79,7 +79,7 @@ impl Node {
         .unwrap();
         let (child, endpoint) = Self::serve(&cfg);
         Node {
-            _tmp: tmp,
+            tmp,
             db,
             cfg,
             child,
@@ -119,6 +119,25 @@ impl Node {
                 .success()
         );
         self.child.wait().unwrap();
+    }
+
+    /// Waits until the node's row floor file was written after `t` (it writes every
+    /// `PERSIST_INTERVAL` while its floors move).
+    fn wait_for_floor_file_after(&self, t: std::time::SystemTime) {
+        let file = caas_kms::row_floors::path_for(&self.tmp.path().join("node.key"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::fs::metadata(&file)
+            .and_then(|m| m.modified())
+            .is_ok_and(|m| m <= t)
+            || !file.exists()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} not written within 60 s",
+                file.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     /// Starts the stopped node again on its database and node key (a new port).
@@ -572,8 +591,13 @@ fn rolled_back_while_down(node: &mut Node, signal: &str) {
             .unwrap();
     });
     if signal == "-KILL" {
-        // Unannounced: what the background writer put on disk is all there is.
-        std::thread::sleep(caas_kms::row_floors::PERSIST_INTERVAL * 2);
+        // Unannounced: what the background writer put on disk is all there is. Any write
+        // after DisableKey's reply holds DisableKey's floor. File times are coarse (a
+        // jiffy): one more change 20 ms later makes a write whose time tells.
+        let t = std::time::SystemTime::now();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        rt.block_on(v.client.call("CreateKey", &json!({}))).unwrap();
+        node.wait_for_floor_file_after(t + std::time::Duration::from_millis(10));
     }
     node.stop(signal);
     node.put_back_row("key", &account, &key);
