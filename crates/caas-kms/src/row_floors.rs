@@ -202,7 +202,10 @@ impl FloorKeeper {
                 match tokio::task::spawn_blocking(move || k.persist()).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => tracing::warn!(error = %e, "cannot write the row floors"),
-                    Err(_) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the row floor writer stopped");
+                        break;
+                    }
                 }
             }
         });

@@ -26,17 +26,22 @@
 //!
 //! A row missing on read is not refused: in a database shared by several nodes another node
 //! may have deleted it (deleting a row denies service, which a database administrator can
-//! always do; it never widens access). What this does not cover (ARCHITECTURE.md, Trust
-//! boundaries): a rollback done while the node was not running, or of a row this node has
-//! not yet seen at its newer revision.
+//! always do; it never widens access). A restarted node gets its floors back from
+//! [`Floors::export`]/[`Floors::import`] (the key service keeps them beside its node key).
+//! What this does not cover (ARCHITECTURE.md, Trust boundaries): a rollback of a row this
+//! node has not yet seen at its newer revision, and floors moved after the last export.
+//!
+//! The map's lock is never held across anything that can panic; should it be poisoned
+//! anyway, its content is still whole (each change is one insert), so it is used as is
+//! rather than failing open (a missing floor accepts any revision).
 //!
 //! Memory: one entry (16-byte name digest and a revision) per distinct row touched, never
 //! evicted (evicting would reopen the window for that row).
 
 use crate::Object;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// A row's name (kind, account, id), digested: an unambiguous encoding, SHA-256, first 16
 /// bytes.
@@ -123,10 +128,14 @@ const EXPORT_MAGIC: &[u8] = b"caas/store/row-floors/v1";
 const EXPORT_ENTRY: usize = 16 + 1 + 8;
 
 impl Floors {
+    fn map(&self) -> MutexGuard<'_, HashMap<RowName, Known>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The floor of a row now. Taken before a read, it names a state that was durable and
     /// visible before the read began, so the read must return that state or a newer one.
     pub fn peek(&self, name: RowName) -> Option<Known> {
-        self.map.lock().ok().and_then(|map| map.get(&name).copied())
+        self.map().get(&name).copied()
     }
 
     /// Judges a row read against `before` (its [`Floors::peek`] from before the read; a
@@ -165,13 +174,12 @@ impl Floors {
             Known::Live(r) => (r, 0),
             Known::Deleted(r) => (r, 1),
         };
-        if let Ok(mut map) = self.map.lock() {
-            match map.get(&name) {
-                Some(k) if rank(*k) >= rank(next) => {}
-                _ => {
-                    map.insert(name, next);
-                    self.generation.fetch_add(1, Ordering::Relaxed);
-                }
+        let mut map = self.map();
+        match map.get(&name) {
+            Some(k) if rank(*k) >= rank(next) => {}
+            _ => {
+                map.insert(name, next);
+                self.generation.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -185,9 +193,7 @@ impl Floors {
     /// its 16-byte name, 0 (live) or 1 (deleted), the revision as i64 BE), with the
     /// generation it was taken at.
     pub fn export(&self) -> (u64, Vec<u8>) {
-        let Ok(map) = self.map.lock() else {
-            return (0, EXPORT_MAGIC.to_vec());
-        };
+        let map = self.map();
         let generation = self.generation();
         let mut rows: Vec<(&RowName, &Known)> = map.iter().collect();
         rows.sort_unstable_by_key(|(name, _)| name.0);

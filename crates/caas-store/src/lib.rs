@@ -138,19 +138,14 @@ pub enum Write {
 }
 
 impl Write {
-    /// The (kind, account, id) this write changes.
-    fn target(&self) -> (&str, &str, &str) {
+    /// The name of the row this write changes.
+    fn row_name(&self) -> RowName {
         let (Write::Put {
             kind, account, id, ..
         }
         | Write::Delete {
             kind, account, id, ..
         }) = self;
-        (kind, account, id)
-    }
-
-    fn row_name(&self) -> RowName {
-        let (kind, account, id) = self.target();
         RowName::of(kind, account, id)
     }
 }

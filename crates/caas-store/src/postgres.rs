@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS objects (
     rev BIGINT NOT NULL, body BYTEA NOT NULL, mac BYTEA NOT NULL,
     PRIMARY KEY (kind, account, id));
 CREATE TABLE IF NOT EXISTS tombstones (
-    kind TEXT NOT NULL, account TEXT NOT NULL, id TEXT NOT NULL, rev BIGINT NOT NULL,
+    kind TEXT COLLATE "C" NOT NULL, account TEXT COLLATE "C" NOT NULL,
+    id TEXT COLLATE "C" NOT NULL, rev BIGINT NOT NULL,
     PRIMARY KEY (kind, account, id));
 CREATE TABLE IF NOT EXISTS audit_log (
     seq BIGINT PRIMARY KEY, time_ms BIGINT NOT NULL, account TEXT NOT NULL,

@@ -617,7 +617,8 @@ impl Group<'_> {
                 &mut self.insert,
                 batch,
                 &mut tentative,
-                (records, self.stats),
+                records,
+                self.stats,
                 signing,
             );
             if applied.is_ok() {
@@ -647,7 +648,8 @@ fn apply(
     insert: &mut rusqlite::Statement<'_>,
     batch: &Batch,
     head: &mut Head,
-    (records, stats): (&dyn RecordAuthenticator, &Counters),
+    records: &dyn RecordAuthenticator,
+    stats: &Counters,
     sign: Option<(&dyn AuditSigner, &mut Vec<u8>)>,
 ) -> Result<(Vec<u64>, Vec<Applied>), Error> {
     let mut applied = Vec::with_capacity(batch.writes.len());
